@@ -1,0 +1,55 @@
+# crm-integration — `make help` lists the targets.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PROJECT ?= examples/demo
+export CRM_PROJECT ?= $(PROJECT)
+export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
+
+.DEFAULT_GOAL := help
+.PHONY: help demo test check lint typecheck pytest ui bench bench-mapping clean schema
+
+help:  ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+$(DAGSTER_HOME):
+	mkdir -p $(DAGSTER_HOME)
+	@touch $(DAGSTER_HOME)/dagster.yaml
+
+demo: $(VENV)/.installed $(DAGSTER_HOME)  ## generate the demo sources and run the whole migration through Dagster
+	$(BIN)/python $(PROJECT)/generate_sources.py
+	$(BIN)/crmi run --project $(PROJECT)
+
+test: check  ## ruff + mypy + pytest in .venv (dev extras)
+
+check: lint typecheck pytest  ## ruff, mypy and pytest
+
+lint: $(VENV)/.installed  ## ruff
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed  ## mypy
+	$(BIN)/mypy
+
+pytest: $(VENV)/.installed  ## the test suite
+	$(BIN)/pytest
+
+ui: $(VENV)/.installed $(DAGSTER_HOME)  ## Dagster UI on 127.0.0.1:3000 (DAGSTER_HOME under var/)
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+schema: $(VENV)/.installed  ## regenerate integration/mappings/mapping.schema.json
+	$(BIN)/crmi mapping schema > integration/mappings/mapping.schema.json
+
+bench: bench-mapping  ## all benchmarks
+
+bench-mapping: $(VENV)/.installed  ## mapping throughput (JSON line)
+	$(BIN)/python bench/bench_mapping.py
+
+clean:  ## remove var/ and generated demo data (keeps .venv)
+	rm -rf var $(PROJECT)/data

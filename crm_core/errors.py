@@ -1,0 +1,98 @@
+"""Exceptions of the toolkit, grouped by the phase that raises them.
+
+Every message is meant for a consultant: it names the file, source or record and says what to do.
+Foreign exceptions (drivers, parsers) are translated at the boundary into one of these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class CrmError(Exception):
+    """Base class of every error this toolkit raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in a configuration file, with its location when known."""
+
+    message: str
+    file: Path | None = None
+    line: int | None = None  # 1-based
+    col: int | None = None  # 1-based
+    path: str = ""  # dotted path inside the document, e.g. ``fields.phone.transforms[0]``
+
+    def location(self) -> str:
+        """Return ``file:line:col`` (as much of it as is known)."""
+        parts = [str(self.file) if self.file else "<config>"]
+        if self.line is not None:
+            parts.append(str(self.line))
+            if self.col is not None:
+                parts.append(str(self.col))
+        return ":".join(parts)
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return f"{self.location()}: {where}{self.message}"
+
+    def render(self) -> str:
+        """Return the one-line form followed by the offending source line and a caret."""
+        text = str(self)
+        if self.file is None or self.line is None:
+            return text
+        try:
+            source_line = Path(self.file).read_text(encoding="utf-8").splitlines()[self.line - 1]
+        except (OSError, IndexError, UnicodeDecodeError):
+            return text
+        caret = " " * ((self.col or 1) - 1) + "^"
+        return f"{text}\n    {source_line}\n    {caret}"
+
+
+class ConfigError(CrmError):
+    """A project, mapping or rules file is invalid; carries every problem found, not just the first."""
+
+    def __init__(self, problems: list[Problem] | Problem | str) -> None:
+        if isinstance(problems, str):
+            problems = [Problem(problems)]
+        elif isinstance(problems, Problem):
+            problems = [problems]
+        self.problems: list[Problem] = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+    def render(self) -> str:
+        """Return every problem with its source line and caret, for terminals."""
+        return "\n".join(p.render() for p in self.problems)
+
+
+class ExtractError(CrmError):
+    """Reading a source failed; the message names the source and what to check."""
+
+    def __init__(self, source: str, message: str) -> None:
+        self.source = source
+        super().__init__(f"source '{source}': {message}")
+
+
+class TransientExtractError(ExtractError):
+    """A read failed for a reason that may pass (timeout, 5xx, lost connection); retrying makes sense."""
+
+
+class MappingError(CrmError):
+    """A mapping cannot run at all (``on_error: fail`` or a column that vanished from the source)."""
+
+
+class DataValidationError(CrmError):
+    """Validation found errors that must stop the load."""
+
+
+class LoadError(CrmError):
+    """Writing into the CRM core failed; the transaction of that entity was rolled back."""
+
+
+class DedupError(CrmError):
+    """Duplicate detection or merging failed."""
+
+
+class SyncError(CrmError):
+    """Synchronisation with ERP or finance failed."""

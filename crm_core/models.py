@@ -1,0 +1,329 @@
+"""The canonical CRM model: SQLAlchemy 2 typed tables that run on SQLite and PostgreSQL.
+
+Nullability follows the annotation (``Mapped[str | None]`` is nullable). Every business row records
+the load run that created it and the one that last changed it; ``external_ids`` is the crosswalk
+between a core record and its keys in every source system.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Annotated, Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Deterministic constraint names so Alembic migrations are portable between SQLite and PostgreSQL.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+intpk = Annotated[int, mapped_column(Integer, primary_key=True, autoincrement=True)]
+Money = Annotated[Decimal, mapped_column(Numeric(18, 2))]
+Quantity = Annotated[Decimal, mapped_column(Numeric(18, 4))]
+Name = Annotated[str, mapped_column(String(255))]
+Code = Annotated[str, mapped_column(String(64))]
+Currency = Annotated[str, mapped_column(String(3), default="CNY")]
+Timestamp = Annotated[dt.datetime, mapped_column(DateTime(timezone=True))]
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with the naming convention and shared type map."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {
+        dict[str, Any]: JSON,
+        dt.date: Date,
+        dt.datetime: DateTime(timezone=True),
+        str: String(255),
+    }
+
+
+class RunTracked:
+    """Columns every business table carries: which load run created and last changed the row."""
+
+    created_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"), index=True)
+    updated_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        default=_utcnow, server_default=func.now(), onupdate=_utcnow
+    )
+
+
+# --------------------------------------------------------------------------- run bookkeeping
+
+
+class LoadRun(Base):
+    """One load into the core (a Dagster run, a CLI run or a trial run)."""
+
+    __tablename__ = "load_runs"
+
+    id: Mapped[intpk]
+    run_key: Mapped[str] = mapped_column(String(64), unique=True)
+    project: Mapped[str] = mapped_column(String(128))
+    mode: Mapped[str] = mapped_column(String(16), default="full")  # full | delta | trial
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running|succeeded|failed|rolled_back
+    started_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
+    finished_at: Mapped[dt.datetime | None]
+    stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Reject(Base):
+    """A source row (or one of its fields) that was not loaded, with the reason: the quarantine."""
+
+    __tablename__ = "rejects"
+
+    id: Mapped[intpk]
+    load_run_id: Mapped[int] = mapped_column(ForeignKey("load_runs.id"), index=True)
+    source: Mapped[str] = mapped_column(String(64))
+    entity: Mapped[str] = mapped_column(String(32))
+    location: Mapped[str | None] = mapped_column(String(255))  # table, sheet or file of the source
+    row_ref: Mapped[str] = mapped_column(String(255))  # row number or source key
+    field: Mapped[str | None] = mapped_column(String(64))
+    value: Mapped[str | None] = mapped_column(Text)
+    rule: Mapped[str] = mapped_column(String(64))  # mapping | reference | validation rule name
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
+
+
+class ExternalId(Base):
+    """Crosswalk: one source system's key for one core record, and what was last synced."""
+
+    __tablename__ = "external_ids"
+    __table_args__ = (
+        UniqueConstraint("entity", "system", "external_key"),
+        Index("ix_external_ids_entity_entity_id", "entity", "entity_id"),
+    )
+
+    id: Mapped[intpk]
+    entity: Mapped[str] = mapped_column(String(32))
+    entity_id: Mapped[int]
+    system: Mapped[str] = mapped_column(String(64))
+    external_key: Mapped[str] = mapped_column(String(255))
+    # created: this source row created the core record; matched:<key>: it was merged into an existing one.
+    match_method: Mapped[str] = mapped_column(String(64), default="created")
+    last_synced_hash: Mapped[str | None] = mapped_column(String(64))
+    last_synced_at: Mapped[dt.datetime | None]
+    created_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"))
+    updated_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"))
+
+
+class Watermark(Base):
+    """Incremental extraction cursor per (source, stream); advanced only after the load commits."""
+
+    __tablename__ = "watermarks"
+
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    stream: Mapped[str] = mapped_column(String(128), primary_key=True)
+    cursor_value: Mapped[str | None] = mapped_column(Text)
+    load_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"))
+    updated_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, onupdate=_utcnow)
+
+
+# --------------------------------------------------------------------------- master data
+
+
+class Stage(Base):
+    """Opportunity stage master: what a stage means for probability and forecasting."""
+
+    __tablename__ = "stages"
+
+    code: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    name_zh: Mapped[str] = mapped_column(String(64))
+    sort_order: Mapped[int]
+    default_probability: Mapped[int]  # percent, 0..100
+    forecast_category: Mapped[str] = mapped_column(String(16))  # pipeline|best_case|commit|closed|omitted
+    is_closed: Mapped[bool] = mapped_column(Boolean, default=False)
+    is_won: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class SalesRep(RunTracked, Base):
+    """A sales representative / record owner."""
+
+    __tablename__ = "sales_reps"
+
+    id: Mapped[intpk]
+    code: Mapped[str | None] = mapped_column(String(64), index=True)
+    name: Mapped[Name]
+    email: Mapped[str | None]
+    phone: Mapped[str | None] = mapped_column(String(32))
+    department: Mapped[str | None]
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("sales_reps.id"))
+
+
+class Customer(RunTracked, Base):
+    """A company customer; branches (分公司) point at their parent, merged duplicates at the survivor."""
+
+    __tablename__ = "customers"
+
+    id: Mapped[intpk]
+    name: Mapped[Name]
+    name_normalized: Mapped[str | None] = mapped_column(String(255), index=True)
+    short_name: Mapped[str | None]
+    english_name: Mapped[str | None]
+    credit_code: Mapped[str | None] = mapped_column(String(18), index=True)  # 统一社会信用代码
+    phone: Mapped[str | None] = mapped_column(String(32))  # E.164
+    email: Mapped[str | None]
+    website: Mapped[str | None]
+    address: Mapped[str | None] = mapped_column(String(512))
+    province: Mapped[str | None] = mapped_column(String(32))
+    city: Mapped[str | None] = mapped_column(String(32))
+    district: Mapped[str | None] = mapped_column(String(32))
+    industry: Mapped[str | None] = mapped_column(String(64))
+    is_branch: Mapped[bool] = mapped_column(Boolean, default=False)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), index=True)
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("sales_reps.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="active")  # active | inactive | prospect
+    merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), index=True)
+
+    owner: Mapped[SalesRep | None] = relationship(foreign_keys=[owner_id])
+    contacts: Mapped[list[Contact]] = relationship(back_populates="customer")
+
+
+class Contact(RunTracked, Base):
+    """A person at a customer."""
+
+    __tablename__ = "contacts"
+
+    id: Mapped[intpk]
+    customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), index=True)
+    name: Mapped[Name]
+    title: Mapped[str | None] = mapped_column(String(128))
+    department: Mapped[str | None] = mapped_column(String(128))
+    mobile: Mapped[str | None] = mapped_column(String(32))  # E.164
+    phone: Mapped[str | None] = mapped_column(String(32))  # E.164
+    email: Mapped[str | None]
+    is_primary: Mapped[bool] = mapped_column(Boolean, default=False)
+    merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("contacts.id"))
+
+    customer: Mapped[Customer | None] = relationship(back_populates="contacts")
+
+
+# --------------------------------------------------------------------------- pipeline and orders
+
+
+class Opportunity(RunTracked, Base):
+    """A sales opportunity (商机); stage semantics come from the stage master."""
+
+    __tablename__ = "opportunities"
+
+    id: Mapped[intpk]
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    name: Mapped[Name]
+    stage_code: Mapped[str] = mapped_column(ForeignKey("stages.code"))
+    probability: Mapped[int | None]  # overrides the stage default when set
+    amount: Mapped[Money | None]
+    currency: Mapped[Currency]
+    expected_close_date: Mapped[dt.date | None]
+    closed_on: Mapped[dt.date | None]
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("sales_reps.id"), index=True)
+    registered_at: Mapped[dt.datetime | None]  # 商机报备
+    registered_by_id: Mapped[int | None] = mapped_column(ForeignKey("sales_reps.id"))
+    lead_source: Mapped[str | None] = mapped_column(String(64))
+    description: Mapped[str | None] = mapped_column(Text)
+
+    stage: Mapped[Stage] = relationship()
+    customer: Mapped[Customer] = relationship()
+
+
+class SalesOrder(RunTracked, Base):
+    """A sales order (销售订单), usually owned by the ERP."""
+
+    __tablename__ = "sales_orders"
+
+    id: Mapped[intpk]
+    order_no: Mapped[Code]
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    opportunity_id: Mapped[int | None] = mapped_column(ForeignKey("opportunities.id"))
+    order_date: Mapped[dt.date | None]
+    currency: Mapped[Currency]
+    total_amount: Mapped[Money | None]
+    status: Mapped[str | None] = mapped_column(String(32))
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("sales_reps.id"))
+
+    lines: Mapped[list[SalesOrderLine]] = relationship(back_populates="order")
+
+
+class SalesOrderLine(RunTracked, Base):
+    """One line of a sales order."""
+
+    __tablename__ = "sales_order_lines"
+
+    id: Mapped[intpk]
+    order_id: Mapped[int] = mapped_column(ForeignKey("sales_orders.id"), index=True)
+    line_no: Mapped[int]
+    product_code: Mapped[str | None] = mapped_column(String(64))
+    product_name: Mapped[str | None]
+    quantity: Mapped[Quantity | None]
+    unit_price: Mapped[Quantity | None]
+    amount: Mapped[Money | None]
+    tax_rate: Mapped[Decimal | None] = mapped_column(Numeric(6, 4))
+
+    order: Mapped[SalesOrder] = relationship(back_populates="lines")
+
+
+class Receivable(RunTracked, Base):
+    """An amount a customer owes (应收), usually from an order or invoice."""
+
+    __tablename__ = "receivables"
+
+    id: Mapped[intpk]
+    receivable_no: Mapped[Code]
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    order_id: Mapped[int | None] = mapped_column(ForeignKey("sales_orders.id"))
+    due_date: Mapped[dt.date | None]
+    amount: Mapped[Money]
+    currency: Mapped[Currency]
+    status: Mapped[str | None] = mapped_column(String(32))
+
+
+class Payment(RunTracked, Base):
+    """Money received from a customer (回款)."""
+
+    __tablename__ = "payments"
+
+    id: Mapped[intpk]
+    payment_no: Mapped[Code]
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    received_on: Mapped[dt.date | None]
+    amount: Mapped[Money]
+    currency: Mapped[Currency]
+    method: Mapped[str | None] = mapped_column(String(32))
+    reference: Mapped[str | None] = mapped_column(String(128))
+
+
+class PaymentApplication(RunTracked, Base):
+    """The part of a payment applied to one receivable (核销)."""
+
+    __tablename__ = "payment_applications"
+    __table_args__ = (UniqueConstraint("payment_id", "receivable_id"),)
+
+    id: Mapped[intpk]
+    payment_id: Mapped[int] = mapped_column(ForeignKey("payments.id"), index=True)
+    receivable_id: Mapped[int] = mapped_column(ForeignKey("receivables.id"), index=True)
+    amount: Mapped[Money]
