@@ -106,6 +106,7 @@ class Reject(Base):
     value: Mapped[str | None] = mapped_column(Text)
     rule: Mapped[str] = mapped_column(String(64))  # mapping | reference | validation rule name
     reason: Mapped[str] = mapped_column(Text)
+    severity: Mapped[str] = mapped_column(String(8), default="error")  # error: not loaded; warn: loaded
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
 
 

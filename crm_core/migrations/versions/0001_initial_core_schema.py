@@ -83,6 +83,7 @@ def upgrade() -> None:
         sa.Column("value", sa.Text(), nullable=True),
         sa.Column("rule", sa.String(length=64), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
+        sa.Column("severity", sa.String(length=8), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["load_run_id"], ["load_runs.id"], name=op.f("fk_rejects_load_run_id_load_runs")

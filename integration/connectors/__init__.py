@@ -1,0 +1,21 @@
+"""Connectors: one contract (``Connector``) for every kind of source."""
+
+from __future__ import annotations
+
+from integration.connectors.base import META_COLUMNS, Connector, ReadRequest
+from integration.connectors.excel import ExcelConnector
+from integration.connectors.sql import SqlConnector
+from integration.project import ExcelSource, Project, SqlSource
+
+
+def connector_for(project: Project, source: str) -> Connector:
+    """Build the connector for a source declared in the project."""
+    config = project.spec.sources[source]
+    if isinstance(config, ExcelSource):
+        return ExcelConnector(source, project.source_paths(source), config.path)
+    if isinstance(config, SqlSource):
+        return SqlConnector(source, project.source_url(source), config.db_schema)
+    raise TypeError(f"no connector for {type(config).__name__}")
+
+
+__all__ = ["META_COLUMNS", "Connector", "ExcelConnector", "ReadRequest", "SqlConnector", "connector_for"]

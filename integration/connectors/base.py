@@ -1,0 +1,52 @@
+"""The contract every connector implements, and the frame layout it hands to the mapping engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import pandas as pd
+
+# Metadata columns every extracted chunk carries next to the source's own columns.
+ROW_REF = "_row_ref"  # row number (spreadsheets) or source key (databases)
+LOCATION = "_location"  # file#sheet or table
+ROW_KIND = "_row_kind"  # "data" or "subtotal"
+META_COLUMNS = (ROW_REF, LOCATION, ROW_KIND)
+
+DEFAULT_CHUNK_ROWS = 50_000
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    """What to read: a table or sheet, an optional filter, the key columns and the chunk size."""
+
+    table: str  # table or sheet name; a label when ``query`` is given
+    where: str | None = None
+    query: str | None = None  # SQL sources: a SELECT to run instead of reading ``table``
+    key: Sequence[str] = field(default_factory=tuple)
+    header_row: int | None = None  # spreadsheets: 1-based header row; None detects it
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+
+
+@runtime_checkable
+class Connector(Protocol):
+    """A source the toolkit can extract from."""
+
+    name: str
+
+    def describe(self) -> str:
+        """Return where the source is, without secrets (for logs and Dagster metadata)."""
+        ...
+
+    def list_tables(self) -> list[str]:
+        """Return the tables or sheets the source offers."""
+        ...
+
+    def columns(self, table: str, header_row: int | None = None) -> list[str]:
+        """Return the column names of a table or sheet."""
+        ...
+
+    def read(self, request: ReadRequest) -> Iterator[pd.DataFrame]:
+        """Yield chunks of rows with the source columns plus ``_row_ref``, ``_location`` and ``_row_kind``."""
+        ...

@@ -1,0 +1,123 @@
+"""Databases through SQLAlchemy: reflected tables, optional filter, server-side chunked reads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
+
+from crm_core.db import redact_url
+from crm_core.errors import ExtractError, TransientExtractError
+from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, ReadRequest
+
+
+class SqlConnector:
+    """A table source in any database SQLAlchemy reaches."""
+
+    def __init__(self, name: str, url: str, schema: str | None = None) -> None:
+        self.name = name
+        self._url = url  # holds secrets: never put it in a message
+        self.schema = schema
+        self._engine: sa.Engine | None = None
+
+    def describe(self) -> str:
+        """Return the URL with its password masked."""
+        return redact_url(self._url)
+
+    def _scrub(self, text: str) -> str:
+        password = sa.engine.make_url(self._url).password
+        return text.replace(str(password), "***") if password else text
+
+    def _fail(self, exc: Exception, doing: str) -> ExtractError:
+        detail = self._scrub(str(getattr(exc, "orig", None) or exc)).splitlines()[0]
+        message = f"{doing} failed at {self.describe()}: {detail}"
+        if isinstance(exc, sa.exc.OperationalError):
+            return TransientExtractError(self.name, message + "; check the server is reachable and the credentials")
+        return ExtractError(self.name, message)
+
+    @property
+    def engine(self) -> sa.Engine:
+        """Return the (lazily created) engine."""
+        if self._engine is None:
+            try:
+                self._engine = sa.create_engine(self._url, pool_pre_ping=True)
+            except (SQLAlchemyError, ImportError, ValueError) as exc:
+                raise ExtractError(self.name, f"cannot use URL {self.describe()}: {self._scrub(str(exc))}") from None
+        return self._engine
+
+    def list_tables(self) -> list[str]:
+        """Return the table and view names."""
+        try:
+            inspector = sa.inspect(self.engine)
+            return sorted(inspector.get_table_names(self.schema) + inspector.get_view_names(self.schema))
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, "listing tables") from None
+
+    def _table(self, table: str) -> sa.Table:
+        try:
+            return sa.Table(table, sa.MetaData(), schema=self.schema, autoload_with=self.engine)
+        except NoSuchTableError:
+            raise ExtractError(
+                self.name, f"table '{table}' does not exist at {self.describe()}; tables: {', '.join(self.list_tables())}"
+            ) from None
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, f"reading the columns of '{table}'") from None
+
+    def columns(self, table: str, header_row: int | None = None) -> list[str]:
+        """Return the column names of ``table``."""
+        return [c.name for c in self._table(table).columns]
+
+    def query_columns(self, query: str) -> list[str]:
+        """Return the column names a SELECT produces (runs it with a false condition)."""
+        try:
+            with self.engine.connect() as connection:
+                result = connection.execute(sa.text(f"SELECT * FROM ({query}) q WHERE 1 = 0"))
+                return list(result.keys())
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, "checking the query") from None
+
+    def _statement(self, request: ReadRequest) -> tuple[sa.Select[Any] | sa.TextClause, list[str]]:
+        if request.query is not None:
+            columns = self.query_columns(request.query)
+            missing = [k for k in request.key if k not in columns]
+            if missing:
+                raise ExtractError(self.name, f"key column(s) {missing} not in the query's columns")
+            order = ", ".join(self.engine.dialect.identifier_preparer.quote(k) for k in request.key)
+            sql = f"SELECT * FROM ({request.query}) q" + (f" ORDER BY {order}" if order else "")
+            return sa.text(sql), columns
+        table = self._table(request.table)
+        missing = [k for k in request.key if k not in table.c]
+        if missing:
+            raise ExtractError(self.name, f"key column(s) {missing} not in table '{request.table}'")
+        statement = sa.select(table)
+        if request.where:
+            statement = statement.where(sa.text(request.where))
+        if request.key:
+            statement = statement.order_by(*(table.c[k] for k in request.key))
+        return statement, [c.name for c in table.columns]
+
+    def read(self, request: ReadRequest) -> Iterator[pd.DataFrame]:
+        """Yield the rows of the table (filtered by ``where``) in chunks streamed from the server."""
+        statement, _ = self._statement(request)
+        try:
+            with self.engine.connect() as connection:
+                streaming = connection.execution_options(stream_results=True, max_row_buffer=request.chunk_rows)
+                for chunk in pd.read_sql(statement, streaming, chunksize=request.chunk_rows):
+                    if request.key:
+                        refs = chunk[list(request.key)].astype(str).agg("|".join, axis=1)
+                    else:
+                        refs = pd.Series(range(1, len(chunk) + 1), index=chunk.index).astype(str)
+                    chunk[ROW_REF] = refs
+                    chunk[LOCATION] = request.table
+                    chunk[ROW_KIND] = "data"
+                    yield chunk
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, f"reading '{request.table}'") from None
+
+    def dispose(self) -> None:
+        """Close pooled connections."""
+        if self._engine is not None:
+            self._engine.dispose()

@@ -1,0 +1,130 @@
+"""Normalization for matching: company names (Chinese and Latin), credit codes, phones, e-mails.
+
+A company name is reduced to what identifies the firm: region (深圳), trade name and industry (腾达科技),
+and a branch marker (北京分公司) kept apart so a branch never matches its parent. Legal forms
+(有限公司, 股份有限公司, Co., Ltd., GmbH…) and bracket styles do not matter.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+
+PROVINCES = (
+    "北京 天津 上海 重庆 河北 山西 辽宁 吉林 黑龙江 江苏 浙江 安徽 福建 江西 山东 河南 湖北 湖南 广东 海南 四川 贵州 "
+    "云南 陕西 甘肃 青海 台湾 内蒙古 广西 西藏 宁夏 新疆 香港 澳门"
+).split()
+CITIES = (
+    "深圳 广州 东莞 佛山 珠海 中山 惠州 汕头 杭州 宁波 温州 绍兴 嘉兴 金华 台州 苏州 南京 无锡 常州 南通 徐州 扬州 "
+    "成都 绵阳 武汉 宜昌 长沙 株洲 西安 郑州 洛阳 济南 青岛 烟台 潍坊 合肥 芜湖 福州 厦门 泉州 南昌 沈阳 大连 长春 "
+    "哈尔滨 石家庄 唐山 太原 昆明 贵阳 南宁 海口 兰州 银川 西宁 乌鲁木齐 拉萨 呼和浩特"
+).split()
+COUNTRIES = ("中国", "china", "香港", "hong kong", "亚太", "asia pacific")
+_REGION_SUFFIX = r"(?:省|市|自治区|特别行政区)?"
+_REGIONS = sorted({*PROVINCES, *CITIES}, key=len, reverse=True)
+_REGION_PREFIX = re.compile(rf"^({'|'.join(_REGIONS)}){_REGION_SUFFIX}")
+_BRACKETS = re.compile(r"[(\[【]([^)\]】]*)[)\]】]")
+_BRANCH_WORDS = r"(?:分公司|分店|办事处|分厂|分部|营业部|branch office|branch)"
+_BRANCH_AFTER_LEGAL = re.compile(
+    rf"^(?P<head>.+?(?:股份有限公司|有限责任公司|有限公司|公司|集团|co\.,?ltd\.?|ltd\.?|inc\.?))(?P<branch>.{{1,10}}?{_BRANCH_WORDS})$"
+)
+_BRANCH_AFTER_REGION = re.compile(
+    rf"^(?P<head>.{{2,}}?)(?P<branch>(?:{'|'.join(sorted({*PROVINCES, *CITIES}, key=len, reverse=True))}).{{0,4}}?{_BRANCH_WORDS})$"
+)
+_LEGAL_FORMS = sorted(
+    [
+        "股份有限公司", "有限责任公司", "集团有限公司", "集团股份有限公司", "有限公司", "集团", "公司", "厂", "商行",
+        "co.,ltd.", "co.,ltd", "co. ltd.", "co ltd", "company limited", "co.", "ltd.", "ltd", "limited", "inc.", "inc",
+        "corporation", "corp.", "corp", "gmbh", "llc", "plc", "s.a.", "ag", "pte. ltd.", "pte ltd",
+    ],
+    key=len,
+    reverse=True,
+)  # fmt: skip
+_TRADITIONAL = str.maketrans(
+    "電資訊貿機械醫療團國際實業達遠東華興聯進運營製造廣門順寶龍鳳農業雲網絡軟體衛發開術號"
+    "區縣廠會計",
+    "电资讯贸机械医疗团国际实业达远东华兴联进运营制造广门顺宝龙凤农业云网络软体卫发开术号"
+    "区县厂会计",
+)
+_INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad\\s]")
+_PUNCT = re.compile(r"[·・•,，.。'\"“”‘’&＆\-_/]")
+
+
+@dataclass(frozen=True)
+class CompanyName:
+    """The parts of a normalized company name."""
+
+    core: str  # trade name + industry, e.g. 腾达科技
+    region: str | None  # 深圳, or None when the name carries no region
+    branch: str | None  # e.g. 北京分公司
+
+    @property
+    def key(self) -> str:
+        """Return the exact-match key: region, core and branch; two names match when keys are equal."""
+        return "|".join([self.region or "", self.core, self.branch or ""])
+
+
+def _strip_legal(text: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for form in _LEGAL_FORMS:
+            if text.endswith(form) and len(text) > len(form) + 1:
+                text = text[: -len(form)].rstrip(" ,.")
+                changed = True
+                break
+    return text
+
+
+def _region(text: str) -> str | None:
+    match = _REGION_PREFIX.match(text)
+    return match.group(1) if match else None
+
+
+@lru_cache(maxsize=200_000)
+def normalize_company_name(name: str) -> CompanyName:
+    """Split a company name into region, core and branch (see module doc); robust to any Unicode input."""
+    text = unicodedata.normalize("NFKC", name).casefold().translate(_TRADITIONAL)
+    text = _INVISIBLE.sub("", text)
+    branch = None
+    region: str | None = None
+    # Bracketed parts: a region or country is an attribute, anything else is just noise in brackets.
+    for inner in _BRACKETS.findall(text):
+        found = _region(inner)
+        if found and region is None:
+            region = found
+    text = _BRACKETS.sub("", text)
+    branch_match = _BRANCH_AFTER_LEGAL.match(text) or _BRANCH_AFTER_REGION.match(text)
+    if branch_match:
+        branch, text = branch_match.group("branch"), branch_match.group("head")
+    text = _strip_legal(text)
+    for _ in range(2):  # 广东省深圳市… : province, then city
+        found = _region(text)
+        if not found:
+            break
+        rest = _REGION_PREFIX.sub("", text, count=1)
+        if len(rest) < 2:
+            break
+        region, text = found if found in CITIES or region is None else region, rest
+    text = _PUNCT.sub("", _strip_legal(text))
+    if not text:  # only legal words or punctuation: keep what was there rather than nothing
+        text = _PUNCT.sub("", unicodedata.normalize("NFKC", name).casefold().strip())
+    return CompanyName(core=text, region=region, branch=branch)
+
+
+def company_key(name: str | None) -> str | None:
+    """Return the exact-match key of a company name, or None for an empty name."""
+    if name is None or not str(name).strip():
+        return None
+    normalized = normalize_company_name(str(name))
+    return normalized.key if normalized.core else None
+
+
+def person_key(name: str | None) -> str | None:
+    """Return the match key of a person's name: NFKC, case-folded, without spaces and dots."""
+    if name is None:
+        return None
+    text = _PUNCT.sub("", _INVISIBLE.sub("", unicodedata.normalize("NFKC", str(name)).casefold()))
+    return text or None

@@ -1,0 +1,619 @@
+"""Transforms: pure functions over a pandas Series, chained in mapping files.
+
+Each transform takes the column's values and its validated arguments and returns the new values and,
+for transforms that can fail, a Series of error reasons (None where the value was fine). Expensive
+parsers run once per *distinct* value, so a million rows with repeated values cost little.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import unicodedata
+import warnings
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import pandas as pd
+import phonenumbers
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from stdnum.cn import uscc as stdnum_uscc
+
+from crm_core.stages import resolve_stage
+
+Outcome = tuple[pd.Series, pd.Series | None]
+
+
+class TransformFailure(ValueError):
+    """A single value cannot be transformed; the message becomes the reject reason."""
+
+
+class Args(BaseModel):
+    """Base for transform arguments: unknown arguments are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoArgs(Args):
+    """The transform takes no arguments."""
+
+
+@dataclass(frozen=True)
+class TransformDef:
+    """A registered transform: its function, argument model and one-line description."""
+
+    name: str
+    func: Callable[[pd.Series, Any], Outcome]
+    args: type[Args]
+    summary: str
+
+
+REGISTRY: dict[str, TransformDef] = {}
+
+
+def transform(name: str, args: type[Args] = NoArgs) -> Callable[[Callable[[pd.Series, Any], Outcome]], Callable[[pd.Series, Any], Outcome]]:
+    """Register a transform under ``name``; its docstring's first line is its summary."""
+
+    def register(func: Callable[[pd.Series, Any], Outcome]) -> Callable[[pd.Series, Any], Outcome]:
+        REGISTRY[name] = TransformDef(name, func, args, (func.__doc__ or "").strip().splitlines()[0])
+        return func
+
+    return register
+
+
+def _isnull(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value) or value is pd.NaT or value is pd.NA
+
+
+def per_value(values: pd.Series, func: Callable[[Any], Any]) -> Outcome:
+    """Apply ``func`` once per distinct non-null value; TransformFailure becomes that row's error."""
+    results: dict[Hashable, Any] = {}
+    failures: dict[Hashable, str] = {}
+    for value in pd.unique(values.dropna()) if len(values) else ():
+        if _isnull(value):
+            continue
+        key = (type(value), value)
+        try:
+            results[key] = func(value)
+        except TransformFailure as exc:
+            failures[key] = str(exc)
+    keys = [None if _isnull(v) else (type(v), v) for v in values]
+    out = pd.Series([results.get(k) if k is not None else None for k in keys], index=values.index, dtype=object)
+    if not failures:
+        return out, None
+    errors = pd.Series([failures.get(k) if k is not None else None for k in keys], index=values.index, dtype=object)
+    return out, errors
+
+
+def _text(values: pd.Series, func: Callable[[str], str | None]) -> Outcome:
+    """Apply a string function to text values; non-text values pass through as text."""
+
+    def apply(value: Any) -> Any:
+        text = func(_as_text(value))
+        return text if text else None
+
+    return per_value(values, apply)
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+# --------------------------------------------------------------------------- text
+
+_INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
+_SPACES = re.compile(r"\s+")
+
+
+def clean_text(value: str) -> str:
+    """Remove zero-width characters, turn every kind of space (incl. U+3000) into one, strip the ends."""
+    return _SPACES.sub(" ", _INVISIBLE.sub("", value)).strip()
+
+
+@transform("trim")
+def trim(values: pd.Series, args: NoArgs) -> Outcome:
+    """Strip both ends, collapse inner whitespace (incl. full-width spaces), drop zero-width characters."""
+    return _text(values, clean_text)
+
+
+@transform("nfkc")
+def nfkc(values: pd.Series, args: NoArgs) -> Outcome:
+    """Unicode NFKC: full-width letters, digits and punctuation become half-width (ＡＢＣ１２３ → ABC123)."""
+    return _text(values, lambda v: unicodedata.normalize("NFKC", v))
+
+
+@transform("upper")
+def upper(values: pd.Series, args: NoArgs) -> Outcome:
+    """Upper-case (Chinese text is unchanged)."""
+    return _text(values, str.upper)
+
+
+@transform("lower")
+def lower(values: pd.Series, args: NoArgs) -> Outcome:
+    """Lower-case (Chinese text is unchanged)."""
+    return _text(values, str.lower)
+
+
+@transform("title")
+def title(values: pd.Series, args: NoArgs) -> Outcome:
+    """Title-case Latin words (Chinese text is unchanged)."""
+    return _text(values, str.title)
+
+
+def _valid_regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression: {exc}") from None
+    return value
+
+
+class RegexReplaceArgs(Args):
+    """Arguments of ``regex_replace``."""
+
+    pattern: str
+    replace: str = ""
+
+    _compiles = field_validator("pattern")(_valid_regex)
+
+
+@transform("regex_replace", RegexReplaceArgs)
+def regex_replace(values: pd.Series, args: RegexReplaceArgs) -> Outcome:
+    """Replace every match of ``pattern`` with ``replace`` (Python ``re`` syntax, ``\\1`` for groups)."""
+    compiled = re.compile(args.pattern)
+    return _text(values, lambda v: compiled.sub(args.replace, v))
+
+
+class RegexExtractArgs(Args):
+    """Arguments of ``regex_extract``."""
+
+    pattern: str
+    group: int | str = 1
+
+    _compiles = field_validator("pattern")(_valid_regex)
+
+
+@transform("regex_extract", RegexExtractArgs)
+def regex_extract(values: pd.Series, args: RegexExtractArgs) -> Outcome:
+    """Keep the given group of the first match of ``pattern``; no match gives an empty value."""
+    compiled = re.compile(args.pattern)
+
+    def extract(value: str) -> str | None:
+        match = compiled.search(value)
+        return match.group(args.group) if match else None
+
+    return _text(values, extract)
+
+
+class SplitArgs(Args):
+    """Arguments of ``split``."""
+
+    sep: str
+    index: int = 0
+
+
+@transform("split", SplitArgs)
+def split(values: pd.Series, args: SplitArgs) -> Outcome:
+    """Split on ``sep`` and keep part ``index`` (0 = first, -1 = last); missing parts give an empty value."""
+
+    def part(value: str) -> str | None:
+        pieces = value.split(args.sep)
+        try:
+            return pieces[args.index].strip()
+        except IndexError:
+            return None
+
+    return _text(values, part)
+
+
+class MapValuesArgs(Args):
+    """Arguments of ``map_values``."""
+
+    values: dict[str, Any]
+    unmatched: Literal["keep", "null", "reject"] = "keep"
+
+
+def _fold(value: Any) -> str:
+    return clean_text(unicodedata.normalize("NFKC", _as_text(value))).casefold()
+
+
+@transform("map_values", MapValuesArgs)
+def map_values(values: pd.Series, args: MapValuesArgs) -> Outcome:
+    """Translate values through a table; keys match ignoring case, width and extra spaces."""
+    table = {_fold(k): v for k, v in args.values.items()}
+
+    def translate(value: Any) -> Any:
+        key = _fold(value)
+        if key in table:
+            return table[key]
+        if args.unmatched == "keep":
+            return value
+        if args.unmatched == "null":
+            return None
+        raise TransformFailure(f"'{value}' is not in the value map (known: {', '.join(map(str, args.values))})")
+
+    return per_value(values, translate)
+
+
+# --------------------------------------------------------------------------- dates
+
+_EXCEL_EPOCH = dt.date(1899, 12, 31)
+_DATE = re.compile(
+    r"^(?P<y>\d{4})\s*[-/.年]\s*(?P<m>\d{1,2})\s*[-/.月]\s*(?P<d>\d{1,2})\s*[日号]?"
+    r"(?:[\sT]+(?P<H>\d{1,2})[:：时](?P<M>\d{1,2})(?:[:：分](?P<S>\d{1,2})(?:\.\d+)?)?秒?)?"
+    r"\s*(?P<tz>Z|[+-]\d{2}:?\d{2})?$"
+)
+_COMPACT_DATE = re.compile(r"^(?P<y>\d{4})(?P<m>\d{2})(?P<d>\d{2})$")
+
+
+def excel_serial_to_date(serial: float) -> dt.date:
+    """Convert an Excel (1900 system) serial day number; serial 60 is Excel's fictitious 1900-02-29."""
+    day = int(serial)
+    if not 1 <= day <= 2_958_465:
+        raise TransformFailure(f"{serial} is not a plausible Excel date serial (1..2958465)")
+    if day == 60:
+        raise TransformFailure("Excel serial 60 is 1900-02-29, a day that does not exist (Excel's leap-year bug)")
+    return _EXCEL_EPOCH + dt.timedelta(days=day - 1 if day > 60 else day)
+
+
+class DateArgs(Args):
+    """Arguments of ``parse_date`` and ``parse_datetime``."""
+
+    formats: list[str] = Field(default_factory=list, description="strptime formats tried first")
+    excel_serial: bool = Field(default=True, description="treat numbers as Excel serial dates")
+    timezone: str | None = Field(default=None, description="zone of values without one, e.g. Asia/Shanghai")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone '{value}' (use an IANA name such as Asia/Shanghai)") from None
+        return value
+
+
+def parse_datetime_value(value: Any, args: DateArgs) -> dt.datetime:
+    """Parse one date/time value (see ``parse_date``); naive results get ``args.timezone`` when set."""
+    result: dt.datetime
+    if isinstance(value, pd.Timestamp):
+        result = value.to_pydatetime()
+    elif isinstance(value, dt.datetime):
+        result = value
+    elif isinstance(value, dt.date):
+        result = dt.datetime(value.year, value.month, value.day)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        if not args.excel_serial:
+            raise TransformFailure(f"{value} is a number, not a date")
+        day = excel_serial_to_date(value)
+        seconds = round((float(value) - int(value)) * 86400)
+        result = dt.datetime(day.year, day.month, day.day) + dt.timedelta(seconds=seconds)
+    else:
+        text = clean_text(unicodedata.normalize("NFKC", str(value)))
+        parsed = None
+        for fmt in args.formats:
+            try:
+                parsed = dt.datetime.strptime(text, fmt)
+                break
+            except ValueError:
+                continue
+        if parsed is None:
+            parsed = _parse_date_text(text, args)
+        result = parsed
+    if args.timezone and result.tzinfo is None:
+        result = result.replace(tzinfo=ZoneInfo(args.timezone))
+    return result
+
+
+def _parse_date_text(text: str, args: DateArgs) -> dt.datetime:
+    match = _DATE.match(text) or _COMPACT_DATE.match(text)
+    if match is None:
+        if args.excel_serial and re.fullmatch(r"\d{5}(\.\d+)?", text):
+            return parse_datetime_value(float(text), args)
+        raise TransformFailure(f"'{text}' is not a date (expected e.g. 2025-03-05, 2025/3/5 or 2025年3月5日)")
+    parts = match.groupdict()
+    try:
+        result = dt.datetime(
+            int(parts["y"]),
+            int(parts["m"]),
+            int(parts["d"]),
+            int(parts.get("H") or 0),
+            int(parts.get("M") or 0),
+            int(parts.get("S") or 0),
+        )
+    except ValueError as exc:
+        raise TransformFailure(f"'{text}' is not a valid date: {exc}") from None
+    zone = parts.get("tz")
+    if zone:
+        zone = "+00:00" if zone == "Z" else zone
+        hours, minutes = int(zone[1:3]), int(zone[-2:])
+        offset = dt.timedelta(hours=hours, minutes=minutes) * (-1 if zone[0] == "-" else 1)
+        result = result.replace(tzinfo=dt.timezone(offset))
+    return result
+
+
+@transform("parse_date", DateArgs)
+def parse_date(values: pd.Series, args: DateArgs) -> Outcome:
+    """Parse dates: ISO, 2025/3/5, 2025.3.5, 2025年3月5日, 20250305, Excel serials (1900 leap bug handled)."""
+    return per_value(values, lambda v: parse_datetime_value(v, args).date())
+
+
+@transform("parse_datetime", DateArgs)
+def parse_datetime(values: pd.Series, args: DateArgs) -> Outcome:
+    """Parse date-times like ``parse_date``, keeping the time and attaching ``timezone`` to naive values."""
+    return per_value(values, lambda v: parse_datetime_value(v, args))
+
+
+# --------------------------------------------------------------------------- amounts
+
+_CURRENCY_WORDS = re.compile(r"(人民币|RMB|CNY|USD|US\$|EUR|HKD|元整|圆整|元|圆|整|¥|\$|€|HK\$)", re.IGNORECASE)
+_UNITS: list[tuple[str, Decimal]] = [
+    ("千万", Decimal(10_000_000)),
+    ("百万", Decimal(1_000_000)),
+    ("亿", Decimal(100_000_000)),
+    ("万", Decimal(10_000)),
+    ("千", Decimal(1_000)),
+    ("mn", Decimal(1_000_000)),
+    ("m", Decimal(1_000_000)),
+    ("k", Decimal(1_000)),
+    ("w", Decimal(10_000)),
+]
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+_CN_NUMERAL = re.compile(r"^[零〇一二两三四五六七八九十百千万亿壹贰叁肆伍陆柒捌玖拾佰仟萬億点]+$")
+
+
+class AmountArgs(Args):
+    """Arguments of ``parse_amount``."""
+
+    multiply: float = Field(default=1, description="multiply the parsed value (e.g. 10000 for a column in 万元)")
+
+
+def parse_amount_value(value: Any, multiply: float = 1) -> Decimal:
+    """Parse one amount: ¥1,234.50, 12.5万, 3亿, 1.2k, (500), 一百二十万, 壹仟贰佰元整."""
+    if isinstance(value, bool):
+        raise TransformFailure(f"{value} is not an amount")
+    if isinstance(value, int | float | Decimal):
+        result = Decimal(str(value))
+    else:
+        text = clean_text(unicodedata.normalize("NFKC", str(value)))
+        negative = False
+        if text.startswith("(") and text.endswith(")"):
+            negative, text = True, text[1:-1]
+        text = _CURRENCY_WORDS.sub("", text).replace(",", "").replace(" ", "").replace("，", "")
+        if text.startswith("-") or text.endswith("-"):
+            negative, text = True, text.strip("-")
+        text = text.lstrip("+")
+        if not text:
+            raise TransformFailure(f"'{value}' has no number in it")
+        multiplier = Decimal(1)
+        if _NUMBER.match(text) is None and not _CN_NUMERAL.match(text):
+            for unit, factor in _UNITS:
+                if text.lower().endswith(unit):
+                    text, multiplier = text[: -len(unit)], factor
+                    break
+        if _NUMBER.match(text):
+            result = Decimal(text) * multiplier
+        elif _CN_NUMERAL.match(text):
+            result = _chinese_numeral(text, value) * multiplier
+        else:
+            raise TransformFailure(f"'{value}' is not an amount (expected e.g. 1234.5, ¥1,234.50, 12.5万)")
+        if negative:
+            result = -result
+    if multiply != 1:
+        result *= Decimal(str(multiply))
+    return result
+
+
+def _chinese_numeral(text: str, original: Any) -> Decimal:
+    import cn2an  # heavy-ish import, only when Chinese numerals occur
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Decimal(str(cn2an.cn2an(text, "smart")))
+    except (ValueError, InvalidOperation):
+        raise TransformFailure(f"'{original}' is not a Chinese numeral amount") from None
+
+
+@transform("parse_amount", AmountArgs)
+def parse_amount(values: pd.Series, args: AmountArgs) -> Outcome:
+    """Parse money amounts (¥1,234.50, 12.5万, 3亿, 1.2k, (500), 一百二十万, 壹仟贰佰元) into Decimal."""
+    return per_value(values, lambda v: parse_amount_value(v, args.multiply))
+
+
+_CURRENCIES = {
+    "¥": "CNY", "￥": "CNY", "元": "CNY", "人民币": "CNY", "rmb": "CNY", "cny": "CNY",
+    "$": "USD", "us$": "USD", "usd": "USD", "美元": "USD", "€": "EUR", "eur": "EUR", "欧元": "EUR",
+    "hk$": "HKD", "hkd": "HKD", "港币": "HKD", "港元": "HKD", "jpy": "JPY", "日元": "JPY",
+}  # fmt: skip
+
+
+@transform("currency")
+def currency(values: pd.Series, args: NoArgs) -> Outcome:
+    """ISO 4217 code from a code, symbol or Chinese name (¥, 人民币, RMB → CNY; 美元 → USD)."""
+
+    def code(value: Any) -> str:
+        text = clean_text(unicodedata.normalize("NFKC", str(value))).lower()
+        if text in _CURRENCIES:
+            return _CURRENCIES[text]
+        if re.fullmatch(r"[a-z]{3}", text):
+            return text.upper()
+        for marker, iso in _CURRENCIES.items():
+            if marker in text:
+                return iso
+        raise TransformFailure(f"'{value}' is not a currency (use an ISO code like CNY)")
+
+    return per_value(values, code)
+
+
+# --------------------------------------------------------------------------- contact data
+
+
+class PhoneArgs(Args):
+    """Arguments of ``phone``."""
+
+    region: str = Field(default="CN", description="ISO country of numbers written without +country code")
+
+    @field_validator("region")
+    @classmethod
+    def _known_region(cls, value: str) -> str:
+        if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"unknown region '{value}' (use a two-letter country code such as CN)")
+        return value.upper()
+
+
+def phone_e164(value: Any, region: str = "CN") -> str:
+    """Return ``value`` as E.164 (+8613812345678); extensions are kept as ``;ext=``."""
+    text = clean_text(unicodedata.normalize("NFKC", _as_text(value)))
+    text = re.sub(r"^00", "+", text)
+    text = re.sub(r"(转|分机|ext\.?|x)\s*(\d+)$", r" ext. \2", text, flags=re.IGNORECASE)
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        raise TransformFailure(f"'{value}' is not a phone number") from None
+    if not phonenumbers.is_valid_number(number):
+        raise TransformFailure(f"'{value}' is not a valid phone number for region {region}")
+    e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return f"{e164};ext={number.extension}" if number.extension else e164
+
+
+@transform("phone", PhoneArgs)
+def phone(values: pd.Series, args: PhoneArgs) -> Outcome:
+    """Phone numbers to E.164 (CN mobiles, landlines with area code, +86/0086, 转/ext extensions)."""
+    return per_value(values, lambda v: phone_e164(v, args.region))
+
+
+_EMAIL = re.compile(r"^[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}$")
+
+
+@transform("email")
+def email(values: pd.Series, args: NoArgs) -> Outcome:
+    """Lower-cased, trimmed e-mail address (full-width ＠ allowed); anything else is an error."""
+
+    def check(value: Any) -> str:
+        text = clean_text(unicodedata.normalize("NFKC", str(value))).lower().strip("<>;,")
+        if not _EMAIL.match(text):
+            raise TransformFailure(f"'{value}' is not an e-mail address")
+        return text
+
+    return per_value(values, check)
+
+
+def uscc_value(value: Any) -> str:
+    """Return the compact, upper-case 统一社会信用代码; raise TransformFailure if its check digit fails."""
+    text = unicodedata.normalize("NFKC", str(value))
+    code = stdnum_uscc.compact(text).upper()
+    if len(code) != 18:
+        raise TransformFailure(f"'{value}' is not a unified social credit code (18 characters expected)")
+    if not stdnum_uscc.is_valid(code):
+        raise TransformFailure(f"'{value}' is not a valid unified social credit code (check digit fails)")
+    return code
+
+
+@transform("uscc")
+def uscc(values: pd.Series, args: NoArgs) -> Outcome:
+    """统一社会信用代码: compact, upper-case, check digit verified (python-stdnum); invalid codes are errors."""
+    return per_value(values, uscc_value)
+
+
+_CJK = r"[\u3400-\u9fff]"
+
+
+def company_display_name(value: str) -> str:
+    """Canonical display form of a company name: NFKC, single spaces, full-width brackets beside Chinese."""
+    text = clean_text(unicodedata.normalize("NFKC", value))
+    text = re.sub(rf"(?<={_CJK}) (?={_CJK})", "", text)
+    if re.search(_CJK, text):
+        text = re.sub(r"\s*\(\s*", "（", text)
+        text = re.sub(r"\s*\)\s*", "）", text)
+    return text
+
+
+@transform("company_name")
+def company_name(values: pd.Series, args: NoArgs) -> Outcome:
+    """Company name display form: full-width → half-width, spaces tidied, （） brackets in Chinese names."""
+    return _text(values, company_display_name)
+
+
+# --------------------------------------------------------------------------- addresses
+
+_MUNICIPALITIES = ("北京", "上海", "天津", "重庆")
+_ADDRESS = re.compile(
+    r"^(?P<province>[^省市]{2,7}?(?:省|自治区|特别行政区))?"
+    r"(?P<city>.{1,8}?(?:市|自治州|地区|盟))?"
+    r"(?P<district>.{1,8}?(?:区|县|旗|市))?"
+)
+
+
+def split_address(value: str) -> dict[str, str | None]:
+    """Split a Chinese address into province, city and district where they are written out."""
+    text = clean_text(unicodedata.normalize("NFKC", value)).replace(" ", "")
+    for name in _MUNICIPALITIES:
+        if text.startswith(name):
+            rest = text[len(name) :].removeprefix("市")
+            district = re.match(r"^([^区县]{1,6}?(?:区|县))", rest)
+            return {"province": f"{name}市", "city": f"{name}市", "district": district.group(1) if district else None}
+    match = _ADDRESS.match(text)
+    parts = match.groupdict() if match else {}
+    return {"province": parts.get("province"), "city": parts.get("city"), "district": parts.get("district")}
+
+
+class AddressPartArgs(Args):
+    """Arguments of ``address_part``."""
+
+    part: Literal["province", "city", "district"]
+
+
+@transform("address_part", AddressPartArgs)
+def address_part(values: pd.Series, args: AddressPartArgs) -> Outcome:
+    """Province, city or district of a Chinese address (广东省深圳市南山区… → 广东省 / 深圳市 / 南山区)."""
+    return _text(values, lambda v: split_address(v)[args.part])
+
+
+# --------------------------------------------------------------------------- codes and flags
+
+
+@transform("stage")
+def stage(values: pd.Series, args: NoArgs) -> Outcome:
+    """Opportunity stage code from the stage master: codes, 初步接洽…赢单/输单, SugarCRM sales_stage values."""
+
+    def code(value: Any) -> str:
+        found = resolve_stage(str(value))
+        if found is None:
+            raise TransformFailure(f"'{value}' is not a known stage; map it with map_values or extend the stage list")
+        return found
+
+    return per_value(values, code)
+
+
+_TRUE = {"1", "y", "yes", "true", "t", "是", "有", "对", "√", "✓", "x", "on"}
+_FALSE = {"0", "n", "no", "false", "f", "否", "无", "不", "×", "✗", "off", ""}
+
+
+@transform("bool")
+def to_bool(values: pd.Series, args: NoArgs) -> Outcome:
+    """Booleans from 是/否, Y/N, yes/no, true/false, 1/0, √/×."""
+
+    def parse(value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = _fold(value)
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise TransformFailure(f"'{value}' is not a yes/no value (是/否, Y/N, true/false, 1/0)")
+
+    return per_value(values, parse)
+
+
+@transform("to_text")
+def to_text(values: pd.Series, args: NoArgs) -> Outcome:
+    """Text form of codes read as numbers (1001.0 → '1001')."""
+    return _text(values, str.strip)

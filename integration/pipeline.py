@@ -1,0 +1,303 @@
+"""The migration steps as plain functions: extract, stage (map + normalize), load, reconcile.
+
+Dagster assets call these; so do the CLI and the tests. Nothing here knows about Dagster.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from functools import cached_property
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from crm_core.db import make_engine, session_factory, upgrade
+from crm_core.entities import ENTITIES, LOAD_ORDER
+from crm_core.errors import ConfigError, Problem
+from crm_core.loading import Batch, EntityLoader, Lookup, MatchRules, SourceStats, get_or_start_run
+from crm_core.models import ExternalId, LoadRun, Reject
+from integration.connectors import Connector, ReadRequest, connector_for
+from integration.connectors.sql import SqlConnector
+from integration.dedup.normalize import company_key, person_key
+from integration.mappings.engine import MappingResult, map_chunks
+from integration.mappings.spec import CompiledMapping, load_mappings
+from integration.project import Project, load_project
+
+
+@dataclass
+class StagedEntity:
+    """Canonical records of one entity from every mapping that targets it, ready to load."""
+
+    entity: str
+    batches: list[Batch] = field(default_factory=list)
+
+    @property
+    def records(self) -> int:
+        """Return the number of mapped records."""
+        return sum(len(b.records) for b in self.batches)
+
+    @property
+    def rejects(self) -> int:
+        """Return the number of mapping reject entries (errors and warnings)."""
+        return sum(len(b.rejects) for b in self.batches)
+
+
+class Migration:
+    """A loaded project and its compiled mappings: the unit the pipeline steps work on."""
+
+    def __init__(self, project: Project) -> None:
+        self.project = project
+        self.mappings: list[CompiledMapping] = load_mappings(list(project.mapping_files), sources={s: None for s in project.spec.sources})
+        names: dict[str, CompiledMapping] = {}
+        problems = []
+        for mapping in self.mappings:
+            asset = raw_asset_name(mapping)
+            if asset in names:
+                problems.append(Problem(f"{asset} is also produced by {names[asset].file.name}; one mapping per source table", mapping.file))
+            names[asset] = mapping
+        if problems:
+            raise ConfigError(problems)
+
+    @classmethod
+    def load(cls, path: str | None = None) -> Migration:
+        """Load the project at ``path`` (default: ``$CRM_PROJECT`` or the demo)."""
+        return cls(load_project(path))
+
+    @property
+    def entities(self) -> list[str]:
+        """Return the entities the project loads, in load order."""
+        targets = {m.entity.name for m in self.mappings}
+        return [e for e in LOAD_ORDER if e in targets]
+
+    def mappings_for(self, entity: str) -> list[CompiledMapping]:
+        """Return the mappings of an entity, the dedup source priority first."""
+        priority = self.project.spec.dedup.get(entity)
+        order = list(priority.source_priority) if priority else []
+        chosen = [m for m in self.mappings if m.entity.name == entity]
+        return sorted(chosen, key=lambda m: (order.index(m.source) if m.source in order else len(order), m.name))
+
+    def connector(self, source: str) -> Connector:
+        """Return a connector for a project source."""
+        return connector_for(self.project, source)
+
+    @cached_property
+    def match_rules(self) -> dict[str, MatchRules]:
+        """Return the exact-key match rules per entity from project.yaml."""
+        return {
+            name: MatchRules(keys=[tuple(k) for k in rules.match_keys], conflict_fields=tuple(rules.conflict_fields))
+            for name, rules in self.project.spec.dedup.items()
+        }
+
+
+def raw_asset_name(mapping: CompiledMapping) -> str:
+    """Return the name of the raw asset that extracts a mapping's rows: ``raw_<source>_<entity>``."""
+    return f"raw_{mapping.source}_{mapping.entity.name}"
+
+
+def read_request(mapping: CompiledMapping) -> ReadRequest:
+    """Return what a mapping asks its connector to read."""
+    source = mapping.spec.source
+    return ReadRequest(
+        table=source.location if source.query is None else f"query:{mapping.name}",
+        where=source.where,
+        query=source.query,
+        key=tuple(source.key_columns),
+        header_row=source.header_row,
+    )
+
+
+def extract_chunks(migration: Migration, mapping: CompiledMapping) -> Iterator[pd.DataFrame]:
+    """Yield the raw chunks of a mapping's source table or sheet."""
+    connector = migration.connector(mapping.source)
+    try:
+        yield from connector.read(read_request(mapping))
+    finally:
+        if isinstance(connector, SqlConnector):
+            connector.dispose()
+
+
+def extract(migration: Migration, mapping: CompiledMapping) -> pd.DataFrame:
+    """Return all raw rows of a mapping's source as one frame (source columns + row metadata)."""
+    chunks = list(extract_chunks(migration, mapping))
+    return pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame()
+
+
+def _lookups(mapping: CompiledMapping) -> dict[str, Lookup]:
+    return {f.name: Lookup(by=f.lookup.by, system=f.lookup.system) for f in mapping.fields if f.lookup is not None}
+
+
+def stage(migration: Migration, entity: str, raw: dict[str, pd.DataFrame]) -> StagedEntity:
+    """Map the raw frames of one entity (keyed by raw asset name) into batches ready to load."""
+    staged = StagedEntity(entity)
+    for mapping in migration.mappings_for(entity):
+        frame = raw.get(raw_asset_name(mapping))
+        if frame is None:
+            continue
+        result: MappingResult = map_chunks(mapping, [frame] if len(frame) else [])
+        records = result.records
+        if entity == "customer" and "name" in records.columns:
+            records["name_normalized"] = records["name"].map(company_key)
+        fields = [f.name for f in mapping.fields] + (["name_normalized"] if entity == "customer" else [])
+        staged.batches.append(
+            Batch(
+                source=mapping.source,
+                mapping=mapping.name,
+                records=records,
+                rejects=result.rejects,
+                rows_read=result.rows_read,
+                fields=fields,
+                lookups=_lookups(mapping),
+            )
+        )
+    return staged
+
+
+NAME_KEYS = {"customer": company_key, "sales_rep": person_key, "contact": person_key}
+MATCH_KEY_FUNCTIONS = {"name": person_key}
+
+
+def core_engine(url: str | None = None) -> Engine:
+    """Return an engine for the core with the schema migrated to the latest revision."""
+    engine = make_engine(url)
+    upgrade(engine)
+    return engine
+
+
+def load(migration: Migration, engine: Engine, run_key: str, staged: StagedEntity, mode: str = "full") -> list[SourceStats]:
+    """Load one staged entity into the core in one transaction; record its stats on the load run."""
+    factory = session_factory(engine)
+    with factory() as session, session.begin():
+        run = get_or_start_run(session, run_key, migration.project.name, mode)
+        key_functions = dict(MATCH_KEY_FUNCTIONS) if staged.entity in ("sales_rep", "contact") else {}
+        loader = EntityLoader(
+            session, run, staged.entity,
+            match=migration.match_rules.get(staged.entity),
+            key_functions=key_functions,
+            name_keys=NAME_KEYS,
+        )  # fmt: skip
+        stats = loader.load(staged.batches)
+        run.stats = {**(run.stats or {}), staged.entity: [s.as_dict() for s in stats]}
+    return stats
+
+
+# --------------------------------------------------------------------------- reconciliation
+
+
+@dataclass
+class ReconciliationLine:
+    """Per source and entity: rows read vs loaded + merged + rejected, and amount sums."""
+
+    source: str
+    entity: str
+    rows_read: int
+    loaded: int
+    merged: int
+    rejected: int
+    warnings: int
+    amount_source: Decimal | None
+    amount_core: Decimal | None
+
+    @property
+    def balanced(self) -> bool:
+        """Return True when rows balance and the core holds the amounts the source gave."""
+        rows_ok = self.rows_read == self.loaded + self.merged + self.rejected
+        amounts_ok = self.amount_source is None or self.amount_source == self.amount_core
+        return rows_ok and amounts_ok
+
+
+@dataclass
+class ReconciliationReport:
+    """The reconciliation of one load run, plus the rejects it recorded."""
+
+    run_key: str
+    lines: list[ReconciliationLine]
+    rejects: pd.DataFrame
+    core_counts: dict[str, int]
+
+    @property
+    def balanced(self) -> bool:
+        """Return True when every line balances."""
+        return all(line.balanced for line in self.lines)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Return the lines as a table."""
+        return pd.DataFrame([{**line.__dict__, "balanced": line.balanced} for line in self.lines])
+
+    def to_markdown(self) -> str:
+        """Return the table as Markdown (Dagster metadata, README output)."""
+        header = "| source | entity | read | loaded | merged | rejected | warnings | amount source | amount core | ok |"
+        rows = [header, "|" + "---|" * 10]
+        for line in self.lines:
+            rows.append(
+                f"| {line.source} | {line.entity} | {line.rows_read} | {line.loaded} | {line.merged} | {line.rejected} "
+                f"| {line.warnings} | {_money(line.amount_source)} | {_money(line.amount_core)} | {'✅' if line.balanced else '❌'} |"
+            )
+        return "\n".join(rows)
+
+
+def _money(value: Decimal | None) -> str:
+    return "" if value is None else f"{value:,.2f}"
+
+
+def _core_amount(session: Session, entity: str, source: str) -> Decimal | None:
+    definition = ENTITIES[entity]
+    if definition.amount_field is None:
+        return None
+    model: Any = definition.model
+    column = getattr(model, definition.fields[definition.amount_field].column)
+    total = session.scalar(
+        select(func.coalesce(func.sum(column), 0))
+        .join(ExternalId, (ExternalId.entity_id == model.id) & (ExternalId.entity == entity))
+        .where(ExternalId.system == source, ExternalId.match_method == "created")
+    )
+    return Decimal(str(total)).quantize(Decimal("0.01"))
+
+
+def reconcile(engine: Engine, run_key: str, entities: Sequence[str] | None = None) -> ReconciliationReport:
+    """Build the reconciliation of ``run_key`` from its stats, the core's sums and its rejects."""
+    factory = session_factory(engine)
+    with factory() as session:
+        run = session.scalar(select(LoadRun).where(LoadRun.run_key == run_key))
+        if run is None:
+            raise ConfigError(f"no load run '{run_key}' in the core")
+        lines: list[ReconciliationLine] = []
+        for entity, batch_stats in (run.stats or {}).items():
+            if entities is not None and entity not in entities:
+                continue
+            for stats in batch_stats:
+                amount = stats.get("amount_loaded")
+                lines.append(ReconciliationLine(
+                    source=stats["source"], entity=entity, rows_read=stats["rows_read"], loaded=stats["loaded"],
+                    merged=stats["merged"], rejected=stats["rejected"], warnings=stats["warnings"],
+                    amount_source=None if amount is None else Decimal(amount).quantize(Decimal("0.01")),
+                    amount_core=_core_amount(session, entity, stats["source"]) if amount is not None else None,
+                ))  # fmt: skip
+        rejects = pd.read_sql(
+            select(Reject.source, Reject.entity, Reject.location, Reject.row_ref, Reject.field, Reject.value,
+                   Reject.rule, Reject.reason, Reject.severity).where(Reject.load_run_id == run.id)
+            .order_by(Reject.id),
+            session.connection(),
+        )  # fmt: skip
+        counts = {}
+        for name, definition in ENTITIES.items():
+            model: Any = definition.model
+            query = select(func.count()).select_from(model)
+            if hasattr(model, "merged_into_id"):
+                query = query.where(model.merged_into_id.is_(None))
+            counts[name] = session.scalar(query) or 0
+    return ReconciliationReport(run_key, lines, rejects, counts)
+
+
+def finish_run(engine: Engine, run_key: str, report: ReconciliationReport) -> None:
+    """Mark a load run finished, succeeded when the reconciliation balances."""
+    factory = session_factory(engine)
+    with factory() as session, session.begin():
+        run = session.scalar(select(LoadRun).where(LoadRun.run_key == run_key))
+        if run is not None:
+            run.status = "succeeded" if report.balanced else "unbalanced"
+            run.finished_at = dt.datetime.now(dt.UTC)

@@ -1,0 +1,217 @@
+"""The migration project: one folder per engagement, described by ``project.yaml``.
+
+A project names its sources (connection settings, secrets only as ``${ENV_VAR}``), the mapping files
+that turn source rows into canonical entities, and the dedup settings. Loading checks everything it
+can before any data moves and reports every problem as ``file:line:col: path: message``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy.engine import make_url
+
+from crm_core.entities import ENTITIES
+from crm_core.errors import ConfigError, Problem
+from integration.yamlconf import LocatedDocument, env_references, expand_env, load_yaml, validate_document
+
+PROJECT_FILE = "project.yaml"
+DEFAULT_PROJECT = Path("examples/demo")
+NAME_PATTERN = r"^[a-z][a-z0-9_]*$"  # becomes part of Dagster asset names
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExcelSource(_Strict):
+    """Spreadsheets: one workbook or a glob of them (relative to the project folder)."""
+
+    connector: Literal["excel"]
+    path: str = Field(description="workbook path or glob, relative to the project folder")
+    description: str | None = None
+
+
+class SqlSource(_Strict):
+    """A database reached through SQLAlchemy (SQLite, PostgreSQL, MariaDB/MySQL, SQL Server)."""
+
+    connector: Literal["sql"]
+    url: str = Field(description="SQLAlchemy URL; put secrets in ${ENV_VARS}")
+    db_schema: str | None = Field(default=None, alias="schema")
+    description: str | None = None
+
+
+SourceConfig = Annotated[ExcelSource | SqlSource, Field(discriminator="connector")]
+
+
+class EntityDedup(_Strict):
+    """Exact-key matching for one entity (issue 'Customer dedup' adds probabilistic linkage)."""
+
+    match_keys: list[list[str]] = Field(
+        default_factory=list,
+        description="each entry is a list of fields that must all be equal and non-empty to match",
+    )
+    conflict_fields: list[str] = Field(
+        default_factory=list, description="records whose non-empty values differ here never match"
+    )
+    source_priority: list[str] = Field(
+        default_factory=list, description="sources loaded first win; later ones only fill blanks"
+    )
+
+
+class ProjectSpec(_Strict):
+    """Schema of ``project.yaml``."""
+
+    version: Literal[1]
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    description: str | None = None
+    sources: dict[str, SourceConfig]
+    mappings: list[str] = Field(description="mapping files or globs, relative to the project folder")
+    dedup: dict[str, EntityDedup] = Field(default_factory=dict)
+
+    @field_validator("sources")
+    @classmethod
+    def _source_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"source name '{name}' must match {NAME_PATTERN} (it names Dagster assets)")
+        return value
+
+    @field_validator("dedup")
+    @classmethod
+    def _dedup_entities(cls, value: dict[str, EntityDedup]) -> dict[str, EntityDedup]:
+        for name, rules in value.items():
+            if name not in ENTITIES:
+                raise ValueError(f"unknown entity '{name}'; known: {', '.join(ENTITIES)}")
+            fields = ENTITIES[name].fields
+            for key in [*(f for k in rules.match_keys for f in k), *rules.conflict_fields]:
+                if key not in fields:
+                    raise ValueError(f"entity '{name}' has no field '{key}'")
+        return value
+
+
+@dataclass(frozen=True)
+class Project:
+    """A loaded, checked project: its folder, spec, and the document positions for later errors."""
+
+    root: Path
+    spec: ProjectSpec
+    document: LocatedDocument
+    mapping_files: tuple[Path, ...]
+
+    @property
+    def name(self) -> str:
+        """Return the project's name."""
+        return self.spec.name
+
+    def source_url(self, source: str) -> str:
+        """Return the expanded connection URL (with secrets) of a SQL source; never log it."""
+        config = self.spec.sources[source]
+        assert isinstance(config, SqlSource)
+        return resolve_sqlite_path(expand_env(config.url), self.root)
+
+    def source_paths(self, source: str) -> list[Path]:
+        """Return the workbooks an Excel source's glob matches, sorted."""
+        config = self.spec.sources[source]
+        assert isinstance(config, ExcelSource)
+        pattern = str(self.root / expand_env(config.path))
+        return sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+
+
+def resolve_sqlite_path(url: str, root: Path) -> str:
+    """Make a relative SQLite file path in ``url`` relative to the project folder."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        db_path = Path(parsed.database)
+        if not db_path.is_absolute():
+            return parsed.set(database=str((root / db_path).resolve())).render_as_string(hide_password=False)
+    return url
+
+
+def project_dir(path: str | Path | None = None) -> Path:
+    """Return the project folder: ``path``, else ``$CRM_PROJECT``, else ``examples/demo``."""
+    return Path(path or os.environ.get("CRM_PROJECT") or DEFAULT_PROJECT)
+
+
+def load_project(path: str | Path | None = None) -> Project:
+    """Load and check a project folder; raise ConfigError with every problem found."""
+    root = project_dir(path)
+    file = root / PROJECT_FILE if root.is_dir() or not root.suffix else root
+    if file.name != PROJECT_FILE and file.is_file():
+        root = file.parent
+    if not file.is_file():
+        raise ConfigError(
+            Problem(f"no {PROJECT_FILE} here; set CRM_PROJECT or --project to a project folder", file)
+        )
+    root = file.parent
+    document = load_yaml(file)
+    spec = validate_document(document, ProjectSpec)
+    problems = _check_env(document, spec) + _check_secrets(document, spec)
+    mapping_files, mapping_problems = _mapping_files(document, spec, root)
+    problems += mapping_problems
+    for entity_name, rules in spec.dedup.items():
+        for i, source in enumerate(rules.source_priority):
+            if source not in spec.sources:
+                problems.append(
+                    document.problem(
+                        ("dedup", entity_name, "source_priority", i),
+                        f"unknown source '{source}'; sources: {', '.join(spec.sources)}",
+                    )
+                )
+    if problems:
+        raise ConfigError(problems)
+    return Project(root=root.resolve(), spec=spec, document=document, mapping_files=tuple(mapping_files))
+
+
+def _templates(spec: ProjectSpec) -> list[tuple[tuple[str, ...], str]]:
+    found: list[tuple[tuple[str, ...], str]] = []
+    for name, source in spec.sources.items():
+        if isinstance(source, SqlSource):
+            found.append((("sources", name, "url"), source.url))
+        else:
+            found.append((("sources", name, "path"), source.path))
+    return found
+
+
+def _check_env(document: LocatedDocument, spec: ProjectSpec) -> list[Problem]:
+    problems = []
+    for path, template in _templates(spec):
+        for name, default in env_references(template):
+            if default is None and not os.environ.get(name):
+                problems.append(
+                    document.problem(path, f"environment variable {name} is not set; export {name}=... first")
+                )
+    return problems
+
+
+def _check_secrets(document: LocatedDocument, spec: ProjectSpec) -> list[Problem]:
+    problems = []
+    for name, source in spec.sources.items():
+        if not isinstance(source, SqlSource):
+            continue
+        literal = re.sub(r"\$\{[^}]*\}", "", source.url)
+        if re.search(r"://[^/@]*:[^/@]+@", literal):
+            problems.append(
+                document.problem(
+                    ("sources", name, "url"),
+                    "a password is written into the file; use ${ENV_VAR} for the URL or its password",
+                )
+            )
+    return problems
+
+
+def _mapping_files(document: LocatedDocument, spec: ProjectSpec, root: Path) -> tuple[list[Path], list[Problem]]:
+    files: list[Path] = []
+    problems: list[Problem] = []
+    for i, pattern in enumerate(spec.mappings):
+        matches = sorted(Path(p) for p in glob.glob(str(root / pattern)))
+        if not matches:
+            problems.append(document.problem(("mappings", i), f"no mapping file matches '{pattern}' in {root}"))
+        files.extend(m for m in matches if m not in files)
+    return files, problems
