@@ -7,9 +7,9 @@ an opportunity) hold a *source value* in a mapped frame and are resolved to a co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
-from sqlalchemy import Boolean, Column, Date, DateTime, Integer, Numeric
+from sqlalchemy import Boolean, ColumnElement, Date, DateTime, Integer, Numeric
 
 from crm_core import models
 
@@ -90,7 +90,7 @@ _LABELS: Final[dict[str, str]] = {
 }
 
 
-def _kind(column: Column[object]) -> FieldKind:
+def _kind(column: ColumnElement[Any]) -> FieldKind:
     t = column.type
     if isinstance(t, Boolean):
         return "bool"

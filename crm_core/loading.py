@@ -12,7 +12,7 @@ import datetime as dt
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -31,6 +31,7 @@ ROW_REF = "_row_ref"
 LOCATION = "_location"
 
 KeyFunction = Callable[[Any], Any]
+KeyFunctions = Mapping[str, KeyFunction]
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,9 @@ def _canonical(value: Any) -> Any:
 
 def row_hash(values: dict[str, Any]) -> str:
     """Return a stable SHA-256 of a record's values (what the crosswalk remembers)."""
-    payload = json.dumps({k: _canonical(v) for k, v in sorted(values.items())}, ensure_ascii=False, default=str)
+    payload = json.dumps(
+        {k: _canonical(v) for k, v in sorted(values.items())}, ensure_ascii=False, default=str
+    )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -143,8 +146,8 @@ class EntityLoader:
         entity: EntityDef | str,
         *,
         match: MatchRules | None = None,
-        key_functions: dict[str, KeyFunction] | None = None,
-        name_keys: dict[str, KeyFunction] | None = None,
+        key_functions: KeyFunctions | None = None,
+        name_keys: KeyFunctions | None = None,
     ) -> None:
         self.session = session
         self.run = run
@@ -185,9 +188,10 @@ class EntityLoader:
     def _build_index(self) -> None:
         if not self.match.keys:
             return
-        query = select(self.model)
-        if hasattr(self.model, "merged_into_id"):
-            query = query.where(self.model.merged_into_id.is_(None))  # type: ignore[attr-defined]
+        model: Any = self.model
+        query = select(model)
+        if hasattr(model, "merged_into_id"):
+            query = query.where(model.merged_into_id.is_(None))
         for record in self.session.scalars(query):
             self._add_to_index(record)
 
@@ -230,7 +234,11 @@ class EntityLoader:
         if cache_key not in self._name_index:
             target = ENTITIES[entity]
             model: Any = target.model
-            column = "code" if by == "code" else ("name_normalized" if entity == "customer" else target.label_field)
+            column = (
+                "code"
+                if by == "code"
+                else ("name_normalized" if entity == "customer" else target.label_field)
+            )
             query = select(model.id, getattr(model, column))
             if hasattr(model, "merged_into_id"):
                 query = query.where(model.merged_into_id.is_(None))
@@ -242,7 +250,9 @@ class EntityLoader:
             self._name_index[cache_key] = index
         return self._name_index[cache_key]
 
-    def _resolve(self, batch: Batch, records: pd.DataFrame) -> tuple[dict[str, pd.Series], list[dict[str, Any]]]:
+    def _resolve(
+        self, batch: Batch, records: pd.DataFrame
+    ) -> tuple[dict[str, pd.Series], list[dict[str, Any]]]:
         resolved: dict[str, pd.Series] = {}
         problems: list[dict[str, Any]] = []
         for name, definition in self.entity.references.items():
@@ -264,7 +274,9 @@ class EntityLoader:
                 for value in unique:
                     ids[value] = found.get(str(value))
                     if ids[value] is None:
-                        reasons[value] = f"{target} with {system} key '{value}' not found (was it loaded or rejected?)"
+                        reasons[value] = (
+                            f"{target} with {system} key '{value}' not found (was it loaded or rejected?)"
+                        )
             else:
                 index = self._names(target, lookup.by)
                 normalize = self.name_keys.get(target) if lookup.by == "name" else None
@@ -303,8 +315,16 @@ class EntityLoader:
         self.session.flush()
         return all_stats
 
-    def _reject(self, batch: Batch, row: pd.Series | dict[str, Any], field_name: str | None, value: Any,
-                rule: str, reason: str, severity: str = "error") -> None:
+    def _reject(
+        self,
+        batch: Batch,
+        row: pd.Series | dict[str, Any],
+        field_name: str | None,
+        value: Any,
+        rule: str,
+        reason: str,
+        severity: str = "error",
+    ) -> None:
         self.session.add(Reject(
             load_run_id=self.run.id, source=batch.source, entity=self.entity.name,
             location=str(row.get(LOCATION)) if row.get(LOCATION) is not None else None,
@@ -313,7 +333,9 @@ class EntityLoader:
         ))  # fmt: skip
 
     def _load_batch(self, batch: Batch) -> SourceStats:
-        stats = SourceStats(source=batch.source, entity=self.entity.name, mapping=batch.mapping, rows_read=batch.rows_read)
+        stats = SourceStats(
+            source=batch.source, entity=self.entity.name, mapping=batch.mapping, rows_read=batch.rows_read
+        )
         mapping_rejected: set[str] = set()
         for entry in batch.rejects.to_dict("records"):
             self._reject(batch, {LOCATION: entry["location"], ROW_REF: entry["row_ref"]}, entry["field"],
@@ -336,13 +358,23 @@ class EntityLoader:
         crosswalk = {
             xw.external_key: xw
             for xw in self.session.scalars(
-                select(ExternalId).where(ExternalId.entity == self.entity.name, ExternalId.system == batch.source)
+                select(ExternalId).where(
+                    ExternalId.entity == self.entity.name, ExternalId.system == batch.source
+                )
             )
         }
         for index, row in records.iterrows():
             errors = row_errors.get(index, [])
             for problem in errors:
-                self._reject(batch, row, problem["field"], problem["value"], "reference", problem["reason"], problem["severity"])
+                self._reject(
+                    batch,
+                    row,
+                    problem["field"],
+                    problem["value"],
+                    "reference",
+                    problem["reason"],
+                    problem["severity"],
+                )
             if any(p["severity"] == "error" for p in errors):
                 stats.rejected += 1
                 continue
@@ -350,7 +382,14 @@ class EntityLoader:
             values = {name: (resolved[name].at[index] if name in resolved else row[name]) for name in fields}
             values = {k: _python(v) for k, v in values.items()}
             if "stage" in values and values["stage"] is not None and not self._valid_stage(values["stage"]):
-                self._reject(batch, row, "stage", values["stage"], "reference", f"unknown stage code '{values['stage']}'")
+                self._reject(
+                    batch,
+                    row,
+                    "stage",
+                    values["stage"],
+                    "reference",
+                    f"unknown stage code {values['stage']!s}",
+                )
                 stats.rejected += 1
                 continue
             outcome = self._upsert(batch, row, values, crosswalk)
@@ -374,7 +413,9 @@ class EntityLoader:
                 changed = True
         return changed
 
-    def _upsert(self, batch: Batch, row: pd.Series, values: dict[str, Any], crosswalk: dict[str, ExternalId]) -> str:
+    def _upsert(
+        self, batch: Batch, row: pd.Series, values: dict[str, Any], crosswalk: dict[str, ExternalId]
+    ) -> str:
         key = str(row[EXTERNAL_KEY])
         digest = row_hash(values)
         existing = crosswalk.get(key)
@@ -408,17 +449,26 @@ class EntityLoader:
         return "inserted"
 
     def _survivor(self, entity_id: int) -> Any:
-        record = self.session.get(self.model, entity_id)
-        seen = set()
+        record: Any = self.session.get(self.model, entity_id)
+        seen: set[int] = set()
         while record is not None and getattr(record, "merged_into_id", None) and record.id not in seen:
             seen.add(record.id)
             record = self.session.get(self.model, record.merged_into_id)
         if record is None:
-            raise LoadError(f"crosswalk points at missing {self.entity.name} {entity_id}; the core is inconsistent")
+            raise LoadError(
+                f"crosswalk points at missing {self.entity.name} {entity_id}; the core is inconsistent"
+            )
         return record
 
-    def _add_crosswalk(self, batch: Batch, key: str, entity_id: int, method: str, digest: str,
-                       crosswalk: dict[str, ExternalId]) -> None:
+    def _add_crosswalk(
+        self,
+        batch: Batch,
+        key: str,
+        entity_id: int,
+        method: str,
+        digest: str,
+        crosswalk: dict[str, ExternalId],
+    ) -> None:
         xw = ExternalId(entity=self.entity.name, entity_id=entity_id, system=batch.source, external_key=key,
                         match_method=method, last_synced_hash=digest, last_synced_at=dt.datetime.now(dt.UTC),
                         created_run_id=self.run.id, updated_run_id=self.run.id)  # fmt: skip

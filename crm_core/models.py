@@ -54,7 +54,7 @@ class Base(DeclarativeBase):
     """Declarative base with the naming convention and shared type map."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {
+    type_annotation_map = {  # noqa: RUF012 (SQLAlchemy reads it as a plain class attribute)
         dict[str, Any]: JSON,
         dt.date: Date,
         dt.datetime: DateTime(timezone=True),

@@ -52,13 +52,20 @@ class Migration:
 
     def __init__(self, project: Project) -> None:
         self.project = project
-        self.mappings: list[CompiledMapping] = load_mappings(list(project.mapping_files), sources={s: None for s in project.spec.sources})
+        self.mappings: list[CompiledMapping] = load_mappings(
+            list(project.mapping_files), sources={s: None for s in project.spec.sources}
+        )
         names: dict[str, CompiledMapping] = {}
         problems = []
         for mapping in self.mappings:
             asset = raw_asset_name(mapping)
             if asset in names:
-                problems.append(Problem(f"{asset} is also produced by {names[asset].file.name}; one mapping per source table", mapping.file))
+                problems.append(
+                    Problem(
+                        f"{asset} is also produced by {names[asset].file.name}; one mapping per source table",
+                        mapping.file,
+                    )
+                )
             names[asset] = mapping
         if problems:
             raise ConfigError(problems)
@@ -79,7 +86,9 @@ class Migration:
         priority = self.project.spec.dedup.get(entity)
         order = list(priority.source_priority) if priority else []
         chosen = [m for m in self.mappings if m.entity.name == entity]
-        return sorted(chosen, key=lambda m: (order.index(m.source) if m.source in order else len(order), m.name))
+        return sorted(
+            chosen, key=lambda m: (order.index(m.source) if m.source in order else len(order), m.name)
+        )
 
     def connector(self, source: str) -> Connector:
         """Return a connector for a project source."""
@@ -89,7 +98,9 @@ class Migration:
     def match_rules(self) -> dict[str, MatchRules]:
         """Return the exact-key match rules per entity from project.yaml."""
         return {
-            name: MatchRules(keys=[tuple(k) for k in rules.match_keys], conflict_fields=tuple(rules.conflict_fields))
+            name: MatchRules(
+                keys=[tuple(k) for k in rules.match_keys], conflict_fields=tuple(rules.conflict_fields)
+            )
             for name, rules in self.project.spec.dedup.items()
         }
 
@@ -128,7 +139,9 @@ def extract(migration: Migration, mapping: CompiledMapping) -> pd.DataFrame:
 
 
 def _lookups(mapping: CompiledMapping) -> dict[str, Lookup]:
-    return {f.name: Lookup(by=f.lookup.by, system=f.lookup.system) for f in mapping.fields if f.lookup is not None}
+    return {
+        f.name: Lookup(by=f.lookup.by, system=f.lookup.system) for f in mapping.fields if f.lookup is not None
+    }
 
 
 def stage(migration: Migration, entity: str, raw: dict[str, pd.DataFrame]) -> StagedEntity:
@@ -168,7 +181,9 @@ def core_engine(url: str | None = None) -> Engine:
     return engine
 
 
-def load(migration: Migration, engine: Engine, run_key: str, staged: StagedEntity, mode: str = "full") -> list[SourceStats]:
+def load(
+    migration: Migration, engine: Engine, run_key: str, staged: StagedEntity, mode: str = "full"
+) -> list[SourceStats]:
     """Load one staged entity into the core in one transaction; record its stats on the load run."""
     factory = session_factory(engine)
     with factory() as session, session.begin():

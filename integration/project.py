@@ -206,12 +206,16 @@ def _check_secrets(document: LocatedDocument, spec: ProjectSpec) -> list[Problem
     return problems
 
 
-def _mapping_files(document: LocatedDocument, spec: ProjectSpec, root: Path) -> tuple[list[Path], list[Problem]]:
+def _mapping_files(
+    document: LocatedDocument, spec: ProjectSpec, root: Path
+) -> tuple[list[Path], list[Problem]]:
     files: list[Path] = []
     problems: list[Problem] = []
     for i, pattern in enumerate(spec.mappings):
         matches = sorted(Path(p) for p in glob.glob(str(root / pattern)))
         if not matches:
-            problems.append(document.problem(("mappings", i), f"no mapping file matches '{pattern}' in {root}"))
+            problems.append(
+                document.problem(("mappings", i), f"no mapping file matches '{pattern}' in {root}")
+            )
         files.extend(m for m in matches if m not in files)
     return files, problems

@@ -152,10 +152,7 @@ def _data_path(data: Any, loc: Sequence[str | int]) -> DocPath:
     path: list[str | int] = []
     current = data
     for part in loc:
-        if isinstance(current, dict) and part in current:
-            current = current[part]
-            path.append(part)
-        elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
+        if (isinstance(current, dict) and part in current) or (isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current)):
             current = current[part]
             path.append(part)
         elif isinstance(current, dict) and isinstance(part, str) and not path_is_tag(part):
@@ -177,7 +174,9 @@ def close_names(name: str, allowed: Iterable[str]) -> str:
     return "; did you mean " + " or ".join(f"'{m}'" for m in matches) + "?"
 
 
-def pydantic_problems(doc: LocatedDocument, model: type[BaseModel], exc: PydanticValidationError) -> list[Problem]:
+def pydantic_problems(
+    doc: LocatedDocument, model: type[BaseModel], exc: PydanticValidationError
+) -> list[Problem]:
     """Translate pydantic errors into located problems with consultant-friendly wording."""
     problems: list[Problem] = []
     for error in exc.errors(include_url=False):
@@ -200,7 +199,9 @@ def pydantic_problems(doc: LocatedDocument, model: type[BaseModel], exc: Pydanti
     return problems
 
 
-def validate_document(doc: LocatedDocument, model: type[ModelT], context: dict[str, Any] | None = None) -> ModelT:
+def validate_document(
+    doc: LocatedDocument, model: type[ModelT], context: dict[str, Any] | None = None
+) -> ModelT:
     """Validate ``doc`` against ``model``; raise one ConfigError listing every problem with its location."""
     try:
         return model.model_validate(doc.data, context=context)

@@ -47,7 +47,26 @@ BRANDS = {"华创": "huachuang", "腾达": "tengda", "恒信": "hengxin", "博�
 MOBILE_PREFIXES = ["135", "136", "138", "139", "150", "158", "177", "186", "188", "199"]
 TRADES = ["科技", "信息技术", "电子", "机械设备", "贸易", "医疗器械", "新材料", "物流", "软件", "环保工程"]
 SURNAMES = list("王李张刘陈杨黄赵吴周徐孙马朱胡郭何林罗高")
-GIVEN = ["伟", "芳", "娜", "敏", "静", "磊", "洋", "勇", "艳", "杰", "军", "强", "婷", "晨", "浩", "宇", "欣", "涛"]
+GIVEN = [
+    "伟",
+    "芳",
+    "娜",
+    "敏",
+    "静",
+    "磊",
+    "洋",
+    "勇",
+    "艳",
+    "杰",
+    "军",
+    "强",
+    "婷",
+    "晨",
+    "浩",
+    "宇",
+    "欣",
+    "涛",
+]
 REPS = [("zhangwei", "张", "伟", "0101"), ("lina", "李", "娜", "0102"), ("wangfang", "王", "芳", "0103"),
         ("chenjie", "陈", "杰", "0104"), ("liuyang", "刘", "洋", "0105"), ("zhaomin", "赵", "敏", "0106")]  # fmt: skip
 STAGES_ZH = ["初步接洽", "需求分析", "方案报价", "商务谈判", "赢单", "输单"]
@@ -80,17 +99,23 @@ class Company:
 
     @property
     def city_short(self) -> str:
+        """The city without 市."""
         return self.city.removesuffix("市")
 
     def official_name(self) -> str:
+        """The registered name."""
         return f"{self.city_short}{self.brand}{self.trade}有限公司{self.branch_label or ''}"
 
     @property
     def domain(self) -> str:
+        """The company's made-up web domain."""
         return f"{BRANDS[self.brand]}{self.index}.example.cn"
 
     def street(self, rng: random.Random) -> str:
-        return f"{self.district}{rng.choice(['科技园', '创业路', '人民路', '建设大道'])}{rng.randint(1, 999)}号"
+        """A street address in the company's district."""
+        return (
+            f"{self.district}{rng.choice(['科技园', '创业路', '人民路', '建设大道'])}{rng.randint(1, 999)}号"
+        )
 
 
 def credit_code(rng: random.Random) -> str:
@@ -101,10 +126,12 @@ def credit_code(rng: random.Random) -> str:
 
 
 def mobile(rng: random.Random) -> str:
+    """A valid Chinese mobile number."""
     return rng.choice(MOBILE_PREFIXES) + f"{rng.randint(0, 9999_9999):08d}"
 
 
 def person(rng: random.Random) -> str:
+    """A Chinese personal name."""
     return rng.choice(SURNAMES) + rng.choice(GIVEN) + (rng.choice(GIVEN) if rng.random() < 0.5 else "")
 
 
@@ -163,6 +190,7 @@ def name_variant(company: Company, rng: random.Random, style: str) -> str:
 
 
 def fmt_phone(number: str, rng: random.Random) -> str:
+    """Write a phone number the way people type them."""
     roll = rng.random()
     if number.startswith("1") and len(number) == 11:
         if roll < 0.3:
@@ -342,7 +370,9 @@ def write_legacy_crm(path: Path, companies: list[Company], rng: random.Random) -
                  fmt_phone(company.mobile, rng) if _ == 0 else mobile(rng),
                  fmt_phone(company.phone, rng) if rng.random() < 0.3 else None),
             )  # fmt: skip
-            db.execute("INSERT INTO accounts_contacts VALUES (?,?,?,?,0)", (new_id(), contact_id, account_id, stamp))
+            db.execute(
+                "INSERT INTO accounts_contacts VALUES (?,?,?,?,0)", (new_id(), contact_id, account_id, stamp)
+            )
             if rng.random() < 0.6:
                 email_id, address = new_id(), f"{name_pinyin(rng)}@{company.domain}"
                 if rng.random() < 0.05:
@@ -363,7 +393,9 @@ def write_legacy_crm(path: Path, companies: list[Company], rng: random.Random) -
                  0, user_ids[company.rep], rng.choice(["Web Site", "Cold Call", "Existing Customer", None]),
                  rng.choice([50000, 120000, 86000.5, 300000, 18000]), None, "-99", close.isoformat(), stage, None),
             )  # fmt: skip
-            db.execute("INSERT INTO accounts_opportunities VALUES (?,?,?,?,0)", (new_id(), opp_id, account_id, stamp))
+            db.execute(
+                "INSERT INTO accounts_opportunities VALUES (?,?,?,?,0)", (new_id(), opp_id, account_id, stamp)
+            )
     # Soft-deleted rows: must never reach the core.
     for company in rng.sample(crm_companies, min(4, len(crm_companies))):
         db.execute("INSERT INTO accounts (id, name, date_entered, date_modified, deleted, sic_code) VALUES (?,?,?,?,1,?)",
@@ -373,7 +405,10 @@ def write_legacy_crm(path: Path, companies: list[Company], rng: random.Random) -
 
 
 def name_pinyin(rng: random.Random) -> str:
-    return rng.choice(["zhang", "li", "wang", "chen", "liu", "zhao"]) + rng.choice(["wei", "na", "fang", "jie", "min"])
+    """The local part of a made-up e-mail address."""
+    return rng.choice(["zhang", "li", "wang", "chen", "liu", "zhao"]) + rng.choice(
+        ["wei", "na", "fang", "jie", "min"]
+    )
 
 
 # --------------------------------------------------------------------------- sales workbook
@@ -394,6 +429,7 @@ def amount_text(value: int, rng: random.Random) -> object:
 
 
 def date_cell(day: dt.date, rng: random.Random) -> object:
+    """Write a date as an Excel date or as text."""
     roll = rng.random()
     if roll < 0.3:
         return f"{day.year}年{day.month}月{day.day}日"
@@ -427,7 +463,9 @@ def write_workbook(path: Path, companies: list[Company], rng: random.Random) -> 
 
     deals = workbook.create_sheet("商机")
     deals.append(["商机跟进表（导出自销售周会）"])
-    deals.append(["商机编号", "客户名称", "商机名称", "阶段", "预计金额", "预计成交日期", "负责人", "报备日期", "备注"])
+    deals.append(
+        ["商机编号", "客户名称", "商机名称", "阶段", "预计金额", "预计成交日期", "负责人", "报备日期", "备注"]
+    )
     total = 0
     pool = [c for c in companies if c.branch_of is None]
     for n in range(1, 8 + len(chosen) * 2):
@@ -436,7 +474,11 @@ def write_workbook(path: Path, companies: list[Company], rng: random.Random) -> 
         total += value
         stage = rng.choice(STAGES_ZH)
         rep = REPS[company.rep]
-        name = name_variant(company, rng, "xlsx") if company.sources else f"{company.city_short}{company.brand}{company.trade}公司"
+        name = (
+            name_variant(company, rng, "xlsx")
+            if company.sources
+            else f"{company.city_short}{company.brand}{company.trade}公司"
+        )
         if n % 23 == 0:
             name = "某某未知客户有限公司"  # exists nowhere: the row must be rejected with a reason
         deals.append([
@@ -447,7 +489,18 @@ def write_workbook(path: Path, companies: list[Company], rng: random.Random) -> 
         ])  # fmt: skip
         if n % 17 == 0:
             deals.append([])
-    deals.append(["OPP-2025-999", "安捷科技有限公司", "金额待定项目", "需求分析", "待定", "2025年13月1日", "张伟", None])
+    deals.append(
+        [
+            "OPP-2025-999",
+            "安捷科技有限公司",
+            "金额待定项目",
+            "需求分析",
+            "待定",
+            "2025年13月1日",
+            "张伟",
+            None,
+        ]
+    )
     deals.append(["小计", None, None, None, total])
     workbook.save(path)
 
@@ -463,7 +516,11 @@ def generate(out: Path = HERE / "data", seed: int = 20251123, scale: float = 1.0
         branch = Company(**{**parent.__dict__, "index": len(companies), "branch_of": parent.index, "sources": set(),
                             "credit_code": credit_code(rng), "branch_label": label})  # fmt: skip
         companies.append(branch)
-    paths = {"erp_u8": out / "erp_u8.sqlite", "legacy_crm": out / "legacy_crm.sqlite", "sales_xlsx": out / "sales.xlsx"}
+    paths = {
+        "erp_u8": out / "erp_u8.sqlite",
+        "legacy_crm": out / "legacy_crm.sqlite",
+        "sales_xlsx": out / "sales.xlsx",
+    }
     write_erp(paths["erp_u8"], companies, rng)
     write_legacy_crm(paths["legacy_crm"], companies, rng)
     write_workbook(paths["sales_xlsx"], companies, rng)
@@ -471,6 +528,7 @@ def generate(out: Path = HERE / "data", seed: int = 20251123, scale: float = 1.0
 
 
 def main() -> None:
+    """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, default=HERE / "data")
     parser.add_argument("--seed", type=int, default=20251123)

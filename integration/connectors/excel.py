@@ -60,7 +60,9 @@ class ExcelConnector:
 
     def _workbooks(self) -> list[Path]:
         if not self.paths:
-            raise ExtractError(self.name, f"no workbook matches {self.pattern}; check the path in project.yaml")
+            raise ExtractError(
+                self.name, f"no workbook matches {self.pattern}; check the path in project.yaml"
+            )
         return self.paths
 
     def _open(self, path: Path) -> CalamineWorkbook:
@@ -83,7 +85,8 @@ class ExcelConnector:
         workbook = self._open(path)
         if sheet not in workbook.sheet_names:
             raise ExtractError(
-                self.name, f"workbook {path.name} has no sheet '{sheet}'; sheets: {', '.join(workbook.sheet_names)}"
+                self.name,
+                f"workbook {path.name} has no sheet '{sheet}'; sheets: {', '.join(workbook.sheet_names)}",
             )
         return [list(r) for r in workbook.get_sheet_by_name(sheet).to_python(skip_empty_area=False)]
 
@@ -107,7 +110,10 @@ class ExcelConnector:
             for offset, row in enumerate(rows[header_index + 1 :], start=header_index + 2):
                 if all(_blank(v) for v in row):
                     continue
-                record = {label: _cell(row[i]) if i < len(row) else None for label, i in zip(labels, keep, strict=True)}
+                record = {
+                    label: _cell(row[i]) if i < len(row) else None
+                    for label, i in zip(labels, keep, strict=True)
+                }
                 record[ROW_REF] = str(offset)
                 record[LOCATION] = f"{path.name}#{request.table}"
                 record[ROW_KIND] = "subtotal" if is_subtotal(row) else "data"

@@ -35,7 +35,9 @@ class SqlConnector:
         detail = self._scrub(str(getattr(exc, "orig", None) or exc)).splitlines()[0]
         message = f"{doing} failed at {self.describe()}: {detail}"
         if isinstance(exc, sa.exc.OperationalError):
-            return TransientExtractError(self.name, message + "; check the server is reachable and the credentials")
+            return TransientExtractError(
+                self.name, message + "; check the server is reachable and the credentials"
+            )
         return ExtractError(self.name, message)
 
     @property
@@ -45,7 +47,9 @@ class SqlConnector:
             try:
                 self._engine = sa.create_engine(self._url, pool_pre_ping=True)
             except (SQLAlchemyError, ImportError, ValueError) as exc:
-                raise ExtractError(self.name, f"cannot use URL {self.describe()}: {self._scrub(str(exc))}") from None
+                raise ExtractError(
+                    self.name, f"cannot use URL {self.describe()}: {self._scrub(str(exc))}"
+                ) from None
         return self._engine
 
     def list_tables(self) -> list[str]:
@@ -61,7 +65,8 @@ class SqlConnector:
             return sa.Table(table, sa.MetaData(), schema=self.schema, autoload_with=self.engine)
         except NoSuchTableError:
             raise ExtractError(
-                self.name, f"table '{table}' does not exist at {self.describe()}; tables: {', '.join(self.list_tables())}"
+                self.name,
+                f"table '{table}' does not exist at {self.describe()}; tables: {', '.join(self.list_tables())}",
             ) from None
         except SQLAlchemyError as exc:
             raise self._fail(exc, f"reading the columns of '{table}'") from None
@@ -104,7 +109,9 @@ class SqlConnector:
         statement, _ = self._statement(request)
         try:
             with self.engine.connect() as connection:
-                streaming = connection.execution_options(stream_results=True, max_row_buffer=request.chunk_rows)
+                streaming = connection.execution_options(
+                    stream_results=True, max_row_buffer=request.chunk_rows
+                )
                 for chunk in pd.read_sql(statement, streaming, chunksize=request.chunk_rows):
                     if request.key:
                         refs = chunk[list(request.key)].astype(str).agg("|".join, axis=1)

@@ -5,4 +5,12 @@ from __future__ import annotations
 from integration.mappings.engine import MappingResult, map_chunk, map_chunks
 from integration.mappings.spec import CompiledMapping, MappingSpec, load_mapping, load_mappings
 
-__all__ = ["CompiledMapping", "MappingResult", "MappingSpec", "load_mapping", "load_mappings", "map_chunk", "map_chunks"]
+__all__ = [
+    "CompiledMapping",
+    "MappingResult",
+    "MappingSpec",
+    "load_mapping",
+    "load_mappings",
+    "map_chunk",
+    "map_chunks",
+]

@@ -14,7 +14,14 @@ from crm_core.entities import FieldDef
 from crm_core.errors import MappingError
 from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF
 from integration.mappings.spec import CompiledField, CompiledMapping
-from integration.mappings.transforms import TransformFailure, _as_text, _isnull, clean_text, parse_datetime_value, DateArgs
+from integration.mappings.transforms import (
+    DateArgs,
+    TransformFailure,
+    _as_text,
+    _isnull,
+    clean_text,
+    parse_datetime_value,
+)
 
 # Columns of mapped records besides the entity's fields.
 EXTERNAL_KEY = "_external_key"
@@ -60,7 +67,9 @@ def _concat(frame: pd.DataFrame, columns: list[str], sep: str) -> pd.Series:
         parts = [clean_text(_as_text(v)) for v in row if not _blank(v)]
         return sep.join(parts) if parts else None
 
-    return pd.Series([join(r) for r in frame[columns].itertuples(index=False)], index=frame.index, dtype=object)
+    return pd.Series(
+        [join(r) for r in frame[columns].itertuples(index=False)], index=frame.index, dtype=object
+    )
 
 
 def _first_non_empty(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
@@ -122,8 +131,15 @@ class _Outcome:
         self.rejected = pd.Series(False, index=chunk.index)
         self.entries: list[dict[str, Any]] = []
 
-    def add(self, mask: pd.Series, field: str | None, values: pd.Series | None, reasons: pd.Series | str,
-            rule: str, severity: str = "error") -> None:
+    def add(
+        self,
+        mask: pd.Series,
+        field: str | None,
+        values: pd.Series | None,
+        reasons: pd.Series | str,
+        rule: str,
+        severity: str = "error",
+    ) -> None:
         if rule != "subtotal":
             mask = mask & (self.chunk[ROW_KIND] != "subtotal")  # a subtotal row is reported once, as such
         if not mask.any():
@@ -134,17 +150,19 @@ class _Outcome:
         for index in rows.index:
             raw = None if values is None else values.loc[index]
             reason = reasons if isinstance(reasons, str) else reasons.loc[index]
-            self.entries.append({
-                "source": self.mapping.source,
-                "entity": self.mapping.entity.name,
-                "location": rows.at[index, LOCATION],
-                "row_ref": rows.at[index, ROW_REF],
-                "field": field,
-                "value": None if _isnull(raw) else str(raw),
-                "rule": rule,
-                "reason": reason,
-                "severity": severity,
-            })
+            self.entries.append(
+                {
+                    "source": self.mapping.source,
+                    "entity": self.mapping.entity.name,
+                    "location": rows.at[index, LOCATION],
+                    "row_ref": rows.at[index, ROW_REF],
+                    "field": field,
+                    "value": None if _isnull(raw) else str(raw),
+                    "rule": rule,
+                    "reason": reason,
+                    "severity": severity,
+                }
+            )
 
 
 def _run_field(field: CompiledField, target: FieldDef, chunk: pd.DataFrame, outcome: _Outcome) -> pd.Series:
@@ -180,8 +198,8 @@ def _run_field(field: CompiledField, target: FieldDef, chunk: pd.DataFrame, outc
         if spec.on_error == "fail":
             index = failed[failed].index[0]
             raise MappingError(
-                f"{outcome.mapping.file}: field '{field.name}' failed on {chunk.at[index, LOCATION]} row "
-                f"{chunk.at[index, ROW_REF]} (value {raw.at[index]!r}): {reasons.at[index]} (on_error: fail)"
+                f"{outcome.mapping.file}: field '{field.name}' failed on {chunk.at[index, LOCATION]!s} row "
+                f"{chunk.at[index, ROW_REF]!s} (value {raw.at[index]!r}): {reasons.at[index]!s} (on_error: fail)"
             )
         severity = "error" if spec.on_error == "reject" else "warn"
         outcome.add(failed, field.name, raw, reasons, rule="mapping", severity=severity)
@@ -217,7 +235,9 @@ def map_chunk(mapping: CompiledMapping, chunk: pd.DataFrame) -> MappingResult:
         for part in parts[1:]:
             key = key.where(key.isna() | part.isna(), key + "|" + part)
             key = key.where(part.notna(), None)
-        outcome.add(key.isna() & ~subtotal, None, None, f"empty key column(s) {', '.join(key_columns)}", rule="key")
+        outcome.add(
+            key.isna() & ~subtotal, None, None, f"empty key column(s) {', '.join(key_columns)}", rule="key"
+        )
     else:
         key = data[LOCATION].astype(str) + ":" + data[ROW_REF].astype(str)
     records = pd.DataFrame(columns, index=data.index)
@@ -247,17 +267,21 @@ def map_chunks(mapping: CompiledMapping, chunks: Iterable[pd.DataFrame]) -> Mapp
     if duplicated.any():
         first_row = result.records.drop_duplicates(EXTERNAL_KEY).set_index(EXTERNAL_KEY)[ROW_REF]
         dupes = result.records.loc[duplicated]
-        extra = pd.DataFrame({
-            "source": mapping.source,
-            "entity": mapping.entity.name,
-            "location": dupes[LOCATION],
-            "row_ref": dupes[ROW_REF],
-            "field": None,
-            "value": dupes[EXTERNAL_KEY],
-            "rule": "duplicate_key",
-            "reason": "duplicate source key (first seen on row " + dupes[EXTERNAL_KEY].map(first_row).astype(str) + ")",
-            "severity": "error",
-        })
+        extra = pd.DataFrame(
+            {
+                "source": mapping.source,
+                "entity": mapping.entity.name,
+                "location": dupes[LOCATION],
+                "row_ref": dupes[ROW_REF],
+                "field": None,
+                "value": dupes[EXTERNAL_KEY],
+                "rule": "duplicate_key",
+                "reason": "duplicate source key (first seen on row "
+                + dupes[EXTERNAL_KEY].map(first_row).astype(str)
+                + ")",
+                "severity": "error",
+            }
+        )
         result.rejects = pd.concat([result.rejects, extra], ignore_index=True)
         result.records = result.records.loc[~duplicated].reset_index(drop=True)
     return result

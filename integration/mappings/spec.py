@@ -72,7 +72,9 @@ class LookupSpec(_Strict):
         default="external_id",
         description="external_id: the source's key via the crosswalk; name: the record's name; code: sales rep code",
     )
-    system: str | None = Field(default=None, description="crosswalk system for by: external_id (default: this source)")
+    system: str | None = Field(
+        default=None, description="crosswalk system for by: external_id (default: this source)"
+    )
 
 
 class FieldSpec(_Strict):
@@ -82,15 +84,20 @@ class FieldSpec(_Strict):
         default=None, alias="from", description="source column, or a list meaning the first non-empty one"
     )
     combine: Literal["first_non_empty", "concat"] = Field(
-        default="first_non_empty", description="with several 'from' columns: take the first non-empty, or join them"
+        default="first_non_empty",
+        description="with several 'from' columns: take the first non-empty, or join them",
     )
     sep: str = Field(default=" ", description="separator for combine: concat")
     const: Any = Field(default=None, description="a fixed value instead of a source column")
     default: Any = Field(default=None, description="used when the value is empty after transforms")
     required: bool = Field(default=False, description="reject the row when the value is empty")
     transforms: list[TransformStep] = Field(default_factory=list, description="applied in order")
-    on_error: OnError = Field(default="reject", description="a transform error rejects the row, nulls the field or fails the run")
-    lookup: LookupSpec | None = Field(default=None, description="reference fields only: how to find the target")
+    on_error: OnError = Field(
+        default="reject", description="a transform error rejects the row, nulls the field or fails the run"
+    )
+    lookup: LookupSpec | None = Field(
+        default=None, description="reference fields only: how to find the target"
+    )
 
     @model_validator(mode="after")
     def _value_source(self) -> FieldSpec:
@@ -120,7 +127,9 @@ class MappingSpec(_Strict):
     unmapped: Literal["drop", "keep", "error"] = Field(
         default="drop", description="what happens to source columns no field reads"
     )
-    fields: dict[str, FieldSpec | str] = Field(description="target field -> spec, or just the source column name")
+    fields: dict[str, FieldSpec | str] = Field(
+        description="target field -> spec, or just the source column name"
+    )
 
     def field_specs(self) -> dict[str, FieldSpec]:
         """Return every field in long form."""
@@ -172,7 +181,10 @@ class CompiledMapping:
         return columns
 
 
-def _parse_step(step: TransformStep, path: tuple[str | int, ...], doc: LocatedDocument) -> tuple[CompiledStep | None, list[Problem]]:
+def _parse_step(
+    step: TransformStep, path: tuple[str | int, ...], doc: LocatedDocument
+) -> tuple[CompiledStep | None, list[Problem]]:
+    raw_args: Any
     if isinstance(step, str):
         name, raw_args, args_path = step, {}, path
     elif isinstance(step, dict) and len(step) == 1:
@@ -181,24 +193,42 @@ def _parse_step(step: TransformStep, path: tuple[str | int, ...], doc: LocatedDo
         if raw_args is None:
             raw_args = {}
         if not isinstance(raw_args, dict):
-            return None, [doc.problem(args_path, f"arguments of '{name}' must be a mapping like {{{name}: {{arg: value}}}}")]
+            return None, [
+                doc.problem(
+                    args_path, f"arguments of '{name}' must be a mapping like {{{name}: {{arg: value}}}}"
+                )
+            ]
     else:
-        return None, [doc.problem(path, "a transform is a name (trim) or a one-key mapping ({phone: {region: CN}})")]
+        return None, [
+            doc.problem(path, "a transform is a name (trim) or a one-key mapping ({phone: {region: CN}})")
+        ]
     definition = REGISTRY.get(name)
     if definition is None:
         hint = close_names(name, REGISTRY) or f"; known transforms: {', '.join(sorted(REGISTRY))}"
-        return None, [doc.problem(path if isinstance(step, str) else (*path, name), f"unknown transform '{name}'{hint}", at_key=not isinstance(step, str))]
+        return None, [
+            doc.problem(
+                path if isinstance(step, str) else (*path, name),
+                f"unknown transform '{name}'{hint}",
+                at_key=not isinstance(step, str),
+            )
+        ]
     try:
         args = definition.args.model_validate(raw_args)
     except ValidationError as exc:
         sub = LocatedDocument(raw_args, doc.file)
-        sub.value_marks = {p[len(args_path):]: m for p, m in doc.value_marks.items() if p[: len(args_path)] == args_path}
-        sub.key_marks = {p[len(args_path):]: m for p, m in doc.key_marks.items() if p[: len(args_path)] == args_path}
+        sub.value_marks = {
+            p[len(args_path) :]: m for p, m in doc.value_marks.items() if p[: len(args_path)] == args_path
+        }
+        sub.key_marks = {
+            p[len(args_path) :]: m for p, m in doc.key_marks.items() if p[: len(args_path)] == args_path
+        }
         problems = []
         for problem in pydantic_problems(sub, definition.args, exc):
             inner = problem.path
             full = ".".join(p for p in (_fmt(args_path), inner) if p)
-            problems.append(Problem(f"{name}: {problem.message}", problem.file, problem.line, problem.col, full))
+            problems.append(
+                Problem(f"{name}: {problem.message}", problem.file, problem.line, problem.col, full)
+            )
         if not problems or problems[0].line is None:
             problems = [doc.problem(args_path, f"{name}: {p.message}") for p in problems]
         return None, problems
@@ -211,7 +241,9 @@ def _fmt(path: Sequence[str | int]) -> str:
     return format_path(path)
 
 
-def compile_document(doc: LocatedDocument, *, sources: dict[str, list[str] | None] | None = None) -> CompiledMapping:
+def compile_document(
+    doc: LocatedDocument, *, sources: dict[str, list[str] | None] | None = None
+) -> CompiledMapping:
     """Validate a parsed mapping document; ``sources`` maps source names to their columns (None: unknown)."""
     spec = validate_document(doc, MappingSpec)
     entity = ENTITIES[spec.target]
@@ -223,7 +255,11 @@ def compile_document(doc: LocatedDocument, *, sources: dict[str, list[str] | Non
         if target_field is None:
             hint = close_names(name, entity.fields)
             problems.append(
-                doc.problem(path, f"entity '{entity.name}' has no field '{name}'{hint}; fields: {', '.join(entity.fields)}", at_key=True)
+                doc.problem(
+                    path,
+                    f"entity '{entity.name}' has no field '{name}'{hint}; fields: {', '.join(entity.fields)}",
+                    at_key=True,
+                )
             )
             continue
         steps: list[CompiledStep] = []
@@ -234,7 +270,13 @@ def compile_document(doc: LocatedDocument, *, sources: dict[str, list[str] | Non
                 steps.append(parsed)
         lookup = field_spec.lookup
         if lookup is not None and target_field.references is None:
-            problems.append(doc.problem((*path, "lookup"), f"'{name}' is not a reference field; only {', '.join(entity.references) or 'none'} take a lookup", at_key=True))
+            problems.append(
+                doc.problem(
+                    (*path, "lookup"),
+                    f"'{name}' is not a reference field; only {', '.join(entity.references) or 'none'} take a lookup",
+                    at_key=True,
+                )
+            )
         if target_field.references and lookup is None:
             lookup = LookupSpec()
         if lookup and lookup.by == "code" and target_field.references != "sales_rep":
@@ -243,7 +285,13 @@ def compile_document(doc: LocatedDocument, *, sources: dict[str, list[str] | Non
     mapped = set(spec.fields)
     for field_def in entity.fields.values():
         if field_def.required and field_def.name not in mapped:
-            problems.append(doc.problem(("fields",), f"required field '{field_def.name}' of {entity.name} is not mapped", at_key=True))
+            problems.append(
+                doc.problem(
+                    ("fields",),
+                    f"required field '{field_def.name}' of {entity.name} is not mapped",
+                    at_key=True,
+                )
+            )
     if sources is not None:
         problems.extend(_check_source(doc, spec, sources))
     if problems:
@@ -251,10 +299,17 @@ def compile_document(doc: LocatedDocument, *, sources: dict[str, list[str] | Non
     return CompiledMapping(doc.file, spec, entity, tuple(compiled))
 
 
-def _check_source(doc: LocatedDocument, spec: MappingSpec, sources: dict[str, list[str] | None]) -> list[Problem]:
+def _check_source(
+    doc: LocatedDocument, spec: MappingSpec, sources: dict[str, list[str] | None]
+) -> list[Problem]:
     name = spec.source.connector
     if name not in sources:
-        return [doc.problem(("source", "connector"), f"unknown source '{name}'{close_names(name, sources)}; project sources: {', '.join(sources)}")]
+        return [
+            doc.problem(
+                ("source", "connector"),
+                f"unknown source '{name}'{close_names(name, sources)}; project sources: {', '.join(sources)}",
+            )
+        ]
     columns = sources[name]
     if columns is None:
         return []
@@ -262,8 +317,14 @@ def _check_source(doc: LocatedDocument, spec: MappingSpec, sources: dict[str, li
     known = set(columns)
     for i, key in enumerate(spec.source.key_columns):
         if key not in known:
-            path = ("source", "key") if isinstance(spec.source.key, str) else ("source", "key", i)
-            problems.append(doc.problem(path, f"column '{key}' is not in {spec.source.location}{close_names(key, columns)}"))
+            key_path: tuple[str | int, ...] = (
+                ("source", "key") if isinstance(spec.source.key, str) else ("source", "key", i)
+            )
+            problems.append(
+                doc.problem(
+                    key_path, f"column '{key}' is not in {spec.source.location}{close_names(key, columns)}"
+                )
+            )
     used: set[str] = set(spec.source.key_columns)
     for field_name, field_spec in spec.field_specs().items():
         raw = spec.fields[field_name]
@@ -277,11 +338,20 @@ def _check_source(doc: LocatedDocument, spec: MappingSpec, sources: dict[str, li
                 path = ("fields", field_name, "from", i)
             else:
                 path = ("fields", field_name, "from")
-            problems.append(doc.problem(path, f"column '{column}' is not in {spec.source.location}{close_names(column, columns)}"))
+            problems.append(
+                doc.problem(
+                    path, f"column '{column}' is not in {spec.source.location}{close_names(column, columns)}"
+                )
+            )
     if spec.unmapped == "error":
         extra = [c for c in columns if c not in used]
         if extra:
-            problems.append(doc.problem(("unmapped",), f"unmapped source columns: {', '.join(extra)} (map them or set unmapped: drop)"))
+            problems.append(
+                doc.problem(
+                    ("unmapped",),
+                    f"unmapped source columns: {', '.join(extra)} (map them or set unmapped: drop)",
+                )
+            )
     return problems
 
 
@@ -290,7 +360,9 @@ def load_mapping(path: Path | str, *, sources: dict[str, list[str] | None] | Non
     return compile_document(load_yaml(path), sources=sources)
 
 
-def load_mappings(paths: Sequence[Path], *, sources: dict[str, list[str] | None] | None = None) -> list[CompiledMapping]:
+def load_mappings(
+    paths: Sequence[Path], *, sources: dict[str, list[str] | None] | None = None
+) -> list[CompiledMapping]:
     """Load several mapping files, collecting the problems of all of them into one ConfigError."""
     compiled: list[CompiledMapping] = []
     problems: list[Problem] = []

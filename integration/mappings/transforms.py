@@ -54,7 +54,9 @@ class TransformDef:
 REGISTRY: dict[str, TransformDef] = {}
 
 
-def transform(name: str, args: type[Args] = NoArgs) -> Callable[[Callable[[pd.Series, Any], Outcome]], Callable[[pd.Series, Any], Outcome]]:
+def transform(
+    name: str, args: type[Args] = NoArgs
+) -> Callable[[Callable[[pd.Series, Any], Outcome]], Callable[[pd.Series, Any], Outcome]]:
     """Register a transform under ``name``; its docstring's first line is its summary."""
 
     def register(func: Callable[[pd.Series, Any], Outcome]) -> Callable[[pd.Series, Any], Outcome]:
@@ -81,10 +83,14 @@ def per_value(values: pd.Series, func: Callable[[Any], Any]) -> Outcome:
         except TransformFailure as exc:
             failures[key] = str(exc)
     keys = [None if _isnull(v) else (type(v), v) for v in values]
-    out = pd.Series([results.get(k) if k is not None else None for k in keys], index=values.index, dtype=object)
+    out = pd.Series(
+        [results.get(k) if k is not None else None for k in keys], index=values.index, dtype=object
+    )
     if not failures:
         return out, None
-    errors = pd.Series([failures.get(k) if k is not None else None for k in keys], index=values.index, dtype=object)
+    errors = pd.Series(
+        [failures.get(k) if k is not None else None for k in keys], index=values.index, dtype=object
+    )
     return out, errors
 
 
@@ -235,7 +241,9 @@ def map_values(values: pd.Series, args: MapValuesArgs) -> Outcome:
             return value
         if args.unmatched == "null":
             return None
-        raise TransformFailure(f"'{value}' is not in the value map (known: {', '.join(map(str, args.values))})")
+        raise TransformFailure(
+            f"'{value}' is not in the value map (known: {', '.join(map(str, args.values))})"
+        )
 
     return per_value(values, translate)
 
@@ -257,7 +265,9 @@ def excel_serial_to_date(serial: float) -> dt.date:
     if not 1 <= day <= 2_958_465:
         raise TransformFailure(f"{serial} is not a plausible Excel date serial (1..2958465)")
     if day == 60:
-        raise TransformFailure("Excel serial 60 is 1900-02-29, a day that does not exist (Excel's leap-year bug)")
+        raise TransformFailure(
+            "Excel serial 60 is 1900-02-29, a day that does not exist (Excel's leap-year bug)"
+        )
     return _EXCEL_EPOCH + dt.timedelta(days=day - 1 if day > 60 else day)
 
 
@@ -275,7 +285,9 @@ class DateArgs(Args):
             try:
                 ZoneInfo(value)
             except (ZoneInfoNotFoundError, ValueError):
-                raise ValueError(f"unknown time zone '{value}' (use an IANA name such as Asia/Shanghai)") from None
+                raise ValueError(
+                    f"unknown time zone '{value}' (use an IANA name such as Asia/Shanghai)"
+                ) from None
         return value
 
 
@@ -352,7 +364,9 @@ def parse_datetime(values: pd.Series, args: DateArgs) -> Outcome:
 
 # --------------------------------------------------------------------------- amounts
 
-_CURRENCY_WORDS = re.compile(r"(人民币|RMB|CNY|USD|US\$|EUR|HKD|元整|圆整|元|圆|整|¥|\$|€|HK\$)", re.IGNORECASE)
+_CURRENCY_WORDS = re.compile(
+    r"(人民币|RMB|CNY|USD|US\$|EUR|HKD|元整|圆整|元|圆|整|¥|\$|€|HK\$)", re.IGNORECASE
+)
 _UNITS: list[tuple[str, Decimal]] = [
     ("千万", Decimal(10_000_000)),
     ("百万", Decimal(1_000_000)),
@@ -371,7 +385,9 @@ _CN_NUMERAL = re.compile(r"^[零〇一二两三四五六七八九十百千万亿
 class AmountArgs(Args):
     """Arguments of ``parse_amount``."""
 
-    multiply: float = Field(default=1, description="multiply the parsed value (e.g. 10000 for a column in 万元)")
+    multiply: float = Field(
+        default=1, description="multiply the parsed value (e.g. 10000 for a column in 万元)"
+    )
 
 
 def parse_amount_value(value: Any, multiply: float = 1) -> Decimal:
@@ -558,7 +574,11 @@ def split_address(value: str) -> dict[str, str | None]:
         if text.startswith(name):
             rest = text[len(name) :].removeprefix("市")
             district = re.match(r"^([^区县]{1,6}?(?:区|县))", rest)
-            return {"province": f"{name}市", "city": f"{name}市", "district": district.group(1) if district else None}
+            return {
+                "province": f"{name}市",
+                "city": f"{name}市",
+                "district": district.group(1) if district else None,
+            }
     match = _ADDRESS.match(text)
     parts = match.groupdict() if match else {}
     return {"province": parts.get("province"), "city": parts.get("city"), "district": parts.get("district")}
@@ -586,7 +606,9 @@ def stage(values: pd.Series, args: NoArgs) -> Outcome:
     def code(value: Any) -> str:
         found = resolve_stage(str(value))
         if found is None:
-            raise TransformFailure(f"'{value}' is not a known stage; map it with map_values or extend the stage list")
+            raise TransformFailure(
+                f"'{value}' is not a known stage; map it with map_values or extend the stage list"
+            )
         return found
 
     return per_value(values, code)

@@ -12,7 +12,6 @@ from alembic import op
 
 from crm_core.stages import STAGES
 
-
 revision = "0001"
 down_revision = None
 branch_labels = None

@@ -1,0 +1,208 @@
+"""``crmi``: the consultant's command line (run a migration, check a project or mapping files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from crm_core.db import core_url, make_engine, redact_url, upgrade
+from crm_core.errors import ConfigError, CrmError
+
+app = typer.Typer(
+    help="crm-integration: move customer and sales data into a clean CRM core.", no_args_is_help=True
+)
+mapping_app = typer.Typer(help="Write and check mapping files.", no_args_is_help=True)
+project_app = typer.Typer(help="Check a migration project.", no_args_is_help=True)
+core_app = typer.Typer(help="Manage the CRM core database.", no_args_is_help=True)
+app.add_typer(mapping_app, name="mapping")
+app.add_typer(project_app, name="project")
+app.add_typer(core_app, name="core")
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+errors = Console(stderr=True)
+
+ProjectOption = Annotated[
+    Path | None,
+    typer.Option("--project", "-p", help="project folder (default: $CRM_PROJECT or examples/demo)"),
+]
+CoreOption = Annotated[
+    str | None, typer.Option("--core-url", help="core database URL (default: $CRM_CORE_URL)")
+]
+
+EXIT_OK, EXIT_FAILED, EXIT_UNBALANCED = 0, 1, 2
+
+
+def _config_error(exc: ConfigError) -> typer.Exit:
+    errors.print(exc.render(), markup=False, highlight=False)
+    errors.print(f"[red]{len(exc.problems)} problem(s)[/red]")
+    return typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def run(
+    project: ProjectOption = None,
+    core: CoreOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Dagster's step logs")] = False,
+) -> None:
+    """Run the whole migration job through Dagster and print the reconciliation (exit 2 if it does not balance)."""
+    import dagster as dg
+
+    from integration.definitions import MIGRATION_JOB, build_definitions
+    from integration.pipeline import core_engine, reconcile
+
+    try:
+        defs = build_definitions(project, core)
+    except ConfigError as exc:
+        raise _config_error(exc) from None
+    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    log_level = "DEBUG" if verbose else "WARNING"
+    result = defs.resolve_job_def(MIGRATION_JOB).execute_in_process(
+        instance=instance,
+        raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+    )
+    if not result.success:
+        for event in result.all_events:
+            failure = event.step_failure_data if event.is_step_failure else None
+            if failure is not None and failure.error is not None:
+                errors.print(
+                    f"[red]{event.step_key} failed:[/red] {failure.error.message.strip()}", markup=False
+                )
+        raise typer.Exit(EXIT_FAILED)
+    report = reconcile(core_engine(core), result.run_id)
+    location = redact_url(core_url(core))
+    report_dir = Path("var") / "reports" / result.run_id
+    if as_json:
+        payload = {
+            "run_id": result.run_id,
+            "balanced": report.balanced,
+            "core": location,
+            "reports": str(report_dir),
+            "lines": json.loads(report.to_frame().to_json(orient="records")),
+            "core_counts": report.core_counts,
+        }
+        console.print_json(json.dumps(payload, default=str))
+    else:
+        table = Table(title=f"Reconciliation of run {result.run_id[:8]}")
+        for column in (
+            "source",
+            "entity",
+            "read",
+            "loaded",
+            "merged",
+            "rejected",
+            "warnings",
+            "amount source",
+            "amount core",
+            "ok",
+        ):
+            table.add_column(column, justify="left" if column in ("source", "entity") else "right")
+        for line in report.lines:
+            table.add_row(
+                line.source, line.entity, str(line.rows_read), str(line.loaded), str(line.merged), str(line.rejected),
+                str(line.warnings), "" if line.amount_source is None else f"{line.amount_source:,.2f}",
+                "" if line.amount_core is None else f"{line.amount_core:,.2f}", "✅" if line.balanced else "❌",
+            )  # fmt: skip
+        console.print(table)
+        counts = ", ".join(f"{k}: {v}" for k, v in report.core_counts.items() if v)
+        console.print(f"Core database: [bold]{location}[/bold]\nIn the core now: {counts}")
+        console.print(f"Reports (reconciliation, rejects): {report_dir}")
+        console.print(
+            "[green]Every row is accounted for.[/green]"
+            if report.balanced
+            else "[red]The run does not balance.[/red]"
+        )
+    raise typer.Exit(EXIT_OK if report.balanced else EXIT_UNBALANCED)
+
+
+@project_app.command("check")
+def project_check(project: ProjectOption = None) -> None:
+    """Check project.yaml, every mapping file, and each mapping's columns against its real source."""
+    from integration.connectors.sql import SqlConnector
+    from integration.mappings.spec import load_mappings
+    from integration.pipeline import Migration
+
+    try:
+        migration = Migration.load(str(project) if project else None)
+        columns: dict[str, list[str] | None] = {}
+        problems = []
+        for mapping in migration.mappings:
+            connector = migration.connector(mapping.source)
+            source = mapping.spec.source
+            try:
+                if source.query is not None and isinstance(connector, SqlConnector):
+                    found = connector.query_columns(source.query)
+                else:
+                    found = connector.columns(source.location, source.header_row)
+            except CrmError as exc:
+                problems.append(str(exc))
+                continue
+            columns[f"{mapping.source}:{mapping.name}"] = found
+            try:
+                load_mappings(
+                    [mapping.file],
+                    sources={**{s: None for s in migration.project.spec.sources}, mapping.source: found},
+                )
+            except ConfigError as exc:
+                errors.print(exc.render(), markup=False, highlight=False)
+                problems.extend(str(p) for p in exc.problems)
+    except ConfigError as exc:
+        raise _config_error(exc) from None
+    for problem in problems:
+        if "source '" in problem:
+            errors.print(problem, markup=False, highlight=False)
+    if problems:
+        errors.print(f"[red]{len(problems)} problem(s)[/red]")
+        raise typer.Exit(EXIT_FAILED)
+    console.print(
+        f"[green]ok[/green]: project '{migration.project.name}', {len(migration.mappings)} mapping(s), {len(migration.project.spec.sources)} source(s)"
+    )
+
+
+@mapping_app.command("check")
+def mapping_check(files: Annotated[list[Path], typer.Argument(help="mapping files")]) -> None:
+    """Check mapping files without connecting to sources (exit 1 on any problem)."""
+    from integration.mappings.spec import load_mappings
+
+    try:
+        load_mappings(files)
+    except ConfigError as exc:
+        raise _config_error(exc) from None
+    console.print(f"[green]ok[/green]: {len(files)} mapping file(s)")
+
+
+@mapping_app.command("schema")
+def mapping_schema() -> None:
+    """Print the JSON Schema of mapping files (for editor completion)."""
+    from integration.mappings.spec import json_schema
+
+    sys.stdout.write(json_schema())
+
+
+@core_app.command("upgrade")
+def core_upgrade(core: CoreOption = None) -> None:
+    """Create or migrate the core database schema to the latest revision."""
+    engine = make_engine(core)
+    upgrade(engine)
+    console.print(f"core schema up to date at {redact_url(core_url(core))}")
+
+
+def main() -> None:
+    """Entry point that turns our errors into one clear line instead of a traceback."""
+    try:
+        app()
+    except CrmError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        sys.exit(EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    main()
