@@ -152,8 +152,11 @@ def _data_path(data: Any, loc: Sequence[str | int]) -> DocPath:
     path: list[str | int] = []
     current = data
     for part in loc:
-        if (isinstance(current, dict) and part in current) or (isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current)):
-            current = current[part]
+        container: Any = current
+        if (isinstance(container, dict) and part in container) or (
+            isinstance(container, list) and isinstance(part, int) and 0 <= part < len(container)
+        ):
+            current = container[part]
             path.append(part)
         elif isinstance(current, dict) and isinstance(part, str) and not path_is_tag(part):
             path.append(part)  # a missing key: still name it
