@@ -147,16 +147,22 @@ def _unwrap_model(annotation: Any) -> Any:
     return annotation
 
 
+def _child(container: Any, part: str | int) -> tuple[bool, Any]:
+    if isinstance(container, dict) and part in container:
+        return True, container[part]
+    if isinstance(container, list) and isinstance(part, int) and 0 <= part < len(container):
+        return True, container[part]
+    return False, None
+
+
 def _data_path(data: Any, loc: Sequence[str | int]) -> DocPath:
     """Keep the parts of a pydantic ``loc`` that exist in the data (drops union/validator tags)."""
     path: list[str | int] = []
     current = data
     for part in loc:
-        container: Any = current
-        if (isinstance(container, dict) and part in container) or (
-            isinstance(container, list) and isinstance(part, int) and 0 <= part < len(container)
-        ):
-            current = container[part]
+        found, child = _child(current, part)
+        if found:
+            current = child
             path.append(part)
         elif isinstance(current, dict) and isinstance(part, str) and not path_is_tag(part):
             path.append(part)  # a missing key: still name it
