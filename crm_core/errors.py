@@ -6,8 +6,16 @@ Foreign exceptions (drivers, parsers) are translated at the boundary into one of
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
+
+
+def mask_secrets(text: str) -> str:
+    """Mask passwords embedded in URLs (``scheme://user:***@host``) before text is shown or logged."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 class CrmError(Exception):
@@ -47,7 +55,7 @@ class Problem:
         except (OSError, IndexError, UnicodeDecodeError):
             return text
         caret = " " * ((self.col or 1) - 1) + "^"
-        return f"{text}\n    {source_line}\n    {caret}"
+        return f"{text}\n    {mask_secrets(source_line)}\n    {caret}"
 
 
 class ConfigError(CrmError):

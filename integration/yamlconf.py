@@ -195,10 +195,30 @@ def pydantic_problems(
         if kind == "extra_forbidden":
             key = str(path[-1])
             owner = _model_at(model, path[:-1])
-            allowed = sorted(owner.model_fields) if owner else []
+            allowed = sorted(f.alias or name for name, f in owner.model_fields.items()) if owner else []
             hint = close_names(key, allowed)
             listing = f"; allowed: {', '.join(allowed)}" if allowed else ""
             problems.append(doc.problem(path, f"unknown key '{key}'{hint}{listing}", at_key=True))
+        elif kind == "literal_error" and isinstance(error.get("input"), str):
+            expected = [
+                str(v) for v in (error.get("ctx") or {}).get("expected", "").replace("'", "").split(" or ")
+            ]
+            options = [o.strip() for part in expected for o in part.split(",") if o.strip()]
+            hint = close_names(error["input"], options)
+            problems.append(
+                doc.problem(path, f"'{error['input']}' is not allowed{hint}; allowed: {', '.join(options)}")
+            )
+        elif kind == "union_tag_invalid":
+            ctx = error.get("ctx") or {}
+            key = str(ctx.get("discriminator", "")).strip("'")
+            options = [o.strip(" '") for o in str(ctx.get("expected_tags", "")).split(",")]
+            tag = str(ctx.get("tag"))
+            problems.append(
+                doc.problem(
+                    (*path, key),
+                    f"'{tag}' is not allowed{close_names(tag, options)}; allowed: {', '.join(options)}",
+                )
+            )
         elif kind == "missing":
             problems.append(doc.problem(path, f"missing required key '{path[-1]}'", at_key=True))
         else:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from crm_core.entities import ENTITIES, EntityDef
 from crm_core.errors import ConfigError, Problem
@@ -127,13 +127,19 @@ class MappingSpec(_Strict):
     unmapped: Literal["drop", "keep", "error"] = Field(
         default="drop", description="what happens to source columns no field reads"
     )
-    fields: dict[str, FieldSpec | str] = Field(
-        description="target field -> spec, or just the source column name"
-    )
+    fields: dict[str, FieldSpec] = Field(description="target field -> spec, or just the source column name")
+
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        """Accept ``name: column`` as the short form of ``name: {from: column}``."""
+        if isinstance(value, dict):
+            return {k: {"from": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
 
     def field_specs(self) -> dict[str, FieldSpec]:
-        """Return every field in long form."""
-        return {k: FieldSpec(**{"from": v}) if isinstance(v, str) else v for k, v in self.fields.items()}
+        """Return every field (the short form already expanded)."""
+        return dict(self.fields)
 
 
 @dataclass(frozen=True)
@@ -327,7 +333,7 @@ def _check_source(
             )
     used: set[str] = set(spec.source.key_columns)
     for field_name, field_spec in spec.field_specs().items():
-        raw = spec.fields[field_name]
+        raw = doc.data.get("fields", {}).get(field_name) if isinstance(doc.data, dict) else None
         for i, column in enumerate(field_spec.columns):
             used.add(column)
             if column in known:

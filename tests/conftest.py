@@ -1,0 +1,89 @@
+"""Shared fixtures: demo sources generated once, core databases on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import sqlalchemy as sa
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "examples" / "demo"
+PG_URL = os.environ.get("CRM_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+MARIADB_URL = os.environ.get(
+    "CRM_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4"
+)
+
+
+def server_or_skip(url: str, what: str) -> sa.Engine:
+    """Return an engine for a test server; skip when it is absent, fail under CI=true."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect():
+            pass
+    except Exception as exc:
+        reason = f"{what} not reachable at {engine.url.render_as_string(hide_password=True)}: {str(exc).splitlines()[0]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true requires the server: {reason}")
+        pytest.skip(reason)
+    return engine
+
+
+def load_generator() -> ModuleType:
+    """Import examples/demo/generate_sources.py as a module."""
+    spec = importlib.util.spec_from_file_location("generate_sources", DEMO / "generate_sources.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def generator() -> ModuleType:
+    return load_generator()
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory, generator: ModuleType) -> Path:
+    """The demo sources, generated once per test session."""
+    out = tmp_path_factory.mktemp("demo_data")
+    generator.generate(out)
+    return out
+
+
+@pytest.fixture
+def demo_project(tmp_path: Path, demo_data: Path) -> Path:
+    """A private copy of the demo project (project.yaml, mappings, data) for one test."""
+    root = tmp_path / "demo"
+    shutil.copytree(DEMO, root, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    shutil.copytree(demo_data, root / "data")
+    return root
+
+
+def _reset_postgres(engine: sa.Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(sa.text("DROP SCHEMA IF EXISTS public CASCADE"))
+        connection.execute(sa.text("CREATE SCHEMA public"))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def core_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty core database URL: a SQLite file, or the PostgreSQL test database wiped clean."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / f'core-{uuid.uuid4().hex[:8]}.sqlite'}"
+        return
+    engine = server_or_skip(PG_URL, "PostgreSQL")
+    _reset_postgres(engine)
+    engine.dispose()
+    yield PG_URL
+
+
+@pytest.fixture
+def sqlite_core_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'core.sqlite'}"

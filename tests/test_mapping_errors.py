@@ -1,0 +1,263 @@
+"""Every invalid mapping spec gets its exact message at its exact location (file:line:col: path: message)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from crm_core.errors import ConfigError
+from integration.mappings.spec import load_mapping
+
+SOURCE_COLUMNS = {"crm": ["id", "name", "n", "p"]}
+BASE = "version: 1\nsource: {connector: crm, table: accounts, key: id}\ntarget: customer\nfields:\n"
+
+CASES: list[tuple[str, str, list[str]]] = [
+    (
+        "unknown_top_key",
+        "version: 1\nsource: {connector: crm, table: accounts}\ntarget: customer\nfeilds: {}\nfields:\n  name: name\n",
+        [
+            "{file}:4:1: feilds: unknown key 'feilds'; did you mean 'fields'?; allowed: description, fields, source, target, unmapped, version",
+        ],
+    ),
+    (
+        "unknown_field_key",
+        BASE + "  name: {from: name, tranforms: [trim]}\n",
+        [
+            "{file}:5:22: fields.name.tranforms: unknown key 'tranforms'; did you mean 'transforms'?; allowed: combine, const, default, from, lookup, on_error, required, sep, transforms",
+        ],
+    ),
+    (
+        "unknown_transform",
+        BASE + "  name: {from: name, transforms: [trimm]}\n",
+        [
+            "{file}:5:35: fields.name.transforms[0]: unknown transform 'trimm'; did you mean 'trim'?",
+        ],
+    ),
+    (
+        "unknown_transform_long",
+        BASE + "  phone: {from: p, transforms: [{phonee: {region: CN}}]}\n  name: name\n",
+        [
+            "{file}:5:34: fields.phone.transforms[0].phonee: unknown transform 'phonee'; did you mean 'phone'?",
+        ],
+    ),
+    (
+        "field_not_in_entity_and_column_not_in_source",
+        BASE + "  name: name\n  amount_x: x\n",
+        [
+            "{file}:6:3: fields.amount_x: entity 'customer' has no field 'amount_x'; fields: name, name_normalized, short_name, english_name, credit_code, phone, email, website, address, province, city, district, industry, is_branch, parent, owner, status",
+            "{file}:6:13: fields.amount_x: column 'x' is not in accounts",
+        ],
+    ),
+    (
+        "wrong_argument_type",
+        BASE + "  name: name\n  phone: {from: p, transforms: [{phone: {region: 12}}]}\n",
+        [
+            "{file}:6:50: fields.phone.transforms[0].phone.region: phone: Input should be a valid string",
+        ],
+    ),
+    (
+        "unknown_arg",
+        BASE + "  name: name\n  phone: {from: p, transforms: [{phone: {regoin: CN}}]}\n",
+        [
+            "{file}:6:42: fields.phone.transforms[0].phone.regoin: phone: unknown key 'regoin'; did you mean 'region'?; allowed: region",
+        ],
+    ),
+    (
+        "bad_region",
+        BASE + "  name: name\n  phone: {from: p, transforms: [{phone: {region: XX}}]}\n",
+        [
+            "{file}:6:50: fields.phone.transforms[0].phone.region: phone: unknown region 'XX' (use a two-letter country code such as CN)",
+        ],
+    ),
+    (
+        "bad_regex",
+        BASE + "  name: {from: n, transforms: [{regex_replace: {pattern: '(', replace: ''}}]}\n",
+        [
+            "{file}:5:58: fields.name.transforms[0].regex_replace.pattern: regex_replace: invalid regular expression: missing ), unterminated subpattern at position 0",
+        ],
+    ),
+    (
+        "args_not_mapping",
+        BASE + "  name: {from: n, transforms: [{split: ','}]}\n",
+        [
+            "{file}:5:40: fields.name.transforms[0].split: arguments of 'split' must be a mapping like {split: {arg: value}}",
+        ],
+    ),
+    (
+        "two_key_step",
+        BASE + "  name: {from: n, transforms: [{trim: {}, nfkc: {}}]}\n",
+        [
+            "{file}:5:32: fields.name.transforms[0]: a transform is a name (trim) or a one-key mapping ({phone: {region: CN}})",
+        ],
+    ),
+    (
+        "missing_required_arg",
+        BASE + "  name: {from: n, transforms: [split]}\n",
+        [
+            "{file}:5:32: fields.name.transforms[0].sep: split: missing required key 'sep'",
+        ],
+    ),
+    (
+        "target_unknown",
+        "version: 1\nsource: {connector: crm, table: accounts}\ntarget: customers\nfields:\n  name: name\n",
+        [
+            "{file}:3:9: target: 'customers' is not allowed; did you mean 'customer'?; allowed: sales_rep, customer, contact, opportunity, sales_order, sales_order_line, receivable, payment, payment_application",
+        ],
+    ),
+    (
+        "field_unknown",
+        BASE + "  name: name\n  nmae: x\n",
+        [
+            "{file}:6:3: fields.nmae: entity 'customer' has no field 'nmae'; did you mean 'name'?; fields: name, name_normalized, short_name, english_name, credit_code, phone, email, website, address, province, city, district, industry, is_branch, parent, owner, status",
+            "{file}:6:9: fields.nmae: column 'x' is not in accounts",
+        ],
+    ),
+    (
+        "required_unmapped",
+        BASE + "  phone: p\n",
+        [
+            "{file}:4:1: fields: required field 'name' of customer is not mapped",
+        ],
+    ),
+    (
+        "from_and_const",
+        BASE + "  name: {from: n, const: x}\n",
+        [
+            "{file}:5:9: fields.name: give either 'from' or 'const', not both",
+        ],
+    ),
+    (
+        "nothing",
+        BASE + "  name: {required: true}\n",
+        [
+            "{file}:5:9: fields.name: give 'from' (a source column), 'const' or 'default'",
+        ],
+    ),
+    (
+        "version",
+        "version: 2\nsource: {connector: crm, table: accounts}\ntarget: customer\nfields:\n  name: name\n",
+        [
+            "{file}:1:10: version: Input should be 1",
+        ],
+    ),
+    (
+        "table_and_sheet",
+        "version: 1\nsource: {connector: crm, table: a, sheet: b}\ntarget: customer\nfields:\n  name: name\n",
+        [
+            "{file}:2:9: source: give exactly one of 'table', 'sheet' or 'query'",
+        ],
+    ),
+    (
+        "no_table",
+        "version: 1\nsource: {connector: crm}\ntarget: customer\nfields:\n  name: name\n",
+        [
+            "{file}:2:9: source: give exactly one of 'table', 'sheet' or 'query'",
+        ],
+    ),
+    (
+        "bad_on_error",
+        BASE + "  name: {from: n, on_error: skip}\n",
+        [
+            "{file}:5:29: fields.name.on_error: 'skip' is not allowed; allowed: reject, null, fail",
+        ],
+    ),
+    (
+        "bad_unmapped",
+        "version: 1\nsource: {connector: crm, table: accounts, key: id}\ntarget: customer\nunmapped: ignore\nfields:\n  name: n\n",
+        [
+            "{file}:4:11: unmapped: 'ignore' is not allowed; allowed: drop, keep, error",
+        ],
+    ),
+    (
+        "lookup_on_plain",
+        BASE + "  name: {from: n, lookup: {by: name}}\n",
+        [
+            "{file}:5:19: fields.name.lookup: 'name' is not a reference field; only parent, owner take a lookup",
+        ],
+    ),
+    (
+        "lookup_by_code",
+        BASE + "  name: n\n  parent: {from: p, lookup: {by: code}}\n",
+        [
+            "{file}:6:34: fields.parent.lookup.by: lookup by code works for sales reps only",
+        ],
+    ),
+    (
+        "bad_lookup_by",
+        BASE + "  name: n\n  owner: {from: p, lookup: {by: email}}\n",
+        [
+            "{file}:6:33: fields.owner.lookup.by: 'email' is not allowed; allowed: external_id, name, code",
+        ],
+    ),
+    (
+        "duplicate_key",
+        BASE + "  name: n\n  name: m\n",
+        [
+            "{file}:6:3: fields.name: duplicate key 'name'",
+        ],
+    ),
+    (
+        "bad_yaml",
+        BASE + "  name: {from: n\n",
+        [
+            "{file}:6:1: invalid YAML: expected ',' or '}', but got '<stream end>'",
+        ],
+    ),
+    (
+        "field_not_in_entity_named_created",
+        BASE + "  name: n\n  created: x\n",
+        [
+            "{file}:6:3: fields.created: entity 'customer' has no field 'created'; fields: name, name_normalized, short_name, english_name, credit_code, phone, email, website, address, province, city, district, industry, is_branch, parent, owner, status",
+            "{file}:6:12: fields.created: column 'x' is not in accounts",
+        ],
+    ),
+    (
+        "where_and_query",
+        "version: 1\nsource: {connector: crm, query: 'select 1', where: 'x=1'}\ntarget: customer\nfields:\n  name: name\n",
+        [
+            "{file}:2:9: source: 'where' filters a table; put the condition into the query instead",
+        ],
+    ),
+    (
+        "bad_timezone",
+        "version: 1\nsource: {connector: crm, table: o}\ntarget: opportunity\nfields:\n  name: n\n  customer: c\n  stage: s\n  registered_at: {from: r, transforms: [{parse_datetime: {timezone: Mars/Base}}]}\n",
+        [
+            "{file}:8:69: fields.registered_at.transforms[0].parse_datetime.timezone: parse_datetime: unknown time zone 'Mars/Base' (use an IANA name such as Asia/Shanghai)",
+            "{file}:6:13: fields.customer: column 'c' is not in o",
+            "{file}:7:10: fields.stage: column 's' is not in o",
+            "{file}:8:25: fields.registered_at.from: column 'r' is not in o",
+        ],
+    ),
+    (
+        "bad_unmatched",
+        BASE
+        + "  name: n\n  status: {from: s, transforms: [{map_values: {values: {a: b}, unmatched: drop}}]}\n",
+        [
+            "{file}:6:75: fields.status.transforms[0].map_values.unmatched: map_values: 'drop' is not allowed; allowed: keep, null, reject",
+            "{file}:6:18: fields.status.from: column 's' is not in accounts",
+        ],
+    ),
+    (
+        "header_row",
+        "version: 1\nsource: {connector: x, sheet: s, header_row: 0}\ntarget: customer\nfields:\n  name: name\n",
+        [
+            "{file}:2:46: source.header_row: Input should be greater than or equal to 1",
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_invalid_mapping_reports_every_problem_with_its_location(
+    tmp_path: Path, name: str, text: str, expected: list[str]
+) -> None:
+    file = tmp_path / f"{name}.yaml"
+    file.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_mapping(file, sources=SOURCE_COLUMNS)
+    assert [str(p) for p in caught.value.problems] == [e.replace("{file}", str(file)) for e in expected]
+
+
+def test_the_table_covers_at_least_25_invalid_specs() -> None:
+    assert len({name for name, _, _ in CASES}) >= 25

@@ -1,0 +1,119 @@
+"""project.yaml problems fail fast with file:line:col and what to do; secrets never appear in messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from crm_core.errors import ConfigError, ExtractError
+from integration.connectors.sql import SqlConnector
+from integration.pipeline import Migration
+from integration.project import load_project
+
+GOOD_MAPPING = "version: 1\nsource: {connector: crm, table: accounts, key: id}\ntarget: customer\nfields:\n  name: name\n"
+
+
+def write_project(root: Path, text: str, mapping: str | None = GOOD_MAPPING) -> Path:
+    (root / "mappings").mkdir(parents=True, exist_ok=True)
+    if mapping is not None:
+        (root / "mappings" / "crm_accounts.yaml").write_text(mapping, encoding="utf-8")
+    (root / "project.yaml").write_text(text, encoding="utf-8")
+    return root
+
+
+HEADER = "version: 1\nname: acme\nsources:\n  crm: {connector: sql, url: 'sqlite:///crm.sqlite'}\n"
+
+CASES = [
+    ("unknown_key", HEADER + "mappings: [mappings/*.yaml]\nmapings: []\n",
+     ["6:1: mapings: unknown key 'mapings'; did you mean 'mappings'?; allowed: dedup, description, mappings, name, sources, version"]),
+    ("missing_mapping_file", HEADER + "mappings: [mappings/nope.yaml]\n",
+     ["5:12: mappings[0]: no mapping file matches 'mappings/nope.yaml' in {root}"]),
+    ("unset_env_var", "version: 1\nname: acme\nsources:\n  crm: {connector: sql, url: '${ACME_CRM_URL_UNSET}'}\nmappings: [mappings/*.yaml]\n",
+     ["4:30: sources.crm.url: environment variable ACME_CRM_URL_UNSET is not set; export ACME_CRM_URL_UNSET=... first"]),
+    ("password_in_file", "version: 1\nname: acme\nsources:\n  crm: {connector: sql, url: 'mysql+pymysql://root:hunter2@db/crm'}\nmappings: [mappings/*.yaml]\n",
+     ["4:30: sources.crm.url: a password is written into the file; use ${ENV_VAR} for the URL or its password"]),
+    ("bad_source_name", "version: 1\nname: acme\nsources:\n  Legacy-CRM: {connector: sql, url: 'sqlite://'}\nmappings: [mappings/*.yaml]\n",
+     ["4:3: sources: source name 'Legacy-CRM' must match ^[a-z][a-z0-9_]*$ (it names Dagster assets)"]),
+    ("unknown_connector", "version: 1\nname: acme\nsources:\n  crm: {connector: oracle, url: 'x'}\nmappings: [mappings/*.yaml]\n",
+     ["4:20: sources.crm.connector: 'oracle' is not allowed; allowed: excel, sql"]),
+    ("dedup_unknown_field", HEADER + "mappings: [mappings/*.yaml]\ndedup:\n  customer: {match_keys: [[credit_cod]]}\n",
+     ["7:3: dedup: entity 'customer' has no field 'credit_cod'"]),
+    ("dedup_unknown_source", HEADER + "mappings: [mappings/*.yaml]\ndedup:\n  customer: {source_priority: [erp]}\n",
+     ["7:32: dedup.customer.source_priority[0]: unknown source 'erp'; sources: crm"]),
+    ("missing_name", "version: 1\nsources: {}\nmappings: []\n", ["1:1: name: missing required key 'name'"]),
+    ("invalid_yaml", "version: 1\nname: [acme\n", ["3:1: invalid YAML: expected ',' or ']', but got '<stream end>'"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_project_problems_are_located(tmp_path: Path, name: str, text: str, expected: list[str]) -> None:
+    root = write_project(tmp_path / name, text)
+    with pytest.raises(ConfigError) as caught:
+        load_project(root)
+    file = root / "project.yaml"
+    assert [str(p) for p in caught.value.problems] == [
+        f"{file}:{e.replace('{root}', str(root))}" for e in expected
+    ]
+    assert "hunter2" not in str(caught.value) and "hunter2" not in caught.value.render()
+
+
+def test_errors_render_the_line_with_a_caret(tmp_path: Path) -> None:
+    root = write_project(tmp_path, HEADER + "mappings: [mappings/*.yaml]\nmapings: []\n")
+    with pytest.raises(ConfigError) as caught:
+        load_project(root)
+    assert caught.value.render().splitlines()[1:] == ["    mapings: []", "    ^"]
+
+
+def test_no_project_here_says_how_to_point_at_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no project.yaml here; set CRM_PROJECT or --project"):
+        load_project(tmp_path)
+
+
+def test_bad_mapping_inside_a_project_is_reported_with_its_file(tmp_path: Path) -> None:
+    root = write_project(
+        tmp_path,
+        HEADER + "mappings: [mappings/*.yaml]\n",
+        mapping=GOOD_MAPPING.replace("name: name", "nmae: name"),
+    )
+    with pytest.raises(ConfigError) as caught:
+        Migration.load(str(root))
+    messages = [str(p) for p in caught.value.problems]
+    assert messages[0].startswith(
+        f"{root / 'mappings' / 'crm_accounts.yaml'}:5:3: fields.nmae: entity 'customer' has no field 'nmae'"
+    )
+    assert (
+        messages[1]
+        == f"{root / 'mappings' / 'crm_accounts.yaml'}:4:1: fields: required field 'name' of customer is not mapped"
+    )
+
+
+def test_env_var_default_and_value_are_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "version: 1\nname: acme\nsources:\n  crm: {connector: sql, url: '${ACME_URL:-sqlite:///data/crm.sqlite}'}\nmappings: [mappings/*.yaml]\n"
+    project = load_project(write_project(tmp_path, text))
+    assert project.source_url("crm") == f"sqlite:///{(tmp_path / 'data' / 'crm.sqlite').resolve()}"
+    monkeypatch.setenv("ACME_URL", "postgresql://u:pw@db/crm")
+    assert project.source_url("crm") == "postgresql://u:pw@db/crm"
+
+
+def test_unreachable_source_names_the_source_and_hides_the_password() -> None:
+    connector = SqlConnector("legacy_crm", "postgresql+psycopg://crm:s3cret-pw@127.0.0.1:1/crm")
+    with pytest.raises(ExtractError) as caught:
+        connector.list_tables()
+    message = str(caught.value)
+    assert message.startswith(
+        "source 'legacy_crm': listing tables failed at postgresql+psycopg://crm:***@127.0.0.1:1/crm"
+    )
+    assert "check the server is reachable" in message
+    assert "s3cret-pw" not in message
+
+
+def test_unknown_table_lists_what_exists(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "crm.sqlite"
+    sqlite3.connect(db).execute("CREATE TABLE accounts (id TEXT)").connection.commit()
+    with pytest.raises(
+        ExtractError, match=r"source 'crm': table 'acounts' does not exist at sqlite:///.*; tables: accounts"
+    ):
+        SqlConnector("crm", f"sqlite:///{db}").columns("acounts")
