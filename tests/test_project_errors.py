@@ -66,7 +66,7 @@ def test_errors_render_the_line_with_a_caret(tmp_path: Path) -> None:
 
 
 def test_no_project_here_says_how_to_point_at_one(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no project.yaml here; set CRM_PROJECT or --project"):
+    with pytest.raises(ConfigError, match=r"no project\.yaml here; set CRM_PROJECT or --project"):
         load_project(tmp_path)
 
 
