@@ -12,6 +12,8 @@ import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
+from opencc import OpenCC
+
 PROVINCES = [
     "北京",
     "天津",
@@ -129,10 +131,7 @@ _LEGAL_FORMS = sorted(
     key=len,
     reverse=True,
 )  # fmt: skip
-_TRADITIONAL = str.maketrans(
-    "電資訊貿機械醫療團國際實業達遠東華興聯進運營製造廣門順寶龍鳳農業雲網絡軟體衛發開術號區縣廠會計",
-    "电资讯贸机械医疗团国际实业达远东华兴联进运营制造广门顺宝龙凤农业云网络软体卫发开术号区县厂会计",
-)
+_TO_SIMPLIFIED = OpenCC("t2s")  # OpenCC's dictionaries: traditional → simplified, phrase-aware
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad\\s]")
 _PUNCT = re.compile(r"[·・•,，.。'\"“”‘’&＆\-_/]")
 
@@ -171,7 +170,7 @@ def _region(text: str) -> str | None:
 @lru_cache(maxsize=200_000)
 def normalize_company_name(name: str) -> CompanyName:
     """Split a company name into region, core and branch (see module doc); robust to any Unicode input."""
-    text = unicodedata.normalize("NFKC", name).casefold().translate(_TRADITIONAL)
+    text = _TO_SIMPLIFIED.convert(unicodedata.normalize("NFKC", name)).casefold()
     text = _INVISIBLE.sub("", text)
     branch = None
     region: str | None = None

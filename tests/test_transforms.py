@@ -1,0 +1,249 @@
+"""Transforms on Chinese and Western values: what they return and which values they reject."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pandas as pd
+import pytest
+
+from integration.mappings.transforms import REGISTRY, split_address
+
+
+def run(name: str, data: list[Any], **args: Any) -> tuple[list[Any], list[str | None]]:
+    definition = REGISTRY[name]
+    out, errors = definition.func(pd.Series(data, dtype=object), definition.args.model_validate(args))
+    error_list = [None] * len(data) if errors is None else [None if e is None else str(e) for e in errors]
+    return list(out), error_list
+
+
+def one(name: str, value: Any, **args: Any) -> Any:
+    [out], [error] = run(name, [value], **args)
+    assert error is None, error
+    return out
+
+
+def fails(name: str, value: Any, **args: Any) -> str:
+    [out], [error] = run(name, [value], **args)
+    assert out is None and error is not None
+    return error
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("  深圳　腾达  ", "深圳 腾达"),
+        ("a\u200bb", "ab"),
+        ("Acme\t\tTrading\n", "Acme Trading"),
+        ("   ", None),
+    ],
+)
+def test_trim(value: str, expected: str | None) -> None:
+    assert one("trim", value) == expected
+
+
+def test_nfkc_turns_full_width_into_half_width() -> None:
+    assert one("nfkc", "ＡＢＣ１２３（深圳）") == "ABC123(深圳)"
+
+
+def test_case_transforms_leave_chinese_alone() -> None:
+    assert (one("upper", "abc深圳"), one("lower", "ABC深圳"), one("title", "acme trading 深圳")) == (
+        "ABC深圳",
+        "abc深圳",
+        "Acme Trading 深圳",
+    )
+
+
+def test_regex_and_split() -> None:
+    assert one("regex_replace", "Tel: 0755-1234", pattern=r"\D", replace="") == "07551234"
+    assert one("regex_extract", "订单号SO-2025-001", pattern=r"SO-(\d{4})") == "2025"
+    assert one("regex_extract", "无", pattern=r"SO-(\d{4})") is None
+    assert one("split", "张伟/李娜", sep="/", index=-1) == "李娜"
+
+
+def test_map_values_matches_ignoring_case_and_width() -> None:
+    values, errors = run(
+        "map_values", ["ＶＩＰ", "vip ", "normal", None], values={"VIP": "key"}, unmatched="reject"
+    )
+    assert values == ["key", "key", None, None]
+    assert errors[2] == "'normal' is not in the value map (known: VIP)"
+    assert run("map_values", ["x"], values={"a": 1}, unmatched="keep")[0] == ["x"]
+    assert run("map_values", ["x"], values={"a": 1}, unmatched="null") == ([None], [None])
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2025-03-05", dt.date(2025, 3, 5)), ("2025/3/5", dt.date(2025, 3, 5)), ("2025.3.5", dt.date(2025, 3, 5)),
+        ("2025年3月5日", dt.date(2025, 3, 5)), ("２０２５年３月５日", dt.date(2025, 3, 5)), ("20250305", dt.date(2025, 3, 5)),
+        ("2025-03-05 14:30:00", dt.date(2025, 3, 5)), (45721, dt.date(2025, 3, 5)), (45721.75, dt.date(2025, 3, 5)),
+        (59, dt.date(1900, 2, 28)), (61, dt.date(1900, 3, 1)), (1, dt.date(1900, 1, 1)),
+        (dt.datetime(2025, 3, 5, 9), dt.date(2025, 3, 5)), ("45721", dt.date(2025, 3, 5)),
+    ],
+)  # fmt: skip
+def test_parse_date(value: Any, expected: dt.date) -> None:
+    assert one("parse_date", value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (60, "Excel serial 60 is 1900-02-29, a day that does not exist (Excel's leap-year bug)"),
+        ("2025年13月1日", "'2025年13月1日' is not a valid date: month must be in 1..12"),
+        ("下周", "'下周' is not a date (expected e.g. 2025-03-05, 2025/3/5 or 2025年3月5日)"),
+        (0, "0 is not a plausible Excel date serial (1..2958465)"),
+    ],
+)
+def test_parse_date_rejects_with_a_reason(value: Any, reason: str) -> None:
+    assert fails("parse_date", value) == reason
+
+
+def test_parse_date_with_explicit_format_and_no_serials() -> None:
+    assert one("parse_date", "05/03/2025", formats=["%d/%m/%Y"]) == dt.date(2025, 3, 5)
+    assert fails("parse_date", 45721, excel_serial=False) == "45721 is a number, not a date"
+
+
+def test_parse_datetime_attaches_the_zone_to_naive_values_only() -> None:
+    shanghai = ZoneInfo("Asia/Shanghai")
+    assert one("parse_datetime", "2025-03-05 14:30", timezone="Asia/Shanghai") == dt.datetime(
+        2025, 3, 5, 14, 30, tzinfo=shanghai
+    )
+    utc = one("parse_datetime", "2025-03-05T14:30:00Z", timezone="Asia/Shanghai")
+    assert utc.utcoffset() == dt.timedelta(0)
+    assert one("parse_datetime", "2025-03-05T14:30:00+08:00").utcoffset() == dt.timedelta(hours=8)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("¥1,234.50", "1234.50"), ("￥1,234.50", "1234.50"), ("12.5万", "125000"), ("3亿", "300000000"), ("1.2k", "1200"),
+        ("(500)", "-500"), ("-500", "-500"), ("一百二十万", "1200000"), ("壹仟贰佰元", "1200"), ("壹拾万元整", "100000"),
+        ("RMB 88,000", "88000"), ("$1,000.00", "1000.00"), ("2w", "20000"), ("1.5M", "1500000"), (86000.5, "86000.5"),
+        (120000, "120000"), ("80,000元", "80000"), ("３５万", "350000"),
+    ],
+)  # fmt: skip
+def test_parse_amount(value: Any, expected: str) -> None:
+    assert one("parse_amount", value) == Decimal(expected)
+
+
+@pytest.mark.parametrize("value", ["待定", "abc", "万", "12..5"])
+def test_parse_amount_rejects_non_amounts(value: str) -> None:
+    assert "amount" in fails("parse_amount", value) or "numeral" in fails("parse_amount", value)
+
+
+def test_parse_amount_multiplier_for_columns_in_wan() -> None:
+    assert one("parse_amount", "12.5", multiply=10000) == Decimal("125000.0")
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [
+        ("¥", "CNY"),
+        ("人民币", "CNY"),
+        ("rmb", "CNY"),
+        ("美元", "USD"),
+        ("usd", "USD"),
+        ("港币", "HKD"),
+        ("EUR", "EUR"),
+    ],
+)
+def test_currency(value: str, code: str) -> None:
+    assert one("currency", value) == code
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("13812345678", "+8613812345678"), ("+86 138 1234 5678", "+8613812345678"), ("0086-13812345678", "+8613812345678"),
+        ("１３８１２３４５６７８", "+8613812345678"), ("010-62345678", "+861062345678"), ("(0755)88889999", "+8675588889999"),
+        ("0755-8888 9999转123", "+8675588889999;ext=123"), ("+1 650-253-0000", "+16502530000"), (13812345678, "+8613812345678"),
+    ],
+)  # fmt: skip
+def test_phone_to_e164(value: Any, expected: str) -> None:
+    assert one("phone", value) == expected
+
+
+def test_phone_rejects_invalid_numbers_and_honours_the_region() -> None:
+    assert fails("phone", "12345") == "'12345' is not a valid phone number for region CN"
+    assert one("phone", "650-253-0000", region="US") == "+16502530000"
+
+
+def test_email() -> None:
+    assert one("email", " Wang.Fang@Example.COM ") == "wang.fang@example.com"
+    assert one("email", "wang＠example.cn") == "wang@example.cn"
+    assert fails("email", "wang at example.cn") == "'wang at example.cn' is not an e-mail address"
+
+
+def test_uscc_compacts_and_checks_the_check_digit() -> None:
+    assert one("uscc", " 9144 0300 7084 6113 6t ") == "91440300708461136T"
+    assert one("uscc", "９１４４０３００７０８４６１１３６Ｔ") == "91440300708461136T"
+    assert (
+        fails("uscc", "91440300708461136A")
+        == "'91440300708461136A' is not a valid unified social credit code (check digit fails)"
+    )
+    assert fails("uscc", "12345") == "'12345' is not a unified social credit code (18 characters expected)"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("腾达科技(深圳)有限公司", "腾达科技（深圳）有限公司"), ("深圳市 腾达 科技有限公司", "深圳市腾达科技有限公司"),
+     ("ＡＣＭＥ Trading  Co., Ltd.", "ACME Trading Co., Ltd."), ("Acme (Shanghai) Ltd.", "Acme (Shanghai) Ltd.")],
+)  # fmt: skip
+def test_company_name_display_form(value: str, expected: str) -> None:
+    assert one("company_name", value) == expected
+
+
+@pytest.mark.parametrize(
+    ("address", "parts"),
+    [
+        ("广东省深圳市南山区科技园1号", ("广东省", "深圳市", "南山区")), ("北京市海淀区中关村", ("北京市", "北京市", "海淀区")),
+        ("浙江省杭州市余杭区文一西路", ("浙江省", "杭州市", "余杭区")), ("新疆维吾尔自治区乌鲁木齐市天山区", ("新疆维吾尔自治区", "乌鲁木齐市", "天山区")),
+        ("深圳市福田区", (None, "深圳市", "福田区")), ("上海浦东新区张江路", ("上海市", "上海市", "浦东新区")),
+    ],
+)  # fmt: skip
+def test_address_split(address: str, parts: tuple[str | None, ...]) -> None:
+    assert tuple(split_address(address).values()) == parts
+    assert one("address_part", address, part="city") == parts[1]
+
+
+def test_stage_and_bool() -> None:
+    assert run("stage", ["赢单", "Closed Lost", "Negotiation/Review"])[0] == ["won", "lost", "negotiation"]
+    assert (
+        fails("stage", "搁置")
+        == "'搁置' is not a known stage; map it with map_values or extend the stage list"
+    )
+    assert run("bool", ["是", "否", "Y", "n", "TRUE", "0", "√", "×"])[0] == [
+        True,
+        False,
+        True,
+        False,
+        True,
+        False,
+        True,
+        False,
+    ]
+    assert fails("bool", "也许") == "'也许' is not a yes/no value (是/否, Y/N, true/false, 1/0)"
+
+
+def test_to_text_keeps_numeric_codes_intact() -> None:
+    assert run("to_text", [1001.0, 42, "A-7"])[0] == ["1001", "42", "A-7"]
+
+
+def test_transforms_leave_nulls_alone_and_compute_each_distinct_value_once() -> None:
+    calls: list[Any] = []
+    original = REGISTRY["uscc"].func.__globals__["uscc_value"]
+
+    def counting(value: Any) -> str:
+        calls.append(value)
+        return str(original(value))
+
+    REGISTRY["uscc"].func.__globals__["uscc_value"] = counting
+    try:
+        values, _ = run("uscc", ["91440300708461136T"] * 1000 + [None])
+    finally:
+        REGISTRY["uscc"].func.__globals__["uscc_value"] = original
+    assert values[-1] is None and values[0] == "91440300708461136T"
+    assert calls == ["91440300708461136T"]
