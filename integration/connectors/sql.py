@@ -112,11 +112,15 @@ class SqlConnector:
                 streaming = connection.execution_options(
                     stream_results=True, max_row_buffer=request.chunk_rows
                 )
+                offset = 0  # without a key, the row's position in the whole result is its reference
                 for chunk in pd.read_sql(statement, streaming, chunksize=request.chunk_rows):
                     if request.key:
                         refs = chunk[list(request.key)].astype(str).agg("|".join, axis=1)
                     else:
-                        refs = pd.Series(range(1, len(chunk) + 1), index=chunk.index).astype(str)
+                        refs = pd.Series(
+                            range(offset + 1, offset + len(chunk) + 1), index=chunk.index
+                        ).astype(str)
+                    offset += len(chunk)
                     chunk[ROW_REF] = refs
                     chunk[LOCATION] = request.table
                     chunk[ROW_KIND] = "data"

@@ -1,0 +1,182 @@
+"""Connectors: one contract for every source, Excel layout quirks, SQL filters, queries and chunks."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from openpyxl import Workbook
+
+from crm_core.errors import ExtractError
+from integration.connectors import Connector, ExcelConnector, ReadRequest, SqlConnector
+from integration.connectors.base import LOCATION, META_COLUMNS, ROW_KIND, ROW_REF
+from tests.conftest import MARIADB_URL, PG_URL, server_or_skip
+
+
+def workbook(path: Path, rows: list[list[object]], sheet: str = "客户") -> Path:
+    book = Workbook()
+    ws = book.active
+    assert ws is not None
+    ws.title = sheet
+    for row in rows:
+        ws.append(row)
+    book.save(path)
+    return path
+
+
+MESSY = [
+    ["2025年度客户台账"],
+    [],
+    ["序号", "客户名称", "签约日期", "金额"],
+    [1, "深圳市腾达科技有限公司", dt.date(2025, 3, 5), 120000],
+    [],
+    [2, "ＡＢＣ贸易有限公司", "2025年3月6日", "12.5万"],
+    ["合计", None, None, 245000],
+    [],
+]
+
+
+def test_excel_skips_title_and_blank_rows_keeps_row_numbers_and_flags_subtotals(tmp_path: Path) -> None:
+    path = workbook(tmp_path / "a.xlsx", MESSY)
+    connector = ExcelConnector("sheets", [path], "a.xlsx")
+    assert connector.columns("客户") == ["序号", "客户名称", "签约日期", "金额"]
+    [frame] = list(connector.read(ReadRequest("客户")))
+    assert list(frame[ROW_REF]) == ["4", "6", "7"]
+    assert list(frame[ROW_KIND]) == ["data", "data", "subtotal"]
+    assert frame.loc[0, "签约日期"] == dt.date(2025, 3, 5) or frame.loc[0, "签约日期"] == dt.datetime(
+        2025, 3, 5
+    )
+    assert frame.loc[0, "序号"] == 1 and isinstance(frame.loc[0, "序号"], int)
+    assert frame.loc[1, "金额"] == "12.5万"
+    assert set(frame[LOCATION]) == {"a.xlsx#客户"}
+
+
+def test_excel_explicit_header_row_and_chunks(tmp_path: Path) -> None:
+    path = workbook(tmp_path / "a.xlsx", MESSY)
+    chunks = list(ExcelConnector("s", [path], "a.xlsx").read(ReadRequest("客户", header_row=3, chunk_rows=2)))
+    assert [len(c) for c in chunks] == [2, 1]
+
+
+def test_excel_glob_reads_every_workbook_and_names_each_file(tmp_path: Path) -> None:
+    workbook(tmp_path / "east.xlsx", [["客户名称"], ["甲公司"]])
+    workbook(tmp_path / "west.xlsx", [["客户名称"], ["乙公司"], ["丙公司"]])
+    paths = sorted(tmp_path.glob("*.xlsx"))
+    frame = pd.concat(ExcelConnector("s", paths, "*.xlsx").read(ReadRequest("客户")))
+    assert list(zip(frame[LOCATION], frame[ROW_REF], strict=True)) == [
+        ("east.xlsx#客户", "2"),
+        ("west.xlsx#客户", "2"),
+        ("west.xlsx#客户", "3"),
+    ]
+
+
+def test_excel_errors_name_the_source_and_what_to_do(tmp_path: Path) -> None:
+    path = workbook(tmp_path / "a.xlsx", MESSY)
+    with pytest.raises(
+        ExtractError, match=r"source 'sheets': workbook a.xlsx has no sheet '商机'; sheets: 客户"
+    ):
+        list(ExcelConnector("sheets", [path], "a.xlsx").read(ReadRequest("商机")))
+    broken = tmp_path / "broken.xlsx"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(
+        ExtractError, match=r"source 'sheets': cannot open workbook broken.xlsx: .*valid, unprotected"
+    ):
+        ExcelConnector("sheets", [broken], "broken.xlsx").list_tables()
+    with pytest.raises(
+        ExtractError, match=r"no workbook matches data/\*.xlsx; check the path in project.yaml"
+    ):
+        ExcelConnector("sheets", [], "data/*.xlsx").list_tables()
+
+
+def suitecrm_sqlite(demo_data: Path) -> str:
+    return f"sqlite:///{demo_data / 'legacy_crm.sqlite'}"
+
+
+def copy_tables(source_url: str, target: sa.Engine, tables: list[str]) -> None:
+    source = sa.create_engine(source_url)
+    with target.begin() as connection:
+        for table in tables:
+            connection.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+    for table in tables:
+        frame = pd.read_sql_table(table, source)
+        frame.to_sql(table, target, index=False, chunksize=500)
+    source.dispose()
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ]
+)
+def suitecrm(request: pytest.FixtureRequest, demo_data: Path) -> Iterator[str]:
+    """The demo's SuiteCRM database on SQLite, PostgreSQL or MariaDB."""
+    if request.param == "sqlite":
+        yield suitecrm_sqlite(demo_data)
+        return
+    url = PG_URL if request.param == "postgres" else MARIADB_URL
+    engine = server_or_skip(url, request.param)
+    copy_tables(suitecrm_sqlite(demo_data), engine, ["accounts", "accounts_contacts", "contacts"])
+    engine.dispose()
+    yield url
+
+
+def excel_connector(demo_data: Path) -> Connector:
+    return ExcelConnector("sales_xlsx", [demo_data / "sales.xlsx"], "sales.xlsx")
+
+
+CONTRACT: dict[str, Callable[[Path], tuple[Connector, str]]] = {
+    "excel": lambda d: (excel_connector(d), "商机"),
+    "sqlite": lambda d: (SqlConnector("legacy_crm", suitecrm_sqlite(d)), "accounts"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONTRACT))
+def test_connector_contract(kind: str, demo_data: Path) -> None:
+    connector, table = CONTRACT[kind](demo_data)
+    check_contract(connector, table)
+
+
+def check_contract(connector: Connector, table: str) -> None:
+    """What every connector promises: tables, columns, chunks with row metadata, unique row refs."""
+    assert isinstance(connector, Connector)
+    assert table in connector.list_tables()
+    columns = connector.columns(table)
+    assert columns and all(isinstance(c, str) and c for c in columns)
+    chunks = list(connector.read(ReadRequest(table, chunk_rows=10)))
+    assert len(chunks) > 1 and all(len(c) <= 10 for c in chunks)
+    frame = pd.concat(chunks, ignore_index=True)
+    assert [c for c in frame.columns if c not in META_COLUMNS] == columns
+    assert set(META_COLUMNS) <= set(frame.columns)
+    assert not frame[[LOCATION, ROW_REF]].duplicated().any()
+    assert "***" not in connector.describe() or ":***@" in connector.describe()
+
+
+def test_suitecrm_accounts_with_soft_delete_filter_on_every_database(suitecrm: str, demo_data: Path) -> None:
+    connector = SqlConnector("legacy_crm", suitecrm)
+    check_contract(connector, "accounts")
+    request = ReadRequest("accounts", where="deleted = 0", key=("id",), chunk_rows=25)
+    frame = pd.concat(connector.read(request), ignore_index=True)
+    with sqlite3.connect(demo_data / "legacy_crm.sqlite") as db:
+        expected = sorted(r[0] for r in db.execute("SELECT id FROM accounts WHERE deleted = 0"))
+    assert list(frame["id"]) == expected  # ordered by key, soft-deleted rows filtered
+    assert list(frame[ROW_REF]) == expected
+    query = "SELECT c.id, ac.account_id FROM contacts c JOIN accounts_contacts ac ON ac.contact_id = c.id"
+    joined = pd.concat(connector.read(ReadRequest("q", query=query, key=("id",))), ignore_index=True)
+    assert connector.query_columns(query) == ["id", "account_id"]
+    assert len(joined) > 0 and joined["account_id"].isin(frame["id"]).all()
+    connector.dispose()
+
+
+def test_sql_key_column_must_exist(demo_data: Path) -> None:
+    with pytest.raises(ExtractError, match=r"key column\(s\) \['nope'\] not in table 'accounts'"):
+        list(
+            SqlConnector("legacy_crm", suitecrm_sqlite(demo_data)).read(
+                ReadRequest("accounts", key=("nope",))
+            )
+        )
