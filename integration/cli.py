@@ -26,7 +26,7 @@ app.add_typer(project_app, name="project")
 app.add_typer(core_app, name="core")
 
 console = Console(width=None if sys.stdout.isatty() else 160)
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)  # never wrap: file:line:col must stay on one line
 
 ProjectOption = Annotated[
     Path | None,
@@ -62,13 +62,17 @@ def run(
         defs = build_definitions(project, core)
     except ConfigError as exc:
         raise _config_error(exc) from None
-    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    # Runs go to a persistent instance so they show up in `make ui` afterwards.
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path("var/dagster_home").resolve())))
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").touch()
     log_level = "DEBUG" if verbose else "WARNING"
-    result = defs.resolve_job_def(MIGRATION_JOB).execute_in_process(
-        instance=instance,
-        raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-    )
+    with dg.DagsterInstance.get() as instance:
+        result = defs.resolve_job_def(MIGRATION_JOB).execute_in_process(
+            instance=instance,
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+        )
     if not result.success:
         for event in result.all_events:
             failure = event.step_failure_data if event.is_step_failure else None

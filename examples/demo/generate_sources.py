@@ -5,6 +5,7 @@ Writes into ``examples/demo/data/``:
 * ``erp_u8.sqlite``   — Yonyou U8 layout: Person, Customer, SO_SOMain, SO_SODetails.
 * ``legacy_crm.sqlite`` — SuiteCRM/SugarCRM CE layout: users, accounts, contacts, accounts_contacts,
   opportunities, accounts_opportunities, email_addresses, email_addr_bean_rel (soft deletes included).
+* ``customer_truth.csv`` — ground truth: which real company each source customer record is.
 * ``sales.xlsx``      — the sales team's workbook: a title row above Chinese headers, a 客户 sheet and a
   商机 sheet with amounts like 12.5万 / ¥120,000.00, Excel dates and 2025年3月5日, blank and subtotal rows.
 
@@ -17,6 +18,7 @@ Run: ``python examples/demo/generate_sources.py [--out DIR] [--seed N] [--scale 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import random
 import sqlite3
@@ -153,7 +155,11 @@ def build_companies(rng: random.Random, count: int) -> list[Company]:
         ))  # fmt: skip
     # Hard negatives: the same trade name in another city is another company.
     for original in rng.sample(companies[: count // 2], 3):
-        province, city, districts, area = next(c for c in CITIES if c[1] != original.city)
+        free = [c for c in CITIES if (original.brand, original.trade, c[1]) not in used]
+        if not free:
+            continue
+        province, city, districts, area = free[0]
+        used.add((original.brand, original.trade, city))
         companies.append(Company(
             index=len(companies), brand=original.brand, trade=original.trade, province=province, city=city,
             district=districts[0], area_code=area, credit_code=credit_code(rng),
@@ -226,18 +232,25 @@ CREATE TABLE SO_SODetails (
 """
 
 
-def write_erp(path: Path, companies: list[Company], rng: random.Random) -> dict[int, str]:
+def write_erp(
+    path: Path, companies: list[Company], rng: random.Random, truth: list[tuple[str, str, int]]
+) -> dict[int, str]:
     """Write the U8 database; return company index -> cCusCode."""
     path.unlink(missing_ok=True)
     db = sqlite3.connect(path)
     db.executescript(U8_DDL)
     db.executemany("INSERT INTO Person VALUES (?,?,?,1)", [(r[3], r[1] + r[2], "03") for r in REPS])
     codes: dict[int, str] = {}
-    erp_companies = [c for c in companies if rng.random() < 0.75 or c.branch_of is not None]
+    parents = {c.branch_of for c in companies if c.branch_of is not None}
+    # The ERP holds the branch structure (cCusHeadCode), so branches and their parents are always there.
+    erp_companies = [
+        c for c in companies if rng.random() < 0.75 or c.branch_of is not None or c.index in parents
+    ]
     for n, company in enumerate(erp_companies, start=1):
         code = f"{n:05d}"
         codes[company.index] = code
         company.sources.add("erp")
+        truth.append(("erp_u8", code, company.index))
         reg_code = company.credit_code if rng.random() < 0.8 else None
         if reg_code and rng.random() < 0.1:
             reg_code = reg_code.lower()
@@ -322,7 +335,9 @@ CREATE TABLE email_addr_bean_rel (id CHAR(36) PRIMARY KEY, email_address_id CHAR
 """
 
 
-def write_legacy_crm(path: Path, companies: list[Company], rng: random.Random) -> None:
+def write_legacy_crm(
+    path: Path, companies: list[Company], rng: random.Random, truth: list[tuple[str, str, int]]
+) -> None:
     """Write the SuiteCRM-layout database."""
     path.unlink(missing_ok=True)
     db = sqlite3.connect(path)
@@ -341,6 +356,7 @@ def write_legacy_crm(path: Path, companies: list[Company], rng: random.Random) -
     for company in crm_companies:
         company.sources.add("crm")
         account_id = new_id()
+        truth.append(("legacy_crm", account_id, company.index))
         code = company.credit_code
         roll = rng.random()
         if roll < 0.15:
@@ -438,7 +454,9 @@ def date_cell(day: dt.date, rng: random.Random) -> object:
     return day  # a real Excel date cell
 
 
-def write_workbook(path: Path, companies: list[Company], rng: random.Random) -> None:
+def write_workbook(
+    path: Path, companies: list[Company], rng: random.Random, truth: list[tuple[str, str, int]]
+) -> None:
     """Write the sales team's workbook."""
     workbook = Workbook()
     sheet = workbook.active
@@ -455,7 +473,9 @@ def write_workbook(path: Path, companies: list[Company], rng: random.Random) -> 
         if code and rng.random() < 0.2:
             code = "".join(chr(ord(ch) + 0xFEE0) for ch in code)  # full-width
         rep = REPS[company.rep]
-        sheet.append([n, name_variant(company, rng, "xlsx"), code, company.contact, fmt_phone(company.mobile, rng),
+        name = name_variant(company, rng, "xlsx")
+        truth.append(("sales_xlsx", " ".join(name.split()), company.index))
+        sheet.append([n, name, code, company.contact, fmt_phone(company.mobile, rng),
                       f"{company.city}{company.street(rng)}", rep[1] + rep[2]])  # fmt: skip
         if rng.random() < 0.05:
             sheet.append([])
@@ -520,10 +540,17 @@ def generate(out: Path = HERE / "data", seed: int = 20251123, scale: float = 1.0
         "erp_u8": out / "erp_u8.sqlite",
         "legacy_crm": out / "legacy_crm.sqlite",
         "sales_xlsx": out / "sales.xlsx",
+        "truth": out / "customer_truth.csv",
     }
-    write_erp(paths["erp_u8"], companies, rng)
-    write_legacy_crm(paths["legacy_crm"], companies, rng)
-    write_workbook(paths["sales_xlsx"], companies, rng)
+    truth: list[tuple[str, str, int]] = []
+    write_erp(paths["erp_u8"], companies, rng, truth)
+    write_legacy_crm(paths["legacy_crm"], companies, rng, truth)
+    write_workbook(paths["sales_xlsx"], companies, rng, truth)
+    # Ground truth for dedup evaluation: which real company each source customer record is.
+    with paths["truth"].open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["source", "external_key", "company"])
+        writer.writerows(truth)
     return paths
 
 

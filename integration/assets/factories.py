@@ -189,7 +189,7 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
         project: MigrationProject = context.resources.project
         engine = core.engine()
         try:
-            stats = load(project.migration(), engine, context.run_id, staged)
+            stats = load(project.migration(), engine, context.run.run_id, staged)
         except CrmError as exc:
             raise _fail(exc) from exc
         totals = {
@@ -246,9 +246,9 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
     def _reconciliation(context: AssetExecutionContext) -> Any:
         core: CoreDatabase = context.resources.core
         engine = core.engine()
-        report = reconcile(engine, context.run_id)
-        finish_run(engine, context.run_id, report)
-        files = write_reports(report, report_dir / context.run_id)
+        report = reconcile(engine, context.run.run_id)
+        finish_run(engine, context.run.run_id, report)
+        files = write_reports(report, report_dir / context.run.run_id)
         yield dg.MaterializeResult(
             metadata={
                 "reconciliation": dg.MetadataValue.md(report.to_markdown()),

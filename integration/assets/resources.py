@@ -7,6 +7,7 @@ Resource config holds only names and templates, never expanded secrets, so the U
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import dagster as dg
 from sqlalchemy import Engine
@@ -16,9 +17,20 @@ from integration.connectors import Connector
 from integration.pipeline import Migration, core_engine
 
 
+def _fingerprint(path: str) -> tuple[tuple[str, int], ...]:
+    """Modification times of project.yaml and every YAML below it: edits invalidate the cache."""
+    root = Path(path)
+    files = [root / "project.yaml", *sorted(root.rglob("*.yaml"))]
+    return tuple((str(f), f.stat().st_mtime_ns) for f in files if f.is_file())
+
+
 @lru_cache(maxsize=8)
-def _migration(path: str) -> Migration:
+def _load_migration(path: str, fingerprint: tuple[tuple[str, int], ...]) -> Migration:
     return Migration.load(path)
+
+
+def _migration(path: str) -> Migration:
+    return _load_migration(path, _fingerprint(path))
 
 
 @lru_cache(maxsize=8)
