@@ -261,3 +261,20 @@ def test_invalid_mapping_reports_every_problem_with_its_location(
 
 def test_the_table_covers_at_least_25_invalid_specs() -> None:
     assert len({name for name, _, _ in CASES}) >= 25
+
+
+def test_committed_json_schema_is_current() -> None:
+    from integration.mappings.spec import json_schema
+
+    committed = (
+        Path(__file__).resolve().parents[1] / "integration" / "mappings" / "mapping.schema.json"
+    ).read_text(encoding="utf-8")
+    assert committed == json_schema(), "run `make schema` and commit integration/mappings/mapping.schema.json"
+
+
+def test_short_and_long_field_forms_are_equivalent(tmp_path: Path) -> None:
+    short = tmp_path / "short.yaml"
+    short.write_text(BASE + "  name: name\n", encoding="utf-8")
+    long = tmp_path / "long.yaml"
+    long.write_text(BASE + "  name: {from: name}\n", encoding="utf-8")
+    assert load_mapping(short).fields[0].spec == load_mapping(long).fields[0].spec

@@ -182,17 +182,27 @@ def _run_field(field: CompiledField, target: FieldDef, chunk: pd.DataFrame, outc
             new = errors.notna() & ~failed
             reasons = reasons.where(~new, step.transform.name + ": " + errors.astype(str))
             failed |= new
+    # Cast once per distinct value, on plain lists: pandas scalar indexing per row is the slow part.
+    value_list, failed_list, reason_list = values.tolist(), failed.tolist(), reasons.tolist()
+    cache: dict[tuple[type, Any], tuple[Any, str | None]] = {}
     casted: list[Any] = []
-    for index, value in values.items():
-        if failed.at[index] or _blank(value):
+    for position, value in enumerate(value_list):
+        if failed_list[position] or _blank(value):
             casted.append(None)
             continue
-        try:
-            casted.append(cast_value(value, target))
-        except TransformFailure as exc:
-            failed.at[index] = True
-            reasons.at[index] = str(exc)
-            casted.append(None)
+        key = (type(value), value)
+        if key not in cache:
+            try:
+                cache[key] = (cast_value(value, target), None)
+            except TransformFailure as exc:
+                cache[key] = (None, str(exc))
+        result_value, problem = cache[key]
+        if problem is not None:
+            failed_list[position] = True
+            reason_list[position] = problem
+        casted.append(result_value)
+    failed = pd.Series(failed_list, index=chunk.index, dtype=bool)
+    reasons = pd.Series(reason_list, index=chunk.index, dtype=object)
     result = pd.Series(casted, index=chunk.index, dtype=object)
     if failed.any():
         if spec.on_error == "fail":

@@ -484,9 +484,20 @@ class PhoneArgs(Args):
         return value.upper()
 
 
+# A Chinese mobile number, possibly with +86/0086 and separators: the common case, validated without a full parse.
+_CN_MOBILE = re.compile(r"^(?:\+?86|0086)?(1[3-9]\d{9})$")
+_PHONE_SEPARATORS = re.compile(r"[\s\-().]")
+
+
 def phone_e164(value: Any, region: str = "CN") -> str:
     """Return ``value`` as E.164 (+8613812345678); extensions are kept as ``;ext=``."""
     text = clean_text(unicodedata.normalize("NFKC", _as_text(value)))
+    if region == "CN":
+        mobile = _CN_MOBILE.match(_PHONE_SEPARATORS.sub("", text))
+        if mobile and phonenumbers.is_valid_number(
+            phonenumbers.PhoneNumber(country_code=86, national_number=int(mobile.group(1)))
+        ):
+            return "+86" + mobile.group(1)
     text = re.sub(r"^00", "+", text)
     text = re.sub(r"(转|分机|ext\.?|x)\s*(\d+)$", r" ext. \2", text, flags=re.IGNORECASE)
     try:

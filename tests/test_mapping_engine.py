@@ -1,0 +1,131 @@
+"""The mapping engine: every input row becomes a record or a reject with source, row, field, value, reason."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from crm_core.errors import MappingError
+from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF
+from integration.mappings.engine import EXTERNAL_KEY, map_chunk, map_chunks
+from integration.mappings.spec import CompiledMapping, load_mapping
+
+HEAD = "version: 1\nsource: {connector: xlsx, sheet: 商机, key: 编号}\ntarget: opportunity\nfields:\n"
+FIELDS = (
+    "  customer: {from: 客户, lookup: {by: name}}\n"
+    "  name: {from: [名称, 备用名称], required: true}\n"
+    "  stage: {from: 阶段, transforms: [stage]}\n"
+)
+
+
+def mapping(tmp_path: Path, extra: str = "") -> CompiledMapping:
+    file = tmp_path / "m.yaml"
+    file.write_text(HEAD + FIELDS + extra, encoding="utf-8")
+    return load_mapping(file)
+
+
+def frame(rows: list[dict[str, object]]) -> pd.DataFrame:
+    data = pd.DataFrame(rows)
+    data[ROW_REF] = [str(i + 3) for i in range(len(data))]
+    data[LOCATION] = "sales.xlsx#商机"
+    data[ROW_KIND] = ["subtotal" if r.get("编号") == "合计" else "data" for r in rows]
+    return data
+
+
+ROW = {"编号": "O1", "客户": "甲公司", "名称": "扩容", "备用名称": None, "阶段": "赢单", "金额": "12.5万"}
+
+
+def test_on_error_reject_null_and_fail(tmp_path: Path) -> None:
+    rows = frame([ROW, {**ROW, "编号": "O2", "金额": "待定"}])
+    rejected = map_chunk(mapping(tmp_path, "  amount: {from: 金额, transforms: [parse_amount]}\n"), rows)
+    assert list(rejected.records[EXTERNAL_KEY]) == ["O1"] and rejected.records.loc[0, "amount"] == Decimal(
+        "125000"
+    )
+    [entry] = rejected.rejects.to_dict("records")
+    assert entry == {
+        "source": "xlsx", "entity": "opportunity", "location": "sales.xlsx#商机", "row_ref": "4", "field": "amount",
+        "value": "待定", "rule": "mapping", "severity": "error",
+        "reason": "parse_amount: '待定' is not an amount (expected e.g. 1234.5, ¥1,234.50, 12.5万)",
+    }  # fmt: skip
+    nulled = map_chunk(
+        mapping(tmp_path, '  amount: {from: 金额, transforms: [parse_amount], on_error: "null"}\n'), rows
+    )
+    assert list(nulled.records[EXTERNAL_KEY]) == ["O1", "O2"] and pd.isna(nulled.records.loc[1, "amount"])
+    assert list(nulled.rejects["severity"]) == ["warn"]
+    with pytest.raises(
+        MappingError,
+        match=r"field 'amount' failed on sales.xlsx#商机 row 4 \(value '待定'\).*\(on_error: fail\)",
+    ):
+        map_chunk(
+            mapping(tmp_path, "  amount: {from: 金额, transforms: [parse_amount], on_error: fail}\n"), rows
+        )
+
+
+def test_first_non_empty_const_default_and_required(tmp_path: Path) -> None:
+    extra = "  currency: {const: CNY}\n  probability: {from: 概率, default: 10}\n"
+    rows = frame([{**ROW, "概率": None}, {**ROW, "编号": "O2", "名称": " ", "备用名称": "备选", "概率": 55},
+                  {**ROW, "编号": "O3", "名称": None, "备用名称": None, "概率": 1}])  # fmt: skip
+    result = map_chunk(mapping(tmp_path, extra), rows)
+    assert list(result.records["name"]) == ["扩容", "备选"]
+    assert list(result.records["currency"]) == ["CNY", "CNY"]
+    assert list(result.records["probability"]) == [10, 55]
+    assert result.rejects[["row_ref", "field", "rule", "reason"]].to_dict("records") == [
+        {"row_ref": "5", "field": "name", "rule": "required", "reason": "required field 'name' is empty"}
+    ]
+
+
+def test_concat_joins_non_empty_parts(tmp_path: Path) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text(
+        "version: 1\nsource: {connector: crm, table: contacts, key: id}\ntarget: contact\nfields:\n"
+        "  name: {from: [last_name, first_name], combine: concat, sep: ''}\n",
+        encoding="utf-8",
+    )
+    rows = frame(
+        [
+            {"id": "1", "last_name": "王", "first_name": "芳"},
+            {"id": "2", "last_name": None, "first_name": "Li"},
+        ]
+    )
+    assert list(map_chunk(load_mapping(file), rows).records["name"]) == ["王芳", "Li"]
+
+
+def test_subtotal_rows_are_one_reject_each_and_duplicate_keys_are_rejected(tmp_path: Path) -> None:
+    rows = frame(
+        [
+            ROW,
+            {**ROW, "名称": "又一个"},
+            {"编号": "合计", "客户": None, "名称": None, "阶段": None, "金额": 1},
+        ]
+    )
+    result = map_chunks(mapping(tmp_path), [rows])
+    assert result.rows_read == 3 and list(result.records["name"]) == ["扩容"]
+    assert result.rejects[["row_ref", "rule", "reason"]].to_dict("records") == [
+        {"row_ref": "5", "rule": "subtotal", "reason": "subtotal/total row, not a record"},
+        {"row_ref": "4", "rule": "duplicate_key", "reason": "duplicate source key (first seen on row 3)"},
+    ]
+
+
+def test_every_row_is_accounted_for_on_random_garbage(tmp_path: Path) -> None:
+    garbage = ["", None, "😀", "0", "-", "=1+1", "一百二十万", "13/45/2025", 3.5, "\u200b"]
+    rows = frame(
+        [
+            {"编号": f"K{i}", "客户": g, "名称": g, "备用名称": None, "阶段": g, "金额": g}
+            for i, g in enumerate(garbage)
+        ]
+    )
+    result = map_chunks(mapping(tmp_path, "  amount: {from: 金额, transforms: [parse_amount]}\n"), [rows])
+    rejected_rows = set(result.rejects.loc[result.rejects["severity"] == "error", "row_ref"])
+    assert len(result.records) + len(rejected_rows) == len(garbage)
+    assert not set(result.records[ROW_REF]) & rejected_rows
+
+
+def test_a_column_that_disappeared_names_the_mapping_and_the_column(tmp_path: Path) -> None:
+    rows = frame([ROW]).drop(columns=["阶段"])
+    with pytest.raises(
+        MappingError, match=r"m.yaml: column\(s\) 阶段 no longer exist in xlsx.商机; update the mapping"
+    ):
+        map_chunk(mapping(tmp_path), rows)
