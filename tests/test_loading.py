@@ -51,6 +51,12 @@ def load(
         ).load(batches)  # fmt: skip
 
 
+def load_one_customer(engine: sa.Engine) -> None:
+    """Load 深圳市腾达科技有限公司 from the ERP under key C1."""
+    rows = [{"_external_key": "C1", "name": "深圳市腾达科技有限公司", "credit_code": None}]
+    load(engine, "r1", "customer", [batch("erp", rows)], CUSTOMER_RULES)
+
+
 def customers(engine: sa.Engine) -> list[Customer]:
     with Session(engine) as session:
         return list(session.scalars(sa.select(Customer).order_by(Customer.id)))
@@ -123,13 +129,7 @@ def test_references_resolve_by_crosswalk_and_by_name_or_reject(engine: sa.Engine
         "sales_rep",
         [batch("reps", [{"_external_key": "u1", "name": "张伟", "code": "zhangwei"}])],
     )
-    load(
-        engine,
-        "r1",
-        "customer",
-        [batch("erp", [{"_external_key": "C1", "name": "深圳市腾达科技有限公司", "credit_code": None}])],
-        CUSTOMER_RULES,
-    )
+    load_one_customer(engine)
     opportunities = batch(
         "xlsx",
         [
@@ -184,13 +184,7 @@ def test_branch_parent_is_resolved_after_all_rows_are_in(engine: sa.Engine) -> N
 
 
 def test_contacts_match_on_resolved_customer_and_mobile(engine: sa.Engine) -> None:
-    load(
-        engine,
-        "r1",
-        "customer",
-        [batch("erp", [{"_external_key": "C1", "name": "深圳市腾达科技有限公司", "credit_code": None}])],
-        CUSTOMER_RULES,
-    )
+    load_one_customer(engine)
     rules = MatchRules(keys=[("customer", "mobile")])
     erp = batch(
         "erp",
