@@ -58,8 +58,11 @@ def run(
     from integration.definitions import MIGRATION_JOB, build_definitions
     from integration.pipeline import core_engine, reconcile
 
+    if core:
+        # Through the environment, not resource config: the UI shows resource config, and URLs hold passwords.
+        os.environ["CRM_CORE_URL"] = core
     try:
-        defs = build_definitions(project, core)
+        defs = build_definitions(project)
     except ConfigError as exc:
         raise _config_error(exc) from None
     # Runs go to a persistent instance so they show up in `make ui` afterwards.

@@ -201,3 +201,37 @@ def test_workspace_loads_with_dagster_definitions_validate(demo_project: Path) -
     )  # fmt: skip
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "Validation successful for code location crm_integration" in completed.stderr + completed.stdout
+
+
+@pytest.mark.mariadb
+def test_legacy_crm_on_mariadb_with_a_password_never_leaks_it(
+    demo_project: Path, sqlite_core_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import MARIADB_URL, server_or_skip
+    from tests.test_connectors import copy_tables
+
+    root = server_or_skip(MARIADB_URL, "MariaDB")
+    secret = "Crm-s3cret-pw"
+    with root.begin() as connection:
+        connection.execute(sa.text("CREATE DATABASE IF NOT EXISTS crm_legacy_e2e CHARACTER SET utf8mb4"))
+        connection.execute(sa.text(f"CREATE USER IF NOT EXISTS 'crm_e2e'@'%' IDENTIFIED BY '{secret}'"))
+        connection.execute(sa.text(f"ALTER USER 'crm_e2e'@'%' IDENTIFIED BY '{secret}'"))
+        connection.execute(sa.text("GRANT ALL ON crm_legacy_e2e.* TO 'crm_e2e'@'%'"))
+    url = f"mysql+pymysql://crm_e2e:{secret}@127.0.0.1:3306/crm_legacy_e2e?charset=utf8mb4"
+    tables = ["users", "accounts", "contacts", "accounts_contacts", "opportunities", "accounts_opportunities",
+              "email_addresses", "email_addr_bean_rel"]  # fmt: skip
+    copy_tables(f"sqlite:///{demo_project / 'data' / 'legacy_crm.sqlite'}", sa.create_engine(url), tables)
+    monkeypatch.setenv("LEGACY_CRM_URL", url)
+
+    result = run_job(demo_project, sqlite_core_url)
+    report = reconcile(make_engine(sqlite_core_url), result.run_id)
+    assert report.balanced
+    legacy = {line.entity: line for line in report.lines if line.source == "legacy_crm"}
+    assert (
+        legacy["customer"].rows_read > 50
+        and legacy["opportunity"].amount_source == legacy["opportunity"].amount_core
+    )
+    events = repr([e for e in result.all_events])
+    assert secret not in events
+    assert "crm_e2e:***@127.0.0.1" in events  # the raw asset names its source, password masked
+    root.dispose()
