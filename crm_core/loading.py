@@ -290,7 +290,9 @@ class EntityLoader:
                             f"no {target} named '{value}'" if not matches
                             else f"'{value}' is ambiguous: {len(matches)} {target} records match ({sorted(matches)[:5]})"
                         )  # fmt: skip
-            resolved[name] = values.map(lambda v, ids=ids: ids.get(v) if _present(v) else None)
+            resolved[name] = pd.Series(
+                [ids.get(v) if _present(v) else None for v in values], index=values.index, dtype=object
+            )
             failed = present & resolved[name].isna()
             for index_value in records.index[failed]:
                 raw = values.at[index_value]

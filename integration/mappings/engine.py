@@ -72,10 +72,17 @@ def _concat(frame: pd.DataFrame, columns: list[str], sep: str) -> pd.Series:
     )
 
 
+def null_where(values: pd.Series, condition: pd.Series) -> pd.Series:
+    """Return a copy of ``values`` (object dtype) with None where ``condition`` holds."""
+    out = values.astype(object).copy()
+    out[condition] = None
+    return out
+
+
 def _first_non_empty(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
-    result = frame[columns[0]].astype(object).where(~frame[columns[0]].map(_blank), None)
+    result = null_where(frame[columns[0]], frame[columns[0]].map(_blank))
     for column in columns[1:]:
-        candidate = frame[column].astype(object).where(~frame[column].map(_blank), None)
+        candidate = null_where(frame[column], frame[column].map(_blank))
         result = result.where(result.notna(), candidate)
     return result
 
@@ -177,7 +184,7 @@ def _run_field(field: CompiledField, target: FieldDef, chunk: pd.DataFrame, outc
     failed = pd.Series(False, index=chunk.index)
     reasons = pd.Series(None, index=chunk.index, dtype=object)
     for step in field.steps:
-        values, errors = step.transform.func(values.where(~failed, None), step.args)
+        values, errors = step.transform.func(null_where(values, failed), step.args)
         if errors is not None:
             new = errors.notna() & ~failed
             reasons = reasons.where(~new, step.transform.name + ": " + errors.astype(str))
@@ -244,7 +251,7 @@ def map_chunk(mapping: CompiledMapping, chunk: pd.DataFrame) -> MappingResult:
         key = parts[0]
         for part in parts[1:]:
             key = key.where(key.isna() | part.isna(), key + "|" + part)
-            key = key.where(part.notna(), None)
+            key = null_where(key, part.isna())
         outcome.add(
             key.isna() & ~subtotal, None, None, f"empty key column(s) {', '.join(key_columns)}", rule="key"
         )
