@@ -192,8 +192,10 @@ def test_crmi_project_check_passes_on_the_demo(demo_project: Path) -> None:
     assert "ok: project 'demo', 12 mapping(s), 3 source(s)" in result.output
 
 
-def test_workspace_loads_with_dagster_definitions_validate(demo_project: Path) -> None:
-    env = {**os.environ, "CRM_PROJECT": str(demo_project)}
+def test_workspace_loads_with_dagster_definitions_validate(demo_project: Path, tmp_path: Path) -> None:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    env = {**os.environ, "CRM_PROJECT": str(demo_project), "DAGSTER_HOME": str(home)}
     dagster = Path(sys.executable).with_name("dagster")
     completed = subprocess.run(
         [str(dagster), "definitions", "validate", "-w", "workspace.yaml"],
