@@ -186,6 +186,101 @@ def mapping_check(files: Annotated[list[Path], typer.Argument(help="mapping file
     console.print(f"[green]ok[/green]: {len(files)} mapping file(s)")
 
 
+@mapping_app.command("preview")
+def mapping_preview(
+    file: Annotated[Path, typer.Argument(help="mapping file")],
+    rows: Annotated[int, typer.Option("--rows", "-n", help="source rows to map")] = 20,
+    project: ProjectOption = None,
+    output: Annotated[str, typer.Option("--format", help="table or csv")] = "table",
+) -> None:
+    """Map the first rows of the mapping's real source: raw vs mapped side by side, rejects with reasons."""
+    import pandas as pd
+
+    from integration.mappings.preview import preview
+
+    try:
+        result = preview(file, rows, project)
+    except ConfigError as exc:
+        raise _config_error(exc) from None
+    frame = result.side_by_side()
+    if output == "csv":
+        from integration.reports import escape_formula
+
+        frame.map(escape_formula).to_csv(sys.stdout, index=False)
+        return
+    if output != "table":
+        errors.print(f"unknown --format '{output}'; use table or csv")
+        raise typer.Exit(EXIT_FAILED)
+    table = Table(
+        title=f"{file.name}: {result.mapping.source}.{result.mapping.spec.source.location} → {result.mapping.entity.name}"
+    )
+    for column in ("row", "status", "field", "raw", "mapped"):
+        table.add_column(column, overflow="fold")
+    fields = [f.name for f in result.mapping.fields]
+    for record in frame.to_dict("records"):
+        status = str(record["status"])
+        style = (
+            "red"
+            if status.startswith("rejected")
+            else ("yellow" if status.startswith("warning") else "green")
+        )
+        for position, field in enumerate(fields):
+            mapped = record[field]
+            table.add_row(
+                str(record["row"]) if position == 0 else "",
+                f"[{style}]{status}[/{style}]" if position == 0 else "",
+                field,
+                str(record[f"{field} (raw)"]),
+                "" if mapped is None or pd.isna(mapped) else str(mapped),
+                end_section=position == len(fields) - 1,
+            )
+    console.print(table)
+    rejected = int(frame["status"].str.startswith("rejected").sum()) if len(frame) else 0
+    console.print(f"{len(frame)} row(s) read, {len(frame) - rejected} mapped, {rejected} rejected")
+
+
+@mapping_app.command("scaffold")
+def mapping_scaffold(
+    source: Annotated[str, typer.Option("--source", help="a source named in project.yaml")],
+    table: Annotated[str, typer.Option("--table", help="table or sheet to map")],
+    target: Annotated[
+        str | None, typer.Option("--target", help="entity (guessed from the table name if omitted)")
+    ] = None,
+    project: ProjectOption = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write here instead of stdout")] = None,
+) -> None:
+    """Write a starter mapping from the source's real columns, guessing fields from Chinese and English headers."""
+    from crm_core.entities import ENTITIES
+    from integration.connectors import ExcelConnector
+    from integration.mappings.scaffold import scaffold
+    from integration.pipeline import Migration
+
+    if target is not None and target not in ENTITIES:
+        errors.print(f"unknown --target '{target}'; entities: {', '.join(ENTITIES)}")
+        raise typer.Exit(EXIT_FAILED)
+    try:
+        migration = Migration.load(str(project) if project else None)
+    except ConfigError as exc:
+        raise _config_error(exc) from None
+    if source not in migration.project.spec.sources:
+        errors.print(
+            f"unknown --source '{source}'; project sources: {', '.join(migration.project.spec.sources)}"
+        )
+        raise typer.Exit(EXIT_FAILED)
+    connector = migration.connector(source)
+    text = scaffold(
+        source, table, connector.columns(table), target=target, sheet=isinstance(connector, ExcelConnector)
+    )
+    if out is None:
+        sys.stdout.write(text)
+        return
+    if out.exists():
+        errors.print(f"{out} exists; not overwriting it")
+        raise typer.Exit(EXIT_FAILED)
+    out.write_text(text, encoding="utf-8")
+    console.print(f"wrote {out}; check it with: crmi mapping check {out}")
+
+
 @mapping_app.command("schema")
 def mapping_schema() -> None:
     """Print the JSON Schema of mapping files (for editor completion)."""

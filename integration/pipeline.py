@@ -22,6 +22,7 @@ from crm_core.errors import ConfigError, Problem
 from crm_core.loading import Batch, EntityLoader, Lookup, MatchRules, SourceStats, get_or_start_run
 from crm_core.models import ExternalId, LoadRun, Reject
 from integration.connectors import Connector, ReadRequest, connector_for
+from integration.connectors.base import DEFAULT_CHUNK_ROWS
 from integration.connectors.sql import SqlConnector
 from integration.dedup.normalize import company_key, person_key
 from integration.mappings.engine import MappingResult, map_chunks
@@ -110,7 +111,7 @@ def raw_asset_name(mapping: CompiledMapping) -> str:
     return f"raw_{mapping.source}_{mapping.entity.name}"
 
 
-def read_request(mapping: CompiledMapping) -> ReadRequest:
+def read_request(mapping: CompiledMapping, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> ReadRequest:
     """Return what a mapping asks its connector to read."""
     source = mapping.spec.source
     return ReadRequest(
@@ -119,14 +120,17 @@ def read_request(mapping: CompiledMapping) -> ReadRequest:
         query=source.query,
         key=tuple(source.key_columns),
         header_row=source.header_row,
+        chunk_rows=chunk_rows,
     )
 
 
-def extract_chunks(migration: Migration, mapping: CompiledMapping) -> Iterator[pd.DataFrame]:
+def extract_chunks(
+    migration: Migration, mapping: CompiledMapping, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> Iterator[pd.DataFrame]:
     """Yield the raw chunks of a mapping's source table or sheet."""
     connector = migration.connector(mapping.source)
     try:
-        yield from connector.read(read_request(mapping))
+        yield from connector.read(read_request(mapping, chunk_rows))
     finally:
         if isinstance(connector, SqlConnector):
             connector.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ if TYPE_CHECKING:
     from integration.pipeline import ReconciliationReport
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"^[+-]?\d[\d\s.,]*$")  # +8613800000000, -500: nothing a spreadsheet could execute
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -30,7 +32,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 def escape_formula(value: Any) -> Any:
     """Neutralize spreadsheet formula injection: text starting with = + - @ gets a leading quote."""
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
+    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.match(value):
         return "'" + value
     return value
 

@@ -73,14 +73,14 @@ class SqlConnector:
 
     def columns(self, table: str, header_row: int | None = None) -> list[str]:
         """Return the column names of ``table``."""
-        return [c.name for c in self._table(table).columns]
+        return [str(c.name) for c in self._table(table).columns]
 
     def query_columns(self, query: str) -> list[str]:
         """Return the column names a SELECT produces (runs it with a false condition)."""
         try:
             with self.engine.connect() as connection:
                 result = connection.execute(sa.text(f"SELECT * FROM ({query}) q WHERE 1 = 0"))
-                return list(result.keys())
+                return [str(k) for k in result.keys()]  # noqa: SIM118 (iterating a Result yields rows)
         except SQLAlchemyError as exc:
             raise self._fail(exc, "checking the query") from None
 

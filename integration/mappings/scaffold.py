@@ -1,0 +1,191 @@
+"""Write a starter mapping from a source's real columns, guessing fields from Chinese and English headers."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Any
+
+import yaml
+
+from crm_core.entities import ENTITIES
+
+# Normalized header -> canonical field. Headers are compared NFKC + case-folded, without spaces/_/-.
+FIELD_SYNONYMS: dict[str, list[str]] = {
+    "name": ["name", "名称", "客户名称", "公司名称", "企业名称", "单位名称", "ccusname", "accountname", "商机名称",
+             "项目名称", "姓名", "联系人", "cpersonname", "opportunityname"],
+    "short_name": ["简称", "客户简称", "ccusabbname", "shortname"],
+    "english_name": ["英文名称", "englishname"],
+    "credit_code": ["统一社会信用代码", "社会信用代码", "信用代码", "税号", "纳税人识别号", "ccusregcode", "siccode", "uscc",
+                    "creditcode", "taxid"],
+    "phone": ["电话", "办公电话", "座机", "phone", "phoneoffice", "ccusphone", "tel", "telephone", "phonework"],
+    "mobile": ["手机", "手机号", "移动电话", "mobile", "phonemobile", "ccushand", "cellphone"],
+    "email": ["邮箱", "电子邮件", "email", "email1", "emailaddress", "ccusemail", "e-mail"],
+    "website": ["网址", "网站", "website", "url"],
+    "address": ["地址", "详细地址", "address", "ccusaddress", "billingaddressstreet", "primaryaddressstreet"],
+    "province": ["省", "省份", "billingaddressstate", "province", "state"],
+    "city": ["市", "城市", "billingaddresscity", "city"],
+    "district": ["区", "区县", "district"],
+    "industry": ["行业", "所属行业", "industry"],
+    "title": ["职务", "职位", "title"],
+    "department": ["部门", "department"],
+    "code": ["工号", "员工编号", "cpersoncode", "username", "code"],
+    "owner": ["负责人", "销售", "销售员", "业务员", "专管业务员", "客户经理", "owner", "assigneduserid", "ccusperson_code",
+              "ccuspperson", "cpersoncode_owner"],
+    "customer": ["客户", "所属客户", "accountid", "customer", "customerid"],
+    "parent": ["上级客户", "总公司", "母公司", "ccusheadcode", "parentid"],
+    "amount": ["金额", "预计金额", "合同金额", "商机金额", "amount", "isum", "money"],
+    "stage": ["阶段", "销售阶段", "商机阶段", "salesstage", "stage"],
+    "probability": ["赢率", "概率", "probability"],
+    "expected_close_date": ["预计成交日期", "预计签约日期", "预计结单日期", "dateclosed", "closedate", "expectedclosedate"],
+    "registered_at": ["报备日期", "报备时间", "registeredat"],
+    "registered_by": ["报备人", "registeredby"],
+    "lead_source": ["来源", "线索来源", "leadsource"],
+    "description": ["备注", "说明", "描述", "description", "cmemo", "memo", "remark"],
+    "order_no": ["订单号", "订单编号", "单据号", "csocode", "orderno"],
+    "order_date": ["订单日期", "单据日期", "ddate", "orderdate"],
+    "currency": ["币种", "币别", "cexchname", "currency", "currencyid"],
+    "quantity": ["数量", "iquantity", "quantity", "qty"],
+    "unit_price": ["单价", "含税单价", "itaxunitprice", "unitprice", "price"],
+    "product_code": ["存货编码", "产品编码", "物料编码", "cinvcode", "productcode", "sku"],
+    "product_name": ["存货名称", "产品名称", "物料名称", "cinvname", "productname"],
+    "line_no": ["行号", "irowno", "lineno"],
+    "tax_rate": ["税率", "itaxrate", "taxrate"],
+}  # fmt: skip
+KEY_SYNONYMS = [
+    "id",
+    "编号",
+    "编码",
+    "客户编码",
+    "客户编号",
+    "商机编号",
+    "ccuscode",
+    "csocode",
+    "autoid",
+    "cpersoncode",
+    "序号",
+]
+TARGET_HINTS: list[tuple[str, str]] = [
+    (r"opportunit|商机|项目|deal", "opportunity"),
+    (r"contact|联系人", "contact"),
+    (r"sodetail|订单明细|orderline|明细", "sales_order_line"),
+    (r"somain|订单|order", "sales_order"),
+    (r"user|person|业务员|销售员|员工", "sales_rep"),
+    (r"account|customer|客户", "customer"),
+]
+TRANSFORMS: dict[str, dict[str, Any]] = {
+    "credit_code": {"transforms": ["uscc"], "on_error": "null"},
+    "phone": {"transforms": ["phone"], "on_error": "null"},
+    "mobile": {"transforms": ["phone"], "on_error": "null"},
+    "email": {"transforms": ["email"], "on_error": "null"},
+    "amount": {"transforms": ["parse_amount"]},
+    "unit_price": {"transforms": ["parse_amount"]},
+    "quantity": {"transforms": ["parse_amount"]},
+    "tax_rate": {"transforms": [{"parse_amount": {"multiply": 0.01}}]},
+    "stage": {"transforms": ["stage"]},
+    "expected_close_date": {"transforms": ["parse_date"]},
+    "order_date": {"transforms": ["parse_date"]},
+    "registered_at": {"transforms": [{"parse_datetime": {"timezone": "Asia/Shanghai"}}]},
+    "currency": {"transforms": ["currency"], "default": "CNY"},
+    "website": {"transforms": ["trim", "lower"]},
+    "description": {"transforms": ["trim"]},
+}
+
+
+def header_key(header: str) -> str:
+    """Return the comparison form of a header: NFKC, case-folded, without spaces, underscores and dashes."""
+    return re.sub(r"[\s_\-./（）()]", "", unicodedata.normalize("NFKC", header).casefold())
+
+
+def guess_target(table: str) -> str:
+    """Guess the entity a table or sheet holds from its name (accounts → customer, 商机 → opportunity)."""
+    key = header_key(table)
+    for pattern, entity in TARGET_HINTS:
+        if re.search(pattern, key):
+            return entity
+    return "customer"
+
+
+# Headers that name a *customer*: the record's own name on a customer sheet, a reference elsewhere.
+CUSTOMER_NAME_HEADERS = {
+    "客户名称",
+    "公司名称",
+    "企业名称",
+    "单位名称",
+    "ccusname",
+    "accountname",
+    "ccuscode",
+    "accountid",
+}
+
+
+def guess_fields(columns: list[str], target: str) -> tuple[dict[str, str], list[str]]:
+    """Return ``field -> column`` for the columns that look like a target field, and the columns left over."""
+    fields = ENTITIES[target].fields
+    chosen: dict[str, str] = {}
+    if target != "customer" and "customer" in fields:
+        for column in columns:  # in an opportunity sheet, 客户名称 names the customer, not the record
+            if header_key(column) in CUSTOMER_NAME_HEADERS:
+                chosen["customer"] = column
+                break
+    for column in columns:
+        key = header_key(column)
+        if column in chosen.values():
+            continue
+        for field, synonyms in FIELD_SYNONYMS.items():
+            if field in fields and field not in chosen and key in synonyms:
+                chosen[field] = column
+                break
+    used = set(chosen.values())
+    return chosen, [c for c in columns if c not in used]
+
+
+def _field_spec(field: str, column: str, target: str) -> dict[str, Any] | str:
+    definition = ENTITIES[target].fields[field]
+    spec: dict[str, Any] = {"from": column}
+    if definition.references:
+        by_name = bool(
+            re.search(r"名称|负责人|销售|业务员|name", column, re.IGNORECASE)
+        ) and not column.lower().endswith("id")
+        spec["lookup"] = {"by": "name" if by_name else "external_id"}
+    elif field == "name":
+        spec["transforms"] = ["company_name"] if target == "customer" else ["trim"]
+    elif field in ("province", "city", "district") and "地址" in column:
+        spec["transforms"] = [{"address_part": {"part": field}}]
+    else:
+        spec.update(TRANSFORMS.get(field, {}))
+    if definition.required:
+        spec["required"] = True
+    return spec
+
+
+def scaffold(
+    source: str, table: str, columns: list[str], *, target: str | None = None, sheet: bool = False
+) -> str:
+    """Return the YAML text of a starter mapping for ``source.table`` with its real ``columns``."""
+    entity = target or guess_target(table)
+    fields, leftover = guess_fields(columns, entity)
+    key = next((c for c in columns if header_key(c) in KEY_SYNONYMS), None)
+    source_spec: dict[str, Any] = {"connector": source, "sheet" if sheet else "table": table}
+    if key:
+        source_spec["key"] = key
+    body = {
+        "version": 1,
+        "description": f"{source}.{table} → {entity} (scaffolded: review every field)",
+        "source": source_spec,
+        "target": entity,
+        "fields": {field: _field_spec(field, column, entity) for field, column in fields.items()},
+    }
+    text = "# yaml-language-server: $schema=../../../integration/mappings/mapping.schema.json\n"
+    text += yaml.safe_dump(body, allow_unicode=True, sort_keys=False, default_flow_style=None, width=110)
+    missing = [f.name for f in ENTITIES[entity].fields.values() if f.required and f.name not in fields]
+    for name in missing:
+        text += f"  # TODO {name}: {{from: ???}}  (required: map it before running)\n"
+    if not key:
+        text += (
+            "# TODO source.key: the column(s) that identify a record; without it rows are keyed by position\n"
+        )
+    leftover = [c for c in leftover if c != key]
+    if leftover:
+        text += f"# unmapped source columns: {', '.join(leftover)}\n"
+    return text

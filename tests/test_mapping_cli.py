@@ -1,0 +1,142 @@
+"""Consultant commands on the three demo sources: scaffold a mapping, preview it, check it."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from integration.cli import app
+from integration.mappings.scaffold import guess_target, header_key
+from integration.mappings.spec import load_mapping
+from integration.pipeline import Migration
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("source", "table", "target", "expected"),
+    [
+        ("legacy_crm", "accounts", "customer", {"name": "name", "credit_code": "sic_code", "owner": "assigned_user_id", "city": "billing_address_city"}),
+        ("sales_xlsx", "商机", "opportunity", {"customer": "客户名称", "name": "商机名称", "amount": "预计金额", "stage": "阶段", "owner": "负责人"}),
+        ("erp_u8", "Customer", "customer", {"name": "cCusName", "credit_code": "cCusRegCode", "short_name": "cCusAbbName", "parent": "cCusHeadCode"}),
+        ("sales_xlsx", "客户", "customer", {"name": "客户名称", "credit_code": "统一社会信用代码", "owner": "负责人"}),
+    ],
+)  # fmt: skip
+def test_scaffold_guesses_fields_and_writes_a_mapping_that_checks(
+    demo_project: Path, tmp_path: Path, source: str, table: str, target: str, expected: dict[str, str]
+) -> None:
+    out = tmp_path / "scaffolded.yaml"
+    result = runner.invoke(
+        app,
+        [
+            "mapping",
+            "scaffold",
+            "--project",
+            str(demo_project),
+            "--source",
+            source,
+            "--table",
+            table,
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    spec = yaml.safe_load(out.read_text(encoding="utf-8"))
+    assert spec["target"] == target
+    assert {field: spec["fields"][field]["from"] for field in expected} == expected
+    columns = Migration.load(str(demo_project)).connector(source).columns(table)
+    compiled = load_mapping(out, sources={source: columns})  # valid against the real columns
+    assert compiled.entity.name == target
+    again = runner.invoke(
+        app,
+        [
+            "mapping",
+            "scaffold",
+            "--project",
+            str(demo_project),
+            "--source",
+            source,
+            "--table",
+            table,
+            "--out",
+            str(out),
+        ],
+    )
+    assert again.exit_code == 1 and "exists; not overwriting it" in again.output
+
+
+def test_scaffold_lookups_and_transforms_fit_the_columns(demo_project: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["mapping", "scaffold", "--project", str(demo_project), "--source", "sales_xlsx", "--table", "商机"],
+    )
+    spec = yaml.safe_load(result.stdout)
+    assert spec["source"] == {"connector": "sales_xlsx", "sheet": "商机", "key": "商机编号"}
+    assert spec["fields"]["customer"]["lookup"] == {"by": "name"}
+    assert spec["fields"]["amount"]["transforms"] == ["parse_amount"]
+    assert spec["fields"]["expected_close_date"]["transforms"] == ["parse_date"]
+
+
+@pytest.mark.parametrize(
+    ("table", "entity"),
+    [
+        ("accounts", "customer"),
+        ("商机", "opportunity"),
+        ("SO_SODetails", "sales_order_line"),
+        ("SO_SOMain", "sales_order"),
+        ("Person", "sales_rep"),
+        ("联系人", "contact"),
+    ],
+)
+def test_target_is_guessed_from_the_table_name(table: str, entity: str) -> None:
+    assert guess_target(table) == entity
+
+
+def test_header_keys_ignore_width_case_and_separators() -> None:
+    assert header_key("Phone_Office") == header_key("phone office") == "phoneoffice"
+    assert header_key("客户名称（全称）") == "客户名称全称"
+
+
+@pytest.mark.parametrize(
+    "mapping", ["erp_u8_customers.yaml", "legacy_crm_contacts.yaml", "sales_xlsx_opportunities.yaml"]
+)
+def test_preview_shows_raw_and_mapped_values_on_every_source(demo_project: Path, mapping: str) -> None:
+    file = demo_project / "mappings" / mapping
+    result = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "200", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert rows and {"row", "status", "name (raw)", "name"} <= set(rows[0])
+    assert all(r["status"] == "ok" or r["status"].startswith(("rejected: ", "warning: ")) for r in rows)
+
+
+def test_preview_names_the_reason_of_each_rejected_row(demo_project: Path) -> None:
+    file = demo_project / "mappings" / "sales_xlsx_opportunities.yaml"
+    result = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "500", "--format", "csv"])
+    rows = {r["row"]: r for r in csv.DictReader(io.StringIO(result.stdout))}
+    rejected = {k: r["status"] for k, r in rows.items() if r["status"].startswith("rejected")}
+    assert any("parse_amount: '待定' is not an amount" in s for s in rejected.values())
+    assert any(s == "rejected: subtotal/total row, not a record" for s in rejected.values())
+    ok = next(r for r in rows.values() if r["status"] == "ok" and r["amount (raw)"].endswith("万"))
+    assert float(ok["amount"]) == float(ok["amount (raw)"].removesuffix("万")) * 10000
+    table = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "5"])
+    assert table.exit_code == 0 and "5 row(s) read, 5 mapped, 0 rejected" in table.stdout
+
+
+def test_mapping_check_exits_1_with_located_problems(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "version: 1\nsource: {connector: x, table: t}\ntarget: customer\nfields:\n  name: {from: n, transforms: [trimm]}\n",
+        encoding="utf-8",
+    )
+    result = runner.invoke(app, ["mapping", "check", str(bad)])
+    assert result.exit_code == 1
+    assert (
+        f"{bad}:5:32: fields.name.transforms[0]: unknown transform 'trimm'; did you mean 'trim'?"
+        in result.output
+    )
