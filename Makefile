@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 $(DAGSTER_HOME):
 	mkdir -p $(DAGSTER_HOME)
-	@touch $(DAGSTER_HOME)/dagster.yaml
+	@test -f $(DAGSTER_HOME)/dagster.yaml || printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml
 
 demo: $(VENV)/.installed $(DAGSTER_HOME)  ## generate the demo sources and run the whole migration through Dagster
 	$(BIN)/python $(PROJECT)/generate_sources.py

@@ -68,7 +68,8 @@ def run(
     # Runs go to a persistent instance so they show up in `make ui` afterwards.
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path("var/dagster_home").resolve())))
     home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").touch()
+    if not (home / "dagster.yaml").exists():  # customer data tooling: no usage telemetry by default
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
     log_level = "DEBUG" if verbose else "WARNING"
     with dg.DagsterInstance.get() as instance:
         result = defs.resolve_job_def(MIGRATION_JOB).execute_in_process(

@@ -247,3 +247,14 @@ def test_transforms_leave_nulls_alone_and_compute_each_distinct_value_once() -> 
         REGISTRY["uscc"].func.__globals__["uscc_value"] = original
     assert values[-1] is None and values[0] == "91440300708461136T"
     assert calls == ["91440300708461136T"]
+
+
+def test_cn_mobile_shortcut_agrees_with_full_validation_on_every_block() -> None:
+    import phonenumbers
+
+    from integration.mappings.transforms import _cn_mobile_block_is_valid
+
+    for block in range(13000, 20000):
+        for suffix in ("000000", "987654"):
+            number = phonenumbers.PhoneNumber(country_code=86, national_number=int(f"{block}{suffix}"))
+            assert phonenumbers.is_valid_number(number) == _cn_mobile_block_is_valid(str(block)), block

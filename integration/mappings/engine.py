@@ -20,7 +20,9 @@ from integration.mappings.transforms import (
     _as_text,
     _isnull,
     clean_text,
+    lookup,
     parse_datetime_value,
+    per_value,
 )
 
 # Columns of mapped records besides the entity's fields.
@@ -72,6 +74,14 @@ def _concat(frame: pd.DataFrame, columns: list[str], sep: str) -> pd.Series:
     )
 
 
+def blank_mask(values: pd.Series) -> pd.Series:
+    """Return True where a value is missing or only whitespace (vectorized)."""
+    mask = values.isna()
+    if values.dtype == object or pd.api.types.is_string_dtype(values.dtype):
+        mask = mask | values.astype(str).str.strip().eq("")
+    return mask
+
+
 def null_where(values: pd.Series, condition: pd.Series) -> pd.Series:
     """Return a copy of ``values`` (object dtype) with None where ``condition`` holds."""
     out = values.astype(object).copy()
@@ -80,11 +90,15 @@ def null_where(values: pd.Series, condition: pd.Series) -> pd.Series:
 
 
 def _first_non_empty(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
-    result = null_where(frame[columns[0]], frame[columns[0]].map(_blank))
+    result = null_where(frame[columns[0]], blank_mask(frame[columns[0]]))
     for column in columns[1:]:
-        candidate = null_where(frame[column], frame[column].map(_blank))
+        candidate = null_where(frame[column], blank_mask(frame[column]))
         result = result.where(result.notna(), candidate)
     return result
+
+
+def _key_text(value: Any) -> str | None:
+    return clean_text(_as_text(value)) or None
 
 
 def cast_value(value: Any, target: FieldDef) -> Any:
@@ -130,13 +144,13 @@ def cast_value(value: Any, target: FieldDef) -> Any:
 
 
 class _Outcome:
-    """Collects per-row problems while a chunk is mapped."""
+    """Collects per-row problems while a chunk is mapped (as frames, not row by row)."""
 
     def __init__(self, mapping: CompiledMapping, chunk: pd.DataFrame) -> None:
         self.mapping = mapping
         self.chunk = chunk
         self.rejected = pd.Series(False, index=chunk.index)
-        self.entries: list[dict[str, Any]] = []
+        self.parts: list[pd.DataFrame] = []
 
     def add(
         self,
@@ -147,29 +161,39 @@ class _Outcome:
         rule: str,
         severity: str = "error",
     ) -> None:
+        """Record a problem for the rows in ``mask`` (subtotal rows are reported once, as such)."""
         if rule != "subtotal":
-            mask = mask & (self.chunk[ROW_KIND] != "subtotal")  # a subtotal row is reported once, as such
+            mask = mask & (self.chunk[ROW_KIND] != "subtotal")
         if not mask.any():
             return
         if severity == "error":
             self.rejected |= mask
         rows = self.chunk.loc[mask]
-        for index in rows.index:
-            raw = None if values is None else values.loc[index]
-            reason = reasons if isinstance(reasons, str) else reasons.loc[index]
-            self.entries.append(
+        raw = (
+            values.loc[mask]
+            if values is not None
+            else pd.Series([None] * len(rows), index=rows.index, dtype=object)
+        )
+        self.parts.append(
+            pd.DataFrame(
                 {
                     "source": self.mapping.source,
                     "entity": self.mapping.entity.name,
-                    "location": rows.at[index, LOCATION],
-                    "row_ref": rows.at[index, ROW_REF],
+                    "location": rows[LOCATION].astype(str),
+                    "row_ref": rows[ROW_REF].astype(str),
                     "field": field,
-                    "value": None if _isnull(raw) else str(raw),
+                    "value": null_where(raw.astype(str), raw.isna()),
                     "rule": rule,
-                    "reason": reason,
+                    "reason": reasons if isinstance(reasons, str) else reasons.loc[mask],
                     "severity": severity,
-                }
+                },
+                columns=REJECT_COLUMNS,
             )
+        )
+
+    def rejects(self) -> pd.DataFrame:
+        """Return every problem recorded, in the order found."""
+        return pd.concat(self.parts, ignore_index=True) if self.parts else empty_rejects()
 
 
 def _run_field(field: CompiledField, target: FieldDef, chunk: pd.DataFrame, outcome: _Outcome) -> pd.Series:
@@ -182,35 +206,29 @@ def _run_field(field: CompiledField, target: FieldDef, chunk: pd.DataFrame, outc
         raw = pd.Series([spec.const] * len(chunk), index=chunk.index, dtype=object)
     values = raw
     failed = pd.Series(False, index=chunk.index)
-    reasons = pd.Series(None, index=chunk.index, dtype=object)
+    reasons = pd.Series([None] * len(chunk), index=chunk.index, dtype=object)
     for step in field.steps:
         values, errors = step.transform.func(null_where(values, failed), step.args)
         if errors is not None:
             new = errors.notna() & ~failed
             reasons = reasons.where(~new, step.transform.name + ": " + errors.astype(str))
             failed |= new
-    # Cast once per distinct value, on plain lists: pandas scalar indexing per row is the slow part.
-    value_list, failed_list, reason_list = values.tolist(), failed.tolist(), reasons.tolist()
-    cache: dict[tuple[type, Any], tuple[Any, str | None]] = {}
-    casted: list[Any] = []
-    for position, value in enumerate(value_list):
-        if failed_list[position] or _blank(value):
-            casted.append(None)
-            continue
-        key = (type(value), value)
-        if key not in cache:
-            try:
-                cache[key] = (cast_value(value, target), None)
-            except TransformFailure as exc:
-                cache[key] = (None, str(exc))
-        result_value, problem = cache[key]
-        if problem is not None:
-            failed_list[position] = True
-            reason_list[position] = problem
-        casted.append(result_value)
-    failed = pd.Series(failed_list, index=chunk.index, dtype=bool)
-    reasons = pd.Series(reason_list, index=chunk.index, dtype=object)
-    result = pd.Series(casted, index=chunk.index, dtype=object)
+    # Cast once per distinct value and map back: the row count never reaches Python.
+    castable = values[~(failed | blank_mask(values))]
+    cast_ok: dict[Any, Any] = {}
+    cast_errors: dict[Any, str] = {}
+    for value in pd.unique(castable):
+        try:
+            cast_ok[value] = cast_value(value, target)
+        except TransformFailure as exc:
+            cast_errors[value] = str(exc)
+    result = lookup(castable, cast_ok).reindex(chunk.index)
+    result = null_where(result, result.isna())
+    if cast_errors:
+        cast_failed = lookup(castable, cast_errors).reindex(chunk.index)
+        new = cast_failed.notna()
+        reasons = reasons.where(~new, cast_failed)
+        failed = failed | new
     if failed.any():
         if spec.on_error == "fail":
             index = failed[failed].index[0]
@@ -247,7 +265,7 @@ def map_chunk(mapping: CompiledMapping, chunk: pd.DataFrame) -> MappingResult:
         columns[field.name] = _run_field(field, mapping.entity.fields[field.name], data, outcome)
     key_columns = mapping.spec.source.key_columns
     if key_columns:
-        parts = [data[c].map(lambda v: None if _blank(v) else clean_text(_as_text(v))) for c in key_columns]
+        parts = [per_value(null_where(data[c], blank_mask(data[c])), _key_text)[0] for c in key_columns]
         key = parts[0]
         for part in parts[1:]:
             key = key.where(key.isna() | part.isna(), key + "|" + part)
@@ -269,7 +287,7 @@ def map_chunk(mapping: CompiledMapping, chunk: pd.DataFrame) -> MappingResult:
     records[SOURCE] = mapping.source
     records[MAPPING] = mapping.name
     keep = ~outcome.rejected
-    rejects = pd.DataFrame(outcome.entries, columns=REJECT_COLUMNS) if outcome.entries else empty_rejects()
+    rejects = outcome.rejects()
     return MappingResult(records.loc[keep].reset_index(drop=True), rejects, len(chunk))
 
 

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -70,28 +71,32 @@ def _isnull(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value) or value is pd.NaT or value is pd.NA
 
 
+def lookup(values: pd.Series, table: dict[Any, Any]) -> pd.Series:
+    """Map ``values`` through ``table`` (pandas' hash lookup); values not in it become None."""
+    if not table:
+        return pd.Series([None] * len(values), index=values.index, dtype=object)
+    found = values.map(table).astype(object)
+    found[found.isna()] = None
+    return found
+
+
 def per_value(values: pd.Series, func: Callable[[Any], Any]) -> Outcome:
-    """Apply ``func`` once per distinct non-null value; TransformFailure becomes that row's error."""
+    """Apply ``func`` once per distinct non-null value; TransformFailure becomes that row's error.
+
+    Rows are never visited in Python: the distinct values are computed, transformed, and mapped back
+    with one hash lookup, so cost follows the number of distinct values, not rows.
+    """
+    present = values.notna()
+    if not present.any():
+        return pd.Series([None] * len(values), index=values.index, dtype=object), None
     results: dict[Hashable, Any] = {}
     failures: dict[Hashable, str] = {}
-    for value in pd.unique(values.dropna()) if len(values) else ():
-        if _isnull(value):
-            continue
-        key = (type(value), value)
+    for value in pd.unique(values[present]):
         try:
-            results[key] = func(value)
+            results[value] = func(value)
         except TransformFailure as exc:
-            failures[key] = str(exc)
-    keys = [None if _isnull(v) else (type(v), v) for v in values]
-    out = pd.Series(
-        [results.get(k) if k is not None else None for k in keys], index=values.index, dtype=object
-    )
-    if not failures:
-        return out, None
-    errors = pd.Series(
-        [failures.get(k) if k is not None else None for k in keys], index=values.index, dtype=object
-    )
-    return out, errors
+            failures[value] = str(exc)
+    return lookup(values, results), (lookup(values, failures) if failures else None)
 
 
 def _text(values: pd.Series, func: Callable[[str], str | None]) -> Outcome:
@@ -489,14 +494,19 @@ _CN_MOBILE = re.compile(r"^(?:\+?86|0086)?(1[3-9]\d{9})$")
 _PHONE_SEPARATORS = re.compile(r"[\s\-().]")
 
 
+@lru_cache(maxsize=4096)
+def _cn_mobile_block_is_valid(prefix: str) -> bool:
+    """Ask phonenumbers once per 5-digit block (e.g. 13812): CN mobile validity is decided by the prefix."""
+    sample = phonenumbers.PhoneNumber(country_code=86, national_number=int(prefix + "123456"))
+    return bool(phonenumbers.is_valid_number(sample))
+
+
 def phone_e164(value: Any, region: str = "CN") -> str:
     """Return ``value`` as E.164 (+8613812345678); extensions are kept as ``;ext=``."""
     text = clean_text(unicodedata.normalize("NFKC", _as_text(value)))
     if region == "CN":
         mobile = _CN_MOBILE.match(_PHONE_SEPARATORS.sub("", text))
-        if mobile and phonenumbers.is_valid_number(
-            phonenumbers.PhoneNumber(country_code=86, national_number=int(mobile.group(1)))
-        ):
+        if mobile and _cn_mobile_block_is_valid(mobile.group(1)[:5]):
             return "+86" + mobile.group(1)
     text = re.sub(r"^00", "+", text)
     text = re.sub(r"(转|分机|ext\.?|x)\s*(\d+)$", r" ext. \2", text, flags=re.IGNORECASE)
