@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
+_KEYWORD_PASSWORD = re.compile(r"((?:PWD|PASSWORD)\s*=\s*)(\{[^}]*\}|[^;\s'\"]+)", re.IGNORECASE)
 
 
 def mask_secrets(text: str) -> str:
-    """Mask passwords embedded in URLs (``scheme://user:***@host``) before text is shown or logged."""
-    return _URL_PASSWORD.sub(r"\1***@", text)
+    """Mask passwords in URLs (``user:***@host``) and ODBC strings (``PWD=***``) before text is shown."""
+    return _KEYWORD_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
 
 
 class CrmError(Exception):

@@ -47,7 +47,29 @@ class SqlSource(_Strict):
     description: str | None = None
 
 
-SourceConfig = Annotated[ExcelSource | SqlSource, Field(discriminator="connector")]
+class OdbcSource(_Strict):
+    """A database reached through an ODBC driver (pyodbc): a DSN or a full connection string."""
+
+    connector: Literal["odbc"]
+    connection_string: str = Field(description="e.g. DSN=u8;UID=${U8_USER};PWD=${U8_PASSWORD}")
+    encoding: str | None = Field(default=None, description="code page of CHAR columns, e.g. gbk or gb18030")
+    db_schema: str | None = Field(default=None, alias="schema")
+    description: str | None = None
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str | None) -> str | None:
+        if value is not None:
+            import codecs
+
+            try:
+                codecs.lookup(value)
+            except LookupError:
+                raise ValueError(f"unknown encoding '{value}' (e.g. gbk, gb18030, big5, utf-8)") from None
+        return value
+
+
+SourceConfig = Annotated[ExcelSource | SqlSource | OdbcSource, Field(discriminator="connector")]
 
 
 class EntityDedup(_Strict):
@@ -116,6 +138,12 @@ class Project:
         assert isinstance(config, SqlSource)
         return resolve_sqlite_path(expand_env(config.url), self.root)
 
+    def source_connection_string(self, source: str) -> str:
+        """Return the expanded ODBC connection string (with secrets) of an ODBC source; never log it."""
+        config = self.spec.sources[source]
+        assert isinstance(config, OdbcSource)
+        return expand_env(config.connection_string)
+
     def source_paths(self, source: str) -> list[Path]:
         """Return the workbooks an Excel source's glob matches, sorted."""
         config = self.spec.sources[source]
@@ -174,6 +202,8 @@ def _templates(spec: ProjectSpec) -> list[tuple[tuple[str, ...], str]]:
     for name, source in spec.sources.items():
         if isinstance(source, SqlSource):
             found.append((("sources", name, "url"), source.url))
+        elif isinstance(source, OdbcSource):
+            found.append((("sources", name, "connection_string"), source.connection_string))
         else:
             found.append((("sources", name, "path"), source.path))
     return found
@@ -193,6 +223,16 @@ def _check_env(document: LocatedDocument, spec: ProjectSpec) -> list[Problem]:
 def _check_secrets(document: LocatedDocument, spec: ProjectSpec) -> list[Problem]:
     problems = []
     for name, source in spec.sources.items():
+        if isinstance(source, OdbcSource):
+            literal = re.sub(r"\$\{[^}]*\}", "", source.connection_string)
+            if re.search(r"(?:PWD|PASSWORD)\s*=\s*[^;\s]", literal, re.IGNORECASE):
+                problems.append(
+                    document.problem(
+                        ("sources", name, "connection_string"),
+                        "a password is written into the file; use PWD=${ENV_VAR}",
+                    )
+                )
+            continue
         if not isinstance(source, SqlSource):
             continue
         literal = re.sub(r"\$\{[^}]*\}", "", source.url)

@@ -156,15 +156,20 @@ def _child(container: Any, part: str | int) -> tuple[bool, Any]:
 
 
 def _data_path(data: Any, loc: Sequence[str | int]) -> DocPath:
-    """Keep the parts of a pydantic ``loc`` that exist in the data (drops union/validator tags)."""
+    """Keep the parts of a pydantic ``loc`` that exist in the data (drops union/validator/discriminator tags)."""
     path: list[str | int] = []
     current = data
-    for part in loc:
+    parts = list(loc)
+    for index, part in enumerate(parts):
         found, child = _child(current, part)
         if found:
             current = child
             path.append(part)
-        elif isinstance(current, dict) and isinstance(part, str) and not path_is_tag(part):
+            continue
+        following = parts[index + 1] if index + 1 < len(parts) else None
+        if following is not None and _child(current, following)[0]:
+            continue  # a tag pydantic inserted (e.g. the discriminator value 'odbc'), not a key
+        if isinstance(current, dict) and isinstance(part, str) and not path_is_tag(part):
             path.append(part)  # a missing key: still name it
             current = None
     return tuple(path)

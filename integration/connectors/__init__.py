@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from integration.connectors.base import META_COLUMNS, Connector, ReadRequest
 from integration.connectors.excel import ExcelConnector
+from integration.connectors.odbc import OdbcConnector
 from integration.connectors.sql import SqlConnector
-from integration.project import ExcelSource, Project, SqlSource
+from integration.project import ExcelSource, OdbcSource, Project, SqlSource
 
 
 def connector_for(project: Project, source: str) -> Connector:
@@ -15,7 +16,22 @@ def connector_for(project: Project, source: str) -> Connector:
         return ExcelConnector(source, project.source_paths(source), config.path)
     if isinstance(config, SqlSource):
         return SqlConnector(source, project.source_url(source), config.db_schema)
+    if isinstance(config, OdbcSource):
+        return OdbcConnector(
+            source,
+            project.source_connection_string(source),
+            encoding=config.encoding,
+            schema=config.db_schema,
+        )
     raise TypeError(f"no connector for {type(config).__name__}")
 
 
-__all__ = ["META_COLUMNS", "Connector", "ExcelConnector", "ReadRequest", "SqlConnector", "connector_for"]
+__all__ = [
+    "META_COLUMNS",
+    "Connector",
+    "ExcelConnector",
+    "OdbcConnector",
+    "ReadRequest",
+    "SqlConnector",
+    "connector_for",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import pandas as pd
 
@@ -27,6 +27,8 @@ class ReadRequest:
     key: Sequence[str] = field(default_factory=tuple)
     header_row: int | None = None  # spreadsheets: 1-based header row; None detects it
     chunk_rows: int = DEFAULT_CHUNK_ROWS
+    cursor_column: str | None = None  # incremental reads: rows ordered by this column ...
+    cursor_from: Any = None  # ... starting at this value (inclusive; the caller drops rows it already has)
 
 
 @runtime_checkable
