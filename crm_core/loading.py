@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from crm_core.entities import ENTITIES, EntityDef
 from crm_core.errors import LoadError
 from crm_core.models import Base, ExternalId, LoadRun, Reject, Stage
+from crm_core.watermarks import CursorState, save_watermark
 
 EXTERNAL_KEY = "_external_key"
 ROW_REF = "_row_ref"
@@ -61,6 +62,8 @@ class Batch:
     rows_read: int
     fields: Sequence[str]
     lookups: dict[str, Lookup] = field(default_factory=dict)
+    # Incremental streams: (stream, watermark after these rows), saved in the load's transaction.
+    watermark: tuple[str, CursorState] | None = None
 
 
 @dataclass
@@ -79,6 +82,7 @@ class SourceStats:
     warnings: int = 0
     amount_mapped: Decimal | None = None
     amount_loaded: Decimal | None = None
+    amount_core: Decimal | None = None  # what the core holds for the loaded rows, read back after the load
 
     @property
     def loaded(self) -> int:
@@ -95,6 +99,7 @@ class SourceStats:
         out = {k: v for k, v in self.__dict__.items() if not isinstance(v, Decimal)}
         out["amount_mapped"] = None if self.amount_mapped is None else str(self.amount_mapped)
         out["amount_loaded"] = None if self.amount_loaded is None else str(self.amount_loaded)
+        out["amount_core"] = None if self.amount_core is None else str(self.amount_core)
         out["loaded"] = self.loaded
         return out
 
@@ -314,6 +319,10 @@ class EntityLoader:
         self._build_index()
         all_stats = [self._load_batch(batch) for batch in batches]
         self._resolve_self_references()
+        for batch in batches:
+            if batch.watermark is not None:
+                stream, state = batch.watermark
+                save_watermark(self.session, batch.source, stream, state, self.run.id)
         self.session.flush()
         return all_stats
 
@@ -357,6 +366,7 @@ class EntityLoader:
         for problem in problems:
             row_errors[problem["index"]].append(problem)
         fields = [f for f in batch.fields if f in self.entity.fields]
+        loaded_ids: list[int] = []
         crosswalk = {
             xw.external_key: xw
             for xw in self.session.scalars(
@@ -394,12 +404,26 @@ class EntityLoader:
                 )
                 stats.rejected += 1
                 continue
-            outcome = self._upsert(batch, row, values, crosswalk)
+            outcome, entity_id = self._upsert(batch, row, values, crosswalk)
             setattr(stats, outcome, getattr(stats, outcome) + 1)
             if stats.amount_loaded is not None and outcome != "merged" and amount_field:
                 amount = values.get(amount_field)
                 stats.amount_loaded += amount if isinstance(amount, Decimal) else Decimal(0)
+                loaded_ids.append(entity_id)
+        if stats.amount_loaded is not None and amount_field:
+            stats.amount_core = self._stored_amount(amount_field, loaded_ids)
         return stats
+
+    def _stored_amount(self, amount_field: str, ids: list[int]) -> Decimal:
+        """Sum what the core holds for these records (read back, so rounding or truncation shows)."""
+        self.session.flush()
+        model: Any = self.model
+        column = getattr(model, self.entity.fields[amount_field].column)
+        total = Decimal(0)
+        for start in range(0, len(ids), 500):
+            part = self.session.scalar(select(func.sum(column)).where(model.id.in_(ids[start : start + 500])))
+            total += Decimal(str(part)) if part is not None else Decimal(0)
+        return total
 
     def _assign(self, record: Any, values: dict[str, Any], *, only_blanks: bool) -> bool:
         changed = False
@@ -417,22 +441,23 @@ class EntityLoader:
 
     def _upsert(
         self, batch: Batch, row: pd.Series, values: dict[str, Any], crosswalk: dict[str, ExternalId]
-    ) -> str:
+    ) -> tuple[str, int]:
         key = str(row[EXTERNAL_KEY])
         digest = row_hash(values)
         existing = crosswalk.get(key)
+        record: Any  # an instance of self.model: the ORM classes share no typed base with these columns
         self._queue_self_refs(batch, row, values)
         if existing is not None:
             merged = existing.match_method != "created"
             if existing.last_synced_hash == digest:
-                return "merged" if merged else "unchanged"
+                return ("merged" if merged else "unchanged"), existing.entity_id
             record = self._survivor(existing.entity_id)
             self._assign(record, values, only_blanks=merged)
             record.updated_run_id = self.run.id
             existing.last_synced_hash = digest
             existing.last_synced_at = dt.datetime.now(dt.UTC)
             existing.updated_run_id = self.run.id
-            return "merged" if merged else "updated"
+            return ("merged" if merged else "updated"), int(record.id)
         match = self._find_match(values)
         if match is not None:
             record, method = match
@@ -440,15 +465,15 @@ class EntityLoader:
                 record.updated_run_id = self.run.id
             self._add_crosswalk(batch, key, record.id, f"matched:{method}", digest, crosswalk)
             self._add_to_index(record)
-            return "merged"
+            return "merged", int(record.id)
         record = self.model()
         self._assign(record, values, only_blanks=False)
-        record.created_run_id = record.updated_run_id = self.run.id  # type: ignore[attr-defined]
+        record.created_run_id = record.updated_run_id = self.run.id
         self.session.add(record)
         self.session.flush()
-        self._add_crosswalk(batch, key, record.id, "created", digest, crosswalk)  # type: ignore[attr-defined]
+        self._add_crosswalk(batch, key, record.id, "created", digest, crosswalk)
         self._add_to_index(record)
-        return "inserted"
+        return "inserted", int(record.id)
 
     def _survivor(self, entity_id: int) -> Any:
         record: Any = self.session.get(self.model, entity_id)

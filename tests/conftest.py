@@ -84,6 +84,9 @@ def core_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     _reset_postgres(engine)
     engine.dispose()
     yield PG_URL
+    from integration.assets.resources import dispose_engines
+
+    dispose_engines()  # Dagster resources cache engines per URL; close them with the database
 
 
 @pytest.fixture

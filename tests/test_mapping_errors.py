@@ -14,6 +14,21 @@ BASE = "version: 1\nsource: {connector: crm, table: accounts, key: id}\ntarget: 
 
 CASES: list[tuple[str, str, list[str]]] = [
     (
+        "incremental_on_a_sheet",
+        "version: 1\nsource: {connector: crm, sheet: s, key: id, incremental: {cursor: m}}\ntarget: customer\nfields:\n  name: name\n",
+        ["{file}:2:9: source: incremental reads need a table or query (spreadsheets are re-read whole)"],
+    ),
+    (
+        "incremental_without_key",
+        "version: 1\nsource: {connector: crm, table: t, incremental: {cursor: m}}\ntarget: customer\nfields:\n  name: name\n",
+        ["{file}:2:9: source: incremental reads need 'key': it tells rows at the cursor boundary apart"],
+    ),
+    (
+        "incremental_cursor_not_in_source",
+        "version: 1\nsource: {connector: crm, table: accounts, key: id, incremental: {cursor: date_modifed}}\ntarget: customer\nfields:\n  name: name\n",
+        ["{file}:2:74: source.incremental.cursor: column 'date_modifed' is not in accounts"],
+    ),
+    (
         "unknown_top_key",
         "version: 1\nsource: {connector: crm, table: accounts}\ntarget: customer\nfeilds: {}\nfields:\n  name: name\n",
         [

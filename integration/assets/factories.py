@@ -21,9 +21,11 @@ from sqlalchemy import func, select
 from crm_core.errors import CrmError, TransientExtractError
 from crm_core.loading import SourceStats
 from crm_core.models import Customer
+from crm_core.watermarks import CursorState
 from integration.assets.resources import CoreDatabase, MigrationProject, SourceSystem
 from integration.mappings.spec import CompiledMapping
 from integration.pipeline import (
+    WATERMARK_ATTR,
     Migration,
     StagedEntity,
     extract,
@@ -32,6 +34,7 @@ from integration.pipeline import (
     raw_asset_name,
     reconcile,
     stage,
+    stream_watermark,
 )
 from integration.reports import markdown_table, write_reports
 
@@ -61,15 +64,17 @@ def raw_asset(migration: Migration, mapping: CompiledMapping) -> dg.AssetsDefini
         name=name,
         group_name="extract",
         description=description,
-        required_resource_keys={source_key, "project"},
+        required_resource_keys={source_key, "project", "core"},
         kinds={migration.project.spec.sources[mapping.source].connector},
         metadata={"mapping_file": str(mapping.file)},
     )
     def _raw(context: AssetExecutionContext) -> dg.Output[pd.DataFrame]:
         source: SourceSystem = getattr(context.resources, source_key)
         project: MigrationProject = context.resources.project
+        core: CoreDatabase = context.resources.core
         try:
-            frame = extract(project.migration(), mapping)
+            since = stream_watermark(core.engine(), mapping)
+            frame = extract(project.migration(), mapping, since=since)
         except TransientExtractError as exc:
             raise dg.RetryRequested(max_retries=3, seconds_to_wait=2) from exc
         except CrmError as exc:
@@ -84,10 +89,28 @@ def raw_asset(migration: Migration, mapping: CompiledMapping) -> dg.AssetsDefini
                 "source_location": source.connector().describe(),
                 "bytes_in_memory": int(frame.memory_usage(deep=True).sum()) if len(frame) else 0,
                 "preview": _preview(frame),
+                **_cursor_metadata(mapping, since, frame),
             },
         )
 
     return _raw
+
+
+def _cursor_metadata(
+    mapping: CompiledMapping, since: CursorState | None, frame: pd.DataFrame
+) -> dict[str, Any]:
+    """Cursor before/after for incremental mappings (what the next run will start from once loaded)."""
+    incremental = mapping.spec.source.incremental
+    if incremental is None:
+        return {"incremental": False}
+    carried = frame.attrs.get(WATERMARK_ATTR)
+    after = CursorState.from_json(carried[1]) if carried else None
+    return {
+        "incremental": True,
+        "cursor_column": incremental.cursor,
+        "cursor_before": since.describe() if since else "(first run: everything)",
+        "cursor_after": after.describe() if after else "(nothing read)",
+    }
 
 
 def staged_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:

@@ -33,9 +33,21 @@ def _migration(path: str) -> Migration:
     return _load_migration(path, _fingerprint(path))
 
 
-@lru_cache(maxsize=8)
+_ENGINES: dict[str, Engine] = {}
+
+
 def _engine(url: str) -> Engine:
-    return core_engine(url)
+    """Return the process-wide engine for a core URL, migrating the schema on first use."""
+    if url not in _ENGINES:
+        _ENGINES[url] = core_engine(url)
+    return _ENGINES[url]
+
+
+def dispose_engines() -> None:
+    """Close the pooled connections of every cached core engine (tests, long-lived processes)."""
+    for engine in _ENGINES.values():
+        engine.dispose()
+    _ENGINES.clear()
 
 
 class CoreDatabase(dg.ConfigurableResource):  # type: ignore[type-arg]

@@ -85,23 +85,32 @@ class SqlConnector:
             raise self._fail(exc, "checking the query") from None
 
     def _statement(self, request: ReadRequest) -> tuple[sa.Select[Any] | sa.TextClause, list[str]]:
+        order_columns = [*([request.cursor_column] if request.cursor_column else []), *request.key]
         if request.query is not None:
             columns = self.query_columns(request.query)
-            missing = [k for k in request.key if k not in columns]
+            missing = [k for k in order_columns if k not in columns]
             if missing:
-                raise ExtractError(self.name, f"key column(s) {missing} not in the query's columns")
-            order = ", ".join(self.engine.dialect.identifier_preparer.quote(k) for k in request.key)
-            sql = f"SELECT * FROM ({request.query}) q" + (f" ORDER BY {order}" if order else "")
-            return sa.text(sql), columns
+                raise ExtractError(self.name, f"key/cursor column(s) {missing} not in the query's columns")
+            quote = self.engine.dialect.identifier_preparer.quote
+            sql = f"SELECT * FROM ({request.query}) q"
+            params: dict[str, Any] = {}
+            if request.cursor_column and request.cursor_from is not None:
+                sql += f" WHERE {quote(request.cursor_column)} >= :cursor_from"
+                params["cursor_from"] = request.cursor_from
+            if order_columns:
+                sql += " ORDER BY " + ", ".join(quote(k) for k in order_columns)
+            return sa.text(sql).bindparams(**params), columns
         table = self._table(request.table)
-        missing = [k for k in request.key if k not in table.c]
+        missing = [k for k in order_columns if k not in table.c]
         if missing:
             raise ExtractError(self.name, f"key column(s) {missing} not in table '{request.table}'")
         statement = sa.select(table)
         if request.where:
             statement = statement.where(sa.text(request.where))
-        if request.key:
-            statement = statement.order_by(*(table.c[k] for k in request.key))
+        if request.cursor_column and request.cursor_from is not None:
+            statement = statement.where(table.c[request.cursor_column] >= request.cursor_from)
+        if order_columns:
+            statement = statement.order_by(*(table.c[k] for k in order_columns))
         return statement, [c.name for c in table.columns]
 
     def read(self, request: ReadRequest) -> Iterator[pd.DataFrame]:

@@ -35,6 +35,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class IncrementalSpec(_Strict):
+    """Read only rows changed since the last committed load, by a cursor column."""
+
+    cursor: str = Field(
+        description="column that grows when a row changes, e.g. date_modified or a rowversion"
+    )
+
+
 class SourceSpec(_Strict):
     """Where the rows come from."""
 
@@ -45,6 +53,7 @@ class SourceSpec(_Strict):
     where: str | None = Field(default=None, description="SQL filter, e.g. deleted = 0")
     key: str | list[str] | None = Field(default=None, description="column(s) forming the source's record key")
     header_row: int | None = Field(default=None, ge=1, description="spreadsheets: 1-based header row")
+    incremental: IncrementalSpec | None = Field(default=None, description="read only new/changed rows")
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceSpec:
@@ -52,6 +61,10 @@ class SourceSpec(_Strict):
             raise ValueError("give exactly one of 'table', 'sheet' or 'query'")
         if self.query is not None and self.where is not None:
             raise ValueError("'where' filters a table; put the condition into the query instead")
+        if self.incremental is not None and self.sheet is not None:
+            raise ValueError("incremental reads need a table or query (spreadsheets are re-read whole)")
+        if self.incremental is not None and not self.key:
+            raise ValueError("incremental reads need 'key': it tells rows at the cursor boundary apart")
         return self
 
     @property
@@ -180,8 +193,10 @@ class CompiledMapping:
         return self.spec.source.connector
 
     def source_columns(self) -> list[str]:
-        """Return every source column the mapping reads (fields and key)."""
+        """Return every source column the mapping reads (fields, key and cursor)."""
         columns = list(self.spec.source.key_columns)
+        if self.spec.source.incremental and self.spec.source.incremental.cursor not in columns:
+            columns.append(self.spec.source.incremental.cursor)
         for f in self.fields:
             columns.extend(c for c in f.spec.columns if c not in columns)
         return columns
@@ -331,6 +346,14 @@ def _check_source(
                     key_path, f"column '{key}' is not in {spec.source.location}{close_names(key, columns)}"
                 )
             )
+    if spec.source.incremental and spec.source.incremental.cursor not in known:
+        cursor = spec.source.incremental.cursor
+        problems.append(
+            doc.problem(
+                ("source", "incremental", "cursor"),
+                f"column '{cursor}' is not in {spec.source.location}{close_names(cursor, columns)}",
+            )
+        )
     used: set[str] = set(spec.source.key_columns)
     for field_name, field_spec in spec.field_specs().items():
         raw = doc.data.get("fields", {}).get(field_name) if isinstance(doc.data, dict) else None
