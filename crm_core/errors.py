@@ -11,11 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
-_KEYWORD_PASSWORD = re.compile(r"((?:PWD|PASSWORD)\s*=\s*)(\{[^}]*\}|[^;\s'\"]+)", re.IGNORECASE)
+# PWD=… (ODBC), password: … / token: … / client_secret: … (YAML, JSON); ${ENV_VAR} references stay readable.
+_KEYWORD_PASSWORD = re.compile(
+    r"((?:PWD|PASSWORD|TOKEN|[A-Z_]*SECRET)[\"']?\s*[=:]\s*[\"']?)(?!\$\{)(\{[^}]*\}|[^;\s'\",}]+)",
+    re.IGNORECASE,
+)
 
 
 def mask_secrets(text: str) -> str:
-    """Mask passwords in URLs (``user:***@host``) and ODBC strings (``PWD=***``) before text is shown."""
+    """Mask passwords in URLs (``user:***@host``), ODBC strings and YAML (``PWD=***``, ``token: ***``)."""
     return _KEYWORD_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
 
 

@@ -69,7 +69,30 @@ class OdbcSource(_Strict):
         return value
 
 
-SourceConfig = Annotated[ExcelSource | SqlSource | OdbcSource, Field(discriminator="connector")]
+class RestSource(_Strict):
+    """A legacy CRM's HTTP API. ``profile: suitecrm_v8`` fills in the SuiteCRM 8 JSON:API conventions."""
+
+    connector: Literal["rest"]
+    base_url: str
+    profile: Literal["suitecrm_v8"] | None = None
+    auth: Literal["none", "bearer", "basic", "login"] | None = None
+    token: str | None = Field(default=None, description="bearer token: ${ENV_VAR} only")
+    username: str | None = None
+    password: str | None = Field(default=None, description="basic auth password: ${ENV_VAR} only")
+    login_path: str | None = None
+    login_body: dict[str, str] | None = Field(
+        default=None, description="e.g. client_id/client_secret; secrets as ${ENV_VAR}"
+    )
+    pagination: Literal["none", "page_number", "offset", "cursor", "next_link"] | None = None
+    page_size: int | None = Field(default=None, ge=1, le=10_000)
+    records_field: str | None = None
+    incremental_param: str | None = None
+    timeout: float = Field(default=30.0, gt=0)
+    max_retries: int = Field(default=5, ge=0, le=20)
+    description: str | None = None
+
+
+SourceConfig = Annotated[ExcelSource | SqlSource | OdbcSource | RestSource, Field(discriminator="connector")]
 
 
 class EntityDedup(_Strict):
@@ -144,6 +167,23 @@ class Project:
         assert isinstance(config, OdbcSource)
         return expand_env(config.connection_string)
 
+    def rest_settings(self, source: str) -> dict[str, object]:
+        """Return the REST settings of a source (profile defaults, then the file's values, secrets expanded)."""
+        from integration.connectors.rest import SUITECRM_V8
+
+        config = self.spec.sources[source]
+        assert isinstance(config, RestSource)
+        settings: dict[str, object] = dict(SUITECRM_V8) if config.profile == "suitecrm_v8" else {}
+        for key in ("auth", "token", "username", "password", "login_path", "pagination", "page_size",
+                    "records_field", "incremental_param", "timeout", "max_retries"):  # fmt: skip
+            value = getattr(config, key)
+            if value is not None:
+                settings[key] = expand_env(value) if isinstance(value, str) else value
+        if config.login_body is not None:
+            settings["login_body"] = {k: expand_env(v) for k, v in config.login_body.items()}
+        settings["base_url"] = expand_env(config.base_url)
+        return settings
+
     def source_paths(self, source: str) -> list[Path]:
         """Return the workbooks an Excel source's glob matches, sorted."""
         config = self.spec.sources[source]
@@ -204,6 +244,14 @@ def _templates(spec: ProjectSpec) -> list[tuple[tuple[str, ...], str]]:
             found.append((("sources", name, "url"), source.url))
         elif isinstance(source, OdbcSource):
             found.append((("sources", name, "connection_string"), source.connection_string))
+        elif isinstance(source, RestSource):
+            found.append((("sources", name, "base_url"), source.base_url))
+            for key in ("token", "username", "password"):
+                value = getattr(source, key)
+                if value:
+                    found.append((("sources", name, key), value))
+            for key, value in (source.login_body or {}).items():
+                found.append((("sources", name, "login_body", key), value))
         else:
             found.append((("sources", name, "path"), source.path))
     return found
@@ -223,6 +271,24 @@ def _check_env(document: LocatedDocument, spec: ProjectSpec) -> list[Problem]:
 def _check_secrets(document: LocatedDocument, spec: ProjectSpec) -> list[Problem]:
     problems = []
     for name, source in spec.sources.items():
+        if isinstance(source, RestSource):
+            secrets = {"token": source.token, "password": source.password}
+            secrets.update(
+                {
+                    f"login_body.{k}": v
+                    for k, v in (source.login_body or {}).items()
+                    if "secret" in k or "password" in k
+                }
+            )
+            for key, value in secrets.items():
+                if value and "${" not in value:
+                    problems.append(
+                        document.problem(
+                            ("sources", name, *key.split(".")),
+                            f"{key} is a secret; write ${{ENV_VAR}} and export it",
+                        )
+                    )
+            continue
         if isinstance(source, OdbcSource):
             literal = re.sub(r"\$\{[^}]*\}", "", source.connection_string)
             if re.search(r"(?:PWD|PASSWORD)\s*=\s*[^;\s]", literal, re.IGNORECASE):

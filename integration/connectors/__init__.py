@@ -5,8 +5,9 @@ from __future__ import annotations
 from integration.connectors.base import META_COLUMNS, Connector, ReadRequest
 from integration.connectors.excel import ExcelConnector
 from integration.connectors.odbc import OdbcConnector
+from integration.connectors.rest import RestConnector, RestSettings
 from integration.connectors.sql import SqlConnector
-from integration.project import ExcelSource, OdbcSource, Project, SqlSource
+from integration.project import ExcelSource, OdbcSource, Project, RestSource, SqlSource
 
 
 def connector_for(project: Project, source: str) -> Connector:
@@ -23,6 +24,8 @@ def connector_for(project: Project, source: str) -> Connector:
             encoding=config.encoding,
             schema=config.db_schema,
         )
+    if isinstance(config, RestSource):
+        return RestConnector(source, RestSettings(**project.rest_settings(source)))  # type: ignore[arg-type]
     raise TypeError(f"no connector for {type(config).__name__}")
 
 
