@@ -46,7 +46,10 @@ ui: $(VENV)/.installed $(DAGSTER_HOME)  ## Dagster UI on 127.0.0.1:3000 (DAGSTER
 schema: $(VENV)/.installed  ## regenerate integration/mappings/mapping.schema.json
 	$(BIN)/crmi mapping schema > integration/mappings/mapping.schema.json
 
-bench: bench-mapping  ## all benchmarks
+bench: bench-mapping bench-connectors  ## all benchmarks
+
+bench-connectors: $(VENV)/.installed  ## extraction throughput vs naive pandas (JSON line)
+	$(BIN)/python bench/bench_connectors.py
 
 bench-mapping: $(VENV)/.installed  ## mapping throughput (JSON line)
 	$(BIN)/python bench/bench_mapping.py

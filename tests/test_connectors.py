@@ -179,3 +179,13 @@ def test_sql_key_column_must_exist(demo_data: Path) -> None:
                 ReadRequest("accounts", key=("nope",))
             )
         )
+
+
+def test_excel_row_numbers_stay_exact_when_the_sheet_starts_below_a1(tmp_path: Path) -> None:
+    book = Workbook()
+    ws = book.active
+    assert ws is not None
+    ws["B3"], ws["C3"], ws["B4"], ws["C4"] = "客户名称", "金额", "甲公司", 1
+    book.save(tmp_path / "offset.xlsx")
+    [frame] = list(ExcelConnector("s", [tmp_path / "offset.xlsx"], "offset.xlsx").read(ReadRequest("Sheet")))
+    assert frame[["客户名称", "金额", ROW_REF]].values.tolist() == [["甲公司", 1, "4"]]

@@ -31,6 +31,20 @@ class ReadRequest:
     cursor_from: Any = None  # ... starting at this value (inclusive; the caller drops rows it already has)
 
 
+def tag_rows(chunk: pd.DataFrame, key: Sequence[str], location: str, offset: int) -> pd.DataFrame:
+    """Add ``_row_ref`` (the key values joined by ``|``, or the row position after ``offset``), ``_location``, ``_row_kind``."""
+    if key:
+        refs = chunk[key[0]].astype(str)
+        for column in key[1:]:
+            refs = refs + "|" + chunk[column].astype(str)
+        chunk[ROW_REF] = refs
+    else:
+        chunk[ROW_REF] = [str(i) for i in range(offset + 1, offset + len(chunk) + 1)]
+    chunk[LOCATION] = location
+    chunk[ROW_KIND] = "data"
+    return chunk
+
+
 @runtime_checkable
 class Connector(Protocol):
     """A source the toolkit can extract from."""

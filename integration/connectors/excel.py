@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -96,33 +97,42 @@ class ExcelConnector:
         index = header_row - 1 if header_row else detect_header_row(rows)
         return [_header_name(v) for v in rows[index] if not _blank(v)] if rows else []
 
+    def _row_iter(self, path: Path, sheet: str) -> Iterator[list[Any]]:
+        workbook = self._open(path)
+        if sheet not in workbook.sheet_names:
+            raise ExtractError(
+                self.name,
+                f"workbook {path.name} has no sheet '{sheet}'; sheets: {', '.join(workbook.sheet_names)}",
+            )
+        # iter_rows hands rows to Python one at a time: memory follows the chunk size, not the sheet.
+        for row in workbook.get_sheet_by_name(sheet).iter_rows():
+            yield list(row)
+
     def read(self, request: ReadRequest) -> Iterator[pd.DataFrame]:
         """Yield the sheet's data rows from every workbook, in chunks, blank rows skipped."""
         for path in self._workbooks():
-            rows = self._rows(path, request.table)
-            if not rows:
+            rows = self._row_iter(path, request.table)
+            head = list(itertools.islice(rows, HEADER_SCAN_ROWS))
+            if not head:
                 continue
-            header_index = request.header_row - 1 if request.header_row else detect_header_row(rows)
-            header = [_header_name(v) if not _blank(v) else "" for v in rows[header_index]]
+            header_index = request.header_row - 1 if request.header_row else detect_header_row(head)
+            header = [_header_name(v) if not _blank(v) else "" for v in head[header_index]]
             keep = [i for i, label in enumerate(header) if label]
             labels = [header[i] for i in keep]
-            records: list[dict[str, Any]] = []
-            for offset, row in enumerate(rows[header_index + 1 :], start=header_index + 2):
+            columns = [*labels, ROW_REF, LOCATION, ROW_KIND]
+            location = f"{path.name}#{request.table}"
+            records: list[list[Any]] = []
+            data_rows = itertools.chain(head[header_index + 1 :], rows)
+            for number, row in enumerate(data_rows, start=header_index + 2):
                 if all(_blank(v) for v in row):
                     continue
-                record = {
-                    label: _cell(row[i]) if i < len(row) else None
-                    for label, i in zip(labels, keep, strict=True)
-                }
-                record[ROW_REF] = str(offset)
-                record[LOCATION] = f"{path.name}#{request.table}"
-                record[ROW_KIND] = "subtotal" if is_subtotal(row) else "data"
-                records.append(record)
+                values = [_cell(row[i]) if i < len(row) else None for i in keep]
+                records.append([*values, str(number), location, "subtotal" if is_subtotal(row) else "data"])
                 if len(records) >= request.chunk_rows:
-                    yield pd.DataFrame.from_records(records, columns=[*labels, ROW_REF, LOCATION, ROW_KIND])
+                    yield pd.DataFrame.from_records(records, columns=columns)
                     records = []
             if records:
-                yield pd.DataFrame.from_records(records, columns=[*labels, ROW_REF, LOCATION, ROW_KIND])
+                yield pd.DataFrame.from_records(records, columns=columns)
 
 
 def _cell(value: Any) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from crm_core.errors import ExtractError, TransientExtractError, mask_secrets
-from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, ReadRequest
+from integration.connectors.base import ReadRequest, tag_rows
 
 # SQLSTATE classes worth retrying: connection problems (08), timeouts (HYT), deadlocks/serialization (40).
 _TRANSIENT_STATES = ("08", "HYT", "40")
@@ -176,14 +176,8 @@ class OdbcConnector:
                 if not rows:
                     break
                 chunk = pd.DataFrame.from_records([tuple(r) for r in rows], columns=columns)
-                if request.key:
-                    chunk[ROW_REF] = chunk[list(request.key)].astype(str).agg("|".join, axis=1)
-                else:
-                    chunk[ROW_REF] = [str(i) for i in range(offset + 1, offset + len(chunk) + 1)]
+                yield tag_rows(chunk, request.key, request.table, offset)
                 offset += len(chunk)
-                chunk[LOCATION] = request.table
-                chunk[ROW_KIND] = "data"
-                yield chunk
         except pyodbc.Error as exc:
             raise self._fail(exc, f"reading '{request.table}'") from None
         finally:

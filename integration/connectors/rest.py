@@ -16,7 +16,7 @@ import pandas as pd
 import requests
 
 from crm_core.errors import ExtractError, TransientExtractError, mask_secrets
-from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, ReadRequest
+from integration.connectors.base import ReadRequest, tag_rows
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -253,13 +253,7 @@ class RestConnector:
 
     def _frame(self, records: list[dict[str, Any]], request: ReadRequest, offset: int) -> pd.DataFrame:
         frame = pd.DataFrame.from_records(records)
-        if request.key:
-            missing = [k for k in request.key if k not in frame.columns]
-            if missing:
-                raise ExtractError(self.name, f"key field(s) {missing} not in the records of {request.table}")
-            frame[ROW_REF] = frame[list(request.key)].astype(str).agg("|".join, axis=1)
-        else:
-            frame[ROW_REF] = [str(i) for i in range(offset + 1, offset + len(frame) + 1)]
-        frame[LOCATION] = request.table
-        frame[ROW_KIND] = "data"
-        return frame
+        missing = [k for k in request.key if k not in frame.columns]
+        if missing:
+            raise ExtractError(self.name, f"key field(s) {missing} not in the records of {request.table}")
+        return tag_rows(frame, request.key, request.table, offset)

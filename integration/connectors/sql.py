@@ -11,7 +11,7 @@ from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
 from crm_core.db import redact_url
 from crm_core.errors import ExtractError, TransientExtractError
-from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, ReadRequest
+from integration.connectors.base import ReadRequest, tag_rows
 
 
 class SqlConnector:
@@ -123,16 +123,8 @@ class SqlConnector:
                 )
                 offset = 0  # without a key, the row's position in the whole result is its reference
                 for chunk in pd.read_sql(statement, streaming, chunksize=request.chunk_rows):
-                    if request.key:
-                        refs = chunk[list(request.key)].astype(str).agg("|".join, axis=1)
-                    else:
-                        refs = pd.Series(
-                            range(offset + 1, offset + len(chunk) + 1), index=chunk.index
-                        ).astype(str)
+                    tag_rows(chunk, request.key, request.table, offset)
                     offset += len(chunk)
-                    chunk[ROW_REF] = refs
-                    chunk[LOCATION] = request.table
-                    chunk[ROW_KIND] = "data"
                     yield chunk
         except SQLAlchemyError as exc:
             raise self._fail(exc, f"reading '{request.table}'") from None
