@@ -31,21 +31,19 @@ def test_scaffold_guesses_fields_and_writes_a_mapping_that_checks(
     demo_project: Path, tmp_path: Path, source: str, table: str, target: str, expected: dict[str, str]
 ) -> None:
     out = tmp_path / "scaffolded.yaml"
-    result = runner.invoke(
-        app,
-        [
-            "mapping",
-            "scaffold",
-            "--project",
-            str(demo_project),
-            "--source",
-            source,
-            "--table",
-            table,
-            "--out",
-            str(out),
-        ],
-    )
+    command = [
+        "mapping",
+        "scaffold",
+        "--project",
+        str(demo_project),
+        "--source",
+        source,
+        "--table",
+        table,
+        "--out",
+        str(out),
+    ]
+    result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
     spec = yaml.safe_load(out.read_text(encoding="utf-8"))
     assert spec["target"] == target
@@ -53,21 +51,7 @@ def test_scaffold_guesses_fields_and_writes_a_mapping_that_checks(
     columns = Migration.load(str(demo_project)).connector(source).columns(table)
     compiled = load_mapping(out, sources={source: columns})  # valid against the real columns
     assert compiled.entity.name == target
-    again = runner.invoke(
-        app,
-        [
-            "mapping",
-            "scaffold",
-            "--project",
-            str(demo_project),
-            "--source",
-            source,
-            "--table",
-            table,
-            "--out",
-            str(out),
-        ],
-    )
+    again = runner.invoke(app, command)
     assert again.exit_code == 1 and "exists; not overwriting it" in again.output
 
 

@@ -7,7 +7,7 @@ Legacy Chinese ERPs often store GBK/GB18030 in CHAR columns: ``encoding`` decode
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pandas as pd
@@ -110,36 +110,37 @@ class OdbcConnector:
         finally:
             connection.close()
 
-    def columns(self, table: str, header_row: int | None = None) -> list[str]:
-        """Return the column names of ``table`` in their declared order."""
+    def _described_columns(self, build_select: Callable[[Any], str], doing: str) -> list[str]:
+        """Run the SELECT built for a connection, with a false condition; return the described column names."""
         pyodbc = _pyodbc()
         connection = self.connect()
         try:
             cursor = connection.cursor()
-            cursor.execute(f"SELECT * FROM {self._qualified(connection, table)} WHERE 1 = 0")
+            cursor.execute(build_select(connection) + " WHERE 1 = 0")
             return [str(d[0]) for d in cursor.description]
         except pyodbc.Error as exc:
+            raise self._fail(exc, doing) from None
+        finally:
+            connection.close()
+
+    def columns(self, table: str, header_row: int | None = None) -> list[str]:
+        """Return the column names of ``table`` in their declared order."""
+        try:
+            return self._described_columns(
+                lambda connection: f"SELECT * FROM {self._qualified(connection, table)}",
+                f"reading the columns of '{table}'",
+            )
+        except ExtractError:
             tables = self.list_tables()
             if table not in tables:
                 raise ExtractError(
                     self.name, f"table '{table}' does not exist; tables: {', '.join(tables)}"
                 ) from None
-            raise self._fail(exc, f"reading the columns of '{table}'") from None
-        finally:
-            connection.close()
+            raise
 
     def query_columns(self, query: str) -> list[str]:
         """Return the column names a SELECT produces."""
-        pyodbc = _pyodbc()
-        connection = self.connect()
-        try:
-            cursor = connection.cursor()
-            cursor.execute(f"SELECT * FROM ({query}) q WHERE 1 = 0")
-            return [str(d[0]) for d in cursor.description]
-        except pyodbc.Error as exc:
-            raise self._fail(exc, "checking the query") from None
-        finally:
-            connection.close()
+        return self._described_columns(lambda _connection: f"SELECT * FROM ({query}) q", "checking the query")
 
     def _statement(self, connection: Any, request: ReadRequest) -> tuple[str, list[Any]]:
         source = f"({request.query}) q" if request.query else self._qualified(connection, request.table)
