@@ -7,6 +7,7 @@ can before any data moves and reports every problem as ``file:line:col: path: me
 
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 import re
@@ -28,6 +29,16 @@ NAME_PATTERN = r"^[a-z][a-z0-9_]*$"  # becomes part of Dagster asset names
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def known_encoding(value: str | None) -> str | None:
+    """Validate a Python codec name (gbk, gb18030, big5, utf-8…)."""
+    if value is not None:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown encoding '{value}' (e.g. gbk, gb18030, big5, utf-8)") from None
+    return value
 
 
 class ExcelSource(_Strict):
@@ -56,17 +67,7 @@ class OdbcSource(_Strict):
     db_schema: str | None = Field(default=None, alias="schema")
     description: str | None = None
 
-    @field_validator("encoding")
-    @classmethod
-    def _known_encoding(cls, value: str | None) -> str | None:
-        if value is not None:
-            import codecs
-
-            try:
-                codecs.lookup(value)
-            except LookupError:
-                raise ValueError(f"unknown encoding '{value}' (e.g. gbk, gb18030, big5, utf-8)") from None
-        return value
+    _known_encoding = field_validator("encoding")(known_encoding)
 
 
 class RestSource(_Strict):
@@ -92,7 +93,21 @@ class RestSource(_Strict):
     description: str | None = None
 
 
-SourceConfig = Annotated[ExcelSource | SqlSource | OdbcSource | RestSource, Field(discriminator="connector")]
+class CsvSource(_Strict):
+    """Delimited text exports: one file or a glob (relative to the project folder)."""
+
+    connector: Literal["csv"]
+    path: str
+    encoding: str = Field(default="utf-8", description="utf-8, or gb18030/gbk for Chinese Windows exports")
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+    description: str | None = None
+
+    _known_encoding = field_validator("encoding")(known_encoding)
+
+
+SourceConfig = Annotated[
+    ExcelSource | SqlSource | OdbcSource | RestSource | CsvSource, Field(discriminator="connector")
+]
 
 
 class EntityDedup(_Strict):
@@ -185,9 +200,9 @@ class Project:
         return settings
 
     def source_paths(self, source: str) -> list[Path]:
-        """Return the workbooks an Excel source's glob matches, sorted."""
+        """Return the files an Excel or CSV source's glob matches, sorted."""
         config = self.spec.sources[source]
-        assert isinstance(config, ExcelSource)
+        assert isinstance(config, ExcelSource | CsvSource)
         pattern = str(self.root / expand_env(config.path))
         return sorted(Path(p) for p in glob.glob(pattern, recursive=True))
 
@@ -252,7 +267,7 @@ def _templates(spec: ProjectSpec) -> list[tuple[tuple[str, ...], str]]:
                     found.append((("sources", name, key), value))
             for key, value in (source.login_body or {}).items():
                 found.append((("sources", name, "login_body", key), value))
-        else:
+        elif isinstance(source, ExcelSource | CsvSource):
             found.append((("sources", name, "path"), source.path))
     return found
 

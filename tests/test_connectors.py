@@ -189,3 +189,33 @@ def test_excel_row_numbers_stay_exact_when_the_sheet_starts_below_a1(tmp_path: P
     book.save(tmp_path / "offset.xlsx")
     [frame] = list(ExcelConnector("s", [tmp_path / "offset.xlsx"], "offset.xlsx").read(ReadRequest("Sheet")))
     assert frame[["客户名称", "金额", ROW_REF]].values.tolist() == [["甲公司", 1, "4"]]
+
+
+def test_csv_reads_gb18030_exports_and_keeps_line_numbers(tmp_path: Path) -> None:
+    from integration.connectors import CsvConnector
+
+    path = tmp_path / "客户导出.csv"
+    path.write_bytes(
+        "客户名称,电话\n深圳市腾达科技有限公司,0755-86001234\n\n北京华创环保工程有限公司,\n".encode("gb18030")
+    )
+    connector = CsvConnector("export", [path], "*.csv", encoding="gb18030")
+    assert connector.columns("客户导出.csv") == ["客户名称", "电话"]
+    [frame] = list(connector.read(ReadRequest("客户导出.csv")))
+    assert frame[["客户名称", "电话", ROW_REF]].values.tolist() == [
+        ["深圳市腾达科技有限公司", "0755-86001234", "2"],
+        ["北京华创环保工程有限公司", None, "4"],
+    ]
+
+
+def test_a_non_utf8_csv_is_one_clear_error_saying_which_encoding_to_set(tmp_path: Path) -> None:
+    from integration.connectors import CsvConnector
+
+    path = tmp_path / "export.csv"
+    path.write_bytes("客户名称\n深圳市腾达科技有限公司\n".encode("gbk"))
+    with pytest.raises(ExtractError) as caught:
+        list(CsvConnector("export", [path], "*.csv").read(ReadRequest("export.csv")))
+    message = str(caught.value)
+    assert message.startswith("source 'export': export.csv is not valid utf-8 (byte 0x")
+    assert message.endswith(
+        "set encoding: gb18030 (Chinese Windows/Excel exports) for this source in project.yaml"
+    )

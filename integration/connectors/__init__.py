@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from integration.connectors.base import META_COLUMNS, Connector, ReadRequest
+from integration.connectors.csv import CsvConnector
 from integration.connectors.excel import ExcelConnector
 from integration.connectors.odbc import OdbcConnector
 from integration.connectors.rest import RestConnector, RestSettings
 from integration.connectors.sql import SqlConnector
-from integration.project import ExcelSource, OdbcSource, Project, RestSource, SqlSource
+from integration.project import CsvSource, ExcelSource, OdbcSource, Project, RestSource, SqlSource
 
 
 def connector_for(project: Project, source: str) -> Connector:
@@ -23,6 +24,14 @@ def connector_for(project: Project, source: str) -> Connector:
             project.source_connection_string(source),
             encoding=config.encoding,
             schema=config.db_schema,
+        )
+    if isinstance(config, CsvSource):
+        return CsvConnector(
+            source,
+            project.source_paths(source),
+            config.path,
+            encoding=config.encoding,
+            delimiter=config.delimiter,
         )
     if isinstance(config, RestSource):
         return RestConnector(source, RestSettings(**project.rest_settings(source)))  # type: ignore[arg-type]
