@@ -219,3 +219,25 @@ def test_a_non_utf8_csv_is_one_clear_error_saying_which_encoding_to_set(tmp_path
     assert message.endswith(
         "set encoding: gb18030 (Chinese Windows/Excel exports) for this source in project.yaml"
     )
+
+
+def test_two_row_headers_under_merged_group_titles(tmp_path: Path) -> None:
+    book = Workbook()
+    ws = book.active
+    assert ws is not None
+    ws.title = "客户"
+    ws.append(["客户台账"])
+    ws.merge_cells("A1:D1")
+    ws.append(["客户名称", "联系人", None, "金额"])
+    ws.merge_cells("B2:C2")
+    ws.merge_cells("A2:A3")
+    ws.merge_cells("D2:D3")
+    ws.append([None, "姓名", "手机", None])
+    ws.append(["甲公司", "王芳", "13800000000", 100])
+    book.save(tmp_path / "merged.xlsx")
+    connector = ExcelConnector("s", [tmp_path / "merged.xlsx"], "merged.xlsx")
+    assert connector.columns("客户") == ["客户名称", "联系人姓名", "联系人手机", "金额"]
+    [frame] = list(connector.read(ReadRequest("客户")))
+    assert frame.drop(columns=[LOCATION, ROW_KIND]).values.tolist() == [
+        ["甲公司", "王芳", 13800000000, 100, "4"]
+    ]

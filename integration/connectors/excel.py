@@ -39,6 +39,44 @@ def detect_header_row(rows: list[list[Any]]) -> int:
     return 0
 
 
+MergedRange = tuple[
+    tuple[int, int], tuple[int, int]
+]  # ((first row, first col), (last row, last col)), 0-based
+
+
+def header_labels(
+    rows: list[list[Any]], header_index: int, merged: list[MergedRange] | None
+) -> tuple[list[str], int]:
+    """Return the column labels and how many rows the header spans (1, or 2 under merged group titles).
+
+    ``联系人`` merged over two columns with ``姓名`` / ``手机`` below gives ``联系人姓名``, ``联系人手机``;
+    cells merged vertically across both header rows keep their one label.
+    """
+    top = rows[header_index]
+    groups = [m for m in merged or () if m[0][0] == header_index == m[1][0] and m[1][1] > m[0][1]]
+    below = rows[header_index + 1] if header_index + 1 < len(rows) else []
+    if not groups or not all(
+        isinstance(below[c], str) and below[c].strip()
+        for (_, c0), (_, c1) in groups
+        for c in range(c0, c1 + 1)
+        if c < len(below)
+    ):
+        return [_header_name(v) if not _blank(v) else "" for v in top], 1
+    labels = []
+    for column in range(max(len(top), len(below))):
+        group = next((g for g in groups if g[0][1] <= column <= g[1][1]), None)
+        child = _header_name(below[column]) if column < len(below) and not _blank(below[column]) else ""
+        if group is not None:
+            parent = _header_name(top[group[0][1]])
+            labels.append(
+                parent + (" " if parent.isascii() and child.isascii() else "") + child if child else parent
+            )
+        else:
+            own = _header_name(top[column]) if column < len(top) and not _blank(top[column]) else ""
+            labels.append(own or child)
+    return labels, 2
+
+
 def is_subtotal(row: list[Any]) -> bool:
     """Return True when a row is a subtotal/total line (合计, 小计, Total…) rather than data."""
     for value in row:
@@ -91,11 +129,19 @@ class ExcelConnector:
             )
         return [list(r) for r in workbook.get_sheet_by_name(sheet).to_python(skip_empty_area=False)]
 
+    def _merged(self, path: Path, sheet: str) -> list[MergedRange] | None:
+        ranges = self._open(path).get_sheet_by_name(sheet).merged_cell_ranges
+        return list(ranges) if ranges else None
+
     def columns(self, table: str, header_row: int | None = None) -> list[str]:
         """Return the header labels of ``table`` (a sheet) in the first workbook."""
-        rows = self._rows(self._workbooks()[0], table)
+        path = self._workbooks()[0]
+        rows = self._rows(path, table)
+        if not rows:
+            return []
         index = header_row - 1 if header_row else detect_header_row(rows)
-        return [_header_name(v) for v in rows[index] if not _blank(v)] if rows else []
+        labels, _ = header_labels(rows, index, self._merged(path, table))
+        return [label for label in labels if label]
 
     def _row_iter(self, path: Path, sheet: str) -> Iterator[list[Any]]:
         workbook = self._open(path)
@@ -116,14 +162,14 @@ class ExcelConnector:
             if not head:
                 continue
             header_index = request.header_row - 1 if request.header_row else detect_header_row(head)
-            header = [_header_name(v) if not _blank(v) else "" for v in head[header_index]]
+            header, header_rows = header_labels(head, header_index, self._merged(path, request.table))
             keep = [i for i, label in enumerate(header) if label]
             labels = [header[i] for i in keep]
             columns = [*labels, ROW_REF, LOCATION, ROW_KIND]
             location = f"{path.name}#{request.table}"
             records: list[list[Any]] = []
-            data_rows = itertools.chain(head[header_index + 1 :], rows)
-            for number, row in enumerate(data_rows, start=header_index + 2):
+            data_rows = itertools.chain(head[header_index + header_rows :], rows)
+            for number, row in enumerate(data_rows, start=header_index + header_rows + 1):
                 if all(_blank(v) for v in row):
                     continue
                 values = [_cell(row[i]) if i < len(row) else None for i in keep]
