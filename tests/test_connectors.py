@@ -239,5 +239,5 @@ def test_two_row_headers_under_merged_group_titles(tmp_path: Path) -> None:
     assert connector.columns("客户") == ["客户名称", "联系人姓名", "联系人手机", "金额"]
     [frame] = list(connector.read(ReadRequest("客户")))
     assert frame.drop(columns=[LOCATION, ROW_KIND]).values.tolist() == [
-        ["甲公司", "王芳", 13800000000, 100, "4"]
+        ["甲公司", "王芳", "13800000000", 100, "4"]
     ]
