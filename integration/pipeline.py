@@ -6,10 +6,12 @@ Dagster assets call these; so do the CLI and the tests. Nothing here knows about
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -17,11 +19,11 @@ from sqlalchemy import Engine, func, select
 
 from crm_core.db import make_engine, session_factory, upgrade
 from crm_core.entities import ENTITIES, LOAD_ORDER
-from crm_core.errors import ConfigError, Problem
+from crm_core.errors import ConfigError, MappingError, Problem
 from crm_core.loading import Batch, EntityLoader, Lookup, MatchRules, SourceStats, get_or_start_run
 from crm_core.models import LoadRun, Reject
 from crm_core.watermarks import CursorState, advance, read_watermark
-from integration.connectors import Connector, ReadRequest, connector_for
+from integration.connectors import Connector, CsvConnector, ExcelConnector, ReadRequest, connector_for
 from integration.connectors.base import DEFAULT_CHUNK_ROWS, META_COLUMNS, ROW_REF
 from integration.connectors.sql import SqlConnector
 from integration.dedup.normalize import company_key, person_key
@@ -134,7 +136,9 @@ def extract_chunks(
     connector = migration.connector(mapping.source)
     request = read_request(mapping, chunk_rows)
     incremental = mapping.spec.source.incremental
-    if incremental is not None:
+    if incremental is not None and incremental.files:
+        connector = only_new_files(connector, mapping, since)
+    elif incremental is not None:
         request = replace(request, cursor_column=incremental.cursor, cursor_from=_query_bound(since))
     try:
         yield from connector.read(request)
@@ -143,10 +147,33 @@ def extract_chunks(
             connector.dispose()
 
 
+def file_fingerprint(path: Path) -> str:
+    """Identify a file by name and content (SHA-256): a changed file is read again, a touched one is not."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"{path.name}|{digest.hexdigest()}"
+
+
+def only_new_files(connector: Connector, mapping: CompiledMapping, since: CursorState | None) -> Connector:
+    """Restrict a spreadsheet/CSV connector to files not loaded before (by name + content hash)."""
+    if not isinstance(connector, ExcelConnector | CsvConnector):
+        raise MappingError(f"{mapping.file}: incremental: {{files: true}} needs an excel or csv source")
+    known = since.keys if since else frozenset()
+    if not connector.paths:
+        connector.list_tables()  # the glob matches nothing at all: say so
+    connector.paths = [p for p in connector.paths if file_fingerprint(p) not in known]
+    connector.require_files = False
+    return connector
+
+
 def empty_extract(migration: Migration, mapping: CompiledMapping) -> pd.DataFrame:
     """Return a frame with the source's columns and no rows."""
     connector = migration.connector(mapping.source)
     source = mapping.spec.source
+    if isinstance(connector, ExcelConnector | CsvConnector) and mapping.spec.source.incremental:
+        connector = only_new_files(connector, mapping, None)  # columns come from any file of the folder
     try:
         if source.query is not None and hasattr(connector, "query_columns"):
             columns = list(connector.query_columns(source.query))
@@ -172,6 +199,12 @@ def extract(migration: Migration, mapping: CompiledMapping, since: CursorState |
     # No rows (an empty delta) still carries the columns, so a vanished column is caught every run.
     frame = pd.concat(chunks, ignore_index=True) if chunks else empty_extract(migration, mapping)
     if incremental is None:
+        return frame
+    if incremental.files:
+        connector = migration.connector(mapping.source)
+        current = {file_fingerprint(path) for path in getattr(connector, "paths", [])}
+        files_state = CursorState("files", frozenset(current | (since.keys if since else frozenset())))
+        frame.attrs[WATERMARK_ATTR] = (mapping.name, files_state.to_json())
         return frame
     if frame.empty:
         frame.attrs[WATERMARK_ATTR] = (mapping.name, since.to_json()) if since else None

@@ -123,3 +123,47 @@ def test_a_failed_load_leaves_the_watermark_where_it_was(
     retried = run_job(demo_project, sqlite_core_url)
     assert legacy_rows_read(retried, "customer") > 0
     assert reconcile(engine, retried.run_id).balanced
+
+
+def test_a_spreadsheet_folder_picks_up_only_new_or_changed_files(
+    demo_project: Path, sqlite_core_url: str
+) -> None:
+    import shutil
+
+    from openpyxl import load_workbook
+
+    mapping = demo_project / "mappings" / "sales_xlsx_opportunities.yaml"
+    text = mapping.read_text(encoding="utf-8").replace(
+        "source: {connector: sales_xlsx, sheet: 商机, key: 商机编号}",
+        "source: {connector: sales_xlsx, sheet: 商机, key: 商机编号, incremental: {files: true}}",
+    )
+    assert "files: true" in text
+    mapping.write_text(text, encoding="utf-8")
+
+    def xlsx_rows(result: Any) -> int:
+        [event] = [
+            e
+            for e in result.get_asset_materialization_events()
+            if e.asset_key.to_user_string() == "raw_sales_xlsx_opportunity"
+        ]
+        return int(event.materialization.metadata["rows_read"].value)
+
+    first = run_job(demo_project, sqlite_core_url)
+    assert xlsx_rows(first) > 50
+    assert xlsx_rows(run_job(demo_project, sqlite_core_url)) == 0  # same file: nothing to read
+    (demo_project / "data" / "sales.xlsx").touch()  # a new modification time alone changes nothing
+    assert xlsx_rows(run_job(demo_project, sqlite_core_url)) == 0
+    book = load_workbook(demo_project / "data" / "sales.xlsx")
+    sheet = book["商机"]
+    rows = [r for r in sheet.iter_rows(min_row=3, max_row=4, values_only=True)]
+    new_book_path = demo_project / "data" / "sales_2025Q3.xlsx"
+    shutil.copy(demo_project / "data" / "sales.xlsx", new_book_path)
+    new_book = load_workbook(new_book_path)
+    new_sheet = new_book["商机"]
+    new_sheet.delete_rows(3, new_sheet.max_row)
+    for number, row in enumerate(rows):
+        new_sheet.append([f"OPP-2025-Q3-{number}", *row[1:]])
+    new_book.save(new_book_path)
+    third = run_job(demo_project, sqlite_core_url)
+    assert xlsx_rows(third) == 2  # only the new workbook's rows
+    assert reconcile(make_engine(sqlite_core_url), third.run_id).balanced

@@ -16,7 +16,14 @@ CASES: list[tuple[str, str, list[str]]] = [
     (
         "incremental_on_a_sheet",
         "version: 1\nsource: {connector: crm, sheet: s, key: id, incremental: {cursor: m}}\ntarget: customer\nfields:\n  name: name\n",
-        ["{file}:2:9: source: incremental reads need a table or query (spreadsheets are re-read whole)"],
+        [
+            "{file}:2:9: source: a cursor needs a table or query; for spreadsheet folders use incremental: {files: true}"
+        ],
+    ),
+    (
+        "incremental_without_cursor_or_files",
+        "version: 1\nsource: {connector: crm, table: t, key: id, incremental: {}}\ntarget: customer\nfields:\n  name: name\n",
+        ["{file}:2:58: source.incremental: give either 'cursor: <column>' or 'files: true'"],
     ),
     (
         "incremental_without_key",

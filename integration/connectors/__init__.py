@@ -41,6 +41,7 @@ def connector_for(project: Project, source: str) -> Connector:
 __all__ = [
     "META_COLUMNS",
     "Connector",
+    "CsvConnector",
     "ExcelConnector",
     "OdbcConnector",
     "ReadRequest",

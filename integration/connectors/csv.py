@@ -21,6 +21,7 @@ class CsvConnector:
         self.name = name
         self.paths = paths
         self.pattern = pattern
+        self.require_files = True  # False once restricted to new files: none left is then fine
         self.encoding = encoding
         self.delimiter = delimiter
 
@@ -29,7 +30,7 @@ class CsvConnector:
         return f"csv:{self.pattern} ({self.encoding}, {len(self.paths)} file(s))"
 
     def _files(self) -> list[Path]:
-        if not self.paths:
+        if not self.paths and self.require_files:
             raise ExtractError(self.name, f"no file matches {self.pattern}; check the path in project.yaml")
         return self.paths
 

@@ -92,13 +92,14 @@ class ExcelConnector:
         self.name = name
         self.paths = paths
         self.pattern = pattern
+        self.require_files = True  # False once restricted to new files: none left is then fine
 
     def describe(self) -> str:
         """Return the glob and how many workbooks it matches."""
         return f"excel:{self.pattern} ({len(self.paths)} file(s))"
 
     def _workbooks(self) -> list[Path]:
-        if not self.paths:
+        if not self.paths and self.require_files:
             raise ExtractError(
                 self.name, f"no workbook matches {self.pattern}; check the path in project.yaml"
             )

@@ -36,11 +36,18 @@ class _Strict(BaseModel):
 
 
 class IncrementalSpec(_Strict):
-    """Read only rows changed since the last committed load, by a cursor column."""
+    """Read only what changed since the last committed load: rows by a cursor column, or new files."""
 
-    cursor: str = Field(
-        description="column that grows when a row changes, e.g. date_modified or a rowversion"
+    cursor: str | None = Field(
+        default=None, description="column that grows when a row changes, e.g. date_modified"
     )
+    files: bool = Field(default=False, description="spreadsheet/CSV folders: read only new or changed files")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> IncrementalSpec:
+        if (self.cursor is None) == (not self.files):
+            raise ValueError("give either 'cursor: <column>' or 'files: true'")
+        return self
 
 
 class SourceSpec(_Strict):
@@ -61,10 +68,13 @@ class SourceSpec(_Strict):
             raise ValueError("give exactly one of 'table', 'sheet' or 'query'")
         if self.query is not None and self.where is not None:
             raise ValueError("'where' filters a table; put the condition into the query instead")
-        if self.incremental is not None and self.sheet is not None:
-            raise ValueError("incremental reads need a table or query (spreadsheets are re-read whole)")
-        if self.incremental is not None and not self.key:
-            raise ValueError("incremental reads need 'key': it tells rows at the cursor boundary apart")
+        if self.incremental is not None and self.incremental.cursor is not None:
+            if self.sheet is not None:
+                raise ValueError(
+                    "a cursor needs a table or query; for spreadsheet folders use incremental: {files: true}"
+                )
+            if not self.key:
+                raise ValueError("incremental reads need 'key': it tells rows at the cursor boundary apart")
         return self
 
     @property
@@ -195,8 +205,9 @@ class CompiledMapping:
     def source_columns(self) -> list[str]:
         """Return every source column the mapping reads (fields, key and cursor)."""
         columns = list(self.spec.source.key_columns)
-        if self.spec.source.incremental and self.spec.source.incremental.cursor not in columns:
-            columns.append(self.spec.source.incremental.cursor)
+        cursor = self.spec.source.incremental.cursor if self.spec.source.incremental else None
+        if cursor is not None and cursor not in columns:
+            columns.append(cursor)
         for f in self.fields:
             columns.extend(c for c in f.spec.columns if c not in columns)
         return columns
@@ -346,8 +357,8 @@ def _check_source(
                     key_path, f"column '{key}' is not in {spec.source.location}{close_names(key, columns)}"
                 )
             )
-    if spec.source.incremental and spec.source.incremental.cursor not in known:
-        cursor = spec.source.incremental.cursor
+    cursor = spec.source.incremental.cursor if spec.source.incremental else None
+    if cursor is not None and cursor not in known:
         problems.append(
             doc.problem(
                 ("source", "incremental", "cursor"),
