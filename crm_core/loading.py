@@ -328,7 +328,7 @@ class EntityLoader:
 
     def _reject(
         self,
-        batch: Batch,
+        source: str,
         row: pd.Series | dict[str, Any],
         field_name: str | None,
         value: Any,
@@ -337,7 +337,7 @@ class EntityLoader:
         severity: str = "error",
     ) -> None:
         self.session.add(Reject(
-            load_run_id=self.run.id, source=batch.source, entity=self.entity.name,
+            load_run_id=self.run.id, source=source, entity=self.entity.name,
             location=str(row.get(LOCATION)) if row.get(LOCATION) is not None else None,
             row_ref=str(row.get(ROW_REF)), field=field_name, value=None if value is None else str(value)[:2000],
             rule=rule, reason=reason, severity=severity,
@@ -349,7 +349,7 @@ class EntityLoader:
         )
         mapping_rejected: set[str] = set()
         for entry in batch.rejects.to_dict("records"):
-            self._reject(batch, {LOCATION: entry["location"], ROW_REF: entry["row_ref"]}, entry["field"],
+            self._reject(batch.source, {LOCATION: entry["location"], ROW_REF: entry["row_ref"]}, entry["field"],
                          entry["value"], entry["rule"], entry["reason"], entry.get("severity") or "error")  # fmt: skip
             if (entry.get("severity") or "error") == "error":
                 mapping_rejected.add(f"{entry['location']}\x00{entry['row_ref']}")
@@ -379,7 +379,7 @@ class EntityLoader:
             errors = row_errors.get(index, [])
             for problem in errors:
                 self._reject(
-                    batch,
+                    batch.source,
                     row,
                     problem["field"],
                     problem["value"],
@@ -395,7 +395,7 @@ class EntityLoader:
             values = {k: _python(v) for k, v in values.items()}
             if "stage" in values and values["stage"] is not None and not self._valid_stage(values["stage"]):
                 self._reject(
-                    batch,
+                    batch.source,
                     row,
                     "stage",
                     values["stage"],
@@ -522,8 +522,7 @@ class EntityLoader:
             column = self.entity.fields[name].column
             target_id = target.get(str(value))
             if target_id is None:
-                batch = Batch(source, "", pd.DataFrame(), pd.DataFrame(), 0, ())
-                self._reject(batch, row, name, value, "reference",
+                self._reject(source, row, name, value, "reference",
                              f"{self.entity.name} with {system} key '{value}' not found", "warn")  # fmt: skip
             elif target_id != record.id and getattr(record, column) != target_id:
                 setattr(record, column, target_id)

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from crm_core.models import Watermark
 
 
-def _plain(value: Any) -> Any:
+def plain_cursor(value: Any) -> Any:
     """Return a JSON-able, comparable Python value for a cursor (pandas Timestamps become datetimes)."""
     if hasattr(value, "to_pydatetime"):
         return value.to_pydatetime()
@@ -38,7 +38,7 @@ class CursorState:
 
     def to_json(self) -> str:
         """Serialize, keeping the value's type (datetime, date, int, float or text)."""
-        value = _plain(self.value)
+        value = plain_cursor(self.value)
         kind: str
         text: str | int | float
         if isinstance(value, dt.datetime):
@@ -73,19 +73,19 @@ class CursorState:
 
     def describe(self) -> str:
         """Return a short human form, e.g. ``2025-06-01 09:00:00 (2 rows at this value)``."""
-        return f"{_plain(self.value)} ({len(self.keys)} row(s) at this value)"
+        return f"{plain_cursor(self.value)} ({len(self.keys)} row(s) at this value)"
 
 
 def advance(previous: CursorState | None, cursors: Sequence[Any], keys: Sequence[str]) -> CursorState | None:
     """Return the watermark after loading rows with these cursor values and keys."""
-    values = [_plain(v) for v in cursors if v is not None and v == v]
+    values = [plain_cursor(v) for v in cursors if v is not None and v == v]
     if not values:
         return previous
     top = max(values)
-    at_top = {k for v, k in zip(cursors, keys, strict=True) if _plain(v) == top}
-    if previous is not None and _plain(previous.value) == top:
+    at_top = {k for v, k in zip(cursors, keys, strict=True) if plain_cursor(v) == top}
+    if previous is not None and plain_cursor(previous.value) == top:
         at_top |= previous.keys
-    if previous is not None and _plain(previous.value) > top:
+    if previous is not None and plain_cursor(previous.value) > top:
         return previous
     return CursorState(top, frozenset(at_top))
 

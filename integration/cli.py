@@ -134,41 +134,29 @@ def run(
 @project_app.command("check")
 def project_check(project: ProjectOption = None) -> None:
     """Check project.yaml, every mapping file, and each mapping's columns against its real source."""
-    from integration.connectors.sql import SqlConnector
     from integration.mappings.spec import load_mappings
-    from integration.pipeline import Migration
+    from integration.pipeline import Migration, source_columns
 
     try:
         migration = Migration.load(str(project) if project else None)
-        columns: dict[str, list[str] | None] = {}
-        problems = []
-        for mapping in migration.mappings:
-            connector = migration.connector(mapping.source)
-            source = mapping.spec.source
-            try:
-                if source.query is not None and isinstance(connector, SqlConnector):
-                    found = connector.query_columns(source.query)
-                else:
-                    found = connector.columns(source.location, source.header_row)
-            except CrmError as exc:
-                problems.append(str(exc))
-                continue
-            columns[f"{mapping.source}:{mapping.name}"] = found
-            try:
-                load_mappings(
-                    [mapping.file],
-                    sources={**{s: None for s in migration.project.spec.sources}, mapping.source: found},
-                )
-            except ConfigError as exc:
-                errors.print(exc.render(), markup=False, highlight=False)
-                problems.extend(str(p) for p in exc.problems)
     except ConfigError as exc:
         raise _config_error(exc) from None
-    for problem in problems:
-        if "source '" in problem:
-            errors.print(problem, markup=False, highlight=False)
+    problems = 0
+    unchecked: dict[str, list[str] | None] = {name: None for name in migration.project.spec.sources}
+    for mapping in migration.mappings:
+        try:
+            found = source_columns(migration, mapping)
+        except CrmError as exc:
+            errors.print(str(exc), markup=False, highlight=False)
+            problems += 1
+            continue
+        try:
+            load_mappings([mapping.file], sources={**unchecked, mapping.source: found})
+        except ConfigError as exc:
+            errors.print(exc.render(), markup=False, highlight=False)
+            problems += len(exc.problems)
     if problems:
-        errors.print(f"[red]{len(problems)} problem(s)[/red]")
+        errors.print(f"[red]{problems} problem(s)[/red]")
         raise typer.Exit(EXIT_FAILED)
     console.print(
         f"[green]ok[/green]: project '{migration.project.name}', {len(migration.mappings)} mapping(s), {len(migration.project.spec.sources)} source(s)"

@@ -22,7 +22,7 @@ from crm_core.entities import ENTITIES, LOAD_ORDER
 from crm_core.errors import ConfigError, MappingError, Problem
 from crm_core.loading import Batch, EntityLoader, Lookup, MatchRules, SourceStats, get_or_start_run
 from crm_core.models import LoadRun, Reject
-from crm_core.watermarks import CursorState, advance, read_watermark
+from crm_core.watermarks import CursorState, advance, plain_cursor, read_watermark
 from integration.connectors import Connector, CsvConnector, ExcelConnector, ReadRequest, connector_for
 from integration.connectors.base import DEFAULT_CHUNK_ROWS, META_COLUMNS, ROW_REF
 from integration.connectors.sql import SqlConnector
@@ -131,14 +131,13 @@ def extract_chunks(
     mapping: CompiledMapping,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     since: CursorState | None = None,
+    connector: Connector | None = None,
 ) -> Iterator[pd.DataFrame]:
-    """Yield the raw chunks of a mapping's source table or sheet (from ``since`` for incremental ones)."""
-    connector = migration.connector(mapping.source)
+    """Yield the raw chunks of a mapping's source table or sheet (from ``since`` for cursor-incremental ones)."""
+    connector = connector or migration.connector(mapping.source)
     request = read_request(mapping, chunk_rows)
     incremental = mapping.spec.source.incremental
-    if incremental is not None and incremental.files:
-        connector = only_new_files(connector, mapping, since)
-    elif incremental is not None:
+    if incremental is not None and incremental.cursor is not None:
         request = replace(request, cursor_column=incremental.cursor, cursor_from=_query_bound(since))
     try:
         yield from connector.read(request)
@@ -156,32 +155,37 @@ def file_fingerprint(path: Path) -> str:
     return f"{path.name}|{digest.hexdigest()}"
 
 
-def only_new_files(connector: Connector, mapping: CompiledMapping, since: CursorState | None) -> Connector:
-    """Restrict a spreadsheet/CSV connector to files not loaded before (by name + content hash)."""
+def restrict_to_new_files(
+    connector: Connector, mapping: CompiledMapping, since: CursorState | None
+) -> set[str]:
+    """Keep only the files not loaded before (by name + content hash); return every matched file's fingerprint."""
     if not isinstance(connector, ExcelConnector | CsvConnector):
         raise MappingError(f"{mapping.file}: incremental: {{files: true}} needs an excel or csv source")
-    known = since.keys if since else frozenset()
     if not connector.paths:
         connector.list_tables()  # the glob matches nothing at all: say so
-    connector.paths = [p for p in connector.paths if file_fingerprint(p) not in known]
+    fingerprints = {path: file_fingerprint(path) for path in connector.paths}
+    known = since.keys if since else frozenset()
+    connector.paths = [path for path, fingerprint in fingerprints.items() if fingerprint not in known]
     connector.require_files = False
-    return connector
+    return set(fingerprints.values())
+
+
+def source_columns(migration: Migration, mapping: CompiledMapping) -> list[str]:
+    """Return the columns a mapping's source really has (its query's, or its table's or sheet's)."""
+    connector = migration.connector(mapping.source)
+    source = mapping.spec.source
+    try:
+        if source.query is not None and hasattr(connector, "query_columns"):
+            return list(connector.query_columns(source.query))
+        return connector.columns(source.location, source.header_row)
+    finally:
+        if isinstance(connector, SqlConnector):
+            connector.dispose()
 
 
 def empty_extract(migration: Migration, mapping: CompiledMapping) -> pd.DataFrame:
     """Return a frame with the source's columns and no rows."""
-    connector = migration.connector(mapping.source)
-    source = mapping.spec.source
-    if isinstance(connector, ExcelConnector | CsvConnector) and mapping.spec.source.incremental:
-        connector = only_new_files(connector, mapping, None)  # columns come from any file of the folder
-    try:
-        if source.query is not None and hasattr(connector, "query_columns"):
-            columns = list(connector.query_columns(source.query))
-        else:
-            columns = connector.columns(source.location, source.header_row)
-    finally:
-        if isinstance(connector, SqlConnector):
-            connector.dispose()
+    columns = source_columns(migration, mapping)
     return pd.DataFrame({c: pd.Series(dtype=object) for c in [*columns, *META_COLUMNS]})
 
 
@@ -195,15 +199,17 @@ def extract(migration: Migration, mapping: CompiledMapping, since: CursorState |
     that were loaded before are dropped, and the new watermark rides along in ``frame.attrs``.
     """
     incremental = mapping.spec.source.incremental
-    chunks = list(extract_chunks(migration, mapping, since=since))
+    connector = migration.connector(mapping.source)
+    matched_files: set[str] = set()
+    if incremental is not None and incremental.files:
+        matched_files = restrict_to_new_files(connector, mapping, since)
+    chunks = list(extract_chunks(migration, mapping, since=since, connector=connector))
     # No rows (an empty delta) still carries the columns, so a vanished column is caught every run.
     frame = pd.concat(chunks, ignore_index=True) if chunks else empty_extract(migration, mapping)
     if incremental is None:
         return frame
     if incremental.files:
-        connector = migration.connector(mapping.source)
-        current = {file_fingerprint(path) for path in getattr(connector, "paths", [])}
-        files_state = CursorState("files", frozenset(current | (since.keys if since else frozenset())))
+        files_state = CursorState("files", frozenset(matched_files | (since.keys if since else frozenset())))
         frame.attrs[WATERMARK_ATTR] = (mapping.name, files_state.to_json())
         return frame
     if frame.empty:
@@ -212,8 +218,9 @@ def extract(migration: Migration, mapping: CompiledMapping, since: CursorState |
     keys = frame[ROW_REF].astype(str)
     if since is not None:
         cursors = frame[incremental.cursor]
-        before = cursors.map(lambda v: _plain_cursor(v) < _plain_cursor(since.value))
-        seen = before | (cursors.map(lambda v: _same_cursor(v, since.value)) & keys.isin(since.keys))
+        boundary = plain_cursor(since.value)
+        before = cursors.map(lambda v: plain_cursor(v) < boundary)
+        seen = before | (cursors.map(lambda v: plain_cursor(v) == boundary) & keys.isin(since.keys))
         frame = frame.loc[~seen].reset_index(drop=True)
         keys = keys.loc[~seen].reset_index(drop=True)
     state = advance(since, list(frame[incremental.cursor]), list(keys))
@@ -230,16 +237,8 @@ DATETIME_CURSOR_MARGIN = dt.timedelta(seconds=1)
 def _query_bound(since: CursorState | None) -> Any:
     if since is None:
         return None
-    value = _plain_cursor(since.value)
+    value = plain_cursor(since.value)
     return value - DATETIME_CURSOR_MARGIN if isinstance(value, dt.datetime) else value
-
-
-def _plain_cursor(value: Any) -> Any:
-    return value.to_pydatetime() if isinstance(value, pd.Timestamp) else value
-
-
-def _same_cursor(value: object, other: object) -> bool:
-    return bool(CursorState(value, frozenset()).to_json() == CursorState(other, frozenset()).to_json())
 
 
 def stream_watermark(engine: Engine, mapping: CompiledMapping) -> CursorState | None:

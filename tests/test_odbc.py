@@ -176,3 +176,22 @@ def test_demo_with_the_erp_over_odbc_loads_the_same_as_over_sqlalchemy(
         customers = db.execute("SELECT count(*) FROM Customer").fetchone()[0]
     assert erp["customer"].rows_read == customers and erp["customer"].loaded == customers
     assert erp["sales_order_line"].amount_source == erp["sales_order_line"].amount_core > 0
+
+
+def test_project_check_reads_query_columns_through_odbc(demo_project: Path) -> None:
+    driver_or_skip("SQLite3")
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    project_file = demo_project / "project.yaml"
+    legacy = str(demo_project / "data" / "legacy_crm.sqlite")
+    text = project_file.read_text(encoding="utf-8").replace(
+        "    connector: sql\n    url: ${LEGACY_CRM_URL:-sqlite:///data/legacy_crm.sqlite}\n",
+        f'    connector: odbc\n    connection_string: "DRIVER={{SQLite3}};Database={legacy}"\n',
+    )
+    assert "Database=" in text
+    project_file.write_text(text, encoding="utf-8")
+    result = CliRunner().invoke(app, ["project", "check", "--project", str(demo_project)])
+    assert result.exit_code == 0, result.output  # the contact/opportunity mappings are queries
+    assert "ok: project 'demo'" in result.output

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from python_calamine import CalamineWorkbook
+from python_calamine import CalamineSheet, CalamineWorkbook
 
 from crm_core.errors import ExtractError
 from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, ReadRequest
@@ -121,56 +121,44 @@ class ExcelConnector:
             names.extend(n for n in self._open(path).sheet_names if n not in names)
         return names
 
-    def _rows(self, path: Path, sheet: str) -> list[list[Any]]:
+    def _sheet(self, path: Path, sheet: str) -> CalamineSheet:
         workbook = self._open(path)
         if sheet not in workbook.sheet_names:
             raise ExtractError(
                 self.name,
                 f"workbook {path.name} has no sheet '{sheet}'; sheets: {', '.join(workbook.sheet_names)}",
             )
-        return [list(r) for r in workbook.get_sheet_by_name(sheet).to_python(skip_empty_area=False)]
+        return workbook.get_sheet_by_name(sheet)
 
-    def _merged(self, path: Path, sheet: str) -> list[MergedRange] | None:
-        ranges = self._open(path).get_sheet_by_name(sheet).merged_cell_ranges
-        return list(ranges) if ranges else None
+    def _header(
+        self, sheet: CalamineSheet, header_row: int | None
+    ) -> tuple[list[str], int, Iterator[list[Any]]]:
+        """Return the labels, the first data row's 0-based index, and the rows after the scanned head."""
+        # iter_rows hands rows to Python one at a time: memory follows the chunk size, not the sheet.
+        rows = (list(row) for row in sheet.iter_rows())
+        head = list(itertools.islice(rows, HEADER_SCAN_ROWS))
+        if not head:
+            return [], 0, rows
+        index = header_row - 1 if header_row else detect_header_row(head)
+        merged = list(sheet.merged_cell_ranges or []) or None
+        labels, header_rows = header_labels(head, index, merged)
+        return labels, index + header_rows, itertools.chain(head[index + header_rows :], rows)
 
     def columns(self, table: str, header_row: int | None = None) -> list[str]:
         """Return the header labels of ``table`` (a sheet) in the first workbook."""
-        path = self._workbooks()[0]
-        rows = self._rows(path, table)
-        if not rows:
-            return []
-        index = header_row - 1 if header_row else detect_header_row(rows)
-        labels, _ = header_labels(rows, index, self._merged(path, table))
+        labels, _, _ = self._header(self._sheet(self._workbooks()[0], table), header_row)
         return [label for label in labels if label]
-
-    def _row_iter(self, path: Path, sheet: str) -> Iterator[list[Any]]:
-        workbook = self._open(path)
-        if sheet not in workbook.sheet_names:
-            raise ExtractError(
-                self.name,
-                f"workbook {path.name} has no sheet '{sheet}'; sheets: {', '.join(workbook.sheet_names)}",
-            )
-        # iter_rows hands rows to Python one at a time: memory follows the chunk size, not the sheet.
-        for row in workbook.get_sheet_by_name(sheet).iter_rows():
-            yield list(row)
 
     def read(self, request: ReadRequest) -> Iterator[pd.DataFrame]:
         """Yield the sheet's data rows from every workbook, in chunks, blank rows skipped."""
         for path in self._workbooks():
-            rows = self._row_iter(path, request.table)
-            head = list(itertools.islice(rows, HEADER_SCAN_ROWS))
-            if not head:
-                continue
-            header_index = request.header_row - 1 if request.header_row else detect_header_row(head)
-            header, header_rows = header_labels(head, header_index, self._merged(path, request.table))
+            header, first_data, data_rows = self._header(self._sheet(path, request.table), request.header_row)
             keep = [i for i, label in enumerate(header) if label]
             labels = [header[i] for i in keep]
             columns = [*labels, ROW_REF, LOCATION, ROW_KIND]
             location = f"{path.name}#{request.table}"
             records: list[list[Any]] = []
-            data_rows = itertools.chain(head[header_index + header_rows :], rows)
-            for number, row in enumerate(data_rows, start=header_index + header_rows + 1):
+            for number, row in enumerate(data_rows, start=first_data + 1):
                 if all(_blank(v) for v in row):
                     continue
                 values = [_cell(row[i]) if i < len(row) else None for i in keep]
