@@ -109,3 +109,7 @@ class DedupError(CrmError):
 
 class SyncError(CrmError):
     """Synchronisation with ERP or finance failed."""
+
+
+class RunError(CrmError):
+    """Managing load runs failed: an unknown run, or a rollback that later runs depend on."""

@@ -89,6 +89,23 @@ class LoadRun(Base):
     started_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
     finished_at: Mapped[dt.datetime | None]
     stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The process that owns the run: a run still 'running' whose process is gone has crashed.
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None]
+
+
+class RowChange(Base):
+    """Journal: the before-image of one row a load run inserted, changed or deleted (rollback replays it)."""
+
+    __tablename__ = "row_changes"
+    __table_args__ = (Index("ix_row_changes_table_name_row_key", "table_name", "row_key"),)
+
+    id: Mapped[intpk]
+    load_run_id: Mapped[int] = mapped_column(ForeignKey("load_runs.id"), index=True)
+    table_name: Mapped[str] = mapped_column(String(64))
+    row_key: Mapped[str] = mapped_column(String(255))  # the primary key as canonical JSON
+    operation: Mapped[str] = mapped_column(String(8))  # insert | update | delete
+    before: Mapped[dict[str, Any] | None]  # column values before the change (None for inserts)
 
 
 class Reject(Base):
@@ -107,6 +124,7 @@ class Reject(Base):
     rule: Mapped[str] = mapped_column(String(64))  # mapping | reference | validation rule name
     reason: Mapped[str] = mapped_column(Text)
     severity: Mapped[str] = mapped_column(String(8), default="error")  # error: not loaded; warn: loaded
+    raw_row: Mapped[dict[str, Any] | None]  # the source row as read, so it can be fixed and re-imported
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
 
 

@@ -1,0 +1,133 @@
+"""The run journal: every row a load run inserts, changes or deletes is recorded with its before-image.
+
+A session opted in with :func:`journal_session` writes one ``row_changes`` entry per flushed change,
+in the same transaction as the change itself, so the journal can never disagree with the data. Replaying
+a run's entries newest first restores the core exactly as it was before the run (see ``crm_core.runs``).
+The before-image is read from the database just before the flush, so it is right even for attributes
+the session never loaded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Column, Date, DateTime, Numeric, Table, and_, event, insert, inspect, or_, select
+from sqlalchemy.orm import Session, UOWTransaction
+
+from crm_core.models import Base, RowChange
+
+JOURNAL_RUN = "journal_run_id"
+_PENDING = "journal_pending"
+# Bookkeeping tables are not journaled: they record runs rather than being changed by them.
+NOT_JOURNALED = frozenset({"load_runs", "rejects", "row_changes"})
+
+
+def journal_session(session: Session, run_id: int) -> None:
+    """Record every change ``session`` flushes from now on as made by load run ``run_id``."""
+    session.info[JOURNAL_RUN] = run_id
+
+
+def to_json(value: Any) -> Any:
+    """Return a JSON-safe form of a column value (Decimal and dates as text)."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    return value
+
+
+def from_json(column: Column[Any], value: Any) -> Any:
+    """Return the column's Python value for what :func:`to_json` stored."""
+    if value is None:
+        return None
+    if isinstance(column.type, Numeric):
+        return Decimal(value)
+    if isinstance(column.type, DateTime):
+        return dt.datetime.fromisoformat(value)
+    if isinstance(column.type, Date):
+        return dt.date.fromisoformat(value)
+    return value
+
+
+def row_key(table: Table, values: dict[str, Any]) -> str:
+    """Return a row's primary key as canonical JSON (the journal's row identity)."""
+    return json.dumps({c.name: to_json(values[c.name]) for c in table.primary_key.columns}, sort_keys=True)
+
+
+def _table(instance: Any) -> Table | None:
+    table = getattr(type(instance), "__table__", None)
+    if not isinstance(table, Table) or table.name in NOT_JOURNALED or not isinstance(instance, Base):
+        return None
+    return table
+
+
+def _pk_values(instance: Any, table: Table) -> dict[str, Any]:
+    state = inspect(instance)
+    mapper = state.mapper
+    return {
+        c.name: getattr(instance, mapper.get_property_by_column(c).key) for c in table.primary_key.columns
+    }
+
+
+def _read_rows(session: Session, table: Table, keys: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Read the current database rows for these primary keys (before the flush changes them)."""
+    found: dict[str, dict[str, Any]] = {}
+    key_list = list(keys)
+    pk = list(table.primary_key.columns)
+    for start in range(0, len(key_list), 200):
+        part = key_list[start : start + 200]
+        condition = or_(*(and_(*(c == key[c.name] for c in pk)) for key in part))
+        for row in session.connection().execute(select(table).where(condition)).mappings():
+            values = dict(row)
+            found[row_key(table, values)] = {k: to_json(v) for k, v in values.items()}
+    return found
+
+
+@event.listens_for(Session, "before_flush")
+def _before_flush(session: Session, _flush: UOWTransaction, _instances: Any) -> None:
+    run_id = session.info.get(JOURNAL_RUN)
+    if run_id is None:
+        return
+    changed: dict[Table, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
+    for operation, instances in (("update", session.dirty), ("delete", session.deleted)):
+        for instance in instances:
+            table = _table(instance)
+            if table is None or (operation == "update" and not session.is_modified(instance)):
+                continue
+            changed[table].append((operation, _pk_values(instance, table)))
+    entries: list[dict[str, Any]] = []
+    for table, items in changed.items():
+        before = _read_rows(session, table, (key for _, key in items))
+        for operation, key in items:
+            identity = row_key(table, key)
+            if identity in before:  # not yet in the database: its insert is journaled instead
+                entries.append({"load_run_id": run_id, "table_name": table.name, "row_key": identity,
+                                "operation": operation, "before": before[identity]})  # fmt: skip
+    # Inserts get their primary keys during the flush; remember the objects and journal them after it.
+    session.info[_PENDING] = (entries, [i for i in session.new if _table(i) is not None])
+
+
+@event.listens_for(Session, "after_flush")
+def _after_flush(session: Session, _flush: UOWTransaction) -> None:
+    run_id = session.info.get(JOURNAL_RUN)
+    pending = session.info.pop(_PENDING, None)
+    if run_id is None or pending is None:
+        return
+    changes, inserted = pending
+    # Inserts first: replayed newest first, a flush's updates (which may point at its new rows) are undone
+    # before its new rows are deleted.
+    entries: list[dict[str, Any]] = []
+    for instance in inserted:
+        table = _table(instance)
+        assert table is not None
+        entries.append({"load_run_id": run_id, "table_name": table.name,
+                        "row_key": row_key(table, _pk_values(instance, table)), "operation": "insert",
+                        "before": None})  # fmt: skip
+    entries.extend(changes)
+    if entries:
+        session.connection().execute(insert(RowChange), entries)

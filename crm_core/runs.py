@@ -1,0 +1,266 @@
+"""Load runs after the fact: list them, roll one back, compensate runs that failed or crashed.
+
+A run's journal (``row_changes``) holds the before-image of every row it touched. Rolling back replays
+it newest first in one transaction: inserted rows are deleted, changed rows get their old values back,
+crosswalk entries and watermarks included. A later run that touched the same rows, or whose rows point
+at rows this run inserted, depends on it: rollback refuses unless ``cascade`` rolls those back first.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import multiprocessing
+import os
+import socket
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, Table, and_, delete, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from crm_core.db import session_factory
+from crm_core.entities import ENTITIES
+from crm_core.errors import RunError
+from crm_core.journal import from_json
+from crm_core.models import Base, ExternalId, LoadRun, RowChange
+
+ACTIVE = ("running", "succeeded", "unbalanced")  # statuses whose changes are in the core
+_ENTITY_OF_TABLE = {definition.model.__tablename__: name for name, definition in ENTITIES.items()}
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One line of ``crmi runs list``."""
+
+    id: int
+    run_key: str
+    project: str
+    mode: str
+    status: str
+    started_at: dt.datetime
+    finished_at: dt.datetime | None
+    changes: int
+    rows_read: int
+    rejected: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-friendly dict."""
+        return {k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in self.__dict__.items()}
+
+
+def owner() -> tuple[str, int]:
+    """Return (host, pid) of the process that owns the current run (a step's parent under multiprocessing)."""
+    parent = multiprocessing.parent_process()
+    return socket.gethostname(), parent.pid if parent is not None and parent.pid else os.getpid()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def is_crashed(run: LoadRun) -> bool:
+    """Return True for a run still marked running whose owning process on this host is gone."""
+    return (
+        run.status == "running"
+        and run.host == socket.gethostname()
+        and run.pid is not None
+        and not _alive(run.pid)
+    )
+
+
+def list_runs(engine: Engine) -> list[RunSummary]:
+    """Return every load run, newest first, with its journal size and row counts."""
+    with session_factory(engine)() as session:
+        changes = dict(
+            session.execute(select(RowChange.load_run_id, func.count()).group_by(RowChange.load_run_id)).all()
+        )
+        summaries = []
+        for run in session.scalars(select(LoadRun).order_by(LoadRun.id.desc())):
+            batches = [s for entity in (run.stats or {}).values() for s in entity]
+            status = "crashed" if is_crashed(run) else run.status
+            summaries.append(RunSummary(
+                id=run.id, run_key=run.run_key, project=run.project, mode=run.mode, status=status,
+                started_at=run.started_at, finished_at=run.finished_at, changes=changes.get(run.id, 0),
+                rows_read=sum(s.get("rows_read", 0) for s in batches),
+                rejected=sum(s.get("rejected", 0) for s in batches),
+            ))  # fmt: skip
+        return summaries
+
+
+def find_run(session: Session, reference: str) -> LoadRun:
+    """Return the run named by its key, a unique key prefix (as shown by ``runs list``) or its number."""
+    run = session.scalar(select(LoadRun).where(LoadRun.run_key == reference))
+    if run is None and reference.isdigit():
+        run = session.get(LoadRun, int(reference))
+    if run is None:
+        matches = session.scalars(select(LoadRun).where(LoadRun.run_key.startswith(reference))).all()
+        if len(matches) > 1:
+            raise RunError(f"run '{reference}' is ambiguous: {', '.join(m.run_key for m in matches)}")
+        run = matches[0] if matches else None
+    if run is None:
+        raise RunError(f"no load run '{reference}' in the core; `crmi runs list` shows them")
+    return run
+
+
+def _inserted_ids(session: Session, run_id: int) -> dict[str, list[int]]:
+    ids: dict[str, list[int]] = defaultdict(list)
+    rows = session.execute(
+        select(RowChange.table_name, RowChange.row_key).where(
+            RowChange.load_run_id == run_id, RowChange.operation == "insert"
+        )
+    )
+    for table_name, key in rows:
+        value = json.loads(key)
+        if list(value) == ["id"]:
+            ids[table_name].append(int(value["id"]))
+    return ids
+
+
+def dependents(session: Session, run: LoadRun) -> set[int]:
+    """Return the later active runs that changed rows this run touched or point at rows it inserted."""
+    later = {
+        r
+        for (r,) in session.execute(select(LoadRun.id).where(LoadRun.id > run.id, LoadRun.status.in_(ACTIVE)))
+    }
+    if not later:
+        return set()
+    mine, theirs = RowChange.__table__.alias("mine"), RowChange.__table__.alias("theirs")
+    found = set(
+        session.scalars(
+            select(theirs.c.load_run_id)
+            .distinct()
+            .join(mine, and_(mine.c.table_name == theirs.c.table_name, mine.c.row_key == theirs.c.row_key))
+            .where(mine.c.load_run_id == run.id, theirs.c.load_run_id.in_(later))
+        )
+    )
+    for table_name, ids in _inserted_ids(session, run.id).items():
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            for table in Base.metadata.sorted_tables:
+                for fk in table.foreign_keys:
+                    if fk.column.table.name != table_name or "created_run_id" not in table.c:
+                        continue
+                    for created, updated in session.execute(
+                        select(table.c.created_run_id, table.c.updated_run_id)
+                        .distinct()
+                        .where(fk.parent.in_(part))
+                    ):
+                        found |= {created, updated} & later
+            entity = _ENTITY_OF_TABLE.get(table_name)
+            if entity is not None:
+                found |= (
+                    set(
+                        session.scalars(
+                            select(ExternalId.created_run_id)
+                            .distinct()
+                            .where(ExternalId.entity == entity, ExternalId.entity_id.in_(part))
+                        )
+                    )
+                    & later
+                )
+    return found
+
+
+def _replay(session: Session, run: LoadRun) -> None:
+    """Undo a run's journal newest first."""
+    tables = Base.metadata.tables
+    entries = session.execute(
+        select(RowChange.table_name, RowChange.row_key, RowChange.operation, RowChange.before)
+        .where(RowChange.load_run_id == run.id)
+        .order_by(RowChange.id.desc())
+    ).all()
+    for table_name, key, operation, before in entries:
+        table: Table = tables[table_name]
+        where = and_(
+            *(table.c[name] == from_json(table.c[name], value) for name, value in json.loads(key).items())
+        )
+        if operation == "insert":
+            session.execute(delete(table).where(where))
+        elif operation == "update":
+            values = {
+                name: from_json(table.c[name], value) for name, value in before.items() if name in table.c
+            }
+            session.execute(update(table).where(where).values(values))
+        else:
+            session.execute(
+                insert(table).values({name: from_json(table.c[name], v) for name, v in before.items()})
+            )
+
+
+def rollback_run(
+    engine: Engine,
+    reference: str,
+    *,
+    cascade: bool = False,
+    status: str = "rolled_back",
+    allow_running: bool = False,
+) -> list[str]:
+    """Restore the core as it was before run ``reference`` (and, with ``cascade``, the runs that depend on it).
+
+    Returns the keys of the runs rolled back, newest first. Everything happens in one transaction.
+    """
+    with session_factory(engine)() as session, session.begin():
+        run = find_run(session, reference)
+        session.refresh(run, with_for_update=True)
+        if run.status not in ACTIVE:
+            raise RunError(
+                f"run {run.run_key} is {run.status}; only runs whose changes are in the core roll back"
+            )
+        if run.status == "running" and not allow_running and not is_crashed(run):
+            raise RunError(
+                f"run {run.run_key} is still in progress (process {run.pid} on {run.host}); "
+                "wait for it to finish or fail, then roll it back"
+            )
+        todo = {run.id}
+        frontier = [run]
+        while frontier:
+            needed = dependents(session, frontier.pop())
+            new = needed - todo
+            if new and not cascade:
+                keys = session.scalars(select(LoadRun.run_key).where(LoadRun.id.in_(needed))).all()
+                raise RunError(
+                    f"later run(s) depend on {run.run_key}: {', '.join(keys)}; roll those back first, "
+                    "or pass --cascade to roll them back too"
+                )
+            todo |= new
+            frontier.extend(session.get(LoadRun, i) for i in new)  # type: ignore[misc]
+        rolled = []
+        for run_id in sorted(todo, reverse=True):
+            target = session.get(LoadRun, run_id)
+            assert target is not None
+            _replay(session, target)
+            target.status = status if run_id == run.id else "rolled_back"
+            target.finished_at = dt.datetime.now(dt.UTC)
+            rolled.append(target.run_key)
+        return rolled
+
+
+def abort_run(engine: Engine, run_key: str) -> bool:
+    """Compensate a failed run: undo what its committed steps loaded and mark it failed. False if unknown."""
+    with session_factory(engine)() as session:
+        run = session.scalar(select(LoadRun).where(LoadRun.run_key == run_key))
+        if run is None or run.status not in ACTIVE:
+            return False
+    rollback_run(engine, run_key, status="failed", allow_running=True)
+    return True
+
+
+def recover_crashed_runs(engine: Engine) -> list[str]:
+    """Compensate every run whose process died mid-run (on this host); return their keys."""
+    with session_factory(engine)() as session:
+        crashed = [
+            run.run_key
+            for run in session.scalars(select(LoadRun).where(LoadRun.status == "running"))
+            if is_crashed(run)
+        ]
+    for key in crashed:
+        rollback_run(engine, key, status="failed", allow_running=True)
+    return crashed
