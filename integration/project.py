@@ -15,12 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy.engine import make_url
 
 from crm_core.entities import ENTITIES
 from crm_core.errors import ConfigError, Problem
-from integration.yamlconf import LocatedDocument, env_references, expand_env, load_yaml, validate_document
+from crm_core.validation import RuleSpec, builtin_rules
+from integration.yamlconf import (
+    LocatedDocument,
+    close_names,
+    env_references,
+    expand_env,
+    load_yaml,
+    validate_document,
+)
 
 PROJECT_FILE = "project.yaml"
 DEFAULT_PROJECT = Path("examples/demo")
@@ -125,6 +133,65 @@ class EntityDedup(_Strict):
     )
 
 
+class ProjectRule(_Strict):
+    """A project's own validation rule: exactly one of required, pattern, one_of, min/max, unique."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.]*$")]
+    entity: str
+    field: str
+    severity: Literal["error", "warn"] = "error"
+    required: bool = False
+    pattern: str | None = None
+    one_of: list[str | int | float] | None = None
+    min: float | None = None
+    max: float | None = None
+    unique: bool = False
+    message: str | None = Field(default=None, description="what the quarantine says instead of the default")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ProjectRule:
+        if self.entity not in ENTITIES:
+            raise ValueError(f"unknown entity '{self.entity}'; known: {', '.join(ENTITIES)}")
+        fields = ENTITIES[self.entity].fields
+        if self.field not in fields:
+            raise ValueError(f"{self.entity} has no field '{self.field}'{close_names(self.field, fields)}")
+        kinds = [self.required, self.pattern is not None, self.one_of is not None,
+                 self.min is not None or self.max is not None, self.unique]  # fmt: skip
+        if sum(kinds) != 1:
+            raise ValueError("give exactly one of: required, pattern, one_of, min/max, unique")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern is not a valid regular expression: {exc}") from None
+        return self
+
+    def spec(self) -> RuleSpec:
+        """Return the rule in crm_core's terms."""
+        return RuleSpec(**self.model_dump())
+
+
+class ValidationConfig(_Strict):
+    """Validation settings: built-in rule severities, the project's own rules, the reject-ratio stop."""
+
+    severity: dict[str, Literal["error", "warn", "off"]] = Field(
+        default_factory=dict, description="built-in rule name -> error | warn | off"
+    )
+    rules: list[ProjectRule] = Field(default_factory=list)
+    max_reject_ratio: float = Field(
+        default=0.5, ge=0, le=1, description="a source rejecting a larger share of its rows stops the load"
+    )
+
+    @field_validator("severity")
+    @classmethod
+    def _known_rules(cls, value: dict[str, str]) -> dict[str, str]:
+        known = {rule.name for rule in builtin_rules()}
+        for name in value:
+            if name not in known:
+                raise ValueError(f"unknown built-in rule '{name}'{close_names(name, known)}")
+        return value
+
+
 class ProjectSpec(_Strict):
     """Schema of ``project.yaml``."""
 
@@ -134,6 +201,7 @@ class ProjectSpec(_Strict):
     sources: dict[str, SourceConfig]
     mappings: list[str] = Field(description="mapping files or globs, relative to the project folder")
     dedup: dict[str, EntityDedup] = Field(default_factory=dict)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
 
     @field_validator("sources")
     @classmethod
