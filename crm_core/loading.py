@@ -12,7 +12,7 @@ import datetime as dt
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -24,7 +24,9 @@ from sqlalchemy.orm import Session
 
 from crm_core.entities import ENTITIES, EntityDef
 from crm_core.errors import LoadError
+from crm_core.journal import journal_session, to_json
 from crm_core.models import Base, ExternalId, LoadRun, Reject, Stage
+from crm_core.runs import owner
 from crm_core.watermarks import CursorState, save_watermark
 
 EXTERNAL_KEY = "_external_key"
@@ -64,6 +66,8 @@ class Batch:
     lookups: dict[str, Lookup] = field(default_factory=dict)
     # Incremental streams: (stream, watermark after these rows), saved in the load's transaction.
     watermark: tuple[str, CursorState] | None = None
+    # The rows as extracted (source columns + _location/_row_ref): rejects keep theirs for re-import.
+    raw: pd.DataFrame | None = None
 
 
 @dataclass
@@ -105,13 +109,57 @@ class SourceStats:
 
 
 def get_or_start_run(session: Session, run_key: str, project: str, mode: str = "full") -> LoadRun:
-    """Return the load run with ``run_key``, creating it (status running) if new."""
-    run = session.scalar(select(LoadRun).where(LoadRun.run_key == run_key))
+    """Return the running load run ``run_key`` (created if new) and journal the session's changes to it."""
+    run = session.scalar(select(LoadRun).where(LoadRun.run_key == run_key).with_for_update())
     if run is None:
-        run = LoadRun(run_key=run_key, project=project, mode=mode, status="running", stats={})
+        host, pid = owner()
+        run = LoadRun(
+            run_key=run_key, project=project, mode=mode, status="running", stats={}, host=host, pid=pid
+        )
         session.add(run)
         session.flush()
+    elif run.status != "running":
+        raise LoadError(f"load run {run_key} is {run.status}; its changes were undone; start a new run")
+    journal_session(session, run.id)
     return run
+
+
+class RawRows:
+    """The extracted rows of a batch, looked up by (location, row ref) when a row is rejected."""
+
+    def __init__(self, raw: pd.DataFrame | None) -> None:
+        usable = raw is not None and not raw.empty and ROW_REF in raw.columns and LOCATION in raw.columns
+        self.frame = raw if usable else None
+        self._positions: dict[tuple[str, str], int] | None = None
+
+    def get(self, location: str | None, row_ref: str) -> dict[str, Any] | None:
+        """Return the source columns of one row as JSON-safe values, or None when unknown."""
+        if self.frame is None:
+            return None
+        if self._positions is None:
+            keys = zip(self.frame[LOCATION].astype(str), self.frame[ROW_REF].astype(str), strict=True)
+            self._positions = {key: position for position, key in enumerate(keys)}
+        position = self._positions.get((str(location), str(row_ref)))
+        if position is None:
+            return None
+        row = self.frame.iloc[position]
+        return {str(k): to_json(_python(v)) for k, v in row.items() if not str(k).startswith("_")}
+
+
+def crosswalk_ids(session: Session, entity: str, system: str, keys: Iterable[str]) -> dict[str, int]:
+    """Return the core ids of the records that ``system`` knows by these keys (unknown keys are left out)."""
+    found: dict[str, int] = {}
+    key_list = sorted(set(keys))
+    for start in range(0, len(key_list), 500):
+        rows = session.execute(
+            select(ExternalId.external_key, ExternalId.entity_id).where(
+                ExternalId.entity == entity,
+                ExternalId.system == system,
+                ExternalId.external_key.in_(key_list[start : start + 500]),
+            )
+        )
+        found.update({key: entity_id for key, entity_id in rows})
+    return found
 
 
 def _canonical(value: Any) -> Any:
@@ -131,9 +179,17 @@ def row_hash(values: dict[str, Any]) -> str:
 
 
 def _python(value: Any) -> Any:
-    """Return plain Python scalars (drivers cannot bind numpy types); missing values become None."""
+    """Return plain Python scalars (drivers cannot bind numpy types); missing values become None.
+
+    Aware datetimes are converted to UTC: SQLite keeps only the wall-clock part, so 2025-03-24 00:00+08:00
+    would come back as midnight UTC, eight hours off. The core stores instants in UTC on every database.
+    """
     if not _present(value):
         return None
+    if isinstance(value, pd.Timestamp):
+        value = value.to_pydatetime()
+    if isinstance(value, dt.datetime) and value.tzinfo is not None:
+        return value.astimezone(dt.UTC)
     return value.item() if isinstance(value, np.generic) else value
 
 
@@ -166,6 +222,7 @@ class EntityLoader:
         self._name_index: dict[str, dict[Any, set[int]]] = {}
         self._stages: set[str] | None = None
         self._pending_self_refs: list[tuple[Any, str, Any, Lookup, str]] = []
+        self._raw = RawRows(None)
 
     # ------------------------------------------------------------------ matching index
 
@@ -221,18 +278,7 @@ class EntityLoader:
     # ------------------------------------------------------------------ references
 
     def _crosswalk_ids(self, entity: str, system: str, keys: set[str]) -> dict[str, int]:
-        found: dict[str, int] = {}
-        key_list = sorted(keys)
-        for start in range(0, len(key_list), 500):
-            rows = self.session.execute(
-                select(ExternalId.external_key, ExternalId.entity_id).where(
-                    ExternalId.entity == entity,
-                    ExternalId.system == system,
-                    ExternalId.external_key.in_(key_list[start : start + 500]),
-                )
-            )
-            found.update({key: entity_id for key, entity_id in rows})
-        return found
+        return crosswalk_ids(self.session, entity, system, keys)
 
     def _names(self, entity: str, by: str) -> dict[Any, set[int]]:
         cache_key = f"{entity}:{by}"
@@ -336,11 +382,11 @@ class EntityLoader:
         reason: str,
         severity: str = "error",
     ) -> None:
+        location = str(row.get(LOCATION)) if row.get(LOCATION) is not None else None
         self.session.add(Reject(
-            load_run_id=self.run.id, source=source, entity=self.entity.name,
-            location=str(row.get(LOCATION)) if row.get(LOCATION) is not None else None,
+            load_run_id=self.run.id, source=source, entity=self.entity.name, location=location,
             row_ref=str(row.get(ROW_REF)), field=field_name, value=None if value is None else str(value)[:2000],
-            rule=rule, reason=reason, severity=severity,
+            rule=rule, reason=reason, severity=severity, raw_row=self._raw.get(location, str(row.get(ROW_REF))),
         ))  # fmt: skip
 
     def _load_batch(self, batch: Batch) -> SourceStats:
@@ -348,6 +394,7 @@ class EntityLoader:
             source=batch.source, entity=self.entity.name, mapping=batch.mapping, rows_read=batch.rows_read
         )
         mapping_rejected: set[str] = set()
+        self._raw = RawRows(batch.raw)
         for entry in batch.rejects.to_dict("records"):
             self._reject(batch.source, {LOCATION: entry["location"], ROW_REF: entry["row_ref"]}, entry["field"],
                          entry["value"], entry["rule"], entry["reason"], entry.get("severity") or "error")  # fmt: skip

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import cached_property
@@ -16,20 +16,65 @@ from typing import Any
 
 import pandas as pd
 from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
 
 from crm_core.db import make_engine, session_factory, upgrade
 from crm_core.entities import ENTITIES, LOAD_ORDER
 from crm_core.errors import ConfigError, MappingError, Problem
-from crm_core.loading import Batch, EntityLoader, Lookup, MatchRules, SourceStats, get_or_start_run
-from crm_core.models import LoadRun, Reject
+from crm_core.failpoints import failpoint
+from crm_core.loading import (
+    EXTERNAL_KEY,
+    Batch,
+    EntityLoader,
+    Lookup,
+    MatchRules,
+    SourceStats,
+    crosswalk_ids,
+    get_or_start_run,
+    row_hash,
+)
+from crm_core.models import ExternalId, LoadRun, Reject
+from crm_core.validation import Rule, RuleContext, ruleset, validate
 from crm_core.watermarks import CursorState, advance, plain_cursor, read_watermark
 from integration.connectors import Connector, CsvConnector, ExcelConnector, ReadRequest, connector_for
-from integration.connectors.base import DEFAULT_CHUNK_ROWS, META_COLUMNS, ROW_REF
+from integration.connectors.base import DEFAULT_CHUNK_ROWS, LOCATION, META_COLUMNS, ROW_KIND, ROW_REF
 from integration.connectors.sql import SqlConnector
 from integration.dedup.normalize import company_key, person_key
 from integration.mappings.engine import MappingResult, map_chunks
 from integration.mappings.spec import CompiledMapping, load_mappings
 from integration.project import Project, load_project
+
+MODE_TAG = "crmi/mode"  # Dagster run tags carry the run options, so the UI shows them on every run
+SAMPLE_TAG = "crmi/sample"
+RUN_MODES = ("full", "delta", "trial")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run reads and loads: ``full`` re-reads every source, ``delta`` reads from the watermarks,
+    ``trial`` loads a sample of ``sample`` rows per source into a scratch core."""
+
+    mode: str = "full"
+    sample: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in RUN_MODES:
+            raise ConfigError(f"unknown run mode '{self.mode}'; use one of: {', '.join(RUN_MODES)}")
+        if self.sample is not None and (self.mode != "trial" or self.sample < 1):
+            raise ConfigError("a sample size is for trial runs and must be at least 1")
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> RunOptions:
+        """Read the options from a Dagster run's tags (no tags: a full run)."""
+        sample = tags.get(SAMPLE_TAG)
+        return cls(mode=tags.get(MODE_TAG, "full"), sample=int(sample) if sample else None)
+
+    def tags(self) -> dict[str, str]:
+        """Return the Dagster run tags that carry these options."""
+        out = {MODE_TAG: self.mode}
+        if self.sample is not None:
+            out[SAMPLE_TAG] = str(self.sample)
+        return out
 
 
 @dataclass
@@ -96,6 +141,12 @@ class Migration:
     def connector(self, source: str) -> Connector:
         """Return a connector for a project source."""
         return connector_for(self.project, source)
+
+    @cached_property
+    def rules(self) -> list[Rule]:
+        """Return the validation rules: built-ins with the project's severities, plus its own rules."""
+        config = self.project.spec.validation
+        return ruleset(config.severity, [rule.spec() for rule in config.rules])
 
     @cached_property
     def match_rules(self) -> dict[str, MatchRules]:
@@ -255,8 +306,29 @@ def _lookups(mapping: CompiledMapping) -> dict[str, Lookup]:
     }
 
 
-def stage(migration: Migration, entity: str, raw: dict[str, pd.DataFrame]) -> StagedEntity:
-    """Map the raw frames of one entity (keyed by raw asset name) into batches ready to load."""
+def quarantine(
+    mapping: CompiledMapping, records: pd.DataFrame, rules: Sequence[Rule], context: RuleContext | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Apply the validation rules: return the records to load and the quarantine entries (errors and warnings)."""
+    violations = validate(mapping.entity.name, records, rules, context)
+    if violations.empty:
+        return records, violations.iloc[0:0]
+    rows = records.loc[violations["index"]]
+    entries = pd.DataFrame({
+        "source": mapping.source, "entity": mapping.entity.name,
+        "location": rows[LOCATION].astype(str).to_numpy(), "row_ref": rows[ROW_REF].astype(str).to_numpy(),
+        "field": violations["field"].to_numpy(), "value": violations["value"].to_numpy(),
+        "rule": violations["rule"].to_numpy(), "reason": violations["reason"].to_numpy(),
+        "severity": violations["severity"].to_numpy(),
+    })  # fmt: skip
+    failed = records.index.isin(violations.loc[violations["severity"] == "error", "index"])
+    return records.loc[~failed].reset_index(drop=True), entries
+
+
+def stage(
+    migration: Migration, entity: str, raw: dict[str, pd.DataFrame], context: RuleContext | None = None
+) -> StagedEntity:
+    """Map the raw frames of one entity (keyed by raw asset name), validate, and batch them for loading."""
     staged = StagedEntity(entity)
     for mapping in migration.mappings_for(entity):
         frame = raw.get(raw_asset_name(mapping))
@@ -266,6 +338,7 @@ def stage(migration: Migration, entity: str, raw: dict[str, pd.DataFrame]) -> St
         records = result.records
         if entity == "customer" and "name" in records.columns:
             records["name_normalized"] = records["name"].map(company_key)
+        records, quarantined = quarantine(mapping, records, migration.rules, context)
         fields = [f.name for f in mapping.fields] + (["name_normalized"] if entity == "customer" else [])
         carried = frame.attrs.get(WATERMARK_ATTR)
         staged.batches.append(
@@ -273,11 +346,14 @@ def stage(migration: Migration, entity: str, raw: dict[str, pd.DataFrame]) -> St
                 source=mapping.source,
                 mapping=mapping.name,
                 records=records,
-                rejects=result.rejects,
+                rejects=pd.concat([result.rejects, quarantined], ignore_index=True)
+                if len(quarantined)
+                else result.rejects,
                 rows_read=result.rows_read,
                 fields=fields,
                 lookups=_lookups(mapping),
                 watermark=(carried[0], CursorState.from_json(carried[1])) if carried else None,
+                raw=frame,
             )
         )
     return staged
@@ -294,13 +370,93 @@ def core_engine(url: str | None = None) -> Engine:
     return engine
 
 
+def _sample_order(keys: pd.Series) -> pd.Series:
+    """Return a stable pseudo-random rank per key (the same key ranks the same in every run)."""
+    ranks = [
+        int.from_bytes(hashlib.blake2b(k.encode("utf-8"), digest_size=7).digest()) for k in keys.astype(str)
+    ]
+    return pd.Series(ranks, index=keys.index, dtype="int64")
+
+
+def sample_batch(session: Session, entity: str, batch: Batch, size: int) -> Batch:
+    """Return a trial sample of ``batch``: at most ``size`` source rows whose references are in the core.
+
+    Trial runs load entities in reference order, so a row qualifies only when every record it points at by
+    source key was itself sampled; the sample then loads without reference rejects that the full run would
+    not have. Rows are picked by a hash of their row reference: the same sample every time.
+    """
+    records = batch.records
+    eligible = pd.Series(True, index=records.index)
+    for name, field_def in ENTITIES[entity].references.items():
+        lookup = batch.lookups.get(name, Lookup())
+        if name not in records.columns or lookup.by != "external_id" or field_def.references == entity:
+            continue
+        values = records[name]
+        given = values.notna()
+        system = lookup.system or batch.source
+        known = crosswalk_ids(session, field_def.references or "", system, values[given].astype(str))
+        eligible &= ~given | values.astype(str).isin(known)
+    candidates = pd.concat([
+        records.loc[eligible, [LOCATION, ROW_REF]].astype(str),
+        batch.rejects.loc[batch.rejects["severity"] == "error", ["location", "row_ref"]]
+        .astype(str).set_axis([LOCATION, ROW_REF], axis=1),
+    ]).drop_duplicates()  # fmt: skip
+    candidates = candidates.assign(_rank=_sample_order(candidates[LOCATION] + ":" + candidates[ROW_REF]))
+    chosen = set(map(tuple, candidates.nsmallest(size, "_rank")[[LOCATION, ROW_REF]].to_numpy()))
+
+    def picked(locations: pd.Series, refs: pd.Series) -> pd.Series:
+        pairs = zip(locations.astype(str), refs.astype(str), strict=True)
+        return pd.Series([p in chosen for p in pairs], index=locations.index, dtype=bool)
+
+    # A branch whose parent (same entity) fell outside the sample leaves the sample too.
+    in_sample = eligible & picked(records[LOCATION], records[ROW_REF])
+    keys = set(records.loc[in_sample, EXTERNAL_KEY].astype(str))
+    for name, field_def in ENTITIES[entity].references.items():
+        lookup = batch.lookups.get(name, Lookup())
+        if field_def.references != entity or name not in records.columns or lookup.by != "external_id":
+            continue
+        parents = records[name]
+        orphan = in_sample & parents.notna() & ~parents.astype(str).isin(keys)
+        chosen -= set(
+            zip(
+                records.loc[orphan, LOCATION].astype(str),
+                records.loc[orphan, ROW_REF].astype(str),
+                strict=True,
+            )
+        )
+
+    raw = batch.raw
+    if raw is not None and not raw.empty:
+        raw = raw.loc[picked(raw[LOCATION], raw[ROW_REF])]
+    return replace(
+        batch,
+        records=records.loc[eligible & picked(records[LOCATION], records[ROW_REF])].reset_index(drop=True),
+        rejects=batch.rejects.loc[picked(batch.rejects["location"], batch.rejects["row_ref"])],
+        rows_read=len(chosen),
+        raw=raw,
+        watermark=None,  # a sample must not move a stream's cursor
+    )
+
+
 def load(
-    migration: Migration, engine: Engine, run_key: str, staged: StagedEntity, mode: str = "full"
+    migration: Migration,
+    engine: Engine,
+    run_key: str,
+    staged: StagedEntity,
+    mode: str = "full",
+    sample: int | None = None,
 ) -> list[SourceStats]:
-    """Load one staged entity into the core in one transaction; record its stats on the load run."""
+    """Load one staged entity into the core in one transaction; record its stats on the load run.
+
+    With ``sample`` (trial runs) each source contributes at most that many rows, chosen by :func:`sample_batch`.
+    """
     factory = session_factory(engine)
     with factory() as session, session.begin():
         run = get_or_start_run(session, run_key, migration.project.name, mode)
+        if sample is not None:
+            staged = replace(
+                staged, batches=[sample_batch(session, staged.entity, b, sample) for b in staged.batches]
+            )
         key_functions = dict(MATCH_KEY_FUNCTIONS) if staged.entity in ("sales_rep", "contact") else {}
         loader = EntityLoader(
             session, run, staged.entity,
@@ -309,8 +465,97 @@ def load(
             name_keys=NAME_KEYS,
         )  # fmt: skip
         stats = loader.load(staged.batches)
-        run.stats = {**(run.stats or {}), staged.entity: [s.as_dict() for s in stats]}
+        failpoint(f"load:{staged.entity}:before_commit")
+    failpoint(f"load:{staged.entity}:after_commit")
+    # Checked after the commit, reading the core back: what landed, not what the loader believes it wrote.
+    with factory() as session, session.begin():
+        run = get_or_start_run(session, run_key, migration.project.name, mode)
+        checked = [
+            {**s.as_dict(), **verify_batch(session, run, staged.entity, b)}
+            for s, b in zip(stats, staged.batches, strict=True)
+        ]
+        run.stats = {**(run.stats or {}), staged.entity: checked}
     return stats
+
+
+SPOT_CHECK_SIZE = 25
+
+
+def _comparable(value: Any) -> Any:
+    """Return a form in which a mapped value and the value read back from the core compare equal."""
+    if value is None or (isinstance(value, float) and value != value) or value is pd.NaT:
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float | Decimal):
+        return format(Decimal(str(value)).normalize(), "f")
+    if isinstance(value, dt.datetime):
+        aware = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+        return aware.astimezone(dt.UTC).replace(tzinfo=None).isoformat()
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return str(value)
+
+
+def verify_batch(session: Session, run: LoadRun, entity: str, batch: Batch) -> dict[str, Any]:
+    """Compare what one batch should have put in the core with what is there.
+
+    Key set: every row read is in the crosswalk (loaded or merged) or quarantined in this run; anything else is
+    reported as missing. Spot check: for a sample of records this source created, the core's values hash the
+    same as the mapped ones (references, which hold source keys in the batch, are left out).
+    """
+    definition = ENTITIES[entity]
+    records = batch.records
+    read: set[tuple[str, str]] = set()
+    if batch.raw is not None and not batch.raw.empty:
+        data = (
+            batch.raw if ROW_KIND not in batch.raw.columns else batch.raw[batch.raw[ROW_KIND] != "subtotal"]
+        )
+        read = set(zip(data[LOCATION].astype(str), data[ROW_REF].astype(str), strict=True))
+    rejected: set[tuple[str | None, str]] = set(session.execute(
+        select(Reject.location, Reject.row_ref).where(
+            Reject.load_run_id == run.id, Reject.source == batch.source, Reject.entity == entity, Reject.severity == "error"
+        )
+    ).all())  # fmt: skip
+    crosswalk: dict[str, tuple[int, str]] = {}
+    keys = records[EXTERNAL_KEY].astype(str).tolist() if len(records) else []
+    for start in range(0, len(keys), 500):
+        crosswalk.update({
+            key: (entity_id, method) for key, entity_id, method in session.execute(
+                select(ExternalId.external_key, ExternalId.entity_id, ExternalId.match_method).where(
+                    ExternalId.entity == entity, ExternalId.system == batch.source,
+                    ExternalId.external_key.in_(keys[start : start + 500]))
+            )
+        })  # fmt: skip
+    landed = {
+        (str(loc), str(ref))
+        for loc, ref, key in zip(records[LOCATION], records[ROW_REF], keys, strict=True)
+        if key in crosswalk
+    } if len(records) else set()  # fmt: skip
+    missing = sorted(read - landed - {(str(loc), str(ref)) for loc, ref in rejected})
+    fields = [
+        name for name in batch.fields
+        if name in definition.fields and not definition.fields[name].references and name != "stage"
+    ]  # fmt: skip
+    created = [i for i, key in enumerate(keys) if crosswalk.get(key, (0, ""))[1] == "created"]
+    step = max(1, len(created) // SPOT_CHECK_SIZE)
+    mismatches: list[dict[str, Any]] = []
+    sampled = created[::step][:SPOT_CHECK_SIZE]
+    model: Any = definition.model
+    for position in sampled:
+        row = records.iloc[position]
+        record = session.get(model, crosswalk[keys[position]][0])
+        mapped = {n: _comparable(row[n]) for n in fields if _comparable(row[n]) is not None}
+        stored = {n: _comparable(getattr(record, definition.fields[n].column)) for n in mapped}
+        if row_hash(mapped) != row_hash(stored):
+            differing = sorted(n for n in mapped if mapped[n] != stored[n])
+            mismatches.append({"key": keys[position], "fields": differing,
+                               "mapped": {n: mapped[n] for n in differing}, "core": {n: stored[n] for n in differing}})  # fmt: skip
+    return {
+        "keys_read": len(read), "keys_missing": len(missing),
+        "missing_sample": [f"{loc}:{ref}" for loc, ref in missing[:20]],
+        "spot_checked": len(sampled), "spot_mismatches": len(mismatches), "spot_sample": mismatches[:5],
+    }  # fmt: skip
 
 
 # --------------------------------------------------------------------------- reconciliation
@@ -329,13 +574,16 @@ class ReconciliationLine:
     warnings: int
     amount_source: Decimal | None
     amount_core: Decimal | None
+    keys_missing: int = 0  # rows read that are neither in the crosswalk nor quarantined
+    spot_checked: int = 0
+    spot_mismatches: int = 0  # sampled records whose core values differ from the mapped ones
 
     @property
     def balanced(self) -> bool:
-        """Return True when rows balance and the core holds the amounts the source gave."""
+        """Return True when rows and keys balance, amounts agree, and the spot check found no difference."""
         rows_ok = self.rows_read == self.loaded + self.merged + self.rejected
         amounts_ok = self.amount_source is None or self.amount_source == self.amount_core
-        return rows_ok and amounts_ok
+        return rows_ok and amounts_ok and self.keys_missing == 0 and self.spot_mismatches == 0
 
 
 @dataclass
@@ -358,12 +606,16 @@ class ReconciliationReport:
 
     def to_markdown(self) -> str:
         """Return the table as Markdown (Dagster metadata, README output)."""
-        header = "| source | entity | read | loaded | merged | rejected | warnings | amount source | amount core | ok |"
-        rows = [header, "|" + "---|" * 10]
+        header = (
+            "| source | entity | read | loaded | merged | rejected | warnings | amount source | amount core "
+            "| keys missing | spot check | ok |"
+        )
+        rows = [header, "|" + "---|" * 12]
         for line in self.lines:
             rows.append(
                 f"| {line.source} | {line.entity} | {line.rows_read} | {line.loaded} | {line.merged} | {line.rejected} "
-                f"| {line.warnings} | {_money(line.amount_source)} | {_money(line.amount_core)} | {'✅' if line.balanced else '❌'} |"
+                f"| {line.warnings} | {_money(line.amount_source)} | {_money(line.amount_core)} | {line.keys_missing} "
+                f"| {line.spot_checked - line.spot_mismatches}/{line.spot_checked} | {'✅' if line.balanced else '❌'} |"
             )
         return "\n".join(rows)
 
@@ -390,13 +642,13 @@ def reconcile(engine: Engine, run_key: str, entities: Sequence[str] | None = Non
                     merged=stats["merged"], rejected=stats["rejected"], warnings=stats["warnings"],
                     amount_source=None if amount is None else Decimal(amount).quantize(Decimal("0.01")),
                     amount_core=None if stored is None else Decimal(stored).quantize(Decimal("0.01")),
+                    keys_missing=stats.get("keys_missing", 0), spot_checked=stats.get("spot_checked", 0),
+                    spot_mismatches=stats.get("spot_mismatches", 0),
                 ))  # fmt: skip
-        rejects = pd.read_sql(
-            select(Reject.source, Reject.entity, Reject.location, Reject.row_ref, Reject.field, Reject.value,
-                   Reject.rule, Reject.reason, Reject.severity).where(Reject.load_run_id == run.id)
-            .order_by(Reject.id),
-            session.connection(),
-        )  # fmt: skip
+        columns = [Reject.source, Reject.entity, Reject.location, Reject.row_ref, Reject.field, Reject.value,
+                   Reject.rule, Reject.reason, Reject.severity, Reject.raw_row]  # fmt: skip
+        rows = session.execute(select(*columns).where(Reject.load_run_id == run.id).order_by(Reject.id)).all()
+        rejects = pd.DataFrame([tuple(r) for r in rows], columns=[c.key for c in columns])
         counts = {}
         for name, definition in ENTITIES.items():
             model: Any = definition.model

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,19 +39,139 @@ def escape_formula(value: Any) -> Any:
     return value
 
 
+REJECT_COLUMNS = ["source", "entity", "location", "row_ref", "field", "value", "rule", "reason", "severity"]
+
+
+def fix_sheets(rejects: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Return, per source and entity, the quarantined rows as read (source columns) plus why: fix and re-import.
+
+    One row per rejected source row; its reasons are joined. Key is ``<source>.<entity>``.
+    """
+    sheets: dict[str, pd.DataFrame] = {}
+    if rejects.empty:
+        return sheets
+    # Subtotal rows are rejected on purpose (they are not records): nothing to fix there.
+    errors = rejects[
+        (rejects["severity"] == "error") & rejects["raw_row"].notna() & (rejects["rule"] != "subtotal")
+    ]
+    for (source, entity), group in errors.groupby(["source", "entity"], sort=True):
+        rows = []
+        for (location, row_ref), entries in group.groupby(["location", "row_ref"], sort=False, dropna=False):
+            reasons = "; ".join(
+                f"{f or '(row)'}: {r}" for f, r in zip(entries["field"], entries["reason"], strict=True)
+            )
+            rows.append(
+                {
+                    **entries["raw_row"].iloc[0],
+                    "_location": location,
+                    "_row_ref": row_ref,
+                    "_reasons": reasons,
+                }
+            )
+        sheets[f"{source}.{entity}"] = pd.DataFrame(rows)
+    return sheets
+
+
+def _html_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "<p><em>none</em></p>"
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{html.escape('' if v is None or v != v else str(v))}</td>" for v in row)
+        + "</tr>"
+        for row in frame.itertuples(index=False)
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_html(report: ReconciliationReport, path: Path) -> None:
+    """Write a self-contained HTML reconciliation report (summary, rejects, rows to fix)."""
+    verdict = "Every row is accounted for." if report.balanced else "The run does NOT balance."
+    parts = [
+        "<!doctype html><html lang='zh-CN'><head><meta charset='utf-8'>",
+        f"<title>Reconciliation {html.escape(report.run_key)}</title><style>",
+        "body{font-family:system-ui,'PingFang SC','Microsoft YaHei',sans-serif;margin:2em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+        "th{background:#f4f4f4}.ok{color:#070}.bad{color:#b00}",
+        "</style></head><body>",
+        f"<h1>Reconciliation of run {html.escape(report.run_key)}</h1>",
+        f"<p class='{'ok' if report.balanced else 'bad'}'><strong>{verdict}</strong></p>",
+        "<h2>Per source and entity</h2>", _html_table(report.to_frame()),
+        "<h2>Rejects and warnings</h2>", _html_table(report.rejects[REJECT_COLUMNS] if len(report.rejects) else report.rejects),
+    ]  # fmt: skip
+    for name, frame in fix_sheets(report.rejects).items():
+        parts += [f"<h2>To fix: {html.escape(name)}</h2>", _html_table(frame)]
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def _sheet_title(name: str, used: set[str]) -> str:
+    title = re.sub(r"[\[\]:*?/\\]", "_", name)[:31]
+    base, n = title, 2
+    while title in used:
+        title = f"{base[:28]}~{n}"
+        n += 1
+    used.add(title)
+    return title
+
+
+def write_excel(report: ReconciliationReport, path: Path) -> None:
+    """Write the reconciliation workbook: Summary, Rejects, and one 'fix' sheet per source × entity.
+
+    Every text cell goes through :func:`escape_formula`; a fix sheet holds the rejected rows with their
+    source columns, so the customer can correct them and hand the sheet back as an Excel source.
+    """
+    from openpyxl import Workbook
+
+    workbook = Workbook(write_only=True)
+    used: set[str] = set()
+
+    def sheet(name: str, frame: pd.DataFrame, preface: list[list[Any]] | None = None) -> None:
+        worksheet = workbook.create_sheet(_sheet_title(name, used))
+        for line in preface or []:
+            worksheet.append(line)
+        worksheet.append([escape_formula(str(c)) for c in frame.columns])
+        for row in frame.itertuples(index=False):
+            worksheet.append([_cell(v) for v in row])
+
+    summary = report.to_frame()
+    sheet("Summary", summary, [["run", report.run_key], ["balanced", report.balanced], []])
+    rejects = report.rejects[REJECT_COLUMNS] if len(report.rejects) else pd.DataFrame(columns=REJECT_COLUMNS)
+    sheet("Rejects", rejects)
+    for name, frame in fix_sheets(report.rejects).items():
+        sheet(f"fix {name}", frame)
+    workbook.save(path)
+
+
+def _cell(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, bool | int | float):
+        return value
+    return escape_formula(str(value))
+
+
 def write_reports(report: ReconciliationReport, directory: Path) -> dict[str, Path]:
-    """Write reconciliation.md, reconciliation.csv and rejects.csv into ``directory``; return their paths."""
+    """Write the reconciliation as Markdown, CSV, Excel and HTML into ``directory``; return their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {
         "markdown": directory / "reconciliation.md",
         "reconciliation_csv": directory / "reconciliation.csv",
         "rejects_csv": directory / "rejects.csv",
+        "excel": directory / "reconciliation.xlsx",
+        "html": directory / "reconciliation.html",
     }
+    write_excel(report, paths["excel"])
+    write_html(report, paths["html"])
     paths["markdown"].write_text(
         f"# Reconciliation of run {report.run_key}\n\n{report.to_markdown()}\n", encoding="utf-8"
     )
     report.to_frame().map(escape_formula).to_csv(
         paths["reconciliation_csv"], index=False, encoding="utf-8-sig"
     )
-    report.rejects.map(escape_formula).to_csv(paths["rejects_csv"], index=False, encoding="utf-8-sig")
+    rejects = report.rejects[REJECT_COLUMNS] if len(report.rejects) else pd.DataFrame(columns=REJECT_COLUMNS)
+    rejects.map(escape_formula).to_csv(paths["rejects_csv"], index=False, encoding="utf-8-sig")
     return paths

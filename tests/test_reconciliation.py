@@ -1,0 +1,107 @@
+"""Reconciliation beyond counts: key sets, a read-back spot check, and the reports handed to the customer."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import openpyxl
+import pandas as pd
+import sqlalchemy as sa
+
+from crm_core.db import make_engine, session_factory, upgrade
+from crm_core.models import Customer, ExternalId, LoadRun
+from integration.pipeline import (
+    Migration,
+    ReconciliationLine,
+    ReconciliationReport,
+    extract,
+    load,
+    stage,
+    verify_batch,
+)
+from integration.reports import write_reports
+
+
+def test_verify_finds_keys_missing_from_the_core_and_values_that_differ(
+    demo_project: Path, sqlite_core_url: str
+) -> None:
+    migration = Migration.load(str(demo_project))
+    mapping = next(m for m in migration.mappings if m.name == "erp_u8_customers")
+    staged = stage(migration, "customer", {"raw_erp_u8_customer": extract(migration, mapping)})
+    engine = make_engine(sqlite_core_url)
+    upgrade(engine)
+    load(migration, engine, "run-1", staged)
+    batch = staged.batches[0]
+    with session_factory(engine)() as session:
+        run = session.scalar(sa.select(LoadRun).where(LoadRun.run_key == "run-1"))
+        assert run is not None
+        clean = verify_batch(session, run, "customer", batch)
+        assert run.stats["customer"][0]["keys_missing"] == 0  # what load() recorded
+    assert clean["keys_read"] == batch.rows_read and clean["keys_missing"] == 0
+    assert clean["spot_checked"] == 25 and clean["spot_mismatches"] == 0
+
+    # Someone edits the core behind the loader's back, and a crosswalk entry is lost.
+    first, last = str(batch.records["_external_key"].iloc[0]), str(batch.records["_external_key"].iloc[-1])
+    with session_factory(engine)() as session, session.begin():
+        run = session.scalar(sa.select(LoadRun).where(LoadRun.run_key == "run-1"))
+        entries = {
+            x.external_key: x
+            for x in session.scalars(sa.select(ExternalId).where(ExternalId.external_key.in_([first, last])))
+        }
+        customer = session.get(Customer, entries[first].entity_id)
+        assert customer is not None
+        mapped_name = customer.name
+        customer.name = customer.name + "X"
+        session.delete(entries[last])
+        session.flush()
+        assert run is not None
+        found = verify_batch(session, run, "customer", batch)
+    assert found["keys_missing"] == 1
+    assert found["missing_sample"] == [f"Customer:{last}"]
+    assert found["spot_mismatches"] == 1
+    assert found["spot_sample"] == [
+        {
+            "key": first,
+            "fields": ["name"],
+            "mapped": {"name": mapped_name},
+            "core": {"name": mapped_name + "X"},
+        }
+    ]
+    line = ReconciliationLine("erp_u8", "customer", 91, 90, 0, 0, 0, None, None, keys_missing=1)
+    assert not line.balanced
+    engine.dispose()
+
+
+def test_excel_and_html_reports_escape_formulas_and_hold_rows_to_fix(tmp_path: Path) -> None:
+    rejects = pd.DataFrame([
+        {"source": "sales_xlsx", "entity": "customer", "location": "sales.xlsx#客户", "row_ref": "7",
+         "field": "credit_code", "value": "=HYPERLINK(\"http://evil\")", "rule": "customer.credit_code.check_digit",
+         "reason": "credit_code is not a valid 统一社会信用代码", "severity": "error",
+         "raw_row": {"客户名称": "@SUM(1+1)", "统一社会信用代码": "=HYPERLINK(\"http://evil\")", "手机": "+8613800138000"}},
+        {"source": "sales_xlsx", "entity": "customer", "location": "sales.xlsx#客户", "row_ref": "7",
+         "field": "name", "value": "<script>x</script>", "rule": "customer.name.required", "reason": "name is required",
+         "severity": "error", "raw_row": {"客户名称": "@SUM(1+1)"}},
+        {"source": "sales_xlsx", "entity": "customer", "location": "sales.xlsx#客户", "row_ref": "54", "field": None,
+         "value": None, "rule": "subtotal", "reason": "subtotal/total row, not a record", "severity": "error",
+         "raw_row": {"客户名称": "合计"}},
+    ])  # fmt: skip
+    line = ReconciliationLine("sales_xlsx", "customer", 3, 1, 0, 2, 0, Decimal("5.00"), Decimal("5.00"))
+    report = ReconciliationReport("run-x", [line], rejects, {"customer": 1})
+    paths = write_reports(report, tmp_path)
+
+    workbook = openpyxl.load_workbook(paths["excel"])
+    assert workbook.sheetnames == ["Summary", "Rejects", "fix sales_xlsx.customer"]
+    rejected_values = [row[5] for row in workbook["Rejects"].iter_rows(min_row=2, values_only=True)]
+    assert rejected_values[0] == '\'=HYPERLINK("http://evil")'
+    fix = list(workbook["fix sales_xlsx.customer"].iter_rows(values_only=True))
+    assert fix[0] == ("客户名称", "统一社会信用代码", "手机", "_location", "_row_ref", "_reasons")
+    assert fix[1] == (
+        "'@SUM(1+1)", "'=HYPERLINK(\"http://evil\")", "+8613800138000", "sales.xlsx#客户", "7",
+        "credit_code: credit_code is not a valid 统一社会信用代码; name: name is required",
+    )  # fmt: skip
+    assert len(fix) == 2  # the subtotal row is not something to fix
+
+    page = paths["html"].read_text(encoding="utf-8")
+    assert "&lt;script&gt;x&lt;/script&gt;" in page and "<script>" not in page
+    assert "Every row is accounted for." in page and "To fix: sales_xlsx.customer" in page
