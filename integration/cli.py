@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,7 +23,9 @@ app = typer.Typer(
 mapping_app = typer.Typer(help="Write and check mapping files.", no_args_is_help=True)
 project_app = typer.Typer(help="Check a migration project.", no_args_is_help=True)
 core_app = typer.Typer(help="Manage the CRM core database.", no_args_is_help=True)
+runs_app = typer.Typer(help="Load runs: list them, recover crashed ones.", no_args_is_help=True)
 app.add_typer(mapping_app, name="mapping")
+app.add_typer(runs_app, name="runs")
 app.add_typer(project_app, name="project")
 app.add_typer(core_app, name="core")
 
@@ -45,19 +49,133 @@ def _config_error(exc: ConfigError) -> typer.Exit:
     return typer.Exit(EXIT_FAILED)
 
 
+@contextmanager
+def _core_engine(core: str | None) -> Iterator[Any]:
+    """Yield an engine for the core (schema migrated) and close its connections afterwards."""
+    from integration.pipeline import core_engine
+
+    engine = core_engine(core)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def _instance(*, ephemeral: bool) -> Iterator[Any]:
+    """Yield the Dagster instance: persistent under var/ (runs show in `make ui`), or throw-away for trials."""
+    import dagster as dg
+
+    if ephemeral:
+        with dg.DagsterInstance.ephemeral() as instance:
+            yield instance
+        return
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path("var/dagster_home").resolve())))
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():  # customer data tooling: no usage telemetry by default
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+    with dg.DagsterInstance.get() as instance:
+        yield instance
+
+
+def _execute_with_progress(
+    job: Any, instance: Any, run_config: dict[str, Any], tags: dict[str, str], show: bool
+) -> Any:
+    """Run ``job`` in process; on a terminal, show a progress bar of its steps with rows read and rows/s."""
+    import threading
+    import time
+    import uuid
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    run_id = str(uuid.uuid4())
+
+    def execute() -> Any:
+        return job.execute_in_process(
+            instance=instance, raise_on_error=False, run_config=run_config, tags=tags, run_id=run_id
+        )
+
+    if not show:
+        return execute()
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = execute()
+        except BaseException as exc:  # re-raised in the calling thread below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, daemon=True)
+    steps = len(job.nodes_in_topological_order)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[rows]}"))  # fmt: skip
+    with Progress(*columns, console=errors, transient=True) as progress:
+        task = progress.add_task("starting", total=steps, rows="")
+        started = time.monotonic()
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.25)  # refresh rate of the bar, not a synchronisation
+            done, rows, current = 0, 0, "starting"
+            for entry in instance.all_logs(run_id):
+                event = entry.dagster_event
+                if event is None:
+                    continue
+                if event.event_type_value in ("STEP_SUCCESS", "STEP_FAILURE", "STEP_SKIPPED"):
+                    done += 1
+                elif event.event_type_value == "STEP_START":
+                    current = event.step_key or current
+                elif event.event_type_value == "ASSET_MATERIALIZATION":
+                    value = event.event_specific_data.materialization.metadata.get("rows_read")
+                    rows += int(value.value) if value is not None and event.step_key.startswith("raw_") else 0
+            speed = rows / max(time.monotonic() - started, 1e-6)
+            progress.update(
+                task, completed=done, description=current, rows=f"{rows:,} rows read, {speed:,.0f} rows/s"
+            )
+    return outcome["result"]
+
+
 @app.command()
 def run(
     project: ProjectOption = None,
     core: CoreOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Dagster's step logs")] = False,
+    delta: Annotated[
+        bool, typer.Option("--delta", help="read only what changed since the last run (incremental sources)")
+    ] = False,
+    trial: Annotated[
+        bool,
+        typer.Option("--trial", help="load a sample into a scratch core and report; touches nothing else"),
+    ] = False,
+    sample: Annotated[int, typer.Option("--sample", help="trial runs: rows per source table", min=1)] = 500,
 ) -> None:
-    """Run the whole migration job through Dagster and print the reconciliation (exit 2 if it does not balance)."""
-    import dagster as dg
+    """Run the migration through Dagster and print the reconciliation (exit 1 failed, 2 does not balance).
 
-    from integration.definitions import MIGRATION_JOB, build_definitions
-    from integration.pipeline import core_engine, reconcile
+    A full run reads every source; ``--delta`` starts incremental sources at their watermark (cutover weekend);
+    ``--trial`` loads a sample stratified over sources into a scratch SQLite core under var/trial/.
+    """
+    import datetime as dt
 
+    from crm_core.errors import ConfigError as OptionsError
+    from crm_core.runs import recover_crashed_runs
+    from integration.jobs import DELTA_JOB, MIGRATION_JOB, build_definitions
+    from integration.pipeline import RunOptions, reconcile
+
+    if delta and trial:
+        errors.print("choose --delta or --trial, not both")
+        raise typer.Exit(EXIT_FAILED)
+    try:
+        options = (
+            RunOptions(mode="trial", sample=sample)
+            if trial
+            else RunOptions(mode="delta" if delta else "full")
+        )
+    except OptionsError as exc:
+        errors.print(str(exc))
+        raise typer.Exit(EXIT_FAILED) from None
+    if trial and not core:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        core = f"sqlite:///{(Path('var') / 'trial' / stamp / 'core.sqlite').resolve()}"
     if core:
         # Through the environment, not resource config: the UI shows resource config, and URLs hold passwords.
         os.environ["CRM_CORE_URL"] = core
@@ -65,17 +183,20 @@ def run(
         defs = build_definitions(project)
     except ConfigError as exc:
         raise _config_error(exc) from None
-    # Runs go to a persistent instance so they show up in `make ui` afterwards.
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path("var/dagster_home").resolve())))
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():  # customer data tooling: no usage telemetry by default
-        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+    with _core_engine(core) as engine:
+        crashed_runs = recover_crashed_runs(engine)
+    for crashed in crashed_runs:
+        errors.print(f"[yellow]run {crashed} had crashed mid-load; its changes were undone[/yellow]")
     log_level = "DEBUG" if verbose else "WARNING"
-    with dg.DagsterInstance.get() as instance:
-        result = defs.resolve_job_def(MIGRATION_JOB).execute_in_process(
-            instance=instance,
-            raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+    job = defs.resolve_job_def(DELTA_JOB if delta else MIGRATION_JOB)
+    show_progress = not as_json and not verbose and console.is_terminal
+    with _instance(ephemeral=trial) as instance:
+        result = _execute_with_progress(
+            job,
+            instance,
+            {"loggers": {"console": {"config": {"log_level": log_level}}}},
+            options.tags(),
+            show_progress,
         )
     if not result.success:
         for event in result.all_events:
@@ -85,12 +206,14 @@ def run(
                     f"[red]{event.step_key} failed:[/red] {failure.error.message.strip()}", markup=False
                 )
         raise typer.Exit(EXIT_FAILED)
-    report = reconcile(core_engine(core), result.run_id)
+    with _core_engine(core) as engine:
+        report = reconcile(engine, result.run_id)
     location = redact_url(core_url(core))
     report_dir = Path("var") / "reports" / result.run_id
     if as_json:
         payload = {
             "run_id": result.run_id,
+            "mode": options.mode,
             "balanced": report.balanced,
             "core": location,
             "reports": str(report_dir),
@@ -99,7 +222,7 @@ def run(
         }
         console.print_json(json.dumps(payload, default=str))
     else:
-        table = Table(title=f"Reconciliation of run {result.run_id[:8]}")
+        table = Table(title=f"Reconciliation of {options.mode} run {result.run_id[:8]}")
         for column in (
             "source",
             "entity",
@@ -276,6 +399,72 @@ def mapping_schema() -> None:
     from integration.mappings.spec import json_schema
 
     sys.stdout.write(json_schema())
+
+
+@runs_app.command("list")
+def runs_list(
+    core: CoreOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+) -> None:
+    """List the load runs in the core, newest first (a run whose process died shows as crashed)."""
+    from crm_core.runs import list_runs
+
+    with _core_engine(core) as engine:
+        runs = list_runs(engine)
+    if as_json:
+        for summary in runs:
+            sys.stdout.write(json.dumps(summary.as_dict(), ensure_ascii=False) + "\n")
+        return
+    table = Table(title=f"Load runs in {redact_url(core_url(core))}")
+    for column in ("#", "run", "mode", "status", "started", "rows read", "rejected", "changes"):
+        table.add_column(
+            column, justify="right" if column in ("#", "rows read", "rejected", "changes") else "left"
+        )
+    styles = {"succeeded": "green", "unbalanced": "yellow", "crashed": "red", "failed": "red"}
+    for r in runs:
+        style = styles.get(r.status, "")
+        table.add_row(
+            str(r.id), r.run_key, r.mode, f"[{style}]{r.status}[/{style}]" if style else r.status,
+            r.started_at.strftime("%Y-%m-%d %H:%M:%S"), str(r.rows_read), str(r.rejected), str(r.changes),
+        )  # fmt: skip
+    console.print(table)
+
+
+@runs_app.command("recover")
+def runs_recover(core: CoreOption = None) -> None:
+    """Undo the changes of runs whose process died mid-load (``crmi run`` also does this first)."""
+    from crm_core.runs import recover_crashed_runs
+
+    with _core_engine(core) as engine:
+        crashed = recover_crashed_runs(engine)
+    console.print(
+        f"undid {len(crashed)} crashed run(s): {', '.join(crashed)}" if crashed else "no crashed runs"
+    )
+
+
+@app.command()
+def rollback(
+    run_id: Annotated[str, typer.Argument(help="run key (or a unique prefix, or its # from `runs list`)")],
+    cascade: Annotated[
+        bool, typer.Option("--cascade", help="also roll back the later runs that depend on it")
+    ] = False,
+    core: CoreOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Undo exactly what a run inserted or changed, crosswalk and watermarks included (one transaction)."""
+    from crm_core.errors import RunError
+    from crm_core.runs import rollback_run
+
+    try:
+        with _core_engine(core) as engine:
+            rolled = rollback_run(engine, run_id, cascade=cascade)
+    except RunError as exc:
+        errors.print(f"[red]refused:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    if as_json:
+        console.print_json(json.dumps({"rolled_back": rolled}))
+    else:
+        console.print(f"[green]rolled back[/green] {', '.join(rolled)}")
 
 
 @core_app.command("upgrade")

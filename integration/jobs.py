@@ -1,6 +1,8 @@
-"""Dagster ``Definitions`` for the migration project named by ``$CRM_PROJECT`` (default: examples/demo).
+"""Building the Dagster ``Definitions`` of a migration project: assets, checks, jobs and resources.
 
-``workspace.yaml`` loads this module; ``build_definitions`` is what tests and the CLI call.
+``integration.definitions`` (what ``workspace.yaml`` loads) calls :func:`build_definitions` for
+``$CRM_PROJECT``; the CLI and the tests call it for the project they are given. Importing this module
+builds nothing, so ``crmi run --project X`` works from any folder.
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ from integration.assets import (
     core_asset,
     raw_asset,
     reconciliation_asset,
+    rollback_load_run,
     staged_asset,
+    undo_failed_run,
 )
-from integration.pipeline import Migration
+from integration.pipeline import Migration, RunOptions
 from integration.project import project_dir
 
 MIGRATION_JOB = "migration"
+DELTA_JOB = "migration_delta"
+ROLLBACK_JOB = "rollback"
 
 
 def report_root() -> Path:
@@ -52,13 +58,26 @@ def build_definitions(
     }
     # SQLite allows one writer: run steps in one process there; PostgreSQL takes the default executor.
     sqlite = make_url(core_url(core_database_url)).get_backend_name() == "sqlite"
-    job = dg.define_asset_job(
+    executor = dg.in_process_executor if sqlite else None
+    full = dg.define_asset_job(
         MIGRATION_JOB,
         selection=dg.AssetSelection.all(),
-        description=f"Extract, map, match and load project '{migration.project.name}', then reconcile.",
-        executor_def=dg.in_process_executor if sqlite else None,
+        description=f"Full run of project '{migration.project.name}': read every source, map, validate, "
+        "load, reconcile. A failed step undoes the run.",
+        executor_def=executor,
+        hooks={undo_failed_run},
+        tags=RunOptions(mode="full").tags(),
     )
-    return dg.Definitions(assets=assets, jobs=[job], resources=resources)
-
-
-defs = build_definitions()
+    delta = dg.define_asset_job(
+        DELTA_JOB,
+        selection=dg.AssetSelection.all(),
+        description="Delta run (cutover weekend, scheduled syncs): incremental sources read only what changed "
+        "since their watermark.",
+        executor_def=executor,
+        hooks={undo_failed_run},
+        tags=RunOptions(mode="delta").tags(),
+    )
+    rollback = dg.GraphDefinition(name=ROLLBACK_JOB, node_defs=[rollback_load_run]).to_job(
+        description="Undo one load run (config: run_id, cascade), exactly as `crmi rollback` does.",
+    )
+    return dg.Definitions(assets=assets, jobs=[full, delta, rollback], resources=resources)

@@ -15,6 +15,7 @@ from crm_core.db import make_engine
 from crm_core.loading import EntityLoader
 from crm_core.models import Customer
 from crm_core.watermarks import CursorState, advance, all_watermarks
+from integration.jobs import DELTA_JOB
 from integration.pipeline import reconcile
 from tests.test_end_to_end import execute, run_job
 
@@ -55,14 +56,14 @@ def legacy_rows_read(result: Any, entity: str) -> int:
 def test_a_delta_run_reads_only_changed_rows_and_boundary_rows_exactly_once(
     demo_project: Path, sqlite_core_url: str
 ) -> None:
-    first = run_job(demo_project, sqlite_core_url)
+    first = run_job(demo_project, sqlite_core_url, DELTA_JOB)
     engine = make_engine(sqlite_core_url)
     with legacy(demo_project) as db:
         total = db.execute("SELECT count(*) FROM accounts WHERE deleted = 0").fetchone()[0]
         top = db.execute("SELECT max(date_modified) FROM accounts").fetchone()[0]
     assert legacy_rows_read(first, "customer") == total
 
-    unchanged = run_job(demo_project, sqlite_core_url)
+    unchanged = run_job(demo_project, sqlite_core_url, DELTA_JOB)
     assert legacy_rows_read(unchanged, "customer") == 0
 
     with legacy(demo_project) as db:
@@ -80,7 +81,7 @@ def test_a_delta_run_reads_only_changed_rows_and_boundary_rows_exactly_once(
             "INSERT INTO accounts (id, name, date_entered, date_modified, deleted) VALUES ('zz-new', '杭州新客户科技有限公司', ?, ?, 0)",
             (top, top),
         )
-    delta = run_job(demo_project, sqlite_core_url)
+    delta = run_job(demo_project, sqlite_core_url, DELTA_JOB)
     assert legacy_rows_read(delta, "customer") == 3
     report = reconcile(engine, delta.run_id)
     assert report.balanced
@@ -93,13 +94,13 @@ def test_a_delta_run_reads_only_changed_rows_and_boundary_rows_exactly_once(
     assert marks[("legacy_crm", "legacy_crm_accounts")] == CursorState(
         dt.datetime(2025, 7, 1, 10, 0), frozenset(ids)
     )
-    assert legacy_rows_read(run_job(demo_project, sqlite_core_url), "customer") == 0
+    assert legacy_rows_read(run_job(demo_project, sqlite_core_url, DELTA_JOB), "customer") == 0
 
 
 def test_a_failed_load_leaves_the_watermark_where_it_was(
     demo_project: Path, sqlite_core_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run_job(demo_project, sqlite_core_url)
+    run_job(demo_project, sqlite_core_url, DELTA_JOB)
     engine = make_engine(sqlite_core_url)
     with Session(engine) as session:
         before = all_watermarks(session)
@@ -115,12 +116,12 @@ def test_a_failed_load_leaves_the_watermark_where_it_was(
         original(self)
 
     monkeypatch.setattr(EntityLoader, "_resolve_self_references", crash)
-    assert not execute(demo_project, sqlite_core_url).success
+    assert not execute(demo_project, sqlite_core_url, DELTA_JOB).success
     with Session(engine) as session:
         assert all_watermarks(session) == before
         assert not any(n.endswith("（新）") for n in session.scalars(sa.select(Customer.name)))
     monkeypatch.undo()
-    retried = run_job(demo_project, sqlite_core_url)
+    retried = run_job(demo_project, sqlite_core_url, DELTA_JOB)
     assert legacy_rows_read(retried, "customer") > 0
     assert reconcile(engine, retried.run_id).balanced
 
@@ -139,6 +140,11 @@ def test_a_spreadsheet_folder_picks_up_only_new_or_changed_files(
     )
     assert "files: true" in text
     mapping.write_text(text, encoding="utf-8")
+    # The copied workbook repeats the customer sheet, whose rows are then rejected as duplicate keys: allow it.
+    project = demo_project / "project.yaml"
+    project.write_text(
+        project.read_text(encoding="utf-8") + "validation: {max_reject_ratio: 1}\n", encoding="utf-8"
+    )
 
     def xlsx_rows(result: Any) -> int:
         [event] = [
@@ -148,11 +154,11 @@ def test_a_spreadsheet_folder_picks_up_only_new_or_changed_files(
         ]
         return int(event.materialization.metadata["rows_read"].value)
 
-    first = run_job(demo_project, sqlite_core_url)
+    first = run_job(demo_project, sqlite_core_url, DELTA_JOB)
     assert xlsx_rows(first) > 50
-    assert xlsx_rows(run_job(demo_project, sqlite_core_url)) == 0  # same file: nothing to read
+    assert xlsx_rows(run_job(demo_project, sqlite_core_url, DELTA_JOB)) == 0  # same file: nothing to read
     (demo_project / "data" / "sales.xlsx").touch()  # a new modification time alone changes nothing
-    assert xlsx_rows(run_job(demo_project, sqlite_core_url)) == 0
+    assert xlsx_rows(run_job(demo_project, sqlite_core_url, DELTA_JOB)) == 0
     book = load_workbook(demo_project / "data" / "sales.xlsx")
     sheet = book["商机"]
     rows = [r for r in sheet.iter_rows(min_row=3, max_row=4, values_only=True)]
@@ -164,6 +170,6 @@ def test_a_spreadsheet_folder_picks_up_only_new_or_changed_files(
     for number, row in enumerate(rows):
         new_sheet.append([f"OPP-2025-Q3-{number}", *row[1:]])
     new_book.save(new_book_path)
-    third = run_job(demo_project, sqlite_core_url)
+    third = run_job(demo_project, sqlite_core_url, DELTA_JOB)
     assert xlsx_rows(third) == 2  # only the new workbook's rows
     assert reconcile(make_engine(sqlite_core_url), third.run_id).balanced

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from integration.assets.factories import core_asset, raw_asset, reconciliation_asset, staged_asset
+from integration.assets.factories import (
+    core_asset,
+    raw_asset,
+    reconciliation_asset,
+    rollback_load_run,
+    staged_asset,
+    undo_failed_run,
+)
 from integration.assets.resources import CoreDatabase, MigrationProject, SourceSystem
 
 __all__ = [
@@ -12,5 +19,7 @@ __all__ = [
     "core_asset",
     "raw_asset",
     "reconciliation_asset",
+    "rollback_load_run",
     "staged_asset",
+    "undo_failed_run",
 ]

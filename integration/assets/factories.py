@@ -9,24 +9,25 @@
 # No ``from __future__ import annotations`` here: Dagster inspects the *objects* annotating ``context``
 # and asset inputs, and string annotations make it reject the definitions.
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 from dagster import AssetExecutionContext
-from sqlalchemy import func, select
 
+from crm_core.db import session_factory
 from crm_core.errors import CrmError, TransientExtractError
 from crm_core.loading import SourceStats
-from crm_core.models import Customer
+from crm_core.runs import abort_run, rollback_run
+from crm_core.validation import core_violations
 from crm_core.watermarks import CursorState
 from integration.assets.resources import CoreDatabase, MigrationProject, SourceSystem
 from integration.mappings.spec import CompiledMapping
 from integration.pipeline import (
     WATERMARK_ATTR,
     Migration,
+    RunOptions,
     StagedEntity,
     extract,
     finish_run,
@@ -39,8 +40,7 @@ from integration.pipeline import (
 from integration.reports import markdown_table, write_reports
 
 MAX_PREVIEW_ROWS = 5
-# Above this share of rejected rows a staged entity's check warns.
-REJECT_RATIO_WARNING = 0.2
+MAX_SAMPLE_ROWS = 20
 
 
 def _fail(exc: CrmError) -> dg.Failure:
@@ -49,6 +49,16 @@ def _fail(exc: CrmError) -> dg.Failure:
 
 def _preview(frame: pd.DataFrame) -> dg.MetadataValue:
     return dg.MetadataValue.md(markdown_table(frame.head(MAX_PREVIEW_ROWS)))
+
+
+@dg.failure_hook(required_resource_keys={"core"})
+def undo_failed_run(context: dg.HookContext) -> None:
+    """When any step fails, undo what the run's committed loads changed: a run lands whole or not at all."""
+    core: CoreDatabase = context.resources.core
+    if abort_run(core.engine(), context.run_id):
+        context.log.warning(
+            f"step {context.step_key} failed: the changes of run {context.run_id} were undone"
+        )
 
 
 def raw_asset(migration: Migration, mapping: CompiledMapping) -> dg.AssetsDefinition:
@@ -73,7 +83,9 @@ def raw_asset(migration: Migration, mapping: CompiledMapping) -> dg.AssetsDefini
         project: MigrationProject = context.resources.project
         core: CoreDatabase = context.resources.core
         try:
-            since = stream_watermark(core.engine(), mapping)
+            # Full and trial runs read everything (unchanged rows load as no-ops); delta runs start at the watermark.
+            delta = RunOptions.from_tags(context.run.tags).mode == "delta"
+            since = stream_watermark(core.engine(), mapping) if delta else None
             frame = extract(project.migration(), mapping, since=since)
         except TransientExtractError as exc:
             raise dg.RetryRequested(max_retries=3, seconds_to_wait=2) from exc
@@ -113,24 +125,46 @@ def _cursor_metadata(
     }
 
 
+def _violation_sample(batches: list[Any]) -> pd.DataFrame:
+    rejects = pd.concat([b.rejects for b in batches], ignore_index=True) if batches else pd.DataFrame()
+    if rejects.empty:
+        return rejects
+    columns = ["source", "location", "row_ref", "rule", "field", "value", "reason", "severity"]
+    return rejects.groupby("rule", sort=True).head(3)[columns].head(MAX_SAMPLE_ROWS)
+
+
 def staged_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
-    """Return the asset that maps every raw input of ``entity`` into canonical records."""
+    """Return the asset that maps, validates and quarantines every raw input of ``entity``."""
     mappings = migration.mappings_for(entity)
     ins = {raw_asset_name(m): dg.AssetIn(key=raw_asset_name(m)) for m in mappings}
-    check = dg.AssetCheckSpec(
-        name="check_reject_ratio",
-        asset=f"staged_{entity}",
-        description=f"Warns when more than {REJECT_RATIO_WARNING:.0%} of a source's rows are rejected by the mapping.",
-    )
+    limit = migration.project.spec.validation.max_reject_ratio
+    rules = sorted(rule.name for rule in migration.rules if rule.entity == entity)
+    checks = [
+        dg.AssetCheckSpec(
+            name="check_reject_ratio",
+            asset=f"staged_{entity}",
+            description=f"Stops the load when a source rejects more than {limit:.0%} of its rows "
+            "(usually a wrong mapping or source, not bad data).",
+            blocking=True,
+        ),
+        dg.AssetCheckSpec(
+            name="check_validation_rules",
+            asset=f"staged_{entity}",
+            description=f"Rows breaking the {entity} rules ({len(rules)}): errors are quarantined, "
+            "warnings load; metadata counts each rule and shows a sample.",
+        ),
+    ]
 
     @dg.asset(
         name=f"staged_{entity}",
         group_name="stage",
-        description=f"Canonical {entity} records mapped from {', '.join(m.name for m in mappings)}, with rejects.",
+        description=f"Canonical {entity} records mapped from {', '.join(m.name for m in mappings)}, "
+        "validated, with the rejects quarantined.",
         ins=ins,
         required_resource_keys={"project"},
-        check_specs=[check],
+        check_specs=checks,
         kinds={"pandas"},
+        metadata={"validation_rules": dg.MetadataValue.json(rules)},
     )
     def _staged(context: AssetExecutionContext, **raw: pd.DataFrame) -> Any:
         project: MigrationProject = context.resources.project
@@ -139,30 +173,51 @@ def staged_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
         except CrmError as exc:
             raise _fail(exc) from exc
         rows = []
-        worst = 0.0
+        ratios: dict[str, float] = {}
         for batch in staged.batches:
             rejected_rows = batch.rejects.loc[
                 batch.rejects["severity"] == "error", ["location", "row_ref"]
             ].drop_duplicates()
-            ratio = len(rejected_rows) / batch.rows_read if batch.rows_read else 0.0
-            worst = max(worst, ratio)
+            ratios[batch.mapping] = round(len(rejected_rows) / batch.rows_read, 4) if batch.rows_read else 0.0
             rows.append({"mapping": batch.mapping, "read": batch.rows_read, "mapped": len(batch.records),
                          "rejected": len(rejected_rows), "warnings": int((batch.rejects["severity"] == "warn").sum())})  # fmt: skip
-        reasons = Counter(r for b in staged.batches for r in b.rejects["rule"].astype(str))
+        all_rejects = [b.rejects for b in staged.batches if len(b.rejects)]
+        by_rule = (
+            pd.concat(all_rejects).groupby(["rule", "severity"]).size().reset_index(name="rows")
+            if all_rejects
+            else pd.DataFrame(columns=["rule", "severity", "rows"])
+        )
         yield dg.Output(
             staged,
             metadata={
                 "records": staged.records,
                 "reject_entries": staged.rejects,
                 "by_mapping": dg.MetadataValue.md(markdown_table(pd.DataFrame(rows))),
-                "reject_rules": dg.MetadataValue.json(dict(reasons)),
+                "reject_rules": dg.MetadataValue.json(
+                    {str(r): int(n) for r, n in by_rule.groupby("rule")["rows"].sum().items()}
+                ),
             },
         )
+        too_many = {name: ratio for name, ratio in ratios.items() if ratio > limit}
         yield dg.AssetCheckResult(
             check_name="check_reject_ratio",
-            passed=worst <= REJECT_RATIO_WARNING,
+            passed=not too_many,
+            metadata={"reject_ratio_by_mapping": dg.MetadataValue.json(ratios), "limit": limit,
+                      "over_the_limit": dg.MetadataValue.json(too_many)},
+        )  # fmt: skip
+        failing = by_rule[by_rule["severity"] == "error"]["rows"].sum() if len(by_rule) else 0
+        yield dg.AssetCheckResult(
+            check_name="check_validation_rules",
+            passed=not len(by_rule),
             severity=dg.AssetCheckSeverity.WARN,
-            metadata={"worst_reject_ratio": round(worst, 4)},
+            metadata={
+                "quarantined_entries": int(failing),
+                "warning_entries": int(by_rule[by_rule["severity"] == "warn"]["rows"].sum())
+                if len(by_rule)
+                else 0,
+                "failing_rows_by_rule": dg.MetadataValue.md(markdown_table(by_rule)),
+                "sample": dg.MetadataValue.md(markdown_table(_violation_sample(staged.batches))),
+            },
         )
 
     return _staged
@@ -187,15 +242,15 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
             blocking=True,
         )
     ]
-    if entity == "customer":
-        checks.append(
-            dg.AssetCheckSpec(
-                name="check_unique_credit_codes",
-                asset="core_customer",
-                description="No two active customers share a 统一社会信用代码.",
-                blocking=True,
-            )
+    checks.append(
+        dg.AssetCheckSpec(
+            name="check_core_rules",
+            asset=f"core_{entity}",
+            description="Core-wide rules after the load: references point at surviving records; for customers, "
+            "no shared 统一社会信用代码; for payment applications, never more than the receivable or payment.",
+            blocking=True,
         )
+    )
 
     @dg.asset(
         name=f"core_{entity}",
@@ -212,7 +267,15 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
         project: MigrationProject = context.resources.project
         engine = core.engine()
         try:
-            stats = load(project.migration(), engine, context.run.run_id, staged)
+            options = RunOptions.from_tags(context.run.tags)
+            stats = load(
+                project.migration(),
+                engine,
+                context.run.run_id,
+                staged,
+                mode=options.mode,
+                sample=options.sample,
+            )
         except CrmError as exc:
             raise _fail(exc) from exc
         totals = {
@@ -232,22 +295,23 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
             passed=not unbalanced,
             metadata={"unbalanced_sources": dg.MetadataValue.json(unbalanced)},
         )
-        if entity == "customer":
-            with engine.connect() as connection:
-                shared = connection.execute(
-                    select(Customer.credit_code, func.count())
-                    .where(Customer.merged_into_id.is_(None), Customer.credit_code.is_not(None))
-                    .group_by(Customer.credit_code)
-                    .having(func.count() > 1)
-                ).all()
-            yield dg.AssetCheckResult(
-                check_name="check_unique_credit_codes",
-                passed=not shared,
-                metadata={
-                    "shared_codes": len(shared),
-                    "sample": dg.MetadataValue.json([r[0] for r in shared[:10]]),
-                },
-            )
+        with session_factory(engine)() as session:
+            violations = core_violations(session, entity)
+        broken = [v for v in violations if v.count]
+        yield dg.AssetCheckResult(
+            check_name="check_core_rules",
+            passed=not broken,
+            metadata={
+                "failing_rows_by_rule": dg.MetadataValue.json({v.rule: v.count for v in violations}),
+                "sample": dg.MetadataValue.md(
+                    "\n\n".join(
+                        f"**{v.rule}**: {v.message}\n\n{markdown_table(pd.DataFrame(v.sample))}"
+                        for v in broken
+                    )
+                    or "_none_"
+                ),
+            },
+        )
 
     return _core
 
@@ -262,7 +326,13 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
         deps=[f"core_{e}" for e in migration.entities],
         required_resource_keys={"core"},
         check_specs=[
-            dg.AssetCheckSpec("check_reconciliation_balances", asset="reconciliation_report", blocking=True)
+            # Not blocking: an unbalanced run stays in the core, marked 'unbalanced', for the consultant to
+            # inspect and roll back; failing the step would undo it before anyone could look.
+            dg.AssetCheckSpec(
+                "check_reconciliation_balances",
+                asset="reconciliation_report",
+                description="Rows, keys and amounts balance per source and entity; spot-checked values match.",
+            )
         ],
         kinds={"pandas"},
     )
@@ -292,3 +362,26 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
         )
 
     return _reconciliation
+
+
+class RollbackConfig(dg.Config):
+    """Which load run to undo (as in ``crmi rollback``)."""
+
+    run_id: str
+    cascade: bool = False
+
+
+@dg.op(required_resource_keys={"core"})
+def rollback_load_run(context: dg.OpExecutionContext, config: RollbackConfig) -> None:
+    """Undo exactly what a load run inserted or changed, crosswalk and watermarks included (one transaction).
+
+    Refuses when later runs depend on it unless ``cascade`` is set; the failure names those runs.
+    """
+    core: CoreDatabase = context.resources.core
+    try:
+        rolled = rollback_run(core.engine(), config.run_id, cascade=config.cascade)
+    except CrmError as exc:
+        raise _fail(exc) from exc
+    context.log.info(f"rolled back {', '.join(rolled)}")
+    context.add_output_metadata({"rolled_back": dg.MetadataValue.json(rolled)}, output_name="result")
+    return None
