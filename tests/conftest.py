@@ -68,7 +68,8 @@ def demo_project(tmp_path: Path, demo_data: Path) -> Path:
     return root
 
 
-def _reset_postgres(engine: sa.Engine) -> None:
+def reset_postgres(engine: sa.Engine) -> None:
+    """Drop and recreate the public schema of the PostgreSQL test database."""
     with engine.begin() as connection:
         connection.execute(sa.text("DROP SCHEMA IF EXISTS public CASCADE"))
         connection.execute(sa.text("CREATE SCHEMA public"))
@@ -81,7 +82,7 @@ def core_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / f'core-{uuid.uuid4().hex[:8]}.sqlite'}"
         return
     engine = server_or_skip(PG_URL, "PostgreSQL")
-    _reset_postgres(engine)
+    reset_postgres(engine)
     engine.dispose()
     yield PG_URL
     from integration.assets.resources import dispose_engines

@@ -54,16 +54,16 @@ def legacy_rows_read(result: Any, entity: str) -> int:
 
 
 def test_a_delta_run_reads_only_changed_rows_and_boundary_rows_exactly_once(
-    demo_project: Path, sqlite_core_url: str
+    demo_project: Path, core_url: str
 ) -> None:
-    first = run_job(demo_project, sqlite_core_url, DELTA_JOB)
-    engine = make_engine(sqlite_core_url)
+    first = run_job(demo_project, core_url, DELTA_JOB)
+    engine = make_engine(core_url)
     with legacy(demo_project) as db:
         total = db.execute("SELECT count(*) FROM accounts WHERE deleted = 0").fetchone()[0]
         top = db.execute("SELECT max(date_modified) FROM accounts").fetchone()[0]
     assert legacy_rows_read(first, "customer") == total
 
-    unchanged = run_job(demo_project, sqlite_core_url, DELTA_JOB)
+    unchanged = run_job(demo_project, core_url, DELTA_JOB)
     assert legacy_rows_read(unchanged, "customer") == 0
 
     with legacy(demo_project) as db:
@@ -81,7 +81,7 @@ def test_a_delta_run_reads_only_changed_rows_and_boundary_rows_exactly_once(
             "INSERT INTO accounts (id, name, date_entered, date_modified, deleted) VALUES ('zz-new', '杭州新客户科技有限公司', ?, ?, 0)",
             (top, top),
         )
-    delta = run_job(demo_project, sqlite_core_url, DELTA_JOB)
+    delta = run_job(demo_project, core_url, DELTA_JOB)
     assert legacy_rows_read(delta, "customer") == 3
     report = reconcile(engine, delta.run_id)
     assert report.balanced
@@ -94,7 +94,8 @@ def test_a_delta_run_reads_only_changed_rows_and_boundary_rows_exactly_once(
     assert marks[("legacy_crm", "legacy_crm_accounts")] == CursorState(
         dt.datetime(2025, 7, 1, 10, 0), frozenset(ids)
     )
-    assert legacy_rows_read(run_job(demo_project, sqlite_core_url, DELTA_JOB), "customer") == 0
+    assert legacy_rows_read(run_job(demo_project, core_url, DELTA_JOB), "customer") == 0
+    engine.dispose()
 
 
 def test_a_failed_load_leaves_the_watermark_where_it_was(

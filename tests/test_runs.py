@@ -18,8 +18,9 @@ from crm_core.db import make_engine, upgrade
 from crm_core.errors import RunError
 from crm_core.models import Base, ExternalId, LoadRun, RowChange
 from crm_core.runs import dependents, list_runs, rollback_run
+from integration.assets.resources import dispose_engines
 from integration.cli import app
-from tests.conftest import REPO
+from tests.conftest import PG_URL, REPO, reset_postgres, server_or_skip
 from tests.test_end_to_end import execute, run_job
 
 pytestmark = pytest.mark.slow
@@ -218,30 +219,40 @@ def test_a_run_killed_mid_load_leaves_the_core_as_it_was(
     engine.dispose()
 
 
+@pytest.mark.parametrize("scratch", ["default", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_a_trial_run_loads_a_consistent_sample_into_a_scratch_core_and_touches_nothing_else(
-    demo_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    demo_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scratch: str
 ) -> None:
     real_core = tmp_path / "real-core.sqlite"
     monkeypatch.setenv("CRM_CORE_URL", f"sqlite:///{real_core}")
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(
-        app, ["run", "--trial", "--sample", "15", "--json", "--project", str(demo_project)]
-    )
+    options = []
+    if scratch == "postgres":  # a consultant may point the trial at a scratch PostgreSQL database instead
+        engine = server_or_skip(PG_URL, "PostgreSQL")
+        reset_postgres(engine)
+        engine.dispose()
+        options = ["--core-url", PG_URL]
+    command = ["run", "--trial", "--sample", "15", "--json", "--project", str(demo_project), *options]
+    result = CliRunner().invoke(app, command)
+    dispose_engines()
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
-    assert payload["mode"] == "trial" and "/var/trial/" in payload["core"]
+    assert payload["mode"] == "trial"
+    assert (
+        "/var/trial/" in payload["core"] if scratch == "default" else payload["core"].startswith("postgresql")
+    )
     assert not real_core.exists()  # the real core was never opened
     lines = payload["lines"]
     assert lines and all(0 < line["rows_read"] <= 15 for line in lines)
     assert all(line["balanced"] for line in lines)
-    scratch = make_engine(payload["core"].replace("sqlite:///", "sqlite:///", 1))
-    with scratch.connect() as connection:
+    scratch_core = make_engine(payload["core"] if scratch == "default" else PG_URL)
+    with scratch_core.connect() as connection:
         reasons = connection.scalars(sa.select(sa.text("reason")).select_from(sa.text("rejects"))).all()
         mode = connection.scalar(sa.select(LoadRun.mode))
     # Children were sampled among rows whose parents are in the sample: no 'not found' references.
     assert mode == "trial" and not [r for r in reasons if "not found" in r]
     assert (tmp_path / "var" / "reports" / payload["run_id"] / "reconciliation.xlsx").exists()
-    scratch.dispose()
+    scratch_core.dispose()
 
     again = CliRunner().invoke(app, ["run", "--trial", "--delta", "--project", str(demo_project)])
     assert again.exit_code == 1 and "choose --delta or --trial" in again.output
