@@ -1,0 +1,235 @@
+"""Probabilistic record linkage on ``recordlinkage``: blocking, fast comparisons, Fellegi–Sunter, bands.
+
+The spec says how to find candidate pairs (blocks on equal keys, sorted neighbourhoods, unioned), how
+to compare them (per field, with similarity levels) and where the bands lie. String similarities run
+in rapidfuzz's C++ ``cpdist`` over whole columns, plugged into ``recordlinkage.Compare`` as features,
+so comparing does not dominate. The classifier is recordlinkage's unsupervised ECM (Fellegi–Sunter
+fitted by expectation/conditional maximisation) on binary "at least level k" indicators; pairs whose
+match probability reaches ``auto_merge`` are merged, those between ``review`` and ``auto_merge`` go to a
+steward, the rest are distinct. Clusters are connected components of the merged pairs; a cluster whose
+members disagree on a hard key (credit code, region, branch) or that is larger than ``max_cluster``
+goes to review as a whole instead of merging.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import recordlinkage as rl
+from rapidfuzz import distance, fuzz
+from rapidfuzz.process import cpdist
+from recordlinkage.base import BaseCompareFeature
+
+from crm_core.errors import DedupError
+
+Method = Literal["exact", "jaro_winkler", "levenshtein", "token_set", "prefix"]
+# rapidfuzz scorers and the factor that brings their score to 0..1
+_SCORERS: dict[str, tuple[Any, float]] = {
+    "jaro_winkler": (distance.JaroWinkler.normalized_similarity, 1.0),
+    "levenshtein": (distance.Levenshtein.normalized_similarity, 1.0),
+    "token_set": (fuzz.token_set_ratio, 0.01),
+}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Compare one field of a pair; ``levels`` are similarity thresholds, highest first."""
+
+    field: str
+    method: Method = "jaro_winkler"
+    levels: tuple[float, ...] = (0.92,)
+    label: str | None = None
+
+    @property
+    def name(self) -> str:
+        """Return the feature's column name."""
+        return self.label or f"{self.field}_{self.method}"
+
+
+@dataclass(frozen=True)
+class LinkageSpec:
+    """Blocking, comparisons, classifier thresholds and cluster guards for one entity."""
+
+    blocks: Sequence[Sequence[str]]
+    comparisons: Sequence[Comparison]
+    sorted_neighbourhood: Sequence[tuple[str, int]] = ()
+    auto_merge: float = 0.95
+    review: float = 0.5
+    hard_keys: Sequence[str] = ()  # members of one cluster must not disagree on these
+    max_cluster: int = 10
+
+    def columns(self) -> set[str]:
+        """Return every column the spec reads."""
+        used = {c for block in self.blocks for c in block} | {c for c, _ in self.sorted_neighbourhood}
+        return used | {c.field for c in self.comparisons} | set(self.hard_keys)
+
+
+class SimilarityLevels(BaseCompareFeature):  # type: ignore[misc]
+    """A recordlinkage compare feature: rapidfuzz similarity of two columns, as a level 0..len(levels).
+
+    Missing values on either side give level 0 (no evidence of agreement).
+    """
+
+    def __init__(self, left: str, right: str, method: Method, levels: Sequence[float], label: str) -> None:
+        super().__init__(left, right, label=label)
+        self.method = method
+        self.levels = tuple(sorted(levels, reverse=True))
+
+    def _compute_vectorized(self, s_left: pd.Series, s_right: pd.Series) -> pd.Series:
+        missing = (s_left.isna() | s_right.isna()).to_numpy()
+        left = s_left.fillna("").astype(str).to_numpy()
+        right = s_right.fillna("").astype(str).to_numpy()
+        if self.method == "exact":
+            similarity = (left == right).astype(float)
+        elif self.method == "prefix":
+            similarity = np.fromiter(
+                (a[:3] == b[:3] for a, b in zip(left, right, strict=True)), dtype=bool, count=len(left)
+            ).astype(float)
+        else:
+            scorer, scale = _SCORERS[self.method]
+            similarity = cpdist(left, right, scorer=scorer, workers=-1, dtype=np.float32) * scale
+        level = np.zeros(len(left), dtype=np.int8)
+        for rank, threshold in enumerate(reversed(self.levels), start=1):
+            level[similarity >= threshold - 1e-9] = rank
+        level[missing] = 0
+        return pd.Series(level, index=s_left.index)
+
+
+@dataclass
+class LinkageResult:
+    """Scored candidate pairs (MultiIndex of record ids) with their features, bands and clusters."""
+
+    pairs_compared: int
+    records: int
+    features: pd.DataFrame
+    probability: pd.Series
+    band: pd.Series  # merge | review | distinct
+    clusters: list[list[Any]] = field(default_factory=list)
+    cluster_review: list[list[Any]] = field(default_factory=list)  # clusters too large or split: for stewards
+
+    @property
+    def reduction_ratio(self) -> float:
+        """Return the share of all possible pairs that blocking avoided comparing."""
+        total = self.records * (self.records - 1) / 2
+        return 1 - self.pairs_compared / total if total else 0.0
+
+    def pairs(self, band: str) -> pd.MultiIndex:
+        """Return the pairs in one band."""
+        return self.band.index[self.band == band]  # type: ignore[return-value]
+
+
+def candidate_pairs(frame: pd.DataFrame, spec: LinkageSpec) -> pd.MultiIndex:
+    """Return the union of the pairs every block and sorted neighbourhood proposes (deduplication)."""
+    missing = sorted(spec.columns() - set(frame.columns))
+    if missing:
+        raise DedupError(f"dedup rules use columns the records do not have: {', '.join(missing)}")
+    indexer = rl.Index()
+    for block in spec.blocks:
+        indexer.block(left_on=list(block))
+    for column, window in spec.sorted_neighbourhood:
+        indexer.sortedneighbourhood(left_on=column, window=window)
+    if not spec.blocks and not spec.sorted_neighbourhood:
+        indexer.full()
+    pairs: pd.MultiIndex = indexer.index(frame)
+    return pairs
+
+
+def compare(frame: pd.DataFrame, pairs: pd.MultiIndex, spec: LinkageSpec) -> pd.DataFrame:
+    """Return one feature column (a level) per comparison for every pair."""
+    comparer = rl.Compare(n_jobs=1)
+    for comparison in spec.comparisons:
+        comparer.add(SimilarityLevels(comparison.field, comparison.field, comparison.method,
+                                      comparison.levels, comparison.name))  # fmt: skip
+    features: pd.DataFrame = comparer.compute(pairs, frame)
+    return features
+
+
+def indicators(features: pd.DataFrame, spec: LinkageSpec) -> pd.DataFrame:
+    """Return binary 'at least level k' columns, the input of the Fellegi–Sunter classifier."""
+    out = {}
+    for comparison in spec.comparisons:
+        for rank in range(1, len(comparison.levels) + 1):
+            out[f"{comparison.name}>={rank}"] = (features[comparison.name] >= rank).astype(np.int8)
+    return pd.DataFrame(out, index=features.index)
+
+
+def classify(features: pd.DataFrame, spec: LinkageSpec) -> pd.Series:
+    """Return the match probability of every pair from an unsupervised ECM fit on these pairs."""
+    if features.empty:
+        return pd.Series(dtype=float, index=features.index)
+    binary = indicators(features, spec)
+    varying = [c for c in binary.columns if binary[c].nunique() > 1]
+    if not varying:  # every pair looks the same: nothing to learn from, so nothing is sure
+        return pd.Series(0.5, index=features.index)
+    classifier = rl.ECMClassifier(binarize=None)
+    classifier.fit(binary[varying])
+    return pd.Series(classifier.prob(binary[varying]), index=features.index)
+
+
+def bands(probability: pd.Series, spec: LinkageSpec) -> pd.Series:
+    """Return merge / review / distinct per pair."""
+    band = np.where(
+        probability >= spec.auto_merge, "merge", np.where(probability >= spec.review, "review", "distinct")
+    )
+    return pd.Series(band, index=probability.index)
+
+
+def connected_components(pairs: Sequence[tuple[Any, Any]]) -> list[list[Any]]:
+    """Return the groups of records linked by ``pairs`` (union–find), each sorted, largest first."""
+    parent: dict[Any, Any] = {}
+
+    def find(x: Any) -> Any:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        root_a, root_b = find(a), find(b)
+        if root_a != root_b:
+            parent[max(root_a, root_b)] = min(root_a, root_b)
+    groups: dict[Any, list[Any]] = defaultdict(list)
+    for x in parent:
+        groups[find(x)].append(x)
+    return sorted((sorted(g) for g in groups.values()), key=lambda g: (-len(g), g[0]))
+
+
+def guard_clusters(
+    clusters: list[list[Any]], frame: pd.DataFrame, spec: LinkageSpec
+) -> tuple[list[list[Any]], list[list[Any]]]:
+    """Return (clusters to merge, clusters for a steward) — the guard against chaining.
+
+    Linked pairs chain: A~B and B~C put A and C together even when A and C carry different credit codes.
+    A cluster whose members disagree on a hard key, or that is larger than ``max_cluster``, is not merged
+    automatically; the whole cluster goes to review, where a steward sees every member side by side.
+    """
+    merge: list[list[Any]] = []
+    review: list[list[Any]] = []
+    for cluster in clusters:
+        conflicting = False
+        for key in spec.hard_keys:
+            values = frame.loc[cluster, key].dropna().astype(str).str.strip()
+            if values[values != ""].nunique() > 1:
+                conflicting = True
+                break
+        (review if conflicting or len(cluster) > spec.max_cluster else merge).append(cluster)
+    return merge, review
+
+
+def link(frame: pd.DataFrame, spec: LinkageSpec) -> LinkageResult:
+    """Find, compare, classify and cluster duplicate records in ``frame`` (indexed by record id)."""
+    if not frame.index.is_unique:
+        raise DedupError("record ids must be unique to deduplicate")
+    pairs = candidate_pairs(frame, spec)
+    features = compare(frame, pairs, spec)
+    probability = classify(features, spec)
+    band = bands(probability, spec)
+    merged_pairs = list(band.index[band == "merge"])
+    clusters, review = guard_clusters(connected_components(merged_pairs), frame, spec)
+    return LinkageResult(len(pairs), len(frame), features, probability, band, clusters, review)
