@@ -346,3 +346,44 @@ class PaymentApplication(RunTracked, Base):
     payment_id: Mapped[int] = mapped_column(ForeignKey("payments.id"), index=True)
     receivable_id: Mapped[int] = mapped_column(ForeignKey("receivables.id"), index=True)
     amount: Mapped[Money]
+
+
+# --------------------------------------------------------------------------- deduplication
+
+
+class MatchCandidate(Base):
+    """A pair of records that may be the same: scored by linkage, decided automatically or by a steward."""
+
+    __tablename__ = "match_candidates"
+    __table_args__ = (UniqueConstraint("entity", "left_id", "right_id"),)
+
+    id: Mapped[intpk]
+    entity: Mapped[str] = mapped_column(String(32))
+    left_id: Mapped[int]  # the smaller id of the pair
+    right_id: Mapped[int]
+    probability: Mapped[float]
+    features: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # review: waiting for a steward | merged | distinct (a steward said no: never proposed again)
+    status: Mapped[str] = mapped_column(String(16), default="review", index=True)
+    decided_by: Mapped[str | None] = mapped_column(String(64))
+    decided_at: Mapped[dt.datetime | None]
+    load_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"))
+
+
+class MergeLog(Base):
+    """One record merged into a survivor: who, when, why, and the journal entries that undo it exactly."""
+
+    __tablename__ = "merge_log"
+
+    id: Mapped[intpk]
+    entity: Mapped[str] = mapped_column(String(32))
+    survivor_id: Mapped[int] = mapped_column(index=True)
+    merged_id: Mapped[int] = mapped_column(index=True)
+    probability: Mapped[float | None]
+    reason: Mapped[str] = mapped_column(Text)  # auto-merge above threshold | steward decision
+    decided_by: Mapped[str] = mapped_column(String(64))
+    load_run_id: Mapped[int] = mapped_column(ForeignKey("load_runs.id"))
+    first_change_id: Mapped[int | None]  # row_changes of this merge: first..last
+    last_change_id: Mapped[int | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
+    undone_at: Mapped[dt.datetime | None]

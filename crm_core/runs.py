@@ -171,10 +171,15 @@ def dependents(session: Session, run: LoadRun) -> set[int]:
 
 def _replay(session: Session, run: LoadRun) -> None:
     """Undo a run's journal newest first."""
+    replay(session, RowChange.load_run_id == run.id)
+
+
+def replay(session: Session, condition: Any) -> None:
+    """Undo the journal entries matching ``condition``, newest first (Core statements: not journaled)."""
     tables = Base.metadata.tables
     entries = session.execute(
         select(RowChange.table_name, RowChange.row_key, RowChange.operation, RowChange.before)
-        .where(RowChange.load_run_id == run.id)
+        .where(condition)
         .order_by(RowChange.id.desc())
     ).all()
     for table_name, key, operation, before in entries:

@@ -71,7 +71,7 @@ def companies(seed: int = 5) -> tuple[pd.DataFrame, dict[int, int]]:
     for region in REGIONS:
         for core in rng.sample(CORES, 12):
             company += 1
-            code = f"91{rng.randrange(10**15, 10**16)}X"
+            code = f"91{rng.randrange(10**14, 10**15)}X"  # 18 characters, like a 统一社会信用代码
             phone = f"+86{rng.randrange(10**9, 10**10)}"
             domain = f"c{company}.example.cn"
             add(company, f"{region}{core}有限公司", code, phone, domain)

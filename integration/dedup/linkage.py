@@ -222,14 +222,27 @@ def guard_clusters(
     return merge, review
 
 
-def link(frame: pd.DataFrame, spec: LinkageSpec) -> LinkageResult:
-    """Find, compare, classify and cluster duplicate records in ``frame`` (indexed by record id)."""
+def ordered(pair: tuple[Any, Any]) -> tuple[Any, Any]:
+    """Return a pair with the smaller id first (how candidates and decisions are stored)."""
+    a, b = pair
+    return (a, b) if a <= b else (b, a)
+
+
+def link(
+    frame: pd.DataFrame, spec: LinkageSpec, distinct: set[tuple[Any, Any]] | None = None
+) -> LinkageResult:
+    """Find, compare, classify and cluster duplicate records in ``frame`` (indexed by record id).
+
+    ``distinct`` holds pairs (smaller id first) a steward declared different: they never merge or return.
+    """
     if not frame.index.is_unique:
         raise DedupError("record ids must be unique to deduplicate")
     pairs = candidate_pairs(frame, spec)
     features = compare(frame, pairs, spec)
     probability = classify(features, spec)
     band = bands(probability, spec)
+    if distinct:
+        band[[ordered(p) in distinct for p in band.index]] = "distinct"
     merged_pairs = list(band.index[band == "merge"])
     clusters, review = guard_clusters(connected_components(merged_pairs), frame, spec)
     return LinkageResult(len(pairs), len(frame), features, probability, band, clusters, review)

@@ -1,0 +1,156 @@
+"""Deduplicating the core's customers: link, record candidates, auto-merge sure clusters, steward decisions.
+
+Everything runs inside a journaled load run, so a dedup pass rolls back like any load and each merge can
+be undone on its own (``crm_core.merging.undo_merge``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from crm_core.db import session_factory
+from crm_core.errors import DedupError
+from crm_core.loading import get_or_start_run
+from crm_core.merging import choose_survivor, decided_pairs, merge_customers, record_candidates
+from crm_core.models import Customer, MatchCandidate
+from integration.dedup.customers import CUSTOMER_SPEC, customer_records
+from integration.dedup.linkage import LinkageSpec, link, ordered
+
+
+@dataclass
+class DedupOutcome:
+    """What a dedup pass found and did (Dagster metadata, CLI output)."""
+
+    records: int = 0
+    pairs_compared: int = 0
+    reduction_ratio: float = 0.0
+    bands: dict[str, int] = field(default_factory=dict)
+    new_candidates: int = 0
+    auto_merged: int = 0  # records merged into a survivor
+    review_clusters: int = 0
+    cluster_sizes: dict[int, int] = field(default_factory=dict)  # size -> clusters merged
+    merge_log_ids: list[int] = field(default_factory=list)
+
+
+def deduplicate_customers(
+    engine: Engine,
+    run_key: str,
+    project: str,
+    *,
+    spec: LinkageSpec = CUSTOMER_SPEC,
+    source_priority: Sequence[str] = (),
+    mode: str = "full",
+    finish: bool = False,
+) -> DedupOutcome:
+    """Link active customers, store merge/review candidates, and merge every sure cluster into a golden record.
+
+    Inside a migration the run continues (reconciliation finishes it); ``finish`` closes a standalone pass.
+    """
+    records = customer_records(engine)
+    outcome = DedupOutcome(records=len(records))
+    if len(records) < 2:
+        return outcome
+    factory = session_factory(engine)
+    with factory() as session:
+        distinct = decided_pairs(session, "customer", "distinct")
+    result = link(records, spec, distinct)
+    outcome.pairs_compared = result.pairs_compared
+    outcome.reduction_ratio = round(result.reduction_ratio, 4)
+    outcome.bands = {str(k): int(v) for k, v in result.band.value_counts().items()}
+    cluster_of = {member: tuple(cluster) for cluster in result.clusters for member in cluster}
+    scored: dict[tuple[int, int], tuple[float, dict[str, Any], str]] = {}
+    kept = result.band != "distinct"
+    features_of = result.features.loc[kept].to_dict("index")
+    for pair, probability in result.probability.loc[kept].items():
+        left, right = ordered(pair)  # type: ignore[arg-type]
+        together = cluster_of.get(left) is not None and cluster_of.get(left) == cluster_of.get(right)
+        features = {str(k): int(v) for k, v in features_of[pair].items()}
+        scored[(int(left), int(right))] = (float(probability), features, "merged" if together else "review")
+    with factory() as session, session.begin():
+        run = get_or_start_run(session, run_key, project, mode)
+        outcome.new_candidates = record_candidates(session, run, "customer", scored)
+        for cluster in result.clusters:
+            ids = [int(i) for i in cluster]
+            survivor = choose_survivor(session, ids, source_priority)
+            inside = [p for (a, b), (p, _, _) in scored.items() if a in ids and b in ids]
+            logs = merge_customers(
+                session, run, survivor, [i for i in ids if i != survivor],
+                probability=min(inside) if inside else None,
+                reason=f"auto-merge: linkage probability >= {spec.auto_merge}", decided_by="linkage",
+            )  # fmt: skip
+            outcome.merge_log_ids += [log.id for log in logs]
+            outcome.auto_merged += len(logs)
+        if finish:
+            run.status = "succeeded"
+            run.finished_at = dt.datetime.now(dt.UTC)
+    outcome.review_clusters = len(result.cluster_review)
+    outcome.cluster_sizes = dict(sorted(Counter(len(c) for c in result.clusters).items()))
+    return outcome
+
+
+def review_queue(engine: Engine, limit: int | None = None) -> list[dict[str, Any]]:
+    """Return the pairs waiting for a steward, most likely first, with both customers side by side."""
+    with session_factory(engine)() as session:
+        query = (
+            select(MatchCandidate)
+            .where(MatchCandidate.entity == "customer", MatchCandidate.status == "review")
+            .order_by(MatchCandidate.probability.desc(), MatchCandidate.id)
+        )
+        if limit is not None:
+            query = query.limit(limit)
+        out = []
+        for candidate in session.scalars(query):
+            left, right = session.get(Customer, candidate.left_id), session.get(Customer, candidate.right_id)
+            out.append({
+                "candidate": candidate.id, "probability": round(candidate.probability, 4),
+                "left_id": candidate.left_id, "left": left.name if left else None,
+                "left_credit_code": left.credit_code if left else None,
+                "right_id": candidate.right_id, "right": right.name if right else None,
+                "right_credit_code": right.credit_code if right else None,
+                "features": candidate.features,
+            })  # fmt: skip
+        return out
+
+
+def decide(
+    engine: Engine, candidate_id: int, *, same: bool, steward: str, run_key: str, project: str
+) -> MatchCandidate:
+    """Record a steward's decision: merge the pair (same company) or mark it distinct (never proposed again)."""
+    with session_factory(engine)() as session, session.begin():
+        candidate = session.get(MatchCandidate, candidate_id)
+        if candidate is None:
+            raise DedupError(f"no match candidate {candidate_id}; `crmi dedup review` lists them")
+        if candidate.status != "review":
+            raise DedupError(f"candidate {candidate_id} was already decided: {candidate.status}")
+        run = get_or_start_run(session, run_key, project, "steward")
+        if same:
+            ids = sorted({_active(session, candidate.left_id), _active(session, candidate.right_id)})
+            if len(ids) == 2:
+                survivor = choose_survivor(session, ids)
+                merge_customers(session, run, survivor, [i for i in ids if i != survivor],
+                                probability=candidate.probability, reason="steward decision", decided_by=steward)  # fmt: skip
+        candidate.status = "merged" if same else "distinct"
+        candidate.decided_by = steward
+        candidate.decided_at = dt.datetime.now(dt.UTC)
+        session.flush()
+        run.status = "succeeded"
+        run.finished_at = dt.datetime.now(dt.UTC)
+        session.expunge(candidate)
+        return candidate
+
+
+def _active(session: Any, customer_id: int) -> int:
+    seen = set()
+    record = session.get(Customer, customer_id)
+    while record is not None and record.merged_into_id is not None and record.id not in seen:
+        seen.add(record.id)
+        record = session.get(Customer, record.merged_into_id)
+    if record is None:
+        raise DedupError(f"customer {customer_id} no longer exists")
+    return int(record.id)

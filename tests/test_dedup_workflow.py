@@ -1,0 +1,168 @@
+"""Dedup on the core: auto-merge into golden records, review queue, steward decisions, exact undo."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from crm_core.db import make_engine, session_factory, upgrade
+from crm_core.errors import DedupError
+from crm_core.merging import undo_merge
+from crm_core.models import Contact, Customer, ExternalId, LoadRun, MatchCandidate, MergeLog, Opportunity
+from crm_core.runs import rollback_run
+from integration.dedup.workflow import decide, deduplicate_customers, review_queue
+from tests.test_linkage import companies
+
+INVALID_CODE = "91440300708461136X"
+
+
+def seed(url: str) -> tuple[sa.Engine, dict[int, int]]:
+    """A core holding the linkage test companies, each with a contact and an opportunity."""
+    frame, truth = companies()
+    engine = make_engine(url)
+    upgrade(engine)
+    with session_factory(engine)() as session, session.begin():
+        run = LoadRun(run_key="seed", project="t", status="succeeded")
+        session.add(run)
+        session.flush()
+        for record_id, row in frame.iterrows():
+            session.add(Customer(id=record_id, name=row["name"], credit_code=row["credit_code"],
+                                 phone=row["phone"], email=f"sales@{row['email_domain']}", city=row["city"],
+                                 created_run_id=run.id))  # fmt: skip
+            session.add(
+                ExternalId(entity="customer", entity_id=record_id, system="erp", external_key=f"C{record_id}")
+            )
+        session.flush()
+        for record_id in frame.index:
+            session.add(Contact(customer_id=record_id, name=f"联系人{record_id}"))
+            session.add(Opportunity(customer_id=record_id, name=f"商机{record_id}", stage_code="proposal",
+                                    amount=Decimal("100.00")))  # fmt: skip
+    return engine, truth
+
+
+def state(engine: sa.Engine) -> dict[str, list[tuple[Any, ...]]]:
+    with engine.connect() as connection:
+        return {
+            "customers": connection.execute(
+                sa.select(
+                    Customer.id, Customer.name, Customer.credit_code, Customer.phone, Customer.merged_into_id
+                ).order_by(Customer.id)
+            ).all(),
+            "contacts": connection.execute(
+                sa.select(Contact.id, Contact.customer_id).order_by(Contact.id)
+            ).all(),
+            "opportunities": connection.execute(
+                sa.select(Opportunity.id, Opportunity.customer_id).order_by(Opportunity.id)
+            ).all(),
+            "crosswalk": connection.execute(
+                sa.select(ExternalId.external_key, ExternalId.entity_id, ExternalId.match_method).order_by(
+                    ExternalId.id
+                )
+            ).all(),
+        }
+
+
+def test_auto_merge_builds_golden_records_and_repoints_everything(core_url: str) -> None:
+    engine, truth = seed(core_url)
+    before = state(engine)
+    outcome = deduplicate_customers(engine, "dedup-1", "t", source_priority=["erp"], finish=True)
+    assert outcome.auto_merged > 10 and outcome.pairs_compared > 0 and outcome.reduction_ratio > 0.5
+    with session_factory(engine)() as session:
+        merged = session.scalars(sa.select(Customer).where(Customer.merged_into_id.is_not(None))).all()
+        for loser in merged:
+            assert truth[loser.id] == truth[loser.merged_into_id]  # only true duplicates merge
+            assert (
+                session.scalar(
+                    sa.select(sa.func.count()).select_from(Contact).where(Contact.customer_id == loser.id)
+                )
+                == 0
+            )
+            key = session.scalar(
+                sa.select(ExternalId.entity_id).where(ExternalId.external_key == f"C{loser.id}")
+            )
+            assert key == loser.merged_into_id
+        logs = session.scalars(sa.select(MergeLog)).all()
+        assert len(logs) == outcome.auto_merged and all(log.decided_by == "linkage" for log in logs)
+        statuses = set(session.scalars(sa.select(MatchCandidate.status)))
+    assert "merged" in statuses
+
+    # A second pass changes nothing: the golden records are already one each.
+    again = deduplicate_customers(engine, "dedup-2", "t", finish=True)
+    assert again.auto_merged == 0 and again.new_candidates == 0
+
+    # Rolling back the dedup run (the second first: it depends on nothing, but is newer) restores everything.
+    rollback_run(engine, "dedup-2")
+    rollback_run(engine, "dedup-1")
+    assert state(engine) == before
+    engine.dispose()
+
+
+def test_one_merge_undoes_exactly_and_the_pair_is_never_proposed_again(sqlite_core_url: str) -> None:
+    engine, _ = seed(sqlite_core_url)
+    before = state(engine)
+    outcome = deduplicate_customers(engine, "dedup-1", "t", finish=True)
+    with session_factory(engine)() as session, session.begin():
+        log = session.get(MergeLog, outcome.merge_log_ids[0])
+        assert log is not None
+        merged_id, survivor_id = log.merged_id, log.survivor_id
+        undo_merge(session, log.id, "steward:li")
+    after = state(engine)
+    loser = next(r for r in after["customers"] if r[0] == merged_id)
+    assert loser == next(r for r in before["customers"] if r[0] == merged_id)  # its own values back, unmerged
+    assert [c for c in after["contacts"] if c[1] == merged_id] == [
+        c for c in before["contacts"] if c[1] == merged_id
+    ]
+    with (
+        session_factory(engine)() as session,
+        session.begin(),
+        pytest.raises(DedupError, match="already undone"),
+    ):
+        undo_merge(session, outcome.merge_log_ids[0], "steward:li")
+    deduplicate_customers(engine, "dedup-2", "t", finish=True)
+    with engine.connect() as connection:
+        merged_into = connection.scalar(sa.select(Customer.merged_into_id).where(Customer.id == merged_id))
+        status = connection.scalar(sa.select(MatchCandidate.status).where(
+            MatchCandidate.left_id == min(merged_id, survivor_id), MatchCandidate.right_id == max(merged_id, survivor_id)
+        ))  # fmt: skip
+    assert merged_into is None and status == "distinct"
+    engine.dispose()
+
+
+def test_stewards_work_the_review_queue(sqlite_core_url: str) -> None:
+    engine, _ = seed(sqlite_core_url)
+    with session_factory(engine)() as session, session.begin():
+        # Two records of one firm that disagree on the credit code's validity: linkage sends them to review.
+        first = Customer(
+            name="宁波甬兴模具有限公司", credit_code="91330200MA2AAAAA1X", phone="+8657488880000"
+        )
+        second = Customer(
+            name="宁波市甬兴模具有限责任公司", credit_code="91330200MA2BBBBB2X", phone="+8657488880000"
+        )
+        session.add_all([first, second])
+    deduplicate_customers(engine, "dedup-1", "t", finish=True)
+    queue = review_queue(engine)
+    assert len(queue) >= 2, "expected pairs for a steward"
+    assert all(q["probability"] >= 0.5 for q in queue)
+    assert queue == sorted(queue, key=lambda q: -q["probability"])
+    target = queue[0]
+    decision = decide(
+        engine, target["candidate"], same=False, steward="steward:wang", run_key="steward-1", project="t"
+    )
+    assert decision.status == "distinct" and decision.decided_by == "steward:wang"
+    with pytest.raises(DedupError, match="already decided"):
+        decide(
+            engine, target["candidate"], same=True, steward="steward:wang", run_key="steward-2", project="t"
+        )
+    deduplicate_customers(engine, "dedup-2", "t", finish=True)
+    assert target["candidate"] not in {q["candidate"] for q in review_queue(engine)}
+    other = queue[1]
+    decide(engine, other["candidate"], same=True, steward="steward:wang", run_key="steward-3", project="t")
+    with engine.connect() as connection:
+        merged = connection.scalar(
+            sa.select(sa.func.count()).select_from(MergeLog).where(MergeLog.decided_by == "steward:wang")
+        )
+    assert merged == 1
+    engine.dispose()
