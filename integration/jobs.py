@@ -18,6 +18,7 @@ from integration.assets import (
     MigrationProject,
     SourceSystem,
     core_asset,
+    dedup_assets,
     raw_asset,
     reconciliation_asset,
     rollback_load_run,
@@ -47,6 +48,8 @@ def build_definitions(
     for entity in migration.entities:
         assets.append(staged_asset(migration, entity))
         assets.append(core_asset(migration, entity))
+    if "customer" in migration.entities:
+        assets.extend(dedup_assets(migration))
     assets.append(reconciliation_asset(migration, report_root().resolve()))
     resources: dict[str, object] = {
         "core": CoreDatabase(url=core_database_url),

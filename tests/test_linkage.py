@@ -132,3 +132,23 @@ def test_missing_columns_are_named() -> None:
 
     with pytest.raises(DedupError, match="credit_code, email_domain"):
         link(pd.DataFrame({"name_core": ["x"], "phone": ["1"]}), CUSTOMER_SPEC)
+
+
+def test_online_match_finds_the_registered_company_and_not_its_namesakes_or_branches() -> None:
+    from integration.dedup.online import MatchIndex, query_record
+
+    frame, _ = companies()
+    index = MatchIndex(frame)
+    row = frame.iloc[0]
+    core, region = row["name_core"], row["region"]
+    other_region = next(r for r in REGIONS if r != region)
+
+    [best, *_] = index.match(query_record(f"{core}（{region}）有限公司", phone=row["phone"]))
+    assert (best.customer_id, best.levels["phone_exact"]) == (frame.index[0], 1) and best.probability >= 0.95
+    typo = index.match(query_record(f"{region}{core[:-1]}x有限公司", credit_code=row["credit_code"]))
+    assert typo[0].customer_id == frame.index[0] and typo[0].probability >= 0.5
+    namesake = index.match(query_record(f"{other_region}{core}有限公司"))
+    assert all(c.probability < 0.5 for c in namesake if frame.at[c.customer_id, "region"] != other_region)
+    branch = index.match(query_record(f"{region}{core}有限公司{other_region}分公司", phone=row["phone"]))
+    assert branch[0].customer_id == frame.index[0] and branch[0].probability < CUSTOMER_SPEC.review
+    assert index.match(query_record("完全不相关的名字有限公司")) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from integration.assets.factories import (
     core_asset,
+    dedup_assets,
     raw_asset,
     reconciliation_asset,
     rollback_load_run,
@@ -17,6 +18,7 @@ __all__ = [
     "MigrationProject",
     "SourceSystem",
     "core_asset",
+    "dedup_assets",
     "raw_asset",
     "reconciliation_asset",
     "rollback_load_run",

@@ -323,7 +323,8 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
         name="reconciliation_report",
         group_name="report",
         description="Per source and entity: rows read = loaded + merged + rejected, amount sums source vs core.",
-        deps=[f"core_{e}" for e in migration.entities],
+        deps=[f"core_{e}" for e in migration.entities]
+        + (["customer_review_queue"] if "customer" in migration.entities else []),
         required_resource_keys={"core"},
         check_specs=[
             # Not blocking: an unbalanced run stays in the core, marked 'unbalanced', for the consultant to
@@ -385,3 +386,95 @@ def rollback_load_run(context: dg.OpExecutionContext, config: RollbackConfig) ->
     context.log.info(f"rolled back {', '.join(rolled)}")
     context.add_output_metadata({"rolled_back": dg.MetadataValue.json(rolled)}, output_name="result")
     return None
+
+
+def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
+    """Return customer_match_candidates → golden_customers → customer_review_queue (after every core load)."""
+    from integration.dedup.workflow import Candidates, find_candidates, merge_clusters, review_queue
+
+    core_deps = [f"core_{e}" for e in migration.entities]
+    rules = migration.project.spec.dedup.get("customer")
+    priority = list(rules.source_priority) if rules else []
+
+    @dg.asset(
+        name="customer_match_candidates",
+        group_name="dedup",
+        deps=core_deps,
+        required_resource_keys={"core", "project"},
+        kinds={"recordlinkage"},
+    )
+    def _candidates(context: AssetExecutionContext) -> dg.Output[Candidates]:
+        """Pairs of customers that may be one company: blocked, compared (rapidfuzz), scored by Fellegi–Sunter (ECM)."""
+        core: CoreDatabase = context.resources.core
+        options = RunOptions.from_tags(context.run.tags)
+        try:
+            found = find_candidates(
+                core.engine(), context.run.run_id, migration.project.name, mode=options.mode
+            )
+        except CrmError as exc:
+            raise _fail(exc) from exc
+        outcome = found.outcome
+        return dg.Output(found, metadata={
+            "customers": outcome.records, "pairs_compared": outcome.pairs_compared,
+            "reduction_ratio": outcome.reduction_ratio, "bands": dg.MetadataValue.json(outcome.bands),
+            "new_candidates": outcome.new_candidates, "clusters_to_merge": len(found.clusters),
+            "clusters_for_review": outcome.review_clusters,
+            "cluster_size_histogram": dg.MetadataValue.json({str(k): v for k, v in outcome.cluster_sizes.items()}),
+        })  # fmt: skip
+
+    @dg.asset(
+        name="golden_customers",
+        group_name="dedup",
+        ins={"candidates": dg.AssetIn(key="customer_match_candidates")},
+        required_resource_keys={"core"},
+        check_specs=[
+            dg.AssetCheckSpec(
+                "check_no_shared_credit_code",
+                asset="golden_customers",
+                blocking=True,
+                description="No two golden customers share a valid 统一社会信用代码.",
+            )
+        ],
+        kinds={"sqlalchemy"},
+    )
+    def _golden(context: AssetExecutionContext, candidates: Candidates) -> Any:
+        """Sure clusters merged into one golden customer each; references and crosswalk re-pointed, merges logged."""
+        core: CoreDatabase = context.resources.core
+        options = RunOptions.from_tags(context.run.tags)
+        engine = core.engine()
+        try:
+            outcome = merge_clusters(engine, context.run.run_id, migration.project.name, candidates,
+                                     source_priority=priority, mode=options.mode)  # fmt: skip
+        except CrmError as exc:
+            raise _fail(exc) from exc
+        yield dg.MaterializeResult(metadata={"auto_merged": outcome.auto_merged,
+                                             "merge_log_ids": dg.MetadataValue.json(outcome.merge_log_ids[:50])})  # fmt: skip
+        with session_factory(engine)() as session:
+            shared = next(
+                v for v in core_violations(session, "customer") if v.rule == "customer.credit_code.unique"
+            )
+        yield dg.AssetCheckResult(
+            check_name="check_no_shared_credit_code",
+            passed=shared.count == 0,
+            metadata={"shared_codes": shared.count, "sample": dg.MetadataValue.json(shared.sample)},
+        )
+
+    @dg.asset(
+        name="customer_review_queue",
+        group_name="dedup",
+        deps=["golden_customers"],
+        required_resource_keys={"core"},
+        kinds={"pandas"},
+    )
+    def _review(context: AssetExecutionContext) -> dg.MaterializeResult:  # type: ignore[type-arg]
+        """Pairs a data steward must decide (`crmi dedup review`): likely the same company, not sure enough to merge."""
+        core: CoreDatabase = context.resources.core
+        queue = review_queue(core.engine())
+        sample = pd.DataFrame(
+            [{k: v for k, v in q.items() if k != "features"} for q in queue[:MAX_SAMPLE_ROWS]]
+        )
+        return dg.MaterializeResult(
+            metadata={"pending": len(queue), "sample": dg.MetadataValue.md(markdown_table(sample))}
+        )
+
+    return [_candidates, _golden, _review]

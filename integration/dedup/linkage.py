@@ -81,23 +81,35 @@ class SimilarityLevels(BaseCompareFeature):  # type: ignore[misc]
         self.levels = tuple(sorted(levels, reverse=True))
 
     def _compute_vectorized(self, s_left: pd.Series, s_right: pd.Series) -> pd.Series:
-        missing = (s_left.isna() | s_right.isna()).to_numpy()
-        left = s_left.fillna("").astype(str).to_numpy()
-        right = s_right.fillna("").astype(str).to_numpy()
-        if self.method == "exact":
-            similarity = (left == right).astype(float)
-        elif self.method == "prefix":
-            similarity = np.fromiter(
-                (a[:3] == b[:3] for a, b in zip(left, right, strict=True)), dtype=bool, count=len(left)
-            ).astype(float)
-        else:
+        if self.method in _SCORERS:
+            # rapidfuzz scores a missing value (None/NaN) on either side 0: no mask needed, no copy made.
             scorer, scale = _SCORERS[self.method]
-            similarity = cpdist(left, right, scorer=scorer, workers=-1, dtype=np.float32) * scale
-        level = np.zeros(len(left), dtype=np.int8)
+            similarity = (
+                cpdist(_texts(s_left), _texts(s_right), scorer=scorer, workers=-1, dtype=np.float32) * scale
+            )
+        else:
+            missing = (s_left.isna() | s_right.isna()).to_numpy()
+            left = s_left.fillna("").astype(str).to_numpy()
+            right = s_right.fillna("").astype(str).to_numpy()
+            if self.method == "exact":
+                similarity = (left == right).astype(np.float32)
+            else:  # prefix
+                similarity = np.fromiter(
+                    (a[:3] == b[:3] for a, b in zip(left, right, strict=True)), dtype=bool, count=len(left)
+                ).astype(np.float32)
+            similarity[missing] = 0.0
+        level = np.zeros(len(similarity), dtype=np.int8)
         for rank, threshold in enumerate(reversed(self.levels), start=1):
             level[similarity >= threshold - 1e-9] = rank
-        level[missing] = 0
         return pd.Series(level, index=s_left.index)
+
+
+def _texts(values: pd.Series) -> np.ndarray:
+    """Return the values as an object array rapidfuzz accepts: text, with None/NaN left as missing."""
+    array = values.to_numpy(dtype=object)
+    if pd.api.types.infer_dtype(array, skipna=True) not in ("string", "empty"):
+        array = np.array([None if v is None or v != v else str(v) for v in array], dtype=object)
+    return array
 
 
 @dataclass

@@ -38,6 +38,75 @@ class DedupOutcome:
     merge_log_ids: list[int] = field(default_factory=list)
 
 
+@dataclass
+class Candidates:
+    """Scored pairs and the clusters to merge, recorded in the core by :func:`find_candidates`."""
+
+    outcome: DedupOutcome
+    clusters: list[list[int]]
+    scored: dict[tuple[int, int], tuple[float, dict[str, Any], str]]
+    auto_merge: float
+
+
+def find_candidates(
+    engine: Engine, run_key: str, project: str, *, spec: LinkageSpec = CUSTOMER_SPEC, mode: str = "full"
+) -> Candidates:
+    """Link the active customers and record every merge/review pair as a candidate (no merge yet)."""
+    records = customer_records(engine)
+    outcome = DedupOutcome(records=len(records))
+    if len(records) < 2:
+        return Candidates(outcome, [], {}, spec.auto_merge)
+    factory = session_factory(engine)
+    with factory() as session:
+        distinct = decided_pairs(session, "customer", "distinct")
+    result = link(records, spec, distinct)
+    outcome.pairs_compared = result.pairs_compared
+    outcome.reduction_ratio = round(result.reduction_ratio, 4)
+    outcome.bands = {str(k): int(v) for k, v in result.band.value_counts().items()}
+    outcome.review_clusters = len(result.cluster_review)
+    outcome.cluster_sizes = dict(sorted(Counter(len(c) for c in result.clusters).items()))
+    cluster_of = {member: tuple(cluster) for cluster in result.clusters for member in cluster}
+    scored: dict[tuple[int, int], tuple[float, dict[str, Any], str]] = {}
+    kept = result.band != "distinct"
+    features_of = result.features.loc[kept].to_dict("index")
+    for pair, probability in result.probability.loc[kept].items():
+        left, right = ordered(pair)  # type: ignore[arg-type]
+        together = cluster_of.get(left) is not None and cluster_of.get(left) == cluster_of.get(right)
+        features = {str(k): int(v) for k, v in features_of[pair].items()}
+        scored[(int(left), int(right))] = (float(probability), features, "merged" if together else "review")
+    with factory() as session, session.begin():
+        run = get_or_start_run(session, run_key, project, mode)
+        outcome.new_candidates = record_candidates(session, run, "customer", scored)
+    clusters = [[int(i) for i in cluster] for cluster in result.clusters]
+    return Candidates(outcome, clusters, scored, spec.auto_merge)
+
+
+def merge_clusters(
+    engine: Engine,
+    run_key: str,
+    project: str,
+    candidates: Candidates,
+    *,
+    source_priority: Sequence[str] = (),
+    mode: str = "full",
+) -> DedupOutcome:
+    """Merge every sure cluster into its golden record (one transaction, journaled in the run)."""
+    outcome = candidates.outcome
+    with session_factory(engine)() as session, session.begin():
+        run = get_or_start_run(session, run_key, project, mode)
+        for ids in candidates.clusters:
+            survivor = choose_survivor(session, ids, source_priority)
+            inside = [p for (a, b), (p, _, _) in candidates.scored.items() if a in ids and b in ids]
+            logs = merge_customers(
+                session, run, survivor, [i for i in ids if i != survivor],
+                probability=min(inside) if inside else None,
+                reason=f"auto-merge: linkage probability >= {candidates.auto_merge}", decided_by="linkage",
+            )  # fmt: skip
+            outcome.merge_log_ids += [log.id for log in logs]
+            outcome.auto_merged += len(logs)
+    return outcome
+
+
 def deduplicate_customers(
     engine: Engine,
     run_key: str,
@@ -52,45 +121,13 @@ def deduplicate_customers(
 
     Inside a migration the run continues (reconciliation finishes it); ``finish`` closes a standalone pass.
     """
-    records = customer_records(engine)
-    outcome = DedupOutcome(records=len(records))
-    if len(records) < 2:
-        return outcome
-    factory = session_factory(engine)
-    with factory() as session:
-        distinct = decided_pairs(session, "customer", "distinct")
-    result = link(records, spec, distinct)
-    outcome.pairs_compared = result.pairs_compared
-    outcome.reduction_ratio = round(result.reduction_ratio, 4)
-    outcome.bands = {str(k): int(v) for k, v in result.band.value_counts().items()}
-    cluster_of = {member: tuple(cluster) for cluster in result.clusters for member in cluster}
-    scored: dict[tuple[int, int], tuple[float, dict[str, Any], str]] = {}
-    kept = result.band != "distinct"
-    features_of = result.features.loc[kept].to_dict("index")
-    for pair, probability in result.probability.loc[kept].items():
-        left, right = ordered(pair)  # type: ignore[arg-type]
-        together = cluster_of.get(left) is not None and cluster_of.get(left) == cluster_of.get(right)
-        features = {str(k): int(v) for k, v in features_of[pair].items()}
-        scored[(int(left), int(right))] = (float(probability), features, "merged" if together else "review")
-    with factory() as session, session.begin():
-        run = get_or_start_run(session, run_key, project, mode)
-        outcome.new_candidates = record_candidates(session, run, "customer", scored)
-        for cluster in result.clusters:
-            ids = [int(i) for i in cluster]
-            survivor = choose_survivor(session, ids, source_priority)
-            inside = [p for (a, b), (p, _, _) in scored.items() if a in ids and b in ids]
-            logs = merge_customers(
-                session, run, survivor, [i for i in ids if i != survivor],
-                probability=min(inside) if inside else None,
-                reason=f"auto-merge: linkage probability >= {spec.auto_merge}", decided_by="linkage",
-            )  # fmt: skip
-            outcome.merge_log_ids += [log.id for log in logs]
-            outcome.auto_merged += len(logs)
-        if finish:
+    candidates = find_candidates(engine, run_key, project, spec=spec, mode=mode)
+    outcome = merge_clusters(engine, run_key, project, candidates, source_priority=source_priority, mode=mode)
+    if finish:
+        with session_factory(engine)() as session, session.begin():
+            run = get_or_start_run(session, run_key, project, mode)
             run.status = "succeeded"
             run.finished_at = dt.datetime.now(dt.UTC)
-    outcome.review_clusters = len(result.cluster_review)
-    outcome.cluster_sizes = dict(sorted(Counter(len(c) for c in result.clusters).items()))
     return outcome
 
 
