@@ -24,7 +24,10 @@ mapping_app = typer.Typer(help="Write and check mapping files.", no_args_is_help
 project_app = typer.Typer(help="Check a migration project.", no_args_is_help=True)
 core_app = typer.Typer(help="Manage the CRM core database.", no_args_is_help=True)
 runs_app = typer.Typer(help="Load runs: list them, recover crashed ones.", no_args_is_help=True)
-dedup_app = typer.Typer(help="Duplicate customers: measure the matching.", no_args_is_help=True)
+dedup_app = typer.Typer(
+    help="Duplicate customers: run linkage, work the review queue, undo merges, check a new record.",
+    no_args_is_help=True,
+)
 app.add_typer(dedup_app, name="dedup")
 app.add_typer(mapping_app, name="mapping")
 app.add_typer(runs_app, name="runs")
@@ -467,6 +470,161 @@ def rollback(
         console.print_json(json.dumps({"rolled_back": rolled}))
     else:
         console.print(f"[green]rolled back[/green] {', '.join(rolled)}")
+
+
+StewardOption = Annotated[str, typer.Option("--steward", help="who decides (recorded in the merge log)")]
+
+
+@dedup_app.command("run")
+def dedup_run(
+    project: ProjectOption = None,
+    core: CoreOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Link the core's customers now: merge sure clusters, queue the rest for stewards (a run of its own)."""
+    import uuid
+    from dataclasses import asdict
+
+    from integration.dedup.workflow import deduplicate_customers
+    from integration.pipeline import Migration
+
+    try:
+        migration = Migration.load(str(project) if project else None)
+    except ConfigError as exc:
+        raise _config_error(exc) from None
+    rules = migration.project.spec.dedup.get("customer")
+    with _core_engine(core) as engine:
+        outcome = deduplicate_customers(
+            engine, f"dedup-{uuid.uuid4()}", migration.project.name,
+            source_priority=list(rules.source_priority) if rules else [], finish=True,
+        )  # fmt: skip
+    if as_json:
+        console.print_json(json.dumps(asdict(outcome)))
+        return
+    console.print(
+        f"{outcome.records} customers, {outcome.pairs_compared} pairs compared "
+        f"(reduction {outcome.reduction_ratio:.4f}): {outcome.auto_merged} merged, "
+        f"{outcome.bands.get('review', 0)} pair(s) for review; `crmi dedup review` lists them"
+    )
+
+
+@dedup_app.command("review")
+def dedup_review(
+    core: CoreOption = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="pairs to show")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+) -> None:
+    """List the pairs waiting for a steward, most likely first."""
+    from integration.dedup.workflow import review_queue
+
+    with _core_engine(core) as engine:
+        queue = review_queue(engine, limit)
+    if as_json:
+        for item in queue:
+            sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")
+        return
+    table = Table(title=f"Review queue ({len(queue)} shown)")
+    for column in ("candidate", "probability", "customer", "credit code", "customer ", "credit code "):
+        table.add_column(column)
+    for q in queue:
+        table.add_row(str(q["candidate"]), f"{q['probability']:.3f}", f"{q['left_id']} {q['left']}",
+                      str(q["left_credit_code"] or ""), f"{q['right_id']} {q['right']}", str(q["right_credit_code"] or ""))  # fmt: skip
+    console.print(table)
+
+
+@dedup_app.command("decide")
+def dedup_decide(
+    candidate: Annotated[int, typer.Argument(help="candidate number from `crmi dedup review`")],
+    steward: StewardOption,
+    same: Annotated[
+        bool,
+        typer.Option(
+            "--same/--different", help="the same company (merge) or different (never proposed again)"
+        ),
+    ],
+    project: ProjectOption = None,
+    core: CoreOption = None,
+) -> None:
+    """Record a steward's decision on one pair (a merge is logged and can be undone)."""
+    import uuid
+
+    from crm_core.errors import DedupError
+    from integration.dedup.workflow import decide
+
+    with _core_engine(core) as engine:
+        try:
+            decided = decide(engine, candidate, same=same, steward=steward, run_key=f"steward-{uuid.uuid4()}",
+                             project=str(project or "steward"))  # fmt: skip
+        except DedupError as exc:
+            errors.print(f"[red]refused:[/red] {exc}")
+            raise typer.Exit(EXIT_FAILED) from None
+    console.print(f"candidate {candidate}: {decided.status} (by {steward})")
+
+
+@dedup_app.command("undo")
+def dedup_undo(
+    merge_id: Annotated[
+        int, typer.Argument(help="merge number (see the merge log / golden_customers metadata)")
+    ],
+    steward: StewardOption,
+    core: CoreOption = None,
+) -> None:
+    """Undo one merge exactly; the pair is then marked different and never merged again."""
+    from crm_core.db import session_factory
+    from crm_core.errors import DedupError
+    from crm_core.merging import undo_merge
+
+    with _core_engine(core) as engine, session_factory(engine)() as session:
+        try:
+            with session.begin():
+                log = undo_merge(session, merge_id, steward)
+        except DedupError as exc:
+            errors.print(f"[red]refused:[/red] {exc}")
+            raise typer.Exit(EXIT_FAILED) from None
+        console.print(
+            f"merge {merge_id} undone: customer {log.merged_id} is separate from {log.survivor_id} again"
+        )
+
+
+@dedup_app.command("match")
+def dedup_match(
+    name: Annotated[str, typer.Option("--name", help="company name as typed in the form")],
+    phone: Annotated[str | None, typer.Option("--phone")] = None,
+    credit_code: Annotated[str | None, typer.Option("--credit-code")] = None,
+    email: Annotated[str | None, typer.Option("--email")] = None,
+    core: CoreOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Check a new record (商机报备) against the golden customers: likely existing customers, with scores."""
+    from dataclasses import asdict
+
+    from integration.dedup.customers import customer_records
+    from integration.dedup.online import MatchIndex, query_record
+    from integration.mappings.transforms import TransformFailure, phone_e164, uscc_value
+
+    try:
+        record = query_record(
+            name, phone=phone_e164(phone) if phone else None,
+            credit_code=uscc_value(credit_code) if credit_code else None, email=email,
+        )  # fmt: skip
+    except TransformFailure as exc:
+        errors.print(f"[red]cannot check this record:[/red] {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+    with _core_engine(core) as engine:
+        found = MatchIndex(customer_records(engine)).match(record)
+    if as_json:
+        console.print_json(json.dumps([asdict(c) for c in found], ensure_ascii=False))
+        return
+    if not found:
+        console.print("no existing customer shares a name, phone, credit code or e-mail domain with it")
+        return
+    table = Table(title=f"Existing customers like '{name}'")
+    for column in ("customer", "name", "probability", "agrees on"):
+        table.add_column(column)
+    for c in found:
+        agrees = ", ".join(k.rsplit("_", 1)[0] for k, v in c.levels.items() if v)
+        table.add_row(str(c.customer_id), str(c.name), f"{c.probability:.3f}", agrees)
+    console.print(table)
 
 
 @dedup_app.command("evaluate")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -166,3 +167,48 @@ def test_stewards_work_the_review_queue(sqlite_core_url: str) -> None:
         )
     assert merged == 1
     engine.dispose()
+
+
+def test_steward_commands(sqlite_core_url: str) -> None:
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    engine, _ = seed(sqlite_core_url)
+    with session_factory(engine)() as session:
+        first = session.get(Customer, 1)
+        assert first is not None
+        name, email = first.name, first.email
+    engine.dispose()
+    runner = CliRunner()
+    core = ["--core-url", sqlite_core_url]
+    ran = runner.invoke(app, ["dedup", "run", "--json", "--project", "examples/demo", *core])
+    assert ran.exit_code == 0, ran.output
+    outcome = json.loads(ran.output)
+    assert outcome["auto_merged"] > 0 and outcome["merge_log_ids"]
+
+    queue = runner.invoke(app, ["dedup", "review", "--json", *core])
+    pending = [json.loads(line) for line in queue.output.splitlines()]
+    assert queue.exit_code == 0 and pending
+    decided = runner.invoke(
+        app, ["dedup", "decide", str(pending[0]["candidate"]), "--different", "--steward", "li", *core]
+    )
+    assert decided.exit_code == 0 and "distinct (by li)" in decided.output
+    again = runner.invoke(
+        app, ["dedup", "decide", str(pending[0]["candidate"]), "--same", "--steward", "li", *core]
+    )
+    assert again.exit_code == 1 and "already decided" in again.output
+
+    merge_id = str(outcome["merge_log_ids"][0])
+    undone = runner.invoke(app, ["dedup", "undo", merge_id, "--steward", "li", *core])
+    assert undone.exit_code == 0 and "separate from" in undone.output
+    assert (
+        "already undone" in runner.invoke(app, ["dedup", "undo", merge_id, "--steward", "li", *core]).output
+    )
+
+    matched = runner.invoke(app, ["dedup", "match", "--name", name, "--email", str(email), "--json", *core])
+    assert matched.exit_code == 0, matched.output
+    best = json.loads(matched.output)[0]
+    assert best["customer_id"] == 1 and best["probability"] > 0.9
+    bad = runner.invoke(app, ["dedup", "match", "--name", name, "--credit-code", "123", *core])
+    assert bad.exit_code == 1 and "credit code" in bad.output
