@@ -495,7 +495,7 @@ def dedup_run(
     rules = migration.project.spec.dedup.get("customer")
     with _core_engine(core) as engine:
         outcome = deduplicate_customers(
-            engine, f"dedup-{uuid.uuid4()}", migration.project.name,
+            engine, f"dedup-{uuid.uuid4()}", migration.project.name, spec=migration.linkage_spec,
             source_priority=list(rules.source_priority) if rules else [], finish=True,
         )  # fmt: skip
     if as_json:

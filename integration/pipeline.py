@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from sqlalchemy import Engine, func, select
@@ -43,6 +43,9 @@ from integration.dedup.normalize import company_key, person_key
 from integration.mappings.engine import MappingResult, map_chunks
 from integration.mappings.spec import CompiledMapping, load_mappings
 from integration.project import Project, load_project
+
+if TYPE_CHECKING:
+    from integration.dedup.linkage import LinkageSpec
 
 MODE_TAG = "crmi/mode"  # Dagster run tags carry the run options, so the UI shows them on every run
 SAMPLE_TAG = "crmi/sample"
@@ -147,6 +150,14 @@ class Migration:
         """Return the validation rules: built-ins with the project's severities, plus its own rules."""
         config = self.project.spec.validation
         return ruleset(config.severity, [rule.spec() for rule in config.rules])
+
+    @cached_property
+    def linkage_spec(self) -> LinkageSpec:
+        """Return the customer record-linkage rules: the project's, else the defaults."""
+        from integration.dedup.customers import CUSTOMER_SPEC
+
+        rules = self.project.spec.dedup.get("customer")
+        return rules.linkage.to_spec() if rules is not None and rules.linkage is not None else CUSTOMER_SPEC
 
     @cached_property
     def match_rules(self) -> dict[str, MatchRules]:

@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from crm_core.entities import ENTITIES
 from crm_core.errors import ConfigError, Problem
 from crm_core.validation import RuleSpec, builtin_rules
+from integration.dedup.spec import LinkageConfig
 from integration.yamlconf import (
     LocatedDocument,
     close_names,
@@ -131,6 +132,9 @@ class EntityDedup(_Strict):
     source_priority: list[str] = Field(
         default_factory=list, description="sources loaded first win; later ones only fill blanks"
     )
+    linkage: LinkageConfig | None = Field(
+        default=None, description="record-linkage rules (customers; defaults apply when absent)"
+    )
 
 
 class ProjectRule(_Strict):
@@ -217,6 +221,8 @@ class ProjectSpec(_Strict):
         for name, rules in value.items():
             if name not in ENTITIES:
                 raise ValueError(f"unknown entity '{name}'; known: {', '.join(ENTITIES)}")
+            if rules.linkage is not None and name != "customer":
+                raise ValueError(f"linkage rules are for customers; '{name}' supports match_keys only")
             fields = ENTITIES[name].fields
             for key in [*(f for k in rules.match_keys for f in k), *rules.conflict_fields]:
                 if key not in fields:

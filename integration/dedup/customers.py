@@ -23,6 +23,7 @@ from crm_core.models import Customer, ExternalId
 from integration.dedup.evaluate import Scores, cluster_scores, pair_scores, pairs_of
 from integration.dedup.linkage import Comparison, LinkageResult, LinkageSpec, link
 from integration.dedup.normalize import normalize_company_name
+from integration.dedup.spec import CUSTOMER_COLUMNS
 
 FREE_MAIL = frozenset({"qq.com", "163.com", "126.com", "sina.com", "sohu.com", "gmail.com", "hotmail.com",
                        "outlook.com", "yahoo.com", "foxmail.com", "139.com", "aliyun.com", "yeah.net"})  # fmt: skip
@@ -30,7 +31,7 @@ FREE_MAIL = frozenset({"qq.com", "163.com", "126.com", "sina.com", "sohu.com", "
 HEAD_OFFICE = "总部"  # a name without a branch marker: never equal to any 分公司, never "unknown"
 
 CUSTOMER_SPEC = LinkageSpec(
-    blocks=[["credit_code"], ["phone"], ["name_core"], ["email_domain"]],
+    blocks=[("credit_code",), ("phone",), ("name_core",), ("email_domain",)],
     sorted_neighbourhood=[("name_core", 5)],
     comparisons=[
         Comparison("name_core", "levenshtein", (0.999, 0.85)),
@@ -63,7 +64,7 @@ def customer_records(engine: Engine) -> pd.DataFrame:
             "branch": parts.branch or HEAD_OFFICE, "credit_code": credit_code, "phone": phone,
             "email_domain": None if domain in FREE_MAIL else domain, "city": city,
         })  # fmt: skip
-    columns = ["name", "name_core", "region", "branch", "credit_code", "phone", "email_domain", "city"]
+    columns = list(CUSTOMER_COLUMNS)
     if not records:
         return pd.DataFrame(columns=columns, index=pd.Index([], name="id"))
     return pd.DataFrame.from_records(records, index="id")

@@ -62,6 +62,7 @@ class LinkageSpec:
     review: float = 0.5
     hard_keys: Sequence[str] = ()  # members of one cluster must not disagree on these
     max_cluster: int = 10
+    classifier: str = "auto"  # auto | ecm | supervised (steward labels)
 
     def columns(self) -> set[str]:
         """Return every column the spec reads."""
@@ -170,11 +171,43 @@ def indicators(features: pd.DataFrame, spec: LinkageSpec) -> pd.DataFrame:
     return pd.DataFrame(out, index=features.index)
 
 
-def classify(features: pd.DataFrame, spec: LinkageSpec) -> pd.Series:
-    """Return the match probability of every pair from an unsupervised ECM fit on these pairs."""
+MIN_LABELS = 10  # steward decisions of each kind before a supervised model replaces ECM
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Pairs a steward decided, with their comparison levels: training data for the supervised classifier."""
+
+    features: pd.DataFrame  # one row per pair (MultiIndex), one column per comparison
+    same: pd.Series  # True: the same record
+
+
+def classify(features: pd.DataFrame, spec: LinkageSpec, labels: Labels | None = None) -> pd.Series:
+    """Return the match probability of every pair.
+
+    Supervised (logistic regression on steward decisions) when ``spec.classifier`` allows it and there are at
+    least ``MIN_LABELS`` decisions of each kind; otherwise an unsupervised ECM fit on these pairs.
+    """
     if features.empty:
         return pd.Series(dtype=float, index=features.index)
     binary = indicators(features, spec)
+    enough = labels is not None and min(int(labels.same.sum()), int((~labels.same).sum())) >= MIN_LABELS
+    if spec.classifier == "supervised" and not enough:
+        have = (
+            "none"
+            if labels is None
+            else f"{int(labels.same.sum())} same, {int((~labels.same).sum())} different"
+        )
+        raise DedupError(
+            f"classifier: supervised needs {MIN_LABELS} steward decisions of each kind (have {have}); "
+            "use classifier: auto until then"
+        )
+    if spec.classifier != "ecm" and enough and labels is not None:
+        training = indicators(labels.features, spec)
+        # Weak regularization: a few dozen labels must still give sure pairs probabilities near 1.
+        model = rl.LogisticRegressionClassifier(C=1000.0)
+        model.fit(training, labels.same.index[labels.same.to_numpy(dtype=bool)])
+        return pd.Series(model.prob(binary), index=features.index)
     varying = [c for c in binary.columns if binary[c].nunique() > 1]
     if not varying:  # every pair looks the same: nothing to learn from, so nothing is sure
         return pd.Series(0.5, index=features.index)
@@ -241,17 +274,21 @@ def ordered(pair: tuple[Any, Any]) -> tuple[Any, Any]:
 
 
 def link(
-    frame: pd.DataFrame, spec: LinkageSpec, distinct: set[tuple[Any, Any]] | None = None
+    frame: pd.DataFrame,
+    spec: LinkageSpec,
+    distinct: set[tuple[Any, Any]] | None = None,
+    labels: Labels | None = None,
 ) -> LinkageResult:
     """Find, compare, classify and cluster duplicate records in ``frame`` (indexed by record id).
 
     ``distinct`` holds pairs (smaller id first) a steward declared different: they never merge or return.
+    ``labels`` (steward decisions) train the supervised classifier once there are enough.
     """
     if not frame.index.is_unique:
         raise DedupError("record ids must be unique to deduplicate")
     pairs = candidate_pairs(frame, spec)
     features = compare(frame, pairs, spec)
-    probability = classify(features, spec)
+    probability = classify(features, spec, labels)
     band = bands(probability, spec)
     if distinct:
         band[[ordered(p) in distinct for p in band.index]] = "distinct"

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
 from sqlalchemy import Engine, select
 
 from crm_core.db import session_factory
@@ -20,7 +21,7 @@ from crm_core.loading import get_or_start_run
 from crm_core.merging import choose_survivor, decided_pairs, merge_customers, record_candidates
 from crm_core.models import Customer, MatchCandidate
 from integration.dedup.customers import CUSTOMER_SPEC, customer_records
-from integration.dedup.linkage import LinkageSpec, link, ordered
+from integration.dedup.linkage import Labels, LinkageSpec, link, ordered
 
 
 @dataclass
@@ -59,7 +60,8 @@ def find_candidates(
     factory = session_factory(engine)
     with factory() as session:
         distinct = decided_pairs(session, "customer", "distinct")
-    result = link(records, spec, distinct)
+        labels = steward_labels(session, spec)
+    result = link(records, spec, distinct, labels)
     outcome.pairs_compared = result.pairs_compared
     outcome.reduction_ratio = round(result.reduction_ratio, 4)
     outcome.bands = {str(k): int(v) for k, v in result.band.value_counts().items()}
@@ -129,6 +131,23 @@ def deduplicate_customers(
             run.status = "succeeded"
             run.finished_at = dt.datetime.now(dt.UTC)
     return outcome
+
+
+def steward_labels(session: Any, spec: LinkageSpec) -> Labels | None:
+    """Return the pairs stewards decided (merged or distinct) with their stored comparison levels."""
+    rows = session.execute(
+        select(MatchCandidate.left_id, MatchCandidate.right_id, MatchCandidate.features, MatchCandidate.status).where(
+            MatchCandidate.entity == "customer", MatchCandidate.status.in_(("merged", "distinct")),
+            MatchCandidate.decided_by.is_not(None), MatchCandidate.decided_by != "linkage",
+        )
+    ).all()  # fmt: skip
+    names = [c.name for c in spec.comparisons]
+    usable = [r for r in rows if all(n in (r.features or {}) for n in names)]
+    if not usable:
+        return None
+    index = pd.MultiIndex.from_tuples([(r.left_id, r.right_id) for r in usable])
+    features = pd.DataFrame([[r.features[n] for n in names] for r in usable], index=index, columns=names)
+    return Labels(features, pd.Series([r.status == "merged" for r in usable], index=index))
 
 
 def review_queue(engine: Engine, limit: int | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,130 @@
+"""Record-linkage rules as project configuration (``dedup.customer.linkage`` in project.yaml).
+
+Validated like every other config file: unknown keys, unknown columns (with close names), methods,
+levels and thresholds are reported as ``file:line:col``. Kept free of heavy imports: ``to_spec`` loads
+the linkage engine only when rules are used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from integration.dedup.linkage import LinkageSpec
+
+# The columns linkage sees for a customer (see integration.dedup.customers.customer_records).
+CUSTOMER_COLUMNS = ("name", "name_core", "region", "branch", "credit_code", "phone", "email_domain", "city")
+Method = Literal["exact", "jaro_winkler", "levenshtein", "token_set", "prefix"]
+
+
+def _close(name: str) -> str:
+    import difflib
+
+    found = difflib.get_close_matches(name, CUSTOMER_COLUMNS, n=1, cutoff=0.6)
+    return f"; did you mean '{found[0]}'?" if found else f"; columns: {', '.join(CUSTOMER_COLUMNS)}"
+
+
+def _check_column(name: str) -> str:
+    if name not in CUSTOMER_COLUMNS:
+        raise ValueError(f"unknown column '{name}'{_close(name)}")
+    return name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComparisonConfig(_Strict):
+    """One comparison: a column, a method and similarity levels (highest first)."""
+
+    field: str
+    method: Method = "jaro_winkler"
+    levels: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)] = [0.92]
+
+    @field_validator("field")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        return _check_column(value)
+
+    @field_validator("levels")
+    @classmethod
+    def _descending(cls, value: list[float]) -> list[float]:
+        if value != sorted(value, reverse=True) or len(set(value)) != len(value):
+            raise ValueError("levels must be distinct and highest first, e.g. [0.95, 0.85]")
+        return value
+
+
+class NeighbourhoodConfig(_Strict):
+    """Sorted-neighbourhood indexing: sort by a column, pair records within a window."""
+
+    column: str
+    window: Annotated[int, Field(ge=3)] = 5
+
+    @field_validator("column")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        return _check_column(value)
+
+    @field_validator("window")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("window must be odd (the record plus as many neighbours on each side)")
+        return value
+
+
+class LinkageConfig(_Strict):
+    """Blocking, comparisons, classifier and bands for customer record linkage."""
+
+    blocks: list[list[str]] = Field(
+        description="each block pairs records equal on all its columns; blocks are unioned"
+    )
+    sorted_neighbourhood: list[NeighbourhoodConfig] = Field(default_factory=list)
+    comparisons: Annotated[list[ComparisonConfig], Field(min_length=1)]
+    classifier: Literal["auto", "ecm", "supervised"] = Field(
+        default="auto", description="auto: supervised once stewards labelled enough pairs, else ECM"
+    )
+    auto_merge: Annotated[float, Field(gt=0, le=1)] = 0.95
+    review: Annotated[float, Field(gt=0, le=1)] = 0.5
+    hard_keys: list[str] = Field(default_factory=lambda: ["credit_code", "region", "branch"])
+    max_cluster: Annotated[int, Field(ge=2)] = 10
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks(cls, value: list[list[str]]) -> list[list[str]]:
+        for block in value:
+            if not block:
+                raise ValueError("a block needs at least one column")
+            for column in block:
+                _check_column(column)
+        return value
+
+    @field_validator("hard_keys")
+    @classmethod
+    def _hard_keys(cls, value: list[str]) -> list[str]:
+        for column in value:
+            _check_column(column)
+        return value
+
+    @model_validator(mode="after")
+    def _bands(self) -> LinkageConfig:
+        if self.review >= self.auto_merge:
+            raise ValueError(f"review ({self.review}) must be below auto_merge ({self.auto_merge})")
+        return self
+
+    def to_spec(self) -> LinkageSpec:
+        """Return the engine's spec."""
+        from integration.dedup.linkage import Comparison, LinkageSpec
+
+        return LinkageSpec(
+            blocks=[tuple(b) for b in self.blocks],
+            sorted_neighbourhood=[(n.column, n.window) for n in self.sorted_neighbourhood],
+            comparisons=[Comparison(c.field, c.method, tuple(c.levels)) for c in self.comparisons],
+            classifier=self.classifier,
+            auto_merge=self.auto_merge,
+            review=self.review,
+            hard_keys=tuple(self.hard_keys),
+            max_cluster=self.max_cluster,
+        )
