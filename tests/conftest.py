@@ -16,16 +16,47 @@ import sqlalchemy as sa
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "demo"
-PG_URL = os.environ.get("CRM_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-MARIADB_URL = os.environ.get(
-    "CRM_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4"
+# Each xdist worker gets its own databases (test_gw0, test_gw1, ...): tests reset whole schemas.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+
+
+def _per_worker(url: str) -> str:
+    if not WORKER:
+        return url
+    parsed = sa.engine.make_url(url)
+    return parsed.set(database=f"{parsed.database}_{WORKER}").render_as_string(hide_password=False)
+
+
+PG_URL = _per_worker(os.environ.get("CRM_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
+MARIADB_URL = _per_worker(
+    os.environ.get("CRM_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4")
 )
+PG_DATABASE = sa.engine.make_url(PG_URL).database
+
+
+def _ensure_database(url: str) -> None:
+    """Create the worker's database on the server if it is missing (the server must already run)."""
+    parsed = sa.engine.make_url(url)
+    name = parsed.database
+    if parsed.get_backend_name() == "postgresql":
+        admin = sa.create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            exists = connection.scalar(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name})
+            if not exists:
+                connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    else:
+        admin = sa.create_engine(parsed.set(database=""))
+        with admin.begin() as connection:
+            connection.execute(sa.text(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4"))
+    admin.dispose()
 
 
 def server_or_skip(url: str, what: str) -> sa.Engine:
     """Return an engine for a test server; skip when it is absent, fail under CI=true."""
     engine = sa.create_engine(url)
     try:
+        if WORKER:
+            _ensure_database(url)
         with engine.connect():
             pass
     except Exception as exc:
@@ -93,3 +124,17 @@ def core_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def sqlite_core_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'core.sqlite'}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_dagster_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Give each test process its own DAGSTER_HOME so parallel CLI runs never share run storage."""
+    home = tmp_path_factory.mktemp("dagster_home")
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+    previous = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)
+    yield
+    if previous is None:
+        os.environ.pop("DAGSTER_HOME", None)
+    else:
+        os.environ["DAGSTER_HOME"] = previous

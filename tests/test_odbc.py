@@ -16,8 +16,10 @@ import sqlalchemy as sa
 from crm_core.errors import ExtractError
 from integration.connectors import OdbcConnector, ReadRequest
 from integration.connectors.odbc import mask_connection_string
-from tests.conftest import MARIADB_URL, PG_URL, REPO, server_or_skip
+from tests.conftest import MARIADB_URL, PG_DATABASE, PG_URL, REPO, WORKER, server_or_skip
 from tests.test_connectors import check_contract, copy_tables
+
+U8_DATABASE = f"u8_odbc_{WORKER}" if WORKER else "u8_odbc"
 
 pytestmark = pytest.mark.odbc
 U8_TABLES = ["Customer", "Person", "SO_SOMain", "SO_SODetails"]
@@ -56,17 +58,17 @@ def u8_odbc(request: pytest.FixtureRequest, demo_data: Path) -> Iterator[str]:
         engine = server_or_skip(PG_URL, "PostgreSQL")
         copy_tables(sqlite_url, engine, U8_TABLES)
         engine.dispose()
-        yield "DRIVER={PostgreSQL Unicode};Server=127.0.0.1;Port=5432;Database=test;UID=postgres;PWD=;"
+        yield f"DRIVER={{PostgreSQL Unicode}};Server=127.0.0.1;Port=5432;Database={PG_DATABASE};UID=postgres;PWD=;"
         return
     driver_or_skip("MariaDB Unicode")
     engine = server_or_skip(MARIADB_URL, "MariaDB")
     with engine.begin() as connection:
-        connection.execute(sa.text("CREATE DATABASE IF NOT EXISTS u8_odbc CHARACTER SET utf8mb4"))
-    target = sa.create_engine(MARIADB_URL.replace("/test?", "/u8_odbc?"))
+        connection.execute(sa.text(f"CREATE DATABASE IF NOT EXISTS {U8_DATABASE} CHARACTER SET utf8mb4"))
+    target = sa.create_engine(sa.engine.make_url(MARIADB_URL).set(database=U8_DATABASE))
     copy_tables(sqlite_url, target, U8_TABLES)
     target.dispose()
     engine.dispose()
-    yield "DRIVER={MariaDB Unicode};Server=127.0.0.1;Port=3306;Database=u8_odbc;UID=root;PWD=;CHARSET=utf8mb4;"
+    yield f"DRIVER={{MariaDB Unicode}};Server=127.0.0.1;Port=3306;Database={U8_DATABASE};UID=root;PWD=;CHARSET=utf8mb4;"
 
 
 def test_u8_customer_table_through_every_driver(u8_odbc: str, demo_data: Path) -> None:
@@ -112,7 +114,7 @@ def test_gbk_char_data_is_decoded_with_the_configured_encoding() -> None:
         )
     engine.dispose()
     # The ANSI driver hands over CHAR data in the client encoding: GBK here, as a Chinese SQL Server would.
-    gbk = "DRIVER={PostgreSQL ANSI};Server=127.0.0.1;Port=5432;Database=test;UID=postgres;PWD=;ConnSettings=SET client_encoding TO 'GBK';"
+    gbk = f"DRIVER={{PostgreSQL ANSI}};Server=127.0.0.1;Port=5432;Database={PG_DATABASE};UID=postgres;PWD=;ConnSettings=SET client_encoding TO 'GBK';"
     [chunk] = list(OdbcConnector("erp", gbk, encoding="gbk").read(ReadRequest("legacy_gbk")))
     assert chunk.loc[0, "name"] == "深圳市腾达科技有限公司（南山）"
 
