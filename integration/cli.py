@@ -238,6 +238,8 @@ def run(
             "warnings",
             "amount source",
             "amount core",
+            "keys missing",
+            "spot check",
             "ok",
         ):
             table.add_column(column, justify="left" if column in ("source", "entity") else "right")
@@ -245,12 +247,13 @@ def run(
             table.add_row(
                 line.source, line.entity, str(line.rows_read), str(line.loaded), str(line.merged), str(line.rejected),
                 str(line.warnings), "" if line.amount_source is None else f"{line.amount_source:,.2f}",
-                "" if line.amount_core is None else f"{line.amount_core:,.2f}", "✅" if line.balanced else "❌",
+                "" if line.amount_core is None else f"{line.amount_core:,.2f}", str(line.keys_missing),
+                f"{line.spot_checked - line.spot_mismatches}/{line.spot_checked}", "✅" if line.balanced else "❌",
             )  # fmt: skip
         console.print(table)
         counts = ", ".join(f"{k}: {v}" for k, v in report.core_counts.items() if v)
         console.print(f"Core database: [bold]{location}[/bold]\nIn the core now: {counts}")
-        console.print(f"Reports (reconciliation, rejects): {report_dir}")
+        console.print(f"Reports (reconciliation.xlsx with rows to fix, .html, .csv): {report_dir}")
         console.print(
             "[green]Every row is accounted for.[/green]"
             if report.balanced
