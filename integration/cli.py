@@ -163,7 +163,7 @@ def run(
 
     from crm_core.errors import ConfigError as OptionsError
     from crm_core.runs import recover_crashed_runs
-    from integration.jobs import DELTA_JOB, MIGRATION_JOB, build_definitions
+    from integration.jobs import DELTA_JOB, MIGRATION_JOB, TRIAL_JOB, build_definitions
     from integration.pipeline import RunOptions, reconcile
 
     if delta and trial:
@@ -178,10 +178,12 @@ def run(
     except OptionsError as exc:
         errors.print(str(exc))
         raise typer.Exit(EXIT_FAILED) from None
-    if trial and not core:
+    if trial:
+        # The core resource switches to this scratch core for trial runs (integration.assets.resources).
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-        core = f"sqlite:///{(Path('var') / 'trial' / stamp / 'core.sqlite').resolve()}"
-    if core:
+        core = core or f"sqlite:///{(Path('var') / 'trial' / stamp / 'core.sqlite').resolve()}"
+        os.environ["CRM_TRIAL_CORE_URL"] = core
+    elif core:
         # Through the environment, not resource config: the UI shows resource config, and URLs hold passwords.
         os.environ["CRM_CORE_URL"] = core
     try:
@@ -193,7 +195,7 @@ def run(
     for crashed in crashed_runs:
         errors.print(f"[yellow]run {crashed} had crashed mid-load; its changes were undone[/yellow]")
     log_level = "DEBUG" if verbose else "WARNING"
-    job = defs.resolve_job_def(DELTA_JOB if delta else MIGRATION_JOB)
+    job = defs.resolve_job_def(TRIAL_JOB if trial else DELTA_JOB if delta else MIGRATION_JOB)
     show_progress = not as_json and not verbose and console.is_terminal
     with _instance(ephemeral=trial) as instance:
         result = _execute_with_progress(

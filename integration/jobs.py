@@ -30,6 +30,8 @@ from integration.project import project_dir
 
 MIGRATION_JOB = "migration"
 DELTA_JOB = "migration_delta"
+TRIAL_JOB = "migration_trial"
+TRIAL_SAMPLE = 500
 ROLLBACK_JOB = "rollback"
 
 
@@ -80,7 +82,16 @@ def build_definitions(
         hooks={undo_failed_run},
         tags=RunOptions(mode="delta").tags(),
     )
+    trial = dg.define_asset_job(
+        TRIAL_JOB,
+        selection=dg.AssetSelection.all(),
+        description=f"Trial run: at most {TRIAL_SAMPLE} rows per source into a scratch SQLite core under var/trial/"
+        "<run id>/ (change the sample with the crmi/sample tag); the real core is not touched.",
+        executor_def=dg.in_process_executor,  # the scratch core is SQLite
+        hooks={undo_failed_run},
+        tags=RunOptions(mode="trial", sample=TRIAL_SAMPLE).tags(),
+    )
     rollback = dg.GraphDefinition(name=ROLLBACK_JOB, node_defs=[rollback_load_run]).to_job(
         description="Undo one load run (config: run_id, cascade), exactly as `crmi rollback` does.",
     )
-    return dg.Definitions(assets=assets, jobs=[full, delta, rollback], resources=resources)
+    return dg.Definitions(assets=assets, jobs=[full, delta, trial, rollback], resources=resources)

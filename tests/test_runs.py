@@ -225,6 +225,7 @@ def test_a_trial_run_loads_a_consistent_sample_into_a_scratch_core_and_touches_n
 ) -> None:
     real_core = tmp_path / "real-core.sqlite"
     monkeypatch.setenv("CRM_CORE_URL", f"sqlite:///{real_core}")
+    monkeypatch.setenv("CRM_TRIAL_CORE_URL", "")  # restored after the test: the CLI sets it
     monkeypatch.chdir(tmp_path)
     options = []
     if scratch == "postgres":  # a consultant may point the trial at a scratch PostgreSQL database instead
@@ -281,3 +282,26 @@ def test_it_staff_can_roll_back_from_the_dagster_rollback_job(
     [failure] = [e for e in again.all_events if e.is_step_failure]
     assert "is rolled_back" in str(failure.step_failure_data.error.message)  # type: ignore[union-attr]
     engine.dispose()
+
+
+def test_the_trial_job_in_the_ui_loads_into_a_scratch_core_not_the_real_one(
+    demo_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from integration.jobs import TRIAL_JOB
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CRM_TRIAL_CORE_URL", raising=False)
+    real = tmp_path / "real.sqlite"
+    result = execute(demo_project, f"sqlite:///{real}", TRIAL_JOB, tags={"crmi/sample": "10"})
+    dispose_engines()
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    scratch = make_engine(f"sqlite:///{tmp_path / 'var' / 'trial' / result.run_id / 'core.sqlite'}")
+    with scratch.connect() as connection:
+        mode, stats = connection.execute(sa.select(LoadRun.mode, LoadRun.stats)).one()
+    assert mode == "trial" and all(b["rows_read"] <= 10 for batches in stats.values() for b in batches)
+    scratch.dispose()
+    if real.exists():  # the real core may have been opened (schema), but nothing was loaded into it
+        engine = make_engine(f"sqlite:///{real}")
+        with engine.connect() as connection:
+            assert connection.scalar(sa.select(sa.func.count()).select_from(LoadRun)) == 0
+        engine.dispose()

@@ -6,15 +6,17 @@ Resource config holds only names and templates, never expanded secrets, so the U
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
 import dagster as dg
+from pydantic import PrivateAttr
 from sqlalchemy import Engine
 
 from crm_core.db import core_url, redact_url
 from integration.connectors import Connector
-from integration.pipeline import Migration, core_engine
+from integration.pipeline import MODE_TAG, Migration, core_engine
 
 
 def _fingerprint(path: str) -> tuple[tuple[str, int], ...]:
@@ -50,18 +52,43 @@ def dispose_engines() -> None:
     _ENGINES.clear()
 
 
+TRIAL_CORE_ENV = "CRM_TRIAL_CORE_URL"
+
+
+def trial_core_url(run_id: str) -> str:
+    """Return the scratch core of a trial run: ``$CRM_TRIAL_CORE_URL``, else a SQLite file under var/trial/."""
+    return (
+        os.environ.get(TRIAL_CORE_ENV)
+        or f"sqlite:///{(Path('var') / 'trial' / run_id / 'core.sqlite').resolve()}"
+    )
+
+
 class CoreDatabase(dg.ConfigurableResource):  # type: ignore[type-arg]
-    """The CRM core; ``url`` empty means ``$CRM_CORE_URL`` or the SQLite file under var/."""
+    """The CRM core; ``url`` empty means ``$CRM_CORE_URL`` or the SQLite file under var/.
+
+    A trial run (run tag ``crmi/mode: trial``, e.g. the ``migration_trial`` job in the UI) never touches it:
+    its steps get a scratch core of their own (see :func:`trial_core_url`).
+    """
 
     url: str | None = None
+    _trial_url: str | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Switch to the scratch core when the run is a trial."""
+        run = context.run
+        if run is not None and run.tags.get(MODE_TAG) == "trial":
+            self._trial_url = trial_core_url(run.run_id)
+
+    def _url(self) -> str:
+        return self._trial_url or core_url(self.url)
 
     def engine(self) -> Engine:
         """Return the engine, with the schema migrated to the latest revision."""
-        return _engine(core_url(self.url))
+        return _engine(self._url())
 
     def location(self) -> str:
         """Return the URL without its password."""
-        return redact_url(core_url(self.url))
+        return redact_url(self._url())
 
 
 class MigrationProject(dg.ConfigurableResource):  # type: ignore[type-arg]
