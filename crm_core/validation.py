@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from stdnum.cn import uscc as stdnum_uscc
 
 from crm_core.entities import ENTITIES
+from crm_core.journal import to_json
 from crm_core.models import Customer, Payment, PaymentApplication, Receivable
 from crm_core.stages import STAGES
 
@@ -348,7 +349,7 @@ def core_violations(session: Session, entity: str, sample: int = 10) -> list[Cor
 
     def add(rule: str, message: str, rows: Sequence[Any], columns: Sequence[str]) -> None:
         found.append(CoreViolation(rule, message, len(rows),
-                                   [dict(zip(columns, map(_plain, r), strict=True)) for r in rows[:sample]]))  # fmt: skip
+                                   [dict(zip(columns, map(to_json, r), strict=True)) for r in rows[:sample]]))  # fmt: skip
 
     definition = ENTITIES[entity]
     model: Any = definition.model
@@ -377,26 +378,19 @@ def core_violations(session: Session, entity: str, sample: int = 10) -> list[Cor
         )
     if entity == "payment_application":
         applied = func.sum(PaymentApplication.amount)
-        rows = session.execute(
-            select(Receivable.receivable_no, Receivable.amount, applied)
-            .join(PaymentApplication, PaymentApplication.receivable_id == Receivable.id)
-            .group_by(Receivable.id, Receivable.receivable_no, Receivable.amount).having(applied > Receivable.amount)
-        ).all()  # fmt: skip
-        add("payment_application.amount.within_receivable", "payments applied to a receivable exceed its amount",
-            rows, ("receivable_no", "amount", "applied"))  # fmt: skip
-        rows = session.execute(
-            select(Payment.payment_no, Payment.amount, applied)
-            .join(PaymentApplication, PaymentApplication.payment_id == Payment.id)
-            .group_by(Payment.id, Payment.payment_no, Payment.amount).having(applied > Payment.amount)
-        ).all()  # fmt: skip
-        add("payment_application.amount.within_payment", "a payment is applied for more than it brought in",
-            rows, ("payment_no", "amount", "applied"))  # fmt: skip
+        for target, key, name, message in (
+            (Receivable, PaymentApplication.receivable_id, "receivable", "payments applied to a receivable exceed its amount"),
+            (Payment, PaymentApplication.payment_id, "payment", "a payment is applied for more than it brought in"),
+        ):  # fmt: skip
+            number = getattr(target, f"{name}_no")
+            rows = session.execute(
+                select(number, target.amount, applied).join(PaymentApplication, key == target.id)
+                .group_by(target.id, number, target.amount).having(applied > target.amount)
+            ).all()  # fmt: skip
+            add(
+                f"payment_application.amount.within_{name}",
+                message,
+                rows,
+                (f"{name}_no", "amount", "applied"),
+            )
     return found
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, dt.date | dt.datetime):
-        return value.isoformat()
-    return value

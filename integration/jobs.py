@@ -8,6 +8,7 @@ builds nothing, so ``crmi run --project X`` works from any folder.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from sqlalchemy.engine import make_url
@@ -64,32 +65,33 @@ def build_definitions(
     # SQLite allows one writer: run steps in one process there; PostgreSQL takes the default executor.
     sqlite = make_url(core_url(core_database_url)).get_backend_name() == "sqlite"
     executor = dg.in_process_executor if sqlite else None
-    full = dg.define_asset_job(
+
+    def migration_job(name: str, description: str, options: RunOptions, executor: Any) -> Any:
+        return dg.define_asset_job(
+            name, selection=dg.AssetSelection.all(), description=description, executor_def=executor,
+            hooks={undo_failed_run}, tags=options.tags(),
+        )  # fmt: skip
+
+    full = migration_job(
         MIGRATION_JOB,
-        selection=dg.AssetSelection.all(),
-        description=f"Full run of project '{migration.project.name}': read every source, map, validate, "
-        "load, reconcile. A failed step undoes the run.",
-        executor_def=executor,
-        hooks={undo_failed_run},
-        tags=RunOptions(mode="full").tags(),
+        f"Full run of project '{migration.project.name}': read every source, map, validate, load, reconcile. "
+        "A failed step undoes the run.",
+        RunOptions(mode="full"),
+        executor,
     )
-    delta = dg.define_asset_job(
+    delta = migration_job(
         DELTA_JOB,
-        selection=dg.AssetSelection.all(),
-        description="Delta run (cutover weekend, scheduled syncs): incremental sources read only what changed "
-        "since their watermark.",
-        executor_def=executor,
-        hooks={undo_failed_run},
-        tags=RunOptions(mode="delta").tags(),
+        "Delta run (cutover weekend, scheduled syncs): incremental sources read only what changed since "
+        "their watermark.",
+        RunOptions(mode="delta"),
+        executor,
     )
-    trial = dg.define_asset_job(
+    trial = migration_job(
         TRIAL_JOB,
-        selection=dg.AssetSelection.all(),
-        description=f"Trial run: at most {TRIAL_SAMPLE} rows per source into a scratch SQLite core under var/trial/"
-        "<run id>/ (change the sample with the crmi/sample tag); the real core is not touched.",
-        executor_def=dg.in_process_executor,  # the scratch core is SQLite
-        hooks={undo_failed_run},
-        tags=RunOptions(mode="trial", sample=TRIAL_SAMPLE).tags(),
+        f"Trial run: at most {TRIAL_SAMPLE} rows per source into a scratch SQLite core under var/trial/<run id>/ "
+        "(change the sample with the crmi/sample tag); the real core is not touched.",
+        RunOptions(mode="trial", sample=TRIAL_SAMPLE),
+        dg.in_process_executor,  # the scratch core is SQLite
     )
     rollback = dg.GraphDefinition(name=ROLLBACK_JOB, node_defs=[rollback_load_run]).to_job(
         description="Undo one load run (config: run_id, cascade), exactly as `crmi rollback` does.",

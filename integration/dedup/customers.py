@@ -11,7 +11,6 @@ mix credit codes, regions or branches — those go to a steward instead.
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,8 @@ from sqlalchemy import Engine, select
 
 from crm_core.db import session_factory
 from crm_core.models import Customer, ExternalId
-from integration.dedup.evaluate import Scores, cluster_scores, pair_scores, pairs_of
-from integration.dedup.linkage import Comparison, LinkageResult, LinkageSpec, link
+from integration.dedup.evaluate import cluster_scores, pair_scores, pairs_of
+from integration.dedup.linkage import Comparison, LinkageSpec, link
 from integration.dedup.normalize import normalize_company_name
 from integration.dedup.spec import CUSTOMER_COLUMNS
 
@@ -70,15 +69,6 @@ def customer_records(engine: Engine) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, index="id")
 
 
-def cluster_of(result: LinkageResult, ids: pd.Index) -> dict[Any, Any]:
-    """Return the cluster label of every record: its merge cluster's smallest id, else itself."""
-    label = {record: record for record in ids}
-    for cluster in result.clusters:
-        for member in cluster:
-            label[member] = cluster[0]
-    return label
-
-
 def evaluate_against_truth(
     engine: Engine, truth_file: Path, spec: LinkageSpec = CUSTOMER_SPEC
 ) -> dict[str, Any]:
@@ -89,7 +79,7 @@ def evaluate_against_truth(
     """
     records = customer_records(engine)
     result = link(records, spec)
-    label = cluster_of(result, records.index)
+    label = result.labels(records.index)
     with session_factory(engine)() as session:
         crosswalk = {
             (system, key): entity_id
@@ -123,17 +113,6 @@ def evaluate_against_truth(
         "reduction_ratio": round(result.reduction_ratio, 4),
         "auto_merge_clusters": len(result.clusters),
         "review_pairs": int((result.band == "review").sum()),
-        "pairs": _scores(pairs_of(predicted), pairs_of(truth)),
+        "pairs": pair_scores(pairs_of(predicted), pairs_of(truth)).as_dict(),
         "clusters": cluster_scores(predicted, truth).as_dict(),
     }
-
-
-def _scores(predicted: set[tuple[Any, Any]], truth: set[tuple[Any, Any]]) -> dict[str, float | int]:
-    scores: Scores = pair_scores(predicted, truth)
-    return scores.as_dict()
-
-
-def truth_labels(path: Path) -> Mapping[tuple[str, str], str]:
-    """Return (source, external_key) → company from a truth CSV."""
-    with path.open(encoding="utf-8") as handle:
-        return {(r["source"], r["external_key"]): r["company"] for r in csv.DictReader(handle)}

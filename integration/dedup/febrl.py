@@ -41,10 +41,7 @@ def evaluate_febrl(name: str, spec: LinkageSpec = PERSON_SPEC) -> dict[str, Any]
     for cluster in connected_components(sorted(true_pairs)):  # true clusters: components of the true links
         for member in cluster:
             truth[member] = cluster[0]
-    predicted: dict[Any, Any] = {record: record for record in records.index}
-    for cluster in result.clusters:
-        for member in cluster:
-            predicted[member] = cluster[0]
+    predicted = result.labels(records.index)
     return {
         "dataset": name,
         "records": len(records),

@@ -14,7 +14,7 @@ goes to review as a whole instead of merging.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -130,6 +130,14 @@ class LinkageResult:
         """Return the share of all possible pairs that blocking avoided comparing."""
         total = self.records * (self.records - 1) / 2
         return 1 - self.pairs_compared / total if total else 0.0
+
+    def labels(self, ids: Iterable[Any]) -> dict[Any, Any]:
+        """Return each record's cluster label: the smallest id of its merge cluster, else its own id."""
+        label = {record: record for record in ids}
+        for cluster in self.clusters:
+            for member in cluster:
+                label[member] = cluster[0]
+        return label
 
     def pairs(self, band: str) -> pd.MultiIndex:
         """Return the pairs in one band."""

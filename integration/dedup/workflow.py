@@ -67,13 +67,15 @@ def find_candidates(
     outcome.bands = {str(k): int(v) for k, v in result.band.value_counts().items()}
     outcome.review_clusters = len(result.cluster_review)
     outcome.cluster_sizes = dict(sorted(Counter(len(c) for c in result.clusters).items()))
-    cluster_of = {member: tuple(cluster) for cluster in result.clusters for member in cluster}
+    label = result.labels(records.index)
     scored: dict[tuple[int, int], tuple[float, dict[str, Any], str]] = {}
     kept = result.band != "distinct"
     features_of = result.features.loc[kept].to_dict("index")
     for pair, probability in result.probability.loc[kept].items():
         left, right = ordered(pair)  # type: ignore[arg-type]
-        together = cluster_of.get(left) is not None and cluster_of.get(left) == cluster_of.get(right)
+        together = (
+            label[left] == label[right]
+        )  # two different records share a label only inside a merge cluster
         features = {str(k): int(v) for k, v in features_of[pair].items()}
         scored[(int(left), int(right))] = (float(probability), features, "merged" if together else "review")
     with factory() as session, session.begin():
