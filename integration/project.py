@@ -64,6 +64,11 @@ class SqlSource(_Strict):
     connector: Literal["sql"]
     url: str = Field(description="SQLAlchemy URL; put secrets in ${ENV_VARS}")
     db_schema: str | None = Field(default=None, alias="schema")
+    reader: Literal["auto", "sqlalchemy"] = Field(
+        default="auto",
+        description="auto: PostgreSQL and MariaDB/MySQL tables stream through ConnectorX (Arrow); "
+        "sqlalchemy: always read through the SQLAlchemy driver",
+    )
     description: str | None = None
 
 

@@ -48,12 +48,31 @@ def test_excel_skips_title_and_blank_rows_keeps_row_numbers_and_flags_subtotals(
     [frame] = list(connector.read(ReadRequest("客户")))
     assert list(frame[ROW_REF]) == ["4", "6", "7"]
     assert list(frame[ROW_KIND]) == ["data", "data", "subtotal"]
-    assert frame.loc[0, "签约日期"] == dt.date(2025, 3, 5) or frame.loc[0, "签约日期"] == dt.datetime(
-        2025, 3, 5
-    )
-    assert frame.loc[0, "序号"] == 1 and isinstance(frame.loc[0, "序号"], int)
-    assert frame.loc[1, "金额"] == "12.5万"
+    # Columns mixing typed cells and text arrive as text (the mapping's parse_date/parse_amount read both).
+    assert list(frame["签约日期"]) == ["2025-03-05 00:00:00", "2025年3月6日", None]
+    assert list(frame["金额"]) == ["120000", "12.5万", "245000"]
+    assert list(frame["序号"]) == ["1", "2", "合计"]
     assert set(frame[LOCATION]) == {"a.xlsx#客户"}
+
+
+def test_excel_typed_columns_keep_their_types_and_a_late_text_cell_is_not_lost(tmp_path: Path) -> None:
+    rows: list[list[object]] = [["编号", "金额", "签约日期", "时间", "是否重点", "代码"]]
+    rows += [
+        [i, i + 0.5, dt.datetime(2025, 3, 5, 14, 30), dt.time(9, 15), i % 2 == 0, i] for i in range(1500)
+    ]
+    rows.append([1500, 1.0, None, None, None, "A-1500"])  # text after 1,500 numbers: beyond any type sample
+    [frame] = list(
+        ExcelConnector("s", [workbook(tmp_path / "t.xlsx", rows)], "t.xlsx").read(ReadRequest("客户"))
+    )
+    first = frame.iloc[0]
+    assert first["编号"] == 0 and isinstance(first["编号"], int)
+    assert first["金额"] == 0.5
+    assert first["签约日期"] == dt.datetime(2025, 3, 5, 14, 30)
+    assert first["时间"] == "09:15:00"
+    assert first["是否重点"] is True
+    last = frame.iloc[-1]
+    assert (last["金额"], last["签约日期"], last["代码"], last[ROW_REF]) == (1, None, "A-1500", "1502")
+    assert isinstance(last["金额"], int)
 
 
 def test_excel_explicit_header_row_and_chunks(tmp_path: Path) -> None:
@@ -241,3 +260,39 @@ def test_two_row_headers_under_merged_group_titles(tmp_path: Path) -> None:
     assert frame.drop(columns=[LOCATION, ROW_KIND]).values.tolist() == [
         ["甲公司", "王芳", "13800000000", 100, "4"]
     ]
+
+
+def comparable(frame: pd.DataFrame) -> list[list[str]]:
+    """Rows as text, nulls as '' (the two readers differ only in how they spell a missing value)."""
+    rows = frame.drop(columns=list(META_COLUMNS)).astype(object)
+    return sorted(
+        [["" if pd.isna(v) else str(v) for v in row] for row in rows.itertuples(index=False, name=None)]
+    )
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        ReadRequest("accounts", key=("id",), chunk_rows=40),
+        # A LIKE pattern (a % the DBAPI paramstyles would double) and a cursor value with a quote in it.
+        ReadRequest(
+            "accounts", where="name LIKE '%科技%'", cursor_column="name", cursor_from="华'x", chunk_rows=7
+        ),
+    ],
+    ids=["table", "filter-and-cursor"],
+)
+def test_arrow_reader_returns_exactly_what_the_sqlalchemy_reader_returns(
+    suitecrm: str, request_: ReadRequest
+) -> None:
+    if suitecrm.startswith("sqlite"):
+        pytest.skip("SQLite always reads through SQLAlchemy")
+    fast, plain = SqlConnector("legacy_crm", suitecrm), SqlConnector("legacy_crm", suitecrm, arrow=False)
+    assert fast.arrow_url() is not None and plain.arrow_url() is None
+    fast_chunks = list(fast.read(request_))
+    assert all(len(c) <= request_.chunk_rows for c in fast_chunks)
+    fast_frame = pd.concat(fast_chunks, ignore_index=True)
+    plain_frame = pd.concat(plain.read(request_), ignore_index=True)
+    assert len(fast_frame) > 0
+    assert list(fast_frame.columns) == list(plain_frame.columns)
+    assert comparable(fast_frame) == comparable(plain_frame)
+    assert sorted(fast_frame[ROW_REF]) == sorted(plain_frame[ROW_REF])

@@ -17,7 +17,9 @@ def connector_for(project: Project, source: str) -> Connector:
     if isinstance(config, ExcelSource):
         return ExcelConnector(source, project.source_paths(source), config.path)
     if isinstance(config, SqlSource):
-        return SqlConnector(source, project.source_url(source), config.db_schema)
+        return SqlConnector(
+            source, project.source_url(source), config.db_schema, arrow=config.reader == "auto"
+        )
     if isinstance(config, OdbcSource):
         return OdbcConnector(
             source,

@@ -1,23 +1,46 @@
-"""Spreadsheets through python-calamine: header detection, several files, subtotal rows flagged."""
+"""Spreadsheets: header detection, several files, subtotal rows flagged.
+
+The data is read by fastexcel (calamine into Arrow, no Python object per cell); the header is found on
+the first rows, streamed from the sheet XML for .xlsx/.xlsm (see ``ooxml``) and read by python-calamine
+for .xls/.xlsb/.ods.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
 import itertools
 import re
 import unicodedata
+import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fastexcel
+import numpy as np
 import pandas as pd
-from python_calamine import CalamineSheet, CalamineWorkbook
+import pyarrow as pa
+import pyarrow.compute as pc
+from python_calamine import CalamineWorkbook
 
 from crm_core.errors import ExtractError
+from integration.connectors import ooxml
 from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, ReadRequest
+from integration.connectors.ooxml import MergedRange
 
 HEADER_SCAN_ROWS = 30
 _SUBTOTAL = re.compile(r"^(合计|小计|总计|共计|total|subtotal|grand total|sum)\b", re.IGNORECASE)
+# Cheap vectorized pre-filter for _SUBTOTAL: the first letters a subtotal label can start with, in
+# either width (the exact test, after NFKC, runs only on the rows that pass).
+_SUBTOTAL_START = r"^\s*[合小总共tsgTSGｔｓｇＴＳＧ]"
+_OOXML = {".xlsx", ".xlsm"}
+_ENCRYPTED_MAGIC = (
+    b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # an OLE container: how encrypted .xlsx files are stored
+)
+_PROTECTED_HINT = (
+    "it is password-protected; open it in Excel and save a copy without a password "
+    "(File > Info > Protect Workbook > Encrypt with Password: clear it), then point the source at the copy"
+)
 
 
 def _blank(value: Any) -> bool:
@@ -37,11 +60,6 @@ def detect_header_row(rows: list[list[Any]]) -> int:
         if len(filled) >= max(2, (widest + 1) // 2) and all(isinstance(v, str) for v in filled):
             return index
     return 0
-
-
-MergedRange = tuple[
-    tuple[int, int], tuple[int, int]
-]  # ((first row, first col), (last row, last col)), 0-based
 
 
 def header_labels(
@@ -85,6 +103,18 @@ def is_subtotal(row: list[Any]) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class SheetLayout:
+    """Where a sheet's header is and what its columns are called."""
+
+    labels: dict[int, str]  # 0-based sheet column (A = 0) -> label, for labelled columns only
+    last_header_row: int  # 0-based sheet row of the header's last row; data starts below it
+
+    def ordered_labels(self) -> list[str]:
+        """Return the labels left to right."""
+        return [self.labels[column] for column in sorted(self.labels)]
+
+
 class ExcelConnector:
     """Workbooks matched by a path or glob; every row keeps file, sheet and row number."""
 
@@ -105,14 +135,23 @@ class ExcelConnector:
             )
         return self.paths
 
-    def _open(self, path: Path) -> CalamineWorkbook:
+    def _cannot_open(self, path: Path, exc: Exception) -> ExtractError:
+        with path.open("rb") as stream:
+            encrypted = stream.read(8) == _ENCRYPTED_MAGIC and path.suffix.lower() in _OOXML
+        if encrypted or "password" in str(exc).lower() or "encrypt" in str(exc).lower():
+            return ExtractError(self.name, f"cannot open workbook {path.name}: {_PROTECTED_HINT}")
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return ExtractError(
+            self.name,
+            f"cannot open workbook {path.name}: {detail}; is it a valid, unprotected .xlsx/.xls/.ods? "
+            "Re-save it from Excel or WPS",
+        )
+
+    def _open(self, path: Path) -> fastexcel.ExcelReader:
         try:
-            return CalamineWorkbook.from_path(str(path))
+            return fastexcel.read_excel(str(path))
         except Exception as exc:  # calamine raises its own error types per format
-            raise ExtractError(
-                self.name,
-                f"cannot open workbook {path.name}: {exc}; is it a valid, unprotected .xlsx/.xls/.ods?",
-            ) from None
+            raise self._cannot_open(path, exc) from None
 
     def list_tables(self) -> list[str]:
         """Return the sheet names across all matched workbooks (in order, without repeats)."""
@@ -121,60 +160,131 @@ class ExcelConnector:
             names.extend(n for n in self._open(path).sheet_names if n not in names)
         return names
 
-    def _sheet(self, path: Path, sheet: str) -> CalamineSheet:
-        workbook = self._open(path)
-        if sheet not in workbook.sheet_names:
+    def _check_sheet(self, path: Path, reader: fastexcel.ExcelReader, sheet: str) -> None:
+        if sheet not in reader.sheet_names:
             raise ExtractError(
                 self.name,
-                f"workbook {path.name} has no sheet '{sheet}'; sheets: {', '.join(workbook.sheet_names)}",
+                f"workbook {path.name} has no sheet '{sheet}'; sheets: {', '.join(reader.sheet_names)}",
             )
-        return workbook.get_sheet_by_name(sheet)
 
-    def _header(
-        self, sheet: CalamineSheet, header_row: int | None
-    ) -> tuple[list[str], int, Iterator[list[Any]]]:
-        """Return the labels, the first data row's 0-based index, and the rows after the scanned head."""
-        # iter_rows hands rows to Python one at a time: memory follows the chunk size, not the sheet.
-        rows = (list(row) for row in sheet.iter_rows())
-        head = list(itertools.islice(rows, HEADER_SCAN_ROWS))
+    def _head(self, path: Path, sheet: str) -> tuple[list[list[Any]], Any]:
+        """Return the sheet's first rows (from A1) and a callable giving its merged ranges."""
+        try:
+            if path.suffix.lower() in _OOXML:
+                with zipfile.ZipFile(path) as book:
+                    member = ooxml.sheet_members(book)[sheet]
+                return ooxml.head_rows(path, member, HEADER_SCAN_ROWS), lambda: ooxml.merged_ranges(
+                    path, member
+                )
+            calamine_sheet = CalamineWorkbook.from_path(str(path)).get_sheet_by_name(sheet)
+        except ExtractError:
+            raise
+        except Exception as exc:
+            raise self._cannot_open(path, exc) from None
+        # python-calamine starts rows at row 1 but columns at the first used column.
+        pad = [None] * calamine_sheet.start[1] if calamine_sheet.start else []
+        head = [
+            [*pad, *(None if v == "" else v for v in row)]
+            for row in itertools.islice(calamine_sheet.iter_rows(), HEADER_SCAN_ROWS)
+        ]
+        return head, lambda: list(calamine_sheet.merged_cell_ranges or [])
+
+    def layout(self, path: Path, sheet: str, header_row: int | None = None) -> SheetLayout:
+        """Find the header of ``sheet`` in ``path`` (explicit 1-based ``header_row``, or detected)."""
+        self._check_sheet(path, self._open(path), sheet)
+        head, merges = self._head(path, sheet)
         if not head:
-            return [], 0, rows
+            return SheetLayout({}, -1)
         index = header_row - 1 if header_row else detect_header_row(head)
-        merged = list(sheet.merged_cell_ranges or []) or None
+        below = [v for v in head[index + 1] if not _blank(v)] if index + 1 < len(head) else []
+        # A second header row is possible only under text labels; only then are the merges needed.
+        merged = merges() if below and all(isinstance(v, str) for v in below) else None
         labels, header_rows = header_labels(head, index, merged)
-        return labels, index + header_rows, itertools.chain(head[index + header_rows :], rows)
+        return SheetLayout(
+            {column: label for column, label in enumerate(labels) if label}, index + header_rows - 1
+        )
 
     def columns(self, table: str, header_row: int | None = None) -> list[str]:
         """Return the header labels of ``table`` (a sheet) in the first workbook."""
-        labels, _, _ = self._header(self._sheet(self._workbooks()[0], table), header_row)
-        return [label for label in labels if label]
+        return self.layout(self._workbooks()[0], table, header_row).ordered_labels()
 
     def read(self, request: ReadRequest) -> Iterator[pd.DataFrame]:
         """Yield the sheet's data rows from every workbook, in chunks, blank rows skipped."""
         for path in self._workbooks():
-            header, first_data, data_rows = self._header(self._sheet(path, request.table), request.header_row)
-            keep = [i for i, label in enumerate(header) if label]
-            labels = [header[i] for i in keep]
-            columns = [*labels, ROW_REF, LOCATION, ROW_KIND]
+            layout = self.layout(path, request.table, request.header_row)
+            data, sheet_columns = self._load(path, request.table, layout)
             location = f"{path.name}#{request.table}"
-            records: list[list[Any]] = []
-            for number, row in enumerate(data_rows, start=first_data + 1):
-                if all(_blank(v) for v in row):
-                    continue
-                values = [_cell(row[i]) if i < len(row) else None for i in keep]
-                records.append([*values, str(number), location, "subtotal" if is_subtotal(row) else "data"])
-                if len(records) >= request.chunk_rows:
-                    yield pd.DataFrame.from_records(records, columns=columns)
-                    records = []
-            if records:
-                yield pd.DataFrame.from_records(records, columns=columns)
+            # Row numbers before blank rows are dropped: data row i sits on sheet row last_header_row + 2 + i.
+            numbers = np.arange(data.num_rows) + layout.last_header_row + 2
+            filled = _any_filled(data)
+            data, numbers = data.filter(filled), numbers[np.asarray(filled)]
+            keep = [i for i, column in enumerate(sheet_columns) if column in layout.labels]
+            labels = [layout.labels[sheet_columns[i]] for i in keep]
+            for start in range(0, data.num_rows, request.chunk_rows):
+                part = data.slice(start, request.chunk_rows)
+                subtotal = _subtotal_rows(part)
+                frame = pd.DataFrame({f"c{n}": _python_values(part.column(i)) for n, i in enumerate(keep)})
+                frame.columns = pd.Index(labels)
+                frame[ROW_REF] = numbers[start : start + request.chunk_rows].astype(str)
+                frame[LOCATION] = location
+                frame[ROW_KIND] = np.where(subtotal, "subtotal", "data")
+                yield frame
+
+    def _load(self, path: Path, sheet: str, layout: SheetLayout) -> tuple[pa.RecordBatch, list[int]]:
+        """Read the rows below the header into Arrow; return them with each column's sheet column index."""
+        try:
+            loaded = self._open(path).load_sheet(
+                sheet,
+                header_row=layout.last_header_row if layout.last_header_row >= 0 else None,
+                # Every row decides a column's type: with a sample, a text cell after the sampled rows
+                # of a numeric column would silently read as empty.
+                schema_sample_rows=None,
+                whitespace_as_null=True,
+            )
+            return loaded.to_arrow(), [c.absolute_index for c in loaded.available_columns()]
+        except Exception as exc:
+            raise ExtractError(self.name, f"cannot read sheet '{sheet}' of {path.name}: {exc}") from None
 
 
-def _cell(value: Any) -> Any:
-    if isinstance(value, str):
-        return value if value.strip() else None
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)  # calamine reads every number as float; keep codes like 1001 intact
-    if isinstance(value, dt.time):
-        return value.isoformat()
-    return value
+def _any_filled(data: pa.RecordBatch) -> pa.Array:
+    """Return a mask of rows with at least one non-empty cell."""
+    if data.num_columns == 0:
+        return pa.array([False] * data.num_rows)
+    filled = pc.is_valid(data.column(0))
+    for column in data.columns[1:]:
+        filled = pc.or_(filled, pc.is_valid(column))
+    return filled
+
+
+def _subtotal_rows(part: pa.RecordBatch) -> np.ndarray:
+    """Return a mask of subtotal rows: the row's first text cell reads 合计, 小计, Total…"""
+    first: pa.Array | None = None
+    for column in part.columns:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            first = column if first is None else pc.coalesce(first, column)
+    if first is None:
+        return np.zeros(part.num_rows, dtype=bool)
+    candidates = pc.fill_null(pc.match_substring_regex(first, _SUBTOTAL_START), False)
+    mask = np.asarray(candidates.to_numpy(zero_copy_only=False), dtype=bool)
+    for row in np.flatnonzero(mask):
+        mask[row] = is_subtotal([first[row].as_py()])
+    return mask
+
+
+def _python_values(column: pa.Array) -> pd.Series:
+    """Convert an Arrow column to Python values: whole numbers as int, times as ``HH:MM:SS``, nulls as None."""
+    if pa.types.is_floating(column.type):
+        values = column.to_numpy(zero_copy_only=False)
+        result = values.astype(object)
+        whole = np.isfinite(values) & (np.floor(values) == values) & (np.abs(values) < 2**53)
+        result[whole] = values[whole].astype(np.int64).tolist()  # calamine reads 1001 as 1001.0
+        result[np.isnan(values)] = None
+        return pd.Series(result, dtype=object)
+    if pa.types.is_timestamp(column.type):
+        stamps = pd.Series(column.to_pandas(), dtype=object)
+        missing = column.is_null().to_numpy(zero_copy_only=False)
+        times = ~missing & (pc.year(column).fill_null(0).to_numpy() == 1899)  # a time-only cell
+        stamps[times] = [t.time().isoformat() for t in stamps[times]]
+        stamps[missing] = None
+        return stamps
+    return pd.Series(column.to_pandas(), dtype=object)  # strings and booleans; nulls arrive as None

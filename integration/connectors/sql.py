@@ -1,9 +1,16 @@
-"""Databases through SQLAlchemy: reflected tables, optional filter, server-side chunked reads."""
+"""Databases through SQLAlchemy: reflected tables, optional filter, server-side chunked reads.
+
+SQLAlchemy reflects the table and builds the statement in every case. PostgreSQL and MariaDB/MySQL
+rows are then streamed through ConnectorX as Arrow batches (no Python object per cell in the driver,
+several times faster); other databases, and sources with ``reader: sqlalchemy``, stream through the
+SQLAlchemy driver.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 import sqlalchemy as sa
@@ -13,14 +20,28 @@ from crm_core.db import redact_url
 from crm_core.errors import ExtractError, TransientExtractError
 from integration.connectors.base import ReadRequest, tag_rows
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+# SQLAlchemy backend -> ConnectorX URL scheme, the URL options it takes, and the ones it does not need
+# (ConnectorX always talks utf8mb4 to MySQL).
+_ARROW_BACKENDS = {
+    "postgresql": ("postgresql", {"sslmode"}, set()),
+    "mysql": ("mysql", set(), {"charset"}),
+    "mariadb": ("mysql", set(), {"charset"}),
+}
+_TRANSIENT = ("connection refused", "timed out", "timeout", "connection reset", "broken pipe", "closed")
+
 
 class SqlConnector:
     """A table source in any database SQLAlchemy reaches."""
 
-    def __init__(self, name: str, url: str, schema: str | None = None) -> None:
+    def __init__(self, name: str, url: str, schema: str | None = None, *, arrow: bool = True) -> None:
         self.name = name
         self._url = url  # holds secrets: never put it in a message
         self.schema = schema
+        self.arrow = arrow  # False: always read through the SQLAlchemy driver
         self._engine: sa.Engine | None = None
 
     def describe(self) -> str:
@@ -113,9 +134,26 @@ class SqlConnector:
             statement = statement.order_by(*(table.c[k] for k in order_columns))
         return statement, [c.name for c in table.columns]
 
+    def arrow_url(self) -> str | None:
+        """Return the ConnectorX URL for this source, or None when it reads through SQLAlchemy."""
+        url = sa.engine.make_url(self._url)
+        backend = _ARROW_BACKENDS.get(url.get_backend_name())
+        if not self.arrow or backend is None or importlib.util.find_spec("connectorx") is None:
+            return None
+        scheme, passed, dropped = backend
+        if set(url.query) - passed - dropped:
+            return None  # options only the SQLAlchemy driver knows (sockets, SSL files): keep its path
+        return url.set(
+            drivername=scheme, query={k: v for k, v in url.query.items() if k in passed}
+        ).render_as_string(hide_password=False)
+
     def read(self, request: ReadRequest) -> Iterator[pd.DataFrame]:
         """Yield the rows of the table (filtered by ``where``) in chunks streamed from the server."""
         statement, _ = self._statement(request)
+        arrow_url = self.arrow_url()
+        if arrow_url is not None:
+            yield from self._read_arrow(arrow_url, statement, request)
+            return
         try:
             with self.engine.connect() as connection:
                 streaming = connection.execution_options(
@@ -128,6 +166,35 @@ class SqlConnector:
                     yield chunk
         except SQLAlchemyError as exc:
             raise self._fail(exc, f"reading '{request.table}'") from None
+
+    def _read_arrow(
+        self, url: str, statement: sa.Select[Any] | sa.TextClause, request: ReadRequest
+    ) -> Iterator[pd.DataFrame]:
+        import connectorx
+
+        # Values are rendered into the SQL (ConnectorX takes no parameters); the dialect quotes them.
+        # "named" keeps a literal % as it is (the pymysql/psycopg paramstyles would double it).
+        dialect = type(self.engine.dialect)(paramstyle="named")  # type: ignore[call-arg]
+        sql = str(statement.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+        try:
+            batches = cast(
+                "pa.RecordBatchReader",
+                connectorx.read_sql(url, sql, return_type="arrow_stream", batch_size=request.chunk_rows),
+            )
+            offset = 0
+            for batch in batches:
+                if batch.num_rows == 0:
+                    continue
+                chunk = batch.to_pandas()
+                tag_rows(chunk, request.key, request.table, offset)
+                offset += len(chunk)
+                yield chunk
+        except (RuntimeError, OSError, ValueError) as exc:
+            detail = self._scrub(str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            message = f"reading '{request.table}' failed at {self.describe()}: {detail}"
+            if any(word in detail.lower() for word in _TRANSIENT):
+                raise TransientExtractError(self.name, message + "; check the server is reachable") from None
+            raise ExtractError(self.name, message) from None
 
     def dispose(self) -> None:
         """Close pooled connections."""
