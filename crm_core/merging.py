@@ -1,7 +1,9 @@
 """Merging duplicate customers into a golden record, logged so each merge can be undone exactly.
 
 A merge keeps the survivor's values and fills its blanks from the merged record (a valid credit code is
-never replaced, an invalid one gives way to a valid one), marks the merged record ``merged_into_id``,
+never replaced, an invalid one gives way to a valid one); per-field survivorship rules (most recent, most
+complete, most frequent across the cluster) override that for the fields they name. It marks the merged
+record ``merged_into_id``,
 re-points everything that referenced it (contacts, opportunities, orders, receivables, payments, branches)
 and its crosswalk entries to the survivor. All of it goes through the ORM inside a journaled load run, so
 the ``merge_log`` entry can name the journal entries that undo exactly this merge.
@@ -11,8 +13,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
@@ -23,6 +26,12 @@ from crm_core.models import Base, Customer, ExternalId, LoadRun, MatchCandidate,
 from crm_core.runs import replay
 
 _SKIPPED = frozenset({"id", "merged_into_id", "created_run_id", "updated_run_id", "created_at", "updated_at"})
+SurvivorshipRule = Literal["source_priority", "most_recent", "most_complete", "most_frequent"]
+SURVIVORSHIP_RULES: tuple[str, ...] = get_args(SurvivorshipRule)
+# Fields a survivorship rule may name: the customer's own attributes (not keys, links or bookkeeping).
+SURVIVORSHIP_FIELDS = tuple(
+    c.key for c in Customer.__table__.columns if c.key not in _SKIPPED | {"parent_id", "name_normalized"}
+)
 
 
 def _valid_code(value: str | None) -> bool:
@@ -44,6 +53,11 @@ def _references_to(model: type[Base]) -> list[tuple[type[Base], str]]:
 
 def choose_survivor(session: Session, ids: Sequence[int], source_priority: Sequence[str] = ()) -> int:
     """Pick the golden record of a cluster: created by the highest-priority source, then most complete."""
+    return rank_members(session, ids, source_priority)[0]
+
+
+def rank_members(session: Session, ids: Sequence[int], source_priority: Sequence[str] = ()) -> list[int]:
+    """Order a cluster best first: created by the highest-priority source, then most complete, then oldest."""
     creators = dict(session.execute(
         select(ExternalId.entity_id, func.min(ExternalId.system)).where(
             ExternalId.entity == "customer", ExternalId.entity_id.in_(ids), ExternalId.match_method == "created"
@@ -60,7 +74,54 @@ def choose_survivor(session: Session, ids: Sequence[int], source_priority: Seque
         )
         return (priority, -filled, customer_id)
 
-    return min(ids, key=rank)
+    return sorted(ids, key=rank)
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def golden_values(
+    session: Session, ranked_ids: Sequence[int], rules: Mapping[str, SurvivorshipRule]
+) -> dict[str, Any]:
+    """Return the value each ruled field takes on the golden record of a cluster (ranked best first).
+
+    ``source_priority``: the best-ranked member's non-empty value; ``most_recent``: the value of the member
+    whose source row changed last (crosswalk sync time); ``most_complete``: the longest value;
+    ``most_frequent``: the commonest value. Ties go to the better-ranked member; a valid credit code is
+    never replaced by an invalid one.
+    """
+    members = [session.get(Customer, i) for i in ranked_ids]
+    synced = dict(session.execute(
+        select(ExternalId.entity_id, func.max(ExternalId.last_synced_at)).where(
+            ExternalId.entity == "customer", ExternalId.entity_id.in_(ranked_ids)
+        ).group_by(ExternalId.entity_id)
+    ).all())  # fmt: skip
+    epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
+
+    def changed(member: Customer) -> dt.datetime:
+        stamp = synced.get(member.id) or member.updated_at
+        return stamp.replace(tzinfo=dt.UTC) if stamp and stamp.tzinfo is None else stamp or epoch
+
+    chosen: dict[str, Any] = {}
+    for field, rule in rules.items():
+        filled = [(rank, m, getattr(m, field)) for rank, m in enumerate(members) if m is not None]
+        filled = [(rank, m, v) for rank, m, v in filled if not _blank(v)]
+        if not filled:
+            continue
+        if rule == "most_recent":
+            value = max(filled, key=lambda f: (changed(f[1]), -f[0]))[2]
+        elif rule == "most_complete":
+            value = max(filled, key=lambda f: (len(str(f[2]).strip()), -f[0]))[2]
+        elif rule == "most_frequent":
+            counts = Counter(v for _, _, v in filled)
+            value = max(filled, key=lambda f: (counts[f[2]], -f[0]))[2]
+        else:
+            value = filled[0][2]
+        if field == "credit_code" and not _valid_code(value):
+            value = next((v for _, _, v in filled if _valid_code(v)), value)
+        chosen[field] = value
+    return chosen
 
 
 def merge_customers(
@@ -72,12 +133,17 @@ def merge_customers(
     probability: float | None,
     reason: str,
     decided_by: str,
+    golden: Mapping[str, Any] | None = None,
 ) -> list[MergeLog]:
-    """Merge ``merged_ids`` into ``survivor_id`` (inside the run's journaled session); return the log entries."""
+    """Merge ``merged_ids`` into ``survivor_id`` (inside the run's journaled session); return the log entries.
+
+    ``golden`` (from :func:`golden_values`) sets survivorship-ruled fields; it is applied with the first
+    merge, so undoing that merge restores the survivor's own values.
+    """
     survivor = session.get(Customer, survivor_id)
     if survivor is None or survivor.merged_into_id is not None:
         raise DedupError(f"customer {survivor_id} is not an active customer; it cannot survive a merge")
-    logs = []
+    logs: list[MergeLog] = []
     for merged_id in merged_ids:
         merged = session.get(Customer, merged_id)
         if merged is None or merged.merged_into_id is not None or merged_id == survivor_id:
@@ -94,6 +160,10 @@ def merge_customers(
                     survivor.credit_code = theirs
             elif mine is None and theirs is not None:
                 setattr(survivor, name, theirs)
+        if golden and not logs:
+            for name, value in golden.items():
+                if getattr(survivor, name) != value:
+                    setattr(survivor, name, value)
         survivor.updated_run_id = run.id
         merged.merged_into_id = survivor.id
         merged.updated_run_id = run.id

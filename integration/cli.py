@@ -501,7 +501,8 @@ def dedup_run(
     with _core_engine(core) as engine:
         outcome = deduplicate_customers(
             engine, f"dedup-{uuid.uuid4()}", migration.project.name, spec=migration.linkage_spec,
-            source_priority=list(rules.source_priority) if rules else [], finish=True,
+            source_priority=list(rules.source_priority) if rules else [],
+            survivorship=dict(rules.survivorship) if rules else None, finish=True,
         )  # fmt: skip
     if as_json:
         console.print_json(json.dumps(asdict(outcome)))

@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 
 from crm_core.entities import ENTITIES
 from crm_core.errors import ConfigError, Problem
+from crm_core.merging import SURVIVORSHIP_FIELDS, SurvivorshipRule
 from crm_core.validation import RuleSpec, builtin_rules
 from integration.dedup.spec import LinkageConfig
 from integration.yamlconf import (
@@ -137,9 +138,25 @@ class EntityDedup(_Strict):
     source_priority: list[str] = Field(
         default_factory=list, description="sources loaded first win; later ones only fill blanks"
     )
+    survivorship: dict[str, SurvivorshipRule] = Field(
+        default_factory=dict,
+        description="customers: field -> how a golden record picks its value across merged records "
+        "(source_priority, most_recent, most_complete, most_frequent); other fields keep the survivor's "
+        "value and fill blanks by source priority",
+    )
     linkage: LinkageConfig | None = Field(
         default=None, description="record-linkage rules (customers; defaults apply when absent)"
     )
+
+    @field_validator("survivorship")
+    @classmethod
+    def _survivorship_fields(cls, value: dict[str, SurvivorshipRule]) -> dict[str, SurvivorshipRule]:
+        unknown = [f for f in value if f not in SURVIVORSHIP_FIELDS]
+        if unknown:
+            raise ValueError(
+                f"unknown customer field(s) {', '.join(unknown)}; fields: {', '.join(SURVIVORSHIP_FIELDS)}"
+            )
+        return value
 
 
 class ProjectRule(_Strict):

@@ -212,3 +212,53 @@ def test_steward_commands(sqlite_core_url: str) -> None:
     assert best["customer_id"] == 1 and best["probability"] > 0.9
     bad = runner.invoke(app, ["dedup", "match", "--name", name, "--credit-code", "123", *core])
     assert bad.exit_code == 1 and "credit code" in bad.output
+
+
+def test_survivorship_rules_pick_each_field_across_the_cluster(sqlite_core_url: str) -> None:
+    import datetime as dt
+
+    from crm_core.merging import golden_values, merge_customers, rank_members
+
+    engine = make_engine(sqlite_core_url)
+    upgrade(engine)
+    synced = {1: dt.datetime(2025, 1, 1, tzinfo=dt.UTC), 2: dt.datetime(2025, 6, 1, tzinfo=dt.UTC),
+              3: dt.datetime(2025, 3, 1, tzinfo=dt.UTC)}  # fmt: skip
+    records = {  # erp (priority 1) holds an invalid credit code; crm changed last; xlsx is least complete
+        1: ("erp", dict(name="深圳市腾达科技有限公司", credit_code=INVALID_CODE, phone="+8675586001234",
+                        address="深圳市南山区", industry="软件")),
+        2: ("crm", dict(name="腾达科技", credit_code="91440300708461136T", phone="+8613800000000",
+                        address="广东省深圳市南山区科技园南区高新南一道9号", industry="信息技术")),
+        3: ("xlsx", dict(name="深圳腾达", phone="+8613900000000", industry="信息技术", website="tengda.cn")),
+    }  # fmt: skip
+    with session_factory(engine)() as session, session.begin():
+        run = LoadRun(run_key="seed", project="t", status="succeeded")
+        session.add(run)
+        session.flush()
+        for record_id, (system, values) in records.items():
+            session.add(Customer(id=record_id, created_run_id=run.id, **values))
+            session.add(ExternalId(entity="customer", entity_id=record_id, system=system,
+                                   external_key=f"K{record_id}", last_synced_at=synced[record_id]))  # fmt: skip
+    rules: dict[str, Any] = {"phone": "most_recent", "address": "most_complete", "industry": "most_frequent",
+                             "credit_code": "source_priority", "name": "source_priority"}  # fmt: skip
+    with session_factory(engine)() as session, session.begin():
+        ranked = rank_members(session, [3, 2, 1], ["erp", "crm", "xlsx"])
+        assert ranked == [1, 2, 3]
+        golden = golden_values(session, ranked, rules)
+        assert golden == {
+            "phone": "+8613800000000",  # crm's row changed last
+            "address": "广东省深圳市南山区科技园南区高新南一道9号",  # the longest
+            "industry": "信息技术",  # two of three
+            "credit_code": "91440300708461136T",  # erp's comes first but is invalid: the valid one wins
+            "name": "深圳市腾达科技有限公司",  # erp's, by source priority
+        }
+        run = session.scalars(sa.select(LoadRun)).one()
+        merge_customers(
+            session, run, 1, [2, 3], probability=0.99, reason="test", decided_by="test", golden=golden
+        )
+    with session_factory(engine)() as session:
+        survivor = session.get(Customer, 1)
+        assert survivor is not None
+        assert (survivor.phone, survivor.industry, survivor.credit_code, survivor.name) == (
+            "+8613800000000", "信息技术", "91440300708461136T", "深圳市腾达科技有限公司"
+        )  # fmt: skip
+        assert survivor.website == "tengda.cn"  # no rule: blanks still fill from the merged records

@@ -45,6 +45,12 @@ CASES = [
      ["7:3: dedup: entity 'customer' has no field 'credit_cod'"]),
     ("dedup_unknown_source", HEADER + "mappings: [mappings/*.yaml]\ndedup:\n  customer: {source_priority: [erp]}\n",
      ["7:32: dedup.customer.source_priority[0]: unknown source 'erp'; sources: crm"]),
+    ("survivorship_unknown_field",
+     HEADER + "mappings: [mappings/*.yaml]\ndedup:\n  customer:\n    survivorship: {adress: most_complete}\n",
+     ["8:19: dedup.customer.survivorship: unknown customer field(s) adress; fields: name, short_name, english_name, credit_code, phone, email, website, address, province, city, district, industry, is_branch, owner_id, status"]),
+    ("survivorship_unknown_rule",
+     HEADER + "mappings: [mappings/*.yaml]\ndedup:\n  customer:\n    survivorship: {phone: newest}\n",
+     ["8:27: dedup.customer.survivorship.phone: 'newest' is not allowed; allowed: source_priority, most_recent, most_complete, most_frequent"]),
     ("missing_name", "version: 1\nsources: {}\nmappings: []\n", ["1:1: name: missing required key 'name'"]),
     ("invalid_yaml", "version: 1\nname: [acme\n", ["3:1: invalid YAML: expected ',' or ']', but got '<stream end>'"]),
 ]  # fmt: skip

@@ -396,6 +396,7 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
     core_deps = [f"core_{e}" for e in migration.entities]
     rules = migration.project.spec.dedup.get("customer")
     priority = list(rules.source_priority) if rules else []
+    survivorship = dict(rules.survivorship) if rules else {}
 
     @dg.asset(
         name="customer_match_candidates",
@@ -410,8 +411,9 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         options = RunOptions.from_tags(context.run.tags)
         try:
             found = find_candidates(
-                core.engine(), context.run.run_id, migration.project.name, mode=options.mode
-            )
+                core.engine(), context.run.run_id, migration.project.name,
+                spec=migration.linkage_spec, mode=options.mode,
+            )  # fmt: skip
         except CrmError as exc:
             raise _fail(exc) from exc
         outcome = found.outcome
@@ -445,7 +447,7 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         engine = core.engine()
         try:
             outcome = merge_clusters(engine, context.run.run_id, migration.project.name, candidates,
-                                     source_priority=priority, mode=options.mode)  # fmt: skip
+                                     source_priority=priority, survivorship=survivorship, mode=options.mode)  # fmt: skip
         except CrmError as exc:
             raise _fail(exc) from exc
         yield dg.MaterializeResult(metadata={"auto_merged": outcome.auto_merged,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,15 @@ from sqlalchemy import Engine, select
 from crm_core.db import session_factory
 from crm_core.errors import DedupError
 from crm_core.loading import get_or_start_run
-from crm_core.merging import choose_survivor, decided_pairs, merge_customers, record_candidates
+from crm_core.merging import (
+    SurvivorshipRule,
+    choose_survivor,
+    decided_pairs,
+    golden_values,
+    merge_customers,
+    rank_members,
+    record_candidates,
+)
 from crm_core.models import Customer, MatchCandidate
 from integration.dedup.customers import CUSTOMER_SPEC, customer_records
 from integration.dedup.linkage import Labels, LinkageSpec, link, ordered
@@ -92,19 +100,25 @@ def merge_clusters(
     candidates: Candidates,
     *,
     source_priority: Sequence[str] = (),
+    survivorship: Mapping[str, SurvivorshipRule] | None = None,
     mode: str = "full",
 ) -> DedupOutcome:
-    """Merge every sure cluster into its golden record (one transaction, journaled in the run)."""
+    """Merge every sure cluster into its golden record (one transaction, journaled in the run).
+
+    Members are merged best first (source priority, then completeness), so blanks fill in that order;
+    ``survivorship`` rules pick the value of the fields they name across the whole cluster.
+    """
     outcome = candidates.outcome
     with session_factory(engine)() as session, session.begin():
         run = get_or_start_run(session, run_key, project, mode)
         for ids in candidates.clusters:
-            survivor = choose_survivor(session, ids, source_priority)
+            survivor, *merged = rank_members(session, ids, source_priority)
             inside = [p for (a, b), (p, _, _) in candidates.scored.items() if a in ids and b in ids]
             logs = merge_customers(
-                session, run, survivor, [i for i in ids if i != survivor],
+                session, run, survivor, merged,
                 probability=min(inside) if inside else None,
                 reason=f"auto-merge: linkage probability >= {candidates.auto_merge}", decided_by="linkage",
+                golden=golden_values(session, [survivor, *merged], survivorship) if survivorship else None,
             )  # fmt: skip
             outcome.merge_log_ids += [log.id for log in logs]
             outcome.auto_merged += len(logs)
@@ -118,6 +132,7 @@ def deduplicate_customers(
     *,
     spec: LinkageSpec = CUSTOMER_SPEC,
     source_priority: Sequence[str] = (),
+    survivorship: Mapping[str, SurvivorshipRule] | None = None,
     mode: str = "full",
     finish: bool = False,
 ) -> DedupOutcome:
@@ -126,7 +141,10 @@ def deduplicate_customers(
     Inside a migration the run continues (reconciliation finishes it); ``finish`` closes a standalone pass.
     """
     candidates = find_candidates(engine, run_key, project, spec=spec, mode=mode)
-    outcome = merge_clusters(engine, run_key, project, candidates, source_priority=source_priority, mode=mode)
+    outcome = merge_clusters(
+        engine, run_key, project, candidates,
+        source_priority=source_priority, survivorship=survivorship, mode=mode,
+    )  # fmt: skip
     if finish:
         with session_factory(engine)() as session, session.begin():
             run = get_or_start_run(session, run_key, project, mode)
