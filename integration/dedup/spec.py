@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from integration.dedup.linkage import LinkageSpec
 
 # The columns linkage sees for a customer (see integration.dedup.customers.customer_records).
-CUSTOMER_COLUMNS = ("name", "name_core", "region", "branch", "credit_code", "phone", "email_domain", "city")
-Method = Literal["exact", "jaro_winkler", "levenshtein", "token_set", "prefix"]
+CUSTOMER_COLUMNS = ("name", "name_core", "name_pinyin", "region", "branch", "credit_code", "phone",
+                    "email_domain", "city")  # fmt: skip
+Method = Literal["exact", "jaro_winkler", "levenshtein", "token_set", "prefix", "name"]
 
 
 def _close(name: str) -> str:
