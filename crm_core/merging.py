@@ -22,10 +22,11 @@ from sqlalchemy.orm import Session
 from stdnum.cn import uscc
 
 from crm_core.errors import DedupError
-from crm_core.models import Base, Customer, ExternalId, LoadRun, MatchCandidate, MergeLog, RowChange
+from crm_core.models import Base, Contact, Customer, ExternalId, LoadRun, MatchCandidate, MergeLog, RowChange
 from crm_core.runs import replay
 
 _SKIPPED = frozenset({"id", "merged_into_id", "created_run_id", "updated_run_id", "created_at", "updated_at"})
+ENTITY_OF: dict[type[Base], str] = {Customer: "customer", Contact: "contact"}
 SurvivorshipRule = Literal["source_priority", "most_recent", "most_complete", "most_frequent"]
 SURVIVORSHIP_RULES: tuple[str, ...] = get_args(SurvivorshipRule)
 # Fields a survivorship rule may name: the customer's own attributes (not keys, links or bookkeeping).
@@ -140,19 +141,37 @@ def merge_customers(
     ``golden`` (from :func:`golden_values`) sets survivorship-ruled fields; it is applied with the first
     merge, so undoing that merge restores the survivor's own values.
     """
-    survivor = session.get(Customer, survivor_id)
+    return merge_records(session, run, Customer, survivor_id, merged_ids, probability=probability,
+                         reason=reason, decided_by=decided_by, golden=golden)  # fmt: skip
+
+
+def merge_records(
+    session: Session,
+    run: LoadRun,
+    model: type[Customer] | type[Contact],
+    survivor_id: int,
+    merged_ids: Sequence[int],
+    *,
+    probability: float | None,
+    reason: str,
+    decided_by: str,
+    golden: Mapping[str, Any] | None = None,
+) -> list[MergeLog]:
+    """Merge records of ``model`` (customers or contacts): fill blanks, re-point references and crosswalk, log."""
+    entity = ENTITY_OF[model]
+    survivor: Any = session.get(model, survivor_id)
     if survivor is None or survivor.merged_into_id is not None:
-        raise DedupError(f"customer {survivor_id} is not an active customer; it cannot survive a merge")
+        raise DedupError(f"{entity} {survivor_id} is not an active {entity}; it cannot survive a merge")
     logs: list[MergeLog] = []
     for merged_id in merged_ids:
-        merged = session.get(Customer, merged_id)
+        merged: Any = session.get(model, merged_id)
         if merged is None or merged.merged_into_id is not None or merged_id == survivor_id:
-            raise DedupError(f"customer {merged_id} is not an active customer other than {survivor_id}")
+            raise DedupError(f"{entity} {merged_id} is not an active {entity} other than {survivor_id}")
         session.flush()
         first = (session.scalar(select(func.max(RowChange.id))) or 0) + 1
-        for attribute in Customer.__table__.columns:
+        for attribute in model.__table__.columns:
             name = attribute.key
-            if name in _SKIPPED or name in ("parent_id",):
+            if name in _SKIPPED or name in ("parent_id", "customer_id"):
                 continue
             mine, theirs = getattr(survivor, name), getattr(merged, name)
             if name == "credit_code":
@@ -167,20 +186,20 @@ def merge_customers(
         survivor.updated_run_id = run.id
         merged.merged_into_id = survivor.id
         merged.updated_run_id = run.id
-        for model, column_name in _references_to(Customer):
-            column: Any = getattr(model, column_name)
-            for row in session.scalars(select(model).where(column == merged_id)):
+        for referrer, column_name in _references_to(model):
+            column: Any = getattr(referrer, column_name)
+            for row in session.scalars(select(referrer).where(column == merged_id)):
                 if row is not survivor:
                     setattr(row, column_name, survivor.id)
         for entry in session.scalars(
-            select(ExternalId).where(ExternalId.entity == "customer", ExternalId.entity_id == merged_id)
+            select(ExternalId).where(ExternalId.entity == entity, ExternalId.entity_id == merged_id)
         ):
             entry.entity_id = survivor.id
             entry.match_method = f"linked:{merged_id}"
             entry.updated_run_id = run.id
         session.flush()
         last = session.scalar(select(func.max(RowChange.id)))
-        log = MergeLog(entity="customer", survivor_id=survivor.id, merged_id=merged_id, probability=probability,
+        log = MergeLog(entity=entity, survivor_id=survivor.id, merged_id=merged_id, probability=probability,
                        reason=reason, decided_by=decided_by, load_run_id=run.id,
                        first_change_id=first, last_change_id=last)  # fmt: skip
         session.add(log)

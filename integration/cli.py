@@ -486,11 +486,12 @@ def dedup_run(
     core: CoreOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Link the core's customers now: merge sure clusters, queue the rest for stewards (a run of its own)."""
+    """Link the core's customers, then their contacts: merge sure clusters, queue the rest (a run of its own)."""
     import uuid
     from dataclasses import asdict
 
-    from integration.dedup.workflow import deduplicate_customers
+    from integration.dedup.contacts import deduplicate_contacts
+    from integration.dedup.workflow import deduplicate_customers, finish_run
     from integration.pipeline import Migration
 
     try:
@@ -498,19 +499,26 @@ def dedup_run(
     except ConfigError as exc:
         raise _config_error(exc) from None
     rules = migration.project.spec.dedup.get("customer")
+    run_key = f"dedup-{uuid.uuid4()}"
     with _core_engine(core) as engine:
         outcome = deduplicate_customers(
-            engine, f"dedup-{uuid.uuid4()}", migration.project.name, spec=migration.linkage_spec,
+            engine, run_key, migration.project.name, spec=migration.linkage_spec,
             source_priority=list(rules.source_priority) if rules else [],
-            survivorship=dict(rules.survivorship) if rules else None, finish=True,
+            survivorship=dict(rules.survivorship) if rules else None,
         )  # fmt: skip
+        contacts = deduplicate_contacts(engine, run_key, migration.project.name)
+        finish_run(engine, run_key, migration.project.name)
     if as_json:
-        console.print_json(json.dumps(asdict(outcome)))
+        console.print_json(json.dumps({**asdict(outcome), "contacts": asdict(contacts)}))
         return
     console.print(
         f"{outcome.records} customers, {outcome.pairs_compared} pairs compared "
         f"(reduction {outcome.reduction_ratio:.4f}): {outcome.auto_merged} merged, "
         f"{outcome.bands.get('review', 0)} pair(s) for review; `crmi dedup review` lists them"
+    )
+    console.print(
+        f"{contacts.records} contacts, {contacts.pairs_compared} pairs compared: {contacts.auto_merged} merged, "
+        f"{contacts.bands.get('review', 0)} pair(s) for review"
     )
 
 
@@ -530,11 +538,19 @@ def dedup_review(
             sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")
         return
     table = Table(title=f"Review queue ({len(queue)} shown)")
-    for column in ("candidate", "probability", "customer", "credit code", "customer ", "credit code "):
+    for column in (
+        "candidate",
+        "entity",
+        "probability",
+        "record",
+        "credit code / mobile",
+        "record ",
+        "credit code / mobile ",
+    ):
         table.add_column(column)
     for q in queue:
-        table.add_row(str(q["candidate"]), f"{q['probability']:.3f}", f"{q['left_id']} {q['left']}",
-                      str(q["left_credit_code"] or ""), f"{q['right_id']} {q['right']}", str(q["right_credit_code"] or ""))  # fmt: skip
+        table.add_row(str(q["candidate"]), q["entity"], f"{q['probability']:.3f}", f"{q['left_id']} {q['left']}",
+                      str(q["left_key"] or ""), f"{q['right_id']} {q['right']}", str(q["right_key"] or ""))  # fmt: skip
     console.print(table)
 
 

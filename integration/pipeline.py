@@ -33,7 +33,7 @@ from crm_core.loading import (
     get_or_start_run,
     row_hash,
 )
-from crm_core.models import ExternalId, LoadRun, Reject
+from crm_core.models import ExternalId, LoadRun, MergeLog, Reject
 from crm_core.validation import Rule, RuleContext, ruleset, validate
 from crm_core.watermarks import CursorState, advance, plain_cursor, read_watermark
 from integration.connectors import Connector, CsvConnector, ExcelConnector, ReadRequest, connector_for
@@ -548,7 +548,15 @@ def verify_batch(session: Session, run: LoadRun, entity: str, batch: Batch) -> d
         name for name in batch.fields
         if name in definition.fields and not definition.fields[name].references and name != "stage"
     ]  # fmt: skip
-    created = [i for i, key in enumerate(keys) if crosswalk.get(key, (0, ""))[1] == "created"]
+    # Golden records took values from the records merged into them (fill blanks, survivorship rules):
+    # they no longer equal their own source row, so the spot check samples records no merge touched.
+    survivors = set(session.scalars(
+        select(MergeLog.survivor_id).where(MergeLog.entity == entity, MergeLog.undone_at.is_(None))
+    ))  # fmt: skip
+    created = [
+        i for i, key in enumerate(keys)
+        if crosswalk.get(key, (0, ""))[1] == "created" and crosswalk[key][0] not in survivors
+    ]  # fmt: skip
     step = max(1, len(created) // SPOT_CHECK_SIZE)
     mismatches: list[dict[str, Any]] = []
     sampled = created[::step][:SPOT_CHECK_SIZE]

@@ -325,7 +325,7 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
         group_name="report",
         description="Per source and entity: rows read = loaded + merged + rejected, amount sums source vs core.",
         deps=[f"core_{e}" for e in migration.entities]
-        + (["customer_review_queue"] if "customer" in migration.entities else []),
+        + (["customer_review_queue", "golden_contacts"] if "customer" in migration.entities else []),
         required_resource_keys={"core"},
         check_specs=[
             # Not blocking: an unbalanced run stays in the core, marked 'unbalanced', for the consultant to
@@ -480,4 +480,29 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
             metadata={"pending": len(queue), "sample": dg.MetadataValue.md(markdown_table(sample))}
         )
 
-    return [_candidates, _golden, _review]
+    @dg.asset(
+        name="golden_contacts",
+        group_name="dedup",
+        deps=["golden_customers"],
+        required_resource_keys={"core"},
+        kinds={"recordlinkage"},
+    )
+    def _contacts(context: AssetExecutionContext) -> dg.MaterializeResult:  # type: ignore[type-arg]
+        """Contacts entered twice under one (golden) customer, linked and merged; uncertain pairs go to review."""
+        from integration.dedup.contacts import deduplicate_contacts
+
+        core: CoreDatabase = context.resources.core
+        options = RunOptions.from_tags(context.run.tags)
+        try:
+            outcome = deduplicate_contacts(
+                core.engine(), context.run.run_id, migration.project.name, mode=options.mode
+            )
+        except CrmError as exc:
+            raise _fail(exc) from exc
+        return dg.MaterializeResult(metadata={
+            "contacts": outcome.records, "pairs_compared": outcome.pairs_compared,
+            "bands": dg.MetadataValue.json(outcome.bands), "auto_merged": outcome.auto_merged,
+            "clusters_for_review": outcome.review_clusters,
+        })  # fmt: skip
+
+    return [_candidates, _golden, _review, _contacts]

@@ -244,8 +244,16 @@ def classify(features: pd.DataFrame, spec: LinkageSpec, labels: Labels | None = 
     if not varying:  # every pair looks the same: nothing to learn from, so nothing is sure
         return pd.Series(0.5, index=features.index)
     classifier = rl.ECMClassifier(binarize=None)
-    classifier.fit(binary[varying])
+    # A level that never occurs in one class (small sets: every duplicate contact shares its mobile) gives
+    # a zero probability, log(0) = -inf and NaN match probabilities; a floor keeps the weights finite.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        classifier.fit(binary[varying])
+    kernel = classifier.kernel
+    kernel.feature_log_prob_ = np.log(np.clip(np.exp(kernel.feature_log_prob_), _PROBABILITY_FLOOR, 1.0))
     return pd.Series(classifier.prob(binary[varying]), index=features.index)
+
+
+_PROBABILITY_FLOOR = 1e-9
 
 
 def bands(probability: pd.Series, spec: LinkageSpec) -> pd.Series:

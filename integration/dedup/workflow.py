@@ -19,17 +19,21 @@ from crm_core.db import session_factory
 from crm_core.errors import DedupError
 from crm_core.loading import get_or_start_run
 from crm_core.merging import (
+    ENTITY_OF,
     SurvivorshipRule,
     choose_survivor,
     decided_pairs,
     golden_values,
     merge_customers,
+    merge_records,
     rank_members,
     record_candidates,
 )
-from crm_core.models import Customer, MatchCandidate
+from crm_core.models import Contact, Customer, MatchCandidate
 from integration.dedup.customers import CUSTOMER_SPEC, customer_records
 from integration.dedup.linkage import Labels, LinkageSpec, link, ordered
+
+MODEL_OF: dict[str, type[Customer] | type[Contact]] = {"customer": Customer, "contact": Contact}
 
 
 @dataclass
@@ -146,10 +150,7 @@ def deduplicate_customers(
         source_priority=source_priority, survivorship=survivorship, mode=mode,
     )  # fmt: skip
     if finish:
-        with session_factory(engine)() as session, session.begin():
-            run = get_or_start_run(session, run_key, project, mode)
-            run.status = "succeeded"
-            run.finished_at = dt.datetime.now(dt.UTC)
+        finish_run(engine, run_key, project, mode)
     return outcome
 
 
@@ -170,25 +171,29 @@ def steward_labels(session: Any, spec: LinkageSpec) -> Labels | None:
     return Labels(features, pd.Series([r.status == "merged" for r in usable], index=index))
 
 
-def review_queue(engine: Engine, limit: int | None = None) -> list[dict[str, Any]]:
-    """Return the pairs waiting for a steward, most likely first, with both customers side by side."""
+def review_queue(engine: Engine, limit: int | None = None, entity: str | None = None) -> list[dict[str, Any]]:
+    """Return the pairs waiting for a steward (customers, contacts or both), most likely first, side by side."""
     with session_factory(engine)() as session:
         query = (
             select(MatchCandidate)
-            .where(MatchCandidate.entity == "customer", MatchCandidate.status == "review")
+            .where(MatchCandidate.status == "review")
             .order_by(MatchCandidate.probability.desc(), MatchCandidate.id)
         )
+        if entity is not None:
+            query = query.where(MatchCandidate.entity == entity)
         if limit is not None:
             query = query.limit(limit)
         out = []
         for candidate in session.scalars(query):
-            left, right = session.get(Customer, candidate.left_id), session.get(Customer, candidate.right_id)
+            model: Any = MODEL_OF[candidate.entity]
+            left, right = session.get(model, candidate.left_id), session.get(model, candidate.right_id)
+            key = "credit_code" if candidate.entity == "customer" else "mobile"  # what tells them apart
             out.append({
-                "candidate": candidate.id, "probability": round(candidate.probability, 4),
+                "candidate": candidate.id, "entity": candidate.entity, "probability": round(candidate.probability, 4),
                 "left_id": candidate.left_id, "left": left.name if left else None,
-                "left_credit_code": left.credit_code if left else None,
+                "left_key": getattr(left, key) if left else None,
                 "right_id": candidate.right_id, "right": right.name if right else None,
-                "right_credit_code": right.credit_code if right else None,
+                "right_key": getattr(right, key) if right else None,
                 "features": candidate.features,
             })  # fmt: skip
         return out
@@ -206,11 +211,14 @@ def decide(
             raise DedupError(f"candidate {candidate_id} was already decided: {candidate.status}")
         run = get_or_start_run(session, run_key, project, "steward")
         if same:
-            ids = sorted({_active(session, candidate.left_id), _active(session, candidate.right_id)})
+            model = MODEL_OF[candidate.entity]
+            ids = sorted(
+                {_active(session, model, candidate.left_id), _active(session, model, candidate.right_id)}
+            )
             if len(ids) == 2:
-                survivor = choose_survivor(session, ids)
-                merge_customers(session, run, survivor, [i for i in ids if i != survivor],
-                                probability=candidate.probability, reason="steward decision", decided_by=steward)  # fmt: skip
+                survivor = choose_survivor(session, ids) if model is Customer else ids[0]
+                merge_records(session, run, model, survivor, [i for i in ids if i != survivor],
+                              probability=candidate.probability, reason="steward decision", decided_by=steward)  # fmt: skip
         candidate.status = "merged" if same else "distinct"
         candidate.decided_by = steward
         candidate.decided_at = dt.datetime.now(dt.UTC)
@@ -221,12 +229,21 @@ def decide(
         return candidate
 
 
-def _active(session: Any, customer_id: int) -> int:
+def _active(session: Any, model: type[Customer] | type[Contact], record_id: int) -> int:
+    """Follow ``merged_into_id`` from a record to the active record it ended in."""
     seen = set()
-    record = session.get(Customer, customer_id)
+    record = session.get(model, record_id)
     while record is not None and record.merged_into_id is not None and record.id not in seen:
         seen.add(record.id)
-        record = session.get(Customer, record.merged_into_id)
+        record = session.get(model, record.merged_into_id)
     if record is None:
-        raise DedupError(f"customer {customer_id} no longer exists")
+        raise DedupError(f"{ENTITY_OF[model]} {record_id} no longer exists")
     return int(record.id)
+
+
+def finish_run(engine: Engine, run_key: str, project: str, mode: str = "full") -> None:
+    """Mark a standalone dedup run succeeded."""
+    with session_factory(engine)() as session, session.begin():
+        run = get_or_start_run(session, run_key, project, mode)
+        run.status = "succeeded"
+        run.finished_at = dt.datetime.now(dt.UTC)

@@ -1,0 +1,141 @@
+"""Contact dedup: the same person twice under one customer merges; namesakes elsewhere never do."""
+
+from __future__ import annotations
+
+import random
+
+import sqlalchemy as sa
+
+from crm_core.db import make_engine, session_factory, upgrade
+from crm_core.merging import undo_merge
+from crm_core.models import Contact, Customer, ExternalId, LoadRun, MatchCandidate
+from integration.dedup.contacts import deduplicate_contacts
+
+SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗"
+GIVEN = [
+    "芳",
+    "伟",
+    "娜",
+    "敏",
+    "静",
+    "强",
+    "磊",
+    "洋",
+    "艳",
+    "勇",
+    "军",
+    "杰",
+    "涛",
+    "明",
+    "超",
+    "霞",
+    "平",
+    "刚",
+]
+
+
+def seed(url: str) -> tuple[sa.Engine, dict[int, int]]:
+    """40 customers with 3 distinct contacts each; 15 people entered a second time (another spelling).
+
+    Returns the engine and each contact's person id (the truth).
+    """
+    rng = random.Random(7)
+    engine = make_engine(url)
+    upgrade(engine)
+    person: dict[int, int] = {}
+    with session_factory(engine)() as session, session.begin():
+        run = LoadRun(run_key="seed", project="t", status="succeeded")
+        session.add(run)
+        session.flush()
+        people = []
+        for customer_id in range(1, 41):
+            session.add(Customer(id=customer_id, name=f"公司{customer_id}", created_run_id=run.id))
+            names = rng.sample([s + g for s in SURNAMES for g in GIVEN], 3)
+            for name in names:
+                people.append(
+                    (
+                        customer_id,
+                        name,
+                        f"+86138{rng.randrange(10**8):08d}",
+                        f"{len(people)}@c{customer_id}.cn",
+                    )
+                )
+        session.flush()
+        for number, (customer_id, name, mobile, email) in enumerate(people):
+            contact = Contact(
+                customer_id=customer_id, name=name, mobile=mobile, email=email, created_run_id=run.id
+            )
+            session.add(contact)
+            session.flush()
+            person[contact.id] = number
+            session.add(
+                ExternalId(entity="contact", entity_id=contact.id, system="erp", external_key=f"P{number}")
+            )
+        for number in rng.sample(range(len(people)), 15):  # the same person again, from the spreadsheet
+            customer_id, name, mobile, _ = people[number]
+            again = Contact(
+                customer_id=customer_id, name=f"{name[0]} {name[1:]}", mobile=mobile, created_run_id=run.id
+            )
+            session.add(again)
+            session.flush()
+            person[again.id] = number
+            session.add(
+                ExternalId(entity="contact", entity_id=again.id, system="xlsx", external_key=f"X{number}")
+            )
+        # A namesake with the same name under another customer: a different person.
+        session.add(Contact(customer_id=2, name=people[0][1], mobile="+8613911112222", created_run_id=run.id))
+    return engine, person
+
+
+def test_duplicate_contacts_merge_within_a_customer_and_namesakes_do_not(sqlite_core_url: str) -> None:
+    engine, person = seed(sqlite_core_url)
+    outcome = deduplicate_contacts(engine, "dedup-contacts", "t")
+    assert outcome.auto_merged == 15, outcome
+    with session_factory(engine)() as session:
+        merged = session.scalars(sa.select(Contact).where(Contact.merged_into_id.is_not(None))).all()
+        for loser in merged:
+            survivor = session.get(Contact, loser.merged_into_id)
+            assert survivor is not None and survivor.merged_into_id is None
+            assert person[loser.id] == person[survivor.id]
+            assert survivor.email is not None  # the more complete record survives
+        # the crosswalk follows the survivor
+        moved = session.scalars(sa.select(ExternalId).where(ExternalId.system == "xlsx")).all()
+        assert {e.match_method.split(":")[0] for e in moved} == {"linked"}
+        assert session.scalar(sa.select(sa.func.count()).select_from(Contact).where(Contact.customer_id == 2,
+                                                                                    Contact.merged_into_id.is_(None))) >= 4  # fmt: skip
+
+
+def test_a_contact_merge_undoes_and_is_never_proposed_again(sqlite_core_url: str) -> None:
+    engine, _ = seed(sqlite_core_url)
+    outcome = deduplicate_contacts(engine, "dedup-1", "t")
+    with session_factory(engine)() as session, session.begin():
+        log = undo_merge(session, outcome.merge_log_ids[-1], "steward")
+    with session_factory(engine)() as session:
+        restored = session.get(Contact, log.merged_id)
+        assert restored is not None and restored.merged_into_id is None
+        assert session.scalar(sa.select(MatchCandidate.status).where(
+            MatchCandidate.entity == "contact", MatchCandidate.left_id == min(log.survivor_id, log.merged_id),
+            MatchCandidate.right_id == max(log.survivor_id, log.merged_id))) == "distinct"  # fmt: skip
+    again = deduplicate_contacts(engine, "dedup-2", "t")
+    assert again.auto_merged == 0
+
+
+def test_a_steward_decides_a_contact_pair_from_the_shared_review_queue(sqlite_core_url: str) -> None:
+    from integration.dedup.workflow import decide, review_queue
+
+    engine, _ = seed(sqlite_core_url)
+    with session_factory(engine)() as session, session.begin():
+        left, right = session.scalars(
+            sa.select(Contact.id).where(Contact.customer_id == 3).order_by(Contact.id).limit(2)
+        ).all()
+        session.add(
+            MatchCandidate(entity="contact", left_id=left, right_id=right, probability=0.7, status="review")
+        )
+    [item] = review_queue(engine, entity="contact")
+    assert (item["entity"], item["left_id"], item["right_id"]) == ("contact", left, right)
+    assert item["left_key"] is not None  # the mobile, shown next to the name
+    decide(engine, item["candidate"], same=True, steward="steward:li", run_key="steward-1", project="t")
+    with session_factory(engine)() as session:
+        merged = session.get(Contact, right)
+        assert merged is not None and merged.merged_into_id == left
+    assert review_queue(engine, entity="contact") == []
