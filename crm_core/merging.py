@@ -285,3 +285,26 @@ def record_candidates(
             candidate.probability, candidate.features = probability, features
     session.flush()
     return added
+
+
+def changed_in_run(session: Session, model: type[Customer] | type[Contact], run_key: str) -> list[int]:
+    """Return the active records of ``model`` that load run ``run_key`` created or changed (a delta run's focus)."""
+    run_id = session.scalar(select(LoadRun.id).where(LoadRun.run_key == run_key))
+    if run_id is None:
+        return []
+    query = select(model.id).where(
+        model.merged_into_id.is_(None), or_(model.created_run_id == run_id, model.updated_run_id == run_id)
+    )
+    if model is Contact:  # contacts of a customer the run changed (merged into it, say) meet new siblings
+        customers = select(Customer.id).where(
+            or_(Customer.created_run_id == run_id, Customer.updated_run_id == run_id)
+        )
+        query = select(Contact.id).where(
+            Contact.merged_into_id.is_(None),
+            or_(
+                Contact.created_run_id == run_id,
+                Contact.updated_run_id == run_id,
+                Contact.customer_id.in_(customers),
+            ),
+        )
+    return [int(i) for i in session.scalars(query)]

@@ -262,3 +262,31 @@ def test_survivorship_rules_pick_each_field_across_the_cluster(sqlite_core_url: 
             "+8613800000000", "信息技术", "91440300708461136T", "深圳市腾达科技有限公司"
         )  # fmt: skip
         assert survivor.website == "tengda.cn"  # no rule: blanks still fill from the merged records
+
+
+def test_a_delta_run_links_only_what_it_changed_against_the_golden_records(sqlite_core_url: str) -> None:
+    from crm_core.loading import get_or_start_run
+    from integration.dedup.workflow import find_candidates, merge_clusters
+
+    engine, _ = seed(sqlite_core_url)
+    full = deduplicate_customers(engine, "dedup-1", "t", finish=True)
+    with session_factory(engine)() as session:
+        golden = session.scalars(
+            sa.select(Customer).where(Customer.merged_into_id.is_(None), Customer.credit_code.is_not(None))
+        ).first()
+        assert golden is not None
+        twin = {"name": golden.name, "credit_code": golden.credit_code, "phone": golden.phone, "city": golden.city}
+    with session_factory(engine)() as session, session.begin():
+        run = get_or_start_run(session, "delta-1", "t", "delta")
+        session.add(Customer(id=9001, created_run_id=run.id, **twin))  # the same company, from a new source row
+        session.add(Customer(id=9002, name="拉萨雪域高原新材料有限公司", created_run_id=run.id))  # a new company
+    candidates = find_candidates(engine, "delta-1", "t", mode="delta")
+    outcome = candidates.outcome
+    assert outcome.changed_records == 2
+    assert 0 < outcome.pairs_compared < full.pairs_compared / 10  # the delta's pairs, not everyone's again
+    assert all(9001 in pair or 9002 in pair for pair in candidates.scored)
+    assert [sorted(c) for c in candidates.clusters] == [sorted([golden.id, 9001])]
+    merge_clusters(engine, "delta-1", "t", candidates, mode="delta")
+    with session_factory(engine)() as session:
+        new = session.get(Customer, 9001)
+        assert new is not None and new.merged_into_id == golden.id  # the golden record survives

@@ -418,7 +418,8 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
             raise _fail(exc) from exc
         outcome = found.outcome
         return dg.Output(found, metadata={
-            "customers": outcome.records, "pairs_compared": outcome.pairs_compared,
+            "customers": outcome.records, "changed_customers": outcome.changed_records or outcome.records,
+            "pairs_compared": outcome.pairs_compared,
             "reduction_ratio": outcome.reduction_ratio, "bands": dg.MetadataValue.json(outcome.bands),
             "new_candidates": outcome.new_candidates, "clusters_to_merge": len(found.clusters),
             "clusters_for_review": outcome.review_clusters,

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, func, select
 
 from crm_core.db import session_factory
 from crm_core.loading import get_or_start_run
-from crm_core.merging import decided_pairs, merge_records, record_candidates
+from crm_core.merging import changed_in_run, decided_pairs, merge_records, record_candidates
 from crm_core.models import Contact
 from integration.dedup.linkage import Comparison, LinkageSpec, link, ordered
 from integration.dedup.normalize import person_key
@@ -58,7 +58,10 @@ def contact_records(engine: Engine) -> pd.DataFrame:
 def deduplicate_contacts(
     engine: Engine, run_key: str, project: str, *, spec: LinkageSpec = CONTACT_SPEC, mode: str = "full"
 ) -> DedupOutcome:
-    """Link the active contacts within each customer, record candidates, merge the sure clusters."""
+    """Link the active contacts within each customer, record candidates, merge the sure clusters.
+
+    A delta run links only the contacts it created or changed (and those of customers it changed).
+    """
     records = contact_records(engine)
     outcome = DedupOutcome(records=len(records))
     if len(records) < 2:
@@ -66,7 +69,12 @@ def deduplicate_contacts(
     factory = session_factory(engine)
     with factory() as session:
         distinct = decided_pairs(session, "contact", "distinct")
-    result = link(records, spec, distinct)
+        focus = pd.Index(changed_in_run(session, Contact, run_key)) if mode == "delta" else None
+    if focus is not None:
+        outcome.changed_records = len(focus)
+        if focus.empty:
+            return outcome
+    result = link(records, spec, distinct, focus=focus)
     outcome.pairs_compared = result.pairs_compared
     outcome.reduction_ratio = round(result.reduction_ratio, 4)
     outcome.bands = {str(k): int(v) for k, v in result.band.value_counts().items()}

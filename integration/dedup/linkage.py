@@ -168,8 +168,12 @@ class LinkageResult:
         return self.band.index[self.band == band]  # type: ignore[return-value]
 
 
-def candidate_pairs(frame: pd.DataFrame, spec: LinkageSpec) -> pd.MultiIndex:
-    """Return the union of the pairs every block and sorted neighbourhood proposes (deduplication)."""
+def candidate_pairs(frame: pd.DataFrame, spec: LinkageSpec, focus: pd.Index | None = None) -> pd.MultiIndex:
+    """Return the union of the pairs every block and sorted neighbourhood proposes (deduplication).
+
+    With ``focus`` (the records a delta run changed), only pairs with at least one focus record: the
+    focus is indexed against all records, so the work grows with the focus, not with all records.
+    """
     missing = sorted(spec.columns() - set(frame.columns))
     if missing:
         raise DedupError(f"dedup rules use columns the records do not have: {', '.join(missing)}")
@@ -180,8 +184,18 @@ def candidate_pairs(frame: pd.DataFrame, spec: LinkageSpec) -> pd.MultiIndex:
         indexer.sortedneighbourhood(left_on=column, window=window)
     if not spec.blocks and not spec.sorted_neighbourhood:
         indexer.full()
-    pairs: pd.MultiIndex = indexer.index(frame)
-    return pairs
+    if focus is None:
+        pairs: pd.MultiIndex = indexer.index(frame)
+        return pairs
+    linked = indexer.index(frame.loc[frame.index.isin(focus)], frame)
+    left, right = linked.get_level_values(0).to_numpy(), linked.get_level_values(1).to_numpy()
+    keep = left != right
+    # recordlinkage orders a deduplication pair (larger id, smaller id); a focus pair found from both
+    # sides appears once.
+    oriented = pd.MultiIndex.from_arrays(
+        [np.maximum(left[keep], right[keep]), np.minimum(left[keep], right[keep])]
+    )
+    return oriented.unique()
 
 
 def compare(frame: pd.DataFrame, pairs: pd.MultiIndex, spec: LinkageSpec) -> pd.DataFrame:
@@ -204,6 +218,8 @@ def indicators(features: pd.DataFrame, spec: LinkageSpec) -> pd.DataFrame:
 
 
 MIN_LABELS = 10  # steward decisions of each kind before a supervised model replaces ECM
+MIN_FIT_PAIRS = 5_000  # fewer focus pairs than this: ECM also fits on a sample's pairs
+TRAINING_SAMPLE = 50_000  # records in that sample (a constant cost, whatever the number of records)
 
 
 @dataclass(frozen=True)
@@ -214,11 +230,17 @@ class Labels:
     same: pd.Series  # True: the same record
 
 
-def classify(features: pd.DataFrame, spec: LinkageSpec, labels: Labels | None = None) -> pd.Series:
+def classify(
+    features: pd.DataFrame,
+    spec: LinkageSpec,
+    labels: Labels | None = None,
+    training: pd.DataFrame | None = None,
+) -> pd.Series:
     """Return the match probability of every pair.
 
     Supervised (logistic regression on steward decisions) when ``spec.classifier`` allows it and there are at
-    least ``MIN_LABELS`` decisions of each kind; otherwise an unsupervised ECM fit on these pairs.
+    least ``MIN_LABELS`` decisions of each kind; otherwise an unsupervised ECM fit on these pairs, plus
+    ``training`` pairs when given (a delta run's few pairs alone are too few to fit on).
     """
     if features.empty:
         return pd.Series(dtype=float, index=features.index)
@@ -240,14 +262,17 @@ def classify(features: pd.DataFrame, spec: LinkageSpec, labels: Labels | None = 
         model = rl.LogisticRegressionClassifier(C=1000.0)
         model.fit(training, labels.same.index[labels.same.to_numpy(dtype=bool)])
         return pd.Series(model.prob(binary), index=features.index)
-    varying = [c for c in binary.columns if binary[c].nunique() > 1]
+    fit_on = (
+        binary if training is None else pd.concat([indicators(training, spec), binary], ignore_index=True)
+    )
+    varying = [c for c in fit_on.columns if fit_on[c].nunique() > 1]
     if not varying:  # every pair looks the same: nothing to learn from, so nothing is sure
         return pd.Series(0.5, index=features.index)
     classifier = rl.ECMClassifier(binarize=None)
     # A level that never occurs in one class (small sets: every duplicate contact shares its mobile) gives
     # a zero probability, log(0) = -inf and NaN match probabilities; a floor keeps the weights finite.
     with np.errstate(divide="ignore", invalid="ignore"):
-        classifier.fit(binary[varying])
+        classifier.fit(fit_on[varying])
     kernel = classifier.kernel
     kernel.feature_log_prob_ = np.log(np.clip(np.exp(kernel.feature_log_prob_), _PROBABILITY_FLOOR, 1.0))
     return pd.Series(classifier.prob(binary[varying]), index=features.index)
@@ -318,17 +343,24 @@ def link(
     spec: LinkageSpec,
     distinct: set[tuple[Any, Any]] | None = None,
     labels: Labels | None = None,
+    focus: pd.Index | None = None,
 ) -> LinkageResult:
     """Find, compare, classify and cluster duplicate records in ``frame`` (indexed by record id).
 
     ``distinct`` holds pairs (smaller id first) a steward declared different: they never merge or return.
-    ``labels`` (steward decisions) train the supervised classifier once there are enough.
+    ``labels`` (steward decisions) train the supervised classifier once there are enough. ``focus``
+    limits the pairs to those touching these records (a delta run); when they are fewer than
+    ``MIN_FIT_PAIRS``, the candidate pairs of a fixed-size random sample of all records join the ECM fit.
     """
     if not frame.index.is_unique:
         raise DedupError("record ids must be unique to deduplicate")
-    pairs = candidate_pairs(frame, spec)
+    pairs = candidate_pairs(frame, spec, focus)
     features = compare(frame, pairs, spec)
-    probability = classify(features, spec, labels)
+    training = None
+    if focus is not None and len(pairs) < MIN_FIT_PAIRS and len(frame) > len(focus):
+        sample = frame.sample(n=min(len(frame), TRAINING_SAMPLE), random_state=0)
+        training = compare(sample, candidate_pairs(sample, spec), spec)
+    probability = classify(features, spec, labels, training)
     band = bands(probability, spec)
     if distinct:
         band[[ordered(p) in distinct for p in band.index]] = "distinct"

@@ -21,6 +21,7 @@ from crm_core.loading import get_or_start_run
 from crm_core.merging import (
     ENTITY_OF,
     SurvivorshipRule,
+    changed_in_run,
     choose_survivor,
     decided_pairs,
     golden_values,
@@ -41,6 +42,7 @@ class DedupOutcome:
     """What a dedup pass found and did (Dagster metadata, CLI output)."""
 
     records: int = 0
+    changed_records: int | None = None  # delta runs: the records this run created or changed (the focus)
     pairs_compared: int = 0
     reduction_ratio: float = 0.0
     bands: dict[str, int] = field(default_factory=dict)
@@ -64,7 +66,10 @@ class Candidates:
 def find_candidates(
     engine: Engine, run_key: str, project: str, *, spec: LinkageSpec = CUSTOMER_SPEC, mode: str = "full"
 ) -> Candidates:
-    """Link the active customers and record every merge/review pair as a candidate (no merge yet)."""
+    """Link the active customers and record every merge/review pair as a candidate (no merge yet).
+
+    A delta run links only the customers it created or changed, against all active customers.
+    """
     records = customer_records(engine)
     outcome = DedupOutcome(records=len(records))
     if len(records) < 2:
@@ -73,7 +78,12 @@ def find_candidates(
     with factory() as session:
         distinct = decided_pairs(session, "customer", "distinct")
         labels = steward_labels(session, spec)
-    result = link(records, spec, distinct, labels)
+        focus = pd.Index(changed_in_run(session, Customer, run_key)) if mode == "delta" else None
+    if focus is not None:
+        outcome.changed_records = len(focus)
+        if focus.empty:
+            return Candidates(outcome, [], {}, spec.auto_merge)
+    result = link(records, spec, distinct, labels, focus=focus)
     outcome.pairs_compared = result.pairs_compared
     outcome.reduction_ratio = round(result.reduction_ratio, 4)
     outcome.bands = {str(k): int(v) for k, v in result.band.value_counts().items()}
