@@ -275,11 +275,20 @@ def test_a_delta_run_links_only_what_it_changed_against_the_golden_records(sqlit
             sa.select(Customer).where(Customer.merged_into_id.is_(None), Customer.credit_code.is_not(None))
         ).first()
         assert golden is not None
-        twin = {"name": golden.name, "credit_code": golden.credit_code, "phone": golden.phone, "city": golden.city}
+        twin = {
+            "name": golden.name,
+            "credit_code": golden.credit_code,
+            "phone": golden.phone,
+            "city": golden.city,
+        }
     with session_factory(engine)() as session, session.begin():
         run = get_or_start_run(session, "delta-1", "t", "delta")
-        session.add(Customer(id=9001, created_run_id=run.id, **twin))  # the same company, from a new source row
-        session.add(Customer(id=9002, name="拉萨雪域高原新材料有限公司", created_run_id=run.id))  # a new company
+        session.add(
+            Customer(id=9001, created_run_id=run.id, **twin)
+        )  # the same company, from a new source row
+        session.add(
+            Customer(id=9002, name="拉萨雪域高原新材料有限公司", created_run_id=run.id)
+        )  # a new company
     candidates = find_candidates(engine, "delta-1", "t", mode="delta")
     outcome = candidates.outcome
     assert outcome.changed_records == 2

@@ -168,15 +168,20 @@ class LinkageResult:
         return self.band.index[self.band == band]  # type: ignore[return-value]
 
 
+def check_columns(frame: pd.DataFrame, spec: LinkageSpec) -> None:
+    """Raise a DedupError naming the columns the spec uses that the records lack."""
+    missing = sorted(spec.columns() - set(frame.columns))
+    if missing:
+        raise DedupError(f"dedup rules use columns the records do not have: {', '.join(missing)}")
+
+
 def candidate_pairs(frame: pd.DataFrame, spec: LinkageSpec, focus: pd.Index | None = None) -> pd.MultiIndex:
     """Return the union of the pairs every block and sorted neighbourhood proposes (deduplication).
 
     With ``focus`` (the records a delta run changed), only pairs with at least one focus record: the
     focus is indexed against all records, so the work grows with the focus, not with all records.
     """
-    missing = sorted(spec.columns() - set(frame.columns))
-    if missing:
-        raise DedupError(f"dedup rules use columns the records do not have: {', '.join(missing)}")
+    check_columns(frame, spec)
     indexer = rl.Index()
     for block in spec.blocks:
         indexer.block(left_on=list(block))
@@ -354,6 +359,12 @@ def link(
     """
     if not frame.index.is_unique:
         raise DedupError("record ids must be unique to deduplicate")
+    if len(frame) < 2:  # nothing to pair (recordlinkage divides by the number of possible pairs)
+        check_columns(frame, spec)
+        nothing = pd.Series(dtype=float, index=pd.MultiIndex.from_arrays([[], []]))
+        return LinkageResult(
+            0, len(frame), pd.DataFrame(index=nothing.index), nothing, nothing.astype(object)
+        )
     pairs = candidate_pairs(frame, spec, focus)
     features = compare(frame, pairs, spec)
     training = None

@@ -133,7 +133,10 @@ _LEGAL_FORMS = sorted(
     reverse=True,
 )  # fmt: skip
 _TO_SIMPLIFIED = OpenCC("t2s")  # OpenCC's dictionaries: traditional → simplified, phrase-aware
-_INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad\\s]")
+# Zero-width and format characters, whitespace, and emoji / pictographs with their variation selectors.
+_INVISIBLE = re.compile(
+    "[\u200b\u200c\u200d\u2060\ufeff\u00ad\\s\ufe0e\ufe0f\u2600-\u27bf\U0001f000-\U0001faff]"
+)
 _PUNCT = re.compile(r"[·・•,，.。'\"“”‘’&＆\-_/]")
 
 
