@@ -21,7 +21,7 @@ from crm_core.db import session_factory
 from crm_core.models import Customer, ExternalId
 from integration.dedup.evaluate import cluster_scores, pair_scores, pairs_of
 from integration.dedup.linkage import Comparison, LinkageSpec, link
-from integration.dedup.normalize import brand_key, normalize_company_name
+from integration.dedup.normalize import normalize_company_name
 from integration.dedup.spec import CUSTOMER_COLUMNS
 
 FREE_MAIL = frozenset({"qq.com", "163.com", "126.com", "sina.com", "sohu.com", "gmail.com", "hotmail.com",
@@ -40,9 +40,10 @@ CUSTOMER_SPEC = LinkageSpec(
         Comparison("credit_code", "exact", (1.0,)),
         Comparison("phone", "exact", (1.0,)),
         Comparison("email_domain", "exact", (1.0,)),
+        # City and branch are not compared: the city repeats the region (ECM assumes independent
+        # evidence and counted it twice, so "same city" alone scored 1.0), and nearly every name is a
+        # head office. Both still guard as hard keys (region, branch).
         Comparison("region", "exact", (1.0,)),
-        Comparison("city", "exact", (1.0,)),
-        Comparison("branch", "exact", (1.0,)),
     ],
     hard_keys=("credit_code", "region", "branch"),
     auto_merge=0.95,
@@ -58,12 +59,11 @@ def linkage_row(
     email: str | None = None,
     city: str | None = None,
 ) -> dict[str, Any]:
-    """Return what linkage compares of one customer: name parts, pinyin trade name, keys, e-mail domain."""
+    """Return what linkage compares of one customer: name parts, keys, e-mail domain (not free mail)."""
     parts = normalize_company_name(name or "")
     domain = email.rsplit("@", 1)[-1].lower() if email and "@" in email else None
     return {
-        "name": name, "name_core": parts.core or None,
-        "name_pinyin": (brand_key(parts.core) or None) if parts.core else None, "region": parts.region or None,
+        "name": name, "name_core": parts.core or None, "region": parts.region or None,
         "branch": parts.branch or HEAD_OFFICE, "credit_code": credit_code or None, "phone": phone or None,
         "email_domain": None if domain in FREE_MAIL else domain, "city": city or None,
     }  # fmt: skip

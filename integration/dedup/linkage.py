@@ -65,6 +65,9 @@ class LinkageSpec:
     review: float = 0.5
     hard_keys: Sequence[str] = ()  # members of one cluster must not disagree on these
     max_cluster: int = 10
+    # A block key shared by more records than this (a 400 switchboard, a namesake trade name in every
+    # city) is skipped: it would add size² pairs and say little; those records still pair elsewhere.
+    max_block: int = 200
     classifier: str = "auto"  # auto | ecm | supervised (steward labels)
 
     def columns(self) -> set[str]:
@@ -182,9 +185,12 @@ def candidate_pairs(frame: pd.DataFrame, spec: LinkageSpec, focus: pd.Index | No
     focus is indexed against all records, so the work grows with the focus, not with all records.
     """
     check_columns(frame, spec)
+    frame = frame.copy(deep=False)  # the block keys below are added to a shallow copy only
     indexer = rl.Index()
-    for block in spec.blocks:
-        indexer.block(left_on=list(block))
+    for number, block in enumerate(spec.blocks):
+        key = f"_block_{number}"
+        frame[key] = _block_key(frame, list(block), spec.max_block)
+        indexer.block(left_on=key)
     for column, window in spec.sorted_neighbourhood:
         indexer.sortedneighbourhood(left_on=column, window=window)
     if not spec.blocks and not spec.sorted_neighbourhood:
@@ -201,6 +207,15 @@ def candidate_pairs(frame: pd.DataFrame, spec: LinkageSpec, focus: pd.Index | No
         [np.maximum(left[keep], right[keep]), np.minimum(left[keep], right[keep])]
     )
     return oriented.unique()
+
+
+def _block_key(frame: pd.DataFrame, columns: list[str], max_block: int) -> pd.Series:
+    """Return the block key per record (columns joined), missing where a column is or the key is too common."""
+    key = frame[columns[0]].astype("string")
+    for column in columns[1:]:
+        key = key + "\x1f" + frame[column].astype("string")  # NA in any column leaves the key NA
+    sizes = key.map(key.value_counts())
+    return key.mask(sizes > max_block)
 
 
 def compare(frame: pd.DataFrame, pairs: pd.MultiIndex, spec: LinkageSpec) -> pd.DataFrame:
@@ -225,6 +240,8 @@ def indicators(features: pd.DataFrame, spec: LinkageSpec) -> pd.DataFrame:
 MIN_LABELS = 10  # steward decisions of each kind before a supervised model replaces ECM
 MIN_FIT_PAIRS = 5_000  # fewer focus pairs than this: ECM also fits on a sample's pairs
 TRAINING_SAMPLE = 50_000  # records in that sample (a constant cost, whatever the number of records)
+MAX_FIT_PAIRS = 2_000_000  # ECM fits on at most this many pairs (a random sample), then scores all
+_PROBABILITY_FLOOR = 1e-9  # ECM's m and u probabilities never reach 0 (log weights stay finite)
 
 
 @dataclass(frozen=True)
@@ -239,13 +256,13 @@ def classify(
     features: pd.DataFrame,
     spec: LinkageSpec,
     labels: Labels | None = None,
-    training: pd.DataFrame | None = None,
+    extra_pairs: pd.DataFrame | None = None,
 ) -> pd.Series:
     """Return the match probability of every pair.
 
     Supervised (logistic regression on steward decisions) when ``spec.classifier`` allows it and there are at
     least ``MIN_LABELS`` decisions of each kind; otherwise an unsupervised ECM fit on these pairs, plus
-    ``training`` pairs when given (a delta run's few pairs alone are too few to fit on).
+    the features of ``extra_pairs`` when given (a delta run's few pairs alone are too few to fit on).
     """
     if features.empty:
         return pd.Series(dtype=float, index=features.index)
@@ -268,8 +285,12 @@ def classify(
         model.fit(training, labels.same.index[labels.same.to_numpy(dtype=bool)])
         return pd.Series(model.prob(binary), index=features.index)
     fit_on = (
-        binary if training is None else pd.concat([indicators(training, spec), binary], ignore_index=True)
+        binary
+        if extra_pairs is None
+        else pd.concat([indicators(extra_pairs, spec), binary], ignore_index=True)
     )
+    if len(fit_on) > MAX_FIT_PAIRS:  # the m/u estimates settle long before; fitting costs per row
+        fit_on = fit_on.sample(n=MAX_FIT_PAIRS, random_state=0)
     varying = [c for c in fit_on.columns if fit_on[c].nunique() > 1]
     if not varying:  # every pair looks the same: nothing to learn from, so nothing is sure
         return pd.Series(0.5, index=features.index)
@@ -281,9 +302,6 @@ def classify(
     kernel = classifier.kernel
     kernel.feature_log_prob_ = np.log(np.clip(np.exp(kernel.feature_log_prob_), _PROBABILITY_FLOOR, 1.0))
     return pd.Series(classifier.prob(binary[varying]), index=features.index)
-
-
-_PROBABILITY_FLOOR = 1e-9
 
 
 def bands(probability: pd.Series, spec: LinkageSpec) -> pd.Series:
@@ -320,21 +338,38 @@ def guard_clusters(
 ) -> tuple[list[list[Any]], list[list[Any]]]:
     """Return (clusters to merge, clusters for a steward) — the guard against chaining.
 
-    Linked pairs chain: A~B and B~C put A and C together even when A and C carry different credit codes.
-    A cluster whose members disagree on a hard key, or that is larger than ``max_cluster``, is not merged
-    automatically; the whole cluster goes to review, where a steward sees every member side by side.
+    Linked pairs chain: A~B and B~C put A and C together even when A and C carry different credit codes
+    (pairs that conflict directly were already sent to review by :func:`link`). A cluster whose members
+    still disagree on a hard key, or that is larger than ``max_cluster``, is not merged automatically;
+    the whole cluster goes to review, where a steward sees every member side by side.
     """
-    merge: list[list[Any]] = []
-    review: list[list[Any]] = []
-    for cluster in clusters:
-        conflicting = False
-        for key in spec.hard_keys:
-            values = frame.loc[cluster, key].dropna().astype(str).str.strip()
-            if values[values != ""].nunique() > 1:
-                conflicting = True
-                break
-        (review if conflicting or len(cluster) > spec.max_cluster else merge).append(cluster)
+    if not clusters:
+        return [], []
+    members = [member for cluster in clusters for member in cluster]
+    sizes = np.array([len(cluster) for cluster in clusters])
+    label = np.repeat(np.arange(len(clusters)), sizes)
+    conflicting = sizes > spec.max_cluster
+    for key in spec.hard_keys:  # one groupby per key over all clustered records, not a lookup per cluster
+        values = frame[key].reindex(members).astype("string").str.strip().replace("", pd.NA)
+        distinct_values = pd.Series(values.to_numpy(), index=label).groupby(level=0).nunique()
+        conflicting[distinct_values.index.to_numpy()] |= distinct_values.to_numpy() > 1
+    merge = [cluster for cluster, bad in zip(clusters, conflicting, strict=True) if not bad]
+    review = [cluster for cluster, bad in zip(clusters, conflicting, strict=True) if bad]
     return merge, review
+
+
+def hard_key_conflicts(frame: pd.DataFrame, pairs: pd.Index, spec: LinkageSpec) -> np.ndarray:
+    """Return, per pair, whether both records have a value for some hard key and the values differ."""
+    conflict = np.zeros(len(pairs), dtype=bool)
+    if not len(pairs):
+        return conflict
+    left, right = pairs.get_level_values(0), pairs.get_level_values(1)
+    for key in spec.hard_keys:
+        values = frame[key].astype("string").str.strip().replace("", pd.NA)
+        a, b = values.reindex(left).to_numpy(), values.reindex(right).to_numpy()
+        known = ~(pd.isna(a) | pd.isna(b))
+        conflict[known] |= a[known] != b[known]
+    return conflict
 
 
 def ordered(pair: tuple[Any, Any]) -> tuple[Any, Any]:
@@ -367,14 +402,17 @@ def link(
         )
     pairs = candidate_pairs(frame, spec, focus)
     features = compare(frame, pairs, spec)
-    training = None
+    sample_pairs = None
     if focus is not None and len(pairs) < MIN_FIT_PAIRS and len(frame) > len(focus):
         sample = frame.sample(n=min(len(frame), TRAINING_SAMPLE), random_state=0)
-        training = compare(sample, candidate_pairs(sample, spec), spec)
-    probability = classify(features, spec, labels, training)
+        sample_pairs = compare(sample, candidate_pairs(sample, spec), spec)
+    probability = classify(features, spec, labels, sample_pairs)
     band = bands(probability, spec)
     if distinct:
         band[[ordered(p) in distinct for p in band.index]] = "distinct"
+    # A high score across a hard-key conflict (two credit codes, regions or branches) is not a sure match:
+    # the pair goes to review instead of tying two clusters together (and dragging both into review).
+    band[(band == "merge") & hard_key_conflicts(frame, band.index, spec)] = "review"
     merged_pairs = list(band.index[band == "merge"])
     clusters, review = guard_clusters(connected_components(merged_pairs), frame, spec)
     return LinkageResult(len(pairs), len(frame), features, probability, band, clusters, review)

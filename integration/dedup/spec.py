@@ -15,8 +15,7 @@ if TYPE_CHECKING:
     from integration.dedup.linkage import LinkageSpec
 
 # The columns linkage sees for a customer (see integration.dedup.customers.customer_records).
-CUSTOMER_COLUMNS = ("name", "name_core", "name_pinyin", "region", "branch", "credit_code", "phone",
-                    "email_domain", "city")  # fmt: skip
+CUSTOMER_COLUMNS = ("name", "name_core", "region", "branch", "credit_code", "phone", "email_domain", "city")
 Method = Literal["exact", "jaro_winkler", "levenshtein", "token_set", "prefix", "name"]
 
 
@@ -91,6 +90,9 @@ class LinkageConfig(_Strict):
     review: Annotated[float, Field(gt=0, le=1)] = 0.5
     hard_keys: list[str] = Field(default_factory=lambda: ["credit_code", "region", "branch"])
     max_cluster: Annotated[int, Field(ge=2)] = 10
+    max_block: Annotated[int, Field(ge=2)] = Field(
+        default=200, description="block keys shared by more records are skipped (too common to tell)"
+    )
 
     @field_validator("blocks")
     @classmethod
@@ -128,4 +130,5 @@ class LinkageConfig(_Strict):
             review=self.review,
             hard_keys=tuple(self.hard_keys),
             max_cluster=self.max_cluster,
+            max_block=self.max_block,
         )
