@@ -54,7 +54,8 @@ bench-connectors: $(VENV)/.installed  ## extraction throughput vs naive pandas (
 bench-mapping: $(VENV)/.installed  ## mapping throughput (JSON line)
 	$(BIN)/python bench/bench_mapping.py
 
-bench-dedup: $(VENV)/.installed  ## comparisons/s vs recordlinkage, FEBRL F1 vs published peers (JSON line)
+bench-dedup: $(VENV)/.installed  ## comparisons/s, FEBRL, Chinese set vs Splink, 10k/100k/1M scale, online match (JSON line)
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/bench_dedup.py
 
 bench-validate: $(VENV)/.installed  ## all rules on 1M opportunities + reconciliation of 1M rows (JSON line)
