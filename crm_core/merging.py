@@ -15,7 +15,7 @@ import datetime as dt
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
@@ -26,9 +26,9 @@ from crm_core.models import Base, Contact, Customer, ExternalId, LoadRun, MatchC
 from crm_core.runs import replay
 
 _SKIPPED = frozenset({"id", "merged_into_id", "created_run_id", "updated_run_id", "created_at", "updated_at"})
-ENTITY_OF: dict[type[Base], str] = {Customer: "customer", Contact: "contact"}
+MODEL_OF: dict[str, type[Customer] | type[Contact]] = {"customer": Customer, "contact": Contact}
+ENTITY_OF: dict[type[Base], str] = {model: entity for entity, model in MODEL_OF.items()}
 SurvivorshipRule = Literal["source_priority", "most_recent", "most_complete", "most_frequent"]
-SURVIVORSHIP_RULES: tuple[str, ...] = get_args(SurvivorshipRule)
 # Fields a survivorship rule may name: the customer's own attributes (not keys, links or bookkeeping).
 SURVIVORSHIP_FIELDS = tuple(
     c.key for c in Customer.__table__.columns if c.key not in _SKIPPED | {"parent_id", "name_normalized"}

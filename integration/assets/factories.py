@@ -473,7 +473,7 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
     def _review(context: AssetExecutionContext) -> dg.MaterializeResult:  # type: ignore[type-arg]
         """Pairs a data steward must decide (`crmi dedup review`): likely the same company, not sure enough to merge."""
         core: CoreDatabase = context.resources.core
-        queue = review_queue(core.engine())
+        queue = review_queue(core.engine(), entity="customer")
         sample = pd.DataFrame(
             [{k: v for k, v in q.items() if k != "features"} for q in queue[:MAX_SAMPLE_ROWS]]
         )

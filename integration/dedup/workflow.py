@@ -20,6 +20,7 @@ from crm_core.errors import DedupError
 from crm_core.loading import get_or_start_run
 from crm_core.merging import (
     ENTITY_OF,
+    MODEL_OF,
     SurvivorshipRule,
     changed_in_run,
     choose_survivor,
@@ -33,8 +34,6 @@ from crm_core.merging import (
 from crm_core.models import Contact, Customer, MatchCandidate
 from integration.dedup.customers import CUSTOMER_SPEC, customer_records
 from integration.dedup.linkage import Labels, LinkageSpec, link, ordered
-
-MODEL_OF: dict[str, type[Customer] | type[Contact]] = {"customer": Customer, "contact": Contact}
 
 
 @dataclass
