@@ -125,26 +125,6 @@ def golden_values(
     return chosen
 
 
-def merge_customers(
-    session: Session,
-    run: LoadRun,
-    survivor_id: int,
-    merged_ids: Sequence[int],
-    *,
-    probability: float | None,
-    reason: str,
-    decided_by: str,
-    golden: Mapping[str, Any] | None = None,
-) -> list[MergeLog]:
-    """Merge ``merged_ids`` into ``survivor_id`` (inside the run's journaled session); return the log entries.
-
-    ``golden`` (from :func:`golden_values`) sets survivorship-ruled fields; it is applied with the first
-    merge, so undoing that merge restores the survivor's own values.
-    """
-    return merge_records(session, run, Customer, survivor_id, merged_ids, probability=probability,
-                         reason=reason, decided_by=decided_by, golden=golden)  # fmt: skip
-
-
 def merge_records(
     session: Session,
     run: LoadRun,
@@ -157,7 +137,12 @@ def merge_records(
     decided_by: str,
     golden: Mapping[str, Any] | None = None,
 ) -> list[MergeLog]:
-    """Merge records of ``model`` (customers or contacts): fill blanks, re-point references and crosswalk, log."""
+    """Merge records of ``model`` (customers or contacts) inside the run's journaled session; return the log entries.
+
+    Blanks of the survivor fill from the merged records; references and crosswalk entries are re-pointed.
+    ``golden`` (from :func:`golden_values`) sets survivorship-ruled fields; it is applied with the first
+    merge, so undoing that merge restores the survivor's own values.
+    """
     entity = ENTITY_OF[model]
     survivor: Any = session.get(model, survivor_id)
     if survivor is None or survivor.merged_into_id is not None:
@@ -292,19 +277,10 @@ def changed_in_run(session: Session, model: type[Customer] | type[Contact], run_
     run_id = session.scalar(select(LoadRun.id).where(LoadRun.run_key == run_key))
     if run_id is None:
         return []
-    query = select(model.id).where(
-        model.merged_into_id.is_(None), or_(model.created_run_id == run_id, model.updated_run_id == run_id)
-    )
+    touched = or_(model.created_run_id == run_id, model.updated_run_id == run_id)
     if model is Contact:  # contacts of a customer the run changed (merged into it, say) meet new siblings
         customers = select(Customer.id).where(
             or_(Customer.created_run_id == run_id, Customer.updated_run_id == run_id)
         )
-        query = select(Contact.id).where(
-            Contact.merged_into_id.is_(None),
-            or_(
-                Contact.created_run_id == run_id,
-                Contact.updated_run_id == run_id,
-                Contact.customer_id.in_(customers),
-            ),
-        )
-    return [int(i) for i in session.scalars(query)]
+        touched = or_(touched, Contact.customer_id.in_(customers))
+    return [int(i) for i in session.scalars(select(model.id).where(model.merged_into_id.is_(None), touched))]

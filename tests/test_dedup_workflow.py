@@ -217,7 +217,7 @@ def test_steward_commands(sqlite_core_url: str) -> None:
 def test_survivorship_rules_pick_each_field_across_the_cluster(sqlite_core_url: str) -> None:
     import datetime as dt
 
-    from crm_core.merging import golden_values, merge_customers, rank_members
+    from crm_core.merging import golden_values, merge_records, rank_members
 
     engine = make_engine(sqlite_core_url)
     upgrade(engine)
@@ -252,8 +252,16 @@ def test_survivorship_rules_pick_each_field_across_the_cluster(sqlite_core_url: 
             "name": "深圳市腾达科技有限公司",  # erp's, by source priority
         }
         run = session.scalars(sa.select(LoadRun)).one()
-        merge_customers(
-            session, run, 1, [2, 3], probability=0.99, reason="test", decided_by="test", golden=golden
+        merge_records(
+            session,
+            run,
+            Customer,
+            1,
+            [2, 3],
+            probability=0.99,
+            reason="test",
+            decided_by="test",
+            golden=golden,
         )
     with session_factory(engine)() as session:
         survivor = session.get(Customer, 1)

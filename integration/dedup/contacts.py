@@ -14,11 +14,11 @@ from sqlalchemy import Engine, func, select
 
 from crm_core.db import session_factory
 from crm_core.loading import get_or_start_run
-from crm_core.merging import changed_in_run, decided_pairs, merge_records, record_candidates
+from crm_core.merging import merge_records
 from crm_core.models import Contact
-from integration.dedup.linkage import Comparison, LinkageSpec, link, ordered
+from integration.dedup.linkage import Comparison, LinkageSpec
 from integration.dedup.normalize import person_key
-from integration.dedup.workflow import DedupOutcome
+from integration.dedup.workflow import DedupOutcome, link_and_record
 
 CONTACT_COLUMNS = ("customer_id", "name_key", "mobile", "phone", "email")
 # Every pair of contacts of one customer is compared, and only those: a customer has tens of contacts,
@@ -62,46 +62,24 @@ def deduplicate_contacts(
 
     A delta run links only the contacts it created or changed (and those of customers it changed).
     """
-    records = contact_records(engine)
-    outcome = DedupOutcome(records=len(records))
-    if len(records) < 2:
+    candidates = link_and_record(
+        engine, run_key, project, "contact", contact_records(engine), spec, mode=mode
+    )
+    outcome = candidates.outcome
+    if not candidates.clusters:
         return outcome
-    factory = session_factory(engine)
-    with factory() as session:
-        distinct = decided_pairs(session, "contact", "distinct")
-        focus = pd.Index(changed_in_run(session, Contact, run_key)) if mode == "delta" else None
-    if focus is not None:
-        outcome.changed_records = len(focus)
-        if focus.empty:
-            return outcome
-    result = link(records, spec, distinct, focus=focus)
-    outcome.pairs_compared = result.pairs_compared
-    outcome.reduction_ratio = round(result.reduction_ratio, 4)
-    outcome.bands = {str(k): int(v) for k, v in result.band.value_counts().items()}
-    outcome.review_clusters = len(result.cluster_review)
-    label = result.labels(records.index)
-    kept = result.band != "distinct"
-    features_of = result.features.loc[kept].to_dict("index")
-    scored = {}
-    for pair, probability in result.probability.loc[kept].items():
-        left, right = ordered(pair)  # type: ignore[arg-type]
-        status = "merged" if label[left] == label[right] else "review"
-        features = {str(k): int(v) for k, v in features_of[pair].items()}
-        scored[(int(left), int(right))] = (float(probability), features, status)
-    with factory() as session, session.begin():
+    with session_factory(engine)() as session, session.begin():
         run = get_or_start_run(session, run_key, project, mode)
-        outcome.new_candidates = record_candidates(session, run, "contact", scored)
-        for cluster in result.clusters:
-            ids = [int(i) for i in cluster]
+        for ids, probability in zip(candidates.clusters, candidates.cluster_probability, strict=True):
             filled = dict(session.execute(
                 select(Contact.id, func.count(Contact.mobile) + func.count(Contact.phone) + func.count(Contact.email)
                        + func.count(Contact.title) + func.count(Contact.department))
                 .where(Contact.id.in_(ids)).group_by(Contact.id)
             ).all())  # fmt: skip
+            # the most complete contact survives
             survivor, *merged = sorted(ids, key=lambda i: (-filled.get(i, 0), i))
-            inside = [p for (a, b), (p, _, _) in scored.items() if a in ids and b in ids]
             logs = merge_records(
-                session, run, Contact, survivor, merged, probability=min(inside) if inside else None,
+                session, run, Contact, survivor, merged, probability=probability,
                 reason=f"auto-merge: linkage probability >= {spec.auto_merge}", decided_by="linkage",
             )  # fmt: skip
             outcome.merge_log_ids += [log.id for log in logs]

@@ -26,7 +26,6 @@ from crm_core.merging import (
     choose_survivor,
     decided_pairs,
     golden_values,
-    merge_customers,
     merge_records,
     rank_members,
     record_candidates,
@@ -54,12 +53,13 @@ class DedupOutcome:
 
 @dataclass
 class Candidates:
-    """Scored pairs and the clusters to merge, recorded in the core by :func:`find_candidates`."""
+    """Scored pairs and the clusters to merge, recorded in the core by :func:`link_and_record`."""
 
     outcome: DedupOutcome
     clusters: list[list[int]]
     scored: dict[tuple[int, int], tuple[float, dict[str, Any], str]]
     auto_merge: float
+    cluster_probability: list[float | None] = field(default_factory=list)  # lowest pair score per cluster
 
 
 def find_candidates(
@@ -69,19 +69,37 @@ def find_candidates(
 
     A delta run links only the customers it created or changed, against all active customers.
     """
-    records = customer_records(engine)
+    return link_and_record(engine, run_key, project, "customer", customer_records(engine), spec, mode=mode)
+
+
+def link_and_record(
+    engine: Engine,
+    run_key: str,
+    project: str,
+    entity: str,
+    records: pd.DataFrame,
+    spec: LinkageSpec,
+    *,
+    mode: str = "full",
+) -> Candidates:
+    """Link ``records`` of ``entity`` (customer or contact) and store every merge/review pair as a candidate.
+
+    Steward decisions on the entity are used: "distinct" pairs never return, and enough of them train the
+    supervised classifier. A delta run links only the records it created or changed.
+    """
     outcome = DedupOutcome(records=len(records))
+    nothing = Candidates(outcome, [], {}, spec.auto_merge)
     if len(records) < 2:
-        return Candidates(outcome, [], {}, spec.auto_merge)
+        return nothing
     factory = session_factory(engine)
     with factory() as session:
-        distinct = decided_pairs(session, "customer", "distinct")
-        labels = steward_labels(session, spec)
-        focus = pd.Index(changed_in_run(session, Customer, run_key)) if mode == "delta" else None
+        distinct = decided_pairs(session, entity, "distinct")
+        labels = steward_labels(session, spec, entity)
+        focus = pd.Index(changed_in_run(session, MODEL_OF[entity], run_key)) if mode == "delta" else None
     if focus is not None:
         outcome.changed_records = len(focus)
         if focus.empty:
-            return Candidates(outcome, [], {}, spec.auto_merge)
+            return nothing
     result = link(records, spec, distinct, labels, focus=focus)
     outcome.pairs_compared = result.pairs_compared
     outcome.reduction_ratio = round(result.reduction_ratio, 4)
@@ -94,16 +112,23 @@ def find_candidates(
     features_of = result.features.loc[kept].to_dict("index")
     for pair, probability in result.probability.loc[kept].items():
         left, right = ordered(pair)  # type: ignore[arg-type]
-        together = (
-            label[left] == label[right]
-        )  # two different records share a label only inside a merge cluster
+        # two different records share a label only inside a merge cluster
+        status = "merged" if label[left] == label[right] else "review"
         features = {str(k): int(v) for k, v in features_of[pair].items()}
-        scored[(int(left), int(right))] = (float(probability), features, "merged" if together else "review")
+        scored[(int(left), int(right))] = (float(probability), features, status)
     with factory() as session, session.begin():
         run = get_or_start_run(session, run_key, project, mode)
-        outcome.new_candidates = record_candidates(session, run, "customer", scored)
+        outcome.new_candidates = record_candidates(session, run, entity, scored)
     clusters = [[int(i) for i in cluster] for cluster in result.clusters]
-    return Candidates(outcome, clusters, scored, spec.auto_merge)
+    # The lowest score inside each cluster, in one pass over the pairs (not a scan of all pairs per cluster).
+    cluster_of = {member: number for number, cluster in enumerate(clusters) for member in cluster}
+    lowest: list[float | None] = [None] * len(clusters)
+    for (left, right), (probability, _, _) in scored.items():
+        number = cluster_of.get(left)
+        if number is not None and cluster_of.get(right) == number:
+            current = lowest[number]
+            lowest[number] = probability if current is None else min(current, probability)
+    return Candidates(outcome, clusters, scored, spec.auto_merge, lowest)
 
 
 def merge_clusters(
@@ -124,12 +149,10 @@ def merge_clusters(
     outcome = candidates.outcome
     with session_factory(engine)() as session, session.begin():
         run = get_or_start_run(session, run_key, project, mode)
-        for ids in candidates.clusters:
+        for ids, probability in zip(candidates.clusters, candidates.cluster_probability, strict=True):
             survivor, *merged = rank_members(session, ids, source_priority)
-            inside = [p for (a, b), (p, _, _) in candidates.scored.items() if a in ids and b in ids]
-            logs = merge_customers(
-                session, run, survivor, merged,
-                probability=min(inside) if inside else None,
+            logs = merge_records(
+                session, run, Customer, survivor, merged, probability=probability,
                 reason=f"auto-merge: linkage probability >= {candidates.auto_merge}", decided_by="linkage",
                 golden=golden_values(session, [survivor, *merged], survivorship) if survivorship else None,
             )  # fmt: skip
@@ -163,11 +186,11 @@ def deduplicate_customers(
     return outcome
 
 
-def steward_labels(session: Any, spec: LinkageSpec) -> Labels | None:
+def steward_labels(session: Any, spec: LinkageSpec, entity: str = "customer") -> Labels | None:
     """Return the pairs stewards decided (merged or distinct) with their stored comparison levels."""
     rows = session.execute(
         select(MatchCandidate.left_id, MatchCandidate.right_id, MatchCandidate.features, MatchCandidate.status).where(
-            MatchCandidate.entity == "customer", MatchCandidate.status.in_(("merged", "distinct")),
+            MatchCandidate.entity == entity, MatchCandidate.status.in_(("merged", "distinct")),
             MatchCandidate.decided_by.is_not(None), MatchCandidate.decided_by != "linkage",
         )
     ).all()  # fmt: skip
