@@ -40,7 +40,7 @@ from integration.connectors import Connector, CsvConnector, ExcelConnector, Read
 from integration.connectors.base import DEFAULT_CHUNK_ROWS, LOCATION, META_COLUMNS, ROW_KIND, ROW_REF
 from integration.connectors.sql import SqlConnector
 from integration.dedup.normalize import company_key, person_key
-from integration.mappings.engine import MappingResult, map_chunks
+from integration.mappings.engine import MappingResult, map_chunks, python_records
 from integration.mappings.spec import CompiledMapping, load_mappings
 from integration.project import Project, load_project
 
@@ -346,7 +346,7 @@ def stage(
         if frame is None:
             continue
         result: MappingResult = map_chunks(mapping, [frame] if len(frame.columns) else [])
-        records = result.records
+        records = python_records(result.records)
         if entity == "customer" and "name" in records.columns:
             records["name_normalized"] = records["name"].map(company_key)
         records, quarantined = quarantine(mapping, records, migration.rules, context)

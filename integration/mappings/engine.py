@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from crm_core.entities import FieldDef
 from crm_core.errors import MappingError
 from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF
+from integration.mappings import columnar
 from integration.mappings.spec import CompiledField, CompiledMapping
 from integration.mappings.transforms import (
     DateArgs,
@@ -20,7 +27,6 @@ from integration.mappings.transforms import (
     _as_text,
     _isnull,
     clean_text,
-    lookup,
     parse_datetime_value,
     per_value,
 )
@@ -64,18 +70,21 @@ def _blank(value: Any) -> bool:
     return _isnull(value) or (isinstance(value, str) and not value.strip())
 
 
-def _concat(frame: pd.DataFrame, columns: list[str], sep: str) -> pd.Series:
+def _concat(frame: Mapping[str, pd.Series], columns: list[str], sep: str) -> pd.Series:
     def join(row: tuple[Any, ...]) -> str | None:
         parts = [clean_text(_as_text(v)) for v in row if not _blank(v)]
         return sep.join(parts) if parts else None
 
-    return pd.Series(
-        [join(r) for r in frame[columns].itertuples(index=False)], index=frame.index, dtype=object
-    )
+    series = [frame[c].astype(object) for c in columns]
+    return pd.Series([join(r) for r in zip(*series, strict=True)], index=series[0].index, dtype=object)
 
 
 def blank_mask(values: pd.Series) -> pd.Series:
     """Return True where a value is missing or only whitespace (vectorized)."""
+    if columnar.is_text(values):
+        array = pa.array(values.array)
+        blank = pc.or_kleene(pc.is_null(array), pc.equal(pc.utf8_trim(array, columnar.WHITESPACE), ""))
+        return pd.Series(columnar.flags(blank).to_numpy(zero_copy_only=False), index=values.index)
     mask = values.isna()
     if values.dtype == object or pd.api.types.is_string_dtype(values.dtype):
         mask = mask | values.astype(str).str.strip().eq("")
@@ -83,22 +92,77 @@ def blank_mask(values: pd.Series) -> pd.Series:
 
 
 def null_where(values: pd.Series, condition: pd.Series) -> pd.Series:
-    """Return a copy of ``values`` (object dtype) with None where ``condition`` holds."""
+    """Return a copy of ``values`` with None where ``condition`` holds (text stays Arrow, the rest object)."""
+    if columnar.is_text(values):
+        nulled = columnar.null_where_array(pa.array(values.array), pa.array(condition.to_numpy(dtype=bool)))
+        return columnar.text_series(nulled, values.index)
     out = values.astype(object).copy()
     out[condition] = None
     return out
 
 
-def _first_non_empty(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
-    result = null_where(frame[columns[0]], blank_mask(frame[columns[0]]))
-    for column in columns[1:]:
-        candidate = null_where(frame[column], blank_mask(frame[column]))
-        result = result.where(result.notna(), candidate)
+def _first_non_empty(frame: Mapping[str, pd.Series], columns: list[str]) -> pd.Series:
+    candidates = [frame[c] for c in columns]
+    if all(columnar.is_text(c) for c in candidates):
+        arrays = [
+            columnar.null_where_array(pa.array(c.array), pa.array(blank_mask(c).to_numpy()))
+            for c in candidates
+        ]
+        return columnar.text_series(
+            pc.coalesce(*arrays) if len(arrays) > 1 else arrays[0], candidates[0].index
+        )
+    result = null_where(candidates[0].astype(object), blank_mask(candidates[0]))
+    for candidate in candidates[1:]:
+        result = result.where(result.notna(), null_where(candidate.astype(object), blank_mask(candidate)))
     return result
 
 
 def _key_text(value: Any) -> str | None:
     return clean_text(_as_text(value)) or None
+
+
+def _key_part(values: pd.Series) -> pd.Series:
+    """Return one key column as cleaned text (missing where empty)."""
+    if columnar.is_text(values):
+        array = columnar.empty_to_null(columnar.clean_text_array(pa.array(values.array)))
+        return columnar.text_series(array, values.index)
+    return per_value(null_where(values, blank_mask(values)), _key_text)[0]
+
+
+def _external_key(data: Mapping[str, pd.Series], key_columns: list[str], index: pd.Index) -> pd.Series:
+    """Join the key columns with '|'; the key is missing when any part is."""
+    parts = [_key_part(data[c]) for c in key_columns]
+    if all(columnar.is_text(p) for p in parts):
+        arrays = [pa.array(p.array) for p in parts]
+        joined = arrays[0] if len(arrays) == 1 else pc.binary_join_element_wise(*arrays, "|")
+        return columnar.text_series(joined, index)
+    key = parts[0].astype(object)
+    for part in parts[1:]:
+        part = part.astype(object)
+        key = key.where(key.isna() | part.isna(), key + "|" + part)
+        key = null_where(key, part.isna())
+    return key
+
+
+def arrow_text_columns(chunk: pd.DataFrame, columns: Iterable[str]) -> dict[str, pd.Series]:
+    """Return the given columns of ``chunk``, all-text ones as Arrow text (the kernels' input)."""
+    selected: dict[str, pd.Series] = {}
+    for column in columns:
+        array = columnar.text_array(chunk[column])
+        selected[column] = chunk[column] if array is None else columnar.text_series(array, chunk.index)
+    return selected
+
+
+def python_records(records: pd.DataFrame) -> pd.DataFrame:
+    """Return ``records`` with Arrow text columns as plain Python objects (None for missing), for the loaders."""
+    converted = {
+        column: pd.Series(
+            records[column].array.to_numpy(dtype=object, na_value=None), index=records.index, dtype=object
+        )
+        for column in records.columns
+        if isinstance(records[column].dtype, pd.ArrowDtype)
+    }
+    return records.assign(**converted) if converted else records
 
 
 def cast_value(value: Any, target: FieldDef) -> Any:
@@ -150,6 +214,7 @@ class _Outcome:
         self.mapping = mapping
         self.chunk = chunk
         self.rejected = pd.Series(False, index=chunk.index)
+        self.subtotal = chunk[ROW_KIND] == "subtotal"
         self.parts: list[pd.DataFrame] = []
 
     def add(
@@ -163,28 +228,32 @@ class _Outcome:
     ) -> None:
         """Record a problem for the rows in ``mask`` (subtotal rows are reported once, as such)."""
         if rule != "subtotal":
-            mask = mask & (self.chunk[ROW_KIND] != "subtotal")
+            mask = mask & ~self.subtotal
         if not mask.any():
             return
         if severity == "error":
             self.rejected |= mask
-        rows = self.chunk.loc[mask]
-        raw = (
-            values.loc[mask]
-            if values is not None
-            else pd.Series([None] * len(rows), index=rows.index, dtype=object)
-        )
+        selected = mask.to_numpy(dtype=bool)
+        count = int(selected.sum())
+        if values is None:
+            raw = np.full(count, None, dtype=object)
+        else:
+            picked = values[selected]
+            raw = picked.astype(str).to_numpy(dtype=object)
+            raw[picked.isna().to_numpy()] = None
         self.parts.append(
             pd.DataFrame(
                 {
                     "source": self.mapping.source,
                     "entity": self.mapping.entity.name,
-                    "location": rows[LOCATION].astype(str),
-                    "row_ref": rows[ROW_REF].astype(str),
+                    "location": self.chunk[LOCATION].to_numpy()[selected].astype(str).astype(object),
+                    "row_ref": self.chunk[ROW_REF].to_numpy()[selected].astype(str).astype(object),
                     "field": field,
-                    "value": null_where(raw.astype(str), raw.isna()),
+                    "value": raw,
                     "rule": rule,
-                    "reason": reasons if isinstance(reasons, str) else reasons.loc[mask],
+                    "reason": reasons
+                    if isinstance(reasons, str)
+                    else reasons.to_numpy(dtype=object)[selected],
                     "severity": severity,
                 },
                 columns=REJECT_COLUMNS,
@@ -196,40 +265,138 @@ class _Outcome:
         return pd.concat(self.parts, ignore_index=True) if self.parts else empty_rejects()
 
 
-def _run_field(field: CompiledField, target: FieldDef, chunk: pd.DataFrame, outcome: _Outcome) -> pd.Series:
+def _cast(values: pd.Series, target: FieldDef, clean: bool = False) -> tuple[pd.Series, pd.Series | None]:
+    """Convert transformed values to the target field's type; return them and the errors (None if none).
+
+    ``clean`` says the values are already in ``clean_text`` form (the last transform guarantees it).
+    """
+    if target.kind == "str" and columnar.is_text(values):
+        array = pa.array(values.array)
+        if not clean:
+            array = columnar.clean_text_array(array)
+        errors = None
+        if target.max_length:
+            lengths = pc.utf8_length(array)
+            too_long = columnar.flags(pc.greater(lengths, target.max_length))
+            if pc.any(too_long).as_py():
+                reasons = pc.binary_join_element_wise(
+                    f"longer than {target.max_length} characters (",
+                    pc.cast(lengths, pa.string()),
+                    ")",
+                    "",
+                )
+                errors = pd.Series(
+                    pc.if_else(too_long, reasons, pa.scalar(None, pa.string())).to_numpy(
+                        zero_copy_only=False
+                    ),
+                    index=values.index,
+                    dtype=object,
+                )
+                array = columnar.null_where_array(array, too_long)
+        return columnar.text_series(columnar.empty_to_null(array), values.index), errors
+    return per_value(values, lambda value: None if _blank(value) else cast_value(value, target))
+
+
+def _source_values(field: CompiledField, chunk: Mapping[str, pd.Series], index: pd.Index) -> pd.Series:
     spec = field.spec
     if spec.from_ is not None and spec.combine == "concat":
-        raw = _concat(chunk, spec.columns, spec.sep)
-    elif spec.from_ is not None:
-        raw = _first_non_empty(chunk, spec.columns)
-    else:
-        raw = pd.Series([spec.const] * len(chunk), index=chunk.index, dtype=object)
-    values = raw
-    failed = pd.Series(False, index=chunk.index)
-    reasons = pd.Series([None] * len(chunk), index=chunk.index, dtype=object)
+        return _concat(chunk, spec.columns, spec.sep)
+    if spec.from_ is not None:
+        return _first_non_empty(chunk, spec.columns)
+    return pd.Series([spec.const] * len(index), index=index, dtype=object)
+
+
+def _convert(field: CompiledField, target: FieldDef, values: pd.Series) -> tuple[pd.Series, pd.Series | None]:
+    """Run the field's transforms and the cast; return the results and the failure reasons (None: no failures)."""
+    failed = pd.Series(False, index=values.index)
+    reasons: pd.Series | None = None
+
+    def record(errors: pd.Series | None, prefix: str) -> None:
+        nonlocal failed, reasons
+        if errors is None:
+            return
+        new = errors.notna() & ~failed
+        if new.any():
+            base = reasons if reasons is not None else pd.Series(None, index=values.index, dtype=object)
+            reasons = base.where(~new, prefix + errors.astype(str))
+            failed = failed | new
+
     for step in field.steps:
-        values, errors = step.transform.func(null_where(values, failed), step.args)
-        if errors is not None:
-            new = errors.notna() & ~failed
-            reasons = reasons.where(~new, step.transform.name + ": " + errors.astype(str))
-            failed |= new
-    # Cast once per distinct value and map back: the row count never reaches Python.
-    castable = values[~(failed | blank_mask(values))]
-    cast_ok: dict[Any, Any] = {}
-    cast_errors: dict[Any, str] = {}
-    for value in pd.unique(castable):
-        try:
-            cast_ok[value] = cast_value(value, target)
-        except TransformFailure as exc:
-            cast_errors[value] = str(exc)
-    result = lookup(castable, cast_ok).reindex(chunk.index)
-    result = null_where(result, result.isna())
-    if cast_errors:
-        cast_failed = lookup(castable, cast_errors).reindex(chunk.index)
-        new = cast_failed.notna()
-        reasons = reasons.where(~new, cast_failed)
-        failed = failed | new
-    if failed.any():
+        values, errors = step.transform.func(
+            null_where(values, failed) if failed.any() else values, step.args
+        )
+        record(errors, step.transform.name + ": ")
+    last = field.steps[-1].transform if field.steps else None
+    if last is not None and last.yields == target.kind:
+        result = values
+    else:
+        clean = last is not None and last.clean_output
+        result, cast_errors = _cast(null_where(values, failed) if failed.any() else values, target, clean)
+        record(cast_errors, "")
+    return (null_where(result, failed) if failed.any() else result), reasons
+
+
+# A text column with at most this share of distinct values is transformed once per distinct value.
+DISTINCT_SHARE = 0.5
+
+
+# Rows looked at first: when nearly all of them differ, the column is not worth encoding.
+DISTINCT_PROBE = 2_000
+
+
+def _distinct(values: pd.Series) -> tuple[pd.Series, pa.Array] | None:
+    """Return the distinct values and each row's position among them, or None when most values differ."""
+    array = columnar.combined(pa.array(values.array))
+    if len(array) > 2 * DISTINCT_PROBE:
+        probe = array.slice(0, DISTINCT_PROBE)
+        if pc.count_distinct(probe).as_py() > 0.9 * DISTINCT_PROBE:
+            return None
+    encoded = pc.dictionary_encode(array)
+    if len(encoded.dictionary) > DISTINCT_SHARE * len(values):
+        return None
+    return columnar.text_series(encoded.dictionary, pd.RangeIndex(len(encoded.dictionary))), encoded.indices
+
+
+def _expand(values: pd.Series, positions: pa.Array, index: pd.Index) -> pd.Series:
+    """Return per-row values from per-distinct ``values`` (null positions give missing values)."""
+    if columnar.is_text(values):
+        return columnar.text_series(pc.take(pa.array(values.array), positions), index)
+    table = columnar.object_array(list(values.to_numpy(dtype=object)))
+    return pd.Series(table[pc.fill_null(positions, len(values)).to_numpy()], index=index, dtype=object)
+
+
+def _convert_distinct(
+    field: CompiledField, target: FieldDef, raw: pd.Series
+) -> tuple[pd.Series, pd.Series | None]:
+    """``_convert``, done once per distinct value when a text column repeats its values (statuses, cities…)."""
+    encoded = columnar.memo("distinct", raw, lambda: _distinct(raw)) if columnar.is_text(raw) else None
+    if encoded is None:
+        return _convert(field, target, raw)
+    distinct, positions = encoded
+    result, reasons = _convert(field, target, distinct)
+    return _expand(result, positions, raw.index), (
+        None if reasons is None else _expand(reasons, positions, raw.index)
+    )
+
+
+def _run_field(
+    field: CompiledField, target: FieldDef, data: Mapping[str, pd.Series], outcome: _Outcome
+) -> pd.Series:
+    spec = field.spec
+    chunk = outcome.chunk
+    # Fields reading the same columns get the same Series object, so transforms can share work (memo).
+    raw = (
+        columnar.memo(
+            f"source:{spec.columns}:{spec.combine}:{spec.sep}",
+            chunk,
+            lambda: _source_values(field, data, chunk.index),
+        )
+        if spec.from_ is not None
+        else _source_values(field, data, chunk.index)
+    )
+    result, reasons = _convert_distinct(field, target, raw)
+    failed = reasons.notna() if reasons is not None else pd.Series(False, index=chunk.index)
+    if reasons is not None and failed.any():
         if spec.on_error == "fail":
             index = failed[failed].index[0]
             raise MappingError(
@@ -240,7 +407,10 @@ def _run_field(field: CompiledField, target: FieldDef, chunk: pd.DataFrame, outc
         outcome.add(failed, field.name, raw, reasons, rule="mapping", severity=severity)
     if "default" in spec.model_fields_set and spec.default is not None:
         default = cast_value(spec.default, target)
-        result = result.where(result.notna() | failed, default)
+        fill = result.isna() & ~failed
+        if fill.any():
+            result = result.astype(object) if not columnar.is_text(result) else result
+            result = result.where(~fill, default)
     if spec.required or target.required:
         empty = result.isna() & ~failed
         outcome.add(empty, field.name, raw, f"required field '{field.name}' is empty", rule="required")
@@ -255,45 +425,97 @@ def map_chunk(mapping: CompiledMapping, chunk: pd.DataFrame) -> MappingResult:
             f"{mapping.file}: column(s) {', '.join(missing)} no longer exist in "
             f"{mapping.source}.{mapping.spec.source.location}; update the mapping (crmi mapping check)"
         )
-    chunk = chunk.reset_index(drop=True)
+    if not isinstance(chunk.index, pd.RangeIndex) or chunk.index.step != 1:
+        chunk = chunk.reset_index(drop=True)
     outcome = _Outcome(mapping, chunk)
-    subtotal = chunk[ROW_KIND] == "subtotal"
+    subtotal = outcome.subtotal
     outcome.add(subtotal, None, None, "subtotal/total row, not a record", rule="subtotal")
-    data = chunk
+    data = arrow_text_columns(chunk, mapping.source_columns())
     columns: dict[str, pd.Series] = {}
-    for field in mapping.fields:
-        columns[field.name] = _run_field(field, mapping.entity.fields[field.name], data, outcome)
+    with columnar.chunk_scope():
+        for field in mapping.fields:
+            columns[field.name] = _run_field(field, mapping.entity.fields[field.name], data, outcome)
     key_columns = mapping.spec.source.key_columns
     if key_columns:
-        parts = [per_value(null_where(data[c], blank_mask(data[c])), _key_text)[0] for c in key_columns]
-        key = parts[0]
-        for part in parts[1:]:
-            key = key.where(key.isna() | part.isna(), key + "|" + part)
-            key = null_where(key, part.isna())
+        key = _external_key(data, key_columns, chunk.index)
         outcome.add(
             key.isna() & ~subtotal, None, None, f"empty key column(s) {', '.join(key_columns)}", rule="key"
         )
     else:
-        key = data[LOCATION].astype(str) + ":" + data[ROW_REF].astype(str)
-    records = pd.DataFrame(columns, index=data.index)
+        key = chunk[LOCATION].astype(str) + ":" + chunk[ROW_REF].astype(str)
     if mapping.spec.unmapped == "keep":
         used = set(mapping.source_columns())
-        for column in data.columns:
+        for column in chunk.columns:
             if column not in used and not column.startswith("_"):
-                records[f"_extra_{column}"] = data[column]
-    records[EXTERNAL_KEY] = key
-    records[ROW_REF] = data[ROW_REF]
-    records[LOCATION] = data[LOCATION]
-    records[SOURCE] = mapping.source
-    records[MAPPING] = mapping.name
+                columns[f"_extra_{column}"] = chunk[column]
+    columns[EXTERNAL_KEY] = key
+    columns[ROW_REF] = chunk[ROW_REF]
+    columns[LOCATION] = chunk[LOCATION]
+    columns[SOURCE] = pd.Series(mapping.source, index=chunk.index, dtype=object)
+    columns[MAPPING] = pd.Series(mapping.name, index=chunk.index, dtype=object)
+    records = pd.DataFrame(columns, index=chunk.index)
     keep = ~outcome.rejected
     rejects = outcome.rejects()
-    return MappingResult(records.loc[keep].reset_index(drop=True), rejects, len(chunk))
+    if not keep.all():
+        records = records.loc[keep].reset_index(drop=True)
+    return MappingResult(records, rejects, len(chunk))
 
 
-def map_chunks(mapping: CompiledMapping, chunks: Iterable[pd.DataFrame]) -> MappingResult:
-    """Map every chunk, then reject later rows whose external key repeats an earlier one."""
-    result = MappingResult.concat(map_chunk(mapping, chunk) for chunk in chunks)
+# Rows per piece when chunks are spread over threads; also what bounds memory per piece in flight.
+PIECE_ROWS = 50_000
+
+
+def default_workers() -> int:
+    """Threads for mapping: one per usable core (at most 8); CRMI_MAPPING_WORKERS overrides."""
+    configured = os.environ.get("CRMI_MAPPING_WORKERS")
+    if configured:
+        return max(1, int(configured))
+    return max(
+        1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    )
+
+
+def _pieces(chunks: Iterable[pd.DataFrame], rows: int) -> Iterator[pd.DataFrame]:
+    for chunk in chunks:
+        if len(chunk) <= rows:
+            yield chunk
+        else:
+            for start in range(0, len(chunk), rows):
+                yield chunk.iloc[start : start + rows]
+
+
+def iter_map(
+    mapping: CompiledMapping, chunks: Iterable[pd.DataFrame], workers: int | None = None
+) -> Iterator[MappingResult]:
+    """Map chunks on a pool of threads and yield the results in input order.
+
+    The Arrow kernels release the GIL, so pieces map in parallel; at most two pieces per thread are in
+    flight, which bounds memory by the piece size, not the input size.
+    """
+    workers = workers or default_workers()
+    pieces = _pieces(chunks, PIECE_ROWS)
+    if workers == 1:
+        yield from (map_chunk(mapping, piece) for piece in pieces)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crmi-map") as pool:
+        pending: deque[Future[MappingResult]] = deque()
+        try:
+            for piece in pieces:
+                pending.append(pool.submit(map_chunk, mapping, piece))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def map_chunks(
+    mapping: CompiledMapping, chunks: Iterable[pd.DataFrame], workers: int | None = None
+) -> MappingResult:
+    """Map every chunk (in parallel pieces), then reject later rows whose external key repeats an earlier one."""
+    result = MappingResult.concat(iter_map(mapping, chunks, workers))
     if result.records.empty:
         if result.records.columns.empty:
             result.records = pd.DataFrame(columns=[*(f.name for f in mapping.fields), *RECORD_META])
@@ -302,21 +524,23 @@ def map_chunks(mapping: CompiledMapping, chunks: Iterable[pd.DataFrame]) -> Mapp
     if duplicated.any():
         first_row = result.records.drop_duplicates(EXTERNAL_KEY).set_index(EXTERNAL_KEY)[ROW_REF]
         dupes = result.records.loc[duplicated]
+        keys = dupes[EXTERNAL_KEY].astype(object)
         extra = pd.DataFrame(
             {
                 "source": mapping.source,
                 "entity": mapping.entity.name,
-                "location": dupes[LOCATION],
-                "row_ref": dupes[ROW_REF],
+                "location": dupes[LOCATION].astype(object),
+                "row_ref": dupes[ROW_REF].astype(object),
                 "field": None,
-                "value": dupes[EXTERNAL_KEY],
+                "value": keys,
                 "rule": "duplicate_key",
-                "reason": "duplicate source key (first seen on row "
-                + dupes[EXTERNAL_KEY].map(first_row).astype(str)
-                + ")",
+                "reason": "duplicate source key (first seen on row " + keys.map(first_row).astype(str) + ")",
                 "severity": "error",
-            }
+            },
+            columns=REJECT_COLUMNS,
+        ).astype(object)
+        result.rejects = (
+            pd.concat([result.rejects, extra], ignore_index=True) if len(result.rejects) else extra
         )
-        result.rejects = pd.concat([result.rejects, extra], ignore_index=True)
         result.records = result.records.loc[~duplicated].reset_index(drop=True)
     return result

@@ -9,7 +9,7 @@ import pandas as pd
 
 from crm_core.errors import ConfigError, Problem
 from integration.connectors.base import LOCATION, ROW_REF
-from integration.mappings.engine import MappingResult, map_chunk
+from integration.mappings.engine import MappingResult, map_chunk, python_records
 from integration.mappings.spec import CompiledMapping, load_mapping
 from integration.pipeline import Migration, extract_chunks
 from integration.project import PROJECT_FILE
@@ -77,4 +77,5 @@ def preview(file: Path, rows: int = 20, project: Path | None = None) -> Preview:
     if hasattr(chunks, "close"):
         chunks.close()
     result = map_chunk(mapping, raw) if len(raw) else MappingResult(pd.DataFrame(), pd.DataFrame(), 0)
+    result.records = python_records(result.records)
     return Preview(mapping, raw, result)

@@ -11,19 +11,23 @@ import datetime as dt
 import re
 import unicodedata
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import numpy as np
 import pandas as pd
 import phonenumbers
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from stdnum.cn import uscc as stdnum_uscc
 
 from crm_core.stages import resolve_stage
+from integration.mappings import columnar
 
 Outcome = tuple[pd.Series, pd.Series | None]
 
@@ -50,18 +54,21 @@ class TransformDef:
     func: Callable[[pd.Series, Any], Outcome]
     args: type[Args]
     summary: str
+    clean_output: bool = False  # text results are already in clean_text form (the engine skips re-cleaning)
+    yields: str | None = None  # the field kind every non-null result already has (the engine skips the cast)
 
 
 REGISTRY: dict[str, TransformDef] = {}
 
 
 def transform(
-    name: str, args: type[Args] = NoArgs
+    name: str, args: type[Args] = NoArgs, clean_output: bool = False, yields: str | None = None
 ) -> Callable[[Callable[[pd.Series, Any], Outcome]], Callable[[pd.Series, Any], Outcome]]:
     """Register a transform under ``name``; its docstring's first line is its summary."""
 
     def register(func: Callable[[pd.Series, Any], Outcome]) -> Callable[[pd.Series, Any], Outcome]:
-        REGISTRY[name] = TransformDef(name, func, args, (func.__doc__ or "").strip().splitlines()[0])
+        summary = (func.__doc__ or "").strip().splitlines()[0]
+        REGISTRY[name] = TransformDef(name, func, args, summary, clean_output, yields)
         return func
 
     return register
@@ -83,30 +90,63 @@ def lookup(values: pd.Series, table: dict[Any, Any]) -> pd.Series:
 def per_value(values: pd.Series, func: Callable[[Any], Any]) -> Outcome:
     """Apply ``func`` once per distinct non-null value; TransformFailure becomes that row's error.
 
-    Rows are never visited in Python: the distinct values are computed, transformed, and mapped back
-    with one hash lookup, so cost follows the number of distinct values, not rows.
+    Rows are never visited in Python: the distinct values are found (Arrow dictionary encoding for text,
+    pandas factorize otherwise), transformed, and taken back by position, so cost follows the number of
+    distinct values, not rows.
     """
-    present = values.notna()
-    if not present.any():
-        return pd.Series([None] * len(values), index=values.index, dtype=object), None
-    results: dict[Hashable, Any] = {}
-    failures: dict[Hashable, str] = {}
-    for value in pd.unique(values[present]):
+    array = columnar.text_array(values)
+    if array is not None:
+        return columnar.map_distinct(array, values.index, func, TransformFailure)
+    codes, uniques = pd.factorize(values)
+    results: list[Any] = []
+    failures: dict[int, str] = {}
+    for position, value in enumerate(uniques):
         try:
-            results[value] = func(value)
+            results.append(func(value))
         except TransformFailure as exc:
-            failures[value] = str(exc)
-    return lookup(values, results), (lookup(values, failures) if failures else None)
+            results.append(None)
+            failures[position] = str(exc)
+    out = pd.Series(columnar.object_array(results)[codes], index=values.index, dtype=object)
+    if not failures:
+        return out, None
+    reasons = columnar.object_array([failures.get(i) for i in range(len(results))])
+    return out, pd.Series(reasons[codes], index=values.index, dtype=object)
 
 
-def _text(values: pd.Series, func: Callable[[str], str | None]) -> Outcome:
-    """Apply a string function to text values; non-text values pass through as text."""
+def _text(
+    values: pd.Series,
+    func: Callable[[str], str | None],
+    kernel: Callable[[pa.Array | pa.ChunkedArray], pa.Array | pa.ChunkedArray] | None = None,
+) -> Outcome:
+    """Apply a string function to text values; non-text values pass through as text.
+
+    With a ``kernel`` (the same function over an Arrow array), text columns take the vectorized path.
+    """
 
     def apply(value: Any) -> Any:
         text = func(_as_text(value))
         return text if text else None
 
-    return per_value(values, apply)
+    array = columnar.text_array(values) if kernel is not None else None
+    if kernel is None or array is None:
+        return per_value(values, apply)
+    return columnar.text_series(columnar.empty_to_null(kernel(array)), values.index), None
+
+
+def _cased(values: pd.Series, func: Callable[[str], str], kernel: Callable[[Any], Any]) -> Outcome:
+    """Case mapping: Arrow kernels for ASCII/CJK values, Python for the rest (ß, ligatures, final sigma…)."""
+    array = columnar.text_array(values)
+    if array is None:
+        return _text(values, func)
+    result, errors = columnar.settle(
+        array,
+        values.index,
+        columnar.simple_mask(array),
+        kernel(array),
+        lambda v: func(v) or None,
+        TransformFailure,
+    )
+    return columnar.text_series(columnar.empty_to_null(pa.array(result.array)), values.index), errors
 
 
 def _as_text(value: Any) -> str:
@@ -126,34 +166,34 @@ def clean_text(value: str) -> str:
     return _SPACES.sub(" ", _INVISIBLE.sub("", value)).strip()
 
 
-@transform("trim")
+@transform("trim", clean_output=True)
 def trim(values: pd.Series, args: NoArgs) -> Outcome:
     """Strip both ends, collapse inner whitespace (incl. full-width spaces), drop zero-width characters."""
-    return _text(values, clean_text)
+    return _text(values, clean_text, columnar.clean_text_array)
 
 
 @transform("nfkc")
 def nfkc(values: pd.Series, args: NoArgs) -> Outcome:
     """Unicode NFKC: full-width letters, digits and punctuation become half-width (ＡＢＣ１２３ → ABC123)."""
-    return _text(values, lambda v: unicodedata.normalize("NFKC", v))
+    return _text(values, lambda v: unicodedata.normalize("NFKC", v), columnar.nfkc_array)
 
 
 @transform("upper")
 def upper(values: pd.Series, args: NoArgs) -> Outcome:
     """Upper-case (Chinese text is unchanged)."""
-    return _text(values, str.upper)
+    return _cased(values, str.upper, pc.utf8_upper)
 
 
 @transform("lower")
 def lower(values: pd.Series, args: NoArgs) -> Outcome:
     """Lower-case (Chinese text is unchanged)."""
-    return _text(values, str.lower)
+    return _cased(values, str.lower, pc.utf8_lower)
 
 
 @transform("title")
 def title(values: pd.Series, args: NoArgs) -> Outcome:
     """Title-case Latin words (Chinese text is unchanged)."""
-    return _text(values, str.title)
+    return _cased(values, str.title, pc.utf8_title)
 
 
 def _valid_regex(value: str) -> str:
@@ -355,13 +395,13 @@ def _parse_date_text(text: str, args: DateArgs) -> dt.datetime:
     return result
 
 
-@transform("parse_date", DateArgs)
+@transform("parse_date", DateArgs, yields="date")
 def parse_date(values: pd.Series, args: DateArgs) -> Outcome:
     """Parse dates: ISO, 2025/3/5, 2025.3.5, 2025年3月5日, 20250305, Excel serials (1900 leap bug handled)."""
     return per_value(values, lambda v: parse_datetime_value(v, args).date())
 
 
-@transform("parse_datetime", DateArgs)
+@transform("parse_datetime", DateArgs, yields="datetime")
 def parse_datetime(values: pd.Series, args: DateArgs) -> Outcome:
     """Parse date-times like ``parse_date``, keeping the time and attaching ``timezone`` to naive values."""
     return per_value(values, lambda v: parse_datetime_value(v, args))
@@ -383,6 +423,7 @@ _UNITS: list[tuple[str, Decimal]] = [
     ("k", Decimal(1_000)),
     ("w", Decimal(10_000)),
 ]
+_PLAIN_AMOUNT = r"^[¥$]?-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?$"
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 _CN_NUMERAL = re.compile(r"^[零〇一二两三四五六七八九十百千万亿壹贰叁肆伍陆柒捌玖拾佰仟萬億点]+$")
 
@@ -442,10 +483,34 @@ def _chinese_numeral(text: str, original: Any) -> Decimal:
         raise TransformFailure(f"'{original}' is not a Chinese numeral amount") from None
 
 
-@transform("parse_amount", AmountArgs)
+def _plain_amount(text: str, multiply: float) -> Decimal:
+    """A plain signed number as parse_amount_value computes it (sign applied after, then ``multiply``)."""
+    result = -Decimal(text[1:]) if text.startswith("-") else Decimal(text)
+    return result * Decimal(str(multiply)) if multiply != 1 else result
+
+
+@transform("parse_amount", AmountArgs, yields="decimal")
 def parse_amount(values: pd.Series, args: AmountArgs) -> Outcome:
     """Parse money amounts (¥1,234.50, 12.5万, 3亿, 1.2k, (500), 一百二十万, 壹仟贰佰元) into Decimal."""
-    return per_value(values, lambda v: parse_amount_value(v, args.multiply))
+    array = columnar.text_array(values)
+    if array is None:
+        return per_value(values, lambda v: parse_amount_value(v, args.multiply))
+    # Plain numbers, with or without ¥/$ and thousands separators, are read straight from the cleaned
+    # text; units (万, 亿, k), brackets and Chinese numerals go to parse_amount_value.
+    text = columnar.nfkc_clean_array(array)
+    done = columnar.flags(pc.match_substring_regex(text, _PLAIN_AMOUNT))
+    digits = pc.replace_substring_regex(columnar.null_where_array(text, pc.invert(done)), "[¥$,]", "")
+    encoded = pc.dictionary_encode(columnar.combined(digits))
+    amounts = [_plain_amount(v, args.multiply) for v in encoded.dictionary.to_pylist()]
+    positions = pc.fill_null(encoded.indices, len(amounts)).to_numpy(zero_copy_only=False)
+    plain = pd.Series(columnar.object_array(amounts)[positions], index=values.index, dtype=object)
+    rest = columnar.null_where_array(array, done)
+    if pc.all(pc.is_null(rest)).as_py():
+        return plain, None
+    parsed, errors = columnar.map_distinct(
+        rest, values.index, lambda v: parse_amount_value(v, args.multiply), TransformFailure
+    )
+    return plain.where(done.to_numpy(zero_copy_only=False), parsed), errors
 
 
 _CURRENCIES = {
@@ -492,13 +557,29 @@ class PhoneArgs(Args):
 # A Chinese mobile number, possibly with +86/0086 and separators: the common case, validated without a full parse.
 _CN_MOBILE = re.compile(r"^(?:\+?86|0086)?(1[3-9]\d{9})$")
 _PHONE_SEPARATORS = re.compile(r"[\s\-().]")
+# A landline (or mobile) written with the trunk 0 or +86/0086, separators removed: 0755 1234 5678.
+_CN_TRUNK = r"^(?:\+86|0086|0)"
+_CN_NATIONAL = _CN_TRUNK + r"[1-9][0-9]{8,10}$"
+_BLOCK_DIGITS = 5
+_BLOCK_SAMPLES = ("0", "9", "5", "1234567890", "9876543210")
 
 
-@lru_cache(maxsize=4096)
-def _cn_mobile_block_is_valid(prefix: str) -> bool:
-    """Ask phonenumbers once per 5-digit block (e.g. 13812): CN mobile validity is decided by the prefix."""
-    sample = phonenumbers.PhoneNumber(country_code=86, national_number=int(prefix + "123456"))
-    return bool(phonenumbers.is_valid_number(sample))
+@lru_cache(maxsize=65_536)
+def cn_block_is_valid(prefix: str, length: int) -> bool | None:
+    """Validity of every CN national number with this 5-digit ``prefix`` and ``length``; None if it varies.
+
+    CN numbering rules (libphonenumber metadata) decide validity on the leading digits and the length, so
+    phonenumbers is asked once per block with several different endings; a block whose samples disagree
+    is left undecided and its numbers are checked one by one.
+    """
+    rest = length - len(prefix)
+    answers = {
+        phonenumbers.is_valid_number(
+            phonenumbers.PhoneNumber(country_code=86, national_number=int(prefix + (sample * rest)[:rest]))
+        )
+        for sample in _BLOCK_SAMPLES
+    }
+    return answers.pop() if len(answers) == 1 else None
 
 
 def phone_e164(value: Any, region: str = "CN") -> str:
@@ -506,7 +587,7 @@ def phone_e164(value: Any, region: str = "CN") -> str:
     text = clean_text(unicodedata.normalize("NFKC", _as_text(value)))
     if region == "CN":
         mobile = _CN_MOBILE.match(_PHONE_SEPARATORS.sub("", text))
-        if mobile and _cn_mobile_block_is_valid(mobile.group(1)[:5]):
+        if mobile and cn_block_is_valid(mobile.group(1)[:_BLOCK_DIGITS], 11):
             return "+86" + mobile.group(1)
     text = re.sub(r"^00", "+", text)
     text = re.sub(r"(转|分机|ext\.?|x)\s*(\d+)$", r" ext. \2", text, flags=re.IGNORECASE)
@@ -520,26 +601,76 @@ def phone_e164(value: Any, region: str = "CN") -> str:
     return f"{e164};ext={number.extension}" if number.extension else e164
 
 
-@transform("phone", PhoneArgs)
+def _strip_phone_separators(array: pa.Array) -> pa.Array:
+    return pc.replace_substring_regex(array, r"[ \-().]", "")
+
+
+def _cn_number_kernel(array: pa.Array | pa.ChunkedArray) -> tuple[Any, Any]:
+    """Settle plain CN mobile and landline numbers in Arrow: return (done mask, E.164 values).
+
+    Numbers whose block is valid are done; everything else (extensions, other countries, invalid or
+    undecided blocks) is left for ``phone_e164``, which also words the errors.
+    """
+    text = columnar.nfkc_clean_array(array)
+    text = columnar.patch(
+        text, columnar.flags(pc.match_substring_regex(text, r"[ \-().]")), _strip_phone_separators
+    )
+    mobile = columnar.flags(pc.match_substring_regex(text, r"^(?:\+?86|0086)?1[3-9][0-9]{9}$"))
+    trunk = pc.and_(columnar.flags(pc.match_substring_regex(text, _CN_NATIONAL)), pc.invert(mobile))
+    national = pc.if_else(mobile, pc.utf8_slice_codeunits(text, -11), pa.scalar(None, pa.string()))
+    if pc.any(trunk).as_py():
+        national = columnar.scatter(
+            national, trunk, pc.replace_substring_regex(pc.filter(text, trunk), _CN_TRUNK, "")
+        )
+    blocks = pc.dictionary_encode(
+        columnar.combined(
+            pc.binary_join_element_wise(
+                pc.utf8_slice_codeunits(national, 0, _BLOCK_DIGITS),
+                pc.cast(pc.utf8_length(national), pa.string()),
+                ":",
+            )
+        )
+    )
+    verdicts = []
+    for block in blocks.dictionary.to_pylist():
+        prefix, length = block.split(":")
+        verdicts.append(cn_block_is_valid(prefix, int(length)) is True)
+    done = columnar.flags(pc.take(pa.array(verdicts, pa.bool_()), blocks.indices))
+    return done, pc.binary_join_element_wise("+86", national, "")
+
+
+@transform("phone", PhoneArgs, clean_output=True)
 def phone(values: pd.Series, args: PhoneArgs) -> Outcome:
     """Phone numbers to E.164 (CN mobiles, landlines with area code, +86/0086, 转/ext extensions)."""
-    return per_value(values, lambda v: phone_e164(v, args.region))
+    array = columnar.text_array(values)
+    if array is None or args.region != "CN":
+        return per_value(values, lambda v: phone_e164(v, args.region))
+    done, e164 = _cn_number_kernel(array)
+    return columnar.settle(array, values.index, done, e164, phone_e164, TransformFailure)
 
 
 _EMAIL = re.compile(r"^[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}$")
 
 
-@transform("email")
+def email_value(value: Any) -> str:
+    """Return a lower-cased, trimmed e-mail address; raise TransformFailure when it is not one."""
+    text = clean_text(unicodedata.normalize("NFKC", str(value))).lower().strip("<>;,")
+    if not _EMAIL.match(text):
+        raise TransformFailure(f"'{value}' is not an e-mail address")
+    return text
+
+
+@transform("email", clean_output=True)
 def email(values: pd.Series, args: NoArgs) -> Outcome:
     """Lower-cased, trimmed e-mail address (full-width ＠ allowed); anything else is an error."""
-
-    def check(value: Any) -> str:
-        text = clean_text(unicodedata.normalize("NFKC", str(value))).lower().strip("<>;,")
-        if not _EMAIL.match(text):
-            raise TransformFailure(f"'{value}' is not an e-mail address")
-        return text
-
-    return per_value(values, check)
+    array = columnar.text_array(values)
+    if array is None:
+        return per_value(values, email_value)
+    text = columnar.nfkc_clean_array(array)
+    ascii_only = pc.string_is_ascii(text)  # Arrow and Python lower-case ASCII alike; the pattern is ASCII
+    text = pc.utf8_trim(pc.utf8_lower(text), "<>;,")
+    done = columnar.flags(pc.and_(ascii_only, pc.match_substring_regex(text, _EMAIL.pattern)))
+    return columnar.settle(array, values.index, done, text, email_value, TransformFailure)
 
 
 def uscc_value(value: Any) -> str:
@@ -553,10 +684,37 @@ def uscc_value(value: Any) -> str:
     return code
 
 
-@transform("uscc")
+_USCC_ALPHABET = "0123456789ABCDEFGHJKLMNPQRTUWXY"
+_USCC_WEIGHTS = np.array([1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28], dtype=np.int64)
+_USCC_VALUE = np.full(256, 0, dtype=np.int64)
+for _position, _character in enumerate(_USCC_ALPHABET):
+    _USCC_VALUE[ord(_character)] = _position
+
+
+def _uscc_check_digits_ok(codes: pa.Array) -> np.ndarray:
+    """Check digits of well-formed 18-character ASCII codes, all at once (same arithmetic as python-stdnum)."""
+    if len(codes) == 0:
+        return np.zeros(0, dtype=bool)
+    offsets = np.frombuffer(codes.buffers()[1], dtype=np.int32)[codes.offset : codes.offset + len(codes) + 1]
+    data = np.frombuffer(codes.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    values = _USCC_VALUE[data.reshape(-1, 18)]
+    expected = (31 - (values[:, :17] * _USCC_WEIGHTS).sum(axis=1)) % 31
+    return np.asarray(values[:, 17] == expected)
+
+
+@transform("uscc", clean_output=True)
 def uscc(values: pd.Series, args: NoArgs) -> Outcome:
     """统一社会信用代码: compact, upper-case, check digit verified (python-stdnum); invalid codes are errors."""
-    return per_value(values, uscc_value)
+    array = columnar.text_array(values)
+    if array is None:
+        return per_value(values, uscc_value)
+    text = columnar.nfkc_array(array)
+    text = pc.replace_substring(pc.replace_substring(text, " ", ""), "-", "")
+    text = pc.utf8_trim(pc.utf8_upper(text), columnar.WHITESPACE)
+    shaped = columnar.flags(pc.match_substring_regex(text, r"^[0-9]{8}[0-9A-HJ-NPQRTUWXY]{10}$"))
+    checked = pa.array(_uscc_check_digits_ok(columnar.combined(pc.filter(text, shaped))))
+    done = columnar.scatter(shaped, shaped, checked) if len(checked) else shaped
+    return columnar.settle(array, values.index, done, text, uscc_value, TransformFailure)
 
 
 _CJK = r"[\u3400-\u9fff]"
@@ -572,19 +730,42 @@ def company_display_name(value: str) -> str:
     return text
 
 
-@transform("company_name")
+@transform("company_name", clean_output=True)
 def company_name(values: pd.Series, args: NoArgs) -> Outcome:
     """Company name display form: full-width → half-width, spaces tidied, （） brackets in Chinese names."""
-    return _text(values, company_display_name)
+    array = columnar.text_array(values)
+    if array is None:
+        return _text(values, company_display_name)
+    text = columnar.nfkc_clean_array(array)
+    # Only names with spaces or brackets need the CJK-aware tidy-up; the rest are done after NFKC + trim.
+    done = pc.invert(
+        pc.or_(
+            pc.or_(pc.match_substring(text, " "), pc.match_substring(text, "(")),
+            pc.match_substring(text, ")"),
+        )
+    )
+    done = columnar.flags(done)
+    values_out, errors = columnar.settle(
+        array, values.index, done, text, lambda v: company_display_name(v) or None, TransformFailure
+    )
+    return columnar.text_series(columnar.empty_to_null(pa.array(values_out.array)), values.index), errors
 
 
 # --------------------------------------------------------------------------- addresses
 
 _MUNICIPALITIES = ("北京", "上海", "天津", "重庆")
+_MUNICIPAL_DISTRICT = r"^([^区县]{1,6}?(?:区|县))"
 _ADDRESS = re.compile(
     r"^(?P<province>[^省市]{2,7}?(?:省|自治区|特别行政区))?"
     r"(?P<city>.{1,8}?(?:市|自治州|地区|盟))?"
     r"(?P<district>.{1,8}?(?:区|县|旗|市))?"
+)
+_MUNICIPAL_RE2 = (
+    "^(?P<municipality>"
+    + "|".join(_MUNICIPALITIES)
+    + ")市?(?P<local_district>"
+    + _MUNICIPAL_DISTRICT[2:-1]
+    + ")?"
 )
 
 
@@ -594,7 +775,7 @@ def split_address(value: str) -> dict[str, str | None]:
     for name in _MUNICIPALITIES:
         if text.startswith(name):
             rest = text[len(name) :].removeprefix("市")
-            district = re.match(r"^([^区县]{1,6}?(?:区|县))", rest)
+            district = re.match(_MUNICIPAL_DISTRICT, rest)
             return {
                 "province": f"{name}市",
                 "city": f"{name}市",
@@ -611,10 +792,28 @@ class AddressPartArgs(Args):
     part: Literal["province", "city", "district"]
 
 
-@transform("address_part", AddressPartArgs)
+@transform("address_part", AddressPartArgs, clean_output=True)
 def address_part(values: pd.Series, args: AddressPartArgs) -> Outcome:
     """Province, city or district of a Chinese address (广东省深圳市南山区… → 广东省 / 深圳市 / 南山区)."""
-    return _text(values, lambda v: split_address(v)[args.part])
+    array = columnar.text_array(values)
+    if array is None:
+        return _text(values, lambda v: split_address(v)[args.part])
+    parts = columnar.memo("address_parts", values, lambda: _address_parts(array))
+    return columnar.text_series(columnar.empty_to_null(parts[args.part]), values.index), None
+
+
+def _address_parts(array: pa.Array | pa.ChunkedArray) -> dict[str, Any]:
+    """``split_address`` over an Arrow array: province, city and district arrays ("" where absent)."""
+    text = pc.replace_substring(columnar.nfkc_clean_array(array), " ", "")
+    general = pc.extract_regex(text, _ADDRESS.pattern)
+    parts = {name: pc.struct_field(general, [name]) for name in ("province", "city", "district")}
+    municipal = columnar.flags(pc.match_substring_regex(text, "^(?:" + "|".join(_MUNICIPALITIES) + ")"))
+    if not pc.any(municipal).as_py():
+        return parts
+    local = pc.extract_regex(pc.filter(text, municipal), _MUNICIPAL_RE2)
+    city = pc.binary_join_element_wise(pc.struct_field(local, ["municipality"]), "市", "")
+    patched = {"province": city, "city": city, "district": pc.struct_field(local, ["local_district"])}
+    return {name: columnar.scatter(parts[name], municipal, patched[name]) for name in parts}
 
 
 # --------------------------------------------------------------------------- codes and flags
@@ -639,7 +838,7 @@ _TRUE = {"1", "y", "yes", "true", "t", "是", "有", "对", "√", "✓", "x", "
 _FALSE = {"0", "n", "no", "false", "f", "否", "无", "不", "×", "✗", "off", ""}
 
 
-@transform("bool")
+@transform("bool", yields="bool")
 def to_bool(values: pd.Series, args: NoArgs) -> Outcome:
     """Booleans from 是/否, Y/N, yes/no, true/false, 1/0, √/×."""
 
