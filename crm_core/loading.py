@@ -194,7 +194,12 @@ def _python(value: Any) -> Any:
 
 
 def _present(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and value != value) and value is not pd.NaT
+    return (
+        value is not None
+        and value is not pd.NA
+        and not (isinstance(value, float) and value != value)
+        and value is not pd.NaT
+    )
 
 
 class EntityLoader:

@@ -49,7 +49,11 @@ def test_excel_skips_title_and_blank_rows_keeps_row_numbers_and_flags_subtotals(
     assert list(frame[ROW_REF]) == ["4", "6", "7"]
     assert list(frame[ROW_KIND]) == ["data", "data", "subtotal"]
     # Columns mixing typed cells and text arrive as text (the mapping's parse_date/parse_amount read both).
-    assert list(frame["签约日期"]) == ["2025-03-05 00:00:00", "2025年3月6日", None]
+    # Text columns stay Arrow-backed (string[pyarrow]); missing cells are pd.NA.
+    assert str(frame["签约日期"].dtype) == "string[pyarrow]"
+    assert frame["签约日期"].tolist()[:2] == ["2025-03-05 00:00:00", "2025年3月6日"] and frame[
+        "签约日期"
+    ].isna().tolist() == [False, False, True]
     assert list(frame["金额"]) == ["120000", "12.5万", "245000"]
     assert list(frame["序号"]) == ["1", "2", "合计"]
     assert set(frame[LOCATION]) == {"a.xlsx#客户"}

@@ -76,7 +76,9 @@ def test_every_workbook_format_reads_the_same_rows_numbers_and_subtotals(tmp_pat
     assert list(frame[ROW_KIND]) == ["data", "data", "subtotal"]
     assert set(frame[LOCATION]) == {f"台账{suffix}#客户"}
     assert list(frame["客户名称"]) == ["深圳市腾达科技有限公司", "ＡＢＣ贸易有限公司", "合计"]
-    assert list(frame["电话"]) == ["0755-86001234", "13800000000", None]
+    assert frame["电话"].tolist()[:2] == ["0755-86001234", "13800000000"] and frame[
+        "电话"
+    ].isna().tolist() == [False, False, True]
     assert list(frame["金额"]) == [120000, 2.5, 120002.5]
     assert isinstance(frame.loc[0, "金额"], int)
     assert [None if v is None else pd.Timestamp(v).date() for v in frame["签约日期"]] == [

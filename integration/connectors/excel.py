@@ -25,7 +25,7 @@ from python_calamine import CalamineWorkbook
 
 from crm_core.errors import ExtractError
 from integration.connectors import ooxml
-from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, ReadRequest
+from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, TEXT_DTYPE, ReadRequest
 from integration.connectors.ooxml import MergedRange
 
 HEADER_SCAN_ROWS = 30
@@ -287,4 +287,9 @@ def _python_values(column: pa.Array) -> pd.Series:
         stamps[times] = [t.time().isoformat() for t in stamps[times]]
         stamps[missing] = None
         return stamps
-    return pd.Series(column.to_pandas(), dtype=object)  # strings and booleans; nulls arrive as None
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        # Text stays in Arrow (pandas string[pyarrow]): the mapping kernels read it without a copy.
+        return pd.Series(
+            pd.arrays.ArrowExtensionArray(pc.cast(column, pa.string())), dtype=TEXT_DTYPE, copy=False
+        )
+    return pd.Series(column.to_pandas(), dtype=object)  # booleans; nulls arrive as None

@@ -18,7 +18,7 @@ from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
 from crm_core.db import redact_url
 from crm_core.errors import ExtractError, TransientExtractError
-from integration.connectors.base import ReadRequest, tag_rows
+from integration.connectors.base import ReadRequest, arrow_text, tag_rows
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -185,7 +185,7 @@ class SqlConnector:
             for batch in batches:
                 if batch.num_rows == 0:
                     continue
-                chunk = batch.to_pandas()
+                chunk = batch.to_pandas(types_mapper=arrow_text)
                 tag_rows(chunk, request.key, request.table, offset)
                 offset += len(chunk)
                 yield chunk
