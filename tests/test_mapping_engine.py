@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from crm_core.errors import MappingError
-from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF
-from integration.mappings.engine import EXTERNAL_KEY, map_chunk, map_chunks
+from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, TEXT_DTYPE
+from integration.mappings import engine
+from integration.mappings.engine import EXTERNAL_KEY, map_chunk, map_chunks, python_records
 from integration.mappings.spec import CompiledMapping, load_mapping
 
 HEAD = "version: 1\nsource: {connector: xlsx, sheet: 商机, key: 编号}\ntarget: opportunity\nfields:\n"
@@ -129,3 +130,65 @@ def test_a_column_that_disappeared_names_the_mapping_and_the_column(tmp_path: Pa
         MappingError, match=r"m.yaml: column\(s\) 阶段 no longer exist in xlsx.商机; update the mapping"
     ):
         map_chunk(mapping(tmp_path), rows)
+
+
+def _wide_rows(count: int) -> pd.DataFrame:
+    rows = [
+        {**ROW, "编号": f"O{i}", "客户": f" 甲{i % 7}公司 ", "名称": f"扩容{i}", "阶段": ["赢单", "需求分析", "?"][i % 3],
+         "金额": ["12.5万", "¥1,234.50", "待定", None][i % 4]}
+        for i in range(count)
+    ]  # fmt: skip
+    return frame(rows)
+
+
+def _same(left: pd.DataFrame, right: pd.DataFrame) -> None:
+    pd.testing.assert_frame_equal(python_records(left), python_records(right), check_dtype=False)
+
+
+def test_threads_pieces_and_distinct_values_do_not_change_the_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compiled = mapping(
+        tmp_path,
+        "  amount: {from: 金额, transforms: [parse_amount]}\n  owner: {from: 客户, transforms: [trim]}\n",
+    )
+    rows = _wide_rows(400)
+    reference = map_chunks(compiled, [rows], workers=1)
+    monkeypatch.setattr(engine, "PIECE_ROWS", 37)  # eleven pieces, mapped on two threads
+    threaded = map_chunks(compiled, [rows], workers=2)
+    monkeypatch.setattr(engine, "DISTINCT_SHARE", 0.0)  # every column value by value
+    valuewise = map_chunks(compiled, [rows], workers=1)
+    for other in (threaded, valuewise):
+        _same(reference.records, other.records)
+        # Rejects come chunk by chunk (all problems of a piece together): compare them as a set.
+        order = ["row_ref", "field", "rule"]
+        pd.testing.assert_frame_equal(
+            reference.rejects.sort_values(order, ignore_index=True),
+            other.rejects.sort_values(order, ignore_index=True),
+        )
+    kept = sum(1 for i in range(400) if i % 3 != 2 and i % 4 != 2)  # unknown stage or amount 待定: rejected
+    assert len(reference.records) == kept and set(reference.rejects["rule"]) == {"mapping"}
+    assert reference.records["amount"].dropna().map(str).isin(["125000.00", "1234.50"]).all()
+
+
+def test_arrow_text_input_maps_like_python_objects(tmp_path: Path) -> None:
+    compiled = mapping(tmp_path, "  amount: {from: 金额, transforms: [parse_amount]}\n")
+    rows = _wide_rows(40)
+    arrow_rows = rows.astype({c: TEXT_DTYPE for c in ROW if c in rows.columns})
+    assert str(arrow_rows["客户"].dtype) == "string[pyarrow]"
+    from_objects, from_arrow = map_chunk(compiled, rows), map_chunk(compiled, arrow_rows)
+    _same(from_objects.records, from_arrow.records)
+    pd.testing.assert_frame_equal(from_objects.rejects, from_arrow.rejects)
+
+
+def test_python_records_gives_plain_values(tmp_path: Path) -> None:
+    rows = frame([ROW, {**ROW, "编号": "O2", "金额": None, "备用名称": None}])
+    compiled = mapping(tmp_path, "  amount: {from: 金额, transforms: [parse_amount]}\n")
+    mapped = map_chunk(compiled, rows).records
+    assert str(mapped["stage"].dtype) == "string[pyarrow]" and str(mapped["amount"].dtype).startswith(
+        "decimal128"
+    )
+    records = python_records(mapped)
+    assert records.loc[1, "amount"] is None and records.loc[0, "stage"] == "won"
+    assert isinstance(records.loc[0, "amount"], Decimal) and records.loc[0, "amount"] == Decimal("125000")
+    assert all(pd.api.types.is_object_dtype(dtype) for dtype in records.dtypes)

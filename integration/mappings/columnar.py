@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,15 +37,14 @@ def re2_class(characters: str) -> str:
 
 
 _WS_CLASS = re2_class(WHITESPACE)
-# A value needs the full clean-up when it holds invisible characters, whitespace other than a single
-# ASCII space, or two spaces in a row (the ends are trimmed first, cheaply).
-_MESSY = re2_class(INVISIBLE + WHITESPACE.replace(" ", "")) + "|  "
 # Characters NFKC leaves alone and whose case mapping is the same in Arrow (utf8proc) and Python:
 # ASCII, CJK ideographs and the common CJK punctuation. Values made only of these take the kernel path.
 CJK_SIMPLE = "\\x{3001}\\x{3002}\\x{300a}-\\x{3011}\\x{3400}-\\x{4dbf}\\x{4e00}-\\x{9fff}"
 _SIMPLE = f"^[\\x{{0}}-\\x{{7f}}{CJK_SIMPLE}]*$"
-# Simple and already clean: printable ASCII or simple CJK (single spaces are checked separately).
-_TIDY = f"^[\\x{{20}}-\\x{{7e}}{CJK_SIMPLE}]*$"
+# Tidy: simple characters, printable, single spaces between words and none at the ends. A tidy value is
+# unchanged by NFKC and by clean_text, so one scan tells every text transform which values need work.
+_WORD = f"[\\x{{21}}-\\x{{7e}}{CJK_SIMPLE}]+"
+_TIDY = f"^(?:{_WORD}(?: {_WORD})*)?$"
 
 
 def text_array(values: pd.Series) -> pa.Array | pa.ChunkedArray | None:
@@ -59,9 +59,17 @@ def text_array(values: pd.Series) -> pa.Array | pa.ChunkedArray | None:
         return None
 
 
-def text_series(array: pa.Array | pa.ChunkedArray, index: pd.Index) -> pd.Series:
-    """Wrap an Arrow string array as a pandas Series without copying."""
+def arrow_series(array: pa.Array | pa.ChunkedArray, index: pd.Index) -> pd.Series:
+    """Wrap an Arrow array (text, decimals…) as a pandas Series without copying."""
     return pd.Series(pd.arrays.ArrowExtensionArray(array), index=index, copy=False)
+
+
+text_series = arrow_series
+
+
+def is_arrow(values: pd.Series) -> bool:
+    """Return True when ``values`` is Arrow-backed."""
+    return isinstance(values.dtype, pd.ArrowDtype)
 
 
 def is_text(values: pd.Series) -> bool:
@@ -137,34 +145,103 @@ def _full_clean(array: pa.Array) -> pa.Array:
     return pc.utf8_trim(array, " ")
 
 
+def _nfkc_clean(array: pa.Array) -> pa.Array:
+    return _full_clean(pc.utf8_normalize(array, "NFKC"))
+
+
+def _identity(array: pa.Array | pa.ChunkedArray) -> tuple[Any, ...] | None:
+    """The buffers an array's values live in: equal for every view of the same data."""
+    if isinstance(array, pa.ChunkedArray):
+        if array.num_chunks != 1:
+            return None
+        array = array.chunk(0)
+    return ("tidy", *(b.address if b is not None else 0 for b in array.buffers()), array.offset, len(array))
+
+
+def _known_tidy(array: pa.Array | pa.ChunkedArray) -> pa.Array | None:
+    cache, key = _SCOPE.get(), _identity(array)
+    found = cache.get(key) if cache is not None and key is not None else None
+    return found[1] if found is not None else None
+
+
+def _remember_tidy(array: pa.Array | pa.ChunkedArray, mask: pa.Array) -> None:
+    cache, key = _SCOPE.get(), _identity(array)
+    if cache is not None and key is not None:
+        cache[key] = (array, mask)  # holding the array keeps its buffers (the key) from being reused
+
+
+def tidy_mask(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """True where a value is tidy (see _TIDY); scanned once per array while a chunk is mapped."""
+    known = _known_tidy(array)
+    if known is not None:
+        return known
+    mask = combined(flags(pc.match_substring_regex(array, _TIDY)))
+    _remember_tidy(array, mask)
+    return mask
+
+
+def _all(mask: pa.Array) -> bool:
+    return bool(pc.all(mask).as_py()) if len(mask) else True
+
+
+def _tidy_up(
+    array: pa.Array | pa.ChunkedArray, func: Callable[[pa.Array], pa.Array]
+) -> pa.Array | pa.ChunkedArray:
+    """Apply ``func`` to the untidy values only; remember which values of the result are known tidy."""
+    known = _known_tidy(array)
+    if known is None:
+        array = pc.utf8_trim(array, WHITESPACE)  # trailing spaces from spreadsheets: cheap to drop first
+        known = tidy_mask(array)
+    if _all(known):
+        return array
+    result = patch(array, pc.invert(known), func)
+    _remember_tidy(result, known)
+    return result
+
+
 def clean_text_array(array: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """Vectorized ``clean_text``: drop zero-width characters, collapse any whitespace to one space, trim."""
-    array = pc.utf8_trim(array, WHITESPACE)
-    return patch(array, flags(pc.match_substring_regex(array, _MESSY)), _full_clean)
+    return _tidy_up(array, _full_clean)
 
 
 def nfkc_clean_array(array: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    """NFKC then ``clean_text``, with one scan deciding which values need either (most need neither)."""
-    array = pc.utf8_trim(array, WHITESPACE)
-    tidy = pc.and_(
-        flags(pc.match_substring_regex(array, _TIDY)), pc.invert(flags(pc.match_substring(array, "  ")))
-    )
-    return patch(array, pc.invert(tidy), lambda a: _full_clean(pc.utf8_normalize(a, "NFKC")))
+    """NFKC then ``clean_text``, computed only for the values that are not tidy already."""
+    return _tidy_up(array, _nfkc_clean)
 
 
 def simple_mask(array: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """True where a value holds only characters NFKC keeps and Arrow cases like Python (ASCII, CJK)."""
-    return flags(pc.match_substring_regex(array, _SIMPLE))
+    tidy = tidy_mask(array)
+    return tidy if _all(tidy) else pc.or_(tidy, flags(pc.match_substring_regex(array, _SIMPLE)))
 
 
 def nfkc_array(array: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """Unicode NFKC, computed only for the values that can change."""
-    return patch(array, pc.invert(simple_mask(array)), lambda a: pc.utf8_normalize(a, "NFKC"))
+    simple = simple_mask(array)
+    if _all(simple):
+        return array
+    result = patch(array, pc.invert(simple), lambda a: pc.utf8_normalize(a, "NFKC"))
+    _remember_tidy(result, tidy_mask(array))
+    return result
+
+
+def keep_tidy(
+    result: pa.Array | pa.ChunkedArray, source: pa.Array | pa.ChunkedArray, where: Any = None
+) -> None:
+    """Note that ``result`` is tidy where ``source`` was (and ``where`` holds), e.g. after ASCII case mapping."""
+    known = _known_tidy(source)
+    if known is not None:
+        _remember_tidy(result, known if where is None else pc.and_(known, combined(where)))
 
 
 def empty_to_null(array: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    """Turn empty strings into nulls."""
-    return pc.if_else(pc.equal(array, ""), pa.scalar(None, pa.string()), array)
+    """Turn empty strings into nulls (the same array when there are none)."""
+    empty = flags(pc.equal(array, ""))
+    if not pc.any(empty).as_py():
+        return array
+    result = pc.if_else(empty, pa.scalar(None, pa.string()), array)
+    keep_tidy(result, array)
+    return result
 
 
 def null_where_array(array: pa.Array | pa.ChunkedArray, mask: pa.Array | pa.ChunkedArray) -> Any:
@@ -180,17 +257,29 @@ def object_array(items: list[Any]) -> np.ndarray:
     return out
 
 
-def map_distinct(
-    array: pa.Array | pa.ChunkedArray, index: pd.Index, func: Callable[[str], Any], failure: type[Exception]
-) -> tuple[pd.Series, pd.Series | None]:
-    """Apply ``func`` once per distinct text value; ``failure`` exceptions become that value's error.
+@dataclass
+class Distinct:
+    """``func`` applied to the distinct values of an array: results, errors by position, row positions."""
 
-    The array is dictionary-encoded in Arrow, ``func`` runs over the dictionary only, and the results are
-    taken back by index: text results stay in Arrow, other results become an object Series.
-    """
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
-    encoded = pc.dictionary_encode(array)
+    results: list[Any]
+    errors: dict[int, str]
+    indices: pa.Array
+
+    def reasons(self, index: pd.Index) -> pd.Series | None:
+        """Return the per-row error reasons (None when every value worked)."""
+        if not self.errors:
+            return None
+        reasons = pa.array([self.errors.get(i) for i in range(len(self.results))], pa.string())
+        return pd.Series(
+            pc.take(reasons, self.indices).to_numpy(zero_copy_only=False), index=index, dtype=object
+        )
+
+
+def apply_distinct(
+    array: pa.Array | pa.ChunkedArray, func: Callable[[str], Any], failure: type[Exception]
+) -> Distinct:
+    """Apply ``func`` once per distinct text value; ``failure`` exceptions become that value's error."""
+    encoded = pc.dictionary_encode(combined(array))
     results: list[Any] = []
     errors: dict[int, str] = {}
     for position, value in enumerate(encoded.dictionary.to_pylist()):
@@ -199,19 +288,25 @@ def map_distinct(
         except failure as exc:
             results.append(None)
             errors[position] = str(exc)
-    indices = encoded.indices
+    return Distinct(results, errors, encoded.indices)
+
+
+def map_distinct(
+    array: pa.Array | pa.ChunkedArray, index: pd.Index, func: Callable[[str], Any], failure: type[Exception]
+) -> tuple[pd.Series, pd.Series | None]:
+    """Apply ``func`` once per distinct text value; ``failure`` exceptions become that value's error.
+
+    The array is dictionary-encoded in Arrow, ``func`` runs over the dictionary only, and the results are
+    taken back by index: text results stay in Arrow, other results become an object Series.
+    """
+    found = apply_distinct(array, func, failure)
     values: pd.Series
-    if all(r is None or isinstance(r, str) for r in results):
-        values = text_series(pc.take(pa.array(results, pa.string()), indices), index)
+    if all(r is None or isinstance(r, str) for r in found.results):
+        values = text_series(pc.take(pa.array(found.results, pa.string()), found.indices), index)
     else:
-        positions = pc.fill_null(indices, len(results)).to_numpy(zero_copy_only=False)
-        values = pd.Series(object_array(results)[positions], index=index, dtype=object)
-    if not errors:
-        return values, None
-    reasons = pa.array([errors.get(i) for i in range(len(results))], pa.string())
-    return values, pd.Series(
-        pc.take(reasons, indices).to_numpy(zero_copy_only=False), index=index, dtype=object
-    )
+        positions = pc.fill_null(found.indices, len(found.results)).to_numpy(zero_copy_only=False)
+        values = pd.Series(object_array(found.results)[positions], index=index, dtype=object)
+    return values, found.reasons(index)
 
 
 def settle(

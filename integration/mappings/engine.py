@@ -54,8 +54,13 @@ class MappingResult:
         items = list(parts)
         if not items:
             return cls(pd.DataFrame(), empty_rejects(), 0)
+        frames = [p.records for p in items]
+        if len({tuple(map(str, f.dtypes)) for f in frames}) > 1:
+            # A column that is Arrow in one chunk and objects in another (or decimals of different
+            # scales) would mix pd.NA and None: join such chunks as plain Python objects.
+            frames = [python_records(f) for f in frames]
         return cls(
-            pd.concat([p.records for p in items], ignore_index=True),
+            pd.concat(frames, ignore_index=True),
             pd.concat([p.rejects for p in items], ignore_index=True),
             sum(p.rows_read for p in items),
         )
@@ -93,9 +98,9 @@ def blank_mask(values: pd.Series) -> pd.Series:
 
 def null_where(values: pd.Series, condition: pd.Series) -> pd.Series:
     """Return a copy of ``values`` with None where ``condition`` holds (text stays Arrow, the rest object)."""
-    if columnar.is_text(values):
+    if columnar.is_arrow(values):
         nulled = columnar.null_where_array(pa.array(values.array), pa.array(condition.to_numpy(dtype=bool)))
-        return columnar.text_series(nulled, values.index)
+        return columnar.arrow_series(nulled, values.index)
     out = values.astype(object).copy()
     out[condition] = None
     return out
@@ -214,7 +219,7 @@ class _Outcome:
         self.mapping = mapping
         self.chunk = chunk
         self.rejected = pd.Series(False, index=chunk.index)
-        self.subtotal = chunk[ROW_KIND] == "subtotal"
+        self.subtotal = chunk[ROW_KIND].isin(("subtotal",))  # hash lookup: cheaper than == on objects
         self.parts: list[pd.DataFrame] = []
 
     def add(
@@ -359,8 +364,8 @@ def _distinct(values: pd.Series) -> tuple[pd.Series, pa.Array] | None:
 
 def _expand(values: pd.Series, positions: pa.Array, index: pd.Index) -> pd.Series:
     """Return per-row values from per-distinct ``values`` (null positions give missing values)."""
-    if columnar.is_text(values):
-        return columnar.text_series(pc.take(pa.array(values.array), positions), index)
+    if columnar.is_arrow(values):
+        return columnar.arrow_series(pc.take(pa.array(values.array), positions), index)
     table = columnar.object_array(list(values.to_numpy(dtype=object)))
     return pd.Series(table[pc.fill_null(positions, len(values)).to_numpy()], index=index, dtype=object)
 
@@ -409,7 +414,7 @@ def _run_field(
         default = cast_value(spec.default, target)
         fill = result.isna() & ~failed
         if fill.any():
-            result = result.astype(object) if not columnar.is_text(result) else result
+            result = result if columnar.is_arrow(result) else result.astype(object)
             result = result.where(~fill, default)
     if spec.required or target.required:
         empty = result.isna() & ~failed
