@@ -192,3 +192,18 @@ def test_python_records_gives_plain_values(tmp_path: Path) -> None:
     assert records.loc[1, "amount"] is None and records.loc[0, "stage"] == "won"
     assert isinstance(records.loc[0, "amount"], Decimal) and records.loc[0, "amount"] == Decimal("125000")
     assert all(pd.api.types.is_object_dtype(dtype) for dtype in records.dtypes)
+
+
+def test_a_typed_field_over_an_empty_column_takes_its_default(tmp_path: Path) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text(
+        "version: 1\nsource: {connector: erp, table: Customer, key: code}\ntarget: customer\nfields:\n"
+        "  name: {from: name, required: true}\n"
+        '  is_branch: {from: head, transforms: [{regex_replace: {pattern: ".+", replace: "Y"}}, bool], default: false}\n',
+        encoding="utf-8",
+    )
+    rows = pd.DataFrame({"code": ["1", "2"], "name": ["甲公司", "乙公司"], "head": [None, None]})
+    rows[ROW_REF], rows[LOCATION], rows[ROW_KIND] = ["1", "2"], "Customer", "data"
+    for chunk in (rows, rows.astype({"head": TEXT_DTYPE})):
+        records = python_records(map_chunk(load_mapping(file), chunk).records)
+        assert records["is_branch"].tolist() == [False, False]

@@ -158,14 +158,17 @@ def arrow_text_columns(chunk: pd.DataFrame, columns: Iterable[str]) -> dict[str,
     return selected
 
 
+def python_values(values: pd.Series) -> pd.Series:
+    """Return an Arrow-backed Series as Python objects, with None for missing values."""
+    return pd.Series(values.array.to_numpy(dtype=object, na_value=None), index=values.index, dtype=object)
+
+
 def python_records(records: pd.DataFrame) -> pd.DataFrame:
     """Return ``records`` with Arrow text columns as plain Python objects (None for missing), for the loaders."""
     converted = {
-        column: pd.Series(
-            records[column].array.to_numpy(dtype=object, na_value=None), index=records.index, dtype=object
-        )
+        column: python_values(records[column])
         for column in records.columns
-        if isinstance(records[column].dtype, pd.ArrowDtype)
+        if columnar.is_arrow(records[column])
     }
     return records.assign(**converted) if converted else records
 
@@ -410,6 +413,8 @@ def _run_field(
             )
         severity = "error" if spec.on_error == "reject" else "warn"
         outcome.add(failed, field.name, raw, reasons, rule="mapping", severity=severity)
+    if target.kind != "str" and columnar.is_text(result):
+        result = python_values(result)  # a column with nothing in it comes back as empty text
     if "default" in spec.model_fields_set and spec.default is not None:
         default = cast_value(spec.default, target)
         fill = result.isna() & ~failed
