@@ -20,8 +20,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-TEXT_DTYPE = pd.ArrowDtype(pa.string())
-
 # Every character Python's str.isspace() accepts (``\s`` of the ``re`` module), written for RE2.
 WHITESPACE = (
     "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680"
@@ -62,9 +60,6 @@ def text_array(values: pd.Series) -> pa.Array | pa.ChunkedArray | None:
 def arrow_series(array: pa.Array | pa.ChunkedArray, index: pd.Index) -> pd.Series:
     """Wrap an Arrow array (text, decimals…) as a pandas Series without copying."""
     return pd.Series(pd.arrays.ArrowExtensionArray(array), index=index, copy=False)
-
-
-text_series = arrow_series
 
 
 def is_arrow(values: pd.Series) -> bool:
@@ -110,7 +105,7 @@ def patch(
     return scatter(array, where, func(pc.filter(array, where)))
 
 
-_SCOPE: ContextVar[dict[tuple[str, int], tuple[object, Any]] | None] = ContextVar(
+_SCOPE: ContextVar[dict[tuple[Any, ...], tuple[object, Any]] | None] = ContextVar(
     "mapping_scope", default=None
 )
 
@@ -225,13 +220,11 @@ def nfkc_array(array: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     return result
 
 
-def keep_tidy(
-    result: pa.Array | pa.ChunkedArray, source: pa.Array | pa.ChunkedArray, where: Any = None
-) -> None:
-    """Note that ``result`` is tidy where ``source`` was (and ``where`` holds), e.g. after ASCII case mapping."""
+def keep_tidy(result: pa.Array | pa.ChunkedArray, source: pa.Array | pa.ChunkedArray) -> None:
+    """Note that ``result`` is tidy where ``source`` was, e.g. after ASCII case mapping or nulling empties."""
     known = _known_tidy(source)
     if known is not None:
-        _remember_tidy(result, known if where is None else pc.and_(known, combined(where)))
+        _remember_tidy(result, known)
 
 
 def empty_to_null(array: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
@@ -302,7 +295,7 @@ def map_distinct(
     found = apply_distinct(array, func, failure)
     values: pd.Series
     if all(r is None or isinstance(r, str) for r in found.results):
-        values = text_series(pc.take(pa.array(found.results, pa.string()), found.indices), index)
+        values = arrow_series(pc.take(pa.array(found.results, pa.string()), found.indices), index)
     else:
         positions = pc.fill_null(found.indices, len(found.results)).to_numpy(zero_copy_only=False)
         values = pd.Series(object_array(found.results)[positions], index=index, dtype=object)
@@ -320,8 +313,8 @@ def settle(
     """Take the kernel result ``settled`` where ``done``; run ``func`` per distinct value on the rest."""
     rest = null_where_array(array, done)
     if pc.all(pc.is_null(rest)).as_py():
-        return text_series(settled, index), None
+        return arrow_series(settled, index), None
     slow, errors = map_distinct(rest, index, func, failure)
     if not is_text(slow):
         raise AssertionError("settle() needs a text-valued fallback")
-    return text_series(pc.if_else(done, settled, pa.array(slow.array)), index), errors
+    return arrow_series(pc.if_else(done, settled, pa.array(slow.array)), index), errors

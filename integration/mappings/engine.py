@@ -113,7 +113,7 @@ def _first_non_empty(frame: Mapping[str, pd.Series], columns: list[str]) -> pd.S
             columnar.null_where_array(pa.array(c.array), pa.array(blank_mask(c).to_numpy()))
             for c in candidates
         ]
-        return columnar.text_series(
+        return columnar.arrow_series(
             pc.coalesce(*arrays) if len(arrays) > 1 else arrays[0], candidates[0].index
         )
     result = null_where(candidates[0].astype(object), blank_mask(candidates[0]))
@@ -130,7 +130,7 @@ def _key_part(values: pd.Series) -> pd.Series:
     """Return one key column as cleaned text (missing where empty)."""
     if columnar.is_text(values):
         array = columnar.empty_to_null(columnar.clean_text_array(pa.array(values.array)))
-        return columnar.text_series(array, values.index)
+        return columnar.arrow_series(array, values.index)
     return per_value(null_where(values, blank_mask(values)), _key_text)[0]
 
 
@@ -140,7 +140,7 @@ def _external_key(data: Mapping[str, pd.Series], key_columns: list[str], index: 
     if all(columnar.is_text(p) for p in parts):
         arrays = [pa.array(p.array) for p in parts]
         joined = arrays[0] if len(arrays) == 1 else pc.binary_join_element_wise(*arrays, "|")
-        return columnar.text_series(joined, index)
+        return columnar.arrow_series(joined, index)
     key = parts[0].astype(object)
     for part in parts[1:]:
         part = part.astype(object)
@@ -154,7 +154,7 @@ def arrow_text_columns(chunk: pd.DataFrame, columns: Iterable[str]) -> dict[str,
     selected: dict[str, pd.Series] = {}
     for column in columns:
         array = columnar.text_array(chunk[column])
-        selected[column] = chunk[column] if array is None else columnar.text_series(array, chunk.index)
+        selected[column] = chunk[column] if array is None else columnar.arrow_series(array, chunk.index)
     return selected
 
 
@@ -301,7 +301,7 @@ def _cast(values: pd.Series, target: FieldDef, clean: bool = False) -> tuple[pd.
                     dtype=object,
                 )
                 array = columnar.null_where_array(array, too_long)
-        return columnar.text_series(columnar.empty_to_null(array), values.index), errors
+        return columnar.arrow_series(columnar.empty_to_null(array), values.index), errors
     return per_value(values, lambda value: None if _blank(value) else cast_value(value, target))
 
 
@@ -362,7 +362,7 @@ def _distinct(values: pd.Series) -> tuple[pd.Series, pa.Array] | None:
     encoded = pc.dictionary_encode(array)
     if len(encoded.dictionary) > DISTINCT_SHARE * len(values):
         return None
-    return columnar.text_series(encoded.dictionary, pd.RangeIndex(len(encoded.dictionary))), encoded.indices
+    return columnar.arrow_series(encoded.dictionary, pd.RangeIndex(len(encoded.dictionary))), encoded.indices
 
 
 def _expand(values: pd.Series, positions: pa.Array, index: pd.Index) -> pd.Series:

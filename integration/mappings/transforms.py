@@ -121,7 +121,7 @@ def _text(
     array = columnar.text_array(values) if kernel is not None else None
     if kernel is None or array is None:
         return per_value(values, apply)
-    return columnar.text_series(columnar.empty_to_null(kernel(array)), values.index), None
+    return columnar.arrow_series(columnar.empty_to_null(kernel(array)), values.index), None
 
 
 def _cased(values: pd.Series, func: Callable[[str], str], kernel: Callable[[Any], Any]) -> Outcome:
@@ -139,7 +139,7 @@ def _cased(values: pd.Series, func: Callable[[str], str], kernel: Callable[[Any]
     )
     cased = pa.array(result.array)
     columnar.keep_tidy(cased, array)  # case mapping keeps tidy (ASCII/CJK) values tidy
-    return columnar.text_series(columnar.empty_to_null(cased), values.index), errors
+    return columnar.arrow_series(columnar.empty_to_null(cased), values.index), errors
 
 
 def _as_text(value: Any) -> str:
@@ -748,7 +748,7 @@ def company_name(values: pd.Series, args: NoArgs) -> Outcome:
     values_out, errors = columnar.settle(
         array, values.index, done, text, lambda v: company_display_name(v) or None, TransformFailure
     )
-    return columnar.text_series(columnar.empty_to_null(pa.array(values_out.array)), values.index), errors
+    return columnar.arrow_series(columnar.empty_to_null(pa.array(values_out.array)), values.index), errors
 
 
 # --------------------------------------------------------------------------- addresses
@@ -799,7 +799,7 @@ def address_part(values: pd.Series, args: AddressPartArgs) -> Outcome:
     if array is None:
         return _text(values, lambda v: split_address(v)[args.part])
     parts = columnar.memo("address_parts", values, lambda: _address_parts(array))
-    return columnar.text_series(columnar.empty_to_null(parts[args.part]), values.index), None
+    return columnar.arrow_series(columnar.empty_to_null(parts[args.part]), values.index), None
 
 
 def _address_parts(array: pa.Array | pa.ChunkedArray) -> dict[str, Any]:
