@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from crm_core.errors import MappingError
+from crm_core.errors import ConfigError, MappingError
 from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, TEXT_DTYPE
 from integration.mappings import engine
 from integration.mappings.engine import EXTERNAL_KEY, map_chunk, map_chunks, python_records
@@ -207,3 +207,25 @@ def test_a_typed_field_over_an_empty_column_takes_its_default(tmp_path: Path) ->
     for chunk in (rows, rows.astype({"head": TEXT_DTYPE})):
         records = python_records(map_chunk(load_mapping(file), chunk).records)
         assert records["is_branch"].tolist() == [False, False]
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("3", 3), (" 2 ", 2), ("", None)])
+def test_mapping_threads_follow_crmi_mapping_workers(
+    setting: str, expected: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CRMI_MAPPING_WORKERS", setting)
+    workers = engine.default_workers()
+    assert workers == expected if expected is not None else 1 <= workers <= 8
+
+
+@pytest.mark.parametrize("setting", ["0", "two", "-1", "1.5"])
+def test_a_bad_crmi_mapping_workers_names_the_variable_and_what_is_allowed(
+    setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CRMI_MAPPING_WORKERS", setting)
+    with pytest.raises(ConfigError) as raised:
+        engine.default_workers()
+    assert str(raised.value) == (
+        f"<config>: CRMI_MAPPING_WORKERS={setting!r}: expected a whole number of threads, 1 or more "
+        "(unset it to use one thread per core)"
+    )

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from crm_core.entities import FieldDef
-from crm_core.errors import MappingError
+from crm_core.errors import ConfigError, MappingError
 from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF
 from integration.mappings import columnar
 from integration.mappings.spec import CompiledField, CompiledMapping
@@ -477,9 +477,14 @@ PIECE_ROWS = 50_000
 
 def default_workers() -> int:
     """Threads for mapping: one per usable core (at most 8); CRMI_MAPPING_WORKERS overrides."""
-    configured = os.environ.get("CRMI_MAPPING_WORKERS")
+    configured = os.environ.get("CRMI_MAPPING_WORKERS", "").strip()
     if configured:
-        return max(1, int(configured))
+        if not configured.isdigit() or int(configured) < 1:
+            raise ConfigError(
+                f"CRMI_MAPPING_WORKERS={configured!r}: expected a whole number of threads, 1 or more "
+                "(unset it to use one thread per core)"
+            )
+        return int(configured)
     return max(
         1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     )
