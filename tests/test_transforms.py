@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from integration.mappings.transforms import REGISTRY, split_address
 
@@ -289,3 +290,15 @@ def test_vectorized_phone_path_agrees_with_phonenumbers_on_random_cn_numbers() -
             assert got is None and error == str(exc), value
         else:
             assert got == expected and error is None, value
+
+
+def test_join_rejoins_chinese_and_latin_lists_without_empty_or_repeated_items() -> None:
+    values, errors = run("join", ["销售；市场、 售后;;销售", "sales, Marketing ;support|sales", " ; ", None])
+    assert values == ["销售, 市场, 售后", "sales, Marketing, support", None, None]
+    assert errors == [None] * 4
+    assert one("join", "张三/李四/张三", split_on=["/"], sep="、", unique=False) == "张三、李四、张三"
+
+
+def test_join_refuses_an_empty_separator() -> None:
+    with pytest.raises(ValidationError, match="an empty separator would split between every character"):
+        REGISTRY["join"].args.model_validate({"split_on": [";", ""]})

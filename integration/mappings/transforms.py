@@ -56,19 +56,30 @@ class TransformDef:
     summary: str
     clean_output: bool = False  # text results are already in clean_text form (the engine skips re-cleaning)
     yields: str | None = None  # the field kind every non-null result already has (the engine skips the cast)
+    examples: tuple[Any, ...] = ()  # inputs shown, with what the transform makes of them, in the reference
+    example_args: dict[str, Any] | None = None  # the arguments the examples run with
 
 
 REGISTRY: dict[str, TransformDef] = {}
 
 
 def transform(
-    name: str, args: type[Args] = NoArgs, clean_output: bool = False, yields: str | None = None
+    name: str,
+    args: type[Args] = NoArgs,
+    clean_output: bool = False,
+    yields: str | None = None,
+    examples: tuple[Any, ...] = (),
+    example_args: dict[str, Any] | None = None,
 ) -> Callable[[Callable[[pd.Series, Any], Outcome]], Callable[[pd.Series, Any], Outcome]]:
-    """Register a transform under ``name``; its docstring's first line is its summary."""
+    """Register a transform under ``name``; its docstring's first line is its summary.
+
+    ``examples`` are raw values (Chinese and Latin) run through the transform, with ``example_args``,
+    for the reference (``crmi mapping transforms``, docs/transforms.md), so the documentation is the code's.
+    """
 
     def register(func: Callable[[pd.Series, Any], Outcome]) -> Callable[[pd.Series, Any], Outcome]:
         summary = (func.__doc__ or "").strip().splitlines()[0]
-        REGISTRY[name] = TransformDef(name, func, args, summary, clean_output, yields)
+        REGISTRY[name] = TransformDef(name, func, args, summary, clean_output, yields, examples, example_args)
         return func
 
     return register
@@ -159,31 +170,31 @@ def clean_text(value: str) -> str:
     return _SPACES.sub(" ", _INVISIBLE.sub("", value)).strip()
 
 
-@transform("trim", clean_output=True)
+@transform("trim", clean_output=True, examples=("  深圳市\u3000腾达科技  ", "Acme \t Trading\u200b Ltd "))
 def trim(values: pd.Series, args: NoArgs) -> Outcome:
     """Strip both ends, collapse inner whitespace (incl. full-width spaces), drop zero-width characters."""
     return _text(values, clean_text, columnar.clean_text_array)
 
 
-@transform("nfkc")
+@transform("nfkc", examples=("ＡＢＣ１２３（集团）", "Ｃａｆé　Ｎｏ．５"))
 def nfkc(values: pd.Series, args: NoArgs) -> Outcome:
     """Unicode NFKC: full-width letters, digits and punctuation become half-width (ＡＢＣ１２３ → ABC123)."""
     return _text(values, lambda v: unicodedata.normalize("NFKC", v), columnar.nfkc_array)
 
 
-@transform("upper")
+@transform("upper", examples=("abc有限公司", "straße"))
 def upper(values: pd.Series, args: NoArgs) -> Outcome:
     """Upper-case (Chinese text is unchanged)."""
     return _cased(values, str.upper, pc.utf8_upper)
 
 
-@transform("lower")
+@transform("lower", examples=("ACME 贸易", "Straße GmbH"))
 def lower(values: pd.Series, args: NoArgs) -> Outcome:
     """Lower-case (Chinese text is unchanged)."""
     return _cased(values, str.lower, pc.utf8_lower)
 
 
-@transform("title")
+@transform("title", examples=("acme trading ltd", "深圳 acme 分公司"))
 def title(values: pd.Series, args: NoArgs) -> Outcome:
     """Title-case Latin words (Chinese text is unchanged)."""
     return _cased(values, str.title, pc.utf8_title)
@@ -200,13 +211,18 @@ def _valid_regex(value: str) -> str:
 class RegexReplaceArgs(Args):
     """Arguments of ``regex_replace``."""
 
-    pattern: str
-    replace: str = ""
+    pattern: str = Field(description="regular expression (Python re syntax)")
+    replace: str = Field(default="", description="replacement; \\1 or \\g<name> insert groups")
 
     _compiles = field_validator("pattern")(_valid_regex)
 
 
-@transform("regex_replace", RegexReplaceArgs)
+@transform(
+    "regex_replace",
+    RegexReplaceArgs,
+    examples=("客户-0042", "cust-7"),
+    example_args={"pattern": r"^\D+-0*", "replace": "C"},
+)
 def regex_replace(values: pd.Series, args: RegexReplaceArgs) -> Outcome:
     """Replace every match of ``pattern`` with ``replace`` (Python ``re`` syntax, ``\\1`` for groups)."""
     compiled = re.compile(args.pattern)
@@ -216,13 +232,18 @@ def regex_replace(values: pd.Series, args: RegexReplaceArgs) -> Outcome:
 class RegexExtractArgs(Args):
     """Arguments of ``regex_extract``."""
 
-    pattern: str
-    group: int | str = 1
+    pattern: str = Field(description="regular expression (Python re syntax)")
+    group: int | str = Field(default=1, description="group number or name to keep")
 
     _compiles = field_validator("pattern")(_valid_regex)
 
 
-@transform("regex_extract", RegexExtractArgs)
+@transform(
+    "regex_extract",
+    RegexExtractArgs,
+    examples=("合同号：HT-2025-017", "ref HT-2024-3 (signed)", "无合同"),
+    example_args={"pattern": r"HT-(\d{4})-\d+"},
+)
 def regex_extract(values: pd.Series, args: RegexExtractArgs) -> Outcome:
     """Keep the given group of the first match of ``pattern``; no match gives an empty value."""
     compiled = re.compile(args.pattern)
@@ -237,11 +258,16 @@ def regex_extract(values: pd.Series, args: RegexExtractArgs) -> Outcome:
 class SplitArgs(Args):
     """Arguments of ``split``."""
 
-    sep: str
-    index: int = 0
+    sep: str = Field(description="separator, e.g. '-' or '/'")
+    index: int = Field(default=0, description="part to keep: 0 is the first, -1 the last")
 
 
-@transform("split", SplitArgs)
+@transform(
+    "split",
+    SplitArgs,
+    examples=("华东区/上海", "EMEA/Berlin", "总部"),
+    example_args={"sep": "/", "index": -1},
+)
 def split(values: pd.Series, args: SplitArgs) -> Outcome:
     """Split on ``sep`` and keep part ``index`` (0 = first, -1 = last); missing parts give an empty value."""
 
@@ -255,18 +281,68 @@ def split(values: pd.Series, args: SplitArgs) -> Outcome:
     return _text(values, part)
 
 
+# Separators of list-like values: ASCII and full-width commas and semicolons, the enumeration comma 、,
+# bars and line breaks (several contacts or tags typed into one cell).
+LIST_SEPARATORS = (",", "，", ";", "；", "、", "|", "\n")
+
+
+class JoinArgs(Args):
+    """Arguments of ``join``."""
+
+    split_on: list[str] = Field(
+        default_factory=lambda: list(LIST_SEPARATORS),
+        min_length=1,
+        description="separators between the items (default: , ， ; ； 、 | and line breaks)",
+    )
+    sep: str = Field(default=", ", description="separator written between the items")
+    unique: bool = Field(default=True, description="drop repeated items (the first one stays)")
+
+    @field_validator("split_on")
+    @classmethod
+    def _no_empty_separator(cls, value: list[str]) -> list[str]:
+        if any(not separator for separator in value):
+            raise ValueError("an empty separator would split between every character")
+        return value
+
+
+@transform(
+    "join",
+    JoinArgs,
+    clean_output=True,
+    examples=("销售；市场、 售后;;销售", "sales, Marketing ;support|sales", ""),
+)
+def join(values: pd.Series, args: JoinArgs) -> Outcome:
+    """Rejoin the items of a list-like value (a；b、c) with one separator; empty and repeated items dropped."""
+    splitter = re.compile("|".join(re.escape(separator) for separator in args.split_on))
+
+    def rejoin(value: str) -> str | None:
+        items = [item for item in (clean_text(part) for part in splitter.split(value)) if item]
+        if args.unique:
+            items = list(dict.fromkeys(items))
+        return args.sep.join(items) or None
+
+    return _text(values, rejoin)
+
+
 class MapValuesArgs(Args):
     """Arguments of ``map_values``."""
 
-    values: dict[str, Any]
-    unmatched: Literal["keep", "null", "reject"] = "keep"
+    values: dict[str, Any] = Field(description="source value → target value")
+    unmatched: Literal["keep", "null", "reject"] = Field(
+        default="keep", description="a value not in the table: keep it, leave the field empty, or reject"
+    )
 
 
 def _fold(value: Any) -> str:
     return clean_text(unicodedata.normalize("NFKC", _as_text(value))).casefold()
 
 
-@transform("map_values", MapValuesArgs)
+@transform(
+    "map_values",
+    MapValuesArgs,
+    examples=("ＶＩＰ", " vip ", "普通", "其他"),
+    example_args={"values": {"VIP": "key_account", "普通": "standard"}, "unmatched": "reject"},
+)
 def map_values(values: pd.Series, args: MapValuesArgs) -> Outcome:
     """Translate values through a table; keys match ignoring case, width and extra spaces."""
     table = {_fold(k): v for k, v in args.values.items()}
@@ -388,13 +464,24 @@ def _parse_date_text(text: str, args: DateArgs) -> dt.datetime:
     return result
 
 
-@transform("parse_date", DateArgs, yields="date")
+@transform(
+    "parse_date",
+    DateArgs,
+    yields="date",
+    examples=("2025年3月5日", "2025/3/5", "2025.3.5", "20250305", 45721, 60, "next week"),
+)
 def parse_date(values: pd.Series, args: DateArgs) -> Outcome:
     """Parse dates: ISO, 2025/3/5, 2025.3.5, 2025年3月5日, 20250305, Excel serials (1900 leap bug handled)."""
     return per_value(values, lambda v: parse_datetime_value(v, args).date())
 
 
-@transform("parse_datetime", DateArgs, yields="datetime")
+@transform(
+    "parse_datetime",
+    DateArgs,
+    yields="datetime",
+    examples=("2025年3月5日 14时30分", "2025-03-05T14:30:00Z", "2025/3/5"),
+    example_args={"timezone": "Asia/Shanghai"},
+)
 def parse_datetime(values: pd.Series, args: DateArgs) -> Outcome:
     """Parse date-times like ``parse_date``, keeping the time and attaching ``timezone`` to naive values."""
     return per_value(values, lambda v: parse_datetime_value(v, args))
@@ -476,7 +563,12 @@ def _chinese_numeral(text: str, original: Any) -> Decimal:
         raise TransformFailure(f"'{original}' is not a Chinese numeral amount") from None
 
 
-@transform("parse_amount", AmountArgs, yields="decimal")
+@transform(
+    "parse_amount",
+    AmountArgs,
+    yields="decimal",
+    examples=("¥1,234.50", "12.5万", "3亿", "1.2k", "(500)", "一百二十万", "壹仟贰佰元整", "待定"),
+)
 def parse_amount(values: pd.Series, args: AmountArgs) -> Outcome:
     """Parse money amounts (¥1,234.50, 12.5万, 3亿, 1.2k, (500), 一百二十万, 壹仟贰佰元) into Decimal."""
     array = columnar.text_array(values)
@@ -516,7 +608,7 @@ _CURRENCIES = {
 }  # fmt: skip
 
 
-@transform("currency")
+@transform("currency", examples=("人民币", "¥", "RMB", "美元", "usd", "比特币"))
 def currency(values: pd.Series, args: NoArgs) -> Outcome:
     """ISO 4217 code from a code, symbol or Chinese name (¥, 人民币, RMB → CNY; 美元 → USD)."""
 
@@ -639,7 +731,19 @@ def _cn_number_kernel(array: pa.Array | pa.ChunkedArray) -> tuple[Any, Any]:
     return done, pc.binary_join_element_wise("+86", national, "")
 
 
-@transform("phone", PhoneArgs, clean_output=True)
+@transform(
+    "phone",
+    PhoneArgs,
+    clean_output=True,
+    examples=(
+        "138 0013 8000",
+        "+86 139-1234-5678",
+        "0755-86001234转8",
+        "(010) 1234 5678",
+        "+1 650-253-0000",
+        "12345",
+    ),
+)
 def phone(values: pd.Series, args: PhoneArgs) -> Outcome:
     """Phone numbers to E.164 (CN mobiles, landlines with area code, +86/0086, 转/ext extensions)."""
     array = columnar.text_array(values)
@@ -660,7 +764,11 @@ def email_value(value: Any) -> str:
     return text
 
 
-@transform("email", clean_output=True)
+@transform(
+    "email",
+    clean_output=True,
+    examples=(" Sales@Example.CN ", "LI.NA＠ACME.COM.CN", "<li.na@acme.com>;", "bad@"),
+)
 def email(values: pd.Series, args: NoArgs) -> Outcome:
     """Lower-cased, trimmed e-mail address (full-width ＠ allowed); anything else is an error."""
     array = columnar.text_array(values)
@@ -702,7 +810,11 @@ def _uscc_check_digits_ok(codes: pa.Array) -> np.ndarray:
     return np.asarray(values[:, 17] == expected)
 
 
-@transform("uscc", clean_output=True)
+@transform(
+    "uscc",
+    clean_output=True,
+    examples=("9144 0300 7084 6113 6t", "９１４４０３００７０８４６１１３６Ｔ", "91440300708461136X"),
+)
 def uscc(values: pd.Series, args: NoArgs) -> Outcome:
     """统一社会信用代码: compact, upper-case, check digit verified (python-stdnum); invalid codes are errors."""
     array = columnar.text_array(values)
@@ -730,7 +842,11 @@ def company_display_name(value: str) -> str:
     return text
 
 
-@transform("company_name", clean_output=True)
+@transform(
+    "company_name",
+    clean_output=True,
+    examples=(" 深圳市腾达（集团） 有限公司", "深圳 腾达(集团)有限公司", "ＡＣＭＥ  Trading (HK) Ltd"),
+)
 def company_name(values: pd.Series, args: NoArgs) -> Outcome:
     """Company name display form: full-width → half-width, spaces tidied, （） brackets in Chinese names."""
     array = columnar.text_array(values)
@@ -789,10 +905,16 @@ def split_address(value: str) -> dict[str, str | None]:
 class AddressPartArgs(Args):
     """Arguments of ``address_part``."""
 
-    part: Literal["province", "city", "district"]
+    part: Literal["province", "city", "district"] = Field(description="which part of the address to keep")
 
 
-@transform("address_part", AddressPartArgs, clean_output=True)
+@transform(
+    "address_part",
+    AddressPartArgs,
+    clean_output=True,
+    examples=("广东省深圳市南山区科技园1号", "北京海淀区中关村大街1号", "Room 5, 1 Queen's Road"),
+    example_args={"part": "city"},
+)
 def address_part(values: pd.Series, args: AddressPartArgs) -> Outcome:
     """Province, city or district of a Chinese address (广东省深圳市南山区… → 广东省 / 深圳市 / 南山区)."""
     array = columnar.text_array(values)
@@ -819,7 +941,7 @@ def _address_parts(array: pa.Array | pa.ChunkedArray) -> dict[str, Any]:
 # --------------------------------------------------------------------------- codes and flags
 
 
-@transform("stage")
+@transform("stage", examples=("初步接洽", "商务谈判", "赢单", "Closed Won", "Prospecting", "搁置"))
 def stage(values: pd.Series, args: NoArgs) -> Outcome:
     """Opportunity stage code from the stage master: codes, 初步接洽…赢单/输单, SugarCRM sales_stage values."""
 
@@ -838,7 +960,7 @@ _TRUE = {"1", "y", "yes", "true", "t", "是", "有", "对", "√", "✓", "x", "
 _FALSE = {"0", "n", "no", "false", "f", "否", "无", "不", "×", "✗", "off", ""}
 
 
-@transform("bool", yields="bool")
+@transform("bool", yields="bool", examples=("是", "否", "Y", "no", "√", "也许"))
 def to_bool(values: pd.Series, args: NoArgs) -> Outcome:
     """Booleans from 是/否, Y/N, yes/no, true/false, 1/0, √/×."""
 
@@ -855,7 +977,7 @@ def to_bool(values: pd.Series, args: NoArgs) -> Outcome:
     return per_value(values, parse)
 
 
-@transform("to_text")
+@transform("to_text", examples=(1001.0, "0042", 3.5))
 def to_text(values: pd.Series, args: NoArgs) -> Outcome:
     """Text form of codes read as numbers (1001.0 → '1001')."""
     return _text(values, str.strip)
