@@ -108,6 +108,26 @@ def test_parse_date_with_explicit_format_and_no_serials() -> None:
     assert fails("parse_date", 45721, excel_serial=False) == "45721 is a number, not a date"
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2025年3月5日 14时30分", dt.datetime(2025, 3, 5, 14, 30)),
+        ("2025年3月5日14时30分15秒", dt.datetime(2025, 3, 5, 14, 30, 15)),
+        ("2025年3月5日 14点30分", dt.datetime(2025, 3, 5, 14, 30)),
+        ("2025/3/5 9:05", dt.datetime(2025, 3, 5, 9, 5)),
+        ("2025-03-05 14:30:15.250", dt.datetime(2025, 3, 5, 14, 30, 15)),
+    ],
+)
+def test_parse_datetime_reads_chinese_and_latin_times(value: str, expected: dt.datetime) -> None:
+    assert one("parse_datetime", value) == expected
+
+
+def test_a_time_glued_to_a_numeric_date_is_not_read_as_part_of_the_day() -> None:
+    assert fails("parse_datetime", "2025-03-0514:30") == (
+        "'2025-03-0514:30' is not a date (expected e.g. 2025-03-05, 2025/3/5 or 2025年3月5日)"
+    )
+
+
 def test_parse_datetime_attaches_the_zone_to_naive_values_only() -> None:
     shanghai = ZoneInfo("Asia/Shanghai")
     assert one("parse_datetime", "2025-03-05 14:30", timezone="Asia/Shanghai") == dt.datetime(

@@ -367,7 +367,9 @@ def map_values(values: pd.Series, args: MapValuesArgs) -> Outcome:
 _EXCEL_EPOCH = dt.date(1899, 12, 31)
 _DATE = re.compile(
     r"^(?P<y>\d{4})\s*[-/.年]\s*(?P<m>\d{1,2})\s*[-/.月]\s*(?P<d>\d{1,2})\s*[日号]?"
-    r"(?:[\sT]+(?P<H>\d{1,2})[:：时](?P<M>\d{1,2})(?:[:：分](?P<S>\d{1,2})(?:\.\d+)?)?秒?)?"
+    # 14:30, 14:30:15.5, 14时30分, 14点30分15秒; glued to the date only after 日/号 (2025年3月5日14时).
+    r"(?:(?:[\sT]+|(?<=[日号]))(?P<H>\d{1,2})[:：时点](?P<M>\d{1,2})"
+    r"(?:[:：分](?P<S>\d{1,2})(?:\.\d+)?秒?|分)?)?"
     r"\s*(?P<tz>Z|[+-]\d{2}:?\d{2})?$"
 )
 _COMPACT_DATE = re.compile(r"^(?P<y>\d{4})(?P<m>\d{2})(?P<d>\d{2})$")
