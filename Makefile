@@ -43,8 +43,9 @@ pytest: $(VENV)/.installed  ## the test suite
 ui: $(VENV)/.installed $(DAGSTER_HOME)  ## Dagster UI on 127.0.0.1:3000 (DAGSTER_HOME under var/)
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-schema: $(VENV)/.installed  ## regenerate integration/mappings/mapping.schema.json
+schema: $(VENV)/.installed  ## regenerate mapping.schema.json and docs/transforms.md from the code
 	$(BIN)/crmi mapping schema > integration/mappings/mapping.schema.json
+	$(BIN)/crmi mapping transforms --format markdown > docs/transforms.md
 
 bench: bench-mapping bench-connectors bench-validate bench-dedup  ## all benchmarks
 

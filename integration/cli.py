@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from crm_core.db import core_url, make_engine, redact_url, upgrade
@@ -401,6 +402,54 @@ def mapping_scaffold(
         raise typer.Exit(EXIT_FAILED)
     out.write_text(text, encoding="utf-8")
     console.print(f"wrote {out}; check it with: crmi mapping check {out}")
+
+
+@mapping_app.command("transforms")
+def mapping_transforms(
+    name: Annotated[str | None, typer.Argument(help="one transform: its arguments and examples")] = None,
+    output: Annotated[str, typer.Option("--format", help="table or markdown")] = "table",
+) -> None:
+    """List the transforms a mapping can use, with arguments and examples run through each."""
+    from integration.mappings.reference import markdown, transform_docs
+    from integration.yamlconf import close_names
+
+    if output == "markdown":
+        sys.stdout.write(markdown())
+        return
+    if output != "table":
+        errors.print(f"unknown --format '{output}'; use table or markdown")
+        raise typer.Exit(EXIT_FAILED)
+    docs = transform_docs()
+    if name is None:
+        table = Table(title="Transforms (crmi mapping transforms NAME shows arguments and examples)")
+        for column in ("transform", "what it does", "arguments"):
+            table.add_column(column, overflow="fold")
+        for doc in docs:
+            table.add_row(doc.name, doc.summary, ", ".join(a.name for a in doc.arguments))
+        console.print(table)
+        return
+    found = [d for d in docs if d.name == name]
+    if not found:
+        hint = close_names(name, [d.name for d in docs]) or "; crmi mapping transforms lists them"
+        errors.print(f"unknown transform '{name}'{hint}")
+        raise typer.Exit(EXIT_FAILED)
+    doc = found[0]
+    console.print(f"[bold]{doc.name}[/bold]: {escape(doc.summary)}", highlight=False)
+    console.print(f"usage: {doc.usage}", markup=False, highlight=False)
+    if doc.arguments:
+        arguments = Table(title="arguments")
+        for column in ("argument", "type", "default", "meaning"):
+            arguments.add_column(column, overflow="fold")
+        for arg in doc.arguments:
+            arguments.add_row(arg.name, arg.kind, arg.default or "required", arg.description)
+        console.print(arguments)
+    examples = Table(title="examples")
+    examples.add_column("value", overflow="fold")
+    examples.add_column("result", overflow="fold")
+    for example in doc.examples:
+        style = "green" if example.ok else "red"
+        examples.add_row(example.value, f"[{style}]{escape(example.result)}[/{style}]")
+    console.print(examples)
 
 
 @mapping_app.command("schema")

@@ -7,7 +7,7 @@ A mapping turns rows of one source table or sheet into records of one canonical 
     target: customer
     fields:
       name:        {from: name, transforms: [trim, company_name], required: true}
-      credit_code: {from: sic_code, transforms: [uscc], on_error: null}
+      credit_code: {from: sic_code, transforms: [uscc], on_error: "null"}
       phone:       {from: [phone_office, phone_alternate], transforms: [{phone: {region: CN}}]}
       owner:       {from: assigned_user_id, lookup: {by: external_id}}
 """
@@ -418,7 +418,34 @@ def load_mappings(
 
 def json_schema() -> str:
     """Return the JSON Schema of mapping files (for editor completion), as stable text."""
+    from integration.mappings.reference import step_schema
+
     schema = MappingSpec.model_json_schema(by_alias=True)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "crm-integration mapping file"
+    # Transforms and field names are checked in code (they depend on the registry and the target); the
+    # schema spells them out too, so editors complete them and flag mistakes while the file is written.
+    step, definitions = step_schema()
+    schema["$defs"].update(definitions)
+    schema["$defs"]["FieldSpec"]["properties"]["transforms"]["items"] = step
+    schema["properties"]["fields"]["additionalProperties"] = {
+        "anyOf": [
+            {"$ref": "#/$defs/FieldSpec"},
+            {"description": "the source column (short for {from: column})", "type": "string"},
+        ]
+    }
+    schema["allOf"] = [
+        {
+            "if": {"properties": {"target": {"const": entity.name}}, "required": ["target"]},
+            "then": {
+                "properties": {
+                    "fields": {
+                        "propertyNames": {"enum": list(entity.fields)},
+                        "required": [f.name for f in entity.fields.values() if f.required],
+                    }
+                }
+            },
+        }
+        for entity in ENTITIES.values()
+    ]
     return json.dumps(schema, ensure_ascii=False, indent=2, sort_keys=True) + "\n"
