@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,6 +17,10 @@ from rich.table import Table
 
 from crm_core.db import core_url, make_engine, redact_url, upgrade
 from crm_core.errors import ConfigError, CrmError
+
+if TYPE_CHECKING:
+    from integration.mappings.spec import CompiledMapping
+    from integration.pipeline import Migration
 
 app = typer.Typer(
     help="crm-integration: move customer and sales data into a clean CRM core.", no_args_is_help=True
@@ -268,16 +272,29 @@ def run(
 @project_app.command("check")
 def project_check(project: ProjectOption = None) -> None:
     """Check project.yaml, every mapping file, and each mapping's columns against its real source."""
-    from integration.mappings.spec import load_mappings
-    from integration.pipeline import Migration, source_columns
+    from integration.pipeline import Migration
 
     try:
         migration = Migration.load(str(project) if project else None)
     except ConfigError as exc:
         raise _config_error(exc) from None
+    problems = _check_columns(migration, migration.mappings)
+    if problems:
+        errors.print(f"[red]{problems} problem(s)[/red]")
+        raise typer.Exit(EXIT_FAILED)
+    console.print(
+        f"[green]ok[/green]: project '{migration.project.name}', {len(migration.mappings)} mapping(s), {len(migration.project.spec.sources)} source(s)"
+    )
+
+
+def _check_columns(migration: Migration, mappings: Sequence[CompiledMapping]) -> int:
+    """Check each mapping's columns against its real source; print the problems and return how many."""
+    from integration.mappings.spec import load_mappings
+    from integration.pipeline import source_columns
+
     problems = 0
     unchecked: dict[str, list[str] | None] = {name: None for name in migration.project.spec.sources}
-    for mapping in migration.mappings:
+    for mapping in mappings:
         try:
             found = source_columns(migration, mapping)
         except CrmError as exc:
@@ -289,24 +306,41 @@ def project_check(project: ProjectOption = None) -> None:
         except ConfigError as exc:
             errors.print(exc.render(), markup=False, highlight=False)
             problems += len(exc.problems)
-    if problems:
-        errors.print(f"[red]{problems} problem(s)[/red]")
-        raise typer.Exit(EXIT_FAILED)
-    console.print(
-        f"[green]ok[/green]: project '{migration.project.name}', {len(migration.mappings)} mapping(s), {len(migration.project.spec.sources)} source(s)"
-    )
+    return problems
 
 
 @mapping_app.command("check")
-def mapping_check(files: Annotated[list[Path], typer.Argument(help="mapping files")]) -> None:
-    """Check mapping files without connecting to sources (exit 1 on any problem)."""
+def mapping_check(
+    files: Annotated[list[Path], typer.Argument(help="mapping files")],
+    project: Annotated[
+        Path | None,
+        typer.Option(
+            "--project", "-p", help="also check the columns against this project's real sources (connects)"
+        ),
+    ] = None,
+) -> None:
+    """Check mapping files (exit 1 on any problem); with --project, also against the real source columns."""
     from integration.mappings.spec import load_mappings
+    from integration.pipeline import Migration
 
     try:
-        load_mappings(files)
+        mappings = load_mappings(files)
     except ConfigError as exc:
         raise _config_error(exc) from None
-    console.print(f"[green]ok[/green]: {len(files)} mapping file(s)")
+    if project is not None:
+        try:
+            migration = Migration.load(str(project))
+        except ConfigError as exc:
+            raise _config_error(exc) from None
+        problems = _check_columns(migration, mappings)
+        if problems:
+            errors.print(f"[red]{problems} problem(s)[/red]")
+            raise typer.Exit(EXIT_FAILED)
+        console.print(
+            f"[green]ok[/green]: {len(files)} mapping file(s), columns checked against project '{migration.project.name}'"
+        )
+        return
+    console.print(f"[green]ok[/green]: {len(files)} mapping file(s) (add --project to check source columns)")
 
 
 @mapping_app.command("preview")

@@ -124,3 +124,30 @@ def test_mapping_check_exits_1_with_located_problems(tmp_path: Path) -> None:
         f"{bad}:5:32: fields.name.transforms[0]: unknown transform 'trimm'; did you mean 'trim'?"
         in result.output
     )
+
+
+def test_mapping_check_with_a_project_checks_the_real_source_columns(
+    demo_project: Path, tmp_path: Path
+) -> None:
+    accounts = demo_project / "mappings" / "legacy_crm_accounts.yaml"
+    ok = runner.invoke(app, ["mapping", "check", str(accounts), "--project", str(demo_project)])
+    assert ok.exit_code == 0, ok.output
+    assert "columns checked against project" in ok.output
+    renamed = (
+        tmp_path / "accounts.yaml"
+    )  # outside the project: a second mapping of the table inside it is an error
+    text = accounts.read_text(encoding="utf-8")
+    renamed.write_text(text.replace("from: industry", "from: industri"), encoding="utf-8")
+    line, column = next(
+        (n, row.index("from: industry") + len("from: ") + 1)
+        for n, row in enumerate(text.splitlines(), 1)
+        if "from: industry" in row
+    )
+    offline = runner.invoke(app, ["mapping", "check", str(renamed)])
+    assert offline.exit_code == 0, "without --project the columns are not known"
+    checked = runner.invoke(app, ["mapping", "check", str(renamed), "--project", str(demo_project)])
+    assert checked.exit_code == 1
+    assert (
+        f"{renamed}:{line}:{column}: fields.industry.from: column 'industri' is not in accounts; did you mean 'industry'?"
+        in checked.output
+    )
