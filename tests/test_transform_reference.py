@@ -128,3 +128,10 @@ def test_crmi_mapping_transforms_markdown_is_the_committed_reference() -> None:
     result = runner.invoke(app, ["mapping", "transforms", "--format", "markdown"])
     assert result.exit_code == 0
     assert result.output == (ROOT / "docs" / "transforms.md").read_text(encoding="utf-8")
+
+
+def test_each_usage_line_is_yaml_that_gives_the_example_arguments() -> None:
+    for doc in transform_docs():
+        definition = REGISTRY[doc.name]
+        expected = {doc.name: definition.example_args} if definition.example_args else doc.name
+        assert yaml.safe_load(doc.usage) == expected, doc.usage
