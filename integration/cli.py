@@ -278,17 +278,14 @@ def project_check(project: ProjectOption = None) -> None:
         migration = Migration.load(str(project) if project else None)
     except ConfigError as exc:
         raise _config_error(exc) from None
-    problems = _check_columns(migration, migration.mappings)
-    if problems:
-        errors.print(f"[red]{problems} problem(s)[/red]")
-        raise typer.Exit(EXIT_FAILED)
+    _check_columns(migration, migration.mappings)
     console.print(
         f"[green]ok[/green]: project '{migration.project.name}', {len(migration.mappings)} mapping(s), {len(migration.project.spec.sources)} source(s)"
     )
 
 
-def _check_columns(migration: Migration, mappings: Sequence[CompiledMapping]) -> int:
-    """Check each mapping's columns against its real source; print the problems and return how many."""
+def _check_columns(migration: Migration, mappings: Sequence[CompiledMapping]) -> None:
+    """Check each mapping's columns against its real source; print every problem and exit 1 if any."""
     from integration.mappings.spec import load_mappings
     from integration.pipeline import source_columns
 
@@ -306,7 +303,9 @@ def _check_columns(migration: Migration, mappings: Sequence[CompiledMapping]) ->
         except ConfigError as exc:
             errors.print(exc.render(), markup=False, highlight=False)
             problems += len(exc.problems)
-    return problems
+    if problems:
+        errors.print(f"[red]{problems} problem(s)[/red]")
+        raise typer.Exit(EXIT_FAILED)
 
 
 @mapping_app.command("check")
@@ -332,10 +331,7 @@ def mapping_check(
             migration = Migration.load(str(project))
         except ConfigError as exc:
             raise _config_error(exc) from None
-        problems = _check_columns(migration, mappings)
-        if problems:
-            errors.print(f"[red]{problems} problem(s)[/red]")
-            raise typer.Exit(EXIT_FAILED)
+        _check_columns(migration, mappings)
         console.print(
             f"[green]ok[/green]: {len(files)} mapping file(s), columns checked against project '{migration.project.name}'"
         )
@@ -444,7 +440,8 @@ def mapping_transforms(
     output: Annotated[str, typer.Option("--format", help="table or markdown")] = "table",
 ) -> None:
     """List the transforms a mapping can use, with arguments and examples run through each."""
-    from integration.mappings.reference import markdown, transform_docs
+    from integration.mappings.reference import markdown, transform_doc, transform_docs
+    from integration.mappings.transforms import REGISTRY
     from integration.yamlconf import close_names
 
     if output == "markdown":
@@ -453,21 +450,19 @@ def mapping_transforms(
     if output != "table":
         errors.print(f"unknown --format '{output}'; use table or markdown")
         raise typer.Exit(EXIT_FAILED)
-    docs = transform_docs()
     if name is None:
         table = Table(title="Transforms (crmi mapping transforms NAME shows arguments and examples)")
         for column in ("transform", "what it does", "arguments"):
             table.add_column(column, overflow="fold")
-        for doc in docs:
+        for doc in transform_docs():
             table.add_row(doc.name, doc.summary, ", ".join(a.name for a in doc.arguments))
         console.print(table)
         return
-    found = [d for d in docs if d.name == name]
-    if not found:
-        hint = close_names(name, [d.name for d in docs]) or "; crmi mapping transforms lists them"
+    if name not in REGISTRY:
+        hint = close_names(name, REGISTRY) or "; crmi mapping transforms lists them"
         errors.print(f"unknown transform '{name}'{hint}")
         raise typer.Exit(EXIT_FAILED)
-    doc = found[0]
+    doc = transform_doc(REGISTRY[name])
     console.print(f"[bold]{doc.name}[/bold]: {escape(doc.summary)}", highlight=False)
     console.print(f"usage: {doc.usage}", markup=False, highlight=False)
     if doc.arguments:

@@ -133,9 +133,8 @@ def test_mapping_check_with_a_project_checks_the_real_source_columns(
     ok = runner.invoke(app, ["mapping", "check", str(accounts), "--project", str(demo_project)])
     assert ok.exit_code == 0, ok.output
     assert "columns checked against project" in ok.output
-    renamed = (
-        tmp_path / "accounts.yaml"
-    )  # outside the project: a second mapping of the table inside it is an error
+    # Outside the project: a second mapping of the same table inside it would be a project error.
+    renamed = tmp_path / "accounts.yaml"
     text = accounts.read_text(encoding="utf-8")
     renamed.write_text(text.replace("from: industry", "from: industri"), encoding="utf-8")
     line, column = next(
