@@ -12,26 +12,28 @@ import datetime as dt
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import func, select
+from sqlalchemy import Table, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from crm_core.entities import ENTITIES, EntityDef
 from crm_core.errors import LoadError
 from crm_core.journal import journal_session, to_json
-from crm_core.models import Base, ExternalId, LoadRun, Reject, Stage
+from crm_core.models import Base, ExternalId, LoadRun, Reject, RowChange, Stage
 from crm_core.runs import owner
 from crm_core.watermarks import CursorState, save_watermark
 
 EXTERNAL_KEY = "_external_key"
 ROW_REF = "_row_ref"
 LOCATION = "_location"
+CHUNK_ROWS = 20_000  # rows decided in memory between two bulk writes (bounds what a load holds at once)
+IN_CHUNK = 5_000  # keys per IN (...) list: well under SQLite's and PostgreSQL's bind-parameter limits
 
 KeyFunction = Callable[[Any], Any]
 KeyFunctions = Mapping[str, KeyFunction]
@@ -150,12 +152,12 @@ def crosswalk_ids(session: Session, entity: str, system: str, keys: Iterable[str
     """Return the core ids of the records that ``system`` knows by these keys (unknown keys are left out)."""
     found: dict[str, int] = {}
     key_list = sorted(set(keys))
-    for start in range(0, len(key_list), 500):
+    for start in range(0, len(key_list), IN_CHUNK):
         rows = session.execute(
             select(ExternalId.external_key, ExternalId.entity_id).where(
                 ExternalId.entity == entity,
                 ExternalId.system == system,
-                ExternalId.external_key.in_(key_list[start : start + 500]),
+                ExternalId.external_key.in_(key_list[start : start + IN_CHUNK]),
             )
         )
         found.update({key: entity_id for key, entity_id in rows})
@@ -202,8 +204,78 @@ def _present(value: Any) -> bool:
     )
 
 
+def _chunks(items: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _column_values(series: pd.Series) -> list[Any]:
+    """Return a mapped column as plain Python values for the driver (missing values as None)."""
+    if isinstance(series.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_any_dtype(series.dtype):
+        return [_python(v) for v in series.tolist()]
+    values = series.tolist()
+    kind = pd.api.types.infer_dtype(series, skipna=True) if series.dtype == object else "plain"
+    if kind in ("string", "decimal", "integer", "boolean", "empty"):
+        return [v if _present(v) else None for v in values]
+    return [_python(v) for v in values]
+
+
+class _IdAllocator:
+    """Hands out primary keys for new rows in blocks, so a chunk's inserts need no RETURNING round trip.
+
+    PostgreSQL draws them from the table's own sequence (safe beside other writers); SQLite, which has one
+    writer at a time, continues after the largest id in the table.
+    """
+
+    def __init__(self, session: Session, table: Table) -> None:
+        self.session = session
+        self.table = table
+        self._free: list[int] = []
+        self._next: int | None = None
+        self._postgres = session.get_bind().dialect.name == "postgresql"
+
+    def take(self, expected: int) -> int:
+        """Return a new id; ``expected`` is how many more this load may need (the block size)."""
+        if self._postgres:
+            if not self._free:
+                block = max(16, min(expected, CHUNK_ROWS))
+                sequence = self.session.scalar(
+                    text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": self.table.name}
+                )
+                self._free = list(
+                    self.session.scalars(
+                        text("SELECT nextval(CAST(:s AS regclass)) FROM generate_series(1, :n)"),
+                        {"s": sequence, "n": block},
+                    )
+                )
+                self._free.reverse()
+            return self._free.pop()
+        if self._next is None:
+            self._next = (self.session.scalar(select(func.max(self.table.c.id))) or 0) + 1
+        value, self._next = self._next, self._next + 1
+        return value
+
+
+@dataclass
+class _CrosswalkEntry:
+    """What the loader knows of one crosswalk row (``row`` is the full database row while unflushed)."""
+
+    id: int
+    entity_id: int
+    match_method: str
+    last_synced_hash: str | None
+    row: dict[str, Any] | None = None  # the stored row (journal before-image), None for rows this load added
+
+
 class EntityLoader:
-    """Loads the batches of one entity in one transaction (see module doc)."""
+    """Loads the batches of one entity in one transaction (see module doc).
+
+    Rows are decided in memory chunk by chunk, in source order, exactly as a row-by-row upsert would decide
+    them; each chunk is then written with a few set statements: bulk inserts of new records, crosswalk rows,
+    journal entries and rejects, and executemany updates of changed records. Only what a chunk touches is
+    read from the database (crosswalk rows by key, records by id), so memory follows the chunk size plus the
+    exact-key index.
+    """
 
     def __init__(
         self,
@@ -219,19 +291,43 @@ class EntityLoader:
         self.run = run
         self.entity = ENTITIES[entity] if isinstance(entity, str) else entity
         self.model: type[Base] = self.entity.model
+        self.table: Table = self.model.__table__  # type: ignore[assignment]
         self.match = match or MatchRules()
         self.key_functions = key_functions or {}  # normalize a match-key field before comparing
         self.name_keys = name_keys or {}  # per target entity: normalize names for 'by: name' lookups
         self._index: dict[tuple[str, tuple[Any, ...]], set[int]] = defaultdict(set)
-        self._records: dict[int, Any] = {}
+        self._conflict_values: dict[int, tuple[Any, ...]] = {}
         self._name_index: dict[str, dict[Any, set[int]]] = {}
         self._stages: set[str] | None = None
-        self._pending_self_refs: list[tuple[Any, str, Any, Lookup, str]] = []
+        self._merged_into: dict[int, int] = {}
+        # Self-references (a branch's parent): (source, location, row ref, own key, field, value, lookup).
+        self._pending_self_refs: list[tuple[str, str | None, str, str, str, Any, Lookup]] = []
         self._raw = RawRows(None)
+        self._crosswalk: dict[tuple[str, str], _CrosswalkEntry] = {}
+        self._record_ids = _IdAllocator(session, self.table)
+        self._crosswalk_ids_alloc = _IdAllocator(session, ExternalId.__table__)  # type: ignore[arg-type]
+        self._journaled: set[int] = set()  # records with a journal entry from this load (insert or update)
+        self._columns = {name: f.column for name, f in self.entity.fields.items()}
+        self._self_ref_fields = {
+            name for name, f in self.entity.fields.items() if f.references == self.entity.name
+        }
+        self._defaults = {
+            column.name: getattr(column.default, "arg", None)
+            for column in self.table.columns
+            if column.default is not None and column.default.is_scalar
+        }
+        # Written per chunk by _flush.
+        self._rows: dict[int, dict[str, Any]] = {}  # records the chunk read or created: column -> value
+        self._new_records: dict[int, dict[str, Any]] = {}
+        self._changed_records: set[int] = set()
+        self._before: dict[int, dict[str, Any]] = {}  # journal before-images of existing records
+        self._new_crosswalk: dict[int, dict[str, Any]] = {}
+        self._changed_crosswalk: dict[int, _CrosswalkEntry] = {}
+        self._rejects: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ matching index
 
-    def _key_values(self, values: dict[str, Any], key: Sequence[str]) -> tuple[Any, ...] | None:
+    def _key_values(self, values: Mapping[str, Any], key: Sequence[str]) -> tuple[Any, ...] | None:
         parts = []
         for name in key:
             value = values.get(name)
@@ -241,41 +337,56 @@ class EntityLoader:
             parts.append(function(value) if function else value)
         return None if any(p is None for p in parts) else tuple(parts)
 
-    def _record_values(self, record: Any) -> dict[str, Any]:
-        return {name: getattr(record, f.column) for name, f in self.entity.fields.items()}
+    def _field_values(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """Return a record's values by field name from its column values."""
+        return {name: row.get(column) for name, column in self._columns.items()}
 
-    def _add_to_index(self, record: Any) -> None:
-        self._records[record.id] = record
-        values = self._record_values(record)
+    def _add_to_index(self, record_id: int, row: Mapping[str, Any]) -> None:
+        if not self.match.keys:
+            return
+        values = self._field_values(row)
         for key in self.match.keys:
             found = self._key_values(values, key)
             if found is not None:
-                self._index[("|".join(key), found)].add(record.id)
+                self._index[("|".join(key), found)].add(record_id)
+        if self.match.conflict_fields:
+            self._conflict_values[record_id] = tuple(values.get(n) for n in self.match.conflict_fields)
 
     def _build_index(self) -> None:
+        model: Any = self.model
+        if hasattr(model, "merged_into_id"):
+            self._merged_into = dict(
+                self.session.execute(
+                    select(self.table.c.id, self.table.c.merged_into_id).where(
+                        self.table.c.merged_into_id.is_not(None)
+                    )
+                ).all()
+            )
         if not self.match.keys:
             return
-        model: Any = self.model
-        query = select(model)
+        names = {n for key in self.match.keys for n in key} | set(self.match.conflict_fields)
+        columns = [self.table.c[self._columns[n]] for n in sorted(names)]
+        query = select(self.table.c.id, *columns)
         if hasattr(model, "merged_into_id"):
-            query = query.where(model.merged_into_id.is_(None))
-        for record in self.session.scalars(query):
-            self._add_to_index(record)
+            query = query.where(self.table.c.merged_into_id.is_(None))
+        for row in self.session.execute(query).mappings():
+            self._add_to_index(row["id"], dict(row))
 
-    def _find_match(self, values: dict[str, Any]) -> tuple[Any, str] | None:
+    def _find_match(self, values: Mapping[str, Any]) -> tuple[int, str] | None:
         for key in self.match.keys:
             found = self._key_values(values, key)
             if found is None:
                 continue
             for record_id in sorted(self._index.get(("|".join(key), found), ())):
-                record = self._records[record_id]
-                if not self._conflicts(values, record):
-                    return record, "+".join(key)
+                if not self._conflicts(values, record_id):
+                    return record_id, "+".join(key)
         return None
 
-    def _conflicts(self, values: dict[str, Any], record: Any) -> bool:
-        for name in self.match.conflict_fields:
-            mine, theirs = values.get(name), getattr(record, self.entity.fields[name].column)
+    def _conflicts(self, values: Mapping[str, Any], record_id: int) -> bool:
+        theirs_all = self._conflict_values.get(record_id, ())
+        for position, name in enumerate(self.match.conflict_fields):
+            mine = values.get(name)
+            theirs = theirs_all[position] if position < len(theirs_all) else None
             if _present(mine) and _present(theirs) and mine != theirs:
                 return True
         return False
@@ -317,13 +428,13 @@ class EntityLoader:
             target = definition.references
             lookup = batch.lookups.get(name, Lookup())
             values = records[name]
-            present = values.map(_present)
+            present = values.notna()
             if target == self.entity.name and lookup.by == "external_id":
                 resolved[name] = pd.Series([None] * len(records), index=records.index, dtype=object)
                 continue  # self-references resolve after all rows of the entity are in
             ids: dict[Any, int | None] = {}
             reasons: dict[Any, str] = {}
-            unique = {v for v in values[present]}
+            unique = set(values[present])
             if lookup.by == "external_id":
                 system = lookup.system or batch.source
                 found = self._crosswalk_ids(target, system, {str(v) for v in unique})
@@ -367,6 +478,7 @@ class EntityLoader:
 
     def load(self, batches: Sequence[Batch]) -> list[SourceStats]:
         """Load ``batches`` in order (earlier batches win on conflicting values); return stats per batch."""
+        self.session.flush()
         self._build_index()
         all_stats = [self._load_batch(batch) for batch in batches]
         self._resolve_self_references()
@@ -380,19 +492,21 @@ class EntityLoader:
     def _reject(
         self,
         source: str,
-        row: pd.Series | dict[str, Any],
+        location: Any,
+        row_ref: Any,
         field_name: str | None,
         value: Any,
         rule: str,
         reason: str,
         severity: str = "error",
     ) -> None:
-        location = str(row.get(LOCATION)) if row.get(LOCATION) is not None else None
-        self.session.add(Reject(
-            load_run_id=self.run.id, source=source, entity=self.entity.name, location=location,
-            row_ref=str(row.get(ROW_REF)), field=field_name, value=None if value is None else str(value)[:2000],
-            rule=rule, reason=reason, severity=severity, raw_row=self._raw.get(location, str(row.get(ROW_REF))),
-        ))  # fmt: skip
+        where = str(location) if location is not None else None
+        self._rejects.append({
+            "load_run_id": self.run.id, "source": source, "entity": self.entity.name, "location": where,
+            "row_ref": str(row_ref), "field": field_name, "value": None if value is None else str(value)[:2000],
+            "rule": rule, "reason": reason, "severity": severity, "raw_row": self._raw.get(where, str(row_ref)),
+            "created_at": dt.datetime.now(dt.UTC),
+        })  # fmt: skip
 
     def _load_batch(self, batch: Batch) -> SourceStats:
         stats = SourceStats(
@@ -401,9 +515,10 @@ class EntityLoader:
         mapping_rejected: set[str] = set()
         self._raw = RawRows(batch.raw)
         for entry in batch.rejects.to_dict("records"):
-            self._reject(batch.source, {LOCATION: entry["location"], ROW_REF: entry["row_ref"]}, entry["field"],
-                         entry["value"], entry["rule"], entry["reason"], entry.get("severity") or "error")  # fmt: skip
-            if (entry.get("severity") or "error") == "error":
+            severity = entry.get("severity") or "error"
+            self._reject(batch.source, entry["location"], entry["row_ref"], entry["field"], entry["value"],
+                         entry["rule"], entry["reason"], severity)  # fmt: skip
+            if severity == "error":
                 mapping_rejected.add(f"{entry['location']}\x00{entry['row_ref']}")
             else:
                 stats.warnings += 1
@@ -418,163 +533,302 @@ class EntityLoader:
         for problem in problems:
             row_errors[problem["index"]].append(problem)
         fields = [f for f in batch.fields if f in self.entity.fields]
-        loaded_ids: list[int] = []
-        crosswalk = {
-            xw.external_key: xw
-            for xw in self.session.scalars(
-                select(ExternalId).where(
-                    ExternalId.entity == self.entity.name, ExternalId.system == batch.source
-                )
-            )
+        columns = {
+            name: (_column_values(resolved[name]) if name in resolved else _column_values(records[name]))
+            for name in fields
         }
-        for index, row in records.iterrows():
-            errors = row_errors.get(index, [])
-            for problem in errors:
-                self._reject(
-                    batch.source,
-                    row,
-                    problem["field"],
-                    problem["value"],
-                    "reference",
-                    problem["reason"],
-                    problem["severity"],
-                )
-            if any(p["severity"] == "error" for p in errors):
-                stats.rejected += 1
-                continue
-            stats.warnings += len(errors)
-            values = {name: (resolved[name].at[index] if name in resolved else row[name]) for name in fields}
-            values = {k: _python(v) for k, v in values.items()}
-            if "stage" in values and values["stage"] is not None and not self._valid_stage(values["stage"]):
-                self._reject(
-                    batch.source,
-                    row,
-                    "stage",
-                    values["stage"],
-                    "reference",
-                    f"unknown stage code {values['stage']!s}",
-                )
-                stats.rejected += 1
-                continue
-            outcome, entity_id = self._upsert(batch, row, values, crosswalk)
-            setattr(stats, outcome, getattr(stats, outcome) + 1)
-            if stats.amount_loaded is not None and outcome != "merged" and amount_field:
-                amount = values.get(amount_field)
-                stats.amount_loaded += amount if isinstance(amount, Decimal) else Decimal(0)
-                loaded_ids.append(entity_id)
+        keys = records[EXTERNAL_KEY].astype(str).tolist() if len(records) else []
+        locations = records[LOCATION].tolist() if LOCATION in records.columns else [None] * len(records)
+        refs = records[ROW_REF].tolist() if ROW_REF in records.columns else [None] * len(records)
+        self_ref_values = {
+            name: records[name].tolist()
+            for name in self._self_ref_fields
+            if name in records.columns and batch.lookups.get(name, Lookup()).by == "external_id"
+        }
+        loaded_ids: list[int] = []
+        for start in range(0, len(records), CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, len(records))
+            self._prefetch(batch.source, keys[start:stop], [
+                {name: columns[name][i] for name in fields} for i in range(start, stop)
+            ])  # fmt: skip
+            for position in range(start, stop):
+                errors = row_errors.get(position, [])
+                for problem in errors:
+                    self._reject(batch.source, locations[position], refs[position], problem["field"],
+                                 problem["value"], "reference", problem["reason"], problem["severity"])  # fmt: skip
+                if any(p["severity"] == "error" for p in errors):
+                    stats.rejected += 1
+                    continue
+                stats.warnings += len(errors)
+                values = {name: columns[name][position] for name in fields}
+                stage = values.get("stage")
+                if stage is not None and not self._valid_stage(stage):
+                    self._reject(batch.source, locations[position], refs[position], "stage", stage,
+                                 "reference", f"unknown stage code {stage!s}")  # fmt: skip
+                    stats.rejected += 1
+                    continue
+                for name, parents in self_ref_values.items():
+                    if _present(parents[position]):
+                        lookup = batch.lookups.get(name, Lookup())
+                        self._pending_self_refs.append((batch.source, locations[position], str(refs[position]),
+                                                        keys[position], name, parents[position], lookup))  # fmt: skip
+                outcome, entity_id = self._upsert(batch.source, keys[position], values, stop - position)
+                setattr(stats, outcome, getattr(stats, outcome) + 1)
+                if stats.amount_loaded is not None and outcome != "merged" and amount_field:
+                    amount = values.get(amount_field)
+                    stats.amount_loaded += amount if isinstance(amount, Decimal) else Decimal(0)
+                    loaded_ids.append(entity_id)
+            self._flush()
+        self._flush()
         if stats.amount_loaded is not None and amount_field:
             stats.amount_core = self._stored_amount(amount_field, loaded_ids)
         return stats
 
+    def _prefetch(self, source: str, keys: Sequence[str], values: Sequence[Mapping[str, Any]]) -> None:
+        """Read, in a few set queries, the crosswalk rows and records a chunk is likely to touch."""
+        wanted = sorted({k for k in keys if (source, k) not in self._crosswalk})
+        xw = ExternalId.__table__
+        for part in _chunks(wanted):
+            query = select(xw).where(xw.c.entity == self.entity.name, xw.c.system == source,
+                                     xw.c.external_key.in_(part))  # fmt: skip
+            for row in self.session.execute(query).mappings():
+                self._crosswalk[(source, row["external_key"])] = _CrosswalkEntry(
+                    id=row["id"], entity_id=row["entity_id"], match_method=row["match_method"],
+                    last_synced_hash=row["last_synced_hash"], row=dict(row),
+                )  # fmt: skip
+        ids: set[int] = set()
+        for key, row_values in zip(keys, values, strict=True):
+            entry = self._crosswalk.get((source, key))
+            if entry is not None:
+                ids.add(self._survivor_id(entry.entity_id))
+            elif self.match.keys:
+                match = self._find_match(row_values)
+                if match is not None:
+                    ids.add(match[0])
+        self._fetch_records(ids)
+
+    def _fetch_records(self, ids: set[int]) -> None:
+        missing = sorted(i for i in ids if i not in self._rows)
+        for part in _chunks(missing):
+            for row in self.session.execute(select(self.table).where(self.table.c.id.in_(part))).mappings():
+                self._rows[row["id"]] = dict(row)
+
+    def _record(self, record_id: int) -> dict[str, Any]:
+        if record_id not in self._rows:
+            self._fetch_records({record_id})
+        if record_id not in self._rows:
+            raise LoadError(
+                f"crosswalk points at missing {self.entity.name} {record_id}; the core is inconsistent"
+            )
+        return self._rows[record_id]
+
+    def _survivor_id(self, entity_id: int) -> int:
+        seen: set[int] = set()
+        while entity_id in self._merged_into and entity_id not in seen:
+            seen.add(entity_id)
+            entity_id = self._merged_into[entity_id]
+        return entity_id
+
     def _stored_amount(self, amount_field: str, ids: list[int]) -> Decimal:
         """Sum what the core holds for these records (read back, so rounding or truncation shows)."""
-        self.session.flush()
-        model: Any = self.model
-        column = getattr(model, self.entity.fields[amount_field].column)
+        column = self.table.c[self.entity.fields[amount_field].column]
         total = Decimal(0)
-        for start in range(0, len(ids), 500):
-            part = self.session.scalar(select(func.sum(column)).where(model.id.in_(ids[start : start + 500])))
-            total += Decimal(str(part)) if part is not None else Decimal(0)
+        for part in _chunks(ids):
+            found = self.session.scalar(select(func.sum(column)).where(self.table.c.id.in_(part)))
+            total += Decimal(str(found)) if found is not None else Decimal(0)
         return total
 
-    def _assign(self, record: Any, values: dict[str, Any], *, only_blanks: bool) -> bool:
-        changed = False
+    def _assign(self, record_id: int, values: Mapping[str, Any], *, only_blanks: bool) -> bool:
+        row = self._record(record_id)
+        changed: dict[str, Any] = {}
         for name, value in values.items():
-            definition = self.entity.fields[name]
-            if definition.references == self.entity.name and definition.references is not None:
+            if name in self._self_ref_fields or value is None:
                 continue
-            current = getattr(record, definition.column)
-            if value is None or (only_blanks and current is not None):
+            column = self._columns[name]
+            current = row.get(column)
+            if only_blanks and current is not None:
                 continue
             if current != value:
-                setattr(record, definition.column, value)
-                changed = True
-        return changed
+                changed[column] = value
+        if changed:
+            self._touch(record_id, row)
+            row.update(changed)
+        return bool(changed)
 
-    def _upsert(
-        self, batch: Batch, row: pd.Series, values: dict[str, Any], crosswalk: dict[str, ExternalId]
-    ) -> tuple[str, int]:
-        key = str(row[EXTERNAL_KEY])
+    def _touch(self, record_id: int, row: dict[str, Any], *, journal: bool = False) -> None:
+        """Note that a record changes: journal its before-image once per load, write it at the next flush.
+
+        ``journal`` records the before-image even for a record this load inserted (in an earlier chunk): a
+        branch's parent pointer must be undone before rollback deletes the rows it points at.
+        """
+        if record_id in self._new_records:
+            return
+        if (journal or record_id not in self._journaled) and record_id not in self._before:
+            self._before[record_id] = {k: to_json(v) for k, v in row.items()}
+            self._journaled.add(record_id)
+        self._changed_records.add(record_id)
+
+    def _upsert(self, source: str, key: str, values: dict[str, Any], remaining: int) -> tuple[str, int]:
         digest = row_hash(values)
-        existing = crosswalk.get(key)
-        record: Any  # an instance of self.model: the ORM classes share no typed base with these columns
-        self._queue_self_refs(batch, row, values)
+        existing = self._crosswalk.get((source, key))
         if existing is not None:
             merged = existing.match_method != "created"
             if existing.last_synced_hash == digest:
                 return ("merged" if merged else "unchanged"), existing.entity_id
-            record = self._survivor(existing.entity_id)
-            self._assign(record, values, only_blanks=merged)
-            record.updated_run_id = self.run.id
-            existing.last_synced_hash = digest
-            existing.last_synced_at = dt.datetime.now(dt.UTC)
-            existing.updated_run_id = self.run.id
-            return ("merged" if merged else "updated"), int(record.id)
+            record_id = self._survivor_id(existing.entity_id)
+            self._assign(record_id, values, only_blanks=merged)
+            row = self._record(record_id)
+            self._touch(record_id, row)
+            row["updated_run_id"] = self.run.id
+            self._sync_crosswalk(existing, digest)
+            return ("merged" if merged else "updated"), record_id
         match = self._find_match(values)
         if match is not None:
-            record, method = match
-            if self._assign(record, values, only_blanks=True):
-                record.updated_run_id = self.run.id
-            self._add_crosswalk(batch, key, record.id, f"matched:{method}", digest, crosswalk)
-            self._add_to_index(record)
-            return "merged", int(record.id)
-        record = self.model()
-        self._assign(record, values, only_blanks=False)
-        record.created_run_id = record.updated_run_id = self.run.id
-        self.session.add(record)
-        self.session.flush()
-        self._add_crosswalk(batch, key, record.id, "created", digest, crosswalk)
-        self._add_to_index(record)
-        return "inserted", int(record.id)
+            record_id, method = match
+            if self._assign(record_id, values, only_blanks=True):
+                self._rows[record_id]["updated_run_id"] = self.run.id
+            self._add_crosswalk(source, key, record_id, f"matched:{method}", digest, remaining)
+            self._add_to_index(record_id, self._record(record_id))
+            return "merged", record_id
+        record_id = self._record_ids.take(remaining)
+        now = dt.datetime.now(dt.UTC)
+        row = {column.name: self._defaults.get(column.name) for column in self.table.columns}
+        row.update(id=record_id, created_run_id=self.run.id, updated_run_id=self.run.id, created_at=now,
+                   updated_at=now)  # fmt: skip
+        for name, value in values.items():
+            if name not in self._self_ref_fields and value is not None:
+                row[self._columns[name]] = value
+        self._rows[record_id] = row
+        self._new_records[record_id] = row
+        self._journaled.add(record_id)
+        self._add_crosswalk(source, key, record_id, "created", digest, remaining)
+        self._add_to_index(record_id, row)
+        return "inserted", record_id
 
-    def _survivor(self, entity_id: int) -> Any:
-        record: Any = self.session.get(self.model, entity_id)
-        seen: set[int] = set()
-        while record is not None and getattr(record, "merged_into_id", None) and record.id not in seen:
-            seen.add(record.id)
-            record = self.session.get(self.model, record.merged_into_id)
-        if record is None:
-            raise LoadError(
-                f"crosswalk points at missing {self.entity.name} {entity_id}; the core is inconsistent"
-            )
-        return record
+    def _sync_crosswalk(self, entry: _CrosswalkEntry, digest: str) -> None:
+        entry.last_synced_hash = digest
+        new = self._new_crosswalk.get(entry.id)
+        if new is not None:
+            new.update(last_synced_hash=digest, last_synced_at=dt.datetime.now(dt.UTC))
+        else:
+            self._changed_crosswalk[entry.id] = entry
 
     def _add_crosswalk(
-        self,
-        batch: Batch,
-        key: str,
-        entity_id: int,
-        method: str,
-        digest: str,
-        crosswalk: dict[str, ExternalId],
+        self, source: str, key: str, entity_id: int, method: str, digest: str, remaining: int
     ) -> None:
-        xw = ExternalId(entity=self.entity.name, entity_id=entity_id, system=batch.source, external_key=key,
-                        match_method=method, last_synced_hash=digest, last_synced_at=dt.datetime.now(dt.UTC),
-                        created_run_id=self.run.id, updated_run_id=self.run.id)  # fmt: skip
-        self.session.add(xw)
-        crosswalk[key] = xw
+        entry_id = self._crosswalk_ids_alloc.take(remaining)
+        now = dt.datetime.now(dt.UTC)
+        self._new_crosswalk[entry_id] = {
+            "id": entry_id, "entity": self.entity.name, "entity_id": entity_id, "system": source,
+            "external_key": key, "match_method": method, "last_synced_hash": digest, "last_synced_at": now,
+            "created_run_id": self.run.id, "updated_run_id": self.run.id,
+        }  # fmt: skip
+        self._crosswalk[(source, key)] = _CrosswalkEntry(entry_id, entity_id, method, digest)
 
-    def _queue_self_refs(self, batch: Batch, row: pd.Series, values: dict[str, Any]) -> None:
-        for name, definition in self.entity.references.items():
-            if definition.references != self.entity.name or name not in row.index or not _present(row[name]):
-                continue
-            lookup = batch.lookups.get(name, Lookup())
-            if lookup.by == "external_id":
-                self._pending_self_refs.append((row, name, row[name], lookup, batch.source))
+    def _flush(self) -> None:
+        """Write what the chunk decided: inserts, updates, crosswalk, journal and rejects, a statement each."""
+        journal: list[dict[str, Any]] = []
+        table_name = self.table.name
+        xw: Table = ExternalId.__table__  # type: ignore[assignment]
+        if self._new_records:
+            self.session.execute(insert(self.table), list(self._new_records.values()))
+            journal.extend(_insert_entry(self.run.id, table_name, i) for i in self._new_records)
+        if self._new_crosswalk:
+            self.session.execute(insert(xw), list(self._new_crosswalk.values()))
+            journal.extend(_insert_entry(self.run.id, xw.name, i) for i in self._new_crosswalk)
+        changed = sorted(self._changed_records)
+        if changed:
+            now = dt.datetime.now(dt.UTC)
+            writable = [
+                c.name for c in self.table.columns if c.name not in ("id", "created_run_id", "created_at")
+            ]
+            statement = (
+                update(self.table)
+                .where(self.table.c.id == bindparam("_id"))
+                .values({c: bindparam(c) for c in writable})
+            )
+            rows = []
+            for record_id in changed:
+                row = self._rows[record_id]
+                rows.append({"_id": record_id, **{c: row.get(c) for c in writable}, "updated_at": now})
+            self.session.execute(statement, rows)
+            journal.extend(
+                _update_entry(self.run.id, table_name, i, self._before.pop(i))
+                for i in changed
+                if i in self._before
+            )
+        if self._changed_crosswalk:
+            now = dt.datetime.now(dt.UTC)
+            statement = (
+                update(xw)
+                .where(xw.c.id == bindparam("_id"))
+                .values(last_synced_hash=bindparam("h"), last_synced_at=bindparam("t"),
+                        updated_run_id=bindparam("r"))
+            )  # fmt: skip
+            entries = list(self._changed_crosswalk.values())
+            self.session.execute(statement, [
+                {"_id": e.id, "h": e.last_synced_hash, "t": now, "r": self.run.id} for e in entries
+            ])  # fmt: skip
+            journal.extend(
+                _update_entry(self.run.id, xw.name, e.id, {k: to_json(v) for k, v in e.row.items()})
+                for e in entries
+                if e.row is not None
+            )
+            for entry in entries:
+                entry.row = None  # journaled once per load: the before-image is the pre-load row
+        if journal:
+            self.session.execute(insert(_JOURNAL), journal)
+        if self._rejects:
+            self.session.execute(insert(_REJECTS), self._rejects)
+        self._rows.clear()
+        self._new_records.clear()
+        self._changed_records.clear()
+        self._new_crosswalk.clear()
+        self._changed_crosswalk.clear()
+        self._rejects = []
 
     def _resolve_self_references(self) -> None:
-        self.session.flush()
-        for row, name, value, lookup, source in self._pending_self_refs:
+        if not self._pending_self_refs:
+            return
+        by_system: dict[str, set[str]] = defaultdict(set)
+        own_keys: dict[str, set[str]] = defaultdict(set)
+        for source, _, _, key, _, value, lookup in self._pending_self_refs:
+            own_keys[source].add(key)
+            by_system[lookup.system or source].add(str(value))
+        own = {s: self._crosswalk_ids(self.entity.name, s, k) for s, k in own_keys.items()}
+        targets = {s: self._crosswalk_ids(self.entity.name, s, k) for s, k in by_system.items()}
+        wanted: dict[int, dict[str, int]] = defaultdict(dict)
+        for source, location, ref, key, name, value, lookup in self._pending_self_refs:
             system = lookup.system or source
-            own = self._crosswalk_ids(self.entity.name, source, {str(row[EXTERNAL_KEY])})
-            target = self._crosswalk_ids(self.entity.name, system, {str(value)})
-            if not own:
+            own_id = own[source].get(key)
+            if own_id is None:
                 continue
-            record = self._survivor(own[str(row[EXTERNAL_KEY])])
-            column = self.entity.fields[name].column
-            target_id = target.get(str(value))
+            record_id = self._survivor_id(own_id)
+            target_id = targets[system].get(str(value))
             if target_id is None:
-                self._reject(source, row, name, value, "reference",
+                self._reject(source, location, ref, name, value, "reference",
                              f"{self.entity.name} with {system} key '{value}' not found", "warn")  # fmt: skip
-            elif target_id != record.id and getattr(record, column) != target_id:
-                setattr(record, column, target_id)
+            elif target_id != record_id:
+                wanted[record_id][self._columns[name]] = target_id
+        self._fetch_records(set(wanted))
+        for record_id, columns in wanted.items():
+            row = self._record(record_id)
+            changed = {c: v for c, v in columns.items() if row.get(c) != v}
+            if changed:
+                self._touch(record_id, row, journal=True)
+                row.update(changed)
+        self._flush()
+
+
+_JOURNAL: Table = RowChange.__table__  # type: ignore[assignment]
+_REJECTS: Table = Reject.__table__  # type: ignore[assignment]
+
+
+def _insert_entry(run_id: int, table_name: str, row_id: int) -> dict[str, Any]:
+    return {"load_run_id": run_id, "table_name": table_name, "row_key": json.dumps({"id": row_id}),
+            "operation": "insert", "before": None}  # fmt: skip
+
+
+def _update_entry(run_id: int, table_name: str, row_id: int, before: dict[str, Any]) -> dict[str, Any]:
+    return {"load_run_id": run_id, "table_name": table_name, "row_key": json.dumps({"id": row_id}),
+            "operation": "update", "before": before}  # fmt: skip
