@@ -5,6 +5,10 @@ in the same transaction as the change itself, so the journal can never disagree 
 a run's entries newest first restores the core exactly as it was before the run (see ``crm_core.runs``).
 The before-image is read from the database just before the flush, so it is right even for attributes
 the session never loaded.
+
+Set-based writers (the loader, merges) bypass the session and insert their entries themselves with
+:func:`insert_entry` and :func:`update_entry`. A merge's entries carry its ``merge_id`` and the values it
+wrote (``after``), so a single merge can be undone column by column (``crm_core.merging.undo_merge``).
 """
 
 from __future__ import annotations
@@ -12,11 +16,24 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Column, Date, DateTime, Numeric, Table, and_, event, insert, inspect, or_, select
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Connection,
+    Date,
+    DateTime,
+    Numeric,
+    Table,
+    event,
+    insert,
+    inspect,
+    select,
+    tuple_,
+)
 from sqlalchemy.orm import Session, UOWTransaction
 
 from crm_core.models import Base, RowChange
@@ -74,18 +91,66 @@ def _pk_values(instance: Any, table: Table) -> dict[str, Any]:
     }
 
 
-def _read_rows(session: Session, table: Table, keys: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Read the current database rows for these primary keys (before the flush changes them)."""
+def comparable(column: Column[Any], value: Any) -> Any:
+    """Return a column value in a form that compares equal however it was stored or read back.
+
+    Accepts both database values and their :func:`to_json` form. Instants compare in UTC without a zone
+    (SQLite keeps the wall-clock part only, PostgreSQL returns them in the session's zone).
+    """
+    if isinstance(value, str) and isinstance(column.type, Numeric | DateTime | Date):
+        value = from_json(column, value)
+    if isinstance(value, dt.datetime) and value.tzinfo is not None:
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    if isinstance(value, Decimal):
+        return value.normalize()
+    return value
+
+
+def update_entry(
+    run_id: int,
+    table: Table,
+    key: dict[str, Any],
+    before: dict[str, Any],
+    after: dict[str, Any],
+    merge_id: int | None = None,
+) -> dict[str, Any]:
+    """Return a ``row_changes`` row for an update written with a Core statement (values as JSON)."""
+    return {"load_run_id": run_id, "table_name": table.name, "row_key": row_key(table, key),
+            "operation": "update", "before": {k: to_json(v) for k, v in before.items()},
+            "after": {k: to_json(v) for k, v in after.items()}, "merge_id": merge_id}  # fmt: skip
+
+
+def insert_entry(run_id: int, table: Table, key: dict[str, Any]) -> dict[str, Any]:
+    """Return a ``row_changes`` row for a row inserted with a Core statement."""
+    return {"load_run_id": run_id, "table_name": table.name, "row_key": row_key(table, key),
+            "operation": "insert", "before": None, "after": None, "merge_id": None}  # fmt: skip
+
+
+def key_condition(table: Table, keys: Sequence[dict[str, Any]]) -> ColumnElement[bool]:
+    """Return ``pk IN (...)`` for these primary keys (a tuple ``IN`` for composite keys)."""
+    pk = list(table.primary_key.columns)
+    if len(pk) == 1:
+        return pk[0].in_([key[pk[0].name] for key in keys])
+    return tuple_(*pk).in_([tuple(key[c.name] for c in pk) for key in keys])
+
+
+def read_rows(
+    connection: Connection, table: Table, keys: Iterable[dict[str, Any]], chunk: int = 1000
+) -> dict[str, dict[str, Any]]:
+    """Return the current rows for these primary keys by journal row key, values as JSON."""
     found: dict[str, dict[str, Any]] = {}
     key_list = list(keys)
-    pk = list(table.primary_key.columns)
-    for start in range(0, len(key_list), 200):
-        part = key_list[start : start + 200]
-        condition = or_(*(and_(*(c == key[c.name] for c in pk)) for key in part))
-        for row in session.connection().execute(select(table).where(condition)).mappings():
+    for start in range(0, len(key_list), chunk):
+        part = key_list[start : start + chunk]
+        for row in connection.execute(select(table).where(key_condition(table, part))).mappings():
             values = dict(row)
             found[row_key(table, values)] = {k: to_json(v) for k, v in values.items()}
     return found
+
+
+def _read_rows(session: Session, table: Table, keys: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Read the current database rows for these primary keys (before the flush changes them)."""
+    return read_rows(session.connection(), table, keys)
 
 
 @event.listens_for(Session, "before_flush")

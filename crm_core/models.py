@@ -106,6 +106,10 @@ class RowChange(Base):
     row_key: Mapped[str] = mapped_column(String(255))  # the primary key as canonical JSON
     operation: Mapped[str] = mapped_column(String(8))  # insert | update | delete
     before: Mapped[dict[str, Any] | None]  # column values before the change (None for inserts)
+    # Written by merges only: the merge this change belongs to, and the values it wrote (changed columns),
+    # so one merge can be undone column by column whatever happened after it.
+    merge_id: Mapped[int | None] = mapped_column(index=True)
+    after: Mapped[dict[str, Any] | None]
 
 
 class Reject(Base):
@@ -371,7 +375,7 @@ class MatchCandidate(Base):
 
 
 class MergeLog(Base):
-    """One record merged into a survivor: who, when, why, and the journal entries that undo it exactly."""
+    """One record merged into a survivor: who, when, why; its journal entries carry ``merge_id`` = this id."""
 
     __tablename__ = "merge_log"
 
@@ -383,7 +387,7 @@ class MergeLog(Base):
     reason: Mapped[str] = mapped_column(Text)  # auto-merge above threshold | steward decision
     decided_by: Mapped[str] = mapped_column(String(64))
     load_run_id: Mapped[int] = mapped_column(ForeignKey("load_runs.id"))
-    first_change_id: Mapped[int | None]  # row_changes of this merge: first..last
+    first_change_id: Mapped[int | None]  # merges before revision 0004 only: their row_changes first..last
     last_change_id: Mapped[int | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
     undone_at: Mapped[dt.datetime | None]
