@@ -1,29 +1,35 @@
-"""Merging duplicate customers into a golden record, logged so each merge can be undone exactly.
+"""Merging duplicate records into a golden record, journaled so that any single merge can be undone exactly.
 
 A merge keeps the survivor's values and fills its blanks from the merged record (a valid credit code is
 never replaced, an invalid one gives way to a valid one); per-field survivorship rules (most recent, most
 complete, most frequent across the cluster) override that for the fields they name. It marks the merged
-record ``merged_into_id``,
-re-points everything that referenced it (contacts, opportunities, orders, receivables, payments, branches)
-and its crosswalk entries to the survivor. All of it goes through the ORM inside a journaled load run, so
-the ``merge_log`` entry can name the journal entries that undo exactly this merge.
+record ``merged_into_id``, re-points everything that referenced it (contacts, opportunities, orders,
+receivables, payments, branches) and its crosswalk entries to the survivor.
+
+Merging is set-based: a batch of clusters is read with a few ``IN`` queries, fills and survivorship are
+computed in Python, rows are written with executemany updates by primary key, and the journal rows are
+written explicitly. Each journal row of a merge carries its ``merge_id`` and the values the merge wrote
+(``after``), so :func:`undo_merge` restores one merge column by column, in any order, and names the
+columns a later change altered instead of overwriting them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from collections import Counter
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import Connection, Table, and_, bindparam, delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 from stdnum.cn import uscc
 
 from crm_core.errors import DedupError
-from crm_core.models import Base, Contact, Customer, ExternalId, LoadRun, MatchCandidate, MergeLog, RowChange
-from crm_core.runs import replay
+from crm_core.journal import comparable, from_json, insert_entry, read_rows, update_entry
+from crm_core.models import Base, Contact, Customer, LoadRun, MatchCandidate, MergeLog, RowChange
+from crm_core.runs import ACTIVE, replay
 
 _SKIPPED = frozenset({"id", "merged_into_id", "created_run_id", "updated_run_id", "created_at", "updated_at"})
 MODEL_OF: dict[str, type[Customer] | type[Contact]] = {"customer": Customer, "contact": Contact}
@@ -31,25 +37,128 @@ ENTITY_OF: dict[type[Base], str] = {model: entity for entity, model in MODEL_OF.
 SurvivorshipRule = Literal["source_priority", "most_recent", "most_complete", "most_frequent"]
 # Fields a survivorship rule may name: the customer's own attributes (not keys, links or bookkeeping).
 SURVIVORSHIP_FIELDS = tuple(
-    c.key for c in Customer.__table__.columns if c.key not in _SKIPPED | {"parent_id", "name_normalized"}
+    c.key
+    for c in Base.metadata.tables["customers"].columns
+    if c.key not in _SKIPPED | {"parent_id", "name_normalized"}
 )
+# The contact fields whose count makes one contact "more complete" than another (it survives).
+CONTACT_COMPLETENESS = ("mobile", "phone", "email", "title", "department")
+# Columns every merge touches on a shared survivor: a later change to them is no conflict for an undo.
+_BOOKKEEPING = frozenset({"updated_at", "updated_run_id"})
+CHUNK = 1000  # ids per IN list: far below SQLite's and PostgreSQL's bind-parameter limits
+BATCH_RECORDS = 5000  # records (survivors and merged) merged per batch of clusters
+
+T = TypeVar("T")
+_TABLES = Base.metadata.tables
+_XW, _LOG, _JOURNAL, _CANDIDATES = (
+    _TABLES[n] for n in ("external_ids", "merge_log", "row_changes", "match_candidates")
+)
+
+
+def table_of(model: type[Base]) -> Table:
+    """Return the Core table of a model (typed as a Table, not a FromClause)."""
+    return _TABLES[model.__tablename__]
+
+
+def chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
+    """Yield consecutive slices of ``items`` of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _valid_code(value: str | None) -> bool:
     return value is not None and bool(uscc.is_valid(value))
 
 
-def _references_to(model: type[Base]) -> list[tuple[type[Base], str]]:
-    """Return (model, column) pairs whose foreign key points at ``model`` (merge pointers excluded)."""
-    table = model.__table__
+def _references_to(table: Table) -> list[tuple[Table, str]]:
+    """Return (table, column) pairs whose foreign key points at ``table`` (merge pointers excluded)."""
     found = []
-    for mapper in Base.registry.mappers:
-        for column in mapper.local_table.columns:
-            if column.name == "merged_into_id":
-                continue
-            if any(fk.column.table is table for fk in column.foreign_keys):
-                found.append((mapper.class_, column.name))
+    for other in Base.metadata.sorted_tables:
+        for column in other.columns:
+            if column.name != "merged_into_id" and any(
+                fk.column.table is table for fk in column.foreign_keys
+            ):
+                found.append((other, column.name))
     return found
+
+
+def fetch_rows(
+    connection: Connection, table: Table, ids: Sequence[int], columns: Sequence[str] = ()
+) -> dict[int, dict[str, Any]]:
+    """Return rows of ``table`` by id (all columns unless named), read with chunked ``IN`` queries."""
+    selected = [table.c[c] for c in ("id", *columns)] if columns else list(table.c)
+    found: dict[int, dict[str, Any]] = {}
+    for part in chunks(sorted(set(ids))):
+        for row in connection.execute(select(*selected).where(table.c.id.in_(part))).mappings():
+            found[row["id"]] = dict(row)
+    return found
+
+
+@dataclass
+class Members:
+    """What ranking and survivorship need about records: their rows and what the crosswalk says of them."""
+
+    rows: dict[int, dict[str, Any]]
+    creators: dict[int, str] = field(default_factory=dict)  # the source whose row created the record
+    synced: dict[int, dt.datetime] = field(default_factory=dict)  # when a source row of it last changed
+
+
+def load_members(
+    connection: Connection, model: type[Customer] | type[Contact], ids: Sequence[int]
+) -> Members:
+    """Read the rows and crosswalk facts of these records with a few set queries."""
+    entity = ENTITY_OF[model]
+    members = Members(fetch_rows(connection, table_of(model), ids))
+    xw = _XW
+    for part in chunks(sorted(set(ids))):
+        query = select(xw.c.entity_id, xw.c.system, xw.c.match_method, xw.c.last_synced_at).where(
+            xw.c.entity == entity, xw.c.entity_id.in_(part)
+        )
+        for entity_id, system, method, synced in connection.execute(query):
+            if method == "created" and (
+                entity_id not in members.creators or system < members.creators[entity_id]
+            ):
+                members.creators[entity_id] = system
+            if synced is not None:
+                stamp = synced.replace(tzinfo=dt.UTC) if synced.tzinfo is None else synced
+                members.synced[entity_id] = max(members.synced.get(entity_id, stamp), stamp)
+    return members
+
+
+def _row(members: Members, record_id: int, entity: str = "customer") -> dict[str, Any]:
+    row = members.rows.get(record_id)
+    if row is None:
+        raise DedupError(f"{entity} {record_id} does not exist in the core")
+    return row
+
+
+def order_members(
+    model: type[Customer] | type[Contact],
+    members: Members,
+    ids: Sequence[int],
+    source_priority: Sequence[str] = (),
+) -> list[int]:
+    """Order a cluster best first, as every merge (automatic or steward) picks its survivor.
+
+    Customers: created by the highest-priority source, then most complete, then oldest. Contacts: most
+    complete (mobile, phone, e-mail, title, department), then oldest.
+    """
+    if model is Contact:
+
+        def contact_rank(contact_id: int) -> tuple[int, int]:
+            row = _row(members, contact_id, "contact")
+            return (-sum(row[c] is not None for c in CONTACT_COMPLETENESS), contact_id)
+
+        return sorted(ids, key=contact_rank)
+
+    def rank(customer_id: int) -> tuple[int, int, int]:
+        row = _row(members, customer_id)
+        system = members.creators.get(customer_id)
+        priority = source_priority.index(system) if system in source_priority else len(source_priority)
+        filled = sum(row[c.name] is not None for c in table_of(Customer).columns if c.key not in _SKIPPED)
+        return (priority, -filled, customer_id)
+
+    return sorted(ids, key=rank)
 
 
 def choose_survivor(session: Session, ids: Sequence[int], source_priority: Sequence[str] = ()) -> int:
@@ -59,27 +168,46 @@ def choose_survivor(session: Session, ids: Sequence[int], source_priority: Seque
 
 def rank_members(session: Session, ids: Sequence[int], source_priority: Sequence[str] = ()) -> list[int]:
     """Order a cluster best first: created by the highest-priority source, then most complete, then oldest."""
-    creators = dict(session.execute(
-        select(ExternalId.entity_id, func.min(ExternalId.system)).where(
-            ExternalId.entity == "customer", ExternalId.entity_id.in_(ids), ExternalId.match_method == "created"
-        ).group_by(ExternalId.entity_id)
-    ).all())  # fmt: skip
-
-    def rank(customer_id: int) -> tuple[int, int, int]:
-        record = session.get(Customer, customer_id)
-        assert record is not None
-        system = creators.get(customer_id)
-        priority = source_priority.index(system) if system in source_priority else len(source_priority)
-        filled = sum(
-            getattr(record, c.key) is not None for c in Customer.__table__.columns if c.key not in _SKIPPED
-        )
-        return (priority, -filled, customer_id)
-
-    return sorted(ids, key=rank)
+    session.flush()
+    return order_members(Customer, load_members(session.connection(), Customer, ids), ids, source_priority)
 
 
 def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
+
+
+def golden_of(
+    members: Members, ranked_ids: Sequence[int], rules: Mapping[str, SurvivorshipRule]
+) -> dict[str, Any]:
+    """Return the value each ruled field takes on the golden record of loaded members (ranked best first).
+
+    See :func:`golden_values` for the rules.
+    """
+    epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
+    rows = [members.rows[i] for i in ranked_ids if i in members.rows]
+
+    def changed(row: dict[str, Any]) -> dt.datetime:
+        stamp = members.synced.get(row["id"]) or row["updated_at"]
+        return stamp.replace(tzinfo=dt.UTC) if stamp and stamp.tzinfo is None else stamp or epoch
+
+    chosen: dict[str, Any] = {}
+    for name, rule in rules.items():
+        filled = [(rank, row, row[name]) for rank, row in enumerate(rows) if not _blank(row[name])]
+        if not filled:
+            continue
+        if rule == "most_recent":
+            value = max(filled, key=lambda f: (changed(f[1]), -f[0]))[2]
+        elif rule == "most_complete":
+            value = max(filled, key=lambda f: (len(str(f[2]).strip()), -f[0]))[2]
+        elif rule == "most_frequent":
+            counts = Counter(v for _, _, v in filled)
+            value = max(filled, key=lambda f: (counts[f[2]], -f[0]))[2]
+        else:
+            value = filled[0][2]
+        if name == "credit_code" and not _valid_code(value):
+            value = next((v for _, _, v in filled if _valid_code(v)), value)
+        chosen[name] = value
+    return chosen
 
 
 def golden_values(
@@ -92,37 +220,185 @@ def golden_values(
     ``most_frequent``: the commonest value. Ties go to the better-ranked member; a valid credit code is
     never replaced by an invalid one.
     """
-    members = [session.get(Customer, i) for i in ranked_ids]
-    synced = dict(session.execute(
-        select(ExternalId.entity_id, func.max(ExternalId.last_synced_at)).where(
-            ExternalId.entity == "customer", ExternalId.entity_id.in_(ranked_ids)
-        ).group_by(ExternalId.entity_id)
-    ).all())  # fmt: skip
-    epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
+    session.flush()
+    return golden_of(load_members(session.connection(), Customer, ranked_ids), ranked_ids, rules)
 
-    def changed(member: Customer) -> dt.datetime:
-        stamp = synced.get(member.id) or member.updated_at
-        return stamp.replace(tzinfo=dt.UTC) if stamp and stamp.tzinfo is None else stamp or epoch
 
-    chosen: dict[str, Any] = {}
-    for field, rule in rules.items():
-        filled = [(rank, m, getattr(m, field)) for rank, m in enumerate(members) if m is not None]
-        filled = [(rank, m, v) for rank, m, v in filled if not _blank(v)]
-        if not filled:
-            continue
-        if rule == "most_recent":
-            value = max(filled, key=lambda f: (changed(f[1]), -f[0]))[2]
-        elif rule == "most_complete":
-            value = max(filled, key=lambda f: (len(str(f[2]).strip()), -f[0]))[2]
-        elif rule == "most_frequent":
-            counts = Counter(v for _, _, v in filled)
-            value = max(filled, key=lambda f: (counts[f[2]], -f[0]))[2]
-        else:
-            value = filled[0][2]
-        if field == "credit_code" and not _valid_code(value):
-            value = next((v for _, _, v in filled if _valid_code(v)), value)
-        chosen[field] = value
-    return chosen
+@dataclass(frozen=True)
+class MergePlan:
+    """One cluster to merge: the survivor, the records merged into it (in this order), why and by whom.
+
+    ``golden`` (from :func:`golden_of`) sets survivorship-ruled fields with the first merge, so undoing
+    that merge restores the survivor's own values.
+    """
+
+    survivor_id: int
+    merged_ids: tuple[int, ...]
+    probability: float | None
+    reason: str
+    decided_by: str
+    golden: Mapping[str, Any] | None = None
+
+
+class _Rows:
+    """The rows a batch of merges touches: what each holds now, what it held, and the journal of changes."""
+
+    def __init__(self, run_id: int, now: dt.datetime) -> None:
+        self.run_id, self.now = run_id, now
+        self.state: dict[tuple[str, int], dict[str, Any]] = {}
+        self.original: dict[tuple[str, int], dict[str, Any]] = {}
+        self.changed: dict[Table, dict[int, None]] = defaultdict(dict)  # insertion-ordered sets
+        self.journal: list[dict[str, Any]] = []
+
+    def load(self, table: Table, row: dict[str, Any]) -> None:
+        key = (table.name, row["id"])
+        if key not in self.state:  # a full row read first (a cluster member) is kept
+            self.state[key], self.original[key] = dict(row), dict(row)
+
+    def get(self, table: Table, row_id: int) -> dict[str, Any]:
+        return self.state[(table.name, row_id)]
+
+    def change(self, table: Table, row_id: int, values: Mapping[str, Any], merge_id: int) -> None:
+        """Apply ``values`` to a row for merge ``merge_id``; journal what actually changed."""
+        state = self.state[(table.name, row_id)]
+        diff = {k: v for k, v in values.items() if state[k] != v}
+        if not diff:
+            return
+        if "updated_at" in table.c:  # always journaled: replaying an entry must never fall back to onupdate
+            diff["updated_at"] = self.now
+        self.journal.append(
+            update_entry(self.run_id, table, {"id": row_id}, {k: state[k] for k in diff}, diff, merge_id)
+        )
+        state.update(diff)
+        self.changed[table][row_id] = None
+
+    def write(self, connection: Connection) -> None:
+        """Write every changed row (executemany per table and set of changed columns), then the journal."""
+        for table, row_ids in self.changed.items():
+            groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+            for row_id in row_ids:
+                state, original = self.state[(table.name, row_id)], self.original[(table.name, row_id)]
+                columns = tuple(
+                    sorted(k for k, v in state.items() if original[k] is not v and original[k] != v)
+                )
+                if columns:
+                    groups[columns].append({"_id": row_id, **{c: state[c] for c in columns}})
+            for params in groups.values():
+                connection.execute(update(table).where(table.c.id == bindparam("_id")), params)
+        if self.journal:
+            connection.execute(insert(_JOURNAL), self.journal)
+
+
+def merge_plans(
+    session: Session,
+    run: LoadRun,
+    model: type[Customer] | type[Contact],
+    plans: Sequence[MergePlan],
+    members: Members | None = None,
+) -> list[int]:
+    """Merge clusters of ``model`` set-based inside the run; return the ``merge_log`` ids in plan order.
+
+    Pending ORM changes are flushed first; objects of the session are expired afterwards (the rows were
+    written with Core statements). ``members`` may hold rows already read in this transaction.
+    """
+    if not plans:
+        return []
+    session.flush()
+    connection = session.connection()
+    entity, table = ENTITY_OF[model], table_of(model)
+    seen: set[int] = set()
+    for plan in plans:
+        for record_id in (plan.survivor_id, *plan.merged_ids):
+            if record_id in seen:
+                raise DedupError(f"{entity} {record_id} is in two clusters of one merge; merge them as one")
+            seen.add(record_id)
+    rows = dict(members.rows) if members else {}
+    rows.update(fetch_rows(connection, table, sorted(seen - rows.keys())))
+    for plan in plans:
+        survivor = rows.get(plan.survivor_id)
+        if survivor is None or survivor["merged_into_id"] is not None:
+            raise DedupError(
+                f"{entity} {plan.survivor_id} is not an active {entity}; it cannot survive a merge"
+            )
+        for merged_id in plan.merged_ids:
+            merged = rows.get(merged_id)
+            if merged is None or merged["merged_into_id"] is not None or merged_id == plan.survivor_id:
+                raise DedupError(
+                    f"{entity} {merged_id} is not an active {entity} other than {plan.survivor_id}"
+                )
+
+    now = dt.datetime.now(dt.UTC)
+    touched = _Rows(run.id, now)
+    for member in rows.values():
+        touched.load(table, member)
+    merged_all = sorted(i for plan in plans for i in plan.merged_ids)
+    referrers: list[tuple[Table, str, dict[int, list[int]]]] = []
+    for other, column in _references_to(table):
+        by_target: dict[int, list[int]] = defaultdict(list)
+        wanted = [column, *(c for c in _BOOKKEEPING if c in other.c)]
+        for part in chunks(merged_all):
+            query = select(*(other.c[c] for c in ("id", *wanted))).where(other.c[column].in_(part))
+            for found in connection.execute(query).mappings():
+                touched.load(other, dict(found))
+                by_target[found[column]].append(found["id"])
+        referrers.append((other, column, by_target))
+    xw = _XW
+    crosswalk: dict[int, list[int]] = defaultdict(list)
+    for part in chunks(merged_all):
+        query = select(xw.c.id, xw.c.entity_id, xw.c.match_method, xw.c.updated_run_id).where(
+            xw.c.entity == entity, xw.c.entity_id.in_(part)
+        )
+        for found in connection.execute(query).mappings():
+            touched.load(xw, dict(found))
+            crosswalk[found["entity_id"]].append(found["id"])
+
+    log_table = _LOG
+    log_rows = [
+        {"entity": entity, "survivor_id": plan.survivor_id, "merged_id": merged_id,
+         "probability": plan.probability, "reason": plan.reason, "decided_by": plan.decided_by,
+         "load_run_id": run.id, "first_change_id": None, "last_change_id": None, "created_at": now,
+         "undone_at": None}
+        for plan in plans for merged_id in plan.merged_ids
+    ]  # fmt: skip
+    log_ids = list(
+        connection.execute(
+            insert(log_table).returning(log_table.c.id, sort_by_parameter_order=True), log_rows
+        ).scalars()
+    )
+    touched.journal.extend(insert_entry(run.id, log_table, {"id": log_id}) for log_id in log_ids)
+
+    fill = [c.name for c in table.columns if c.name not in _SKIPPED | {"parent_id", "customer_id"}]
+    numbers = iter(log_ids)
+    for plan in plans:
+        survivor_id = plan.survivor_id
+        survivor = touched.get(table, survivor_id)
+        for position, merged_id in enumerate(plan.merged_ids):
+            merge_id = next(numbers)
+            merged = touched.get(table, merged_id)
+            values: dict[str, Any] = {}
+            for name in fill:
+                mine, theirs = survivor[name], merged[name]
+                if name == "credit_code":
+                    if theirs and _valid_code(theirs) and not _valid_code(mine):
+                        values[name] = theirs
+                elif mine is None and theirs is not None:
+                    values[name] = theirs
+            if plan.golden and position == 0:
+                values.update(plan.golden)
+            touched.change(table, survivor_id, {**values, "updated_run_id": run.id}, merge_id)
+            touched.change(
+                table, merged_id, {"merged_into_id": survivor_id, "updated_run_id": run.id}, merge_id
+            )
+            for other, column, by_target in referrers:
+                for row_id in by_target.get(merged_id, ()):
+                    if not (other is table and row_id == survivor_id):
+                        touched.change(other, row_id, {column: survivor_id}, merge_id)
+            for entry_id in crosswalk.get(merged_id, ()):
+                touched.change(xw, entry_id, {"entity_id": survivor_id, "match_method": f"linked:{merged_id}",
+                                              "updated_run_id": run.id}, merge_id)  # fmt: skip
+    touched.write(connection)
+    session.expire_all()
+    return log_ids
 
 
 def merge_records(
@@ -137,86 +413,62 @@ def merge_records(
     decided_by: str,
     golden: Mapping[str, Any] | None = None,
 ) -> list[MergeLog]:
-    """Merge records of ``model`` (customers or contacts) inside the run's journaled session; return the log entries.
+    """Merge records of ``model`` (customers or contacts) into a survivor inside the run; return the log entries.
 
     Blanks of the survivor fill from the merged records; references and crosswalk entries are re-pointed.
     ``golden`` (from :func:`golden_values`) sets survivorship-ruled fields; it is applied with the first
     merge, so undoing that merge restores the survivor's own values.
     """
-    entity = ENTITY_OF[model]
-    survivor: Any = session.get(model, survivor_id)
-    if survivor is None or survivor.merged_into_id is not None:
-        raise DedupError(f"{entity} {survivor_id} is not an active {entity}; it cannot survive a merge")
-    logs: list[MergeLog] = []
-    for merged_id in merged_ids:
-        merged: Any = session.get(model, merged_id)
-        if merged is None or merged.merged_into_id is not None or merged_id == survivor_id:
-            raise DedupError(f"{entity} {merged_id} is not an active {entity} other than {survivor_id}")
-        session.flush()
-        first = (session.scalar(select(func.max(RowChange.id))) or 0) + 1
-        for attribute in model.__table__.columns:
-            name = attribute.key
-            if name in _SKIPPED or name in ("parent_id", "customer_id"):
-                continue
-            mine, theirs = getattr(survivor, name), getattr(merged, name)
-            if name == "credit_code":
-                if theirs and _valid_code(theirs) and not _valid_code(mine):
-                    survivor.credit_code = theirs
-            elif mine is None and theirs is not None:
-                setattr(survivor, name, theirs)
-        if golden and not logs:
-            for name, value in golden.items():
-                if getattr(survivor, name) != value:
-                    setattr(survivor, name, value)
-        survivor.updated_run_id = run.id
-        merged.merged_into_id = survivor.id
-        merged.updated_run_id = run.id
-        for referrer, column_name in _references_to(model):
-            column: Any = getattr(referrer, column_name)
-            for row in session.scalars(select(referrer).where(column == merged_id)):
-                if row is not survivor:
-                    setattr(row, column_name, survivor.id)
-        for entry in session.scalars(
-            select(ExternalId).where(ExternalId.entity == entity, ExternalId.entity_id == merged_id)
-        ):
-            entry.entity_id = survivor.id
-            entry.match_method = f"linked:{merged_id}"
-            entry.updated_run_id = run.id
-        session.flush()
-        last = session.scalar(select(func.max(RowChange.id)))
-        log = MergeLog(entity=entity, survivor_id=survivor.id, merged_id=merged_id, probability=probability,
-                       reason=reason, decided_by=decided_by, load_run_id=run.id,
-                       first_change_id=first, last_change_id=last)  # fmt: skip
-        session.add(log)
-        logs.append(log)
-    session.flush()
-    return logs
+    plan = MergePlan(survivor_id, tuple(merged_ids), probability, reason, decided_by, golden)
+    return merge_logs(session, merge_plans(session, run, model, [plan]))
+
+
+def merge_logs(session: Session, ids: Sequence[int]) -> list[MergeLog]:
+    """Return the merge log entries with these ids, in id order."""
+    found: list[MergeLog] = []
+    for part in chunks(sorted(ids)):
+        found.extend(session.scalars(select(MergeLog).where(MergeLog.id.in_(part)).order_by(MergeLog.id)))
+    return found
+
+
+@dataclass
+class _Later:
+    """A journal entry written after the merge being undone, on a row it touched."""
+
+    id: int
+    before: dict[str, Any] | None
+    merge_id: int | None
+    run_key: str
 
 
 def undo_merge(session: Session, log_id: int, decided_by: str) -> MergeLog:
-    """Undo one merge exactly from its journal entries; refuse if later changes touched the same rows.
+    """Undo one merge exactly, whatever merges or loads came after it, as long as they left its values alone.
 
-    The pair is then marked ``distinct`` (a steward said these are different), so it is not proposed again.
+    Each column the merge wrote is restored when the core still holds what the merge wrote. A business
+    column a later change altered is a conflict: nothing is undone and the error names the column and the
+    change. Bookkeeping columns (``updated_at``, ``updated_run_id``) a later change rewrote stay as they
+    are, and that change's journal entry now restores them past this merge, so rolling back the later run
+    stays exact. The pair is then marked ``distinct`` (a steward said these are different) and not proposed
+    again.
     """
     log = session.get(MergeLog, log_id)
     if log is None:
         raise DedupError(f"no merge {log_id}; `crmi dedup merges` lists them")
     if log.undone_at is not None:
         raise DedupError(f"merge {log_id} was already undone at {log.undone_at:%Y-%m-%d %H:%M}")
-    mine = and_(RowChange.id >= log.first_change_id, RowChange.id <= log.last_change_id)
-    touched = {
-        (t, k) for t, k in session.execute(select(RowChange.table_name, RowChange.row_key).where(mine))
-    }
-    later = session.execute(
-        select(RowChange.table_name, RowChange.row_key).where(RowChange.id > log.last_change_id)
-    ).all()
-    conflicts = sorted({f"{t} {json.loads(k)}" for t, k in later if (t, k) in touched})
-    if conflicts:
-        raise DedupError(
-            f"merge {log_id} cannot be undone exactly: later changes touched {', '.join(conflicts[:5])}; "
-            "roll back the later runs first"
-        )
-    replay(session, mine)
+    session.flush()
+    connection = session.connection()
+    entries = connection.execute(
+        select(RowChange.id, RowChange.table_name, RowChange.row_key, RowChange.operation, RowChange.before,
+               RowChange.after).where(RowChange.merge_id == log.id).order_by(RowChange.id.desc())
+    ).all()  # fmt: skip
+    if entries:
+        _undo_columns(connection, log, entries)
+    elif log.first_change_id is not None and log.last_change_id is not None:
+        _undo_range(session, log)
+    else:
+        raise DedupError(f"merge {log_id} has no journal entries to undo it from")
+    session.expire_all()
     log.undone_at = dt.datetime.now(dt.UTC)
     left, right = sorted((log.survivor_id, log.merged_id))
     candidate = session.scalar(select(MatchCandidate).where(
@@ -234,6 +486,125 @@ def undo_merge(session: Session, log_id: int, decided_by: str) -> MergeLog:
     return log
 
 
+def _later_changes(
+    connection: Connection, log: MergeLog, keys: Mapping[str, set[str]], since: int
+) -> dict[tuple[str, str], list[_Later]]:
+    """Return the journal entries of active runs after ``since`` on these rows, oldest first, per row."""
+    found: dict[tuple[str, str], list[_Later]] = defaultdict(list)
+    for table_name, row_keys in keys.items():
+        for part in chunks(sorted(row_keys)):
+            query = (
+                select(RowChange.id, RowChange.row_key, RowChange.before, RowChange.merge_id, LoadRun.run_key)
+                .join(LoadRun, LoadRun.id == RowChange.load_run_id)
+                .where(
+                    RowChange.table_name == table_name, RowChange.row_key.in_(part), RowChange.id > since,
+                    or_(RowChange.merge_id.is_(None), RowChange.merge_id != log.id),
+                    LoadRun.status.in_(ACTIVE),
+                )
+                .order_by(RowChange.id)
+            )  # fmt: skip
+            for entry_id, key, before, merge_id, run_key in connection.execute(query):
+                found[(table_name, key)].append(_Later(entry_id, before, merge_id, run_key))
+    return found
+
+
+def _undo_columns(connection: Connection, log: MergeLog, entries: Sequence[Any]) -> None:
+    """Restore what a merge wrote column by column from its tagged journal entries (newest first)."""
+    tables = Base.metadata.tables
+    keys: dict[str, set[str]] = defaultdict(set)
+    for entry in entries:
+        keys[entry.table_name].add(entry.row_key)
+    current: dict[tuple[str, str], dict[str, Any]] = {}
+    for table_name, row_keys in keys.items():
+        found = read_rows(connection, tables[table_name], [json.loads(k) for k in row_keys])
+        current.update({(table_name, k): v for k, v in found.items()})
+    later = _later_changes(connection, log, keys, min(e.id for e in entries))
+    restores: dict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
+    splices: dict[int, dict[str, Any]] = {}
+    conflicts: list[str] = []
+    for entry in entries:
+        table = tables[entry.table_name]
+        name = f"{entry.table_name} {', '.join(str(v) for v in json.loads(entry.row_key).values())}"
+        row = current.get((entry.table_name, entry.row_key))
+        if entry.operation != "update" or entry.after is None:
+            raise DedupError(
+                f"merge {log.id}: journal entry {entry.id} is not a merge update; it cannot be undone"
+            )
+        if row is None:
+            conflicts.append(f"{name} was deleted after the merge")
+            continue
+        for column, wrote in entry.after.items():
+            kind = table.c[column]
+            following = next(
+                (e for e in later.get((entry.table_name, entry.row_key), ()) if e.id > entry.id
+                 and e.before is not None and column in e.before),
+                None,
+            )  # fmt: skip
+            before_value = entry.before[column]
+            holds_written = comparable(kind, row[column]) == comparable(kind, wrote)
+            if not holds_written and column not in _BOOKKEEPING:
+                by = (
+                    f"merge {following.merge_id}" if following and following.merge_id
+                    else f"run {following.run_key}" if following else "a change outside the journal"
+                )  # fmt: skip
+                conflicts.append(f"{name} {column} (the merge wrote {wrote!r}, the core holds {row[column]!r}; "
+                                 f"changed by {by})")  # fmt: skip
+                continue
+            if holds_written:
+                restores[(entry.table_name, entry.row_key)][column] = before_value
+                row[column] = before_value
+            # The next change's before-image held what this merge wrote: it now holds what was there before.
+            if (
+                following is not None
+                and following.before is not None
+                and comparable(kind, following.before[column]) == comparable(kind, wrote)
+            ):
+                patched = splices.setdefault(following.id, dict(following.before))
+                patched[column] = before_value
+                following.before = patched
+    if conflicts:
+        raise DedupError(
+            f"merge {log.id} cannot be undone exactly: later changes altered what it wrote: "
+            f"{'; '.join(conflicts[:5])}{' …' if len(conflicts) > 5 else ''}; undo those merges first "
+            "(`crmi dedup merges`) or roll back those runs (`crmi runs list`)"
+        )
+    for (table_name, key), values in restores.items():
+        table = tables[table_name]
+        row = current[(table_name, key)]
+        if "updated_at" in table.c and "updated_at" not in values:  # not onupdate's "now"
+            values = {**values, "updated_at": row["updated_at"]}
+        where = and_(*(table.c[c] == from_json(table.c[c], v) for c, v in json.loads(key).items()))
+        connection.execute(
+            update(table).where(where).values({c: from_json(table.c[c], v) for c, v in values.items()})
+        )
+    if splices:
+        journal = _JOURNAL
+        connection.execute(
+            update(journal).where(journal.c.id == bindparam("_id")),
+            [{"_id": entry_id, "before": before} for entry_id, before in splices.items()],
+        )
+    # The merge's entries no longer describe the core: a later rollback of its run must not replay them.
+    connection.execute(delete(_JOURNAL).where(_JOURNAL.c.merge_id == log.id))
+
+
+def _undo_range(session: Session, log: MergeLog) -> None:
+    """Undo a merge recorded before journal entries carried their merge (a global id range): newest only."""
+    mine = and_(RowChange.id >= log.first_change_id, RowChange.id <= log.last_change_id)
+    touched = {
+        (t, k) for t, k in session.execute(select(RowChange.table_name, RowChange.row_key).where(mine))
+    }
+    later = session.execute(
+        select(RowChange.table_name, RowChange.row_key).where(RowChange.id > log.last_change_id)
+    ).all()
+    conflicts = sorted({f"{t} {json.loads(k)}" for t, k in later if (t, k) in touched})
+    if conflicts:
+        raise DedupError(
+            f"merge {log.id} cannot be undone exactly: later changes touched {', '.join(conflicts[:5])}; "
+            "roll back the later runs first"
+        )
+    replay(session, mine)
+
+
 def decided_pairs(session: Session, entity: str, status: str) -> set[tuple[int, int]]:
     """Return the (left, right) pairs a steward or an earlier run decided with ``status``."""
     rows = session.execute(
@@ -244,32 +615,75 @@ def decided_pairs(session: Session, entity: str, status: str) -> set[tuple[int, 
     return {(left, right) for left, right in rows}
 
 
+# Above this many distinct left ids, one scan of the entity's candidates beats chunked IN lists.
+_SCAN_ALL = 50_000
+
+
 def record_candidates(
     session: Session,
     run: LoadRun,
     entity: str,
     scored: Mapping[tuple[int, int], tuple[float, dict[str, Any], str]],
 ) -> int:
-    """Upsert scored pairs as candidates; decisions already made (merged, distinct) are kept. Returns new ones."""
-    existing = {
-        (c.left_id, c.right_id): c
-        for c in session.scalars(select(MatchCandidate).where(MatchCandidate.entity == entity, or_(
-            *(and_(MatchCandidate.left_id == a, MatchCandidate.right_id == b) for a, b in scored)
-        )))
-    } if scored else {}  # fmt: skip
-    added = 0
-    for (left, right), (probability, features, status) in scored.items():
-        candidate = existing.get((left, right))
-        if candidate is None:
-            session.add(MatchCandidate(entity=entity, left_id=left, right_id=right, probability=probability,
-                                       features=features, status=status, load_run_id=run.id,
-                                       decided_by="linkage" if status == "merged" else None,
-                                       decided_at=dt.datetime.now(dt.UTC) if status == "merged" else None))  # fmt: skip
-            added += 1
-        elif candidate.status == "review":
-            candidate.probability, candidate.features = probability, features
+    """Upsert scored pairs as candidates; decisions already made (merged, distinct) are kept. Returns new ones.
+
+    Set-based: existing candidates are read by chunks of left ids (or in one scan), new ones inserted and
+    review ones updated with executemany, each journaled in the run.
+    """
+    if not scored:
+        return 0
     session.flush()
-    return added
+    connection = session.connection()
+    table = _CANDIDATES
+    columns = (
+        table.c.id,
+        table.c.left_id,
+        table.c.right_id,
+        table.c.status,
+        table.c.probability,
+        table.c.features,
+    )
+    lefts = sorted({left for left, _ in scored})
+    queries = (
+        [select(*columns).where(table.c.entity == entity)]
+        if len(lefts) > _SCAN_ALL
+        else [
+            select(*columns).where(table.c.entity == entity, table.c.left_id.in_(part))
+            for part in chunks(lefts)
+        ]
+    )
+    existing: dict[tuple[int, int], Any] = {}
+    for query in queries:
+        for row in connection.execute(query):
+            if (row.left_id, row.right_id) in scored:
+                existing[(row.left_id, row.right_id)] = row
+    now = dt.datetime.now(dt.UTC)
+    new: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
+    journal: list[dict[str, Any]] = []
+    for (left, right), (probability, features, status) in scored.items():
+        stored = existing.get((left, right))
+        if stored is None:
+            merged = status == "merged"
+            new.append({"entity": entity, "left_id": left, "right_id": right, "probability": probability,
+                        "features": features, "status": status, "load_run_id": run.id,
+                        "decided_by": "linkage" if merged else None, "decided_at": now if merged else None})  # fmt: skip
+        elif stored.status == "review" and (stored.probability != probability or stored.features != features):
+            updates.append({"_id": stored.id, "probability": probability, "features": features})
+            journal.append(update_entry(run.id, table, {"id": stored.id},
+                                        {"probability": stored.probability, "features": stored.features},
+                                        {"probability": probability, "features": features}))  # fmt: skip
+    if updates:
+        connection.execute(update(table).where(table.c.id == bindparam("_id")), updates)
+    if new:
+        ids = connection.execute(
+            insert(table).returning(table.c.id, sort_by_parameter_order=True), new
+        ).scalars()
+        journal.extend(insert_entry(run.id, table, {"id": i}) for i in ids)
+    if journal:
+        connection.execute(insert(_JOURNAL), journal)
+    session.expire_all()
+    return len(new)
 
 
 def changed_in_run(session: Session, model: type[Customer] | type[Contact], run_key: str) -> list[int]:

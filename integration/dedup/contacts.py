@@ -4,21 +4,20 @@ After customers merge, their contacts sit under one golden customer and often re
 王 芳 with the same mobile from the spreadsheet). Contacts are linked within a customer only (the
 customer is a hard key: two customers' contacts never merge), compared on the person's name, mobile,
 phone and e-mail, scored by the same ECM classifier and banded like customers; sure clusters merge
-into the most complete contact, the rest wait in the review queue (entity ``contact``).
+into the most complete contact (``crm_core.merging.order_members``, which steward merges use too), the
+rest wait in the review queue (entity ``contact``).
 """
 
 from __future__ import annotations
 
 import pandas as pd
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 
 from crm_core.db import session_factory
-from crm_core.loading import get_or_start_run
-from crm_core.merging import merge_records
 from crm_core.models import Contact
 from integration.dedup.linkage import Comparison, LinkageSpec
 from integration.dedup.normalize import person_key
-from integration.dedup.workflow import DedupOutcome, link_and_record
+from integration.dedup.workflow import DedupOutcome, link_and_record, merge_clusters
 
 CONTACT_COLUMNS = ("customer_id", "name_key", "mobile", "phone", "email")
 # Every pair of contacts of one customer is compared, and only those: a customer has tens of contacts,
@@ -65,23 +64,6 @@ def deduplicate_contacts(
     candidates = link_and_record(
         engine, run_key, project, "contact", contact_records(engine), spec, mode=mode
     )
-    outcome = candidates.outcome
     if not candidates.clusters:
-        return outcome
-    with session_factory(engine)() as session, session.begin():
-        run = get_or_start_run(session, run_key, project, mode)
-        for ids, probability in zip(candidates.clusters, candidates.cluster_probability, strict=True):
-            filled = dict(session.execute(
-                select(Contact.id, func.count(Contact.mobile) + func.count(Contact.phone) + func.count(Contact.email)
-                       + func.count(Contact.title) + func.count(Contact.department))
-                .where(Contact.id.in_(ids)).group_by(Contact.id)
-            ).all())  # fmt: skip
-            # the most complete contact survives
-            survivor, *merged = sorted(ids, key=lambda i: (-filled.get(i, 0), i))
-            logs = merge_records(
-                session, run, Contact, survivor, merged, probability=probability,
-                reason=f"auto-merge: linkage probability >= {spec.auto_merge}", decided_by="linkage",
-            )  # fmt: skip
-            outcome.merge_log_ids += [log.id for log in logs]
-            outcome.auto_merged += len(logs)
-    return outcome
+        return candidates.outcome
+    return merge_clusters(engine, run_key, project, candidates, mode=mode, entity="contact")

@@ -1,7 +1,8 @@
 """Deduplicating the core's customers: link, record candidates, auto-merge sure clusters, steward decisions.
 
 Everything runs inside a journaled load run, so a dedup pass rolls back like any load and each merge can
-be undone on its own (``crm_core.merging.undo_merge``).
+be undone on its own, in any order (``crm_core.merging.undo_merge``). Candidates, merges and the review
+queue are read and written set-based (a few statements per batch, never one per pair or per record).
 """
 
 from __future__ import annotations
@@ -19,18 +20,22 @@ from crm_core.db import session_factory
 from crm_core.errors import DedupError
 from crm_core.loading import get_or_start_run
 from crm_core.merging import (
+    BATCH_RECORDS,
     ENTITY_OF,
     MODEL_OF,
+    Members,
+    MergePlan,
     SurvivorshipRule,
     changed_in_run,
-    choose_survivor,
+    chunks,
     decided_pairs,
-    golden_values,
-    merge_records,
-    rank_members,
+    golden_of,
+    load_members,
+    merge_plans,
+    order_members,
     record_candidates,
 )
-from crm_core.models import Contact, Customer, MatchCandidate
+from crm_core.models import Contact, Customer, MatchCandidate, MergeLog
 from integration.dedup.customers import CUSTOMER_SPEC, customer_records
 from integration.dedup.linkage import Labels, LinkageSpec, link, ordered
 
@@ -140,25 +145,68 @@ def merge_clusters(
     source_priority: Sequence[str] = (),
     survivorship: Mapping[str, SurvivorshipRule] | None = None,
     mode: str = "full",
+    entity: str = "customer",
 ) -> DedupOutcome:
     """Merge every sure cluster into its golden record (one transaction, journaled in the run).
 
-    Members are merged best first (source priority, then completeness), so blanks fill in that order;
-    ``survivorship`` rules pick the value of the fields they name across the whole cluster.
+    Members are merged best first (source priority, then completeness; contacts: completeness), so blanks
+    fill in that order; ``survivorship`` rules pick the value of the fields they name across the whole
+    cluster. Clusters are merged in batches with a few set queries each, not a query per record.
     """
     outcome = candidates.outcome
+    model = MODEL_OF[entity]
+    reason = f"auto-merge: linkage probability >= {candidates.auto_merge}"
     with session_factory(engine)() as session, session.begin():
         run = get_or_start_run(session, run_key, project, mode)
-        for ids, probability in zip(candidates.clusters, candidates.cluster_probability, strict=True):
-            survivor, *merged = rank_members(session, ids, source_priority)
-            logs = merge_records(
-                session, run, Customer, survivor, merged, probability=probability,
-                reason=f"auto-merge: linkage probability >= {candidates.auto_merge}", decided_by="linkage",
-                golden=golden_values(session, [survivor, *merged], survivorship) if survivorship else None,
-            )  # fmt: skip
-            outcome.merge_log_ids += [log.id for log in logs]
-            outcome.auto_merged += len(logs)
+        for batch in _batches(candidates.clusters, candidates.cluster_probability):
+            members = load_members(session.connection(), model, [i for ids, _ in batch for i in ids])
+            plans = [
+                cluster_plan(model, members, ids, source_priority, survivorship, probability=probability,
+                             reason=reason, decided_by="linkage")
+                for ids, probability in batch
+            ]  # fmt: skip
+            log_ids = merge_plans(session, run, model, plans, members)
+            outcome.merge_log_ids += log_ids
+            outcome.auto_merged += len(log_ids)
     return outcome
+
+
+def _batches(
+    clusters: Sequence[list[int]], probabilities: Sequence[float | None]
+) -> list[list[tuple[list[int], float | None]]]:
+    """Group clusters into batches of about ``BATCH_RECORDS`` records."""
+    batches: list[list[tuple[list[int], float | None]]] = [[]]
+    size = 0
+    for ids, probability in zip(clusters, probabilities, strict=True):
+        if size and size + len(ids) > BATCH_RECORDS:
+            batches.append([])
+            size = 0
+        batches[-1].append((ids, probability))
+        size += len(ids)
+    return [b for b in batches if b]
+
+
+def cluster_plan(
+    model: type[Customer] | type[Contact],
+    members: Members,
+    ids: Sequence[int],
+    source_priority: Sequence[str] = (),
+    survivorship: Mapping[str, SurvivorshipRule] | None = None,
+    *,
+    probability: float | None,
+    reason: str,
+    decided_by: str,
+) -> MergePlan:
+    """Return how a cluster merges: survivor and order by the project's rules, golden values for customers.
+
+    Automatic and steward merges both go through here, so a steward's merge keeps the same survivor and
+    the same survivorship-ruled values an automatic merge of the pair would.
+    """
+    survivor, *merged = order_members(model, members, ids, source_priority if model is Customer else ())
+    golden = (
+        golden_of(members, [survivor, *merged], survivorship) if survivorship and model is Customer else None
+    )
+    return MergePlan(survivor, tuple(merged), probability, reason, decided_by, golden)
 
 
 def deduplicate_customers(
@@ -206,35 +254,77 @@ def steward_labels(session: Any, spec: LinkageSpec, entity: str = "customer") ->
 def review_queue(engine: Engine, limit: int | None = None, entity: str | None = None) -> list[dict[str, Any]]:
     """Return the pairs waiting for a steward (customers, contacts or both), most likely first, side by side."""
     with session_factory(engine)() as session:
+        table = MatchCandidate.__table__.c
         query = (
-            select(MatchCandidate)
-            .where(MatchCandidate.status == "review")
-            .order_by(MatchCandidate.probability.desc(), MatchCandidate.id)
+            select(table.id, table.entity, table.probability, table.left_id, table.right_id, table.features)
+            .where(table.status == "review")
+            .order_by(table.probability.desc(), table.id)
         )
         if entity is not None:
-            query = query.where(MatchCandidate.entity == entity)
+            query = query.where(table.entity == entity)
         if limit is not None:
             query = query.limit(limit)
+        pending = session.execute(query).all()
+        shown: dict[str, dict[int, tuple[str, Any]]] = {}
+        for name in {c.entity for c in pending}:
+            model: Any = MODEL_OF[name]
+            key = model.credit_code if model is Customer else model.mobile  # what tells them apart
+            ids = sorted({i for c in pending if c.entity == name for i in (c.left_id, c.right_id)})
+            shown[name] = {}
+            for part in chunks(ids):
+                rows = session.execute(select(model.id, model.name, key).where(model.id.in_(part)))
+                shown[name].update({record_id: (label, value) for record_id, label, value in rows})
         out = []
-        for candidate in session.scalars(query):
-            model: Any = MODEL_OF[candidate.entity]
-            left, right = session.get(model, candidate.left_id), session.get(model, candidate.right_id)
-            key = "credit_code" if candidate.entity == "customer" else "mobile"  # what tells them apart
+        for c in pending:
+            left, right = shown[c.entity].get(c.left_id), shown[c.entity].get(c.right_id)
             out.append({
-                "candidate": candidate.id, "entity": candidate.entity, "probability": round(candidate.probability, 4),
-                "left_id": candidate.left_id, "left": left.name if left else None,
-                "left_key": getattr(left, key) if left else None,
-                "right_id": candidate.right_id, "right": right.name if right else None,
-                "right_key": getattr(right, key) if right else None,
-                "features": candidate.features,
+                "candidate": c.id, "entity": c.entity, "probability": round(c.probability, 4),
+                "left_id": c.left_id, "left": left[0] if left else None, "left_key": left[1] if left else None,
+                "right_id": c.right_id, "right": right[0] if right else None,
+                "right_key": right[1] if right else None, "features": c.features,
             })  # fmt: skip
         return out
 
 
+def list_merges(engine: Engine, entity: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """Return the merges, newest first: who merged what into what, why, when, and whether it was undone."""
+    with session_factory(engine)() as session:
+        query = select(MergeLog).order_by(MergeLog.id.desc())
+        if entity is not None:
+            query = query.where(MergeLog.entity == entity)
+        if limit is not None:
+            query = query.limit(limit)
+        return [
+            {"merge": log.id, "entity": log.entity, "survivor_id": log.survivor_id, "merged_id": log.merged_id,
+             "probability": None if log.probability is None else round(log.probability, 4),
+             "reason": log.reason, "decided_by": log.decided_by, "merged_at": _iso(log.created_at),
+             "undone_at": _iso(log.undone_at)}
+            for log in session.scalars(query)
+        ]  # fmt: skip
+
+
+def _iso(stamp: dt.datetime | None) -> str | None:
+    if stamp is None:
+        return None
+    return (stamp.replace(tzinfo=dt.UTC) if stamp.tzinfo is None else stamp).isoformat(timespec="seconds")
+
+
 def decide(
-    engine: Engine, candidate_id: int, *, same: bool, steward: str, run_key: str, project: str
+    engine: Engine,
+    candidate_id: int,
+    *,
+    same: bool,
+    steward: str,
+    run_key: str,
+    project: str,
+    source_priority: Sequence[str] = (),
+    survivorship: Mapping[str, SurvivorshipRule] | None = None,
 ) -> MatchCandidate:
-    """Record a steward's decision: merge the pair (same company) or mark it distinct (never proposed again)."""
+    """Record a steward's decision: merge the pair (same company) or mark it distinct (never proposed again).
+
+    A merge picks the survivor and the survivorship-ruled values exactly as an automatic merge does
+    (``source_priority`` and ``survivorship`` are the project's ``dedup.customer`` rules).
+    """
     with session_factory(engine)() as session, session.begin():
         candidate = session.get(MatchCandidate, candidate_id)
         if candidate is None:
@@ -248,13 +338,15 @@ def decide(
                 {_active(session, model, candidate.left_id), _active(session, model, candidate.right_id)}
             )
             if len(ids) == 2:
-                survivor = choose_survivor(session, ids) if model is Customer else ids[0]
-                merge_records(session, run, model, survivor, [i for i in ids if i != survivor],
-                              probability=candidate.probability, reason="steward decision", decided_by=steward)  # fmt: skip
+                members = load_members(session.connection(), model, ids)
+                plan = cluster_plan(model, members, ids, source_priority, survivorship,
+                                    probability=candidate.probability, reason="steward decision", decided_by=steward)  # fmt: skip
+                merge_plans(session, run, model, [plan], members)
         candidate.status = "merged" if same else "distinct"
         candidate.decided_by = steward
         candidate.decided_at = dt.datetime.now(dt.UTC)
         session.flush()
+        session.refresh(candidate)
         run.status = "succeeded"
         run.finished_at = dt.datetime.now(dt.UTC)
         session.expunge(candidate)
