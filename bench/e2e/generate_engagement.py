@@ -686,7 +686,8 @@ def crm_accounts(engagement: Engagement, user_ids: list[str]) -> Iterator[tuple[
             engagement.crm_id.get(company.parent) if company.parent >= 0 else None, code, None,
         )  # fmt: skip
         yield row
-        if rng.random() < 0.03:  # an old duplicate someone deleted: must never reach the core
+        # An old duplicate someone deleted (at least one at any size): must never reach the core.
+        if rng.random() < 0.03 or not engagement.soft_deleted:
             deleted_id = uuid_from(rng)
             engagement.soft_deleted.append(("legacy_crm", "accounts", deleted_id))
             yield (deleted_id, f"{name}（作废）", *row[2:7], 1, *row[8:])
@@ -706,7 +707,7 @@ def crm_contacts(
         for n in range(rng.choice([1, 1, 1, 2, 2, 3])):
             contact_id, name = uuid_from(rng), company.contact if n == 0 else person(rng)
             phone = company.contact_mobile if n == 0 else mobile(rng)
-            deleted = 1 if rng.random() < 0.03 else 0
+            deleted = 1 if rng.random() < 0.03 or not contacts else 0
             created = stamp(rng)
             contacts.append((
                 contact_id, created, created, deleted, user_ids[company.rep], None, name[1:], name[0],
@@ -749,7 +750,7 @@ def crm_opportunities(
                 currency_id, _name, _symbol, _iso, rate = rng.choice(CURRENCIES)
                 amount = round(amount * rate, 2)
                 engagement.note("foreign_currency_opportunities")
-            deleted = 1 if rng.random() < 0.03 else 0
+            deleted = 1 if rng.random() < 0.03 or not opportunities else 0
             created = stamp(rng)
             close = REFERENCE_DAY + dt.timedelta(days=rng.randint(-300, 180))
             stage = rng.choice(STAGES_SUITE)

@@ -1,0 +1,146 @@
+"""The end-to-end benchmark's engagement: a reproducible generator, a project that checks, a run that balances."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sqlite3
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import sqlalchemy as sa
+from openpyxl import load_workbook
+from stdnum.cn import uscc
+from typer.testing import CliRunner
+
+from integration.cli import app
+from tests.conftest import REPO
+
+E2E = REPO / "bench" / "e2e"
+ROWS = 300
+
+
+def load_engagement_generator() -> ModuleType:
+    """Import bench/e2e/generate_engagement.py as a module."""
+    spec = importlib.util.spec_from_file_location("generate_engagement", E2E / "generate_engagement.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def engagement(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny engagement (300 source rows) in SQLite files and a workbook."""
+    out = tmp_path_factory.mktemp("engagement")
+    load_engagement_generator().generate(ROWS, out)
+    return out
+
+
+def contents(folder: Path) -> dict[str, object]:
+    """Everything the generator wrote, as comparable values (workbook files carry save timestamps)."""
+    found: dict[str, object] = {}
+    for name in ("erp_u8.sqlite", "legacy_crm.sqlite"):
+        with sqlite3.connect(folder / name) as db:
+            tables = [
+                r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY 1")
+            ]
+            for table in tables:
+                found[f"{name}:{table}"] = db.execute(f'SELECT * FROM "{table}" ORDER BY 1').fetchall()
+    workbook = load_workbook(folder / "sales.xlsx", read_only=True)
+    for sheet in workbook.worksheets:
+        found[f"xlsx:{sheet.title}"] = [tuple(row) for row in sheet.iter_rows(values_only=True)]
+    workbook.close()
+    for name in ("truth.csv", "soft_deleted.csv"):
+        found[name] = (folder / name).read_text(encoding="utf-8")
+    return found
+
+
+def env_for(folder: Path) -> dict[str, str]:
+    """The environment the benchmark project reads its sources from."""
+    return {
+        "E2E_U8_URL": f"sqlite:///{folder / 'erp_u8.sqlite'}",
+        "E2E_CRM_URL": f"sqlite:///{folder / 'legacy_crm.sqlite'}",
+        "E2E_SALES_XLSX": str(folder / "sales.xlsx"),
+    }
+
+
+def test_same_seed_same_engagement_and_the_size_is_exact(engagement: Path, tmp_path: Path) -> None:
+    generator = load_engagement_generator()
+    again = generator.generate(ROWS, tmp_path / "again")
+    assert contents(tmp_path / "again") == contents(engagement)
+    assert again["rows"] == ROWS == sum(again["by_entity"].values())
+    other = generator.generate(ROWS, tmp_path / "other", seed=7)
+    assert (tmp_path / "other" / "truth.csv").read_text() != (engagement / "truth.csv").read_text()
+    assert other["rows"] == ROWS
+
+
+def test_hard_cases_are_planted_and_the_truth_covers_every_live_customer(engagement: Path) -> None:
+    manifest = json.loads((engagement / "manifest.json").read_text(encoding="utf-8"))
+    for case in ("branches", "companies_sharing_a_phone", "old_15_digit_tax_numbers", "name_english",
+                 "name_bracket_full", "foreign_currency_opportunities", "subtotal_rows"):  # fmt: skip
+        assert manifest["hard_cases"].get(case, 0) > 0, case
+    with (engagement / "truth.csv").open(encoding="utf-8") as handle:
+        truth = list(csv.DictReader(handle))
+    with sqlite3.connect(engagement / "erp_u8.sqlite") as db:
+        customers = db.execute('SELECT COUNT(*) FROM "Customer"').fetchone()[0]
+        codes = [
+            r[0] for r in db.execute('SELECT "cCusRegCode" FROM "Customer" WHERE "cCusRegCode" IS NOT NULL')
+        ]
+    with sqlite3.connect(engagement / "legacy_crm.sqlite") as db:
+        live_accounts = db.execute("SELECT COUNT(*) FROM accounts WHERE deleted = 0").fetchone()[0]
+        deleted = db.execute("SELECT COUNT(*) FROM accounts WHERE deleted = 1").fetchone()[0]
+    sources = [row["source"] for row in truth]
+    assert sources.count("erp_u8") == customers and sources.count("legacy_crm") == live_accounts
+    assert sources.count("sales_xlsx") == manifest["tables"]["xlsx.客户"]
+    assert deleted > 0 and manifest["soft_deleted_rows"] >= 3  # accounts, contacts, opportunities
+    # Credit codes are valid where they are 18 characters; the rest are old 15-digit tax numbers.
+    assert all(uscc.is_valid(code) for code in codes if len(code) == 18)
+    assert {len(code) for code in codes} <= {15, 18}
+
+
+def test_the_project_checks_against_the_generated_sources(
+    engagement: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in env_for(engagement).items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["project", "check", "--project", str(E2E / "project")])
+    assert result.exit_code == 0, result.output
+    assert "12 mapping(s), 3 source(s)" in result.output
+
+
+def test_the_project_names_the_missing_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("E2E_U8_URL", "E2E_CRM_URL", "E2E_SALES_XLSX"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(app, ["project", "check", "--project", str(E2E / "project")])
+    assert result.exit_code != 0
+    assert "E2E_U8_URL" in result.output
+
+
+@pytest.mark.slow
+def test_a_tiny_engagement_runs_balances_and_leaves_soft_deletes_behind(
+    engagement: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in env_for(engagement).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)  # reports go to ./var/reports
+    core = f"sqlite:///{tmp_path / 'core.sqlite'}"
+    result = CliRunner().invoke(app, ["run", "--project", str(E2E / "project"), "--core-url", core, "--json"])
+    assert result.exit_code == 0, result.output
+    engine = sa.create_engine(core)
+    with engine.connect() as connection:
+        crosswalk = {
+            (system, key)
+            for system, key in connection.execute(sa.text("SELECT system, external_key FROM external_ids"))
+        }
+    engine.dispose()
+    with (engagement / "soft_deleted.csv").open(encoding="utf-8") as handle:
+        deleted = {(row["source"], row["key"]) for row in csv.DictReader(handle)}
+    with (engagement / "truth.csv").open(encoding="utf-8") as handle:
+        truth = {(row["source"], row["key"]) for row in csv.DictReader(handle)}
+    assert deleted and not deleted & crosswalk
+    assert truth <= crosswalk
