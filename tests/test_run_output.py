@@ -1,0 +1,112 @@
+"""What `crmi run` says when it ends: time and rows/s per phase, and a failed step's cause on one line."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from dagster._utils.error import serializable_error_info_from_exc_info
+
+from crm_core.errors import LoadError
+from integration.failures import MAX_CAUSE, cause_line, error_info_line, shorten
+from integration.phases import PHASES, phase_of, phase_timings
+
+STATEMENT = "SELECT id FROM match_candidates WHERE " + " OR ".join(
+    f"(left_id = {i} AND right_id = {i + 1})" for i in range(5000)
+)
+
+
+def huge_sql_error() -> sa.exc.OperationalError:
+    return sa.exc.OperationalError(
+        STATEMENT, {}, sqlite3.OperationalError("Expression tree is too large (maximum depth 1000)")
+    )
+
+
+def test_a_database_error_is_one_line_without_its_statement() -> None:
+    line = cause_line(huge_sql_error())
+    assert line == "OperationalError: Expression tree is too large (maximum depth 1000)"
+
+
+def test_our_errors_keep_their_message_on_one_line_and_long_ones_are_cut() -> None:
+    assert cause_line(LoadError("customer: 3 rows\nwithout a key")) == "customer: 3 rows; without a key"
+    assert cause_line(ValueError("bad\nvalue")) == "ValueError: bad"
+    assert cause_line(KeyError()) == "KeyError"
+    long = shorten("x" * 1000)
+    assert len(long) == MAX_CAUSE and long.endswith("…")
+    assert "s3cret" not in cause_line(LoadError("postgresql://crm:s3cret@db/crm refused"))
+
+
+def test_a_dagster_error_chain_reduces_to_its_innermost_cause() -> None:
+    try:
+        try:
+            raise huge_sql_error()
+        except sa.exc.OperationalError as exc:
+            raise RuntimeError("Error occurred while executing op customer_match_candidates:") from exc
+    except RuntimeError:
+        info = serializable_error_info_from_exc_info(sys.exc_info())
+    line = error_info_line(info)
+    assert line.startswith("OperationalError: (sqlite3.OperationalError) Expression tree is too large")
+    assert "SELECT" not in line and len(line) <= MAX_CAUSE
+
+
+def entry(step: str, kind: str, at: float, **metadata: int) -> Any:
+    data = SimpleNamespace(materialization=SimpleNamespace(metadata=metadata))
+    event = SimpleNamespace(event_type_value=kind, event_specific_data=data)
+    return SimpleNamespace(step_key=step, timestamp=at, dagster_event=event)
+
+
+def test_phases_sum_wall_time_of_their_steps_once_and_count_their_rows() -> None:
+    entries = [
+        entry("raw_erp_u8_customer", "STEP_START", 0.0),
+        entry("raw_sales_xlsx_customer", "STEP_START", 1.0),  # ran side by side with the first
+        entry("raw_erp_u8_customer", "ASSET_MATERIALIZATION", 1.5, rows_read=600),
+        entry("raw_erp_u8_customer", "STEP_SUCCESS", 2.0),
+        entry("raw_sales_xlsx_customer", "ASSET_MATERIALIZATION", 2.9, rows_read=400),
+        entry("raw_sales_xlsx_customer", "STEP_SUCCESS", 3.0),
+        entry("staged_customer", "STEP_START", 3.0),
+        entry("staged_customer", "ASSET_MATERIALIZATION", 4.0, records=990),
+        entry("staged_customer", "STEP_SUCCESS", 4.0),
+        entry("core_customer", "STEP_START", 4.0),
+        entry("core_customer", "ASSET_MATERIALIZATION", 6.0, rows_read=990),
+        entry("core_customer", "STEP_FAILURE", 6.5),
+        entry("golden_customers", "STEP_START", 7.0),
+        entry("golden_customers", "ASSET_MATERIALIZATION", 7.5, customers=900),
+        entry("golden_customers", "STEP_SUCCESS", 7.5),
+        entry("golden_contacts", "STEP_START", 7.5),
+        entry("golden_contacts", "ASSET_MATERIALIZATION", 8.0, contacts=100),
+        entry("golden_contacts", "STEP_SUCCESS", 8.0),
+        SimpleNamespace(step_key=None, timestamp=9.0, dagster_event=None),  # a plain log line
+    ]
+    phases = {p.phase: p for p in phase_timings(entries)}
+    assert list(phases) == list(PHASES)
+    assert (phases["extract"].seconds, phases["extract"].rows) == (3.0, 1000)
+    assert phases["extract"].as_dict() == {
+        "phase": "extract",
+        "seconds": 3.0,
+        "rows": 1000,
+        "rows_per_second": pytest.approx(333.3),
+    }
+    assert (phases["map_validate"].seconds, phases["map_validate"].rows) == (1.0, 990)
+    assert (phases["load"].seconds, phases["load"].rows) == (2.5, 990)  # a failed step's time counts
+    assert (phases["merge"].seconds, phases["merge"].rows) == (1.0, 1000)
+    assert phases["link"].as_dict() == {"phase": "link", "seconds": 0.0, "rows": 0, "rows_per_second": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("step", "phase"),
+    [
+        ("raw_erp_u8_customer_erp_u8_customers_2", "extract"),
+        ("staged_opportunity", "map_validate"),
+        ("core_sales_order_line", "load"),
+        ("customer_match_candidates", "link"),
+        ("customer_review_queue", "merge"),
+        ("reconciliation_report", "reconcile"),
+        ("rollback_load_run", None),
+    ],
+)
+def test_steps_map_to_phases_by_name(step: str, phase: str | None) -> None:
+    assert phase_of(step) == phase
