@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+
+from crm_core.errors import SchemaError
+from crm_core.models import Base
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 DEFAULT_SQLITE_PATH = Path("var") / "crm_core.sqlite"
@@ -54,8 +61,7 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
 
 def alembic_config(engine: Engine) -> Config:
     """Return an Alembic config that migrates ``engine`` with the migrations shipped in this package."""
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config = _script_config()
     config.attributes["engine"] = engine
     return config
 
@@ -63,6 +69,73 @@ def alembic_config(engine: Engine) -> Config:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Apply the Alembic migrations up to ``revision`` (idempotent)."""
     command.upgrade(alembic_config(engine), revision)
+
+
+def _script_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+@lru_cache(maxsize=1)
+def _revisions() -> tuple[str, frozenset[str]]:
+    """Return the head revision this code needs and every revision it knows."""
+    script = ScriptDirectory.from_config(_script_config())
+    return ",".join(sorted(script.get_heads())), frozenset(s.revision for s in script.walk_revisions())
+
+
+def head_revision() -> str:
+    """Return the schema revision this code needs (the newest migration shipped with it)."""
+    return _revisions()[0]
+
+
+def current_revision(engine: Engine) -> str | None:
+    """Return the core's schema revision, or None when it has none (an empty database)."""
+    with engine.connect() as connection:
+        heads = MigrationContext.configure(connection).get_current_heads()
+    return ",".join(sorted(heads)) if heads else None
+
+
+UPGRADE_HINT = "back it up, then run `crmi core upgrade{option}`"
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create the schema in an empty database; refuse a core at another revision with one clear error.
+
+    An existing core is never migrated behind the consultant's back: a toolkit update that changes the
+    schema asks for ``crmi core upgrade`` (after a backup), instead of failing later on a missing column.
+    """
+    where = redact_url(engine.url.render_as_string(hide_password=False))
+    default = make_url(f"sqlite:///{DEFAULT_SQLITE_PATH.resolve()}")
+    option = "" if engine.url == default else f" --core-url {where}"
+    try:
+        current = current_revision(engine)
+        ours = (
+            set(inspect(engine).get_table_names()) & set(Base.metadata.tables) if current is None else set()
+        )
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise SchemaError(f"cannot open the core at {where}: {detail}") from None
+    head, known = _revisions()
+    if current == head:
+        return
+    if current is None and not ours:
+        upgrade(engine)
+        return
+    if current is None:
+        raise SchemaError(
+            f"the core at {where} has tables ({', '.join(sorted(ours)[:3])}, …) but no schema revision: it was "
+            "not created by `crmi core upgrade`; point --core-url at an empty database or at the real core"
+        )
+    if not set(current.split(",")) <= known:
+        raise SchemaError(
+            f"the core at {where} is at schema revision {current}, which this toolkit does not know (its newest "
+            f"is {head}): a newer crm-integration upgraded it; run that version"
+        )
+    raise SchemaError(
+        f"the core at {where} is at schema revision {current}, this toolkit needs {head}: "
+        + UPGRADE_HINT.format(option=option)
+    )
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -113,3 +113,7 @@ class SyncError(CrmError):
 
 class RunError(CrmError):
     """Managing load runs failed: an unknown run, or a rollback that later runs depend on."""
+
+
+class SchemaError(CrmError):
+    """The core database is not at the schema revision this toolkit needs (``crmi core upgrade``)."""

@@ -64,7 +64,11 @@ def _core_engine(core: str | None) -> Iterator[Any]:
     """Yield an engine for the core (schema migrated) and close its connections afterwards."""
     from integration.pipeline import core_engine
 
-    engine = core_engine(core)
+    try:
+        engine = core_engine(core)
+    except CrmError as exc:  # e.g. a core at an older schema revision: one line naming `crmi core upgrade`
+        errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
     try:
         yield engine
     finally:

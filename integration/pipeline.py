@@ -18,7 +18,7 @@ import pandas as pd
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from crm_core.db import make_engine, session_factory, upgrade
+from crm_core.db import ensure_schema, make_engine, session_factory
 from crm_core.entities import ENTITIES, LOAD_ORDER
 from crm_core.errors import ConfigError, MappingError, Problem
 from crm_core.failpoints import failpoint
@@ -375,9 +375,13 @@ MATCH_KEY_FUNCTIONS = {"name": person_key}
 
 
 def core_engine(url: str | None = None) -> Engine:
-    """Return an engine for the core with the schema migrated to the latest revision."""
+    """Return an engine for the core: an empty database gets the schema; another revision is refused."""
     engine = make_engine(url)
-    upgrade(engine)
+    try:
+        ensure_schema(engine)
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 
