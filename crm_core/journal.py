@@ -16,11 +16,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Column,
     ColumnElement,
     Connection,
@@ -28,11 +29,14 @@ from sqlalchemy import (
     DateTime,
     Numeric,
     Table,
+    bindparam,
     event,
     insert,
     inspect,
     select,
+    text,
     tuple_,
+    update,
 )
 from sqlalchemy.orm import Session, UOWTransaction
 
@@ -73,6 +77,9 @@ def from_json(column: Column[Any], value: Any) -> Any:
 
 def row_key(table: Table, values: dict[str, Any]) -> str:
     """Return a row's primary key as canonical JSON (the journal's row identity)."""
+    pk = table.primary_key.columns
+    if len(pk) == 1 and pk[0].name == "id" and type(values["id"]) is int:  # the common case, without json
+        return f'{{"id": {values["id"]}}}'
     return json.dumps({c.name: to_json(values[c.name]) for c in table.primary_key.columns}, sort_keys=True)
 
 
@@ -146,6 +153,113 @@ def read_rows(
             values = dict(row)
             found[row_key(table, values)] = {k: to_json(v) for k, v in values.items()}
     return found
+
+
+def _copy(
+    connection: Connection, table_name: str, names: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """Stream rows into a PostgreSQL table with ``COPY … FROM STDIN`` (inside the current transaction)."""
+    quote = connection.dialect.identifier_preparer.quote
+    driver: Any = connection.connection.driver_connection
+    with (
+        driver.cursor() as cursor,
+        cursor.copy(f"COPY {quote(table_name)} ({', '.join(quote(n) for n in names)}) FROM STDIN") as copy,
+    ):
+        for row in rows:
+            copy.write_row(row)
+
+
+def _copy_values(
+    table: Table, names: Sequence[str], rows: Sequence[dict[str, Any]]
+) -> Iterator[tuple[Any, ...]]:
+    as_json = [n != "_id" and isinstance(table.c[n].type, JSON) for n in names]
+    for row in rows:
+        yield tuple(
+            json.dumps(row[n], ensure_ascii=False) if j and row[n] is not None else row[n]
+            for n, j in zip(names, as_json, strict=True)
+        )
+
+
+def _driver_values(
+    connection: Connection, table: Table, names: Sequence[str], rows: Sequence[dict[str, Any]]
+) -> list[tuple[Any, ...]]:
+    """Return rows as the driver's parameter tuples, through each column type's bind processor."""
+    processors = [
+        (table.c.id if n == "_id" else table.c[n]).type.bind_processor(connection.dialect) for n in names
+    ]
+    pairs = list(zip(names, processors, strict=True))
+    return [tuple(row[n] if p is None or row[n] is None else p(row[n]) for n, p in pairs) for row in rows]
+
+
+def bulk_insert(
+    connection: Connection, table: Table, rows: Sequence[dict[str, Any]], *, return_ids: bool = False
+) -> list[int]:
+    """Insert rows (all with the same keys) set-based; with ``return_ids``, their new ids in row order.
+
+    SQLite: executemany in the transaction. PostgreSQL: ``COPY`` (multi-row VALUES spends its time parsing
+    and binding tens of thousands of placeholders); ids are drawn from the table's sequence first.
+    """
+    if not rows:
+        return []
+    if connection.dialect.name != "postgresql":
+        if return_ids:
+            statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
+            return [int(i) for i in connection.execute(statement, list(rows)).scalars()]
+        if connection.dialect.name == "sqlite":
+            names = list(rows[0])
+            quote = connection.dialect.identifier_preparer.quote
+            sql = f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) VALUES ({', '.join('?' * len(names))})"
+            connection.exec_driver_sql(sql, _driver_values(connection, table, names, rows))
+            return []
+        connection.execute(insert(table), list(rows))
+        return []
+    ids: list[int] = []
+    if return_ids:
+        sequence = connection.scalar(text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": table.name})
+        ids = sorted(connection.scalars(text("SELECT nextval(:s) FROM generate_series(1, :n)"),
+                                        {"s": sequence, "n": len(rows)}))  # fmt: skip
+        rows = [{**row, "id": i} for row, i in zip(rows, ids, strict=True)]
+    names = list(rows[0])
+    _copy(connection, table.name, names, _copy_values(table, names, rows))
+    return ids
+
+
+def bulk_update(connection: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """Update rows by id: each row holds ``_id`` and the new values of the same columns.
+
+    SQLite: executemany. PostgreSQL: ``COPY`` into a temporary table, then one ``UPDATE … FROM`` it.
+    No ``onupdate`` default applies: pass ``updated_at`` when it should change.
+    """
+    if not rows:
+        return
+    if connection.dialect.name == "sqlite":
+        quote = connection.dialect.identifier_preparer.quote
+        names = [n for n in rows[0] if n != "_id"]
+        sql = f"UPDATE {quote(table.name)} SET {', '.join(f'{quote(n)} = ?' for n in names)} WHERE id = ?"
+        connection.exec_driver_sql(sql, _driver_values(connection, table, [*names, "_id"], rows))
+        return
+    if connection.dialect.name != "postgresql":
+        connection.execute(update(table).where(table.c.id == bindparam("_id")), list(rows))
+        return
+    quote = connection.dialect.identifier_preparer.quote
+    names = list(rows[0])
+    columns = [n for n in names if n != "_id"]
+    scratch = f"_bulk_{table.name}"
+    kinds = ", ".join(f"{quote(n)} {table.c[n].type.compile(dialect=connection.dialect)}" for n in columns)
+    connection.execute(text(f"CREATE TEMPORARY TABLE {scratch} (_id INTEGER, {kinds}) ON COMMIT DROP"))
+    _copy(connection, scratch, names, _copy_values(table, names, rows))
+    assignments = ", ".join(f"{quote(n)} = s.{quote(n)}" for n in columns)
+    connection.execute(
+        text(
+            f"UPDATE {quote(table.name)} SET {assignments} FROM {scratch} s WHERE {quote(table.name)}.id = s._id"
+        )
+    )
+    connection.execute(text(f"DROP TABLE {scratch}"))
+
+
+def write_journal(connection: Connection, entries: Sequence[dict[str, Any]]) -> None:
+    """Insert journal rows built by :func:`insert_entry` and :func:`update_entry` in a few statements."""
+    bulk_insert(connection, Base.metadata.tables["row_changes"], entries)
 
 
 def _read_rows(session: Session, table: Table, keys: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:

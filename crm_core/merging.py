@@ -22,12 +22,21 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import Connection, Table, and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Connection, Table, and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 from stdnum.cn import uscc
 
 from crm_core.errors import DedupError
-from crm_core.journal import comparable, from_json, insert_entry, read_rows, update_entry
+from crm_core.journal import (
+    bulk_insert,
+    bulk_update,
+    comparable,
+    from_json,
+    insert_entry,
+    read_rows,
+    update_entry,
+    write_journal,
+)
 from crm_core.models import Base, Contact, Customer, LoadRun, MatchCandidate, MergeLog, RowChange
 from crm_core.runs import ACTIVE, replay
 
@@ -284,9 +293,8 @@ class _Rows:
                 if columns:
                     groups[columns].append({"_id": row_id, **{c: state[c] for c in columns}})
             for params in groups.values():
-                connection.execute(update(table).where(table.c.id == bindparam("_id")), params)
-        if self.journal:
-            connection.execute(insert(_JOURNAL), self.journal)
+                bulk_update(connection, table, params)
+        write_journal(connection, self.journal)
 
 
 def merge_plans(
@@ -360,11 +368,7 @@ def merge_plans(
          "undone_at": None}
         for plan in plans for merged_id in plan.merged_ids
     ]  # fmt: skip
-    log_ids = list(
-        connection.execute(
-            insert(log_table).returning(log_table.c.id, sort_by_parameter_order=True), log_rows
-        ).scalars()
-    )
+    log_ids = bulk_insert(connection, log_table, log_rows, return_ids=True)
     touched.journal.extend(insert_entry(run.id, log_table, {"id": log_id}) for log_id in log_ids)
 
     fill = [c.name for c in table.columns if c.name not in _SKIPPED | {"parent_id", "customer_id"}]
@@ -577,12 +581,9 @@ def _undo_columns(connection: Connection, log: MergeLog, entries: Sequence[Any])
         connection.execute(
             update(table).where(where).values({c: from_json(table.c[c], v) for c, v in values.items()})
         )
-    if splices:
-        journal = _JOURNAL
-        connection.execute(
-            update(journal).where(journal.c.id == bindparam("_id")),
-            [{"_id": entry_id, "before": before} for entry_id, before in splices.items()],
-        )
+    bulk_update(
+        connection, _JOURNAL, [{"_id": entry_id, "before": before} for entry_id, before in splices.items()]
+    )
     # The merge's entries no longer describe the core: a later rollback of its run must not replay them.
     connection.execute(delete(_JOURNAL).where(_JOURNAL.c.merge_id == log.id))
 
@@ -673,15 +674,11 @@ def record_candidates(
             journal.append(update_entry(run.id, table, {"id": stored.id},
                                         {"probability": stored.probability, "features": stored.features},
                                         {"probability": probability, "features": features}))  # fmt: skip
-    if updates:
-        connection.execute(update(table).where(table.c.id == bindparam("_id")), updates)
-    if new:
-        ids = connection.execute(
-            insert(table).returning(table.c.id, sort_by_parameter_order=True), new
-        ).scalars()
-        journal.extend(insert_entry(run.id, table, {"id": i}) for i in ids)
-    if journal:
-        connection.execute(insert(_JOURNAL), journal)
+    bulk_update(connection, table, updates)
+    journal.extend(
+        insert_entry(run.id, table, {"id": i}) for i in bulk_insert(connection, table, new, return_ids=True)
+    )
+    write_journal(connection, journal)
     session.expire_all()
     return len(new)
 

@@ -649,31 +649,41 @@ def dedup_decide(
     project: ProjectOption = None,
     core: CoreOption = None,
 ) -> None:
-    """Record a steward's decision on one pair (a merge is logged and can be undone)."""
+    """Record a steward's decision on one pair (a merge is logged and can be undone).
+
+    A merge picks the survivor and applies the project's survivorship rules as `crmi dedup run` does.
+    """
     import uuid
 
     from crm_core.errors import DedupError
     from integration.dedup.workflow import decide
+    from integration.project import load_project
 
+    try:
+        spec = load_project(project).spec
+    except ConfigError as exc:
+        raise _config_error(exc) from None
+    rules = spec.dedup.get("customer")
     with _core_engine(core) as engine:
         try:
-            decided = decide(engine, candidate, same=same, steward=steward, run_key=f"steward-{uuid.uuid4()}",
-                             project=str(project or "steward"))  # fmt: skip
+            decided = decide(
+                engine, candidate, same=same, steward=steward, run_key=f"steward-{uuid.uuid4()}",
+                project=spec.name, source_priority=list(rules.source_priority) if rules else [],
+                survivorship=dict(rules.survivorship) if rules else None,
+            )  # fmt: skip
         except DedupError as exc:
-            errors.print(f"[red]refused:[/red] {exc}")
+            errors.print(f"[red]refused:[/red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(EXIT_FAILED) from None
     console.print(f"candidate {candidate}: {decided.status} (by {steward})")
 
 
 @dedup_app.command("undo")
 def dedup_undo(
-    merge_id: Annotated[
-        int, typer.Argument(help="merge number (see the merge log / golden_customers metadata)")
-    ],
+    merge_id: Annotated[int, typer.Argument(help="merge number (`crmi dedup merges` lists them)")],
     steward: StewardOption,
     core: CoreOption = None,
 ) -> None:
-    """Undo one merge exactly; the pair is then marked different and never merged again."""
+    """Undo one merge exactly, in any order; the pair is then marked different and never merged again."""
     from crm_core.db import session_factory
     from crm_core.errors import DedupError
     from crm_core.merging import undo_merge
@@ -683,11 +693,42 @@ def dedup_undo(
             with session.begin():
                 log = undo_merge(session, merge_id, steward)
         except DedupError as exc:
-            errors.print(f"[red]refused:[/red] {exc}")
+            errors.print(f"[red]refused:[/red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(EXIT_FAILED) from None
         console.print(
-            f"merge {merge_id} undone: customer {log.merged_id} is separate from {log.survivor_id} again"
+            f"merge {merge_id} undone: {log.entity} {log.merged_id} is separate from {log.survivor_id} again"
         )
+
+
+@dedup_app.command("merges")
+def dedup_merges(
+    entity: Annotated[
+        str | None, typer.Option("--entity", help="customer or contact (default: both)")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="merges to show, newest first")] = 50,
+    core: CoreOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+) -> None:
+    """List merges, newest first: survivor, merged record, probability, reason, who, when, undone."""
+    from integration.dedup.workflow import list_merges
+
+    if entity is not None and entity not in ("customer", "contact"):
+        errors.print(f"unknown --entity '{escape(entity)}'; use customer or contact")
+        raise typer.Exit(EXIT_FAILED)
+    with _core_engine(core) as engine:
+        merges = list_merges(engine, entity, limit)
+    if as_json:
+        for item in merges:
+            sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")
+        return
+    table = Table(title=f"Merges ({len(merges)} shown, newest first)")
+    for column in ("merge", "entity", "survivor", "merged", "probability", "reason", "who", "when", "undone"):
+        table.add_column(column)
+    for m in merges:
+        probability = "" if m["probability"] is None else f"{m['probability']:.3f}"
+        table.add_row(str(m["merge"]), m["entity"], str(m["survivor_id"]), str(m["merged_id"]), probability,
+                      escape(m["reason"]), escape(m["decided_by"]), m["merged_at"], m["undone_at"] or "")  # fmt: skip
+    console.print(table)
 
 
 @dedup_app.command("match")
