@@ -167,12 +167,16 @@ def run(
 
     A full run reads every source; ``--delta`` starts incremental sources at their watermark (cutover weekend);
     ``--trial`` loads a sample stratified over sources into a scratch SQLite core under var/trial/.
+    When it ends it prints the time and rows/s of each phase (extract, map_validate, load, link, merge,
+    reconcile); a failed step is named with its cause on one line.
     """
     import datetime as dt
+    import time
 
     from crm_core.errors import ConfigError as OptionsError
     from crm_core.runs import recover_crashed_runs
     from integration.jobs import DELTA_JOB, MIGRATION_JOB, TRIAL_JOB, build_definitions
+    from integration.phases import phase_timings
     from integration.pipeline import RunOptions, reconcile
 
     if delta and trial:
@@ -203,10 +207,12 @@ def run(
         crashed_runs = recover_crashed_runs(engine)
     for crashed in crashed_runs:
         errors.print(f"[yellow]run {crashed} had crashed mid-load; its changes were undone[/yellow]")
-    log_level = "DEBUG" if verbose else "WARNING"
+    # Failures are summarised below, one line each; --verbose shows Dagster's own step logs.
+    log_level = "DEBUG" if verbose else "CRITICAL"
     job = defs.resolve_job_def(TRIAL_JOB if trial else DELTA_JOB if delta else MIGRATION_JOB)
     show_progress = not as_json and not verbose and console.is_terminal
     with _instance(ephemeral=trial) as instance:
+        started = time.perf_counter()
         result = _execute_with_progress(
             job,
             instance,
@@ -214,63 +220,149 @@ def run(
             options.tags(),
             show_progress,
         )
+        seconds_total = time.perf_counter() - started
+        phases = phase_timings(instance.all_logs(result.run_id))
+    rows_read = phases[0].rows
+    timing = {
+        "phases": [p.as_dict() for p in phases],
+        "seconds_total": round(seconds_total, 3),
+        "rows_read": rows_read,
+        "rows_per_second": round(rows_read / seconds_total, 1) if seconds_total > 0 else 0.0,
+    }
     if not result.success:
-        for event in result.all_events:
-            failure = event.step_failure_data if event.is_step_failure else None
-            if failure is not None and failure.error is not None:
-                errors.print(
-                    f"[red]{event.step_key} failed:[/red] {failure.error.message.strip()}", markup=False
-                )
+        _report_failure(result, core, options.mode, timing, as_json)
         raise typer.Exit(EXIT_FAILED)
     with _core_engine(core) as engine:
         report = reconcile(engine, result.run_id)
-    location = redact_url(core_url(core))
-    report_dir = Path("var") / "reports" / result.run_id
+    _report_success(result.run_id, report, core, options.mode, timing, as_json)
+    raise typer.Exit(EXIT_OK if report.balanced else EXIT_UNBALANCED)
+
+
+def _timing_table(timing: dict[str, Any]) -> Table:
+    """Return the wall time and rows/s of each phase, and of the whole run, as a table."""
+    table = Table(title="Time per phase")
+    for column in ("phase", "seconds", "rows", "rows/s"):
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    for phase in timing["phases"]:
+        table.add_row(
+            phase["phase"],
+            f"{phase['seconds']:,.2f}",
+            f"{phase['rows']:,}",
+            f"{phase['rows_per_second']:,.0f}",
+        )
+    table.add_row(
+        "total (end to end)",
+        f"{timing['seconds_total']:,.2f}",
+        f"{timing['rows_read']:,}",
+        f"{timing['rows_per_second']:,.0f}",
+        style="bold",
+    )
+    return table
+
+
+def _report_failure(result: Any, core: str | None, mode: str, timing: dict[str, Any], as_json: bool) -> None:
+    """Say which step failed and why (one line each), make sure the run is undone, and say so."""
+    from sqlalchemy import select
+
+    from crm_core.db import session_factory
+    from crm_core.models import LoadRun
+    from crm_core.runs import abort_run
+    from integration.failures import StepFailure, cause_line, error_info_line, step_failures
+
+    failures = step_failures(result.all_events)
+    if not failures:  # the run failed around its steps (executor, resources): take the run's own error
+        run_failure = next((e for e in result.all_events if e.event_type_value == "RUN_FAILURE"), None)
+        error = getattr(getattr(run_failure, "event_specific_data", None), "error", None)
+        cause = error_info_line(error) if error is not None else (getattr(run_failure, "message", "") or "")
+        failures = [StepFailure("run", cause or "the run failed before its steps ran")]
+    # The failing step undoes the run itself; this covers a failure Dagster raised around the step.
+    status, undo_error = "unknown", None
+    try:
+        with _core_engine(core) as engine:
+            abort_run(engine, result.run_id)
+            with session_factory(engine)() as session:
+                query = select(LoadRun.status).where(LoadRun.run_key == result.run_id)
+                status = session.scalar(query) or "absent"  # no step reached the core
+    except CrmError as exc:
+        undo_error = cause_line(exc)
+    first = [f for f in failures if not f.after_failure]
+    stopped = [f.step for f in failures if f.after_failure]
     if as_json:
         payload = {
-            "run_id": result.run_id,
-            "mode": options.mode,
+            "run_id": result.run_id, "mode": mode, "success": False, "status": status,
+            "failures": [f.as_dict() for f in failures], **timing,
+        }  # fmt: skip
+        console.print_json(json.dumps(payload, default=str))
+    else:
+        console.print(_timing_table(timing))
+    for failure in first:
+        errors.print(f"[red]{escape(failure.step)} failed:[/red] {escape(failure.cause)}", highlight=False)
+    if stopped:
+        errors.print(
+            f"{len(stopped)} later step(s) did not run because the run had failed: {', '.join(stopped)}"
+        )
+    if undo_error is not None or status not in ("failed", "rolled_back", "absent"):
+        errors.print(
+            f"[red]the run could not be undone ({escape(undo_error or 'load run ' + status)})[/red]: "
+            f"`crmi runs recover` or `crmi rollback {result.run_id}`",
+            highlight=False,
+        )
+    else:
+        errors.print(
+            f"Run {result.run_id} failed; nothing of it remains in the core"
+            + (f" (load run marked {status}). " if status != "absent" else ". ")
+            + "Details: `crmi run --verbose`, or the run in the Dagster UI (`make ui`).",
+            highlight=False,
+        )
+
+
+def _report_success(
+    run_id: str, report: Any, core: str | None, mode: str, timing: dict[str, Any], as_json: bool
+) -> None:
+    """Print the reconciliation, the time per phase, and why the run does not balance if it does not."""
+    from integration.reports import unbalanced_reasons
+
+    location = redact_url(core_url(core))
+    report_dir = Path("var") / "reports" / run_id
+    reasons = unbalanced_reasons(report)
+    if as_json:
+        payload = {
+            "run_id": run_id,
+            "mode": mode,
+            "success": True,
             "balanced": report.balanced,
+            "unbalanced": reasons,
             "core": location,
             "reports": str(report_dir),
             "lines": json.loads(report.to_frame().to_json(orient="records")),
             "core_counts": report.core_counts,
+            **timing,
         }
         console.print_json(json.dumps(payload, default=str))
-    else:
-        table = Table(title=f"Reconciliation of {options.mode} run {result.run_id[:8]}")
-        for column in (
-            "source",
-            "entity",
-            "read",
-            "loaded",
-            "merged",
-            "rejected",
-            "warnings",
-            "amount source",
-            "amount core",
-            "keys missing",
-            "spot check",
-            "ok",
-        ):
-            table.add_column(column, justify="left" if column in ("source", "entity") else "right")
-        for line in report.lines:
-            table.add_row(
-                line.source, line.entity, str(line.rows_read), str(line.loaded), str(line.merged), str(line.rejected),
-                str(line.warnings), "" if line.amount_source is None else f"{line.amount_source:,.2f}",
-                "" if line.amount_core is None else f"{line.amount_core:,.2f}", str(line.keys_missing),
-                f"{line.spot_checked - line.spot_mismatches}/{line.spot_checked}", "✅" if line.balanced else "❌",
-            )  # fmt: skip
-        console.print(table)
-        counts = ", ".join(f"{k}: {v}" for k, v in report.core_counts.items() if v)
-        console.print(f"Core database: [bold]{location}[/bold]\nIn the core now: {counts}")
-        console.print(f"Reports (reconciliation.xlsx with rows to fix, .html, .csv): {report_dir}")
-        console.print(
-            "[green]Every row is accounted for.[/green]"
-            if report.balanced
-            else "[red]The run does not balance.[/red]"
-        )
-    raise typer.Exit(EXIT_OK if report.balanced else EXIT_UNBALANCED)
+        return
+    table = Table(title=f"Reconciliation of {mode} run {run_id[:8]}")
+    for column in ("source", "entity", "read", "loaded", "merged", "rejected", "warnings", "amount source",
+                   "amount core", "keys missing", "spot check", "ok"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("source", "entity") else "right")
+    for line in report.lines:
+        table.add_row(
+            line.source, line.entity, str(line.rows_read), str(line.loaded), str(line.merged), str(line.rejected),
+            str(line.warnings), "" if line.amount_source is None else f"{line.amount_source:,.2f}",
+            "" if line.amount_core is None else f"{line.amount_core:,.2f}", str(line.keys_missing),
+            f"{line.spot_checked - line.spot_mismatches}/{line.spot_checked}", "✅" if line.balanced else "❌",
+        )  # fmt: skip
+    console.print(table)
+    console.print(_timing_table(timing))
+    counts = ", ".join(f"{k}: {v}" for k, v in report.core_counts.items() if v)
+    console.print(f"Core database: [bold]{escape(location)}[/bold]\nIn the core now: {counts}")
+    console.print(f"Reports (reconciliation.xlsx with rows to fix, .html, .csv): {report_dir}")
+    if report.balanced:
+        console.print("[green]Every row is accounted for.[/green]")
+        return
+    console.print("[red]The run does not balance:[/red]")
+    for reason in reasons:
+        console.print(f"  {escape(reason)}", highlight=False)
+    console.print(f"Inspect the report; keep the run, or undo it with `crmi rollback {run_id}`.")
 
 
 @project_app.command("check")

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from crm_core.db import ensure_schema, make_engine, session_factory
@@ -34,6 +35,7 @@ from crm_core.loading import (
     row_hash,
 )
 from crm_core.models import ExternalId, LoadRun, MergeLog, Reject
+from crm_core.runs import owner
 from crm_core.validation import Rule, RuleContext, ruleset, validate
 from crm_core.watermarks import CursorState, advance, plain_cursor, read_watermark
 from integration.connectors import Connector, CsvConnector, ExcelConnector, ReadRequest, connector_for
@@ -78,6 +80,30 @@ class RunOptions:
         if self.sample is not None:
             out[SAMPLE_TAG] = str(self.sample)
         return out
+
+
+def start_run(engine: Engine, run_key: str, project: str, mode: str = "full") -> str:
+    """Create the load run ``run_key`` (status running) unless it exists; return its status.
+
+    Every step of a Dagster run calls this before it does anything, so a failure at any step, even before
+    the first load, finds the run and marks it failed; steps after that see 'failed' and do not load.
+    One indexed read when the run exists.
+    """
+    query = select(LoadRun.status).where(LoadRun.run_key == run_key)
+    with engine.connect() as connection:
+        status = connection.scalar(query)
+        if status is None:
+            host, pid = owner()
+            values = {"run_key": run_key, "project": project, "mode": mode, "status": "running", "stats": {}}
+            try:
+                connection.execute(insert(LoadRun).values(**values, host=host, pid=pid))
+                connection.commit()
+                return "running"
+            except IntegrityError:  # a step running in parallel created it first
+                connection.rollback()
+                status = connection.scalar(query)
+        connection.rollback()
+        return str(status)
 
 
 @dataclass
@@ -260,6 +286,7 @@ def extract(migration: Migration, mapping: CompiledMapping, since: CursorState |
     For incremental mappings only rows from the watermark ``since`` on are read; rows at the boundary
     that were loaded before are dropped, and the new watermark rides along in ``frame.attrs``.
     """
+    failpoint(f"extract:{mapping.name}")
     incremental = mapping.spec.source.incremental
     connector = migration.connector(mapping.source)
     matched_files: set[str] = set()
@@ -367,6 +394,7 @@ def stage(
                 raw=frame,
             )
         )
+    failpoint(f"stage:{entity}")
     return staged
 
 

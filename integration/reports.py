@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 if TYPE_CHECKING:
-    from integration.pipeline import ReconciliationReport
+    from integration.pipeline import ReconciliationLine, ReconciliationReport
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _PLAIN_NUMBER = re.compile(r"^[+-]?\d[\d\s.,]*$")  # +8613800000000, -500: nothing a spreadsheet could execute
@@ -40,6 +40,38 @@ def escape_formula(value: Any) -> Any:
 
 
 REJECT_COLUMNS = ["source", "entity", "location", "row_ref", "field", "value", "rule", "reason", "severity"]
+
+
+def _money(value: Decimal | None) -> str:
+    return "none" if value is None else f"{value:,.2f}"
+
+
+def line_problems(line: ReconciliationLine) -> list[str]:
+    """Return why one reconciliation line does not balance (empty when it does)."""
+    problems = []
+    accounted = line.loaded + line.merged + line.rejected
+    if line.rows_read != accounted:
+        problems.append(
+            f"rows read {line.rows_read} ≠ loaded {line.loaded} + merged {line.merged} + rejected {line.rejected}"
+        )
+    if line.amount_source is not None and line.amount_source != line.amount_core:
+        problems.append(f"amount source {_money(line.amount_source)} ≠ core {_money(line.amount_core)}")
+    if line.keys_missing:
+        problems.append(f"{line.keys_missing} source key(s) neither in the core nor quarantined")
+    if line.spot_mismatches:
+        problems.append(
+            f"{line.spot_mismatches} of {line.spot_checked} spot-checked record(s) differ in the core"
+        )
+    return problems
+
+
+def unbalanced_reasons(report: ReconciliationReport) -> list[str]:
+    """Return one line per source and entity that does not balance, saying why."""
+    return [
+        f"{line.source}/{line.entity}: {'; '.join(line_problems(line))}"
+        for line in report.lines
+        if not line.balanced
+    ]
 
 
 def fix_sheets(rejects: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -97,6 +129,7 @@ def write_html(report: ReconciliationReport, path: Path) -> None:
         "</style></head><body>",
         f"<h1>Reconciliation of run {html.escape(report.run_key)}</h1>",
         f"<p class='{'ok' if report.balanced else 'bad'}'><strong>{verdict}</strong></p>",
+        "".join(f"<p class='bad'>{html.escape(reason)}</p>" for reason in unbalanced_reasons(report)),
         "<h2>Per source and entity</h2>", _html_table(report.to_frame()),
         "<h2>Rejects and warnings</h2>", _html_table(report.rejects[REJECT_COLUMNS] if len(report.rejects) else report.rejects),
     ]  # fmt: skip
@@ -136,7 +169,8 @@ def write_excel(report: ReconciliationReport, path: Path) -> None:
             worksheet.append([_cell(v) for v in row])
 
     summary = report.to_frame()
-    sheet("Summary", summary, [["run", report.run_key], ["balanced", report.balanced], []])
+    why = [["does not balance", escape_formula(reason)] for reason in unbalanced_reasons(report)]
+    sheet("Summary", summary, [["run", report.run_key], ["balanced", report.balanced], *why, []])
     rejects = report.rejects[REJECT_COLUMNS] if len(report.rejects) else pd.DataFrame(columns=REJECT_COLUMNS)
     sheet("Rejects", rejects)
     for name, frame in fix_sheets(report.rejects).items():
@@ -166,8 +200,10 @@ def write_reports(report: ReconciliationReport, directory: Path) -> dict[str, Pa
     }
     write_excel(report, paths["excel"])
     write_html(report, paths["html"])
+    reasons = unbalanced_reasons(report)
+    why = "\n## Why it does not balance\n\n" + "".join(f"* {r}\n" for r in reasons) if reasons else ""
     paths["markdown"].write_text(
-        f"# Reconciliation of run {report.run_key}\n\n{report.to_markdown()}\n", encoding="utf-8"
+        f"# Reconciliation of run {report.run_key}\n\n{report.to_markdown()}\n{why}", encoding="utf-8"
     )
     report.to_frame().map(escape_formula).to_csv(
         paths["reconciliation_csv"], index=False, encoding="utf-8-sig"

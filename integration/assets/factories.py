@@ -9,20 +9,25 @@
 # No ``from __future__ import annotations`` here: Dagster inspects the *objects* annotating ``context``
 # and asset inputs, and string annotations make it reject the definitions.
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 from dagster import AssetExecutionContext
+from sqlalchemy import Engine
 
 from crm_core.db import session_factory
 from crm_core.errors import CrmError, TransientExtractError
+from crm_core.failpoints import failpoint
 from crm_core.loading import SourceStats
 from crm_core.runs import abort_run, rollback_run
 from crm_core.validation import core_violations
 from crm_core.watermarks import CursorState
 from integration.assets.resources import CoreDatabase, MigrationProject, SourceSystem
+from integration.failures import AFTER_FAILURE, cause_line, frames
 from integration.mappings.spec import CompiledMapping
 from integration.pipeline import (
     WATERMARK_ATTR,
@@ -35,16 +40,78 @@ from integration.pipeline import (
     raw_asset_name,
     reconcile,
     stage,
+    start_run,
     stream_watermark,
 )
-from integration.reports import markdown_table, write_reports
+from integration.reports import markdown_table, unbalanced_reasons, write_reports
 
 MAX_PREVIEW_ROWS = 5
 MAX_SAMPLE_ROWS = 20
+EXTRACT_RETRIES = 3
 
 
 def _fail(exc: CrmError) -> dg.Failure:
     return dg.Failure(description=str(exc), allow_retries=False)
+
+
+def _undo(context: AssetExecutionContext, engine: Engine, why: str) -> None:
+    """Undo the run now (also outside the named jobs, where no failure hook is attached); never mask ``why``."""
+    run_key = context.run.run_id
+    try:
+        if abort_run(engine, run_key):
+            context.log.warning(f"{why}: the changes of run {run_key} were undone")
+    except Exception as exc:  # the original failure matters more; the run stays for `crmi runs recover`
+        context.log.error(f"{why}, and undoing run {run_key} failed too: {cause_line(exc)}")
+
+
+@contextmanager
+def _load_run_step(context: AssetExecutionContext, core: CoreDatabase, project: str) -> Iterator[Engine]:
+    """Run one step of a load run: start the run first, and undo it if the step fails in any way.
+
+    Failures leave the step as one readable line (our message, or the exception type and first line of
+    its message, never a SQL statement); the traceback goes into the failure's metadata.
+    """
+    step = context.op_execution_context.op.name
+    try:
+        engine = core.engine()
+        status = start_run(engine, context.run.run_id, project, RunOptions.from_tags(context.run.tags).mode)
+    except CrmError as exc:
+        raise _fail(exc) from exc
+    if status != "running":
+        raise dg.Failure(
+            description=f"not run: load run {context.run.run_id} is already {status}",
+            metadata={AFTER_FAILURE: True},
+            allow_retries=False,
+        )
+    try:
+        yield engine
+    except dg.RetryRequested:
+        raise
+    except dg.Failure:
+        _undo(context, engine, f"step {step} failed")
+        raise
+    except CrmError as exc:
+        _undo(context, engine, f"step {step} failed")
+        raise _fail(exc) from exc
+    except Exception as exc:
+        _undo(context, engine, f"step {step} failed")
+        raise dg.Failure(
+            description=cause_line(exc),
+            metadata={"error_type": type(exc).__name__, "traceback": dg.MetadataValue.text(frames(exc))},
+            allow_retries=False,
+        ) from None
+    except dg.DagsterExecutionInterruptedError:
+        _undo(context, engine, f"step {step} was interrupted")
+        raise
+
+
+def _blocking(
+    context: AssetExecutionContext, engine: Engine, result: dg.AssetCheckResult
+) -> dg.AssetCheckResult:
+    """Pass a blocking check's result on; a failed one fails the step, so undo the run first."""
+    if not result.passed:
+        _undo(context, engine, f"blocking check {result.check_name} failed")
+    return result
 
 
 def _preview(frame: pd.DataFrame) -> dg.MetadataValue:
@@ -82,15 +149,16 @@ def raw_asset(migration: Migration, mapping: CompiledMapping) -> dg.AssetsDefini
         source: SourceSystem = getattr(context.resources, source_key)
         project: MigrationProject = context.resources.project
         core: CoreDatabase = context.resources.core
-        try:
+        with _load_run_step(context, core, migration.project.name) as engine:
             # Full and trial runs read everything (unchanged rows load as no-ops); delta runs start at the watermark.
             delta = RunOptions.from_tags(context.run.tags).mode == "delta"
-            since = stream_watermark(core.engine(), mapping) if delta else None
-            frame = extract(project.migration(), mapping, since=since)
-        except TransientExtractError as exc:
-            raise dg.RetryRequested(max_retries=3, seconds_to_wait=2) from exc
-        except CrmError as exc:
-            raise _fail(exc) from exc
+            since = stream_watermark(engine, mapping) if delta else None
+            try:
+                frame = extract(project.migration(), mapping, since=since)
+            except TransientExtractError as exc:
+                if context.retry_number >= EXTRACT_RETRIES:
+                    raise  # the last attempt fails with the source's own message
+                raise dg.RetryRequested(max_retries=EXTRACT_RETRIES, seconds_to_wait=2) from exc
         data_rows = int((frame.get("_row_kind", pd.Series(dtype=str)) == "data").sum())
         return dg.Output(
             frame,
@@ -162,66 +230,78 @@ def staged_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
         description=f"Canonical {entity} records mapped from {', '.join(m.name for m in mappings)}, "
         "validated, with the rejects quarantined.",
         ins=ins,
-        required_resource_keys={"project"},
+        required_resource_keys={"project", "core"},
         check_specs=checks,
         kinds={"pandas"},
         metadata={"validation_rules": dg.MetadataValue.json(rules)},
     )
     def _staged(context: AssetExecutionContext, **raw: pd.DataFrame) -> Any:
         project: MigrationProject = context.resources.project
-        try:
-            staged = stage(project.migration(), entity, raw)
-        except CrmError as exc:
-            raise _fail(exc) from exc
-        rows = []
-        ratios: dict[str, float] = {}
-        for batch in staged.batches:
-            rejected_rows = batch.rejects.loc[
-                batch.rejects["severity"] == "error", ["location", "row_ref"]
-            ].drop_duplicates()
-            ratios[batch.mapping] = round(len(rejected_rows) / batch.rows_read, 4) if batch.rows_read else 0.0
-            rows.append({"mapping": batch.mapping, "read": batch.rows_read, "mapped": len(batch.records),
-                         "rejected": len(rejected_rows), "warnings": int((batch.rejects["severity"] == "warn").sum())})  # fmt: skip
-        all_rejects = [b.rejects for b in staged.batches if len(b.rejects)]
-        by_rule = (
-            pd.concat(all_rejects).groupby(["rule", "severity"]).size().reset_index(name="rows")
-            if all_rejects
-            else pd.DataFrame(columns=["rule", "severity", "rows"])
-        )
-        yield dg.Output(
-            staged,
-            metadata={
-                "records": staged.records,
-                "reject_entries": staged.rejects,
-                "by_mapping": dg.MetadataValue.md(markdown_table(pd.DataFrame(rows))),
-                "reject_rules": dg.MetadataValue.json(
-                    {str(r): int(n) for r, n in by_rule.groupby("rule")["rows"].sum().items()}
-                ),
-            },
-        )
-        too_many = {name: ratio for name, ratio in ratios.items() if ratio > limit}
-        yield dg.AssetCheckResult(
-            check_name="check_reject_ratio",
-            passed=not too_many,
-            metadata={"reject_ratio_by_mapping": dg.MetadataValue.json(ratios), "limit": limit,
-                      "over_the_limit": dg.MetadataValue.json(too_many)},
-        )  # fmt: skip
-        # Mapping rejects (subtotal rows, unparsable values) are the reject ratio's business; this check
-        # reports the validation rules only.
-        broken = by_rule[by_rule["rule"].isin(rules)] if len(by_rule) else by_rule
-        yield dg.AssetCheckResult(
-            check_name="check_validation_rules",
-            passed=broken.empty,
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={
-                "quarantined_entries": int(broken.loc[broken["severity"] == "error", "rows"].sum()),
-                "warning_entries": int(broken.loc[broken["severity"] == "warn", "rows"].sum()),
-                "failing_rows_by_rule": dg.MetadataValue.md(markdown_table(broken)),
-                "sample": dg.MetadataValue.md(markdown_table(_violation_sample(staged.batches, set(rules)))),
-            },
-        )
+        core: CoreDatabase = context.resources.core
+        with _load_run_step(context, core, migration.project.name) as engine:
+            yield from _stage_step(context, engine, project.migration(), entity, raw, limit, rules)
 
     return _staged
+
+
+def _stage_step(
+    context: AssetExecutionContext,
+    engine: Engine,
+    migration: Migration,
+    entity: str,
+    raw: dict[str, pd.DataFrame],
+    limit: float,
+    rules: list[str],
+) -> Iterator[Any]:
+    """Map and validate one entity; yield its output and its two checks."""
+    staged = stage(migration, entity, raw)
+    rows = []
+    ratios: dict[str, float] = {}
+    for batch in staged.batches:
+        rejected_rows = batch.rejects.loc[
+            batch.rejects["severity"] == "error", ["location", "row_ref"]
+        ].drop_duplicates()
+        ratios[batch.mapping] = round(len(rejected_rows) / batch.rows_read, 4) if batch.rows_read else 0.0
+        rows.append({"mapping": batch.mapping, "read": batch.rows_read, "mapped": len(batch.records),
+                     "rejected": len(rejected_rows), "warnings": int((batch.rejects["severity"] == "warn").sum())})  # fmt: skip
+    all_rejects = [b.rejects for b in staged.batches if len(b.rejects)]
+    by_rule = (
+        pd.concat(all_rejects).groupby(["rule", "severity"]).size().reset_index(name="rows")
+        if all_rejects
+        else pd.DataFrame(columns=["rule", "severity", "rows"])
+    )
+    yield dg.Output(
+        staged,
+        metadata={
+            "records": staged.records,
+            "reject_entries": staged.rejects,
+            "by_mapping": dg.MetadataValue.md(markdown_table(pd.DataFrame(rows))),
+            "reject_rules": dg.MetadataValue.json(
+                {str(r): int(n) for r, n in by_rule.groupby("rule")["rows"].sum().items()}
+            ),
+        },
+    )
+    too_many = {name: ratio for name, ratio in ratios.items() if ratio > limit}
+    yield _blocking(context, engine, dg.AssetCheckResult(
+        check_name="check_reject_ratio",
+        passed=not too_many,
+        metadata={"reject_ratio_by_mapping": dg.MetadataValue.json(ratios), "limit": limit,
+                  "over_the_limit": dg.MetadataValue.json(too_many)},
+    ))  # fmt: skip
+    # Mapping rejects (subtotal rows, unparsable values) are the reject ratio's business; this check
+    # reports the validation rules only.
+    broken = by_rule[by_rule["rule"].isin(rules)] if len(by_rule) else by_rule
+    yield dg.AssetCheckResult(
+        check_name="check_validation_rules",
+        passed=broken.empty,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "quarantined_entries": int(broken.loc[broken["severity"] == "error", "rows"].sum()),
+            "warning_entries": int(broken.loc[broken["severity"] == "warn", "rows"].sum()),
+            "failing_rows_by_rule": dg.MetadataValue.md(markdown_table(broken)),
+            "sample": dg.MetadataValue.md(markdown_table(_violation_sample(staged.batches, set(rules)))),
+        },
+    )
 
 
 def _stats_table(stats: list[SourceStats]) -> str:
@@ -266,8 +346,7 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
     def _core(context: AssetExecutionContext, staged: StagedEntity) -> Any:
         core: CoreDatabase = context.resources.core
         project: MigrationProject = context.resources.project
-        engine = core.engine()
-        try:
+        with _load_run_step(context, core, migration.project.name) as engine:
             options = RunOptions.from_tags(context.run.tags)
             stats = load(
                 project.migration(),
@@ -277,42 +356,40 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
                 mode=options.mode,
                 sample=options.sample,
             )
-        except CrmError as exc:
-            raise _fail(exc) from exc
-        totals = {
-            k: sum(getattr(s, k) for s in stats)
-            for k in ("rows_read", "inserted", "updated", "unchanged", "merged", "rejected")
-        }
-        yield dg.MaterializeResult(
-            metadata={
-                **totals,
-                "by_source": dg.MetadataValue.md(_stats_table(stats)),
-                "core": core.location(),
+            totals = {
+                k: sum(getattr(s, k) for s in stats)
+                for k in ("rows_read", "inserted", "updated", "unchanged", "merged", "rejected")
             }
-        )
-        unbalanced = [s.source for s in stats if not s.balanced]
-        yield dg.AssetCheckResult(
-            check_name="check_every_row_accounted_for",
-            passed=not unbalanced,
-            metadata={"unbalanced_sources": dg.MetadataValue.json(unbalanced)},
-        )
-        with session_factory(engine)() as session:
-            violations = core_violations(session, entity)
-        broken = [v for v in violations if v.count]
-        yield dg.AssetCheckResult(
-            check_name="check_core_rules",
-            passed=not broken,
-            metadata={
-                "failing_rows_by_rule": dg.MetadataValue.json({v.rule: v.count for v in violations}),
-                "sample": dg.MetadataValue.md(
-                    "\n\n".join(
-                        f"**{v.rule}**: {v.message}\n\n{markdown_table(pd.DataFrame(v.sample))}"
-                        for v in broken
-                    )
-                    or "_none_"
-                ),
-            },
-        )
+            yield dg.MaterializeResult(
+                metadata={
+                    **totals,
+                    "by_source": dg.MetadataValue.md(_stats_table(stats)),
+                    "core": core.location(),
+                }
+            )
+            unbalanced = [s.source for s in stats if not s.balanced]
+            yield _blocking(context, engine, dg.AssetCheckResult(
+                check_name="check_every_row_accounted_for",
+                passed=not unbalanced,
+                metadata={"unbalanced_sources": dg.MetadataValue.json(unbalanced)},
+            ))  # fmt: skip
+            with session_factory(engine)() as session:
+                violations = core_violations(session, entity)
+            broken = [v for v in violations if v.count]
+            yield _blocking(context, engine, dg.AssetCheckResult(
+                check_name="check_core_rules",
+                passed=not broken,
+                metadata={
+                    "failing_rows_by_rule": dg.MetadataValue.json({v.rule: v.count for v in violations}),
+                    "sample": dg.MetadataValue.md(
+                        "\n\n".join(
+                            f"**{v.rule}**: {v.message}\n\n{markdown_table(pd.DataFrame(v.sample))}"
+                            for v in broken
+                        )
+                        or "_none_"
+                    ),
+                },
+            ))  # fmt: skip
 
     return _core
 
@@ -340,14 +417,16 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
     )
     def _reconciliation(context: AssetExecutionContext) -> Any:
         core: CoreDatabase = context.resources.core
-        engine = core.engine()
-        report = reconcile(engine, context.run.run_id)
-        finish_run(engine, context.run.run_id, report)
-        files = write_reports(report, report_dir / context.run.run_id)
+        with _load_run_step(context, core, migration.project.name) as engine:
+            report = reconcile(engine, context.run.run_id)
+            files = write_reports(report, report_dir / context.run.run_id)
+            failpoint("reconcile")
+            finish_run(engine, context.run.run_id, report)
         yield dg.MaterializeResult(
             metadata={
                 "reconciliation": dg.MetadataValue.md(report.to_markdown()),
                 "balanced": report.balanced,
+                "rows_reconciled": sum(line.rows_read for line in report.lines),
                 "rejected_rows": int((report.rejects["severity"] == "error").sum()),
                 "core_counts": dg.MetadataValue.json(report.core_counts),
                 "report_files": dg.MetadataValue.json({k: str(v) for k, v in files.items()}),
@@ -356,11 +435,7 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
         yield dg.AssetCheckResult(
             check_name="check_reconciliation_balances",
             passed=report.balanced,
-            metadata={
-                "unbalanced": dg.MetadataValue.json(
-                    [f"{line.source}/{line.entity}" for line in report.lines if not line.balanced]
-                )
-            },
+            metadata={"unbalanced": dg.MetadataValue.json(unbalanced_reasons(report))},
         )
 
     return _reconciliation
@@ -409,13 +484,12 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         """Pairs of customers that may be one company: blocked, compared (rapidfuzz), scored by Fellegi–Sunter (ECM)."""
         core: CoreDatabase = context.resources.core
         options = RunOptions.from_tags(context.run.tags)
-        try:
+        with _load_run_step(context, core, migration.project.name) as engine:
             found = find_candidates(
-                core.engine(), context.run.run_id, migration.project.name,
+                engine, context.run.run_id, migration.project.name,
                 spec=migration.linkage_spec, mode=options.mode,
             )  # fmt: skip
-        except CrmError as exc:
-            raise _fail(exc) from exc
+            failpoint("dedup:candidates")
         outcome = found.outcome
         return dg.Output(found, metadata={
             "customers": outcome.records, "changed_customers": outcome.changed_records or outcome.records,
@@ -445,23 +519,23 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         """Sure clusters merged into one golden customer each; references and crosswalk re-pointed, merges logged."""
         core: CoreDatabase = context.resources.core
         options = RunOptions.from_tags(context.run.tags)
-        engine = core.engine()
-        try:
+        with _load_run_step(context, core, migration.project.name) as engine:
             outcome = merge_clusters(engine, context.run.run_id, migration.project.name, candidates,
                                      source_priority=priority, survivorship=survivorship, mode=options.mode)  # fmt: skip
-        except CrmError as exc:
-            raise _fail(exc) from exc
-        yield dg.MaterializeResult(metadata={"auto_merged": outcome.auto_merged,
-                                             "merge_log_ids": dg.MetadataValue.json(outcome.merge_log_ids[:50])})  # fmt: skip
-        with session_factory(engine)() as session:
-            shared = next(
-                v for v in core_violations(session, "customer") if v.rule == "customer.credit_code.unique"
-            )
-        yield dg.AssetCheckResult(
-            check_name="check_no_shared_credit_code",
-            passed=shared.count == 0,
-            metadata={"shared_codes": shared.count, "sample": dg.MetadataValue.json(shared.sample)},
-        )
+            failpoint("dedup:merge")
+            yield dg.MaterializeResult(metadata={
+                "customers": candidates.outcome.records, "auto_merged": outcome.auto_merged,
+                "merge_log_ids": dg.MetadataValue.json(outcome.merge_log_ids[:50]),
+            })  # fmt: skip
+            with session_factory(engine)() as session:
+                shared = next(
+                    v for v in core_violations(session, "customer") if v.rule == "customer.credit_code.unique"
+                )
+            yield _blocking(context, engine, dg.AssetCheckResult(
+                check_name="check_no_shared_credit_code",
+                passed=shared.count == 0,
+                metadata={"shared_codes": shared.count, "sample": dg.MetadataValue.json(shared.sample)},
+            ))  # fmt: skip
 
     @dg.asset(
         name="customer_review_queue",
@@ -473,7 +547,8 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
     def _review(context: AssetExecutionContext) -> dg.MaterializeResult:  # type: ignore[type-arg]
         """Pairs a data steward must decide (`crmi dedup review`): likely the same company, not sure enough to merge."""
         core: CoreDatabase = context.resources.core
-        queue = review_queue(core.engine(), entity="customer")
+        with _load_run_step(context, core, migration.project.name) as engine:
+            queue = review_queue(engine, entity="customer")
         sample = pd.DataFrame(
             [{k: v for k, v in q.items() if k != "features"} for q in queue[:MAX_SAMPLE_ROWS]]
         )
@@ -494,12 +569,10 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
 
         core: CoreDatabase = context.resources.core
         options = RunOptions.from_tags(context.run.tags)
-        try:
+        with _load_run_step(context, core, migration.project.name) as engine:
             outcome = deduplicate_contacts(
-                core.engine(), context.run.run_id, migration.project.name, mode=options.mode
+                engine, context.run.run_id, migration.project.name, mode=options.mode
             )
-        except CrmError as exc:
-            raise _fail(exc) from exc
         return dg.MaterializeResult(metadata={
             "contacts": outcome.records, "pairs_compared": outcome.pairs_compared,
             "bands": dg.MetadataValue.json(outcome.bands), "auto_merged": outcome.auto_merged,

@@ -1,0 +1,251 @@
+"""Failures leave nothing behind: a run that fails at any step, before or after its first load, is undone.
+
+Each case starts from a core loaded by one good run, changes the sources, and fails the next run at one
+step. The core must then be exactly as before (the rollback tests' ``content`` comparison), the run marked
+failed, and ``crmi run`` must exit 1 naming the step and its cause on one line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from crm_core.db import ensure_schema, make_engine
+from crm_core.models import LoadRun
+from integration.assets.resources import dispose_engines
+from integration.cli import app
+from integration.jobs import build_definitions
+from tests.conftest import DEMO, PG_URL, reset_postgres, server_or_skip
+from tests.test_end_to_end import run_job
+from tests.test_run_output import huge_sql_error
+from tests.test_runs import content, edit_sources
+
+pytestmark = pytest.mark.slow
+
+
+def copy_project(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+    return target
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> tuple[Path, Path]:
+    """The demo loaded once into a SQLite core, then its ERP edited: what each case starts from."""
+    root = tmp_path_factory.mktemp("baseline")
+    project = copy_project(DEMO, root / "demo")
+    shutil.rmtree(project / "data", ignore_errors=True)
+    shutil.copytree(demo_data, project / "data")
+    core = root / "core.sqlite"
+    run_job(project, f"sqlite:///{core}")
+    dispose_engines()
+    edit_sources(project)
+    return project, core
+
+
+def statuses(engine: sa.Engine) -> list[str]:
+    with engine.connect() as connection:
+        return list(connection.scalars(sa.select(LoadRun.status).order_by(LoadRun.id)))
+
+
+def vanish_a_column(project: Path) -> None:
+    mapping = project / "mappings" / "legacy_crm_opportunities.yaml"
+    text = mapping.read_text(encoding="utf-8").replace("from: lead_source", "from: lead_src")
+    mapping.write_text(text, encoding="utf-8")
+
+
+CASES = {
+    # name: (failpoint or None, step that fails, its cause)
+    "extraction": (
+        "extract:sales_xlsx_opportunities",
+        "raw_sales_xlsx_opportunity",
+        "failpoint extract:sales_xlsx_opportunities triggered",
+    ),
+    "mapping": (None, "staged_opportunity", "column(s) lead_src no longer exist in legacy_crm.query"),
+    "staging": ("stage:customer", "staged_customer", "failpoint stage:customer triggered"),
+    "between two core loads": (
+        "load:customer:after_commit",
+        "core_customer",
+        "failpoint load:customer:after_commit triggered",
+    ),
+    "dedup": ("dedup:candidates", "customer_match_candidates", "failpoint dedup:candidates triggered"),
+}
+
+
+def crmi_run(project: Path, url: str, *options: str) -> object:
+    result = CliRunner().invoke(app, ["run", "--project", str(project), "--core-url", url, *options])
+    dispose_engines()
+    return result
+
+
+def assert_failed_run(result: object, step: str, cause: str) -> None:
+    """Exit 1; the failing step and its cause on one line, rich markup rendered, not printed."""
+    assert result.exit_code == 1, result.output  # type: ignore[attr-defined]
+    output: str = result.stderr  # type: ignore[attr-defined]
+    [line] = [line for line in output.splitlines() if line.startswith(f"{step} failed: ")]
+    assert cause in line, output
+    assert len(line) <= 400 and "[red]" not in output and "Traceback" not in output
+    assert "nothing of it remains in the core (load run marked failed)" in output
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_run_failing_at_any_step_leaves_the_core_as_it_was(
+    case: str, baseline: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failpoint, step, cause = CASES[case]
+    project = copy_project(baseline[0], tmp_path / "demo")
+    shutil.copy(baseline[1], tmp_path / "core.sqlite")
+    url = f"sqlite:///{tmp_path / 'core.sqlite'}"
+    monkeypatch.setenv("CRM_CORE_URL", url)  # restored afterwards: `crmi run --core-url` sets it
+    if failpoint is None:
+        vanish_a_column(project)
+    else:
+        monkeypatch.setenv("CRMI_FAILPOINT", failpoint)
+    engine = make_engine(url)
+    before = content(engine)
+
+    result = crmi_run(project, url)
+
+    assert_failed_run(result, step, cause)
+    assert content(engine) == before
+    assert statuses(engine) == ["succeeded", "failed"]
+    engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("case", ["extraction", "dedup"])
+def test_on_postgresql_too(
+    case: str, demo_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = server_or_skip(PG_URL, "PostgreSQL")
+    reset_postgres(engine)
+    monkeypatch.setenv("CRM_CORE_URL", PG_URL)
+    run_job(demo_project, PG_URL)
+    edit_sources(demo_project)
+    before = content(engine)
+    failpoint, step, cause = CASES[case]
+    monkeypatch.setenv("CRMI_FAILPOINT", failpoint or "")
+
+    result = crmi_run(demo_project, PG_URL)
+
+    assert_failed_run(result, step, cause)
+    assert content(engine) == before
+    assert statuses(engine) == ["succeeded", "failed"]
+    engine.dispose()
+
+
+def test_materializing_core_assets_outside_the_jobs_is_undone_too(
+    baseline: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ad-hoc selection (the UI's "Materialize") has no job and no failure hook: the steps undo the run."""
+    project = copy_project(baseline[0], tmp_path / "demo")
+    shutil.copy(baseline[1], tmp_path / "core.sqlite")
+    url = f"sqlite:///{tmp_path / 'core.sqlite'}"
+    engine = make_engine(url)
+    before = content(engine)
+    defs = build_definitions(project, url)
+    selection = dg.AssetSelection.assets("core_customer").upstream()
+    monkeypatch.setenv("CRMI_FAILPOINT", "load:customer:after_commit")
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            list(defs.assets or []), selection=selection, resources=defs.resources, instance=instance,
+            raise_on_error=False,
+        )  # fmt: skip
+    dispose_engines()
+    assert not result.success
+    assert {e.step_key for e in result.all_events if e.is_step_failure} == {"core_customer"}
+    assert content(engine) == before  # sales reps and customers had committed: both undone
+    assert statuses(engine) == ["succeeded", "failed"]
+    engine.dispose()
+
+
+def test_a_database_error_in_a_step_is_one_line_without_its_statement(
+    baseline: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*args: object, **kwargs: object) -> None:
+        raise huge_sql_error()
+
+    monkeypatch.setattr("integration.dedup.workflow.find_candidates", boom)
+    project = copy_project(baseline[0], tmp_path / "demo")
+    shutil.copy(baseline[1], tmp_path / "core.sqlite")
+    url = f"sqlite:///{tmp_path / 'core.sqlite'}"
+    monkeypatch.setenv("CRM_CORE_URL", url)
+    engine = make_engine(url)
+    before = content(engine)
+
+    result = crmi_run(project, url, "--json")
+
+    assert_failed_run(
+        result,
+        "customer_match_candidates",
+        "OperationalError: Expression tree is too large (maximum depth 1000)",
+    )
+    assert "SELECT" not in result.output
+    payload = json.loads(result.stdout)
+    assert payload["success"] is False and payload["status"] == "failed"
+    assert payload["failures"][0] == {
+        "step": "customer_match_candidates",
+        "cause": "OperationalError: Expression tree is too large (maximum depth 1000)",
+        "after_failure": False,
+    }
+    assert [p["phase"] for p in payload["phases"]][:3] == ["extract", "map_validate", "load"]
+    assert content(engine) == before
+    engine.dispose()
+
+
+def test_a_run_that_does_not_balance_exits_2_and_says_why(
+    demo_project: Path, sqlite_core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CRM_CORE_URL", sqlite_core_url)
+    monkeypatch.chdir(tmp_path)  # reports go to var/reports/ under the working directory
+    engine = make_engine(sqlite_core_url)
+    ensure_schema(engine)
+    with engine.begin() as connection:  # the core changes what was written: amounts no longer agree
+        connection.execute(
+            sa.text(
+                "CREATE TRIGGER skew_amount AFTER INSERT ON opportunities WHEN NEW.amount IS NOT NULL "
+                "BEGIN UPDATE opportunities SET amount = NEW.amount + 1 WHERE id = NEW.id; END"
+            )
+        )
+
+    result = crmi_run(demo_project, sqlite_core_url)
+
+    assert result.exit_code == 2, result.output  # type: ignore[attr-defined]
+    output: str = result.stdout  # type: ignore[attr-defined]
+    assert "The run does not balance:" in output
+    reason = re.search(r"sales_xlsx/opportunity: amount source ([\d,.]+) ≠ core ([\d,.]+)", output)
+    assert reason is not None, output
+    assert reason.group(1) != reason.group(2)
+    assert "crmi rollback" in output and "Time per phase" in output
+    assert statuses(engine) == ["unbalanced"]
+    with engine.connect() as connection:
+        run_key = connection.scalar(sa.select(LoadRun.run_key))
+    markdown = tmp_path / "var" / "reports" / str(run_key) / "reconciliation.md"
+    assert "## Why it does not balance" in markdown.read_text(encoding="utf-8")
+    engine.dispose()
+
+
+def test_crmi_run_json_has_each_phase_with_seconds_rows_and_rows_per_second(
+    demo_project: Path, sqlite_core_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CRM_CORE_URL", sqlite_core_url)
+
+    result = crmi_run(demo_project, sqlite_core_url, "--json")
+
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    payload = json.loads(result.stdout)  # type: ignore[attr-defined]
+    phases = {p["phase"]: p for p in payload["phases"]}
+    assert list(phases) == ["extract", "map_validate", "load", "link", "merge", "reconcile"]
+    assert all(set(p) == {"phase", "seconds", "rows", "rows_per_second"} for p in phases.values())
+    assert all(p["seconds"] > 0 and p["rows"] > 0 and p["rows_per_second"] > 0 for p in phases.values())
+    read = sum(line["rows_read"] for line in payload["lines"])
+    assert payload["rows_read"] == phases["extract"]["rows"] == phases["load"]["rows"] == read
+    assert payload["seconds_total"] >= sum(p["seconds"] for p in phases.values())
+    assert payload["rows_per_second"] == pytest.approx(read / payload["seconds_total"], rel=0.01)
+    assert payload["unbalanced"] == [] and payload["success"] is True
