@@ -19,7 +19,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Table, bindparam, func, insert, select, text, update
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    Table,
+    any_,
+    bindparam,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from crm_core.entities import ENTITIES, EntityDef
@@ -148,6 +160,16 @@ class RawRows:
         return {str(k): to_json(_python(v)) for k, v in row.items() if not str(k).startswith("_")}
 
 
+def one_of(session: Session, column: Any, values: Sequence[Any]) -> ColumnElement[bool]:
+    """Return ``column IN values`` as one array parameter on PostgreSQL (``= ANY``), else an IN list.
+
+    psycopg parses a query with thousands of placeholders slowly; one array parameter costs nothing.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(literal(list(values), ARRAY(column.type)))  # type: ignore[no-any-return]
+    return column.in_(values)  # type: ignore[no-any-return]
+
+
 def crosswalk_ids(session: Session, entity: str, system: str, keys: Iterable[str]) -> dict[str, int]:
     """Return the core ids of the records that ``system`` knows by these keys (unknown keys are left out)."""
     found: dict[str, int] = {}
@@ -157,7 +179,7 @@ def crosswalk_ids(session: Session, entity: str, system: str, keys: Iterable[str
             select(ExternalId.external_key, ExternalId.entity_id).where(
                 ExternalId.entity == entity,
                 ExternalId.system == system,
-                ExternalId.external_key.in_(key_list[start : start + IN_CHUNK]),
+                one_of(session, ExternalId.external_key, key_list[start : start + IN_CHUNK]),
             )
         )
         found.update({key: entity_id for key, entity_id in rows})
@@ -258,13 +280,13 @@ class _IdAllocator:
 
 @dataclass
 class _CrosswalkEntry:
-    """What the loader knows of one crosswalk row (``row`` is the full database row while unflushed)."""
+    """What the loader knows of one crosswalk row while it decides a chunk."""
 
     id: int
     entity_id: int
     match_method: str
     last_synced_hash: str | None
-    row: dict[str, Any] | None = None  # the stored row (journal before-image), None for rows this load added
+    row: dict[str, Any] | None = None  # the stored row (journal before-image); None for rows this load added
 
 
 class EntityLoader:
@@ -307,6 +329,7 @@ class EntityLoader:
         self._record_ids = _IdAllocator(session, self.table)
         self._crosswalk_ids_alloc = _IdAllocator(session, ExternalId.__table__)  # type: ignore[arg-type]
         self._journaled: set[int] = set()  # records with a journal entry from this load (insert or update)
+        self._xw_journaled: set[int] = set()  # crosswalk rows likewise
         self._columns = {name: f.column for name, f in self.entity.fields.items()}
         self._self_ref_fields = {
             name for name, f in self.entity.fields.items() if f.references == self.entity.name
@@ -548,9 +571,9 @@ class EntityLoader:
         loaded_ids: list[int] = []
         for start in range(0, len(records), CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, len(records))
-            self._prefetch(batch.source, keys[start:stop], [
-                {name: columns[name][i] for name in fields} for i in range(start, stop)
-            ])  # fmt: skip
+            chunk_values = [{name: columns[name][i] for name in fields} for i in range(start, stop)]
+            digests = [row_hash(values) for values in chunk_values]
+            self._prefetch(batch.source, keys[start:stop], chunk_values, digests)
             for position in range(start, stop):
                 errors = row_errors.get(position, [])
                 for problem in errors:
@@ -560,7 +583,7 @@ class EntityLoader:
                     stats.rejected += 1
                     continue
                 stats.warnings += len(errors)
-                values = {name: columns[name][position] for name in fields}
+                values = chunk_values[position - start]
                 stage = values.get("stage")
                 if stage is not None and not self._valid_stage(stage):
                     self._reject(batch.source, locations[position], refs[position], "stage", stage,
@@ -572,7 +595,9 @@ class EntityLoader:
                         lookup = batch.lookups.get(name, Lookup())
                         self._pending_self_refs.append((batch.source, locations[position], str(refs[position]),
                                                         keys[position], name, parents[position], lookup))  # fmt: skip
-                outcome, entity_id = self._upsert(batch.source, keys[position], values, stop - position)
+                outcome, entity_id = self._upsert(
+                    batch.source, keys[position], values, digests[position - start], stop - position
+                )
                 setattr(stats, outcome, getattr(stats, outcome) + 1)
                 if stats.amount_loaded is not None and outcome != "merged" and amount_field:
                     amount = values.get(amount_field)
@@ -584,23 +609,26 @@ class EntityLoader:
             stats.amount_core = self._stored_amount(amount_field, loaded_ids)
         return stats
 
-    def _prefetch(self, source: str, keys: Sequence[str], values: Sequence[Mapping[str, Any]]) -> None:
+    def _prefetch(
+        self, source: str, keys: Sequence[str], values: Sequence[Mapping[str, Any]], digests: Sequence[str]
+    ) -> None:
         """Read, in a few set queries, the crosswalk rows and records a chunk is likely to touch."""
         wanted = sorted({k for k in keys if (source, k) not in self._crosswalk})
         xw = ExternalId.__table__
         for part in _chunks(wanted):
             query = select(xw).where(xw.c.entity == self.entity.name, xw.c.system == source,
-                                     xw.c.external_key.in_(part))  # fmt: skip
+                                     one_of(self.session, xw.c.external_key, part))  # fmt: skip
             for row in self.session.execute(query).mappings():
                 self._crosswalk[(source, row["external_key"])] = _CrosswalkEntry(
                     id=row["id"], entity_id=row["entity_id"], match_method=row["match_method"],
                     last_synced_hash=row["last_synced_hash"], row=dict(row),
                 )  # fmt: skip
         ids: set[int] = set()
-        for key, row_values in zip(keys, values, strict=True):
+        for key, row_values, digest in zip(keys, values, digests, strict=True):
             entry = self._crosswalk.get((source, key))
             if entry is not None:
-                ids.add(self._survivor_id(entry.entity_id))
+                if entry.last_synced_hash != digest:  # unchanged rows need no record
+                    ids.add(self._survivor_id(entry.entity_id))
             elif self.match.keys:
                 match = self._find_match(row_values)
                 if match is not None:
@@ -610,7 +638,8 @@ class EntityLoader:
     def _fetch_records(self, ids: set[int]) -> None:
         missing = sorted(i for i in ids if i not in self._rows)
         for part in _chunks(missing):
-            for row in self.session.execute(select(self.table).where(self.table.c.id.in_(part))).mappings():
+            query = select(self.table).where(one_of(self.session, self.table.c.id, part))
+            for row in self.session.execute(query).mappings():
                 self._rows[row["id"]] = dict(row)
 
     def _record(self, record_id: int) -> dict[str, Any]:
@@ -634,7 +663,9 @@ class EntityLoader:
         column = self.table.c[self.entity.fields[amount_field].column]
         total = Decimal(0)
         for part in _chunks(ids):
-            found = self.session.scalar(select(func.sum(column)).where(self.table.c.id.in_(part)))
+            found = self.session.scalar(
+                select(func.sum(column)).where(one_of(self.session, self.table.c.id, part))
+            )
             total += Decimal(str(found)) if found is not None else Decimal(0)
         return total
 
@@ -668,8 +699,9 @@ class EntityLoader:
             self._journaled.add(record_id)
         self._changed_records.add(record_id)
 
-    def _upsert(self, source: str, key: str, values: dict[str, Any], remaining: int) -> tuple[str, int]:
-        digest = row_hash(values)
+    def _upsert(
+        self, source: str, key: str, values: dict[str, Any], digest: str, remaining: int
+    ) -> tuple[str, int]:
         existing = self._crosswalk.get((source, key))
         if existing is not None:
             merged = existing.match_method != "created"
@@ -724,6 +756,7 @@ class EntityLoader:
             "created_run_id": self.run.id, "updated_run_id": self.run.id,
         }  # fmt: skip
         self._crosswalk[(source, key)] = _CrosswalkEntry(entry_id, entity_id, method, digest)
+        self._xw_journaled.add(entry_id)
 
     def _flush(self) -> None:
         """Write what the chunk decided: inserts, updates, crosswalk, journal and rejects, a statement each."""
@@ -772,15 +805,15 @@ class EntityLoader:
             journal.extend(
                 _update_entry(self.run.id, xw.name, e.id, {k: to_json(v) for k, v in e.row.items()})
                 for e in entries
-                if e.row is not None
+                if e.row is not None and e.id not in self._xw_journaled
             )
-            for entry in entries:
-                entry.row = None  # journaled once per load: the before-image is the pre-load row
+            self._xw_journaled.update(e.id for e in entries)
         if journal:
             self.session.execute(insert(_JOURNAL), journal)
         if self._rejects:
             self.session.execute(insert(_REJECTS), self._rejects)
         self._rows.clear()
+        self._crosswalk.clear()  # flushed: the next chunk reads what it needs by key
         self._new_records.clear()
         self._changed_records.clear()
         self._new_crosswalk.clear()

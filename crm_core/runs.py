@@ -13,11 +13,11 @@ import json
 import multiprocessing
 import os
 import socket
-from collections import defaultdict
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
-from sqlalchemy import Engine, Table, and_, delete, func, insert, select, update
+from sqlalchemy import Engine, Table, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from crm_core.db import session_factory
@@ -27,7 +27,6 @@ from crm_core.journal import from_json
 from crm_core.models import Base, ExternalId, LoadRun, RowChange
 
 ACTIVE = ("running", "succeeded", "unbalanced")  # statuses whose changes are in the core
-_ENTITY_OF_TABLE = {definition.model.__tablename__: name for name, definition in ENTITIES.items()}
 
 
 @dataclass(frozen=True)
@@ -110,20 +109,6 @@ def find_run(session: Session, reference: str) -> LoadRun:
     return run
 
 
-def _inserted_ids(session: Session, run_id: int) -> dict[str, list[int]]:
-    ids: dict[str, list[int]] = defaultdict(list)
-    rows = session.execute(
-        select(RowChange.table_name, RowChange.row_key).where(
-            RowChange.load_run_id == run_id, RowChange.operation == "insert"
-        )
-    )
-    for table_name, key in rows:
-        value = json.loads(key)
-        if list(value) == ["id"]:
-            ids[table_name].append(int(value["id"]))
-    return ids
-
-
 def dependents(session: Session, run: LoadRun) -> set[int]:
     """Return the later active runs that changed rows this run touched or point at rows it inserted."""
     later = {
@@ -141,31 +126,35 @@ def dependents(session: Session, run: LoadRun) -> set[int]:
             .where(mine.c.load_run_id == run.id, theirs.c.load_run_id.in_(later))
         )
     )
-    for table_name, ids in _inserted_ids(session, run.id).items():
-        for start in range(0, len(ids), 500):
-            part = ids[start : start + 500]
-            for table in Base.metadata.sorted_tables:
-                for fk in table.foreign_keys:
-                    if fk.column.table.name != table_name or "created_run_id" not in table.c:
-                        continue
-                    for created, updated in session.execute(
-                        select(table.c.created_run_id, table.c.updated_run_id)
-                        .distinct()
-                        .where(fk.parent.in_(part))
-                    ):
-                        found |= {created, updated} & later
-            entity = _ENTITY_OF_TABLE.get(table_name)
-            if entity is not None:
-                found |= (
-                    set(
-                        session.scalars(
-                            select(ExternalId.created_run_id)
-                            .distinct()
-                            .where(ExternalId.entity == entity, ExternalId.entity_id.in_(part))
-                        )
-                    )
-                    & later
-                )
+    # Rows this run inserted still carry its id in created_run_id (a rollback deletes them): one join per
+    # foreign key finds later rows pointing at them, however many rows the run inserted.
+    for table in Base.metadata.sorted_tables:
+        if "created_run_id" not in table.c:
+            continue
+        for fk in table.foreign_keys:
+            parent = fk.column.table
+            if parent.name == "load_runs" or "created_run_id" not in parent.c:
+                continue
+            child = table.alias("child")
+            rows = session.execute(
+                select(child.c.created_run_id, child.c.updated_run_id)
+                .distinct()
+                .join(parent, child.c[fk.parent.name] == fk.column)
+                .where(parent.c.created_run_id == run.id)
+            )
+            for created, updated in rows:
+                found |= {created, updated} & later
+    xw = ExternalId.__table__
+    for entity, definition in ENTITIES.items():
+        target = definition.model.__table__
+        found |= set(
+            session.scalars(
+                select(xw.c.created_run_id)
+                .distinct()
+                .join(target, and_(xw.c.entity == entity, xw.c.entity_id == target.c.id))
+                .where(target.c.created_run_id == run.id, xw.c.created_run_id.in_(later))
+            )
+        )
     return found
 
 
@@ -174,30 +163,69 @@ def _replay(session: Session, run: LoadRun) -> None:
     replay(session, RowChange.load_run_id == run.id)
 
 
+REPLAY_PAGE = 20_000  # journal entries read at a time (keyset pages, newest first)
+
+
 def replay(session: Session, condition: Any) -> None:
-    """Undo the journal entries matching ``condition``, newest first (Core statements: not journaled)."""
-    tables = Base.metadata.tables
-    entries = session.execute(
-        select(RowChange.table_name, RowChange.row_key, RowChange.operation, RowChange.before)
-        .where(condition)
-        .order_by(RowChange.id.desc())
-    ).all()
-    for table_name, key, operation, before in entries:
-        table: Table = tables[table_name]
-        where = and_(
-            *(table.c[name] == from_json(table.c[name], value) for name, value in json.loads(key).items())
-        )
-        if operation == "insert":
-            session.execute(delete(table).where(where))
-        elif operation == "update":
-            values = {
-                name: from_json(table.c[name], value) for name, value in before.items() if name in table.c
-            }
-            session.execute(update(table).where(where).values(values))
+    """Undo the journal entries matching ``condition``, newest first (Core statements: not journaled).
+
+    Consecutive entries of one table and operation are undone with one statement (a DELETE by key list,
+    an executemany UPDATE or INSERT), in the same newest-first order, so a row changed twice gets its oldest
+    before-image last.
+    """
+    below: int | None = None
+    while True:
+        query = select(RowChange.id, RowChange.table_name, RowChange.row_key, RowChange.operation,
+                       RowChange.before).where(condition)  # fmt: skip
+        if below is not None:
+            query = query.where(RowChange.id < below)
+        page = session.execute(query.order_by(RowChange.id.desc()).limit(REPLAY_PAGE)).all()
+        if not page:
+            return
+        below = page[-1][0]
+
+        def shape(entry: Any) -> tuple[str, str, tuple[str, ...]]:
+            return entry[1], entry[3], tuple(sorted(entry[4])) if entry[4] else ()
+
+        for (table_name, operation, columns), group in groupby(page, key=shape):
+            _undo(session, Base.metadata.tables[table_name], operation, columns, list(group))
+
+
+def _undo(
+    session: Session, table: Table, operation: str, columns: tuple[str, ...], entries: list[Any]
+) -> None:
+    keys = [json.loads(entry[2]) for entry in entries]
+    pk = sorted(keys[0])
+    if operation == "insert":
+        if pk == ["id"]:
+            ids = [int(key["id"]) for key in keys]
+            for start in range(0, len(ids), 5_000):
+                session.execute(delete(table).where(table.c.id.in_(ids[start : start + 5_000])))
         else:
+            removal = delete(table).where(and_(*(table.c[n] == bindparam(f"_pk_{n}") for n in pk)))
             session.execute(
-                insert(table).values({name: from_json(table.c[name], v) for name, v in before.items()})
+                removal, [{f"_pk_{n}": from_json(table.c[n], key[n]) for n in pk} for key in keys]
             )
+    elif operation == "update":
+        names = [name for name in columns if name in table.c]
+        statement = (
+            update(table)
+            .where(and_(*(table.c[n] == bindparam(f"_pk_{n}") for n in pk)))
+            .values({name: bindparam(f"_v_{name}") for name in names})
+        )
+        session.execute(statement, [
+            {**{f"_pk_{n}": from_json(table.c[n], key[n]) for n in pk},
+             **{f"_v_{name}": from_json(table.c[name], entry[4][name]) for name in names}}
+            for key, entry in zip(keys, entries, strict=True)
+        ])  # fmt: skip
+    else:
+        session.execute(
+            insert(table),
+            [
+                {name: from_json(table.c[name], v) for name, v in entry[4].items() if name in table.c}
+                for entry in entries
+            ],
+        )
 
 
 def rollback_run(

@@ -212,3 +212,63 @@ def test_a_failure_halfway_leaves_the_core_as_it_was(engine: sa.Engine) -> None:
     assert customers(engine) == []
     with Session(engine) as session:
         assert session.scalar(sa.select(sa.func.count()).select_from(ExternalId)) == 0
+
+
+def _chunked_rows() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows whose outcomes depend on earlier rows: duplicate keys, exact-key matches, parents after children."""
+    erp = [
+        {"_external_key": "B1", "name": "深圳市腾达科技有限公司北京分公司", "parent": "P1", "credit_code": None, "phone": None},
+        {"_external_key": "A1", "name": "甲有限公司", "parent": None, "credit_code": CODE_A, "phone": None},
+        {"_external_key": "X1", "name": "乙有限公司", "parent": None, "credit_code": None, "phone": None},
+        {"_external_key": "A1", "name": "甲有限公司", "parent": None, "credit_code": CODE_A, "phone": "+8675511112222"},
+        {"_external_key": "P1", "name": "深圳市腾达科技有限公司", "parent": None, "credit_code": None, "phone": None},
+        {"_external_key": "B2", "name": "腾达科技（深圳）有限公司广州分公司", "parent": "P1", "credit_code": None, "phone": None},
+    ]  # fmt: skip
+    crm = [
+        {"_external_key": "c-1", "name": "甲公司", "parent": None, "credit_code": CODE_A, "phone": "+8675599998888"},
+        {"_external_key": "c-2", "name": "乙有限公司", "parent": None, "credit_code": None, "phone": "+8602088887777"},
+        {"_external_key": "c-3", "name": "丙有限公司", "parent": "c-9", "credit_code": CODE_B, "phone": None},
+    ]  # fmt: skip
+    return erp, crm
+
+
+def _load_chunked(engine: sa.Engine, run_key: str) -> list[SourceStats]:
+    erp, crm = _chunked_rows()
+    lookups = {"parent": Lookup()}
+    return load(engine, run_key, "customer", [batch("erp", erp, lookups), batch("crm", crm, lookups)], CUSTOMER_RULES)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 2, 4])
+def test_small_chunks_decide_exactly_as_one_chunk_and_roll_back_exactly(
+    core_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, chunk_rows: int
+) -> None:
+    from crm_core import loading
+    from crm_core.runs import rollback_run
+    from tests.test_runs import content
+
+    reference = make_engine(f"sqlite:///{tmp_path / 'reference.sqlite'}")
+    upgrade(reference)
+    expected_stats = [s.as_dict() for s in _load_chunked(reference, "r1")]
+    expected = content(reference)
+    reference.dispose()
+
+    monkeypatch.setattr(loading, "CHUNK_ROWS", chunk_rows)
+    engine = make_engine(core_url)
+    upgrade(engine)
+    empty = content(engine)
+    stats = [s.as_dict() for s in _load_chunked(engine, "r1")]
+    assert stats == expected_stats
+    assert content(engine) == expected
+    by_name = {c.name: c for c in customers(engine)}
+    parent = by_name["深圳市腾达科技有限公司"].id
+    assert by_name["深圳市腾达科技有限公司北京分公司"].parent_id == parent
+    assert by_name["腾达科技（深圳）有限公司广州分公司"].parent_id == parent
+    assert by_name["甲有限公司"].phone == "+8675511112222"  # its own second row wins over the CRM's
+    assert by_name["乙有限公司"].phone == "+8602088887777"  # blank filled by the exact-name match
+    again = [s.as_dict() for s in _load_chunked(engine, "r2")]
+    assert [s["inserted"] for s in again] == [0, 0]
+    assert content(engine) == expected  # A1's two rows take turns in the crosswalk hash, the core stays put
+    rollback_run(engine, "r2", allow_running=True)
+    rollback_run(engine, "r1", allow_running=True)
+    assert content(engine) == empty
+    engine.dispose()
