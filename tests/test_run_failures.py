@@ -120,9 +120,7 @@ def test_a_run_failing_at_any_step_leaves_the_core_as_it_was(
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("case", ["extraction", "dedup"])
-def test_on_postgresql_too(
-    case: str, demo_project: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_on_postgresql_too(case: str, demo_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = server_or_skip(PG_URL, "PostgreSQL")
     reset_postgres(engine)
     monkeypatch.setenv("CRM_CORE_URL", PG_URL)
