@@ -24,6 +24,7 @@ $(DAGSTER_HOME):
 
 demo: $(VENV)/.installed $(DAGSTER_HOME)  ## generate the demo sources and run the whole migration through Dagster
 	$(BIN)/python $(PROJECT)/generate_sources.py
+	$(BIN)/crmi core upgrade
 	$(BIN)/crmi run --project $(PROJECT)
 
 test: check  ## ruff + mypy + pytest in .venv (dev extras)

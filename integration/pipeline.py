@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -42,7 +43,7 @@ from integration.connectors import Connector, CsvConnector, ExcelConnector, Read
 from integration.connectors.base import DEFAULT_CHUNK_ROWS, LOCATION, META_COLUMNS, ROW_KIND, ROW_REF
 from integration.connectors.sql import SqlConnector
 from integration.dedup.normalize import company_key, person_key
-from integration.mappings.engine import MappingResult, map_chunks, python_records
+from integration.mappings.engine import SOURCE, MappingResult, map_chunks, python_records
 from integration.mappings.spec import CompiledMapping, load_mappings
 from integration.project import Project, load_project
 
@@ -132,20 +133,35 @@ class Migration:
         self.mappings: list[CompiledMapping] = load_mappings(
             list(project.mapping_files), sources={s: None for s in project.spec.sources}
         )
+        # Several mappings may read one source for one entity (two sheets, two tables, a fix sheet): one keeps
+        # raw_<source>_<entity>, the others add their file name. The plain name goes to the source's own
+        # mapping with the shortest file name (erp_u8_customers before erp_u8_customers_2024), so adding a
+        # mapping does not rename the asset that was there (its history in the Dagster UI stays).
+        self._raw_names: dict[Path, str] = {}
         names: dict[str, CompiledMapping] = {}
         problems = []
-        for mapping in self.mappings:
+        keep_name_first = sorted(
+            self.mappings, key=lambda m: (m.spec.source.system is not None, len(m.name), m.name)
+        )
+        for mapping in keep_name_first:
             asset = raw_asset_name(mapping)
+            if asset in names:
+                asset = f"{asset}_{_identifier(mapping.name)}"
             if asset in names:
                 problems.append(
                     Problem(
-                        f"{asset} is also produced by {names[asset].file.name}; one mapping per source table",
+                        f"{asset} is also produced by {names[asset].file.name}; rename one of the two files",
                         mapping.file,
                     )
                 )
             names[asset] = mapping
+            self._raw_names[mapping.file] = asset
         if problems:
             raise ConfigError(problems)
+
+    def raw_asset(self, mapping: CompiledMapping) -> str:
+        """Return the name of the raw asset that extracts a mapping's rows (see :func:`raw_asset_name`)."""
+        return self._raw_names[mapping.file]
 
     @classmethod
     def load(cls, path: str | None = None) -> Migration:
@@ -159,13 +175,17 @@ class Migration:
         return [e for e in LOAD_ORDER if e in targets]
 
     def mappings_for(self, entity: str) -> list[CompiledMapping]:
-        """Return the mappings of an entity, the dedup source priority first."""
+        """Return the mappings of an entity in load order: by the dedup source priority of their system,
+        a system's own mappings before those that re-import its rows (fix sheets), so a correction wins."""
         priority = self.project.spec.dedup.get(entity)
         order = list(priority.source_priority) if priority else []
         chosen = [m for m in self.mappings if m.entity.name == entity]
-        return sorted(
-            chosen, key=lambda m: (order.index(m.source) if m.source in order else len(order), m.name)
-        )
+
+        def rank(m: CompiledMapping) -> tuple[int, bool, str]:
+            system = crosswalk_system(m)
+            return order.index(system) if system in order else len(order), system != m.source, m.name
+
+        return sorted(chosen, key=rank)
 
     def connector(self, source: str) -> Connector:
         """Return a connector for a project source."""
@@ -197,8 +217,22 @@ class Migration:
 
 
 def raw_asset_name(mapping: CompiledMapping) -> str:
-    """Return the name of the raw asset that extracts a mapping's rows: ``raw_<source>_<entity>``."""
+    """Return the base name of the raw asset of a mapping: ``raw_<source>_<entity>``.
+
+    When several mappings read one source for one entity, all but one get ``_<file name>`` added
+    (:meth:`Migration.raw_asset` gives the name in use).
+    """
     return f"raw_{mapping.source}_{mapping.entity.name}"
+
+
+def _identifier(name: str) -> str:
+    """Return ``name`` as a Dagster-safe identifier (letters, digits and underscores)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def crosswalk_system(mapping: CompiledMapping) -> str:
+    """Return the system a mapping's rows belong to in the crosswalk: ``source.system``, else its source."""
+    return mapping.spec.source.system or mapping.source
 
 
 def read_request(mapping: CompiledMapping, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> ReadRequest:
@@ -335,7 +369,7 @@ def stream_watermark(engine: Engine, mapping: CompiledMapping) -> CursorState | 
     if mapping.spec.source.incremental is None:
         return None
     with session_factory(engine)() as session:
-        return read_watermark(session, mapping.source, mapping.name)
+        return read_watermark(session, crosswalk_system(mapping), mapping.name)
 
 
 def _lookups(mapping: CompiledMapping) -> dict[str, Lookup]:
@@ -353,7 +387,7 @@ def quarantine(
         return records, violations.iloc[0:0]
     rows = records.loc[violations["index"]]
     entries = pd.DataFrame({
-        "source": mapping.source, "entity": mapping.entity.name,
+        "source": crosswalk_system(mapping), "entity": mapping.entity.name,
         "location": rows[LOCATION].astype(str).to_numpy(), "row_ref": rows[ROW_REF].astype(str).to_numpy(),
         "field": violations["field"].to_numpy(), "value": violations["value"].to_numpy(),
         "rule": violations["rule"].to_numpy(), "reason": violations["reason"].to_numpy(),
@@ -369,11 +403,16 @@ def stage(
     """Map the raw frames of one entity (keyed by raw asset name), validate, and batch them for loading."""
     staged = StagedEntity(entity)
     for mapping in migration.mappings_for(entity):
-        frame = raw.get(raw_asset_name(mapping))
+        frame = raw.get(migration.raw_asset(mapping))
         if frame is None:
             continue
+        system = crosswalk_system(mapping)
         result: MappingResult = map_chunks(mapping, [frame] if len(frame.columns) else [])
+        if system != mapping.source and len(result.rejects):
+            result.rejects = result.rejects.assign(source=system)
         records = python_records(result.records)
+        if system != mapping.source and SOURCE in records.columns:
+            records[SOURCE] = system
         if entity == "customer" and "name" in records.columns:
             records["name_normalized"] = records["name"].map(company_key)
         records, quarantined = quarantine(mapping, records, migration.rules, context)
@@ -381,7 +420,7 @@ def stage(
         carried = frame.attrs.get(WATERMARK_ATTR)
         staged.batches.append(
             Batch(
-                source=mapping.source,
+                source=system,
                 mapping=mapping.name,
                 records=records,
                 rejects=pd.concat([result.rejects, quarantined], ignore_index=True)

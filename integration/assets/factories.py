@@ -37,7 +37,6 @@ from integration.pipeline import (
     extract,
     finish_run,
     load,
-    raw_asset_name,
     reconcile,
     stage,
     start_run,
@@ -130,7 +129,7 @@ def undo_failed_run(context: dg.HookContext) -> None:
 
 def raw_asset(migration: Migration, mapping: CompiledMapping) -> dg.AssetsDefinition:
     """Return the asset that extracts the rows one mapping reads."""
-    name = raw_asset_name(mapping)
+    name = migration.raw_asset(mapping)
     source_key = f"source_{mapping.source}"
     where = mapping.spec.source.location
     description = (
@@ -205,7 +204,7 @@ def _violation_sample(batches: list[Any], rules: set[str]) -> pd.DataFrame:
 def staged_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
     """Return the asset that maps, validates and quarantines every raw input of ``entity``."""
     mappings = migration.mappings_for(entity)
-    ins = {raw_asset_name(m): dg.AssetIn(key=raw_asset_name(m)) for m in mappings}
+    ins = {migration.raw_asset(m): dg.AssetIn(key=migration.raw_asset(m)) for m in mappings}
     limit = migration.project.spec.validation.max_reject_ratio
     rules = sorted(rule.name for rule in migration.rules if rule.entity == entity)
     checks = [

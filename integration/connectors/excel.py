@@ -225,8 +225,12 @@ class ExcelConnector:
                 subtotal = _subtotal_rows(part)
                 frame = pd.DataFrame({f"c{n}": _python_values(part.column(i)) for n, i in enumerate(keep)})
                 frame.columns = pd.Index(labels)
-                frame[ROW_REF] = numbers[start : start + request.chunk_rows].astype(str)
-                frame[LOCATION] = location
+                # A fix sheet of the reconciliation report names each row's original location and row:
+                # they are kept, so a corrected row comes back as the source row it replaces.
+                frame[ROW_REF] = _kept(
+                    frame, ROW_REF, numbers[start : start + request.chunk_rows].astype(str)
+                )
+                frame[LOCATION] = _kept(frame, LOCATION, location)
                 frame[ROW_KIND] = np.where(subtotal, "subtotal", "data")
                 yield frame
 
@@ -244,6 +248,20 @@ class ExcelConnector:
             return loaded.to_arrow(), [c.absolute_index for c in loaded.available_columns()]
         except Exception as exc:
             raise ExtractError(self.name, f"cannot read sheet '{sheet}' of {path.name}: {exc}") from None
+
+
+def _kept(frame: pd.DataFrame, column: str, default: np.ndarray | str) -> pd.Series:
+    """Return the sheet's own ``column`` as text where filled, else ``default`` (a row number or location)."""
+    fallback = pd.Series(default, index=frame.index, dtype=object)
+    if column not in frame.columns:
+        return fallback
+    given = frame[column].astype(object)
+    text = pd.Series(
+        [None if v is None or v is pd.NA or v != v or not str(v).strip() else str(v).strip() for v in given],
+        index=frame.index,
+        dtype=object,
+    )
+    return text.where(text.notna(), fallback)
 
 
 def _any_filled(data: pa.RecordBatch) -> pa.Array:

@@ -61,6 +61,11 @@ class SourceSpec(_Strict):
     key: str | list[str] | None = Field(default=None, description="column(s) forming the source's record key")
     header_row: int | None = Field(default=None, ge=1, description="spreadsheets: 1-based header row")
     incremental: IncrementalSpec | None = Field(default=None, description="read only new/changed rows")
+    system: str | None = Field(
+        default=None,
+        description="crosswalk system the rows belong to (default: this source); a fix sheet names the source "
+        "its rows were rejected from, so corrected rows land under that source's keys",
+    )
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceSpec:
@@ -342,6 +347,9 @@ def _check_source(
                 f"unknown source '{name}'{close_names(name, sources)}; project sources: {', '.join(sources)}",
             )
         ]
+    system = spec.source.system
+    if system is not None and system not in sources:
+        return [doc.problem(("source", "system"), f"unknown source '{system}'{close_names(system, sources)}")]
     columns = sources[name]
     if columns is None:
         return []
