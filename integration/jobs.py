@@ -13,7 +13,8 @@ from typing import Any
 import dagster as dg
 from sqlalchemy.engine import make_url
 
-from crm_core.db import core_url
+from crm_core.db import core_url, current_revision, head_revision, make_engine
+from crm_core.runs import abort_run
 from integration.assets import (
     CoreDatabase,
     MigrationProject,
@@ -26,7 +27,9 @@ from integration.assets import (
     staged_asset,
     undo_failed_run,
 )
-from integration.pipeline import Migration, RunOptions
+from integration.assets.resources import trial_core_url
+from integration.failures import cause_line
+from integration.pipeline import MODE_TAG, Migration, RunOptions
 from integration.project import project_dir
 
 MIGRATION_JOB = "migration"
@@ -39,6 +42,40 @@ ROLLBACK_JOB = "rollback"
 def report_root() -> Path:
     """Return where reconciliation reports are written: ``var/reports`` under the working directory."""
     return Path("var") / "reports"
+
+
+def undo_failed_runs_sensor(core_database_url: str | None) -> dg.SensorDefinition:
+    """Return the sensor that undoes the load run of any failed Dagster run of this code location.
+
+    Steps undo their run themselves when they fail, in a job or materialized from the UI; this covers what
+    fails around a step (an input that cannot be loaded, a resource), which no step and, outside the named
+    jobs, no failure hook sees. It runs with the Dagster daemon (`make ui` starts one).
+    """
+
+    @dg.run_failure_sensor(
+        name="undo_failed_load_runs",
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=15,
+        description="Undoes the core changes of a Dagster run that failed (any job, or assets materialized "
+        "from the UI), like `crmi runs recover` does for crashed runs.",
+    )
+    def _undo(context: dg.RunFailureSensorContext) -> None:
+        run = context.dagster_run
+        url = trial_core_url(run.run_id) if run.tags.get(MODE_TAG) == "trial" else core_url(core_database_url)
+        if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+            return  # the run never reached its core (a trial's scratch core is made by its first step)
+        engine = make_engine(url)
+        try:
+            if current_revision(engine) != head_revision():
+                return  # not a core this code can work on (the steps said so)
+            if abort_run(engine, run.run_id):
+                context.log.warning(f"run {run.run_id} failed: its changes in the core were undone")
+        except Exception as exc:  # the sensor must keep running for the next failure
+            context.log.error(f"could not undo run {run.run_id}: {cause_line(exc)}; `crmi runs recover`")
+        finally:
+            engine.dispose()
+
+    return _undo
 
 
 def build_definitions(
@@ -96,4 +133,9 @@ def build_definitions(
     rollback = dg.GraphDefinition(name=ROLLBACK_JOB, node_defs=[rollback_load_run]).to_job(
         description="Undo one load run (config: run_id, cascade), exactly as `crmi rollback` does.",
     )
-    return dg.Definitions(assets=assets, jobs=[full, delta, trial, rollback], resources=resources)
+    return dg.Definitions(
+        assets=assets,
+        jobs=[full, delta, trial, rollback],
+        sensors=[undo_failed_runs_sensor(core_database_url)],
+        resources=resources,
+    )

@@ -21,7 +21,7 @@ from crm_core.db import ensure_schema, make_engine
 from crm_core.models import LoadRun
 from integration.assets.resources import dispose_engines
 from integration.cli import app
-from integration.jobs import build_definitions
+from integration.jobs import build_definitions, undo_failed_runs_sensor
 from tests.conftest import DEMO, PG_URL, reset_postgres, server_or_skip
 from tests.test_end_to_end import run_job
 from tests.test_run_output import huge_sql_error
@@ -247,3 +247,36 @@ def test_crmi_run_json_has_each_phase_with_seconds_rows_and_rows_per_second(
     assert payload["seconds_total"] >= sum(p["seconds"] for p in phases.values())
     assert payload["rows_per_second"] == pytest.approx(read / payload["seconds_total"], rel=0.01)
     assert payload["unbalanced"] == [] and payload["success"] is True
+
+
+def test_the_run_failure_sensor_undoes_what_no_step_could(
+    baseline: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure around the steps (here: the steps' own undo disabled) is undone by the sensor (`make ui`)."""
+    project = copy_project(baseline[0], tmp_path / "demo")
+    shutil.copy(baseline[1], tmp_path / "core.sqlite")
+    url = f"sqlite:///{tmp_path / 'core.sqlite'}"
+    engine = make_engine(url)
+    before = content(engine)
+    defs = build_definitions(project, url)
+    assert [s.name for s in defs.sensors or []] == ["undo_failed_load_runs"]
+    monkeypatch.setattr("integration.assets.factories.abort_run", lambda engine, run_key: False)
+    monkeypatch.setenv("CRMI_FAILPOINT", "load:customer:after_commit")
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            list(defs.assets or []), selection=dg.AssetSelection.assets("core_customer").upstream(),
+            resources=defs.resources, instance=instance, raise_on_error=False,
+        )  # fmt: skip
+        dispose_engines()
+        assert not result.success and content(engine) != before and statuses(engine)[-1] == "running"
+        sensor = undo_failed_runs_sensor(url)
+        context = dg.build_run_status_sensor_context(
+            sensor_name=sensor.name,
+            dagster_event=result.get_run_failure_event(),
+            dagster_instance=instance,
+            dagster_run=result.dagster_run,
+        ).for_run_failure()
+        sensor(context)  # type: ignore[operator]
+    assert content(engine) == before
+    assert statuses(engine) == ["succeeded", "failed"]
+    engine.dispose()
