@@ -450,6 +450,8 @@ def describe_run(run: dict[str, Any], summary: dict[str, Any] | None, rows: int)
         "phases": phases,
         "rows_read": rows_read,
         "rows_per_second_end_to_end": round(rows / run["wall_seconds"]) if run["wall_seconds"] else None,
+        # What crmi itself reports: every row it read (users, order headers, the sheet read twice...) / its time.
+        "crmi_rows_per_second": (summary or {}).get("rows_per_second"),
         "load_rows_per_second": ((phases or {}).get("load") or {}).get("rows_per_second"),
         "peak_rss_mb": run["peak_rss_mb"],
         "rss_method": run["rss_method"],
