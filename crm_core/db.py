@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -141,3 +142,14 @@ def ensure_schema(engine: Engine) -> None:
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """Return a session factory that keeps loaded objects usable after commit."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def refresh_statistics(session: Session, tables: Iterable[str]) -> None:
+    """Let PostgreSQL's planner see what a bulk load wrote (no-op elsewhere).
+
+    Without fresh statistics a table that grew from nothing within the transaction is planned as empty, and
+    a key lookup (``external_key = ANY(...)``) filters every row of the entity instead of using the index:
+    seconds per chunk instead of milliseconds. ANALYZE counts the transaction's own uncommitted rows.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"ANALYZE {', '.join(sorted(set(tables)))}"))

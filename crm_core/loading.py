@@ -24,20 +24,26 @@ from sqlalchemy import (
     ColumnElement,
     Table,
     any_,
-    bindparam,
     func,
-    insert,
     literal,
     select,
     text,
-    update,
 )
 from sqlalchemy.orm import Session
 
+from crm_core.db import refresh_statistics
 from crm_core.entities import ENTITIES, EntityDef
 from crm_core.errors import LoadError
-from crm_core.journal import journal_session, to_json
-from crm_core.models import Base, ExternalId, LoadRun, Reject, RowChange, Stage
+from crm_core.journal import (
+    bulk_insert,
+    bulk_update,
+    insert_entry,
+    journal_session,
+    to_json,
+    update_entry,
+    write_journal,
+)
+from crm_core.models import Base, ExternalId, LoadRun, Reject, Stage
 from crm_core.runs import owner
 from crm_core.watermarks import CursorState, save_watermark
 
@@ -45,6 +51,7 @@ EXTERNAL_KEY = "_external_key"
 ROW_REF = "_row_ref"
 LOCATION = "_location"
 CHUNK_ROWS = 20_000  # rows decided in memory between two bulk writes (bounds what a load holds at once)
+ANALYZE_AFTER_ROWS = 50_000  # PostgreSQL: refresh planner statistics after this many new rows
 IN_CHUNK = 5_000  # keys per IN (...) list: well under SQLite's and PostgreSQL's bind-parameter limits
 
 KeyFunction = Callable[[Any], Any]
@@ -330,6 +337,7 @@ class EntityLoader:
         self._crosswalk_ids_alloc = _IdAllocator(session, ExternalId.__table__)  # type: ignore[arg-type]
         self._journaled: set[int] = set()  # records with a journal entry from this load (insert or update)
         self._xw_journaled: set[int] = set()  # crosswalk rows likewise
+        self._inserted_since_analyze = 0
         self._columns = {name: f.column for name, f in self.entity.fields.items()}
         self._self_ref_fields = {
             name for name, f in self.entity.fields.items() if f.references == self.entity.name
@@ -502,6 +510,7 @@ class EntityLoader:
     def load(self, batches: Sequence[Batch]) -> list[SourceStats]:
         """Load ``batches`` in order (earlier batches win on conflicting values); return stats per batch."""
         self.session.flush()
+        self._analyze()
         self._build_index()
         all_stats = [self._load_batch(batch) for batch in batches]
         self._resolve_self_references()
@@ -760,58 +769,51 @@ class EntityLoader:
 
     def _flush(self) -> None:
         """Write what the chunk decided: inserts, updates, crosswalk, journal and rejects, a statement each."""
+        connection = self.session.connection()
         journal: list[dict[str, Any]] = []
-        table_name = self.table.name
         xw: Table = ExternalId.__table__  # type: ignore[assignment]
+        self._inserted_since_analyze += len(self._new_records) + len(self._new_crosswalk)
         if self._new_records:
-            self.session.execute(insert(self.table), list(self._new_records.values()))
-            journal.extend(_insert_entry(self.run.id, table_name, i) for i in self._new_records)
+            bulk_insert(connection, self.table, list(self._new_records.values()))
+            journal.extend(insert_entry(self.run.id, self.table, {"id": i}) for i in self._new_records)
         if self._new_crosswalk:
-            self.session.execute(insert(xw), list(self._new_crosswalk.values()))
-            journal.extend(_insert_entry(self.run.id, xw.name, i) for i in self._new_crosswalk)
+            bulk_insert(connection, xw, list(self._new_crosswalk.values()))
+            journal.extend(insert_entry(self.run.id, xw, {"id": i}) for i in self._new_crosswalk)
         changed = sorted(self._changed_records)
         if changed:
             now = dt.datetime.now(dt.UTC)
             writable = [
                 c.name for c in self.table.columns if c.name not in ("id", "created_run_id", "created_at")
             ]
-            statement = (
-                update(self.table)
-                .where(self.table.c.id == bindparam("_id"))
-                .values({c: bindparam(c) for c in writable})
-            )
             rows = []
             for record_id in changed:
                 row = self._rows[record_id]
-                rows.append({"_id": record_id, **{c: row.get(c) for c in writable}, "updated_at": now})
-            self.session.execute(statement, rows)
-            journal.extend(
-                _update_entry(self.run.id, table_name, i, self._before.pop(i))
-                for i in changed
-                if i in self._before
-            )
+                row["updated_at"] = now
+                rows.append({"_id": record_id, **{c: row.get(c) for c in writable}})
+                before = self._before.pop(record_id, None)
+                if before is not None:
+                    after = {c: row.get(c) for c in writable if to_json(row.get(c)) != before.get(c)}
+                    journal.append(update_entry(self.run.id, self.table, {"id": record_id}, before, after))
+            bulk_update(connection, self.table, rows)
         if self._changed_crosswalk:
             now = dt.datetime.now(dt.UTC)
-            statement = (
-                update(xw)
-                .where(xw.c.id == bindparam("_id"))
-                .values(last_synced_hash=bindparam("h"), last_synced_at=bindparam("t"),
-                        updated_run_id=bindparam("r"))
-            )  # fmt: skip
-            entries = list(self._changed_crosswalk.values())
-            self.session.execute(statement, [
-                {"_id": e.id, "h": e.last_synced_hash, "t": now, "r": self.run.id} for e in entries
-            ])  # fmt: skip
-            journal.extend(
-                _update_entry(self.run.id, xw.name, e.id, {k: to_json(v) for k, v in e.row.items()})
-                for e in entries
-                if e.row is not None and e.id not in self._xw_journaled
-            )
-            self._xw_journaled.update(e.id for e in entries)
+            updates = [
+                {"_id": e.id, "last_synced_hash": e.last_synced_hash, "last_synced_at": now,
+                 "updated_run_id": self.run.id}
+                for e in self._changed_crosswalk.values()
+            ]  # fmt: skip
+            bulk_update(connection, xw, updates)
+            for entry, written in zip(self._changed_crosswalk.values(), updates, strict=True):
+                if entry.row is not None and entry.id not in self._xw_journaled:
+                    after = {k: v for k, v in written.items() if k != "_id"}
+                    journal.append(update_entry(self.run.id, xw, {"id": entry.id}, entry.row, after))
+            self._xw_journaled.update(self._changed_crosswalk)
         if journal:
-            self.session.execute(insert(_JOURNAL), journal)
+            write_journal(connection, journal)
         if self._rejects:
-            self.session.execute(insert(_REJECTS), self._rejects)
+            bulk_insert(connection, _REJECTS, self._rejects)
+        if self._inserted_since_analyze >= ANALYZE_AFTER_ROWS:
+            self._analyze()
         self._rows.clear()
         self._crosswalk.clear()  # flushed: the next chunk reads what it needs by key
         self._new_records.clear()
@@ -819,6 +821,10 @@ class EntityLoader:
         self._new_crosswalk.clear()
         self._changed_crosswalk.clear()
         self._rejects = []
+
+    def _analyze(self) -> None:
+        refresh_statistics(self.session, [self.table.name, "external_ids"])
+        self._inserted_since_analyze = 0
 
     def _resolve_self_references(self) -> None:
         if not self._pending_self_refs:
@@ -853,15 +859,4 @@ class EntityLoader:
         self._flush()
 
 
-_JOURNAL: Table = RowChange.__table__  # type: ignore[assignment]
 _REJECTS: Table = Reject.__table__  # type: ignore[assignment]
-
-
-def _insert_entry(run_id: int, table_name: str, row_id: int) -> dict[str, Any]:
-    return {"load_run_id": run_id, "table_name": table_name, "row_key": json.dumps({"id": row_id}),
-            "operation": "insert", "before": None}  # fmt: skip
-
-
-def _update_entry(run_id: int, table_name: str, row_id: int, before: dict[str, Any]) -> dict[str, Any]:
-    return {"load_run_id": run_id, "table_name": table_name, "row_key": json.dumps({"id": row_id}),
-            "operation": "update", "before": before}  # fmt: skip

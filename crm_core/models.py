@@ -196,7 +196,7 @@ class SalesRep(RunTracked, Base):
     phone: Mapped[str | None] = mapped_column(String(32))
     department: Mapped[str | None]
     active: Mapped[bool] = mapped_column(Boolean, default=True)
-    merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("sales_reps.id"))
+    merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("sales_reps.id"), index=True)
 
 
 class Customer(RunTracked, Base):
@@ -242,7 +242,7 @@ class Contact(RunTracked, Base):
     phone: Mapped[str | None] = mapped_column(String(32))  # E.164
     email: Mapped[str | None]
     is_primary: Mapped[bool] = mapped_column(Boolean, default=False)
-    merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("contacts.id"))
+    merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("contacts.id"), index=True)
 
     customer: Mapped[Customer | None] = relationship(back_populates="contacts")
 
@@ -266,7 +266,7 @@ class Opportunity(RunTracked, Base):
     closed_on: Mapped[dt.date | None]
     owner_id: Mapped[int | None] = mapped_column(ForeignKey("sales_reps.id"), index=True)
     registered_at: Mapped[dt.datetime | None]  # 商机报备
-    registered_by_id: Mapped[int | None] = mapped_column(ForeignKey("sales_reps.id"))
+    registered_by_id: Mapped[int | None] = mapped_column(ForeignKey("sales_reps.id"), index=True)
     lead_source: Mapped[str | None] = mapped_column(String(64))
     description: Mapped[str | None] = mapped_column(Text)
 
@@ -282,12 +282,12 @@ class SalesOrder(RunTracked, Base):
     id: Mapped[intpk]
     order_no: Mapped[Code]
     customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
-    opportunity_id: Mapped[int | None] = mapped_column(ForeignKey("opportunities.id"))
+    opportunity_id: Mapped[int | None] = mapped_column(ForeignKey("opportunities.id"), index=True)
     order_date: Mapped[dt.date | None]
     currency: Mapped[Currency]
     total_amount: Mapped[Money | None]
     status: Mapped[str | None] = mapped_column(String(32))
-    owner_id: Mapped[int | None] = mapped_column(ForeignKey("sales_reps.id"))
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("sales_reps.id"), index=True)
 
     lines: Mapped[list[SalesOrderLine]] = relationship(back_populates="order")
 
@@ -318,7 +318,7 @@ class Receivable(RunTracked, Base):
     id: Mapped[intpk]
     receivable_no: Mapped[Code]
     customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
-    order_id: Mapped[int | None] = mapped_column(ForeignKey("sales_orders.id"))
+    order_id: Mapped[int | None] = mapped_column(ForeignKey("sales_orders.id"), index=True)
     due_date: Mapped[dt.date | None]
     amount: Mapped[Money]
     currency: Mapped[Currency]

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Engine, Table, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from crm_core.db import session_factory
+from crm_core.db import refresh_statistics, session_factory
 from crm_core.entities import ENTITIES
 from crm_core.errors import RunError
 from crm_core.journal import from_json
@@ -252,6 +252,7 @@ def rollback_run(
                 f"run {run.run_key} is still in progress (process {run.pid} on {run.host}); "
                 "wait for it to finish or fail, then roll it back"
             )
+        refresh_statistics(session, ["row_changes", "external_ids"])
         todo = {run.id}
         frontier = [run]
         while frontier:
