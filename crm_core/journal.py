@@ -27,8 +27,10 @@ from sqlalchemy import (
     Connection,
     Date,
     DateTime,
+    Integer,
     Numeric,
     Table,
+    any_,
     bindparam,
     event,
     insert,
@@ -38,6 +40,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session, UOWTransaction
 
 from crm_core.models import Base, RowChange
@@ -133,6 +136,21 @@ def insert_entry(run_id: int, table: Table, key: dict[str, Any]) -> dict[str, An
             "operation": "insert", "before": None, "after": None, "merge_id": None}  # fmt: skip
 
 
+def id_parts(connection: Connection, ids: Sequence[int]) -> Iterator[Sequence[int]]:
+    """Yield sorted, distinct ids in slices sized for :func:`ids_in` on this database."""
+    ordered = sorted(set(ids))
+    size = 20_000 if connection.dialect.name == "postgresql" else 1000
+    for start in range(0, len(ordered), size):
+        yield ordered[start : start + size]
+
+
+def ids_in(connection: Connection, column: ColumnElement[Any], ids: Sequence[int]) -> ColumnElement[bool]:
+    """Return ``column IN (ids)``; on PostgreSQL ``column = ANY(:ids)``, one array parameter for any count."""
+    if connection.dialect.name == "postgresql":
+        return column == any_(bindparam(None, list(ids), type_=postgresql.ARRAY(Integer)))
+    return column.in_(ids)
+
+
 def key_condition(table: Table, keys: Sequence[dict[str, Any]]) -> ColumnElement[bool]:
     """Return ``pk IN (...)`` for these primary keys (a tuple ``IN`` for composite keys)."""
     pk = list(table.primary_key.columns)
@@ -184,8 +202,10 @@ def _driver_values(
     connection: Connection, table: Table, names: Sequence[str], rows: Sequence[dict[str, Any]]
 ) -> list[tuple[Any, ...]]:
     """Return rows as the driver's parameter tuples, through each column type's bind processor."""
+    dialect = connection.dialect
     processors = [
-        (table.c.id if n == "_id" else table.c[n]).type.bind_processor(connection.dialect) for n in names
+        (table.c.id if n == "_id" else table.c[n]).type.dialect_impl(dialect).bind_processor(dialect)
+        for n in names
     ]
     pairs = list(zip(names, processors, strict=True))
     return [tuple(row[n] if p is None or row[n] is None else p(row[n]) for n, p in pairs) for row in rows]

@@ -32,6 +32,8 @@ from crm_core.journal import (
     bulk_update,
     comparable,
     from_json,
+    id_parts,
+    ids_in,
     insert_entry,
     read_rows,
     update_entry,
@@ -97,8 +99,10 @@ def fetch_rows(
     """Return rows of ``table`` by id (all columns unless named), read with chunked ``IN`` queries."""
     selected = [table.c[c] for c in ("id", *columns)] if columns else list(table.c)
     found: dict[int, dict[str, Any]] = {}
-    for part in chunks(sorted(set(ids))):
-        for row in connection.execute(select(*selected).where(table.c.id.in_(part))).mappings():
+    for part in id_parts(connection, ids):
+        for row in connection.execute(
+            select(*selected).where(ids_in(connection, table.c.id, part))
+        ).mappings():
             found[row["id"]] = dict(row)
     return found
 
@@ -119,9 +123,9 @@ def load_members(
     entity = ENTITY_OF[model]
     members = Members(fetch_rows(connection, table_of(model), ids))
     xw = _XW
-    for part in chunks(sorted(set(ids))):
+    for part in id_parts(connection, ids):
         query = select(xw.c.entity_id, xw.c.system, xw.c.match_method, xw.c.last_synced_at).where(
-            xw.c.entity == entity, xw.c.entity_id.in_(part)
+            xw.c.entity == entity, ids_in(connection, xw.c.entity_id, part)
         )
         for entity_id, system, method, synced in connection.execute(query):
             if method == "created" and (
@@ -344,17 +348,19 @@ def merge_plans(
     for other, column in _references_to(table):
         by_target: dict[int, list[int]] = defaultdict(list)
         wanted = [column, *(c for c in _BOOKKEEPING if c in other.c)]
-        for part in chunks(merged_all):
-            query = select(*(other.c[c] for c in ("id", *wanted))).where(other.c[column].in_(part))
+        for part in id_parts(connection, merged_all):
+            query = select(*(other.c[c] for c in ("id", *wanted))).where(
+                ids_in(connection, other.c[column], part)
+            )
             for found in connection.execute(query).mappings():
                 touched.load(other, dict(found))
                 by_target[found[column]].append(found["id"])
         referrers.append((other, column, by_target))
     xw = _XW
     crosswalk: dict[int, list[int]] = defaultdict(list)
-    for part in chunks(merged_all):
+    for part in id_parts(connection, merged_all):
         query = select(xw.c.id, xw.c.entity_id, xw.c.match_method, xw.c.updated_run_id).where(
-            xw.c.entity == entity, xw.c.entity_id.in_(part)
+            xw.c.entity == entity, ids_in(connection, xw.c.entity_id, part)
         )
         for found in connection.execute(query).mappings():
             touched.load(xw, dict(found))
@@ -649,8 +655,8 @@ def record_candidates(
         [select(*columns).where(table.c.entity == entity)]
         if len(lefts) > _SCAN_ALL
         else [
-            select(*columns).where(table.c.entity == entity, table.c.left_id.in_(part))
-            for part in chunks(lefts)
+            select(*columns).where(table.c.entity == entity, ids_in(connection, table.c.left_id, part))
+            for part in id_parts(connection, lefts)
         ]
     )
     existing: dict[tuple[int, int], Any] = {}
