@@ -26,6 +26,7 @@ from crm_core.errors import ConfigError, MappingError, Problem
 from crm_core.failpoints import failpoint
 from crm_core.loading import (
     EXTERNAL_KEY,
+    IN_CHUNK,
     Batch,
     EntityLoader,
     Lookup,
@@ -33,6 +34,7 @@ from crm_core.loading import (
     SourceStats,
     crosswalk_ids,
     get_or_start_run,
+    one_of,
     row_hash,
 )
 from crm_core.models import ExternalId, LoadRun, MergeLog, Reject
@@ -601,12 +603,12 @@ def verify_batch(session: Session, run: LoadRun, entity: str, batch: Batch) -> d
     ).all())  # fmt: skip
     crosswalk: dict[str, tuple[int, str]] = {}
     keys = records[EXTERNAL_KEY].astype(str).tolist() if len(records) else []
-    for start in range(0, len(keys), 500):
+    for start in range(0, len(keys), IN_CHUNK):
         crosswalk.update({
             key: (entity_id, method) for key, entity_id, method in session.execute(
                 select(ExternalId.external_key, ExternalId.entity_id, ExternalId.match_method).where(
                     ExternalId.entity == entity, ExternalId.system == batch.source,
-                    ExternalId.external_key.in_(keys[start : start + 500]))
+                    one_of(session, ExternalId.external_key, keys[start : start + IN_CHUNK]))
             )
         })  # fmt: skip
     landed = {
