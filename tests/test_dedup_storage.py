@@ -421,3 +421,30 @@ def test_dedup_merges_lists_merges_newest_first_with_their_undo(sqlite_core_url:
     assert bad.exit_code == 1 and "customer or contact" in bad.output
     missing = runner.invoke(app_(), ["dedup", "undo", "999", "--steward", "li", *core])
     assert missing.exit_code == 1 and "`crmi dedup merges` lists them" in missing.output
+
+
+def test_a_merge_recorded_before_merge_tags_still_undoes_from_its_journal_range(sqlite_core_url: str) -> None:
+    """Cores upgraded from revision 0003 hold merges that name a global journal range, not tagged rows."""
+    engine = cluster_core(sqlite_core_url)
+    original = snapshot(engine)
+    with session_factory(engine)() as session, session.begin():  # what merge_records wrote before 0004
+        run = get_or_start_run(session, "legacy", "t")
+        session.flush()
+        first = (session.scalar(sa.select(sa.func.max(RowChange.id))) or 0) + 1
+        survivor, merged = session.get(Customer, 1), session.get(Customer, 4)
+        assert survivor is not None and merged is not None
+        survivor.address, survivor.updated_run_id = merged.address, run.id
+        merged.merged_into_id, merged.updated_run_id = 1, run.id
+        for contact in session.scalars(sa.select(Contact).where(Contact.customer_id == 4)):
+            contact.customer_id = 1
+        session.flush()
+        last = session.scalar(sa.select(sa.func.max(RowChange.id)))
+        log = MergeLog(entity="customer", survivor_id=1, merged_id=4, probability=0.99, reason="old",
+                       decided_by="linkage", load_run_id=run.id, first_change_id=first, last_change_id=last)  # fmt: skip
+        session.add(log)
+        session.flush()
+        log_id = log.id
+    finish_run(engine, "legacy", "t")
+    with session_factory(engine)() as session, session.begin():
+        undo_merge(session, log_id, "steward")
+    assert snapshot(engine) == original
