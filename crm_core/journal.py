@@ -18,6 +18,7 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from decimal import Decimal
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import (
@@ -207,8 +208,18 @@ def _driver_values(
         (table.c.id if n == "_id" else table.c[n]).type.dialect_impl(dialect).bind_processor(dialect)
         for n in names
     ]
-    pairs = list(zip(names, processors, strict=True))
-    return [tuple(row[n] if p is None or row[n] is None else p(row[n]) for n, p in pairs) for row in rows]
+    pick = itemgetter(*names) if len(names) > 1 else (lambda row: (row[names[0]],))
+    converted = [(i, p) for i, p in enumerate(processors) if p is not None]
+    if not converted:  # plain values: one C-level itemgetter call per row
+        return [pick(row) for row in rows]
+    out = []
+    for row in rows:
+        values = list(pick(row))
+        for i, process in converted:
+            if values[i] is not None:
+                values[i] = process(values[i])
+        out.append(tuple(values))
+    return out
 
 
 def bulk_insert(
