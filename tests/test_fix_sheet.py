@@ -151,12 +151,12 @@ def correct(fixes: pd.DataFrame, customer: str) -> pd.DataFrame:
 
 
 def test_the_corrected_fix_sheet_re_imports_the_rejected_rows_under_their_source_keys(
-    demo_project: Path, sqlite_core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    demo_project: Path, core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the report lands in var/reports/<run id>/ here
-    first = run_job(demo_project, sqlite_core_url)
+    first = run_job(demo_project, core_url)
     dispose_engines()
-    engine = make_engine(sqlite_core_url)
+    engine = make_engine(core_url)
     report_file = tmp_path / "var" / "reports" / first.run_id / "reconciliation.xlsx"
     fixes = pd.read_excel(report_file, sheet_name=FIX_SHEET, dtype=str)
     rejected = set(reconcile(engine, first.run_id).rejects.query("severity == 'error' and rule != 'subtotal'")["row_ref"])  # fmt: skip
@@ -183,7 +183,7 @@ def test_the_corrected_fix_sheet_re_imports_the_rejected_rows_under_their_source
     ))  # fmt: skip
     before = content(engine)
 
-    second = run_job(demo_project, sqlite_core_url)
+    second = run_job(demo_project, core_url)
     dispose_engines()
 
     report = reconcile(engine, second.run_id)
@@ -213,7 +213,7 @@ def test_the_corrected_fix_sheet_re_imports_the_rejected_rows_under_their_source
     assert amount == 100000
     assert statuses == ["succeeded", "succeeded"]
 
-    third = run_job(demo_project, sqlite_core_url)  # and running again changes nothing
+    third = run_job(demo_project, core_url)  # and running again changes nothing
     dispose_engines()
     assert reconcile(engine, third.run_id).balanced and content(engine) == after
     engine.dispose()
