@@ -75,6 +75,7 @@ CASES = {
         "failpoint load:customer:after_commit triggered",
     ),
     "dedup": ("dedup:candidates", "customer_match_candidates", "failpoint dedup:candidates triggered"),
+    "merge": ("dedup:merge", "golden_customers", "failpoint dedup:merge triggered"),
 }
 
 

@@ -39,7 +39,7 @@ _ENGINES: dict[str, Engine] = {}
 
 
 def _engine(url: str) -> Engine:
-    """Return the process-wide engine for a core URL, migrating the schema on first use."""
+    """Return the process-wide engine for a core URL (schema created in an empty database, else checked)."""
     if url not in _ENGINES:
         _ENGINES[url] = core_engine(url)
     return _ENGINES[url]
@@ -83,7 +83,7 @@ class CoreDatabase(dg.ConfigurableResource):  # type: ignore[type-arg]
         return self._trial_url or core_url(self.url)
 
     def engine(self) -> Engine:
-        """Return the engine, with the schema migrated to the latest revision."""
+        """Return the engine; a core at another schema revision is refused (`crmi core upgrade`)."""
         return _engine(self._url())
 
     def location(self) -> str:
