@@ -235,7 +235,9 @@ def _chunked_rows() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 def _load_chunked(engine: sa.Engine, run_key: str) -> list[SourceStats]:
     erp, crm = _chunked_rows()
     lookups = {"parent": Lookup()}
-    return load(engine, run_key, "customer", [batch("erp", erp, lookups), batch("crm", crm, lookups)], CUSTOMER_RULES)
+    return load(
+        engine, run_key, "customer", [batch("erp", erp, lookups), batch("crm", crm, lookups)], CUSTOMER_RULES
+    )
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 2, 4])
