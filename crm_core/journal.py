@@ -280,11 +280,17 @@ def bulk_update(connection: Connection, table: Table, rows: Sequence[dict[str, A
     connection.execute(text(f"CREATE TEMPORARY TABLE {scratch} (_id INTEGER, {kinds}) ON COMMIT DROP"))
     _copy(connection, scratch, names, _copy_values(table, names, rows))
     assignments = ", ".join(f"{quote(n)} = s.{quote(n)}" for n in columns)
+    # Right after a bulk load the table's statistics are stale: the planner may hash-join the whole table
+    # against a few thousand keys. An update by primary key is an index lookup per row.
+    connection.execute(text("SET LOCAL enable_hashjoin = off"))
+    connection.execute(text("SET LOCAL enable_mergejoin = off"))
     connection.execute(
         text(
             f"UPDATE {quote(table.name)} SET {assignments} FROM {scratch} s WHERE {quote(table.name)}.id = s._id"
         )
     )
+    connection.execute(text("SET LOCAL enable_hashjoin TO DEFAULT"))
+    connection.execute(text("SET LOCAL enable_mergejoin TO DEFAULT"))
     connection.execute(text(f"DROP TABLE {scratch}"))
 
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import Connection, Table, and_, delete, or_, select, update
+from sqlalchemy import Connection, Table, and_, delete, or_, select, text, update
 from sqlalchemy.orm import Session
 from stdnum.cn import uscc
 
@@ -299,6 +299,21 @@ class _Rows:
             for params in groups.values():
                 bulk_update(connection, table, params)
         write_journal(connection, self.journal)
+
+
+def refresh_statistics(connection: Connection, model: type[Customer] | type[Contact]) -> None:
+    """On PostgreSQL, ANALYZE the tables a merge of ``model`` reads and writes.
+
+    Right after a bulk load the planner still believes the tables are small and scans them whole for
+    every batch of key lookups (measured at 1,000,000 customers: 0.1–0.2 s per query instead of
+    milliseconds). ANALYZE samples a fixed number of rows, so it costs well under a second at that size.
+    """
+    if connection.dialect.name != "postgresql":
+        return
+    table = table_of(model)
+    names = sorted({table.name, "external_ids", *(other.name for other, _ in _references_to(table))})
+    quote = connection.dialect.identifier_preparer.quote
+    connection.execute(text(f"ANALYZE {', '.join(quote(n) for n in names)}"))
 
 
 def merge_plans(

@@ -34,6 +34,7 @@ from crm_core.merging import (
     merge_plans,
     order_members,
     record_candidates,
+    refresh_statistics,
 )
 from crm_core.models import Contact, Customer, MatchCandidate, MergeLog
 from integration.dedup.customers import CUSTOMER_SPEC, customer_records
@@ -158,6 +159,8 @@ def merge_clusters(
     reason = f"auto-merge: linkage probability >= {candidates.auto_merge}"
     with session_factory(engine)() as session, session.begin():
         run = get_or_start_run(session, run_key, project, mode)
+        if candidates.clusters:
+            refresh_statistics(session.connection(), model)
         for batch in _batches(candidates.clusters, candidates.cluster_probability):
             members = load_members(session.connection(), model, [i for ids, _ in batch for i in ids])
             plans = [
