@@ -565,6 +565,9 @@ class EntityLoader:
         for problem in problems:
             row_errors[problem["index"]].append(problem)
         fields = [f for f in batch.fields if f in self.entity.fields]
+        # What a reference contributes to the row hash is its source key (and whether it resolved), not the
+        # core id: a merge re-points the id to the survivor, and an unchanged source row must stay unchanged.
+        sources = {name: _column_values(records[name]) for name in resolved}
         columns = {
             name: (_column_values(resolved[name]) if name in resolved else _column_values(records[name]))
             for name in fields
@@ -581,7 +584,10 @@ class EntityLoader:
         for start in range(0, len(records), CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, len(records))
             chunk_values = [{name: columns[name][i] for name in fields} for i in range(start, stop)]
-            digests = [row_hash(values) for values in chunk_values]
+            digests = [
+                row_hash(self._hashed(values, sources, start + offset))
+                for offset, values in enumerate(chunk_values)
+            ]
             self._prefetch(batch.source, keys[start:stop], chunk_values, digests)
             for position in range(start, stop):
                 errors = row_errors.get(position, [])
@@ -617,6 +623,23 @@ class EntityLoader:
         if stats.amount_loaded is not None and amount_field:
             stats.amount_core = self._stored_amount(amount_field, loaded_ids)
         return stats
+
+    def _hashed(
+        self, values: dict[str, Any], sources: Mapping[str, list[Any]], position: int
+    ) -> dict[str, Any]:
+        """Return the values a row's hash covers: references by source key, marked when unresolved."""
+        if not sources:
+            return values
+        hashed = dict(values)
+        for name, keys in sources.items():
+            key = keys[position]
+            if key is None:
+                hashed[name] = None
+            elif values.get(name) is None and name not in self._self_ref_fields:
+                hashed[name] = f"unresolved:{key}"
+            else:
+                hashed[name] = f"key:{key}"
+        return hashed
 
     def _prefetch(
         self, source: str, keys: Sequence[str], values: Sequence[Mapping[str, Any]], digests: Sequence[str]

@@ -274,3 +274,40 @@ def test_small_chunks_decide_exactly_as_one_chunk_and_roll_back_exactly(
     rollback_run(engine, "r1", allow_running=True)
     assert content(engine) == empty
     engine.dispose()
+
+
+def test_rows_pointing_at_a_merged_record_stay_unchanged_on_reload(engine: sa.Engine) -> None:
+    from crm_core.merging import merge_records
+
+    rows = [
+        {"_external_key": "C1", "name": "深圳市腾达科技有限公司", "credit_code": None},
+        {"_external_key": "C2", "name": "腾达科技", "credit_code": None},
+    ]
+    load(engine, "r1", "customer", [batch("erp", rows)], CUSTOMER_RULES)
+    contacts = batch(
+        "erp", [{"_external_key": "P1", "customer": "C2", "name": "王芳"}], {"customer": Lookup()}
+    )
+    load(engine, "r1", "contact", [contacts])
+    with Session(engine) as session, session.begin():
+        run = get_or_start_run(session, "r2", "test")
+        ids = {c.name: c.id for c in session.scalars(sa.select(Customer))}
+        merge_records(session, run, Customer, ids["深圳市腾达科技有限公司"], [ids["腾达科技"]],
+                      probability=1.0, reason="test", decided_by="steward")  # fmt: skip
+    [again] = load(engine, "r3", "contact", [contacts])
+    assert (again.unchanged, again.updated) == (1, 0)
+    with Session(engine) as session:
+        [contact] = session.scalars(sa.select(Contact)).all()
+    assert contact.customer_id == ids["深圳市腾达科技有限公司"]
+    # A reference that did not resolve and now does is a change: the row is updated.
+    orphan = batch("erp", [{"_external_key": "P2", "customer": "C3", "name": "李雷"}], {"customer": Lookup()})
+    [first] = load(engine, "r4", "contact", [orphan])
+    assert first.inserted == 1 and first.warnings == 1
+    load(
+        engine,
+        "r5",
+        "customer",
+        [batch("erp", [{"_external_key": "C3", "name": "丙有限公司", "credit_code": None}])],
+        CUSTOMER_RULES,
+    )
+    [second] = load(engine, "r6", "contact", [orphan])
+    assert second.updated == 1
