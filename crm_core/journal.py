@@ -209,15 +209,25 @@ def _driver_values(
         for n in names
     ]
     pick = itemgetter(*names) if len(names) > 1 else (lambda row: (row[names[0]],))
-    converted = [(i, p) for i, p in enumerate(processors) if p is not None]
+    converted: list[tuple[int, Any, dict[Any, Any]]] = [
+        (i, p, {}) for i, p in enumerate(processors) if p is not None
+    ]
     if not converted:  # plain values: one C-level itemgetter call per row
         return [pick(row) for row in rows]
     out = []
     for row in rows:
         values = list(pick(row))
-        for i, process in converted:
-            if values[i] is not None:
-                values[i] = process(values[i])
+        for i, process, seen in converted:
+            value = values[i]
+            if value is None:
+                continue
+            if type(value) is dt.datetime:  # a chunk's rows share their timestamps: format each once
+                cached = seen.get(value)
+                if cached is None:
+                    cached = seen[value] = process(value)
+                values[i] = cached
+            else:
+                values[i] = process(value)
         out.append(tuple(values))
     return out
 

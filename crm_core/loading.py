@@ -193,6 +193,9 @@ def crosswalk_ids(session: Session, entity: str, system: str, keys: Iterable[str
     return found
 
 
+_AS_IS = frozenset({str, int, float, bool, type(None)})  # JSON writes these the same every time
+
+
 def _canonical(value: Any) -> Any:
     if isinstance(value, Decimal):
         return format(value.normalize(), "f")
@@ -204,7 +207,9 @@ def _canonical(value: Any) -> Any:
 def row_hash(values: dict[str, Any]) -> str:
     """Return a stable SHA-256 of a record's values (what the crosswalk remembers)."""
     payload = json.dumps(
-        {k: _canonical(v) for k, v in sorted(values.items())}, ensure_ascii=False, default=str
+        {k: v if type(v) in _AS_IS else _canonical(v) for k, v in sorted(values.items())},
+        ensure_ascii=False,
+        default=str,
     )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
@@ -583,7 +588,10 @@ class EntityLoader:
         loaded_ids: list[int] = []
         for start in range(0, len(records), CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, len(records))
-            chunk_values = [{name: columns[name][i] for name in fields} for i in range(start, stop)]
+            chunk_values = [
+                dict(zip(fields, row, strict=True))
+                for row in zip(*(columns[name][start:stop] for name in fields), strict=True)
+            ] if fields else [{} for _ in range(start, stop)]  # fmt: skip
             digests = [
                 row_hash(self._hashed(values, sources, start + offset))
                 for offset, values in enumerate(chunk_values)
