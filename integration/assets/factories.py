@@ -29,6 +29,7 @@ from crm_core.watermarks import CursorState
 from integration.assets.resources import CoreDatabase, MigrationProject, SourceSystem
 from integration.failures import AFTER_FAILURE, cause_line, frames
 from integration.mappings.spec import CompiledMapping
+from integration.memory import release_memory
 from integration.pipeline import (
     WATERMARK_ATTR,
     Migration,
@@ -71,6 +72,7 @@ def _load_run_step(context: AssetExecutionContext, core: CoreDatabase, project: 
     its message, never a SQL statement); the traceback goes into the failure's metadata.
     """
     step = context.op_execution_context.op.name
+    release_memory()  # what earlier steps left behind, before this one reads its input
     try:
         engine = core.engine()
         status = start_run(engine, context.run.run_id, project, RunOptions.from_tags(context.run.tags).mode)
