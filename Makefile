@@ -7,7 +7,7 @@ export CRM_PROJECT ?= $(PROJECT)
 export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test check lint typecheck pytest ui bench bench-mapping bench-connectors bench-validate bench-dedup bench-e2e clean schema
+.PHONY: help demo test check lint typecheck pytest ui bench bench-mapping bench-connectors bench-validate bench-dedup bench-e2e bench-load bench-dedup-storage clean schema
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -48,7 +48,7 @@ schema: $(VENV)/.installed  ## regenerate mapping.schema.json and docs/transform
 	$(BIN)/crmi mapping schema > integration/mappings/mapping.schema.json
 	$(BIN)/crmi mapping transforms --format markdown > docs/transforms.md
 
-bench: bench-mapping bench-connectors bench-validate bench-dedup bench-e2e  ## all benchmarks
+bench: bench-mapping bench-connectors bench-validate bench-dedup bench-load bench-dedup-storage bench-e2e  ## all benchmarks
 
 bench-connectors: $(VENV)/.installed  ## extraction throughput vs naive pandas (JSON line)
 	$(BIN)/python bench/bench_connectors.py
@@ -62,6 +62,12 @@ bench-dedup: $(VENV)/.installed  ## comparisons/s, FEBRL, Chinese set vs Splink,
 
 bench-validate: $(VENV)/.installed  ## all rules on 1M opportunities + reconciliation of 1M rows (JSON line)
 	$(BIN)/python bench/bench_validate.py
+
+bench-load: $(VENV)/.installed  ## core loader with crosswalk + journal: customers/contacts/opportunities, re-load, rollback vs to_sql (JSON line)
+	$(BIN)/python bench/bench_load.py
+
+bench-dedup-storage: $(VENV)/.installed  ## candidate storage, set-based merges, undo and rollback at N customers (JSON line)
+	$(BIN)/python bench/bench_dedup_storage.py
 
 bench-e2e: $(VENV)/.installed  ## 3-source engagement, 100k + 1M rows, crmi run on SQLite + PostgreSQL (JSON line)
 	$(BIN)/python bench/bench_e2e.py
