@@ -18,6 +18,7 @@ from sqlalchemy import Engine, select
 
 from crm_core.db import session_factory
 from crm_core.errors import DedupError
+from crm_core.journal import id_parts, ids_in
 from crm_core.loading import get_or_start_run
 from crm_core.merging import (
     BATCH_RECORDS,
@@ -27,7 +28,6 @@ from crm_core.merging import (
     MergePlan,
     SurvivorshipRule,
     changed_in_run,
-    chunks,
     decided_pairs,
     golden_of,
     load_members,
@@ -272,10 +272,13 @@ def review_queue(engine: Engine, limit: int | None = None, entity: str | None = 
         for name in {c.entity for c in pending}:
             model: Any = MODEL_OF[name]
             key = model.credit_code if model is Customer else model.mobile  # what tells them apart
-            ids = sorted({i for c in pending if c.entity == name for i in (c.left_id, c.right_id)})
+            ids = [i for c in pending if c.entity == name for i in (c.left_id, c.right_id)]
             shown[name] = {}
-            for part in chunks(ids):
-                rows = session.execute(select(model.id, model.name, key).where(model.id.in_(part)))
+            connection = session.connection()
+            for part in id_parts(connection, ids):
+                rows = session.execute(
+                    select(model.id, model.name, key).where(ids_in(connection, model.id, part))
+                )
                 shown[name].update({record_id: (label, value) for record_id, label, value in rows})
         out = []
         for c in pending:
