@@ -49,6 +49,13 @@ def baseline(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> tuple
     return project, core
 
 
+def from_baseline(baseline: tuple[Path, Path], tmp_path: Path) -> tuple[Path, str]:
+    """Return a private copy of the baseline project and the URL of a copy of its core."""
+    project = copy_project(baseline[0], tmp_path / "demo")
+    shutil.copy(baseline[1], tmp_path / "core.sqlite")
+    return project, f"sqlite:///{tmp_path / 'core.sqlite'}"
+
+
 def statuses(engine: sa.Engine) -> list[str]:
     with engine.connect() as connection:
         return list(connection.scalars(sa.select(LoadRun.status).order_by(LoadRun.id)))
@@ -100,9 +107,7 @@ def test_a_run_failing_at_any_step_leaves_the_core_as_it_was(
     case: str, baseline: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     failpoint, step, cause = CASES[case]
-    project = copy_project(baseline[0], tmp_path / "demo")
-    shutil.copy(baseline[1], tmp_path / "core.sqlite")
-    url = f"sqlite:///{tmp_path / 'core.sqlite'}"
+    project, url = from_baseline(baseline, tmp_path)
     monkeypatch.setenv("CRM_CORE_URL", url)  # restored afterwards: `crmi run --core-url` sets it
     if failpoint is None:
         vanish_a_column(project)
@@ -143,9 +148,7 @@ def test_materializing_core_assets_outside_the_jobs_is_undone_too(
     baseline: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An ad-hoc selection (the UI's "Materialize") has no job and no failure hook: the steps undo the run."""
-    project = copy_project(baseline[0], tmp_path / "demo")
-    shutil.copy(baseline[1], tmp_path / "core.sqlite")
-    url = f"sqlite:///{tmp_path / 'core.sqlite'}"
+    project, url = from_baseline(baseline, tmp_path)
     engine = make_engine(url)
     before = content(engine)
     defs = build_definitions(project, url)
@@ -171,9 +174,7 @@ def test_a_database_error_in_a_step_is_one_line_without_its_statement(
         raise huge_sql_error()
 
     monkeypatch.setattr("integration.dedup.workflow.find_candidates", boom)
-    project = copy_project(baseline[0], tmp_path / "demo")
-    shutil.copy(baseline[1], tmp_path / "core.sqlite")
-    url = f"sqlite:///{tmp_path / 'core.sqlite'}"
+    project, url = from_baseline(baseline, tmp_path)
     monkeypatch.setenv("CRM_CORE_URL", url)
     engine = make_engine(url)
     before = content(engine)
@@ -254,9 +255,7 @@ def test_the_run_failure_sensor_undoes_what_no_step_could(
     baseline: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A failure around the steps (here: the steps' own undo disabled) is undone by the sensor (`make ui`)."""
-    project = copy_project(baseline[0], tmp_path / "demo")
-    shutil.copy(baseline[1], tmp_path / "core.sqlite")
-    url = f"sqlite:///{tmp_path / 'core.sqlite'}"
+    project, url = from_baseline(baseline, tmp_path)
     engine = make_engine(url)
     before = content(engine)
     defs = build_definitions(project, url)
