@@ -225,7 +225,10 @@ class ProjectSpec(_Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     description: str | None = None
     sources: dict[str, SourceConfig]
-    mappings: list[str] = Field(description="mapping files or globs, relative to the project folder")
+    mappings: list[str] = Field(
+        default_factory=lambda: ["mappings/*.yaml"],
+        description="mapping files or globs, relative to the project folder (default: mappings/*.yaml)",
+    )
     dedup: dict[str, EntityDedup] = Field(default_factory=dict)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
 

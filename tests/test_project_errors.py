@@ -127,3 +127,8 @@ def test_unknown_table_lists_what_exists(tmp_path: Path) -> None:
         ExtractError, match=r"source 'crm': table 'acounts' does not exist at sqlite:///.*; tables: accounts"
     ):
         SqlConnector("crm", f"sqlite:///{db}").columns("acounts")
+
+
+def test_a_project_without_a_mappings_key_reads_mappings_folder(tmp_path: Path) -> None:
+    project = load_project(str(write_project(tmp_path, HEADER)))
+    assert [p.name for p in project.mapping_files] == ["crm_accounts.yaml"]
