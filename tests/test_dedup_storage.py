@@ -39,6 +39,7 @@ from integration.dedup.workflow import (
     review_queue,
 )
 from tests.conftest import DEMO, reset_postgres
+from tests.test_dedup_workflow import seed_tengda_cluster
 
 VALID_CODE = "91440300708461136T"
 INVALID_CODE = "91440300708461136X"
@@ -285,23 +286,8 @@ def steward_project(tmp_path: Path) -> Path:
 def survivorship_core(url: str) -> sa.Engine:
     """Three records of one company from three sources; 1 and 2 are queued for a steward."""
     engine = new_core(url)
-    synced = {1: dt.datetime(2025, 1, 1, tzinfo=dt.UTC), 2: dt.datetime(2025, 6, 1, tzinfo=dt.UTC),
-              3: dt.datetime(2025, 3, 1, tzinfo=dt.UTC)}  # fmt: skip
-    records = {
-        1: ("erp_u8", dict(name="深圳市腾达科技有限公司", credit_code=INVALID_CODE, phone="+8675586001234",
-                           address="深圳市南山区", industry="软件")),
-        2: ("legacy_crm", dict(name="腾达科技", credit_code=VALID_CODE, phone="+8613800000000",
-                               address="广东省深圳市南山区科技园南区高新南一道9号", industry="信息技术")),
-        3: ("sales_xlsx", dict(name="深圳腾达", phone="+8613900000000", industry="信息技术", website="tengda.cn")),
-    }  # fmt: skip
+    seed_tengda_cluster(engine, ("erp_u8", "legacy_crm", "sales_xlsx"))
     with session_factory(engine)() as session, session.begin():
-        run = LoadRun(run_key="seed", project="t", status="succeeded")
-        session.add(run)
-        session.flush()
-        for record_id, (system, values) in records.items():
-            session.add(Customer(id=record_id, created_run_id=run.id, **values))
-            session.add(ExternalId(entity="customer", entity_id=record_id, system=system,
-                                   external_key=f"K{record_id}", last_synced_at=synced[record_id]))  # fmt: skip
         # The steward's pair names the crm record first: the survivor must still be the ERP's.
         session.add(
             MatchCandidate(entity="customer", left_id=1, right_id=2, probability=0.8, status="review")

@@ -215,29 +215,12 @@ def test_steward_commands(sqlite_core_url: str) -> None:
 
 
 def test_survivorship_rules_pick_each_field_across_the_cluster(sqlite_core_url: str) -> None:
-    import datetime as dt
 
     from crm_core.merging import golden_values, merge_records, rank_members
 
     engine = make_engine(sqlite_core_url)
     upgrade(engine)
-    synced = {1: dt.datetime(2025, 1, 1, tzinfo=dt.UTC), 2: dt.datetime(2025, 6, 1, tzinfo=dt.UTC),
-              3: dt.datetime(2025, 3, 1, tzinfo=dt.UTC)}  # fmt: skip
-    records = {  # erp (priority 1) holds an invalid credit code; crm changed last; xlsx is least complete
-        1: ("erp", dict(name="深圳市腾达科技有限公司", credit_code=INVALID_CODE, phone="+8675586001234",
-                        address="深圳市南山区", industry="软件")),
-        2: ("crm", dict(name="腾达科技", credit_code="91440300708461136T", phone="+8613800000000",
-                        address="广东省深圳市南山区科技园南区高新南一道9号", industry="信息技术")),
-        3: ("xlsx", dict(name="深圳腾达", phone="+8613900000000", industry="信息技术", website="tengda.cn")),
-    }  # fmt: skip
-    with session_factory(engine)() as session, session.begin():
-        run = LoadRun(run_key="seed", project="t", status="succeeded")
-        session.add(run)
-        session.flush()
-        for record_id, (system, values) in records.items():
-            session.add(Customer(id=record_id, created_run_id=run.id, **values))
-            session.add(ExternalId(entity="customer", entity_id=record_id, system=system,
-                                   external_key=f"K{record_id}", last_synced_at=synced[record_id]))  # fmt: skip
+    seed_tengda_cluster(engine, ("erp", "crm", "xlsx"))
     rules: dict[str, Any] = {"phone": "most_recent", "address": "most_complete", "industry": "most_frequent",
                              "credit_code": "source_priority", "name": "source_priority"}  # fmt: skip
     with session_factory(engine)() as session, session.begin():
@@ -307,3 +290,29 @@ def test_a_delta_run_links_only_what_it_changed_against_the_golden_records(sqlit
     with session_factory(engine)() as session:
         new = session.get(Customer, 9001)
         assert new is not None and new.merged_into_id == golden.id  # the golden record survives
+
+
+def seed_tengda_cluster(engine: sa.Engine, systems: tuple[str, str, str]) -> None:
+    """Seed one company from three sources as customers 1-3, in a succeeded run 'seed'.
+
+    The first source holds an invalid credit code, the second changed last, the third is least complete.
+    """
+    import datetime as dt
+
+    synced = {1: dt.datetime(2025, 1, 1, tzinfo=dt.UTC), 2: dt.datetime(2025, 6, 1, tzinfo=dt.UTC),
+              3: dt.datetime(2025, 3, 1, tzinfo=dt.UTC)}  # fmt: skip
+    records = {
+        1: dict(name="深圳市腾达科技有限公司", credit_code=INVALID_CODE, phone="+8675586001234",
+                address="深圳市南山区", industry="软件"),
+        2: dict(name="腾达科技", credit_code="91440300708461136T", phone="+8613800000000",
+                address="广东省深圳市南山区科技园南区高新南一道9号", industry="信息技术"),
+        3: dict(name="深圳腾达", phone="+8613900000000", industry="信息技术", website="tengda.cn"),
+    }  # fmt: skip
+    with session_factory(engine)() as session, session.begin():
+        run = LoadRun(run_key="seed", project="t", status="succeeded")
+        session.add(run)
+        session.flush()
+        for (record_id, values), system in zip(records.items(), systems, strict=True):
+            session.add(Customer(id=record_id, created_run_id=run.id, **values))
+            session.add(ExternalId(entity="customer", entity_id=record_id, system=system,
+                                   external_key=f"K{record_id}", last_synced_at=synced[record_id]))  # fmt: skip
