@@ -442,14 +442,19 @@ class EntityLoader:
                 if by == "code"
                 else ("name_normalized" if entity == "customer" else target.label_field)
             )
-            query = select(model.id, getattr(model, column))
-            if hasattr(model, "merged_into_id"):
-                query = query.where(model.merged_into_id.is_(None))
+            # Merged records keep their names and codes: a row naming one finds its survivor, as a row
+            # naming it by source key does through the re-pointed crosswalk.
+            merged = hasattr(model, "merged_into_id")
+            query = select(
+                model.id, getattr(model, column), model.merged_into_id if merged else literal(None)
+            )
+            rows = self.session.execute(query).all()
+            survivor_of = {record_id: parent for record_id, _, parent in rows if parent is not None}
             index: dict[Any, set[int]] = defaultdict(set)
             normalize = self.name_keys.get(entity) if entity != "customer" and by == "name" else None
-            for record_id, value in self.session.execute(query):
+            for record_id, value, _ in rows:
                 if value is not None:
-                    index[normalize(value) if normalize else value].add(record_id)
+                    index[normalize(value) if normalize else value].add(_follow(survivor_of, record_id))
             self._name_index[cache_key] = index
         return self._name_index[cache_key]
 
@@ -692,11 +697,7 @@ class EntityLoader:
         return self._rows[record_id]
 
     def _survivor_id(self, entity_id: int) -> int:
-        seen: set[int] = set()
-        while entity_id in self._merged_into and entity_id not in seen:
-            seen.add(entity_id)
-            entity_id = self._merged_into[entity_id]
-        return entity_id
+        return _follow(self._merged_into, entity_id)
 
     def _stored_amount(self, amount_field: str, ids: list[int]) -> Decimal:
         """Sum what the core holds for these records (read back, so rounding or truncation shows)."""
@@ -891,3 +892,12 @@ class EntityLoader:
 
 
 _REJECTS: Table = Reject.__table__  # type: ignore[assignment]
+
+
+def _follow(merged_into: Mapping[int, int], record_id: int) -> int:
+    """Return the surviving record a (possibly merged) record's merges lead to."""
+    seen: set[int] = set()
+    while record_id in merged_into and record_id not in seen:
+        seen.add(record_id)
+        record_id = merged_into[record_id]
+    return record_id

@@ -311,3 +311,25 @@ def test_rows_pointing_at_a_merged_record_stay_unchanged_on_reload(engine: sa.En
     )
     [second] = load(engine, "r6", "contact", [orphan])
     assert second.updated == 1
+
+
+def test_a_row_naming_a_merged_customer_finds_its_survivor(engine: sa.Engine) -> None:
+    from crm_core.merging import merge_records
+
+    rows = [
+        {"_external_key": "C1", "name": "无锡科众贸易有限公司", "credit_code": None},
+        {"_external_key": "C2", "name": "无锡市科众商贸有限公司", "credit_code": None},
+    ]
+    load(engine, "r1", "customer", [batch("erp", rows)], CUSTOMER_RULES)
+    with Session(engine) as session, session.begin():
+        run = get_or_start_run(session, "r2", "test")
+        ids = {c.name: c.id for c in session.scalars(sa.select(Customer))}
+        merge_records(session, run, Customer, ids["无锡科众贸易有限公司"], [ids["无锡市科众商贸有限公司"]],
+                      probability=1.0, reason="test", decided_by="linkage")  # fmt: skip
+    contacts = batch("xlsx", [{"_external_key": "P1", "customer": "无锡市科众商贸有限公司", "name": "张伟"}],
+                     {"customer": Lookup(by="name")})  # fmt: skip
+    [stats] = load(engine, "r3", "contact", [contacts])
+    assert (stats.inserted, stats.warnings) == (1, 0)
+    with Session(engine) as session:
+        [contact] = session.scalars(sa.select(Contact)).all()
+    assert contact.customer_id == ids["无锡科众贸易有限公司"]
