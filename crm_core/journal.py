@@ -28,7 +28,6 @@ from sqlalchemy import (
     Connection,
     Date,
     DateTime,
-    Integer,
     Numeric,
     Table,
     any_,
@@ -145,10 +144,14 @@ def id_parts(connection: Connection, ids: Sequence[int]) -> Iterator[Sequence[in
         yield ordered[start : start + size]
 
 
-def ids_in(connection: Connection, column: ColumnElement[Any], ids: Sequence[int]) -> ColumnElement[bool]:
-    """Return ``column IN (ids)``; on PostgreSQL ``column = ANY(:ids)``, one array parameter for any count."""
+def ids_in(connection: Connection, column: ColumnElement[Any], ids: Sequence[Any]) -> ColumnElement[bool]:
+    """Return ``column IN (ids)``; on PostgreSQL ``column = ANY(:ids)``, one array parameter for any count.
+
+    Ids or keys of any column type. psycopg parses a query with thousands of placeholders slowly; one
+    array parameter costs nothing.
+    """
     if connection.dialect.name == "postgresql":
-        return column == any_(bindparam(None, list(ids), type_=postgresql.ARRAY(Integer)))
+        return column == any_(bindparam(None, list(ids), type_=postgresql.ARRAY(column.type)))
     return column.in_(ids)
 
 

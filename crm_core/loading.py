@@ -20,10 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sqlalchemy import (
-    ARRAY,
-    ColumnElement,
     Table,
-    any_,
     func,
     literal,
     select,
@@ -37,6 +34,7 @@ from crm_core.errors import LoadError
 from crm_core.journal import (
     bulk_insert,
     bulk_update,
+    ids_in,
     insert_entry,
     journal_session,
     to_json,
@@ -167,16 +165,6 @@ class RawRows:
         return {str(k): to_json(_python(v)) for k, v in row.items() if not str(k).startswith("_")}
 
 
-def one_of(session: Session, column: Any, values: Sequence[Any]) -> ColumnElement[bool]:
-    """Return ``column IN values`` as one array parameter on PostgreSQL (``= ANY``), else an IN list.
-
-    psycopg parses a query with thousands of placeholders slowly; one array parameter costs nothing.
-    """
-    if session.get_bind().dialect.name == "postgresql":
-        return column == any_(literal(list(values), ARRAY(column.type)))  # type: ignore[no-any-return]
-    return column.in_(values)  # type: ignore[no-any-return]
-
-
 def crosswalk_ids(session: Session, entity: str, system: str, keys: Iterable[str]) -> dict[str, int]:
     """Return the core ids of the records that ``system`` knows by these keys (unknown keys are left out)."""
     found: dict[str, int] = {}
@@ -186,7 +174,11 @@ def crosswalk_ids(session: Session, entity: str, system: str, keys: Iterable[str
             select(ExternalId.external_key, ExternalId.entity_id).where(
                 ExternalId.entity == entity,
                 ExternalId.system == system,
-                one_of(session, ExternalId.external_key, key_list[start : start + IN_CHUNK]),
+                ids_in(
+                    session.connection(),
+                    ExternalId.__table__.c.external_key,
+                    key_list[start : start + IN_CHUNK],
+                ),
             )
         )
         found.update({key: entity_id for key, entity_id in rows})
@@ -662,7 +654,7 @@ class EntityLoader:
         xw = ExternalId.__table__
         for part in _chunks(wanted):
             query = select(xw).where(xw.c.entity == self.entity.name, xw.c.system == source,
-                                     one_of(self.session, xw.c.external_key, part))  # fmt: skip
+                                     ids_in(self.session.connection(), xw.c.external_key, part))  # fmt: skip
             for row in self.session.execute(query).mappings():
                 self._crosswalk[(source, row["external_key"])] = _CrosswalkEntry(
                     id=row["id"], entity_id=row["entity_id"], match_method=row["match_method"],
@@ -683,7 +675,7 @@ class EntityLoader:
     def _fetch_records(self, ids: set[int]) -> None:
         missing = sorted(i for i in ids if i not in self._rows)
         for part in _chunks(missing):
-            query = select(self.table).where(one_of(self.session, self.table.c.id, part))
+            query = select(self.table).where(ids_in(self.session.connection(), self.table.c.id, part))
             for row in self.session.execute(query).mappings():
                 self._rows[row["id"]] = dict(row)
 
@@ -705,7 +697,7 @@ class EntityLoader:
         total = Decimal(0)
         for part in _chunks(ids):
             found = self.session.scalar(
-                select(func.sum(column)).where(one_of(self.session, self.table.c.id, part))
+                select(func.sum(column)).where(ids_in(self.session.connection(), self.table.c.id, part))
             )
             total += Decimal(str(found)) if found is not None else Decimal(0)
         return total
@@ -855,7 +847,7 @@ class EntityLoader:
         self._rejects = []
 
     def _analyze(self) -> None:
-        refresh_statistics(self.session, [self.table.name, "external_ids"])
+        refresh_statistics(self.session.connection(), [self.table.name, "external_ids"])
         self._inserted_since_analyze = 0
 
     def _resolve_self_references(self) -> None:

@@ -22,10 +22,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import Connection, Table, and_, delete, or_, select, text, update
+from sqlalchemy import Connection, Table, and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 from stdnum.cn import uscc
 
+from crm_core.db import refresh_statistics as analyze
 from crm_core.errors import DedupError
 from crm_core.journal import (
     bulk_insert,
@@ -311,9 +312,7 @@ def refresh_statistics(connection: Connection, model: type[Customer] | type[Cont
     if connection.dialect.name != "postgresql":
         return
     table = table_of(model)
-    names = sorted({table.name, "external_ids", *(other.name for other, _ in _references_to(table))})
-    quote = connection.dialect.identifier_preparer.quote
-    connection.execute(text(f"ANALYZE {', '.join(quote(n) for n in names)}"))
+    analyze(connection, [table.name, "external_ids", *(other.name for other, _ in _references_to(table))])
 
 
 def merge_plans(

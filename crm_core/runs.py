@@ -252,7 +252,7 @@ def rollback_run(
                 f"run {run.run_key} is still in progress (process {run.pid} on {run.host}); "
                 "wait for it to finish or fail, then roll it back"
             )
-        refresh_statistics(session, ["row_changes", "external_ids"])
+        refresh_statistics(session.connection(), ["row_changes", "external_ids"])
         todo = {run.id}
         frontier = [run]
         while frontier:

@@ -24,6 +24,7 @@ from crm_core.db import ensure_schema, make_engine, session_factory
 from crm_core.entities import ENTITIES, LOAD_ORDER
 from crm_core.errors import ConfigError, MappingError, Problem
 from crm_core.failpoints import failpoint
+from crm_core.journal import ids_in
 from crm_core.loading import (
     EXTERNAL_KEY,
     IN_CHUNK,
@@ -34,7 +35,6 @@ from crm_core.loading import (
     SourceStats,
     crosswalk_ids,
     get_or_start_run,
-    one_of,
     row_hash,
 )
 from crm_core.models import ExternalId, LoadRun, MergeLog, Reject
@@ -608,7 +608,7 @@ def verify_batch(session: Session, run: LoadRun, entity: str, batch: Batch) -> d
             key: (entity_id, method) for key, entity_id, method in session.execute(
                 select(ExternalId.external_key, ExternalId.entity_id, ExternalId.match_method).where(
                     ExternalId.entity == entity, ExternalId.system == batch.source,
-                    one_of(session, ExternalId.external_key, keys[start : start + IN_CHUNK]))
+                    ids_in(session.connection(), ExternalId.__table__.c.external_key, keys[start : start + IN_CHUNK]))
             )
         })  # fmt: skip
     landed = {
