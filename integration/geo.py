@@ -1,0 +1,217 @@
+"""Where a record is: China's administrative divisions from an address, a city field, a phone or a code.
+
+One place for location evidence, used by the mapping transforms (``address_part``) and by dedup.
+The division table is cpca's (every province, city and district with its 6-digit adcode); the
+fixed-line area codes come from phonenumbers' geocoding data. Neither is a hand-kept list.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+_MUNICIPALITY_CITY = "市辖区"  # cpca's city for the districts of 北京/上海/天津/重庆
+_CITY_SUFFIXES = ("自治州", "地区", "盟", "市")
+_PINYIN_SEPARATORS = re.compile(r"[\s\-_'·.]+")
+_ENGLISH_CITY_WORDS = re.compile(r"\b(city|shi|prefecture|municipality)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Place:
+    """A location: province, city and district names (None where unknown) and the most specific adcode."""
+
+    province: str | None = None
+    city: str | None = None
+    district: str | None = None
+    adcode: str | None = None
+
+    @property
+    def known(self) -> bool:
+        """True when at least the province is known."""
+        return self.province is not None
+
+    def conflicts_with(self, other: Place) -> bool:
+        """True when both places are known at some level and differ there (different province or city)."""
+        if self.province and other.province and self.province != other.province:
+            return True
+        return bool(self.city and other.city and self.city != other.city)
+
+
+NOWHERE = Place()
+
+
+@cache
+def _cpca() -> Any:
+    """cpca, imported quietly: it loads its table through pkg_resources, which warns on import."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Module .* was already imported", category=UserWarning)
+        import cpca
+    return cpca
+
+
+@cache
+def _divisions() -> dict[str, tuple[str, int]]:
+    """adcode (6 digits) → (name, rank) for every division; rank 0 province, 1 city, 2 district."""
+    ad_2_addr_dict = _cpca().ad_2_addr_dict
+    return {code[:6]: (info.name, int(info.rank)) for code, info in ad_2_addr_dict.items()}
+
+
+def place_of_division_code(code: str | None) -> Place:
+    """The place a 6-digit division code names (the 3rd–8th characters of a 统一社会信用代码)."""
+    if not code or len(code) < 6 or not code[:6].isdigit():
+        return NOWHERE
+    code = code[:6]
+    divisions = _divisions()
+    province = divisions.get(code[:2] + "0000")
+    if province is None:
+        return NOWHERE
+    city_entry = divisions.get(code[:4] + "00")
+    district_entry = divisions.get(code) if code[4:] != "00" else None
+    city = city_entry[0] if city_entry and code[2:4] != "00" else None
+    if city in (None, _MUNICIPALITY_CITY) and province[0].endswith("市"):
+        city = province[0]
+    elif city == _MUNICIPALITY_CITY:
+        city = None
+    exact = code if (district_entry or city_entry) else code[:2] + "0000"
+    return Place(province[0], city, district_entry[0] if district_entry else None, exact)
+
+
+def places_of_addresses(addresses: Iterable[str | None]) -> list[Place]:
+    """Province, city and district of each address; addresses without suffixes (江苏无锡新吴区…) too."""
+    values = list(addresses)
+    distinct = sorted({_clean(value) for value in values if value and _clean(value)})
+    if not distinct:
+        return [NOWHERE for _ in values]
+    frame = _cpca().transform(distinct)
+    found: dict[str, Place] = {}
+    for text, province, city, district, adcode in zip(
+        distinct, frame["省"], frame["市"], frame["区"], frame["adcode"], strict=True
+    ):
+        if not province:
+            found[text] = NOWHERE
+            continue
+        if city == _MUNICIPALITY_CITY or (city is None and str(province).endswith("市")):
+            city = province
+        found[text] = Place(province, city or None, district or None, str(adcode) if adcode else None)
+    return [found.get(_clean(value), NOWHERE) if value else NOWHERE for value in values]
+
+
+def place_of_address(address: str | None) -> Place:
+    """Province, city and district of one address (see ``places_of_addresses``)."""
+    return places_of_addresses([address])[0]
+
+
+@cache
+def _city_names() -> dict[str, str | None]:
+    """Lookup key → canonical city name, for Chinese names with or without suffix and for pinyin.
+
+    A key shared by two cities (福州 and 抚州 are both "fuzhou") maps to None: ambiguous, not evidence.
+    """
+    from pypinyin import lazy_pinyin
+
+    names: dict[str, str | None] = {}
+
+    def add(key: str, city: str) -> None:
+        if key in names and names[key] != city:
+            names[key] = None
+        else:
+            names[key] = city
+
+    for name, rank in _divisions().values():
+        municipality = rank == 0 and name.endswith("市")
+        if rank != 1 and not municipality:
+            continue
+        if name == _MUNICIPALITY_CITY:
+            continue
+        short = _short_city(name)
+        add(name, name)
+        add(short, name)
+        add("".join(lazy_pinyin(short)).lower(), name)
+    return names
+
+
+def _short_city(name: str) -> str:
+    for suffix in _CITY_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix) + 1:
+            return name[: -len(suffix)]
+    return name
+
+
+def city_of_name(value: str | None) -> str | None:
+    """The city a CRM city field names, in Chinese or pinyin (深圳, 深圳市, Shenzhen, "Zheng Zhou City")."""
+    if not value:
+        return None
+    text = _clean(value)
+    if not text:
+        return None
+    names = _city_names()
+    if text in names:
+        return names[text]
+    latin = _ENGLISH_CITY_WORDS.sub(" ", text.lower())
+    latin = _PINYIN_SEPARATORS.sub("", latin)
+    return names.get(latin) if latin else None
+
+
+@cache
+def _area_codes() -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """(area code → cities it serves, city → its area code) from phonenumbers' Chinese fixed-line data."""
+    from phonenumbers.geodata import GEOCODE_DATA
+
+    cities_by_code: dict[str, tuple[str, ...]] = {}
+    code_by_city: dict[str, str] = {}
+    for prefix, descriptions in GEOCODE_DATA.items():
+        area = prefix[2:]
+        # Fixed-line area codes: 10, 2x and 3-digit codes 3xx-9xx; longer prefixes are mobile ranges.
+        if (
+            not prefix.startswith("86")
+            or not (2 <= len(area) <= 3)
+            or (area.startswith("1") and area != "10")
+        ):
+            continue
+        description = descriptions.get("zh")
+        if not description:
+            continue
+        cities = tuple(_cities_in_description(description))
+        if not cities:
+            continue
+        cities_by_code[area] = cities
+        for city in cities:
+            code_by_city.setdefault(city, area)
+    return cities_by_code, code_by_city
+
+
+def _cities_in_description(description: str) -> list[str]:
+    """'辽宁省沈阳市、铁岭市' → ['沈阳市', '铁岭市']; '上海市' → ['上海市']."""
+    found: list[str] = []
+    for part in description.split("、"):
+        part = part.strip()
+        match = re.search(r"(?:省|自治区)(.+)$", part)
+        city = match.group(1) if match else part
+        if city:
+            found.append(city)
+    return found
+
+
+def cities_of_area_code(area_code: str | None) -> tuple[str, ...]:
+    """The cities a fixed-line area code serves ('755' → ('深圳市',)); empty when unknown."""
+    if not area_code:
+        return ()
+    return _area_codes()[0].get(area_code.lstrip("0"), ())
+
+
+def area_code_of_city(city: str | None) -> str | None:
+    """The fixed-line area code of a city without the trunk 0 ('深圳市' or 'Shenzhen' → '755')."""
+    canonical = city_of_name(city) if city else None
+    return _area_codes()[1].get(canonical) if canonical else None
+
+
+def _clean(value: str) -> str:
+    """NFKC and trimmed; spaces inside Chinese text dropped (深圳 南山区 → 深圳南山区)."""
+    text = unicodedata.normalize("NFKC", str(value)).strip()
+    return text.replace(" ", "") if any("\u4e00" <= char <= "\u9fff" for char in text) else text
