@@ -81,16 +81,18 @@ def test_same_seed_same_engagement_and_the_size_is_exact(engagement: Path, tmp_p
 
 def test_hard_cases_are_planted_and_the_truth_covers_every_live_customer(engagement: Path) -> None:
     manifest = json.loads((engagement / "manifest.json").read_text(encoding="utf-8"))
-    for case in ("branches", "companies_sharing_a_phone", "old_15_digit_tax_numbers", "name_english",
-                 "name_bracket_full", "foreign_currency_opportunities", "subtotal_rows"):  # fmt: skip
+    for case in ("branches", "companies_sharing_a_phone", "old_15_digit_tax_numbers",
+                 "foreign_currency_opportunities", "subtotal_rows"):  # fmt: skip
         assert manifest["hard_cases"].get(case, 0) > 0, case
+    for name_class in ("name_english", "name_region_bracket", "name_region_absent"):
+        assert manifest["classes"].get(name_class, 0) > 0, name_class
     with (engagement / "truth.csv").open(encoding="utf-8") as handle:
         truth = list(csv.DictReader(handle))
     with sqlite3.connect(engagement / "erp_u8.sqlite") as db:
         customers = db.execute('SELECT COUNT(*) FROM "Customer"').fetchone()[0]
-        codes = [
-            r[0] for r in db.execute('SELECT "cCusRegCode" FROM "Customer" WHERE "cCusRegCode" IS NOT NULL')
-        ]
+        codes = dict(
+            db.execute('SELECT "cCusCode", "cCusRegCode" FROM "Customer" WHERE "cCusRegCode" IS NOT NULL')
+        )
     with sqlite3.connect(engagement / "legacy_crm.sqlite") as db:
         live_accounts = db.execute("SELECT COUNT(*) FROM accounts WHERE deleted = 0").fetchone()[0]
         deleted = db.execute("SELECT COUNT(*) FROM accounts WHERE deleted = 1").fetchone()[0]
@@ -98,9 +100,17 @@ def test_hard_cases_are_planted_and_the_truth_covers_every_live_customer(engagem
     assert sources.count("erp_u8") == customers and sources.count("legacy_crm") == live_accounts
     assert sources.count("sales_xlsx") == manifest["tables"]["xlsx.客户"]
     assert deleted > 0 and manifest["soft_deleted_rows"] >= 3  # accounts, contacts, opportunities
-    # Credit codes are valid where they are 18 characters; the rest are old 15-digit tax numbers.
-    assert all(uscc.is_valid(code) for code in codes if len(code) == 18)
-    assert {len(code) for code in codes} <= {15, 18}
+    # A credit code without an identifier class is valid; each class is what it says.
+    classes = {row["key"]: set(row["classes"].split(";")) for row in truth if row["source"] == "erp_u8"}
+    lengths = {"id_reg15": {15}, "id_org9": {9, 10}, "id_uscc_cut10": {10}, "id_uscc_dropped": {17},
+               "id_uscc_doubled": {19}, "id_uscc_swapped": {18}}  # fmt: skip
+    for key, code in codes.items():
+        tagged = [tag for tag in classes[key] if tag in lengths]
+        assert len(tagged) <= 1, (key, code, tagged)
+        if tagged:
+            assert len(code) in lengths[tagged[0]], (key, code, tagged)
+        else:
+            assert uscc.is_valid(code), (key, code)
 
 
 def test_the_project_checks_against_the_generated_sources(

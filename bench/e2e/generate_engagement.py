@@ -38,7 +38,7 @@ import random
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ from openpyxl import Workbook
 SEED = 20260101
 REFERENCE_DAY = dt.date(2025, 6, 30)
 BATCH = 20_000
+DEFAULT_ROWS = 100_000
+RECORDS_PER_HEAD = 1.91  # customer records per head office at these source shares (measured)
 
 # (province, city, pinyin, area code, admin code, districts)
 CITIES = [
@@ -107,6 +109,53 @@ TRADES = [
     ("自动化设备", "Automation Equipment"), ("光电", "Optoelectronics"), ("化工", "Chemical"),
     ("咨询", "Consulting"), ("供应链管理", "Supply Chain Management"),
 ]  # fmt: skip
+# Written by hand for this generator (not taken from the toolkit): characters a clerk types instead of
+# a trade-name character because they sound the same or nearly so (same pinyin, tone ignored) ...
+HOMOPHONES = {
+    "世": "事市仕", "东": "冬栋", "中": "忠钟", "丰": "峰锋风", "九": "久玖", "云": "芸运", "亿": "益艺毅",
+    "众": "重仲", "伟": "玮纬炜", "佳": "嘉家加", "信": "鑫新欣", "光": "广", "兴": "星馨", "凯": "恺楷铠",
+    "创": "闯", "力": "立利", "千": "仟谦", "华": "骅桦化", "协": "谐", "卓": "琢灼", "博": "搏柏", "合": "和禾",
+    "同": "通彤童", "启": "起琪奇", "和": "合禾", "嘉": "佳家", "图": "途涂", "坤": "昆琨", "大": "达",
+    "天": "田添", "宇": "雨羽语", "安": "岸", "宏": "鸿弘红", "宸": "辰晨", "富": "福赋", "山": "珊杉",
+    "峰": "锋丰", "州": "洲舟", "帆": "凡繁", "弘": "宏鸿", "德": "得", "志": "智致", "思": "斯司",
+    "恒": "衡横", "成": "诚城程", "捷": "杰洁", "新": "鑫信欣", "方": "芳舫", "旭": "煦序", "昌": "常",
+    "明": "铭鸣", "星": "兴", "晨": "辰臣", "智": "志致", "松": "嵩颂", "桥": "侨乔", "正": "政征",
+    "永": "咏泳", "汇": "惠慧会", "江": "疆姜", "河": "和禾", "泓": "宏鸿", "泰": "太态", "浩": "昊皓灏",
+    "海": "亥", "润": "闰", "源": "元远园", "瑞": "锐睿", "百": "佰柏", "盛": "胜圣", "睿": "瑞锐",
+    "祥": "翔详", "福": "富甫", "科": "可柯", "程": "成诚", "立": "力利", "精": "晶京", "纪": "记际继", "纳": "娜拿",
+    "美": "梅媚", "联": "连莲", "腾": "藤滕", "荣": "容蓉融", "蓝": "岚兰", "诚": "成城", "越": "悦跃",
+    "辉": "晖徽", "辰": "晨宸", "达": "大答", "远": "源圆元", "通": "同彤", "邦": "帮", "金": "今锦津",
+    "鑫": "新信欣馨", "锦": "金瑾", "长": "昌", "阳": "扬洋杨", "隆": "龙珑", "青": "清晴", "顺": "舜",
+    "飞": "菲非", "高": "皋", "鼎": "顶定", "龙": "隆珑",
+}  # fmt: skip
+# ... and characters that look alike (a misread form or a wrong candidate picked from the input method).
+LOOKALIKES = {
+    "天": "夭", "大": "太犬", "千": "干", "力": "刀办", "九": "丸", "永": "水冰", "金": "全", "成": "戍戌",
+    "百": "白", "明": "朋", "东": "车", "思": "恩", "泰": "秦", "光": "先", "汇": "江汀", "江": "汪汇",
+    "海": "梅", "锦": "绵", "正": "止", "同": "司", "祥": "样", "润": "涧", "福": "褔", "嘉": "喜", "辉": "挥",
+    "峰": "蜂", "宇": "字宁", "纪": "红", "志": "忐", "佳": "住", "伟": "韦", "博": "傅", "腾": "滕", "盛": "威",
+    "远": "运", "宏": "宠", "鑫": "鍂", "达": "込", "荣": "荥", "程": "桯", "精": "睛", "信": "言", "青": "责",
+    "星": "昱", "昌": "冒", "晨": "晟", "启": "后", "创": "仓", "立": "玄", "山": "出", "长": "张", "坤": "绅",
+}  # fmt: skip
+# Industry words written another way for the same business (商贸 for 贸易, 技术 for 科技).
+INDUSTRY_VARIANTS = {
+    "科技": ["技术", "科技发展"], "信息技术": ["信息科技", "资讯科技"], "电子": ["电子科技", "电子技术"],
+    "机械设备": ["机械", "机电设备"], "贸易": ["商贸", "经贸"], "医疗器械": ["医疗设备", "医疗科技"],
+    "新材料": ["材料科技", "新材料科技"], "物流": ["供应链", "物流服务"], "软件": ["软件技术", "软件科技"],
+    "环保工程": ["环保科技", "环境工程"], "网络科技": ["网络技术", "互联网科技"], "生物科技": ["生物技术", "生物工程"],
+    "实业": ["实业发展", "实业投资"], "建设工程": ["建筑工程", "工程建设"], "食品": ["食品科技", "食品贸易"],
+    "自动化设备": ["自动化", "自动化科技"], "光电": ["光电科技", "光电技术"], "化工": ["化学", "化工科技"],
+    "咨询": ["管理咨询", "企业咨询"], "供应链管理": ["供应链", "供应链服务"],
+}  # fmt: skip
+# Simplified -> traditional for the characters of these names (a Hong Kong or Taiwan colleague's typing,
+# or a document scanned from there): only some of a name's characters are converted.
+TRADITIONAL = dict(zip(
+    "华达东贸电机设备医疗软网络实业动询应链责长广门创腾恒远丰桥纳图联众汇启云锦凯润兴荣顺辉飞龙纪协亿伟"
+    "宁苏庆汉济岛阳郑锡厦韩专术发筑环无锋鸿书资经营销务总厂团进际体质产业开关县区镇庄",
+    "華達東貿電機設備醫療軟網絡實業動詢應鏈責長廣門創騰恆遠豐橋納圖聯眾匯啟雲錦凱潤興榮順輝飛龍紀協億偉"
+    "寧蘇慶漢濟島陽鄭錫廈韓專術發築環無鋒鴻書資經營銷務總廠團進際體質產業開關縣區鎮莊",
+    strict=True,
+))  # fmt: skip
 SURNAMES = {
     "王": "wang", "李": "li", "张": "zhang", "刘": "liu", "陈": "chen", "杨": "yang", "黄": "huang", "赵": "zhao",
     "吴": "wu", "周": "zhou", "徐": "xu", "孙": "sun", "马": "ma", "朱": "zhu", "胡": "hu", "郭": "guo", "何": "he",
@@ -170,6 +219,11 @@ class Company:
     rep: int
     parent: int = -1  # branches (分公司): the head office's id
     brand_py: str = ""
+    street: str = ""  # the street address inside the district: the same in every record that writes it
+    traps: list[str] = field(default_factory=list)  # trap tags "trap_class:group" on every record of it
+    # A trap company whose records often leave the region out of the name; the location is then only
+    # in this channel: address | crm_city | crm_city_en | area_code | uscc_division.
+    channel: str = ""
 
     @property
     def city_short(self) -> str:
@@ -181,53 +235,145 @@ class Company:
         """A made-up web domain."""
         return f"{self.brand_py.lower()}{self.id}.com.cn"
 
+    @property
+    def org9(self) -> str:
+        """The 9-character organization code inside the credit code."""
+        return self.uscc[8:17]
+
+
+@dataclass(slots=True)
+class Written:
+    """One customer record as a source writes it, with the classes it carries."""
+
+    name: str
+    code: str | None
+    phone: str | None
+    address: str | None  # full: [province]city district street
+    street: str | None  # without the city (the CRM's billing street)
+    city_field: str | None  # the CRM's billing city
+    tags: list[str]
+
+
+# Share of records per way of writing the name, per source (see the module docstring).
+NAME_FORMS = {
+    "u8": [("region_before", 0.80), ("llc", 0.06), ("region_bracket", 0.04), ("region_absent", 0.07),
+           ("short_trade", 0.03)],
+    "crm": [("region_before", 0.37), ("region_bracket", 0.24), ("region_absent", 0.08), ("english", 0.13),
+            ("spaces", 0.07), ("llc", 0.06), ("short_trade", 0.05)],
+    "xlsx": [("region_before", 0.50), ("region_bracket", 0.15), ("region_absent", 0.10), ("spaces", 0.13),
+             ("short_trade", 0.08), ("llc", 0.04)],
+    "deal": [("region_before", 0.45), ("region_bracket", 0.10), ("region_absent", 0.17), ("short_trade", 0.18),
+             ("spaces", 0.10)],
+}  # fmt: skip
+# Share of Chinese names with one slip in them, per source, and how the slips divide.
+SLIP_RATE = {"u8": 0.06, "crm": 0.12, "xlsx": 0.15, "deal": 0.12}
+SLIPS = [("homophone", 0.30), ("lookalike", 0.12), ("char_dropped", 0.14), ("chars_swapped", 0.09),
+         ("industry_variant", 0.25), ("traditional_mixed", 0.10)]  # fmt: skip
+# What the credit-code column holds, per source.
+CODE_FORMS = {
+    "u8": [("uscc", 0.58), ("reg15", 0.12), ("org9", 0.04), ("cut10", 0.03), ("dropped", 0.01),
+           ("doubled", 0.01), ("swapped", 0.01), ("none", 0.20)],
+    "crm": [("uscc", 0.36), ("spaced", 0.08), ("reg15", 0.08), ("org9", 0.03), ("cut10", 0.02),
+            ("check_digit", 0.03), ("dropped", 0.01), ("doubled", 0.01), ("swapped", 0.01), ("none", 0.37)],
+    "xlsx": [("uscc", 0.38), ("fullwidth", 0.05), ("reg15", 0.05), ("org9", 0.02), ("cut10", 0.01),
+             ("dropped", 0.01), ("doubled", 0.01), ("swapped", 0.01), ("none", 0.46)],
+}  # fmt: skip
+# How the office phone is written when a record has one.
+PHONE_FORMS = [("typed", 0.74), ("local_only", 0.09), ("extension", 0.06), ("multi", 0.05),
+               ("intl_prefix", 0.06)]  # fmt: skip
+PHONE_PRESENT = {"u8": 0.85, "crm": 0.80, "xlsx": 0.45}
+ADDRESS_PRESENT = {"u8": 0.90, "crm": 0.75, "xlsx": 0.80}
+# Trap shares of the head offices (each trap adds one more company).
+TRAPS = [("trap_other_city_address", 0.015), ("trap_other_city_crm_city_en", 0.015),
+         ("trap_other_city_area_code", 0.015), ("trap_other_city_uscc_division", 0.015),
+         ("trap_english_other_city", 0.010), ("trap_same_district_one_char", 0.020), ("trap_bridge", 0.010)]  # fmt: skip
+STREETS = ["科技园路", "创业路", "人民路", "建设大道", "高新南一道", "工业大道", "中山路", "解放路", "长江路",
+           "学府路", "滨河路", "金融街", "文化路", "迎宾大道", "新华路", "环城东路"]  # fmt: skip
+
+
+def pick(rng: random.Random, weights: Sequence[tuple[str, float]]) -> str:
+    """One choice from (choice, share) pairs; the last takes what the shares leave."""
+    roll = rng.random()
+    for choice, weight in weights:
+        if roll < weight:
+            return choice
+        roll -= weight
+    return weights[-1][0]
+
 
 class Engagement:
     """The generated companies and the choices shared by the writers (one RNG per table, from the seed)."""
 
-    def __init__(self, rows: int, seed: int) -> None:
+    def __init__(self, rows: int | None, seed: int, customers: int | None = None) -> None:
         self.rows, self.seed = rows, seed
-        self.heads = max(8, round(rows / 6.2))
+        if customers:
+            self.heads = max(8, round(customers / RECORDS_PER_HEAD))
+        else:
+            self.heads = max(8, round((rows or DEFAULT_ROWS) / 6.2))
         self.companies: list[Company] = []
         self.reps: list[tuple[str, str, str]] = []  # (code, surname, given)
         self.counts: dict[str, int] = {}
         self.hard_cases: dict[str, int] = {}
-        self.truth: list[tuple[str, str, int]] = []
+        self.truth: list[tuple[str, str, int, str]] = []
+        self.opportunity_truth: list[tuple[str, str, int, int, str]] = []
         self.soft_deleted: list[tuple[str, str, str]] = []
         self.u8_code: dict[int, str] = {}
         self.crm_id: dict[int, str] = {}
         self.xlsx_name: dict[int, str] = {}
+        self.xlsx_names: set[str] = set()
+        self.groups = 0
+        self.used: set[tuple[int, str, int]] = set()
+        self.used_py: set[tuple[int, str, int]] = set()
+        self.force_crm_english: set[int] = set()
+        self.bridges: dict[int, int] = {}  # company -> the namesake its short-name record also fits
         self._build()
 
     def rng(self, name: str) -> random.Random:
         """An independent, reproducible random stream for one part of the output."""
         return random.Random(f"{self.seed}:{name}")
 
+    def _free(self, city: int, brand: str, trade: int) -> bool:
+        brand_py = (BRAND_CHARS[brand[0]] + BRAND_CHARS[brand[1]]).capitalize()
+        return (
+            brand[0] != brand[1]
+            and (city, brand, trade) not in self.used
+            and (city, brand_py, trade) not in self.used_py
+        )
+
+    def _add(self, rng: random.Random, city: int, brand: str, trade: int) -> Company:
+        brand_py = (BRAND_CHARS[brand[0]] + BRAND_CHARS[brand[1]]).capitalize()
+        self.used.add((city, brand, trade))
+        self.used_py.add((city, brand_py, trade))
+        company = self._company(rng, len(self.companies), city, brand, trade, brand_py)
+        self.companies.append(company)
+        return company
+
+    def _group(self, tag: str, *members: Company) -> None:
+        self.groups += 1
+        for member in members:
+            member.traps.append(f"{tag}:{self.groups}")
+        self.note(tag)
+
     def _build(self) -> None:
         rng = self.rng("companies")
         brand_chars = sorted(BRAND_CHARS)
-        seen: set[tuple[int, str, int]] = set()
-        seen_py: set[tuple[int, str, int]] = set()
         while len(self.companies) < self.heads:
             city = rng.randrange(len(CITIES))
             brand = rng.choice(brand_chars) + rng.choice(brand_chars)
-            if brand[0] == brand[1]:
-                continue
             trade = rng.randrange(len(TRADES))
-            brand_py = (BRAND_CHARS[brand[0]] + BRAND_CHARS[brand[1]]).capitalize()
             # Different companies never share an English name either (恒信 / 恒新 are both Hengxin).
-            if (city, brand, trade) in seen or (city, brand_py, trade) in seen_py:
-                continue
-            seen.add((city, brand, trade))
-            seen_py.add((city, brand_py, trade))
-            self.companies.append(self._company(rng, len(self.companies), city, brand, trade, brand_py))
+            if self._free(city, brand, trade):
+                self._add(rng, city, brand, trade)
+        heads = list(self.companies)
+        self._plant_traps(rng, heads, brand_chars)
         # Branches (分公司) of 3% of the companies: distinct customers in another city.
-        for head in rng.sample(self.companies, max(1, len(self.companies) * 3 // 100)):
+        for head in rng.sample(heads, max(1, len(heads) * 3 // 100)):
             city = rng.choice([c for c in range(len(CITIES)) if c != head.city])
             branch = self._company(rng, len(self.companies), city, head.brand, head.trade, head.brand_py)
             branch.parent = head.id
             self.companies.append(branch)
-        self.hard_cases["branches"] = len(self.companies) - self.heads
+            self._group("trap_branch_parent", head, branch)
+        self.hard_cases["branches"] = sum(1 for c in self.companies if c.parent >= 0)
         # Different companies in one building (or with one bookkeeping agent) share a phone number.
         shared = 0
         by_city: dict[int, list[Company]] = {}
@@ -238,6 +384,7 @@ class Engagement:
             first, second = rng.sample(rng.choice(groups), 2)
             if first.parent != second.id and second.parent != first.id and first.phone != second.phone:
                 second.phone = first.phone
+                self._group("trap_shared_phone", first, second)
                 shared += 1
         self.hard_cases["companies_sharing_a_phone"] = shared
         reps = max(8, len(self.companies) // 400)
@@ -250,6 +397,44 @@ class Engagement:
                 names.add(surname + given)
                 self.reps.append((f"{len(self.reps) + 1:04d}", surname, given))
 
+    def _plant_traps(self, rng: random.Random, heads: list[Company], brand_chars: list[str]) -> None:
+        """Companies that must stay apart from a head office although their records look alike."""
+        for tag, share in TRAPS:
+            wanted = max(1, round(len(heads) * share))
+            for head in rng.sample(heads, wanted):
+                if tag.startswith(("trap_other_city", "trap_english")):
+                    others = [
+                        c
+                        for c in range(len(CITIES))
+                        if c != head.city and self._free(c, head.brand, head.trade)
+                    ]
+                    if not others:
+                        continue
+                    other = self._add(rng, rng.choice(others), head.brand, head.trade)
+                    if tag == "trap_english_other_city":
+                        self.force_crm_english.add(other.id)
+                    else:
+                        head.channel = other.channel = tag.removeprefix("trap_other_city_")
+                elif tag == "trap_same_district_one_char":
+                    near = set(HOMOPHONES.get(head.brand[1], "")) | set(LOOKALIKES.get(head.brand[1], ""))
+                    options = [ch for ch in brand_chars if ch not in near and ch != head.brand[1]
+                               and self._free(head.city, head.brand[0] + ch, head.trade)]  # fmt: skip
+                    if not options:
+                        continue
+                    other = self._add(rng, head.city, head.brand[0] + rng.choice(options), head.trade)
+                    other.district, other.street = head.district, head.street  # one building, another floor
+                else:  # trap_bridge: same trade name, another business in the same city
+                    trades = [
+                        t
+                        for t in range(len(TRADES))
+                        if t != head.trade and self._free(head.city, head.brand, t)
+                    ]
+                    if not trades:
+                        continue
+                    other = self._add(rng, head.city, head.brand, rng.choice(trades))
+                    self.bridges[head.id] = other.id
+                self._group(tag, head, other)
+
     def _company(
         self, rng: random.Random, index: int, city: int, brand: str, trade: int, brand_py: str
     ) -> Company:
@@ -258,10 +443,12 @@ class Engagement:
         org9 = org_code(f"{rng.randrange(10**8):08d}")
         digits = 7 if area == "0592" else 8
         phone = f"{area}-{rng.randint(2, 8)}{rng.randrange(10 ** (digits - 1)):0{digits - 1}d}"
+        street = f"{rng.choice(STREETS)}{rng.randint(1, 999)}号"
         return Company(
             id=index, city=city, district=rng.choice(CITIES[city][5]), brand=brand, trade=trade,
             uscc=uscc_of(region6, org9), tax15=region6 + org9, phone=phone, contact=person(rng),
             contact_mobile=mobile(rng), rep=rng.randrange(max(8, self.heads // 400)), brand_py=brand_py,
+            street=street,
         )  # fmt: skip
 
     def official_name(self, company: Company) -> str:
@@ -271,50 +458,167 @@ class Engagement:
             return f"{self.official_name(head)}{company.city_short}分公司"
         return f"{company.city_short}{company.brand}{TRADES[company.trade][0]}有限公司"
 
-    def name_variant(self, company: Company, rng: random.Random, style: str) -> tuple[str, str]:
-        """Write the name the way a source tends to; return (name, variant kind)."""
+    def name_variant(self, company: Company, rng: random.Random, style: str) -> tuple[str, list[str]]:
+        """Write the name the way a source tends to; return (name, classes it carries)."""
         official = self.official_name(company)
         if company.parent >= 0:
             head = self.companies[company.parent]
             if rng.random() < 0.8:
-                return official, "branch"
-            return f"{CITIES[head.city][1]}{official.removeprefix(head.city_short)}", "branch"
-        trade = TRADES[company.trade][0]
+                return official, ["name_branch"]
+            return f"{CITIES[head.city][1]}{official.removeprefix(head.city_short)}", ["name_branch"]
+        forms = NAME_FORMS[style]
+        if company.channel and rng.random() < 0.7:
+            form = "region_absent"
+        elif style == "crm" and company.id in self.force_crm_english:
+            form = "english"
+        else:
+            form = pick(rng, forms)
         city = CITIES[company.city]
-        roll = rng.random()
-        weights = {
-            "u8": [("official", 0.80), ("city_full", 0.10), ("llc", 0.10)],
-            "crm": [("official", 0.33), ("bracket_full", 0.22), ("bracket_half", 0.10), ("city_full", 0.10),
-                    ("spaces", 0.08), ("english", 0.12), ("llc", 0.05)],
-            "xlsx": [("official", 0.45), ("city_full", 0.25), ("bracket_full", 0.15), ("spaces", 0.15)],
-        }[style]  # fmt: skip
-        kind = weights[-1][0]
-        for candidate, weight in weights:
-            if roll < weight:
-                kind = candidate
-                break
-            roll -= weight
-        if kind == "city_full":
-            return f"{city[1]}{company.brand}{trade}有限公司", kind
-        if kind == "llc":
-            return official.replace("有限公司", "有限责任公司"), kind
-        if kind == "bracket_full":
-            return f"{company.brand}{trade}（{company.city_short}）有限公司", kind
-        if kind == "bracket_half":
-            return f"{company.brand}{trade}({company.city_short})有限公司", kind
-        if kind == "spaces":
-            return f" {company.city_short} {company.brand}{trade}有限公司 ", kind
-        if kind == "english":
+        brand, trade = company.brand, TRADES[company.trade][0]
+        if form == "english":
             english = f"{city[2]} {company.brand_py} {TRADES[company.trade][1]} Co., Ltd."
-            return (english.upper().replace(", ", ",") if rng.random() < 0.3 else english), kind
-        return official, kind
+            return (english.upper().replace(", ", ",") if rng.random() < 0.3 else english), ["name_english"]
+        if form == "short_trade":
+            return brand, ["name_short_trade"]
+        tags: list[str] = []
+        slip = pick(rng, SLIPS) if rng.random() < SLIP_RATE[style] else None
+        if slip == "homophone" or slip == "lookalike":
+            table = HOMOPHONES if slip == "homophone" else LOOKALIKES
+            spots = [i for i, ch in enumerate(brand) if ch in table]
+            if spots:
+                i = rng.choice(spots)
+                brand = brand[:i] + rng.choice(table[brand[i]]) + brand[i + 1 :]
+                tags.append(f"name_{slip}")
+        elif slip == "industry_variant":
+            trade = rng.choice(INDUSTRY_VARIANTS[trade])
+            tags.append("name_industry_variant")
+        elif slip in ("char_dropped", "chars_swapped"):
+            core = brand + trade
+            i = rng.randrange(len(core) - 1)
+            core = (
+                core[:i] + core[i + 1 :]
+                if slip == "char_dropped"
+                else core[:i] + core[i + 1] + core[i] + core[i + 2 :]
+            )
+            brand, trade = core, ""
+            tags.append(f"name_{slip}")
+        legal = "有限责任公司" if form == "llc" else "有限公司"
+        if form == "region_bracket":
+            open_, close = ("（", "）") if rng.random() < 0.7 else ("(", ")")
+            name = f"{brand}{trade}{open_}{company.city_short}{close}{legal}"
+        elif form == "region_absent":
+            name = f"{brand}{trade}{legal}"
+        elif form == "spaces":
+            name = f" {company.city_short} {brand}{trade}{legal} "
+        else:
+            region = city[1] if rng.random() < 0.25 else company.city_short
+            name = f"{region}{brand}{trade}{legal}"
+        tags.append("name_region_bracket" if form == "region_bracket" else
+                    "name_region_absent" if form == "region_absent" else "name_region_before")  # fmt: skip
+        if slip == "traditional_mixed":
+            convertible = [i for i, ch in enumerate(name) if ch in TRADITIONAL]
+            if convertible:
+                chosen = set(rng.sample(convertible, max(1, (len(convertible) + 1) // 2)))
+                name = "".join(TRADITIONAL[ch] if i in chosen else ch for i, ch in enumerate(name))
+                tags.append("name_traditional_mixed")
+        return name, tags
 
-    def address(self, company: Company, rng: random.Random, with_province: bool) -> str:
-        """A street address in the company's district."""
+    def code_variant(self, company: Company, rng: random.Random, style: str) -> tuple[str | None, list[str]]:
+        """What a source's credit-code column holds for the company; return (value, classes)."""
+        form = pick(rng, CODE_FORMS[style])
+        code = company.uscc
+        if form == "uscc":
+            return code, []
+        if form == "spaced":
+            return f"{code[:6]} {code[6:]}".lower(), []
+        if form == "fullwidth":
+            return "".join(chr(ord(ch) + 0xFEE0) for ch in code), []
+        if form == "reg15":
+            self.note("old_15_digit_tax_numbers")
+            return company.tax15, ["id_reg15"]
+        if form == "org9":
+            org = company.org9
+            return (f"{org[:8]}-{org[8]}" if rng.random() < 0.7 else org), ["id_org9"]
+        if form == "cut10":
+            return code[:10], ["id_uscc_cut10"]
+        if form == "check_digit":
+            self.note("credit_code_typos")
+            return code[:-1] + ("0" if code[-1] != "0" else "1"), ["id_uscc_check_digit"]
+        i = rng.randrange(2, 17)  # not the leading 91: a slip inside the body
+        if form == "dropped":
+            return code[:i] + code[i + 1 :], ["id_uscc_dropped"]
+        if form == "doubled":
+            return code[:i] + code[i] + code[i:], ["id_uscc_doubled"]
+        if form == "swapped":
+            j = next((k for k in range(i, 17) if code[k] != code[k + 1]), None)
+            if j is None:
+                return code, []
+            return code[:j] + code[j + 1] + code[j] + code[j + 2 :], ["id_uscc_swapped"]
+        return None, []
+
+    def phone_variant(self, company: Company, rng: random.Random) -> tuple[str, list[str]]:
+        """The office phone as somebody typed it; return (cell, classes)."""
+        form = pick(rng, PHONE_FORMS)
+        area, local = company.phone.split("-")
+        if form == "local_only":
+            return local, ["phone_local_only"]
+        if form == "extension":
+            extension = rng.choice([f"转{rng.randint(100, 8999)}", f"-{rng.randint(800, 8999)}",
+                                    f" ext.{rng.randint(10, 999)}", f"（分机{rng.randint(100, 999)}）"])  # fmt: skip
+            return f"{area}-{local}{extension}", ["phone_extension"]
+        if form == "multi":
+            other = rng.choice(
+                [company.contact_mobile, f"{area}-{local[:-2]}{(int(local[-2:]) + 1) % 100:02d}"]
+            )
+            first, second = (company.phone, other) if rng.random() < 0.6 else (other, company.phone)
+            return f"{first}{rng.choice(['、', '；', '/', ',', ', ', ' / '])}{second}", ["phone_multi"]
+        if form == "intl_prefix":
+            prefix = rng.choice(["+86 ", "+86-", "0086-", "0086 ", "86-"])
+            return f"{prefix}{area[1:]}-{local}", ["phone_intl_prefix"]
+        return typed_phone(company.phone, rng), []
+
+    def written(self, company: Company, rng: random.Random, style: str) -> Written:
+        """One record of the company as the source ``style`` writes it, tagged with its classes."""
+        name, tags = self.name_variant(company, rng, style)
+        code, code_tags = self.code_variant(company, rng, style)
+        phone: str | None = None
+        if rng.random() < PHONE_PRESENT[style]:
+            phone, phone_tags = self.phone_variant(company, rng)
+            code_tags += phone_tags
         province, city = CITIES[company.city][0], CITIES[company.city][1]
-        prefix = province if with_province and province != city else ""
-        street = rng.choice(["科技园路", "创业路", "人民路", "建设大道", "高新南一道", "工业大道", "中山路"])
-        return f"{prefix}{city}{company.district}{street}{rng.randint(1, 999)}号"
+        with_province = province != city and rng.random() < 0.4
+        address: str | None = f"{province if with_province else ''}{city}{company.district}{company.street}"
+        street: str | None = f"{company.district}{company.street}"
+        city_field: str | None = city if rng.random() < 0.85 else CITIES[company.city][2]
+        if rng.random() >= ADDRESS_PRESENT[style]:
+            address = street = None
+        if company.channel and "name_region_absent" in tags:
+            # The name says nothing of the city: only the trap's channel does.
+            channel = company.channel
+            code, code_tags = (company.uscc if channel == "uscc_division" else None), []
+            phone = company.phone if channel == "area_code" else None
+            if channel in ("area_code", "uscc_division"):
+                address = street = city_field = None
+            elif channel == "crm_city_en":
+                address = f"{city}{company.district}{company.street}"
+                street, city_field = None, CITIES[company.city][2]
+            else:
+                address = f"{city}{company.district}{company.street}"
+                street, city_field = f"{company.district}{company.street}", city
+        tags += code_tags
+        if code is None and phone is None and (street if style == "crm" else address):
+            tags.append("address_only")
+        return Written(name, code, phone, address, street, city_field, tags + company.traps)
+
+    @property
+    def in_sources(self) -> set[int]:
+        """Companies with a customer record in some source (so far)."""
+        return {company for _source, _key, company, _tags in self.truth}
+
+    def record_count(self, source: str) -> int:
+        """Customer records of ``source`` written so far."""
+        self.counts[source] = self.counts.get(source, 0) + 1
+        return self.counts[source] - 1
 
     def note(self, name: str) -> None:
         """Count a planted hard case."""
@@ -566,36 +870,29 @@ def u8_people(engagement: Engagement) -> Iterator[tuple[Any, ...]]:
 
 
 def u8_customers(engagement: Engagement) -> Iterator[tuple[Any, ...]]:
-    """Customer: 80% of the head offices, every branch and every branch's head office."""
+    """Customer: 80% of the head offices, every branch and every branch's head office; 2% entered twice."""
     rng = engagement.rng("u8_customers")
     heads_of_branches = {c.parent for c in engagement.companies if c.parent >= 0}
     for company in engagement.companies:
         if not (company.parent >= 0 or company.id in heads_of_branches or rng.random() < 0.80):
             continue
-        code = f"{len(engagement.u8_code) + 1:08d}"
-        engagement.u8_code[company.id] = code
-        engagement.truth.append(("erp_u8", code, company.id))
-        name, kind = engagement.name_variant(company, rng, "u8")
-        engagement.note(f"name_{kind}")
-        roll = rng.random()
-        if roll < 0.70:
-            reg = company.uscc
-        elif roll < 0.85:
-            reg = company.tax15
-            engagement.note("old_15_digit_tax_numbers")
-        else:
-            reg = None
-        trade = TRADES[company.trade][0]
-        yield (
-            code, name, f"{company.brand}{trade[:2]}", rng.choice(["01", "02", "03"]), CITIES[company.city][4],
-            trade, engagement.address(company, rng, with_province=rng.random() < 0.5), None, reg,
-            rng.choice(["中国工商银行", "中国建设银行", "招商银行", None]), None, stamp(rng, 3000), None,
-            f"info@{company.domain}" if rng.random() < 0.3 else None,
-            company.contact if rng.random() < 0.8 else None, company.phone if rng.random() < 0.85 else None, None,
-            company.contact_mobile if rng.random() < 0.7 else None, engagement.reps[company.rep][0], "0301",
-            engagement.u8_code.get(company.parent) if company.parent >= 0 else None,
-            float(rng.choice([0, 50000, 100000, 500000])), None, None,
-        )  # fmt: skip
+        for copy in range(2 if rng.random() < 0.02 else 1):
+            code = f"{engagement.record_count('erp_u8') + 1:08d}"
+            engagement.u8_code.setdefault(company.id, code)
+            record = engagement.written(company, rng, "u8")
+            tags = record.tags + (["within_source_duplicate"] if copy else [])
+            engagement.truth.append(("erp_u8", code, company.id, ";".join(tags)))
+            trade = TRADES[company.trade][0]
+            yield (
+                code, record.name.strip(), f"{company.brand}{trade[:2]}", rng.choice(["01", "02", "03"]),
+                CITIES[company.city][4], trade, record.address, None, record.code,
+                rng.choice(["中国工商银行", "中国建设银行", "招商银行", None]), None, stamp(rng, 3000), None,
+                f"info@{company.domain}" if rng.random() < 0.3 else None,
+                company.contact if rng.random() < 0.8 else None, record.phone, None,
+                company.contact_mobile if rng.random() < 0.7 else None, engagement.reps[company.rep][0], "0301",
+                engagement.u8_code.get(company.parent) if company.parent >= 0 else None,
+                float(rng.choice([0, 50000, 100000, 500000])), None, None,
+            )  # fmt: skip
 
 
 def u8_orders(
@@ -651,46 +948,41 @@ def crm_users(engagement: Engagement) -> Iterator[tuple[Any, ...]]:
 
 
 def crm_accounts(engagement: Engagement, user_ids: list[str]) -> Iterator[tuple[Any, ...]]:
-    """accounts: 55% of the head offices, 30% of the branches, plus soft-deleted copies (3%)."""
+    """accounts: 55% of the head offices, 30% of the branches (8% entered twice), soft-deleted copies (3%)."""
     rng = engagement.rng("crm_accounts")
     for company in engagement.companies:
-        if rng.random() >= (0.30 if company.parent >= 0 else 0.55):
+        if company.id not in engagement.force_crm_english and rng.random() >= (
+            0.30 if company.parent >= 0 else 0.55
+        ):
             continue
-        account_id = uuid_from(rng)
-        engagement.crm_id[company.id] = account_id
-        engagement.truth.append(("legacy_crm", account_id, company.id))
-        name, kind = engagement.name_variant(company, rng, "crm")
-        engagement.note(f"name_{kind}")
-        roll = rng.random()
-        if roll < 0.45:
-            code: str | None = company.uscc
-        elif roll < 0.55:
-            code = f"{company.uscc[:6]} {company.uscc[6:]}".lower()
-        elif roll < 0.65:
-            code = company.tax15
-            engagement.note("old_15_digit_tax_numbers")
-        elif roll < 0.68:
-            code = company.uscc[:-1] + ("0" if company.uscc[-1] != "0" else "1")  # check digit fails
-            engagement.note("credit_code_typos")
-        else:
-            code = None
-        created = stamp(rng)
-        row = (
-            account_id, name, created, created, user_ids[company.rep], user_ids[company.rep], None, 0,
-            user_ids[company.rep], "Customer", TRADES[company.trade][0], None, None,
-            engagement.address(company, rng, with_province=False).removeprefix(CITIES[company.city][1]),
-            CITIES[company.city][1], CITIES[company.city][0], None, "中国", None,
-            typed_phone(company.phone, rng) if rng.random() < 0.8 else None,
-            typed_phone(company.contact_mobile, rng) if rng.random() < 0.2 else None,
-            f"www.{company.domain}" if rng.random() < 0.35 else None, None, None, None,
-            engagement.crm_id.get(company.parent) if company.parent >= 0 else None, code, None,
-        )  # fmt: skip
-        yield row
-        # An old duplicate someone deleted (at least one at any size): must never reach the core.
-        if rng.random() < 0.03 or not engagement.soft_deleted:
-            deleted_id = uuid_from(rng)
-            engagement.soft_deleted.append(("legacy_crm", "accounts", deleted_id))
-            yield (deleted_id, f"{name}（作废）", *row[2:7], 1, *row[8:])
+        copies = 2 if rng.random() < 0.08 else 1
+        bridge = company.id in engagement.bridges
+        for copy in range(copies + (1 if bridge else 0)):
+            account_id = uuid_from(rng)
+            engagement.crm_id.setdefault(company.id, account_id)
+            record = engagement.written(company, rng, "crm")
+            tags = record.tags + (["within_source_duplicate"] if copy else [])
+            if copy == copies:  # the bridging record: only the trade name, which two companies share
+                record = Written(company.brand, None, typed_phone(company.phone, rng), None, None,
+                                 CITIES[company.city][1], ["name_short_trade", "bridge_record", *company.traps])  # fmt: skip
+                tags = record.tags
+            engagement.truth.append(("legacy_crm", account_id, company.id, ";".join(tags)))
+            created = stamp(rng)
+            state = CITIES[company.city][0] if record.city_field == CITIES[company.city][1] else None
+            row = (
+                account_id, record.name, created, created, user_ids[company.rep], user_ids[company.rep], None, 0,
+                user_ids[company.rep], "Customer", TRADES[company.trade][0], None, None, record.street,
+                record.city_field, state, None, "中国", None, record.phone,
+                typed_phone(company.contact_mobile, rng) if rng.random() < 0.2 and record.phone else None,
+                f"www.{company.domain}" if rng.random() < 0.35 else None, None, None, None,
+                engagement.crm_id.get(company.parent) if company.parent >= 0 else None, record.code, None,
+            )  # fmt: skip
+            yield row
+            # An old duplicate someone deleted (at least one at any size): must never reach the core.
+            if rng.random() < 0.03 or not engagement.soft_deleted:
+                deleted_id = uuid_from(rng)
+                engagement.soft_deleted.append(("legacy_crm", "accounts", deleted_id))
+                yield (deleted_id, f"{record.name}（作废）", *row[2:7], 1, *row[8:])
 
 
 def crm_contacts(
@@ -767,6 +1059,10 @@ def crm_opportunities(
             links.append((uuid_from(rng), opp_id, account_id, created, 1 if unlinked else 0))
             if unlinked:
                 engagement.note("opportunities_without_live_account_link")
+            if not deleted:
+                engagement.opportunity_truth.append(
+                    ("legacy_crm", opp_id, company.id, 0 if unlinked else 1, "")
+                )
     return opportunities, links
 
 
@@ -811,7 +1107,7 @@ def write_workbook(engagement: Engagement, path: Path) -> dict[str, int]:
     customers.append(["制表：销售管理部", None, None, None, "更新日期：2025年6月30日"])
     customers.append([])
     customers.append(CUSTOMER_HEADER)
-    chosen = [c for c in engagement.companies if rng.random() < (0.05 if c.parent >= 0 else 0.20)]
+    chosen = [c for c in engagement.companies if rng.random() < (0.05 if c.parent >= 0 else 0.25)]
     chosen.sort(key=lambda c: (REGION_OF_PROVINCE[CITIES[c.city][0]], c.id))
     rows = subtotals = 0
     region = None
@@ -823,30 +1119,19 @@ def write_workbook(engagement: Engagement, path: Path) -> dict[str, int]:
             subtotals += 1
             in_region = 0
         region = company_region
-        name, kind = engagement.name_variant(company, rng, "xlsx")
-        engagement.note(f"name_{kind}")
-        key = " ".join(name.split())
-        if key in engagement.xlsx_name.values():
+        record = engagement.written(company, rng, "xlsx")
+        key = " ".join(record.name.split())
+        if key in engagement.xlsx_names:
             continue
+        engagement.xlsx_names.add(key)
         engagement.xlsx_name[company.id] = key
-        engagement.truth.append(("sales_xlsx", key, company.id))
-        roll = rng.random()
-        if roll < 0.5:
-            code: str | None = company.uscc
-        elif roll < 0.55:
-            code = "".join(chr(ord(ch) + 0xFEE0) for ch in company.uscc)  # full-width
-        elif roll < 0.6:
-            code = company.tax15
-            engagement.note("old_15_digit_tax_numbers")
-        else:
-            code = None
+        engagement.truth.append(("sales_xlsx", key, company.id, ";".join(record.tags)))
         rep = engagement.reps[company.rep]
         rows += 1
         in_region += 1
         customers.append([
-            rows, name, code, company.contact, typed_phone(company.contact_mobile, rng),
-            typed_phone(company.phone, rng) if rng.random() < 0.4 else None,
-            engagement.address(company, rng, with_province=rng.random() < 0.3), rep[1] + rep[2],
+            rows, record.name, record.code, company.contact, typed_phone(company.contact_mobile, rng),
+            record.phone, record.address, rep[1] + rep[2],
             rng.choice(["A", "B", "C"]), "重点跟进" if rng.random() < 0.05 else None,
         ])  # fmt: skip
         if rng.random() < 0.01:
@@ -864,6 +1149,7 @@ def write_workbook(engagement: Engagement, path: Path) -> dict[str, int]:
     pool = [c for c in engagement.companies if c.parent < 0]
     picked = sorted(rng.choices(range(len(pool)), k=wanted), key=lambda i: pool[i].rep)
     deal_rows = 0
+    known = engagement.in_sources
     owner = None
     owner_total = 0.0
     for n, position in enumerate(picked, start=1):
@@ -873,10 +1159,10 @@ def write_workbook(engagement: Engagement, path: Path) -> dict[str, int]:
             subtotals += 1
             owner_total = 0.0
         owner = company.rep
-        if company.id in engagement.xlsx_name and rng.random() < 0.8:
-            name = engagement.xlsx_name[company.id]
+        if company.id in engagement.xlsx_name and rng.random() < 0.6:
+            name, tags = engagement.xlsx_name[company.id], ["deal_name_as_in_sheet"]
         else:
-            name, _kind = engagement.name_variant(company, rng, "xlsx")
+            name, tags = engagement.name_variant(company, rng, "deal")
         value = float(rng.choice([30000, 50000, 80000, 100000, 125000, 200000, 350000, 1200000]))
         foreign = rng.random() < 0.03
         if foreign:
@@ -885,9 +1171,16 @@ def write_workbook(engagement: Engagement, path: Path) -> dict[str, int]:
         owner_total += value
         rep = engagement.reps[company.rep]
         stage = rng.choice(STAGES_ZH) if rng.random() < 0.98 else "已签约"
+        amount = amount_text(value, rng)
+        resolvable = int(
+            company.id in known and amount != "待定"
+        )  # 待定 is rejected for its amount, not its customer
+        engagement.opportunity_truth.append(
+            ("sales_xlsx", f"SJ-2025-{n:06d}", company.id, resolvable, ";".join(tags))
+        )
         deals.append([
             f"SJ-2025-{n:06d}", name, f"{company.brand}{rng.choice(['扩容', '新建', '升级', '替换'])}项目", stage,
-            amount_text(value, rng), "美元" if foreign else rng.choice(["人民币", None, None]),
+            amount, "美元" if foreign else rng.choice(["人民币", None, None]),
             date_cell(REFERENCE_DAY + dt.timedelta(days=rng.randint(-90, 200)), rng), rep[1] + rep[2],
             date_cell(REFERENCE_DAY - dt.timedelta(days=rng.randint(0, 300)), rng),
             "ＶＩＰ客户" if rng.random() < 0.05 else None,
@@ -907,12 +1200,23 @@ def write_workbook(engagement: Engagement, path: Path) -> dict[str, int]:
 
 
 def generate(
-    rows: int, out: Path, seed: int = SEED, u8_url: str | None = None, crm_url: str | None = None
+    rows: int | None,
+    out: Path,
+    seed: int = SEED,
+    u8_url: str | None = None,
+    crm_url: str | None = None,
+    customers: int | None = None,
 ) -> dict[str, Any]:
-    """Write the engagement into ``out`` (and the databases named by URL); return the manifest."""
+    """Write the engagement into ``out`` (and the databases named by URL); return the manifest.
+
+    ``customers`` sizes the engagement by customer records instead (about that many over the three
+    sources); ``rows`` then defaults to those plus contacts, opportunities and half as many order lines.
+    """
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    engagement = Engagement(rows, seed)
+    if rows is None and customers is None:
+        rows = DEFAULT_ROWS
+    engagement = Engagement(rows, seed, customers)
     u8_url = u8_url or f"sqlite:///{(out / 'erp_u8.sqlite').resolve()}"
     crm_url = crm_url or f"sqlite:///{(out / 'legacy_crm.sqlite').resolve()}"
     counts: dict[str, int] = {}
@@ -947,7 +1251,8 @@ def generate(
     counts["xlsx.商机"] = sheet_counts["opportunities"]
     fixed = (counts["u8.Customer"] + counts["crm.accounts"] + counts["xlsx.客户"] + counts["crm.contacts"]
              + counts["crm.opportunities"] + counts["xlsx.商机"])  # fmt: skip
-    orders, lines = u8_orders(engagement, max(0, rows - fixed))
+    lines_wanted = max(0, rows - fixed) if rows is not None else (customers or 0) // 2
+    orders, lines = u8_orders(engagement, lines_wanted)
     counts["u8.SO_SOMain"] = u8.write("SO_SOMain", orders)
     counts["u8.SO_SODetails"] = u8.write("SO_SODetails", lines)
     del orders, lines
@@ -955,8 +1260,16 @@ def generate(
 
     with (out / "truth.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["source", "key", "company_id"])
+        writer.writerow(["source", "key", "company_id", "classes"])
         writer.writerows(engagement.truth)
+    with (out / "opportunities_truth.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["source", "key", "company_id", "resolvable", "classes"])
+        writer.writerows(engagement.opportunity_truth)
+    classes: dict[str, int] = {}
+    for _source, _key, _company, tags in engagement.truth:
+        for tag in filter(None, tags.split(";")):
+            classes[tag.split(":")[0]] = classes.get(tag.split(":")[0], 0) + 1
     with (out / "soft_deleted.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["source", "table", "key"])
@@ -970,18 +1283,21 @@ def generate(
     manifest = {
         "rows": sum(by_entity.values()),
         "rows_requested": rows,
+        "customers_requested": customers,
         "seed": seed,
         "companies": len(engagement.companies),
         "by_entity": by_entity,
         "tables": counts,
         "all_rows_written": sum(counts.values()),
         "hard_cases": dict(sorted(engagement.hard_cases.items())),
+        "classes": dict(sorted(classes.items())),  # customer records carrying each class
         "truth_records": len(engagement.truth),
         "soft_deleted_rows": len(engagement.soft_deleted),
         "files": {
             "sales_xlsx": str((out / "sales.xlsx").resolve()),
             "truth": str((out / "truth.csv").resolve()),
             "soft_deleted": str((out / "soft_deleted.csv").resolve()),
+            "opportunities_truth": str((out / "opportunities_truth.csv").resolve()),
         },
         "urls": {"erp_u8": redact(u8_url), "legacy_crm": redact(crm_url)},
         "seconds": round(time.perf_counter() - started, 1),
@@ -999,7 +1315,13 @@ def main() -> None:
     """Command-line entry point: generate, print the manifest as one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
-        "--rows", type=int, default=100_000, help="customer + contact + opportunity + order-line rows"
+        "--rows",
+        type=int,
+        default=None,
+        help="customer + contact + opportunity + order-line rows (default 100,000)",
+    )
+    parser.add_argument(
+        "--customers", type=int, default=None, help="size by customer records over the three sources instead"
     )
     parser.add_argument("--out", type=Path, default=Path("var/e2e/data"))
     parser.add_argument("--seed", type=int, default=SEED)
@@ -1008,7 +1330,7 @@ def main() -> None:
         "--crm-url", help="SQLAlchemy URL for the SuiteCRM database (default: SQLite file in --out)"
     )
     args = parser.parse_args()
-    manifest = generate(args.rows, args.out, args.seed, args.u8_url, args.crm_url)
+    manifest = generate(args.rows, args.out, args.seed, args.u8_url, args.crm_url, args.customers)
     print(json.dumps(manifest, ensure_ascii=False))
 
 
