@@ -13,19 +13,64 @@ already knows how to read. Writes, for a chosen total of source rows:
   in the base currency), English (pinyin) account names.
 * a Yonyou U8-like database (Person, Customer, SO_SOMain, SO_SODetails): branches (分公司) pointing at
   their head office through ``cCusHeadCode``, old 15-digit tax numbers next to 统一社会信用代码.
-* ``truth.csv`` (source, key, company_id) for every live customer record, ``soft_deleted.csv`` (source,
+* ``truth.csv`` (source, key, company_id, classes) for every live customer record, ``soft_deleted.csv`` (source,
   table, key) for rows that must never reach the core, and ``manifest.json`` with the counts.
 
 The same company is written differently per source (深圳腾达科技有限公司 / 腾达科技（深圳）有限公司 /
-Shenzhen Tengda Technology Co., Ltd. / 深圳市腾达科技有限责任公司); hard negatives are planted: branches,
-different companies sharing one phone number, the same trade name in another city.
+Shenzhen Tengda Technology Co., Ltd. / 深圳市腾达科技有限责任公司), and every failure class of issue 14
+is planted and tagged per record in ``truth.csv``'s ``classes`` column (``;``-separated), so matching
+quality can be broken down per class (``bench/e2e/quality.py``). The homophone, look-alike,
+industry-word and traditional-character tables are written by hand here, not taken from the toolkit.
+
+Must-match classes (shares are of the records a source writes; estimates of what migrations meet):
+
+* name: region before the trade name (U8 80% / CRM 37% / sheet 50%, the baseline), region in brackets
+  after it (4 / 24 / 15%), region absent (7 / 8 / 10%), English pinyin name (CRM 13%), only the short
+  trade name 腾达 (3 / 5 / 8%); on top, one slip in 6% (U8), 12% (CRM), 15% (sheet) of the Chinese names:
+  a homophone or near-homophone 华鑫→华新 (30% of slips), a look-alike 天→夭 (12%), a character dropped
+  (14%) or two swapped (9%), an industry-word variant 贸易→商贸 (25%), traditional characters mixed in
+  (10%). Tags ``name_region_before|bracket|absent``, ``name_english``, ``name_short_trade``,
+  ``name_homophone``, ``name_lookalike``, ``name_char_dropped``, ``name_chars_swapped``,
+  ``name_industry_variant``, ``name_traditional_mixed``; branches ``name_branch``.
+* identifiers in the credit-code column: the 15-digit old registration number (U8 12%, CRM 8%, sheet
+  5%: ``id_reg15``), the 9-character organization code, mostly as 12345678-9 (2–4%: ``id_org9``), the code
+  cut to 10 characters (1–3%: ``id_uscc_cut10``), one character dropped, doubled or two swapped (1% each:
+  ``id_uscc_dropped|doubled|swapped``), a wrong check digit (CRM 3%: ``id_uscc_check_digit``); 20–46% empty.
+* phones (office phone, when a record has one: U8 85%, CRM 80%, sheet 45%): without area code 9%
+  (``phone_local_only``), with an extension 转6206 / -8001 / ext.12 / （分机123） 6% (``phone_extension``),
+  two numbers in one cell separated by 、 ； / , 5% (``phone_multi``), +86 / 0086 / 86- prefixes 6%
+  (``phone_intl_prefix``).
+* ``address_only``: a record with neither credit code nor phone, whose street address (the same in
+  every record of the company) is its evidence; ``within_source_duplicate``: a company entered twice
+  in one system (U8 2%, CRM 8%).
+
+False-merge traps (shares of the head offices; each adds one company; both companies' records are
+tagged ``trap_x:<group>``): the same trade name and industry in another city whose records mostly (70%)
+leave the region out of the name, the city then only in the address (1.5%,
+``trap_other_city_address``), the CRM city field in pinyin such as Zhengzhou (1.5%,
+``trap_other_city_crm_city_en``), the phone's area code (1.5%, ``trap_other_city_area_code``) or the
+credit code's division digits (1.5%, ``trap_other_city_uscc_division``); a namesake in another city
+kept in the CRM under its English pinyin name (1%, ``trap_english_other_city``); a 分公司 and its head
+office (3%, ``trap_branch_parent``); a company in the same district and building whose trade name
+differs in one distinctive character 卓泰 / 卓众 (2%, ``trap_same_district_one_char``); the same trade
+name in another business in the same city, bridged by a CRM record that is only the trade name with
+one company's phone (1%, ``trap_bridge``; the record itself is tagged ``bridge_record``); different
+companies sharing one phone number (one pair per 60 companies, ``trap_shared_phone``).
+
+``opportunities_truth.csv`` (source, key, company_id, resolvable, classes) says, for every live
+opportunity row, whose it is and whether its customer can be found (a record of it in some source and a
+reference to it: CRM rows linked to their account, sheet rows naming it, 60% as the 客户 sheet writes it
+and otherwise in a name form of their own, tagged like the customer names).
 
 ``--rows`` is the total of customer, contact, opportunity and order-line rows over all sources
 (soft-deleted rows included; order headers, users and link tables not counted); order lines fill
 up to it exactly. Databases are SQLite files unless ``--u8-url`` / ``--crm-url`` name a PostgreSQL
 database (created if missing, tables replaced; written with COPY).
 
-Run: ``python bench/e2e/generate_engagement.py --rows 100000 --out var/e2e``.
+``--customers`` sizes it by customer records instead (about that many over the three sources; contacts
+and opportunities follow, order lines are half as many as customers).
+
+Run: ``python bench/e2e/generate_engagement.py --rows 100000 --out var/e2e`` or ``--customers 50000``.
 """
 
 from __future__ import annotations
