@@ -76,14 +76,17 @@ def test_review_queue_and_opportunity_figures_by_hand() -> None:
     assert review == {"review_pairs": 4, "review_share_of_records": round(4 / 7, 4),
                       "review_truly_same": round(1 / 3, 4)}  # fmt: skip
     truth = pd.DataFrame({"source": ["s", "s", "s", "s", "t"], "key": ["o1", "o2", "o3", "o4", "o5"],
-                          "company_id": [1, 2, 3, 1, 4], "resolvable": [1, 1, 1, 0, 1]})  # fmt: skip
+                          "company_id": [1, 2, 3, 1, 4], "resolvable": [1, 1, 1, 0, 1],
+                          "classes": ["name_short_trade", "", "name_short_trade", "", ""]})  # fmt: skip
     in_core = pd.DataFrame({"source": ["s", "s", "s"], "key": ["o1", "o2", "o3"], "golden": [11, 12, 12]})
     figures = quality.opportunity_figures(records(), truth, in_core)
     # o1 -> g11 (A: right), o2 -> g12 (mostly B: right), o3 -> g12 (C's deal on B's customer: wrong),
     # o5 never loaded, o4 not resolvable.
     assert figures["opportunity_rows_resolvable"] == 4 and figures["opportunity_rows_loaded"] == 3
     assert figures["opportunities_attached_right"] == 0.5
+    assert figures["opportunities_attached_wrong"] == 1
     assert figures["opportunities_attached_by_source"] == {"s": round(2 / 3, 4), "t": 0.0}
+    assert figures["opportunities_attached_by_class"] == {"name_short_trade": 0.5}  # o1 right, o3 wrong
     assert figures["opportunity_rows_not_resolvable"] == 1
 
 

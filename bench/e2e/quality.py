@@ -19,7 +19,9 @@ Definitions (every figure is over the truth's customer records that reached the 
   truly the same = pairs whose two golden customers' majority companies are the same company.
 * **opportunities attached**: of the opportunity rows the truth marks resolvable (their customer has
   a record in some source and the row names or references it), the share in the core whose customer's
-  golden record's majority company is the row's company (rows not in the core count as not attached).
+  golden record's majority company is the row's company (rows not in the core count as not attached);
+  ``opportunities_attached_wrong`` counts loaded rows on another company's golden customer, and
+  ``opportunities_attached_by_class`` breaks the share down by how the row wrote its customer's name.
 * **per class**: a must-match class tags records; its recall is over the true pairs with at least
   one tagged record. A trap class tags records with a group (``trap_x:17``); its false-merge rate is
   the share of the group's cross-company pairs that share a golden customer, and ``groups_merged`` the
@@ -194,8 +196,17 @@ def opportunity_figures(
         str(source): ratio(int((attached_to[group.index] == group["company_id"]).sum()), len(group))
         for source, group in joined.groupby("source")
     }
+    by_class: dict[str, float | None] = {}
+    if "classes" in joined.columns:
+        for tag, rows in tags_of(joined).groupby("tag"):
+            group = joined.loc[rows["record"].unique()]
+            by_class[str(tag)] = ratio(
+                int((attached_to[group.index] == group["company_id"]).sum()), len(group)
+            )
     return {"opportunity_rows_resolvable": len(wanted), "opportunity_rows_loaded": loaded,
-            "opportunities_attached_right": ratio(right, len(wanted)), "opportunities_attached_by_source": by_source,
+            "opportunities_attached_right": ratio(right, len(wanted)),
+            "opportunities_attached_wrong": loaded - right, "opportunities_attached_by_source": by_source,
+            "opportunities_attached_by_class": by_class,
             "opportunity_rows_not_resolvable": int(len(opportunity_truth) - len(wanted))}  # fmt: skip
 
 
