@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import importlib.util
 import json
+import re
 import sqlite3
 import sys
 from pathlib import Path
@@ -55,7 +57,7 @@ def contents(folder: Path) -> dict[str, object]:
     for sheet in workbook.worksheets:
         found[f"xlsx:{sheet.title}"] = [tuple(row) for row in sheet.iter_rows(values_only=True)]
     workbook.close()
-    for name in ("truth.csv", "soft_deleted.csv"):
+    for name in ("truth.csv", "soft_deleted.csv", "opportunities_truth.csv"):
         found[name] = (folder / name).read_text(encoding="utf-8")
     return found
 
@@ -111,6 +113,74 @@ def test_hard_cases_are_planted_and_the_truth_covers_every_live_customer(engagem
             assert len(code) in lengths[tagged[0]], (key, code, tagged)
         else:
             assert uscc.is_valid(code), (key, code)
+
+
+# Every failure class of issue 14, as the held-out generator tags it.
+MUST_MATCH = [
+    "name_homophone", "name_lookalike", "name_char_dropped", "name_chars_swapped", "name_industry_variant",
+    "name_traditional_mixed", "name_short_trade", "name_region_before", "name_region_bracket",
+    "name_region_absent", "name_english", "id_uscc_dropped", "id_uscc_doubled", "id_uscc_swapped",
+    "id_reg15", "id_org9", "id_uscc_cut10", "phone_local_only", "phone_extension", "phone_multi",
+    "phone_intl_prefix", "address_only",
+]  # fmt: skip
+TRAPS = [
+    "trap_other_city_address", "trap_other_city_crm_city_en", "trap_other_city_area_code",
+    "trap_other_city_uscc_division", "trap_english_other_city", "trap_branch_parent",
+    "trap_same_district_one_char", "trap_bridge", "trap_shared_phone",
+]  # fmt: skip
+
+
+def test_the_held_out_generator_and_its_scorer_import_nothing_from_the_toolkit() -> None:
+    for path in (E2E / "generate_engagement.py", E2E / "quality.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        modules = {
+            alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
+        modules |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not {m for m in modules if m.split(".")[0] in ("crm_core", "integration")}, path
+
+
+def test_every_failure_class_is_planted_and_written_as_its_tag_says(tmp_path: Path) -> None:
+    manifest = load_engagement_generator().generate(None, tmp_path, customers=3000)
+    assert 2500 <= manifest["by_entity"]["customers"] <= 3500
+    assert not [tag for tag in MUST_MATCH + TRAPS if manifest["classes"].get(tag, 0) == 0]
+    with (tmp_path / "truth.csv").open(encoding="utf-8") as handle:
+        truth = list(csv.DictReader(handle))
+    # A trap group holds the records of exactly two companies.
+    companies_of: dict[str, set[str]] = {}
+    for row in truth:
+        for tag in row["classes"].split(";"):
+            if tag.startswith("trap_"):
+                companies_of.setdefault(tag, set()).add(row["company_id"])
+    assert companies_of and all(len(found) <= 2 for found in companies_of.values())
+    assert sum(len(found) == 2 for found in companies_of.values()) > 0.8 * len(companies_of)
+    with sqlite3.connect(tmp_path / "erp_u8.sqlite") as db:
+        u8 = {
+            code: (name, phone)
+            for code, name, phone in db.execute('SELECT "cCusCode", "cCusName", "cCusPhone" FROM "Customer"')
+        }
+    shapes = {
+        "phone_extension": r"(转|-\d{3,4}$|ext\.|分机)",
+        "phone_multi": r"\d\s*[、；/,]\s*[\d(]",
+        "phone_intl_prefix": r"^(\+86|0086|86-)",
+        "phone_local_only": r"^\d{7,8}$",
+    }  # fmt: skip
+    for row in truth:
+        if row["source"] != "erp_u8":
+            continue
+        name, phone = u8[row["key"]]
+        tags = row["classes"].split(";")
+        for tag, pattern in shapes.items():
+            if tag in tags:
+                assert re.search(pattern, phone), (tag, phone)
+        if "name_english" in tags:
+            raise AssertionError(f"U8 writes no English names: {name}")
+        if "name_short_trade" in tags:
+            assert len(name) == 2, name
+    with (tmp_path / "opportunities_truth.csv").open(encoding="utf-8") as handle:
+        opportunities = list(csv.DictReader(handle))
+    assert {row["source"] for row in opportunities} == {"legacy_crm", "sales_xlsx"}
+    assert {row["resolvable"] for row in opportunities} == {"0", "1"}
 
 
 def test_the_project_checks_against_the_generated_sources(

@@ -78,9 +78,9 @@ def clustering_scores(records: pd.DataFrame) -> dict[str, Any]:
     right_pairs = pairs(records.groupby(["company_id", "golden"]).size())
     precision = right_pairs / found_pairs if found_pairs else 1.0
     recall = right_pairs / true_pairs if true_pairs else 1.0
-    company_members = records.groupby("company_id")["golden"].agg(lambda s: frozenset(s.index))
-    golden_members = records.groupby("golden")["company_id"].agg(lambda s: frozenset(s.index))
-    exact = len(set(company_members) & set(golden_members))
+    company_members = {frozenset(rows) for rows in records.groupby("company_id").groups.values()}
+    golden_members = {frozenset(rows) for rows in records.groupby("golden").groups.values()}
+    exact = len(company_members & golden_members)
     cluster_p = exact / len(golden_members) if len(golden_members) else 1.0
     cluster_r = exact / len(company_members) if len(company_members) else 1.0
     both = records.groupby(["company_id", "golden"]).size()

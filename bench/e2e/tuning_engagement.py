@@ -69,7 +69,7 @@ def generate(customers: int, out: Path, seed: int = 17) -> dict[str, Any]:
                    " email TEXT, city TEXT)")  # fmt: skip
         db.executemany("INSERT INTO customers VALUES (?, ?, ?, ?, ?, ?)", rows["erp"])
     opportunity_truth: list[tuple[str, str, int, int, str]] = []
-    opportunities = []
+    opportunities: list[tuple[Any, ...]] = []
     for company, account in crm_accounts.items():
         for _ in range(rng.choice([0, 1, 1, 2])):
             opportunity_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
