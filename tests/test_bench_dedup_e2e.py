@@ -13,7 +13,9 @@ from types import ModuleType
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from typer.testing import CliRunner
 
+from integration.cli import app
 from tests.conftest import REPO
 
 
@@ -140,6 +142,31 @@ def test_measure_reads_the_core_follows_merge_chains_and_cleans_keys(tmp_path: P
     assert figures["review_pairs"] == 4 and figures["review_truly_same"] == round(1 / 3, 4)
     assert figures["opportunities_attached_right"] == 0.5
     assert figures["classes"]["trap_t"]["merged"] == 2
+
+
+def test_the_tuning_project_checks_against_its_generated_sources(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "tuning_engagement", REPO / "bench" / "e2e" / "tuning_engagement.py"
+    )
+    assert spec and spec.loader
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    manifest = generator.generate(60, tmp_path)
+    assert (
+        sum(manifest["by_source"].values()) == manifest["customers"]
+        and min(manifest["by_source"].values()) > 0
+    )
+    with (tmp_path / "truth.csv").open(encoding="utf-8") as handle:
+        assert len(list(csv.DictReader(handle))) == manifest["customers"]
+    monkeypatch.setenv("TUNING_ERP_URL", f"sqlite:///{tmp_path / 'erp.sqlite'}")
+    monkeypatch.setenv("TUNING_CRM_URL", f"sqlite:///{tmp_path / 'crm.sqlite'}")
+    monkeypatch.setenv("TUNING_SALES_XLSX", str(tmp_path / "sales.xlsx"))
+    project = REPO / "bench" / "e2e" / "tuning_project"
+    result = CliRunner().invoke(app, ["project", "check", "--project", str(project)])
+    assert result.exit_code == 0, result.output
+    assert "5 mapping(s), 3 source(s)" in result.output
 
 
 @pytest.mark.slow
