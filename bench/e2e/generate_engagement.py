@@ -445,8 +445,10 @@ class Engagement:
     def _plant_traps(self, rng: random.Random, heads: list[Company], brand_chars: list[str]) -> None:
         """Companies that must stay apart from a head office although their records look alike."""
         for tag, share in TRAPS:
-            wanted = max(1, round(len(heads) * share))
-            for head in rng.sample(heads, wanted):
+            # One trap per head office: a second namesake with another channel would leave a pair that
+            # no evidence can decide (one record located by its address, the other by its phone only).
+            free = [head for head in heads if not head.traps]
+            for head in rng.sample(free, min(len(free), max(1, round(len(heads) * share)))):
                 if tag.startswith(("trap_other_city", "trap_english")):
                     others = [
                         c
