@@ -35,7 +35,6 @@ from crm_core.journal import (
     bulk_insert,
     bulk_update,
     ids_in,
-    insert_entry,
     journal_session,
     to_json,
     update_entry,
@@ -797,12 +796,11 @@ class EntityLoader:
         journal: list[dict[str, Any]] = []
         xw: Table = ExternalId.__table__  # type: ignore[assignment]
         self._inserted_since_analyze += len(self._new_records) + len(self._new_crosswalk)
+        # New rows carry created_run_id: rollback deletes them by it, so they need no journal entry each.
         if self._new_records:
             bulk_insert(connection, self.table, list(self._new_records.values()))
-            journal.extend(insert_entry(self.run.id, self.table, {"id": i}) for i in self._new_records)
         if self._new_crosswalk:
             bulk_insert(connection, xw, list(self._new_crosswalk.values()))
-            journal.extend(insert_entry(self.run.id, xw, {"id": i}) for i in self._new_crosswalk)
         changed = sorted(self._changed_records)
         if changed:
             now = dt.datetime.now(dt.UTC)

@@ -1,8 +1,9 @@
 """Load runs after the fact: list them, roll one back, compensate runs that failed or crashed.
 
-A run's journal (``row_changes``) holds the before-image of every row it touched. Rolling back replays
-it newest first in one transaction: inserted rows are deleted, changed rows get their old values back,
-crosswalk entries and watermarks included. A later run that touched the same rows, or whose rows point
+A run's journal (``row_changes``) holds the before-image of every row it changed; the rows it created
+carry its id in ``created_run_id``. Rolling back replays the journal newest first in one transaction
+(changed rows get their old values back, crosswalk entries and watermarks included), then deletes the
+rows the run created. A later run that touched the same rows, or whose rows point
 at rows this run inserted, depends on it: rollback refuses unless ``cascade`` rolls those back first.
 """
 
@@ -17,13 +18,26 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
 
-from sqlalchemy import Engine, Table, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    Engine,
+    String,
+    Table,
+    and_,
+    bindparam,
+    cast,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from crm_core.db import refresh_statistics, session_factory
 from crm_core.entities import ENTITIES
 from crm_core.errors import RunError
-from crm_core.journal import from_json
+from crm_core.journal import NOT_JOURNALED, from_json
 from crm_core.models import Base, ExternalId, LoadRun, RowChange
 
 ACTIVE = ("running", "succeeded", "unbalanced")  # statuses whose changes are in the core
@@ -127,10 +141,22 @@ def dependents(session: Session, run: LoadRun) -> set[int]:
         )
     )
     # Rows this run inserted still carry its id in created_run_id (a rollback deletes them): one join per
-    # foreign key finds later rows pointing at them, however many rows the run inserted.
+    # table finds later journal entries on them, and one per foreign key later rows pointing at them.
     for table in Base.metadata.sorted_tables:
         if "created_run_id" not in table.c:
             continue
+        if [c.name for c in table.primary_key.columns] == ["id"]:
+            found |= set(
+                session.scalars(
+                    select(theirs.c.load_run_id)
+                    .distinct()
+                    .join(
+                        table,
+                        and_(theirs.c.table_name == table.name, theirs.c.row_key == _created_rows_key(table)),
+                    )
+                    .where(table.c.created_run_id == run.id, theirs.c.load_run_id.in_(later))
+                )
+            )
         for fk in table.foreign_keys:
             parent = fk.column.table
             if parent.name == "load_runs" or "created_run_id" not in parent.c:
@@ -159,8 +185,18 @@ def dependents(session: Session, run: LoadRun) -> set[int]:
 
 
 def _replay(session: Session, run: LoadRun) -> None:
-    """Undo a run's journal newest first."""
+    """Undo a run's journal newest first, then delete the rows it created."""
     replay(session, RowChange.load_run_id == run.id)
+    # Set-based loads journal no entry per new row: the row's created_run_id says which run made it. The
+    # journal's updates are undone first, so nothing older still points at these rows; children go first.
+    for table in reversed(Base.metadata.sorted_tables):
+        if "created_run_id" in table.c and table.name not in NOT_JOURNALED:
+            session.execute(delete(table).where(table.c.created_run_id == run.id))
+
+
+def _created_rows_key(table: Table) -> Any:
+    """The journal's ``row_key`` of a row with an ``id`` primary key, built in SQL ('{"id": 7}')."""
+    return literal('{"id": ') + cast(table.c.id, String) + literal("}")
 
 
 REPLAY_PAGE = 20_000  # journal entries read at a time (keyset pages, newest first)
