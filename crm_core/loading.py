@@ -238,11 +238,11 @@ def _column_values(series: pd.Series) -> list[Any]:
     """Return a mapped column as plain Python values for the driver (missing values as None)."""
     if isinstance(series.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_any_dtype(series.dtype):
         return [_python(v) for v in series.tolist()]
-    values = series.tolist()
     kind = pd.api.types.infer_dtype(series, skipna=True) if series.dtype == object else "plain"
     if kind in ("string", "decimal", "integer", "boolean", "empty"):
-        return [v if _present(v) else None for v in values]
-    return [_python(v) for v in values]
+        # Python objects already: only the missing markers (NaN, NA, NaT) become None, found in one pass.
+        return series.astype(object).where(series.notna(), None).tolist()
+    return [_python(v) for v in series.tolist()]
 
 
 class _IdAllocator:
@@ -343,6 +343,10 @@ class EntityLoader:
             for column in self.table.columns
             if column.default is not None and column.default.is_scalar
         }
+        self._blank_row = {column.name: self._defaults.get(column.name) for column in self.table.columns}
+        # One timestamp per chunk: the rows of a chunk are written together, and the driver then formats
+        # one value instead of one per row.
+        self._now = dt.datetime.now(dt.UTC)
         # Written per chunk by _flush.
         self._rows: dict[int, dict[str, Any]] = {}  # records the chunk read or created: column -> value
         self._new_records: dict[int, dict[str, Any]] = {}
@@ -538,7 +542,7 @@ class EntityLoader:
             "load_run_id": self.run.id, "source": source, "entity": self.entity.name, "location": where,
             "row_ref": str(row_ref), "field": field_name, "value": None if value is None else str(value)[:2000],
             "rule": rule, "reason": reason, "severity": severity, "raw_row": self._raw.get(where, str(row_ref)),
-            "created_at": dt.datetime.now(dt.UTC),
+            "created_at": self._now,
         })  # fmt: skip
 
     def _load_batch(self, batch: Batch) -> SourceStats:
@@ -584,6 +588,7 @@ class EntityLoader:
         loaded_ids: list[int] = []
         for start in range(0, len(records), CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, len(records))
+            self._now = dt.datetime.now(dt.UTC)
             chunk_values = [
                 dict(zip(fields, row, strict=True))
                 for row in zip(*(columns[name][start:stop] for name in fields), strict=True)
@@ -755,8 +760,8 @@ class EntityLoader:
             self._add_to_index(record_id, self._record(record_id))
             return "merged", record_id
         record_id = self._record_ids.take(remaining)
-        now = dt.datetime.now(dt.UTC)
-        row = {column.name: self._defaults.get(column.name) for column in self.table.columns}
+        now = self._now
+        row = dict(self._blank_row)
         row.update(id=record_id, created_run_id=self.run.id, updated_run_id=self.run.id, created_at=now,
                    updated_at=now)  # fmt: skip
         for name, value in values.items():
@@ -773,7 +778,7 @@ class EntityLoader:
         entry.last_synced_hash = digest
         new = self._new_crosswalk.get(entry.id)
         if new is not None:
-            new.update(last_synced_hash=digest, last_synced_at=dt.datetime.now(dt.UTC))
+            new.update(last_synced_hash=digest, last_synced_at=self._now)
         else:
             self._changed_crosswalk[entry.id] = entry
 
@@ -781,7 +786,7 @@ class EntityLoader:
         self, source: str, key: str, entity_id: int, method: str, digest: str, remaining: int
     ) -> None:
         entry_id = self._crosswalk_ids_alloc.take(remaining)
-        now = dt.datetime.now(dt.UTC)
+        now = self._now
         self._new_crosswalk[entry_id] = {
             "id": entry_id, "entity": self.entity.name, "entity_id": entity_id, "system": source,
             "external_key": key, "match_method": method, "last_synced_hash": digest, "last_synced_at": now,
