@@ -432,7 +432,7 @@ def _check_columns(migration: Migration, mappings: Sequence[CompiledMapping]) ->
             problems += 1
             continue
         try:
-            load_mappings([mapping.file], sources={**unchecked, mapping.source: found})
+            load_mappings([mapping.file], sources={**unchecked, mapping.source: found}, rates=migration.rates)
         except ConfigError as exc:
             errors.print(exc.render(), markup=False, highlight=False)
             problems += len(exc.problems)
@@ -502,7 +502,7 @@ def mapping_preview(
     )
     for column in ("row", "status", "field", "raw", "mapped"):
         table.add_column(column, overflow="fold")
-    fields = [f.name for f in result.mapping.fields]
+    fields = result.mapping.written_fields()
     for record in frame.to_dict("records"):
         status = str(record["status"])
         style = (

@@ -46,7 +46,7 @@ CASES: list[tuple[str, str, list[str]]] = [
         "unknown_field_key",
         BASE + "  name: {from: name, tranforms: [trim]}\n",
         [
-            "{file}:5:22: fields.name.tranforms: unknown key 'tranforms'; did you mean 'transforms'?; allowed: combine, const, default, from, lookup, on_error, required, sep, transforms",
+            "{file}:5:22: fields.name.tranforms: unknown key 'tranforms'; did you mean 'transforms'?; allowed: combine, const, convert, default, from, lookup, on_error, required, sep, transforms",
         ],
     ),
     (

@@ -26,7 +26,7 @@ HEADER = "version: 1\nname: acme\nsources:\n  crm: {connector: sql, url: 'sqlite
 
 CASES = [
     ("unknown_key", HEADER + "mappings: [mappings/*.yaml]\nmapings: []\n",
-     ["6:1: mapings: unknown key 'mapings'; did you mean 'mappings'?; allowed: dedup, description, mappings, name, sources, validation, version"]),
+     ["6:1: mapings: unknown key 'mapings'; did you mean 'mappings'?; allowed: currencies, dedup, description, mappings, name, sources, validation, version"]),
     ("missing_mapping_file", HEADER + "mappings: [mappings/nope.yaml]\n",
      ["5:12: mappings[0]: no mapping file matches 'mappings/nope.yaml' in {root}"]),
     ("unset_env_var", "version: 1\nname: acme\nsources:\n  crm: {connector: sql, url: '${ACME_CRM_URL_UNSET}'}\nmappings: [mappings/*.yaml]\n",
