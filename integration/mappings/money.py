@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import pandas as pd
-import pycountry
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from crm_core.entities import EntityDef, FieldDef, FieldKind
 from crm_core.errors import MappingError, Problem
+from crm_core.validation import is_iso4217
 from integration.mappings.spec import CompiledField, FieldSpec, MappingSpec, _parse_step
 from integration.mappings.transforms import TransformFailure, _isnull, currency_code
 from integration.yamlconf import DocPath, LocatedDocument, close_names
@@ -54,11 +54,6 @@ SUITECRM_BASE_ID = "-99"
 OPERANDS = ("currency", "rate", "date", "currency_id")
 # Fields a convert fills besides its own, when the target entity has them.
 ORIGINAL_FIELDS = ("original_amount", "original_currency")
-
-
-def is_iso4217(code: str) -> bool:
-    """Return True for an active ISO 4217 currency code (CNY, USD, EUR…)."""
-    return len(code) == 3 and pycountry.currencies.get(alpha_3=code) is not None
 
 
 # --------------------------------------------------------------------------- project.yaml: currencies
