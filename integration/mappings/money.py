@@ -282,6 +282,7 @@ def compile_convert(
                 here,
                 "profile: suitecrm needs rate: the currencies row's conversion_rate (a column of the query, "
                 "or a lookup in currencies by currency_id)",
+                at_key=True,
             )
         )
     if convert.rate is not None and convert.date is not None:
@@ -346,6 +347,7 @@ def _table_problems(
                 here,
                 "convert needs a rate: give rate: (a column) or add currencies: {base: CNY, rates: {USD: 7.1}} "
                 "to project.yaml",
+                at_key=True,
             )
         ]
     if dated and not table.dated:
@@ -469,13 +471,17 @@ def convert_amounts(
         )
     index = amounts.index
     amount = _objects(amounts)
-    given = _present(amount)
+    already = outcome.rejected.to_numpy(dtype=bool).copy()
     raw_currency = _objects(evaluate(convert.currency.field, convert.currency.target))
     ids = (
         _objects(evaluate(convert.currency_id.field, convert.currency_id.target))
         if convert.currency_id is not None
         else raw_currency
     )
+    given_rates = _objects(evaluate(convert.rate.field, convert.rate.target)) if convert.rate else None
+    days = _objects(evaluate(convert.date.field, convert.date.target)) if convert.date else None
+    # Rows an operand already rejected (a rate that is not a number…) need no second reason here.
+    given = _present(amount) & ~(outcome.rejected.to_numpy(dtype=bool) & ~already)
     is_base = np.array([v is not None and str(v).strip() in convert.base_ids for v in ids], dtype=bool)
     codes, reasons = _codes(raw_currency, ~is_base)
     codes[is_base] = table.base
@@ -483,9 +489,8 @@ def convert_amounts(
     rates = np.full(len(amount), None, dtype=object)
     rates[np.array([c == table.base for c in codes], dtype=bool)] = Decimal(1)
     pending = given & _present(codes) & np.array([c != table.base for c in codes], dtype=bool)
-    if convert.rate is not None:
+    if convert.rate is not None and given_rates is not None:
         column = ", ".join(convert.rate.field.spec.columns) or "rate"
-        given_rates = _objects(evaluate(convert.rate.field, convert.rate.target))
         for i in np.flatnonzero(pending):
             rate = given_rates[i]
             if rate is None:
@@ -494,9 +499,8 @@ def convert_amounts(
                 reasons[i], shown[i] = f"the rate for {codes[i]} is not a positive number", rate
             else:
                 rates[i] = rate
-    elif convert.date is not None:
+    elif convert.date is not None and days is not None:
         column = ", ".join(convert.date.field.spec.columns) or "date"
-        days = _objects(evaluate(convert.date.field, convert.date.target))
         for i in np.flatnonzero(pending):
             code, day = codes[i], days[i]
             if code not in table.dated:
