@@ -37,11 +37,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from crm_core.entities import EntityDef, FieldDef, FieldKind
 from crm_core.errors import MappingError, Problem
 from crm_core.validation import is_iso4217
+from integration.mappings import columnar
 from integration.mappings.spec import CompiledField, FieldSpec, MappingSpec, _parse_step
 from integration.mappings.transforms import TransformFailure, _isnull, currency_code
 from integration.yamlconf import DocPath, LocatedDocument, close_names
@@ -418,27 +421,100 @@ Evaluate = Callable[[CompiledField, FieldDef], pd.Series]
 def _objects(values: pd.Series) -> np.ndarray:
     """Return the values as a numpy object array with None for missing values."""
     if isinstance(values.dtype, pd.ArrowDtype):
-        array = values.array.to_numpy(dtype=object, na_value=None)
-    else:
-        array = values.to_numpy(dtype=object).copy()
-    return np.array([None if _isnull(v) else v for v in array], dtype=object)
+        return np.asarray(values.array.to_numpy(dtype=object, na_value=None), dtype=object)
+    array = values.to_numpy(dtype=object, copy=True)
+    array[pd.isna(array)] = None
+    return array
 
 
 def _present(values: np.ndarray) -> np.ndarray:
-    return np.array([v is not None for v in values], dtype=bool)
+    return np.asarray(pd.notna(values), dtype=bool)
 
 
-def _codes(raw: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return the ISO code of each wanted row's currency and the reason where there is none (per distinct)."""
-    codes = np.full(len(raw), None, dtype=object)
-    reasons = np.full(len(raw), None, dtype=object)
-    found: dict[Any, tuple[str | None, str | None]] = {}
-    for i in np.flatnonzero(wanted):
-        value = raw[i]
-        if value not in found:
-            found[value] = _code(value)
-        codes[i], reasons[i] = found[value]
-    return codes, reasons
+def _per_distinct(
+    values: np.ndarray, rows: np.ndarray, func: Callable[[Any], tuple[Any, str | None]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply ``func`` (value -> (result, reason)) once per distinct value of ``values[rows]``; results by row."""
+    results = np.full(len(values), None, dtype=object)
+    reasons = np.full(len(values), None, dtype=object)
+    if rows.any():
+        positions, uniques = pd.factorize(values[rows], use_na_sentinel=False)
+        outcomes = [func(None if _isnull(u) else u) for u in uniques]
+        results[rows] = columnar.object_array([o[0] for o in outcomes])[positions]
+        reasons[rows] = columnar.object_array([o[1] for o in outcomes])[positions]
+    return results, reasons
+
+
+def _arrow_convert(amounts: pd.Series, rates: np.ndarray, divide: bool) -> pd.Series | None:
+    """Multiply or divide in Arrow decimals and round half away from zero to cents (None: out of range).
+
+    Division truncates at a scale above 2, which cannot move a value across a half-cent boundary, so the
+    rounded result equals exact division rounded half up (tests compare it with Python's decimals).
+    """
+    try:
+        values = pa.array(amounts.array) if columnar.is_arrow(amounts) else pa.array(_objects(amounts))
+        factors = pa.array(rates)
+        if pa.types.is_null(factors.type):
+            return pd.Series(None, index=amounts.index, dtype=object)
+        if not (pa.types.is_decimal(values.type) and pa.types.is_decimal(factors.type)):
+            return None
+        if factors.type.precision > 35 or values.type.precision - values.type.scale > 38:
+            return None
+        values = values.cast(pa.decimal256(38 + values.type.scale, values.type.scale))
+        factors = factors.cast(pa.decimal256(factors.type.precision, factors.type.scale))
+        result = pc.divide(values, factors) if divide else pc.multiply(values, factors)
+        cents = pc.round(result, 2, round_mode="half_towards_infinity").cast(pa.decimal128(38, 2))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OverflowError):
+        return None
+    return columnar.arrow_series(cents, amounts.index)
+
+
+def _python_convert(amount: np.ndarray, rates: np.ndarray, divide: bool) -> np.ndarray:
+    converted = np.full(len(amount), None, dtype=object)
+    ready = _present(amount) & _present(rates)
+    if ready.any():
+        positions, distinct_rates = pd.factorize(rates[ready])
+        rows = np.flatnonzero(ready)
+        for position, rate in enumerate(distinct_rates):
+            chosen = rows[positions == position]
+            converted[chosen] = columnar.object_array([_convert(v, rate, divide) for v in amount[chosen]])[
+                :-1
+            ]
+    return converted
+
+
+def _convert(amount: Any, rate: Decimal, divide: bool) -> Decimal:
+    value = amount if isinstance(amount, Decimal) else Decimal(str(amount))
+    return (value / rate if divide else value * rate).quantize(CENT, rounding=ROUND_HALF_UP)
+
+
+def _row_rate(pair: tuple[str, Any], column: str) -> tuple[Decimal | None, str | None]:
+    code, rate = pair
+    if rate is None:
+        return None, f"no rate for {code} on this row ({column} is empty)"
+    if not isinstance(rate, Decimal) or not rate.is_finite() or rate <= 0:
+        return None, f"the rate for {code} is not a positive number"
+    return rate, None
+
+
+def _dated_rate(table: RateTable, pair: tuple[str, Any], column: str) -> tuple[Decimal | None, str | None]:
+    code, day = pair
+    if code not in table.dated:
+        return _table_rate(table, code, " (currencies.dated or currencies.rates)")
+    if day is None:
+        return None, f"no date to pick the {code} rate ({column} is empty)"
+    rate = table.dated_rate(code, day)
+    if rate is None:
+        first = table.dated[code][0][0]
+        return None, f"no {code} rate valid on {day} (currencies.dated.{code} starts {first})"
+    return rate, None
+
+
+def _table_rate(
+    table: RateTable, code: str, where: str = " (currencies.rates)"
+) -> tuple[Decimal | None, str | None]:
+    rate = table.rates.get(code)
+    return (rate, None) if rate is not None else (None, f"no rate for {code} in project.yaml{where}")
 
 
 def _code(value: Any) -> tuple[str | None, str | None]:
@@ -470,7 +546,6 @@ def convert_amounts(
             f"convert on '{convert.field}' needs its project's currencies: load the mapping with its project"
         )
     index = amounts.index
-    amount = _objects(amounts)
     already = outcome.rejected.to_numpy(dtype=bool).copy()
     raw_currency = _objects(evaluate(convert.currency.field, convert.currency.target))
     ids = (
@@ -481,53 +556,41 @@ def convert_amounts(
     given_rates = _objects(evaluate(convert.rate.field, convert.rate.target)) if convert.rate else None
     days = _objects(evaluate(convert.date.field, convert.date.target)) if convert.date else None
     # Rows an operand already rejected (a rate that is not a number…) need no second reason here.
-    given = _present(amount) & ~(outcome.rejected.to_numpy(dtype=bool) & ~already)
-    is_base = np.array([v is not None and str(v).strip() in convert.base_ids for v in ids], dtype=bool)
-    codes, reasons = _codes(raw_currency, ~is_base)
+    given = amounts.notna().to_numpy(dtype=bool) & ~(outcome.rejected.to_numpy(dtype=bool) & ~already)
+    is_base = np.zeros(len(ids), dtype=bool)
+    if convert.base_ids:
+        is_base = pd.Series(ids, dtype=object).map(lambda v: str(v).strip(), na_action="ignore")
+        is_base = is_base.isin(convert.base_ids).to_numpy(dtype=bool)
+    codes, reasons = _per_distinct(raw_currency, ~is_base, _code)
     codes[is_base] = table.base
     shown = raw_currency.copy()  # the value a reject shows
-    rates = np.full(len(amount), None, dtype=object)
-    rates[np.array([c == table.base for c in codes], dtype=bool)] = Decimal(1)
-    pending = given & _present(codes) & np.array([c != table.base for c in codes], dtype=bool)
-    if convert.rate is not None and given_rates is not None:
-        column = ", ".join(convert.rate.field.spec.columns) or "rate"
-        for i in np.flatnonzero(pending):
-            rate = given_rates[i]
-            if rate is None:
-                reasons[i] = f"no rate for {codes[i]} on this row ({column} is empty)"
-            elif not isinstance(rate, Decimal) or not rate.is_finite() or rate <= 0:
-                reasons[i], shown[i] = f"the rate for {codes[i]} is not a positive number", rate
-            else:
-                rates[i] = rate
-    elif convert.date is not None and days is not None:
-        column = ", ".join(convert.date.field.spec.columns) or "date"
-        for i in np.flatnonzero(pending):
-            code, day = codes[i], days[i]
-            if code not in table.dated:
-                rates[i] = table.rates.get(code)
-                if rates[i] is None:
-                    reasons[i] = f"no rate for {code} in project.yaml (currencies.dated or currencies.rates)"
-            elif day is None:
-                reasons[i] = f"no date to pick the {code} rate ({column} is empty)"
-            else:
-                rates[i] = table.dated_rate(code, day)
-                if rates[i] is None:
-                    first = table.dated[code][0][0]
-                    reasons[i] = f"no {code} rate valid on {day} (currencies.dated.{code} starts {first})"
-                    shown[i] = day
+    rates = np.full(len(index), None, dtype=object)
+    foreign = codes != table.base  # element-wise on the object array
+    rates[_present(codes) & ~foreign] = Decimal(1)
+    pending = given & _present(codes) & foreign
+    if given_rates is not None:
+        column = ", ".join(convert.rate.field.spec.columns) if convert.rate else "rate"
+        pairs = columnar.object_array(list(zip(codes, given_rates, strict=True)))[:-1]
+        found_rates, found = _per_distinct(pairs, pending, lambda pair: _row_rate(pair, column))
+        bad = pending & _present(found) & _present(given_rates)
+        shown[bad] = given_rates[bad]
+    elif days is not None:
+        column = ", ".join(convert.date.field.spec.columns) if convert.date else "date"
+        pairs = columnar.object_array(list(zip(codes, days, strict=True)))[:-1]
+        found_rates, found = _per_distinct(pairs, pending, lambda pair: _dated_rate(table, pair, column))
+        early = (
+            pending & _present(found) & _present(days) & pd.Series(codes).isin(list(table.dated)).to_numpy()
+        )
+        shown[early] = days[early]
     else:
-        for i in np.flatnonzero(pending):
-            rates[i] = table.rates.get(codes[i])
-            if rates[i] is None:
-                reasons[i] = f"no rate for {codes[i]} in project.yaml (currencies.rates)"
-    converted = np.full(len(amount), None, dtype=object)
-    for i in np.flatnonzero(given & _present(rates)):
-        try:
-            value = Decimal(amount[i]) if not isinstance(amount[i], Decimal) else amount[i]
-            base = value / rates[i] if convert.divide else value * rates[i]
-            converted[i] = base.quantize(CENT, rounding=ROUND_HALF_UP)
-        except (InvalidOperation, TypeError, ValueError):
-            reasons[i], shown[i] = f"'{amount[i]}' is not a number", amount[i]
+        found_rates, found = _per_distinct(codes, pending, lambda code: _table_rate(table, code))
+    rates[pending], reasons[pending] = found_rates[pending], found[pending]
+    rates[~given] = None
+    converted = _arrow_convert(amounts, rates, convert.divide)
+    if converted is None:  # beyond Arrow's decimal range: Python decimals, one pass per distinct rate
+        converted = pd.Series(
+            _python_convert(_objects(amounts), rates, convert.divide), index=index, dtype=object
+        )
     failed = given & _present(reasons)
     if failed.any():
         outcome.add(
@@ -537,9 +600,9 @@ def convert_amounts(
             pd.Series(reasons, index=index, dtype=object),
             rule="convert",
         )
-    out = {convert.field: pd.Series(converted, index=index, dtype=object)}
+    out = {convert.field: converted}
     if "original_amount" in convert.writes:
-        out["original_amount"] = pd.Series(amount, index=index, dtype=object)
+        out["original_amount"] = amounts
     if "original_currency" in convert.writes:
         out["original_currency"] = pd.Series(codes, index=index, dtype=object)
     if "currency" in convert.writes:
