@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
 import sqlite3
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -315,3 +317,21 @@ def test_validation_checks_original_currency_codes() -> None:
         (1, "opportunity.original_currency.iso4217"),
         (2, "opportunity.original_amount.needs_currency"),
     ]
+
+
+@pytest.mark.parametrize("divide", [False, True])
+def test_arrow_decimals_round_like_python_decimals_half_up(divide: bool) -> None:
+    from integration.mappings import money
+
+    draw = random.Random(7)
+    amounts = [Decimal(draw.randint(-(10**9), 10**9)) / 10 ** draw.randint(0, 4) for _ in range(3000)]
+    amounts += [Decimal("0.5"), Decimal("-0.5"), Decimal("1.005"), Decimal("-1.005"), None]
+    rates = np.array(
+        [Decimal(draw.randint(1, 10**7)) / 10 ** draw.randint(0, 7) for _ in amounts[:-2]]
+        + [Decimal(1), None],
+        dtype=object,
+    )
+    arrow = money._arrow_convert(pd.Series(amounts, dtype=object), rates, divide)
+    assert arrow is not None and isinstance(arrow.dtype, pd.ArrowDtype)
+    python = money._python_convert(np.array(amounts, dtype=object), rates, divide)
+    assert arrow.array.to_numpy(dtype=object, na_value=None).tolist() == python.tolist()
