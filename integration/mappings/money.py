@@ -559,8 +559,8 @@ def convert_amounts(
     given = amounts.notna().to_numpy(dtype=bool) & ~(outcome.rejected.to_numpy(dtype=bool) & ~already)
     is_base = np.zeros(len(ids), dtype=bool)
     if convert.base_ids:
-        is_base = pd.Series(ids, dtype=object).map(lambda v: str(v).strip(), na_action="ignore")
-        is_base = is_base.isin(convert.base_ids).to_numpy(dtype=bool)
+        stripped = pd.Series(ids, dtype=object).map(lambda v: str(v).strip(), na_action="ignore")
+        is_base = stripped.isin(convert.base_ids).to_numpy(dtype=bool)
     codes, reasons = _per_distinct(raw_currency, ~is_base, _code)
     codes[is_base] = table.base
     shown = raw_currency.copy()  # the value a reject shows
