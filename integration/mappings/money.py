@@ -225,6 +225,8 @@ def _operand(
             steps.append(parsed)
     label = f"{field_name}.{name}"
     target = FieldDef(name=label, kind=_KINDS[name], required=False, column=label)
+    # The operand is compiled like a mapping field (transforms here); whatever else fields learn to read
+    # (source-side lookups, expressions) belongs here too, so operands run through the engine unchanged.
     if problems:
         return None, problems
     return Operand(name, CompiledField(label, spec, tuple(steps), None), target), []

@@ -245,13 +245,7 @@ class CompiledField:
     spec: FieldSpec
     steps: tuple[CompiledStep, ...]
     lookup: LookupSpec | None
-    convert: CompiledConvert | None = None
-
-    @property
-    def columns(self) -> list[str]:
-        """Return the source columns this field reads (its own and those of its convert)."""
-        extra = self.convert.columns() if self.convert is not None else []
-        return [*self.spec.columns, *(c for c in extra if c not in self.spec.columns)]
+    convert: CompiledConvert | None = None  # see money.py
 
 
 @dataclass(frozen=True)
@@ -280,7 +274,9 @@ class CompiledMapping:
         if cursor is not None and cursor not in columns:
             columns.append(cursor)
         for f in self.fields:
-            columns.extend(c for c in f.columns if c not in columns)
+            columns.extend(c for c in f.spec.columns if c not in columns)
+            if f.convert is not None:
+                columns.extend(c for c in f.convert.columns() if c not in columns)
         return columns
 
     def written_fields(self) -> list[str]:
