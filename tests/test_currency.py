@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from crm_core.errors import ConfigError
+from crm_core.errors import ConfigError, MappingError
 from crm_core.validation import builtin_rules, validate
 from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF
 from integration.mappings.engine import EXTERNAL_KEY, map_chunk, map_chunks, python_records
@@ -335,3 +335,30 @@ def test_arrow_decimals_round_like_python_decimals_half_up(divide: bool) -> None
     assert arrow is not None and isinstance(arrow.dtype, pd.ArrowDtype)
     python = money._python_convert(np.array(amounts, dtype=object), rates, divide)
     assert arrow.array.to_numpy(dtype=object, na_value=None).tolist() == python.tolist()
+
+
+def test_the_fields_on_error_applies_to_conversion_failures(tmp_path: Path) -> None:
+    rows = frame([{"amt": "100", "cur": "GBP"}, {"amt": "100", "cur": "USD"}])
+    kept = map_chunk(
+        mapping(tmp_path, '  amount: {from: amt, convert: {currency: cur}, on_error: "null"}\n'), rows
+    )
+    got = records(kept.records)
+    assert got["0"]["amount"] is None and got["0"]["original_amount"] == Decimal(100)
+    assert got["1"]["amount"] == Decimal("710.00")
+    assert list(kept.rejects["severity"]) == ["warn"]
+    with pytest.raises(
+        MappingError, match=r"field 'amount' failed on deals row 2 \(value 'GBP'\): no rate for GBP"
+    ):
+        map_chunk(
+            mapping(tmp_path, "  amount: {from: amt, convert: {currency: cur}, on_error: fail}\n"), rows
+        )
+
+
+def test_preview_shows_what_convert_fills(tmp_path: Path) -> None:
+    from integration.mappings.preview import preview
+
+    root = suitecrm_project(tmp_path / "suite")
+    shown = preview(root / "mappings" / "crm_opportunities.yaml", rows=10).side_by_side()
+    usd = shown[shown["row"] == "o2"].iloc[0]
+    assert (usd["original_currency"], usd["currency"], usd["amount (raw)"]) == ("USD", "CNY", "18000.0")
+    assert usd["amount"] == (Decimal(18000) / Decimal("0.1408")).quantize(CENT, ROUND_HALF_UP)

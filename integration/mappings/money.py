@@ -44,6 +44,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from crm_core.entities import EntityDef, FieldDef, FieldKind
 from crm_core.errors import MappingError, Problem
 from crm_core.validation import is_iso4217
+from integration.connectors.base import LOCATION, ROW_REF
 from integration.mappings import columnar
 from integration.mappings.spec import CompiledField, FieldSpec, MappingSpec, _parse_step
 from integration.mappings.transforms import TransformFailure, _isnull, currency_code
@@ -187,6 +188,7 @@ class CompiledConvert:
     base_ids: frozenset[str]
     table: RateTable | None  # None: the mapping was compiled without its project
     writes: tuple[str, ...]
+    on_error: str = "reject"  # the field's: reject the row, keep it without the amount (warn), or fail
 
     def operands(self) -> list[Operand]:
         """Return the operands given."""
@@ -339,6 +341,7 @@ def compile_convert(
         base_ids=base_ids,
         table=table,
         writes=writes,
+        on_error=spec.on_error,
     ), []
 
 
@@ -595,12 +598,20 @@ def convert_amounts(
         )
     failed = given & _present(reasons)
     if failed.any():
+        if convert.on_error == "fail":
+            row = int(np.flatnonzero(failed)[0])
+            chunk = outcome.chunk
+            raise MappingError(
+                f"{outcome.mapping.file}: field '{convert.field}' failed on {chunk[LOCATION].iat[row]!s} row "
+                f"{chunk[ROW_REF].iat[row]!s} (value {shown[row]!r}): {reasons[row]} (on_error: fail)"
+            )
         outcome.add(
             pd.Series(failed, index=index),
             convert.field,
             pd.Series(shown, index=index, dtype=object),
             pd.Series(reasons, index=index, dtype=object),
             rule="convert",
+            severity="error" if convert.on_error == "reject" else "warn",
         )
     out = {convert.field: converted}
     if "original_amount" in convert.writes:
