@@ -362,3 +362,34 @@ def test_preview_shows_what_convert_fills(tmp_path: Path) -> None:
     usd = shown[shown["row"] == "o2"].iloc[0]
     assert (usd["original_currency"], usd["currency"], usd["amount (raw)"]) == ("USD", "CNY", "18000.0")
     assert usd["amount"] == (Decimal(18000) / Decimal("0.1408")).quantize(CENT, ROUND_HALF_UP)
+
+
+def test_the_run_summary_counts_converted_amounts_by_currency(tmp_path: Path) -> None:
+    from sqlalchemy.orm import Session
+
+    from crm_core.db import make_engine, upgrade
+    from crm_core.models import Customer, Opportunity
+    from integration.cli import _converted_amounts
+
+    url = f"sqlite:///{tmp_path / 'core.sqlite'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    with Session(engine) as session:
+        customer = Customer(name="甲公司")
+        session.add(customer)
+        session.flush()
+        for original in ("USD", "USD", "EUR", "CNY", None):
+            session.add(
+                Opportunity(
+                    customer_id=customer.id,
+                    name="x",
+                    stage_code="initial_contact",
+                    currency="CNY",
+                    amount=Decimal(7),
+                    original_amount=Decimal(1) if original else None,
+                    original_currency=original,
+                )
+            )
+        session.commit()
+    engine.dispose()
+    assert _converted_amounts(url) == "opportunity 3 (USD 2, EUR 1)"
