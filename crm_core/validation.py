@@ -177,7 +177,8 @@ def unique(entity: str, name: str, severity: Severity = "error") -> Rule:
 
 def is_iso4217(code: str) -> bool:
     """Return True for an active ISO 4217 currency code (CNY, USD, EUR…)."""
-    return len(code) == 3 and pycountry.currencies.get(alpha_3=code) is not None
+    # pycountry matches case-insensitively; a code is written in capitals (rate tables are keyed by it).
+    return len(code) == 3 and code.isupper() and pycountry.currencies.get(alpha_3=code) is not None
 
 
 def _valid_uscc(value: str) -> bool:
