@@ -463,7 +463,7 @@ def _arrow_convert(amounts: pd.Series, rates: np.ndarray, divide: bool) -> pd.Se
             return pd.Series(None, index=amounts.index, dtype=object)
         if not (pa.types.is_decimal(values.type) and pa.types.is_decimal(factors.type)):
             return None
-        if factors.type.precision > 35 or values.type.precision - values.type.scale > 38:
+        if factors.type.precision > 35:  # the product's precision must stay within decimal256's 76 digits
             return None
         values = values.cast(pa.decimal256(38 + values.type.scale, values.type.scale))
         factors = factors.cast(pa.decimal256(factors.type.precision, factors.type.scale))
