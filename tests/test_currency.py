@@ -249,7 +249,7 @@ def test_suitecrm_profile_reads_minus_99_as_base_and_divides_by_conversion_rate(
         assert (got[key]["original_currency"], got[key]["original_amount"]) == (code, Decimal(amount))
         assert got[key]["currency"] == "CNY"
     assert {r["row_ref"]: r["reason"] for r in result.rejects.to_dict("records")} == {
-        "o4": "the amount has no currency (give currency a default if blank means the base currency)",
+        "o4": "currency_id 'old' names no currency (its row is missing or deleted)",
         "o5": "no rate for JPY on this row (conversion_rate is empty)",
     }
 

@@ -568,7 +568,14 @@ def convert_amounts(
         is_base = stripped.isin(convert.base_ids).to_numpy(dtype=bool)
     codes, reasons = _per_distinct(raw_currency, ~is_base, _code)
     codes[is_base] = table.base
+    orphan = np.zeros(len(ids), dtype=bool)  # an id whose currency row is missing (SuiteCRM: deleted)
+    if convert.currency_id is not None:
+        orphan = ~is_base & _present(ids) & ~_present(raw_currency)
+        reasons[orphan] = [
+            f"currency_id '{v}' names no currency (its row is missing or deleted)" for v in ids[orphan]
+        ]
     shown = raw_currency.copy()  # the value a reject shows
+    shown[orphan] = ids[orphan]
     rates = np.full(len(index), None, dtype=object)
     foreign = codes != table.base  # element-wise on the object array
     rates[_present(codes) & ~foreign] = Decimal(1)
