@@ -43,6 +43,10 @@ Quantity = Annotated[Decimal, mapped_column(Numeric(18, 4))]
 Name = Annotated[str, mapped_column(String(255))]
 Code = Annotated[str, mapped_column(String(64))]
 Currency = Annotated[str, mapped_column(String(3), default="CNY")]
+# The amount and ISO 4217 currency a source gave, kept beside the base-currency amount a mapping's
+# ``convert`` computed from them (empty when the amount was not converted).
+OriginalAmount = Annotated[Decimal | None, mapped_column(Numeric(18, 2))]
+OriginalCurrency = Annotated[str | None, mapped_column(String(3))]
 Timestamp = Annotated[dt.datetime, mapped_column(DateTime(timezone=True))]
 
 
@@ -260,8 +264,10 @@ class Opportunity(RunTracked, Base):
     name: Mapped[Name]
     stage_code: Mapped[str] = mapped_column(ForeignKey("stages.code"))
     probability: Mapped[int | None]  # overrides the stage default when set
-    amount: Mapped[Money | None]
+    amount: Mapped[Money | None]  # in the base currency
     currency: Mapped[Currency]
+    original_amount: Mapped[OriginalAmount]
+    original_currency: Mapped[OriginalCurrency]
     expected_close_date: Mapped[dt.date | None]
     closed_on: Mapped[dt.date | None]
     owner_id: Mapped[int | None] = mapped_column(ForeignKey("sales_reps.id"), index=True)
@@ -286,6 +292,8 @@ class SalesOrder(RunTracked, Base):
     order_date: Mapped[dt.date | None]
     currency: Mapped[Currency]
     total_amount: Mapped[Money | None]
+    original_amount: Mapped[OriginalAmount]  # of total_amount
+    original_currency: Mapped[OriginalCurrency]
     status: Mapped[str | None] = mapped_column(String(32))
     owner_id: Mapped[int | None] = mapped_column(ForeignKey("sales_reps.id"), index=True)
 
@@ -306,6 +314,8 @@ class SalesOrderLine(RunTracked, Base):
     unit_price: Mapped[Quantity | None]
     amount: Mapped[Money | None]
     tax_rate: Mapped[Decimal | None] = mapped_column(Numeric(6, 4))
+    original_amount: Mapped[OriginalAmount]
+    original_currency: Mapped[OriginalCurrency]
 
     order: Mapped[SalesOrder] = relationship(back_populates="lines")
 
@@ -322,6 +332,8 @@ class Receivable(RunTracked, Base):
     due_date: Mapped[dt.date | None]
     amount: Mapped[Money]
     currency: Mapped[Currency]
+    original_amount: Mapped[OriginalAmount]
+    original_currency: Mapped[OriginalCurrency]
     status: Mapped[str | None] = mapped_column(String(32))
 
 
@@ -336,6 +348,8 @@ class Payment(RunTracked, Base):
     received_on: Mapped[dt.date | None]
     amount: Mapped[Money]
     currency: Mapped[Currency]
+    original_amount: Mapped[OriginalAmount]
+    original_currency: Mapped[OriginalCurrency]
     method: Mapped[str | None] = mapped_column(String(32))
     reference: Mapped[str | None] = mapped_column(String(128))
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import pycountry
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from stdnum.cn import uscc as stdnum_uscc
@@ -174,6 +175,12 @@ def unique(entity: str, name: str, severity: Severity = "error") -> Rule:
 # --------------------------------------------------------------------------- domain rules
 
 
+def is_iso4217(code: str) -> bool:
+    """Return True for an active ISO 4217 currency code (CNY, USD, EUR…)."""
+    # pycountry matches case-insensitively; a code is written in capitals (rate tables are keyed by it).
+    return len(code) == 3 and code.isupper() and pycountry.currencies.get(alpha_3=code) is not None
+
+
 def _valid_uscc(value: str) -> bool:
     return bool(stdnum_uscc.is_valid(value))
 
@@ -236,6 +243,15 @@ def builtin_rules() -> list[Rule]:
     for entity, name in (("opportunity", "amount"), ("sales_order", "total_amount"), ("sales_order_line", "quantity"),
                          ("receivable", "amount"), ("payment", "amount"), ("payment_application", "amount")):  # fmt: skip
         rules.append(in_range(entity, name, minimum=0))
+    for entity, definition in ENTITIES.items():
+        if "original_currency" in definition.fields:
+            rules.append(Rule(f"{entity}.original_currency.iso4217", entity, "original_currency", "error",
+                              "original_currency is not an ISO 4217 currency code (CNY, USD, EUR…)",
+                              lambda f, _c: _per_distinct(f["original_currency"], lambda v: not is_iso4217(v))))  # fmt: skip
+            rules.append(Rule(f"{entity}.original_amount.needs_currency", entity, "original_amount", "error",
+                              "original_amount without original_currency: the amount's currency is unknown",
+                              lambda f, _c: present(f["original_amount"]) & ~present(f["original_currency"]),
+                              ("original_amount", "original_currency")))  # fmt: skip
     rules.append(Rule("sales_order_line.amount.matches_quantity_price", "sales_order_line", "amount", "warn",
                       "amount differs from quantity × unit_price by more than 1%", _line_amount_mismatch,
                       ("amount", "quantity", "unit_price")))  # fmt: skip

@@ -353,6 +353,36 @@ def _report_failure(result: Any, core: str | None, mode: str, timing: dict[str, 
         )
 
 
+def _converted_amounts(core: str | None) -> str:
+    """Return e.g. ``opportunity 37 (USD 27, EUR 6)``: records whose amount a mapping converted, by currency."""
+    import sqlalchemy as sa
+
+    from crm_core.db import make_engine
+    from crm_core.entities import ENTITIES
+
+    engine = make_engine(core_url(core))
+    parts = []
+    try:
+        with engine.connect() as connection:
+            for name, entity in ENTITIES.items():
+                table = entity.model.__table__
+                if "original_currency" not in table.c or "currency" not in table.c:
+                    continue
+                original = table.c.original_currency
+                rows = connection.execute(
+                    sa.select(original, sa.func.count())
+                    .where(original.is_not(None), original != table.c.currency)
+                    .group_by(original)
+                    .order_by(sa.func.count().desc(), original)
+                ).all()
+                if rows:
+                    by_currency = ", ".join(f"{code} {count}" for code, count in rows)
+                    parts.append(f"{name} {sum(count for _, count in rows)} ({by_currency})")
+    finally:
+        engine.dispose()
+    return "; ".join(parts)
+
+
 def _report_success(
     run_id: str, report: Any, core: str | None, mode: str, timing: dict[str, Any], as_json: bool
 ) -> None:
@@ -392,6 +422,9 @@ def _report_success(
     console.print(_timing_table(timing))
     counts = ", ".join(f"{k}: {v}" for k, v in report.core_counts.items() if v)
     console.print(f"Core database: [bold]{escape(location)}[/bold]\nIn the core now: {counts}")
+    converted = _converted_amounts(core)
+    if converted:
+        console.print(f"Amounts converted into the base currency (original kept): {converted}")
     console.print(f"Reports (reconciliation.xlsx with rows to fix, .html, .csv): {report_dir}")
     if report.balanced:
         console.print("[green]Every row is accounted for.[/green]")
@@ -432,7 +465,7 @@ def _check_columns(migration: Migration, mappings: Sequence[CompiledMapping]) ->
             problems += 1
             continue
         try:
-            load_mappings([mapping.file], sources={**unchecked, mapping.source: found})
+            load_mappings([mapping.file], sources={**unchecked, mapping.source: found}, rates=migration.rates)
         except ConfigError as exc:
             errors.print(exc.render(), markup=False, highlight=False)
             problems += len(exc.problems)
@@ -502,7 +535,7 @@ def mapping_preview(
     )
     for column in ("row", "status", "field", "raw", "mapped"):
         table.add_column(column, overflow="fold")
-    fields = [f.name for f in result.mapping.fields]
+    fields = result.mapping.written_fields()
     for record in frame.to_dict("records"):
         status = str(record["status"])
         style = (

@@ -46,6 +46,7 @@ from integration.connectors.base import DEFAULT_CHUNK_ROWS, LOCATION, META_COLUM
 from integration.connectors.sql import SqlConnector
 from integration.dedup.normalize import company_key, person_key
 from integration.mappings.engine import SOURCE, MappingResult, map_chunks, python_records
+from integration.mappings.money import RateTable
 from integration.mappings.spec import CompiledMapping, load_mappings
 from integration.project import Project, load_project
 
@@ -132,8 +133,9 @@ class Migration:
 
     def __init__(self, project: Project) -> None:
         self.project = project
+        self.rates = RateTable.of(project.spec.currencies)
         self.mappings: list[CompiledMapping] = load_mappings(
-            list(project.mapping_files), sources={s: None for s in project.spec.sources}
+            list(project.mapping_files), sources={s: None for s in project.spec.sources}, rates=self.rates
         )
         # Several mappings may read one source for one entity (two sheets, two tables, a fix sheet): one keeps
         # raw_<source>_<entity>, the others add their file name. The plain name goes to the source's own
@@ -418,7 +420,7 @@ def stage(
         if entity == "customer" and "name" in records.columns:
             records["name_normalized"] = records["name"].map(company_key)
         records, quarantined = quarantine(mapping, records, migration.rules, context)
-        fields = [f.name for f in mapping.fields] + (["name_normalized"] if entity == "customer" else [])
+        fields = mapping.written_fields() + (["name_normalized"] if entity == "customer" else [])
         carried = frame.attrs.get(WATERMARK_ATTR)
         staged.batches.append(
             Batch(

@@ -23,6 +23,7 @@ from crm_core.errors import ConfigError, Problem
 from crm_core.merging import SURVIVORSHIP_FIELDS, SurvivorshipRule
 from crm_core.validation import RuleSpec, builtin_rules
 from integration.dedup.spec import LinkageConfig
+from integration.mappings.money import CurrenciesConfig, currency_problems
 from integration.yamlconf import (
     LocatedDocument,
     close_names,
@@ -231,6 +232,9 @@ class ProjectSpec(_Strict):
     )
     dedup: dict[str, EntityDedup] = Field(default_factory=dict)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    currencies: CurrenciesConfig | None = Field(
+        default=None, description="base currency and rates for mapping fields that convert amounts"
+    )
 
     @field_validator("sources")
     @classmethod
@@ -335,6 +339,7 @@ def load_project(path: str | Path | None = None) -> Project:
     document = load_yaml(file)
     spec = validate_document(document, ProjectSpec)
     problems = _check_env(document, spec) + _check_secrets(document, spec)
+    problems += currency_problems(document, spec.currencies)
     mapping_files, mapping_problems = _mapping_files(document, spec, root)
     problems += mapping_problems
     for entity_name, rules in spec.dedup.items():

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections import defaultdict
+from decimal import ROUND_HALF_UP, Decimal
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from crm_core.db import make_engine
-from crm_core.models import Base, Customer, ExternalId, LoadRun
+from crm_core.models import Base, Customer, ExternalId, LoadRun, Opportunity
 from integration.cli import app
 from integration.failures import is_after_failure
 from integration.jobs import MIGRATION_JOB, build_definitions
@@ -75,6 +76,25 @@ def test_demo_runs_balances_and_a_second_run_changes_nothing(demo_project: Path,
         and report.core_counts["contact"] > 50
         and report.core_counts["opportunity"] > 50
     )
+    # Foreign-currency deals: base amount converted (SuiteCRM: ÷ conversion_rate; workbook: × the project's
+    # rate), the source's amount and currency kept beside it.
+    with engine.connect() as connection:
+        foreign = connection.execute(
+            sa.select(
+                Opportunity.amount,
+                Opportunity.currency,
+                Opportunity.original_amount,
+                Opportunity.original_currency,
+            ).where(Opportunity.original_currency != "CNY")
+        ).all()
+    assert {"USD", "EUR", "HKD"} <= {row.original_currency for row in foreign}
+    assert all(row.currency == "CNY" for row in foreign)
+    cent = Decimal("0.01")
+    for row in foreign:
+        if row.original_currency == "EUR":  # only SuiteCRM has euros: conversion_rate 0.1282 EUR per CNY
+            assert row.amount == (row.original_amount / Decimal("0.1282")).quantize(cent, ROUND_HALF_UP)
+        if row.original_currency == "HKD":  # only the workbook: currencies.rates.HKD in project.yaml
+            assert row.amount == (row.original_amount * Decimal("0.91")).quantize(cent, ROUND_HALF_UP)
     checks = first.get_asset_check_evaluations()
     assert checks and all(c.passed for c in checks), [c.check_name for c in checks if not c.passed]
     before = snapshot(engine)
@@ -236,7 +256,7 @@ def test_legacy_crm_on_mariadb_with_a_password_never_leaks_it(
         connection.execute(sa.text("GRANT ALL ON crm_legacy_e2e.* TO 'crm_e2e'@'%'"))
     url = f"mysql+pymysql://crm_e2e:{secret}@127.0.0.1:3306/crm_legacy_e2e?charset=utf8mb4"
     tables = ["users", "accounts", "contacts", "accounts_contacts", "opportunities", "accounts_opportunities",
-              "email_addresses", "email_addr_bean_rel"]  # fmt: skip
+              "email_addresses", "email_addr_bean_rel", "currencies"]  # fmt: skip
     copy_tables(f"sqlite:///{demo_project / 'data' / 'legacy_crm.sqlite'}", sa.create_engine(url), tables)
     monkeypatch.setenv("LEGACY_CRM_URL", url)
 

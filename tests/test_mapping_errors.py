@@ -9,8 +9,9 @@ import pytest
 from crm_core.errors import ConfigError
 from integration.mappings.spec import load_mapping
 
-SOURCE_COLUMNS = {"crm": ["id", "name", "n", "p"]}
+SOURCE_COLUMNS = {"crm": ["id", "name", "n", "p", "amt", "cur", "rate", "day"]}
 BASE = "version: 1\nsource: {connector: crm, table: accounts, key: id}\ntarget: customer\nfields:\n"
+OPP = "version: 1\nsource: {connector: crm, table: o}\ntarget: opportunity\nfields:\n  name: n\n  customer: p\n  stage: {const: prospecting}\n"
 
 CASES: list[tuple[str, str, list[str]]] = [
     (
@@ -46,7 +47,7 @@ CASES: list[tuple[str, str, list[str]]] = [
         "unknown_field_key",
         BASE + "  name: {from: name, tranforms: [trim]}\n",
         [
-            "{file}:5:22: fields.name.tranforms: unknown key 'tranforms'; did you mean 'transforms'?; allowed: combine, const, default, from, lookup, on_error, required, sep, transforms",
+            "{file}:5:22: fields.name.tranforms: unknown key 'tranforms'; did you mean 'transforms'?; allowed: combine, const, convert, default, from, lookup, on_error, required, sep, transforms",
         ],
     ),
     (
@@ -258,6 +259,76 @@ CASES: list[tuple[str, str, list[str]]] = [
         [
             "{file}:6:75: fields.status.transforms[0].map_values.unmatched: map_values: 'drop' is not allowed; allowed: keep, null, reject",
             "{file}:6:18: fields.status.from: column 's' is not in accounts",
+        ],
+    ),
+    (
+        "convert_on_a_text_field",
+        OPP + "  description: {from: n, convert: {currency: cur}}\n",
+        [
+            "{file}:8:26: fields.description.convert: convert works on amounts; 'description' of opportunity is str"
+        ],
+    ),
+    (
+        "convert_operand_column_not_in_source",
+        OPP + "  amount: {from: amt, convert: {currency: curr, rate: {from: rates}}}\n",
+        [
+            "{file}:8:43: fields.amount.convert.currency: column 'curr' is not in o; did you mean 'cur'?",
+            "{file}:8:62: fields.amount.convert.rate.from: column 'rates' is not in o; did you mean 'rate'?",
+        ],
+    ),
+    (
+        "convert_and_currency_both_mapped",
+        OPP + "  amount: {from: amt, convert: {currency: cur, rate: rate}}\n  currency: cur\n",
+        [
+            "{file}:9:3: fields.currency: 'currency' is filled by convert on 'amount' (the base currency); remove this field"
+        ],
+    ),
+    (
+        "convert_direction_without_rate",
+        OPP + "  amount: {from: amt, convert: {currency: cur, direction: divide}}\n",
+        [
+            "{file}:8:48: fields.amount.convert.direction: direction says how to read a rate column; the rates in project.yaml are base-currency units per unit (multiply)"
+        ],
+    ),
+    (
+        "convert_rate_and_date",
+        OPP + "  amount: {from: amt, convert: {currency: cur, rate: rate, date: day}}\n",
+        [
+            "{file}:8:60: fields.amount.convert.date: date picks a rate from currencies.dated in project.yaml; this convert reads its rate from rate: give one of the two"
+        ],
+    ),
+    (
+        "convert_unknown_key",
+        OPP + "  amount: {from: amt, convert: {currency: cur, rat: rate}}\n",
+        [
+            "{file}:8:48: fields.amount.convert.rat: unknown key 'rat'; did you mean 'rate'?; allowed: base_ids, currency, currency_id, date, direction, profile, rate"
+        ],
+    ),
+    (
+        "convert_suitecrm_multiplies",
+        OPP
+        + "  amount: {from: amt, convert: {profile: suitecrm, currency: cur, rate: rate, direction: multiply}}\n",
+        [
+            "{file}:8:90: fields.amount.convert.direction: profile: suitecrm divides (SuiteCRM's amount_usdollar = amount / conversion_rate); remove direction"
+        ],
+    ),
+    (
+        "convert_without_currency",
+        OPP + "  amount: {from: amt, convert: {rate: rate}}\n",
+        ["{file}:8:23: fields.amount.convert.currency: missing required key 'currency'"],
+    ),
+    (
+        "convert_operand_unknown_transform",
+        OPP + "  amount: {from: amt, convert: {currency: {from: cur, transforms: [trimm]}, rate: rate}}\n",
+        [
+            "{file}:8:68: fields.amount.convert.currency.transforms[0]: unknown transform 'trimm'; did you mean 'trim'?"
+        ],
+    ),
+    (
+        "convert_currency_id_without_base_ids",
+        OPP + "  amount: {from: amt, convert: {currency: cur, currency_id: p, rate: rate}}\n",
+        [
+            "{file}:8:48: fields.amount.convert.currency_id: currency_id is where base_ids are looked for; give base_ids (or profile: suitecrm)"
         ],
     ),
     (

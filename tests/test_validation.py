@@ -65,6 +65,12 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "receivable.amount.range": ({"amount": "abc"}, {"amount": "12.50"}),
     "payment.amount.range": ({"amount": Decimal("-0.01")}, {"amount": Decimal("0.01")}),
     "payment_application.amount.range": ({"amount": -5}, {"amount": 5}),
+    **{f"{entity}.original_currency.iso4217": ({"original_currency": "RMB"}, {"original_currency": "USD"})
+       for entity in ("opportunity", "sales_order", "sales_order_line", "receivable", "payment")},
+    **{f"{entity}.original_amount.needs_currency": (
+        {"original_amount": Decimal("100"), "original_currency": None},
+        {"original_amount": Decimal("100"), "original_currency": "EUR"})
+       for entity in ("opportunity", "sales_order", "sales_order_line", "receivable", "payment")},
     "sales_order_line.amount.matches_quantity_price": (
         {"amount": Decimal("1300"), "quantity": Decimal("10"), "unit_price": Decimal("100")},
         {"amount": Decimal("1005"), "quantity": Decimal("10"), "unit_price": Decimal("100")},

@@ -4,10 +4,12 @@ Writes into ``examples/demo/data/``:
 
 * ``erp_u8.sqlite``   — Yonyou U8 layout: Person, Customer, SO_SOMain, SO_SODetails.
 * ``legacy_crm.sqlite`` — SuiteCRM/SugarCRM CE layout: users, accounts, contacts, accounts_contacts,
-  opportunities, accounts_opportunities, email_addresses, email_addr_bean_rel (soft deletes included).
+  opportunities (some in US dollars or euros, with their currencies rows), accounts_opportunities,
+  email_addresses, email_addr_bean_rel (soft deletes included).
 * ``customer_truth.csv`` — ground truth: which real company each source customer record is.
 * ``sales.xlsx``      — the sales team's workbook: a title row above Chinese headers, a 客户 sheet and a
-  商机 sheet with amounts like 12.5万 / ¥120,000.00, Excel dates and 2025年3月5日, blank and subtotal rows.
+  商机 sheet with amounts like 12.5万 / ¥120,000.00, Excel dates and 2025年3月5日, blank and subtotal rows,
+  and a 币种 column (blank = 人民币; a few 美元 and HKD deals).
 
 The same companies appear in several sources, written differently (region in brackets, half-width
 brackets, 有限责任公司 vs 有限公司, stray spaces, full-width letters), so dedup has real work; a few
@@ -326,6 +328,9 @@ CREATE TABLE opportunities (id CHAR(36) PRIMARY KEY, name VARCHAR(50), date_ente
     sales_stage VARCHAR(255), probability DOUBLE, description TEXT);
 CREATE TABLE accounts_opportunities (id CHAR(36) PRIMARY KEY, opportunity_id CHAR(36), account_id CHAR(36),
     date_modified DATETIME, deleted TINYINT DEFAULT 0);
+CREATE TABLE currencies (id CHAR(36) PRIMARY KEY, name VARCHAR(36), symbol VARCHAR(36), iso4217 VARCHAR(3),
+    conversion_rate DOUBLE DEFAULT 0, status VARCHAR(100), deleted TINYINT DEFAULT 0, date_entered DATETIME,
+    date_modified DATETIME, created_by CHAR(36));
 CREATE TABLE email_addresses (id CHAR(36) PRIMARY KEY, email_address VARCHAR(255), email_address_caps VARCHAR(255),
     invalid_email TINYINT DEFAULT 0, opt_out TINYINT DEFAULT 0, date_created DATETIME, date_modified DATETIME,
     deleted TINYINT DEFAULT 0);
@@ -333,6 +338,13 @@ CREATE TABLE email_addr_bean_rel (id CHAR(36) PRIMARY KEY, email_address_id CHAR
     bean_module VARCHAR(100), primary_address TINYINT DEFAULT 0, reply_to_address TINYINT DEFAULT 0,
     date_created DATETIME, date_modified DATETIME, deleted TINYINT DEFAULT 0);
 """
+
+
+# SuiteCRM currencies rows: (id, name, symbol, iso4217, conversion_rate = units per base unit, CNY).
+SUITE_CURRENCIES = [
+    ("8f1c2d3e-0000-4000-8000-000000000840", "US Dollar", "$", "USD", 0.1408),
+    ("8f1c2d3e-0000-4000-8000-000000000978", "Euro", "€", "EUR", 0.1282),
+]
 
 
 def write_legacy_crm(
@@ -348,6 +360,13 @@ def write_legacy_crm(
         return str(uuid.UUID(int=ids.getrandbits(128), version=4))
 
     user_ids = [new_id() for _ in REPS]
+    # The system currency (CNY here) is id -99 and has no row; conversion_rate is units per base unit, so
+    # SuiteCRM stores amount_usdollar (the base amount, whatever the name says) = amount / conversion_rate.
+    for currency_id, name, symbol, code, rate in SUITE_CURRENCIES:
+        db.execute("INSERT INTO currencies (id, name, symbol, iso4217, conversion_rate, status, deleted, date_entered,"
+                   " date_modified) VALUES (?,?,?,?,?,'Active',0,?,?)",
+                   (currency_id, name, symbol, code, rate, "2025-01-01 00:00:00", "2025-01-01 00:00:00"))  # fmt: skip
+    opportunities = 0
     for uid, (login, last, first, _) in zip(user_ids, REPS, strict=True):
         db.execute("INSERT INTO users (id, user_name, first_name, last_name, email1, status) VALUES (?,?,?,?,?,?)",
                    (uid, login, first, last, f"{login}@example.com", "Active"))  # fmt: skip
@@ -401,13 +420,21 @@ def write_legacy_crm(
             opp_id = new_id()
             stage = rng.choice(STAGES_SUGAR)
             close = REFERENCE_DAY + dt.timedelta(days=rng.randint(-200, 120))
+            title = f"{company.brand}{rng.choice(['产线改造', '年度框架', '设备采购', '运维续约'])}项目"
+            lead_source = rng.choice(["Web Site", "Cold Call", "Existing Customer", None])
+            amount = rng.choice([50000, 120000, 86000.5, 300000, 18000])
+            opportunities += (
+                1  # every 5th deal in US dollars, every 11th in euros (no draw: the rest stays put)
+            )
+            currency_id, rate = "-99", 1.0
+            if opportunities % 5 == 0 or opportunities % 11 == 0:
+                currency_id, _, _, _, rate = SUITE_CURRENCIES[0 if opportunities % 5 == 0 else 1]
             db.execute(
                 "INSERT INTO opportunities (id, name, date_entered, date_modified, deleted, assigned_user_id,"
                 " lead_source, amount, amount_usdollar, currency_id, date_closed, sales_stage, probability)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (opp_id, f"{company.brand}{rng.choice(['产线改造', '年度框架', '设备采购', '运维续约'])}项目", stamp, stamp,
-                 0, user_ids[company.rep], rng.choice(["Web Site", "Cold Call", "Existing Customer", None]),
-                 rng.choice([50000, 120000, 86000.5, 300000, 18000]), None, "-99", close.isoformat(), stage, None),
+                (opp_id, title, stamp, stamp, 0, user_ids[company.rep], lead_source,
+                 amount, round(amount / rate, 2), currency_id, close.isoformat(), stage, None),
             )  # fmt: skip
             db.execute(
                 "INSERT INTO accounts_opportunities VALUES (?,?,?,?,0)", (new_id(), opp_id, account_id, stamp)
@@ -484,7 +511,18 @@ def write_workbook(
     deals = workbook.create_sheet("商机")
     deals.append(["商机跟进表（导出自销售周会）"])
     deals.append(
-        ["商机编号", "客户名称", "商机名称", "阶段", "预计金额", "预计成交日期", "负责人", "报备日期", "备注"]
+        [
+            "商机编号",
+            "客户名称",
+            "商机名称",
+            "阶段",
+            "预计金额",
+            "预计成交日期",
+            "负责人",
+            "报备日期",
+            "备注",
+            "币种",
+        ]
     )
     total = 0
     pool = [c for c in companies if c.branch_of is None]
@@ -501,11 +539,17 @@ def write_workbook(
         )
         if n % 23 == 0:
             name = "某某未知客户有限公司"  # exists nowhere: the row must be rejected with a reason
+        deal = f"{company.brand}{rng.choice(['扩容', '新建', '升级'])}项目"
+        amount = amount_text(value, rng)
+        # A few deals in foreign currency (币种; blank = 人民币), decided by position so no draw moves.
+        currency = "美元" if n % 9 == 0 else ("HKD" if n % 20 == 0 else None)
+        if currency is not None:
+            amount = round(value / (7 if currency == "美元" else 0.9))
         deals.append([
-            f"OPP-2025-{n:03d}", name, f"{company.brand}{rng.choice(['扩容', '新建', '升级'])}项目", stage,
-            amount_text(value, rng), date_cell(REFERENCE_DAY + dt.timedelta(days=rng.randint(-90, 150)), rng),
+            f"OPP-2025-{n:03d}", name, deal, stage,
+            amount, date_cell(REFERENCE_DAY + dt.timedelta(days=rng.randint(-90, 150)), rng),
             rep[1] + rep[2], date_cell(REFERENCE_DAY - dt.timedelta(days=rng.randint(0, 200)), rng),
-            "ＶＩＰ客户" if rng.random() < 0.1 else None,
+            "ＶＩＰ客户" if rng.random() < 0.1 else None, currency,
         ])  # fmt: skip
         if n % 17 == 0:
             deals.append([])

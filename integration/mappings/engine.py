@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from crm_core.entities import FieldDef
 from crm_core.errors import ConfigError, MappingError
 from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF
-from integration.mappings import columnar
+from integration.mappings import columnar, money
 from integration.mappings.spec import CompiledField, CompiledMapping
 from integration.mappings.transforms import (
     DateArgs,
@@ -445,6 +445,15 @@ def map_chunk(mapping: CompiledMapping, chunk: pd.DataFrame) -> MappingResult:
     with columnar.chunk_scope():
         for field in mapping.fields:
             columns[field.name] = _run_field(field, mapping.entity.fields[field.name], data, outcome)
+            if field.convert is not None:  # operands are run like fields (see money.py)
+                columns.update(
+                    money.convert_amounts(
+                        field.convert,
+                        columns[field.name],
+                        outcome,
+                        lambda operand, target: _run_field(operand, target, data, outcome),
+                    )
+                )
     key_columns = mapping.spec.source.key_columns
     if key_columns:
         key = _external_key(data, key_columns, chunk.index)
@@ -533,7 +542,7 @@ def map_chunks(
     result = MappingResult.concat(iter_map(mapping, chunks, workers))
     if result.records.empty:
         if result.records.columns.empty:
-            result.records = pd.DataFrame(columns=[*(f.name for f in mapping.fields), *RECORD_META])
+            result.records = pd.DataFrame(columns=[*mapping.written_fields(), *RECORD_META])
         return result
     duplicated = result.records[EXTERNAL_KEY].duplicated(keep="first")
     if duplicated.any():

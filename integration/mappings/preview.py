@@ -38,19 +38,18 @@ class Preview:
                 row["status"] = f"rejected: {reasons[where]}"
             else:
                 row["status"] = "ok" if where not in warned else f"warning: {warned[where]}"
-            for field in self.mapping.fields:
-                columns = field.spec.columns
-                row[f"{field.name} (raw)"] = (
+            own = {f.name: f.spec.columns for f in self.mapping.fields}
+            for name in self.mapping.written_fields():  # with what a convert fills (currency…)
+                columns = own.get(name, [])
+                row[f"{name} (raw)"] = (
                     " | ".join(str(raw[c]) for c in columns if c in raw and pd.notna(raw[c]))
                     if columns
                     else ""
                 )
                 value = None
                 if mapped is not None and where in mapped.index:
-                    value = mapped.at[where, field.name]
-                row[field.name] = (
-                    None if value is None or (isinstance(value, float) and value != value) else value
-                )
+                    value = mapped.at[where, name]
+                row[name] = None if value is None or (isinstance(value, float) and value != value) else value
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -71,7 +70,9 @@ def preview(file: Path, rows: int = 20, project: Path | None = None) -> Preview:
     migration = Migration.load(str(root))
     mapping = next((m for m in migration.mappings if m.file.resolve() == file.resolve()), None)
     if mapping is None:
-        mapping = load_mapping(file, sources={s: None for s in migration.project.spec.sources})
+        mapping = load_mapping(
+            file, sources={s: None for s in migration.project.spec.sources}, rates=migration.rates
+        )
     chunks = extract_chunks(migration, mapping, chunk_rows=rows)
     raw = next(iter(chunks), pd.DataFrame())
     if hasattr(chunks, "close"):

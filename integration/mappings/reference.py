@@ -11,6 +11,7 @@ import datetime as dt
 import json
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -165,6 +166,8 @@ def markdown() -> str:
         "| transform | what it does |",
         "|---|---|",
         *(f"| [`{d.name}`](#{d.name}) | {_text(d.summary)} |" for d in docs),
+        "",
+        "Amounts in foreign currency: see [`convert`](#convert) at the end.",
     ]
     for doc in docs:
         lines += ["", f"## {doc.name}", "", doc.summary, "", f"Usage: `{doc.usage}`"]
@@ -178,7 +181,102 @@ def markdown() -> str:
             lines += [
                 f"| {_cell(e.value)} | {_cell(e.result) if e.ok else _text(e.result)} |" for e in doc.examples
             ]
+    lines += _convert_markdown()
     return "\n".join(lines) + "\n"
+
+
+# The project.yaml rates and rows the convert examples run with.
+CONVERT_RATES = "currencies: {base: CNY, rates: {USD: 7.1, HKD: 0.91}, dated: {USD: {2025-01-01: 7.25}}}"
+CONVERT_EXAMPLES: list[tuple[str, list[dict[str, Any]]]] = [
+    (
+        "{currency: cur}",
+        [{"amount": "1,000", "cur": "美元"}, {"amount": "1000", "cur": "港币"}, {"amount": "1000", "cur": "人民币"},
+         {"amount": "1000", "cur": "EUR"}, {"amount": "1000", "cur": None}],
+    ),
+    (
+        "{currency: cur, date: day}",
+        [{"amount": "1000", "cur": "USD", "day": "2025-03-01"}, {"amount": "1000", "cur": "USD", "day": "2024-12-31"},
+         {"amount": "1000", "cur": "HKD", "day": "2024-12-31"}],
+    ),
+    (
+        "{profile: suitecrm, currency_id: currency_id, currency: iso4217, rate: conversion_rate}",
+        [{"amount": "1000", "currency_id": "-99", "iso4217": None, "conversion_rate": None},
+         {"amount": "1000", "currency_id": "a1b2…", "iso4217": "USD", "conversion_rate": "0.1408"},
+         {"amount": "1000", "currency_id": "c3d4…", "iso4217": "EUR", "conversion_rate": None}],
+    ),
+]  # fmt: skip
+
+
+def convert_examples() -> list[tuple[str, list[tuple[str, str]]]]:
+    """Run each convert example through the engine: (convert, [(row, what it became)])."""
+    from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF
+    from integration.mappings.engine import map_chunk, python_records
+    from integration.mappings.money import CurrenciesConfig, RateTable
+    from integration.mappings.spec import compile_document
+    from integration.yamlconf import parse_yaml
+
+    config = parse_yaml(CONVERT_RATES, Path("project.yaml")).data["currencies"]
+    rates = RateTable.of(CurrenciesConfig.model_validate(config))
+    found = []
+    for convert, rows in CONVERT_EXAMPLES:
+        text = (
+            "version: 1\nsource: {connector: crm, table: t}\ntarget: opportunity\nfields:\n  customer: {const: c}\n"
+            f"  name: {{const: n}}\n  stage: {{const: prospecting}}\n  amount: {{from: amount, transforms: [parse_amount], convert: {convert}}}\n"
+        )
+        mapping = compile_document(parse_yaml(text, Path("example.yaml")), rates=rates)
+        chunk = pd.DataFrame(rows)
+        chunk[ROW_REF], chunk[LOCATION], chunk[ROW_KIND] = [str(i) for i in range(len(rows))], "t", "data"
+        result = map_chunk(mapping, chunk)
+        records = python_records(result.records).set_index(ROW_REF)
+        reasons = dict(zip(result.rejects["row_ref"], result.rejects["reason"], strict=True))
+        shown = []
+        for i, row in enumerate(rows):
+            given = ", ".join(f"{k}: {_shown(v)}" for k, v in row.items())
+            if str(i) in reasons:
+                shown.append((given, f"rejected: {reasons[str(i)]}"))
+                continue
+            record = records.loc[str(i)]
+            shown.append(
+                (
+                    given,
+                    f"amount {_result(record['amount'])} {record['currency']}, original "
+                    f"{_result(record['original_amount'])} {record['original_currency']}",
+                )
+            )
+        found.append((convert, shown))
+    return found
+
+
+def _convert_markdown() -> list[str]:
+    from integration.mappings.spec import ConvertSpec
+
+    lines = [
+        "",
+        "## convert",
+        "",
+        "Not a transform but a field key beside `transforms`: the amount (after its transforms) is converted",
+        "into the project's base currency, rounded half up to cents. The field gets the base amount,",
+        "`currency` the base currency, and on the entity's amount field `original_amount` / `original_currency`",
+        "what the source gave (so the mapping must not map `currency` itself). A row with an amount whose",
+        "currency, rate or date cannot be settled is rejected with the reason (or, with the field's",
+        '`on_error: "null"`, loaded without the amount and reported). Operands (`currency`, `rate`,',
+        "`date`, `currency_id`) are a source column or a field spec (`{from:, transforms:, default:, const:}`).",
+        "",
+        "Usage: `amount: {from: amount, transforms: [parse_amount], convert: {currency: cur}}`",
+        "",
+        "| key | meaning |",
+        "|---|---|",
+        *(
+            f"| `{name}` | {_text(info.description or '')} |"
+            for name, info in ConvertSpec.model_fields.items()
+        ),
+        "",
+        f"The examples run with `{CONVERT_RATES}` in project.yaml.",
+    ]
+    for convert, shown in convert_examples():
+        lines += ["", f"`convert: {convert}`", "", "| row | result |", "|---|---|"]
+        lines += [f"| {_cell(row)} | {_text(result)} |" for row, result in shown]
+    return lines
 
 
 def step_schema() -> tuple[dict[str, Any], dict[str, Any]]:

@@ -18,14 +18,25 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from crm_core.entities import ENTITIES, EntityDef
 from crm_core.errors import ConfigError, Problem
 from integration.mappings.transforms import REGISTRY, Args, TransformDef
 from integration.yamlconf import LocatedDocument, close_names, load_yaml, pydantic_problems, validate_document
+
+if TYPE_CHECKING:
+    from integration.mappings.money import CompiledConvert, RateTable
 
 OnError = Literal["reject", "null", "fail"]
 TransformStep = str | dict[str, Any]
@@ -126,6 +137,10 @@ class FieldSpec(_Strict):
     lookup: LookupSpec | None = Field(
         default=None, description="reference fields only: how to find the target"
     )
+    convert: ConvertSpec | None = Field(
+        default=None,
+        description="amount fields: convert into the base currency, keeping the original amount and currency",
+    )
 
     @model_validator(mode="after")
     def _value_source(self) -> FieldSpec:
@@ -143,6 +158,50 @@ class FieldSpec(_Strict):
         if self.from_ is None:
             return []
         return [self.from_] if isinstance(self.from_, str) else list(self.from_)
+
+
+def _column_short_form(value: Any) -> Any:
+    return {"from": value} if isinstance(value, str) else value
+
+
+# A value convert reads: a source column, or a field spec ({from:, transforms:, default:, const:}).
+Operand = Annotated[FieldSpec, BeforeValidator(_column_short_form)]
+
+
+class ConvertSpec(_Strict):
+    """Convert an amount into the project's base currency (see integration/mappings/money.py)."""
+
+    currency: Operand = Field(
+        description="the amount's currency: ISO code, symbol or Chinese name (USD, $, 美元); a column or field spec"
+    )
+    rate: Operand | None = Field(
+        default=None,
+        description="the row's rate (a column or field spec); without it the rate comes from "
+        "currencies in project.yaml",
+    )
+    date: Operand | None = Field(
+        default=None,
+        description="the row's date: picks the rate valid on it from currencies.dated in project.yaml",
+    )
+    direction: Literal["multiply", "divide"] | None = Field(
+        default=None,
+        description="with rate: multiply (base = amount × rate, rate in base units per unit: USD 7.1) or divide "
+        "(base = amount ÷ rate, rate in units per base unit: SuiteCRM's conversion_rate); default multiply",
+    )
+    profile: Literal["suitecrm"] | None = Field(
+        default=None,
+        description="suitecrm: currency_id '-99' is the base currency and rate is conversion_rate (divide)",
+    )
+    currency_id: Operand | None = Field(
+        default=None,
+        description="the value base_ids are looked for in (SuiteCRM's currency_id); default: the currency",
+    )
+    base_ids: list[str] | None = Field(
+        default=None, description="values meaning the base currency, e.g. ['-99'] (profile: suitecrm sets it)"
+    )
+
+
+FieldSpec.model_rebuild()
 
 
 class MappingSpec(_Strict):
@@ -186,6 +245,7 @@ class CompiledField:
     spec: FieldSpec
     steps: tuple[CompiledStep, ...]
     lookup: LookupSpec | None
+    convert: CompiledConvert | None = None  # see money.py
 
 
 @dataclass(frozen=True)
@@ -215,7 +275,17 @@ class CompiledMapping:
             columns.append(cursor)
         for f in self.fields:
             columns.extend(c for c in f.spec.columns if c not in columns)
+            if f.convert is not None:
+                columns.extend(c for c in f.convert.columns() if c not in columns)
         return columns
+
+    def written_fields(self) -> list[str]:
+        """Return the target fields the mapping fills: its own and those a convert writes (currency…)."""
+        written = [f.name for f in self.fields]
+        for f in self.fields:
+            if f.convert is not None:
+                written.extend(name for name in f.convert.writes if name not in written)
+        return written
 
 
 def _parse_step(
@@ -279,9 +349,15 @@ def _fmt(path: Sequence[str | int]) -> str:
 
 
 def compile_document(
-    doc: LocatedDocument, *, sources: dict[str, list[str] | None] | None = None
+    doc: LocatedDocument,
+    *,
+    sources: dict[str, list[str] | None] | None = None,
+    rates: RateTable | None = None,
 ) -> CompiledMapping:
-    """Validate a parsed mapping document; ``sources`` maps source names to their columns (None: unknown)."""
+    """Validate a parsed mapping document; ``sources`` maps source names to their columns (None: unknown),
+    ``rates`` is the project's currency table (None: unknown, convert's use of it is checked later)."""
+    from integration.mappings import money
+
     spec = validate_document(doc, MappingSpec)
     entity = ENTITIES[spec.target]
     problems: list[Problem] = []
@@ -318,7 +394,13 @@ def compile_document(
             lookup = LookupSpec()
         if lookup and lookup.by == "code" and target_field.references != "sales_rep":
             problems.append(doc.problem((*path, "lookup", "by"), "lookup by code works for sales reps only"))
-        compiled.append(CompiledField(name, field_spec, tuple(steps), lookup))
+        convert = None
+        if field_spec.convert is not None:
+            convert, convert_problems = money.compile_convert(
+                doc, path, field_spec, target_field, entity, spec, rates
+            )
+            problems.extend(convert_problems)
+        compiled.append(CompiledField(name, field_spec, tuple(steps), lookup, convert))
     mapped = set(spec.fields)
     for field_def in entity.fields.values():
         if field_def.required and field_def.name not in mapped:
@@ -391,6 +473,9 @@ def _check_source(
                     path, f"column '{column}' is not in {spec.source.location}{close_names(column, columns)}"
                 )
             )
+    from integration.mappings.money import operand_column_problems
+
+    problems.extend(operand_column_problems(doc, spec, known, columns, used))
     if spec.unmapped == "error":
         extra = [c for c in columns if c not in used]
         if extra:
@@ -403,20 +488,25 @@ def _check_source(
     return problems
 
 
-def load_mapping(path: Path | str, *, sources: dict[str, list[str] | None] | None = None) -> CompiledMapping:
+def load_mapping(
+    path: Path | str, *, sources: dict[str, list[str] | None] | None = None, rates: RateTable | None = None
+) -> CompiledMapping:
     """Load, check and compile one mapping file; raise ConfigError listing every problem."""
-    return compile_document(load_yaml(path), sources=sources)
+    return compile_document(load_yaml(path), sources=sources, rates=rates)
 
 
 def load_mappings(
-    paths: Sequence[Path], *, sources: dict[str, list[str] | None] | None = None
+    paths: Sequence[Path],
+    *,
+    sources: dict[str, list[str] | None] | None = None,
+    rates: RateTable | None = None,
 ) -> list[CompiledMapping]:
     """Load several mapping files, collecting the problems of all of them into one ConfigError."""
     compiled: list[CompiledMapping] = []
     problems: list[Problem] = []
     for path in paths:
         try:
-            compiled.append(load_mapping(path, sources=sources))
+            compiled.append(load_mapping(path, sources=sources, rates=rates))
         except ConfigError as exc:
             problems.extend(exc.problems)
     if problems:
@@ -436,6 +526,11 @@ def json_schema() -> str:
     step, definitions = step_schema()
     schema["$defs"].update(definitions)
     schema["$defs"]["FieldSpec"]["properties"]["transforms"]["items"] = step
+    for name, operand in schema["$defs"]["ConvertSpec"]["properties"].items():
+        if name in ("currency", "rate", "date", "currency_id"):  # a column, short for {from: column}
+            choices = [{"$ref": "#/$defs/FieldSpec"}, {"type": "string", "description": "a source column"}]
+            operand.pop("$ref", None)
+            operand["anyOf"] = choices + ([{"type": "null"}] if "default" in operand else [])
     schema["properties"]["fields"]["additionalProperties"] = {
         "anyOf": [
             {"$ref": "#/$defs/FieldSpec"},

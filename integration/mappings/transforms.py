@@ -610,22 +610,23 @@ _CURRENCIES = {
 }  # fmt: skip
 
 
+def currency_code(value: Any) -> str:
+    """Return the three-letter code of a code, symbol or Chinese name; raise TransformFailure otherwise."""
+    text = clean_text(unicodedata.normalize("NFKC", str(value))).lower()
+    if text in _CURRENCIES:
+        return _CURRENCIES[text]
+    if re.fullmatch(r"[a-z]{3}", text):
+        return text.upper()
+    for marker, iso in _CURRENCIES.items():
+        if marker in text:
+            return iso
+    raise TransformFailure(f"'{value}' is not a currency (use an ISO code like CNY)")
+
+
 @transform("currency", examples=("人民币", "¥", "RMB", "美元", "usd", "比特币"))
 def currency(values: pd.Series, args: NoArgs) -> Outcome:
     """ISO 4217 code from a code, symbol or Chinese name (¥, 人民币, RMB → CNY; 美元 → USD)."""
-
-    def code(value: Any) -> str:
-        text = clean_text(unicodedata.normalize("NFKC", str(value))).lower()
-        if text in _CURRENCIES:
-            return _CURRENCIES[text]
-        if re.fullmatch(r"[a-z]{3}", text):
-            return text.upper()
-        for marker, iso in _CURRENCIES.items():
-            if marker in text:
-                return iso
-        raise TransformFailure(f"'{value}' is not a currency (use an ISO code like CNY)")
-
-    return per_value(values, code)
+    return per_value(values, currency_code)
 
 
 # --------------------------------------------------------------------------- contact data
