@@ -53,6 +53,12 @@ CoreOption = Annotated[
 EXIT_OK, EXIT_FAILED, EXIT_UNBALANCED = 0, 1, 2
 
 
+def _show_warnings(migration: Migration) -> None:
+    """Print the project's warnings (e.g. a mappings glob that matches nothing yet) to stderr."""
+    for problem in migration.project.warnings:
+        errors.print(f"[yellow]warning[/yellow]: {escape(str(problem))}", highlight=False)
+
+
 def _config_error(exc: ConfigError) -> typer.Exit:
     errors.print(exc.render(), markup=False, highlight=False)
     errors.print(f"[red]{len(exc.problems)} problem(s)[/red]")
@@ -411,6 +417,7 @@ def project_check(project: ProjectOption = None) -> None:
         migration = Migration.load(str(project) if project else None)
     except ConfigError as exc:
         raise _config_error(exc) from None
+    _show_warnings(migration)
     _check_columns(migration, migration.mappings)
     console.print(
         f"[green]ok[/green]: project '{migration.project.name}', {len(migration.mappings)} mapping(s), {len(migration.project.spec.sources)} source(s)"
@@ -548,6 +555,7 @@ def mapping_scaffold(
         migration = Migration.load(str(project) if project else None)
     except ConfigError as exc:
         raise _config_error(exc) from None
+    _show_warnings(migration)
     if source not in migration.project.spec.sources:
         errors.print(
             f"unknown --source '{source}'; project sources: {', '.join(migration.project.spec.sources)}"
