@@ -486,10 +486,15 @@ def mapping_preview(
     project: ProjectOption = None,
     output: Annotated[str, typer.Option("--format", help="table or csv")] = "table",
 ) -> None:
-    """Map the first rows of the mapping's real source: raw vs mapped side by side, rejects with reasons."""
+    """Map the first rows of the mapping's real source: raw vs mapped side by side, rejects and validation.
+
+    Each row's status: ok, rejected (the mapping failed, with the reason), invalid (a validation rule
+    would quarantine it: rule, reason and value) or warning. In CSV the preview's own columns are
+    ``_row`` and ``_status``, so a target field named ``status`` keeps its own column.
+    """
     import pandas as pd
 
-    from integration.mappings.preview import preview
+    from integration.mappings.preview import ROW, STATUS, preview
 
     try:
         result = preview(file, rows, project)
@@ -511,16 +516,16 @@ def mapping_preview(
         table.add_column(column, overflow="fold")
     fields = [f.name for f in result.mapping.fields]
     for record in frame.to_dict("records"):
-        status = str(record["status"])
+        status = str(record[STATUS])
         style = (
             "red"
-            if status.startswith("rejected")
+            if status.startswith(("rejected", "invalid"))
             else ("yellow" if status.startswith("warning") else "green")
         )
         for position, field in enumerate(fields):
             mapped = record[field]
             table.add_row(
-                str(record["row"]) if position == 0 else "",
+                str(record[ROW]) if position == 0 else "",
                 f"[{style}]{status}[/{style}]" if position == 0 else "",
                 field,
                 str(record[f"{field} (raw)"]),
@@ -528,8 +533,15 @@ def mapping_preview(
                 end_section=position == len(fields) - 1,
             )
     console.print(table)
-    rejected = int(frame["status"].str.startswith("rejected").sum()) if len(frame) else 0
-    console.print(f"{len(frame)} row(s) read, {len(frame) - rejected} mapped, {rejected} rejected")
+    status = frame[STATUS] if len(frame) else pd.Series(dtype=str)
+    rejected, invalid = (
+        int(status.str.startswith("rejected").sum()),
+        int(status.str.startswith("invalid").sum()),
+    )
+    console.print(
+        f"{len(frame)} row(s) read, {len(frame) - rejected} mapped, {rejected} rejected, "
+        f"{invalid} invalid (validation errors)"
+    )
 
 
 @mapping_app.command("scaffold")

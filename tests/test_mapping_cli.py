@@ -95,21 +95,50 @@ def test_preview_shows_raw_and_mapped_values_on_every_source(demo_project: Path,
     result = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "200", "--format", "csv"])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert rows and {"row", "status", "name (raw)", "name"} <= set(rows[0])
-    assert all(r["status"] == "ok" or r["status"].startswith(("rejected: ", "warning: ")) for r in rows)
+    assert rows and {"_row", "_status", "name (raw)", "name"} <= set(rows[0])
+    assert all(
+        r["_status"] == "ok" or r["_status"].startswith(("rejected: ", "invalid: ", "warning: "))
+        for r in rows
+    )
 
 
 def test_preview_names_the_reason_of_each_rejected_row(demo_project: Path) -> None:
     file = demo_project / "mappings" / "sales_xlsx_opportunities.yaml"
     result = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "500", "--format", "csv"])
-    rows = {r["row"]: r for r in csv.DictReader(io.StringIO(result.stdout))}
-    rejected = {k: r["status"] for k, r in rows.items() if r["status"].startswith("rejected")}
+    rows = {r["_row"]: r for r in csv.DictReader(io.StringIO(result.stdout))}
+    rejected = {k: r["_status"] for k, r in rows.items() if r["_status"].startswith("rejected")}
     assert any("parse_amount: '待定' is not an amount" in s for s in rejected.values())
     assert any(s == "rejected: subtotal/total row, not a record" for s in rejected.values())
-    ok = next(r for r in rows.values() if r["status"] == "ok" and r["amount (raw)"].endswith("万"))
+    ok = next(r for r in rows.values() if r["_status"] == "ok" and r["amount (raw)"].endswith("万"))
     assert float(ok["amount"]) == float(ok["amount (raw)"].removesuffix("万")) * 10000
     table = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "5"])
     assert table.exit_code == 0 and "5 row(s) read, 5 mapped, 0 rejected" in table.stdout
+
+
+def test_preview_runs_the_validation_rules_and_keeps_a_status_field_apart(demo_project: Path) -> None:
+    """A target field named ``status`` has its own column; ``bogus`` previews as invalid with rule and reason."""
+    file = demo_project / "mappings" / "erp_u8_customers.yaml"
+    text = file.read_text(encoding="utf-8")
+    file.write_text(
+        text + '  status: {from: cCusCode, transforms: [{regex_replace: {pattern: ".+", replace: bogus}}]}\n',
+        encoding="utf-8",
+    )
+    result = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "3", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == 3
+    for row in rows:
+        assert row["status"] == "bogus" and row["status (raw)"] == row["_row"]  # the field, untouched
+        assert row["_status"] == (
+            "invalid: customer.status.allowed: status must be one of: active, inactive, prospect (value 'bogus')"
+        )
+    table = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "3"])
+    assert "3 row(s) read, 3 mapped, 0 rejected, 3 invalid (validation errors)" in table.stdout
+    file.write_text(text.replace("phone: {from: cCusPhone, transforms: [{phone: {region: CN}}], on_error: \"null\"}",
+                                 "phone: {from: cCusPhone}"), encoding="utf-8")  # fmt: skip
+    loose = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "50", "--format", "csv"])
+    statuses = [r["_status"] for r in csv.DictReader(io.StringIO(loose.stdout))]
+    assert any(s.startswith("warning: customer.phone.format: phone is not an E.164") for s in statuses)
 
 
 def test_mapping_check_exits_1_with_located_problems(tmp_path: Path) -> None:

@@ -259,7 +259,7 @@ class ExcelConnector:
                 schema_sample_rows=None,
                 whitespace_as_null=True,
                 use_columns=sorted(layout.labels) or None,
-                dtypes=dict.fromkeys(empty, "string") or None,  # type: ignore[arg-type]
+                dtypes=dict.fromkeys(empty, "string") or None,
             )
             return loaded.to_arrow(), [c.absolute_index for c in loaded.selected_columns]
         except Exception as exc:
