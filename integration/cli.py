@@ -634,6 +634,44 @@ def mapping_transforms(
     console.print(examples)
 
 
+@mapping_app.command("targets")
+def mapping_targets(
+    entity: Annotated[str | None, typer.Argument(help="one entity (default: all)")] = None,
+    output: Annotated[str, typer.Option("--format", help="table or markdown")] = "table",
+) -> None:
+    """List each target entity's fields: type, required, allowed values (customer status, stages…), rules."""
+    from integration.mappings.targets import entities, markdown, note, target_fields
+    from integration.yamlconf import close_names
+
+    if output == "markdown":
+        sys.stdout.write(markdown())
+        return
+    if output != "table":
+        errors.print(f"unknown --format '{output}'; use table or markdown")
+        raise typer.Exit(EXIT_FAILED)
+    names = entities()
+    if entity is not None and entity not in names:
+        hint = close_names(entity, names) or f"; entities: {', '.join(names)}"
+        errors.print(f"unknown entity '{entity}'{hint}")
+        raise typer.Exit(EXIT_FAILED)
+    for name in [entity] if entity else names:
+        table = Table(title=f"{name} (target: {name})")
+        for column in ("field", "type", "required", "allowed values", "rules"):
+            table.add_column(column, overflow="fold")
+        for field in target_fields(name):
+            allowed = ", ".join(field.allowed)
+            if field.allowed and note(name, field.name):
+                allowed += f" ({note(name, field.name)})"
+            table.add_row(
+                field.name,
+                field.kind,
+                "yes" if field.required else "",
+                escape(allowed),
+                escape("; ".join(field.rules)),
+            )
+        console.print(table)
+
+
 @mapping_app.command("schema")
 def mapping_schema() -> None:
     """Print the JSON Schema of mapping files (for editor completion)."""

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 from integration.cli import app
 from integration.mappings.scaffold import guess_target, header_key
 from integration.mappings.spec import load_mapping
+from integration.mappings.targets import markdown as targets_markdown
+from integration.mappings.targets import target_fields
 from integration.pipeline import Migration
 
 runner = CliRunner()
@@ -179,3 +181,35 @@ def test_mapping_check_with_a_project_checks_the_real_source_columns(
         f"{renamed}:{line}:{column}: fields.industry.from: column 'industri' is not in accounts; did you mean 'industry'?"
         in checked.output
     )
+
+
+def test_committed_target_reference_is_current() -> None:
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "targets.md").read_text(encoding="utf-8")
+    assert committed == targets_markdown(), "docs/targets.md is out of date: run `make schema`"
+
+
+def test_targets_list_what_validation_accepts_for_each_enumerated_field() -> None:
+    """The allowed values shown are exactly those the validation rules let through."""
+    import pandas as pd
+
+    from crm_core.entities import ENTITIES
+    from crm_core.validation import builtin_rules, validate
+
+    shown = {(e, f.name): f for e in ENTITIES for f in target_fields(e)}
+    assert shown[("customer", "status")].allowed and shown[("opportunity", "stage")].allowed
+    assert all(shown[(e, n)].required == d.required for e in ENTITIES for n, d in ENTITIES[e].fields.items())
+    for (entity, name), field in shown.items():
+        if not field.allowed:
+            continue
+        frame = pd.DataFrame({name: [*field.allowed, "bogus"]})
+        bad = validate(entity, frame, [r for r in builtin_rules() if r.field == name and r.allowed])
+        assert list(bad["index"]) == [len(field.allowed)], (entity, name)
+
+
+def test_mapping_targets_command_shows_one_entity_and_names_a_misspelt_one() -> None:
+    result = runner.invoke(app, ["mapping", "targets", "customer"])
+    assert result.exit_code == 0, result.output
+    assert "active, inactive, prospect" in result.stdout and "credit_code" in result.stdout
+    assert "opportunity" not in result.stdout
+    wrong = runner.invoke(app, ["mapping", "targets", "custmer"])
+    assert wrong.exit_code == 1 and "unknown entity 'custmer'; did you mean 'customer'?" in wrong.output
