@@ -91,9 +91,26 @@ def places_of_addresses(addresses: Iterable[str | None]) -> list[Place]:
     an address in Latin letters by the pinyin city it names ('Keji Road, Shenzhen' → 广东省 / 深圳市).
     """
     values = list(addresses)
-    distinct = sorted({_clean(value) for value in values if value and _clean(value)})
-    if not distinct:
-        return [NOWHERE for _ in values]
+    cleaned = {value: _clean(value) for value in values if value}
+    found: dict[str, Place] = {}
+    new = sorted({text for text in cleaned.values() if text and text not in _PLACED})
+    for text in {text for text in cleaned.values() if text in _PLACED}:
+        found[text] = _PLACED[text]
+    if new:
+        found.update(_place_new(new))
+        if len(_PLACED) + len(new) > _PLACED_MAX:
+            _PLACED.clear()
+        _PLACED.update((text, found[text]) for text in new)
+    return [found.get(cleaned[value], NOWHERE) if value else NOWHERE for value in values]
+
+
+# Addresses placed before (a chunked read meets the same addresses again); bounded, cleared when full.
+_PLACED: dict[str, Place] = {}
+_PLACED_MAX = 200_000
+
+
+def _place_new(distinct: list[str]) -> dict[str, Place]:
+    """Place distinct cleaned addresses with cpca, then Latin ones by their pinyin city."""
     frame = _cpca().transform(distinct)
     found: dict[str, Place] = {}
     for text, province, city, district, adcode in zip(
@@ -108,7 +125,7 @@ def places_of_addresses(addresses: Iterable[str | None]) -> list[Place]:
     for text, place in found.items():
         if not place.known and not _HAS_CJK.search(text):
             found[text] = _place_of_latin_address(text)
-    return [found.get(_clean(value), NOWHERE) if value else NOWHERE for value in values]
+    return found
 
 
 def _place_of_latin_address(text: str) -> Place:
