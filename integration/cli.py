@@ -533,10 +533,10 @@ def mapping_preview(
                 end_section=position == len(fields) - 1,
             )
     console.print(table)
-    status = frame[STATUS] if len(frame) else pd.Series(dtype=str)
+    statuses = frame[STATUS] if len(frame) else pd.Series(dtype=str)
     rejected, invalid = (
-        int(status.str.startswith("rejected").sum()),
-        int(status.str.startswith("invalid").sum()),
+        int(statuses.str.startswith("rejected").sum()),
+        int(statuses.str.startswith("invalid").sum()),
     )
     console.print(
         f"{len(frame)} row(s) read, {len(frame) - rejected} mapped, {rejected} rejected, "
@@ -553,10 +553,23 @@ def mapping_scaffold(
     ] = None,
     project: ProjectOption = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write here instead of stdout")] = None,
+    profile_name: Annotated[
+        str,
+        typer.Option(
+            "--profile",
+            help="source system: auto (recognised from the table names), suitecrm, u8, k3cloud, or none",
+        ),
+    ] = "auto",
 ) -> None:
-    """Write a starter mapping from the source's real columns, guessing fields from Chinese and English headers."""
+    """Write a starter mapping from the source's real columns, guessing fields from Chinese and English headers.
+
+    For a SuiteCRM/SugarCRM CE, Yonyou U8 or Kingdee K3Cloud database (recognised from its table names)
+    the mapping gets what is known of the table: its real key, soft-delete filter, link tables, lookups
+    and value maps, with a comment where a mapping is a judgment call.
+    """
     from crm_core.entities import ENTITIES
     from integration.connectors import ExcelConnector
+    from integration.mappings.profiles import PROFILES, detect_profile, profile_named
     from integration.mappings.scaffold import scaffold
     from integration.pipeline import Migration
 
@@ -573,10 +586,25 @@ def mapping_scaffold(
             f"unknown --source '{source}'; project sources: {', '.join(migration.project.spec.sources)}"
         )
         raise typer.Exit(EXIT_FAILED)
+    if profile_name not in ("auto", "none") and profile_named(profile_name) is None:
+        names = ", ".join(["auto", "none", *(p.name for p in PROFILES)])
+        errors.print(f"unknown --profile '{profile_name}'; use one of {names}")
+        raise typer.Exit(EXIT_FAILED)
     connector = migration.connector(source)
-    text = scaffold(
-        source, table, connector.columns(table), target=target, sheet=isinstance(connector, ExcelConnector)
-    )
+    sheet = isinstance(connector, ExcelConnector)
+    try:
+        columns = connector.columns(table)
+        tables = [] if sheet or profile_name == "none" else connector.list_tables()
+    except CrmError as exc:
+        errors.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    profile = detect_profile(tables) if profile_name == "auto" else profile_named(profile_name)
+    try:
+        text = scaffold(
+            source, table, columns, target=target, sheet=sheet, profile=profile, tables=tables or None
+        )
+    except ConfigError as exc:
+        raise _config_error(exc) from None
     if out is None:
         sys.stdout.write(text)
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def _field_columns(mapping: CompiledMapping) -> list[str]:
     return [c for f in mapping.fields for c in (f"{f.name} (raw)", f.name)]
 
 
-def _reasons(entries: pd.DataFrame, severity: str) -> dict[tuple[object, object], str]:
+def _reasons(entries: pd.DataFrame, severity: str) -> dict[Hashable, str]:
     """Return ``(location, row_ref) -> reasons joined by '; '`` for the entries of one severity."""
     if entries.empty:
         return {}
