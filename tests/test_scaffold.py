@@ -241,6 +241,7 @@ def test_u8_orders_are_keyed_by_the_order_number_their_lines_reference(fresh: Pa
     assert lines["source"]["key"] == "AutoID"
     assert lines["fields"]["order"] == {"from": "cSOCode", "lookup": {"by": "external_id"}, "required": True}
     customer = scaffold(fresh, "erp", "Customer")[1]["fields"]
+    assert customer["city"] == {"from": "cCusAddress", "transforms": [{"address_part": {"part": "city"}}]}
     assert customer["status"]["when"][0]["if"] == "dEndDate is not null and dEndDate <= current_date"
 
 

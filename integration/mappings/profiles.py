@@ -75,6 +75,14 @@ def _via(table: str, source: str, target: str, where: str | None = None) -> dict
     return hop
 
 
+def _address_parts(column: str) -> dict[str, dict[str, Any]]:
+    """Province, city and district out of an address column (suffixes or not: see ``address_part``)."""
+    return {
+        part: {"from": column, "transforms": [{"address_part": {"part": part}}]}
+        for part in ("province", "city", "district")
+    }
+
+
 def _lookup(table: str, key: str, value: str, where: str | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {"table": table, "key": key, "value": value}
     if where:
@@ -269,6 +277,7 @@ U8 = SystemProfile(
             target="customer",
             key="cCusCode",
             fields={
+                **_address_parts("cCusAddress"),
                 "owner": {"from": "cCusPPerson", "lookup": {"by": "external_id"}},
                 "parent": {"from": "cCusHeadCode", "lookup": {"by": "external_id"}},
                 "is_branch": {
@@ -380,6 +389,7 @@ K3CLOUD = SystemProfile(
                 "credit_code": {"from": "FSOCIALCRECODE", "transforms": ["uscc"], "on_error": "null"},
                 "phone": {"from": "FTEL", "transforms": ["phone"], "on_error": "null"},
                 "address": {"from": "FADDRESS", "transforms": ["trim"]},
+                **_address_parts("FADDRESS"),
                 "owner": {"from": "FSELLER", "lookup": {"by": "external_id"}},
                 "status": {"when": [{"if": "FFORBIDSTATUS = 'B'", "then": "inactive"}, {"else": "active"}]},
             },
