@@ -61,11 +61,7 @@ class Preview:
                     None if value is None or (isinstance(value, float) and value != value) else value
                 )
             rows.append(row)
-        return pd.DataFrame(rows, columns=[ROW, STATUS, *_field_columns(self.mapping)])
-
-
-def _field_columns(mapping: CompiledMapping) -> list[str]:
-    return [c for f in mapping.fields for c in (f"{f.name} (raw)", f.name)]
+        return pd.DataFrame(rows)
 
 
 def _reasons(entries: pd.DataFrame, severity: str) -> dict[Hashable, str]:
