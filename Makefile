@@ -44,9 +44,10 @@ pytest: $(VENV)/.installed  ## the test suite
 ui: $(VENV)/.installed $(DAGSTER_HOME)  ## Dagster UI on 127.0.0.1:3000 (DAGSTER_HOME under var/)
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-schema: $(VENV)/.installed  ## regenerate mapping.schema.json and docs/transforms.md from the code
+schema: $(VENV)/.installed  ## regenerate mapping.schema.json, docs/transforms.md and docs/targets.md from the code
 	$(BIN)/crmi mapping schema > integration/mappings/mapping.schema.json
 	$(BIN)/crmi mapping transforms --format markdown > docs/transforms.md
+	$(BIN)/crmi mapping targets --format markdown > docs/targets.md
 
 bench: bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-load bench-dedup-storage bench-e2e  ## all benchmarks
 

@@ -71,6 +71,7 @@ CITIES = [
     "上海浦东新区张江路",
     "江苏省苏州市工业园区星湖街",
     "四川省成都市高新区天府大道",
+    "江苏无锡新吴区学院路",  # no 省/市: placed by integration.geo (cpca), once per distinct address
 ]
 STAGES = ["初步接洽", "需求分析", "方案报价", "商务谈判", "赢单", "输单", "Prospecting", "Closed Won"]
 

@@ -241,7 +241,10 @@ def _column_values(series: pd.Series) -> list[Any]:
     kind = pd.api.types.infer_dtype(series, skipna=True) if series.dtype == object else "plain"
     if kind in ("string", "decimal", "integer", "boolean", "empty"):
         # Python objects already: only the missing markers (NaN, NA, NaT) become None, found in one pass.
-        return series.astype(object).where(series.notna(), None).tolist()
+        return [
+            None if missing else value
+            for value, missing in zip(series.tolist(), series.isna().tolist(), strict=True)
+        ]
     return [_python(v) for v in series.tolist()]
 
 

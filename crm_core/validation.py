@@ -61,6 +61,7 @@ class Rule:
     message: str
     violated: Check
     columns: tuple[str, ...] = ()  # the fields it reads: it is skipped when a batch has none of them
+    allowed: tuple[str, ...] = ()  # one_of rules: the allowed values (documented by crmi mapping targets)
 
     def applies_to(self, frame: pd.DataFrame) -> bool:
         """Return True when the frame has the fields this rule reads."""
@@ -134,10 +135,12 @@ def one_of(
     entity: str, name: str, allowed: Iterable[Any], severity: Severity = "error", rule: str = ""
 ) -> Rule:
     """A given value must be one of ``allowed``."""
-    values = frozenset(str(v) for v in allowed)
+    allowed_list = list(allowed)
+    values = frozenset(str(v) for v in allowed_list)
     shown = ", ".join(sorted(values))
     return Rule(rule or f"{entity}.{name}.allowed", entity, name, severity, f"{name} must be one of: {shown}",
-                lambda f, _c: _per_distinct(f[name], lambda v: v not in values))  # fmt: skip
+                lambda f, _c: _per_distinct(f[name], lambda v: v not in values),
+                allowed=tuple(str(v) for v in allowed_list))  # fmt: skip
 
 
 def in_range(

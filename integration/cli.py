@@ -53,6 +53,12 @@ CoreOption = Annotated[
 EXIT_OK, EXIT_FAILED, EXIT_UNBALANCED = 0, 1, 2
 
 
+def _show_warnings(migration: Migration) -> None:
+    """Print the project's warnings (e.g. a mappings glob that matches nothing yet) to stderr."""
+    for problem in migration.project.warnings:
+        errors.print(f"[yellow]warning[/yellow]: {escape(str(problem))}", highlight=False)
+
+
 def _config_error(exc: ConfigError) -> typer.Exit:
     errors.print(exc.render(), markup=False, highlight=False)
     errors.print(f"[red]{len(exc.problems)} problem(s)[/red]")
@@ -444,6 +450,7 @@ def project_check(project: ProjectOption = None) -> None:
         migration = Migration.load(str(project) if project else None)
     except ConfigError as exc:
         raise _config_error(exc) from None
+    _show_warnings(migration)
     _check_columns(migration, migration.mappings)
     console.print(
         f"[green]ok[/green]: project '{migration.project.name}', {len(migration.mappings)} mapping(s), {len(migration.project.spec.sources)} source(s)"
@@ -512,10 +519,15 @@ def mapping_preview(
     project: ProjectOption = None,
     output: Annotated[str, typer.Option("--format", help="table or csv")] = "table",
 ) -> None:
-    """Map the first rows of the mapping's real source: raw vs mapped side by side, rejects with reasons."""
+    """Map the first rows of the mapping's real source: raw vs mapped side by side, rejects and validation.
+
+    Each row's status: ok, rejected (the mapping failed, with the reason), invalid (a validation rule
+    would quarantine it: rule, reason and value) or warning. In CSV the preview's own columns are
+    ``_row`` and ``_status``, so a target field named ``status`` keeps its own column.
+    """
     import pandas as pd
 
-    from integration.mappings.preview import preview
+    from integration.mappings.preview import ROW, STATUS, preview
 
     try:
         result = preview(file, rows, project)
@@ -537,16 +549,16 @@ def mapping_preview(
         table.add_column(column, overflow="fold")
     fields = result.mapping.written_fields()
     for record in frame.to_dict("records"):
-        status = str(record["status"])
+        status = str(record[STATUS])
         style = (
             "red"
-            if status.startswith("rejected")
+            if status.startswith(("rejected", "invalid"))
             else ("yellow" if status.startswith("warning") else "green")
         )
         for position, field in enumerate(fields):
             mapped = record[field]
             table.add_row(
-                str(record["row"]) if position == 0 else "",
+                str(record[ROW]) if position == 0 else "",
                 f"[{style}]{status}[/{style}]" if position == 0 else "",
                 field,
                 str(record[f"{field} (raw)"]),
@@ -554,8 +566,15 @@ def mapping_preview(
                 end_section=position == len(fields) - 1,
             )
     console.print(table)
-    rejected = int(frame["status"].str.startswith("rejected").sum()) if len(frame) else 0
-    console.print(f"{len(frame)} row(s) read, {len(frame) - rejected} mapped, {rejected} rejected")
+    statuses = frame[STATUS] if len(frame) else pd.Series(dtype=str)
+    rejected, invalid = (
+        int(statuses.str.startswith("rejected").sum()),
+        int(statuses.str.startswith("invalid").sum()),
+    )
+    console.print(
+        f"{len(frame)} row(s) read, {len(frame) - rejected} mapped, {rejected} rejected, "
+        f"{invalid} invalid (validation errors)"
+    )
 
 
 @mapping_app.command("scaffold")
@@ -567,10 +586,23 @@ def mapping_scaffold(
     ] = None,
     project: ProjectOption = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write here instead of stdout")] = None,
+    profile_name: Annotated[
+        str,
+        typer.Option(
+            "--profile",
+            help="source system: auto (recognised from the table names), suitecrm, u8, k3cloud, or none",
+        ),
+    ] = "auto",
 ) -> None:
-    """Write a starter mapping from the source's real columns, guessing fields from Chinese and English headers."""
+    """Write a starter mapping from the source's real columns, guessing fields from Chinese and English headers.
+
+    For a SuiteCRM/SugarCRM CE, Yonyou U8 or Kingdee K3Cloud database (recognised from its table names)
+    the mapping gets what is known of the table: its real key, soft-delete filter, link tables, lookups
+    and value maps, with a comment where a mapping is a judgment call.
+    """
     from crm_core.entities import ENTITIES
     from integration.connectors import ExcelConnector
+    from integration.mappings.profiles import PROFILES, detect_profile, profile_named
     from integration.mappings.scaffold import scaffold
     from integration.pipeline import Migration
 
@@ -581,15 +613,31 @@ def mapping_scaffold(
         migration = Migration.load(str(project) if project else None)
     except ConfigError as exc:
         raise _config_error(exc) from None
+    _show_warnings(migration)
     if source not in migration.project.spec.sources:
         errors.print(
             f"unknown --source '{source}'; project sources: {', '.join(migration.project.spec.sources)}"
         )
         raise typer.Exit(EXIT_FAILED)
+    if profile_name not in ("auto", "none") and profile_named(profile_name) is None:
+        names = ", ".join(["auto", "none", *(p.name for p in PROFILES)])
+        errors.print(f"unknown --profile '{profile_name}'; use one of {names}")
+        raise typer.Exit(EXIT_FAILED)
     connector = migration.connector(source)
-    text = scaffold(
-        source, table, connector.columns(table), target=target, sheet=isinstance(connector, ExcelConnector)
-    )
+    sheet = isinstance(connector, ExcelConnector)
+    try:
+        columns = connector.columns(table)
+        tables = [] if sheet or profile_name == "none" else connector.list_tables()
+    except CrmError as exc:
+        errors.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    profile = detect_profile(tables) if profile_name == "auto" else profile_named(profile_name)
+    try:
+        text = scaffold(
+            source, table, columns, target=target, sheet=sheet, profile=profile, tables=tables or None
+        )
+    except ConfigError as exc:
+        raise _config_error(exc) from None
     if out is None:
         sys.stdout.write(text)
         return
@@ -645,6 +693,44 @@ def mapping_transforms(
         style = "green" if example.ok else "red"
         examples.add_row(example.value, f"[{style}]{escape(example.result)}[/{style}]")
     console.print(examples)
+
+
+@mapping_app.command("targets")
+def mapping_targets(
+    entity: Annotated[str | None, typer.Argument(help="one entity (default: all)")] = None,
+    output: Annotated[str, typer.Option("--format", help="table or markdown")] = "table",
+) -> None:
+    """List each target entity's fields: type, required, allowed values (customer status, stages…), rules."""
+    from integration.mappings.targets import entities, markdown, note, target_fields
+    from integration.yamlconf import close_names
+
+    if output == "markdown":
+        sys.stdout.write(markdown())
+        return
+    if output != "table":
+        errors.print(f"unknown --format '{output}'; use table or markdown")
+        raise typer.Exit(EXIT_FAILED)
+    names = entities()
+    if entity is not None and entity not in names:
+        hint = close_names(entity, names) or f"; entities: {', '.join(names)}"
+        errors.print(f"unknown entity '{entity}'{hint}")
+        raise typer.Exit(EXIT_FAILED)
+    for name in [entity] if entity else names:
+        table = Table(title=f"{name} (target: {name})")
+        for column in ("field", "type", "required", "allowed values", "rules"):
+            table.add_column(column, overflow="fold")
+        for field in target_fields(name):
+            allowed = ", ".join(field.allowed)
+            if field.allowed and note(name, field.name):
+                allowed += f" ({note(name, field.name)})"
+            table.add_row(
+                field.name,
+                field.kind,
+                "yes" if field.required else "",
+                escape(allowed),
+                escape("; ".join(field.rules)),
+            )
+        console.print(table)
 
 
 @mapping_app.command("schema")

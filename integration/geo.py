@@ -19,6 +19,8 @@ _MUNICIPALITY_CITY = "市辖区"  # cpca's city for the districts of 北京/上�
 _CITY_SUFFIXES = ("自治州", "地区", "盟", "市")
 _PINYIN_SEPARATORS = re.compile(r"[\s\-_'·.]+")
 _ENGLISH_CITY_WORDS = re.compile(r"\b(city|shi|prefecture|municipality)\b", re.IGNORECASE)
+_HAS_CJK = re.compile(r"[\u4e00-\u9fff]")
+_LATIN_WORD = re.compile(r"[A-Za-z]+")
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,32 @@ def place_of_division_code(code: str | None) -> Place:
 
 
 def places_of_addresses(addresses: Iterable[str | None]) -> list[Place]:
-    """Province, city and district of each address; addresses without suffixes (江苏无锡新吴区…) too."""
+    """Province, city and district of each address (each distinct one looked up once).
+
+    Addresses without suffixes (江苏无锡新吴区…) and with abbreviations (苏州工业园区…) are placed by cpca;
+    an address in Latin letters by the pinyin city it names ('Keji Road, Shenzhen' → 广东省 / 深圳市).
+    """
     values = list(addresses)
-    distinct = sorted({_clean(value) for value in values if value and _clean(value)})
-    if not distinct:
-        return [NOWHERE for _ in values]
+    cleaned = {value: _clean(value) for value in values if value}
+    found: dict[str, Place] = {}
+    new = sorted({text for text in cleaned.values() if text and text not in _PLACED})
+    for text in {text for text in cleaned.values() if text in _PLACED}:
+        found[text] = _PLACED[text]
+    if new:
+        found.update(_place_new(new))
+        if len(_PLACED) + len(new) > _PLACED_MAX:
+            _PLACED.clear()
+        _PLACED.update((text, found[text]) for text in new)
+    return [found.get(cleaned[value], NOWHERE) if value else NOWHERE for value in values]
+
+
+# Addresses placed before (a chunked read meets the same addresses again); bounded, cleared when full.
+_PLACED: dict[str, Place] = {}
+_PLACED_MAX = 200_000
+
+
+def _place_new(distinct: list[str]) -> dict[str, Place]:
+    """Place distinct cleaned addresses with cpca, then Latin ones by their pinyin city."""
     frame = _cpca().transform(distinct)
     found: dict[str, Place] = {}
     for text, province, city, district, adcode in zip(
@@ -99,7 +122,42 @@ def places_of_addresses(addresses: Iterable[str | None]) -> list[Place]:
         if city == _MUNICIPALITY_CITY or (city is None and str(province).endswith("市")):
             city = province
         found[text] = Place(province, city or None, district or None, str(adcode) if adcode else None)
-    return [found.get(_clean(value), NOWHERE) if value else NOWHERE for value in values]
+    for text, place in found.items():
+        if not place.known and not _HAS_CJK.search(text):
+            found[text] = _place_of_latin_address(text)
+    return found
+
+
+def _place_of_latin_address(text: str) -> Place:
+    """The city (and its province) an address in Latin letters names in pinyin: 'Keji Road, Shenzhen'.
+
+    Two adjacent words are tried before single ones ('Zheng Zhou'); a pinyin shared by two cities is
+    no evidence (see :func:`city_of_name`).
+    """
+    words = _LATIN_WORD.findall(text)
+    for size in (2, 1):
+        for start in range(len(words) - size + 1):
+            city = city_of_name(" ".join(words[start : start + size]))
+            if city:
+                return place_of_city(city)
+    return NOWHERE
+
+
+@cache
+def _city_codes() -> dict[str, str]:
+    """City name → its adcode (prefecture-level cities, and the four municipalities)."""
+    codes: dict[str, str] = {}
+    for code, (name, rank) in sorted(_divisions().items()):
+        if (rank == 1 and name != _MUNICIPALITY_CITY) or (rank == 0 and name.endswith("市")):
+            codes.setdefault(name, code)
+    return codes
+
+
+def place_of_city(city: str | None) -> Place:
+    """The province and city of a city name in Chinese or pinyin ('无锡', 'Wuxi' → 江苏省 / 无锡市)."""
+    canonical = city_of_name(city) if city else None
+    code = _city_codes().get(canonical) if canonical else None
+    return place_of_division_code(code) if code else NOWHERE
 
 
 def place_of_address(address: str | None) -> Place:

@@ -267,6 +267,7 @@ class Project:
     spec: ProjectSpec
     document: LocatedDocument
     mapping_files: tuple[Path, ...]
+    warnings: tuple[Problem, ...] = ()  # not errors: e.g. a mappings glob that matches nothing yet
 
     @property
     def name(self) -> str:
@@ -340,7 +341,7 @@ def load_project(path: str | Path | None = None) -> Project:
     spec = validate_document(document, ProjectSpec)
     problems = _check_env(document, spec) + _check_secrets(document, spec)
     problems += currency_problems(document, spec.currencies)
-    mapping_files, mapping_problems = _mapping_files(document, spec, root)
+    mapping_files, mapping_problems, warnings = _mapping_files(document, spec, root)
     problems += mapping_problems
     for entity_name, rules in spec.dedup.items():
         for i, source in enumerate(rules.source_priority):
@@ -353,7 +354,13 @@ def load_project(path: str | Path | None = None) -> Project:
                 )
     if problems:
         raise ConfigError(problems)
-    return Project(root=root.resolve(), spec=spec, document=document, mapping_files=tuple(mapping_files))
+    return Project(
+        root=root.resolve(),
+        spec=spec,
+        document=document,
+        mapping_files=tuple(mapping_files),
+        warnings=tuple(warnings),
+    )
 
 
 def _templates(spec: ProjectSpec) -> list[tuple[tuple[str, ...], str]]:
@@ -433,14 +440,29 @@ def _check_secrets(document: LocatedDocument, spec: ProjectSpec) -> list[Problem
 
 def _mapping_files(
     document: LocatedDocument, spec: ProjectSpec, root: Path
-) -> tuple[list[Path], list[Problem]]:
+) -> tuple[list[Path], list[Problem], list[Problem]]:
+    """Return the mapping files, the errors (a named file that does not exist) and the warnings.
+
+    A glob that matches nothing is a warning: a fresh project has no mapping yet (``crmi mapping
+    scaffold`` writes the first one).
+    """
     files: list[Path] = []
     problems: list[Problem] = []
+    warnings: list[Problem] = []
     for i, pattern in enumerate(spec.mappings):
         matches = sorted(Path(p) for p in glob.glob(str(root / pattern)))
         if not matches:
-            problems.append(
-                document.problem(("mappings", i), f"no mapping file matches '{pattern}' in {root}")
-            )
+            if glob.has_magic(pattern):
+                warnings.append(
+                    document.problem(
+                        ("mappings", i),
+                        f"no mapping file matches '{pattern}' in {root} yet; "
+                        "write one with `crmi mapping scaffold`",
+                    )
+                )
+            else:
+                problems.append(
+                    document.problem(("mappings", i), f"mapping file '{pattern}' not found in {root}")
+                )
         files.extend(m for m in matches if m not in files)
-    return files, problems
+    return files, problems, warnings

@@ -301,3 +301,55 @@ def test_arrow_reader_returns_exactly_what_the_sqlalchemy_reader_returns(
     assert list(fast_frame.columns) == list(plain_frame.columns)
     assert comparable(fast_frame) == comparable(plain_frame)
     assert sorted(fast_frame[ROW_REF]) == sorted(plain_frame[ROW_REF])
+
+
+def test_sqlite_columns_with_mysql_display_widths_read_without_a_warning(tmp_path: Path) -> None:
+    """A SuiteCRM dump copied to SQLite declares ``TINYINT(1)``/``INT(11)``: no SAWarning, same values."""
+    import warnings
+
+    db = tmp_path / "crm.sqlite"
+    with sqlite3.connect(db) as connection:
+        connection.executescript(
+            "CREATE TABLE accounts (id char(36) PRIMARY KEY, deleted tinyint(1) DEFAULT 0, employees int(11),"
+            " revenue decimal(26,6), date_modified datetime, name varchar(150), notes);"
+            "INSERT INTO accounts VALUES ('a1', 0, 12, '12.5', '2025-03-05 10:00:00', '腾达科技', 'x');"
+        )
+    connector = SqlConnector("crm", f"sqlite:///{db}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        columns = connector.columns("accounts")
+        chunk = next(connector.read(ReadRequest(table="accounts", key=("id",), where="deleted = 0")))
+    assert columns == ["id", "deleted", "employees", "revenue", "date_modified", "name", "notes"]
+    row = chunk.iloc[0]
+    assert (row["deleted"], row["employees"], row["name"], row["notes"]) == (0, 12, "腾达科技", "x")
+    assert float(row["revenue"]) == 12.5 and pd.Timestamp(row["date_modified"]) == pd.Timestamp(
+        "2025-03-05 10:00"
+    )
+    with pytest.warns(sa.exc.SAWarning, match="Could not instantiate type"):  # what reflection would say
+        sa.Table("accounts", sa.MetaData(), autoload_with=connector.engine)
+
+
+def test_empty_and_unlabelled_sheet_columns_read_without_a_dtype_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A title merged wider than the header, an empty 备注 column, a formatted column without a header:
+    fastexcel has no value to guess a type from and would log "Could not determine dtype for column N"."""
+    book = Workbook()
+    ws = book.active
+    assert ws is not None
+    ws.title = "客户"
+    ws["A1"] = "2025 客户台账"
+    ws.merge_cells("A1:H1")
+    ws.append(["客户名称", "金额", "备注", "回款"])
+    for i in range(40):  # 回款 is blank in the rows scanned for the header, then a number
+        ws.append([f"公司{i}", i * 10.5, None, 3000 if i == 39 else None])
+    ws["H20"].number_format = "0.00"  # formatted, never filled
+    path = tmp_path / "sales.xlsx"
+    book.save(path)
+    connector = ExcelConnector("sales", [path], str(path))
+    with caplog.at_level("DEBUG", logger="fastexcel"):
+        frame = pd.concat(connector.read(ReadRequest(table="客户")))
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+    assert list(frame.columns[:4]) == ["客户名称", "金额", "备注", "回款"]
+    assert frame["备注"].isna().all() and frame["金额"].iloc[1] == 10.5
+    assert frame["回款"].iloc[-1] == 3000  # a late value keeps its guessed (numeric) type

@@ -359,7 +359,7 @@ def test_preview_shows_what_convert_fills(tmp_path: Path) -> None:
 
     root = suitecrm_project(tmp_path / "suite")
     shown = preview(root / "mappings" / "crm_opportunities.yaml", rows=10).side_by_side()
-    usd = shown[shown["row"] == "o2"].iloc[0]
+    usd = shown[shown["_row"] == "o2"].iloc[0]
     assert (usd["original_currency"], usd["currency"], usd["amount (raw)"]) == ("USD", "CNY", "18000.0")
     assert usd["amount"] == (Decimal(18000) / Decimal("0.1408")).quantize(CENT, ROUND_HALF_UP)
 

@@ -11,6 +11,7 @@ from integration.geo import (
     cities_of_area_code,
     city_of_name,
     place_of_address,
+    place_of_city,
     place_of_division_code,
     places_of_addresses,
 )
@@ -30,6 +31,19 @@ def test_addresses_with_and_without_suffixes_are_placed(
 ) -> None:
     place = place_of_address(address)
     assert (place.province, place.city, place.district) == (province, city, district)
+
+
+def test_latin_addresses_are_placed_by_the_pinyin_city_they_name() -> None:
+    places = places_of_addresses(
+        ["8 Keji Road, Nanshan, Shenzhen", "Zheng Zhou City, Jinshui", "Fuzhou Road 3"]
+    )
+    assert [(p.province, p.city) for p in places] == [
+        ("广东省", "深圳市"),
+        ("河南省", "郑州市"),
+        (None, None),
+    ]
+    assert place_of_city("Wuxi") == place_of_city("无锡") == Place("江苏省", "无锡市", None, "320200")
+    assert place_of_city("上海").province == "上海市" and place_of_city("Atlantis") == NOWHERE
 
 
 def test_unplaceable_and_missing_addresses_are_nowhere() -> None:

@@ -13,7 +13,10 @@ from typer.testing import CliRunner
 from integration.cli import app
 from integration.mappings.scaffold import guess_target, header_key
 from integration.mappings.spec import load_mapping
+from integration.mappings.targets import markdown as targets_markdown
+from integration.mappings.targets import target_fields
 from integration.pipeline import Migration
+from tests.conftest import needs_mapping_constructs
 
 runner = CliRunner()
 
@@ -23,7 +26,8 @@ runner = CliRunner()
     [
         ("legacy_crm", "accounts", "customer", {"name": "name", "credit_code": "sic_code", "owner": "assigned_user_id", "city": "billing_address_city"}),
         ("sales_xlsx", "商机", "opportunity", {"customer": "客户名称", "name": "商机名称", "amount": "预计金额", "stage": "阶段", "owner": "负责人"}),
-        ("erp_u8", "Customer", "customer", {"name": "cCusName", "credit_code": "cCusRegCode", "short_name": "cCusAbbName", "parent": "cCusHeadCode"}),
+        pytest.param("erp_u8", "Customer", "customer", {"name": "cCusName", "credit_code": "cCusRegCode", "short_name": "cCusAbbName", "parent": "cCusHeadCode"},
+                     marks=needs_mapping_constructs),  # the U8 profile's status and is_branch use `when`
         ("sales_xlsx", "客户", "customer", {"name": "客户名称", "credit_code": "统一社会信用代码", "owner": "负责人"}),
     ],
 )  # fmt: skip
@@ -95,21 +99,50 @@ def test_preview_shows_raw_and_mapped_values_on_every_source(demo_project: Path,
     result = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "200", "--format", "csv"])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert rows and {"row", "status", "name (raw)", "name"} <= set(rows[0])
-    assert all(r["status"] == "ok" or r["status"].startswith(("rejected: ", "warning: ")) for r in rows)
+    assert rows and {"_row", "_status", "name (raw)", "name"} <= set(rows[0])
+    assert all(
+        r["_status"] == "ok" or r["_status"].startswith(("rejected: ", "invalid: ", "warning: "))
+        for r in rows
+    )
 
 
 def test_preview_names_the_reason_of_each_rejected_row(demo_project: Path) -> None:
     file = demo_project / "mappings" / "sales_xlsx_opportunities.yaml"
     result = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "500", "--format", "csv"])
-    rows = {r["row"]: r for r in csv.DictReader(io.StringIO(result.stdout))}
-    rejected = {k: r["status"] for k, r in rows.items() if r["status"].startswith("rejected")}
+    rows = {r["_row"]: r for r in csv.DictReader(io.StringIO(result.stdout))}
+    rejected = {k: r["_status"] for k, r in rows.items() if r["_status"].startswith("rejected")}
     assert any("parse_amount: '待定' is not an amount" in s for s in rejected.values())
     assert any(s == "rejected: subtotal/total row, not a record" for s in rejected.values())
-    ok = next(r for r in rows.values() if r["status"] == "ok" and r["amount (raw)"].endswith("万"))
+    ok = next(r for r in rows.values() if r["_status"] == "ok" and r["amount (raw)"].endswith("万"))
     assert float(ok["amount"]) == float(ok["amount (raw)"].removesuffix("万")) * 10000
     table = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "5"])
     assert table.exit_code == 0 and "5 row(s) read, 5 mapped, 0 rejected" in table.stdout
+
+
+def test_preview_runs_the_validation_rules_and_keeps_a_status_field_apart(demo_project: Path) -> None:
+    """A target field named ``status`` has its own column; ``bogus`` previews as invalid with rule and reason."""
+    file = demo_project / "mappings" / "erp_u8_customers.yaml"
+    text = file.read_text(encoding="utf-8")
+    file.write_text(
+        text + '  status: {from: cCusCode, transforms: [{regex_replace: {pattern: ".+", replace: bogus}}]}\n',
+        encoding="utf-8",
+    )
+    result = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "3", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == 3
+    for row in rows:
+        assert row["status"] == "bogus" and row["status (raw)"] == row["_row"]  # the field, untouched
+        assert row["_status"] == (
+            "invalid: customer.status.allowed: status must be one of: active, inactive, prospect (value 'bogus')"
+        )
+    table = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "3"])
+    assert "3 row(s) read, 3 mapped, 0 rejected, 3 invalid (validation errors)" in table.stdout
+    file.write_text(text.replace("phone: {from: cCusPhone, transforms: [{phone: {region: CN}}], on_error: \"null\"}",
+                                 "phone: {from: cCusPhone}"), encoding="utf-8")  # fmt: skip
+    loose = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "50", "--format", "csv"])
+    statuses = [r["_status"] for r in csv.DictReader(io.StringIO(loose.stdout))]
+    assert any(s.startswith("warning: customer.phone.format: phone is not an E.164") for s in statuses)
 
 
 def test_mapping_check_exits_1_with_located_problems(tmp_path: Path) -> None:
@@ -150,3 +183,35 @@ def test_mapping_check_with_a_project_checks_the_real_source_columns(
         f"{renamed}:{line}:{column}: fields.industry.from: column 'industri' is not in accounts; did you mean 'industry'?"
         in checked.output
     )
+
+
+def test_committed_target_reference_is_current() -> None:
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "targets.md").read_text(encoding="utf-8")
+    assert committed == targets_markdown(), "docs/targets.md is out of date: run `make schema`"
+
+
+def test_targets_list_what_validation_accepts_for_each_enumerated_field() -> None:
+    """The allowed values shown are exactly those the validation rules let through."""
+    import pandas as pd
+
+    from crm_core.entities import ENTITIES
+    from crm_core.validation import builtin_rules, validate
+
+    shown = {(e, f.name): f for e in ENTITIES for f in target_fields(e)}
+    assert shown[("customer", "status")].allowed and shown[("opportunity", "stage")].allowed
+    assert all(shown[(e, n)].required == d.required for e in ENTITIES for n, d in ENTITIES[e].fields.items())
+    for (entity, name), field in shown.items():
+        if not field.allowed:
+            continue
+        frame = pd.DataFrame({name: [*field.allowed, "bogus"]})
+        bad = validate(entity, frame, [r for r in builtin_rules() if r.field == name and r.allowed])
+        assert list(bad["index"]) == [len(field.allowed)], (entity, name)
+
+
+def test_mapping_targets_command_shows_one_entity_and_names_a_misspelt_one() -> None:
+    result = runner.invoke(app, ["mapping", "targets", "customer"])
+    assert result.exit_code == 0, result.output
+    assert "active, inactive, prospect" in result.stdout and "credit_code" in result.stdout
+    assert "opportunity" not in result.stdout
+    wrong = runner.invoke(app, ["mapping", "targets", "custmer"])
+    assert wrong.exit_code == 1 and "unknown entity 'custmer'; did you mean 'customer'?" in wrong.output

@@ -28,7 +28,7 @@ CASES = [
     ("unknown_key", HEADER + "mappings: [mappings/*.yaml]\nmapings: []\n",
      ["6:1: mapings: unknown key 'mapings'; did you mean 'mappings'?; allowed: currencies, dedup, description, mappings, name, sources, validation, version"]),
     ("missing_mapping_file", HEADER + "mappings: [mappings/nope.yaml]\n",
-     ["5:12: mappings[0]: no mapping file matches 'mappings/nope.yaml' in {root}"]),
+     ["5:12: mappings[0]: mapping file 'mappings/nope.yaml' not found in {root}"]),
     ("unset_env_var", "version: 1\nname: acme\nsources:\n  crm: {connector: sql, url: '${ACME_CRM_URL_UNSET}'}\nmappings: [mappings/*.yaml]\n",
      ["4:30: sources.crm.url: environment variable ACME_CRM_URL_UNSET is not set; export ACME_CRM_URL_UNSET=... first"]),
     ("password_in_file", "version: 1\nname: acme\nsources:\n  crm: {connector: sql, url: 'mysql+pymysql://root:hunter2@db/crm'}\nmappings: [mappings/*.yaml]\n",
@@ -146,3 +146,14 @@ def test_unknown_table_lists_what_exists(tmp_path: Path) -> None:
 def test_a_project_without_a_mappings_key_reads_mappings_folder(tmp_path: Path) -> None:
     project = load_project(str(write_project(tmp_path, HEADER)))
     assert [p.name for p in project.mapping_files] == ["crm_accounts.yaml"]
+
+
+def test_a_glob_that_matches_nothing_is_a_warning_not_an_error(tmp_path: Path) -> None:
+    """A fresh project has no mapping yet: loading it warns (where, and how to write one) and goes on."""
+    project = load_project(str(write_project(tmp_path, HEADER, mapping=None)))
+    assert project.mapping_files == ()
+    assert [str(w) for w in project.warnings] == [
+        f"{tmp_path / 'project.yaml'}:1:1: mappings[0]: no mapping file matches 'mappings/*.yaml' in {tmp_path} "
+        "yet; write one with `crmi mapping scaffold`"
+    ]
+    assert Migration(project).mappings == []

@@ -223,12 +223,26 @@ def test_company_name_display_form(value: str, expected: str) -> None:
     [
         ("广东省深圳市南山区科技园1号", ("广东省", "深圳市", "南山区")), ("北京市海淀区中关村", ("北京市", "北京市", "海淀区")),
         ("浙江省杭州市余杭区文一西路", ("浙江省", "杭州市", "余杭区")), ("新疆维吾尔自治区乌鲁木齐市天山区", ("新疆维吾尔自治区", "乌鲁木齐市", "天山区")),
-        ("深圳市福田区", (None, "深圳市", "福田区")), ("上海浦东新区张江路", ("上海市", "上海市", "浦东新区")),
+        ("深圳市福田区", ("广东省", "深圳市", "福田区")), ("上海浦东新区张江路", ("上海市", "上海市", "浦东新区")),
+        ("江苏无锡新吴区学院路12号", ("江苏省", "无锡市", "新吴区")), ("苏州工业园区星湖街328号", ("江苏省", "苏州市", None)),
+        ("浙江杭州西湖区文三路", ("浙江省", "杭州市", "西湖区")),
+        ("8 Keji Road, Nanshan, Shenzhen", ("广东省", "深圳市", None)), ("Room 5, 1 Queen's Road", (None, None, None)),
     ],
 )  # fmt: skip
 def test_address_split(address: str, parts: tuple[str | None, ...]) -> None:
+    """Written out, without suffixes, abbreviated, or a pinyin city: per value and over an Arrow column."""
     assert tuple(split_address(address).values()) == parts
-    assert one("address_part", address, part="city") == parts[1]
+    for position, part in enumerate(("province", "city", "district")):
+        assert one("address_part", address, part=part) == parts[position]
+        mixed, _ = run("address_part", [address, 42], part=part)  # not all text: the per-value path
+        assert mixed[0] == parts[position]
+
+
+def test_address_parts_keep_a_written_district_geo_cannot_place() -> None:
+    """An address cpca does not know keeps what its suffixes say; each distinct address is placed once."""
+    values = ["某某开发区创业路1号", "江苏无锡新吴区学院路12号", "江苏无锡新吴区学院路12号", None]
+    assert run("address_part", values, part="district")[0] == ["某某开发区", "新吴区", "新吴区", None]
+    assert run("address_part", values, part="province")[0] == [None, "江苏省", "江苏省", None]
 
 
 def test_stage_and_bool() -> None:

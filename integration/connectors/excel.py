@@ -109,6 +109,8 @@ class SheetLayout:
 
     labels: dict[int, str]  # 0-based sheet column (A = 0) -> label, for labelled columns only
     last_header_row: int  # 0-based sheet row of the header's last row; data starts below it
+    # labelled columns without a value in the scanned rows below the header (perhaps empty throughout)
+    blank_below_header: tuple[int, ...] = ()
 
     def ordered_labels(self) -> list[str]:
         """Return the labels left to right."""
@@ -200,9 +202,12 @@ class ExcelConnector:
         # A second header row is possible only under text labels; only then are the merges needed.
         merged = merges() if below and all(isinstance(v, str) for v in below) else None
         labels, header_rows = header_labels(head, index, merged)
-        return SheetLayout(
-            {column: label for column, label in enumerate(labels) if label}, index + header_rows - 1
+        labelled = {column: label for column, label in enumerate(labels) if label}
+        last = index + header_rows - 1
+        blank = tuple(
+            c for c in sorted(labelled) if all(c >= len(row) or _blank(row[c]) for row in head[last + 1 :])
         )
+        return SheetLayout(labelled, last, blank)
 
     def columns(self, table: str, header_row: int | None = None) -> list[str]:
         """Return the header labels of ``table`` (a sheet) in the first workbook."""
@@ -235,19 +240,48 @@ class ExcelConnector:
                 yield frame
 
     def _load(self, path: Path, sheet: str, layout: SheetLayout) -> tuple[pa.RecordBatch, list[int]]:
-        """Read the rows below the header into Arrow; return them with each column's sheet column index."""
+        """Read the rows below the header into Arrow; return them with each column's sheet column index.
+
+        fastexcel guesses each column's type from its values. Only labelled columns are read (one without
+        a header, under a merged title row or merely formatted, is dropped anyway), and a labelled column
+        with no value at all is declared text, the type fastexcel would fall back to: nothing is guessed
+        from no values (fastexcel would log "Could not determine dtype for column N" to the consultant).
+        """
+        header_row = layout.last_header_row if layout.last_header_row >= 0 else None
         try:
-            loaded = self._open(path).load_sheet(
+            reader = self._open(path)
+            empty = self._empty_columns(reader, sheet, header_row, layout.blank_below_header)
+            loaded = reader.load_sheet(
                 sheet,
-                header_row=layout.last_header_row if layout.last_header_row >= 0 else None,
+                header_row=header_row,
                 # Every row decides a column's type: with a sample, a text cell after the sampled rows
                 # of a numeric column would silently read as empty.
                 schema_sample_rows=None,
                 whitespace_as_null=True,
+                use_columns=sorted(layout.labels) or None,
+                dtypes=dict.fromkeys(empty, "string") or None,
             )
-            return loaded.to_arrow(), [c.absolute_index for c in loaded.available_columns()]
+            return loaded.to_arrow(), [c.absolute_index for c in loaded.selected_columns]
         except Exception as exc:
             raise ExtractError(self.name, f"cannot read sheet '{sheet}' of {path.name}: {exc}") from None
+
+    @staticmethod
+    def _empty_columns(
+        reader: fastexcel.ExcelReader, sheet: str, header_row: int | None, candidates: tuple[int, ...]
+    ) -> list[int]:
+        """Return the ``candidates`` (blank in the scanned rows) that have no value further down either."""
+        if not candidates:
+            return []
+        probe = reader.load_sheet(
+            sheet,
+            header_row=header_row,
+            whitespace_as_null=True,
+            use_columns=list(candidates),
+            dtypes="string",  # declared: read as they are, nothing guessed
+        ).to_arrow()
+        return [
+            c for c, column in zip(candidates, probe.columns, strict=True) if column.null_count == len(column)
+        ]
 
 
 def _kept(frame: pd.DataFrame, column: str, default: np.ndarray | str) -> pd.Series:

@@ -9,7 +9,8 @@ SQLAlchemy driver.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
@@ -32,6 +33,37 @@ _ARROW_BACKENDS = {
     "mariadb": ("mysql", set(), {"charset"}),
 }
 _TRANSIENT = ("connection refused", "timed out", "timeout", "connection reset", "broken pipe", "closed")
+
+
+_DECLARED_TYPE = re.compile(r"([\w ]+)(\(.*?\))?")
+
+
+def sqlite_column_type(declared: str, known: Mapping[str, Any]) -> sa.types.TypeEngine[Any]:
+    """Return the type of a SQLite column declared as ``declared`` (``known``: the dialect's type names).
+
+    As SQLAlchemy's own reflection does — a known name, else SQLite's affinity rules (sqlite.org/datatype3)
+    — except that arguments the type cannot take (``INTEGER(11)``, ``TINYINT(1)``: MySQL display widths in
+    SuiteCRM databases copied to SQLite, which SQLite ignores) are dropped quietly instead of with a warning.
+    """
+    match = _DECLARED_TYPE.match(declared.upper())
+    name, arguments = (match.group(1), match.group(2)) if match else ("", None)
+    kind: Any
+    if name in known:
+        kind = known[name]
+    elif "INT" in name:
+        kind = sa.INTEGER
+    elif "CHAR" in name or "CLOB" in name or "TEXT" in name:
+        kind = sa.TEXT
+    elif "BLOB" in name or not name:
+        kind = sa.types.NullType
+    elif "REAL" in name or "FLOA" in name or "DOUB" in name:
+        kind = sa.REAL
+    else:
+        kind = sa.NUMERIC
+    try:
+        return cast("sa.types.TypeEngine[Any]", kind(*(int(n) for n in re.findall(r"\d+", arguments or ""))))
+    except TypeError:
+        return cast("sa.types.TypeEngine[Any]", kind())
 
 
 class SqlConnector:
@@ -83,6 +115,8 @@ class SqlConnector:
 
     def _table(self, table: str) -> sa.Table:
         try:
+            if self.engine.dialect.name == "sqlite":
+                return self._sqlite_table(table)
             return sa.Table(table, sa.MetaData(), schema=self.schema, autoload_with=self.engine)
         except NoSuchTableError:
             raise ExtractError(
@@ -91,6 +125,22 @@ class SqlConnector:
             ) from None
         except SQLAlchemyError as exc:
             raise self._fail(exc, f"reading the columns of '{table}'") from None
+
+    def _sqlite_table(self, table: str) -> sa.Table:
+        """Describe a SQLite table from ``PRAGMA table_info`` (types: :func:`sqlite_column_type`)."""
+        quote = self.engine.dialect.identifier_preparer.quote
+        prefix = f"{quote(self.schema)}." if self.schema else ""
+        with self.engine.connect() as connection:
+            rows = connection.exec_driver_sql(f"PRAGMA {prefix}table_info({quote(table)})").all()
+        if not rows:
+            raise NoSuchTableError(table)
+        known = getattr(self.engine.dialect, "ischema_names", {})
+        return sa.Table(
+            table,
+            sa.MetaData(),
+            *(sa.Column(row[1], sqlite_column_type(str(row[2] or ""), known)) for row in rows),
+            schema=self.schema,
+        )
 
     def columns(self, table: str, header_row: int | None = None) -> list[str]:
         """Return the column names of ``table``."""

@@ -1,8 +1,9 @@
-"""Dry run of one mapping on the first rows of its real source: raw vs mapped, and the rejects."""
+"""Dry run of one mapping on the first rows of its real source: raw vs mapped, rejects and validation."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -11,33 +12,41 @@ from crm_core.errors import ConfigError, Problem
 from integration.connectors.base import LOCATION, ROW_REF
 from integration.mappings.engine import MappingResult, map_chunk, python_records
 from integration.mappings.spec import CompiledMapping, load_mapping
-from integration.pipeline import Migration, extract_chunks
+from integration.pipeline import Migration, extract_chunks, quarantine
 from integration.project import PROJECT_FILE
+
+ROW, STATUS = "_row", "_status"  # the preview's own columns: no target field starts with "_"
 
 
 @dataclass
 class Preview:
-    """The raw rows read, what the mapping made of them, and why rows were rejected."""
+    """The raw rows read, what the mapping made of them, why rows were rejected, and what validation says."""
 
     mapping: CompiledMapping
     raw: pd.DataFrame
     result: MappingResult
+    violations: pd.DataFrame = field(default_factory=pd.DataFrame)  # validation entries (errors, warnings)
 
     def side_by_side(self) -> pd.DataFrame:
-        """Return one row per source row: ``row``, ``status``, and ``field`` / ``field (raw)`` per mapped field."""
+        """Return one row per source row: ``_row``, ``_status``, and ``field`` / ``field (raw)`` per mapped field.
+
+        ``_status`` is ``ok``, ``rejected: …`` (the mapping could not make a record), ``invalid: …`` (a
+        validation rule with severity error would quarantine it) or ``warning: …`` (it loads, reported).
+        """
         mapped = self.result.records.set_index([LOCATION, ROW_REF]) if len(self.result.records) else None
-        errors = self.result.rejects[self.result.rejects["severity"] == "error"]
-        reasons = errors.groupby(["location", "row_ref"])["reason"].agg("; ".join).to_dict()
-        warnings = self.result.rejects[self.result.rejects["severity"] == "warn"]
-        warned = warnings.groupby(["location", "row_ref"])["reason"].agg("; ".join).to_dict()
+        rejected = _reasons(self.result.rejects, "error")
+        invalid = _reasons(self.violations, "error")
+        warned = _reasons(pd.concat([self.result.rejects, self.violations], ignore_index=True), "warn")
         rows = []
         for _, raw in self.raw.iterrows():
             where = (raw[LOCATION], raw[ROW_REF])
-            row: dict[str, object] = {"row": raw[ROW_REF]}
-            if where in reasons:
-                row["status"] = f"rejected: {reasons[where]}"
+            row: dict[str, object] = {ROW: raw[ROW_REF]}
+            if where in rejected:
+                row[STATUS] = f"rejected: {rejected[where]}"
+            elif where in invalid:
+                row[STATUS] = f"invalid: {invalid[where]}"
             else:
-                row["status"] = "ok" if where not in warned else f"warning: {warned[where]}"
+                row[STATUS] = "ok" if where not in warned else f"warning: {warned[where]}"
             own = {f.name: f.spec.columns for f in self.mapping.fields}
             for name in self.mapping.written_fields():  # with what a convert fills (currency…)
                 columns = own.get(name, [])
@@ -52,6 +61,14 @@ class Preview:
                 row[name] = None if value is None or (isinstance(value, float) and value != value) else value
             rows.append(row)
         return pd.DataFrame(rows)
+
+
+def _reasons(entries: pd.DataFrame, severity: str) -> dict[Hashable, str]:
+    """Return ``(location, row_ref) -> reasons joined by '; '`` for the entries of one severity."""
+    if entries.empty:
+        return {}
+    chosen = entries[entries["severity"] == severity]
+    return chosen.groupby(["location", "row_ref"])["reason"].agg("; ".join).to_dict()
 
 
 def find_project(file: Path) -> Path | None:
@@ -79,4 +96,16 @@ def preview(file: Path, rows: int = 20, project: Path | None = None) -> Preview:
         chunks.close()
     result = map_chunk(mapping, raw) if len(raw) else MappingResult(pd.DataFrame(), pd.DataFrame(), 0)
     result.records = python_records(result.records)
-    return Preview(mapping, raw, result)
+    violations = pd.DataFrame()
+    if len(result.records):
+        _, violations = quarantine(mapping, result.records, migration.rules)
+        if len(violations):  # the rule that fired and the value it saw, as the quarantine reports them
+            violations = violations.assign(
+                reason=[
+                    f"{rule}: {reason} (value {value!r})" if value is not None else f"{rule}: {reason}"
+                    for rule, reason, value in zip(
+                        violations["rule"], violations["reason"], violations["value"], strict=True
+                    )
+                ]
+            )
+    return Preview(mapping, raw, result, violations)

@@ -9,6 +9,8 @@ from typing import Any
 import yaml
 
 from crm_core.entities import ENTITIES
+from crm_core.errors import ConfigError, Problem
+from integration.mappings.profiles import SystemProfile, spec_columns, spec_tables
 
 # Normalized header -> canonical field. Headers are compared NFKC + case-folded, without spaces/_/-.
 FIELD_SYNONYMS: dict[str, list[str]] = {
@@ -160,32 +162,141 @@ def _field_spec(field: str, column: str, target: str) -> dict[str, Any] | str:
 
 
 def scaffold(
-    source: str, table: str, columns: list[str], *, target: str | None = None, sheet: bool = False
+    source: str,
+    table: str,
+    columns: list[str],
+    *,
+    target: str | None = None,
+    sheet: bool = False,
+    profile: SystemProfile | None = None,
+    tables: list[str] | None = None,
 ) -> str:
-    """Return the YAML text of a starter mapping for ``source.table`` with its real ``columns``."""
-    entity = target or guess_target(table)
+    """Return the YAML text of a starter mapping for ``source.table`` with its real ``columns``.
+
+    With a ``profile`` (see :mod:`integration.mappings.profiles`) the table's known key, filter, link
+    tables, lookups and value maps replace the guesses, as far as the columns and ``tables`` exist.
+    A table the profile reads through another table's mapping (a link table) is refused: ConfigError.
+    """
+    known = profile.table(table) if profile else None
+    if known is not None and known.read_through:
+        raise ConfigError(
+            Problem(
+                f"{table} is {known.read_through}; it is not mapped on its own ({profile.title if profile else ''})"
+            )
+        )
+    entity = target or (known.target if known else guess_target(table))
+    if known is not None and known.target != entity:
+        known = None  # a different target than the profile's: the profile's fields do not apply
     fields, leftover = guess_fields(columns, entity)
     key = next((c for c in columns if header_key(c) in KEY_SYNONYMS), None)
+    specs: dict[str, Any] = {field: _field_spec(field, column, entity) for field, column in fields.items()}
     source_spec: dict[str, Any] = {"connector": source, "sheet" if sheet else "table": table}
-    if key:
+    comments: dict[str, tuple[str, ...]] = {}
+    skipped: list[str] = []
+    if known is not None:
+        present = _Presence(columns, tables)
+        key = present.column(known.key) or key
+        if known.where and all(present.column(c) for c in known.where_columns):
+            source_spec["where"] = known.where
+        lookups = {}
+        for name, spec in known.lookups.items():
+            if present.fits(spec):
+                lookups[name] = present.spelled(spec)
+            else:
+                skipped.append(f"source.lookups.{name}")
+        written = []
+        for name, spec in known.fields.items():
+            if not present.fits(spec, extra=set(lookups)):
+                skipped.append(name)
+                continue
+            specs[name] = present.spelled(spec)
+            written.append(name)
+            if ENTITIES[entity].fields[name].required:
+                specs[name]["required"] = True
+        for name, by in known.drop.items():
+            if by in written:
+                specs.pop(name, None)
+            elif name in known.fallbacks and present.fits(known.fallbacks[name]):
+                specs[name] = present.spelled(known.fallbacks[name])
+                written.append(name)
+        if key:
+            source_spec["key"] = key
+        if lookups:
+            source_spec["lookups"] = lookups
+        comments = {name: lines for name, lines in known.comments.items() if name == "" or name in written}
+        used = {c for spec in specs.values() if isinstance(spec, dict) for c in spec_columns(spec)}
+        leftover = [c for c in columns if c not in used]
+    elif key:
         source_spec["key"] = key
     body = {
         "version": 1,
         "description": f"{source}.{table} → {entity} (scaffolded: review every field)",
         "source": source_spec,
         "target": entity,
-        "fields": {field: _field_spec(field, column, entity) for field, column in fields.items()},
+        "fields": specs,
     }
     text = "# yaml-language-server: $schema=../../../integration/mappings/mapping.schema.json\n"
-    text += yaml.safe_dump(body, allow_unicode=True, sort_keys=False, default_flow_style=None, width=110)
-    missing = [f.name for f in ENTITIES[entity].fields.values() if f.required and f.name not in fields]
+    if profile is not None and known is not None:
+        text += (
+            f"# profile: {profile.title} (recognised by its tables {', '.join(sorted(profile.signature))});\n"
+            "# what it knows about this table is filled in below, with a comment where it is a judgment call.\n"
+        )
+    dumped = yaml.safe_dump(body, allow_unicode=True, sort_keys=False, default_flow_style=None, width=110)
+    text += _with_comments(dumped, comments)
+    missing = [f.name for f in ENTITIES[entity].fields.values() if f.required and f.name not in specs]
     for name in missing:
         text += f"  # TODO {name}: {{from: ???}}  (required: map it before running)\n"
     if not key:
         text += (
             "# TODO source.key: the column(s) that identify a record; without it rows are keyed by position\n"
         )
+    for name in skipped:
+        text += f"# profile: {name} left out (a column or table it reads is not in this source)\n"
     leftover = [c for c in leftover if c != key]
     if leftover:
         text += f"# unmapped source columns: {', '.join(leftover)}\n"
     return text
+
+
+def _with_comments(dumped: str, comments: dict[str, tuple[str, ...]]) -> str:
+    """Insert comment lines above ``source:`` (key "") and above each named field of a dumped mapping."""
+    if not comments:
+        return dumped
+    lines = []
+    for line in dumped.splitlines(keepends=True):
+        name = (
+            "" if line.startswith("source:") else line[2:].split(":", 1)[0] if line.startswith("  ") else None
+        )
+        if name is not None and not line.startswith("   ") and name in comments:
+            indent = "" if name == "" else "  "
+            lines += [f"{indent}# {comment}\n" for comment in comments[name]]
+        lines.append(line)
+    return "".join(lines)
+
+
+class _Presence:
+    """Which columns of the table and which tables of the source exist (tables unknown: all do)."""
+
+    def __init__(self, columns: list[str], tables: list[str] | None) -> None:
+        self.columns = {c.casefold(): c for c in columns}
+        self.tables = {t.casefold() for t in tables} if tables else None
+
+    def column(self, name: str | None) -> str | None:
+        """Return the real spelling of column ``name`` (any case), or None."""
+        return self.columns.get(name.casefold()) if name else None
+
+    def fits(self, spec: dict[str, Any], extra: set[str] | None = None) -> bool:
+        """True when every column and table ``spec`` reads exists (``extra``: named source lookups)."""
+        columns_ok = all(self.column(c) or c in (extra or set()) for c in spec_columns(spec))
+        tables_ok = self.tables is None or all(t.casefold() in self.tables for t in spec_tables(spec))
+        return columns_ok and tables_ok
+
+    def spelled(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Return ``spec`` with its ``from`` column(s) spelled as in the source."""
+        spec = dict(spec)
+        source = spec.get("from")
+        if isinstance(source, list):
+            spec["from"] = [self.column(c) or c for c in source]
+        elif isinstance(source, str):
+            spec["from"] = self.column(source) or source
+        return spec

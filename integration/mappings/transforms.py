@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from stdnum.cn import uscc as stdnum_uscc
 
 from crm_core.stages import resolve_stage
+from integration import geo
 from integration.mappings import columnar
 
 Outcome = tuple[pd.Series, pd.Series | None]
@@ -889,7 +890,7 @@ _MUNICIPAL_RE2 = (
 
 
 def split_address(value: str) -> dict[str, str | None]:
-    """Split a Chinese address into province, city and district where they are written out."""
+    """Split an address into province, city and district: written out, else placed by :mod:`integration.geo`."""
     text = clean_text(unicodedata.normalize("NFKC", value)).replace(" ", "")
     for name in _MUNICIPALITIES:
         if text.startswith(name):
@@ -902,6 +903,10 @@ def split_address(value: str) -> dict[str, str | None]:
             }
     match = _ADDRESS.match(text)
     parts = match.groupdict() if match else {}
+    if not parts.get("province") or not parts.get("city"):  # 江苏无锡新吴区…, 苏州工业园区…, Wuxi
+        place = geo.place_of_address(value)
+        if place.known:
+            return {"province": place.province, "city": place.city, "district": place.district}
     return {"province": parts.get("province"), "city": parts.get("city"), "district": parts.get("district")}
 
 
@@ -915,11 +920,18 @@ class AddressPartArgs(Args):
     "address_part",
     AddressPartArgs,
     clean_output=True,
-    examples=("广东省深圳市南山区科技园1号", "北京海淀区中关村大街1号", "Room 5, 1 Queen's Road"),
+    examples=(
+        "广东省深圳市南山区科技园1号",
+        "北京海淀区中关村大街1号",
+        "江苏无锡新吴区学院路1号",
+        "苏州工业园区星湖街328号",
+        "8 Keji Road, Nanshan, Shenzhen",
+        "Room 5, 1 Queen's Road",
+    ),
     example_args={"part": "city"},
 )
 def address_part(values: pd.Series, args: AddressPartArgs) -> Outcome:
-    """Province, city or district of a Chinese address (广东省深圳市南山区… → 广东省 / 深圳市 / 南山区)."""
+    """Province, city or district of a Chinese address, with or without 省/市 (江苏无锡新吴区… → 江苏省 / 无锡市 / 新吴区), or the pinyin city of a Latin one."""
     array = columnar.text_array(values)
     if array is None:
         return _text(values, lambda v: split_address(v)[args.part])
@@ -928,17 +940,47 @@ def address_part(values: pd.Series, args: AddressPartArgs) -> Outcome:
 
 
 def _address_parts(array: pa.Array | pa.ChunkedArray) -> dict[str, Any]:
-    """``split_address`` over an Arrow array: province, city and district arrays ("" where absent)."""
-    text = pc.replace_substring(columnar.nfkc_clean_array(array), " ", "")
+    """``split_address`` over an Arrow array: province, city and district arrays ("" where absent).
+
+    Written-out parts are read by one regular expression; the addresses it leaves without a province
+    or city (no suffixes, abbreviations, pinyin) go to :func:`integration.geo.places_of_addresses`, each
+    distinct one once.
+    """
+    cleaned = columnar.nfkc_clean_array(array)
+    text = pc.replace_substring(cleaned, " ", "")
     general = pc.extract_regex(text, _ADDRESS.pattern)
     parts = {name: pc.struct_field(general, [name]) for name in ("province", "city", "district")}
     municipal = columnar.flags(pc.match_substring_regex(text, "^(?:" + "|".join(_MUNICIPALITIES) + ")"))
-    if not pc.any(municipal).as_py():
+    if pc.any(municipal).as_py():
+        local = pc.extract_regex(pc.filter(text, municipal), _MUNICIPAL_RE2)
+        city = pc.binary_join_element_wise(pc.struct_field(local, ["municipality"]), "市", "")
+        patched = {"province": city, "city": city, "district": pc.struct_field(local, ["local_district"])}
+        parts = {name: columnar.scatter(parts[name], municipal, patched[name]) for name in parts}
+    incomplete = columnar.flags(
+        pc.and_(
+            pc.not_equal(text, ""),
+            pc.or_(pc.equal(parts["province"], ""), pc.equal(parts["city"], "")),
+        )
+    )
+    if not pc.any(incomplete).as_py():
         return parts
-    local = pc.extract_regex(pc.filter(text, municipal), _MUNICIPAL_RE2)
-    city = pc.binary_join_element_wise(pc.struct_field(local, ["municipality"]), "市", "")
-    patched = {"province": city, "city": city, "district": pc.struct_field(local, ["local_district"])}
-    return {name: columnar.scatter(parts[name], municipal, patched[name]) for name in parts}
+    return _placed_parts(parts, pc.filter(cleaned, incomplete), incomplete)
+
+
+def _placed_parts(
+    parts: dict[str, Any], addresses: pa.Array | pa.ChunkedArray, rows: pa.Array | pa.ChunkedArray
+) -> dict[str, Any]:
+    """Replace the parts of ``rows`` by the places of their ``addresses`` where geo knows the place."""
+    distinct = pc.unique(addresses)
+    places = geo.places_of_addresses(distinct.to_pylist())
+    position = pc.index_in(addresses, value_set=distinct)
+    known = pc.take(pa.array([p.known for p in places], pa.bool_()), position)
+    placed = {}
+    for name in parts:
+        found = pc.take(pa.array([getattr(p, name) or "" for p in places], pa.string()), position)
+        written = pc.filter(parts[name], rows)
+        placed[name] = columnar.scatter(parts[name], rows, pc.if_else(known, found, written))
+    return placed
 
 
 # --------------------------------------------------------------------------- codes and flags
