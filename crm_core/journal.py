@@ -195,6 +195,10 @@ def _copy_values(
     table: Table, names: Sequence[str], rows: Sequence[dict[str, Any]]
 ) -> Iterator[tuple[Any, ...]]:
     as_json = [n != "_id" and isinstance(table.c[n].type, JSON) for n in names]
+    if not any(as_json):  # plain values: one C-level itemgetter call per row
+        pick = itemgetter(*names) if len(names) > 1 else (lambda row: (row[names[0]],))
+        yield from map(pick, rows)
+        return
     for row in rows:
         yield tuple(
             json.dumps(row[n], ensure_ascii=False) if j and row[n] is not None else row[n]
