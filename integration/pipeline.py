@@ -46,6 +46,8 @@ from integration.connectors.base import DEFAULT_CHUNK_ROWS, LOCATION, META_COLUM
 from integration.connectors.sql import SqlConnector
 from integration.dedup.normalize import company_key, person_key
 from integration.mappings.engine import SOURCE, MappingResult, map_chunks, python_records
+from integration.mappings.joins import join_chunks
+from integration.mappings.joins import prepare as prepare_joins
 from integration.mappings.spec import CompiledMapping, load_mappings
 from integration.project import Project, load_project
 
@@ -244,7 +246,7 @@ def read_request(mapping: CompiledMapping, chunk_rows: int = DEFAULT_CHUNK_ROWS)
         table=source.location if source.query is None else f"query:{mapping.name}",
         where=source.where,
         query=source.query,
-        key=tuple(source.key_columns),
+        key=tuple(source.read_key),
         header_row=source.header_row,
         chunk_rows=chunk_rows,
     )
@@ -264,7 +266,9 @@ def extract_chunks(
     if incremental is not None and incremental.cursor is not None:
         request = replace(request, cursor_column=incremental.cursor, cursor_from=_query_bound(since))
     try:
-        yield from connector.read(request)
+        # Lookups, link tables and aggregates: each summarised once, then joined onto every chunk.
+        prepared = prepare_joins(mapping, connector) if mapping.joins else []
+        yield from join_chunks(connector.read(request), prepared)
     finally:
         if isinstance(connector, SqlConnector):
             connector.dispose()
@@ -309,7 +313,7 @@ def source_columns(migration: Migration, mapping: CompiledMapping) -> list[str]:
 
 def empty_extract(migration: Migration, mapping: CompiledMapping) -> pd.DataFrame:
     """Return a frame with the source's columns and no rows."""
-    columns = source_columns(migration, mapping)
+    columns = [*source_columns(migration, mapping), *(j.name for j in mapping.joins)]
     return pd.DataFrame({c: pd.Series(dtype=object) for c in [*columns, *META_COLUMNS]})
 
 

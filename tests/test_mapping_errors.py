@@ -46,7 +46,7 @@ CASES: list[tuple[str, str, list[str]]] = [
         "unknown_field_key",
         BASE + "  name: {from: name, tranforms: [trim]}\n",
         [
-            "{file}:5:22: fields.name.tranforms: unknown key 'tranforms'; did you mean 'transforms'?; allowed: combine, const, default, from, lookup, on_error, required, sep, transforms",
+            "{file}:5:22: fields.name.tranforms: unknown key 'tranforms'; did you mean 'transforms'?; allowed: aggregate, combine, const, default, expr, from, lookup, on_error, required, sep, transforms, via, when",
         ],
     ),
     (
@@ -146,14 +146,14 @@ CASES: list[tuple[str, str, list[str]]] = [
         "from_and_const",
         BASE + "  name: {from: n, const: x}\n",
         [
-            "{file}:5:9: fields.name: give either 'from' or 'const', not both",
+            "{file}:5:9: fields.name: give only one of 'from', 'const', 'expr' or 'when', not from and const",
         ],
     ),
     (
         "nothing",
         BASE + "  name: {required: true}\n",
         [
-            "{file}:5:9: fields.name: give 'from' (a source column), 'const' or 'default'",
+            "{file}:5:9: fields.name: give 'from' (a source column), 'const', 'expr', 'when' or 'default'",
         ],
     ),
     (

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from crm_core.errors import ExtractError
-from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, ReadRequest
+from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, ReadRequest, filter_chunks
 
 
 class CsvConnector:
@@ -63,7 +63,10 @@ class CsvConnector:
         return [" ".join(str(c).split()) for c in head.columns]
 
     def read(self, request: ReadRequest) -> Iterator[pd.DataFrame]:
-        """Yield rows of every file in chunks; ``_row_ref`` is the line number in the file."""
+        """Yield rows of every file in chunks (``where`` applied); ``_row_ref`` is the line number in the file."""
+        return filter_chunks(self._read(request), request.where, self.name, request.table)
+
+    def _read(self, request: ReadRequest) -> Iterator[pd.DataFrame]:
         for path in self._files():
             header_line = request.header_row or 1
             line = header_line

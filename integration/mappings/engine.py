@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -20,6 +21,8 @@ from crm_core.entities import FieldDef
 from crm_core.errors import ConfigError, MappingError
 from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF
 from integration.mappings import columnar
+from integration.mappings.expressions import ExpressionError, evaluate
+from integration.mappings.joins import JOIN_PROBLEM
 from integration.mappings.spec import CompiledField, CompiledMapping
 from integration.mappings.transforms import (
     DateArgs,
@@ -147,6 +150,34 @@ def _external_key(data: Mapping[str, pd.Series], key_columns: list[str], index: 
         key = key.where(key.isna() | part.isna(), key + "|" + part)
         key = null_where(key, part.isna())
     return key
+
+
+HASH_SEPARATOR = "\x1f"  # between the parts of a hash key: a character no cell holds
+
+
+def hash_key(data: Mapping[str, pd.Series], columns: list[str], index: pd.Index) -> pd.Series:
+    """Return a stable key per row: a hash of the columns' normalised text (missing where all are empty).
+
+    Normalised: NFKC, whitespace collapsed and trimmed, case-folded, whole numbers without ``.0``; so
+    ``ＡＢＣ公司 `` and ``abc公司`` key alike. The hash is BLAKE2b (20 hex digits), the same in every run and
+    on every machine, and does not depend on where the row sits in the sheet.
+    """
+    parts = []
+    for column in columns:
+        part = _key_part(data[column])
+        text = pa.array(part.array) if columnar.is_arrow(part) else pa.array(part.astype(object), pa.string())
+        parts.append(pc.utf8_lower(columnar.nfkc_clean_array(text)))
+    empty = np.ones(len(index), dtype=bool)
+    for part in parts:
+        empty &= np.asarray(pc.is_null(part).to_numpy(zero_copy_only=False), dtype=bool)
+    joined = pc.binary_join_element_wise(
+        *parts, HASH_SEPARATOR, null_handling="replace", null_replacement=""
+    ).to_pylist()
+    digests = [
+        None if skip else hashlib.blake2b(text.encode("utf-8"), digest_size=10).hexdigest()
+        for text, skip in zip(joined, empty, strict=True)
+    ]
+    return pd.Series(digests, index=index, dtype=object)
 
 
 def arrow_text_columns(chunk: pd.DataFrame, columns: Iterable[str]) -> dict[str, pd.Series]:
@@ -307,10 +338,11 @@ def _cast(values: pd.Series, target: FieldDef, clean: bool = False) -> tuple[pd.
 
 def _source_values(field: CompiledField, chunk: Mapping[str, pd.Series], index: pd.Index) -> pd.Series:
     spec = field.spec
-    if spec.from_ is not None and spec.combine == "concat":
-        return _concat(chunk, spec.columns, spec.sep)
-    if spec.from_ is not None:
-        return _first_non_empty(chunk, spec.columns)
+    columns = list(field.columns)
+    if columns and spec.combine == "concat":
+        return _concat(chunk, columns, spec.sep)
+    if columns:
+        return _first_non_empty(chunk, columns)
     return pd.Series([spec.const] * len(index), index=index, dtype=object)
 
 
@@ -387,22 +419,104 @@ def _convert_distinct(
     )
 
 
+def _python_array(array: pa.Array, index: pd.Index) -> pd.Series:
+    """Return an expression's result as the engine's values: text as Arrow, the rest as Python objects.
+
+    Numbers computed in floating point are rounded to 15 significant digits, so 0.1 * 3 is 0.3, not
+    0.30000000000000004, when it becomes a decimal.
+    """
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        return columnar.arrow_series(pc.cast(array, pa.string()), index)
+    if pa.types.is_floating(array.type):
+        values = [None if v is None or v != v else Decimal(format(v, ".15g")) for v in array.to_pylist()]
+        return pd.Series(values, index=index, dtype=object)
+    return pd.Series(array.to_pylist(), index=index, dtype=object)
+
+
+def _computed_values(
+    field: CompiledField, data: Mapping[str, pd.Series], index: pd.Index
+) -> tuple[pd.Series, pd.Series | None]:
+    """Evaluate a field's ``expr`` or ``when``; return the values and the row-level failure reasons."""
+    length = len(index)
+    reasons: pa.Array | None = None
+
+    def run(expression: Any) -> pa.Array:
+        nonlocal reasons
+        try:
+            evaluated = evaluate(expression, data, length)
+        except ExpressionError as exc:
+            raise MappingError(f"field '{field.name}': {exc.message}") from None
+        if evaluated.reasons is not None:
+            reasons = evaluated.reasons if reasons is None else pc.coalesce(reasons, evaluated.reasons)
+        return evaluated.values
+
+    if field.expr is not None:
+        values = _python_array(run(field.expr), index)
+    else:
+        result = np.full(length, None, dtype=object)
+        decided = np.zeros(length, dtype=bool)
+        for case in field.when:
+            chosen = ~decided
+            if case.condition is not None:
+                holds = run(case.condition)
+                chosen &= np.asarray(pc.fill_null(holds, False).to_numpy(zero_copy_only=False), dtype=bool)
+            if case.expression is not None:
+                computed = python_values(_python_array(run(case.expression), index)).to_numpy()
+                result[chosen] = computed[chosen]
+            else:
+                result[chosen] = case.value
+            decided |= chosen
+        values = pd.Series(result, index=index, dtype=object)
+    if reasons is None:
+        return values, None
+    reason_series = pd.Series(reasons.to_numpy(zero_copy_only=False), index=index, dtype=object)
+    return null_where(values, reason_series.notna()), reason_series
+
+
+def _join_problems(field: CompiledField, chunk: pd.DataFrame) -> pd.Series | None:
+    """Return why a joined column the field reads has no value for a row (several different matches)."""
+    found: pd.Series | None = None
+    for column in (*field.columns, *field.expression_columns()):
+        problem = chunk.get(column + JOIN_PROBLEM)
+        if problem is not None:
+            problem = problem.astype(object)
+            found = problem if found is None else found.where(found.notna(), problem)
+    return found
+
+
+def _merge_reasons(first: pd.Series | None, second: pd.Series | None) -> pd.Series | None:
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return first.where(first.notna(), second)
+
+
 def _run_field(
     field: CompiledField, target: FieldDef, data: Mapping[str, pd.Series], outcome: _Outcome
 ) -> pd.Series:
     spec = field.spec
     chunk = outcome.chunk
-    # Fields reading the same columns get the same Series object, so transforms can share work (memo).
-    raw = (
-        columnar.memo(
-            f"source:{spec.columns}:{spec.combine}:{spec.sep}",
+    early: pd.Series | None = None  # failures before the transforms: expressions, joins
+    if field.computed:
+        raw, early = _computed_values(field, data, chunk.index)
+    elif field.columns:
+        # Fields reading the same columns get the same Series object, so transforms can share work (memo).
+        raw = columnar.memo(
+            f"source:{field.columns}:{spec.combine}:{spec.sep}",
             chunk,
             lambda: _source_values(field, data, chunk.index),
         )
-        if spec.from_ is not None
-        else _source_values(field, data, chunk.index)
-    )
+    else:
+        raw = _source_values(field, data, chunk.index)
+    joined = _join_problems(field, chunk)
+    if joined is not None and joined.notna().any():
+        early = _merge_reasons(early, joined)
+        raw = null_where(raw, joined.notna())
     result, reasons = _convert_distinct(field, target, raw)
+    if early is not None and early.notna().any():
+        reasons = _merge_reasons(early, reasons)
+        result = null_where(result, early.notna())
     failed = reasons.notna() if reasons is not None else pd.Series(False, index=chunk.index)
     if reasons is not None and failed.any():
         if spec.on_error == "fail":
@@ -446,7 +560,16 @@ def map_chunk(mapping: CompiledMapping, chunk: pd.DataFrame) -> MappingResult:
         for field in mapping.fields:
             columns[field.name] = _run_field(field, mapping.entity.fields[field.name], data, outcome)
     key_columns = mapping.spec.source.key_columns
-    if key_columns:
+    if mapping.spec.source.hash_key:
+        key = hash_key(data, key_columns, chunk.index)
+        outcome.add(
+            key.isna() & ~subtotal,
+            None,
+            None,
+            f"all key column(s) {', '.join(key_columns)} are empty",
+            rule="key",
+        )
+    elif key_columns:
         key = _external_key(data, key_columns, chunk.index)
         outcome.add(
             key.isna() & ~subtotal, None, None, f"empty key column(s) {', '.join(key_columns)}", rule="key"
