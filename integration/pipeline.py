@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import cached_property
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from crm_core.db import ensure_schema, make_engine, session_factory
 from crm_core.entities import ENTITIES, LOAD_ORDER
-from crm_core.errors import ConfigError, MappingError, Problem
+from crm_core.errors import ConfigError, ExtractError, MappingError, Problem
 from crm_core.failpoints import failpoint
 from crm_core.journal import ids_in
 from crm_core.loading import (
@@ -309,6 +309,25 @@ def source_columns(migration: Migration, mapping: CompiledMapping) -> list[str]:
     finally:
         if isinstance(connector, SqlConnector):
             connector.dispose()
+
+
+def table_catalog(migration: Migration, source: str) -> Callable[[str], list[str]]:
+    """Return a function giving the columns of another table or sheet of ``source`` (LookupError: none such)."""
+    cache: dict[str, list[str]] = {}
+
+    def columns(table: str) -> list[str]:
+        if table not in cache:
+            connector = migration.connector(source)
+            try:
+                cache[table] = connector.columns(table)
+            except ExtractError as exc:
+                raise LookupError(str(exc)) from None
+            finally:
+                if isinstance(connector, SqlConnector):
+                    connector.dispose()
+        return cache[table]
+
+    return columns
 
 
 def empty_extract(migration: Migration, mapping: CompiledMapping) -> pd.DataFrame:
