@@ -8,7 +8,6 @@ the same records and the same row-level rejects from each.
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast

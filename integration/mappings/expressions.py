@@ -146,6 +146,16 @@ def parse(
         raise ExpressionError("an expression must be non-empty text")
     checker = _Checker(columns, kinds or {})
     kind = checker.kind(tree)
+    computed = (exp.Add, exp.Sub, exp.Mul, exp.Div, exp.Mod, exp.Neg, exp.DPipe, exp.Concat, exp.Func)
+    if (
+        condition
+        and kind == ANY
+        and isinstance(tree, computed)
+        and not isinstance(tree, exp.Coalesce | exp.Nullif)
+    ):
+        raise ExpressionError(
+            f"'{text}' is a computed value, not a condition (true/false); compare it, e.g. x = 1", 0
+        )
     if condition and kind not in (BOOL, NULL, ANY):
         raise ExpressionError(
             f"'{text}' is a {kind}, not a condition (true/false); compare it, e.g. x = 1", 0
