@@ -21,7 +21,7 @@ from crm_core.entities import FieldDef
 from crm_core.errors import ConfigError, MappingError
 from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF
 from integration.mappings import columnar
-from integration.mappings.expressions import ExpressionError, evaluate
+from integration.mappings.expressions import ExpressionError, evaluate, float_to_decimal
 from integration.mappings.joins import JOIN_PROBLEM
 from integration.mappings.spec import CompiledField, CompiledMapping
 from integration.mappings.transforms import (
@@ -333,7 +333,33 @@ def _cast(values: pd.Series, target: FieldDef, clean: bool = False) -> tuple[pd.
                 )
                 array = columnar.null_where_array(array, too_long)
         return columnar.arrow_series(columnar.empty_to_null(array), values.index), errors
+    typed = _typed_arrow(values, target)
+    if typed is not None:
+        return typed, None
     return per_value(values, lambda value: None if _blank(value) else cast_value(value, target))
+
+
+def _typed_arrow(values: pd.Series, target: FieldDef) -> pd.Series | None:
+    """Return Arrow numbers, dates and flags that already have the target's type as they are (else None)."""
+    if not columnar.is_arrow(values) or columnar.is_text(values):
+        return None
+    kind, data_type = target.kind, values.dtype.pyarrow_dtype
+    array = pa.array(values.array)
+    if kind == "decimal" and pa.types.is_decimal(data_type):
+        return values
+    if kind == "decimal" and pa.types.is_integer(data_type):
+        return columnar.arrow_series(pc.cast(array, pa.decimal128(38, 0)), values.index)
+    if kind == "int" and pa.types.is_integer(data_type):
+        return values
+    if kind == "bool" and pa.types.is_boolean(data_type):
+        return values
+    if kind == "date" and pa.types.is_date32(data_type):
+        return values
+    if kind == "date" and pa.types.is_timestamp(data_type):
+        return columnar.arrow_series(pc.cast(array, pa.date32()), values.index)
+    if kind == "datetime" and pa.types.is_timestamp(data_type):
+        return values
+    return None
 
 
 def _source_values(field: CompiledField, chunk: Mapping[str, pd.Series], index: pd.Index) -> pd.Series:
@@ -419,18 +445,23 @@ def _convert_distinct(
     )
 
 
-def _python_array(array: pa.Array, index: pd.Index) -> pd.Series:
-    """Return an expression's result as the engine's values: text as Arrow, the rest as Python objects.
+def _computed_series(array: pa.Array, index: pd.Index) -> pd.Series:
+    """Return an expression's result as an Arrow-backed Series (the cast keeps matching types as they are).
 
-    Numbers computed in floating point are rounded to 15 significant digits, so 0.1 * 3 is 0.3, not
-    0.30000000000000004, when it becomes a decimal.
+    Floating-point results become decimals rounded to 15 significant digits, so 0.1 * 3 is 0.3, not
+    0.30000000000000004, when it lands in a decimal field.
     """
-    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
-        return columnar.arrow_series(pc.cast(array, pa.string()), index)
-    if pa.types.is_floating(array.type):
-        values = [None if v is None or v != v else Decimal(format(v, ".15g")) for v in array.to_pylist()]
-        return pd.Series(values, index=index, dtype=object)
-    return pd.Series(array.to_pylist(), index=index, dtype=object)
+    if pa.types.is_null(array.type):
+        return pd.Series([None] * len(index), index=index, dtype=object)
+    if pa.types.is_large_string(array.type):
+        array = pc.cast(array, pa.string())
+    elif pa.types.is_floating(array.type):
+        decimals = float_to_decimal(array)
+        if decimals is None:  # beyond 10^20: Python decimals
+            values = [None if v is None or v != v else Decimal(format(v, ".15g")) for v in array.to_pylist()]
+            return pd.Series(values, index=index, dtype=object)
+        array = decimals
+    return columnar.arrow_series(array, index)
 
 
 def _computed_values(
@@ -451,26 +482,45 @@ def _computed_values(
         return evaluated.values
 
     if field.expr is not None:
-        values = _python_array(run(field.expr), index)
+        values = _computed_series(run(field.expr), index)
     else:
-        result = np.full(length, None, dtype=object)
-        decided = np.zeros(length, dtype=bool)
-        for case in field.when:
-            chosen = ~decided
+        # Which branch each row takes (-1: none), then the values: constants by one Arrow take.
+        choice = np.full(length, -1, dtype=np.int64)
+        for number, case in enumerate(field.when):
+            chosen = choice == -1
             if case.condition is not None:
                 holds = run(case.condition)
                 chosen &= np.asarray(pc.fill_null(holds, False).to_numpy(zero_copy_only=False), dtype=bool)
-            if case.expression is not None:
-                computed = python_values(_python_array(run(case.expression), index)).to_numpy()
-                result[chosen] = computed[chosen]
-            else:
-                result[chosen] = case.value
-            decided |= chosen
-        values = pd.Series(result, index=index, dtype=object)
+            choice[chosen] = number
+        values = _when_values(field, choice, index, run)
     if reasons is None:
         return values, None
     reason_series = pd.Series(reasons.to_numpy(zero_copy_only=False), index=index, dtype=object)
     return null_where(values, reason_series.notna()), reason_series
+
+
+def _when_values(field: CompiledField, choice: np.ndarray, index: pd.Index, run: Any) -> pd.Series:
+    """Return each row's branch value; constant branches of one type stay a typed Arrow column."""
+    constants = [None if case.expression is not None else case.value for case in field.when]
+    positions = pa.array(choice, pa.int64(), mask=choice < 0)
+    if all(case.expression is None for case in field.when):
+        try:
+            table = pa.array(constants)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            table = None
+        if table is not None and not pa.types.is_null(table.type):
+            return _computed_series(table.take(positions), index)
+    result = np.full(len(index), None, dtype=object)
+    for number, case in enumerate(field.when):
+        chosen = choice == number
+        if not chosen.any():
+            continue
+        if case.expression is not None:
+            computed = python_values(_computed_series(run(case.expression), index)).to_numpy()
+            result[chosen] = computed[chosen]
+        else:
+            result[chosen] = case.value
+    return pd.Series(result, index=index, dtype=object)
 
 
 def _join_problems(field: CompiledField, chunk: pd.DataFrame) -> pd.Series | None:

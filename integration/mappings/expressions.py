@@ -850,3 +850,53 @@ def sql_dialect(backend: str) -> str | None:
         "mssql": "tsql",
         "oracle": "oracle",
     }.get(backend)
+
+
+# Significant digits kept when a computed float becomes a decimal: double precision holds 15 exactly, so
+# 0.1 * 3 is 0.3 (not 0.30000000000000004) and 1234567.1 * 3 is 3703701.3.
+SIGNIFICANT_DIGITS = 15
+_MAX_SCALE = 18  # decimal places at most; leaves 20 integer digits in decimal128(38, 18)
+
+
+def float_to_decimal(values: pa.Array) -> pa.Array | None:
+    """Return floats as decimal128 rounded to 15 significant digits (None when a value is too large).
+
+    Values are grouped by magnitude; each group is rounded at its own decimal place and cast by Arrow,
+    then all are brought to one scale (exact) and put back in row order. No Python per value.
+    """
+    numbers = np.asarray(pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+    finite = np.isfinite(numbers)
+    magnitude = np.zeros(len(numbers), dtype=np.int64)
+    nonzero = finite & (numbers != 0)
+    magnitude[nonzero] = np.floor(np.log10(np.abs(numbers[nonzero]))).astype(np.int64)
+    if nonzero.any() and magnitude[nonzero].max() >= 38 - _MAX_SCALE:
+        return None
+    scales = np.clip(SIGNIFICANT_DIGITS - 1 - magnitude, 0, _MAX_SCALE)
+    # Decimal places each value really needs once rounded: its scale less the mantissa's trailing zeros,
+    # so 0.3 keeps one place, not eighteen.
+    mantissa = np.zeros(len(numbers))
+    mantissa[finite] = np.rint(numbers[finite] * np.power(10.0, scales[finite]))
+    needed = scales.copy()
+    for _ in range(_MAX_SCALE):
+        strip = finite & (needed > 0) & (np.fmod(mantissa, 10.0) == 0)
+        if not strip.any():
+            break
+        mantissa[strip] /= 10.0
+        needed[strip] -= 1
+    common = int(needed[finite].max()) if finite.any() else 0
+    target = pa.decimal128(38, common)
+    parts: list[pa.Array] = []
+    positions: list[np.ndarray] = []
+    for scale in np.unique(scales[finite]):
+        rows = np.flatnonzero(finite & (scales == scale))
+        places = min(int(scale), common)
+        rounded = pa.array(np.round(numbers[rows], places), pa.float64())
+        parts.append(pc.cast(pc.cast(rounded, pa.decimal128(38, places), safe=False), target))
+        positions.append(rows)
+    rest = np.flatnonzero(~finite)
+    parts.append(pa.nulls(len(rest), target))
+    positions.append(rest)
+    order = np.concatenate(positions)
+    inverse = np.empty(len(order), dtype=np.int64)
+    inverse[order] = np.arange(len(order))
+    return pa.concat_arrays(parts).take(pa.array(inverse))
