@@ -343,8 +343,8 @@ def _typed_arrow(values: pd.Series, target: FieldDef) -> pd.Series | None:
     """Return Arrow numbers, dates and flags that already have the target's type as they are (else None)."""
     if not columnar.is_arrow(values) or columnar.is_text(values):
         return None
-    kind, data_type = target.kind, values.dtype.pyarrow_dtype
     array = pa.array(values.array)
+    kind, data_type = target.kind, array.type
     if kind == "decimal" and pa.types.is_decimal(data_type):
         return values
     if kind == "decimal" and pa.types.is_integer(data_type):
