@@ -150,3 +150,36 @@ def test_mapping_check_with_a_project_checks_the_real_source_columns(
         f"{renamed}:{line}:{column}: fields.industry.from: column 'industri' is not in accounts; did you mean 'industry'?"
         in checked.output
     )
+
+
+def test_mapping_check_with_a_project_checks_link_tables_and_where_against_the_source(
+    demo_project: Path, tmp_path: Path
+) -> None:
+    opportunities = demo_project / "mappings" / "legacy_crm_opportunities.yaml"
+    ok = runner.invoke(app, ["mapping", "check", str(opportunities), "--project", str(demo_project)])
+    assert ok.exit_code == 0, ok.output
+    broken = tmp_path / "opportunities.yaml"
+    text = opportunities.read_text(encoding="utf-8")
+    broken.write_text(
+        text.replace("table: accounts_opportunities", "table: account_opportunities").replace(
+            'where: "deleted = 0"\n', 'where: "deleted = 0 and stage = 1"\n'
+        ),
+        encoding="utf-8",
+    )
+    checked = runner.invoke(app, ["mapping", "check", str(broken), "--project", str(demo_project)])
+    assert checked.exit_code == 1
+    output = " ".join(checked.output.split())
+    assert "source.where: unknown column 'stage'" in output
+    assert (
+        "fields.customer.via.table: source 'legacy_crm': table 'account_opportunities' does not exist"
+        in output
+    )
+    assert "did you mean 'sales_stage'?" in output
+    # A type mismatch needs no source: found offline.
+    broken.write_text(text.replace("from: date_closed", "expr: \"date_closed + 'x'\""), encoding="utf-8")
+    offline = runner.invoke(app, ["mapping", "check", str(broken)])
+    assert offline.exit_code == 1
+    assert (
+        "fields.expected_close_date.expr: type mismatch: add needs number or date, got text ('x')"
+        in " ".join(offline.output.split())
+    )
