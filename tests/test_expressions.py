@@ -291,3 +291,22 @@ def test_hash_keys_survive_inserted_rows_and_report_duplicates(tmp_path: Path) -
     [duplicate] = rejects.to_dict("records")  # NFKC + case: the same customer twice, reported not merged
     assert duplicate["rule"] == "duplicate_key" and duplicate["row_ref"] == "7"
     assert duplicate["reason"] == "duplicate source key (first seen on row 6)"
+
+
+def test_csv_lookup_reads_the_named_file_of_the_source(tmp_path: Path) -> None:
+    (tmp_path / "orders.csv").write_text("id,currency\n1,2\n2,9\n", encoding="utf-8")
+    (tmp_path / "rates.csv").write_text("currency,rate\n2,0.5\n", encoding="utf-8")
+    file = tmp_path / "orders.yaml"
+    file.write_text(
+        "version: 1\nsource: {connector: src, table: orders, key: id, lookups: "
+        "{rate: {from: currency, lookup: {table: rates, key: currency, value: rate}}}}\n"
+        "target: sales_order\nfields:\n  order_no: id\n  customer: {const: c}\n"
+        '  total_amount: {expr: "100 * coalesce(rate, 1)"}\n',
+        encoding="utf-8",
+    )
+    paths = sorted(tmp_path.glob("*.csv"))
+    connector = CsvConnector("src", paths, "*.csv")
+    assert connector.columns("rates") == ["currency", "rate"]
+    records, rejects = run(load_mapping(file), connector)
+    assert rejects.empty
+    assert records["total_amount"].to_dict() == {"1": Decimal("50"), "2": Decimal("100")}
