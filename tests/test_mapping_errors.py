@@ -38,7 +38,9 @@ CASES: list[tuple[str, str, list[str]]] = [
     (
         "incremental_without_key",
         "version: 1\nsource: {connector: crm, table: t, incremental: {cursor: m}}\ntarget: customer\nfields:\n  name: name\n",
-        ["{file}:2:9: source: incremental reads need 'key': it tells rows at the cursor boundary apart"],
+        [
+            "{file}:2:9: source: incremental reads need 'key' column(s) (not a hash): they tell rows at the cursor boundary apart"
+        ],
     ),
     (
         "incremental_cursor_not_in_source",

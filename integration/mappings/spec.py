@@ -158,8 +158,10 @@ class SourceSpec(_Strict):
                 raise ValueError(
                     "a cursor needs a table or query; for spreadsheet folders use incremental: {files: true}"
                 )
-            if not self.key:
-                raise ValueError("incremental reads need 'key': it tells rows at the cursor boundary apart")
+            if not self.key or isinstance(self.key, HashKey):
+                raise ValueError(
+                    "incremental reads need 'key' column(s) (not a hash): they tell rows at the cursor boundary apart"
+                )
         return self
 
     @property
