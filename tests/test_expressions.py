@@ -310,3 +310,30 @@ def test_csv_lookup_reads_the_named_file_of_the_source(tmp_path: Path) -> None:
     records, rejects = run(load_mapping(file), connector)
     assert rejects.empty
     assert records["total_amount"].to_dict() == {"1": Decimal("50"), "2": Decimal("100")}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_date_arithmetic_in_a_pushed_down_where_is_date_arithmetic(tmp_path: Path, backend: str) -> None:
+    today = dt.date.today()
+    rows = pd.DataFrame(
+        {"id": [1, 2, 3], "due": [today - dt.timedelta(days=40), today, today + dt.timedelta(days=5)]}
+    )
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'due.sqlite'}"
+        engine = sa.create_engine(url)
+        schema = None
+    else:
+        engine = server_or_skip(PG_URL, "PostgreSQL")
+        url, schema = PG_URL, "expr_due"
+        with engine.begin() as connection:
+            connection.execute(sa.text("DROP SCHEMA IF EXISTS expr_due CASCADE"))
+            connection.execute(sa.text("CREATE SCHEMA expr_due"))
+    rows.to_sql("bills", engine, schema=schema, index=False, dtype={"due": sa.Date()})
+    engine.dispose()
+    connector = SqlConnector("src", url, schema=schema)
+    where = (
+        "due + 30 >= current_date and datediff(due, current_date) <= 0 and due > date_add(current_date, -60)"
+    )
+    frame = pd.concat(connector.read(ReadRequest("bills", where=where, key=("id",))))
+    connector.dispose()
+    assert list(frame["id"]) == [2]  # 40 days ago is too old, 5 days ahead is not due

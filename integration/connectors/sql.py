@@ -8,6 +8,7 @@ SQLAlchemy driver.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
@@ -142,6 +143,11 @@ class SqlConnector:
             expression = parse(where, [str(c.name) for c in table.columns], condition=True)
         except ExpressionError as exc:
             raise ExtractError(self.name, f"where of {label}: {exc.message}") from None
+        # Date columns are known from the table: date arithmetic is then written in the dialect's functions.
+        dates = tuple(
+            (str(c.name), "date") for c in table.columns if isinstance(c.type, sa.Date | sa.DateTime)
+        )
+        expression = dataclasses.replace(expression, column_kinds=dates)
         dialect = sql_dialect(self.engine.dialect.name)
         return sa.text(expression.sql(dialect).replace(":", "\\:"))
 

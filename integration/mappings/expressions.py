@@ -114,10 +114,44 @@ class Expression:
     tree: exp.Expression
     columns: tuple[str, ...]
     kind: str
+    column_kinds: tuple[tuple[str, str], ...] = ()
 
     def sql(self, dialect: str | None = None) -> str:
-        """Return the expression in ``dialect``'s SQL (identifiers quoted), for pushing a filter down."""
-        return self.tree.sql(dialect=dialect, identify=True)
+        """Return the expression in ``dialect``'s SQL (identifiers quoted), for pushing a filter down.
+
+        Date arithmetic is written as the dialect's date functions: ``d + 30`` on a date becomes
+        ``DATE_ADD``/``DATEADD``/``DATE(d, '30 DAY')``, ``d1 - d2`` a day difference.
+        """
+        tree = self.tree.copy()
+        checker = _Checker(None, dict(self.column_kinds))
+        try:
+            checker.kind(tree)
+        except ExpressionError:  # the database's column types disagree with a use: its SQL decides
+            checker = _Checker(None, {})
+            checker.kind(tree)
+        day = exp.Var(this="DAY")
+
+        def rewrite(node: exp.Expression) -> exp.Expression:
+            if isinstance(node, exp.Add | exp.Sub):
+                left, right = checker.seen.get(id(node.this)), checker.seen.get(id(node.expression))
+                if left == DATE and right == DATE and isinstance(node, exp.Sub):
+                    return exp.DateDiff(this=node.this, expression=node.expression, unit=day.copy())
+                if left == DATE and right != DATE:
+                    days = node.expression if isinstance(node, exp.Add) else _negated(node.expression)
+                    return exp.DateAdd(this=node.this, expression=days, unit=day.copy())
+                if right == DATE and isinstance(node, exp.Add):
+                    return exp.DateAdd(this=node.expression, expression=node.this, unit=day.copy())
+            if isinstance(node, exp.DateAdd | exp.DateDiff) and node.args.get("unit") is None:
+                node.set("unit", day.copy())
+            return node
+
+        return tree.transform(rewrite, copy=False).sql(dialect=dialect, identify=True)
+
+
+def _negated(node: exp.Expression) -> exp.Expression:
+    if isinstance(node, exp.Literal) and not node.is_string:
+        return exp.Literal.number(-float(node.this) if "." in str(node.this) else -int(node.this))
+    return exp.Neg(this=exp.Paren(this=node))
 
 
 def parse(
@@ -160,7 +194,10 @@ def parse(
         raise ExpressionError(
             f"'{text}' is a {kind}, not a condition (true/false); compare it, e.g. x = 1", 0
         )
-    return Expression(text, tree, tuple(checker.used), kind)
+    used = tuple(checker.used)
+    return Expression(
+        text, tree, used, kind, tuple((c, checker.kinds[c]) for c in used if c in checker.kinds)
+    )
 
 
 class _Checker:
@@ -170,6 +207,7 @@ class _Checker:
         self.columns = None if columns is None else list(columns)
         self.kinds = kinds
         self.used: list[str] = []
+        self.seen: dict[int, str] = {}  # id(node) -> its kind, for rendering date arithmetic as SQL
 
     def fail(self, node: exp.Expression, message: str) -> ExpressionError:
         return ExpressionError(message, _offset(node))
@@ -183,6 +221,12 @@ class _Checker:
         return kind
 
     def kind(self, node: exp.Expression) -> str:
+        """Return the kind ``node`` yields (and remember it); raise ExpressionError for what is not allowed."""
+        found = self._kind(node)
+        self.seen[id(node)] = found
+        return found
+
+    def _kind(self, node: exp.Expression) -> str:  # one branch per node type
         if isinstance(node, exp.Paren):
             return self.kind(node.this)
         if isinstance(node, exp.Column):
