@@ -675,15 +675,7 @@ def compile_document(
     table_columns = (sources or {}).get(spec.source.connector)
     joins: list[SourceJoin] = []
     for name, joined in spec.source.lookups.items():
-        if table_columns is not None and name in table_columns:
-            problems.append(
-                doc.problem(
-                    ("source", "lookups", name),
-                    f"'{name}' is already a column of {spec.source.location}; "
-                    "name the looked-up column differently",
-                    at_key=True,
-                )
-            )
+        # A lookup named like a column of the table replaces it (a fix sheet carries the looked-up values).
         joins.append(_compile_join(doc, ("source", "lookups", name), name, joined, tables, problems))
     where = None
     if spec.source.where is not None:
