@@ -509,7 +509,8 @@ def _is_date(v: Any) -> bool:
 _NUMERIC = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
 
 
-def _to_number(v: Any) -> Any:
+def to_number(v: Any) -> Any:
+    """Return an Arrow array or scalar as numbers (text that is not a number: null)."""
     if _is_number(v):
         return pc.cast(v, pa.float64()) if pa.types.is_decimal(v.type) else v
     if pa.types.is_boolean(v.type):
@@ -564,7 +565,8 @@ def _to_date(v: Any) -> Any:
     return pc.cast(_to_timestamp(v), pa.date32())
 
 
-def _to_text(v: Any) -> Any:
+def to_text(v: Any) -> Any:
+    """Return an Arrow array or scalar as text (whole floats without ``.0``)."""
     if _is_text(v):
         return v
     if pa.types.is_floating(v.type) and not isinstance(v, pa.Scalar):
@@ -594,8 +596,8 @@ def _align(left: Any, right: Any) -> tuple[Any, Any]:
     ):
         if pa.types.is_boolean(left.type) and pa.types.is_boolean(right.type):
             return left, right
-        return pc.cast(_to_number(left), pa.float64()), pc.cast(_to_number(right), pa.float64())
-    return _to_text(left), _to_text(right)
+        return pc.cast(to_number(left), pa.float64()), pc.cast(to_number(right), pa.float64())
+    return to_text(left), to_text(right)
 
 
 _COMPARE: dict[type[exp.Expression], Callable[..., Any]] = {
@@ -658,8 +660,8 @@ def _eval(node: exp.Expression, ctx: _Context) -> Any:
         if _is_text(value) and all(_is_text(i) for i in items):
             options = pa.array([i.as_py() for i in items], pa.string())
         else:
-            value = pc.cast(_to_number(value), pa.float64())
-            options = pa.array([_to_number(i).as_py() for i in items], pa.float64())
+            value = pc.cast(to_number(value), pa.float64())
+            options = pa.array([to_number(i).as_py() for i in items], pa.float64())
         found = pc.is_in(value, value_set=options)
         return pc.if_else(pc.is_null(value), pa.scalar(None, pa.bool_()), found)
     if isinstance(node, exp.Between):
@@ -669,7 +671,7 @@ def _eval(node: exp.Expression, ctx: _Context) -> Any:
         c, d = _align(value, high)
         return pc.and_kleene(pc.greater_equal(a, b), pc.less_equal(c, d))
     if isinstance(node, exp.Like | exp.ILike):
-        value = _to_text(_eval(node.this, ctx))
+        value = to_text(_eval(node.this, ctx))
         matched = pc.match_like(value, str(node.expression.this), ignore_case=isinstance(node, exp.ILike))
         return pc.invert(matched) if node.args.get("negate") else matched
     if isinstance(node, exp.Add | exp.Sub):
@@ -688,19 +690,19 @@ def _eval(node: exp.Expression, ctx: _Context) -> Any:
             return pc.divide(left, safe)
         return pc.subtract(left, pc.multiply(pc.floor(pc.divide(left, safe)), safe))
     if isinstance(node, exp.Neg):
-        return pc.negate(_to_number(_eval(node.this, ctx)))
+        return pc.negate(to_number(_eval(node.this, ctx)))
     if isinstance(node, exp.DPipe):
-        parts = [_to_text(_eval(node.this, ctx)), _to_text(_eval(node.expression, ctx))]
+        parts = [to_text(_eval(node.this, ctx)), to_text(_eval(node.expression, ctx))]
         return pc.binary_join_element_wise(*parts, "", null_handling="emit_null")
     if isinstance(node, exp.Concat):
-        parts = [_to_text(_eval(e, ctx)) for e in node.expressions]
+        parts = [to_text(_eval(e, ctx)) for e in node.expressions]
         return pc.binary_join_element_wise(*parts, "", null_handling="replace", null_replacement="")
     if isinstance(node, exp.Lower):
-        return pc.utf8_lower(_to_text(_eval(node.this, ctx)))
+        return pc.utf8_lower(to_text(_eval(node.this, ctx)))
     if isinstance(node, exp.Upper):
-        return pc.utf8_upper(_to_text(_eval(node.this, ctx)))
+        return pc.utf8_upper(to_text(_eval(node.this, ctx)))
     if isinstance(node, exp.Trim):
-        value = _to_text(_eval(node.this, ctx))
+        value = to_text(_eval(node.this, ctx))
         position = str(node.args.get("position") or "").upper()
         if position == "LEADING":
             return pc.utf8_ltrim_whitespace(value)
@@ -708,9 +710,9 @@ def _eval(node: exp.Expression, ctx: _Context) -> Any:
             return pc.utf8_rtrim_whitespace(value)
         return pc.utf8_trim_whitespace(value)
     if isinstance(node, exp.Length):
-        return pc.cast(pc.utf8_length(_to_text(_eval(node.this, ctx))), pa.int64())
+        return pc.cast(pc.utf8_length(to_text(_eval(node.this, ctx))), pa.int64())
     if isinstance(node, exp.Substring):
-        value = _to_text(_eval(node.this, ctx))
+        value = to_text(_eval(node.this, ctx))
         start = int(node.args["start"].this) if node.args.get("start") is not None else 1
         begin = max(start - 1, 0)
         length = node.args.get("length")
@@ -718,7 +720,7 @@ def _eval(node: exp.Expression, ctx: _Context) -> Any:
             return pc.utf8_slice_codeunits(value, begin)
         return pc.utf8_slice_codeunits(value, begin, begin + max(int(length.this), 0))
     if isinstance(node, exp.Replace):
-        value = _to_text(_eval(node.this, ctx))
+        value = to_text(_eval(node.this, ctx))
         return pc.replace_substring(value, str(node.expression.this), str(node.args["replacement"].this))
     if isinstance(node, exp.Coalesce):
         values = [_eval(node.this, ctx), *(_eval(e, ctx) for e in node.expressions)]
@@ -730,16 +732,16 @@ def _eval(node: exp.Expression, ctx: _Context) -> Any:
         value = ctx.broadcast(value) if isinstance(value, pa.Scalar) else value
         return pc.if_else(same, pa.scalar(None, value.type), value)
     if isinstance(node, exp.Abs):
-        return pc.abs(_to_number(_eval(node.this, ctx)))
+        return pc.abs(to_number(_eval(node.this, ctx)))
     if isinstance(node, exp.Round):
         digits = node.args.get("decimals")
-        return pc.round(_to_number(_eval(node.this, ctx)), int(digits.this) if digits is not None else 0)
+        return pc.round(to_number(_eval(node.this, ctx)), int(digits.this) if digits is not None else 0)
     if isinstance(node, exp.Cast | exp.TryCast):
         return _cast(node, _eval(node.this, ctx), ctx)
     if isinstance(node, exp.CurrentDate):
         return pa.scalar(dt.date.today(), pa.date32())
     if isinstance(node, exp.DateAdd):
-        days = pc.cast(_to_number(_eval(node.expression, ctx)), pa.int64())
+        days = pc.cast(to_number(_eval(node.expression, ctx)), pa.int64())
         return _from_days(pc.add(_days(_eval(node.this, ctx)), days))
     if isinstance(node, exp.DateDiff):
         return pc.subtract(_days(_eval(node.this, ctx)), _days(_eval(node.expression, ctx)))
@@ -772,11 +774,11 @@ def _bool(v: Any) -> Any:
         return v
     if pa.types.is_null(v.type):
         return pc.cast(v, pa.bool_())
-    return pc.not_equal(_to_number(v), 0.0)
+    return pc.not_equal(to_number(v), 0.0)
 
 
 def _numbers(left: Any, right: Any, floats: bool = False) -> tuple[Any, Any]:
-    left, right = _to_number(left), _to_number(right)
+    left, right = to_number(left), to_number(right)
     if floats or not (pa.types.is_integer(left.type) and pa.types.is_integer(right.type)):
         return pc.cast(left, pa.float64()), pc.cast(right, pa.float64())
     return pc.cast(left, pa.int64()), pc.cast(right, pa.int64())
@@ -786,11 +788,11 @@ def _add_sub(node: exp.Expression, left: Any, right: Any) -> Any:
     if _is_date(left) and _is_date(right):
         return pc.subtract(_days(left), _days(right))
     if _is_date(left):
-        days = pc.cast(_to_number(right), pa.int64())
+        days = pc.cast(to_number(right), pa.int64())
         moved = pc.add(_days(left), days) if isinstance(node, exp.Add) else pc.subtract(_days(left), days)
         return _from_days(moved)
     if _is_date(right) and isinstance(node, exp.Add):
-        return _from_days(pc.add(_days(right), pc.cast(_to_number(left), pa.int64())))
+        return _from_days(pc.add(_days(right), pc.cast(to_number(left), pa.int64())))
     a, b = _numbers(left, right)
     return pc.add(a, b) if isinstance(node, exp.Add) else pc.subtract(a, b)
 
@@ -803,10 +805,10 @@ def _unify(values: list[Any], ctx: _Context) -> list[Any]:
         target = types.pop()
         return [pc.cast(v, target) if pa.types.is_null(v.type) else v for v in values]
     if all(pa.types.is_integer(t) or pa.types.is_floating(t) for t in types):
-        return [pc.cast(_to_number(v), pa.float64()) for v in values]
+        return [pc.cast(to_number(v), pa.float64()) for v in values]
     if any(pa.types.is_date(t) or pa.types.is_timestamp(t) for t in types):
         return [_to_timestamp(v) for v in values]
-    return [_to_text(v) for v in values]
+    return [to_text(v) for v in values]
 
 
 def _case(conditions: list[Any], values: list[Any], ctx: _Context) -> Any:
@@ -821,14 +823,14 @@ def _cast(node: exp.Cast, value: Any, ctx: _Context) -> Any:
     target = node.to.this
     kind = _CAST_TYPES[target]
     if kind == TEXT:
-        return _to_text(value)
+        return to_text(value)
     if kind == NUMBER:
-        number = _to_number(value)
+        number = to_number(value)
         if _is_text(value):
             bad = pc.and_(pc.is_valid(value), pc.is_null(number))
             bad = ctx.broadcast(bad) if isinstance(bad, pa.Scalar) else bad
             ctx.fail(
-                bad, pc.binary_join_element_wise("'", _to_text(ctx.broadcast(value)), "' is not a number", "")
+                bad, pc.binary_join_element_wise("'", to_text(ctx.broadcast(value)), "' is not a number", "")
             )
         if target in (exp.DataType.Type.INT, exp.DataType.Type.BIGINT, exp.DataType.Type.SMALLINT):
             return pc.cast(pc.trunc(pc.cast(number, pa.float64())), pa.int64())
@@ -837,7 +839,7 @@ def _cast(node: exp.Cast, value: Any, ctx: _Context) -> Any:
     if _is_text(value):
         bad = pc.and_(pc.is_valid(value), pc.is_null(stamp))
         bad = ctx.broadcast(bad) if isinstance(bad, pa.Scalar) else bad
-        ctx.fail(bad, pc.binary_join_element_wise("'", _to_text(ctx.broadcast(value)), "' is not a date", ""))
+        ctx.fail(bad, pc.binary_join_element_wise("'", to_text(ctx.broadcast(value)), "' is not a date", ""))
     return pc.cast(stamp, pa.date32()) if target == exp.DataType.Type.DATE else stamp
 
 

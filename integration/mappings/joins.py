@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from crm_core.errors import ExtractError
 from integration.connectors.base import META_COLUMNS, Connector, ReadRequest
-from integration.mappings.expressions import _to_number, _to_text, to_arrow
+from integration.mappings.expressions import to_arrow, to_number, to_text
 from integration.mappings.spec import AggregateSpec, CompiledMapping, SourceJoin, SourceLookupSpec, ViaHop
 
 # Appended to a joined column's name: the column giving, per row, why the join has no value.
@@ -28,7 +28,7 @@ _ARROW_FUNCTIONS = {"sum": "sum", "min": "min", "max": "max", "avg": "mean", "co
 
 def join_key(values: pa.Array) -> pa.Array:
     """Return values as join keys: text, whole numbers without ``.0``, trimmed, empty as missing."""
-    text = pc.utf8_trim_whitespace(_to_text(values))
+    text = pc.utf8_trim_whitespace(to_text(values))
     return pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
 
 
@@ -77,7 +77,7 @@ def summarise(connector: Connector, hop: ViaHop | SourceLookupSpec | AggregateSp
     if value is not None:
         values = to_arrow(frame[value])
         if function in ("sum", "avg"):
-            values = pc.cast(_to_number(values), pa.float64())
+            values = pc.cast(to_number(values), pa.float64())
         data["value"] = values
     table = pa.table(data).filter(pc.is_valid(keys))
     if function == "count":
