@@ -256,3 +256,4 @@ def test_computed_values_go_through_transforms_and_on_error(tmp_path: Path) -> N
         "division by zero",
         "warn",
     )
+    assert warning["value"] == "数量=0"  # what the expression was given

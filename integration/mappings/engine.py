@@ -21,7 +21,7 @@ from crm_core.entities import FieldDef
 from crm_core.errors import ConfigError, MappingError
 from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF
 from integration.mappings import columnar
-from integration.mappings.expressions import ExpressionError, evaluate, float_to_decimal
+from integration.mappings.expressions import ExpressionError, evaluate, float_to_decimal, to_arrow, to_text
 from integration.mappings.joins import JOIN_PROBLEM
 from integration.mappings.spec import CompiledField, CompiledMapping
 from integration.mappings.transforms import (
@@ -523,6 +523,18 @@ def _when_values(field: CompiledField, choice: np.ndarray, index: pd.Index, run:
     return pd.Series(result, index=index, dtype=object)
 
 
+def _inputs_text(field: CompiledField, data: Mapping[str, pd.Series], index: pd.Index) -> pd.Series:
+    """Return per row the columns an expression read, as ``column=value, ...`` (for its rejects)."""
+    parts = []
+    for column in field.expression_columns():
+        text = pc.fill_null(to_text(to_arrow(data[column])), "")
+        parts.append(pc.binary_join_element_wise(f"{column}=", text, ""))
+    if not parts:
+        return pd.Series(None, index=index, dtype=object)
+    joined = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, ", ")
+    return pd.Series(joined.to_pylist(), index=index, dtype=object)
+
+
 def _join_problems(field: CompiledField, chunk: pd.DataFrame) -> pd.Series | None:
     """Return why a joined column the field reads has no value for a row (several different matches)."""
     found: pd.Series | None = None
@@ -569,6 +581,8 @@ def _run_field(
         result = null_where(result, early.notna())
     failed = reasons.notna() if reasons is not None else pd.Series(False, index=chunk.index)
     if reasons is not None and failed.any():
+        if field.computed and early is not None and early.notna().any():
+            raw = _inputs_text(field, data, chunk.index)  # a failed expression: show what it was given
         if spec.on_error == "fail":
             index = failed[failed].index[0]
             raise MappingError(
