@@ -460,7 +460,7 @@ def project_check(project: ProjectOption = None) -> None:
 def _check_columns(migration: Migration, mappings: Sequence[CompiledMapping]) -> None:
     """Check each mapping's columns against its real source; print every problem and exit 1 if any."""
     from integration.mappings.spec import load_mappings
-    from integration.pipeline import source_columns
+    from integration.pipeline import source_columns, table_catalog
 
     problems = 0
     unchecked: dict[str, list[str] | None] = {name: None for name in migration.project.spec.sources}
@@ -472,7 +472,12 @@ def _check_columns(migration: Migration, mappings: Sequence[CompiledMapping]) ->
             problems += 1
             continue
         try:
-            load_mappings([mapping.file], sources={**unchecked, mapping.source: found}, rates=migration.rates)
+            load_mappings(
+                [mapping.file],
+                sources={**unchecked, mapping.source: found},
+                tables=table_catalog(migration, mapping.source),
+                rates=migration.rates,
+            )
         except ConfigError as exc:
             errors.print(exc.render(), markup=False, highlight=False)
             problems += len(exc.problems)

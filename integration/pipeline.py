@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import cached_property
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from crm_core.db import ensure_schema, make_engine, session_factory
 from crm_core.entities import ENTITIES, LOAD_ORDER
-from crm_core.errors import ConfigError, MappingError, Problem
+from crm_core.errors import ConfigError, ExtractError, MappingError, Problem
 from crm_core.failpoints import failpoint
 from crm_core.journal import ids_in
 from crm_core.loading import (
@@ -46,6 +46,8 @@ from integration.connectors.base import DEFAULT_CHUNK_ROWS, LOCATION, META_COLUM
 from integration.connectors.sql import SqlConnector
 from integration.dedup.normalize import company_key, person_key
 from integration.mappings.engine import SOURCE, MappingResult, map_chunks, python_records
+from integration.mappings.joins import join_chunks
+from integration.mappings.joins import prepare as prepare_joins
 from integration.mappings.money import RateTable
 from integration.mappings.spec import CompiledMapping, load_mappings
 from integration.project import Project, load_project
@@ -246,7 +248,7 @@ def read_request(mapping: CompiledMapping, chunk_rows: int = DEFAULT_CHUNK_ROWS)
         table=source.location if source.query is None else f"query:{mapping.name}",
         where=source.where,
         query=source.query,
-        key=tuple(source.key_columns),
+        key=tuple(source.read_key),
         header_row=source.header_row,
         chunk_rows=chunk_rows,
     )
@@ -266,7 +268,9 @@ def extract_chunks(
     if incremental is not None and incremental.cursor is not None:
         request = replace(request, cursor_column=incremental.cursor, cursor_from=_query_bound(since))
     try:
-        yield from connector.read(request)
+        # Lookups, link tables and aggregates: each summarised once, then joined onto every chunk.
+        prepared = prepare_joins(mapping, connector) if mapping.joins else []
+        yield from join_chunks(connector.read(request), prepared)
     finally:
         if isinstance(connector, SqlConnector):
             connector.dispose()
@@ -309,9 +313,28 @@ def source_columns(migration: Migration, mapping: CompiledMapping) -> list[str]:
             connector.dispose()
 
 
+def table_catalog(migration: Migration, source: str) -> Callable[[str], list[str]]:
+    """Return a function giving the columns of another table or sheet of ``source`` (LookupError: none such)."""
+    cache: dict[str, list[str]] = {}
+
+    def columns(table: str) -> list[str]:
+        if table not in cache:
+            connector = migration.connector(source)
+            try:
+                cache[table] = connector.columns(table)
+            except ExtractError as exc:
+                raise LookupError(str(exc)) from None
+            finally:
+                if isinstance(connector, SqlConnector):
+                    connector.dispose()
+        return cache[table]
+
+    return columns
+
+
 def empty_extract(migration: Migration, mapping: CompiledMapping) -> pd.DataFrame:
     """Return a frame with the source's columns and no rows."""
-    columns = source_columns(migration, mapping)
+    columns = [*source_columns(migration, mapping), *(j.name for j in mapping.joins)]
     return pd.DataFrame({c: pd.Series(dtype=object) for c in [*columns, *META_COLUMNS]})
 
 

@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -139,24 +138,3 @@ def _private_dagster_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         os.environ.pop("DAGSTER_HOME", None)
     else:
         os.environ["DAGSTER_HOME"] = previous
-
-
-def _missing_mapping_constructs() -> list[str]:
-    """The issue-15 mapping keys this checkout's mapping spec does not know yet (other branches add them)."""
-    from integration.mappings.spec import FieldSpec, LookupSpec, SourceSpec
-
-    def keys(model: Any) -> set[str]:
-        return {info.alias or name for name, info in model.model_fields.items()} | set(model.model_fields)
-
-    wanted = {"when": FieldSpec, "via": FieldSpec, "aggregate": FieldSpec, "convert": FieldSpec,
-              "lookups": SourceSpec, "table": LookupSpec}  # fmt: skip
-    return sorted(name for name, model in wanted.items() if name not in keys(model))
-
-
-# Tests of scaffold output that uses `when`, `via`, `aggregate`, `convert`, `source.lookups` or
-# `lookup: {table: …}`: they run once the branches adding those constructs are merged.
-needs_mapping_constructs = pytest.mark.skipif(
-    bool(_missing_mapping_constructs()),
-    reason="needs the issue-15 mapping constructs not in this branch: "
-    + ", ".join(_missing_mapping_constructs()),
-)

@@ -196,7 +196,10 @@ def test_a_mapping_column_that_vanished_fails_the_run_and_leaves_the_core_unchan
     [failure] = [e for e in result.all_events if e.is_step_failure and not is_after_failure(e)]
     assert failure.step_key == "staged_opportunity"
     message = failure.step_failure_data.error.message  # type: ignore[union-attr]
-    assert "legacy_crm_opportunities.yaml: column(s) lead_src no longer exist in legacy_crm.query" in message
+    assert (
+        "legacy_crm_opportunities.yaml: column(s) lead_src no longer exist in legacy_crm.opportunities"
+        in message
+    )
     assert snapshot(engine) == before
 
 

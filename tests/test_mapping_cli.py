@@ -16,7 +16,6 @@ from integration.mappings.spec import load_mapping
 from integration.mappings.targets import markdown as targets_markdown
 from integration.mappings.targets import target_fields
 from integration.pipeline import Migration
-from tests.conftest import needs_mapping_constructs
 
 runner = CliRunner()
 
@@ -26,8 +25,7 @@ runner = CliRunner()
     [
         ("legacy_crm", "accounts", "customer", {"name": "name", "credit_code": "sic_code", "owner": "assigned_user_id", "city": "billing_address_city"}),
         ("sales_xlsx", "商机", "opportunity", {"customer": "客户名称", "name": "商机名称", "amount": "预计金额", "stage": "阶段", "owner": "负责人"}),
-        pytest.param("erp_u8", "Customer", "customer", {"name": "cCusName", "credit_code": "cCusRegCode", "short_name": "cCusAbbName", "parent": "cCusHeadCode"},
-                     marks=needs_mapping_constructs),  # the U8 profile's status and is_branch use `when`
+        ("erp_u8", "Customer", "customer", {"name": "cCusName", "credit_code": "cCusRegCode", "short_name": "cCusAbbName", "parent": "cCusHeadCode"}),
         ("sales_xlsx", "客户", "customer", {"name": "客户名称", "credit_code": "统一社会信用代码", "owner": "负责人"}),
     ],
 )  # fmt: skip
@@ -215,3 +213,36 @@ def test_mapping_targets_command_shows_one_entity_and_names_a_misspelt_one() -> 
     assert "opportunity" not in result.stdout
     wrong = runner.invoke(app, ["mapping", "targets", "custmer"])
     assert wrong.exit_code == 1 and "unknown entity 'custmer'; did you mean 'customer'?" in wrong.output
+
+
+def test_mapping_check_with_a_project_checks_link_tables_and_where_against_the_source(
+    demo_project: Path, tmp_path: Path
+) -> None:
+    opportunities = demo_project / "mappings" / "legacy_crm_opportunities.yaml"
+    ok = runner.invoke(app, ["mapping", "check", str(opportunities), "--project", str(demo_project)])
+    assert ok.exit_code == 0, ok.output
+    broken = tmp_path / "opportunities.yaml"
+    text = opportunities.read_text(encoding="utf-8")
+    broken.write_text(
+        text.replace("table: accounts_opportunities", "table: account_opportunities").replace(
+            'where: "deleted = 0"\n', 'where: "deleted = 0 and stage = 1"\n'
+        ),
+        encoding="utf-8",
+    )
+    checked = runner.invoke(app, ["mapping", "check", str(broken), "--project", str(demo_project)])
+    assert checked.exit_code == 1
+    output = " ".join(checked.output.split())
+    assert "source.where: unknown column 'stage'" in output
+    assert (
+        "fields.customer.via.table: source 'legacy_crm': table 'account_opportunities' does not exist"
+        in output
+    )
+    assert "did you mean 'sales_stage'?" in output
+    # A type mismatch needs no source: found offline.
+    broken.write_text(text.replace("from: date_closed", "expr: \"date_closed + 'x'\""), encoding="utf-8")
+    offline = runner.invoke(app, ["mapping", "check", str(broken)])
+    assert offline.exit_code == 1
+    assert (
+        "fields.expected_close_date.expr: type mismatch: add needs number or date, got text ('x')"
+        in " ".join(offline.output.split())
+    )

@@ -229,3 +229,31 @@ def test_a_bad_crmi_mapping_workers_names_the_variable_and_what_is_allowed(
         f"<config>: CRMI_MAPPING_WORKERS={setting!r}: expected a whole number of threads, 1 or more "
         "(unset it to use one thread per core)"
     )
+
+
+def test_computed_values_go_through_transforms_and_on_error(tmp_path: Path) -> None:
+    rows = frame([{**ROW, "数量": 3, "单价": "0.1"}, {**ROW, "编号": "O2", "数量": 0, "单价": "2"}])
+    computed = mapping(
+        tmp_path,
+        "  description: {expr: \"'  ' || 名称 || '（' || 阶段 || '）'\", transforms: [trim, nfkc]}\n"
+        '  amount: {expr: "数量 * 单价"}\n'
+        '  probability: {expr: "round(100 / 数量)", on_error: "null"}\n'
+        "  currency:\n"
+        "    when:\n"
+        '      - {if: "数量 > 1", then: {expr: "upper(\'cny\')"}}\n'
+        "      - else: USD\n",
+    )
+    result = map_chunk(computed, rows)
+    records = result.records.set_index(EXTERNAL_KEY)
+    assert records.loc["O1", "description"] == "扩容(赢单)"  # the expression, then trim and NFKC
+    assert records.loc["O1", "amount"] == Decimal("0.3")  # not 0.30000000000000004
+    assert (records.loc["O1", "probability"], records.loc["O2", "probability"]) == (33, None)
+    assert (records.loc["O1", "currency"], records.loc["O2", "currency"]) == ("CNY", "USD")
+    [warning] = result.rejects.to_dict("records")
+    assert (warning["row_ref"], warning["field"], warning["reason"], warning["severity"]) == (
+        "4",
+        "probability",
+        "division by zero",
+        "warn",
+    )
+    assert warning["value"] == "数量=0"  # what the expression was given

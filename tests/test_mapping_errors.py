@@ -10,6 +10,16 @@ from crm_core.errors import ConfigError
 from integration.mappings.spec import load_mapping
 
 SOURCE_COLUMNS = {"crm": ["id", "name", "n", "p", "amt", "cur", "rate", "day"]}
+# The source's other tables, for lookups, link tables and aggregates.
+OTHER_TABLES = {"currencies": ["id", "rate"], "links": ["account_id", "user_id", "deleted"]}
+
+
+def other_table(table: str) -> list[str]:
+    if table not in OTHER_TABLES:
+        raise LookupError(f"table '{table}' does not exist; tables: {', '.join(OTHER_TABLES)}")
+    return OTHER_TABLES[table]
+
+
 BASE = "version: 1\nsource: {connector: crm, table: accounts, key: id}\ntarget: customer\nfields:\n"
 OPP = "version: 1\nsource: {connector: crm, table: o}\ntarget: opportunity\nfields:\n  name: n\n  customer: p\n  stage: {const: prospecting}\n"
 
@@ -29,7 +39,9 @@ CASES: list[tuple[str, str, list[str]]] = [
     (
         "incremental_without_key",
         "version: 1\nsource: {connector: crm, table: t, incremental: {cursor: m}}\ntarget: customer\nfields:\n  name: name\n",
-        ["{file}:2:9: source: incremental reads need 'key': it tells rows at the cursor boundary apart"],
+        [
+            "{file}:2:9: source: incremental reads need 'key' column(s) (not a hash): they tell rows at the cursor boundary apart"
+        ],
     ),
     (
         "incremental_cursor_not_in_source",
@@ -47,7 +59,7 @@ CASES: list[tuple[str, str, list[str]]] = [
         "unknown_field_key",
         BASE + "  name: {from: name, tranforms: [trim]}\n",
         [
-            "{file}:5:22: fields.name.tranforms: unknown key 'tranforms'; did you mean 'transforms'?; allowed: combine, const, convert, default, from, lookup, on_error, required, sep, transforms",
+            "{file}:5:22: fields.name.tranforms: unknown key 'tranforms'; did you mean 'transforms'?; allowed: aggregate, combine, const, convert, default, expr, from, lookup, on_error, required, sep, transforms, via, when",
         ],
     ),
     (
@@ -147,14 +159,14 @@ CASES: list[tuple[str, str, list[str]]] = [
         "from_and_const",
         BASE + "  name: {from: n, const: x}\n",
         [
-            "{file}:5:9: fields.name: give either 'from' or 'const', not both",
+            "{file}:5:9: fields.name: give only one of 'from', 'const', 'expr' or 'when', not from and const",
         ],
     ),
     (
         "nothing",
         BASE + "  name: {required: true}\n",
         [
-            "{file}:5:9: fields.name: give 'from' (a source column), 'const' or 'default'",
+            "{file}:5:9: fields.name: give 'from' (a source column), 'const', 'expr', 'when' or 'default'",
         ],
     ),
     (
@@ -338,6 +350,101 @@ CASES: list[tuple[str, str, list[str]]] = [
             "{file}:2:46: source.header_row: Input should be greater than or equal to 1",
         ],
     ),
+    (
+        "where_unknown_column",
+        "version: 1\nsource: {connector: crm, table: accounts, where: 'delted = 0'}\ntarget: customer\nfields:\n  name: name\n",
+        ["{file}:2:51: source.where: unknown column 'delted'; columns: id, name, n, p, amt, cur, rate, day"],
+    ),
+    (
+        "where_not_a_condition",
+        "version: 1\nsource: {connector: crm, table: accounts, where: 'n + 1'}\ntarget: customer\nfields:\n  name: name\n",
+        [
+            "{file}:2:51: source.where: 'n + 1' is a computed value, not a condition (true/false); compare it, e.g. x = 1"
+        ],
+    ),
+    (
+        "expr_unknown_function",
+        BASE + '  name: {expr: "lowr(name)"}\n',
+        [
+            "{file}:5:17: fields.name.expr: unknown function 'lowr'; did you mean 'lower'?; functions: lower(s), upper(s), trim(s), ltrim(s), rtrim(s), length(s), substr(s, start[, length]), replace(s, 'from', 'to'), concat(a, b, ...), coalesce(a, b, ...), nullif(a, b), abs(x), round(x[, digits]), cast(x as int|decimal|text|date), current_date, date_add(d, days), datediff(a, b), year(d), month(d), day(d)"
+        ],
+    ),
+    (
+        "expr_syntax_error",
+        BASE + '  name: {expr: "name ||"}\n',
+        [
+            "{file}:5:23: fields.name.expr: cannot parse 'name ||': Required keyword: 'expression' missing for <class 'sqlglot.expressions.core.DPipe'>; allowed: operators: = != <> < <= > >=, in (...), not in (...), between a and b, is null, is not null, like / not like ('%', '_'), and or not, + - * / %, || (concatenate), case when ... then ... else ... end; functions: lower(s), upper(s), trim(s), ltrim(s), rtrim(s), length(s), substr(s, start[, length]), replace(s, 'from', 'to'), concat(a, b, ...), coalesce(a, b, ...), nullif(a, b), abs(x), round(x[, digits]), cast(x as int|decimal|text|date), current_date, date_add(d, days), datediff(a, b), year(d), month(d), day(d)"
+        ],
+    ),
+    (
+        "expr_type_mismatch",
+        BASE + '  name: {expr: "upper(name) * 2"}\n',
+        ["{file}:5:17: fields.name.expr: type mismatch: mul needs number, got text (UPPER(name))"],
+    ),
+    (
+        "when_unknown_column_and_else_first",
+        BASE + "  name: n\n  status: {when: [{else: x}, {if: 'stat = 1', then: y}]}\n",
+        [
+            "{file}:6:19: fields.status.when[0]: 'else' must be the last branch of 'when'",
+            "{file}:6:36: fields.status.when[1].if: unknown column 'stat'; columns: id, name, n, p, amt, cur, rate, day",
+        ],
+    ),
+    (
+        "when_branch_shape",
+        BASE + "  name: n\n  status: {when: [{if: 'n = 1'}]}\n",
+        [
+            "{file}:6:19: fields.status.when[0]: a branch is {if: condition, then: value} (or the last one: {else: value})"
+        ],
+    ),
+    (
+        "lookup_table_missing",
+        BASE + "  name: n\n  industry: {from: p, lookup: {table: currency, key: id, value: rate}}\n",
+        [
+            "{file}:6:39: fields.industry.lookup.table: table 'currency' does not exist; tables: currencies, links"
+        ],
+    ),
+    (
+        "lookup_both_kinds",
+        BASE + "  name: n\n  owner: {from: p, lookup: {by: name, table: links, key: a, value: b}}\n",
+        [
+            "{file}:6:28: fields.owner.lookup: 'by' finds a core record, 'table' looks up in the source: use one; to do both, follow the table with 'via' and keep 'lookup: {by: ...}'"
+        ],
+    ),
+    (
+        "link_table_without_columns",
+        BASE
+        + "  name: n\n  owner:\n    from: id\n    via: {table: links, from: acount_id, to: user, where: 'deleted = 0'}\n",
+        [
+            "{file}:8:31: fields.owner.via.from: column 'acount_id' is not in links; did you mean 'account_id'?; columns: account_id, user_id, deleted",
+            "{file}:8:46: fields.owner.via.to: column 'user' is not in links; did you mean 'user_id'?; columns: account_id, user_id, deleted",
+        ],
+    ),
+    (
+        "link_where_unknown_column",
+        BASE
+        + "  name: n\n  owner: {from: id, via: {table: links, from: account_id, to: user_id, where: 'removed = 0'}}\n",
+        [
+            "{file}:6:80: fields.owner.via.where: unknown column 'removed'; columns: account_id, user_id, deleted"
+        ],
+    ),
+    (
+        "aggregate_without_value",
+        BASE
+        + "  name: n\n  industry: {from: id, aggregate: {table: links, key: account_id, function: sum}}\n",
+        ["{file}:6:35: fields.industry.aggregate: 'sum' needs 'value': the child column to summarise"],
+    ),
+    (
+        "join_without_from",
+        BASE + "  name: n\n  industry: {expr: 'n', via: {table: links, from: account_id, to: user_id}}\n",
+        [
+            "{file}:6:13: fields.industry: 'via' needs 'from': the one column of this table whose value is looked up"
+        ],
+    ),
+    (
+        "hash_key_unknown_column",
+        "version: 1\nsource: {connector: crm, table: accounts, key: {hash: [name, phone]}}\ntarget: customer\nfields:\n  name: name\n",
+        ["{file}:2:62: source.key.hash[1]: column 'phone' is not in accounts"],
+    ),
 ]
 
 
@@ -348,7 +455,7 @@ def test_invalid_mapping_reports_every_problem_with_its_location(
     file = tmp_path / f"{name}.yaml"
     file.write_text(text, encoding="utf-8")
     with pytest.raises(ConfigError) as caught:
-        load_mapping(file, sources=SOURCE_COLUMNS)
+        load_mapping(file, sources=SOURCE_COLUMNS, tables=other_table)
     assert [str(p) for p in caught.value.problems] == [e.replace("{file}", str(file)) for e in expected]
 
 

@@ -159,3 +159,16 @@ def test_api_secrets_must_come_from_the_environment(tmp_path: Path) -> None:
         "4:58: sources.api.token: token is a secret; write ${ENV_VAR} and export it"
     )
     assert "abc123" not in caught.value.render()
+
+
+def test_where_filters_api_records_after_reading(
+    api: tuple[str, SuiteCrmApi], accounts: list[dict[str, Any]]
+) -> None:
+    rest, _ = connector(api[0])
+    frame = read_all(rest, where="industry is not null and lower(name) like '%科技%'")
+    expected = [
+        a["id"]
+        for a in accounts
+        if not a["deleted"] and a["industry"] is not None and "科技" in (a["name"] or "").lower()
+    ]
+    assert expected and list(frame["id"]) == expected

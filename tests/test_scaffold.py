@@ -1,9 +1,8 @@
 """``crmi mapping scaffold`` on a fresh project over SuiteCRM-, U8- and Kingdee-like databases.
 
 The databases are small SQLite copies of the real layouts (MySQL column types such as ``TINYINT(1)``
-included, as in a SuiteCRM dump). Mappings that only use keys, ``where`` and plain fields are checked
-against the real source here; those using ``via``, ``when``, ``aggregate``, ``convert`` or source-side
-lookups are checked by the tests marked ``needs_mapping_constructs`` once those constructs are merged.
+included, as in a SuiteCRM dump). Every profile's output is checked against the real source,
+``via``, ``when``, ``aggregate``, ``convert`` and source-side lookups included.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from crm_core.stages import STAGES
 from integration.cli import app
 from integration.connectors.sql import SqlConnector
 from integration.mappings.profiles import SUITECRM_STAGE_JUDGMENT, detect_profile
-from tests.conftest import needs_mapping_constructs
 
 runner = CliRunner()
 
@@ -295,7 +293,6 @@ def test_an_unknown_profile_is_refused(fresh: Path) -> None:
     )
 
 
-@needs_mapping_constructs
 def test_every_scaffolded_table_checks_against_the_real_source_with_all_constructs(fresh: Path) -> None:
     """Once via/when/aggregate/convert/source lookups are merged: every profile table's output checks."""
     (fresh / "mappings").mkdir()
@@ -331,7 +328,6 @@ def test_every_scaffolded_table_checks_against_the_real_source_with_all_construc
     assert check.exit_code == 0, check.output
 
 
-@needs_mapping_constructs
 def test_scaffolded_suitecrm_opportunities_preview_with_account_and_base_currency(fresh: Path) -> None:
     """The opportunity's account comes through the link table and its USD amount in the base currency."""
     import csv

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,7 +23,9 @@ class ReadRequest:
     """What to read: a table or sheet, an optional filter, the key columns and the chunk size."""
 
     table: str  # table or sheet name; a label when ``query`` is given
-    where: str | None = None
+    where: str | None = (
+        None  # expression language (integration.mappings.expressions); SQL sources push it down
+    )
     query: str | None = None  # SQL sources: a SELECT to run instead of reading ``table``
     key: Sequence[str] = field(default_factory=tuple)
     header_row: int | None = None  # spreadsheets: 1-based header row; None detects it
@@ -44,6 +46,38 @@ def tag_rows(chunk: pd.DataFrame, key: Sequence[str], location: str, offset: int
     chunk[LOCATION] = location
     chunk[ROW_KIND] = "data"
     return chunk
+
+
+def filter_chunks(
+    chunks: Iterable[pd.DataFrame], where: str | None, source: str, table: str
+) -> Iterator[pd.DataFrame]:
+    """Keep the rows of ``chunks`` where the ``where`` expression holds (for sources SQL cannot filter).
+
+    The same expression language as the mapping's other expressions, evaluated vectorized on each chunk;
+    rows numbers (``_row_ref``) are those of the source, so a filtered sheet still points at the right row.
+    """
+    if not where:
+        yield from chunks
+        return
+    from crm_core.errors import ExtractError
+    from integration.mappings.expressions import ExpressionError, filter_frame, parse
+
+    try:
+        expression = parse(where, condition=True)
+    except ExpressionError as exc:
+        raise ExtractError(source, f"where of {table}: {exc.message}") from None
+    for chunk in chunks:
+        missing = [c for c in expression.columns if c not in chunk.columns]
+        if missing:
+            raise ExtractError(
+                source, f"where of {table} names column(s) {', '.join(missing)} that {table} does not have"
+            )
+        try:
+            kept = filter_frame(chunk, expression)
+        except ExpressionError as exc:
+            raise ExtractError(source, f"where of {table}: {exc.message}") from None
+        if len(kept):
+            yield kept
 
 
 @runtime_checkable

@@ -9,11 +9,11 @@ from pathlib import Path
 import pandas as pd
 
 from crm_core.errors import ExtractError
-from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, ReadRequest
+from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, ReadRequest, filter_chunks
 
 
 class CsvConnector:
-    """Delimited text files matched by a glob; the table name is ignored (one table per file)."""
+    """Delimited text files matched by a glob: the table is every file, or the one a lookup names."""
 
     def __init__(
         self, name: str, paths: list[Path], pattern: str, *, encoding: str = "utf-8", delimiter: str = ","
@@ -47,13 +47,21 @@ class CsvConnector:
             f"set encoding: {hint} for this source in project.yaml",
         )
 
+    def _table_files(self, table: str) -> list[Path]:
+        """Return the files of ``table``: the one named so (``rates`` or ``rates.csv``), else every file.
+
+        A mapping's own table is a label for all matched files; a lookup names one file of the source.
+        """
+        named = [p for p in self._files() if table in (p.name, p.stem)]
+        return named or self._files()
+
     def list_tables(self) -> list[str]:
         """Return the file names."""
         return [p.name for p in self._files()]
 
     def columns(self, table: str, header_row: int | None = None) -> list[str]:
         """Return the header of the first file."""
-        path = self._files()[0]
+        path = self._table_files(table)[0]
         try:
             head = pd.read_csv(
                 path, nrows=0, encoding=self.encoding, sep=self.delimiter, header=(header_row or 1) - 1
@@ -63,8 +71,11 @@ class CsvConnector:
         return [" ".join(str(c).split()) for c in head.columns]
 
     def read(self, request: ReadRequest) -> Iterator[pd.DataFrame]:
-        """Yield rows of every file in chunks; ``_row_ref`` is the line number in the file."""
-        for path in self._files():
+        """Yield rows of every file in chunks (``where`` applied); ``_row_ref`` is the line number in the file."""
+        return filter_chunks(self._read(request), request.where, self.name, request.table)
+
+    def _read(self, request: ReadRequest) -> Iterator[pd.DataFrame]:
+        for path in self._table_files(request.table):
             header_line = request.header_row or 1
             line = header_line
             try:

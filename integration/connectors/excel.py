@@ -25,7 +25,7 @@ from python_calamine import CalamineWorkbook
 
 from crm_core.errors import ExtractError
 from integration.connectors import ooxml
-from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, TEXT_DTYPE, ReadRequest
+from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, TEXT_DTYPE, ReadRequest, filter_chunks
 from integration.connectors.ooxml import MergedRange
 
 HEADER_SCAN_ROWS = 30
@@ -214,7 +214,10 @@ class ExcelConnector:
         return self.layout(self._workbooks()[0], table, header_row).ordered_labels()
 
     def read(self, request: ReadRequest) -> Iterator[pd.DataFrame]:
-        """Yield the sheet's data rows from every workbook, in chunks, blank rows skipped."""
+        """Yield the sheet's data rows from every workbook, in chunks, blank rows skipped, ``where`` applied."""
+        return filter_chunks(self._read(request), request.where, self.name, request.table)
+
+    def _read(self, request: ReadRequest) -> Iterator[pd.DataFrame]:
         for path in self._workbooks():
             layout = self.layout(path, request.table, request.header_row)
             data, sheet_columns = self._load(path, request.table, layout)

@@ -18,6 +18,9 @@ from integration.connectors.base import ReadRequest, tag_rows
 # SQLSTATE classes worth retrying: connection problems (08), timeouts (HYT), deadlocks/serialization (40).
 _TRANSIENT_STATES = ("08", "HYT", "40")
 _UTF8_DRIVERS = re.compile(r"maodbc|myodbc", re.IGNORECASE)
+# DBMS names ODBC drivers report -> the SQL dialect a ``where`` is rendered in.
+_DIALECTS = (("sql server", "tsql"), ("mariadb", "mysql"), ("mysql", "mysql"), ("postgres", "postgres"),
+             ("sqlite", "sqlite"), ("oracle", "oracle"))  # fmt: skip
 
 
 def mask_connection_string(text: str) -> str:
@@ -142,12 +145,28 @@ class OdbcConnector:
         """Return the column names a SELECT produces."""
         return self._described_columns(lambda _connection: f"SELECT * FROM ({query}) q", "checking the query")
 
+    def _where_sql(self, connection: Any, request: ReadRequest) -> str:
+        """Return the ``where`` expression in the server's SQL dialect (told by the driver's DBMS name)."""
+        from integration.mappings.expressions import ExpressionError, parse
+
+        try:
+            expression = parse(str(request.where), condition=True)
+        except ExpressionError as exc:
+            raise ExtractError(self.name, f"where of {request.table}: {exc.message}") from None
+        pyodbc = _pyodbc()
+        dbms = str(connection.getinfo(pyodbc.SQL_DBMS_NAME) or "").lower()
+        dialect = next(
+            (d for name, d in _DIALECTS if name in dbms),
+            None,
+        )
+        return expression.sql(dialect)
+
     def _statement(self, connection: Any, request: ReadRequest) -> tuple[str, list[Any]]:
         source = f"({request.query}) q" if request.query else self._qualified(connection, request.table)
         clauses: list[str] = []
         params: list[Any] = []
         if request.where and not request.query:
-            clauses.append(f"({request.where})")
+            clauses.append(f"({self._where_sql(connection, request)})")
         if request.cursor_column and request.cursor_from is not None:
             clauses.append(f"{self._quote(connection, request.cursor_column)} >= ?")
             params.append(request.cursor_from)

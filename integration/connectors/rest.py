@@ -16,7 +16,7 @@ import pandas as pd
 import requests
 
 from crm_core.errors import ExtractError, TransientExtractError, mask_secrets
-from integration.connectors.base import ReadRequest, tag_rows
+from integration.connectors.base import ReadRequest, filter_chunks, tag_rows
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -233,7 +233,10 @@ class RestConnector:
         return list(records[0]) if records else []
 
     def read(self, request: ReadRequest) -> Iterator[pd.DataFrame]:
-        """Yield the resource's records page by page (from the cursor value when incremental)."""
+        """Yield the resource's records page by page (from the cursor value when incremental), ``where`` applied."""
+        return filter_chunks(self._read(request), request.where, self.name, request.table)
+
+    def _read(self, request: ReadRequest) -> Iterator[pd.DataFrame]:
         params: dict[str, Any] = {}
         if request.cursor_from is not None and self.settings.incremental_param:
             value = request.cursor_from

@@ -8,6 +8,7 @@ SQLAlchemy driver.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 from collections.abc import Iterator, Mapping
@@ -177,12 +178,61 @@ class SqlConnector:
             raise ExtractError(self.name, f"key column(s) {missing} not in table '{request.table}'")
         statement = sa.select(table)
         if request.where:
-            statement = statement.where(sa.text(request.where))
+            statement = statement.where(self.where_clause(request.where, request.table, table))
         if request.cursor_column and request.cursor_from is not None:
             statement = statement.where(table.c[request.cursor_column] >= request.cursor_from)
         if order_columns:
             statement = statement.order_by(*(table.c[k] for k in order_columns))
         return statement, [c.name for c in table.columns]
+
+    def where_clause(self, where: str, label: str, table: sa.Table) -> sa.TextClause:
+        """Return a ``where`` expression as this database's SQL (checked, then rendered by sqlglot)."""
+        from integration.mappings.expressions import ExpressionError, parse, sql_dialect
+
+        try:
+            expression = parse(where, [str(c.name) for c in table.columns], condition=True)
+        except ExpressionError as exc:
+            raise ExtractError(self.name, f"where of {label}: {exc.message}") from None
+        # Date columns are known from the table: date arithmetic is then written in the dialect's functions.
+        dates = tuple(
+            (str(c.name), "date") for c in table.columns if isinstance(c.type, sa.Date | sa.DateTime)
+        )
+        expression = dataclasses.replace(expression, column_kinds=dates)
+        dialect = sql_dialect(self.engine.dialect.name)
+        return sa.text(expression.sql(dialect).replace(":", "\\:"))
+
+    def aggregate(
+        self, table: str, key: str, value: str | None, function: str, where: str | None
+    ) -> pd.DataFrame:
+        """Return one row per ``key`` with ``function`` of ``value`` as ``value`` and the distinct values as ``n``.
+
+        ``function`` is sum/count/min/max/avg; the grouping runs in the database, only the groups travel.
+        """
+        source = self._table(table)
+        for column in (key, value):
+            if column is not None and column not in source.c:
+                raise ExtractError(self.name, f"column '{column}' is not in table '{table}'")
+        functions: dict[str, Any] = {
+            "sum": sa.func.sum,
+            "min": sa.func.min,
+            "max": sa.func.max,
+            "avg": sa.func.avg,
+        }
+        group = source.c[key]
+        if function == "count":
+            summary: Any = sa.func.count()
+        else:
+            summary = functions[function](source.c[str(value)])
+        distinct = sa.func.count(sa.distinct(source.c[str(value)])) if value is not None else sa.func.count()
+        statement = sa.select(group.label("key"), summary.label("value"), distinct.label("n")).group_by(group)
+        if where:
+            statement = statement.where(self.where_clause(where, table, source))
+        try:
+            with self.engine.connect() as connection:
+                rows = connection.execute(statement).all()
+        except SQLAlchemyError as exc:
+            raise self._fail(exc, f"reading '{table}'") from None
+        return pd.DataFrame([tuple(r) for r in rows], columns=["key", "value", "n"])
 
     def arrow_url(self) -> str | None:
         """Return the ConnectorX URL for this source, or None when it reads through SQLAlchemy."""

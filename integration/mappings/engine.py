@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -20,6 +21,8 @@ from crm_core.entities import FieldDef
 from crm_core.errors import ConfigError, MappingError
 from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF
 from integration.mappings import columnar, money
+from integration.mappings.expressions import ExpressionError, evaluate, float_to_decimal, to_arrow, to_text
+from integration.mappings.joins import JOIN_PROBLEM
 from integration.mappings.spec import CompiledField, CompiledMapping
 from integration.mappings.transforms import (
     DateArgs,
@@ -147,6 +150,34 @@ def _external_key(data: Mapping[str, pd.Series], key_columns: list[str], index: 
         key = key.where(key.isna() | part.isna(), key + "|" + part)
         key = null_where(key, part.isna())
     return key
+
+
+HASH_SEPARATOR = "\x1f"  # between the parts of a hash key: a character no cell holds
+
+
+def hash_key(data: Mapping[str, pd.Series], columns: list[str], index: pd.Index) -> pd.Series:
+    """Return a stable key per row: a hash of the columns' normalised text (missing where all are empty).
+
+    Normalised: NFKC, whitespace collapsed and trimmed, case-folded, whole numbers without ``.0``; so
+    ``ＡＢＣ公司 `` and ``abc公司`` key alike. The hash is BLAKE2b (20 hex digits), the same in every run and
+    on every machine, and does not depend on where the row sits in the sheet.
+    """
+    parts = []
+    for column in columns:
+        part = _key_part(data[column])
+        text = pa.array(part.array) if columnar.is_arrow(part) else pa.array(part.astype(object), pa.string())
+        parts.append(pc.utf8_lower(columnar.nfkc_clean_array(text)))
+    empty = np.ones(len(index), dtype=bool)
+    for part in parts:
+        empty &= np.asarray(pc.is_null(part).to_numpy(zero_copy_only=False), dtype=bool)
+    joined = pc.binary_join_element_wise(
+        *parts, HASH_SEPARATOR, null_handling="replace", null_replacement=""
+    ).to_pylist()
+    digests = [
+        None if skip else hashlib.blake2b(text.encode("utf-8"), digest_size=10).hexdigest()
+        for text, skip in zip(joined, empty, strict=True)
+    ]
+    return pd.Series(digests, index=index, dtype=object)
 
 
 def arrow_text_columns(chunk: pd.DataFrame, columns: Iterable[str]) -> dict[str, pd.Series]:
@@ -302,15 +333,42 @@ def _cast(values: pd.Series, target: FieldDef, clean: bool = False) -> tuple[pd.
                 )
                 array = columnar.null_where_array(array, too_long)
         return columnar.arrow_series(columnar.empty_to_null(array), values.index), errors
+    typed = _typed_arrow(values, target)
+    if typed is not None:
+        return typed, None
     return per_value(values, lambda value: None if _blank(value) else cast_value(value, target))
+
+
+def _typed_arrow(values: pd.Series, target: FieldDef) -> pd.Series | None:
+    """Return Arrow numbers, dates and flags that already have the target's type as they are (else None)."""
+    if not columnar.is_arrow(values) or columnar.is_text(values):
+        return None
+    array = pa.array(values.array)
+    kind, data_type = target.kind, array.type
+    if kind == "decimal" and pa.types.is_decimal(data_type):
+        return values
+    if kind == "decimal" and pa.types.is_integer(data_type):
+        return columnar.arrow_series(pc.cast(array, pa.decimal128(38, 0)), values.index)
+    if kind == "int" and pa.types.is_integer(data_type):
+        return values
+    if kind == "bool" and pa.types.is_boolean(data_type):
+        return values
+    if kind == "date" and pa.types.is_date32(data_type):
+        return values
+    if kind == "date" and pa.types.is_timestamp(data_type):
+        return columnar.arrow_series(pc.cast(array, pa.date32()), values.index)
+    if kind == "datetime" and pa.types.is_timestamp(data_type):
+        return values
+    return None
 
 
 def _source_values(field: CompiledField, chunk: Mapping[str, pd.Series], index: pd.Index) -> pd.Series:
     spec = field.spec
-    if spec.from_ is not None and spec.combine == "concat":
-        return _concat(chunk, spec.columns, spec.sep)
-    if spec.from_ is not None:
-        return _first_non_empty(chunk, spec.columns)
+    columns = list(field.columns)
+    if columns and spec.combine == "concat":
+        return _concat(chunk, columns, spec.sep)
+    if columns:
+        return _first_non_empty(chunk, columns)
     return pd.Series([spec.const] * len(index), index=index, dtype=object)
 
 
@@ -387,24 +445,144 @@ def _convert_distinct(
     )
 
 
+def _computed_series(array: pa.Array, index: pd.Index) -> pd.Series:
+    """Return an expression's result as an Arrow-backed Series (the cast keeps matching types as they are).
+
+    Floating-point results become decimals rounded to 15 significant digits, so 0.1 * 3 is 0.3, not
+    0.30000000000000004, when it lands in a decimal field.
+    """
+    if pa.types.is_null(array.type):
+        return pd.Series([None] * len(index), index=index, dtype=object)
+    if pa.types.is_large_string(array.type):
+        array = pc.cast(array, pa.string())
+    elif pa.types.is_floating(array.type):
+        decimals = float_to_decimal(array)
+        if decimals is None:  # beyond 10^20: Python decimals
+            values = [None if v is None or v != v else Decimal(format(v, ".15g")) for v in array.to_pylist()]
+            return pd.Series(values, index=index, dtype=object)
+        array = decimals
+    return columnar.arrow_series(array, index)
+
+
+def _computed_values(
+    field: CompiledField, data: Mapping[str, pd.Series], index: pd.Index
+) -> tuple[pd.Series, pd.Series | None]:
+    """Evaluate a field's ``expr`` or ``when``; return the values and the row-level failure reasons."""
+    length = len(index)
+    reasons: pa.Array | None = None
+
+    def run(expression: Any) -> pa.Array:
+        nonlocal reasons
+        try:
+            evaluated = evaluate(expression, data, length)
+        except ExpressionError as exc:
+            raise MappingError(f"field '{field.name}': {exc.message}") from None
+        if evaluated.reasons is not None:
+            reasons = evaluated.reasons if reasons is None else pc.coalesce(reasons, evaluated.reasons)
+        return evaluated.values
+
+    if field.expr is not None:
+        values = _computed_series(run(field.expr), index)
+    else:
+        # Which branch each row takes (-1: none), then the values: constants by one Arrow take.
+        choice = np.full(length, -1, dtype=np.int64)
+        for number, case in enumerate(field.when):
+            chosen = choice == -1
+            if case.condition is not None:
+                holds = run(case.condition)
+                chosen &= np.asarray(pc.fill_null(holds, False).to_numpy(zero_copy_only=False), dtype=bool)
+            choice[chosen] = number
+        values = _when_values(field, choice, index, run)
+    if reasons is None:
+        return values, None
+    reason_series = pd.Series(reasons.to_numpy(zero_copy_only=False), index=index, dtype=object)
+    return null_where(values, reason_series.notna()), reason_series
+
+
+def _when_values(field: CompiledField, choice: np.ndarray, index: pd.Index, run: Any) -> pd.Series:
+    """Return each row's branch value; constant branches of one type stay a typed Arrow column."""
+    constants = [None if case.expression is not None else case.value for case in field.when]
+    positions = pa.array(choice, pa.int64(), mask=choice < 0)
+    if all(case.expression is None for case in field.when):
+        try:
+            table = pa.array(constants)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            table = None
+        if table is not None and not pa.types.is_null(table.type):
+            return _computed_series(table.take(positions), index)
+    result = np.full(len(index), None, dtype=object)
+    for number, case in enumerate(field.when):
+        chosen = choice == number
+        if not chosen.any():
+            continue
+        if case.expression is not None:
+            computed = python_values(_computed_series(run(case.expression), index)).to_numpy()
+            result[chosen] = computed[chosen]
+        else:
+            result[chosen] = case.value
+    return pd.Series(result, index=index, dtype=object)
+
+
+def _inputs_text(field: CompiledField, data: Mapping[str, pd.Series], index: pd.Index) -> pd.Series:
+    """Return per row the columns an expression read, as ``column=value, ...`` (for its rejects)."""
+    parts = []
+    for column in field.expression_columns():
+        text = pc.fill_null(to_text(to_arrow(data[column])), "")
+        parts.append(pc.binary_join_element_wise(f"{column}=", text, ""))
+    if not parts:
+        return pd.Series(None, index=index, dtype=object)
+    joined = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, ", ")
+    return pd.Series(joined.to_pylist(), index=index, dtype=object)
+
+
+def _join_problems(field: CompiledField, chunk: pd.DataFrame) -> pd.Series | None:
+    """Return why a joined column the field reads has no value for a row (several different matches)."""
+    found: pd.Series | None = None
+    for column in (*field.columns, *field.expression_columns()):
+        problem = chunk.get(column + JOIN_PROBLEM)
+        if problem is not None:
+            problem = problem.astype(object)
+            found = problem if found is None else found.where(found.notna(), problem)
+    return found
+
+
+def _merge_reasons(first: pd.Series | None, second: pd.Series | None) -> pd.Series | None:
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return first.where(first.notna(), second)
+
+
 def _run_field(
     field: CompiledField, target: FieldDef, data: Mapping[str, pd.Series], outcome: _Outcome
 ) -> pd.Series:
     spec = field.spec
     chunk = outcome.chunk
-    # Fields reading the same columns get the same Series object, so transforms can share work (memo).
-    raw = (
-        columnar.memo(
-            f"source:{spec.columns}:{spec.combine}:{spec.sep}",
+    early: pd.Series | None = None  # failures before the transforms: expressions, joins
+    if field.computed:
+        raw, early = _computed_values(field, data, chunk.index)
+    elif field.columns:
+        # Fields reading the same columns get the same Series object, so transforms can share work (memo).
+        raw = columnar.memo(
+            f"source:{field.columns}:{spec.combine}:{spec.sep}",
             chunk,
             lambda: _source_values(field, data, chunk.index),
         )
-        if spec.from_ is not None
-        else _source_values(field, data, chunk.index)
-    )
+    else:
+        raw = _source_values(field, data, chunk.index)
+    joined = _join_problems(field, chunk)
+    if joined is not None and joined.notna().any():
+        early = _merge_reasons(early, joined)
+        raw = null_where(raw, joined.notna())
     result, reasons = _convert_distinct(field, target, raw)
+    if early is not None and early.notna().any():
+        reasons = _merge_reasons(early, reasons)
+        result = null_where(result, early.notna())
     failed = reasons.notna() if reasons is not None else pd.Series(False, index=chunk.index)
     if reasons is not None and failed.any():
+        if field.computed and early is not None and early.notna().any():
+            raw = _inputs_text(field, data, chunk.index)  # a failed expression: show what it was given
         if spec.on_error == "fail":
             index = failed[failed].index[0]
             raise MappingError(
@@ -455,7 +633,16 @@ def map_chunk(mapping: CompiledMapping, chunk: pd.DataFrame) -> MappingResult:
                     )
                 )
     key_columns = mapping.spec.source.key_columns
-    if key_columns:
+    if mapping.spec.source.hash_key:
+        key = hash_key(data, key_columns, chunk.index)
+        outcome.add(
+            key.isna() & ~subtotal,
+            None,
+            None,
+            f"all key column(s) {', '.join(key_columns)} are empty",
+            rule="key",
+        )
+    elif key_columns:
         key = _external_key(data, key_columns, chunk.index)
         outcome.add(
             key.isna() & ~subtotal, None, None, f"empty key column(s) {', '.join(key_columns)}", rule="key"

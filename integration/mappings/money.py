@@ -211,7 +211,7 @@ def _operand(
     problems: list[Problem] = []
     if spec.convert is not None:
         problems.append(doc.problem((*path, "convert"), "an operand of convert cannot convert", at_key=True))
-    if spec.lookup is not None:
+    if spec.core_lookup is not None:
         problems.append(
             doc.problem(
                 (*path, "lookup"),
@@ -219,6 +219,18 @@ def _operand(
                 at_key=True,
             )
         )
+    for key in ("lookup", "via", "aggregate", "expr", "when"):
+        if key == "lookup" and spec.core_lookup is not None:
+            continue
+        if getattr(spec, key) is not None:
+            problems.append(
+                doc.problem(
+                    (*path, key),
+                    f"a convert operand reads columns; name the {key} under source.lookups (or use an expr "
+                    "field) and give its name here",
+                    at_key=True,
+                )
+            )
     steps = []
     for i, step in enumerate(spec.transforms):
         parsed, step_problems = _parse_step(step, (*path, "transforms", i), doc)
@@ -231,7 +243,7 @@ def _operand(
     # (source-side lookups, expressions) belongs here too, so operands run through the engine unchanged.
     if problems:
         return None, problems
-    return Operand(name, CompiledField(label, spec, tuple(steps), None), target), []
+    return Operand(name, CompiledField(label, spec, tuple(steps), None, tuple(spec.columns)), target), []
 
 
 def compile_convert(

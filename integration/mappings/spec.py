@@ -14,8 +14,9 @@ A mapping turns rows of one source table or sheet into records of one canonical 
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -32,6 +33,7 @@ from pydantic import (
 
 from crm_core.entities import ENTITIES, EntityDef
 from crm_core.errors import ConfigError, Problem
+from integration.mappings.expressions import Expression, ExpressionError, parse
 from integration.mappings.transforms import REGISTRY, Args, TransformDef
 from integration.yamlconf import LocatedDocument, close_names, load_yaml, pydantic_problems, validate_document
 
@@ -61,6 +63,75 @@ class IncrementalSpec(_Strict):
         return self
 
 
+class HashKey(_Strict):
+    """A key made from a stable hash of chosen columns: for sheets that have no id column."""
+
+    hash: list[str] = Field(
+        min_length=1,
+        description="columns whose normalised text is hashed (e.g. [客户名称, 联系电话]); inserted rows do not "
+        "re-key the others, duplicates are rejected",
+    )
+
+
+class SourceLookupSpec(_Strict):
+    """A value looked up in another table or sheet of the same source (``lookup`` with ``table``)."""
+
+    table: str = Field(description="table or sheet of the same source")
+    key: str = Field(description="its column matched against the field's 'from' value")
+    value: str = Field(description="its column whose value is taken")
+    where: str | None = Field(default=None, description="filter on the lookup table (expression)")
+    multiple: Literal["reject", "first"] = Field(
+        default="reject",
+        description="several matching rows with different values: reject the row, or take the smallest value",
+    )
+
+
+class ViaHop(_Strict):
+    """One step through a link table: rows whose ``from`` equals the value give their ``to``."""
+
+    table: str = Field(description="link table or sheet of the same source")
+    from_: str = Field(alias="from", description="its column matched against the current value")
+    to: str = Field(description="its column that becomes the new value")
+    where: str | None = Field(default=None, description="filter on the link table, e.g. deleted = 0")
+    multiple: Literal["reject", "first"] = Field(
+        default="reject",
+        description="several links with different values: reject the row, or take the smallest",
+    )
+
+
+class AggregateSpec(_Strict):
+    """A value summarised over child rows of another table or sheet (order total = sum of its lines)."""
+
+    table: str = Field(description="child table or sheet of the same source")
+    key: str = Field(description="its column holding the parent's value (the field's 'from')")
+    function: Literal["sum", "count", "min", "max", "avg"] = Field(
+        description="how child rows are summarised"
+    )
+    value: str | None = Field(default=None, description="the child column summarised (not needed for count)")
+    where: str | None = Field(default=None, description="filter on the child rows (expression)")
+
+    @model_validator(mode="after")
+    def _value_needed(self) -> AggregateSpec:
+        if self.function != "count" and self.value is None:
+            raise ValueError(f"'{self.function}' needs 'value': the child column to summarise")
+        return self
+
+
+class JoinedColumnSpec(_Strict):
+    """A named column computed from another table or sheet of the same source (``source.lookups``)."""
+
+    from_: str = Field(alias="from", description="column of this table whose value is looked up")
+    lookup: SourceLookupSpec | None = None
+    via: ViaHop | list[ViaHop] | None = None
+    aggregate: AggregateSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> JoinedColumnSpec:
+        if sum(x is not None for x in (self.lookup, self.via, self.aggregate)) != 1:
+            raise ValueError("give exactly one of 'lookup', 'via' or 'aggregate'")
+        return self
+
+
 class SourceSpec(_Strict):
     """Where the rows come from."""
 
@@ -68,8 +139,17 @@ class SourceSpec(_Strict):
     table: str | None = Field(default=None, description="database table (or sheet)")
     sheet: str | None = Field(default=None, description="spreadsheet sheet name")
     query: str | None = Field(default=None, description="SQL SELECT instead of a table (joins, unions)")
-    where: str | None = Field(default=None, description="SQL filter, e.g. deleted = 0")
-    key: str | list[str] | None = Field(default=None, description="column(s) forming the source's record key")
+    where: str | None = Field(
+        default=None,
+        description="filter (expression language, every connector; pushed down to SQL sources), e.g. deleted = 0",
+    )
+    key: str | list[str] | HashKey | None = Field(
+        default=None, description="column(s) forming the source's record key, or {hash: [columns]}"
+    )
+    lookups: dict[str, JoinedColumnSpec] = Field(
+        default_factory=dict,
+        description="named columns looked up in other tables/sheets of the source (usable like source columns)",
+    )
     header_row: int | None = Field(default=None, ge=1, description="spreadsheets: 1-based header row")
     incremental: IncrementalSpec | None = Field(default=None, description="read only new/changed rows")
     system: str | None = Field(
@@ -89,8 +169,10 @@ class SourceSpec(_Strict):
                 raise ValueError(
                     "a cursor needs a table or query; for spreadsheet folders use incremental: {files: true}"
                 )
-            if not self.key:
-                raise ValueError("incremental reads need 'key': it tells rows at the cursor boundary apart")
+            if not self.key or isinstance(self.key, HashKey):
+                raise ValueError(
+                    "incremental reads need 'key' column(s) (not a hash): they tell rows at the cursor boundary apart"
+                )
         return self
 
     @property
@@ -100,12 +182,24 @@ class SourceSpec(_Strict):
 
     @property
     def key_columns(self) -> list[str]:
-        """Return the key columns as a list."""
+        """Return the key columns as a list (the hashed columns for a hash key)."""
+        if isinstance(self.key, HashKey):
+            return list(self.key.hash)
         return [self.key] if isinstance(self.key, str) else list(self.key or [])
+
+    @property
+    def hash_key(self) -> bool:
+        """Return True when the key is a hash of columns (not their values)."""
+        return isinstance(self.key, HashKey)
+
+    @property
+    def read_key(self) -> list[str]:
+        """Return the columns a connector orders and tags rows by (none for a hash key: row numbers)."""
+        return [] if self.hash_key else self.key_columns
 
 
 class LookupSpec(_Strict):
-    """How a reference field finds its target record."""
+    """How a reference field finds its core record (``by``), or a value in another table of the source (``table``)."""
 
     by: Literal["external_id", "name", "code"] = Field(
         default="external_id",
@@ -114,6 +208,70 @@ class LookupSpec(_Strict):
     system: str | None = Field(
         default=None, description="crosswalk system for by: external_id (default: this source)"
     )
+    table: str | None = Field(
+        default=None, description="source lookup: table or sheet of the same source to look the value up in"
+    )
+    key: str | None = Field(
+        default=None, description="source lookup: its column matched against the 'from' value"
+    )
+    value: str | None = Field(default=None, description="source lookup: its column whose value is taken")
+    where: str | None = Field(
+        default=None, description="source lookup: filter on the lookup table (expression)"
+    )
+    multiple: Literal["reject", "first"] = Field(
+        default="reject",
+        description="source lookup: several matching rows with different values: reject the row, or take the smallest",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> LookupSpec:
+        source_keys = [k for k in ("key", "value", "where", "multiple") if k in self.model_fields_set]
+        if self.table is None:
+            if source_keys:
+                raise ValueError(f"'{source_keys[0]}' belongs to a source lookup: add 'table'")
+            return self
+        core = [k for k in ("by", "system") if k in self.model_fields_set]
+        if core:
+            raise ValueError(
+                f"'{core[0]}' finds a core record, 'table' looks up in the source: use one; to do both, "
+                "follow the table with 'via' and keep 'lookup: {by: ...}'"
+            )
+        missing = [k for k in ("key", "value") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"a source lookup needs {' and '.join(repr(m) for m in missing)}")
+        return self
+
+    @property
+    def is_source(self) -> bool:
+        """Return True for a lookup in another table of the source (``table`` given)."""
+        return self.table is not None
+
+    def source_lookup(self) -> SourceLookupSpec:
+        """Return the source lookup this spec describes."""
+        return SourceLookupSpec(
+            table=str(self.table),
+            key=str(self.key),
+            value=str(self.value),
+            where=self.where,
+            multiple=self.multiple,
+        )
+
+
+class WhenBranch(_Strict):
+    """One branch of ``when``: ``{if: condition, then: value}``, or the final ``{else: value}``."""
+
+    if_: str | None = Field(default=None, alias="if", description="condition (expression language)")
+    then: Any = Field(default=None, description="value when the condition holds; {expr: ...} to compute it")
+    else_: Any = Field(default=None, alias="else", description="value when no condition holds")
+
+    @model_validator(mode="after")
+    def _shape(self) -> WhenBranch:
+        if "else_" in self.model_fields_set:
+            if self.if_ is not None or "then" in self.model_fields_set:
+                raise ValueError("'else' stands alone: - else: value")
+        elif self.if_ is None or "then" not in self.model_fields_set:
+            raise ValueError("a branch is {if: condition, then: value} (or the last one: {else: value})")
+        return self
 
 
 class FieldSpec(_Strict):
@@ -135,7 +293,21 @@ class FieldSpec(_Strict):
         default="reject", description="a transform error rejects the row, nulls the field or fails the run"
     )
     lookup: LookupSpec | None = Field(
-        default=None, description="reference fields only: how to find the target"
+        default=None,
+        description="{by: external_id|name|code}: find the core record (reference fields); "
+        "{table, key, value}: look the value up in another table/sheet of the source",
+    )
+    expr: str | None = Field(
+        default=None, description="computed value (expression language), e.g. amount * 1.13"
+    )
+    when: list[WhenBranch] | None = Field(
+        default=None, description="conditional value: [{if: cond, then: value}, ..., {else: value}]"
+    )
+    via: ViaHop | list[ViaHop] | None = Field(
+        default=None, description="follow link table(s) of the source from the 'from' value"
+    )
+    aggregate: AggregateSpec | None = Field(
+        default=None, description="summarise child rows of another table/sheet (sum, count, min, max, avg)"
     )
     convert: ConvertSpec | None = Field(
         default=None,
@@ -146,11 +318,41 @@ class FieldSpec(_Strict):
     def _value_source(self) -> FieldSpec:
         has_from = self.from_ is not None
         has_const = "const" in self.model_fields_set
-        if has_from and has_const:
-            raise ValueError("give either 'from' or 'const', not both")
-        if not has_from and not has_const and "default" not in self.model_fields_set:
-            raise ValueError("give 'from' (a source column), 'const' or 'default'")
+        given = [k for k, v in (("from", has_from), ("const", has_const), ("expr", self.expr is not None),
+                                ("when", self.when is not None)) if v]  # fmt: skip
+        if len(given) > 1:
+            raise ValueError(f"give only one of 'from', 'const', 'expr' or 'when', not {' and '.join(given)}")
+        if not given and "default" not in self.model_fields_set:
+            raise ValueError("give 'from' (a source column), 'const', 'expr', 'when' or 'default'")
+        joins = [k for k in ("via", "aggregate") if getattr(self, k) is not None]
+        if self.lookup is not None and self.lookup.is_source:
+            joins.append("lookup")
+        if len(joins) > 1:
+            raise ValueError(
+                f"give only one of {' and '.join(joins)}; chain link tables as a list under 'via'"
+            )
+        if joins and not isinstance(self.from_, str):
+            raise ValueError(
+                f"'{joins[0]}' needs 'from': the one column of this table whose value is looked up"
+            )
         return self
+
+    @property
+    def source_join(self) -> JoinedColumnSpec | None:
+        """Return the source-side lookup/link/aggregate this field reads through, if any."""
+        source_lookup = (
+            self.lookup.source_lookup() if self.lookup is not None and self.lookup.is_source else None
+        )
+        if source_lookup is None and self.via is None and self.aggregate is None:
+            return None
+        return JoinedColumnSpec.model_validate(
+            {"from": self.from_, "lookup": source_lookup, "via": self.via, "aggregate": self.aggregate}
+        )
+
+    @property
+    def core_lookup(self) -> LookupSpec | None:
+        """Return the core reference lookup, if given."""
+        return self.lookup if self.lookup is not None and not self.lookup.is_source else None
 
     @property
     def columns(self) -> list[str]:
@@ -238,6 +440,26 @@ class CompiledStep:
 
 
 @dataclass(frozen=True)
+class SourceJoin:
+    """A column added to every extracted chunk from another table or sheet of the same source."""
+
+    name: str  # the column added to the chunk
+    column: str  # the column of this table whose value is looked up
+    spec: JoinedColumnSpec
+    hops: tuple[ViaHop | SourceLookupSpec | AggregateSpec, ...]
+    wheres: tuple[Expression | None, ...]  # one per hop
+
+
+@dataclass(frozen=True)
+class WhenCase:
+    """A branch of ``when``: its condition (None: else) and the value, a constant or an expression."""
+
+    condition: Expression | None
+    value: Any
+    expression: Expression | None
+
+
+@dataclass(frozen=True)
 class CompiledField:
     """A field ready to run."""
 
@@ -245,7 +467,24 @@ class CompiledField:
     spec: FieldSpec
     steps: tuple[CompiledStep, ...]
     lookup: LookupSpec | None
+    columns: tuple[str, ...] = ()  # what the engine reads: the 'from' columns, or the joined column
+    expr: Expression | None = None
+    when: tuple[WhenCase, ...] = ()
     convert: CompiledConvert | None = None  # see money.py
+
+    @property
+    def computed(self) -> bool:
+        """Return True when the value comes from ``expr`` or ``when``."""
+        return self.expr is not None or bool(self.when)
+
+    def expression_columns(self) -> list[str]:
+        """Return the columns the field's expressions read."""
+        found: list[str] = []
+        expressions = [self.expr, *(c.condition for c in self.when), *(c.expression for c in self.when)]
+        for expression in expressions:
+            if expression is not None:
+                found.extend(c for c in expression.columns if c not in found)
+        return found
 
 
 @dataclass(frozen=True)
@@ -256,6 +495,8 @@ class CompiledMapping:
     spec: MappingSpec
     entity: EntityDef
     fields: tuple[CompiledField, ...]
+    where: Expression | None = None
+    joins: tuple[SourceJoin, ...] = ()
 
     @property
     def name(self) -> str:
@@ -268,13 +509,13 @@ class CompiledMapping:
         return self.spec.source.connector
 
     def source_columns(self) -> list[str]:
-        """Return every source column the mapping reads (fields, key and cursor)."""
+        """Return every column the mapping reads (fields, expressions, key and cursor; joined columns too)."""
         columns = list(self.spec.source.key_columns)
         cursor = self.spec.source.incremental.cursor if self.spec.source.incremental else None
         if cursor is not None and cursor not in columns:
             columns.append(cursor)
         for f in self.fields:
-            columns.extend(c for c in f.spec.columns if c not in columns)
+            columns.extend(c for c in (*f.columns, *f.expression_columns()) if c not in columns)
             if f.convert is not None:
                 columns.extend(c for c in f.convert.columns() if c not in columns)
         return columns
@@ -286,6 +527,13 @@ class CompiledMapping:
             if f.convert is not None:
                 written.extend(name for name in f.convert.writes if name not in written)
         return written
+
+    def table_columns(self) -> list[str]:
+        """Return the columns the mapping needs from its own table (joined columns excluded)."""
+        joined = {j.name for j in self.joins}
+        needed = [c for c in self.source_columns() if c not in joined]
+        needed.extend(j.column for j in self.joins if j.column not in needed)
+        return needed
 
 
 def _parse_step(
@@ -348,20 +596,167 @@ def _fmt(path: Sequence[str | int]) -> str:
     return format_path(path)
 
 
+# Columns of another table or sheet of the mapping's source: raises LookupError(message) when there is none.
+TableCatalog = Callable[[str], list[str]]
+
+JOINED_PREFIX = "_join_"  # column a field's own lookup/via/aggregate adds to the chunk: _join_<field>
+
+
+def _expression_problem(
+    doc: LocatedDocument, path: tuple[str | int, ...], text: str, error: ExpressionError
+) -> Problem:
+    """Locate an expression error at its YAML value, and at the character when the value is on one line."""
+    problem = doc.problem(path, error.message)
+    mark = doc.value_marks.get(path)
+    if mark is None or error.offset is None or "\n" in text:
+        return problem
+    try:
+        line = doc.file.read_text(encoding="utf-8").splitlines()[mark[0] - 1]
+    except (OSError, IndexError, UnicodeDecodeError):
+        return problem
+    start = mark[1] - 1
+    quoted = line[start : start + 1] in ("'", '"')
+    body = line[start + 1 :] if quoted else line[start:]
+    if not body.startswith(text[: error.offset]) and not quoted:
+        return problem
+    column = mark[1] + (1 if quoted else 0) + error.offset
+    return Problem(problem.message, problem.file, problem.line, column, problem.path)
+
+
+def _expression(
+    doc: LocatedDocument,
+    path: tuple[str | int, ...],
+    text: str,
+    columns: list[str] | None,
+    problems: list[Problem],
+    *,
+    condition: bool = False,
+) -> Expression | None:
+    try:
+        return parse(text, columns, condition=condition)
+    except ExpressionError as exc:
+        problems.append(_expression_problem(doc, path, text, exc))
+        return None
+
+
+def _hops(
+    joined: JoinedColumnSpec,
+) -> list[tuple[tuple[str | int, ...], ViaHop | SourceLookupSpec | AggregateSpec]]:
+    if joined.lookup is not None:
+        return [(("lookup",), joined.lookup)]
+    if joined.aggregate is not None:
+        return [(("aggregate",), joined.aggregate)]
+    if isinstance(joined.via, list):
+        return [(("via", i), hop) for i, hop in enumerate(joined.via)]
+    assert joined.via is not None
+    return [(("via",), joined.via)]
+
+
+def _compile_join(
+    doc: LocatedDocument,
+    path: tuple[str | int, ...],
+    name: str,
+    joined: JoinedColumnSpec,
+    tables: TableCatalog | None,
+    problems: list[Problem],
+) -> SourceJoin:
+    """Check a lookup/link/aggregate against the other tables of the source (when a catalog is given)."""
+    hops = _hops(joined)
+    wheres: list[Expression | None] = []
+    for hop_path, hop in hops:
+        full = (*path, *hop_path)
+        columns: list[str] | None = None
+        if tables is not None:
+            try:
+                columns = list(tables(hop.table))
+            except LookupError as exc:
+                problems.append(doc.problem((*full, "table"), str(exc.args[0]) if exc.args else str(exc)))
+        if columns is not None:
+            named = {
+                "key": getattr(hop, "key", None),
+                "value": getattr(hop, "value", None),
+                "from": getattr(hop, "from_", None),
+                "to": getattr(hop, "to", None),
+            }
+            for key, column in named.items():
+                if column is not None and column not in columns:
+                    problems.append(
+                        doc.problem(
+                            (*full, key),
+                            f"column '{column}' is not in {hop.table}{close_names(column, columns)}; "
+                            f"columns: {', '.join(columns)}",
+                        )
+                    )
+        wheres.append(
+            _expression(doc, (*full, "where"), hop.where, columns, problems, condition=True)
+            if hop.where is not None
+            else None
+        )
+    return SourceJoin(name, joined.from_, joined, tuple(h for _, h in hops), tuple(wheres))
+
+
+def _when_cases(
+    doc: LocatedDocument,
+    path: tuple[str | int, ...],
+    branches: list[WhenBranch],
+    columns: list[str] | None,
+    problems: list[Problem],
+) -> tuple[WhenCase, ...]:
+    cases: list[WhenCase] = []
+    for i, branch in enumerate(branches):
+        is_else = "else_" in branch.model_fields_set
+        if is_else and i != len(branches) - 1:
+            problems.append(doc.problem((*path, i), "'else' must be the last branch of 'when'"))
+        condition = None
+        if branch.if_ is not None:
+            condition = _expression(doc, (*path, i, "if"), branch.if_, columns, problems, condition=True)
+        value = branch.else_ if is_else else branch.then
+        expression = None
+        value_path = (*path, i, "else" if is_else else "then")
+        if isinstance(value, dict):
+            if set(value) != {"expr"} or not isinstance(value["expr"], str):
+                problems.append(
+                    doc.problem(value_path, 'a computed value is {expr: "..."}; otherwise give a plain value')
+                )
+            else:
+                expression = _expression(doc, (*value_path, "expr"), value["expr"], columns, problems)
+            value = None
+        elif isinstance(value, list):
+            problems.append(doc.problem(value_path, "a branch's value is one value, not a list"))
+        cases.append(WhenCase(condition, value, expression))
+    return tuple(cases)
+
+
 def compile_document(
     doc: LocatedDocument,
     *,
     sources: dict[str, list[str] | None] | None = None,
+    tables: TableCatalog | None = None,
     rates: RateTable | None = None,
 ) -> CompiledMapping:
-    """Validate a parsed mapping document; ``sources`` maps source names to their columns (None: unknown),
-    ``rates`` is the project's currency table (None: unknown, convert's use of it is checked later)."""
+    """Validate a parsed mapping document; ``sources`` maps source names to their columns (None: unknown).
+
+    ``tables`` gives the columns of the source's other tables and sheets, to check lookups, link tables
+    and aggregates against them; ``rates`` is the project's currency table (None: unknown, convert's use
+    of it is checked later).
+    """
     from integration.mappings import money
 
     spec = validate_document(doc, MappingSpec)
     entity = ENTITIES[spec.target]
     problems: list[Problem] = []
     compiled: list[CompiledField] = []
+    table_columns = (sources or {}).get(spec.source.connector)
+    joins: list[SourceJoin] = []
+    for name, joined in spec.source.lookups.items():
+        # A lookup named like a column of the table replaces it (a fix sheet carries the looked-up values).
+        joins.append(_compile_join(doc, ("source", "lookups", name), name, joined, tables, problems))
+    where = None
+    if spec.source.where is not None:
+        where = _expression(
+            doc, ("source", "where"), spec.source.where, table_columns, problems, condition=True
+        )
+    known = None if table_columns is None else [*table_columns, *spec.source.lookups]
     for name, field_spec in spec.field_specs().items():
         path: tuple[str | int, ...] = ("fields", name)
         target_field = entity.fields.get(name)
@@ -381,7 +776,17 @@ def compile_document(
             problems.extend(step_problems)
             if parsed:
                 steps.append(parsed)
-        lookup = field_spec.lookup
+        columns: tuple[str, ...] = tuple(field_spec.columns)
+        own_join = field_spec.source_join
+        if own_join is not None:
+            join = _compile_join(doc, path, JOINED_PREFIX + name, own_join, tables, problems)
+            joins.append(join)
+            columns = (join.name,)
+        expression = None
+        if field_spec.expr is not None:
+            expression = _expression(doc, (*path, "expr"), field_spec.expr, known, problems)
+        cases = _when_cases(doc, (*path, "when"), field_spec.when, known, problems) if field_spec.when else ()
+        lookup = field_spec.core_lookup
         if lookup is not None and target_field.references is None:
             problems.append(
                 doc.problem(
@@ -400,7 +805,9 @@ def compile_document(
                 doc, path, field_spec, target_field, entity, spec, rates
             )
             problems.extend(convert_problems)
-        compiled.append(CompiledField(name, field_spec, tuple(steps), lookup, convert))
+        compiled.append(
+            CompiledField(name, field_spec, tuple(steps), lookup, columns, expression, cases, convert)
+        )
     mapped = set(spec.fields)
     for field_def in entity.fields.values():
         if field_def.required and field_def.name not in mapped:
@@ -415,7 +822,7 @@ def compile_document(
         problems.extend(_check_source(doc, spec, sources))
     if problems:
         raise ConfigError(problems)
-    return CompiledMapping(doc.file, spec, entity, tuple(compiled))
+    return CompiledMapping(doc.file, spec, entity, tuple(compiled), where, tuple(joins))
 
 
 def _check_source(
@@ -437,10 +844,23 @@ def _check_source(
         return []
     problems = []
     known = set(columns)
+    for name, joined in spec.source.lookups.items():
+        if joined.from_ not in known:
+            problems.append(
+                doc.problem(
+                    ("source", "lookups", name, "from"),
+                    f"column '{joined.from_}' is not in {spec.source.location}{close_names(joined.from_, columns)}",
+                )
+            )
+    known |= set(spec.source.lookups)
     for i, key in enumerate(spec.source.key_columns):
         if key not in known:
             key_path: tuple[str | int, ...] = (
-                ("source", "key") if isinstance(spec.source.key, str) else ("source", "key", i)
+                ("source", "key")
+                if isinstance(spec.source.key, str)
+                else ("source", "key", "hash", i)
+                if spec.source.hash_key
+                else ("source", "key", i)
             )
             problems.append(
                 doc.problem(
@@ -458,9 +878,13 @@ def _check_source(
     used: set[str] = set(spec.source.key_columns)
     for field_name, field_spec in spec.field_specs().items():
         raw = doc.data.get("fields", {}).get(field_name) if isinstance(doc.data, dict) else None
+        for text in [field_spec.expr, *(b.if_ for b in field_spec.when or [])]:
+            if text is not None:
+                with contextlib.suppress(ExpressionError):  # reported where the expression is compiled
+                    used.update(parse(text).columns)
         for i, column in enumerate(field_spec.columns):
             used.add(column)
-            if column in known:
+            if column in known and not (field_spec.source_join is not None and column in spec.source.lookups):
                 continue
             if isinstance(raw, str):
                 path: tuple[str | int, ...] = ("fields", field_name)
@@ -489,16 +913,21 @@ def _check_source(
 
 
 def load_mapping(
-    path: Path | str, *, sources: dict[str, list[str] | None] | None = None, rates: RateTable | None = None
+    path: Path | str,
+    *,
+    sources: dict[str, list[str] | None] | None = None,
+    tables: TableCatalog | None = None,
+    rates: RateTable | None = None,
 ) -> CompiledMapping:
     """Load, check and compile one mapping file; raise ConfigError listing every problem."""
-    return compile_document(load_yaml(path), sources=sources, rates=rates)
+    return compile_document(load_yaml(path), sources=sources, tables=tables, rates=rates)
 
 
 def load_mappings(
     paths: Sequence[Path],
     *,
     sources: dict[str, list[str] | None] | None = None,
+    tables: TableCatalog | None = None,
     rates: RateTable | None = None,
 ) -> list[CompiledMapping]:
     """Load several mapping files, collecting the problems of all of them into one ConfigError."""
@@ -506,7 +935,7 @@ def load_mappings(
     problems: list[Problem] = []
     for path in paths:
         try:
-            compiled.append(load_mapping(path, sources=sources, rates=rates))
+            compiled.append(load_mapping(path, sources=sources, tables=tables, rates=rates))
         except ConfigError as exc:
             problems.extend(exc.problems)
     if problems:
