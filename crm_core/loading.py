@@ -87,6 +87,9 @@ class Batch:
     watermark: tuple[str, CursorState] | None = None
     # The rows as extracted (source columns + _location/_row_ref): rejects keep theirs for re-import.
     raw: pd.DataFrame | None = None
+    # The amount summed over every record row read (mapped, or quarantined while mapping or validating);
+    # None: only the mapped records are known (then they are what the source amount covers).
+    amount_read: Decimal | None = None
 
 
 @dataclass
@@ -102,10 +105,16 @@ class SourceStats:
     unchanged: int = 0
     merged: int = 0
     rejected: int = 0
+    held: int = 0  # rows waiting for a steward's reference decision (quarantined, not rejected)
+    subtotals: int = 0  # subtotal/total lines among the rejected rows: not records, nothing to fix
     warnings: int = 0
+    amount_source: Decimal | None = None  # every record row read: loaded, merged and quarantined
     amount_mapped: Decimal | None = None
     amount_loaded: Decimal | None = None
     amount_core: Decimal | None = None  # what the core holds for the loaded rows, read back after the load
+    amount_merged: Decimal | None = None  # rows that joined an existing record (their amount is not added)
+    amount_quarantined: Decimal | None = None  # rejected and held rows, where their amount could be read
+    amount_unreadable: int = 0  # quarantined rows whose amount itself could not be read
 
     @property
     def loaded(self) -> int:
@@ -113,16 +122,19 @@ class SourceStats:
         return self.inserted + self.updated + self.unchanged
 
     @property
+    def quarantined(self) -> int:
+        """Return the record rows that did not load: rejected or held (subtotal lines are not records)."""
+        return self.rejected - self.subtotals + self.held
+
+    @property
     def balanced(self) -> bool:
         """Return True when every row read is accounted for."""
-        return self.rows_read == self.loaded + self.merged + self.rejected
+        return self.rows_read == self.loaded + self.merged + self.rejected + self.held
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-friendly dict (amounts as strings)."""
-        out = {k: v for k, v in self.__dict__.items() if not isinstance(v, Decimal)}
-        out["amount_mapped"] = None if self.amount_mapped is None else str(self.amount_mapped)
-        out["amount_loaded"] = None if self.amount_loaded is None else str(self.amount_loaded)
-        out["amount_core"] = None if self.amount_core is None else str(self.amount_core)
+        out = {k: (None if v is None else str(v)) if k.startswith("amount_") and k != "amount_unreadable" else v
+               for k, v in self.__dict__.items()}  # fmt: skip
         out["loaded"] = self.loaded
         return out
 
@@ -547,21 +559,33 @@ class EntityLoader:
             source=batch.source, entity=self.entity.name, mapping=batch.mapping, rows_read=batch.rows_read
         )
         mapping_rejected: set[str] = set()
+        subtotals: set[str] = set()
+        unreadable: set[str] = set()
+        amount_field = self.entity.amount_field
         self._raw = RawRows(batch.raw)
         for entry in batch.rejects.to_dict("records"):
             severity = entry.get("severity") or "error"
             self._reject(batch.source, entry["location"], entry["row_ref"], entry["field"], entry["value"],
                          entry["rule"], entry["reason"], severity)  # fmt: skip
             if severity == "error":
-                mapping_rejected.add(f"{entry['location']}\x00{entry['row_ref']}")
+                row = f"{entry['location']}\x00{entry['row_ref']}"
+                mapping_rejected.add(row)
+                if entry["rule"] == "subtotal":
+                    subtotals.add(row)
+                elif entry["field"] == amount_field and amount_field is not None:
+                    unreadable.add(row)
             else:
                 stats.warnings += 1
         stats.rejected = len(mapping_rejected)
+        stats.subtotals = len(subtotals)
+        stats.amount_unreadable = len(unreadable)
         records = batch.records.reset_index(drop=True)
-        amount_field = self.entity.amount_field
         if amount_field and amount_field in records.columns:
             stats.amount_mapped = sum((v for v in records[amount_field] if _present(v)), Decimal(0))
             stats.amount_loaded = Decimal(0)
+            stats.amount_merged = Decimal(0)
+            stats.amount_source = batch.amount_read if batch.amount_read is not None else stats.amount_mapped
+            stats.amount_quarantined = stats.amount_source - stats.amount_mapped
         resolved, problems = self._resolve(batch, records)
         row_errors: dict[Any, list[dict[str, Any]]] = defaultdict(list)
         for problem in problems:
@@ -601,6 +625,7 @@ class EntityLoader:
                                  problem["value"], "reference", problem["reason"], problem["severity"])  # fmt: skip
                 if any(p["severity"] == "error" for p in errors):
                     stats.rejected += 1
+                    self._quarantined_amount(stats, chunk_values[position - start], amount_field)
                     continue
                 stats.warnings += len(errors)
                 values = chunk_values[position - start]
@@ -609,6 +634,7 @@ class EntityLoader:
                     self._reject(batch.source, locations[position], refs[position], "stage", stage,
                                  "reference", f"unknown stage code {stage!s}")  # fmt: skip
                     stats.rejected += 1
+                    self._quarantined_amount(stats, values, amount_field)
                     continue
                 for name, parents in self_ref_values.items():
                     if _present(parents[position]):
@@ -619,15 +645,26 @@ class EntityLoader:
                     batch.source, keys[position], values, digests[position - start], stop - position
                 )
                 setattr(stats, outcome, getattr(stats, outcome) + 1)
-                if stats.amount_loaded is not None and outcome != "merged" and amount_field:
+                if stats.amount_loaded is not None and stats.amount_merged is not None and amount_field:
                     amount = values.get(amount_field)
-                    stats.amount_loaded += amount if isinstance(amount, Decimal) else Decimal(0)
-                    loaded_ids.append(entity_id)
+                    amount = amount if isinstance(amount, Decimal) else Decimal(0)
+                    if outcome == "merged":
+                        stats.amount_merged += amount
+                    else:
+                        stats.amount_loaded += amount
+                        loaded_ids.append(entity_id)
             self._flush()
         self._flush()
         if stats.amount_loaded is not None and amount_field:
             stats.amount_core = self._stored_amount(amount_field, loaded_ids)
         return stats
+
+    @staticmethod
+    def _quarantined_amount(stats: SourceStats, values: Mapping[str, Any], amount_field: str | None) -> None:
+        """Count a row's amount as quarantined (rejected or held at load)."""
+        if stats.amount_quarantined is not None and amount_field:
+            amount = values.get(amount_field)
+            stats.amount_quarantined += amount if isinstance(amount, Decimal) else Decimal(0)
 
     def _hashed(
         self, values: dict[str, Any], sources: Mapping[str, list[Any]], position: int

@@ -200,7 +200,10 @@ def run(
     ] = False,
     sample: Annotated[int, typer.Option("--sample", help="trial runs: rows per source table", min=1)] = 500,
 ) -> None:
-    """Run the migration through Dagster and print the reconciliation (exit 1 failed, 2 does not balance).
+    """Run the migration through Dagster and print the reconciliation (exit 1 failed, 2 unbalanced).
+
+    Exit 2 also when a source leaves more of its rows or money in quarantine than the project's
+    ``reconciliation.max_quarantined_share`` allows.
 
     A full run reads every source; ``--delta`` starts incremental sources at their watermark (cutover weekend);
     ``--trial`` loads a sample stratified over sources into a scratch SQLite core under var/trial/.
@@ -215,6 +218,7 @@ def run(
     from integration.jobs import DELTA_JOB, MIGRATION_JOB, TRIAL_JOB, build_definitions
     from integration.phases import phase_timings
     from integration.pipeline import RunOptions, reconcile
+    from integration.project import load_project
 
     if delta and trial:
         errors.print("choose --delta or --trial, not both")
@@ -269,10 +273,11 @@ def run(
     if not result.success:
         _report_failure(result, core, options.mode, timing, as_json)
         raise typer.Exit(EXIT_FAILED)
+    limit = load_project(project).spec.reconciliation.max_quarantined_share
     with _core_engine(core) as engine:
-        report = reconcile(engine, result.run_id)
+        report = reconcile(engine, result.run_id, max_quarantined_share=limit)
     _report_success(result.run_id, report, core, options.mode, timing, as_json)
-    raise typer.Exit(EXIT_OK if report.balanced else EXIT_UNBALANCED)
+    raise typer.Exit(EXIT_OK if report.acceptable else EXIT_UNBALANCED)
 
 
 def _timing_table(timing: dict[str, Any]) -> Table:
@@ -357,7 +362,8 @@ def _report_success(
     run_id: str, report: Any, core: str | None, mode: str, timing: dict[str, Any], as_json: bool
 ) -> None:
     """Print the reconciliation, the time per phase, and why the run does not balance if it does not."""
-    from integration.reports import unbalanced_reasons
+    from integration.pipeline import STATUS_MARK
+    from integration.reports import quarantine_notes, unbalanced_reasons
 
     location = redact_url(core_url(core))
     report_dir = Path("var") / "reports" / run_id
@@ -368,6 +374,11 @@ def _report_success(
             "mode": mode,
             "success": True,
             "balanced": report.balanced,
+            "acceptable": report.acceptable,
+            "verdict": report.verdict(),
+            "quarantined_rows": report.quarantined_rows,
+            "quarantined_amount": str(report.quarantined_amount),
+            "max_quarantined_share": report.max_quarantined_share,
             "unbalanced": reasons,
             "core": location,
             "reports": str(report_dir),
@@ -378,25 +389,39 @@ def _report_success(
         console.print_json(json.dumps(payload, default=str))
         return
     table = Table(title=f"Reconciliation of {mode} run {run_id[:8]}")
-    for column in ("source", "entity", "read", "loaded", "merged", "rejected", "warnings", "amount source",
-                   "amount core", "keys missing", "spot check", "ok"):  # fmt: skip
+    for column in ("source", "entity", "read", "loaded", "merged", "rejected", "held", "warnings", "amount source",
+                   "amount core", "quarantined", "amount quarantined", "keys missing", "spot check", "ok"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("source", "entity") else "right")
     for line in report.lines:
         table.add_row(
             line.source, line.entity, str(line.rows_read), str(line.loaded), str(line.merged), str(line.rejected),
-            str(line.warnings), "" if line.amount_source is None else f"{line.amount_source:,.2f}",
-            "" if line.amount_core is None else f"{line.amount_core:,.2f}", str(line.keys_missing),
-            f"{line.spot_checked - line.spot_mismatches}/{line.spot_checked}", "✅" if line.balanced else "❌",
+            str(line.held), str(line.warnings), "" if line.amount_source is None else f"{line.amount_source:,.2f}",
+            "" if line.amount_core is None else f"{line.amount_core:,.2f}",
+            f"{line.quarantined} ({line.quarantined_share:.1%})",
+            "" if line.amount_quarantined is None else f"{line.amount_quarantined:,.2f}", str(line.keys_missing),
+            f"{line.spot_checked - line.spot_mismatches}/{line.spot_checked}", STATUS_MARK[line.status],
         )  # fmt: skip
     console.print(table)
     console.print(_timing_table(timing))
     counts = ", ".join(f"{k}: {v}" for k, v in report.core_counts.items() if v)
     console.print(f"Core database: [bold]{escape(location)}[/bold]\nIn the core now: {counts}")
     console.print(f"Reports (reconciliation.xlsx with rows to fix, .html, .csv): {report_dir}")
-    if report.balanced:
-        console.print("[green]Every row is accounted for.[/green]")
+    notes = quarantine_notes(report)
+    if report.acceptable and not notes:
+        console.print(f"[green]{escape(report.verdict())}[/green]")
         return
-    console.print("[red]The run does not balance:[/red]")
+    if report.acceptable:
+        console.print(f"[yellow]{escape(report.verdict())}[/yellow]")
+        for note in notes:
+            console.print(f"  {escape(note)}", highlight=False)
+        console.print(
+            "Fix the rows in the report's fix sheets; decide held references with `crmi dedup review`."
+        )
+        return
+    console.print(f"[red]{escape(report.verdict())}[/red]")
+    for note in notes:
+        console.print(f"  {escape(note)}", highlight=False)
+    console.print("[red]The run fails:[/red]")
     for reason in reasons:
         console.print(f"  {escape(reason)}", highlight=False)
     console.print(f"Inspect the report; keep the run, or undo it with `crmi rollback {run_id}`.")

@@ -26,7 +26,7 @@ HEADER = "version: 1\nname: acme\nsources:\n  crm: {connector: sql, url: 'sqlite
 
 CASES = [
     ("unknown_key", HEADER + "mappings: [mappings/*.yaml]\nmapings: []\n",
-     ["6:1: mapings: unknown key 'mapings'; did you mean 'mappings'?; allowed: dedup, description, mappings, name, sources, validation, version"]),
+     ["6:1: mapings: unknown key 'mapings'; did you mean 'mappings'?; allowed: dedup, description, mappings, name, reconciliation, sources, validation, version"]),
     ("missing_mapping_file", HEADER + "mappings: [mappings/nope.yaml]\n",
      ["5:12: mappings[0]: no mapping file matches 'mappings/nope.yaml' in {root}"]),
     ("unset_env_var", "version: 1\nname: acme\nsources:\n  crm: {connector: sql, url: '${ACME_CRM_URL_UNSET}'}\nmappings: [mappings/*.yaml]\n",
@@ -51,6 +51,10 @@ CASES = [
     ("survivorship_unknown_rule",
      HEADER + "mappings: [mappings/*.yaml]\ndedup:\n  customer:\n    survivorship: {phone: newest}\n",
      ["8:27: dedup.customer.survivorship.phone: 'newest' is not allowed; allowed: source_priority, most_recent, most_complete, most_frequent"]),
+    ("quarantine_share_above_one", HEADER + "mappings: [mappings/*.yaml]\nreconciliation: {max_quarantined_share: 5}\n",
+     ["6:41: reconciliation.max_quarantined_share: Input should be less than or equal to 1"]),
+    ("quarantine_share_unknown_key", HEADER + "mappings: [mappings/*.yaml]\nreconciliation: {max_quarantine: 0.1}\n",
+     ["6:18: reconciliation.max_quarantine: unknown key 'max_quarantine'; did you mean 'max_quarantined_share'?; allowed: max_quarantined_share"]),
     ("missing_name", "version: 1\nsources: {}\nmappings: []\n", ["1:1: name: missing required key 'name'"]),
     ("invalid_yaml", "version: 1\nname: [acme\n", ["3:1: invalid YAML: expected ',' or ']', but got '<stream end>'"]),
 ]  # fmt: skip
