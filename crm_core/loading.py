@@ -41,7 +41,7 @@ from crm_core.journal import (
     update_entry,
     write_journal,
 )
-from crm_core.models import Base, ExternalId, LoadRun, Reject, Stage
+from crm_core.models import Base, ExternalId, LoadRun, ReferenceDecision, Reject, Stage
 from crm_core.runs import owner
 from crm_core.watermarks import CursorState, save_watermark
 
@@ -54,6 +54,20 @@ IN_CHUNK = 5_000  # keys per IN (...) list: well under SQLite's and PostgreSQL's
 
 KeyFunction = Callable[[Any], Any]
 KeyFunctions = Mapping[str, KeyFunction]
+HELD = "held"  # severity of a row waiting for a steward's reference decision (quarantined, not rejected)
+
+
+@dataclass(frozen=True)
+class NameMatch:
+    """What a name resolver made of one name: the record it names, or the candidates a steward chooses from."""
+
+    record_id: int | None
+    candidates: tuple[dict[str, Any], ...] = ()  # {"id", "name", "probability"}, best first
+    method: str = ""
+
+
+# (target entity, names that matched no record exactly) -> what each name resolves to
+NameResolver = Callable[[str, Sequence[str]], Mapping[str, NameMatch]]
 
 
 @dataclass(frozen=True)
@@ -324,6 +338,7 @@ class EntityLoader:
         match: MatchRules | None = None,
         key_functions: KeyFunctions | None = None,
         name_keys: KeyFunctions | None = None,
+        name_resolvers: Mapping[str, NameResolver] | None = None,
     ) -> None:
         self.session = session
         self.run = run
@@ -333,6 +348,12 @@ class EntityLoader:
         self.match = match or MatchRules()
         self.key_functions = key_functions or {}  # normalize a match-key field before comparing
         self.name_keys = name_keys or {}  # per target entity: normalize names for 'by: name' lookups
+        # Per target entity: resolve names that match no record exactly (variants, the match index). A name
+        # still unresolved then waits for a steward (reference_decisions) instead of being rejected.
+        self.name_resolvers = name_resolvers or {}
+        self._held: dict[
+            int, list[Any]
+        ] = {}  # reference decision id -> [rows held, amount held] in this load
         self._index: dict[tuple[str, tuple[Any, ...]], set[int]] = defaultdict(set)
         self._conflict_values: dict[int, tuple[Any, ...]] = {}
         self._name_index: dict[str, dict[Any, set[int]]] = {}
@@ -467,6 +488,7 @@ class EntityLoader:
     ) -> tuple[dict[str, pd.Series], list[dict[str, Any]]]:
         resolved: dict[str, pd.Series] = {}
         problems: list[dict[str, Any]] = []
+        held: dict[Any, int] = {}
         for name, definition in self.entity.references.items():
             if name not in records.columns or definition.references is None:
                 continue
@@ -492,27 +514,115 @@ class EntityLoader:
             else:
                 index = self._names(target, lookup.by)
                 normalize = self.name_keys.get(target) if lookup.by == "name" else None
+                ambiguous: dict[Any, set[int]] = {}
                 for value in unique:
                     matches = index.get(normalize(value) if normalize else value, set())
                     if len(matches) == 1:
                         ids[value] = next(iter(matches))
                     else:
                         ids[value] = None
+                        ambiguous[value] = matches
                         reasons[value] = (
                             f"no {target} named '{value}'" if not matches
                             else f"'{value}' is ambiguous: {len(matches)} {target} records match ({sorted(matches)[:5]})"
                         )  # fmt: skip
+                if ambiguous and lookup.by == "name" and target in self.name_resolvers:
+                    held = self._resolve_by_steward_or_resolver(target, ambiguous, ids, reasons, normalize)
             resolved[name] = pd.Series(
                 [ids.get(v) if _present(v) else None for v in values], index=values.index, dtype=object
             )
             failed = present & resolved[name].isna()
             for index_value in records.index[failed]:
                 raw = values.at[index_value]
+                severity = "error" if definition.required else "warn"
+                if raw in held and definition.required:
+                    severity = HELD
                 problems.append({
-                    "index": index_value, "field": name, "value": raw, "reason": reasons[raw],
-                    "severity": "error" if definition.required else "warn",
+                    "index": index_value, "field": name, "value": raw, "reason": reasons[raw], "severity": severity,
+                    "decision": held.get(raw),
                 })  # fmt: skip
+            held = {}
         return resolved, problems
+
+    def _resolve_by_steward_or_resolver(
+        self,
+        target: str,
+        unresolved: Mapping[Any, set[int]],
+        ids: dict[Any, int | None],
+        reasons: dict[Any, str],
+        normalize: KeyFunction | None,
+    ) -> dict[Any, int]:
+        """Resolve names no record carries exactly: a steward's decision, else the target's name resolver.
+
+        Fills ``ids`` and ``reasons``; returns, for each name still unresolved, the reference decision its rows
+        wait on (created pending, with the resolver's candidates, when new).
+        """
+        keys = {value: str((normalize(value) if normalize else None) or value)[:255] for value in unresolved}
+        decisions = {
+            d.name_key: d
+            for part in _chunks(sorted(set(keys.values())))
+            for d in self.session.scalars(
+                select(ReferenceDecision).where(
+                    ReferenceDecision.entity == target, ReferenceDecision.name_key.in_(part)
+                )
+            )
+        }
+        survivors = self._merged_targets(target)
+        remaining = []
+        for value in unresolved:
+            decision = decisions.get(keys[value])
+            if decision is not None and decision.status == "linked" and decision.target_id is not None:
+                ids[value] = _follow(survivors, decision.target_id)
+            elif decision is not None and decision.status == "no_match":
+                reasons[value] = (
+                    f"{decision.decided_by} decided that no {target} is named '{value}' (reference {decision.id})"
+                )
+            else:
+                remaining.append(value)
+        found = self.name_resolvers[target](target, [str(v) for v in remaining]) if remaining else {}
+        held: dict[Any, int] = {}
+        for value in remaining:
+            match = found.get(str(value), NameMatch(None))
+            if match.record_id is not None:
+                ids[value] = _follow(survivors, match.record_id)
+                continue
+            candidates = list(match.candidates) or [
+                {"id": i, "name": None, "probability": None} for i in sorted(unresolved[value])[:5]
+            ]
+            decision = decisions.get(keys[value])
+            if decision is None:
+                decision = ReferenceDecision(
+                    entity=target, name=str(value)[:255], name_key=keys[value], candidates=candidates,
+                    status="pending", rows_held=0, load_run_id=self.run.id,
+                )  # fmt: skip
+                self.session.add(decision)
+                self.session.flush()
+                decisions[keys[value]] = decision
+            elif decision.candidates != candidates:
+                decision.candidates = candidates
+            shown = ", ".join(
+                f"{c['id']} {c.get('name') or ''}".strip()
+                + (f" ({c['probability']:.2f})" if c.get("probability") is not None else "")
+                for c in candidates[:3]
+            )
+            reasons[value] = (
+                f"'{value}' names no single {target}: held for a steward (reference {decision.id}"
+                + (f"; candidates {shown}" if shown else "; no candidate")
+                + "); `crmi dedup review` lists it, `crmi dedup decide`"
+            )
+            held[value] = decision.id
+        return held
+
+    def _merged_targets(self, entity: str) -> dict[int, int]:
+        """Return merged record -> the record it was merged into, for an entity that merges."""
+        model: Any = ENTITIES[entity].model
+        if not hasattr(model, "merged_into_id"):
+            return {}
+        return dict(
+            self.session.execute(
+                select(model.id, model.merged_into_id).where(model.merged_into_id.is_not(None))
+            ).all()
+        )
 
     def _valid_stage(self, code: Any) -> bool:
         if self._stages is None:
@@ -528,12 +638,30 @@ class EntityLoader:
         self._build_index()
         all_stats = [self._load_batch(batch) for batch in batches]
         self._resolve_self_references()
+        self._record_held()
         for batch in batches:
             if batch.watermark is not None:
                 stream, state = batch.watermark
                 save_watermark(self.session, batch.source, stream, state, self.run.id)
         self.session.flush()
         return all_stats
+
+    def _record_held(self) -> None:
+        """Write how many rows (and how much money) wait on each reference decision; unchanged counts stay."""
+        for decision_id, (rows, amount) in sorted(self._held.items()):
+            decision = self.session.get(ReferenceDecision, decision_id)
+            if decision is None:
+                continue
+            amount = None if amount is None else amount.quantize(Decimal("0.01"))
+            stored = (
+                None
+                if decision.amount_held is None
+                else Decimal(decision.amount_held).quantize(Decimal("0.01"))
+            )
+            if decision.rows_held != rows or stored != amount:
+                decision.rows_held, decision.amount_held, decision.load_run_id = rows, amount, self.run.id
+        self._held.clear()
+        self.session.flush()
 
     def _reject(
         self,
@@ -620,12 +748,26 @@ class EntityLoader:
             self._prefetch(batch.source, keys[start:stop], chunk_values, digests)
             for position in range(start, stop):
                 errors = row_errors.get(position, [])
+                rejected = any(p["severity"] == "error" for p in errors)
                 for problem in errors:
+                    if rejected and problem["severity"] == HELD:
+                        continue  # rejected anyway: no steward decision makes it loadable
                     self._reject(batch.source, locations[position], refs[position], problem["field"],
                                  problem["value"], "reference", problem["reason"], problem["severity"])  # fmt: skip
-                if any(p["severity"] == "error" for p in errors):
+                if rejected:
                     stats.rejected += 1
                     self._quarantined_amount(stats, chunk_values[position - start], amount_field)
+                    continue
+                waits_on = [p["decision"] for p in errors if p["severity"] == HELD]
+                if waits_on:
+                    stats.held += 1
+                    self._quarantined_amount(stats, chunk_values[position - start], amount_field)
+                    amount = chunk_values[position - start].get(amount_field) if amount_field else None
+                    for decision_id in set(waits_on):
+                        counts = self._held.setdefault(decision_id, [0, None])
+                        counts[0] += 1
+                        if isinstance(amount, Decimal):
+                            counts[1] = (counts[1] or Decimal(0)) + amount
                     continue
                 stats.warnings += len(errors)
                 values = chunk_values[position - start]

@@ -764,13 +764,16 @@ def dedup_review(
     limit: Annotated[int, typer.Option("--limit", "-n", help="pairs to show")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
 ) -> None:
-    """List the pairs waiting for a steward, most likely first."""
+    """List what waits for a steward: pairs that may be one record (most likely first), then the customer
+    names source rows give that matched no single customer (reference decisions, most money held first)."""
+    from integration.dedup.references import reference_queue
     from integration.dedup.workflow import review_queue
 
     with _core_engine(core) as engine:
         queue = review_queue(engine, limit)
+        references = reference_queue(engine, limit)
     if as_json:
-        for item in queue:
+        for item in [*queue, *references]:
             sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")
         return
     table = Table(title=f"Review queue ({len(queue)} shown)")
@@ -788,28 +791,63 @@ def dedup_review(
         table.add_row(str(q["candidate"]), q["entity"], f"{q['probability']:.3f}", f"{q['left_id']} {q['left']}",
                       str(q["left_key"] or ""), f"{q['right_id']} {q['right']}", str(q["right_key"] or ""))  # fmt: skip
     console.print(table)
+    if not references:
+        return
+    names = Table(
+        title=f"Names that match no single customer ({len(references)} shown): rows wait for a decision"
+    )
+    for column in (
+        "reference",
+        "name as written",
+        "rows held",
+        "amount held",
+        "candidates (id name probability)",
+    ):
+        names.add_column(column)
+    for r in references:
+        shown = "; ".join(
+            f"{c['id']} {c.get('name') or ''}"
+            + (f" {c['probability']:.2f}" if c.get("probability") is not None else "")
+            for c in r["candidates"]
+        )
+        names.add_row(
+            r["reference"], escape(r["name"]), str(r["rows_held"]), r["amount_held"] or "", escape(shown)
+        )
+    console.print(names)
+    console.print(
+        "Decide one with `crmi dedup decide rN --customer ID --steward S` (or --different: none of them)."
+    )
 
 
 @dedup_app.command("decide")
 def dedup_decide(
-    candidate: Annotated[int, typer.Argument(help="candidate number from `crmi dedup review`")],
+    candidate: Annotated[
+        str, typer.Argument(help="candidate number, or rN for a reference decision (`crmi dedup review`)")
+    ],
     steward: StewardOption,
     same: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--same/--different", help="the same company (merge) or different (never proposed again)"
+            "--same/--different",
+            help="pairs: the same company (merge) or different (never proposed again); references: "
+            "--different says no customer is meant (the rows are rejected)",
         ),
-    ],
+    ] = None,
+    customer: Annotated[
+        int | None, typer.Option("--customer", help="references: the customer the name means (its rows load)")
+    ] = None,
     project: ProjectOption = None,
     core: CoreOption = None,
 ) -> None:
-    """Record a steward's decision on one pair (a merge is logged and can be undone).
+    """Record a steward's decision on one pair (a merge is logged and can be undone), or on a held name.
 
-    A merge picks the survivor and applies the project's survivorship rules as `crmi dedup run` does.
+    A merge picks the survivor and applies the project's survivorship rules as `crmi dedup run` does. A name
+    linked to a customer (`rN --customer ID`) makes its held rows load on the next `crmi run`.
     """
     import uuid
 
     from crm_core.errors import DedupError
+    from integration.dedup.references import REFERENCE_PREFIX, decide_reference
     from integration.dedup.workflow import decide
     from integration.project import load_project
 
@@ -817,11 +855,37 @@ def dedup_decide(
         spec = load_project(project).spec
     except ConfigError as exc:
         raise _config_error(exc) from None
+    if candidate.lower().startswith(REFERENCE_PREFIX):
+        number = candidate[len(REFERENCE_PREFIX) :]
+        if not number.isdigit() or (customer is None) == (same is not False) or same is True:
+            errors.print(
+                "a reference takes --customer ID (the customer it names) or --different (none), not both"
+            )
+            raise typer.Exit(EXIT_FAILED)
+        with _core_engine(core) as engine:
+            try:
+                decision = decide_reference(
+                    engine, int(number), record_id=customer, steward=steward, run_key=f"steward-{uuid.uuid4()}",
+                    project=spec.name,
+                )  # fmt: skip
+            except DedupError as exc:
+                errors.print(f"[red]refused:[/red] {escape(str(exc))}", highlight=False)
+                raise typer.Exit(EXIT_FAILED) from None
+        outcome = (
+            f"linked to customer {decision.target_id}; its {decision.rows_held} held row(s) load on the next run"
+            if decision.target_id is not None
+            else f"no customer; its {decision.rows_held} held row(s) are rejected from the next run on"
+        )
+        console.print(f"reference {candidate} '{escape(decision.name)}': {outcome} (by {escape(steward)})")
+        return
+    if not candidate.isdigit() or same is None or customer is not None:
+        errors.print("a pair takes its candidate number and --same or --different")
+        raise typer.Exit(EXIT_FAILED)
     rules = spec.dedup.get("customer")
     with _core_engine(core) as engine:
         try:
             decided = decide(
-                engine, candidate, same=same, steward=steward, run_key=f"steward-{uuid.uuid4()}",
+                engine, int(candidate), same=same, steward=steward, run_key=f"steward-{uuid.uuid4()}",
                 project=spec.name, source_priority=list(rules.source_priority) if rules else [],
                 survivorship=dict(rules.survivorship) if rules else None,
             )  # fmt: skip

@@ -32,6 +32,7 @@ from crm_core.loading import (
     EntityLoader,
     Lookup,
     MatchRules,
+    NameResolver,
     SourceStats,
     crosswalk_ids,
     get_or_start_run,
@@ -206,6 +207,18 @@ class Migration:
 
         rules = self.project.spec.dedup.get("customer")
         return rules.linkage.to_spec() if rules is not None and rules.linkage is not None else CUSTOMER_SPEC
+
+    @cached_property
+    def after_golden_customers(self) -> frozenset[str]:
+        """Return the entities that load after customer dedup: those naming their customer by name (a name
+        resolves against the golden customers and every name merged into them), and those referencing them."""
+        if "customer" not in self.entities:
+            return frozenset()
+        late = {entity for entity in self.entities if names_customers(self, entity)}
+        for entity in self.entities:  # load order: a referenced entity comes first
+            if any(f.references in late for f in ENTITIES[entity].references.values()):
+                late.add(entity)
+        return frozenset(late)
 
     @cached_property
     def match_rules(self) -> dict[str, MatchRules]:
@@ -530,6 +543,28 @@ def sample_batch(session: Session, entity: str, batch: Batch, size: int) -> Batc
     )
 
 
+def names_customers(migration: Migration, entity: str) -> bool:
+    """Return True when some mapping of ``entity`` finds its customer by name (the workbook's 商机 sheet)."""
+    definition = ENTITIES[entity]
+    return entity != "customer" and any(
+        field.lookup is not None
+        and field.lookup.by == "name"
+        and definition.fields[field.name].references == "customer"
+        for mapping in migration.mappings_for(entity)
+        for field in mapping.fields
+        if field.name in definition.fields
+    )
+
+
+def name_resolvers(migration: Migration, session: Session, entity: str) -> dict[str, NameResolver]:
+    """Return the resolvers for names that match no customer exactly (variants, the match index, stewards)."""
+    if not names_customers(migration, entity):
+        return {}
+    from integration.dedup.references import CustomerNames
+
+    return {"customer": CustomerNames(session, migration.linkage_spec)}
+
+
 def load(
     migration: Migration,
     engine: Engine,
@@ -555,6 +590,7 @@ def load(
             match=migration.match_rules.get(staged.entity),
             key_functions=key_functions,
             name_keys=NAME_KEYS,
+            name_resolvers=name_resolvers(migration, session, staged.entity),
         )  # fmt: skip
         stats = loader.load(staged.batches)
         failpoint(f"load:{staged.entity}:before_commit")

@@ -316,6 +316,8 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
     definition = migration.mappings_for(entity)[0].entity
     referenced = {f.references for f in definition.references.values()} - {entity}
     deps = [f"core_{name}" for name in migration.entities if name in referenced]
+    if entity in migration.after_golden_customers:
+        deps.append("golden_customers")  # names resolve against the golden customers, after the merges
     checks = [
         dg.AssetCheckSpec(
             name="check_every_row_accounted_for",
@@ -477,10 +479,14 @@ def rollback_load_run(context: dg.OpExecutionContext, config: RollbackConfig) ->
 
 
 def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
-    """Return customer_match_candidates → golden_customers → customer_review_queue (after every core load)."""
+    """Return customer_match_candidates → golden_customers → customer_review_queue, golden_contacts.
+
+    Linkage runs after every core load except those that resolve customers by name
+    (:attr:`Migration.after_golden_customers`), which wait for the golden customers.
+    """
     from integration.dedup.workflow import Candidates, find_candidates, merge_clusters, review_queue
 
-    core_deps = [f"core_{e}" for e in migration.entities]
+    core_deps = [f"core_{e}" for e in migration.entities if e not in migration.after_golden_customers]
     rules = migration.project.spec.dedup.get("customer")
     priority = list(rules.source_priority) if rules else []
     survivorship = dict(rules.survivorship) if rules else {}
@@ -571,7 +577,7 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
     @dg.asset(
         name="golden_contacts",
         group_name="dedup",
-        deps=["golden_customers"],
+        deps=["golden_customers", *(["core_contact"] if "contact" in migration.entities else [])],
         required_resource_keys={"core"},
         kinds={"recordlinkage"},
     )
