@@ -505,7 +505,7 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         with _load_run_step(context, core, migration.project.name) as engine:
             found = find_candidates(
                 engine, context.run.run_id, migration.project.name,
-                spec=migration.linkage_spec, mode=options.mode,
+                spec=migration.linkage_spec, mode=options.mode, only_if_changed=True,
             )  # fmt: skip
             failpoint("dedup:candidates")
         outcome = found.outcome
@@ -589,7 +589,7 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         options = RunOptions.from_tags(context.run.tags)
         with _load_run_step(context, core, migration.project.name) as engine:
             outcome = deduplicate_contacts(
-                engine, context.run.run_id, migration.project.name, mode=options.mode
+                engine, context.run.run_id, migration.project.name, mode=options.mode, only_if_changed=True
             )
         return dg.MaterializeResult(metadata={
             "contacts": outcome.records, "pairs_compared": outcome.pairs_compared,
