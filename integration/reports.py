@@ -109,16 +109,19 @@ def unbalanced_reasons(report: ReconciliationReport) -> list[str]:
 
 
 def fix_sheets(rejects: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Return, per source and entity, the quarantined rows as read (source columns) plus why: fix and re-import.
+    """Return, per source and entity, the quarantined rows (rejected or held) as read plus why: fix and re-import.
 
     One row per rejected source row; its reasons are joined. Key is ``<source>.<entity>``.
     """
     sheets: dict[str, pd.DataFrame] = {}
     if rejects.empty:
         return sheets
-    # Subtotal rows are rejected on purpose (they are not records): nothing to fix there.
+    # Subtotal rows are rejected on purpose (they are not records): nothing to fix there. Rows held for a
+    # steward's decision on their customer's name are there too: correcting the name is the other way out.
     errors = rejects[
-        (rejects["severity"] == "error") & rejects["raw_row"].notna() & (rejects["rule"] != "subtotal")
+        rejects["severity"].isin(("error", "held"))
+        & rejects["raw_row"].notna()
+        & (rejects["rule"] != "subtotal")
     ]
     for (source, entity), group in errors.groupby(["source", "entity"], sort=True):
         rows = []
