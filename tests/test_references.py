@@ -203,3 +203,57 @@ def test_loads_naming_customers_wait_for_the_golden_customers(tmp_path: Path) ->
         "core_sales_order",
     }
     assert {"golden_customers", "core_contact"} <= upstream("golden_contacts")
+
+
+@pytest.mark.slow
+def test_a_decided_name_loads_its_held_rows_on_the_next_run(
+    demo_project: Path, sqlite_core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    run = ["run", "--project", str(demo_project), "--core-url", sqlite_core_url, "--json"]
+    first = runner.invoke(app, run)
+    assert first.exit_code == 0, first.output
+    [line] = [
+        x
+        for x in json.loads(first.stdout)["lines"]
+        if (x["source"], x["entity"]) == ("sales_xlsx", "opportunity")
+    ]
+    assert line["held"] > 0 and line["rejected"] < line["held"]  # unknown names wait; they are not rejected
+
+    core = ["--core-url", sqlite_core_url]
+    queue = [
+        json.loads(x) for x in runner.invoke(app, ["dedup", "review", "--json", *core]).output.splitlines()
+    ]
+    names = [q for q in queue if "reference" in q]
+    assert sum(q["rows_held"] for q in names) == line["held"]
+    chosen = next(q for q in names if q["candidates"])
+    target = chosen["candidates"][0]["id"]
+    decided = runner.invoke(
+        app, ["dedup", "decide", chosen["reference"], "--customer", str(target), "--steward", "li",
+              "--project", str(demo_project), *core],
+    )  # fmt: skip
+    assert decided.exit_code == 0, decided.output
+
+    second = runner.invoke(app, run)
+    assert second.exit_code == 0, second.output
+    [again] = [
+        x
+        for x in json.loads(second.stdout)["lines"]
+        if (x["source"], x["entity"]) == ("sales_xlsx", "opportunity")
+    ]
+    assert again["held"] == line["held"] - chosen["rows_held"]
+    assert again["loaded"] == line["loaded"] + chosen["rows_held"]
+    engine = make_engine(sqlite_core_url)
+    with Session(engine) as session:
+        held_rows = session.scalars(
+            sa.select(Reject.raw_row).where(Reject.value == chosen["name"], Reject.severity == "held")
+        ).all()
+        keys = {str(row["商机编号"]) for row in held_rows}
+        attached = session.scalars(
+            sa.select(Opportunity.customer_id).join(ExternalId, ExternalId.entity_id == Opportunity.id)
+            .where(ExternalId.entity == "opportunity", ExternalId.system == "sales_xlsx", ExternalId.external_key.in_(keys))
+        ).all()  # fmt: skip
+    engine.dispose()
+    assert attached and set(attached) == {target}

@@ -17,12 +17,13 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 from dagster import AssetExecutionContext
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 
 from crm_core.db import session_factory
 from crm_core.errors import CrmError, TransientExtractError
 from crm_core.failpoints import failpoint
 from crm_core.loading import SourceStats
+from crm_core.models import ReferenceDecision
 from crm_core.runs import abort_run, rollback_run
 from crm_core.validation import core_violations
 from crm_core.watermarks import CursorState
@@ -426,6 +427,7 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
         with _load_run_step(context, core, migration.project.name) as engine:
             limit = migration.project.spec.reconciliation.max_quarantined_share
             report = reconcile(engine, context.run.run_id, max_quarantined_share=limit)
+            waiting = _references_waiting(engine)
             files = write_reports(report, report_dir / context.run.run_id)
             failpoint("reconcile")
             finish_run(engine, context.run.run_id, report)
@@ -435,6 +437,8 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
                 "balanced": report.balanced,
                 "verdict": report.verdict(),
                 "quarantined_rows": report.quarantined_rows,
+                "held_rows": sum(line.held for line in report.lines),
+                "customer_names_waiting_for_a_steward": waiting,
                 "quarantined_amount": float(report.quarantined_amount),
                 "max_quarantined_share": limit,
                 "rows_reconciled": sum(line.rows_read for line in report.lines),
@@ -453,6 +457,13 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
         )
 
     return _reconciliation
+
+
+def _references_waiting(engine: Engine) -> int:
+    """Return how many customer names wait for a steward's decision (`crmi dedup review`)."""
+    with engine.connect() as connection:
+        query = select(func.count()).where(ReferenceDecision.status == "pending")
+        return int(connection.scalar(query) or 0)
 
 
 class RollbackConfig(dg.Config):
