@@ -514,20 +514,21 @@ class EntityLoader:
             else:
                 index = self._names(target, lookup.by)
                 normalize = self.name_keys.get(target) if lookup.by == "name" else None
-                ambiguous: dict[Any, set[int]] = {}
+                # name -> the records it matches exactly (none, or several)
+                unresolved: dict[Any, set[int]] = {}
                 for value in unique:
                     matches = index.get(normalize(value) if normalize else value, set())
                     if len(matches) == 1:
                         ids[value] = next(iter(matches))
                     else:
                         ids[value] = None
-                        ambiguous[value] = matches
+                        unresolved[value] = matches
                         reasons[value] = (
                             f"no {target} named '{value}'" if not matches
                             else f"'{value}' is ambiguous: {len(matches)} {target} records match ({sorted(matches)[:5]})"
                         )  # fmt: skip
-                if ambiguous and lookup.by == "name" and target in self.name_resolvers:
-                    held = self._resolve_by_steward_or_resolver(target, ambiguous, ids, reasons, normalize)
+                if unresolved and lookup.by == "name" and target in self.name_resolvers:
+                    held = self._resolve_by_steward_or_resolver(target, unresolved, ids, reasons, normalize)
             resolved[name] = pd.Series(
                 [ids.get(v) if _present(v) else None for v in values], index=values.index, dtype=object
             )

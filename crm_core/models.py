@@ -410,7 +410,8 @@ class ReferenceDecision(Base):
     name_key: Mapped[str] = mapped_column(String(255))  # normalized: the rows one decision covers
     # [{"id": 12, "name": "...", "probability": 0.81}, ...] best first, from the match index
     candidates: Mapped[list[Any]] = mapped_column(JSON, default=list)
-    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending | linked | no_match
+    # pending | linked (target_id) | no_match
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     target_id: Mapped[int | None]  # the record a steward linked the name to (merges are followed)
     rows_held: Mapped[int] = mapped_column(default=0)  # rows waiting on it in the run that last saw it
     amount_held: Mapped[Decimal | None] = mapped_column(Numeric(18, 2))
