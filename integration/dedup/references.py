@@ -23,7 +23,7 @@ import datetime as dt
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import pandas as pd
@@ -53,22 +53,26 @@ class NameVariant:
 
     region: str | None
     brand: str  # trade name in pinyin without industry words (brand_key)
-    spelled: str | None  # the whole name core in pinyin with industry synonyms unified (Chinese names only)
+    core: str  # trade name and industry as written (normalized)
     branch: str | None
 
 
+@lru_cache(maxsize=200_000)
 def name_variant(name: str) -> NameVariant | None:
     """Return how a company name compares as a variant (None for a name with nothing to compare)."""
     parts = normalize_company_name(name)
     if not parts.core:
         return None
     brand = brand_key(parts.core)
-    if not brand:
+    return NameVariant(parts.region, brand, parts.core, parts.branch) if brand else None
+
+
+@lru_cache(maxsize=200_000)
+def spelled(core: str) -> str | None:
+    """Return a Chinese name core in toneless pinyin with industry synonyms unified (None for Latin ones)."""
+    if not has_han(core):
         return None
-    spelled = None
-    if has_han(parts.core):
-        spelled = "".join(INDUSTRY_SYNONYMS.get(s, s) for s in lazy_pinyin(parts.core))
-    return NameVariant(parts.region, brand, spelled, parts.branch)
+    return "".join(INDUSTRY_SYNONYMS.get(s, s) for s in lazy_pinyin(core))
 
 
 def same_company_name(written: NameVariant, known: NameVariant) -> bool:
@@ -77,8 +81,9 @@ def same_company_name(written: NameVariant, known: NameVariant) -> bool:
         return False
     if written.region and known.region and written.region != known.region:
         return False
-    if written.spelled and known.spelled:  # both Chinese: the same, or one a short form of the other
-        return written.spelled.startswith(known.spelled) or known.spelled.startswith(written.spelled)
+    mine, theirs = spelled(written.core), spelled(known.core)
+    if mine and theirs:  # both Chinese: the same, or one a short form of the other
+        return mine.startswith(theirs) or theirs.startswith(mine)
     return True  # a pinyin-English name against a Chinese one: the trade name and region decide
 
 
