@@ -421,7 +421,9 @@ def _report_success(
     console.print(f"[red]{escape(report.verdict())}[/red]")
     for note in notes:
         console.print(f"  {escape(note)}", highlight=False)
-    console.print("[red]The run fails:[/red]")
+    console.print(
+        "[red]The run does not balance:[/red]" if not report.balanced else "[red]The run fails:[/red]"
+    )
     for reason in reasons:
         console.print(f"  {escape(reason)}", highlight=False)
     console.print(f"Inspect the report; keep the run, or undo it with `crmi rollback {run_id}`.")

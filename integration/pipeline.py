@@ -38,7 +38,7 @@ from crm_core.loading import (
     get_or_start_run,
     row_hash,
 )
-from crm_core.models import ExternalId, LoadRun, MergeLog, Reject
+from crm_core.models import Customer, ExternalId, LoadRun, MergeLog, Reject
 from crm_core.runs import owner
 from crm_core.validation import Rule, RuleContext, ruleset, validate
 from crm_core.watermarks import CursorState, advance, plain_cursor, read_watermark
@@ -493,6 +493,17 @@ def sample_batch(session: Session, entity: str, batch: Batch, size: int) -> Batc
     eligible = pd.Series(True, index=records.index)
     for name, field_def in ENTITIES[entity].references.items():
         lookup = batch.lookups.get(name, Lookup())
+        if name in records.columns and lookup.by == "name" and field_def.references == "customer" != entity:
+            # A row naming its customer qualifies when a sampled customer carries that name: the rest would
+            # wait for a steward only because the sample left their customer out.
+            sampled = set(
+                session.scalars(select(Customer.name_normalized).where(Customer.name_normalized.is_not(None)))
+            )
+            values = records[name]
+            eligible &= values.isna() | values.map(
+                lambda v: company_key(v) if isinstance(v, str) else None
+            ).isin(sampled)
+            continue
         if name not in records.columns or lookup.by != "external_id" or field_def.references == entity:
             continue
         values = records[name]

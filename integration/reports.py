@@ -242,7 +242,8 @@ def write_reports(report: ReconciliationReport, directory: Path) -> dict[str, Pa
     write_excel(report, paths["excel"])
     write_html(report, paths["html"])
     reasons = unbalanced_reasons(report)
-    why = "\n## Why it fails\n\n" + "".join(f"* {r}\n" for r in reasons) if reasons else ""
+    heading = "Why it does not balance" if not report.balanced else "Why it fails"
+    why = f"\n## {heading}\n\n" + "".join(f"* {r}\n" for r in reasons) if reasons else ""
     notes = quarantine_notes(report)
     if notes:
         why += "\n## Quarantined\n\n" + "".join(f"* {n}\n" for n in notes)
