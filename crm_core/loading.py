@@ -40,7 +40,7 @@ from crm_core.journal import (
     update_entry,
     write_journal,
 )
-from crm_core.models import Base, ExternalId, LoadRun, Reject, Stage
+from crm_core.models import Base, ExternalId, LoadRun, ReferenceDecision, Reject, Stage
 from crm_core.runs import owner
 from crm_core.watermarks import CursorState, save_watermark
 
@@ -53,6 +53,20 @@ IN_CHUNK = 5_000  # keys per IN (...) list: well under SQLite's and PostgreSQL's
 
 KeyFunction = Callable[[Any], Any]
 KeyFunctions = Mapping[str, KeyFunction]
+HELD = "held"  # severity of a row waiting for a steward's reference decision (quarantined, not rejected)
+
+
+@dataclass(frozen=True)
+class NameMatch:
+    """What a name resolver made of one name: the record it names, or the candidates a steward chooses from."""
+
+    record_id: int | None
+    candidates: tuple[dict[str, Any], ...] = ()  # {"id", "name", "probability"}, best first
+    method: str = ""
+
+
+# (target entity, names that matched no record exactly) -> what each name resolves to
+NameResolver = Callable[[str, Sequence[str]], Mapping[str, NameMatch]]
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,9 @@ class Batch:
     watermark: tuple[str, CursorState] | None = None
     # The rows as extracted (source columns + _location/_row_ref): rejects keep theirs for re-import.
     raw: pd.DataFrame | None = None
+    # The amount summed over every record row read (mapped, or quarantined while mapping or validating);
+    # None: only the mapped records are known (then they are what the source amount covers).
+    amount_read: Decimal | None = None
 
 
 @dataclass
@@ -101,10 +118,16 @@ class SourceStats:
     unchanged: int = 0
     merged: int = 0
     rejected: int = 0
+    held: int = 0  # rows waiting for a steward's reference decision (quarantined, not rejected)
+    subtotals: int = 0  # subtotal/total lines among the rejected rows: not records, nothing to fix
     warnings: int = 0
+    amount_source: Decimal | None = None  # every record row read: loaded, merged and quarantined
     amount_mapped: Decimal | None = None
     amount_loaded: Decimal | None = None
     amount_core: Decimal | None = None  # what the core holds for the loaded rows, read back after the load
+    amount_merged: Decimal | None = None  # rows that joined an existing record (their amount is not added)
+    amount_quarantined: Decimal | None = None  # rejected and held rows, where their amount could be read
+    amount_unreadable: int = 0  # quarantined rows whose amount itself could not be read
 
     @property
     def loaded(self) -> int:
@@ -112,16 +135,19 @@ class SourceStats:
         return self.inserted + self.updated + self.unchanged
 
     @property
+    def quarantined(self) -> int:
+        """Return the record rows that did not load: rejected or held (subtotal lines are not records)."""
+        return self.rejected - self.subtotals + self.held
+
+    @property
     def balanced(self) -> bool:
         """Return True when every row read is accounted for."""
-        return self.rows_read == self.loaded + self.merged + self.rejected
+        return self.rows_read == self.loaded + self.merged + self.rejected + self.held
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-friendly dict (amounts as strings)."""
-        out = {k: v for k, v in self.__dict__.items() if not isinstance(v, Decimal)}
-        out["amount_mapped"] = None if self.amount_mapped is None else str(self.amount_mapped)
-        out["amount_loaded"] = None if self.amount_loaded is None else str(self.amount_loaded)
-        out["amount_core"] = None if self.amount_core is None else str(self.amount_core)
+        out = {k: (None if v is None else str(v)) if k.startswith("amount_") and k != "amount_unreadable" else v
+               for k, v in self.__dict__.items()}  # fmt: skip
         out["loaded"] = self.loaded
         return out
 
@@ -313,6 +339,7 @@ class EntityLoader:
         match: MatchRules | None = None,
         key_functions: KeyFunctions | None = None,
         name_keys: KeyFunctions | None = None,
+        name_resolvers: Mapping[str, NameResolver] | None = None,
     ) -> None:
         self.session = session
         self.run = run
@@ -322,6 +349,12 @@ class EntityLoader:
         self.match = match or MatchRules()
         self.key_functions = key_functions or {}  # normalize a match-key field before comparing
         self.name_keys = name_keys or {}  # per target entity: normalize names for 'by: name' lookups
+        # Per target entity: resolve names that match no record exactly (variants, the match index). A name
+        # still unresolved then waits for a steward (reference_decisions) instead of being rejected.
+        self.name_resolvers = name_resolvers or {}
+        self._held: dict[
+            int, list[Any]
+        ] = {}  # reference decision id -> [rows held, amount held] in this load
         self._index: dict[tuple[str, tuple[Any, ...]], set[int]] = defaultdict(set)
         self._conflict_values: dict[int, tuple[Any, ...]] = {}
         self._name_index: dict[str, dict[Any, set[int]]] = {}
@@ -460,6 +493,7 @@ class EntityLoader:
     ) -> tuple[dict[str, pd.Series], list[dict[str, Any]]]:
         resolved: dict[str, pd.Series] = {}
         problems: list[dict[str, Any]] = []
+        held: dict[Any, int] = {}
         for name, definition in self.entity.references.items():
             if name not in records.columns or definition.references is None:
                 continue
@@ -485,27 +519,116 @@ class EntityLoader:
             else:
                 index = self._names(target, lookup.by)
                 normalize = self.name_keys.get(target) if lookup.by == "name" else None
+                # name -> the records it matches exactly (none, or several)
+                unresolved: dict[Any, set[int]] = {}
                 for value in unique:
                     matches = index.get(normalize(value) if normalize else value, set())
                     if len(matches) == 1:
                         ids[value] = next(iter(matches))
                     else:
                         ids[value] = None
+                        unresolved[value] = matches
                         reasons[value] = (
                             f"no {target} named '{value}'" if not matches
                             else f"'{value}' is ambiguous: {len(matches)} {target} records match ({sorted(matches)[:5]})"
                         )  # fmt: skip
+                if unresolved and lookup.by == "name" and target in self.name_resolvers:
+                    held = self._resolve_by_steward_or_resolver(target, unresolved, ids, reasons, normalize)
             resolved[name] = pd.Series(
                 [ids.get(v) if _present(v) else None for v in values], index=values.index, dtype=object
             )
             failed = present & resolved[name].isna()
             for index_value in records.index[failed]:
                 raw = values.at[index_value]
+                severity = "error" if definition.required else "warn"
+                if raw in held and definition.required:
+                    severity = HELD
                 problems.append({
-                    "index": index_value, "field": name, "value": raw, "reason": reasons[raw],
-                    "severity": "error" if definition.required else "warn",
+                    "index": index_value, "field": name, "value": raw, "reason": reasons[raw], "severity": severity,
+                    "decision": held.get(raw),
                 })  # fmt: skip
+            held = {}
         return resolved, problems
+
+    def _resolve_by_steward_or_resolver(
+        self,
+        target: str,
+        unresolved: Mapping[Any, set[int]],
+        ids: dict[Any, int | None],
+        reasons: dict[Any, str],
+        normalize: KeyFunction | None,
+    ) -> dict[Any, int]:
+        """Resolve names no record carries exactly: a steward's decision, else the target's name resolver.
+
+        Fills ``ids`` and ``reasons``; returns, for each name still unresolved, the reference decision its rows
+        wait on (created pending, with the resolver's candidates, when new).
+        """
+        keys = {value: str((normalize(value) if normalize else None) or value)[:255] for value in unresolved}
+        decisions = {
+            d.name_key: d
+            for part in _chunks(sorted(set(keys.values())))
+            for d in self.session.scalars(
+                select(ReferenceDecision).where(
+                    ReferenceDecision.entity == target, ReferenceDecision.name_key.in_(part)
+                )
+            )
+        }
+        survivors = self._merged_targets(target)
+        remaining = []
+        for value in unresolved:
+            decision = decisions.get(keys[value])
+            if decision is not None and decision.status == "linked" and decision.target_id is not None:
+                ids[value] = _follow(survivors, decision.target_id)
+            elif decision is not None and decision.status == "no_match":
+                reasons[value] = (
+                    f"{decision.decided_by} decided that no {target} is named '{value}' (reference {decision.id})"
+                )
+            else:
+                remaining.append(value)
+        found = self.name_resolvers[target](target, [str(v) for v in remaining]) if remaining else {}
+        held: dict[Any, int] = {}
+        for value in remaining:
+            match = found.get(str(value), NameMatch(None))
+            if match.record_id is not None:
+                ids[value] = _follow(survivors, match.record_id)
+                continue
+            candidates = list(match.candidates) or [
+                {"id": i, "name": None, "probability": None} for i in sorted(unresolved[value])[:5]
+            ]
+            decision = decisions.get(keys[value])
+            if decision is None:
+                decision = ReferenceDecision(
+                    entity=target, name=str(value)[:255], name_key=keys[value], candidates=candidates,
+                    status="pending", rows_held=0, load_run_id=self.run.id,
+                )  # fmt: skip
+                self.session.add(decision)
+                self.session.flush()
+                decisions[keys[value]] = decision
+            elif decision.candidates != candidates:
+                decision.candidates = candidates
+            shown = ", ".join(
+                f"{c['id']} {c.get('name') or ''}".strip()
+                + (f" ({c['probability']:.2f})" if c.get("probability") is not None else "")
+                for c in candidates[:3]
+            )
+            reasons[value] = (
+                f"'{value}' names no single {target}: held for a steward (reference {decision.id}"
+                + (f"; candidates {shown}" if shown else "; no candidate")
+                + "); `crmi dedup review` lists it, `crmi dedup decide`"
+            )
+            held[value] = decision.id
+        return held
+
+    def _merged_targets(self, entity: str) -> dict[int, int]:
+        """Return merged record -> the record it was merged into, for an entity that merges."""
+        model: Any = ENTITIES[entity].model
+        if not hasattr(model, "merged_into_id"):
+            return {}
+        return dict(
+            self.session.execute(
+                select(model.id, model.merged_into_id).where(model.merged_into_id.is_not(None))
+            ).all()
+        )
 
     def _valid_stage(self, code: Any) -> bool:
         if self._stages is None:
@@ -521,12 +644,30 @@ class EntityLoader:
         self._build_index()
         all_stats = [self._load_batch(batch) for batch in batches]
         self._resolve_self_references()
+        self._record_held()
         for batch in batches:
             if batch.watermark is not None:
                 stream, state = batch.watermark
                 save_watermark(self.session, batch.source, stream, state, self.run.id)
         self.session.flush()
         return all_stats
+
+    def _record_held(self) -> None:
+        """Write how many rows (and how much money) wait on each reference decision; unchanged counts stay."""
+        for decision_id, (rows, amount) in sorted(self._held.items()):
+            decision = self.session.get(ReferenceDecision, decision_id)
+            if decision is None:
+                continue
+            amount = None if amount is None else amount.quantize(Decimal("0.01"))
+            stored = (
+                None
+                if decision.amount_held is None
+                else Decimal(decision.amount_held).quantize(Decimal("0.01"))
+            )
+            if decision.rows_held != rows or stored != amount:
+                decision.rows_held, decision.amount_held, decision.load_run_id = rows, amount, self.run.id
+        self._held.clear()
+        self.session.flush()
 
     def _reject(
         self,
@@ -552,21 +693,33 @@ class EntityLoader:
             source=batch.source, entity=self.entity.name, mapping=batch.mapping, rows_read=batch.rows_read
         )
         mapping_rejected: set[str] = set()
+        subtotals: set[str] = set()
+        unreadable: set[str] = set()
+        amount_field = self.entity.amount_field
         self._raw = RawRows(batch.raw)
         for entry in batch.rejects.to_dict("records"):
             severity = entry.get("severity") or "error"
             self._reject(batch.source, entry["location"], entry["row_ref"], entry["field"], entry["value"],
                          entry["rule"], entry["reason"], severity)  # fmt: skip
             if severity == "error":
-                mapping_rejected.add(f"{entry['location']}\x00{entry['row_ref']}")
+                row = f"{entry['location']}\x00{entry['row_ref']}"
+                mapping_rejected.add(row)
+                if entry["rule"] == "subtotal":
+                    subtotals.add(row)
+                elif entry["field"] == amount_field and amount_field is not None:
+                    unreadable.add(row)
             else:
                 stats.warnings += 1
         stats.rejected = len(mapping_rejected)
+        stats.subtotals = len(subtotals)
+        stats.amount_unreadable = len(unreadable)
         records = batch.records.reset_index(drop=True)
-        amount_field = self.entity.amount_field
         if amount_field and amount_field in records.columns:
             stats.amount_mapped = sum((v for v in records[amount_field] if _present(v)), Decimal(0))
             stats.amount_loaded = Decimal(0)
+            stats.amount_merged = Decimal(0)
+            stats.amount_source = batch.amount_read if batch.amount_read is not None else stats.amount_mapped
+            stats.amount_quarantined = stats.amount_source - stats.amount_mapped
         resolved, problems = self._resolve(batch, records)
         row_errors: dict[Any, list[dict[str, Any]]] = defaultdict(list)
         for problem in problems:
@@ -602,11 +755,26 @@ class EntityLoader:
             self._prefetch(batch.source, keys[start:stop], chunk_values, digests)
             for position in range(start, stop):
                 errors = row_errors.get(position, [])
+                rejected = any(p["severity"] == "error" for p in errors)
                 for problem in errors:
+                    if rejected and problem["severity"] == HELD:
+                        continue  # rejected anyway: no steward decision makes it loadable
                     self._reject(batch.source, locations[position], refs[position], problem["field"],
                                  problem["value"], "reference", problem["reason"], problem["severity"])  # fmt: skip
-                if any(p["severity"] == "error" for p in errors):
+                if rejected:
                     stats.rejected += 1
+                    self._quarantined_amount(stats, chunk_values[position - start], amount_field)
+                    continue
+                waits_on = [p["decision"] for p in errors if p["severity"] == HELD]
+                if waits_on:
+                    stats.held += 1
+                    self._quarantined_amount(stats, chunk_values[position - start], amount_field)
+                    amount = chunk_values[position - start].get(amount_field) if amount_field else None
+                    for decision_id in set(waits_on):
+                        counts = self._held.setdefault(decision_id, [0, None])
+                        counts[0] += 1
+                        if isinstance(amount, Decimal):
+                            counts[1] = (counts[1] or Decimal(0)) + amount
                     continue
                 stats.warnings += len(errors)
                 values = chunk_values[position - start]
@@ -615,6 +783,7 @@ class EntityLoader:
                     self._reject(batch.source, locations[position], refs[position], "stage", stage,
                                  "reference", f"unknown stage code {stage!s}")  # fmt: skip
                     stats.rejected += 1
+                    self._quarantined_amount(stats, values, amount_field)
                     continue
                 for name, parents in self_ref_values.items():
                     if _present(parents[position]):
@@ -625,15 +794,26 @@ class EntityLoader:
                     batch.source, keys[position], values, digests[position - start], stop - position
                 )
                 setattr(stats, outcome, getattr(stats, outcome) + 1)
-                if stats.amount_loaded is not None and outcome != "merged" and amount_field:
+                if stats.amount_loaded is not None and stats.amount_merged is not None and amount_field:
                     amount = values.get(amount_field)
-                    stats.amount_loaded += amount if isinstance(amount, Decimal) else Decimal(0)
-                    loaded_ids.append(entity_id)
+                    amount = amount if isinstance(amount, Decimal) else Decimal(0)
+                    if outcome == "merged":
+                        stats.amount_merged += amount
+                    else:
+                        stats.amount_loaded += amount
+                        loaded_ids.append(entity_id)
             self._flush()
         self._flush()
         if stats.amount_loaded is not None and amount_field:
             stats.amount_core = self._stored_amount(amount_field, loaded_ids)
         return stats
+
+    @staticmethod
+    def _quarantined_amount(stats: SourceStats, values: Mapping[str, Any], amount_field: str | None) -> None:
+        """Count a row's amount as quarantined (rejected or held at load)."""
+        if stats.amount_quarantined is not None and amount_field:
+            amount = values.get(amount_field)
+            stats.amount_quarantined += amount if isinstance(amount, Decimal) else Decimal(0)
 
     def _hashed(
         self, values: dict[str, Any], sources: Mapping[str, list[Any]], position: int

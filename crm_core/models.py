@@ -405,3 +405,31 @@ class MergeLog(Base):
     last_change_id: Mapped[int | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
     undone_at: Mapped[dt.datetime | None]
+
+
+class ReferenceDecision(Base):
+    """A name source rows give for a record (an opportunity's customer) that resolved to no single record.
+
+    The rows wait (held, not rejected) until a data steward links the name to a record (``linked``) or says
+    no record is meant (``no_match``, the rows are then rejected); one decision covers every row that writes
+    the name the same way (``name_key``), in this run and the next ones.
+    """
+
+    __tablename__ = "reference_decisions"
+    __table_args__ = (UniqueConstraint("entity", "name_key"),)
+
+    id: Mapped[intpk]
+    entity: Mapped[str] = mapped_column(String(32))  # the entity the name refers to (customer)
+    name: Mapped[str] = mapped_column(String(255))  # as a source row wrote it
+    name_key: Mapped[str] = mapped_column(String(255))  # normalized: the rows one decision covers
+    # [{"id": 12, "name": "...", "probability": 0.81}, ...] best first, from the match index
+    candidates: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # pending | linked (target_id) | no_match
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    target_id: Mapped[int | None]  # the record a steward linked the name to (merges are followed)
+    rows_held: Mapped[int] = mapped_column(default=0)  # rows waiting on it in the run that last saw it
+    amount_held: Mapped[Decimal | None] = mapped_column(Numeric(18, 2))
+    decided_by: Mapped[str | None] = mapped_column(String(64))
+    decided_at: Mapped[dt.datetime | None]
+    load_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)

@@ -206,7 +206,10 @@ def run(
     ] = False,
     sample: Annotated[int, typer.Option("--sample", help="trial runs: rows per source table", min=1)] = 500,
 ) -> None:
-    """Run the migration through Dagster and print the reconciliation (exit 1 failed, 2 does not balance).
+    """Run the migration through Dagster and print the reconciliation (exit 1 failed, 2 unbalanced).
+
+    Exit 2 also when a source leaves more of its rows or money in quarantine than the project's
+    ``reconciliation.max_quarantined_share`` allows.
 
     A full run reads every source; ``--delta`` starts incremental sources at their watermark (cutover weekend);
     ``--trial`` loads a sample stratified over sources into a scratch SQLite core under var/trial/.
@@ -221,6 +224,7 @@ def run(
     from integration.jobs import DELTA_JOB, MIGRATION_JOB, TRIAL_JOB, build_definitions
     from integration.phases import phase_timings
     from integration.pipeline import RunOptions, reconcile
+    from integration.project import load_project
 
     if delta and trial:
         errors.print("choose --delta or --trial, not both")
@@ -275,10 +279,11 @@ def run(
     if not result.success:
         _report_failure(result, core, options.mode, timing, as_json)
         raise typer.Exit(EXIT_FAILED)
+    limit = load_project(project).spec.reconciliation.max_quarantined_share
     with _core_engine(core) as engine:
-        report = reconcile(engine, result.run_id)
+        report = reconcile(engine, result.run_id, max_quarantined_share=limit)
     _report_success(result.run_id, report, core, options.mode, timing, as_json)
-    raise typer.Exit(EXIT_OK if report.balanced else EXIT_UNBALANCED)
+    raise typer.Exit(EXIT_OK if report.acceptable else EXIT_UNBALANCED)
 
 
 def _timing_table(timing: dict[str, Any]) -> Table:
@@ -393,7 +398,8 @@ def _report_success(
     run_id: str, report: Any, core: str | None, mode: str, timing: dict[str, Any], as_json: bool
 ) -> None:
     """Print the reconciliation, the time per phase, and why the run does not balance if it does not."""
-    from integration.reports import unbalanced_reasons
+    from integration.pipeline import STATUS_MARK
+    from integration.reports import quarantine_notes, unbalanced_reasons
 
     location = redact_url(core_url(core))
     report_dir = Path("var") / "reports" / run_id
@@ -404,6 +410,11 @@ def _report_success(
             "mode": mode,
             "success": True,
             "balanced": report.balanced,
+            "acceptable": report.acceptable,
+            "verdict": report.verdict(),
+            "quarantined_rows": report.quarantined_rows,
+            "quarantined_amount": str(report.quarantined_amount),
+            "max_quarantined_share": report.max_quarantined_share,
             "unbalanced": reasons,
             "core": location,
             "reports": str(report_dir),
@@ -414,15 +425,17 @@ def _report_success(
         console.print_json(json.dumps(payload, default=str))
         return
     table = Table(title=f"Reconciliation of {mode} run {run_id[:8]}")
-    for column in ("source", "entity", "read", "loaded", "merged", "rejected", "warnings", "amount source",
-                   "amount core", "keys missing", "spot check", "ok"):  # fmt: skip
+    for column in ("source", "entity", "read", "loaded", "merged", "rejected", "held", "warnings", "amount source",
+                   "amount core", "quarantined", "amount quarantined", "keys missing", "spot check", "ok"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("source", "entity") else "right")
     for line in report.lines:
         table.add_row(
             line.source, line.entity, str(line.rows_read), str(line.loaded), str(line.merged), str(line.rejected),
-            str(line.warnings), "" if line.amount_source is None else f"{line.amount_source:,.2f}",
-            "" if line.amount_core is None else f"{line.amount_core:,.2f}", str(line.keys_missing),
-            f"{line.spot_checked - line.spot_mismatches}/{line.spot_checked}", "✅" if line.balanced else "❌",
+            str(line.held), str(line.warnings), "" if line.amount_source is None else f"{line.amount_source:,.2f}",
+            "" if line.amount_core is None else f"{line.amount_core:,.2f}",
+            f"{line.quarantined} ({line.quarantined_share:.1%})",
+            "" if line.amount_quarantined is None else f"{line.amount_quarantined:,.2f}", str(line.keys_missing),
+            f"{line.spot_checked - line.spot_mismatches}/{line.spot_checked}", STATUS_MARK[line.status],
         )  # fmt: skip
     console.print(table)
     console.print(_timing_table(timing))
@@ -432,10 +445,24 @@ def _report_success(
     if converted:
         console.print(f"Amounts converted into the base currency (original kept): {converted}")
     console.print(f"Reports (reconciliation.xlsx with rows to fix, .html, .csv): {report_dir}")
-    if report.balanced:
-        console.print("[green]Every row is accounted for.[/green]")
+    notes = quarantine_notes(report)
+    if report.acceptable and not notes:
+        console.print(f"[green]{escape(report.verdict())}[/green]")
         return
-    console.print("[red]The run does not balance:[/red]")
+    if report.acceptable:
+        console.print(f"[yellow]{escape(report.verdict())}[/yellow]")
+        for note in notes:
+            console.print(f"  {escape(note)}", highlight=False)
+        console.print(
+            "Fix the rows in the report's fix sheets; decide held references with `crmi dedup review`."
+        )
+        return
+    console.print(f"[red]{escape(report.verdict())}[/red]")
+    for note in notes:
+        console.print(f"  {escape(note)}", highlight=False)
+    console.print(
+        "[red]The run does not balance:[/red]" if not report.balanced else "[red]The run fails:[/red]"
+    )
     for reason in reasons:
         console.print(f"  {escape(reason)}", highlight=False)
     console.print(f"Inspect the report; keep the run, or undo it with `crmi rollback {run_id}`.")
@@ -863,13 +890,16 @@ def dedup_review(
     limit: Annotated[int, typer.Option("--limit", "-n", help="pairs to show")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
 ) -> None:
-    """List the pairs waiting for a steward, most likely first."""
+    """List what waits for a steward: pairs that may be one record (most likely first), then the customer
+    names source rows give that matched no single customer (reference decisions, most money held first)."""
+    from integration.dedup.references import reference_queue
     from integration.dedup.workflow import review_queue
 
     with _core_engine(core) as engine:
         queue = review_queue(engine, limit)
+        references = reference_queue(engine, limit)
     if as_json:
-        for item in queue:
+        for item in [*queue, *references]:
             sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")
         return
     table = Table(title=f"Review queue ({len(queue)} shown)")
@@ -887,28 +917,63 @@ def dedup_review(
         table.add_row(str(q["candidate"]), q["entity"], f"{q['probability']:.3f}", f"{q['left_id']} {q['left']}",
                       str(q["left_key"] or ""), f"{q['right_id']} {q['right']}", str(q["right_key"] or ""))  # fmt: skip
     console.print(table)
+    if not references:
+        return
+    names = Table(
+        title=f"Names that match no single customer ({len(references)} shown): rows wait for a decision"
+    )
+    for column in (
+        "reference",
+        "name as written",
+        "rows held",
+        "amount held",
+        "candidates (id name probability)",
+    ):
+        names.add_column(column)
+    for r in references:
+        shown = "; ".join(
+            f"{c['id']} {c.get('name') or ''}"
+            + (f" {c['probability']:.2f}" if c.get("probability") is not None else "")
+            for c in r["candidates"]
+        )
+        names.add_row(
+            r["reference"], escape(r["name"]), str(r["rows_held"]), r["amount_held"] or "", escape(shown)
+        )
+    console.print(names)
+    console.print(
+        "Decide one with `crmi dedup decide rN --customer ID --steward S` (or --different: none of them)."
+    )
 
 
 @dedup_app.command("decide")
 def dedup_decide(
-    candidate: Annotated[int, typer.Argument(help="candidate number from `crmi dedup review`")],
+    candidate: Annotated[
+        str, typer.Argument(help="candidate number, or rN for a reference decision (`crmi dedup review`)")
+    ],
     steward: StewardOption,
     same: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--same/--different", help="the same company (merge) or different (never proposed again)"
+            "--same/--different",
+            help="pairs: the same company (merge) or different (never proposed again); references: "
+            "--different says no customer is meant (the rows are rejected)",
         ),
-    ],
+    ] = None,
+    customer: Annotated[
+        int | None, typer.Option("--customer", help="references: the customer the name means (its rows load)")
+    ] = None,
     project: ProjectOption = None,
     core: CoreOption = None,
 ) -> None:
-    """Record a steward's decision on one pair (a merge is logged and can be undone).
+    """Record a steward's decision on one pair (a merge is logged and can be undone), or on a held name.
 
-    A merge picks the survivor and applies the project's survivorship rules as `crmi dedup run` does.
+    A merge picks the survivor and applies the project's survivorship rules as `crmi dedup run` does. A name
+    linked to a customer (`rN --customer ID`) makes its held rows load on the next `crmi run`.
     """
     import uuid
 
     from crm_core.errors import DedupError
+    from integration.dedup.references import REFERENCE_PREFIX, decide_reference
     from integration.dedup.workflow import decide
     from integration.project import load_project
 
@@ -916,11 +981,37 @@ def dedup_decide(
         spec = load_project(project).spec
     except ConfigError as exc:
         raise _config_error(exc) from None
+    if candidate.lower().startswith(REFERENCE_PREFIX):
+        number = candidate[len(REFERENCE_PREFIX) :]
+        if not number.isdigit() or (customer is None) == (same is not False) or same is True:
+            errors.print(
+                "a reference takes --customer ID (the customer it names) or --different (none), not both"
+            )
+            raise typer.Exit(EXIT_FAILED)
+        with _core_engine(core) as engine:
+            try:
+                decision = decide_reference(
+                    engine, int(number), record_id=customer, steward=steward, run_key=f"steward-{uuid.uuid4()}",
+                    project=spec.name,
+                )  # fmt: skip
+            except DedupError as exc:
+                errors.print(f"[red]refused:[/red] {escape(str(exc))}", highlight=False)
+                raise typer.Exit(EXIT_FAILED) from None
+        outcome = (
+            f"linked to customer {decision.target_id}; its {decision.rows_held} held row(s) load on the next run"
+            if decision.target_id is not None
+            else f"no customer; its {decision.rows_held} held row(s) are rejected from the next run on"
+        )
+        console.print(f"reference {candidate} '{escape(decision.name)}': {outcome} (by {escape(steward)})")
+        return
+    if not candidate.isdigit() or same is None or customer is not None:
+        errors.print("a pair takes its candidate number and --same or --different")
+        raise typer.Exit(EXIT_FAILED)
     rules = spec.dedup.get("customer")
     with _core_engine(core) as engine:
         try:
             decided = decide(
-                engine, candidate, same=same, steward=steward, run_key=f"steward-{uuid.uuid4()}",
+                engine, int(candidate), same=same, steward=steward, run_key=f"steward-{uuid.uuid4()}",
                 project=spec.name, source_priority=list(rules.source_priority) if rules else [],
                 survivorship=dict(rules.survivorship) if rules else None,
             )  # fmt: skip

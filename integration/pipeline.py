@@ -32,12 +32,13 @@ from crm_core.loading import (
     EntityLoader,
     Lookup,
     MatchRules,
+    NameResolver,
     SourceStats,
     crosswalk_ids,
     get_or_start_run,
     row_hash,
 )
-from crm_core.models import ExternalId, LoadRun, MergeLog, Reject
+from crm_core.models import Customer, ExternalId, LoadRun, MergeLog, Reject
 from crm_core.runs import owner
 from crm_core.validation import Rule, RuleContext, ruleset, validate
 from crm_core.watermarks import CursorState, advance, plain_cursor, read_watermark
@@ -45,7 +46,7 @@ from integration.connectors import Connector, CsvConnector, ExcelConnector, Read
 from integration.connectors.base import DEFAULT_CHUNK_ROWS, LOCATION, META_COLUMNS, ROW_KIND, ROW_REF
 from integration.connectors.sql import SqlConnector
 from integration.dedup.normalize import company_key, person_key
-from integration.mappings.engine import SOURCE, MappingResult, map_chunks, python_records
+from integration.mappings.engine import SOURCE, MappingResult, amount_sum, map_chunks, python_records
 from integration.mappings.joins import join_chunks
 from integration.mappings.joins import prepare as prepare_joins
 from integration.mappings.money import RateTable
@@ -210,6 +211,18 @@ class Migration:
 
         rules = self.project.spec.dedup.get("customer")
         return rules.linkage.to_spec() if rules is not None and rules.linkage is not None else CUSTOMER_SPEC
+
+    @cached_property
+    def after_golden_customers(self) -> frozenset[str]:
+        """Return the entities that load after customer dedup: those naming their customer by name (a name
+        resolves against the golden customers and every name merged into them), and those referencing them."""
+        if "customer" not in self.entities:
+            return frozenset()
+        late = {entity for entity in self.entities if names_customers(self, entity)}
+        for entity in self.entities:  # load order: a referenced entity comes first
+            if any(f.references in late for f in ENTITIES[entity].references.values()):
+                late.add(entity)
+        return frozenset(late)
 
     @cached_property
     def match_rules(self) -> dict[str, MatchRules]:
@@ -442,6 +455,12 @@ def stage(
             records[SOURCE] = system
         if entity == "customer" and "name" in records.columns:
             records["name_normalized"] = records["name"].map(company_key)
+        amount_field = mapping.entity.amount_field
+        amount_read = (
+            amount_sum(records[amount_field]) + (result.amount_rejected or Decimal(0))
+            if amount_field is not None and amount_field in records.columns
+            else None
+        )
         records, quarantined = quarantine(mapping, records, migration.rules, context)
         fields = mapping.written_fields() + (["name_normalized"] if entity == "customer" else [])
         carried = frame.attrs.get(WATERMARK_ATTR)
@@ -458,6 +477,7 @@ def stage(
                 lookups=_lookups(mapping),
                 watermark=(carried[0], CursorState.from_json(carried[1])) if carried else None,
                 raw=frame,
+                amount_read=amount_read,
             )
         )
     failpoint(f"stage:{entity}")
@@ -498,6 +518,17 @@ def sample_batch(session: Session, entity: str, batch: Batch, size: int) -> Batc
     eligible = pd.Series(True, index=records.index)
     for name, field_def in ENTITIES[entity].references.items():
         lookup = batch.lookups.get(name, Lookup())
+        if name in records.columns and lookup.by == "name" and field_def.references == "customer" != entity:
+            # A row naming its customer qualifies when a sampled customer carries that name: the rest would
+            # wait for a steward only because the sample left their customer out.
+            sampled = set(
+                session.scalars(select(Customer.name_normalized).where(Customer.name_normalized.is_not(None)))
+            )
+            values = records[name]
+            eligible &= values.isna() | values.map(
+                lambda v: company_key(v) if isinstance(v, str) else None
+            ).isin(sampled)
+            continue
         if name not in records.columns or lookup.by != "external_id" or field_def.references == entity:
             continue
         values = records[name]
@@ -544,7 +575,30 @@ def sample_batch(session: Session, entity: str, batch: Batch, size: int) -> Batc
         rows_read=len(chosen),
         raw=raw,
         watermark=None,  # a sample must not move a stream's cursor
+        amount_read=None,  # the sample's own records are what its source amount covers
     )
+
+
+def names_customers(migration: Migration, entity: str) -> bool:
+    """Return True when some mapping of ``entity`` finds its customer by name (the workbook's 商机 sheet)."""
+    definition = ENTITIES[entity]
+    return entity != "customer" and any(
+        field.lookup is not None
+        and field.lookup.by == "name"
+        and definition.fields[field.name].references == "customer"
+        for mapping in migration.mappings_for(entity)
+        for field in mapping.fields
+        if field.name in definition.fields
+    )
+
+
+def name_resolvers(migration: Migration, session: Session, entity: str) -> dict[str, NameResolver]:
+    """Return the resolvers for names that match no customer exactly (variants, the match index, stewards)."""
+    if not names_customers(migration, entity):
+        return {}
+    from integration.dedup.references import CustomerNames
+
+    return {"customer": CustomerNames(session, migration.linkage_spec)}
 
 
 def load(
@@ -572,6 +626,7 @@ def load(
             match=migration.match_rules.get(staged.entity),
             key_functions=key_functions,
             name_keys=NAME_KEYS,
+            name_resolvers=name_resolvers(migration, session, staged.entity),
         )  # fmt: skip
         stats = loader.load(staged.batches)
         failpoint(f"load:{staged.entity}:before_commit")
@@ -623,7 +678,7 @@ def verify_batch(session: Session, run: LoadRun, entity: str, batch: Batch) -> d
         read = set(zip(data[LOCATION].astype(str), data[ROW_REF].astype(str), strict=True))
     rejected: set[tuple[str | None, str]] = set(session.execute(
         select(Reject.location, Reject.row_ref).where(
-            Reject.load_run_id == run.id, Reject.source == batch.source, Reject.entity == entity, Reject.severity == "error"
+            Reject.load_run_id == run.id, Reject.source == batch.source, Reject.entity == entity, Reject.severity.in_(("error", "held"))
         )
     ).all())  # fmt: skip
     crosswalk: dict[str, tuple[int, str]] = {}
@@ -680,7 +735,7 @@ def verify_batch(session: Session, run: LoadRun, entity: str, batch: Batch) -> d
 
 @dataclass
 class ReconciliationLine:
-    """Per source and entity: rows read vs loaded + merged + rejected, and amount sums."""
+    """Per source and entity: rows read vs loaded + merged + rejected + held, and the money of each."""
 
     source: str
     entity: str
@@ -689,18 +744,72 @@ class ReconciliationLine:
     merged: int
     rejected: int
     warnings: int
-    amount_source: Decimal | None
-    amount_core: Decimal | None
+    amount_source: Decimal | None  # every record row read: loaded, merged and quarantined
+    amount_core: Decimal | None  # what the core holds for the loaded rows, read back
     keys_missing: int = 0  # rows read that are neither in the crosswalk nor quarantined
     spot_checked: int = 0
     spot_mismatches: int = 0  # sampled records whose core values differ from the mapped ones
+    held: int = 0  # rows waiting for a steward's reference decision
+    subtotals: int = 0  # subtotal/total lines among the rejected: not records
+    amount_loaded: Decimal | None = None  # what the loaded rows carried (compared with amount_core)
+    amount_merged: Decimal | None = None
+    amount_quarantined: Decimal | None = None
+    amount_unreadable: int = 0  # quarantined rows whose amount could not be read
+    max_quarantined_share: float = 1.0  # the project's limit (reconciliation.max_quarantined_share)
+
+    @property
+    def quarantined(self) -> int:
+        """Return the record rows that did not load: rejected (subtotal lines aside) or held for a steward."""
+        return self.rejected - self.subtotals + self.held
+
+    @property
+    def quarantined_share(self) -> float:
+        """Return the larger of the quarantined share of the record rows and of the money read."""
+        records = self.rows_read - self.subtotals
+        shares = [self.quarantined / records if records > 0 else 0.0]
+        if self.amount_source and self.amount_quarantined is not None:
+            shares.append(float(abs(self.amount_quarantined) / abs(self.amount_source)))
+        return max(shares)
+
+    @property
+    def rows_balance(self) -> bool:
+        """Return True when every row read is loaded, merged, rejected or held."""
+        return self.rows_read == self.loaded + self.merged + self.rejected + self.held
+
+    @property
+    def amounts_balance(self) -> bool:
+        """Return True when the money read is what loaded + merged + quarantined carry, and the core holds it."""
+        if self.amount_source is None:
+            return True
+        loaded = self.amount_loaded if self.amount_loaded is not None else self.amount_source
+        parts = [self.amount_merged, self.amount_quarantined]
+        accounted = loaded + sum((p for p in parts if p is not None), Decimal(0))
+        return accounted == self.amount_source and loaded == self.amount_core
 
     @property
     def balanced(self) -> bool:
         """Return True when rows and keys balance, amounts agree, and the spot check found no difference."""
-        rows_ok = self.rows_read == self.loaded + self.merged + self.rejected
-        amounts_ok = self.amount_source is None or self.amount_source == self.amount_core
-        return rows_ok and amounts_ok and self.keys_missing == 0 and self.spot_mismatches == 0
+        return (
+            self.rows_balance
+            and self.amounts_balance
+            and self.keys_missing == 0
+            and self.spot_mismatches == 0
+        )
+
+    @property
+    def over_quarantine_limit(self) -> bool:
+        """Return True when more of the rows or money is quarantined than the project allows."""
+        return self.quarantined_share > self.max_quarantined_share
+
+    @property
+    def status(self) -> str:
+        """Return ``clean`` (all loaded), ``quarantined`` (balanced, some held back, within the limit) or ``failed``."""
+        if not self.balanced or self.over_quarantine_limit:
+            return "failed"
+        return "quarantined" if self.quarantined else "clean"
+
+
+STATUS_MARK = {"clean": "✅", "quarantined": "⚠️", "failed": "❌"}
 
 
 @dataclass
@@ -711,38 +820,91 @@ class ReconciliationReport:
     lines: list[ReconciliationLine]
     rejects: pd.DataFrame
     core_counts: dict[str, int]
+    max_quarantined_share: float = 1.0
 
     @property
     def balanced(self) -> bool:
-        """Return True when every line balances."""
+        """Return True when every line balances (rows, keys, amounts, spot check)."""
         return all(line.balanced for line in self.lines)
+
+    @property
+    def acceptable(self) -> bool:
+        """Return True when every line balances and none quarantines more than the project allows."""
+        return all(line.status != "failed" for line in self.lines)
+
+    @property
+    def quarantined_rows(self) -> int:
+        """Return the record rows quarantined over all lines (rejected or held)."""
+        return sum(line.quarantined for line in self.lines)
+
+    @property
+    def quarantined_amount(self) -> Decimal:
+        """Return the money quarantined over all lines."""
+        return sum((line.amount_quarantined or Decimal(0) for line in self.lines), Decimal(0))
+
+    def verdict(self) -> str:
+        """Return the one-line summary: clean only when nothing at all is quarantined."""
+        if not self.balanced:
+            return "The run does NOT balance."
+        if not self.quarantined_rows:
+            return "Every row is accounted for and loaded."
+        held = sum(line.held for line in self.lines)
+        money = self.quarantined_amount
+        text = (
+            f"Every row is accounted for, but {self.quarantined_rows} row(s)"
+            + (f" carrying {money:,.2f}" if money else "")
+            + " are quarantined"
+            + (f" ({held} waiting for a steward's reference decision)" if held else "")
+        )
+        if not self.acceptable:
+            return text + f": more than the project's limit of {self.max_quarantined_share:.0%}."
+        return text + "."
 
     def to_frame(self) -> pd.DataFrame:
         """Return the lines as a table."""
-        return pd.DataFrame([{**line.__dict__, "balanced": line.balanced} for line in self.lines])
+        return pd.DataFrame([
+            {**line.__dict__, "quarantined": line.quarantined, "quarantined_share": round(line.quarantined_share, 4),
+             "balanced": line.balanced, "status": line.status}
+            for line in self.lines
+        ])  # fmt: skip
 
     def to_markdown(self) -> str:
         """Return the table as Markdown (Dagster metadata, README output)."""
         header = (
-            "| source | entity | read | loaded | merged | rejected | warnings | amount source | amount core "
-            "| keys missing | spot check | ok |"
+            "| source | entity | read | loaded | merged | rejected | held | warnings | amount source | amount core "
+            "| quarantined | amount quarantined | keys missing | spot check | ok |"
         )
-        rows = [header, "|" + "---|" * 12]
+        rows = [header, "|" + "---|" * 15]
         for line in self.lines:
             rows.append(
                 f"| {line.source} | {line.entity} | {line.rows_read} | {line.loaded} | {line.merged} | {line.rejected} "
-                f"| {line.warnings} | {_money(line.amount_source)} | {_money(line.amount_core)} | {line.keys_missing} "
-                f"| {line.spot_checked - line.spot_mismatches}/{line.spot_checked} | {'✅' if line.balanced else '❌'} |"
+                f"| {line.held} | {line.warnings} | {_money(line.amount_source)} | {_money(line.amount_core)} "
+                f"| {line.quarantined} ({line.quarantined_share:.1%}) | {_money(line.amount_quarantined)} "
+                f"| {line.keys_missing} | {line.spot_checked - line.spot_mismatches}/{line.spot_checked} "
+                f"| {STATUS_MARK[line.status]} |"
             )
-        return "\n".join(rows)
+        return "\n".join(rows) + f"\n\n{self.verdict()}"
 
 
 def _money(value: Decimal | None) -> str:
     return "" if value is None else f"{value:,.2f}"
 
 
-def reconcile(engine: Engine, run_key: str, entities: Sequence[str] | None = None) -> ReconciliationReport:
-    """Build the reconciliation of ``run_key`` from its stats, the core's sums and its rejects."""
+def _amount(value: Any) -> Decimal | None:
+    return None if value is None else Decimal(value).quantize(Decimal("0.01"))
+
+
+def reconcile(
+    engine: Engine,
+    run_key: str,
+    entities: Sequence[str] | None = None,
+    max_quarantined_share: float = 1.0,
+) -> ReconciliationReport:
+    """Build the reconciliation of ``run_key`` from its stats, the core's sums and its rejects.
+
+    ``max_quarantined_share`` is the project's limit on the share of a line's rows or money that may sit in
+    quarantine (``reconciliation.max_quarantined_share``); a line over it fails like an unbalanced one.
+    """
     factory = session_factory(engine)
     with factory() as session:
         run = session.scalar(select(LoadRun).where(LoadRun.run_key == run_key))
@@ -753,14 +915,18 @@ def reconcile(engine: Engine, run_key: str, entities: Sequence[str] | None = Non
             if entities is not None and entity not in entities:
                 continue
             for stats in batch_stats:
-                amount, stored = stats.get("amount_loaded"), stats.get("amount_core")
+                # Runs recorded before the source amount covered every row read only knew the loaded rows.
+                source_amount = stats.get("amount_source", stats.get("amount_loaded"))
                 lines.append(ReconciliationLine(
                     source=stats["source"], entity=entity, rows_read=stats["rows_read"], loaded=stats["loaded"],
                     merged=stats["merged"], rejected=stats["rejected"], warnings=stats["warnings"],
-                    amount_source=None if amount is None else Decimal(amount).quantize(Decimal("0.01")),
-                    amount_core=None if stored is None else Decimal(stored).quantize(Decimal("0.01")),
+                    amount_source=_amount(source_amount), amount_core=_amount(stats.get("amount_core")),
                     keys_missing=stats.get("keys_missing", 0), spot_checked=stats.get("spot_checked", 0),
-                    spot_mismatches=stats.get("spot_mismatches", 0),
+                    spot_mismatches=stats.get("spot_mismatches", 0), held=stats.get("held", 0),
+                    subtotals=stats.get("subtotals", 0), amount_loaded=_amount(stats.get("amount_loaded")),
+                    amount_merged=_amount(stats.get("amount_merged")),
+                    amount_quarantined=_amount(stats.get("amount_quarantined")),
+                    amount_unreadable=stats.get("amount_unreadable", 0), max_quarantined_share=max_quarantined_share,
                 ))  # fmt: skip
         columns = [Reject.source, Reject.entity, Reject.location, Reject.row_ref, Reject.field, Reject.value,
                    Reject.rule, Reject.reason, Reject.severity, Reject.raw_row]  # fmt: skip
@@ -773,14 +939,14 @@ def reconcile(engine: Engine, run_key: str, entities: Sequence[str] | None = Non
             if hasattr(model, "merged_into_id"):
                 query = query.where(model.merged_into_id.is_(None))
             counts[name] = session.scalar(query) or 0
-    return ReconciliationReport(run_key, lines, rejects, counts)
+    return ReconciliationReport(run_key, lines, rejects, counts, max_quarantined_share)
 
 
 def finish_run(engine: Engine, run_key: str, report: ReconciliationReport) -> None:
-    """Mark a load run finished, succeeded when the reconciliation balances."""
+    """Mark a load run finished: succeeded when the reconciliation is acceptable, else unbalanced."""
     factory = session_factory(engine)
     with factory() as session, session.begin():
         run = session.scalar(select(LoadRun).where(LoadRun.run_key == run_key))
         if run is not None:
-            run.status = "succeeded" if report.balanced else "unbalanced"
+            run.status = "succeeded" if report.acceptable else "unbalanced"
             run.finished_at = dt.datetime.now(dt.UTC)

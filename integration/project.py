@@ -219,6 +219,18 @@ class ValidationConfig(_Strict):
         return value
 
 
+class ReconciliationConfig(_Strict):
+    """When a run that balances still fails: too much of a source's rows or money left in quarantine."""
+
+    max_quarantined_share: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="largest share of a source's record rows or money (per entity) that may be quarantined "
+        "(rejected or waiting for a steward) in a run that passes; above it `crmi run` exits 2",
+    )
+
+
 class ProjectSpec(_Strict):
     """Schema of ``project.yaml``."""
 
@@ -235,6 +247,7 @@ class ProjectSpec(_Strict):
     currencies: CurrenciesConfig | None = Field(
         default=None, description="base currency and rates for mapping fields that convert amounts"
     )
+    reconciliation: ReconciliationConfig = Field(default_factory=ReconciliationConfig)
 
     @field_validator("sources")
     @classmethod

@@ -47,44 +47,81 @@ def _money(value: Decimal | None) -> str:
 
 
 def line_problems(line: ReconciliationLine) -> list[str]:
-    """Return why one reconciliation line does not balance (empty when it does)."""
+    """Return why one reconciliation line fails (empty when it passes): it does not balance, or it leaves
+    more of its rows or money in quarantine than the project allows."""
     problems = []
-    accounted = line.loaded + line.merged + line.rejected
-    if line.rows_read != accounted:
+    if not line.rows_balance:
         problems.append(
             f"rows read {line.rows_read} ≠ loaded {line.loaded} + merged {line.merged} + rejected {line.rejected}"
+            + f" + held {line.held}"
         )
-    if line.amount_source is not None and line.amount_source != line.amount_core:
-        problems.append(f"amount source {_money(line.amount_source)} ≠ core {_money(line.amount_core)}")
+    if not line.amounts_balance:
+        loaded = line.amount_loaded if line.amount_loaded is not None else line.amount_source
+        if loaded != line.amount_core:
+            problems.append(f"amount loaded {_money(loaded)} ≠ core {_money(line.amount_core)}")
+        else:
+            problems.append(
+                f"amount source {_money(line.amount_source)} ≠ loaded {_money(loaded)} + merged "
+                f"{_money(line.amount_merged)} + quarantined {_money(line.amount_quarantined)}"
+            )
     if line.keys_missing:
         problems.append(f"{line.keys_missing} source key(s) neither in the core nor quarantined")
     if line.spot_mismatches:
         problems.append(
             f"{line.spot_mismatches} of {line.spot_checked} spot-checked record(s) differ in the core"
         )
+    if line.over_quarantine_limit:
+        money = (
+            f", {_money(line.amount_quarantined)} of {_money(line.amount_source)}"
+            if line.amount_source
+            else ""
+        )
+        problems.append(
+            f"{line.quarantined} of {line.rows_read - line.subtotals} row(s) quarantined{money} "
+            f"({line.quarantined_share:.1%} > reconciliation.max_quarantined_share {line.max_quarantined_share:.0%})"
+        )
     return problems
 
 
+def quarantine_notes(report: ReconciliationReport) -> list[str]:
+    """Return one line per source and entity that loaded but left rows (and money) in quarantine."""
+    notes = []
+    for line in report.lines:
+        if not line.quarantined:
+            continue
+        money = f" carrying {_money(line.amount_quarantined)}" if line.amount_quarantined else ""
+        unreadable = f" ({line.amount_unreadable} with no readable amount)" if line.amount_unreadable else ""
+        held = f", {line.held} waiting for a steward (`crmi dedup review`)" if line.held else ""
+        notes.append(
+            f"{line.source}/{line.entity}: {line.quarantined} row(s){money}{unreadable} quarantined "
+            f"({line.quarantined_share:.1%}){held}"
+        )
+    return notes
+
+
 def unbalanced_reasons(report: ReconciliationReport) -> list[str]:
-    """Return one line per source and entity that does not balance, saying why."""
+    """Return one line per source and entity that fails (does not balance, or quarantines too much), saying why."""
     return [
         f"{line.source}/{line.entity}: {'; '.join(line_problems(line))}"
         for line in report.lines
-        if not line.balanced
+        if line.status == "failed"
     ]
 
 
 def fix_sheets(rejects: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Return, per source and entity, the quarantined rows as read (source columns) plus why: fix and re-import.
+    """Return, per source and entity, the quarantined rows (rejected or held) as read plus why: fix and re-import.
 
     One row per rejected source row; its reasons are joined. Key is ``<source>.<entity>``.
     """
     sheets: dict[str, pd.DataFrame] = {}
     if rejects.empty:
         return sheets
-    # Subtotal rows are rejected on purpose (they are not records): nothing to fix there.
+    # Subtotal rows are rejected on purpose (they are not records): nothing to fix there. Rows held for a
+    # steward's decision on their customer's name are there too: correcting the name is the other way out.
     errors = rejects[
-        (rejects["severity"] == "error") & rejects["raw_row"].notna() & (rejects["rule"] != "subtotal")
+        rejects["severity"].isin(("error", "held"))
+        & rejects["raw_row"].notna()
+        & (rejects["rule"] != "subtotal")
     ]
     for (source, entity), group in errors.groupby(["source", "entity"], sort=True):
         rows = []
@@ -119,7 +156,8 @@ def _html_table(frame: pd.DataFrame) -> str:
 
 def write_html(report: ReconciliationReport, path: Path) -> None:
     """Write a self-contained HTML reconciliation report (summary, rejects, rows to fix)."""
-    verdict = "Every row is accounted for." if report.balanced else "The run does NOT balance."
+    verdict = report.verdict()
+    mood = "ok" if report.acceptable and not report.quarantined_rows else "bad"
     parts = [
         "<!doctype html><html lang='zh-CN'><head><meta charset='utf-8'>",
         f"<title>Reconciliation {html.escape(report.run_key)}</title><style>",
@@ -128,8 +166,9 @@ def write_html(report: ReconciliationReport, path: Path) -> None:
         "th{background:#f4f4f4}.ok{color:#070}.bad{color:#b00}",
         "</style></head><body>",
         f"<h1>Reconciliation of run {html.escape(report.run_key)}</h1>",
-        f"<p class='{'ok' if report.balanced else 'bad'}'><strong>{verdict}</strong></p>",
+        f"<p class='{mood}'><strong>{html.escape(verdict)}</strong></p>",
         "".join(f"<p class='bad'>{html.escape(reason)}</p>" for reason in unbalanced_reasons(report)),
+        "".join(f"<p>{html.escape(note)}</p>" for note in quarantine_notes(report)),
         "<h2>Per source and entity</h2>", _html_table(report.to_frame()),
         "<h2>Rejects and warnings</h2>", _html_table(report.rejects[REJECT_COLUMNS] if len(report.rejects) else report.rejects),
     ]  # fmt: skip
@@ -169,8 +208,10 @@ def write_excel(report: ReconciliationReport, path: Path) -> None:
             worksheet.append([_cell(v) for v in row])
 
     summary = report.to_frame()
-    why = [["does not balance", escape_formula(reason)] for reason in unbalanced_reasons(report)]
-    sheet("Summary", summary, [["run", report.run_key], ["balanced", report.balanced], *why, []])
+    why = [["fails", escape_formula(reason)] for reason in unbalanced_reasons(report)]
+    notes = [["quarantined", escape_formula(note)] for note in quarantine_notes(report)]
+    sheet("Summary", summary, [["run", report.run_key], ["verdict", escape_formula(report.verdict())],
+                               ["balanced", report.balanced], *why, *notes, []])  # fmt: skip
     rejects = report.rejects[REJECT_COLUMNS] if len(report.rejects) else pd.DataFrame(columns=REJECT_COLUMNS)
     sheet("Rejects", rejects)
     for name, frame in fix_sheets(report.rejects).items():
@@ -201,7 +242,11 @@ def write_reports(report: ReconciliationReport, directory: Path) -> dict[str, Pa
     write_excel(report, paths["excel"])
     write_html(report, paths["html"])
     reasons = unbalanced_reasons(report)
-    why = "\n## Why it does not balance\n\n" + "".join(f"* {r}\n" for r in reasons) if reasons else ""
+    heading = "Why it does not balance" if not report.balanced else "Why it fails"
+    why = f"\n## {heading}\n\n" + "".join(f"* {r}\n" for r in reasons) if reasons else ""
+    notes = quarantine_notes(report)
+    if notes:
+        why += "\n## Quarantined\n\n" + "".join(f"* {n}\n" for n in notes)
     paths["markdown"].write_text(
         f"# Reconciliation of run {report.run_key}\n\n{report.to_markdown()}\n{why}", encoding="utf-8"
     )

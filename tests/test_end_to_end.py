@@ -175,7 +175,12 @@ def test_rejects_name_source_row_field_value_and_reason(demo_project: Path, sqli
     assert amount["reason"].startswith("parse_amount: '待定' is not an amount")
     unknown = by_rule[("sales_xlsx", "opportunity", "reference", "customer")]
     assert "某某未知客户有限公司" in {r["value"] for r in unknown}
-    assert all(r["reason"] == f"no customer named '{r['value']}'" for r in unknown)
+    # Not rejected: held for a steward's decision on the name (crmi dedup review / decide).
+    assert all(r["severity"] == "held" for r in unknown)
+    assert all(
+        r["reason"].startswith(f"'{r['value']}' names no single customer: held for a steward")
+        for r in unknown
+    )
     subtotal = by_rule[("sales_xlsx", "opportunity", "subtotal", None)]
     assert len(subtotal) == 1 and subtotal[0]["reason"] == "subtotal/total row, not a record"
 

@@ -26,7 +26,7 @@ HEADER = "version: 1\nname: acme\nsources:\n  crm: {connector: sql, url: 'sqlite
 
 CASES = [
     ("unknown_key", HEADER + "mappings: [mappings/*.yaml]\nmapings: []\n",
-     ["6:1: mapings: unknown key 'mapings'; did you mean 'mappings'?; allowed: currencies, dedup, description, mappings, name, sources, validation, version"]),
+     ["6:1: mapings: unknown key 'mapings'; did you mean 'mappings'?; allowed: currencies, dedup, description, mappings, name, reconciliation, sources, validation, version"]),
     ("missing_mapping_file", HEADER + "mappings: [mappings/nope.yaml]\n",
      ["5:12: mappings[0]: mapping file 'mappings/nope.yaml' not found in {root}"]),
     ("unset_env_var", "version: 1\nname: acme\nsources:\n  crm: {connector: sql, url: '${ACME_CRM_URL_UNSET}'}\nmappings: [mappings/*.yaml]\n",
@@ -65,6 +65,10 @@ CASES = [
      ["5:38: currencies.rates.CNY: CNY is the base currency: its rate is 1, not 7.1"]),
     ("dated_currency_without_rates", HEADER + "currencies: {dated: {USD: {}}}\n",
      ["5:27: currencies.dated.USD: no rates for USD; write {2025-01-01: 7.1, …}"]),
+    ("quarantine_share_above_one", HEADER + "mappings: [mappings/*.yaml]\nreconciliation: {max_quarantined_share: 5}\n",
+     ["6:41: reconciliation.max_quarantined_share: Input should be less than or equal to 1"]),
+    ("quarantine_share_unknown_key", HEADER + "mappings: [mappings/*.yaml]\nreconciliation: {max_quarantine: 0.1}\n",
+     ["6:18: reconciliation.max_quarantine: unknown key 'max_quarantine'; did you mean 'max_quarantined_share'?; allowed: max_quarantined_share"]),
     ("missing_name", "version: 1\nsources: {}\nmappings: []\n", ["1:1: name: missing required key 'name'"]),
     ("invalid_yaml", "version: 1\nname: [acme\n", ["3:1: invalid YAML: expected ',' or ']', but got '<stream end>'"]),
 ]  # fmt: skip

@@ -219,7 +219,7 @@ def test_a_run_that_does_not_balance_exits_2_and_says_why(
     assert result.exit_code == 2, result.output  # type: ignore[attr-defined]
     output: str = result.stdout  # type: ignore[attr-defined]
     assert "The run does not balance:" in output
-    reason = re.search(r"sales_xlsx/opportunity: amount source ([\d,.]+) ≠ core ([\d,.]+)", output)
+    reason = re.search(r"sales_xlsx/opportunity: amount loaded ([\d,.]+) ≠ core ([\d,.]+)", output)
     assert reason is not None, output
     assert reason.group(1) != reason.group(2)
     assert "crmi rollback" in output and "Time per phase" in output

@@ -17,12 +17,13 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 from dagster import AssetExecutionContext
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 
 from crm_core.db import session_factory
 from crm_core.errors import CrmError, TransientExtractError
 from crm_core.failpoints import failpoint
 from crm_core.loading import SourceStats
+from crm_core.models import ReferenceDecision
 from crm_core.runs import abort_run, rollback_run
 from crm_core.validation import core_violations
 from crm_core.watermarks import CursorState
@@ -43,7 +44,7 @@ from integration.pipeline import (
     start_run,
     stream_watermark,
 )
-from integration.reports import markdown_table, unbalanced_reasons, write_reports
+from integration.reports import markdown_table, quarantine_notes, unbalanced_reasons, write_reports
 
 MAX_PREVIEW_ROWS = 5
 MAX_SAMPLE_ROWS = 20
@@ -316,6 +317,8 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
     definition = migration.mappings_for(entity)[0].entity
     referenced = {f.references for f in definition.references.values()} - {entity}
     deps = [f"core_{name}" for name in migration.entities if name in referenced]
+    if entity in migration.after_golden_customers:
+        deps.append("golden_customers")  # names resolve against the golden customers, after the merges
     checks = [
         dg.AssetCheckSpec(
             name="check_every_row_accounted_for",
@@ -401,7 +404,8 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
     @dg.asset(
         name="reconciliation_report",
         group_name="report",
-        description="Per source and entity: rows read = loaded + merged + rejected, amount sums source vs core.",
+        description="Per source and entity: rows read = loaded + merged + rejected + held, the money read vs "
+        "loaded, merged and quarantined, and what the core holds.",
         deps=[f"core_{e}" for e in migration.entities]
         + (["customer_review_queue", "golden_contacts"] if "customer" in migration.entities else []),
         required_resource_keys={"core"},
@@ -411,7 +415,9 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
             dg.AssetCheckSpec(
                 "check_reconciliation_balances",
                 asset="reconciliation_report",
-                description="Rows, keys and amounts balance per source and entity; spot-checked values match.",
+                description="Rows, keys and amounts balance per source and entity (amount source counts every "
+                "row read, quarantined ones too); spot-checked values match; no source quarantines more of its "
+                "rows or money than reconciliation.max_quarantined_share.",
             )
         ],
         kinds={"pandas"},
@@ -419,7 +425,9 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
     def _reconciliation(context: AssetExecutionContext) -> Any:
         core: CoreDatabase = context.resources.core
         with _load_run_step(context, core, migration.project.name) as engine:
-            report = reconcile(engine, context.run.run_id)
+            limit = migration.project.spec.reconciliation.max_quarantined_share
+            report = reconcile(engine, context.run.run_id, max_quarantined_share=limit)
+            waiting = _references_waiting(engine)
             files = write_reports(report, report_dir / context.run.run_id)
             failpoint("reconcile")
             finish_run(engine, context.run.run_id, report)
@@ -427,6 +435,12 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
             metadata={
                 "reconciliation": dg.MetadataValue.md(report.to_markdown()),
                 "balanced": report.balanced,
+                "verdict": report.verdict(),
+                "quarantined_rows": report.quarantined_rows,
+                "held_rows": sum(line.held for line in report.lines),
+                "customer_names_waiting_for_a_steward": waiting,
+                "quarantined_amount": float(report.quarantined_amount),
+                "max_quarantined_share": limit,
                 "rows_reconciled": sum(line.rows_read for line in report.lines),
                 "rejected_rows": int((report.rejects["severity"] == "error").sum()),
                 "core_counts": dg.MetadataValue.json(report.core_counts),
@@ -435,11 +449,21 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
         )
         yield dg.AssetCheckResult(
             check_name="check_reconciliation_balances",
-            passed=report.balanced,
-            metadata={"unbalanced": dg.MetadataValue.json(unbalanced_reasons(report))},
+            passed=report.acceptable,
+            metadata={
+                "unbalanced": dg.MetadataValue.json(unbalanced_reasons(report)),
+                "quarantined": dg.MetadataValue.json(quarantine_notes(report)),
+            },
         )
 
     return _reconciliation
+
+
+def _references_waiting(engine: Engine) -> int:
+    """Return how many customer names wait for a steward's decision (`crmi dedup review`)."""
+    with engine.connect() as connection:
+        query = select(func.count()).where(ReferenceDecision.status == "pending")
+        return int(connection.scalar(query) or 0)
 
 
 class RollbackConfig(dg.Config):
@@ -466,10 +490,14 @@ def rollback_load_run(context: dg.OpExecutionContext, config: RollbackConfig) ->
 
 
 def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
-    """Return customer_match_candidates → golden_customers → customer_review_queue (after every core load)."""
+    """Return customer_match_candidates → golden_customers → customer_review_queue, golden_contacts.
+
+    Linkage runs after every core load except those that resolve customers by name
+    (:attr:`Migration.after_golden_customers`), which wait for the golden customers.
+    """
     from integration.dedup.workflow import Candidates, find_candidates, merge_clusters, review_queue
 
-    core_deps = [f"core_{e}" for e in migration.entities]
+    core_deps = [f"core_{e}" for e in migration.entities if e not in migration.after_golden_customers]
     rules = migration.project.spec.dedup.get("customer")
     priority = list(rules.source_priority) if rules else []
     survivorship = dict(rules.survivorship) if rules else {}
@@ -488,7 +516,7 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         with _load_run_step(context, core, migration.project.name) as engine:
             found = find_candidates(
                 engine, context.run.run_id, migration.project.name,
-                spec=migration.linkage_spec, mode=options.mode,
+                spec=migration.linkage_spec, mode=options.mode, only_if_changed=True,
             )  # fmt: skip
             failpoint("dedup:candidates")
         outcome = found.outcome
@@ -560,7 +588,7 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
     @dg.asset(
         name="golden_contacts",
         group_name="dedup",
-        deps=["golden_customers"],
+        deps=["golden_customers", *(["core_contact"] if "contact" in migration.entities else [])],
         required_resource_keys={"core"},
         kinds={"recordlinkage"},
     )
@@ -572,7 +600,7 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         options = RunOptions.from_tags(context.run.tags)
         with _load_run_step(context, core, migration.project.name) as engine:
             outcome = deduplicate_contacts(
-                engine, context.run.run_id, migration.project.name, mode=options.mode
+                engine, context.run.run_id, migration.project.name, mode=options.mode, only_if_changed=True
             )
         return dg.MaterializeResult(metadata={
             "contacts": outcome.records, "pairs_compared": outcome.pairs_compared,

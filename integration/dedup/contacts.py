@@ -55,14 +55,27 @@ def contact_records(engine: Engine) -> pd.DataFrame:
 
 
 def deduplicate_contacts(
-    engine: Engine, run_key: str, project: str, *, spec: LinkageSpec = CONTACT_SPEC, mode: str = "full"
+    engine: Engine,
+    run_key: str,
+    project: str,
+    *,
+    spec: LinkageSpec = CONTACT_SPEC,
+    mode: str = "full",
+    only_if_changed: bool = False,
 ) -> DedupOutcome:
     """Link the active contacts within each customer, record candidates, merge the sure clusters.
 
     A delta run links only the contacts it created or changed (and those of customers it changed).
     """
     candidates = link_and_record(
-        engine, run_key, project, "contact", contact_records(engine), spec, mode=mode
+        engine,
+        run_key,
+        project,
+        "contact",
+        contact_records(engine),
+        spec,
+        mode=mode,
+        only_if_changed=only_if_changed,
     )
     if not candidates.clusters:
         return candidates.outcome

@@ -69,13 +69,23 @@ class Candidates:
 
 
 def find_candidates(
-    engine: Engine, run_key: str, project: str, *, spec: LinkageSpec = CUSTOMER_SPEC, mode: str = "full"
+    engine: Engine,
+    run_key: str,
+    project: str,
+    *,
+    spec: LinkageSpec = CUSTOMER_SPEC,
+    mode: str = "full",
+    only_if_changed: bool = False,
 ) -> Candidates:
     """Link the active customers and record every merge/review pair as a candidate (no merge yet).
 
-    A delta run links only the customers it created or changed, against all active customers.
+    A delta run links only the customers it created or changed, against all active customers. With
+    ``only_if_changed`` (migration runs) a run that created or changed no customer links nothing.
     """
-    return link_and_record(engine, run_key, project, "customer", customer_records(engine), spec, mode=mode)
+    return link_and_record(
+        engine, run_key, project, "customer", customer_records(engine), spec, mode=mode,
+        only_if_changed=only_if_changed,
+    )  # fmt: skip
 
 
 def link_and_record(
@@ -87,11 +97,17 @@ def link_and_record(
     spec: LinkageSpec,
     *,
     mode: str = "full",
+    only_if_changed: bool = False,
 ) -> Candidates:
     """Link ``records`` of ``entity`` (customer or contact) and store every merge/review pair as a candidate.
 
     Steward decisions on the entity are used: "distinct" pairs never return, and enough of them train the
     supervised classifier. A delta run links only the records it created or changed.
+
+    ``only_if_changed``: when the run created or changed none of the records, link nothing. A migration run
+    over unchanged sources then leaves the golden records and the review queue as they are: linking again
+    would score a different population (the golden records of the last run, with the values merged into
+    them) and merge or re-score pairs no source row changed.
     """
     outcome = DedupOutcome(records=len(records))
     nothing = Candidates(outcome, [], {}, spec.auto_merge)
@@ -101,7 +117,13 @@ def link_and_record(
     with factory() as session:
         distinct = decided_pairs(session, entity, "distinct")
         labels = steward_labels(session, spec, entity)
-        focus = pd.Index(changed_in_run(session, MODEL_OF[entity], run_key)) if mode == "delta" else None
+        changed = (
+            changed_in_run(session, MODEL_OF[entity], run_key) if mode == "delta" or only_if_changed else []
+        )
+        focus = pd.Index(changed) if mode == "delta" else None
+    if only_if_changed and not changed:
+        outcome.changed_records = 0
+        return nothing
     if focus is not None:
         outcome.changed_records = len(focus)
         if focus.empty:

@@ -50,6 +50,9 @@ class MappingResult:
     records: pd.DataFrame
     rejects: pd.DataFrame
     rows_read: int
+    # The entity's amount summed over the rows rejected while mapping (subtotal rows aside), where it could
+    # be read: reconciliation counts the money of every row read, not only of the rows that loaded.
+    amount_rejected: Decimal | None = None
 
     @classmethod
     def concat(cls, parts: Iterable[MappingResult]) -> MappingResult:
@@ -62,10 +65,12 @@ class MappingResult:
             # A column that is Arrow in one chunk and objects in another (or decimals of different
             # scales) would mix pd.NA and None: join such chunks as plain Python objects.
             frames = [python_records(f) for f in frames]
+        amounts = [p.amount_rejected for p in items if p.amount_rejected is not None]
         return cls(
             pd.concat(frames, ignore_index=True),
             pd.concat([p.rejects for p in items], ignore_index=True),
             sum(p.rows_read for p in items),
+            sum(amounts, Decimal(0)) if amounts else None,
         )
 
 
@@ -662,9 +667,22 @@ def map_chunk(mapping: CompiledMapping, chunk: pd.DataFrame) -> MappingResult:
     records = pd.DataFrame(columns, index=chunk.index)
     keep = ~outcome.rejected
     rejects = outcome.rejects()
+    amount_field = mapping.entity.amount_field
+    amount_rejected = None
+    if amount_field is not None and amount_field in columns:
+        amount_rejected = amount_sum(columns[amount_field][outcome.rejected & ~subtotal])
     if not keep.all():
         records = records.loc[keep].reset_index(drop=True)
-    return MappingResult(records, rejects, len(chunk))
+    return MappingResult(records, rejects, len(chunk), amount_rejected)
+
+
+def amount_sum(values: pd.Series) -> Decimal:
+    """Return the sum of the amounts present in ``values`` (missing ones count nothing), exactly."""
+    total = Decimal(0)
+    for value in values.tolist():
+        if not _blank(value):
+            total += value if isinstance(value, Decimal) else Decimal(str(value))
+    return total
 
 
 # Rows per piece when chunks are spread over threads; also what bounds memory per piece in flight.
@@ -753,5 +771,8 @@ def map_chunks(
         result.rejects = (
             pd.concat([result.rejects, extra], ignore_index=True) if len(result.rejects) else extra
         )
+        amount_field = mapping.entity.amount_field
+        if result.amount_rejected is not None and amount_field in result.records.columns:
+            result.amount_rejected += amount_sum(dupes[amount_field])
         result.records = result.records.loc[~duplicated].reset_index(drop=True)
     return result

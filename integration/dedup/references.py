@@ -1,0 +1,254 @@
+"""Resolving the customer a source row names (the workbook's 商机 sheet: 客户名称) against the golden customers.
+
+The loader first looks the name up exactly (normalized name of every customer record, merged ones included,
+each leading to its survivor) and then a steward's earlier decision on the same name. What is left comes
+here, and is tried:
+
+1. against every **name variant** known for a golden customer — the names of all records merged into it,
+   their short names (简称) and English names — compared as region, trade name (in toneless pinyin, so
+   English pinyin names, traditional characters and 科技/技术-style industry synonyms compare) and branch.
+   A name without a region matches in any region; a short name matches the full name it begins. One
+   golden customer found: resolved. Several: a steward chooses.
+2. through the **match index** (:mod:`integration.dedup.online`, the same scoring as the 商机报备 check)
+   with a score: resolved when the best candidate is at least the linkage's auto-merge probability and no
+   other reaches its review threshold; otherwise the candidates go to a steward.
+
+A name still unresolved waits as a *reference decision* (``reference_decisions``); its rows are held, not
+rejected, and load on the next run once a steward has linked the name (``crmi dedup decide``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property, lru_cache
+from typing import Any
+
+import pandas as pd
+from pypinyin import lazy_pinyin
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from crm_core.db import session_factory
+from crm_core.entities import ENTITIES
+from crm_core.errors import DedupError
+from crm_core.loading import NameMatch, get_or_start_run
+from crm_core.models import Customer, ReferenceDecision
+from integration.dedup.customers import CUSTOMER_SPEC, linkage_row
+from integration.dedup.linkage import LinkageSpec
+from integration.dedup.normalize import brand_key, has_han, normalize_company_name
+from integration.dedup.online import MatchIndex, query_record
+from integration.dedup.spec import CUSTOMER_COLUMNS
+
+# Industry words written two ways for one trade (in pinyin, as the name cores compare).
+INDUSTRY_SYNONYMS = {"jishu": "keji", "shangmao": "maoyi"}
+CANDIDATES_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class NameVariant:
+    """One way a golden customer's name is written, split for comparison."""
+
+    region: str | None
+    brand: str  # trade name in pinyin without industry words (brand_key)
+    core: str  # trade name and industry as written (normalized)
+    branch: str | None
+
+
+@lru_cache(maxsize=200_000)
+def name_variant(name: str) -> NameVariant | None:
+    """Return how a company name compares as a variant (None for a name with nothing to compare)."""
+    parts = normalize_company_name(name)
+    if not parts.core:
+        return None
+    brand = brand_key(parts.core)
+    return NameVariant(parts.region, brand, parts.core, parts.branch) if brand else None
+
+
+@lru_cache(maxsize=200_000)
+def spelled(core: str) -> str | None:
+    """Return a Chinese name core in toneless pinyin with industry synonyms unified (None for Latin ones)."""
+    if not has_han(core):
+        return None
+    return "".join(INDUSTRY_SYNONYMS.get(s, s) for s in lazy_pinyin(core))
+
+
+def same_company_name(written: NameVariant, known: NameVariant) -> bool:
+    """Return True when a written name may be a variant of a known one (see the module doc)."""
+    if written.brand != known.brand or written.branch != known.branch:
+        return False
+    if written.region and known.region and written.region != known.region:
+        return False
+    mine, theirs = spelled(written.core), spelled(known.core)
+    if mine and theirs:  # both Chinese: the same, or one a short form of the other
+        return mine.startswith(theirs) or theirs.startswith(mine)
+    return True  # a pinyin-English name against a Chinese one: the trade name and region decide
+
+
+class CustomerNames:
+    """A name resolver for customers (see the module doc), built on the core as it is after the merges."""
+
+    def __init__(self, session: Session, spec: LinkageSpec = CUSTOMER_SPEC) -> None:
+        self.session = session
+        self.spec = spec
+
+    @cached_property
+    def _survivor(self) -> dict[int, int]:
+        rows = self.session.execute(select(Customer.id, Customer.merged_into_id)).all()
+        merged_into = {i: m for i, m in rows if m is not None}
+
+        def follow(record_id: int) -> int:
+            seen: set[int] = set()
+            while record_id in merged_into and record_id not in seen:
+                seen.add(record_id)
+                record_id = merged_into[record_id]
+            return record_id
+
+        return {i: follow(i) for i, _ in rows}
+
+    @cached_property
+    def _variants(self) -> dict[str, list[tuple[NameVariant, int]]]:
+        """Every name, short name and English name of every customer record, by trade name."""
+        by_brand: dict[str, list[tuple[NameVariant, int]]] = defaultdict(list)
+        rows = self.session.execute(
+            select(Customer.id, Customer.name, Customer.short_name, Customer.english_name)
+        )
+        for record_id, name, *other_names in rows:
+            survivor = self._survivor.get(record_id, record_id)
+            full = name_variant(name) if name else None
+            variants = [full] + [name_variant(other) if other else None for other in other_names]
+            for variant in variants:
+                if variant is None:
+                    continue
+                if variant.region is None and full is not None:  # a short name is in its company's region
+                    variant = replace(variant, region=full.region)
+                by_brand[variant.brand].append((variant, survivor))
+        return by_brand
+
+    @cached_property
+    def _golden_names(self) -> dict[int, str]:
+        rows = self.session.execute(
+            select(Customer.id, Customer.name).where(Customer.merged_into_id.is_(None))
+        )
+        return {record_id: name for record_id, name in rows}
+
+    @cached_property
+    def _index(self) -> MatchIndex:
+        # Read in the loader's own transaction (customer_records opens another connection, which SQLite would
+        # make wait for this writer).
+        rows = self.session.execute(
+            select(Customer.id, Customer.name, Customer.credit_code, Customer.phone, Customer.email, Customer.city)
+            .where(Customer.merged_into_id.is_(None)).order_by(Customer.id)
+        ).all()  # fmt: skip
+        found = [
+            {"id": i, **linkage_row(n, credit_code=c, phone=p, email=e, city=t)} for i, n, c, p, e, t in rows
+        ]
+        records = (
+            pd.DataFrame.from_records(found, index="id")
+            if found
+            else pd.DataFrame(columns=list(CUSTOMER_COLUMNS), index=pd.Index([], name="id"))
+        )
+        return MatchIndex(records, self.spec)
+
+    def __call__(self, target: str, names: Sequence[str]) -> Mapping[str, NameMatch]:
+        """Resolve each name to one golden customer, or list the candidates a steward chooses from."""
+        return {name: self.resolve(name) for name in names}
+
+    def resolve(self, name: str) -> NameMatch:
+        """Resolve one name (see the module doc)."""
+        written = name_variant(name)
+        if written is not None:
+            found = {
+                survivor
+                for known, survivor in self._variants.get(written.brand, ())
+                if same_company_name(written, known)
+            }
+            if len(found) == 1:
+                return NameMatch(next(iter(found)), method="name variant")
+            if found:
+                return NameMatch(None, tuple(self._shown(sorted(found))), method="name variant")
+        matches = self._index.match(query_record(name), limit=CANDIDATES_SHOWN)
+        candidates = tuple(
+            {"id": c.customer_id, "name": c.name, "probability": c.probability}
+            for c in matches
+            if c.probability > 0.01
+        )
+        if matches and matches[0].probability >= self.spec.auto_merge:
+            rivals = [c for c in matches[1:] if c.probability >= self.spec.review]
+            if not rivals:
+                return NameMatch(matches[0].customer_id, candidates, method="match index")
+        return NameMatch(None, candidates, method="match index")
+
+    def _shown(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+        """Return candidates for a steward: id and name, scored by the match index where it knows them."""
+        return [
+            {"id": i, "name": self._golden_names.get(i), "probability": None} for i in ids[:CANDIDATES_SHOWN]
+        ]
+
+
+REFERENCE_PREFIX = "r"  # `crmi dedup decide r12`: reference decision 12 (pair candidates are plain numbers)
+
+
+def reference_queue(engine: Engine, limit: int | None = None) -> list[dict[str, Any]]:
+    """Return the names waiting for a steward, the most money held first: rows, amount and candidates."""
+    with session_factory(engine)() as session:
+        query = (
+            select(ReferenceDecision)
+            .where(ReferenceDecision.status == "pending")
+            .order_by(ReferenceDecision.amount_held.desc().nulls_last(), ReferenceDecision.rows_held.desc(),
+                      ReferenceDecision.id)
+        )  # fmt: skip
+        if limit is not None:
+            query = query.limit(limit)
+        return [
+            {"reference": f"{REFERENCE_PREFIX}{d.id}", "entity": d.entity, "name": d.name, "rows_held": d.rows_held,
+             "amount_held": None if d.amount_held is None else str(d.amount_held), "candidates": d.candidates}
+            for d in session.scalars(query)
+        ]  # fmt: skip
+
+
+def decide_reference(
+    engine: Engine, decision_id: int, *, record_id: int | None, steward: str, run_key: str, project: str
+) -> ReferenceDecision:
+    """Record a steward's decision on a held name: the record it names (``record_id``), or none at all.
+
+    Linked, the rows naming it load on the next run (as every later row writing the name that way); with
+    no record they are rejected from then on, with the steward's decision as the reason. Journaled in a
+    steward run of its own, so ``crmi rollback`` undoes it.
+    """
+    with session_factory(engine)() as session, session.begin():
+        decision = session.get(ReferenceDecision, decision_id)
+        if decision is None:
+            raise DedupError(
+                f"no reference decision {REFERENCE_PREFIX}{decision_id}; `crmi dedup review` lists them"
+            )
+        if decision.status != "pending":
+            raise DedupError(
+                f"reference {REFERENCE_PREFIX}{decision_id} was already decided: {decision.status}"
+            )
+        model: Any = ENTITIES[decision.entity].model
+        if record_id is not None:
+            record = session.get(model, record_id)
+            seen: set[int] = set()
+            while (
+                record is not None
+                and getattr(record, "merged_into_id", None) is not None
+                and record.id not in seen
+            ):
+                seen.add(record.id)
+                record = session.get(model, record.merged_into_id)
+            if record is None:
+                raise DedupError(f"no {decision.entity} {record_id} in the core")
+            record_id = int(record.id)
+        run = get_or_start_run(session, run_key, project, "steward")
+        decision.status = "linked" if record_id is not None else "no_match"
+        decision.target_id = record_id
+        decision.decided_by = steward
+        decision.decided_at = dt.datetime.now(dt.UTC)
+        run.status = "succeeded"
+        run.finished_at = dt.datetime.now(dt.UTC)
+        session.flush()
+        session.expunge(decision)
+        return decision

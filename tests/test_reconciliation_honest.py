@@ -1,0 +1,142 @@
+"""An honest reconciliation: the source amount is the money of every row read, quarantine is shown, and a
+run that leaves too much of it in quarantine fails (exit 2, the asset check) instead of saying all is well."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import openpyxl
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from crm_core.db import make_engine, upgrade
+from crm_core.models import LoadRun
+from integration.cli import app
+from integration.connectors.base import ROW_KIND
+from integration.mappings.transforms import TransformFailure, parse_amount_value
+from integration.pipeline import Migration, ReconciliationLine, extract, load, reconcile, stage
+from integration.reports import quarantine_notes, unbalanced_reasons
+
+
+def load_entities(migration: Migration, engine: sa.Engine, run_key: str, entities: list[str]) -> None:
+    """Extract, stage and load the given entities of a project, in order."""
+    for entity in entities:
+        raw = {migration.raw_asset(m): extract(migration, m) for m in migration.mappings_for(entity)}
+        load(migration, engine, run_key, stage(migration, entity, raw))
+
+
+def readable_amounts(values: list[object]) -> Decimal:
+    """Sum what parse_amount can read of a column, as the sheet's reader would by hand."""
+    total = Decimal(0)
+    for value in values:
+        if value is None or (isinstance(value, float) and value != value) or not str(value).strip():
+            continue
+        try:
+            total += parse_amount_value(value)
+        except (TransformFailure, ValueError):
+            continue
+    return total
+
+
+def all_in_base_currency(project: Path) -> None:
+    """Blank the 商机 sheet's 币种 column (blank means 人民币) in the project's copy of the workbook."""
+    for path in (project / "data").glob("sales*.xlsx"):
+        workbook = openpyxl.load_workbook(path)
+        sheet = workbook["商机"]
+        for row in sheet.iter_rows():
+            for cell in row:
+                if cell.value == "币种":
+                    for below in sheet.iter_rows(
+                        min_row=cell.row + 1, min_col=cell.column, max_col=cell.column
+                    ):
+                        below[0].value = None
+        workbook.save(path)
+
+
+def test_amount_source_is_every_row_read_and_the_quarantine_is_shown(
+    demo_project: Path, sqlite_core_url: str
+) -> None:
+    # Every deal in the base currency, so the sheet's own figures add up by hand (conversion: test_currency).
+    all_in_base_currency(demo_project)
+    migration = Migration.load(str(demo_project))
+    engine = make_engine(sqlite_core_url)
+    upgrade(engine)
+    load_entities(migration, engine, "run-1", ["sales_rep", "customer", "opportunity"])
+    report = reconcile(engine, "run-1", max_quarantined_share=0.2)
+    [line] = [x for x in report.lines if (x.source, x.entity) == ("sales_xlsx", "opportunity")]
+
+    # The 商机 sheet as read: every data row's 预计金额 that can be read at all, loaded or not.
+    mapping = next(m for m in migration.mappings if m.name == "sales_xlsx_opportunities")
+    sheet = extract(migration, mapping)
+    data = sheet[sheet[ROW_KIND] != "subtotal"]
+    assert line.amount_source == readable_amounts(data["预计金额"].tolist())
+    # The sheet plants an unreadable amount and a bad date (rejected): money sits in quarantine,
+    # and customers named nowhere (held for a steward, not rejected).
+    assert line.quarantined == line.rejected - line.subtotals + line.held and line.held > 0
+    assert line.amount_unreadable == 1
+    assert line.amount_quarantined is not None and line.amount_quarantined > 0
+    assert line.amount_core is not None and line.amount_core + line.amount_quarantined == line.amount_source
+    assert line.balanced and line.status == "quarantined"
+
+    verdict = report.verdict()
+    assert "quarantined" in verdict and "and loaded" not in verdict
+    [note] = [n for n in quarantine_notes(report) if n.startswith("sales_xlsx/opportunity")]
+    assert f"{line.amount_quarantined:,.2f}" in note
+    assert report.acceptable and not unbalanced_reasons(report)
+
+    # Under a stricter project limit the same run fails, and says why.
+    strict = reconcile(engine, "run-1", max_quarantined_share=0.05)
+    assert strict.balanced and not strict.acceptable
+    assert any(
+        r.startswith("sales_xlsx/opportunity") and "max_quarantined_share 5%" in r
+        for r in unbalanced_reasons(strict)
+    )
+    engine.dispose()
+
+
+def test_only_a_run_with_nothing_quarantined_says_every_row_is_loaded() -> None:
+    clean = ReconciliationLine("erp", "customer", 10, 10, 0, 0, 0, None, None)
+    subtotal_only = ReconciliationLine("xlsx", "customer", 11, 10, 0, 1, 0, None, None, subtotals=1)
+    assert clean.status == subtotal_only.status == "clean"
+    held = ReconciliationLine("xlsx", "opportunity", 10, 9, 0, 0, 0, Decimal(100), Decimal(90), held=1,
+                              amount_loaded=Decimal(90), amount_quarantined=Decimal(10))  # fmt: skip
+    assert held.balanced and held.quarantined == 1 and held.status == "quarantined"
+    # Money that is neither loaded, merged nor quarantined does not balance.
+    lost = ReconciliationLine("xlsx", "opportunity", 10, 9, 0, 1, 0, Decimal(100), Decimal(90),
+                              amount_loaded=Decimal(90), amount_quarantined=Decimal(5))  # fmt: skip
+    assert not lost.balanced and lost.status == "failed"
+    # A line can balance in rows and fail on its quarantined money alone.
+    costly = ReconciliationLine("xlsx", "opportunity", 100, 99, 0, 1, 0, Decimal(100), Decimal(50),
+                                amount_loaded=Decimal(50), amount_quarantined=Decimal(50),
+                                max_quarantined_share=0.05)  # fmt: skip
+    assert costly.balanced and costly.quarantined_share == 0.5 and costly.status == "failed"
+
+
+@pytest.mark.slow
+def test_crmi_run_exits_2_when_more_is_quarantined_than_the_project_allows(
+    demo_project: Path, sqlite_core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = demo_project / "project.yaml"
+    text = settings.read_text(encoding="utf-8")
+    assert "max_quarantined_share: 0.2" in text
+    settings.write_text(
+        text.replace("max_quarantined_share: 0.2", "max_quarantined_share: 0.01"), encoding="utf-8"
+    )
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        app, ["run", "--project", str(demo_project), "--core-url", sqlite_core_url, "--json"]
+    )
+    assert result.exit_code == 2, result.output
+    payload = json.loads(result.stdout)
+    assert payload["balanced"] is True and payload["acceptable"] is False
+    assert payload["quarantined_rows"] > 0 and Decimal(payload["quarantined_amount"]) > 0
+    assert any("max_quarantined_share 1%" in reason for reason in payload["unbalanced"])
+    engine = make_engine(sqlite_core_url)
+    with engine.connect() as connection:
+        status = connection.scalar(sa.select(LoadRun.status).where(LoadRun.run_key == payload["run_id"]))
+    engine.dispose()
+    assert status == "unbalanced"  # the reconciliation asset (and its check) judged it the same way

@@ -1,0 +1,259 @@
+"""A row naming its customer (the workbook's 商机 sheet) resolves against the golden customers and every name
+known for them; what stays ambiguous or unknown waits for a steward instead of being rejected, and loads
+once the steward has decided."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+from typer.testing import CliRunner
+
+from crm_core.db import make_engine, upgrade
+from crm_core.loading import Batch, EntityLoader, Lookup, SourceStats, get_or_start_run
+from crm_core.models import Customer, ExternalId, LoadRun, Opportunity, ReferenceDecision, Reject
+from integration.cli import app
+from integration.dedup.normalize import company_key
+from integration.dedup.references import CustomerNames, decide_reference, reference_queue
+from integration.jobs import build_definitions
+from integration.mappings.engine import empty_rejects
+from tests.conftest import REPO
+
+CUSTOMERS = [
+    {"_external_key": "C1", "name": "深圳市腾达科技有限公司", "short_name": "腾达科技"},
+    {"_external_key": "C2", "name": "北京腾达科技有限公司"},
+    {
+        "_external_key": "C3",
+        "name": "上海华鑫贸易有限公司",
+        "english_name": "Shanghai Huaxin Trading Co., Ltd.",
+    },
+    {"_external_key": "C4", "name": "成都恒信机械设备有限公司"},
+    {"_external_key": "C5", "name": "武汉恒信环保工程有限公司", "short_name": "恒信环保"},
+    {"_external_key": "C6", "name": "深圳腾达技术有限公司"},  # merged into C1 below: its name leads there
+]
+DEALS = [
+    ("O1", "Shanghai Huaxin Trading Co., Ltd.", "100"),  # an English name known for C3
+    ("O2", "深圳腾达", "200"),  # the trade name with its city: C1 (C2 is in Beijing)
+    ("O3", "腾达科技", "300"),  # no city: C1 or C2, a steward decides
+    (
+        "O4",
+        "成都恒信环保工程公司",
+        "400",
+    ),  # no such company; 恒信环保 is in Wuhan, 恒信 in Chengdu makes machines
+    ("O5", "某某未知客户有限公司", "500"),  # nowhere
+    ("O6", "上海華鑫貿易有限公司", "600"),  # traditional characters: C3
+    ("O7", "深圳腾达技术有限公司", "700"),  # the merged record's own name: its survivor C1
+]
+
+
+@pytest.fixture
+def engine(core_url: str) -> Iterator[sa.Engine]:
+    engine = make_engine(core_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def batch(source: str, rows: list[dict[str, Any]], lookups: dict[str, Lookup] | None = None) -> Batch:
+    records = pd.DataFrame(rows)
+    if "name_normalized" not in records.columns and source == "erp":
+        records["name_normalized"] = records["name"].map(company_key)
+    records["_row_ref"] = [str(i + 2) for i in range(len(records))]
+    records["_location"] = "t"
+    fields = [c for c in records.columns if not c.startswith("_")]
+    return Batch(source, f"{source}_map", records, empty_rejects(), len(records), fields, lookups or {})
+
+
+def load(engine: sa.Engine, run_key: str, entity: str, batches: list[Batch]) -> list[SourceStats]:
+    with Session(engine) as session, session.begin():
+        run = get_or_start_run(session, run_key, "test")
+        resolvers = {"customer": CustomerNames(session)} if entity == "opportunity" else {}
+        loader = EntityLoader(
+            session, run, entity, name_keys={"customer": company_key}, name_resolvers=resolvers
+        )
+        return loader.load(batches)
+
+
+def deals() -> Batch:
+    rows = [
+        {
+            "_external_key": key,
+            "name": f"项目{key}",
+            "customer": name,
+            "stage": "won",
+            "amount": Decimal(amount),
+        }
+        for key, name, amount in DEALS
+    ]
+    return batch("xlsx", rows, {"customer": Lookup(by="name")})
+
+
+def seed(engine: sa.Engine) -> dict[str, int]:
+    """Load the customers and merge C6 into C1, as customer dedup would have; return ids by source key."""
+    load(engine, "r1", "customer", [batch("erp", CUSTOMERS)])
+    with Session(engine) as session, session.begin():
+        ids = {k: i for k, i in session.execute(sa.select(ExternalId.external_key, ExternalId.entity_id))}
+        merged = session.get(Customer, ids["C6"])
+        assert merged is not None
+        merged.merged_into_id = ids["C1"]
+    return ids
+
+
+def customer_of(engine: sa.Engine) -> dict[str, int]:
+    with Session(engine) as session:
+        rows = session.execute(
+            sa.select(ExternalId.external_key, Opportunity.customer_id)
+            .join(Opportunity, Opportunity.id == ExternalId.entity_id)
+            .where(ExternalId.entity == "opportunity")
+        )
+        return {key: customer for key, customer in rows}
+
+
+def test_names_resolve_against_every_known_name_and_the_rest_waits_for_a_steward(engine: sa.Engine) -> None:
+    ids = seed(engine)
+    [stats] = load(engine, "r2", "opportunity", [deals()])
+    assert (stats.inserted, stats.held, stats.rejected) == (4, 3, 0) and stats.balanced
+    assert customer_of(engine) == {"O1": ids["C3"], "O2": ids["C1"], "O6": ids["C3"], "O7": ids["C1"]}
+    assert stats.amount_quarantined == Decimal(1200) and stats.amount_source == Decimal(2800)
+
+    with Session(engine) as session:
+        held = {r.row_ref: r for r in session.scalars(sa.select(Reject).where(Reject.severity == "held"))}
+        decisions = {d.name: d for d in session.scalars(sa.select(ReferenceDecision))}
+    assert set(held) == {"4", "5", "6"}  # rows O3, O4, O5
+    assert set(decisions) == {"腾达科技", "成都恒信环保工程公司", "某某未知客户有限公司"}
+    assert all(d.status == "pending" and d.rows_held == 1 for d in decisions.values())
+    assert {c["id"] for c in decisions["腾达科技"].candidates} == {ids["C1"], ids["C2"]}
+    assert ids["C5"] not in {
+        c["id"] for c in decisions["成都恒信环保工程公司"].candidates if c["probability"] > 0.5
+    }
+    assert "held for a steward (reference" in held["4"].reason and held["4"].value == "腾达科技"
+    queue = reference_queue(engine)
+    assert next(q["name"] for q in queue) == "某某未知客户有限公司"  # most money held first
+
+    # A steward links one name and says the other means no customer: the next run loads and rejects them.
+    decide_reference(
+        engine, decisions["腾达科技"].id, record_id=ids["C2"], steward="li", run_key="s1", project="t"
+    )
+    decide_reference(
+        engine, decisions["某某未知客户有限公司"].id, record_id=None, steward="li", run_key="s2", project="t"
+    )
+    [again] = load(engine, "r3", "opportunity", [deals()])
+    assert (again.inserted, again.unchanged, again.held, again.rejected) == (1, 4, 1, 1)
+    assert customer_of(engine)["O3"] == ids["C2"]
+    with Session(engine) as session:
+        run3 = session.scalars(
+            sa.select(Reject)
+            .join(LoadRun, LoadRun.id == Reject.load_run_id)
+            .where(LoadRun.run_key == "r3")
+            .order_by(Reject.id)
+        ).all()
+    assert [(r.row_ref, r.severity) for r in run3] == [("5", "held"), ("6", "error")]
+    assert "li decided that no customer is named" in run3[1].reason
+
+
+def test_a_steward_decision_is_checked_and_made_once(engine: sa.Engine) -> None:
+    ids = seed(engine)
+    load(engine, "r2", "opportunity", [deals()])
+    [pending] = [q for q in reference_queue(engine) if q["name"] == "腾达科技"]
+    number = pending["reference"]
+    runner = CliRunner()
+    core = ["--core-url", engine.url.render_as_string(hide_password=False), "--project", "examples/demo"]
+    listed = runner.invoke(app, ["dedup", "review", "--json", *core[:2]])
+    assert listed.exit_code == 0 and number in {
+        json.loads(line).get("reference") for line in listed.output.splitlines()
+    }
+    both = runner.invoke(
+        app, ["dedup", "decide", number, "--customer", "1", "--different", "--steward", "li", *core]
+    )
+    assert both.exit_code == 1 and "not both" in both.output
+    missing = runner.invoke(
+        app, ["dedup", "decide", number, "--customer", "999999", "--steward", "li", *core]
+    )
+    assert missing.exit_code == 1 and "no customer 999999" in missing.output
+    # The record chosen may since have been merged: the decision lands on its survivor.
+    linked = runner.invoke(
+        app, ["dedup", "decide", number, "--customer", str(ids["C6"]), "--steward", "li", *core]
+    )
+    assert linked.exit_code == 0, linked.output
+    assert f"linked to customer {ids['C1']}" in linked.output
+    twice = runner.invoke(app, ["dedup", "decide", number, "--different", "--steward", "li", *core])
+    assert twice.exit_code == 1 and "already decided" in twice.output
+
+
+def test_loads_naming_customers_wait_for_the_golden_customers(tmp_path: Path) -> None:
+    defs = build_definitions(REPO / "examples" / "demo", f"sqlite:///{tmp_path / 'core.sqlite'}")
+
+    def upstream(asset: str) -> set[str]:
+        key = dg.AssetKey(asset)
+        return {k.to_user_string() for k in defs.get_assets_def(key).asset_deps[key]}
+
+    assert "golden_customers" in upstream("core_opportunity")  # the 商机 sheet names its customers
+    assert "core_opportunity" in upstream("core_sales_order")
+    linking = upstream("customer_match_candidates")
+    assert {"core_customer", "core_contact"} <= linking and not linking & {
+        "core_opportunity",
+        "core_sales_order",
+    }
+    assert {"golden_customers", "core_contact"} <= upstream("golden_contacts")
+
+
+@pytest.mark.slow
+def test_a_decided_name_loads_its_held_rows_on_the_next_run(
+    demo_project: Path, sqlite_core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    run = ["run", "--project", str(demo_project), "--core-url", sqlite_core_url, "--json"]
+    first = runner.invoke(app, run)
+    assert first.exit_code == 0, first.output
+    [line] = [
+        x
+        for x in json.loads(first.stdout)["lines"]
+        if (x["source"], x["entity"]) == ("sales_xlsx", "opportunity")
+    ]
+    assert line["held"] > 0 and line["rejected"] < line["held"]  # unknown names wait; they are not rejected
+
+    core = ["--core-url", sqlite_core_url]
+    queue = [
+        json.loads(x) for x in runner.invoke(app, ["dedup", "review", "--json", *core]).output.splitlines()
+    ]
+    names = [q for q in queue if "reference" in q]
+    assert sum(q["rows_held"] for q in names) == line["held"]
+    chosen = next(q for q in names if q["candidates"])
+    target = chosen["candidates"][0]["id"]
+    decided = runner.invoke(
+        app, ["dedup", "decide", chosen["reference"], "--customer", str(target), "--steward", "li",
+              "--project", str(demo_project), *core],
+    )  # fmt: skip
+    assert decided.exit_code == 0, decided.output
+
+    second = runner.invoke(app, run)
+    assert second.exit_code == 0, second.output
+    [again] = [
+        x
+        for x in json.loads(second.stdout)["lines"]
+        if (x["source"], x["entity"]) == ("sales_xlsx", "opportunity")
+    ]
+    assert again["held"] == line["held"] - chosen["rows_held"]
+    assert again["loaded"] == line["loaded"] + chosen["rows_held"]
+    engine = make_engine(sqlite_core_url)
+    with Session(engine) as session:
+        held_rows = session.scalars(
+            sa.select(Reject.raw_row).where(Reject.value == chosen["name"], Reject.severity == "held")
+        ).all()
+        keys = {str(row["商机编号"]) for row in held_rows}
+        attached = session.scalars(
+            sa.select(Opportunity.customer_id).join(ExternalId, ExternalId.entity_id == Opportunity.id)
+            .where(ExternalId.entity == "opportunity", ExternalId.system == "sales_xlsx", ExternalId.external_key.in_(keys))
+        ).all()  # fmt: skip
+    engine.dispose()
+    assert attached and set(attached) == {target}
