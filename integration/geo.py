@@ -84,22 +84,31 @@ def place_of_division_code(code: str | None) -> Place:
 
 def places_of_addresses(addresses: Iterable[str | None]) -> list[Place]:
     """Province, city and district of each address; addresses without suffixes (江苏无锡新吴区…) too."""
+    return [place for place, _ in parse_addresses(addresses)]
+
+
+def parse_addresses(addresses: Iterable[str | None]) -> list[tuple[Place, str | None]]:
+    """Place of each address and the rest of it after the divisions (the street and number), if any."""
     values = list(addresses)
     distinct = sorted({_clean(value) for value in values if value and _clean(value)})
     if not distinct:
-        return [NOWHERE for _ in values]
+        return [(NOWHERE, None) for _ in values]
     frame = _cpca().transform(distinct)
-    found: dict[str, Place] = {}
-    for text, province, city, district, adcode in zip(
-        distinct, frame["省"], frame["市"], frame["区"], frame["adcode"], strict=True
+    found: dict[str, tuple[Place, str | None]] = {}
+    for text, province, city, district, rest, adcode in zip(
+        distinct, frame["省"], frame["市"], frame["区"], frame["地址"], frame["adcode"], strict=True
     ):
+        street = str(rest).strip() or None if rest else None
         if not province:
-            found[text] = NOWHERE
+            found[text] = (NOWHERE, street)
             continue
         if city == _MUNICIPALITY_CITY or (city is None and str(province).endswith("市")):
             city = province
-        found[text] = Place(province, city or None, district or None, str(adcode) if adcode else None)
-    return [found.get(_clean(value), NOWHERE) if value else NOWHERE for value in values]
+        found[text] = (
+            Place(province, city or None, district or None, str(adcode) if adcode else None),
+            street,
+        )
+    return [found.get(_clean(value), (NOWHERE, None)) if value else (NOWHERE, None) for value in values]
 
 
 def place_of_address(address: str | None) -> Place:
@@ -215,3 +224,49 @@ def _clean(value: str) -> str:
     """NFKC and trimmed; spaces inside Chinese text dropped (深圳 南山区 → 深圳南山区)."""
     text = unicodedata.normalize("NFKC", str(value)).strip()
     return text.replace(" ", "") if any("\u4e00" <= char <= "\u9fff" for char in text) else text
+
+
+@cache
+def _province_of_city() -> dict[str, str]:
+    """Canonical city name → its province, from the division table."""
+    divisions = _divisions()
+    out: dict[str, str] = {}
+    for code, (name, rank) in divisions.items():
+        province = divisions.get(code[:2] + "0000")
+        if province is None:
+            continue
+        if rank == 1 and name != _MUNICIPALITY_CITY:
+            out.setdefault(name, province[0])
+        elif rank == 0 and name.endswith("市"):
+            out.setdefault(name, name)
+    return out
+
+
+def province_of_city(city: str | None) -> str | None:
+    """The province a canonical city name ('深圳市') lies in ('广东省'); municipalities are their own."""
+    return _province_of_city().get(city) if city else None
+
+
+@cache
+def _provinces() -> dict[str, str]:
+    """Province names with and without suffix (广东, 广东省, 内蒙古) → the canonical name."""
+    names: dict[str, str] = {}
+    for name, rank in _divisions().values():
+        if rank == 0:
+            names[name] = name
+            for suffix in ("维吾尔自治区", "壮族自治区", "回族自治区", "自治区", "特别行政区", "省", "市"):
+                if name.endswith(suffix) and len(name) > len(suffix) + 1:
+                    names.setdefault(name[: -len(suffix)], name)
+                    break
+    return names
+
+
+def place_of_region(region: str | None) -> Place:
+    """The place a region written in a company name names: a city (深圳 → 广东省/深圳市) or a province (广东)."""
+    if not region:
+        return NOWHERE
+    city = city_of_name(region)
+    if city:
+        return Place(province_of_city(city), city)
+    province = _provinces().get(_clean(region))
+    return Place(province) if province else NOWHERE

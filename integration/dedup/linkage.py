@@ -13,9 +13,11 @@ goes to review as a whole instead of merging.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
@@ -26,11 +28,24 @@ from rapidfuzz.process import cpdist
 from recordlinkage.base import BaseCompareFeature
 
 from crm_core.errors import DedupError
-from integration.dedup.normalize import brand_key, has_han
+from integration.dedup.normalize import (
+    canonical_industry,
+    credit_code_parts,
+    credit_codes_near,
+    has_han,
+    look_alike,
+    sound_alike,
+    trade_name,
+    trade_pinyin,
+)
 
 # "name": Levenshtein on name cores; a pair written in two scripts (腾达科技 / Tengda Technology) is
 # compared on the pinyin trade names instead (normalize.brand_key), by Jaro–Winkler.
-Method = Literal["exact", "jaro_winkler", "levenshtein", "token_set", "prefix", "name"]
+# "identifier": credit codes, equal (1.0) or the same code after a one-edit repair, by its organisation code
+# or cut short (0.9). "overlap": space-separated keys (every phone of a cell), any one shared (1.0).
+Method = Literal[
+    "exact", "jaro_winkler", "levenshtein", "token_set", "prefix", "name", "identifier", "overlap"
+]
 # rapidfuzz scorers and the factor that brings their score to 0..1
 _SCORERS: dict[str, tuple[Any, float]] = {
     "jaro_winkler": (distance.JaroWinkler.normalized_similarity, 1.0),
@@ -64,6 +79,10 @@ class LinkageSpec:
     auto_merge: float = 0.95
     review: float = 0.5
     hard_keys: Sequence[str] = ()  # members of one cluster must not disagree on these
+    # Columns of a record's reconciled location (city, province): two records that both have one and
+    # differ are in different places, so the pair is distinct, whatever the names say (unless the
+    # credit code says otherwise: then a steward looks).
+    location_keys: Sequence[str] = ()
     max_cluster: int = 10
     # A block key shared by more records than this (a 400 switchboard, a namesake trade name in every
     # city) is skipped: it would add size² pairs and say little; those records still pair elsewhere.
@@ -96,6 +115,10 @@ class SimilarityLevels(BaseCompareFeature):  # type: ignore[misc]
             similarity = (
                 cpdist(_texts(s_left), _texts(s_right), scorer=scorer, workers=-1, dtype=np.float32) * scale
             )
+        elif self.method == "identifier":
+            similarity = _identifier_similarity(_texts(s_left), _texts(s_right))
+        elif self.method == "overlap":
+            similarity = _overlap(_texts(s_left), _texts(s_right))
         else:
             missing = (s_left.isna() | s_right.isna()).to_numpy()
             left = s_left.fillna("").astype(str).to_numpy()
@@ -113,6 +136,29 @@ class SimilarityLevels(BaseCompareFeature):  # type: ignore[misc]
         return pd.Series(level, index=s_left.index)
 
 
+def _identifier_similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """1.0 equal, 0.9 the same code written damaged, short or old-style (normalize.credit_codes_near)."""
+    similarity = np.zeros(len(left), dtype=np.float32)
+    for position, (a, b) in enumerate(zip(left, right, strict=True)):
+        if a is None or b is None:
+            continue
+        if a == b:
+            similarity[position] = 1.0
+        elif credit_codes_near(a, b):
+            similarity[position] = 0.9
+    return similarity
+
+
+def _overlap(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """1.0 when two space-separated key lists share a key, else 0."""
+    similarity = np.zeros(len(left), dtype=np.float32)
+    for position, (a, b) in enumerate(zip(left, right, strict=True)):
+        if a is None or b is None:
+            continue
+        similarity[position] = 1.0 if a == b or set(a.split()) & set(b.split()) else 0.0
+    return similarity
+
+
 def _scripts(values: np.ndarray) -> np.ndarray:
     """Return per value: 1 written with Chinese characters, 0 otherwise, -1 missing (once per distinct value)."""
     codes, uniques = pd.factorize(values, use_na_sentinel=True)
@@ -121,15 +167,68 @@ def _scripts(values: np.ndarray) -> np.ndarray:
 
 
 def _name_similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Similarity of name cores, Chinese-aware (see :func:`variant_similarity`); cross-script on pinyin."""
     similarity = cpdist(left, right, scorer=distance.Levenshtein.normalized_similarity, workers=-1,
                         dtype=np.float32)  # fmt: skip
     left_script, right_script = _scripts(left), _scripts(right)
     cross = (left_script >= 0) & (right_script >= 0) & (left_script != right_script)
     if cross.any():
-        brands = cpdist([brand_key(v) for v in left[cross]], [brand_key(v) for v in right[cross]],
+        brands = cpdist([trade_pinyin(v) for v in left[cross]], [trade_pinyin(v) for v in right[cross]],
                         scorer=distance.JaroWinkler.normalized_similarity, dtype=np.float32)  # fmt: skip
-        similarity[cross] = np.maximum(similarity[cross], brands)
+        # Across scripts the industry words cannot be checked (物流 is not "Logistics" to a string metric):
+        # an equal trade name is a close name, not an equal one.
+        similarity[cross] = np.maximum(similarity[cross], np.minimum(brands, TRADE_NAME_ONLY))
+        # "Xinhong New Materials" against 鑫宏新材料: the English core starts with the trade name's pinyin
+        for position in np.flatnonzero(cross & (similarity < 0.999)):
+            han, latin = (
+                (left[position], right[position])
+                if left_script[position] == 1
+                else (right[position], left[position])
+            )
+            spoken = trade_pinyin(han)
+            if len(spoken) >= 4 and re.sub(r"[^0-9a-z]", "", latin).startswith(spoken):
+                similarity[position] = max(similarity[position], TRADE_NAME_ONLY)
+    # Chinese names that are close but not equal: homophones, look-alikes, a dropped or swapped character,
+    # industry synonyms and a bare trade name are scored by the weighted edit distance (few pairs).
+    han = (left_script == 1) & (right_script == 1) & (similarity < 1.0) & (similarity >= 0.3)
+    for position in np.flatnonzero(han):
+        similarity[position] = max(similarity[position], variant_similarity(left[position], right[position]))
     return similarity
+
+
+SOUND_OR_SHAPE = 0.25  # a homophone or look-alike character instead of another: a quarter of an edit
+GAP = 0.5  # a character dropped, added, or two swapped: half an edit (a different character costs one)
+TRADE_NAME_ONLY = 0.9  # 腾达 against 腾达科技: the short name is the other's trade name
+
+
+@lru_cache(maxsize=500_000)
+def variant_similarity(left: str, right: str) -> float:
+    """Return 1 − weighted edits / longer length between two Chinese name cores, industry synonyms unified.
+
+    A homophone (华鑫/华新) or look-alike (天/夭) costs a quarter edit, a dropped, added or swapped
+    character half, any other character a whole one: 卓泰微 / 卓泰众 stay apart (0.67) where 华鑫科技 /
+    骅鑫科技 come together (0.94). A name that is only the other's trade name scores ``TRADE_NAME_ONLY``.
+    """
+    a, b = canonical_industry(left), canonical_industry(right)
+    if a == b:
+        return 1.0
+    if min(len(a), len(b)) >= 2 and (trade_name(a) == b or trade_name(b) == a):
+        return TRADE_NAME_ONLY
+    rows, cols = len(a) + 1, len(b) + 1
+    cost = [[0.0] * cols for _ in range(rows)]
+    for i in range(rows):
+        cost[i][0] = i * GAP
+    for j in range(cols):
+        cost[0][j] = j * GAP
+    for i in range(1, rows):
+        for j in range(1, cols):
+            x, y = a[i - 1], b[j - 1]
+            substitute = 0.0 if x == y else SOUND_OR_SHAPE if (look_alike(x, y) or sound_alike(x, y)) else 1.0
+            best = min(cost[i - 1][j] + GAP, cost[i][j - 1] + GAP, cost[i - 1][j - 1] + substitute)
+            if i > 1 and j > 1 and x == b[j - 2] and a[i - 2] == y:
+                best = min(best, cost[i - 2][j - 2] + GAP)
+            cost[i][j] = best
+    return max(0.0, 1.0 - cost[-1][-1] / max(len(a), len(b)))
 
 
 def _texts(values: pd.Series) -> np.ndarray:
@@ -151,6 +250,7 @@ class LinkageResult:
     band: pd.Series  # merge | review | distinct
     clusters: list[list[Any]] = field(default_factory=list)
     cluster_review: list[list[Any]] = field(default_factory=list)  # clusters too large or split: for stewards
+    reasons: dict[tuple[Any, Any], str] = field(default_factory=dict)  # why a pair is in review, not merged
 
     @property
     def reduction_ratio(self) -> float:
@@ -358,6 +458,100 @@ def guard_clusters(
     return merge, review
 
 
+def _hard_values(frame: pd.DataFrame, key: str) -> pd.Series:
+    """A hard key's values, blanks missing; a credit code counts only when valid (a damaged one may be a typo)."""
+    values = frame[key].astype("string").str.strip().replace("", pd.NA)
+    if key == "credit_code":
+        valid = values.map(lambda v: credit_code_parts(v).valid is not None, na_action="ignore")
+        values = values.where(valid.astype("boolean").fillna(False).astype(bool))
+    return values
+
+
+def location_conflicts(frame: pd.DataFrame, pairs: pd.Index, spec: LinkageSpec) -> np.ndarray:
+    """Return, per pair, whether both records are placed (a location key) and the places differ."""
+    conflict = np.zeros(len(pairs), dtype=bool)
+    if not len(pairs):
+        return conflict
+    left, right = pairs.get_level_values(0), pairs.get_level_values(1)
+    for key in spec.location_keys:
+        values = frame[key].astype("string").replace("", pd.NA)
+        a, b = values.reindex(left).to_numpy(), values.reindex(right).to_numpy()
+        known = ~(pd.isna(a) | pd.isna(b))
+        conflict[known] |= a[known] != b[known]
+    return conflict
+
+
+def same_identifier(frame: pd.DataFrame, pairs: pd.Index) -> np.ndarray:
+    """Return, per pair, whether the credit codes name one code (equal or near, see credit_codes_near)."""
+    if "credit_code" not in frame or not len(pairs):
+        return np.zeros(len(pairs), dtype=bool)
+    codes = _texts(frame["credit_code"])
+    position = pd.Series(np.arange(len(frame)), index=frame.index)
+    a = codes[position.reindex(pairs.get_level_values(0)).to_numpy()]
+    b = codes[position.reindex(pairs.get_level_values(1)).to_numpy()]
+    return _identifier_similarity(a, b) > 0
+
+
+CONFLICT_FACTOR = 0.5  # a pair across two valid credit codes: its probability halved (never shown as 1.0)
+
+
+def coherent_clusters(
+    merged: pd.Series, linked: pd.Series, frame: pd.DataFrame, spec: LinkageSpec
+) -> tuple[list[list[Any]], dict[tuple[Any, Any], str]]:
+    """Return (clusters, refused pairs with the reason) built from merge pairs, best first.
+
+    Pairs are joined in order of probability. Two groups join only when no hard key or location would
+    then hold two values (two valid credit codes, two cities, two branches) and when the pairs linking
+    them (merge or review) are at least half of all their member pairs: one record that looks like two
+    companies cannot bridge them. A refused pair goes to review with the reason, for a steward.
+    """
+    keys = [*spec.hard_keys, *[k for k in spec.location_keys if k not in spec.hard_keys]]
+    values = {key: _hard_values(frame, key) for key in keys}
+    value_of = {key: column.dropna().to_dict() for key, column in values.items()}
+    neighbours: dict[Any, set[Any]] = defaultdict(set)
+    for a, b in linked.index:
+        neighbours[a].add(b)
+        neighbours[b].add(a)
+    members: dict[Any, list[Any]] = {}
+    group: dict[Any, Any] = {}
+    seen: dict[Any, dict[str, set[Any]]] = {}
+    refused: dict[tuple[Any, Any], str] = {}
+    for pair in merged.sort_values(ascending=False, kind="stable").index:
+        a, b = pair
+        for record in (a, b):
+            if record not in group:
+                group[record], members[record] = record, [record]
+                seen[record] = {k: {value_of[k][record]} if record in value_of[k] else set() for k in keys}
+        ga, gb = group[a], group[b]
+        if ga == gb:
+            continue
+        clash = next((k for k in keys if seen[ga][k] and seen[gb][k] and seen[ga][k] != seen[gb][k]), None)
+        if clash is not None:
+            both = sorted(map(str, seen[ga][clash] | seen[gb][clash]))
+            refused[ordered(pair)] = (
+                f"not merged: the cluster would hold two {clash} values ({', '.join(both)})"
+            )
+            continue
+        small, large = sorted((members[ga], members[gb]), key=len)
+        large_set = set(large)
+        links = sum(len(neighbours[m] & large_set) for m in small)
+        if 2 * links < len(small) * len(large):
+            refused[ordered(pair)] = (
+                f"not merged: links {links} of {len(small) * len(large)} member pairs between two groups "
+                f"of {len(small)} and {len(large)} records (one record would bridge two companies)"
+            )
+            continue
+        keep, drop = (ga, gb) if len(members[ga]) >= len(members[gb]) else (gb, ga)
+        for record in members[drop]:
+            group[record] = keep
+        members[keep] += members.pop(drop)
+        for key in keys:
+            seen[keep][key] |= seen[drop][key]
+        del seen[drop]
+    clusters = sorted((sorted(m) for m in members.values() if len(m) > 1), key=lambda g: (-len(g), g[0]))
+    return clusters, refused
+
+
 def hard_key_conflicts(frame: pd.DataFrame, pairs: pd.Index, spec: LinkageSpec) -> np.ndarray:
     """Return, per pair, whether both records have a value for some hard key and the values differ."""
     conflict = np.zeros(len(pairs), dtype=bool)
@@ -365,7 +559,7 @@ def hard_key_conflicts(frame: pd.DataFrame, pairs: pd.Index, spec: LinkageSpec) 
         return conflict
     left, right = pairs.get_level_values(0), pairs.get_level_values(1)
     for key in spec.hard_keys:
-        values = frame[key].astype("string").str.strip().replace("", pd.NA)
+        values = _hard_values(frame, key)
         a, b = values.reindex(left).to_numpy(), values.reindex(right).to_numpy()
         known = ~(pd.isna(a) | pd.isna(b))
         conflict[known] |= a[known] != b[known]
@@ -410,9 +604,32 @@ def link(
     band = bands(probability, spec)
     if distinct:
         band[[ordered(p) in distinct for p in band.index]] = "distinct"
-    # A high score across a hard-key conflict (two credit codes, regions or branches) is not a sure match:
-    # the pair goes to review instead of tying two clusters together (and dragging both into review).
-    band[(band == "merge") & hard_key_conflicts(frame, band.index, spec)] = "review"
-    merged_pairs = list(band.index[band == "merge"])
-    clusters, review = guard_clusters(connected_components(merged_pairs), frame, spec)
-    return LinkageResult(len(pairs), len(frame), features, probability, band, clusters, review)
+    reasons: dict[tuple[Any, Any], str] = {}
+    # Two places (the city from every source of evidence) are two companies, unless the credit codes say
+    # it is one: then a steward looks.
+    elsewhere = location_conflicts(frame, band.index, spec)
+    if elsewhere.any():
+        one_code = same_identifier(frame, band.index[elsewhere])
+        located = band.index[elsewhere]
+        band[located[~one_code]] = "distinct"
+        for pair in located[one_code & (band[located] != "distinct").to_numpy()]:
+            band[pair] = "review"
+            reasons[ordered(pair)] = "one credit code but two locations"
+    # A high score across a hard-key conflict (two valid credit codes, branches) is not a sure match: its
+    # probability is cut (never 1.0 in the queue), and it is reviewed only if it stays above review.
+    conflict = hard_key_conflicts(frame, band.index, spec) & (band != "distinct").to_numpy()
+    if conflict.any():
+        probability = probability.copy()
+        probability[conflict] = probability[conflict] * CONFLICT_FACTOR
+        band[conflict] = np.where(probability[conflict] >= spec.review, "review", "distinct")
+        for pair in band.index[conflict & (band == "review").to_numpy()]:
+            reasons[ordered(pair)] = "hard key conflict (" + ", ".join(spec.hard_keys) + ")"
+    merged = probability[band == "merge"]
+    linked = probability[band != "distinct"]
+    clusters, refused = coherent_clusters(merged, linked, frame, spec)
+    for pair in band.index[band == "merge"]:
+        if ordered(pair) in refused:
+            band[pair] = "review"
+    reasons.update(refused)
+    clusters, review = guard_clusters(clusters, frame, spec)
+    return LinkageResult(len(pairs), len(frame), features, probability, band, clusters, review, reasons)

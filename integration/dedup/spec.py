@@ -15,7 +15,25 @@ if TYPE_CHECKING:
     from integration.dedup.linkage import LinkageSpec
 
 # The columns linkage sees for a customer (see integration.dedup.customers.customer_records).
-CUSTOMER_COLUMNS = ("name", "name_core", "region", "branch", "credit_code", "phone", "email_domain", "city")
+CUSTOMER_COLUMNS = (
+    "name",
+    "name_core",
+    "region",
+    "branch",
+    "trade",
+    "trade_rare",
+    "name_sound",
+    "trade_pinyin",
+    "credit_code",
+    "org_code",
+    "phone",
+    "phones",
+    "email_domain",
+    "city",
+    "province",
+    "district",
+    "address_key",
+)
 Method = Literal["exact", "jaro_winkler", "levenshtein", "token_set", "prefix", "name"]
 
 
