@@ -467,7 +467,13 @@ def rollback_load_run(context: dg.OpExecutionContext, config: RollbackConfig) ->
 
 def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
     """Return customer_match_candidates → golden_customers → customer_review_queue (after every core load)."""
-    from integration.dedup.workflow import Candidates, find_candidates, merge_clusters, review_queue
+    from integration.dedup.workflow import (
+        Candidates,
+        find_candidates,
+        merge_clusters,
+        review_count,
+        review_queue,
+    )
 
     core_deps = [f"core_{e}" for e in migration.entities]
     rules = migration.project.spec.dedup.get("customer")
@@ -499,6 +505,9 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
             "new_candidates": outcome.new_candidates, "clusters_to_merge": len(found.clusters),
             "clusters_for_review": outcome.review_clusters,
             "cluster_size_histogram": dg.MetadataValue.json({str(k): v for k, v in outcome.cluster_sizes.items()}),
+            "review_pairs": outcome.review_pairs, "review_share_of_records": outcome.review_share_of_records,
+            "review_expected_same": outcome.review_expected_same,
+            "review_reasons": dg.MetadataValue.json(outcome.review_reasons),
         })  # fmt: skip
 
     @dg.asset(
@@ -549,12 +558,15 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         """Pairs a data steward must decide (`crmi dedup review`): likely the same company, not sure enough to merge."""
         core: CoreDatabase = context.resources.core
         with _load_run_step(context, core, migration.project.name) as engine:
-            queue = review_queue(engine, entity="customer")
-        sample = pd.DataFrame(
-            [{k: v for k, v in q.items() if k != "features"} for q in queue[:MAX_SAMPLE_ROWS]]
-        )
+            counts = review_count(engine, entity="customer")  # counted in SQL, not by loading the queue
+            queue = review_queue(engine, limit=MAX_SAMPLE_ROWS, entity="customer")
+        sample = pd.DataFrame([{k: v for k, v in q.items() if k != "features"} for q in queue])
         return dg.MaterializeResult(
-            metadata={"pending": len(queue), "sample": dg.MetadataValue.md(markdown_table(sample))}
+            metadata={
+                "pending": counts["pending"],
+                "expected_same": counts["expected_same"],
+                "sample": dg.MetadataValue.md(markdown_table(sample)),
+            }  # fmt: skip
         )
 
     @dg.asset(

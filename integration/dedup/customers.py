@@ -73,8 +73,11 @@ CUSTOMER_SPEC = LinkageSpec(
     sorted_neighbourhood=[("name_core", 5)],
     comparisons=[
         Comparison("name_core", "name", (0.999, 0.85), label="name_core_levenshtein"),
-        # term-frequency: agreeing on a trade name few firms carry says more than on 华信 or 东方
-        Comparison("trade_rare", "exact", (1.0,)),
+        # Term frequency: two rare trade names. Among candidate pairs (which share a name, a sound or a
+        # trade name in a city), a pair whose trade names few firms carry is likelier the same firm than
+        # one on 华信 or 东方, present in every city. Additive, so the name comparison still decides
+        # how close the names are.
+        Comparison("trade_rare", "rare", (1.0,)),
         Comparison("credit_code", "identifier", (1.0, 0.9)),
         Comparison("phones", "overlap", (1.0,)),
         Comparison("email_domain", "exact", (1.0,)),

@@ -34,6 +34,7 @@ from integration.dedup.normalize import (
     credit_codes_near,
     has_han,
     look_alike,
+    same_name_across_scripts,
     sound_alike,
     trade_name,
     trade_pinyin,
@@ -119,6 +120,8 @@ class SimilarityLevels(BaseCompareFeature):  # type: ignore[misc]
             similarity = _identifier_similarity(_texts(s_left), _texts(s_right))
         elif self.method == "overlap":
             similarity = _overlap(_texts(s_left), _texts(s_right))
+        elif self.method == "rare":
+            similarity = (s_left.notna() & s_right.notna()).to_numpy(dtype=np.float32)
         else:
             missing = (s_left.isna() | s_right.isna()).to_numpy()
             left = s_left.fillna("").astype(str).to_numpy()
@@ -185,8 +188,13 @@ def _name_similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
                 if left_script[position] == 1
                 else (right[position], left[position])
             )
-            spoken = trade_pinyin(han)
-            if len(spoken) >= 4 and re.sub(r"[^0-9a-z]", "", latin).startswith(spoken):
+            if same_name_across_scripts(han, latin):  # trade name and industry words both agree
+                similarity[position] = 1.0
+            elif (
+                (spoken := trade_pinyin(han))
+                and len(spoken) >= 4
+                and re.sub(r"[^0-9a-z]", "", latin).startswith(spoken)
+            ):
                 similarity[position] = max(similarity[position], TRADE_NAME_ONLY)
     # Chinese names that are close but not equal: homophones, look-alikes, a dropped or swapped character,
     # industry synonyms and a bare trade name are scored by the weighted edit distance (few pairs).
@@ -450,7 +458,7 @@ def guard_clusters(
     label = np.repeat(np.arange(len(clusters)), sizes)
     conflicting = sizes > spec.max_cluster
     for key in spec.hard_keys:  # one groupby per key over all clustered records, not a lookup per cluster
-        values = frame[key].reindex(members).astype("string").str.strip().replace("", pd.NA)
+        values = _hard_values(frame, key).reindex(members)
         distinct_values = pd.Series(values.to_numpy(), index=label).groupby(level=0).nunique()
         conflicting[distinct_values.index.to_numpy()] |= distinct_values.to_numpy() > 1
     merge = [cluster for cluster, bad in zip(clusters, conflicting, strict=True) if not bad]
@@ -617,6 +625,9 @@ def link(
             reasons[ordered(pair)] = "one credit code but two locations"
     # A high score across a hard-key conflict (two valid credit codes, branches) is not a sure match: its
     # probability is cut (never 1.0 in the queue), and it is reviewed only if it stays above review.
+    # A branch (分公司) is never its head office or another branch: distinct (linked as parent_id instead).
+    branches = LinkageSpec(blocks=[], comparisons=[], hard_keys=[k for k in spec.hard_keys if k == "branch"])
+    band[hard_key_conflicts(frame, band.index, branches)] = "distinct"
     conflict = hard_key_conflicts(frame, band.index, spec) & (band != "distinct").to_numpy()
     if conflict.any():
         probability = probability.copy()
@@ -627,9 +638,11 @@ def link(
     merged = probability[band == "merge"]
     linked = probability[band != "distinct"]
     clusters, refused = coherent_clusters(merged, linked, frame, spec)
-    for pair in band.index[band == "merge"]:
-        if ordered(pair) in refused:
-            band[pair] = "review"
+    if refused:  # a join the cluster refused: the pair is sure, the cluster it would make is not
+        held = np.array([band.iat[i] == "merge" and ordered(p) in refused for i, p in enumerate(band.index)])
+        band[held] = "review"
+        probability = probability.copy()
+        probability[held] = probability[held] * CONFLICT_FACTOR
     reasons.update(refused)
     clusters, review = guard_clusters(clusters, frame, spec)
     return LinkageResult(len(pairs), len(frame), features, probability, band, clusters, review, reasons)

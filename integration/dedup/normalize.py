@@ -530,3 +530,50 @@ def trade_pinyin(core: str) -> str:
     if has_han(core):
         return re.sub(r"[^0-9a-z]", "", "".join(lazy_pinyin(trade_name(core))).casefold())
     return brand_key(core)
+
+
+# English industry words as Chinese names write them, to compare "Tengda Technology" with 腾达科技 in full.
+INDUSTRY_IN_ENGLISH = {
+    "technology": "科技", "technologies": "科技", "tech": "科技", "scitech": "科技", "science": "科学",
+    "information": "信息", "network": "网络", "networks": "网络", "electronics": "电子", "electronic": "电子",
+    "trading": "贸易", "trade": "贸易", "commerce": "商贸", "commercial": "商贸", "software": "软件",
+    "logistics": "物流", "machinery": "机械", "equipment": "设备", "medical": "医疗", "devices": "器械",
+    "device": "器械", "new": "新", "materials": "材料", "material": "材料", "environmental": "环保",
+    "environment": "环境", "engineering": "工程", "biotechnology": "生物科技", "biotech": "生物科技",
+    "industrial": "实业", "industry": "实业", "industries": "实业", "construction": "建设", "foods": "食品",
+    "food": "食品", "automation": "自动化", "optoelectronics": "光电", "optoelectronic": "光电",
+    "chemical": "化工", "chemicals": "化工", "consulting": "咨询", "supply": "供应", "chain": "链",
+    "management": "管理", "pharmaceutical": "医药", "pharmaceuticals": "医药", "investment": "投资",
+    "culture": "文化", "media": "传媒", "development": "发展", "international": "国际", "holdings": "控股",
+    "holding": "控股", "group": "集团", "energy": "能源", "electric": "电气", "education": "教育",
+    "intelligent": "智能", "smart": "智能", "services": "服务", "service": "服务", "textile": "纺织",
+    "textiles": "纺织", "printing": "印务", "agriculture": "农业", "communication": "通信",
+    "communications": "通信", "data": "数据", "systems": "系统", "system": "系统", "enterprise": "企业",
+    "manufacturing": "制造", "instruments": "仪器",
+}  # fmt: skip
+_ENGLISH_WORDS = sorted(INDUSTRY_IN_ENGLISH, key=len, reverse=True)
+
+
+@lru_cache(maxsize=200_000)
+def industry_in_chinese(latin_rest: str) -> str | None:
+    """Return English industry words run together ("environmentalengineering") in Chinese (环保工程),
+    industry synonyms unified; None when a part is not an industry word."""
+    text, out = latin_rest, []
+    while text:
+        word = next((w for w in _ENGLISH_WORDS if text.startswith(w)), None)
+        if word is None:
+            return None
+        out.append(INDUSTRY_IN_ENGLISH[word])
+        text = text[len(word) :]
+    return canonical_industry("".join(out))
+
+
+def same_name_across_scripts(han_core: str, latin_core: str) -> bool:
+    """True when a pinyin English core is the Chinese core: the trade name's pinyin, then its industry
+    words in English (鑫宏新材料 / "xinhongnewmaterials")."""
+    spoken = trade_pinyin(han_core)
+    latin = re.sub(r"[^0-9a-z]", "", latin_core.casefold())
+    if len(spoken) < 4 or not latin.startswith(spoken):
+        return False
+    industry = canonical_industry(han_core)[len(trade_name(han_core)) :]
+    return industry_in_chinese(latin[len(spoken) :]) == industry

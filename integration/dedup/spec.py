@@ -34,7 +34,9 @@ CUSTOMER_COLUMNS = (
     "district",
     "address_key",
 )
-Method = Literal["exact", "jaro_winkler", "levenshtein", "token_set", "prefix", "name"]
+Method = Literal[
+    "exact", "jaro_winkler", "levenshtein", "token_set", "prefix", "name", "identifier", "overlap", "rare"
+]
 
 
 def _close(name: str) -> str:
