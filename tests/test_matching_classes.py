@@ -58,7 +58,7 @@ def background() -> pd.DataFrame:
 
     rng = random.Random(14)
     rows: list[dict[str, Any]] = []
-    for number in range(150):
+    for _ in range(150):
         city, area, division, district = rng.choice(CITIES)
         brand, industry = rng.choice(BRANDS), rng.choice(INDUSTRIES)
         official = f"{city}{brand}{industry}有限公司"
@@ -239,7 +239,7 @@ def test_one_bridging_record_does_not_join_two_companies() -> None:
                           "province": [None] * 5}, index=[1, 2, 3, 4, 5])  # fmt: skip
     clusters, refused = coherent_clusters(merged, merged, frame, CUSTOMER_SPEC)
     assert not any({1, 3} <= set(c) for c in clusters)
-    assert [set(c) for c in clusters if 5 in c][0] in ({1, 2, 5}, {3, 4, 5})
+    assert next(set(c) for c in clusters if 5 in c) in ({1, 2, 5}, {3, 4, 5})
     assert any("bridge" in reason for reason in refused.values())
 
 
@@ -250,3 +250,27 @@ def test_a_cluster_never_holds_two_valid_credit_codes_or_two_cities() -> None:
                          index=[1, 2, 3])  # fmt: skip
     clusters, refused = coherent_clusters(merged, merged, frame, CUSTOMER_SPEC)
     assert clusters == [[1, 2]] and "two credit_code values" in refused[(2, 3)]
+
+
+def test_a_branch_gets_its_head_office_as_parent(sqlite_core_url: str) -> None:
+    import sqlalchemy as sa
+
+    from crm_core.db import make_engine, session_factory, upgrade
+    from crm_core.models import Customer
+    from crm_core.runs import rollback_run
+    from integration.dedup.workflow import deduplicate_customers
+
+    engine = make_engine(sqlite_core_url)
+    upgrade(engine)
+    with session_factory(engine)() as session, session.begin():
+        session.add_all([Customer(id=1, name="深圳腾达科技有限公司", phone="+8675586001234"),
+                         Customer(id=2, name="深圳腾达科技有限公司南山分公司", phone="+8675586001234"),
+                         Customer(id=3, name="深圳腾达科技有限公司北京分公司")])  # fmt: skip
+    outcome = deduplicate_customers(engine, "dedup-1", "t", finish=True)
+    with engine.connect() as connection:
+        rows = connection.execute(sa.select(Customer.id, Customer.parent_id, Customer.merged_into_id)).all()
+    assert sorted(rows) == [(1, None, None), (2, 1, None), (3, 1, None)] and outcome.branches_linked == 2
+    rollback_run(engine, "dedup-1")
+    with engine.connect() as connection:
+        assert connection.scalar(sa.select(sa.func.count()).where(Customer.parent_id.is_not(None))) == 0
+    engine.dispose()

@@ -470,6 +470,7 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
     from integration.dedup.workflow import (
         Candidates,
         find_candidates,
+        link_branches,
         merge_clusters,
         review_count,
         review_queue,
@@ -532,10 +533,12 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         with _load_run_step(context, core, migration.project.name) as engine:
             outcome = merge_clusters(engine, context.run.run_id, migration.project.name, candidates,
                                      source_priority=priority, survivorship=survivorship, mode=options.mode)  # fmt: skip
+            branches = link_branches(engine, context.run.run_id, migration.project.name, options.mode)
             failpoint("dedup:merge")
             yield dg.MaterializeResult(metadata={
                 "customers": candidates.outcome.records, "auto_merged": outcome.auto_merged,
                 "merge_log_ids": dg.MetadataValue.json(outcome.merge_log_ids[:50]),
+                "branches_linked_to_head_office": branches,
             })  # fmt: skip
             with session_factory(engine)() as session:
                 shared = next(
@@ -566,7 +569,7 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
                 "pending": counts["pending"],
                 "expected_same": counts["expected_same"],
                 "sample": dg.MetadataValue.md(markdown_table(sample)),
-            }  # fmt: skip
+            }
         )
 
     @dg.asset(

@@ -40,12 +40,14 @@ from integration.dedup.normalize import (
     trade_pinyin,
 )
 
-# "name": Levenshtein on name cores; a pair written in two scripts (腾达科技 / Tengda Technology) is
-# compared on the pinyin trade names instead (normalize.brand_key), by Jaro–Winkler.
+# "name": Chinese-aware similarity of name cores (variant_similarity: homophones, look-alikes, gaps, synonyms,
+# bare trade names); a pair written in two scripts (腾达科技 / Tengda Technology) is
+# compared on the pinyin trade name and the industry words (normalize.same_name_across_scripts).
 # "identifier": credit codes, equal (1.0) or the same code after a one-edit repair, by its organisation code
 # or cut short (0.9). "overlap": space-separated keys (every phone of a cell), any one shared (1.0).
+# "rare": both records hold a value (a term-frequency bucket: both trade names are rare ones).
 Method = Literal[
-    "exact", "jaro_winkler", "levenshtein", "token_set", "prefix", "name", "identifier", "overlap"
+    "exact", "jaro_winkler", "levenshtein", "token_set", "prefix", "name", "identifier", "overlap", "rare"
 ]
 # rapidfuzz scorers and the factor that brings their score to 0..1
 _SCORERS: dict[str, tuple[Any, float]] = {

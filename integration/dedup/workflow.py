@@ -39,6 +39,7 @@ from crm_core.merging import (
 from crm_core.models import Contact, Customer, MatchCandidate, MergeLog
 from integration.dedup.customers import CUSTOMER_SPEC, customer_records
 from integration.dedup.linkage import Labels, LinkageSpec, link, ordered
+from integration.dedup.normalize import normalize_company_name
 
 
 @dataclass
@@ -60,6 +61,7 @@ class DedupOutcome:
     # The mean match probability of the review pairs: the share a steward can expect to be the same company.
     review_expected_same: float | None = None
     review_reasons: dict[str, int] = field(default_factory=dict)  # why pairs were held back from merging
+    branches_linked: int = 0  # branches (分公司) given their head office as parent_id
 
     def summary(self, first: int = 10) -> dict[str, Any]:
         """Return the outcome for printing: counts, and the first merge ids instead of all of them."""
@@ -252,9 +254,42 @@ def deduplicate_customers(
         engine, run_key, project, candidates,
         source_priority=source_priority, survivorship=survivorship, mode=mode,
     )  # fmt: skip
+    outcome.branches_linked = link_branches(engine, run_key, project, mode)
     if finish:
         finish_run(engine, run_key, project, mode)
     return outcome
+
+
+def link_branches(engine: Engine, run_key: str, project: str, mode: str = "full") -> int:
+    """Point each branch (分公司) without a parent at its head office: the one active customer whose name is
+    the branch's name without the branch marker (same region and core). Journaled in the run; returns how
+    many branches were linked. A branch is never merged into its parent (linkage keeps them distinct)."""
+    with session_factory(engine)() as session, session.begin():
+        rows = session.execute(
+            select(Customer.id, Customer.name, Customer.parent_id).where(Customer.merged_into_id.is_(None))
+        ).all()
+        heads: dict[tuple[str | None, str], list[int]] = {}
+        branches: list[tuple[int, tuple[str | None, str]]] = []
+        for customer_id, name, parent_id in rows:
+            parts = normalize_company_name(name or "")
+            if not parts.core:
+                continue
+            if parts.branch is None:
+                heads.setdefault((parts.region, parts.core), []).append(customer_id)
+            elif parent_id is None:
+                branches.append((customer_id, (parts.region, parts.core)))
+        found = {
+            branch: heads[key][0] for branch, key in branches if len(heads.get(key, ())) == 1
+        }  # an ambiguous head office (two customers of that name) is left for a steward
+        if not found:
+            return 0
+        get_or_start_run(session, run_key, project, mode)  # journals the changes below to the run
+        connection = session.connection()
+        for part in id_parts(connection, sorted(found)):
+            for customer in session.scalars(select(Customer).where(ids_in(connection, Customer.id, part))):
+                customer.parent_id, customer.is_branch = found[customer.id], True
+        session.flush()
+        return len(found)
 
 
 def steward_labels(session: Any, spec: LinkageSpec, entity: str = "customer") -> Labels | None:
