@@ -108,7 +108,11 @@ class LinkageConfig(_Strict):
     )
     auto_merge: Annotated[float, Field(gt=0, le=1)] = 0.95
     review: Annotated[float, Field(gt=0, le=1)] = 0.5
-    hard_keys: list[str] = Field(default_factory=lambda: ["credit_code", "region", "branch"])
+    hard_keys: list[str] = Field(default_factory=lambda: ["credit_code", "branch"])
+    location_keys: list[str] = Field(
+        default_factory=lambda: ["city", "province"],
+        description="a record's reconciled location; two records placed differently are distinct",
+    )
     max_cluster: Annotated[int, Field(ge=2)] = 10
     max_block: Annotated[int, Field(ge=2)] = Field(
         default=200, description="block keys shared by more records are skipped (too common to tell)"
@@ -124,7 +128,7 @@ class LinkageConfig(_Strict):
                 _check_column(column)
         return value
 
-    @field_validator("hard_keys")
+    @field_validator("hard_keys", "location_keys")
     @classmethod
     def _hard_keys(cls, value: list[str]) -> list[str]:
         for column in value:
@@ -149,6 +153,7 @@ class LinkageConfig(_Strict):
             auto_merge=self.auto_merge,
             review=self.review,
             hard_keys=tuple(self.hard_keys),
+            location_keys=tuple(self.location_keys),
             max_cluster=self.max_cluster,
             max_block=self.max_block,
         )
