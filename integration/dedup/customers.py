@@ -27,6 +27,7 @@ from integration.dedup.evaluate import cluster_scores, pair_scores, pairs_of
 from integration.dedup.linkage import Comparison, LinkageSpec, link
 from integration.dedup.normalize import (
     brand_key,
+    company_key,
     credit_code_parts,
     has_han,
     name_sound,
@@ -192,6 +193,39 @@ def _area_cities(phones: Sequence[str]) -> tuple[str, ...]:
 def _street_key(street: str) -> str:
     """A street and number written one way (NFKC, no spaces or punctuation, case-folded)."""
     return re.sub(r"[\s,，.。#－\-]", "", unicodedata.normalize("NFKC", street)).casefold()
+
+
+def located_company_keys(records: pd.DataFrame) -> pd.Series:
+    """Return each customer's exact-match name key (``normalize.company_key``), the region completed from
+    the record's own location when the name has none.
+
+    "腾达科技有限公司" with a Shenzhen address and the same name with a Zhengzhou phone are two companies:
+    their keys become ``深圳|腾达科技|`` and ``郑州|腾达科技|`` instead of one ``|腾达科技|`` that the load
+    would match on. The location is reconciled as in :func:`linkage_rows` (address, city field, credit
+    code, phone area code).
+    """
+    keys = records["name"].map(company_key)
+    bare = keys.notna() & keys.str.startswith("|", na=False)
+    if not bare.any():
+        return keys
+    columns = [c for c in ("credit_code", "phone", "city", "address") if c in records.columns]
+    subset = records.loc[bare, ["name", *columns]]
+    rows = linkage_rows([{k: (v if isinstance(v, str) else None) for k, v in row.items()}
+                         for row in subset.to_dict("records")])  # fmt: skip
+    regions = pd.Series([_short_city(row["city"]) for row in rows], index=subset.index, dtype=object)
+    located = regions.notna()
+    keys.loc[located[located].index] = regions[located] + keys.loc[located[located].index]
+    return keys
+
+
+def _short_city(city: str | None) -> str | None:
+    """深圳市 → 深圳 (the form a company name writes its region in)."""
+    if not city:
+        return None
+    for suffix in ("市", "地区", "自治州", "盟"):
+        if city.endswith(suffix) and len(city) > len(suffix) + 1:
+            return city[: -len(suffix)]
+    return city
 
 
 def customer_records(engine: Engine) -> pd.DataFrame:
