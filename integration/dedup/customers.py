@@ -89,6 +89,12 @@ CUSTOMER_SPEC = LinkageSpec(
     # province from every source of evidence) make a pair distinct (see linkage.link).
     hard_keys=("credit_code", "branch"),
     location_keys=("city", "province"),
+    merge_requires=(
+        "name_core_levenshtein",
+        "credit_code_identifier",
+        "phones_overlap",
+        "email_domain_exact",
+    ),
     auto_merge=0.95,
     review=0.5,
 )
@@ -210,7 +216,7 @@ def located_company_keys(records: pd.DataFrame) -> pd.Series:
         return keys
     columns = [c for c in ("credit_code", "phone", "city", "address") if c in records.columns]
     subset = records.loc[bare, ["name", *columns]]
-    rows = linkage_rows([{k: (v if isinstance(v, str) else None) for k, v in row.items()}
+    rows = linkage_rows([{str(k): (v if isinstance(v, str) else None) for k, v in row.items()}
                          for row in subset.to_dict("records")])  # fmt: skip
     regions = pd.Series([_short_city(row["city"]) for row in rows], index=subset.index, dtype=object)
     located = regions.notna()

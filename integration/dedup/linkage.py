@@ -86,6 +86,9 @@ class LinkageSpec:
     # differ are in different places, so the pair is distinct, whatever the names say (unless the
     # credit code says otherwise: then a steward looks).
     location_keys: Sequence[str] = ()
+    # Comparisons (by name) of which at least one must agree (level >= 1) for a pair to merge: the same
+    # street address and district alone, with another name, are two firms in one building.
+    merge_requires: Sequence[str] = ()
     max_cluster: int = 10
     # A block key shared by more records than this (a 400 switchboard, a namesake trade name in every
     # city) is skipped: it would add size² pairs and say little; those records still pair elsewhere.
@@ -207,23 +210,12 @@ def _name_similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 
 SOUND_OR_SHAPE = 0.25  # a homophone or look-alike character instead of another: a quarter of an edit
-GAP = 0.5  # a character dropped, added, or two swapped: half an edit (a different character costs one)
+GAP = 0.4  # a character dropped, added, or two swapped: less than half an edit (another character costs one)
 TRADE_NAME_ONLY = 0.9  # 腾达 against 腾达科技: the short name is the other's trade name
 
 
-@lru_cache(maxsize=500_000)
-def variant_similarity(left: str, right: str) -> float:
-    """Return 1 − weighted edits / longer length between two Chinese name cores, industry synonyms unified.
-
-    A homophone (华鑫/华新) or look-alike (天/夭) costs a quarter edit, a dropped, added or swapped
-    character half, any other character a whole one: 卓泰微 / 卓泰众 stay apart (0.67) where 华鑫科技 /
-    骅鑫科技 come together (0.94). A name that is only the other's trade name scores ``TRADE_NAME_ONLY``.
-    """
-    a, b = canonical_industry(left), canonical_industry(right)
-    if a == b:
-        return 1.0
-    if min(len(a), len(b)) >= 2 and (trade_name(a) == b or trade_name(b) == a):
-        return TRADE_NAME_ONLY
+def _edit_cost(a: str, b: str) -> float:
+    """Weighted edit distance: homophone or look-alike substitutions and gaps cheap, other characters 1."""
     rows, cols = len(a) + 1, len(b) + 1
     cost = [[0.0] * cols for _ in range(rows)]
     for i in range(rows):
@@ -238,7 +230,31 @@ def variant_similarity(left: str, right: str) -> float:
             if i > 1 and j > 1 and x == b[j - 2] and a[i - 2] == y:
                 best = min(best, cost[i - 2][j - 2] + GAP)
             cost[i][j] = best
-    return max(0.0, 1.0 - cost[-1][-1] / max(len(a), len(b)))
+    return cost[-1][-1]
+
+
+@lru_cache(maxsize=500_000)
+def variant_similarity(left: str, right: str) -> float:
+    """Return how alike two Chinese name cores are, 0..1, weighing the trade name, not the industry words.
+
+    Industry synonyms are unified first (商贸/贸易). The edits are weighted (a homophone 华鑫/华新 or a
+    look-alike 天/夭 a quarter, a dropped, added or swapped character 0.4, any other character 1) and
+    counted against the trade name's length plus one, so a long industry word cannot dilute a different
+    trade name: 佳晨自动化设备 / 佳河自动化设备 score 0.67, 华鑫科技 / 骅鑫科技 0.92, 腾达科技 / 腾科技 0.87.
+    A name that is only the other's trade name scores ``TRADE_NAME_ONLY``.
+    """
+    a, b = canonical_industry(left), canonical_industry(right)
+    if a == b:
+        return 1.0
+    trade_a, trade_b = trade_name(a), trade_name(b)
+    if min(len(a), len(b)) >= 2 and (trade_a == b or trade_b == a):
+        return TRADE_NAME_ONLY
+    industry_a, industry_b = a[len(trade_a) :], b[len(trade_b) :]
+    if industry_a == industry_b or trade_a == trade_b:
+        cost = _edit_cost(trade_a, trade_b) + _edit_cost(industry_a, industry_b)
+    else:  # the split differs (a dropped industry character): the whole core, still weighed by the trade name
+        cost = _edit_cost(a, b)
+    return max(0.0, 1.0 - cost / (max(len(trade_a), len(trade_b)) + 1))
 
 
 def _texts(values: pd.Series) -> np.ndarray:
@@ -637,6 +653,11 @@ def link(
         band[conflict] = np.where(probability[conflict] >= spec.review, "review", "distinct")
         for pair in band.index[conflict & (band == "review").to_numpy()]:
             reasons[ordered(pair)] = "hard key conflict (" + ", ".join(spec.hard_keys) + ")"
+    if spec.merge_requires:
+        required = [name for name in spec.merge_requires if name in features.columns]
+        if required:
+            agreed = (features[required] >= 1).any(axis=1).to_numpy()
+            band[(band == "merge").to_numpy() & ~agreed] = "distinct"
     merged = probability[band == "merge"]
     linked = probability[band != "distinct"]
     clusters, refused = coherent_clusters(merged, linked, frame, spec)

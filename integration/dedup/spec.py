@@ -113,6 +113,10 @@ class LinkageConfig(_Strict):
         default_factory=lambda: ["city", "province"],
         description="a record's reconciled location; two records placed differently are distinct",
     )
+    merge_requires: list[str] = Field(
+        default_factory=lambda: ["name_core", "credit_code", "phones", "email_domain"],
+        description="columns of which at least one comparison must agree for an automatic merge",
+    )
     max_cluster: Annotated[int, Field(ge=2)] = 10
     max_block: Annotated[int, Field(ge=2)] = Field(
         default=200, description="block keys shared by more records are skipped (too common to tell)"
@@ -128,7 +132,7 @@ class LinkageConfig(_Strict):
                 _check_column(column)
         return value
 
-    @field_validator("hard_keys", "location_keys")
+    @field_validator("hard_keys", "location_keys", "merge_requires")
     @classmethod
     def _hard_keys(cls, value: list[str]) -> list[str]:
         for column in value:
@@ -154,6 +158,11 @@ class LinkageConfig(_Strict):
             review=self.review,
             hard_keys=tuple(self.hard_keys),
             location_keys=tuple(self.location_keys),
+            merge_requires=tuple(
+                Comparison(c.field, c.method, tuple(c.levels)).name
+                for c in self.comparisons
+                if c.field in self.merge_requires
+            ),
             max_cluster=self.max_cluster,
             max_block=self.max_block,
         )

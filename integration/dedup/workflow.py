@@ -286,7 +286,9 @@ def link_branches(engine: Engine, run_key: str, project: str, mode: str = "full"
         get_or_start_run(session, run_key, project, mode)  # journals the changes below to the run
         connection = session.connection()
         for part in id_parts(connection, sorted(found)):
-            for customer in session.scalars(select(Customer).where(ids_in(connection, Customer.id, part))):
+            for customer in session.scalars(
+                select(Customer).where(ids_in(connection, Customer.__table__.c.id, part))
+            ):
                 customer.parent_id, customer.is_branch = found[customer.id], True
         session.flush()
         return len(found)
