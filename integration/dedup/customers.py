@@ -135,13 +135,15 @@ def linkage_rows(customers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
         code = credit_code_parts(customer.get("credit_code"))
         email = customer.get("email")
         domain = email.rsplit("@", 1)[-1].lower() if email and "@" in email else None
+        # In order of trust when sources disagree as often: where the firm is written down now (address,
+        # city field, the name's region, the phone), then where the credit code says it registered.
         places = [
             address_place,
             Place(province_of_city(field), field)
             if (field := city_of_name(customer.get("city")))
             else NOWHERE,
-            place_of_division_code(code.division),
             place_of_region(parts.region),
+            place_of_division_code(code.division),
         ]
         # Bare local numbers are completed from the other evidence first, then the phone votes too.
         city = _reconciled_city(places)
@@ -149,7 +151,7 @@ def linkage_rows(customers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
         phones = phone_keys(raw_phone, area_code_of_city(city))
         area_cities = _area_cities(phones)
         if len(area_cities) == 1:
-            places.append(Place(province_of_city(area_cities[0]), area_cities[0]))
+            places.insert(3, Place(province_of_city(area_cities[0]), area_cities[0]))
             city = _reconciled_city(places)
         province = province_of_city(city) if city else _reconciled_province(places)
         district = address_place.district or customer.get("district") or None
