@@ -145,25 +145,52 @@ class SimilarityLevels(BaseCompareFeature):  # type: ignore[misc]
 
 
 def _identifier_similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """1.0 equal, 0.9 the same code written damaged, short or old-style (normalize.credit_codes_near)."""
+    """1.0 equal, 0.9 the same code written damaged, short or old-style (normalize.credit_codes_near).
+
+    Equality and the one-edit distance run over whole columns (rapidfuzz, C++); only the few pairs that
+    could be near are checked one by one.
+    """
+    present = np.array(
+        [a is not None and b is not None for a, b in zip(left, right, strict=True)], dtype=bool
+    )
     similarity = np.zeros(len(left), dtype=np.float32)
-    for position, (a, b) in enumerate(zip(left, right, strict=True)):
-        if a is None or b is None:
-            continue
-        if a == b:
-            similarity[position] = 1.0
-        elif credit_codes_near(a, b):
-            similarity[position] = 0.9
+    if not present.any():
+        return similarity
+    equal = present & (left == right)
+    similarity[equal] = 1.0
+    rest = np.flatnonzero(present & ~equal)
+    if len(rest):
+        a, b = left[rest], right[rest]
+        edits = cpdist(a, b, scorer=distance.OSA.distance, dtype=np.int32, workers=-1)
+        lengths = np.fromiter(
+            (min(len(x), len(y)) for x, y in zip(a, b, strict=True)), dtype=np.int32, count=len(a)
+        )
+        maybe = (edits <= 1) | (lengths < 18)
+        for position in rest[maybe]:
+            if credit_codes_near(left[position], right[position]):
+                similarity[position] = 0.9
     return similarity
 
 
 def _overlap(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """1.0 when two space-separated key lists share a key, else 0."""
+    """1.0 when two space-separated key lists share a key, else 0 (lists of one key compare as columns)."""
+    present = np.array(
+        [a is not None and b is not None for a, b in zip(left, right, strict=True)], dtype=bool
+    )
     similarity = np.zeros(len(left), dtype=np.float32)
-    for position, (a, b) in enumerate(zip(left, right, strict=True)):
-        if a is None or b is None:
-            continue
-        similarity[position] = 1.0 if a == b or set(a.split()) & set(b.split()) else 0.0
+    equal = present & (left == right)
+    similarity[equal] = 1.0
+    several = np.fromiter(
+        (
+            p and not e and (" " in a or " " in b)
+            for p, e, a, b in zip(present, equal, left, right, strict=True)
+        ),
+        dtype=bool,
+        count=len(left),
+    )
+    for position in np.flatnonzero(several):
+        if set(left[position].split()) & set(right[position].split()):
+            similarity[position] = 1.0
     return similarity
 
 

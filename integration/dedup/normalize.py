@@ -295,9 +295,9 @@ def brand_key(core: str) -> str:
 # --------------------------------------------------------------------------- Chinese-aware name keys
 
 # Industry words that say the same thing: a source writes 商贸 where another writes 贸易.
-INDUSTRY_SYNONYMS = {"商贸": "贸易", "经贸": "贸易", "技术": "科技", "科学技术": "科技", "信息科技": "信息技术",
-                     "网络技术": "网络科技", "电子科技": "电子", "机电": "机械", "医疗器械": "医疗",
-                     "建筑工程": "建设工程", "实业发展": "实业"}  # fmt: skip
+INDUSTRY_SYNONYMS = {"商贸": "贸易", "经贸": "贸易", "技术": "科技", "科学技术": "科技", "电子科技": "电子",
+                     "机电": "机械", "医疗器械": "医疗", "建筑工程": "建设工程", "建筑": "建设", "实业发展": "实业",
+                     "产业": "实业", "电器": "电气", "环境工程": "环保工程", "顾问": "咨询", "软件开发": "软件"}  # fmt: skip
 _SYNONYM = re.compile("|".join(sorted(INDUSTRY_SYNONYMS, key=len, reverse=True)))
 # What a Chinese trade name is followed by: industry words, longest first (a core minus these is the trade name).
 _TRADE_SUFFIXES = sorted(
@@ -311,7 +311,12 @@ _SHAPES_FILE = Path(__file__).parent / "data" / "char_shapes.tsv"
 
 def canonical_industry(core: str) -> str:
     """Return a name core with industry-word synonyms written one way (商贸 → 贸易, 技术 → 科技)."""
-    return _SYNONYM.sub(lambda match: INDUSTRY_SYNONYMS[match.group()], core)
+    for _ in range(3):  # 电子技术 → 电子科技 → 电子: until nothing changes
+        changed = _SYNONYM.sub(lambda match: INDUSTRY_SYNONYMS[match.group()], core)
+        if changed == core:
+            break
+        core = changed
+    return core
 
 
 @lru_cache(maxsize=200_000)
@@ -382,12 +387,21 @@ def name_sound(core: str) -> str:
     Homophones become equal (华鑫 / 华新 / 骅鑫 → the same two symbols), and edit distances still count
     characters, not letters. Latin text is kept as it is.
     """
-    from pypinyin import lazy_pinyin
-
     text = canonical_industry(core)
     if not has_han(text):
         return text
-    return "".join(_syllable(s) if len(s) > 1 or s.isalpha() else s for s in lazy_pinyin(text))
+    return "".join(_syllable(spoken) if (spoken := char_pinyin(char)) != char else char for char in text)
+
+
+@lru_cache(maxsize=50_000)
+def char_pinyin(char: str) -> str:
+    """Return one character's usual toneless pinyin (the character itself when it has none).
+
+    Per character and cached: names are mostly new strings, their characters are a few thousand, and a
+    trade name has no phrase a dictionary would read differently."""
+    from pypinyin import lazy_pinyin
+
+    return "".join(lazy_pinyin(char)) if has_han(char) else char
 
 
 _SYLLABLES: dict[str, str] = {}
@@ -525,11 +539,17 @@ def _phone_key(part: str, area_code: str | None) -> str | None:
 def trade_pinyin(core: str) -> str:
     """Return the trade name in toneless pinyin for both scripts: 鑫宏新材料 and "xinhongnewmaterials"
     both give ``xinhong`` (industry words dropped, see :func:`trade_name` and :func:`brand_key`)."""
+    if has_han(core):
+        return _spoken(trade_name(core))
+    return brand_key(core)
+
+
+@lru_cache(maxsize=200_000)
+def _spoken(trade: str) -> str:
+    """A trade name in toneless pinyin, read as a phrase (长城 changcheng, not zhangcheng)."""
     from pypinyin import lazy_pinyin
 
-    if has_han(core):
-        return re.sub(r"[^0-9a-z]", "", "".join(lazy_pinyin(trade_name(core))).casefold())
-    return brand_key(core)
+    return re.sub(r"[^0-9a-z]", "", "".join(lazy_pinyin(trade)).casefold())
 
 
 # English industry words as Chinese names write them, to compare "Tengda Technology" with 腾达科技 in full.
