@@ -689,7 +689,9 @@ def link(
     linked = probability[band != "distinct"]
     clusters, refused = coherent_clusters(merged, linked, frame, spec)
     if refused:  # a join the cluster refused: the pair is sure, the cluster it would make is not
-        held = np.array([band.iat[i] == "merge" and ordered(p) in refused for i, p in enumerate(band.index)])
+        refused_pairs = pd.MultiIndex.from_tuples(list(refused))
+        swapped = refused_pairs.swaplevel()  # band's pairs may come in either order
+        held = (band == "merge").to_numpy() & (band.index.isin(refused_pairs) | band.index.isin(swapped))
         band[held] = "review"
         probability = probability.copy()
         probability[held] = probability[held] * CONFLICT_FACTOR

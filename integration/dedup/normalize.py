@@ -372,12 +372,15 @@ def sound_alike(left: str, right: str) -> bool:
     """True when two characters share a toneless pinyin reading (鑫/新/馨, 华/骅)."""
     if left == right:
         return True
+    return has_han(left) and has_han(right) and bool(_readings(left) & _readings(right))
+
+
+@lru_cache(maxsize=50_000)
+def _readings(char: str) -> frozenset[str]:
+    """Every toneless reading of one character (heteronyms included)."""
     from pypinyin import Style, pinyin
 
-    def readings(char: str) -> set[str]:
-        return set(pinyin(char, style=Style.NORMAL, heteronym=True)[0])
-
-    return bool(readings(left) & readings(right)) and has_han(left) and has_han(right)
+    return frozenset(pinyin(char, style=Style.NORMAL, heteronym=True)[0])
 
 
 @lru_cache(maxsize=200_000)
