@@ -95,6 +95,12 @@ CUSTOMER_SPEC = LinkageSpec(
         "phones_overlap",
         "email_domain_exact",
     ),
+    # a close name (a slip, a short trade name, the English name) and one shared identifier: one firm
+    sure_when=[
+        ("name_core_levenshtein", "credit_code_identifier"),
+        ("name_core_levenshtein", "phones_overlap"),
+        ("name_core_levenshtein", "email_domain_exact"),
+    ],
     auto_merge=0.95,
     review=0.5,
 )

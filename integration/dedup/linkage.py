@@ -89,6 +89,10 @@ class LinkageSpec:
     # Comparisons (by name) of which at least one must agree (level >= 1) for a pair to merge: the same
     # street address and district alone, with another name, are two firms in one building.
     merge_requires: Sequence[str] = ()
+    # Groups of comparisons (by name) that, all agreeing (level >= 1), make a pair a match whatever the
+    # classifier says: a close name with the same phone is one firm. ECM, fitted on pairs whose names are
+    # mostly equal, takes any name short of equal as near-proof of two firms.
+    sure_when: Sequence[Sequence[str]] = ()
     max_cluster: int = 10
     # A block key shared by more records than this (a 400 switchboard, a namesake trade name in every
     # city) is skipped: it would add size² pairs and say little; those records still pair elsewhere.
@@ -655,6 +659,13 @@ def link(
         sample_pairs = compare(sample, candidate_pairs(sample, spec), spec)
     probability = classify(features, spec, labels, sample_pairs)
     band = bands(probability, spec)
+    for group in spec.sure_when:
+        if group and all(name in features.columns for name in group):
+            sure = (features[list(group)] >= 1).all(axis=1).to_numpy() & (band != "merge").to_numpy()
+            if sure.any():
+                probability = probability.copy()
+                probability[sure] = np.maximum(probability[sure], spec.auto_merge)
+                band[sure] = "merge"
     if distinct:
         band[[ordered(p) in distinct for p in band.index]] = "distinct"
     reasons: dict[tuple[Any, Any], str] = {}

@@ -117,6 +117,14 @@ class LinkageConfig(_Strict):
         default_factory=lambda: ["name_core", "credit_code", "phones", "email_domain"],
         description="columns of which at least one comparison must agree for an automatic merge",
     )
+    sure_when: list[list[str]] = Field(
+        default_factory=lambda: [
+            ["name_core", "credit_code"],
+            ["name_core", "phones"],
+            ["name_core", "email_domain"],
+        ],
+        description="groups of columns whose comparisons, all agreeing, make a pair a match whatever the classifier",
+    )
     max_cluster: Annotated[int, Field(ge=2)] = 10
     max_block: Annotated[int, Field(ge=2)] = Field(
         default=200, description="block keys shared by more records are skipped (too common to tell)"
@@ -129,6 +137,14 @@ class LinkageConfig(_Strict):
             if not block:
                 raise ValueError("a block needs at least one column")
             for column in block:
+                _check_column(column)
+        return value
+
+    @field_validator("sure_when")
+    @classmethod
+    def _groups(cls, value: list[list[str]]) -> list[list[str]]:
+        for group in value:
+            for column in group:
                 _check_column(column)
         return value
 
@@ -158,6 +174,14 @@ class LinkageConfig(_Strict):
             review=self.review,
             hard_keys=tuple(self.hard_keys),
             location_keys=tuple(self.location_keys),
+            sure_when=[
+                tuple(
+                    Comparison(c.field, c.method, tuple(c.levels)).name
+                    for c in self.comparisons
+                    if c.field in group
+                )
+                for group in self.sure_when
+            ],
             merge_requires=tuple(
                 Comparison(c.field, c.method, tuple(c.levels)).name
                 for c in self.comparisons
