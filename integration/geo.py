@@ -12,7 +12,7 @@ import unicodedata
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 _MUNICIPALITY_CITY = "市辖区"  # cpca's city for the districts of 北京/上海/天津/重庆
@@ -62,6 +62,7 @@ def _divisions() -> dict[str, tuple[str, int]]:
     return {code[:6]: (info.name, int(info.rank)) for code, info in ad_2_addr_dict.items()}
 
 
+@lru_cache(maxsize=100_000)
 def place_of_division_code(code: str | None) -> Place:
     """The place a 6-digit division code names (the 3rd–8th characters of a 统一社会信用代码)."""
     if not code or len(code) < 6 or not code[:6].isdigit():
@@ -152,6 +153,7 @@ def _short_city(name: str) -> str:
     return name
 
 
+@lru_cache(maxsize=100_000)
 def city_of_name(value: str | None) -> str | None:
     """The city a CRM city field names, in Chinese or pinyin (深圳, 深圳市, Shenzhen, "Zheng Zhou City")."""
     if not value:
@@ -214,6 +216,7 @@ def cities_of_area_code(area_code: str | None) -> tuple[str, ...]:
     return _area_codes()[0].get(area_code.lstrip("0"), ())
 
 
+@lru_cache(maxsize=100_000)
 def area_code_of_city(city: str | None) -> str | None:
     """The fixed-line area code of a city without the trunk 0 ('深圳市' or 'Shenzhen' → '755')."""
     canonical = city_of_name(city) if city else None
@@ -261,6 +264,7 @@ def _provinces() -> dict[str, str]:
     return names
 
 
+@lru_cache(maxsize=100_000)
 def place_of_region(region: str | None) -> Place:
     """The place a region written in a company name names: a city (深圳 → 广东省/深圳市) or a province (广东)."""
     if not region:

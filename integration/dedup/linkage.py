@@ -673,11 +673,14 @@ def link(
     # it is one: then a steward looks.
     elsewhere = location_conflicts(frame, band.index, spec)
     if elsewhere.any():
-        one_code = same_identifier(frame, band.index[elsewhere])
-        located = band.index[elsewhere]
-        band[located[~one_code]] = "distinct"
-        for pair in located[one_code & (band[located] != "distinct").to_numpy()]:
-            band[pair] = "review"
+        positions = np.flatnonzero(elsewhere)
+        one_code = same_identifier(frame, band.index[positions])
+        values = band.to_numpy(dtype=object, copy=True)
+        values[positions[~one_code]] = "distinct"
+        held = positions[one_code & (values[positions] != "distinct")]
+        values[held] = "review"
+        band = pd.Series(values, index=band.index)
+        for pair in band.index[held]:
             reasons[ordered(pair)] = "one credit code but two locations"
     # A high score across a hard-key conflict (two valid credit codes, branches) is not a sure match: its
     # probability is cut (never 1.0 in the queue), and it is reviewed only if it stays above review.
