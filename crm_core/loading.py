@@ -485,6 +485,10 @@ class EntityLoader:
             for record_id, value, _ in rows:
                 if value is not None:
                     index[normalize(value) if normalize else value].add(_follow(survivor_of, record_id))
+                    if column == "name_normalized" and not value.startswith("|"):
+                        # a row may name the customer without its region (腾达科技有限公司): found when
+                        # only one customer of that name exists in any region
+                        index["|" + value.split("|", 1)[1]].add(_follow(survivor_of, record_id))
             self._name_index[cache_key] = index
         return self._name_index[cache_key]
 

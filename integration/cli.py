@@ -850,7 +850,6 @@ def dedup_run(
 ) -> None:
     """Link the core's customers, then their contacts: merge sure clusters, queue the rest (a run of its own)."""
     import uuid
-    from dataclasses import asdict
 
     from integration.dedup.contacts import deduplicate_contacts
     from integration.dedup.workflow import deduplicate_customers, finish_run
@@ -871,12 +870,17 @@ def dedup_run(
         contacts = deduplicate_contacts(engine, run_key, migration.project.name)
         finish_run(engine, run_key, migration.project.name)
     if as_json:
-        console.print_json(json.dumps({**asdict(outcome), "contacts": asdict(contacts)}))
+        console.print_json(json.dumps({**outcome.summary(), "contacts": contacts.summary()}))
         return
     console.print(
         f"{outcome.records} customers, {outcome.pairs_compared} pairs compared "
         f"(reduction {outcome.reduction_ratio:.4f}): {outcome.auto_merged} merged, "
         f"{outcome.bands.get('review', 0)} pair(s) for review; `crmi dedup review` lists them"
+        + (
+            f" (about {outcome.review_expected_same:.0%} likely the same company)"
+            if outcome.review_expected_same is not None
+            else ""
+        )
     )
     console.print(
         f"{contacts.records} contacts, {contacts.pairs_compared} pairs compared: {contacts.auto_merged} merged, "
@@ -890,8 +894,9 @@ def dedup_review(
     limit: Annotated[int, typer.Option("--limit", "-n", help="pairs to show")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
 ) -> None:
-    """List what waits for a steward: pairs that may be one record (most likely first), then the customer
-    names source rows give that matched no single customer (reference decisions, most money held first)."""
+    """List what waits for a steward: pairs that may be one record (those whose decision changes most
+    first), then the customer names source rows give that matched no single customer (reference
+    decisions, most money held first)."""
     from integration.dedup.references import reference_queue
     from integration.dedup.workflow import review_queue
 

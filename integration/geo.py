@@ -12,7 +12,7 @@ import unicodedata
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 _MUNICIPALITY_CITY = "市辖区"  # cpca's city for the districts of 北京/上海/天津/重庆
@@ -64,6 +64,7 @@ def _divisions() -> dict[str, tuple[str, int]]:
     return {code[:6]: (info.name, int(info.rank)) for code, info in ad_2_addr_dict.items()}
 
 
+@lru_cache(maxsize=100_000)
 def place_of_division_code(code: str | None) -> Place:
     """The place a 6-digit division code names (the 3rd–8th characters of a 统一社会信用代码)."""
     if not code or len(code) < 6 or not code[:6].isdigit():
@@ -90,9 +91,14 @@ def places_of_addresses(addresses: Iterable[str | None]) -> list[Place]:
     Addresses without suffixes (江苏无锡新吴区…) and with abbreviations (苏州工业园区…) are placed by cpca;
     an address in Latin letters by the pinyin city it names ('Keji Road, Shenzhen' → 广东省 / 深圳市).
     """
+    return [place for place, _ in parse_addresses(addresses)]
+
+
+def parse_addresses(addresses: Iterable[str | None]) -> list[tuple[Place, str | None]]:
+    """Place of each address and the rest of it after the divisions (the street and number), if any."""
     values = list(addresses)
     cleaned = {value: _clean(value) for value in values if value}
-    found: dict[str, Place] = {}
+    found: dict[str, tuple[Place, str | None]] = {}
     new = sorted({text for text in cleaned.values() if text and text not in _PLACED})
     for text in {text for text in cleaned.values() if text in _PLACED}:
         found[text] = _PLACED[text]
@@ -101,30 +107,34 @@ def places_of_addresses(addresses: Iterable[str | None]) -> list[Place]:
         if len(_PLACED) + len(new) > _PLACED_MAX:
             _PLACED.clear()
         _PLACED.update((text, found[text]) for text in new)
-    return [found.get(cleaned[value], NOWHERE) if value else NOWHERE for value in values]
+    return [found.get(cleaned[value], (NOWHERE, None)) if value else (NOWHERE, None) for value in values]
 
 
 # Addresses placed before (a chunked read meets the same addresses again); bounded, cleared when full.
-_PLACED: dict[str, Place] = {}
+_PLACED: dict[str, tuple[Place, str | None]] = {}
 _PLACED_MAX = 200_000
 
 
-def _place_new(distinct: list[str]) -> dict[str, Place]:
+def _place_new(distinct: list[str]) -> dict[str, tuple[Place, str | None]]:
     """Place distinct cleaned addresses with cpca, then Latin ones by their pinyin city."""
     frame = _cpca().transform(distinct)
-    found: dict[str, Place] = {}
-    for text, province, city, district, adcode in zip(
-        distinct, frame["省"], frame["市"], frame["区"], frame["adcode"], strict=True
+    found: dict[str, tuple[Place, str | None]] = {}
+    for text, province, city, district, rest, adcode in zip(
+        distinct, frame["省"], frame["市"], frame["区"], frame["地址"], frame["adcode"], strict=True
     ):
+        street = str(rest).strip() or None if rest else None
         if not province:
-            found[text] = NOWHERE
+            found[text] = (NOWHERE, street)
             continue
         if city == _MUNICIPALITY_CITY or (city is None and str(province).endswith("市")):
             city = province
-        found[text] = Place(province, city or None, district or None, str(adcode) if adcode else None)
-    for text, place in found.items():
+        found[text] = (
+            Place(province, city or None, district or None, str(adcode) if adcode else None),
+            street,
+        )
+    for text, (place, street) in found.items():
         if not place.known and not _HAS_CJK.search(text):
-            found[text] = _place_of_latin_address(text)
+            found[text] = (_place_of_latin_address(text), street)
     return found
 
 
@@ -201,6 +211,7 @@ def _short_city(name: str) -> str:
     return name
 
 
+@lru_cache(maxsize=100_000)
 def city_of_name(value: str | None) -> str | None:
     """The city a CRM city field names, in Chinese or pinyin (深圳, 深圳市, Shenzhen, "Zheng Zhou City")."""
     if not value:
@@ -263,6 +274,7 @@ def cities_of_area_code(area_code: str | None) -> tuple[str, ...]:
     return _area_codes()[0].get(area_code.lstrip("0"), ())
 
 
+@lru_cache(maxsize=100_000)
 def area_code_of_city(city: str | None) -> str | None:
     """The fixed-line area code of a city without the trunk 0 ('深圳市' or 'Shenzhen' → '755')."""
     canonical = city_of_name(city) if city else None
@@ -273,3 +285,50 @@ def _clean(value: str) -> str:
     """NFKC and trimmed; spaces inside Chinese text dropped (深圳 南山区 → 深圳南山区)."""
     text = unicodedata.normalize("NFKC", str(value)).strip()
     return text.replace(" ", "") if any("\u4e00" <= char <= "\u9fff" for char in text) else text
+
+
+@cache
+def _province_of_city() -> dict[str, str]:
+    """Canonical city name → its province, from the division table."""
+    divisions = _divisions()
+    out: dict[str, str] = {}
+    for code, (name, rank) in divisions.items():
+        province = divisions.get(code[:2] + "0000")
+        if province is None:
+            continue
+        if rank == 1 and name != _MUNICIPALITY_CITY:
+            out.setdefault(name, province[0])
+        elif rank == 0 and name.endswith("市"):
+            out.setdefault(name, name)
+    return out
+
+
+def province_of_city(city: str | None) -> str | None:
+    """The province a canonical city name ('深圳市') lies in ('广东省'); municipalities are their own."""
+    return _province_of_city().get(city) if city else None
+
+
+@cache
+def _provinces() -> dict[str, str]:
+    """Province names with and without suffix (广东, 广东省, 内蒙古) → the canonical name."""
+    names: dict[str, str] = {}
+    for name, rank in _divisions().values():
+        if rank == 0:
+            names[name] = name
+            for suffix in ("维吾尔自治区", "壮族自治区", "回族自治区", "自治区", "特别行政区", "省", "市"):
+                if name.endswith(suffix) and len(name) > len(suffix) + 1:
+                    names.setdefault(name[: -len(suffix)], name)
+                    break
+    return names
+
+
+@lru_cache(maxsize=100_000)
+def place_of_region(region: str | None) -> Place:
+    """The place a region written in a company name names: a city (深圳 → 广东省/深圳市) or a province (广东)."""
+    if not region:
+        return NOWHERE
+    city = city_of_name(region)
+    if city:
+        return Place(province_of_city(city), city)
+    province = _provinces().get(_clean(region))
+    return Place(province) if province else NOWHERE

@@ -45,6 +45,7 @@ from crm_core.watermarks import CursorState, advance, plain_cursor, read_waterma
 from integration.connectors import Connector, CsvConnector, ExcelConnector, ReadRequest, connector_for
 from integration.connectors.base import DEFAULT_CHUNK_ROWS, LOCATION, META_COLUMNS, ROW_KIND, ROW_REF
 from integration.connectors.sql import SqlConnector
+from integration.dedup.customers import located_company_keys
 from integration.dedup.normalize import company_key, person_key
 from integration.mappings.engine import SOURCE, MappingResult, amount_sum, map_chunks, python_records
 from integration.mappings.joins import join_chunks
@@ -454,7 +455,8 @@ def stage(
         if system != mapping.source and SOURCE in records.columns:
             records[SOURCE] = system
         if entity == "customer" and "name" in records.columns:
-            records["name_normalized"] = records["name"].map(company_key)
+            # the region completed from the record's location: one bare name in two cities is two keys
+            records["name_normalized"] = located_company_keys(records)
         amount_field = mapping.entity.amount_field
         amount_read = (
             amount_sum(records[amount_field]) + (result.amount_rejected or Decimal(0))

@@ -14,8 +14,15 @@ from crm_core.errors import DedupError
 from crm_core.merging import undo_merge
 from crm_core.models import Contact, Customer, ExternalId, LoadRun, MatchCandidate, MergeLog, Opportunity
 from crm_core.runs import rollback_run
-from integration.dedup.workflow import decide, deduplicate_customers, review_queue
+from integration.dedup.workflow import (
+    decide,
+    decision_weight,
+    deduplicate_customers,
+    review_count,
+    review_queue,
+)
 from tests.test_linkage import companies
+from tests.test_matching_classes import code
 
 INVALID_CODE = "91440300708461136X"
 
@@ -135,19 +142,25 @@ def test_one_merge_undoes_exactly_and_the_pair_is_never_proposed_again(sqlite_co
 def test_stewards_work_the_review_queue(sqlite_core_url: str) -> None:
     engine, _ = seed(sqlite_core_url)
     with session_factory(engine)() as session, session.begin():
-        # Two records of one firm that disagree on the credit code's validity: linkage sends them to review.
-        first = Customer(
-            name="宁波甬兴模具有限公司", credit_code="91330200MA2AAAAA1X", phone="+8657488880000"
-        )
-        second = Customer(
-            name="宁波市甬兴模具有限责任公司", credit_code="91330200MA2BBBBB2X", phone="+8657488880000"
-        )
-        session.add_all([first, second])
-    deduplicate_customers(engine, "dedup-1", "t", finish=True)
+        # Two companies of one name and phone with two valid credit codes, and a record without a code that
+        # looks like both: it joins one, and the join that would put two codes in one golden record goes
+        # to a steward with the reason (never at probability 1.0).
+        for trade, phone in [("甬兴模具", "+8657488880000"), ("海曙包装", "+8657488880001")]:
+            for name, body in [(f"宁波{trade}有限公司", "10000001"), (f"宁波市{trade}有限责任公司", None),
+                               (f"宁波{trade}股份有限公司", "10000003")]:  # fmt: skip
+                session.add(
+                    Customer(name=name, credit_code=code("330203", body) if body else None, phone=phone)
+                )
+    outcome = deduplicate_customers(engine, "dedup-1", "t", finish=True)
     queue = review_queue(engine)
     assert len(queue) >= 2, "expected pairs for a steward"
-    assert all(q["probability"] >= 0.5 for q in queue)
-    assert queue == sorted(queue, key=lambda q: -q["probability"])
+    assert all(0.5 <= q["probability"] < 1.0 for q in queue)
+    assert {q["features"]["reason"].split(" (")[0] for q in queue if "宁波" in q["left"]} == {
+        "not merged: the cluster would hold two credit_code values"
+    }
+    assert review_count(engine) == {"pending": len(queue), "expected_same": outcome.review_expected_same}
+    weights = [decision_weight(q["probability"], 1, 1) for q in queue]
+    assert weights == sorted(weights, reverse=True)  # the decisions that change most come first
     target = queue[0]
     decision = decide(
         engine, target["candidate"], same=False, steward="steward:wang", run_key="steward-1", project="t"
@@ -185,7 +198,7 @@ def test_steward_commands(sqlite_core_url: str) -> None:
     ran = runner.invoke(app, ["dedup", "run", "--json", "--project", "examples/demo", *core])
     assert ran.exit_code == 0, ran.output
     outcome = json.loads(ran.output)
-    assert outcome["auto_merged"] > 0 and outcome["merge_log_ids"]
+    assert outcome["auto_merged"] > 0 and outcome["merge_log_ids_first"]
 
     queue = runner.invoke(app, ["dedup", "review", "--json", *core])
     pending = [json.loads(line) for line in queue.output.splitlines()]
@@ -199,7 +212,7 @@ def test_steward_commands(sqlite_core_url: str) -> None:
     )
     assert again.exit_code == 1 and "already decided" in again.output
 
-    merge_id = str(outcome["merge_log_ids"][0])
+    merge_id = str(outcome["merge_log_ids_first"][0])
     undone = runner.invoke(app, ["dedup", "undo", merge_id, "--steward", "li", *core])
     assert undone.exit_code == 0 and "separate from" in undone.output
     assert (

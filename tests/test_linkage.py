@@ -115,8 +115,12 @@ def test_different_regions_with_the_same_trade_name_are_distinct() -> None:
 
 
 def test_clusters_that_chain_across_credit_codes_go_to_review() -> None:
+    from tests.test_matching_classes import code
+
+    A, B, C = code("440305", "10000001"), code("440305", "10000002"), code("440305", "10000003")
     frame = pd.DataFrame(
-        {"credit_code": ["A", None, "B", "C", "C"], "region": ["深圳"] * 5, "branch": [HEAD_OFFICE] * 5},
+        # valid codes (a damaged one may be a typo of another and does not conflict)
+        {"credit_code": [A, None, B, C, C], "region": ["深圳"] * 5, "branch": [HEAD_OFFICE] * 5},
         index=[1, 2, 3, 4, 5],
     )
     spec = LinkageSpec(
@@ -133,7 +137,7 @@ def test_clusters_that_chain_across_credit_codes_go_to_review() -> None:
 def test_missing_columns_are_named() -> None:
     from crm_core.errors import DedupError
 
-    with pytest.raises(DedupError, match="credit_code, email_domain"):
+    with pytest.raises(DedupError, match="address_key, branch, city, credit_code"):
         link(pd.DataFrame({"name_core": ["x"], "phone": ["1"]}), CUSTOMER_SPEC)
 
 
@@ -147,7 +151,10 @@ def test_online_match_finds_the_registered_company_and_not_its_namesakes_or_bran
     other_region = next(r for r in REGIONS if r != region)
 
     [best, *_] = index.match(query_record(f"{core}（{region}）有限公司", phone=row["phone"]))
-    assert (best.customer_id, best.levels["phone_exact"]) == (frame.index[0], 1) and best.probability >= 0.95
+    assert (best.customer_id, best.levels["phones_overlap"]) == (
+        frame.index[0],
+        1,
+    ) and best.probability >= 0.95
     typo = index.match(query_record(f"{region}{core[:-1]}x有限公司", credit_code=row["credit_code"]))
     assert typo[0].customer_id == frame.index[0] and typo[0].probability >= 0.5
     namesake = index.match(query_record(f"{other_region}{core}有限公司"))
@@ -244,7 +251,7 @@ def test_a_company_written_in_chinese_and_in_pinyin_english_is_found_and_compare
         features = result.features["name_core_levenshtein"]
         return int(features.get((a, b), features.get((b, a), 0)))
 
-    assert level(9001, 9002) == 2  # the top level: the same trade name across scripts
+    assert level(9001, 9002) == 2  # the top level: the same trade name and industry across scripts
     assert "merge" in {result.band.get((9001, 9002)), result.band.get((9002, 9001))}
     assert level(9001, 9003) == 0
     assert level(9002, 9003) < 2  # Tengda vs Tengxun (same script): plain edit distance

@@ -495,7 +495,14 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
     Linkage runs after every core load except those that resolve customers by name
     (:attr:`Migration.after_golden_customers`), which wait for the golden customers.
     """
-    from integration.dedup.workflow import Candidates, find_candidates, merge_clusters, review_queue
+    from integration.dedup.workflow import (
+        Candidates,
+        find_candidates,
+        link_branches,
+        merge_clusters,
+        review_count,
+        review_queue,
+    )
 
     core_deps = [f"core_{e}" for e in migration.entities if e not in migration.after_golden_customers]
     rules = migration.project.spec.dedup.get("customer")
@@ -527,6 +534,9 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
             "new_candidates": outcome.new_candidates, "clusters_to_merge": len(found.clusters),
             "clusters_for_review": outcome.review_clusters,
             "cluster_size_histogram": dg.MetadataValue.json({str(k): v for k, v in outcome.cluster_sizes.items()}),
+            "review_pairs": outcome.review_pairs, "review_share_of_records": outcome.review_share_of_records,
+            "review_expected_same": outcome.review_expected_same,
+            "review_reasons": dg.MetadataValue.json(outcome.review_reasons),
         })  # fmt: skip
 
     @dg.asset(
@@ -551,10 +561,12 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         with _load_run_step(context, core, migration.project.name) as engine:
             outcome = merge_clusters(engine, context.run.run_id, migration.project.name, candidates,
                                      source_priority=priority, survivorship=survivorship, mode=options.mode)  # fmt: skip
+            branches = link_branches(engine, context.run.run_id, migration.project.name, options.mode)
             failpoint("dedup:merge")
             yield dg.MaterializeResult(metadata={
                 "customers": candidates.outcome.records, "auto_merged": outcome.auto_merged,
                 "merge_log_ids": dg.MetadataValue.json(outcome.merge_log_ids[:50]),
+                "branches_linked_to_head_office": branches,
             })  # fmt: skip
             with session_factory(engine)() as session:
                 shared = next(
@@ -577,12 +589,15 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         """Pairs a data steward must decide (`crmi dedup review`): likely the same company, not sure enough to merge."""
         core: CoreDatabase = context.resources.core
         with _load_run_step(context, core, migration.project.name) as engine:
-            queue = review_queue(engine, entity="customer")
-        sample = pd.DataFrame(
-            [{k: v for k, v in q.items() if k != "features"} for q in queue[:MAX_SAMPLE_ROWS]]
-        )
+            counts = review_count(engine, entity="customer")  # counted in SQL, not by loading the queue
+            queue = review_queue(engine, limit=MAX_SAMPLE_ROWS, entity="customer")
+        sample = pd.DataFrame([{k: v for k, v in q.items() if k != "features"} for q in queue])
         return dg.MaterializeResult(
-            metadata={"pending": len(queue), "sample": dg.MetadataValue.md(markdown_table(sample))}
+            metadata={
+                "pending": counts["pending"],
+                "expected_same": counts["expected_same"],
+                "sample": dg.MetadataValue.md(markdown_table(sample)),
+            }
         )
 
     @dg.asset(

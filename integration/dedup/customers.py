@@ -11,6 +11,10 @@ mix credit codes, regions or branches — those go to a steward instead.
 from __future__ import annotations
 
 import csv
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +25,82 @@ from crm_core.db import session_factory
 from crm_core.models import Customer, ExternalId
 from integration.dedup.evaluate import cluster_scores, pair_scores, pairs_of
 from integration.dedup.linkage import Comparison, LinkageSpec, link
-from integration.dedup.normalize import normalize_company_name
+from integration.dedup.normalize import (
+    brand_key,
+    company_key,
+    credit_code_parts,
+    has_han,
+    name_sound,
+    normalize_company_name,
+    phone_keys,
+    trade_name,
+    trade_pinyin,
+)
 from integration.dedup.spec import CUSTOMER_COLUMNS
+from integration.geo import (
+    NOWHERE,
+    Place,
+    area_code_of_city,
+    cities_of_area_code,
+    city_of_name,
+    parse_addresses,
+    place_of_division_code,
+    place_of_region,
+    province_of_city,
+)
 
 FREE_MAIL = frozenset({"qq.com", "163.com", "126.com", "sina.com", "sohu.com", "gmail.com", "hotmail.com",
                        "outlook.com", "yahoo.com", "foxmail.com", "139.com", "aliyun.com", "yeah.net"})  # fmt: skip
 
-HEAD_OFFICE = "总部"  # a name without a branch marker: never equal to any 分公司, never "unknown"
+HEAD_OFFICE = "总部"
+RARE_TRADE_NAME = 3  # a trade name carried by at most this many distinct names is distinctive  # a name without a branch marker: never equal to any 分公司, never "unknown"
 
 CUSTOMER_SPEC = LinkageSpec(
-    blocks=[("credit_code",), ("phone",), ("name_core",), ("email_domain",)],
-    # A company written in Chinese and in pinyin English is paired by its credit code, phone or e-mail
-    # domain and then compared on the pinyin trade name (method "name"). Indexing on the pinyin itself
-    # pairs every 同创医疗 with every 同创贸易 in a city: ECM then learns "same city" as the match signal.
+    # Candidates: one credit code or organisation code, one phone, one name core, one sound (homophones),
+    # one trade name in one city (腾达 / 腾达科技), one street address, one e-mail domain; plus neighbours
+    # in name order. A company written in Chinese and in pinyin English is paired by its identifiers and
+    # compared on the pinyin trade name (method "name").
+    blocks=[
+        ("credit_code",),
+        ("org_code",),
+        ("phone",),
+        ("name_core",),
+        ("name_sound", "city"),
+        ("trade", "city"),
+        ("trade_pinyin", "city"),
+        ("address_key",),
+        ("email_domain",),
+    ],
     sorted_neighbourhood=[("name_core", 5)],
     comparisons=[
         Comparison("name_core", "name", (0.999, 0.85), label="name_core_levenshtein"),
-        Comparison("credit_code", "exact", (1.0,)),
-        Comparison("phone", "exact", (1.0,)),
+        # Term frequency: two rare trade names. Among candidate pairs (which share a name, a sound or a
+        # trade name in a city), a pair whose trade names few firms carry is likelier the same firm than
+        # one on 华信 or 东方, present in every city. Additive, so the name comparison still decides
+        # how close the names are.
+        Comparison("trade_rare", "rare", (1.0,)),
+        Comparison("credit_code", "identifier", (1.0, 0.9)),
+        Comparison("phones", "overlap", (1.0,)),
         Comparison("email_domain", "exact", (1.0,)),
-        # City and branch are not compared: the city repeats the region (ECM assumes independent
-        # evidence and counted it twice, so "same city" alone scored 1.0), and nearly every name is a
-        # head office. Both still guard as hard keys (region, branch).
-        Comparison("region", "exact", (1.0,)),
+        Comparison("address_key", "exact", (1.0,)),  # the same district and street address
+        Comparison("district", "exact", (1.0,)),
     ],
-    hard_keys=("credit_code", "region", "branch"),
+    # Two valid credit codes or two branch markers never share a golden record; two places (city,
+    # province from every source of evidence) make a pair distinct (see linkage.link).
+    hard_keys=("credit_code", "branch"),
+    location_keys=("city", "province"),
+    merge_requires=(
+        "name_core_levenshtein",
+        "credit_code_identifier",
+        "phones_overlap",
+        "email_domain_exact",
+    ),
+    # a close name (a slip, a short trade name, the English name) and one shared identifier: one firm
+    sure_when=[
+        ("name_core_levenshtein", "credit_code_identifier"),
+        ("name_core_levenshtein", "phones_overlap"),
+        ("name_core_levenshtein", "email_domain_exact"),
+    ],
     auto_merge=0.95,
     review=0.5,
 )
@@ -58,32 +113,162 @@ def linkage_row(
     phone: str | None = None,
     email: str | None = None,
     city: str | None = None,
+    address: str | None = None,
+    province: str | None = None,
+    district: str | None = None,
 ) -> dict[str, Any]:
-    """Return what linkage compares of one customer: name parts, keys, e-mail domain (not free mail)."""
-    parts = normalize_company_name(name or "")
-    domain = email.rsplit("@", 1)[-1].lower() if email and "@" in email else None
-    return {
-        "name": name, "name_core": parts.core or None, "region": parts.region or None,
-        "branch": parts.branch or HEAD_OFFICE, "credit_code": credit_code or None, "phone": phone or None,
-        "email_domain": None if domain in FREE_MAIL else domain, "city": city or None,
-    }  # fmt: skip
+    """Return what linkage compares of one customer (see :func:`linkage_rows`)."""
+    row = {"name": name, "credit_code": credit_code, "phone": phone, "email": email, "city": city,
+           "address": address, "province": province, "district": district}  # fmt: skip
+    return linkage_rows([row])[0]
+
+
+def linkage_rows(customers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Return what linkage compares of each customer: name parts and keys, identifiers, reconciled location.
+
+    Name: region | core | branch, the trade name (industry words dropped, synonyms unified), its sound
+    (toneless pinyin, so homophones are equal). Identifiers: the credit code (valid, or as
+    written when damaged) and its 9-character organisation code; every phone number of the cell as E.164
+    without extension, local numbers completed with the city's area code. Location: the city every source
+    of evidence agrees on most — the name's region, the address, the CRM city field (Chinese or pinyin),
+    the credit code's division digits, the phone's area code — and the district and street of the address.
+    """
+    parsed = parse_addresses([c.get("address") for c in customers])
+    rows = []
+    for customer, (address_place, street) in zip(customers, parsed, strict=True):
+        name = customer.get("name")
+        parts = normalize_company_name(name or "")
+        code = credit_code_parts(customer.get("credit_code"))
+        email = customer.get("email")
+        domain = email.rsplit("@", 1)[-1].lower() if email and "@" in email else None
+        # In order of trust when sources disagree as often: where the firm is written down now (address,
+        # city field, the name's region, the phone), then where the credit code says it registered.
+        places = [
+            address_place,
+            Place(province_of_city(field), field)
+            if (field := city_of_name(customer.get("city")))
+            else NOWHERE,
+            place_of_region(parts.region),
+            place_of_division_code(code.division),
+        ]
+        # Bare local numbers are completed from the other evidence first, then the phone votes too.
+        city = _reconciled_city(places)
+        raw_phone = customer.get("phone")
+        phones = phone_keys(raw_phone, area_code_of_city(city))
+        area_cities = _area_cities(phones)
+        if len(area_cities) == 1:
+            places.insert(3, Place(province_of_city(area_cities[0]), area_cities[0]))
+            city = _reconciled_city(places)
+        province = province_of_city(city) if city else _reconciled_province(places)
+        district = address_place.district or customer.get("district") or None
+        core = parts.core or None
+        rows.append({
+            "name": name, "name_core": core, "region": parts.region or None,
+            "branch": parts.branch or HEAD_OFFICE,
+            "trade": (trade_name(core) if has_han(core) else brand_key(core)) if core else None,
+            "name_sound": name_sound(core) if core else None,
+            "trade_pinyin": trade_pinyin(core) or None if core else None,
+            # the trade name's term-frequency bucket: rare until linkage_frame counts its holders
+            "trade_rare": trade_pinyin(core) or None if core else None,
+            "credit_code": code.valid or code.raw, "org_code": code.organisation,
+            "phone": phones[0] if phones else None, "phones": " ".join(phones) or None,
+            "email_domain": None if domain in FREE_MAIL else domain,
+            "city": city, "province": province, "district": district if city else None,
+            "address_key": f"{city}|{district}|{_street_key(street)}" if city and district and street else None,
+        })  # fmt: skip
+    return rows
+
+
+def _reconciled_city(places: Sequence[Place]) -> str | None:
+    """The city most sources name (earlier sources win a tie); None when none names one."""
+    votes = Counter(place.city for place in places if place.city)
+    if not votes:
+        return None
+    best = max(votes.values())
+    return next(place.city for place in places if place.city and votes[place.city] == best)
+
+
+def _reconciled_province(places: Sequence[Place]) -> str | None:
+    votes = Counter(place.province for place in places if place.province)
+    return votes.most_common(1)[0][0] if votes else None
+
+
+def _area_cities(phones: Sequence[str]) -> tuple[str, ...]:
+    """The cities the first fixed-line number's area code serves (mobiles say nothing about a place)."""
+    for number in phones:
+        national = number.removeprefix("+86")
+        if national.startswith("1") and not national.startswith("10"):
+            continue
+        code = national[:2] if national[:1] in "12" else national[:3]
+        return cities_of_area_code(code)
+    return ()
+
+
+def _street_key(street: str) -> str:
+    """A street and number written one way (NFKC, no spaces or punctuation, case-folded)."""
+    return re.sub(r"[\s,，.。#－\-]", "", unicodedata.normalize("NFKC", street)).casefold()
+
+
+def located_company_keys(records: pd.DataFrame) -> pd.Series:
+    """Return each customer's exact-match name key (``normalize.company_key``), the region completed from
+    the record's own location when the name has none.
+
+    "腾达科技有限公司" with a Shenzhen address and the same name with a Zhengzhou phone are two companies:
+    their keys become ``深圳|腾达科技|`` and ``郑州|腾达科技|`` instead of one ``|腾达科技|`` that the load
+    would match on. The location is reconciled as in :func:`linkage_rows` (address, city field, credit
+    code, phone area code).
+    """
+    keys = records["name"].map(company_key)
+    bare = keys.notna() & keys.str.startswith("|", na=False)
+    if not bare.any():
+        return keys
+    columns = [c for c in ("credit_code", "phone", "city", "address") if c in records.columns]
+    subset = records.loc[bare, ["name", *columns]]
+    rows = linkage_rows([{str(k): (v if isinstance(v, str) else None) for k, v in row.items()}
+                         for row in subset.to_dict("records")])  # fmt: skip
+    regions = pd.Series([_short_city(row["city"]) for row in rows], index=subset.index, dtype=object)
+    located = regions.notna()
+    keys.loc[located[located].index] = regions[located] + keys.loc[located[located].index]
+    return keys
+
+
+def _short_city(city: str | None) -> str | None:
+    """深圳市 → 深圳 (the form a company name writes its region in)."""
+    if not city:
+        return None
+    for suffix in ("市", "地区", "自治州", "盟"):
+        if city.endswith(suffix) and len(city) > len(suffix) + 1:
+            return city[: -len(suffix)]
+    return city
 
 
 def customer_records(engine: Engine) -> pd.DataFrame:
     """Return the active (not merged) customers as linkage rows, indexed by customer id."""
     with session_factory(engine)() as session:
         rows = session.execute(
-            select(Customer.id, Customer.name, Customer.credit_code, Customer.phone, Customer.email, Customer.city)
+            select(Customer.id, Customer.name, Customer.credit_code, Customer.phone, Customer.email, Customer.city,
+                   Customer.address, Customer.province, Customer.district)
             .where(Customer.merged_into_id.is_(None)).order_by(Customer.id)
         ).all()  # fmt: skip
-    records = [
-        {"id": customer_id, **linkage_row(name, credit_code=credit_code, phone=phone, email=email, city=city)}
-        for customer_id, name, credit_code, phone, email, city in rows
-    ]
+    return linkage_frame([row._asdict() for row in rows])
+
+
+def linkage_frame(customers: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Return linkage rows (see :func:`linkage_rows`) as a frame indexed by ``id``, with ``trade_rare``.
+
+    ``trade_rare`` is the trade name when few distinct names carry it (term-frequency weighting, as
+    Splink's term-frequency adjustments: agreeing on 华信, present in every city, says less than agreeing
+    on a trade name only one firm has).
+    """
     columns = list(CUSTOMER_COLUMNS)
-    if not records:
+    if not customers:
         return pd.DataFrame(columns=columns, index=pd.Index([], name="id"))
-    return pd.DataFrame.from_records(records, index="id")
+    rows = linkage_rows(customers)
+    frame = pd.DataFrame(rows, index=pd.Index([c["id"] for c in customers], name="id"))
+    holders = frame.groupby("trade_pinyin")["name_core"].nunique()
+    rare = frame["trade_pinyin"].map(holders) <= RARE_TRADE_NAME
+    frame["trade_rare"] = frame["trade_pinyin"].where(rare)
+    return frame[columns]
 
 
 def evaluate_against_truth(

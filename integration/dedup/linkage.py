@@ -13,9 +13,11 @@ goes to review as a whole instead of merging.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
@@ -26,11 +28,27 @@ from rapidfuzz.process import cpdist
 from recordlinkage.base import BaseCompareFeature
 
 from crm_core.errors import DedupError
-from integration.dedup.normalize import brand_key, has_han
+from integration.dedup.normalize import (
+    canonical_industry,
+    credit_code_parts,
+    credit_codes_near,
+    has_han,
+    look_alike,
+    same_name_across_scripts,
+    sound_alike,
+    trade_name,
+    trade_pinyin,
+)
 
-# "name": Levenshtein on name cores; a pair written in two scripts (腾达科技 / Tengda Technology) is
-# compared on the pinyin trade names instead (normalize.brand_key), by Jaro–Winkler.
-Method = Literal["exact", "jaro_winkler", "levenshtein", "token_set", "prefix", "name"]
+# "name": Chinese-aware similarity of name cores (variant_similarity: homophones, look-alikes, gaps, synonyms,
+# bare trade names); a pair written in two scripts (腾达科技 / Tengda Technology) is
+# compared on the pinyin trade name and the industry words (normalize.same_name_across_scripts).
+# "identifier": credit codes, equal (1.0) or the same code after a one-edit repair, by its organisation code
+# or cut short (0.9). "overlap": space-separated keys (every phone of a cell), any one shared (1.0).
+# "rare": both records hold a value (a term-frequency bucket: both trade names are rare ones).
+Method = Literal[
+    "exact", "jaro_winkler", "levenshtein", "token_set", "prefix", "name", "identifier", "overlap", "rare"
+]
 # rapidfuzz scorers and the factor that brings their score to 0..1
 _SCORERS: dict[str, tuple[Any, float]] = {
     "jaro_winkler": (distance.JaroWinkler.normalized_similarity, 1.0),
@@ -64,6 +82,17 @@ class LinkageSpec:
     auto_merge: float = 0.95
     review: float = 0.5
     hard_keys: Sequence[str] = ()  # members of one cluster must not disagree on these
+    # Columns of a record's reconciled location (city, province): two records that both have one and
+    # differ are in different places, so the pair is distinct, whatever the names say (unless the
+    # credit code says otherwise: then a steward looks).
+    location_keys: Sequence[str] = ()
+    # Comparisons (by name) of which at least one must agree (level >= 1) for a pair to merge: the same
+    # street address and district alone, with another name, are two firms in one building.
+    merge_requires: Sequence[str] = ()
+    # Groups of comparisons (by name) that, all agreeing (level >= 1), make a pair a match whatever the
+    # classifier says: a close name with the same phone is one firm. ECM, fitted on pairs whose names are
+    # mostly equal, takes any name short of equal as near-proof of two firms.
+    sure_when: Sequence[Sequence[str]] = ()
     max_cluster: int = 10
     # A block key shared by more records than this (a 400 switchboard, a namesake trade name in every
     # city) is skipped: it would add size² pairs and say little; those records still pair elsewhere.
@@ -96,6 +125,12 @@ class SimilarityLevels(BaseCompareFeature):  # type: ignore[misc]
             similarity = (
                 cpdist(_texts(s_left), _texts(s_right), scorer=scorer, workers=-1, dtype=np.float32) * scale
             )
+        elif self.method == "identifier":
+            similarity = _identifier_similarity(_texts(s_left), _texts(s_right))
+        elif self.method == "overlap":
+            similarity = _overlap(_texts(s_left), _texts(s_right))
+        elif self.method == "rare":
+            similarity = (s_left.notna() & s_right.notna()).to_numpy(dtype=np.float32)
         else:
             missing = (s_left.isna() | s_right.isna()).to_numpy()
             left = s_left.fillna("").astype(str).to_numpy()
@@ -113,6 +148,56 @@ class SimilarityLevels(BaseCompareFeature):  # type: ignore[misc]
         return pd.Series(level, index=s_left.index)
 
 
+def _identifier_similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """1.0 equal, 0.9 the same code written damaged, short or old-style (normalize.credit_codes_near).
+
+    Equality and the one-edit distance run over whole columns (rapidfuzz, C++); only the few pairs that
+    could be near are checked one by one.
+    """
+    present = np.array(
+        [a is not None and b is not None for a, b in zip(left, right, strict=True)], dtype=bool
+    )
+    similarity = np.zeros(len(left), dtype=np.float32)
+    if not present.any():
+        return similarity
+    equal = present & (left == right)
+    similarity[equal] = 1.0
+    rest = np.flatnonzero(present & ~equal)
+    if len(rest):
+        a, b = left[rest], right[rest]
+        edits = cpdist(a, b, scorer=distance.OSA.distance, dtype=np.int32, workers=-1)
+        lengths = np.fromiter(
+            (min(len(x), len(y)) for x, y in zip(a, b, strict=True)), dtype=np.int32, count=len(a)
+        )
+        maybe = (edits <= 1) | (lengths < 18)
+        for position in rest[maybe]:
+            if credit_codes_near(left[position], right[position]):
+                similarity[position] = 0.9
+    return similarity
+
+
+def _overlap(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """1.0 when two space-separated key lists share a key, else 0 (lists of one key compare as columns)."""
+    present = np.array(
+        [a is not None and b is not None for a, b in zip(left, right, strict=True)], dtype=bool
+    )
+    similarity = np.zeros(len(left), dtype=np.float32)
+    equal = present & (left == right)
+    similarity[equal] = 1.0
+    several = np.fromiter(
+        (
+            p and not e and (" " in a or " " in b)
+            for p, e, a, b in zip(present, equal, left, right, strict=True)
+        ),
+        dtype=bool,
+        count=len(left),
+    )
+    for position in np.flatnonzero(several):
+        if set(left[position].split()) & set(right[position].split()):
+            similarity[position] = 1.0
+    return similarity
+
+
 def _scripts(values: np.ndarray) -> np.ndarray:
     """Return per value: 1 written with Chinese characters, 0 otherwise, -1 missing (once per distinct value)."""
     codes, uniques = pd.factorize(values, use_na_sentinel=True)
@@ -121,15 +206,86 @@ def _scripts(values: np.ndarray) -> np.ndarray:
 
 
 def _name_similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Similarity of name cores, Chinese-aware (see :func:`variant_similarity`); cross-script on pinyin."""
     similarity = cpdist(left, right, scorer=distance.Levenshtein.normalized_similarity, workers=-1,
                         dtype=np.float32)  # fmt: skip
     left_script, right_script = _scripts(left), _scripts(right)
     cross = (left_script >= 0) & (right_script >= 0) & (left_script != right_script)
     if cross.any():
-        brands = cpdist([brand_key(v) for v in left[cross]], [brand_key(v) for v in right[cross]],
+        brands = cpdist([trade_pinyin(v) for v in left[cross]], [trade_pinyin(v) for v in right[cross]],
                         scorer=distance.JaroWinkler.normalized_similarity, dtype=np.float32)  # fmt: skip
-        similarity[cross] = np.maximum(similarity[cross], brands)
+        # Across scripts the industry words cannot be checked (物流 is not "Logistics" to a string metric):
+        # an equal trade name is a close name, not an equal one.
+        similarity[cross] = np.maximum(similarity[cross], np.minimum(brands, TRADE_NAME_ONLY))
+        # "Xinhong New Materials" against 鑫宏新材料: the English core starts with the trade name's pinyin
+        for position in np.flatnonzero(cross & (similarity < 0.999)):
+            han, latin = (
+                (left[position], right[position])
+                if left_script[position] == 1
+                else (right[position], left[position])
+            )
+            if same_name_across_scripts(han, latin):  # trade name and industry words both agree
+                similarity[position] = 1.0
+            elif (
+                (spoken := trade_pinyin(han))
+                and len(spoken) >= 4
+                and re.sub(r"[^0-9a-z]", "", latin).startswith(spoken)
+            ):
+                similarity[position] = max(similarity[position], TRADE_NAME_ONLY)
+    # Chinese names that are close but not equal: homophones, look-alikes, a dropped or swapped character,
+    # industry synonyms and a bare trade name are scored by the weighted edit distance (few pairs).
+    han = (left_script == 1) & (right_script == 1) & (similarity < 1.0) & (similarity >= 0.3)
+    for position in np.flatnonzero(han):
+        similarity[position] = max(similarity[position], variant_similarity(left[position], right[position]))
     return similarity
+
+
+SOUND_OR_SHAPE = 0.25  # a homophone or look-alike character instead of another: a quarter of an edit
+GAP = 0.4  # a character dropped, added, or two swapped: less than half an edit (another character costs one)
+TRADE_NAME_ONLY = 0.9  # 腾达 against 腾达科技: the short name is the other's trade name
+
+
+def _edit_cost(a: str, b: str) -> float:
+    """Weighted edit distance: homophone or look-alike substitutions and gaps cheap, other characters 1."""
+    rows, cols = len(a) + 1, len(b) + 1
+    cost = [[0.0] * cols for _ in range(rows)]
+    for i in range(rows):
+        cost[i][0] = i * GAP
+    for j in range(cols):
+        cost[0][j] = j * GAP
+    for i in range(1, rows):
+        for j in range(1, cols):
+            x, y = a[i - 1], b[j - 1]
+            substitute = 0.0 if x == y else SOUND_OR_SHAPE if (look_alike(x, y) or sound_alike(x, y)) else 1.0
+            best = min(cost[i - 1][j] + GAP, cost[i][j - 1] + GAP, cost[i - 1][j - 1] + substitute)
+            if i > 1 and j > 1 and x == b[j - 2] and a[i - 2] == y:
+                best = min(best, cost[i - 2][j - 2] + GAP)
+            cost[i][j] = best
+    return cost[-1][-1]
+
+
+@lru_cache(maxsize=500_000)
+def variant_similarity(left: str, right: str) -> float:
+    """Return how alike two Chinese name cores are, 0..1, weighing the trade name, not the industry words.
+
+    Industry synonyms are unified first (商贸/贸易). The edits are weighted (a homophone 华鑫/华新 or a
+    look-alike 天/夭 a quarter, a dropped, added or swapped character 0.4, any other character 1) and
+    counted against the trade name's length plus one, so a long industry word cannot dilute a different
+    trade name: 佳晨自动化设备 / 佳河自动化设备 score 0.67, 华鑫科技 / 骅鑫科技 0.92, 腾达科技 / 腾科技 0.87.
+    A name that is only the other's trade name scores ``TRADE_NAME_ONLY``.
+    """
+    a, b = canonical_industry(left), canonical_industry(right)
+    if a == b:
+        return 1.0
+    trade_a, trade_b = trade_name(a), trade_name(b)
+    if min(len(a), len(b)) >= 2 and (trade_a == b or trade_b == a):
+        return TRADE_NAME_ONLY
+    industry_a, industry_b = a[len(trade_a) :], b[len(trade_b) :]
+    if industry_a == industry_b or trade_a == trade_b:
+        cost = _edit_cost(trade_a, trade_b) + _edit_cost(industry_a, industry_b)
+    else:  # the split differs (a dropped industry character): the whole core, still weighed by the trade name
+        cost = _edit_cost(a, b)
+    return max(0.0, 1.0 - cost / (max(len(trade_a), len(trade_b)) + 1))
 
 
 def _texts(values: pd.Series) -> np.ndarray:
@@ -151,6 +307,7 @@ class LinkageResult:
     band: pd.Series  # merge | review | distinct
     clusters: list[list[Any]] = field(default_factory=list)
     cluster_review: list[list[Any]] = field(default_factory=list)  # clusters too large or split: for stewards
+    reasons: dict[tuple[Any, Any], str] = field(default_factory=dict)  # why a pair is in review, not merged
 
     @property
     def reduction_ratio(self) -> float:
@@ -350,12 +507,106 @@ def guard_clusters(
     label = np.repeat(np.arange(len(clusters)), sizes)
     conflicting = sizes > spec.max_cluster
     for key in spec.hard_keys:  # one groupby per key over all clustered records, not a lookup per cluster
-        values = frame[key].reindex(members).astype("string").str.strip().replace("", pd.NA)
+        values = _hard_values(frame, key).reindex(members)
         distinct_values = pd.Series(values.to_numpy(), index=label).groupby(level=0).nunique()
         conflicting[distinct_values.index.to_numpy()] |= distinct_values.to_numpy() > 1
     merge = [cluster for cluster, bad in zip(clusters, conflicting, strict=True) if not bad]
     review = [cluster for cluster, bad in zip(clusters, conflicting, strict=True) if bad]
     return merge, review
+
+
+def _hard_values(frame: pd.DataFrame, key: str) -> pd.Series:
+    """A hard key's values, blanks missing; a credit code counts only when valid (a damaged one may be a typo)."""
+    values = frame[key].astype("string").str.strip().replace("", pd.NA)
+    if key == "credit_code":
+        valid = values.map(lambda v: credit_code_parts(v).valid is not None, na_action="ignore")
+        values = values.where(valid.astype("boolean").fillna(False).astype(bool))
+    return values
+
+
+def location_conflicts(frame: pd.DataFrame, pairs: pd.Index, spec: LinkageSpec) -> np.ndarray:
+    """Return, per pair, whether both records are placed (a location key) and the places differ."""
+    conflict = np.zeros(len(pairs), dtype=bool)
+    if not len(pairs):
+        return conflict
+    left, right = pairs.get_level_values(0), pairs.get_level_values(1)
+    for key in spec.location_keys:
+        values = frame[key].astype("string").replace("", pd.NA)
+        a, b = values.reindex(left).to_numpy(), values.reindex(right).to_numpy()
+        known = ~(pd.isna(a) | pd.isna(b))
+        conflict[known] |= a[known] != b[known]
+    return conflict
+
+
+def same_identifier(frame: pd.DataFrame, pairs: pd.Index) -> np.ndarray:
+    """Return, per pair, whether the credit codes name one code (equal or near, see credit_codes_near)."""
+    if "credit_code" not in frame or not len(pairs):
+        return np.zeros(len(pairs), dtype=bool)
+    codes = _texts(frame["credit_code"])
+    position = pd.Series(np.arange(len(frame)), index=frame.index)
+    a = codes[position.reindex(pairs.get_level_values(0)).to_numpy()]
+    b = codes[position.reindex(pairs.get_level_values(1)).to_numpy()]
+    return _identifier_similarity(a, b) > 0
+
+
+CONFLICT_FACTOR = 0.5  # a pair across two valid credit codes: its probability halved (never shown as 1.0)
+
+
+def coherent_clusters(
+    merged: pd.Series, linked: pd.Series, frame: pd.DataFrame, spec: LinkageSpec
+) -> tuple[list[list[Any]], dict[tuple[Any, Any], str]]:
+    """Return (clusters, refused pairs with the reason) built from merge pairs, best first.
+
+    Pairs are joined in order of probability. Two groups join only when no hard key or location would
+    then hold two values (two valid credit codes, two cities, two branches) and when the pairs linking
+    them (merge or review) are at least half of all their member pairs: one record that looks like two
+    companies cannot bridge them. A refused pair goes to review with the reason, for a steward.
+    """
+    keys = [*spec.hard_keys, *[k for k in spec.location_keys if k not in spec.hard_keys]]
+    values = {key: _hard_values(frame, key) for key in keys}
+    value_of = {key: column.dropna().to_dict() for key, column in values.items()}
+    neighbours: dict[Any, set[Any]] = defaultdict(set)
+    for a, b in linked.index:
+        neighbours[a].add(b)
+        neighbours[b].add(a)
+    members: dict[Any, list[Any]] = {}
+    group: dict[Any, Any] = {}
+    seen: dict[Any, dict[str, set[Any]]] = {}
+    refused: dict[tuple[Any, Any], str] = {}
+    for pair in merged.sort_values(ascending=False, kind="stable").index:
+        a, b = pair
+        for record in (a, b):
+            if record not in group:
+                group[record], members[record] = record, [record]
+                seen[record] = {k: {value_of[k][record]} if record in value_of[k] else set() for k in keys}
+        ga, gb = group[a], group[b]
+        if ga == gb:
+            continue
+        clash = next((k for k in keys if seen[ga][k] and seen[gb][k] and seen[ga][k] != seen[gb][k]), None)
+        if clash is not None:
+            both = sorted(map(str, seen[ga][clash] | seen[gb][clash]))
+            refused[ordered(pair)] = (
+                f"not merged: the cluster would hold two {clash} values ({', '.join(both)})"
+            )
+            continue
+        small, large = sorted((members[ga], members[gb]), key=len)
+        large_set = set(large)
+        links = sum(len(neighbours[m] & large_set) for m in small)
+        if 2 * links < len(small) * len(large):
+            refused[ordered(pair)] = (
+                f"not merged: links {links} of {len(small) * len(large)} member pairs between two groups "
+                f"of {len(small)} and {len(large)} records (one record would bridge two companies)"
+            )
+            continue
+        keep, drop = (ga, gb) if len(members[ga]) >= len(members[gb]) else (gb, ga)
+        for record in members[drop]:
+            group[record] = keep
+        members[keep] += members.pop(drop)
+        for key in keys:
+            seen[keep][key] |= seen[drop][key]
+        del seen[drop]
+    clusters = sorted((sorted(m) for m in members.values() if len(m) > 1), key=lambda g: (-len(g), g[0]))
+    return clusters, refused
 
 
 def hard_key_conflicts(frame: pd.DataFrame, pairs: pd.Index, spec: LinkageSpec) -> np.ndarray:
@@ -365,7 +616,7 @@ def hard_key_conflicts(frame: pd.DataFrame, pairs: pd.Index, spec: LinkageSpec) 
         return conflict
     left, right = pairs.get_level_values(0), pairs.get_level_values(1)
     for key in spec.hard_keys:
-        values = frame[key].astype("string").str.strip().replace("", pd.NA)
+        values = _hard_values(frame, key)
         a, b = values.reindex(left).to_numpy(), values.reindex(right).to_numpy()
         known = ~(pd.isna(a) | pd.isna(b))
         conflict[known] |= a[known] != b[known]
@@ -408,11 +659,56 @@ def link(
         sample_pairs = compare(sample, candidate_pairs(sample, spec), spec)
     probability = classify(features, spec, labels, sample_pairs)
     band = bands(probability, spec)
+    for group in spec.sure_when:
+        if group and all(name in features.columns for name in group):
+            sure = (features[list(group)] >= 1).all(axis=1).to_numpy() & (band != "merge").to_numpy()
+            if sure.any():
+                probability = probability.copy()
+                probability[sure] = np.maximum(probability[sure], spec.auto_merge)
+                band[sure] = "merge"
     if distinct:
         band[[ordered(p) in distinct for p in band.index]] = "distinct"
-    # A high score across a hard-key conflict (two credit codes, regions or branches) is not a sure match:
-    # the pair goes to review instead of tying two clusters together (and dragging both into review).
-    band[(band == "merge") & hard_key_conflicts(frame, band.index, spec)] = "review"
-    merged_pairs = list(band.index[band == "merge"])
-    clusters, review = guard_clusters(connected_components(merged_pairs), frame, spec)
-    return LinkageResult(len(pairs), len(frame), features, probability, band, clusters, review)
+    reasons: dict[tuple[Any, Any], str] = {}
+    # Two places (the city from every source of evidence) are two companies, unless the credit codes say
+    # it is one: then a steward looks.
+    elsewhere = location_conflicts(frame, band.index, spec)
+    if elsewhere.any():
+        positions = np.flatnonzero(elsewhere)
+        one_code = same_identifier(frame, band.index[positions])
+        values = band.to_numpy(dtype=object, copy=True)
+        values[positions[~one_code]] = "distinct"
+        held = positions[one_code & (values[positions] != "distinct")]
+        values[held] = "review"
+        band = pd.Series(values, index=band.index)
+        for pair in band.index[held]:
+            reasons[ordered(pair)] = "one credit code but two locations"
+    # A high score across a hard-key conflict (two valid credit codes, branches) is not a sure match: its
+    # probability is cut (never 1.0 in the queue), and it is reviewed only if it stays above review.
+    # A branch (分公司) is never its head office or another branch: distinct (linked as parent_id instead).
+    branches = LinkageSpec(blocks=[], comparisons=[], hard_keys=[k for k in spec.hard_keys if k == "branch"])
+    band[hard_key_conflicts(frame, band.index, branches)] = "distinct"
+    conflict = hard_key_conflicts(frame, band.index, spec) & (band != "distinct").to_numpy()
+    if conflict.any():
+        probability = probability.copy()
+        probability[conflict] = probability[conflict] * CONFLICT_FACTOR
+        band[conflict] = np.where(probability[conflict] >= spec.review, "review", "distinct")
+        for pair in band.index[conflict & (band == "review").to_numpy()]:
+            reasons[ordered(pair)] = "hard key conflict (" + ", ".join(spec.hard_keys) + ")"
+    if spec.merge_requires:
+        required = [name for name in spec.merge_requires if name in features.columns]
+        if required:
+            agreed = (features[required] >= 1).any(axis=1).to_numpy()
+            band[(band == "merge").to_numpy() & ~agreed] = "distinct"
+    merged = probability[band == "merge"]
+    linked = probability[band != "distinct"]
+    clusters, refused = coherent_clusters(merged, linked, frame, spec)
+    if refused:  # a join the cluster refused: the pair is sure, the cluster it would make is not
+        refused_pairs = pd.MultiIndex.from_tuples(list(refused))
+        swapped = refused_pairs.swaplevel()  # band's pairs may come in either order
+        held = (band == "merge").to_numpy() & (band.index.isin(refused_pairs) | band.index.isin(swapped))
+        band[held] = "review"
+        probability = probability.copy()
+        probability[held] = probability[held] * CONFLICT_FACTOR
+    reasons.update(refused)
+    clusters, review = guard_clusters(clusters, frame, spec)
+    return LinkageResult(len(pairs), len(frame), features, probability, band, clusters, review, reasons)

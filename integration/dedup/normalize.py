@@ -11,6 +11,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from opencc import OpenCC
 
@@ -242,10 +243,16 @@ _INDUSTRY_EN = ("technology", "technologies", "tech", "scitech", "science", "tra
                 "software", "engineering", "environmental", "medical", "pharmaceutical", "biotech",
                 "machinery", "equipment", "manufacturing", "logistics", "investment", "consulting",
                 "commerce", "commercial", "culture", "media", "construction", "development", "international",
-                "holdings", "holding", "group", "enterprise", "enterprises", "systems", "system")  # fmt: skip
+                "holdings", "holding", "group", "enterprise", "enterprises", "systems", "system", "materials",
+                "material", "new", "foods", "food", "supplychain", "supply", "chain", "management", "automation",
+                "optoelectronics", "optoelectronic", "chemicals", "chemical", "devices", "device",
+                "biotechnology", "services", "service", "energy", "electric", "education", "agriculture",
+                "textile", "textiles", "printing", "auto", "parts", "instruments", "communication",
+                "communications", "data", "intelligent", "smart", "environment", "science")  # fmt: skip
 _INDUSTRY_ZH = ("科技", "技术", "贸易", "商贸", "实业", "电子", "信息", "网络", "软件", "工程", "环保",
                 "医药", "医疗", "生物", "机械", "设备", "制造", "物流", "投资", "咨询", "文化", "传媒",
-                "建设", "发展", "国际", "控股", "集团", "企业", "系统")  # fmt: skip
+                "建设", "发展", "国际", "控股", "集团", "企业", "系统", "材料", "新材料", "食品", "供应链",
+                "管理", "自动化", "光电", "化工", "器械", "能源", "电气", "服务", "环境", "教育", "智能")  # fmt: skip
 
 
 @lru_cache(maxsize=1)
@@ -283,3 +290,313 @@ def brand_key(core: str) -> str:
                 text, changed = text[: -len(word)], True
                 break
     return text
+
+
+# --------------------------------------------------------------------------- Chinese-aware name keys
+
+# Industry words that say the same thing: a source writes 商贸 where another writes 贸易.
+INDUSTRY_SYNONYMS = {"商贸": "贸易", "经贸": "贸易", "技术": "科技", "科学技术": "科技", "电子科技": "电子",
+                     "机电": "机械", "医疗器械": "医疗", "建筑工程": "建设工程", "建筑": "建设", "实业发展": "实业",
+                     "产业": "实业", "电器": "电气", "环境工程": "环保工程", "顾问": "咨询", "软件开发": "软件"}  # fmt: skip
+_SYNONYM = re.compile("|".join(sorted(INDUSTRY_SYNONYMS, key=len, reverse=True)))
+# What a Chinese trade name is followed by: industry words, longest first (a core minus these is the trade name).
+_TRADE_SUFFIXES = sorted(
+    {*INDUSTRY_SYNONYMS, *INDUSTRY_SYNONYMS.values(), *_INDUSTRY_ZH, "材料", "新材料", "食品", "光电", "化工",
+     "自动化", "供应链", "管理", "器械", "环境", "能源", "电气", "教育", "智能", "农业", "纺织", "印务", "汽配",
+     "服务", "餐饮", "建材", "广告", "包装", "印刷", "家具", "服饰", "传媒", "照明", "仪器", "通信", "数据"},
+    key=len, reverse=True,
+)  # fmt: skip
+_SHAPES_FILE = Path(__file__).parent / "data" / "char_shapes.tsv"
+
+
+def canonical_industry(core: str) -> str:
+    """Return a name core with industry-word synonyms written one way (商贸 → 贸易, 技术 → 科技)."""
+    for _ in range(3):  # 电子技术 → 电子科技 → 电子: until nothing changes
+        changed = _SYNONYM.sub(lambda match: INDUSTRY_SYNONYMS[match.group()], core)
+        if changed == core:
+            break
+        core = changed
+    return core
+
+
+@lru_cache(maxsize=200_000)
+def trade_name(core: str) -> str:
+    """Return the trade name of a Chinese name core: industry words dropped from the end (腾达科技 → 腾达).
+
+    At least two characters stay; a Latin core is returned unchanged (see :func:`brand_key` for pinyin).
+    """
+    text = canonical_industry(core)
+    if not has_han(text):
+        return text
+    changed = True
+    while changed:
+        changed = False
+        for word in _TRADE_SUFFIXES:
+            if text.endswith(word) and len(text) - len(word) >= 2:
+                text, changed = text[: -len(word)], True
+                break
+    return text
+
+
+@lru_cache(maxsize=1)
+def _shapes() -> dict[str, tuple[str, str]]:
+    """Return character → (four-corner code, strokes) from ``data/char_shapes.tsv``.
+
+    The table is derived from the char-similar package's four-corner, stroke and frequency data (MIT,
+    github.com/yongzhuo/char-similar; its header names the files): the 6,290 characters it gives a
+    frequency. The package itself pins old tqdm and pulls a segmenter, so only the data is kept.
+    """
+    shapes: dict[str, tuple[str, str]] = {}
+    with _SHAPES_FILE.open(encoding="utf-8") as handle:
+        for line in handle:
+            if not line.startswith("#"):
+                char, code, strokes = line.rstrip("\n").split("\t")
+                shapes[char] = (code, strokes)
+    return shapes
+
+
+def look_alike(left: str, right: str) -> bool:
+    """True when two characters look alike: equal stroke counts and four-corner codes that differ in at most
+    one digit (天/夭, 己/已, 未/末, 土/士)."""
+    if left == right:
+        return True
+    shapes = _shapes()
+    a, b = shapes.get(left), shapes.get(right)
+    if a is None or b is None or a[1] != b[1]:
+        return False
+    return sum(x != y for x, y in zip(a[0], b[0], strict=True)) <= 1
+
+
+@lru_cache(maxsize=20_000)
+def sound_alike(left: str, right: str) -> bool:
+    """True when two characters share a toneless pinyin reading (鑫/新/馨, 华/骅)."""
+    if left == right:
+        return True
+    return has_han(left) and has_han(right) and bool(_readings(left) & _readings(right))
+
+
+@lru_cache(maxsize=50_000)
+def _readings(char: str) -> frozenset[str]:
+    """Every toneless reading of one character (heteronyms included)."""
+    from pypinyin import Style, pinyin
+
+    return frozenset(pinyin(char, style=Style.NORMAL, heteronym=True)[0])
+
+
+@lru_cache(maxsize=200_000)
+def name_sound(core: str) -> str:
+    """Return a name core as toneless pinyin syllables, one private-use character per syllable.
+
+    Homophones become equal (华鑫 / 华新 / 骅鑫 → the same two symbols), and edit distances still count
+    characters, not letters. Latin text is kept as it is.
+    """
+    text = canonical_industry(core)
+    if not has_han(text):
+        return text
+    return "".join(_syllable(spoken) if (spoken := char_pinyin(char)) != char else char for char in text)
+
+
+@lru_cache(maxsize=50_000)
+def char_pinyin(char: str) -> str:
+    """Return one character's usual toneless pinyin (the character itself when it has none).
+
+    Per character and cached: names are mostly new strings, their characters are a few thousand, and a
+    trade name has no phrase a dictionary would read differently."""
+    from pypinyin import lazy_pinyin
+
+    return "".join(lazy_pinyin(char)) if has_han(char) else char
+
+
+_SYLLABLES: dict[str, str] = {}
+
+
+def _syllable(syllable: str) -> str:
+    """A private-use character standing for one pinyin syllable (stable within a process)."""
+    found = _SYLLABLES.get(syllable)
+    if found is None:
+        found = _SYLLABLES[syllable] = chr(0xE000 + len(_SYLLABLES))
+    return found
+
+
+# --------------------------------------------------------------------------- identifiers
+
+_CREDIT_CODE_CHARS = re.compile(r"[^0-9A-Z]")
+_USCC_SHAPE = re.compile(r"^[0-9A-HJ-NPQRTUWXY]{2}[0-9]{6}[0-9A-HJ-NPQRTUWXY]{10}$")
+
+
+@dataclass(frozen=True)
+class CreditCode:
+    """What a credit-code field holds: the valid 18-character code, else its parts that can still compare."""
+
+    valid: str | None  # a 统一社会信用代码 whose check digit holds
+    organisation: (
+        str | None
+    )  # the 9-character organisation code (18-char code [8:17], 15-digit number [6:15])
+    division: str | None  # the 6-digit administrative division code
+    raw: str | None  # the compact text as written (for one-edit repairs and truncated prefixes)
+
+
+def _uscc_is_valid(code: str) -> bool:
+    from stdnum.cn import uscc
+
+    return bool(_USCC_SHAPE.match(code)) and bool(uscc.is_valid(code))
+
+
+@lru_cache(maxsize=200_000)
+def credit_code_parts(value: str | None) -> CreditCode:
+    """Split a credit-code field: an 18-character 统一社会信用代码, a 15-digit registration (tax) number
+    (division + organisation code) or a 9-character organisation code, or a damaged code (kept raw)."""
+    if value is None:
+        return CreditCode(None, None, None, None)
+    text = _CREDIT_CODE_CHARS.sub("", unicodedata.normalize("NFKC", str(value)).upper())
+    if not text:
+        return CreditCode(None, None, None, None)
+    if len(text) == 18 and _uscc_is_valid(text):
+        return CreditCode(text, text[8:17], text[2:8], text)
+    if len(text) == 15 and text[:6].isdigit():
+        return CreditCode(None, text[6:15], text[:6], text)
+    if len(text) == 9 or (len(text) == 10 and text[8] == "-"):
+        return CreditCode(None, text[:9], None, text)
+    return CreditCode(None, None, text[2:8] if len(text) >= 8 and text[2:8].isdigit() else None, text)
+
+
+def credit_codes_near(left: str | None, right: str | None) -> bool:
+    """True when two credit-code fields name one code without being equal: one is the other after one edit
+    (a character dropped, doubled, changed or two swapped) and the repaired side's check digit holds, the
+    organisation codes agree (15-digit number, 9-character code), or one is the other cut short (≥ 10)."""
+    a, b = credit_code_parts(left), credit_code_parts(right)
+    if a.raw is None or b.raw is None or a.raw == b.raw:
+        return False
+    if a.valid and b.valid:
+        return False  # two valid codes that differ are two companies
+    if a.organisation and b.organisation and a.organisation == b.organisation:
+        return True
+    short, long_ = sorted((a.raw, b.raw), key=len)
+    if len(short) >= 10 and long_.startswith(short) and not (a.valid and b.valid):
+        return True
+    valid, other = (a, b) if a.valid else (b, a)
+    if valid.valid and other.raw:
+        from rapidfuzz.distance import OSA
+
+        return bool(OSA.distance(valid.valid, other.raw, score_cutoff=1) <= 1)
+    return False
+
+
+_PHONE_SPLIT = re.compile(r"[、；;/,，|]|\s{2,}|(?<=\d)\s+(?=(?:\+|0|1[3-9]))(?=[\d+]{7,})")
+_EXTENSION = re.compile(r"(?:;ext=|转|分机|ext\.?|x|#|-)\s*\d{1,6}$", re.IGNORECASE)
+_DIGITS = re.compile(r"[^\d+]")
+
+
+def phone_keys(value: str | None, area_code: str | None = None) -> tuple[str, ...]:
+    """Return every number of a phone cell as E.164 without extension (+8675586001234).
+
+    Splits a cell on 、 ； / , ; drops extensions (转6206, -8001, ;ext=8); reads +86, 0086 and 86- prefixes;
+    completes a 7–8 digit local number with ``area_code`` (the record's city, see
+    ``geo.area_code_of_city``). A number it cannot read is left out.
+    """
+    if not value:
+        return ()
+    text = unicodedata.normalize("NFKC", str(value))
+    keys: list[str] = []
+    for part in _PHONE_SPLIT.split(text):
+        part = part.strip()
+        if not part:
+            continue
+        number = _phone_key(part, area_code)
+        if number and number not in keys:
+            keys.append(number)
+    return tuple(keys)
+
+
+def _phone_key(part: str, area_code: str | None) -> str | None:
+    digits = _DIGITS.sub("", part)
+    if len(digits) > 8 and not digits.startswith(("+", "00", "86")) and _EXTENSION.search(part):
+        without = _DIGITS.sub("", _EXTENSION.sub("", part))
+        if len(without) >= 7:
+            digits = without
+    elif _EXTENSION.search(part) and (
+        ";ext=" in part or "转" in part or "分机" in part or "ext" in part.lower()
+    ):
+        digits = _DIGITS.sub("", _EXTENSION.sub("", part))
+    if digits.startswith("+86"):
+        digits = digits[3:]
+    elif digits.startswith("0086"):
+        digits = digits[4:]
+    elif digits.startswith("86") and len(digits) in (12, 13) and not digits.startswith("0"):
+        digits = digits[2:]
+    digits = digits.lstrip("+")
+    if len(digits) == 11 and digits[0] == "1" and digits[1] in "3456789":
+        return "+86" + digits
+    if digits.startswith("0"):
+        digits = digits[1:]
+    if len(digits) in (7, 8) and area_code:
+        return "+86" + area_code + digits
+    if 9 <= len(digits) <= 11 and digits[0] in "23456789":
+        return "+86" + digits
+    if len(digits) in (9, 10) and digits.startswith("10"):
+        return "+86" + digits
+    return None
+
+
+@lru_cache(maxsize=200_000)
+def trade_pinyin(core: str) -> str:
+    """Return the trade name in toneless pinyin for both scripts: 鑫宏新材料 and "xinhongnewmaterials"
+    both give ``xinhong`` (industry words dropped, see :func:`trade_name` and :func:`brand_key`)."""
+    if has_han(core):
+        return _spoken(trade_name(core))
+    return brand_key(core)
+
+
+@lru_cache(maxsize=200_000)
+def _spoken(trade: str) -> str:
+    """A trade name in toneless pinyin, read as a phrase (长城 changcheng, not zhangcheng)."""
+    from pypinyin import lazy_pinyin
+
+    return re.sub(r"[^0-9a-z]", "", "".join(lazy_pinyin(trade)).casefold())
+
+
+# English industry words as Chinese names write them, to compare "Tengda Technology" with 腾达科技 in full.
+INDUSTRY_IN_ENGLISH = {
+    "technology": "科技", "technologies": "科技", "tech": "科技", "scitech": "科技", "science": "科学",
+    "information": "信息", "network": "网络", "networks": "网络", "electronics": "电子", "electronic": "电子",
+    "trading": "贸易", "trade": "贸易", "commerce": "商贸", "commercial": "商贸", "software": "软件",
+    "logistics": "物流", "machinery": "机械", "equipment": "设备", "medical": "医疗", "devices": "器械",
+    "device": "器械", "new": "新", "materials": "材料", "material": "材料", "environmental": "环保",
+    "environment": "环境", "engineering": "工程", "biotechnology": "生物科技", "biotech": "生物科技",
+    "industrial": "实业", "industry": "实业", "industries": "实业", "construction": "建设", "foods": "食品",
+    "food": "食品", "automation": "自动化", "optoelectronics": "光电", "optoelectronic": "光电",
+    "chemical": "化工", "chemicals": "化工", "consulting": "咨询", "supply": "供应", "chain": "链",
+    "management": "管理", "pharmaceutical": "医药", "pharmaceuticals": "医药", "investment": "投资",
+    "culture": "文化", "media": "传媒", "development": "发展", "international": "国际", "holdings": "控股",
+    "holding": "控股", "group": "集团", "energy": "能源", "electric": "电气", "education": "教育",
+    "intelligent": "智能", "smart": "智能", "services": "服务", "service": "服务", "textile": "纺织",
+    "textiles": "纺织", "printing": "印务", "agriculture": "农业", "communication": "通信",
+    "communications": "通信", "data": "数据", "systems": "系统", "system": "系统", "enterprise": "企业",
+    "manufacturing": "制造", "instruments": "仪器",
+}  # fmt: skip
+_ENGLISH_WORDS = sorted(INDUSTRY_IN_ENGLISH, key=len, reverse=True)
+
+
+@lru_cache(maxsize=200_000)
+def industry_in_chinese(latin_rest: str) -> str | None:
+    """Return English industry words run together ("environmentalengineering") in Chinese (环保工程),
+    industry synonyms unified; None when a part is not an industry word."""
+    text, out = latin_rest, []
+    while text:
+        word = next((w for w in _ENGLISH_WORDS if text.startswith(w)), None)
+        if word is None:
+            return None
+        out.append(INDUSTRY_IN_ENGLISH[word])
+        text = text[len(word) :]
+    return canonical_industry("".join(out))
+
+
+def same_name_across_scripts(han_core: str, latin_core: str) -> bool:
+    """True when a pinyin English core is the Chinese core: the trade name's pinyin, then its industry
+    words in English (鑫宏新材料 / "xinhongnewmaterials")."""
+    spoken = trade_pinyin(han_core)
+    latin = re.sub(r"[^0-9a-z]", "", latin_core.casefold())
+    if len(spoken) < 4 or not latin.startswith(spoken):
+        return False
+    industry = canonical_industry(han_core)[len(trade_name(han_core)) :]
+    return industry_in_chinese(latin[len(spoken) :]) == industry

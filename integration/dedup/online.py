@@ -24,10 +24,14 @@ import pandas as pd
 
 from integration.dedup.customers import CUSTOMER_SPEC, linkage_row
 from integration.dedup.linkage import LinkageSpec, SimilarityLevels
+from integration.dedup.normalize import credit_code_parts
 
 ALREADY_REGISTERED = 0.5  # prior chance that the record is some existing customer, spread over candidates
 M_TOP, M_LOWER = 0.9, 0.07  # P(level | same company): top level, each lower level; the rest is disagreement
 U_SAMPLE_PAIRS = 50_000
+# Fields whose agreement is evidence but whose difference is not: a rare trade name (the name comparison
+# already weighs a different name) and a street address (written many ways).
+AGREEMENT_ONLY = frozenset({"trade_rare", "address_key"})
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class MatchIndex:
             # Laplace-smoothed u: a level never seen among random pairs is rare, not impossible.
             u = [(np.sum(levels == level) + 1) / (len(levels) + top + 1) for level in range(top + 1)]
             weight = [math.log(m[level] / u[level]) for level in range(top + 1)]
+            if comparison.field in AGREEMENT_ONLY:
+                weight[0] = 0.0
             for level in range(top - 1, 0, -1):  # a closer level never counts less than a looser one
                 weight[level] = min(weight[level], weight[level + 1])
             weights[comparison.name] = weight
@@ -123,6 +129,15 @@ class MatchIndex:
             given = (mine.notna() & theirs.notna()).to_numpy()
             score += np.where(given, np.asarray(self.weights[comparison.name])[level], 0.0)
         probability = 1 / (1 + np.exp(-score))
+        if "credit_code" in query and self.spec.hard_keys:
+            # one credit code: at least worth a steward's look, whatever the name says
+            code = credit_code_parts(query["credit_code"].iloc[0]).raw
+            same_code = (others["credit_code"] == code).to_numpy() if code else np.zeros(len(others), bool)
+            probability = np.where(same_code, np.maximum(probability, self.spec.review), probability)
+        for key in self.spec.location_keys:  # another city or province: not this customer
+            mine, theirs = query[key], others[key]
+            conflict = (mine.notna() & theirs.notna() & (mine.astype(str) != theirs.astype(str))).to_numpy()
+            probability = np.where(conflict, np.minimum(probability, self.spec.review * 0.5), probability)
         for key in self.spec.hard_keys:
             mine, theirs = query[key], others[key]
             conflict = (mine.notna() & theirs.notna() & (mine.astype(str) != theirs.astype(str))).to_numpy()

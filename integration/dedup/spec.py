@@ -15,8 +15,28 @@ if TYPE_CHECKING:
     from integration.dedup.linkage import LinkageSpec
 
 # The columns linkage sees for a customer (see integration.dedup.customers.customer_records).
-CUSTOMER_COLUMNS = ("name", "name_core", "region", "branch", "credit_code", "phone", "email_domain", "city")
-Method = Literal["exact", "jaro_winkler", "levenshtein", "token_set", "prefix", "name"]
+CUSTOMER_COLUMNS = (
+    "name",
+    "name_core",
+    "region",
+    "branch",
+    "trade",
+    "trade_rare",
+    "name_sound",
+    "trade_pinyin",
+    "credit_code",
+    "org_code",
+    "phone",
+    "phones",
+    "email_domain",
+    "city",
+    "province",
+    "district",
+    "address_key",
+)
+Method = Literal[
+    "exact", "jaro_winkler", "levenshtein", "token_set", "prefix", "name", "identifier", "overlap", "rare"
+]
 
 
 def _close(name: str) -> str:
@@ -88,7 +108,23 @@ class LinkageConfig(_Strict):
     )
     auto_merge: Annotated[float, Field(gt=0, le=1)] = 0.95
     review: Annotated[float, Field(gt=0, le=1)] = 0.5
-    hard_keys: list[str] = Field(default_factory=lambda: ["credit_code", "region", "branch"])
+    hard_keys: list[str] = Field(default_factory=lambda: ["credit_code", "branch"])
+    location_keys: list[str] = Field(
+        default_factory=lambda: ["city", "province"],
+        description="a record's reconciled location; two records placed differently are distinct",
+    )
+    merge_requires: list[str] = Field(
+        default_factory=lambda: ["name_core", "credit_code", "phones", "email_domain"],
+        description="columns of which at least one comparison must agree for an automatic merge",
+    )
+    sure_when: list[list[str]] = Field(
+        default_factory=lambda: [
+            ["name_core", "credit_code"],
+            ["name_core", "phones"],
+            ["name_core", "email_domain"],
+        ],
+        description="groups of columns whose comparisons, all agreeing, make a pair a match whatever the classifier",
+    )
     max_cluster: Annotated[int, Field(ge=2)] = 10
     max_block: Annotated[int, Field(ge=2)] = Field(
         default=200, description="block keys shared by more records are skipped (too common to tell)"
@@ -104,7 +140,15 @@ class LinkageConfig(_Strict):
                 _check_column(column)
         return value
 
-    @field_validator("hard_keys")
+    @field_validator("sure_when")
+    @classmethod
+    def _groups(cls, value: list[list[str]]) -> list[list[str]]:
+        for group in value:
+            for column in group:
+                _check_column(column)
+        return value
+
+    @field_validator("hard_keys", "location_keys", "merge_requires")
     @classmethod
     def _hard_keys(cls, value: list[str]) -> list[str]:
         for column in value:
@@ -129,6 +173,20 @@ class LinkageConfig(_Strict):
             auto_merge=self.auto_merge,
             review=self.review,
             hard_keys=tuple(self.hard_keys),
+            location_keys=tuple(self.location_keys),
+            sure_when=[
+                tuple(
+                    Comparison(c.field, c.method, tuple(c.levels)).name
+                    for c in self.comparisons
+                    if c.field in group
+                )
+                for group in self.sure_when
+            ],
+            merge_requires=tuple(
+                Comparison(c.field, c.method, tuple(c.levels)).name
+                for c in self.comparisons
+                if c.field in self.merge_requires
+            ),
             max_cluster=self.max_cluster,
             max_block=self.max_block,
         )

@@ -10,11 +10,11 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from crm_core.db import session_factory
 from crm_core.errors import DedupError
@@ -39,6 +39,7 @@ from crm_core.merging import (
 from crm_core.models import Contact, Customer, MatchCandidate, MergeLog
 from integration.dedup.customers import CUSTOMER_SPEC, customer_records
 from integration.dedup.linkage import Labels, LinkageSpec, link, ordered
+from integration.dedup.normalize import normalize_company_name
 
 
 @dataclass
@@ -55,6 +56,18 @@ class DedupOutcome:
     review_clusters: int = 0
     cluster_sizes: dict[int, int] = field(default_factory=dict)  # size -> clusters merged
     merge_log_ids: list[int] = field(default_factory=list)
+    review_pairs: int = 0  # pairs this pass sent to a steward
+    review_share_of_records: float = 0.0  # review pairs per linked record
+    # The mean match probability of the review pairs: the share a steward can expect to be the same company.
+    review_expected_same: float | None = None
+    review_reasons: dict[str, int] = field(default_factory=dict)  # why pairs were held back from merging
+    branches_linked: int = 0  # branches (分公司) given their head office as parent_id
+
+    def summary(self, first: int = 10) -> dict[str, Any]:
+        """Return the outcome for printing: counts, and the first merge ids instead of all of them."""
+        out = {k: v for k, v in asdict(self).items() if k != "merge_log_ids"}
+        out["merge_log_ids_first"] = self.merge_log_ids[:first]
+        return out
 
 
 @dataclass
@@ -134,6 +147,13 @@ def link_and_record(
     outcome.bands = {str(k): int(v) for k, v in result.band.value_counts().items()}
     outcome.review_clusters = len(result.cluster_review)
     outcome.cluster_sizes = dict(sorted(Counter(len(c) for c in result.clusters).items()))
+    in_review = result.probability[result.band == "review"]
+    outcome.review_pairs = len(in_review)
+    outcome.review_share_of_records = round(len(in_review) / len(records), 4)
+    outcome.review_expected_same = round(float(in_review.mean()), 4) if len(in_review) else None
+    outcome.review_reasons = dict(
+        Counter(reason.split(" (")[0].split(":")[0] for reason in result.reasons.values())
+    )
     label = result.labels(records.index)
     scored: dict[tuple[int, int], tuple[float, dict[str, Any], str]] = {}
     kept = result.band != "distinct"
@@ -142,7 +162,9 @@ def link_and_record(
         left, right = ordered(pair)  # type: ignore[arg-type]
         # two different records share a label only inside a merge cluster
         status = "merged" if label[left] == label[right] else "review"
-        features = {str(k): int(v) for k, v in features_of[pair].items()}
+        features: dict[str, Any] = {str(k): int(v) for k, v in features_of[pair].items()}
+        if status == "review" and (reason := result.reasons.get((left, right))):
+            features["reason"] = reason  # shown to the steward: why this pair was not merged
         scored[(int(left), int(right))] = (float(probability), features, status)
     with factory() as session, session.begin():
         run = get_or_start_run(session, run_key, project, mode)
@@ -254,9 +276,44 @@ def deduplicate_customers(
         engine, run_key, project, candidates,
         source_priority=source_priority, survivorship=survivorship, mode=mode,
     )  # fmt: skip
+    outcome.branches_linked = link_branches(engine, run_key, project, mode)
     if finish:
         finish_run(engine, run_key, project, mode)
     return outcome
+
+
+def link_branches(engine: Engine, run_key: str, project: str, mode: str = "full") -> int:
+    """Point each branch (分公司) without a parent at its head office: the one active customer whose name is
+    the branch's name without the branch marker (same region and core). Journaled in the run; returns how
+    many branches were linked. A branch is never merged into its parent (linkage keeps them distinct)."""
+    with session_factory(engine)() as session, session.begin():
+        rows = session.execute(
+            select(Customer.id, Customer.name, Customer.parent_id).where(Customer.merged_into_id.is_(None))
+        ).all()
+        heads: dict[tuple[str | None, str], list[int]] = {}
+        branches: list[tuple[int, tuple[str | None, str]]] = []
+        for customer_id, name, parent_id in rows:
+            parts = normalize_company_name(name or "")
+            if not parts.core:
+                continue
+            if parts.branch is None:
+                heads.setdefault((parts.region, parts.core), []).append(customer_id)
+            elif parent_id is None:
+                branches.append((customer_id, (parts.region, parts.core)))
+        found = {
+            branch: heads[key][0] for branch, key in branches if len(heads.get(key, ())) == 1
+        }  # an ambiguous head office (two customers of that name) is left for a steward
+        if not found:
+            return 0
+        get_or_start_run(session, run_key, project, mode)  # journals the changes below to the run
+        connection = session.connection()
+        for part in id_parts(connection, sorted(found)):
+            for customer in session.scalars(
+                select(Customer).where(ids_in(connection, Customer.__table__.c.id, part))
+            ):
+                customer.parent_id, customer.is_branch = found[customer.id], True
+        session.flush()
+        return len(found)
 
 
 def steward_labels(session: Any, spec: LinkageSpec, entity: str = "customer") -> Labels | None:
@@ -276,20 +333,44 @@ def steward_labels(session: Any, spec: LinkageSpec, entity: str = "customer") ->
     return Labels(features, pd.Series([r.status == "merged" for r in usable], index=index))
 
 
+def review_count(engine: Engine, entity: str | None = None) -> dict[str, Any]:
+    """Return the size of the review queue and the share of it expected to be the same record, in SQL."""
+    table = MatchCandidate.__table__.c
+    query = select(func.count(), func.avg(table.probability)).where(table.status == "review")
+    if entity is not None:
+        query = query.where(table.entity == entity)
+    with engine.connect() as connection:
+        pending, mean = connection.execute(query).one()
+    return {"pending": int(pending), "expected_same": None if mean is None else round(float(mean), 4)}
+
+
+def decision_weight(probability: float, left_size: int, right_size: int) -> float:
+    """How much a steward's decision changes: the record pairs it settles times how unsure linkage is.
+
+    Merging two golden records of 3 and 2 source records settles 6 pairs; a pair at 0.5 is a coin toss,
+    one at 0.95 nearly decided. Pairs are shown in this order, largest first.
+    """
+    return left_size * right_size * (1.0 - abs(2.0 * probability - 1.0))
+
+
 def review_queue(engine: Engine, limit: int | None = None, entity: str | None = None) -> list[dict[str, Any]]:
-    """Return the pairs waiting for a steward (customers, contacts or both), most likely first, side by side."""
+    """Return the pairs waiting for a steward (customers, contacts or both), side by side, those whose decision
+    changes most first (:func:`decision_weight`)."""
     with session_factory(engine)() as session:
         table = MatchCandidate.__table__.c
-        query = (
-            select(table.id, table.entity, table.probability, table.left_id, table.right_id, table.features)
-            .where(table.status == "review")
-            .order_by(table.probability.desc(), table.id)
-        )
+        query = select(
+            table.id, table.entity, table.probability, table.left_id, table.right_id, table.features
+        ).where(table.status == "review")
         if entity is not None:
             query = query.where(table.entity == entity)
-        if limit is not None:
-            query = query.limit(limit)
-        pending = session.execute(query).all()
+        candidates = session.execute(query).all()
+        sizes = _golden_sizes(session, candidates)
+        weighted = sorted(
+            candidates,
+            key=lambda c: (-decision_weight(c.probability, sizes.get((c.entity, c.left_id), 1),
+                                            sizes.get((c.entity, c.right_id), 1)), -c.probability, c.id),
+        )  # fmt: skip
+        pending = weighted[:limit] if limit is not None else weighted
         shown: dict[str, dict[int, tuple[str, Any]]] = {}
         for name in {c.entity for c in pending}:
             model: Any = MODEL_OF[name]
@@ -312,6 +393,23 @@ def review_queue(engine: Engine, limit: int | None = None, entity: str | None = 
                 "right_key": right[1] if right else None, "features": c.features,
             })  # fmt: skip
         return out
+
+
+def _golden_sizes(session: Any, candidates: Sequence[Any]) -> dict[tuple[str, int], int]:
+    """(entity, record id) → the source records it stands for (itself and every record merged into it)."""
+    sizes: dict[tuple[str, int], int] = {}
+    connection = session.connection()
+    for name in {c.entity for c in candidates}:
+        model: Any = MODEL_OF[name]
+        ids = sorted({i for c in candidates if c.entity == name for i in (c.left_id, c.right_id)})
+        for part in id_parts(connection, ids):
+            rows = session.execute(
+                select(model.merged_into_id, func.count())
+                .where(ids_in(connection, model.merged_into_id, part))
+                .group_by(model.merged_into_id)
+            )
+            sizes.update({(name, survivor): count + 1 for survivor, count in rows})
+    return sizes
 
 
 def list_merges(engine: Engine, entity: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
