@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -680,6 +680,17 @@ def mapping_scaffold(
     console.print(f"wrote {out}; check it with: crmi mapping check {out}")
 
 
+def _wrote_markdown(output: str, markdown: Callable[[], str]) -> bool:
+    """Write the markdown reference for ``--format markdown`` (True); False for a table; exit otherwise."""
+    if output == "markdown":
+        sys.stdout.write(markdown())
+        return True
+    if output != "table":
+        errors.print(f"unknown --format '{output}'; use table or markdown")
+        raise typer.Exit(EXIT_FAILED)
+    return False
+
+
 @mapping_app.command("transforms")
 def mapping_transforms(
     name: Annotated[str | None, typer.Argument(help="one transform: its arguments and examples")] = None,
@@ -690,12 +701,8 @@ def mapping_transforms(
     from integration.mappings.transforms import REGISTRY
     from integration.yamlconf import close_names
 
-    if output == "markdown":
-        sys.stdout.write(markdown())
+    if _wrote_markdown(output, markdown):
         return
-    if output != "table":
-        errors.print(f"unknown --format '{output}'; use table or markdown")
-        raise typer.Exit(EXIT_FAILED)
     if name is None:
         table = Table(title="Transforms (crmi mapping transforms NAME shows arguments and examples)")
         for column in ("transform", "what it does", "arguments"):
@@ -736,12 +743,8 @@ def mapping_targets(
     from integration.mappings.targets import entities, markdown, note, target_fields
     from integration.yamlconf import close_names
 
-    if output == "markdown":
-        sys.stdout.write(markdown())
+    if _wrote_markdown(output, markdown):
         return
-    if output != "table":
-        errors.print(f"unknown --format '{output}'; use table or markdown")
-        raise typer.Exit(EXIT_FAILED)
     names = entities()
     if entity is not None and entity not in names:
         hint = close_names(entity, names) or f"; entities: {', '.join(names)}"

@@ -125,27 +125,21 @@ def test_the_system_is_recognised_from_its_table_names(fresh: Path, source: str,
     assert detect_profile([t for t in tables if t.casefold() not in found.signature][:-1]) is None
 
 
+def scaffold_to(project: Path, source: str, table: str, out: Path) -> None:
+    """Run ``crmi mapping scaffold`` for one table into ``out``; it must succeed."""
+    result = runner.invoke(
+        app,
+        ["mapping", "scaffold", "-p", str(project), "--source", source, "--table", table, "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+
+
 def test_a_fresh_project_scaffolds_mappings_that_check_against_the_real_source(fresh: Path) -> None:
     """No mappings folder: scaffold warns and writes; the written mappings pass project check."""
     (fresh / "mappings").mkdir()
     for source, table in [("crm", "accounts"), ("crm", "users"), ("erp", "Person"), ("erp", "SO_SODetails")]:
         out = fresh / "mappings" / f"{source}_{table.lower()}.yaml"
-        result = runner.invoke(
-            app,
-            [
-                "mapping",
-                "scaffold",
-                "-p",
-                str(fresh),
-                "--source",
-                source,
-                "--table",
-                table,
-                "--out",
-                str(out),
-            ],
-        )
-        assert result.exit_code == 0, result.output
+        scaffold_to(fresh, source, table, out)
     check = runner.invoke(app, ["project", "check", "-p", str(fresh)])
     assert check.exit_code == 0, check.output
     assert "ok: project 'acme', 4 mapping(s)" in check.stdout
@@ -308,22 +302,7 @@ def test_every_scaffolded_table_checks_against_the_real_source_with_all_construc
     for source, names in tables.items():
         for table in names:
             out = fresh / "mappings" / f"{source}_{table.lower()}.yaml"
-            result = runner.invoke(
-                app,
-                [
-                    "mapping",
-                    "scaffold",
-                    "-p",
-                    str(fresh),
-                    "--source",
-                    source,
-                    "--table",
-                    table,
-                    "--out",
-                    str(out),
-                ],
-            )
-            assert result.exit_code == 0, result.output
+            scaffold_to(fresh, source, table, out)
     check = runner.invoke(app, ["project", "check", "-p", str(fresh)])
     assert check.exit_code == 0, check.output
 

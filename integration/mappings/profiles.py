@@ -90,6 +90,14 @@ def _lookup(table: str, key: str, value: str, where: str | None = None) -> dict[
     return spec
 
 
+# SuiteCRM people (users, contacts): Chinese names family name first, no space (张 + 伟 → 张伟).
+_SUITECRM_PERSON_NAME = {
+    "from": ["last_name", "first_name"],
+    "combine": "concat",
+    "sep": "",
+    "required": True,
+}
+
 SUITECRM = SystemProfile(
     name="suitecrm",
     title="SuiteCRM / SugarCRM CE",
@@ -101,12 +109,7 @@ SUITECRM = SystemProfile(
             where="deleted = 0",
             where_columns=("deleted",),
             fields={
-                "name": {
-                    "from": ["last_name", "first_name"],
-                    "combine": "concat",
-                    "sep": "",
-                    "required": True,
-                },
+                "name": _SUITECRM_PERSON_NAME,
                 "code": {"from": "user_name", "transforms": ["trim"]},
                 "email": {"from": "email1", "transforms": ["email"], "on_error": "null"},
                 "active": {
@@ -135,12 +138,7 @@ SUITECRM = SystemProfile(
             where="deleted = 0",
             where_columns=("deleted",),
             fields={
-                "name": {
-                    "from": ["last_name", "first_name"],
-                    "combine": "concat",
-                    "sep": "",
-                    "required": True,
-                },
+                "name": _SUITECRM_PERSON_NAME,
                 "customer": {
                     "from": "id",
                     "via": _via("accounts_contacts", "contact_id", "account_id", "deleted = 0"),
