@@ -210,7 +210,12 @@ def test_a_tiny_engagement_runs_balances_and_leaves_soft_deletes_behind(
     monkeypatch.chdir(tmp_path)  # reports go to ./var/reports
     core = f"sqlite:///{tmp_path / 'core.sqlite'}"
     result = CliRunner().invoke(app, ["run", "--project", str(E2E / "project"), "--core-url", core, "--json"])
-    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    # Every row is accounted for. A tiny sheet may still hold more than the project's quarantine limit
+    # (names of companies that exist nowhere wait for a steward): that, and only that, exits 2.
+    assert summary["success"] and summary["balanced"], result.output
+    assert result.exit_code == (0 if summary["acceptable"] else 2), result.output
+    assert summary["acceptable"] or "quarantined" in summary["verdict"]
     engine = sa.create_engine(core)
     with engine.connect() as connection:
         crosswalk = {
