@@ -227,13 +227,24 @@ class Migration:
 
     @cached_property
     def match_rules(self) -> dict[str, MatchRules]:
-        """Return the exact-key match rules per entity from project.yaml."""
-        return {
+        """Return the exact-key match rules per entity from project.yaml (customers have defaults)."""
+        rules = {
             name: MatchRules(
                 keys=[tuple(k) for k in rules.match_keys], conflict_fields=tuple(rules.conflict_fields)
             )
             for name, rules in self.project.spec.dedup.items()
         }
+        # Without them, one company written twice with its credit code (a common ledger) loads as two
+        # customers and breaks the core rule that a credit code belongs to one customer.
+        rules.setdefault("customer", DEFAULT_CUSTOMER_MATCH)
+        return rules
+
+
+# What dedup.customer.match_keys / conflict_fields default to: the same credit code, or the same normalized
+# name (region + trade name + branch marker), never across two different credit codes.
+DEFAULT_CUSTOMER_MATCH = MatchRules(
+    keys=[("credit_code",), ("name_normalized",)], conflict_fields=("credit_code",)
+)
 
 
 def raw_asset_name(mapping: CompiledMapping) -> str:

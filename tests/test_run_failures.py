@@ -74,7 +74,7 @@ CASES = {
         "raw_sales_xlsx_opportunity",
         "failpoint extract:sales_xlsx_opportunities triggered",
     ),
-    "mapping": (None, "staged_opportunity", "column(s) lead_src no longer exist in legacy_crm.query"),
+    "mapping": (None, "staged_opportunity", "column(s) lead_src no longer exist in legacy_crm.opportunities"),
     "staging": ("stage:customer", "staged_customer", "failpoint stage:customer triggered"),
     "between two core loads": (
         "load:customer:after_commit",
@@ -277,6 +277,31 @@ def test_the_run_failure_sensor_undoes_what_no_step_could(
             dagster_run=result.dagster_run,
         ).for_run_failure()
         sensor(context)  # type: ignore[operator]
+    assert content(engine) == before
+    assert statuses(engine) == ["succeeded", "failed"]
+    engine.dispose()
+
+
+def test_a_failed_blocking_check_says_which_rule_and_why_on_one_line(
+    baseline: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not 'DagsterAssetCheckFailedError: 1 blocking asset check failed': the check, the mapping, the ratio."""
+    project, url = from_baseline(baseline, tmp_path)
+    monkeypatch.setenv("CRM_CORE_URL", url)
+    config = project / "project.yaml"
+    config.write_text(
+        config.read_text(encoding="utf-8") + "validation: {max_reject_ratio: 0}\n", encoding="utf-8"
+    )
+    engine = make_engine(url)
+    before = content(engine)
+
+    result = crmi_run(project, url)
+
+    assert result.exit_code == 1, result.output  # type: ignore[attr-defined]
+    output: str = result.stderr  # type: ignore[attr-defined]
+    [line] = [line for line in output.splitlines() if " failed: check_reject_ratio failed: " in line]
+    assert line.startswith("staged_") and "of its rows (limit 0%" in line, output
+    assert "DagsterAssetCheckFailedError" not in output
     assert content(engine) == before
     assert statuses(engine) == ["succeeded", "failed"]
     engine.dispose()

@@ -108,12 +108,16 @@ def _load_run_step(context: AssetExecutionContext, core: CoreDatabase, project: 
 
 
 def _blocking(
-    context: AssetExecutionContext, engine: Engine, result: dg.AssetCheckResult
-) -> dg.AssetCheckResult:
-    """Pass a blocking check's result on; a failed one fails the step, so undo the run first."""
+    context: AssetExecutionContext, engine: Engine, result: dg.AssetCheckResult, why: str = ""
+) -> Iterator[dg.AssetCheckResult]:
+    """Pass a blocking check's result on; a failed one undoes the run and fails the step saying ``why``."""
+    yield result
     if not result.passed:
         _undo(context, engine, f"blocking check {result.check_name} failed")
-    return result
+        raise dg.Failure(
+            description=f"{result.check_name} failed: {why}" if why else f"{result.check_name} failed",
+            metadata=result.metadata,
+        )
 
 
 def _preview(frame: pd.DataFrame) -> dg.MetadataValue:
@@ -284,12 +288,13 @@ def _stage_step(
         },
     )
     too_many = {name: ratio for name, ratio in ratios.items() if ratio > limit}
-    yield _blocking(context, engine, dg.AssetCheckResult(
+    yield from _blocking(context, engine, dg.AssetCheckResult(
         check_name="check_reject_ratio",
         passed=not too_many,
         metadata={"reject_ratio_by_mapping": dg.MetadataValue.json(ratios), "limit": limit,
                   "over_the_limit": dg.MetadataValue.json(too_many)},
-    ))  # fmt: skip
+    ), "; ".join(f"{name} rejects {ratio:.0%} of its rows (limit {limit:.0%}: a wrong mapping or source?)"
+                 for name, ratio in too_many.items()))  # fmt: skip
     # Mapping rejects (subtotal rows, unparsable values) are the reject ratio's business; this check
     # reports the validation rules only.
     broken = by_rule[by_rule["rule"].isin(rules)] if len(by_rule) else by_rule
@@ -372,15 +377,15 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
                 }
             )
             unbalanced = [s.source for s in stats if not s.balanced]
-            yield _blocking(context, engine, dg.AssetCheckResult(
+            yield from _blocking(context, engine, dg.AssetCheckResult(
                 check_name="check_every_row_accounted_for",
                 passed=not unbalanced,
                 metadata={"unbalanced_sources": dg.MetadataValue.json(unbalanced)},
-            ))  # fmt: skip
+            ), f"rows read ≠ loaded + merged + rejected for {', '.join(unbalanced)}")  # fmt: skip
             with session_factory(engine)() as session:
                 violations = core_violations(session, entity)
             broken = [v for v in violations if v.count]
-            yield _blocking(context, engine, dg.AssetCheckResult(
+            yield from _blocking(context, engine, dg.AssetCheckResult(
                 check_name="check_core_rules",
                 passed=not broken,
                 metadata={
@@ -393,7 +398,7 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
                         or "_none_"
                     ),
                 },
-            ))  # fmt: skip
+            ), "; ".join(f"{v.rule}: {v.message} ({v.count} row(s), e.g. {v.sample[:2]})" for v in broken))  # fmt: skip
 
     return _core
 
@@ -572,11 +577,11 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
                 shared = next(
                     v for v in core_violations(session, "customer") if v.rule == "customer.credit_code.unique"
                 )
-            yield _blocking(context, engine, dg.AssetCheckResult(
+            yield from _blocking(context, engine, dg.AssetCheckResult(
                 check_name="check_no_shared_credit_code",
                 passed=shared.count == 0,
                 metadata={"shared_codes": shared.count, "sample": dg.MetadataValue.json(shared.sample)},
-            ))  # fmt: skip
+            ), f"{shared.message} ({shared.count}, e.g. {shared.sample[:2]})")  # fmt: skip
 
     @dg.asset(
         name="customer_review_queue",

@@ -20,8 +20,8 @@ FIELD_SYNONYMS: dict[str, list[str]] = {
     "english_name": ["英文名称", "englishname"],
     "credit_code": ["统一社会信用代码", "社会信用代码", "信用代码", "税号", "纳税人识别号", "ccusregcode", "siccode", "uscc",
                     "creditcode", "taxid"],
-    "phone": ["电话", "办公电话", "座机", "phone", "phoneoffice", "ccusphone", "tel", "telephone", "phonework"],
-    "mobile": ["手机", "手机号", "移动电话", "mobile", "phonemobile", "ccushand", "cellphone"],
+    "phone": ["电话", "办公电话", "座机", "联系电话", "公司电话", "固定电话", "phone", "phoneoffice", "ccusphone", "tel", "telephone", "phonework"],
+    "mobile": ["手机", "手机号", "手机号码", "联系手机", "移动电话", "mobile", "phonemobile", "ccushand", "cellphone"],
     "email": ["邮箱", "电子邮件", "email", "email1", "emailaddress", "ccusemail", "e-mail"],
     "website": ["网址", "网站", "website", "url"],
     "address": ["地址", "详细地址", "address", "ccusaddress", "billingaddressstreet", "primaryaddressstreet"],
@@ -228,6 +228,14 @@ def scaffold(
         leftover = [c for c in columns if c not in used]
     elif key:
         source_spec["key"] = key
+    elif sheet and "name" in fields:
+        # A sheet without an id column: a hash of the name and an identifier stays put when rows are
+        # inserted (row positions do not); which columns identify a record is a judgment call.
+        identifier = next(
+            (fields[f] for f in ("credit_code", "code", "phone", "mobile", "email") if f in fields), None
+        )
+        source_spec["key"] = {"hash": [fields["name"], *([identifier] if identifier else [])]}
+        key = fields["name"]
     body = {
         "version": 1,
         "description": f"{source}.{table} → {entity} (scaffolded: review every field)",
@@ -246,7 +254,12 @@ def scaffold(
     missing = [f.name for f in ENTITIES[entity].fields.values() if f.required and f.name not in specs]
     for name in missing:
         text += f"  # TODO {name}: {{from: ???}}  (required: map it before running)\n"
-    if not key:
+    if isinstance(source_spec.get("key"), dict):
+        text += (
+            "# source.key hashes the columns that identify a record (no id column in this sheet): check that\n"
+            "# they do; two rows with the same values are reported as duplicate keys, not merged\n"
+        )
+    elif not key:
         text += (
             "# TODO source.key: the column(s) that identify a record; without it rows are keyed by position\n"
         )
