@@ -8,10 +8,19 @@ here, and is tried:
    their short names (简称) and English names — compared as region, trade name (in toneless pinyin, so
    English pinyin names, traditional characters and 科技/技术-style industry synonyms compare) and branch.
    A name without a region matches in any region; a short name matches the full name it begins. One
-   golden customer found: resolved. Several: a steward chooses.
+   golden customer found: resolved. Several: the one written with the same characters (industry synonyms
+   unified) if it is the only one, else the only one with the same sound (明汇 for 明汇软件 beside 明辉科技,
+   which shares only the sound); a name matched only as the start of another, or across scripts, never
+   picks among several. Otherwise a steward chooses.
 2. through the **match index** (:mod:`integration.dedup.online`, the same scoring as the 商机报备 check)
    with a score: resolved when the best candidate is at least the linkage's auto-merge probability and no
    other reaches its review threshold; otherwise the candidates go to a steward.
+3. by **name alone** for a Chinese name with a slip (a homophone or look-alike character, a dropped or
+   swapped one, an industry synonym, a missing region): the closest known names (by toneless pinyin) are
+   scored with the linkage's Chinese-aware trade-name similarity (:func:`~integration.dedup.linkage.
+   variant_similarity`); a name in another or no region, when one is written, or another branch does not count. Resolved when the best golden
+   customer scores at least ``CLOSE_NAME`` and every other one at least ``CLOSE_NAME_MARGIN`` less, so a
+   common trade name (many customers alike) or a name like two customers stays with a steward.
 
 A name still unresolved waits as a *reference decision* (``reference_decisions``); its rows are held, not
 rejected, and load on the next run once a steward has linked the name (``crmi dedup decide``).
@@ -28,6 +37,7 @@ from typing import Any
 
 import pandas as pd
 from pypinyin import lazy_pinyin
+from rapidfuzz import distance, process
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -37,14 +47,25 @@ from crm_core.errors import DedupError
 from crm_core.loading import NameMatch, get_or_start_run
 from crm_core.models import Customer, ReferenceDecision
 from integration.dedup.customers import CUSTOMER_SPEC, linkage_row
-from integration.dedup.linkage import LinkageSpec
-from integration.dedup.normalize import brand_key, has_han, normalize_company_name
+from integration.dedup.linkage import LinkageSpec, variant_similarity
+from integration.dedup.normalize import (
+    brand_key,
+    canonical_industry,
+    has_han,
+    name_sound,
+    normalize_company_name,
+    trade_name,
+)
 from integration.dedup.online import MatchIndex, query_record
 from integration.dedup.spec import CUSTOMER_COLUMNS
 
 # Industry words written two ways for one trade (in pinyin, as the name cores compare).
 INDUSTRY_SYNONYMS = {"jishu": "keji", "shangmao": "maoyi"}
 CANDIDATES_SHOWN = 5
+CLOSE_NAME = 0.9  # name-only similarity a slip keeps (华鑫科技/骅鑫科技 0.92, 纪鼎科技/纪鼎技 0.9)
+CLOSE_NAME_NO_REGION = 0.92  # without a region a two-character trade name's slip (0.917) is too weak
+CLOSE_NAME_MARGIN = 0.1  # how far every other golden customer must stay below the best
+CLOSE_NAMES_SCORED = 30  # known names (nearest in toneless pinyin) scored with the trade-name similarity
 
 
 @dataclass(frozen=True)
@@ -72,7 +93,8 @@ def spelled(core: str) -> str | None:
     """Return a Chinese name core in toneless pinyin with industry synonyms unified (None for Latin ones)."""
     if not has_han(core):
         return None
-    return "".join(INDUSTRY_SYNONYMS.get(s, s) for s in lazy_pinyin(core))
+    # synonyms unified before the pinyin: lazy_pinyin reads 商贸 as two syllables, never as "shangmao"
+    return "".join(INDUSTRY_SYNONYMS.get(s, s) for s in lazy_pinyin(canonical_industry(core)))
 
 
 def same_company_name(written: NameVariant, known: NameVariant) -> bool:
@@ -85,6 +107,20 @@ def same_company_name(written: NameVariant, known: NameVariant) -> bool:
     if mine and theirs:  # both Chinese: the same, or one a short form of the other
         return mine.startswith(theirs) or theirs.startswith(mine)
     return True  # a pinyin-English name against a Chinese one: the trade name and region decide
+
+
+SAME_CHARACTERS, SAME_SOUND, PREFIX_ONLY = 0, 1, 2
+
+
+def closeness(written: NameVariant, known: NameVariant) -> int:
+    """How closely a matching known name variant is written: the same characters (industry synonyms unified),
+    the same sound (a homophone: 明汇/明辉), or only a start of the other or across scripts."""
+    mine, theirs = canonical_industry(written.core), canonical_industry(known.core)
+    if has_han(mine) and mine == theirs:
+        return SAME_CHARACTERS
+    if spelled(written.core) is not None and spelled(written.core) == spelled(known.core):
+        return SAME_SOUND
+    return PREFIX_ONLY
 
 
 class CustomerNames:
@@ -128,6 +164,46 @@ class CustomerNames:
         return by_brand
 
     @cached_property
+    def _sounds(self) -> tuple[list[str], list[list[tuple[NameVariant, int]]]]:
+        """Every Chinese name variant by its core in toneless pinyin (homophones equal): keys and variants."""
+        by_sound: dict[str, list[tuple[NameVariant, int]]] = defaultdict(list)
+        for variants in self._variants.values():
+            for variant, survivor in variants:
+                if has_han(variant.core):
+                    by_sound[name_sound(variant.core)].append((variant, survivor))
+        keys = list(by_sound)
+        return keys, [by_sound[k] for k in keys]
+
+    def _close_name(self, written: NameVariant) -> tuple[int | None, list[tuple[float, int]]]:
+        """Step 3 of the module doc: the golden customer a slipped name picks clearly, and the scored ones."""
+        keys, variants = self._sounds
+        if not has_han(written.core) or not keys or len(trade_name(written.core)) < 2:
+            return None, []
+        nearest = process.extract(
+            name_sound(written.core), keys, scorer=distance.Levenshtein.normalized_similarity,
+            limit=CLOSE_NAMES_SCORED, score_cutoff=0.3,
+        )  # fmt: skip
+        best: dict[int, float] = {}
+        for _key, _score, position in nearest:
+            for known, survivor in variants[position]:
+                if known.branch != written.branch:
+                    continue
+                if written.region and known.region != written.region:  # a region written must be theirs
+                    continue
+                if len(known.core) < len(
+                    written.core
+                ):  # 江软件 for 江科软件: a shorter known name is another
+                    continue
+                similarity = variant_similarity(written.core, known.core)
+                best[survivor] = max(best.get(survivor, 0.0), similarity)
+        scored = sorted(((s, i) for i, s in best.items()), reverse=True)
+        if not scored or scored[0][0] < (CLOSE_NAME if written.region else CLOSE_NAME_NO_REGION):
+            return None, scored
+        if len(scored) > 1 and scored[1][0] > scored[0][0] - CLOSE_NAME_MARGIN:
+            return None, scored
+        return scored[0][1], scored
+
+    @cached_property
     def _golden_names(self) -> dict[int, str]:
         rows = self.session.execute(
             select(Customer.id, Customer.name).where(Customer.merged_into_id.is_(None))
@@ -160,11 +236,16 @@ class CustomerNames:
         """Resolve one name (see the module doc)."""
         written = name_variant(name)
         if written is not None:
-            found = {
-                survivor
-                for known, survivor in self._variants.get(written.brand, ())
-                if same_company_name(written, known)
-            }
+            by_closeness: dict[int, set[int]] = defaultdict(set)
+            for known, survivor in self._variants.get(written.brand, ()):
+                if same_company_name(written, known):
+                    by_closeness[closeness(written, known)].add(survivor)
+            found = set().union(*by_closeness.values())
+            closest = by_closeness[min(by_closeness)] if by_closeness else set()
+            # A bare trade name (坤飞) is many companies' short name: only a name with its industry picks one.
+            picks = trade_name(written.core) != canonical_industry(written.core)
+            if picks and len(found) > 1 and len(closest) == 1 and min(by_closeness) == SAME_CHARACTERS:
+                return NameMatch(next(iter(closest)), method="name variant")
             if len(found) == 1:
                 return NameMatch(next(iter(found)), method="name variant")
             if found:
@@ -179,6 +260,15 @@ class CustomerNames:
             rivals = [c for c in matches[1:] if c.probability >= self.spec.review]
             if not rivals:
                 return NameMatch(matches[0].customer_id, candidates, method="match index")
+        if written is not None and not (matches and matches[0].probability >= self.spec.auto_merge):
+            chosen, scored = self._close_name(written)
+            if chosen is not None:
+                return NameMatch(chosen, candidates, method="close name")
+            if not candidates and scored:
+                candidates = tuple(
+                    {"id": i, "name": self._golden_names.get(i), "probability": None}
+                    for _, i in scored[:CANDIDATES_SHOWN]
+                )
         return NameMatch(None, candidates, method="match index")
 
     def _shown(self, ids: Sequence[int]) -> list[dict[str, Any]]:
