@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -281,11 +282,15 @@ def brand_key(core: str) -> str:
 
     text = "".join(lazy_pinyin(core)) if has_han(core) else core
     text = re.sub(r"[^0-9a-z]", "", unicodedata.normalize("NFKC", text).casefold())
-    industry = _industry_words()
+    return strip_endings(text, _industry_words())
+
+
+def strip_endings(text: str, words: Iterable[str]) -> str:
+    """Drop any of ``words`` from the end of ``text`` as long as one ends it, keeping two characters."""
     changed = True
     while changed:
         changed = False
-        for word in industry:
+        for word in words:
             if text.endswith(word) and len(text) - len(word) >= 2:
                 text, changed = text[: -len(word)], True
                 break
@@ -328,14 +333,7 @@ def trade_name(core: str) -> str:
     text = canonical_industry(core)
     if not has_han(text):
         return text
-    changed = True
-    while changed:
-        changed = False
-        for word in _TRADE_SUFFIXES:
-            if text.endswith(word) and len(text) - len(word) >= 2:
-                text, changed = text[: -len(word)], True
-                break
-    return text
+    return strip_endings(text, _TRADE_SUFFIXES)
 
 
 @lru_cache(maxsize=1)
