@@ -526,12 +526,16 @@ def _hard_values(frame: pd.DataFrame, key: str) -> pd.Series:
 
 def location_conflicts(frame: pd.DataFrame, pairs: pd.Index, spec: LinkageSpec) -> np.ndarray:
     """Return, per pair, whether both records are placed (a location key) and the places differ."""
+    return _differing(pairs, (frame[key].astype("string").replace("", pd.NA) for key in spec.location_keys))
+
+
+def _differing(pairs: pd.Index, columns: Iterable[pd.Series]) -> np.ndarray:
+    """Return, per pair, whether some column has a value on both sides and the two values differ."""
     conflict = np.zeros(len(pairs), dtype=bool)
     if not len(pairs):
         return conflict
     left, right = pairs.get_level_values(0), pairs.get_level_values(1)
-    for key in spec.location_keys:
-        values = frame[key].astype("string").replace("", pd.NA)
+    for values in columns:
         a, b = values.reindex(left).to_numpy(), values.reindex(right).to_numpy()
         known = ~(pd.isna(a) | pd.isna(b))
         conflict[known] |= a[known] != b[known]
@@ -611,16 +615,7 @@ def coherent_clusters(
 
 def hard_key_conflicts(frame: pd.DataFrame, pairs: pd.Index, spec: LinkageSpec) -> np.ndarray:
     """Return, per pair, whether both records have a value for some hard key and the values differ."""
-    conflict = np.zeros(len(pairs), dtype=bool)
-    if not len(pairs):
-        return conflict
-    left, right = pairs.get_level_values(0), pairs.get_level_values(1)
-    for key in spec.hard_keys:
-        values = _hard_values(frame, key)
-        a, b = values.reindex(left).to_numpy(), values.reindex(right).to_numpy()
-        known = ~(pd.isna(a) | pd.isna(b))
-        conflict[known] |= a[known] != b[known]
-    return conflict
+    return _differing(pairs, (_hard_values(frame, key) for key in spec.hard_keys))
 
 
 def ordered(pair: tuple[Any, Any]) -> tuple[Any, Any]:
