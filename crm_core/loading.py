@@ -53,6 +53,7 @@ IN_CHUNK = 5_000  # keys per IN (...) list: well under SQLite's and PostgreSQL's
 
 KeyFunction = Callable[[Any], Any]
 KeyFunctions = Mapping[str, KeyFunction]
+LINKED = "linked"  # crosswalk match_method of a key a sync target assigned to a record the CRM sent it
 HELD = "held"  # severity of a row waiting for a steward's reference decision (quarantined, not rejected)
 
 
@@ -73,7 +74,7 @@ NameResolver = Callable[[str, Sequence[str]], Mapping[str, NameMatch]]
 class Lookup:
     """How a reference field finds its target: by the source's key (crosswalk), by name or by code."""
 
-    by: str = "external_id"  # external_id | name | code
+    by: str = "external_id"  # external_id | name | code | id (the core's own id, stored by a sync target)
     system: str | None = None  # crosswalk system; defaults to the batch's source
 
 
@@ -520,6 +521,12 @@ class EntityLoader:
                         reasons[value] = (
                             f"{target} with {system} key '{value}' not found (was it loaded or rejected?)"
                         )
+            elif lookup.by == "id":
+                found_ids = self._existing_ids(target, unique)
+                for value in unique:
+                    ids[value] = found_ids.get(value)
+                    if ids[value] is None:
+                        reasons[value] = f"no {target} with id '{value}' in the core"
             else:
                 index = self._names(target, lookup.by)
                 normalize = self.name_keys.get(target) if lookup.by == "name" else None
@@ -622,6 +629,25 @@ class EntityLoader:
             )
             held[value] = decision.id
         return held
+
+    def _existing_ids(self, entity: str, values: set[Any]) -> dict[Any, int]:
+        """Return source value -> core id for values that are ids of live records (merges followed)."""
+        numbers: dict[Any, int] = {}
+        for value in values:
+            try:
+                numbers[value] = int(str(value).strip())
+            except ValueError:
+                continue
+        table: Table = ENTITIES[entity].model.__table__  # type: ignore[assignment]
+        merged = "merged_into_id" in table.c
+        found: dict[int, int] = {}
+        for part in _chunks(sorted(set(numbers.values()))):
+            columns = [table.c.id, table.c.merged_into_id] if merged else [table.c.id, table.c.id]
+            query = select(*columns).where(ids_in(self.session.connection(), table.c.id, part))
+            for record_id, merged_into in self.session.execute(query):
+                found[record_id] = merged_into or record_id
+        merges = self._merged_targets(entity) if merged else {}
+        return {v: _follow(merges, found[n]) for v, n in numbers.items() if n in found}
 
     def _merged_targets(self, entity: str) -> dict[int, int]:
         """Return merged record -> the record it was merged into, for an entity that merges."""
@@ -927,7 +953,8 @@ class EntityLoader:
     ) -> tuple[str, int]:
         existing = self._crosswalk.get((source, key))
         if existing is not None:
-            merged = existing.match_method != "created"
+            # linked: the key a target system gave a record the CRM sent it (sync); its rows update it in full
+            merged = existing.match_method not in ("created", LINKED)
             if existing.last_synced_hash == digest:
                 return ("merged" if merged else "unchanged"), existing.entity_id
             record_id = self._survivor_id(existing.entity_id)

@@ -227,6 +227,10 @@ class Customer(RunTracked, Base):
     owner_id: Mapped[int | None] = mapped_column(ForeignKey("sales_reps.id"), index=True)
     status: Mapped[str] = mapped_column(String(16), default="active")  # active | inactive | prospect
     merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), index=True)
+    # Usually owned by the ERP and synced in: its customer code, credit limit (信用额度) and payment terms.
+    erp_code: Mapped[str | None] = mapped_column(String(64), index=True)
+    credit_limit: Mapped[Money | None]
+    payment_terms: Mapped[str | None] = mapped_column(String(64))
 
     owner: Mapped[SalesRep | None] = relationship(foreign_keys=[owner_id])
     contacts: Mapped[list[Contact]] = relationship(back_populates="customer")
@@ -275,6 +279,7 @@ class Opportunity(RunTracked, Base):
     registered_by_id: Mapped[int | None] = mapped_column(ForeignKey("sales_reps.id"), index=True)
     lead_source: Mapped[str | None] = mapped_column(String(64))
     description: Mapped[str | None] = mapped_column(Text)
+    erp_order_no: Mapped[str | None] = mapped_column(String(64))  # the ERP's sales order for a won deal
 
     stage: Mapped[Stage] = relationship()
     customer: Mapped[Customer] = relationship()
@@ -296,6 +301,8 @@ class SalesOrder(RunTracked, Base):
     original_currency: Mapped[OriginalCurrency]
     status: Mapped[str | None] = mapped_column(String(32))
     owner_id: Mapped[int | None] = mapped_column(ForeignKey("sales_reps.id"), index=True)
+    shipment_status: Mapped[str | None] = mapped_column(String(16))  # none | partial | shipped
+    invoice_status: Mapped[str | None] = mapped_column(String(16))  # none | partial | invoiced
 
     lines: Mapped[list[SalesOrderLine]] = relationship(back_populates="order")
 
@@ -429,6 +436,86 @@ class ReferenceDecision(Base):
     target_id: Mapped[int | None]  # the record a steward linked the name to (merges are followed)
     rows_held: Mapped[int] = mapped_column(default=0)  # rows waiting on it in the run that last saw it
     amount_held: Mapped[Decimal | None] = mapped_column(Numeric(18, 2))
+    decided_by: Mapped[str | None] = mapped_column(String(64))
+    decided_at: Mapped[dt.datetime | None]
+    load_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
+
+
+# --------------------------------------------------------------------------- sync with ERP and finance
+
+
+class SyncOutbox(Base):
+    """One change of a core record waiting to be delivered to a target system (or delivered, or dead).
+
+    Rows are captured from committed load runs (see integration/sync/capture.py); ``trade_id`` is stored
+    before the first send, so a resend after a crash replays the same request and the target applies it once.
+    """
+
+    __tablename__ = "sync_outbox"
+    __table_args__ = (
+        Index("ix_sync_outbox_target_status_next_attempt_at", "target", "status", "next_attempt_at"),
+        Index("ix_sync_outbox_target_entity_entity_id", "target", "entity", "entity_id"),
+    )
+
+    id: Mapped[intpk]
+    target: Mapped[str] = mapped_column(String(64))
+    entity: Mapped[str] = mapped_column(String(32))
+    entity_id: Mapped[int]
+    operation: Mapped[str] = mapped_column(String(32))  # e.g. customer/add, customer/edit, saleorder/add
+    payload: Mapped[dict[str, Any]]
+    payload_hash: Mapped[str] = mapped_column(String(64))
+    # The core values of the fields the payload carries: what the target holds once it is applied.
+    core_values: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
+    trade_id: Mapped[str | None] = mapped_column(String(64))
+    # pending | waiting (for a record it needs, e.g. the customer's ERP code) | awaiting (async result) |
+    # done | dead | superseded (a newer change of the record replaced it before it was sent)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    external_key: Mapped[str | None] = mapped_column(String(255))
+    load_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"), index=True)  # captured by
+    created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
+    delivered_at: Mapped[dt.datetime | None]
+
+
+class SyncState(Base):
+    """What one record and a target system last agreed on: the values exchanged and the payload's hash.
+
+    Echo suppression compares a new payload's hash with ``payload_hash``; conflict detection compares both
+    sides' current values with ``core_values`` (a field changed on a side differs from what was exchanged).
+    """
+
+    __tablename__ = "sync_state"
+
+    target: Mapped[str] = mapped_column(String(64), primary_key=True)
+    entity: Mapped[str] = mapped_column(String(32), primary_key=True)
+    entity_id: Mapped[int] = mapped_column(primary_key=True)
+    external_key: Mapped[str | None] = mapped_column(String(255))
+    payload_hash: Mapped[str | None] = mapped_column(String(64))
+    core_values: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    load_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"), index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, onupdate=_utcnow)
+
+
+class SyncConflict(Base):
+    """A field both sides changed since their last exchange: resolved by ownership, or open for a person."""
+
+    __tablename__ = "sync_conflicts"
+
+    id: Mapped[intpk]
+    target: Mapped[str] = mapped_column(String(64))
+    entity: Mapped[str] = mapped_column(String(32))
+    entity_id: Mapped[int] = mapped_column(index=True)
+    field: Mapped[str] = mapped_column(String(64))
+    exchanged_value: Mapped[str | None] = mapped_column(Text)  # what both sides held after the last exchange
+    crm_value: Mapped[str | None] = mapped_column(Text)
+    target_value: Mapped[str | None] = mapped_column(Text)
+    owner: Mapped[str | None] = mapped_column(String(64))  # crm | the target | None: a person decides
+    # resolved_crm | resolved_target (by ownership) | open | decided_crm | decided_target (by a person)
+    status: Mapped[str] = mapped_column(String(16), index=True)
     decided_by: Mapped[str | None] = mapped_column(String(64))
     decided_at: Mapped[dt.datetime | None]
     load_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"), index=True)

@@ -38,6 +38,10 @@ app.add_typer(mapping_app, name="mapping")
 app.add_typer(runs_app, name="runs")
 app.add_typer(project_app, name="project")
 app.add_typer(core_app, name="core")
+sync_app = typer.Typer(
+    help="Sync with the ERP after go-live: run, status, retry dead letters, conflicts.", no_args_is_help=True
+)
+app.add_typer(sync_app, name="sync")
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True, soft_wrap=True)  # never wrap: file:line:col must stay on one line
@@ -1205,3 +1209,167 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- sync
+
+TargetOption = Annotated[
+    str | None, typer.Option("--target", "-t", help="sync target (default: the only one)")
+]
+
+
+def _migration_or_exit(project: Path | None) -> Migration:
+    from integration.pipeline import Migration
+
+    try:
+        return Migration.load(str(project) if project else None)
+    except ConfigError as exc:
+        raise _config_error(exc) from None
+
+
+@sync_app.command("run")
+def sync_run(
+    target: TargetOption = None,
+    direction: Annotated[str, typer.Option("--direction", "-d", help="both, inbound or outbound")] = "both",
+    project: ProjectOption = None,
+    core: CoreOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Run one sync: the target's changed rows into the core, then the core's changes out to the target."""
+    from integration.failures import cause_line
+    from integration.sync.engine import run_sync
+
+    migration = _migration_or_exit(project)
+    with _core_engine(core) as engine:
+        try:
+            report = run_sync(migration, engine, target, direction)
+        except CrmError as exc:
+            errors.print(f"[red]sync failed:[/red] {escape(cause_line(exc))}", highlight=False)
+            raise typer.Exit(EXIT_FAILED) from None
+    data = report.as_dict()
+    if as_json:
+        sys.stdout.write(json.dumps(data, ensure_ascii=False, default=str) + "\n")
+    else:
+        table = Table(title=f"Sync {report.target} ({report.direction}) — run {report.run_key}")
+        table.add_column("what")
+        table.add_column("count", justify="right")
+        for key in (
+            "received",
+            "applied",
+            "unchanged",
+            "rejected",
+            "kept_crm",
+            "conflicts",
+            "conflicts_open",
+            "sent",
+            "delivered",
+            "echoes_suppressed",
+            "retries",
+            "dead_letters",
+            "awaiting",
+            "waiting",
+        ):
+            table.add_row(key, str(data[key]))
+        console.print(table)
+        if report.delivery.stopped:
+            errors.print(
+                f"[yellow]delivery paused:[/yellow] {escape(report.delivery.stopped)} (retried later)"
+            )
+        for line in report.delivery.errors[:10]:
+            errors.print(f"[yellow]dead letter:[/yellow] {escape(line)}")
+    if report.delivery.dead_letters or report.conflicts_open:
+        raise typer.Exit(EXIT_UNBALANCED)
+
+
+@sync_app.command("status")
+def sync_status(
+    project: ProjectOption = None,
+    core: CoreOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Show each target's outbox (pending, dead letters), open conflicts, and its last sync runs."""
+    from integration.sync.status import sync_status as read_status
+
+    migration = _migration_or_exit(project)
+    with _core_engine(core) as engine:
+        status = read_status(engine, list(migration.project.sync))
+    if as_json:
+        sys.stdout.write(json.dumps(status, ensure_ascii=False, default=str) + "\n")
+        return
+    table = Table(title="Sync status")
+    for column in ("target", "pending", "waiting", "awaiting", "done", "dead", "oldest pending",
+                   "conflicts open", "last run", "status"):  # fmt: skip
+        table.add_column(column)
+    for name, item in status.items():
+        outbox = item["outbox"]
+        last = item["last_run"] or {}
+        table.add_row(name, *(str(outbox.get(k, 0)) for k in ("pending", "waiting", "awaiting", "done", "dead")),
+                      str(item["oldest_pending"] or ""), str(item["conflicts_open"]), str(last.get("run_key", "")),
+                      str(last.get("status", "")))  # fmt: skip
+    console.print(table)
+
+
+@sync_app.command("retry")
+def sync_retry(
+    target: TargetOption = None,
+    ids: Annotated[list[int] | None, typer.Argument(help="outbox ids (default: every dead letter)")] = None,
+    project: ProjectOption = None,
+    core: CoreOption = None,
+) -> None:
+    """Make dead letters pending again; the next outbound run resends them (same trade id: applied once)."""
+    from crm_core.db import session_factory
+    from integration.sync.outbox import retry_dead
+
+    migration = _migration_or_exit(project)
+    if target is not None and target not in migration.project.sync:
+        errors.print(f"unknown sync target '{escape(target)}'; targets: {', '.join(migration.project.sync)}")
+        raise typer.Exit(EXIT_FAILED)
+    with _core_engine(core) as engine, session_factory(engine)() as session, session.begin():
+        count = retry_dead(session, target, ids or [])
+    console.print(f"{count} dead letter(s) queued again; run `crmi sync run` (or wait for the schedule)")
+
+
+@sync_app.command("conflicts")
+def sync_conflicts(
+    target: TargetOption = None,
+    decide: Annotated[int | None, typer.Option("--decide", help="conflict id to settle")] = None,
+    take: Annotated[str | None, typer.Option("--take", help="crm or target (with --decide)")] = None,
+    by: Annotated[str, typer.Option("--by", help="who decides")] = "steward",
+    project: ProjectOption = None,
+    core: CoreOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+) -> None:
+    """List the conflicts waiting for a person, or settle one (--decide ID --take crm|target)."""
+    from crm_core.db import session_factory
+    from integration.sync.engine import decide_conflict, open_conflicts
+
+    migration = _migration_or_exit(project)
+    with _core_engine(core) as engine:
+        if decide is not None:
+            if take not in ("crm", "target"):
+                errors.print("--decide needs --take crm or --take target")
+                raise typer.Exit(EXIT_FAILED)
+            try:
+                console.print(decide_conflict(migration, engine, decide, take, by=by))
+            except CrmError as exc:
+                errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+                raise typer.Exit(EXIT_FAILED) from None
+            return
+        with session_factory(engine)() as session:
+            items = [
+                {"id": c.id, "target": c.target, "entity": c.entity, "entity_id": c.entity_id, "field": c.field,
+                 "exchanged": c.exchanged_value, "crm": c.crm_value, "target_value": c.target_value,
+                 "run": c.load_run_id, "created_at": str(c.created_at)}
+                for c in open_conflicts(session, target)
+            ]  # fmt: skip
+    if as_json:
+        for item in items:
+            sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")
+        return
+    table = Table(title=f"Open sync conflicts ({len(items)})")
+    for column in ("id", "target", "record", "field", "last exchanged", "CRM", "target value"):
+        table.add_column(column)
+    for c in items:
+        table.add_row(str(c["id"]), str(c["target"]), f"{c['entity']} {c['entity_id']}", str(c["field"]),
+                      escape(str(c["exchanged"])), escape(str(c["crm"])), escape(str(c["target_value"])))  # fmt: skip
+    console.print(table)

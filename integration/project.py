@@ -11,7 +11,7 @@ import codecs
 import glob
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +24,7 @@ from crm_core.merging import SURVIVORSHIP_FIELDS, SurvivorshipRule
 from crm_core.validation import RuleSpec, builtin_rules
 from integration.dedup.spec import LinkageConfig
 from integration.mappings.money import CurrenciesConfig, currency_problems
+from integration.sync.spec import CompiledTarget, SyncTarget, compile_sync
 from integration.yamlconf import (
     LocatedDocument,
     close_names,
@@ -248,6 +249,9 @@ class ProjectSpec(_Strict):
         default=None, description="base currency and rates for mapping fields that convert amounts"
     )
     reconciliation: ReconciliationConfig = Field(default_factory=ReconciliationConfig)
+    sync: dict[str, SyncTarget] = Field(
+        default_factory=dict, description="target systems the core stays in step with after go-live"
+    )
 
     @field_validator("sources")
     @classmethod
@@ -255,6 +259,16 @@ class ProjectSpec(_Strict):
         for name in value:
             if not re.match(NAME_PATTERN, name):
                 raise ValueError(f"source name '{name}' must match {NAME_PATTERN} (it names Dagster assets)")
+        return value
+
+    @field_validator("sync")
+    @classmethod
+    def _target_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(
+                    f"sync target name '{name}' must match {NAME_PATTERN} (it names Dagster jobs)"
+                )
         return value
 
     @field_validator("dedup")
@@ -281,6 +295,7 @@ class Project:
     document: LocatedDocument
     mapping_files: tuple[Path, ...]
     warnings: tuple[Problem, ...] = ()  # not errors: e.g. a mappings glob that matches nothing yet
+    sync: dict[str, CompiledTarget] = field(default_factory=dict)  # checked ``sync:`` targets
 
     @property
     def name(self) -> str:
@@ -356,6 +371,10 @@ def load_project(path: str | Path | None = None) -> Project:
     problems += currency_problems(document, spec.currencies)
     mapping_files, mapping_problems, warnings = _mapping_files(document, spec, root)
     problems += mapping_problems
+    sync, sync_problems = compile_sync(
+        document, spec.sync, list(spec.sources), {path.stem: path for path in mapping_files}
+    )
+    problems += sync_problems
     for entity_name, rules in spec.dedup.items():
         for i, source in enumerate(rules.source_priority):
             if source not in spec.sources:
@@ -373,6 +392,7 @@ def load_project(path: str | Path | None = None) -> Project:
         document=document,
         mapping_files=tuple(mapping_files),
         warnings=tuple(warnings),
+        sync=sync,
     )
 
 

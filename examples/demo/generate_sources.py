@@ -219,17 +219,18 @@ CREATE TABLE Customer (
     cCusCode TEXT PRIMARY KEY, cCusName TEXT NOT NULL, cCusAbbName TEXT, cCCCode TEXT, cDCCode TEXT,
     cCusAddress TEXT, cCusPhone TEXT, cCusFax TEXT, cCusEmail TEXT, cCusPerson TEXT, cCusHand TEXT,
     cCusRegCode TEXT, cCusBank TEXT, cCusAccount TEXT, cCusPPerson TEXT, cCusDepart TEXT,
-    dCusDevDate TEXT, dEndDate TEXT, cCusHeadCode TEXT, iCusCreLine REAL, cMemo TEXT
+    dCusDevDate TEXT, dEndDate TEXT, cCusHeadCode TEXT, iCusCreLine REAL, cMemo TEXT,
+    cCusPayCond TEXT, cCusDefine1 TEXT, dModifyDate TEXT, ufts INTEGER
 );
 CREATE TABLE SO_SOMain (
     ID INTEGER PRIMARY KEY, cSOCode TEXT NOT NULL UNIQUE, dDate TEXT, cBusType TEXT, cSTCode TEXT,
     cCusCode TEXT, cDepCode TEXT, cPersonCode TEXT, cexch_name TEXT, iExchRate REAL, iTaxRate REAL,
-    cMemo TEXT, cVerifier TEXT, cMaker TEXT, iStatus INTEGER
+    cMemo TEXT, cVerifier TEXT, cMaker TEXT, iStatus INTEGER, cDefine1 TEXT, dModifyDate TEXT, ufts INTEGER
 );
 CREATE TABLE SO_SODetails (
     AutoID INTEGER PRIMARY KEY, ID INTEGER, cSOCode TEXT, iRowNo INTEGER, cInvCode TEXT, cInvName TEXT,
     iQuantity REAL, iQuotedPrice REAL, iUnitPrice REAL, iTaxUnitPrice REAL, iMoney REAL, iTax REAL,
-    iSum REAL, iTaxRate REAL, dPreDate TEXT
+    iSum REAL, iTaxRate REAL, dPreDate TEXT, iFHQuantity REAL, iKPQuantity REAL, dModifyDate TEXT, ufts INTEGER
 );
 """
 
@@ -297,6 +298,17 @@ def write_erp(
                     (line_id, order_id, so_code, row_no, inv_code, inv_name, quantity, round(price / 1.13, 4),
                      price, money, round(price * quantity - money, 2), price * quantity, 13.0),
                 )  # fmt: skip
+    # U8's rowversion (ufts) grows with every write across the database: inbound sync reads changes by it.
+    # Credit limits (信用额度) and payment terms (付款条件) are the ERP's; derived from the code, not drawn,
+    # so the rest of the generated data stays as it was.
+    db.executescript("""
+        UPDATE Customer SET ufts = rowid, dModifyDate = dCusDevDate || ' 00:00:00',
+            iCusCreLine = (CAST(cCusCode AS INTEGER) % 10 + 1) * 50000,
+            cCusPayCond = CASE CAST(cCusCode AS INTEGER) % 3 WHEN 0 THEN '01' WHEN 1 THEN '02' ELSE '03' END;
+        UPDATE SO_SOMain SET ufts = (SELECT MAX(ufts) FROM Customer) + ID, dModifyDate = dDate;
+        UPDATE SO_SODetails SET ufts = (SELECT MAX(ufts) FROM SO_SOMain) + AutoID,
+            iFHQuantity = 0, iKPQuantity = 0;
+    """)
     db.commit()
     db.close()
     return codes

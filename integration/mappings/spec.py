@@ -201,9 +201,10 @@ class SourceSpec(_Strict):
 class LookupSpec(_Strict):
     """How a reference field finds its core record (``by``), or a value in another table of the source (``table``)."""
 
-    by: Literal["external_id", "name", "code"] = Field(
+    by: Literal["external_id", "name", "code", "id"] = Field(
         default="external_id",
-        description="external_id: the source's key via the crosswalk; name: the record's name; code: sales rep code",
+        description="external_id: the source's key via the crosswalk; name: the record's name; code: sales rep "
+        "code; id: the core's own record id (a target system that stores the CRM's key, e.g. U8 cDefine1)",
     )
     system: str | None = Field(
         default=None, description="crosswalk system for by: external_id (default: this source)"
@@ -733,8 +734,11 @@ def compile_document(
     sources: dict[str, list[str] | None] | None = None,
     tables: TableCatalog | None = None,
     rates: RateTable | None = None,
+    entity: EntityDef | None = None,
 ) -> CompiledMapping:
     """Validate a parsed mapping document; ``sources`` maps source names to their columns (None: unknown).
+
+    ``entity`` replaces the document's target entity (a sync target's document: its own field names).
 
     ``tables`` gives the columns of the source's other tables and sheets, to check lookups, link tables
     and aggregates against them; ``rates`` is the project's currency table (None: unknown, convert's use
@@ -743,7 +747,7 @@ def compile_document(
     from integration.mappings import money
 
     spec = validate_document(doc, MappingSpec)
-    entity = ENTITIES[spec.target]
+    entity = entity or ENTITIES[spec.target]
     problems: list[Problem] = []
     compiled: list[CompiledField] = []
     table_columns = (sources or {}).get(spec.source.connector)

@@ -1,0 +1,1 @@
+"""Sync with ERP and finance after go-live: spec, change capture, outbox, inbound with ownership."""

@@ -1,0 +1,425 @@
+"""One sync run with a target system: inbound (target → core), then outbound (core → target).
+
+A sync run is a load run (mode ``sync``): inbound rows load through the migration's mapping engine and
+loader with the run journal, outbound acknowledgements write the target's keys back in the same way, so a
+sync run can be listed and rolled back like any run. Only one sync per target runs at a time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session
+
+from crm_core.db import session_factory
+from crm_core.entities import ENTITIES
+from crm_core.errors import CrmError, SyncError
+from crm_core.journal import to_json
+from crm_core.loading import LINKED, get_or_start_run
+from crm_core.models import ExternalId, LoadRun, SyncConflict, SyncOutbox
+from crm_core.runs import is_crashed, rollback_run
+from integration.sync.inbound import apply_ownership, loaded_values, record_exchange, with_cursor
+from integration.sync.outbox import (
+    CaptureStats,
+    DeliveryStats,
+    Transport,
+    build_documents,
+    capture,
+    deliver,
+    payload_hash,
+)
+from integration.sync.spec import CompiledTarget
+
+DIRECTIONS = ("both", "inbound", "outbound")
+
+
+@dataclass
+class SyncReport:
+    """What one sync run did (also the Dagster metadata of the sync assets)."""
+
+    target: str
+    direction: str
+    run_key: str
+    received: int = 0  # inbound rows read
+    applied: int = 0  # inbound rows inserted or updated
+    unchanged: int = 0
+    rejected: int = 0
+    kept_crm: int = 0  # target values not applied: the CRM owns the field or a conflict waits
+    conflicts: int = 0
+    conflicts_open: int = 0
+    capture: CaptureStats = field(default_factory=CaptureStats)
+    delivery: DeliveryStats = field(default_factory=DeliveryStats)
+    entities: dict[str, dict[str, int]] = field(default_factory=dict)
+    status: str = "succeeded"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-friendly dict."""
+        return {
+            "target": self.target, "direction": self.direction, "run_key": self.run_key, "status": self.status,
+            "received": self.received, "applied": self.applied, "unchanged": self.unchanged,
+            "rejected": self.rejected, "kept_crm": self.kept_crm, "conflicts": self.conflicts,
+            "conflicts_open": self.conflicts_open, "captured": self.capture.as_dict(),
+            "sent": self.delivery.sent, "delivered": self.delivery.applied,
+            "echoes_suppressed": self.capture.echoes_suppressed, "retries": self.delivery.retries,
+            "dead_letters": self.delivery.dead_letters, "awaiting": self.delivery.awaiting,
+            "waiting": self.capture.waiting, "stopped": self.delivery.stopped, "entities": self.entities,
+        }  # fmt: skip
+
+
+def target_of(migration: Any, name: str | None) -> CompiledTarget:
+    """Return the project's sync target ``name`` (the only one when None)."""
+    targets: dict[str, CompiledTarget] = migration.project.sync
+    if not targets:
+        raise SyncError("project.yaml has no 'sync:' section; see docs/sync.md")
+    if name is None:
+        if len(targets) > 1:
+            raise SyncError(f"several sync targets ({', '.join(targets)}); choose one with --target")
+        return next(iter(targets.values()))
+    if name not in targets:
+        raise SyncError(f"unknown sync target '{name}'; targets: {', '.join(targets)}")
+    return targets[name]
+
+
+def make_client(target: CompiledTarget) -> Transport:
+    """Return the transport client of a target (U8 OpenAPI), secrets expanded from the environment."""
+    from integration.connectors.u8_openapi import U8Client, U8Credentials
+
+    from integration.yamlconf import expand_env
+
+    transport = target.spec.transport
+    try:
+        credentials = U8Credentials(
+            base_url=expand_env(transport.base_url), from_account=expand_env(transport.from_account),
+            to_account=expand_env(transport.to_account), app_key=expand_env(transport.app_key),
+            app_secret=expand_env(transport.app_secret), ds_sequence=transport.ds_sequence,
+        )  # fmt: skip
+    except KeyError as exc:
+        raise SyncError(
+            f"environment variable {exc.args[0]} is not set (sync target '{target.name}')"
+        ) from None
+    client: Transport = U8Client(credentials, timeout=transport.timeout, max_batch=transport.batch_size)
+    return client
+
+
+def make_delivery(trade_id: str, operation: str, payload: dict[str, Any]) -> Any:
+    """Return the transport's delivery object for one outbox row."""
+    from integration.connectors.u8_openapi import Delivery
+
+    return Delivery(trade_id=trade_id, operation=operation, payload=payload)
+
+
+def _sync_run_key(target: str, direction: str) -> str:
+    return f"sync-{target}-{direction}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def _claim(engine: Engine, target: CompiledTarget, run_key: str, project: str) -> None:
+    """Start the sync run unless another sync of the target is running (one at a time per target)."""
+    factory = session_factory(engine)
+    with factory() as session, session.begin():
+        others = session.scalars(
+            select(LoadRun).where(
+                LoadRun.mode == "sync",
+                LoadRun.status == "running",
+                LoadRun.run_key.like(f"sync-{target.name}-%"),
+            )
+        ).all()
+        for other in others:
+            if is_crashed(other):
+                other.status = "failed"
+                continue
+            raise SyncError(
+                f"a sync of '{target.name}' is already running (run {other.run_key}, pid {other.pid}); "
+                "wait for it or stop it"
+            )
+        get_or_start_run(session, run_key, project, mode="sync")
+
+
+def run_sync(
+    migration: Any,
+    engine: Engine,
+    target_name: str | None = None,
+    direction: str = "both",
+    *,
+    client: Transport | None = None,
+    run_key: str | None = None,
+) -> SyncReport:
+    """Run one sync with a target: inbound rows into the core, then captured changes out to the target."""
+    if direction not in DIRECTIONS:
+        raise SyncError(f"unknown direction '{direction}'; choose {', '.join(DIRECTIONS)}")
+    target = target_of(migration, target_name)
+    run_key = run_key or _sync_run_key(target.name, direction)
+    report = SyncReport(target.name, direction, run_key)
+    _claim(engine, target, run_key, migration.project.name)
+    own_client = client is None
+    try:
+        send_back: dict[str, set[int]] = {}
+        if direction in ("both", "inbound"):
+            send_back = _inbound(migration, engine, target, run_key, report)
+        if direction in ("both", "outbound"):
+            client = client or make_client(target)
+            _outbound(engine, target, client, run_key, report, send_back)
+    except BaseException:
+        report.status = "failed"
+        _fail(engine, run_key)
+        raise
+    finally:
+        if own_client and client is not None:
+            client.close()
+    _finish(engine, run_key, report)
+    return report
+
+
+def _run_id(session: Session, run_key: str) -> int:
+    return int(session.scalar(select(LoadRun.id).where(LoadRun.run_key == run_key)) or 0)
+
+
+def _fail(engine: Engine, run_key: str) -> None:
+    """Undo what the failed sync run wrote to the core (the outbox keeps what the target answered)."""
+    try:
+        rollback_run(engine, run_key, status="failed", allow_running=True)
+    except CrmError:
+        with session_factory(engine)() as session, session.begin():
+            session.execute(update(LoadRun).where(LoadRun.run_key == run_key).values(status="failed"))
+
+
+def _finish(engine: Engine, run_key: str, report: SyncReport) -> None:
+    with session_factory(engine)() as session, session.begin():
+        run = session.scalar(select(LoadRun).where(LoadRun.run_key == run_key))
+        assert run is not None
+        run.status = "succeeded"
+        run.finished_at = dt.datetime.now(dt.UTC)
+        run.stats = {**(run.stats or {}), "sync": report.as_dict()}
+
+
+# --------------------------------------------------------------------------- inbound
+
+
+def _inbound(
+    migration: Any, engine: Engine, target: CompiledTarget, run_key: str, report: SyncReport
+) -> dict[str, set[int]]:
+    from integration.pipeline import extract, load, stage, stream_watermark
+
+    send_back: dict[str, set[int]] = {}
+    factory = session_factory(engine)
+    mappings = {m.name: m for entity in migration.entities for m in migration.mappings_for(entity)}
+    for entity, inbound in target.inbound():
+        sync = target.entities[entity]
+        mapping = with_cursor(mappings[inbound.mapping], inbound)
+        if mapping.entity.name != entity:
+            raise SyncError(
+                f"sync target '{target.name}': mapping '{mapping.name}' loads {mapping.entity.name}, "
+                f"not {entity}; list it under entities.{mapping.entity.name}"
+            )
+        since = stream_watermark(engine, mapping)
+        frame = extract(migration, mapping, since)
+        staged = stage(migration, entity, {migration.raw_asset(mapping): frame})
+        with factory() as session, session.begin():
+            run_id = _run_id(session, run_key)
+            outcomes = [apply_ownership(session, target, sync, b, run_id) for b in staged.batches]
+        staged.batches = [o.batch for o in outcomes]
+        stats = load(migration, engine, run_key, staged, mode="sync")
+        counts = report.entities.setdefault(
+            entity, {"received": 0, "applied": 0, "unchanged": 0, "rejected": 0}
+        )
+        for s in stats:
+            counts["received"] += s.rows_read
+            counts["applied"] += s.inserted + s.updated
+            counts["unchanged"] += s.unchanged + s.merged
+            counts["rejected"] += s.rejected + s.held
+        for outcome in outcomes:
+            report.kept_crm += outcome.kept_crm
+            report.conflicts += len(outcome.conflicts)
+            report.conflicts_open += sum(c["status"] == "open" for c in outcome.conflicts)
+            send_back.setdefault(entity, set()).update(outcome.send_back)
+        with factory() as session, session.begin():
+            run_id = _run_id(session, run_key)
+            for batch in staged.batches:
+                values, keys = loaded_values(session, entity, target.system, batch, batch.fields)
+                hashes = _payload_hashes(session, target, entity, list(values))
+                record_exchange(session, target, entity, values, external_keys=keys, payload_hashes=hashes,
+                                run_id=run_id)  # fmt: skip
+    for counts in report.entities.values():
+        report.received += counts["received"]
+        report.applied += counts["applied"]
+        report.unchanged += counts["unchanged"]
+        report.rejected += counts["rejected"]
+    return send_back
+
+
+def _payload_hashes(
+    session: Session, target: CompiledTarget, entity: str, ids: Sequence[int]
+) -> dict[int, str] | None:
+    """Return the hash of the document each record would be sent as now: an inbound value is not echoed."""
+    sync = target.entities.get(entity)
+    if sync is None or not sync.outbound_enabled or not ids:
+        return None
+    return {
+        d.entity_id: payload_hash({"operation": d.operation, **d.payload})
+        for d in build_documents(session, target, sync, list(ids))
+        if d.problem is None
+    }
+
+
+# --------------------------------------------------------------------------- outbound
+
+
+def _outbound(
+    engine: Engine,
+    target: CompiledTarget,
+    client: Transport,
+    run_key: str,
+    report: SyncReport,
+    send_back: dict[str, set[int]],
+) -> None:
+    factory = session_factory(engine)
+    with factory() as session, session.begin():
+        run_id = _run_id(session, run_key)
+        report.capture = capture(session, target, run_id, extra=send_back)
+    on_applied = _acknowledge(target, run_key)
+    report.delivery = deliver(engine, target, client, run_id, make_delivery, on_applied=on_applied)
+    # Records that waited for another one (an order for its customer's ERP code) may be ready now.
+    if report.delivery.applied and report.capture.waiting:
+        with factory() as session, session.begin():
+            again = capture(session, target, run_id, advance=False)
+        report.capture.queued += again.queued
+        report.capture.waiting = again.waiting
+        more = deliver(engine, target, client, run_id, make_delivery, on_applied=on_applied)
+        for name in ("sent", "applied", "retries", "dead_letters", "awaiting"):
+            setattr(report.delivery, name, getattr(report.delivery, name) + getattr(more, name))
+        report.delivery.stopped = more.stopped or report.delivery.stopped
+        report.delivery.errors.extend(more.errors)
+
+
+def _acknowledge(target: CompiledTarget, run_key: str) -> Callable[[Session, list[dict[str, Any]]], None]:
+    """Return the callback that records applied deliveries: crosswalk key, key field, sync state."""
+
+    def acknowledge(session: Session, rows: list[dict[str, Any]]) -> None:
+        run = get_or_start_run(session, run_key, "sync", mode="sync")
+        by_entity: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_entity.setdefault(row["entity"], []).append(row)
+        for entity, entity_rows in by_entity.items():
+            sync = target.entities[entity]
+            definition = ENTITIES[entity]
+            key_field = sync.outbound.spec.key_field if sync.outbound else None
+            values: dict[int, dict[str, Any]] = {}
+            keys: dict[int, str | None] = {}
+            hashes: dict[int, str | None] = {}
+            for row in entity_rows:
+                entity_id = row["entity_id"]
+                key = row["external_key"]
+                if key:
+                    _link(session, entity, entity_id, target.system, key, run.id)
+                    if key_field is not None:
+                        record: Any = session.get(definition.model, entity_id)
+                        column = definition.fields[key_field].column
+                        if record is not None and getattr(record, column) != key:
+                            setattr(record, column, key)
+                            record.updated_run_id = run.id
+                values[entity_id] = dict(row["core_values"] or {})
+                if key_field is not None and key:
+                    values[entity_id][key_field] = key
+                keys[entity_id] = key
+                hashes[entity_id] = row["payload_hash"]
+            session.flush()
+            record_exchange(session, target, entity, values, external_keys=keys, run_id=run.id)
+            # The document as it is now (with the key the target gave): what a re-capture would build.
+            now_hashes = _payload_hashes(session, target, entity, list(values)) or hashes
+            record_exchange(session, target, entity, {i: {} for i in values}, payload_hashes=now_hashes,
+                            run_id=run.id)  # fmt: skip
+
+    return acknowledge
+
+
+def _link(session: Session, entity: str, entity_id: int, system: str, key: str, run_id: int) -> None:
+    """Add the crosswalk row (entity, system, key) → record unless it is there; refuse a key of another record."""
+    existing = session.scalar(
+        select(ExternalId).where(
+            ExternalId.entity == entity, ExternalId.system == system, ExternalId.external_key == key
+        )
+    )
+    if existing is not None:
+        if existing.entity_id != entity_id:
+            raise SyncError(
+                f"{system} answered key '{key}' for {entity} {entity_id}, but it belongs to {entity} "
+                f"{existing.entity_id} already; check both records in {system}"
+            )
+        return
+    session.add(ExternalId(entity=entity, entity_id=entity_id, system=system, external_key=key,
+                           match_method=LINKED, last_synced_hash=None,
+                           last_synced_at=dt.datetime.now(dt.UTC), created_run_id=run_id,
+                           updated_run_id=run_id))  # fmt: skip
+
+
+# --------------------------------------------------------------------------- conflicts
+
+
+def open_conflicts(session: Session, target: str | None = None) -> list[SyncConflict]:
+    """Return the conflicts waiting for a person, oldest first."""
+    query = select(SyncConflict).where(SyncConflict.status == "open").order_by(SyncConflict.id)
+    if target is not None:
+        query = query.where(SyncConflict.target == target)
+    return list(session.scalars(query))
+
+
+def decide_conflict(migration: Any, engine: Engine, conflict_id: int, take: str, *, by: str) -> str:
+    """Settle an open conflict: ``crm`` keeps the CRM's value (sent to the target), ``target`` takes theirs."""
+    from crm_core.edits import edit_record
+    from integration.sync.outbox import capture as capture_records
+
+    factory = session_factory(engine)
+    with factory() as session, session.begin():
+        conflict = session.get(SyncConflict, conflict_id)
+        if conflict is None or conflict.status != "open":
+            raise SyncError(f"conflict {conflict_id} is not open; list them with `crmi sync conflicts`")
+        target = target_of(migration, conflict.target)
+        if take not in ("crm", "target"):
+            raise SyncError("take 'crm' or 'target'")
+        conflict.status = f"decided_{take}"
+        conflict.decided_by = by
+        conflict.decided_at = dt.datetime.now(dt.UTC)
+        entity, entity_id, field_name, value = (
+            conflict.entity,
+            conflict.entity_id,
+            conflict.field,
+            conflict.target_value,
+        )
+    if take == "target":
+        edit_record(engine, entity, entity_id, {field_name: _typed(entity, field_name, value)}, actor=by)
+    else:
+        with factory() as session, session.begin():
+            run = session.scalar(select(LoadRun).order_by(LoadRun.id.desc()).limit(1))
+            capture_records(session, target, run.id if run else 0, extra={entity: {entity_id}}, advance=False)
+    return f"{entity} {entity_id}.{field_name}: {'CRM value kept' if take == 'crm' else 'target value taken'}"
+
+
+def _typed(entity: str, field_name: str, value: str | None) -> Any:
+    """Return a conflict's text value as the field's type."""
+    from crm_core.journal import from_json
+
+    definition = ENTITIES[entity]
+    table: Any = definition.model.__table__
+    column = table.c[definition.fields[field_name].column]
+    return from_json(column, value) if value is not None else None
+
+
+def pending_outbox(session: Session, target: str) -> int:
+    """Return the outbox rows of ``target`` not delivered yet (pending, waiting or awaiting a result)."""
+    from sqlalchemy import func
+
+    return int(
+        session.scalar(
+            select(func.count()).where(
+                SyncOutbox.target == target, SyncOutbox.status.in_(("pending", "waiting", "awaiting"))
+            )
+        )
+        or 0
+    )
+
+
+__all__ = ["SyncReport", "decide_conflict", "open_conflicts", "run_sync", "target_of", "to_json"]

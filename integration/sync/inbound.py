@@ -1,0 +1,224 @@
+"""Inbound: the target's changed rows through the migration's mapping engine, ownership, and the loader.
+
+A sync reads each inbound mapping from its cursor (U8: ``ufts``), maps and validates the rows exactly as a
+migration does, and loads them with the same loader and journal, so every row is applied, unchanged or
+rejected with its reason, and a sync run can be rolled back like any run. Before the load, each row of a
+record the core already has is checked field by field against what the record and the target last
+exchanged (``sync_state.core_values``):
+
+- the target changed a field the CRM did not: its value is applied (unless the CRM owns the field: then the
+  CRM's value is kept and sent back, so both sides hold the owner's value);
+- both changed it differently: a **conflict**. With an owner, the owner's value wins and the conflict is
+  logged (resolved); without one, or with ``conflicts: queue``, the CRM's value stays and the conflict
+  waits for a person (``crmi sync conflicts``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import Table, insert, select
+from sqlalchemy.orm import Session
+
+from crm_core.entities import ENTITIES
+from crm_core.journal import ids_in, to_json
+from crm_core.loading import Batch, crosswalk_ids
+from crm_core.models import SyncConflict, SyncState
+from integration.mappings.engine import EXTERNAL_KEY
+from integration.mappings.spec import CompiledMapping, IncrementalSpec
+from integration.sync.spec import CRM, CompiledEntitySync, CompiledTarget, InboundSpec
+
+STATE: Table = SyncState.__table__  # type: ignore[assignment]
+
+
+@dataclass
+class OwnershipOutcome:
+    """What the ownership check did to one batch."""
+
+    batch: Batch
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    send_back: set[int] = field(default_factory=set)  # records whose CRM-owned values go back to the target
+    kept_crm: int = 0  # field values of the target not applied (the CRM's value stays)
+
+
+def with_cursor(mapping: CompiledMapping, inbound: InboundSpec) -> CompiledMapping:
+    """Return the mapping reading incrementally by the sync's cursor column (the mapping's own if none)."""
+    if inbound.cursor is None:
+        return mapping
+    source = mapping.spec.source.model_copy(update={"incremental": IncrementalSpec(cursor=inbound.cursor)})
+    return replace(mapping, spec=mapping.spec.model_copy(update={"source": source}))
+
+
+def _same(left: Any, right: Any) -> bool:
+    return bool(_comparable(left) == _comparable(right))
+
+
+def _comparable(value: Any) -> Any:
+    if value is None or (not isinstance(value, str | list | dict) and pd.isna(value)):
+        return None
+    value = to_json(value)
+    if isinstance(value, str):
+        # Decimals and numbers as text: 12.50 and 12.5 are the same amount.
+        try:
+            from decimal import Decimal, InvalidOperation
+
+            return ("n", Decimal(value).normalize())
+        except (InvalidOperation, ValueError):
+            return value.strip()
+    return value
+
+
+def apply_ownership(
+    session: Session, target: CompiledTarget, sync: CompiledEntitySync, batch: Batch, run_id: int
+) -> OwnershipOutcome:
+    """Keep the CRM's values where ownership or an open conflict says so; record conflicts."""
+    outcome = OwnershipOutcome(batch)
+    records = batch.records
+    definition = ENTITIES[sync.entity]
+    fields = [f for f in batch.fields if f in definition.fields and not definition.fields[f].references]
+    if records.empty or not fields:
+        return outcome
+    keys = records[EXTERNAL_KEY].astype(str).tolist()
+    ids = crosswalk_ids(session, sync.entity, batch.source, keys)
+    known = sorted({i for i in ids.values()})
+    if not known:
+        return outcome
+    table: Table = definition.model.__table__  # type: ignore[assignment]
+    connection = session.connection()
+    core: dict[int, dict[str, Any]] = {}
+    states: dict[int, dict[str, Any]] = {}
+    for start in range(0, len(known), 2000):
+        part = known[start : start + 2000]
+        for row in session.execute(select(table).where(ids_in(connection, table.c.id, part))).mappings():
+            core[row["id"]] = dict(row)
+        query = select(STATE.c.entity_id, STATE.c.core_values).where(
+            STATE.c.target == target.name,
+            STATE.c.entity == sync.entity,
+            ids_in(connection, STATE.c.entity_id, part),
+        )
+        states.update({entity_id: values or {} for entity_id, values in session.execute(query)})
+    queue_all = sync.spec.conflicts == "queue"
+    records = records.copy()
+    now = dt.datetime.now(dt.UTC)
+    for position, key in enumerate(keys):
+        entity_id = ids.get(key)
+        if entity_id is None or entity_id not in core:
+            continue
+        current = core[entity_id]
+        exchanged = states.get(entity_id)
+        for name in fields:
+            column = definition.fields[name].column
+            theirs = records.at[position, name]
+            ours = current.get(column)
+            if _same(theirs, ours):
+                continue
+            # No exchange yet: what the core holds is the baseline (the CRM changed nothing since).
+            before = exchanged.get(name) if exchanged is not None and name in exchanged else to_json(ours)
+            they_changed = not _same(theirs, before)
+            we_changed = not _same(ours, before)
+            owner = sync.owners.get(name)
+            keep_ours = False
+            if they_changed and we_changed:
+                status = "open" if queue_all or owner is None else (
+                    "resolved_crm" if owner == CRM else "resolved_target")  # fmt: skip
+                outcome.conflicts.append({
+                    "target": target.name, "entity": sync.entity, "entity_id": entity_id, "field": name,
+                    "exchanged_value": _text(before), "crm_value": _text(ours), "target_value": _text(theirs),
+                    "owner": owner, "status": status, "load_run_id": run_id, "created_at": now,
+                })  # fmt: skip
+                keep_ours = status in ("open", "resolved_crm")
+            elif they_changed:
+                keep_ours = owner == CRM
+            else:
+                keep_ours = True  # only the CRM changed it: its value stays (and goes out on its own)
+            if keep_ours:
+                records.at[position, name] = ours
+                outcome.kept_crm += 1
+                if owner == CRM and they_changed:
+                    outcome.send_back.add(entity_id)
+    if outcome.conflicts:
+        session.execute(insert(SyncConflict), outcome.conflicts)
+    outcome.batch = replace(batch, records=records)
+    return outcome
+
+
+def _text(value: Any) -> str | None:
+    value = to_json(value)
+    if value is None or (not isinstance(value, str | list | dict) and pd.isna(value)):
+        return None
+    return str(value)
+
+
+def record_exchange(
+    session: Session,
+    target: CompiledTarget,
+    entity: str,
+    values: Mapping[int, Mapping[str, Any]],
+    *,
+    external_keys: Mapping[int, str | None] | None = None,
+    payload_hashes: Mapping[int, str | None] | None = None,
+    run_id: int | None,
+) -> None:
+    """Record what a record and the target now agree on (upsert of ``sync_state``, merged per field)."""
+    if not values:
+        return
+    connection = session.connection()
+    ids = sorted(values)
+    existing: dict[int, dict[str, Any]] = {}
+    for start in range(0, len(ids), 2000):
+        part = ids[start : start + 2000]
+        query = select(STATE).where(
+            STATE.c.target == target.name,
+            STATE.c.entity == entity,
+            ids_in(connection, STATE.c.entity_id, part),
+        )
+        existing.update({r["entity_id"]: dict(r) for r in session.execute(query).mappings()})
+    now = dt.datetime.now(dt.UTC)
+    inserts: list[dict[str, Any]] = []
+    for entity_id in ids:
+        merged = {**(existing.get(entity_id, {}).get("core_values") or {}),
+                  **{k: to_json(v) for k, v in values[entity_id].items()}}  # fmt: skip
+        row = {
+            "core_values": merged, "load_run_id": run_id, "updated_at": now,
+            **({"external_key": external_keys[entity_id]}
+               if external_keys and external_keys.get(entity_id) is not None else {}),
+            **({"payload_hash": payload_hashes[entity_id]}
+               if payload_hashes is not None and entity_id in payload_hashes else {}),
+        }  # fmt: skip
+        if entity_id in existing:
+            session.execute(
+                STATE.update()
+                .where(
+                    STATE.c.target == target.name, STATE.c.entity == entity, STATE.c.entity_id == entity_id
+                )
+                .values(**row)
+            )
+        else:
+            inserts.append({"target": target.name, "entity": entity, "entity_id": entity_id,
+                            "external_key": None, "payload_hash": None, **row})  # fmt: skip
+    if inserts:
+        session.execute(STATE.insert(), inserts)
+
+
+def loaded_values(
+    session: Session, entity: str, system: str, batch: Batch, fields: Sequence[str]
+) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """Return, per core record a batch's rows landed on, the core's current values of ``fields``."""
+    definition = ENTITIES[entity]
+    keys = batch.records[EXTERNAL_KEY].astype(str).tolist() if not batch.records.empty else []
+    ids = crosswalk_ids(session, entity, system, keys)
+    table: Table = definition.model.__table__  # type: ignore[assignment]
+    connection = session.connection()
+    found: dict[int, dict[str, Any]] = {}
+    wanted = sorted(set(ids.values()))
+    columns = [f for f in fields if f in definition.fields and not definition.fields[f].references]
+    for start in range(0, len(wanted), 2000):
+        part = wanted[start : start + 2000]
+        for row in session.execute(select(table).where(ids_in(connection, table.c.id, part))).mappings():
+            found[row["id"]] = {f: row[definition.fields[f].column] for f in columns}
+    keys_by_id = {entity_id: key for key, entity_id in ids.items()}
+    return found, keys_by_id

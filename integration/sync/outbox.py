@@ -1,0 +1,558 @@
+"""Outbound: capture core changes into the outbox, and deliver the outbox to a target system.
+
+**Capture** reads what the core already records: every business row carries the load run that last
+changed it (``updated_run_id``, indexed), and every change, whether a migration, a sync, a merge or a CRM
+edit (:mod:`crm_core.edits`), is a load run committed in the same transaction as the change. The capture
+cursor is the highest run id whose changes were captured; a run still running stops it (its changes are
+not committed yet). So a capture reads the rows of the runs since the cursor, an index range, and its cost
+grows with the number of changes, not with the table. Per record the outbound mapping builds the target's
+document; a document equal to what the record and the target last exchanged (``sync_state``) is an
+**echo** and is not sent.
+
+**Delivery** stores a trade id on each outbox row before the first send (committed), so a resend after a
+crash replays the same request and the target applies it once. Transport failures are retried with
+exponential backoff that honours Retry-After, up to ``retry.max_attempts``; a business rejection or the
+last failed try makes the row a **dead letter** with the reason (``crmi sync retry`` resends it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Protocol
+
+import pandas as pd
+from sqlalchemy import Engine, Table, and_, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from crm_core.db import session_factory
+from crm_core.entities import ENTITIES
+from crm_core.journal import ids_in, to_json
+from crm_core.models import ExternalId, LoadRun, SyncOutbox, SyncState
+from crm_core.watermarks import CursorState, read_watermark, save_watermark
+from integration.connectors.base import LOCATION, ROW_REF
+from integration.mappings.engine import map_chunk, python_records
+from integration.mappings.expressions import filter_frame, parse
+from integration.sync.spec import CRM, KEY_COLUMN, CompiledEntitySync, CompiledTarget, RetryPolicy
+
+CAPTURE_STREAM = "capture"
+COMMITTED = ("succeeded", "unbalanced")  # run statuses whose changes are in the core
+CHUNK = 2000
+XW: Table = ExternalId.__table__  # type: ignore[assignment]
+OUTBOX: Table = SyncOutbox.__table__  # type: ignore[assignment]
+STATE: Table = SyncState.__table__  # type: ignore[assignment]
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def payload_hash(payload: Mapping[str, Any]) -> str:
+    """Return a stable hash of a document (keys sorted, values as JSON)."""
+    text = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def watermark_source(target: str) -> str:
+    """Return the watermarks 'source' under which a target's capture cursor is kept."""
+    return f"sync:{target}"
+
+
+# --------------------------------------------------------------------------- reading core records
+
+
+def core_frame(session: Session, target: CompiledTarget, entity: str, ids: Sequence[int]) -> pd.DataFrame:
+    """Return core records as the outbound mapping reads them: fields, ``_key`` and referenced fields."""
+    definition = ENTITIES[entity]
+    table: Table = definition.model.__table__  # type: ignore[assignment]
+    connection = session.connection()
+    rows: list[dict[str, Any]] = []
+    for part in _parts(ids):
+        query = select(table).where(ids_in(connection, table.c.id, part))
+        rows.extend(dict(r) for r in session.execute(query).mappings())
+    frame_rows = [
+        {"id": r["id"], **{name: r[f.column] for name, f in definition.fields.items()}} for r in rows
+    ]
+    frame = pd.DataFrame(frame_rows, columns=["id", *definition.fields])
+    keys = target_keys(session, target, entity, [r["id"] for r in rows])
+    frame[KEY_COLUMN] = [keys.get(i) for i in frame["id"]]
+    for name, field_def in definition.references.items():
+        referenced = ENTITIES[field_def.references or ""]
+        ref_ids = sorted({int(v) for v in frame[name].dropna()}) if name in frame else []
+        ref_table: Table = referenced.model.__table__  # type: ignore[assignment]
+        ref_rows: dict[int, dict[str, Any]] = {}
+        for part in _parts(ref_ids):
+            query = select(ref_table).where(ids_in(connection, ref_table.c.id, part))
+            ref_rows.update({r["id"]: dict(r) for r in session.execute(query).mappings()})
+        ref_keys = target_keys(session, target, referenced.name, ref_ids)
+        ids_column = [None if pd.isna(v) else int(v) for v in frame[name]] if name in frame else []
+        frame[f"{name}.id"] = ids_column
+        frame[f"{name}.{KEY_COLUMN}"] = [ref_keys.get(i) if i is not None else None for i in ids_column]
+        for ref_field, ref_def in referenced.fields.items():
+            frame[f"{name}.{ref_field}"] = [
+                ref_rows.get(i, {}).get(ref_def.column) if i is not None else None for i in ids_column
+            ]
+    frame[LOCATION] = definition.model.__tablename__
+    frame[ROW_REF] = frame["id"].astype(str)
+    return frame
+
+
+def target_keys(session: Session, target: CompiledTarget, entity: str, ids: Sequence[int]) -> dict[int, str]:
+    """Return each record's key in the target: the crosswalk key under the target's system."""
+    found: dict[int, str] = {}
+    connection = session.connection()
+    for part in _parts(sorted(set(ids))):
+        query = (
+            select(XW.c.entity_id, XW.c.external_key)
+            .where(
+                XW.c.entity == entity, XW.c.system == target.system, ids_in(connection, XW.c.entity_id, part)
+            )
+            .order_by(XW.c.id)
+        )
+        for entity_id, key in session.execute(query):
+            found.setdefault(entity_id, key)
+    return found
+
+
+def _parts(ids: Sequence[int]) -> Iterator[Sequence[int]]:
+    for start in range(0, len(ids), CHUNK):
+        yield ids[start : start + CHUNK]
+
+
+def _json_value(value: Any) -> Any:
+    if value is None or (not isinstance(value, str | list | dict) and pd.isna(value)):
+        return None
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, dt.date | dt.datetime):
+        return value.isoformat()
+    return value
+
+
+@dataclass
+class Document:
+    """One record's outbound document, or why it cannot be built yet."""
+
+    entity_id: int
+    operation: str | None
+    payload: dict[str, Any]
+    core_values: dict[str, Any]
+    external_key: str | None
+    problem: str | None = None  # set: waits (e.g. its customer has no ERP code yet)
+
+
+def build_documents(
+    session: Session, target: CompiledTarget, sync: CompiledEntitySync, ids: Sequence[int]
+) -> list[Document]:
+    """Map core records to the target's documents (add for a record the target does not know, else edit)."""
+    outbound = sync.outbound
+    assert outbound is not None
+    frame = core_frame(session, target, sync.entity, ids)
+    if outbound.spec.when:
+        frame = filter_frame(frame, parse(outbound.spec.when, condition=True)).reset_index(drop=True)
+    if frame.empty:
+        return []
+    result = map_chunk(outbound.mapping, frame)
+    records = python_records(result.records)
+    problems: dict[str, list[str]] = {}
+    for entry in result.rejects.to_dict("records"):
+        problems.setdefault(str(entry["row_ref"]), []).append(
+            f"{entry['field'] or ''}: {entry['reason']}".strip(": ")
+        )
+    lines: dict[str, list[dict[str, Any]]] = {}
+    if outbound.lines is not None:
+        mapped = map_chunk(outbound.lines, frame)
+        for entry in mapped.rejects.to_dict("records"):
+            problems.setdefault(str(entry["row_ref"]), []).append(f"line {entry['field']}: {entry['reason']}")
+        for row in python_records(mapped.records).to_dict("records"):
+            lines.setdefault(str(row[ROW_REF]), []).append(
+                {
+                    f.name: _json_value(row.get(f.name))
+                    for f in outbound.lines.fields
+                    if _json_value(row.get(f.name)) is not None
+                }
+            )
+    by_ref = {str(r[ROW_REF]): r for r in records.to_dict("records")}
+    owned_by_target = {f for f, owner in sync.owners.items() if owner != CRM}
+    documents: list[Document] = []
+    for row in frame.to_dict("records"):
+        entity_id = int(row["id"])
+        key = row.get(KEY_COLUMN)
+        operation = outbound.spec.add if key is None else outbound.spec.edit
+        ref = str(entity_id)
+        core_values = {
+            name: to_json(row.get(name))
+            for document_field in outbound.reads.values()
+            for name in document_field
+            if name in ENTITIES[sync.entity].fields
+        }
+        if ref in problems:
+            documents.append(Document(entity_id, operation, {}, core_values, key, "; ".join(problems[ref])))
+            continue
+        mapped_row = by_ref[ref]
+        payload: dict[str, Any] = {}
+        for document_field, reads in outbound.reads.items():
+            if key is not None and reads and all(r in owned_by_target for r in reads):
+                continue  # an edit never sends what the target owns
+            value = _json_value(mapped_row.get(document_field))
+            if value is not None:
+                payload[document_field] = value
+        if outbound.lines is not None:
+            payload[outbound.spec.lines.name if outbound.spec.lines else "entry"] = lines.get(ref, [])
+        documents.append(Document(entity_id, operation, payload, core_values, key))
+    return documents
+
+
+# --------------------------------------------------------------------------- capture
+
+
+@dataclass
+class CaptureStats:
+    """What one capture found."""
+
+    runs: int = 0
+    records: int = 0
+    queued: int = 0
+    echoes_suppressed: int = 0
+    waiting: int = 0
+    superseded: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """Return the counts."""
+        return dict(self.__dict__)
+
+
+def capture_window(session: Session, target: str, own_run_id: int | None) -> tuple[int, int]:
+    """Return (cursor, upto): capture the runs with cursor < id <= upto (none still running among them)."""
+    state = read_watermark(session, watermark_source(target), CAPTURE_STREAM)
+    cursor = int(state.value) if state is not None else 0
+    running = select(func.min(LoadRun.id)).where(
+        LoadRun.id > cursor, LoadRun.status == "running", *([LoadRun.id != own_run_id] if own_run_id else [])
+    )
+    first_running = session.scalar(running)
+    if first_running is not None:
+        return cursor, first_running - 1
+    newest = session.scalar(select(func.max(LoadRun.id)).where(LoadRun.id > cursor))
+    return cursor, int(newest) if newest is not None else cursor
+
+
+def changed_ids(session: Session, entity: str, cursor: int, upto: int) -> list[int]:
+    """Return the live records of ``entity`` changed by a committed run in (cursor, upto]: an index range."""
+    table: Table = ENTITIES[entity].model.__table__  # type: ignore[assignment]
+    runs = select(LoadRun.id).where(LoadRun.id > cursor, LoadRun.id <= upto, LoadRun.status.in_(COMMITTED))
+    query = select(table.c.id).where(
+        table.c.updated_run_id > cursor, table.c.updated_run_id <= upto, table.c.updated_run_id.in_(runs)
+    )
+    if "merged_into_id" in table.c:
+        query = query.where(table.c.merged_into_id.is_(None))
+    return sorted(session.scalars(query))
+
+
+def capture(
+    session: Session,
+    target: CompiledTarget,
+    run_id: int,
+    *,
+    extra: Mapping[str, set[int]] | None = None,
+    advance: bool = True,
+) -> CaptureStats:
+    """Queue the documents of records changed since the cursor (plus ``extra`` and waiting ones)."""
+    stats = CaptureStats()
+    cursor, upto = capture_window(session, target.name, run_id)
+    stats.runs = max(0, upto - cursor)
+    for entity, sync in target.entities.items():
+        if not sync.outbound_enabled:
+            continue
+        ids = set(changed_ids(session, entity, cursor, upto)) if upto > cursor else set()
+        ids |= set((extra or {}).get(entity, set()))
+        waiting = session.scalars(
+            select(SyncOutbox.entity_id).where(
+                SyncOutbox.target == target.name, SyncOutbox.entity == entity, SyncOutbox.status == "waiting"
+            )
+        ).all()
+        ids |= set(waiting)
+        if not ids:
+            continue
+        stats.records += len(ids)
+        ordered = sorted(ids)
+        for start in range(0, len(ordered), CHUNK):
+            _queue(session, target, sync, ordered[start : start + CHUNK], run_id, stats)
+    if advance and upto > cursor:
+        save_watermark(session, watermark_source(target.name), CAPTURE_STREAM,
+                       CursorState(upto, frozenset()), run_id)  # fmt: skip
+    return stats
+
+
+def _queue(
+    session: Session, target: CompiledTarget, sync: CompiledEntitySync, ids: list[int], run_id: int,
+    stats: CaptureStats,
+) -> None:  # fmt: skip
+    documents = build_documents(session, target, sync, ids)
+    connection = session.connection()
+    states = {
+        row.entity_id: row
+        for part in _parts(ids)
+        for row in session.execute(
+            select(STATE.c.entity_id, STATE.c.payload_hash).where(
+                STATE.c.target == target.name,
+                STATE.c.entity == sync.entity,
+                ids_in(connection, STATE.c.entity_id, part),
+            )
+        )
+    }
+    # Rows not sent yet (no trade id) are replaced by the newer document; sent ones stay in order.
+    open_rows: dict[int, list[Any]] = {}
+    for part in _parts(ids):
+        query = select(OUTBOX.c.id, OUTBOX.c.entity_id, OUTBOX.c.payload_hash, OUTBOX.c.trade_id,
+                       OUTBOX.c.status).where(
+            OUTBOX.c.target == target.name, OUTBOX.c.entity == sync.entity,
+            OUTBOX.c.status.in_(("pending", "waiting", "awaiting")), ids_in(connection, OUTBOX.c.entity_id, part),
+        )  # fmt: skip
+        for row in session.execute(query):
+            open_rows.setdefault(row.entity_id, []).append(row)
+    now = _utcnow()
+    new_rows: list[dict[str, Any]] = []
+    superseded: list[int] = []
+    for document in documents:
+        current = open_rows.get(document.entity_id, [])
+        replaceable = [r.id for r in current if r.trade_id is None]
+        if document.problem is None:
+            digest = payload_hash({"operation": document.operation, **document.payload})
+            in_flight = [r for r in current if r.trade_id is not None]
+            latest = in_flight[-1].payload_hash if in_flight else None
+            state = states.get(document.entity_id)
+            known = latest if latest is not None else (state.payload_hash if state is not None else None)
+            if document.operation is None or digest == known:
+                stats.echoes_suppressed += document.operation is not None
+                superseded.extend(replaceable)
+                continue
+        else:
+            digest = ""
+        superseded.extend(replaceable)
+        status = "waiting" if document.problem else "pending"
+        stats.waiting += status == "waiting"
+        stats.queued += status == "pending"
+        new_rows.append({
+            "target": target.name, "entity": sync.entity, "entity_id": document.entity_id,
+            "operation": document.operation or "", "payload": document.payload, "payload_hash": digest,
+            "core_values": document.core_values, "idempotency_key": f"{target.name}:{uuid.uuid4().hex}",
+            "trade_id": None, "status": status, "attempts": 0, "next_attempt_at": now,
+            "last_error": document.problem, "external_key": document.external_key, "load_run_id": run_id,
+            "created_at": now, "delivered_at": None,
+        })  # fmt: skip
+    if superseded:
+        stats.superseded += len(superseded)
+        for part in _parts(sorted(superseded)):
+            session.execute(
+                update(OUTBOX).where(ids_in(connection, OUTBOX.c.id, part)).values(status="superseded")
+            )
+    if new_rows:
+        session.execute(insert(OUTBOX), new_rows)
+
+
+# --------------------------------------------------------------------------- delivery
+
+
+class Delivered(Protocol):
+    """What a transport answers for one delivery (see integration.connectors.u8_openapi.Outcome)."""
+
+    trade_id: str
+    status: str
+    external_key: str | None
+    message: str | None
+    retry_after: float | None
+
+
+class Transport(Protocol):
+    """A target's client: trade ids, delivery and asynchronous results."""
+
+    def new_trade_ids(self, count: int) -> list[str]:
+        """Return ``count`` trade ids (stored on outbox rows before they are sent)."""
+        ...
+
+    def deliver(self, deliveries: Sequence[Any]) -> Sequence[Delivered]:
+        """Send documents; one outcome per delivery, in order."""
+        ...
+
+    def results(self, trade_ids: Sequence[str]) -> Sequence[Delivered]:
+        """Return the outcomes of deliveries the target answers asynchronously."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+@dataclass
+class DeliveryStats:
+    """What one delivery pass did."""
+
+    sent: int = 0
+    applied: int = 0
+    retries: int = 0
+    dead_letters: int = 0
+    awaiting: int = 0
+    stopped: str | None = None  # why delivery stopped early (the target is down)
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the counts."""
+        return dict(self.__dict__)
+
+
+def backoff(attempts: int, policy: RetryPolicy, retry_after: float | None) -> float:
+    """Return the seconds before the next try: exponential from the policy, never sooner than Retry-After."""
+    delay = min(policy.backoff_seconds * float(2 ** max(0, attempts - 1)), policy.max_backoff_seconds)
+    return max(delay, retry_after or 0.0)
+
+
+def deliver(
+    engine: Engine,
+    target: CompiledTarget,
+    client: Transport,
+    run_id: int,
+    make_delivery: Callable[[str, str, dict[str, Any]], Any],
+    *,
+    on_applied: Callable[[Session, list[dict[str, Any]]], None],
+    now: Callable[[], dt.datetime] = _utcnow,
+) -> DeliveryStats:
+    """Send the due outbox rows of ``target`` in batches and record each outcome."""
+    stats = DeliveryStats()
+    factory = session_factory(engine)
+    batch_size = target.spec.transport.batch_size
+    _poll_awaiting(factory, target, client, stats, on_applied, now)
+    while True:
+        with factory() as session, session.begin():
+            due = (
+                session.execute(
+                    select(OUTBOX)
+                    .where(
+                        OUTBOX.c.target == target.name,
+                        OUTBOX.c.status == "pending",
+                        OUTBOX.c.next_attempt_at <= now(),
+                    )
+                    .order_by(OUTBOX.c.id)
+                    .limit(batch_size)
+                )
+                .mappings()
+                .all()
+            )
+            rows = [dict(r) for r in due]
+            missing = [r for r in rows if r["trade_id"] is None]
+            if missing:
+                # Stored before the first send: a resend after a crash replays the same trade id.
+                for row, trade_id in zip(missing, client.new_trade_ids(len(missing)), strict=True):
+                    row["trade_id"] = trade_id
+                    session.execute(update(OUTBOX).where(OUTBOX.c.id == row["id"]).values(trade_id=trade_id))
+        if not rows:
+            return stats
+        outcomes = client.deliver([make_delivery(r["trade_id"], r["operation"], r["payload"]) for r in rows])
+        stats.sent += len(rows)
+        retried = _record(factory, target, rows, outcomes, stats, on_applied, now)
+        if retried == len(rows):
+            stats.stopped = next((o.message for o in outcomes if o.message), "the target did not answer")
+            return stats
+
+
+def _poll_awaiting(
+    factory: Any, target: CompiledTarget, client: Transport, stats: DeliveryStats,
+    on_applied: Callable[[Session, list[dict[str, Any]]], None], now: Callable[[], dt.datetime],
+) -> None:  # fmt: skip
+    with factory() as session:
+        rows = [dict(r) for r in session.execute(
+            select(OUTBOX).where(OUTBOX.c.target == target.name, OUTBOX.c.status == "awaiting").order_by(OUTBOX.c.id)
+        ).mappings()]  # fmt: skip
+    for start in range(0, len(rows), target.spec.transport.batch_size):
+        part = rows[start : start + target.spec.transport.batch_size]
+        outcomes = client.results([r["trade_id"] for r in part])
+        _record(factory, target, part, outcomes, stats, on_applied, now)
+
+
+def _record(
+    factory: Any, target: CompiledTarget, rows: list[dict[str, Any]], outcomes: Sequence[Delivered],
+    stats: DeliveryStats, on_applied: Callable[[Session, list[dict[str, Any]]], None],
+    now: Callable[[], dt.datetime],
+) -> int:  # fmt: skip
+    """Write the outcomes of one batch in one transaction; return how many must be retried."""
+    policy = target.spec.retry
+    retried = 0
+    applied: list[dict[str, Any]] = []
+    with factory() as session, session.begin():
+        for row, outcome in zip(rows, outcomes, strict=True):
+            values: dict[str, Any]
+            if outcome.status == "applied":
+                values = {"status": "done", "delivered_at": now(), "last_error": None,
+                          "external_key": outcome.external_key or row["external_key"]}  # fmt: skip
+                applied.append({**row, **values})
+                stats.applied += 1
+            elif outcome.status == "pending":
+                values = {"status": "awaiting"}
+                stats.awaiting += 1
+            elif outcome.status == "rejected":
+                values = {"status": "dead", "last_error": outcome.message, "attempts": row["attempts"] + 1}
+                stats.dead_letters += 1
+                stats.errors.append(f"{row['entity']} {row['entity_id']}: {outcome.message}")
+            else:
+                attempts = row["attempts"] + 1
+                retried += 1
+                if attempts >= policy.max_attempts:
+                    values = {"status": "dead", "attempts": attempts,
+                              "last_error": f"gave up after {attempts} tries: {outcome.message}"}  # fmt: skip
+                    stats.dead_letters += 1
+                else:
+                    delay = backoff(attempts, policy, outcome.retry_after)
+                    values = {"attempts": attempts, "last_error": outcome.message,
+                              "next_attempt_at": now() + dt.timedelta(seconds=delay)}  # fmt: skip
+                    stats.retries += 1
+            session.execute(update(OUTBOX).where(OUTBOX.c.id == row["id"]).values(**values))
+        if applied:
+            on_applied(session, applied)
+    return retried
+
+
+# --------------------------------------------------------------------------- status
+
+
+def outbox_counts(session: Session, target: str | None = None) -> dict[str, dict[str, int]]:
+    """Return outbox rows per target and status."""
+    query = select(SyncOutbox.target, SyncOutbox.status, func.count()).group_by(
+        SyncOutbox.target, SyncOutbox.status
+    )
+    if target is not None:
+        query = query.where(SyncOutbox.target == target)
+    counts: dict[str, dict[str, int]] = {}
+    for name, status, count in session.execute(query):
+        counts.setdefault(name, {})[status] = int(count)
+    return counts
+
+
+def oldest_pending(session: Session, target: str) -> dt.datetime | None:
+    """Return when the oldest undelivered outbox row of ``target`` was captured."""
+    value = session.scalar(
+        select(func.min(SyncOutbox.created_at)).where(
+            SyncOutbox.target == target, or_(SyncOutbox.status == "pending", SyncOutbox.status == "awaiting")
+        )
+    )
+    if value is not None and value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value
+
+
+def retry_dead(session: Session, target: str | None = None, ids: Sequence[int] = ()) -> int:
+    """Make dead letters pending again (attempts reset); return how many."""
+    condition = [SyncOutbox.status == "dead"]
+    if target is not None:
+        condition.append(SyncOutbox.target == target)
+    if ids:
+        condition.append(SyncOutbox.id.in_(list(ids)))
+    result = session.execute(
+        update(SyncOutbox)
+        .where(and_(*condition))
+        .values(status="pending", attempts=0, next_attempt_at=_utcnow())
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
