@@ -7,7 +7,7 @@ export CRM_PROJECT ?= $(PROJECT)
 export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test check lint typecheck pytest ui bench bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-e2e bench-load bench-dedup-storage clean schema
+.PHONY: help demo sync-demo test check lint typecheck pytest ui bench bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-e2e bench-load bench-dedup-storage clean schema
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ demo: $(VENV)/.installed $(DAGSTER_HOME)  ## generate the demo sources and run t
 	$(BIN)/python $(PROJECT)/generate_sources.py
 	$(BIN)/crmi core upgrade
 	$(BIN)/crmi run --project $(PROJECT)
+
+sync-demo: demo  ## after the demo: the sync loop with U8 against the local U8 OpenAPI test server
+	$(BIN)/python $(PROJECT)/sync_loop.py
 
 test: check  ## ruff + mypy + pytest in .venv (dev extras)
 

@@ -1207,10 +1207,6 @@ def main() -> None:
         sys.exit(EXIT_FAILED)
 
 
-if __name__ == "__main__":
-    main()
-
-
 # --------------------------------------------------------------------------- sync
 
 TargetOption = Annotated[
@@ -1373,3 +1369,7 @@ def sync_conflicts(
         table.add_row(str(c["id"]), str(c["target"]), f"{c['entity']} {c['entity_id']}", str(c["field"]),
                       escape(str(c["exchanged"])), escape(str(c["crm"])), escape(str(c["target_value"])))  # fmt: skip
     console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -28,6 +28,7 @@ from integration.sync.outbox import (
     CaptureStats,
     DeliveryStats,
     Transport,
+    baseline,
     build_documents,
     capture,
     deliver,
@@ -128,15 +129,20 @@ def _claim(engine: Engine, target: CompiledTarget, run_key: str, project: str) -
                 LoadRun.run_key.like(f"sync-{target.name}-%"),
             )
         ).all()
-        for other in others:
-            if is_crashed(other):
-                other.status = "failed"
-                continue
+        crashed = [o.run_key for o in others if is_crashed(o)]
+        alive = [o for o in others if not is_crashed(o)]
+        for other in alive:
             raise SyncError(
                 f"a sync of '{target.name}' is already running (run {other.run_key}, pid {other.pid}); "
                 "wait for it or stop it"
             )
-        get_or_start_run(session, run_key, project, mode="sync")
+        if not crashed:
+            get_or_start_run(session, run_key, project, mode="sync")
+    if crashed:  # a sync process that died: undo what it wrote to the core, then start
+        for key in crashed:
+            rollback_run(engine, key, status="failed", allow_running=True)
+        with factory() as session, session.begin():
+            get_or_start_run(session, run_key, project, mode="sync")
 
 
 def run_sync(
@@ -157,6 +163,8 @@ def run_sync(
     _claim(engine, target, run_key, migration.project.name)
     own_client = client is None
     try:
+        with session_factory(engine)() as session, session.begin():
+            baseline(session, target, _run_id(session, run_key))
         send_back: dict[str, set[int]] = {}
         if direction in ("both", "inbound"):
             send_back = _inbound(migration, engine, target, run_key, report)

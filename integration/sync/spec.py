@@ -172,6 +172,11 @@ class SyncTarget(_Strict):
     transport: U8Transport
     schedule: Schedule = Field(default_factory=Schedule)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    start: Literal["now", "all"] = Field(
+        default="now",
+        description="now: the first sync sends only changes made after it (go-live records are not re-sent); "
+        "all: the first sync sends every record the target does not know",
+    )
     entities: dict[str, EntitySync]
 
     @field_validator("entities")
