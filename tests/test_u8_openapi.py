@@ -26,6 +26,7 @@ from tests.servers.u8_openapi import (
     SO_MAIN,
     TO_ACCOUNT,
     U8_TABLES,
+    ErpUser,
     U8Api,
     ensure_schema,
     serve,
@@ -575,7 +576,14 @@ def test_the_command_line_runs_the_server_and_prints_its_url(sqlite_url: str) ->
         assert url.startswith("http://127.0.0.1:"), process.stderr.read() if process.stderr else url
         with U8Client(credentials(url)) as client:
             [outcome] = client.deliver(customer_adds(client, {"name": "命令行公司"}))
-            assert outcome.status == "applied"
+            assert outcome.status == "applied" and outcome.external_key
+            user = ErpUser(sqlite_url)  # the demo loop plays the U8 user from its own process
+            try:
+                user.update_customer(outcome.external_key, iCusCreLine=123000)
+            finally:
+                user.close()
+            seen = client.find_customer(code=outcome.external_key)
+            assert seen is not None and seen["icuscreline"] == 123000.0
     finally:
         process.terminate()
         process.communicate(timeout=10)

@@ -207,9 +207,8 @@ class U8Client:
                 )
         outcomes: list[Outcome | None] = [None] * len(deliveries)
         groups: dict[str, list[int]] = {}
-        for index, delivery in enumerate(
-            deliveries
-        ):  # groups go out in the order their operation first appears
+        # Groups go out in the order their operation first appears (customers before their orders, say).
+        for index, delivery in enumerate(deliveries):
             groups.setdefault(delivery.operation, []).append(index)
         stopped: _Transient | None = None
         for operation, indices in groups.items():

@@ -582,9 +582,15 @@ def _priced(line: dict[str, Any], head_rate: float | None) -> dict[str, Any]:
 class ErpUser:
     """What a user does in the U8 client (approve, ship, invoice, close, edit customers); every write stamps ufts."""
 
-    def __init__(self, engine: sa.Engine, lock: threading.Lock | None = None) -> None:
-        self.engine = engine
+    def __init__(self, engine: sa.Engine | str, lock: threading.Lock | None = None) -> None:
+        self._owns_engine = not isinstance(engine, sa.Engine)
+        self.engine = engine if isinstance(engine, sa.Engine) else _engine(engine)
         self._lock = lock or threading.Lock()
+
+    def close(self) -> None:
+        """Close the database connections (when this user was given a URL)."""
+        if self._owns_engine:
+            self.engine.dispose()
 
     @contextmanager
     def _write(self) -> Iterator[sa.Connection]:
@@ -967,6 +973,8 @@ class U8Api:
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until no write is pending (the worker must be running and not paused); return whether it is so."""
+        if self._worker is None:
+            return True  # sync mode: nothing is ever pending
         with self._wake:
             self._wake.notify_all()
         return self._idle.wait(timeout)
@@ -1357,7 +1365,8 @@ class U8OpenApiServer:
 
     def start(self) -> U8OpenApiServer:
         """Serve requests on a background thread."""
-        self.api.start_worker()
+        if self.api.async_mode:
+            self.api.start_worker()
         self._thread.start()
         return self
 
