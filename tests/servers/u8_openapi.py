@@ -38,6 +38,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -1115,6 +1116,7 @@ def make_handler(api: U8Api) -> type[BaseHTTPRequestHandler]:
                 try:
                     status, answer = 200, self._route(url.path, query, body, trade, reject)
                 except Exception as error:  # an unwell database: the client should send again later
+                    traceback.print_exc()  # on stderr: a bug of this server must not pass for a transient fault
                     status, answer = (
                         500,
                         {"errcode": "50000", "errmsg": f"服务器内部错误: {type(error).__name__}"},
