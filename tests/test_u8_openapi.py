@@ -100,6 +100,7 @@ def test_add_edit_and_order_round_trip_lands_in_the_u8_tables(u8_url: str) -> No
         [added] = client.deliver(customer_adds(client, {
             "name": "深圳市腾达科技有限公司", "abbrname": "腾达科技", "phone": "0755-86001234",
             "self_define1": "crm:c-1", "iCusCreLine": 200000, "cCusPayCond": "30", "spec_operator": "0301",
+            "regcode": "91440300MA5EXAMPLE",
         }))  # fmt: skip
         assert added.status == "applied" and added.external_key and added.message is None
         code = added.external_key
@@ -137,7 +138,11 @@ def test_add_edit_and_order_round_trip_lands_in_the_u8_tables(u8_url: str) -> No
             and by_code["name"] == "深圳市腾达科技有限公司"
             and by_code["self_define1"] == "crm:c-1"
         )
-        assert by_code["icuscreline"] == 200000.0 and by_code["timestamp"] == customers(api)[code]["ufts"]
+        assert (
+            by_code["regcode"] == "91440300MA5EXAMPLE"
+            and by_code["icuscreline"] == 200000.0
+            and by_code["timestamp"] == customers(api)[code]["ufts"]
+        )
         by_key = client.find_customer(crm_key="crm:c-1")
         assert by_key is not None and by_key["code"] == code
         assert (

@@ -50,8 +50,9 @@ from urllib.parse import parse_qs, urlparse
 
 import sqlalchemy as sa
 
-APP_KEY, APP_SECRET = "opa-crm-integration", "u8-app-s3cret"
-FROM_ACCOUNT, TO_ACCOUNT = "crm_integration", "u8_demo"
+# The demo project's defaults (examples/demo/project.yaml, sync.u8.transport), so the demo needs no options.
+APP_KEY, APP_SECRET = "demo-app-key", "demo-app-secret"
+FROM_ACCOUNT, TO_ACCOUNT = "crm", "demo"
 
 # errcodes (strings, as U8 sends them). "0" is documented; the others are this emulator's choice.
 OK = "0"
@@ -266,6 +267,7 @@ CUSTOMER_SPEC = Spec(
         "mobile": "cCusHand", "seed_date": "dCusDevDate", "end_date": "dEndDate", "memo": "cMemo",
         "spec_operator": "cCusPPerson", "self_define1": "cCusDefine1", "timestamp": "ufts",
         "ModifyDate": "dModifyDate",
+        "regcode": "cCusRegCode",  # ours (not on the pages found); the demo's sync spec uses it
     },
     frozenset({"ufts", "dModifyDate"}),
 )  # fmt: skip
@@ -1400,7 +1402,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--app-key", default=APP_KEY)
-    parser.add_argument("--app-secret", default=None, help="default: $U8_APP_SECRET, else the test secret")
+    parser.add_argument("--app-secret", default=None, help="default: $U8_APP_SECRET, else the demo's secret")
     parser.add_argument("--from-account", default=FROM_ACCOUNT)
     parser.add_argument("--to-account", default=TO_ACCOUNT)
     parser.add_argument("--token-ttl", type=float, default=7200.0, help="token lifetime in seconds")
