@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ DEFAULT_TIMEOUT = 10.0
 SOURCE = "crm-integration"
 RUN_FAILURE = "run_failure"
 CHECK_FAILURE = "check_failure"
+TEST = "test"
 MAX_STEPS = 5  # failed steps named in a message; the rest are counted
 _DETAIL = 160  # characters of a receiver's error text shown in a delivery error
 
@@ -104,10 +106,6 @@ class AlertConfig:
         secret = env.get(SECRET_ENV, "").strip() or None
         return cls(url, fmt, secret, ui_url, timeout, severity)
 
-    def run_url(self, run_id: str) -> str:
-        """Return the link to a run in the Dagster UI."""
-        return f"{self.ui_url}/runs/{run_id}"
-
     def alerts_severity(self, severity: str) -> bool:
         """Return True if a failed check of this severity (``ERROR`` / ``WARN``) is alerted."""
         return severity.upper() == "ERROR" or (self.check_severity == "WARN" and severity.upper() == "WARN")
@@ -150,10 +148,14 @@ class Alert:
         """Return the headline, e.g. ``crm-integration: run failed: migration``."""
         if self.kind == CHECK_FAILURE:
             return f"{SOURCE}: check failed: {self.asset} {self.check}"
+        if self.kind == TEST:
+            return f"{SOURCE}: test alert"
         return f"{SOURCE}: run failed: {self.job}"
 
     def fields(self) -> list[tuple[str, str]]:
         """Return the labelled lines of the message body (without the title and the link)."""
+        if self.kind == TEST:
+            return [("Result", self.error)]
         rows = [("Job", self.job), ("Run", self.run_id)]
         if self.kind == CHECK_FAILURE:
             rows = [("Asset", self.asset), ("Check", self.check), ("Severity", self.severity), *rows]
@@ -233,10 +235,18 @@ def check_failure_alert(
     ui_url: str,
 ) -> Alert:
     """Return the alert of one failed asset check, with its description and a summary of its metadata."""
+    link = f"{ui_url.rstrip('/')}/runs/{run_id}"
     return Alert(
-        CHECK_FAILURE, job, run_id, f"{ui_url.rstrip('/')}/runs/{run_id}", error=first_line(description or ""),
+        CHECK_FAILURE, job, run_id, link, error=first_line(description or ""),
         asset=asset, check=check, severity=severity.upper(), details=metadata_summary(metadata),
     )  # fmt: skip
+
+
+def sample_alert(ui_url: str) -> Alert:
+    """Return the message ``python -m integration.alerts`` posts to try the settings."""
+    return Alert(
+        TEST, "", "", ui_url.rstrip("/"), error="alerts of failed runs and failed checks will come here"
+    )
 
 
 def metadata_summary(metadata: Mapping[str, Any], limit: int = MAX_CAUSE) -> str:
@@ -343,3 +353,26 @@ def _check_answer(response: requests.Response, config: AlertConfig) -> None:
     raise AlertDeliveryError(
         f"the {config.format} robot refused the message: error {code}" + (f": {detail}" if detail else "")
     )
+
+
+def main() -> int:
+    """Post a test alert with the ``CRMI_ALERT_*`` settings; exit 0: delivered, 1: not, 2: not set up."""
+    try:
+        config = AlertConfig.from_env()
+    except AlertConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if config is None:
+        print(f"error: {URL_ENV} is not set: there is nowhere to post alerts", file=sys.stderr)
+        return 2
+    try:
+        post_alert(sample_alert(config.ui_url), config)
+    except AlertDeliveryError as exc:
+        print(f"test alert not delivered: {exc}", file=sys.stderr)
+        return 1
+    print(f"test alert delivered ({config.format} format): check the chat or the receiver")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -26,6 +26,9 @@ from integration.alerts import (
     post_alert,
     run_failure_alert,
 )
+from integration.alerts import (
+    main as alerts_main,
+)
 from integration.assets.alerts import (
     CHECK_ALERT_SENSOR,
     MAX_ATTEMPTS,
@@ -226,7 +229,14 @@ def test_a_failed_check_is_alerted_once_in_each_format(
             "details": 'by_rule: {"customer.name.required":3}; quarantined_rows: 3',
         }  # fmt: skip
     text = message_text(fmt, received.body, received.query, None)
-    for expected in ("customers", "check_core_rules", run_id, "3 customers without a name", "quarantined_rows: 3", link):
+    for expected in (
+        "customers",
+        "check_core_rules",
+        run_id,
+        "3 customers without a name",
+        "quarantined_rows: 3",
+        link,
+    ):
         assert expected in text, (expected, text)
     assert "second line" not in text and "check_names_look_right" not in text
     assert data.skip_message.startswith("1 check alert(s) handled")
@@ -264,7 +274,10 @@ def test_without_a_url_the_sensors_skip_saying_why(
 def test_a_bad_setting_skips_naming_the_variable(history: History, monkeypatch: pytest.MonkeyPatch) -> None:
     configure(monkeypatch, "http://127.0.0.1:9", "teams")
     data = tick(check_failure_alert_sensor(), history.instance, history.check_cursor)
-    assert "CRMI_ALERT_WEBHOOK_FORMAT='teams' is not one of json, wecom, dingtalk, feishu, slack" in data.skip_message
+    assert (
+        "CRMI_ALERT_WEBHOOK_FORMAT='teams' is not one of json, wecom, dingtalk, feishu, slack"
+        in data.skip_message
+    )
     assert KEY not in data.skip_message
 
     monkeypatch.setenv("CRMI_ALERT_WEBHOOK_URL", f"ftp://robot.example/send?key={KEY}")
@@ -377,5 +390,27 @@ def test_a_robot_refusal_is_an_error_without_the_url(receiver: Receiver) -> None
     alert = check_failure_alert("migration", "r1", "customers", "check_core_rules", "error", None, {}, UI)
     with pytest.raises(AlertDeliveryError) as raised:
         post_alert(alert, config)
-    assert str(raised.value).startswith("the wecom robot refused the message: error 93000: invalid webhook url")
+    assert str(raised.value).startswith(
+        "the wecom robot refused the message: error 93000: invalid webhook url"
+    )
     assert KEY not in str(raised.value) and raised.value.__cause__ is None
+
+
+def test_the_test_command_posts_a_test_alert(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert alerts_main() == 2
+    assert "CRMI_ALERT_WEBHOOK_URL is not set" in capsys.readouterr().err
+
+    configure(monkeypatch, receiver.url)
+    assert alerts_main() == 0
+    assert receiver.bodies() == [
+        {"kind": "test", "job": "", "run_id": "", "steps": [],
+         "error": "alerts of failed runs and failed checks will come here", "url": UI},
+    ]  # fmt: skip
+
+    receiver.faults.append("500")
+    assert alerts_main() == 1
+    output = capsys.readouterr()
+    assert "test alert not delivered: the webhook receiver answered HTTP 500" in output.err
+    assert KEY not in output.out + output.err

@@ -149,7 +149,8 @@ def _run_ends(instance: dg.DagsterInstance, after: int) -> list[tuple[int, str]]
         ).records
         found.extend((r.storage_id, r.run_id) for r in records)
         if len(records) == _FETCH:  # more to read: nothing past this one is known to be complete
-            horizon = min(horizon or records[-1].storage_id, records[-1].storage_id)
+            last = records[-1].storage_id
+            horizon = last if horizon is None else min(horizon, last)
     return sorted(f for f in found if horizon is None or f[0] <= horizon)
 
 
@@ -205,10 +206,8 @@ def check_failure_alert_sensor(jobs: Sequence[MonitoredJob] | None = None) -> dg
         location = context.code_location_origin.location_name if context.code_location_origin else None
         if origin is None:
             return location is None  # a run executed in process (tests, `crmi run`) has no origin
-        return (
-            origin.repository_origin.code_location_origin.location_name,
-            origin.repository_origin.repository_name,
-        ) == (
+        repository = origin.repository_origin
+        return (repository.code_location_origin.location_name, repository.repository_name) == (
             location,
             context.repository_name,
         )
@@ -236,7 +235,10 @@ def check_failure_alert_sensor(jobs: Sequence[MonitoredJob] | None = None) -> dg
                 except AlertDeliveryError as exc:
                     cursor.attempts += 1
                     if cursor.attempts < MAX_ATTEMPTS:
-                        note = f"alert for {what} not delivered (attempt {cursor.attempts} of {MAX_ATTEMPTS}, the next tick retries): {exc}"
+                        note = (
+                            f"alert for {what} not delivered (attempt {cursor.attempts} of {MAX_ATTEMPTS}, "
+                            f"the next tick retries): {exc}"
+                        )
                         context.log.warning(note)
                         return handled, note
                     context.log.error(f"alert for {what} given up after {MAX_ATTEMPTS} attempts: {exc}")
