@@ -27,6 +27,7 @@ from integration.assets import (
     staged_asset,
     undo_failed_run,
 )
+from integration.assets.alerts import alert_sensors
 from integration.assets.resources import trial_core_url
 from integration.failures import cause_line
 from integration.pipeline import MODE_TAG, Migration, RunOptions
@@ -140,6 +141,6 @@ def build_definitions(
     return dg.Definitions(
         assets=assets,
         jobs=[full, delta, trial, rollback],
-        sensors=[undo_failed_runs_sensor(core_database_url)],
+        sensors=[undo_failed_runs_sensor(core_database_url), *alert_sensors()],
         resources=resources,
     )

@@ -483,19 +483,15 @@ def test_async_mode_answers_pending_and_results_tell_the_outcome(sqlite_url: str
         assert (replayed.status, replayed.external_key) == ("applied", results[0].external_key)
 
 
-def test_a_batch_of_records_per_request_sustains_thousands_per_second(
-    u8: tuple[str, U8Api], client: U8Client
-) -> None:
+def test_a_batch_of_records_is_sent_per_request(u8: tuple[str, U8Api], client: U8Client) -> None:
+    """2,000 adds go in 20 batch requests (speed is measured in `make bench-sync`, not asserted here)."""
     deliveries = customer_adds(
         client,
         *({"name": f"批量公司{n:05d}", "self_define1": f"crm:b{n}", "iCusCreLine": n} for n in range(2000)),
     )
-    started = time.perf_counter()
     outcomes = client.deliver(deliveries)
-    elapsed = time.perf_counter() - started
     assert [o.status for o in outcomes] == ["applied"] * 2000 and len(customers(u8[1])) == 2000
     assert sum(1 for r in u8[1].requests if r.path == "/api/customer/batch_add") == 20
-    assert 2000 / elapsed > 2000, f"{2000 / elapsed:.0f} records/s"
 
 
 # --------------------------------------------------------------------------- secrets, schema, command line

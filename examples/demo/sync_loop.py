@@ -50,7 +50,9 @@ def main() -> int:
         report = run_sync(migration, engine, "u8")
         with session_factory(engine)() as session:
             code = session.get(Customer, customer_id).erp_code  # type: ignore[union-attr]
-        print(f"sent {report.delivery.sent}, applied {report.delivery.applied}; U8 code {code} is back in the CRM")
+        print(
+            f"sent {report.delivery.sent}, applied {report.delivery.applied}; U8 code {code} is back in the CRM"
+        )
 
         step("The deal is won (赢单): a U8 sales order")
         deal = create_record(engine, "opportunity", {"customer": customer_id, "name": "年度框架采购", "stage": "won",
@@ -71,7 +73,11 @@ def main() -> int:
             assert order is not None
             print(f"CRM order {order.order_no}: status {order.status}, shipment {order.shipment_status}, "
                   f"invoice {order.invoice_status}, opportunity {order.opportunity_id}")  # fmt: skip
-            ok = order.status == "approved" and order.shipment_status == "shipped" and order.opportunity_id == deal
+            ok = (
+                order.status == "approved"
+                and order.shipment_status == "shipped"
+                and order.opportunity_id == deal
+            )
         step("Once more: nothing changed on either side, nothing moves (echoes suppressed)")
         report = run_sync(migration, engine, "u8")
         print(f"sent {report.delivery.sent}, echoes suppressed {report.capture.echoes_suppressed}")

@@ -89,7 +89,6 @@ def target_of(migration: Any, name: str | None) -> CompiledTarget:
 def make_client(target: CompiledTarget) -> Transport:
     """Return the transport client of a target (U8 OpenAPI), secrets expanded from the environment."""
     from integration.connectors.u8_openapi import U8Client, U8Credentials
-
     from integration.yamlconf import expand_env
 
     transport = target.spec.transport
@@ -249,6 +248,10 @@ def _inbound(
             for batch in staged.batches:
                 values, keys = loaded_values(session, entity, target.system, batch, batch.fields)
                 hashes = _payload_hashes(session, target, entity, list(values))
+                if hashes is not None:
+                    # The target still holds its own value of a field the CRM kept: not agreed yet, so the
+                    # CRM's document must go out even if it equals the one last sent.
+                    hashes.update(dict.fromkeys(send_back.get(entity, set()) & set(values)))
                 record_exchange(session, target, entity, values, external_keys=keys, payload_hashes=hashes,
                                 run_id=run_id)  # fmt: skip
     for counts in report.entities.values():
@@ -261,7 +264,7 @@ def _inbound(
 
 def _payload_hashes(
     session: Session, target: CompiledTarget, entity: str, ids: Sequence[int]
-) -> dict[int, str] | None:
+) -> dict[int, str | None] | None:
     """Return the hash of the document each record would be sent as now: an inbound value is not echoed."""
     sync = target.entities.get(entity)
     if sync is None or not sync.outbound_enabled or not ids:

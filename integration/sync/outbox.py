@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from crm_core.db import session_factory
 from crm_core.entities import ENTITIES
+from crm_core.errors import SyncError
 from crm_core.failpoints import failpoint
 from crm_core.journal import ids_in, to_json
 from crm_core.models import ExternalId, LoadRun, SyncOutbox, SyncState
@@ -250,7 +251,9 @@ def baseline(session: Session, target: CompiledTarget, run_id: int) -> None:
     if read_watermark(session, watermark_source(target.name), CAPTURE_STREAM) is not None:
         return
     _, upto = capture_window(session, target.name, run_id)
-    save_watermark(session, watermark_source(target.name), CAPTURE_STREAM, CursorState(upto, frozenset()), run_id)
+    save_watermark(
+        session, watermark_source(target.name), CAPTURE_STREAM, CursorState(upto, frozenset()), run_id
+    )
 
 
 def changed_ids(session: Session, entity: str, cursor: int, upto: int) -> list[int]:
@@ -374,11 +377,30 @@ def _queue(
 class Delivered(Protocol):
     """What a transport answers for one delivery (see integration.connectors.u8_openapi.Outcome)."""
 
-    trade_id: str
-    status: str
-    external_key: str | None
-    message: str | None
-    retry_after: float | None
+    @property
+    def trade_id(self) -> str:
+        """The trade id the delivery was sent with."""
+        ...
+
+    @property
+    def status(self) -> str:
+        """applied | rejected | pending | retry."""
+        ...
+
+    @property
+    def external_key(self) -> str | None:
+        """The key the target gave the record."""
+        ...
+
+    @property
+    def message(self) -> str | None:
+        """The target's or the transport's message."""
+        ...
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds to wait before the next try, when the target said."""
+        ...
 
 
 class Transport(Protocol):
@@ -458,8 +480,15 @@ def deliver(
             rows = [dict(r) for r in due]
             missing = [r for r in rows if r["trade_id"] is None]
             if missing:
+                try:
+                    trade_ids = client.new_trade_ids(len(missing))
+                except SyncError as exc:
+                    if not getattr(exc, "transient", False):
+                        raise
+                    stats.stopped = str(exc)  # the target is down: the rows wait for the next run
+                    return stats
                 # Stored before the first send: a resend after a crash replays the same trade id.
-                for row, trade_id in zip(missing, client.new_trade_ids(len(missing)), strict=True):
+                for row, trade_id in zip(missing, trade_ids, strict=True):
                     row["trade_id"] = trade_id
                     session.execute(update(OUTBOX).where(OUTBOX.c.id == row["id"]).values(trade_id=trade_id))
         if not rows:

@@ -716,10 +716,12 @@ class U8Api:
         self._worker: threading.Thread | None = None
 
     # ---- faults, stalls, log
-    def next_fault(self) -> str | None:
-        """Pop the fault for the request being handled."""
+    def next_fault(self, *, write: bool = True) -> str | None:
+        """Pop the fault for the request being handled; a ``reject:`` fault waits for a write request."""
         with self.lock:
-            return self.faults.popleft() if self.faults else None
+            if not self.faults or (not write and self.faults[0].startswith("reject:")):
+                return None
+            return self.faults.popleft()
 
     def stall(self) -> None:
         """Hold the current answer until :meth:`release` (bounded by ``stall_limit``)."""
@@ -1098,7 +1100,8 @@ def make_handler(api: U8Api) -> type[BaseHTTPRequestHandler]:
                     body = json.loads(raw)
                 except ValueError:
                     body = None  # not JSON: every write answers BAD_REQUEST
-            fault = api.next_fault()
+            writes = url.path.startswith("/api/") and url.path.endswith(("add", "edit"))
+            fault = api.next_fault(write=writes)
             trade = query.get("tradeid") or (f"biz:{query['biz_id']}" if query.get("biz_id") else None)
             batch_ids = (
                 tuple(str(r.get("tradeid") or "") for r in _records(body))
