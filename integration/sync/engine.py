@@ -87,7 +87,7 @@ def target_of(migration: Any, name: str | None) -> CompiledTarget:
 
 
 def make_client(target: CompiledTarget) -> Transport:
-    """Return the transport client of a target (U8 OpenAPI), secrets expanded from the environment."""
+    """Return the transport client of a target (by its transport profile), secrets expanded from the environment."""
     from integration.connectors.u8_openapi import U8Client, U8Credentials
     from integration.yamlconf import expand_env
 

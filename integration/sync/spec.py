@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -43,6 +43,7 @@ class U8Transport(_Strict):
     """Yonyou U8 OpenAPI: token from app key/secret, one trade id per request (see docs/u8_openapi.md)."""
 
     profile: Literal["u8_openapi"]
+    secret_fields: ClassVar[tuple[str, ...]] = ("app_secret",)  # ${ENV_VAR} only
     base_url: str
     from_account: str
     to_account: str
@@ -347,13 +348,15 @@ def compile_sync(
                     f"sources: {', '.join(sources)}",
                 )
             )
-        if "${" not in target.transport.app_secret:
-            problems.append(
-                doc.problem(
-                    (*base, "transport", "app_secret"),
-                    "app_secret is a secret; write ${ENV_VAR} and export it",
+        for secret in type(target.transport).secret_fields:
+            value = getattr(target.transport, secret)
+            if value and "${" not in value:
+                problems.append(
+                    doc.problem(
+                        (*base, "transport", secret),
+                        f"{secret} is a secret; write ${{ENV_VAR}} and export it",
+                    )
                 )
-            )
         entities: dict[str, CompiledEntitySync] = {}
         for entity, sync in target.entities.items():
             path: DocPath = (*base, "entities", entity)
