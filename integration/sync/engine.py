@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from crm_core.models import ExternalId, LoadRun, SyncConflict, SyncOutbox
 from crm_core.runs import is_crashed, rollback_run
 from integration.sync.inbound import apply_ownership, loaded_values, record_exchange, with_cursor
 from integration.sync.outbox import (
+    Acknowledge,
     CaptureStats,
     DeliveryStats,
     Transport,
@@ -306,11 +307,12 @@ def _outbound(
         report.delivery.errors.extend(more.errors)
 
 
-def _acknowledge(target: CompiledTarget, run_key: str) -> Callable[[Session, list[dict[str, Any]]], None]:
+def _acknowledge(target: CompiledTarget, run_key: str) -> Acknowledge:
     """Return the callback that records applied deliveries: crosswalk key, key field, sync state."""
 
-    def acknowledge(session: Session, rows: list[dict[str, Any]]) -> None:
+    def acknowledge(session: Session, rows: list[dict[str, Any]]) -> dict[int, str]:
         run = get_or_start_run(session, run_key, "sync", mode="sync")
+        refused: dict[int, str] = {}
         by_entity: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             by_entity.setdefault(row["entity"], []).append(row)
@@ -325,7 +327,10 @@ def _acknowledge(target: CompiledTarget, run_key: str) -> Callable[[Session, lis
                 entity_id = row["entity_id"]
                 key = row["external_key"]
                 if key:
-                    _link(session, entity, entity_id, target.system, key, run.id)
+                    problem = _link(session, entity, entity_id, target.system, key, run.id)
+                    if problem is not None:
+                        refused[row["id"]] = problem
+                        continue
                     if key_field is not None:
                         record: Any = session.get(definition.model, entity_id)
                         column = definition.fields[key_field].column
@@ -343,12 +348,13 @@ def _acknowledge(target: CompiledTarget, run_key: str) -> Callable[[Session, lis
             now_hashes = _payload_hashes(session, target, entity, list(values)) or hashes
             record_exchange(session, target, entity, {i: {} for i in values}, payload_hashes=now_hashes,
                             run_id=run.id)  # fmt: skip
+        return refused
 
     return acknowledge
 
 
-def _link(session: Session, entity: str, entity_id: int, system: str, key: str, run_id: int) -> None:
-    """Add the crosswalk row (entity, system, key) → record unless it is there; refuse a key of another record."""
+def _link(session: Session, entity: str, entity_id: int, system: str, key: str, run_id: int) -> str | None:
+    """Add the crosswalk row (entity, system, key) → record unless it is there; a key of another record: why not."""
     existing = session.scalar(
         select(ExternalId).where(
             ExternalId.entity == entity, ExternalId.system == system, ExternalId.external_key == key
@@ -356,15 +362,16 @@ def _link(session: Session, entity: str, entity_id: int, system: str, key: str, 
     )
     if existing is not None:
         if existing.entity_id != entity_id:
-            raise SyncError(
+            return (
                 f"{system} answered key '{key}' for {entity} {entity_id}, but it belongs to {entity} "
                 f"{existing.entity_id} already; check both records in {system}"
             )
-        return
+        return None
     session.add(ExternalId(entity=entity, entity_id=entity_id, system=system, external_key=key,
                            match_method=LINKED, last_synced_hash=None,
                            last_synced_at=dt.datetime.now(dt.UTC), created_run_id=run_id,
                            updated_run_id=run_id))  # fmt: skip
+    return None
 
 
 # --------------------------------------------------------------------------- conflicts

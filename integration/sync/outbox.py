@@ -423,6 +423,10 @@ class Transport(Protocol):
         ...
 
 
+# Records applied deliveries (crosswalk, key field, sync state); returns outbox id -> why one cannot be.
+Acknowledge = Callable[[Session, list[dict[str, Any]]], dict[int, str]]
+
+
 @dataclass
 class DeliveryStats:
     """What one delivery pass did."""
@@ -453,7 +457,7 @@ def deliver(
     run_id: int,
     make_delivery: Callable[[str, str, dict[str, Any]], Any],
     *,
-    on_applied: Callable[[Session, list[dict[str, Any]]], None],
+    on_applied: Acknowledge,
     now: Callable[[], dt.datetime] = _utcnow,
 ) -> DeliveryStats:
     """Send the due outbox rows of ``target`` in batches and record each outcome."""
@@ -486,6 +490,11 @@ def deliver(
                     if not getattr(exc, "transient", False):
                         raise
                     stats.stopped = str(exc)  # the target is down: the rows wait for the next run
+                    wait = getattr(exc, "retry_after", None)
+                    if wait:  # honour Retry-After: not before the target said
+                        due = now() + dt.timedelta(seconds=float(wait))
+                        session.execute(update(OUTBOX).where(OUTBOX.c.id.in_([r["id"] for r in rows]))
+                                        .values(next_attempt_at=due))  # fmt: skip
                     return stats
                 # Stored before the first send: a resend after a crash replays the same trade id.
                 for row, trade_id in zip(missing, trade_ids, strict=True):
@@ -504,7 +513,7 @@ def deliver(
 
 def _poll_awaiting(
     factory: Any, target: CompiledTarget, client: Transport, stats: DeliveryStats,
-    on_applied: Callable[[Session, list[dict[str, Any]]], None], now: Callable[[], dt.datetime],
+    on_applied: Acknowledge, now: Callable[[], dt.datetime],
 ) -> None:  # fmt: skip
     with factory() as session:
         rows = [dict(r) for r in session.execute(
@@ -518,7 +527,7 @@ def _poll_awaiting(
 
 def _record(
     factory: Any, target: CompiledTarget, rows: list[dict[str, Any]], outcomes: Sequence[Delivered],
-    stats: DeliveryStats, on_applied: Callable[[Session, list[dict[str, Any]]], None],
+    stats: DeliveryStats, on_applied: Acknowledge,
     now: Callable[[], dt.datetime],
 ) -> int:  # fmt: skip
     """Write the outcomes of one batch in one transaction; return how many must be retried."""
@@ -554,7 +563,16 @@ def _record(
                     stats.retries += 1
             session.execute(update(OUTBOX).where(OUTBOX.c.id == row["id"]).values(**values))
         if applied:
-            on_applied(session, applied)
+            refused = on_applied(session, applied)
+            for outbox_id, reason in refused.items():
+                # The target applied it, but its answer cannot be recorded (e.g. the key it gave belongs to
+                # another record): a person must look at both records.
+                session.execute(
+                    update(OUTBOX).where(OUTBOX.c.id == outbox_id).values(status="dead", last_error=reason)
+                )
+                stats.applied -= 1
+                stats.dead_letters += 1
+                stats.errors.append(reason)
     return retried
 
 
