@@ -492,9 +492,9 @@ def deliver(
                     stats.stopped = str(exc)  # the target is down: the rows wait for the next run
                     wait = getattr(exc, "retry_after", None)
                     if wait:  # honour Retry-After: not before the target said
-                        due = now() + dt.timedelta(seconds=float(wait))
+                        later = now() + dt.timedelta(seconds=float(wait))
                         session.execute(update(OUTBOX).where(OUTBOX.c.id.in_([r["id"] for r in rows]))
-                                        .values(next_attempt_at=due))  # fmt: skip
+                                        .values(next_attempt_at=later))  # fmt: skip
                     return stats
                 # Stored before the first send: a resend after a crash replays the same trade id.
                 for row, trade_id in zip(missing, trade_ids, strict=True):
