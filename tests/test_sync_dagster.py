@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from crm_core.db import make_engine, session_factory
-from crm_core.edits import edit_record
+from crm_core.edits import create_record, edit_record
 from crm_core.models import Customer, LoadRun, SyncConflict, SyncOutbox
 from crm_core.watermarks import CursorState, save_watermark
 from integration.assets.resources import dispose_engines
@@ -33,6 +33,7 @@ from integration.pipeline import (
 )
 from integration.sync.outbox import CAPTURE_STREAM, retry_dead, watermark_source
 from tests.conftest import DEMO
+from tests.servers.u8_openapi import APP_KEY, APP_SECRET, FROM_ACCOUNT, TO_ACCOUNT, serve
 
 SECRET = "Sync-s3cret-9f2c"  # exported as U8_APP_SECRET: must never show in Dagster events
 
@@ -149,12 +150,6 @@ def test_the_migration_jobs_leave_the_sync_out_and_each_target_gets_jobs_schedul
     assert SECRET not in repr(defs.resolve_job_def("sync_u8_outbound_job").tags)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=dg.Failure,
-    reason="main's sync engine: outbox.core_frame gives map_chunk no _row_kind column (KeyError) when the "
-    "inbound hashes documents; see the report of branch dsync",
-)
 def test_the_inbound_job_counts_every_row_as_metadata(env: tuple[Path, str]) -> None:
     project, url = env
     job = build_definitions(project, url).resolve_job_def("sync_u8_inbound_job")
@@ -203,10 +198,10 @@ def test_the_outbox_sensor_asks_once_per_change_and_never_for_its_own_runs(env: 
     defs = build_definitions(project, url)
     engine = make_engine(url)
     with dg.instance_for_test() as instance:
-        # The migration's run is committed and not captured yet: an outbound run is due.
+        # No outbound sync yet: one run marks where capture starts (start: now, the default).
         start = evaluate(defs, instance, None)
         [request] = start.run_requests
-        assert "1 committed load run(s)" in request.tags["crmi/sync-trigger"]
+        assert "no outbound sync yet" in request.tags["crmi/sync-trigger"]
         quiet = evaluate(defs, instance, start.cursor)
         assert quiet.run_requests == [] and "no committed change" in (quiet.skip_message or "")
 
@@ -354,4 +349,58 @@ def test_the_checks_report_backlog_dead_letters_conflicts_and_freshness(env: tup
     assert later["check_outbox_backlog_age"].severity == dg.AssetCheckSeverity.ERROR
     stale = later["check_inbound_freshness"]
     assert not stale.passed and "limit 20 min" in stale.description
+    engine.dispose()
+
+
+def test_the_outbound_job_sends_a_crm_change_to_u8_and_the_sensor_then_rests(
+    env: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared, url = env
+    project = tmp_path / "demo"
+    shutil.copytree(shared, project)  # the server writes into this copy's U8 database
+    engine = make_engine(url)
+    with serve(f"sqlite:///{project / 'data' / 'erp_u8.sqlite'}") as (base_url, _api):
+        for name, value in (("U8_API_URL", base_url), ("U8_FROM_ACCOUNT", FROM_ACCOUNT),
+                            ("U8_TO_ACCOUNT", TO_ACCOUNT), ("U8_APP_KEY", APP_KEY), ("U8_APP_SECRET", APP_SECRET)):  # fmt: skip
+            monkeypatch.setenv(name, value)
+        defs = build_definitions(project, url)
+        job = defs.resolve_job_def("sync_u8_outbound_job")
+        with dg.instance_for_test() as instance:
+            # start: now (the default): the first outbound run marks where capture starts and sends nothing.
+            first = job.execute_in_process(instance=instance)
+            [baseline] = first.asset_materializations_for_node("sync_u8_outbound")
+            assert baseline.metadata["sent"].value == 0
+            rested = evaluate(defs, instance, None)
+            assert rested.run_requests == []  # the outbound run captured everything, its own run asks nothing
+
+            new_id = create_record(
+                engine, "customer", {"name": "杭州新禾贸易有限公司", "phone": "0571-88886666"}
+            )
+            assert len(evaluate(defs, instance, rested.cursor).run_requests) == 1  # the CRM edit asks
+            second = job.execute_in_process(instance=instance)  # what that request starts
+            after = evaluate(defs, instance, rested.cursor)
+        [sent] = second.asset_materializations_for_node("sync_u8_outbound")
+        assert (sent.metadata["sent"].value, sent.metadata["delivered"].value) == (1, 1)
+        assert sent.metadata["dead_letters"].value == 0
+        checks = {e.check_name: e.passed for e in second.get_asset_check_evaluations()}
+        assert checks == {
+            "check_outbox_backlog_age": True,
+            "check_dead_letters": True,
+            "check_conflicts_open": True,
+        }
+        u8 = sa.create_engine(f"sqlite:///{project / 'data' / 'erp_u8.sqlite'}")
+        with u8.connect() as connection:
+            query = sa.text("SELECT cCusCode, cCusName FROM Customer WHERE cCusDefine1 = :id")
+            rows = list(connection.execute(query, {"id": str(new_id)}))
+        u8.dispose()
+        assert len(rows) == 1 and rows[0][1] == "杭州新禾贸易有限公司"
+        with engine.connect() as connection:
+            assert connection.scalar(sa.select(Customer.erp_code).where(Customer.id == new_id)) == rows[0][0]
+        # The key written back is the sync run's own change: it asks for no further run.
+        assert (
+            after.run_requests == []
+            and OutboxCursor.parse(after.cursor).run > OutboxCursor.parse(rested.cursor).run
+        )
+        for result in (first, second):
+            assert APP_SECRET not in event_text(result) and base_url not in event_text(result)
     engine.dispose()

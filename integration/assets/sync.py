@@ -219,6 +219,8 @@ class OutboxScan:
     new_rows: int = 0  # pending, due outbox rows above the cursor's id
     due_rows: int = 0  # rows seen before that are pending and due again (retries, resent dead letters)
     running: int | None = None  # the first load run still running (the scan stops before it)
+    first: bool = False  # no outbound capture of the target yet
+    start: str = "now"  # the target's ``start``: what its first sync sends
 
     @property
     def wanted(self) -> bool:
@@ -228,7 +230,9 @@ class OutboxScan:
     def reason(self) -> str:
         """Return why a run is (or is not) requested, on one line."""
         parts = []
-        if self.changed_runs:
+        if self.first and self.changed_runs and self.start == "now":
+            parts.append("no outbound sync yet: the first one marks where capture starts (start: now)")
+        elif self.changed_runs:
             shown = ", ".join(str(i) for i in self.changed_runs[:MAX_REASONS])
             more = "…" if len(self.changed_runs) > MAX_REASONS else ""
             parts.append(f"{len(self.changed_runs)} committed load run(s) to capture (ids {shown}{more})")
@@ -246,14 +250,17 @@ class OutboxScan:
         return "; ".join(parts)
 
 
-def scan_outbox(session: Session, target: str, cursor: OutboxCursor, now: dt.datetime) -> OutboxScan:
+def scan_outbox(
+    session: Session, target: CompiledTarget, cursor: OutboxCursor, now: dt.datetime
+) -> OutboxScan:
     """Look at what changed since ``cursor`` with indexed range reads only (never a full table).
 
     Load runs above ``max(cursor, capture watermark)`` that committed and are not this target's own sync runs
     (each outbound run would otherwise start the next) have changes for the outbound capture; pending outbox
     rows above the cursor's id, or that became due since its time, are waiting for a delivery.
     """
-    captured = read_watermark(session, watermark_source(target), CAPTURE_STREAM)
+    name = target.name
+    captured = read_watermark(session, watermark_source(name), CAPTURE_STREAM)
     floor = max(cursor.run, int(captured.value) if captured is not None else 0)
     running = session.scalar(
         select(func.min(LoadRun.id)).where(LoadRun.id > floor, LoadRun.status == "running")
@@ -267,12 +274,12 @@ def scan_outbox(session: Session, target: str, cursor: OutboxCursor, now: dt.dat
         session.scalars(
             select(LoadRun.id)
             .where(
-                LoadRun.id > floor, LoadRun.id <= upto, LoadRun.status.in_(COMMITTED), ~_sync_runs_of(target)
+                LoadRun.id > floor, LoadRun.id <= upto, LoadRun.status.in_(COMMITTED), ~_sync_runs_of(name)
             )
             .order_by(LoadRun.id)
         )
     )
-    pending = (SyncOutbox.target == target, SyncOutbox.status == "pending", SyncOutbox.next_attempt_at <= now)
+    pending = (SyncOutbox.target == name, SyncOutbox.status == "pending", SyncOutbox.next_attempt_at <= now)
     new_count, new_max, new_due = session.execute(
         select(func.count(), func.max(SyncOutbox.id), func.max(SyncOutbox.next_attempt_at)).where(
             *pending, SyncOutbox.id > cursor.outbox
@@ -299,6 +306,8 @@ def scan_outbox(session: Session, target: str, cursor: OutboxCursor, now: dt.dat
         new_rows=int(new_count or 0),
         due_rows=int(retry_count or 0),
         running=int(running) if running is not None else None,
+        first=captured is None,
+        start=target.spec.start,
     )
 
 
@@ -329,7 +338,7 @@ def outbox_sensor(
         try:
             engine = CoreDatabase(url=core_database_url).engine()
             with session_factory(engine)() as session:
-                scan = scan_outbox(session, name, cursor, _utcnow())
+                scan = scan_outbox(session, target, cursor, _utcnow())
         except Exception as exc:  # one readable line in the tick's error, never the URL's password
             raise SyncError(f"outbox sensor of '{name}' could not read the core: {cause_line(exc)}") from None
         if not scan.wanted:
