@@ -22,7 +22,6 @@ The migration jobs leave the ``sync`` group out (integration.jobs), so ``crmi ru
 
 import datetime as dt
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,8 +81,10 @@ def asset_name(target: str, direction: str) -> str:
 
 
 def job_name(target: str, what: str) -> str:
-    """Return the job name of a target's ``inbound``, ``outbound`` or ``checks`` (not an asset's: Dagster
-    refuses a job and an op of one name)."""
+    """Return the job name of a target's ``inbound``, ``outbound`` or ``checks``.
+
+    Not the asset's name: Dagster refuses a job and an op of one name.
+    """
     return f"sync_{target}_{what}_job"
 
 
@@ -620,7 +621,12 @@ def sync_definitions(
                         default_status=dg.DefaultScheduleStatus.STOPPED,
                         description=f"{direction.capitalize()} sync of {name} at '{cron}' "
                         f"({target.spec.schedule.timezone}), from project.yaml. Stopped at first: turn it on "
-                        "after go-live, or the ERP sees trial data.",
+                        "after go-live"
+                        + (
+                            ", or the ERP receives trial data."
+                            if direction == "outbound"
+                            else ", or ERP rows race the cutover's final migration run."
+                        ),
                     )
                 )
         found.checks.extend(sync_checks(target))
@@ -649,7 +655,7 @@ def sync_definitions(
     return found
 
 
-__all__: Sequence[str] = [
+__all__ = [
     "SYNC_GROUP",
     "OutboxCursor",
     "SyncDefinitions",
