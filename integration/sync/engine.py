@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.orm import Session
 
 from crm_core.db import session_factory
@@ -308,7 +308,7 @@ def _outbound(
 
 
 def _acknowledge(target: CompiledTarget, run_key: str) -> Acknowledge:
-    """Return the callback that records applied deliveries: crosswalk key, key field, sync state."""
+    """Return the callback that records applied deliveries: crosswalk key, key field, sync state (set-based)."""
 
     def acknowledge(session: Session, rows: list[dict[str, Any]]) -> dict[int, str]:
         run = get_or_start_run(session, run_key, "sync", mode="sync")
@@ -318,60 +318,105 @@ def _acknowledge(target: CompiledTarget, run_key: str) -> Acknowledge:
             by_entity.setdefault(row["entity"], []).append(row)
         for entity, entity_rows in by_entity.items():
             sync = target.entities[entity]
-            definition = ENTITIES[entity]
             key_field = sync.outbound.spec.key_field if sync.outbound else None
+            refused.update(_link(session, entity, target.system, entity_rows, run.id))
+            accepted = [r for r in entity_rows if r["id"] not in refused]
+            if key_field is not None:
+                _write_keys(session, entity, key_field, accepted, run.id)
             values: dict[int, dict[str, Any]] = {}
             keys: dict[int, str | None] = {}
-            hashes: dict[int, str | None] = {}
-            for row in entity_rows:
-                entity_id = row["entity_id"]
-                key = row["external_key"]
-                if key:
-                    problem = _link(session, entity, entity_id, target.system, key, run.id)
-                    if problem is not None:
-                        refused[row["id"]] = problem
-                        continue
-                    if key_field is not None:
-                        record: Any = session.get(definition.model, entity_id)
-                        column = definition.fields[key_field].column
-                        if record is not None and getattr(record, column) != key:
-                            setattr(record, column, key)
-                            record.updated_run_id = run.id
-                values[entity_id] = dict(row["core_values"] or {})
-                if key_field is not None and key:
-                    values[entity_id][key_field] = key
-                keys[entity_id] = key
-                hashes[entity_id] = row["payload_hash"]
-            session.flush()
-            record_exchange(session, target, entity, values, external_keys=keys, run_id=run.id)
+            for row in accepted:
+                values[row["entity_id"]] = dict(row["core_values"] or {})
+                if key_field is not None and row["external_key"]:
+                    values[row["entity_id"]][key_field] = row["external_key"]
+                keys[row["entity_id"]] = row["external_key"]
             # The document as it is now (with the key the target gave): what a re-capture would build.
-            now_hashes = _payload_hashes(session, target, entity, list(values)) or hashes
-            record_exchange(session, target, entity, {i: {} for i in values}, payload_hashes=now_hashes,
+            hashes = _payload_hashes(session, target, entity, list(values)) or {
+                r["entity_id"]: r["payload_hash"] for r in accepted
+            }
+            record_exchange(session, target, entity, values, external_keys=keys, payload_hashes=hashes,
                             run_id=run.id)  # fmt: skip
         return refused
 
     return acknowledge
 
 
-def _link(session: Session, entity: str, entity_id: int, system: str, key: str, run_id: int) -> str | None:
-    """Add the crosswalk row (entity, system, key) → record unless it is there; a key of another record: why not."""
-    existing = session.scalar(
-        select(ExternalId).where(
-            ExternalId.entity == entity, ExternalId.system == system, ExternalId.external_key == key
+def _link(
+    session: Session, entity: str, system: str, rows: list[dict[str, Any]], run_id: int
+) -> dict[int, str]:
+    """Add crosswalk rows (entity, system, key) → record for the keys the target gave; return refusals.
+
+    A key that already belongs to another record is refused (outbox id → why): a person must look at both.
+    """
+    from crm_core.journal import ids_in
+
+    keyed = [r for r in rows if r["external_key"]]
+    owners: dict[str, int] = {}
+    keys = sorted({str(r["external_key"]) for r in keyed})
+    connection = session.connection()
+    xw: Any = ExternalId.__table__
+    for start in range(0, len(keys), 2000):
+        query = select(xw.c.external_key, xw.c.entity_id).where(
+            xw.c.entity == entity,
+            xw.c.system == system,
+            ids_in(connection, xw.c.external_key, keys[start : start + 2000]),
         )
-    )
-    if existing is not None:
-        if existing.entity_id != entity_id:
-            return (
-                f"{system} answered key '{key}' for {entity} {entity_id}, but it belongs to {entity} "
-                f"{existing.entity_id} already; check both records in {system}"
+        owners.update({key: entity_id for key, entity_id in session.execute(query)})
+    refused: dict[int, str] = {}
+    now = dt.datetime.now(dt.UTC)
+    new_links: list[dict[str, Any]] = []
+    for row in keyed:
+        key, entity_id = str(row["external_key"]), row["entity_id"]
+        owner = owners.get(key)
+        if owner is not None and owner != entity_id:
+            refused[row["id"]] = (
+                f"{system} answered key '{key}' for {entity} {entity_id}, but it belongs to {entity} {owner} "
+                f"already; check both records in {system}"
             )
-        return None
-    session.add(ExternalId(entity=entity, entity_id=entity_id, system=system, external_key=key,
-                           match_method=LINKED, last_synced_hash=None,
-                           last_synced_at=dt.datetime.now(dt.UTC), created_run_id=run_id,
-                           updated_run_id=run_id))  # fmt: skip
-    return None
+        elif owner is None:
+            owners[key] = entity_id
+            new_links.append({"entity": entity, "entity_id": entity_id, "system": system, "external_key": key,
+                              "match_method": LINKED, "last_synced_hash": None, "last_synced_at": now,
+                              "created_run_id": run_id, "updated_run_id": run_id})  # fmt: skip
+    if new_links:
+        session.execute(insert(xw), new_links)
+    return refused
+
+
+def _write_keys(
+    session: Session, entity: str, key_field: str, rows: list[dict[str, Any]], run_id: int
+) -> None:
+    """Write the keys the target gave into ``key_field`` of the records, journaled (set-based)."""
+    from crm_core.journal import bulk_update, ids_in, update_entry, write_journal
+
+    definition = ENTITIES[entity]
+    table: Any = definition.model.__table__
+    column = definition.fields[key_field].column
+    wanted = {r["entity_id"]: str(r["external_key"]) for r in rows if r["external_key"]}
+    if not wanted:
+        return
+    connection = session.connection()
+    ids = sorted(wanted)
+    current: dict[int, tuple[Any, Any, Any]] = {}
+    for start in range(0, len(ids), 2000):
+        query = select(table.c.id, table.c[column], table.c.updated_run_id, table.c.updated_at).where(
+            ids_in(connection, table.c.id, ids[start : start + 2000])
+        )
+        current.update({i: (value, run, stamp) for i, value, run, stamp in session.execute(query)})
+    now = dt.datetime.now(dt.UTC)
+    updates: list[dict[str, Any]] = []
+    journal: list[dict[str, Any]] = []
+    for record_id, key in wanted.items():
+        if record_id not in current or current[record_id][0] == key:
+            continue
+        value, previous_run, stamp = current[record_id]
+        after = {column: key, "updated_run_id": run_id, "updated_at": now}
+        updates.append({"_id": record_id, **after})
+        journal.append(update_entry(run_id, table, {"id": record_id},
+                                    {column: value, "updated_run_id": previous_run, "updated_at": stamp}, after))  # fmt: skip
+    bulk_update(connection, table, updates)
+    if journal:
+        write_journal(connection, journal)
 
 
 # --------------------------------------------------------------------------- conflicts

@@ -27,7 +27,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 import pandas as pd
-from sqlalchemy import Engine, Table, and_, func, insert, or_, select, update
+from sqlalchemy import Engine, Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from crm_core.db import session_factory
@@ -499,7 +499,12 @@ def deliver(
                 # Stored before the first send: a resend after a crash replays the same trade id.
                 for row, trade_id in zip(missing, trade_ids, strict=True):
                     row["trade_id"] = trade_id
-                    session.execute(update(OUTBOX).where(OUTBOX.c.id == row["id"]).values(trade_id=trade_id))
+                session.execute(
+                    update(OUTBOX)
+                    .where(OUTBOX.c.id == bindparam("_id"))
+                    .values(trade_id=bindparam("trade_id")),
+                    [{"_id": r["id"], "trade_id": r["trade_id"]} for r in missing],
+                )
         if not rows:
             return stats
         outcomes = client.deliver([make_delivery(r["trade_id"], r["operation"], r["payload"]) for r in rows])
@@ -534,6 +539,7 @@ def _record(
     policy = target.spec.retry
     retried = 0
     applied: list[dict[str, Any]] = []
+    changes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     with factory() as session, session.begin():
         for row, outcome in zip(rows, outcomes, strict=True):
             values: dict[str, Any]
@@ -561,7 +567,10 @@ def _record(
                     values = {"attempts": attempts, "last_error": outcome.message,
                               "next_attempt_at": now() + dt.timedelta(seconds=delay)}  # fmt: skip
                     stats.retries += 1
-            session.execute(update(OUTBOX).where(OUTBOX.c.id == row["id"]).values(**values))
+            changes.setdefault(tuple(sorted(values)), []).append({"_id": row["id"], **values})
+        for names, group in changes.items():  # one executemany per shape of change
+            statement = update(OUTBOX).where(OUTBOX.c.id == bindparam("_id"))
+            session.execute(statement.values({n: bindparam(n) for n in names}), group)
         if applied:
             refused = on_applied(session, applied)
             for outbox_id, reason in refused.items():
