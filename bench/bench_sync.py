@@ -193,8 +193,11 @@ def main() -> None:
         started = time.perf_counter()
         sent = run_sync(migration, core, "u8", "outbound")
         elapsed = time.perf_counter() - started
+        deliver_s = sent.seconds.get("deliver") or 0.0
         out["outbound"] = {"records": sent.delivery.applied, "seconds": round(elapsed, 2),
-                           "records_per_s": round(sent.delivery.applied / elapsed) if elapsed else None}  # fmt: skip
+                           "records_per_s": round(sent.delivery.applied / elapsed) if elapsed else None,
+                           "capture_s": sent.seconds.get("capture"), "deliver_s": deliver_s,
+                           "delivered_per_s": round(sent.delivery.applied / deliver_s) if deliver_s else None}  # fmt: skip
 
         edit_records(core, "customer", {i: {"phone": f"+86109999{i % 10**4:04d}"}
                                         for i in range(1, min(args.outage, args.customers) + 1)})  # fmt: skip

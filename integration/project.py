@@ -265,9 +265,10 @@ class ProjectSpec(_Strict):
     @classmethod
     def _target_names(cls, value: dict[str, Any]) -> dict[str, Any]:
         for name in value:
-            if not re.match(NAME_PATTERN, name):
+            if not re.match(NAME_PATTERN, name) or len(name) > 20:
                 raise ValueError(
-                    f"sync target name '{name}' must match {NAME_PATTERN} (it names Dagster jobs)"
+                    f"sync target name '{name}' must match {NAME_PATTERN} and have at most 20 characters "
+                    "(it names Dagster jobs and run keys)"
                 )
         return value
 

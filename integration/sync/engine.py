@@ -8,6 +8,7 @@ sync run can be listed and rolled back like any run. Only one sync per target ru
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class SyncReport:
     delivery: DeliveryStats = field(default_factory=DeliveryStats)
     entities: dict[str, dict[str, int]] = field(default_factory=dict)
     status: str = "succeeded"
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase: inbound, capture, deliver
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-friendly dict."""
@@ -70,6 +72,7 @@ class SyncReport:
             "echoes_suppressed": self.capture.echoes_suppressed, "retries": self.delivery.retries,
             "dead_letters": self.delivery.dead_letters, "awaiting": self.delivery.awaiting,
             "waiting": self.capture.waiting, "stopped": self.delivery.stopped, "entities": self.entities,
+            "seconds": self.seconds,
         }  # fmt: skip
 
 
@@ -167,7 +170,16 @@ def run_sync(
             baseline(session, target, _run_id(session, run_key))
         send_back: dict[str, set[int]] = {}
         if direction in ("both", "inbound"):
+            started = time.perf_counter()
             send_back = _inbound(migration, engine, target, run_key, report)
+            report.seconds["inbound"] = round(time.perf_counter() - started, 3)
+            if direction == "inbound" and any(send_back.values()):
+                # CRM-owned values the target changed go back with the next outbound run: queue them now.
+                with session_factory(engine)() as session, session.begin():
+                    queued = capture(
+                        session, target, _run_id(session, run_key), extra=send_back, advance=False
+                    )
+                report.capture.queued += queued.queued
         if direction in ("both", "outbound"):
             client = client or make_client(target)
             _outbound(engine, target, client, run_key, report, send_back)
@@ -289,11 +301,16 @@ def _outbound(
     send_back: dict[str, set[int]],
 ) -> None:
     factory = session_factory(engine)
+    started = time.perf_counter()
     with factory() as session, session.begin():
         run_id = _run_id(session, run_key)
         report.capture = capture(session, target, run_id, extra=send_back)
-    on_applied = _acknowledge(target, run_key)
+    report.seconds["capture"] = round(time.perf_counter() - started, 3)
+    added: dict[str, set[int]] = {}
+    on_applied = _acknowledge(target, run_key, added)
+    started = time.perf_counter()
     report.delivery = deliver(engine, target, client, run_id, make_delivery, on_applied=on_applied)
+    report.seconds["deliver"] = round(time.perf_counter() - started, 3)
     # Records that waited for another one (an order for its customer's ERP code) may be ready now.
     if report.delivery.applied and report.capture.waiting:
         with factory() as session, session.begin():
@@ -305,10 +322,28 @@ def _outbound(
             setattr(report.delivery, name, getattr(report.delivery, name) + getattr(more, name))
         report.delivery.stopped = more.stopped or report.delivery.stopped
         report.delivery.errors.extend(more.errors)
+    _rehash_added(engine, target, run_key, added)
 
 
-def _acknowledge(target: CompiledTarget, run_key: str) -> Acknowledge:
-    """Return the callback that records applied deliveries: crosswalk key, key field, sync state (set-based)."""
+def _rehash_added(engine: Engine, target: CompiledTarget, run_key: str, added: dict[str, set[int]]) -> None:
+    """Store the hash of the next document of records the target just added: their key is not an echo."""
+    with session_factory(engine)() as session, session.begin():
+        run_id = _run_id(session, run_key)
+        for entity, ids in added.items():
+            ordered = sorted(ids)
+            for start in range(0, len(ordered), 5000):
+                part = ordered[start : start + 5000]
+                hashes = _payload_hashes(session, target, entity, part)
+                if hashes:
+                    record_exchange(session, target, entity, {i: {} for i in hashes}, payload_hashes=hashes,
+                                    run_id=run_id)  # fmt: skip
+
+
+def _acknowledge(target: CompiledTarget, run_key: str, added: dict[str, set[int]]) -> Acknowledge:
+    """Return the callback that records applied deliveries: crosswalk key, key field, sync state (set-based).
+
+    Records the target added are collected in ``added`` for :func:`_rehash_added`.
+    """
 
     def acknowledge(session: Session, rows: list[dict[str, Any]]) -> dict[int, str]:
         run = get_or_start_run(session, run_key, "sync", mode="sync")
@@ -330,10 +365,12 @@ def _acknowledge(target: CompiledTarget, run_key: str) -> Acknowledge:
                 if key_field is not None and row["external_key"]:
                     values[row["entity_id"]][key_field] = row["external_key"]
                 keys[row["entity_id"]] = row["external_key"]
-            # The document as it is now (with the key the target gave): what a re-capture would build.
-            hashes = _payload_hashes(session, target, entity, list(values)) or {
-                r["entity_id"]: r["payload_hash"] for r in accepted
-            }
+            # An edit leaves the record as it was sent; an add gets the target's key, so its next document
+            # (an edit carrying the key) is hashed once the run's deliveries are done (see _rehash_added).
+            hashes: dict[int, str | None] = {r["entity_id"]: r["payload_hash"] for r in accepted}
+            added.setdefault(entity, set()).update(
+                r["entity_id"] for r in accepted if sync.outbound and r["operation"] == sync.outbound.spec.add
+            )
             record_exchange(session, target, entity, values, external_keys=keys, payload_hashes=hashes,
                             run_id=run.id)  # fmt: skip
         return refused

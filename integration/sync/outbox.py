@@ -245,14 +245,21 @@ def capture_window(session: Session, target: str, own_run_id: int | None) -> tup
 
 
 def baseline(session: Session, target: CompiledTarget, run_id: int) -> None:
-    """At a target's first sync with ``start: now``: what the core holds is where both sides start."""
+    """At a target's first sync with ``start: now``: the core as go-live left it is where both sides start."""
     if target.spec.start != "now":
         return
     if read_watermark(session, watermark_source(target.name), CAPTURE_STREAM) is not None:
         return
     _, upto = capture_window(session, target.name, run_id)
+    # The go-live: the last migration (or dedup) run; CRM edits after it go out with the first sync.
+    go_live = session.scalar(
+        select(func.max(LoadRun.id)).where(
+            LoadRun.id <= upto, LoadRun.status.in_(COMMITTED), LoadRun.mode.not_in(("edit", "sync"))
+        )
+    )
+    start = int(go_live) if go_live is not None else upto
     save_watermark(
-        session, watermark_source(target.name), CAPTURE_STREAM, CursorState(upto, frozenset()), run_id
+        session, watermark_source(target.name), CAPTURE_STREAM, CursorState(start, frozenset()), run_id
     )
 
 
