@@ -7,7 +7,7 @@ export CRM_PROJECT ?= $(PROJECT)
 export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 
 .DEFAULT_GOAL := help
-.PHONY: help demo sync-demo test check lint typecheck pytest ui bench bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-e2e bench-load bench-dedup-storage clean schema
+.PHONY: help demo sync-demo test check lint typecheck pytest ui bench bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-e2e bench-load bench-dedup-storage bench-sync clean schema
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ bench-dedup-components: $(VENV)/.installed  ## comparisons/s, FEBRL, Chinese set
 
 bench-validate: $(VENV)/.installed  ## all rules on 1M opportunities + reconciliation of 1M rows (JSON line)
 	$(BIN)/python bench/bench_validate.py
+
+bench-sync: $(VENV)/.installed  ## U8 sync at 1,000,000 customers: round trip of 100 changes vs full-table diff, outbound, outage drain (JSON line)
+	$(BIN)/python bench/bench_sync.py
 
 bench-load: $(VENV)/.installed  ## core loader with crosswalk + journal: customers/contacts/opportunities, re-load, rollback vs to_sql (JSON line)
 	$(BIN)/python bench/bench_load.py

@@ -467,3 +467,36 @@ def test_bad_erp_rows_are_rejected_with_the_reason_and_the_rest_applied(u8: Any,
             connection.execute(sa.text("SELECT row_ref, reason FROM rejects WHERE source = 'erp_u8'")).all()
         )
     assert "NOPE" in reasons["SO902"] and reasons["9012"]
+
+
+def test_crm_changes_after_go_live_go_out_with_the_first_sync(u8: Any, core: sa.Engine) -> None:
+    """The first sync starts from the go-live run: a customer created after it, before the first sync, goes out."""
+    from crm_core.loading import get_or_start_run
+    from crm_core.models import LoadRun
+
+    _api, project, url = u8
+    with session_factory(core)() as session, session.begin():
+        run = get_or_start_run(session, "go-live", "synctest", mode="full")
+        session.flush()
+        session.execute(sa.update(LoadRun).where(LoadRun.id == run.id).values(status="succeeded"))
+    record_id = create_record(core, "customer", {"name": "上线后新客户有限公司"})
+    first = sync(project, core)
+    assert first.delivery.applied == 1
+    assert len(u8_rows(url, 'SELECT 1 FROM "Customer" WHERE "cCusDefine1" = :k', k=str(record_id))) == 1
+
+
+def test_an_inbound_only_run_queues_the_crm_value_it_kept(u8: Any, core: sa.Engine) -> None:
+    """U8 changed a CRM-owned field: an inbound-only run keeps the CRM's value and queues it for U8."""
+    api, project, url = u8
+    sync(project, core)
+    huaxin = customer_by_name(core, "上海华鑫科技有限公司")
+    api.erp.update_customer("C001", cCusPhone="021-77776666")
+    report = sync(project, core, "inbound")
+    assert report.kept_crm >= 1 and report.capture.queued == 1
+    with session_factory(core)() as session:
+        row = session.scalar(sa.select(SyncOutbox).where(SyncOutbox.entity_id == huaxin.id))
+        assert row is not None and row.status == "pending" and row.payload["phone"] == huaxin.phone
+    sync(project, core, "outbound")
+    assert (
+        u8_rows(url, 'SELECT "cCusPhone" FROM "Customer" WHERE "cCusCode" = \'C001\'')[0][0] == huaxin.phone
+    )
