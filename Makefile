@@ -52,7 +52,7 @@ schema: $(VENV)/.installed  ## regenerate mapping.schema.json, docs/transforms.m
 	$(BIN)/crmi mapping transforms --format markdown > docs/transforms.md
 	$(BIN)/crmi mapping targets --format markdown > docs/targets.md
 
-bench: bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-load bench-dedup-storage bench-e2e  ## all benchmarks
+bench: bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-load bench-dedup-storage bench-e2e bench-sync  ## all benchmarks
 
 bench-connectors: $(VENV)/.installed  ## extraction throughput vs naive pandas (JSON line)
 	$(BIN)/python bench/bench_connectors.py
