@@ -500,3 +500,32 @@ def test_an_inbound_only_run_queues_the_crm_value_it_kept(u8: Any, core: sa.Engi
     assert (
         u8_rows(url, 'SELECT "cCusPhone" FROM "Customer" WHERE "cCusCode" = \'C001\'')[0][0] == huaxin.phone
     )
+
+
+def test_inbound_reads_u8_over_odbc_by_its_cursor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """The U8 source through a real unixODBC driver: the loop closes the same way (out over HTTP, back over ODBC)."""
+    url = f"sqlite:///{tmp_path / 'u8.sqlite'}"
+    with serve(url) as (base_url, api):
+        _environment(monkeypatch, base_url)
+        _seed(api)
+        project = write_project(tmp_path / "project", url)
+        text = (project / "project.yaml").read_text(encoding="utf-8")
+        odbc = f"DRIVER={{SQLite3}};Database={tmp_path / 'u8.sqlite'}"
+        (project / "project.yaml").write_text(
+            text.replace(
+                f"{{connector: sql, url: '{url}'}}", f"{{connector: odbc, connection_string: '{odbc}'}}"
+            ),
+            encoding="utf-8",
+        )
+        first = sync(project, core, "inbound")
+        assert first.entities["customer"]["applied"] == 3
+        new_id = create_record(core, "customer", {"name": "经由ODBC有限公司"})
+        assert sync(project, core, "outbound").delivery.applied == 1
+        back = sync(project, core, "inbound")
+        assert back.entities["customer"] == {"received": 1, "applied": 1, "unchanged": 0, "rejected": 0}
+        with session_factory(core)() as session:
+            assert session.scalar(sa.select(sa.func.count()).select_from(Customer)) == 4
+            assert session.get(Customer, new_id).erp_code is not None  # type: ignore[union-attr]
+        assert sync(project, core, "inbound").received == 0  # the cursor: nothing new
