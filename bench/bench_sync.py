@@ -39,55 +39,15 @@ from crm_core.models import Customer, ExternalId, LoadRun, SyncOutbox  # noqa: E
 from crm_core.watermarks import CursorState, save_watermark  # noqa: E402
 from integration.pipeline import Migration, core_engine  # noqa: E402
 from integration.sync.engine import run_sync  # noqa: E402
-from tests.servers.u8_openapi import (  # noqa: E402
-    APP_KEY,
-    APP_SECRET,
-    CUSTOMER,
-    FROM_ACCOUNT,
-    TO_ACCOUNT,
-    ensure_schema,
-    next_values,
-    serve,
-)
-
-SYNC_YAML = """
-sync:
-  u8:
-    system: erp_u8
-    transport:
-      profile: u8_openapi
-      base_url: ${U8_API_URL}
-      from_account: ${U8_FROM_ACCOUNT}
-      to_account: ${U8_TO_ACCOUNT}
-      app_key: ${U8_APP_KEY}
-      app_secret: ${U8_APP_SECRET}
-      batch_size: 200
-    retry: {max_attempts: 20, backoff_seconds: 0, max_backoff_seconds: 0}
-    entities:
-      customer:
-        direction: both
-        inbound: [{mapping: erp_u8_customers, cursor: ufts}]
-        ownership:
-          crm: [name, short_name, phone, email, address]
-          u8: [erp_code, credit_limit, payment_terms, credit_code]
-        outbound:
-          add: customer/add
-          edit: customer/edit
-          key_field: erp_code
-          fields: {code: _key, name: name, phone: phone, address: address, self_define1: id}
-"""
+from tests.servers.u8_openapi import CUSTOMER, ensure_schema, next_values, serve  # noqa: E402
+from tests.servers.u8_project import environment, sync_yaml  # noqa: E402
+from tests.servers.u8_project import write_project as write_u8_project  # noqa: E402
 
 
 def write_project(root: Path, u8_url: str) -> Path:
     """A project whose only source is the U8 database, with the customer mapping and the sync section."""
-    (root / "mappings").mkdir(parents=True)
-    for name in ("erp_u8_person", "erp_u8_customers"):
-        shutil.copy(REPO / "examples/demo/mappings" / f"{name}.yaml", root / "mappings" / f"{name}.yaml")
-    (root / "project.yaml").write_text(
-        f"version: 1\nname: benchsync\nsources:\n  erp_u8: {{connector: sql, url: '{u8_url}'}}\n{SYNC_YAML}",
-        encoding="utf-8",
-    )
-    return root
+    return write_u8_project(root, u8_url, sync_yaml(batch_size=200, max_attempts=20),
+                            ("erp_u8_person", "erp_u8_customers"))  # fmt: skip
 
 
 def seed(core: sa.Engine, u8: sa.Engine, customers: int) -> None:
@@ -170,8 +130,7 @@ def main() -> None:
     out["seed_s"] = round(time.perf_counter() - started, 1)
     project = write_project(work / "project", u8_url)
     with serve(u8) as (base_url, api):
-        os.environ.update(U8_API_URL=base_url, U8_FROM_ACCOUNT=FROM_ACCOUNT, U8_TO_ACCOUNT=TO_ACCOUNT,
-                          U8_APP_KEY=APP_KEY, U8_APP_SECRET=APP_SECRET)  # fmt: skip
+        os.environ.update(environment(base_url))
         migration = Migration.load(str(project))
         run_sync(migration, core, "u8")  # the first sync: the baseline
         before = table_hashes(core)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,42 +26,14 @@ from crm_core.models import Customer, ExternalId, Opportunity, SalesOrder, SyncC
 from integration.pipeline import Migration, core_engine
 from integration.sync.engine import SyncReport, run_sync
 from integration.sync.outbox import retry_dead
-from tests.conftest import DEMO, REPO
-from tests.servers.u8_openapi import APP_KEY, APP_SECRET, FROM_ACCOUNT, TO_ACCOUNT, U8Api, serve
+from tests.conftest import REPO
+from tests.servers.u8_openapi import U8Api, serve
+from tests.servers.u8_project import CUSTOMER, environment, sync_yaml
+from tests.servers.u8_project import write_project as write_u8_project
 
-SYNC_YAML = """
-sync:
-  u8:
-    system: erp_u8
-    transport:
-      profile: u8_openapi
-      base_url: ${U8_API_URL}
-      from_account: ${U8_FROM_ACCOUNT}
-      to_account: ${U8_TO_ACCOUNT}
-      app_key: ${U8_APP_KEY}
-      app_secret: ${U8_APP_SECRET}
-      batch_size: 50
-      timeout: 5
-    retry: {max_attempts: 3, backoff_seconds: 0, max_backoff_seconds: 0}
-    entities:
-      customer:
-        direction: both
-        inbound: [{mapping: erp_u8_customers, cursor: ufts}]
-        ownership:
-          crm: [name, short_name, phone, email, address]
-          u8: [erp_code, credit_limit, payment_terms, credit_code]
-        outbound:
-          add: customer/add
-          edit: customer/edit
-          key_field: erp_code
-          fields:
-            code: _key
-            name: name
-            abbrname: short_name
-            phone: phone
-            address: address
-            self_define1: id
-      opportunity:
+SYNC_YAML = sync_yaml(
+    CUSTOMER
+    + """      opportunity:
         direction: outbound
         outbound:
           add: saleorder/add
@@ -91,20 +62,13 @@ sync:
         direction: inbound
         inbound: [{mapping: erp_u8_order_lines, cursor: ufts}]
 """
+)
 MAPPINGS = ("erp_u8_person", "erp_u8_customers", "erp_u8_orders", "erp_u8_order_lines")
 
 
-def write_project(root: Path, u8_url: str, sync_yaml: str = SYNC_YAML) -> Path:
+def write_project(root: Path, u8_url: str, sync: str = SYNC_YAML) -> Path:
     """A project with the U8 database as its only source and the sync section."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "mappings").mkdir(exist_ok=True)
-    for name in MAPPINGS:
-        shutil.copy(DEMO / "mappings" / f"{name}.yaml", root / "mappings" / f"{name}.yaml")
-    (root / "project.yaml").write_text(
-        f"version: 1\nname: synctest\nsources:\n  erp_u8: {{connector: sql, url: '{u8_url}'}}\n{sync_yaml}",
-        encoding="utf-8",
-    )
-    return root
+    return write_u8_project(root, u8_url, sync, MAPPINGS)
 
 
 @pytest.fixture
@@ -178,8 +142,7 @@ def test_full_loop_on_postgresql(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def _environment(monkeypatch: pytest.MonkeyPatch, base_url: str) -> None:
-    for name, value in (("U8_API_URL", base_url), ("U8_FROM_ACCOUNT", FROM_ACCOUNT), ("U8_TO_ACCOUNT", TO_ACCOUNT),
-                        ("U8_APP_KEY", APP_KEY), ("U8_APP_SECRET", APP_SECRET)):  # fmt: skip
+    for name, value in environment(base_url).items():
         monkeypatch.setenv(name, value)
 
 

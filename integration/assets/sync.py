@@ -418,6 +418,18 @@ def _hours(age: dt.timedelta) -> str:
     return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
 
 
+def _count_and_first(
+    engine: Engine, columns: tuple[Any, ...], condition: tuple[Any, ...]
+) -> tuple[int, list[Any]]:
+    """Return how many rows match and the first few (by id, the first column), for a check's message."""
+    with _session(engine) as session:
+        count = int(session.scalar(select(func.count()).where(*condition)) or 0)
+        first = session.execute(
+            select(*columns).where(*condition).order_by(columns[0]).limit(MAX_REASONS)
+        ).all()
+    return count, list(first)
+
+
 def _dead_letter_check(target: CompiledTarget) -> dg.AssetChecksDefinition:
     name = target.name
 
@@ -430,15 +442,11 @@ def _dead_letter_check(target: CompiledTarget) -> dg.AssetChecksDefinition:
     )
     def _dead(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         core: CoreDatabase = context.resources.core
-        dead = (SyncOutbox.target == name, SyncOutbox.status == "dead")
-        with _session(core.engine()) as session:
-            count = int(session.scalar(select(func.count()).where(*dead)) or 0)
-            first = session.execute(
-                select(SyncOutbox.id, SyncOutbox.entity, SyncOutbox.entity_id, SyncOutbox.last_error)
-                .where(*dead)
-                .order_by(SyncOutbox.id)
-                .limit(MAX_REASONS)
-            ).all()
+        count, first = _count_and_first(
+            core.engine(),
+            (SyncOutbox.id, SyncOutbox.entity, SyncOutbox.entity_id, SyncOutbox.last_error),
+            (SyncOutbox.target == name, SyncOutbox.status == "dead"),
+        )
         reasons = [
             shorten(f"{r.entity} {r.entity_id}: {r.last_error or 'no reason recorded'}", 200) for r in first
         ]
@@ -471,15 +479,11 @@ def _conflicts_check(target: CompiledTarget) -> dg.AssetChecksDefinition:
     )
     def _conflicts(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         core: CoreDatabase = context.resources.core
-        open_ = (SyncConflict.target == name, SyncConflict.status == "open")
-        with _session(core.engine()) as session:
-            count = int(session.scalar(select(func.count()).where(*open_)) or 0)
-            first = session.execute(
-                select(SyncConflict.id, SyncConflict.entity, SyncConflict.entity_id, SyncConflict.field)
-                .where(*open_)
-                .order_by(SyncConflict.id)
-                .limit(MAX_REASONS)
-            ).all()
+        count, first = _count_and_first(
+            core.engine(),
+            (SyncConflict.id, SyncConflict.entity, SyncConflict.entity_id, SyncConflict.field),
+            (SyncConflict.target == name, SyncConflict.status == "open"),
+        )
         # Which record and field, not the values: they are customer data, and the queue shows them.
         sample = [f"#{r.id} {r.entity} {r.entity_id}.{r.field}" for r in first]
         return dg.AssetCheckResult(
