@@ -492,3 +492,15 @@ def test_inbound_reads_u8_over_odbc_by_its_cursor(
             assert session.scalar(sa.select(sa.func.count()).select_from(Customer)) == 4
             assert session.get(Customer, new_id).erp_code is not None  # type: ignore[union-attr]
         assert sync(project, core, "inbound").received == 0  # the cursor: nothing new
+
+
+def test_an_add_u8_already_holds_by_our_key_links_instead_of_duplicating(u8: Any, core: sa.Engine) -> None:
+    """U8 already has the record under our key (a lost answer): the add links to it, no second customer."""
+    api, project, url = u8
+    sync(project, core)
+    record_id = create_record(core, "customer", {"name": "答复丢失有限公司"})
+    api.erp.insert_customer("C777", "答复丢失有限公司", cCusDefine1=str(record_id))
+    report = sync(project, core, "outbound")
+    assert (report.delivery.applied, report.delivery.dead_letters) == (1, 0)
+    assert customer_by_name(core, "答复丢失有限公司").erp_code == "C777"
+    assert len(u8_rows(url, 'SELECT 1 FROM "Customer" WHERE "cCusDefine1" = :k', k=str(record_id))) == 1
