@@ -504,3 +504,24 @@ def test_an_add_u8_already_holds_by_our_key_links_instead_of_duplicating(u8: Any
     assert (report.delivery.applied, report.delivery.dead_letters) == (1, 0)
     assert customer_by_name(core, "答复丢失有限公司").erp_code == "C777"
     assert len(u8_rows(url, 'SELECT 1 FROM "Customer" WHERE "cCusDefine1" = :k', k=str(record_id))) == 1
+
+
+def test_a_dead_letter_overtaken_by_a_newer_change_is_not_resent(u8: Any, core: sa.Engine) -> None:
+    """Resending a dead letter after the record changed again would put old values over new ones."""
+    api, project, url = u8
+    sync(project, core)
+    record_id = create_record(core, "customer", {"name": "旧名字有限公司"})
+    api.faults.append("reject:name=旧名字有限公司")
+    assert sync(project, core, "outbound").delivery.dead_letters == 1
+    edit_record(core, "customer", record_id, {"name": "新名字有限公司"})
+    assert sync(project, core, "outbound").delivery.applied == 1
+    with session_factory(core)() as session:
+        assert retry_dead(session, "u8") == 0
+        session.commit()
+        statuses = session.scalars(
+            sa.select(SyncOutbox.status).where(SyncOutbox.entity_id == record_id).order_by(SyncOutbox.id)
+        ).all()
+    assert statuses == ["superseded", "done"]
+    assert u8_rows(url, 'SELECT "cCusName" FROM "Customer" WHERE "cCusDefine1" = :k', k=str(record_id)) == [
+        ("新名字有限公司",)
+    ]

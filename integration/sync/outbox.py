@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import pandas as pd
 from sqlalchemy import Engine, Table, and_, bindparam, func, insert, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from crm_core.db import session_factory
 from crm_core.entities import ENTITIES
@@ -621,12 +621,24 @@ def oldest_pending(session: Session, target: str) -> dt.datetime | None:
 
 
 def retry_dead(session: Session, target: str | None = None, ids: Sequence[int] = ()) -> int:
-    """Make dead letters pending again (attempts reset); return how many."""
+    """Make dead letters pending again (attempts reset); return how many.
+
+    A dead letter whose record changed again since (a newer outbox row) is superseded instead: resending it
+    would put older values over newer ones.
+    """
     condition = [SyncOutbox.status == "dead"]
     if target is not None:
         condition.append(SyncOutbox.target == target)
     if ids:
         condition.append(SyncOutbox.id.in_(list(ids)))
+    newer = aliased(SyncOutbox)
+    has_newer = (
+        select(newer.id)
+        .where(newer.target == SyncOutbox.target, newer.entity == SyncOutbox.entity,
+               newer.entity_id == SyncOutbox.entity_id, newer.id > SyncOutbox.id, newer.status != "superseded")
+        .exists()
+    )  # fmt: skip
+    session.execute(update(SyncOutbox).where(and_(*condition), has_newer).values(status="superseded"))
     result = session.execute(
         update(SyncOutbox)
         .where(and_(*condition))
