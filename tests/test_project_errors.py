@@ -26,7 +26,7 @@ HEADER = "version: 1\nname: acme\nsources:\n  crm: {connector: sql, url: 'sqlite
 
 CASES = [
     ("unknown_key", HEADER + "mappings: [mappings/*.yaml]\nmapings: []\n",
-     ["6:1: mapings: unknown key 'mapings'; did you mean 'mappings'?; allowed: currencies, dedup, description, mappings, name, reconciliation, sources, validation, version"]),
+     ["6:1: mapings: unknown key 'mapings'; did you mean 'mappings'?; allowed: currencies, dedup, description, mappings, name, reconciliation, sources, sync, validation, version"]),
     ("missing_mapping_file", HEADER + "mappings: [mappings/nope.yaml]\n",
      ["5:12: mappings[0]: mapping file 'mappings/nope.yaml' not found in {root}"]),
     ("unset_env_var", "version: 1\nname: acme\nsources:\n  crm: {connector: sql, url: '${ACME_CRM_URL_UNSET}'}\nmappings: [mappings/*.yaml]\n",
@@ -47,7 +47,7 @@ CASES = [
      ["7:32: dedup.customer.source_priority[0]: unknown source 'erp'; sources: crm"]),
     ("survivorship_unknown_field",
      HEADER + "mappings: [mappings/*.yaml]\ndedup:\n  customer:\n    survivorship: {adress: most_complete}\n",
-     ["8:19: dedup.customer.survivorship: unknown customer field(s) adress; fields: name, short_name, english_name, credit_code, phone, email, website, address, province, city, district, industry, is_branch, owner_id, status"]),
+     ["8:19: dedup.customer.survivorship: unknown customer field(s) adress; fields: name, short_name, english_name, credit_code, phone, email, website, address, province, city, district, industry, is_branch, owner_id, status, erp_code, credit_limit, payment_terms"]),
     ("survivorship_unknown_rule",
      HEADER + "mappings: [mappings/*.yaml]\ndedup:\n  customer:\n    survivorship: {phone: newest}\n",
      ["8:27: dedup.customer.survivorship.phone: 'newest' is not allowed; allowed: source_priority, most_recent, most_complete, most_frequent"]),
