@@ -494,11 +494,15 @@ def _check_secrets(document: LocatedDocument, spec: ProjectSpec) -> list[Problem
                 value = getattr(source, key)
                 if value and "${" not in value:
                     problems.append(
-                        document.problem(("sources", name, key), f"{key} is a secret; write ${{ENV_VAR}} and export it")
+                        document.problem(
+                            ("sources", name, key), f"{key} is a secret; write ${{ENV_VAR}} and export it"
+                        )
                     )
             if not source.password and not (source.app_id and source.app_secret):
                 problems.append(
-                    document.problem(("sources", name), "give password, or app_id and app_secret", at_key=True)
+                    document.problem(
+                        ("sources", name), "give password, or app_id and app_secret", at_key=True
+                    )
                 )
             continue
         if isinstance(source, RestSource):

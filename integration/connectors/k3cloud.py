@@ -58,7 +58,11 @@ MAX_QUERY_ROWS = 10_000  # a page larger than this is not asked for
 OPERATIONS: dict[str, tuple[str, bool]] = {"BD_Customer/add": ("BD_Customer", False),
                                            "BD_Customer/edit": ("BD_Customer", True)}  # fmt: skip
 # The field holding a form's internal id (Save updates the record with this id); FID for bills.
-ID_FIELDS: dict[str, str] = {"BD_Customer": "FCUSTID", "BD_MATERIAL": "FMATERIALID", "BD_Supplier": "FSUPPLIERID"}
+ID_FIELDS: dict[str, str] = {
+    "BD_Customer": "FCUSTID",
+    "BD_MATERIAL": "FMATERIALID",
+    "BD_Supplier": "FSUPPLIERID",
+}
 _STOP_STATUSES = frozenset({429, 502, 503, 504})
 # The XOR key Kingdee's SDK decodes the secret part of an app id with (k3cloud_webapi_sdk.util.encode_util:
 # the four eight-character blocks of its default code, rot13'd; the SDK's random digits fall between them).
@@ -192,7 +196,9 @@ class Status:
         result = answer.get("Result") if isinstance(answer, dict) else None
         status = result.get("ResponseStatus") if isinstance(result, dict) else None
         if not isinstance(status, dict):
-            return cls(False, ({"FieldName": None, "Message": f"unexpected answer: {str(answer)[:200]}"},), ())
+            return cls(
+                False, ({"FieldName": None, "Message": f"unexpected answer: {str(answer)[:200]}"},), ()
+            )
         errors = tuple(e for e in status.get("Errors") or [] if isinstance(e, dict))
         successes = tuple(e for e in status.get("SuccessEntitys") or [] if isinstance(e, dict))
         try:
@@ -268,7 +274,9 @@ class K3CloudClient:
         self._clock = time.time
 
     def __repr__(self) -> str:
-        return f"K3CloudClient({self._base!r}, acct_id={self.credentials.acct_id!r}, max_batch={self.max_batch})"
+        return (
+            f"K3CloudClient({self._base!r}, acct_id={self.credentials.acct_id!r}, max_batch={self.max_batch})"
+        )
 
     def __enter__(self) -> K3CloudClient:
         return self
@@ -358,7 +366,9 @@ class K3CloudClient:
                 timeout=self.timeout,
             )  # fmt: skip
         except requests.Timeout:
-            failure = f"no answer from K3Cloud within {self.timeout:g}s ({short}); a save may have been applied"
+            failure = (
+                f"no answer from K3Cloud within {self.timeout:g}s ({short}); a save may have been applied"
+            )
         except requests.ConnectionError as error:
             failure = f"K3Cloud unreachable at {self._base} ({short}): {type(error).__name__}"
         except requests.RequestException as error:
@@ -377,11 +387,15 @@ class K3CloudClient:
                 f"{self._scrub(response.text[:200])}; check app_id, app_secret and the machine's clock"
             )
         if status == 404:
-            raise K3CloudError(f"{self._base} has no {short} (HTTP 404): check base_url (e.g. http://host/k3cloud)")
+            raise K3CloudError(
+                f"{self._base} has no {short} (HTTP 404): check base_url (e.g. http://host/k3cloud)"
+            )
         try:
             answer = json.loads(response.content, parse_float=Decimal)
         except ValueError:
-            raise _Transient(f"K3Cloud answered {short} with HTTP {status} and no JSON", stops=False) from None
+            raise _Transient(
+                f"K3Cloud answered {short} with HTTP {status} and no JSON", stops=False
+            ) from None
         return answer, response
 
     def _scrub(self, text: str) -> str:
@@ -409,7 +423,9 @@ class K3CloudClient:
                                retry_after=problem.retry_after) from None  # fmt: skip
         error = query_error(answer)
         if error is not None:
-            raise K3CloudError(f"K3Cloud refused the query of {form_id}: {self._scrub(_messages(error.errors))}")
+            raise K3CloudError(
+                f"K3Cloud refused the query of {form_id}: {self._scrub(_messages(error.errors))}"
+            )
         if not isinstance(answer, list) or not all(isinstance(r, list) for r in answer):
             raise K3CloudError(f"K3Cloud answered the query of {form_id} with {str(answer)[:120]!r}")
         return answer
@@ -439,7 +455,13 @@ class K3CloudClient:
         return self._operate("Audit", form_id, numbers)
 
     def _operate(self, operation: str, form_id: str, numbers: Sequence[str]) -> Status:
-        data = {"CreateOrgId": 0, "Numbers": list(numbers), "Ids": "", "NetworkCtrl": "", "IgnoreInterationFlag": ""}
+        data = {
+            "CreateOrgId": 0,
+            "Numbers": list(numbers),
+            "Ids": "",
+            "NetworkCtrl": "",
+            "IgnoreInterationFlag": "",
+        }
         return Status.of(self.call(f"{FORM_SERVICE}.{operation}", {"formid": form_id, "data": data}))
 
     # ------------------------------------------------------------------ the engine's Transport
@@ -451,7 +473,9 @@ class K3CloudClient:
 
     def results(self, trade_ids: Sequence[str]) -> list[Outcome]:
         """K3Cloud answers every save synchronously: no delivery is ever pending."""
-        return [Outcome(t, "retry", None, "K3Cloud has no pending deliveries; send it again") for t in trade_ids]
+        return [
+            Outcome(t, "retry", None, "K3Cloud has no pending deliveries; send it again") for t in trade_ids
+        ]
 
     def deliver(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
         """Save the documents (grouped by operation, BatchSave of ``max_batch``); one Outcome per delivery, in order."""
@@ -531,10 +555,10 @@ class K3CloudClient:
                 message = f"K3Cloud {form_id}: {self._scrub(_messages(errors.get(position) or general))}"
                 outcomes[i] = Outcome(d.trade_id, "rejected", None, message)
             elif position in by_index:
-                number = str(by_index[position].get("Number") or d.payload.get("FNumber") or "") or None
-                outcomes[i] = Outcome(d.trade_id, "applied", number, None)
-                if number and not is_edit:
-                    applied.append(number)
+                given = str(by_index[position].get("Number") or d.payload.get("FNumber") or "")
+                outcomes[i] = Outcome(d.trade_id, "applied", given or None, None)
+                if given and not is_edit:
+                    applied.append(given)
             else:
                 outcomes[i] = Outcome(d.trade_id, "retry", None,
                                       f"K3Cloud's answer did not cover record {position} of the batch")  # fmt: skip
@@ -555,14 +579,18 @@ class K3CloudClient:
                 return
 
     def _ids_by(self, form_id: str, id_field: str, field_key: str, values: list[str]) -> dict[str, Any]:
-        return {v: row[0] for v, row in self._lookup(form_id, [id_field, "FNumber"], field_key, values).items()}
+        return {
+            v: row[0] for v, row in self._lookup(form_id, [id_field, "FNumber"], field_key, values).items()
+        }
 
     def _numbers_by(self, form_id: str, field_key: str, values: list[str]) -> dict[str, tuple[Any, str]]:
         id_field = ID_FIELDS.get(form_id, "FID")
         found = self._lookup(form_id, [id_field, "FNumber"], field_key, values)
         return {v: (row[0], str(row[1])) for v, row in found.items()}
 
-    def _lookup(self, form_id: str, fields: list[str], field_key: str, values: list[str]) -> dict[str, list[Any]]:
+    def _lookup(
+        self, form_id: str, fields: list[str], field_key: str, values: list[str]
+    ) -> dict[str, list[Any]]:
         """Return, per value of ``field_key``, the first row of ``fields`` (an unreachable K3Cloud: _Transient)."""
         found: dict[str, list[Any]] = {}
         for start in range(0, len(values), 200):
@@ -675,7 +703,9 @@ class K3CloudConnector:
         """Yield the table's rows in chunks (from ``cursor_from`` on when incremental), ``where`` applied."""
         return filter_chunks(self._read(request), request.where, self.name, request.table)
 
-    def _query(self, table: FormTable, keys: list[str], where: str, order: str, start: int) -> list[list[Any]]:
+    def _query(
+        self, table: FormTable, keys: list[str], where: str, order: str, start: int
+    ) -> list[list[Any]]:
         try:
             self.pages += 1
             return self._client.execute_bill_query(table.form, keys, filter_string=where, order_string=order,
@@ -737,7 +767,9 @@ class K3CloudConnector:
         if buffer or offset == 0:
             yield self._frame(buffer, columns, request, offset)
 
-    def _frame(self, rows: list[list[Any]], columns: list[str], request: ReadRequest, offset: int) -> pd.DataFrame:
+    def _frame(
+        self, rows: list[list[Any]], columns: list[str], request: ReadRequest, offset: int
+    ) -> pd.DataFrame:
         frame = pd.DataFrame.from_records(rows, columns=columns) if rows else pd.DataFrame(
             {c: pd.Series(dtype=object) for c in columns})  # fmt: skip
         if request.cursor_column is not None and len(frame):
@@ -762,6 +794,14 @@ def _same_cursor(value: Any, bound: Any) -> bool:
 
 
 __all__ = [
-    "K3CloudClient", "K3CloudConnector", "K3CloudCredentials", "K3CloudError", "K3CloudSettings", "FormTable",
-    "Status", "column_name", "k3cloud_client", "sign_headers",
+    "FormTable",
+    "K3CloudClient",
+    "K3CloudConnector",
+    "K3CloudCredentials",
+    "K3CloudError",
+    "K3CloudSettings",
+    "Status",
+    "column_name",
+    "k3cloud_client",
+    "sign_headers",
 ]  # fmt: skip

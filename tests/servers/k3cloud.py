@@ -199,7 +199,9 @@ class Form:
         return self.fields.get(upper)
 
 
-def _fields(table: sa.Table, entity: str | None = None, skip: Sequence[str] = ()) -> dict[str, tuple[str | None, str]]:
+def _fields(
+    table: sa.Table, entity: str | None = None, skip: Sequence[str] = ()
+) -> dict[str, tuple[str | None, str]]:
     return {c.name.upper(): (entity, c.name) for c in table.columns if c.name not in skip}
 
 
@@ -240,7 +242,7 @@ class _Query:
     def __init__(self, form: Form) -> None:
         self.form = form
         self.entity: str | None = None
-        self._refs: dict[str, sa.Table] = {}
+        self._refs: dict[str, Any] = {}  # base-data field -> the aliased table it joins
 
     def column(self, key: str) -> sa.ColumnElement[Any]:
         """Return the SQL expression of a field key (``FCUSTOMERID.FNumber`` joins the customer)."""
@@ -251,7 +253,9 @@ class _Query:
         entity, column = found
         if entity is not None:
             if self.entity not in (None, entity):
-                raise QueryError(f"不能同时查询多个单据体 {self.entity}, {entity} (one entry entity per query)", base)
+                raise QueryError(
+                    f"不能同时查询多个单据体 {self.entity}, {entity} (one entry entity per query)", base
+                )
             self.entity = entity
         table = self.form.entities[entity] if entity else self.form.head
         if not prop:
@@ -260,7 +264,7 @@ class _Query:
         if target is None:
             raise QueryError(f"字段 {base} 不是基础资料 (not a base-data field)", key)
         ref = FORMS[target]
-        alias = self._refs.get(base.upper())
+        alias: Any = self._refs.get(base.upper())
         if alias is None:
             alias = ref.head.alias(f"ref_{len(self._refs)}")
             self._refs[base.upper()] = alias
@@ -268,7 +272,8 @@ class _Query:
         ref_column = ref.field(prop)
         if ref_column is None or ref_column[0] is not None:
             raise QueryError(f"基础资料 {ref.form_id} 不存在字段 {prop}", key)
-        return alias.c[ref_column[1]]
+        found_column: sa.ColumnElement[Any] = alias.c[ref_column[1]]
+        return found_column
 
     _joins: list[tuple[Any, Any]]
 
@@ -285,13 +290,15 @@ class _Query:
         source: Any = self.form.head
         if self.entity is not None:
             entry = self.form.entities[self.entity]
-            source = source.outerjoin(entry, entry.c.FID == self.form.head.c[self.form.id_column])
+            source = source.outerjoin(entry, self.form.head.c[self.form.id_column] == entry.c.FID)
         for alias, on in self._joins:
             source = source.outerjoin(alias, on)
         query = sa.select(*columns).select_from(source)
         if condition is not None:
             query = query.where(condition)
-        return query.order_by(*ordering) if ordering else query.order_by(self.form.head.c[self.form.id_column])
+        return (
+            query.order_by(*ordering) if ordering else query.order_by(self.form.head.c[self.form.id_column])
+        )
 
 
 _TOKEN = re.compile(
@@ -306,7 +313,9 @@ def _tokens(text: str) -> list[tuple[str, str]]:
     while position < len(text):
         match = _TOKEN.match(text, position)
         if match is None or match.end() == position:
-            raise QueryError(f"过滤条件无法解析: {text[position:position + 30]!r} (unreadable FilterString)")
+            raise QueryError(
+                f"过滤条件无法解析: {text[position : position + 30]!r} (unreadable FilterString)"
+            )
         kind = match.lastgroup or ""
         tokens.append((kind, match.group(kind)))
         position = match.end()
@@ -336,7 +345,9 @@ def parse_filter(text: str, column: Callable[[str], sa.ColumnElement[Any]]) -> s
             text_value = value[1:-1].replace("''", "'")
             if isinstance(target.type, sa.DateTime):
                 try:
-                    return dt.datetime.fromisoformat(text_value.replace(" ", "T", 1) if "T" not in text_value else text_value)
+                    return dt.datetime.fromisoformat(
+                        text_value.replace(" ", "T", 1) if "T" not in text_value else text_value
+                    )
                 except ValueError:
                     raise QueryError(f"日期格式错误: {text_value}") from None
             return text_value
@@ -443,7 +454,9 @@ def _max(conn: sa.Connection, column: sa.Column[Any]) -> int:
 def next_values(conn: sa.Connection, name: str, count: int = 1) -> int:
     """Reserve ``count`` values of counter ``name`` in this transaction and return the first."""
     conn.execute(sa.update(SEQUENCE).where(SEQUENCE.c.name == name).values(value=SEQUENCE.c.value + count))
-    return int(conn.execute(sa.select(SEQUENCE.c.value).where(SEQUENCE.c.name == name)).scalar_one()) - count + 1
+    return (
+        int(conn.execute(sa.select(SEQUENCE.c.value).where(SEQUENCE.c.name == name)).scalar_one()) - count + 1
+    )
 
 
 class _Clock:
@@ -468,7 +481,11 @@ def _now() -> dt.datetime:
 def _wire(value: Any) -> Any:
     """A database value as K3Cloud sends it: datetimes ISO with milliseconds, decimals exact."""
     if isinstance(value, dt.datetime):
-        return value.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] if value.microsecond else value.strftime("%Y-%m-%dT%H:%M:%S")
+        return (
+            value.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+            if value.microsecond
+            else value.strftime("%Y-%m-%dT%H:%M:%S")
+        )
     if isinstance(value, float):
         value = Decimal(repr(value))
     if isinstance(value, Decimal):
@@ -521,7 +538,9 @@ def _error(message: str, field_name: str | None = None, index: int = 0) -> dict[
 class ErpUser:
     """What people do in K3Cloud, straight in its tables: customers, receivables, receipts, changes."""
 
-    def __init__(self, engine: sa.Engine | str, lock: threading.Lock | None = None, clock: _Clock | None = None) -> None:
+    def __init__(
+        self, engine: sa.Engine | str, lock: threading.Lock | None = None, clock: _Clock | None = None
+    ) -> None:
         self._owns = isinstance(engine, str)
         self.engine = sa.create_engine(engine) if isinstance(engine, str) else engine
         self._lock = lock or threading.Lock()
@@ -718,12 +737,12 @@ class K3Api:
             return True
 
     def check_signature(self, headers: Mapping[str, str], path: str, body: bytes) -> str | None:
-        """Verify the SDK's signature headers that are present; return why they are refused, or None."""
-        client_id = headers.get("X-Api-ClientID")
+        """Verify the SDK's signature headers that are present (``headers``: lower-case names); return why not, or None."""
+        client_id = headers.get("x-api-clientid")
         if client_id is not None:
             own_id, _, hidden = self.app_id.partition("_")
             timestamp, nonce = headers.get("x-api-timestamp") or "", headers.get("x-api-nonce") or ""
-            signature = headers.get("X-Api-Signature") or ""
+            signature = headers.get("x-api-signature") or ""
             if client_id != own_id:
                 return f"X-Api-ClientID {client_id} 未注册 (unknown client)"
             try:
@@ -744,18 +763,20 @@ class K3Api:
                 if replay in self._nonces:
                     return f"x-api-nonce {nonce} 已使用 (replayed request)"
                 self._nonces[replay] = now + 2 * self.max_skew
-        app_key = headers.get("X-Kd-Appkey")
+        app_key = headers.get("x-kd-appkey")
         if app_key is not None:
-            data = headers.get("X-Kd-Appdata") or ""
+            data = headers.get("x-kd-appdata") or ""
             try:
                 decoded = base64.b64decode(data).decode()
             except ValueError:
                 return "X-Kd-Appdata 无效 (not base64)"
             if app_key != self.app_id:
                 return f"X-Kd-Appkey {app_key} 未授权 (unknown app)"
-            if not hmac.compare_digest(headers.get("X-Kd-Signature") or "", _kd_hmac(app_key + decoded, self.app_secret)):
+            if not hmac.compare_digest(
+                headers.get("x-kd-signature") or "", _kd_hmac(app_key + decoded, self.app_secret)
+            ):
                 return "X-Kd-Signature 签名错误: 应用密钥不符 (wrong app secret)"
-            acct, user = (decoded.split(",") + ["", ""])[:2]
+            acct, user = [*decoded.split(","), "", ""][:2]
             if acct != self.acct_id or user not in self.users:
                 return f"X-Kd-Appdata: 数据中心 {acct} 或用户 {user} 无效 (unknown data centre or user)"
         return None
@@ -769,7 +790,9 @@ class K3Api:
         keys = [k.strip() for k in str(data.get("FieldKeys") or "").split(",") if k.strip()]
         if not keys:
             raise QueryError("FieldKeys 不能为空 (no field keys)", "FieldKeys")
-        query = _Query(form).build(keys, str(data.get("FilterString") or ""), str(data.get("OrderString") or ""))
+        query = _Query(form).build(
+            keys, str(data.get("FilterString") or ""), str(data.get("OrderString") or "")
+        )
         start = max(0, int(data.get("StartRow") or 0))
         limit = int(data.get("Limit") or 0) or int(data.get("TopRowCount") or 0) or self.max_rows
         limit = min(limit, self.max_rows)
@@ -814,13 +837,21 @@ class K3Api:
             if isinstance(value, str) and limit and len(value) > limit:
                 raise _Refused(f"字段 {name} 超长: 最多 {limit} 个字符 (too long)", name)
             values[column] = None if value == "" else value
-        if reject is not None and any(k.upper() == reject[0].upper() and str(v) == reject[1] for k, v in model.items()):
-            raise _Refused(f"业务规则校验不通过: {reject[0]} = {reject[1]} (refused by a business rule)", reject[0])
+        if reject is not None and any(
+            k.upper() == reject[0].upper() and str(v) == reject[1] for k, v in model.items()
+        ):
+            raise _Refused(
+                f"业务规则校验不通过: {reject[0]} = {reject[1]} (refused by a business rule)", reject[0]
+            )
         custid = int(values.pop("FCUSTID") or 0) if "FCUSTID" in values else 0
         stamp = self.stamps.stamp()
         with conn.begin_nested():
             if custid:
-                row = conn.execute(sa.select(CUSTOMER).where(CUSTOMER.c.FCUSTID == custid)).mappings().first()
+                row = (
+                    conn.execute(sa.select(CUSTOMER).where(CUSTOMER.c["FCUSTID"] == custid))
+                    .mappings()
+                    .first()
+                )
                 if row is None:
                     raise _Refused(f"客户内码 {custid} 不存在 (no such record)", "FCUSTID")
                 if update_only:
@@ -828,7 +859,11 @@ class K3Api:
                 self._unique(conn, values, custid)
                 if "FName" in values and not values["FName"]:
                     raise _Refused("客户名称 是必录项 (FName required)", "FName")
-                conn.execute(sa.update(CUSTOMER).where(CUSTOMER.c.FCUSTID == custid).values(**values, FModifyDate=stamp))
+                conn.execute(
+                    sa.update(CUSTOMER)
+                    .where(CUSTOMER.c["FCUSTID"] == custid)
+                    .values(**values, FModifyDate=stamp)
+                )
                 return custid, str(values.get("FNumber") or row["FNumber"])
             if not values.get("FName"):
                 raise _Refused("客户名称 是必录项 (FName required)", "FName")
@@ -836,7 +871,12 @@ class K3Api:
             if not values.get("FNumber"):
                 while True:
                     candidate = f"CUST{next_values(conn, 'custno'):04d}"
-                    if conn.execute(sa.select(CUSTOMER.c.FCUSTID).where(CUSTOMER.c.FNumber == candidate)).first() is None:
+                    if (
+                        conn.execute(
+                            sa.select(CUSTOMER.c.FCUSTID).where(CUSTOMER.c.FNumber == candidate)
+                        ).first()
+                        is None
+                    ):
                         values["FNumber"] = candidate
                         break
             custid = next_values(conn, "custid")
@@ -897,7 +937,9 @@ def _client_secret(hidden: str) -> str:
 
 
 def _kd_hmac(text: str, key: str) -> str:
-    return base64.b64encode(hmac.new(key.encode(), text.encode(), hashlib.sha256).hexdigest().encode()).decode()
+    return base64.b64encode(
+        hmac.new(key.encode(), text.encode(), hashlib.sha256).hexdigest().encode()
+    ).decode()
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -959,14 +1001,21 @@ def make_handler(api: K3Api) -> type[BaseHTTPRequestHandler]:
                 data.get("FormId") if isinstance(data, dict) else None)  # fmt: skip
             write = short in ("Save", "BatchSave", "Submit", "Audit")
             fault = api.next_fault(write=write)
-            refused = api.check_signature(self.headers, path, raw)
+            refused = api.check_signature({k.lower(): v for k, v in self.headers.items()}, path, raw)
             if refused is not None:
                 api.log(LoggedRequest(short, form_id, 401, error=refused))
                 self._send(401, {"Message": refused, "IsSuccess": False})
                 return
             if fault in ("500", "503"):
                 api.log(LoggedRequest(short, form_id, int(fault)))
-                self._send(int(fault), {"Message": "服务器内部错误 (internal error)" if fault == "500" else "service unavailable"})
+                self._send(
+                    int(fault),
+                    {
+                        "Message": "服务器内部错误 (internal error)"
+                        if fault == "500"
+                        else "service unavailable"
+                    },
+                )
                 return
             if fault == "expire_session":
                 api.expire_sessions()
@@ -976,7 +1025,12 @@ def make_handler(api: K3Api) -> type[BaseHTTPRequestHandler]:
                 answer, auth, logged = self._route(short, body, data, fault, headers)
             except Exception as error:
                 traceback.print_exc()
-                code, answer, auth, logged = 500, {"Message": f"服务器内部错误: {type(error).__name__}"}, "", {}
+                code, answer, auth, logged = (
+                    500,
+                    {"Message": f"服务器内部错误: {type(error).__name__}"},
+                    "",
+                    {},
+                )
             if fault == "timeout":
                 api.stall()
             api.log(LoggedRequest(short, form_id, code, auth=auth, **logged))
@@ -1000,7 +1054,9 @@ def make_handler(api: K3Api) -> type[BaseHTTPRequestHandler]:
                 headers["Set-Cookie"] = f"{SESSION_COOKIE}={sid}; path=/"
                 auth = "headers"
             if not auth:
-                lost = status([_error("会话信息已丢失，请重新登录 (session lost: log in again)")], msg_code=SESSION_LOST)
+                lost = status(
+                    [_error("会话信息已丢失，请重新登录 (session lost: log in again)")], msg_code=SESSION_LOST
+                )
                 return ([[lost]] if short == "ExecuteBillQuery" else lost), "none", {"error": "session lost"}
             reject = None
             if fault and fault.startswith("reject:"):
@@ -1017,7 +1073,11 @@ def make_handler(api: K3Api) -> type[BaseHTTPRequestHandler]:
             form = str((body or {}).get("formid") or "").upper() if isinstance(body, dict) else ""
             if short in ("Save", "BatchSave", "Submit", "Audit"):
                 if form not in WRITABLE:
-                    return status([_error(f"表单 {form} 不支持通过本接口写入 (not writable here)", "formid")]), auth, {}
+                    return (
+                        status([_error(f"表单 {form} 不支持通过本接口写入 (not writable here)", "formid")]),
+                        auth,
+                        {},
+                    )
                 if not isinstance(data, dict):
                     return status([_error("data 应为 JSON 对象 (bad body)", "data")]), auth, {}
                 if short in ("Submit", "Audit"):
@@ -1028,7 +1088,10 @@ def make_handler(api: K3Api) -> type[BaseHTTPRequestHandler]:
         def _login(self, short: str, body: Any, headers: dict[str, str]) -> dict[str, Any]:
             if short == "ValidateUser":
                 values = _login_fields(body, ("acctID", "username", "password", "lcid"))
-                ok = values["acctID"] == api.acct_id and api.users.get(values["username"]) == values["password"]
+                ok = (
+                    values["acctID"] == api.acct_id
+                    and api.users.get(values["username"]) == values["password"]
+                )
                 refusal = "用户名或密码错误 (wrong user name or password)"
             else:
                 values = _login_fields(body, ("acctid", "username", "appid", "appsecret", "lcid"))
@@ -1084,14 +1147,18 @@ def _engine(url: str) -> sa.Engine:
 class K3CloudServer:
     """The server on its own thread: :meth:`start`, :meth:`stop`; ``url`` (the site) and ``api`` while it runs."""
 
-    def __init__(self, db: str | sa.Engine, *, host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:
+    def __init__(
+        self, db: str | sa.Engine, *, host: str = "127.0.0.1", port: int = 0, **options: Any
+    ) -> None:
         self._owns_engine = isinstance(db, str)
         self.engine = _engine(db) if isinstance(db, str) else db
         ensure_schema(self.engine)
         self.api = K3Api(self.engine, **options)
         self._httpd = _Server((host, port), make_handler(self.api))
         self.url = f"http://{host}:{self._httpd.server_address[1]}/k3cloud"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="k3cloud", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, args=(0.05,), name="k3cloud", daemon=True
+        )
 
     def start(self) -> K3CloudServer:
         """Serve requests on a background thread."""
@@ -1120,8 +1187,12 @@ def serve(db: str | sa.Engine, **options: Any) -> Iterator[tuple[str, K3Api]]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the server in the foreground; print its site URL on one line when ready."""
-    parser = argparse.ArgumentParser(description="Kingdee K3Cloud WebAPI test server over a SQLAlchemy database.")
-    parser.add_argument("--db", required=True, help="SQLAlchemy URL of the K3Cloud database (created if missing)")
+    parser = argparse.ArgumentParser(
+        description="Kingdee K3Cloud WebAPI test server over a SQLAlchemy database."
+    )
+    parser.add_argument(
+        "--db", required=True, help="SQLAlchemy URL of the K3Cloud database (created if missing)"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--acct-id", default=ACCT_ID)
