@@ -177,11 +177,10 @@ def reconcile(
         "invoiced", "collected", "overdue", "invoiced_without_order",
     )  # fmt: skip
     add(select(Payment.customer_id, func.sum(Payment.amount)).group_by(Payment.customer_id), "received")
-    names = (
-        dict(session.execute(select(Customer.id, Customer.name).where(Customer.id.in_(list(sums)))))
-        if sums
-        else {}
-    )
+    names: dict[int, str] = {}
+    if sums:
+        query = select(Customer.id, Customer.name).where(Customer.id.in_(list(sums)))
+        names = {row[0]: row[1] for row in session.execute(query)}
     customers: list[dict[str, Any]] = []
     differences: list[dict[str, Any]] = []
     totals = dict.fromkeys(("ordered", "invoiced", "collected", "received", "overdue"), ZERO)

@@ -29,7 +29,8 @@ path, nonce and timestamp with the client secret hidden in the app id), a timest
 HTTP 401. A lost session answers ``MsgCode`` 1 (会话信息已丢失).
 
 ``faults`` is a queue applied to the next requests (one per request): ``500``, ``503``, ``timeout`` (handled,
-then the answer is held until :meth:`K3Api.release` or ``stall_limit``), ``expire_session`` (every session so far
+then the answer is held until :meth:`K3Api.release` or ``stall_limit``), ``pass`` (nothing: places the next
+fault further down the queue), ``expire_session`` (every session so far
 is dropped before the request is handled), ``short_page`` (a query answers half the rows it could) and
 ``reject:<field>=<value>`` (a save's records whose field has that value fail validation; the rest are saved).
 """
@@ -685,7 +686,7 @@ class K3Api:
 
     # ---- faults, stalls, log
     def next_fault(self, *, write: bool) -> str | None:
-        """Pop the fault for this request; a ``reject:`` fault waits for a save, ``short_page`` for a query."""
+        """Pop the fault for this request (``pass``: none); ``reject:`` waits for a save, ``short_page`` for a query."""
         with self.lock:
             if not self.faults:
                 return None
@@ -834,6 +835,10 @@ class K3Api:
                 raise _Refused(f"字段 {name} 不存在或不允许写入 (unknown or read-only field)", name)
             column = FORMS["BD_CUSTOMER"].fields[upper][1]
             limit = getattr(CUSTOMER.c[column].type, "length", None)
+            if limit and value is not None and not isinstance(value, str | dict | list):
+                value = str(value)  # K3Cloud takes 42 for a text field as '42'
+            if isinstance(value, dict | list):
+                raise _Refused(f"字段 {name} 应为文本 (expected text)", name)
             if isinstance(value, str) and limit and len(value) > limit:
                 raise _Refused(f"字段 {name} 超长: 最多 {limit} 个字符 (too long)", name)
             values[column] = None if value == "" else value
