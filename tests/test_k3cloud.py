@@ -67,7 +67,9 @@ def password_client(url: str, **options: Any) -> K3CloudClient:
 
 
 def app_client(url: str, secret: str = APP_SECRET, **options: Any) -> K3CloudClient:
-    return K3CloudClient(K3CloudCredentials(url, ACCT_ID, USERNAME, app_id=APP_ID, app_secret=secret), **options)
+    return K3CloudClient(
+        K3CloudCredentials(url, ACCT_ID, USERNAME, app_id=APP_ID, app_secret=secret), **options
+    )
 
 
 def logins(api: K3Api) -> int:
@@ -82,7 +84,9 @@ def test_signature_headers_are_the_sdks_for_the_same_inputs(monkeypatch: pytest.
     from k3cloud_webapi_sdk.core import webapi_client
     from k3cloud_webapi_sdk.main import K3CloudApiSdk
 
-    url = "http://erp.example.com/k3cloud/Kingdee.BOS.WebApi.ServicesStub.DynamicFormService.Save.common.kdsvc"
+    url = (
+        "http://erp.example.com/k3cloud/Kingdee.BOS.WebApi.ServicesStub.DynamicFormService.Save.common.kdsvc"
+    )
     for app_id, secret, org in ((APP_ID, APP_SECRET, 0), ("218358_1ccC0/HFQmH/XUVET36Bzz8M1rWb0APu", "s3", 101),
                                 ("no-underscore", "x", 0)):  # fmt: skip
         sdk = K3CloudApiSdk("http://erp.example.com/k3cloud")
@@ -112,7 +116,10 @@ def test_login_both_ways_then_query_pages(k3: tuple[str, K3Api], make: Any) -> N
 
 def test_wrong_credentials_are_refused_without_showing_the_secret(k3: tuple[str, K3Api]) -> None:
     url, _api = k3
-    for client in (password_client(url), K3CloudClient(K3CloudCredentials(url, ACCT_ID, USERNAME, password="wr0ng-pw"))):
+    for client in (
+        password_client(url),
+        K3CloudClient(K3CloudCredentials(url, ACCT_ID, USERNAME, password="wr0ng-pw")),
+    ):
         client.credentials = K3CloudCredentials(url, ACCT_ID, USERNAME, password="wr0ng-pw")
         with pytest.raises(K3CloudError) as raised:
             client.execute_bill_query("BD_Customer", ["FNumber"])
@@ -123,14 +130,18 @@ def test_wrong_credentials_are_refused_without_showing_the_secret(k3: tuple[str,
     assert "not-the-secret" not in str(raised.value) and "HTTP 401" in str(raised.value)
 
 
-def _post_signed(url: str, body: dict[str, Any], *, timestamp: int, nonce: str, secret: str = APP_SECRET) -> requests.Response:
+def _post_signed(
+    url: str, body: dict[str, Any], *, timestamp: int, nonce: str, secret: str = APP_SECRET
+) -> requests.Response:
     target = f"{url}/{QUERY}.common.kdsvc"
     headers = sign_headers(target, app_id=APP_ID, app_secret=secret, acct_id=ACCT_ID, username=USERNAME,
                            timestamp=timestamp, nonce=nonce)  # fmt: skip
     return requests.post(target, data=json.dumps(body), headers=headers, timeout=10)
 
 
-def test_server_refuses_a_wrong_secret_a_stale_timestamp_and_a_replayed_request(k3: tuple[str, K3Api]) -> None:
+def test_server_refuses_a_wrong_secret_a_stale_timestamp_and_a_replayed_request(
+    k3: tuple[str, K3Api],
+) -> None:
     url, api = k3
     body = {"data": {"FormId": "BD_Customer", "FieldKeys": "FNumber"}}
     now = int(time.time())
@@ -142,7 +153,9 @@ def test_server_refuses_a_wrong_secret_a_stale_timestamp_and_a_replayed_request(
     assert "stale" in api.requests[-1].error  # type: ignore[operator]
     assert _post_signed(url, body, timestamp=now, nonce="n-3", secret="guessed").status_code == 401
     assert "wrong app secret" in api.requests[-1].error  # type: ignore[operator]
-    assert _post_signed(url, {**body, "x": 1}, timestamp=now, nonce="n-1").status_code == 200  # another request
+    assert (
+        _post_signed(url, {**body, "x": 1}, timestamp=now, nonce="n-1").status_code == 200
+    )  # another request
 
 
 def test_kingdee_sdk_drives_the_server_paging_and_partial_batch_save(k3: tuple[str, K3Api]) -> None:
@@ -197,17 +210,23 @@ def test_paging_survives_an_expired_session_and_short_pages(k3: tuple[str, K3Api
     api.faults.extend(["pass", "pass", "expire_session", "short_page", "pass", "short_page"])
     assert read_all(source) == [f"AR{n:03d}" for n in range(13)]
     assert logins(api) == 2  # renewed once, the page asked again
-    assert any(r.rows == 2 for r in api.requests if r.service == "ExecuteBillQuery")  # a short page was answered
+    assert any(
+        r.rows == 2 for r in api.requests if r.service == "ExecuteBillQuery"
+    )  # a short page was answered
 
 
-def test_app_secret_session_is_renewed_by_a_new_login_when_the_site_ignores_signed_headers(k3_db: str) -> None:
+def test_app_secret_session_is_renewed_by_a_new_login_when_the_site_ignores_signed_headers(
+    k3_db: str,
+) -> None:
     with serve(k3_db, header_auth=False) as (url, api):
         api.erp.insert_customer("C001", "华鑫")
         with app_client(url) as client:
             assert client.execute_bill_query("BD_Customer", ["FNumber"]) == [["C001"]]
             api.faults.append("expire_session")
             assert client.execute_bill_query("BD_Customer", ["FNumber"]) == [["C001"]]
-        assert [r.service for r in api.requests if r.service == "LoginByAppSecret"] == ["LoginByAppSecret"] * 2
+        assert [r.service for r in api.requests if r.service == "LoginByAppSecret"] == [
+            "LoginByAppSecret"
+        ] * 2
 
 
 def test_incremental_read_keeps_the_boundary(k3: tuple[str, K3Api]) -> None:
@@ -217,14 +236,20 @@ def test_incremental_read_keeps_the_boundary(k3: tuple[str, K3Api]) -> None:
     for n in range(6):
         api.erp.add_receivable(f"AR{n:03d}", "C001", [(None, "10")])
     source = connector(url, receivables=RECEIVABLES)
-    frames = list(source.read(ReadRequest(table="receivables", key=("FBillNo",), cursor_column="FModifyDate")))
+    frames = list(
+        source.read(ReadRequest(table="receivables", key=("FBillNo",), cursor_column="FModifyDate"))
+    )
     frame = frames[0]
     top = max(frame["FModifyDate"])
     assert isinstance(top, dt.datetime) and len(frame) == 6
     api.erp.update("AR_receivable", "AR002", FAR_Remark="改过")
     api.erp.add_receivable("AR900", "C001", [(None, "5")])
     again = read_all(source, cursor_column="FModifyDate", cursor_from=top)
-    assert again == ["AR005", "AR002", "AR900"]  # from the boundary on (AR005 sits on it), ordered by FModifyDate
+    assert again == [
+        "AR005",
+        "AR002",
+        "AR900",
+    ]  # from the boundary on (AR005 sits on it), ordered by FModifyDate
 
 
 # --------------------------------------------------------------------------- the transport
@@ -243,8 +268,13 @@ def test_deliver_turns_response_status_into_outcomes_and_finds_a_replayed_add(k3
         assert [o.status for o in outcomes] == ["applied", "rejected", "rejected"]
         assert outcomes[0].external_key == "CUST0001"
         assert "business rule" in (outcomes[1].message or "") and "FNumber" in (outcomes[2].message or "")
-        again = client.deliver([Delivery("t1", "BD_Customer/add", {"FName": "好客户甲有限公司", "F_CRM_ID": "1"})])
-        assert (again[0].status, again[0].external_key) == ("applied", "CUST0001")  # found by F_CRM_ID, not re-added
+        again = client.deliver(
+            [Delivery("t1", "BD_Customer/add", {"FName": "好客户甲有限公司", "F_CRM_ID": "1"})]
+        )
+        assert (again[0].status, again[0].external_key) == (
+            "applied",
+            "CUST0001",
+        )  # found by F_CRM_ID, not re-added
         api.faults.extend(["503"])
         down = client.deliver([Delivery("t4", "BD_Customer/edit", {"FNumber": "CUST0001", "FTEL": "1"})])
         assert down[0].status == "retry" and "503" in (down[0].message or "")
@@ -257,7 +287,12 @@ def test_deliver_turns_response_status_into_outcomes_and_finds_a_replayed_add(k3
         replay = client.deliver([Delivery("t5", "BD_Customer/add", {"FName": "超时客户", "F_CRM_ID": "5"})])
         assert replay[0].status == "applied"  # the timed-out save was applied: found, not saved twice
     with api.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT count(*) FROM \"T_BD_CUSTOMER\" WHERE \"FName\" = '超时客户'")).scalar() == 1
+        assert (
+            conn.execute(
+                sa.text('SELECT count(*) FROM "T_BD_CUSTOMER" WHERE "FName" = \'超时客户\'')
+            ).scalar()
+            == 1
+        )
 
 
 # --------------------------------------------------------------------------- the finance loop through the engine
@@ -280,6 +315,14 @@ TABLES = """
 """
 PROJECT = f"""version: 1
 name: k3test
+validation:
+  rules:  # money is exact: an amount with more than two decimals is not rounded into the core, it is rejected
+    - {{name: receivable.amount.fen, entity: receivable, field: amount, pattern: '-?[0-9]+([.][0-9]{{0,2}}0*)?',
+       message: "more than two decimals: not an amount in fen; correct it in K3Cloud"}}
+    - {{name: payment.amount.fen, entity: payment, field: amount, pattern: '-?[0-9]+([.][0-9]{{0,2}}0*)?',
+       message: "more than two decimals: not an amount in fen; correct it in K3Cloud"}}
+    - {{name: payment_application.amount.fen, entity: payment_application, field: amount,
+       pattern: '-?[0-9]+([.][0-9]{{0,2}}0*)?', message: "more than two decimals: not an amount in fen"}}
 sources:
   k3:
     connector: k3cloud
@@ -326,7 +369,12 @@ sync:
 @pytest.fixture
 def finance(k3: tuple[str, K3Api], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[K3Api, Path]:
     url, api = k3
-    for name, value in (("K3_URL", url), ("K3_ACCT_ID", ACCT_ID), ("K3_USERNAME", USERNAME), ("K3_PASSWORD", PASSWORD)):
+    for name, value in (
+        ("K3_URL", url),
+        ("K3_ACCT_ID", ACCT_ID),
+        ("K3_USERNAME", USERNAME),
+        ("K3_PASSWORD", PASSWORD),
+    ):
         monkeypatch.setenv(name, value)
     root = tmp_path / "project"
     shutil.copytree(REPO / "examples" / "k3cloud" / "mappings", root / "mappings")
@@ -360,7 +408,9 @@ def test_finance_loop_customer_out_number_back_receivables_and_receipts_in(
     assert (crm_id, state) == (str(customer), "C")  # audited on save (IsAutoSubmitAndAudit)
     with session_factory(core)() as session:
         assert session.get(Customer, customer).erp_code == number  # type: ignore[union-attr]
-        link = session.scalar(sa.select(ExternalId).where(ExternalId.system == "k3", ExternalId.entity == "customer"))
+        link = session.scalar(
+            sa.select(ExternalId).where(ExternalId.system == "k3", ExternalId.entity == "customer")
+        )
         assert link is not None and (link.entity_id, link.external_key) == (customer, number)
     edit_record(core, "customer", customer, {"phone": "+8657100001111"})
     assert sync(project, core, "outbound").delivery.applied == 1
@@ -379,13 +429,21 @@ def test_finance_loop_customer_out_number_back_receivables_and_receipts_in(
     api.erp.update("AR_RECEIVEBILL", "SK-0002", FREALRECAMOUNTFOR=Decimal("1500.00"))
     inbound = sync(project, core, "inbound")
     assert inbound.rejected == 0, inbound.as_dict()
-    assert inbound.entities["receivable"]["applied"] == 2 and inbound.entities["payment_application"]["applied"] == 2
+    assert (
+        inbound.entities["receivable"]["applied"] == 2
+        and inbound.entities["payment_application"]["applied"] == 2
+    )
     today = dt.date(2026, 11, 1)
     with session_factory(core)() as session:
         assert session.scalars(sa.select(Receivable.order_id)).all() == [order, order]
         cash = order_collections(session, [order], today=today)[order]
         assert (cash.ordered, cash.invoiced, cash.collected, cash.outstanding, cash.overdue) == (
-            Decimal("113000.00"), Decimal("113000.00"), Decimal("60000.00"), Decimal("53000.00"), Decimal("30000.00"))
+            Decimal("113000.00"),
+            Decimal("113000.00"),
+            Decimal("60000.00"),
+            Decimal("53000.00"),
+            Decimal("30000.00"),
+        )
         assert opportunity_collections(session, [deal], today=today)[deal] == cash
         loop = reconcile(session, today=today)
     row = loop["customers"][0]
@@ -429,10 +487,12 @@ def test_bad_finance_rows_are_rejected_with_reasons_and_the_rest_applied(
     sync(project, core)
     customer = create_record(core, "customer", {"name": "华鑫科技有限公司"})
     sync(project, core, "outbound")
-    number = api.erp.engine.connect().execute(sa.text('SELECT "FNumber" FROM "T_BD_CUSTOMER"')).scalar()
+    with session_factory(core)() as session:
+        number = str(session.get(Customer, customer).erp_code)  # type: ignore[union-attr]
     api.erp.insert_customer("K-ONLY", "只在金蝶的客户")  # never sent by the CRM: unknown to the crosswalk
     api.erp.add_receivable("AR-1", number, [("SO-NONE", "100.00")])  # its order is not in the core
     api.erp.add_receivable("AR-2", "K-ONLY", [(None, "200.00")])
+    api.erp.add_receivable("AR-3", number, [(None, "100.125")])  # more than two decimals: not a fen amount
     api.erp.add_receipt("SK-1", number, [("AR-1", "100.00"), ("AR-404", "5.00")])
     report = sync(project, core, "inbound")
     assert report.entities["receivable"]["applied"] == 2 - 1  # AR-2's customer is unknown
@@ -442,9 +502,11 @@ def test_bad_finance_rows_are_rejected_with_reasons_and_the_rest_applied(
 
         reasons = {(r.entity, r.field): r.reason for r in session.scalars(sa.select(Reject))}
     assert "not found" in reasons[("receivable", "customer")]
-    assert "no sales_order named 'SO-NONE'" in reasons[("receivable", "order")]  # a warning: loaded without it
+    assert (
+        "no sales_order named 'SO-NONE'" in reasons[("receivable", "order")]
+    )  # a warning: loaded without it
     assert "not found" in reasons[("payment_application", "receivable")]
-    assert customer
+    assert "more than two decimals" in reasons[("receivable", "amount")]
 
 
 def test_secrets_never_in_errors_or_logs(k3: tuple[str, K3Api], caplog: pytest.LogCaptureFixture) -> None:
@@ -452,7 +514,7 @@ def test_secrets_never_in_errors_or_logs(k3: tuple[str, K3Api], caplog: pytest.L
     caplog.set_level(logging.DEBUG)
     client = app_client(url)
     client.execute_bill_query("BD_Customer", ["FNumber"])
-    sid = client._sid  # noqa: SLF001 (the session id must not leak either)
+    sid = client._sid  # the session id must not leak either
     api.faults.append("500")
     outcome = client.deliver([Delivery("t", "BD_Customer/add", {"FName": "x"})])[0]
     with pytest.raises(K3CloudError) as raised:
@@ -461,3 +523,46 @@ def test_secrets_never_in_errors_or_logs(k3: tuple[str, K3Api], caplog: pytest.L
     for secret in (APP_SECRET, PASSWORD, sid or "-"):
         assert all(secret not in text for text in texts)
     assert "NO_SUCH_FORM" in str(raised.value)
+
+
+def test_k3cloud_down_at_login_makes_retries_not_a_failed_run(k3: tuple[str, K3Api]) -> None:
+    url, api = k3
+    api.faults.append("503")
+    with password_client(url) as client:
+        outcomes = client.deliver([Delivery("t1", "BD_Customer/add", {"FName": "甲"}),
+                                   Delivery("t2", "BD_Customer/add", {"FName": "乙"})])  # fmt: skip
+        assert [o.status for o in outcomes] == ["retry", "retry"]
+        assert [o.status for o in client.deliver([Delivery("t1", "BD_Customer/add", {"FName": "甲"})])] == [
+            "applied"
+        ]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("      password: ${K3_PASSWORD}\n      crm_key_field", "      password: hunter2\n      crm_key_field"),
+         "sync.finance.transport.password: password is a secret; write ${ENV_VAR}"),
+        (("      password: ${K3_PASSWORD}\n      crm_key_field", "      crm_key_field"),
+         "give password (ValidateUser) or app_id and app_secret (LoginByAppSecret)"),
+        (("add: BD_Customer/add", "add: BD_Customer/save"), "'BD_Customer/save' is not allowed"),
+        (("    password: ${K3_PASSWORD}\n    page_size", "    password: s3cret\n    page_size"),
+         "sources.k3.password: password is a secret"),
+    ],
+)  # fmt: skip
+def test_a_bad_k3cloud_section_is_a_located_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: tuple[str, str], message: str
+) -> None:
+    from crm_core.errors import ConfigError
+
+    for name in ("K3_URL", "K3_ACCT_ID", "K3_USERNAME", "K3_PASSWORD"):
+        monkeypatch.setenv(name, "x")
+    root = tmp_path / "p"
+    shutil.copytree(REPO / "examples" / "k3cloud" / "mappings", root / "mappings")
+    assert change[0] in PROJECT
+    (root / "project.yaml").write_text(PROJECT.replace(*change), encoding="utf-8")
+    with pytest.raises(ConfigError) as raised:
+        Migration.load(str(root))
+    text = str(raised.value)
+    assert message in text, text
+    assert text.split("project.yaml:")[1].split(":")[0].isdigit()  # file:line:col
+    assert "hunter2" not in text and "s3cret" not in text

@@ -497,7 +497,12 @@ class K3CloudClient:
                         outcomes[i] = self._retry(deliveries[i].trade_id, stopped)
                     continue
                 try:
-                    self._deliver_chunk(operation, [deliveries[i] for i in chunk], chunk, outcomes)
+                    try:
+                        self._deliver_chunk(operation, [deliveries[i] for i in chunk], chunk, outcomes)
+                    except K3CloudError as error:  # the login or a lookup: down now, or wrong settings
+                        if not error.transient:
+                            raise
+                        raise _Transient(str(error), retry_after=error.retry_after) from None
                 except _Transient as problem:
                     for i in chunk:
                         if outcomes[i] is None:
