@@ -494,9 +494,13 @@ def test_bad_finance_rows_are_rejected_with_reasons_and_the_rest_applied(
     api.erp.add_receivable("AR-2", "K-ONLY", [(None, "200.00")])
     api.erp.add_receivable("AR-3", number, [(None, "100.125")])  # more than two decimals: not a fen amount
     api.erp.add_receipt("SK-1", number, [("AR-1", "100.00"), ("AR-404", "5.00")])
+    api.erp.add_receipt("SK-RED", number, [("AR-1", "-20.00")])  # negative: the core's rule says amount >= 0
     report = sync(project, core, "inbound")
     assert report.entities["receivable"]["applied"] == 2 - 1  # AR-2's customer is unknown
-    assert report.entities["payment_application"]["applied"] == 1  # AR-404 is not a known receivable
+    assert report.entities["payment_application"]["applied"] == 1  # AR-404 unknown, SK-RED's amount negative
+    assert report.entities["payment"]["applied"] == 1
+    with session_factory(core)() as session:
+        assert reconcile(session)["totals"]["collected"] == "100.00"
     with session_factory(core)() as session:
         from crm_core.models import Reject
 
@@ -507,6 +511,7 @@ def test_bad_finance_rows_are_rejected_with_reasons_and_the_rest_applied(
     )  # a warning: loaded without it
     assert "not found" in reasons[("payment_application", "receivable")]
     assert "more than two decimals" in reasons[("receivable", "amount")]
+    assert reasons[("payment", "amount")] == "amount must be >= 0"
 
 
 def test_secrets_never_in_errors_or_logs(k3: tuple[str, K3Api], caplog: pytest.LogCaptureFixture) -> None:
@@ -566,3 +571,19 @@ def test_a_bad_k3cloud_section_is_a_located_error(
     assert message in text, text
     assert text.split("project.yaml:")[1].split(":")[0].isdigit()  # file:line:col
     assert "hunter2" not in text and "s3cret" not in text
+
+
+@pytest.mark.parametrize(("audit", "state"), [("auto", "C"), ("explicit", "C"), ("none", "A")])
+def test_saved_customers_are_submitted_and_audited_as_the_project_asks(
+    k3: tuple[str, K3Api], audit: Any, state: str
+) -> None:
+    url, api = k3
+    with password_client(url, audit=audit) as client:
+        outcome = client.deliver([Delivery("t1", "BD_Customer/add", {"FName": "审核测试有限公司"})])[0]
+    assert outcome.status == "applied"
+    with api.engine.connect() as conn:
+        found = conn.execute(sa.text('SELECT "FDocumentStatus" FROM "T_BD_CUSTOMER" WHERE "FNumber" = :n'),
+                             {"n": outcome.external_key}).scalar()  # fmt: skip
+    assert found == state
+    services = [r.service for r in api.requests if r.service in ("Save", "Submit", "Audit")]
+    assert services == (["Save", "Submit", "Audit"] if audit == "explicit" else ["Save"])
