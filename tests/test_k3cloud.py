@@ -587,3 +587,47 @@ def test_saved_customers_are_submitted_and_audited_as_the_project_asks(
     assert found == state
     services = [r.service for r in api.requests if r.service in ("Save", "Submit", "Audit")]
     assert services == (["Save", "Submit", "Audit"] if audit == "explicit" else ["Save"])
+
+
+def test_a_session_reopened_by_the_signed_headers_is_kept(k3: tuple[str, K3Api]) -> None:
+    """After the session lapses, the SDK headers open a new one (no login call); the client keeps using it."""
+    url, api = k3
+    with app_client(url) as client:
+        client.execute_bill_query("BD_Customer", ["FNumber"])
+        api.faults.append("expire_session")
+        for _ in range(3):
+            client.execute_bill_query("BD_Customer", ["FNumber"])
+    queries = [r.auth for r in api.requests if r.service == "ExecuteBillQuery"]
+    assert queries == ["session", "headers", "session", "session"] and logins(api) == 1
+
+
+def test_ten_thousand_receivables_sum_to_the_fen(finance: tuple[K3Api, Path], core: sa.Engine) -> None:
+    """10,000 receivables read page by page: the core's total equals K3Cloud's exactly."""
+    import random
+
+    api, project = finance
+    (project / "project.yaml").write_text(
+        PROJECT.replace("page_size: 50", "page_size: 2000"), encoding="utf-8"
+    )
+    sync(project, core)
+    customer = create_record(core, "customer", {"name": "大客户有限公司"})
+    sync(project, core, "outbound")
+    with session_factory(core)() as session:
+        number = str(session.get(Customer, customer).erp_code)  # type: ignore[union-attr]
+    generator = random.Random(18)
+    amounts = [Decimal(generator.randrange(1, 10**9)) / 100 for _ in range(10_000)]
+    api.erp.bulk_receivables(number, amounts)
+    report = sync(project, core, "inbound")
+    assert report.entities["receivable"]["applied"] == 10_000 and report.rejected == 0
+    with api.engine.connect() as conn:
+        theirs = sum(
+            (
+                Decimal(str(v))
+                for v in conn.execute(sa.text('SELECT "FALLAMOUNTFOR" FROM "T_AR_RECEIVABLE"')).scalars()
+            ),
+            Decimal(0),
+        )
+    with session_factory(core)() as session:
+        ours = reconcile(session)["totals"]["invoiced"]
+        rows = [Decimal(str(v)) for v in session.scalars(sa.select(Receivable.amount))]
+    assert theirs == sum(amounts) and sum(rows) == theirs and Decimal(ours) == theirs

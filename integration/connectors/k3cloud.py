@@ -390,6 +390,11 @@ class K3CloudClient:
             raise K3CloudError(
                 f"{self._base} has no {short} (HTTP 404): check base_url (e.g. http://host/k3cloud)"
             )
+        renewed = response.cookies.get(SESSION_COOKIE)
+        if renewed and self._sid and renewed != self._sid:  # the site reopened the session (SDK headers)
+            with self._lock:
+                self._spent = [*self._spent[-4:], self._sid]
+                self._sid = renewed
         try:
             answer = json.loads(response.content, parse_float=Decimal)
         except ValueError:

@@ -1,6 +1,6 @@
 """The ``sync:`` section of project.yaml: which target systems the core stays in step with, and how.
 
-Per target: the transport (``u8_openapi``), the crosswalk system its keys live under (the project source
+Per target: the transport (``u8_openapi``, ``k3cloud``), the crosswalk system its keys live under (the project source
 the inbound mappings read), schedules, retry policy, and per entity the direction, field ownership, the
 inbound mappings (existing mapping files with an incremental cursor) and the outbound mapping (core fields
 → the target's document, written with the mapping engine's field syntax and transform library).

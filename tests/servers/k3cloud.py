@@ -74,7 +74,9 @@ SESSION_LOST = 1
 _SDK_CODE = "0054s397p6234378o09pn7q3r5qropr7"
 
 metadata = sa.MetaData()
-Money = sa.Numeric(23, 10)  # K3Cloud keeps amounts as decimal(23,10)
+# K3Cloud keeps amounts as decimal(23,10). SQLite has no decimal type: it keeps a REAL, read back as a float whose
+# shortest repr is the amount written (up to 15 significant digits), never through a 10-place rounding.
+Money = sa.Numeric(23, 10).with_variant(sa.Numeric(23, 10, asdecimal=False), "sqlite")
 
 CURRENCY = sa.Table(
     "T_BD_CURRENCY", metadata,
@@ -629,6 +631,27 @@ class ErpUser:
                     for n, ((receivable, _), amount) in enumerate(zip(writeoffs, amounts, strict=True))
                 ])  # fmt: skip
         return fid
+
+    def bulk_receivables(self, customer: str, amounts: Sequence[Decimal], *, prefix: str = "ARB") -> None:
+        """Add one audited single-line receivable per amount (``<prefix>000001``, ...) in one transaction."""
+        with self._write() as conn:
+            custid = self._id_of(conn, CUSTOMER, "FNumber", customer, "FCUSTID")
+            first = next_values(conn, "fid", len(amounts))
+            entry = next_values(conn, "entryid", len(amounts))
+            stamp = self.clock.stamp()
+            day = dt.datetime(2026, 10, 8)
+            conn.execute(sa.insert(RECEIVABLE), [
+                {"FID": first + n, "FBillNo": f"{prefix}{n + 1:06d}", "FBillTypeID": "YSD01_SYS", "FDATE": day,
+                 "FENDDATE_H": day + dt.timedelta(days=30), "FCUSTOMERID": custid, "FCURRENCYID": 1,
+                 "FEXCHANGERATE": Decimal(1), "FALLAMOUNTFOR": amount, "FDOCUMENTSTATUS": "C", "FCreateDate": stamp,
+                 "FModifyDate": stamp}
+                for n, amount in enumerate(amounts)
+            ])  # fmt: skip
+            conn.execute(sa.insert(RECEIVABLE_ENTRY), [
+                {"FEntryID": entry + n, "FID": first + n, "FSeq": 1, "FMATERIALNAME": "CRM-DEAL", "FPriceQty": 1,
+                 "FTaxPrice": amount, "FALLAMOUNTFOR_D": amount, "FORDERNUMBER": None}
+                for n, amount in enumerate(amounts)
+            ])  # fmt: skip
 
     def update(self, form_id: str, number: str, **columns: Any) -> None:
         """Change head columns of a record (by FBillNo, or FNumber for base data); FModifyDate moves."""
