@@ -40,7 +40,7 @@ CASES = [
     ("bad_source_name", "version: 1\nname: acme\nsources:\n  Legacy-CRM: {connector: sql, url: 'sqlite://'}\nmappings: [mappings/*.yaml]\n",
      ["4:3: sources: source name 'Legacy-CRM' must match ^[a-z][a-z0-9_]*$ (it names Dagster assets)"]),
     ("unknown_connector", "version: 1\nname: acme\nsources:\n  crm: {connector: oracle, url: 'x'}\nmappings: [mappings/*.yaml]\n",
-     ["4:20: sources.crm.connector: 'oracle' is not allowed; allowed: excel, sql, odbc, rest, csv"]),
+     ["4:20: sources.crm.connector: 'oracle' is not allowed; allowed: excel, sql, odbc, rest, csv, k3cloud"]),
     ("dedup_unknown_field", HEADER + "mappings: [mappings/*.yaml]\ndedup:\n  customer: {match_keys: [[credit_cod]]}\n",
      ["7:3: dedup: entity 'customer' has no field 'credit_cod'"]),
     ("dedup_unknown_source", HEADER + "mappings: [mappings/*.yaml]\ndedup:\n  customer: {source_priority: [erp]}\n",

@@ -93,9 +93,14 @@ def target_of(migration: Any, name: str | None) -> CompiledTarget:
 def make_client(target: CompiledTarget) -> Transport:
     """Return the transport client of a target (by its transport profile), secrets expanded from the environment."""
     from integration.connectors.u8_openapi import U8Client, U8Credentials
+    from integration.sync.spec import K3CloudTransport
     from integration.yamlconf import expand_env
 
     transport = target.spec.transport
+    if isinstance(transport, K3CloudTransport):
+        from integration.connectors.k3cloud import k3cloud_client
+
+        return k3cloud_client(target.name, transport)
     try:
         credentials = U8Credentials(
             base_url=expand_env(transport.base_url), from_account=expand_env(transport.from_account),
