@@ -349,6 +349,7 @@ def _wait_for_failpoint(fifo: Path, process: subprocess.Popen[bytes], timeout: f
          "column 'shortname' is not in customer; did you mean 'short_name'"),
         (("    system: erp_u8", "    system: erp_u9"), "unknown source 'erp_u9'"),
         (("        direction: outbound\n", "        direction: sideways\n"), "'sideways' is not allowed"),
+        (("when: \"stage = 'won'\"", "when: \"stag = 'won'\""), "column 'stag' is not in opportunity; did you mean 'stage'"),
     ],
 )  # fmt: skip
 def test_a_bad_sync_spec_is_a_located_error(tmp_path: Path, change: tuple[str, str], message: str) -> None:

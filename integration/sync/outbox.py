@@ -68,8 +68,14 @@ def watermark_source(target: str) -> str:
 # --------------------------------------------------------------------------- reading core records
 
 
-def core_frame(session: Session, target: CompiledTarget, entity: str, ids: Sequence[int]) -> pd.DataFrame:
-    """Return core records as the outbound mapping reads them: fields, ``_key`` and referenced fields."""
+def core_frame(
+    session: Session, target: CompiledTarget, entity: str, ids: Sequence[int], needed: set[str] | None = None
+) -> pd.DataFrame:
+    """Return core records as the outbound mapping reads them: fields, ``_key`` and referenced fields.
+
+    ``needed`` names the columns the mapping reads: a reference's record is read only when one of its
+    fields is (``customer._key``), so a document of the record's own fields costs one query per chunk.
+    """
     definition = ENTITIES[entity]
     table: Table = definition.model.__table__  # type: ignore[assignment]
     connection = session.connection()
@@ -85,6 +91,9 @@ def core_frame(session: Session, target: CompiledTarget, entity: str, ids: Seque
     frame[KEY_COLUMN] = [keys.get(i) for i in frame["id"]]
     for name, field_def in definition.references.items():
         referenced = ENTITIES[field_def.references or ""]
+        wanted = None if needed is None else {c.split(".", 1)[1] for c in needed if c.startswith(f"{name}.")}
+        if wanted is not None and not wanted:
+            continue
         ref_ids = sorted({int(v) for v in frame[name].dropna()}) if name in frame else []
         ref_table: Table = referenced.model.__table__  # type: ignore[assignment]
         ref_rows: dict[int, dict[str, Any]] = {}
@@ -96,6 +105,8 @@ def core_frame(session: Session, target: CompiledTarget, entity: str, ids: Seque
         frame[f"{name}.id"] = ids_column
         frame[f"{name}.{KEY_COLUMN}"] = [ref_keys.get(i) if i is not None else None for i in ids_column]
         for ref_field, ref_def in referenced.fields.items():
+            if wanted is not None and ref_field not in wanted:
+                continue
             frame[f"{name}.{ref_field}"] = [
                 ref_rows.get(i, {}).get(ref_def.column) if i is not None else None for i in ids_column
             ]
@@ -155,9 +166,15 @@ def build_documents(
     """Map core records to the target's documents (add for a record the target does not know, else edit)."""
     outbound = sync.outbound
     assert outbound is not None
-    frame = core_frame(session, target, sync.entity, ids)
-    if outbound.spec.when:
-        frame = filter_frame(frame, parse(outbound.spec.when, condition=True)).reset_index(drop=True)
+    when = parse(outbound.spec.when, condition=True) if outbound.spec.when else None
+    needed = {
+        *outbound.mapping.source_columns(),
+        *(outbound.lines.source_columns() if outbound.lines else ()),
+    }
+    needed |= set(when.columns) if when is not None else set()
+    frame = core_frame(session, target, sync.entity, ids, needed)
+    if when is not None:
+        frame = filter_frame(frame, when).reset_index(drop=True)
     if frame.empty:
         return []
     result = map_chunk(outbound.mapping, frame)

@@ -352,6 +352,18 @@ def _compile_outbound(
         except ConfigError as exc:
             prefix = format_path(sub_path[:-1])
             problems.extend(replace(p, path=f"{prefix}.{p.path}" if p.path else prefix) for p in exc.problems)
+    if outbound.when is not None:
+        from integration.mappings.expressions import ExpressionError, parse
+
+        try:
+            unknown = [c for c in parse(outbound.when, condition=True).columns if c not in columns]
+        except ExpressionError as exc:
+            problems.append(doc.problem((*path, "when"), f"{exc.message}"))
+        else:
+            for column in unknown:
+                problems.append(doc.problem(
+                    (*path, "when"), f"column '{column}' is not in {entity}{close_names(column, columns)}"
+                ))  # fmt: skip
     if outbound.key_field is not None and outbound.key_field not in ENTITIES[entity].fields:
         problems.append(
             doc.problem(
