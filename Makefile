@@ -7,7 +7,7 @@ export CRM_PROJECT ?= $(PROJECT)
 export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 
 .DEFAULT_GOAL := help
-.PHONY: help demo sync-demo test check lint typecheck pytest ui bench bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-e2e bench-load bench-dedup-storage bench-sync clean schema
+.PHONY: help demo sync-demo test check lint typecheck pytest ui ui-prod bench bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-e2e bench-load bench-dedup-storage bench-sync clean schema
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -46,6 +46,17 @@ pytest: $(VENV)/.installed  ## the test suite
 
 ui: $(VENV)/.installed $(DAGSTER_HOME)  ## Dagster UI on 127.0.0.1:3000 (DAGSTER_HOME under var/)
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+ui-prod: $(VENV)/.installed  ## webserver + daemon as deployed: deploy/dagster.yaml on PostgreSQL, settings in deploy/dagster.env
+	@test -f deploy/dagster.env || { echo "copy deploy/dagster.env.example to deploy/dagster.env and fill it in (docs/deploy.md)"; exit 2; }
+	mkdir -p var/prod/dagster_home var/prod/work
+	cp deploy/dagster.yaml var/prod/dagster_home/dagster.yaml
+	set -a; . deploy/dagster.env; set +a; \
+	export DAGSTER_HOME=$(CURDIR)/var/prod/dagster_home CRMI_WORK_DIR=$(CURDIR)/var/prod/work; \
+	$(BIN)/python deploy/preflight.py || exit 1; \
+	$(BIN)/dagster-daemon run -w deploy/workspace.yaml & daemon=$$!; \
+	trap 'kill $$daemon; wait $$daemon' EXIT INT TERM; \
+	$(BIN)/dagster-webserver -h $${DAGSTER_WEBSERVER_HOST:-127.0.0.1} -p $${DAGSTER_WEBSERVER_PORT:-3000} -w deploy/workspace.yaml
 
 schema: $(VENV)/.installed  ## regenerate mapping.schema.json, docs/transforms.md and docs/targets.md from the code
 	$(BIN)/crmi mapping schema > integration/mappings/mapping.schema.json
