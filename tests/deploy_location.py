@@ -65,9 +65,13 @@ def every_minute(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.Sk
 
 
 @dg.sensor(job=probe, minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING, name=SENSOR)
-def at_once(context: dg.SensorEvaluationContext) -> dg.RunRequest | dg.SkipReason:
-    """Start ``probe`` at the first evaluation only (run key); the daemon evaluates a new sensor at once."""
-    return dg.RunRequest(run_key="first", tags={"crmi/test-trigger": "sensor"})
+def at_once(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+    """Start ``probe`` at the first evaluation only; the daemon evaluates a new sensor at once."""
+    if context.cursor == "started":
+        return dg.SkipReason("the probe ran already")
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(tags={"crmi/test-trigger": "sensor"})], cursor="started"
+    )
 
 
 defs = dg.Definitions(jobs=[gated, probe], schedules=[every_minute], sensors=[at_once])
