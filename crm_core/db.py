@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,28 @@ def current_revision(engine: Engine) -> str | None:
 UPGRADE_HINT = "back it up, then run `crmi core upgrade{option}`"
 
 
+SCHEMA_LOCK = 0x63726D69  # 'crmi': the PostgreSQL advisory lock taken while an empty core gets its schema
+
+
+@contextmanager
+def _schema_lock(engine: Engine) -> Iterator[None]:
+    """Serialize schema creation between processes (parallel Dagster steps on an empty PostgreSQL core).
+
+    Without it two steps starting together both create the schema and one fails on ``alembic_version``.
+    SQLite cores run their steps in one process.
+    """
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK})
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK})
+            connection.commit()
+
+
 def ensure_schema(engine: Engine) -> None:
     """Create the schema in an empty database; refuse a core at another revision with one clear error.
 
@@ -121,7 +144,9 @@ def ensure_schema(engine: Engine) -> None:
     if current == head:
         return
     if current is None and not ours:
-        upgrade(engine)
+        with _schema_lock(engine):
+            if current_revision(engine) is None:  # not created meanwhile by a process we waited for
+                upgrade(engine)
         return
     if current is None:
         raise SchemaError(
