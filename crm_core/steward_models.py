@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from crm_core.models import Base, MatchCandidate, intpk
+from crm_core.models import Base, Customer, ExternalId, MatchCandidate, intpk
 
 ROLES = ("viewer", "steward", "admin")
 
@@ -109,15 +109,24 @@ class ApiToken(Base):
     last_used_at: Mapped[dt.datetime | None]
 
 
-# The review queue's reads: pending pairs of an entity by score, and a cluster walked from either side.
+# The workbench's reads of core tables. The queue scans pending pairs of an entity in score order and checks
+# each pair's records against a filter without leaving the index (covering: left and right ids); a cluster
+# is walked from the right-hand record of a pair too; the city and source filters list their records from
+# an index.
 _candidates = MatchCandidate.__table__.c
 Index(
-    "ix_match_candidates_status_entity_probability",
+    "ix_match_candidates_queue",
     _candidates.status,
     _candidates.entity,
     _candidates.probability,
+    _candidates.left_id,
+    _candidates.right_id,
 )
 Index("ix_match_candidates_entity_right_id", _candidates.entity, _candidates.right_id)
+Index("ix_customers_city", Customer.__table__.c.city)
+_crosswalk = ExternalId.__table__.c
+Index("ix_external_ids_entity_system_entity_id", _crosswalk.entity, _crosswalk.system, _crosswalk.entity_id)
+
 
 # The tables as Core tables, for the workbench's set-based statements.
 USERS, SESSIONS, CLAIMS, AUDIT, API_TOKENS = (

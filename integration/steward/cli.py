@@ -70,7 +70,7 @@ def build_app(
     start_match_refresh: bool = True,
 ) -> Starlette:
     """The workbench on the core at ``core`` with the merge rules of ``project`` (schema checked first)."""
-    from integration.pipeline import core_engine
+    import integration.mappings  # noqa: F401  (before integration.project: their imports are circular)
     from integration.project import load_project
     from integration.steward.app import Settings, create_app
     from integration.steward.decisions import Rules
@@ -122,9 +122,20 @@ def serve(
     uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
 
 
-def _with_core(core: str | None) -> Engine:
-    from integration.pipeline import core_engine
+def core_engine(core: str | None) -> Engine:
+    """An engine on the core whose schema is current (an empty database gets it; another revision is refused)."""
+    from crm_core.db import ensure_schema, make_engine
 
+    engine = make_engine(core)
+    try:
+        ensure_schema(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
+
+
+def _with_core(core: str | None) -> Engine:
     try:
         return core_engine(core)
     except CrmError as exc:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rapidfuzz.distance import Levenshtein
-from sqlalchemy import Connection, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 from stdnum.cn import uscc
 
 from crm_core.journal import id_parts, ids_in
@@ -137,13 +137,19 @@ def find_cluster(connection: Connection, candidate_id: int) -> Cluster:
     truncated = False
     while frontier := nodes - seen:
         seen |= frontier
-        rows = connection.execute(
-            select(c.id, c.left_id, c.right_id, c.probability, c.features).where(
-                c.entity == entity, c.status == "review",
-                or_(c.left_id.in_(sorted(frontier)), c.right_id.in_(sorted(frontier))),
-            ).order_by(c.probability.desc(), c.id)
-        ).all()  # fmt: skip
-        for row in rows:
+        # One query per side, each served by its own index ((entity, left_id, right_id) and (entity,
+        # right_id)); the status is checked here, so the planner never prefers the status index.
+        rows = {
+            row.id: row
+            for side in (c.left_id, c.right_id)
+            for part in id_parts(connection, sorted(frontier))
+            for row in connection.execute(
+                select(c.id, c.left_id, c.right_id, c.probability, c.features, c.status)
+                .where(c.entity == entity, ids_in(connection, side, part))
+            )
+            if row.status == "review"
+        }  # fmt: skip
+        for row in sorted(rows.values(), key=lambda r: (-r.probability, r.id)):
             ends = {row.left_id, row.right_id}
             if row.id in pairs:
                 continue
@@ -313,7 +319,12 @@ def explain_pair(entity: str, a: Mapping[str, Any], b: Mapping[str, Any], pair: 
         core_a, core_b = left["name_core"] or "", right["name_core"] or ""
         if core_a and core_b:
             similarity = Levenshtein.normalized_similarity(core_a, core_b)
-            words.append("same name" if core_a == core_b else f"names {similarity:.0%} alike")
+            if core_a != core_b:
+                words.append(f"names {similarity:.0%} alike")
+            elif (a.get("name") or "") == (b.get("name") or ""):
+                words.append("same name")
+            else:
+                words.append(f"same trade name ({core_a}), written differently")
         if left["branch"] != right["branch"]:
             words.append(f"branches differ ({left['branch']} / {right['branch']})")
         phones_a, phones_b = set((left["phones"] or "").split()), set((right["phones"] or "").split())
@@ -415,14 +426,15 @@ def build_view(
             if not _blank(value) and value not in seen_values:
                 seen_values.append(value)
                 choices.append(record_id)
-        fields.append(FieldRow(name, values, len({str(v) for v in filled}) > 1 or 0 < len(filled) < len(values),
-                               default, default_record, choices))  # fmt: skip
+        if filled:  # a field blank on every record says nothing
+            fields.append(FieldRow(name, values, len({str(v) for v in filled}) > 1 or 0 < len(filled) < len(values),
+                                   default, default_record, choices))  # fmt: skip
     crosswalk: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for row in connection.execute(
+    keys = connection.execute(
         select(CROSSWALK.c.entity_id, CROSSWALK.c.system, CROSSWALK.c.external_key, CROSSWALK.c.match_method)
         .where(CROSSWALK.c.entity == entity, CROSSWALK.c.entity_id.in_(ids))
-        .order_by(CROSSWALK.c.system, CROSSWALK.c.external_key)
-    ):  # fmt: skip
+    )  # sorted here: an ORDER BY would tempt the planner into the (entity, system, key) index  # fmt: skip
+    for row in sorted(keys, key=lambda r: (r.system, r.external_key)):
         crosswalk[row.entity_id].append(dict(row._mapping))
     table = table_of(model)
     sources = dict.fromkeys(ids, 0)

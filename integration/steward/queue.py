@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlencode
 
-from sqlalchemy import Connection, and_, exists, func, not_, or_, select
+from sqlalchemy import Connection, exists, func, or_, select
 
 from crm_core.merging import MODEL_OF, table_of
 from crm_core.models import Base
@@ -37,6 +37,7 @@ SORTS = {
     "oldest": "oldest first",
 }
 PER_PAGE = (25, 50, 100, 200)
+COUNT_CAP = 5000  # a filter on the records (source, city, claims) is counted up to this: "5,000+"
 # Assigned filter: anyone, pairs nobody holds, pairs I hold, pairs free for me (nobody else holds them).
 ASSIGNED_SPECIAL = ("", "unassigned", "me", "available")
 
@@ -112,7 +113,7 @@ class QueuePage:
     rows: list[dict[str, Any]]
     total: int  # pairs matching the filter
     pending: dict[str, int]  # pending pairs per entity, unfiltered
-    sources: list[str] = field(default_factory=list)  # source systems, for the filter's choices
+    capped: bool = False  # more than COUNT_CAP pairs match (a filter on the records is counted up to it)
 
     @property
     def pages(self) -> int:
@@ -120,18 +121,15 @@ class QueuePage:
         return max(1, -(-self.total // self.filter.per_page))
 
 
-def _claimed(entity: str, record: Any, now: dt.datetime, user_id: int | None = None) -> Any:
-    """EXISTS: a live claim on ``record`` (by ``user_id`` when given)."""
-    conditions = [CLAIMS.c.entity == entity, CLAIMS.c.record_id == record, CLAIMS.c.expires_at > now]
-    if user_id is not None:
-        conditions.append(CLAIMS.c.user_id == user_id)
-    return exists().where(*conditions)
+def _either(ids: Any) -> Any:
+    """Either record of the pair is in the subquery ``ids`` (each side served by its own index)."""
+    c = CANDIDATES.c
+    return or_(c.left_id.in_(ids), c.right_id.in_(ids))
 
 
-def _conditions(
-    connection: Connection, queue: QueueFilter, left: Any, right: Any, user_id: int, now: dt.datetime
-) -> tuple[list[Any], Any]:
-    """WHERE conditions of a filter, and the customers table joined for a contact's city (or None)."""
+def _conditions(connection: Connection, queue: QueueFilter, user_id: int, now: dt.datetime) -> list[Any]:
+    """WHERE conditions of a filter, on the candidates alone (no join): a city or claim filter is
+    ``IN (subquery)``, evaluated once; a source filter probes the crosswalk's covering index per side."""
     c = CANDIDATES.c
     conditions: list[Any] = [c.status == "review", c.entity == queue.entity]
     low, high = BANDS.get(queue.band, (None, None))
@@ -141,31 +139,29 @@ def _conditions(
         conditions.append(c.probability >= queue.min_score)
     if queue.max_score is not None:
         conditions.append(c.probability <= queue.max_score)
-    if queue.source:
-        conditions.append(
-            or_(*(exists().where(CROSSWALK.c.entity == queue.entity, CROSSWALK.c.entity_id == side,
-                                 CROSSWALK.c.system == queue.source) for side in (c.left_id, c.right_id)))
-        )  # fmt: skip
-    company = None
+    if queue.source:  # most pairs have a record from a big source: one probe of the covering index per side
+        conditions.append(or_(*(
+            exists().where(CROSSWALK.c.entity == queue.entity, CROSSWALK.c.system == queue.source,
+                           CROSSWALK.c.entity_id == side)
+            for side in (c.left_id, c.right_id)
+        )))  # fmt: skip
     if queue.city:
-        if queue.entity == "customer":
-            conditions.append(or_(left.c.city == queue.city, right.c.city == queue.city))
-        else:  # a contact's city is its customer's (both contacts of a pair share the customer)
-            company = CUSTOMERS.alias("company")
-            conditions.append(company.c.city == queue.city)
+        in_city = select(CUSTOMERS.c.id).where(CUSTOMERS.c.city == queue.city)
+        if queue.entity == "contact":  # a contact's city is its customer's
+            contacts = TABLES["contacts"]
+            in_city = select(contacts.c.id).where(contacts.c.customer_id.in_(in_city))
+        conditions.append(_either(in_city))
+    claims = select(CLAIMS.c.record_id).where(CLAIMS.c.entity == queue.entity, CLAIMS.c.expires_at > now)
     sides = (c.left_id, c.right_id)
     if queue.assigned == "unassigned":
-        conditions += [not_(_claimed(queue.entity, side, now)) for side in sides]
+        conditions += [side.not_in(claims) for side in sides]
     elif queue.assigned == "available":  # nobody else holds either record
-        conditions += [
-            not_(exists().where(CLAIMS.c.entity == queue.entity, CLAIMS.c.record_id == side,
-                                CLAIMS.c.expires_at > now, CLAIMS.c.user_id != user_id))
-            for side in sides
-        ]  # fmt: skip
+        others = claims.where(CLAIMS.c.user_id != user_id)
+        conditions += [side.not_in(others) for side in sides]
     elif queue.assigned:
         holder = user_id if queue.assigned == "me" else _user_id_or_none(connection, queue.assigned)
-        conditions.append(or_(*(_claimed(queue.entity, side, now, holder or -1) for side in sides)))
-    return conditions, company
+        conditions.append(_either(claims.where(CLAIMS.c.user_id == (holder or -1))))
+    return conditions
 
 
 def _user_id_or_none(connection: Connection, name: str) -> int | None:
@@ -186,14 +182,14 @@ def _order(sort: str) -> list[Any]:
 
 
 def pending_counts(connection: Connection) -> dict[str, int]:
-    """Pending pairs per entity (served by the status/entity/score index alone)."""
+    """Pending pairs per entity (a range of the queue index each)."""
     c = CANDIDATES.c
-    rows = connection.execute(
-        select(c.entity, func.count()).where(c.status == "review").group_by(c.entity)
-    ).all()
-    counts = dict.fromkeys(ENTITIES, 0)
-    counts.update({entity: int(count) for entity, count in rows})
-    return counts
+    return {
+        entity: int(
+            connection.scalar(select(func.count()).where(c.status == "review", c.entity == entity)) or 0
+        )
+        for entity in ENTITIES
+    }
 
 
 def queue_page(connection: Connection, queue: QueueFilter, user_id: int) -> QueuePage:
@@ -202,18 +198,19 @@ def queue_page(connection: Connection, queue: QueueFilter, user_id: int) -> Queu
     table = table_of(MODEL_OF[queue.entity])
     left, right = table.alias("l"), table.alias("r")
     c = CANDIDATES.c
-    conditions, company = _conditions(connection, queue, left, right, user_id, now)
-    # Filter, sort and page on the candidates alone (joined only for a city filter), then read the names
-    # of the page's pairs: a sort by an expression never joins every pending pair.
-    filtered = _filtered(queue, left, right, company)
-    total = int(connection.scalar(select(func.count()).select_from(filtered).where(*conditions)) or 0)
-    ids = [
-        int(i)
-        for (i,) in connection.execute(
-            select(c.id).select_from(filtered).where(*conditions).order_by(*_order(queue.sort))
-            .limit(queue.per_page).offset((queue.page - 1) * queue.per_page)
-        )
-    ]  # fmt: skip
+    conditions = _conditions(connection, queue, user_id, now)
+    # Filter, sort and page on the candidates alone, in the order of the (status, entity, probability,
+    # left, right) index where the sort allows, so a page stops reading once it is full; then read the
+    # names of the page's pairs. A filter on the records (source, city, claims) is counted up to a cap.
+    pending = pending_counts(connection)
+    if queue.source or queue.city or queue.assigned:
+        limited = select(c.id).where(*conditions).limit(COUNT_CAP + 1).subquery()
+        total = int(connection.scalar(select(func.count()).select_from(limited)) or 0)
+    elif queue.band or queue.min_score is not None or queue.max_score is not None:
+        total = int(connection.scalar(select(func.count()).select_from(CANDIDATES).where(*conditions)) or 0)
+    else:
+        total = pending[queue.entity]
+    ids = page_ids(connection, conditions, queue.sort, (queue.page - 1) * queue.per_page, queue.per_page)
     key = "credit_code" if queue.entity == "customer" else "mobile"
     city_of = (
         (left.c.city, right.c.city)
@@ -244,28 +241,45 @@ def queue_page(connection: Connection, queue: QueueFilter, user_id: int) -> Queu
         )
     } if ids else {}  # fmt: skip
     rows = [found[i] for i in ids if i in found]
-    return QueuePage(queue, rows, total, pending_counts(connection))
+    capped = total > COUNT_CAP and bool(queue.source or queue.city or queue.assigned)
+    return QueuePage(queue, rows, COUNT_CAP if capped else total, pending, capped=capped)
 
 
-def _filtered(queue: QueueFilter, left: Any, right: Any, company: Any) -> Any:
-    """What a filter selects from: the candidates, joined to their records only for a city filter."""
-    if not queue.city:
-        return CANDIDATES
+def page_ids(connection: Connection, conditions: list[Any], sort: str, offset: int, limit: int) -> list[int]:
+    """The ids of one page. "Closest to a coin toss" reads two index ranges (scores from 0.5 up, and below
+    0.5 down) and merges them: no sort of every matching pair by an expression."""
     c = CANDIDATES.c
-    joined = CANDIDATES.join(left, left.c.id == c.left_id).join(right, right.c.id == c.right_id)
-    return joined if company is None else joined.join(company, company.c.id == left.c.customer_id)
+    if sort != "uncertain":
+        query = select(c.id).where(*conditions).order_by(*_order(sort)).limit(limit).offset(offset)
+        return [int(i) for (i,) in connection.execute(query)]
+    wanted = offset + limit
+    upper = select(c.id, c.probability).where(*conditions, c.probability >= 0.5)
+    lower = select(c.id, c.probability).where(*conditions, c.probability < 0.5)
+    rows = [
+        *connection.execute(upper.order_by(c.probability, c.id).limit(wanted)),
+        *connection.execute(lower.order_by(c.probability.desc(), c.id).limit(wanted)),
+    ]
+    rows.sort(key=lambda r: (abs(r.probability - 0.5), r.id))
+    return [int(r.id) for r in rows[offset:wanted]]
 
 
 def _company_city(customer_id: Any) -> Any:
     return select(CUSTOMERS.c.city).where(CUSTOMERS.c.id == customer_id).scalar_subquery()
 
 
-def source_systems(connection: Connection, entity: str) -> list[str]:
-    """The source systems the crosswalk knows for an entity (the source filter's choices)."""
-    rows = connection.execute(
-        select(CROSSWALK.c.system).where(CROSSWALK.c.entity == entity).group_by(CROSSWALK.c.system)
-    )
-    return sorted(str(s) for (s,) in rows)
+def source_systems(connection: Connection, entity: str, most: int = 50) -> list[str]:
+    """The source systems the crosswalk knows for an entity (the source filter's choices), read one by one
+    from the (entity, system, …) index: a seek per system instead of a scan of every crosswalk key."""
+    found: list[str] = []
+    while len(found) < most:
+        query = select(func.min(CROSSWALK.c.system)).where(CROSSWALK.c.entity == entity)
+        if found:
+            query = query.where(CROSSWALK.c.system > found[-1])
+        system = connection.scalar(query)
+        if system is None:
+            break
+        found.append(str(system))
+    return found
 
 
 def first_available(
@@ -274,14 +288,8 @@ def first_available(
     """Candidate ids at the top of a filter that nobody else holds and this session did not skip."""
     now = dt.datetime.now(dt.UTC)
     mine = replace(queue, assigned="available")
-    table = table_of(MODEL_OF[queue.entity])
-    left, right = table.alias("l"), table.alias("r")
-    conditions, company = _conditions(connection, mine, left, right, user_id, now)
+    conditions = _conditions(connection, mine, user_id, now)
     c = CANDIDATES.c
     if skipped:
         conditions.append(c.id.not_in(list(skipped)))
-    rows = connection.execute(
-        select(c.id).select_from(_filtered(queue, left, right, company)).where(and_(*conditions))
-        .order_by(*_order(queue.sort)).limit(limit)
-    )  # fmt: skip
-    return [int(i) for (i,) in rows]
+    return page_ids(connection, conditions, queue.sort, 0, limit)

@@ -2,7 +2,9 @@
 
 ``steward_audit`` refuses UPDATE and DELETE (triggers on SQLite and PostgreSQL): an audit line, once
 written, stays. ``match_candidates`` gets the indexes the workbench's queue reads by (pending pairs of an
-entity by score; a cluster walked from the right-hand record of a pair).
+entity by score, covering both records; a cluster walked from the right-hand record of a pair),
+``customers`` one on the city and ``external_ids`` one on (entity, system, record) for the queue's
+filters.
 
 Revision ID: 0009
 Revises: 0008
@@ -103,9 +105,16 @@ def upgrade() -> None:
         "ix_match_candidates_entity_right_id", "match_candidates", ["entity", "right_id"], unique=False
     )
     op.create_index(
-        "ix_match_candidates_status_entity_probability",
+        "ix_match_candidates_queue",
         "match_candidates",
-        ["status", "entity", "probability"],
+        ["status", "entity", "probability", "left_id", "right_id"],
+        unique=False,
+    )
+    op.create_index("ix_customers_city", "customers", ["city"], unique=False)
+    op.create_index(
+        "ix_external_ids_entity_system_entity_id",
+        "external_ids",
+        ["entity", "system", "entity_id"],
         unique=False,
     )
     dialect = op.get_bind().dialect.name
@@ -132,7 +141,9 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     dialect = op.get_bind().dialect.name
-    op.drop_index("ix_match_candidates_status_entity_probability", table_name="match_candidates")
+    op.drop_index("ix_external_ids_entity_system_entity_id", table_name="external_ids")
+    op.drop_index("ix_customers_city", table_name="customers")
+    op.drop_index("ix_match_candidates_queue", table_name="match_candidates")
     op.drop_index("ix_match_candidates_entity_right_id", table_name="match_candidates")
     op.drop_index(op.f("ix_steward_sessions_user_id"), table_name="steward_sessions")
     op.drop_table("steward_sessions")
