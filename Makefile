@@ -55,7 +55,7 @@ schema: $(VENV)/.installed  ## regenerate mapping.schema.json, docs/transforms.m
 	$(BIN)/crmi mapping transforms --format markdown > docs/transforms.md
 	$(BIN)/crmi mapping targets --format markdown > docs/targets.md
 
-bench: bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-load bench-dedup-storage bench-e2e  ## all benchmarks
+bench: bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-load bench-dedup-storage bench-e2e bench-steward  ## all benchmarks
 
 bench-connectors: $(VENV)/.installed  ## extraction throughput vs naive pandas (JSON line)
 	$(BIN)/python bench/bench_connectors.py
@@ -78,6 +78,9 @@ bench-load: $(VENV)/.installed  ## core loader with crosswalk + journal: custome
 
 bench-dedup-storage: $(VENV)/.installed  ## candidate storage, set-based merges, undo and rollback at N customers (JSON line)
 	$(BIN)/python bench/bench_dedup_storage.py
+
+bench-steward: $(VENV)/.installed  ## steward workbench: queue/cluster pages at 100k pending pairs, match API under 20 clients (JSON line)
+	$(BIN)/python bench/bench_steward.py
 
 bench-e2e: $(VENV)/.installed  ## 3-source engagement, 100k + 1M rows, crmi run on SQLite + PostgreSQL (JSON line)
 	$(BIN)/python bench/bench_e2e.py

@@ -40,8 +40,9 @@ from integration.steward.app import Settings, create_app
 
 PG_URL = os.environ.get("CRM_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/bench_steward")
 REGIONS = ("深圳", "广州", "上海", "北京", "杭州", "成都", "武汉", "南京", "苏州", "西安", "宁波", "厦门")
-TRADES = ("腾达", "华创", "海纳", "星河", "启明", "云帆", "同创", "安捷", "凯达", "思源", "恒通", "博远", "金桥", "瑞丰",
-          "鼎新", "宏图", "天成", "众合", "卓越", "远景", "汇丰", "长城", "明德", "嘉禾", "飞扬")  # fmt: skip
+# Trade names of 2–6 characters drawn from these (as bench_dedup.py's golden customers): realistic spread of
+# name prefixes, so the match index's blocks hold hundreds of customers, not tens of thousands.
+CHARACTERS = "腾达讯华创环保海纳医疗星河物流启明软件云帆科技同创贸易安捷电子凯达思源信息恒通机械博远咨询金桥瑞丰鼎新宏图天成众合卓越远景汇丰长城明德嘉禾飞扬"
 INDUSTRIES = ("科技", "贸易", "电子", "软件", "物流", "机械", "医疗", "环保")
 SYSTEMS = ("erp_u8", "legacy_crm", "sales_xlsx")
 PASSWORD = "bench password 123"
@@ -70,8 +71,9 @@ def fresh_core(db: str) -> sa.Engine:
     return engine
 
 
-def name_of(i: int, rng: random.Random) -> str:
-    return f"{rng.choice(REGIONS)}{rng.choice(TRADES)}{rng.choice(TRADES)}{rng.choice(INDUSTRIES)}{i}有限公司"
+def name_of(rng: random.Random) -> str:
+    trade = "".join(rng.choice(CHARACTERS) for _ in range(rng.randint(2, 6)))
+    return f"{rng.choice(REGIONS)}{trade}{rng.choice(INDUSTRIES)}有限公司"
 
 
 def seed(engine: sa.Engine, customers: int, pairs: int) -> dict[str, float]:
@@ -90,7 +92,7 @@ def seed(engine: sa.Engine, customers: int, pairs: int) -> dict[str, float]:
             ids = range(start, min(customers, start + CHUNK - 1) + 1)
             rows = []
             for i in ids:
-                name = name_of(i, rng)
+                name = name_of(rng)
                 rows.append({"id": i, "name": name, "city": f"{name[:2]}市", "phone": f"+86755{i:08d}" if i % 3 else None,
                              "created_run_id": run_id, "status": "active", "is_branch": False})  # fmt: skip
             connection.execute(sa.insert(tables["customers"]), rows)
@@ -157,6 +159,7 @@ def pages(base: str, pairs: int, samples: int) -> dict[str, Any]:
         "unassigned_newest": "assigned=unassigned&sort=newest", "deep_page": "sort=score_desc&page=1000",
         "per_page_200": "per_page=200",
     }  # fmt: skip
+    session.get(f"{base}/cluster/1", timeout=60)  # warm-up: the address parser loads its tables once
     out: dict[str, Any] = {}
     everything: list[float] = []
     for label, query in queries.items():

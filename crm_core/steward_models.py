@@ -110,7 +110,7 @@ class ApiToken(Base):
 
 
 # The workbench's reads of core tables. The queue scans pending pairs of an entity in score order and checks
-# each pair's records against a filter without leaving the index (covering: left and right ids); a cluster
+# each pair's records against a filter without leaving the index (covering: id, left and right); a cluster
 # is walked from the right-hand record of a pair too; the city and source filters list their records from
 # an index.
 _candidates = MatchCandidate.__table__.c
@@ -119,6 +119,7 @@ Index(
     _candidates.status,
     _candidates.entity,
     _candidates.probability,
+    _candidates.id,
     _candidates.left_id,
     _candidates.right_id,
 )

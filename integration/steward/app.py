@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import secrets
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
 import jinja2
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import IntegrityError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -552,6 +553,8 @@ def create_app(
     (``crmi steward serve`` does; tests refresh it by hand).
     """
     workbench = Workbench(engine, settings or Settings())
+    if engine.dialect.name == "postgresql":
+        event.listen(engine, "connect", _no_jit)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return workbench.error(request, None, 404, "no such page")
@@ -560,6 +563,9 @@ def create_app(
     async def lifespan(app: Starlette) -> Any:
         if start_match_refresh:
             workbench.match.start()
+            # The address parser loads its division tables on first use (a second or two): not on the
+            # first cluster page a steward opens.
+            threading.Thread(target=_warm_up, name="steward-warm-up", daemon=True).start()
         try:
             yield
         finally:
@@ -572,6 +578,21 @@ def create_app(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _warm_up() -> None:
+    from integration.dedup.customers import linkage_rows
+
+    linkage_rows([{"name": "深圳市腾达科技有限公司", "address": "广东省深圳市南山区科技园"}])
+
+
+def _no_jit(dbapi_connection: Any, _record: Any) -> None:
+    """PostgreSQL's JIT compiles the queue's statements for tens of milliseconds each (their cost estimate
+    crosses ``jit_above_cost``) to save less than that: the workbench's connections go without it."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SET jit = off")
+    cursor.close()
+    dbapi_connection.commit()
 
 
 def _stamp(value: Any) -> str:

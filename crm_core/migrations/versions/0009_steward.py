@@ -107,7 +107,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_match_candidates_queue",
         "match_candidates",
-        ["status", "entity", "probability", "left_id", "right_id"],
+        ["status", "entity", "probability", "id", "left_id", "right_id"],
         unique=False,
     )
     op.create_index("ix_customers_city", "customers", ["city"], unique=False)
