@@ -139,7 +139,7 @@ def sqlite_core(sqlite_core_url: str) -> Iterator[sa.Engine]:
 
 
 def make_app(engine: sa.Engine) -> Starlette:
-    return create_app(engine, Settings(rules=RULES))
+    return create_app(engine, Settings(rules=RULES, training_cache_seconds=0))
 
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -499,6 +499,12 @@ def test_different_marks_the_pairs_distinct_and_linkage_never_proposes_them_agai
     assert status == "distinct"
     deduplicate_customers(sqlite_core, "dedup-2", "t", finish=True)
     assert pair.id not in {p.id for p in pending(sqlite_core)}
+    panel = re.search(r'<p class="note" id="training">(.*?)</p>', client.get("/queue").text, re.S)
+    assert panel, "no training panel"
+    words = " ".join(re.sub(r"<[^>]+>", "", panel.group(1)).split())
+    assert (
+        "0 the same, 1 different" in words and "ECM (unsupervised)" in words and "needs 10 of each" in words
+    )
 
 
 def test_a_cluster_splits_into_groups(sqlite_core: sa.Engine) -> None:

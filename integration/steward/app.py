@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -47,9 +48,11 @@ from integration.steward.queue import (
     PER_PAGE,
     SORTS,
     QueueFilter,
+    Training,
     first_available,
     queue_page,
     source_systems,
+    training,
 )
 from integration.steward.security import Principal
 
@@ -76,6 +79,7 @@ class Settings:
     secure_cookies: bool = False  # set behind HTTPS: cookies only travel over TLS
     match_refresh_seconds: float = 10.0  # how often the duplicate-check index looks for changed customers
     trust_forwarded_for: bool = False  # behind a reverse proxy: the client address is X-Forwarded-For's first
+    training_cache_seconds: float = 60.0  # the decision counts scan every decided pair: at most this often
 
 
 class SecurityHeaders:
@@ -118,6 +122,7 @@ class Workbench:
         env.filters["pct"] = lambda v: "" if v is None else f"{float(v):.0%}"
         self.templates = Jinja2Templates(env=env)
         self.match = MatchService(engine, refresh_seconds=settings.match_refresh_seconds)
+        self._training: tuple[float, Training] | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -211,6 +216,14 @@ class Workbench:
 
         return wrap
 
+    def training(self, connection: Connection) -> Training:
+        """The steward decision counts, read again at most every ``training_cache_seconds``."""
+        cached = self._training
+        if cached is None or cached[0] <= time.monotonic():
+            cached = (time.monotonic() + self.settings.training_cache_seconds, training(connection))
+            self._training = cached
+        return cached[1]
+
     # ------------------------------------------------------------------ login
 
     async def login_form(self, request: Request) -> Response:
@@ -265,16 +278,18 @@ class Workbench:
         """Pending pairs with filters, sort, pages and counts."""
         queue = QueueFilter.from_params(request.query_params)
 
-        def read(connection: Connection) -> tuple[Any, list[str], list[str]]:
+        def read(connection: Connection) -> tuple[Any, list[str], list[str], Training]:
             page = queue_page(connection, queue, user.user_id)
             users = [
                 u["name"] for u in security.list_users(connection) if u["active"] and u["role"] != "viewer"
             ]
-            return page, source_systems(connection, queue.entity), users
+            return page, source_systems(connection, queue.entity), users, self.training(connection)
 
-        page, sources, users = await self.db(read)
+        page, sources, users, trained = await self.db(read)
+        classifier = trained.classifier(queue.entity, self.settings.rules.classifier)
         return self.render(request, "queue.html", user, page=page, q=queue, sources=sources, users=users,
-                           bands=BANDS, sorts=SORTS, per_page=PER_PAGE)  # fmt: skip
+                           bands=BANDS, sorts=SORTS, per_page=PER_PAGE, training=trained,
+                           classifier=classifier)  # fmt: skip
 
     async def next_cluster(self, request: Request, user: Principal) -> Response:
         """Claim the first cluster of the filter nobody else holds and open it."""

@@ -82,6 +82,7 @@ def build_app(
             project=spec.name,
             source_priority=tuple(rules.source_priority) if rules else (),
             survivorship=dict(rules.survivorship) if rules else {},
+            classifier=rules.linkage.classifier if rules and rules.linkage else "auto",
         ),
         secure_cookies=secure_cookies,
         trust_forwarded_for=trust_forwarded_for,

@@ -44,6 +44,7 @@ class Rules:
     project: str = "steward"
     source_priority: tuple[str, ...] = ()
     survivorship: Mapping[str, SurvivorshipRule] = field(default_factory=dict)
+    classifier: str = "auto"  # dedup.customer.linkage.classifier: auto | ecm | supervised
 
 
 @dataclass

@@ -266,6 +266,42 @@ def _company_city(customer_id: Any) -> Any:
     return select(CUSTOMERS.c.city).where(CUSTOMERS.c.id == customer_id).scalar_subquery()
 
 
+@dataclass(frozen=True)
+class Training:
+    """Steward decisions per entity, each way, and the classifier the next linkage run will use."""
+
+    same: dict[str, int]
+    different: dict[str, int]
+    needed: int  # decisions of each kind before a supervised model replaces ECM
+
+    def classifier(self, entity: str, setting: str) -> str:
+        """What the next linkage run of ``entity`` fits, given the project's ``classifier`` setting."""
+        enough = min(self.same.get(entity, 0), self.different.get(entity, 0)) >= self.needed
+        if setting == "ecm" or (setting == "auto" and not enough):
+            return "ECM (unsupervised)"
+        return (
+            "supervised (logistic regression on steward decisions)"
+            if enough
+            else "supervised: not enough decisions"
+        )
+
+
+def training(connection: Connection) -> Training:
+    """Pairs stewards decided (not linkage), per entity and side (a scan of the decided pairs: cache it)."""
+    from integration.dedup.linkage import MIN_LABELS
+
+    c = CANDIDATES.c
+    rows = connection.execute(
+        select(c.entity, c.status, func.count())
+        .where(c.status.in_(("merged", "distinct")), c.decided_by.is_not(None), c.decided_by != "linkage")
+        .group_by(c.entity, c.status)
+    ).all()
+    return Training(
+        {e: int(n) for e, st, n in rows if st == "merged"}, {e: int(n) for e, st, n in rows if st == "distinct"},
+        MIN_LABELS,
+    )  # fmt: skip
+
+
 def source_systems(connection: Connection, entity: str, most: int = 50) -> list[str]:
     """The source systems the crosswalk knows for an entity (the source filter's choices), read one by one
     from the (entity, system, …) index: a seek per system instead of a scan of every crosswalk key."""
