@@ -258,10 +258,16 @@ def test_a_wrong_password_is_refused_and_audited_and_failures_pause_sign_in(sqli
         assert login(client, "wang", "still wrong").status_code == 401
     paused = login(client, "wang")  # the right password, too late
     assert paused.status_code == 429 and "too many failed sign-ins" in paused.text
-    other = TestClient(make_app(sqlite_core))  # same address (testclient): paused as well
-    assert login(other, "li").status_code == 429
+    other = TestClient(
+        make_app(sqlite_core)
+    )  # another name from the same address (testclient) still signs in
+    assert login(other, "li").status_code == 303
+    for n in range(security.THROTTLE_FAILURES_PER_ADDRESS - security.THROTTLE_FAILURES):
+        assert login(client, f"guess{n}", "wrong").status_code == 401
+    assert login(TestClient(make_app(sqlite_core)), "ada").status_code == 429  # the address is paused
     failed = audit_lines(sqlite_core, "login_failed")
-    assert len(failed) == security.THROTTLE_FAILURES and {f.actor for f in failed} == {"wang"}
+    assert len(failed) == security.THROTTLE_FAILURES_PER_ADDRESS
+    assert {f.actor for f in failed[: security.THROTTLE_FAILURES]} == {"wang"}
     assert all(PASSWORD not in str(tuple(f)) for f in failed)
     with sqlite_core.begin() as connection:  # the window passes
         connection.exec_driver_sql("DROP TRIGGER steward_audit_no_update")
@@ -914,3 +920,81 @@ def test_the_workbench_answers_over_real_http(core: sa.Engine) -> None:
         page = client.get(f"{base}/queue", timeout=10)
         assert page.status_code == 200 and 'id="who">wang<' in page.text
         assert client.get(f"{base}/static/steward.css", timeout=10).status_code == 200
+
+
+# --------------------------------------------------------------------------- the Excel round trip
+
+
+def test_the_queue_goes_to_excel_and_back_all_or_nothing(sqlite_core: sa.Engine) -> None:
+    import io
+
+    from openpyxl import load_workbook
+
+    from integration.steward.sheets import HEADER
+
+    pairs = pending(sqlite_core)
+    formula = '=HYPERLINK("http://evil.example","点我")'
+    with sqlite_core.begin() as connection:
+        connection.execute(sa.update(Customer).where(Customer.id == pairs[-1].left_id).values(name=formula))
+    client, csrf = signed_in(sqlite_core, "wang")
+    exported = client.get("/queue/export.xlsx?sort=oldest")
+    assert exported.status_code == 200 and exported.headers["content-type"].startswith(
+        "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+    )
+    book = load_workbook(io.BytesIO(exported.content))
+    sheet = book["queue"]
+    rows = list(sheet.iter_rows())
+    assert tuple(c.value for c in rows[0]) == HEADER and len(rows) - 1 == len(pairs)
+    assert all(c.data_type != "f" for row in rows for c in row)
+    assert any(c.value == "'" + formula for row in rows for c in row)
+    by_pair = {row[0].value: row for row in rows[1:]}
+    first, second, third, fourth = (p.id for p in pairs[:4])
+    by_pair[first][4].value = "same"
+    by_pair[second][4].value = "different"
+    by_pair[third][4].value = "跳过"
+    by_pair[fourth][4].value = "maybe"
+    sheet.append([999_999, "customer", 0.5, "x", "same"])
+
+    def upload(workbook: Any) -> Any:
+        out = io.BytesIO()
+        workbook.save(out)
+        files = {"sheet": ("queue.xlsx", out.getvalue(), "application/octet-stream")}
+        return client.post("/queue/import", data={"csrf": csrf}, files=files)
+
+    before = snapshot(sqlite_core)
+    refused = upload(book)
+    assert refused.status_code == 422 and "Nothing was applied" in refused.text
+    problems = dict(re.findall(r"<tr><td>(\d+)</td><td>(.*?)</td></tr>", refused.text))
+    assert set(problems) == {str(by_pair[fourth][0].row), str(sheet.max_row)}
+    assert "not one of same, different, skip" in problems[str(by_pair[fourth][0].row)]
+    assert "no pair 999999" in problems[str(sheet.max_row)]
+    assert snapshot(sqlite_core) == before
+    by_pair[fourth][4].value = None
+    sheet.delete_rows(sheet.max_row)
+    applied = upload(book)
+    assert applied.status_code == 200, applied.text
+    assert "1 merged, 1 marked different, 1 skipped" in applied.text
+    with sqlite_core.connect() as connection:
+        statuses = dict(connection.execute(
+            sa.select(MatchCandidate.id, MatchCandidate.status).where(MatchCandidate.id.in_([first, second, third]))
+        ).all())  # fmt: skip
+        merge = connection.execute(sa.select(MergeLog).where(MergeLog.decided_by == "wang")).one()
+    assert statuses == {first: "merged", second: "distinct", third: "review"}
+    assert merge.reason == "steward decision (sheet)"
+    assert [line.summary.split(":")[0] for line in audit_lines(sqlite_core, "decide")] == [
+        f"sheet row {by_pair[first][0].row}",
+        f"sheet row {by_pair[second][0].row}",
+    ]
+    again = upload(book)  # the same sheet twice: those pairs are decided now
+    assert again.status_code == 422 and "was decided since the export" in again.text
+    with sqlite_core.begin() as connection:  # a record changed after the export
+        connection.execute(
+            sa.update(Customer).where(Customer.id == pairs[4].left_id).values(phone="+8613900000000")
+        )
+    for pair_id in (first, second):
+        by_pair[pair_id][4].value = None
+    by_pair[pairs[4].id][4].value = "different"
+    stale = upload(book)
+    assert stale.status_code == 422 and "changed since the export" in stale.text
+    viewer, _ = signed_in(sqlite_core, "zhao")
+    assert viewer.get("/queue/export.xlsx").status_code == 403

@@ -10,6 +10,7 @@ transaction per request.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import os
 import secrets
@@ -55,8 +56,10 @@ from integration.steward.queue import (
     training,
 )
 from integration.steward.security import Principal
+from integration.steward.sheets import export_queue, import_decisions
 
 HERE = Path(__file__).parent
+XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 COOKIE = "crmi_steward"
 LOGIN_CSRF_COOKIE = "crmi_steward_login"
 FLASH_COOKIE = "crmi_steward_flash"
@@ -69,6 +72,7 @@ HEADERS = {
     "cache-control": "no-store",
 }
 T = TypeVar("T")
+MAX_UPLOAD = 20 * 1024 * 1024  # a filled queue export of 5,000 pairs is well under this
 
 
 @dataclass
@@ -193,7 +197,7 @@ class Workbench:
                         response.delete_cookie(COOKIE, path="/")
                     return response
                 if request.method == "POST":
-                    form = await request.form()
+                    form = await request.form(max_part_size=MAX_UPLOAD)
                     sent = form.get("csrf") or request.headers.get("x-csrf-token")
                     if not security.csrf_matches(user, sent if isinstance(sent, str) else None):
                         return self.error(request, user, 403, "the form's security token is missing or stale; "
@@ -321,6 +325,29 @@ class Workbench:
             except IntegrityError:
                 continue  # another steward took it this instant: the next one
         return None
+
+    async def export_sheet(self, request: Request, user: Principal) -> Response:
+        """The queue filter's pending pairs as an .xlsx with a decision column."""
+        queue = QueueFilter.from_params(request.query_params)
+        content = await self.db(lambda c: export_queue(c, queue, user.user_id))
+        name = f"steward-queue-{queue.entity}-{dt.date.today():%Y%m%d}.xlsx"
+        return Response(
+            content, media_type=XLSX, headers={"content-disposition": f'attachment; filename="{name}"'}
+        )
+
+    async def import_sheet(self, request: Request, user: Principal) -> Response:
+        """Apply the decisions of a filled export: all of them, or none and the problems per row."""
+        form: FormData = request.state.form
+        upload = form.get("sheet")
+        if upload is None or isinstance(upload, str):
+            raise StewardError("choose the filled .xlsx to import")
+        content = await upload.read()
+        ip = self.client_ip(request)
+        result = await run_in_threadpool(
+            import_decisions, self.engine, content, user, self.settings.rules, ip
+        )
+        status = 422 if result.problems else 200
+        return self.render(request, "import.html", user, status=status, result=result)
 
     # ------------------------------------------------------------------ cluster
 
@@ -541,6 +568,8 @@ class Workbench:
             Route("/logout", page()(self.logout), methods=["POST"]),
             Route("/queue", page()(self.queue)),
             Route("/queue/next", page("steward")(self.next_cluster), methods=["POST"]),
+            Route("/queue/export.xlsx", page("steward")(self.export_sheet), methods=["GET"]),
+            Route("/queue/import", page("steward")(self.import_sheet), methods=["POST"]),
             Route("/cluster/{candidate:int}", page()(self.cluster)),
             Route("/cluster/{candidate:int}/decide", page("steward")(self.decide), methods=["POST"]),
             Route("/cluster/{candidate:int}/skip", page("steward")(self.skip), methods=["POST"]),

@@ -127,7 +127,9 @@ def _either(ids: Any) -> Any:
     return or_(c.left_id.in_(ids), c.right_id.in_(ids))
 
 
-def _conditions(connection: Connection, queue: QueueFilter, user_id: int, now: dt.datetime) -> list[Any]:
+def filter_conditions(
+    connection: Connection, queue: QueueFilter, user_id: int, now: dt.datetime
+) -> list[Any]:
     """WHERE conditions of a filter, on the candidates alone (no join): a city or claim filter is
     ``IN (subquery)``, evaluated once; a source filter probes the crosswalk's covering index per side."""
     c = CANDIDATES.c
@@ -197,7 +199,7 @@ def queue_page(connection: Connection, queue: QueueFilter, user_id: int) -> Queu
     table = table_of(MODEL_OF[queue.entity])
     left, right = table.alias("l"), table.alias("r")
     c = CANDIDATES.c
-    conditions = _conditions(connection, queue, user_id, now)
+    conditions = filter_conditions(connection, queue, user_id, now)
     # Filter, sort and page on the candidates alone, in the order of the (status, entity, probability,
     # left, right) index where the sort allows, so a page stops reading once it is full; then read the
     # names of the page's pairs. A filter on the records (source, city, claims) is counted up to a cap.
@@ -323,7 +325,7 @@ def first_available(
     """Candidate ids at the top of a filter that nobody else holds and this session did not skip."""
     now = dt.datetime.now(dt.UTC)
     mine = replace(queue, assigned="available")
-    conditions = _conditions(connection, mine, user_id, now)
+    conditions = filter_conditions(connection, mine, user_id, now)
     c = CANDIDATES.c
     if skipped:
         conditions.append(c.id.not_in(list(skipped)))

@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 
 from crm_core.models import Base
 from crm_core.steward_models import (
@@ -39,7 +39,9 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # 16 MiB per hash: about 50 ms, cost
 IDLE_TIMEOUT = dt.timedelta(minutes=30)
 TOUCH_EVERY = dt.timedelta(seconds=60)  # write last_seen_at at most this often per session
 THROTTLE_WINDOW = dt.timedelta(minutes=15)
-THROTTLE_FAILURES = 5  # failed logins per name or per address within the window before logins pause
+THROTTLE_FAILURES = 5  # failed logins for one name within the window before its sign-ins pause
+# From one address (an office behind one NAT, or a proxy without --trust-forwarded-for, is one address).
+THROTTLE_FAILURES_PER_ADDRESS = 20
 RESERVED_NAMES = frozenset({"linkage"})  # automatic merges are decided by "linkage"
 MIN_PASSWORD = 10
 ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
@@ -203,26 +205,24 @@ def list_users(connection: Connection) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- sessions
 
 
-def failed_logins(connection: Connection, name: str, ip: str | None) -> int:
-    """Failed logins for this name or from this address within the throttle window."""
+def failed_logins(connection: Connection, name: str, ip: str | None) -> tuple[int, int]:
+    """Failed logins for this name, and from this address, within the throttle window."""
     audit = _TABLES[AuditEvent]
-    who = audit.c.actor == name[:64]
-    query = select(func.count()).where(
-        audit.c.action == "login_failed",
-        audit.c.at > utcnow() - THROTTLE_WINDOW,
-        or_(who, audit.c.ip == ip) if ip else who,
-    )
-    return int(connection.scalar(query) or 0)
+    recent = [audit.c.action == "login_failed", audit.c.at > utcnow() - THROTTLE_WINDOW]
+    by_name = connection.scalar(select(func.count()).where(*recent, audit.c.actor == name[:64])) or 0
+    by_ip = connection.scalar(select(func.count()).where(*recent, audit.c.ip == ip)) if ip else 0
+    return int(by_name), int(by_ip or 0)
 
 
 def login(connection: Connection, name: str, password: str, ip: str | None) -> str | None:
     """Check a name and password and open a session; returns the session token for the cookie, or None for a
     wrong name or password or a disabled user (audited: commit the transaction, then refuse).
 
-    After :data:`THROTTLE_FAILURES` failures for a name or an address within the window, every attempt is
-    refused (even a right password) until the window has passed.
+    After :data:`THROTTLE_FAILURES` failures for a name (or :data:`THROTTLE_FAILURES_PER_ADDRESS` from an
+    address) within the window, every attempt is refused (even a right password) until the window passed.
     """
-    if failed_logins(connection, name, ip) >= THROTTLE_FAILURES:
+    by_name, by_ip = failed_logins(connection, name, ip)
+    if by_name >= THROTTLE_FAILURES or by_ip >= THROTTLE_FAILURES_PER_ADDRESS:
         minutes = int(THROTTLE_WINDOW.total_seconds() // 60)
         raise StewardError(f"too many failed sign-ins; wait {minutes} minutes and try again", status=429)
     users = _TABLES[StewardUser]
@@ -236,6 +236,8 @@ def login(connection: Connection, name: str, password: str, ip: str | None) -> s
         return None
     token = secrets.token_urlsafe(32)
     now = utcnow()
+    sessions = _TABLES[StewardSession]
+    connection.execute(delete(sessions).where(sessions.c.last_seen_at < now - IDLE_TIMEOUT))  # long gone
     connection.execute(
         insert(_TABLES[StewardSession]).values(token_hash=token_hash(token), user_id=row.id, ip=ip,
                                                csrf_token=secrets.token_urlsafe(32), created_at=now,
