@@ -196,18 +196,19 @@ class Workbench:
                     if token:
                         response.delete_cookie(COOKIE, path="/")
                     return response
-                if request.method == "POST":
-                    form = await request.form(max_part_size=MAX_UPLOAD)
-                    sent = form.get("csrf") or request.headers.get("x-csrf-token")
-                    if not security.csrf_matches(user, sent if isinstance(sent, str) else None):
-                        return self.error(request, user, 403, "the form's security token is missing or stale; "
-                                                              "reload the page and try again")  # fmt: skip
-                    request.state.form = form
-                if not user.can(role):
-                    return self.error(
-                        request, user, 403, f"this needs the {role} role; you are a {user.role}"
-                    )
+                form: FormData | None = None
                 try:
+                    if request.method == "POST":
+                        form = await request.form(max_part_size=MAX_UPLOAD)
+                        sent = form.get("csrf") or request.headers.get("x-csrf-token")
+                        if not security.csrf_matches(user, sent if isinstance(sent, str) else None):
+                            return self.error(request, user, 403, "the form's security token is missing or "
+                                                                  "stale; reload the page and try again")  # fmt: skip
+                        request.state.form = form
+                    if not user.can(role):
+                        return self.error(
+                            request, user, 403, f"this needs the {role} role; you are a {user.role}"
+                        )
                     return await handler(request, user)
                 except StewardError as exc:
                     return self.error(request, user, exc.status, str(exc))
@@ -215,6 +216,9 @@ class Workbench:
                     return self.error(
                         request, user, 409, "someone else changed this at the same moment; reload"
                     )
+                finally:
+                    if form is not None:
+                        await form.close()  # uploaded files are spooled to disk: remove them
 
             return endpoint
 
