@@ -7,7 +7,7 @@ export CRM_PROJECT ?= $(PROJECT)
 export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 
 .DEFAULT_GOAL := help
-.PHONY: help demo sync-demo steward bench-steward test check lint typecheck pytest ui bench bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-e2e bench-load bench-dedup-storage clean schema
+.PHONY: help demo sync-demo steward test check lint typecheck pytest ui ui-prod bench bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-e2e bench-load bench-dedup-storage bench-sync bench-steward clean schema
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -47,6 +47,17 @@ pytest: $(VENV)/.installed  ## the test suite
 ui: $(VENV)/.installed $(DAGSTER_HOME)  ## Dagster UI on 127.0.0.1:3000 (DAGSTER_HOME under var/)
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
+ui-prod: $(VENV)/.installed  ## webserver + daemon as deployed: deploy/dagster.yaml on PostgreSQL, settings in deploy/dagster.env
+	@test -f deploy/dagster.env || { echo "copy deploy/dagster.env.example to deploy/dagster.env and fill it in (docs/deploy.md)"; exit 2; }
+	mkdir -p var/prod/dagster_home var/prod/work
+	cp deploy/dagster.yaml var/prod/dagster_home/dagster.yaml
+	set -a; . deploy/dagster.env; set +a; \
+	export DAGSTER_HOME=$(CURDIR)/var/prod/dagster_home CRMI_WORK_DIR=$(CURDIR)/var/prod/work; \
+	$(BIN)/python deploy/preflight.py || exit 1; \
+	$(BIN)/dagster-daemon run -w deploy/workspace.yaml & daemon=$$!; \
+	trap 'kill $$daemon; wait $$daemon' EXIT INT TERM; \
+	$(BIN)/dagster-webserver -h $${DAGSTER_WEBSERVER_HOST:-127.0.0.1} -p $${DAGSTER_WEBSERVER_PORT:-3000} -w deploy/workspace.yaml
+
 steward: $(VENV)/.installed  ## the steward workbench on 127.0.0.1:8765 (first: crmi steward users add NAME --role admin)
 	$(BIN)/python -m integration.steward serve --project $(PROJECT)
 
@@ -55,7 +66,7 @@ schema: $(VENV)/.installed  ## regenerate mapping.schema.json, docs/transforms.m
 	$(BIN)/crmi mapping transforms --format markdown > docs/transforms.md
 	$(BIN)/crmi mapping targets --format markdown > docs/targets.md
 
-bench: bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-load bench-dedup-storage bench-e2e bench-steward  ## all benchmarks
+bench: bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-load bench-dedup-storage bench-e2e bench-sync bench-steward  ## all benchmarks
 
 bench-connectors: $(VENV)/.installed  ## extraction throughput vs naive pandas (JSON line)
 	$(BIN)/python bench/bench_connectors.py
@@ -72,6 +83,9 @@ bench-dedup-components: $(VENV)/.installed  ## comparisons/s, FEBRL, Chinese set
 
 bench-validate: $(VENV)/.installed  ## all rules on 1M opportunities + reconciliation of 1M rows (JSON line)
 	$(BIN)/python bench/bench_validate.py
+
+bench-sync: $(VENV)/.installed  ## U8 sync at 1,000,000 customers: round trip of 100 changes vs full-table diff, outbound, outage drain (JSON line)
+	$(BIN)/python bench/bench_sync.py
 
 bench-load: $(VENV)/.installed  ## core loader with crosswalk + journal: customers/contacts/opportunities, re-load, rollback vs to_sql (JSON line)
 	$(BIN)/python bench/bench_load.py

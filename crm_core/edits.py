@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Engine
@@ -72,21 +72,30 @@ def edit_records(
 
 def create_record(engine: Engine, entity: str, values: Mapping[str, Any], *, actor: str = "crm") -> int:
     """Create one record as the CRM would (e.g. a salesperson's new customer); return its id."""
+    return create_records(engine, entity, [values], actor=actor)[0]
+
+
+def create_records(
+    engine: Engine, entity: str, rows: Sequence[Mapping[str, Any]], *, actor: str = "crm"
+) -> list[int]:
+    """Create records in one CRM run (one transaction); return their ids in order."""
     definition = ENTITIES.get(entity)
     if definition is None:
         raise LoadError(f"unknown entity '{entity}'; known: {', '.join(ENTITIES)}")
     factory = session_factory(engine)
     with factory() as session, session.begin():
         run = get_or_start_run(session, _new_run_key(f"edit-{actor}"), "crm", mode="edit")
-        columns: dict[str, Any] = {}
-        for name, value in values.items():
-            field_def = definition.fields.get(name)
-            if field_def is None:
-                raise LoadError(f"entity '{entity}' has no field '{name}'")
-            columns[field_def.column] = value
-        record = definition.model(**columns, created_run_id=run.id, updated_run_id=run.id)
-        session.add(record)
+        records: list[Any] = []
+        for values in rows:
+            columns: dict[str, Any] = {}
+            for name, value in values.items():
+                field_def = definition.fields.get(name)
+                if field_def is None:
+                    raise LoadError(f"entity '{entity}' has no field '{name}'")
+                columns[field_def.column] = value
+            records.append(definition.model(**columns, created_run_id=run.id, updated_run_id=run.id))
+        session.add_all(records)
         session.flush()
         run.status = "succeeded"
         run.finished_at = dt.datetime.now(dt.UTC)
-        return int(record.id)  # type: ignore[attr-defined]
+        return [int(record.id) for record in records]

@@ -357,6 +357,8 @@ class EntityLoader:
             int, list[Any]
         ] = {}  # reference decision id -> [rows held, amount held] in this load
         self._index: dict[tuple[str, tuple[Any, ...]], set[int]] = defaultdict(set)
+        self._queried: dict[str, set[Any]] = {}  # field -> values whose stored records are in the index
+        self._index_complete = False
         self._conflict_values: dict[int, tuple[Any, ...]] = {}
         self._name_index: dict[str, dict[Any, set[int]]] = {}
         self._stages: set[str] | None = None
@@ -420,6 +422,7 @@ class EntityLoader:
             self._conflict_values[record_id] = tuple(values.get(n) for n in self.match.conflict_fields)
 
     def _build_index(self) -> None:
+        """Read the merges; the exact-key index is filled per chunk (:meth:`_index_candidates`)."""
         model: Any = self.model
         if hasattr(model, "merged_into_id"):
             self._merged_into = dict(
@@ -429,15 +432,46 @@ class EntityLoader:
                     )
                 ).all()
             )
-        if not self.match.keys:
-            return
+
+    def _index_query(self) -> Any:
         names = {n for key in self.match.keys for n in key} | set(self.match.conflict_fields)
         columns = [self.table.c[self._columns[n]] for n in sorted(names)]
         query = select(self.table.c.id, *columns)
-        if hasattr(model, "merged_into_id"):
+        if hasattr(self.model, "merged_into_id"):
             query = query.where(self.table.c.merged_into_id.is_(None))
-        for row in self.session.execute(query).mappings():
-            self._add_to_index(row["id"], dict(row))
+        return query
+
+    def _index_candidates(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Index the stored records a chunk's new rows could match by an exact key, with a set query per key.
+
+        Only records sharing a key value with the chunk are read, so a load of a few rows into a big core
+        costs a few indexed lookups, not a scan. A key whose every field is normalized before comparing
+        (no stored column to look up) makes the whole index load once, as before.
+        """
+        if not self.match.keys or self._index_complete:
+            return
+        connection = self.session.connection()
+        for key in self.match.keys:
+            plain = [n for n in key if n not in self.key_functions]
+            if not plain:
+                for row in self.session.execute(self._index_query()).mappings():
+                    self._add_to_index(row["id"], dict(row))
+                self._index_complete = True
+                return
+            first = plain[0]
+            queried = self._queried.setdefault(first, set())
+            wanted = {
+                values[first] for values in rows
+                if _present(values.get(first)) and self._key_values(values, key) is not None
+            } - queried  # fmt: skip
+            if not wanted:
+                continue
+            queried |= wanted
+            column = self.table.c[self._columns[first]]
+            for part in _chunks(sorted(wanted, key=str)):
+                query = self._index_query().where(ids_in(connection, column, part))
+                for row in self.session.execute(query).mappings():
+                    self._add_to_index(row["id"], dict(row))
 
     def _find_match(self, values: Mapping[str, Any]) -> tuple[int, str] | None:
         for key in self.match.keys:
@@ -876,6 +910,9 @@ class EntityLoader:
                     id=row["id"], entity_id=row["entity_id"], match_method=row["match_method"],
                     last_synced_hash=row["last_synced_hash"], row=dict(row),
                 )  # fmt: skip
+        self._index_candidates(
+            [v for k, v in zip(keys, values, strict=True) if (source, k) not in self._crosswalk]
+        )
         ids: set[int] = set()
         for key, row_values, digest in zip(keys, values, digests, strict=True):
             entry = self._crosswalk.get((source, key))

@@ -25,10 +25,12 @@ from integration.assets import (
     reconciliation_asset,
     rollback_load_run,
     staged_asset,
+    sync_definitions,
     undo_failed_run,
 )
 from integration.assets.alerts import alert_sensors
 from integration.assets.resources import trial_core_url
+from integration.assets.sync import SYNC_GROUP
 from integration.failures import cause_line
 from integration.pipeline import MODE_TAG, Migration, RunOptions
 from integration.project import project_dir
@@ -82,7 +84,7 @@ def undo_failed_runs_sensor(core_database_url: str | None) -> dg.SensorDefinitio
 def build_definitions(
     project_path: str | Path | None = None, core_database_url: str | None = None
 ) -> dg.Definitions:
-    """Build assets, checks, the migration job and resources for a project folder."""
+    """Build assets, checks, the migration jobs, the sync jobs of each sync target, and resources for a project folder."""
     path = str(Path(project_dir(project_path)).resolve())
     migration = Migration.load(path)
     assets: list[dg.AssetsDefinition] = [raw_asset(migration, m) for m in migration.mappings]
@@ -107,10 +109,14 @@ def build_definitions(
     # SQLite allows one writer: run steps in one process there; PostgreSQL takes the default executor.
     sqlite = make_url(core_url(core_database_url)).get_backend_name() == "sqlite"
     executor = dg.in_process_executor if sqlite else None
+    sync = sync_definitions(migration.project.sync, core_database_url, executor)
+    assets.extend(sync.assets)
+    # The migration jobs (`crmi run`, `make demo`) never run a sync: those have jobs of their own.
+    migration_assets = dg.AssetSelection.all() - dg.AssetSelection.groups(SYNC_GROUP)
 
     def migration_job(name: str, description: str, options: RunOptions, executor: Any) -> Any:
         return dg.define_asset_job(
-            name, selection=dg.AssetSelection.all(), description=description, executor_def=executor,
+            name, selection=migration_assets, description=description, executor_def=executor,
             hooks={undo_failed_run}, tags=options.tags(),
         )  # fmt: skip
 
@@ -140,7 +146,9 @@ def build_definitions(
     )
     return dg.Definitions(
         assets=assets,
-        jobs=[full, delta, trial, rollback],
-        sensors=[undo_failed_runs_sensor(core_database_url), *alert_sensors()],
+        asset_checks=sync.checks,
+        jobs=[full, delta, trial, rollback, *sync.jobs],
+        schedules=sync.schedules,
+        sensors=[undo_failed_runs_sensor(core_database_url), *sync.sensors, *alert_sensors()],
         resources=resources,
     )

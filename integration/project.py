@@ -110,6 +110,40 @@ class RestSource(_Strict):
     description: str | None = None
 
 
+class K3CloudTableSpec(_Strict):
+    """A table of a K3Cloud source: a form (FormId) read with field keys; each becomes a column."""
+
+    form: str = Field(description="FormId, e.g. AR_receivable, AR_RECEIVEBILL, BD_Customer")
+    fields: list[str] | dict[str, str] = Field(
+        description="field keys (FCUSTOMERID.FNumber becomes column FCUSTOMERID_FNumber), or column: field key"
+    )
+    filter: str = Field(default="", description="FilterString always applied, e.g. FDOCUMENTSTATUS = 'C'")
+
+    def columns(self) -> dict[str, str]:
+        """Return column -> field key."""
+        if isinstance(self.fields, dict):
+            return dict(self.fields)
+        return {key.replace(".", "_"): key for key in self.fields}
+
+
+class K3CloudSource(_Strict):
+    """Kingdee K3Cloud read through its WebAPI (ExecuteBillQuery); see docs/k3cloud.md."""
+
+    connector: Literal["k3cloud"]
+    base_url: str = Field(description="the K3Cloud site, e.g. http://erp.example.com/k3cloud")
+    acct_id: str
+    username: str
+    password: str | None = Field(default=None, description="${ENV_VAR} only")
+    app_id: str | None = None
+    app_secret: str | None = Field(default=None, description="${ENV_VAR} only")
+    lcid: int = 2052
+    org_num: str = "0"
+    page_size: int = Field(default=2000, ge=1, le=10_000)
+    timeout: float = Field(default=30.0, gt=0)
+    tables: dict[str, K3CloudTableSpec] = Field(description="table name -> form and field keys")
+    description: str | None = None
+
+
 class CsvSource(_Strict):
     """Delimited text exports: one file or a glob (relative to the project folder)."""
 
@@ -123,7 +157,8 @@ class CsvSource(_Strict):
 
 
 SourceConfig = Annotated[
-    ExcelSource | SqlSource | OdbcSource | RestSource | CsvSource, Field(discriminator="connector")
+    ExcelSource | SqlSource | OdbcSource | RestSource | CsvSource | K3CloudSource,
+    Field(discriminator="connector"),
 ]
 
 
@@ -265,9 +300,10 @@ class ProjectSpec(_Strict):
     @classmethod
     def _target_names(cls, value: dict[str, Any]) -> dict[str, Any]:
         for name in value:
-            if not re.match(NAME_PATTERN, name):
+            if not re.match(NAME_PATTERN, name) or len(name) > 20:
                 raise ValueError(
-                    f"sync target name '{name}' must match {NAME_PATTERN} (it names Dagster jobs)"
+                    f"sync target name '{name}' must match {NAME_PATTERN} and have at most 20 characters "
+                    "(it names Dagster jobs and run keys)"
                 )
         return value
 
@@ -330,6 +366,24 @@ class Project:
             settings["login_body"] = {k: expand_env(v) for k, v in config.login_body.items()}
         settings["base_url"] = expand_env(config.base_url)
         return settings
+
+    def k3cloud_settings(self, source: str) -> Any:
+        """Return the K3Cloud connector settings of a source (secrets expanded; never log them)."""
+        from integration.connectors.k3cloud import FormTable, K3CloudCredentials, K3CloudSettings
+
+        config = self.spec.sources[source]
+        assert isinstance(config, K3CloudSource)
+
+        def value(text: str | None) -> str | None:
+            return expand_env(text) if text else None
+
+        credentials = K3CloudCredentials(
+            base_url=expand_env(config.base_url), acct_id=expand_env(config.acct_id),
+            username=expand_env(config.username), password=value(config.password), app_id=value(config.app_id),
+            app_secret=value(config.app_secret), lcid=config.lcid, org_num=expand_env(config.org_num),
+        )  # fmt: skip
+        tables = {name: FormTable(t.form, t.columns(), t.filter) for name, t in config.tables.items()}
+        return K3CloudSettings(credentials, tables, page_size=config.page_size, timeout=config.timeout)
 
     def source_paths(self, source: str) -> list[Path]:
         """Return the files an Excel or CSV source's glob matches, sorted."""
@@ -413,6 +467,11 @@ def _templates(spec: ProjectSpec) -> list[tuple[tuple[str, ...], str]]:
                 found.append((("sources", name, "login_body", key), value))
         elif isinstance(source, ExcelSource | CsvSource):
             found.append((("sources", name, "path"), source.path))
+        elif isinstance(source, K3CloudSource):
+            for key in ("base_url", "acct_id", "username", "password", "app_id", "app_secret", "org_num"):
+                value = getattr(source, key)
+                if value:
+                    found.append((("sources", name, key), value))
     return found
 
 
@@ -430,6 +489,22 @@ def _check_env(document: LocatedDocument, spec: ProjectSpec) -> list[Problem]:
 def _check_secrets(document: LocatedDocument, spec: ProjectSpec) -> list[Problem]:
     problems = []
     for name, source in spec.sources.items():
+        if isinstance(source, K3CloudSource):
+            for key in ("password", "app_secret"):
+                value = getattr(source, key)
+                if value and "${" not in value:
+                    problems.append(
+                        document.problem(
+                            ("sources", name, key), f"{key} is a secret; write ${{ENV_VAR}} and export it"
+                        )
+                    )
+            if not source.password and not (source.app_id and source.app_secret):
+                problems.append(
+                    document.problem(
+                        ("sources", name), "give password, or app_id and app_secret", at_key=True
+                    )
+                )
+            continue
         if isinstance(source, RestSource):
             secrets = {"token": source.token, "password": source.password}
             secrets.update(

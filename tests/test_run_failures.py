@@ -259,7 +259,7 @@ def test_the_run_failure_sensor_undoes_what_no_step_could(
     engine = make_engine(url)
     before = content(engine)
     defs = build_definitions(project, url)
-    assert [s.name for s in defs.sensors or []] == ["undo_failed_load_runs"]
+    assert "undo_failed_load_runs" in [s.name for s in defs.sensors or []]
     monkeypatch.setattr("integration.assets.factories.abort_run", lambda engine, run_key: False)
     monkeypatch.setenv("CRMI_FAILPOINT", "load:customer:after_commit")
     with dg.instance_for_test() as instance:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,42 +26,14 @@ from crm_core.models import Customer, ExternalId, Opportunity, SalesOrder, SyncC
 from integration.pipeline import Migration, core_engine
 from integration.sync.engine import SyncReport, run_sync
 from integration.sync.outbox import retry_dead
-from tests.conftest import DEMO, REPO
-from tests.servers.u8_openapi import APP_KEY, APP_SECRET, FROM_ACCOUNT, TO_ACCOUNT, U8Api, serve
+from tests.conftest import REPO
+from tests.servers.u8_openapi import U8Api, serve
+from tests.servers.u8_project import CUSTOMER, environment, sync_yaml
+from tests.servers.u8_project import write_project as write_u8_project
 
-SYNC_YAML = """
-sync:
-  u8:
-    system: erp_u8
-    transport:
-      profile: u8_openapi
-      base_url: ${U8_API_URL}
-      from_account: ${U8_FROM_ACCOUNT}
-      to_account: ${U8_TO_ACCOUNT}
-      app_key: ${U8_APP_KEY}
-      app_secret: ${U8_APP_SECRET}
-      batch_size: 50
-      timeout: 5
-    retry: {max_attempts: 3, backoff_seconds: 0, max_backoff_seconds: 0}
-    entities:
-      customer:
-        direction: both
-        inbound: [{mapping: erp_u8_customers, cursor: ufts}]
-        ownership:
-          crm: [name, short_name, phone, email, address]
-          u8: [erp_code, credit_limit, payment_terms, credit_code]
-        outbound:
-          add: customer/add
-          edit: customer/edit
-          key_field: erp_code
-          fields:
-            code: _key
-            name: name
-            abbrname: short_name
-            phone: phone
-            address: address
-            self_define1: id
-      opportunity:
+SYNC_YAML = sync_yaml(
+    CUSTOMER
+    + """      opportunity:
         direction: outbound
         outbound:
           add: saleorder/add
@@ -91,20 +62,13 @@ sync:
         direction: inbound
         inbound: [{mapping: erp_u8_order_lines, cursor: ufts}]
 """
+)
 MAPPINGS = ("erp_u8_person", "erp_u8_customers", "erp_u8_orders", "erp_u8_order_lines")
 
 
-def write_project(root: Path, u8_url: str, sync_yaml: str = SYNC_YAML) -> Path:
+def write_project(root: Path, u8_url: str, sync: str = SYNC_YAML) -> Path:
     """A project with the U8 database as its only source and the sync section."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "mappings").mkdir(exist_ok=True)
-    for name in MAPPINGS:
-        shutil.copy(DEMO / "mappings" / f"{name}.yaml", root / "mappings" / f"{name}.yaml")
-    (root / "project.yaml").write_text(
-        f"version: 1\nname: synctest\nsources:\n  erp_u8: {{connector: sql, url: '{u8_url}'}}\n{sync_yaml}",
-        encoding="utf-8",
-    )
-    return root
+    return write_u8_project(root, u8_url, sync, MAPPINGS)
 
 
 @pytest.fixture
@@ -112,15 +76,8 @@ def u8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[U8Api,
     """The U8 OpenAPI server over a SQLite U8 database with a salesperson and three customers."""
     url = f"sqlite:///{tmp_path / 'u8.sqlite'}"
     with serve(url) as (base_url, api):
-        for name, value in (("U8_API_URL", base_url), ("U8_FROM_ACCOUNT", FROM_ACCOUNT),
-                            ("U8_TO_ACCOUNT", TO_ACCOUNT), ("U8_APP_KEY", APP_KEY), ("U8_APP_SECRET", APP_SECRET)):  # fmt: skip
-            monkeypatch.setenv(name, value)
-        api.erp.insert_person("P01", "张伟")
-        api.erp.insert_customer("C001", "上海华鑫科技有限公司", cCusPPerson="P01", iCusCreLine=100000,
-                                cCusPayCond="01", cCusPhone="021-35967116", cCusAddress="上海市浦东新区张江路88号")  # fmt: skip
-        api.erp.insert_customer("C002", "北京腾达商贸有限公司", cCusPPerson="P01", iCusCreLine=50000,
-                                cCusPayCond="02", cCusPhone="010-62345678", cCusAddress="北京市海淀区中关村大街1号")  # fmt: skip
-        api.erp.insert_customer("C003", "深圳卓泰电子有限公司", iCusCreLine=80000, cCusPayCond="03")
+        _environment(monkeypatch, base_url)
+        _seed(api)
         project = write_project(tmp_path / "project", url)
         yield api, project, url
 
@@ -154,7 +111,52 @@ def customer_by_name(engine: sa.Engine, name: str) -> Customer:
 
 def test_full_loop_customer_out_code_back_order_status_in(u8: Any, core: sa.Engine) -> None:
     """CRM customer → U8 → code into the crosswalk; won deal → U8 order → approved and shipped → CRM."""
-    api, project, url = u8
+    full_loop(*u8, core)
+
+
+@pytest.mark.postgres
+def test_full_loop_on_postgresql(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same loop with the core and the U8 database on PostgreSQL."""
+    from tests.conftest import PG_URL, _ensure_database, reset_postgres, server_or_skip
+
+    core_engine_pg = server_or_skip(PG_URL, "PostgreSQL")
+    reset_postgres(core_engine_pg)
+    core_engine_pg.dispose()
+    u8_url = sa.engine.make_url(PG_URL).set(database=f"{sa.engine.make_url(PG_URL).database}_u8")
+    u8_text = u8_url.render_as_string(hide_password=False)
+    _ensure_database(u8_text)
+    u8_engine = sa.create_engine(u8_text)
+    reset_postgres(u8_engine)
+    engine = core_engine(PG_URL)
+    try:
+        with serve(u8_engine) as (base_url, api):
+            _environment(monkeypatch, base_url)
+            _seed(api)
+            full_loop(api, write_project(tmp_path / "project", u8_text), u8_text, engine)
+    finally:
+        engine.dispose()
+        u8_engine.dispose()
+        from integration.assets.resources import dispose_engines
+
+        dispose_engines()
+
+
+def _environment(monkeypatch: pytest.MonkeyPatch, base_url: str) -> None:
+    for name, value in environment(base_url).items():
+        monkeypatch.setenv(name, value)
+
+
+def _seed(api: U8Api) -> None:
+    api.erp.insert_person("P01", "张伟")
+    api.erp.insert_customer("C001", "上海华鑫科技有限公司", cCusPPerson="P01", iCusCreLine=100000,
+                            cCusPayCond="01", cCusPhone="021-35967116", cCusAddress="上海市浦东新区张江路88号")  # fmt: skip
+    api.erp.insert_customer("C002", "北京腾达商贸有限公司", cCusPPerson="P01", iCusCreLine=50000,
+                            cCusPayCond="02", cCusPhone="010-62345678", cCusAddress="北京市海淀区中关村大街1号")  # fmt: skip
+    api.erp.insert_customer("C003", "深圳卓泰电子有限公司", iCusCreLine=80000, cCusPayCond="03")
+
+
+def full_loop(api: U8Api, project: Path, url: str, core: sa.Engine) -> None:
+    """Run the loop and check each step on both sides."""
     first = sync(project, core, "inbound")
     assert first.entities["customer"]["received"] == 3 and first.entities["customer"]["applied"] == 3
     huaxin = customer_by_name(core, "上海华鑫科技有限公司")
@@ -169,7 +171,7 @@ def test_full_loop_customer_out_code_back_order_status_in(u8: Any, core: sa.Engi
     out = sync(project, core, "outbound")
     assert (out.delivery.applied, out.delivery.dead_letters) == (1, 0)
     rows = u8_rows(
-        url, "SELECT cCusCode, cCusName, cCusDefine1 FROM Customer WHERE cCusDefine1 = :k", k=str(new_id)
+        url, 'SELECT "cCusCode", "cCusName" FROM "Customer" WHERE "cCusDefine1" = :k', k=str(new_id)
     )
     assert len(rows) == 1 and rows[0][1] == "杭州新禾贸易有限公司"
     code = rows[0][0]
@@ -192,12 +194,10 @@ def test_full_loop_customer_out_code_back_order_status_in(u8: Any, core: sa.Engi
                                         "amount": Decimal("5000.00")})  # fmt: skip
     won = sync(project, core, "outbound")
     assert won.delivery.applied == 1  # only the won deal becomes an order
-    orders = u8_rows(
-        url, "SELECT cSOCode, cCusCode, cDefine1 FROM SO_SOMain WHERE cDefine1 = :k", k=str(deal)
-    )
+    orders = u8_rows(url, 'SELECT "cSOCode", "cCusCode" FROM "SO_SOMain" WHERE "cDefine1" = :k', k=str(deal))
     assert len(orders) == 1 and orders[0][1] == code
     order_no = orders[0][0]
-    lines = u8_rows(url, "SELECT iSum, cInvCode FROM SO_SODetails WHERE cSOCode = :c", c=order_no)
+    lines = u8_rows(url, 'SELECT "iSum", "cInvCode" FROM "SO_SODetails" WHERE "cSOCode" = :c', c=order_no)
     assert [(float(s), c) for s, c in lines] == [(113000.0, "CRM-DEAL")]
     with session_factory(core)() as session:
         assert session.get(Opportunity, deal).erp_order_no == order_no  # type: ignore[union-attr]
@@ -229,7 +229,9 @@ def test_conflict_owner_wins_on_both_sides_and_is_logged_once(u8: Any, core: sa.
         current = session.get(Customer, huaxin.id)
         assert current is not None
         assert (current.phone, current.credit_limit) == ("+862111112222", Decimal("250000.00"))
-    phone, limit = u8_rows(url, "SELECT cCusPhone, iCusCreLine FROM Customer WHERE cCusCode = 'C001'")[0]
+    phone, limit = u8_rows(
+        url, 'SELECT "cCusPhone", "iCusCreLine" FROM "Customer" WHERE "cCusCode" = \'C001\''
+    )[0]
     assert phone == "+862111112222" and float(limit) == 250000.0  # the owner's value on both sides
     again = sync(project, core)
     assert again.conflicts == 0 and again.delivery.sent == 0  # settled: nothing more goes either way
@@ -250,7 +252,7 @@ def test_erp_down_for_a_whole_run_loses_nothing_and_delivers_once(u8: Any, core:
     up = sync(project, core, "outbound")
     assert up.delivery.applied == 3
     for record_id in ids:
-        assert len(u8_rows(url, "SELECT 1 FROM Customer WHERE cCusDefine1 = :k", k=str(record_id))) == 1
+        assert len(u8_rows(url, 'SELECT 1 FROM "Customer" WHERE "cCusDefine1" = :k', k=str(record_id))) == 1
     assert sync(project, core, "outbound").delivery.sent == 0
 
 
@@ -279,7 +281,7 @@ def test_expired_token_mid_run_is_renewed_once_and_nothing_is_lost(u8: Any, core
     api.faults.append("expire_token")
     report = sync(project, core, "outbound")
     assert report.delivery.applied == 3 and report.delivery.dead_letters == 0
-    assert len(u8_rows(url, "SELECT 1 FROM Customer WHERE cCusName LIKE '续期客户%'")) == 3
+    assert len(u8_rows(url, 'SELECT 1 FROM "Customer" WHERE "cCusName" LIKE \'续期客户%\'')) == 3
 
 
 def test_killed_between_send_and_acknowledgement_replays_without_duplicate(
@@ -303,13 +305,13 @@ def test_killed_between_send_and_acknowledgement_replays_without_duplicate(
     process.wait(timeout=30)
     if process.stderr is not None:
         process.stderr.close()
-    assert len(u8_rows(url, "SELECT 1 FROM Customer WHERE cCusDefine1 = :k", k=str(record_id))) == 1
+    assert len(u8_rows(url, 'SELECT 1 FROM "Customer" WHERE "cCusDefine1" = :k', k=str(record_id))) == 1
     with session_factory(core)() as session:
         row = session.scalar(sa.select(SyncOutbox).where(SyncOutbox.entity_id == record_id))
         assert row is not None and row.status == "pending" and row.trade_id  # sent, not acknowledged
     replay = sync(project, core, "outbound")
     assert replay.delivery.applied == 1
-    assert len(u8_rows(url, "SELECT 1 FROM Customer WHERE cCusDefine1 = :k", k=str(record_id))) == 1
+    assert len(u8_rows(url, 'SELECT 1 FROM "Customer" WHERE "cCusDefine1" = :k', k=str(record_id))) == 1
     assert customer_by_name(core, "断电测试有限公司").erp_code is not None
 
 
@@ -347,6 +349,7 @@ def _wait_for_failpoint(fifo: Path, process: subprocess.Popen[bytes], timeout: f
          "column 'shortname' is not in customer; did you mean 'short_name'"),
         (("    system: erp_u8", "    system: erp_u9"), "unknown source 'erp_u9'"),
         (("        direction: outbound\n", "        direction: sideways\n"), "'sideways' is not allowed"),
+        (("when: \"stage = 'won'\"", "when: \"stag = 'won'\""), "column 'stag' is not in opportunity; did you mean 'stage'"),
     ],
 )  # fmt: skip
 def test_a_bad_sync_spec_is_a_located_error(tmp_path: Path, change: tuple[str, str], message: str) -> None:
@@ -360,3 +363,166 @@ def test_a_bad_sync_spec_is_a_located_error(tmp_path: Path, change: tuple[str, s
     assert message in text, text
     line = text.split("project.yaml:")[1].split(":")[0]
     assert line.isdigit()  # file:line:col
+
+
+def test_retry_after_is_honoured_and_the_row_waits(u8: Any, core: sa.Engine) -> None:
+    """429 with Retry-After on the batch: the change waits at least that long, then goes once."""
+    api, project, _url = u8
+    sync(project, core)
+    record_id = create_record(core, "customer", {"name": "限流测试有限公司"})
+    api.faults.extend(["pass", "pass", "429:120"])  # token and trade ids pass; the batch is rate limited
+    before = dt.datetime.now(dt.UTC)
+    limited = sync(project, core, "outbound")
+    assert limited.delivery.applied == 0 and limited.delivery.retries == 1
+    with session_factory(core)() as session:
+        row = session.scalar(sa.select(SyncOutbox).where(SyncOutbox.entity_id == record_id))
+        assert row is not None and row.status == "pending" and row.attempts == 1
+        due = (
+            row.next_attempt_at if row.next_attempt_at.tzinfo else row.next_attempt_at.replace(tzinfo=dt.UTC)
+        )
+        assert due >= before + dt.timedelta(seconds=120)
+    assert sync(project, core, "outbound").delivery.sent == 0  # not due yet
+
+
+def test_asynchronous_answers_are_collected_by_the_next_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            core: sa.Engine) -> None:  # fmt: skip
+    """U8 accepts writes and applies them later: the row awaits, a later run records the code."""
+    url = f"sqlite:///{tmp_path / 'u8.sqlite'}"
+    with serve(url, async_mode=True) as (base_url, api):
+        _environment(monkeypatch, base_url)
+        project = write_project(tmp_path / "project", url)
+        sync(project, core)
+        api.pause_async()
+        record_id = create_record(core, "customer", {"name": "异步测试有限公司"})
+        first = sync(project, core, "outbound")
+        assert first.delivery.awaiting == 1 and first.delivery.applied == 0
+        api.resume_async()
+        assert api.drain()
+        second = sync(project, core, "outbound")
+        assert second.delivery.applied == 1
+        assert customer_by_name(core, "异步测试有限公司").erp_code is not None
+        rows = u8_rows(url, 'SELECT 1 FROM "Customer" WHERE "cCusDefine1" = :k', k=str(record_id))
+        assert len(rows) == 1
+
+
+def test_bad_erp_rows_are_rejected_with_the_reason_and_the_rest_applied(u8: Any, core: sa.Engine) -> None:
+    """An order of an unknown customer and a line with an unreadable amount: rejected; the others load."""
+    from tests.servers.u8_openapi import next_values
+
+    _api, project, url = u8
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        stamp = next_values(connection, "ufts", 4)
+        connection.execute(sa.text(
+            "INSERT INTO SO_SOMain (ID, cSOCode, dDate, cCusCode, iStatus, ufts) VALUES "
+            "(901, 'SO901', '2026-11-01', 'C001', 1, :a), (902, 'SO902', '2026-11-02', 'NOPE', 1, :b)"
+        ), {"a": stamp, "b": stamp + 1})  # fmt: skip
+        connection.execute(sa.text(
+            "INSERT INTO SO_SODetails (AutoID, ID, cSOCode, iRowNo, cInvCode, iQuantity, iSum, ufts) VALUES "
+            "(9011, 901, 'SO901', 1, 'P1', 2, 200, :a), (9012, 901, 'SO901', 2, 'P2', 1, '12,3x元', :b)"
+        ), {"a": stamp + 2, "b": stamp + 3})  # fmt: skip
+    engine.dispose()
+    report = sync(project, core, "inbound")
+    assert report.entities["sales_order"] == {"received": 2, "applied": 1, "unchanged": 0, "rejected": 1}
+    assert report.entities["sales_order_line"]["applied"] == 1
+    assert report.entities["sales_order_line"]["rejected"] == 1
+    with core.connect() as connection:
+        reasons = dict(
+            connection.execute(sa.text("SELECT row_ref, reason FROM rejects WHERE source = 'erp_u8'")).all()
+        )
+    assert "NOPE" in reasons["SO902"] and reasons["9012"]
+
+
+def test_crm_changes_after_go_live_go_out_with_the_first_sync(u8: Any, core: sa.Engine) -> None:
+    """The first sync starts from the go-live run: a customer created after it, before the first sync, goes out."""
+    from crm_core.loading import get_or_start_run
+    from crm_core.models import LoadRun
+
+    _api, project, url = u8
+    with session_factory(core)() as session, session.begin():
+        run = get_or_start_run(session, "go-live", "synctest", mode="full")
+        session.flush()
+        session.execute(sa.update(LoadRun).where(LoadRun.id == run.id).values(status="succeeded"))
+    record_id = create_record(core, "customer", {"name": "上线后新客户有限公司"})
+    first = sync(project, core)
+    assert first.delivery.applied == 1
+    assert len(u8_rows(url, 'SELECT 1 FROM "Customer" WHERE "cCusDefine1" = :k', k=str(record_id))) == 1
+
+
+def test_an_inbound_only_run_queues_the_crm_value_it_kept(u8: Any, core: sa.Engine) -> None:
+    """U8 changed a CRM-owned field: an inbound-only run keeps the CRM's value and queues it for U8."""
+    api, project, url = u8
+    sync(project, core)
+    huaxin = customer_by_name(core, "上海华鑫科技有限公司")
+    api.erp.update_customer("C001", cCusPhone="021-77776666")
+    report = sync(project, core, "inbound")
+    assert report.kept_crm >= 1 and report.capture.queued == 1
+    with session_factory(core)() as session:
+        row = session.scalar(sa.select(SyncOutbox).where(SyncOutbox.entity_id == huaxin.id))
+        assert row is not None and row.status == "pending" and row.payload["phone"] == huaxin.phone
+    sync(project, core, "outbound")
+    assert (
+        u8_rows(url, 'SELECT "cCusPhone" FROM "Customer" WHERE "cCusCode" = \'C001\'')[0][0] == huaxin.phone
+    )
+
+
+def test_inbound_reads_u8_over_odbc_by_its_cursor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """The U8 source through a real unixODBC driver: the loop closes the same way (out over HTTP, back over ODBC)."""
+    url = f"sqlite:///{tmp_path / 'u8.sqlite'}"
+    with serve(url) as (base_url, api):
+        _environment(monkeypatch, base_url)
+        _seed(api)
+        project = write_project(tmp_path / "project", url)
+        text = (project / "project.yaml").read_text(encoding="utf-8")
+        odbc = f"DRIVER={{SQLite3}};Database={tmp_path / 'u8.sqlite'}"
+        (project / "project.yaml").write_text(
+            text.replace(
+                f"{{connector: sql, url: '{url}'}}", f"{{connector: odbc, connection_string: '{odbc}'}}"
+            ),
+            encoding="utf-8",
+        )
+        first = sync(project, core, "inbound")
+        assert first.entities["customer"]["applied"] == 3
+        new_id = create_record(core, "customer", {"name": "经由ODBC有限公司"})
+        assert sync(project, core, "outbound").delivery.applied == 1
+        back = sync(project, core, "inbound")
+        assert back.entities["customer"] == {"received": 1, "applied": 1, "unchanged": 0, "rejected": 0}
+        with session_factory(core)() as session:
+            assert session.scalar(sa.select(sa.func.count()).select_from(Customer)) == 4
+            assert session.get(Customer, new_id).erp_code is not None  # type: ignore[union-attr]
+        assert sync(project, core, "inbound").received == 0  # the cursor: nothing new
+
+
+def test_an_add_u8_already_holds_by_our_key_links_instead_of_duplicating(u8: Any, core: sa.Engine) -> None:
+    """U8 already has the record under our key (a lost answer): the add links to it, no second customer."""
+    api, project, url = u8
+    sync(project, core)
+    record_id = create_record(core, "customer", {"name": "答复丢失有限公司"})
+    api.erp.insert_customer("C777", "答复丢失有限公司", cCusDefine1=str(record_id))
+    report = sync(project, core, "outbound")
+    assert (report.delivery.applied, report.delivery.dead_letters) == (1, 0)
+    assert customer_by_name(core, "答复丢失有限公司").erp_code == "C777"
+    assert len(u8_rows(url, 'SELECT 1 FROM "Customer" WHERE "cCusDefine1" = :k', k=str(record_id))) == 1
+
+
+def test_a_dead_letter_overtaken_by_a_newer_change_is_not_resent(u8: Any, core: sa.Engine) -> None:
+    """Resending a dead letter after the record changed again would put old values over new ones."""
+    api, project, url = u8
+    sync(project, core)
+    record_id = create_record(core, "customer", {"name": "旧名字有限公司"})
+    api.faults.append("reject:name=旧名字有限公司")
+    assert sync(project, core, "outbound").delivery.dead_letters == 1
+    edit_record(core, "customer", record_id, {"name": "新名字有限公司"})
+    assert sync(project, core, "outbound").delivery.applied == 1
+    with session_factory(core)() as session:
+        assert retry_dead(session, "u8") == 0
+        session.commit()
+        statuses = session.scalars(
+            sa.select(SyncOutbox.status).where(SyncOutbox.entity_id == record_id).order_by(SyncOutbox.id)
+        ).all()
+    assert statuses == ["superseded", "done"]
+    assert u8_rows(url, 'SELECT "cCusName" FROM "Customer" WHERE "cCusDefine1" = :k', k=str(record_id)) == [
+        ("新名字有限公司",)
+    ]

@@ -8,7 +8,15 @@ from integration.connectors.excel import ExcelConnector
 from integration.connectors.odbc import OdbcConnector
 from integration.connectors.rest import RestConnector, RestSettings
 from integration.connectors.sql import SqlConnector
-from integration.project import CsvSource, ExcelSource, OdbcSource, Project, RestSource, SqlSource
+from integration.project import (
+    CsvSource,
+    ExcelSource,
+    K3CloudSource,
+    OdbcSource,
+    Project,
+    RestSource,
+    SqlSource,
+)
 
 
 def connector_for(project: Project, source: str) -> Connector:
@@ -37,6 +45,10 @@ def connector_for(project: Project, source: str) -> Connector:
         )
     if isinstance(config, RestSource):
         return RestConnector(source, RestSettings(**project.rest_settings(source)))  # type: ignore[arg-type]
+    if isinstance(config, K3CloudSource):
+        from integration.connectors.k3cloud import K3CloudConnector
+
+        return K3CloudConnector(source, project.k3cloud_settings(source))
     raise TypeError(f"no connector for {type(config).__name__}")
 
 

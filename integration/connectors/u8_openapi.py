@@ -43,6 +43,9 @@ MAX_RESULTS_PER_CALL = 100
 _STOP_STATUSES = frozenset({429, 502, 503, 504})  # the service is unwell: the rest of a call waits too
 
 
+DUPLICATE_KEY = "20002"  # U8: self_define1 (our key) is already on a customer
+
+
 class U8ApiError(SyncError):
     """U8 OpenAPI could not be used: wrong credentials or data source, or (``transient``) not reachable now."""
 
@@ -218,7 +221,28 @@ class U8Client:
                         outcomes[i] = self._retry(deliveries[i].trade_id, stopped)
                     continue
                 stopped = self._deliver_chunk(operation, [deliveries[i] for i in chunk], chunk, outcomes)
+        self._found_by_our_key(deliveries, outcomes)
         return [outcome for outcome in outcomes if outcome is not None]
+
+    def _found_by_our_key(self, deliveries: Sequence[Delivery], outcomes: list[Outcome | None]) -> None:
+        """Turn "our key is already on a customer" into that customer: an add that U8 took before.
+
+        The answer to an earlier add can be lost (a crash, a run rolled back after U8 applied it); U8 then
+        refuses the next add of the record because ``self_define1`` (our id) is taken. The customer holding
+        it is ours: its code is the answer the lost add would have given.
+        """
+        for index, (delivery, outcome) in enumerate(zip(deliveries, outcomes, strict=True)):
+            our_key = delivery.payload.get("self_define1")
+            if (outcome is None or outcome.status != "rejected" or delivery.operation != "customer/add"
+                    or not our_key or not (outcome.message or "").startswith(f"U8 {DUPLICATE_KEY}")):  # fmt: skip
+                continue
+            try:
+                found = self.find_customer(crm_key=str(our_key))
+            except U8ApiError:
+                continue  # keep the rejection: a person looks at it
+            if found is not None and found.get("code"):
+                outcomes[index] = Outcome(delivery.trade_id, "applied", str(found["code"]),
+                                          f"already in U8 as {found['code']} (found by self_define1)", None)  # fmt: skip
 
     def results(self, trade_ids: Sequence[str]) -> list[Outcome]:
         """Return the outcome of each trade id (for ``pending`` deliveries of an asynchronous U8)."""

@@ -8,12 +8,13 @@ sync run can be listed and rolled back like any run. Only one sync per target ru
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.orm import Session
 
 from crm_core.db import session_factory
@@ -25,6 +26,7 @@ from crm_core.models import ExternalId, LoadRun, SyncConflict, SyncOutbox
 from crm_core.runs import is_crashed, rollback_run
 from integration.sync.inbound import apply_ownership, loaded_values, record_exchange, with_cursor
 from integration.sync.outbox import (
+    Acknowledge,
     CaptureStats,
     DeliveryStats,
     Transport,
@@ -57,6 +59,7 @@ class SyncReport:
     delivery: DeliveryStats = field(default_factory=DeliveryStats)
     entities: dict[str, dict[str, int]] = field(default_factory=dict)
     status: str = "succeeded"
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase: inbound, capture, deliver
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-friendly dict."""
@@ -69,6 +72,7 @@ class SyncReport:
             "echoes_suppressed": self.capture.echoes_suppressed, "retries": self.delivery.retries,
             "dead_letters": self.delivery.dead_letters, "awaiting": self.delivery.awaiting,
             "waiting": self.capture.waiting, "stopped": self.delivery.stopped, "entities": self.entities,
+            "seconds": self.seconds,
         }  # fmt: skip
 
 
@@ -87,11 +91,16 @@ def target_of(migration: Any, name: str | None) -> CompiledTarget:
 
 
 def make_client(target: CompiledTarget) -> Transport:
-    """Return the transport client of a target (U8 OpenAPI), secrets expanded from the environment."""
+    """Return the transport client of a target (by its transport profile), secrets expanded from the environment."""
     from integration.connectors.u8_openapi import U8Client, U8Credentials
+    from integration.sync.spec import K3CloudTransport
     from integration.yamlconf import expand_env
 
     transport = target.spec.transport
+    if isinstance(transport, K3CloudTransport):
+        from integration.connectors.k3cloud import k3cloud_client
+
+        return k3cloud_client(target.name, transport)
     try:
         credentials = U8Credentials(
             base_url=expand_env(transport.base_url), from_account=expand_env(transport.from_account),
@@ -166,7 +175,16 @@ def run_sync(
             baseline(session, target, _run_id(session, run_key))
         send_back: dict[str, set[int]] = {}
         if direction in ("both", "inbound"):
+            started = time.perf_counter()
             send_back = _inbound(migration, engine, target, run_key, report)
+            report.seconds["inbound"] = round(time.perf_counter() - started, 3)
+            if direction == "inbound" and any(send_back.values()):
+                # CRM-owned values the target changed go back with the next outbound run: queue them now.
+                with session_factory(engine)() as session, session.begin():
+                    queued = capture(
+                        session, target, _run_id(session, run_key), extra=send_back, advance=False
+                    )
+                report.capture.queued += queued.queued
         if direction in ("both", "outbound"):
             client = client or make_client(target)
             _outbound(engine, target, client, run_key, report, send_back)
@@ -288,11 +306,16 @@ def _outbound(
     send_back: dict[str, set[int]],
 ) -> None:
     factory = session_factory(engine)
+    started = time.perf_counter()
     with factory() as session, session.begin():
         run_id = _run_id(session, run_key)
         report.capture = capture(session, target, run_id, extra=send_back)
-    on_applied = _acknowledge(target, run_key)
+    report.seconds["capture"] = round(time.perf_counter() - started, 3)
+    added: dict[str, set[int]] = {}
+    on_applied = _acknowledge(target, run_key, added)
+    started = time.perf_counter()
     report.delivery = deliver(engine, target, client, run_id, make_delivery, on_applied=on_applied)
+    report.seconds["deliver"] = round(time.perf_counter() - started, 3)
     # Records that waited for another one (an order for its customer's ERP code) may be ready now.
     if report.delivery.applied and report.capture.waiting:
         with factory() as session, session.begin():
@@ -304,67 +327,138 @@ def _outbound(
             setattr(report.delivery, name, getattr(report.delivery, name) + getattr(more, name))
         report.delivery.stopped = more.stopped or report.delivery.stopped
         report.delivery.errors.extend(more.errors)
+    _rehash_added(engine, target, run_key, added)
 
 
-def _acknowledge(target: CompiledTarget, run_key: str) -> Callable[[Session, list[dict[str, Any]]], None]:
-    """Return the callback that records applied deliveries: crosswalk key, key field, sync state."""
+def _rehash_added(engine: Engine, target: CompiledTarget, run_key: str, added: dict[str, set[int]]) -> None:
+    """Store the hash of the next document of records the target just added: their key is not an echo."""
+    with session_factory(engine)() as session, session.begin():
+        run_id = _run_id(session, run_key)
+        for entity, ids in added.items():
+            ordered = sorted(ids)
+            for start in range(0, len(ordered), 5000):
+                part = ordered[start : start + 5000]
+                hashes = _payload_hashes(session, target, entity, part)
+                if hashes:
+                    record_exchange(session, target, entity, {i: {} for i in hashes}, payload_hashes=hashes,
+                                    run_id=run_id)  # fmt: skip
 
-    def acknowledge(session: Session, rows: list[dict[str, Any]]) -> None:
+
+def _acknowledge(target: CompiledTarget, run_key: str, added: dict[str, set[int]]) -> Acknowledge:
+    """Return the callback that records applied deliveries: crosswalk key, key field, sync state (set-based).
+
+    Records the target added are collected in ``added`` for :func:`_rehash_added`.
+    """
+
+    def acknowledge(session: Session, rows: list[dict[str, Any]]) -> dict[int, str]:
         run = get_or_start_run(session, run_key, "sync", mode="sync")
+        refused: dict[int, str] = {}
         by_entity: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             by_entity.setdefault(row["entity"], []).append(row)
         for entity, entity_rows in by_entity.items():
             sync = target.entities[entity]
-            definition = ENTITIES[entity]
             key_field = sync.outbound.spec.key_field if sync.outbound else None
+            refused.update(_link(session, entity, target.system, entity_rows, run.id))
+            accepted = [r for r in entity_rows if r["id"] not in refused]
+            if key_field is not None:
+                _write_keys(session, entity, key_field, accepted, run.id)
             values: dict[int, dict[str, Any]] = {}
             keys: dict[int, str | None] = {}
-            hashes: dict[int, str | None] = {}
-            for row in entity_rows:
-                entity_id = row["entity_id"]
-                key = row["external_key"]
-                if key:
-                    _link(session, entity, entity_id, target.system, key, run.id)
-                    if key_field is not None:
-                        record: Any = session.get(definition.model, entity_id)
-                        column = definition.fields[key_field].column
-                        if record is not None and getattr(record, column) != key:
-                            setattr(record, column, key)
-                            record.updated_run_id = run.id
-                values[entity_id] = dict(row["core_values"] or {})
-                if key_field is not None and key:
-                    values[entity_id][key_field] = key
-                keys[entity_id] = key
-                hashes[entity_id] = row["payload_hash"]
-            session.flush()
-            record_exchange(session, target, entity, values, external_keys=keys, run_id=run.id)
-            # The document as it is now (with the key the target gave): what a re-capture would build.
-            now_hashes = _payload_hashes(session, target, entity, list(values)) or hashes
-            record_exchange(session, target, entity, {i: {} for i in values}, payload_hashes=now_hashes,
+            for row in accepted:
+                values[row["entity_id"]] = dict(row["core_values"] or {})
+                if key_field is not None and row["external_key"]:
+                    values[row["entity_id"]][key_field] = row["external_key"]
+                keys[row["entity_id"]] = row["external_key"]
+            # An edit leaves the record as it was sent; an add gets the target's key, so its next document
+            # (an edit carrying the key) is hashed once the run's deliveries are done (see _rehash_added).
+            hashes: dict[int, str | None] = {r["entity_id"]: r["payload_hash"] for r in accepted}
+            added.setdefault(entity, set()).update(
+                r["entity_id"] for r in accepted if sync.outbound and r["operation"] == sync.outbound.spec.add
+            )
+            record_exchange(session, target, entity, values, external_keys=keys, payload_hashes=hashes,
                             run_id=run.id)  # fmt: skip
+        return refused
 
     return acknowledge
 
 
-def _link(session: Session, entity: str, entity_id: int, system: str, key: str, run_id: int) -> None:
-    """Add the crosswalk row (entity, system, key) → record unless it is there; refuse a key of another record."""
-    existing = session.scalar(
-        select(ExternalId).where(
-            ExternalId.entity == entity, ExternalId.system == system, ExternalId.external_key == key
+def _link(
+    session: Session, entity: str, system: str, rows: list[dict[str, Any]], run_id: int
+) -> dict[int, str]:
+    """Add crosswalk rows (entity, system, key) → record for the keys the target gave; return refusals.
+
+    A key that already belongs to another record is refused (outbox id → why): a person must look at both.
+    """
+    from crm_core.journal import ids_in
+
+    keyed = [r for r in rows if r["external_key"]]
+    owners: dict[str, int] = {}
+    keys = sorted({str(r["external_key"]) for r in keyed})
+    connection = session.connection()
+    xw: Any = ExternalId.__table__
+    for start in range(0, len(keys), 2000):
+        query = select(xw.c.external_key, xw.c.entity_id).where(
+            xw.c.entity == entity,
+            xw.c.system == system,
+            ids_in(connection, xw.c.external_key, keys[start : start + 2000]),
         )
-    )
-    if existing is not None:
-        if existing.entity_id != entity_id:
-            raise SyncError(
-                f"{system} answered key '{key}' for {entity} {entity_id}, but it belongs to {entity} "
-                f"{existing.entity_id} already; check both records in {system}"
+        owners.update({key: entity_id for key, entity_id in session.execute(query)})
+    refused: dict[int, str] = {}
+    now = dt.datetime.now(dt.UTC)
+    new_links: list[dict[str, Any]] = []
+    for row in keyed:
+        key, entity_id = str(row["external_key"]), row["entity_id"]
+        owner = owners.get(key)
+        if owner is not None and owner != entity_id:
+            refused[row["id"]] = (
+                f"{system} answered key '{key}' for {entity} {entity_id}, but it belongs to {entity} {owner} "
+                f"already; check both records in {system}"
             )
+        elif owner is None:
+            owners[key] = entity_id
+            new_links.append({"entity": entity, "entity_id": entity_id, "system": system, "external_key": key,
+                              "match_method": LINKED, "last_synced_hash": None, "last_synced_at": now,
+                              "created_run_id": run_id, "updated_run_id": run_id})  # fmt: skip
+    if new_links:
+        session.execute(insert(xw), new_links)
+    return refused
+
+
+def _write_keys(
+    session: Session, entity: str, key_field: str, rows: list[dict[str, Any]], run_id: int
+) -> None:
+    """Write the keys the target gave into ``key_field`` of the records, journaled (set-based)."""
+    from crm_core.journal import bulk_update, ids_in, update_entry, write_journal
+
+    definition = ENTITIES[entity]
+    table: Any = definition.model.__table__
+    column = definition.fields[key_field].column
+    wanted = {r["entity_id"]: str(r["external_key"]) for r in rows if r["external_key"]}
+    if not wanted:
         return
-    session.add(ExternalId(entity=entity, entity_id=entity_id, system=system, external_key=key,
-                           match_method=LINKED, last_synced_hash=None,
-                           last_synced_at=dt.datetime.now(dt.UTC), created_run_id=run_id,
-                           updated_run_id=run_id))  # fmt: skip
+    connection = session.connection()
+    ids = sorted(wanted)
+    current: dict[int, tuple[Any, Any, Any]] = {}
+    for start in range(0, len(ids), 2000):
+        query = select(table.c.id, table.c[column], table.c.updated_run_id, table.c.updated_at).where(
+            ids_in(connection, table.c.id, ids[start : start + 2000])
+        )
+        current.update({i: (value, run, stamp) for i, value, run, stamp in session.execute(query)})
+    now = dt.datetime.now(dt.UTC)
+    updates: list[dict[str, Any]] = []
+    journal: list[dict[str, Any]] = []
+    for record_id, key in wanted.items():
+        if record_id not in current or current[record_id][0] == key:
+            continue
+        value, previous_run, stamp = current[record_id]
+        after = {column: key, "updated_run_id": run_id, "updated_at": now}
+        updates.append({"_id": record_id, **after})
+        journal.append(update_entry(run_id, table, {"id": record_id},
+                                    {column: value, "updated_run_id": previous_run, "updated_at": stamp}, after))  # fmt: skip
+    bulk_update(connection, table, updates)
+    if journal:
+        write_journal(connection, journal)
 
 
 # --------------------------------------------------------------------------- conflicts

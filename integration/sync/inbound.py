@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Table, insert, select
+from sqlalchemy import Table, bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from crm_core.entities import ENTITIES
@@ -179,6 +179,7 @@ def record_exchange(
         existing.update({r["entity_id"]: dict(r) for r in session.execute(query).mappings()})
     now = dt.datetime.now(dt.UTC)
     inserts: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
     for entity_id in ids:
         merged = {**(existing.get(entity_id, {}).get("core_values") or {}),
                   **{k: to_json(v) for k, v in values[entity_id].items()}}  # fmt: skip
@@ -190,16 +191,27 @@ def record_exchange(
                if payload_hashes is not None and entity_id in payload_hashes else {}),
         }  # fmt: skip
         if entity_id in existing:
-            session.execute(
-                STATE.update()
-                .where(
-                    STATE.c.target == target.name, STATE.c.entity == entity, STATE.c.entity_id == entity_id
-                )
-                .values(**row)
-            )
+            updates.append({"_entity_id": entity_id, "payload_hash": existing[entity_id]["payload_hash"],
+                            "external_key": existing[entity_id]["external_key"], **row})  # fmt: skip
         else:
             inserts.append({"target": target.name, "entity": entity, "entity_id": entity_id,
                             "external_key": None, "payload_hash": None, **row})  # fmt: skip
+    if updates:
+        statement = (
+            STATE.update()
+            .where(
+                STATE.c.target == target.name,
+                STATE.c.entity == entity,
+                STATE.c.entity_id == bindparam("_entity_id"),
+            )
+            .values(
+                {
+                    name: bindparam(name)
+                    for name in ("core_values", "load_run_id", "updated_at", "external_key", "payload_hash")
+                }
+            )
+        )
+        session.execute(statement, updates)
     if inserts:
         session.execute(STATE.insert(), inserts)
 

@@ -27,8 +27,8 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 import pandas as pd
-from sqlalchemy import Engine, Table, and_, func, insert, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from crm_core.db import session_factory
 from crm_core.entities import ENTITIES
@@ -68,8 +68,14 @@ def watermark_source(target: str) -> str:
 # --------------------------------------------------------------------------- reading core records
 
 
-def core_frame(session: Session, target: CompiledTarget, entity: str, ids: Sequence[int]) -> pd.DataFrame:
-    """Return core records as the outbound mapping reads them: fields, ``_key`` and referenced fields."""
+def core_frame(
+    session: Session, target: CompiledTarget, entity: str, ids: Sequence[int], needed: set[str] | None = None
+) -> pd.DataFrame:
+    """Return core records as the outbound mapping reads them: fields, ``_key`` and referenced fields.
+
+    ``needed`` names the columns the mapping reads: a reference's record is read only when one of its
+    fields is (``customer._key``), so a document of the record's own fields costs one query per chunk.
+    """
     definition = ENTITIES[entity]
     table: Table = definition.model.__table__  # type: ignore[assignment]
     connection = session.connection()
@@ -85,6 +91,9 @@ def core_frame(session: Session, target: CompiledTarget, entity: str, ids: Seque
     frame[KEY_COLUMN] = [keys.get(i) for i in frame["id"]]
     for name, field_def in definition.references.items():
         referenced = ENTITIES[field_def.references or ""]
+        wanted = None if needed is None else {c.split(".", 1)[1] for c in needed if c.startswith(f"{name}.")}
+        if wanted is not None and not wanted:
+            continue
         ref_ids = sorted({int(v) for v in frame[name].dropna()}) if name in frame else []
         ref_table: Table = referenced.model.__table__  # type: ignore[assignment]
         ref_rows: dict[int, dict[str, Any]] = {}
@@ -96,6 +105,8 @@ def core_frame(session: Session, target: CompiledTarget, entity: str, ids: Seque
         frame[f"{name}.id"] = ids_column
         frame[f"{name}.{KEY_COLUMN}"] = [ref_keys.get(i) if i is not None else None for i in ids_column]
         for ref_field, ref_def in referenced.fields.items():
+            if wanted is not None and ref_field not in wanted:
+                continue
             frame[f"{name}.{ref_field}"] = [
                 ref_rows.get(i, {}).get(ref_def.column) if i is not None else None for i in ids_column
             ]
@@ -155,9 +166,15 @@ def build_documents(
     """Map core records to the target's documents (add for a record the target does not know, else edit)."""
     outbound = sync.outbound
     assert outbound is not None
-    frame = core_frame(session, target, sync.entity, ids)
-    if outbound.spec.when:
-        frame = filter_frame(frame, parse(outbound.spec.when, condition=True)).reset_index(drop=True)
+    when = parse(outbound.spec.when, condition=True) if outbound.spec.when else None
+    needed = {
+        *outbound.mapping.source_columns(),
+        *(outbound.lines.source_columns() if outbound.lines else ()),
+    }
+    needed |= set(when.columns) if when is not None else set()
+    frame = core_frame(session, target, sync.entity, ids, needed)
+    if when is not None:
+        frame = filter_frame(frame, when).reset_index(drop=True)
     if frame.empty:
         return []
     result = map_chunk(outbound.mapping, frame)
@@ -245,14 +262,21 @@ def capture_window(session: Session, target: str, own_run_id: int | None) -> tup
 
 
 def baseline(session: Session, target: CompiledTarget, run_id: int) -> None:
-    """At a target's first sync with ``start: now``: what the core holds is where both sides start."""
+    """At a target's first sync with ``start: now``: the core as go-live left it is where both sides start."""
     if target.spec.start != "now":
         return
     if read_watermark(session, watermark_source(target.name), CAPTURE_STREAM) is not None:
         return
     _, upto = capture_window(session, target.name, run_id)
+    # The go-live: the last migration (or dedup) run; CRM edits after it go out with the first sync.
+    go_live = session.scalar(
+        select(func.max(LoadRun.id)).where(
+            LoadRun.id <= upto, LoadRun.status.in_(COMMITTED), LoadRun.mode.not_in(("edit", "sync"))
+        )
+    )
+    start = int(go_live) if go_live is not None else upto
     save_watermark(
-        session, watermark_source(target.name), CAPTURE_STREAM, CursorState(upto, frozenset()), run_id
+        session, watermark_source(target.name), CAPTURE_STREAM, CursorState(start, frozenset()), run_id
     )
 
 
@@ -423,6 +447,10 @@ class Transport(Protocol):
         ...
 
 
+# Records applied deliveries (crosswalk, key field, sync state); returns outbox id -> why one cannot be.
+Acknowledge = Callable[[Session, list[dict[str, Any]]], dict[int, str]]
+
+
 @dataclass
 class DeliveryStats:
     """What one delivery pass did."""
@@ -453,7 +481,7 @@ def deliver(
     run_id: int,
     make_delivery: Callable[[str, str, dict[str, Any]], Any],
     *,
-    on_applied: Callable[[Session, list[dict[str, Any]]], None],
+    on_applied: Acknowledge,
     now: Callable[[], dt.datetime] = _utcnow,
 ) -> DeliveryStats:
     """Send the due outbox rows of ``target`` in batches and record each outcome."""
@@ -486,11 +514,21 @@ def deliver(
                     if not getattr(exc, "transient", False):
                         raise
                     stats.stopped = str(exc)  # the target is down: the rows wait for the next run
+                    wait = getattr(exc, "retry_after", None)
+                    if wait:  # honour Retry-After: not before the target said
+                        later = now() + dt.timedelta(seconds=float(wait))
+                        session.execute(update(OUTBOX).where(OUTBOX.c.id.in_([r["id"] for r in rows]))
+                                        .values(next_attempt_at=later))  # fmt: skip
                     return stats
                 # Stored before the first send: a resend after a crash replays the same trade id.
                 for row, trade_id in zip(missing, trade_ids, strict=True):
                     row["trade_id"] = trade_id
-                    session.execute(update(OUTBOX).where(OUTBOX.c.id == row["id"]).values(trade_id=trade_id))
+                session.execute(
+                    update(OUTBOX)
+                    .where(OUTBOX.c.id == bindparam("_id"))
+                    .values(trade_id=bindparam("trade_id")),
+                    [{"_id": r["id"], "trade_id": r["trade_id"]} for r in missing],
+                )
         if not rows:
             return stats
         outcomes = client.deliver([make_delivery(r["trade_id"], r["operation"], r["payload"]) for r in rows])
@@ -504,7 +542,7 @@ def deliver(
 
 def _poll_awaiting(
     factory: Any, target: CompiledTarget, client: Transport, stats: DeliveryStats,
-    on_applied: Callable[[Session, list[dict[str, Any]]], None], now: Callable[[], dt.datetime],
+    on_applied: Acknowledge, now: Callable[[], dt.datetime],
 ) -> None:  # fmt: skip
     with factory() as session:
         rows = [dict(r) for r in session.execute(
@@ -518,13 +556,14 @@ def _poll_awaiting(
 
 def _record(
     factory: Any, target: CompiledTarget, rows: list[dict[str, Any]], outcomes: Sequence[Delivered],
-    stats: DeliveryStats, on_applied: Callable[[Session, list[dict[str, Any]]], None],
+    stats: DeliveryStats, on_applied: Acknowledge,
     now: Callable[[], dt.datetime],
 ) -> int:  # fmt: skip
     """Write the outcomes of one batch in one transaction; return how many must be retried."""
     policy = target.spec.retry
     retried = 0
     applied: list[dict[str, Any]] = []
+    changes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     with factory() as session, session.begin():
         for row, outcome in zip(rows, outcomes, strict=True):
             values: dict[str, Any]
@@ -552,9 +591,21 @@ def _record(
                     values = {"attempts": attempts, "last_error": outcome.message,
                               "next_attempt_at": now() + dt.timedelta(seconds=delay)}  # fmt: skip
                     stats.retries += 1
-            session.execute(update(OUTBOX).where(OUTBOX.c.id == row["id"]).values(**values))
+            changes.setdefault(tuple(sorted(values)), []).append({"_id": row["id"], **values})
+        for names, group in changes.items():  # one executemany per shape of change
+            statement = update(OUTBOX).where(OUTBOX.c.id == bindparam("_id"))
+            session.execute(statement.values({n: bindparam(n) for n in names}), group)
         if applied:
-            on_applied(session, applied)
+            refused = on_applied(session, applied)
+            for outbox_id, reason in refused.items():
+                # The target applied it, but its answer cannot be recorded (e.g. the key it gave belongs to
+                # another record): a person must look at both records.
+                session.execute(
+                    update(OUTBOX).where(OUTBOX.c.id == outbox_id).values(status="dead", last_error=reason)
+                )
+                stats.applied -= 1
+                stats.dead_letters += 1
+                stats.errors.append(reason)
     return retried
 
 
@@ -587,12 +638,24 @@ def oldest_pending(session: Session, target: str) -> dt.datetime | None:
 
 
 def retry_dead(session: Session, target: str | None = None, ids: Sequence[int] = ()) -> int:
-    """Make dead letters pending again (attempts reset); return how many."""
+    """Make dead letters pending again (attempts reset); return how many.
+
+    A dead letter whose record changed again since (a newer outbox row) is superseded instead: resending it
+    would put older values over newer ones.
+    """
     condition = [SyncOutbox.status == "dead"]
     if target is not None:
         condition.append(SyncOutbox.target == target)
     if ids:
         condition.append(SyncOutbox.id.in_(list(ids)))
+    newer = aliased(SyncOutbox)
+    has_newer = (
+        select(newer.id)
+        .where(newer.target == SyncOutbox.target, newer.entity == SyncOutbox.entity,
+               newer.entity_id == SyncOutbox.entity_id, newer.id > SyncOutbox.id, newer.status != "superseded")
+        .exists()
+    )  # fmt: skip
+    session.execute(update(SyncOutbox).where(and_(*condition), has_newer).values(status="superseded"))
     result = session.execute(
         update(SyncOutbox)
         .where(and_(*condition))

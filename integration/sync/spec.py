@@ -1,6 +1,6 @@
 """The ``sync:`` section of project.yaml: which target systems the core stays in step with, and how.
 
-Per target: the transport (``u8_openapi``), the crosswalk system its keys live under (the project source
+Per target: the transport (``u8_openapi``, ``k3cloud``), the crosswalk system its keys live under (the project source
 the inbound mappings read), schedules, retry policy, and per entity the direction, field ownership, the
 inbound mappings (existing mapping files with an incremental cursor) and the outbound mapping (core fields
 → the target's document, written with the mapping engine's field syntax and transform library).
@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from crm_core.entities import ENTITIES, EntityDef, FieldDef
 from crm_core.errors import ConfigError, Problem
@@ -23,11 +23,17 @@ from integration.mappings.spec import CompiledMapping, FieldSpec
 from integration.yamlconf import DocPath, LocatedDocument, close_names, format_path
 
 CRM = "crm"  # the owner name of fields the CRM owns
-OPERATIONS = ("customer/add", "customer/edit", "saleorder/add")
+OPERATIONS = (
+    "customer/add", "customer/edit", "saleorder/add",  # u8_openapi
+    "BD_Customer/add", "BD_Customer/edit",  # k3cloud: Save without / with the record's K3Cloud id
+)  # fmt: skip
 # What the outbound mapping of an entity reads besides its own columns: '<reference>.<field>' of the
 # record a reference points at (e.g. customer.erp_code on an opportunity).
 OUTBOUND_ENTITIES = ("customer", "opportunity")
-INBOUND_ENTITIES = ("customer", "contact", "sales_order", "sales_order_line", "opportunity")
+INBOUND_ENTITIES = (
+    "customer", "contact", "sales_order", "sales_order_line", "opportunity",
+    "receivable", "payment", "payment_application",  # finance (k3cloud): 应收单, 收款单 and its write-offs
+)  # fmt: skip
 DEFAULT_TIMEZONE = "Asia/Shanghai"
 # The record's key in the target (its crosswalk key under the target's system), empty until the target
 # knows the record; '<reference>._key' is the referenced record's.
@@ -43,6 +49,7 @@ class U8Transport(_Strict):
     """Yonyou U8 OpenAPI: token from app key/secret, one trade id per request (see docs/u8_openapi.md)."""
 
     profile: Literal["u8_openapi"]
+    secret_fields: ClassVar[tuple[str, ...]] = ("app_secret",)  # ${ENV_VAR} only
     base_url: str
     from_account: str
     to_account: str
@@ -51,6 +58,37 @@ class U8Transport(_Strict):
     ds_sequence: int | None = None
     batch_size: int = Field(default=100, ge=1, le=1000)
     timeout: float = Field(default=10.0, gt=0)
+
+
+class K3CloudTransport(_Strict):
+    """Kingdee K3Cloud WebAPI: a session by user/password or app id/secret (see docs/k3cloud.md)."""
+
+    profile: Literal["k3cloud"]
+    secret_fields: ClassVar[tuple[str, ...]] = ("password", "app_secret")  # ${ENV_VAR} only
+    base_url: str = Field(description="the K3Cloud site, e.g. http://erp.example.com/k3cloud")
+    acct_id: str = Field(description="数据中心 ID (acctID)")
+    username: str
+    password: str | None = Field(default=None, description="a secret: ${ENV_VAR} only (ValidateUser)")
+    app_id: str | None = Field(default=None, description="第三方系统登录授权 app id (LoginByAppSecret)")
+    app_secret: str | None = Field(default=None, description="a secret: ${ENV_VAR} only")
+    lcid: int = 2052
+    org_num: str = Field(default="0", description="organisation number when the data centre has several")
+    audit: Literal["none", "auto", "explicit"] = Field(
+        default="auto",
+        description="auto: Save with IsAutoSubmitAndAudit; explicit: Save, then Submit and Audit; none: saved only",
+    )
+    crm_key_field: str | None = Field(
+        default=None,
+        description="the K3Cloud field holding our record id (e.g. F_CRM_ID): an add sent again is found by it",
+    )
+    batch_size: int = Field(default=100, ge=1, le=1000)
+    timeout: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_login(self) -> K3CloudTransport:
+        if not self.password and not (self.app_id and self.app_secret):
+            raise ValueError("give password (ValidateUser) or app_id and app_secret (LoginByAppSecret)")
+        return self
 
 
 class Schedule(_Strict):
@@ -169,7 +207,7 @@ class SyncTarget(_Strict):
     """One target system: transport, crosswalk system, schedules, retries and entities."""
 
     system: str = Field(description="the project source whose keys are this target's (crosswalk system)")
-    transport: U8Transport
+    transport: U8Transport | K3CloudTransport = Field(discriminator="profile")
     schedule: Schedule = Field(default_factory=Schedule)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     start: Literal["now", "all"] = Field(
@@ -314,6 +352,18 @@ def _compile_outbound(
         except ConfigError as exc:
             prefix = format_path(sub_path[:-1])
             problems.extend(replace(p, path=f"{prefix}.{p.path}" if p.path else prefix) for p in exc.problems)
+    if outbound.when is not None:
+        from integration.mappings.expressions import ExpressionError, parse
+
+        try:
+            unknown = [c for c in parse(outbound.when, condition=True).columns if c not in columns]
+        except ExpressionError as exc:
+            problems.append(doc.problem((*path, "when"), f"{exc.message}"))
+        else:
+            for column in unknown:
+                problems.append(doc.problem(
+                    (*path, "when"), f"column '{column}' is not in {entity}{close_names(column, columns)}"
+                ))  # fmt: skip
     if outbound.key_field is not None and outbound.key_field not in ENTITIES[entity].fields:
         problems.append(
             doc.problem(
@@ -347,13 +397,15 @@ def compile_sync(
                     f"sources: {', '.join(sources)}",
                 )
             )
-        if "${" not in target.transport.app_secret:
-            problems.append(
-                doc.problem(
-                    (*base, "transport", "app_secret"),
-                    "app_secret is a secret; write ${ENV_VAR} and export it",
+        for secret in type(target.transport).secret_fields:
+            value = getattr(target.transport, secret) or ""
+            if value and "${" not in value:
+                problems.append(
+                    doc.problem(
+                        (*base, "transport", secret),
+                        f"{secret} is a secret; write ${{ENV_VAR}} and export it",
+                    )
                 )
-            )
         entities: dict[str, CompiledEntitySync] = {}
         for entity, sync in target.entities.items():
             path: DocPath = (*base, "entities", entity)
