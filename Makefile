@@ -7,7 +7,7 @@ export CRM_PROJECT ?= $(PROJECT)
 export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 
 .DEFAULT_GOAL := help
-.PHONY: help demo sync-demo test check lint typecheck pytest ui ui-prod bench bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-e2e bench-load bench-dedup-storage bench-sync clean schema
+.PHONY: help demo sync-demo steward test check lint typecheck pytest ui ui-prod bench bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-e2e bench-load bench-dedup-storage bench-sync bench-steward clean schema
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -58,12 +58,15 @@ ui-prod: $(VENV)/.installed  ## webserver + daemon as deployed: deploy/dagster.y
 	trap 'kill $$daemon; wait $$daemon' EXIT INT TERM; \
 	$(BIN)/dagster-webserver -h $${DAGSTER_WEBSERVER_HOST:-127.0.0.1} -p $${DAGSTER_WEBSERVER_PORT:-3000} -w deploy/workspace.yaml
 
+steward: $(VENV)/.installed  ## the steward workbench on 127.0.0.1:8765 (first: crmi steward users add NAME --role admin)
+	$(BIN)/python -m integration.steward serve --project $(PROJECT)
+
 schema: $(VENV)/.installed  ## regenerate mapping.schema.json, docs/transforms.md and docs/targets.md from the code
 	$(BIN)/crmi mapping schema > integration/mappings/mapping.schema.json
 	$(BIN)/crmi mapping transforms --format markdown > docs/transforms.md
 	$(BIN)/crmi mapping targets --format markdown > docs/targets.md
 
-bench: bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-load bench-dedup-storage bench-e2e bench-sync  ## all benchmarks
+bench: bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-load bench-dedup-storage bench-e2e bench-sync bench-steward  ## all benchmarks
 
 bench-connectors: $(VENV)/.installed  ## extraction throughput vs naive pandas (JSON line)
 	$(BIN)/python bench/bench_connectors.py
@@ -89,6 +92,9 @@ bench-load: $(VENV)/.installed  ## core loader with crosswalk + journal: custome
 
 bench-dedup-storage: $(VENV)/.installed  ## candidate storage, set-based merges, undo and rollback at N customers (JSON line)
 	$(BIN)/python bench/bench_dedup_storage.py
+
+bench-steward: $(VENV)/.installed  ## steward workbench: queue/cluster pages at 100k pending pairs, match API under 20 clients (JSON line)
+	$(BIN)/python bench/bench_steward.py
 
 bench-e2e: $(VENV)/.installed  ## 3-source engagement, 100k + 1M rows, crmi run on SQLite + PostgreSQL (JSON line)
 	$(BIN)/python bench/bench_e2e.py

@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+import crm_core.steward_models  # noqa: F401  (the workbench tables join Base.metadata)
 from crm_core.errors import SchemaError
 from crm_core.models import Base
 

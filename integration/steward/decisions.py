@@ -1,0 +1,263 @@
+"""A steward's decision on a cluster, and the undo of a merge, with their audit lines in one transaction.
+
+Merges go through the dedup workflow's own path (``integration.dedup.workflow.cluster_plan`` then
+``crm_core.merging.merge_plans``, as ``workflow.decide`` and the automatic merges do), inside a journaled
+load run of mode ``steward``: the survivor, its order and the survivorship-ruled values are the project's,
+and each merge can be undone exactly. A steward's per-field choice is applied like a survivorship value
+(with the first merge of the cluster), so undoing that merge restores the survivor's own values.
+Pairs are marked ``merged`` or ``distinct`` (never proposed again) as ``workflow.decide`` marks them, and
+these decisions train the supervised classifier (``workflow.steward_labels``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from crm_core.db import session_factory
+from crm_core.errors import DedupError
+from crm_core.journal import to_json
+from crm_core.loading import get_or_start_run
+from crm_core.merging import MODEL_OF, SurvivorshipRule, load_members, merge_plans, undo_merge
+from crm_core.models import MatchCandidate, MergeLog
+from integration.dedup.workflow import cluster_plan
+from integration.steward.audit import record_event
+from integration.steward.cluster import FIELDS, Cluster, claim, find_cluster, release
+from integration.steward.errors import StewardError
+from integration.steward.security import Principal
+
+Verdict = Literal["same", "different", "split"]
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The project's merge rules (``dedup.customer`` of project.yaml) and its name, for the runs."""
+
+    project: str = "steward"
+    source_priority: tuple[str, ...] = ()
+    survivorship: Mapping[str, SurvivorshipRule] = field(default_factory=dict)
+    classifier: str = "auto"  # dedup.customer.linkage.classifier: auto | ecm | supervised
+
+
+@dataclass
+class Outcome:
+    """What a decision did: the merges (ids), the golden records, the pairs' new statuses."""
+
+    entity: str
+    verdict: str
+    merges: list[int]
+    survivors: list[int]
+    groups: list[list[int]]
+    pairs: dict[int, str]
+
+
+def groups_of(cluster: Cluster, verdict: Verdict, labels: Mapping[int, str] | None = None) -> list[list[int]]:
+    """The cluster's active records grouped as decided: one group (same), one each (different), by label."""
+    records = cluster.records
+    if verdict == "same":
+        return [records]
+    if verdict == "different":
+        return [[i] for i in records]
+    labels = labels or {}
+    missing = [i for i in records if not labels.get(i)]
+    if missing:
+        raise StewardError(f"a split puts every record in a group; record {missing[0]} has none")
+    grouped: dict[str, list[int]] = {}
+    for record_id in records:
+        grouped.setdefault(labels[record_id], []).append(record_id)
+    return list(grouped.values())
+
+
+def decide_cluster(
+    engine: Engine,
+    candidate_id: int,
+    verdict: Verdict,
+    user: Principal,
+    rules: Rules,
+    *,
+    fingerprint: str | None = None,
+    labels: Mapping[int, str] | None = None,
+    chosen: Mapping[str, int] | None = None,
+    ip: str | None = None,
+) -> Outcome:
+    """Apply a steward's decision on the cluster of a pending pair (all or nothing) and audit it.
+
+    ``fingerprint``: the cluster as the page showed it; a cluster changed since is refused. ``labels``
+    (split): record id → group. ``chosen`` (a merge of the whole cluster): field → the record whose value
+    the golden record takes. Someone else's claim on a record of the cluster refuses the decision.
+    """
+    if not user.can("steward"):
+        raise StewardError("a viewer cannot decide; ask an admin for the steward role", status=403)
+    try:
+        with session_factory(engine)() as session, session.begin():
+            return _decide(session, candidate_id, verdict, user, rules, fingerprint, labels, chosen or {}, ip)
+    except IntegrityError:
+        raise StewardError(
+            "another steward claimed a record of this cluster a moment ago; open the queue again", status=409
+        ) from None
+    except DedupError as exc:
+        raise StewardError(str(exc), status=409) from None
+
+
+def _decide(
+    session: Session,
+    candidate_id: int,
+    verdict: Verdict,
+    user: Principal,
+    rules: Rules,
+    fingerprint: str | None,
+    labels: Mapping[int, str] | None,
+    chosen: Mapping[str, int],
+    ip: str | None,
+) -> Outcome:
+    connection = session.connection()
+    cluster = find_cluster(connection, candidate_id)
+    if fingerprint is not None and fingerprint != cluster.fingerprint():
+        raise StewardError(
+            "this cluster changed since the page was opened (another decision or a linkage run); "
+            "look at it again before deciding",
+            status=409,
+        )
+    entity = cluster.entity
+    claim(connection, entity, cluster.claim_ids, user.user_id)
+    groups = groups_of(cluster, verdict, labels)
+    model = MODEL_OF[entity]
+    records = cluster.records
+    members = load_members(connection, model, records)
+    unknown = sorted(set(chosen) - set(FIELDS[entity]))
+    if unknown:
+        raise StewardError(f"'{unknown[0]}' is not a field a steward can choose for a {entity}")
+    if chosen and (len(groups) != 1 or len(records) < 2):
+        raise StewardError("field values are chosen for a merge of the whole cluster only")
+    before = {str(i): {k: to_json(v) for k, v in members.rows[i].items()} for i in records}
+    run = get_or_start_run(session, f"steward-{uuid.uuid4()}", rules.project, "steward")
+    lowest = {
+        frozenset(g): min(
+            (p.probability for p in cluster.pairs
+             if cluster.active[p.left_id] in g and cluster.active[p.right_id] in g),
+            default=None,
+        )
+        for g in groups
+    }  # fmt: skip
+    plans = []
+    for group in groups:
+        if len(group) < 2:
+            continue
+        plan = cluster_plan(model, members, group, rules.source_priority, rules.survivorship or None,
+                            probability=lowest[frozenset(group)], reason="steward decision",
+                            decided_by=user.name)  # fmt: skip
+        if chosen:
+            plan = dataclasses.replace(
+                plan, golden={**(plan.golden or {}), **_chosen_values(members.rows, chosen, records)}
+            )
+        plans.append(plan)
+    merge_ids = merge_plans(session, run, model, plans, members)
+    group_of = {record_id: number for number, group in enumerate(groups) for record_id in group}
+    now = dt.datetime.now(dt.UTC)
+    statuses: dict[int, str] = {}
+    for pair in cluster.pairs:
+        candidate = session.get(MatchCandidate, pair.id)
+        if candidate is None or candidate.status != "review":
+            raise StewardError(f"pair {pair.id} was decided meanwhile; look at the cluster again", status=409)
+        same = group_of[cluster.active[pair.left_id]] == group_of[cluster.active[pair.right_id]]
+        candidate.status = statuses[pair.id] = "merged" if same else "distinct"
+        candidate.decided_by = user.name
+        candidate.decided_at = now
+    session.flush()
+    run.status = "succeeded"
+    run.finished_at = now
+    session.flush()
+    survivors = [plan.survivor_id for plan in plans]
+    after_rows = load_members(connection, model, survivors).rows if survivors else {}
+    main = survivors[0] if survivors else records[0]
+    words = {
+        "same": f"merged {len(records)} {entity}s into {main}",
+        "different": f"marked {len(records)} {entity}s as different",
+        "split": f"split {len(records)} {entity}s into {len(groups)} groups",
+    }[verdict]
+    record_event(
+        connection, user.name, "decide", ip=ip, entity=entity, record_id=main, summary=words,
+        before={"records": before, "pairs": sorted(statuses)},
+        after={"verdict": verdict, "groups": groups, "merges": merge_ids, "pairs": statuses,
+               "chosen": dict(chosen), "run": run.run_key,
+               "golden": {str(i): {k: to_json(v) for k, v in row.items()} for i, row in after_rows.items()}},
+    )  # fmt: skip
+    for other in records:
+        if other != main:
+            record_event(connection, user.name, "decide_member", ip=ip, entity=entity, record_id=other,
+                         summary=f"{words} (pair of {main})")  # fmt: skip
+    release(connection, entity, cluster.claim_ids, user.user_id)
+    return Outcome(entity, verdict, merge_ids, survivors, groups, statuses)
+
+
+def _chosen_values(
+    rows: Mapping[int, Mapping[str, Any]], chosen: Mapping[str, int], records: Sequence[int]
+) -> dict[str, Any]:
+    """The values a steward picked: field → the chosen record's (non-blank) value."""
+    values: dict[str, Any] = {}
+    for name, record_id in chosen.items():
+        if record_id not in records:
+            raise StewardError(f"record {record_id} is not in this cluster; choose {name} from its records")
+        value = rows[record_id][name]
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise StewardError(f"record {record_id} has no {name}; choose a record that has one")
+        values[name] = value
+        if name == "name" and "name_normalized" in rows[record_id]:
+            values["name_normalized"] = rows[record_id]["name_normalized"]
+    return values
+
+
+def skip_cluster(engine: Engine, candidate_id: int, user: Principal, ip: str | None = None) -> None:
+    """Let go of a cluster without deciding: the claims end, nothing else changes."""
+    with engine.begin() as connection:
+        try:
+            cluster = find_cluster(connection, candidate_id)
+        except StewardError:
+            return
+        release(connection, cluster.entity, cluster.claim_ids, user.user_id)
+        record_event(connection, user.name, "skip", ip=ip, entity=cluster.entity, record_id=cluster.records[0],
+                     summary=f"skipped pair {candidate_id}")  # fmt: skip
+
+
+def can_undo(user: Principal, decided_by: str) -> bool:
+    """Admins undo any merge; stewards their own and the automatic ones (``linkage``); viewers none."""
+    return user.can("admin") or (user.can("steward") and decided_by in (user.name, "linkage"))
+
+
+def undo(engine: Engine, merge_id: int, user: Principal, ip: str | None = None) -> MergeLog:
+    """Undo one merge exactly (``crm_core.merging.undo_merge``, as `crmi dedup undo`) and audit it."""
+    with session_factory(engine)() as session:
+        try:
+            with session.begin():
+                log = session.scalar(select(MergeLog).where(MergeLog.id == merge_id))
+                if log is None:
+                    raise StewardError(f"no merge {merge_id}", status=404)
+                if not can_undo(user, log.decided_by):
+                    raise StewardError(
+                        f"merge {merge_id} was decided by {log.decided_by}; only an admin undoes another "
+                        "steward's decision",
+                        status=403,
+                    )
+                log = undo_merge(session, merge_id, user.name)
+                record_event(
+                    session.connection(), user.name, "undo", ip=ip, entity=log.entity, record_id=log.survivor_id,
+                    summary=f"undid merge {merge_id}: {log.entity} {log.merged_id} is separate from "
+                    f"{log.survivor_id} again",
+                    before={"merge": merge_id, "survivor_id": log.survivor_id, "merged_id": log.merged_id,
+                            "decided_by": log.decided_by},
+                    after={"undone_at": to_json(log.undone_at), "pair": "distinct"},
+                )  # fmt: skip
+                record_event(session.connection(), user.name, "undo_member", ip=ip, entity=log.entity,
+                             record_id=log.merged_id, summary=f"undid merge {merge_id} (merged record)")  # fmt: skip
+                session.expunge(log)
+                return log
+        except DedupError as exc:
+            raise StewardError(str(exc), status=409) from None

@@ -1,0 +1,13 @@
+"""The workbench's own error: a message a steward or consultant can act on, and the HTTP status to send."""
+
+from __future__ import annotations
+
+from crm_core.errors import CrmError
+
+
+class StewardError(CrmError):
+    """A refused request: the message is shown as is (it never holds a secret)."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status

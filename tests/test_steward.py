@@ -1,0 +1,1000 @@
+"""The steward workbench over HTTP: sessions, roles, CSRF, the queue, cluster decisions, undo, audit, claims,
+the golden record page and the duplicate-check API, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from crm_core.db import session_factory
+from crm_core.loading import get_or_start_run
+from crm_core.merging import record_candidates
+from crm_core.models import Contact, Customer, ExternalId, MatchCandidate, MergeLog, Opportunity, SalesRep
+from crm_core.steward_models import AUDIT, CLAIMS, SESSIONS, USERS
+from integration.dedup.contacts import deduplicate_contacts
+from integration.dedup.workflow import decide, deduplicate_customers, finish_run
+from integration.steward import security
+from integration.steward.app import COOKIE, Settings, create_app
+from integration.steward.decisions import Rules
+from tests.test_dedup_workflow import seed
+from tests.test_matching_classes import code
+
+PASSWORD = "correct horse battery"
+USERS_OF = {"ada": "admin", "wang": "steward", "li": "steward", "zhao": "viewer"}
+RULES = Rules(project="t", source_priority=("erp", "crm", "xlsx"), survivorship={"phone": "most_complete"})
+XSS_NAMES = ("<script>alert('x')</script>有限公司", '"><img src=x onerror=alert(1)>贸易有限公司')
+
+
+# --------------------------------------------------------------------------- a core with a review queue
+
+
+def build_core(url: str, *, synthetic_pairs: int = 40) -> sa.Engine:
+    """The linkage test companies (with contacts and opportunities), planted clusters a steward must decide,
+    linkage and contact dedup run, plus synthetic pending pairs (recorded with the workflow's own function)
+    spread over scores, sources and cities, and users of every role."""
+    engine, _ = seed(url)
+    if engine.dialect.name == "postgresql":  # the seed wrote explicit ids: move the sequences past them
+        with engine.begin() as connection:
+            for table in ("customers", "contacts", "external_ids", "opportunities"):
+                connection.exec_driver_sql(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))"
+                )
+    with session_factory(engine)() as session, session.begin():
+        rep = SalesRep(name="销售甲", code="S1")
+        session.add(rep)
+        session.flush()
+        for trade, phone in [("甬兴模具", "+8657488880000"), ("海曙包装", "+8657488880001")]:
+            for name, body, system in [
+                (f"宁波{trade}有限公司", "10000001", "crm"),
+                (f"宁波市{trade}有限责任公司", None, "xlsx"),
+                (f"宁波{trade}股份有限公司", "10000003", "crm"),
+            ]:
+                customer = Customer(name=name, credit_code=code("330203", body) if body else None, phone=phone,
+                                    city="宁波市", owner_id=rep.id)  # fmt: skip
+                session.add(customer)
+                session.flush()
+                session.add(ExternalId(entity="customer", entity_id=customer.id, system=system,
+                                       external_key=f"{system.upper()}-{customer.id}"))  # fmt: skip
+                session.add(Opportunity(customer_id=customer.id, name=f"{trade}商机{customer.id}",
+                                        stage_code="proposal", amount=Decimal("50000.00"), owner_id=rep.id))  # fmt: skip
+        for name, extra in zip(
+            ("厦门腾达科技有限公司", "厦门腾讯科技有限公司", *XSS_NAMES), range(4), strict=True
+        ):
+            customer = Customer(name=name, phone=f"+865928600000{extra}", city="厦门市")
+            session.add(customer)
+            session.flush()
+            session.add(
+                ExternalId(entity="customer", entity_id=customer.id, system="crm", external_key=f"T-{extra}")
+            )
+    deduplicate_customers(engine, "dedup-1", "t", source_priority=list(RULES.source_priority))
+    deduplicate_contacts(engine, "dedup-1", "t")
+    finish_run(engine, "dedup-1", "t")
+    add_pairs(engine, synthetic_pairs)
+    with engine.begin() as connection:
+        for name, role in USERS_OF.items():
+            security.add_user(connection, name, role, PASSWORD, actor="test")
+    return engine
+
+
+def add_pairs(engine: sa.Engine, count: int) -> None:
+    """Pending customer pairs between active records that no pair names yet (disjoint: each a cluster of 2),
+    plus 腾达/腾讯 and the two names that try to inject markup."""
+    with session_factory(engine)() as session, session.begin():
+        named = {
+            i
+            for pair in session.execute(sa.select(MatchCandidate.left_id, MatchCandidate.right_id))
+            for i in pair
+        }
+        free = [
+            i for i in session.scalars(
+                sa.select(Customer.id).where(Customer.merged_into_id.is_(None)).order_by(Customer.id)
+            ) if i not in named
+        ]  # fmt: skip
+        ids = {
+            n: session.scalar(sa.select(Customer.id).where(Customer.name == n))
+            for n in ("厦门腾达科技有限公司", "厦门腾讯科技有限公司", *XSS_NAMES)
+        }
+        special = list(ids.values())
+        free = [i for i in free if i not in special]
+        scored: dict[tuple[int, int], tuple[float, dict[str, Any], str]] = {
+            (ids["厦门腾达科技有限公司"], ids["厦门腾讯科技有限公司"]): (0.62, {"name_core_levenshtein": 1, "phones_overlap": 0}, "review"),
+            (ids[XSS_NAMES[0]], ids[XSS_NAMES[1]]): (0.55, {"name_core_levenshtein": 0}, "review"),
+        }  # fmt: skip
+        pairs = min(count, len(free) // 2)
+        for n in range(pairs):
+            left, right = free[2 * n], free[2 * n + 1]
+            scored[(left, right)] = (
+                round(0.5 + 0.44 * n / max(1, pairs - 1), 4),
+                {"name_core_levenshtein": 1},
+                "review",
+            )
+        run = get_or_start_run(session, "seed-pairs", "t")
+        record_candidates(session, run, "customer", scored)
+        run.status = "succeeded"
+
+
+@pytest.fixture
+def core(core_url: str) -> Iterator[sa.Engine]:
+    engine = build_core(core_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite_core(sqlite_core_url: str) -> Iterator[sa.Engine]:
+    engine = build_core(sqlite_core_url)
+    yield engine
+    engine.dispose()
+
+
+def make_app(engine: sa.Engine) -> Starlette:
+    return create_app(engine, Settings(rules=RULES, training_cache_seconds=0))
+
+
+CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+def login(client: TestClient, name: str, password: str = PASSWORD) -> Any:
+    """Sign in through the form (its CSRF token paired with a cookie)."""
+    form = client.get("/login")
+    token = CSRF.search(form.text)
+    assert token, form.text
+    return client.post("/login", data={"csrf": token.group(1), "name": name, "password": password, "next": "/queue"},
+                       follow_redirects=False)  # fmt: skip
+
+
+def signed_in(engine: sa.Engine, name: str) -> tuple[TestClient, str]:
+    """A client signed in as ``name`` and its CSRF token."""
+    client = TestClient(make_app(engine), base_url="http://127.0.0.1")
+    done = login(client, name)
+    assert done.status_code == 303, done.text
+    page = client.get("/queue")
+    token = CSRF.search(page.text)
+    assert token
+    return client, token.group(1)
+
+
+def pending(engine: sa.Engine, entity: str = "customer") -> list[Any]:
+    with engine.connect() as connection:
+        return connection.execute(
+            sa.select(MatchCandidate).where(MatchCandidate.status == "review", MatchCandidate.entity == entity)
+            .order_by(MatchCandidate.id)
+        ).all()  # fmt: skip
+
+
+def planted(engine: sa.Engine, name: str) -> Any:
+    """The pending pair whose records include a customer named ``name``."""
+    with engine.connect() as connection:
+        record = connection.scalar(sa.select(Customer.id).where(Customer.name == name))
+        return connection.execute(
+            sa.select(MatchCandidate).where(
+                MatchCandidate.status == "review",
+                sa.or_(MatchCandidate.left_id == record, MatchCandidate.right_id == record),
+            )
+        ).first()
+
+
+def snapshot(engine: sa.Engine) -> dict[str, Any]:
+    """What a refused request must leave as it was."""
+    with engine.connect() as connection:
+        return {
+            "candidates": connection.execute(
+                sa.select(MatchCandidate.id, MatchCandidate.status, MatchCandidate.decided_by).order_by(MatchCandidate.id)
+            ).all(),
+            "customers": connection.execute(
+                sa.select(Customer.id, Customer.name, Customer.phone, Customer.merged_into_id).order_by(Customer.id)
+            ).all(),
+            "merges": connection.execute(sa.select(MergeLog.id, MergeLog.undone_at).order_by(MergeLog.id)).all(),
+            "decisions": connection.scalar(
+                sa.select(sa.func.count()).select_from(AUDIT).where(AUDIT.c.action.in_(("decide", "undo")))
+            ),
+        }  # fmt: skip
+
+
+def audit_lines(engine: sa.Engine, action: str) -> list[Any]:
+    with engine.connect() as connection:
+        return connection.execute(sa.select(AUDIT).where(AUDIT.c.action == action).order_by(AUDIT.c.id)).all()
+
+
+# --------------------------------------------------------------------------- sessions and security
+
+
+def test_every_page_needs_a_session_and_a_refused_post_changes_nothing(sqlite_core: sa.Engine) -> None:
+    client = TestClient(make_app(sqlite_core))
+    pair = pending(sqlite_core)[0]
+    for path in ("/queue", f"/cluster/{pair.id}", "/records/customer/1", "/audit", "/users"):
+        response = client.get(path, follow_redirects=False)
+        assert response.status_code == 303 and response.headers["location"].startswith("/login?next="), path
+    before = snapshot(sqlite_core)
+    response = client.post(f"/cluster/{pair.id}/decide", data={"verdict": "same"}, follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"].startswith("/login")
+    assert snapshot(sqlite_core) == before
+
+
+def test_sign_in_sets_a_safe_cookie_and_sign_out_ends_the_session(sqlite_core: sa.Engine) -> None:
+    client = TestClient(make_app(sqlite_core), base_url="http://127.0.0.1")
+    response = login(client, "wang")
+    assert response.status_code == 303 and response.headers["location"] == "/queue"
+    cookie = next(h for h in response.headers.get_list("set-cookie") if h.startswith(f"{COOKIE}="))
+    assert "HttpOnly" in cookie and "SameSite=lax" in cookie
+    token = cookie.split(";")[0].split("=", 1)[1]
+    with sqlite_core.connect() as connection:
+        stored = connection.scalar(sa.select(SESSIONS.c.token_hash))
+    assert stored == security.token_hash(token) and token not in str(stored)
+    page = client.get("/queue")
+    assert page.status_code == 200 and 'id="who">wang<' in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY"
+    assert token not in page.text and security.token_hash(token) not in page.text
+    csrf = CSRF.search(page.text)
+    assert csrf
+    out = client.post("/logout", data={"csrf": csrf.group(1)}, follow_redirects=False)
+    assert out.status_code == 303
+    client.cookies.set(COOKIE, token)  # the old cookie replayed
+    assert client.get("/queue", follow_redirects=False).status_code == 303
+    actions = [a.action for a in audit_lines(sqlite_core, "login")] + [
+        a.action for a in audit_lines(sqlite_core, "logout")
+    ]
+    assert actions == ["login", "logout"]
+
+
+def test_a_wrong_password_is_refused_and_audited_and_failures_pause_sign_in(sqlite_core: sa.Engine) -> None:
+    client = TestClient(make_app(sqlite_core))
+    wrong = login(client, "wang", "not the password")
+    assert wrong.status_code == 401 and "wrong name or password" in wrong.text
+    assert PASSWORD not in wrong.text
+    for _ in range(security.THROTTLE_FAILURES - 1):
+        assert login(client, "wang", "still wrong").status_code == 401
+    paused = login(client, "wang")  # the right password, too late
+    assert paused.status_code == 429 and "too many failed sign-ins" in paused.text
+    other = TestClient(
+        make_app(sqlite_core)
+    )  # another name from the same address (testclient) still signs in
+    assert login(other, "li").status_code == 303
+    for n in range(security.THROTTLE_FAILURES_PER_ADDRESS - security.THROTTLE_FAILURES):
+        assert login(client, f"guess{n}", "wrong").status_code == 401
+    assert login(TestClient(make_app(sqlite_core)), "ada").status_code == 429  # the address is paused
+    failed = audit_lines(sqlite_core, "login_failed")
+    assert len(failed) == security.THROTTLE_FAILURES_PER_ADDRESS
+    assert {f.actor for f in failed[: security.THROTTLE_FAILURES]} == {"wang"}
+    assert all(PASSWORD not in str(tuple(f)) for f in failed)
+    with sqlite_core.begin() as connection:  # the window passes
+        connection.exec_driver_sql("DROP TRIGGER steward_audit_no_update")
+        connection.execute(sa.update(AUDIT).values(at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=16)))
+    assert login(TestClient(make_app(sqlite_core)), "wang").status_code == 303
+
+
+def test_a_tampered_or_idle_session_cookie_is_refused(sqlite_core: sa.Engine) -> None:
+    client, _ = signed_in(sqlite_core, "wang")
+    token = client.cookies[COOKIE]
+    tampered = TestClient(make_app(sqlite_core))
+    tampered.cookies.set(COOKIE, token[:-2] + ("AA" if not token.endswith("AA") else "BB"))
+    assert tampered.get("/queue", follow_redirects=False).status_code == 303
+    assert client.get("/queue", follow_redirects=False).status_code == 200
+    with sqlite_core.begin() as connection:
+        connection.execute(
+            sa.update(SESSIONS).values(last_seen_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=31))
+        )
+    assert client.get("/queue", follow_redirects=False).status_code == 303
+    with sqlite_core.connect() as connection:
+        assert connection.scalar(sa.select(sa.func.count()).select_from(SESSIONS)) == 0
+
+
+def test_a_missing_or_wrong_csrf_token_is_refused_and_nothing_changes(core: sa.Engine) -> None:
+    client, csrf = signed_in(core, "wang")
+    pair = pending(core)[0]
+    before = snapshot(core)
+    for data in (
+        {"verdict": "same"},
+        {"verdict": "same", "csrf": "forged"},
+        {"verdict": "same", "csrf": csrf + "x"},
+    ):
+        response = client.post(f"/cluster/{pair.id}/decide", data=data)
+        assert response.status_code == 403 and "security token" in response.text
+    assert client.post("/merges/1/undo", data={"csrf": ""}).status_code == 403
+    assert snapshot(core) == before
+    fresh = TestClient(make_app(core))
+    no_token = fresh.post("/login", data={"name": "wang", "password": PASSWORD})
+    assert no_token.status_code == 403 and COOKIE not in fresh.cookies
+
+
+def test_a_viewer_reads_but_cannot_decide_undo_or_administer(sqlite_core: sa.Engine) -> None:
+    client, csrf = signed_in(sqlite_core, "zhao")
+    pair = pending(sqlite_core)[0]
+    page = client.get(f"/cluster/{pair.id}")
+    assert page.status_code == 200 and 'id="same"' not in page.text
+    before = snapshot(sqlite_core)
+    for path, data in ((f"/cluster/{pair.id}/decide", {"verdict": "same"}), ("/queue/next", {}),
+                       (f"/cluster/{pair.id}/claim", {}), ("/merges/1/undo", {})):  # fmt: skip
+        response = client.post(path, data={**data, "csrf": csrf})
+        assert response.status_code == 403 and "steward role" in response.text, path
+    assert snapshot(sqlite_core) == before
+    assert client.get("/audit").status_code == 403 and client.get("/users").status_code == 403
+    steward, _ = signed_in(sqlite_core, "wang")
+    assert steward.get("/audit").status_code == 403
+    admin, _ = signed_in(sqlite_core, "ada")
+    assert admin.get("/audit").status_code == 200 and admin.get("/users").status_code == 200
+
+
+def test_names_with_markup_are_shown_escaped(sqlite_core: sa.Engine) -> None:
+    client, _ = signed_in(sqlite_core, "wang")
+    pair = planted(sqlite_core, XSS_NAMES[0])
+    pages = [client.get("/queue?sort=oldest&per_page=200"), client.get(f"/cluster/{pair.id}"),
+             client.get(f"/records/customer/{pair.left_id}")]  # fmt: skip
+    for page in pages:
+        assert page.status_code == 200
+        assert "<script>alert" not in page.text and "<img src=x" not in page.text
+        assert "&lt;script&gt;alert(" in page.text or "&lt;script&gt;" in page.text
+    assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in pages[1].text
+    scripts = re.findall(r"<script[^>]*>", "".join(p.text for p in pages))
+    assert set(scripts) == {'<script src="/static/steward.js" defer>'}
+
+
+def test_audit_lines_cannot_be_changed_or_deleted(core: sa.Engine) -> None:
+    _client, _ = signed_in(core, "wang")
+    for statement in (sa.update(AUDIT).values(actor="mallory"), sa.delete(AUDIT)):
+        with pytest.raises(sa.exc.DBAPIError, match="append-only"), core.begin() as connection:
+            connection.execute(statement)
+    assert audit_lines(core, "login")[0].actor == "wang"
+
+
+# --------------------------------------------------------------------------- the queue
+
+
+def test_queue_filters_sorts_pages_and_counts_in_sql(sqlite_core: sa.Engine) -> None:
+    client, _ = signed_in(sqlite_core, "wang")
+    everything = pending(sqlite_core)
+    contacts = pending(sqlite_core, "contact")
+    page = client.get("/queue")
+    assert page.status_code == 200
+    assert f'id="total">{len(everything)}<' in page.text
+    assert f'id="tab-contact">contacts <span class="count">{len(contacts)}<' in page.text
+
+    def shown(query: str) -> tuple[int, list[int]]:
+        html = client.get(f"/queue?{query}").text
+        total = re.search(r'id="total">([\d,]+)<', html)
+        assert total, html
+        return int(total.group(1).replace(",", "")), [int(i) for i in re.findall(r'id="pair-(\d+)"', html)]
+
+    total, ids = shown("sort=score_desc&per_page=25")
+    scores = {p.id: p.probability for p in everything}
+    assert total == len(everything) and len(ids) == 25
+    assert [scores[i] for i in ids] == sorted((scores[i] for i in ids), reverse=True)
+    assert scores[ids[0]] == max(scores.values())
+    second = shown("sort=score_desc&per_page=25&page=2")[1]
+    assert not set(ids) & set(second) and len(ids) + len(second) == min(50, total)
+    total, ids = shown("band=high&per_page=200")
+    assert total == sum(s >= 0.8 for s in scores.values()) and all(scores[i] >= 0.8 for i in ids)
+    total, ids = shown("min=0.6&max=0.7&per_page=200")
+    assert total == sum(0.6 <= s <= 0.7 for s in scores.values()) > 0
+    total, ids = shown("sort=uncertain&per_page=200")
+    assert [abs(scores[i] - 0.5) for i in ids] == sorted(abs(scores[i] - 0.5) for i in ids)
+    total, ids = shown("city=宁波市&per_page=200")
+    with sqlite_core.connect() as connection:
+        ningbo = set(connection.scalars(sa.select(Customer.id).where(Customer.city == "宁波市")))
+    assert total == sum(p.left_id in ningbo or p.right_id in ningbo for p in everything) > 0
+    total, ids = shown("source=crm&per_page=200")
+    with sqlite_core.connect() as connection:
+        crm = set(connection.scalars(sa.select(ExternalId.entity_id).where(ExternalId.system == "crm")))
+    assert 0 < total == sum(p.left_id in crm or p.right_id in crm for p in everything) < len(everything)
+    total, ids = shown("entity=contact&per_page=200")
+    assert total == len(contacts) and set(ids) == {p.id for p in contacts}
+
+
+def test_filter_values_are_data_never_sql(sqlite_core: sa.Engine) -> None:
+    client, _ = signed_in(sqlite_core, "wang")
+    before = snapshot(sqlite_core)
+    for query in ("city=x'%20OR%20'1'='1", "source=erp'--", "city=%27%3B%20DROP%20TABLE%20customers%3B--",
+                  "assigned=nobody'%20OR%201=1--"):  # fmt: skip
+        page = client.get(f"/queue?{query}")
+        assert page.status_code == 200 and 'id="total">0<' in page.text, query
+    for query in ("entity=customer'--", "sort=probability;DROP", "min=1e9", "band=1%20OR%201=1", "page=-1"):
+        page = client.get(f"/queue?{query}")
+        assert page.status_code == 400, query
+    assert snapshot(sqlite_core) == before
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+def test_a_merge_through_the_workbench_equals_the_workflow_decision_and_is_audited(
+    core: sa.Engine, core_url: str, tmp_path: Any
+) -> None:
+    pair = planted(core, "宁波市甬兴模具有限责任公司")
+    twin = build_core(f"sqlite:///{tmp_path / 'twin.sqlite'}")
+    decide(twin, pair.id, same=True, steward="wang", run_key="twin", project="t",
+           source_priority=list(RULES.source_priority), survivorship=dict(RULES.survivorship))  # fmt: skip
+    client, csrf = signed_in(core, "wang")
+    page = client.get(f"/cluster/{pair.id}")
+    assert page.status_code == 200
+    fingerprint = re.search(r'name="fingerprint" value="([^"]+)"', page.text)
+    assert fingerprint
+    done = client.post(f"/cluster/{pair.id}/decide", data={"csrf": csrf, "verdict": "same",
+                                                          "fingerprint": fingerprint.group(1)},
+                       follow_redirects=False)  # fmt: skip
+    assert done.status_code == 303, done.text
+    columns = (Customer.id, Customer.name, Customer.credit_code, Customer.phone, Customer.merged_into_id)
+    with core.connect() as mine, twin.connect() as theirs:
+        ids = [pair.left_id, pair.right_id]
+        assert mine.execute(sa.select(*columns).where(Customer.id.in_(ids)).order_by(Customer.id)).all() == \
+            theirs.execute(sa.select(*columns).where(Customer.id.in_(ids)).order_by(Customer.id)).all()  # fmt: skip
+        decided = mine.execute(sa.select(MatchCandidate).where(MatchCandidate.id == pair.id)).one()
+        merge = mine.execute(sa.select(MergeLog).where(MergeLog.decided_by == "wang")).one()
+    twin.dispose()
+    assert decided.status == "merged" and decided.decided_by == "wang"
+    line = audit_lines(core, "decide")[-1]
+    assert line.actor == "wang" and line.ip == "testclient" and line.entity == "customer"
+    assert line.record_id == merge.survivor_id and line.after["merges"] == [merge.id]
+    assert set(line.before["records"]) == {str(merge.survivor_id), str(merge.merged_id)}
+    golden = client.get(f"/records/customer/{merge.survivor_id}")
+    assert (
+        f'id="merge-{merge.id}"' in golden.text
+        and "steward decision" in golden.text
+        and "wang" in golden.text
+    )
+    with core.connect() as connection:
+        assert connection.scalar(sa.select(sa.func.count()).select_from(CLAIMS)) == 0  # released
+
+
+def test_a_stewards_field_choice_makes_the_golden_value_and_undo_restores_it(core: sa.Engine) -> None:
+    pair = planted(core, "宁波市海曙包装有限责任公司")
+    client, csrf = signed_in(core, "wang")
+    page = client.get(f"/cluster/{pair.id}")
+    names = re.findall(r'name="field:name" value="(\d+)"', page.text)
+    assert len(names) == 2, page.text
+    default = re.search(r'name="default:name" value="(\d+)"', page.text)
+    assert default
+    other = next(i for i in names if i != default.group(1))
+    with core.connect() as connection:
+        wanted = connection.scalar(sa.select(Customer.name).where(Customer.id == int(other)))
+        before = connection.execute(
+            sa.select(Customer).where(Customer.id.in_([pair.left_id, pair.right_id]))
+        ).all()
+    fingerprint = re.search(r'name="fingerprint" value="([^"]+)"', page.text)
+    assert fingerprint
+    done = client.post(f"/cluster/{pair.id}/decide", data={
+        "csrf": csrf, "verdict": "same", "fingerprint": fingerprint.group(1), "field:name": other,
+        "default:name": default.group(1),
+    }, follow_redirects=False)  # fmt: skip
+    assert done.status_code == 303
+    with core.connect() as connection:
+        merge = connection.execute(sa.select(MergeLog).where(MergeLog.decided_by == "wang")).one()
+        survivor_name = connection.scalar(sa.select(Customer.name).where(Customer.id == merge.survivor_id))
+    assert survivor_name == wanted
+    assert audit_lines(core, "decide")[-1].after["chosen"] == {"name": int(other)}
+    golden = client.get(f"/records/customer/{merge.survivor_id}")
+    assert f'id="undo-{merge.id}"' in golden.text
+    undone = client.post(f"/merges/{merge.id}/undo", data={"csrf": csrf}, follow_redirects=False)
+    assert undone.status_code == 303
+    with core.connect() as connection:
+        after = connection.execute(
+            sa.select(Customer).where(Customer.id.in_([pair.left_id, pair.right_id]))
+        ).all()
+        status = connection.scalar(sa.select(MatchCandidate.status).where(
+            MatchCandidate.left_id == min(merge.survivor_id, merge.merged_id),
+            MatchCandidate.right_id == max(merge.survivor_id, merge.merged_id)))  # fmt: skip
+    assert [(r.name, r.phone, r.credit_code, r.merged_into_id) for r in after] == [
+        (r.name, r.phone, r.credit_code, r.merged_into_id) for r in before
+    ]
+    assert status == "distinct"
+    line = audit_lines(core, "undo")[-1]
+    assert line.actor == "wang" and line.before["merge"] == merge.id
+
+
+def test_different_marks_the_pairs_distinct_and_linkage_never_proposes_them_again(
+    sqlite_core: sa.Engine,
+) -> None:
+    pair = planted(sqlite_core, "宁波市甬兴模具有限责任公司")
+    client, csrf = signed_in(sqlite_core, "wang")
+    done = client.post(f"/cluster/{pair.id}/decide", data={"csrf": csrf, "verdict": "different"},
+                       follow_redirects=False)  # fmt: skip
+    assert done.status_code == 303
+    with sqlite_core.connect() as connection:
+        status = connection.scalar(sa.select(MatchCandidate.status).where(MatchCandidate.id == pair.id))
+    assert status == "distinct"
+    deduplicate_customers(sqlite_core, "dedup-2", "t", finish=True)
+    assert pair.id not in {p.id for p in pending(sqlite_core)}
+    panel = re.search(r'<p class="note" id="training">(.*?)</p>', client.get("/queue").text, re.S)
+    assert panel, "no training panel"
+    words = " ".join(re.sub(r"<[^>]+>", "", panel.group(1)).split())
+    assert (
+        "0 the same, 1 different" in words and "ECM (unsupervised)" in words and "needs 10 of each" in words
+    )
+
+
+def test_a_cluster_splits_into_groups(sqlite_core: sa.Engine) -> None:
+    with session_factory(sqlite_core)() as session, session.begin():
+        trio = [Customer(name=f"兰州{n}号机电有限公司", city="兰州市") for n in (1, 2, 3)]
+        session.add_all(trio)
+        session.flush()
+        a, b, c = (t.id for t in trio)
+    with session_factory(sqlite_core)() as session, session.begin():
+        run = get_or_start_run(session, "three", "t")
+        record_candidates(
+            session, run, "customer", {(b, c): (0.7, {}, "review"), (a, b): (0.6, {}, "review")}
+        )
+        run.status = "succeeded"
+    with sqlite_core.connect() as connection:
+        pair = connection.execute(sa.select(MatchCandidate).where(MatchCandidate.left_id == b)).one()
+    client, csrf = signed_in(sqlite_core, "wang")
+    page = client.get(f"/cluster/{pair.id}")
+    assert "3 record(s), 2 pending pair(s)" in page.text and 'id="split"' in page.text
+    done = client.post(f"/cluster/{pair.id}/decide", data={
+        "csrf": csrf, "verdict": "split", f"group:{a}": "A", f"group:{b}": "A", f"group:{c}": "B",
+    }, follow_redirects=False)  # fmt: skip
+    assert done.status_code == 303, done.text
+    with sqlite_core.connect() as connection:
+        statuses = dict(connection.execute(
+            sa.select(MatchCandidate.left_id, MatchCandidate.status).where(MatchCandidate.left_id.in_([a, b]))
+        ).all())  # fmt: skip
+        merged = connection.execute(
+            sa.select(Customer.id, Customer.merged_into_id).where(Customer.id.in_([a, b, c]))
+        ).all()
+    assert statuses == {a: "merged", b: "distinct"}
+    pointers = dict(merged)
+    assert pointers[c] is None and {pointers[a], pointers[b]} in ({None, a}, {None, b})
+
+
+def test_a_stale_page_is_refused(sqlite_core: sa.Engine) -> None:
+    pair = planted(sqlite_core, "宁波市甬兴模具有限责任公司")
+    client, csrf = signed_in(sqlite_core, "wang")
+    before = snapshot(sqlite_core)
+    response = client.post(
+        f"/cluster/{pair.id}/decide", data={"csrf": csrf, "verdict": "same", "fingerprint": "0" * 32}
+    )
+    assert response.status_code == 409 and "changed since the page was opened" in response.text
+    assert snapshot(sqlite_core) == before
+
+
+# --------------------------------------------------------------------------- claims
+
+
+def test_two_stewards_never_work_the_same_cluster(core: sa.Engine) -> None:
+    wang, wang_csrf = signed_in(core, "wang")
+    li, li_csrf = signed_in(core, "li")
+    opened = wang.post(
+        "/queue/next", data={"csrf": wang_csrf, "queue": "sort=score_desc"}, follow_redirects=False
+    )
+    assert opened.status_code == 303
+    first = int(re.search(r"/cluster/(\d+)", opened.headers["location"]).group(1))  # type: ignore[union-attr]
+    page = li.get(f"/cluster/{first}")
+    assert (
+        'id="held"' in page.text
+        and "wang is working on this cluster" in page.text
+        and 'id="same"' not in page.text
+    )
+    before = snapshot(core)
+    refused = li.post(f"/cluster/{first}/decide", data={"csrf": li_csrf, "verdict": "same"})
+    assert refused.status_code == 409 and "wang is working on this cluster" in refused.text
+    assert snapshot(core) == before
+    theirs = li.post(
+        "/queue/next", data={"csrf": li_csrf, "queue": "sort=score_desc"}, follow_redirects=False
+    )
+    second = int(re.search(r"/cluster/(\d+)", theirs.headers["location"]).group(1))  # type: ignore[union-attr]
+    assert second != first
+    mine = wang.get("/queue?assigned=me&per_page=200").text
+    assert f'id="pair-{first}"' in mine and f'id="pair-{second}"' not in mine
+    free = li.get("/queue?assigned=available&per_page=200").text
+    assert f'id="pair-{first}"' not in free and f'id="pair-{second}"' in free
+    admin, admin_csrf = signed_in(core, "ada")
+    given = admin.post(
+        f"/cluster/{first}/assign", data={"csrf": admin_csrf, "user": "li"}, follow_redirects=False
+    )
+    assert given.status_code == 303
+    assert li.post(f"/cluster/{first}/decide", data={"csrf": li_csrf, "verdict": "different"},
+                   follow_redirects=False).status_code == 303  # fmt: skip
+    assert [a.summary for a in audit_lines(core, "assign")] == [f"assigned pair {first} to li"]
+
+
+def test_claims_race_ends_with_one_claim(core: sa.Engine) -> None:
+    from integration.steward.cluster import claim
+
+    with core.connect() as connection:
+        users = dict(connection.execute(sa.select(USERS.c.name, USERS.c.id)).all())
+    ids = [10_001, 10_002, 10_003]
+    barrier = threading.Barrier(2)
+    outcome: dict[str, str] = {}
+
+    def take(name: str) -> None:
+        barrier.wait(timeout=10)
+        try:
+            with core.begin() as connection:
+                claim(connection, "customer", ids, users[name])
+            outcome[name] = "claimed"
+        except Exception as exc:
+            outcome[name] = type(exc).__name__
+
+    threads = [threading.Thread(target=take, args=(n,)) for n in ("wang", "li")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(outcome.values()).count("claimed") == 1, outcome
+    with core.connect() as connection:
+        holders = set(connection.scalars(sa.select(CLAIMS.c.user_id).where(CLAIMS.c.record_id.in_(ids))))
+    assert len(holders) == 1
+
+
+def test_undo_rights_follow_the_roles(sqlite_core: sa.Engine) -> None:
+    pair = planted(sqlite_core, "宁波市甬兴模具有限责任公司")
+    wang, wang_csrf = signed_in(sqlite_core, "wang")
+    wang.post(f"/cluster/{pair.id}/decide", data={"csrf": wang_csrf, "verdict": "same"})
+    with sqlite_core.connect() as connection:
+        mine = connection.scalar(sa.select(MergeLog.id).where(MergeLog.decided_by == "wang"))
+        automatic = connection.scalar(sa.select(MergeLog.id).where(MergeLog.decided_by == "linkage"))
+    li, li_csrf = signed_in(sqlite_core, "li")
+    refused = li.post(f"/merges/{mine}/undo", data={"csrf": li_csrf})
+    assert refused.status_code == 403 and "only an admin" in refused.text
+    assert (
+        li.post(f"/merges/{automatic}/undo", data={"csrf": li_csrf}, follow_redirects=False).status_code
+        == 303
+    )
+    admin, admin_csrf = signed_in(sqlite_core, "ada")
+    assert (
+        admin.post(f"/merges/{mine}/undo", data={"csrf": admin_csrf}, follow_redirects=False).status_code
+        == 303
+    )
+    again = admin.post(f"/merges/{mine}/undo", data={"csrf": admin_csrf})
+    assert again.status_code == 409 and "already undone" in again.text
+    assert [a.actor for a in audit_lines(sqlite_core, "undo")] == ["li", "ada"]
+
+
+# --------------------------------------------------------------------------- pages
+
+
+def test_the_cluster_page_explains_the_pair_and_diffs_the_names(sqlite_core: sa.Engine) -> None:
+    client, _ = signed_in(sqlite_core, "zhao")
+    pair = planted(sqlite_core, "厦门腾达科技有限公司")
+    page = client.get(f"/cluster/{pair.id}").text
+    assert '<span class="diff">达</span>' in page and '<span class="diff">讯</span>' in page
+    assert "names 75% alike" in page and "same city (厦门市)" in page and "different phones" in page
+    assert '<span class="system">crm</span> T-0' in page
+    ningbo = planted(sqlite_core, "宁波市甬兴模具有限责任公司")
+    page = client.get(f"/cluster/{ningbo.id}").text
+    assert "held back: not merged: the cluster would hold two credit_code values" in page
+    assert "credit code on one side only" in page and "same phone" in page
+
+
+def test_the_preview_is_what_the_merge_makes(sqlite_core: sa.Engine) -> None:
+    from integration.steward.cluster import build_view, find_cluster
+
+    for name in ("宁波市甬兴模具有限责任公司", "厦门腾达科技有限公司"):
+        pair = planted(sqlite_core, name)
+        with sqlite_core.connect() as connection:
+            view = build_view(connection, find_cluster(connection, pair.id), RULES.source_priority,
+                              RULES.survivorship)  # fmt: skip
+        client, csrf = signed_in(sqlite_core, "wang")
+        client.post(f"/cluster/{pair.id}/decide", data={"csrf": csrf, "verdict": "same"})
+        with sqlite_core.connect() as connection:
+            survivor = (
+                connection.execute(sa.select(Customer).where(Customer.id == view.order[0])).mappings().one()
+            )
+        assert {f.name: view.preview[f.name] for f in view.fields} == {
+            f.name: survivor[f.name] for f in view.fields
+        }
+
+
+def test_the_golden_record_page_shows_sources_keys_related_rows_and_history(sqlite_core: sa.Engine) -> None:
+    with sqlite_core.connect() as connection:
+        merge = connection.execute(
+            sa.select(MergeLog).where(MergeLog.decided_by == "linkage").order_by(MergeLog.id)
+        ).first()
+        assert merge is not None
+        keys = connection.scalars(sa.select(ExternalId.external_key).where(ExternalId.entity_id == merge.survivor_id,
+                                                                          ExternalId.entity == "customer")).all()  # fmt: skip
+        opportunities = connection.scalar(
+            sa.select(sa.func.count()).where(Opportunity.customer_id == merge.survivor_id)
+        )
+    client, _ = signed_in(sqlite_core, "zhao")
+    page = client.get(f"/records/customer/{merge.survivor_id}").text
+    assert len(keys) == 2 and all(f"<td>{k}</td>" in page for k in keys)
+    assert f'href="/records/customer/{merge.merged_id}">#{merge.merged_id}' in page
+    assert f'Opportunities <span class="count">{opportunities}</span>' in page and opportunities >= 2
+    assert f'id="merge-{merge.id}"' in page and "linkage" in page
+    assert 'id="undo-' not in page  # a viewer sees no undo
+    merged = client.get(f"/records/customer/{merge.merged_id}").text
+    assert 'id="merged-into"' in merged
+    assert client.get("/records/customer/999999").status_code == 404
+    assert client.get("/records/order/1").status_code == 404
+
+
+def test_admins_manage_users_in_the_browser(sqlite_core: sa.Engine) -> None:
+    admin, csrf = signed_in(sqlite_core, "ada")
+    added = admin.post("/users", data={"csrf": csrf, "action": "add", "name": "sun", "role": "viewer",
+                                       "password": "another long one"}, follow_redirects=False)  # fmt: skip
+    assert added.status_code == 303
+    assert login(TestClient(make_app(sqlite_core)), "sun", "another long one").status_code == 303
+    short = admin.post(
+        "/users", data={"csrf": csrf, "action": "add", "name": "tiny", "role": "viewer", "password": "x"}
+    )
+    assert short.status_code == 400 and "at least 10 characters" in short.text
+    assert admin.post("/users", data={"csrf": csrf, "action": "disable", "name": "ada"}).status_code == 400
+    assert admin.post("/users", data={"csrf": csrf, "action": "disable", "name": "wang"},
+                      follow_redirects=False).status_code == 303  # fmt: skip
+    assert login(TestClient(make_app(sqlite_core)), "wang").status_code == 401
+    page = admin.get("/users").text
+    with sqlite_core.connect() as connection:
+        hashes = connection.scalars(sa.select(USERS.c.password_hash)).all()
+    assert not any(h in page for h in hashes) and "scrypt$" not in page
+    audit = admin.get("/audit").text
+    assert "added viewer &#39;sun&#39;" in audit and "disabled &#39;wang&#39;" in audit
+    assert "scrypt$" not in audit and PASSWORD not in audit
+
+
+def test_passwords_are_salted_scrypt_hashes() -> None:
+    first, second = security.hash_password(PASSWORD), security.hash_password(PASSWORD)
+    assert first != second and first.startswith("scrypt$16384$8$1$")
+    assert security.verify_password(PASSWORD, first) and not security.verify_password(PASSWORD + "!", first)
+    assert not security.verify_password(PASSWORD, "garbage") and not security.verify_password(
+        PASSWORD, "a$b$c$d$e$f"
+    )
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_crmi_steward_users_and_tokens(sqlite_core_url: str) -> None:
+    from typer.testing import CliRunner
+
+    from integration.steward.cli import steward_app
+
+    runner = CliRunner()
+    core = ["--core-url", sqlite_core_url]
+    added = runner.invoke(steward_app, ["users", "add", "wang", "--role", "steward", "--password-stdin", *core],
+                          input=PASSWORD + "\n")  # fmt: skip
+    assert added.exit_code == 0 and "added steward 'wang'" in added.output
+    again = runner.invoke(
+        steward_app, ["user", "add", "wang", "--password-stdin", *core], input=PASSWORD + "\n"
+    )
+    assert again.exit_code == 1 and "already exists" in again.output
+    bad_role = runner.invoke(steward_app, ["users", "add", "x", "--role", "boss", "--password-stdin", *core],
+                             input=PASSWORD + "\n")  # fmt: skip
+    assert bad_role.exit_code == 1 and "unknown role 'boss'" in bad_role.output
+    reserved = runner.invoke(
+        steward_app, ["users", "add", "linkage", "--password-stdin", *core], input=PASSWORD + "\n"
+    )
+    assert reserved.exit_code == 1 and "reserved" in reserved.output
+    assert runner.invoke(steward_app, ["users", "role", "wang", "admin", *core]).exit_code == 0
+    assert runner.invoke(steward_app, ["users", "reset", "wang", "--password-stdin", *core],
+                         input="a brand new password\n").exit_code == 0  # fmt: skip
+    assert runner.invoke(steward_app, ["users", "disable", "wang", *core]).exit_code == 0
+    listed = runner.invoke(steward_app, ["users", "list", *core])
+    assert (
+        listed.exit_code == 0
+        and "wang" in listed.output
+        and "admin" in listed.output
+        and "scrypt" not in listed.output
+    )
+    token = runner.invoke(steward_app, ["tokens", "add", "crm-form", *core])
+    assert token.exit_code == 0 and token.stdout.strip().startswith("crmi_")
+    engine = sa.create_engine(sqlite_core_url)
+    with engine.connect() as connection:
+        assert security.api_token_name(connection, token.stdout.strip()) == "crm-form"
+        actions = connection.scalars(sa.select(AUDIT.c.action).order_by(AUDIT.c.id)).all()
+        actors = set(connection.scalars(sa.select(AUDIT.c.actor)))
+    assert actions == ["user_add", "user_role", "user_reset", "user_disable", "token_add"]
+    assert all(a.startswith("cli") for a in actors)
+    assert runner.invoke(steward_app, ["tokens", "revoke", "crm-form", *core]).exit_code == 0
+    with engine.connect() as connection:
+        assert security.api_token_name(connection, token.stdout.strip()) is None
+    engine.dispose()
+
+
+# --------------------------------------------------------------------------- the duplicate-check API
+
+
+def test_the_match_api_needs_a_token_and_scores_a_form(core: sa.Engine) -> None:
+    with core.begin() as connection:
+        token = security.add_token(connection, "crm-form", actor="test")
+        first = connection.execute(sa.select(Customer).where(Customer.name == "宁波甬兴模具有限公司")).one()
+    client = TestClient(make_app(core))
+    body = {"name": "宁波甬兴模具有限公司", "phone": "0574-88880000"}
+    assert client.post("/api/v1/match", json=body).status_code == 401
+    assert (
+        client.post("/api/v1/match", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    )
+    auth = {"Authorization": f"Bearer {token}"}
+    found = client.post("/api/v1/match", json=body, headers=auth)
+    assert found.status_code == 200, found.text
+    best = found.json()["candidates"][0]
+    assert best["probability"] >= 0.5 and best["owner"]["name"] == "销售甲"
+    assert best["customer_id"] in {first.id, first.merged_into_id} and "phones" in best["agrees_on"]
+    bad = client.post("/api/v1/match", json={"name": "x", "credit_code": "123"}, headers=auth)
+    assert bad.status_code == 422 and "credit code" in bad.json()["error"]
+    assert client.post("/api/v1/match", json=["x"], headers=auth).status_code == 422
+    assert client.post("/api/v1/match", json={"phone": "1"}, headers=auth).status_code == 422
+    spec = client.get("/api/v1/openapi.json").json()
+    assert set(spec["paths"]) == {"/api/v1/match", "/api/v1/opportunities/check"}
+
+
+def test_the_match_index_follows_the_core_without_a_rebuild(core: sa.Engine) -> None:
+    app = make_app(core)
+    service = app.state.workbench.match
+    index = service.index()
+    built = service.state.built_at
+    assert service.match({"name_core": None}) == []
+    with session_factory(core)() as session, session.begin():
+        run = get_or_start_run(session, "new-customer", "t")
+        new = Customer(
+            name="杭州云栖智能科技有限公司", phone="+8657100000001", city="杭州市", created_run_id=run.id
+        )
+        session.add(new)
+        run.status = "succeeded"
+    from integration.steward.api import form_record
+
+    form = form_record({"name": "杭州云栖智能科技有限公司", "phone": "0571-00000001"})
+    assert all(c["name"] != "杭州云栖智能科技有限公司" for c in service.match(form))
+    assert service.refresh() == 1
+    assert service.index() is index and service.state.built_at == built  # incremental, not rebuilt
+    found = service.match(form)
+    assert found[0]["name"] == "杭州云栖智能科技有限公司" and found[0]["probability"] > 0.9
+    pair = planted(core, "宁波市甬兴模具有限责任公司")
+    client, csrf = signed_in(core, "wang")
+    client.post(f"/cluster/{pair.id}/decide", data={"csrf": csrf, "verdict": "same"})
+    service.refresh()
+    with core.connect() as connection:
+        merged = connection.scalar(sa.select(MergeLog.merged_id).where(MergeLog.decided_by == "wang"))
+    assert merged not in index.where and service.state.customers == index.size
+
+
+def test_the_opportunity_check_finds_another_salespersons_registration(core: sa.Engine) -> None:
+    with session_factory(core)() as session, session.begin():
+        other = SalesRep(name="销售乙", code="S2")
+        session.add(other)
+        session.flush()
+        customer = session.scalars(sa.select(Customer).where(Customer.name == "宁波甬兴模具有限公司")).one()
+        target = customer.merged_into_id or customer.id
+        session.add(Opportunity(customer_id=target, name="模具线改造", stage_code="proposal", owner_id=other.id,
+                                registered_by_id=other.id, registered_at=dt.datetime(2025, 3, 1, tzinfo=dt.UTC)))  # fmt: skip
+        session.add(Contact(customer_id=target, name="王芳"))
+        token = security.add_token(session.connection(), "crm-form", actor="test")
+    client = TestClient(make_app(core))
+    auth = {"Authorization": f"Bearer {token}"}
+    clash = client.post("/api/v1/opportunities/check", headers=auth,
+                        json={"customer_id": target, "salesperson": "S1"}).json()  # fmt: skip
+    assert clash["conflict"] and clash["registrations"][0]["registered_by"] == "销售乙"
+    assert clash["registrations"][0]["name"] == "模具线改造"
+    by_name = client.post("/api/v1/opportunities/check", headers=auth,
+                          json={"name": "宁波甬兴模具有限公司", "phone": "0574-88880000", "salesperson": "销售甲"}).json()  # fmt: skip
+    assert by_name["conflict"] and by_name["registrations"][0]["customer_id"] == target
+    own = client.post("/api/v1/opportunities/check", headers=auth,
+                      json={"customer_id": target, "salesperson": "S2"}).json()  # fmt: skip
+    assert not own["conflict"]
+    assert (
+        client.post("/api/v1/opportunities/check", headers=auth, json={"customer_id": target}).status_code
+        == 422
+    )
+
+
+# --------------------------------------------------------------------------- a real HTTP server
+
+
+@contextmanager
+def serving(app: Starlette) -> Iterator[str]:
+    """Run ``app`` under uvicorn on 127.0.0.1, an ephemeral port, in a thread; yield its base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = dt.datetime.now() + dt.timedelta(seconds=20)
+    while not server.started:
+        if dt.datetime.now() > deadline or not thread.is_alive():
+            raise RuntimeError("the workbench did not start")
+        threading.Event().wait(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def test_the_workbench_answers_over_real_http(core: sa.Engine) -> None:
+    import requests
+
+    with serving(make_app(core)) as base, requests.Session() as client:
+        assert client.get(f"{base}/healthz", timeout=10).json() == {"ok": True}
+        assert client.get(f"{base}/queue", allow_redirects=False, timeout=10).status_code == 303
+        form = client.get(f"{base}/login", timeout=10)
+        token = CSRF.search(form.text)
+        assert token
+        signed = client.post(f"{base}/login", data={"csrf": token.group(1), "name": "wang", "password": PASSWORD},
+                             allow_redirects=False, timeout=10)  # fmt: skip
+        assert signed.status_code == 303
+        page = client.get(f"{base}/queue", timeout=10)
+        assert page.status_code == 200 and 'id="who">wang<' in page.text
+        assert client.get(f"{base}/static/steward.css", timeout=10).status_code == 200
+
+
+# --------------------------------------------------------------------------- the Excel round trip
+
+
+def test_the_queue_goes_to_excel_and_back_all_or_nothing(sqlite_core: sa.Engine) -> None:
+    import io
+
+    from openpyxl import load_workbook
+
+    from integration.steward.sheets import HEADER
+
+    pairs = pending(sqlite_core)
+    formula = '=HYPERLINK("http://evil.example","点我")'
+    with sqlite_core.begin() as connection:
+        connection.execute(sa.update(Customer).where(Customer.id == pairs[-1].left_id).values(name=formula))
+    client, csrf = signed_in(sqlite_core, "wang")
+    exported = client.get("/queue/export.xlsx?sort=oldest")
+    assert exported.status_code == 200 and exported.headers["content-type"].startswith(
+        "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+    )
+    book = load_workbook(io.BytesIO(exported.content))
+    sheet = book["queue"]
+    rows = list(sheet.iter_rows())
+    assert tuple(c.value for c in rows[0]) == HEADER and len(rows) - 1 == len(pairs)
+    assert all(c.data_type != "f" for row in rows for c in row)
+    assert any(c.value == "'" + formula for row in rows for c in row)
+    by_pair = {row[0].value: row for row in rows[1:]}
+    first, second, third, fourth = (p.id for p in pairs[:4])
+    by_pair[first][4].value = "same"
+    by_pair[second][4].value = "different"
+    by_pair[third][4].value = "跳过"
+    by_pair[fourth][4].value = "maybe"
+    sheet.append([999_999, "customer", 0.5, "x", "same"])
+
+    def upload(workbook: Any) -> Any:
+        out = io.BytesIO()
+        workbook.save(out)
+        files = {"sheet": ("queue.xlsx", out.getvalue(), "application/octet-stream")}
+        return client.post("/queue/import", data={"csrf": csrf}, files=files)
+
+    before = snapshot(sqlite_core)
+    refused = upload(book)
+    assert refused.status_code == 422 and "Nothing was applied" in refused.text
+    problems = dict(re.findall(r"<tr><td>(\d+)</td><td>(.*?)</td></tr>", refused.text))
+    assert set(problems) == {str(by_pair[fourth][0].row), str(sheet.max_row)}
+    assert "not one of same, different, skip" in problems[str(by_pair[fourth][0].row)]
+    assert "no pair 999999" in problems[str(sheet.max_row)]
+    assert snapshot(sqlite_core) == before
+    by_pair[fourth][4].value = None
+    sheet.delete_rows(sheet.max_row)
+    applied = upload(book)
+    assert applied.status_code == 200, applied.text
+    assert "1 merged, 1 marked different, 1 skipped" in applied.text
+    with sqlite_core.connect() as connection:
+        statuses = dict(connection.execute(
+            sa.select(MatchCandidate.id, MatchCandidate.status).where(MatchCandidate.id.in_([first, second, third]))
+        ).all())  # fmt: skip
+        merge = connection.execute(sa.select(MergeLog).where(MergeLog.decided_by == "wang")).one()
+    assert statuses == {first: "merged", second: "distinct", third: "review"}
+    assert merge.reason == "steward decision (sheet)"
+    assert [line.summary.split(":")[0] for line in audit_lines(sqlite_core, "decide")] == [
+        f"sheet row {by_pair[first][0].row}",
+        f"sheet row {by_pair[second][0].row}",
+    ]
+    again = upload(book)  # the same sheet twice: those pairs are decided now
+    assert again.status_code == 422 and "was decided since the export" in again.text
+    with sqlite_core.begin() as connection:  # a record changed after the export
+        connection.execute(
+            sa.update(Customer).where(Customer.id == pairs[4].left_id).values(phone="+8613900000000")
+        )
+    for pair_id in (first, second):
+        by_pair[pair_id][4].value = None
+    by_pair[pairs[4].id][4].value = "different"
+    stale = upload(book)
+    assert stale.status_code == 422 and "changed since the export" in stale.text
+    viewer, _ = signed_in(sqlite_core, "zhao")
+    assert viewer.get("/queue/export.xlsx").status_code == 403

@@ -1,0 +1,122 @@
+"""The steward workbench in a real browser: headless Chromium from Debian (``chromium``, ``chromium-driver``)
+driven by Selenium with the system chromedriver (no browser download). Skipped with the reason when they
+are missing, except under CI=true, where they must be there (``.ci/run`` installs them).
+
+Set ``STEWARD_SCREENSHOT=docs/steward-cluster.png`` to refresh the documentation's screenshot of the
+cluster page from this run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from crm_core.models import Customer, MergeLog
+from tests.test_steward import PASSWORD, build_core, make_app, planted, serving
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver") or (
+    "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None
+)
+WAIT = 20  # seconds: the longest any page or redirect may take
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    missing = [name for name, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if not path]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("selenium (pip)")
+    if missing:
+        reason = f"real-browser tests need {', '.join(missing)} (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true requires them: {reason}")
+        pytest.skip(reason)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1500,1100", "--lang=zh-CN"):  # fmt: skip
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    driver.set_page_load_timeout(WAIT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_a_steward_logs_in_filters_decides_with_the_keyboard_sees_the_golden_record_and_undoes(
+    browser: Any, sqlite_core_url: str, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    engine = build_core(sqlite_core_url)
+    pair = planted(engine, "宁波市甬兴模具有限责任公司")
+    wait = WebDriverWait(browser, WAIT)
+    with serving(make_app(engine)) as base:
+        browser.get(f"{base}/queue")
+        wait.until(ec.presence_of_element_located((By.ID, "sign-in")))  # no session: the login page
+        browser.find_element(By.ID, "name").send_keys("wang")
+        browser.find_element(By.ID, "password").send_keys(PASSWORD + Keys.ENTER)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "who"), "wang"))
+
+        city = browser.find_element(By.ID, "city")
+        city.send_keys("宁波市")
+        browser.find_element(By.ID, "apply").click()
+        wait.until(lambda d: "city=" in d.current_url)
+        rows = browser.find_elements(By.CSS_SELECTOR, "table.queue tr[data-href]")
+        assert rows and f"pair-{pair.id}" in {r.get_attribute("id") for r in rows}
+        browser.find_element(By.CSS_SELECTOR, "body").send_keys("j")  # the keyboard selects the first row
+        assert "selected" in (rows[0].get_attribute("class") or "")
+        browser.find_element(By.CSS_SELECTOR, f"#pair-{pair.id} a.open").click()
+        wait.until(ec.presence_of_element_located((By.ID, "records")))
+        assert "held back: not merged" in browser.find_element(By.ID, "why").text
+
+        # Choose another record's name for the golden record: the preview column follows.
+        radios = browser.find_elements(By.CSS_SELECTOR, "input[name='field:name']")
+        other = next(r for r in radios if not r.is_selected())
+        chosen = other.get_attribute("data-value")
+        other.click()
+        preview = browser.find_element(By.CSS_SELECTOR, "[data-preview='name']")
+        assert preview.text == chosen
+        if target := os.environ.get("STEWARD_SCREENSHOT"):
+            browser.save_screenshot(str(Path(target).resolve()))
+        browser.save_screenshot(str(tmp_path / "cluster.png"))
+
+        browser.find_element(By.CSS_SELECTOR, "body").send_keys("s")  # the same: merge, then the next cluster
+        wait.until(ec.presence_of_element_located((By.ID, "flash-link")))
+        assert "merged 2 customers" in browser.find_element(By.ID, "flash").text
+        browser.find_element(By.ID, "flash-link").click()
+        wait.until(ec.presence_of_element_located((By.ID, "merges")))
+        with engine.connect() as connection:
+            merge = connection.execute(sa.select(MergeLog).where(MergeLog.decided_by == "wang")).one()
+            golden = connection.scalar(sa.select(Customer.name).where(Customer.id == merge.survivor_id))
+        assert golden == chosen == browser.find_element(By.ID, "record-name").text
+        row = browser.find_element(By.ID, f"merge-{merge.id}").text
+        assert "steward decision" in row and "wang" in row
+        assert "decide" in browser.find_element(By.ID, "record-audit").text
+
+        browser.find_element(By.ID, f"undo-{merge.id}").click()
+        wait.until(ec.alert_is_present()).accept()  # undo asks first
+        wait.until(ec.text_to_be_present_in_element((By.ID, "flash"), f"undid merge {merge.id}"))
+        assert "undone" in (browser.find_element(By.ID, f"merge-{merge.id}").get_attribute("class") or "")
+        with engine.connect() as connection:
+            assert connection.scalar(sa.select(MergeLog.undone_at).where(MergeLog.id == merge.id)) is not None
+
+        browser.find_element(By.ID, "logout").click()
+        wait.until(ec.presence_of_element_located((By.ID, "sign-in")))
+        browser.get(f"{base}/queue")
+        wait.until(ec.presence_of_element_located((By.ID, "sign-in")))  # signed out for good
+    assert (tmp_path / "cluster.png").stat().st_size > 10_000
+    engine.dispose()
