@@ -13,7 +13,7 @@ from typing import Any
 import dagster as dg
 from sqlalchemy.engine import make_url
 
-from crm_core.db import core_url, current_revision, head_revision, make_engine, redact_url
+from crm_core.db import core_url, current_revision, head_revision, make_engine
 from crm_core.runs import abort_run
 from integration.assets import (
     CoreDatabase,
@@ -35,7 +35,6 @@ from integration.failures import cause_line
 from integration.pipeline import MODE_TAG, Migration, RunOptions
 from integration.project import project_dir
 
-CORE_TAG = "crmi/core"  # the run queue allows one run per value (deploy/dagster.yaml)
 MIGRATION_JOB = "migration"
 DELTA_JOB = "migration_delta"
 TRIAL_JOB = "migration_trial"
@@ -115,15 +114,10 @@ def build_definitions(
     # The migration jobs (`crmi run`, `make demo`) never run a sync: those have jobs of their own.
     migration_assets = dg.AssetSelection.all() - dg.AssetSelection.groups(SYNC_GROUP)
 
-    # One writer per core database (the run queue's `crmi/core` limit, deploy/dagster.yaml): the core's
-    # address without its password; a trial writes to a scratch core of its own and carries none.
-    core_tag = {CORE_TAG: redact_url(core_url(core_database_url))}
-
     def migration_job(name: str, description: str, options: RunOptions, executor: Any) -> Any:
-        tags = options.tags() if options.mode == "trial" else {**options.tags(), **core_tag}
         return dg.define_asset_job(
             name, selection=migration_assets, description=description, executor_def=executor,
-            hooks={undo_failed_run}, tags=tags,
+            hooks={undo_failed_run}, tags=options.tags(),
         )  # fmt: skip
 
     full = migration_job(
@@ -149,7 +143,6 @@ def build_definitions(
     )
     rollback = dg.GraphDefinition(name=ROLLBACK_JOB, node_defs=[rollback_load_run]).to_job(
         description="Undo one load run (config: run_id, cascade), exactly as `crmi rollback` does.",
-        tags=core_tag,
     )
     return dg.Definitions(
         assets=assets,

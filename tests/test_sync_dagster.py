@@ -150,18 +150,6 @@ def test_the_migration_jobs_leave_the_sync_out_and_each_target_gets_jobs_schedul
     assert SECRET not in repr(defs.resolve_job_def("sync_u8_outbound_job").tags)
 
 
-def test_the_jobs_that_write_the_core_carry_its_address_for_the_run_queue(
-    tmp_path: Path, demo_project: Path
-) -> None:
-    """One writer per core: `crmi/core` on migration, delta and rollback (no password); none on a trial."""
-    url = "postgresql+psycopg://crm:s3cret-pw@db.example:5432/core"
-    defs = build_definitions(demo_project, url)
-    for name in (MIGRATION_JOB, DELTA_JOB, "rollback"):
-        tag = defs.resolve_job_def(name).tags.get("crmi/core")
-        assert tag is not None and "db.example:5432/core" in tag and "s3cret-pw" not in tag, name
-    assert "crmi/core" not in defs.resolve_job_def(TRIAL_JOB).tags
-
-
 def test_the_inbound_job_counts_every_row_as_metadata(env: tuple[Path, str]) -> None:
     project, url = env
     job = build_definitions(project, url).resolve_job_def("sync_u8_inbound_job")
