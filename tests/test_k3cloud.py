@@ -34,10 +34,10 @@ from integration.connectors.k3cloud import (
     K3CloudSettings,
     sign_headers,
 )
-from integration.connectors.u8_openapi import Delivery
 from integration.pipeline import Migration, core_engine
 from integration.sync.engine import SyncReport, run_sync
 from integration.sync.outbox import retry_dead
+from integration.sync.transport import Delivery
 from tests.conftest import PG_URL, REPO, reset_postgres, server_or_skip
 from tests.servers.k3cloud import ACCT_ID, APP_ID, APP_SECRET, PASSWORD, USERNAME, K3Api, serve
 

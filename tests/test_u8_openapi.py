@@ -16,7 +16,8 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from integration.connectors.u8_openapi import Delivery, Outcome, U8ApiError, U8Client, U8Credentials
+from integration.connectors.u8_openapi import U8ApiError, U8Client, U8Credentials
+from integration.sync.transport import Delivery, Outcome
 from tests.conftest import PG_URL, REPO, reset_postgres, server_or_skip
 from tests.servers.u8_openapi import (
     APP_KEY,

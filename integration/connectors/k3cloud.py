@@ -39,9 +39,17 @@ from urllib.parse import quote, urlparse
 import pandas as pd
 import requests
 
-from crm_core.errors import ExtractError, SyncError, TransientExtractError, mask_secrets
+from crm_core.errors import ExtractError, SyncError, TransientExtractError
 from integration.connectors.base import ReadRequest, filter_chunks, tag_rows
-from integration.connectors.u8_openapi import Delivery, Outcome
+from integration.sync.transport import (
+    Delivery,
+    Outcome,
+    Transient,
+    deliver_in_groups,
+    request_failure,
+    scrub,
+    unwell,
+)
 
 if TYPE_CHECKING:
     from integration.sync.spec import K3CloudTransport
@@ -63,7 +71,6 @@ ID_FIELDS: dict[str, str] = {
     "BD_MATERIAL": "FMATERIALID",
     "BD_Supplier": "FSUPPLIERID",
 }
-_STOP_STATUSES = frozenset({429, 502, 503, 504})
 # The XOR key Kingdee's SDK decodes the secret part of an app id with (k3cloud_webapi_sdk.util.encode_util:
 # the four eight-character blocks of its default code, rot13'd; the SDK's random digits fall between them).
 _SDK_CODE = "0054s397p6234378o09pn7q3r5qropr7"
@@ -208,14 +215,6 @@ class Status:
         return cls(bool(status.get("IsSuccess")), errors, successes, msg_code)
 
 
-class _Transient(Exception):
-    """K3Cloud did not answer usably this time (internal; becomes ``retry`` outcomes or a transient error)."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None, stops: bool = True) -> None:
-        super().__init__(message)
-        self.message, self.retry_after, self.stops = message, retry_after, stops
-
-
 def _session_lost(answer: Any) -> bool:
     """Return True when K3Cloud says the session is gone (MsgCode 1), in a status or a query's error row."""
     if isinstance(answer, list) and answer and isinstance(answer[0], list) and answer[0]:
@@ -305,7 +304,7 @@ class K3CloudClient:
             self._forget_session()
             try:
                 answer, response = self._http(service, body)
-            except _Transient as problem:
+            except Transient as problem:
                 raise K3CloudError(f"K3Cloud login failed: {problem.message}", transient=True,
                                    retry_after=problem.retry_after) from None  # fmt: skip
             result = answer if isinstance(answer, dict) else {}
@@ -337,7 +336,7 @@ class K3CloudClient:
                 return answer
             self._forget_session()
             if attempt == 2:
-                raise _Transient(f"K3Cloud lost a freshly opened session on {service.rsplit('.', 1)[-1]}")
+                raise Transient(f"K3Cloud lost a freshly opened session on {service.rsplit('.', 1)[-1]}")
         raise AssertionError("unreachable")
 
     def _headers(self, url: str) -> dict[str, str]:
@@ -359,28 +358,22 @@ class K3CloudClient:
         """POST one request; return the parsed answer (numbers with a fraction as Decimal) and the response."""
         url = f"{self._base}/{service}.common.kdsvc"
         short = service.rsplit(".", 1)[-1]
-        failure: str | None = None
+        failure: Transient | None = None
         try:
             response = self._http_session.post(
                 url, data=json.dumps(body, ensure_ascii=False, default=str).encode(), headers=self._headers(url),
                 timeout=self.timeout,
             )  # fmt: skip
-        except requests.Timeout:
-            failure = (
-                f"no answer from K3Cloud within {self.timeout:g}s ({short}); a save may have been applied"
-            )
-        except requests.ConnectionError as error:
-            failure = f"K3Cloud unreachable at {self._base} ({short}): {type(error).__name__}"
         except requests.RequestException as error:
-            failure = f"K3Cloud request failed ({short}): {self._scrub(str(error))}"
+            failure = request_failure(error, system="K3Cloud", where=short, timeout=self.timeout,
+                                      base_url=self._base, secrets=self._secrets(),
+                                      on_timeout="a save may have been applied")  # fmt: skip
         if failure is not None:  # raised outside the except block: the requests error is not chained
-            raise _Transient(failure)
+            raise failure
         status = response.status_code
-        if status in _STOP_STATUSES or status >= 500:
-            retry_after = response.headers.get("Retry-After")
-            raise _Transient(f"HTTP {status} from K3Cloud ({short})",
-                             retry_after=float(retry_after) if retry_after and retry_after.isdigit() else None,
-                             stops=status in _STOP_STATUSES)  # fmt: skip
+        problem = unwell(response, system="K3Cloud", where=short)
+        if problem is not None:
+            raise problem
         if status in (401, 403):
             raise K3CloudError(
                 f"K3Cloud refused the request signature (HTTP {status}) on {short}: "
@@ -398,18 +391,15 @@ class K3CloudClient:
         try:
             answer = json.loads(response.content, parse_float=Decimal)
         except ValueError:
-            raise _Transient(
-                f"K3Cloud answered {short} with HTTP {status} and no JSON", stops=False
-            ) from None
+            raise Transient(f"K3Cloud answered {short} with HTTP {status} and no JSON", stops=False) from None
         return answer, response
+
+    def _secrets(self) -> tuple[str | None, ...]:
+        return (self.credentials.password, self.credentials.app_secret, self._sid, *self._spent)
 
     def _scrub(self, text: str) -> str:
         """Mask the password, the app secret and every session id this client has held."""
-        c = self.credentials
-        for secret in (c.password, c.app_secret, self._sid, *self._spent):
-            if secret:
-                text = text.replace(secret, "***")
-        return mask_secrets(text)
+        return scrub(text, self._secrets())
 
     # ------------------------------------------------------------------ queries
 
@@ -423,7 +413,7 @@ class K3CloudClient:
                 "Limit": min(limit, MAX_QUERY_ROWS), "SubSystemId": ""}  # fmt: skip
         try:
             answer = self.call(f"{FORM_SERVICE}.ExecuteBillQuery", {"data": data})
-        except _Transient as problem:
+        except Transient as problem:
             raise K3CloudError(f"K3Cloud query of {form_id} failed: {problem.message}", transient=True,
                                retry_after=problem.retry_after) from None  # fmt: skip
         error = query_error(answer)
@@ -489,35 +479,22 @@ class K3CloudClient:
                 raise K3CloudError(
                     f"unknown K3Cloud operation {delivery.operation!r}; expected one of {', '.join(OPERATIONS)}"
                 )
-        outcomes: list[Outcome | None] = [None] * len(deliveries)
-        groups: dict[str, list[int]] = {}
-        for index, delivery in enumerate(deliveries):
-            groups.setdefault(delivery.operation, []).append(index)
-        stopped: _Transient | None = None
-        for operation, indices in groups.items():
-            for start in range(0, len(indices), self.max_batch):
-                chunk = indices[start : start + self.max_batch]
-                if stopped is not None:
-                    for i in chunk:
-                        outcomes[i] = self._retry(deliveries[i].trade_id, stopped)
-                    continue
-                try:
-                    try:
-                        self._deliver_chunk(operation, [deliveries[i] for i in chunk], chunk, outcomes)
-                    except K3CloudError as error:  # the login or a lookup: down now, or wrong settings
-                        if not error.transient:
-                            raise
-                        raise _Transient(str(error), retry_after=error.retry_after) from None
-                except _Transient as problem:
-                    for i in chunk:
-                        if outcomes[i] is None:
-                            outcomes[i] = self._retry(deliveries[i].trade_id, problem)
-                    if problem.stops:
-                        stopped = problem
-        return [o for o in outcomes if o is not None]
+        return deliver_in_groups(deliveries, self.max_batch, self._send_chunk)
 
-    def _retry(self, trade_id: str, problem: _Transient) -> Outcome:
-        return Outcome(trade_id, "retry", None, problem.message, problem.retry_after)
+    def _send_chunk(
+        self, operation: str, chunk: list[Delivery], indices: list[int], outcomes: list[Outcome | None]
+    ) -> Transient | None:
+        """Save one chunk; a transport failure (or an unreachable login / lookup) is returned, not raised."""
+        try:
+            try:
+                self._deliver_chunk(operation, chunk, indices, outcomes)
+            except K3CloudError as error:  # the login or a lookup: down now, or wrong settings
+                if not error.transient:
+                    raise
+                raise Transient(str(error), retry_after=error.retry_after) from None
+        except Transient as problem:
+            return problem
+        return None
 
     def _deliver_chunk(
         self, operation: str, chunk: list[Delivery], indices: list[int], outcomes: list[Outcome | None]
@@ -601,7 +578,7 @@ class K3CloudClient:
     def _lookup(
         self, form_id: str, fields: list[str], field_key: str, values: list[str]
     ) -> dict[str, list[Any]]:
-        """Return, per value of ``field_key``, the first row of ``fields`` (an unreachable K3Cloud: _Transient)."""
+        """Return, per value of ``field_key``, the first row of ``fields`` (an unreachable K3Cloud: Transient)."""
         found: dict[str, list[Any]] = {}
         for start in range(0, len(values), 200):
             part = values[start : start + 200]
@@ -611,7 +588,7 @@ class K3CloudClient:
                                                limit=len(part) * 2)  # fmt: skip
             except K3CloudError as error:
                 if error.transient:
-                    raise _Transient(str(error), retry_after=error.retry_after) from None
+                    raise Transient(str(error), retry_after=error.retry_after) from None
                 raise
             for row in rows:
                 found.setdefault(str(row[-1]), row[:-1])

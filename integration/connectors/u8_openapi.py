@@ -14,18 +14,24 @@ every message, exception and urllib3 debug log line this module can produce.
 
 from __future__ import annotations
 
-import datetime as dt
-import email.utils
-import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import requests
 
-from crm_core.errors import SyncError, mask_secrets
+from crm_core.errors import SyncError
+from integration.sync.transport import (
+    Delivery,
+    Outcome,
+    Transient,
+    deliver_in_groups,
+    request_failure,
+    scrub,
+    unwell,
+)
 
 # operation -> (the document's section in the body, single-record path, batch path)
 OPERATIONS: dict[str, tuple[str, str, str]] = {
@@ -40,7 +46,6 @@ BAD_TRADEID = "40004"
 NOT_FOUND = "20003"
 MAX_TRADEIDS_PER_CALL = 1000
 MAX_RESULTS_PER_CALL = 100
-_STOP_STATUSES = frozenset({429, 502, 503, 504})  # the service is unwell: the rest of a call waits too
 
 
 DUPLICATE_KEY = "20002"  # U8: self_define1 (our key) is already on a customer
@@ -74,71 +79,8 @@ class U8Credentials:
         )
 
 
-@dataclass(frozen=True)
-class Delivery:
-    """One write for U8: the operation, the U8 document, and the trade id that makes a resend safe."""
-
-    trade_id: str
-    operation: str  # "customer/add" | "customer/edit" | "saleorder/add"
-    payload: dict[str, Any]  # the U8 document: customer fields, or a saleorder with "entry" lines
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one delivery (or trade id)."""
-
-    trade_id: str
-    status: Literal["applied", "rejected", "pending", "retry"]
-    external_key: str | None  # cCusCode / cSOCode U8 created or edited
-    message: str | None  # U8's or the transport's message, secrets masked
-    retry_after: float | None = None  # seconds, from Retry-After, when status == "retry"
-
-
-class _Transient(Exception):
-    """U8 did not answer usably this time (internal; becomes ``retry`` outcomes or a transient U8ApiError)."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None, stops: bool = True) -> None:
-        super().__init__(message)
-        self.message, self.retry_after, self.stops = message, retry_after, stops
-
-
 class _NoEndpoint(Exception):
     """The gateway has no such path (HTTP 404), e.g. no batch endpoints."""
-
-
-class _MaskSecrets(logging.Filter):
-    """Masks ``app_secret=…`` and ``token=…`` in log records (urllib3 logs request URLs at DEBUG)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = mask_secrets(message)
-        if masked != message:
-            record.msg, record.args = masked, None
-        return True
-
-
-_LOG_FILTER = _MaskSecrets()
-logging.getLogger("urllib3.connectionpool").addFilter(_LOG_FILTER)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
-
-
-def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
 
 
 class U8Client:
@@ -208,19 +150,9 @@ class U8Client:
                     f"unknown U8 operation {delivery.operation!r} (trade id {delivery.trade_id}); "
                     f"expected one of {', '.join(OPERATIONS)}"
                 )
-        outcomes: list[Outcome | None] = [None] * len(deliveries)
-        groups: dict[str, list[int]] = {}
-        # Groups go out in the order their operation first appears (customers before their orders, say).
-        for index, delivery in enumerate(deliveries):
-            groups.setdefault(delivery.operation, []).append(index)
-        stopped: _Transient | None = None
-        for operation, indices in groups.items():
-            for chunk in _chunks(indices, self.max_batch):
-                if stopped is not None:
-                    for i in chunk:
-                        outcomes[i] = self._retry(deliveries[i].trade_id, stopped)
-                    continue
-                stopped = self._deliver_chunk(operation, [deliveries[i] for i in chunk], chunk, outcomes)
+        outcomes: list[Outcome | None] = list(
+            deliver_in_groups(deliveries, self.max_batch, self._deliver_chunk)
+        )
         self._found_by_our_key(deliveries, outcomes)
         return [outcome for outcome in outcomes if outcome is not None]
 
@@ -253,8 +185,8 @@ class U8Client:
                       "tradeid": ",".join(chunk)}  # fmt: skip
             try:
                 answer = self._call("GET", "/system/result", params)
-            except _Transient as problem:
-                outcomes.extend(self._retry(t, problem) for t in chunk)
+            except Transient as problem:
+                outcomes.extend(problem.outcome(t) for t in chunk)
                 continue
             except _NoEndpoint:
                 raise U8ApiError(
@@ -292,16 +224,16 @@ class U8Client:
     # ------------------------------------------------------------------ writes
 
     def _deliver_chunk(self, operation: str, chunk: list[Delivery], indices: list[int],
-                       outcomes: list[Outcome | None]) -> _Transient | None:  # fmt: skip
+                       outcomes: list[Outcome | None]) -> Transient | None:  # fmt: skip
         """Send one chunk; fill its outcomes; return the transport problem that should hold back the rest."""
         section, single, batch = OPERATIONS[operation]
         if len(chunk) > 1 and operation not in self._no_batch:
             body = {section: [{**d.payload, "tradeid": d.trade_id} for d in chunk]}
             try:
                 answer = self._call("POST", batch, self._write_params(None), body)
-            except _Transient as problem:
+            except Transient as problem:
                 for i, d in zip(indices, chunk, strict=True):
-                    outcomes[i] = self._retry(d.trade_id, problem)
+                    outcomes[i] = problem.outcome(d.trade_id)
                 return problem if problem.stops else None
             except _NoEndpoint:
                 self._no_batch.add(operation)  # this gateway only has the documented single-record APIs
@@ -317,21 +249,21 @@ class U8Client:
                 for n, (i, d) in enumerate(zip(indices, chunk, strict=True)):
                     result = results[n] if n < len(results) and isinstance(results[n], dict) else None
                     if result is None or str(result.get("tradeid") or d.trade_id) != d.trade_id:
-                        outcomes[i] = self._retry(
-                            d.trade_id, _Transient(f"U8's batch answer did not cover trade id {d.trade_id}")
-                        )
+                        outcomes[i] = Transient(
+                            f"U8's batch answer did not cover trade id {d.trade_id}"
+                        ).outcome(d.trade_id)
                     else:
                         outcomes[i] = self._outcome(d.trade_id, result)
                 return None
         for i, d in zip(indices, chunk, strict=True):
             try:
                 answer = self._call("POST", single, self._write_params(d.trade_id), {section: d.payload})
-            except _Transient as problem:
-                outcomes[i] = self._retry(d.trade_id, problem)
+            except Transient as problem:
+                outcomes[i] = problem.outcome(d.trade_id)
                 if problem.stops:
                     for j, rest in zip(indices, chunk, strict=True):
                         if outcomes[j] is None:
-                            outcomes[j] = self._retry(rest.trade_id, problem)
+                            outcomes[j] = problem.outcome(rest.trade_id)
                     return problem
                 continue
             except _NoEndpoint:
@@ -367,10 +299,9 @@ class U8Client:
 
     def _result(self, trade_id: str, state: dict[str, Any] | None, answer: dict[str, Any]) -> Outcome:
         if state is None:
-            return self._retry(
-                trade_id,
-                _Transient(f"U8 answered /system/result without trade id {trade_id}: {self._errmsg(answer)}"),
-            )
+            return Transient(
+                f"U8 answered /system/result without trade id {trade_id}: {self._errmsg(answer)}"
+            ).outcome(trade_id)
         kind = str(state.get("state"))
         if kind == "done":
             return self._outcome(trade_id, {**state, "url": None})
@@ -390,19 +321,16 @@ class U8Client:
             f"U8 does not know trade id {trade_id}; ask new_trade_ids() for a new one",
         )
 
-    def _retry(self, trade_id: str, problem: _Transient) -> Outcome:
-        return Outcome(trade_id, "retry", None, problem.message, problem.retry_after)
-
     # ------------------------------------------------------------------ HTTP, tokens and secrets
 
     def _call_or_raise(
         self, method: str, path: str, params: dict[str, str], doing: str, *, found: bool = False
     ) -> dict[str, Any]:
         """Call U8 for a non-write request; transport problems and errcodes become :class:`U8ApiError`."""
-        problem: _Transient | None = None
+        problem: Transient | None = None
         try:
             answer = self._call(method, path, params)
-        except _Transient as transient:
+        except Transient as transient:
             problem = transient
         except _NoEndpoint:
             raise U8ApiError(
@@ -425,34 +353,28 @@ class U8Client:
                 return answer
             self._drop_token()
             if attempt == 2:
-                raise _Transient(f"U8 refused a freshly issued token on {path} (errcode {errcode})")
+                raise Transient(f"U8 refused a freshly issued token on {path} (errcode {errcode})")
         raise AssertionError("unreachable")
 
     def _http(self, method: str, path: str, params: dict[str, str], body: Any = None) -> dict[str, Any]:
-        """Send one HTTP request; return the JSON answer or raise _Transient / _NoEndpoint / U8ApiError."""
-        failure: str | None = None
+        """Send one HTTP request; return the JSON answer or raise Transient / _NoEndpoint / U8ApiError."""
+        failure: Transient | None = None
         try:
             response = self._session.request(
                 method, self._base + path, params=params, json=body, timeout=self.timeout
             )
-        except requests.Timeout:
-            failure = (f"no answer from U8 OpenAPI within {self.timeout:g}s ({path}); the write may have been "
-                       "applied: send it again with the same trade id")  # fmt: skip
-        except requests.ConnectionError as error:
-            failure = f"U8 OpenAPI unreachable at {self._base} ({path}): {self._scrub(type(error).__name__)}"
         except requests.RequestException as error:
-            failure = f"U8 OpenAPI request failed ({path}): {self._scrub(str(error))}"
+            failure = request_failure(error, system="U8 OpenAPI", where=path, timeout=self.timeout,
+                                      base_url=self._base, secrets=self._secrets(),
+                                      on_timeout="the write may have been applied: send it again with the same trade id")  # fmt: skip
         if (
             failure is not None
         ):  # raised outside the except block: the requests error (its URL) is not chained
-            raise _Transient(failure)
+            raise failure
         status = response.status_code
-        if status in _STOP_STATUSES or status >= 500:
-            raise _Transient(
-                f"HTTP {status} from U8 OpenAPI ({path})",
-                retry_after=_retry_after(response.headers.get("Retry-After")),
-                stops=status in _STOP_STATUSES,
-            )
+        problem = unwell(response, system="U8 OpenAPI", where=path)
+        if problem is not None:
+            raise problem
         if status == 404:
             raise _NoEndpoint(path)
         if status in (401, 403):
@@ -464,7 +386,7 @@ class U8Client:
         except ValueError:
             answer = None
         if not isinstance(answer, dict):
-            raise _Transient(f"U8 OpenAPI answered {path} with HTTP {status} and no JSON object", stops=False)
+            raise Transient(f"U8 OpenAPI answered {path} with HTTP {status} and no JSON object", stops=False)
         if status >= 400 and "errcode" not in answer:
             answer = {**answer, "errcode": f"HTTP{status}", "errmsg": str(answer)[:200]}
         errcode = str(answer.get("errcode", OK))
@@ -505,9 +427,9 @@ class U8Client:
     def _errmsg(self, answer: dict[str, Any]) -> str:
         return self._scrub(str(answer.get("errmsg") or "(no message)"))
 
+    def _secrets(self) -> tuple[str | None, ...]:
+        return (self.credentials.app_secret, self._token, *self._spent_tokens)
+
     def _scrub(self, text: str) -> str:
         """Mask the app_secret and every token this client has held, then passwords/tokens by keyword."""
-        for secret in (self.credentials.app_secret, self._token, *self._spent_tokens):
-            if secret:
-                text = text.replace(secret, "***")
-        return mask_secrets(text)
+        return scrub(text, self._secrets())

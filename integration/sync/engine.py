@@ -117,7 +117,7 @@ def make_client(target: CompiledTarget) -> Transport:
 
 def make_delivery(trade_id: str, operation: str, payload: dict[str, Any]) -> Any:
     """Return the transport's delivery object for one outbox row."""
-    from integration.connectors.u8_openapi import Delivery
+    from integration.sync.transport import Delivery
 
     return Delivery(trade_id=trade_id, operation=operation, payload=payload)
 
