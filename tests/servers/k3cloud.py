@@ -45,23 +45,23 @@ import hmac
 import json
 import os
 import re
-import signal
 import socket
-import sys
 import threading
 import time
 import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import quote, urlparse
 
 import sqlalchemy as sa
+
+from tests.servers.base import ThreadedServer, run_in_foreground, serving
 
 # The demo project's defaults (examples/demo/project.yaml, sync.finance), so the demo needs no options.
 ACCT_ID = "6512a3b4c5d6e7"
@@ -1149,68 +1149,22 @@ def make_handler(api: K3Api) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], OSError):
-            super().handle_error(request, client_address)
-
-
-def _engine(url: str) -> sa.Engine:
-    """An engine for ``url``; SQLite files in WAL mode (readers run beside the writer)."""
-    engine = sa.create_engine(url)
-    if engine.dialect.name == "sqlite":
-
-        @sa.event.listens_for(engine, "connect")
-        def _pragmas(connection: Any, _record: Any) -> None:
-            cursor = connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
-
-    return engine
-
-
-class K3CloudServer:
-    """The server on its own thread: :meth:`start`, :meth:`stop`; ``url`` (the site) and ``api`` while it runs."""
+class K3CloudServer(ThreadedServer[K3Api]):
+    """The server on its own thread: :meth:`start`, :meth:`stop`; ``url`` and ``api`` while it runs."""
 
     def __init__(
         self, db: str | sa.Engine, *, host: str = "127.0.0.1", port: int = 0, **options: Any
     ) -> None:
-        self._owns_engine = isinstance(db, str)
-        self.engine = _engine(db) if isinstance(db, str) else db
-        ensure_schema(self.engine)
-        self.api = K3Api(self.engine, **options)
-        self._httpd = _Server((host, port), make_handler(self.api))
-        self.url = f"http://{host}:{self._httpd.server_address[1]}/k3cloud"
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, args=(0.05,), name="k3cloud", daemon=True
-        )
+        def make_api(engine: sa.Engine) -> K3Api:
+            ensure_schema(engine)
+            return K3Api(engine, **options)
 
-    def start(self) -> K3CloudServer:
-        """Serve requests on a background thread."""
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving, release stalled answers and close the database."""
-        self.api.release()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
-        if self._owns_engine:
-            self.engine.dispose()
+        super().__init__(db, make_api, make_handler, name="k3cloud", host=host, port=port, path="/k3cloud")
 
 
-@contextmanager
-def serve(db: str | sa.Engine, **options: Any) -> Iterator[tuple[str, K3Api]]:
+def serve(db: str | sa.Engine, **options: Any) -> AbstractContextManager[tuple[str, K3Api]]:
     """Run the K3Cloud WebAPI on a free port of 127.0.0.1 over database ``db``; yield its site URL and state."""
-    server = K3CloudServer(db, **options).start()
-    try:
-        yield server.url, server.api
-    finally:
-        server.stop()
+    return serving(K3CloudServer(db, **options))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -1236,16 +1190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                            app_id=args.app_id, app_secret=args.app_secret or os.environ.get("K3_APP_SECRET") or APP_SECRET,
                            session_ttl=args.session_ttl)  # fmt: skip
     server.api.faults.extend(args.fault)
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    server.start()
-    print(server.url, flush=True)
-    try:
-        stopped.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    run_in_foreground(server)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import datetime as dt
 import functools
 import json
 import os
-import signal
 import socket
 import sys
 import threading
@@ -42,13 +41,15 @@ import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import sqlalchemy as sa
+
+from tests.servers.base import ThreadedServer, run_in_foreground, serving, wal_engine
 
 # The demo project's defaults (examples/demo/project.yaml, sync.u8.transport), so the demo needs no options.
 APP_KEY, APP_SECRET = "demo-app-key", "demo-app-secret"
@@ -587,7 +588,7 @@ class ErpUser:
 
     def __init__(self, engine: sa.Engine | str, lock: threading.Lock | None = None) -> None:
         self._owns_engine = not isinstance(engine, sa.Engine)
-        self.engine = engine if isinstance(engine, sa.Engine) else _engine(engine)
+        self.engine = engine if isinstance(engine, sa.Engine) else wal_engine(engine)
         self._lock = lock or threading.Lock()
 
     def close(self) -> None:
@@ -1330,72 +1331,32 @@ def _record_document(record: Any) -> Any:
     return {k: v for k, v in record.items() if k not in ("tradeid", "biz_id")}
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], OSError):  # a client that hung up is not a server error
-            super().handle_error(request, client_address)
-
-
-def _engine(url: str) -> sa.Engine:
-    """An engine for ``url``; SQLite files in WAL mode without a sync per commit (readers run beside the writer)."""
-    engine = sa.create_engine(url)
-    if engine.dialect.name == "sqlite":
-
-        @sa.event.listens_for(engine, "connect")
-        def _pragmas(connection: Any, _record: Any) -> None:
-            cursor = connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
-
-    return engine
-
-
-class U8OpenApiServer:
+class U8OpenApiServer(ThreadedServer[U8Api]):
     """The server on its own thread: :meth:`start`, :meth:`stop`; ``url`` and ``api`` while it runs."""
 
     def __init__(
         self, db: str | sa.Engine, *, host: str = "127.0.0.1", port: int = 0, **options: Any
     ) -> None:
-        self._owns_engine = isinstance(db, str)
-        self.engine = _engine(db) if isinstance(db, str) else db
-        ensure_schema(self.engine)
-        self.api = U8Api(self.engine, **options)
-        self._httpd = _Server((host, port), make_handler(self.api))
-        self.url = f"http://{host}:{self._httpd.server_address[1]}"
-        self.api.base_url = self.url
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, args=(0.05,), name="u8-openapi", daemon=True
-        )
+        def make_api(engine: sa.Engine) -> U8Api:
+            ensure_schema(engine)
+            return U8Api(engine, **options)
 
-    def start(self) -> U8OpenApiServer:
-        """Serve requests on a background thread."""
+        super().__init__(db, make_api, make_handler, name="u8-openapi", host=host, port=port, path="")
+        self.api.base_url = self.url
+
+    def on_start(self) -> None:
+        """Start the worker that applies accepted writes later (async mode)."""
         if self.api.async_mode:
             self.api.start_worker()
-        self._thread.start()
-        return self
 
-    def stop(self) -> None:
-        """Stop serving, release stalled answers, stop the worker and close the database."""
-        self.api.release()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
+    def on_stop(self) -> None:
+        """Stop the async worker."""
         self.api.stop_worker()
-        if self._owns_engine:
-            self.engine.dispose()
 
 
-@contextmanager
-def serve(db: str | sa.Engine, **options: Any) -> Iterator[tuple[str, U8Api]]:
+def serve(db: str | sa.Engine, **options: Any) -> AbstractContextManager[tuple[str, U8Api]]:
     """Run the U8 OpenAPI on a free port of 127.0.0.1 over database ``db``; yield its base URL and state."""
-    server = U8OpenApiServer(db, **options).start()
-    try:
-        yield server.url, server.api
-    finally:
-        server.stop()
+    return serving(U8OpenApiServer(db, **options))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -1419,16 +1380,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              from_account=args.from_account, to_account=args.to_account, token_ttl=args.token_ttl,
                              async_mode=args.async_mode)  # fmt: skip
     server.api.faults.extend(args.fault)
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    server.start()
-    print(server.url, flush=True)
-    try:
-        stopped.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    run_in_foreground(server)
 
 
 if __name__ == "__main__":
