@@ -5,8 +5,11 @@
    timed, beside a full-table diff of the same core (hash every customer, compare with the last snapshot),
    which is what a sync without change capture must do. The ratio is the point.
 2. **Outbound throughput**: ``--outbound`` new CRM customers delivered in batches (records/s).
-3. **Outbox drain after an outage**: ``--outage`` changes captured while U8 answers 503, then the drain once
-   it is back (records/s, each applied once).
+3. **Outbox drain after an outage**: ``--outage`` changes captured while U8 is down (its server stopped),
+   then the drain once it is back (records/s, each applied once).
+
+The U8 test server runs as its own process, as U8 runs on its own machine: its SQLite writes and JSON do
+not share this process's interpreter lock with the code measured.
 
 Prints one JSON line. Run: ``make bench-sync`` or ``python bench/bench_sync.py --customers 100000``.
 Targets (issue 16): round trip <= 2 s at 1,000,000 customers; outbound >= 2,000 records/s.
@@ -20,6 +23,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,14 +44,48 @@ from crm_core.models import Customer, ExternalId, LoadRun, SyncOutbox  # noqa: E
 from crm_core.watermarks import CursorState, save_watermark  # noqa: E402
 from integration.pipeline import Migration, core_engine  # noqa: E402
 from integration.sync.engine import run_sync  # noqa: E402
-from tests.servers.u8_openapi import CUSTOMER, ensure_schema, next_values, serve  # noqa: E402
+from tests.servers.u8_openapi import CUSTOMER, ensure_schema, next_values  # noqa: E402
 from tests.servers.u8_project import environment, sync_yaml  # noqa: E402
 from tests.servers.u8_project import write_project as write_u8_project  # noqa: E402
 
 
+class U8Process:
+    """The U8 OpenAPI test server as a child process on a fixed port (stopped and started for an outage)."""
+
+    def __init__(self, u8_url: str) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.u8_url = u8_url
+        self.process: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def start(self) -> str:
+        """Start the server; return its base URL once it listens."""
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.servers.u8_openapi", "--db", self.u8_url, "--port", str(self.port)],
+            cwd=REPO, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.process.stdout is not None
+        self.url = self.process.stdout.readline().strip()
+        if not self.url:
+            raise RuntimeError("the U8 test server did not start")
+        return self.url
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM) and wait for it."""
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+            self.process = None
+
+
+BATCH = int(os.environ.get("BENCH_SYNC_BATCH", "500"))  # U8 batch size: records per request
+
+
 def write_project(root: Path, u8_url: str) -> Path:
     """A project whose only source is the U8 database, with the customer mapping and the sync section."""
-    return write_u8_project(root, u8_url, sync_yaml(batch_size=200, max_attempts=20),
+    return write_u8_project(root, u8_url, sync_yaml(batch_size=BATCH, max_attempts=20),
                             ("erp_u8_person", "erp_u8_customers"))  # fmt: skip
 
 
@@ -129,7 +168,9 @@ def main() -> None:
     seed(core, u8, args.customers)
     out["seed_s"] = round(time.perf_counter() - started, 1)
     project = write_project(work / "project", u8_url)
-    with serve(u8) as (base_url, api):
+    server = U8Process(u8_url)
+    base_url = server.start()
+    try:
         os.environ.update(environment(base_url))
         migration = Migration.load(str(project))
         run_sync(migration, core, "u8")  # the first sync: the baseline
@@ -149,20 +190,22 @@ def main() -> None:
         out["diff_over_capture"] = round(diff_s / out["round_trip_s"], 1) if out["round_trip_s"] else None
 
         create_records(core, "customer", [{"name": f"新客户{n:06d}有限公司"} for n in range(args.outbound)])
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         sent = run_sync(migration, core, "u8", "outbound")
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         deliver_s = sent.seconds.get("deliver") or 0.0
         out["outbound"] = {"records": sent.delivery.applied, "seconds": round(elapsed, 2),
                            "records_per_s": round(sent.delivery.applied / elapsed) if elapsed else None,
                            "capture_s": sent.seconds.get("capture"), "deliver_s": deliver_s,
-                           "delivered_per_s": round(sent.delivery.applied / deliver_s) if deliver_s else None}  # fmt: skip
+                           "delivered_per_s": round(sent.delivery.applied / deliver_s) if deliver_s else None,
+                           # this process's CPU seconds: what the sync itself costs, whatever else the machine runs
+                           "cpu_s": round(cpu, 2), "records_per_cpu_s": round(sent.delivery.applied / cpu) if cpu else None}  # fmt: skip
 
         edit_records(core, "customer", {i: {"phone": f"+86109999{i % 10**4:04d}"}
                                         for i in range(1, min(args.outage, args.customers) + 1)})  # fmt: skip
-        api.faults.extend(["503"] * 3)
+        server.stop()  # U8 is down: the changes wait in the outbox
         down = run_sync(migration, core, "u8", "outbound")
-        api.faults.clear()
+        server.start()
         started = time.perf_counter()
         drained = run_sync(migration, core, "u8", "outbound")
         elapsed = time.perf_counter() - started
@@ -174,9 +217,13 @@ def main() -> None:
                                "drained": drained.delivery.applied, "seconds": round(elapsed, 2),
                                "records_per_s": round(drained.delivery.applied / elapsed) if elapsed else None,
                                "left_pending_or_dead": int(left or 0)}  # fmt: skip
+    finally:
+        server.stop()
     core.dispose()
     u8.dispose()
     shutil.rmtree(work, ignore_errors=True)
+    out["load_average_1m"] = round(os.getloadavg()[0], 2)  # other work on the machine while measuring
+    out["cores"] = os.cpu_count()
     print(json.dumps(out, ensure_ascii=False))
 
 

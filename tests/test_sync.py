@@ -526,3 +526,68 @@ def test_a_dead_letter_overtaken_by_a_newer_change_is_not_resent(u8: Any, core: 
     assert u8_rows(url, 'SELECT "cCusName" FROM "Customer" WHERE "cCusDefine1" = :k', k=str(record_id)) == [
         ("新名字有限公司",)
     ]
+
+
+@pytest.mark.parametrize(
+    "code_field", ["_key", "{from: _key, transforms: [trim]}"], ids=["derived", "mapped-again"]
+)
+def test_an_added_records_next_document_is_known_so_nothing_is_echoed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine, code_field: str
+) -> None:
+    """After an add, the hash stored for the record is that of the edit it would be sent as now (with U8's code,
+    without what U8 owns), whether derived from the add's document or mapped again; the next run sends nothing."""
+    from crm_core.models import SyncState
+    from integration.sync.engine import _payload_hashes, target_of
+
+    entities = CUSTOMER.replace("code: _key", f"code: {code_field}").replace(
+        "self_define1: id", "self_define1: id\n            regcode: credit_code"
+    )
+    url = f"sqlite:///{tmp_path / 'u8.sqlite'}"
+    with serve(url) as (base_url, api):
+        _environment(monkeypatch, base_url)
+        _seed(api)
+        project = write_project(tmp_path / "project", url, sync_yaml(entities))
+        sync(project, core)
+        ids = [create_record(core, "customer", {"name": f"新增客户{n}有限公司", "phone": f"+861380000000{n}",
+                                                "credit_code": "91350100M000100Y43"}) for n in range(3)]  # fmt: skip
+        first = sync(project, core, "outbound")
+        assert first.delivery.applied == 3
+        target = target_of(Migration.load(str(project)), "u8")
+        with session_factory(core)() as session:
+            stored = {s.entity_id: s.payload_hash for s in session.scalars(
+                sa.select(SyncState).where(SyncState.entity == "customer", SyncState.entity_id.in_(ids)))}  # fmt: skip
+            expected = _payload_hashes(session, target, "customer", ids)
+        assert expected is not None and len(expected) == 3
+        assert stored == expected
+        again = sync(project, core)  # U8's rows for them come back: echoes, nothing is sent
+        assert again.received == 3
+        assert again.delivery.sent == 0
+
+
+def test_many_batches_get_their_trade_ids_ahead_and_each_record_goes_out_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """More records than a batch: trade ids are asked for several batches at once, each row keeps its own."""
+    url = f"sqlite:///{tmp_path / 'u8.sqlite'}"
+    with serve(url) as (base_url, api):
+        _environment(monkeypatch, base_url)
+        _seed(api)
+        project = write_project(tmp_path / "project", url, sync_yaml(CUSTOMER, batch_size=7))
+        sync(project, core)
+        from crm_core.edits import create_records
+
+        ids = create_records(core, "customer", [{"name": f"批量客户{n:03d}有限公司"} for n in range(30)])
+        asked_before = sum(1 for r in api.requests if r.path == "/system/tradeid")
+        report = sync(project, core, "outbound")
+        assert report.delivery.applied == 30
+        # five batches of seven, one request for their trade ids
+        assert sum(1 for r in api.requests if r.path == "/system/tradeid") - asked_before == 1
+        with session_factory(core)() as session:
+            trade_ids = session.scalars(
+                sa.select(SyncOutbox.trade_id).where(
+                    SyncOutbox.entity_id.in_(ids), SyncOutbox.entity == "customer"
+                )
+            ).all()
+        assert len(trade_ids) == 30 and len(set(trade_ids)) == 30 and None not in trade_ids
+        issued = u8_rows(url, 'SELECT COUNT(*) FROM "Customer" WHERE "cCusName" LIKE :n', n="批量客户%")
+        assert issued[0][0] == 30

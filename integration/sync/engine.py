@@ -36,7 +36,7 @@ from integration.sync.outbox import (
     deliver,
     payload_hash,
 )
-from integration.sync.spec import CompiledTarget
+from integration.sync.spec import CRM, KEY_COLUMN, CompiledEntitySync, CompiledTarget
 
 DIRECTIONS = ("both", "inbound", "outbound")
 
@@ -344,6 +344,49 @@ def _rehash_added(engine: Engine, target: CompiledTarget, run_key: str, added: d
                                     run_id=run_id)  # fmt: skip
 
 
+def _edit_derivation(sync: CompiledEntitySync) -> Any:
+    """Return ``f(add_payload, key) -> hash of the edit document`` the record is sent as once it has the key.
+
+    The edit differs from the add in three ways only: its operation, the fields that read the key (``_key``
+    or ``key_field``), now filled, and the fields the target owns, which an edit never sends. When every
+    field that reads the key is a plain copy, the edit document follows from the add's without mapping the
+    record again; otherwise (None) the caller maps it again.
+    """
+    outbound = sync.outbound
+    if outbound is None or outbound.spec.edit is None:
+        return None
+    key_columns = {KEY_COLUMN, *([outbound.spec.key_field] if outbound.spec.key_field else [])}
+    owned_by_target = {f for f, owner in sync.owners.items() if owner != CRM}
+    copies: list[str] = []
+    for compiled in outbound.mapping.fields:
+        reads = outbound.reads.get(compiled.name, ())
+        if not key_columns & set(reads):
+            continue
+        spec = compiled.spec
+        plain = (not compiled.steps and compiled.expr is None and not compiled.when and compiled.lookup is None
+                 and compiled.convert is None and spec.const is None and spec.default is None
+                 and len(compiled.columns) == 1)  # fmt: skip
+        if not plain:
+            return None
+        copies.append(compiled.name)
+    if outbound.lines is not None and any(
+        key_columns & {c.split(".")[0] for c in (*f.columns, *f.expression_columns())}
+        for f in outbound.lines.fields
+    ):
+        return None
+    dropped = {
+        name for name, reads in outbound.reads.items() if reads and all(r in owned_by_target for r in reads)
+    }
+    edit = outbound.spec.edit
+
+    def edit_hash(payload: dict[str, Any], key: str) -> str:
+        document = {name: value for name, value in payload.items() if name not in dropped}
+        document.update({name: key for name in copies if name not in dropped})
+        return payload_hash({"operation": edit, **document})
+
+    return edit_hash
+
+
 def _acknowledge(target: CompiledTarget, run_key: str, added: dict[str, set[int]]) -> Acknowledge:
     """Return the callback that records applied deliveries: crosswalk key, key field, sync state (set-based).
 
@@ -370,12 +413,18 @@ def _acknowledge(target: CompiledTarget, run_key: str, added: dict[str, set[int]
                 if key_field is not None and row["external_key"]:
                     values[row["entity_id"]][key_field] = row["external_key"]
                 keys[row["entity_id"]] = row["external_key"]
-            # An edit leaves the record as it was sent; an add gets the target's key, so its next document
-            # (an edit carrying the key) is hashed once the run's deliveries are done (see _rehash_added).
+            # An edit leaves the record as it was sent. An add gets the target's key, so what must not be
+            # sent again is its next document, the edit carrying that key: derived from the add's document
+            # when the key fields are plain copies, else mapped again at the end of the run (_rehash_added).
             hashes: dict[int, str | None] = {r["entity_id"]: r["payload_hash"] for r in accepted}
-            added.setdefault(entity, set()).update(
-                r["entity_id"] for r in accepted if sync.outbound and r["operation"] == sync.outbound.spec.add
-            )
+            derive = _edit_derivation(sync)
+            for row in accepted:
+                if sync.outbound is None or row["operation"] != sync.outbound.spec.add:
+                    continue
+                if derive is None or not row["external_key"]:
+                    added.setdefault(entity, set()).add(row["entity_id"])
+                else:
+                    hashes[row["entity_id"]] = derive(row["payload"] or {}, str(row["external_key"]))
             record_exchange(session, target, entity, values, external_keys=keys, payload_hashes=hashes,
                             run_id=run.id)  # fmt: skip
         return refused

@@ -45,6 +45,7 @@ from integration.sync.spec import CRM, KEY_COLUMN, CompiledEntitySync, CompiledT
 CAPTURE_STREAM = "capture"
 COMMITTED = ("succeeded", "unbalanced")  # run statuses whose changes are in the core
 CHUNK = 2000
+TRADE_ID_PREFETCH = 1000  # trade ids asked for at once (U8 issues up to 1,000 per call)
 XW: Table = ExternalId.__table__  # type: ignore[assignment]
 OUTBOX: Table = SyncOutbox.__table__  # type: ignore[assignment]
 STATE: Table = SyncState.__table__  # type: ignore[assignment]
@@ -508,8 +509,16 @@ def deliver(
             rows = [dict(r) for r in due]
             missing = [r for r in rows if r["trade_id"] is None]
             if missing:
+                # Trade ids for the rows of the next batches too: one call and one commit for several batches.
+                ahead = session.scalars(
+                    select(OUTBOX.c.id)
+                    .where(OUTBOX.c.target == target.name, OUTBOX.c.status == "pending", OUTBOX.c.trade_id.is_(None),
+                           OUTBOX.c.id > max(r["id"] for r in rows))
+                    .order_by(OUTBOX.c.id)
+                    .limit(max(0, TRADE_ID_PREFETCH - len(missing)))
+                ).all()  # fmt: skip
                 try:
-                    trade_ids = client.new_trade_ids(len(missing))
+                    trade_ids = client.new_trade_ids(len(missing) + len(ahead))
                 except SyncError as exc:
                     if not getattr(exc, "transient", False):
                         raise
@@ -521,13 +530,17 @@ def deliver(
                                         .values(next_attempt_at=later))  # fmt: skip
                     return stats
                 # Stored before the first send: a resend after a crash replays the same trade id.
-                for row, trade_id in zip(missing, trade_ids, strict=True):
+                for row, trade_id in zip(missing, trade_ids[: len(missing)], strict=True):
                     row["trade_id"] = trade_id
+                assigned = [{"_id": r["id"], "trade_id": r["trade_id"]} for r in missing]
+                assigned += [
+                    {"_id": i, "trade_id": t} for i, t in zip(ahead, trade_ids[len(missing) :], strict=True)
+                ]
                 session.execute(
                     update(OUTBOX)
                     .where(OUTBOX.c.id == bindparam("_id"))
                     .values(trade_id=bindparam("trade_id")),
-                    [{"_id": r["id"], "trade_id": r["trade_id"]} for r in missing],
+                    assigned,
                 )
         if not rows:
             return stats
