@@ -591,3 +591,65 @@ def test_many_batches_get_their_trade_ids_ahead_and_each_record_goes_out_once(
         assert len(trade_ids) == 30 and len(set(trade_ids)) == 30 and None not in trade_ids
         issued = u8_rows(url, 'SELECT COUNT(*) FROM "Customer" WHERE "cCusName" LIKE :n', n="批量客户%")
         assert issued[0][0] == 30
+
+
+@pytest.mark.parametrize("take", ["crm", "target"])
+def test_a_queued_conflict_is_settled_by_a_person_as_a_run_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine, take: str
+) -> None:
+    """`conflicts: queue`: both sides change the phone, the conflict waits; `crmi sync conflicts --decide`
+    settles it: the CRM's value goes to U8, or U8's value comes into the CRM, under a run of its own."""
+    from typer.testing import CliRunner
+
+    from crm_core.models import LoadRun
+    from integration.cli import app
+
+    url = f"sqlite:///{tmp_path / 'u8.sqlite'}"
+    entities = CUSTOMER.replace("direction: both\n", "direction: both\n        conflicts: queue\n", 1)
+    with serve(url) as (base_url, api):
+        _environment(monkeypatch, base_url)
+        _seed(api)
+        project = write_project(tmp_path / "project", url, sync_yaml(entities))
+        sync(project, core)
+        huaxin = customer_by_name(core, "上海华鑫科技有限公司")
+        edit_record(core, "customer", huaxin.id, {"phone": "+862111112222"})
+        api.erp.update_customer("C001", cCusPhone="021-99998888")
+        waiting = sync(project, core)
+        assert waiting.conflicts_open == 1
+        assert waiting.capture.held == 1 and waiting.delivery.sent == 0  # nothing decided behind the person
+        assert (
+            u8_rows(url, 'SELECT "cCusPhone" FROM "Customer" WHERE "cCusCode" = \'C001\'')[0][0]
+            == "021-99998888"
+        )
+        with session_factory(core)() as session:
+            conflict = session.scalars(sa.select(SyncConflict).where(SyncConflict.status == "open")).one()
+        core_url = core.url.render_as_string(hide_password=False)
+        base = ["sync", "conflicts", "--project", str(project), "--core-url", core_url]
+        listed = CliRunner().invoke(app, [*base, "--json"])
+        assert listed.exit_code == 0 and f'"id": {conflict.id}' in listed.output
+        decided = CliRunner().invoke(
+            app, [*base, "--decide", str(conflict.id), "--take", take, "--by", "li.na"]
+        )
+        assert decided.exit_code == 0, decided.output
+        again = CliRunner().invoke(app, [*base, "--decide", str(conflict.id), "--take", take])
+        assert again.exit_code == 1 and "is not open" in again.output
+        after = sync(project, core)
+        assert after.conflicts_open == 0
+        with session_factory(core)() as session:
+            settled = session.get(SyncConflict, conflict.id)
+            assert settled is not None and (settled.status, settled.decided_by) == (
+                f"decided_{take}",
+                "li.na",
+            )
+            decision_runs = session.execute(
+                sa.select(LoadRun.mode, LoadRun.run_key).where(LoadRun.project == "sync-conflict")
+            ).all()
+            assert [mode for mode, _ in decision_runs] == ["edit"] and "li.na" in decision_runs[0][1]
+            phone = session.get(Customer, huaxin.id).phone  # type: ignore[union-attr]
+        u8_phone = u8_rows(url, 'SELECT "cCusPhone" FROM "Customer" WHERE "cCusCode" = \'C001\'')[0][0]
+        if take == "crm":
+            assert phone == "+862111112222" and u8_phone == "+862111112222"
+        else:
+            assert phone == "+862199998888" and u8_phone == "021-99998888"
+        quiet = sync(project, core)
+        assert quiet.delivery.sent == 0 and quiet.conflicts == 0

@@ -39,6 +39,7 @@ from integration.sync.outbox import (
 from integration.sync.spec import CRM, KEY_COLUMN, CompiledEntitySync, CompiledTarget
 
 DIRECTIONS = ("both", "inbound", "outbound")
+DECISION_PROJECT = "sync-conflict"  # the runs of conflicts settled by a person
 
 
 @dataclass
@@ -522,21 +523,33 @@ def open_conflicts(session: Session, target: str | None = None) -> list[SyncConf
 
 
 def decide_conflict(migration: Any, engine: Engine, conflict_id: int, take: str, *, by: str) -> str:
-    """Settle an open conflict: ``crm`` keeps the CRM's value (sent to the target), ``target`` takes theirs."""
+    """Settle an open conflict: ``crm`` keeps the CRM's value (sent to the target), ``target`` takes theirs.
+
+    Either way the decision is a run of its own: taking the target's value is a journaled edit of the record,
+    keeping the CRM's queues the record for the target under a decision run, with the conflict closed in
+    the same transaction.
+    """
     from crm_core.edits import edit_record
     from integration.sync.outbox import capture as capture_records
 
+    if take not in ("crm", "target"):
+        raise SyncError("take 'crm' (keep the CRM's value and send it) or 'target' (take the target's value)")
     factory = session_factory(engine)
-    with factory() as session, session.begin():
+
+    def close(session: Session) -> SyncConflict:
+        conflict = session.get(SyncConflict, conflict_id, with_for_update=True)
+        if conflict is None or conflict.status != "open":
+            raise SyncError(f"conflict {conflict_id} is not open; list them with `crmi sync conflicts`")
+        conflict.status = f"decided_{take}"
+        conflict.decided_by = by
+        conflict.decided_at = dt.datetime.now(dt.UTC)
+        return conflict
+
+    with factory() as session:
         conflict = session.get(SyncConflict, conflict_id)
         if conflict is None or conflict.status != "open":
             raise SyncError(f"conflict {conflict_id} is not open; list them with `crmi sync conflicts`")
         target = target_of(migration, conflict.target)
-        if take not in ("crm", "target"):
-            raise SyncError("take 'crm' or 'target'")
-        conflict.status = f"decided_{take}"
-        conflict.decided_by = by
-        conflict.decided_at = dt.datetime.now(dt.UTC)
         entity, entity_id, field_name, value = (
             conflict.entity,
             conflict.entity_id,
@@ -544,11 +557,21 @@ def decide_conflict(migration: Any, engine: Engine, conflict_id: int, take: str,
             conflict.target_value,
         )
     if take == "target":
-        edit_record(engine, entity, entity_id, {field_name: _typed(entity, field_name, value)}, actor=by)
+        taken = _typed(entity, field_name, value)
+        edit_record(engine, entity, entity_id, {field_name: taken}, actor=by, project=DECISION_PROJECT)
+        with factory() as session, session.begin():
+            close(session)
+            # Both sides now hold the target's value: the edit is not sent back to where it came from.
+            record_exchange(session, target, entity, {entity_id: {field_name: taken}},
+                            payload_hashes=_payload_hashes(session, target, entity, [entity_id]), run_id=None)  # fmt: skip
     else:
         with factory() as session, session.begin():
-            run = session.scalar(select(LoadRun).order_by(LoadRun.id.desc()).limit(1))
-            capture_records(session, target, run.id if run else 0, extra={entity: {entity_id}}, advance=False)
+            close(session)
+            run_key = f"edit-{by}-conflict-{conflict_id}-{uuid.uuid4().hex[:8]}"
+            run = get_or_start_run(session, run_key, DECISION_PROJECT, mode="edit")
+            capture_records(session, target, run.id, extra={entity: {entity_id}}, advance=False)
+            run.status = "succeeded"
+            run.finished_at = dt.datetime.now(dt.UTC)
     return f"{entity} {entity_id}.{field_name}: {'CRM value kept' if take == 'crm' else 'target value taken'}"
 
 

@@ -35,7 +35,7 @@ from crm_core.entities import ENTITIES
 from crm_core.errors import SyncError
 from crm_core.failpoints import failpoint
 from crm_core.journal import ids_in, to_json
-from crm_core.models import ExternalId, LoadRun, SyncOutbox, SyncState
+from crm_core.models import ExternalId, LoadRun, SyncConflict, SyncOutbox, SyncState
 from crm_core.watermarks import CursorState, read_watermark, save_watermark
 from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF
 from integration.mappings.engine import map_chunk, python_records
@@ -242,6 +242,7 @@ class CaptureStats:
     echoes_suppressed: int = 0
     waiting: int = 0
     superseded: int = 0
+    held: int = 0  # records not sent while a conflict about them waits for a person
 
     def as_dict(self) -> dict[str, int]:
         """Return the counts."""
@@ -317,6 +318,13 @@ def capture(
             )
         ).all()
         ids |= set(waiting)
+        # A record with a conflict waiting for a person is held back: sending it would decide for the CRM.
+        # Settling the conflict queues it again (crmi sync conflicts --decide).
+        held = ids & set(session.scalars(select(SyncConflict.entity_id).where(
+            SyncConflict.target == target.name, SyncConflict.entity == entity, SyncConflict.status == "open"
+        )))  # fmt: skip
+        stats.held += len(held)
+        ids -= held
         if not ids:
             continue
         stats.records += len(ids)
