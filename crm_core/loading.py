@@ -62,8 +62,9 @@ class NameMatch:
     """What a name resolver made of one name: the record it names, or the candidates a steward chooses from."""
 
     record_id: int | None
-    candidates: tuple[dict[str, Any], ...] = ()  # {"id", "name", "probability"}, best first
+    candidates: tuple[dict[str, Any], ...] = ()  # {"id", "name", "probability"}, best first (shown)
     method: str = ""
+    candidate_ids: tuple[int, ...] = ()  # every record the name may mean (beyond those shown), when known
 
 
 # (target entity, names that matched no record exactly) -> what each name resolves to
@@ -363,6 +364,10 @@ class EntityLoader:
         self._name_index: dict[str, dict[Any, set[int]]] = {}
         self._stages: set[str] | None = None
         self._merged_into: dict[int, int] = {}
+        self._seen_decisions: set[int] = set()  # pending reference decisions this load consulted
+        self._shared_values: dict[
+            tuple[str, str], dict[int, set[Any]]
+        ] = {}  # (entity, field) -> survivor -> values
         # Self-references (a branch's parent): (source, location, row ref, own key, field, value, lookup).
         self._pending_self_refs: list[tuple[str, str | None, str, str, str, Any, Lookup]] = []
         self._raw = RawRows(None)
@@ -533,7 +538,13 @@ class EntityLoader:
         resolved: dict[str, pd.Series] = {}
         problems: list[dict[str, Any]] = []
         held: dict[Any, int] = {}
-        for name, definition in self.entity.references.items():
+        candidates: dict[Any, tuple[int, ...]] = {}
+        # Names a resolver interprets last: the row's other references (its owner) can then pick among the
+        # records a name may mean.
+        fields = sorted(self.entity.references.items(), key=lambda f: (
+            batch.lookups.get(f[0], Lookup()).by == "name" and f[1].references in self.name_resolvers
+        ))  # fmt: skip
+        for name, definition in fields:
             if name not in records.columns or definition.references is None:
                 continue
             target = definition.references
@@ -578,10 +589,14 @@ class EntityLoader:
                             else f"'{value}' is ambiguous: {len(matches)} {target} records match ({sorted(matches)[:5]})"
                         )  # fmt: skip
                 if unresolved and lookup.by == "name" and target in self.name_resolvers:
-                    held = self._resolve_by_steward_or_resolver(target, unresolved, ids, reasons, normalize)
+                    held, candidates = self._resolve_by_steward_or_resolver(
+                        target, unresolved, ids, reasons, normalize
+                    )
             resolved[name] = pd.Series(
                 [ids.get(v) if _present(v) else None for v in values], index=values.index, dtype=object
             )
+            if held:
+                self._pick_by_shared_references(target, values, held, candidates, resolved, resolved[name])
             failed = present & resolved[name].isna()
             for index_value in records.index[failed]:
                 raw = values.at[index_value]
@@ -592,7 +607,7 @@ class EntityLoader:
                     "index": index_value, "field": name, "value": raw, "reason": reasons[raw], "severity": severity,
                     "decision": held.get(raw),
                 })  # fmt: skip
-            held = {}
+            held, candidates = {}, {}
         return resolved, problems
 
     def _resolve_by_steward_or_resolver(
@@ -602,11 +617,11 @@ class EntityLoader:
         ids: dict[Any, int | None],
         reasons: dict[Any, str],
         normalize: KeyFunction | None,
-    ) -> dict[Any, int]:
+    ) -> tuple[dict[Any, int], dict[Any, tuple[int, ...]]]:
         """Resolve names no record carries exactly: a steward's decision, else the target's name resolver.
 
         Fills ``ids`` and ``reasons``; returns, for each name still unresolved, the reference decision its rows
-        wait on (created pending, with the resolver's candidates, when new).
+        wait on (created pending, with the resolver's candidates, when new) and every record it may mean.
         """
         keys = {value: str((normalize(value) if normalize else None) or value)[:255] for value in unresolved}
         decisions = {
@@ -632,6 +647,7 @@ class EntityLoader:
                 remaining.append(value)
         found = self.name_resolvers[target](target, [str(v) for v in remaining]) if remaining else {}
         held: dict[Any, int] = {}
+        may_mean: dict[Any, tuple[int, ...]] = {}
         for value in remaining:
             match = found.get(str(value), NameMatch(None))
             if match.record_id is not None:
@@ -662,7 +678,63 @@ class EntityLoader:
                 + "); `crmi dedup review` lists it, `crmi dedup decide`"
             )
             held[value] = decision.id
-        return held
+            self._seen_decisions.add(decision.id)
+            meant = match.candidate_ids or tuple(
+                sorted(unresolved[value])
+            )  # the resolver's, else exact namesakes
+            may_mean[value] = tuple(dict.fromkeys(_follow(survivors, i) for i in meant))
+        return held, may_mean
+
+    def _pick_by_shared_references(
+        self,
+        target: str,
+        values: pd.Series,
+        held: Mapping[Any, int],
+        candidates: Mapping[Any, tuple[int, ...]],
+        resolved: Mapping[str, pd.Series],
+        column: pd.Series,
+    ) -> None:
+        """Resolve held rows whose other references pick one of the name's candidates (in place, per row).
+
+        A reference field both entities have, pointing at the same entity (an opportunity's ``owner`` and its
+        customer's ``owner``), is evidence: of the customers a name may mean, the only one the row's owner
+        owns (in any record merged into it) is the one meant. A name two firms share is then told apart by
+        whose deal it is; rows it does not decide stay held for the steward.
+        """
+        target_refs = ENTITIES[target].references
+        shared = [
+            ref_field for ref_field, definition in self.entity.references.items()
+            if ref_field in resolved and ref_field in target_refs and definition.references is not None
+            and target_refs[ref_field].references == definition.references and definition.references != target
+        ]  # fmt: skip
+        if not shared:
+            return
+        for index_value in values.index[values.isin(list(held))]:
+            options = candidates.get(values.at[index_value], ())
+            if len(options) < 2:
+                continue
+            picks = set(options)
+            for ref_field in shared:
+                own = resolved[ref_field].at[index_value]
+                if own is None or pd.isna(own):
+                    continue
+                owners = self._survivor_values(target, ref_field)
+                picks = {c for c in picks if own in owners.get(c, ())}
+            if len(picks) == 1 and len(picks) < len(options):
+                column.at[index_value] = next(iter(picks))
+
+    def _survivor_values(self, entity: str, field: str) -> dict[int, set[Any]]:
+        """Return golden record -> the values of reference ``field`` over every record merged into it."""
+        key = (entity, field)
+        if key not in self._shared_values:
+            model: Any = ENTITIES[entity].model
+            column = getattr(model, ENTITIES[entity].fields[field].column)
+            survivors = self._merged_targets(entity)
+            values: dict[int, set[Any]] = defaultdict(set)
+            for record_id, value in self.session.execute(select(model.id, column).where(column.is_not(None))):
+                values[_follow(survivors, record_id)].add(value)
+            self._shared_values[key] = values
+        return self._shared_values[key]
 
     def _existing_ids(self, entity: str, values: set[Any]) -> dict[Any, int]:
         """Return source value -> core id for values that are ids of live records (merges followed)."""
@@ -718,6 +790,11 @@ class EntityLoader:
 
     def _record_held(self) -> None:
         """Write how many rows (and how much money) wait on each reference decision; unchanged counts stay."""
+        for decision_id in sorted(self._seen_decisions - set(self._held)):
+            decision = self.session.get(ReferenceDecision, decision_id)  # every row it held was resolved
+            if decision is not None and decision.rows_held:
+                decision.rows_held, decision.amount_held, decision.load_run_id = 0, None, self.run.id
+        self._seen_decisions.clear()
         for decision_id, (rows, amount) in sorted(self._held.items()):
             decision = self.session.get(ReferenceDecision, decision_id)
             if decision is None:

@@ -305,3 +305,49 @@ def test_a_name_with_one_slip_attaches_when_one_customer_is_clearly_meant(engine
         resolved = {written: names.resolve(written).record_id for written in [*MUST_ATTACH, *MUST_STAY_HELD]}
     assert {w: resolved[w] for w in MUST_ATTACH} == {w: id_of[c] for w, c in MUST_ATTACH.items()}
     assert {w: resolved[w] for w in MUST_STAY_HELD} == dict.fromkeys(MUST_STAY_HELD)
+
+
+def test_the_deals_owner_tells_apart_the_customers_a_name_may_mean(engine: sa.Engine) -> None:
+    """腾达科技 (no city) is 深圳腾达 or 北京腾达: the one the deal's owner owns is meant; a deal of someone who
+    owns neither, or of nobody, still waits for a steward, until a later run tells every row apart."""
+    load(engine, "r0", "sales_rep", [batch("erp", [{"_external_key": f"U{n}", "name": who, "code": f"U{n}"}
+                                                   for n, who in ((1, "张伟"), (2, "李娜"), (3, "王芳"))])])  # fmt: skip
+    owners = {"C1": "U1", "C2": "U2", "C3": "U1", "C4": "U2", "C5": "U3", "C6": "U1"}
+    rows = [{**c, "owner": owners[c["_external_key"]]} for c in CUSTOMERS]
+    load(engine, "r1", "customer", [batch("erp", rows, {"owner": Lookup(by="external_id")})])
+    with Session(engine) as session, session.begin():
+        ids = {k: i for k, i in session.execute(
+            sa.select(ExternalId.external_key, ExternalId.entity_id).where(ExternalId.entity == "customer"))}  # fmt: skip
+        merged = session.get(Customer, ids["C6"])
+        assert merged is not None
+        merged.merged_into_id = ids["C1"]
+    deals_rows = [
+        ("D1", "腾达科技", "张伟"),  # 张伟 owns 深圳腾达 (C1): C1
+        ("D2", "腾达科技", "李娜"),  # 李娜 owns 北京腾达 (C2): C2
+        ("D3", "腾达科技", "王芳"),  # owns neither: a steward decides
+        ("D4", "腾达科技", None),  # nobody's: a steward decides
+        ("D5", "腾达科技公司", "张伟"),  # the same name written longer: C1
+    ]
+    rows = [{"_external_key": key, "name": f"项目{key}", "customer": name, "owner": who, "stage": "won",
+             "amount": Decimal("100")} for key, name, who in deals_rows]  # fmt: skip
+    load(
+        engine,
+        "r2",
+        "opportunity",
+        [batch("xlsx", rows, {"customer": Lookup(by="name"), "owner": Lookup(by="name")})],
+    )
+    attached = customer_of(engine)
+    assert attached["D1"] == ids["C1"] and attached["D2"] == ids["C2"]
+    assert "D3" not in attached and "D4" not in attached and attached.get("D5") == ids["C1"]
+    waiting = reference_queue(engine)
+    assert [w["rows_held"] for w in waiting] == [2]  # D3 and D4
+    assert {c["id"] for c in waiting[0]["candidates"]} >= {ids["C1"], ids["C2"]}
+    # The sheet is fixed: the two deals get their owners. Nothing waits on the name any more.
+    fixed = [{**r, "owner": "李娜"} for r in rows if r["_external_key"] in ("D3", "D4")]
+    load(
+        engine,
+        "r3",
+        "opportunity",
+        [batch("xlsx", fixed, {"customer": Lookup(by="name"), "owner": Lookup(by="name")})],
+    )
+    assert customer_of(engine)["D3"] == ids["C2"] and reference_queue(engine) == []

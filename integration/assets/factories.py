@@ -467,7 +467,9 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
 def _references_waiting(engine: Engine) -> int:
     """Return how many customer names wait for a steward's decision (`crmi dedup review`)."""
     with engine.connect() as connection:
-        query = select(func.count()).where(ReferenceDecision.status == "pending")
+        query = select(func.count()).where(
+            ReferenceDecision.status == "pending", ReferenceDecision.rows_held > 0
+        )
         return int(connection.scalar(query) or 0)
 
 

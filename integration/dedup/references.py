@@ -249,7 +249,8 @@ class CustomerNames:
             if len(found) == 1:
                 return NameMatch(next(iter(found)), method="name variant")
             if found:
-                return NameMatch(None, tuple(self._shown(sorted(found))), method="name variant")
+                return NameMatch(None, tuple(self._shown(sorted(found))), method="name variant",
+                                 candidate_ids=tuple(sorted(found)))  # fmt: skip
         matches = self._index.match(query_record(name), limit=CANDIDATES_SHOWN)
         candidates = tuple(
             {"id": c.customer_id, "name": c.name, "probability": c.probability}
@@ -260,6 +261,7 @@ class CustomerNames:
             rivals = [c for c in matches[1:] if c.probability >= self.spec.review]
             if not rivals:
                 return NameMatch(matches[0].customer_id, candidates, method="match index")
+        may_mean = [c.customer_id for c in matches if c.probability >= self.spec.review]
         if written is not None and not (matches and matches[0].probability >= self.spec.auto_merge):
             chosen, scored = self._close_name(written)
             if chosen is not None:
@@ -269,7 +271,11 @@ class CustomerNames:
                     {"id": i, "name": self._golden_names.get(i), "probability": None}
                     for _, i in scored[:CANDIDATES_SHOWN]
                 )
-        return NameMatch(None, candidates, method="match index")
+            # the names as close as the best one (within the margin a clear pick needs) may be meant
+            may_mean += [
+                i for s, i in scored if scored and s >= max(scored[0][0] - CLOSE_NAME_MARGIN, CLOSE_NAME)
+            ]
+        return NameMatch(None, candidates, method="match index", candidate_ids=tuple(dict.fromkeys(may_mean)))
 
     def _shown(self, ids: Sequence[int]) -> list[dict[str, Any]]:
         """Return candidates for a steward: id and name, scored by the match index where it knows them."""
@@ -286,7 +292,7 @@ def reference_queue(engine: Engine, limit: int | None = None) -> list[dict[str, 
     with session_factory(engine)() as session:
         query = (
             select(ReferenceDecision)
-            .where(ReferenceDecision.status == "pending")
+            .where(ReferenceDecision.status == "pending", ReferenceDecision.rows_held > 0)  # rows wait on it
             .order_by(ReferenceDecision.amount_held.desc().nulls_last(), ReferenceDecision.rows_held.desc(),
                       ReferenceDecision.id)
         )  # fmt: skip
