@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from sqlalchemy import case, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import case, exists, func, select
+from sqlalchemy.orm import Session, aliased
 
 from crm_core.models import Customer, Opportunity, Payment, PaymentApplication, Receivable, SalesOrder
 
@@ -224,4 +224,297 @@ def reconcile(
     }
 
 
-__all__ = ["Collection", "money", "opportunity_collections", "order_collections", "reconcile"]
+# --------------------------------------------------------------------------- order to cash (Dagster asset)
+
+DSO_WINDOW_DAYS = 90
+
+
+@dataclass(frozen=True)
+class CashFigures:
+    """Ordered, invoiced, collected and overdue of one opportunity, customer or the whole core, in the base currency.
+
+    ``dso`` (days sales outstanding) = outstanding ÷ invoiced in the last ``window`` days × ``window``; None when
+    nothing was invoiced in the window.
+    """
+
+    ordered: Decimal
+    invoiced: Decimal
+    collected: Decimal
+    overdue: Decimal
+    invoiced_in_window: Decimal
+    window: int = DSO_WINDOW_DAYS
+
+    @property
+    def outstanding(self) -> Decimal:
+        """Return what was invoiced and not collected yet."""
+        return self.invoiced - self.collected
+
+    @property
+    def dso(self) -> Decimal | None:
+        """Return the days sales outstanding, to a tenth of a day (None without sales in the window)."""
+        if self.invoiced_in_window <= 0:
+            return None
+        days = self.outstanding / self.invoiced_in_window * self.window
+        return days.quantize(Decimal("0.1"), rounding=ROUND_HALF_UP)
+
+    def as_dict(self) -> dict[str, str | None]:
+        """Return the figures as text (JSON keeps them exact)."""
+        dso = self.dso
+        return {
+            "ordered": str(self.ordered), "invoiced": str(self.invoiced), "collected": str(self.collected),
+            "outstanding": str(self.outstanding), "overdue": str(self.overdue),
+            "dso": None if dso is None else str(dso),
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OrderToCash:
+    """The 业财 loop per opportunity and per customer, with totals and the customers most overdue."""
+
+    as_of: dt.date
+    base_currency: str
+    opportunities: dict[int, CashFigures]
+    customers: dict[int, CashFigures]
+    totals: CashFigures
+    top_overdue: list[dict[str, Any]]
+    documents: dict[str, int]  # orders, receivables, receipts, foreign_without_rate
+
+
+def _in_base(amount: Any, currency: Any, rate: Any, base: str) -> Any:
+    """A document's amount in the base currency: as is in the base currency, else × its rate, to the fen."""
+    return case(((currency == base) | rate.is_(None), amount), else_=func.round(amount * rate, 2))
+
+
+def _figures(row: Any, ordered: Any, window: int) -> CashFigures:
+    return CashFigures(
+        money(ordered), money(row.invoiced if row is not None else None),
+        money(row.collected if row is not None else None), money(row.overdue if row is not None else None),
+        money(row.in_window if row is not None else None), window,
+    )  # fmt: skip
+
+
+def order_to_cash(
+    session: Session,
+    *,
+    today: dt.date | None = None,
+    base_currency: str = "CNY",
+    window: int = DSO_WINDOW_DAYS,
+    top: int = 10,
+) -> OrderToCash:
+    """Return ordered, invoiced, collected, outstanding, overdue (by due date) and DSO per opportunity and customer.
+
+    Receivables and receipts in another currency count at their own exchange rate (``exchange_rate``, base units
+    per unit), rounded to the fen per document; red-letter entries are negative and count as such. A handful of
+    GROUP BY queries over the core, so a million documents take seconds, not a Python loop.
+    """
+    today = today or dt.date.today()
+    since = today - dt.timedelta(days=window)
+    applied = (
+        select(
+            PaymentApplication.receivable_id.label("receivable_id"),
+            func.sum(_in_base(PaymentApplication.amount, Payment.currency, Payment.exchange_rate, base_currency))
+            .label("applied"),
+        )
+        .join(Payment, Payment.id == PaymentApplication.payment_id)
+        .group_by(PaymentApplication.receivable_id)
+        .subquery()
+    )  # fmt: skip
+    amount = _in_base(Receivable.amount, Receivable.currency, Receivable.exchange_rate, base_currency)
+    collected = func.coalesce(applied.c.applied, 0)
+    open_amount = amount - collected
+    sums = (
+        func.sum(amount).label("invoiced"),
+        func.sum(collected).label("collected"),
+        func.sum(case(((Receivable.due_date < today) & (open_amount > 0), open_amount), else_=0)).label(
+            "overdue"
+        ),
+        func.sum(case((Receivable.invoiced_on >= since, amount), else_=0)).label("in_window"),
+    )
+    per_customer = {
+        row.customer_id: row
+        for row in session.execute(
+            select(Receivable.customer_id, *sums)
+            .outerjoin(applied, applied.c.receivable_id == Receivable.id)
+            .group_by(Receivable.customer_id)
+        )
+    }
+    per_opportunity = {
+        row.opportunity_id: row
+        for row in session.execute(
+            select(SalesOrder.opportunity_id, *sums)
+            .join(SalesOrder, SalesOrder.id == Receivable.order_id)
+            .outerjoin(applied, applied.c.receivable_id == Receivable.id)
+            .where(SalesOrder.opportunity_id.is_not(None))
+            .group_by(SalesOrder.opportunity_id)
+        )
+    }
+    ordered_customer = {
+        row[0]: row[1]
+        for row in session.execute(
+            select(SalesOrder.customer_id, func.sum(SalesOrder.total_amount)).group_by(SalesOrder.customer_id)
+        )
+    }
+    ordered_deal = {
+        row[0]: row[1]
+        for row in session.execute(
+            select(SalesOrder.opportunity_id, func.sum(SalesOrder.total_amount))
+            .where(SalesOrder.opportunity_id.is_not(None))
+            .group_by(SalesOrder.opportunity_id)
+        )
+    }
+    won_without_order = select(Opportunity.id, Opportunity.amount).where(
+        Opportunity.stage_code == "won",
+        ~exists().where(SalesOrder.opportunity_id == Opportunity.id),
+    )
+    for deal_id, deal_amount in session.execute(won_without_order):
+        ordered_deal[deal_id] = deal_amount  # a won deal without an order yet: its amount is what was sold
+    opportunities = {
+        deal: _figures(per_opportunity.get(deal), ordered_deal.get(deal), window)
+        for deal in sorted(set(ordered_deal) | set(per_opportunity))
+    }
+    customers = {
+        customer: _figures(per_customer.get(customer), ordered_customer.get(customer), window)
+        for customer in sorted(set(ordered_customer) | set(per_customer))
+    }
+    zero = CashFigures(ZERO, ZERO, ZERO, ZERO, ZERO, window)
+    totals = zero
+    for figures in customers.values():
+        totals = CashFigures(
+            totals.ordered + figures.ordered, totals.invoiced + figures.invoiced,
+            totals.collected + figures.collected, totals.overdue + figures.overdue,
+            totals.invoiced_in_window + figures.invoiced_in_window, window,
+        )  # fmt: skip
+    worst = sorted(
+        (c for c, f in customers.items() if f.overdue > 0), key=lambda c: (-customers[c].overdue, c)
+    )[:top]
+    names = {
+        row[0]: row[1]
+        for row in session.execute(select(Customer.id, Customer.name).where(Customer.id.in_(worst)))
+    }
+    top_overdue = [
+        {"customer_id": c, "customer": names.get(c), "overdue": str(customers[c].overdue),
+         "outstanding": str(customers[c].outstanding),
+         "dso": None if customers[c].dso is None else str(customers[c].dso)}
+        for c in worst
+    ]  # fmt: skip
+    foreign = 0
+    for model in (Receivable, Payment):
+        foreign += session.scalar(
+            select(func.count()).select_from(model)
+            .where(model.currency != base_currency, model.exchange_rate.is_(None))
+        ) or 0  # fmt: skip
+    documents = {
+        "orders": session.scalar(select(func.count()).select_from(SalesOrder)) or 0,
+        "receivables": session.scalar(select(func.count()).select_from(Receivable)) or 0,
+        "receipts": session.scalar(select(func.count()).select_from(Payment)) or 0,
+        "foreign_without_rate": foreign,
+    }
+    return OrderToCash(today, base_currency, opportunities, customers, totals, top_overdue, documents)
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A receipt that applies to no known receivable, or a receivable tied to no known order or customer."""
+
+    kind: str  # receipt | receivable | application
+    number: str
+    customer_id: int | None
+    amount: Decimal
+    reason: str
+
+
+def loop_orphans(session: Session, limit: int = 50) -> tuple[dict[str, int], list[Orphan]]:
+    """Return, per kind, how many documents break the loop, and up to ``limit`` of them with the reason.
+
+    A receipt applied to no receivable; a write-off (核销) whose receivable or receipt is gone; a receivable
+    whose order is gone, or belongs to another customer, or (without an order) whose customer was merged away.
+    """
+    counts: dict[str, int] = {}
+    found: list[Orphan] = []
+    order = aliased(SalesOrder)
+    customer = aliased(Customer)
+    checks: list[tuple[str, str, Any]] = [
+        ("receipt", "applied to no receivable",
+         select(Payment.payment_no, Payment.customer_id, Payment.amount)
+         .where(~exists().where(PaymentApplication.payment_id == Payment.id))),
+        ("application", "its receivable is not in the core",
+         select(Payment.payment_no, Payment.customer_id, PaymentApplication.amount)
+         .join(Payment, Payment.id == PaymentApplication.payment_id)
+         .outerjoin(Receivable, Receivable.id == PaymentApplication.receivable_id).where(Receivable.id.is_(None))),
+        ("receivable", "its order is not in the core",
+         select(Receivable.receivable_no, Receivable.customer_id, Receivable.amount)
+         .outerjoin(order, order.id == Receivable.order_id)
+         .where(Receivable.order_id.is_not(None), order.id.is_(None))),
+        ("receivable", "its order belongs to another customer",
+         select(Receivable.receivable_no, Receivable.customer_id, Receivable.amount)
+         .join(order, order.id == Receivable.order_id).where(order.customer_id != Receivable.customer_id)),
+        ("receivable", "no order, and its customer is not in the core (or was merged away)",
+         select(Receivable.receivable_no, Receivable.customer_id, Receivable.amount)
+         .outerjoin(customer, customer.id == Receivable.customer_id)
+         .where(Receivable.order_id.is_(None), customer.id.is_(None) | customer.merged_into_id.is_not(None))),
+    ]  # fmt: skip
+    for kind, reason, query in checks:
+        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+        if not total:
+            continue
+        counts[kind] = counts.get(kind, 0) + total
+        room = limit - len(found)
+        if room > 0:
+            for number, customer_id, amount in session.execute(query.limit(room)):
+                found.append(Orphan(kind, str(number), customer_id, money(amount), reason))
+    return counts, found
+
+
+def opportunity_loop(session: Session, opportunity_id: int) -> dict[str, Any] | None:
+    """Return one opportunity's 业财 loop: its orders, their receivables and the receipts applied to them."""
+    deal = session.get(Opportunity, opportunity_id)
+    if deal is None:
+        return None
+    orders = []
+    for sales_order in session.scalars(
+        select(SalesOrder).where(SalesOrder.opportunity_id == opportunity_id).order_by(SalesOrder.id)
+    ):
+        receivables = []
+        for receivable in session.scalars(
+            select(Receivable).where(Receivable.order_id == sales_order.id).order_by(Receivable.id)
+        ):
+            receipts = [
+                {"payment_no": p.payment_no, "received_on": p.received_on and p.received_on.isoformat(),
+                 "applied": str(money(a.amount)), "currency": p.currency}
+                for a, p in session.execute(
+                    select(PaymentApplication, Payment).join(Payment, Payment.id == PaymentApplication.payment_id)
+                    .where(PaymentApplication.receivable_id == receivable.id).order_by(Payment.id)
+                )
+            ]  # fmt: skip
+            receivables.append({
+                "receivable_no": receivable.receivable_no,
+                "invoiced_on": receivable.invoiced_on and receivable.invoiced_on.isoformat(),
+                "due_date": receivable.due_date and receivable.due_date.isoformat(),
+                "amount": str(money(receivable.amount)), "currency": receivable.currency,
+                "red_letter": receivable.red_letter, "receipts": receipts,
+            })  # fmt: skip
+        orders.append({
+            "order_no": sales_order.order_no, "order_date": sales_order.order_date and sales_order.order_date.isoformat(),
+            "total_amount": str(money(sales_order.total_amount)), "receivables": receivables,
+        })  # fmt: skip
+    cash = opportunity_collections(session, [opportunity_id])[opportunity_id]
+    return {
+        "opportunity_id": deal.id, "name": deal.name, "stage": deal.stage_code,
+        "amount": str(money(deal.amount)), "customer_id": deal.customer_id, "orders": orders,
+        "figures": cash.as_dict(),
+    }  # fmt: skip
+
+
+__all__ = [
+    "CashFigures",
+    "Collection",
+    "OrderToCash",
+    "Orphan",
+    "loop_orphans",
+    "money",
+    "opportunity_collections",
+    "opportunity_loop",
+    "order_collections",
+    "order_to_cash",
+    "reconcile",
+]

@@ -76,7 +76,9 @@ class Lookup:
 
     by: str = "external_id"  # external_id | name | code | id (the core's own id, stored by a sync target)
     system: str | None = None  # crosswalk system; defaults to the batch's source
-    missing: str | None = None  # warn | reject a row whose value finds no record (default: reject if required)
+    missing: str | None = (
+        None  # warn | reject a row whose value finds no record (default: reject if required)
+    )
 
 
 @dataclass(frozen=True)

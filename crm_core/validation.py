@@ -262,7 +262,11 @@ def builtin_rules() -> list[Rule]:
     ):
         rules.append(Rule(f"{entity}.{name}.not_in_future", entity, name, "error",
                           f"{name} lies in the future", _not_in_future(name)))  # fmt: skip
-    for entity, name in (("opportunity", "amount"), ("sales_order", "total_amount"), ("sales_order_line", "quantity")):
+    for entity, name in (
+        ("opportunity", "amount"),
+        ("sales_order", "total_amount"),
+        ("sales_order_line", "quantity"),
+    ):
         rules.append(in_range(entity, name, minimum=0))
     for entity in RED_LETTER_ENTITIES:
         rules.append(Rule(f"{entity}.amount.range", entity, "amount", "error",

@@ -1,0 +1,191 @@
+"""The 业财 loop computed from the core: order_to_cash per opportunity and customer, its link check in Dagster,
+`crmi finance reconcile` and `crmi finance status`, on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from crm_core.db import session_factory
+from crm_core.edits import create_record, create_records
+from crm_core.finance import loop_orphans, order_to_cash
+from integration.pipeline import core_engine
+from tests.conftest import PG_URL, REPO, reset_postgres, server_or_skip
+
+TODAY = dt.date(2026, 11, 1)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def core_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated core: a SQLite file, or the PostgreSQL test database wiped clean."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'core.sqlite'}"
+    else:
+        engine = server_or_skip(PG_URL, "PostgreSQL")
+        reset_postgres(engine)
+        engine.dispose()
+        url = PG_URL
+    core_engine(url).dispose()
+    yield url
+
+
+@pytest.fixture
+def core(core_url: str) -> Iterator[sa.Engine]:
+    engine = core_engine(core_url)
+    yield engine
+    engine.dispose()
+
+
+def loop(engine: sa.Engine) -> dict[str, int]:
+    """Two customers: a won deal with an order invoiced twice and partly collected; a USD receivable, a refund.
+
+    The ids come back by name.
+    """
+    a = create_record(engine, "customer", {"name": "杭州新禾贸易有限公司"})
+    b = create_record(engine, "customer", {"name": "深圳远航电子有限公司"})
+    d1 = create_record(engine, "opportunity", {"customer": a, "name": "年度框架采购", "stage": "won",
+                                                "amount": Decimal("113000.00"), "closed_on": dt.date(2026, 9, 20)})  # fmt: skip
+    d3 = create_record(engine, "opportunity", {"customer": b, "name": "试点项目", "stage": "won",
+                                                "amount": Decimal("5000.00"), "closed_on": dt.date(2026, 10, 2)})  # fmt: skip
+    create_record(engine, "opportunity", {"customer": b, "name": "二期", "stage": "proposal", "amount": Decimal("1")})
+    so1 = create_record(engine, "sales_order", {"order_no": "SO-1", "customer": a, "opportunity": d1,
+                                                 "order_date": dt.date(2026, 9, 25), "total_amount": Decimal("113000.00")})  # fmt: skip
+    r1, r2, r3, r4 = create_records(engine, "receivable", [
+        {"receivable_no": "AR-1", "customer": a, "order": so1, "amount": Decimal("80000.00"),
+         "invoiced_on": dt.date(2026, 10, 8), "due_date": dt.date(2026, 10, 15)},
+        {"receivable_no": "AR-2", "customer": a, "order": so1, "amount": Decimal("33000.00"),
+         "invoiced_on": dt.date(2026, 10, 20), "due_date": dt.date(2026, 12, 31)},
+        {"receivable_no": "AR-USD", "customer": b, "amount": Decimal("1000.00"), "currency": "USD",
+         "exchange_rate": Decimal("7.1"), "invoiced_on": dt.date(2026, 10, 10), "due_date": dt.date(2026, 10, 20)},
+        {"receivable_no": "AR-RED", "customer": b, "amount": Decimal("-500.00"), "red_letter": True,
+         "invoiced_on": dt.date(2026, 10, 12), "due_date": dt.date(2026, 10, 25)},
+    ])  # fmt: skip
+    p1, p2, p3 = create_records(engine, "payment", [
+        {"payment_no": "SK-1", "customer": a, "amount": Decimal("60000.00"), "received_on": dt.date(2026, 10, 25)},
+        {"payment_no": "SK-USD", "customer": b, "amount": Decimal("400.00"), "currency": "USD",
+         "exchange_rate": Decimal("7.1"), "received_on": dt.date(2026, 10, 28)},
+        {"payment_no": "SK-LOOSE", "customer": b, "amount": Decimal("99.99"), "received_on": dt.date(2026, 10, 29)},
+    ])  # fmt: skip
+    create_records(engine, "payment_application", [
+        {"payment": p1, "receivable": r1, "amount": Decimal("50000.00")},
+        {"payment": p1, "receivable": r2, "amount": Decimal("10000.00")},
+        {"payment": p2, "receivable": r3, "amount": Decimal("400.00")},
+    ])  # fmt: skip
+    return {"a": a, "b": b, "d1": d1, "d3": d3, "so1": so1, "r4": r4, "p3": p3}
+
+
+def test_order_to_cash_per_opportunity_and_customer_to_the_fen(core: sa.Engine) -> None:
+    ids = loop(core)
+    with session_factory(core)() as session:
+        cash = order_to_cash(session, today=TODAY)
+    a, b = cash.customers[ids["a"]], cash.customers[ids["b"]]
+    assert (a.ordered, a.invoiced, a.collected, a.outstanding, a.overdue) == (
+        Decimal("113000.00"), Decimal("113000.00"), Decimal("60000.00"), Decimal("53000.00"), Decimal("30000.00"))  # fmt: skip
+    assert a.dso == Decimal("42.2")  # 53,000 outstanding / 113,000 invoiced in 90 days × 90
+    # USD 1,000 at 7.1 = 7,100; the red-letter -500 counts negative; USD 400 collected at 7.1 = 2,840
+    assert (b.ordered, b.invoiced, b.collected, b.outstanding, b.overdue) == (
+        Decimal("0.00"), Decimal("6600.00"), Decimal("2840.00"), Decimal("3760.00"), Decimal("4260.00"))  # fmt: skip
+    assert cash.opportunities[ids["d1"]].as_dict() == {
+        "ordered": "113000.00", "invoiced": "113000.00", "collected": "60000.00", "outstanding": "53000.00",
+        "overdue": "30000.00", "dso": "42.2"}  # fmt: skip
+    deal3 = cash.opportunities[ids["d3"]]  # won without an order yet: sold, nothing invoiced
+    assert (deal3.ordered, deal3.invoiced, deal3.dso) == (Decimal("5000.00"), Decimal("0.00"), None)
+    assert len(cash.opportunities) == 2  # the open deal has no figures
+    assert cash.totals.as_dict() == {
+        "ordered": "113000.00", "invoiced": "119600.00", "collected": "62840.00", "outstanding": "56760.00",
+        "overdue": "34260.00", "dso": "42.7"}  # fmt: skip
+    assert [t["customer"] for t in cash.top_overdue] == ["杭州新禾贸易有限公司", "深圳远航电子有限公司"]
+    assert cash.documents == {"orders": 1, "receivables": 4, "receipts": 3, "foreign_without_rate": 0}
+
+
+def test_the_loop_check_lists_orphans_and_drops_none(core: sa.Engine) -> None:
+    ids = loop(core)
+    stray = create_record(core, "receivable", {"receivable_no": "AR-X", "customer": ids["b"], "order": ids["so1"],
+                                               "amount": Decimal("10.00")})  # fmt: skip
+    with session_factory(core)() as session:
+        counts, orphans = loop_orphans(session)
+        invoiced = order_to_cash(session, today=TODAY).customers[ids["b"]].invoiced
+    assert counts == {"receipt": 1, "receivable": 1}
+    assert {(o.kind, o.number, o.reason) for o in orphans} == {
+        ("receipt", "SK-LOOSE", "applied to no receivable"),
+        ("receivable", "AR-X", "its order belongs to another customer"),
+    }
+    assert stray and invoiced == Decimal("6610.00")  # listed, still counted
+
+
+def test_sums_over_many_documents_equal_the_exact_decimal_sums(core: sa.Engine) -> None:
+    customer = create_record(core, "customer", {"name": "万象贸易有限公司"})
+    amounts = [Decimal(f"{(n * 7919) % 1_000_000}.{(n * 37) % 100:02d}") for n in range(3000)]
+    ids = create_records(core, "receivable", [
+        {"receivable_no": f"AR{n}", "customer": customer, "amount": amount, "invoiced_on": dt.date(2026, 10, 1)}
+        for n, amount in enumerate(amounts)
+    ])  # fmt: skip
+    pay = create_record(core, "payment", {"payment_no": "SK", "customer": customer, "amount": sum(amounts[::2])})
+    create_records(core, "payment_application", [
+        {"payment": pay, "receivable": rid, "amount": amounts[n]} for n, rid in enumerate(ids) if n % 2 == 0
+    ])  # fmt: skip
+    with session_factory(core)() as session:
+        figures = order_to_cash(session, today=TODAY).customers[customer]
+    assert figures.invoiced == sum(amounts) and figures.collected == sum(amounts[::2])
+
+
+# --------------------------------------------------------------------------- Dagster
+
+
+@pytest.fixture
+def finance_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The K3Cloud finance project of tests/test_k3cloud.py (no server needed to build definitions)."""
+    from tests.test_k3cloud import PROJECT
+
+    for name, value in (("K3_URL", "http://127.0.0.1:9/k3cloud"), ("K3_ACCT_ID", "1"), ("K3_USERNAME", "u"),
+                        ("K3_PASSWORD", "p")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    root = tmp_path / "project"
+    shutil.copytree(REPO / "examples" / "k3cloud" / "mappings", root / "mappings")
+    (root / "project.yaml").write_text(PROJECT, encoding="utf-8")
+    return root
+
+
+def test_order_to_cash_asset_metadata_and_its_check_in_dagster(
+    core: sa.Engine, core_url: str, finance_project: Path
+) -> None:
+    from integration.jobs import MIGRATION_JOB, build_definitions
+
+    ids = loop(core)
+    defs = build_definitions(finance_project, core_url)
+    migration = defs.resolve_job_def(MIGRATION_JOB)
+    assert "order_to_cash" not in {k.to_user_string() for k in migration.asset_layer.asset_graph.get_all_asset_keys()}
+    graph = defs.resolve_asset_graph()
+    node = graph.get(dg.AssetKey("order_to_cash"))
+    assert node.group_name == "finance"
+    assert {k.to_user_string() for k in node.parent_keys} == {"sync_finance_inbound"}
+    # the finance target gets the sync engine's assets, checks, jobs and schedules like U8
+    for name in ("sync_finance_inbound_job", "sync_finance_outbound_job", "sync_finance_checks_job"):
+        defs.resolve_job_def(name)
+    checks = {str(key.name) for key in graph.asset_check_keys}
+    assert {"check_inbound_freshness", "check_dead_letters", "check_conflicts_open", "check_loop_links"} <= checks
+    schedules = {s.name for s in defs.schedules or [] if isinstance(s, dg.ScheduleDefinition)}
+    assert "order_to_cash_schedule" in schedules
+
+    with dg.instance_for_test() as instance:
+        result = defs.resolve_job_def("order_to_cash_job").execute_in_process(instance=instance)
+    assert result.success
+    [materialization] = result.asset_materializations_for_node("order_to_cash")
+    meta: dict[str, Any] = {k: v.value for k, v in materialization.metadata.items()}
+    assert meta["overdue"] == 34260.0 and meta["outstanding"] == 56760.0 and meta["receivables"] == 4
+    assert meta["totals_exact"]["collected"] == "62840.00"
+    assert "杭州新禾贸易有限公司" in meta["top_overdue_customers"]
+    [evaluation] = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert evaluation is not None and not evaluation.passed  # type: ignore[union-attr]
+    check_meta = {k: v.value for k, v in evaluation.metadata.items()}  # type: ignore[union-attr]
+    assert check_meta["orphans"] == 1 and "SK-LOOSE" in check_meta["listed"]
+    assert ids
