@@ -56,7 +56,9 @@ def loop(engine: sa.Engine) -> dict[str, int]:
                                                 "amount": Decimal("113000.00"), "closed_on": dt.date(2026, 9, 20)})  # fmt: skip
     d3 = create_record(engine, "opportunity", {"customer": b, "name": "试点项目", "stage": "won",
                                                 "amount": Decimal("5000.00"), "closed_on": dt.date(2026, 10, 2)})  # fmt: skip
-    create_record(engine, "opportunity", {"customer": b, "name": "二期", "stage": "proposal", "amount": Decimal("1")})
+    create_record(
+        engine, "opportunity", {"customer": b, "name": "二期", "stage": "proposal", "amount": Decimal("1")}
+    )
     so1 = create_record(engine, "sales_order", {"order_no": "SO-1", "customer": a, "opportunity": d1,
                                                  "order_date": dt.date(2026, 9, 25), "total_amount": Decimal("113000.00")})  # fmt: skip
     r1, r2, r3, r4 = create_records(engine, "receivable", [
@@ -129,7 +131,9 @@ def test_sums_over_many_documents_equal_the_exact_decimal_sums(core: sa.Engine) 
         {"receivable_no": f"AR{n}", "customer": customer, "amount": amount, "invoiced_on": dt.date(2026, 10, 1)}
         for n, amount in enumerate(amounts)
     ])  # fmt: skip
-    pay = create_record(core, "payment", {"payment_no": "SK", "customer": customer, "amount": sum(amounts[::2])})
+    pay = create_record(
+        core, "payment", {"payment_no": "SK", "customer": customer, "amount": sum(amounts[::2])}
+    )
     create_records(core, "payment_application", [
         {"payment": pay, "receivable": rid, "amount": amounts[n]} for n, rid in enumerate(ids) if n % 2 == 0
     ])  # fmt: skip
@@ -163,7 +167,9 @@ def test_order_to_cash_asset_metadata_and_its_check_in_dagster(
     ids = loop(core)
     defs = build_definitions(finance_project, core_url)
     migration = defs.resolve_job_def(MIGRATION_JOB)
-    assert "order_to_cash" not in {k.to_user_string() for k in migration.asset_layer.asset_graph.get_all_asset_keys()}
+    assert "order_to_cash" not in {
+        k.to_user_string() for k in migration.asset_layer.asset_graph.get_all_asset_keys()
+    }
     graph = defs.resolve_asset_graph()
     node = graph.get(dg.AssetKey("order_to_cash"))
     assert node.group_name == "finance"
@@ -172,7 +178,12 @@ def test_order_to_cash_asset_metadata_and_its_check_in_dagster(
     for name in ("sync_finance_inbound_job", "sync_finance_outbound_job", "sync_finance_checks_job"):
         defs.resolve_job_def(name)
     checks = {str(key.name) for key in graph.asset_check_keys}
-    assert {"check_inbound_freshness", "check_dead_letters", "check_conflicts_open", "check_loop_links"} <= checks
+    assert {
+        "check_inbound_freshness",
+        "check_dead_letters",
+        "check_conflicts_open",
+        "check_loop_links",
+    } <= checks
     schedules = {s.name for s in defs.schedules or [] if isinstance(s, dg.ScheduleDefinition)}
     assert "order_to_cash_schedule" in schedules
 
@@ -184,7 +195,9 @@ def test_order_to_cash_asset_metadata_and_its_check_in_dagster(
     assert meta["overdue"] == 34260.0 and meta["outstanding"] == 56760.0 and meta["receivables"] == 4
     assert meta["totals_exact"]["collected"] == "62840.00"
     assert "杭州新禾贸易有限公司" in meta["top_overdue_customers"]
-    [evaluation] = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    [evaluation] = [
+        e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    ]
     assert evaluation is not None and not evaluation.passed  # type: ignore[union-attr]
     check_meta = {k: v.value for k, v in evaluation.metadata.items()}  # type: ignore[union-attr]
     assert check_meta["orphans"] == 1 and "SK-LOOSE" in check_meta["listed"]

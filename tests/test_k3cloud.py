@@ -513,7 +513,9 @@ def test_bad_finance_rows_are_rejected_with_reasons_and_the_rest_applied(
     api.erp.add_receivable("AR-2", "K-ONLY", [(None, "200.00")])
     api.erp.add_receivable("AR-3", number, [(None, "100.125")])  # more than two decimals: not a fen amount
     api.erp.add_receivable("AR-FUT", number, [(None, "10.00")], date=future)
-    api.erp.add_receivable("AR-HKD", number, [(None, "10.00")], currency="HKD", rate="0.92")  # not the project's
+    api.erp.add_receivable(
+        "AR-HKD", number, [(None, "10.00")], currency="HKD", rate="0.92"
+    )  # not the project's
     api.erp.add_receivable("AR-NEG", number, [(None, "-30.00")])  # negative, not a red-letter bill type
     api.erp.add_receivable("AR-RED", number, [(None, "-50.00")], bill_type="YSD_RED")  # 红字应收单
     api.erp.add_receipt("SK-1", number, [("AR-OK", "100.00"), ("AR-404", "5.00")])
@@ -540,7 +542,9 @@ def test_bad_finance_rows_are_rejected_with_reasons_and_the_rest_applied(
         for r in session.scalars(sa.select(Reject)):
             reasons.setdefault((r.entity, r.field), []).append(f"{r.row_ref}: {r.reason}")
     text = {key: " | ".join(found) for key, found in reasons.items()}
-    assert "no sales_order named 'SO-NONE'" in text[("receivable", "order")]  # rejected, not loaded without it
+    assert (
+        "no sales_order named 'SO-NONE'" in text[("receivable", "order")]
+    )  # rejected, not loaded without it
     assert "K-ONLY' not found" in text[("receivable", "customer")]
     assert "K-ONLY' not found" in text[("payment", "customer")]
     assert "not found" in text[("payment_application", "receivable")]
