@@ -21,7 +21,15 @@ from typing import Any
 from sqlalchemy import case, exists, func, select
 from sqlalchemy.orm import Session, aliased
 
-from crm_core.models import Customer, Opportunity, Payment, PaymentApplication, Receivable, SalesOrder
+from crm_core.models import (
+    Customer,
+    ExternalId,
+    Opportunity,
+    Payment,
+    PaymentApplication,
+    Receivable,
+    SalesOrder,
+)
 
 FEN = Decimal("0.01")
 ZERO = Decimal("0.00")
@@ -505,6 +513,196 @@ def opportunity_loop(session: Session, opportunity_id: int) -> dict[str, Any] | 
     }  # fmt: skip
 
 
+# --------------------------------------------------------------------------- reconciliation of a period
+
+TIMING, MISSING_LINK, AMOUNT_MISMATCH, CURRENCY = "timing", "missing link", "amount mismatch", "currency"
+
+
+def period_bounds(period: str) -> tuple[dt.date, dt.date]:
+    """Return the first and last day of a month written YYYY-MM; ValueError with the expected form otherwise."""
+    try:
+        start = dt.datetime.strptime(period.strip(), "%Y-%m").date()
+    except ValueError:
+        raise ValueError(f"a period is a month written YYYY-MM (2026-10), not '{period}'") from None
+    following = (start.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+    return start, following - dt.timedelta(days=1)
+
+
+def _linked(entity: str, column: Any, system: str | None) -> Any:
+    """True where the record has a key in ``system`` (the crosswalk); always true without a system."""
+    if system is None:
+        return True
+    return exists().where(
+        ExternalId.entity == entity, ExternalId.system == system, ExternalId.entity_id == column
+    )
+
+
+def _period_reasons(f: dict[str, Decimal], base_currency: str) -> list[dict[str, str]]:
+    """Classify what separates a customer's orders, receivables and receipts of a period."""
+
+    def get(name: str) -> Decimal:
+        return f.get(name, ZERO)
+
+    reasons: list[dict[str, str]] = []
+
+    def reason(kind: str, between: str, amount: Decimal, detail: str) -> None:
+        reasons.append({"class": kind, "between": between, "amount": str(amount), "detail": detail})
+
+    # CRM orders vs the ERP's
+    gap = get("crm_ordered") - get("erp_ordered")
+    if gap:
+        reason(MISSING_LINK, "crm/erp", gap, "CRM orders of the period the ERP does not have (no ERP key)")
+    # ERP orders vs K3Cloud receivables
+    explained = ZERO
+    if get("invoiced_without_order"):
+        amount = get("invoiced_without_order")
+        reason(MISSING_LINK, "orders/receivables", amount, "receivables of the period without a sales order")
+        explained -= amount
+    if get("invoiced_for_other_periods"):
+        amount = get("invoiced_for_other_periods")
+        reason(TIMING, "orders/receivables", amount, "receivables of the period for orders of other periods")
+        explained -= amount
+    if get("orders_invoiced_in_other_periods"):
+        amount = get("orders_invoiced_in_other_periods")
+        reason(TIMING, "orders/receivables", amount, "the period's orders invoiced in another period")
+        explained += amount
+    not_invoiced = get("crm_ordered") - get("orders_invoiced")
+    if not_invoiced > 0:
+        reason(TIMING, "orders/receivables", not_invoiced, "the period's orders not invoiced yet")
+        explained += not_invoiced
+    if get("invoiced_foreign") or get("foreign_without_rate") or get("currency_differs_from_order"):
+        detail = f"receivables in another currency than {base_currency}, counted at their exchange rate"
+        if get("foreign_without_rate"):
+            detail += f" ({get('foreign_without_rate'):.0f} without a rate: counted at face value)"
+        if get("currency_differs_from_order"):
+            detail += f"; {get('currency_differs_from_order'):.0f} in another currency than their order"
+        reason(CURRENCY, "orders/receivables", get("invoiced_foreign"), detail)
+    rest = get("crm_ordered") - get("invoiced") - explained
+    if rest:
+        reason(AMOUNT_MISMATCH, "orders/receivables", rest,
+               "invoiced more than ordered" if rest < 0 else "ordered and invoiced amounts differ")  # fmt: skip
+    # receivables vs receipts
+    if get("received_unapplied"):
+        reason(MISSING_LINK, "receivables/receipts", get("received_unapplied"),
+               "receipts of the period applied to no receivable")  # fmt: skip
+    if get("received_for_other_periods"):
+        reason(TIMING, "receivables/receipts", get("received_for_other_periods"),
+               "receipts of the period for receivables of other periods")  # fmt: skip
+    if get("collected_after_period"):
+        reason(TIMING, "receivables/receipts", get("collected_after_period"),
+               "the period's receivables collected after it")  # fmt: skip
+    open_gap = (get("invoiced") - get("received") + get("received_unapplied") + get("received_for_other_periods")
+                - get("collected_after_period"))  # fmt: skip
+    if open_gap > 0:
+        reason(TIMING, "receivables/receipts", open_gap, "the period's receivables not collected yet")
+    elif open_gap < 0:
+        reason(AMOUNT_MISMATCH, "receivables/receipts", open_gap, "collected more than invoiced")
+    if get("received_foreign"):
+        reason(CURRENCY, "receivables/receipts", get("received_foreign"),
+               f"receipts in another currency than {base_currency}, counted at their exchange rate")  # fmt: skip
+    return reasons
+
+
+def reconcile_period(
+    session: Session,
+    start: dt.date,
+    end: dt.date,
+    *,
+    erp_system: str | None = None,
+    finance_system: str | None = None,
+    base_currency: str = "CNY",
+    today: dt.date | None = None,
+) -> dict[str, Any]:
+    """Return, per customer, the period's CRM orders vs ERP (U8) orders vs K3Cloud receivables vs receipts.
+
+    ``erp_system`` is the crosswalk system of the ERP's sales orders (orders of the period without a key there are
+    not in the ERP: a missing link); ``finance_system`` that of K3Cloud's receivables and receipts (only those
+    count as K3Cloud's). Each difference is classified: timing (invoiced or collected in another period, not
+    collected yet), missing link (an order not in the ERP, a receivable without an order, a receipt applied to
+    no receivable), currency (documents in another currency, counted at their rate, or without one), amount
+    mismatch (what the rest does not explain). JSON-ready: amounts as text.
+    """
+    today = today or dt.date.today()
+    in_period = lambda column: column.between(start, end)  # noqa: E731
+    r_amount = _in_base(Receivable.amount, Receivable.currency, Receivable.exchange_rate, base_currency)
+    p_amount = _in_base(Payment.amount, Payment.currency, Payment.exchange_rate, base_currency)
+    a_amount = _in_base(PaymentApplication.amount, Payment.currency, Payment.exchange_rate, base_currency)
+    k3_receivable = _linked("receivable", Receivable.id, finance_system)
+    k3_payment = _linked("payment", Payment.id, finance_system)
+    figures: dict[int, dict[str, Decimal]] = {}
+
+    def add(query: Any, *names: str) -> None:
+        for row in session.execute(query):
+            target = figures.setdefault(row[0], {})
+            for name, value in zip(names, row[1:], strict=True):
+                target[name] = target.get(name, ZERO) + money(value)
+
+    order_in_period = in_period(SalesOrder.order_date)
+    add(select(SalesOrder.customer_id, func.sum(SalesOrder.total_amount),
+               func.sum(case((_linked("sales_order", SalesOrder.id, erp_system), SalesOrder.total_amount), else_=0)))
+        .where(order_in_period).group_by(SalesOrder.customer_id), "crm_ordered", "erp_ordered")  # fmt: skip
+    period_order = select(SalesOrder.id).where(order_in_period)
+    add(select(Receivable.customer_id, func.sum(r_amount),
+               func.sum(case((Receivable.order_id.is_(None), r_amount), else_=0)),
+               func.sum(case((Receivable.order_id.is_not(None) & ~Receivable.order_id.in_(period_order), r_amount), else_=0)),
+               func.sum(case((Receivable.currency != base_currency, r_amount), else_=0)),
+               func.sum(case(((Receivable.currency != base_currency) & Receivable.exchange_rate.is_(None), 1), else_=0)))
+        .where(in_period(Receivable.invoiced_on), k3_receivable).group_by(Receivable.customer_id),
+        "invoiced", "invoiced_without_order", "invoiced_for_other_periods", "invoiced_foreign", "foreign_without_rate")  # fmt: skip
+    add(select(Receivable.customer_id, func.sum(r_amount),
+               func.sum(case((~in_period(Receivable.invoiced_on) | Receivable.invoiced_on.is_(None), r_amount), else_=0)),
+               func.sum(case((Receivable.currency != SalesOrder.currency, 1), else_=0)))
+        .join(SalesOrder, SalesOrder.id == Receivable.order_id).where(order_in_period, k3_receivable)
+        .group_by(Receivable.customer_id),
+        "orders_invoiced", "orders_invoiced_in_other_periods", "currency_differs_from_order")  # fmt: skip
+    applied = (
+        select(PaymentApplication.payment_id.label("payment_id"), func.count().label("n"))
+        .group_by(PaymentApplication.payment_id).subquery()
+    )  # fmt: skip
+    add(select(Payment.customer_id, func.sum(p_amount), func.sum(case((applied.c.n.is_(None), p_amount), else_=0)),
+               func.sum(case((Payment.currency != base_currency, p_amount), else_=0)))
+        .outerjoin(applied, applied.c.payment_id == Payment.id)
+        .where(in_period(Payment.received_on), k3_payment).group_by(Payment.customer_id),
+        "received", "received_unapplied", "received_foreign")  # fmt: skip
+    add(select(Payment.customer_id,
+               func.sum(case((~in_period(Receivable.invoiced_on) | Receivable.invoiced_on.is_(None), a_amount), else_=0)))
+        .join(PaymentApplication, PaymentApplication.payment_id == Payment.id)
+        .join(Receivable, Receivable.id == PaymentApplication.receivable_id)
+        .where(in_period(Payment.received_on), k3_payment).group_by(Payment.customer_id),
+        "received_for_other_periods")  # fmt: skip
+    add(select(Receivable.customer_id, func.sum(a_amount))
+        .join(PaymentApplication, PaymentApplication.receivable_id == Receivable.id)
+        .join(Payment, Payment.id == PaymentApplication.payment_id)
+        .where(in_period(Receivable.invoiced_on), k3_receivable, Payment.received_on > end)
+        .group_by(Receivable.customer_id), "collected_after_period")  # fmt: skip
+    names: dict[int, str] = {}
+    if figures:
+        query = select(Customer.id, Customer.name).where(Customer.id.in_(list(figures)))
+        names = {row[0]: row[1] for row in session.execute(query)}
+    columns = ("crm_ordered", "erp_ordered", "invoiced", "received")
+    totals = dict.fromkeys(columns, ZERO)
+    customers: list[dict[str, Any]] = []
+    differences: list[dict[str, Any]] = []
+    for customer_id in sorted(figures):
+        f = figures[customer_id]
+        for name in columns:
+            totals[name] += f.get(name, ZERO)
+        reasons = _period_reasons(f, base_currency)
+        row = {"customer_id": customer_id, "customer": names.get(customer_id),
+               **{name: str(f.get(name, ZERO)) for name in columns}}  # fmt: skip
+        customers.append(row)
+        if reasons:
+            differences.append(
+                {"customer_id": customer_id, "customer": names.get(customer_id), "reasons": reasons}
+            )
+    return {
+        "period": f"{start:%Y-%m}", "from": start.isoformat(), "to": end.isoformat(), "as_of": today.isoformat(),
+        "erp_system": erp_system, "finance_system": finance_system, "base_currency": base_currency,
+        "totals": {name: str(value) for name, value in totals.items()},
+        "customers": customers, "differences": differences,
+    }  # fmt: skip
+
+
 __all__ = [
     "CashFigures",
     "Collection",
@@ -516,5 +714,7 @@ __all__ = [
     "opportunity_loop",
     "order_collections",
     "order_to_cash",
+    "period_bounds",
     "reconcile",
+    "reconcile_period",
 ]

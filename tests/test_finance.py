@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 from collections.abc import Iterator
 from decimal import Decimal
@@ -202,3 +203,147 @@ def test_order_to_cash_asset_metadata_and_its_check_in_dagster(
     check_meta = {k: v.value for k, v in evaluation.metadata.items()}  # type: ignore[union-attr]
     assert check_meta["orphans"] == 1 and "SK-LOOSE" in check_meta["listed"]
     assert ids
+
+
+# --------------------------------------------------------------------------- reconciliation of a period
+
+
+def link(engine: sa.Engine, entity: str, system: str, ids: dict[str, int]) -> None:
+    """Give records a key in a system's crosswalk (as its sync would)."""
+    from crm_core.models import ExternalId
+
+    with session_factory(engine)() as session, session.begin():
+        session.add_all(
+            ExternalId(entity=entity, entity_id=i, system=system, external_key=k) for k, i in ids.items()
+        )
+
+
+def october(engine: sa.Engine) -> dict[str, int]:
+    """Four customers whose October differs for every class of reason, and one that balances."""
+    a, b, c, d = create_records(engine, "customer", [{"name": "杭州新禾贸易有限公司"}, {"name": "深圳远航电子有限公司"},
+                                                      {"name": "成都平衡科技有限公司"}, {"name": "=SUM(1,2)有限公司"}])  # fmt: skip
+    orders = dict(zip(["SO-A1", "SO-A2", "SO-B1", "SO-C1", "SO-D0"], create_records(engine, "sales_order", [
+        {"order_no": "SO-A1", "customer": a, "order_date": dt.date(2026, 10, 5), "total_amount": Decimal("10000.00")},
+        {"order_no": "SO-A2", "customer": a, "order_date": dt.date(2026, 10, 15), "total_amount": Decimal("5000.00")},
+        {"order_no": "SO-B1", "customer": b, "order_date": dt.date(2026, 10, 8), "total_amount": Decimal("2000.00")},
+        {"order_no": "SO-C1", "customer": c, "order_date": dt.date(2026, 10, 9), "total_amount": Decimal("1000.00")},
+        {"order_no": "SO-D0", "customer": d, "order_date": dt.date(2026, 9, 1), "total_amount": Decimal("800.00")},
+    ]), strict=True))  # fmt: skip
+    link(
+        engine, "sales_order", "u8", {k: v for k, v in orders.items() if k != "SO-A2"}
+    )  # SO-A2 never reached U8
+    r = dict(zip(["RA1", "RA2", "RB1", "RB2", "RC1", "RD1", "RC-OLD"], create_records(engine, "receivable", [
+        {"receivable_no": "RA1", "customer": a, "order": orders["SO-A1"], "amount": Decimal("10000.00"),
+         "invoiced_on": dt.date(2026, 10, 10)},
+        {"receivable_no": "RA2", "customer": a, "order": orders["SO-A2"], "amount": Decimal("5000.00"),
+         "invoiced_on": dt.date(2026, 11, 3)},
+        {"receivable_no": "RB1", "customer": b, "order": orders["SO-B1"], "amount": Decimal("2500.00"),
+         "invoiced_on": dt.date(2026, 10, 9)},
+        {"receivable_no": "RB2", "customer": b, "amount": Decimal("100.00"), "currency": "USD",
+         "exchange_rate": Decimal("7.1"), "invoiced_on": dt.date(2026, 10, 12)},
+        {"receivable_no": "RC1", "customer": c, "order": orders["SO-C1"], "amount": Decimal("1000.00"),
+         "invoiced_on": dt.date(2026, 10, 11)},
+        {"receivable_no": "RD1", "customer": d, "order": orders["SO-D0"], "amount": Decimal("800.00"),
+         "invoiced_on": dt.date(2026, 9, 20)},
+        {"receivable_no": "RC-OLD", "customer": c, "amount": Decimal("999.00"), "invoiced_on": dt.date(2026, 10, 1)},
+    ]), strict=True))  # fmt: skip
+    link(engine, "receivable", "k3", {k: v for k, v in r.items() if k != "RC-OLD"})  # migrated, not K3Cloud's
+    p = dict(zip(["PA1", "PA3", "PB1", "PB2", "PC1", "PD1"], create_records(engine, "payment", [
+        {"payment_no": "PA1", "customer": a, "amount": Decimal("6000.00"), "received_on": dt.date(2026, 10, 20)},
+        {"payment_no": "PA3", "customer": a, "amount": Decimal("1000.00"), "received_on": dt.date(2026, 11, 5)},
+        {"payment_no": "PB1", "customer": b, "amount": Decimal("2500.00"), "received_on": dt.date(2026, 10, 30)},
+        {"payment_no": "PB2", "customer": b, "amount": Decimal("300.00"), "received_on": dt.date(2026, 10, 31)},
+        {"payment_no": "PC1", "customer": c, "amount": Decimal("1000.00"), "received_on": dt.date(2026, 10, 25)},
+        {"payment_no": "PD1", "customer": d, "amount": Decimal("800.00"), "received_on": dt.date(2026, 10, 2)},
+    ]), strict=True))  # fmt: skip
+    link(engine, "payment", "k3", p)
+    create_records(engine, "payment_application", [
+        {"payment": p[pay], "receivable": r[rec], "amount": Decimal(amount)}
+        for pay, rec, amount in (("PA1", "RA1", "6000"), ("PA3", "RA1", "1000"), ("PB1", "RB1", "2500"),
+                                 ("PC1", "RC1", "1000"), ("PD1", "RD1", "800"))
+    ])  # fmt: skip
+    return {"a": a, "b": b, "c": c, "d": d}
+
+
+def test_a_period_is_reconciled_per_customer_with_classified_reasons(core: sa.Engine) -> None:
+    from crm_core.finance import period_bounds, reconcile_period
+
+    ids = october(core)
+    start, end = period_bounds("2026-10")
+    assert (start, end) == (dt.date(2026, 10, 1), dt.date(2026, 10, 31))
+    with pytest.raises(ValueError, match="YYYY-MM"):
+        period_bounds("Oct 2026")
+    with session_factory(core)() as session:
+        result = reconcile_period(session, start, end, erp_system="u8", finance_system="k3", today=TODAY)
+    assert result["totals"] == {"crm_ordered": "18000.00", "erp_ordered": "13000.00", "invoiced": "14210.00",
+                                "received": "10600.00"}  # fmt: skip
+    reasons = {
+        d["customer_id"]: sorted((r["between"], r["class"], r["amount"], r["detail"]) for r in d["reasons"])
+        for d in result["differences"]
+    }
+    assert ids["c"] not in reasons  # balances (its migrated receivable is not K3Cloud's)
+    assert reasons[ids["a"]] == sorted([
+        ("crm/erp", "missing link", "5000.00", "CRM orders of the period the ERP does not have (no ERP key)"),
+        ("orders/receivables", "timing", "5000.00", "the period's orders invoiced in another period"),
+        ("receivables/receipts", "timing", "1000.00", "the period's receivables collected after it"),
+        ("receivables/receipts", "timing", "3000.00", "the period's receivables not collected yet"),
+    ])  # fmt: skip
+    assert [(c, a) for _, c, a, _ in reasons[ids["b"]]] == [
+        ("amount mismatch", "-500.00"), ("currency", "710.00"), ("missing link", "710.00"),
+        ("missing link", "300.00"), ("timing", "710.00")]  # fmt: skip
+    assert reasons[ids["d"]] == [("receivables/receipts", "timing", "800.00",
+                                  "receipts of the period for receivables of other periods")]  # fmt: skip
+
+
+def test_crmi_finance_reconcile_writes_a_formula_safe_workbook_and_status_shows_the_loop(
+    core: sa.Engine, core_url: str, finance_project: Path, tmp_path: Path
+) -> None:
+    from openpyxl import load_workbook
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    ids = october(core)
+    runner = CliRunner()
+    common = ["--project", str(finance_project), "--core-url", core_url]
+    out = tmp_path / "reports"
+    shown = runner.invoke(app, ["finance", "reconcile", "--period", "2026-10", "--erp-system", "u8", "--out",
+                                str(out), *common])  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    assert "3 of 4 customers differ" in shown.output
+    assert "missing link" in shown.output and "18000.00" in shown.output
+    as_json = runner.invoke(app, ["finance", "reconcile", "--period", "2026-10", "--erp-system", "u8", "--out",
+                                  str(out), "--json", *common])  # fmt: skip
+    data = json.loads(as_json.stdout)
+    assert data["finance_system"] == "k3" and data["erp_system"] == "u8"  # k3: the project's K3Cloud target
+    book = load_workbook(out / "finance-reconcile-2026-10.xlsx")
+    assert book.sheetnames == ["Summary", "Customers", "Differences"]
+    names = [row[1] for row in book["Customers"].iter_rows(min_row=2, values_only=True)]
+    assert "'=SUM(1,2)有限公司" in names and "=SUM(1,2)有限公司" not in names
+    amounts = [row[4] for row in book["Differences"].iter_rows(min_row=2, values_only=True)]
+    assert 5000.0 in amounts  # numbers, not text
+    assert "<td>=SUM(1,2)有限公司</td>" in (out / "finance-reconcile-2026-10.html").read_text(
+        encoding="utf-8"
+    )
+    bad = runner.invoke(app, ["finance", "reconcile", "--period", "10/2026", *common])
+    assert bad.exit_code == 1 and "YYYY-MM" in bad.output
+
+    deal = create_record(core, "opportunity", {"customer": ids["a"], "name": "年度框架采购", "stage": "won",
+                                                "amount": Decimal("10000.00"), "closed_on": dt.date(2026, 10, 1)})  # fmt: skip
+    from crm_core.models import SalesOrder
+
+    with session_factory(core)() as session, session.begin():
+        session.execute(
+            sa.update(SalesOrder).where(SalesOrder.order_no == "SO-A1").values(opportunity_id=deal)
+        )
+    tree = runner.invoke(app, ["finance", "status", "--opportunity", str(deal), *common])
+    assert tree.exit_code == 0, tree.output
+    for text in ("年度框架采购", "order SO-A1", "receivable RA1 10000.00", "receipt PA1 applied 6000.00",
+                 "receipt PA3 applied 1000.00", "outstanding 3000.00"):  # fmt: skip
+        assert text in tree.output, tree.output
+    totals = runner.invoke(app, ["finance", "status", "--json", *common])
+    assert (
+        json.loads(totals.stdout)["totals"]["invoiced"] == "21009.00"
+    )  # every receivable in the core, USD at its rate
+    missing = runner.invoke(app, ["finance", "status", "--opportunity", "999999", *common])
+    assert missing.exit_code == 1
