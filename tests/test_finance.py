@@ -347,3 +347,52 @@ def test_crmi_finance_reconcile_writes_a_formula_safe_workbook_and_status_shows_
     )  # every receivable in the core, USD at its rate
     missing = runner.invoke(app, ["finance", "status", "--opportunity", "999999", *common])
     assert missing.exit_code == 1
+
+
+# --------------------------------------------------------------------------- the finance target through crmi
+
+
+def test_crmi_sync_run_target_finance_brings_the_loop_in(
+    core: sa.Engine, core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`crmi sync run --target finance` against the local K3Cloud server; the loop then shows in `crmi finance`."""
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+    from tests.servers.k3cloud import ACCT_ID, PASSWORD, USERNAME, serve
+    from tests.test_k3cloud import PROJECT
+
+    with serve(f"sqlite:///{tmp_path / 'k3.sqlite'}") as (url, api):
+        for name, value in (("K3_URL", url), ("K3_ACCT_ID", ACCT_ID), ("K3_USERNAME", USERNAME),
+                            ("K3_PASSWORD", PASSWORD)):  # fmt: skip
+            monkeypatch.setenv(name, value)
+        root = tmp_path / "project"
+        shutil.copytree(REPO / "examples" / "k3cloud" / "mappings", root / "mappings")
+        (root / "project.yaml").write_text(PROJECT, encoding="utf-8")
+        runner = CliRunner()
+        common = ["--target", "finance", "--project", str(root), "--core-url", core_url, "--json"]
+        assert runner.invoke(app, ["sync", "run", *common]).exit_code == 0  # go-live baseline
+        customer = create_record(core, "customer", {"name": "杭州新禾贸易有限公司"})
+        deal = create_record(core, "opportunity", {"customer": customer, "name": "年度框架采购", "stage": "won",
+                                                    "amount": Decimal("113000.00"), "closed_on": dt.date(2026, 9, 20)})  # fmt: skip
+        create_record(core, "sales_order", {"order_no": "SO-2026-0001", "customer": customer, "opportunity": deal,
+                                            "order_date": dt.date(2026, 9, 25), "total_amount": Decimal("113000.00")})  # fmt: skip
+        out = runner.invoke(app, ["sync", "run", *common, "--direction", "outbound"])
+        assert json.loads(out.stdout)["delivered"] == 1, out.output
+        with session_factory(core)() as session:
+            from crm_core.models import Customer
+
+            number = str(session.get(Customer, customer).erp_code)  # type: ignore[union-attr]
+        api.erp.add_receivable("AR-0001", number, [("SO-2026-0001", "113000.00")], due=dt.date(2026, 10, 30))
+        api.erp.add_receipt("SK-0001", number, [("AR-0001", "113000.00")], date=dt.date(2026, 10, 28))
+        inbound = runner.invoke(app, ["sync", "run", *common, "--direction", "inbound"])
+        assert inbound.exit_code == 0, inbound.output
+        assert json.loads(inbound.stdout)["rejected"] == 0
+    shown = runner.invoke(app, ["finance", "status", "--opportunity", str(deal), "--project", str(root),
+                                "--core-url", core_url, "--json"])  # fmt: skip
+    found = json.loads(shown.stdout)
+    [order] = found["orders"]
+    [receivable] = order["receivables"]
+    assert receivable["receipts"] == [{"payment_no": "SK-0001", "received_on": "2026-10-28", "applied": "113000.00",
+                                       "currency": "CNY"}]  # fmt: skip
+    assert found["figures"]["collected"] == "113000.00" and found["figures"]["outstanding"] == "0.00"
