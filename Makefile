@@ -7,7 +7,7 @@ export CRM_PROJECT ?= $(PROJECT)
 export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 
 .DEFAULT_GOAL := help
-.PHONY: help demo sync-demo steward test check lint typecheck pytest ui ui-prod bench bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-e2e bench-load bench-dedup-storage bench-sync bench-steward clean schema
+.PHONY: help demo sync-demo finance-demo steward test check lint typecheck pytest ui ui-prod bench bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-e2e bench-load bench-dedup-storage bench-sync bench-steward clean schema
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ demo: $(VENV)/.installed $(DAGSTER_HOME)  ## generate the demo sources and run t
 
 sync-demo: demo  ## after the demo: the sync loop with U8 against the local U8 OpenAPI test server
 	$(BIN)/python $(PROJECT)/sync_loop.py
+
+finance-demo: demo  ## after the demo: the 业财 loop with K3Cloud (won deal → receivable → receipt) against the local K3Cloud server
+	$(BIN)/python $(PROJECT)/finance_loop.py
 
 test: check  ## ruff + mypy + pytest in .venv (dev extras)
 

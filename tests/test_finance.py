@@ -396,3 +396,21 @@ def test_crmi_sync_run_target_finance_brings_the_loop_in(
     assert receivable["receipts"] == [{"payment_no": "SK-0001", "received_on": "2026-10-28", "applied": "113000.00",
                                        "currency": "CNY"}]  # fmt: skip
     assert found["figures"]["collected"] == "113000.00" and found["figures"]["outstanding"] == "0.00"
+
+
+def test_the_demo_finance_project_loads_without_a_server_and_gets_the_finance_assets(tmp_path: Path) -> None:
+    """examples/demo/finance (make finance-demo) is valid with its defaults; `make demo` never reads it."""
+    from integration.jobs import build_definitions
+    from integration.pipeline import Migration
+
+    migration = Migration.load(str(REPO / "examples" / "demo" / "finance"))
+    assert migration.project.sync["finance"].spec.transport.profile == "k3cloud"
+    assert sorted(m.name for m in migration.mappings) == [
+        "k3_receipt_writeoffs",
+        "k3_receipts",
+        "k3_receivables",
+    ]
+    defs = build_definitions(REPO / "examples" / "demo" / "finance", f"sqlite:///{tmp_path / 'core.sqlite'}")
+    defs.resolve_job_def("order_to_cash_job")
+    demo = Migration.load(str(REPO / "examples" / "demo"))
+    assert not [m for m in demo.mappings if m.name.startswith("k3_")]
