@@ -346,7 +346,7 @@ def order_to_cash(
             .group_by(Receivable.customer_id)
         )
     }
-    per_opportunity = {
+    per_opportunity: dict[int, Any] = {
         row.opportunity_id: row
         for row in session.execute(
             select(SalesOrder.opportunity_id, *sums)
@@ -362,14 +362,14 @@ def order_to_cash(
             select(SalesOrder.customer_id, func.sum(SalesOrder.total_amount)).group_by(SalesOrder.customer_id)
         )
     }
-    ordered_deal = {
-        row[0]: row[1]
-        for row in session.execute(
-            select(SalesOrder.opportunity_id, func.sum(SalesOrder.total_amount))
-            .where(SalesOrder.opportunity_id.is_not(None))
-            .group_by(SalesOrder.opportunity_id)
-        )
-    }
+    ordered_deal: dict[int, Any] = {}
+    for deal_id, total in session.execute(
+        select(SalesOrder.opportunity_id, func.sum(SalesOrder.total_amount))
+        .where(SalesOrder.opportunity_id.is_not(None))
+        .group_by(SalesOrder.opportunity_id)
+    ):
+        if deal_id is not None:
+            ordered_deal[deal_id] = total
     won_without_order = select(Opportunity.id, Opportunity.amount).where(
         Opportunity.stage_code == "won",
         ~exists().where(SalesOrder.opportunity_id == Opportunity.id),
@@ -623,7 +623,10 @@ def reconcile_period(
     mismatch (what the rest does not explain). JSON-ready: amounts as text.
     """
     today = today or dt.date.today()
-    in_period = lambda column: column.between(start, end)  # noqa: E731
+
+    def in_period(column: Any) -> Any:
+        return column.between(start, end)
+
     r_amount = _in_base(Receivable.amount, Receivable.currency, Receivable.exchange_rate, base_currency)
     p_amount = _in_base(Payment.amount, Payment.currency, Payment.exchange_rate, base_currency)
     a_amount = _in_base(PaymentApplication.amount, Payment.currency, Payment.exchange_rate, base_currency)

@@ -169,7 +169,7 @@ def finance_status(
             console.print(loop_tree(found))
             return
         cash = order_to_cash(session, base_currency=_base_currency(migration))
-    data = {"as_of": cash.as_of.isoformat(), "totals": cash.totals.as_dict(), "top_overdue": cash.top_overdue,
+    data: dict[str, Any] = {"as_of": cash.as_of.isoformat(), "totals": cash.totals.as_dict(), "top_overdue": cash.top_overdue,
             "documents": cash.documents}  # fmt: skip
     if as_json:
         sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")

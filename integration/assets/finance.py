@@ -49,7 +49,7 @@ def finance_inbound_assets(targets: dict[str, CompiledTarget]) -> list[str]:
     )
 
 
-def cash_metadata(totals: CashFigures) -> dict[str, dg.MetadataValue]:  # type: ignore[type-arg]
+def cash_metadata(totals: CashFigures) -> dict[str, dg.MetadataValue]:
     """Return the totals as float metadata (for the plots) and the exact amounts as JSON text."""
     dso = totals.dso
     return {
