@@ -414,3 +414,20 @@ def test_the_demo_finance_project_loads_without_a_server_and_gets_the_finance_as
     defs.resolve_job_def("order_to_cash_job")
     demo = Migration.load(str(REPO / "examples" / "demo"))
     assert not [m for m in demo.mappings if m.name.startswith("k3_")]
+
+
+def test_a_negative_amount_passes_only_when_marked_red_letter() -> None:
+    import pandas as pd
+
+    from crm_core.validation import builtin_rules, validate
+
+    frame = pd.DataFrame({"amount": [Decimal("-50.00"), Decimal("-50.00"), Decimal("20.00"), "abc"],
+                          "red_letter": [True, False, False, False]})  # fmt: skip
+    for entity in ("receivable", "payment", "payment_application"):
+        found = validate(entity, frame, [r for r in builtin_rules() if r.name == f"{entity}.amount.range"])
+        assert sorted(found["index"]) == [1, 3], entity
+        assert "red_letter" in found["reason"].iloc[0]
+    unmarked = validate(
+        "payment", frame[["amount"]], [r for r in builtin_rules() if r.name == "payment.amount.range"]
+    )
+    assert sorted(unmarked["index"]) == [0, 1, 3]  # a mapping without red_letter: every negative is rejected
