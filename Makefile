@@ -7,7 +7,7 @@ export CRM_PROJECT ?= $(PROJECT)
 export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 
 .DEFAULT_GOAL := help
-.PHONY: help demo sync-demo steward test check lint typecheck pytest ui ui-prod bench bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-e2e bench-load bench-dedup-storage bench-sync bench-steward clean schema
+.PHONY: help demo sync-demo finance-demo steward test check lint typecheck pytest ui ui-prod bench bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-e2e bench-load bench-dedup-storage bench-sync bench-finance bench-steward clean schema
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ demo: $(VENV)/.installed $(DAGSTER_HOME)  ## generate the demo sources and run t
 
 sync-demo: demo  ## after the demo: the sync loop with U8 against the local U8 OpenAPI test server
 	$(BIN)/python $(PROJECT)/sync_loop.py
+
+finance-demo: demo  ## after the demo: the 业财 loop with K3Cloud (won deal → receivable → receipt) against the local K3Cloud server
+	$(BIN)/python $(PROJECT)/finance_loop.py
 
 test: check  ## ruff + mypy + pytest in .venv (dev extras)
 
@@ -66,7 +69,7 @@ schema: $(VENV)/.installed  ## regenerate mapping.schema.json, docs/transforms.m
 	$(BIN)/crmi mapping transforms --format markdown > docs/transforms.md
 	$(BIN)/crmi mapping targets --format markdown > docs/targets.md
 
-bench: bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-load bench-dedup-storage bench-e2e bench-sync bench-steward  ## all benchmarks
+bench: bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-load bench-dedup-storage bench-e2e bench-sync bench-finance bench-steward  ## all benchmarks
 
 bench-connectors: $(VENV)/.installed  ## extraction throughput vs naive pandas (JSON line)
 	$(BIN)/python bench/bench_connectors.py
@@ -86,6 +89,9 @@ bench-validate: $(VENV)/.installed  ## all rules on 1M opportunities + reconcili
 
 bench-sync: $(VENV)/.installed  ## U8 sync at 1,000,000 customers: round trip of 100 changes vs full-table diff, outbound, outage drain (JSON line)
 	$(BIN)/python bench/bench_sync.py
+
+bench-finance: $(VENV)/.installed  ## K3Cloud inbound of 200,000 receivables + receipts, order_to_cash over 1,000,000 orders (JSON line)
+	$(BIN)/python bench/bench_finance.py
 
 bench-load: $(VENV)/.installed  ## core loader with crosswalk + journal: customers/contacts/opportunities, re-load, rollback vs to_sql (JSON line)
 	$(BIN)/python bench/bench_load.py

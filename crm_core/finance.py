@@ -18,10 +18,18 @@ from dataclasses import asdict, dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from sqlalchemy import case, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import case, exists, func, select
+from sqlalchemy.orm import Session, aliased
 
-from crm_core.models import Customer, Opportunity, Payment, PaymentApplication, Receivable, SalesOrder
+from crm_core.models import (
+    Customer,
+    ExternalId,
+    Opportunity,
+    Payment,
+    PaymentApplication,
+    Receivable,
+    SalesOrder,
+)
 
 FEN = Decimal("0.01")
 ZERO = Decimal("0.00")
@@ -224,4 +232,492 @@ def reconcile(
     }
 
 
-__all__ = ["Collection", "money", "opportunity_collections", "order_collections", "reconcile"]
+# --------------------------------------------------------------------------- order to cash (Dagster asset)
+
+DSO_WINDOW_DAYS = 90
+
+
+@dataclass(frozen=True)
+class CashFigures:
+    """Ordered, invoiced, collected and overdue of one opportunity, customer or the whole core, in the base currency.
+
+    ``dso`` (days sales outstanding) = outstanding ÷ invoiced in the last ``window`` days × ``window``; None when
+    nothing was invoiced in the window.
+    """
+
+    ordered: Decimal
+    invoiced: Decimal
+    collected: Decimal
+    overdue: Decimal
+    invoiced_in_window: Decimal
+    window: int = DSO_WINDOW_DAYS
+
+    @property
+    def outstanding(self) -> Decimal:
+        """Return what was invoiced and not collected yet."""
+        return self.invoiced - self.collected
+
+    @property
+    def dso(self) -> Decimal | None:
+        """Return the days sales outstanding, to a tenth of a day (None without sales in the window)."""
+        if self.invoiced_in_window <= 0:
+            return None
+        days = self.outstanding / self.invoiced_in_window * self.window
+        return days.quantize(Decimal("0.1"), rounding=ROUND_HALF_UP)
+
+    def as_dict(self) -> dict[str, str | None]:
+        """Return the figures as text (JSON keeps them exact)."""
+        dso = self.dso
+        return {
+            "ordered": str(self.ordered), "invoiced": str(self.invoiced), "collected": str(self.collected),
+            "outstanding": str(self.outstanding), "overdue": str(self.overdue),
+            "dso": None if dso is None else str(dso),
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OrderToCash:
+    """The 业财 loop per opportunity and per customer, with totals and the customers most overdue."""
+
+    as_of: dt.date
+    base_currency: str
+    opportunities: dict[int, CashFigures]
+    customers: dict[int, CashFigures]
+    totals: CashFigures
+    top_overdue: list[dict[str, Any]]
+    documents: dict[str, int]  # orders, receivables, receipts, foreign_without_rate
+
+
+def _in_base(amount: Any, currency: Any, rate: Any, base: str) -> Any:
+    """A document's amount in the base currency: as is in the base currency, else × its rate, to the fen."""
+    return case(((currency == base) | rate.is_(None), amount), else_=func.round(amount * rate, 2))
+
+
+def _figures(row: Any, ordered: Any, window: int) -> CashFigures:
+    return CashFigures(
+        money(ordered), money(row.invoiced if row is not None else None),
+        money(row.collected if row is not None else None), money(row.overdue if row is not None else None),
+        money(row.in_window if row is not None else None), window,
+    )  # fmt: skip
+
+
+def order_to_cash(
+    session: Session,
+    *,
+    today: dt.date | None = None,
+    base_currency: str = "CNY",
+    window: int = DSO_WINDOW_DAYS,
+    top: int = 10,
+) -> OrderToCash:
+    """Return ordered, invoiced, collected, outstanding, overdue (by due date) and DSO per opportunity and customer.
+
+    Receivables and receipts in another currency count at their own exchange rate (``exchange_rate``, base units
+    per unit), rounded to the fen per document; red-letter entries are negative and count as such. A handful of
+    GROUP BY queries over the core, so a million documents take seconds, not a Python loop.
+    """
+    today = today or dt.date.today()
+    since = today - dt.timedelta(days=window)
+    applied = (
+        select(
+            PaymentApplication.receivable_id.label("receivable_id"),
+            func.sum(_in_base(PaymentApplication.amount, Payment.currency, Payment.exchange_rate, base_currency))
+            .label("applied"),
+        )
+        .join(Payment, Payment.id == PaymentApplication.payment_id)
+        .group_by(PaymentApplication.receivable_id)
+        .subquery()
+    )  # fmt: skip
+    amount = _in_base(Receivable.amount, Receivable.currency, Receivable.exchange_rate, base_currency)
+    collected = func.coalesce(applied.c.applied, 0)
+    open_amount = amount - collected
+    sums = (
+        func.sum(amount).label("invoiced"),
+        func.sum(collected).label("collected"),
+        func.sum(case(((Receivable.due_date < today) & (open_amount > 0), open_amount), else_=0)).label(
+            "overdue"
+        ),
+        func.sum(case((Receivable.invoiced_on >= since, amount), else_=0)).label("in_window"),
+    )
+    per_customer = {
+        row.customer_id: row
+        for row in session.execute(
+            select(Receivable.customer_id, *sums)
+            .outerjoin(applied, applied.c.receivable_id == Receivable.id)
+            .group_by(Receivable.customer_id)
+        )
+    }
+    per_opportunity: dict[int, Any] = {
+        row.opportunity_id: row
+        for row in session.execute(
+            select(SalesOrder.opportunity_id, *sums)
+            .join(SalesOrder, SalesOrder.id == Receivable.order_id)
+            .outerjoin(applied, applied.c.receivable_id == Receivable.id)
+            .where(SalesOrder.opportunity_id.is_not(None))
+            .group_by(SalesOrder.opportunity_id)
+        )
+    }
+    ordered_customer = {
+        row[0]: row[1]
+        for row in session.execute(
+            select(SalesOrder.customer_id, func.sum(SalesOrder.total_amount)).group_by(SalesOrder.customer_id)
+        )
+    }
+    ordered_deal: dict[int, Any] = {}
+    for deal_id, total in session.execute(
+        select(SalesOrder.opportunity_id, func.sum(SalesOrder.total_amount))
+        .where(SalesOrder.opportunity_id.is_not(None))
+        .group_by(SalesOrder.opportunity_id)
+    ):
+        if deal_id is not None:
+            ordered_deal[deal_id] = total
+    won_without_order = select(Opportunity.id, Opportunity.amount).where(
+        Opportunity.stage_code == "won",
+        ~exists().where(SalesOrder.opportunity_id == Opportunity.id),
+    )
+    for deal_id, deal_amount in session.execute(won_without_order):
+        ordered_deal[deal_id] = deal_amount  # a won deal without an order yet: its amount is what was sold
+    opportunities = {
+        deal: _figures(per_opportunity.get(deal), ordered_deal.get(deal), window)
+        for deal in sorted(set(ordered_deal) | set(per_opportunity))
+    }
+    customers = {
+        customer: _figures(per_customer.get(customer), ordered_customer.get(customer), window)
+        for customer in sorted(set(ordered_customer) | set(per_customer))
+    }
+    zero = CashFigures(ZERO, ZERO, ZERO, ZERO, ZERO, window)
+    totals = zero
+    for figures in customers.values():
+        totals = CashFigures(
+            totals.ordered + figures.ordered, totals.invoiced + figures.invoiced,
+            totals.collected + figures.collected, totals.overdue + figures.overdue,
+            totals.invoiced_in_window + figures.invoiced_in_window, window,
+        )  # fmt: skip
+    worst = sorted(
+        (c for c, f in customers.items() if f.overdue > 0), key=lambda c: (-customers[c].overdue, c)
+    )[:top]
+    names = {
+        row[0]: row[1]
+        for row in session.execute(select(Customer.id, Customer.name).where(Customer.id.in_(worst)))
+    }
+    top_overdue = [
+        {"customer_id": c, "customer": names.get(c), "overdue": str(customers[c].overdue),
+         "outstanding": str(customers[c].outstanding),
+         "dso": None if customers[c].dso is None else str(customers[c].dso)}
+        for c in worst
+    ]  # fmt: skip
+    foreign = 0
+    for model in (Receivable, Payment):
+        foreign += session.scalar(
+            select(func.count()).select_from(model)
+            .where(model.currency != base_currency, model.exchange_rate.is_(None))
+        ) or 0  # fmt: skip
+    documents = {
+        "orders": session.scalar(select(func.count()).select_from(SalesOrder)) or 0,
+        "receivables": session.scalar(select(func.count()).select_from(Receivable)) or 0,
+        "receipts": session.scalar(select(func.count()).select_from(Payment)) or 0,
+        "foreign_without_rate": foreign,
+    }
+    return OrderToCash(today, base_currency, opportunities, customers, totals, top_overdue, documents)
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A receipt that applies to no known receivable, or a receivable tied to no known order or customer."""
+
+    kind: str  # receipt | receivable | application
+    number: str
+    customer_id: int | None
+    amount: Decimal
+    reason: str
+
+
+def loop_orphans(session: Session, limit: int = 50) -> tuple[dict[str, int], list[Orphan]]:
+    """Return, per kind, how many documents break the loop, and up to ``limit`` of them with the reason.
+
+    A receipt applied to no receivable; a write-off (核销) whose receivable or receipt is gone; a receivable
+    whose order is gone, or belongs to another customer, or (without an order) whose customer was merged away.
+    """
+    counts: dict[str, int] = {}
+    found: list[Orphan] = []
+    order = aliased(SalesOrder)
+    customer = aliased(Customer)
+    checks: list[tuple[str, str, Any]] = [
+        ("receipt", "applied to no receivable",
+         select(Payment.payment_no, Payment.customer_id, Payment.amount)
+         .where(~exists().where(PaymentApplication.payment_id == Payment.id))),
+        ("application", "its receivable is not in the core",
+         select(Payment.payment_no, Payment.customer_id, PaymentApplication.amount)
+         .join(Payment, Payment.id == PaymentApplication.payment_id)
+         .outerjoin(Receivable, Receivable.id == PaymentApplication.receivable_id).where(Receivable.id.is_(None))),
+        ("receivable", "its order is not in the core",
+         select(Receivable.receivable_no, Receivable.customer_id, Receivable.amount)
+         .outerjoin(order, order.id == Receivable.order_id)
+         .where(Receivable.order_id.is_not(None), order.id.is_(None))),
+        ("receivable", "its order belongs to another customer",
+         select(Receivable.receivable_no, Receivable.customer_id, Receivable.amount)
+         .join(order, order.id == Receivable.order_id).where(order.customer_id != Receivable.customer_id)),
+        ("receivable", "no order, and its customer is not in the core (or was merged away)",
+         select(Receivable.receivable_no, Receivable.customer_id, Receivable.amount)
+         .outerjoin(customer, customer.id == Receivable.customer_id)
+         .where(Receivable.order_id.is_(None), customer.id.is_(None) | customer.merged_into_id.is_not(None))),
+    ]  # fmt: skip
+    for kind, reason, query in checks:
+        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+        if not total:
+            continue
+        counts[kind] = counts.get(kind, 0) + total
+        room = limit - len(found)
+        if room > 0:
+            for number, customer_id, amount in session.execute(query.limit(room)):
+                found.append(Orphan(kind, str(number), customer_id, money(amount), reason))
+    return counts, found
+
+
+def opportunity_loop(session: Session, opportunity_id: int) -> dict[str, Any] | None:
+    """Return one opportunity's 业财 loop: its orders, their receivables and the receipts applied to them."""
+    deal = session.get(Opportunity, opportunity_id)
+    if deal is None:
+        return None
+    orders = []
+    for sales_order in session.scalars(
+        select(SalesOrder).where(SalesOrder.opportunity_id == opportunity_id).order_by(SalesOrder.id)
+    ):
+        receivables = []
+        for receivable in session.scalars(
+            select(Receivable).where(Receivable.order_id == sales_order.id).order_by(Receivable.id)
+        ):
+            receipts = [
+                {"payment_no": p.payment_no, "received_on": p.received_on and p.received_on.isoformat(),
+                 "applied": str(money(a.amount)), "currency": p.currency}
+                for a, p in session.execute(
+                    select(PaymentApplication, Payment).join(Payment, Payment.id == PaymentApplication.payment_id)
+                    .where(PaymentApplication.receivable_id == receivable.id).order_by(Payment.id)
+                )
+            ]  # fmt: skip
+            receivables.append({
+                "receivable_no": receivable.receivable_no,
+                "invoiced_on": receivable.invoiced_on and receivable.invoiced_on.isoformat(),
+                "due_date": receivable.due_date and receivable.due_date.isoformat(),
+                "amount": str(money(receivable.amount)), "currency": receivable.currency,
+                "red_letter": receivable.red_letter, "receipts": receipts,
+            })  # fmt: skip
+        orders.append({
+            "order_no": sales_order.order_no, "order_date": sales_order.order_date and sales_order.order_date.isoformat(),
+            "total_amount": str(money(sales_order.total_amount)), "receivables": receivables,
+        })  # fmt: skip
+    cash = opportunity_collections(session, [opportunity_id])[opportunity_id]
+    return {
+        "opportunity_id": deal.id, "name": deal.name, "stage": deal.stage_code,
+        "amount": str(money(deal.amount)), "customer_id": deal.customer_id, "orders": orders,
+        "figures": cash.as_dict(),
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- reconciliation of a period
+
+TIMING, MISSING_LINK, AMOUNT_MISMATCH, CURRENCY = "timing", "missing link", "amount mismatch", "currency"
+
+
+def period_bounds(period: str) -> tuple[dt.date, dt.date]:
+    """Return the first and last day of a month written YYYY-MM; ValueError with the expected form otherwise."""
+    try:
+        start = dt.datetime.strptime(period.strip(), "%Y-%m").date()
+    except ValueError:
+        raise ValueError(f"a period is a month written YYYY-MM (2026-10), not '{period}'") from None
+    following = (start.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+    return start, following - dt.timedelta(days=1)
+
+
+def _linked(entity: str, column: Any, system: str | None) -> Any:
+    """True where the record has a key in ``system`` (the crosswalk); always true without a system."""
+    if system is None:
+        return True
+    return exists().where(
+        ExternalId.entity == entity, ExternalId.system == system, ExternalId.entity_id == column
+    )
+
+
+def _period_reasons(f: dict[str, Decimal], base_currency: str) -> list[dict[str, str]]:
+    """Classify what separates a customer's orders, receivables and receipts of a period."""
+
+    def get(name: str) -> Decimal:
+        return f.get(name, ZERO)
+
+    reasons: list[dict[str, str]] = []
+
+    def reason(kind: str, between: str, amount: Decimal, detail: str) -> None:
+        reasons.append({"class": kind, "between": between, "amount": str(amount), "detail": detail})
+
+    # CRM orders vs the ERP's
+    gap = get("crm_ordered") - get("erp_ordered")
+    if gap:
+        reason(MISSING_LINK, "crm/erp", gap, "CRM orders of the period the ERP does not have (no ERP key)")
+    # ERP orders vs K3Cloud receivables
+    explained = ZERO
+    if get("invoiced_without_order"):
+        amount = get("invoiced_without_order")
+        reason(MISSING_LINK, "orders/receivables", amount, "receivables of the period without a sales order")
+        explained -= amount
+    if get("invoiced_for_other_periods"):
+        amount = get("invoiced_for_other_periods")
+        reason(TIMING, "orders/receivables", amount, "receivables of the period for orders of other periods")
+        explained -= amount
+    if get("orders_invoiced_in_other_periods"):
+        amount = get("orders_invoiced_in_other_periods")
+        reason(TIMING, "orders/receivables", amount, "the period's orders invoiced in another period")
+        explained += amount
+    not_invoiced = get("crm_ordered") - get("orders_invoiced")
+    if not_invoiced > 0:
+        reason(TIMING, "orders/receivables", not_invoiced, "the period's orders not invoiced yet")
+        explained += not_invoiced
+    if get("invoiced_foreign") or get("foreign_without_rate") or get("currency_differs_from_order"):
+        detail = f"receivables in another currency than {base_currency}, counted at their exchange rate"
+        if get("foreign_without_rate"):
+            detail += f" ({get('foreign_without_rate'):.0f} without a rate: counted at face value)"
+        if get("currency_differs_from_order"):
+            detail += f"; {get('currency_differs_from_order'):.0f} in another currency than their order"
+        reason(CURRENCY, "orders/receivables", get("invoiced_foreign"), detail)
+    rest = get("crm_ordered") - get("invoiced") - explained
+    if rest:
+        reason(AMOUNT_MISMATCH, "orders/receivables", rest,
+               "invoiced more than ordered" if rest < 0 else "ordered and invoiced amounts differ")  # fmt: skip
+    # receivables vs receipts
+    if get("received_unapplied"):
+        reason(MISSING_LINK, "receivables/receipts", get("received_unapplied"),
+               "receipts of the period applied to no receivable")  # fmt: skip
+    if get("received_for_other_periods"):
+        reason(TIMING, "receivables/receipts", get("received_for_other_periods"),
+               "receipts of the period for receivables of other periods")  # fmt: skip
+    if get("collected_after_period"):
+        reason(TIMING, "receivables/receipts", get("collected_after_period"),
+               "the period's receivables collected after it")  # fmt: skip
+    open_gap = (get("invoiced") - get("received") + get("received_unapplied") + get("received_for_other_periods")
+                - get("collected_after_period"))  # fmt: skip
+    if open_gap > 0:
+        reason(TIMING, "receivables/receipts", open_gap, "the period's receivables not collected yet")
+    elif open_gap < 0:
+        reason(AMOUNT_MISMATCH, "receivables/receipts", open_gap, "collected more than invoiced")
+    if get("received_foreign"):
+        reason(CURRENCY, "receivables/receipts", get("received_foreign"),
+               f"receipts in another currency than {base_currency}, counted at their exchange rate")  # fmt: skip
+    return reasons
+
+
+def reconcile_period(
+    session: Session,
+    start: dt.date,
+    end: dt.date,
+    *,
+    erp_system: str | None = None,
+    finance_system: str | None = None,
+    base_currency: str = "CNY",
+    today: dt.date | None = None,
+) -> dict[str, Any]:
+    """Return, per customer, the period's CRM orders vs ERP (U8) orders vs K3Cloud receivables vs receipts.
+
+    ``erp_system`` is the crosswalk system of the ERP's sales orders (orders of the period without a key there are
+    not in the ERP: a missing link); ``finance_system`` that of K3Cloud's receivables and receipts (only those
+    count as K3Cloud's). Each difference is classified: timing (invoiced or collected in another period, not
+    collected yet), missing link (an order not in the ERP, a receivable without an order, a receipt applied to
+    no receivable), currency (documents in another currency, counted at their rate, or without one), amount
+    mismatch (what the rest does not explain). JSON-ready: amounts as text.
+    """
+    today = today or dt.date.today()
+
+    def in_period(column: Any) -> Any:
+        return column.between(start, end)
+
+    r_amount = _in_base(Receivable.amount, Receivable.currency, Receivable.exchange_rate, base_currency)
+    p_amount = _in_base(Payment.amount, Payment.currency, Payment.exchange_rate, base_currency)
+    a_amount = _in_base(PaymentApplication.amount, Payment.currency, Payment.exchange_rate, base_currency)
+    k3_receivable = _linked("receivable", Receivable.id, finance_system)
+    k3_payment = _linked("payment", Payment.id, finance_system)
+    figures: dict[int, dict[str, Decimal]] = {}
+
+    def add(query: Any, *names: str) -> None:
+        for row in session.execute(query):
+            target = figures.setdefault(row[0], {})
+            for name, value in zip(names, row[1:], strict=True):
+                target[name] = target.get(name, ZERO) + money(value)
+
+    order_in_period = in_period(SalesOrder.order_date)
+    add(select(SalesOrder.customer_id, func.sum(SalesOrder.total_amount),
+               func.sum(case((_linked("sales_order", SalesOrder.id, erp_system), SalesOrder.total_amount), else_=0)))
+        .where(order_in_period).group_by(SalesOrder.customer_id), "crm_ordered", "erp_ordered")  # fmt: skip
+    period_order = select(SalesOrder.id).where(order_in_period)
+    add(select(Receivable.customer_id, func.sum(r_amount),
+               func.sum(case((Receivable.order_id.is_(None), r_amount), else_=0)),
+               func.sum(case((Receivable.order_id.is_not(None) & ~Receivable.order_id.in_(period_order), r_amount), else_=0)),
+               func.sum(case((Receivable.currency != base_currency, r_amount), else_=0)),
+               func.sum(case(((Receivable.currency != base_currency) & Receivable.exchange_rate.is_(None), 1), else_=0)))
+        .where(in_period(Receivable.invoiced_on), k3_receivable).group_by(Receivable.customer_id),
+        "invoiced", "invoiced_without_order", "invoiced_for_other_periods", "invoiced_foreign", "foreign_without_rate")  # fmt: skip
+    add(select(Receivable.customer_id, func.sum(r_amount),
+               func.sum(case((~in_period(Receivable.invoiced_on) | Receivable.invoiced_on.is_(None), r_amount), else_=0)),
+               func.sum(case((Receivable.currency != SalesOrder.currency, 1), else_=0)))
+        .join(SalesOrder, SalesOrder.id == Receivable.order_id).where(order_in_period, k3_receivable)
+        .group_by(Receivable.customer_id),
+        "orders_invoiced", "orders_invoiced_in_other_periods", "currency_differs_from_order")  # fmt: skip
+    applied = (
+        select(PaymentApplication.payment_id.label("payment_id"), func.count().label("n"))
+        .group_by(PaymentApplication.payment_id).subquery()
+    )  # fmt: skip
+    add(select(Payment.customer_id, func.sum(p_amount), func.sum(case((applied.c.n.is_(None), p_amount), else_=0)),
+               func.sum(case((Payment.currency != base_currency, p_amount), else_=0)))
+        .outerjoin(applied, applied.c.payment_id == Payment.id)
+        .where(in_period(Payment.received_on), k3_payment).group_by(Payment.customer_id),
+        "received", "received_unapplied", "received_foreign")  # fmt: skip
+    add(select(Payment.customer_id,
+               func.sum(case((~in_period(Receivable.invoiced_on) | Receivable.invoiced_on.is_(None), a_amount), else_=0)))
+        .join(PaymentApplication, PaymentApplication.payment_id == Payment.id)
+        .join(Receivable, Receivable.id == PaymentApplication.receivable_id)
+        .where(in_period(Payment.received_on), k3_payment).group_by(Payment.customer_id),
+        "received_for_other_periods")  # fmt: skip
+    add(select(Receivable.customer_id, func.sum(a_amount))
+        .join(PaymentApplication, PaymentApplication.receivable_id == Receivable.id)
+        .join(Payment, Payment.id == PaymentApplication.payment_id)
+        .where(in_period(Receivable.invoiced_on), k3_receivable, Payment.received_on > end)
+        .group_by(Receivable.customer_id), "collected_after_period")  # fmt: skip
+    names: dict[int, str] = {}
+    if figures:
+        query = select(Customer.id, Customer.name).where(Customer.id.in_(list(figures)))
+        names = {row[0]: row[1] for row in session.execute(query)}
+    columns = ("crm_ordered", "erp_ordered", "invoiced", "received")
+    totals = dict.fromkeys(columns, ZERO)
+    customers: list[dict[str, Any]] = []
+    differences: list[dict[str, Any]] = []
+    for customer_id in sorted(figures):
+        f = figures[customer_id]
+        for name in columns:
+            totals[name] += f.get(name, ZERO)
+        reasons = _period_reasons(f, base_currency)
+        row = {"customer_id": customer_id, "customer": names.get(customer_id),
+               **{name: str(f.get(name, ZERO)) for name in columns}}  # fmt: skip
+        customers.append(row)
+        if reasons:
+            differences.append(
+                {"customer_id": customer_id, "customer": names.get(customer_id), "reasons": reasons}
+            )
+    return {
+        "period": f"{start:%Y-%m}", "from": start.isoformat(), "to": end.isoformat(), "as_of": today.isoformat(),
+        "erp_system": erp_system, "finance_system": finance_system, "base_currency": base_currency,
+        "totals": {name: str(value) for name, value in totals.items()},
+        "customers": customers, "differences": differences,
+    }  # fmt: skip
+
+
+__all__ = [
+    "CashFigures",
+    "Collection",
+    "OrderToCash",
+    "Orphan",
+    "loop_orphans",
+    "money",
+    "opportunity_collections",
+    "opportunity_loop",
+    "order_collections",
+    "order_to_cash",
+    "period_bounds",
+    "reconcile",
+    "reconcile_period",
+]

@@ -77,6 +77,9 @@ class Lookup:
 
     by: str = "external_id"  # external_id | name | code | id (the core's own id, stored by a sync target)
     system: str | None = None  # crosswalk system; defaults to the batch's source
+    missing: str | None = (
+        None  # warn | reject a row whose value finds no record (default: reject if required)
+    )
 
 
 @dataclass(frozen=True)
@@ -600,7 +603,7 @@ class EntityLoader:
             failed = present & resolved[name].isna()
             for index_value in records.index[failed]:
                 raw = values.at[index_value]
-                severity = "error" if definition.required else "warn"
+                severity = "error" if definition.required or lookup.missing == "reject" else "warn"
                 if raw in held and definition.required:
                     severity = HELD
                 problems.append({

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -47,6 +48,10 @@ Currency = Annotated[str, mapped_column(String(3), default="CNY")]
 # ``convert`` computed from them (empty when the amount was not converted).
 OriginalAmount = Annotated[Decimal | None, mapped_column(Numeric(18, 2))]
 OriginalCurrency = Annotated[str | None, mapped_column(String(3))]
+# A finance document's own exchange rate (汇率: base-currency units per unit of its currency), as the ERP gave it.
+ExchangeRate = Annotated[Decimal | None, mapped_column(Numeric(18, 8))]
+# A refund or red-letter entry (红字): its amount is negative; a negative amount without this mark is rejected.
+RedLetter = Annotated[bool, mapped_column(Boolean, default=False, server_default=false())]
 Timestamp = Annotated[dt.datetime, mapped_column(DateTime(timezone=True))]
 
 
@@ -336,9 +341,12 @@ class Receivable(RunTracked, Base):
     receivable_no: Mapped[Code]
     customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
     order_id: Mapped[int | None] = mapped_column(ForeignKey("sales_orders.id"), index=True)
+    invoiced_on: Mapped[dt.date | None]  # 业务日期: the document's date
     due_date: Mapped[dt.date | None]
     amount: Mapped[Money]
     currency: Mapped[Currency]
+    exchange_rate: Mapped[ExchangeRate]
+    red_letter: Mapped[RedLetter]
     original_amount: Mapped[OriginalAmount]
     original_currency: Mapped[OriginalCurrency]
     status: Mapped[str | None] = mapped_column(String(32))
@@ -355,6 +363,8 @@ class Payment(RunTracked, Base):
     received_on: Mapped[dt.date | None]
     amount: Mapped[Money]
     currency: Mapped[Currency]
+    exchange_rate: Mapped[ExchangeRate]
+    red_letter: Mapped[RedLetter]
     original_amount: Mapped[OriginalAmount]
     original_currency: Mapped[OriginalCurrency]
     method: Mapped[str | None] = mapped_column(String(32))
@@ -371,6 +381,7 @@ class PaymentApplication(RunTracked, Base):
     payment_id: Mapped[int] = mapped_column(ForeignKey("payments.id"), index=True)
     receivable_id: Mapped[int] = mapped_column(ForeignKey("receivables.id"), index=True)
     amount: Mapped[Money]
+    red_letter: Mapped[RedLetter]
 
 
 # --------------------------------------------------------------------------- deduplication

@@ -201,6 +201,24 @@ def _won_needs_close_date(frame: pd.DataFrame, _context: RuleContext) -> pd.Seri
     return frame["stage"].astype(str).isin(WON_STAGES) & ~present(frame["closed_on"])
 
 
+# Finance documents whose amount may be negative when they are marked red-letter (refunds, 红字 entries).
+RED_LETTER_ENTITIES = ("receivable", "payment", "payment_application")
+
+
+def _unmarked_negative(frame: pd.DataFrame, _context: RuleContext) -> pd.Series:
+    """A negative amount without ``red_letter``, or an amount given that is not a number."""
+    numbers = decimals(frame["amount"])
+    bad = present(frame["amount"]) & numbers.isna()
+    if "red_letter" in frame.columns:
+        marked = frame["red_letter"].map(lambda v: v is True or str(v).strip().lower() in TRUE_TEXTS)
+    else:
+        marked = pd.Series(False, index=frame.index)
+    return (bad | ((numbers < 0) & ~marked.astype(bool))).fillna(False).astype(bool)
+
+
+TRUE_TEXTS = frozenset({"true", "1", "yes", "y"})
+
+
 def _not_in_future(name: str) -> Check:
     def violated(frame: pd.DataFrame, context: RuleContext) -> pd.Series:
         limit = pd.Timestamp(context.today + context.future_tolerance)
@@ -240,12 +258,20 @@ def builtin_rules() -> list[Rule]:
         ("opportunity", "closed_on"),
         ("sales_order", "order_date"),
         ("payment", "received_on"),
+        ("receivable", "invoiced_on"),
     ):
         rules.append(Rule(f"{entity}.{name}.not_in_future", entity, name, "error",
                           f"{name} lies in the future", _not_in_future(name)))  # fmt: skip
-    for entity, name in (("opportunity", "amount"), ("sales_order", "total_amount"), ("sales_order_line", "quantity"),
-                         ("receivable", "amount"), ("payment", "amount"), ("payment_application", "amount")):  # fmt: skip
+    for entity, name in (
+        ("opportunity", "amount"),
+        ("sales_order", "total_amount"),
+        ("sales_order_line", "quantity"),
+    ):
         rules.append(in_range(entity, name, minimum=0))
+    for entity in RED_LETTER_ENTITIES:
+        rules.append(Rule(f"{entity}.amount.range", entity, "amount", "error",
+                          "a negative amount is a refund or red-letter entry (红字) only when marked red_letter; "
+                          "map red_letter from the document, or correct the amount", _unmarked_negative))  # fmt: skip
     for entity, definition in ENTITIES.items():
         if "original_currency" in definition.fields:
             rules.append(Rule(f"{entity}.original_currency.iso4217", entity, "original_currency", "error",

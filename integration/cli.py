@@ -17,6 +17,7 @@ from rich.table import Table
 
 from crm_core.db import core_url, make_engine, redact_url, upgrade
 from crm_core.errors import ConfigError, CrmError
+from integration.finance_cli import finance_app
 from integration.steward.cli import steward_app
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ sync_app = typer.Typer(
 )
 app.add_typer(sync_app, name="sync")
 app.add_typer(steward_app, name="steward")
+app.add_typer(finance_app, name="finance")
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True, soft_wrap=True)  # never wrap: file:line:col must stay on one line

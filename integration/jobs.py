@@ -29,6 +29,7 @@ from integration.assets import (
     undo_failed_run,
 )
 from integration.assets.alerts import alert_sensors
+from integration.assets.finance import FINANCE_GROUP, finance_definitions, finance_inbound_assets
 from integration.assets.resources import trial_core_url
 from integration.assets.sync import SYNC_GROUP
 from integration.failures import cause_line
@@ -111,8 +112,17 @@ def build_definitions(
     executor = dg.in_process_executor if sqlite else None
     sync = sync_definitions(migration.project.sync, core_database_url, executor)
     assets.extend(sync.assets)
-    # The migration jobs (`crmi run`, `make demo`) never run a sync: those have jobs of their own.
-    migration_assets = dg.AssetSelection.all() - dg.AssetSelection.groups(SYNC_GROUP)
+    # A project whose sync brings receivables or receipts in gets order_to_cash, its check, job and schedule.
+    finance = (
+        finance_definitions(migration.project.sync, executor)
+        if finance_inbound_assets(migration.project.sync)
+        else None
+    )
+    if finance is not None:
+        assets.append(finance[0])
+    # The migration jobs (`crmi run`, `make demo`) never run a sync, nor the 业财 figures computed after it:
+    # those have jobs of their own.
+    migration_assets = dg.AssetSelection.all() - dg.AssetSelection.groups(SYNC_GROUP, FINANCE_GROUP)
 
     def migration_job(name: str, description: str, options: RunOptions, executor: Any) -> Any:
         return dg.define_asset_job(
@@ -146,9 +156,9 @@ def build_definitions(
     )
     return dg.Definitions(
         assets=assets,
-        asset_checks=sync.checks,
-        jobs=[full, delta, trial, rollback, *sync.jobs],
-        schedules=sync.schedules,
+        asset_checks=[*sync.checks, *([finance[1]] if finance else [])],
+        jobs=[full, delta, trial, rollback, *sync.jobs, *([finance[2]] if finance else [])],
+        schedules=[*sync.schedules, *([finance[3]] if finance else [])],
         sensors=[undo_failed_runs_sensor(core_database_url), *sync.sensors, *alert_sensors()],
         resources=resources,
     )

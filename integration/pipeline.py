@@ -40,7 +40,7 @@ from crm_core.loading import (
 )
 from crm_core.models import Customer, ExternalId, LoadRun, MergeLog, Reject
 from crm_core.runs import owner
-from crm_core.validation import Rule, RuleContext, ruleset, validate
+from crm_core.validation import Rule, RuleContext, one_of, ruleset, validate
 from crm_core.watermarks import CursorState, advance, plain_cursor, read_watermark
 from integration.connectors import Connector, CsvConnector, ExcelConnector, ReadRequest, connector_for
 from integration.connectors.base import DEFAULT_CHUNK_ROWS, LOCATION, META_COLUMNS, ROW_KIND, ROW_REF
@@ -203,7 +203,21 @@ class Migration:
     def rules(self) -> list[Rule]:
         """Return the validation rules: built-ins with the project's severities, plus its own rules."""
         config = self.project.spec.validation
-        return ruleset(config.severity, [rule.spec() for rule in config.rules])
+        return ruleset(config.severity, [rule.spec() for rule in config.rules]) + self._currency_rules()
+
+    def _currency_rules(self) -> list[Rule]:
+        """Finance documents in a currency the project does not list (``currencies:``) are rejected."""
+        currencies = self.project.spec.currencies
+        if currencies is None:
+            return []
+        known = sorted({currencies.base, *currencies.rates, *currencies.dated})
+        rules = []
+        for entity in ("receivable", "payment"):
+            for name in ("currency", "original_currency"):
+                rule = one_of(entity, name, known, rule=f"{entity}.{name}.project")
+                message = f"{name} is not a currency of this project (currencies: {', '.join(known)} in project.yaml)"
+                rules.append(replace(rule, message=message))
+        return rules
 
     @cached_property
     def linkage_spec(self) -> LinkageSpec:
@@ -426,7 +440,9 @@ def stream_watermark(engine: Engine, mapping: CompiledMapping) -> CursorState | 
 
 def _lookups(mapping: CompiledMapping) -> dict[str, Lookup]:
     return {
-        f.name: Lookup(by=f.lookup.by, system=f.lookup.system) for f in mapping.fields if f.lookup is not None
+        f.name: Lookup(by=f.lookup.by, system=f.lookup.system, missing=f.lookup.missing)
+        for f in mapping.fields
+        if f.lookup is not None
     }
 
 

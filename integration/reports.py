@@ -256,3 +256,43 @@ def write_reports(report: ReconciliationReport, directory: Path) -> dict[str, Pa
     rejects = report.rejects[REJECT_COLUMNS] if len(report.rejects) else pd.DataFrame(columns=REJECT_COLUMNS)
     rejects.map(escape_formula).to_csv(paths["rejects_csv"], index=False, encoding="utf-8-sig")
     return paths
+
+
+def write_workbook(
+    directory: Path, stem: str, title: str, summary: list[tuple[str, Any]], tables: dict[str, pd.DataFrame]
+) -> dict[str, Path]:
+    """Write an Excel workbook (a Summary sheet, then one sheet per table) and an HTML page into ``directory``.
+
+    The same cells as the migration's reconciliation workbook: every text cell formula-escaped, amounts as numbers.
+    """
+    from openpyxl import Workbook
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"excel": directory / f"{stem}.xlsx", "html": directory / f"{stem}.html"}
+    workbook = Workbook(write_only=True)
+    used: set[str] = set()
+    overview = workbook.create_sheet(_sheet_title("Summary", used))
+    overview.append([escape_formula(title)])
+    for name, value in summary:
+        overview.append([escape_formula(str(name)), _cell(value)])
+    for name, frame in tables.items():
+        worksheet = workbook.create_sheet(_sheet_title(name, used))
+        worksheet.append([escape_formula(str(c)) for c in frame.columns])
+        for row in frame.itertuples(index=False):
+            worksheet.append([_cell(v) for v in row])
+    workbook.save(paths["excel"])
+    parts = [
+        "<!doctype html><html lang='zh-CN'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>",
+        "body{font-family:system-ui,'PingFang SC','Microsoft YaHei',sans-serif;margin:2em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+        "th{background:#f4f4f4}",
+        "</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        _html_table(pd.DataFrame(summary, columns=["what", "value"])),
+    ]  # fmt: skip
+    for name, frame in tables.items():
+        parts += [f"<h2>{html.escape(name)}</h2>", _html_table(frame)]
+    parts.append("</body></html>")
+    paths["html"].write_text("\n".join(parts), encoding="utf-8")
+    return paths

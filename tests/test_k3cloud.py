@@ -318,19 +318,20 @@ TABLES = """
       receivables:
         form: AR_receivable
         filter: "FDOCUMENTSTATUS = 'C'"
-        fields: [FID, FBillNo, FDATE, FENDDATE_H, FCUSTOMERID.FNumber, FCURRENCYID.FCODE, FALLAMOUNTFOR, FDOCUMENTSTATUS, FModifyDate]
+        fields: [FID, FBillNo, FBillTypeID, FDATE, FENDDATE_H, FCUSTOMERID.FNumber, FCURRENCYID.FCODE, FEXCHANGERATE, FALLAMOUNTFOR, FDOCUMENTSTATUS, FModifyDate]
       receivable_lines: {form: AR_receivable, fields: [FEntityDetail_FEntryID, FBillNo, FORDERNUMBER, FALLAMOUNTFOR_D]}
       receipts:
         form: AR_RECEIVEBILL
         filter: "FDOCUMENTSTATUS = 'C'"
-        fields: [FID, FBillNo, FDATE, FCONTACTUNIT.FNumber, FCURRENCYID.FCODE, FREALRECAMOUNTFOR, FModifyDate]
+        fields: [FID, FBillNo, FBillTypeID, FDATE, FCONTACTUNIT.FNumber, FCURRENCYID.FCODE, FEXCHANGERATE, FREALRECAMOUNTFOR, FModifyDate]
       receipt_writeoffs:
         form: AR_RECEIVEBILL
         filter: "FDOCUMENTSTATUS = 'C' AND FSRCBILLNO IS NOT NULL"
-        fields: [FRECEIVEBILLSRCENTRY_FEntryID, FBillNo, FSRCBILLNO, FREALRECAMOUNT, FModifyDate]
+        fields: [FRECEIVEBILLSRCENTRY_FEntryID, FBillNo, FBillTypeID, FSRCBILLNO, FREALRECAMOUNT, FModifyDate]
 """
 PROJECT = f"""version: 1
 name: k3test
+currencies: {{base: CNY, rates: {{USD: 7.1}}}}
 validation:
   rules:  # money is exact: an amount with more than two decimals is not rounded into the core, it is rejected
     - {{name: receivable.amount.fen, entity: receivable, field: amount, pattern: '-?[0-9]+([.][0-9]{{0,2}}0*)?',
@@ -505,29 +506,55 @@ def test_bad_finance_rows_are_rejected_with_reasons_and_the_rest_applied(
     sync(project, core, "outbound")
     with session_factory(core)() as session:
         number = str(session.get(Customer, customer).erp_code)  # type: ignore[union-attr]
+    future = dt.date.today() + dt.timedelta(days=60)
     api.erp.insert_customer("K-ONLY", "只在金蝶的客户")  # never sent by the CRM: unknown to the crosswalk
     api.erp.add_receivable("AR-1", number, [("SO-NONE", "100.00")])  # its order is not in the core
+    api.erp.add_receivable("AR-OK", number, [(None, "100.00")], rate="1")  # no order: the customer's
     api.erp.add_receivable("AR-2", "K-ONLY", [(None, "200.00")])
     api.erp.add_receivable("AR-3", number, [(None, "100.125")])  # more than two decimals: not a fen amount
-    api.erp.add_receipt("SK-1", number, [("AR-1", "100.00"), ("AR-404", "5.00")])
-    api.erp.add_receipt("SK-RED", number, [("AR-1", "-20.00")])  # negative: the core's rule says amount >= 0
+    api.erp.add_receivable("AR-FUT", number, [(None, "10.00")], date=future)
+    api.erp.add_receivable(
+        "AR-HKD", number, [(None, "10.00")], currency="HKD", rate="0.92"
+    )  # not the project's
+    api.erp.add_receivable("AR-NEG", number, [(None, "-30.00")])  # negative, not a red-letter bill type
+    api.erp.add_receivable("AR-RED", number, [(None, "-50.00")], bill_type="YSD_RED")  # 红字应收单
+    api.erp.add_receipt("SK-1", number, [("AR-OK", "100.00"), ("AR-404", "5.00")])
+    api.erp.add_receipt("SK-NEG", number, [("AR-OK", "-20.00")])  # negative, not marked
+    api.erp.add_receipt("SK-REF", number, [("AR-RED", "-50.00")], bill_type="SKD_RED")  # a refund
+    api.erp.add_receipt("SK-K", "K-ONLY", [])  # a receipt of a customer the CRM does not know
+    api.erp.update("AR_RECEIVEBILL", "SK-K", FREALRECAMOUNTFOR=Decimal("7.00"))
     report = sync(project, core, "inbound")
-    assert report.entities["receivable"]["applied"] == 2 - 1  # AR-2's customer is unknown
-    assert report.entities["payment_application"]["applied"] == 1  # AR-404 unknown, SK-RED's amount negative
-    assert report.entities["payment"]["applied"] == 1
+    assert report.entities["receivable"]["applied"] == 2  # AR-OK and the red-letter AR-RED
+    assert report.entities["payment"]["applied"] == 2  # SK-1 and the refund SK-REF
+    assert report.entities["payment_application"]["applied"] == 2  # SK-1 → AR-OK, SK-REF → AR-RED
     with session_factory(core)() as session:
-        assert reconcile(session)["totals"]["collected"] == "100.00"
+        loaded = {r.receivable_no: (r.amount, r.red_letter, r.exchange_rate, r.invoiced_on)
+                  for r in session.scalars(sa.select(Receivable))}  # fmt: skip
+        assert loaded == {
+            "AR-OK": (Decimal("100.00"), False, Decimal("1"), dt.date(2026, 10, 8)),
+            "AR-RED": (Decimal("-50.00"), True, Decimal("1"), dt.date(2026, 10, 8)),
+        }
+        assert reconcile(session)["totals"]["collected"] == "50.00"  # 100 collected, 50 refunded
     with session_factory(core)() as session:
         from crm_core.models import Reject
 
-        reasons = {(r.entity, r.field): r.reason for r in session.scalars(sa.select(Reject))}
-    assert "not found" in reasons[("receivable", "customer")]
+        reasons: dict[tuple[str, str], list[str]] = {}
+        for r in session.scalars(sa.select(Reject)):
+            reasons.setdefault((r.entity, r.field), []).append(f"{r.row_ref}: {r.reason}")
+    text = {key: " | ".join(found) for key, found in reasons.items()}
     assert (
-        "no sales_order named 'SO-NONE'" in reasons[("receivable", "order")]
-    )  # a warning: loaded without it
-    assert "not found" in reasons[("payment_application", "receivable")]
-    assert "more than two decimals" in reasons[("receivable", "amount")]
-    assert reasons[("payment", "amount")] == "amount must be >= 0"
+        "no sales_order named 'SO-NONE'" in text[("receivable", "order")]
+    )  # rejected, not loaded without it
+    assert "K-ONLY' not found" in text[("receivable", "customer")]
+    assert "K-ONLY' not found" in text[("payment", "customer")]
+    assert "not found" in text[("payment_application", "receivable")]
+    assert "more than two decimals" in text[("receivable", "amount")]
+    assert "invoiced_on lies in the future" in text[("receivable", "invoiced_on")]
+    assert "not a currency of this project (currencies: CNY, USD" in text[("receivable", "currency")]
+    unmarked = {(key[0], r.split(":")[0]) for key, found in reasons.items() if key[1] == "amount"
+                for r in found if "red_letter" in r}  # fmt: skip
+    assert {e for e, _ in unmarked} == {"receivable", "payment", "payment_application"} and len(unmarked) == 3
+    assert {("receivable", "AR-NEG"), ("payment", "SK-NEG")} < unmarked  # SK-NEG's write-off is the third
 
 
 def test_secrets_never_in_errors_or_logs(k3: tuple[str, K3Api], caplog: pytest.LogCaptureFixture) -> None:

@@ -59,6 +59,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "opportunity.closed_on.not_in_future": ({"closed_on": TODAY + dt.timedelta(days=8)}, {"closed_on": TODAY + dt.timedelta(days=7)}),
     "sales_order.order_date.not_in_future": ({"order_date": dt.date(2027, 1, 1)}, {"order_date": dt.date(2025, 3, 5)}),
     "payment.received_on.not_in_future": ({"received_on": "2030-01-01"}, {"received_on": "2025-03-05"}),
+    "receivable.invoiced_on.not_in_future": ({"invoiced_on": "2030-01-01"}, {"invoiced_on": "2025-03-05"}),
     "opportunity.amount.range": ({"amount": Decimal("-1.00")}, {"amount": Decimal("0")}),
     "sales_order.total_amount.range": ({"total_amount": Decimal("-125000")}, {"total_amount": Decimal("125000")}),
     "sales_order_line.quantity.range": ({"quantity": -2}, {"quantity": 2}),

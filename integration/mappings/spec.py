@@ -223,6 +223,11 @@ class LookupSpec(_Strict):
         default="reject",
         description="source lookup: several matching rows with different values: reject the row, or take the smallest",
     )
+    missing: Literal["warn", "reject"] | None = Field(
+        default=None,
+        description="a value given whose record is not in the core: warn and load without the reference, or "
+        "reject the row (default: reject when the field is required, else warn)",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> LookupSpec:
@@ -231,7 +236,7 @@ class LookupSpec(_Strict):
             if source_keys:
                 raise ValueError(f"'{source_keys[0]}' belongs to a source lookup: add 'table'")
             return self
-        core = [k for k in ("by", "system") if k in self.model_fields_set]
+        core = [k for k in ("by", "system", "missing") if k in self.model_fields_set]
         if core:
             raise ValueError(
                 f"'{core[0]}' finds a core record, 'table' looks up in the source: use one; to do both, "

@@ -581,7 +581,7 @@ class ErpUser:
     def add_receivable(
         self, bill_no: str, customer: str, lines: Sequence[tuple[str | None, Decimal | str]], *,
         date: dt.date = dt.date(2026, 10, 8), due: dt.date | None = None, currency: str = "CNY",
-        rate: Decimal | str = "1", status: str = "C",
+        rate: Decimal | str = "1", status: str = "C", bill_type: str = "YSD01_SYS",
     ) -> int:  # fmt: skip
         """Add a receivable (应收单) for customer number ``customer``: lines of (source order number, amount)."""
         with self._write() as conn:
@@ -590,7 +590,7 @@ class ErpUser:
             stamp = self.clock.stamp()
             amounts = [Decimal(str(a)) for _, a in lines]
             conn.execute(sa.insert(RECEIVABLE).values(
-                FID=fid, FBillNo=bill_no, FBillTypeID="YSD01_SYS", FDATE=dt.datetime.combine(date, dt.time()),
+                FID=fid, FBillNo=bill_no, FBillTypeID=bill_type, FDATE=dt.datetime.combine(date, dt.time()),
                 FENDDATE_H=dt.datetime.combine(due or date + dt.timedelta(days=30), dt.time()),
                 FCUSTOMERID=self._id_of(conn, CUSTOMER, "FNumber", customer, "FCUSTID"),
                 FCURRENCYID=self._currency(conn, currency), FEXCHANGERATE=Decimal(str(rate)),
@@ -607,7 +607,7 @@ class ErpUser:
     def add_receipt(
         self, bill_no: str, customer: str, writeoffs: Sequence[tuple[str | None, Decimal | str]], *,
         date: dt.date = dt.date(2026, 10, 20), currency: str = "CNY", rate: Decimal | str = "1",
-        settle: str = "JSFS04_SYS", status: str = "C",
+        settle: str = "JSFS04_SYS", status: str = "C", bill_type: str = "SKDLX01_SYS",
     ) -> int:  # fmt: skip
         """Add a receipt (收款单) from customer number ``customer`` written off against (receivable no, amount)."""
         with self._write() as conn:
@@ -617,7 +617,7 @@ class ErpUser:
             amounts = [Decimal(str(a)) for _, a in writeoffs]
             total = sum(amounts, Decimal(0))
             conn.execute(sa.insert(RECEIPT).values(
-                FID=fid, FBillNo=bill_no, FBillTypeID="SKDLX01_SYS", FDATE=dt.datetime.combine(date, dt.time()),
+                FID=fid, FBillNo=bill_no, FBillTypeID=bill_type, FDATE=dt.datetime.combine(date, dt.time()),
                 FCONTACTUNITTYPE="BD_Customer", FCONTACTUNIT=self._id_of(conn, CUSTOMER, "FNumber", customer, "FCUSTID"),
                 FCURRENCYID=self._currency(conn, currency), FEXCHANGERATE=Decimal(str(rate)), FREALRECAMOUNTFOR=total,
                 FDOCUMENTSTATUS=status, FCreateDate=stamp, FModifyDate=stamp,
