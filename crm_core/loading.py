@@ -368,9 +368,9 @@ class EntityLoader:
         self._stages: set[str] | None = None
         self._merged_into: dict[int, int] = {}
         self._seen_decisions: set[int] = set()  # pending reference decisions this load consulted
-        self._shared_values: dict[
-            tuple[str, str], dict[int, set[Any]]
-        ] = {}  # (entity, field) -> survivor -> values
+        # (entity, reference field) -> golden record -> the field's values; and value -> golden records
+        self._shared_values: dict[tuple[str, str], dict[int, set[Any]]] = {}
+        self._shared_books: dict[tuple[str, str], dict[Any, set[int]]] = {}
         # Self-references (a branch's parent): (source, location, row ref, own key, field, value, lookup).
         self._pending_self_refs: list[tuple[str, str | None, str, str, str, Any, Lookup]] = []
         self._raw = RawRows(None)
@@ -542,6 +542,7 @@ class EntityLoader:
         problems: list[dict[str, Any]] = []
         held: dict[Any, int] = {}
         candidates: dict[Any, tuple[int, ...]] = {}
+        decided: set[Any] = set()
         # Names a resolver interprets last: the row's other references (its owner) can then pick among the
         # records a name may mean.
         fields = sorted(self.entity.references.items(), key=lambda f: (
@@ -592,14 +593,16 @@ class EntityLoader:
                             else f"'{value}' is ambiguous: {len(matches)} {target} records match ({sorted(matches)[:5]})"
                         )  # fmt: skip
                 if unresolved and lookup.by == "name" and target in self.name_resolvers:
-                    held, candidates = self._resolve_by_steward_or_resolver(
+                    held, candidates, decided = self._resolve_by_steward_or_resolver(
                         target, unresolved, ids, reasons, normalize
                     )
             resolved[name] = pd.Series(
                 [ids.get(v) if _present(v) else None for v in values], index=values.index, dtype=object
             )
-            if held:
-                self._pick_by_shared_references(target, values, held, candidates, resolved, resolved[name])
+            if lookup.by == "name" and target in self.name_resolvers:
+                self._pick_by_shared_references(
+                    target, values, held, candidates, decided, resolved, resolved[name]
+                )
             failed = present & resolved[name].isna()
             for index_value in records.index[failed]:
                 raw = values.at[index_value]
@@ -610,7 +613,7 @@ class EntityLoader:
                     "index": index_value, "field": name, "value": raw, "reason": reasons[raw], "severity": severity,
                     "decision": held.get(raw),
                 })  # fmt: skip
-            held, candidates = {}, {}
+            held, candidates, decided = {}, {}, set()
         return resolved, problems
 
     def _resolve_by_steward_or_resolver(
@@ -620,11 +623,12 @@ class EntityLoader:
         ids: dict[Any, int | None],
         reasons: dict[Any, str],
         normalize: KeyFunction | None,
-    ) -> tuple[dict[Any, int], dict[Any, tuple[int, ...]]]:
+    ) -> tuple[dict[Any, int], dict[Any, tuple[int, ...]], set[Any]]:
         """Resolve names no record carries exactly: a steward's decision, else the target's name resolver.
 
         Fills ``ids`` and ``reasons``; returns, for each name still unresolved, the reference decision its rows
-        wait on (created pending, with the resolver's candidates, when new) and every record it may mean.
+        wait on (created pending, with the resolver's candidates, when new); for each name the resolver saw,
+        every record it may mean; and the names a steward decided.
         """
         keys = {value: str((normalize(value) if normalize else None) or value)[:255] for value in unresolved}
         decisions = {
@@ -638,10 +642,12 @@ class EntityLoader:
         }
         survivors = self._merged_targets(target)
         remaining = []
+        decided: set[Any] = set()
         for value in unresolved:
             decision = decisions.get(keys[value])
             if decision is not None and decision.status == "linked" and decision.target_id is not None:
                 ids[value] = _follow(survivors, decision.target_id)
+                decided.add(value)
             elif decision is not None and decision.status == "no_match":
                 reasons[value] = (
                     f"{decision.decided_by} decided that no {target} is named '{value}' (reference {decision.id})"
@@ -653,6 +659,7 @@ class EntityLoader:
         may_mean: dict[Any, tuple[int, ...]] = {}
         for value in remaining:
             match = found.get(str(value), NameMatch(None))
+            may_mean[value] = tuple(dict.fromkeys(_follow(survivors, i) for i in match.candidate_ids))
             if match.record_id is not None:
                 ids[value] = _follow(survivors, match.record_id)
                 continue
@@ -682,11 +689,11 @@ class EntityLoader:
             )
             held[value] = decision.id
             self._seen_decisions.add(decision.id)
-            meant = match.candidate_ids or tuple(
-                sorted(unresolved[value])
-            )  # the resolver's, else exact namesakes
-            may_mean[value] = tuple(dict.fromkeys(_follow(survivors, i) for i in meant))
-        return held, may_mean
+            if not may_mean[value]:  # the exact namesakes, when the resolver knows no more
+                may_mean[value] = tuple(
+                    dict.fromkeys(_follow(survivors, i) for i in sorted(unresolved[value]))
+                )
+        return held, may_mean, decided
 
     def _pick_by_shared_references(
         self,
@@ -694,15 +701,20 @@ class EntityLoader:
         values: pd.Series,
         held: Mapping[Any, int],
         candidates: Mapping[Any, tuple[int, ...]],
+        decided: set[Any],
         resolved: Mapping[str, pd.Series],
         column: pd.Series,
     ) -> None:
-        """Resolve held rows whose other references pick one of the name's candidates (in place, per row).
+        """Let the row's other references pick among the records its name may mean (in place, per row).
 
         A reference field both entities have, pointing at the same entity (an opportunity's ``owner`` and its
         customer's ``owner``), is evidence: of the customers a name may mean, the only one the row's owner
-        owns (in any record merged into it) is the one meant. A name two firms share is then told apart by
-        whose deal it is; rows it does not decide stay held for the steward.
+        owns (in any record merged into it) is the one meant. A held row (a name two firms share) is told
+        apart by whose deal it is. Else, when the resolver can compare a name within a set of records
+        (``among``), the owner's own customers are searched: a held row, or a row whose name found a customer
+        its owner does not own (a bare trade name another firm is also called), goes to the one customer of
+        the owner's book the name clearly means; the resolver keeps a name written in full with its region
+        on the customer it names. A steward's decision is never overridden; rows nothing decides stay.
         """
         target_refs = ENTITIES[target].references
         shared = [
@@ -712,19 +724,54 @@ class EntityLoader:
         ]  # fmt: skip
         if not shared:
             return
-        for index_value in values.index[values.isin(list(held))]:
+        # row -> the record each shared reference of the row points at (rows naming something only)
+        row_refs = {
+            ref_field: resolved[ref_field][values.index[values.notna()]].dropna().to_dict()
+            for ref_field in shared
+        }
+        with_refs = set().union(*row_refs.values())
+        rows = [i for i in values.index if i in with_refs]
+        if not rows:
+            return
+        owned = {ref_field: self._survivor_values(target, ref_field) for ref_field in shared}
+
+        def owns(index_value: Any, record_id: int) -> bool:
+            return all(
+                refs[index_value] in owned[f].get(record_id, ())
+                for f, refs in row_refs.items() if index_value in refs
+            )  # fmt: skip
+
+        current: dict[Any, Any] = column.to_dict()
+        doubtful = [i for i in rows if values.at[i] not in decided
+                    and ((current[i] is None and values.at[i] in held)
+                         or (current[i] is not None and not owns(i, current[i])))]  # fmt: skip
+        # Else the row's owner's own customers: the one its name clearly means there (a look-alike character,
+        # a bare trade name), when the resolver can compare names within a set of records.
+        among = getattr(self.name_resolvers[target], "among", None)
+        books = {f: self._books(target, f) for f in shared} if among is not None else {}
+        for index_value in doubtful:
             options = candidates.get(values.at[index_value], ())
-            if len(options) < 2:
-                continue
-            picks = set(options)
-            for ref_field in shared:
-                own = resolved[ref_field].at[index_value]
-                if own is None or pd.isna(own):
-                    continue
-                owners = self._survivor_values(target, ref_field)
-                picks = {c for c in picks if own in owners.get(c, ())}
-            if len(picks) == 1 and len(picks) < len(options):
-                column.at[index_value] = next(iter(picks))
+            picks = [c for c in options if owns(index_value, c)]
+            pick: int | None = None
+            if current[index_value] is None and len(options) > 1 and len(picks) == 1:
+                pick = picks[0]  # a held row: whose deal it is tells its namesakes apart
+            elif among is not None:
+                book = set.intersection(*(books[f].get(refs[index_value], set())
+                                          for f, refs in row_refs.items() if index_value in refs))  # fmt: skip
+                pick = among(str(values.at[index_value]), book, current[index_value])
+            if pick is not None and pick != current[index_value]:
+                column.at[index_value] = pick
+
+    def _books(self, entity: str, field: str) -> dict[Any, set[int]]:
+        """Return value of reference ``field`` (a salesperson) -> the golden records carrying it (their book)."""
+        key = (entity, field)
+        if key not in self._shared_books:
+            books: dict[Any, set[int]] = defaultdict(set)
+            for survivor, owners in self._survivor_values(entity, field).items():
+                for owner in owners:
+                    books[owner].add(survivor)
+            self._shared_books[key] = books
+        return self._shared_books[key]
 
     def _survivor_values(self, entity: str, field: str) -> dict[int, set[Any]]:
         """Return golden record -> the values of reference ``field`` over every record merged into it."""

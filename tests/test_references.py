@@ -351,3 +351,76 @@ def test_the_deals_owner_tells_apart_the_customers_a_name_may_mean(engine: sa.En
         [batch("xlsx", fixed, {"customer": Lookup(by="name"), "owner": Lookup(by="name")})],
     )
     assert customer_of(engine)["D3"] == ids["C2"] and reference_queue(engine) == []
+
+
+def test_a_bare_trade_name_found_on_another_owners_customer_moves_to_the_owners_one(
+    engine: sa.Engine,
+) -> None:
+    """汇伟 is a customer's whole name (owned by 刘强) and the trade name of 南京汇伟光电 (owned by 张明): 张明's
+    deal naming 汇伟 is his customer's; 刘强's stays on the one called 汇伟; a steward's decision stands."""
+    load(engine, "r0", "sales_rep", [batch("erp", [{"_external_key": f"U{n}", "name": who, "code": f"U{n}"}
+                                                   for n, who in ((1, "张明"), (2, "刘强"))])])  # fmt: skip
+    rows = [
+        {"_external_key": "H1", "name": "汇伟", "owner": "U2"},
+        {"_external_key": "H2", "name": "南京汇伟光电有限公司", "owner": "U1"},
+    ]
+    load(engine, "r1", "customer", [batch("erp", rows, {"owner": Lookup(by="external_id")})])
+    with Session(engine) as session:
+        ids = {k: i for k, i in session.execute(sa.select(ExternalId.external_key, ExternalId.entity_id))}
+    lookups = {"customer": Lookup(by="name"), "owner": Lookup(by="name")}
+    deals_rows = [("E1", "张明"), ("E2", "刘强"), ("E3", None)]
+    rows = [{"_external_key": key, "name": f"项目{key}", "customer": "汇伟", "owner": who, "stage": "won",
+             "amount": Decimal("100")} for key, who in deals_rows]  # fmt: skip
+    load(engine, "r2", "opportunity", [batch("xlsx", rows, lookups)])
+    attached = customer_of(engine)
+    assert (attached["E1"], attached["E2"], attached["E3"]) == (ids["H2"], ids["H1"], ids["H1"])
+
+
+def test_a_slipped_name_finds_the_one_customer_it_means_in_the_owners_book(engine: sa.Engine) -> None:
+    """济南大新 (大 for 太) by 张明: of 张明's customers, 济南太新供应链管理 is clearly meant, not 吴静's 达信
+    (same sound, other characters); a name written in full with its region stays on the customer it names."""
+    load(engine, "r0", "sales_rep", [batch("erp", [{"_external_key": f"U{n}", "name": who, "code": f"U{n}"}
+                                                   for n, who in ((1, "张明"), (2, "吴静"))])])  # fmt: skip
+    rows = [
+        {"_external_key": "K1", "name": "济南太新供应链管理有限公司", "owner": "U1"},
+        {"_external_key": "K2", "name": "达信供应链管理有限公司", "owner": "U2"},
+        {"_external_key": "K3", "name": "上海申达物流有限公司", "owner": "U2"},
+        {"_external_key": "K4", "name": "上海申大物流有限公司", "owner": "U1"},
+    ]
+    load(engine, "r1", "customer", [batch("erp", rows, {"owner": Lookup(by="external_id")})])
+    with Session(engine) as session:
+        ids = {k: i for k, i in session.execute(sa.select(ExternalId.external_key, ExternalId.entity_id))}
+    lookups = {"customer": Lookup(by="name"), "owner": Lookup(by="name")}
+    deals_rows = [("F1", "济南大新供应链管理有限公司", "张明"), ("F2", "上海申达物流有限公司", "张明")]
+    rows = [{"_external_key": key, "name": f"项目{key}", "customer": name, "owner": who, "stage": "won",
+             "amount": Decimal("100")} for key, name, who in deals_rows]  # fmt: skip
+    load(engine, "r2", "opportunity", [batch("xlsx", rows, lookups)])
+    attached = customer_of(engine)
+    assert attached["F1"] == ids["K1"]
+    assert attached["F2"] == ids["K3"]  # its full name, whoever's book holds a look-alike
+
+
+def test_in_the_owners_book_one_character_off_in_the_same_city_and_trade_is_meant_and_pieces_of_one_firm_agree(
+    engine: sa.Engine,
+) -> None:
+    """西安程绵咨询 (绵 for 锦) by 张明 is his 西安程锦咨询 (same city, industry and salesperson); 西安程绵软件
+    (another industry) is not his 程锦咨询; 博亿 is both 博亿 and 苏州博亿环保 of his book, pieces of one firm
+    linkage did not join: the deal goes to the piece with the most names."""
+    load(engine, "r0", "sales_rep", [batch("erp", [{"_external_key": "U1", "name": "张明", "code": "U1"}])])
+    rows = [
+        {"_external_key": "P1", "name": "西安程锦咨询有限公司", "owner": "U1"},
+        {"_external_key": "P2", "name": "博亿", "owner": "U1"},
+        {"_external_key": "P3", "name": "苏州博亿环保工程有限公司", "owner": "U1", "short_name": "博亿环保"},
+    ]
+    load(engine, "r1", "customer", [batch("erp", rows, {"owner": Lookup(by="external_id")})])
+    with Session(engine) as session:
+        ids = {k: i for k, i in session.execute(sa.select(ExternalId.external_key, ExternalId.entity_id))}
+    lookups = {"customer": Lookup(by="name"), "owner": Lookup(by="name")}
+    deals_rows = [("G1", "西安程绵咨询有限公司"), ("G2", "西安程绵软件有限公司"), ("G3", "苏州博亿")]
+    rows = [{"_external_key": key, "name": f"项目{key}", "customer": name, "owner": "张明", "stage": "won",
+             "amount": Decimal("100")} for key, name in deals_rows]  # fmt: skip
+    load(engine, "r2", "opportunity", [batch("xlsx", rows, lookups)])
+    attached = customer_of(engine)
+    assert attached.get("G1") == ids["P1"]
+    assert "G2" not in attached
+    assert attached.get("G3") == ids["P3"]

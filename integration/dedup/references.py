@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 from typing import Any
@@ -66,6 +66,7 @@ CLOSE_NAME = 0.9  # name-only similarity a slip keeps (华鑫科技/骅鑫科技
 CLOSE_NAME_NO_REGION = 0.92  # without a region a two-character trade name's slip (0.917) is too weak
 CLOSE_NAME_MARGIN = 0.1  # how far every other golden customer must stay below the best
 CLOSE_NAMES_SCORED = 30  # known names (nearest in toneless pinyin) scored with the trade-name similarity
+IN_BOOK = 0.85  # among one salesperson's own customers, how alike a name must be to be the one meant
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,9 @@ class CustomerNames:
             # A bare trade name (坤飞) is many companies' short name: only a name with its industry picks one.
             picks = trade_name(written.core) != canonical_industry(written.core)
             if picks and len(found) > 1 and len(closest) == 1 and min(by_closeness) == SAME_CHARACTERS:
-                return NameMatch(next(iter(closest)), method="name variant")
+                return NameMatch(
+                    next(iter(closest)), method="name variant", candidate_ids=tuple(sorted(found))
+                )
             if len(found) == 1:
                 return NameMatch(next(iter(found)), method="name variant")
             if found:
@@ -257,11 +260,12 @@ class CustomerNames:
             for c in matches
             if c.probability > 0.01
         )
+        may_mean = [c.customer_id for c in matches if c.probability >= self.spec.review]
         if matches and matches[0].probability >= self.spec.auto_merge:
             rivals = [c for c in matches[1:] if c.probability >= self.spec.review]
             if not rivals:
-                return NameMatch(matches[0].customer_id, candidates, method="match index")
-        may_mean = [c.customer_id for c in matches if c.probability >= self.spec.review]
+                return NameMatch(matches[0].customer_id, candidates, method="match index",
+                                 candidate_ids=tuple(may_mean))  # fmt: skip
         if written is not None and not (matches and matches[0].probability >= self.spec.auto_merge):
             chosen, scored = self._close_name(written)
             if chosen is not None:
@@ -276,6 +280,78 @@ class CustomerNames:
                 i for s, i in scored if scored and s >= max(scored[0][0] - CLOSE_NAME_MARGIN, CLOSE_NAME)
             ]
         return NameMatch(None, candidates, method="match index", candidate_ids=tuple(dict.fromkeys(may_mean)))
+
+    @cached_property
+    def _variants_of(self) -> dict[int, list[NameVariant]]:
+        """Golden customer -> every way its name is written."""
+        by_survivor: dict[int, list[NameVariant]] = defaultdict(list)
+        for variants in self._variants.values():
+            for variant, survivor in variants:
+                by_survivor[survivor].append(variant)
+        return by_survivor
+
+    def among(self, name: str, ids: Collection[int], current: int | None = None) -> int | None:
+        """Return the one customer of ``ids`` (a salesperson's own book) ``name`` clearly means, else None.
+
+        ``current`` is the customer the name found elsewhere: kept (None) when the name is written in full
+        with its region exactly as that customer's, since a whole name outweighs whose book it is in.
+
+        Each customer scores the best of its name variants: the trade name's and the whole core's
+        Chinese-aware similarity (a bare trade name 亿越 is 佛山亿越建设工程's), none when a region written
+        on both sides differs or one is a branch. The best must reach ``IN_BOOK`` and lead the next by
+        ``CLOSE_NAME_MARGIN``.
+        """
+        written = name_variant(name)
+        if written is None or not ids:
+            return None
+        if (
+            current is not None
+            and written.region
+            and any(
+                known.core == written.core and known.region == written.region
+                for known in self._variants_of.get(current, ())
+            )
+        ):
+            return None
+        written_trade = trade_name(written.core)
+        written_industry = canonical_industry(written.core)[len(written_trade) :]
+        scored: list[tuple[float, int]] = []
+        regions: dict[int, set[str]] = {}
+        for survivor in ids:
+            best = 0.0
+            for known in self._variants_of.get(survivor, ()):
+                if known.branch != written.branch or (
+                    written.region and known.region and known.region != written.region
+                ):
+                    continue
+                if known.brand == written.brand:
+                    best = 1.0
+                    regions.setdefault(survivor, set()).update([known.region] if known.region else [])
+                    continue
+                known_trade = trade_name(known.core)
+                similarity = max(variant_similarity(written.core, known.core),
+                                 variant_similarity(written_trade, known_trade))  # fmt: skip
+                if (similarity < IN_BOOK and written.region and known.region == written.region and written_industry
+                        and canonical_industry(known.core)[len(known_trade):] == written_industry
+                        and len(known_trade) == len(written_trade) >= 2
+                        and distance.Hamming.distance(known_trade, written_trade) == 1):  # fmt: skip
+                    similarity = IN_BOOK  # one trade-name character off, same city, industry and salesperson
+                best = max(best, similarity)
+            scored.append((best, survivor))
+        scored.sort(key=lambda pair: (-pair[0], pair[1]))
+        if not scored or scored[0][0] < IN_BOOK:
+            return None
+        rivals = [(score, i) for score, i in scored[1:] if score > scored[0][0] - CLOSE_NAME_MARGIN]
+        if not rivals:
+            return scored[0][1]
+        # Several of the owner's customers carry the trade name itself, in no two places: one firm that
+        # linkage left in pieces. The deal goes to the piece with the most names known (a steward's merge
+        # of the pieces brings it along).
+        tied = [scored[0][1], *(i for _, i in rivals)]
+        whole = scored[0][0] == 1.0 and all(score == 1.0 for score, _ in rivals)
+        if whole and len(set().union(*(regions.get(i, set()) for i in tied))) <= 1:
+            return max(tied, key=lambda i: (len(self._variants_of.get(i, ())), -i))
+        return None
 
     def _shown(self, ids: Sequence[int]) -> list[dict[str, Any]]:
         """Return candidates for a steward: id and name, scored by the match index where it knows them."""
