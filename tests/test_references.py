@@ -307,95 +307,83 @@ def test_a_name_with_one_slip_attaches_when_one_customer_is_clearly_meant(engine
     assert {w: resolved[w] for w in MUST_STAY_HELD} == dict.fromkeys(MUST_STAY_HELD)
 
 
+def seed_book(engine: sa.Engine, reps: list[str], customers: list[dict[str, Any]]) -> dict[str, int]:
+    """Sales reps U1, U2, … named ``reps`` and customers owned by them (``owner``: U1…); return ids by key."""
+    people = [{"_external_key": f"U{n}", "name": who, "code": f"U{n}"} for n, who in enumerate(reps, start=1)]
+    load(engine, "r0", "sales_rep", [batch("erp", people)])
+    load(engine, "r1", "customer", [batch("erp", customers, {"owner": Lookup(by="external_id")})])
+    with Session(engine) as session:
+        query = sa.select(ExternalId.external_key, ExternalId.entity_id).where(
+            ExternalId.entity == "customer"
+        )
+        return {key: record_id for key, record_id in session.execute(query)}
+
+
+def load_owned_deals(
+    engine: sa.Engine, run_key: str, deals: list[tuple[str, str, str | None]]
+) -> dict[str, int]:
+    """Load the sheet's deals (key, customer name, owner's name); return deal key -> customer attached."""
+    rows = [{"_external_key": key, "name": f"项目{key}", "customer": name, "owner": who, "stage": "won",
+             "amount": Decimal("100")} for key, name, who in deals]  # fmt: skip
+    lookups = {"customer": Lookup(by="name"), "owner": Lookup(by="name")}
+    load(engine, run_key, "opportunity", [batch("xlsx", rows, lookups)])
+    return customer_of(engine)
+
+
 def test_the_deals_owner_tells_apart_the_customers_a_name_may_mean(engine: sa.Engine) -> None:
     """腾达科技 (no city) is 深圳腾达 or 北京腾达: the one the deal's owner owns is meant; a deal of someone who
     owns neither, or of nobody, still waits for a steward, until a later run tells every row apart."""
-    load(engine, "r0", "sales_rep", [batch("erp", [{"_external_key": f"U{n}", "name": who, "code": f"U{n}"}
-                                                   for n, who in ((1, "张伟"), (2, "李娜"), (3, "王芳"))])])  # fmt: skip
     owners = {"C1": "U1", "C2": "U2", "C3": "U1", "C4": "U2", "C5": "U3", "C6": "U1"}
-    rows = [{**c, "owner": owners[c["_external_key"]]} for c in CUSTOMERS]
-    load(engine, "r1", "customer", [batch("erp", rows, {"owner": Lookup(by="external_id")})])
+    ids = seed_book(
+        engine, ["张伟", "李娜", "王芳"], [{**c, "owner": owners[c["_external_key"]]} for c in CUSTOMERS]
+    )
     with Session(engine) as session, session.begin():
-        ids = {k: i for k, i in session.execute(
-            sa.select(ExternalId.external_key, ExternalId.entity_id).where(ExternalId.entity == "customer"))}  # fmt: skip
         merged = session.get(Customer, ids["C6"])
         assert merged is not None
         merged.merged_into_id = ids["C1"]
-    deals_rows = [
+    attached = load_owned_deals(engine, "r2", [
         ("D1", "腾达科技", "张伟"),  # 张伟 owns 深圳腾达 (C1): C1
         ("D2", "腾达科技", "李娜"),  # 李娜 owns 北京腾达 (C2): C2
         ("D3", "腾达科技", "王芳"),  # owns neither: a steward decides
         ("D4", "腾达科技", None),  # nobody's: a steward decides
         ("D5", "腾达科技公司", "张伟"),  # the same name written longer: C1
-    ]
-    rows = [{"_external_key": key, "name": f"项目{key}", "customer": name, "owner": who, "stage": "won",
-             "amount": Decimal("100")} for key, name, who in deals_rows]  # fmt: skip
-    load(
-        engine,
-        "r2",
-        "opportunity",
-        [batch("xlsx", rows, {"customer": Lookup(by="name"), "owner": Lookup(by="name")})],
-    )
-    attached = customer_of(engine)
+    ])  # fmt: skip
     assert attached["D1"] == ids["C1"] and attached["D2"] == ids["C2"]
     assert "D3" not in attached and "D4" not in attached and attached.get("D5") == ids["C1"]
     waiting = reference_queue(engine)
     assert [w["rows_held"] for w in waiting] == [2]  # D3 and D4
     assert {c["id"] for c in waiting[0]["candidates"]} >= {ids["C1"], ids["C2"]}
-    # The sheet is fixed: the two deals get their owners. Nothing waits on the name any more.
-    fixed = [{**r, "owner": "李娜"} for r in rows if r["_external_key"] in ("D3", "D4")]
-    load(
-        engine,
-        "r3",
-        "opportunity",
-        [batch("xlsx", fixed, {"customer": Lookup(by="name"), "owner": Lookup(by="name")})],
-    )
-    assert customer_of(engine)["D3"] == ids["C2"] and reference_queue(engine) == []
+    # The sheet is fixed: the two deals get their owner. Nothing waits on the name any more.
+    attached = load_owned_deals(engine, "r3", [("D3", "腾达科技", "李娜"), ("D4", "腾达科技", "李娜")])
+    assert attached["D3"] == ids["C2"] and reference_queue(engine) == []
 
 
 def test_a_bare_trade_name_found_on_another_owners_customer_moves_to_the_owners_one(
     engine: sa.Engine,
 ) -> None:
     """汇伟 is a customer's whole name (owned by 刘强) and the trade name of 南京汇伟光电 (owned by 张明): 张明's
-    deal naming 汇伟 is his customer's; 刘强's stays on the one called 汇伟; a steward's decision stands."""
-    load(engine, "r0", "sales_rep", [batch("erp", [{"_external_key": f"U{n}", "name": who, "code": f"U{n}"}
-                                                   for n, who in ((1, "张明"), (2, "刘强"))])])  # fmt: skip
-    rows = [
+    deal naming 汇伟 is his customer's; 刘强's and nobody's stay on the one called 汇伟."""
+    ids = seed_book(engine, ["张明", "刘强"], [
         {"_external_key": "H1", "name": "汇伟", "owner": "U2"},
         {"_external_key": "H2", "name": "南京汇伟光电有限公司", "owner": "U1"},
-    ]
-    load(engine, "r1", "customer", [batch("erp", rows, {"owner": Lookup(by="external_id")})])
-    with Session(engine) as session:
-        ids = {k: i for k, i in session.execute(sa.select(ExternalId.external_key, ExternalId.entity_id))}
-    lookups = {"customer": Lookup(by="name"), "owner": Lookup(by="name")}
-    deals_rows = [("E1", "张明"), ("E2", "刘强"), ("E3", None)]
-    rows = [{"_external_key": key, "name": f"项目{key}", "customer": "汇伟", "owner": who, "stage": "won",
-             "amount": Decimal("100")} for key, who in deals_rows]  # fmt: skip
-    load(engine, "r2", "opportunity", [batch("xlsx", rows, lookups)])
-    attached = customer_of(engine)
+    ])  # fmt: skip
+    attached = load_owned_deals(
+        engine, "r2", [("E1", "汇伟", "张明"), ("E2", "汇伟", "刘强"), ("E3", "汇伟", None)]
+    )
     assert (attached["E1"], attached["E2"], attached["E3"]) == (ids["H2"], ids["H1"], ids["H1"])
 
 
 def test_a_slipped_name_finds_the_one_customer_it_means_in_the_owners_book(engine: sa.Engine) -> None:
     """济南大新 (大 for 太) by 张明: of 张明's customers, 济南太新供应链管理 is clearly meant, not 吴静's 达信
     (same sound, other characters); a name written in full with its region stays on the customer it names."""
-    load(engine, "r0", "sales_rep", [batch("erp", [{"_external_key": f"U{n}", "name": who, "code": f"U{n}"}
-                                                   for n, who in ((1, "张明"), (2, "吴静"))])])  # fmt: skip
-    rows = [
+    ids = seed_book(engine, ["张明", "吴静"], [
         {"_external_key": "K1", "name": "济南太新供应链管理有限公司", "owner": "U1"},
         {"_external_key": "K2", "name": "达信供应链管理有限公司", "owner": "U2"},
         {"_external_key": "K3", "name": "上海申达物流有限公司", "owner": "U2"},
         {"_external_key": "K4", "name": "上海申大物流有限公司", "owner": "U1"},
-    ]
-    load(engine, "r1", "customer", [batch("erp", rows, {"owner": Lookup(by="external_id")})])
-    with Session(engine) as session:
-        ids = {k: i for k, i in session.execute(sa.select(ExternalId.external_key, ExternalId.entity_id))}
-    lookups = {"customer": Lookup(by="name"), "owner": Lookup(by="name")}
-    deals_rows = [("F1", "济南大新供应链管理有限公司", "张明"), ("F2", "上海申达物流有限公司", "张明")]
-    rows = [{"_external_key": key, "name": f"项目{key}", "customer": name, "owner": who, "stage": "won",
-             "amount": Decimal("100")} for key, name, who in deals_rows]  # fmt: skip
-    load(engine, "r2", "opportunity", [batch("xlsx", rows, lookups)])
-    attached = customer_of(engine)
+    ])  # fmt: skip
+    attached = load_owned_deals(engine, "r2", [("F1", "济南大新供应链管理有限公司", "张明"),
+                                               ("F2", "上海申达物流有限公司", "张明")])  # fmt: skip
     assert attached["F1"] == ids["K1"]
     assert attached["F2"] == ids["K3"]  # its full name, whoever's book holds a look-alike
 
@@ -406,21 +394,13 @@ def test_in_the_owners_book_one_character_off_in_the_same_city_and_trade_is_mean
     """西安程绵咨询 (绵 for 锦) by 张明 is his 西安程锦咨询 (same city, industry and salesperson); 西安程绵软件
     (another industry) is not his 程锦咨询; 博亿 is both 博亿 and 苏州博亿环保 of his book, pieces of one firm
     linkage did not join: the deal goes to the piece with the most names."""
-    load(engine, "r0", "sales_rep", [batch("erp", [{"_external_key": "U1", "name": "张明", "code": "U1"}])])
-    rows = [
+    ids = seed_book(engine, ["张明"], [
         {"_external_key": "P1", "name": "西安程锦咨询有限公司", "owner": "U1"},
         {"_external_key": "P2", "name": "博亿", "owner": "U1"},
         {"_external_key": "P3", "name": "苏州博亿环保工程有限公司", "owner": "U1", "short_name": "博亿环保"},
-    ]
-    load(engine, "r1", "customer", [batch("erp", rows, {"owner": Lookup(by="external_id")})])
-    with Session(engine) as session:
-        ids = {k: i for k, i in session.execute(sa.select(ExternalId.external_key, ExternalId.entity_id))}
-    lookups = {"customer": Lookup(by="name"), "owner": Lookup(by="name")}
-    deals_rows = [("G1", "西安程绵咨询有限公司"), ("G2", "西安程绵软件有限公司"), ("G3", "苏州博亿")]
-    rows = [{"_external_key": key, "name": f"项目{key}", "customer": name, "owner": "张明", "stage": "won",
-             "amount": Decimal("100")} for key, name in deals_rows]  # fmt: skip
-    load(engine, "r2", "opportunity", [batch("xlsx", rows, lookups)])
-    attached = customer_of(engine)
+    ])  # fmt: skip
+    attached = load_owned_deals(engine, "r2", [("G1", "西安程绵咨询有限公司", "张明"),
+                                               ("G2", "西安程绵软件有限公司", "张明"), ("G3", "苏州博亿", "张明")])  # fmt: skip
     assert attached.get("G1") == ids["P1"]
     assert "G2" not in attached
     assert attached.get("G3") == ids["P3"]

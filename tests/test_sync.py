@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -74,12 +75,20 @@ def write_project(root: Path, u8_url: str, sync: str = SYNC_YAML) -> Path:
 @pytest.fixture
 def u8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[U8Api, Path, str]]:
     """The U8 OpenAPI server over a SQLite U8 database with a salesperson and three customers."""
+    with running_u8(tmp_path, monkeypatch) as running:
+        yield running
+
+
+@contextmanager
+def running_u8(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync_section: str = SYNC_YAML
+) -> Iterator[tuple[U8Api, Path, str]]:
+    """The seeded U8 server and a project with ``sync_section``: (server state, project folder, U8 URL)."""
     url = f"sqlite:///{tmp_path / 'u8.sqlite'}"
     with serve(url) as (base_url, api):
         _environment(monkeypatch, base_url)
         _seed(api)
-        project = write_project(tmp_path / "project", url)
-        yield api, project, url
+        yield api, write_project(tmp_path / "project", url, sync_section), url
 
 
 @pytest.fixture
@@ -470,11 +479,7 @@ def test_inbound_reads_u8_over_odbc_by_its_cursor(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
 ) -> None:
     """The U8 source through a real unixODBC driver: the loop closes the same way (out over HTTP, back over ODBC)."""
-    url = f"sqlite:///{tmp_path / 'u8.sqlite'}"
-    with serve(url) as (base_url, api):
-        _environment(monkeypatch, base_url)
-        _seed(api)
-        project = write_project(tmp_path / "project", url)
+    with running_u8(tmp_path, monkeypatch) as (_api, project, url):
         text = (project / "project.yaml").read_text(encoding="utf-8")
         odbc = f"DRIVER={{SQLite3}};Database={tmp_path / 'u8.sqlite'}"
         (project / "project.yaml").write_text(
@@ -542,11 +547,7 @@ def test_an_added_records_next_document_is_known_so_nothing_is_echoed(
     entities = CUSTOMER.replace("code: _key", f"code: {code_field}").replace(
         "self_define1: id", "self_define1: id\n            regcode: credit_code"
     )
-    url = f"sqlite:///{tmp_path / 'u8.sqlite'}"
-    with serve(url) as (base_url, api):
-        _environment(monkeypatch, base_url)
-        _seed(api)
-        project = write_project(tmp_path / "project", url, sync_yaml(entities))
+    with running_u8(tmp_path, monkeypatch, sync_yaml(entities)) as (_api, project, _url):
         sync(project, core)
         ids = [create_record(core, "customer", {"name": f"新增客户{n}有限公司", "phone": f"+861380000000{n}",
                                                 "credit_code": "91350100M000100Y43"}) for n in range(3)]  # fmt: skip
@@ -568,11 +569,7 @@ def test_many_batches_get_their_trade_ids_ahead_and_each_record_goes_out_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
 ) -> None:
     """More records than a batch: trade ids are asked for several batches at once, each row keeps its own."""
-    url = f"sqlite:///{tmp_path / 'u8.sqlite'}"
-    with serve(url) as (base_url, api):
-        _environment(monkeypatch, base_url)
-        _seed(api)
-        project = write_project(tmp_path / "project", url, sync_yaml(CUSTOMER, batch_size=7))
+    with running_u8(tmp_path, monkeypatch, sync_yaml(CUSTOMER, batch_size=7)) as (api, project, url):
         sync(project, core)
         from crm_core.edits import create_records
 
@@ -604,12 +601,8 @@ def test_a_queued_conflict_is_settled_by_a_person_as_a_run_of_its_own(
     from crm_core.models import LoadRun
     from integration.cli import app
 
-    url = f"sqlite:///{tmp_path / 'u8.sqlite'}"
     entities = CUSTOMER.replace("direction: both\n", "direction: both\n        conflicts: queue\n", 1)
-    with serve(url) as (base_url, api):
-        _environment(monkeypatch, base_url)
-        _seed(api)
-        project = write_project(tmp_path / "project", url, sync_yaml(entities))
+    with running_u8(tmp_path, monkeypatch, sync_yaml(entities)) as (api, project, url):
         sync(project, core)
         huaxin = customer_by_name(core, "上海华鑫科技有限公司")
         edit_record(core, "customer", huaxin.id, {"phone": "+862111112222"})
