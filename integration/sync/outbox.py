@@ -22,6 +22,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol
@@ -493,72 +494,94 @@ def deliver(
     on_applied: Acknowledge,
     now: Callable[[], dt.datetime] = _utcnow,
 ) -> DeliveryStats:
-    """Send the due outbox rows of ``target`` in batches and record each outcome."""
+    """Send the due outbox rows of ``target`` in batches and record each outcome.
+
+    One batch is on the wire while the one before it is recorded: the target's work and ours overlap. Every
+    row has its trade id stored before it is first sent, so a crash with two batches unrecorded replays
+    both and the target applies each once.
+    """
     stats = DeliveryStats()
     factory = session_factory(engine)
-    batch_size = target.spec.transport.batch_size
     _poll_awaiting(factory, target, client, stats, on_applied, now)
-    while True:
-        with factory() as session, session.begin():
-            due = (
-                session.execute(
-                    select(OUTBOX)
-                    .where(
-                        OUTBOX.c.target == target.name,
-                        OUTBOX.c.status == "pending",
-                        OUTBOX.c.next_attempt_at <= now(),
-                    )
-                    .order_by(OUTBOX.c.id)
-                    .limit(batch_size)
-                )
-                .mappings()
-                .all()
-            )
-            rows = [dict(r) for r in due]
-            missing = [r for r in rows if r["trade_id"] is None]
-            if missing:
-                # Trade ids for the rows of the next batches too: one call and one commit for several batches.
-                ahead = session.scalars(
-                    select(OUTBOX.c.id)
-                    .where(OUTBOX.c.target == target.name, OUTBOX.c.status == "pending", OUTBOX.c.trade_id.is_(None),
-                           OUTBOX.c.id > max(r["id"] for r in rows))
-                    .order_by(OUTBOX.c.id)
-                    .limit(max(0, TRADE_ID_PREFETCH - len(missing)))
-                ).all()  # fmt: skip
-                try:
-                    trade_ids = client.new_trade_ids(len(missing) + len(ahead))
-                except SyncError as exc:
-                    if not getattr(exc, "transient", False):
-                        raise
-                    stats.stopped = str(exc)  # the target is down: the rows wait for the next run
-                    wait = getattr(exc, "retry_after", None)
-                    if wait:  # honour Retry-After: not before the target said
-                        later = now() + dt.timedelta(seconds=float(wait))
-                        session.execute(update(OUTBOX).where(OUTBOX.c.id.in_([r["id"] for r in rows]))
-                                        .values(next_attempt_at=later))  # fmt: skip
-                    return stats
-                # Stored before the first send: a resend after a crash replays the same trade id.
-                for row, trade_id in zip(missing, trade_ids[: len(missing)], strict=True):
-                    row["trade_id"] = trade_id
-                assigned = [{"_id": r["id"], "trade_id": r["trade_id"]} for r in missing]
-                assigned += [
-                    {"_id": i, "trade_id": t} for i, t in zip(ahead, trade_ids[len(missing) :], strict=True)
-                ]
-                session.execute(
-                    update(OUTBOX)
-                    .where(OUTBOX.c.id == bindparam("_id"))
-                    .values(trade_id=bindparam("trade_id")),
-                    assigned,
-                )
-        if not rows:
-            return stats
-        outcomes = client.deliver([make_delivery(r["trade_id"], r["operation"], r["payload"]) for r in rows])
+
+    def record(rows: list[dict[str, Any]], sending: Future[Sequence[Delivered]]) -> bool:
+        """Record one sent batch; return True when the target answered none of it (stop sending)."""
+        outcomes = sending.result()
         failpoint("sync:delivered")  # tests crash here: sent, the acknowledgement not recorded yet
         stats.sent += len(rows)
         retried = _record(factory, target, rows, outcomes, stats, on_applied, now)
         if retried == len(rows):
             stats.stopped = next((o.message for o in outcomes if o.message), "the target did not answer")
-            return stats
+            return True
+        return False
+
+    in_flight: tuple[list[dict[str, Any]], Future[Sequence[Delivered]]] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sync-{target.name}") as sender:
+        while True:
+            rows = _next_batch(
+                factory, target, client, stats, now, [r["id"] for r in in_flight[0]] if in_flight else []
+            )
+            sending = (
+                sender.submit(client.deliver, [make_delivery(r["trade_id"], r["operation"], r["payload"]) for r in rows])
+                if rows else None
+            )  # fmt: skip
+            if in_flight is not None and record(*in_flight):
+                if sending is not None:  # already on the wire: its outcomes are recorded too
+                    record(rows, sending)
+                return stats
+            if sending is None:
+                return stats
+            in_flight = (rows, sending)
+
+
+def _next_batch(
+    factory: Any, target: CompiledTarget, client: Transport, stats: DeliveryStats,
+    now: Callable[[], dt.datetime], in_flight: list[int],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Return the next due rows (not those in flight), each with its trade id stored; [] when none or down."""
+    with factory() as session, session.begin():
+        query = (
+            select(OUTBOX)
+            .where(OUTBOX.c.target == target.name, OUTBOX.c.status == "pending", OUTBOX.c.next_attempt_at <= now())
+            .order_by(OUTBOX.c.id)
+            .limit(target.spec.transport.batch_size)
+        )  # fmt: skip
+        if in_flight:
+            query = query.where(OUTBOX.c.id.not_in(in_flight))
+        rows = [dict(r) for r in session.execute(query).mappings()]
+        missing = [r for r in rows if r["trade_id"] is None]
+        if not missing:
+            return rows
+        # Trade ids for the rows of the next batches too: one call and one commit for several batches.
+        ahead = session.scalars(
+            select(OUTBOX.c.id)
+            .where(OUTBOX.c.target == target.name, OUTBOX.c.status == "pending", OUTBOX.c.trade_id.is_(None),
+                   OUTBOX.c.id > max(r["id"] for r in rows))
+            .order_by(OUTBOX.c.id)
+            .limit(max(0, TRADE_ID_PREFETCH - len(missing)))
+        ).all()  # fmt: skip
+        try:
+            trade_ids = client.new_trade_ids(len(missing) + len(ahead))
+        except SyncError as exc:
+            if not getattr(exc, "transient", False):
+                raise
+            stats.stopped = str(exc)  # the target is down: the rows wait for the next run
+            wait = getattr(exc, "retry_after", None)
+            if wait:  # honour Retry-After: not before the target said
+                later = now() + dt.timedelta(seconds=float(wait))
+                session.execute(update(OUTBOX).where(OUTBOX.c.id.in_([r["id"] for r in rows]))
+                                .values(next_attempt_at=later))  # fmt: skip
+            return []
+        # Stored before the first send: a resend after a crash replays the same trade id.
+        for row, trade_id in zip(missing, trade_ids[: len(missing)], strict=True):
+            row["trade_id"] = trade_id
+        assigned = [{"_id": r["id"], "trade_id": r["trade_id"]} for r in missing]
+        assigned += [{"_id": i, "trade_id": t} for i, t in zip(ahead, trade_ids[len(missing) :], strict=True)]
+        session.execute(
+            update(OUTBOX).where(OUTBOX.c.id == bindparam("_id")).values(trade_id=bindparam("trade_id")),
+            assigned,
+        )
+        return rows
 
 
 def _poll_awaiting(
