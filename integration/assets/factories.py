@@ -408,7 +408,10 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
             yield from _blocking(context, engine, dg.AssetCheckResult(
                 check_name="check_every_row_accounted_for",
                 passed=not unbalanced,
-                metadata={"unbalanced_sources": dg.MetadataValue.json(unbalanced)},
+                metadata={
+                    "unbalanced_sources": dg.MetadataValue.json(unbalanced),
+                    "unbalanced_count": dg.MetadataValue.int(len(unbalanced)),  # plotted per run
+                },
             ), f"rows read ≠ loaded + merged + rejected for {', '.join(unbalanced)}")  # fmt: skip
             with session_factory(engine)() as session:
                 violations = core_violations(session, entity)
@@ -418,6 +421,7 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
                 passed=not broken,
                 metadata={
                     "failing_rows_by_rule": dg.MetadataValue.json({v.rule: v.count for v in violations}),
+                    "failing_rows": dg.MetadataValue.int(sum(v.count for v in violations)),  # plotted per run
                     "sample": dg.MetadataValue.md(
                         "\n\n".join(
                             f"**{v.rule}**: {v.message}\n\n{markdown_table(pd.DataFrame(v.sample))}"
