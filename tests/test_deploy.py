@@ -6,9 +6,9 @@ database, and load deploy/workspace.yaml's code location (the demo project, a pr
 tests/deploy_location.py (a gated job, a one-minute schedule and a one-second sensor). Everything is
 driven and observed through the webserver's GraphQL API, as the UI does.
 
-The processes start once for the module (a module-scoped fixture); the scenarios share them and run in
-file order on one xdist worker (``xdist_group`` with ``--dist loadgroup`` in pyproject.toml): starting
-the webserver, the daemon and their four code servers is what two cores can least afford.
+The processes start once (a module-scoped fixture) and one test runs every scenario on them in order,
+each a subtest: starting the webserver, the daemon and their four code servers is what two cores can
+least afford, and one test function is what keeps them on one xdist worker.
 """
 
 from __future__ import annotations
@@ -692,13 +692,12 @@ def test_preflight_names_the_setting_behind_an_unreachable_storage_and_hides_the
     assert "CRM_PROJECT=relative/project must be an absolute path" in result.stderr
 
 
-# The scenarios below share one deployment, in this order (pyproject's `--dist loadgroup` keeps the group
-# on one xdist worker): the queue leaves the migration running, a rollback waits behind it and fails, the
-# migration's result is read, the automations, the UI in a browser, the secrets; pruning comes last.
-@pytest.mark.slow
-@pytest.mark.postgres
-@pytest.mark.xdist_group("deploy")
-def test_the_queue_holds_a_second_run_per_sync_target_and_a_second_core_job_per_core(
+# The scenarios of the production instance, in the order the test below runs them on one deployment:
+# the queue leaves the migration running with a rollback waiting behind it; the rollback fails and alerts;
+# the migration's result is read; the automations; the UI in a browser; the secrets; pruning comes last.
+
+
+def queue_holds_a_second_run_per_sync_target_and_a_second_core_job_per_core(
     deployment: Deployment,
 ) -> None:
     """The migration holds its core (`crmi/core`, the job's own tag) and a gated run holds `crmi/sync-target:
@@ -730,10 +729,7 @@ def test_the_queue_holds_a_second_run_per_sync_target_and_a_second_core_job_per_
     d.wait_status(second, {"SUCCESS"})
 
 
-@pytest.mark.slow
-@pytest.mark.postgres
-@pytest.mark.xdist_group("deploy")
-def test_the_rollback_ran_after_the_migration_on_its_core_and_its_failure_reached_the_webhook(
+def rollback_ran_after_the_migration_on_its_core_and_its_failure_reached_the_webhook(
     deployment: Deployment,
 ) -> None:
     """The rollback, submitted while the migration wrote the core, started only after it ended; it failed
@@ -760,10 +756,7 @@ def test_the_rollback_ran_after_the_migration_on_its_core_and_its_failure_reache
     assert alert["url"] == f"{d.url}/runs/{failing}"
 
 
-@pytest.mark.slow
-@pytest.mark.postgres
-@pytest.mark.xdist_group("deploy")
-def test_the_migration_ran_through_the_daemon_and_the_multiprocess_executor_on_the_postgresql_core(
+def migration_ran_through_the_daemon_and_the_multiprocess_executor_on_the_postgresql_core(
     deployment: Deployment,
 ) -> None:
     """Dequeued by the daemon, one process per step, every asset materialized with numeric counts, every
@@ -811,10 +804,7 @@ def test_the_migration_ran_through_the_daemon_and_the_multiprocess_executor_on_t
     core.dispose()
 
 
-@pytest.mark.slow
-@pytest.mark.postgres
-@pytest.mark.xdist_group("deploy")
-def test_the_daemon_fires_the_schedule_and_the_sensor(deployment: Deployment) -> None:
+def daemon_fired_the_schedule_and_the_sensor(deployment: Deployment) -> None:
     """The one-minute schedule and the sensor of the test location each started a `probe` run that succeeded."""
     d = deployment
     for trigger, query, key, name in (
@@ -835,8 +825,8 @@ def test_the_daemon_fires_the_schedule_and_the_sensor(deployment: Deployment) ->
         d.wait_status(run_ids[0], {"SUCCESS"})
 
 
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Any]:
+@contextlib.contextmanager
+def _chromium() -> Iterator[Any]:
     """Debian's headless Chromium through its chromedriver (as tests/test_steward_browser.py)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver") or (
@@ -866,76 +856,73 @@ def chromium() -> Iterator[Any]:
         driver.quit()
 
 
-@pytest.mark.slow
-@pytest.mark.postgres
-@pytest.mark.xdist_group("deploy")
-def test_the_ui_shows_the_asset_graph_a_core_assets_checks_and_the_automations(
-    deployment: Deployment, chromium: Any
-) -> None:
+def ui_shows_the_asset_graph_a_core_assets_checks_and_the_automations(deployment: Deployment) -> None:
     """What IT staff look for, in a real browser: the asset graph with its groups, a core asset's page with
     its owner, description, numeric metadata and passed checks, and every schedule and sensor on the
     Automation page. Screenshots go to $DEPLOY_SCREENSHOTS (docs/ refreshes the documentation's)."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     d = deployment
     d.wait_status(d.migration(), {"SUCCESS"}, RUN_DEADLINE)
     d.screenshots.mkdir(exist_ok=True)
-    shots = [d.screenshots] + (
-        [Path(os.environ["DEPLOY_SCREENSHOTS"])] if os.environ.get("DEPLOY_SCREENSHOTS") else []
-    )
+    with _chromium() as chromium:  # skips (fails under CI=true) without Chromium, chromedriver, Selenium
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
 
-    def shown(name: str, *texts: str, counts: dict[str, int] | None = None) -> str:
-        """Wait until the page shows every text (and each of ``counts`` that often); save a screenshot."""
+        shots = [d.screenshots] + (
+            [Path(os.environ["DEPLOY_SCREENSHOTS"])] if os.environ.get("DEPLOY_SCREENSHOTS") else []
+        )
 
-        def ready(driver: Any) -> str | None:
-            text: str = driver.find_element(By.TAG_NAME, "body").text
-            complete = all(t in text for t in texts)
-            return text if complete and all(text.count(t) >= n for t, n in (counts or {}).items()) else None
+        def shown(name: str, *texts: str, counts: dict[str, int] | None = None) -> str:
+            """Wait until the page shows every text (and each of ``counts`` that often); save a screenshot."""
 
-        try:
-            text: str = WebDriverWait(chromium, UI_WAIT).until(ready)
-        except Exception:
-            chromium.save_screenshot(str(d.screenshots / f"failed-{name}.png"))
-            body = chromium.find_element(By.TAG_NAME, "body").text
-            pytest.fail(
-                f"{name}: not all of {texts} {counts or ''} shown within {UI_WAIT} s; the page says:\n{body[:3000]}"
-            )
-        (d.screenshots / f"{name}.txt").write_text(text, encoding="utf-8")
-        for folder in shots:
-            chromium.save_screenshot(str(folder / f"deploy-{name}.png"))
-        return text
+            def ready(driver: Any) -> str | None:
+                text: str = driver.find_element(By.TAG_NAME, "body").text
+                complete = all(t in text for t in texts)
+                return (
+                    text if complete and all(text.count(t) >= n for t, n in (counts or {}).items()) else None
+                )
 
-    def page(path: str, name: str, *texts: str, counts: dict[str, int] | None = None) -> str:
-        chromium.get(f"{d.url}{path}")
-        return shown(name, *texts, counts=counts)
+            try:
+                text: str = WebDriverWait(chromium, UI_WAIT).until(ready)
+            except Exception:
+                chromium.save_screenshot(str(d.screenshots / f"failed-{name}.png"))
+                body = chromium.find_element(By.TAG_NAME, "body").text
+                pytest.fail(
+                    f"{name}: not all of {texts} {counts or ''} shown within {UI_WAIT} s; the page says:\n{body[:3000]}"
+                )
+            (d.screenshots / f"{name}.txt").write_text(text, encoding="utf-8")
+            for folder in shots:
+                chromium.save_screenshot(str(folder / f"deploy-{name}.png"))
+            return text
 
-    # Lineage: the six groups in their order (extract → stage → core → dedup → report, and sync).
-    page("/asset-groups", "lineage", "extract", "stage", "core", "dedup", "report", "sync")
-    # The core group's graph: each entity materialized, its checks passed.
-    page(f"/locations/{LOCATION}/asset-groups/core", "core-group", "core_customer", "core_sales_rep",
-         counts={"Materialized": 2, "2 / 2 Passed": 2})  # fmt: skip
-    # A core asset: its owner, tags, description, freshness, and the numbers the plots are drawn from.
-    page("/assets/core_customer", "core-asset", "crm-integration", "crmi/layer: core", "crosswalk",
-         "Freshness policy", "Passing", "rows_read", "rejected", "duration_seconds")  # fmt: skip
-    # Its checks: both succeeded; the one that balances the rows, opened, says what it checks.
-    chromium.get(f"{d.url}/assets/core_customer?view=checks")
-    WebDriverWait(chromium, UI_WAIT).until(
-        lambda driver: "check_core_rules" in driver.find_element(By.TAG_NAME, "body").text
-    )
-    chromium.find_element(By.XPATH, "//*[starts-with(normalize-space(text()), 'check_every_ro')]").click()
-    shown("core-checks", "Each source row is loaded, merged or rejected", "Passed", counts={"Succeeded": 2})
-    # Automation: every schedule and sensor of both code locations, with what starts it.
-    page("/automation", "automation", "alert_failed_runs", "alert_failed_checks", "undo_failed_load_runs",
-         "sync_u8_outbox", "sync_u8_inbound_schedule", "sync_u8_outbound_schedule", "sync_u8_checks_schedule",
-         SCHEDULE, SENSOR, "Scheduled Every 5 minutes", "Scheduled Every minute",
-         counts={"Run status sensor": 2, "Standard sensor": 3, "Scheduled Every": 4})  # fmt: skip
+        def page(path: str, name: str, *texts: str, counts: dict[str, int] | None = None) -> str:
+            chromium.get(f"{d.url}{path}")
+            return shown(name, *texts, counts=counts)
+
+        # Lineage: the six groups in their order (extract → stage → core → dedup → report, and sync).
+        page("/asset-groups", "lineage", "extract", "stage", "core", "dedup", "report", "sync")
+        # The core group's graph: each entity materialized, its checks passed.
+        page(f"/locations/{LOCATION}/asset-groups/core", "core-group", "core_customer", "core_sales_rep",
+             counts={"Materialized": 2, "2 / 2 Passed": 2})  # fmt: skip
+        # A core asset: its owner, tags, description, freshness, and the numbers the plots are drawn from.
+        page("/assets/core_customer", "core-asset", "crm-integration", "crmi/layer: core", "crosswalk",
+             "Freshness policy", "Passing", "rows_read", "rejected", "duration_seconds")  # fmt: skip
+        # Its checks: both succeeded; the one that balances the rows, opened, says what it checks.
+        chromium.get(f"{d.url}/assets/core_customer?view=checks")
+        WebDriverWait(chromium, UI_WAIT).until(
+            lambda driver: "check_core_rules" in driver.find_element(By.TAG_NAME, "body").text
+        )
+        chromium.find_element(By.XPATH, "//*[starts-with(normalize-space(text()), 'check_every_ro')]").click()
+        shown(
+            "core-checks", "Each source row is loaded, merged or rejected", "Passed", counts={"Succeeded": 2}
+        )
+        # Automation: every schedule and sensor of both code locations, with what starts it.
+        page("/automation", "automation", "alert_failed_runs", "alert_failed_checks", "undo_failed_load_runs",
+             "sync_u8_outbox", "sync_u8_inbound_schedule", "sync_u8_outbound_schedule", "sync_u8_checks_schedule",
+             SCHEDULE, SENSOR, "Scheduled Every 5 minutes", "Scheduled Every minute",
+             counts={"Run status sensor": 2, "Standard sensor": 3, "Scheduled Every": 4})  # fmt: skip
 
 
-@pytest.mark.slow
-@pytest.mark.postgres
-@pytest.mark.xdist_group("deploy")
-def test_no_planted_secret_in_graphql_storage_files_or_logs(deployment: Deployment) -> None:
+def no_planted_secret_in_graphql_storage_files_or_logs(deployment: Deployment) -> None:
     """No planted secret in the run configs, the UI's resource and instance views, the storage database,
     the instance's files (compute logs, step outputs), the reports, or the processes' own logs."""
     d = deployment
@@ -959,10 +946,7 @@ def test_no_planted_secret_in_graphql_storage_files_or_logs(deployment: Deployme
             )
 
 
-@pytest.mark.slow
-@pytest.mark.postgres
-@pytest.mark.xdist_group("deploy")
-def test_the_health_check_passes_and_pruning_keeps_the_newest_run_of_each_job(deployment: Deployment) -> None:
+def health_check_passes_and_pruning_keeps_the_newest_run_of_each_job(deployment: Deployment) -> None:
     """The systemd timer's health check, then `prune_runs.py --days 0 --keep 1` (last: it deletes runs)."""
     d = deployment
     migration = d.migration()
@@ -991,3 +975,26 @@ def test_the_health_check_passes_and_pruning_keeps_the_newest_run_of_each_job(de
         per_job[run["jobName"]] = per_job.get(run["jobName"], 0) + 1
     assert per_job == dict.fromkeys(jobs, 1)
     assert d.status(migration) == "SUCCESS"
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_the_production_instance_queues_runs_fires_automations_shows_the_ui_and_keeps_secrets(
+    deployment: Deployment, subtests: pytest.Subtests
+) -> None:
+    """Every scenario above on the one deployment, in order, each reported as a subtest.
+
+    One test function rather than one per scenario: pytest-xdist's `xdist_group` (which would keep separate
+    tests on one worker) has no effect with pytest 9, and on two workers each would start a deployment.
+    """
+    for scenario in (
+        queue_holds_a_second_run_per_sync_target_and_a_second_core_job_per_core,
+        rollback_ran_after_the_migration_on_its_core_and_its_failure_reached_the_webhook,
+        migration_ran_through_the_daemon_and_the_multiprocess_executor_on_the_postgresql_core,
+        daemon_fired_the_schedule_and_the_sensor,
+        ui_shows_the_asset_graph_a_core_assets_checks_and_the_automations,
+        no_planted_secret_in_graphql_storage_files_or_logs,
+        health_check_passes_and_pruning_keeps_the_newest_run_of_each_job,
+    ):
+        with subtests.test(msg=scenario.__name__):
+            scenario(deployment)
