@@ -7,13 +7,15 @@ builds nothing, so ``crmi run --project X`` works from any folder.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from crm_core.db import core_url, current_revision, head_revision, make_engine
+from crm_core.errors import ConfigError
 from crm_core.runs import abort_run
 from integration.assets import (
     CoreDatabase,
@@ -36,11 +38,51 @@ from integration.failures import cause_line
 from integration.pipeline import MODE_TAG, Migration, RunOptions
 from integration.project import project_dir
 
+CORE_TAG = "crmi/core"  # the run queue allows one run per value (deploy/dagster.yaml)
 MIGRATION_JOB = "migration"
 DELTA_JOB = "migration_delta"
 TRIAL_JOB = "migration_trial"
 TRIAL_SAMPLE = 500
 ROLLBACK_JOB = "rollback"
+EXECUTOR_ENV = "CRMI_DAGSTER_EXECUTOR"  # multiprocess (default), k8s or celery: docs/deploy.md
+
+
+def core_identity(url: str) -> str:
+    """Return the core database's identity for the ``crmi/core`` run tag: its address without credentials.
+
+    Two code locations (or two spellings of one URL with different passwords) writing to the same database
+    get the same value, so the run queue's limit of one run per value holds; no password or query string
+    (which may carry one) is ever part of it.
+    """
+    parsed = make_url(url)
+    bare = URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port, parsed.database)
+    return bare.render_as_string(hide_password=False)
+
+
+def cluster_executor() -> dg.ExecutorDefinition | None:
+    """Return the executor ``$CRMI_DAGSTER_EXECUTOR`` names for the PostgreSQL jobs; None: multiprocess.
+
+    ``k8s`` (dagster-k8s: one pod per step) and ``celery`` (dagster-celery: steps as Celery tasks) run the
+    same definitions past one machine; their run config is in deploy/k8s and deploy/celery.
+    """
+    name = os.environ.get(EXECUTOR_ENV, "").strip().lower()
+    if name in ("", "multiprocess"):
+        return None
+    try:
+        if name == "k8s":
+            from dagster_k8s import k8s_job_executor
+
+            return k8s_job_executor
+        if name == "celery":
+            from dagster_celery import celery_executor
+
+            return celery_executor
+    except ImportError as exc:
+        raise ConfigError(
+            f"{EXECUTOR_ENV}={name}: {exc.name} is not installed in this environment; "
+            f"pip install dagster-{name} (the release matching Dagster's)"
+        ) from None
+    raise ConfigError(f"{EXECUTOR_ENV}={name!r} is not an executor; choose multiprocess, k8s or celery")
 
 
 def report_root() -> Path:
@@ -107,9 +149,10 @@ def build_definitions(
         # grew with the engagement (4.4 GB at 1,000,000 source rows) instead of with its largest step.
         "io_manager": dg.FilesystemIOManager(),
     }
-    # SQLite allows one writer: run steps in one process there; PostgreSQL takes the default executor.
+    # SQLite allows one writer: run steps in one process there; PostgreSQL takes the default executor
+    # (multiprocess) or the cluster's ($CRMI_DAGSTER_EXECUTOR).
     sqlite = make_url(core_url(core_database_url)).get_backend_name() == "sqlite"
-    executor = dg.in_process_executor if sqlite else None
+    executor = dg.in_process_executor if sqlite else cluster_executor()
     sync = sync_definitions(migration.project.sync, core_database_url, executor)
     assets.extend(sync.assets)
     # A project whose sync brings receivables or receipts in gets order_to_cash, its check, job and schedule.
@@ -124,35 +167,46 @@ def build_definitions(
     # those have jobs of their own.
     migration_assets = dg.AssetSelection.all() - dg.AssetSelection.groups(SYNC_GROUP, FINANCE_GROUP)
 
+    # One writer per core database (the run queue's `crmi/core` limit, deploy/dagster.yaml); a trial writes
+    # to a scratch core of its own and carries none.
+    core_tag = {CORE_TAG: core_identity(core_url(core_database_url))}
+
     def migration_job(name: str, description: str, options: RunOptions, executor: Any) -> Any:
+        tags = options.tags() if options.mode == "trial" else {**options.tags(), **core_tag}
         return dg.define_asset_job(
             name, selection=migration_assets, description=description, executor_def=executor,
-            hooks={undo_failed_run}, tags=options.tags(),
+            hooks={undo_failed_run}, tags=tags,
         )  # fmt: skip
 
     full = migration_job(
         MIGRATION_JOB,
-        f"Full run of project '{migration.project.name}': read every source, map, validate, load, reconcile. "
-        "A failed step undoes the run.",
+        f"Use for the first load of project '{migration.project.name}', each go-live rehearsal, and after a "
+        "mapping changed: reads every source in full, maps, validates, loads the core, reconciles. A failed "
+        "step undoes the whole run. One run per core database at a time (tag crmi/core).",
         RunOptions(mode="full"),
         executor,
     )
     delta = migration_job(
         DELTA_JOB,
-        "Delta run (cutover weekend, scheduled syncs): incremental sources read only what changed since "
-        "their watermark.",
+        "Use on the cutover weekend and between rehearsals, after a full run: brings the core up to date "
+        "with what changed in the sources (incremental sources read only what changed since their "
+        "watermark). A failed step undoes the run. One run per core database at a time (tag crmi/core).",
         RunOptions(mode="delta"),
         executor,
     )
     trial = migration_job(
         TRIAL_JOB,
-        f"Trial run: at most {TRIAL_SAMPLE} rows per source into a scratch SQLite core under var/trial/<run id>/ "
+        f"Use before the first real run or after editing a mapping, to see rejects and reconciliation early: "
+        f"at most {TRIAL_SAMPLE} rows per source into a scratch SQLite core under var/trial/<run id>/ "
         "(change the sample with the crmi/sample tag); the real core is not touched.",
         RunOptions(mode="trial", sample=TRIAL_SAMPLE),
         dg.in_process_executor,  # the scratch core is SQLite
     )
     rollback = dg.GraphDefinition(name=ROLLBACK_JOB, node_defs=[rollback_load_run]).to_job(
-        description="Undo one load run (config: run_id, cascade), exactly as `crmi rollback` does.",
+        description="Use when a finished load run put wrong data into the core: undoes that one run "
+        "(config: run_id as `crmi runs list` shows it, cascade), exactly as `crmi rollback` does. Failed runs "
+        "need no rollback: they are undone by themselves.",
+        tags=core_tag,
     )
     return dg.Definitions(
         assets=assets,

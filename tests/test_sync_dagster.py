@@ -150,6 +150,38 @@ def test_the_migration_jobs_leave_the_sync_out_and_each_target_gets_jobs_schedul
     assert SECRET not in repr(defs.resolve_job_def("sync_u8_outbound_job").tags)
 
 
+def test_the_jobs_that_write_the_core_carry_its_address_for_the_run_queue(
+    tmp_path: Path, demo_project: Path
+) -> None:
+    """One writer per core: `crmi/core` on migration, delta and rollback (no password); none on a trial."""
+    url = "postgresql+psycopg://crm:s3cret-pw@db.example:5432/core?password=s3cret-pw"
+    defs = build_definitions(demo_project, url)
+    for name in (MIGRATION_JOB, DELTA_JOB, "rollback"):
+        tag = defs.resolve_job_def(name).tags.get("crmi/core")
+        assert tag == "postgresql+psycopg://crm@db.example:5432/core", name
+    assert "crmi/core" not in defs.resolve_job_def(TRIAL_JOB).tags
+    # Another password for the same database: the same identity, so the queue's limit still holds.
+    other = build_definitions(demo_project, url.replace("s3cret-pw", "rotated"))
+    assert other.resolve_job_def(MIGRATION_JOB).tags["crmi/core"] == tag
+
+
+def test_sync_assets_name_their_owner_and_target_and_inbound_has_a_freshness_policy(
+    demo_project: Path,
+) -> None:
+    """What the UI shows at a glance: owner, tags to filter by, and when the inbound side is overdue."""
+    defs = build_definitions(demo_project, "sqlite:///unused.sqlite")
+    graph = defs.resolve_asset_graph()
+    for direction in ("inbound", "outbound"):
+        spec = graph.get(dg.AssetKey(f"sync_u8_{direction}"))
+        assert spec.owners == ["team:crm-integration"]
+        assert spec.tags["crmi/sync-target"] == "u8" and spec.tags["crmi/sync-direction"] == direction
+    inbound = graph.get(dg.AssetKey("sync_u8_inbound")).freshness_policy
+    assert isinstance(inbound, dg.FreshnessPolicy)
+    assert graph.get(dg.AssetKey("sync_u8_outbound")).freshness_policy is None
+    core = graph.get(dg.AssetKey("core_customer"))
+    assert core.freshness_policy is not None and core.tags["crmi/layer"] == "core" and core.owners
+
+
 def test_the_inbound_job_counts_every_row_as_metadata(env: tuple[Path, str]) -> None:
     project, url = env
     job = build_definitions(project, url).resolve_job_def("sync_u8_inbound_job")
@@ -163,6 +195,8 @@ def test_the_inbound_job_counts_every_row_as_metadata(env: tuple[Path, str]) -> 
     assert counts["received"] > 0 and counts["unchanged"] == counts["received"]
     assert counts["applied"] == counts["rejected"] == counts["sent"] == 0
     assert str(first.metadata["load_run"].value).startswith("sync-u8-inbound-")
+    duration = first.metadata["duration_seconds"]
+    assert isinstance(duration, dg.FloatMetadataValue) and (duration.value or 0) > 0
     [fresh] = result.get_asset_check_evaluations()
     assert fresh.check_name == "check_inbound_freshness" and fresh.passed
     [second] = again.asset_materializations_for_node("sync_u8_inbound")

@@ -9,6 +9,8 @@
 # No ``from __future__ import annotations`` here: Dagster inspects the *objects* annotating ``context``
 # and asset inputs, and string annotations make it reject the definitions.
 
+import datetime as dt
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +49,18 @@ from integration.pipeline import (
 from integration.reports import markdown_table, quarantine_notes, unbalanced_reasons, write_reports
 
 MAX_PREVIEW_ROWS = 5
+# Who the UI names as the owner of an asset (Dagster wants an e-mail address or `team:<name>`).
+OWNER_INTEGRATION = "team:crm-integration"
+OWNER_STEWARDS = "team:data-stewards"
+LAYER_TAG = "crmi/layer"
+ENTITY_TAG = "crmi/entity"
+SOURCE_TAG = "crmi/source"
+# A core entity is overdue when no migration or delta run has loaded it for this long (the UI marks it,
+# Dagster's freshness daemon evaluates it): a warning after a day, a failure after a week. Between go-live
+# and the end of the engagement, when the sync keeps the core current instead, its checks are what to watch.
+CORE_FRESHNESS = dg.FreshnessPolicy.time_window(
+    fail_window=dt.timedelta(days=7), warn_window=dt.timedelta(days=1)
+)
 MAX_SAMPLE_ROWS = 20
 EXTRACT_RETRIES = 3
 
@@ -149,6 +163,10 @@ def raw_asset(migration: Migration, mapping: CompiledMapping) -> dg.AssetsDefini
         description=description,
         required_resource_keys={source_key, "project", "core"},
         kinds={migration.project.spec.sources[mapping.source].connector},
+        owners=[OWNER_INTEGRATION],
+        tags={LAYER_TAG: "extract", ENTITY_TAG: mapping.entity.name, SOURCE_TAG: mapping.source},
+        # The step's tag: an executor's tag_concurrency_limits can cap the readers of one source system.
+        op_tags={SOURCE_TAG: mapping.source},
         metadata={"mapping_file": str(mapping.file)},
     )
     def _raw(context: AssetExecutionContext) -> dg.Output[pd.DataFrame]:
@@ -239,6 +257,8 @@ def staged_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
         required_resource_keys={"project", "core"},
         check_specs=checks,
         kinds={"pandas"},
+        owners=[OWNER_INTEGRATION],
+        tags={LAYER_TAG: "stage", ENTITY_TAG: entity},
         metadata={"validation_rules": dg.MetadataValue.json(rules)},
     )
     def _staged(context: AssetExecutionContext, **raw: pd.DataFrame) -> Any:
@@ -345,14 +365,21 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
     @dg.asset(
         name=f"core_{entity}",
         group_name="core",
-        description=f"{entity} records in the CRM core, upserted by crosswalk in one transaction.",
+        description=f"The {entity} records of the CRM core: each migration or delta run inserts new ones and "
+        "updates changed ones by their source keys (crosswalk), in one transaction. Rows read, inserted, "
+        "updated, merged and rejected, and the load's duration, are plotted per run; both checks must pass "
+        "or the run is undone. Overdue after a day without a load (a week: failed).",
         ins={"staged": dg.AssetIn(key=f"staged_{entity}")},
         deps=deps,
         required_resource_keys={"core", "project"},
         check_specs=checks,
         kinds={"sqlalchemy"},
+        owners=[OWNER_INTEGRATION],
+        tags={LAYER_TAG: "core", ENTITY_TAG: entity},
+        freshness_policy=CORE_FRESHNESS,
     )
     def _core(context: AssetExecutionContext, staged: StagedEntity) -> Any:
+        started = time.monotonic()
         core: CoreDatabase = context.resources.core
         project: MigrationProject = context.resources.project
         with _load_run_step(context, core, migration.project.name) as engine:
@@ -371,7 +398,8 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
             }
             yield dg.MaterializeResult(
                 metadata={
-                    **totals,
+                    **{key: dg.MetadataValue.int(int(value)) for key, value in totals.items()},
+                    "duration_seconds": dg.MetadataValue.float(round(time.monotonic() - started, 3)),
                     "by_source": dg.MetadataValue.md(_stats_table(stats)),
                     "core": core.location(),
                 }
@@ -380,7 +408,10 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
             yield from _blocking(context, engine, dg.AssetCheckResult(
                 check_name="check_every_row_accounted_for",
                 passed=not unbalanced,
-                metadata={"unbalanced_sources": dg.MetadataValue.json(unbalanced)},
+                metadata={
+                    "unbalanced_sources": dg.MetadataValue.json(unbalanced),
+                    "unbalanced_count": dg.MetadataValue.int(len(unbalanced)),  # plotted per run
+                },
             ), f"rows read ≠ loaded + merged + rejected for {', '.join(unbalanced)}")  # fmt: skip
             with session_factory(engine)() as session:
                 violations = core_violations(session, entity)
@@ -390,6 +421,7 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
                 passed=not broken,
                 metadata={
                     "failing_rows_by_rule": dg.MetadataValue.json({v.rule: v.count for v in violations}),
+                    "failing_rows": dg.MetadataValue.int(sum(v.count for v in violations)),  # plotted per run
                     "sample": dg.MetadataValue.md(
                         "\n\n".join(
                             f"**{v.rule}**: {v.message}\n\n{markdown_table(pd.DataFrame(v.sample))}"
@@ -409,6 +441,8 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
     @dg.asset(
         name="reconciliation_report",
         group_name="report",
+        owners=[OWNER_INTEGRATION],
+        tags={LAYER_TAG: "report"},
         description="Per source and entity: rows read = loaded + merged + rejected + held, the money read vs "
         "loaded, merged and quarantined, and what the core holds.",
         deps=[f"core_{e}" for e in migration.entities]
@@ -519,6 +553,8 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
     @dg.asset(
         name="customer_match_candidates",
         group_name="dedup",
+        owners=[OWNER_STEWARDS],
+        tags={LAYER_TAG: "dedup"},
         deps=core_deps,
         required_resource_keys={"core", "project"},
         kinds={"recordlinkage"},
@@ -549,6 +585,8 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
     @dg.asset(
         name="golden_customers",
         group_name="dedup",
+        owners=[OWNER_STEWARDS],
+        tags={LAYER_TAG: "dedup"},
         ins={"candidates": dg.AssetIn(key="customer_match_candidates")},
         required_resource_keys={"core"},
         check_specs=[
@@ -588,6 +626,8 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
     @dg.asset(
         name="customer_review_queue",
         group_name="dedup",
+        owners=[OWNER_STEWARDS],
+        tags={LAYER_TAG: "dedup"},
         deps=["golden_customers"],
         required_resource_keys={"core"},
         kinds={"pandas"},
@@ -610,6 +650,8 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
     @dg.asset(
         name="golden_contacts",
         group_name="dedup",
+        owners=[OWNER_STEWARDS],
+        tags={LAYER_TAG: "dedup"},
         deps=["golden_customers", *(["core_contact"] if "contact" in migration.entities else [])],
         required_resource_keys={"core"},
         kinds={"recordlinkage"},

@@ -22,6 +22,7 @@ The migration jobs leave the ``sync`` group out (integration.jobs), so ``crmi ru
 
 import datetime as dt
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ from crm_core.db import session_factory
 from crm_core.errors import CrmError, SyncError
 from crm_core.models import LoadRun, SyncConflict, SyncOutbox
 from crm_core.watermarks import read_watermark
+from integration.assets.factories import LAYER_TAG, OWNER_INTEGRATION
 from integration.assets.resources import CoreDatabase, MigrationProject
 from integration.failures import cause_line, frames, shorten
 from integration.sync.engine import SyncReport, run_sync
@@ -124,6 +126,11 @@ def sync_asset(target: CompiledTarget, direction: str) -> dg.AssetsDefinition:
         "through the outbox: trade ids, retries with backoff, dead letters, keys written back."
     )
     schedule = getattr(target.spec.schedule, direction)
+    freshness = None
+    if direction == "inbound":  # overdue in the UI after one interval of its schedule, failed after two
+        limit = freshness_limit(target)
+        freshness = dg.FreshnessPolicy.time_window(fail_window=limit, warn_window=limit / 2)
+        description += f" Overdue when no inbound sync ended in the last {_hours(limit / 2)}."
 
     @dg.asset(
         name=asset_name(name, direction),
@@ -131,6 +138,9 @@ def sync_asset(target: CompiledTarget, direction: str) -> dg.AssetsDefinition:
         description=description,
         required_resource_keys={"core", "project"},
         kinds={"sqlalchemy"},
+        owners=[OWNER_INTEGRATION],
+        tags={LAYER_TAG: "sync", TARGET_TAG: name, DIRECTION_TAG: direction},
+        freshness_policy=freshness,
         metadata={
             "sync_target": name,
             "direction": direction,
@@ -139,6 +149,7 @@ def sync_asset(target: CompiledTarget, direction: str) -> dg.AssetsDefinition:
         },
     )
     def _sync(context: dg.AssetExecutionContext) -> dg.MaterializeResult:  # type: ignore[type-arg]
+        started = time.monotonic()
         core: CoreDatabase = context.resources.core
         project: MigrationProject = context.resources.project
         try:
@@ -155,7 +166,9 @@ def sync_asset(target: CompiledTarget, direction: str) -> dg.AssetsDefinition:
             context.log.warning(
                 f"delivery to {name} paused: {shorten(report.delivery.stopped)} (retried later)"
             )
-        return dg.MaterializeResult(metadata=report_metadata(report))
+        metadata = report_metadata(report)
+        metadata["duration_seconds"] = dg.MetadataValue.float(round(time.monotonic() - started, 3))
+        return dg.MaterializeResult(metadata=metadata)
 
     return _sync
 
