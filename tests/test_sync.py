@@ -642,7 +642,28 @@ def test_a_queued_conflict_is_settled_by_a_person_as_a_run_of_its_own(
         u8_phone = u8_rows(url, 'SELECT "cCusPhone" FROM "Customer" WHERE "cCusCode" = \'C001\'')[0][0]
         if take == "crm":
             assert phone == "+862111112222" and u8_phone == "+862111112222"
-        else:
-            assert phone == "+862199998888" and u8_phone == "021-99998888"
+        else:  # U8's number in the CRM; U8 gets it back as the CRM writes it (with anything else held back)
+            assert phone == "+862199998888" and u8_phone in ("021-99998888", "+862199998888")
         quiet = sync(project, core)
         assert quiet.delivery.sent == 0 and quiet.conflicts == 0
+
+
+def test_a_change_queued_before_its_conflict_opened_is_held_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """The CRM's phone change could not go out (U8 down); U8's user then changes the phone too: the queued
+    change is not sent while the conflict waits for a person (it would decide for the CRM)."""
+    entities = CUSTOMER.replace("direction: both\n", "direction: both\n        conflicts: queue\n", 1)
+    with running_u8(tmp_path, monkeypatch, sync_yaml(entities)) as (api, project, url):
+        sync(project, core)
+        huaxin = customer_by_name(core, "上海华鑫科技有限公司")
+        edit_record(core, "customer", huaxin.id, {"phone": "+862111112222"})
+        api.faults.extend(["503"] * 5)
+        down = sync(project, core)
+        assert down.delivery.applied == 0 and down.capture.queued == 1
+        api.faults.clear()
+        api.erp.update_customer("C001", cCusPhone="021-99998888")
+        held = sync(project, core)
+        assert held.conflicts_open == 1 and held.delivery.sent == 0
+        phone = 'SELECT "cCusPhone" FROM "Customer" WHERE "cCusCode" = \'C001\''
+        assert u8_rows(url, phone)[0][0] == "021-99998888"

@@ -611,3 +611,15 @@ def test_outcomes_keep_the_delivery_order_across_operations(client: U8Client, u8
     assert [o.status for o in outcomes] == ["applied"] * 4
     with pytest.raises(U8ApiError, match="unknown U8 operation"):
         client.deliver([Delivery("x", "customer/delete", {})])
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [("7", 7.0), ("-3", 0.0), ("inf", None), ("1e400", None), ("soon", None), ("99999999", 86_400.0),
+     ("Wed, 21 Oct 2099 07:28:00 -0000", 86_400.0), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)],
+)  # fmt: skip
+def test_a_retry_after_header_is_read_safely(header: str, expected: float | None) -> None:
+    """Seconds or an HTTP date (with or without a zone), never past a day; nonsense is ignored, not a crash."""
+    from integration.sync.transport import retry_after_seconds
+
+    assert retry_after_seconds(header) == expected

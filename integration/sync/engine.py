@@ -22,7 +22,7 @@ from crm_core.entities import ENTITIES
 from crm_core.errors import CrmError, SyncError
 from crm_core.journal import to_json
 from crm_core.loading import LINKED, get_or_start_run
-from crm_core.models import ExternalId, LoadRun, SyncConflict, SyncOutbox
+from crm_core.models import ExternalId, LoadRun, SyncConflict, SyncOutbox, SyncState
 from crm_core.runs import is_crashed, rollback_run
 from integration.sync.inbound import apply_ownership, loaded_values, record_exchange, with_cursor
 from integration.sync.outbox import (
@@ -561,14 +561,19 @@ def decide_conflict(migration: Any, engine: Engine, conflict_id: int, take: str,
         edit_record(engine, entity, entity_id, {field_name: taken}, actor=by, project=DECISION_PROJECT)
         with factory() as session, session.begin():
             close(session)
-            # Both sides now hold the target's value: the edit is not sent back to where it came from.
-            record_exchange(session, target, entity, {entity_id: {field_name: taken}},
-                            payload_hashes=_payload_hashes(session, target, entity, [entity_id]), run_id=None)  # fmt: skip
+            # Both sides now hold the target's value. The record's next document still goes out: it carries
+            # whatever the CRM changed while the conflict held the record back (and U8's value as the CRM
+            # writes it).
+            record_exchange(session, target, entity, {entity_id: {field_name: taken}}, run_id=None)
     else:
         with factory() as session, session.begin():
             close(session)
             run_key = f"edit-{by}-conflict-{conflict_id}-{uuid.uuid4().hex[:8]}"
             run = get_or_start_run(session, run_key, DECISION_PROJECT, mode="edit")
+            # Sent even when the last exchange left the same document (a field the CRM does not own).
+            session.execute(update(SyncState).where(
+                SyncState.target == target.name, SyncState.entity == entity, SyncState.entity_id == entity_id
+            ).values(payload_hash=None))  # fmt: skip
             capture_records(session, target, run.id, extra={entity: {entity_id}}, advance=False)
             run.status = "succeeded"
             run.finished_at = dt.datetime.now(dt.UTC)

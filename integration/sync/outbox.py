@@ -362,7 +362,7 @@ def _queue(
                        OUTBOX.c.status).where(
             OUTBOX.c.target == target.name, OUTBOX.c.entity == sync.entity,
             OUTBOX.c.status.in_(("pending", "waiting", "awaiting")), ids_in(connection, OUTBOX.c.entity_id, part),
-        )  # fmt: skip
+        ).order_by(OUTBOX.c.id)  # fmt: skip
         for row in session.execute(query):
             open_rows.setdefault(row.entity_id, []).append(row)
     now = _utcnow()
@@ -515,30 +515,47 @@ def deliver(
             return True
         return False
 
-    in_flight: tuple[list[dict[str, Any]], Future[Sequence[Delivered]]] | None = None
+    trade_ids: list[str] = []  # issued by the target, not yet stored on a row
+    unrecorded: list[tuple[list[dict[str, Any]], Future[Sequence[Delivered]]]] = []  # sent, oldest first
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sync-{target.name}") as sender:
-        while True:
-            rows = _next_batch(
-                factory, target, client, stats, now, [r["id"] for r in in_flight[0]] if in_flight else []
-            )
-            sending = (
-                sender.submit(client.deliver, [make_delivery(r["trade_id"], r["operation"], r["payload"]) for r in rows])
-                if rows else None
-            )  # fmt: skip
-            if in_flight is not None and record(*in_flight):
-                if sending is not None:  # already on the wire: its outcomes are recorded too
-                    record(rows, sending)
-                return stats
-            if sending is None:
-                return stats
-            in_flight = (rows, sending)
+        try:
+            while True:
+                sending_ids = [r["id"] for batch, _ in unrecorded for r in batch]
+                rows = _next_batch(factory, target, client, stats, now, sending_ids, trade_ids)
+                if rows:
+                    deliveries = [make_delivery(r["trade_id"], r["operation"], r["payload"]) for r in rows]
+                    unrecorded.append((rows, sender.submit(client.deliver, deliveries)))
+                if len(unrecorded) > 1 or (unrecorded and not rows):
+                    stopped = record(*unrecorded.pop(0))
+                    if (
+                        stopped
+                    ):  # the target answers nothing: what is on the wire is recorded, no more is sent
+                        while unrecorded:
+                            record(*unrecorded.pop(0))
+                        return stats
+                if not rows and not unrecorded:
+                    return stats
+        except BaseException:
+            # Whatever the target already answered is recorded before the error goes up (a resend would be
+            # applied once anyway, by trade id); what has not been sent yet is not sent.
+            for batch, sending in unrecorded:
+                if sending.cancel() or sending.exception() is not None:
+                    continue
+                try:
+                    record(batch, sending)
+                except Exception:  # the first error is the one to report
+                    break
+            raise
 
 
 def _next_batch(
     factory: Any, target: CompiledTarget, client: Transport, stats: DeliveryStats,
-    now: Callable[[], dt.datetime], in_flight: list[int],
+    now: Callable[[], dt.datetime], in_flight: list[int], trade_ids: list[str],
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Return the next due rows (not those in flight), each with its trade id stored; [] when none or down."""
+    """Return the next due rows (not those in flight), each with its trade id stored; [] when none or down.
+
+    ``trade_ids`` holds ids issued by the target and not yet given to a row (taken from, refilled).
+    """
     with factory() as session, session.begin():
         query = (
             select(OUTBOX)
@@ -548,35 +565,35 @@ def _next_batch(
         )  # fmt: skip
         if in_flight:
             query = query.where(OUTBOX.c.id.not_in(in_flight))
+        # A record whose conflict waits for a person is not sent, even if it was queued before the conflict.
+        conflicted = select(SyncConflict.id).where(
+            SyncConflict.target == OUTBOX.c.target, SyncConflict.entity == OUTBOX.c.entity,
+            SyncConflict.entity_id == OUTBOX.c.entity_id, SyncConflict.status == "open",
+        )  # fmt: skip
+        query = query.where(~conflicted.exists())
         rows = [dict(r) for r in session.execute(query).mappings()]
         missing = [r for r in rows if r["trade_id"] is None]
         if not missing:
             return rows
-        # Trade ids for the rows of the next batches too: one call and one commit for several batches.
-        ahead = session.scalars(
-            select(OUTBOX.c.id)
-            .where(OUTBOX.c.target == target.name, OUTBOX.c.status == "pending", OUTBOX.c.trade_id.is_(None),
-                   OUTBOX.c.id > max(r["id"] for r in rows))
-            .order_by(OUTBOX.c.id)
-            .limit(max(0, TRADE_ID_PREFETCH - len(missing)))
-        ).all()  # fmt: skip
-        try:
-            trade_ids = client.new_trade_ids(len(missing) + len(ahead))
-        except SyncError as exc:
-            if not getattr(exc, "transient", False):
-                raise
-            stats.stopped = str(exc)  # the target is down: the rows wait for the next run
-            wait = getattr(exc, "retry_after", None)
-            if wait:  # honour Retry-After: not before the target said
-                later = now() + dt.timedelta(seconds=float(wait))
-                session.execute(update(OUTBOX).where(OUTBOX.c.id.in_([r["id"] for r in rows]))
-                                .values(next_attempt_at=later))  # fmt: skip
-            return []
+        if len(trade_ids) < len(missing):
+            # Asked for many batches at once (one call), stored batch by batch: a row with a trade id is a
+            # row that may have been sent.
+            try:
+                trade_ids.extend(client.new_trade_ids(max(TRADE_ID_PREFETCH, len(missing) - len(trade_ids))))
+            except SyncError as exc:
+                if not getattr(exc, "transient", False):
+                    raise
+                stats.stopped = str(exc)  # the target is down: the rows wait for the next run
+                wait = getattr(exc, "retry_after", None)
+                if wait:  # honour Retry-After: not before the target said
+                    later = now() + dt.timedelta(seconds=float(wait))
+                    session.execute(update(OUTBOX).where(OUTBOX.c.id.in_([r["id"] for r in rows]))
+                                    .values(next_attempt_at=later))  # fmt: skip
+                return []
         # Stored before the first send: a resend after a crash replays the same trade id.
-        for row, trade_id in zip(missing, trade_ids[: len(missing)], strict=True):
-            row["trade_id"] = trade_id
+        for row in missing:
+            row["trade_id"] = trade_ids.pop(0)
         assigned = [{"_id": r["id"], "trade_id": r["trade_id"]} for r in missing]
-        assigned += [{"_id": i, "trade_id": t} for i, t in zip(ahead, trade_ids[len(missing) :], strict=True)]
         session.execute(
             update(OUTBOX).where(OUTBOX.c.id == bindparam("_id")).values(trade_id=bindparam("trade_id")),
             assigned,

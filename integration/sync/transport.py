@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from crm_core.errors import mask_secrets
 
 # HTTP statuses that say the service is unwell now: the rest of the call is held back too.
 STOP_STATUSES = frozenset({429, 502, 503, 504})
+MAX_RETRY_AFTER = 86_400.0  # a Retry-After further out than a day is read as a day
 
 
 @dataclass(frozen=True)
@@ -60,18 +62,22 @@ class Transient(Exception):
 
 
 def retry_after_seconds(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date)."""
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), at most a day; None if unreadable."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # "-0000" or no zone: HTTP dates are in GMT
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = (when - dt.datetime.now(dt.UTC)).total_seconds()
+    if not math.isfinite(seconds):
         return None
-    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 def scrub(text: str, secrets: Iterable[str | None]) -> str:
