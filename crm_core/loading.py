@@ -643,11 +643,16 @@ class EntityLoader:
         survivors = self._merged_targets(target)
         remaining = []
         decided: set[Any] = set()
+        may_mean: dict[Any, tuple[int, ...]] = {}
         for value in unresolved:
             decision = decisions.get(keys[value])
             if decision is not None and decision.status == "linked" and decision.target_id is not None:
                 ids[value] = _follow(survivors, decision.target_id)
                 decided.add(value)
+                listed = [int(c["id"]) for c in decision.candidates or [] if c.get("id") is not None]
+                may_mean[value] = tuple(
+                    dict.fromkeys(_follow(survivors, i) for i in (decision.target_id, *listed))
+                )
             elif decision is not None and decision.status == "no_match":
                 reasons[value] = (
                     f"{decision.decided_by} decided that no {target} is named '{value}' (reference {decision.id})"
@@ -656,7 +661,6 @@ class EntityLoader:
                 remaining.append(value)
         found = self.name_resolvers[target](target, [str(v) for v in remaining]) if remaining else {}
         held: dict[Any, int] = {}
-        may_mean: dict[Any, tuple[int, ...]] = {}
         for value in remaining:
             match = found.get(str(value), NameMatch(None))
             may_mean[value] = tuple(dict.fromkeys(_follow(survivors, i) for i in match.candidate_ids))
@@ -710,11 +714,12 @@ class EntityLoader:
         A reference field both entities have, pointing at the same entity (an opportunity's ``owner`` and its
         customer's ``owner``), is evidence: of the customers a name may mean, the only one the row's owner
         owns (in any record merged into it) is the one meant. A held row (a name two firms share) is told
-        apart by whose deal it is. Else, when the resolver can compare a name within a set of records
-        (``among``), the owner's own customers are searched: a held row, or a row whose name found a customer
-        its owner does not own (a bare trade name another firm is also called), goes to the one customer of
-        the owner's book the name clearly means; the resolver keeps a name written in full with its region
-        on the customer it names. A steward's decision is never overridden; rows nothing decides stay.
+        apart by whose deal it is, and so is a row of a name a steward linked, when its owner owns exactly
+        one of the candidates the steward saw. Else, when the resolver can compare a name within a set of
+        records (``among``), the owner's own customers are searched: a held row, or a row whose name found a
+        customer with another owner (a bare trade name another firm is also called), goes to the one
+        customer of the owner's book the name clearly means; the resolver keeps a name written in full on
+        the customer it names. A customer nobody owns is no evidence either way; rows nothing decides stay.
         """
         target_refs = ENTITIES[target].references
         shared = [
@@ -741,25 +746,37 @@ class EntityLoader:
                 for f, refs in row_refs.items() if index_value in refs
             )  # fmt: skip
 
+        def disowns(index_value: Any, record_id: int) -> bool:
+            """The record has an owner, and it is not the row's."""
+            return any(
+                owned[f].get(record_id) and refs[index_value] not in owned[f][record_id]
+                for f, refs in row_refs.items() if index_value in refs
+            )  # fmt: skip
+
         current: dict[Any, Any] = column.to_dict()
-        doubtful = [i for i in rows if values.at[i] not in decided
-                    and ((current[i] is None and values.at[i] in held)
-                         or (current[i] is not None and not owns(i, current[i])))]  # fmt: skip
-        # Else the row's owner's own customers: the one its name clearly means there (a look-alike character,
-        # a bare trade name), when the resolver can compare names within a set of records.
         among = getattr(self.name_resolvers[target], "among", None)
         books = {f: self._books(target, f) for f in shared} if among is not None else {}
-        for index_value in doubtful:
-            options = candidates.get(values.at[index_value], ())
+        settled: dict[tuple[Any, ...], int | None] = {}  # (name, the row's owners, current) -> pick
+        for index_value in rows:
+            value, found = values.at[index_value], current[index_value]
+            if (found is None and value not in held) or (
+                found is not None and not disowns(index_value, found)
+            ):
+                continue
+            options = candidates.get(value, ())
             picks = [c for c in options if owns(index_value, c)]
             pick: int | None = None
-            if current[index_value] is None and len(options) > 1 and len(picks) == 1:
-                pick = picks[0]  # a held row: whose deal it is tells its namesakes apart
-            elif among is not None:
-                book = set.intersection(*(books[f].get(refs[index_value], set())
-                                          for f, refs in row_refs.items() if index_value in refs))  # fmt: skip
-                pick = among(str(values.at[index_value]), book, current[index_value])
-            if pick is not None and pick != current[index_value]:
+            if (found is None or value in decided) and len(options) > 1 and len(picks) == 1:
+                pick = picks[0]  # whose deal it is tells the name's candidates apart (a steward's too)
+            elif among is not None and value not in decided:
+                mine = tuple(refs[index_value] for refs in row_refs.values() if index_value in refs)
+                key = (value, mine, found)
+                if key not in settled:
+                    book = set.intersection(*(books[f].get(refs[index_value], set())
+                                              for f, refs in row_refs.items() if index_value in refs))  # fmt: skip
+                    settled[key] = among(str(value), book, found)
+                pick = settled[key]
+            if pick is not None and pick != found:
                 column.at[index_value] = pick
 
     def _books(self, entity: str, field: str) -> dict[Any, set[int]]:

@@ -353,9 +353,29 @@ def test_the_deals_owner_tells_apart_the_customers_a_name_may_mean(engine: sa.En
     waiting = reference_queue(engine)
     assert [w["rows_held"] for w in waiting] == [2]  # D3 and D4
     assert {c["id"] for c in waiting[0]["candidates"]} >= {ids["C1"], ids["C2"]}
-    # The sheet is fixed: the two deals get their owner. Nothing waits on the name any more.
-    attached = load_owned_deals(engine, "r3", [("D3", "腾达科技", "李娜"), ("D4", "腾达科技", "李娜")])
-    assert attached["D3"] == ids["C2"] and reference_queue(engine) == []
+    # A steward links the name to 北京腾达 (C2): the held rows load there; 张伟's deal stays on his customer.
+    decide_reference(engine, int(waiting[0]["reference"][1:]), record_id=ids["C2"], steward="li", run_key="d1",
+                     project="test")  # fmt: skip
+    attached = load_owned_deals(engine, "r3", [("D1", "腾达科技", "张伟"), ("D3", "腾达科技", "王芳"),
+                                               ("D4", "腾达科技", None)])  # fmt: skip
+    assert (attached["D1"], attached["D3"], attached["D4"]) == (ids["C1"], ids["C2"], ids["C2"])
+    assert reference_queue(engine) == []
+
+
+def test_a_name_written_in_full_keeps_its_customer_whoever_owns_it(engine: sa.Engine) -> None:
+    """腾达科技有限公司 is 刘强's 腾达科技, though 张明 owns 腾达贸易; 华鑫科技 stays off 张明's 骅鑫科技; a customer
+    nobody owns is no evidence: 张明's deal naming 恒信 stays on the only 恒信 there is."""
+    ids = seed_book(engine, ["张明", "刘强"], [
+        {"_external_key": "T1", "name": "腾达科技有限公司", "owner": "U2"},
+        {"_external_key": "T2", "name": "腾达贸易有限公司", "owner": "U1"},
+        {"_external_key": "T3", "name": "华鑫科技有限公司", "owner": "U2"},
+        {"_external_key": "T4", "name": "骅鑫科技有限公司", "owner": "U1"},
+        {"_external_key": "T5", "name": "恒信", "owner": None},
+        {"_external_key": "T6", "name": "成都恒信机械有限公司", "owner": "U1"},
+    ])  # fmt: skip
+    attached = load_owned_deals(engine, "r2", [("J1", "腾达科技有限公司", "张明"), ("J2", "华鑫科技有限公司", "张明"),
+                                               ("J3", "恒信", "张明")])  # fmt: skip
+    assert (attached["J1"], attached["J2"], attached["J3"]) == (ids["T1"], ids["T3"], ids["T5"])
 
 
 def test_a_bare_trade_name_found_on_another_owners_customer_moves_to_the_owners_one(

@@ -293,28 +293,32 @@ class CustomerNames:
     def among(self, name: str, ids: Collection[int], current: int | None = None) -> int | None:
         """Return the one customer of ``ids`` (a salesperson's own book) ``name`` clearly means, else None.
 
-        ``current`` is the customer the name found elsewhere: kept (None) when the name is written in full
-        with its region exactly as that customer's, since a whole name outweighs whose book it is in.
+        ``current`` is the customer the name found elsewhere: kept (None) when the name carries its industry
+        and that customer is written the same way (trade name and industry, no other region), since a whole
+        name outweighs whose book it is in; only a weak name (a bare trade name) is settled by the book.
 
-        Each customer scores the best of its name variants: the trade name's and the whole core's
-        Chinese-aware similarity (a bare trade name 亿越 is 佛山亿越建设工程's), none when a region written
-        on both sides differs or one is a branch. The best must reach ``IN_BOOK`` and lead the next by
+        Each customer scores the best of its name variants: 1.0 for the same trade name (in toneless
+        pinyin) unless both name an industry and they differ, else the trade name's and the whole core's
+        Chinese-aware similarity (a bare trade name 亿越 is 佛山亿越建设工程's); none when a region written on
+        both sides differs or one is a branch. The best must reach ``IN_BOOK`` and lead the next by
         ``CLOSE_NAME_MARGIN``.
         """
         written = name_variant(name)
         if written is None or not ids:
             return None
+        written_trade = trade_name(written.core)
+        written_canonical = canonical_industry(written.core)
+        written_industry = written_canonical[len(written_trade) :]
         if (
             current is not None
-            and written.region
+            and written_industry
             and any(
-                known.core == written.core and known.region == written.region
+                canonical_industry(known.core) == written_canonical
+                and (not written.region or not known.region or known.region == written.region)
                 for known in self._variants_of.get(current, ())
             )
         ):
             return None
-        written_trade = trade_name(written.core)
-        written_industry = canonical_industry(written.core)[len(written_trade) :]
         scored: list[tuple[float, int]] = []
         regions: dict[int, set[str]] = {}
         for survivor in ids:
@@ -324,15 +328,18 @@ class CustomerNames:
                     written.region and known.region and known.region != written.region
                 ):
                     continue
-                if known.brand == written.brand:
+                known_trade = trade_name(known.core)
+                known_industry = canonical_industry(known.core)[len(known_trade) :]
+                if known.brand == written.brand and (
+                    not written_industry or not known_industry or known_industry == written_industry
+                ):
                     best = 1.0
                     regions.setdefault(survivor, set()).update([known.region] if known.region else [])
                     continue
-                known_trade = trade_name(known.core)
                 similarity = max(variant_similarity(written.core, known.core),
                                  variant_similarity(written_trade, known_trade))  # fmt: skip
                 if (similarity < IN_BOOK and written.region and known.region == written.region and written_industry
-                        and canonical_industry(known.core)[len(known_trade):] == written_industry
+                        and known_industry == written_industry
                         and len(known_trade) == len(written_trade) >= 2
                         and distance.Hamming.distance(known_trade, written_trade) == 1):  # fmt: skip
                     similarity = IN_BOOK  # one trade-name character off, same city, industry and salesperson
