@@ -726,19 +726,39 @@ def test_admins_manage_users_in_the_browser(sqlite_core: sa.Engine) -> None:
     page = admin.get("/users").text
     with sqlite_core.connect() as connection:
         hashes = connection.scalars(sa.select(USERS.c.password_hash)).all()
-    assert not any(h in page for h in hashes) and "scrypt$" not in page
+    assert not any(h in page for h in hashes) and "$argon2" not in page
     audit = admin.get("/audit").text
     assert "added viewer &#39;sun&#39;" in audit and "disabled &#39;wang&#39;" in audit
-    assert "scrypt$" not in audit and PASSWORD not in audit
+    assert "$argon2" not in audit and PASSWORD not in audit
 
 
-def test_passwords_are_salted_scrypt_hashes() -> None:
+def test_passwords_are_salted_argon2id_hashes() -> None:
     first, second = security.hash_password(PASSWORD), security.hash_password(PASSWORD)
-    assert first != second and first.startswith("scrypt$16384$8$1$")
+    assert first != second and first.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
     assert security.verify_password(PASSWORD, first) and not security.verify_password(PASSWORD + "!", first)
+    assert not security.needs_rehash(first)
     assert not security.verify_password(PASSWORD, "garbage") and not security.verify_password(
         PASSWORD, "a$b$c$d$e$f"
     )
+    assert not security.verify_password(PASSWORD, "$argon2id$v=19$m=65536,t=3,p=4$bad")
+
+
+def test_an_scrypt_password_still_signs_in_and_is_rehashed_with_argon2(sqlite_core: sa.Engine) -> None:
+    old = security.scrypt_hash(PASSWORD)
+    assert security.verify_password(PASSWORD, old) and not security.verify_password(PASSWORD + "!", old)
+    assert security.needs_rehash(old)
+    with sqlite_core.begin() as connection:
+        connection.execute(sa.update(USERS).where(USERS.c.name == "wang").values(password_hash=old))
+    assert login(TestClient(make_app(sqlite_core)), "wang", PASSWORD + "!").status_code == 401
+    with sqlite_core.connect() as connection:  # a wrong password changes nothing
+        assert connection.scalar(sa.select(USERS.c.password_hash).where(USERS.c.name == "wang")) == old
+    client = TestClient(make_app(sqlite_core))
+    assert login(client, "wang").status_code == 303 and client.get("/queue").status_code == 200
+    with sqlite_core.connect() as connection:
+        new = connection.scalar(sa.select(USERS.c.password_hash).where(USERS.c.name == "wang"))
+    assert new.startswith("$argon2id$") and security.verify_password(PASSWORD, new)
+    assert client.get("/queue").status_code == 200  # the session opened with the old hash lives on
+    assert login(TestClient(make_app(sqlite_core)), "wang").status_code == 303
 
 
 # --------------------------------------------------------------------------- CLI
