@@ -513,6 +513,41 @@ def test_different_marks_the_pairs_distinct_and_linkage_never_proposes_them_agai
     )
 
 
+def test_the_queue_shows_the_supervised_models_precision_and_recall_on_the_decided_pairs(
+    sqlite_core: sa.Engine,
+) -> None:
+    from integration.dedup.customers import CUSTOMER_SPEC
+    from integration.dedup.linkage import cross_validate
+    from integration.dedup.workflow import steward_labels
+
+    client, _ = signed_in(sqlite_core, "wang")
+    words = " ".join(re.sub(r"<[^>]+>", "", client.get("/queue").text).split())
+    assert (
+        "Its precision and recall on the decided pairs are shown once there are 10 decisions each way"
+        in words
+    )
+    alike = {c.name: 0 for c in CUSTOMER_SPEC.comparisons} | {"name_core_levenshtein": 2, "phones_overlap": 1}
+    unlike = {c.name: 0 for c in CUSTOMER_SPEC.comparisons}
+    decided = [(alike, "merged")] * 12 + [(unlike, "distinct")] * 12 + [(alike, "distinct")] * 3
+    with sqlite_core.begin() as connection:
+        connection.execute(sa.insert(MatchCandidate.__table__), [
+            {"entity": "customer", "left_id": 900_000 + 2 * n, "right_id": 900_001 + 2 * n, "probability": 0.7,
+             "features": features, "status": status, "decided_by": "wang"}
+            for n, (features, status) in enumerate(decided)
+        ])  # fmt: skip
+    with session_factory(sqlite_core)() as session:
+        labels = steward_labels(session, CUSTOMER_SPEC)
+    assert labels is not None
+    expected = cross_validate(labels, CUSTOMER_SPEC)
+    assert expected is not None and expected.recall == 1.0 and expected.precision < 1.0
+    panel = re.search(r'<p class="note" id="training">(.*?)</p>', client.get("/queue").text, re.S)
+    assert panel, "no training panel"
+    words = " ".join(re.sub(r"<[^>]+>", "", panel.group(1)).split())
+    assert f"{expected.same} the same" in words and "supervised (logistic regression" in words
+    assert f"cross-validated on the {expected.pairs} decided pairs ({expected.folds} folds" in words
+    assert f"precision {expected.precision * 100:.0f}%, recall 100%" in words
+
+
 def test_a_cluster_splits_into_groups(sqlite_core: sa.Engine) -> None:
     with session_factory(sqlite_core)() as session, session.begin():
         trio = [Customer(name=f"兰州{n}号机电有限公司", city="兰州市") for n in (1, 2, 3)]
