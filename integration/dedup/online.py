@@ -87,7 +87,7 @@ class MatchIndex:
         self.exact_keys = [block[0] for block in spec.blocks if len(block) == 1]
         wanted = {"name", "name_core", *self.exact_keys, *spec.hard_keys, *spec.location_keys}
         wanted |= {c.field for c in spec.comparisons}
-        self.fields = [f for f in records.columns if f in wanted]
+        self.fields = sorted(wanted)  # a column the rows lack is kept as missing values
         self.columns: dict[str, list[Any]] = {f: [] for f in self.fields}
         self.ids: list[int] = []
         self.alive = bytearray()
@@ -161,6 +161,9 @@ class MatchIndex:
         weights: dict[str, list[float]] = {}
         for comparison, feature in zip(self.spec.comparisons, self.features, strict=True):
             top = len(comparison.levels)
+            if comparison.field not in records:  # a column the rows lack: missing everywhere, no evidence
+                weights[comparison.name] = [0.0] * (top + 1)
+                continue
             given = (left[comparison.field].notna() & right[comparison.field].notna()).to_numpy()
             levels = feature._compute_vectorized(left[comparison.field], right[comparison.field]).to_numpy()[
                 given
