@@ -513,6 +513,40 @@ def test_different_marks_the_pairs_distinct_and_linkage_never_proposes_them_agai
     )
 
 
+def test_a_different_decision_is_reopened_from_the_golden_record_and_audited(sqlite_core: sa.Engine) -> None:
+    pair = planted(sqlite_core, "宁波市甬兴模具有限责任公司")
+    client, csrf = signed_in(sqlite_core, "wang")
+    assert client.post(f"/cluster/{pair.id}/decide", data={"csrf": csrf, "verdict": "different"},
+                       follow_redirects=False).status_code == 303  # fmt: skip
+    with sqlite_core.connect() as connection:
+        distinct = connection.execute(
+            sa.select(MatchCandidate).where(
+                MatchCandidate.status == "distinct", MatchCandidate.decided_by == "wang"
+            )
+        ).all()
+    assert pair.id in {p.id for p in distinct}
+    page = client.get(f"/records/customer/{pair.left_id}").text
+    assert f'id="reopen-{pair.id}"' in page and "Marked different" in page
+    other, other_csrf = signed_in(sqlite_core, "li")  # another steward: reopens only their own
+    assert f'id="reopen-{pair.id}"' not in other.get(f"/records/customer/{pair.left_id}").text
+    refused = other.post(f"/pairs/{pair.id}/reopen", data={"csrf": other_csrf, "back": str(pair.left_id)})
+    assert refused.status_code == 403
+    assert (
+        client.post(f"/pairs/{pair.id}/reopen", data={"back": str(pair.left_id)}).status_code == 403
+    )  # no CSRF
+    done = client.post(f"/pairs/{pair.id}/reopen", data={"csrf": csrf, "back": str(pair.left_id)},
+                       follow_redirects=False)  # fmt: skip
+    assert done.status_code == 303 and done.headers["location"] == f"/records/customer/{pair.left_id}"
+    with sqlite_core.connect() as connection:
+        row = connection.execute(sa.select(MatchCandidate).where(MatchCandidate.id == pair.id)).one()
+    assert (row.status, row.decided_by, row.decided_at) == ("review", None, None)
+    assert pair.id in {p.id for p in pending(sqlite_core)}
+    line = audit_lines(sqlite_core, "reopen")[-1]
+    assert line.actor == "wang" and line.before["status"] == "distinct" and line.after == {"status": "review"}
+    again = client.post(f"/pairs/{pair.id}/reopen", data={"csrf": csrf})
+    assert again.status_code == 409 and "waiting for a steward already" in again.text
+
+
 def test_the_queue_shows_the_supervised_models_precision_and_recall_on_the_decided_pairs(
     sqlite_core: sa.Engine,
 ) -> None:

@@ -127,7 +127,8 @@ def test_a_steward_works_the_whole_review_queue_to_zero_and_every_decision_is_au
 ) -> None:
     """Done-when of the workbench: the queue of a small demo core (customers and contacts) worked to zero
     in the browser with the keyboard (the same, every third cluster different), each decision an audit
-    line, each merge undone again (the last one from its golden record's page)."""
+    line, and every decision reversed again: merges undone, "different" pairs reopened (one of each from
+    a golden record's page in the browser), leaving the records and the queue as they were."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -138,7 +139,10 @@ def test_a_steward_works_the_whole_review_queue_to_zero_and_every_decision_is_au
 
     engine = build_core(sqlite_core_url, synthetic_pairs=4)
     with engine.connect() as connection:
-        pending = connection.scalar(sa.select(sa.func.count()).where(MatchCandidate.status == "review"))
+        waiting = set(
+            connection.scalars(sa.select(MatchCandidate.id).where(MatchCandidate.status == "review"))
+        )
+        pending = len(waiting)
         active = {
             model: connection.scalar(sa.select(sa.func.count()).where(model.merged_into_id.is_(None)))
             for model in (Customer, Contact)
@@ -189,7 +193,18 @@ def test_a_steward_works_the_whole_review_queue_to_zero_and_every_decision_is_au
         assert len(lines) == len(decided) and {"same", "different"} <= set(decided)
         assert [line.after["verdict"] for line in lines] == decided
         assert sorted(m for line in lines for m in line.after["merges"]) == [m.id for m in merges]
-        # Every merge undone again: the last from its golden record's page, the rest newest first.
+        # Every decision reversed: a "different" one reopened and the last merge undone from golden record
+        # pages in the browser, the rest below (merges newest first, then the pairs reopened).
+        with engine.connect() as connection:
+            distinct = connection.execute(
+                sa.select(MatchCandidate.id, MatchCandidate.entity, MatchCandidate.left_id)
+                .where(MatchCandidate.status == "distinct", MatchCandidate.decided_by == "wang")
+                .order_by(MatchCandidate.id)
+            ).first()
+        assert distinct is not None
+        browser.get(f"{base}/records/{distinct.entity}/{distinct.left_id}")
+        browser.find_element(By.ID, f"reopen-{distinct.id}").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "flash"), f"reopened pair {distinct.id}"))
         last = merges[-1]
         browser.get(f"{base}/records/{last.entity}/{last.survivor_id}")
         browser.find_element(By.ID, f"undo-{last.id}").click()
@@ -201,9 +216,25 @@ def test_a_steward_works_the_whole_review_queue_to_zero_and_every_decision_is_au
     for merge in reversed(merges[:-1]):
         decisions.undo(engine, merge.id, steward)
     with engine.connect() as connection:
+        decided = list(
+            connection.scalars(
+                sa.select(MatchCandidate.id).where(
+                    MatchCandidate.status.in_(("merged", "distinct")), MatchCandidate.decided_by == "wang"
+                )
+            )
+        )
+    for candidate_id in decided:
+        decisions.reopen(engine, candidate_id, steward)
+    with engine.connect() as connection:
         assert {
             model: connection.scalar(sa.select(sa.func.count()).where(model.merged_into_id.is_(None)))
             for model in (Customer, Contact)
         } == active
         assert connection.scalar(sa.select(sa.func.count()).where(AUDIT.c.action == "undo")) == len(merges)
+        assert (
+            connection.scalar(sa.select(sa.func.count()).where(AUDIT.c.action == "reopen"))
+            == len(decided) + 1
+        )
+        again = set(connection.scalars(sa.select(MatchCandidate.id).where(MatchCandidate.status == "review")))
+    assert waiting <= again  # every pair the steward worked is waiting again
     engine.dispose()

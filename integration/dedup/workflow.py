@@ -565,6 +565,27 @@ def decide(
         return candidate
 
 
+def reopen_pair(session: Any, candidate_id: int) -> MatchCandidate:
+    """Put a decided pair back in the review queue: a "different" (``distinct``) pair, or a ``merged`` one whose
+    merge was undone (its two sides are separate records again). It no longer trains the classifier."""
+    candidate = session.get(MatchCandidate, candidate_id)
+    if candidate is None:
+        raise DedupError(f"no match candidate {candidate_id}")
+    if candidate.status == "review":
+        raise DedupError(f"pair {candidate_id} is waiting for a steward already")
+    if candidate.status == "merged":
+        model = MODEL_OF[candidate.entity]
+        if _active(session, model, candidate.left_id) == _active(session, model, candidate.right_id):
+            raise DedupError(
+                f"pair {candidate_id} is merged: undo the merge on the golden record's page first"
+            )
+    candidate.status = "review"
+    candidate.decided_by = None
+    candidate.decided_at = None
+    session.flush()
+    return candidate
+
+
 def _active(session: Any, model: type[Customer] | type[Contact], record_id: int) -> int:
     """Follow ``merged_into_id`` from a record to the active record it ended in."""
     seen = set()

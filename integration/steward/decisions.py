@@ -26,7 +26,7 @@ from crm_core.errors import DedupError
 from crm_core.journal import to_json
 from crm_core.loading import get_or_start_run
 from crm_core.merging import MODEL_OF, SurvivorshipRule, load_members, undo_merge
-from crm_core.models import MergeLog
+from crm_core.models import MatchCandidate, MergeLog
 from integration.dedup import workflow
 from integration.dedup.workflow import PendingPair, chosen_values
 from integration.steward.audit import record_event
@@ -222,5 +222,38 @@ def undo(engine: Engine, merge_id: int, user: Principal, ip: str | None = None) 
                              record_id=log.merged_id, summary=f"undid merge {merge_id} (merged record)")  # fmt: skip
                 session.expunge(log)
                 return log
+        except DedupError as exc:
+            raise StewardError(str(exc), status=409) from None
+
+
+def reopen(engine: Engine, candidate_id: int, user: Principal, ip: str | None = None) -> MatchCandidate:
+    """Reverse a "different" decision (``workflow.reopen_pair``): the pair waits in the queue again; audited.
+
+    The rights are those of an undo: stewards reopen their own decisions (and linkage's), admins anybody's.
+    """
+    with session_factory(engine)() as session:
+        try:
+            with session.begin():
+                candidate = session.get(MatchCandidate, candidate_id)
+                if candidate is None:
+                    raise StewardError(f"no pair {candidate_id}", status=404)
+                decided_by, status = candidate.decided_by or "linkage", candidate.status
+                if not can_undo(user, decided_by):
+                    raise StewardError(
+                        f"pair {candidate_id} was decided by {decided_by}; only an admin reopens another "
+                        "steward's decision",
+                        status=403,
+                    )
+                candidate = workflow.reopen_pair(session, candidate_id)
+                record_event(
+                    session.connection(), user.name, "reopen", ip=ip, entity=candidate.entity,
+                    record_id=candidate.left_id,
+                    summary=f"reopened pair {candidate_id} ({candidate.left_id} / {candidate.right_id}): "
+                    "back in the review queue",
+                    before={"pair": candidate_id, "status": status, "decided_by": decided_by},
+                    after={"status": "review"},
+                )  # fmt: skip
+                session.expunge(candidate)
+                return candidate
         except DedupError as exc:
             raise StewardError(str(exc), status=409) from None
