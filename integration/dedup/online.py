@@ -26,6 +26,7 @@ import math
 from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -210,10 +211,14 @@ class MatchIndex:
         count = len(positions)
         columns = self.columns
 
+        gather = itemgetter(*positions)  # one C call per column instead of a Python loop
+
         def theirs(field: str) -> np.ndarray:
             column = columns.get(field)
             out = np.empty(count, dtype=object)
-            out[:] = [column[p] for p in positions] if column is not None else None
+            if column is None:
+                return out
+            out[:] = gather(column) if count > 1 else [column[positions[0]]]
             return out
 
         def mine(field: str) -> np.ndarray:
