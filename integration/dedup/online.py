@@ -231,13 +231,15 @@ class MatchIndex:
         score = np.full(count, math.log(prior / (1 - prior)))
         levels: dict[str, np.ndarray] = {}
         for comparison in self.spec.comparisons:
+            if _value(record.get(comparison.field)) is None:  # missing on the form: level 0, no evidence
+                levels[comparison.name] = np.zeros(count, dtype=np.int8)
+                continue
             left, right = mine(comparison.field), theirs(comparison.field)
             right = np.array([None if v is None else str(v) for v in right], dtype=object)
             level = similarity_levels(comparison.method, comparison.levels, left, right, workers=1)
             levels[comparison.name] = level
-            if left[0] is not None:
-                given = np.fromiter((v is not None for v in right), dtype=bool, count=count)
-                score += np.where(given, np.asarray(self.weights[comparison.name])[level], 0.0)
+            given = np.fromiter((v is not None for v in right), dtype=bool, count=count)
+            score += np.where(given, np.asarray(self.weights[comparison.name])[level], 0.0)
         probability = 1 / (1 + np.exp(-score))
         if "credit_code" in self.columns and self.spec.hard_keys and _value(record.get("credit_code")):
             # one credit code: at least worth a steward's look, whatever the name says
