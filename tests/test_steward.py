@@ -1087,3 +1087,43 @@ def test_the_queue_goes_to_excel_and_back_all_or_nothing(sqlite_core: sa.Engine)
     assert stale.status_code == 422 and "changed since the export" in stale.text
     viewer, _ = signed_in(sqlite_core, "zhao")
     assert viewer.get("/queue/export.xlsx").status_code == 403
+
+
+def test_forked_server_processes_share_one_index_and_answer(sqlite_core: sa.Engine) -> None:
+    import json
+    import os
+    import time
+    import urllib.request
+
+    from integration.steward.serving import fork_workers, listen, stop_workers
+
+    app = make_app(sqlite_core)
+    with sqlite_core.begin() as connection:
+        token = security.add_token(connection, "form", actor="test")
+    sock = listen("127.0.0.1", 0)
+    pids = fork_workers(app, sock, 2)  # builds the index here first: the workers inherit it
+    assert app.state.workbench.match.ready and len(pids) == 2
+    try:
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        body = json.dumps({"name": "宁波甬兴模具有限公司", "phone": "0574-88880000"}).encode()
+        request = urllib.request.Request(f"{base}/api/v1/match", data=body, method="POST", headers={
+            "Authorization": f"Bearer {token}", "Content-Type": "application/json"})  # fmt: skip
+        for _ in range(200):  # the workers need a moment to start
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    found = json.loads(response.read())
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError("the forked workers never answered")
+        assert (
+            "甬兴模具" in found["candidates"][0]["name"] and found["candidates"][0]["owner"]["code"] == "S1"
+        )
+        assert all(os.waitpid(pid, os.WNOHANG) == (0, 0) for pid in pids)  # both alive
+    finally:
+        stop_workers(pids)
+        sock.close()
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # gone, and reaped

@@ -274,7 +274,8 @@ class MatchService:
 
         def loop() -> None:
             try:
-                self.build()
+                if self._index is None:  # a worker forked after the build keeps the index it was given
+                    self.build()
             except Exception as exc:  # the API answers 503 until a refresh succeeds
                 log.warning("duplicate-check index not built: %s", type(exc).__name__)
             while not self._stop.wait(self.refresh_seconds):
