@@ -568,7 +568,7 @@ def decide(
 def reopen_pair(session: Any, candidate_id: int) -> MatchCandidate:
     """Put a decided pair back in the review queue: a "different" (``distinct``) pair, or a ``merged`` one whose
     merge was undone (its two sides are separate records again). It no longer trains the classifier."""
-    candidate = session.get(MatchCandidate, candidate_id)
+    candidate: MatchCandidate | None = session.get(MatchCandidate, candidate_id)
     if candidate is None:
         raise DedupError(f"no match candidate {candidate_id}")
     if candidate.status == "review":
