@@ -4,8 +4,10 @@ API with many golden customers under concurrent clients, over real HTTP (uvicorn
 Creates a fresh core (bulk insert: customers with a crosswalk key in one of three systems and a city,
 ``--pairs`` disjoint pending pairs spread over the review band), signs a steward in, and times (p50/p95,
 milliseconds) the queue page under each filter and sort, a deep page, and the cluster pages of random
-pairs. Then the API: ``--clients`` threads post form-style look-ups to ``/api/v1/match`` (p50/p99,
-requests per second), 1,000 customers are changed by a load run and the index refreshed (seconds).
+pairs. Then the API: ``--clients`` closed-loop clients (threads of a second process, so they do not share
+the server's interpreter) post form-style look-ups to ``/api/v1/match`` (p50/p95/p99, requests per second,
+the server's CPU per request, the load average before and after: the machine may be shared), 1,000
+customers are changed by a load run and the index refreshed (seconds). ``--no-pages`` measures the API only.
 
 Prints one JSON line. Run: ``python bench/bench_steward.py --pairs 100000 --customers 1000000 --db sqlite
 postgres``. PostgreSQL: ``$CRM_BENCH_PG_URL`` (default ``postgresql+psycopg://postgres@127.0.0.1:5432/
@@ -15,7 +17,9 @@ bench_steward``; the database is created if missing and its public schema wiped)
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -28,6 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import requests
@@ -37,6 +42,7 @@ from crm_core.db import make_engine, upgrade
 from crm_core.models import Base
 from integration.steward import security
 from integration.steward.app import Settings, create_app
+from integration.steward.serving import cpu_seconds, fork_workers, listen, stop_workers
 
 PG_URL = os.environ.get("CRM_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/bench_steward")
 REGIONS = ("深圳", "广州", "上海", "北京", "杭州", "成都", "武汉", "南京", "苏州", "西安", "宁波", "厦门")
@@ -141,6 +147,37 @@ def serving(app: Any) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+@contextmanager
+def served(app: Any, processes: int) -> Iterator[tuple[str, list[int] | None, float | None]]:
+    """The app on 127.0.0.1: in a thread of this process, or in ``processes`` forked workers sharing the
+    index built here first; yields (base URL, the workers' pids or None, the index build seconds or None)."""
+    if processes <= 1:
+        with serving(app) as base:
+            yield base, None, None
+        return
+    started = time.perf_counter()
+    app.state.workbench.match.build()
+    built = time.perf_counter() - started
+    sock = listen("127.0.0.1", 0)
+    pids = fork_workers(app, sock, processes)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{base}/login", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the forked server did not start")
+            time.sleep(0.1)
+        yield base, pids, built
+    finally:
+        stop_workers(pids)
+        sock.close()
+
+
 def percentiles(timings: list[float], *points: int) -> dict[str, float]:
     return {f"p{p}_ms": round(float(np.percentile(timings, p)), 1) for p in points}
 
@@ -183,45 +220,82 @@ def pages(base: str, pairs: int, samples: int) -> dict[str, Any]:
     return out
 
 
-def api(
-    base: str, engine: sa.Engine, service: Any, customers: int, clients: int, per_client: int
-) -> dict[str, Any]:
-    """Concurrent form look-ups over HTTP, then the refresh after 1,000 changed customers."""
-    with engine.begin() as connection:
-        token = security.add_token(connection, "bench", actor="bench")
-    started = time.perf_counter()
-    service.index()
-    built = time.perf_counter() - started
-    rng = random.Random(5)
-    names = []
-    with engine.connect() as connection:
-        for i in rng.sample(range(1, customers + 1), min(customers, clients * per_client)):
-            names.append(connection.scalar(sa.text("SELECT name FROM customers WHERE id = :i"), {"i": i}))
+def client_load(
+    base: str, token: str, forms: list[dict[str, str]], clients: int
+) -> tuple[list[float], float, float]:
+    """``clients`` closed-loop clients (threads, one kept-alive connection each, ``http.client``: little CPU
+    per request, so the load generator does not starve the server on a small machine) posting ``forms`` to
+    the match API; returns (ms per call, wall seconds, this process's CPU seconds)."""
+    url = urlsplit(base)
     timings: list[float] = []
     lock = threading.Lock()
     barrier = threading.Barrier(clients)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
     def client(number: int) -> None:
-        session = requests.Session()
-        session.headers["Authorization"] = f"Bearer {token}"
-        mine = names[number::clients]
+        connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=60)
         barrier.wait()
-        for name in mine:
-            form = {"name": name.replace("有限公司", "公司"), "city": f"{name[:2]}市"}
+        for form in forms[number::clients]:
+            body = json.dumps(form, ensure_ascii=False).encode()
             began = time.perf_counter()
-            response = session.post(f"{base}/api/v1/match", json=form, timeout=60)
+            connection.request("POST", "/api/v1/match", body=body, headers=headers)
+            response = connection.getresponse()
+            payload = response.read()
             elapsed = (time.perf_counter() - began) * 1000
-            assert response.status_code == 200, response.text[:300]
+            assert response.status == 200, payload[:300]
             with lock:
                 timings.append(elapsed)
+        connection.close()
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    cpu = time.process_time()
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - started
+    return timings, time.perf_counter() - started, time.process_time() - cpu
+
+
+def api(
+    base: str,
+    engine: sa.Engine,
+    service: Any,
+    customers: int,
+    clients: int,
+    per_client: int,
+    *,
+    server_pids: list[int] | None = None,
+    built: float | None = None,
+) -> dict[str, Any]:
+    """Concurrent form look-ups over HTTP, then the refresh after 1,000 changed customers.
+
+    ``server_pids``: forked server processes (their CPU is counted instead of this process's).
+    """
+    with engine.begin() as connection:
+        token = security.add_token(connection, "bench", actor="bench")
+    started = time.perf_counter()
+    service.index()
+    built = time.perf_counter() - started if built is None else built
+    rng = random.Random(5)
+    names = []
+    with engine.connect() as connection:
+        for i in rng.sample(range(1, customers + 1), min(customers, clients * per_client)):
+            names.append(connection.scalar(sa.text("SELECT name FROM customers WHERE id = :i"), {"i": i}))
+    forms = [{"name": name.replace("有限公司", "公司"), "city": f"{name[:2]}市"} for name in names]
+    load_before = os.getloadavg()[0]
+    # The clients run in another process (20 threads there), so they do not share the server's GIL.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        pool.apply(client_load, (base, token, forms[: max(clients, 40)], clients))  # warm-up, not timed
+
+        def serving_cpu() -> float:  # this process serves, or the forked workers do; the clients are the pool
+            return sum(cpu_seconds(pid) for pid in server_pids) if server_pids else time.process_time()
+
+        server_cpu = serving_cpu()
+        timings, wall, client_cpu = pool.apply(client_load, (base, token, forms, clients))
+        server_cpu = serving_cpu() - server_cpu
+    load_after = os.getloadavg()[0]
     tables = Base.metadata.tables
     with engine.begin() as connection:
         run_id = connection.execute(
@@ -245,7 +319,11 @@ def api(
     refresh = time.perf_counter() - started
     return {
         "customers": customers, "index_build_s": round(built, 1), "clients": clients, "requests": len(timings),
-        **percentiles(timings, 50, 99), "requests_per_s": round(len(timings) / wall, 1),
+        "server_processes": len(server_pids) if server_pids else 1,
+        **percentiles(timings, 50, 95, 99), "requests_per_s": round(len(timings) / wall, 1),
+        "server_cpu_ms_per_request": round(server_cpu * 1000 / len(timings), 2),
+        "client_cpu_ms_per_request": round(client_cpu * 1000 / len(timings), 2),
+        "load_average_1min": [round(load_before, 1), round(load_after, 1)], "cpus": os.cpu_count(),
         "refresh_1000_changed_s": round(refresh, 2), "refresh_replaced": replaced,
         "target": {"p99_ms": 50, "refresh_s": 2},
     }  # fmt: skip
@@ -262,6 +340,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20, help="concurrent API clients")
     parser.add_argument("--per-client", type=int, default=100, help="API requests per client")
     parser.add_argument("--no-api", action="store_true", help="skip the API part")
+    parser.add_argument("--no-pages", action="store_true", help="skip the queue and cluster pages")
+    parser.add_argument(
+        "--server-processes", type=int, default=1,
+        help="serve from this many forked processes sharing one index (integration.steward.serving)",
+    )  # fmt: skip
     args = parser.parse_args()
     customers = max(args.customers, 2 * args.pairs)
     result: dict[str, Any] = {"bench": "steward", "pairs": args.pairs, "customers": customers}
@@ -269,11 +352,19 @@ def main() -> None:
         engine = fresh_core(db)
         entry: dict[str, Any] = {"seed": seed(engine, customers, args.pairs)}
         app = create_app(engine, Settings(match_refresh_seconds=3600))
-        with serving(app) as base:
-            entry["pages"] = pages(base, args.pairs, args.samples)
+        with served(app, args.server_processes) as (base, pids, built):
+            if not args.no_pages:
+                entry["pages"] = pages(base, args.pairs, args.samples)
             if not args.no_api:
                 entry["api"] = api(
-                    base, engine, app.state.workbench.match, customers, args.clients, args.per_client
+                    base,
+                    engine,
+                    app.state.workbench.match,
+                    customers,
+                    args.clients,
+                    args.per_client,
+                    server_pids=pids,
+                    built=built,
                 )
         entry["target"] = {"queue_p95_ms": 200, "cluster_p95_ms": 200}
         result[db] = entry

@@ -255,3 +255,66 @@ def test_a_company_written_in_chinese_and_in_pinyin_english_is_found_and_compare
     assert "merge" in {result.band.get((9001, 9002)), result.band.get((9002, 9001))}
     assert level(9001, 9003) == 0
     assert level(9002, 9003) < 2  # Tengda vs Tengxun (same script): plain edit distance
+
+
+def test_online_candidates_are_bounded_and_a_typo_anywhere_still_finds_the_customer() -> None:
+    from integration.dedup.customers import linkage_frame
+    from integration.dedup.online import MAX_EXACT, NAME_CANDIDATES, MatchIndex, query_record
+
+    rng = random.Random(11)
+    letters = "腾达讯华创环海纳星河启明云帆同安捷凯思源恒通博远金桥瑞丰鼎宏图天成众合卓越景汇长城德嘉禾飞扬"
+    rows = [
+        {"id": i, "name": f"深圳{''.join(rng.sample(letters, 4))}科技有限公司", "city": "深圳市",
+         "phone": "+8675588880000" if i <= MAX_EXACT + 1 else f"+86755{i:08d}"}
+        for i in range(1, 3001)
+    ]  # fmt: skip
+    rows.append(
+        {"id": 9001, "name": "深圳甬兴精密模具科技有限公司", "city": "深圳市", "phone": "+8613900000001"}
+    )
+    index = MatchIndex(linkage_frame(rows))
+    switchboard = query_record("深圳某某科技有限公司", phone="+8675588880000", city="深圳市")
+    # "科技" is in every name and the switchboard phone in a thousand: neither floods the candidates
+    assert len(index.candidates(switchboard)) <= NAME_CANDIDATES
+    for typo in (
+        "深圳勇兴精密模具科技有限公司",
+        "深圳甬兴精密模俱科技有限公司",
+        "深圳甬精密模具科技有限公司",
+    ):
+        found = index.match(query_record(typo, city="深圳市"))
+        assert found and found[0].customer_id == 9001, typo
+        assert len(index.candidates(query_record(typo, city="深圳市"))) <= NAME_CANDIDATES
+    by_phone = index.match(query_record("甬兴模具", phone="13900000001"))
+    assert by_phone[0].customer_id == 9001 and by_phone[0].levels["phones_overlap"] == 1
+    index.remove([9001])
+    assert all(c.customer_id != 9001 for c in index.match(query_record("深圳甬兴精密模具科技有限公司")))
+    index.add(linkage_frame([{"id": 9001, "name": "宁波甬兴精密模具有限公司", "city": "宁波市"}]))
+    [best, *_] = index.match(query_record("宁波甬兴精密模具有限公司", city="宁波市"))
+    assert best.customer_id == 9001 and best.probability >= CUSTOMER_SPEC.review
+    assert index.value(9001, "city") == "宁波市" and index.size == 3001 and index.dead_share > 0
+
+
+def _labels(rows: list[tuple[dict[str, int], bool]]) -> Any:
+    from integration.dedup.linkage import Labels
+
+    names = [c.name for c in CUSTOMER_SPEC.comparisons]
+    index = pd.MultiIndex.from_tuples([(2 * n + 1, 2 * n + 2) for n in range(len(rows))])
+    features = pd.DataFrame(
+        [[levels.get(n, 0) for n in names] for levels, _ in rows], index=index, columns=names
+    )
+    return Labels(features, pd.Series([same for _, same in rows], index=index))
+
+
+def test_the_supervised_model_is_cross_validated_on_steward_decisions() -> None:
+    from integration.dedup.linkage import MIN_LABELS, cross_validate
+
+    alike = {"name_core_levenshtein": 2, "phones_overlap": 1}
+    unlike = {"name_core_levenshtein": 0}
+    # 20 pairs stewards merged, 20 they kept apart, and 4 kept apart that look exactly like the merged ones
+    rows = [(alike, True)] * 20 + [(unlike, False)] * 20 + [(alike, False)] * 4
+    evaluation = cross_validate(_labels(rows), CUSTOMER_SPEC)
+    assert evaluation is not None and (evaluation.pairs, evaluation.same, evaluation.folds) == (44, 20, 5)
+    # every look-alike is predicted the same: 20 right of 24 predicted, all 20 found
+    assert (evaluation.precision, evaluation.recall) == (round(20 / 24, 3), 1.0)
+    assert evaluation.threshold == CUSTOMER_SPEC.review
+    too_few = [(alike, True)] * (MIN_LABELS - 1) + [(unlike, False)] * 30
+    assert cross_validate(_labels(too_few), CUSTOMER_SPEC) is None

@@ -513,6 +513,75 @@ def test_different_marks_the_pairs_distinct_and_linkage_never_proposes_them_agai
     )
 
 
+def test_a_different_decision_is_reopened_from_the_golden_record_and_audited(sqlite_core: sa.Engine) -> None:
+    pair = planted(sqlite_core, "宁波市甬兴模具有限责任公司")
+    client, csrf = signed_in(sqlite_core, "wang")
+    assert client.post(f"/cluster/{pair.id}/decide", data={"csrf": csrf, "verdict": "different"},
+                       follow_redirects=False).status_code == 303  # fmt: skip
+    with sqlite_core.connect() as connection:
+        distinct = connection.execute(
+            sa.select(MatchCandidate).where(
+                MatchCandidate.status == "distinct", MatchCandidate.decided_by == "wang"
+            )
+        ).all()
+    assert pair.id in {p.id for p in distinct}
+    page = client.get(f"/records/customer/{pair.left_id}").text
+    assert f'id="reopen-{pair.id}"' in page and "Marked different" in page
+    other, other_csrf = signed_in(sqlite_core, "li")  # another steward: reopens only their own
+    assert f'id="reopen-{pair.id}"' not in other.get(f"/records/customer/{pair.left_id}").text
+    refused = other.post(f"/pairs/{pair.id}/reopen", data={"csrf": other_csrf, "back": str(pair.left_id)})
+    assert refused.status_code == 403
+    assert (
+        client.post(f"/pairs/{pair.id}/reopen", data={"back": str(pair.left_id)}).status_code == 403
+    )  # no CSRF
+    done = client.post(f"/pairs/{pair.id}/reopen", data={"csrf": csrf, "back": str(pair.left_id)},
+                       follow_redirects=False)  # fmt: skip
+    assert done.status_code == 303 and done.headers["location"] == f"/records/customer/{pair.left_id}"
+    with sqlite_core.connect() as connection:
+        row = connection.execute(sa.select(MatchCandidate).where(MatchCandidate.id == pair.id)).one()
+    assert (row.status, row.decided_by, row.decided_at) == ("review", None, None)
+    assert pair.id in {p.id for p in pending(sqlite_core)}
+    line = audit_lines(sqlite_core, "reopen")[-1]
+    assert line.actor == "wang" and line.before["status"] == "distinct" and line.after == {"status": "review"}
+    again = client.post(f"/pairs/{pair.id}/reopen", data={"csrf": csrf})
+    assert again.status_code == 409 and "waiting for a steward already" in again.text
+
+
+def test_the_queue_shows_the_supervised_models_precision_and_recall_on_the_decided_pairs(
+    sqlite_core: sa.Engine,
+) -> None:
+    from integration.dedup.customers import CUSTOMER_SPEC
+    from integration.dedup.linkage import cross_validate
+    from integration.dedup.workflow import steward_labels
+
+    client, _ = signed_in(sqlite_core, "wang")
+    words = " ".join(re.sub(r"<[^>]+>", "", client.get("/queue").text).split())
+    assert (
+        "Its precision and recall on the decided pairs are shown once there are 10 decisions each way"
+        in words
+    )
+    alike = {c.name: 0 for c in CUSTOMER_SPEC.comparisons} | {"name_core_levenshtein": 2, "phones_overlap": 1}
+    unlike = {c.name: 0 for c in CUSTOMER_SPEC.comparisons}
+    decided = [(alike, "merged")] * 12 + [(unlike, "distinct")] * 12 + [(alike, "distinct")] * 3
+    with sqlite_core.begin() as connection:
+        connection.execute(sa.insert(MatchCandidate.__table__), [
+            {"entity": "customer", "left_id": 900_000 + 2 * n, "right_id": 900_001 + 2 * n, "probability": 0.7,
+             "features": features, "status": status, "decided_by": "wang"}
+            for n, (features, status) in enumerate(decided)
+        ])  # fmt: skip
+    with session_factory(sqlite_core)() as session:
+        labels = steward_labels(session, CUSTOMER_SPEC)
+    assert labels is not None
+    expected = cross_validate(labels, CUSTOMER_SPEC)
+    assert expected is not None and expected.recall == 1.0 and expected.precision < 1.0
+    panel = re.search(r'<p class="note" id="training">(.*?)</p>', client.get("/queue").text, re.S)
+    assert panel, "no training panel"
+    words = " ".join(re.sub(r"<[^>]+>", "", panel.group(1)).split())
+    assert f"{expected.same} the same" in words and "supervised (logistic regression" in words
+    assert f"cross-validated on the {expected.pairs} decided pairs ({expected.folds} folds" in words
+    assert f"precision {expected.precision * 100:.0f}%, recall 100%" in words
+
+
 def test_a_cluster_splits_into_groups(sqlite_core: sa.Engine) -> None:
     with session_factory(sqlite_core)() as session, session.begin():
         trio = [Customer(name=f"兰州{n}号机电有限公司", city="兰州市") for n in (1, 2, 3)]
@@ -726,19 +795,39 @@ def test_admins_manage_users_in_the_browser(sqlite_core: sa.Engine) -> None:
     page = admin.get("/users").text
     with sqlite_core.connect() as connection:
         hashes = connection.scalars(sa.select(USERS.c.password_hash)).all()
-    assert not any(h in page for h in hashes) and "scrypt$" not in page
+    assert not any(h in page for h in hashes) and "$argon2" not in page
     audit = admin.get("/audit").text
     assert "added viewer &#39;sun&#39;" in audit and "disabled &#39;wang&#39;" in audit
-    assert "scrypt$" not in audit and PASSWORD not in audit
+    assert "$argon2" not in audit and PASSWORD not in audit
 
 
-def test_passwords_are_salted_scrypt_hashes() -> None:
+def test_passwords_are_salted_argon2id_hashes() -> None:
     first, second = security.hash_password(PASSWORD), security.hash_password(PASSWORD)
-    assert first != second and first.startswith("scrypt$16384$8$1$")
+    assert first != second and first.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
     assert security.verify_password(PASSWORD, first) and not security.verify_password(PASSWORD + "!", first)
+    assert not security.needs_rehash(first)
     assert not security.verify_password(PASSWORD, "garbage") and not security.verify_password(
         PASSWORD, "a$b$c$d$e$f"
     )
+    assert not security.verify_password(PASSWORD, "$argon2id$v=19$m=65536,t=3,p=4$bad")
+
+
+def test_an_scrypt_password_still_signs_in_and_is_rehashed_with_argon2(sqlite_core: sa.Engine) -> None:
+    old = security.scrypt_hash(PASSWORD)
+    assert security.verify_password(PASSWORD, old) and not security.verify_password(PASSWORD + "!", old)
+    assert security.needs_rehash(old)
+    with sqlite_core.begin() as connection:
+        connection.execute(sa.update(USERS).where(USERS.c.name == "wang").values(password_hash=old))
+    assert login(TestClient(make_app(sqlite_core)), "wang", PASSWORD + "!").status_code == 401
+    with sqlite_core.connect() as connection:  # a wrong password changes nothing
+        assert connection.scalar(sa.select(USERS.c.password_hash).where(USERS.c.name == "wang")) == old
+    client = TestClient(make_app(sqlite_core))
+    assert login(client, "wang").status_code == 303 and client.get("/queue").status_code == 200
+    with sqlite_core.connect() as connection:
+        new = connection.scalar(sa.select(USERS.c.password_hash).where(USERS.c.name == "wang"))
+    assert new.startswith("$argon2id$") and security.verify_password(PASSWORD, new)
+    assert client.get("/queue").status_code == 200  # the session opened with the old hash lives on
+    assert login(TestClient(make_app(sqlite_core)), "wang").status_code == 303
 
 
 # --------------------------------------------------------------------------- CLI
@@ -998,3 +1087,43 @@ def test_the_queue_goes_to_excel_and_back_all_or_nothing(sqlite_core: sa.Engine)
     assert stale.status_code == 422 and "changed since the export" in stale.text
     viewer, _ = signed_in(sqlite_core, "zhao")
     assert viewer.get("/queue/export.xlsx").status_code == 403
+
+
+def test_forked_server_processes_share_one_index_and_answer(sqlite_core: sa.Engine) -> None:
+    import json
+    import os
+    import time
+    import urllib.request
+
+    from integration.steward.serving import fork_workers, listen, stop_workers
+
+    app = make_app(sqlite_core)
+    with sqlite_core.begin() as connection:
+        token = security.add_token(connection, "form", actor="test")
+    sock = listen("127.0.0.1", 0)
+    pids = fork_workers(app, sock, 2)  # builds the index here first: the workers inherit it
+    assert app.state.workbench.match.ready and len(pids) == 2
+    try:
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        body = json.dumps({"name": "宁波甬兴模具有限公司", "phone": "0574-88880000"}).encode()
+        request = urllib.request.Request(f"{base}/api/v1/match", data=body, method="POST", headers={
+            "Authorization": f"Bearer {token}", "Content-Type": "application/json"})  # fmt: skip
+        for _ in range(200):  # the workers need a moment to start
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    found = json.loads(response.read())
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError("the forked workers never answered")
+        assert (
+            "甬兴模具" in found["candidates"][0]["name"] and found["candidates"][0]["owner"]["code"] == "S1"
+        )
+        assert all(os.waitpid(pid, os.WNOHANG) == (0, 0) for pid in pids)  # both alive
+    finally:
+        stop_workers(pids)
+        sock.close()
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # gone, and reaped

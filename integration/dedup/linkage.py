@@ -117,38 +117,51 @@ class SimilarityLevels(BaseCompareFeature):  # type: ignore[misc]
         self.levels = tuple(sorted(levels, reverse=True))
 
     def _compute_vectorized(self, s_left: pd.Series, s_right: pd.Series) -> pd.Series:
-        if self.method == "name":
-            similarity = _name_similarity(_texts(s_left), _texts(s_right))
-        elif self.method in _SCORERS:
-            # rapidfuzz scores a missing value (None/NaN) on either side 0: no mask needed, no copy made.
-            scorer, scale = _SCORERS[self.method]
-            similarity = (
-                cpdist(_texts(s_left), _texts(s_right), scorer=scorer, workers=-1, dtype=np.float32) * scale
-            )
-        elif self.method == "identifier":
-            similarity = _identifier_similarity(_texts(s_left), _texts(s_right))
-        elif self.method == "overlap":
-            similarity = _overlap(_texts(s_left), _texts(s_right))
-        elif self.method == "rare":
-            similarity = (s_left.notna() & s_right.notna()).to_numpy(dtype=np.float32)
-        else:
-            missing = (s_left.isna() | s_right.isna()).to_numpy()
-            left = s_left.fillna("").astype(str).to_numpy()
-            right = s_right.fillna("").astype(str).to_numpy()
-            if self.method == "exact":
-                similarity = (left == right).astype(np.float32)
-            else:  # prefix
-                similarity = np.fromiter(
-                    (a[:3] == b[:3] for a, b in zip(left, right, strict=True)), dtype=bool, count=len(left)
-                ).astype(np.float32)
-            similarity[missing] = 0.0
-        level = np.zeros(len(similarity), dtype=np.int8)
-        for rank, threshold in enumerate(reversed(self.levels), start=1):
-            level[similarity >= threshold - 1e-9] = rank
+        level = similarity_levels(self.method, self.levels, _texts(s_left), _texts(s_right))
         return pd.Series(level, index=s_left.index)
 
 
-def _identifier_similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+def similarity_levels(
+    method: str, levels: Sequence[float], left: np.ndarray, right: np.ndarray, *, workers: int = -1
+) -> np.ndarray:
+    """Levels 0..len(levels) (int8) of two object arrays of text (None: missing, level 0), by ``method``.
+
+    The comparison of :class:`SimilarityLevels`, without pandas: the online match index calls it on a few
+    dozen candidates with ``workers=1`` (rapidfuzz's thread pool costs milliseconds to start per call).
+    """
+    if method == "name":
+        similarity = _name_similarity(left, right, workers=workers, floor=min(levels, default=0.0))
+    elif method in _SCORERS:
+        # rapidfuzz scores a missing value (None) on either side 0: no mask needed, no copy made.
+        scorer, scale = _SCORERS[method]
+        similarity = cpdist(left, right, scorer=scorer, workers=workers, dtype=np.float32) * scale
+    elif method == "identifier":
+        similarity = _identifier_similarity(left, right, workers=workers)
+    elif method == "overlap":
+        similarity = _overlap(left, right)
+    else:
+        present = np.fromiter(
+            (a is not None and b is not None for a, b in zip(left, right, strict=True)),
+            dtype=bool,
+            count=len(left),
+        )
+        if method == "rare":
+            similarity = present.astype(np.float32)
+        elif method == "exact":
+            similarity = (present & (left == right)).astype(np.float32)
+        else:  # prefix
+            similarity = np.fromiter(
+                (p and a[:3] == b[:3] for p, a, b in zip(present, left, right, strict=True)),
+                dtype=bool,
+                count=len(left),
+            ).astype(np.float32)
+    level = np.zeros(len(similarity), dtype=np.int8)
+    for rank, threshold in enumerate(sorted(levels), start=1):
+        level[similarity >= threshold - 1e-9] = rank
+    return level
+
+
+def _identifier_similarity(left: np.ndarray, right: np.ndarray, *, workers: int = -1) -> np.ndarray:
     """1.0 equal, 0.9 the same code written damaged, short or old-style (normalize.credit_codes_near).
 
     Equality and the one-edit distance run over whole columns (rapidfuzz, C++); only the few pairs that
@@ -165,7 +178,7 @@ def _identifier_similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     rest = np.flatnonzero(present & ~equal)
     if len(rest):
         a, b = left[rest], right[rest]
-        edits = cpdist(a, b, scorer=distance.OSA.distance, dtype=np.int32, workers=-1)
+        edits = cpdist(a, b, scorer=distance.OSA.distance, dtype=np.int32, workers=workers)
         lengths = np.fromiter(
             (min(len(x), len(y)) for x, y in zip(a, b, strict=True)), dtype=np.int32, count=len(a)
         )
@@ -205,9 +218,15 @@ def _scripts(values: np.ndarray) -> np.ndarray:
     return script[codes]  # the sentinel -1 picks the trailing "missing" entry
 
 
-def _name_similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Similarity of name cores, Chinese-aware (see :func:`variant_similarity`); cross-script on pinyin."""
-    similarity = cpdist(left, right, scorer=distance.Levenshtein.normalized_similarity, workers=-1,
+def _name_similarity(
+    left: np.ndarray, right: np.ndarray, *, workers: int = -1, floor: float = 0.0
+) -> np.ndarray:
+    """Similarity of name cores, Chinese-aware (see :func:`variant_similarity`); cross-script on pinyin.
+
+    A similarity below ``floor`` (the lowest level) only has to be known to be below it: the weighted edit
+    distance is skipped for pairs whose bound (:func:`_variant_bound`) cannot reach it.
+    """
+    similarity = cpdist(left, right, scorer=distance.Levenshtein.normalized_similarity, workers=workers,
                         dtype=np.float32)  # fmt: skip
     left_script, right_script = _scripts(left), _scripts(right)
     cross = (left_script >= 0) & (right_script >= 0) & (left_script != right_script)
@@ -236,8 +255,24 @@ def _name_similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     # industry synonyms and a bare trade name are scored by the weighted edit distance (few pairs).
     han = (left_script == 1) & (right_script == 1) & (similarity < 1.0) & (similarity >= 0.3)
     for position in np.flatnonzero(han):
+        if floor and _variant_bound(left[position], right[position]) < floor:
+            continue
         similarity[position] = max(similarity[position], variant_similarity(left[position], right[position]))
     return similarity
+
+
+def _variant_bound(left: str, right: str) -> float:
+    """An upper bound of :func:`variant_similarity`, from the unweighted edit distance (C++, no table in Python).
+
+    Every weighted edit costs at least ``SOUND_OR_SHAPE`` (a quarter), so the weighted cost of either way of
+    comparing is at least a quarter of the optimal-string-alignment distance of the whole cores.
+    """
+    a, b = canonical_industry(left), canonical_industry(right)
+    trade_a, trade_b = trade_name(a), trade_name(b)
+    if a == b or (min(len(a), len(b)) >= 2 and (trade_a == b or trade_b == a)):
+        return 1.0
+    edits = distance.OSA.distance(a, b)
+    return 1.0 - min(SOUND_OR_SHAPE, GAP) * edits / (max(len(trade_a), len(trade_b)) + 1)
 
 
 SOUND_OR_SHAPE = 0.25  # a homophone or look-alike character instead of another: a quarter of an edit
@@ -459,6 +494,58 @@ def classify(
     kernel = classifier.kernel
     kernel.feature_log_prob_ = np.log(np.clip(np.exp(kernel.feature_log_prob_), _PROBABILITY_FLOOR, 1.0))
     return pd.Series(classifier.prob(binary[varying]), index=features.index)
+
+
+EVALUATION_FOLDS = 5
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The supervised model cross-validated on steward decisions: precision and recall of "the same"."""
+
+    pairs: int  # decided pairs evaluated
+    same: int  # of which stewards called the same
+    folds: int
+    threshold: float  # a pair is predicted the same at or above this probability (the review threshold)
+    precision: float  # of the held-out pairs predicted the same, the share stewards called the same
+    recall: float  # of the held-out pairs stewards called the same, the share predicted the same
+    precision_auto: float  # the same at the auto-merge threshold: what would merge without a steward
+    recall_auto: float
+
+
+def cross_validate(labels: Labels, spec: LinkageSpec, folds: int = EVALUATION_FOLDS) -> Evaluation | None:
+    """Evaluate the supervised classifier of :func:`classify` on steward-decided pairs, by k-fold cross-validation.
+
+    Each fold's pairs are scored by a model fitted on the other folds' (stratified: every fold holds both
+    decisions, assigned in a fixed order, so the figures do not change from one reading to the next).
+    None until there are ``MIN_LABELS`` decisions each way, as for the model itself.
+    """
+    same = labels.same.to_numpy(dtype=bool)
+    counts = (int(same.sum()), int((~same).sum()))
+    if min(counts) < MIN_LABELS:
+        return None
+    folds = max(2, min(folds, min(counts)))
+    binary = indicators(labels.features, spec)
+    fold = np.empty(len(same), dtype=np.int64)
+    for side in (True, False):  # stratified: each decision's pairs dealt round the folds
+        members = np.flatnonzero(same == side)
+        fold[members] = np.arange(len(members)) % folds
+    probability = np.zeros(len(same))
+    for number in range(folds):
+        train, test = fold != number, fold == number
+        model = rl.LogisticRegressionClassifier(C=1000.0)
+        model.fit(binary[train], labels.same.index[train & same])
+        probability[test] = model.prob(binary[test]).to_numpy()
+
+    def rates(threshold: float) -> tuple[float, float]:
+        predicted = probability >= threshold
+        hits = int((predicted & same).sum())
+        return (hits / int(predicted.sum()) if predicted.any() else 0.0), hits / counts[0]
+
+    precision, recall = rates(spec.review)
+    precision_auto, recall_auto = rates(spec.auto_merge)
+    return Evaluation(len(same), counts[0], folds, spec.review, round(precision, 3), round(recall, 3),
+                      round(precision_auto, 3), round(recall_auto, 3))  # fmt: skip
 
 
 def bands(probability: pd.Series, spec: LinkageSpec) -> pd.Series:

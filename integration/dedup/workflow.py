@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -435,6 +435,96 @@ def _iso(stamp: dt.datetime | None) -> str | None:
     return (stamp.replace(tzinfo=dt.UTC) if stamp.tzinfo is None else stamp).isoformat(timespec="seconds")
 
 
+@dataclass(frozen=True)
+class PendingPair:
+    """A pending pair of a cluster: its candidate, the active records its two sides are now, its score."""
+
+    candidate_id: int
+    left: int
+    right: int
+    probability: float | None
+
+
+@dataclass
+class ClusterDecision:
+    """What deciding a cluster did: merge ids, the golden records (one per merged group), pairs' statuses."""
+
+    merges: list[int]
+    survivors: list[int]
+    pairs: dict[int, str]
+
+
+def chosen_values(
+    rows: Mapping[int, Mapping[str, Any]], chosen: Mapping[str, int], records: Sequence[int]
+) -> dict[str, Any]:
+    """The values a steward picked for the golden record: field → the chosen record's (non-blank) value."""
+    values: dict[str, Any] = {}
+    for name, record_id in chosen.items():
+        if record_id not in records:
+            raise DedupError(f"record {record_id} is not in this cluster; choose {name} from its records")
+        value = rows[record_id].get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise DedupError(f"record {record_id} has no {name}; choose a record that has one")
+        values[name] = value
+        if name == "name" and "name_normalized" in rows[record_id]:
+            values["name_normalized"] = rows[record_id]["name_normalized"]
+    return values
+
+
+def decide_cluster(
+    session: Any,
+    run: Any,
+    entity: str,
+    pairs: Sequence[PendingPair],
+    groups: Sequence[Sequence[int]],
+    *,
+    steward: str,
+    source_priority: Sequence[str] = (),
+    survivorship: Mapping[str, SurvivorshipRule] | None = None,
+    chosen: Mapping[str, int] | None = None,
+) -> ClusterDecision:
+    """Decide a cluster of pending pairs inside ``run``: each group of active records becomes one golden record.
+
+    Every group of two or more records merges as an automatic merge would (:func:`cluster_plan`: survivor,
+    order and survivorship values by the project's rules; the lowest score of the group's pairs); the
+    pairs inside a group become ``merged``, pairs across groups ``distinct`` (never proposed again), each
+    stamped with the steward. ``chosen`` (a merge of the whole cluster only): field → the record whose value
+    the golden record takes, applied with the first merge like a survivorship value, so undoing that merge
+    restores the survivor's own. A pair decided meanwhile refuses the whole decision (DedupError).
+    """
+    model = MODEL_OF[entity]
+    records = sorted({record for group in groups for record in group})
+    members = load_members(session.connection(), model, records)
+    if chosen and (len(groups) != 1 or len(records) < 2):
+        raise DedupError("field values are chosen for a merge of the whole cluster only")
+    picked = chosen_values(members.rows, chosen, records) if chosen else {}
+    group_of = {record: number for number, group in enumerate(groups) for record in group}
+    plans = []
+    for number, group in enumerate(groups):
+        if len(group) < 2:
+            continue
+        scores = [p.probability for p in pairs if group_of.get(p.left) == group_of.get(p.right) == number]
+        lowest = min((x for x in scores if x is not None), default=None)
+        plan = cluster_plan(model, members, group, source_priority, survivorship, probability=lowest,
+                            reason="steward decision", decided_by=steward)  # fmt: skip
+        if picked:
+            plan = replace(plan, golden={**(plan.golden or {}), **picked})
+        plans.append(plan)
+    merge_ids = merge_plans(session, run, model, plans, members)
+    now = dt.datetime.now(dt.UTC)
+    statuses: dict[int, str] = {}
+    for pair in pairs:
+        candidate = session.get(MatchCandidate, pair.candidate_id)
+        if candidate is None or candidate.status != "review":
+            raise DedupError(f"pair {pair.candidate_id} was decided meanwhile; look at the cluster again")
+        same = group_of[pair.left] == group_of[pair.right]
+        candidate.status = statuses[pair.candidate_id] = "merged" if same else "distinct"
+        candidate.decided_by = steward
+        candidate.decided_at = now
+    session.flush()
+    return ClusterDecision(merge_ids, [plan.survivor_id for plan in plans], statuses)
+
+
 def decide(
     engine: Engine,
     candidate_id: int,
@@ -449,7 +539,8 @@ def decide(
     """Record a steward's decision: merge the pair (same company) or mark it distinct (never proposed again).
 
     A merge picks the survivor and the survivorship-ruled values exactly as an automatic merge does
-    (``source_priority`` and ``survivorship`` are the project's ``dedup.customer`` rules).
+    (``source_priority`` and ``survivorship`` are the project's ``dedup.customer`` rules); it is
+    :func:`decide_cluster` on a cluster of one pair, as the steward workbench decides whole clusters.
     """
     with session_factory(engine)() as session, session.begin():
         candidate = session.get(MatchCandidate, candidate_id)
@@ -458,25 +549,41 @@ def decide(
         if candidate.status != "review":
             raise DedupError(f"candidate {candidate_id} was already decided: {candidate.status}")
         run = get_or_start_run(session, run_key, project, "steward")
-        if same:
-            model = MODEL_OF[candidate.entity]
-            ids = sorted(
-                {_active(session, model, candidate.left_id), _active(session, model, candidate.right_id)}
-            )
-            if len(ids) == 2:
-                members = load_members(session.connection(), model, ids)
-                plan = cluster_plan(model, members, ids, source_priority, survivorship,
-                                    probability=candidate.probability, reason="steward decision", decided_by=steward)  # fmt: skip
-                merge_plans(session, run, model, [plan], members)
-        candidate.status = "merged" if same else "distinct"
-        candidate.decided_by = steward
-        candidate.decided_at = dt.datetime.now(dt.UTC)
+        model = MODEL_OF[candidate.entity]
+        left, right = _active(session, model, candidate.left_id), _active(session, model, candidate.right_id)
+        groups = [sorted({left, right})] if same or left == right else [[left], [right]]
+        pair = PendingPair(candidate_id, left, right, candidate.probability)
+        decide_cluster(session, run, candidate.entity, [pair], groups, steward=steward,
+                       source_priority=source_priority, survivorship=survivorship)  # fmt: skip
+        if not same:
+            candidate.status = "distinct"  # two sides that are one record already: still "not the same"
         session.flush()
         session.refresh(candidate)
         run.status = "succeeded"
         run.finished_at = dt.datetime.now(dt.UTC)
         session.expunge(candidate)
         return candidate
+
+
+def reopen_pair(session: Any, candidate_id: int) -> MatchCandidate:
+    """Put a decided pair back in the review queue: a "different" (``distinct``) pair, or a ``merged`` one whose
+    merge was undone (its two sides are separate records again). It no longer trains the classifier."""
+    candidate: MatchCandidate | None = session.get(MatchCandidate, candidate_id)
+    if candidate is None:
+        raise DedupError(f"no match candidate {candidate_id}")
+    if candidate.status == "review":
+        raise DedupError(f"pair {candidate_id} is waiting for a steward already")
+    if candidate.status == "merged":
+        model = MODEL_OF[candidate.entity]
+        if _active(session, model, candidate.left_id) == _active(session, model, candidate.right_id):
+            raise DedupError(
+                f"pair {candidate_id} is merged: undo the merge on the golden record's page first"
+            )
+    candidate.status = "review"
+    candidate.decided_by = None
+    candidate.decided_at = None
+    session.flush()
+    return candidate
 
 
 def _active(session: Any, model: type[Customer] | type[Contact], record_id: int) -> int:

@@ -13,6 +13,7 @@ many dead rows, rebuilds it. Calls carry an API token (``Authorization: Bearer â
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import logging
 import threading
 import time
@@ -47,36 +48,16 @@ _INDEX_COLUMNS = ("id", "name", "credit_code", "phone", "email", "city", "addres
 
 
 class LiveIndex(MatchIndex):
-    """A :class:`MatchIndex` whose customers can be replaced or removed one by one (see module doc)."""
+    """A :class:`MatchIndex` that counts trade-name holders, so replaced customers get their ``trade_rare``."""
 
     def __init__(self, records: pd.DataFrame, spec: LinkageSpec = CUSTOMER_SPEC) -> None:
         super().__init__(records, spec)
-        self.dead: set[int] = set()
-        self.where: dict[int, int] = {int(i): p for p, i in enumerate(records.index)}
         holders = records.groupby("trade_pinyin")["name_core"].nunique() if len(records) else pd.Series()
         self.holders: dict[str, int] = {str(k): int(v) for k, v in holders.items()}
-        self.keys = [block[0] for block in spec.blocks if len(block) == 1] + ["name_prefix"]
-
-    def candidates(self, record: Any) -> list[int]:
-        """Blocked positions, without the dead ones."""
-        return [p for p in super().candidates(record) if p not in self.dead]
-
-    @property
-    def size(self) -> int:
-        """Live customers in the index."""
-        return len(self.where)
-
-    @property
-    def dead_share(self) -> float:
-        """Share of the index's rows that are replaced or gone."""
-        return len(self.dead) / max(1, len(self.records))
 
     def apply(self, changed: pd.DataFrame, removed: Iterable[int]) -> None:
         """Replace ``changed`` customers (linkage rows by id) and drop ``removed`` ones."""
-        for record_id in [*removed, *changed.index]:
-            position = self.where.pop(int(record_id), None)
-            if position is not None:
-                self.dead.add(position)
+        self.remove([*removed, *changed.index])
         if changed.empty:
             return
         changed = changed.copy()
@@ -87,18 +68,7 @@ class LiveIndex(MatchIndex):
             p if p and self.holders.get(str(p), 0) <= RARE_TRADE_NAME else None
             for p in changed["trade_pinyin"]
         ]
-        start = len(self.records)
-        self.records = pd.concat([self.records, changed[list(self.records.columns)]])
-        self.ids = self.records.index.to_numpy()
-        prefix = changed["name_core"].fillna("").astype(str).str[:2]
-        for key in self.keys:
-            column = prefix if key == "name_prefix" else changed[key]
-            index = self.blocks.setdefault(key, {})
-            for offset, value in enumerate(column.to_numpy()):
-                if value is not None and value == value and value != "":
-                    index.setdefault(value, []).append(start + offset)
-        for offset, record_id in enumerate(changed.index):
-            self.where[int(record_id)] = start + offset
+        self.add(changed)
 
 
 @dataclass
@@ -131,6 +101,10 @@ class MatchService:
         self._undo_mark = EPOCH
         self._rolled_back = 0
         self._tokens: dict[str, tuple[str, float]] = {}
+        # The owning salesperson of each indexed customer, and the sales reps: kept with the index (and
+        # refreshed with it), so a look-up reads nothing from the database.
+        self._owner_of: dict[int, int] = {}
+        self._reps: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ index
 
@@ -152,12 +126,34 @@ class MatchService:
         with self._refreshing:
             marks = self._marks()
             index = LiveIndex(customer_records(self.engine), self.spec)
+            customers = TABLES["customers"]
+            with self.engine.connect() as connection:
+                owner_of = {
+                    int(i): int(o)
+                    for i, o in connection.execute(
+                        select(customers.c.id, customers.c.owner_id).where(
+                            customers.c.merged_into_id.is_(None), customers.c.owner_id.is_not(None)
+                        )
+                    )
+                }
+                reps = self._read_reps(connection)
             now = _now()
             with self._lock:
                 self._index = index
+                self._owner_of, self._reps = owner_of, reps
                 self._last_run, self._open_runs, self._undo_mark, self._rolled_back = marks
                 self.state = IndexState(index.size, now, now, 0)
+            # Millions of long-lived objects: a full garbage collection would walk them all (hundreds of
+            # milliseconds at 1,000,000 customers, in some look-up's time). They hold no reference cycles
+            # (a replaced index is freed by reference counting), so the collector is told to leave them be.
+            gc.collect()
+            gc.freeze()
             return index
+
+    @property
+    def ready(self) -> bool:
+        """Whether the index is built (a look-up then takes about a millisecond)."""
+        return self._index is not None
 
     def index(self) -> LiveIndex:
         """The index, built on first use."""
@@ -209,10 +205,15 @@ class MatchService:
                 )
             found: list[dict[str, Any]] = []
             for part in _chunks(sorted(touched)):
-                query = select(*(customers.c[c] for c in _INDEX_COLUMNS), customers.c.merged_into_id)
+                query = select(
+                    *(customers.c[c] for c in _INDEX_COLUMNS),
+                    customers.c.merged_into_id,
+                    customers.c.owner_id,
+                )
                 found += [
                     dict(r) for r in connection.execute(query.where(customers.c.id.in_(part))).mappings()
                 ]
+            reps = self._read_reps(connection)
         active = [{c: r[c] for c in _INDEX_COLUMNS} for r in found if r["merged_into_id"] is None]
         gone = [int(r["id"]) for r in found if r["merged_into_id"] is not None]
         gone += sorted(touched - {int(r["id"]) for r in found})  # deleted since
@@ -220,7 +221,15 @@ class MatchService:
         with self._lock:
             index = self._index
             assert index is not None
-            index.apply(changed if changed is not None else index.records.iloc[:0], gone)
+            index.apply(changed if changed is not None else pd.DataFrame(), gone)
+            for record_id in gone:
+                self._owner_of.pop(record_id, None)
+            for row in found:
+                if row["merged_into_id"] is None and row["owner_id"] is not None:
+                    self._owner_of[int(row["id"])] = int(row["owner_id"])
+                else:
+                    self._owner_of.pop(int(row["id"]), None)
+            self._reps = reps
             self._last_run = max([self._last_run, *(run_id for run_id, _ in rows)])
             self._open_runs = {run_id for run_id, status in rows if status == "running"}
             if undone_rows:
@@ -235,27 +244,25 @@ class MatchService:
         index = self.index()
         with self._lock:
             found = index.match(record, limit)
-            rows = {c.customer_id: index.records.iloc[index.where[c.customer_id]] for c in found
-                    if c.customer_id in index.where}  # fmt: skip
-        owners = self._owners([c.customer_id for c in found])
+            cities = {c.customer_id: index.value(c.customer_id, "city") for c in found}
+            owners = self._owners([c.customer_id for c in found])
         return [
-            {**asdict(c), "city": _text(rows[c.customer_id]["city"]) if c.customer_id in rows else None,
+            {"customer_id": c.customer_id, "name": c.name, "probability": c.probability, "levels": c.levels,
+             "city": _text(cities[c.customer_id]),
              "agrees_on": [k.rsplit("_", 1)[0] for k, v in c.levels.items() if v],
              "owner": owners.get(c.customer_id)}
             for c in found
         ]  # fmt: skip
 
     def _owners(self, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
-        if not ids:
-            return {}
-        customers, reps = TABLES["customers"], TABLES["sales_reps"]
-        with self.engine.connect() as connection:
-            rows = connection.execute(
-                select(customers.c.id, reps.c.id.label("rep"), reps.c.code, reps.c.name)
-                .join(reps, reps.c.id == customers.c.owner_id)
-                .where(customers.c.id.in_(list(ids)))
-            )
-            return {r.id: {"id": r.rep, "code": r.code, "name": r.name} for r in rows}
+        owners = {i: self._reps.get(self._owner_of.get(i, -1)) for i in ids}
+        return {i: rep for i, rep in owners.items() if rep is not None}
+
+    @staticmethod
+    def _read_reps(connection: Any) -> dict[int, dict[str, Any]]:
+        reps = TABLES["sales_reps"]
+        rows = connection.execute(select(reps.c.id, reps.c.code, reps.c.name))
+        return {int(r.id): {"id": r.id, "code": r.code, "name": r.name} for r in rows}
 
     # ------------------------------------------------------------------ background refresh
 
@@ -267,7 +274,8 @@ class MatchService:
 
         def loop() -> None:
             try:
-                self.build()
+                if self._index is None:  # a worker forked after the build keeps the index it was given
+                    self.build()
             except Exception as exc:  # the API answers 503 until a refresh succeeds
                 log.warning("duplicate-check index not built: %s", type(exc).__name__)
             while not self._stop.wait(self.refresh_seconds):
@@ -288,14 +296,19 @@ class MatchService:
 
     # ------------------------------------------------------------------ tokens
 
+    def cached_token_name(self, token: str | None) -> str | None:
+        """The name of a token checked against the database within the last few seconds, else None."""
+        cached = self._tokens.get(security.token_hash(token)) if token else None
+        return cached[0] if cached and cached[1] > time.monotonic() else None
+
     def token_name(self, token: str | None) -> str | None:
         """The name of a valid API token (cached for a few seconds: no database read per call)."""
         if not token:
             return None
+        cached = self.cached_token_name(token)
+        if cached is not None:
+            return cached
         key = security.token_hash(token)
-        cached = self._tokens.get(key)
-        if cached and cached[1] > time.monotonic():
-            return cached[0]
         with self.engine.connect() as connection:
             name = security.api_token_name(connection, token)
         if name is not None:
@@ -369,7 +382,8 @@ def api_routes(service: MatchService) -> list[Route]:
     async def authorized(request: Request) -> str | None:
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else None
-        return await run_in_threadpool(service.token_name, token)
+        # a token seen within the cache time needs no database read, nor a hop to the thread pool
+        return service.cached_token_name(token) or await run_in_threadpool(service.token_name, token)
 
     async def match(request: Request) -> Response:
         if await authorized(request) is None:
@@ -382,7 +396,13 @@ def api_routes(service: MatchService) -> list[Route]:
             limit = body.get("limit", 5)
             if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 20:
                 raise StewardError("'limit' must be a whole number from 1 to 20")
-            found = await run_in_threadpool(service.match, record, limit)
+            # A look-up on a built index is about a millisecond of CPU and reads nothing from the database:
+            # it runs on the event loop, where a thread pool would add hand-offs and contention for the GIL.
+            # The first one, which builds the index, goes to a thread.
+            if service.ready:
+                found = service.match(record, limit)
+            else:
+                found = await run_in_threadpool(service.match, record, limit)
         except StewardError as exc:
             return _problem(exc.status if exc.status != 400 else 422, str(exc))
         return JSONResponse({"candidates": found, "index": asdict(service.state)})

@@ -41,7 +41,7 @@ from integration.steward import security
 from integration.steward.api import MatchService, api_routes
 from integration.steward.audit import audit_page, record_event
 from integration.steward.cluster import ASSIGN_TTL, build_view, claim, find_cluster, release
-from integration.steward.decisions import Rules, can_undo, decide_cluster, skip_cluster, undo
+from integration.steward.decisions import Rules, can_undo, decide_cluster, reopen, skip_cluster, undo
 from integration.steward.errors import StewardError
 from integration.steward.golden import golden_view
 from integration.steward.queue import (
@@ -495,7 +495,20 @@ class Workbench:
         undoable = {
             m["id"] for m in view.merges if m["undone_at"] is None and can_undo(user, m["decided_by"])
         }
-        return self.render(request, "record.html", user, view=view, undoable=undoable)
+        reopenable = {p["id"] for p in view.different if can_undo(user, p["decided_by"] or "linkage")}
+        return self.render(request, "record.html", user, view=view, undoable=undoable, reopenable=reopenable)
+
+    async def reopen_pair(self, request: Request, user: Principal) -> Response:
+        """Reverse a "different" decision from the golden record page: the pair waits in the queue again."""
+        candidate_id = int(request.path_params["candidate"])
+        form: FormData = request.state.form
+        ip = self.client_ip(request)
+        pair = await run_in_threadpool(reopen, self.engine, candidate_id, user, ip)
+        back = _int(str(form.get("back") or pair.left_id), "back")
+        return self.redirect(
+            f"/records/{pair.entity}/{back}",
+            f"reopened pair {candidate_id}: it is back in the review queue",
+        )
 
     async def undo_merge(self, request: Request, user: Principal) -> Response:
         """Undo one merge from the golden record page."""
@@ -584,6 +597,7 @@ class Workbench:
             Route("/cluster/{candidate:int}/assign", page("admin")(self.assign_cluster), methods=["POST"]),
             Route("/records/{entity:str}/{record:int}", page()(self.record)),
             Route("/merges/{merge:int}/undo", page("steward")(self.undo_merge), methods=["POST"]),
+            Route("/pairs/{candidate:int}/reopen", page("steward")(self.reopen_pair), methods=["POST"]),
             Route("/audit", page("admin")(self.audit)),
             Route("/users", page("admin")(self.users), methods=["GET"]),
             Route("/users", page("admin")(self.users_post), methods=["POST"]),

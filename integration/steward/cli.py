@@ -7,6 +7,7 @@ as ``python -m integration.steward`` (what ``make steward`` does).
 from __future__ import annotations
 
 import getpass
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -107,6 +108,12 @@ def serve(
     refresh: Annotated[
         float, typer.Option("--refresh", help="seconds between refreshes of the duplicate-check index")
     ] = 10.0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers", min=1, help="server processes sharing one duplicate-check index (Linux/macOS)"
+        ),
+    ] = 1,
 ) -> None:
     """Serve the workbench (queue, clusters, golden records, audit, duplicate-check API)."""
     import uvicorn
@@ -119,6 +126,21 @@ def serve(
         raise typer.Exit(1) from None
     except CrmError as exc:
         raise _fail(str(exc)) from None
+    if workers > 1:
+        from integration.steward.serving import fork_workers, listen, stop_workers
+
+        sock = listen(host, port)
+        console.print(f"building the duplicate-check index, then {workers} server processes share it")
+        pids = fork_workers(app, sock, workers, log_level="info")
+        console.print(f"steward workbench on http://{host}:{port}/ (Ctrl+C stops it)")
+        try:
+            for pid in pids:
+                os.waitpid(pid, 0)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop_workers(pids)
+        return
     console.print(f"steward workbench on http://{host}:{port}/ (Ctrl+C stops it)")
     uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
 

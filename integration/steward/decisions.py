@@ -1,22 +1,21 @@
 """A steward's decision on a cluster, and the undo of a merge, with their audit lines in one transaction.
 
-Merges go through the dedup workflow's own path (``integration.dedup.workflow.cluster_plan`` then
-``crm_core.merging.merge_plans``, as ``workflow.decide`` and the automatic merges do), inside a journaled
-load run of mode ``steward``: the survivor, its order and the survivorship-ruled values are the project's,
-and each merge can be undone exactly. A steward's per-field choice is applied like a survivorship value
-(with the first merge of the cluster), so undoing that merge restores the survivor's own values.
-Pairs are marked ``merged`` or ``distinct`` (never proposed again) as ``workflow.decide`` marks them, and
-these decisions train the supervised classifier (``workflow.steward_labels``).
+A decision is the dedup workflow's own ``integration.dedup.workflow.decide_cluster`` (which ``crmi dedup
+decide`` uses for one pair) inside a journaled load run of mode ``steward``: the survivor, its order and the
+survivorship-ruled values are the project's, each merge can be undone exactly, a steward's per-field choice
+is applied like a survivorship value (with the first merge of the cluster, so undoing that merge restores
+the survivor's own values), and pairs are marked ``merged`` or ``distinct`` (never proposed again) — the
+decisions that train the supervised classifier (``workflow.steward_labels``). This module adds what the
+workbench needs around it: the page's fingerprint, claims, roles and the audit lines.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
@@ -26,9 +25,10 @@ from crm_core.db import session_factory
 from crm_core.errors import DedupError
 from crm_core.journal import to_json
 from crm_core.loading import get_or_start_run
-from crm_core.merging import MODEL_OF, SurvivorshipRule, load_members, merge_plans, undo_merge
+from crm_core.merging import MODEL_OF, SurvivorshipRule, load_members, undo_merge
 from crm_core.models import MatchCandidate, MergeLog
-from integration.dedup.workflow import cluster_plan
+from integration.dedup import workflow
+from integration.dedup.workflow import PendingPair, chosen_values
 from integration.steward.audit import record_event
 from integration.steward.cluster import FIELDS, Cluster, claim, find_cluster, release
 from integration.steward.errors import StewardError
@@ -137,45 +137,25 @@ def _decide(
         raise StewardError(f"'{unknown[0]}' is not a field a steward can choose for a {entity}")
     if chosen and (len(groups) != 1 or len(records) < 2):
         raise StewardError("field values are chosen for a merge of the whole cluster only")
+    try:
+        chosen_values(members.rows, chosen, records)  # checked here too: a wrong choice is the form's fault
+    except DedupError as exc:
+        raise StewardError(str(exc)) from None
     before = {str(i): {k: to_json(v) for k, v in members.rows[i].items()} for i in records}
     run = get_or_start_run(session, f"steward-{uuid.uuid4()}", rules.project, "steward")
-    lowest = {
-        frozenset(g): min(
-            (p.probability for p in cluster.pairs
-             if cluster.active[p.left_id] in g and cluster.active[p.right_id] in g),
-            default=None,
-        )
-        for g in groups
-    }  # fmt: skip
-    plans = []
-    for group in groups:
-        if len(group) < 2:
-            continue
-        plan = cluster_plan(model, members, group, rules.source_priority, rules.survivorship or None,
-                            probability=lowest[frozenset(group)], reason="steward decision",
-                            decided_by=user.name)  # fmt: skip
-        if chosen:
-            plan = dataclasses.replace(
-                plan, golden={**(plan.golden or {}), **_chosen_values(members.rows, chosen, records)}
-            )
-        plans.append(plan)
-    merge_ids = merge_plans(session, run, model, plans, members)
-    group_of = {record_id: number for number, group in enumerate(groups) for record_id in group}
+    pairs = [
+        PendingPair(p.id, cluster.active[p.left_id], cluster.active[p.right_id], p.probability)
+        for p in cluster.pairs
+    ]
+    decided = workflow.decide_cluster(session, run, entity, pairs, groups, steward=user.name,
+                             source_priority=rules.source_priority, survivorship=rules.survivorship or None,
+                             chosen=chosen)  # fmt: skip
+    merge_ids, statuses = decided.merges, decided.pairs
     now = dt.datetime.now(dt.UTC)
-    statuses: dict[int, str] = {}
-    for pair in cluster.pairs:
-        candidate = session.get(MatchCandidate, pair.id)
-        if candidate is None or candidate.status != "review":
-            raise StewardError(f"pair {pair.id} was decided meanwhile; look at the cluster again", status=409)
-        same = group_of[cluster.active[pair.left_id]] == group_of[cluster.active[pair.right_id]]
-        candidate.status = statuses[pair.id] = "merged" if same else "distinct"
-        candidate.decided_by = user.name
-        candidate.decided_at = now
-    session.flush()
     run.status = "succeeded"
     run.finished_at = now
     session.flush()
-    survivors = [plan.survivor_id for plan in plans]
+    survivors = decided.survivors
     after_rows = load_members(connection, model, survivors).rows if survivors else {}
     main = survivors[0] if survivors else records[0]
     words = {
@@ -196,23 +176,6 @@ def _decide(
                          summary=f"{words} (pair of {main})")  # fmt: skip
     release(connection, entity, cluster.claim_ids, user.user_id)
     return Outcome(entity, verdict, merge_ids, survivors, groups, statuses)
-
-
-def _chosen_values(
-    rows: Mapping[int, Mapping[str, Any]], chosen: Mapping[str, int], records: Sequence[int]
-) -> dict[str, Any]:
-    """The values a steward picked: field → the chosen record's (non-blank) value."""
-    values: dict[str, Any] = {}
-    for name, record_id in chosen.items():
-        if record_id not in records:
-            raise StewardError(f"record {record_id} is not in this cluster; choose {name} from its records")
-        value = rows[record_id][name]
-        if value is None or (isinstance(value, str) and not value.strip()):
-            raise StewardError(f"record {record_id} has no {name}; choose a record that has one")
-        values[name] = value
-        if name == "name" and "name_normalized" in rows[record_id]:
-            values["name_normalized"] = rows[record_id]["name_normalized"]
-    return values
 
 
 def skip_cluster(engine: Engine, candidate_id: int, user: Principal, ip: str | None = None) -> None:
@@ -259,5 +222,38 @@ def undo(engine: Engine, merge_id: int, user: Principal, ip: str | None = None) 
                              record_id=log.merged_id, summary=f"undid merge {merge_id} (merged record)")  # fmt: skip
                 session.expunge(log)
                 return log
+        except DedupError as exc:
+            raise StewardError(str(exc), status=409) from None
+
+
+def reopen(engine: Engine, candidate_id: int, user: Principal, ip: str | None = None) -> MatchCandidate:
+    """Reverse a "different" decision (``workflow.reopen_pair``): the pair waits in the queue again; audited.
+
+    The rights are those of an undo: stewards reopen their own decisions (and linkage's), admins anybody's.
+    """
+    with session_factory(engine)() as session:
+        try:
+            with session.begin():
+                candidate = session.get(MatchCandidate, candidate_id)
+                if candidate is None:
+                    raise StewardError(f"no pair {candidate_id}", status=404)
+                decided_by, status = candidate.decided_by or "linkage", candidate.status
+                if not can_undo(user, decided_by):
+                    raise StewardError(
+                        f"pair {candidate_id} was decided by {decided_by}; only an admin reopens another "
+                        "steward's decision",
+                        status=403,
+                    )
+                candidate = workflow.reopen_pair(session, candidate_id)
+                record_event(
+                    session.connection(), user.name, "reopen", ip=ip, entity=candidate.entity,
+                    record_id=candidate.left_id,
+                    summary=f"reopened pair {candidate_id} ({candidate.left_id} / {candidate.right_id}): "
+                    "back in the review queue",
+                    before={"pair": candidate_id, "status": status, "decided_by": decided_by},
+                    after={"status": "review"},
+                )  # fmt: skip
+                session.expunge(candidate)
+                return candidate
         except DedupError as exc:
             raise StewardError(str(exc), status=409) from None

@@ -35,6 +35,7 @@ class GoldenView:
     owner: str | None = None
     customer: dict[str, Any] | None = None  # a contact's customer
     pending: list[dict[str, Any]] = field(default_factory=list)  # pairs still waiting on it
+    different: list[dict[str, Any]] = field(default_factory=list)  # pairs decided "not the same"
 
 
 def golden_view(connection: Connection, entity: str, record_id: int) -> GoldenView:
@@ -105,8 +106,27 @@ def golden_view(connection: Connection, entity: str, record_id: int) -> GoldenVi
             .limit(SHOWN)
         ).mappings()
     ]  # fmt: skip
+    different = [
+        dict(r)
+        for r in connection.execute(
+            select(mc.c.id, mc.c.left_id, mc.c.right_id, mc.c.decided_by, mc.c.decided_at)
+            .where(mc.c.entity == entity, mc.c.status == "distinct",
+                   or_(mc.c.left_id.in_(everyone), mc.c.right_id.in_(everyone)))
+            .order_by(mc.c.id.desc())
+            .limit(SHOWN)
+        ).mappings()
+    ]  # fmt: skip
     view = GoldenView(
-        entity, record, active, FIELDS[entity], sources, crosswalk, merges, audit, pending=pending
+        entity,
+        record,
+        active,
+        FIELDS[entity],
+        sources,
+        crosswalk,
+        merges,
+        audit,
+        pending=pending,
+        different=different,
     )
     reps = TABLES["sales_reps"]
     customers = TABLES["customers"]

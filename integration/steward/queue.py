@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from sqlalchemy import Connection, exists, func, or_, select
@@ -20,6 +20,9 @@ from crm_core.merging import MODEL_OF, table_of
 from crm_core.models import Base
 from crm_core.steward_models import CLAIMS, USERS
 from integration.steward.errors import StewardError
+
+if TYPE_CHECKING:
+    from integration.dedup.linkage import Evaluation
 
 TABLES = Base.metadata.tables
 
@@ -275,6 +278,8 @@ class Training:
     same: dict[str, int]
     different: dict[str, int]
     needed: int  # decisions of each kind before a supervised model replaces ECM
+    # per entity: the supervised model cross-validated on the decided pairs (None: too few decisions yet)
+    evaluation: dict[str, Evaluation | None] = field(default_factory=dict)
 
     def classifier(self, entity: str, setting: str) -> str:
         """What the next linkage run of ``entity`` fits, given the project's ``classifier`` setting."""
@@ -289,8 +294,12 @@ class Training:
 
 
 def training(connection: Connection) -> Training:
-    """Pairs stewards decided (not linkage), per entity and side (a scan of the decided pairs: cache it)."""
-    from integration.dedup.linkage import MIN_LABELS
+    """Pairs stewards decided (not linkage), per entity and side, and the supervised model cross-validated
+    on them (``linkage.cross_validate``; a scan of the decided pairs and a few small fits: cache it)."""
+    from integration.dedup.contacts import CONTACT_SPEC
+    from integration.dedup.customers import CUSTOMER_SPEC
+    from integration.dedup.linkage import MIN_LABELS, cross_validate
+    from integration.dedup.workflow import steward_labels
 
     c = CANDIDATES.c
     rows = connection.execute(
@@ -298,10 +307,14 @@ def training(connection: Connection) -> Training:
         .where(c.status.in_(("merged", "distinct")), c.decided_by.is_not(None), c.decided_by != "linkage")
         .group_by(c.entity, c.status)
     ).all()
-    return Training(
-        {e: int(n) for e, st, n in rows if st == "merged"}, {e: int(n) for e, st, n in rows if st == "distinct"},
-        MIN_LABELS,
-    )  # fmt: skip
+    same = {e: int(n) for e, st, n in rows if st == "merged"}
+    different = {e: int(n) for e, st, n in rows if st == "distinct"}
+    evaluation: dict[str, Evaluation | None] = {}
+    for entity, spec in (("customer", CUSTOMER_SPEC), ("contact", CONTACT_SPEC)):
+        if min(same.get(entity, 0), different.get(entity, 0)) >= MIN_LABELS:
+            labels = steward_labels(connection, spec, entity)
+            evaluation[entity] = cross_validate(labels, spec) if labels is not None else None
+    return Training(same, different, MIN_LABELS, evaluation)
 
 
 def source_systems(connection: Connection, entity: str, most: int = 50) -> list[str]:

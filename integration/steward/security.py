@@ -1,7 +1,8 @@
 """Users, passwords, sessions, CSRF tokens, login throttling and API tokens of the steward workbench.
 
-Passwords are hashed with scrypt (stdlib ``hashlib.scrypt``, memory-hard, a random salt per password);
-the hash never leaves this module's callers' database rows. A session is a random token in an HttpOnly
+Passwords are hashed with Argon2id (argon2-cffi's ``PasswordHasher``, RFC 9106 parameters, a random salt per
+password); hashes from before (scrypt, stdlib ``hashlib.scrypt``) are still verified and replaced by an Argon2id
+hash at the user's next sign-in. The hash never leaves this module's callers' database rows. A session is a random token in an HttpOnly
 cookie; the database keeps only its SHA-256, so a leaked table cannot be replayed as a cookie, and a
 tampered cookie simply matches nothing. Each session has its own CSRF token, checked on every POST.
 """
@@ -16,6 +17,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Connection, delete, func, insert, select, update
 
 from crm_core.models import Base
@@ -35,7 +38,10 @@ from integration.steward.errors import StewardError
 
 TABLES = Base.metadata.tables
 
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # 16 MiB per hash: about 50 ms, costly to brute-force
+# Argon2id with argon2-cffi's defaults (RFC 9106 "low memory": t=3, 64 MiB, p=4): about 0.1 s a hash.
+# Hashes made with other parameters (or older scrypt ones) are replaced at the next successful sign-in.
+HASHER = PasswordHasher()
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # the parameters of hashes made before Argon2 (still verified)
 IDLE_TIMEOUT = dt.timedelta(minutes=30)
 TOUCH_EVERY = dt.timedelta(seconds=60)  # write last_seen_at at most this often per session
 THROTTLE_WINDOW = dt.timedelta(minutes=15)
@@ -59,15 +65,19 @@ def as_utc(stamp: dt.datetime) -> dt.datetime:
 
 
 def hash_password(password: str) -> str:
-    """Return ``scrypt$n$r$p$salt$hash`` for ``password`` (a new random salt each time)."""
+    """Return an Argon2id hash (PHC string ``$argon2id$v=19$m=…,t=…,p=…$salt$hash``) of ``password``."""
+    return HASHER.hash(password)
+
+
+def scrypt_hash(password: str) -> str:
+    """Return ``scrypt$n$r$p$salt$hash`` for ``password``: the format before Argon2, kept for tests of the upgrade."""
     salt = secrets.token_bytes(16)
     digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
     encoded = (base64.b64encode(v).decode() for v in (salt, digest))
     return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${'$'.join(encoded)}"
 
 
-def verify_password(password: str, stored: str) -> bool:
-    """Return whether ``password`` matches a hash from :func:`hash_password` (constant-time compare)."""
+def _verify_scrypt(password: str, stored: str) -> bool:
     try:
         scheme, n, r, p, salt, digest = stored.split("$")
         if scheme != "scrypt":
@@ -78,6 +88,26 @@ def verify_password(password: str, stored: str) -> bool:
     except ValueError:
         return False
     return hmac.compare_digest(computed, base64.b64decode(digest))
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """Return whether ``password`` matches a stored hash: Argon2 (:func:`hash_password`) or the older scrypt."""
+    if stored.startswith("scrypt$"):
+        return _verify_scrypt(password, stored)
+    try:
+        return HASHER.verify(stored, password)
+    except (VerificationError, InvalidHashError):  # a mismatch is a VerificationError
+        return False
+
+
+def needs_rehash(stored: str) -> bool:
+    """Whether a stored hash should be replaced at the next sign-in (scrypt, or Argon2 with old parameters)."""
+    if not stored.startswith("$argon2"):
+        return True
+    try:
+        return HASHER.check_needs_rehash(stored)
+    except InvalidHashError:
+        return True
 
 
 _DUMMY_HASH = hash_password(secrets.token_hex(16))  # an unknown name costs as much as a wrong password
@@ -234,6 +264,10 @@ def login(connection: Connection, name: str, password: str, ip: str | None) -> s
         record_event(connection, name[:64] or None, "login_failed", ip=ip,
                      summary="wrong name or password" if not good else "user disabled")  # fmt: skip
         return None
+    if needs_rehash(row.password_hash):  # an scrypt (or weaker Argon2) hash becomes today's, sessions kept
+        connection.execute(
+            update(users).where(users.c.id == row.id).values(password_hash=hash_password(password))
+        )
     token = secrets.token_urlsafe(32)
     now = utcnow()
     sessions = _TABLES[StewardSession]
