@@ -560,6 +560,7 @@ def test_bad_finance_rows_are_rejected_with_reasons_and_the_rest_applied(
 def test_secrets_never_in_errors_or_logs(k3: tuple[str, K3Api], caplog: pytest.LogCaptureFixture) -> None:
     url, api = k3
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="urllib3")  # dagster-k8s, once imported, sets it to WARNING
     client = app_client(url)
     client.execute_bill_query("BD_Customer", ["FNumber"])
     sid = client._sid  # the session id must not leak either

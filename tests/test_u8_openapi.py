@@ -515,6 +515,8 @@ def test_the_app_secret_and_tokens_never_show(
 
     api.issue_token = recording  # type: ignore[method-assign]
     caplog.set_level(logging.DEBUG)
+    # urllib3's own level too: importing dagster-k8s (the deploy tests) sets the "urllib3" logger to WARNING
+    caplog.set_level(logging.DEBUG, logger="urllib3")
     seen: list[str] = []
     with U8Client(credentials(url), timeout=0.3) as client:
         seen += [repr(client), repr(client.credentials)]
