@@ -38,6 +38,7 @@ import yaml
 
 from crm_core.errors import ConfigError
 from integration.jobs import CORE_TAG, EXECUTOR_ENV, build_definitions, core_identity
+from tests.browser import headless_chromium
 from tests.conftest import DEMO, PG_DATABASE, PG_URL, REPO, server_or_skip
 from tests.deploy_location import ALL_GATES, GATES_ENV, SCHEDULE, SENSOR
 from tests.servers.webhook_receiver import Receiver, closed_port_url, serve
@@ -827,33 +828,9 @@ def daemon_fired_the_schedule_and_the_sensor(deployment: Deployment) -> None:
 
 @contextlib.contextmanager
 def _chromium() -> Iterator[Any]:
-    """Debian's headless Chromium through its chromedriver (as tests/test_steward_browser.py)."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver") or (
-        "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None
-    )
-    missing = [name for name, path in (("chromium", browser), ("chromedriver", driver_path)) if not path]
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        missing.append("selenium (pip)")
-    if missing:
-        reason = f"the UI test needs {', '.join(missing)} (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true requires them: {reason}")
-        pytest.skip(reason)
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(browser)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--window-size=1600,1000", "--lang=en-US"):  # fmt: skip
-        options.add_argument(argument)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(driver_path)))
-    driver.set_page_load_timeout(UI_WAIT)
-    try:
+    """Debian's headless Chromium through its chromedriver, in English (the screenshots are in docs/)."""
+    with headless_chromium(window="1600,1000", lang="en-US", page_timeout=UI_WAIT) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def ui_shows_the_asset_graph_a_core_assets_checks_and_the_automations(deployment: Deployment) -> None:

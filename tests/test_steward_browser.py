@@ -9,7 +9,6 @@ cluster page from this run.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,39 +17,16 @@ import pytest
 import sqlalchemy as sa
 
 from crm_core.models import Customer, MergeLog
+from tests.browser import headless_chromium
 from tests.test_steward import PASSWORD, build_core, make_app, planted, serving
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver") or (
-    "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None
-)
 WAIT = 20  # seconds: the longest any page or redirect may take
 
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    missing = [name for name, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if not path]
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        missing.append("selenium (pip)")
-    if missing:
-        reason = f"real-browser tests need {', '.join(missing)} (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true requires them: {reason}")
-        pytest.skip(reason)
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--window-size=1500,1100", "--lang=zh-CN"):  # fmt: skip
-        options.add_argument(argument)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
-    driver.set_page_load_timeout(WAIT)
-    try:
+    with headless_chromium(window="1500,1100", lang="zh-CN", page_timeout=WAIT) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def test_a_steward_logs_in_filters_decides_with_the_keyboard_sees_the_golden_record_and_undoes(
