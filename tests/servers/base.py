@@ -3,13 +3,16 @@ background thread by tests or in the foreground by a documented command."""
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import sqlalchemy as sa
 
@@ -23,6 +26,94 @@ class Releasable(Protocol):
 
 
 ApiT = TypeVar("ApiT", bound=Releasable)
+
+
+class FaultsAndLog:
+    """What a test server's state shares: queued faults, answers held back (stalls) and the request log.
+
+    Mixed into the servers' dataclasses, which set ``lock``, ``faults``, ``stall_limit``, ``requests`` and
+    ``_stalls``.
+    """
+
+    lock: threading.Lock
+    faults: deque[str]
+    stall_limit: float
+    requests: list[Any]
+    _stalls: list[threading.Event]
+
+    def stall(self) -> None:
+        """Hold the current answer until :meth:`release` (bounded by ``stall_limit``)."""
+        event = threading.Event()
+        with self.lock:
+            self._stalls.append(event)
+        event.wait(self.stall_limit)
+
+    def release(self) -> None:
+        """Let every stalled answer go."""
+        with self.lock:
+            stalls, self._stalls = self._stalls, []
+        for event in stalls:
+            event.set()
+
+    def log(self, entry: Any) -> None:
+        """Append to the request log."""
+        with self.lock:
+            self.requests.append(entry)
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """A keep-alive JSON request handler: quiet, no Nagle delay, and the ``/_test/`` control endpoints.
+
+    Subclasses set ``api`` (a :class:`FaultsAndLog`) and may set ``control_ok`` (fields every control
+    answer carries) and override :meth:`encode` and :meth:`not_found`.
+    """
+
+    protocol_version = "HTTP/1.1"
+    api: ClassVar[Any]
+    control_ok: ClassVar[dict[str, Any]] = {}
+
+    def setup(self) -> None:
+        """Set TCP_NODELAY: headers and body go out in two writes, and Nagle + delayed ACK cost 40 ms."""
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log nothing (tests read the server's own request log)."""
+        return
+
+    def encode(self, body: Any) -> bytes:
+        """Return the answer's bytes."""
+        return json.dumps(body, ensure_ascii=False).encode()
+
+    def not_found(self, message: str) -> dict[str, Any]:
+        """Return the body of a 404 answer."""
+        return {"message": message}
+
+    def _send(self, status: int, body: Any, headers: Mapping[str, str] | None = None) -> None:
+        data = self.encode(body)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except OSError:  # the client gave up (timeout): nothing to answer
+            self.close_connection = True
+
+    def _control(self, path: str, raw: bytes | None) -> None:
+        """``/_test/faults`` queues faults (``{"faults": [...]}``), ``/_test/release`` lets stalls go."""
+        if path == "/_test/faults":
+            faults = json.loads(raw or b"{}").get("faults", [])
+            with self.api.lock:
+                self.api.faults.extend(str(f) for f in faults)
+            self._send(200, {**self.control_ok, "queued": len(self.api.faults)})
+        elif path == "/_test/release":
+            self.api.release()
+            self._send(200, dict(self.control_ok))
+        else:
+            self._send(404, self.not_found(f"no control endpoint {path}"))
 
 
 class QuietThreadingServer(ThreadingHTTPServer):

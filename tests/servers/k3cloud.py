@@ -45,7 +45,6 @@ import hmac
 import json
 import os
 import re
-import socket
 import threading
 import time
 import traceback
@@ -61,7 +60,7 @@ from urllib.parse import quote, urlparse
 
 import sqlalchemy as sa
 
-from tests.servers.base import ThreadedServer, run_in_foreground, serving
+from tests.servers.base import FaultsAndLog, JsonHandler, ThreadedServer, run_in_foreground, serving
 
 # The demo project's defaults (examples/demo/project.yaml, sync.finance), so the demo needs no options.
 ACCT_ID = "6512a3b4c5d6e7"
@@ -681,7 +680,7 @@ class LoggedRequest:
 
 
 @dataclass
-class K3Api:
+class K3Api(FaultsAndLog):
     """State shared by the handler threads: database, accounts, sessions, nonces, faults and the request log."""
 
     engine: sa.Engine
@@ -717,25 +716,6 @@ class K3Api:
             if (head.startswith("reject:") and not write) or (head == "short_page" and write):
                 return None
             return self.faults.popleft()
-
-    def stall(self) -> None:
-        """Hold the current answer until :meth:`release` (bounded by ``stall_limit``)."""
-        event = threading.Event()
-        with self.lock:
-            self._stalls.append(event)
-        event.wait(self.stall_limit)
-
-    def release(self) -> None:
-        """Let every stalled answer go."""
-        with self.lock:
-            stalls, self._stalls = self._stalls, []
-        for event in stalls:
-            event.set()
-
-    def log(self, entry: LoggedRequest) -> None:
-        """Append to the request log."""
-        with self.lock:
-            self.requests.append(entry)
 
     # ---- sessions and signatures
     def open_session(self) -> str:
@@ -984,28 +964,12 @@ def _login_fields(body: Any, names: Sequence[str]) -> dict[str, str]:
 def make_handler(api: K3Api) -> type[BaseHTTPRequestHandler]:
     """Return the request handler class bound to ``api``."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    class Handler(JsonHandler):
+        def encode(self, body: Any) -> bytes:
+            return dumps(body)
 
-        def setup(self) -> None:
-            super().setup()
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            return
-
-        def _send(self, status_code: int, body: Any, headers: Mapping[str, str] | None = None) -> None:
-            data = dumps(body)
-            self.send_response(status_code)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            try:
-                self.wfile.write(data)
-            except OSError:
-                self.close_connection = True
+        def not_found(self, message: str) -> dict[str, Any]:
+            return {"Message": message}
 
         def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -1134,18 +1098,7 @@ def make_handler(api: K3Api) -> type[BaseHTTPRequestHandler]:
                     "KDSVCSessionId": sid, "IsSuccessByAPI": True,
                     "Context": {"UserName": values.get("username"), "DBid": api.acct_id, "SessionId": sid}}  # fmt: skip
 
-        def _control(self, path: str, raw: bytes) -> None:
-            if path == "/_test/faults":
-                faults = json.loads(raw or b"{}").get("faults", [])
-                with api.lock:
-                    api.faults.extend(str(f) for f in faults)
-                self._send(200, {"queued": len(api.faults)})
-            elif path == "/_test/release":
-                api.release()
-                self._send(200, {})
-            else:
-                self._send(404, {"Message": f"no control endpoint {path}"})
-
+    Handler.api = api
     return Handler
 
 

@@ -33,7 +33,6 @@ import datetime as dt
 import functools
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -44,12 +43,19 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlparse
 
 import sqlalchemy as sa
 
-from tests.servers.base import ThreadedServer, run_in_foreground, serving, wal_engine
+from tests.servers.base import (
+    FaultsAndLog,
+    JsonHandler,
+    ThreadedServer,
+    run_in_foreground,
+    serving,
+    wal_engine,
+)
 
 # The demo project's defaults (examples/demo/project.yaml, sync.u8.transport), so the demo needs no options.
 APP_KEY, APP_SECRET = "demo-app-key", "demo-app-secret"
@@ -685,7 +691,7 @@ class LoggedRequest:
 
 
 @dataclass
-class U8Api:
+class U8Api(FaultsAndLog):
     """State shared by the handler threads: database, credentials, tokens, faults, request log, async queue."""
 
     engine: sa.Engine
@@ -723,25 +729,6 @@ class U8Api:
             if not self.faults or (not write and self.faults[0].startswith("reject:")):
                 return None
             return self.faults.popleft()
-
-    def stall(self) -> None:
-        """Hold the current answer until :meth:`release` (bounded by ``stall_limit``)."""
-        event = threading.Event()
-        with self.lock:
-            self._stalls.append(event)
-        event.wait(self.stall_limit)
-
-    def release(self) -> None:
-        """Let every stalled answer go."""
-        with self.lock:
-            stalls, self._stalls = self._stalls, []
-        for event in stalls:
-            event.set()
-
-    def log(self, entry: LoggedRequest) -> None:
-        """Append to the request log."""
-        with self.lock:
-            self.requests.append(entry)
 
     # ---- tokens and trade ids
     def issue_token(self) -> tuple[str, float]:
@@ -1058,29 +1045,11 @@ def _matches(operation: str, document: Mapping[str, Any], name: str, value: str)
 def make_handler(api: U8Api) -> type[BaseHTTPRequestHandler]:
     """Return the request handler class bound to ``api``."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    class Handler(JsonHandler):
+        control_ok: ClassVar[dict[str, Any]] = {"errcode": OK}
 
-        def setup(self) -> None:
-            super().setup()
-            # Headers and body go out in two writes: without NODELAY, Nagle + delayed ACK cost 40 ms an answer.
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            return
-
-        def _send(self, status: int, body: Any, headers: Mapping[str, str] | None = None) -> None:
-            data = json.dumps(body, ensure_ascii=False).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            try:
-                self.wfile.write(data)
-            except OSError:  # the client gave up (timeout): nothing to answer
-                self.close_connection = True
+        def not_found(self, message: str) -> dict[str, Any]:
+            return {"errcode": "404", "errmsg": message}
 
         def do_GET(self) -> None:
             self._handle(None)
@@ -1159,18 +1128,6 @@ def make_handler(api: U8Api) -> type[BaseHTTPRequestHandler]:
                     {"Retry-After": seconds},
                 )
             return 0, None, {}
-
-        def _control(self, path: str, raw: bytes | None) -> None:
-            if path == "/_test/faults":
-                faults = json.loads(raw or b"{}").get("faults", [])
-                with api.lock:
-                    api.faults.extend(str(f) for f in faults)
-                self._send(200, {"errcode": OK, "queued": len(api.faults)})
-            elif path == "/_test/release":
-                api.release()
-                self._send(200, {"errcode": OK})
-            else:
-                self._send(404, {"errcode": "404", "errmsg": f"no control endpoint {path}"})
 
         def _route(
             self,
@@ -1305,6 +1262,7 @@ def make_handler(api: U8Api) -> type[BaseHTTPRequestHandler]:
             return {"errcode": OK, "errmsg": "", "page_index": page, "rows_per_page": size, "row_count": total,
                     "page_count": -(-total // size), "customer": [CUSTOMER_SPEC.to_wire(r) for r in rows]}  # fmt: skip
 
+    Handler.api = api
     return Handler
 
 
