@@ -44,6 +44,7 @@ from integration.connectors.base import ReadRequest, filter_chunks, tag_rows
 from integration.sync.transport import (
     Delivery,
     Outcome,
+    SessionClient,
     Transient,
     deliver_in_groups,
     request_failure,
@@ -243,7 +244,7 @@ def _messages(errors: Sequence[Mapping[str, Any]]) -> str:
     return "; ".join(parts) or "(no message)"
 
 
-class K3CloudClient:
+class K3CloudClient(SessionClient):
     """The K3Cloud WebAPI: session, queries, (batch) saves with submit/audit, and the engine's Transport."""
 
     def __init__(
@@ -261,8 +262,7 @@ class K3CloudClient:
         self.max_batch = max(1, max_batch)
         self.audit = audit
         self.crm_key_field = crm_key_field
-        self._http_session = session or requests.Session()
-        self._owns_session = session is None
+        super().__init__(session)
         self._base = credentials.base_url.rstrip("/")
         self._sid: str | None = None
         self._spent: list[str] = []  # earlier session ids, masked too
@@ -276,17 +276,6 @@ class K3CloudClient:
         return (
             f"K3CloudClient({self._base!r}, acct_id={self.credentials.acct_id!r}, max_batch={self.max_batch})"
         )
-
-    def __enter__(self) -> K3CloudClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the HTTP session (when this client made it)."""
-        if self._owns_session:
-            self._http_session.close()
 
     # ------------------------------------------------------------------ session
 

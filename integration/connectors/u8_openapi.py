@@ -26,6 +26,7 @@ from crm_core.errors import SyncError
 from integration.sync.transport import (
     Delivery,
     Outcome,
+    SessionClient,
     Transient,
     deliver_in_groups,
     request_failure,
@@ -83,7 +84,7 @@ class _NoEndpoint(Exception):
     """The gateway has no such path (HTTP 404), e.g. no batch endpoints."""
 
 
-class U8Client:
+class U8Client(SessionClient):
     """The U8 OpenAPI transport: tokens, trade ids, (batched) writes, async results and customer lookups."""
 
     def __init__(
@@ -97,8 +98,7 @@ class U8Client:
         self.credentials = credentials
         self.timeout = timeout
         self.max_batch = max(1, max_batch)  # 1: only the documented single-record endpoints
-        self._session = session or requests.Session()
-        self._owns_session = session is None
+        super().__init__(session)
         self._base = credentials.base_url.rstrip("/")
         self._token: str | None = None
         self._clock = time.monotonic
@@ -109,17 +109,6 @@ class U8Client:
 
     def __repr__(self) -> str:
         return f"U8Client({self._base!r}, from_account={self.credentials.from_account!r}, max_batch={self.max_batch})"
-
-    def __enter__(self) -> U8Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the HTTP session (when this client made it)."""
-        if self._owns_session:
-            self._session.close()
 
     # ------------------------------------------------------------------ public API
 
@@ -360,7 +349,7 @@ class U8Client:
         """Send one HTTP request; return the JSON answer or raise Transient / _NoEndpoint / U8ApiError."""
         failure: Transient | None = None
         try:
-            response = self._session.request(
+            response = self._http_session.request(
                 method, self._base + path, params=params, json=body, timeout=self.timeout
             )
         except requests.RequestException as error:

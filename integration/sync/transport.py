@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import requests
 
@@ -112,6 +112,25 @@ def unwell(response: requests.Response, *, system: str, where: str) -> Transient
             stops=status in STOP_STATUSES,
         )
     return None
+
+
+class SessionClient:
+    """A client on a ``requests.Session``: given one, or its own, closed with the client."""
+
+    def __init__(self, session: requests.Session | None) -> None:
+        self._http_session = session or requests.Session()
+        self._owns_session = session is None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the HTTP session (when this client made it)."""
+        if self._owns_session:
+            self._http_session.close()
 
 
 # Sends one chunk of one operation and fills its outcomes; returns the failure that holds back the rest.
