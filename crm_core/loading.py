@@ -64,7 +64,7 @@ class NameMatch:
     record_id: int | None
     candidates: tuple[dict[str, Any], ...] = ()  # {"id", "name", "probability"}, best first (shown)
     method: str = ""
-    candidate_ids: tuple[int, ...] = ()  # every record the name may mean (beyond those shown), when known
+    candidate_ids: tuple[int, ...] = ()  # unresolved: every record the name may mean (beyond those shown)
 
 
 # (target entity, names that matched no record exactly) -> what each name resolves to
@@ -663,10 +663,10 @@ class EntityLoader:
         held: dict[Any, int] = {}
         for value in remaining:
             match = found.get(str(value), NameMatch(None))
-            may_mean[value] = tuple(dict.fromkeys(_follow(survivors, i) for i in match.candidate_ids))
             if match.record_id is not None:
                 ids[value] = _follow(survivors, match.record_id)
                 continue
+            may_mean[value] = tuple(dict.fromkeys(_follow(survivors, i) for i in match.candidate_ids))
             candidates = list(match.candidates) or [
                 {"id": i, "name": None, "probability": None} for i in sorted(unresolved[value])[:5]
             ]

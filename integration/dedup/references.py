@@ -246,9 +246,7 @@ class CustomerNames:
             # A bare trade name (坤飞) is many companies' short name: only a name with its industry picks one.
             picks = trade_name(written.core) != canonical_industry(written.core)
             if picks and len(found) > 1 and len(closest) == 1 and min(by_closeness) == SAME_CHARACTERS:
-                return NameMatch(
-                    next(iter(closest)), method="name variant", candidate_ids=tuple(sorted(found))
-                )
+                return NameMatch(next(iter(closest)), method="name variant")
             if len(found) == 1:
                 return NameMatch(next(iter(found)), method="name variant")
             if found:
@@ -264,8 +262,7 @@ class CustomerNames:
         if matches and matches[0].probability >= self.spec.auto_merge:
             rivals = [c for c in matches[1:] if c.probability >= self.spec.review]
             if not rivals:
-                return NameMatch(matches[0].customer_id, candidates, method="match index",
-                                 candidate_ids=tuple(may_mean))  # fmt: skip
+                return NameMatch(matches[0].customer_id, candidates, method="match index")
         if written is not None and not (matches and matches[0].probability >= self.spec.auto_merge):
             chosen, scored = self._close_name(written)
             if chosen is not None:
