@@ -774,7 +774,7 @@ class EntityLoader:
                 if key not in settled:
                     book = set.intersection(*(books[f].get(refs[index_value], set())
                                               for f, refs in row_refs.items() if index_value in refs))  # fmt: skip
-                    settled[key] = among(str(value), book, found)
+                    settled[key] = among(str(value), book, found, book_key=mine)
                 pick = settled[key]
             if pick is not None and pick != found:
                 column.at[index_value] = pick

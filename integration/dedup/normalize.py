@@ -374,6 +374,21 @@ def sound_alike(left: str, right: str) -> bool:
 
 
 @lru_cache(maxsize=50_000)
+def alike_tokens(char: str) -> frozenset[tuple[str, ...]]:
+    """Return tokens two characters share exactly when they look or sound alike (:func:`look_alike`,
+    :func:`sound_alike`): each toneless reading, and the stroke count with the four-corner code with one
+    digit left open (codes that differ in at most one digit share one such token)."""
+    tokens: set[tuple[str, ...]] = {("char", char)}
+    if has_han(char):
+        tokens.update(("reading", reading) for reading in _readings(char))
+    shape = _shapes().get(char)
+    if shape is not None:
+        code, strokes = shape
+        tokens.update(("shape", strokes, code[:i] + "*" + code[i + 1 :]) for i in range(len(code)))
+    return frozenset(tokens)
+
+
+@lru_cache(maxsize=50_000)
 def _readings(char: str) -> frozenset[str]:
     """Every toneless reading of one character (heteronyms included)."""
     from pypinyin import Style, pinyin

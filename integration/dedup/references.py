@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from pypinyin import lazy_pinyin
 from rapidfuzz import distance, process
@@ -47,8 +48,9 @@ from crm_core.errors import DedupError
 from crm_core.loading import NameMatch, get_or_start_run
 from crm_core.models import Customer, ReferenceDecision
 from integration.dedup.customers import CUSTOMER_SPEC, linkage_row
-from integration.dedup.linkage import LinkageSpec, variant_similarity
+from integration.dedup.linkage import GAP, SOUND_OR_SHAPE, LinkageSpec, variant_similarity
 from integration.dedup.normalize import (
+    alike_tokens,
     brand_key,
     canonical_industry,
     has_han,
@@ -130,6 +132,7 @@ class CustomerNames:
     def __init__(self, session: Session, spec: LinkageSpec = CUSTOMER_SPEC) -> None:
         self.session = session
         self.spec = spec
+        self._books: dict[Hashable, _Book] = {}
 
     @cached_property
     def _survivor(self) -> dict[int, int]:
@@ -175,9 +178,27 @@ class CustomerNames:
         keys = list(by_sound)
         return keys, [by_sound[k] for k in keys]
 
+    @cached_property
+    def _sounds_by_region(self) -> dict[str, tuple[list[str], list[list[tuple[NameVariant, int]]]]]:
+        """:attr:`_sounds` split by region: a name written with its region is compared with that region's."""
+        by_region: dict[str, dict[str, list[tuple[NameVariant, int]]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
+        for key, variants in zip(*self._sounds, strict=True):
+            for variant, survivor in variants:
+                if variant.region:
+                    by_region[variant.region][key].append((variant, survivor))
+        return {region: (list(keyed), list(keyed.values())) for region, keyed in by_region.items()}
+
     def _close_name(self, written: NameVariant) -> tuple[int | None, list[tuple[float, int]]]:
-        """Step 3 of the module doc: the golden customer a slipped name picks clearly, and the scored ones."""
-        keys, variants = self._sounds
+        """Step 3 of the module doc: the golden customer a slipped name picks clearly, and the scored ones.
+
+        A name written with its region is compared with the names of that region only (the others could not
+        count), so the nearest names scored are that region's and the search does not grow with the core.
+        """
+        keys, variants = (
+            self._sounds_by_region.get(written.region, ([], [])) if written.region else self._sounds
+        )
         if not has_han(written.core) or not keys or len(trade_name(written.core)) < 2:
             return None, []
         nearest = process.extract(
@@ -287,7 +308,9 @@ class CustomerNames:
                 by_survivor[survivor].append(variant)
         return by_survivor
 
-    def among(self, name: str, ids: Collection[int], current: int | None = None) -> int | None:
+    def among(
+        self, name: str, ids: Collection[int], current: int | None = None, book_key: Hashable | None = None
+    ) -> int | None:
         """Return the one customer of ``ids`` (a salesperson's own book) ``name`` clearly means, else None.
 
         ``current`` is the customer the name found elsewhere: kept (None) when the name carries its industry
@@ -316,32 +339,34 @@ class CustomerNames:
             )
         ):
             return None
+        book = self._book(ids, book_key)
         scored: list[tuple[float, int]] = []
         regions: dict[int, set[str]] = {}
-        for survivor in ids:
-            best = 0.0
-            for known in self._variants_of.get(survivor, ()):
-                if known.branch != written.branch or (
-                    written.region and known.region and known.region != written.region
-                ):
-                    continue
-                known_trade = trade_name(known.core)
-                known_industry = canonical_industry(known.core)[len(known_trade) :]
-                if known.brand == written.brand and (
-                    not written_industry or not known_industry or known_industry == written_industry
-                ):
-                    best = 1.0
-                    regions.setdefault(survivor, set()).update([known.region] if known.region else [])
-                    continue
-                similarity = max(variant_similarity(written.core, known.core),
-                                 variant_similarity(written_trade, known_trade))  # fmt: skip
-                if (similarity < IN_BOOK and written.region and known.region == written.region and written_industry
-                        and known_industry == written_industry
-                        and len(known_trade) == len(written_trade) >= 2
-                        and distance.Hamming.distance(known_trade, written_trade) == 1):  # fmt: skip
-                    similarity = IN_BOOK  # one trade-name character off, same city, industry and salesperson
-                best = max(best, similarity)
-            scored.append((best, survivor))
+        best_of: dict[int, float] = {}
+        for entry in book.worth_scoring(written.brand, written_canonical, written_trade):
+            survivor, known = book.survivors[entry], book.variants[entry]
+            if known.branch != written.branch or (
+                written.region and known.region and known.region != written.region
+            ):
+                continue
+            known_trade = trade_name(known.core)
+            known_industry = canonical_industry(known.core)[len(known_trade) :]
+            best = best_of.get(survivor, 0.0)
+            if known.brand == written.brand and (
+                not written_industry or not known_industry or known_industry == written_industry
+            ):
+                best_of[survivor] = 1.0
+                regions.setdefault(survivor, set()).update([known.region] if known.region else [])
+                continue
+            similarity = max(variant_similarity(written.core, known.core),
+                             variant_similarity(written_trade, known_trade))  # fmt: skip
+            if (similarity < IN_BOOK and written.region and known.region == written.region and written_industry
+                    and known_industry == written_industry
+                    and len(known_trade) == len(written_trade) >= 2
+                    and distance.Hamming.distance(known_trade, written_trade) == 1):  # fmt: skip
+                similarity = IN_BOOK  # one trade-name character off, same city, industry and salesperson
+            best_of[survivor] = max(best, similarity)
+        scored = [(best, survivor) for survivor, best in best_of.items()]
         scored.sort(key=lambda pair: (-pair[0], pair[1]))
         if not scored or scored[0][0] < IN_BOOK:
             return None
@@ -357,11 +382,132 @@ class CustomerNames:
             return max(tied, key=lambda i: (len(self._variants_of.get(i, ())), -i))
         return None
 
+    def _book(self, ids: Collection[int], book_key: Hashable | None) -> _Book:
+        """Return the name variants of the customers ``ids``, prepared once per ``book_key`` (a salesperson)."""
+        book = self._books.get(book_key) if book_key is not None else None
+        if book is None:
+            entries = [
+                (survivor, known) for survivor in sorted(ids) for known in self._variants_of.get(survivor, ())
+            ]
+            book = _Book([s for s, _ in entries], [k for _, k in entries])
+            if book_key is not None:
+                self._books[book_key] = book
+        return book
+
     def _shown(self, ids: Sequence[int]) -> list[dict[str, Any]]:
         """Return candidates for a steward: id and name, scored by the match index where it knows them."""
         return [
             {"id": i, "name": self._golden_names.get(i), "probability": None} for i in ids[:CANDIDATES_SHOWN]
         ]
+
+
+def _similarity_bound(costs: np.ndarray, written_trade_length: int, trade_lengths: np.ndarray) -> np.ndarray:
+    """Upper bounds of :func:`variant_similarity` from lower bounds of its weighted edit cost."""
+    bounds: np.ndarray = 1.0 - costs / (np.maximum(trade_lengths, written_trade_length) + 1)
+    return bounds
+
+
+class _Strings:
+    """Names compared the way :func:`variant_similarity` compares them, with lower bounds of its cost.
+
+    Two bounds, both computed for every name at once: every weighted edit costs at least ``SOUND_OR_SHAPE``
+    and is one plain edit (OSA distance, in C); and each character of the written name that a name lacks
+    costs at least ``SOUND_OR_SHAPE`` when the name has a character like it (:func:`alike_tokens`), else
+    ``GAP`` (dropped, or replaced at full cost).
+    """
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+        self.trade_lengths = np.array([len(trade_name(t)) for t in texts], dtype=np.float64)
+        having: dict[str, set[int]] = defaultdict(set)
+        alike: dict[tuple[str, ...], set[int]] = defaultdict(set)
+        for entry, text in enumerate(texts):
+            for char in set(text):
+                having[char].add(entry)
+                for token in alike_tokens(char):
+                    alike[token].add(entry)
+        self._having = {char: np.fromiter(e, dtype=np.int64) for char, e in having.items()}
+        self._alike = {token: np.fromiter(e, dtype=np.int64) for token, e in alike.items()}
+        # every character of every name, flattened, for the names' side of the bound
+        self._chars = list(having)
+        self._number = number = {char: i for i, char in enumerate(self._chars)}
+        self._entry_of = np.fromiter((e for e, t in enumerate(texts) for _ in t), dtype=np.int64)
+        self._char_of = np.fromiter((number[c] for t in texts for c in t), dtype=np.int64)
+        chars_alike: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        for i, char in enumerate(self._chars):
+            for token in alike_tokens(char):
+                chars_alike[token].append(i)
+        self._chars_alike = {token: np.array(i, dtype=np.int64) for token, i in chars_alike.items()}
+
+    def bounds(self, written: str) -> np.ndarray:
+        """Return, per name, an upper bound of ``variant_similarity(written, name)`` (exact cases aside)."""
+        count = len(self.texts)
+        empty = np.empty(0, dtype=np.int64)
+        lacking = np.zeros(count)
+        for char in written:
+            cost = np.full(count, GAP)
+            for token in alike_tokens(char):
+                cost[self._alike.get(token, empty)] = SOUND_OR_SHAPE
+            cost[self._having.get(char, empty)] = 0.0
+            lacking += cost
+        # each character of a name the written one lacks: the same costs, summed per name
+        char_cost = np.full(len(self._chars), GAP)
+        empty = np.empty(0, dtype=np.int64)
+        for token in set().union(*(alike_tokens(char) for char in written)) if written else ():
+            char_cost[self._chars_alike.get(token, empty)] = SOUND_OR_SHAPE
+        for char in set(written):
+            position = self._number.get(char)
+            if position is not None:
+                char_cost[position] = 0.0
+        missing = np.bincount(self._entry_of, weights=char_cost[self._char_of], minlength=count)
+        plain = process.cdist([written], self.texts, scorer=distance.OSA.distance, dtype=np.int32)[0]
+        costs = np.maximum(np.maximum(lacking, missing), SOUND_OR_SHAPE * plain)
+        return _similarity_bound(costs, len(trade_name(written)), self.trade_lengths)
+
+
+class _Book:
+    """A salesperson's customers' name variants, with what :meth:`CustomerNames.among` compares precomputed.
+
+    ``worth_scoring`` leaves out, with bounds computed for the whole book at once, the variants whose
+    similarity cannot reach a rival's score (``IN_BOOK - CLOSE_NAME_MARGIN``), so the Python comparison runs
+    on a handful of variants instead of every name a salesperson's book holds; the pick is the same.
+    """
+
+    def __init__(self, survivors: list[int], variants: list[NameVariant]) -> None:
+        self.survivors = survivors
+        self.variants = variants
+        cores = [canonical_industry(v.core) for v in variants]  # as variant_similarity compares cores
+        self.raw_trades = [trade_name(v.core) for v in variants]
+        trades = [canonical_industry(t) for t in self.raw_trades]  # ... and trade names
+        self.cores, self.trades = _Strings(cores), _Strings(trades)
+        self.raw_trade_lengths = np.array([len(t) for t in self.raw_trades], dtype=np.int64)
+        self.exact: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for entry, variant in enumerate(variants):
+            for key in (("brand", variant.brand), ("core", cores[entry]), ("core_trade", trade_name(cores[entry])),
+                        ("trade", trades[entry]), ("trade_trade", trade_name(trades[entry]))):  # fmt: skip
+                self.exact[key].append(entry)
+
+    def worth_scoring(self, brand: str, written_core: str, written_trade: str) -> Iterator[int]:
+        """Yield the entries that may score above ``IN_BOOK - CLOSE_NAME_MARGIN`` against a written name.
+
+        ``written_core`` is the written core with industry words unified, ``written_trade`` its trade name.
+        Kept: the same brand; a core or trade name that is the other's trade name (``TRADE_NAME_ONLY``);
+        a raw trade name one character off (the same-city rule); and every variant whose similarity bound
+        reaches the rival threshold.
+        """
+        if not self.variants:
+            return
+        trade_canonical = canonical_industry(written_trade)
+        keep = np.zeros(len(self.variants), dtype=bool)
+        for key in (("brand", brand), ("core", trade_name(written_core)), ("core_trade", written_core),
+                    ("trade", trade_name(trade_canonical)), ("trade_trade", trade_canonical)):  # fmt: skip
+            keep[self.exact.get(key, [])] = True
+        rival = IN_BOOK - CLOSE_NAME_MARGIN - 1e-9
+        keep |= self.cores.bounds(written_core) >= rival
+        keep |= self.trades.bounds(trade_canonical) >= rival
+        raw = process.cdist([written_trade], self.raw_trades, scorer=distance.OSA.distance, dtype=np.int32)[0]
+        keep |= (raw == 1) & (self.raw_trade_lengths == len(written_trade))
+        yield from np.flatnonzero(keep).tolist()
 
 
 REFERENCE_PREFIX = "r"  # `crmi dedup decide r12`: reference decision 12 (pair candidates are plain numbers)
