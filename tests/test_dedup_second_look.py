@@ -115,3 +115,45 @@ def test_the_second_look_runs_only_after_the_first_pass_merged(sqlite_core_url: 
     with engine.connect() as connection:
         assert connection.scalar(sa.select(sa.func.count()).select_from(MatchCandidate)) == 0
     engine.dispose()
+
+
+def test_a_dedup_pass_takes_its_second_look_at_the_golden_records(sqlite_core_url: str) -> None:
+    import random
+
+    import sqlalchemy as sa
+
+    from crm_core.db import make_engine, session_factory, upgrade
+    from integration.dedup.workflow import deduplicate_customers
+
+    engine = make_engine(sqlite_core_url)
+    upgrade(engine)
+    rng = random.Random(7)
+    cities = [
+        ("深圳", "755", "南山区"),
+        ("郑州", "371", "金水区"),
+        ("上海", "21", "徐汇区"),
+        ("杭州", "571", "西湖区"),
+    ]
+    brands = ["恒信", "博远", "瑞丰", "金桥", "安捷", "鼎新", "宏图", "天成", "众合", "卓越", "远景", "嘉禾"]
+    with session_factory(engine)() as session, session.begin():
+        for _ in range(60):  # firms written twice with one phone: the first pass merges them
+            city, area, district = rng.choice(cities)
+            brand, industry = rng.choice(brands), rng.choice(["科技", "贸易", "电子", "物流"])
+            phone = f"+86{area}{rng.randrange(2 * 10**7, 9 * 10**7)}"
+            session.add(Customer(name=f"{city}{brand}{industry}有限公司", phone=phone,
+                                 address=f"{city}市{district}人民路{rng.randrange(1, 300)}号"))  # fmt: skip
+            session.add(Customer(name=f"{city}市{brand}{industry}有限公司", phone=phone))
+    outcome = deduplicate_customers(engine, "dedup-1", "t", finish=True)
+    assert outcome.auto_merged > 0 and outcome.second_look is not None
+    with engine.connect() as connection:
+        golden = connection.scalar(
+            sa.select(sa.func.count()).select_from(Customer).where(Customer.merged_into_id.is_(None))
+        )
+    assert (
+        outcome.second_look["records"] == golden + outcome.second_look["auto_merged"]
+    )  # golden, not sources
+    again = deduplicate_customers(
+        engine, "dedup-2", "t", finish=True
+    )  # nothing left to merge: no second look
+    assert again.auto_merged == 0 and again.second_look is not None and again.second_look["records"] == 0
+    engine.dispose()
