@@ -55,7 +55,9 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # chinese_b2b and bench_e2e, also in the spawned scale processes
 sys.path.insert(0, str(BENCH / "e2e"))  # quality
 REPO = BENCH.parent
-CRMI = Path(sys.executable).parent / "crmi"
+# ``crmi`` as this checkout's module, not the venv's console script (that one runs wherever the package
+# was installed from, e.g. another worktree); REPO goes first on the child's PYTHONPATH below.
+CRMI = [sys.executable, "-m", "integration.cli"]
 SETS: dict[str, dict[str, Any]] = {
     "tuning": {
         "generator": BENCH / "e2e" / "tuning_engagement.py", "project": BENCH / "e2e" / "tuning_project",
@@ -237,11 +239,12 @@ def end_to_end_set(name: str, customers: int, work: Path, timeout: float, keep: 
     core_url = f"sqlite:///{(case / 'core.sqlite').resolve()}"
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home(case))}
     env.pop("CRM_CORE_URL", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     for variable, file in spec["env"].items():
         path = (data / file).resolve()
         env[variable] = f"sqlite:///{path}" if variable.endswith("_URL") else str(path)
     run = run_measured(
-        [str(CRMI), "run", "--project", str(spec["project"]), "--core-url", core_url, "--json"],
+        [*CRMI, "run", "--project", str(spec["project"]), "--core-url", core_url, "--json"],
         env, case, timeout, "run",
     )  # fmt: skip
     summary = parse_summary(run["stdout"]) or {}

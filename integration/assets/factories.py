@@ -543,6 +543,7 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         merge_clusters,
         review_count,
         review_queue,
+        second_look,
     )
 
     core_deps = [f"core_{e}" for e in migration.entities if e not in migration.after_golden_customers]
@@ -606,11 +607,15 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         with _load_run_step(context, core, migration.project.name) as engine:
             outcome = merge_clusters(engine, context.run.run_id, migration.project.name, candidates,
                                      source_priority=priority, survivorship=survivorship, mode=options.mode)  # fmt: skip
+            second = second_look(engine, context.run.run_id, migration.project.name, candidates,
+                                 spec=migration.linkage_spec, source_priority=priority, survivorship=survivorship,
+                                 mode=options.mode)  # fmt: skip
             branches = link_branches(engine, context.run.run_id, migration.project.name, options.mode)
             failpoint("dedup:merge")
             yield dg.MaterializeResult(metadata={
-                "customers": candidates.outcome.records, "auto_merged": outcome.auto_merged,
-                "merge_log_ids": dg.MetadataValue.json(outcome.merge_log_ids[:50]),
+                "customers": candidates.outcome.records, "auto_merged": outcome.auto_merged + second.auto_merged,
+                "merge_log_ids": dg.MetadataValue.json((outcome.merge_log_ids + second.merge_log_ids)[:50]),
+                "second_look": dg.MetadataValue.json(second.summary()),
                 "branches_linked_to_head_office": branches,
             })  # fmt: skip
             with session_factory(engine)() as session:

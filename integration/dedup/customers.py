@@ -159,6 +159,10 @@ def linkage_rows(customers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
         if len(area_cities) == 1:
             places.insert(3, Place(province_of_city(area_cities[0]), area_cities[0]))
             city = _reconciled_city(places)
+        elif len(provinces := {p for c in area_cities if (p := province_of_city(c))}) == 1:
+            # an area code several cities of one province share (028: 成都, 资阳, 眉山) still places the
+            # firm in that province
+            places.insert(3, Place(provinces.pop(), None))
         province = province_of_city(city) if city else _reconciled_province(places)
         district = address_place.district or customer.get("district") or None
         core = parts.core or None

@@ -10,9 +10,11 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from sqlalchemy import Engine, func, select
 
@@ -38,7 +40,16 @@ from crm_core.merging import (
 )
 from crm_core.models import Contact, Customer, MatchCandidate, MergeLog
 from integration.dedup.customers import CUSTOMER_SPEC, customer_records
-from integration.dedup.linkage import Labels, LinkageSpec, link, ordered
+from integration.dedup.linkage import (
+    CONFLICT_FACTOR,
+    Labels,
+    LinkageResult,
+    LinkageSpec,
+    coherent_clusters,
+    guard_clusters,
+    link,
+    ordered,
+)
 from integration.dedup.normalize import normalize_company_name
 
 
@@ -62,6 +73,7 @@ class DedupOutcome:
     review_expected_same: float | None = None
     review_reasons: dict[str, int] = field(default_factory=dict)  # why pairs were held back from merging
     branches_linked: int = 0  # branches (分公司) given their head office as parent_id
+    second_look: dict[str, Any] | None = None  # what the second pass over the golden records found and did
 
     def summary(self, first: int = 10) -> dict[str, Any]:
         """Return the outcome for printing: counts, and the first merge ids instead of all of them."""
@@ -79,6 +91,7 @@ class Candidates:
     scored: dict[tuple[int, int], tuple[float, dict[str, Any], str]]
     auto_merge: float
     cluster_probability: list[float | None] = field(default_factory=list)  # lowest pair score per cluster
+    reason: str | None = None  # the merge log's reason; default: the auto-merge threshold
 
 
 def find_candidates(
@@ -170,7 +183,13 @@ def link_and_record(
         run = get_or_start_run(session, run_key, project, mode)
         outcome.new_candidates = record_candidates(session, run, entity, scored)
     clusters = [[int(i) for i in cluster] for cluster in result.clusters]
-    # The lowest score inside each cluster, in one pass over the pairs (not a scan of all pairs per cluster).
+    return Candidates(outcome, clusters, scored, spec.auto_merge, _lowest(clusters, scored))
+
+
+def _lowest(
+    clusters: Sequence[list[int]], scored: Mapping[tuple[int, int], tuple[float, dict[str, Any], str]]
+) -> list[float | None]:
+    """The lowest score inside each cluster, in one pass over the pairs (not a scan of all pairs per cluster)."""
     cluster_of = {member: number for number, cluster in enumerate(clusters) for member in cluster}
     lowest: list[float | None] = [None] * len(clusters)
     for (left, right), (probability, _, _) in scored.items():
@@ -178,7 +197,154 @@ def link_and_record(
         if number is not None and cluster_of.get(right) == number:
             current = lowest[number]
             lowest[number] = probability if current is None else min(current, probability)
-    return Candidates(outcome, clusters, scored, spec.auto_merge, lowest)
+    return lowest
+
+
+# Why a pair of the second look waits for a steward instead of merging (shown with the pair).
+NAME_ONLY = (
+    "second look at the golden records: the same name, but no shared identifier or place to confirm it"
+)
+SECOND_LOOK_MERGE = "auto-merge: the same name in the same place (second look at the golden records)"
+
+
+def second_look(
+    engine: Engine,
+    run_key: str,
+    project: str,
+    first: Candidates,
+    *,
+    spec: LinkageSpec = CUSTOMER_SPEC,
+    source_priority: Sequence[str] = (),
+    survivorship: Mapping[str, SurvivorshipRule] | None = None,
+    mode: str = "full",
+) -> DedupOutcome:
+    """Link the golden customers once more after the first pass merged, and fill the review queue with what it finds.
+
+    A golden record carries what its members brought (a city, a code, a phone the record that named the
+    firm lacked), and the classifier fitted on golden records weighs a name differently from one fitted on
+    source records, so pairs the first pass could not score surface here. This pass merges only a pair
+    whose names agree at the top level and whose places are known on both sides and the same (one name in
+    one city is one registered firm); every other pair it would merge goes to a steward at its probability
+    times ``CONFLICT_FACTOR`` (held back, as a refused join is), with the reason. Pairs the first pass
+    already scored, or whose two golden records already face each other in the queue, are left alone.
+    Runs only when the first pass merged something (else the golden records are what it linked).
+    """
+    outcome = DedupOutcome()
+    if not first.clusters:
+        return outcome
+    records = customer_records(engine)
+    outcome.records = len(records)
+    if len(records) < 2:
+        return outcome
+    factory = session_factory(engine)
+    with factory() as session:
+        distinct = decided_pairs(session, "customer", "distinct")
+        labels = steward_labels(session, spec, "customer")
+        focus = pd.Index(changed_in_run(session, Customer, run_key)) if mode == "delta" else None
+        survivor: dict[int, int] = {
+            int(i): int(j)
+            for i, j in session.execute(
+                select(Customer.id, Customer.merged_into_id).where(Customer.merged_into_id.is_not(None))
+            )
+            if j is not None
+        }
+    if focus is not None and focus.empty:
+        return outcome
+    result = link(records, spec, distinct, labels, focus=focus)
+    outcome.pairs_compared = result.pairs_compared
+    outcome.reduction_ratio = round(result.reduction_ratio, 4)
+
+    def golden(record: int) -> int:
+        seen = set()
+        while record in survivor and record not in seen:
+            seen.add(record)
+            record = survivor[record]
+        return record
+
+    skip = set(first.scored) | {
+        ordered((golden(left), golden(right)))
+        for (left, right), (_, _, status) in first.scored.items()
+        if status == "review"
+    }
+    clusters, scored, held = look_again(result, records, spec, skip)
+    outcome.review_clusters = held
+    review = [probability for probability, _, status in scored.values() if status == "review"]
+    outcome.bands = dict(Counter(status for _, _, status in scored.values()))
+    outcome.review_pairs = len(review)
+    outcome.review_share_of_records = round(len(review) / len(records), 4)
+    outcome.review_expected_same = round(float(np.mean(review)), 4) if review else None
+    outcome.review_reasons = dict(
+        Counter(str(f["reason"]).split(" (")[0].split(":")[0] for _, f, s in scored.values() if s == "review")
+    )
+    outcome.cluster_sizes = dict(sorted(Counter(len(c) for c in clusters).items()))
+    with factory() as session, session.begin():
+        run = get_or_start_run(session, run_key, project, mode)
+        outcome.new_candidates = record_candidates(session, run, "customer", scored)
+    candidates = Candidates(
+        outcome, clusters, scored, spec.auto_merge, _lowest(clusters, scored), reason=SECOND_LOOK_MERGE
+    )
+    return merge_clusters(
+        engine, run_key, project, candidates,
+        source_priority=source_priority, survivorship=survivorship, mode=mode,
+    )  # fmt: skip
+
+
+def look_again(
+    result: LinkageResult,
+    records: pd.DataFrame,
+    spec: LinkageSpec,
+    skip: AbstractSet[tuple[int, int]] = frozenset(),
+) -> tuple[list[list[int]], dict[tuple[int, int], tuple[float, dict[str, Any], str]], int]:
+    """Decide the pairs of the second look (see :func:`second_look`): (clusters to merge, scored pairs, clusters
+    held for a steward by the cluster guard). ``skip``: pairs (smaller id first) left alone."""
+    sure = _same_name_same_place(result, records, spec)
+    if skip:  # a pair already before a steward is theirs to decide, not this pass's to merge
+        sure &= np.array([ordered(pair) not in skip for pair in sure.index], dtype=bool)
+    clusters, refused = coherent_clusters(
+        result.probability[sure], result.probability[result.band != "distinct"], records, spec
+    )
+    clusters, held_clusters = guard_clusters(clusters, records, spec)
+    clusters = [[int(i) for i in cluster] for cluster in clusters]
+    label = {member: cluster[0] for cluster in clusters for member in cluster}
+    scored: dict[tuple[int, int], tuple[float, dict[str, Any], str]] = {}
+    kept = result.band != "distinct"
+    features_of = result.features.loc[kept].to_dict("index")
+    for (pair, probability), band in zip(
+        result.probability.loc[kept].items(), result.band.loc[kept], strict=True
+    ):
+        left, right = (int(x) for x in ordered(pair))  # type: ignore[arg-type]
+        if (left, right) in skip:
+            continue
+        features: dict[str, Any] = {str(k): int(v) for k, v in features_of[pair].items()}
+        if left in label and label[left] == label.get(right):
+            scored[(left, right)] = (float(probability), features, "merged")
+            continue
+        if band == "merge":  # held back: too little to merge on at this level (see second_look)
+            probability *= CONFLICT_FACTOR
+        features["reason"] = refused.get((left, right)) or result.reasons.get((left, right)) or NAME_ONLY
+        scored[(left, right)] = (float(probability), features, "review")
+    return clusters, scored, len(held_clusters)
+
+
+def _same_name_same_place(result: LinkageResult, frame: pd.DataFrame, spec: LinkageSpec) -> pd.Series:
+    """Per pair: in the merge band, every name comparison at its top level, and every location key known
+    on both sides and equal (the same name registered in the same city)."""
+    sure = (result.band == "merge").to_numpy(copy=True)
+    names = [c for c in spec.comparisons if c.method == "name" and c.name in result.features.columns]
+    if not names or not spec.location_keys:
+        return pd.Series(False, index=result.band.index)
+    for comparison in names:
+        sure &= (result.features[comparison.name] >= len(comparison.levels)).to_numpy()
+    pairs = result.band.index
+    for key in spec.location_keys:
+        values = frame[key].astype("string").replace("", pd.NA)
+        a = values.reindex(pairs.get_level_values(0)).to_numpy()
+        b = values.reindex(pairs.get_level_values(1)).to_numpy()
+        known = ~(pd.isna(a) | pd.isna(b))
+        same = np.zeros(len(pairs), dtype=bool)
+        same[known] = a[known] == b[known]
+        sure &= same
+    return pd.Series(sure, index=pairs)
 
 
 def merge_clusters(
@@ -200,7 +366,7 @@ def merge_clusters(
     """
     outcome = candidates.outcome
     model = MODEL_OF[entity]
-    reason = f"auto-merge: linkage probability >= {candidates.auto_merge}"
+    reason = candidates.reason or f"auto-merge: linkage probability >= {candidates.auto_merge}"
     with session_factory(engine)() as session, session.begin():
         run = get_or_start_run(session, run_key, project, mode)
         if candidates.clusters:
@@ -276,6 +442,13 @@ def deduplicate_customers(
         engine, run_key, project, candidates,
         source_priority=source_priority, survivorship=survivorship, mode=mode,
     )  # fmt: skip
+    second = second_look(
+        engine, run_key, project, candidates,
+        spec=spec, source_priority=source_priority, survivorship=survivorship, mode=mode,
+    )  # fmt: skip
+    outcome.second_look = second.summary()
+    outcome.auto_merged += second.auto_merged
+    outcome.merge_log_ids += second.merge_log_ids
     outcome.branches_linked = link_branches(engine, run_key, project, mode)
     if finish:
         finish_run(engine, run_key, project, mode)
