@@ -183,16 +183,33 @@ class RawRows:
 
     def get(self, location: str | None, row_ref: str) -> dict[str, Any] | None:
         """Return the source columns of one row as JSON-safe values, or None when unknown."""
-        if self.frame is None:
-            return None
+        return self.many([(location, row_ref)])[0]
+
+    def many(self, rows: Sequence[tuple[str | None, str]]) -> list[dict[str, Any] | None]:
+        """Return the source columns of each (location, row ref) as JSON-safe values (None when unknown).
+
+        One ``take`` of the frame for all of them: a load may quarantine or warn about tens of thousands of
+        rows, and a frame row read one at a time costs a pandas Series each.
+        """
+        if self.frame is None or not rows:
+            return [None] * len(rows)
         if self._positions is None:
             keys = zip(self.frame[LOCATION].astype(str), self.frame[ROW_REF].astype(str), strict=True)
             self._positions = {key: position for position, key in enumerate(keys)}
-        position = self._positions.get((str(location), str(row_ref)))
-        if position is None:
-            return None
-        row = self.frame.iloc[position]
-        return {str(k): to_json(_python(v)) for k, v in row.items() if not str(k).startswith("_")}
+        positions = [self._positions.get((str(location), str(row_ref))) for location, row_ref in rows]
+        known = [p for p in positions if p is not None]
+        columns = [c for c in self.frame.columns if not str(c).startswith("_")]
+        taken = self.frame.iloc[known][columns]
+        values = {str(c): taken[c].tolist() for c in columns}
+        found: list[dict[str, Any] | None] = []
+        index = 0
+        for position in positions:
+            if position is None:
+                found.append(None)
+                continue
+            found.append({name: to_json(_python(column[index])) for name, column in values.items()})
+            index += 1
+        return found
 
 
 def crosswalk_ids(session: Session, entity: str, system: str, keys: Iterable[str]) -> dict[str, int]:
@@ -226,14 +243,29 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+_HASH_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)  # json.dumps would build one per call
+
+
 def row_hash(values: dict[str, Any]) -> str:
     """Return a stable SHA-256 of a record's values (what the crosswalk remembers)."""
-    payload = json.dumps(
-        {k: v if type(v) in _AS_IS else _canonical(v) for k, v in sorted(values.items())},
-        ensure_ascii=False,
-        default=str,
+    payload = _HASH_ENCODER.encode(
+        {k: v if type(v) in _AS_IS else _canonical(v) for k, v in sorted(values.items())}
     )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def row_hashes(names: Sequence[str], columns: Sequence[Sequence[Any]]) -> list[str]:
+    """Return :func:`row_hash` of each row of ``columns`` (one list per name), computed column by column."""
+    order = sorted(range(len(names)), key=lambda i: names[i])
+    sorted_names = [names[i] for i in order]
+    canonical = [
+        [v if type(v) in _AS_IS else _canonical(v) for v in columns[i]] for i in order
+    ]  # fmt: skip
+    encode, sha256 = _HASH_ENCODER.encode, hashlib.sha256
+    return [
+        sha256(encode(dict(zip(sorted_names, row, strict=True))).encode("utf-8")).hexdigest()
+        for row in zip(*canonical, strict=True)
+    ]
 
 
 def _python(value: Any) -> Any:
@@ -892,7 +924,7 @@ class EntityLoader:
         self._rejects.append({
             "load_run_id": self.run.id, "source": source, "entity": self.entity.name, "location": where,
             "row_ref": str(row_ref), "field": field_name, "value": None if value is None else str(value)[:2000],
-            "rule": rule, "reason": reason, "severity": severity, "raw_row": self._raw.get(where, str(row_ref)),
+            "rule": rule, "reason": reason, "severity": severity, "raw_row": (where, str(row_ref)),
             "created_at": self._now,
         })  # fmt: skip
 
@@ -956,10 +988,7 @@ class EntityLoader:
                 dict(zip(fields, row, strict=True))
                 for row in zip(*(columns[name][start:stop] for name in fields), strict=True)
             ] if fields else [{} for _ in range(start, stop)]  # fmt: skip
-            digests = [
-                row_hash(self._hashed(values, sources, start + offset))
-                for offset, values in enumerate(chunk_values)
-            ]
+            digests = self._digests(fields, columns, sources, start, stop)
             self._prefetch(batch.source, keys[start:stop], chunk_values, digests)
             for position in range(start, stop):
                 errors = row_errors.get(position, [])
@@ -1023,22 +1052,33 @@ class EntityLoader:
             amount = values.get(amount_field)
             stats.amount_quarantined += amount if isinstance(amount, Decimal) else Decimal(0)
 
-    def _hashed(
-        self, values: dict[str, Any], sources: Mapping[str, list[Any]], position: int
-    ) -> dict[str, Any]:
-        """Return the values a row's hash covers: references by source key, marked when unresolved."""
-        if not sources:
-            return values
-        hashed = dict(values)
-        for name, keys in sources.items():
-            key = keys[position]
-            if key is None:
-                hashed[name] = None
-            elif values.get(name) is None and name not in self._self_ref_fields:
-                hashed[name] = f"unresolved:{key}"
-            else:
-                hashed[name] = f"key:{key}"
-        return hashed
+    def _digests(
+        self,
+        fields: Sequence[str],
+        columns: Mapping[str, list[Any]],
+        sources: Mapping[str, list[Any]],
+        start: int,
+        stop: int,
+    ) -> list[str]:
+        """Return the row hash of rows ``start:stop``, computed column by column (references by source key, marked when unresolved)."""
+        if stop <= start:
+            return []
+        names = list(dict.fromkeys([*fields, *sources]))
+        hashed: list[Sequence[Any]] = []
+        for name in names:
+            if name not in sources:
+                hashed.append(columns[name][start:stop])
+                continue
+            keys = sources[name][start:stop]
+            values = columns[name][start:stop] if name in columns else [None] * (stop - start)
+            self_ref = name in self._self_ref_fields
+            hashed.append([
+                None if key is None else f"unresolved:{key}" if value is None and not self_ref else f"key:{key}"
+                for key, value in zip(keys, values, strict=True)
+            ])  # fmt: skip
+        if not names:
+            return [row_hash({}) for _ in range(start, stop)]
+        return row_hashes(names, hashed)
 
     def _prefetch(
         self, source: str, keys: Sequence[str], values: Sequence[Mapping[str, Any]], digests: Sequence[str]
@@ -1232,6 +1272,9 @@ class EntityLoader:
         if journal:
             write_journal(connection, journal)
         if self._rejects:
+            raw_rows = self._raw.many([reject["raw_row"] for reject in self._rejects])  # (location, row ref)
+            for reject, raw_row in zip(self._rejects, raw_rows, strict=True):
+                reject["raw_row"] = raw_row
             bulk_insert(connection, _REJECTS, self._rejects)
         if self._inserted_since_analyze >= ANALYZE_AFTER_ROWS:
             self._analyze()

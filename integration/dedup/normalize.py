@@ -286,15 +286,26 @@ def brand_key(core: str) -> str:
 
 
 def strip_endings(text: str, words: Iterable[str]) -> str:
-    """Drop any of ``words`` from the end of ``text`` as long as one ends it, keeping two characters."""
+    """Drop any of ``words`` from the end of ``text`` as long as one ends it, keeping two characters.
+
+    The longest word that ends the text goes first (two words of one length cannot both end it).
+    """
+    by_length = _endings_by_length(words if isinstance(words, tuple) else tuple(words))
     changed = True
     while changed:
         changed = False
-        for word in words:
-            if text.endswith(word) and len(text) - len(word) >= 2:
-                text, changed = text[: -len(word)], True
+        for length, endings in by_length:
+            if len(text) - length >= 2 and text[-length:] in endings:
+                text, changed = text[:-length], True
                 break
     return text
+
+
+@lru_cache(maxsize=16)
+def _endings_by_length(words: tuple[str, ...]) -> list[tuple[int, frozenset[str]]]:
+    """Return ``words`` grouped by length, longest first (one set look-up per length, not per word)."""
+    lengths = sorted({len(w) for w in words if w}, reverse=True)
+    return [(length, frozenset(w for w in words if len(w) == length)) for length in lengths]
 
 
 # --------------------------------------------------------------------------- Chinese-aware name keys
@@ -305,12 +316,12 @@ INDUSTRY_SYNONYMS = {"商贸": "贸易", "经贸": "贸易", "技术": "科技",
                      "产业": "实业", "电器": "电气", "环境工程": "环保工程", "顾问": "咨询", "软件开发": "软件"}  # fmt: skip
 _SYNONYM = re.compile("|".join(sorted(INDUSTRY_SYNONYMS, key=len, reverse=True)))
 # What a Chinese trade name is followed by: industry words, longest first (a core minus these is the trade name).
-_TRADE_SUFFIXES = sorted(
+_TRADE_SUFFIXES = tuple(sorted(
     {*INDUSTRY_SYNONYMS, *INDUSTRY_SYNONYMS.values(), *_INDUSTRY_ZH, "材料", "新材料", "食品", "光电", "化工",
      "自动化", "供应链", "管理", "器械", "环境", "能源", "电气", "教育", "智能", "农业", "纺织", "印务", "汽配",
      "服务", "餐饮", "建材", "广告", "包装", "印刷", "家具", "服饰", "传媒", "照明", "仪器", "通信", "数据"},
     key=len, reverse=True,
-)  # fmt: skip
+))  # fmt: skip
 _SHAPES_FILE = Path(__file__).parent / "data" / "char_shapes.tsv"
 
 
@@ -325,6 +336,7 @@ def canonical_industry(core: str) -> str:
 
 
 @lru_cache(maxsize=200_000)
+@lru_cache(maxsize=500_000)
 def trade_name(core: str) -> str:
     """Return the trade name of a Chinese name core: industry words dropped from the end (腾达科技 → 腾达).
 

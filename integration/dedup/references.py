@@ -419,46 +419,48 @@ class _Strings:
     def __init__(self, texts: list[str]) -> None:
         self.texts = texts
         self.trade_lengths = np.array([len(trade_name(t)) for t in texts], dtype=np.float64)
-        having: dict[str, set[int]] = defaultdict(set)
-        alike: dict[tuple[str, ...], set[int]] = defaultdict(set)
-        for entry, text in enumerate(texts):
-            for char in set(text):
-                having[char].add(entry)
-                for token in alike_tokens(char):
-                    alike[token].add(entry)
-        self._having = {char: np.fromiter(e, dtype=np.int64) for char, e in having.items()}
-        self._alike = {token: np.fromiter(e, dtype=np.int64) for token, e in alike.items()}
-        # every character of every name, flattened, for the names' side of the bound
-        self._chars = list(having)
-        self._number = number = {char: i for i, char in enumerate(self._chars)}
+        self._number: dict[str, int] = {}
+        number = self._number
+        # every character of every name, flattened: (name, character number) per position
         self._entry_of = np.fromiter((e for e, t in enumerate(texts) for _ in t), dtype=np.int64)
-        self._char_of = np.fromiter((number[c] for t in texts for c in t), dtype=np.int64)
+        self._char_of = np.fromiter(
+            (number.setdefault(c, len(number)) for t in texts for c in t), dtype=np.int64
+        )  # fmt: skip
+        distinct = np.unique(self._entry_of * max(len(number), 1) + self._char_of)
+        self._pair_entry, self._pair_char = np.divmod(distinct, max(len(number), 1))
         chars_alike: dict[tuple[str, ...], list[int]] = defaultdict(list)
-        for i, char in enumerate(self._chars):
+        for char, i in number.items():
             for token in alike_tokens(char):
                 chars_alike[token].append(i)
         self._chars_alike = {token: np.array(i, dtype=np.int64) for token, i in chars_alike.items()}
 
+    def _alike_chars(self, chars: Collection[str]) -> np.ndarray:
+        """Return a mask of the names' characters that look or sound like one of ``chars`` (or are one)."""
+        mask = np.zeros(len(self._number), dtype=bool)
+        for token in set().union(*(alike_tokens(char) for char in chars)) if chars else ():
+            found = self._chars_alike.get(token)
+            if found is not None:
+                mask[found] = True
+        return mask
+
     def bounds(self, written: str) -> np.ndarray:
         """Return, per name, an upper bound of ``variant_similarity(written, name)`` (exact cases aside)."""
         count = len(self.texts)
-        empty = np.empty(0, dtype=np.int64)
         lacking = np.zeros(count)
-        for char in written:
-            cost = np.full(count, GAP)
-            for token in alike_tokens(char):
-                cost[self._alike.get(token, empty)] = SOUND_OR_SHAPE
-            cost[self._having.get(char, empty)] = 0.0
+        for char in written:  # each character of the written name a name lacks
+            has_alike = np.zeros(count, dtype=bool)
+            has_alike[self._pair_entry[self._alike_chars([char])[self._pair_char]]] = True
+            cost = np.where(has_alike, SOUND_OR_SHAPE, GAP)
+            number = self._number.get(char)
+            if number is not None:
+                cost[self._pair_entry[self._pair_char == number]] = 0.0
             lacking += cost
         # each character of a name the written one lacks: the same costs, summed per name
-        char_cost = np.full(len(self._chars), GAP)
-        empty = np.empty(0, dtype=np.int64)
-        for token in set().union(*(alike_tokens(char) for char in written)) if written else ():
-            char_cost[self._chars_alike.get(token, empty)] = SOUND_OR_SHAPE
+        char_cost = np.where(self._alike_chars(set(written)), SOUND_OR_SHAPE, GAP)
         for char in set(written):
-            position = self._number.get(char)
-            if position is not None:
-                char_cost[position] = 0.0
+            number = self._number.get(char)
+            if number is not None:
+                char_cost[number] = 0.0
         missing = np.bincount(self._entry_of, weights=char_cost[self._char_of], minlength=count)
         plain = process.cdist([written], self.texts, scorer=distance.OSA.distance, dtype=np.int32)[0]
         costs = np.maximum(np.maximum(lacking, missing), SOUND_OR_SHAPE * plain)
