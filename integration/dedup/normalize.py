@@ -336,7 +336,6 @@ def canonical_industry(core: str) -> str:
 
 
 @lru_cache(maxsize=200_000)
-@lru_cache(maxsize=500_000)
 def trade_name(core: str) -> str:
     """Return the trade name of a Chinese name core: industry words dropped from the end (腾达科技 → 腾达).
 
