@@ -693,6 +693,7 @@ class EntityLoader:
                 remaining.append(value)
         found = self.name_resolvers[target](target, [str(v) for v in remaining]) if remaining else {}
         held: dict[Any, int] = {}
+        waiting: list[tuple[Any, list[dict[str, Any]]]] = []
         for value in remaining:
             match = found.get(str(value), NameMatch(None))
             if match.record_id is not None:
@@ -709,10 +710,14 @@ class EntityLoader:
                     status="pending", rows_held=0, load_run_id=self.run.id,
                 )  # fmt: skip
                 self.session.add(decision)
-                self.session.flush()
                 decisions[keys[value]] = decision
             elif decision.candidates != candidates:
                 decision.candidates = candidates
+            waiting.append((value, candidates))
+        if waiting:
+            self.session.flush()  # the new decisions' ids, in one batch
+        for value, candidates in waiting:
+            decision = decisions[keys[value]]
             shown = ", ".join(
                 f"{c['id']} {c.get('name') or ''}".strip()
                 + (f" ({c['probability']:.2f})" if c.get("probability") is not None else "")
@@ -889,6 +894,10 @@ class EntityLoader:
 
     def _record_held(self) -> None:
         """Write how many rows (and how much money) wait on each reference decision; unchanged counts stay."""
+        for part in _chunks(
+            sorted(self._seen_decisions | set(self._held))
+        ):  # into the session, a query per part
+            self.session.scalars(select(ReferenceDecision).where(ReferenceDecision.id.in_(part))).all()
         for decision_id in sorted(self._seen_decisions - set(self._held)):
             decision = self.session.get(ReferenceDecision, decision_id)  # every row it held was resolved
             if decision is not None and decision.rows_held:
