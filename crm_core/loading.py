@@ -412,6 +412,7 @@ class EntityLoader:
         self._journaled: set[int] = set()  # records with a journal entry from this load (insert or update)
         self._xw_journaled: set[int] = set()  # crosswalk rows likewise
         self._inserted_since_analyze = 0
+        self._inserted_before_analyze = 0  # rows this loader had written when statistics were last refreshed
         self._columns = {name: f.column for name, f in self.entity.fields.items()}
         self._self_ref_fields = {
             name for name, f in self.entity.fields.items() if f.references == self.entity.name
@@ -1285,7 +1286,9 @@ class EntityLoader:
             for reject, raw_row in zip(self._rejects, raw_rows, strict=True):
                 reject["raw_row"] = raw_row
             bulk_insert(connection, _REJECTS, self._rejects)
-        if self._inserted_since_analyze >= ANALYZE_AFTER_ROWS:
+        # Statistics go stale when a table grows by a large share: refreshed after 50,000 new rows, then each
+        # time the load has doubled what it wrote (an ANALYZE of a large table costs about a second).
+        if self._inserted_since_analyze >= max(ANALYZE_AFTER_ROWS, self._inserted_before_analyze):
             self._analyze()
         self._rows.clear()
         self._crosswalk.clear()  # flushed: the next chunk reads what it needs by key
@@ -1297,6 +1300,7 @@ class EntityLoader:
 
     def _analyze(self) -> None:
         refresh_statistics(self.session.connection(), [self.table.name, "external_ids"])
+        self._inserted_before_analyze += self._inserted_since_analyze
         self._inserted_since_analyze = 0
 
     def _resolve_self_references(self) -> None:
