@@ -25,8 +25,9 @@ from typer.testing import CliRunner
 
 from integration.assets.resources import dispose_engines
 from integration.cli import app
-from integration.dedup.customers import linkage_row
+from integration.dedup.customers import CUSTOMER_SPEC, linkage_frame, linkage_row
 from integration.dedup.normalize import credit_code_parts, credit_codes_near
+from integration.dedup.online import MatchIndex, query_record
 from integration.mappings.transforms import uscc_as_written_value
 from tests.test_matching_classes import MISTYPED, code
 
@@ -303,3 +304,19 @@ def test_linkage_reads_the_code_as_written_only_where_no_valid_code_is_kept() ->
     assert both["credit_code"] == TENGDA
     assert linkage_row("深圳腾达科技有限公司", credit_code_as_written="000000000")["credit_code"] is None
     assert linkage_row("深圳腾达科技有限公司", credit_code_as_written="N/A")["credit_code"] is None
+
+
+def test_the_online_index_finds_a_customer_by_its_code_as_written() -> None:
+    erp_rows, _ = background()
+    customers = [{"id": n, "name": row[1], "credit_code": row[2], "phone": row[3], "address": row[4]}
+                 for n, row in enumerate(erp_rows, start=1)]  # fmt: skip
+    customers.append({"id": 900, "name": "深圳市腾达科技有限公司", "credit_code_as_written": TENGDA[2:17]})
+    index = MatchIndex(linkage_frame(customers))
+    assert index.value(900, "credit_code") == TENGDA[2:17]
+    # the form has the valid 18-character code: the old 15-digit number is this code, not a conflicting one
+    [best, *_] = index.match(query_record("腾达科技（深圳）有限公司", credit_code=TENGDA))
+    assert best.customer_id == 900 and best.probability >= CUSTOMER_SPEC.review
+    assert best.levels["credit_code_identifier"] == 1
+    other = code("440305", "12345678")  # another firm's code: no identifier evidence, a lower score
+    [unsure, *_] = index.match(query_record("腾达科技（深圳）有限公司", credit_code=other))
+    assert unsure.levels["credit_code_identifier"] == 0 and unsure.probability < best.probability
