@@ -320,3 +320,10 @@ def test_the_online_index_finds_a_customer_by_its_code_as_written() -> None:
     other = code("440305", "12345678")  # another firm's code: no identifier evidence, a lower score
     [unsure, *_] = index.match(query_record("腾达科技（深圳）有限公司", credit_code=other))
     assert unsure.levels["credit_code_identifier"] == 0 and unsure.probability < best.probability
+
+
+def test_a_wrong_check_digit_keeps_the_organisation_code_it_still_holds() -> None:
+    wrong = TENGDA[:17] + ("0" if TENGDA[17] != "0" else "1")  # only the check digit is wrong
+    assert credit_code_parts(wrong).organisation == TENGDA[8:17]  # its own GB 11714 check still holds
+    assert credit_code_parts(TENGDA[2:17]).organisation == credit_code_parts(wrong).organisation  # one block
+    assert credit_code_parts(SWAPPED).organisation is None  # the swap is inside it: nothing to compare

@@ -476,7 +476,25 @@ def credit_code_parts(value: str | None) -> CreditCode:
     if len(text) == 9:
         return CreditCode(None, text, None, text)
     placed = len(text) <= 18 and len(text) != 17 and text[2:8].isdigit()
-    return CreditCode(None, None, text[2:8] if placed else None, text)
+    # 18 characters whose check digit fails: where the organisation code inside still holds its own check
+    # character (GB 11714), the damage is elsewhere (the check digit, the division) and it still compares
+    organisation = text[8:17] if len(text) == 18 and _organisation_code_holds(text[8:17]) else None
+    return CreditCode(None, organisation, text[2:8] if placed else None, text)
+
+
+_ORGANISATION_WEIGHTS = (3, 7, 9, 10, 5, 8, 4, 2)
+_ORGANISATION_VALUE = {c: i for i, c in enumerate("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")}
+
+
+def _organisation_code_holds(code: str) -> bool:
+    """True when a 9-character organisation code's check character (GB 11714) fits its 8-character body."""
+    body, check = code[:8], code[8]
+    if not all(c in _ORGANISATION_VALUE for c in body):
+        return False
+    remainder = (
+        11 - sum(_ORGANISATION_VALUE[c] * w for c, w in zip(body, _ORGANISATION_WEIGHTS, strict=True)) % 11
+    )
+    return check == {10: "X", 11: "0"}.get(remainder, str(remainder))
 
 
 def credit_codes_near(left: str | None, right: str | None) -> bool:
