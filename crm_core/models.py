@@ -219,6 +219,10 @@ class Customer(RunTracked, Base):
     short_name: Mapped[str | None]
     english_name: Mapped[str | None]
     credit_code: Mapped[str | None] = mapped_column(String(18), index=True)  # 统一社会信用代码
+    # The source's credit-code cell as written (compacted), kept where ``credit_code`` stays empty because
+    # the code is damaged, a 15-digit registration number or a 9-character organisation code: linkage
+    # compares it as an identifier (near-matches); it is never validated as a 统一社会信用代码.
+    credit_code_as_written: Mapped[str | None] = mapped_column(String(64))
     phone: Mapped[str | None] = mapped_column(String(32))  # E.164
     email: Mapped[str | None]
     website: Mapped[str | None]

@@ -80,7 +80,7 @@ CASES: list[tuple[str, str, list[str]]] = [
         "field_not_in_entity_and_column_not_in_source",
         BASE + "  name: name\n  amount_x: x\n",
         [
-            "{file}:6:3: fields.amount_x: entity 'customer' has no field 'amount_x'; fields: name, name_normalized, short_name, english_name, credit_code, phone, email, website, address, province, city, district, industry, is_branch, parent, owner, status, erp_code, credit_limit, payment_terms",
+            "{file}:6:3: fields.amount_x: entity 'customer' has no field 'amount_x'; fields: name, name_normalized, short_name, english_name, credit_code, credit_code_as_written, phone, email, website, address, province, city, district, industry, is_branch, parent, owner, status, erp_code, credit_limit, payment_terms",
             "{file}:6:13: fields.amount_x: column 'x' is not in accounts",
         ],
     ),
@@ -144,7 +144,7 @@ CASES: list[tuple[str, str, list[str]]] = [
         "field_unknown",
         BASE + "  name: name\n  nmae: x\n",
         [
-            "{file}:6:3: fields.nmae: entity 'customer' has no field 'nmae'; did you mean 'name'?; fields: name, name_normalized, short_name, english_name, credit_code, phone, email, website, address, province, city, district, industry, is_branch, parent, owner, status, erp_code, credit_limit, payment_terms",
+            "{file}:6:3: fields.nmae: entity 'customer' has no field 'nmae'; did you mean 'name'?; fields: name, name_normalized, short_name, english_name, credit_code, credit_code_as_written, phone, email, website, address, province, city, district, industry, is_branch, parent, owner, status, erp_code, credit_limit, payment_terms",
             "{file}:6:9: fields.nmae: column 'x' is not in accounts",
         ],
     ),
@@ -243,7 +243,7 @@ CASES: list[tuple[str, str, list[str]]] = [
         "field_not_in_entity_named_created",
         BASE + "  name: n\n  created: x\n",
         [
-            "{file}:6:3: fields.created: entity 'customer' has no field 'created'; fields: name, name_normalized, short_name, english_name, credit_code, phone, email, website, address, province, city, district, industry, is_branch, parent, owner, status, erp_code, credit_limit, payment_terms",
+            "{file}:6:3: fields.created: entity 'customer' has no field 'created'; fields: name, name_normalized, short_name, english_name, credit_code, credit_code_as_written, phone, email, website, address, province, city, district, industry, is_branch, parent, owner, status, erp_code, credit_limit, payment_terms",
             "{file}:6:12: fields.created: column 'x' is not in accounts",
         ],
     ),

@@ -47,7 +47,7 @@ CASES = [
      ["7:32: dedup.customer.source_priority[0]: unknown source 'erp'; sources: crm"]),
     ("survivorship_unknown_field",
      HEADER + "mappings: [mappings/*.yaml]\ndedup:\n  customer:\n    survivorship: {adress: most_complete}\n",
-     ["8:19: dedup.customer.survivorship: unknown customer field(s) adress; fields: name, short_name, english_name, credit_code, phone, email, website, address, province, city, district, industry, is_branch, owner_id, status, erp_code, credit_limit, payment_terms"]),
+     ["8:19: dedup.customer.survivorship: unknown customer field(s) adress; fields: name, short_name, english_name, credit_code, credit_code_as_written, phone, email, website, address, province, city, district, industry, is_branch, owner_id, status, erp_code, credit_limit, payment_terms"]),
     ("survivorship_unknown_rule",
      HEADER + "mappings: [mappings/*.yaml]\ndedup:\n  customer:\n    survivorship: {phone: newest}\n",
      ["8:27: dedup.customer.survivorship.phone: 'newest' is not allowed; allowed: source_priority, most_recent, most_complete, most_frequent"]),

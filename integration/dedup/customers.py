@@ -116,10 +116,12 @@ def linkage_row(
     address: str | None = None,
     province: str | None = None,
     district: str | None = None,
+    credit_code_as_written: str | None = None,
 ) -> dict[str, Any]:
     """Return what linkage compares of one customer (see :func:`linkage_rows`)."""
     row = {"name": name, "credit_code": credit_code, "phone": phone, "email": email, "city": city,
-           "address": address, "province": province, "district": district}  # fmt: skip
+           "address": address, "province": province, "district": district,
+           "credit_code_as_written": credit_code_as_written}  # fmt: skip
     return linkage_rows([row])[0]
 
 
@@ -127,8 +129,9 @@ def linkage_rows(customers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     """Return what linkage compares of each customer: name parts and keys, identifiers, reconciled location.
 
     Name: region | core | branch, the trade name (industry words dropped, synonyms unified), its sound
-    (toneless pinyin, so homophones are equal). Identifiers: the credit code (valid, or as
-    written when damaged) and its 9-character organisation code; every phone number of the cell as E.164
+    (toneless pinyin, so homophones are equal). Identifiers: the credit code — the cleaned ``credit_code``,
+    else ``credit_code_as_written`` (the cell the mapping's ``uscc`` refused: damaged, 15-digit, 9-character,
+    cut short) — and its 9-character organisation code; every phone number of the cell as E.164
     without extension, local numbers completed with the city's area code. Location: the city every source
     of evidence agrees on most — the name's region, the address, the CRM city field (Chinese or pinyin),
     the credit code's division digits, the phone's area code — and the district and street of the address.
@@ -138,7 +141,7 @@ def linkage_rows(customers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     for customer, (address_place, street) in zip(customers, parsed, strict=True):
         name = customer.get("name")
         parts = normalize_company_name(name or "")
-        code = credit_code_parts(customer.get("credit_code"))
+        code = credit_code_parts(customer.get("credit_code") or customer.get("credit_code_as_written"))
         email = customer.get("email")
         domain = email.rsplit("@", 1)[-1].lower() if email and "@" in email else None
         # In order of trust when sources disagree as often: where the firm is written down now (address,
@@ -220,13 +223,17 @@ def located_company_keys(records: pd.DataFrame) -> pd.Series:
     "腾达科技有限公司" with a Shenzhen address and the same name with a Zhengzhou phone are two companies:
     their keys become ``深圳|腾达科技|`` and ``郑州|腾达科技|`` instead of one ``|腾达科技|`` that the load
     would match on. The location is reconciled as in :func:`linkage_rows` (address, city field, credit
-    code, phone area code).
+    code or the code as written, phone area code).
     """
     keys = records["name"].map(company_key)
     bare = keys.notna() & keys.str.startswith("|", na=False)
     if not bare.any():
         return keys
-    columns = [c for c in ("credit_code", "phone", "city", "address") if c in records.columns]
+    columns = [
+        c
+        for c in ("credit_code", "credit_code_as_written", "phone", "city", "address")
+        if c in records.columns
+    ]
     subset = records.loc[bare, ["name", *columns]]
     rows = linkage_rows([{str(k): (v if isinstance(v, str) else None) for k, v in row.items()}
                          for row in subset.to_dict("records")])  # fmt: skip
@@ -251,7 +258,7 @@ def customer_records(engine: Engine) -> pd.DataFrame:
     with session_factory(engine)() as session:
         rows = session.execute(
             select(Customer.id, Customer.name, Customer.credit_code, Customer.phone, Customer.email, Customer.city,
-                   Customer.address, Customer.province, Customer.district)
+                   Customer.address, Customer.province, Customer.district, Customer.credit_code_as_written)
             .where(Customer.merged_into_id.is_(None)).order_by(Customer.id)
         ).all()  # fmt: skip
     return linkage_frame([row._asdict() for row in rows])

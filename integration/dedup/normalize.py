@@ -471,19 +471,43 @@ def _uscc_is_valid(code: str) -> bool:
 @lru_cache(maxsize=200_000)
 def credit_code_parts(value: str | None) -> CreditCode:
     """Split a credit-code field: an 18-character 统一社会信用代码, a 15-digit registration (tax) number
-    (division + organisation code) or a 9-character organisation code, or a damaged code (kept raw)."""
+    (division + organisation code) or a 9-character organisation code, or a damaged code (kept raw).
+
+    A placeholder is no code (under 8 characters, one character repeated, no digit: 0, N/A, 000000000),
+    so two records that both wrote one do not share an identifier. A damaged code's division digits are
+    kept only where no character can have shifted them (18 characters, or a code cut short).
+    """
     if value is None:
         return CreditCode(None, None, None, None)
     text = _CREDIT_CODE_CHARS.sub("", unicodedata.normalize("NFKC", str(value)).upper())
-    if not text:
+    if len(text) < 8 or len(set(text)) == 1 or not any(c.isdigit() for c in text):
         return CreditCode(None, None, None, None)
     if len(text) == 18 and _uscc_is_valid(text):
         return CreditCode(text, text[8:17], text[2:8], text)
     if len(text) == 15 and text[:6].isdigit():
         return CreditCode(None, text[6:15], text[:6], text)
-    if len(text) == 9 or (len(text) == 10 and text[8] == "-"):
-        return CreditCode(None, text[:9], None, text)
-    return CreditCode(None, None, text[2:8] if len(text) >= 8 and text[2:8].isdigit() else None, text)
+    if len(text) == 9:
+        return CreditCode(None, text, None, text)
+    placed = len(text) <= 18 and len(text) != 17 and text[2:8].isdigit()
+    # 18 characters whose check digit fails: where the organisation code inside still holds its own check
+    # character (GB 11714), the damage is elsewhere (the check digit, the division) and it still compares
+    organisation = text[8:17] if len(text) == 18 and _organisation_code_holds(text[8:17]) else None
+    return CreditCode(None, organisation, text[2:8] if placed else None, text)
+
+
+_ORGANISATION_WEIGHTS = (3, 7, 9, 10, 5, 8, 4, 2)
+_ORGANISATION_VALUE = {c: i for i, c in enumerate("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")}
+
+
+def _organisation_code_holds(code: str) -> bool:
+    """True when a 9-character organisation code's check character (GB 11714) fits its 8-character body."""
+    body, check = code[:8], code[8]
+    if not all(c in _ORGANISATION_VALUE for c in body):
+        return False
+    remainder = (
+        11 - sum(_ORGANISATION_VALUE[c] * w for c, w in zip(body, _ORGANISATION_WEIGHTS, strict=True)) % 11
+    )
+    return check == {10: "X", 11: "0"}.get(remainder, str(remainder))
 
 
 def credit_codes_near(left: str | None, right: str | None) -> bool:

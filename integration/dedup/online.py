@@ -250,10 +250,15 @@ class MatchIndex:
         caps = [(key, 0.5) for key in self.spec.location_keys] + [(key, 0.98) for key in self.spec.hard_keys]
         for key, share in caps:  # another city or province, another credit code or branch: not this customer
             value = _value(record.get(key))
+            if key == "credit_code":  # as in the batch linkage, only two valid codes conflict (a damaged,
+                value = credit_code_parts(value).valid  # old-style or cut code may be this one)
             if value is None:
                 continue
+            others = theirs(key)
+            if key == "credit_code":
+                others = np.array([credit_code_parts(v).valid for v in others], dtype=object)
             conflict = np.fromiter(
-                (v is not None and str(v) != str(value) for v in theirs(key)), dtype=bool, count=count
+                (v is not None and str(v) != str(value) for v in others), dtype=bool, count=count
             )
             probability = np.where(conflict, np.minimum(probability, self.spec.review * share), probability)
         best = np.argsort(-probability, kind="stable")[:limit]

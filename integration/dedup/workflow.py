@@ -547,7 +547,11 @@ def review_queue(engine: Engine, limit: int | None = None, entity: str | None = 
         shown: dict[str, dict[int, tuple[str, Any]]] = {}
         for name in {c.entity for c in pending}:
             model: Any = MODEL_OF[name]
-            key = model.credit_code if model is Customer else model.mobile  # what tells them apart
+            key = (  # what tells them apart; a customer's code as written where no valid code was kept
+                func.coalesce(Customer.credit_code, Customer.credit_code_as_written)
+                if model is Customer
+                else model.mobile
+            )
             ids = [i for c in pending if c.entity == name for i in (c.left_id, c.right_id)]
             shown[name] = {}
             connection = session.connection()

@@ -236,6 +236,15 @@ def scaffold(
         )
         source_spec["key"] = {"hash": [fields["name"], *([identifier] if identifier else [])]}
         key = fields["name"]
+    code = specs.get("credit_code")
+    if (
+        entity == "customer"
+        and isinstance(code, dict)
+        and code.get("from")
+        and "credit_code_as_written" not in specs
+    ):
+        # uscc empties a damaged, old-style or cut code; linkage still compares it as written
+        specs["credit_code_as_written"] = {"from": code["from"], "transforms": ["uscc_as_written"]}
     body = {
         "version": 1,
         "description": f"{source}.{table} → {entity} (scaffolded: review every field)",

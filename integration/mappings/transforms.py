@@ -833,6 +833,35 @@ def uscc(values: pd.Series, args: NoArgs) -> Outcome:
     return columnar.settle(array, values.index, done, text, uscc_value, TransformFailure)
 
 
+_NOT_CODE_CHARACTER = re.compile(r"[^0-9A-Z]")
+WRITTEN_CODE_LENGTHS = (8, 24)  # shorter: a placeholder (0, 无, N/A); longer: not one code (two, a note)
+
+
+def uscc_as_written_value(value: Any) -> str | None:
+    """Return a credit-code cell compacted, not verified; None for a placeholder (see ``uscc_as_written``)."""
+    text = _NOT_CODE_CHARACTER.sub("", unicodedata.normalize("NFKC", _as_text(value)).upper())
+    shortest, longest = WRITTEN_CODE_LENGTHS
+    if not shortest <= len(text) <= longest or len(set(text)) == 1 or not any(c.isdigit() for c in text):
+        return None
+    return text
+
+
+@transform(
+    "uscc_as_written",
+    clean_output=True,
+    examples=("9144 0300 7084 6113 6X", "４４０３０１７０８４６１１３６", "70846113-6", "无"),
+)
+def uscc_as_written(values: pd.Series, args: NoArgs) -> Outcome:
+    """Credit code as written, for linkage: compact, upper-case, never verified (a placeholder is empty).
+
+    A damaged code, a 15-digit registration number or a 9-character organisation code is kept, so
+    linkage's near-matches can use it: map it to ``credit_code_as_written`` beside ``credit_code`` with
+    ``uscc``. A placeholder (无, N/A, 000000000: under 8 characters, one character repeated or no digit)
+    and a cell longer than 24 characters (two codes, a note) become empty.
+    """
+    return per_value(values, uscc_as_written_value)
+
+
 _CJK = r"[\u3400-\u9fff]"
 
 

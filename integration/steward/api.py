@@ -44,7 +44,8 @@ TOKEN_CACHE_SECONDS = 30.0  # a revoked token stops working within this
 FINISHED = ("succeeded", "unbalanced")
 UNDO_SLACK = dt.timedelta(seconds=60)  # undos committed late with an earlier stamp are read again
 EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
-_INDEX_COLUMNS = ("id", "name", "credit_code", "phone", "email", "city", "address", "province", "district")
+_INDEX_COLUMNS = ("id", "name", "credit_code", "phone", "email", "city", "address", "province", "district",
+                  "credit_code_as_written")  # fmt: skip
 
 
 class LiveIndex(MatchIndex):

@@ -359,7 +359,8 @@ def explain_pair(entity: str, a: Mapping[str, Any], b: Mapping[str, Any], pair: 
     return words
 
 
-_LINKAGE = ("name", "credit_code", "phone", "email", "city", "address", "province", "district")
+_LINKAGE = ("name", "credit_code", "phone", "email", "city", "address", "province", "district",
+            "credit_code_as_written")  # fmt: skip
 
 
 @dataclass

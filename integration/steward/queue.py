@@ -215,7 +215,12 @@ def queue_page(connection: Connection, queue: QueueFilter, user_id: int) -> Queu
     else:
         total = pending[queue.entity]
     ids = page_ids(connection, conditions, queue.sort, (queue.page - 1) * queue.per_page, queue.per_page)
-    key = "credit_code" if queue.entity == "customer" else "mobile"
+
+    def key_of(record: Any) -> Any:  # a customer's code as written shows where no valid code was kept
+        if queue.entity == "customer":
+            return func.coalesce(record.c.credit_code, record.c.credit_code_as_written)
+        return record.c.mobile
+
     city_of = (
         (left.c.city, right.c.city)
         if queue.entity == "customer"
@@ -235,7 +240,7 @@ def queue_page(connection: Connection, queue: QueueFilter, user_id: int) -> Queu
             select(
                 c.id, c.probability, c.left_id, c.right_id, c.features,
                 left.c.name.label("left_name"), right.c.name.label("right_name"),
-                left.c[key].label("left_key"), right.c[key].label("right_key"),
+                key_of(left).label("left_key"), key_of(right).label("right_key"),
                 city_of[0].label("left_city"), city_of[1].label("right_city"),
                 left.c.merged_into_id.label("left_merged_into"),
                 right.c.merged_into_id.label("right_merged_into"), holder.label("held_by"),

@@ -113,6 +113,8 @@ def export_queue(connection: Connection, queue: QueueFilter, user_id: int) -> by
     for cell in sheet[1]:
         cell.font = Font(bold=True)
     key = "credit_code" if queue.entity == "customer" else "mobile"
+    # a customer without a valid code shows its code as written
+    written = "credit_code_as_written" if queue.entity == "customer" else "mobile"
     for pair_id in ids:
         pair = pairs.get(pair_id)
         if pair is None:
@@ -122,8 +124,8 @@ def export_queue(connection: Connection, queue: QueueFilter, user_id: int) -> by
                                                              pair["probability"], dict(pair["features"] or {})))  # fmt: skip
         values = [
             pair_id, queue.entity, round(pair["probability"], 4), pair_version(pair, left, right), None,
-            "; ".join(words), pair["left_id"], left.get("name"), left.get(key), left.get("city"),
-            ", ".join(sorted(sources.get(pair["left_id"], []))), pair["right_id"], right.get("name"), right.get(key),
+            "; ".join(words), pair["left_id"], left.get("name"), left.get(key) or left.get(written), left.get("city"),
+            ", ".join(sorted(sources.get(pair["left_id"], []))), pair["right_id"], right.get("name"), right.get(key) or right.get(written),
             right.get("city"), ", ".join(sorted(sources.get(pair["right_id"], []))),
         ]  # fmt: skip
         sheet.append([safe_cell(v) for v in values])
