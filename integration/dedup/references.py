@@ -237,11 +237,13 @@ class CustomerNames:
         # Read in the loader's own transaction (customer_records opens another connection, which SQLite would
         # make wait for this writer).
         rows = self.session.execute(
-            select(Customer.id, Customer.name, Customer.credit_code, Customer.phone, Customer.email, Customer.city)
+            select(Customer.id, Customer.name, Customer.credit_code, Customer.phone, Customer.email, Customer.city,
+                   Customer.credit_code_as_written)
             .where(Customer.merged_into_id.is_(None)).order_by(Customer.id)
         ).all()  # fmt: skip
         found = [
-            {"id": i, **linkage_row(n, credit_code=c, phone=p, email=e, city=t)} for i, n, c, p, e, t in rows
+            {"id": i, **linkage_row(n, credit_code=c, phone=p, email=e, city=t, credit_code_as_written=w)}
+            for i, n, c, p, e, t, w in rows
         ]
         records = (
             pd.DataFrame.from_records(found, index="id")
