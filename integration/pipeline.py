@@ -734,10 +734,6 @@ def reload_if_needed(
             u for u in staged.unchanged
             if run_id is None or must_reload(connection, run_id, mappings[u.mapping], u, loading)
         ]  # fmt: skip
-    if again and any(
-        u.depends_on_core for u in again
-    ):  # one reloads: so do the others that depend on the core
-        again = [u for u in staged.unchanged if u.depends_on_core or u in again]
     if not again:
         return staged
     raw = {}

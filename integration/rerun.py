@@ -50,8 +50,8 @@ UNCHANGED_ATTR = (
 )
 UNCHANGED_KEY = "unchanged_since"  # run.stats entry of a skipped mapping: the run whose counts it carries
 FORMAT = "crmi-fingerprint-1"
-# Lookups whose result depends on what the core holds beyond the crosswalk (names can become ambiguous).
-CORE_LOOKUPS = ("name", "code", "id")
+# Lookups whose answer depends on the records' values, not only on which keys exist (a name can become ambiguous).
+CORE_LOOKUPS = ("name", "code")
 _HASHED_CODE = ("integration", "crm_core")
 _LIBRARIES = ("pandas", "pyarrow", "fastexcel", "sqlalchemy", "python-calamine")
 
@@ -193,41 +193,65 @@ def mapping_fingerprint(migration: Migration, mapping: CompiledMapping) -> str |
 # --------------------------------------------------------------------------- the decision
 
 
-def related_entities(mapping: CompiledMapping) -> set[str]:
-    """Return the mapping's entity and every entity its fields reference."""
-    entity = mapping.entity.name
-    fields = ENTITIES[entity].fields
-    related = {entity}
+@dataclass(frozen=True)
+class Dependencies:
+    """What in the core a mapping's load reads besides its input: crosswalk keys and whole records."""
+
+    by_key: frozenset[str]  # found by source key or core id: new keys or records may resolve more rows
+    by_record: frozenset[str]  # found by name or code: any change may change the answer
+
+    @property
+    def entities(self) -> frozenset[str]:
+        """Return every entity the load depends on."""
+        return self.by_key | self.by_record
+
+
+def dependencies(mapping: CompiledMapping) -> Dependencies:
+    """Return the entities a mapping's references resolve against, by how they resolve."""
+    fields = ENTITIES[mapping.entity.name].fields
+    by_key: set[str] = set()
+    by_record: set[str] = set()
     for f in mapping.fields:
         target = fields[f.name].references if f.name in fields else None
-        if target:
-            related.add(target)
-    return related
+        if not target:
+            continue
+        how = f.lookup.by if f.lookup is not None else "external_id"
+        (by_record if how in CORE_LOOKUPS else by_key).add(target)
+    return Dependencies(frozenset(by_key), frozenset(by_record))
 
 
 def _tables_of(entities: Iterable[str]) -> list[str]:
     return sorted({ENTITIES[e].model.__table__.name for e in entities})  # type: ignore[attr-defined]
 
 
-def core_changed(connection: Connection, run_ids: Sequence[int], entities: Iterable[str]) -> bool:
-    """Return True when one of ``run_ids`` wrote to these entities' tables, their crosswalk or reference decisions."""
+def core_changed(
+    connection: Connection, run_ids: Sequence[int], needs: Dependencies, *, decisions: bool = True
+) -> bool:
+    """Return True when one of ``run_ids`` changed what a mapping's load reads in the core.
+
+    New records or crosswalk keys of the entities it depends on; any change to the records of those it finds
+    by name or code; with ``decisions``, any change to a steward's reference decisions or merges.
+    Updates of crosswalk rows (a changed row's hash, a merge re-pointing a key) resolve the same keys: ignored.
+    """
     if not run_ids:
         return False
-    entities = sorted(set(entities))
-    tables = _tables_of(entities)
-    journaled = select(RowChange.id).where(
-        RowChange.load_run_id.in_(run_ids),
-        RowChange.table_name.in_([*tables, "external_ids", "reference_decisions", "merge_log"]),
-    )
-    if connection.scalar(select(exists(journaled))):
-        return True
-    for name in tables:
-        column = Base.metadata.tables[name].c.created_run_id
-        created = select(column).where(column.in_(run_ids))
-        if connection.scalar(select(exists(created))):
+    watched = _tables_of(needs.by_record)
+    if decisions:
+        watched += ["reference_decisions", "merge_log"]
+    if watched:
+        journaled = select(RowChange.id).where(
+            RowChange.load_run_id.in_(run_ids), RowChange.table_name.in_(watched)
+        )
+        if connection.scalar(select(exists(journaled))):
             return True
+    for name in _tables_of(needs.entities):
+        column = Base.metadata.tables[name].c.created_run_id
+        if connection.scalar(select(exists(select(column).where(column.in_(run_ids))))):
+            return True
+    if not needs.entities:
+        return False
     crosswalk = select(ExternalId.id).where(
-        ExternalId.created_run_id.in_(run_ids), ExternalId.entity.in_(entities)
+        ExternalId.created_run_id.in_(run_ids), ExternalId.entity.in_(sorted(needs.entities))
     )
     return bool(connection.scalar(select(exists(crosswalk))))
 
@@ -244,7 +268,17 @@ def unchanged_since(
     with engine.connect() as connection:
         current = connection.scalar(select(LoadRun.id).where(LoadRun.run_key == run_key))
         query = (
-            select(MappingFingerprint, LoadRun.run_key, LoadRun.status, LoadRun.started_at, LoadRun.stats)
+            select(
+                MappingFingerprint.created_run_id,
+                MappingFingerprint.system,
+                MappingFingerprint.fingerprint,
+                MappingFingerprint.locations,
+                MappingFingerprint.depends_on_core,
+                LoadRun.run_key,
+                LoadRun.status,
+                LoadRun.started_at,
+                LoadRun.stats,
+            )
             .join(LoadRun, LoadRun.id == MappingFingerprint.created_run_id)
             .where(
                 MappingFingerprint.project == migration.project.name,
@@ -257,7 +291,8 @@ def unchanged_since(
         found = connection.execute(query).first()
         if found is None:
             return None
-        last, key, status, started, stats = found
+        last = found
+        key, status, started, stats = last.run_key, last.status, last.started_at, last.stats
         if status != "succeeded" or last.fingerprint != fingerprint:
             return None
         entries = (stats or {}).get(mapping.entity.name, [])
@@ -271,7 +306,7 @@ def unchanged_since(
             return None
         if last.depends_on_core:
             active = [i for i, s in runs if s in ("running", "succeeded", "unbalanced")]
-            if core_changed(connection, active, related_entities(mapping)):
+            if core_changed(connection, active, dependencies(mapping)):
                 return None
             undone = select(MergeLog.id).where(MergeLog.undone_at >= started)
             if connection.scalar(select(exists(undone))):
@@ -287,10 +322,14 @@ def must_reload(
     connection: Connection, run_id: int, mapping: CompiledMapping, unchanged: Unchanged, others_loading: bool
 ) -> bool:
     """Return True when a mapping skipped at extraction must load after all: it depends on the core, and this
-    run changed what it references (or loads another mapping of its entity) before its load."""
+    run changed what it reads there before its load (or loads another mapping of an entity it references
+    itself, a branch's parent say)."""
     if not unchanged.depends_on_core:
         return False
-    return others_loading or core_changed(connection, [run_id], related_entities(mapping))
+    needs = dependencies(mapping)
+    if others_loading and mapping.entity.name in needs.entities:
+        return True
+    return core_changed(connection, [run_id], needs, decisions=False)
 
 
 # --------------------------------------------------------------------------- recording and carrying over
@@ -307,7 +346,7 @@ def depends_on_core(
     """Return True when the load's outcome may change with the core while the input stays the same."""
     if held:
         return True
-    if any(f.lookup is not None and f.lookup.by in CORE_LOOKUPS for f in mapping.fields):
+    if dependencies(mapping).by_record:
         return True
     problems = select(Reject.id).where(
         Reject.load_run_id == run_id, Reject.entity == mapping.entity.name, Reject.source == system,
