@@ -25,7 +25,8 @@ from crm_core.db import session_factory
 from crm_core.errors import CrmError, TransientExtractError
 from crm_core.failpoints import failpoint
 from crm_core.loading import SourceStats
-from crm_core.models import ReferenceDecision
+from crm_core.merging import changed_in_run
+from crm_core.models import Contact, Customer, ReferenceDecision
 from crm_core.runs import abort_run, rollback_run
 from crm_core.validation import core_violations
 from crm_core.watermarks import CursorState
@@ -578,6 +579,20 @@ def rollback_load_run(context: dg.OpExecutionContext, config: RollbackConfig) ->
     return None
 
 
+def _active_if_unchanged(
+    engine: Engine, run_key: str, model: type[Customer] | type[Contact], mode: str
+) -> int | None:
+    """Return how many active records ``model`` has when run ``run_key`` (not a delta) created or changed none
+    of them, else None: linkage then has nothing to do (``only_if_changed``), and need not read them all."""
+    if mode == "delta":
+        return None
+    with session_factory(engine)() as session:
+        if changed_in_run(session, model, run_key):
+            return None
+        active = select(func.count()).select_from(model).where(model.merged_into_id.is_(None))
+        return int(session.scalar(active) or 0)
+
+
 def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
     """Return customer_match_candidates → golden_customers → customer_review_queue, golden_contacts.
 
@@ -586,6 +601,7 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
     """
     from integration.dedup.workflow import (
         Candidates,
+        DedupOutcome,
         find_candidates,
         link_branches,
         merge_clusters,
@@ -612,9 +628,15 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         core: CoreDatabase = context.resources.core
         options = RunOptions.from_tags(context.run.tags)
         with _load_run_step(context, core, migration.project.name) as engine:
-            found = find_candidates(
-                engine, context.run.run_id, migration.project.name,
-                spec=migration.linkage_spec, mode=options.mode, only_if_changed=True,
+            # A run that created or changed no customer links nothing: say so without reading every customer.
+            unchanged = _active_if_unchanged(engine, context.run.run_id, Customer, options.mode)
+            found = (
+                Candidates(DedupOutcome(records=unchanged, changed_records=0), [], {}, migration.linkage_spec.auto_merge)
+                if unchanged is not None
+                else find_candidates(
+                    engine, context.run.run_id, migration.project.name,
+                    spec=migration.linkage_spec, mode=options.mode, only_if_changed=True,
+                )
             )  # fmt: skip
             failpoint("dedup:candidates")
         outcome = found.outcome
@@ -654,7 +676,13 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         with _load_run_step(context, core, migration.project.name) as engine:
             outcome = merge_clusters(engine, context.run.run_id, migration.project.name, candidates,
                                      source_priority=priority, survivorship=survivorship, mode=options.mode)  # fmt: skip
-            branches = link_branches(engine, context.run.run_id, migration.project.name, options.mode)
+            # Branches were pointed at their head office when their customers last changed.
+            relink = candidates.outcome.changed_records != 0 or options.mode == "delta"
+            branches = (
+                link_branches(engine, context.run.run_id, migration.project.name, options.mode)
+                if relink
+                else 0
+            )
             failpoint("dedup:merge")
             yield dg.MaterializeResult(metadata={
                 "customers": candidates.outcome.records, "auto_merged": outcome.auto_merged,
@@ -711,8 +739,17 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         core: CoreDatabase = context.resources.core
         options = RunOptions.from_tags(context.run.tags)
         with _load_run_step(context, core, migration.project.name) as engine:
-            outcome = deduplicate_contacts(
-                engine, context.run.run_id, migration.project.name, mode=options.mode, only_if_changed=True
+            unchanged = _active_if_unchanged(engine, context.run.run_id, Contact, options.mode)
+            outcome = (
+                DedupOutcome(records=unchanged, changed_records=0)
+                if unchanged is not None
+                else deduplicate_contacts(
+                    engine,
+                    context.run.run_id,
+                    migration.project.name,
+                    mode=options.mode,
+                    only_if_changed=True,
+                )
             )
         return dg.MaterializeResult(metadata={
             "contacts": outcome.records, "pairs_compared": outcome.pairs_compared,
