@@ -298,14 +298,17 @@ def unchanged_since(
         entries = (stats or {}).get(mapping.entity.name, [])
         if not any(e.get("mapping") == mapping.name and UNCHANGED_KEY not in e for e in entries):
             return None  # its counts cannot be carried over
-        later = select(LoadRun.id, LoadRun.status).where(
+        later = select(LoadRun.id, LoadRun.status, LoadRun.mode).where(
             LoadRun.id > last.created_run_id, LoadRun.id != (current or -1)
         )
         runs = connection.execute(later).all()
-        if any(s == "rolled_back" for _, s in runs):
+        active = [i for i, s, _ in runs if s in ("running", "succeeded", "unbalanced")]
+        # A rollback since, or a sync run (it rewrites crosswalk hashes of source systems): read again.
+        if any(s == "rolled_back" for _, s, _ in runs) or any(
+            m == "sync" and i in active for i, _, m in runs
+        ):
             return None
         if last.depends_on_core:
-            active = [i for i, s in runs if s in ("running", "succeeded", "unbalanced")]
             if core_changed(connection, active, dependencies(mapping)):
                 return None
             undone = select(MergeLog.id).where(MergeLog.undone_at >= started)

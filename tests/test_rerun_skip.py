@@ -86,6 +86,7 @@ def test_an_unchanged_re_run_skips_every_mapping_and_changes_nothing(
     before = content(engine)
     with engine.connect() as connection:
         first_stats = connection.scalar(sa.select(LoadRun.stats).where(LoadRun.run_key == baseline[2]))
+    (project / "data" / "sales.xlsx").touch()  # a newer time, the same content: still unchanged
 
     code, again = crmi_run(project, url)
 
@@ -262,3 +263,20 @@ def test_a_postgresql_source_is_fingerprinted_in_the_server() -> None:
     assert _postgres_digest(connector, ["accounts"]) != changed.split("|")[0]
     connector.dispose()
     engine.dispose()
+
+
+def test_a_sync_run_in_between_means_everything_is_read(copied: tuple[Path, str]) -> None:
+    project, url = copied
+    engine = make_engine(url)
+    with engine.begin() as connection:  # a sync run rewrites crosswalk hashes of source systems
+        connection.execute(
+            sa.insert(LoadRun).values(
+                run_key="sync-1", project="sync", mode="sync", status="succeeded", stats={}
+            )
+        )
+    engine.dispose()
+
+    code, again = crmi_run(project, url)
+
+    assert code == 0 and again["skipped"] == []
+    assert_balanced(again)
