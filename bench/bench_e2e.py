@@ -38,7 +38,9 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parent.parent
 GENERATOR = REPO / "bench" / "e2e" / "generate_engagement.py"
 PROJECT = REPO / "bench" / "e2e" / "project"
-CRMI = Path(sys.executable).parent / "crmi"
+# `crmi` of this checkout: the interpreter's console script would run whatever the venv installed (another
+# worktree's code when the venv is shared), so the CLI runs as a module with this repository first on the path.
+CRMI = [sys.executable, "-m", "integration.cli"]
 PG_SERVER = os.environ.get("CRM_BENCH_PG_SERVER", "postgresql+psycopg://postgres@127.0.0.1:5432")
 PG_CORE_DB, PG_NAIVE_DB, PG_U8_DB, PG_CRM_DB = "bench_e2e", "bench_e2e_naive", "bench_e2e_u8", "bench_e2e_crm"
 PHASES = ["extract", "map_validate", "load", "link", "merge", "reconcile"]
@@ -378,7 +380,8 @@ def run_case(size: int, core: str, args: argparse.Namespace, work: Path) -> dict
         "E2E_SALES_XLSX": str((data / "sales.xlsx").resolve()),
     }
     env.pop("CRM_CORE_URL", None)
-    command = [str(CRMI), "run", "--project", str(PROJECT), "--core-url", core_url, "--json"]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    command = [*CRMI, "run", "--project", str(PROJECT), "--core-url", core_url, "--json"]
     result: dict[str, Any] = {
         "size": size, "core": core, "sources": sources, "rows": manifest["rows"],
         "rows_by_entity": manifest["by_entity"], "companies": manifest["companies"],
@@ -399,6 +402,7 @@ def run_case(size: int, core: str, args: argparse.Namespace, work: Path) -> dict
         result["rerun_seconds"] = second["wall_seconds"]
         result["rerun_ratio"] = round(second["wall_seconds"] / first["wall_seconds"], 3)
         result["rerun_phases"] = phases_of(rerun_summary)
+        result["rerun_skipped_mappings"] = len((rerun_summary or {}).get("skipped") or [])
         if second["exit_code"] not in (0, 2):
             result["rerun_error"] = failure_line(second["stderr_tail"])
     log(f"{size:,} rows, {core}: scoring golden customers")

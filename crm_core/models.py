@@ -175,6 +175,34 @@ class Watermark(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, onupdate=_utcnow)
 
 
+class MappingFingerprint(Base):
+    """What one mapping's input and settings were when a load run last read and loaded it.
+
+    A full run skips a mapping whose fingerprint equals the one of the last run that loaded it (see
+    ``integration.rerun``). The row carries the loading run's id in ``created_run_id``, so rolling that run
+    back (or its failure) deletes it: a fingerprint only counts while the rows it describes are in the core.
+    """
+
+    __tablename__ = "mapping_fingerprints"
+    __table_args__ = (Index("ix_mapping_fingerprints_project_mapping", "project", "mapping"),)
+
+    id: Mapped[intpk]
+    created_run_id: Mapped[int] = mapped_column(ForeignKey("load_runs.id"), index=True)
+    project: Mapped[str] = mapped_column(String(128))
+    mapping: Mapped[str] = mapped_column(String(128))  # the mapping file's name without extension
+    entity: Mapped[str] = mapped_column(String(32))
+    system: Mapped[str] = mapped_column(String(64))  # the crosswalk system its rows belong to
+    # None: the run loaded the mapping without a provable fingerprint (delta, trial, a REST source…)
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    locations: Mapped[list[Any]] = mapped_column(
+        JSON, default=list
+    )  # the tables/sheets/files its rows came from
+    # The load's outcome may change with the core although the input does not (rows held for a steward,
+    # unresolved references, names looked up): such a mapping is skipped only while the core stands still.
+    depends_on_core: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
+
+
 # --------------------------------------------------------------------------- master data
 
 

@@ -213,6 +213,14 @@ def run(
         typer.Option("--trial", help="load a sample into a scratch core and report; touches nothing else"),
     ] = False,
     sample: Annotated[int, typer.Option("--sample", help="trial runs: rows per source table", min=1)] = 500,
+    no_skip: Annotated[
+        bool,
+        typer.Option(
+            "--no-skip",
+            help="read and load every mapping, also those whose sources, mapping and settings did not change "
+            "since the run that last loaded them (a full run skips those)",
+        ),
+    ] = False,
 ) -> None:
     """Run the migration through Dagster and print the reconciliation (exit 1 failed, 2 unbalanced).
 
@@ -221,6 +229,8 @@ def run(
 
     A full run reads every source; ``--delta`` starts incremental sources at their watermark (cutover weekend);
     ``--trial`` loads a sample stratified over sources into a scratch SQLite core under var/trial/.
+    A full run skips each mapping whose input provably did not change since the last run that loaded it
+    (its line then says since which run; ``--no-skip`` reads everything again).
     When it ends it prints the time and rows/s of each phase (extract, map_validate, load, link, merge,
     reconcile); a failed step is named with its cause on one line.
     """
@@ -241,7 +251,7 @@ def run(
         options = (
             RunOptions(mode="trial", sample=sample)
             if trial
-            else RunOptions(mode="delta" if delta else "full")
+            else RunOptions(mode="delta" if delta else "full", no_skip=no_skip)
         )
     except OptionsError as exc:
         errors.print(str(exc))
@@ -427,6 +437,7 @@ def _report_success(
             "core": location,
             "reports": str(report_dir),
             "lines": json.loads(report.to_frame().to_json(orient="records")),
+            "skipped": report.skipped,
             "core_counts": report.core_counts,
             **timing,
         }
@@ -446,6 +457,14 @@ def _report_success(
             f"{line.spot_checked - line.spot_mismatches}/{line.spot_checked}", STATUS_MARK[line.status],
         )  # fmt: skip
     console.print(table)
+    if report.skipped:
+        console.print(
+            f"{len(report.skipped)} mapping(s) unchanged since an earlier run, skipped (`--no-skip` reads them): "
+            + ", ".join(
+                f"{s['mapping']} (since run {str(s['unchanged_since'])[:8]})" for s in report.skipped
+            ),
+            highlight=False,
+        )
     console.print(_timing_table(timing))
     counts = ", ".join(f"{k}: {v}" for k, v in report.core_counts.items() if v)
     console.print(f"Core database: [bold]{escape(location)}[/bold]\nIn the core now: {counts}")

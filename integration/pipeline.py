@@ -53,22 +53,39 @@ from integration.mappings.joins import prepare as prepare_joins
 from integration.mappings.money import RateTable
 from integration.mappings.spec import CompiledMapping, load_mappings
 from integration.project import Project, load_project
+from integration.rerun import (
+    FINGERPRINT_ATTR,
+    UNCHANGED_ATTR,
+    UNCHANGED_KEY,
+    Unchanged,
+    carried_stats,
+    copy_rejects,
+    depends_on_core,
+    fingerprint_row,
+    must_reload,
+    record_fingerprints,
+    stats_object,
+)
 
 if TYPE_CHECKING:
     from integration.dedup.linkage import LinkageSpec
 
 MODE_TAG = "crmi/mode"  # Dagster run tags carry the run options, so the UI shows them on every run
 SAMPLE_TAG = "crmi/sample"
+NO_SKIP_TAG = "crmi/no_skip"  # "true": a full run reads and loads every mapping, unchanged ones too
 RUN_MODES = ("full", "delta", "trial")
 
 
 @dataclass(frozen=True)
 class RunOptions:
     """How a run reads and loads: ``full`` re-reads every source, ``delta`` reads from the watermarks,
-    ``trial`` loads a sample of ``sample`` rows per source into a scratch core."""
+    ``trial`` loads a sample of ``sample`` rows per source into a scratch core. A full run skips the mappings
+    whose input did not change since the run that last loaded them (:mod:`integration.rerun`) unless
+    ``no_skip``."""
 
     mode: str = "full"
     sample: int | None = None
+    no_skip: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in RUN_MODES:
@@ -80,13 +97,21 @@ class RunOptions:
     def from_tags(cls, tags: Mapping[str, str]) -> RunOptions:
         """Read the options from a Dagster run's tags (no tags: a full run)."""
         sample = tags.get(SAMPLE_TAG)
-        return cls(mode=tags.get(MODE_TAG, "full"), sample=int(sample) if sample else None)
+        no_skip = tags.get(NO_SKIP_TAG, "").strip().lower() in ("1", "true", "yes")
+        return cls(mode=tags.get(MODE_TAG, "full"), sample=int(sample) if sample else None, no_skip=no_skip)
+
+    @property
+    def skips_unchanged(self) -> bool:
+        """Return True when this run may skip unchanged mappings: full runs, unless told not to."""
+        return self.mode == "full" and not self.no_skip
 
     def tags(self) -> dict[str, str]:
         """Return the Dagster run tags that carry these options."""
         out = {MODE_TAG: self.mode}
         if self.sample is not None:
             out[SAMPLE_TAG] = str(self.sample)
+        if self.no_skip:
+            out[NO_SKIP_TAG] = "true"
         return out
 
 
@@ -120,6 +145,10 @@ class StagedEntity:
 
     entity: str
     batches: list[Batch] = field(default_factory=list)
+    # Mappings skipped because their input did not change (integration.rerun), and the fingerprint of each
+    # mapping read (None: none provable), recorded when it loads.
+    unchanged: list[Unchanged] = field(default_factory=list)
+    fingerprints: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def records(self) -> int:
@@ -474,6 +503,11 @@ def stage(
         frame = raw.get(migration.raw_asset(mapping))
         if frame is None:
             continue
+        marker = frame.attrs.get(UNCHANGED_ATTR)
+        if marker is not None:  # skipped: nothing was read, its last load stands
+            staged.unchanged.append(Unchanged.from_dict(marker))
+            continue
+        staged.fingerprints[mapping.name] = frame.attrs.get(FINGERPRINT_ATTR)
         system = crosswalk_system(mapping)
         result: MappingResult = map_chunks(mapping, [frame] if len(frame.columns) else [])
         if system != mapping.source and len(result.rejects):
@@ -641,23 +675,29 @@ def load(
     """Load one staged entity into the core in one transaction; record its stats on the load run.
 
     With ``sample`` (trial runs) each source contributes at most that many rows, chosen by :func:`sample_batch`.
+    Mappings skipped as unchanged (``staged.unchanged``) keep their last load: their stats and quarantine
+    entries are carried over from it, unless this run changed what they depend on, and then they are read
+    and loaded now (:func:`integration.rerun.must_reload`).
     """
     factory = session_factory(engine)
+    staged = reload_if_needed(migration, engine, run_key, staged)
+    stats: list[SourceStats] = []
     with factory() as session, session.begin():
         run = get_or_start_run(session, run_key, migration.project.name, mode)
         if sample is not None:
             staged = replace(
                 staged, batches=[sample_batch(session, staged.entity, b, sample) for b in staged.batches]
             )
-        key_functions = dict(MATCH_KEY_FUNCTIONS) if staged.entity in ("sales_rep", "contact") else {}
-        loader = EntityLoader(
-            session, run, staged.entity,
-            match=migration.match_rules.get(staged.entity),
-            key_functions=key_functions,
-            name_keys=NAME_KEYS,
-            name_resolvers=name_resolvers(migration, session, staged.entity),
-        )  # fmt: skip
-        stats = loader.load(staged.batches)
+        if staged.batches:  # nothing to load when every mapping was skipped: not even the loader's index
+            key_functions = dict(MATCH_KEY_FUNCTIONS) if staged.entity in ("sales_rep", "contact") else {}
+            loader = EntityLoader(
+                session, run, staged.entity,
+                match=migration.match_rules.get(staged.entity),
+                key_functions=key_functions,
+                name_keys=NAME_KEYS,
+                name_resolvers=name_resolvers(migration, session, staged.entity),
+            )  # fmt: skip
+            stats = loader.load(staged.batches)
         failpoint(f"load:{staged.entity}:before_commit")
     failpoint(f"load:{staged.entity}:after_commit")
     # Checked after the commit, reading the core back: what landed, not what the loader believes it wrote.
@@ -667,8 +707,80 @@ def load(
             {**s.as_dict(), **verify_batch(session, run, staged.entity, b)}
             for s, b in zip(stats, staged.batches, strict=True)
         ]
-        run.stats = {**(run.stats or {}), staged.entity: checked}
-    return stats
+        connection = session.connection()
+        carried = [carried_stats(connection, u) for u in staged.unchanged]
+        copy_rejects(connection, run.id, staged.unchanged)
+        _record_loaded(connection, migration, run.id, staged, stats, sample)
+        order = [m.name for m in migration.mappings_for(staged.entity)]
+        entries = sorted([*checked, *carried], key=lambda e: order.index(e["mapping"]))
+        run.stats = {**(run.stats or {}), staged.entity: entries}
+    return [*stats, *(stats_object(c) for c in carried)]
+
+
+def reload_if_needed(
+    migration: Migration, engine: Engine, run_key: str, staged: StagedEntity
+) -> StagedEntity:
+    """Read and stage now the skipped mappings that depend on what this run already changed in the core.
+
+    Idempotent: what it returns has no skipped mapping left that would need it.
+    """
+    if not staged.unchanged:
+        return staged
+    mappings = {m.name: m for m in migration.mappings_for(staged.entity)}
+    with engine.connect() as connection:
+        run_id = connection.scalar(select(LoadRun.id).where(LoadRun.run_key == run_key))
+        loading = bool(staged.batches)
+        again = [
+            u for u in staged.unchanged
+            if run_id is None or must_reload(connection, run_id, mappings[u.mapping], u, loading)
+        ]  # fmt: skip
+    if not again:
+        return staged
+    raw = {}
+    for item in again:
+        mapping = mappings[item.mapping]
+        frame = extract(migration, mapping)
+        frame.attrs[FINGERPRINT_ATTR] = item.fingerprint
+        raw[migration.raw_asset(mapping)] = frame
+    extra = stage(migration, staged.entity, raw)
+    order = [m.name for m in migration.mappings_for(staged.entity)]
+    return replace(
+        staged,
+        batches=sorted([*staged.batches, *extra.batches], key=lambda b: order.index(b.mapping)),
+        unchanged=[u for u in staged.unchanged if u not in again],
+        fingerprints={**staged.fingerprints, **extra.fingerprints},
+    )
+
+
+def _record_loaded(
+    connection: Any,
+    migration: Migration,
+    run_id: int,
+    staged: StagedEntity,
+    stats: Sequence[SourceStats],
+    sample: int | None,
+) -> None:
+    """Record the fingerprint of each mapping this load read (a sample or a delta records none)."""
+    mappings = {m.name: m for m in migration.mappings_for(staged.entity)}
+    places: dict[str, set[Any]] = {}
+    for batch in staged.batches:
+        raw = batch.raw
+        places[batch.mapping] = set(raw[LOCATION].unique()) if raw is not None and LOCATION in raw else set()
+    rows = []
+    for batch, batch_stats in zip(staged.batches, stats, strict=True):
+        mapping = mappings[batch.mapping]
+        fingerprint = None if sample is not None else staged.fingerprints.get(batch.mapping)
+        # Two mappings of one system reading one table or sheet: their quarantine entries cannot be told apart.
+        shared = any(
+            other.mapping != batch.mapping and other.source == batch.source
+            and places[other.mapping] & places[batch.mapping]
+            for other in staged.batches
+        )  # fmt: skip
+        locations = sorted(places[batch.mapping], key=str)
+        dependent = depends_on_core(connection, run_id, mapping, batch.source, locations, batch_stats.held)
+        rows.append(fingerprint_row(run_id, migration.project.name, mapping, batch.source,
+                                    None if shared else fingerprint, locations, dependent))  # fmt: skip
+    record_fingerprints(connection, rows)
 
 
 SPOT_CHECK_SIZE = 25
@@ -785,6 +897,8 @@ class ReconciliationLine:
     amount_quarantined: Decimal | None = None
     amount_unreadable: int = 0  # quarantined rows whose amount could not be read
     max_quarantined_share: float = 1.0  # the project's limit (reconciliation.max_quarantined_share)
+    mapping: str = ""  # the mapping file the rows were read by
+    unchanged_since: str | None = None  # skipped: the run whose load (and counts) this line carries over
 
     @property
     def quarantined(self) -> int:
@@ -871,6 +985,15 @@ class ReconciliationReport:
         """Return the money quarantined over all lines."""
         return sum((line.amount_quarantined or Decimal(0) for line in self.lines), Decimal(0))
 
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        """Return the mappings skipped as unchanged: ``{"mapping", "entity", "source", "unchanged_since"}``."""
+        return [
+            {"mapping": line.mapping, "entity": line.entity, "source": line.source,
+             "unchanged_since": line.unchanged_since}
+            for line in self.lines if line.unchanged_since
+        ]  # fmt: skip
+
     def verdict(self) -> str:
         """Return the one-line summary: clean only when nothing at all is quarantined."""
         if not self.balanced:
@@ -912,7 +1035,9 @@ class ReconciliationReport:
                 f"| {line.keys_missing} | {line.spot_checked - line.spot_mismatches}/{line.spot_checked} "
                 f"| {STATUS_MARK[line.status]} |"
             )
-        return "\n".join(rows) + f"\n\n{self.verdict()}"
+        skipped = ", ".join(f"{s['mapping']} (run {str(s['unchanged_since'])[:8]})" for s in self.skipped)
+        note = f"\n\nUnchanged since an earlier run, not read again: {skipped}." if skipped else ""
+        return "\n".join(rows) + f"\n\n{self.verdict()}" + note
 
 
 def _money(value: Decimal | None) -> str:
@@ -956,6 +1081,7 @@ def reconcile(
                     amount_merged=_amount(stats.get("amount_merged")),
                     amount_quarantined=_amount(stats.get("amount_quarantined")),
                     amount_unreadable=stats.get("amount_unreadable", 0), max_quarantined_share=max_quarantined_share,
+                    mapping=stats.get("mapping", ""), unchanged_since=stats.get(UNCHANGED_KEY),
                 ))  # fmt: skip
         columns = [Reject.source, Reject.entity, Reject.location, Reject.row_ref, Reject.field, Reject.value,
                    Reject.rule, Reject.reason, Reject.severity, Reject.raw_row]  # fmt: skip

@@ -25,7 +25,8 @@ from crm_core.db import session_factory
 from crm_core.errors import CrmError, TransientExtractError
 from crm_core.failpoints import failpoint
 from crm_core.loading import SourceStats
-from crm_core.models import ReferenceDecision
+from crm_core.merging import changed_in_run
+from crm_core.models import Contact, Customer, ReferenceDecision
 from crm_core.runs import abort_run, rollback_run
 from crm_core.validation import core_violations
 from crm_core.watermarks import CursorState
@@ -42,11 +43,19 @@ from integration.pipeline import (
     finish_run,
     load,
     reconcile,
+    reload_if_needed,
     stage,
     start_run,
     stream_watermark,
 )
 from integration.reports import markdown_table, quarantine_notes, unbalanced_reasons, write_reports
+from integration.rerun import (
+    FINGERPRINT_ATTR,
+    UNCHANGED_ATTR,
+    Unchanged,
+    mapping_fingerprint,
+    unchanged_since,
+)
 
 MAX_PREVIEW_ROWS = 5
 # Who the UI names as the owner of an asset (Dagster wants an e-mail address or `team:<name>`).
@@ -175,14 +184,28 @@ def raw_asset(migration: Migration, mapping: CompiledMapping) -> dg.AssetsDefini
         core: CoreDatabase = context.resources.core
         with _load_run_step(context, core, migration.project.name) as engine:
             # Full and trial runs read everything (unchanged rows load as no-ops); delta runs start at the watermark.
-            delta = RunOptions.from_tags(context.run.tags).mode == "delta"
+            options = RunOptions.from_tags(context.run.tags)
+            delta = options.mode == "delta"
             since = stream_watermark(engine, mapping) if delta else None
+            failpoint(f"extract:{mapping.name}")  # also where a skipped mapping stops reading (tests)
+            # A full run first proves whether the input changed since the last load (integration.rerun).
+            fingerprint = (
+                mapping_fingerprint(project.migration(), mapping) if options.mode == "full" else None
+            )
+            unchanged = (
+                unchanged_since(engine, project.migration(), mapping, context.run.run_id, fingerprint)
+                if options.skips_unchanged
+                else None
+            )
+            if unchanged is not None:
+                return _skipped_output(unchanged, source)
             try:
                 frame = extract(project.migration(), mapping, since=since)
             except TransientExtractError as exc:
                 if context.retry_number >= EXTRACT_RETRIES:
                     raise  # the last attempt fails with the source's own message
                 raise dg.RetryRequested(max_retries=EXTRACT_RETRIES, seconds_to_wait=2) from exc
+            frame.attrs[FINGERPRINT_ATTR] = fingerprint
         data_rows = int((frame.get("_row_kind", pd.Series(dtype=str)) == "data").sum())
         return dg.Output(
             frame,
@@ -198,6 +221,22 @@ def raw_asset(migration: Migration, mapping: CompiledMapping) -> dg.AssetsDefini
         )
 
     return _raw
+
+
+def _skipped_output(unchanged: Unchanged, source: SourceSystem) -> dg.Output[pd.DataFrame]:
+    """The output of a skipped extraction: no rows, marked unchanged (staging and loading pass it through)."""
+    frame = pd.DataFrame()
+    frame.attrs[UNCHANGED_ATTR] = unchanged.to_dict()
+    return dg.Output(
+        frame,
+        metadata={
+            "rows_read": 0,
+            "skipped": f"unchanged since run {unchanged.run_key}: not read again",
+            "unchanged_since_run": unchanged.run_key,
+            "fingerprint": unchanged.fingerprint,
+            "source_location": source.connector().describe(),
+        },
+    )
 
 
 def _cursor_metadata(
@@ -289,7 +328,11 @@ def _stage_step(
         ].drop_duplicates()
         ratios[batch.mapping] = round(len(rejected_rows) / batch.rows_read, 4) if batch.rows_read else 0.0
         rows.append({"mapping": batch.mapping, "read": batch.rows_read, "mapped": len(batch.records),
-                     "rejected": len(rejected_rows), "warnings": int((batch.rejects["severity"] == "warn").sum())})  # fmt: skip
+                     "rejected": len(rejected_rows), "warnings": int((batch.rejects["severity"] == "warn").sum()),
+                     "skipped": ""})  # fmt: skip
+    for item in staged.unchanged:
+        rows.append({"mapping": item.mapping, "read": 0, "mapped": 0, "rejected": 0, "warnings": 0,
+                     "skipped": item.describe()})  # fmt: skip
     all_rejects = [b.rejects for b in staged.batches if len(b.rejects)]
     by_rule = (
         pd.concat(all_rejects).groupby(["rule", "severity"]).size().reset_index(name="rows")
@@ -301,6 +344,7 @@ def _stage_step(
         metadata={
             "records": staged.records,
             "reject_entries": staged.rejects,
+            "skipped_unchanged": dg.MetadataValue.json({u.mapping: u.run_key for u in staged.unchanged}),
             "by_mapping": dg.MetadataValue.md(markdown_table(pd.DataFrame(rows))),
             "reject_rules": dg.MetadataValue.json(
                 {str(r): int(n) for r, n in by_rule.groupby("rule")["rows"].sum().items()}
@@ -384,6 +428,7 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
         project: MigrationProject = context.resources.project
         with _load_run_step(context, core, migration.project.name) as engine:
             options = RunOptions.from_tags(context.run.tags)
+            staged = reload_if_needed(project.migration(), engine, context.run.run_id, staged)
             stats = load(
                 project.migration(),
                 engine,
@@ -392,13 +437,18 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
                 mode=options.mode,
                 sample=options.sample,
             )
+            skipped = {u.mapping for u in staged.unchanged}
+            carried = [s for s in stats if s.mapping in skipped]
+            # Rows of skipped mappings were not loaded again: they are counted apart (rows/s stays honest).
             totals = {
-                k: sum(getattr(s, k) for s in stats)
+                k: sum(getattr(s, k) for s in stats if s.mapping not in skipped)
                 for k in ("rows_read", "inserted", "updated", "unchanged", "merged", "rejected")
             }
             yield dg.MaterializeResult(
                 metadata={
                     **{key: dg.MetadataValue.int(int(value)) for key, value in totals.items()},
+                    "rows_unchanged_skipped": dg.MetadataValue.int(sum(s.rows_read for s in carried)),
+                    "skipped_unchanged": dg.MetadataValue.json(sorted(skipped)),
                     "duration_seconds": dg.MetadataValue.float(round(time.monotonic() - started, 3)),
                     "by_source": dg.MetadataValue.md(_stats_table(stats)),
                     "core": core.location(),
@@ -530,6 +580,20 @@ def rollback_load_run(context: dg.OpExecutionContext, config: RollbackConfig) ->
     return None
 
 
+def _active_if_unchanged(
+    engine: Engine, run_key: str, model: type[Customer] | type[Contact], mode: str
+) -> int | None:
+    """Return how many active records ``model`` has when run ``run_key`` (not a delta) created or changed none
+    of them, else None: linkage then has nothing to do (``only_if_changed``), and need not read them all."""
+    if mode == "delta":
+        return None
+    with session_factory(engine)() as session:
+        if changed_in_run(session, model, run_key):
+            return None
+        active = select(func.count()).select_from(model).where(model.merged_into_id.is_(None))
+        return int(session.scalar(active) or 0)
+
+
 def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
     """Return customer_match_candidates → golden_customers → customer_review_queue, golden_contacts.
 
@@ -538,6 +602,7 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
     """
     from integration.dedup.workflow import (
         Candidates,
+        DedupOutcome,
         find_candidates,
         link_branches,
         merge_clusters,
@@ -565,9 +630,15 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         core: CoreDatabase = context.resources.core
         options = RunOptions.from_tags(context.run.tags)
         with _load_run_step(context, core, migration.project.name) as engine:
-            found = find_candidates(
-                engine, context.run.run_id, migration.project.name,
-                spec=migration.linkage_spec, mode=options.mode, only_if_changed=True,
+            # A run that created or changed no customer links nothing: say so without reading every customer.
+            unchanged = _active_if_unchanged(engine, context.run.run_id, Customer, options.mode)
+            found = (
+                Candidates(DedupOutcome(records=unchanged, changed_records=0), [], {}, migration.linkage_spec.auto_merge)
+                if unchanged is not None
+                else find_candidates(
+                    engine, context.run.run_id, migration.project.name,
+                    spec=migration.linkage_spec, mode=options.mode, only_if_changed=True,
+                )
             )  # fmt: skip
             failpoint("dedup:candidates")
         outcome = found.outcome
@@ -610,7 +681,13 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
             second = second_look(engine, context.run.run_id, migration.project.name, candidates,
                                  spec=migration.linkage_spec, source_priority=priority, survivorship=survivorship,
                                  mode=options.mode)  # fmt: skip
-            branches = link_branches(engine, context.run.run_id, migration.project.name, options.mode)
+            # Branches were pointed at their head office when their customers last changed.
+            relink = candidates.outcome.changed_records != 0 or options.mode == "delta" or second.auto_merged
+            branches = (
+                link_branches(engine, context.run.run_id, migration.project.name, options.mode)
+                if relink
+                else 0
+            )
             failpoint("dedup:merge")
             yield dg.MaterializeResult(metadata={
                 "customers": candidates.outcome.records, "auto_merged": outcome.auto_merged + second.auto_merged,
@@ -668,8 +745,17 @@ def dedup_assets(migration: Migration) -> list[dg.AssetsDefinition]:
         core: CoreDatabase = context.resources.core
         options = RunOptions.from_tags(context.run.tags)
         with _load_run_step(context, core, migration.project.name) as engine:
-            outcome = deduplicate_contacts(
-                engine, context.run.run_id, migration.project.name, mode=options.mode, only_if_changed=True
+            unchanged = _active_if_unchanged(engine, context.run.run_id, Contact, options.mode)
+            outcome = (
+                DedupOutcome(records=unchanged, changed_records=0)
+                if unchanged is not None
+                else deduplicate_contacts(
+                    engine,
+                    context.run.run_id,
+                    migration.project.name,
+                    mode=options.mode,
+                    only_if_changed=True,
+                )
             )
         return dg.MaterializeResult(metadata={
             "contacts": outcome.records, "pairs_compared": outcome.pairs_compared,

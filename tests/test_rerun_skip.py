@@ -1,0 +1,282 @@
+"""A re-run with nothing changed skips every mapping, and anything that may change a mapping's load makes it read.
+
+Each case starts from the demo loaded once by `crmi run` (a copy of the project and of its SQLite core), then
+changes one thing and runs again: the core must hold what a full re-run would have loaded, the reconciliation
+must balance with the skipped mappings carried over, and the exit code must not change because of skipping.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from crm_core.db import make_engine
+from crm_core.models import LoadRun, MappingFingerprint, Opportunity
+from crm_core.runs import rollback_run
+from integration.assets.resources import dispose_engines
+from integration.cli import app
+from integration.connectors.sql import SqlConnector
+from integration.pipeline import reconcile
+from integration.rerun import _postgres_digest
+from tests.conftest import DEMO, PG_URL, reset_postgres, server_or_skip
+from tests.test_runs import content
+
+pytestmark = pytest.mark.slow
+MAPPINGS = sorted(path.stem for path in (DEMO / "mappings").glob("*.yaml"))
+
+
+def crmi_run(project: Path, url: str, *options: str) -> tuple[int, dict[str, Any]]:
+    """Run `crmi run --json`; return the exit code and the summary."""
+    result = CliRunner().invoke(
+        app, ["run", "--project", str(project), "--core-url", url, "--json", *options]
+    )
+    dispose_engines()
+    assert result.exit_code in (0, 2), result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def skipped(summary: dict[str, Any]) -> set[str]:
+    return {item["mapping"] for item in summary["skipped"]}
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> tuple[Path, Path, str]:
+    """The demo loaded once into a SQLite core: project folder, core file and the first run's id."""
+    root = tmp_path_factory.mktemp("rerun_baseline")
+    project = root / "demo"
+    shutil.copytree(DEMO, project, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    shutil.copytree(demo_data, project / "data")
+    core = root / "core.sqlite"
+    code, first = crmi_run(project, f"sqlite:///{core}")
+    assert code == 0 and first["skipped"] == []
+    return project, core, first["run_id"]
+
+
+@pytest.fixture
+def copied(
+    baseline: tuple[Path, Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, str]:
+    """A private copy of the baseline project and core (the copies keep the files' content, not their times)."""
+    monkeypatch.chdir(tmp_path)
+    project = tmp_path / "demo"
+    shutil.copytree(baseline[0], project)
+    shutil.copy(baseline[1], tmp_path / "core.sqlite")
+    url = f"sqlite:///{tmp_path / 'core.sqlite'}"
+    monkeypatch.setenv("CRM_CORE_URL", url)  # `crmi run --core-url` sets it: restored afterwards
+    return project, url
+
+
+def assert_balanced(summary: dict[str, Any]) -> None:
+    assert summary["balanced"] and summary["success"], summary["unbalanced"]
+    assert all(line["balanced"] for line in summary["lines"])
+
+
+def test_an_unchanged_re_run_skips_every_mapping_and_changes_nothing(
+    baseline: tuple[Path, Path, str], copied: tuple[Path, str]
+) -> None:
+    project, url = copied
+    engine = make_engine(url)
+    before = content(engine)
+    with engine.connect() as connection:
+        first_stats = connection.scalar(sa.select(LoadRun.stats).where(LoadRun.run_key == baseline[2]))
+    (project / "data" / "sales.xlsx").touch()  # a newer time, the same content: still unchanged
+
+    code, again = crmi_run(project, url)
+
+    assert code == 0
+    assert skipped(again) == set(MAPPINGS)
+    assert {item["unchanged_since"] for item in again["skipped"]} == {baseline[2]}
+    assert_balanced(again)
+    assert content(engine) == before  # byte for byte what the first run left
+    with engine.connect() as connection:
+        stats = connection.scalar(sa.select(LoadRun.stats).where(LoadRun.run_key == again["run_id"]))
+        rejects = [
+            connection.execute(
+                sa.text("SELECT source, entity, location, row_ref, field, value, rule, reason, severity FROM rejects "
+                        "JOIN load_runs ON load_runs.id = rejects.load_run_id WHERE run_key = :r ORDER BY rejects.id"),
+                {"r": run},
+            ).all()
+            for run in (baseline[2], again["run_id"])
+        ]  # fmt: skip
+    # Every line carries the first run's counts: what loaded then is unchanged now, the quarantine copied.
+    for entity, lines in first_stats.items():
+        for line, carried in zip(lines, stats[entity], strict=True):
+            assert carried["unchanged_since"] == baseline[2] and carried["mapping"] == line["mapping"]
+            assert carried["unchanged"] == line["loaded"] and carried["inserted"] == carried["updated"] == 0
+            assert (carried["rows_read"], carried["rejected"], carried["held"]) == (
+                line["rows_read"], line["rejected"], line["held"],
+            )  # fmt: skip
+    assert rejects[0] and rejects[1] == rejects[0]
+    # The extraction and load phases did nothing: no row read, none loaded.
+    phases = {p["phase"]: p for p in again["phases"]}
+    assert phases["extract"]["rows"] == 0 and phases["load"]["rows"] == 0
+    engine.dispose()
+
+
+def test_one_changed_cell_re_reads_its_source_and_loads_the_change(copied: tuple[Path, str]) -> None:
+    project, url = copied
+    with sqlite3.connect(project / "data" / "legacy_crm.sqlite") as crm:
+        key = crm.execute("SELECT id FROM opportunities WHERE deleted = 0 ORDER BY id LIMIT 1").fetchone()[0]
+        crm.execute("UPDATE opportunities SET name = 'Renamed for the re-run test' WHERE id = ?", (key,))
+
+    code, again = crmi_run(project, url)
+
+    assert code == 0
+    # A SQLite source is proved by its file: every mapping of that database reads again, the rest skip.
+    assert skipped(again) == {m for m in MAPPINGS if not m.startswith("legacy_crm_")}
+    assert_balanced(again)
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        names = connection.scalars(sa.select(Opportunity.name)).all()
+    assert "Renamed for the re-run test" in names
+    engine.dispose()
+
+
+def test_a_changed_mapping_file_re_reads_that_mapping_only(copied: tuple[Path, str]) -> None:
+    project, url = copied
+    mapping = project / "mappings" / "erp_u8_orders.yaml"
+    mapping.write_text(mapping.read_text(encoding="utf-8") + "\n# reviewed\n", encoding="utf-8")
+
+    code, again = crmi_run(project, url)
+
+    assert code == 0
+    assert skipped(again) == set(MAPPINGS) - {"erp_u8_orders"}
+    assert_balanced(again)
+
+
+def test_after_a_rollback_of_the_loading_run_nothing_is_skipped(
+    baseline: tuple[Path, Path, str], copied: tuple[Path, str]
+) -> None:
+    project, url = copied
+    engine = make_engine(url)
+    rollback_run(engine, baseline[2])
+    with engine.connect() as connection:  # the rollback took the run's fingerprints with it
+        assert connection.scalar(sa.select(sa.func.count()).select_from(MappingFingerprint)) == 0
+    engine.dispose()
+
+    code, again = crmi_run(project, url)
+
+    assert code == 0 and again["skipped"] == []
+    assert again["core_counts"]["opportunity"] > 0
+    assert_balanced(again)
+
+
+def test_trial_runs_and_no_skip_read_everything(copied: tuple[Path, str]) -> None:
+    project, url = copied
+    code, trial = crmi_run(project, url, "--trial")  # a scratch core: nothing to skip against, never skips
+    assert trial["skipped"] == [] and trial["mode"] == "trial"
+
+    code, forced = crmi_run(project, url, "--no-skip")
+
+    assert code == 0 and forced["skipped"] == []
+    phases = {p["phase"]: p for p in forced["phases"]}
+    assert phases["extract"]["rows"] > 0
+    assert_balanced(forced)
+    # What a forced run loaded is proved again: the next run skips everything.
+    code, again = crmi_run(project, url)
+    assert code == 0 and skipped(again) == set(MAPPINGS)
+    assert {item["unchanged_since"] for item in again["skipped"]} == {forced["run_id"]}
+
+
+def test_a_steward_decision_in_between_loads_the_held_rows(
+    baseline: tuple[Path, Path, str], copied: tuple[Path, str]
+) -> None:
+    project, url = copied
+    engine = make_engine(url)
+    [before] = [x for x in reconcile(engine, baseline[2]).lines if x.mapping == "sales_xlsx_opportunities"]
+    engine.dispose()
+    runner = CliRunner()
+    queue = [
+        json.loads(x)
+        for x in runner.invoke(app, ["dedup", "review", "--json", "--core-url", url]).output.splitlines()
+    ]
+    chosen = next(q for q in queue if "reference" in q and q["candidates"])
+    decided = runner.invoke(app, ["dedup", "decide", chosen["reference"], "--customer",
+                                  str(chosen["candidates"][0]["id"]), "--steward", "li", "--project", str(project),
+                                  "--core-url", url])  # fmt: skip
+    assert decided.exit_code == 0, decided.output
+    dispose_engines()
+
+    code, again = crmi_run(project, url)
+
+    assert code == 0
+    assert "sales_xlsx_opportunities" not in skipped(again)  # its held rows depend on the decision
+    [line] = [x for x in again["lines"] if x["mapping"] == "sales_xlsx_opportunities"]
+    assert line["unchanged_since"] is None
+    assert (
+        line["held"] == before.held - chosen["rows_held"]
+        and line["loaded"] == before.loaded + chosen["rows_held"]
+    )
+    assert_balanced(again)
+
+
+@pytest.mark.postgres
+def test_an_unchanged_re_run_skips_on_postgresql(
+    demo_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = server_or_skip(PG_URL, "PostgreSQL")
+    reset_postgres(engine)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CRM_CORE_URL", PG_URL)
+    code, first = crmi_run(demo_project, PG_URL)
+    assert code == 0 and first["skipped"] == []
+    before = content(engine)
+
+    code, again = crmi_run(demo_project, PG_URL)
+
+    assert code == 0 and skipped(again) == set(MAPPINGS)
+    assert_balanced(again)
+    assert content(engine) == before
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_postgresql_source_is_fingerprinted_in_the_server() -> None:
+    engine = server_or_skip(PG_URL, "PostgreSQL")
+    reset_postgres(engine)
+    with engine.begin() as connection:
+        connection.execute(sa.text("CREATE TABLE accounts (id int primary key, name text, deleted int)"))
+        connection.execute(sa.text("INSERT INTO accounts VALUES (1, 'a', 0), (2, 'b', 0), (3, 'c', 1)"))
+    connector = SqlConnector("crm", PG_URL)
+    first = _postgres_digest(connector, ["accounts", "query:SELECT id, name FROM accounts WHERE deleted = 0"])
+    assert (
+        _postgres_digest(connector, ["accounts", "query:SELECT id, name FROM accounts WHERE deleted = 0"])
+        == first
+    )
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE accounts SET name = 'B' WHERE id = 2"))
+    changed = _postgres_digest(
+        connector, ["accounts", "query:SELECT id, name FROM accounts WHERE deleted = 0"]
+    )
+    assert changed != first and changed.split("|")[0].split(":")[1] == "3"
+    with engine.begin() as connection:  # swapping two values between rows is a change too
+        connection.execute(
+            sa.text("UPDATE accounts SET name = CASE id WHEN 1 THEN 'B' ELSE 'a' END WHERE id < 3")
+        )
+    assert _postgres_digest(connector, ["accounts"]) != changed.split("|")[0]
+    connector.dispose()
+    engine.dispose()
+
+
+def test_a_sync_run_in_between_means_everything_is_read(copied: tuple[Path, str]) -> None:
+    project, url = copied
+    engine = make_engine(url)
+    with engine.begin() as connection:  # a sync run rewrites crosswalk hashes of source systems
+        connection.execute(
+            sa.insert(LoadRun).values(
+                run_key="sync-1", project="sync", mode="sync", status="succeeded", stats={}
+            )
+        )
+    engine.dispose()
+
+    code, again = crmi_run(project, url)
+
+    assert code == 0 and again["skipped"] == []
+    assert_balanced(again)
