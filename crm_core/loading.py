@@ -198,16 +198,17 @@ class RawRows:
             self._positions = {key: position for position, key in enumerate(keys)}
         positions = [self._positions.get((str(location), str(row_ref))) for location, row_ref in rows]
         known = [p for p in positions if p is not None]
-        columns = [c for c in self.frame.columns if not str(c).startswith("_")]
-        taken = self.frame.iloc[known][columns]
-        values = {str(c): taken[c].tolist() for c in columns}
+        # by position: a sheet may repeat a header (two 备注 columns); the later one wins, as in a dict
+        columns = [i for i, c in enumerate(self.frame.columns) if not str(c).startswith("_")]
+        taken = self.frame.iloc[known, columns]
+        values = [(str(taken.columns[j]), taken.iloc[:, j].tolist()) for j in range(len(columns))]
         found: list[dict[str, Any] | None] = []
         index = 0
         for position in positions:
             if position is None:
                 found.append(None)
                 continue
-            found.append({name: to_json(_python(column[index])) for name, column in values.items()})
+            found.append({name: to_json(_python(column[index])) for name, column in values})
             index += 1
         return found
 
@@ -807,7 +808,7 @@ class EntityLoader:
             if (found is None or value in decided) and len(options) > 1 and len(picks) == 1:
                 pick = picks[0]  # whose deal it is tells the name's candidates apart (a steward's too)
             elif among is not None and value not in decided:
-                mine = tuple(refs[index_value] for refs in row_refs.values() if index_value in refs)
+                mine = tuple((f, refs[index_value]) for f, refs in row_refs.items() if index_value in refs)
                 key = (value, mine, found)
                 if key not in settled:
                     book = set.intersection(*(books[f].get(refs[index_value], set())
@@ -895,17 +896,21 @@ class EntityLoader:
 
     def _record_held(self) -> None:
         """Write how many rows (and how much money) wait on each reference decision; unchanged counts stay."""
-        for part in _chunks(
-            sorted(self._seen_decisions | set(self._held))
-        ):  # into the session, a query per part
-            self.session.scalars(select(ReferenceDecision).where(ReferenceDecision.id.in_(part))).all()
+        # one query per part (a session keeps an unchanged object only while something references it)
+        decisions = {
+            decision.id: decision
+            for part in _chunks(sorted(self._seen_decisions | set(self._held)))
+            for decision in self.session.scalars(
+                select(ReferenceDecision).where(ReferenceDecision.id.in_(part))
+            )
+        }
         for decision_id in sorted(self._seen_decisions - set(self._held)):
-            decision = self.session.get(ReferenceDecision, decision_id)  # every row it held was resolved
+            decision = decisions.get(decision_id)  # every row it held was resolved
             if decision is not None and decision.rows_held:
                 decision.rows_held, decision.amount_held, decision.load_run_id = 0, None, self.run.id
         self._seen_decisions.clear()
         for decision_id, (rows, amount) in sorted(self._held.items()):
-            decision = self.session.get(ReferenceDecision, decision_id)
+            decision = decisions.get(decision_id)
             if decision is None:
                 continue
             amount = None if amount is None else amount.quantize(Decimal("0.01"))

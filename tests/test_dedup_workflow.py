@@ -14,6 +14,8 @@ from crm_core.errors import DedupError
 from crm_core.merging import undo_merge
 from crm_core.models import Contact, Customer, ExternalId, LoadRun, MatchCandidate, MergeLog, Opportunity
 from crm_core.runs import rollback_run
+from integration.dedup.customers import CUSTOMER_SPEC, customer_records
+from integration.dedup.linkage import link, ordered
 from integration.dedup.workflow import (
     decide,
     decision_weight,
@@ -329,3 +331,28 @@ def seed_tengda_cluster(engine: sa.Engine, systems: tuple[str, str, str]) -> Non
             session.add(Customer(id=record_id, created_run_id=run.id, **values))
             session.add(ExternalId(entity="customer", entity_id=record_id, system=system,
                                    external_key=f"K{record_id}", last_synced_at=synced[record_id]))  # fmt: skip
+
+
+def test_a_pair_waiting_in_the_queue_is_never_merged_by_a_later_pass(sqlite_core_url: str) -> None:
+    engine, _ = seed(sqlite_core_url)
+    sure = link(customer_records(engine), CUSTOMER_SPEC)
+    left, right = min((ordered(p) for p in sure.band.index[sure.band == "merge"]), key=lambda p: (p[0], p[1]))
+    with session_factory(engine)() as session, session.begin():
+        run = LoadRun(run_key="earlier", project="t", status="succeeded")
+        session.add(run)
+        session.flush()
+        session.add(MatchCandidate(entity="customer", left_id=int(left), right_id=int(right), probability=0.5,
+                                   features={}, status="review", load_run_id=run.id))  # fmt: skip
+    deduplicate_customers(engine, "dedup-1", "t", finish=True)
+    with engine.connect() as connection:
+        merged = connection.execute(
+            sa.select(Customer.id, Customer.merged_into_id).where(Customer.id.in_([int(left), int(right)]))
+        ).all()
+        waiting = connection.execute(
+            sa.select(MatchCandidate.status, MatchCandidate.features).where(
+                MatchCandidate.left_id == int(left), MatchCandidate.right_id == int(right)
+            )
+        ).one()
+    assert all(into is None for _, into in merged)  # neither merged behind the steward's back
+    assert waiting.status == "review" and "already in the review queue" in waiting.features["reason"]
+    engine.dispose()

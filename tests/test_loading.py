@@ -12,7 +12,17 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from crm_core.db import make_engine, upgrade
-from crm_core.loading import Batch, EntityLoader, Lookup, MatchRules, SourceStats, get_or_start_run
+from crm_core.loading import (
+    LOCATION,
+    ROW_REF,
+    Batch,
+    EntityLoader,
+    Lookup,
+    MatchRules,
+    RawRows,
+    SourceStats,
+    get_or_start_run,
+)
 from crm_core.models import Contact, Customer, ExternalId, Opportunity, Reject, SalesRep
 from integration.dedup.normalize import company_key, person_key
 from integration.mappings.engine import empty_rejects
@@ -333,3 +343,12 @@ def test_a_row_naming_a_merged_customer_finds_its_survivor(engine: sa.Engine) ->
     with Session(engine) as session:
         [contact] = session.scalars(sa.select(Contact)).all()
     assert contact.customer_id == ids["无锡科众贸易有限公司"]
+
+
+def test_raw_rows_of_rejects_are_read_in_one_go_even_with_a_repeated_header() -> None:
+    frame = pd.DataFrame([["a.xlsx#客户", "3", "C1", "旧备注", "新备注"], ["a.xlsx#客户", "4", "C2", None, "x"]],
+                         columns=[LOCATION, ROW_REF, "编号", "备注", "备注"])  # fmt: skip
+    rows = RawRows(frame).many([("a.xlsx#客户", "4"), ("a.xlsx#客户", "9"), ("a.xlsx#客户", "3")])
+    assert rows == [{"编号": "C2", "备注": "x"}, None, {"编号": "C1", "备注": "新备注"}]
+    assert RawRows(frame).get("a.xlsx#客户", "3") == rows[2]
+    assert RawRows(None).many([("x", "1")]) == [None]

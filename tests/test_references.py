@@ -424,3 +424,17 @@ def test_in_the_owners_book_one_character_off_in_the_same_city_and_trade_is_mean
     assert attached.get("G1") == ids["P1"]
     assert "G2" not in attached
     assert attached.get("G3") == ids["P3"]
+
+
+def test_a_slipped_name_with_its_region_is_looked_for_among_that_regions_names(engine: sa.Engine) -> None:
+    # 40 namesakes in other cities; the firm of the written city is found though its name is written with a
+    # slip (环堡 for 环保), and only that city's names are searched.
+    cities = ["北京", "天津", "重庆", "南京", "杭州", "宁波", "厦门", "福州", "济南", "青岛", "郑州", "武汉", "长沙", "广州",
+              "深圳", "成都", "西安", "沈阳", "大连", "昆明"]  # fmt: skip
+    rows = [{"_external_key": f"N{i}", "name": f"{city}{trade}科技有限公司"}
+            for i, (city, trade) in enumerate((c, t) for c in cities for t in ("华鑫", "华新"))]  # fmt: skip
+    rows.append({"_external_key": "SH", "name": "上海华鑫环保科技有限公司"})
+    load(engine, "r1", "customer", [batch("erp", rows)])
+    with Session(engine) as session:
+        shanghai = session.scalar(sa.select(Customer.id).where(Customer.name == "上海华鑫环保科技有限公司"))
+        assert CustomerNames(session).resolve("上海华鑫环堡科技有限公司").record_id == shanghai

@@ -717,10 +717,13 @@ def link(
     distinct: set[tuple[Any, Any]] | None = None,
     labels: Labels | None = None,
     focus: pd.Index | None = None,
+    queued: set[tuple[Any, Any]] | None = None,
 ) -> LinkageResult:
     """Find, compare, classify and cluster duplicate records in ``frame`` (indexed by record id).
 
     ``distinct`` holds pairs (smaller id first) a steward declared different: they never merge or return.
+    ``queued`` holds pairs (smaller id first) waiting in the review queue: they stay there for the steward,
+    however high they score now (a later run never merges a pair behind the steward's back).
     ``labels`` (steward decisions) train the supervised classifier once there are enough. ``focus``
     limits the pairs to those touching these records (a delta run); when they are fewer than
     ``MIN_FIT_PAIRS``, the candidate pairs of a fixed-size random sample of all records join the ECM fit.
@@ -781,6 +784,13 @@ def link(
         if required:
             agreed = (features[required] >= 1).any(axis=1).to_numpy()
             band[(band == "merge").to_numpy() & ~agreed] = "distinct"
+    if queued:
+        merging = [int(i) for i in np.flatnonzero((band == "merge").to_numpy())]
+        waiting = [i for i in merging if ordered(band.index[i]) in queued]
+        if waiting:
+            band.iloc[waiting] = "review"
+            for pair in band.index[waiting]:
+                reasons[ordered(pair)] = "already in the review queue: a steward decides"
     merged = probability[band == "merge"]
     linked = probability[band != "distinct"]
     clusters, refused = coherent_clusters(merged, linked, frame, spec)

@@ -142,6 +142,7 @@ def link_and_record(
     factory = session_factory(engine)
     with factory() as session:
         distinct = decided_pairs(session, entity, "distinct")
+        queued = decided_pairs(session, entity, "review")
         labels = steward_labels(session, spec, entity)
         changed = (
             changed_in_run(session, MODEL_OF[entity], run_key) if mode == "delta" or only_if_changed else []
@@ -154,7 +155,7 @@ def link_and_record(
         outcome.changed_records = len(focus)
         if focus.empty:
             return nothing
-    result = link(records, spec, distinct, labels, focus=focus)
+    result = link(records, spec, distinct, labels, focus=focus, queued=queued)
     outcome.pairs_compared = result.pairs_compared
     outcome.reduction_ratio = round(result.reduction_ratio, 4)
     outcome.bands = {str(k): int(v) for k, v in result.band.value_counts().items()}
