@@ -1075,10 +1075,13 @@ class EntityLoader:
         start: int,
         stop: int,
     ) -> list[str]:
-        """Return the row hash of rows ``start:stop``, computed column by column (references by source key, marked when unresolved)."""
-        if stop <= start:
-            return []
+        """Return the row hashes of rows ``start:stop``, column by column.
+
+        References count by their source key, marked when unresolved (a merge re-points the core id).
+        """
         names = list(dict.fromkeys([*fields, *sources]))
+        if not names:
+            return [row_hash({})] * (stop - start)
         hashed: list[Sequence[Any]] = []
         for name in names:
             if name not in sources:
@@ -1091,8 +1094,6 @@ class EntityLoader:
                 None if key is None else f"unresolved:{key}" if value is None and not self_ref else f"key:{key}"
                 for key, value in zip(keys, values, strict=True)
             ])  # fmt: skip
-        if not names:
-            return [row_hash({}) for _ in range(start, stop)]
         return row_hashes(names, hashed)
 
     def _prefetch(

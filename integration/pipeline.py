@@ -61,6 +61,7 @@ from integration.rerun import (
     carried_stats,
     copy_rejects,
     depends_on_core,
+    file_digest,
     fingerprint_row,
     must_reload,
     record_fingerprints,
@@ -346,11 +347,7 @@ def extract_chunks(
 
 def file_fingerprint(path: Path) -> str:
     """Identify a file by name and content (SHA-256): a changed file is read again, a touched one is not."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"{path.name}|{digest.hexdigest()}"
+    return f"{path.name}|{file_digest(path)}"  # hashed once per process (the re-run fingerprint reads it too)
 
 
 def restrict_to_new_files(
