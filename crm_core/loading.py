@@ -20,14 +20,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sqlalchemy import (
+    Index,
     Table,
     func,
+    inspect,
     literal,
     select,
     text,
 )
 from sqlalchemy.orm import Session
 
+from crm_core import steward_models as _steward_models  # noqa: F401  (declares more indexes of core tables)
 from crm_core.db import refresh_statistics
 from crm_core.entities import ENTITIES, EntityDef
 from crm_core.errors import LoadError
@@ -50,6 +53,9 @@ LOCATION = "_location"
 CHUNK_ROWS = 20_000  # rows decided in memory between two bulk writes (bounds what a load holds at once)
 ANALYZE_AFTER_ROWS = 50_000  # PostgreSQL: refresh planner statistics after this many new rows
 IN_CHUNK = 5_000  # keys per IN (...) list: well under SQLite's and PostgreSQL's bind-parameter limits
+# A load at least this big, and at least as big as the table it writes, builds the table's secondary indexes
+# after its rows are in (one sort each) instead of updating every index row by row.
+DEFER_INDEXES_MIN_ROWS = 50_000
 
 KeyFunction = Callable[[Any], Any]
 KeyFunctions = Mapping[str, KeyFunction]
@@ -399,8 +405,11 @@ class EntityLoader:
         key_functions: KeyFunctions | None = None,
         name_keys: KeyFunctions | None = None,
         name_resolvers: Mapping[str, NameResolver] | None = None,
+        defer_indexes_at: int | None = None,
     ) -> None:
         self.session = session
+        # rows from which a load builds secondary indexes afterwards (:meth:`_defer_indexes`)
+        self.defer_indexes_at = DEFER_INDEXES_MIN_ROWS if defer_indexes_at is None else defer_indexes_at
         self.run = run
         self.entity = ENTITIES[entity] if isinstance(entity, str) else entity
         self.model: type[Base] = self.entity.model
@@ -903,6 +912,7 @@ class EntityLoader:
     def load(self, batches: Sequence[Batch]) -> list[SourceStats]:
         """Load ``batches`` in order (earlier batches win on conflicting values); return stats per batch."""
         self.session.flush()
+        deferred = self._defer_indexes(sum(len(batch.records) for batch in batches))
         self._analyze()
         self._build_index()
         all_stats = [self._load_batch(batch) for batch in batches]
@@ -913,7 +923,42 @@ class EntityLoader:
                 stream, state = batch.watermark
                 save_watermark(self.session, batch.source, stream, state, self.run.id)
         self.session.flush()
+        connection = self.session.connection()
+        for index in deferred:
+            index.create(connection)
+        if deferred:
+            self._analyze()
         return all_stats
+
+    def _defer_indexes(self, incoming: int) -> list[Index]:
+        """Drop the secondary indexes a big load does not read, to build them again once its rows are in.
+
+        Only when ``incoming`` rows are at least ``defer_indexes_at`` and at least the rows the table holds (a
+        first load, a go-live): building an index from sorted rows costs a fraction of updating it row by row,
+        while a small load into a big core would pay a whole rebuild. Kept: unique indexes and those the loader
+        looks records up by (the exact-key columns; the crosswalk's unique key). The drop is part of the load's
+        transaction, so a failed load gets its indexes back with the rollback. On PostgreSQL the table is
+        locked for readers until the load commits.
+        """
+        if incoming < self.defer_indexes_at:
+            return []
+        connection = self.session.connection()
+        looked_up = {
+            self._columns[name] for key in self.match.keys for name in key if name not in self.key_functions
+        } | {self._columns[name] for name in self.match.conflict_fields}
+        xw: Table = ExternalId.__table__  # type: ignore[assignment]
+        deferred: list[Index] = []
+        for table, needed in ((self.table, looked_up), (xw, {"external_key"})):
+            if incoming < (connection.scalar(select(func.count()).select_from(table)) or 0):
+                continue
+            existing = {index["name"] for index in inspect(connection).get_indexes(table.name)}
+            for index in sorted(table.indexes, key=lambda i: str(i.name)):
+                columns = {column.name for column in index.columns}
+                if index.unique or index.name not in existing or columns & needed:
+                    continue
+                index.drop(connection)
+                deferred.append(index)
+        return deferred
 
     def _record_held(self) -> None:
         """Write how many rows (and how much money) wait on each reference decision; unchanged counts stay."""

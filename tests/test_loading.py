@@ -286,6 +286,74 @@ def test_small_chunks_decide_exactly_as_one_chunk_and_roll_back_exactly(
     engine.dispose()
 
 
+def _indexes(engine: sa.Engine) -> dict[str, list[tuple[str, tuple[str, ...], bool]]]:
+    inspector = sa.inspect(engine)
+    return {
+        table: sorted(
+            (i["name"], tuple(i["column_names"]), bool(i["unique"])) for i in inspector.get_indexes(table)
+        )
+        for table in ("customers", "external_ids")
+    }
+
+
+def test_a_big_load_builds_its_indexes_afterwards_with_the_same_outcome(
+    core_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load as big as its table drops the secondary indexes it does not read and builds them at the end."""
+    from crm_core import loading
+    from tests.test_runs import content
+
+    reference = make_engine(f"sqlite:///{tmp_path / 'reference.sqlite'}")
+    upgrade(reference)
+    expected_stats = [s.as_dict() for s in _load_chunked(reference, "r1")]
+    expected = content(reference)
+    reference.dispose()
+
+    monkeypatch.setattr(loading, "DEFER_INDEXES_MIN_ROWS", 1)
+    monkeypatch.setattr(loading, "CHUNK_ROWS", 2)
+    engine = make_engine(core_url)
+    upgrade(engine)
+    indexes = _indexes(engine)
+    assert ("ix_customers_city", ("city",), False) in indexes["customers"]
+    dropped: list[str] = []
+
+    def watch(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("DROP INDEX"):
+            dropped.append(statement.split()[-1].strip('"'))
+
+    sa.event.listen(engine, "before_cursor_execute", watch)
+    stats = [s.as_dict() for s in _load_chunked(engine, "r1")]
+    assert stats == expected_stats
+    assert content(engine) == expected
+    assert _indexes(engine) == indexes
+    # the exact-key columns the loader looks records up by keep their indexes throughout
+    assert "ix_customers_city" in dropped and "ix_external_ids_entity_entity_id" in dropped
+    assert "ix_customers_credit_code" not in dropped and "ix_customers_name_normalized" not in dropped
+    # a smaller load into a table that holds more rows keeps every index
+    dropped.clear()
+    _, crm = _chunked_rows()
+    load(engine, "r2", "customer", [batch("crm", crm, {"parent": Lookup()})], CUSTOMER_RULES)
+    assert dropped == [] and _indexes(engine) == indexes
+    engine.dispose()
+
+
+def test_a_failed_big_load_gets_its_indexes_back(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from crm_core import loading
+
+    monkeypatch.setattr(loading, "DEFER_INDEXES_MIN_ROWS", 1)
+    indexes = _indexes(engine)
+    good = batch("erp", [{"_external_key": "C1", "name": "甲有限公司", "credit_code": None}])
+    broken = batch("crm", [{"_external_key": "k1", "name": "乙有限公司", "credit_code": None}])
+    broken.fields = [
+        *broken.fields,
+        "city",
+    ]  # a column the records lack: fails after the first batch is written
+    with pytest.raises(KeyError):
+        load(engine, "r1", "customer", [good, broken], CUSTOMER_RULES)
+    assert customers(engine) == []
+    assert _indexes(engine) == indexes
+
+
 def test_rows_pointing_at_a_merged_record_stay_unchanged_on_reload(engine: sa.Engine) -> None:
     from crm_core.merging import merge_records
 
