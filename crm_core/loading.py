@@ -448,12 +448,20 @@ class EntityLoader:
         self._self_ref_fields = {
             name for name, f in self.entity.fields.items() if f.references == self.entity.name
         }
+        self._key_names = ["|".join(key) for key in self.match.keys]
         self._defaults = {
             column.name: getattr(column.default, "arg", None)
             for column in self.table.columns
             if column.default is not None and column.default.is_scalar
         }
         self._blank_row = {column.name: self._defaults.get(column.name) for column in self.table.columns}
+        # A new record carries its row's key values as written unless a key field is a self-reference (written
+        # later) or has a column default (written when the row has no value): then its keys are read back.
+        key_fields = {name for key in self.match.keys for name in key}
+        self._keys_as_written = not any(
+            name in self._self_ref_fields or self._blank_row.get(self._columns[name]) is not None
+            for name in key_fields
+        )
         # One timestamp per chunk: the rows of a chunk are written together, and the driver then formats
         # one value instead of one per row.
         self._now = dt.datetime.now(dt.UTC)
@@ -482,16 +490,59 @@ class EntityLoader:
         """Return a record's values by field name from its column values."""
         return {name: row.get(column) for name, column in self._columns.items()}
 
-    def _add_to_index(self, record_id: int, row: Mapping[str, Any]) -> None:
+    def _add_to_index(
+        self,
+        record_id: int,
+        row: Mapping[str, Any],
+        found_keys: Sequence[tuple[Any, ...] | None] | None = None,
+    ) -> None:
+        """Index a record by its exact keys; ``found_keys`` are the keys of the row it was inserted from."""
         if not self.match.keys:
             return
-        values = self._field_values(row)
-        for key in self.match.keys:
-            found = self._key_values(values, key)
+        if found_keys is None or not self._keys_as_written:
+            values = self._field_values(row)
+            found_keys = [self._key_values(values, key) for key in self.match.keys]
+        for name, found in zip(self._key_names, found_keys, strict=True):
             if found is not None:
-                self._index[("|".join(key), found)].add(record_id)
+                self._index[(name, found)].add(record_id)
         if self.match.conflict_fields:
-            self._conflict_values[record_id] = tuple(values.get(n) for n in self.match.conflict_fields)
+            self._conflict_values[record_id] = tuple(
+                row.get(self._columns[n]) for n in self.match.conflict_fields
+            )
+
+    def _chunk_keys(
+        self, columns: Mapping[str, list[Any]], start: int, stop: int
+    ) -> list[tuple[tuple[Any, ...] | None, ...]]:
+        """Return, per row of ``start:stop``, its value of each exact key (None where a part is missing).
+
+        Column by column, each key function applied once per distinct value: what :meth:`_key_values`
+        returns for each row's values, computed once instead of at each step that asks.
+        """
+        if not self.match.keys:
+            return [()] * (stop - start)
+        per_key: list[list[tuple[Any, ...] | None]] = []
+        for key in self.match.keys:
+            parts: list[list[Any]] = []
+            for name in key:
+                column = columns.get(name)
+                if column is None:
+                    parts.append([None] * (stop - start))
+                    continue
+                function = self.key_functions.get(name)
+                cache: dict[Any, Any] = {}
+                part: list[Any] = []
+                for value in column[start:stop]:
+                    if not _present(value):
+                        part.append(None)
+                    elif function is None:
+                        part.append(value)
+                    else:
+                        if value not in cache:
+                            cache[value] = function(value)
+                        part.append(cache[value])
+                parts.append(part)
+            per_key.append([None if None in found else found for found in zip(*parts, strict=True)])
+        return list(zip(*per_key, strict=True))
 
     def _build_index(self) -> None:
         """Read the merges; the exact-key index is filled per chunk (:meth:`_index_candidates`)."""
@@ -513,7 +564,9 @@ class EntityLoader:
             query = query.where(self.table.c.merged_into_id.is_(None))
         return query
 
-    def _index_candidates(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    def _index_candidates(
+        self, rows: Sequence[Mapping[str, Any]], row_keys: Sequence[tuple[tuple[Any, ...] | None, ...]]
+    ) -> None:
         """Index the stored records a chunk's new rows could match by an exact key, with a set query per key.
 
         Only records sharing a key value with the chunk are read, so a load of a few rows into a big core
@@ -532,9 +585,10 @@ class EntityLoader:
                 return
             first = plain[0]
             queried = self._queried.setdefault(first, set())
+            position = self.match.keys.index(key)
             wanted = {
-                values[first] for values in rows
-                if _present(values.get(first)) and self._key_values(values, key) is not None
+                values[first] for values, found in zip(rows, row_keys, strict=True)
+                if found[position] is not None
             } - queried  # fmt: skip
             if not wanted:
                 continue
@@ -545,12 +599,16 @@ class EntityLoader:
                 for row in self.session.execute(query).mappings():
                     self._add_to_index(row["id"], dict(row))
 
-    def _find_match(self, values: Mapping[str, Any]) -> tuple[int, str] | None:
-        for key in self.match.keys:
-            found = self._key_values(values, key)
+    def _find_match(
+        self, values: Mapping[str, Any], found_keys: Sequence[tuple[Any, ...] | None] | None = None
+    ) -> tuple[int, str] | None:
+        """Return the record a new row joins by an exact key (and how), or None; ``found_keys`` as computed."""
+        if found_keys is None:
+            found_keys = [self._key_values(values, key) for key in self.match.keys]
+        for key, name, found in zip(self.match.keys, self._key_names, found_keys, strict=True):
             if found is None:
                 continue
-            for record_id in sorted(self._index.get(("|".join(key), found), ())):
+            for record_id in sorted(self._index.get((name, found), ())):
                 if not self._conflicts(values, record_id):
                     return record_id, "+".join(key)
         return None
@@ -1070,7 +1128,8 @@ class EntityLoader:
                 for row in zip(*(columns[name][start:stop] for name in fields), strict=True)
             ] if fields else [{} for _ in range(start, stop)]  # fmt: skip
             digests = self._digests(fields, columns, sources, start, stop)
-            self._prefetch(batch.source, keys[start:stop], chunk_values, digests)
+            row_keys = self._chunk_keys(columns, start, stop)
+            self._prefetch(batch.source, keys[start:stop], chunk_values, digests, row_keys)
             for position in range(start, stop):
                 errors = row_errors.get(position, [])
                 rejected = any(p["severity"] == "error" for p in errors)
@@ -1109,8 +1168,9 @@ class EntityLoader:
                         self._pending_self_refs.append((batch.source, locations[position], str(refs[position]),
                                                         keys[position], name, parents[position], lookup))  # fmt: skip
                 outcome, entity_id = self._upsert(
-                    batch.source, keys[position], values, digests[position - start], stop - position
-                )
+                    batch.source, keys[position], values, digests[position - start], stop - position,
+                    row_keys[position - start],
+                )  # fmt: skip
                 setattr(stats, outcome, getattr(stats, outcome) + 1)
                 if stats.amount_loaded is not None and stats.amount_merged is not None and amount_field:
                     amount = values.get(amount_field)
@@ -1163,7 +1223,12 @@ class EntityLoader:
         return row_hashes(names, hashed)
 
     def _prefetch(
-        self, source: str, keys: Sequence[str], values: Sequence[Mapping[str, Any]], digests: Sequence[str]
+        self,
+        source: str,
+        keys: Sequence[str],
+        values: Sequence[Mapping[str, Any]],
+        digests: Sequence[str],
+        row_keys: Sequence[tuple[tuple[Any, ...] | None, ...]],
     ) -> None:
         """Read, in a few set queries, the crosswalk rows and records a chunk is likely to touch."""
         wanted = sorted({k for k in keys if (source, k) not in self._crosswalk})
@@ -1176,17 +1241,16 @@ class EntityLoader:
                     id=row["id"], entity_id=row["entity_id"], match_method=row["match_method"],
                     last_synced_hash=row["last_synced_hash"], row=dict(row),
                 )  # fmt: skip
-        self._index_candidates(
-            [v for k, v in zip(keys, values, strict=True) if (source, k) not in self._crosswalk]
-        )
+        new = [i for i, k in enumerate(keys) if (source, k) not in self._crosswalk]
+        self._index_candidates([values[i] for i in new], [row_keys[i] for i in new])
         ids: set[int] = set()
-        for key, row_values, digest in zip(keys, values, digests, strict=True):
+        for key, row_values, digest, found_keys in zip(keys, values, digests, row_keys, strict=True):
             entry = self._crosswalk.get((source, key))
             if entry is not None:
                 if entry.last_synced_hash != digest:  # unchanged rows need no record
                     ids.add(self._survivor_id(entry.entity_id))
             elif self.match.keys:
-                match = self._find_match(row_values)
+                match = self._find_match(row_values, found_keys)
                 if match is not None:
                     ids.add(match[0])
         self._fetch_records(ids)
@@ -1252,7 +1316,13 @@ class EntityLoader:
         self._changed_records.add(record_id)
 
     def _upsert(
-        self, source: str, key: str, values: dict[str, Any], digest: str, remaining: int
+        self,
+        source: str,
+        key: str,
+        values: dict[str, Any],
+        digest: str,
+        remaining: int,
+        found_keys: Sequence[tuple[Any, ...] | None] | None = None,
     ) -> tuple[str, int]:
         existing = self._crosswalk.get((source, key))
         if existing is not None:
@@ -1267,7 +1337,7 @@ class EntityLoader:
             row["updated_run_id"] = self.run.id
             self._sync_crosswalk(existing, digest)
             return ("merged" if merged else "updated"), record_id
-        match = self._find_match(values)
+        match = self._find_match(values, found_keys)
         if match is not None:
             record_id, method = match
             if self._assign(record_id, values, only_blanks=True):
@@ -1287,7 +1357,7 @@ class EntityLoader:
         self._new_records[record_id] = row
         self._journaled.add(record_id)
         self._add_crosswalk(source, key, record_id, "created", digest, remaining)
-        self._add_to_index(record_id, row)
+        self._add_to_index(record_id, row, found_keys)
         return "inserted", record_id
 
     def _sync_crosswalk(self, entry: _CrosswalkEntry, digest: str) -> None:
