@@ -821,12 +821,13 @@ def verify_batch(session: Session, run: LoadRun, entity: str, batch: Batch) -> d
     ).all())  # fmt: skip
     crosswalk: dict[str, tuple[int, str]] = {}
     keys = records[EXTERNAL_KEY].astype(str).tolist() if len(records) else []
-    for start in range(0, len(keys), IN_CHUNK):
+    connection, xw = session.connection(), ExternalId.__table__.c
+    for start in range(0, len(keys), IN_CHUNK):  # Core rows: ORM rows cost more than the query at 1M keys
         crosswalk.update({
-            key: (entity_id, method) for key, entity_id, method in session.execute(
-                select(ExternalId.external_key, ExternalId.entity_id, ExternalId.match_method).where(
-                    ExternalId.entity == entity, ExternalId.system == batch.source,
-                    ids_in(session.connection(), ExternalId.__table__.c.external_key, keys[start : start + IN_CHUNK]))
+            key: (entity_id, method) for key, entity_id, method in connection.execute(
+                select(xw.external_key, xw.entity_id, xw.match_method).where(
+                    xw.entity == entity, xw.system == batch.source,
+                    ids_in(connection, xw.external_key, keys[start : start + IN_CHUNK]))
             )
         })  # fmt: skip
     landed = {
