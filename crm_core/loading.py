@@ -541,7 +541,9 @@ class EntityLoader:
                             cache[value] = function(value)
                         part.append(cache[value])
                 parts.append(part)
-            per_key.append([None if None in found else found for found in zip(*parts, strict=True)])
+            per_key.append([
+                None if any(part is None for part in found) else found for found in zip(*parts, strict=True)
+            ])  # fmt: skip
         return list(zip(*per_key, strict=True))
 
     def _build_index(self) -> None:
