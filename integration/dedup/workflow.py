@@ -39,12 +39,14 @@ from crm_core.merging import (
     refresh_statistics,
 )
 from crm_core.models import Contact, Customer, MatchCandidate, MergeLog
-from integration.dedup.customers import CUSTOMER_SPEC, customer_records
+from integration.dedup.customers import CUSTOMER_SPEC, CustomerRecords, read_customer_records
 from integration.dedup.linkage import (
     CONFLICT_FACTOR,
+    HardValues,
     Labels,
     LinkageResult,
     LinkageSpec,
+    among,
     coherent_clusters,
     guard_clusters,
     link,
@@ -92,6 +94,9 @@ class Candidates:
     auto_merge: float
     cluster_probability: list[float | None] = field(default_factory=list)  # lowest pair score per cluster
     reason: str | None = None  # the merge log's reason; default: the auto-merge threshold
+    # The customers as the first pass linked them, when it found clusters: the second look (after the
+    # merges) computes linkage rows only for the customers the merges changed.
+    records: CustomerRecords | None = None
 
 
 def find_candidates(
@@ -108,10 +113,13 @@ def find_candidates(
     A delta run links only the customers it created or changed, against all active customers. With
     ``only_if_changed`` (migration runs) a run that created or changed no customer links nothing.
     """
-    return link_and_record(
-        engine, run_key, project, "customer", customer_records(engine), spec, mode=mode,
-        only_if_changed=only_if_changed,
+    records = read_customer_records(engine)
+    found = link_and_record(
+        engine, run_key, project, "customer", records.frame, spec, mode=mode, only_if_changed=only_if_changed,
     )  # fmt: skip
+    if found.clusters:
+        found.records = records
+    return found
 
 
 def link_and_record(
@@ -233,7 +241,7 @@ def second_look(
     outcome = DedupOutcome()
     if not first.clusters:
         return outcome
-    records = customer_records(engine)
+    records = read_customer_records(engine, first.records).frame
     outcome.records = len(records)
     if len(records) < 2:
         return outcome
@@ -300,11 +308,12 @@ def look_again(
     held for a steward by the cluster guard). ``skip``: pairs (smaller id first) left alone."""
     sure = _same_name_same_place(result, records, spec)
     if skip:  # a pair already before a steward is theirs to decide, not this pass's to merge
-        sure &= np.array([ordered(pair) not in skip for pair in sure.index], dtype=bool)
+        sure &= ~among(sure.index, skip)
+    hard = HardValues(records)
     clusters, refused = coherent_clusters(
-        result.probability[sure], result.probability[result.band != "distinct"], records, spec
+        result.probability[sure], result.probability[result.band != "distinct"], records, spec, hard
     )
-    clusters, held_clusters = guard_clusters(clusters, records, spec)
+    clusters, held_clusters = guard_clusters(clusters, records, spec, hard)
     clusters = [[int(i) for i in cluster] for cluster in clusters]
     label = {member: cluster[0] for cluster in clusters for member in cluster}
     scored: dict[tuple[int, int], tuple[float, dict[str, Any], str]] = {}
