@@ -18,8 +18,9 @@ from sqlalchemy import update
 from crm_core.db import make_engine, session_factory, upgrade
 from crm_core.models import Customer
 from integration.dedup import customers as customers_module
-from integration.dedup.customers import customer_records, read_customer_records
-from integration.dedup.linkage import _ECM, _block_key, among, ordered
+from integration.dedup import linkage as linkage_module
+from integration.dedup.customers import CUSTOMER_SPEC, customer_records, linkage_frame, read_customer_records
+from integration.dedup.linkage import _ECM, Compared, _block_key, among, candidate_pairs, compare, ordered
 
 CUSTOMERS = [
     {"name": "深圳市腾达科技有限公司", "phone": "0755-26781234", "city": "深圳"},
@@ -114,3 +115,55 @@ def test_the_packed_ecm_leaves_other_input_to_recordlinkage() -> None:
     for kernel in ("stock", "packed"):  # ECM's "jaro" start takes binary comparison vectors only
         with pytest.raises(ValueError, match="Only binary labels"):
             _fitted(kernel, levels)
+
+
+FIRMS = [
+    {"id": 1, "name": "深圳市腾达科技有限公司", "phone": "0755-26781234"},
+    {"id": 2, "name": "腾达科技(深圳)有限公司", "phone": "0755-26781234"},
+    {"id": 3, "name": "深圳市腾达科技有限公司", "email": "info@tengda.cn"},
+    {"id": 4, "name": "深圳腾大科技有限公司", "email": "info@tengda.cn"},
+    {"id": 5, "name": "郑州腾达科技有限公司", "address": "河南省郑州市金水区花园路12号"},
+]
+
+
+def test_compare_keeps_the_features_of_pairs_whose_records_are_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = linkage_frame(FIRMS)
+    pairs = candidate_pairs(before, CUSTOMER_SPEC)
+    features = compare(before, pairs, CUSTOMER_SPEC)
+    # record 2 merged away, record 4 gained a phone, record 6 is new
+    now_rows = [FIRMS[0], FIRMS[2], {**FIRMS[3], "phone": "0755-26781234"}, FIRMS[4],
+                {"id": 6, "name": "深圳市腾达科技有限公司", "phone": "0755-26781234"}]  # fmt: skip
+    now = linkage_frame(now_rows)
+    now_pairs = candidate_pairs(now, CUSTOMER_SPEC)
+    compared: list[tuple[int, int]] = []
+    plain = linkage_module._compare
+
+    def counting(frame: pd.DataFrame, subset: pd.MultiIndex, spec: Any) -> pd.DataFrame:
+        compared.extend(subset)
+        return plain(frame, subset, spec)
+
+    monkeypatch.setattr(linkage_module, "_compare", counting)
+    reused = compare(now, now_pairs, CUSTOMER_SPEC, Compared(before, features))
+    monkeypatch.undo()
+    pd.testing.assert_frame_equal(reused, compare(now, now_pairs, CUSTOMER_SPEC), check_exact=True)
+    changed = {4, 6}.union(  # and records whose term-frequency bucket moved with the new record
+        i for i in now.index if i in before.index and not now.loc[i].equals(before.loc[i])
+    )
+    assert set(compared) == {pair for pair in now_pairs if set(pair) & changed or pair not in pairs}
+    assert len(compared) < len(now_pairs)
+
+
+def test_none_and_nan_are_different_values_to_compare() -> None:
+    frame = linkage_frame(FIRMS)
+    pairs = candidate_pairs(frame, CUSTOMER_SPEC)
+    features = compare(frame, pairs, CUSTOMER_SPEC)
+    flipped = frame.copy()
+    flipped["trade_rare"] = [None if v != v else v for v in flipped["trade_rare"]]  # NaN -> None
+    if flipped["trade_rare"].equals(frame["trade_rare"]):
+        flipped["trade_rare"] = np.nan
+    pd.testing.assert_frame_equal(
+        compare(flipped, pairs, CUSTOMER_SPEC, Compared(frame, features)),
+        compare(flipped, pairs, CUSTOMER_SPEC),
+    )

@@ -417,8 +417,85 @@ def _block_key(frame: pd.DataFrame, columns: list[str], max_block: int) -> pd.Se
     return key.mask(common)
 
 
-def compare(frame: pd.DataFrame, pairs: pd.MultiIndex, spec: LinkageSpec) -> pd.DataFrame:
-    """Return one feature column (a level) per comparison for every pair."""
+@dataclass(frozen=True)
+class Compared:
+    """Pairs an earlier pass compared: their features, and the records (linkage rows) it compared them on."""
+
+    frame: pd.DataFrame
+    features: pd.DataFrame  # one row per pair (MultiIndex), one column per comparison
+
+
+def compare(
+    frame: pd.DataFrame, pairs: pd.MultiIndex, spec: LinkageSpec, earlier: Compared | None = None
+) -> pd.DataFrame:
+    """Return one feature column (a level) per comparison for every pair.
+
+    ``earlier``: a pair it compared, whose two records still hold the values it compared (every field a
+    comparison reads), keeps its features; the others are compared. A pair's levels depend on its two
+    records only, so the features are the same as comparing every pair.
+    """
+    if earlier is not None and len(pairs):
+        known, position = _known_pairs(frame, pairs, spec, earlier)
+        if known.any():
+            names = [comparison.name for comparison in spec.comparisons]
+            fresh = _compare(frame, pairs[~known], spec) if not known.all() else None
+            columns = {}
+            for name in names:
+                before = earlier.features[name].to_numpy()
+                values = np.empty(len(pairs), dtype=before.dtype)
+                values[known] = before[position[known]]
+                if fresh is not None:
+                    values[~known] = fresh[name].to_numpy(dtype=before.dtype)
+                columns[name] = values
+            return pd.DataFrame(columns, index=pairs)
+    return _compare(frame, pairs, spec)
+
+
+def _known_pairs(
+    frame: pd.DataFrame, pairs: pd.MultiIndex, spec: LinkageSpec, earlier: Compared
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair: whether ``earlier`` compared it on the values its records hold now, and where its features are."""
+    nothing = np.zeros(len(pairs), dtype=bool), np.zeros(len(pairs), dtype=np.intp)
+    names = [comparison.name for comparison in spec.comparisons]
+    fields = sorted({comparison.field for comparison in spec.comparisons})
+    features = earlier.features
+    if list(features.columns) != names or any(str(features[n].dtype) != "int8" for n in names):
+        return nothing
+    if (
+        earlier.frame.empty
+        or not set(fields) <= set(earlier.frame.columns)
+        or not earlier.frame.index.is_unique
+    ):
+        return nothing
+    place = earlier.frame.index.get_indexer(frame.index)
+    same = place >= 0
+    for name in fields:
+        now = frame[name].to_numpy(dtype=object)
+        before = earlier.frame[name].to_numpy(dtype=object)[np.where(same, place, 0)]
+        same &= _identical(now, before)
+    left = frame.index.get_indexer(pairs.get_level_values(0))
+    right = frame.index.get_indexer(pairs.get_level_values(1))
+    position = np.asarray(features.index.get_indexer(pairs), dtype=np.intp)
+    return same[left] & same[right] & (position >= 0), position
+
+
+def _identical(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Elementwise: the same text, None against None, NaN against NaN (not None against NaN: a comparison
+    tells them apart). Any other value counts as changed."""
+    return np.fromiter(
+        (
+            (type(a) is str and type(b) is str and a == b)
+            or (a is None and b is None)
+            or (type(a) is float and type(b) is float and a != a and b != b)
+            for a, b in zip(left, right, strict=True)
+        ),
+        dtype=bool,
+        count=len(left),
+    )
+
+
+def _compare(frame: pd.DataFrame, pairs: pd.MultiIndex, spec: LinkageSpec) -> pd.DataFrame:
+    """Compare every pair (recordlinkage's Compare over the spec's comparisons)."""
     comparer = rl.Compare(n_jobs=1)
     for comparison in spec.comparisons:
         comparer.add(SimilarityLevels(comparison.field, comparison.field, comparison.method,
@@ -820,6 +897,7 @@ def link(
     labels: Labels | None = None,
     focus: pd.Index | None = None,
     queued: set[tuple[Any, Any]] | None = None,
+    earlier: Compared | None = None,
 ) -> LinkageResult:
     """Find, compare, classify and cluster duplicate records in ``frame`` (indexed by record id).
 
@@ -829,6 +907,8 @@ def link(
     ``labels`` (steward decisions) train the supervised classifier once there are enough. ``focus``
     limits the pairs to those touching these records (a delta run); when they are fewer than
     ``MIN_FIT_PAIRS``, the candidate pairs of a fixed-size random sample of all records join the ECM fit.
+    ``earlier``: pairs an earlier pass compared, whose features are kept where the records are unchanged
+    (see :func:`compare`).
     """
     if not frame.index.is_unique:
         raise DedupError("record ids must be unique to deduplicate")
@@ -839,7 +919,7 @@ def link(
             0, len(frame), pd.DataFrame(index=nothing.index), nothing, nothing.astype(object)
         )
     pairs = candidate_pairs(frame, spec, focus)
-    features = compare(frame, pairs, spec)
+    features = compare(frame, pairs, spec, earlier)
     sample_pairs = None
     if focus is not None and len(pairs) < MIN_FIT_PAIRS and len(frame) > len(focus):
         sample = frame.sample(n=min(len(frame), TRAINING_SAMPLE), random_state=0)

@@ -42,6 +42,7 @@ from crm_core.models import Contact, Customer, MatchCandidate, MergeLog
 from integration.dedup.customers import CUSTOMER_SPEC, CustomerRecords, read_customer_records
 from integration.dedup.linkage import (
     CONFLICT_FACTOR,
+    Compared,
     HardValues,
     Labels,
     LinkageResult,
@@ -94,9 +95,11 @@ class Candidates:
     auto_merge: float
     cluster_probability: list[float | None] = field(default_factory=list)  # lowest pair score per cluster
     reason: str | None = None  # the merge log's reason; default: the auto-merge threshold
-    # The customers as the first pass linked them, when it found clusters: the second look (after the
-    # merges) computes linkage rows only for the customers the merges changed.
+    # The customers as the first pass linked them and the pairs it compared, when it found clusters: the
+    # second look (after the merges) computes linkage rows and compares pairs only where the merges changed
+    # a customer.
     records: CustomerRecords | None = None
+    features: pd.DataFrame | None = None
 
 
 def find_candidates(
@@ -116,9 +119,12 @@ def find_candidates(
     records = read_customer_records(engine)
     found = link_and_record(
         engine, run_key, project, "customer", records.frame, spec, mode=mode, only_if_changed=only_if_changed,
+        keep_features=True,
     )  # fmt: skip
     if found.clusters:
         found.records = records
+    else:
+        found.features = None  # no merges, no second look: nothing to hand on
     return found
 
 
@@ -132,6 +138,7 @@ def link_and_record(
     *,
     mode: str = "full",
     only_if_changed: bool = False,
+    keep_features: bool = False,
 ) -> Candidates:
     """Link ``records`` of ``entity`` (customer or contact) and store every merge/review pair as a candidate.
 
@@ -141,7 +148,8 @@ def link_and_record(
     ``only_if_changed``: when the run created or changed none of the records, link nothing. A migration run
     over unchanged sources then leaves the golden records and the review queue as they are: linking again
     would score a different population (the golden records of the last run, with the values merged into
-    them) and merge or re-score pairs no source row changed.
+    them) and merge or re-score pairs no source row changed. ``keep_features``: the candidates carry the
+    comparison features of every pair linked (for a second look at the same records).
     """
     outcome = DedupOutcome(records=len(records))
     nothing = Candidates(outcome, [], {}, spec.auto_merge)
@@ -192,7 +200,8 @@ def link_and_record(
         run = get_or_start_run(session, run_key, project, mode)
         outcome.new_candidates = record_candidates(session, run, entity, scored)
     clusters = [[int(i) for i in cluster] for cluster in result.clusters]
-    return Candidates(outcome, clusters, scored, spec.auto_merge, _lowest(clusters, scored))
+    return Candidates(outcome, clusters, scored, spec.auto_merge, _lowest(clusters, scored),
+                      features=result.features if keep_features else None)  # fmt: skip
 
 
 def _lowest(
@@ -259,7 +268,12 @@ def second_look(
         }
     if focus is not None and focus.empty:
         return outcome
-    result = link(records, spec, distinct, labels, focus=focus)
+    earlier = (
+        Compared(first.records.frame, first.features)
+        if first.records is not None and first.features is not None
+        else None
+    )
+    result = link(records, spec, distinct, labels, focus=focus, earlier=earlier)
     outcome.pairs_compared = result.pairs_compared
     outcome.reduction_ratio = round(result.reduction_ratio, 4)
 
