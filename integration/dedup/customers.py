@@ -13,11 +13,12 @@ from __future__ import annotations
 import csv
 import re
 import unicodedata
-from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from sqlalchemy import Engine, select
 
@@ -188,16 +189,21 @@ def linkage_rows(customers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
 
 def _reconciled_city(places: Sequence[Place]) -> str | None:
     """The city most sources name (earlier sources win a tie); None when none names one."""
-    votes = Counter(place.city for place in places if place.city)
-    if not votes:
-        return None
-    best = max(votes.values())
-    return next(place.city for place in places if place.city and votes[place.city] == best)
+    # a handful of votes: counted in a list (a Counter per customer costs more than the counting)
+    cities = [place.city for place in places if place.city]
+    if len(cities) < 2:
+        return cities[0] if cities else None
+    best = max(cities.count(city) for city in cities)
+    return next(city for city in cities if cities.count(city) == best)
 
 
 def _reconciled_province(places: Sequence[Place]) -> str | None:
-    votes = Counter(place.province for place in places if place.province)
-    return votes.most_common(1)[0][0] if votes else None
+    """The province most sources name (the first named of those tied); None when none names one."""
+    provinces = [place.province for place in places if place.province]
+    if len(provinces) < 2:
+        return provinces[0] if provinces else None
+    best = max(provinces.count(province) for province in provinces)
+    return next(province for province in provinces if provinces.count(province) == best)
 
 
 def _area_cities(phones: Sequence[str]) -> tuple[str, ...]:
@@ -253,15 +259,71 @@ def _short_city(city: str | None) -> str | None:
     return city
 
 
+# The core columns a customer's linkage row is computed from (see :func:`linkage_rows`).
+SOURCE_COLUMNS = ("name", "credit_code", "phone", "email", "city", "address", "province", "district",
+                  "credit_code_as_written")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CustomerRecords:
+    """The active customers as linkage saw them: their linkage rows and the core values behind each row.
+
+    Handed from the first linkage pass of a run to the second look (:func:`read_customer_records`), so a
+    customer the merges left as it was is not turned into a linkage row twice.
+    """
+
+    frame: pd.DataFrame  # linkage rows (CUSTOMER_COLUMNS), indexed by customer id
+    source: pd.DataFrame  # SOURCE_COLUMNS as read from the core, indexed by customer id
+
+
 def customer_records(engine: Engine) -> pd.DataFrame:
     """Return the active (not merged) customers as linkage rows, indexed by customer id."""
+    return read_customer_records(engine).frame
+
+
+def read_customer_records(engine: Engine, earlier: CustomerRecords | None = None) -> CustomerRecords:
+    """Read the active customers and their linkage rows (:func:`customer_records`).
+
+    ``earlier``: what an earlier read of the same core returned. A customer whose core values are still the
+    ones its earlier row was computed from keeps that row; only new and changed customers are computed.
+    The term-frequency column ``trade_rare`` is always counted afresh over all active customers.
+    """
+    columns = [getattr(Customer, name) for name in SOURCE_COLUMNS]
     with session_factory(engine)() as session:
         rows = session.execute(
-            select(Customer.id, Customer.name, Customer.credit_code, Customer.phone, Customer.email, Customer.city,
-                   Customer.address, Customer.province, Customer.district, Customer.credit_code_as_written)
-            .where(Customer.merged_into_id.is_(None)).order_by(Customer.id)
-        ).all()  # fmt: skip
-    return linkage_frame([row._asdict() for row in rows])
+            select(Customer.id, *columns).where(Customer.merged_into_id.is_(None)).order_by(Customer.id)
+        ).all()
+    index = pd.Index([row[0] for row in rows], name="id", dtype="int64" if rows else None)
+    source = pd.DataFrame([row[1:] for row in rows], index=index, columns=list(SOURCE_COLUMNS), dtype=object)
+    if not rows:
+        return CustomerRecords(linkage_frame([]), source)
+    compute = np.ones(len(source), dtype=bool)
+    if earlier is not None and len(earlier.source) and not earlier.frame.empty:
+        compute = ~_unchanged(source, earlier.source)
+    fresh = source[compute]
+    computed = linkage_rows(
+        [
+            dict(zip(SOURCE_COLUMNS, values, strict=True))
+            for values in fresh.itertuples(index=False, name=None)
+        ]
+    )
+    if compute.all():
+        frame = pd.DataFrame(computed, index=index)
+    else:
+        kept = earlier.frame.loc[source.index[~compute]]  # type: ignore[union-attr]
+        frame = pd.concat([kept, pd.DataFrame(computed, index=fresh.index, columns=kept.columns)]).loc[index]
+    return CustomerRecords(_with_trade_rare(frame), source)
+
+
+def _unchanged(source: pd.DataFrame, earlier: pd.DataFrame) -> np.ndarray:
+    """Per customer of ``source``: whether ``earlier`` holds it with the very same core values."""
+    position = earlier.index.get_indexer(source.index)
+    same = position >= 0
+    for column in SOURCE_COLUMNS:
+        now = source[column].to_numpy(dtype=object)
+        before = earlier[column].to_numpy(dtype=object)[np.where(same, position, 0)]
+        same &= (now == before).astype(bool)  # elementwise Python ==, None == None included
+    return same
 
 
 def linkage_frame(customers: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -271,15 +333,18 @@ def linkage_frame(customers: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     Splink's term-frequency adjustments: agreeing on 华信, present in every city, says less than agreeing
     on a trade name only one firm has).
     """
-    columns = list(CUSTOMER_COLUMNS)
     if not customers:
-        return pd.DataFrame(columns=columns, index=pd.Index([], name="id"))
+        return pd.DataFrame(columns=list(CUSTOMER_COLUMNS), index=pd.Index([], name="id"))
     rows = linkage_rows(customers)
-    frame = pd.DataFrame(rows, index=pd.Index([c["id"] for c in customers], name="id"))
+    return _with_trade_rare(pd.DataFrame(rows, index=pd.Index([c["id"] for c in customers], name="id")))
+
+
+def _with_trade_rare(frame: pd.DataFrame) -> pd.DataFrame:
+    """Set ``trade_rare`` from the trade names' holders in ``frame``; return the linkage columns."""
     holders = frame.groupby("trade_pinyin")["name_core"].nunique()
     rare = frame["trade_pinyin"].map(holders) <= RARE_TRADE_NAME
     frame["trade_rare"] = frame["trade_pinyin"].where(rare)
-    return frame[columns]
+    return frame[list(CUSTOMER_COLUMNS)]
 
 
 def evaluate_against_truth(

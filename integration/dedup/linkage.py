@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
@@ -25,7 +26,10 @@ import pandas as pd
 import recordlinkage as rl
 from rapidfuzz import distance, fuzz
 from rapidfuzz.process import cpdist
+from recordlinkage.algorithms.nb_sklearn import ECM, safe_sparse_dot
 from recordlinkage.base import BaseCompareFeature
+from scipy.sparse import issparse
+from sklearn.utils.validation import check_array
 
 from crm_core.errors import DedupError
 from integration.dedup.normalize import (
@@ -406,12 +410,92 @@ def _block_key(frame: pd.DataFrame, columns: list[str], max_block: int) -> pd.Se
     key = frame[columns[0]].astype("string")
     for column in columns[1:]:
         key = key + "\x1f" + frame[column].astype("string")  # NA in any column leaves the key NA
-    sizes = key.map(key.value_counts())
-    return key.mask(sizes > max_block)
+    codes, _ = pd.factorize(key)  # one hash pass: counting and looking the counts up by code, not by text
+    keyed = codes >= 0
+    common = np.zeros(len(key), dtype=bool)
+    common[keyed] = np.bincount(codes[keyed])[codes[keyed]] > max_block
+    return key.mask(common)
 
 
-def compare(frame: pd.DataFrame, pairs: pd.MultiIndex, spec: LinkageSpec) -> pd.DataFrame:
-    """Return one feature column (a level) per comparison for every pair."""
+@dataclass(frozen=True)
+class Compared:
+    """Pairs an earlier pass compared: their features, and the records (linkage rows) it compared them on."""
+
+    frame: pd.DataFrame
+    features: pd.DataFrame  # one row per pair (MultiIndex), one column per comparison
+
+
+def compare(
+    frame: pd.DataFrame, pairs: pd.MultiIndex, spec: LinkageSpec, earlier: Compared | None = None
+) -> pd.DataFrame:
+    """Return one feature column (a level) per comparison for every pair.
+
+    ``earlier``: a pair it compared, whose two records still hold the values it compared (every field a
+    comparison reads), keeps its features; the others are compared. A pair's levels depend on its two
+    records only, so the features are the same as comparing every pair.
+    """
+    if earlier is not None and len(pairs):
+        known, position = _known_pairs(frame, pairs, spec, earlier)
+        if known.any():
+            names = [comparison.name for comparison in spec.comparisons]
+            fresh = _compare(frame, pairs[~known], spec) if not known.all() else None
+            columns = {}
+            for name in names:
+                before = earlier.features[name].to_numpy()
+                values = np.empty(len(pairs), dtype=before.dtype)
+                values[known] = before[position[known]]
+                if fresh is not None:
+                    values[~known] = fresh[name].to_numpy(dtype=before.dtype)
+                columns[name] = values
+            return pd.DataFrame(columns, index=pairs)
+    return _compare(frame, pairs, spec)
+
+
+def _known_pairs(
+    frame: pd.DataFrame, pairs: pd.MultiIndex, spec: LinkageSpec, earlier: Compared
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair: whether ``earlier`` compared it on the values its records hold now, and where its features are."""
+    nothing = np.zeros(len(pairs), dtype=bool), np.zeros(len(pairs), dtype=np.intp)
+    names = [comparison.name for comparison in spec.comparisons]
+    fields = sorted({comparison.field for comparison in spec.comparisons})
+    features = earlier.features
+    if list(features.columns) != names or any(str(features[n].dtype) != "int8" for n in names):
+        return nothing
+    if (
+        earlier.frame.empty
+        or not set(fields) <= set(earlier.frame.columns)
+        or not earlier.frame.index.is_unique
+    ):
+        return nothing
+    place = earlier.frame.index.get_indexer(frame.index)
+    same = place >= 0
+    for name in fields:
+        now = frame[name].to_numpy(dtype=object)
+        before = earlier.frame[name].to_numpy(dtype=object)[np.where(same, place, 0)]
+        same &= _identical(now, before)
+    left = frame.index.get_indexer(pairs.get_level_values(0))
+    right = frame.index.get_indexer(pairs.get_level_values(1))
+    position = np.asarray(features.index.get_indexer(pairs), dtype=np.intp)
+    return same[left] & same[right] & (position >= 0), position
+
+
+def _identical(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Elementwise: the same text, None against None, NaN against NaN (not None against NaN: a comparison
+    tells them apart). Any other value counts as changed."""
+    return np.fromiter(
+        (
+            (type(a) is str and type(b) is str and a == b)
+            or (a is None and b is None)
+            or (type(a) is float and type(b) is float and a != a and b != b)
+            for a, b in zip(left, right, strict=True)
+        ),
+        dtype=bool,
+        count=len(left),
+    )
+
+
+def _compare(frame: pd.DataFrame, pairs: pd.MultiIndex, spec: LinkageSpec) -> pd.DataFrame:
+    """Compare every pair (recordlinkage's Compare over the spec's comparisons)."""
     comparer = rl.Compare(n_jobs=1)
     for comparison in spec.comparisons:
         comparer.add(SimilarityLevels(comparison.field, comparison.field, comparison.method,
@@ -487,6 +571,7 @@ def classify(
     if not varying:  # every pair looks the same: nothing to learn from, so nothing is sure
         return pd.Series(0.5, index=features.index)
     classifier = rl.ECMClassifier(binarize=None)
+    classifier.kernel = _ECM(**classifier.kernel.get_params())
     # A level that never occurs in one class (small sets: every duplicate contact shares its mobile) gives
     # a zero probability, log(0) = -inf and NaN match probabilities; a floor keeps the weights finite.
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -494,6 +579,62 @@ def classify(
     kernel = classifier.kernel
     kernel.feature_log_prob_ = np.log(np.clip(np.exp(kernel.feature_log_prob_), _PROBABILITY_FLOOR, 1.0))
     return pd.Series(classifier.prob(binary[varying]), index=features.index)
+
+
+class _ECM(ECM):  # type: ignore[misc]
+    """recordlinkage's ECM kernel, counting the distinct comparison vectors by packing each binary row into one
+    integer instead of ``np.unique(X, axis=0)``, which sorts rows as records (half a minute at two million
+    pairs on a slow machine). The distinct rows come out in the same order with the same counts, and the
+    expectation/conditional maximisation below is recordlinkage 0.16's ``ECM.fit`` step for step, so the
+    fitted model and every probability are the same.
+    """
+
+    def fit(self, X: Any) -> _ECM:
+        """Fit on ``X`` (binary comparison vectors); other input takes the library's own fit."""
+        X = check_array(X, accept_sparse="csr")
+        if issparse(X) or not 0 < X.shape[1] <= 62 or not ((X == 0) | (X == 1)).all():
+            super().fit(X)
+            return self
+        X_unique, X_freq = _distinct_rows(X)
+        X_freq = np.atleast_2d(X_freq)
+        X_unique_bin = self._fit_data(X_unique)
+        self.classes_ = np.array([0, 1])
+        if self.init == "random":
+            self.class_log_prior_, self.feature_log_prob_ = self._init_parameters_random(X_unique_bin)
+        elif self.init == "jaro":
+            self.class_log_prior_, self.feature_log_prob_ = self._init_parameters_jaro(X_unique_bin)
+        else:
+            raise ValueError(f"'{self.init}' is not a valid value for argument 'init'")
+        iteration = 0
+        while iteration < self.max_iter:
+            iteration += 1
+            g = self.predict_proba(X_unique)  # expectation
+            g_freq = g * X_freq.T
+            g_freq_sum = g_freq.sum(axis=0)
+            class_log_prior_ = np.log(g_freq_sum) - np.log(X.shape[0])  # maximisation
+            feature_log_prob_ = np.log(safe_sparse_dot(g_freq.T, X_unique_bin))
+            feature_log_prob_ -= np.log(np.atleast_2d(g_freq_sum).T)
+            converged = (
+                self.atol is not None
+                and np.allclose(np.exp(class_log_prior_), np.exp(self.class_log_prior_), atol=self.atol)
+                and np.allclose(np.exp(feature_log_prob_), np.exp(self.feature_log_prob_), atol=self.atol)
+            )
+            if np.all(np.isnan(feature_log_prob_)):
+                break
+            self.class_log_prior_ = class_log_prior_
+            self.feature_log_prob_ = feature_log_prob_
+            if converged:
+                break
+        return self
+
+
+def _distinct_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(X, axis=0, return_counts=True)`` of a binary matrix: its rows read as binary numbers (the first
+    column the highest bit, so they sort as the rows do), counted, and unpacked."""
+    width = X.shape[1]
+    bits = np.arange(width - 1, -1, -1, dtype=np.int64)
+    codes, counts = np.unique(X.astype(np.int64) @ (np.int64(1) << bits), return_counts=True)
+    return ((codes[:, None] >> bits) & 1).astype(X.dtype), counts
 
 
 EVALUATION_FOLDS = 5
@@ -578,14 +719,15 @@ def connected_components(pairs: Sequence[tuple[Any, Any]]) -> list[list[Any]]:
 
 
 def guard_clusters(
-    clusters: list[list[Any]], frame: pd.DataFrame, spec: LinkageSpec
+    clusters: list[list[Any]], frame: pd.DataFrame, spec: LinkageSpec, hard: HardValues | None = None
 ) -> tuple[list[list[Any]], list[list[Any]]]:
     """Return (clusters to merge, clusters for a steward) — the guard against chaining.
 
     Linked pairs chain: A~B and B~C put A and C together even when A and C carry different credit codes
     (pairs that conflict directly were already sent to review by :func:`link`). A cluster whose members
     still disagree on a hard key, or that is larger than ``max_cluster``, is not merged automatically;
-    the whole cluster goes to review, where a steward sees every member side by side.
+    the whole cluster goes to review, where a steward sees every member side by side. ``hard``: the
+    frame's hard-key values when the caller has them already.
     """
     if not clusters:
         return [], []
@@ -593,13 +735,28 @@ def guard_clusters(
     sizes = np.array([len(cluster) for cluster in clusters])
     label = np.repeat(np.arange(len(clusters)), sizes)
     conflicting = sizes > spec.max_cluster
+    hard = hard or HardValues(frame)
     for key in spec.hard_keys:  # one groupby per key over all clustered records, not a lookup per cluster
-        values = _hard_values(frame, key).reindex(members)
+        values = hard(key).reindex(members)
         distinct_values = pd.Series(values.to_numpy(), index=label).groupby(level=0).nunique()
         conflicting[distinct_values.index.to_numpy()] |= distinct_values.to_numpy() > 1
     merge = [cluster for cluster, bad in zip(clusters, conflicting, strict=True) if not bad]
     review = [cluster for cluster, bad in zip(clusters, conflicting, strict=True) if bad]
     return merge, review
+
+
+class HardValues:
+    """A frame's hard-key values (:func:`_hard_values`), each key computed once however often it is asked for."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+        self._values: dict[str, pd.Series] = {}
+
+    def __call__(self, key: str) -> pd.Series:
+        """Return the values of ``key``."""
+        if key not in self._values:
+            self._values[key] = _hard_values(self.frame, key)
+        return self._values[key]
 
 
 def _hard_values(frame: pd.DataFrame, key: str) -> pd.Series:
@@ -644,7 +801,11 @@ CONFLICT_FACTOR = 0.5  # a pair across two valid credit codes: its probability h
 
 
 def coherent_clusters(
-    merged: pd.Series, linked: pd.Series, frame: pd.DataFrame, spec: LinkageSpec
+    merged: pd.Series,
+    linked: pd.Series,
+    frame: pd.DataFrame,
+    spec: LinkageSpec,
+    hard: HardValues | None = None,
 ) -> tuple[list[list[Any]], dict[tuple[Any, Any], str]]:
     """Return (clusters, refused pairs with the reason) built from merge pairs, best first.
 
@@ -654,8 +815,10 @@ def coherent_clusters(
     companies cannot bridge them. A refused pair goes to review with the reason, for a steward.
     """
     keys = [*spec.hard_keys, *[k for k in spec.location_keys if k not in spec.hard_keys]]
-    values = {key: _hard_values(frame, key) for key in keys}
-    value_of = {key: column.dropna().to_dict() for key, column in values.items()}
+    hard = hard or HardValues(frame)
+    # only the records of merge pairs are looked up: a dict of theirs, not of every record
+    records = pd.unique(np.concatenate([merged.index.get_level_values(level).to_numpy() for level in (0, 1)]))
+    value_of = {key: hard(key).reindex(records).dropna().to_dict() for key in keys}
     neighbours: dict[Any, set[Any]] = defaultdict(set)
     for a, b in linked.index:
         neighbours[a].add(b)
@@ -700,15 +863,31 @@ def coherent_clusters(
     return clusters, refused
 
 
-def hard_key_conflicts(frame: pd.DataFrame, pairs: pd.Index, spec: LinkageSpec) -> np.ndarray:
+def hard_key_conflicts(
+    frame: pd.DataFrame, pairs: pd.Index, spec: LinkageSpec, hard: HardValues | None = None
+) -> np.ndarray:
     """Return, per pair, whether both records have a value for some hard key and the values differ."""
-    return _differing(pairs, (_hard_values(frame, key) for key in spec.hard_keys))
+    hard = hard or HardValues(frame)
+    return _differing(pairs, (hard(key) for key in spec.hard_keys))
 
 
 def ordered(pair: tuple[Any, Any]) -> tuple[Any, Any]:
     """Return a pair with the smaller id first (how candidates and decisions are stored)."""
     a, b = pair
     return (a, b) if a <= b else (b, a)
+
+
+def among(pairs: pd.Index, stored: AbstractSet[tuple[Any, Any]]) -> np.ndarray:
+    """Per pair of ``pairs`` (either order): whether ``stored`` (pairs, smaller id first) holds it.
+
+    The set lookup of :func:`ordered` over whole columns: one index lookup, not a Python call per pair.
+    """
+    if not len(pairs) or not stored:
+        return np.zeros(len(pairs), dtype=bool)
+    left, right = pairs.get_level_values(0).to_numpy(), pairs.get_level_values(1).to_numpy()
+    swap = right < left
+    low, high = np.where(swap, right, left), np.where(swap, left, right)
+    return np.asarray(pd.MultiIndex.from_arrays([low, high]).isin(list(stored)), dtype=bool)
 
 
 def link(
@@ -718,6 +897,7 @@ def link(
     labels: Labels | None = None,
     focus: pd.Index | None = None,
     queued: set[tuple[Any, Any]] | None = None,
+    earlier: Compared | None = None,
 ) -> LinkageResult:
     """Find, compare, classify and cluster duplicate records in ``frame`` (indexed by record id).
 
@@ -727,6 +907,8 @@ def link(
     ``labels`` (steward decisions) train the supervised classifier once there are enough. ``focus``
     limits the pairs to those touching these records (a delta run); when they are fewer than
     ``MIN_FIT_PAIRS``, the candidate pairs of a fixed-size random sample of all records join the ECM fit.
+    ``earlier``: pairs an earlier pass compared, whose features are kept where the records are unchanged
+    (see :func:`compare`).
     """
     if not frame.index.is_unique:
         raise DedupError("record ids must be unique to deduplicate")
@@ -737,7 +919,7 @@ def link(
             0, len(frame), pd.DataFrame(index=nothing.index), nothing, nothing.astype(object)
         )
     pairs = candidate_pairs(frame, spec, focus)
-    features = compare(frame, pairs, spec)
+    features = compare(frame, pairs, spec, earlier)
     sample_pairs = None
     if focus is not None and len(pairs) < MIN_FIT_PAIRS and len(frame) > len(focus):
         sample = frame.sample(n=min(len(frame), TRAINING_SAMPLE), random_state=0)
@@ -752,7 +934,7 @@ def link(
                 probability[sure] = np.maximum(probability[sure], spec.auto_merge)
                 band[sure] = "merge"
     if distinct:
-        band[[ordered(p) in distinct for p in band.index]] = "distinct"
+        band[among(band.index, distinct)] = "distinct"
     reasons: dict[tuple[Any, Any], str] = {}
     # Two places (the city from every source of evidence) are two companies, unless the credit codes say
     # it is one: then a steward looks.
@@ -771,8 +953,9 @@ def link(
     # probability is cut (never 1.0 in the queue), and it is reviewed only if it stays above review.
     # A branch (分公司) is never its head office or another branch: distinct (linked as parent_id instead).
     branches = LinkageSpec(blocks=[], comparisons=[], hard_keys=[k for k in spec.hard_keys if k == "branch"])
-    band[hard_key_conflicts(frame, band.index, branches)] = "distinct"
-    conflict = hard_key_conflicts(frame, band.index, spec) & (band != "distinct").to_numpy()
+    hard = HardValues(frame)
+    band[hard_key_conflicts(frame, band.index, branches, hard)] = "distinct"
+    conflict = hard_key_conflicts(frame, band.index, spec, hard) & (band != "distinct").to_numpy()
     if conflict.any():
         probability = probability.copy()
         probability[conflict] = probability[conflict] * CONFLICT_FACTOR
@@ -793,7 +976,7 @@ def link(
                 reasons[ordered(pair)] = "already in the review queue: a steward decides"
     merged = probability[band == "merge"]
     linked = probability[band != "distinct"]
-    clusters, refused = coherent_clusters(merged, linked, frame, spec)
+    clusters, refused = coherent_clusters(merged, linked, frame, spec, hard)
     if refused:  # a join the cluster refused: the pair is sure, the cluster it would make is not
         refused_pairs = pd.MultiIndex.from_tuples(list(refused))
         swapped = refused_pairs.swaplevel()  # band's pairs may come in either order
@@ -802,5 +985,5 @@ def link(
         probability = probability.copy()
         probability[held] = probability[held] * CONFLICT_FACTOR
     reasons.update(refused)
-    clusters, review = guard_clusters(clusters, frame, spec)
+    clusters, review = guard_clusters(clusters, frame, spec, hard)
     return LinkageResult(len(pairs), len(frame), features, probability, band, clusters, review, reasons)

@@ -39,12 +39,15 @@ from crm_core.merging import (
     refresh_statistics,
 )
 from crm_core.models import Contact, Customer, MatchCandidate, MergeLog
-from integration.dedup.customers import CUSTOMER_SPEC, customer_records
+from integration.dedup.customers import CUSTOMER_SPEC, CustomerRecords, read_customer_records
 from integration.dedup.linkage import (
     CONFLICT_FACTOR,
+    Compared,
+    HardValues,
     Labels,
     LinkageResult,
     LinkageSpec,
+    among,
     coherent_clusters,
     guard_clusters,
     link,
@@ -92,6 +95,11 @@ class Candidates:
     auto_merge: float
     cluster_probability: list[float | None] = field(default_factory=list)  # lowest pair score per cluster
     reason: str | None = None  # the merge log's reason; default: the auto-merge threshold
+    # The customers as the first pass linked them and the pairs it compared, when it found clusters: the
+    # second look (after the merges) computes linkage rows and compares pairs only where the merges changed
+    # a customer.
+    records: CustomerRecords | None = None
+    features: pd.DataFrame | None = None
 
 
 def find_candidates(
@@ -108,10 +116,16 @@ def find_candidates(
     A delta run links only the customers it created or changed, against all active customers. With
     ``only_if_changed`` (migration runs) a run that created or changed no customer links nothing.
     """
-    return link_and_record(
-        engine, run_key, project, "customer", customer_records(engine), spec, mode=mode,
-        only_if_changed=only_if_changed,
+    records = read_customer_records(engine)
+    found = link_and_record(
+        engine, run_key, project, "customer", records.frame, spec, mode=mode, only_if_changed=only_if_changed,
+        keep_features=True,
     )  # fmt: skip
+    if found.clusters:
+        found.records = records
+    else:
+        found.features = None  # no merges, no second look: nothing to hand on
+    return found
 
 
 def link_and_record(
@@ -124,6 +138,7 @@ def link_and_record(
     *,
     mode: str = "full",
     only_if_changed: bool = False,
+    keep_features: bool = False,
 ) -> Candidates:
     """Link ``records`` of ``entity`` (customer or contact) and store every merge/review pair as a candidate.
 
@@ -133,7 +148,8 @@ def link_and_record(
     ``only_if_changed``: when the run created or changed none of the records, link nothing. A migration run
     over unchanged sources then leaves the golden records and the review queue as they are: linking again
     would score a different population (the golden records of the last run, with the values merged into
-    them) and merge or re-score pairs no source row changed.
+    them) and merge or re-score pairs no source row changed. ``keep_features``: the candidates carry the
+    comparison features of every pair linked (for a second look at the same records).
     """
     outcome = DedupOutcome(records=len(records))
     nothing = Candidates(outcome, [], {}, spec.auto_merge)
@@ -184,7 +200,8 @@ def link_and_record(
         run = get_or_start_run(session, run_key, project, mode)
         outcome.new_candidates = record_candidates(session, run, entity, scored)
     clusters = [[int(i) for i in cluster] for cluster in result.clusters]
-    return Candidates(outcome, clusters, scored, spec.auto_merge, _lowest(clusters, scored))
+    return Candidates(outcome, clusters, scored, spec.auto_merge, _lowest(clusters, scored),
+                      features=result.features if keep_features else None)  # fmt: skip
 
 
 def _lowest(
@@ -233,7 +250,7 @@ def second_look(
     outcome = DedupOutcome()
     if not first.clusters:
         return outcome
-    records = customer_records(engine)
+    records = read_customer_records(engine, first.records).frame
     outcome.records = len(records)
     if len(records) < 2:
         return outcome
@@ -251,7 +268,12 @@ def second_look(
         }
     if focus is not None and focus.empty:
         return outcome
-    result = link(records, spec, distinct, labels, focus=focus)
+    earlier = (
+        Compared(first.records.frame, first.features)
+        if first.records is not None and first.features is not None
+        else None
+    )
+    result = link(records, spec, distinct, labels, focus=focus, earlier=earlier)
     outcome.pairs_compared = result.pairs_compared
     outcome.reduction_ratio = round(result.reduction_ratio, 4)
 
@@ -300,11 +322,12 @@ def look_again(
     held for a steward by the cluster guard). ``skip``: pairs (smaller id first) left alone."""
     sure = _same_name_same_place(result, records, spec)
     if skip:  # a pair already before a steward is theirs to decide, not this pass's to merge
-        sure &= np.array([ordered(pair) not in skip for pair in sure.index], dtype=bool)
+        sure &= ~among(sure.index, skip)
+    hard = HardValues(records)
     clusters, refused = coherent_clusters(
-        result.probability[sure], result.probability[result.band != "distinct"], records, spec
+        result.probability[sure], result.probability[result.band != "distinct"], records, spec, hard
     )
-    clusters, held_clusters = guard_clusters(clusters, records, spec)
+    clusters, held_clusters = guard_clusters(clusters, records, spec, hard)
     clusters = [[int(i) for i in cluster] for cluster in clusters]
     label = {member: cluster[0] for cluster in clusters for member in cluster}
     scored: dict[tuple[int, int], tuple[float, dict[str, Any], str]] = {}
