@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pypinyin import lazy_pinyin
 from rapidfuzz import distance, process
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -56,6 +55,7 @@ from integration.dedup.normalize import (
     has_han,
     name_sound,
     normalize_company_name,
+    toneless_pinyin,
     trade_name,
 )
 from integration.dedup.online import MatchIndex, query_record
@@ -97,7 +97,7 @@ def spelled(core: str) -> str | None:
     if not has_han(core):
         return None
     # synonyms unified before the pinyin: lazy_pinyin reads 商贸 as two syllables, never as "shangmao"
-    return "".join(INDUSTRY_SYNONYMS.get(s, s) for s in lazy_pinyin(canonical_industry(core)))
+    return "".join(INDUSTRY_SYNONYMS.get(s, s) for s in toneless_pinyin(canonical_industry(core)))
 
 
 def same_company_name(written: NameVariant, known: NameVariant) -> bool:
