@@ -134,6 +134,7 @@ _LEGAL_FORMS = sorted(
     key=len,
     reverse=True,
 )  # fmt: skip
+_LEGAL_ENDINGS = tuple(_LEGAL_FORMS)
 _TO_SIMPLIFIED = OpenCC("t2s")  # OpenCC's dictionaries: traditional → simplified, phrase-aware
 # Zero-width and format characters, whitespace, and emoji / pictographs with their variation selectors.
 _INVISIBLE = re.compile(
@@ -168,14 +169,13 @@ class CompanyName:
 
 
 def _strip_legal(text: str) -> str:
-    changed = True
-    while changed:
-        changed = False
+    while text.endswith(_LEGAL_ENDINGS):  # one call in C for the usual last pass, where no form ends it
         for form in _LEGAL_FORMS:
             if text.endswith(form) and len(text) > len(form) + 1:
                 text = text[: -len(form)].rstrip(" ,.")
-                changed = True
                 break
+        else:
+            break
     return text
 
 
