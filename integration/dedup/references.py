@@ -67,6 +67,7 @@ CANDIDATES_SHOWN = 5
 CLOSE_NAME = 0.9  # name-only similarity a slip keeps (华鑫科技/骅鑫科技 0.92, 纪鼎科技/纪鼎技 0.9)
 CLOSE_NAME_NO_REGION = 0.92  # without a region a two-character trade name's slip (0.917) is too weak
 CLOSE_NAME_MARGIN = 0.1  # how far every other golden customer must stay below the best
+CLOSE_NAME_CUTOFF = 0.3  # how alike in toneless pinyin a known name must be to be among those scored
 CLOSE_NAMES_SCORED = 30  # known names (nearest in toneless pinyin) scored with the trade-name similarity
 IN_BOOK = 0.85  # among one salesperson's own customers, how alike a name must be to be the one meant
 
@@ -135,6 +136,7 @@ class CustomerNames:
         self.session = session
         self.spec = spec
         self._books: dict[Hashable, _Book] = {}
+        self._postings: dict[str | None, tuple[dict[str, np.ndarray], np.ndarray]] = {}
         # trade name -> (branch, region or "*" for all) -> its name variants (see _same_brand)
         self._by_place: dict[str, dict[tuple[str | None, str | None], list[tuple[NameVariant, int]]]] = {}
 
@@ -205,12 +207,24 @@ class CustomerNames:
         )
         if not has_han(written.core) or not keys or len(trade_name(written.core)) < 2:
             return None, []
+        sound = name_sound(written.core)
+        # Only a key sharing syllables with the name can reach the cutoff (its distance is at least the longer
+        # length less the syllables shared), so the others are left out before rapidfuzz scores: the same
+        # keys reach the cutoff, in the same order (rapidfuzz keeps the choices' order among equal scores).
+        postings, lengths = self._sound_postings(written.region)
+        shared = np.zeros(len(keys), dtype=np.int64)
+        for symbol in set(sound):
+            holders = postings.get(symbol)
+            if holders is not None:
+                shared[holders] += sound.count(symbol)  # at least what the key shares of this syllable
+        near = np.flatnonzero(shared >= (CLOSE_NAME_CUTOFF - 1e-6) * np.maximum(lengths, len(sound)))
         nearest = process.extract(
-            name_sound(written.core), keys, scorer=distance.Levenshtein.normalized_similarity,
-            limit=CLOSE_NAMES_SCORED, score_cutoff=0.3,
+            sound, [keys[i] for i in near], scorer=distance.Levenshtein.normalized_similarity,
+            limit=CLOSE_NAMES_SCORED, score_cutoff=CLOSE_NAME_CUTOFF,
         )  # fmt: skip
         best: dict[int, float] = {}
-        for _key, _score, position in nearest:
+        for _key, _score, found in nearest:
+            position = int(near[found])
             for known, survivor in variants[position]:
                 if known.branch != written.branch:
                     continue
@@ -228,6 +242,20 @@ class CustomerNames:
         if len(scored) > 1 and scored[1][0] > scored[0][0] - CLOSE_NAME_MARGIN:
             return None, scored
         return scored[0][1], scored
+
+    def _sound_postings(self, region: str | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Return, for the sound keys :meth:`_close_name` searches (``region``'s, or all), each syllable's
+        keys and every key's length in syllables (built once per region)."""
+        found = self._postings.get(region)
+        if found is None:
+            keys = (self._sounds_by_region.get(region, ([], [])) if region else self._sounds)[0]
+            holding: dict[str, list[int]] = defaultdict(list)
+            for position, key in enumerate(keys):
+                for symbol in set(key):
+                    holding[symbol].append(position)
+            postings = {symbol: np.array(held, dtype=np.int64) for symbol, held in holding.items()}
+            found = self._postings[region] = (postings, np.array([len(k) for k in keys], dtype=np.int64))
+        return found
 
     @cached_property
     def _golden_names(self) -> dict[int, str]:
