@@ -134,6 +134,7 @@ _LEGAL_FORMS = sorted(
     key=len,
     reverse=True,
 )  # fmt: skip
+_LEGAL_ENDINGS = tuple(_LEGAL_FORMS)
 _TO_SIMPLIFIED = OpenCC("t2s")  # OpenCC's dictionaries: traditional → simplified, phrase-aware
 # Zero-width and format characters, whitespace, and emoji / pictographs with their variation selectors.
 _INVISIBLE = re.compile(
@@ -168,14 +169,13 @@ class CompanyName:
 
 
 def _strip_legal(text: str) -> str:
-    changed = True
-    while changed:
-        changed = False
+    while text.endswith(_LEGAL_ENDINGS):  # one call in C for the usual last pass, where no form ends it
         for form in _LEGAL_FORMS:
             if text.endswith(form) and len(text) > len(form) + 1:
                 text = text[: -len(form)].rstrip(" ,.")
-                changed = True
                 break
+        else:
+            break
     return text
 
 
@@ -272,6 +272,90 @@ def has_han(text: str | None) -> bool:
     return bool(text) and _HAN.search(str(text)) is not None
 
 
+@lru_cache(maxsize=1)
+def _pinyin_tables() -> tuple[dict[str, str], frozenset[str], frozenset[str], int]:
+    """Return what ``lazy_pinyin`` reads without its phrases: each Han character's first reading (toneless),
+    the characters some phrase reads otherwise, those phrases, and the longest one's length.
+
+    ``lazy_pinyin`` splits a text into Han and other runs, segments a Han run into words and reads a word
+    from pypinyin's phrase dictionary when it is there, else each character by its first reading in the
+    single-character dictionary. A word is a piece of the text, so a text holding none of the phrases
+    that read a character otherwise (长 in 长城, 信 in 信用) reads character by character.
+    """
+    from pypinyin import Style
+    from pypinyin.constants import PHRASES_DICT, PINYIN_DICT, RE_HANS
+    from pypinyin.converter import UltimateConverter
+
+    converter = UltimateConverter()  # as lazy_pinyin converts (no v_to_u, no neutral tone 5, no sandhi)
+    toneless: dict[str, str] = {}  # the NORMAL style depends on the reading only, not on its character
+
+    def read(char: str, reading: str) -> str:
+        found = toneless.get(reading)
+        if found is None:
+            found = toneless[reading] = converter.convert_style(char, reading, Style.NORMAL, strict=True)
+        return found
+
+    toned = {chr(n): readings.split(",")[0] for n, readings in PINYIN_DICT.items() if RE_HANS.match(chr(n))}
+    first = {char: read(char, reading) for char, reading in toned.items()}
+    odd_chars: set[str] = set()
+    odd_phrases: set[str] = set()
+    for phrase, readings in PHRASES_DICT.items():
+        if len(readings) != len(phrase):
+            odd_chars.update(phrase)
+            odd_phrases.add(phrase)
+            continue
+        for char, char_readings in zip(phrase, readings, strict=True):
+            reading = char_readings[0]
+            if reading != toned.get(char) and read(char, reading) != first.get(char):  # not a tone only
+                odd_chars.add(char)
+                odd_phrases.add(phrase)
+    longest = max(map(len, odd_phrases), default=0)
+    return first, frozenset(odd_chars), frozenset(odd_phrases), longest
+
+
+@lru_cache(maxsize=50_000)
+def _lazy_pinyin(text: str) -> tuple[str, ...]:
+    from pypinyin import lazy_pinyin
+
+    return tuple(lazy_pinyin(text))
+
+
+def toneless_pinyin(text: str) -> list[str]:
+    """Return ``pypinyin.lazy_pinyin(text)`` (toneless, one reading per character, other runs as written).
+
+    Read character by character unless the text holds a phrase that reads a character otherwise
+    (:func:`_pinyin_tables`) or a Han character without a reading: then by ``lazy_pinyin`` itself
+    (cached). The result is the same either way; per character is some thirty times faster.
+    """
+    first, odd_chars, odd_phrases, longest = _pinyin_tables()
+    out: list[str] = []
+    start = 0  # where the current run of other characters began
+    odd = False
+    for position, char in enumerate(text):
+        reading = first.get(char)
+        if reading is None:
+            if char >= "\u3007":  # pypinyin's Han characters start at 〇
+                from pypinyin.constants import RE_HANS
+
+                if RE_HANS.match(char):  # a Han character without a reading: lazy_pinyin says what it does
+                    return list(_lazy_pinyin(text))
+            continue
+        odd = odd or char in odd_chars
+        if start < position:
+            out.append(text[start:position])
+        out.append(reading)
+        start = position + 1
+    if start < len(text):
+        out.append(text[start:])
+    if odd and any(
+        text[i:j] in odd_phrases
+        for i in range(len(text))
+        for j in range(i + 1, min(len(text), i + longest) + 1)
+    ):
+        return list(_lazy_pinyin(text))
+    return out
+
+
 @lru_cache(maxsize=200_000)
 def brand_key(core: str) -> str:
     """Return a name core's trade name in pinyin, so scripts compare: 腾达科技 and "Shenzhen Tengda Technology"
@@ -280,9 +364,7 @@ def brand_key(core: str) -> str:
     Chinese characters become toneless pinyin, then trailing industry words are dropped as long as two
     letters remain (regions are already split off by :func:`normalize_company_name`).
     """
-    from pypinyin import lazy_pinyin
-
-    text = "".join(lazy_pinyin(core)) if has_han(core) else core
+    text = "".join(toneless_pinyin(core)) if has_han(core) else core
     text = re.sub(r"[^0-9a-z]", "", unicodedata.normalize("NFKC", text).casefold())
     return strip_endings(text, _industry_words())
 
@@ -600,9 +682,7 @@ def trade_pinyin(core: str) -> str:
 @lru_cache(maxsize=200_000)
 def _spoken(trade: str) -> str:
     """A trade name in toneless pinyin, read as a phrase (长城 changcheng, not zhangcheng)."""
-    from pypinyin import lazy_pinyin
-
-    return re.sub(r"[^0-9a-z]", "", "".join(lazy_pinyin(trade)).casefold())
+    return re.sub(r"[^0-9a-z]", "", "".join(toneless_pinyin(trade)).casefold())
 
 
 # English industry words as Chinese names write them, to compare "Tengda Technology" with 腾达科技 in full.

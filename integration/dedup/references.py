@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Collection, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from pypinyin import lazy_pinyin
 from rapidfuzz import distance, process
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -56,6 +55,7 @@ from integration.dedup.normalize import (
     has_han,
     name_sound,
     normalize_company_name,
+    toneless_pinyin,
     trade_name,
 )
 from integration.dedup.online import MatchIndex, query_record
@@ -67,6 +67,7 @@ CANDIDATES_SHOWN = 5
 CLOSE_NAME = 0.9  # name-only similarity a slip keeps (华鑫科技/骅鑫科技 0.92, 纪鼎科技/纪鼎技 0.9)
 CLOSE_NAME_NO_REGION = 0.92  # without a region a two-character trade name's slip (0.917) is too weak
 CLOSE_NAME_MARGIN = 0.1  # how far every other golden customer must stay below the best
+CLOSE_NAME_CUTOFF = 0.3  # how alike in toneless pinyin a known name must be to be among those scored
 CLOSE_NAMES_SCORED = 30  # known names (nearest in toneless pinyin) scored with the trade-name similarity
 IN_BOOK = 0.85  # among one salesperson's own customers, how alike a name must be to be the one meant
 
@@ -91,13 +92,15 @@ def name_variant(name: str) -> NameVariant | None:
     return NameVariant(parts.region, brand, parts.core, parts.branch) if brand else None
 
 
-@lru_cache(maxsize=200_000)
+# Sized for the distinct name cores of a 1M-row engagement's customers (a smaller cache is swept by every
+# resolver build and then misses on every known core a written name is compared with).
+@lru_cache(maxsize=600_000)
 def spelled(core: str) -> str | None:
     """Return a Chinese name core in toneless pinyin with industry synonyms unified (None for Latin ones)."""
     if not has_han(core):
         return None
     # synonyms unified before the pinyin: lazy_pinyin reads 商贸 as two syllables, never as "shangmao"
-    return "".join(INDUSTRY_SYNONYMS.get(s, s) for s in lazy_pinyin(canonical_industry(core)))
+    return "".join(INDUSTRY_SYNONYMS.get(s, s) for s in toneless_pinyin(canonical_industry(core)))
 
 
 def same_company_name(written: NameVariant, known: NameVariant) -> bool:
@@ -133,6 +136,9 @@ class CustomerNames:
         self.session = session
         self.spec = spec
         self._books: dict[Hashable, _Book] = {}
+        self._postings: dict[str | None, tuple[dict[str, np.ndarray], np.ndarray]] = {}
+        # trade name -> (branch, region or "*" for all) -> its name variants (see _same_brand)
+        self._by_place: dict[str, dict[tuple[str | None, str | None], list[tuple[NameVariant, int]]]] = {}
 
     @cached_property
     def _survivor(self) -> dict[int, int]:
@@ -201,12 +207,24 @@ class CustomerNames:
         )
         if not has_han(written.core) or not keys or len(trade_name(written.core)) < 2:
             return None, []
+        sound = name_sound(written.core)
+        # Only a key sharing syllables with the name can reach the cutoff (its distance is at least the longer
+        # length less the syllables shared), so the others are left out before rapidfuzz scores: the same
+        # keys reach the cutoff, in the same order (rapidfuzz keeps the choices' order among equal scores).
+        postings, lengths = self._sound_postings(written.region)
+        shared = np.zeros(len(keys), dtype=np.int64)
+        for symbol in set(sound):
+            holders = postings.get(symbol)
+            if holders is not None:
+                shared[holders] += sound.count(symbol)  # at least what the key shares of this syllable
+        near = np.flatnonzero(shared >= (CLOSE_NAME_CUTOFF - 1e-6) * np.maximum(lengths, len(sound)))
         nearest = process.extract(
-            name_sound(written.core), keys, scorer=distance.Levenshtein.normalized_similarity,
-            limit=CLOSE_NAMES_SCORED, score_cutoff=0.3,
+            sound, [keys[i] for i in near], scorer=distance.Levenshtein.normalized_similarity,
+            limit=CLOSE_NAMES_SCORED, score_cutoff=CLOSE_NAME_CUTOFF,
         )  # fmt: skip
         best: dict[int, float] = {}
-        for _key, _score, position in nearest:
+        for _key, _score, found in nearest:
+            position = int(near[found])
             for known, survivor in variants[position]:
                 if known.branch != written.branch:
                     continue
@@ -224,6 +242,20 @@ class CustomerNames:
         if len(scored) > 1 and scored[1][0] > scored[0][0] - CLOSE_NAME_MARGIN:
             return None, scored
         return scored[0][1], scored
+
+    def _sound_postings(self, region: str | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Return, for the sound keys :meth:`_close_name` searches (``region``'s, or all), each syllable's
+        keys and every key's length in syllables (built once per region)."""
+        found = self._postings.get(region)
+        if found is None:
+            keys = (self._sounds_by_region.get(region, ([], [])) if region else self._sounds)[0]
+            holding: dict[str, list[int]] = defaultdict(list)
+            for position, key in enumerate(keys):
+                for symbol in set(key):
+                    holding[symbol].append(position)
+            postings = {symbol: np.array(held, dtype=np.int64) for symbol, held in holding.items()}
+            found = self._postings[region] = (postings, np.array([len(k) for k in keys], dtype=np.int64))
+        return found
 
     @cached_property
     def _golden_names(self) -> dict[int, str]:
@@ -261,7 +293,7 @@ class CustomerNames:
         written = name_variant(name)
         if written is not None:
             by_closeness: dict[int, set[int]] = defaultdict(set)
-            for known, survivor in self._variants.get(written.brand, ()):
+            for known, survivor in self._same_brand(written):
                 if same_company_name(written, known):
                     by_closeness[closeness(written, known)].add(survivor)
             found = set().union(*by_closeness.values())
@@ -300,6 +332,20 @@ class CustomerNames:
                 i for s, i in scored if scored and s >= max(scored[0][0] - CLOSE_NAME_MARGIN, CLOSE_NAME)
             ]
         return NameMatch(None, candidates, method="match index", candidate_ids=tuple(dict.fromkeys(may_mean)))
+
+    def _same_brand(self, written: NameVariant) -> list[tuple[NameVariant, int]]:
+        """Return the name variants of ``written``'s trade name that :func:`same_company_name` may accept:
+        the same branch, and the same region or none when ``written`` has one (a popular trade name has
+        hundreds of variants, most of them in other cities)."""
+        by_place = self._by_place.get(written.brand)
+        if by_place is None:
+            by_place = self._by_place[written.brand] = defaultdict(list)
+            for known, survivor in self._variants.get(written.brand, ()):
+                by_place[known.branch, known.region].append((known, survivor))
+                by_place[known.branch, "*"].append((known, survivor))  # any region
+        if written.region is None:
+            return by_place.get((written.branch, "*"), [])
+        return by_place.get((written.branch, written.region), []) + by_place.get((written.branch, None), [])
 
     @cached_property
     def _variants_of(self) -> dict[int, list[NameVariant]]:
@@ -345,14 +391,17 @@ class CustomerNames:
         scored: list[tuple[float, int]] = []
         regions: dict[int, set[str]] = {}
         best_of: dict[int, float] = {}
-        for entry in book.worth_scoring(written.brand, written_canonical, written_trade):
+        entries, core_counts, trade_counts = book.worth_scoring(
+            written.brand, written_canonical, written_trade
+        )
+        for entry, core_may, trade_may in zip(entries, core_counts, trade_counts, strict=True):
             survivor, known = book.survivors[entry], book.variants[entry]
             if known.branch != written.branch or (
                 written.region and known.region and known.region != written.region
             ):
                 continue
-            known_trade = trade_name(known.core)
-            known_industry = canonical_industry(known.core)[len(known_trade) :]
+            known_trade = book.raw_trades[entry]
+            known_industry = book.industries[entry]
             best = best_of.get(survivor, 0.0)
             if known.brand == written.brand and (
                 not written_industry or not known_industry or known_industry == written_industry
@@ -360,8 +409,12 @@ class CustomerNames:
                 best_of[survivor] = 1.0
                 regions.setdefault(survivor, set()).update([known.region] if known.region else [])
                 continue
-            similarity = max(variant_similarity(written.core, known.core),
-                             variant_similarity(written_trade, known_trade))  # fmt: skip
+            # a side whose bound stays below a rival's score is not scored: below it, any score decides alike
+            similarity = 0.0
+            if core_may:
+                similarity = variant_similarity(written.core, known.core)
+            if trade_may:
+                similarity = max(similarity, variant_similarity(written_trade, known_trade))
             if (similarity < IN_BOOK and written.region and known.region == written.region and written_industry
                     and known_industry == written_industry
                     and len(known_trade) == len(written_trade) >= 2
@@ -435,30 +488,46 @@ class _Strings:
             for token in alike_tokens(char):
                 chars_alike[token].append(i)
         self._chars_alike = {token: np.array(i, dtype=np.int64) for token, i in chars_alike.items()}
+        # the names holding each character: _entries_by_char[_char_start[n]:_char_start[n + 1]] for number n
+        order = np.argsort(self._pair_char, kind="stable")
+        self._entries_by_char = self._pair_entry[order]
+        self._char_start = np.searchsorted(self._pair_char[order], np.arange(len(number) + 1))
+        self._holding: dict[str, tuple[np.ndarray, np.ndarray, list[int]]] = {}
 
-    def _alike_chars(self, chars: Collection[str]) -> np.ndarray:
-        """Return a mask of the names' characters that look or sound like one of ``chars`` (or are one)."""
-        mask = np.zeros(len(self._number), dtype=bool)
-        for token in set().union(*(alike_tokens(char) for char in chars)) if chars else ():
-            found = self._chars_alike.get(token)
-            if found is not None:
-                mask[found] = True
-        return mask
+    def _holders(self, char: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Return the names holding a character like ``char`` (or it), those holding ``char`` itself, and the
+        numbers of the characters like it.
+
+        Cached per character: one salesperson's book is searched for many names written with the same ones.
+        """
+        found = self._holding.get(char)
+        if found is None:
+            start = self._char_start
+            alike = [self._chars_alike[t] for t in alike_tokens(char) if t in self._chars_alike]
+            numbers = np.unique(np.concatenate(alike)).tolist() if alike else []
+            holding_alike = np.unique(
+                np.concatenate([self._entries_by_char[start[n] : start[n + 1]] for n in numbers])
+                if numbers else np.zeros(0, dtype=np.int64)
+            )  # fmt: skip
+            n = self._number.get(char)
+            holding = self._entries_by_char[start[n] : start[n + 1]] if n is not None else holding_alike[:0]
+            found = self._holding[char] = (holding_alike, holding, numbers)
+        return found
 
     def bounds(self, written: str) -> np.ndarray:
         """Return, per name, an upper bound of ``variant_similarity(written, name)`` (exact cases aside)."""
         count = len(self.texts)
         lacking = np.zeros(count)
         for char in written:  # each character of the written name a name lacks
-            has_alike = np.zeros(count, dtype=bool)
-            has_alike[self._pair_entry[self._alike_chars([char])[self._pair_char]]] = True
-            cost = np.where(has_alike, SOUND_OR_SHAPE, GAP)
-            number = self._number.get(char)
-            if number is not None:
-                cost[self._pair_entry[self._pair_char == number]] = 0.0
+            holding_alike, holding, _ = self._holders(char)
+            cost = np.full(count, GAP)
+            cost[holding_alike] = SOUND_OR_SHAPE
+            cost[holding] = 0.0
             lacking += cost
         # each character of a name the written one lacks: the same costs, summed per name
-        char_cost = np.where(self._alike_chars(set(written)), SOUND_OR_SHAPE, GAP)
+        char_cost = np.full(len(self._number), GAP)
+        for char in set(written):
+            char_cost[self._holders(char)[2]] = SOUND_OR_SHAPE
         for char in set(written):
             number = self._number.get(char)
             if number is not None:
@@ -482,6 +551,7 @@ class _Book:
         self.variants = variants
         cores = [canonical_industry(v.core) for v in variants]  # as variant_similarity compares cores
         self.raw_trades = [trade_name(v.core) for v in variants]
+        self.industries = [core[len(trade) :] for core, trade in zip(cores, self.raw_trades, strict=True)]
         trades = [canonical_industry(t) for t in self.raw_trades]  # ... and trade names
         self.cores, self.trades = _Strings(cores), _Strings(trades)
         self.raw_trade_lengths = np.array([len(t) for t in self.raw_trades], dtype=np.int64)
@@ -491,8 +561,11 @@ class _Book:
                         ("trade", trades[entry]), ("trade_trade", trade_name(trades[entry]))):  # fmt: skip
                 self.exact[key].append(entry)
 
-    def worth_scoring(self, brand: str, written_core: str, written_trade: str) -> Iterator[int]:
-        """Yield the entries that may score above ``IN_BOOK - CLOSE_NAME_MARGIN`` against a written name.
+    def worth_scoring(
+        self, brand: str, written_core: str, written_trade: str
+    ) -> tuple[list[int], list[bool], list[bool]]:
+        """Return the entries that may score above ``IN_BOOK - CLOSE_NAME_MARGIN`` against a written name,
+        and for each whether its core and whether its trade name may (the other side need not be scored).
 
         ``written_core`` is the written core with industry words unified, ``written_trade`` its trade name.
         Kept: the same brand; a core or trade name that is the other's trade name (``TRADE_NAME_ONLY``);
@@ -500,18 +573,22 @@ class _Book:
         reaches the rival threshold.
         """
         if not self.variants:
-            return
+            return [], [], []
         trade_canonical = canonical_industry(written_trade)
-        keep = np.zeros(len(self.variants), dtype=bool)
-        for key in (("brand", brand), ("core", trade_name(written_core)), ("core_trade", written_core),
-                    ("trade", trade_name(trade_canonical)), ("trade_trade", trade_canonical)):  # fmt: skip
-            keep[self.exact.get(key, [])] = True
+        count = len(self.variants)
+        keep, core_may, trade_may = (np.zeros(count, dtype=bool) for _ in range(3))
+        keep[self.exact.get(("brand", brand), [])] = True
+        for key in (("core", trade_name(written_core)), ("core_trade", written_core)):
+            core_may[self.exact.get(key, [])] = True
+        for key in (("trade", trade_name(trade_canonical)), ("trade_trade", trade_canonical)):
+            trade_may[self.exact.get(key, [])] = True
         rival = IN_BOOK - CLOSE_NAME_MARGIN - 1e-9
-        keep |= self.cores.bounds(written_core) >= rival
-        keep |= self.trades.bounds(trade_canonical) >= rival
+        core_may |= self.cores.bounds(written_core) >= rival
+        trade_may |= self.trades.bounds(trade_canonical) >= rival
         raw = process.cdist([written_trade], self.raw_trades, scorer=distance.OSA.distance, dtype=np.int32)[0]
-        keep |= (raw == 1) & (self.raw_trade_lengths == len(written_trade))
-        yield from np.flatnonzero(keep).tolist()
+        keep |= core_may | trade_may | ((raw == 1) & (self.raw_trade_lengths == len(written_trade)))
+        entries = np.flatnonzero(keep)
+        return entries.tolist(), core_may[entries].tolist(), trade_may[entries].tolist()
 
 
 REFERENCE_PREFIX = "r"  # `crmi dedup decide r12`: reference decision 12 (pair candidates are plain numbers)
