@@ -997,12 +997,17 @@ class EntityLoader:
         first load, a go-live): building an index from sorted rows costs a fraction of updating it row by row,
         while a small load into a big core would pay a whole rebuild. Kept: unique indexes and those the loader
         looks records up by (the exact-key columns; the crosswalk's unique key). The drop is part of the load's
-        transaction, so a failed load gets its indexes back with the rollback. On PostgreSQL the table is
-        locked for readers until the load commits.
+        transaction (begun first on SQLite), so a failed load gets its indexes back with the rollback. On
+        PostgreSQL the table, and the crosswalk every entity shares, are locked for readers until the load
+        commits.
         """
         if incoming < self.defer_indexes_at:
             return []
         connection = self.session.connection()
+        if connection.dialect.name == "sqlite" and not connection.connection.driver_connection.in_transaction:
+            # pysqlite opens its transaction only before a write: a DROP INDEX before the load's first write
+            # would be committed at once, and a failed load would lose the index for good.
+            connection.exec_driver_sql("BEGIN")
         looked_up = {
             self._columns[name] for key in self.match.keys for name in key if name not in self.key_functions
         } | {self._columns[name] for name in self.match.conflict_fields}
