@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import itertools
 import re
 from decimal import Decimal
 from pathlib import Path
@@ -207,11 +208,18 @@ def write_excel(report: ReconciliationReport, path: Path) -> None:
 
     def sheet(name: str, frame: pd.DataFrame, preface: list[list[Any]] | None = None) -> None:
         worksheet = workbook.add_worksheet(_sheet_title(name, used))
-        lines = [*(preface or []), [escape_formula(str(c)) for c in frame.columns]]
+        lines = [*(preface or []), [str(c) for c in frame.columns]]
         for number, line in enumerate(lines):
-            worksheet.write_row(number, 0, line)
-        for number, row in enumerate(frame.itertuples(index=False), start=len(lines)):
+            worksheet.write_row(number, 0, [_cell(v) for v in line])
+        room = EXCEL_ROWS - len(lines)
+        shown = len(frame) if len(frame) <= room else max(room - 1, 0)
+        for number, row in enumerate(
+            itertools.islice(frame.itertuples(index=False), shown), start=len(lines)
+        ):
             worksheet.write_row(number, 0, [_cell(v) for v in row])
+        if shown < len(frame):  # said in the sheet, never dropped silently
+            worksheet.write_string(EXCEL_ROWS - 1, 0, f"… {len(frame) - shown:,} more rows: a sheet holds "
+                                   f"{EXCEL_ROWS:,} rows; rejects.csv has every reject")  # fmt: skip
 
     summary = report.to_frame()
     why = [["fails", escape_formula(reason)] for reason in unbalanced_reasons(report)]
@@ -225,14 +233,35 @@ def write_excel(report: ReconciliationReport, path: Path) -> None:
     workbook.close()
 
 
+EXCEL_ROWS = 1_048_576  # rows of a worksheet
+EXCEL_CELL_UNITS = 32_767  # UTF-16 code units of a cell's text
+_CUT = "…[cut: an Excel cell holds 32,767 characters]"
+
+
 def _cell(value: Any) -> Any:
+    """Return a value as the workbook writes it: numbers as numbers, text escaped and cut to a cell's size.
+
+    Text that starts with ``<r>`` and ends with ``</r>`` gets a leading quote like a formula: XlsxWriter's
+    streaming mode would write it into the sheet as rich-text XML (malformed, or a formula cell). Text longer
+    than a cell holds is cut with a note, so the rest of its row is still written.
+    """
     if value is None or (isinstance(value, float) and value != value):
         return None
     if isinstance(value, Decimal):
         return float(value)
     if isinstance(value, bool | int | float):
         return value
-    return escape_formula(str(value))
+    text = escape_formula(str(value))
+    if text.startswith("<r>") and text.endswith("</r>"):
+        text = "'" + text
+    if len(text) > EXCEL_CELL_UNITS // 2:
+        units = text.encode("utf-16-le")
+        if len(units) > 2 * EXCEL_CELL_UNITS:
+            keep = 2 * (EXCEL_CELL_UNITS - len(_CUT))
+            text = (
+                units[:keep].decode("utf-16-le", errors="ignore") + _CUT
+            )  # a split surrogate pair is dropped
+    return text
 
 
 def write_reports(report: ReconciliationReport, directory: Path) -> dict[str, Path]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import openpyxl
 import pandas as pd
+import pytest
 import sqlalchemy as sa
 
 from crm_core.db import make_engine, session_factory, upgrade
@@ -111,3 +112,52 @@ def test_excel_and_html_reports_escape_formulas_and_hold_rows_to_fix(tmp_path: P
         "Every row is accounted for, but 1 row(s) are quarantined" in page
         and "To fix: sales_xlsx.customer" in page
     )
+
+
+def _one_reject(value: str, raw: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame([
+        {"source": "sales_xlsx", "entity": "customer", "location": "sales.xlsx#客户", "row_ref": "7",
+         "field": "remark", "value": value, "rule": "customer.remark.length", "reason": "remark is too long",
+         "severity": "error", "raw_row": raw},
+    ])  # fmt: skip
+
+
+def test_excel_cells_that_look_like_rich_text_or_exceed_a_cell_keep_their_row(tmp_path: Path) -> None:
+    """Text shaped like XlsxWriter's rich-text markup stays text; an over-long cell is cut, its row complete."""
+    rich = "<r>A & B</r>"
+    injected = '<r><t>a</t></r></is></c><c r="B1"><f>1+1</f></c><c><is><r><t>b</t></r>'
+    long_text = "备注" * 20_000  # 40,000 characters
+    rejects = pd.concat([
+        _one_reject(rich, {"客户名称": rich, "备注": injected}),
+        _one_reject(long_text[:2000], {"客户名称": "腾达", "备注": long_text, "手机": "+8613800138000"}),
+    ], ignore_index=True)  # fmt: skip
+    rejects.loc[1, "row_ref"] = "8"
+    line = ReconciliationLine("sales_xlsx", "customer", 2, 0, 0, 2, 0, None, None)
+    paths = write_reports(ReconciliationReport("run-x", [line], rejects, {"customer": 0}), tmp_path)
+
+    workbook = openpyxl.load_workbook(paths["excel"])  # well-formed: it parses
+    fix = list(workbook["fix sales_xlsx.customer"].iter_rows(values_only=True))
+    header = fix[0]
+    first, second = (dict(zip(header, row, strict=True)) for row in fix[1:])
+    assert first["客户名称"] == "'" + rich and first["备注"] == "'" + injected
+    assert all(not isinstance(cell.value, str) or not cell.value.startswith("=")
+               for row in workbook["fix sales_xlsx.customer"].iter_rows() for cell in row)  # fmt: skip
+    assert second["备注"].startswith("备注备注") and second["备注"].endswith("32,767 characters]")
+    assert len(second["备注"].encode("utf-16-le")) // 2 <= 32_767
+    # the cells after the cut one are all there: the row still re-imports under its key
+    assert second["手机"] == "+8613800138000" and second["_row_ref"] == "8" and second["_reasons"]
+
+
+def test_a_sheet_longer_than_excel_allows_says_how_many_rows_it_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from integration import reports
+
+    monkeypatch.setattr(reports, "EXCEL_ROWS", 12)  # header + 10 rows + the note
+    rejects = pd.concat([_one_reject(f"v{i}", {"客户名称": f"c{i}"}) for i in range(15)], ignore_index=True)
+    rejects["row_ref"] = [str(i) for i in range(15)]
+    line = ReconciliationLine("sales_xlsx", "customer", 15, 0, 0, 15, 0, None, None)
+    paths = write_reports(ReconciliationReport("run-x", [line], rejects, {"customer": 0}), tmp_path)
+    rows = list(openpyxl.load_workbook(paths["excel"])["Rejects"].iter_rows(values_only=True))
+    assert len(rows) == 12 and [r[3] for r in rows[1:11]] == [str(i) for i in range(10)]
+    assert rows[11][0].startswith("… 5 more rows")
