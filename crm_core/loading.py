@@ -1004,7 +1004,8 @@ class EntityLoader:
         if incoming < self.defer_indexes_at:
             return []
         connection = self.session.connection()
-        if connection.dialect.name == "sqlite" and not connection.connection.driver_connection.in_transaction:
+        driver: Any = connection.connection.driver_connection
+        if connection.dialect.name == "sqlite" and not driver.in_transaction:
             # pysqlite opens its transaction only before a write: a DROP INDEX before the load's first write
             # would be committed at once, and a failed load would lose the index for good.
             connection.exec_driver_sql("BEGIN")
