@@ -284,6 +284,16 @@ GAP = 0.4  # a character dropped, added, or two swapped: less than half an edit 
 TRADE_NAME_ONLY = 0.9  # 腾达 against 腾达科技: the short name is the other's trade name
 
 
+@lru_cache(maxsize=300_000)
+def _substitution_cost(x: str, y: str) -> float:
+    """Return the cost of writing ``y`` for ``x`` (two different characters): a homophone or look-alike, or 1.
+
+    Cached per pair: the edit-cost table asks for the same character pairs again and again, and the
+    look-alike test reads two shape codes each time.
+    """
+    return SOUND_OR_SHAPE if look_alike(x, y) or sound_alike(x, y) else 1.0
+
+
 def _edit_cost(a: str, b: str) -> float:
     """Weighted edit distance: homophone or look-alike substitutions and gaps cheap, other characters 1."""
     rows, cols = len(a) + 1, len(b) + 1
@@ -295,7 +305,7 @@ def _edit_cost(a: str, b: str) -> float:
     for i in range(1, rows):
         for j in range(1, cols):
             x, y = a[i - 1], b[j - 1]
-            substitute = 0.0 if x == y else SOUND_OR_SHAPE if (look_alike(x, y) or sound_alike(x, y)) else 1.0
+            substitute = 0.0 if x == y else _substitution_cost(x, y)
             best = min(cost[i - 1][j] + GAP, cost[i][j - 1] + GAP, cost[i - 1][j - 1] + substitute)
             if i > 1 and j > 1 and x == b[j - 2] and a[i - 2] == y:
                 best = min(best, cost[i - 2][j - 2] + GAP)
