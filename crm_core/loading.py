@@ -993,19 +993,19 @@ class EntityLoader:
     def _defer_indexes(self, incoming: int) -> list[Index]:
         """Drop the secondary indexes a big load does not read, to build them again once its rows are in.
 
-        Only when ``incoming`` rows are at least ``defer_indexes_at`` and at least the rows the table holds (a
-        first load, a go-live): building an index from sorted rows costs a fraction of updating it row by row,
-        while a small load into a big core would pay a whole rebuild. Kept: unique indexes and those the loader
-        looks records up by (the exact-key columns; the crosswalk's unique key). The drop is part of the load's
-        transaction (begun first on SQLite), so a failed load gets its indexes back with the rollback. On
-        PostgreSQL the table, and the crosswalk every entity shares, are locked for readers until the load
-        commits.
+        SQLite only, and only when ``incoming`` rows are at least ``defer_indexes_at`` and at least the rows
+        the table holds (a first load, a go-live): building an index from the finished table costs a fraction
+        of updating it row by row, while a small load into a big core would pay a whole rebuild. PostgreSQL
+        keeps its indexes: measured there, the rebuild cost more than the B-tree inserts it saved (and the
+        drop would lock the tables for readers). Kept: unique indexes and those the loader looks records up
+        by (the exact-key columns; the crosswalk's unique key). The drop is part of the load's transaction
+        (begun here: the driver would commit it at once), so a failed load gets its indexes back.
         """
-        if incoming < self.defer_indexes_at:
-            return []
         connection = self.session.connection()
+        if incoming < self.defer_indexes_at or connection.dialect.name != "sqlite":
+            return []
         driver: Any = connection.connection.driver_connection
-        if connection.dialect.name == "sqlite" and not driver.in_transaction:
+        if not driver.in_transaction:
             # pysqlite opens its transaction only before a write: a DROP INDEX before the load's first write
             # would be committed at once, and a failed load would lose the index for good.
             connection.exec_driver_sql("BEGIN")
