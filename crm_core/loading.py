@@ -984,10 +984,8 @@ class EntityLoader:
                 save_watermark(self.session, batch.source, stream, state, self.run.id)
         self.session.flush()
         connection = self.session.connection()
-        for index in deferred:
+        for index in deferred:  # SQLite only: no planner statistics to refresh afterwards
             index.create(connection)
-        if deferred:
-            self._analyze()
         return all_stats
 
     def _defer_indexes(self, incoming: int) -> list[Index]:
