@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BindParameter,
     Column,
     ColumnElement,
     Connection,
@@ -33,8 +34,10 @@ from sqlalchemy import (
     any_,
     bindparam,
     event,
+    func,
     insert,
     inspect,
+    literal_column,
     select,
     text,
     tuple_,
@@ -152,7 +155,15 @@ def ids_in(connection: Connection, column: ColumnElement[Any], ids: Sequence[Any
     """
     if connection.dialect.name == "postgresql":
         return column == any_(bindparam(None, list(ids), type_=postgresql.ARRAY(column.type)))
+    if connection.dialect.name == "sqlite" and ids and all(type(i) in _JSON_KEYS for i in ids):
+        # One JSON array parameter read by json_each (SQLite's ANY(array)): binding thousands of expanded
+        # parameters costs SQLAlchemy more Python per key than the lookup itself.
+        keys: BindParameter[str] = bindparam(None, json.dumps(list(ids), ensure_ascii=False))
+        return column.in_(select(literal_column("value")).select_from(func.json_each(keys)))
     return column.in_(ids)
+
+
+_JSON_KEYS = (str, int)  # read back by json_each as TEXT and INTEGER, as stored
 
 
 def key_condition(table: Table, keys: Sequence[dict[str, Any]]) -> ColumnElement[bool]:
@@ -206,6 +217,11 @@ def _copy_values(
         )
 
 
+# Values whose equal ones bind alike (Decimal is not: 1.0 and 1.00 are equal and may bind as different text).
+_CACHEABLE = frozenset({dt.datetime, dt.date, bool, int, str})
+_MISSING = object()
+
+
 def _driver_values(
     connection: Connection, table: Table, names: Sequence[str], rows: Sequence[dict[str, Any]]
 ) -> list[tuple[Any, ...]]:
@@ -216,27 +232,32 @@ def _driver_values(
         for n in names
     ]
     pick = itemgetter(*names) if len(names) > 1 else (lambda row: (row[names[0]],))
-    converted: list[tuple[int, Any, dict[Any, Any]]] = [
-        (i, p, {}) for i, p in enumerate(processors) if p is not None
-    ]
-    if not converted:  # plain values: one C-level itemgetter call per row
-        return [pick(row) for row in rows]
-    out = []
-    for row in rows:
-        values = list(pick(row))
-        for i, process, seen in converted:
-            value = values[i]
+    plain = [pick(row) for row in rows]  # one C-level itemgetter call per row
+    converted = [(i, p) for i, p in enumerate(processors) if p is not None]
+    if not converted or not plain:
+        return plain
+    # Column by column: a chunk's rows share many values (its timestamps, dates, flags), each converted once.
+    columns = list(zip(*plain, strict=True))
+    for i, process in converted:
+        seen: dict[tuple[Any, ...], Any] = {}
+        column: list[Any] = []
+        for value in columns[i]:
             if value is None:
+                column.append(None)
                 continue
-            if type(value) is dt.datetime:  # a chunk's rows share their timestamps: format each once
-                cached = seen.get(value)
-                if cached is None:
-                    cached = seen[value] = process(value)
-                values[i] = cached
-            else:
-                values[i] = process(value)
-        out.append(tuple(values))
-    return out
+            kind = type(value)
+            if kind not in _CACHEABLE:
+                column.append(process(value))
+                continue
+            # by type too (1 and True are equal keys and bind differently), and by zone: equal instants in
+            # two zones are equal keys and are written as their own wall-clock times
+            key = (kind, value, value.tzinfo) if kind is dt.datetime else (kind, value)
+            cached = seen.get(key, _MISSING)
+            if cached is _MISSING:
+                cached = seen[key] = process(value)
+            column.append(cached)
+        columns[i] = tuple(column)
+    return list(zip(*columns, strict=True))
 
 
 def bulk_insert(
