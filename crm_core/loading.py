@@ -438,6 +438,9 @@ class EntityLoader:
         self._pending_self_refs: list[tuple[str, str | None, str, str, str, Any, Lookup]] = []
         self._raw = RawRows(None)
         self._crosswalk: dict[tuple[str, str], _CrosswalkEntry] = {}
+        # Sources the crosswalk held no key of for this entity when the load began (a go-live): the only keys
+        # of theirs that can be stored are the ones this load wrote, so the others are not looked up.
+        self._written_keys: dict[str, set[str]] = {}
         self._record_ids = _IdAllocator(session, self.table)
         self._crosswalk_ids_alloc = _IdAllocator(session, ExternalId.__table__)  # type: ignore[arg-type]
         self._journaled: set[int] = set()  # records with a journal entry from this load (insert or update)
@@ -547,8 +550,14 @@ class EntityLoader:
         return list(zip(*per_key, strict=True))
 
     def _build_index(self) -> None:
-        """Read the merges; the exact-key index is filled per chunk (:meth:`_index_candidates`)."""
+        """Read the merges; the exact-key index is filled per chunk (:meth:`_index_candidates`).
+
+        Into an empty table the index is complete from the start: every record a row can match is one this
+        load inserts, and each is indexed as it is.
+        """
         model: Any = self.model
+        if self.session.execute(select(self.table.c.id).limit(1)).first() is None:
+            self._index_complete = True
         if hasattr(model, "merged_into_id"):
             self._merged_into = dict(
                 self.session.execute(
@@ -975,6 +984,7 @@ class EntityLoader:
         deferred = self._defer_indexes(sum(len(batch.records) for batch in batches))
         self._analyze()
         self._build_index()
+        self._find_new_sources({batch.source for batch in batches})
         all_stats = [self._load_batch(batch) for batch in batches]
         self._resolve_self_references()
         self._record_held()
@@ -987,6 +997,14 @@ class EntityLoader:
         for index in deferred:  # SQLite only: no planner statistics to refresh afterwards
             index.create(connection)
         return all_stats
+
+    def _find_new_sources(self, sources: set[str]) -> None:
+        """Note the sources whose keys of this entity the crosswalk does not hold yet (see ``_written_keys``)."""
+        xw = ExternalId.__table__.c
+        for source in sorted(sources):
+            query = select(xw.id).where(xw.entity == self.entity.name, xw.system == source).limit(1)
+            if self.session.execute(query).first() is None:
+                self._written_keys[source] = set()
 
     def _defer_indexes(self, incoming: int) -> list[Index]:
         """Drop the secondary indexes a big load does not read, to build them again once its rows are in.
@@ -1237,7 +1255,9 @@ class EntityLoader:
         row_keys: Sequence[tuple[tuple[Any, ...] | None, ...]],
     ) -> None:
         """Read, in a few set queries, the crosswalk rows and records a chunk is likely to touch."""
-        wanted = sorted({k for k in keys if (source, k) not in self._crosswalk})
+        wanted_keys = {k for k in keys if (source, k) not in self._crosswalk}
+        written = self._written_keys.get(source)
+        wanted = sorted(wanted_keys if written is None else wanted_keys & written)
         xw = ExternalId.__table__
         for part in _chunks(wanted):
             query = select(xw).where(xw.c.entity == self.entity.name, xw.c.system == source,
@@ -1341,6 +1361,8 @@ class EntityLoader:
             row = self._record(record_id)
             self._touch(record_id, row)
             row["updated_run_id"] = self.run.id
+            if self._index_complete:  # no stored record is read again: index the key values it now has
+                self._add_to_index(record_id, row)
             self._sync_crosswalk(existing, digest)
             return ("merged" if merged else "updated"), record_id
         match = self._find_match(values, found_keys)
@@ -1385,6 +1407,9 @@ class EntityLoader:
             "created_run_id": self.run.id, "updated_run_id": self.run.id,
         }  # fmt: skip
         self._crosswalk[(source, key)] = _CrosswalkEntry(entry_id, entity_id, method, digest)
+        written = self._written_keys.get(source)
+        if written is not None:
+            written.add(key)
         self._xw_journaled.add(entry_id)
 
     def _flush(self) -> None:

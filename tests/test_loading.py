@@ -26,6 +26,7 @@ from crm_core.loading import (
 from crm_core.models import Contact, Customer, ExternalId, Opportunity, Reject, SalesRep
 from integration.dedup.normalize import company_key, person_key
 from integration.mappings.engine import empty_rejects
+from tests.conftest import reset_postgres
 
 CUSTOMER_RULES = MatchRules(keys=[("credit_code",), ("name_normalized",)], conflict_fields=("credit_code",))
 CODE_A = "91440300708461136T"
@@ -347,6 +348,68 @@ def test_a_big_load_builds_its_indexes_afterwards_with_the_same_outcome(
     load(engine, "r2", "customer", [batch("crm", crm, {"parent": Lookup()})], CUSTOMER_RULES)
     assert dropped == [] and _indexes(engine) == indexes
     engine.dispose()
+
+
+def test_a_first_load_skips_lookups_of_keys_nothing_stored_and_decides_the_same(
+    core_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Into an empty table and crosswalk only what the load itself wrote is looked up; the outcome is the same."""
+    from crm_core import loading
+
+    monkeypatch.setattr(loading, "CHUNK_ROWS", 2)  # A1 comes back in a later chunk, c-1 matches it by code
+
+    def run_load(engine: sa.Engine) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]], list[str]]:
+        looked_up: list[
+            str
+        ] = []  # "crosswalk" per chunk reading its keys' crosswalk rows, "records" by exact key
+
+        def watch(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if statement.startswith("SELECT external_ids.id, external_ids.entity,"):
+                looked_up.append("crosswalk")
+            elif statement.startswith(
+                "SELECT customers.id, customers.credit_code, customers.name_normalized"
+            ):
+                looked_up.append("records")
+
+        sa.event.listen(engine, "before_cursor_execute", watch)
+        stats = [s.as_dict() for s in _load_chunked(engine, "r2")]
+        sa.event.remove(engine, "before_cursor_execute", watch)
+        with engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(ExternalId.system, ExternalId.external_key, ExternalId.match_method, Customer.name,
+                          Customer.credit_code, Customer.phone, Customer.parent_id.is_not(None))
+                .join(Customer, Customer.id == ExternalId.entity_id)
+                .where(ExternalId.external_key.not_in(["Z9", "z-9"]))
+                .order_by(ExternalId.system, ExternalId.external_key)
+            ).all()  # fmt: skip
+        return stats, [tuple(r) for r in rows], looked_up
+
+    empty = make_engine(core_url)
+    upgrade(empty)
+    first_stats, first_rows, first_lookups = run_load(empty)
+    if empty.dialect.name == "postgresql":  # the same database: start again from an empty core
+        reset_postgres(empty)
+        holding = empty
+    else:
+        empty.dispose()
+        holding = make_engine(f"sqlite:///{tmp_path / 'holding.sqlite'}")
+    upgrade(holding)
+    unrelated = [
+        {"_external_key": "Z9", "name": "无关有限公司", "parent": None, "credit_code": None, "phone": None}
+    ]
+    load(holding, "r1", "customer", [batch("erp", unrelated), batch("crm", [{**unrelated[0], "_external_key": "z-9"}])],
+         CUSTOMER_RULES)  # fmt: skip
+    later_stats, later_rows, later_lookups = run_load(holding)
+    holding.dispose()
+    assert first_stats == later_stats
+    assert first_rows == later_rows and len(first_rows) == 8
+    # into the empty core only A1, written by this load's first chunk, is looked up when it comes back; with
+    # stored records every chunk reads its keys' crosswalk rows and the records its exact keys may join
+    assert first_lookups == ["crosswalk"]
+    assert later_lookups.count("crosswalk") == 5 and "records" in later_lookups
+    # the key that came back found its record of the earlier chunk; the CRM's row joined it by credit code
+    methods = {(system, key): method for system, key, method, *_ in first_rows}
+    assert methods[("erp", "A1")] == "created" and methods[("crm", "c-1")] == "matched:credit_code"
 
 
 def test_a_failed_big_load_gets_its_indexes_back(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
