@@ -31,6 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from crm_core import steward_models as _steward_models  # noqa: F401  (declares more indexes of core tables)
+from crm_core.collections_policy import rare_collections
 from crm_core.db import refresh_statistics
 from crm_core.entities import ENTITIES, EntityDef
 from crm_core.errors import LoadError
@@ -980,6 +981,10 @@ class EntityLoader:
 
     def load(self, batches: Sequence[Batch]) -> list[SourceStats]:
         """Load ``batches`` in order (earlier batches win on conflicting values); return stats per batch."""
+        with rare_collections():  # a load allocates millions of objects that live until it ends
+            return self._load(batches)
+
+    def _load(self, batches: Sequence[Batch]) -> list[SourceStats]:
         self.session.flush()
         deferred = self._defer_indexes(sum(len(batch.records) for batch in batches))
         self._analyze()

@@ -17,3 +17,55 @@ def test_memory_is_given_back_only_above_the_threshold(monkeypatch: pytest.Monke
     assert collections == []
     memory.release_memory(above_bytes=0)
     assert collections == [1]
+
+
+def test_bulk_work_collects_garbage_rarely_and_restores_the_thresholds() -> None:
+    from crm_core.collections_policy import BULK_YOUNG_THRESHOLD, rare_collections
+
+    before = gc.get_threshold()
+    assert before[0] < BULK_YOUNG_THRESHOLD
+    with rare_collections():
+        assert gc.get_threshold()[0] == BULK_YOUNG_THRESHOLD
+        with rare_collections():  # nested: left as it is
+            assert gc.get_threshold()[0] == BULK_YOUNG_THRESHOLD
+        assert gc.get_threshold()[0] == BULK_YOUNG_THRESHOLD
+    assert gc.get_threshold() == before
+    with pytest.raises(ZeroDivisionError), rare_collections():
+        1 / 0  # noqa: B018
+    assert gc.get_threshold() == before
+    gc.disable()
+    try:
+        with rare_collections():  # a collector someone disabled stays as it was
+            assert gc.get_threshold() == before and not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_load_runs_with_rare_collections_and_gives_the_thresholds_back(tmp_path: object) -> None:
+    import pandas as pd
+    from sqlalchemy.orm import Session
+
+    from crm_core.db import make_engine, upgrade
+    from crm_core.loading import Batch, EntityLoader, MatchRules, get_or_start_run
+    from integration.mappings.engine import empty_rejects
+
+    engine = make_engine(f"sqlite:///{tmp_path}/core.sqlite")
+    upgrade(engine)
+    seen: list[int] = []
+
+    def company_key(name: str) -> str:
+        seen.append(gc.get_threshold()[0])  # called while the load decides its rows
+        return name
+
+    records = pd.DataFrame({"_external_key": ["C1"], "name": ["腾达"], "name_normalized": ["腾达"],
+                            "_row_ref": ["2"], "_location": ["t"]})  # fmt: skip
+    before = gc.get_threshold()
+    with Session(engine) as session, session.begin():
+        run = get_or_start_run(session, "r1", "test")
+        batch = Batch("erp", "erp_map", records, empty_rejects(), 1, ["name", "name_normalized"], {})
+        EntityLoader(
+            session, run, "customer", match=MatchRules(keys=[("name",)]), key_functions={"name": company_key}
+        ).load([batch])
+    engine.dispose()
+    assert gc.get_threshold() == before
+    assert seen and all(threshold > before[0] for threshold in seen)

@@ -21,6 +21,7 @@ import pandas as pd
 from dagster import AssetExecutionContext
 from sqlalchemy import Engine, func, select
 
+from crm_core.collections_policy import rare_collections
 from crm_core.db import session_factory
 from crm_core.errors import CrmError, TransientExtractError
 from crm_core.failpoints import failpoint
@@ -109,7 +110,8 @@ def _load_run_step(context: AssetExecutionContext, core: CoreDatabase, project: 
             allow_retries=False,
         )
     try:
-        yield engine
+        with rare_collections():  # a step at size allocates millions of objects that live until it ends
+            yield engine
     except dg.RetryRequested:
         raise
     except dg.Failure:
