@@ -69,3 +69,21 @@ def test_a_load_runs_with_rare_collections_and_gives_the_thresholds_back(tmp_pat
     engine.dispose()
     assert gc.get_threshold() == before
     assert seen and all(threshold > before[0] for threshold in seen)
+
+
+def test_the_memory_a_large_extract_holds_is_estimated_from_a_sample_close_to_the_exact_figure() -> None:
+    import numpy as np
+    import pandas as pd
+
+    from integration.assets.factories import MEMORY_SAMPLE_ROWS, bytes_in_memory
+
+    rows = MEMORY_SAMPLE_ROWS * 12
+    frame = pd.DataFrame({
+        "name": [f"深圳市腾达科技有限公司{i}" for i in range(rows)], "amount": np.arange(rows),
+        "note": [None if i % 3 else "备注" * (i % 50) for i in range(rows)],  # a pattern evenly spaced rows alias
+    })  # fmt: skip
+    exact = int(frame.memory_usage(deep=True).sum())
+    assert abs(bytes_in_memory(frame) - exact) < 0.03 * exact
+    small = frame.iloc[:MEMORY_SAMPLE_ROWS]
+    assert bytes_in_memory(small) == int(small.memory_usage(deep=True).sum())
+    assert bytes_in_memory(frame.iloc[:0]) == 0

@@ -216,13 +216,28 @@ def raw_asset(migration: Migration, mapping: CompiledMapping) -> dg.AssetsDefini
                 "data_rows": data_rows,
                 "columns": dg.MetadataValue.json([c for c in frame.columns if not c.startswith("_")]),
                 "source_location": source.connector().describe(),
-                "bytes_in_memory": int(frame.memory_usage(deep=True).sum()) if len(frame) else 0,
+                "bytes_in_memory": bytes_in_memory(frame),
                 "preview": _preview(frame),
                 **_cursor_metadata(mapping, since, frame),
             },
         )
 
     return _raw
+
+
+MEMORY_SAMPLE_ROWS = 10_000
+
+
+def bytes_in_memory(frame: pd.DataFrame) -> int:
+    """Return what a frame holds in memory, text included; above 10,000 rows estimated from 10,000 random rows.
+
+    Measuring every string of a million-row extract cost seconds per step for one number in the UI.
+    """
+    if len(frame) <= MEMORY_SAMPLE_ROWS:
+        return int(frame.memory_usage(deep=True).sum()) if len(frame) else 0
+    sample = frame.sample(n=MEMORY_SAMPLE_ROWS, random_state=0)  # random: evenly spaced rows alias patterns
+    columns = sample.memory_usage(deep=True, index=False).sum() * len(frame) / len(sample)
+    return int(columns + frame.index.memory_usage(deep=True))
 
 
 def _skipped_output(unchanged: Unchanged, source: SourceSystem) -> dg.Output[pd.DataFrame]:
