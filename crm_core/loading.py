@@ -412,6 +412,7 @@ class EntityLoader:
         # rows from which a load builds secondary indexes afterwards (:meth:`_defer_indexes`)
         self.defer_indexes_at = DEFER_INDEXES_MIN_ROWS if defer_indexes_at is None else defer_indexes_at
         self.run = run
+        self._run_id: int = run.id  # read per row: the ORM attribute costs more than a plain one
         self.entity = ENTITIES[entity] if isinstance(entity, str) else entity
         self.model: type[Base] = self.entity.model
         self.table: Table = self.model.__table__  # type: ignore[assignment]
@@ -1090,7 +1091,7 @@ class EntityLoader:
     ) -> None:
         where = str(location) if location is not None else None
         self._rejects.append({
-            "load_run_id": self.run.id, "source": source, "entity": self.entity.name, "location": where,
+            "load_run_id": self._run_id, "source": source, "entity": self.entity.name, "location": where,
             "row_ref": str(row_ref), "field": field_name, "value": None if value is None else str(value)[:2000],
             "rule": rule, "reason": reason, "severity": severity, "raw_row": (where, str(row_ref)),
             "created_at": self._now,
@@ -1365,7 +1366,7 @@ class EntityLoader:
             self._assign(record_id, values, only_blanks=merged)
             row = self._record(record_id)
             self._touch(record_id, row)
-            row["updated_run_id"] = self.run.id
+            row["updated_run_id"] = self._run_id
             if self._index_complete:  # no stored record is read again: index the key values it now has
                 self._add_to_index(record_id, row)
             self._sync_crosswalk(existing, digest)
@@ -1374,14 +1375,14 @@ class EntityLoader:
         if match is not None:
             record_id, method = match
             if self._assign(record_id, values, only_blanks=True):
-                self._rows[record_id]["updated_run_id"] = self.run.id
+                self._rows[record_id]["updated_run_id"] = self._run_id
             self._add_crosswalk(source, key, record_id, f"matched:{method}", digest, remaining)
             self._add_to_index(record_id, self._record(record_id))
             return "merged", record_id
         record_id = self._record_ids.take(remaining)
         now = self._now
         row = dict(self._blank_row)
-        row.update(id=record_id, created_run_id=self.run.id, updated_run_id=self.run.id, created_at=now,
+        row.update(id=record_id, created_run_id=self._run_id, updated_run_id=self._run_id, created_at=now,
                    updated_at=now)  # fmt: skip
         for name, value in values.items():
             if name not in self._self_ref_fields and value is not None:
@@ -1409,7 +1410,7 @@ class EntityLoader:
         self._new_crosswalk[entry_id] = {
             "id": entry_id, "entity": self.entity.name, "entity_id": entity_id, "system": source,
             "external_key": key, "match_method": method, "last_synced_hash": digest, "last_synced_at": now,
-            "created_run_id": self.run.id, "updated_run_id": self.run.id,
+            "created_run_id": self._run_id, "updated_run_id": self._run_id,
         }  # fmt: skip
         self._crosswalk[(source, key)] = _CrosswalkEntry(entry_id, entity_id, method, digest)
         written = self._written_keys.get(source)
@@ -1442,20 +1443,20 @@ class EntityLoader:
                 before = self._before.pop(record_id, None)
                 if before is not None:
                     after = {c: row.get(c) for c in writable if to_json(row.get(c)) != before.get(c)}
-                    journal.append(update_entry(self.run.id, self.table, {"id": record_id}, before, after))
+                    journal.append(update_entry(self._run_id, self.table, {"id": record_id}, before, after))
             bulk_update(connection, self.table, rows)
         if self._changed_crosswalk:
             now = dt.datetime.now(dt.UTC)
             updates = [
                 {"_id": e.id, "last_synced_hash": e.last_synced_hash, "last_synced_at": now,
-                 "updated_run_id": self.run.id}
+                 "updated_run_id": self._run_id}
                 for e in self._changed_crosswalk.values()
             ]  # fmt: skip
             bulk_update(connection, xw, updates)
             for entry, written in zip(self._changed_crosswalk.values(), updates, strict=True):
                 if entry.row is not None and entry.id not in self._xw_journaled:
                     after = {k: v for k, v in written.items() if k != "_id"}
-                    journal.append(update_entry(self.run.id, xw, {"id": entry.id}, entry.row, after))
+                    journal.append(update_entry(self._run_id, xw, {"id": entry.id}, entry.row, after))
             self._xw_journaled.update(self._changed_crosswalk)
         if journal:
             write_journal(connection, journal)
