@@ -83,7 +83,8 @@ def _gc_paused(build: Callable[_P, _T]) -> Callable[_P, _T]:
 
     The resolver's tables (every name variant of the core, the match index, a salesperson's book) are
     hundreds of thousands of small containers that all survive: collections triggered while they grow
-    find nothing to free, and each full one walks the whole heap again (a fifth of a 1M build's time).
+    find nothing to free, and each full one walks the whole heap again (at 1M, with collection off
+    throughout, the resolver took a fifth less CPU; paused in the builds only, about a tenth).
     The tables hold no reference cycles; collection resumes when the build returns.
     """
 
