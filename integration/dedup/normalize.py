@@ -409,6 +409,7 @@ _TRADE_SUFFIXES = tuple(sorted(
 _SHAPES_FILE = Path(__file__).parent / "data" / "char_shapes.tsv"
 
 
+@lru_cache(maxsize=600_000)  # the same name cores are asked for again and again (books, variants, similarity)
 def canonical_industry(core: str) -> str:
     """Return a name core with industry-word synonyms written one way (商贸 → 贸易, 技术 → 科技)."""
     for _ in range(3):  # 电子技术 → 电子科技 → 电子: until nothing changes
