@@ -15,7 +15,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from crm_core.collections_policy import rare_collections
 from crm_core.db import core_url, make_engine, redact_url, upgrade
 from crm_core.errors import ConfigError, CrmError
 from integration.finance_cli import finance_app
@@ -1225,8 +1224,7 @@ def core_upgrade(core: CoreOption = None) -> None:
 def main() -> None:
     """Entry point that turns our errors into one clear line instead of a traceback."""
     try:
-        with rare_collections():  # a batch tool: its commands keep millions of objects alive until they end
-            app()
+        app()
     except CrmError as exc:
         errors.print(f"[red]error:[/red] {exc}")
         sys.exit(EXIT_FAILED)
