@@ -155,7 +155,7 @@ def ids_in(connection: Connection, column: ColumnElement[Any], ids: Sequence[Any
     """
     if connection.dialect.name == "postgresql":
         return column == any_(bindparam(None, list(ids), type_=postgresql.ARRAY(column.type)))
-    if connection.dialect.name == "sqlite" and ids and all(type(i) in _JSON_KEYS for i in ids):
+    if connection.dialect.name == "sqlite" and _json_keys(column, ids):
         # One JSON array parameter read by json_each (SQLite's ANY(array)): binding thousands of expanded
         # parameters costs SQLAlchemy more Python per key than the lookup itself.
         keys: BindParameter[str] = bindparam(None, json.dumps(list(ids), ensure_ascii=False))
@@ -163,7 +163,24 @@ def ids_in(connection: Connection, column: ColumnElement[Any], ids: Sequence[Any
     return column.in_(ids)
 
 
-_JSON_KEYS = (str, int)  # read back by json_each as TEXT and INTEGER, as stored
+def _json_keys(column: ColumnElement[Any], ids: Sequence[Any]) -> bool:
+    """Whether ``json_each`` returns these keys as the column stores them, so ``IN`` compares them alike.
+
+    json_each's values carry no column affinity: an int key would not match the text '5' that ``IN (5)``
+    matches, so only text keys for a text column and integer keys for an integer column go that way.
+    SQLite's JSON reader ends a string at an escaped NUL, so keys holding one keep the plain ``IN``.
+    """
+    if not len(ids):
+        return False
+    try:
+        kind = column.type.python_type
+    except NotImplementedError:
+        return False
+    if kind is str:
+        return all(type(i) is str and "\x00" not in i for i in ids)
+    if kind is int:
+        return all(type(i) is int and -(2**63) <= i < 2**63 for i in ids)
+    return False
 
 
 def key_condition(table: Table, keys: Sequence[dict[str, Any]]) -> ColumnElement[bool]:
