@@ -428,6 +428,12 @@ class EntityLoader:
         self._index: dict[tuple[str, tuple[Any, ...]], set[int]] = defaultdict(set)
         self._queried: dict[str, set[Any]] = {}  # field -> values whose stored records are in the index
         self._index_complete = False
+        # The field each exact key is looked up by (its first field compared as stored), and, for a table empty
+        # when the load began, the values of those fields this load has written (see _build_index).
+        self._lookup_fields = {
+            plain[0] for key in self.match.keys if (plain := [n for n in key if n not in self.key_functions])
+        }
+        self._flushed_values: dict[str, set[Any]] | None = None
         self._conflict_values: dict[int, tuple[Any, ...]] = {}
         self._name_index: dict[str, dict[Any, set[int]]] = {}
         self._stages: set[str] | None = None
@@ -554,12 +560,12 @@ class EntityLoader:
     def _build_index(self) -> None:
         """Read the merges; the exact-key index is filled per chunk (:meth:`_index_candidates`).
 
-        Into an empty table the index is complete from the start: every record a row can match is one this
-        load inserts, and each is indexed as it is.
+        Into a table empty at the start, the only stored records a lookup can find are the ones this load
+        has written: :meth:`_flush` notes their looked-up values, and only those are asked for.
         """
         model: Any = self.model
         if self.session.execute(select(self.table.c.id).limit(1)).first() is None:
-            self._index_complete = True
+            self._flushed_values = {name: set() for name in self._lookup_fields}
         if hasattr(model, "merged_into_id"):
             self._merged_into = dict(
                 self.session.execute(
@@ -605,7 +611,9 @@ class EntityLoader:
             } - queried  # fmt: skip
             if not wanted:
                 continue
-            queried |= wanted
+            queried |= wanted  # asked for once, as when every one is looked up
+            if self._flushed_values is not None:
+                wanted &= self._flushed_values[first]  # the others are not stored: nothing to read
             column = self.table.c[self._columns[first]]
             for part in _chunks(sorted(wanted, key=str)):
                 query = self._index_query().where(ids_in(connection, column, part))
@@ -1367,8 +1375,6 @@ class EntityLoader:
             row = self._record(record_id)
             self._touch(record_id, row)
             row["updated_run_id"] = self._run_id
-            if self._index_complete:  # no stored record is read again: index the key values it now has
-                self._add_to_index(record_id, row)
             self._sync_crosswalk(existing, digest)
             return ("merged" if merged else "updated"), record_id
         match = self._find_match(values, found_keys)
@@ -1427,6 +1433,17 @@ class EntityLoader:
         # New rows carry created_run_id: rollback deletes them by it, so they need no journal entry each.
         if self._new_records:
             bulk_insert(connection, self.table, list(self._new_records.values()))
+        if self._flushed_values is not None:
+            for name, values in self._flushed_values.items():
+                column = self._columns[name]
+                values.update(
+                    row[column] for row in self._new_records.values() if row.get(column) is not None
+                )
+                values.update(
+                    self._rows[i][column]
+                    for i in self._changed_records
+                    if self._rows[i].get(column) is not None
+                )
         if self._new_crosswalk:
             bulk_insert(connection, xw, list(self._new_crosswalk.values()))
         changed = sorted(self._changed_records)

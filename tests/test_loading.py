@@ -403,10 +403,11 @@ def test_a_first_load_skips_lookups_of_keys_nothing_stored_and_decides_the_same(
     holding.dispose()
     assert first_stats == later_stats
     assert first_rows == later_rows and len(first_rows) == 8
-    # into the empty core only A1, written by this load's first chunk, is looked up when it comes back; with
-    # stored records every chunk reads its keys' crosswalk rows and the records its exact keys may join
-    assert first_lookups == ["crosswalk"]
-    assert later_lookups.count("crosswalk") == 5 and "records" in later_lookups
+    # into the empty core only what this load wrote is looked up: A1's crosswalk row when it comes back, the
+    # records of the values its earlier chunks wrote; with stored records every chunk reads its keys'
+    # crosswalk rows and the records its exact keys may join
+    assert first_lookups.count("crosswalk") == 1 and later_lookups.count("crosswalk") == 5
+    assert first_lookups.count("records") < later_lookups.count("records")
     # the key that came back found its record of the earlier chunk; the CRM's row joined it by credit code
     methods = {(system, key): method for system, key, method, *_ in first_rows}
     assert methods[("erp", "A1")] == "created" and methods[("crm", "c-1")] == "matched:credit_code"
