@@ -10,15 +10,18 @@ from typing import Any
 
 import numpy as np
 
-from integration.dedup.normalize import canonical_industry, trade_name
+from integration.dedup.normalize import canonical_industry, has_han, trade_name
 from integration.dedup.references import (
+    PREFIX_ONLY,
+    SAME_CHARACTERS,
+    SAME_SOUND,
     CustomerNames,
     NameVariant,
+    WrittenName,
     _Alphabet,
     _Book,
     _CoreFacts,
     _Strings,
-    closeness,
     name_variant,
     same_company_name,
     spelled,
@@ -110,6 +113,34 @@ def test_same_brand_variants_share_trade_name_branch_and_a_written_region() -> N
             assert same == same_company_name(written, known)
 
 
+def _closeness(written: NameVariant, known: NameVariant) -> int:
+    """Closeness as the module doc defines it, written out independently of WrittenName."""
+    mine, theirs = canonical_industry(written.core), canonical_industry(known.core)
+    if has_han(mine) and mine == theirs:
+        return SAME_CHARACTERS
+    if spelled(written.core) is not None and spelled(written.core) == spelled(known.core):
+        return SAME_SOUND
+    return PREFIX_ONLY
+
+
+def test_closeness_of_written_names() -> None:
+    """Same characters (industry synonyms unified), same sound, a short form, another name."""
+    cases = [
+        ("明汇科技有限公司", "明汇科技有限公司", SAME_CHARACTERS),
+        ("明汇商贸有限公司", "明汇贸易有限公司", SAME_CHARACTERS),
+        ("明辉科技有限公司", "明汇科技有限公司", SAME_SOUND),
+        ("明汇", "明汇科技有限公司", PREFIX_ONLY),
+        ("Minghui Technology Co., Ltd.", "明汇科技有限公司", PREFIX_ONLY),
+        ("明汇科技有限公司", "明汇建设工程有限公司", None),
+    ]
+    for written_text, known_text, expected in cases:
+        written, known = name_variant(written_text), name_variant(known_text)
+        assert written is not None and known is not None
+        assert WrittenName(written).closeness_to(known) == expected, (written_text, known_text)
+        if expected is not None:
+            assert _closeness(written, known) == expected
+
+
 def test_resolve_groups_variants_by_closeness_as_the_functions_do() -> None:
     records = _records(5)
     names = _resolver(records, {})
@@ -119,7 +150,7 @@ def test_resolve_groups_variants_by_closeness_as_the_functions_do() -> None:
         by_closeness: dict[int, set[int]] = defaultdict(set)
         for known, survivor in names._same_brand(written):
             if same_company_name(written, known):
-                by_closeness[closeness(written, known)].add(survivor)
+                by_closeness[_closeness(written, known)].add(survivor)
         if not by_closeness:
             continue  # resolve goes on to the match index
         match = names.resolve(text)

@@ -132,31 +132,48 @@ def spelled(core: str) -> str | None:
     return "".join(INDUSTRY_SYNONYMS.get(s, s) for s in toneless_pinyin(canonical_industry(core)))
 
 
-def same_company_name(written: NameVariant, known: NameVariant) -> bool:
-    """Return True when a written name may be a variant of a known one (see the module doc)."""
-    if written.brand != known.brand or written.branch != known.branch:
-        return False
-    if written.region and known.region and written.region != known.region:
-        return False
-    mine, theirs = spelled(written.core), spelled(known.core)
-    if mine and theirs:  # both Chinese: the same, or one a short form of the other
-        return mine.startswith(theirs) or theirs.startswith(mine)
-    return True  # a pinyin-English name against a Chinese one: the trade name and region decide
-
-
 SAME_CHARACTERS, SAME_SOUND, PREFIX_ONLY = 0, 1, 2
 _UNSPLIT: Any = object()  # not looked up yet (None is a result)
 
 
-def closeness(written: NameVariant, known: NameVariant) -> int:
-    """How closely a matching known name variant is written: the same characters (industry synonyms unified),
-    the same sound (a homophone: 明汇/明辉), or only a start of the other or across scripts."""
-    mine, theirs = canonical_industry(written.core), canonical_industry(known.core)
-    if has_han(mine) and mine == theirs:
-        return SAME_CHARACTERS
-    if spelled(written.core) is not None and spelled(written.core) == spelled(known.core):
-        return SAME_SOUND
-    return PREFIX_ONLY
+class WrittenName:
+    """A written name's side of the comparison with known name variants, worked out once."""
+
+    __slots__ = ("canonical", "han", "spelled", "variant")
+
+    def __init__(self, variant: NameVariant) -> None:
+        self.variant = variant
+        self.spelled = spelled(variant.core)
+        self.canonical = canonical_industry(variant.core)
+        self.han = has_han(self.canonical)
+
+    def in_same_place(self, known: NameVariant) -> bool:
+        """Return True when ``known`` has the same trade name and branch, and no other region than one written."""
+        written = self.variant
+        if written.brand != known.brand or written.branch != known.branch:
+            return False
+        return not (written.region and known.region and written.region != known.region)
+
+    def closeness_to(self, known: NameVariant) -> int | None:
+        """How closely a known variant in the same place is written: the same characters (industry synonyms
+        unified), the same sound (a homophone: 明汇/明辉), or only a start of the other or across scripts;
+        None when both are Chinese and neither is the other or a short form of it."""
+        mine, theirs = self.spelled, spelled(known.core)
+        if mine and theirs and not (mine.startswith(theirs) or theirs.startswith(mine)):
+            return None
+        if self.han and self.canonical == canonical_industry(known.core):
+            return SAME_CHARACTERS
+        if mine is not None and mine == theirs:
+            return SAME_SOUND
+        return (
+            PREFIX_ONLY  # also a pinyin-English name against a Chinese one: the trade name and region decide
+        )
+
+
+def same_company_name(written: NameVariant, known: NameVariant) -> bool:
+    """Return True when a written name may be a variant of a known one (see the module doc)."""
+    side = WrittenName(written)
+    return side.in_same_place(known) and side.closeness_to(known) is not None
 
 
 class CustomerNames:
@@ -361,25 +378,15 @@ class CustomerNames:
         written = name_variant(name)
         if written is not None:
             by_closeness: dict[int, set[int]] = defaultdict(set)
-            # same_company_name and closeness with the written side worked out once: _same_brand's variants
-            # already share the trade name and branch, and a region when one is written
-            mine = spelled(written.core)
-            mine_canonical = canonical_industry(written.core)
-            mine_han = has_han(mine_canonical)
-            for known, survivor in self._same_brand(written):
-                theirs = spelled(known.core)
-                if mine and theirs and not (mine.startswith(theirs) or theirs.startswith(mine)):
-                    continue
-                if mine_han and mine_canonical == canonical_industry(known.core):
-                    by_closeness[SAME_CHARACTERS].add(survivor)
-                elif mine is not None and mine == theirs:
-                    by_closeness[SAME_SOUND].add(survivor)
-                else:
-                    by_closeness[PREFIX_ONLY].add(survivor)
+            side = WrittenName(written)
+            for known, survivor in self._same_brand(written):  # all in the same place (see _same_brand)
+                how_close = side.closeness_to(known)
+                if how_close is not None:
+                    by_closeness[how_close].add(survivor)
             found = set().union(*by_closeness.values())
             closest = by_closeness[min(by_closeness)] if by_closeness else set()
             # A bare trade name (坤飞) is many companies' short name: only a name with its industry picks one.
-            picks = trade_name(written.core) != canonical_industry(written.core)
+            picks = trade_name(written.core) != side.canonical
             if picks and len(found) > 1 and len(closest) == 1 and min(by_closeness) == SAME_CHARACTERS:
                 return NameMatch(next(iter(closest)), method="name variant")
             if len(found) == 1:
