@@ -3,6 +3,12 @@
 Nullability follows the annotation (``Mapped[str | None]`` is nullable). Every business row records
 the load run that created it and the one that last changed it; ``external_ids`` is the crosswalk
 between a core record and its keys in every source system.
+
+Run stamps (``created_run_id``, ``updated_run_id``, ``load_run_id``) carry no foreign key to ``load_runs``
+(revision 0013): on PostgreSQL each key cost every bulk-written row a trigger check (a crosswalk COPY took
+twice as long), while a stamp is only ever written from the run the loader just created and a run is never
+deleted (a rolled-back run is marked). Their indexes stay: rollback, delta and dependency detection query
+by run id.
 """
 
 from __future__ import annotations
@@ -74,8 +80,10 @@ class Base(DeclarativeBase):
 class RunTracked:
     """Columns every business table carries: which load run created and last changed the row."""
 
-    created_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"), index=True)
-    updated_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"), index=True)
+    # No ForeignKey("load_runs.id"): see the module docstring.
+
+    created_run_id: Mapped[int | None] = mapped_column(index=True)
+    updated_run_id: Mapped[int | None] = mapped_column(index=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
     updated_at: Mapped[dt.datetime] = mapped_column(
         default=_utcnow, server_default=func.now(), onupdate=_utcnow
@@ -110,7 +118,7 @@ class RowChange(Base):
     __table_args__ = (Index("ix_row_changes_table_name_row_key", "table_name", "row_key"),)
 
     id: Mapped[intpk]
-    load_run_id: Mapped[int] = mapped_column(ForeignKey("load_runs.id"), index=True)
+    load_run_id: Mapped[int] = mapped_column(index=True)
     table_name: Mapped[str] = mapped_column(String(64))
     row_key: Mapped[str] = mapped_column(String(255))  # the primary key as canonical JSON
     operation: Mapped[str] = mapped_column(String(8))  # insert | update | delete
@@ -127,7 +135,7 @@ class Reject(Base):
     __tablename__ = "rejects"
 
     id: Mapped[intpk]
-    load_run_id: Mapped[int] = mapped_column(ForeignKey("load_runs.id"), index=True)
+    load_run_id: Mapped[int] = mapped_column(index=True)
     source: Mapped[str] = mapped_column(String(64))
     entity: Mapped[str] = mapped_column(String(32))
     location: Mapped[str | None] = mapped_column(String(255))  # table, sheet or file of the source
@@ -159,8 +167,8 @@ class ExternalId(Base):
     match_method: Mapped[str] = mapped_column(String(64), default="created")
     last_synced_hash: Mapped[str | None] = mapped_column(String(64))
     last_synced_at: Mapped[dt.datetime | None]
-    created_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"))
-    updated_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"))
+    created_run_id: Mapped[int | None]
+    updated_run_id: Mapped[int | None]
 
 
 class Watermark(Base):
@@ -171,7 +179,7 @@ class Watermark(Base):
     source: Mapped[str] = mapped_column(String(64), primary_key=True)
     stream: Mapped[str] = mapped_column(String(128), primary_key=True)
     cursor_value: Mapped[str | None] = mapped_column(Text)
-    load_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"))
+    load_run_id: Mapped[int | None]
     updated_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, onupdate=_utcnow)
 
 
@@ -187,7 +195,7 @@ class MappingFingerprint(Base):
     __table_args__ = (Index("ix_mapping_fingerprints_project_mapping", "project", "mapping"),)
 
     id: Mapped[intpk]
-    created_run_id: Mapped[int] = mapped_column(ForeignKey("load_runs.id"), index=True)
+    created_run_id: Mapped[int] = mapped_column(index=True)
     project: Mapped[str] = mapped_column(String(128))
     mapping: Mapped[str] = mapped_column(String(128))  # the mapping file's name without extension
     entity: Mapped[str] = mapped_column(String(32))
@@ -435,7 +443,7 @@ class MatchCandidate(Base):
     status: Mapped[str] = mapped_column(String(16), default="review", index=True)
     decided_by: Mapped[str | None] = mapped_column(String(64))
     decided_at: Mapped[dt.datetime | None]
-    load_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"))
+    load_run_id: Mapped[int | None]
 
 
 class MergeLog(Base):
@@ -450,7 +458,7 @@ class MergeLog(Base):
     probability: Mapped[float | None]
     reason: Mapped[str] = mapped_column(Text)  # auto-merge above threshold | steward decision
     decided_by: Mapped[str] = mapped_column(String(64))
-    load_run_id: Mapped[int] = mapped_column(ForeignKey("load_runs.id"))
+    load_run_id: Mapped[int]
     first_change_id: Mapped[int | None]  # merges before revision 0004 only: their row_changes first..last
     last_change_id: Mapped[int | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
@@ -481,7 +489,7 @@ class ReferenceDecision(Base):
     amount_held: Mapped[Decimal | None] = mapped_column(Numeric(18, 2))
     decided_by: Mapped[str | None] = mapped_column(String(64))
     decided_at: Mapped[dt.datetime | None]
-    load_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"), index=True)
+    load_run_id: Mapped[int | None] = mapped_column(index=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
 
 
@@ -519,7 +527,7 @@ class SyncOutbox(Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
     last_error: Mapped[str | None] = mapped_column(Text)
     external_key: Mapped[str | None] = mapped_column(String(255))
-    load_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"), index=True)  # captured by
+    load_run_id: Mapped[int | None] = mapped_column(index=True)  # captured by
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
     delivered_at: Mapped[dt.datetime | None]
 
@@ -539,7 +547,7 @@ class SyncState(Base):
     external_key: Mapped[str | None] = mapped_column(String(255))
     payload_hash: Mapped[str | None] = mapped_column(String(64))
     core_values: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    load_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"), index=True)
+    load_run_id: Mapped[int | None] = mapped_column(index=True)
     updated_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, onupdate=_utcnow)
 
 
@@ -561,5 +569,5 @@ class SyncConflict(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     decided_by: Mapped[str | None] = mapped_column(String(64))
     decided_at: Mapped[dt.datetime | None]
-    load_run_id: Mapped[int | None] = mapped_column(ForeignKey("load_runs.id"), index=True)
+    load_run_id: Mapped[int | None] = mapped_column(index=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
