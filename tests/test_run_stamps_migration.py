@@ -52,6 +52,22 @@ def stamp_columns() -> set[tuple[str, str]]:
     }
 
 
+def dangling_run_stamps(engine: sa.Engine) -> dict[str, int]:
+    """Rows per table.column whose run stamp names no load run: what the dropped foreign keys refused."""
+    found: dict[str, int] = {}
+    with engine.connect() as connection:
+        for table, column in sorted(stamp_columns()):
+            stamp = Base.metadata.tables[table].c[column]
+            count = connection.scalar(
+                sa.select(sa.func.count())
+                .select_from(stamp.table)
+                .where(stamp.is_not(None), stamp.not_in(sa.select(LoadRun.id)))
+            )
+            if count:
+                found[f"{table}.{column}"] = count
+    return found
+
+
 def _default(value: Any) -> str | None:
     """A server default as text, without the parentheses a SQLite table rebuild adds or drops."""
     if value is None:
@@ -236,6 +252,7 @@ def test_upgrade_of_a_populated_core_keeps_every_row_and_drops_only_the_run_stam
     assert run_stamp_fks(after) == set()
     assert after == without_run_stamp_fks(before)  # every other FK, index, unique and check, every column
     assert contents(engine) == rows
+    assert dangling_run_stamps(engine) == {}
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     assert_foreign_keys_enforced(engine)
@@ -268,6 +285,7 @@ def test_a_downgrade_that_would_leave_a_stamp_dangling_fails_and_changes_nothing
     with engine.begin() as connection:  # possible since 0013: a stamp naming no run
         connection.execute(sa.update(Customer.__table__).where(Customer.id == 1).values(updated_run_id=999))
     rows, tables = contents(engine), schema(engine)
+    assert dangling_run_stamps(engine) == {"customers.updated_run_id": 1}
 
     with pytest.raises(Exception, match=r"(?i)foreign key"):
         migrate_to(engine, "0012")

@@ -22,6 +22,7 @@ from integration.assets.resources import dispose_engines
 from integration.cli import app
 from tests.conftest import PG_URL, REPO, reset_postgres, server_or_skip
 from tests.test_end_to_end import execute, run_job
+from tests.test_run_stamps_migration import dangling_run_stamps
 
 pytestmark = pytest.mark.slow
 # What records runs rather than being changed by them; mapping fingerprints are keyed by the run that loaded
@@ -121,6 +122,7 @@ def test_rollback_restores_the_core_exactly_and_a_re_run_lands_the_same(
 
     run_job(demo_project, core_url)
     assert content(engine) == after_second
+    assert dangling_run_stamps(engine) == {}  # no foreign key guards run stamps (revision 0013)
     engine.dispose()
 
 
@@ -175,6 +177,7 @@ def test_a_step_failing_after_earlier_loads_committed_undoes_the_whole_run(
     monkeypatch.delenv("CRMI_FAILPOINT")
     run_job(demo_project, core_url)  # and it can simply be run again
     assert content(engine) != before
+    assert dangling_run_stamps(engine) == {}
     engine.dispose()
 
 
