@@ -438,3 +438,35 @@ def test_a_slipped_name_with_its_region_is_looked_for_among_that_regions_names(e
     with Session(engine) as session:
         shanghai = session.scalar(sa.select(Customer.id).where(Customer.name == "上海华鑫环保科技有限公司"))
         assert CustomerNames(session).resolve("上海华鑫环堡科技有限公司").record_id == shanghai
+
+
+def test_the_resolver_reads_customers_in_id_order_whatever_order_the_database_returns(
+    engine: sa.Engine, tmp_path: Path
+) -> None:
+    """The order of name variants decides ties among equally close names, so it must not follow the table's
+    physical order: on PostgreSQL rows inserted out of order, or updated by a merge, come back elsewhere."""
+    names = ["深圳市腾达科技有限公司", "北京腾达科技有限公司", "腾达科技", "深圳腾达技术有限公司", "广州腾达电子有限公司",
+             "上海华鑫贸易有限公司", "上海骅鑫科技有限公司", "华鑫商贸", "成都恒信机械设备有限公司", "武汉恒信环保工程有限公司"]  # fmt: skip
+    customers = [
+        {"id": i + 1, "name": name, "short_name": name[-6:-4] if i % 3 == 0 else None,
+         "merged_into_id": 1 if i in (3, 4) else None}
+        for i, name in enumerate(names)
+    ]  # fmt: skip
+    reference = make_engine(f"sqlite:///{tmp_path}/reference.sqlite")
+    upgrade(reference)
+    shuffled = customers[5:] + customers[:5][::-1]  # physical order is not id order
+    for target, rows in ((reference, customers), (engine, shuffled)):
+        with Session(target) as session, session.begin():
+            for row in rows:
+                session.add(Customer(**{**row, "merged_into_id": None}))
+        with Session(target) as session, session.begin():  # the merges update rows: PostgreSQL moves them
+            for row in rows:
+                if row["merged_into_id"] is not None:
+                    session.get(Customer, row["id"]).merged_into_id = row["merged_into_id"]  # type: ignore[union-attr]
+    with Session(reference) as expected_session, Session(engine) as session:
+        expected, found = CustomerNames(expected_session), CustomerNames(session)
+        assert list(found._variants.items()) == list(expected._variants.items())
+        assert list(found._golden_names.items()) == list(expected._golden_names.items())
+        for text in ["腾达", "深圳腾达", "华鑫", "恒信", "腾达电子"]:
+            assert found.resolve(text) == expected.resolve(text)
+    reference.dispose()

@@ -209,8 +209,11 @@ class CustomerNames:
     def _variants(self) -> dict[str, list[tuple[NameVariant, int]]]:
         """Every name, short name and English name of every customer record, by trade name."""
         by_brand: dict[str, list[tuple[NameVariant, int]]] = defaultdict(list)
+        # In id order: the order of variants decides ties among equally close names (rapidfuzz keeps the
+        # choices' order, then keeps the first CLOSE_NAMES_SCORED). Unordered, PostgreSQL returns the rows a
+        # merge updated elsewhere in its heap, and the same engagement resolved names differently on it.
         rows = self.session.execute(
-            select(Customer.id, Customer.name, Customer.short_name, Customer.english_name)
+            select(Customer.id, Customer.name, Customer.short_name, Customer.english_name).order_by(Customer.id)
         )
         survivor_of = self._survivor
         # Split once per distinct string (records share short names) and, for a short name without a region,
@@ -341,7 +344,7 @@ class CustomerNames:
     @cached_property
     def _golden_names(self) -> dict[int, str]:
         rows = self.session.execute(
-            select(Customer.id, Customer.name).where(Customer.merged_into_id.is_(None))
+            select(Customer.id, Customer.name).where(Customer.merged_into_id.is_(None)).order_by(Customer.id)
         )
         return {record_id: name for record_id, name in rows}
 
