@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +13,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
@@ -232,6 +234,15 @@ def assert_foreign_keys_enforced(engine: sa.Engine) -> None:
     """The engine's connections still enforce foreign keys after a migration (SQLite switches them off)."""
     with pytest.raises(IntegrityError), engine.begin() as connection:
         connection.execute(sa.insert(Contact.__table__).values(customer_id=10**6, name="x", is_primary=False))
+    # every pooled connection, the one that migrated among them (the pool hands them out first in, first out)
+    if engine.dialect.name == "sqlite":
+        pooled = engine.pool.checkedin() if isinstance(engine.pool, sa.pool.QueuePool) else 1
+        held = [engine.connect() for _ in range(max(pooled, 1))]
+        try:
+            assert [c.exec_driver_sql("PRAGMA foreign_keys").scalar() for c in held] == [1] * len(held)
+        finally:
+            for connection in held:
+                connection.close()
 
 
 def test_upgrade_of_a_populated_core_keeps_every_row_and_drops_only_the_run_stamp_foreign_keys(
@@ -293,5 +304,48 @@ def test_a_downgrade_that_would_leave_a_stamp_dangling_fails_and_changes_nothing
     assert current_revision(engine) == "0013"
     assert schema(engine) == tables  # on SQLite too: no half-rebuilt table, no _alembic_tmp_ leftover
     assert contents(engine) == rows
+    assert_foreign_keys_enforced(engine)
+    engine.dispose()
+
+
+def test_a_commit_refused_by_a_reader_rolls_the_migration_back_and_leaves_foreign_keys_on(
+    tmp_path: Path,
+) -> None:
+    """SQLITE_BUSY at COMMIT (a reader holds the file) leaves SQLite's transaction open and SQLAlchemy does not
+    roll it back: switching foreign keys on failed in it too, and the connection went back to the pool inside
+    the failed migration, foreign keys off, for the next commit on it to commit the migration."""
+    path = tmp_path / "core.sqlite"
+    engine = make_engine(f"sqlite:///{path}", poolclass=sa.pool.StaticPool)  # the migrating connection only
+    sa.event.listen(engine, "connect", lambda dbapi, _: dbapi.execute("PRAGMA busy_timeout=100"))
+    upgrade(engine, "0012")
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM load_runs").fetchall()  # a shared lock until it ends
+        with pytest.raises(OperationalError, match="locked"):
+            upgrade(engine)
+    finally:
+        reader.close()
+    assert current_revision(engine) == "0012"
+    assert_foreign_keys_enforced(engine)
+    engine.dispose()
+
+
+def test_a_migration_whose_commit_failed_is_not_committed_afterwards(tmp_path: Path) -> None:
+    """A COMMIT that fails once (then would succeed) must not be retried by switching foreign keys on."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'core.sqlite'}", poolclass=sa.pool.StaticPool)
+    upgrade(engine, "0012")
+    failures = [OperationalError("COMMIT", {}, sqlite3.OperationalError("database is locked"))]
+
+    def refuse_once(connection: sa.Connection) -> None:
+        driver: Any = connection.connection.driver_connection
+        if failures and driver.in_transaction:  # the migration's COMMIT, not a PRAGMA's
+            raise failures.pop()
+
+    sa.event.listen(engine, "commit", refuse_once)
+    with pytest.raises(OperationalError, match="locked"):
+        upgrade(engine)
+    sa.event.remove(engine, "commit", refuse_once)
+    assert current_revision(engine) == "0012"
     assert_foreign_keys_enforced(engine)
     engine.dispose()

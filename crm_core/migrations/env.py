@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 from sqlalchemy import Connection, Engine
 
@@ -19,6 +21,24 @@ def _sqlite_foreign_keys(connection: Connection, on: bool) -> None:
     connection.commit()
     if bool(state) != on:
         raise RuntimeError(f"could not switch SQLite foreign keys {'on' if on else 'off'} for the migration")
+
+
+def _sqlite_foreign_keys_back_on(connection: Connection) -> None:
+    """Switch foreign keys on again after the migration, however it ended; never pool the connection without.
+
+    A COMMIT that failed (SQLITE_BUSY: a reader held the file) leaves SQLite's transaction open and SQLAlchemy
+    does not roll it back: the PRAGMA would be a no-op inside it, and the commit after it would commit the
+    failed migration after all or, refused too, leave the connection in it, foreign keys off (the pool skips
+    its reset then). A connection that still cannot switch them on is discarded.
+    """
+    try:
+        driver: Any = connection.connection.driver_connection
+        if driver.in_transaction:
+            driver.rollback()
+        _sqlite_foreign_keys(connection, on=True)
+    except BaseException:
+        connection.invalidate()
+        raise
 
 
 def _sqlite_check_foreign_keys(connection: Connection) -> None:
@@ -55,7 +75,7 @@ def run_migrations_online() -> None:
                     _sqlite_check_foreign_keys(connection)
         finally:
             if sqlite:
-                _sqlite_foreign_keys(connection, on=True)
+                _sqlite_foreign_keys_back_on(connection)
 
 
 run_migrations_online()
