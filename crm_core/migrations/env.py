@@ -8,6 +8,7 @@ from alembic import context
 from sqlalchemy import Connection, Engine
 
 from crm_core.db import make_engine
+from crm_core.errors import SchemaError
 from crm_core.models import Base
 
 config = context.config
@@ -20,7 +21,10 @@ def _sqlite_foreign_keys(connection: Connection, on: bool) -> None:
     state = connection.exec_driver_sql("PRAGMA foreign_keys").scalar()
     connection.commit()
     if bool(state) != on:
-        raise RuntimeError(f"could not switch SQLite foreign keys {'on' if on else 'off'} for the migration")
+        raise SchemaError(
+            f"could not switch SQLite foreign keys {'on' if on else 'off'} for the migration; nothing was"
+            " changed: close other programs using the core database file and run `crmi core upgrade` again"
+        )
 
 
 def _sqlite_foreign_keys_back_on(connection: Connection) -> None:
@@ -46,7 +50,10 @@ def _sqlite_check_foreign_keys(connection: Connection) -> None:
     dangling = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
     if dangling:
         shown = ", ".join(f"{row[0]} rowid {row[1]} -> {row[2]}" for row in dangling[:5])
-        raise RuntimeError(f"the migration left {len(dangling)} dangling foreign keys: {shown}")
+        raise SchemaError(
+            f"the migration would leave {len(dangling)} foreign keys dangling ({shown}); it was rolled back"
+            " and the core is as it was"
+        )
 
 
 def run_migrations_online() -> None:
