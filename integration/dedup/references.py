@@ -212,9 +212,8 @@ class CustomerNames:
         # In id order: the order of variants decides ties among equally close names (rapidfuzz keeps the
         # choices' order, then keeps the first CLOSE_NAMES_SCORED). Unordered, PostgreSQL returns the rows a
         # merge updated elsewhere in its heap, and the same engagement resolved names differently on it.
-        rows = self.session.execute(
-            select(Customer.id, Customer.name, Customer.short_name, Customer.english_name).order_by(Customer.id)
-        )
+        every_name = select(Customer.id, Customer.name, Customer.short_name, Customer.english_name)
+        rows = self.session.execute(every_name.order_by(Customer.id))
         survivor_of = self._survivor
         # Split once per distinct string (records share short names) and, for a short name without a region,
         # once per (variant, its company's region): a per-record name_variant misses its bounded cache.
