@@ -188,6 +188,33 @@ def test_phone_to_e164(value: Any, expected: str) -> None:
     assert one("phone", value) == expected
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("029-44340459（分机919）", "+862944340459;ext=919"), ("0574-7384 4850 (分机 187)", "+8657473844850;ext=187"),
+        ("0755-86001234 x12", "+8675586001234;ext=12"), ("0510-74217686-2853", "+8651074217686;ext=2853"),
+        ("021-57496611-852", "+862157496611;ext=852"),
+        ("0755-8600-1234", "+8675586001234"),  # dashes inside one number: the digits together are the number
+    ],
+)  # fmt: skip
+def test_phone_keeps_extensions_in_brackets_or_after_a_dash(value: str, expected: str) -> None:
+    assert one("phone", value) == expected
+    assert run("phone", [value, "13812345678", value]) == ([expected, "+8613812345678", expected], [None] * 3)
+
+
+def test_a_dash_is_no_extension_unless_the_number_before_it_is_whole() -> None:
+    assert (
+        fails("phone", "0000-12345678-12") == "'0000-12345678-12' is not a valid phone number for region CN"
+    )
+    assert (
+        fails("phone", "0755-86001234-123456")
+        == "'0755-86001234-123456' is not a valid phone number for region CN"
+    )
+    assert (
+        fails("phone", "48394825") == "'48394825' is not a valid phone number for region CN"
+    )  # no area code
+
+
 def test_phone_rejects_invalid_numbers_and_honours_the_region() -> None:
     assert fails("phone", "12345") == "'12345' is not a valid phone number for region CN"
     assert one("phone", "650-253-0000", region="US") == "+16502530000"

@@ -674,6 +674,12 @@ def cn_block_is_valid(prefix: str, length: int) -> bool | None:
     return answers.pop() if len(answers) == 1 else None
 
 
+# An extension after the number: 转8, 分机 336, ext. 12, x12, also in brackets (（分机336） is (分机336) after NFKC).
+_EXTENSION_WORDS = re.compile(r"\s*\(?\s*(?:转|分机|ext\.?|x)\s*(\d+)\s*\)?$", re.IGNORECASE)
+# A whole landline, a dash and 1-5 digits: tried as an extension only when the digits together are no number.
+_DASH_EXTENSION = re.compile(r"^(.*\d{7,8})\s*-\s*(\d{1,5})$")
+
+
 def phone_e164(value: Any, region: str = "CN") -> str:
     """Return ``value`` as E.164 (+8613812345678); extensions are kept as ``;ext=``."""
     text = clean_text(unicodedata.normalize("NFKC", _as_text(value)))
@@ -682,13 +688,21 @@ def phone_e164(value: Any, region: str = "CN") -> str:
         if mobile and cn_block_is_valid(mobile.group(1)[:_BLOCK_DIGITS], 11):
             return "+86" + mobile.group(1)
     text = re.sub(r"^00", "+", text)
-    text = re.sub(r"(转|分机|ext\.?|x)\s*(\d+)$", r" ext. \2", text, flags=re.IGNORECASE)
+    text = _EXTENSION_WORDS.sub(r" ext. \1", text)
     try:
         number = phonenumbers.parse(text, region)
     except phonenumbers.NumberParseException:
         raise TransformFailure(f"'{value}' is not a phone number") from None
     if not phonenumbers.is_valid_number(number):
-        raise TransformFailure(f"'{value}' is not a valid phone number for region {region}")
+        # 0512-49243620-1674: a switchboard's extension after a dash, when the number before it is whole
+        dashed = _DASH_EXTENSION.match(text)
+        invalid = TransformFailure(f"'{value}' is not a valid phone number for region {region}")
+        if dashed is None or number.extension:
+            raise invalid
+        try:
+            return phone_e164(f"{dashed.group(1)} ext. {dashed.group(2)}", region)
+        except TransformFailure:
+            raise invalid from None
     e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     return f"{e164};ext={number.extension}" if number.extension else e164
 
@@ -743,13 +757,15 @@ def _cn_number_kernel(array: pa.Array | pa.ChunkedArray) -> tuple[Any, Any]:
         "138 0013 8000",
         "+86 139-1234-5678",
         "0755-86001234转8",
+        "029-44340459（分机919）",
+        "0510-74217686-2853",
         "(010) 1234 5678",
         "+1 650-253-0000",
         "12345",
     ),
 )
 def phone(values: pd.Series, args: PhoneArgs) -> Outcome:
-    """Phone numbers to E.164 (CN mobiles, landlines with area code, +86/0086, 转/ext extensions)."""
+    """Phone numbers to E.164 (CN mobiles, landlines with area code, +86/0086, extensions: 转8, （分机8）, -8)."""
     array = columnar.text_array(values)
     if array is None or args.region != "CN":
         return per_value(values, lambda v: phone_e164(v, args.region))
