@@ -202,6 +202,12 @@ def test_phone_keeps_extensions_in_brackets_or_after_a_dash(value: str, expected
     assert run("phone", [value, "13812345678", value]) == ([expected, "+8613812345678", expected], [None] * 3)
 
 
+@pytest.mark.parametrize("value", ["0755-86001234（分机12345678901）", "0755-86001234转12345678901234567890"])
+def test_phone_refuses_an_extension_longer_than_ten_digits(value: str) -> None:
+    # +86 and 12 digits, ;ext= and 20 digits is 39 characters: more than the String(32) phone columns hold.
+    assert fails("phone", value) == f"'{value}' has an extension longer than 10 digits"
+
+
 def test_a_dash_is_no_extension_unless_the_number_before_it_is_whole() -> None:
     assert (
         fails("phone", "0000-12345678-12") == "'0000-12345678-12' is not a valid phone number for region CN"

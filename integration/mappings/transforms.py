@@ -678,6 +678,8 @@ def cn_block_is_valid(prefix: str, length: int) -> bool | None:
 _EXTENSION_WORDS = re.compile(r"\s*\(?\s*(?:转|分机|ext\.?|x)\s*(\d+)\s*\)?$", re.IGNORECASE)
 # A whole landline, a dash and 1-5 digits: tried as an extension only when the digits together are no number.
 _DASH_EXTENSION = re.compile(r"^(.*\d{7,8})\s*-\s*(\d{1,5})$")
+# +, 15 digits, ;ext= and 10 digits fit the String(32) phone columns (and the E164 check in validation).
+_MAX_EXTENSION_DIGITS = 10
 
 
 def phone_e164(value: Any, region: str = "CN") -> str:
@@ -703,6 +705,8 @@ def phone_e164(value: Any, region: str = "CN") -> str:
             return phone_e164(f"{dashed.group(1)} ext. {dashed.group(2)}", region)
         except TransformFailure:
             raise invalid from None
+    if len(number.extension or "") > _MAX_EXTENSION_DIGITS:
+        raise TransformFailure(f"'{value}' has an extension longer than {_MAX_EXTENSION_DIGITS} digits")
     e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     return f"{e164};ext={number.extension}" if number.extension else e164
 
