@@ -208,6 +208,12 @@ def test_phone_refuses_an_extension_longer_than_ten_digits(value: str) -> None:
     assert fails("phone", value) == f"'{value}' has an extension longer than 10 digits"
 
 
+@pytest.mark.parametrize("value", ["13800138000-12", "+86 138-0013-8000 - 8", "15960927284-8"])
+def test_a_dash_after_a_mobile_is_no_extension(value: str) -> None:
+    # a mobile has no switchboard: what follows the dash is not an extension of it
+    assert fails("phone", value) == f"'{value}' is not a valid phone number for region CN"
+
+
 def test_a_dash_is_no_extension_unless_the_number_before_it_is_whole() -> None:
     assert (
         fails("phone", "0000-12345678-12") == "'0000-12345678-12' is not a valid phone number for region CN"

@@ -702,6 +702,12 @@ def phone_e164(value: Any, region: str = "CN") -> str:
         if dashed is None or number.extension:
             raise invalid
         try:
+            whole = phonenumbers.parse(dashed.group(1), region)
+        except phonenumbers.NumberParseException:
+            raise invalid from None
+        if phonenumbers.number_type(whole) == phonenumbers.PhoneNumberType.MOBILE:
+            raise invalid  # a mobile has no switchboard: 13800138000-12 is no extension 12
+        try:
             return phone_e164(f"{dashed.group(1)} ext. {dashed.group(2)}", region)
         except TransformFailure:
             raise invalid from None
