@@ -675,7 +675,7 @@ def cn_block_is_valid(prefix: str, length: int) -> bool | None:
 
 
 # An extension after the number: 转8, 分机 336, ext. 12, x12, also in brackets (（分机336） is (分机336) after NFKC).
-_EXTENSION_WORDS = re.compile(r"\s*\(?\s*(?:转|分机|ext\.?|x)\s*(\d+)\s*\)?$", re.IGNORECASE)
+_EXTENSION_WORDS = re.compile(r"\s*(?:\(\s*)?(?:转|分机|ext\.?|x)\s*(\d+)\s*\)?$", re.IGNORECASE)
 # A whole landline, a dash and 1-5 digits: tried as an extension only when the digits together are no number.
 _DASH_EXTENSION = re.compile(r"^(.*\d{7,8})\s*-\s*(\d{1,5})$")
 # +, 15 digits, ;ext= and 10 digits fit the String(32) phone columns (and the E164 check in validation).
