@@ -165,9 +165,8 @@ class WrittenName:
             return SAME_CHARACTERS
         if mine is not None and mine == theirs:
             return SAME_SOUND
-        return (
-            PREFIX_ONLY  # also a pinyin-English name against a Chinese one: the trade name and region decide
-        )
+        # also a pinyin-English name against a Chinese one: the trade name and region decide
+        return PREFIX_ONLY
 
 
 def same_company_name(written: NameVariant, known: NameVariant) -> bool:
