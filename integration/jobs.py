@@ -37,6 +37,7 @@ from integration.assets.sync import SYNC_GROUP
 from integration.failures import cause_line
 from integration.pipeline import MODE_TAG, Migration, RunOptions
 from integration.project import project_dir
+from integration.storage import StepOutputFiles
 
 CORE_TAG = "crmi/core"  # the run queue allows one run per value (deploy/dagster.yaml)
 MIGRATION_JOB = "migration"
@@ -147,7 +148,8 @@ def build_definitions(
         # Step outputs go to files under the instance's storage folder, not memory: `crmi run` executes in
         # process, where Dagster would otherwise keep every source's frames until the run ends, so memory
         # grew with the engagement (4.4 GB at 1,000,000 source rows) instead of with its largest step.
-        "io_manager": dg.FilesystemIOManager(),
+        # StepOutputFiles is Dagster's FilesystemIOManager writing decimal columns as text (integration.storage).
+        "io_manager": StepOutputFiles(),
     }
     # SQLite allows one writer: run steps in one process there; PostgreSQL takes the default executor
     # (multiprocess) or the cluster's ($CRMI_DAGSTER_EXECUTOR).

@@ -1,0 +1,101 @@
+"""Step outputs between Dagster steps: decimal columns pickled as text come back exactly as they were."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from decimal import Decimal
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from integration.storage import MIN_DECIMALS, StepOutputFiles, dump_output
+
+ROWS = 3 * MIN_DECIMALS
+
+
+def _same_cells(left: pd.DataFrame, right: pd.DataFrame) -> None:
+    """Every cell of the same type and the same repr (Decimal('1.0') and Decimal('1.00') differ)."""
+    assert list(left.columns) == list(right.columns)
+    assert list(left.dtypes) == list(right.dtypes)
+    for name in left.columns:
+        for before, after in zip(left[name].tolist(), right[name].tolist(), strict=True):
+            assert type(before) is type(after), (name, before, after)
+            assert repr(before) == repr(after), (name, before, after)
+
+
+def _round_trip(value: object) -> object:
+    buffer = io.BytesIO()
+    dump_output(value, buffer)
+    return pickle.loads(buffer.getvalue())  # a plain pickle.load reads what StepOutputFiles writes
+
+
+def _ledger() -> pd.DataFrame:
+    """An ERP-like extract: money as Decimal objects beside text, in one object block, with odd values."""
+    odd = [Decimal("-0"), Decimal("1E+3"), Decimal("12.500"), Decimal("NaN"), Decimal("-Infinity"),
+           Decimal("0.000001"), None, np.nan, pd.NA, "12.5万", 7]  # fmt: skip
+    amounts = [Decimal(i) / Decimal(100) for i in range(ROWS - len(odd))] + odd
+    return pd.DataFrame({
+        "cSOCode": [f"SO{i:06d}" for i in range(ROWS)],
+        "iMoney": amounts,
+        "iTaxRate": [Decimal("0.13")] * ROWS,
+        "cMemo": [("tuple", i) if i % 7 == 0 else None for i in range(ROWS)],
+        "iRowNo": np.arange(ROWS),
+    })  # fmt: skip
+
+
+def test_a_frame_of_decimals_comes_back_cell_for_cell() -> None:
+    frame = _ledger()
+    frame.attrs["fingerprint"] = "abc"
+    back = _round_trip(frame)
+    assert isinstance(back, pd.DataFrame)
+    _same_cells(frame, back)
+    assert back.attrs == {"fingerprint": "abc"}
+
+
+def test_decimals_are_written_as_text_not_one_reduction_each() -> None:
+    frame = _ledger()
+    buffer = io.BytesIO()
+    dump_output(frame, buffer)
+    assert b"_object_array" in buffer.getvalue()
+    assert b"_object_array" not in pickle.dumps(frame, pickle.HIGHEST_PROTOCOL)
+
+
+def test_decimals_found_late_in_a_column_and_in_a_series_and_in_nested_objects() -> None:
+    late = pd.Series([None] * ROWS + [Decimal("1.10")] * ROWS, dtype=object)
+    nested = {"batches": [late, _ledger()], "few": pd.Series([Decimal("2.5")] * 10, dtype=object)}
+    back = _round_trip(nested)
+    assert isinstance(back, dict)
+    assert back["batches"][0].tolist() == late.tolist()
+    assert [repr(v) for v in back["batches"][0].tolist()] == [repr(v) for v in late.tolist()]
+    _same_cells(nested["batches"][1], back["batches"][1])
+    assert back["few"].tolist() == [Decimal("2.5")] * 10
+
+
+def test_arrays_without_decimals_pickle_as_before() -> None:
+    text = pd.DataFrame({"name": [f"客户{i}" for i in range(ROWS)]})
+    buffer = io.BytesIO()
+    dump_output(text, buffer)
+    assert buffer.getvalue() == pickle.dumps(text, pickle.HIGHEST_PROTOCOL)
+
+
+def test_a_dagster_run_hands_decimal_frames_from_step_to_step(tmp_path: Path) -> None:
+    @dg.asset
+    def ledger() -> pd.DataFrame:
+        return _ledger()
+
+    @dg.asset
+    def total(ledger: pd.DataFrame) -> Decimal:
+        money = [v for v in ledger["iMoney"] if isinstance(v, Decimal) and v.is_finite()]
+        return sum(money, Decimal(0))
+
+    result = dg.materialize(
+        [ledger, total], resources={"io_manager": StepOutputFiles(base_dir=str(tmp_path))}
+    )
+    assert result.success
+    expected = sum((v for v in _ledger()["iMoney"] if isinstance(v, Decimal) and v.is_finite()), Decimal(0))
+    assert result.output_for_node("total") == expected
+    with (tmp_path / "ledger").open("rb") as file:
+        _same_cells(_ledger(), pickle.load(file))
