@@ -232,3 +232,37 @@ def test_core_rules_find_over_applied_receivables_and_shared_credit_codes(sqlite
     assert applications["payment_application.amount.within_payment"].count == 0
     assert payments["payment.customer.not_merged"].count == 0
     engine.dispose()
+
+
+def test_credit_codes_checked_all_at_once_agree_with_python_stdnum() -> None:
+    """The array check of compact codes and python-stdnum give the same verdict on every kind of cell."""
+    import random
+
+    from stdnum.cn import uscc
+
+    from crm_core.validation import valid_uscc
+
+    rng = random.Random(13)
+    alphabet = "0123456789ABCDEFGHJKLMNPQRTUWXY"
+    codes: list[str] = []
+    for _ in range(2_000):
+        body = "".join(rng.choice("0123456789") for _ in range(8)) + "".join(
+            rng.choice(alphabet) for _ in range(9)
+        )
+        code = body + uscc.calc_check_digit(body)
+        codes.append(code)
+        wrong = body + rng.choice([c for c in alphabet if c != code[-1]])
+        codes.append(wrong)
+        position = rng.randrange(18)
+        codes.append(code[:position] + rng.choice("IOSVZio0 -（") + code[position + 1 :])  # not the alphabet
+        codes.append(code.lower())  # python-stdnum upper-cases
+        codes.append(f"{code[:6]} {code[6:12]}-{code[12:]}")  # separators it strips
+        codes.append(f"{code[:2]}{code[2:].replace('1', '１')}")  # full-width digit
+        codes.append(code[:17])
+        codes.append(code + "0")
+    codes += ["", " ", "91110000600037341L", "91110000600037341l", "110108000000016"]
+    assert valid_uscc(codes).tolist() == [uscc.is_valid(code) for code in codes]
+    assert valid_uscc(["91110000600037341L", "9111000060003734\ud800"]).tolist() == [True, False]
+    assert (
+        sum(valid_uscc(codes)) > 4_000
+    )  # the generated codes are mostly valid: the comparison means something

@@ -18,7 +18,6 @@ from functools import lru_cache
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import numpy as np
 import pandas as pd
 import phonenumbers
 import pyarrow as pa
@@ -27,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from stdnum.cn import uscc as stdnum_uscc
 
 from crm_core.stages import resolve_stage
+from crm_core.validation import USCC_SHAPE, uscc_check_digits_ok
 from integration import geo
 from integration.mappings import columnar
 
@@ -822,24 +822,6 @@ def uscc_value(value: Any) -> str:
     return code
 
 
-_USCC_ALPHABET = "0123456789ABCDEFGHJKLMNPQRTUWXY"
-_USCC_WEIGHTS = np.array([1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28], dtype=np.int64)
-_USCC_VALUE = np.full(256, 0, dtype=np.int64)
-for _position, _character in enumerate(_USCC_ALPHABET):
-    _USCC_VALUE[ord(_character)] = _position
-
-
-def _uscc_check_digits_ok(codes: pa.Array) -> np.ndarray:
-    """Check digits of well-formed 18-character ASCII codes, all at once (same arithmetic as python-stdnum)."""
-    if len(codes) == 0:
-        return np.zeros(0, dtype=bool)
-    offsets = np.frombuffer(codes.buffers()[1], dtype=np.int32)[codes.offset : codes.offset + len(codes) + 1]
-    data = np.frombuffer(codes.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-    values = _USCC_VALUE[data.reshape(-1, 18)]
-    expected = (31 - (values[:, :17] * _USCC_WEIGHTS).sum(axis=1)) % 31
-    return np.asarray(values[:, 17] == expected)
-
-
 @transform(
     "uscc",
     clean_output=True,
@@ -853,8 +835,8 @@ def uscc(values: pd.Series, args: NoArgs) -> Outcome:
     text = columnar.nfkc_array(array)
     text = pc.replace_substring(pc.replace_substring(text, " ", ""), "-", "")
     text = pc.utf8_trim(pc.utf8_upper(text), columnar.WHITESPACE)
-    shaped = columnar.flags(pc.match_substring_regex(text, r"^[0-9]{8}[0-9A-HJ-NPQRTUWXY]{10}$"))
-    checked = pa.array(_uscc_check_digits_ok(columnar.combined(pc.filter(text, shaped))))
+    shaped = columnar.flags(pc.match_substring_regex(text, USCC_SHAPE))
+    checked = pa.array(uscc_check_digits_ok(columnar.combined(pc.filter(text, shaped))))
     done = columnar.scatter(shaped, shaped, checked) if len(checked) else shaped
     return columnar.settle(array, values.index, done, text, uscc_value, TransformFailure)
 
