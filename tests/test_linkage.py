@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -318,3 +319,23 @@ def test_the_supervised_model_is_cross_validated_on_steward_decisions() -> None:
     assert evaluation.threshold == CUSTOMER_SPEC.review
     too_few = [(alike, True)] * (MIN_LABELS - 1) + [(unlike, False)] * 30
     assert cross_validate(_labels(too_few), CUSTOMER_SPEC) is None
+
+
+def test_two_rare_trade_names_agree_and_a_common_one_gives_no_evidence() -> None:
+    """Term frequency: trade_rare is missing (None, not NaN) where the trade name is common, level 0 there."""
+    from integration.dedup.customers import RARE_TRADE_NAME, linkage_frame
+    from integration.dedup.linkage import similarity_levels
+
+    common = [{"id": i, "name": f"华信{word}有限公司", "city": "北京"}
+              for i, word in enumerate(["科技", "商贸", "物流", "建设", "咨询", "食品"][: RARE_TRADE_NAME + 2])]  # fmt: skip
+    rare = [{"id": 100, "name": "北京瑞丰泽科技有限公司"}, {"id": 101, "name": "瑞丰泽科技（北京）有限公司"}]
+    frame = linkage_frame([*common, *rare])
+    assert frame.loc[[0, 1], "trade_rare"].tolist() == [None, None]
+    assert frame.loc[100, "trade_rare"] is not None
+    assert frame.loc[100, "trade_rare"] == frame.loc[101, "trade_rare"]
+    left = frame["trade_rare"].to_numpy(dtype=object)[[0, len(common)]]
+    right = frame["trade_rare"].to_numpy(dtype=object)[[1, len(common) + 1]]
+    assert similarity_levels("rare", (1.0,), left, right).tolist() == [0, 1]
+    # NaN is as missing as None (a frame column pandas filled)
+    nan = np.array([float("nan"), "x"], dtype=object)
+    assert similarity_levels("rare", (1.0,), nan, np.array(["x", "x"], dtype=object)).tolist() == [0, 1]

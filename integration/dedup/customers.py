@@ -343,7 +343,7 @@ def _with_trade_rare(frame: pd.DataFrame) -> pd.DataFrame:
     """Set ``trade_rare`` from the trade names' holders in ``frame``; return the linkage columns."""
     holders = frame.groupby("trade_pinyin")["name_core"].nunique()
     rare = frame["trade_pinyin"].map(holders) <= RARE_TRADE_NAME
-    frame["trade_rare"] = frame["trade_pinyin"].where(rare)
+    frame["trade_rare"] = frame["trade_pinyin"].where(rare, None)  # None, not NaN: missing, as elsewhere
     return frame[list(CUSTOMER_COLUMNS)]
 
 

@@ -144,11 +144,8 @@ def similarity_levels(
     elif method == "overlap":
         similarity = _overlap(left, right)
     else:
-        present = np.fromiter(
-            (a is not None and b is not None for a, b in zip(left, right, strict=True)),
-            dtype=bool,
-            count=len(left),
-        )
+        # NaN is missing too: a frame's column left partly empty by pandas holds NaN, not None
+        present = np.asarray(pd.notna(left) & pd.notna(right), dtype=bool)
         if method == "rare":
             similarity = present.astype(np.float32)
         elif method == "exact":
