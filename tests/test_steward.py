@@ -907,6 +907,26 @@ def test_the_match_api_needs_a_token_and_scores_a_form(core: sa.Engine) -> None:
     assert set(spec["paths"]) == {"/api/v1/match", "/api/v1/opportunities/check"}
 
 
+def test_the_match_api_compares_a_damaged_credit_code_as_written(core: sa.Engine) -> None:
+    """A code whose check digit fails is compared as a load keeps it (credit_code_as_written), not refused."""
+    with core.begin() as connection:
+        token = security.add_token(connection, "crm-form", actor="test")
+        known = connection.execute(
+            sa.select(Customer).where(Customer.name == "宁波甬兴模具股份有限公司")
+        ).one()
+    damaged = known.credit_code[:-1] + ("0" if known.credit_code[-1] != "0" else "1")
+    client = TestClient(make_app(core))
+    found = client.post(
+        "/api/v1/match",
+        json={"name": "甬兴模具", "credit_code": damaged},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert found.status_code == 200, found.text
+    best = found.json()["candidates"][0]
+    assert best["customer_id"] in {known.id, known.merged_into_id}
+    assert any("credit" in agreed for agreed in best["agrees_on"]), best
+
+
 def test_the_match_index_follows_the_core_without_a_rebuild(core: sa.Engine) -> None:
     app = make_app(core)
     service = app.state.workbench.match

@@ -58,10 +58,10 @@ class Candidate:
 
 
 def query_record(name: str | None = None, **fields: Any) -> dict[str, Any]:
-    """Turn what a form has (name, credit_code, phone, email, city) into a linkage row."""
+    """Turn what a form has (name, credit_code or credit_code_as_written, phone, email, city) into a linkage row."""
     return linkage_row(
         name, credit_code=fields.get("credit_code"), phone=fields.get("phone"), email=fields.get("email"),
-        city=fields.get("city"),
+        city=fields.get("city"), credit_code_as_written=fields.get("credit_code_as_written"),
     )  # fmt: skip
 
 
