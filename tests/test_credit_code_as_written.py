@@ -25,7 +25,8 @@ from typer.testing import CliRunner
 
 from integration.assets.resources import dispose_engines
 from integration.cli import app
-from integration.dedup.customers import CUSTOMER_SPEC, linkage_frame, linkage_row
+from integration.dedup.customers import CUSTOMER_SPEC, customer_records, linkage_frame, linkage_row
+from integration.dedup.linkage import compare
 from integration.dedup.normalize import credit_code_parts, credit_codes_near
 from integration.dedup.online import MatchIndex, query_record
 from integration.mappings.transforms import uscc_as_written_value
@@ -236,10 +237,16 @@ def test_codes_no_one_edit_explains_keep_two_companies_apart(runs: dict[str, Out
             sa.text("SELECT features FROM match_candidates WHERE left_id = :a AND right_id = :b"),
             {"a": ids[0], "b": ids[1]},
         )
+    # Stored only when it scored for review; compared either way (same city, names alike): the levels again
+    records = customer_records(engine)
     engine.dispose()
-    assert features is not None  # compared (same city, names alike) …
-    found = json.loads(features) if isinstance(features, str) else features
-    assert found["credit_code_identifier"] == 0  # … and the codes were not taken for one
+    pair = pd.MultiIndex.from_tuples([tuple(ids)])
+    levels = compare(records, pair, CUSTOMER_SPEC).iloc[0]
+    assert levels["name_core_levenshtein"] >= 1  # names alike …
+    assert levels["credit_code_identifier"] == 0  # … and the codes not taken for one
+    if features is not None:
+        found = json.loads(features) if isinstance(features, str) else features
+        assert found["credit_code_identifier"] == 0
 
 
 def test_the_damaged_code_is_kept_as_written_while_credit_code_stays_empty(runs: dict[str, Outcome]) -> None:
