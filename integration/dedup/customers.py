@@ -343,7 +343,9 @@ def _with_trade_rare(frame: pd.DataFrame) -> pd.DataFrame:
     """Set ``trade_rare`` from the trade names' holders in ``frame``; return the linkage columns."""
     holders = frame.groupby("trade_pinyin")["name_core"].nunique()
     rare = frame["trade_pinyin"].map(holders) <= RARE_TRADE_NAME
-    frame["trade_rare"] = frame["trade_pinyin"].where(rare, None)  # None, not NaN: missing, as elsewhere
+    trade = frame["trade_pinyin"].to_numpy(dtype=object, copy=True)
+    trade[~rare.to_numpy(dtype=bool)] = None  # None, not NaN: missing, as in every other column
+    frame["trade_rare"] = trade
     return frame[list(CUSTOMER_COLUMNS)]
 
 
