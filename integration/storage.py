@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import numpy as np
+from dagster._core.storage.fs_io_manager import PickledObjectFilesystemIOManager
 
 if TYPE_CHECKING:
     from upath import UPath
@@ -88,23 +89,20 @@ def dump_output(value: Any, file: Any) -> None:
     _OutputPickler(file, pickle.HIGHEST_PROTOCOL).dump(value)
 
 
-class _StepOutputFiles(dg.UPathIOManager):
-    extension: str = ""  # the file names FilesystemIOManager uses: outputs written by either load by either
+class _StepOutputFiles(PickledObjectFilesystemIOManager):
+    """The IO manager ``FilesystemIOManager`` makes, its paths and all, but with its own pickler.
+
+    Its paths: the same file names (outputs written by either load by either) and partition keys
+    joined as literal sub-paths (a key with a ``..`` segment stays under the base folder).
+    """
 
     def __init__(self, base_dir: str) -> None:
-        from upath import UPath
-
-        super().__init__(base_path=UPath(base_dir))
+        super().__init__(base_dir=base_dir)  # type: ignore[no-untyped-call]  # Dagster's is untyped
 
     def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
         """Pickle one output (decimal columns as text)."""
         with path.open("wb") as file:
             dump_output(obj, file)
-
-    def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
-        """Unpickle one output."""
-        with path.open("rb") as file:
-            return pickle.load(file)
 
 
 class StepOutputFiles(dg.FilesystemIOManager):

@@ -99,3 +99,22 @@ def test_a_dagster_run_hands_decimal_frames_from_step_to_step(tmp_path: Path) ->
     assert result.output_for_node("total") == expected
     with (tmp_path / "ledger").open("rb") as file:
         _same_cells(_ledger(), pickle.load(file))
+
+
+def test_a_partition_key_with_dotdot_stays_under_the_base_folder(tmp_path: Path) -> None:
+    """Like FilesystemIOManager: a partition key is a literal sub-path, never a way up."""
+    base = tmp_path / "storage"
+
+    @dg.asset(partitions_def=dg.StaticPartitionsDefinition(["../../outside"]))
+    def ledger() -> pd.DataFrame:
+        return _ledger()
+
+    result = dg.materialize(
+        [ledger], partition_key="../../outside", resources={"io_manager": StepOutputFiles(base_dir=str(base))}
+    )
+    assert result.success
+    assert not (tmp_path / "outside").exists()
+    written = [path for path in base.rglob("*") if path.is_file()]
+    assert len(written) == 1
+    with written[0].open("rb") as file:
+        _same_cells(_ledger(), pickle.load(file))
