@@ -11,6 +11,7 @@ sign, exponent, NaN and all).
 
 from __future__ import annotations
 
+import copyreg
 import pickle
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -26,62 +27,88 @@ MIN_DECIMALS = 1_000  # fewer: the ordinary pickle costs less than the scan
 SAMPLE = 64  # values looked at per column (the first ones, and as many evenly spaced) before a whole scan
 
 
-def _object_array(shape: tuple[int, ...], columns: list[tuple[list[Any], np.ndarray | None]]) -> np.ndarray:
+Column = tuple[list[Any], np.ndarray | None]
+"""One row of an object array (a frame's column): ``(values, None)`` without decimals, ``(values,
+positions)`` with each decimal's text at its position."""
+
+
+def _object_array(shape: tuple[int, ...], columns: list[Column]) -> np.ndarray:
     """Build an object array back from ``_object_columns``' form (unpickling calls it)."""
     array = np.empty(shape, dtype=object)
     rows = array.reshape(1, -1) if array.ndim == 1 else array
-    for row, (values, decimal_positions) in zip(rows, columns, strict=True):
+    for row, (values, positions) in zip(rows, columns, strict=True):
         # fromiter: assigning a list would make rows of tuples or lists stored in the column
         row[:] = np.fromiter(values, dtype=object, count=len(values))
-        if decimal_positions is not None and len(decimal_positions):
-            row[decimal_positions] = np.fromiter(
-                (Decimal(text) for text in row[decimal_positions].tolist()),
-                dtype=object,
-                count=len(decimal_positions),
-            )
+        if positions is None or not len(positions):
+            continue
+        texts = row[positions].tolist()
+        row[positions] = np.fromiter(map(Decimal, texts), dtype=object, count=len(texts))
     return array
 
 
-def _object_columns(array: np.ndarray) -> list[tuple[list[Any], np.ndarray | None]] | None:
+def _sample(row: np.ndarray) -> list[Any]:
+    """The first values of a row and evenly spaced ones after them (no position twice)."""
+    stride = max(1, len(row) // SAMPLE)
+    first: list[Any] = row[:SAMPLE].tolist()
+    spaced: list[Any] = row[SAMPLE::stride].tolist()
+    return first + spaced
+
+
+def _column(row: np.ndarray) -> tuple[Column, int]:
+    """Return a row holding decimals in ``_object_array``'s form, and how many decimals it holds."""
+    positions = np.flatnonzero(np.fromiter(map(type, row.tolist()), dtype=object, count=len(row)) == Decimal)
+    found = row[positions]
+    written = row.copy()
+    written[positions] = np.fromiter(map(str, found.tolist()), dtype=object, count=len(found))
+    return (written.tolist(), positions), len(found)
+
+
+def _object_columns(array: np.ndarray) -> list[Column] | None:
     """Return an object array as columns whose decimals are text, or None when it holds few decimals.
 
-    A pandas frame keeps its object columns in one 2-D block, a column per row of the block.
+    A pandas frame keeps its object columns in one 2-D block, a column per row of the block: few rows,
+    long ones. An array of many short rows (records, ``frame.to_numpy()``) is left to the ordinary pickle,
+    as is one whose sampled values hold no decimal (no list of its values is made for it).
     """
     rows = array.reshape(1, -1) if array.ndim == 1 else array
-    columns: list[tuple[list[Any], np.ndarray | None]] = []
+    if rows.shape[0] > rows.shape[1]:
+        return None
+    sampled = [Decimal in set(map(type, _sample(row))) for row in rows]
+    if not any(sampled):
+        return None
+    columns: list[Column] = []
     decimals = 0
-    for row in rows:
-        values = row.tolist()
-        stride = max(1, len(values) // SAMPLE)
-        sample = values[:SAMPLE] + values[::stride]
-        if not any(type(value) is Decimal for value in sample):
-            columns.append((values, None))
-            continue
-        positions = np.flatnonzero(
-            np.fromiter((type(value) is Decimal for value in values), dtype=bool, count=len(values))
-        )
-        for position in positions.tolist():
-            values[position] = str(values[position])
-        decimals += len(positions)
-        columns.append((values, positions))
+    for row, has_decimals in zip(rows, sampled, strict=True):
+        if has_decimals:
+            column, count = _column(row)
+            columns.append(column)
+            decimals += count
+        else:
+            columns.append((row.tolist(), None))
     return columns if decimals >= MIN_DECIMALS else None
 
 
 class _OutputPickler(pickle.Pickler):
-    """A pickler that writes decimal columns of object arrays as text (see the module doc)."""
+    """A pickler that writes decimal columns of object arrays as text (see the module doc).
 
-    def reducer_override(self, obj: Any) -> Any:
-        """Reduce large object arrays holding decimals to ``_object_array``; leave everything else alone."""
-        if (
-            type(obj) is np.ndarray
-            and obj.dtype == object
-            and obj.ndim in (1, 2)
-            and obj.size >= MIN_DECIMALS
-        ):
+    Only numpy arrays reach Python code: a ``dispatch_table`` entry for ``np.ndarray``, not a
+    ``reducer_override`` (which pickle would call for every object that is not a str, number, tuple,
+    list, dict or set, every date and every ``Decimal`` of a column left as it is).
+    """
+
+    def __init__(self, file: Any, protocol: int) -> None:
+        super().__init__(file, protocol)
+        self._protocol = protocol
+        self.dispatch_table = copyreg.dispatch_table.copy()
+        self.dispatch_table[np.ndarray] = self._reduce_array
+
+    def _reduce_array(self, obj: np.ndarray) -> Any:
+        """Reduce a large object array holding decimals to ``_object_array``, any other as numpy does."""
+        if obj.dtype == object and obj.ndim in (1, 2) and obj.size >= MIN_DECIMALS:
             columns = _object_columns(obj)
             if columns is not None:
                 return _object_array, (obj.shape, columns)
-        return NotImplemented
+        return obj.__reduce_ex__(self._protocol)
 
 
 def dump_output(value: Any, file: Any) -> None:
