@@ -32,9 +32,13 @@ Column = tuple[list[Any], np.ndarray | None]
 positions)`` with each decimal's text at its position."""
 
 
-def _object_array(shape: tuple[int, ...], columns: list[Column]) -> np.ndarray:
-    """Build an object array back from ``_object_columns``' form (unpickling calls it)."""
-    array = np.empty(shape, dtype=object)
+def _object_array(shape: tuple[int, ...], columns: list[Column], order: str = "C") -> np.ndarray:
+    """Build an object array back from ``_object_columns``' form (unpickling calls it).
+
+    ``order`` is the array's memory layout (numpy's own pickle keeps a Fortran-ordered array so, and a
+    frame built from a 2-D array has its object block in that order).
+    """
+    array = np.empty(shape, dtype=object, order="F" if order == "F" else "C")
     rows = array.reshape(1, -1) if array.ndim == 1 else array
     for row, (values, positions) in zip(rows, columns, strict=True):
         # fromiter: assigning a list would make rows of tuples or lists stored in the column
@@ -107,7 +111,8 @@ class _OutputPickler(pickle.Pickler):
         if obj.dtype == object and obj.ndim in (1, 2) and obj.size >= MIN_DECIMALS:
             columns = _object_columns(obj)
             if columns is not None:
-                return _object_array, (obj.shape, columns)
+                order = "F" if obj.flags.f_contiguous and not obj.flags.c_contiguous else "C"
+                return _object_array, (obj.shape, columns, order)
         return obj.__reduce_ex__(self._protocol)
 
 

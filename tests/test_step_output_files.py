@@ -135,6 +135,21 @@ def test_outputs_without_decimals_cost_no_python_call_per_value() -> None:
     assert _round_trip(records).tolist() == records.tolist()  # type: ignore[attr-defined]
 
 
+def test_a_fortran_ordered_object_block_comes_back_fortran_ordered() -> None:
+    """numpy's pickle keeps an F-ordered array so; a frame built from a 2-D array has such a block."""
+    cells = np.array([[Decimal(i) / 100, f"SO{i:06d}"] for i in range(ROWS)], dtype=object)
+    frame = pd.DataFrame(cells, columns=["iMoney", "cSOCode"])
+    assert frame._mgr.blocks[0].values.flags.f_contiguous  # type: ignore[attr-defined]
+    back = _round_trip(frame)
+    assert isinstance(back, pd.DataFrame)
+    _same_cells(frame, back)
+    assert back._mgr.blocks[0].values.flags.f_contiguous  # type: ignore[attr-defined]
+    raw = _round_trip(np.asfortranarray(cells))
+    assert isinstance(raw, np.ndarray)
+    assert raw.flags.f_contiguous
+    assert raw.tolist() == cells.tolist()
+
+
 def test_a_partition_key_with_dotdot_stays_under_the_base_folder(tmp_path: Path) -> None:
     """Like FilesystemIOManager: a partition key is a literal sub-path, never a way up."""
     base = tmp_path / "storage"
