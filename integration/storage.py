@@ -27,9 +27,10 @@ MIN_DECIMALS = 1_000  # fewer: the ordinary pickle costs less than the scan
 SAMPLE = 64  # values looked at per column (the first ones, and as many evenly spaced) before a whole scan
 
 
-Column = tuple[list[Any], np.ndarray | None]
+Column = tuple[Any, ...]
 """One row of an object array (a frame's column): ``(values, None)`` without decimals, ``(values,
-positions)`` with each decimal's text at its position."""
+positions)`` with each decimal's text at its position, or ``(values, positions, texts, shared)`` when
+``Decimal`` objects repeat: the text of each distinct one, and which one is at each position."""
 
 
 def _object_array(shape: tuple[int, ...], columns: list[Column], order: str = "C") -> np.ndarray:
@@ -40,13 +41,18 @@ def _object_array(shape: tuple[int, ...], columns: list[Column], order: str = "C
     """
     array = np.empty(shape, dtype=object, order="F" if order == "F" else "C")
     rows = array.reshape(1, -1) if array.ndim == 1 else array
-    for row, (values, positions) in zip(rows, columns, strict=True):
+    for row, (values, positions, *shared) in zip(rows, columns, strict=True):
         # fromiter: assigning a list would make rows of tuples or lists stored in the column
         row[:] = np.fromiter(values, dtype=object, count=len(values))
         if positions is None or not len(positions):
             continue
-        texts = row[positions].tolist()
-        row[positions] = np.fromiter(map(Decimal, texts), dtype=object, count=len(texts))
+        if shared:  # one Decimal object per distinct one written, as many references as there were
+            texts, which = shared
+            distinct = np.fromiter(map(Decimal, texts), dtype=object, count=len(texts))
+            row[positions] = distinct[which]
+        else:
+            texts = row[positions].tolist()
+            row[positions] = np.fromiter(map(Decimal, texts), dtype=object, count=len(texts))
     return array
 
 
@@ -62,9 +68,18 @@ def _column(row: np.ndarray) -> tuple[Column, int]:
     """Return a row holding decimals in ``_object_array``'s form, and how many decimals it holds."""
     positions = np.flatnonzero(np.fromiter(map(type, row.tolist()), dtype=object, count=len(row)) == Decimal)
     found = row[positions]
+    small = positions.astype(np.min_scalar_type(len(row)))  # 2 or 4 bytes a position, not 8
     written = row.copy()
-    written[positions] = np.fromiter(map(str, found.tolist()), dtype=object, count=len(found))
-    return (written.tolist(), positions), len(found)
+    sampled = _sample(found)
+    if len(set(map(id, sampled))) == len(sampled):  # distinct objects, as a database driver makes them
+        written[positions] = np.fromiter(map(str, found.tolist()), dtype=object, count=len(found))
+        return (written.tolist(), small), len(found)
+    # Decimal objects repeat (a merge, a fillna, a constant): each distinct one is written and built once.
+    ids = np.fromiter(map(id, found.tolist()), dtype=np.uintp, count=len(found))
+    _ids, first, which = np.unique(ids, return_index=True, return_inverse=True)
+    written[positions] = None
+    texts = list(map(str, found[first].tolist()))
+    return (written.tolist(), small, texts, which.astype(np.min_scalar_type(len(texts)))), len(found)
 
 
 def _object_columns(array: np.ndarray) -> list[Column] | None:

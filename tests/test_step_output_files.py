@@ -150,6 +150,22 @@ def test_a_fortran_ordered_object_block_comes_back_fortran_ordered() -> None:
     assert raw.tolist() == cells.tolist()
 
 
+def test_a_decimal_object_repeated_in_a_column_is_written_once_and_comes_back_once() -> None:
+    """``[rate] * n``, a merge, a fillna: one Decimal object stays one (memory) and is written once (size)."""
+    rate, other = Decimal("0.13"), Decimal("0.090")
+    merged = pd.Series([rate, rate, other] * ROWS + [Decimal(i) for i in range(ROWS)] + [None], dtype=object)
+    back = _round_trip(merged)
+    assert isinstance(back, pd.Series)
+    assert [repr(v) for v in back.tolist()] == [repr(v) for v in merged.tolist()]
+    assert back[0] is back[1] is back[3 * ROWS - 2]
+    assert back[2] is back[5]
+    assert len({id(value) for value in back.tolist()}) == 2 + ROWS + 1
+    constant = pd.Series([rate] * ROWS, dtype=object)
+    buffer = io.BytesIO()
+    dump_output(constant, buffer)
+    assert len(buffer.getvalue()) <= 2 * len(pickle.dumps(constant, pickle.HIGHEST_PROTOCOL))
+
+
 def test_a_partition_key_with_dotdot_stays_under_the_base_folder(tmp_path: Path) -> None:
     """Like FilesystemIOManager: a partition key is a literal sub-path, never a way up."""
     base = tmp_path / "storage"
