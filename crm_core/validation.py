@@ -205,8 +205,21 @@ def uscc_check_digits_ok(codes: pa.Array) -> np.ndarray:
     return np.asarray(values[:, 17] == expected)
 
 
+def uscc_is_valid(code: str) -> bool:
+    """python-stdnum's ``uscc.is_valid``, False also where python-stdnum raises.
+
+    Its digit check of the first eight characters is ``^[0-9]+$``, whose ``$`` matches before a final
+    newline: a compact code with a newline as its eighth character passes, and the check digit's
+    ``_alphabet.index("\\n")`` raises ValueError (python-stdnum 2.2).
+    """
+    try:
+        return bool(stdnum_uscc.is_valid(code))
+    except ValueError:
+        return False
+
+
 def valid_uscc(codes: Sequence[str]) -> np.ndarray:
-    """Return python-stdnum's ``uscc.is_valid`` of each code, compact codes checked all at once.
+    """Return ``uscc_is_valid`` (python-stdnum's verdict) of each code, compact codes checked all at once.
 
     A code already compact (18 characters, digits then the code alphabet) is checked by array arithmetic;
     anything else (spaces, dashes, lower case, a wrong length) goes to python-stdnum itself.
@@ -214,14 +227,14 @@ def valid_uscc(codes: Sequence[str]) -> np.ndarray:
     try:
         text = pa.array(codes, type=pa.string())
     except (pa.ArrowException, UnicodeError):  # a lone surrogate from a damaged file: one by one
-        return np.array([stdnum_uscc.is_valid(code) for code in codes], dtype=bool)
+        return np.array([uscc_is_valid(code) for code in codes], dtype=bool)
     shaped = pc.match_substring_regex(text, USCC_SHAPE).to_numpy(zero_copy_only=False)
     valid = np.zeros(len(codes), dtype=bool)
     compact = np.flatnonzero(shaped)
     if len(compact):
         valid[compact] = uscc_check_digits_ok(text.take(pa.array(compact)))
     for position in np.flatnonzero(~shaped).tolist():
-        valid[position] = stdnum_uscc.is_valid(codes[position])
+        valid[position] = uscc_is_valid(codes[position])
     return valid
 
 

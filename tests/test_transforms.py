@@ -246,6 +246,10 @@ def test_uscc_compacts_and_checks_the_check_digit() -> None:
         == "'91440300708461136A' is not a valid unified social credit code (check digit fails)"
     )
     assert fails("uscc", "12345") == "'12345' is not a unified social credit code (18 characters expected)"
+    # python-stdnum raises ValueError on this one (its digit check lets "5576032\n" through): a row error
+    assert fails("uscc", "5576032\nRY2NNP9DH0") == (
+        "'5576032\nRY2NNP9DH0' is not a valid unified social credit code (check digit fails)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -266,3 +266,22 @@ def test_credit_codes_checked_all_at_once_agree_with_python_stdnum() -> None:
     assert (
         sum(valid_uscc(codes)) > 4_000
     )  # the generated codes are mostly valid: the comparison means something
+
+
+def test_a_credit_code_python_stdnum_trips_over_is_invalid_not_a_crash() -> None:
+    """python-stdnum's digit check (``^[0-9]+$``) lets "1234567\\n" through, then raises ValueError on the
+    check digit: the rule marks such a cell invalid instead of failing the whole validation."""
+    import pytest
+    from stdnum.cn import uscc
+
+    from crm_core.validation import valid_uscc
+
+    broken = "5576032\nRY2NNP9DH0"  # compact: the newline is the eighth character
+    with pytest.raises(ValueError):
+        uscc.is_valid(broken)
+    assert valid_uscc([broken, VALID_USCC, " 5576032\nRY2NNP9DH0 "]).tolist() == [False, True, False]
+    assert valid_uscc([broken, "9111000060003734\ud800"]).tolist() == [False, False]  # the one-by-one path
+    rule = RULES["customer.credit_code.check_digit"]
+    frame = pd.DataFrame({"credit_code": [VALID_USCC, broken]}, index=[10, 11])
+    found = validate(rule.entity, frame, [rule], CONTEXT)
+    assert found[["index", "rule"]].to_dict("records") == [{"index": 11, "rule": rule.name}]

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from stdnum.cn import uscc as stdnum_uscc
 
 from crm_core.stages import resolve_stage
-from crm_core.validation import USCC_SHAPE, uscc_check_digits_ok
+from crm_core.validation import USCC_SHAPE, uscc_check_digits_ok, uscc_is_valid
 from integration import geo
 from integration.mappings import columnar
 
@@ -817,7 +817,7 @@ def uscc_value(value: Any) -> str:
     code = stdnum_uscc.compact(text).upper()
     if len(code) != 18:
         raise TransformFailure(f"'{value}' is not a unified social credit code (18 characters expected)")
-    if not stdnum_uscc.is_valid(code):
+    if not uscc_is_valid(code):
         raise TransformFailure(f"'{value}' is not a valid unified social credit code (check digit fails)")
     return code
 
