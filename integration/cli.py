@@ -1123,14 +1123,11 @@ def dedup_match(
     from dataclasses import asdict
 
     from integration.dedup.customers import customer_records
-    from integration.dedup.online import MatchIndex, query_record
-    from integration.mappings.transforms import TransformFailure, phone_e164, uscc_value
+    from integration.dedup.online import MatchIndex, form_record
+    from integration.mappings.transforms import TransformFailure
 
     try:
-        record = query_record(
-            name, phone=phone_e164(phone) if phone else None,
-            credit_code=uscc_value(credit_code) if credit_code else None, email=email,
-        )  # fmt: skip
+        record = form_record(name, phone=phone, credit_code=credit_code, email=email)
     except TransformFailure as exc:
         errors.print(f"[red]cannot check this record:[/red] {exc}")
         raise typer.Exit(EXIT_FAILED) from None

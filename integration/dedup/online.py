@@ -57,6 +57,41 @@ class Candidate:
     levels: dict[str, int]
 
 
+def form_record(
+    name: str | None,
+    *,
+    phone: str | None = None,
+    credit_code: str | None = None,
+    email: str | None = None,
+    city: str | None = None,
+) -> dict[str, Any]:
+    """Turn what a person typed in a form into a linkage row, normalized as a load normalizes a source row.
+
+    A credit code failing its check digit (damaged, 15-digit, cut short) is compared as written, as a load
+    keeps it in ``credit_code_as_written``. Raises ``TransformFailure`` for a phone that is no number and a
+    credit-code cell that is no code at all (a placeholder such as ``123``).
+    """
+    from integration.mappings.transforms import (
+        TransformFailure,
+        phone_e164,
+        uscc_as_written_value,
+        uscc_value,
+    )
+
+    valid_code = written_code = None
+    if credit_code:
+        try:
+            valid_code = uscc_value(credit_code)
+        except TransformFailure:
+            written_code = uscc_as_written_value(credit_code)
+            if written_code is None:
+                raise
+    return query_record(
+        name, phone=phone_e164(phone) if phone else None, credit_code=valid_code,
+        credit_code_as_written=written_code, email=email, city=city,
+    )  # fmt: skip
+
+
 def query_record(name: str | None = None, **fields: Any) -> dict[str, Any]:
     """Turn what a form has (name, credit_code or credit_code_as_written, phone, email, city) into a linkage row."""
     return linkage_row(

@@ -32,8 +32,9 @@ from starlette.routing import Route
 from crm_core.models import Base
 from integration.dedup.customers import CUSTOMER_SPEC, RARE_TRADE_NAME, customer_records, linkage_frame
 from integration.dedup.linkage import LinkageSpec
-from integration.dedup.online import MatchIndex, query_record
-from integration.mappings.transforms import TransformFailure, phone_e164, uscc_as_written_value, uscc_value
+from integration.dedup.online import MatchIndex
+from integration.dedup.online import form_record as linkage_form_record
+from integration.mappings.transforms import TransformFailure
 from integration.steward import security
 from integration.steward.errors import StewardError
 
@@ -368,20 +369,14 @@ def form_record(body: dict[str, Any], *, name_required: bool = True) -> dict[str
     """The linkage row of what a form sent (name, phone, credit_code, email, city), normalized as a load does."""
     name = _field(body, "name", required=name_required)
     phone, code = _field(body, "phone", length=64), _field(body, "credit_code", length=64)
-    valid_code = written_code = None
-    if code:
-        try:
-            valid_code = uscc_value(code)
-        except TransformFailure as exc:
-            # Damaged, 15-digit or cut short: compared as written, as a load keeps it (credit_code_as_written).
-            written_code = uscc_as_written_value(code)
-            if written_code is None:  # not a code at all (a placeholder, 123)
-                raise StewardError(str(exc), status=422) from None
     try:
-        return query_record(
-            name, phone=phone_e164(phone) if phone else None, credit_code=valid_code,
-            credit_code_as_written=written_code, email=_field(body, "email"), city=_field(body, "city", length=32),
-        )  # fmt: skip
+        return linkage_form_record(
+            name,
+            phone=phone,
+            credit_code=code,
+            email=_field(body, "email"),
+            city=_field(body, "city", length=32),
+        )
     except TransformFailure as exc:
         raise StewardError(str(exc), status=422) from None
 
