@@ -136,7 +136,7 @@ def test_preview_runs_the_validation_rules_and_keeps_a_status_field_apart(demo_p
         )
     table = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "3"])
     assert "3 row(s) read, 3 mapped, 0 rejected, 3 invalid (validation errors)" in table.stdout
-    file.write_text(text.replace("phone: {from: cCusPhone, transforms: [{phone: {region: CN}}], on_error: \"null\"}",
+    file.write_text(text.replace("phone: {from: cCusPhone, transforms: [{phone: {region: CN}}], on_error: \"null\", area_code_from: city}",
                                  "phone: {from: cCusPhone}"), encoding="utf-8")  # fmt: skip
     loose = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "50", "--format", "csv"])
     statuses = [r["_status"] for r in csv.DictReader(io.StringIO(loose.stdout))]

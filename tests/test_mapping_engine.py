@@ -257,3 +257,35 @@ def test_computed_values_go_through_transforms_and_on_error(tmp_path: Path) -> N
         "warn",
     )
     assert warning["value"] == "数量=0"  # what the expression was given
+
+
+def test_a_local_number_written_without_its_area_code_takes_the_city_s(tmp_path: Path) -> None:
+    """area_code_from: refused local numbers are tried again with the city's area code; nothing else changes."""
+    file = tmp_path / "customers.yaml"
+    file.write_text(
+        "version: 1\nsource: {connector: xlsx, sheet: 客户, key: 编号}\ntarget: customer\nfields:\n"
+        "  name: 名称\n"
+        '  phone: {from: 电话, transforms: [phone], on_error: "null", area_code_from: city}\n'  # before city
+        "  city: {from: 城市, transforms: [trim]}\n",
+        encoding="utf-8",
+    )
+    cases = [  # (电话, 城市, phone expected)
+        ("48410754", "苏州市", "+8651248410754"),
+        ("8841 0754", "Shenzhen", "+8675588410754"),
+        ("48410754转8", "苏州", "+8651248410754;ext=8"),
+        ("13800138000", "苏州市", "+8613800138000"),  # a mobile converts on its own
+        ("0571-88880000", "苏州市", "+8657188880000"),  # its own area code wins over the city's
+        ("48410754", None, None),  # no city: still refused
+        ("48410754", "火星市", None),  # no area code known for it
+        ("12345", "苏州市", None),  # not a local number
+    ]
+    rows = frame([{"编号": f"C{i}", "名称": f"公司{i}", "电话": tel, "城市": city}
+                  for i, (tel, city, _) in enumerate(cases)])  # fmt: skip
+    result = map_chunk(load_mapping(file), rows)
+    records = python_records(result.records)
+    assert list(records.columns[:3]) == ["name", "phone", "city"]  # the mapping's order, not the run order
+    assert records["phone"].tolist() == [expected for _, _, expected in cases]
+    refused = result.rejects[result.rejects["field"] == "phone"]
+    assert refused["value"].tolist() == ["48410754", "48410754", "12345"]
+    assert (refused["severity"] == "warn").all()
+    assert "area code" not in " ".join(refused["reason"])  # the transform's own reason, as before

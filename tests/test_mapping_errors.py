@@ -59,7 +59,7 @@ CASES: list[tuple[str, str, list[str]]] = [
         "unknown_field_key",
         BASE + "  name: {from: name, tranforms: [trim]}\n",
         [
-            "{file}:5:22: fields.name.tranforms: unknown key 'tranforms'; did you mean 'transforms'?; allowed: aggregate, combine, const, convert, default, expr, from, lookup, on_error, required, sep, transforms, via, when",
+            "{file}:5:22: fields.name.tranforms: unknown key 'tranforms'; did you mean 'transforms'?; allowed: aggregate, area_code_from, combine, const, convert, default, expr, from, lookup, on_error, required, sep, transforms, via, when",
         ],
     ),
     (
@@ -438,6 +438,27 @@ CASES: list[tuple[str, str, list[str]]] = [
         BASE + "  name: n\n  industry: {expr: 'n', via: {table: links, from: account_id, to: user_id}}\n",
         [
             "{file}:6:13: fields.industry: 'via' needs 'from': the one column of this table whose value is looked up"
+        ],
+    ),
+    (
+        "area_code_from_unknown_field",
+        "version: 1\nsource: {connector: crm, table: accounts, key: id}\ntarget: customer\nfields:\n  name: name\n  phone: {from: p, transforms: [phone], area_code_from: town}\n",
+        [
+            "{file}:6:57: fields.phone.area_code_from: area_code_from names another field of this mapping holding the city; fields: name"
+        ],
+    ),
+    (
+        "area_code_from_without_phone",
+        "version: 1\nsource: {connector: crm, table: accounts, key: id}\ntarget: customer\nfields:\n  name: name\n  city: n\n  phone: {from: p, area_code_from: city}\n",
+        [
+            "{file}:7:36: fields.phone.area_code_from: area_code_from completes phone numbers: 'phone' needs the phone transform"
+        ],
+    ),
+    (
+        "area_code_from_another_region",
+        "version: 1\nsource: {connector: crm, table: accounts, key: id}\ntarget: customer\nfields:\n  name: name\n  city: n\n  phone: {from: p, transforms: [{phone: {region: US}}], area_code_from: city}\n",
+        [
+            "{file}:7:73: fields.phone.area_code_from: area_code_from takes Chinese area codes: the phone transform's region must be CN"
         ],
     ),
     (

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+import re
+import unicodedata
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +21,7 @@ import pyarrow.compute as pc
 
 from crm_core.entities import FieldDef
 from crm_core.errors import ConfigError, MappingError
+from integration import geo
 from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF
 from integration.mappings import columnar, money
 from integration.mappings.expressions import ExpressionError, evaluate, float_to_decimal, to_arrow, to_text
@@ -559,8 +562,58 @@ def _merge_reasons(first: pd.Series | None, second: pd.Series | None) -> pd.Seri
     return first.where(first.notna(), second)
 
 
+LOCAL_NUMBER = re.compile(r"[2-9]\d{2,3}[ -]?\d{4}(?!\d)")  # 7-8 digits: no trunk 0, no mobile's 1
+
+
+def _complete_local_numbers(
+    field: CompiledField,
+    target: FieldDef,
+    raw: pd.Series,
+    result: pd.Series,
+    reasons: pd.Series,
+    cities: pd.Series,
+) -> tuple[pd.Series, pd.Series]:
+    """Convert again, with the city's area code before them, the failed values that are bare local numbers.
+
+    Only values the transforms refused are tried again, so a number that converted on its own is never
+    changed; a value still refused with the area code keeps its first reason.
+    """
+    failed = reasons.notna() & raw.notna() & cities.notna()
+    if not failed.any():
+        return result, reasons
+    candidates: dict[Any, str] = {}
+    codes: dict[Any, str | None] = {}
+    for index, value, city in zip(failed[failed].index, raw[failed], cities[failed], strict=True):
+        text = unicodedata.normalize("NFKC", str(value)).strip()
+        if not LOCAL_NUMBER.match(text):
+            continue
+        if city not in codes:
+            codes[city] = geo.area_code_of_city(str(city))
+        code = codes[city]
+        if code is not None:
+            candidates[index] = f"0{code}-{text}"
+    if not candidates:
+        return result, reasons
+    retried, still = _convert(field, target, pd.Series(candidates, dtype=object))
+    fixed = retried.index if still is None else still[still.isna()].index
+    if len(fixed) == 0:
+        return result, reasons
+    positions = result.index.get_indexer(fixed)
+    values = result.to_numpy(dtype=object, na_value=None)  # None, as python_records gives a missing value
+    values[positions] = retried.loc[fixed].to_numpy(dtype=object, na_value=None)
+    why = reasons.to_numpy(dtype=object, na_value=None)
+    why[positions] = None
+    return pd.Series(values, index=result.index, dtype=object), pd.Series(
+        why, index=reasons.index, dtype=object
+    )
+
+
 def _run_field(
-    field: CompiledField, target: FieldDef, data: Mapping[str, pd.Series], outcome: _Outcome
+    field: CompiledField,
+    target: FieldDef,
+    data: Mapping[str, pd.Series],
+    outcome: _Outcome,
+    mapped: Mapping[str, pd.Series] | None = None,
 ) -> pd.Series:
     spec = field.spec
     chunk = outcome.chunk
@@ -581,6 +634,10 @@ def _run_field(
         early = _merge_reasons(early, joined)
         raw = null_where(raw, joined.notna())
     result, reasons = _convert_distinct(field, target, raw)
+    if field.area_code_from is not None and reasons is not None and mapped is not None:
+        result, reasons = _complete_local_numbers(
+            field, target, raw, result, reasons, mapped[field.area_code_from]
+        )
     if early is not None and early.notna().any():
         reasons = _merge_reasons(early, reasons)
         result = null_where(result, early.notna())
@@ -625,18 +682,25 @@ def map_chunk(mapping: CompiledMapping, chunk: pd.DataFrame) -> MappingResult:
     outcome.add(subtotal, None, None, "subtotal/total row, not a record", rule="subtotal")
     data = arrow_text_columns(chunk, mapping.source_columns())
     columns: dict[str, pd.Series] = {}
+    computed: dict[str, pd.Series] = {}
+    converted: dict[str, dict[str, pd.Series]] = {}
+    # A field completed from another (area_code_from) runs after it; the columns keep the mapping's order.
+    ordered = sorted(mapping.fields, key=lambda f: f.area_code_from is not None)
     with columnar.chunk_scope():
-        for field in mapping.fields:
-            columns[field.name] = _run_field(field, mapping.entity.fields[field.name], data, outcome)
+        for field in ordered:
+            computed[field.name] = _run_field(
+                field, mapping.entity.fields[field.name], data, outcome, computed
+            )
             if field.convert is not None:  # operands are run like fields (see money.py)
-                columns.update(
-                    money.convert_amounts(
-                        field.convert,
-                        columns[field.name],
-                        outcome,
-                        lambda operand, target: _run_field(operand, target, data, outcome),
-                    )
+                converted[field.name] = money.convert_amounts(
+                    field.convert,
+                    computed[field.name],
+                    outcome,
+                    lambda operand, target: _run_field(operand, target, data, outcome),
                 )
+    for field in mapping.fields:
+        columns[field.name] = computed[field.name]
+        columns.update(converted.get(field.name, {}))
     key_columns = mapping.spec.source.key_columns
     if mapping.spec.source.hash_key:
         key = hash_key(data, key_columns, chunk.index)

@@ -319,6 +319,11 @@ class FieldSpec(_Strict):
         default=None,
         description="amount fields: convert into the base currency, keeping the original amount and currency",
     )
+    area_code_from: str | None = Field(
+        default=None,
+        description="phone fields: another field of this mapping holding the record's city (深圳, 深圳市, "
+        "Shenzhen); a 7-8 digit local number written without its area code gets that city's",
+    )
 
     @model_validator(mode="after")
     def _value_source(self) -> FieldSpec:
@@ -477,6 +482,7 @@ class CompiledField:
     expr: Expression | None = None
     when: tuple[WhenCase, ...] = ()
     convert: CompiledConvert | None = None  # see money.py
+    area_code_from: str | None = None  # the field whose city completes local phone numbers
 
     @property
     def computed(self) -> bool:
@@ -540,6 +546,23 @@ class CompiledMapping:
         needed = [c for c in self.source_columns() if c not in joined]
         needed.extend(j.column for j in self.joins if j.column not in needed)
         return needed
+
+
+def _area_code_problem(
+    name: str, source: str, steps: Sequence[CompiledStep], spec: MappingSpec
+) -> str | None:
+    """What is wrong with a field's ``area_code_from`` (None when nothing is)."""
+    phones = [step for step in steps if step.transform.name == "phone"]
+    if not phones:
+        return f"area_code_from completes phone numbers: '{name}' needs the phone transform"
+    if any(getattr(step.args, "region", "CN") != "CN" for step in phones):
+        return "area_code_from takes Chinese area codes: the phone transform's region must be CN"
+    if source == name or source not in spec.fields:
+        others = [field for field in spec.fields if field != name]
+        return f"area_code_from names another field of this mapping holding the city; fields: {', '.join(others)}"
+    if spec.field_specs()[source].area_code_from is not None:
+        return f"'{source}' completes phone numbers itself; name the field holding the city"
+    return None
 
 
 def _parse_step(
@@ -814,8 +837,15 @@ def compile_document(
                 doc, path, field_spec, target_field, entity, spec, rates
             )
             problems.extend(convert_problems)
+        area_code_from = field_spec.area_code_from
+        if area_code_from is not None:
+            problem = _area_code_problem(name, area_code_from, steps, spec)
+            if problem:
+                problems.append(doc.problem((*path, "area_code_from"), problem))
         compiled.append(
-            CompiledField(name, field_spec, tuple(steps), lookup, columns, expression, cases, convert)
+            CompiledField(
+                name, field_spec, tuple(steps), lookup, columns, expression, cases, convert, area_code_from
+            )
         )
     mapped = set(spec.fields)
     for field_def in entity.fields.values():
