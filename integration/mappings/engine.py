@@ -599,13 +599,19 @@ def _complete_local_numbers(
     if len(fixed) == 0:
         return result, reasons
     positions = result.index.get_indexer(fixed)
-    values = result.to_numpy(dtype=object, na_value=None)  # None, as python_records gives a missing value
-    values[positions] = retried.loc[fixed].to_numpy(dtype=object, na_value=None)
-    why = reasons.to_numpy(dtype=object, na_value=None)
+    values, why = _objects(result), _objects(reasons)
+    values[positions] = _objects(retried.loc[fixed])
     why[positions] = None
     return pd.Series(values, index=result.index, dtype=object), pd.Series(
         why, index=reasons.index, dtype=object
     )
+
+
+def _objects(values: pd.Series) -> np.ndarray:
+    """The values as an object array, None where missing (as python_records gives a missing value)."""
+    array = values.to_numpy(dtype=object, copy=True)  # a copy: the Series may share its data
+    array[pd.isna(array)] = None
+    return array
 
 
 def _run_field(
