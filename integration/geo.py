@@ -21,6 +21,8 @@ _PINYIN_SEPARATORS = re.compile(r"[\s\-_'·.]+")
 _ENGLISH_CITY_WORDS = re.compile(r"\b(city|shi|prefecture|municipality)\b", re.IGNORECASE)
 _HAS_CJK = re.compile(r"[\u4e00-\u9fff]")
 _LATIN_WORD = re.compile(r"[A-Za-z]+")
+# Between the numbers of one phone cell: 、 ； / , | two spaces, or a space before another whole number.
+PHONE_CELL_SPLIT = re.compile(r"[、；;/,，|]|\s{2,}|(?<=\d)\s+(?=(?:\+|0|1[3-9]))(?=[\d+]{7,})")
 
 
 @dataclass(frozen=True)

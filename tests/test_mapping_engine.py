@@ -289,3 +289,16 @@ def test_a_local_number_written_without_its_area_code_takes_the_city_s(tmp_path:
     assert refused["value"].tolist() == ["48410754", "48410754", "12345"]
     assert (refused["severity"] == "warn").all()
     assert "area code" not in " ".join(refused["reason"])  # the transform's own reason, as before
+
+
+def test_the_first_of_several_local_numbers_takes_the_city_s_area_code(tmp_path: Path) -> None:
+    file = tmp_path / "customers.yaml"
+    file.write_text(
+        "version: 1\nsource: {connector: xlsx, sheet: 客户, key: 编号}\ntarget: customer\nfields:\n"
+        "  name: 名称\n  city: 城市\n"
+        '  phone: {from: 电话, transforms: [{phone: {several: first}}], on_error: "null", area_code_from: city}\n',
+        encoding="utf-8",
+    )
+    rows = frame([{"编号": "C1", "名称": "甲公司", "电话": "48410754、48410753", "城市": "苏州市"}])
+    records = python_records(map_chunk(load_mapping(file), rows).records)
+    assert records["phone"].tolist() == ["+8651248410754"]

@@ -227,6 +227,41 @@ def test_a_dash_is_no_extension_unless_the_number_before_it_is_whole() -> None:
     )  # no area code
 
 
+SEVERAL = [  # (cell, first number that reads)
+    ("021-48410754、021-48410753", "+862148410754"),
+    ("0512-23993476；0512-23993477", "+8651223993476"),
+    ("13589138968, 0551-69969191", "+8613589138968"),
+    ("028-21860530；13967114502", "+862821860530"),  # not an 'extension' of 11 digits
+    ("0592-7658904/13943616563", "+865927658904"),
+    ("0755-86001234转8、0755-86001235", "+8675586001234;ext=8"),
+    ("12345 / 021-48410753", "+862148410753"),  # the first that reads
+]
+
+
+@pytest.mark.parametrize(("cell", "expected"), SEVERAL)
+def test_phone_keeps_the_first_number_of_a_cell_listing_several_when_asked(cell: str, expected: str) -> None:
+    assert one("phone", cell, several="first") == expected
+    assert fails("phone", cell).startswith(f"'{cell}' ")  # the default still refuses the cell
+
+
+def test_several_first_changes_nothing_else() -> None:
+    cells = [
+        "138 0013 8000",
+        "+8675586001234;ext=8",
+        "0755-86001234转8",
+        "12345",
+        "48394825",
+        "待定、未知",
+        None,
+    ]
+    assert run("phone", cells, several="first") == run("phone", cells)
+    # the Arrow path and the one-value path agree
+    arrow = pd.Series([cell for cell, _ in SEVERAL], dtype="string[pyarrow]")
+    definition = REGISTRY["phone"]
+    out, errors = definition.func(arrow, definition.args.model_validate({"several": "first"}))
+    assert list(out) == [expected for _, expected in SEVERAL] and (errors is None or errors.isna().all())
+
+
 def test_phone_rejects_invalid_numbers_and_honours_the_region() -> None:
     assert fails("phone", "12345") == "'12345' is not a valid phone number for region CN"
     assert one("phone", "650-253-0000", region="US") == "+16502530000"

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from opencc import OpenCC
 
+from integration.geo import PHONE_CELL_SPLIT
+
 PROVINCES = [
     "北京",
     "天津",
@@ -615,7 +617,6 @@ def credit_codes_near(left: str | None, right: str | None) -> bool:
     return False
 
 
-_PHONE_SPLIT = re.compile(r"[、；;/,，|]|\s{2,}|(?<=\d)\s+(?=(?:\+|0|1[3-9]))(?=[\d+]{7,})")
 _EXTENSION = re.compile(r"(?:;ext=|转|分机|ext\.?|x|#|-)\s*\d{1,6}$", re.IGNORECASE)
 _DIGITS = re.compile(r"[^\d+]")
 
@@ -631,7 +632,7 @@ def phone_keys(value: str | None, area_code: str | None = None) -> tuple[str, ..
         return ()
     text = unicodedata.normalize("NFKC", str(value))
     keys: list[str] = []
-    for part in _PHONE_SPLIT.split(text):
+    for part in PHONE_CELL_SPLIT.split(text):
         part = part.strip()
         if not part:
             continue

@@ -637,6 +637,10 @@ class PhoneArgs(Args):
     """Arguments of ``phone``."""
 
     region: str = Field(default="CN", description="ISO country of numbers written without +country code")
+    several: Literal["refuse", "first"] = Field(
+        default="refuse",
+        description="a cell listing several numbers (、 ； / ,): refuse it, or keep the first number that reads",
+    )
 
     @field_validator("region")
     @classmethod
@@ -776,11 +780,33 @@ def _cn_number_kernel(array: pa.Array | pa.ChunkedArray) -> tuple[Any, Any]:
 )
 def phone(values: pd.Series, args: PhoneArgs) -> Outcome:
     """Phone numbers to E.164 (CN mobiles, landlines with area code, +86/0086, extensions: 转8, （分机8）, -8)."""
+
+    def one(value: Any) -> str:
+        return phone_e164(value, args.region) if args.several == "refuse" else first_phone(value, args.region)
+
     array = columnar.text_array(values)
     if array is None or args.region != "CN":
-        return per_value(values, lambda v: phone_e164(v, args.region))
+        return per_value(values, one)
     done, e164 = _cn_number_kernel(array)
-    return columnar.settle(array, values.index, done, e164, phone_e164, TransformFailure)
+    return columnar.settle(array, values.index, done, e164, one, TransformFailure)
+
+
+def first_phone(value: Any, region: str = "CN") -> str:
+    """Return the cell as E.164, or else the first of the numbers it lists that reads (``phone_e164``)."""
+    try:
+        return phone_e164(value, region)
+    except TransformFailure as whole:
+        parts = [
+            part.strip()
+            for part in geo.PHONE_CELL_SPLIT.split(unicodedata.normalize("NFKC", _as_text(value)))
+        ]
+        for part in parts if len([p for p in parts if p]) > 1 else []:
+            if part:
+                try:
+                    return phone_e164(part, region)
+                except TransformFailure:
+                    continue
+        raise whole from None
 
 
 _EMAIL = re.compile(r"^[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}$")
