@@ -302,3 +302,32 @@ def test_the_first_of_several_local_numbers_takes_the_city_s_area_code(tmp_path:
     rows = frame([{"编号": "C1", "名称": "甲公司", "电话": "48410754、48410753", "城市": "苏州市"}])
     records = python_records(map_chunk(load_mapping(file), rows).records)
     assert records["phone"].tolist() == ["+8651248410754"]
+
+
+def test_a_completed_local_number_keeps_its_digits_and_is_one_number(tmp_path: Path) -> None:
+    """area_code_from adds the area code and nothing else: no digit of the cell's tail joins the number.
+
+    A whole-number cell read as a float (88410754.0: an integer column with empty cells) is the number the
+    phone transform reads (88410754), not 8841075 followed by a 0; a second number after the first is no
+    extension.
+    """
+    file = tmp_path / "customers.yaml"
+    file.write_text(
+        "version: 1\nsource: {connector: xlsx, sheet: 客户, key: 编号}\ntarget: customer\nfields:\n"
+        "  name: 名称\n"
+        '  phone: {from: 电话, transforms: [phone], on_error: "null", area_code_from: city}\n'
+        "  city: {from: 城市, transforms: [trim]}\n",
+        encoding="utf-8",
+    )
+    cases: list[tuple[object, str | None]] = [  # (电话, phone expected), all in 深圳 (0755, 8 digits)
+        (88410754.0, "+8675588410754"),  # the float of a whole number: 88410754
+        (8841075.0, None),  # 8841075: seven digits, no Shenzhen number; never 0755-88410750
+        ("8841075 0", None),  # nor with the stray digit after a space
+        ("88410754,88410755", None),  # two numbers: the second is no extension
+        ("88410754转8", "+8675588410754;ext=8"),
+        ("0755-88410754,88410755", "+8675588410754;ext=88410755"),  # converts on its own: as before
+    ]
+    rows = frame([{"编号": f"C{i}", "名称": f"公司{i}", "电话": tel, "城市": "深圳"}
+                  for i, (tel, _) in enumerate(cases)])  # fmt: skip
+    records = python_records(map_chunk(load_mapping(file), rows).records)
+    assert records["phone"].tolist() == [expected for _, expected in cases]

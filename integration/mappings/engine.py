@@ -35,6 +35,7 @@ from integration.mappings.transforms import (
     clean_text,
     parse_datetime_value,
     per_value,
+    phone_e164,
 )
 
 # Columns of mapped records besides the entity's fields.
@@ -563,6 +564,24 @@ def _merge_reasons(first: pd.Series | None, second: pd.Series | None) -> pd.Seri
 
 
 LOCAL_NUMBER = re.compile(r"[2-9]\d{2,3}[ -]?\d{4}(?!\d)")  # 7-8 digits: no trunk 0, no mobile's 1
+# Digits after a completed number that can be an extension (转8, -12, ext. 336); more are another number.
+LOCAL_EXTENSION_DIGITS = 6
+
+
+def _completed(text: str, code: str) -> bool:
+    """Whether ``0<code>-<text>`` reads as the area code, the local number at the start of ``text`` and at most
+    an extension: the phone transform also takes digits after a separator into the number (8841075.0 and
+    8841075 0 would become 0755-88410750) and a second number for an extension (88410754,88410755)."""
+    local = LOCAL_NUMBER.match(text)
+    if local is None:
+        return False
+    try:
+        e164 = phone_e164(f"0{code}-{text}", "CN")
+    except TransformFailure:
+        return False
+    number, _, extension = e164.partition(";ext=")
+    digits = local.group().replace(" ", "").replace("-", "")
+    return number == f"+86{code}{digits}" and len(extension) <= LOCAL_EXTENSION_DIGITS
 
 
 def _complete_local_numbers(
@@ -584,13 +603,13 @@ def _complete_local_numbers(
     candidates: dict[Any, str] = {}
     codes: dict[Any, str | None] = {}
     for index, value, city in zip(failed[failed].index, raw[failed], cities[failed], strict=True):
-        text = unicodedata.normalize("NFKC", str(value)).strip()
+        text = unicodedata.normalize("NFKC", _as_text(value)).strip()  # as the transform reads 88410754.0
         if not LOCAL_NUMBER.match(text):
             continue
         if city not in codes:
             codes[city] = geo.area_code_of_city(str(city))
         code = codes[city]
-        if code is not None:
+        if code is not None and _completed(text, code):
             candidates[index] = f"0{code}-{text}"
     if not candidates:
         return result, reasons
