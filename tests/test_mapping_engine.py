@@ -11,7 +11,7 @@ import pytest
 from crm_core.errors import ConfigError, MappingError
 from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, TEXT_DTYPE
 from integration.mappings import engine
-from integration.mappings.engine import EXTERNAL_KEY, map_chunk, map_chunks, python_records
+from integration.mappings.engine import EXTERNAL_KEY, map_chunk, map_chunks, python_records, python_values
 from integration.mappings.spec import CompiledMapping, load_mapping
 
 HEAD = "version: 1\nsource: {connector: xlsx, sheet: 商机, key: 编号}\ntarget: opportunity\nfields:\n"
@@ -331,3 +331,30 @@ def test_a_completed_local_number_keeps_its_digits_and_is_one_number(tmp_path: P
                   for i, (tel, _) in enumerate(cases)])  # fmt: skip
     records = python_records(map_chunk(load_mapping(file), rows).records)
     assert records["phone"].tolist() == [expected for _, expected in cases]
+
+
+def test_completed_phone_numbers_keep_the_column_s_dtype(tmp_path: Path) -> None:
+    """A chunk where area_code_from completed a number gives the phone column the dtype of any other chunk."""
+    file = tmp_path / "customers.yaml"
+    file.write_text(
+        "version: 1\nsource: {connector: xlsx, sheet: 客户, key: 编号}\ntarget: customer\nfields:\n"
+        "  name: 名称\n"
+        '  phone: {from: 电话, transforms: [phone], on_error: "null", area_code_from: city}\n'
+        "  city: {from: 城市, transforms: [trim]}\n",
+        encoding="utf-8",
+    )
+    mapping = load_mapping(file)
+
+    def phones(*cells: str | None) -> pd.Series:
+        rows = frame(
+            [
+                {"编号": f"C{i}", "名称": f"公司{i}", "电话": tel, "城市": "深圳"}
+                for i, tel in enumerate(cells)
+            ]
+        )
+        return map_chunk(mapping, rows).records["phone"]
+
+    plain = phones("0755-88410754", "x", None)
+    completed = phones("88410754", "x", None)
+    assert completed.dtype == plain.dtype == TEXT_DTYPE
+    assert python_values(completed).tolist() == ["+8675588410754", None, None]

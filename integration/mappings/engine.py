@@ -618,19 +618,14 @@ def _complete_local_numbers(
     if len(fixed) == 0:
         return result, reasons
     positions = result.index.get_indexer(fixed)
-    values, why = _objects(result), _objects(reasons)
-    values[positions] = _objects(retried.loc[fixed])
+    values = python_values(result).to_numpy()
+    values[positions] = python_values(retried.loc[fixed]).to_numpy()
+    why = python_values(reasons).to_numpy()
     why[positions] = None
-    return pd.Series(values, index=result.index, dtype=object), pd.Series(
-        why, index=reasons.index, dtype=object
-    )
-
-
-def _objects(values: pd.Series) -> np.ndarray:
-    """The values as an object array, None where missing (as python_records gives a missing value)."""
-    array = values.to_numpy(dtype=object, copy=True)  # a copy: the Series may share its data
-    array[pd.isna(array)] = None
-    return array
+    completed = pd.Series(values, index=result.index, dtype=object)
+    if columnar.is_text(result):  # text stays Arrow text, as in a chunk where nothing was completed
+        completed = columnar.arrow_series(pa.array(values, pa.string()), result.index)
+    return completed, pd.Series(why, index=reasons.index, dtype=object)
 
 
 def _run_field(
