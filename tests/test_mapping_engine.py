@@ -358,3 +358,28 @@ def test_completed_phone_numbers_keep_the_column_s_dtype(tmp_path: Path) -> None
     completed = phones("88410754", "x", None)
     assert completed.dtype == plain.dtype == TEXT_DTYPE
     assert python_values(completed).tolist() == ["+8675588410754", None, None]
+
+
+def test_area_code_from_keeps_the_rejects_in_the_mapping_s_order(tmp_path: Path) -> None:
+    """The phone field runs after its city field, yet its rejects come where the mapping lists it, as before."""
+    head = "version: 1\nsource: {connector: xlsx, sheet: 客户, key: 编号}\ntarget: customer\nfields:\n  name: 名称\n"
+    fields = (
+        '  phone: {from: 电话, transforms: [phone], on_error: "null"%s}\n'
+        '  email: {from: 邮箱, transforms: [email], on_error: "null"}\n'
+        "  city: {from: 城市, transforms: [trim]}\n"
+    )
+    rows = frame([{"编号": "C1", "名称": "甲", "电话": "x", "邮箱": "bad", "城市": "深圳"},
+                  {"编号": "C2", "名称": "乙", "电话": "88410754", "邮箱": "bad", "城市": "深圳"}])  # fmt: skip
+    rejects = []
+    for extra in ("", ", area_code_from: city"):
+        file = tmp_path / "customers.yaml"
+        file.write_text(head + fields % extra, encoding="utf-8")
+        rejects.append(map_chunk(load_mapping(file), rows).rejects)
+    before, after = rejects
+    assert before[["row_ref", "field"]].values.tolist() == [
+        ["3", "phone"],
+        ["4", "phone"],
+        ["3", "email"],
+        ["4", "email"],
+    ]
+    assert after[["row_ref", "field"]].values.tolist() == [["3", "phone"], ["3", "email"], ["4", "email"]]

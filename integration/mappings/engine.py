@@ -704,10 +704,13 @@ def map_chunk(mapping: CompiledMapping, chunk: pd.DataFrame) -> MappingResult:
     columns: dict[str, pd.Series] = {}
     computed: dict[str, pd.Series] = {}
     converted: dict[str, dict[str, pd.Series]] = {}
-    # A field completed from another (area_code_from) runs after it; the columns keep the mapping's order.
+    problems: dict[str, list[pd.DataFrame]] = {}
+    # A field completed from another (area_code_from) runs after it; the columns and the rejects keep the
+    # mapping's order.
     ordered = sorted(mapping.fields, key=lambda f: f.area_code_from is not None)
     with columnar.chunk_scope():
         for field in ordered:
+            start = len(outcome.parts)
             computed[field.name] = _run_field(
                 field, mapping.entity.fields[field.name], data, outcome, computed
             )
@@ -718,7 +721,10 @@ def map_chunk(mapping: CompiledMapping, chunk: pd.DataFrame) -> MappingResult:
                     outcome,
                     lambda operand, target: _run_field(operand, target, data, outcome),
                 )
+            problems[field.name] = outcome.parts[start:]
+            del outcome.parts[start:]
     for field in mapping.fields:
+        outcome.parts.extend(problems[field.name])
         columns[field.name] = computed[field.name]
         columns.update(converted.get(field.name, {}))
     key_columns = mapping.spec.source.key_columns
