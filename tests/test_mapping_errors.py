@@ -462,6 +462,13 @@ CASES: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        "area_code_from_beside_an_invalid_phone_step",  # the step's own problem, not "needs the phone transform"
+        "version: 1\nsource: {connector: crm, table: accounts, key: id}\ntarget: customer\nfields:\n  name: name\n  city: n\n  phone: {from: p, transforms: [{phone: {region: XX}}], area_code_from: city}\n",
+        [
+            "{file}:7:50: fields.phone.transforms[0].phone.region: phone: unknown region 'XX' (use a two-letter country code such as CN)"
+        ],
+    ),
+    (
         "hash_key_unknown_column",
         "version: 1\nsource: {connector: crm, table: accounts, key: {hash: [name, phone]}}\ntarget: customer\nfields:\n  name: name\n",
         ["{file}:2:62: source.key.hash[1]: column 'phone' is not in accounts"],

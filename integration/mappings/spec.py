@@ -549,11 +549,15 @@ class CompiledMapping:
 
 
 def _area_code_problem(
-    name: str, source: str, steps: Sequence[CompiledStep], spec: MappingSpec
+    name: str, source: str, steps: Sequence[CompiledStep], spec: MappingSpec, all_steps: bool = True
 ) -> str | None:
-    """What is wrong with a field's ``area_code_from`` (None when nothing is)."""
+    """What is wrong with a field's ``area_code_from`` (None when nothing is).
+
+    ``all_steps`` is False when a transform of the field was refused (its own problem is reported): it may
+    be the phone transform, so its absence from ``steps`` is no problem of ``area_code_from``.
+    """
     phones = [step for step in steps if step.transform.name == "phone"]
-    if not phones:
+    if not phones and all_steps:
         return f"area_code_from completes phone numbers: '{name}' needs the phone transform"
     if any(getattr(step.args, "region", "CN") != "CN" for step in phones):
         return "area_code_from takes Chinese area codes: the phone transform's region must be CN"
@@ -839,7 +843,9 @@ def compile_document(
             problems.extend(convert_problems)
         area_code_from = field_spec.area_code_from
         if area_code_from is not None:
-            problem = _area_code_problem(name, area_code_from, steps, spec)
+            problem = _area_code_problem(
+                name, area_code_from, steps, spec, len(steps) == len(field_spec.transforms)
+            )
             if problem:
                 problems.append(doc.problem((*path, "area_code_from"), problem))
         compiled.append(
