@@ -603,7 +603,7 @@ def _complete_local_numbers(
     candidates: dict[Any, str] = {}
     codes: dict[Any, str | None] = {}
     for index, value, city in zip(failed[failed].index, raw[failed], cities[failed], strict=True):
-        text = unicodedata.normalize("NFKC", _as_text(value)).strip()  # as the transform reads 88410754.0
+        text = clean_text(unicodedata.normalize("NFKC", _as_text(value)))  # as the transform reads it
         if not LOCAL_NUMBER.match(text):
             continue
         if city not in codes:
