@@ -384,3 +384,28 @@ def test_area_code_from_keeps_the_rejects_in_the_mapping_s_order(tmp_path: Path)
         ["4", "email"],
     ]
     assert after[["row_ref", "field"]].values.tolist() == [["3", "phone"], ["3", "email"], ["4", "email"]]
+
+
+def test_area_code_from_with_on_error_fail_repeated_values_and_a_shifted_index(tmp_path: Path) -> None:
+    """A completable number does not fail an on_error: fail field; repeated cells (the distinct-value path)
+    are completed row by row with each row's city; a chunk indexed from 100 (a later piece) as well."""
+    file = tmp_path / "customers.yaml"
+    file.write_text(
+        "version: 1\nsource: {connector: xlsx, sheet: 客户, key: 编号}\ntarget: customer\nfields:\n"
+        "  name: 名称\n"
+        "  phone: {from: 电话, transforms: [phone], on_error: fail, area_code_from: city}\n"
+        "  city: {from: 城市, transforms: [trim]}\n",
+        encoding="utf-8",
+    )
+    cities = ["深圳", "广州", "深圳", "北京", "深圳", "广州"]
+    rows = frame([{"编号": f"C{i}", "名称": f"公司{i}", "电话": "88410754", "城市": city}
+                  for i, city in enumerate(cities)])  # fmt: skip
+    rows[["编号", "名称", "电话", "城市"]] = rows[["编号", "名称", "电话", "城市"]].astype(TEXT_DTYPE)
+    rows.index = pd.RangeIndex(100, 100 + len(rows))
+    result = map_chunk(load_mapping(file), rows)
+    codes = {"深圳": "755", "广州": "20", "北京": "10"}
+    assert python_values(result.records["phone"]).tolist() == [f"+86{codes[c]}88410754" for c in cities]
+    assert result.rejects.empty
+    rows.loc[103, "城市"] = "火星"  # no area code known: the field fails, as without area_code_from
+    with pytest.raises(MappingError, match=r"field 'phone' failed on .* row 6 \(value '88410754'\)"):
+        map_chunk(load_mapping(file), rows)
