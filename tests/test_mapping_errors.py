@@ -95,7 +95,7 @@ CASES: list[tuple[str, str, list[str]]] = [
         "unknown_arg",
         BASE + "  name: name\n  phone: {from: p, transforms: [{phone: {regoin: CN}}]}\n",
         [
-            "{file}:6:42: fields.phone.transforms[0].phone.regoin: phone: unknown key 'regoin'; did you mean 'region'?; allowed: region",
+            "{file}:6:42: fields.phone.transforms[0].phone.regoin: phone: unknown key 'regoin'; did you mean 'region'?; allowed: region, several",
         ],
     ),
     (

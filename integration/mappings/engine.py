@@ -8,7 +8,7 @@ import os
 import re
 import unicodedata
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -33,6 +33,7 @@ from integration.mappings.transforms import (
     _as_text,
     _isnull,
     clean_text,
+    first_phone,
     parse_datetime_value,
     per_value,
     phone_e164,
@@ -568,7 +569,7 @@ LOCAL_NUMBER = re.compile(r"[2-9]\d{2,3}[ -]?\d{4}(?!\d)")  # 7-8 digits: no tru
 LOCAL_EXTENSION_DIGITS = 6
 
 
-def _completed(text: str, code: str) -> bool:
+def _completed(text: str, code: str, read: Callable[[str], str] = phone_e164) -> bool:
     """Whether ``0<code>-<text>`` reads as the area code, the local number at the start of ``text`` and at most
     an extension: the phone transform also takes digits after a separator into the number (8841075.0 and
     8841075 0 would become 0755-88410750) and a second number for an extension (88410754,88410755)."""
@@ -576,7 +577,7 @@ def _completed(text: str, code: str) -> bool:
     if local is None:
         return False
     try:
-        e164 = phone_e164(f"0{code}-{text}", "CN")
+        e164 = read(f"0{code}-{text}")
     except TransformFailure:
         return False
     number, _, extension = e164.partition(";ext=")
@@ -602,6 +603,9 @@ def _complete_local_numbers(
         return result, reasons
     candidates: dict[Any, str] = {}
     codes: dict[Any, str | None] = {}
+    # the field's own reading of a cell: with several: first, the first number of a cell listing several
+    several = any(getattr(step.args, "several", "refuse") == "first" for step in field.steps)
+    read = first_phone if several else phone_e164
     for index, value, city in zip(failed[failed].index, raw[failed], cities[failed], strict=True):
         text = clean_text(unicodedata.normalize("NFKC", _as_text(value)))  # as the transform reads it
         if not LOCAL_NUMBER.match(text):
@@ -609,7 +613,7 @@ def _complete_local_numbers(
         if city not in codes:
             codes[city] = geo.area_code_of_city(str(city))
         code = codes[city]
-        if code is not None and _completed(text, code):
+        if code is not None and _completed(text, code, read):
             candidates[index] = f"0{code}-{text}"
     if not candidates:
         return result, reasons
