@@ -339,3 +339,14 @@ def test_scaffolded_suitecrm_opportunities_preview_with_account_and_base_currenc
     assert rows["o1"]["customer"] == "a1" and rows["o1"]["stage"] == "won"
     assert rows["o2"]["stage"] == "needs_analysis"
     assert round(float(rows["o2"]["amount"]), 2) == round(500 / 0.1389, 2)
+
+
+def test_a_customer_phone_beside_a_city_completes_local_numbers_from_it() -> None:
+    from integration.mappings.scaffold import scaffold
+
+    with_city = yaml.safe_load(scaffold("sales", "客户", ["客户名称", "电话", "城市"], sheet=True))
+    assert with_city["fields"]["phone"] == {
+        "from": "电话", "transforms": ["phone"], "on_error": "null", "area_code_from": "city",
+    }  # fmt: skip
+    without = yaml.safe_load(scaffold("sales", "客户", ["客户名称", "电话"], sheet=True))
+    assert "area_code_from" not in without["fields"]["phone"]

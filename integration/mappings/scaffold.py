@@ -245,6 +245,14 @@ def scaffold(
     ):
         # uscc empties a damaged, old-style or cut code; linkage still compares it as written
         specs["credit_code_as_written"] = {"from": code["from"], "transforms": ["uscc_as_written"]}
+    phone = specs.get("phone")
+    if (
+        isinstance(phone, dict)
+        and "city" in specs
+        and "phone" in phone.get("transforms", [])
+        and "area_code_from" not in phone
+    ):
+        phone["area_code_from"] = "city"  # a local number written without its area code takes the city's
     body = {
         "version": 1,
         "description": f"{source}.{table} → {entity} (scaffolded: review every field)",
