@@ -259,16 +259,21 @@ def test_computed_values_go_through_transforms_and_on_error(tmp_path: Path) -> N
     assert warning["value"] == "数量=0"  # what the expression was given
 
 
-def test_a_local_number_written_without_its_area_code_takes_the_city_s(tmp_path: Path) -> None:
-    """area_code_from: refused local numbers are tried again with the city's area code; nothing else changes."""
+def customer_phones(tmp_path: Path, phone: str = 'transforms: [phone], on_error: "null"') -> CompiledMapping:
+    """A customer mapping whose phone (listed before its city) is completed from the city: area_code_from."""
     file = tmp_path / "customers.yaml"
     file.write_text(
         "version: 1\nsource: {connector: xlsx, sheet: 客户, key: 编号}\ntarget: customer\nfields:\n"
-        "  name: 名称\n"
-        '  phone: {from: 电话, transforms: [phone], on_error: "null", area_code_from: city}\n'  # before city
+        f"  name: 名称\n  phone: {{from: 电话, {phone}, area_code_from: city}}\n"
         "  city: {from: 城市, transforms: [trim]}\n",
         encoding="utf-8",
     )
+    return load_mapping(file)
+
+
+def test_a_local_number_written_without_its_area_code_takes_the_city_s(tmp_path: Path) -> None:
+    """area_code_from: refused local numbers are tried again with the city's area code; nothing else changes."""
+    mapping = customer_phones(tmp_path)
     cases = [  # (电话, 城市, phone expected)
         ("48410754", "苏州市", "+8651248410754"),
         ("8841 0754", "Shenzhen", "+8675588410754"),
@@ -281,7 +286,7 @@ def test_a_local_number_written_without_its_area_code_takes_the_city_s(tmp_path:
     ]
     rows = frame([{"编号": f"C{i}", "名称": f"公司{i}", "电话": tel, "城市": city}
                   for i, (tel, city, _) in enumerate(cases)])  # fmt: skip
-    result = map_chunk(load_mapping(file), rows)
+    result = map_chunk(mapping, rows)
     records = python_records(result.records)
     assert list(records.columns[:3]) == ["name", "phone", "city"]  # the mapping's order, not the run order
     assert records["phone"].tolist() == [expected for _, _, expected in cases]
@@ -292,15 +297,9 @@ def test_a_local_number_written_without_its_area_code_takes_the_city_s(tmp_path:
 
 
 def test_the_first_of_several_local_numbers_takes_the_city_s_area_code(tmp_path: Path) -> None:
-    file = tmp_path / "customers.yaml"
-    file.write_text(
-        "version: 1\nsource: {connector: xlsx, sheet: 客户, key: 编号}\ntarget: customer\nfields:\n"
-        "  name: 名称\n  city: 城市\n"
-        '  phone: {from: 电话, transforms: [{phone: {several: first}}], on_error: "null", area_code_from: city}\n',
-        encoding="utf-8",
-    )
+    mapping = customer_phones(tmp_path, 'transforms: [{phone: {several: first}}], on_error: "null"')
     rows = frame([{"编号": "C1", "名称": "甲公司", "电话": "48410754、48410753", "城市": "苏州市"}])
-    records = python_records(map_chunk(load_mapping(file), rows).records)
+    records = python_records(map_chunk(mapping, rows).records)
     assert records["phone"].tolist() == ["+8651248410754"]
 
 
@@ -311,14 +310,7 @@ def test_a_completed_local_number_keeps_its_digits_and_is_one_number(tmp_path: P
     phone transform reads (88410754), not 8841075 followed by a 0; a second number after the first is no
     extension.
     """
-    file = tmp_path / "customers.yaml"
-    file.write_text(
-        "version: 1\nsource: {connector: xlsx, sheet: 客户, key: 编号}\ntarget: customer\nfields:\n"
-        "  name: 名称\n"
-        '  phone: {from: 电话, transforms: [phone], on_error: "null", area_code_from: city}\n'
-        "  city: {from: 城市, transforms: [trim]}\n",
-        encoding="utf-8",
-    )
+    mapping = customer_phones(tmp_path)
     cases: list[tuple[object, str | None]] = [  # (电话, phone expected), all in 深圳 (0755, 8 digits)
         (88410754.0, "+8675588410754"),  # the float of a whole number: 88410754
         (8841075.0, None),  # 8841075: seven digits, no Shenzhen number; never 0755-88410750
@@ -330,21 +322,13 @@ def test_a_completed_local_number_keeps_its_digits_and_is_one_number(tmp_path: P
     ]
     rows = frame([{"编号": f"C{i}", "名称": f"公司{i}", "电话": tel, "城市": "深圳"}
                   for i, (tel, _) in enumerate(cases)])  # fmt: skip
-    records = python_records(map_chunk(load_mapping(file), rows).records)
+    records = python_records(map_chunk(mapping, rows).records)
     assert records["phone"].tolist() == [expected for _, expected in cases]
 
 
 def test_completed_phone_numbers_keep_the_column_s_dtype(tmp_path: Path) -> None:
     """A chunk where area_code_from completed a number gives the phone column the dtype of any other chunk."""
-    file = tmp_path / "customers.yaml"
-    file.write_text(
-        "version: 1\nsource: {connector: xlsx, sheet: 客户, key: 编号}\ntarget: customer\nfields:\n"
-        "  name: 名称\n"
-        '  phone: {from: 电话, transforms: [phone], on_error: "null", area_code_from: city}\n'
-        "  city: {from: 城市, transforms: [trim]}\n",
-        encoding="utf-8",
-    )
-    mapping = load_mapping(file)
+    mapping = customer_phones(tmp_path)
 
     def phones(*cells: str | None) -> pd.Series:
         rows = frame(
@@ -389,23 +373,16 @@ def test_area_code_from_keeps_the_rejects_in_the_mapping_s_order(tmp_path: Path)
 def test_area_code_from_with_on_error_fail_repeated_values_and_a_shifted_index(tmp_path: Path) -> None:
     """A completable number does not fail an on_error: fail field; repeated cells (the distinct-value path)
     are completed row by row with each row's city; a chunk indexed from 100 (a later piece) as well."""
-    file = tmp_path / "customers.yaml"
-    file.write_text(
-        "version: 1\nsource: {connector: xlsx, sheet: 客户, key: 编号}\ntarget: customer\nfields:\n"
-        "  name: 名称\n"
-        "  phone: {from: 电话, transforms: [phone], on_error: fail, area_code_from: city}\n"
-        "  city: {from: 城市, transforms: [trim]}\n",
-        encoding="utf-8",
-    )
+    mapping = customer_phones(tmp_path, "transforms: [phone], on_error: fail")
     cities = ["深圳", "广州", "深圳", "北京", "深圳", "广州"]
     rows = frame([{"编号": f"C{i}", "名称": f"公司{i}", "电话": "88410754", "城市": city}
                   for i, city in enumerate(cities)])  # fmt: skip
     rows[["编号", "名称", "电话", "城市"]] = rows[["编号", "名称", "电话", "城市"]].astype(TEXT_DTYPE)
     rows.index = pd.RangeIndex(100, 100 + len(rows))
-    result = map_chunk(load_mapping(file), rows)
+    result = map_chunk(mapping, rows)
     codes = {"深圳": "755", "广州": "20", "北京": "10"}
     assert python_values(result.records["phone"]).tolist() == [f"+86{codes[c]}88410754" for c in cities]
     assert result.rejects.empty
     rows.loc[103, "城市"] = "火星"  # no area code known: the field fails, as without area_code_from
     with pytest.raises(MappingError, match=r"field 'phone' failed on .* row 6 \(value '88410754'\)"):
-        map_chunk(load_mapping(file), rows)
+        map_chunk(mapping, rows)
