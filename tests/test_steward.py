@@ -927,6 +927,22 @@ def test_the_match_api_compares_a_damaged_credit_code_as_written(core: sa.Engine
     assert any("credit" in agreed for agreed in best["agrees_on"]), best
 
 
+def test_the_match_api_completes_a_local_number_from_the_city(core: sa.Engine) -> None:
+    """8888 0000 typed with 宁波市 is 0574-88880000, as a mapping's area_code_from reads it; without a city, 422."""
+    with core.begin() as connection:
+        token = security.add_token(connection, "crm-form", actor="test")
+    client = TestClient(make_app(core))
+    auth = {"Authorization": f"Bearer {token}"}
+    found = client.post(
+        "/api/v1/match", json={"name": "甬兴模具", "phone": "8888 0000", "city": "宁波市"}, headers=auth
+    )
+    assert found.status_code == 200, found.text
+    best = found.json()["candidates"][0]
+    assert best["name"].startswith("宁波") and "甬兴模具" in best["name"] and "phones" in best["agrees_on"]
+    alone = client.post("/api/v1/match", json={"name": "甬兴模具", "phone": "8888 0000"}, headers=auth)
+    assert alone.status_code == 422 and "8888 0000" in alone.json()["error"]
+
+
 def test_the_match_index_follows_the_core_without_a_rebuild(core: sa.Engine) -> None:
     app = make_app(core)
     service = app.state.workbench.match

@@ -68,16 +68,30 @@ def form_record(
     """Turn what a person typed in a form into a linkage row, normalized as a load normalizes a source row.
 
     A credit code failing its check digit (damaged, 15-digit, cut short) is compared as written, as a load
-    keeps it in ``credit_code_as_written``. Raises ``TransformFailure`` for a phone that is no number and a
+    keeps it in ``credit_code_as_written``; a local phone number without its area code takes the city's, as
+    a mapping's ``area_code_from`` does. Raises ``TransformFailure`` for a phone that is no number and a
     credit-code cell that is no code at all (a placeholder such as ``123``).
     """
+    from integration.geo import area_code_of_city
     from integration.mappings.transforms import (
         TransformFailure,
         phone_e164,
         uscc_as_written_value,
         uscc_value,
+        with_area_code,
     )
 
+    number = None
+    if phone:
+        try:
+            number = phone_e164(phone)
+        except TransformFailure:
+            # a local number without its area code, completed from the city as a mapping's area_code_from does
+            code = area_code_of_city(city) if city else None
+            completed = with_area_code(phone, code) if code else None
+            if completed is None:
+                raise
+            number = phone_e164(completed)
     valid_code = written_code = None
     if credit_code:
         try:
@@ -87,7 +101,7 @@ def form_record(
             if written_code is None:
                 raise
     return query_record(
-        name, phone=phone_e164(phone) if phone else None, credit_code=valid_code,
+        name, phone=number, credit_code=valid_code,
         credit_code_as_written=written_code, email=email, city=city,
     )  # fmt: skip
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-import re
-import unicodedata
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -37,6 +35,7 @@ from integration.mappings.transforms import (
     parse_datetime_value,
     per_value,
     phone_e164,
+    with_area_code,
 )
 
 # Columns of mapped records besides the entity's fields.
@@ -564,27 +563,6 @@ def _merge_reasons(first: pd.Series | None, second: pd.Series | None) -> pd.Seri
     return first.where(first.notna(), second)
 
 
-LOCAL_NUMBER = re.compile(r"[2-9]\d{2,3}[ -]?\d{4}(?!\d)")  # 7-8 digits: no trunk 0, no mobile's 1
-# Digits after a completed number that can be an extension (转8, -12, ext. 336); more are another number.
-LOCAL_EXTENSION_DIGITS = 6
-
-
-def _completed(text: str, code: str, read: Callable[[str], str] = phone_e164) -> bool:
-    """Whether ``0<code>-<text>`` reads as the area code, the local number at the start of ``text`` and at most
-    an extension: the phone transform also takes digits after a separator into the number (8841075.0 and
-    8841075 0 would become 0755-88410750) and a second number for an extension (88410754,88410755)."""
-    local = LOCAL_NUMBER.match(text)
-    if local is None:
-        return False
-    try:
-        e164 = read(f"0{code}-{text}")
-    except TransformFailure:
-        return False
-    number, _, extension = e164.partition(";ext=")
-    digits = local.group().replace(" ", "").replace("-", "")
-    return number == f"+86{code}{digits}" and len(extension) <= LOCAL_EXTENSION_DIGITS
-
-
 def _complete_local_numbers(
     field: CompiledField,
     target: FieldDef,
@@ -607,14 +585,12 @@ def _complete_local_numbers(
     several = any(getattr(step.args, "several", "refuse") == "first" for step in field.steps)
     read = first_phone if several else phone_e164
     for index, value, city in zip(failed[failed].index, raw[failed], cities[failed], strict=True):
-        text = clean_text(unicodedata.normalize("NFKC", _as_text(value)))  # as the transform reads it
-        if not LOCAL_NUMBER.match(text):
-            continue
         if city not in codes:
             codes[city] = geo.area_code_of_city(str(city))
         code = codes[city]
-        if code is not None and _completed(text, code, read):
-            candidates[index] = f"0{code}-{text}"
+        candidate = with_area_code(value, code, read) if code is not None else None
+        if candidate is not None:
+            candidates[index] = candidate
     if not candidates:
         return result, reasons
     retried, still = _convert(field, target, pd.Series(candidates, dtype=object))

@@ -721,6 +721,37 @@ def phone_e164(value: Any, region: str = "CN") -> str:
     return f"{e164};ext={number.extension}" if number.extension else e164
 
 
+LOCAL_NUMBER = re.compile(r"[2-9]\d{2,3}[ -]?\d{4}(?!\d)")  # 7-8 digits: no trunk 0, no mobile's 1
+# Digits after a completed number that can be an extension (转8, -12, ext. 336); more are another number.
+LOCAL_EXTENSION_DIGITS = 6
+
+
+def with_area_code(value: Any, area_code: str, read: Callable[[str], str] = phone_e164) -> str | None:
+    """Return a local number written without its area code as ``0<area_code>-<cell>``, or None.
+
+    None unless the cell starts with a 7-8 digit local number and the completed cell reads (``read``) as the
+    area code, those digits and at most an extension: the transform also takes digits after a separator into
+    the number (8841075.0 and 8841075 0 would become 0755-88410750) and a second number for an extension
+    (88410754,88410755). The cell is read as the transform reads it (NFKC, clean, 88410754.0 → 88410754).
+    """
+    text = clean_text(unicodedata.normalize("NFKC", _as_text(value)))
+    local = LOCAL_NUMBER.match(text)
+    if local is None:
+        return None
+    completed = f"0{area_code}-{text}"
+    try:
+        e164 = read(completed)
+    except TransformFailure:
+        return None
+    number, _, extension = e164.partition(";ext=")
+    digits = local.group().replace(" ", "").replace("-", "")
+    return (
+        completed
+        if number == f"+86{area_code}{digits}" and len(extension) <= LOCAL_EXTENSION_DIGITS
+        else None
+    )
+
+
 def _cn_number_kernel(array: pa.Array | pa.ChunkedArray) -> tuple[Any, Any]:
     """Settle plain CN mobile and landline numbers in Arrow: return (done mask, E.164 values).
 
