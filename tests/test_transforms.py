@@ -262,6 +262,18 @@ def test_several_first_changes_nothing_else() -> None:
     assert list(out) == [expected for _, expected in SEVERAL] and (errors is None or errors.isna().all())
 
 
+def test_several_first_keeps_an_rfc3966_extension_with_its_number() -> None:
+    """';ext=12' (the form phone writes) is the extension of the number before it, not a second number:
+    several: first keeps it, as it keeps 转12, and does not drop an extension the default refuses as too long."""
+    assert one("phone", "+8675588410754;ext=12、+8613800138000", several="first") == "+8675588410754;ext=12"
+    assert one("phone", "0755-88410754;ext=12、13800138000", several="first") == "+8675588410754;ext=12"
+    assert one("phone", "0755-88410754转12、13800138000", several="first") == "+8675588410754;ext=12"
+    assert one("phone", "0755-88410754;EXT=12/0755-88410755", several="first") == "+8675588410754;ext=12"
+    too_long = "+86-755-88410754;ext=123456789012"
+    assert fails("phone", too_long, several="first") == fails("phone", too_long)
+    assert "longer than 10 digits" in fails("phone", too_long)
+
+
 def test_phone_rejects_invalid_numbers_and_honours_the_region() -> None:
     assert fails("phone", "12345") == "'12345' is not a valid phone number for region CN"
     assert one("phone", "650-253-0000", region="US") == "+16502530000"

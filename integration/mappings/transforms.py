@@ -822,15 +822,25 @@ def phone(values: pd.Series, args: PhoneArgs) -> Outcome:
     return columnar.settle(array, values.index, done, e164, one, TransformFailure)
 
 
+# An RFC 3966 extension parameter (';ext=12', the form phone writes): the split cuts it at its ';'.
+_RFC3966_EXTENSION = re.compile(r"ext=", re.IGNORECASE)
+
+
 def first_phone(value: Any, region: str = "CN") -> str:
-    """Return the cell as E.164, or else the first of the numbers it lists that reads (``phone_e164``)."""
+    """Return the cell as E.164, or else the first of the numbers it lists that reads (``phone_e164``).
+
+    An ``;ext=`` after a number is its extension, as 转12 is, not another number.
+    """
     try:
         return phone_e164(value, region)
     except TransformFailure as whole:
-        parts = [
-            part.strip()
-            for part in geo.PHONE_CELL_SPLIT.split(unicodedata.normalize("NFKC", _as_text(value)))
-        ]
+        parts: list[str] = []
+        for part in geo.PHONE_CELL_SPLIT.split(unicodedata.normalize("NFKC", _as_text(value))):
+            part = part.strip()
+            if parts and parts[-1] and _RFC3966_EXTENSION.match(part):
+                parts[-1] += ";" + part  # +8675588410754;ext=12: one number, as phone_e164 reads it
+            else:
+                parts.append(part)
         for part in parts if len([p for p in parts if p]) > 1 else []:
             if part:
                 try:
