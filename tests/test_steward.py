@@ -943,6 +943,24 @@ def test_the_match_api_completes_a_local_number_from_the_city(core: sa.Engine) -
     assert alone.status_code == 422 and "8888 0000" in alone.json()["error"]
 
 
+def test_the_match_form_completes_a_local_number_only_into_its_own_digits() -> None:
+    """form_record: a number valid on its own is never changed by the city; an unknown city or a completion
+    that would add digits (8841075.0, a second number read as an extension) keeps the phone's own error."""
+    from integration.dedup.online import form_record
+    from integration.mappings.transforms import TransformFailure
+
+    def phone(value: str, city: str | None) -> Any:
+        return form_record("某公司", phone=value, city=city)["phone"]
+
+    assert phone("0574-8888 0000", "深圳") == "+8657488880000"  # its own area code, not the city's
+    assert phone("13800138000", "深圳") == "+8613800138000"
+    assert phone("８８４１ ０７５４", "Shenzhen") == phone("88410754转8", "深圳市") == "+8675588410754"
+    for value, city in [("88880000", "火星"), ("88880000", None), ("8841075.0", "深圳"),
+                        ("88410754,88410755", "深圳"), ("88410754 0", "深圳")]:  # fmt: skip
+        with pytest.raises(TransformFailure, match=re.escape(f"'{value}' is not a")):
+            phone(value, city)
+
+
 def test_the_match_index_follows_the_core_without_a_rebuild(core: sa.Engine) -> None:
     app = make_app(core)
     service = app.state.workbench.match
