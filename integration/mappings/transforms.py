@@ -841,12 +841,12 @@ def first_phone(value: Any, region: str = "CN") -> str:
                 parts[-1] += ";" + part  # +8675588410754;ext=12: one number, as phone_e164 reads it
             else:
                 parts.append(part)
-        for part in parts if len([p for p in parts if p]) > 1 else []:
-            if part:
-                try:
-                    return phone_e164(part, region)
-                except TransformFailure:
-                    continue
+        numbers = [part for part in parts if part]
+        for number in numbers if len(numbers) > 1 else []:  # one part only: the cell's own reason stands
+            try:
+                return phone_e164(number, region)
+            except TransformFailure:
+                continue
         raise whole from None
 
 
