@@ -86,13 +86,7 @@ def present(values: pd.Series) -> pd.Series:
 
 def _per_distinct(values: pd.Series, test: Callable[[Any], bool]) -> pd.Series:
     """Apply ``test`` once per distinct present value (cheap on repetitive columns)."""
-    given = present(values).to_numpy(dtype=bool)
-    result = np.zeros(len(values), dtype=bool)
-    if given.any():
-        subset = values[given].astype(str)
-        verdict = {v: test(v) for v in subset.unique()}
-        result[given] = subset.map(verdict).to_numpy(dtype=bool)
-    return pd.Series(result, index=values.index)
+    return _per_distinct_at_once(values, lambda distinct: np.array([test(v) for v in distinct], dtype=bool))
 
 
 def decimals(values: pd.Series) -> pd.Series:
@@ -239,7 +233,7 @@ def valid_uscc(codes: Sequence[str]) -> np.ndarray:
 
 
 def _per_distinct_at_once(values: pd.Series, test: Callable[[list[str]], np.ndarray]) -> pd.Series:
-    """Like ``_per_distinct``, with a ``test`` that takes all distinct values in one call."""
+    """Apply ``test`` to all distinct present values (as text) in one call; spread its verdicts to the rows."""
     given = present(values).to_numpy(dtype=bool)
     result = np.zeros(len(values), dtype=bool)
     if given.any():
