@@ -318,7 +318,7 @@ def test_a_completed_local_number_keeps_its_digits_and_is_one_number(tmp_path: P
         ("88410754,88410755", None),  # two numbers: the second is no extension
         ("88410754转8", "+8675588410754;ext=8"),
         ("\u200b88410754", "+8675588410754"),  # a zero-width space before it, as the transform reads it
-        ("0755-88410754,88410755", "+8675588410754;ext=88410755"),  # converts on its own: as before
+        ("0755-88410754,88410755", None),  # two numbers (several: refuse), not extension 88410755
     ]
     rows = frame([{"编号": f"C{i}", "名称": f"公司{i}", "电话": tel, "城市": "深圳"}
                   for i, (tel, _) in enumerate(cases)])  # fmt: skip

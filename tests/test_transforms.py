@@ -235,6 +235,9 @@ SEVERAL = [  # (cell, first number that reads)
     ("0592-7658904/13943616563", "+865927658904"),
     ("0755-86001234转8、0755-86001235", "+8675586001234;ext=8"),
     ("12345 / 021-48410753", "+862148410753"),  # the first that reads
+    ("0755-88410754,88410755", "+8675588410754"),  # not extension 88410755 (libphonenumber's reading)
+    ("0755-88410754；88410755", "+8675588410754"),
+    ("0755-88410754 ; +86 755 88410755", "+8675588410754"),
 ]
 
 
@@ -272,6 +275,17 @@ def test_several_first_keeps_an_rfc3966_extension_with_its_number() -> None:
     too_long = "+86-755-88410754;ext=123456789012"
     assert fails("phone", too_long, several="first") == fails("phone", too_long)
     assert "longer than 10 digits" in fails("phone", too_long)
+
+
+def test_a_second_number_after_a_comma_is_no_extension() -> None:
+    cell = "0755-88410754,88410755"
+    assert fails("phone", cell) == (
+        f"'{cell}' lists several phone numbers: write one per cell, or keep the first with several: first"
+    )
+    # a few digits after a comma stay the extension they were read as, and ;ext= of any length is one
+    assert one("phone", "0755-88410754,12") == "+8675588410754;ext=12"
+    assert one("phone", "0755-88410754;ext=1234567") == "+8675588410754;ext=1234567"
+    assert one("phone", "0755-88410754 ext. 1234567") == "+8675588410754;ext=1234567"
 
 
 def test_phone_rejects_invalid_numbers_and_honours_the_region() -> None:

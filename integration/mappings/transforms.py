@@ -684,6 +684,10 @@ _EXTENSION_WORDS = re.compile(r"\s*(?:\(\s*)?(?:转|分机|ext\.?|x)\s*(\d+)\s*\
 _DASH_EXTENSION = re.compile(r"^(.*\d{7,8})\s*-\s*(\d{1,5})$")
 # +, 15 digits, ;ext= and 10 digits fit the String(32) phone columns (and the E164 check in validation).
 _MAX_EXTENSION_DIGITS = 10
+# libphonenumber reads digits after ',' or ';' as an extension (a dialling pause): 7 or more are a second
+# number of a cell listing two (0755-88410754,88410755), not extension 88410755.
+_LISTED_NUMBER = re.compile(r"[,;]\s*(?!ext=)[+\d]", re.IGNORECASE)
+_LISTED_NUMBER_DIGITS = 7
 
 
 def phone_e164(value: Any, region: str = "CN") -> str:
@@ -715,6 +719,10 @@ def phone_e164(value: Any, region: str = "CN") -> str:
             return phone_e164(f"{dashed.group(1)} ext. {dashed.group(2)}", region)
         except TransformFailure:
             raise invalid from None
+    if len(number.extension or "") >= _LISTED_NUMBER_DIGITS and _LISTED_NUMBER.search(text):
+        raise TransformFailure(
+            f"'{value}' lists several phone numbers: write one per cell, or keep the first with several: first"
+        )
     if len(number.extension or "") > _MAX_EXTENSION_DIGITS:
         raise TransformFailure(f"'{value}' has an extension longer than {_MAX_EXTENSION_DIGITS} digits")
     e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
