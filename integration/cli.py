@@ -1116,6 +1116,10 @@ def dedup_match(
     phone: Annotated[str | None, typer.Option("--phone")] = None,
     credit_code: Annotated[str | None, typer.Option("--credit-code")] = None,
     email: Annotated[str | None, typer.Option("--email")] = None,
+    city: Annotated[
+        str | None,
+        typer.Option("--city", help="city of the record: compared, and completes a local phone's area code"),
+    ] = None,
     core: CoreOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
@@ -1127,7 +1131,7 @@ def dedup_match(
     from integration.mappings.transforms import TransformFailure
 
     try:
-        record = form_record(name, phone=phone, credit_code=credit_code, email=email)
+        record = form_record(name, phone=phone, credit_code=credit_code, email=email, city=city)
     except TransformFailure as exc:
         errors.print(f"[red]cannot check this record:[/red] {exc}")
         raise typer.Exit(EXIT_FAILED) from None

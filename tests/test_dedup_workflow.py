@@ -235,6 +235,31 @@ def test_steward_commands(sqlite_core_url: str) -> None:
     assert json.loads(damaged.output)[0]["customer_id"] == 1
 
 
+def test_dedup_match_completes_a_local_phone_from_the_city(sqlite_core_url: str) -> None:
+    """`crmi dedup match --city` reads a local number as the match API and a mapping's area_code_from do."""
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    engine, _ = seed(sqlite_core_url)
+    with session_factory(engine)() as session, session.begin():
+        first = session.get(Customer, 1)
+        assert first is not None
+        first.phone, first.city = "+8657488880000", "宁波市"
+        name = first.name
+    engine.dispose()
+    runner = CliRunner()
+    core = ["--core-url", sqlite_core_url]
+    matched = runner.invoke(
+        app, ["dedup", "match", "--name", name, "--phone", "8888 0000", "--city", "宁波市", "--json", *core]
+    )
+    assert matched.exit_code == 0, matched.output
+    best = json.loads(matched.output)[0]
+    assert best["customer_id"] == 1 and best["levels"]["phones_overlap"] > 0, best
+    alone = runner.invoke(app, ["dedup", "match", "--name", name, "--phone", "8888 0000", *core])
+    assert alone.exit_code == 1 and "8888 0000" in alone.output
+
+
 def test_survivorship_rules_pick_each_field_across_the_cluster(sqlite_core_url: str) -> None:
 
     from crm_core.merging import golden_values, merge_records, rank_members
