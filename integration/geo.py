@@ -149,7 +149,7 @@ def _place_of_latin_address(text: str) -> Place:
     words = _LATIN_WORD.findall(text)
     for size in (2, 1):
         for start in range(len(words) - size + 1):
-            city = city_of_name(" ".join(words[start : start + size]))
+            city = _city_named(" ".join(words[start : start + size]))
             if city:
                 return place_of_city(city)
     return NOWHERE
@@ -215,12 +215,30 @@ def _short_city(name: str) -> str:
 
 @lru_cache(maxsize=100_000)
 def city_of_name(value: str | None) -> str | None:
-    """The city a CRM city field names, in Chinese or pinyin (深圳, 深圳市, Shenzhen, "Zheng Zhou City")."""
+    """The city a CRM city field names, in Chinese or pinyin (深圳, 深圳市, Shenzhen, "Zheng Zhou City").
+
+    A field with the province or district around the city (广东省深圳市, 深圳市南山区, "Shenzhen, Guangdong")
+    names that city. A district alone (南山区, 朝阳区) names none: the city must be written.
+    """
     if not value:
         return None
     text = _clean(value)
     if not text:
         return None
+    city = _city_named(text)
+    if city is not None:
+        return city
+    if _HAS_CJK.search(text):
+        place, _ = parse_addresses([text])[0]
+        written = place.city is not None and _short_city(place.city) in text
+        return place.city if written and place.city in _city_codes() else None
+    parts = [part for part in re.split(r"[,/;]", text) if part.strip()]
+    named = {_city_named(part.strip()) for part in parts} - {None} if len(parts) > 1 else set()
+    return named.pop() if len(named) == 1 else None  # two cities named: neither
+
+
+def _city_named(text: str) -> str | None:
+    """The city a cleaned text is the name of, with or without suffix, in Chinese or pinyin; else None."""
     names = _city_names()
     if text in names:
         return names[text]

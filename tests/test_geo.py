@@ -64,6 +64,33 @@ def test_city_fields_in_chinese_or_pinyin_name_the_city(field: str, city: str) -
     assert city_of_name(field) == city
 
 
+@pytest.mark.parametrize(
+    ("field", "city", "area_code"),
+    [
+        ("广东省深圳市", "深圳市", "755"),
+        ("深圳市南山区", "深圳市", "755"),
+        ("广东深圳", "深圳市", "755"),
+        ("浙江省宁波市鄞州区", "宁波市", "574"),
+        ("北京市朝阳区", "北京市", "10"),
+        ("吉林省长春市朝阳区", "长春市", "431"),
+        ("Shenzhen, Guangdong", "深圳市", "755"),
+        ("Nanshan / Shenzhen", "深圳市", "755"),
+    ],
+)
+def test_a_city_field_with_its_province_or_district_names_the_city(
+    field: str, city: str, area_code: str
+) -> None:
+    assert city_of_name(field) == city
+    assert area_code_of_city(field) == area_code
+
+
+@pytest.mark.parametrize("field", ["南山区", "朝阳区", "广东省", "Shenzhen, Beijing", "Atlantis, Guangdong"])
+def test_a_district_or_province_alone_or_two_cities_name_no_city(field: str) -> None:
+    # 朝阳区 is in 北京 and in 长春: a district without its city is no evidence of either
+    assert city_of_name(field) is None
+    assert area_code_of_city(field) is None
+
+
 def test_a_pinyin_shared_by_two_cities_is_not_evidence() -> None:
     assert city_of_name("Fuzhou") is None  # 福州 and 抚州
 
