@@ -135,6 +135,25 @@ def test_clusters_that_chain_across_credit_codes_go_to_review() -> None:
     assert (merge, review) == ([], [[1, 2, 4, 5]])  # larger than max_cluster
 
 
+def test_missing_values_as_pd_na_link_and_match_as_none_does() -> None:
+    """A frame read with nullable dtypes holds pd.NA, not None: linkage and the match index read it as missing."""
+    from integration.dedup.online import MatchIndex, query_record
+
+    frame, _ = companies()
+    frame = frame.astype(object).where(frame.notna(), None)
+    frame.loc[frame.index[::3], ["phone", "email_domain", "address_key"]] = None
+    nullable = frame.astype(object).where(frame.notna(), pd.NA)
+    nullable["phone"] = nullable["phone"].astype("string")
+    assert nullable.isna().to_numpy().sum() == frame.isna().to_numpy().sum() and nullable["phone"].hasnans
+    plain, with_na = link(frame, CUSTOMER_SPEC), link(nullable, CUSTOMER_SPEC)
+    assert with_na.clusters == plain.clusters
+    pd.testing.assert_series_equal(with_na.probability, plain.probability)
+    row = frame.iloc[3]
+    query = query_record(f"{row['name_core']}（{row['region']}）有限公司", phone=None)
+    query_na = {key: (pd.NA if value is None else value) for key, value in query.items()}
+    assert MatchIndex(nullable).match(query_na) == MatchIndex(frame).match(query)
+
+
 def test_missing_columns_are_named() -> None:
     from crm_core.errors import DedupError
 

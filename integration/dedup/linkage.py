@@ -335,10 +335,10 @@ def variant_similarity(left: str, right: str) -> float:
 
 
 def _texts(values: pd.Series) -> np.ndarray:
-    """Return the values as an object array rapidfuzz accepts: text, with None/NaN left as missing."""
-    array = values.to_numpy(dtype=object)
+    """Return the values as an object array rapidfuzz accepts: text, with None/NaN/NA as None."""
+    array = values.to_numpy(dtype=object, na_value=None)  # pd.NA of a string column too
     if pd.api.types.infer_dtype(array, skipna=True) not in ("string", "empty"):
-        array = np.array([None if v is None or v != v else str(v) for v in array], dtype=object)
+        array = np.array([None if v is None else str(v) for v in array], dtype=object)
     return array
 
 

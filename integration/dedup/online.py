@@ -115,8 +115,10 @@ def query_record(name: str | None = None, **fields: Any) -> dict[str, Any]:
 
 
 def _value(value: Any) -> Any:
-    """None for a missing value (None, NaN, empty text), else the value."""
-    return None if value is None or value != value or value == "" else value
+    """None for a missing value (None, NaN, pd.NA, NaT, empty text), else the value."""
+    if value is None or (isinstance(value, str) and not value):
+        return None
+    return None if pd.api.types.is_scalar(value) and pd.isna(value) else value
 
 
 def name_grams(core: Any) -> set[str]:
