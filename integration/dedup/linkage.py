@@ -337,7 +337,10 @@ def variant_similarity(left: str, right: str) -> float:
 def _texts(values: pd.Series) -> np.ndarray:
     """Return the values as an object array rapidfuzz accepts: text, with None/NaN/NA as None."""
     array = values.to_numpy(dtype=object)
-    array[pd.isna(array)] = None  # NaN, and pd.NA of a nullable string column
+    missing = pd.isna(array)  # NaN, and pd.NA of a nullable string column
+    if missing.any():
+        array = array.copy()  # to_numpy may return the frame's own array
+        array[missing] = None
     if pd.api.types.infer_dtype(array, skipna=True) not in ("string", "empty"):
         array = np.array([None if v is None else str(v) for v in array], dtype=object)
     return array
