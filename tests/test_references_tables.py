@@ -212,3 +212,113 @@ def test_books_sharing_core_facts_equal_books_of_their_own() -> None:
                 assert shared.worth_scoring(
                     written.brand, trade, trade_name(written.core), best
                 ) == alone.worth_scoring(written.brand, trade, trade_name(written.core), best)
+
+
+# --------------------------------------------------------------------------- the book's tables, built faster
+REGIONS = ["深圳", "北京", "上海", "成都", "武汉", None]
+TRADES = ["腾达", "华鑫", "骅鑫", "明汇", "明辉", "恒信", "纪鼎", "长城", "长成", "江科", "宇协", "博中"]
+INDUSTRIES = ["科技", "技术", "贸易", "商贸", "机械设备", "环保工程", "软件", "电子", ""]
+LATIN = {"腾达": "Tengda", "华鑫": "Huaxin", "明汇": "Minghui", "恒信": "Hengxin"}
+
+
+def _generated_name(rng: random.Random) -> str:
+    """A company name as sources write them: region before or in brackets, 有限公司 or not, a branch, Latin."""
+    trade, industry, region = rng.choice(TRADES), rng.choice(INDUSTRIES), rng.choice(REGIONS)
+    form = rng.randrange(6)
+    if form == 0 and trade in LATIN:
+        return f"{'Shenzhen ' if region else ''}{LATIN[trade]} {'Technology ' if industry else ''}Co., Ltd."
+    legal = rng.choice(["有限公司", "有限责任公司", "股份有限公司", ""])
+    if form == 1 and region:
+        return f"{trade}{industry}（{region}）{legal}"
+    if form == 2 and region:
+        return f"{region}{trade}{industry}{legal or '有限公司'}{rng.choice(['北京', '广州'])}分公司"
+    return f"{region or ''}{rng.choice(['市', ''])}{trade}{industry}{legal}"
+
+
+def _generated_records(
+    seed: int,
+) -> tuple[list[tuple[int, str | None, str | None, str | None]], dict[int, int]]:
+    """Customer records with short and English names, a third of them merged into another."""
+    rng = random.Random(seed)
+    records = []
+    for record_id in range(1, 300):
+        short = rng.choice([None, rng.choice(TRADES), rng.choice(TRADES) + rng.choice(INDUSTRIES)])
+        english = rng.choice([None, None, f"{rng.choice(list(LATIN.values()))} Trading"])
+        records.append((record_id, _generated_name(rng), short, english))
+    survivor = {i: rng.randrange(1, i) for i, *_ in records if i > 1 and rng.random() < 0.3}
+    return records, survivor
+
+
+class _PairTableStrings(_Strings):
+    """_Strings with the holders of each character built as before: distinct (name, character) pairs."""
+
+    def __init__(self, texts: list[str], alphabet: _Alphabet | None = None, read: Any = None) -> None:
+        super().__init__(texts, alphabet, read)
+        size = self._size
+        distinct = np.unique(self._entry_of * size + self._char_of)
+        pair_entry, pair_char = np.divmod(distinct, size)
+        order = np.argsort(pair_char, kind="stable")
+        self._entries_by_char = pair_entry[order]
+        self._char_start = np.searchsorted(pair_char[order], np.arange(size + 1))
+
+
+def _tuple_keyed_exact(book: _Book, facts: _CoreFacts) -> dict[str, dict[str, list[int]]]:
+    """The book's exact keys as they were built before, one (kind, value) key per variant and kind."""
+    exact: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for entry, variant in enumerate(book.variants):
+        core, _, _, trade, core_trade, trade_trade, _, _ = facts[variant.core]
+        for key in (("brand", variant.brand), ("core", core), ("core_trade", core_trade), ("trade", trade),
+                    ("trade_trade", trade_trade)):  # fmt: skip
+            exact[key].append(entry)
+    nested: dict[str, dict[str, list[int]]] = {kind: {} for kind in book.exact}
+    for (kind, value), entries in exact.items():
+        nested[kind][value] = entries
+    return nested
+
+
+def test_the_holders_of_each_character_are_those_of_the_distinct_pairs() -> None:
+    """Holders read from one sort of every (character, name) position mark the names the pairs marked."""
+    for seed in range(3):
+        texts = [*_texts(seed), "鑫鑫鑫", "", "zz", "腾达腾达"]
+        alphabet = _Alphabet()
+        _Strings(_texts(seed + 20), alphabet)  # characters numbered before
+        fast, pairs = _Strings(texts, alphabet), _PairTableStrings(texts, alphabet)
+        for char in {*"".join(texts), "龘", "骅"}:
+            (fast_alike, fast_holding, fast_numbers), (alike, holding, numbers) = (
+                fast._holders(char),
+                pairs._holders(char),
+            )
+            assert np.array_equal(fast_alike, alike) and fast_numbers == numbers
+            assert sorted(set(fast_holding.tolist())) == holding.tolist()
+        for written in [*texts[:40], "腾达", "龘龘", "zz"]:
+            assert np.array_equal(fast.bounds(written), pairs.bounds(written))
+            assert np.array_equal(fast.bounds(written, 0.75), pairs.bounds(written, 0.75))
+
+
+def test_books_of_generated_customers_pick_as_the_tables_built_before() -> None:
+    """Exact keys and the variants worth scoring of every book, against the tables as they were built."""
+    for seed in range(3):
+        records, survivor = _generated_records(seed)
+        names = _resolver(records, {i: survivor.get(i, i) for i, *_ in records})
+        golden = sorted(names._variants_of)
+        rng = random.Random(seed)
+        for _ in range(6):
+            ids = rng.sample(golden, min(40, len(golden)))
+            book = names._book(ids, None)
+            assert book.exact == _tuple_keyed_exact(book, names._core_facts)
+            facts = names._core_facts
+            before = _Book(book.survivors, book.variants, facts)
+            before.cores = _PairTableStrings([facts[v.core][0] for v in book.variants], facts.alphabet)
+            before.trades = _PairTableStrings([facts[v.core][3] for v in book.variants], facts.alphabet)
+            before.exact = _tuple_keyed_exact(book, facts)
+            scored = 0
+            for _ in range(15):
+                written = name_variant(_generated_name(rng))
+                if written is None:
+                    continue
+                canonical, trade = canonical_industry(written.core), trade_name(written.core)
+                for best in (0.85, 1.0):
+                    worth = book.worth_scoring(written.brand, canonical, trade, best)
+                    assert worth == before.worth_scoring(written.brand, canonical, trade, best)
+                    scored += len(worth[0])
+            assert scored  # the books held names worth scoring

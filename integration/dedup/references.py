@@ -490,7 +490,7 @@ class CustomerNames:
                 or not book.industries[entry]
                 or book.industries[entry] == written_industry
             )
-            for entry in book.exact.get(("brand", written.brand), ())
+            for entry in book.exact["brand"].get(written.brand, ())
         )
         entries, core_counts, trade_counts = book.worth_scoring(
             written.brand, written_canonical, written_trade, 1.0 if whole else IN_BOOK
@@ -650,12 +650,12 @@ class _Strings:
         self._char_of = np.fromiter(
             chain.from_iterable(numbers for numbers, _ in read), dtype=np.int64, count=int(lengths.sum())
         )
-        distinct = np.unique(self._entry_of * size + self._char_of)
-        self._pair_entry, self._pair_char = np.divmod(distinct, size)
-        # the names holding each character: _entries_by_char[_char_start[n]:_char_start[n + 1]] for number n
-        order = np.argsort(self._pair_char, kind="stable")
-        self._entries_by_char = self._pair_entry[order]
-        self._char_start = np.searchsorted(self._pair_char[order], np.arange(size + 1))
+        # the names holding each character: _entries_by_char[_char_start[n]:_char_start[n + 1]] for number n,
+        # in name order; a name holding a character twice is there twice (the holders only mark names)
+        stride = max(len(texts), 1)
+        pairs = np.sort(self._char_of * stride + self._entry_of)  # by character, then name
+        self._entries_by_char = pairs % stride
+        self._char_start = np.searchsorted(pairs, np.arange(size + 1, dtype=np.int64) * stride)
         self._holding: dict[str, tuple[np.ndarray, np.ndarray, list[int]]] = {}
 
     def _known(self, char: str) -> int | None:
@@ -761,13 +761,18 @@ class _Book:
             length: (np.array(held, dtype=np.int64), [self.raw_trades[i] for i in held])
             for length, held in by_length.items()
         }
-        self.exact: dict[tuple[str, str], list[int]] = defaultdict(list)
-        for entry, (variant, (core, _, _, trade, core_trade, trade_trade, _, _)) in enumerate(
-            zip(variants, known, strict=True)
-        ):
-            for key in (("brand", variant.brand), ("core", core), ("core_trade", core_trade), ("trade", trade),
-                        ("trade_trade", trade_trade)):  # fmt: skip
-                self.exact[key].append(entry)
+        # kind of key ("brand", "core", "core_trade", "trade", "trade_trade") -> its value -> the entries
+        self.exact: dict[str, dict[str, list[int]]] = {}
+        for kind, values in (("brand", [v.brand for v in variants]), ("core", cores), ("trade", trades),
+                             ("core_trade", [f[4] for f in known]), ("trade_trade", [f[5] for f in known])):  # fmt: skip
+            entries: dict[str, list[int]] = {}
+            self.exact[kind] = entries
+            for entry, value in enumerate(values):
+                held = entries.get(value)
+                if held is None:
+                    entries[value] = [entry]
+                else:
+                    held.append(entry)
 
     def worth_scoring(
         self, brand: str, written_core: str, written_trade: str, best: float = IN_BOOK
@@ -786,11 +791,11 @@ class _Book:
         trade_canonical = canonical_industry(written_trade)
         count = len(self.variants)
         keep, core_may, trade_may = (np.zeros(count, dtype=bool) for _ in range(3))
-        keep[self.exact.get(("brand", brand), [])] = True
-        for key in (("core", trade_name(written_core)), ("core_trade", written_core)):
-            core_may[self.exact.get(key, [])] = True
-        for key in (("trade", trade_name(trade_canonical)), ("trade_trade", trade_canonical)):
-            trade_may[self.exact.get(key, [])] = True
+        keep[self.exact["brand"].get(brand, [])] = True
+        for kind, value in (("core", trade_name(written_core)), ("core_trade", written_core)):
+            core_may[self.exact[kind].get(value, [])] = True
+        for kind, value in (("trade", trade_name(trade_canonical)), ("trade_trade", trade_canonical)):
+            trade_may[self.exact[kind].get(value, [])] = True
         rival = best - CLOSE_NAME_MARGIN - 1e-9
         core_may |= self.cores.bounds(written_core, rival) >= rival
         trade_may |= self.trades.bounds(trade_canonical, rival) >= rival
