@@ -703,7 +703,9 @@ class EntityLoader:
                 continue  # self-references resolve after all rows of the entity are in
             ids: dict[Any, int | None] = {}
             reasons: dict[Any, str] = {}
-            unique = set(values[present])
+            unique = list(
+                dict.fromkeys(values[present])
+            )  # first seen first: decisions in row order, whatever the hash seed
             if lookup.by == "external_id":
                 system = lookup.system or batch.source
                 found = self._crosswalk_ids(target, system, {str(v) for v in unique})
@@ -951,7 +953,7 @@ class EntityLoader:
             self._shared_values[key] = values
         return self._shared_values[key]
 
-    def _existing_ids(self, entity: str, values: set[Any]) -> dict[Any, int]:
+    def _existing_ids(self, entity: str, values: Iterable[Any]) -> dict[Any, int]:
         """Return source value -> core id for values that are ids of live records (merges followed)."""
         numbers: dict[Any, int] = {}
         for value in values:

@@ -470,3 +470,19 @@ def test_the_resolver_reads_customers_in_id_order_whatever_order_the_database_re
         for text in ["腾达", "深圳腾达", "华鑫", "恒信", "腾达电子"]:
             assert found.resolve(text) == expected.resolve(text)
     reference.dispose()
+
+
+def test_reference_decisions_are_created_in_the_order_their_names_first_appear(engine: sa.Engine) -> None:
+    """Decision ids (and which spelling of a name key a decision keeps) follow the rows, not a set's order
+    (string hashes change from one process to the next)."""
+    seed(engine)
+    names = [f"{city}某某未知{trade}有限公司" for city, trade in
+             [("成都", "甲"), ("上海", "乙"), ("北京", "丙"), ("深圳", "丁"), ("广州", "戊"), ("杭州", "己"),
+              ("武汉", "庚"), ("南京", "辛")]]  # fmt: skip
+    rows = [{"_external_key": f"N{n}", "name": f"项目{n}", "customer": name, "stage": "won", "amount": Decimal(1)}
+            for n, name in enumerate([names[0], *names, names[3]])]  # fmt: skip
+    [stats] = load(engine, "r2", "opportunity", [batch("xlsx", rows, {"customer": Lookup(by="name")})])
+    assert stats.held == len(rows)
+    with Session(engine) as session:
+        created = session.scalars(sa.select(ReferenceDecision.name).order_by(ReferenceDecision.id)).all()
+    assert created == names
