@@ -48,8 +48,9 @@ from recordlinkage.compare import String
 from integration.dedup.customers import CUSTOMER_SPEC, HEAD_OFFICE
 from integration.dedup.evaluate import cluster_scores, pair_scores, pairs_of
 from integration.dedup.febrl import evaluate_febrl
-from integration.dedup.linkage import SimilarityLevels, link
+from integration.dedup.linkage import link
 from integration.dedup.online import MatchIndex, query_record
+from integration.dedup.recordlinkage_parts import SimilarityLevels
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # chinese_b2b and bench_e2e, also in the spawned scale processes

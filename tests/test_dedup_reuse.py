@@ -20,7 +20,8 @@ from crm_core.models import Customer
 from integration.dedup import customers as customers_module
 from integration.dedup import linkage as linkage_module
 from integration.dedup.customers import CUSTOMER_SPEC, customer_records, linkage_frame, read_customer_records
-from integration.dedup.linkage import _ECM, Compared, _block_key, among, candidate_pairs, compare, ordered
+from integration.dedup.linkage import Compared, _block_key, among, candidate_pairs, compare, ordered
+from integration.dedup.recordlinkage_parts import PackedECM
 
 CUSTOMERS = [
     {"name": "深圳市腾达科技有限公司", "phone": "0755-26781234", "city": "深圳"},
@@ -91,7 +92,7 @@ def test_block_keys_shared_by_too_many_records_are_dropped() -> None:
 def _fitted(kernel: str, fit_on: pd.DataFrame) -> Any:
     classifier = rl.ECMClassifier(binarize=None)
     if kernel == "packed":
-        classifier.kernel = _ECM(**classifier.kernel.get_params())
+        classifier.kernel = PackedECM(**classifier.kernel.get_params())
     with np.errstate(divide="ignore", invalid="ignore"):
         classifier.fit(fit_on)
     return classifier

@@ -358,3 +358,17 @@ def test_two_rare_trade_names_agree_and_a_common_one_gives_no_evidence() -> None
     # NaN is as missing as None (a frame column pandas filled)
     nan = np.array([float("nan"), "x"], dtype=object)
     assert similarity_levels("rare", (1.0,), nan, np.array(["x", "x"], dtype=object)).tolist() == [0, 1]
+
+
+def test_loading_the_definitions_does_not_import_recordlinkage() -> None:
+    """recordlinkage and scikit-learn cost over a second to import: a run or command that links nothing
+    (a re-run with nothing changed, `crmi dedup match`, the steward app) must not pay it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, integration.jobs, integration.cli, integration.dedup.online, integration.steward.app; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('recordlinkage', 'sklearn')))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

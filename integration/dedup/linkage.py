@@ -23,13 +23,8 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import recordlinkage as rl
 from rapidfuzz import distance, fuzz
 from rapidfuzz.process import cpdist
-from recordlinkage.algorithms.nb_sklearn import ECM, safe_sparse_dot
-from recordlinkage.base import BaseCompareFeature
-from scipy.sparse import issparse
-from sklearn.utils.validation import check_array
 
 from crm_core.errors import DedupError
 from integration.dedup.normalize import (
@@ -109,28 +104,12 @@ class LinkageSpec:
         return used | {c.field for c in self.comparisons} | set(self.hard_keys)
 
 
-class SimilarityLevels(BaseCompareFeature):  # type: ignore[misc]
-    """A recordlinkage compare feature: rapidfuzz similarity of two columns, as a level 0..len(levels).
-
-    Missing values on either side give level 0 (no evidence of agreement).
-    """
-
-    def __init__(self, left: str, right: str, method: Method, levels: Sequence[float], label: str) -> None:
-        super().__init__(left, right, label=label)
-        self.method = method
-        self.levels = tuple(sorted(levels, reverse=True))
-
-    def _compute_vectorized(self, s_left: pd.Series, s_right: pd.Series) -> pd.Series:
-        level = similarity_levels(self.method, self.levels, _texts(s_left), _texts(s_right))
-        return pd.Series(level, index=s_left.index)
-
-
 def similarity_levels(
     method: str, levels: Sequence[float], left: np.ndarray, right: np.ndarray, *, workers: int = -1
 ) -> np.ndarray:
     """Levels 0..len(levels) (int8) of two object arrays of text (None: missing, level 0), by ``method``.
 
-    The comparison of :class:`SimilarityLevels`, without pandas: the online match index calls it on a few
+    The comparison of ``recordlinkage_parts.SimilarityLevels``, without pandas: the online match index calls it on a few
     dozen candidates with ``workers=1`` (rapidfuzz's thread pool costs milliseconds to start per call).
     """
     if method == "name":
@@ -393,6 +372,8 @@ def candidate_pairs(frame: pd.DataFrame, spec: LinkageSpec, focus: pd.Index | No
     """
     check_columns(frame, spec)
     frame = frame.copy(deep=False)  # the block keys below are added to a shallow copy only
+    import recordlinkage as rl  # here, not at import: see integration.dedup.recordlinkage_parts
+
     indexer = rl.Index()
     for number, block in enumerate(spec.blocks):
         key = f"_block_{number}"
@@ -507,6 +488,10 @@ def _identical(left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 def _compare(frame: pd.DataFrame, pairs: pd.MultiIndex, spec: LinkageSpec) -> pd.DataFrame:
     """Compare every pair (recordlinkage's Compare over the spec's comparisons)."""
+    import recordlinkage as rl  # here, not at import: see integration.dedup.recordlinkage_parts
+
+    from integration.dedup.recordlinkage_parts import SimilarityLevels
+
     comparer = rl.Compare(n_jobs=1)
     for comparison in spec.comparisons:
         comparer.add(SimilarityLevels(comparison.field, comparison.field, comparison.method,
@@ -568,6 +553,8 @@ def classify(
     if spec.classifier != "ecm" and enough and labels is not None:
         training = indicators(labels.features, spec)
         # Weak regularization: a few dozen labels must still give sure pairs probabilities near 1.
+        import recordlinkage as rl  # here, not at import: see integration.dedup.recordlinkage_parts
+
         model = rl.LogisticRegressionClassifier(C=1000.0)
         model.fit(training, labels.same.index[labels.same.to_numpy(dtype=bool)])
         return pd.Series(model.prob(binary), index=features.index)
@@ -581,8 +568,12 @@ def classify(
     varying = [c for c in fit_on.columns if fit_on[c].nunique() > 1]
     if not varying:  # every pair looks the same: nothing to learn from, so nothing is sure
         return pd.Series(0.5, index=features.index)
+    import recordlinkage as rl  # here, not at import: see integration.dedup.recordlinkage_parts
+
+    from integration.dedup.recordlinkage_parts import PackedECM
+
     classifier = rl.ECMClassifier(binarize=None)
-    classifier.kernel = _ECM(**classifier.kernel.get_params())
+    classifier.kernel = PackedECM(**classifier.kernel.get_params())
     # A level that never occurs in one class (small sets: every duplicate contact shares its mobile) gives
     # a zero probability, log(0) = -inf and NaN match probabilities; a floor keeps the weights finite.
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -590,53 +581,6 @@ def classify(
     kernel = classifier.kernel
     kernel.feature_log_prob_ = np.log(np.clip(np.exp(kernel.feature_log_prob_), _PROBABILITY_FLOOR, 1.0))
     return pd.Series(classifier.prob(binary[varying]), index=features.index)
-
-
-class _ECM(ECM):  # type: ignore[misc]
-    """recordlinkage's ECM kernel, counting the distinct comparison vectors by packing each binary row into one
-    integer instead of ``np.unique(X, axis=0)``, which sorts rows as records (half a minute at two million
-    pairs on a slow machine). The distinct rows come out in the same order with the same counts, and the
-    expectation/conditional maximisation below is recordlinkage 0.16's ``ECM.fit`` step for step, so the
-    fitted model and every probability are the same.
-    """
-
-    def fit(self, X: Any) -> _ECM:
-        """Fit on ``X`` (binary comparison vectors); other input takes the library's own fit."""
-        X = check_array(X, accept_sparse="csr")
-        if issparse(X) or not 0 < X.shape[1] <= 62 or not ((X == 0) | (X == 1)).all():
-            super().fit(X)
-            return self
-        X_unique, X_freq = _distinct_rows(X)
-        X_freq = np.atleast_2d(X_freq)
-        X_unique_bin = self._fit_data(X_unique)
-        self.classes_ = np.array([0, 1])
-        if self.init == "random":
-            self.class_log_prior_, self.feature_log_prob_ = self._init_parameters_random(X_unique_bin)
-        elif self.init == "jaro":
-            self.class_log_prior_, self.feature_log_prob_ = self._init_parameters_jaro(X_unique_bin)
-        else:
-            raise ValueError(f"'{self.init}' is not a valid value for argument 'init'")
-        iteration = 0
-        while iteration < self.max_iter:
-            iteration += 1
-            g = self.predict_proba(X_unique)  # expectation
-            g_freq = g * X_freq.T
-            g_freq_sum = g_freq.sum(axis=0)
-            class_log_prior_ = np.log(g_freq_sum) - np.log(X.shape[0])  # maximisation
-            feature_log_prob_ = np.log(safe_sparse_dot(g_freq.T, X_unique_bin))
-            feature_log_prob_ -= np.log(np.atleast_2d(g_freq_sum).T)
-            converged = (
-                self.atol is not None
-                and np.allclose(np.exp(class_log_prior_), np.exp(self.class_log_prior_), atol=self.atol)
-                and np.allclose(np.exp(feature_log_prob_), np.exp(self.feature_log_prob_), atol=self.atol)
-            )
-            if np.all(np.isnan(feature_log_prob_)):
-                break
-            self.class_log_prior_ = class_log_prior_
-            self.feature_log_prob_ = feature_log_prob_
-            if converged:
-                break
-        return self
 
 
 def _distinct_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -685,6 +629,8 @@ def cross_validate(labels: Labels, spec: LinkageSpec, folds: int = EVALUATION_FO
     probability = np.zeros(len(same))
     for number in range(folds):
         train, test = fold != number, fold == number
+        import recordlinkage as rl  # here, not at import: see integration.dedup.recordlinkage_parts
+
         model = rl.LogisticRegressionClassifier(C=1000.0)
         model.fit(binary[train], labels.same.index[train & same])
         probability[test] = model.prob(binary[test]).to_numpy()

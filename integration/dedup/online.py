@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from integration.dedup.customers import CUSTOMER_SPEC, linkage_row
-from integration.dedup.linkage import LinkageSpec, SimilarityLevels, similarity_levels
+from integration.dedup.linkage import LinkageSpec, _texts, similarity_levels
 from integration.dedup.normalize import credit_code_parts
 
 ALREADY_REGISTERED = 0.5  # prior chance that the record is some existing customer, spread over candidates
@@ -133,9 +133,6 @@ class MatchIndex:
 
     def __init__(self, records: pd.DataFrame, spec: LinkageSpec = CUSTOMER_SPEC, seed: int = 0) -> None:
         self.spec = spec
-        self.features = [
-            SimilarityLevels(c.field, c.field, c.method, c.levels, c.name) for c in spec.comparisons
-        ]
         self.exact_keys = [block[0] for block in spec.blocks if len(block) == 1]
         wanted = {"name", "name_core", *self.exact_keys, *spec.hard_keys, *spec.location_keys}
         wanted |= {c.field for c in spec.comparisons}
@@ -211,15 +208,19 @@ class MatchIndex:
         left = records.iloc[rng.integers(0, count, pairs)].reset_index(drop=True) if count else records
         right = records.iloc[rng.integers(0, count, pairs)].reset_index(drop=True) if count else records
         weights: dict[str, list[float]] = {}
-        for comparison, feature in zip(self.spec.comparisons, self.features, strict=True):
+        for comparison in self.spec.comparisons:
             top = len(comparison.levels)
             if comparison.field not in records:  # a column the rows lack: missing everywhere, no evidence
                 weights[comparison.name] = [0.0] * (top + 1)
                 continue
             given = (left[comparison.field].notna() & right[comparison.field].notna()).to_numpy()
-            levels = feature._compute_vectorized(left[comparison.field], right[comparison.field]).to_numpy()[
-                given
-            ]
+            # the linkage's comparison (recordlinkage_parts.SimilarityLevels), without recordlinkage
+            levels = similarity_levels(
+                comparison.method,
+                tuple(sorted(comparison.levels, reverse=True)),
+                _texts(left[comparison.field]),
+                _texts(right[comparison.field]),
+            )[given]
             m = [1 - M_TOP - M_LOWER * (top - 1)] + [M_LOWER] * (top - 1) + [M_TOP]
             # Laplace-smoothed u: a level never seen among random pairs is rare, not impossible.
             u = [(np.sum(levels == level) + 1) / (len(levels) + top + 1) for level in range(top + 1)]
