@@ -240,6 +240,11 @@ def crosswalk_ids(session: Session, entity: str, system: str, keys: Iterable[str
     return found
 
 
+# Tests set this to decide every row through EntityLoader._upsert, the reference the fast path is compared with.
+_ROW_BY_ROW = False
+_NEW, _SAME = 1, 2  # rows the fast path decides (EntityLoader._fast_kinds)
+_FAST_RUN_MIN = 8  # fewer rows in a row than this are decided one at a time
+
 _AS_IS = frozenset({str, int, float, bool, type(None)})  # JSON writes these the same every time
 
 
@@ -358,21 +363,74 @@ class _IdAllocator:
         """Return a new id; ``expected`` is how many more this load may need (the block size)."""
         if self._postgres:
             if not self._free:
-                block = max(16, min(expected, CHUNK_ROWS))
-                sequence = self.session.scalar(
-                    text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": self.table.name}
-                )
-                # One row holding the block as an array: fetching thousands of one-value rows cost more.
-                drawn = self.session.scalar(
-                    text("SELECT array_agg(nextval(CAST(:s AS regclass))) FROM generate_series(1, :n)"),
-                    {"s": sequence, "n": block},
-                )
-                self._free = sorted(drawn, reverse=True)
+                self._draw(expected)
             return self._free.pop()
         if self._next is None:
             self._next = (self.session.scalar(select(func.max(self.table.c.id))) or 0) + 1
         value, self._next = self._next, self._next + 1
         return value
+
+    def take_many(self, expected: Sequence[int]) -> list[int]:
+        """Return the ids :meth:`take` would return called once with each of ``expected``, in order."""
+        if not self._postgres:
+            if not expected:
+                return []
+            first = self.take(expected[0])
+            assert self._next is not None
+            self._next = first + len(expected)
+            return list(range(first, self._next))
+        taken: list[int] = []
+        done = 0
+        while done < len(expected):
+            if not self._free:
+                self._draw(expected[done])
+            count = min(len(self._free), len(expected) - done)
+            taken.extend(reversed(self._free[-count:]))  # what ``count`` pops return
+            del self._free[-count:]
+            done += count
+        return taken
+
+    def _draw(self, expected: int) -> None:
+        block = max(16, min(expected, CHUNK_ROWS))
+        sequence = self.session.scalar(
+            text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": self.table.name}
+        )
+        # One row holding the block as an array: fetching thousands of one-value rows cost more.
+        drawn = self.session.scalar(
+            text("SELECT array_agg(nextval(CAST(:s AS regclass))) FROM generate_series(1, :n)"),
+            {"s": sequence, "n": block},
+        )
+        self._free = sorted(drawn, reverse=True)
+
+
+class _ChunkValues(Sequence[dict[str, Any]]):
+    """The rows ``start:stop`` of a batch as field -> value dicts, each built when first asked for.
+
+    The fast path of :meth:`EntityLoader._load_batch` reads its rows column by column: only the rows
+    decided one at a time need a dict.
+    """
+
+    def __init__(
+        self, fields: Sequence[str], columns: Mapping[str, list[Any]], start: int, stop: int
+    ) -> None:
+        self._fields = fields
+        self._columns = [columns[name] for name in fields]
+        self._start = start
+        self._built: list[dict[str, Any] | None] = [None] * (stop - start)
+
+    def __len__(self) -> int:
+        return len(self._built)
+
+    def __getitem__(self, index: Any) -> Any:
+        if not isinstance(index, int):
+            raise TypeError("_ChunkValues is indexed by position only")
+        row = self._built[index]
+        if row is None:
+            position = self._start + index
+            row = self._built[index] = dict(
+                zip(self._fields, [c[position] for c in self._columns], strict=True)
+            )
+        return row
 
 
 @dataclass
@@ -1163,14 +1221,22 @@ class EntityLoader:
         for start in range(0, len(records), CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, len(records))
             self._now = dt.datetime.now(dt.UTC)
-            chunk_values = [
-                dict(zip(fields, row, strict=True))
-                for row in zip(*(columns[name][start:stop] for name in fields), strict=True)
-            ] if fields else [{} for _ in range(start, stop)]  # fmt: skip
+            chunk_values = _ChunkValues(fields, columns, start, stop)
             digests = self._digests(fields, columns, sources, start, stop)
             row_keys = self._chunk_keys(columns, start, stop)
             self._prefetch(batch.source, keys[start:stop], chunk_values, digests, row_keys)
+            kinds = self._fast_kinds(
+                batch.source, keys[start:stop], digests, row_keys, columns, row_errors, start
+            )
+            done = start  # rows before this one were decided by the fast path
             for position in range(start, stop):
+                if position < done:
+                    continue
+                if kinds[position - start]:
+                    done = self._load_fast(batch, stats, columns, fields, keys, digests, row_keys, kinds,
+                                           locations, refs, self_ref_values, loaded_ids, start, stop, position)  # fmt: skip
+                    if done > position:
+                        continue
                 errors = row_errors.get(position, [])
                 rejected = any(p["severity"] == "error" for p in errors)
                 for problem in errors:
@@ -1225,6 +1291,203 @@ class EntityLoader:
         if stats.amount_loaded is not None and amount_field:
             stats.amount_core = self._stored_amount(amount_field, loaded_ids)
         return stats
+
+    def _fast_kinds(
+        self,
+        source: str,
+        chunk_keys: Sequence[str],
+        digests: Sequence[str],
+        row_keys: Sequence[tuple[tuple[Any, ...] | None, ...]],
+        columns: Mapping[str, list[Any]],
+        row_errors: Mapping[Any, list[dict[str, Any]]],
+        start: int,
+    ) -> list[int]:
+        """Return, per row of the chunk, how the fast path may decide it: 0 not, _NEW or _SAME.
+
+        _NEW: a key the crosswalk does not hold (an insert unless it matches by an exact key, which
+        :meth:`_load_fast` checks in order); _SAME: a key whose stored hash equals the row's (unchanged, or
+        merged as before). Only a key's first row in the chunk, without reference problems and with a known
+        stage: no earlier row of the chunk can change what these rows find, so each is decided as
+        :meth:`_upsert` would, whatever the rows around it do.
+        """
+        count = len(chunk_keys)
+        if _ROW_BY_ROW:
+            return [0] * count
+        stages = columns.get("stage")
+        valid: dict[Any, bool] = {}
+        if stages is not None:
+            for stage in set(stages[start : start + count]):
+                valid[stage] = stage is None or self._valid_stage(stage)
+        crosswalk = self._crosswalk
+        # a new row of an entity with exact keys is indexed by its row's keys (see _add_to_index)
+        new_kind = _NEW if (self._keys_as_written or not self.match.keys) else 0
+        seen: set[str] = set()
+        kinds: list[int] = []
+        for offset, key in enumerate(chunk_keys):
+            position = start + offset
+            if key in seen or position in row_errors or (stages is not None and not valid[stages[position]]):
+                seen.add(key)
+                kinds.append(0)
+                continue
+            seen.add(key)
+            entry = crosswalk.get((source, key))
+            if entry is None:
+                kinds.append(new_kind)
+            else:
+                kinds.append(_SAME if entry.last_synced_hash == digests[offset] else 0)
+        return kinds
+
+    def _load_fast(
+        self,
+        batch: Batch,
+        stats: SourceStats,
+        columns: Mapping[str, list[Any]],
+        fields: Sequence[str],
+        keys: Sequence[str],
+        digests: Sequence[str],
+        row_keys: Sequence[tuple[tuple[Any, ...] | None, ...]],
+        kinds: list[int],
+        locations: Sequence[Any],
+        refs: Sequence[Any],
+        self_ref_values: Mapping[str, Sequence[Any]],
+        loaded_ids: list[int],
+        start: int,
+        stop: int,
+        position: int,
+    ) -> int:
+        """Decide the run of fast rows from ``position`` column by column; return the first row not decided.
+
+        The same ids (drawn in row order), rows, crosswalk rows, index entries and counts as one
+        :meth:`_upsert` per row. A new row that would match by an exact key ends the run (decided per row).
+        """
+        source = batch.source
+        if self.match.keys:
+            # row by row up to the first new row an exact key may match (scanning no further: a chunk of
+            # customers may stop at every few rows)
+            index = self._index
+            pending: set[tuple[str, tuple[Any, ...]]] = set()  # keys of the run's earlier new rows
+            end = position
+            while end < stop and (kind := kinds[end - start]):
+                if kind == _NEW:
+                    found = [(n, f) for n, f in zip(self._key_names, row_keys[end - start], strict=True)
+                             if f is not None]  # fmt: skip
+                    if any(index.get(pair) or pair in pending for pair in found):
+                        break
+                    pending.update(found)
+                end += 1
+        else:
+            try:
+                end = start + kinds.index(0, position - start)
+            except ValueError:
+                end = stop
+        if end - position < _FAST_RUN_MIN:
+            # a few rows between rows decided one at a time (customers merging by exact keys): per row is
+            # cheaper than building columns for them, and exact for any row
+            kinds[position - start : end - start] = [0] * (end - position)
+            return position
+        if self_ref_values:
+            for current in range(position, end):
+                for name, parents in self_ref_values.items():
+                    if _present(parents[current]):
+                        lookup = batch.lookups.get(name, Lookup())
+                        self._pending_self_refs.append((source, locations[current], str(refs[current]),
+                                                        keys[current], name, parents[current], lookup))  # fmt: skip
+        new = [p for p in range(position, end) if kinds[p - start] == _NEW]
+        new_ids = iter(self._insert_new(source, columns, fields, keys, digests, row_keys, new, start, stop))
+        crosswalk = self._crosswalk
+        outcomes: list[tuple[bool, int]] = []  # per row of the run: (merged, record id)
+        for current in range(position, end):
+            if kinds[current - start] == _NEW:
+                outcomes.append((False, next(new_ids)))
+                continue
+            entry = crosswalk[(source, keys[current])]
+            outcomes.append((entry.match_method not in ("created", LINKED), entry.entity_id))
+        merged = sum(1 for is_merged, _ in outcomes if is_merged)
+        stats.inserted += len(new)
+        stats.merged += merged
+        stats.unchanged += len(outcomes) - len(new) - merged
+        amount_field = self.entity.amount_field
+        if stats.amount_loaded is not None and stats.amount_merged is not None and amount_field:
+            amounts = columns.get(amount_field)
+            for current, (is_merged, record_id) in zip(range(position, end), outcomes, strict=True):
+                amount = amounts[current] if amounts is not None else None
+                amount = amount if isinstance(amount, Decimal) else Decimal(0)
+                if is_merged:
+                    stats.amount_merged += amount
+                else:
+                    stats.amount_loaded += amount
+                    loaded_ids.append(record_id)
+        return end
+
+    def _insert_new(
+        self,
+        source: str,
+        columns: Mapping[str, list[Any]],
+        fields: Sequence[str],
+        keys: Sequence[str],
+        digests: Sequence[str],
+        row_keys: Sequence[tuple[tuple[Any, ...] | None, ...]],
+        new: list[int],
+        start: int,
+        stop: int,
+    ) -> list[int]:
+        """Create a record and a crosswalk row for each row at ``new`` (positions), as :meth:`_upsert` does.
+
+        Returns the new records' ids, in row order.
+        """
+        if not new:
+            return []
+        remaining = [stop - p for p in new]
+        record_ids = self._record_ids.take_many(remaining)
+        entry_ids = self._crosswalk_ids_alloc.take_many(remaining)
+        contiguous = new[-1] - new[0] + 1 == len(new)
+
+        def pick(values: Sequence[Any]) -> Sequence[Any]:
+            return values[new[0] : new[-1] + 1] if contiguous else [values[p] for p in new]
+
+        count = len(new)
+        now, run_id = self._now, self._run_id
+        by_column: dict[str, list[Any]] = {name: [value] * count for name, value in self._blank_row.items()}
+        by_column.update(id=record_ids, created_run_id=[run_id] * count, updated_run_id=[run_id] * count,
+                         created_at=[now] * count, updated_at=[now] * count)  # fmt: skip
+        for name in fields:  # in the row's order: a later field writing the same column wins, as in _upsert
+            if name in self._self_ref_fields:
+                continue
+            column = self._columns[name]
+            default = by_column[column]
+            by_column[column] = [
+                old if value is None else value
+                for old, value in zip(default, pick(columns[name]), strict=True)
+            ]
+        names = list(by_column)
+        rows = [dict(zip(names, values, strict=True)) for values in zip(*by_column.values(), strict=True)]
+        self._rows.update(zip(record_ids, rows, strict=True))
+        self._new_records.update(zip(record_ids, rows, strict=True))
+        self._journaled.update(record_ids)
+        new_keys = pick(keys)
+        new_digests = [digests[p - start] for p in new]
+        entity = self.entity.name
+        self._new_crosswalk.update(
+            (entry_id, {
+                "id": entry_id, "entity": entity, "entity_id": record_id, "system": source, "external_key": key,
+                "match_method": "created", "last_synced_hash": digest, "last_synced_at": now,
+                "created_run_id": run_id, "updated_run_id": run_id,
+            })
+            for entry_id, record_id, key, digest in zip(entry_ids, record_ids, new_keys, new_digests, strict=True)
+        )  # fmt: skip
+        crosswalk = self._crosswalk
+        for entry_id, record_id, key, digest in zip(
+            entry_ids, record_ids, new_keys, new_digests, strict=True
+        ):
+            crosswalk[(source, key)] = _CrosswalkEntry(entry_id, record_id, "created", digest)
+        written = self._written_keys.get(source)
+        if written is not None:
+            written.update(new_keys)
+        self._xw_journaled.update(entry_ids)
+        if self.match.keys:
+            for record_id, row, p in zip(record_ids, rows, new, strict=True):
+                self._add_to_index(record_id, row, row_keys[p - start])
+        return record_ids
 
     @staticmethod
     def _quarantined_amount(stats: SourceStats, values: Mapping[str, Any], amount_field: str | None) -> None:
@@ -1283,16 +1546,17 @@ class EntityLoader:
                     id=row["id"], entity_id=row["entity_id"], match_method=row["match_method"],
                     last_synced_hash=row["last_synced_hash"], row=dict(row),
                 )  # fmt: skip
-        new = [i for i, k in enumerate(keys) if (source, k) not in self._crosswalk]
-        self._index_candidates([values[i] for i in new], [row_keys[i] for i in new])
+        if self.match.keys:  # (values are built per row when asked for: only rows that may match ask)
+            new = [i for i, k in enumerate(keys) if (source, k) not in self._crosswalk]
+            self._index_candidates([values[i] for i in new], [row_keys[i] for i in new])
         ids: set[int] = set()
-        for key, row_values, digest, found_keys in zip(keys, values, digests, row_keys, strict=True):
+        for position, (key, digest) in enumerate(zip(keys, digests, strict=True)):
             entry = self._crosswalk.get((source, key))
             if entry is not None:
                 if entry.last_synced_hash != digest:  # unchanged rows need no record
                     ids.add(self._survivor_id(entry.entity_id))
             elif self.match.keys:
-                match = self._find_match(row_values, found_keys)
+                match = self._find_match(values[position], row_keys[position])
                 if match is not None:
                     ids.add(match[0])
         self._fetch_records(ids)
