@@ -244,6 +244,7 @@ def crosswalk_ids(session: Session, entity: str, system: str, keys: Iterable[str
 _ROW_BY_ROW = False
 _NEW, _SAME = 1, 2  # rows the fast path decides (EntityLoader._fast_kinds)
 _FAST_RUN_MIN = 8  # fewer rows in a row than this are decided one at a time
+_FAST_GIVE_UP = 800  # rows of a chunk left to the per-row path before its new rows are no longer tried
 
 _AS_IS = frozenset({str, int, float, bool, type(None)})  # JSON writes these the same every time
 
@@ -287,6 +288,21 @@ def _json_scalar(value: Any) -> str:
     return _HASH_ENCODER.encode(value)  # NaN, subclasses, containers, anything else: as the encoder writes it
 
 
+_NONE = type(None)
+
+
+def _json_column(values: Sequence[Any]) -> list[str]:
+    """Return :func:`_json_scalar` of each value; a column of text (and blanks) in one C-level pass."""
+    kinds = set(map(type, values))
+    if kinds <= {str}:
+        return list(map(_encode_text, values))
+    if kinds == {str, _NONE}:
+        return ["null" if value is None else _encode_text(value) for value in values]
+    if kinds == {_NONE}:
+        return ["null"] * len(values)
+    return list(map(_json_scalar, values))
+
+
 def row_hashes(names: Sequence[str], columns: Sequence[Sequence[Any]]) -> list[str]:
     """Return :func:`row_hash` of each row of ``columns`` (one list per name), computed column by column.
 
@@ -297,7 +313,7 @@ def row_hashes(names: Sequence[str], columns: Sequence[Sequence[Any]]) -> list[s
     if not order:
         return []
     template = "{" + ", ".join(_encode_text(names[i]).replace("%", "%%") + ": %s" for i in order) + "}"
-    written = [list(map(_json_scalar, columns[i])) for i in order]
+    written = [_json_column(columns[i]) for i in order]
     sha256 = hashlib.sha256
     return [sha256((template % row).encode("utf-8")).hexdigest() for row in zip(*written, strict=True)]
 
@@ -542,6 +558,7 @@ class EntityLoader:
         self._new_crosswalk: dict[int, dict[str, Any]] = {}
         self._changed_crosswalk: dict[int, _CrosswalkEntry] = {}
         self._rejects: list[dict[str, Any]] = []
+        self._fast_decided = self._fast_demoted = 0  # see _load_fast
 
     # ------------------------------------------------------------------ matching index
 
@@ -1311,6 +1328,7 @@ class EntityLoader:
         :meth:`_upsert` would, whatever the rows around it do.
         """
         count = len(chunk_keys)
+        self._fast_decided = self._fast_demoted = 0  # rows of the chunk the fast path decided or left
         if _ROW_BY_ROW:
             return [0] * count
         stages = columns.get("stage")
@@ -1384,7 +1402,12 @@ class EntityLoader:
             # a few rows between rows decided one at a time (customers merging by exact keys): per row is
             # cheaper than building columns for them, and exact for any row
             kinds[position - start : end - start] = [0] * (end - position)
+            self._fast_demoted += end - position + 1
+            if self.match.keys and self._fast_demoted > max(_FAST_GIVE_UP, self._fast_decided):
+                # most new rows of this chunk match: stop looking for runs among them
+                kinds[end - start :] = [0 if kind == _NEW else kind for kind in kinds[end - start :]]
             return position
+        self._fast_decided += end - position
         if self_ref_values:
             for current in range(position, end):
                 for name, parents in self_ref_values.items():
@@ -1541,10 +1564,15 @@ class EntityLoader:
         for part in _chunks(wanted):
             query = select(xw).where(xw.c.entity == self.entity.name, xw.c.system == source,
                                      ids_in(self.session.connection(), xw.c.external_key, part))  # fmt: skip
-            for row in self.session.execute(query).mappings():
-                self._crosswalk[(source, row["external_key"])] = _CrosswalkEntry(
-                    id=row["id"], entity_id=row["entity_id"], match_method=row["match_method"],
-                    last_synced_hash=row["last_synced_hash"], row=dict(row),
+            result = self.session.execute(query)
+            names = list(result.keys())  # rows as tuples: a mapping per row cost more than the query
+            at = {name: names.index(name) for name in ("id", "entity_id", "match_method", "last_synced_hash")}
+            key_at = names.index("external_key")
+            crosswalk = self._crosswalk
+            for row in result:
+                crosswalk[(source, row[key_at])] = _CrosswalkEntry(
+                    row[at["id"]], row[at["entity_id"]], row[at["match_method"]], row[at["last_synced_hash"]],
+                    dict(zip(names, row, strict=True)),
                 )  # fmt: skip
         if self.match.keys:  # (values are built per row when asked for: only rows that may match ask)
             new = [i for i, k in enumerate(keys) if (source, k) not in self._crosswalk]

@@ -165,13 +165,25 @@ def _fresh(core: str, tmp_path: Path) -> str:
     return PG_URL
 
 
+# (shortest run decided column-wise, rows left per row before a chunk's new rows are no longer tried)
+TUNINGS = [(8, 800), (1, 800), (2, 0)]
+
+
+@pytest.mark.parametrize("tuning", TUNINGS, ids=["default", "every_run", "give_up"])
 @pytest.mark.parametrize("chunk_rows", [7, 20_000])
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("core", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_fast_path_writes_what_row_by_row_writes(
-    core: str, seed: int, chunk_rows: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    core: str,
+    seed: int,
+    chunk_rows: int,
+    tuning: tuple[int, int],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(loading, "CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(loading, "_FAST_RUN_MIN", tuning[0])
+    monkeypatch.setattr(loading, "_FAST_GIVE_UP", tuning[1])
     monkeypatch.setattr(loading, "_ROW_BY_ROW", True)
     expected_stats, expected = _load_all(_fresh(core, tmp_path), seed)
     monkeypatch.setattr(loading, "_ROW_BY_ROW", False)

@@ -38,3 +38,13 @@ def test_key_order_and_empty_inputs() -> None:
     assert row_hashes([], []) == []
     # a different value gives a different hash
     assert row_hashes(["a"], [["x"]]) != row_hashes(["a"], [["y"]])
+
+
+def test_columns_of_text_and_blanks_hash_as_their_row_dicts_do() -> None:
+    """Columns holding only text, text and None, or only None take a shortcut: the same bytes."""
+    text = ["", "腾达", 'q"\\', "tab\tx\x01", "100%", "%(x)s", "\u2028"]
+    names = ["text", "blanks", "none", "mixed"]
+    columns = [text, [None if i % 2 else t for i, t in enumerate(text)], [None] * len(text),
+               [*text[:-1], 5]]  # fmt: skip
+    expected = [row_hash(dict(zip(names, row, strict=True))) for row in zip(*columns, strict=True)]
+    assert row_hashes(names, columns) == expected
