@@ -21,6 +21,7 @@ from decimal import Decimal
 from operator import itemgetter
 from typing import Any
 
+from psycopg.adapt import PyFormat, Transformer
 from sqlalchemy import (
     JSON,
     BindParameter,
@@ -215,8 +216,44 @@ def _copy(
         driver.cursor() as cursor,
         cursor.copy(f"COPY {quote(table_name)} ({', '.join(quote(n) for n in names)}) FROM STDIN") as copy,
     ):
-        for row in rows:
+        for row in _dates_as_text(driver, rows):
             copy.write_row(row)
+
+
+def _dates_as_text(driver: Any, rows: Iterable[Sequence[Any]]) -> Iterable[Sequence[Any]]:
+    """Return ``rows`` with each date and datetime replaced by the text psycopg writes for it in ``COPY``.
+
+    The same bytes reach the server, but each distinct value is formatted once: psycopg takes about 2 µs
+    per datetime, and a chunk's rows share their timestamps (created_at, updated_at, last_synced_at).
+    """
+    rows = list(rows)
+    if not rows:
+        return rows
+    columns: list[Sequence[Any]] = list(zip(*rows, strict=True))
+    transformer = Transformer.from_context(driver)
+    converted = False
+    for i, column in enumerate(columns):
+        kinds = set(map(type, column))
+        if not kinds & {dt.datetime, dt.date}:
+            continue
+        texts: dict[tuple[Any, ...], str] = {}
+        values: list[Any] = []
+        for value in column:
+            kind = type(value)
+            if kind is not dt.datetime and kind is not dt.date:
+                values.append(value)
+                continue
+            # by zone too: equal instants in two zones are written as their own wall-clock times
+            key = (kind, value, value.tzinfo) if kind is dt.datetime else (kind, value)
+            text_value = texts.get(key)
+            if text_value is None:
+                dumped = transformer.get_dumper(value, PyFormat.TEXT).dump(value)
+                assert dumped is not None  # (None only for a None value)
+                text_value = texts[key] = bytes(dumped).decode("ascii")
+            values.append(text_value)
+        columns[i] = values
+        converted = True
+    return list(zip(*columns, strict=True)) if converted else rows
 
 
 def _copy_values(

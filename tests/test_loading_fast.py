@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 import uuid
 from decimal import Decimal
@@ -214,3 +215,44 @@ def test_fast_path_draws_postgres_ids_as_take_does() -> None:
     one, many = Fake(), Fake()
     assert many.take_many(expected[:7]) + many.take_many(expected[7:]) == [one.take(e) for e in expected]
     assert many.blocks == one.blocks
+
+
+@pytest.mark.postgres
+def test_copy_writes_dates_as_psycopg_formats_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bulk_insert formats each distinct date and datetime once for COPY: the rows read back are the ones
+    psycopg's own formatting of each value stores, in every zone and for naive values, in both kinds of column."""
+    from crm_core import journal
+
+    engine = server_or_skip(PG_URL, "PostgreSQL")
+    reset_postgres(engine)
+    meta = sa.MetaData()
+
+    def table(name: str) -> sa.Table:
+        return sa.Table(name, meta, sa.Column("id", sa.Integer, primary_key=True),
+                        sa.Column("aware", sa.DateTime(timezone=True)), sa.Column("naive", sa.DateTime()),
+                        sa.Column("day", sa.Date()), sa.Column("note", sa.String(20)))  # fmt: skip
+
+    once, each = table("once"), table("each")
+    meta.create_all(engine)
+    east = dt.timezone(dt.timedelta(hours=8))
+    moments = [dt.datetime(2025, 3, 24, 0, 0, tzinfo=east), dt.datetime(2025, 3, 23, 16, 0, tzinfo=dt.UTC),
+               dt.datetime(2025, 3, 24, 0, 0), dt.datetime(1, 1, 1), dt.datetime(2025, 3, 24, 0, 0, 0, 1, tzinfo=dt.UTC),
+               None]  # fmt: skip
+    rows = [
+        {"id": i, "aware": moments[i % 6], "naive": moments[(i + 1) % 6], "day": dt.date(2025, 1, 1 + i % 3),
+         "note": "\\t\n" if i % 2 else None}
+        for i in range(30)
+    ]  # fmt: skip
+    with engine.begin() as connection:
+        connection.execute(sa.text("SET TIME ZONE 'Asia/Shanghai'"))
+        journal.bulk_insert(connection, once, rows)
+        with monkeypatch.context() as patched:
+            patched.setattr(
+                journal, "_dates_as_text", lambda driver, rows: rows
+            )  # psycopg formats each value
+            journal.bulk_insert(connection, each, rows)
+        got = connection.execute(sa.select(once).order_by(once.c.id)).all()
+        want = connection.execute(sa.select(each).order_by(each.c.id)).all()
+    engine.dispose()
+    assert got == want
+    assert [row[1] for row in got[:2]] == moments[:2]  # the same instant, whichever zone it was written in
