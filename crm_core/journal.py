@@ -223,8 +223,8 @@ def _copy(
 def _dates_as_text(driver: Any, rows: Iterable[Sequence[Any]]) -> Iterable[Sequence[Any]]:
     """Return ``rows`` with each date and datetime replaced by the text psycopg writes for it in ``COPY``.
 
-    The same bytes reach the server, but each distinct value is formatted once: psycopg takes about 2 µs
-    per datetime, and a chunk's rows share their timestamps (created_at, updated_at, last_synced_at).
+    The same bytes reach the server, but each value object is formatted once: psycopg takes about 2 µs per
+    datetime, and a chunk's rows share their timestamps (created_at, updated_at, last_synced_at).
     """
     rows = list(rows)
     if not rows:
@@ -233,25 +233,16 @@ def _dates_as_text(driver: Any, rows: Iterable[Sequence[Any]]) -> Iterable[Seque
     transformer = Transformer.from_context(driver)
     converted = False
     for i, column in enumerate(columns):
-        kinds = set(map(type, column))
-        if not kinds & {dt.datetime, dt.date}:
+        if not set(map(type, column)) & {dt.datetime, dt.date}:
             continue
-        texts: dict[tuple[Any, ...], str] = {}
-        values: list[Any] = []
-        for value in column:
-            kind = type(value)
-            if kind is not dt.datetime and kind is not dt.date:
-                values.append(value)
-                continue
-            # by zone too: equal instants in two zones are written as their own wall-clock times
-            key = (kind, value, value.tzinfo) if kind is dt.datetime else (kind, value)
-            text_value = texts.get(key)
-            if text_value is None:
+        # by object (the column holds them all, so no id is reused): each distinct one formatted once
+        texts: dict[int, str] = {}
+        for identity, value in dict(zip(map(id, column), column, strict=True)).items():
+            if type(value) is dt.datetime or type(value) is dt.date:
                 dumped = transformer.get_dumper(value, PyFormat.TEXT).dump(value)
                 assert dumped is not None  # (None only for a None value)
-                text_value = texts[key] = bytes(dumped).decode("ascii")
-            values.append(text_value)
-        columns[i] = values
+                texts[identity] = bytes(dumped).decode("ascii")
+        columns[i] = list(map(texts.get, map(id, column), column))  # the text, or the value itself
         converted = True
     return list(zip(*columns, strict=True)) if converted else rows
 

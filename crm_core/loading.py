@@ -559,6 +559,7 @@ class EntityLoader:
         self._changed_crosswalk: dict[int, _CrosswalkEntry] = {}
         self._rejects: list[dict[str, Any]] = []
         self._fast_decided = self._fast_demoted = 0  # see _load_fast
+        self._repeated_keys: set[str] = set()  # see _fast_kinds
 
     # ------------------------------------------------------------------ matching index
 
@@ -1341,9 +1342,14 @@ class EntityLoader:
         new_kind = _NEW if (self._keys_as_written or not self.match.keys) else 0
         seen: set[str] = set()
         kinds: list[int] = []
+        self._repeated_keys = repeated = set()  # keys a later row of the chunk looks up in the crosswalk
         for offset, key in enumerate(chunk_keys):
             position = start + offset
-            if key in seen or position in row_errors or (stages is not None and not valid[stages[position]]):
+            if key in seen:
+                repeated.add(key)
+                kinds.append(0)
+                continue
+            if position in row_errors or (stages is not None and not valid[stages[position]]):
                 seen.add(key)
                 kinds.append(0)
                 continue
@@ -1498,11 +1504,12 @@ class EntityLoader:
             })
             for entry_id, record_id, key, digest in zip(entry_ids, record_ids, new_keys, new_digests, strict=True)
         )  # fmt: skip
-        crosswalk = self._crosswalk
+        crosswalk, repeated = self._crosswalk, self._repeated_keys
         for entry_id, record_id, key, digest in zip(
             entry_ids, record_ids, new_keys, new_digests, strict=True
         ):
-            crosswalk[(source, key)] = _CrosswalkEntry(entry_id, record_id, "created", digest)
+            if key in repeated:  # no other row of the chunk asks for the others
+                crosswalk[(source, key)] = _CrosswalkEntry(entry_id, record_id, "created", digest)
         written = self._written_keys.get(source)
         if written is not None:
             written.update(new_keys)
