@@ -1573,14 +1573,16 @@ class EntityLoader:
                                      ids_in(self.session.connection(), xw.c.external_key, part))  # fmt: skip
             result = self.session.execute(query)
             names = list(result.keys())  # rows as tuples: a mapping per row cost more than the query
-            at = {name: names.index(name) for name in ("id", "entity_id", "match_method", "last_synced_hash")}
-            key_at = names.index("external_key")
+            at = [
+                names.index(n)
+                for n in ("external_key", "id", "entity_id", "match_method", "last_synced_hash")
+            ]
+            i_key, i_id, i_entity, i_method, i_hash = at
             crosswalk = self._crosswalk
-            for row in result:
-                crosswalk[(source, row[key_at])] = _CrosswalkEntry(
-                    row[at["id"]], row[at["entity_id"]], row[at["match_method"]], row[at["last_synced_hash"]],
-                    dict(zip(names, row, strict=True)),
-                )  # fmt: skip
+            for row in result.all():  # one fetchall: iterating the result fetches row by row
+                crosswalk[(source, row[i_key])] = _CrosswalkEntry(
+                    row[i_id], row[i_entity], row[i_method], row[i_hash], dict(zip(names, row, strict=True))
+                )
         if self.match.keys:  # (values are built per row when asked for: only rows that may match ask)
             new = [i for i, k in enumerate(keys) if (source, k) not in self._crosswalk]
             self._index_candidates([values[i] for i in new], [row_keys[i] for i in new])
