@@ -11,10 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import pickle
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,6 +117,52 @@ class Batch:
     # The amount summed over every record row read (mapped, or quarantined while mapping or validating);
     # None: only the mapped records are known (then they are what the source amount covers).
     amount_read: Decimal | None = None
+    # A batch too large to hold whole is written piece by piece (see ``StoredPieces``): then ``records`` has
+    # its columns and no rows, ``raw`` is None, and ``rejects`` holds every piece's entries.
+    stored: StoredPieces | None = None
+    # The places (file/sheet or table) its rows were read from, when ``raw`` is not at hand.
+    locations: frozenset[Any] | None = None
+
+    @property
+    def record_count(self) -> int:
+        """Return the number of mapped records, stored or held."""
+        return self.stored.records if self.stored is not None else len(self.records)
+
+    def pieces(self) -> Iterator[Batch]:
+        """Yield the batch piece by piece: itself when held whole, else each stored piece read in turn."""
+        if self.stored is None:
+            yield self
+        else:
+            yield from self.stored
+
+    def whole(self) -> Batch:
+        """Return the batch held whole in memory (its stored pieces read and joined)."""
+        if self.stored is None:
+            return self
+        pieces = list(self.stored)
+        raws = [p.raw for p in pieces if p.raw is not None]
+        return replace(
+            self,
+            records=pd.concat([p.records for p in pieces], ignore_index=True),
+            raw=pd.concat(raws, ignore_index=True) if raws else None,
+            stored=None,
+        )
+
+
+@dataclass(frozen=True)
+class StoredPieces:
+    """The pieces of a batch, one pickled ``Batch`` per file (each with its records, rejects and raw rows)."""
+
+    paths: tuple[str, ...]
+    records: int
+
+    def __iter__(self) -> Iterator[Batch]:
+        for path in self.paths:
+            with Path(path).open("rb") as file:
+                piece = pickle.load(file)  # files this project's staging step wrote
+            if not isinstance(piece, Batch):
+                raise LoadError(f"{path} holds no staged batch piece: stage the entity again")
+            yield piece
 
 
 @dataclass
@@ -155,6 +203,19 @@ class SourceStats:
     def balanced(self) -> bool:
         """Return True when every row read is accounted for."""
         return self.rows_read == self.loaded + self.merged + self.rejected + self.held
+
+    def plus(self, other: SourceStats) -> SourceStats:
+        """Return the stats of two pieces of one batch taken together (counts and amounts added)."""
+        added: dict[str, Any] = {}
+        for name, mine in self.__dict__.items():
+            theirs = getattr(other, name)
+            if name in ("source", "entity", "mapping"):
+                added[name] = mine
+            elif mine is None or theirs is None:
+                added[name] = theirs if mine is None else mine
+            else:
+                added[name] = mine + theirs
+        return SourceStats(**added)
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-friendly dict (amounts as strings)."""
@@ -1073,11 +1134,11 @@ class EntityLoader:
 
     def _load(self, batches: Sequence[Batch]) -> list[SourceStats]:
         self.session.flush()
-        deferred = self._defer_indexes(sum(len(batch.records) for batch in batches))
+        deferred = self._defer_indexes(sum(batch.record_count for batch in batches))
         self._analyze()
         self._build_index()
         self._find_new_sources({batch.source for batch in batches})
-        all_stats = [self._load_batch(batch) for batch in batches]
+        all_stats = [self._load_pieces(batch) for batch in batches]
         self._resolve_self_references()
         self._record_held()
         for batch in batches:
@@ -1089,6 +1150,16 @@ class EntityLoader:
         for index in deferred:  # SQLite only: no planner statistics to refresh afterwards
             index.create(connection)
         return all_stats
+
+    def _load_pieces(self, batch: Batch) -> SourceStats:
+        """Load a batch piece by piece (a batch held whole is one piece); its stats are the pieces' added."""
+        total: SourceStats | None = None
+        for piece in batch.pieces():
+            stats = self._load_batch(piece)
+            total = stats if total is None else total.plus(stats)
+        if total is None:
+            raise LoadError(f"staged batch of {batch.mapping} has no pieces: stage the entity again")
+        return total
 
     def _find_new_sources(self, sources: set[str]) -> None:
         """Note the sources whose keys of this entity the crosswalk does not hold yet (see ``_written_keys``)."""

@@ -47,6 +47,9 @@ class RuleContext:
 
     today: dt.date = field(default_factory=dt.date.today)
     future_tolerance: dt.timedelta = dt.timedelta(days=7)
+    # The values ``unique`` rules saw in earlier pieces of the same source (rule name → values), when a
+    # source is validated piece by piece; None: the frame is the whole source.
+    seen: dict[str, set[str]] | None = field(default=None, compare=False)
 
 
 Check = Callable[[pd.DataFrame, RuleContext], pd.Series]
@@ -167,8 +170,20 @@ def in_range(
 
 def unique(entity: str, name: str, severity: Severity = "error") -> Rule:
     """A given value may appear only once per source (the first occurrence passes)."""
-    return Rule(f"{entity}.{name}.unique", entity, name, severity, f"{name} appears more than once in this source",
-                lambda f, _c: present(f[name]) & f[name].astype(str).duplicated(keep="first"))  # fmt: skip
+    rule = f"{entity}.{name}.unique"
+
+    def violated(frame: pd.DataFrame, context: RuleContext) -> pd.Series:
+        given = present(frame[name])
+        texts = frame[name].astype(str)
+        repeated = given & texts.duplicated(keep="first")
+        if context.seen is not None:  # a piece of the source: values of the pieces before it count too
+            earlier = context.seen.setdefault(rule, set())
+            if earlier:
+                repeated |= given & texts.isin(earlier)
+            earlier.update(texts[given & ~repeated])
+        return repeated
+
+    return Rule(rule, entity, name, severity, f"{name} appears more than once in this source", violated)
 
 
 # --------------------------------------------------------------------------- domain rules

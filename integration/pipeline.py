@@ -34,6 +34,7 @@ from crm_core.loading import (
     MatchRules,
     NameResolver,
     SourceStats,
+    StoredPieces,
     crosswalk_ids,
     get_or_start_run,
     row_hash,
@@ -47,7 +48,15 @@ from integration.connectors.base import DEFAULT_CHUNK_ROWS, LOCATION, META_COLUM
 from integration.connectors.sql import SqlConnector
 from integration.dedup.customers import located_company_keys
 from integration.dedup.normalize import company_key, person_key
-from integration.mappings.engine import SOURCE, MappingResult, amount_sum, map_chunks, python_records
+from integration.mappings.engine import (
+    SOURCE,
+    MappingResult,
+    amount_sum,
+    map_ahead,
+    map_chunks,
+    python_records,
+    reject_repeated_keys,
+)
 from integration.mappings.joins import join_chunks
 from integration.mappings.joins import prepare as prepare_joins
 from integration.mappings.money import RateTable
@@ -67,6 +76,7 @@ from integration.rerun import (
     record_fingerprints,
     stats_object,
 )
+from integration.spill import SpillFolder, StoredFrames
 
 if TYPE_CHECKING:
     from integration.dedup.linkage import LinkageSpec
@@ -154,7 +164,7 @@ class StagedEntity:
     @property
     def records(self) -> int:
         """Return the number of mapped records."""
-        return sum(len(b.records) for b in self.batches)
+        return sum(b.record_count for b in self.batches)
 
     @property
     def rejects(self) -> int:
@@ -412,35 +422,70 @@ def extract(migration: Migration, mapping: CompiledMapping, since: CursorState |
     For incremental mappings only rows from the watermark ``since`` on are read; rows at the boundary
     that were loaded before are dropped, and the new watermark rides along in ``frame.attrs``.
     """
-    failpoint(f"extract:{mapping.name}")
-    incremental = mapping.spec.source.incremental
-    connector = migration.connector(mapping.source)
-    matched_files: set[str] = set()
-    if incremental is not None and incremental.files:
-        matched_files = restrict_to_new_files(connector, mapping, since)
-    chunks = list(extract_chunks(migration, mapping, since=since, connector=connector))
-    # No rows (an empty delta) still carries the columns, so a vanished column is caught every run.
-    frame = pd.concat(chunks, ignore_index=True) if chunks else empty_extract(migration, mapping)
-    if incremental is None:
-        return frame
-    if incremental.files:
-        files_state = CursorState("files", frozenset(matched_files | (since.keys if since else frozenset())))
-        frame.attrs[WATERMARK_ATTR] = (mapping.name, files_state.to_json())
-        return frame
-    if frame.empty:
-        frame.attrs[WATERMARK_ATTR] = (mapping.name, since.to_json()) if since else None
-        return frame
-    keys = frame[ROW_REF].astype(str)
-    if since is not None:
-        cursors = frame[incremental.cursor]
-        boundary = plain_cursor(since.value)
-        before = cursors.map(lambda v: plain_cursor(v) < boundary)
-        seen = before | (cursors.map(lambda v: plain_cursor(v) == boundary) & keys.isin(since.keys))
-        frame = frame.loc[~seen].reset_index(drop=True)
-        keys = keys.loc[~seen].reset_index(drop=True)
-    state = advance(since, list(frame[incremental.cursor]), list(keys))
-    frame.attrs[WATERMARK_ATTR] = (mapping.name, state.to_json()) if state else None
+    extraction = Extraction(migration, mapping, since)
+    chunks = list(extraction)
+    frame = chunks[0] if len(chunks) == 1 else pd.concat(chunks, ignore_index=True)
+    frame.attrs.update(extraction.attrs)
     return frame
+
+
+class Extraction:
+    """The raw rows of a mapping's source, read chunk by chunk (see :func:`extract` for what is read).
+
+    Iterating yields at least one chunk (with the source's columns, maybe no rows: a vanished column is
+    caught every run); once it is done, ``attrs`` holds what the read carries on (the new watermark).
+    """
+
+    def __init__(
+        self, migration: Migration, mapping: CompiledMapping, since: CursorState | None = None
+    ) -> None:
+        self.migration, self.mapping, self.since = migration, mapping, since
+        self.attrs: dict[str, Any] = {}
+
+    def __iter__(self) -> Iterator[pd.DataFrame]:
+        migration, mapping, since = self.migration, self.mapping, self.since
+        failpoint(f"extract:{mapping.name}")
+        incremental = mapping.spec.source.incremental
+        connector = migration.connector(mapping.source)
+        matched_files: set[str] = set()
+        if incremental is not None and incremental.files:
+            matched_files = restrict_to_new_files(connector, mapping, since)
+        by_cursor = incremental is not None and not incremental.files
+        cursors: list[Any] = []
+        keys: list[str] = []
+        empty: pd.DataFrame | None = None
+        yielded = False
+        boundary = plain_cursor(since.value) if since is not None else None
+        chunk_rows = migration.project.spec.chunk_rows
+        for chunk in extract_chunks(migration, mapping, chunk_rows, since=since, connector=connector):
+            if by_cursor and incremental is not None:
+                chunk_keys = chunk[ROW_REF].astype(str)
+                if since is not None:
+                    values = chunk[incremental.cursor].map(plain_cursor)
+                    at = (values == boundary) & chunk_keys.isin(since.keys)
+                    kept = ~((values < boundary) | at)
+                    chunk, chunk_keys = chunk.loc[kept].reset_index(drop=True), chunk_keys.loc[kept]
+                cursors.extend(chunk[incremental.cursor])
+                keys.extend(chunk_keys)
+            if chunk.empty:
+                empty = chunk if empty is None else empty
+                continue
+            yielded = True
+            yield chunk
+        if not yielded:
+            yield empty if empty is not None else empty_extract(migration, mapping)
+        if incremental is None:
+            return
+        if incremental.files:
+            files_state = CursorState(
+                "files", frozenset(matched_files | (since.keys if since else frozenset()))
+            )
+            self.attrs[WATERMARK_ATTR] = (mapping.name, files_state.to_json())
+        elif not keys:
+            self.attrs[WATERMARK_ATTR] = (mapping.name, since.to_json()) if since else None
+        else:
+            state = advance(since, cursors, keys)
+            self.attrs[WATERMARK_ATTR] = (mapping.name, state.to_json()) if state else None
 
 
 # Datetime cursors are queried a little early: a database that stores them as text (SQLite) compares
@@ -492,9 +537,18 @@ def quarantine(
 
 
 def stage(
-    migration: Migration, entity: str, raw: dict[str, pd.DataFrame], context: RuleContext | None = None
+    migration: Migration,
+    entity: str,
+    raw: Mapping[str, pd.DataFrame | StoredFrames],
+    context: RuleContext | None = None,
+    spill: SpillFolder | None = None,
 ) -> StagedEntity:
-    """Map the raw frames of one entity (keyed by raw asset name), validate, and batch them for loading."""
+    """Map the raw frames of one entity (keyed by raw asset name), validate, and batch them for loading.
+
+    A raw input stored piece by piece (``StoredFrames``) is mapped and validated one piece at a time (keys
+    and ``unique`` values repeated across pieces are rejected as within one frame); with ``spill`` each
+    staged piece is written there and the batch refers to the files, so no step holds a whole source.
+    """
     staged = StagedEntity(entity)
     for mapping in migration.mappings_for(entity):
         frame = raw.get(migration.raw_asset(mapping))
@@ -505,43 +559,120 @@ def stage(
             staged.unchanged.append(Unchanged.from_dict(marker))
             continue
         staged.fingerprints[mapping.name] = frame.attrs.get(FINGERPRINT_ATTR)
-        system = crosswalk_system(mapping)
-        result: MappingResult = map_chunks(mapping, [frame] if len(frame.columns) else [])
-        if system != mapping.source and len(result.rejects):
-            result.rejects = result.rejects.assign(source=system)
-        records = python_records(result.records)
-        if system != mapping.source and SOURCE in records.columns:
-            records[SOURCE] = system
-        if entity == "customer" and "name" in records.columns:
-            # the region completed from the record's location: one bare name in two cities is two keys
-            records["name_normalized"] = located_company_keys(records)
-        amount_field = mapping.entity.amount_field
-        amount_read = (
-            amount_sum(records[amount_field]) + (result.amount_rejected or Decimal(0))
-            if amount_field is not None and amount_field in records.columns
-            else None
-        )
-        records, quarantined = quarantine(mapping, records, migration.rules, context)
-        fields = mapping.written_fields() + (["name_normalized"] if entity == "customer" else [])
         carried = frame.attrs.get(WATERMARK_ATTR)
+        chunks = [frame] if isinstance(frame, pd.DataFrame) else frame
+        piece_context = replace(context or RuleContext(), seen={})  # unique values: per source, across pieces
+        first_rows: dict[Any, Any] = {}
+        watermark = (carried[0], CursorState.from_json(carried[1])) if carried else None
+        if spill is None:
+            pieces = [_stage_piece(migration, mapping, chunk, piece_context, first_rows) for chunk in chunks]
+            batch = pieces[0] if len(pieces) == 1 else _joined(pieces)
+            staged.batches.append(replace(batch, watermark=watermark))
+            continue
+        paths: list[str] = []
+        rejects: list[pd.DataFrame] = []
+        locations: set[Any] = set()
+        totals = {"records": 0, "rows_read": 0}
+        amount_read: Decimal | None = None
+        columns = pd.DataFrame()
+        for chunk, mapped in map_ahead(mapping, chunks):  # the next chunks map while this one is staged
+            piece = _stage_piece(migration, mapping, chunk, piece_context, first_rows, mapped)
+            paths.append(spill.write(piece, prefix=_identifier(mapping.name)))
+            rejects.append(piece.rejects)
+            if piece.raw is not None and LOCATION in piece.raw:
+                locations.update(piece.raw[LOCATION].unique())
+            totals["records"] += len(piece.records)
+            totals["rows_read"] += piece.rows_read
+            if piece.amount_read is not None:
+                amount_read = (amount_read or Decimal(0)) + piece.amount_read
+            columns = piece.records.iloc[0:0]
+        if not paths:
+            continue
         staged.batches.append(
             Batch(
-                source=system,
+                source=crosswalk_system(mapping),
                 mapping=mapping.name,
-                records=records,
-                rejects=pd.concat([result.rejects, quarantined], ignore_index=True)
-                if len(quarantined)
-                else result.rejects,
-                rows_read=result.rows_read,
-                fields=fields,
+                records=columns,
+                rejects=pd.concat(rejects, ignore_index=True) if len(rejects) > 1 else rejects[0],
+                rows_read=totals["rows_read"],
+                fields=_staged_fields(mapping),
                 lookups=_lookups(mapping),
-                watermark=(carried[0], CursorState.from_json(carried[1])) if carried else None,
-                raw=frame,
+                watermark=watermark,
                 amount_read=amount_read,
+                stored=StoredPieces(tuple(paths), totals["records"]),
+                locations=frozenset(locations),
             )
         )
     failpoint(f"stage:{entity}")
     return staged
+
+
+def _staged_fields(mapping: CompiledMapping) -> list[str]:
+    return mapping.written_fields() + (["name_normalized"] if mapping.entity.name == "customer" else [])
+
+
+def _stage_piece(
+    migration: Migration,
+    mapping: CompiledMapping,
+    frame: pd.DataFrame,
+    context: RuleContext,
+    first_rows: dict[Any, Any],
+    mapped: MappingResult | None = None,
+) -> Batch:
+    """Map (unless ``mapped`` already) and validate one piece of a mapping's raw rows into a batch.
+
+    Its watermark is left to the caller.
+    """
+    entity = mapping.entity.name
+    system = crosswalk_system(mapping)
+    result: MappingResult = (
+        # a frame without columns (nothing read) maps to no records
+        map_chunks(mapping, [frame] if len(frame.columns) else [], first_rows=first_rows)
+        if mapped is None
+        else reject_repeated_keys(mapping, mapped, first_rows)
+    )
+    if system != mapping.source and len(result.rejects):
+        result.rejects = result.rejects.assign(source=system)
+    records = python_records(result.records)
+    if system != mapping.source and SOURCE in records.columns:
+        records[SOURCE] = system
+    if entity == "customer" and "name" in records.columns:
+        # the region completed from the record's location: one bare name in two cities is two keys
+        records["name_normalized"] = located_company_keys(records)
+    amount_field = mapping.entity.amount_field
+    amount_read = (
+        amount_sum(records[amount_field]) + (result.amount_rejected or Decimal(0))
+        if amount_field is not None and amount_field in records.columns
+        else None
+    )
+    records, quarantined = quarantine(mapping, records, migration.rules, context)
+    return Batch(
+        source=system,
+        mapping=mapping.name,
+        records=records,
+        rejects=pd.concat([result.rejects, quarantined], ignore_index=True)
+        if len(quarantined)
+        else result.rejects,
+        rows_read=result.rows_read,
+        fields=_staged_fields(mapping),
+        lookups=_lookups(mapping),
+        raw=frame,
+        amount_read=amount_read,
+    )
+
+
+def _joined(pieces: list[Batch]) -> Batch:
+    """One batch held whole from the pieces of a stored raw input staged without a spill folder."""
+    amounts = [p.amount_read for p in pieces if p.amount_read is not None]
+    raws = [p.raw for p in pieces if p.raw is not None]
+    return replace(
+        pieces[0],
+        records=pd.concat([p.records for p in pieces], ignore_index=True),
+        rejects=pd.concat([p.rejects for p in pieces], ignore_index=True),
+        rows_read=sum(p.rows_read for p in pieces),
+        raw=pd.concat(raws, ignore_index=True) if raws else None,
+        amount_read=sum(amounts, Decimal(0)) if amounts else None,
+    )
 
 
 NAME_KEYS = {"customer": company_key, "sales_rep": person_key, "contact": person_key}
@@ -683,7 +814,8 @@ def load(
         run = get_or_start_run(session, run_key, migration.project.name, mode)
         if sample is not None:
             staged = replace(
-                staged, batches=[sample_batch(session, staged.entity, b, sample) for b in staged.batches]
+                staged,
+                batches=[sample_batch(session, staged.entity, b.whole(), sample) for b in staged.batches],
             )
         if staged.batches:  # nothing to load when every mapping was skipped: not even the loader's index
             key_functions = dict(MATCH_KEY_FUNCTIONS) if staged.entity in ("sales_rep", "contact") else {}
@@ -701,7 +833,7 @@ def load(
     with factory() as session, session.begin():
         run = get_or_start_run(session, run_key, migration.project.name, mode)
         checked = [
-            {**s.as_dict(), **verify_batch(session, run, staged.entity, b)}
+            {**s.as_dict(), **verify_pieces(session, run, staged.entity, b)}
             for s, b in zip(stats, staged.batches, strict=True)
         ]
         connection = session.connection()
@@ -762,7 +894,12 @@ def _record_loaded(
     places: dict[str, set[Any]] = {}
     for batch in staged.batches:
         raw = batch.raw
-        places[batch.mapping] = set(raw[LOCATION].unique()) if raw is not None and LOCATION in raw else set()
+        if batch.locations is not None:
+            places[batch.mapping] = set(batch.locations)
+        else:
+            places[batch.mapping] = (
+                set(raw[LOCATION].unique()) if raw is not None and LOCATION in raw else set()
+            )
     rows = []
     for batch, batch_stats in zip(staged.batches, stats, strict=True):
         mapping = mappings[batch.mapping]
@@ -799,12 +936,64 @@ def _comparable(value: Any) -> Any:
     return str(value)
 
 
-def verify_batch(session: Session, run: LoadRun, entity: str, batch: Batch) -> dict[str, Any]:
+def verify_pieces(session: Session, run: LoadRun, entity: str, batch: Batch) -> dict[str, Any]:
+    """:func:`verify_batch` for a batch piece by piece (one piece when held whole), the findings added up."""
+    rejected = _quarantined_rows(session, run, entity, batch.source)
+    survivors = _merge_survivors(session, entity)
+    found: dict[str, Any] | None = None
+    pieces = len(batch.stored.paths) if batch.stored is not None else 1
+    for number, piece in enumerate(batch.pieces()):
+        # the batch's spot checks spread over its pieces: at most SPOT_CHECK_SIZE in all
+        left = SPOT_CHECK_SIZE - (found["spot_checked"] if found else 0)
+        checked = verify_batch(session, run, entity, piece, rejected=rejected, survivors=survivors,
+                               spot_checks=-(-left // (pieces - number)))  # fmt: skip
+        if found is None:
+            found = checked
+            continue
+        for key, value in checked.items():
+            found[key] = found[key] + value
+    if found is None:
+        return verify_batch(session, run, entity, batch, rejected=rejected, survivors=survivors)
+    found["missing_sample"] = found["missing_sample"][:20]
+    found["spot_sample"] = found["spot_sample"][:5]
+    return found
+
+
+def _quarantined_rows(
+    session: Session, run: LoadRun, entity: str, source: str
+) -> set[tuple[str | None, str]]:
+    """The (location, row) of every row this run quarantined (rejected or held) for one source and entity."""
+    return set(session.execute(
+        select(Reject.location, Reject.row_ref).where(
+            Reject.load_run_id == run.id, Reject.source == source, Reject.entity == entity, Reject.severity.in_(("error", "held"))
+        )
+    ).all())  # fmt: skip
+
+
+def _merge_survivors(session: Session, entity: str) -> set[int]:
+    """The records standing for others after a merge not undone (golden records)."""
+    return set(session.scalars(
+        select(MergeLog.survivor_id).where(MergeLog.entity == entity, MergeLog.undone_at.is_(None))
+    ))  # fmt: skip
+
+
+def verify_batch(
+    session: Session,
+    run: LoadRun,
+    entity: str,
+    batch: Batch,
+    *,
+    rejected: set[tuple[str | None, str]] | None = None,
+    survivors: set[int] | None = None,
+    spot_checks: int = SPOT_CHECK_SIZE,
+) -> dict[str, Any]:
     """Compare what one batch should have put in the core with what is there.
 
     Key set: every row read is in the crosswalk (loaded or merged) or quarantined in this run; anything else is
     reported as missing. Spot check: for a sample of records this source created, the core's values hash the
-    same as the mapped ones (references, which hold source keys in the batch, are left out).
+    same as the mapped ones (references, which hold source keys in the batch, are left out), ``spot_checks`` of
+    them at most. ``rejected`` and ``survivors`` are read from the core when not given (:func:`verify_pieces`
+    reads them once).
     """
     definition = ENTITIES[entity]
     records = batch.records
@@ -814,11 +1003,8 @@ def verify_batch(session: Session, run: LoadRun, entity: str, batch: Batch) -> d
             batch.raw if ROW_KIND not in batch.raw.columns else batch.raw[batch.raw[ROW_KIND] != "subtotal"]
         )
         read = set(zip(data[LOCATION].astype(str), data[ROW_REF].astype(str), strict=True))
-    rejected: set[tuple[str | None, str]] = set(session.execute(
-        select(Reject.location, Reject.row_ref).where(
-            Reject.load_run_id == run.id, Reject.source == batch.source, Reject.entity == entity, Reject.severity.in_(("error", "held"))
-        )
-    ).all())  # fmt: skip
+    if rejected is None:
+        rejected = _quarantined_rows(session, run, entity, batch.source)
     crosswalk: dict[str, tuple[int, str]] = {}
     keys = records[EXTERNAL_KEY].astype(str).tolist() if len(records) else []
     connection, xw = session.connection(), ExternalId.__table__.c
@@ -842,16 +1028,15 @@ def verify_batch(session: Session, run: LoadRun, entity: str, batch: Batch) -> d
     ]  # fmt: skip
     # Golden records took values from the records merged into them (fill blanks, survivorship rules):
     # they no longer equal their own source row, so the spot check samples records no merge touched.
-    survivors = set(session.scalars(
-        select(MergeLog.survivor_id).where(MergeLog.entity == entity, MergeLog.undone_at.is_(None))
-    ))  # fmt: skip
+    if survivors is None:
+        survivors = _merge_survivors(session, entity)
     created = [
         i for i, key in enumerate(keys)
         if crosswalk.get(key, (0, ""))[1] == "created" and crosswalk[key][0] not in survivors
     ]  # fmt: skip
-    step = max(1, len(created) // SPOT_CHECK_SIZE)
+    step = max(1, len(created) // max(spot_checks, 1))
     mismatches: list[dict[str, Any]] = []
-    sampled = created[::step][:SPOT_CHECK_SIZE]
+    sampled = created[::step][:spot_checks]
     model: Any = definition.model
     for position in sampled:
         row = records.iloc[position]

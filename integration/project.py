@@ -284,6 +284,12 @@ class ProjectSpec(_Strict):
         default=None, description="base currency and rates for mapping fields that convert amounts"
     )
     reconciliation: ReconciliationConfig = Field(default_factory=ReconciliationConfig)
+    chunk_rows: int = Field(
+        default=50_000,  # integration.connectors.base.DEFAULT_CHUNK_ROWS (that package imports this module)
+        ge=1,
+        description="rows of a source read, staged and loaded at a time: each step holds one such piece (and "
+        "what linkage needs), whatever the source's size",
+    )
     sync: dict[str, SyncTarget] = Field(
         default_factory=dict, description="target systems the core stays in step with after go-live"
     )

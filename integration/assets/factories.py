@@ -11,7 +11,7 @@
 
 import datetime as dt
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,15 +32,16 @@ from crm_core.runs import abort_run, rollback_run
 from crm_core.validation import core_violations
 from crm_core.watermarks import CursorState
 from integration.assets.resources import CoreDatabase, MigrationProject, SourceSystem
+from integration.connectors.base import ROW_KIND
 from integration.failures import AFTER_FAILURE, cause_line, frames
 from integration.mappings.spec import CompiledMapping
 from integration.memory import release_memory
 from integration.pipeline import (
     WATERMARK_ATTR,
+    Extraction,
     Migration,
     RunOptions,
     StagedEntity,
-    extract,
     finish_run,
     load,
     reconcile,
@@ -57,6 +58,7 @@ from integration.rerun import (
     mapping_fingerprint,
     unchanged_since,
 )
+from integration.spill import SpillFolder, StoredFrames
 
 MAX_PREVIEW_ROWS = 5
 # Who the UI names as the owner of an asset (Dagster wants an e-mail address or `team:<name>`).
@@ -180,7 +182,7 @@ def raw_asset(migration: Migration, mapping: CompiledMapping) -> dg.AssetsDefini
         op_tags={SOURCE_TAG: mapping.source},
         metadata={"mapping_file": str(mapping.file)},
     )
-    def _raw(context: AssetExecutionContext) -> dg.Output[pd.DataFrame]:
+    def _raw(context: AssetExecutionContext) -> dg.Output[Any]:  # StoredFrames, or a skipped empty frame
         source: SourceSystem = getattr(context.resources, source_key)
         project: MigrationProject = context.resources.project
         core: CoreDatabase = context.resources.core
@@ -202,27 +204,53 @@ def raw_asset(migration: Migration, mapping: CompiledMapping) -> dg.AssetsDefini
             if unchanged is not None:
                 return _skipped_output(unchanged, source)
             try:
-                frame = extract(project.migration(), mapping, since=since)
+                stored, facts = _extract_to_files(context, project.migration(), mapping, since)
             except TransientExtractError as exc:
                 if context.retry_number >= EXTRACT_RETRIES:
                     raise  # the last attempt fails with the source's own message
                 raise dg.RetryRequested(max_retries=EXTRACT_RETRIES, seconds_to_wait=2) from exc
-            frame.attrs[FINGERPRINT_ATTR] = fingerprint
-        data_rows = int((frame.get("_row_kind", pd.Series(dtype=str)) == "data").sum())
+            stored.attrs[FINGERPRINT_ATTR] = fingerprint
         return dg.Output(
-            frame,
+            stored,
             metadata={
-                "rows_read": len(frame),
-                "data_rows": data_rows,
-                "columns": dg.MetadataValue.json([c for c in frame.columns if not c.startswith("_")]),
+                **facts,
                 "source_location": source.connector().describe(),
-                "bytes_in_memory": bytes_in_memory(frame),
-                "preview": _preview(frame),
-                **_cursor_metadata(mapping, since, frame),
+                **_cursor_metadata(mapping, since, stored.attrs),
             },
         )
 
     return _raw
+
+
+def _extract_to_files(
+    context: AssetExecutionContext, migration: Migration, mapping: CompiledMapping, since: CursorState | None
+) -> tuple[StoredFrames, dict[str, Any]]:
+    """Extract a mapping's rows chunk by chunk into the step's spill folder; return them and their metadata.
+
+    One chunk is held at a time: the step's memory is bounded by the chunk size, not the source's.
+    """
+    folder = SpillFolder(context.instance.storage_directory(), context.op_def.name, context.run.run_id)
+    extraction = Extraction(migration, mapping, since)
+    paths: list[str] = []
+    rows = data_rows = in_memory = 0
+    first: pd.DataFrame | None = None
+    for chunk in extraction:
+        paths.append(folder.write(chunk, prefix="chunk"))
+        rows += len(chunk)
+        data_rows += int((chunk.get(ROW_KIND, pd.Series(dtype=str)) == "data").sum())
+        in_memory += bytes_in_memory(chunk)
+        first = chunk if first is None else first
+    folder.keep_only_this_run()
+    assert first is not None  # an extraction yields at least one chunk (its columns, maybe no rows)
+    facts = {
+        "rows_read": rows,
+        "data_rows": data_rows,
+        "chunks": len(paths),
+        "columns": dg.MetadataValue.json([c for c in first.columns if not c.startswith("_")]),
+        "bytes_in_memory": in_memory,
+        "preview": _preview(first),
+    }
+    return StoredFrames(paths, rows, dict(extraction.attrs), source=mapping.source), facts
 
 
 MEMORY_SAMPLE_ROWS = 10_000
@@ -257,13 +285,13 @@ def _skipped_output(unchanged: Unchanged, source: SourceSystem) -> dg.Output[pd.
 
 
 def _cursor_metadata(
-    mapping: CompiledMapping, since: CursorState | None, frame: pd.DataFrame
+    mapping: CompiledMapping, since: CursorState | None, attrs: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Cursor before/after for incremental mappings (what the next run will start from once loaded)."""
     incremental = mapping.spec.source.incremental
     if incremental is None:
         return {"incremental": False}
-    carried = frame.attrs.get(WATERMARK_ATTR)
+    carried = attrs.get(WATERMARK_ATTR)
     after = CursorState.from_json(carried[1]) if carried else None
     return {
         "incremental": True,
@@ -317,7 +345,7 @@ def staged_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
         tags={LAYER_TAG: "stage", ENTITY_TAG: entity},
         metadata={"validation_rules": dg.MetadataValue.json(rules)},
     )
-    def _staged(context: AssetExecutionContext, **raw: pd.DataFrame) -> Any:
+    def _staged(context: AssetExecutionContext, **raw: Any) -> Any:  # StoredFrames, or a skipped DataFrame
         project: MigrationProject = context.resources.project
         core: CoreDatabase = context.resources.core
         with _load_run_step(context, core, migration.project.name) as engine:
@@ -331,12 +359,14 @@ def _stage_step(
     engine: Engine,
     migration: Migration,
     entity: str,
-    raw: dict[str, pd.DataFrame],
+    raw: dict[str, Any],
     limit: float,
     rules: list[str],
 ) -> Iterator[Any]:
     """Map and validate one entity; yield its output and its two checks."""
-    staged = stage(migration, entity, raw)
+    spill = SpillFolder(context.instance.storage_directory(), context.op_def.name, context.run.run_id)
+    staged = stage(migration, entity, raw, spill=spill)
+    spill.keep_only_this_run()
     rows = []
     ratios: dict[str, float] = {}
     for batch in staged.batches:
@@ -344,7 +374,7 @@ def _stage_step(
             batch.rejects["severity"] == "error", ["location", "row_ref"]
         ].drop_duplicates()
         ratios[batch.mapping] = round(len(rejected_rows) / batch.rows_read, 4) if batch.rows_read else 0.0
-        rows.append({"mapping": batch.mapping, "read": batch.rows_read, "mapped": len(batch.records),
+        rows.append({"mapping": batch.mapping, "read": batch.rows_read, "mapped": batch.record_count,
                      "rejected": len(rejected_rows), "warnings": int((batch.rejects["severity"] == "warn").sum()),
                      "skipped": ""})  # fmt: skip
     for item in staged.unchanged:

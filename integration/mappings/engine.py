@@ -811,19 +811,71 @@ def iter_map(
 
 
 def map_chunks(
-    mapping: CompiledMapping, chunks: Iterable[pd.DataFrame], workers: int | None = None
+    mapping: CompiledMapping,
+    chunks: Iterable[pd.DataFrame],
+    workers: int | None = None,
+    first_rows: dict[Any, Any] | None = None,
 ) -> MappingResult:
-    """Map every chunk (in parallel pieces), then reject later rows whose external key repeats an earlier one."""
-    result = MappingResult.concat(iter_map(mapping, chunks, workers))
+    """Map every chunk (in parallel pieces), then reject later rows whose external key repeats an earlier one.
+
+    ``first_rows`` (external key → the row it was first seen on) carries the keys of earlier calls: a source
+    mapped in several calls (staged piece by piece) rejects a key repeated across them too, and the dict
+    is updated with this call's keys.
+    """
+    return reject_repeated_keys(mapping, MappingResult.concat(iter_map(mapping, chunks, workers)), first_rows)
+
+
+def map_ahead(
+    mapping: CompiledMapping, chunks: Iterable[pd.DataFrame], workers: int | None = None
+) -> Iterator[tuple[pd.DataFrame, MappingResult]]:
+    """Map chunks on a pool of threads; yield each chunk with its result, in input order.
+
+    Keys repeated within or across chunks are left to the caller (:func:`reject_repeated_keys`). At most
+    two chunks per thread are in flight: memory follows the chunk size.
+    """
+    workers = workers or default_workers()
+
+    def mapped(chunk: pd.DataFrame) -> MappingResult:
+        return MappingResult.concat(iter_map(mapping, [chunk] if len(chunk.columns) else [], workers=1))
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crmi-map") as pool:
+        pending: deque[tuple[pd.DataFrame, Future[MappingResult]]] = deque()
+        try:
+            for chunk in chunks:
+                pending.append((chunk, pool.submit(mapped, chunk)))
+                if len(pending) >= 2 * workers:
+                    chunk, future = pending.popleft()
+                    yield chunk, future.result()
+            while pending:
+                chunk, future = pending.popleft()
+                yield chunk, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def reject_repeated_keys(
+    mapping: CompiledMapping, result: MappingResult, first_rows: dict[Any, Any] | None = None
+) -> MappingResult:
+    """Reject the mapped rows whose external key repeats an earlier one (see :func:`map_chunks`)."""
     if result.records.empty:
         if result.records.columns.empty:
             result.records = pd.DataFrame(columns=[*mapping.written_fields(), *RECORD_META])
         return result
     duplicated = result.records[EXTERNAL_KEY].duplicated(keep="first")
+    if first_rows:
+        duplicated |= result.records[EXTERNAL_KEY].isin(first_rows.keys())
+    if first_rows is not None:
+        firsts = result.records.loc[~duplicated]
+        first_rows.update(zip(firsts[EXTERNAL_KEY], firsts[ROW_REF], strict=True))
     if duplicated.any():
-        first_row = result.records.drop_duplicates(EXTERNAL_KEY).set_index(EXTERNAL_KEY)[ROW_REF]
         dupes = result.records.loc[duplicated]
         keys = dupes[EXTERNAL_KEY].astype(object)
+        first_row = (
+            pd.Series([first_rows[key] for key in keys], index=keys.index, dtype=object)
+            if first_rows is not None
+            else keys.map(result.records.drop_duplicates(EXTERNAL_KEY).set_index(EXTERNAL_KEY)[ROW_REF])
+        )
         extra = pd.DataFrame(
             {
                 "source": mapping.source,
@@ -833,7 +885,7 @@ def map_chunks(
                 "field": None,
                 "value": keys,
                 "rule": "duplicate_key",
-                "reason": "duplicate source key (first seen on row " + keys.map(first_row).astype(str) + ")",
+                "reason": "duplicate source key (first seen on row " + first_row.astype(str) + ")",
                 "severity": "error",
             },
             columns=REJECT_COLUMNS,
