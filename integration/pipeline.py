@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import cached_property
@@ -44,7 +44,14 @@ from crm_core.runs import owner
 from crm_core.validation import Rule, RuleContext, one_of, ruleset, validate
 from crm_core.watermarks import CursorState, advance, plain_cursor, read_watermark
 from integration.connectors import Connector, CsvConnector, ExcelConnector, ReadRequest, connector_for
-from integration.connectors.base import DEFAULT_CHUNK_ROWS, LOCATION, META_COLUMNS, ROW_KIND, ROW_REF
+from integration.connectors.base import (
+    DEFAULT_CHUNK_ROWS,
+    LOCATION,
+    META_COLUMNS,
+    ROW_KIND,
+    ROW_REF,
+    TEXT_DTYPE,
+)
 from integration.connectors.sql import SqlConnector
 from integration.dedup.customers import located_company_keys
 from integration.dedup.normalize import company_key, person_key
@@ -56,6 +63,7 @@ from integration.mappings.engine import (
     map_chunks,
     python_records,
     reject_repeated_keys,
+    vanished_columns,
 )
 from integration.mappings.joins import join_chunks
 from integration.mappings.joins import prepare as prepare_joins
@@ -560,12 +568,14 @@ def stage(
             continue
         staged.fingerprints[mapping.name] = frame.attrs.get(FINGERPRINT_ATTR)
         carried = frame.attrs.get(WATERMARK_ATTR)
-        chunks = [frame] if isinstance(frame, pd.DataFrame) else frame
+        seen_columns: set[str] = set()
+        chunks = [frame] if isinstance(frame, pd.DataFrame) else _aligned(mapping, frame, seen_columns)
         piece_context = replace(context or RuleContext(), seen={})  # unique values: per source, across pieces
         first_rows: dict[Any, Any] = {}
         watermark = (carried[0], CursorState.from_json(carried[1])) if carried else None
         if spill is None:
             pieces = [_stage_piece(migration, mapping, chunk, piece_context, first_rows) for chunk in chunks]
+            _require_columns(mapping, seen_columns)
             batch = pieces[0] if len(pieces) == 1 else _joined(pieces)
             staged.batches.append(replace(batch, watermark=watermark))
             continue
@@ -586,6 +596,7 @@ def stage(
             if piece.amount_read is not None:
                 amount_read = (amount_read or Decimal(0)) + piece.amount_read
             columns = piece.records.iloc[0:0]
+        _require_columns(mapping, seen_columns)
         if not paths:
             continue
         staged.batches.append(
@@ -605,6 +616,34 @@ def stage(
         )
     failpoint(f"stage:{entity}")
     return staged
+
+
+def _aligned(
+    mapping: CompiledMapping, chunks: Iterable[pd.DataFrame], seen: set[str]
+) -> Iterator[pd.DataFrame]:
+    """Yield the chunks with the source columns a chunk lacks added empty, noting in ``seen`` the columns read.
+
+    The chunks of several workbooks or files differ in their columns; joined into one frame, a column one
+    of them lacks was empty (text) for its rows. Only a column no chunk has is gone (:func:`_require_columns`).
+    """
+    wanted = mapping.source_columns()
+    for chunk in chunks:
+        if len(chunk.columns):  # a chunk without columns (nothing read) maps to no records
+            seen.update(chunk.columns)
+            lacking = [c for c in wanted if c not in chunk.columns]
+            if lacking:
+                chunk = chunk.assign(
+                    **{c: pd.Series(None, index=chunk.index, dtype=TEXT_DTYPE) for c in lacking}
+                )
+        yield chunk
+
+
+def _require_columns(mapping: CompiledMapping, seen: set[str]) -> None:
+    """Raise the vanished-column error for the source columns no chunk of a stored raw input had."""
+    if seen:
+        missing = [c for c in mapping.source_columns() if c not in seen]
+        if missing:
+            raise vanished_columns(mapping, missing)
 
 
 def _staged_fields(mapping: CompiledMapping) -> list[str]:

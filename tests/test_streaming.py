@@ -276,3 +276,52 @@ def test_stored_pieces_add_their_stats() -> None:
     assert (total.rows_read, total.inserted, total.updated, total.rejected) == (7, 2, 4, 1)
     assert total.amount_loaded == Decimal("7.5") and total.amount_core is None and total.balanced
     assert isinstance(Batch, type)
+
+
+# --------------------------------------------------------------------------- review: semantics of pieces
+
+
+def test_workbooks_of_one_source_with_other_columns_stage_as_one_frame(
+    demo_project: Path, tmp_path: Path
+) -> None:
+    """A folder of workbooks whose sheets differ in a column: each workbook is its own chunk, but a column
+    one of them lacks is empty for its rows (as in the frame of all of them), not a vanished column."""
+    import openpyxl
+
+    from integration.pipeline import Extraction, extract
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.title = "商机"
+    sheet.append(
+        ["商机编号", "客户名称", "商机名称", "阶段", "预计金额", "预计成交日期", "负责人", "报备日期", "币种"]
+    )
+    sheet.append(["OPP-2025-Q3-1", "上海市同创电子有限公司", "同创二期", "商务谈判", 50000, "2025/9/4", "张伟",
+                  "2025年8月24日", None])  # fmt: skip
+    book.save(demo_project / "data" / "sales_2025Q3.xlsx")  # no 备注 column
+    migration = Migration.load(str(demo_project))
+    mapping = next(m for m in migration.mappings_for("opportunity") if m.source == "sales_xlsx")
+    name = migration.raw_asset(mapping)
+    whole = stage(migration, "opportunity", {name: extract(migration, mapping)})
+    folder = SpillFolder(tmp_path, "staged_opportunity", "run")
+    piecewise = stage(migration, "opportunity", {name: stored(list(Extraction(migration, mapping)), folder)},
+                      spill=folder)  # fmt: skip
+    [expected], [got] = whole.batches, piecewise.batches
+    assert got.record_count == len(expected.records) > 1
+    assert got.whole().records.to_dict("records") == expected.records.to_dict("records")
+    assert len(got.rejects) == len(expected.rejects)
+
+
+def test_a_column_no_workbook_has_is_still_a_vanished_column(demo_project: Path, tmp_path: Path) -> None:
+    from crm_core.errors import MappingError
+    from integration.pipeline import Extraction
+
+    path = demo_project / "mappings" / "sales_xlsx_opportunities.yaml"
+    path.write_text(path.read_text(encoding="utf-8").replace("from: 备注", "from: 备注2"), encoding="utf-8")
+    migration = Migration.load(str(demo_project))
+    mapping = next(m for m in migration.mappings_for("opportunity") if m.source == "sales_xlsx")
+    folder = SpillFolder(tmp_path, "staged_opportunity", "run")
+    raw = {migration.raw_asset(mapping): stored(list(Extraction(migration, mapping)), folder)}
+    with pytest.raises(MappingError, match="备注2 no longer exist"):
+        stage(migration, "opportunity", raw, spill=folder)

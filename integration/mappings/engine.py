@@ -6,7 +6,7 @@ import datetime as dt
 import hashlib
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -667,14 +667,19 @@ def _run_field(
     return result
 
 
+def vanished_columns(mapping: CompiledMapping, missing: Sequence[str]) -> MappingError:
+    """Return the error for source columns a mapping reads that its source no longer has."""
+    return MappingError(
+        f"{mapping.file}: column(s) {', '.join(missing)} no longer exist in "
+        f"{mapping.source}.{mapping.spec.source.location}; update the mapping (crmi mapping check)"
+    )
+
+
 def map_chunk(mapping: CompiledMapping, chunk: pd.DataFrame) -> MappingResult:
     """Map one extracted chunk; rows with errors go to the rejects instead of the records."""
     missing = [c for c in mapping.source_columns() if c not in chunk.columns]
     if missing:
-        raise MappingError(
-            f"{mapping.file}: column(s) {', '.join(missing)} no longer exist in "
-            f"{mapping.source}.{mapping.spec.source.location}; update the mapping (crmi mapping check)"
-        )
+        raise vanished_columns(mapping, missing)
     if not isinstance(chunk.index, pd.RangeIndex) or chunk.index.step != 1:
         chunk = chunk.reset_index(drop=True)
     outcome = _Outcome(mapping, chunk)
