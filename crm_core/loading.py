@@ -579,6 +579,9 @@ class EntityLoader:
         self._shared_books: dict[tuple[str, str], dict[Any, set[int]]] = {}
         # Self-references (a branch's parent): (source, location, row ref, own key, field, value, lookup).
         self._pending_self_refs: list[tuple[str, str | None, str, str, str, Any, Lookup]] = []
+        # The rows as read of the pending self-references whose target was not loaded yet when their batch
+        # (or piece) was: they are resolved after the last one, when ``_raw`` holds another's rows.
+        self._self_ref_rows: dict[int, dict[str, Any] | None] = {}
         self._raw = RawRows(None)
         self._crosswalk: dict[tuple[str, str], _CrosswalkEntry] = {}
         # Sources the crosswalk held no key of for this entity when the load began (a go-live): the only keys
@@ -1263,6 +1266,7 @@ class EntityLoader:
         unreadable: set[str] = set()
         amount_field = self.entity.amount_field
         self._raw = RawRows(batch.raw)
+        pending_from = len(self._pending_self_refs)
         for entry in batch.rejects.to_dict("records"):
             severity = entry.get("severity") or "error"
             self._reject(batch.source, entry["location"], entry["row_ref"], entry["field"], entry["value"],
@@ -1377,6 +1381,7 @@ class EntityLoader:
                         loaded_ids.append(entity_id)
             self._flush()
         self._flush()
+        self._keep_self_ref_rows(pending_from)
         if stats.amount_loaded is not None and amount_field:
             stats.amount_core = self._stored_amount(amount_field, loaded_ids)
         return stats
@@ -1589,6 +1594,24 @@ class EntityLoader:
             for record_id, row, p in zip(record_ids, rows, new, strict=True):
                 self._add_to_index(record_id, row, row_keys[p - start])
         return record_ids
+
+    def _keep_self_ref_rows(self, start: int) -> None:
+        """Keep the rows as read of the self-references from ``start`` on whose target is not loaded yet."""
+        added = self._pending_self_refs[start:]
+        if not added or self._raw.frame is None:
+            return
+        wanted: dict[str, set[str]] = defaultdict(set)
+        for source, _, _, _, _, value, lookup in added:
+            wanted[lookup.system or source].add(str(value))
+        known = {
+            system: self._crosswalk_ids(self.entity.name, system, keys) for system, keys in wanted.items()
+        }
+        unresolved = [
+            start + i for i, (source, _, _, _, _, value, lookup) in enumerate(added)
+            if str(value) not in known[lookup.system or source]
+        ]  # fmt: skip
+        rows = self._raw.many([self._pending_self_refs[i][1:3] for i in unresolved])
+        self._self_ref_rows.update(zip(unresolved, rows, strict=True))
 
     @staticmethod
     def _quarantined_amount(stats: SourceStats, values: Mapping[str, Any], amount_field: str | None) -> None:
@@ -1852,8 +1875,10 @@ class EntityLoader:
         if journal:
             write_journal(connection, journal)
         if self._rejects:
-            raw_rows = self._raw.many([reject["raw_row"] for reject in self._rejects])  # (location, row ref)
-            for reject, raw_row in zip(self._rejects, raw_rows, strict=True):
+            # (location, row ref) of the current batch's rows; a self-reference's row may be known already
+            unread = [reject for reject in self._rejects if isinstance(reject["raw_row"], tuple)]
+            raw_rows = self._raw.many([reject["raw_row"] for reject in unread])
+            for reject, raw_row in zip(unread, raw_rows, strict=True):
                 reject["raw_row"] = raw_row
             bulk_insert(connection, _REJECTS, self._rejects)
         # Statistics go stale when a table grows by a large share: refreshed after 50,000 new rows, then each
@@ -1884,7 +1909,7 @@ class EntityLoader:
         own = {s: self._crosswalk_ids(self.entity.name, s, k) for s, k in own_keys.items()}
         targets = {s: self._crosswalk_ids(self.entity.name, s, k) for s, k in by_system.items()}
         wanted: dict[int, dict[str, int]] = defaultdict(dict)
-        for source, location, ref, key, name, value, lookup in self._pending_self_refs:
+        for index, (source, location, ref, key, name, value, lookup) in enumerate(self._pending_self_refs):
             system = lookup.system or source
             own_id = own[source].get(key)
             if own_id is None:
@@ -1894,6 +1919,8 @@ class EntityLoader:
             if target_id is None:
                 self._reject(source, location, ref, name, value, "reference",
                              f"{self.entity.name} with {system} key '{value}' not found", "warn")  # fmt: skip
+                if index in self._self_ref_rows:
+                    self._rejects[-1]["raw_row"] = self._self_ref_rows[index]
             elif target_id != record_id:
                 wanted[record_id][self._columns[name]] = target_id
         self._fetch_records(set(wanted))

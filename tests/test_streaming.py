@@ -325,3 +325,31 @@ def test_a_column_no_workbook_has_is_still_a_vanished_column(demo_project: Path,
     raw = {migration.raw_asset(mapping): stored(list(Extraction(migration, mapping)), folder)}
     with pytest.raises(MappingError, match="备注2 no longer exist"):
         stage(migration, "opportunity", raw, spill=folder)
+
+
+def test_a_missing_parent_in_an_early_piece_keeps_its_raw_row(demo_project: Path, tmp_path: Path) -> None:
+    """Self-references resolve after every piece loaded: the warning about a parent no source row has keeps
+    the row as read, as it does when the source is loaded whole."""
+    from integration.pipeline import core_engine, load
+
+    migration = Migration.load(str(demo_project))
+    name, frame = demo_customers(migration)
+    frame = frame.copy()
+    frame.loc[0, "cCusHeadCode"] = "NO-SUCH-PARENT"
+
+    def warnings(raw: Any, folder: SpillFolder | None, url: str) -> list[Any]:
+        engine = core_engine(url)
+        load(migration, engine, "run", stage(migration, "customer", {name: raw}, spill=folder))
+        with engine.connect() as connection:
+            found = connection.execute(
+                sa.text("SELECT row_ref, raw_row FROM rejects WHERE value = 'NO-SUCH-PARENT'")
+            ).all()
+        engine.dispose()
+        return [tuple(row) for row in found]
+
+    whole = warnings(frame, None, f"sqlite:///{tmp_path / 'whole.sqlite'}")
+    folder = SpillFolder(tmp_path, "staged_customer", "run")
+    parts = [frame.iloc[i : i + 4].reset_index(drop=True) for i in range(0, len(frame), 4)]
+    piecewise = warnings(stored(parts, folder), folder, f"sqlite:///{tmp_path / 'pieces.sqlite'}")
+    assert len(whole) == 1 and whole[0][1] is not None
+    assert piecewise == whole
