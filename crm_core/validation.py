@@ -12,6 +12,7 @@ credit codes) are :func:`core_violations`, run after a load as Dagster asset che
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -47,7 +48,7 @@ class RuleContext:
 
     today: dt.date = field(default_factory=dt.date.today)
     future_tolerance: dt.timedelta = dt.timedelta(days=7)
-    # The values ``unique`` rules saw in earlier pieces of the same source (rule name → values), when a
+    # The values ``unique`` rules saw in earlier pieces of the same source (rule → values), when a
     # source is validated piece by piece; None: the frame is the whole source.
     seen: dict[str, set[str]] | None = field(default=None, compare=False)
 
@@ -168,16 +169,21 @@ def in_range(
     )
 
 
+_UNIQUE_RULES = itertools.count()
+
+
 def unique(entity: str, name: str, severity: Severity = "error") -> Rule:
     """A given value may appear only once per source (the first occurrence passes)."""
     rule = f"{entity}.{name}.unique"
+    # what this rule saw, apart from another unique rule on the same field (a project renames its rules)
+    remembered = f"{rule}#{next(_UNIQUE_RULES)}"
 
     def violated(frame: pd.DataFrame, context: RuleContext) -> pd.Series:
         given = present(frame[name])
         texts = frame[name].astype(str)
         repeated = given & texts.duplicated(keep="first")
         if context.seen is not None:  # a piece of the source: values of the pieces before it count too
-            earlier = context.seen.setdefault(rule, set())
+            earlier = context.seen.setdefault(remembered, set())
             if earlier:
                 repeated |= given & texts.isin(earlier)
             earlier.update(texts[given & ~repeated])

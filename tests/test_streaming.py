@@ -353,3 +353,27 @@ def test_a_missing_parent_in_an_early_piece_keeps_its_raw_row(demo_project: Path
     piecewise = warnings(stored(parts, folder), folder, f"sqlite:///{tmp_path / 'pieces.sqlite'}")
     assert len(whole) == 1 and whole[0][1] is not None
     assert piecewise == whole
+
+
+def test_two_unique_rules_on_one_field_each_remember_their_own_values() -> None:
+    """A project may check one field twice (say an error rule and a warning under other names): the values
+    one rule saw are not values the other saw before."""
+    from crm_core.validation import RuleSpec, validate
+
+    rules = [
+        RuleSpec(name="email_once", entity="customer", field="email", unique=True).compile(),
+        RuleSpec(
+            name="email_once_warn", entity="customer", field="email", unique=True, severity="warn"
+        ).compile(),
+    ]
+    frame = pd.DataFrame({"email": ["a@x.cn", "b@x.cn", "a@x.cn"]})
+    whole = validate("customer", frame, rules, RuleContext())
+    context = RuleContext(seen={})
+    piecewise = pd.concat(
+        [
+            validate("customer", frame.iloc[0:2], rules, context),
+            validate("customer", frame.iloc[2:3], rules, context),
+        ]
+    )
+    assert sorted(whole["rule"]) == sorted(piecewise["rule"]) == ["email_once", "email_once_warn"]
+    assert list(piecewise["index"]) == [2, 2]
