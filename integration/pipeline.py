@@ -437,6 +437,18 @@ def extract(migration: Migration, mapping: CompiledMapping, since: CursorState |
     return frame
 
 
+def extract_to_files(
+    migration: Migration, mapping: CompiledMapping, spill: SpillFolder, since: CursorState | None = None
+) -> StoredFrames:
+    """:func:`extract` chunk by chunk into ``spill``: the rows as files, one chunk held at a time."""
+    extraction = Extraction(migration, mapping, since)
+    paths, rows = [], 0
+    for chunk in extraction:
+        paths.append(spill.write(chunk, prefix="chunk"))
+        rows += len(chunk)
+    return StoredFrames(paths, rows, dict(extraction.attrs), source=mapping.source)
+
+
 class Extraction:
     """The raw rows of a mapping's source, read chunk by chunk (see :func:`extract` for what is read).
 
@@ -886,11 +898,16 @@ def load(
 
 
 def reload_if_needed(
-    migration: Migration, engine: Engine, run_key: str, staged: StagedEntity
+    migration: Migration,
+    engine: Engine,
+    run_key: str,
+    staged: StagedEntity,
+    spill: SpillFolder | None = None,
 ) -> StagedEntity:
     """Read and stage now the skipped mappings that depend on what this run already changed in the core.
 
-    Idempotent: what it returns has no skipped mapping left that would need it.
+    Idempotent: what it returns has no skipped mapping left that would need it. With ``spill`` they are read
+    and staged piece by piece into that folder, as the extraction and staging steps do.
     """
     if not staged.unchanged:
         return staged
@@ -904,13 +921,13 @@ def reload_if_needed(
         ]  # fmt: skip
     if not again:
         return staged
-    raw = {}
+    raw: dict[str, pd.DataFrame | StoredFrames] = {}
     for item in again:
         mapping = mappings[item.mapping]
-        frame = extract(migration, mapping)
+        frame = extract(migration, mapping) if spill is None else extract_to_files(migration, mapping, spill)
         frame.attrs[FINGERPRINT_ATTR] = item.fingerprint
         raw[migration.raw_asset(mapping)] = frame
-    extra = stage(migration, staged.entity, raw)
+    extra = stage(migration, staged.entity, raw, spill=spill)
     order = [m.name for m in migration.mappings_for(staged.entity)]
     return replace(
         staged,

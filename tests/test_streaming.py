@@ -377,3 +377,29 @@ def test_two_unique_rules_on_one_field_each_remember_their_own_values() -> None:
     )
     assert sorted(whole["rule"]) == sorted(piecewise["rule"]) == ["email_once", "email_once_warn"]
     assert list(piecewise["index"]) == [2, 2]
+
+
+def test_a_skipped_mapping_read_again_in_the_core_step_streams_too(
+    demo_project: Path, tmp_path: Path
+) -> None:
+    """A skipped mapping that must load after all (this run changed what it depends on) is read and staged
+    in the core step: in pieces into the step's folder, not whole."""
+    from integration.pipeline import StagedEntity, core_engine, reload_if_needed
+    from integration.rerun import Unchanged
+
+    migration = Migration.load(str(with_chunk_rows(demo_project, 7)))
+    mapping = next(m for m in migration.mappings_for("customer") if m.source == "erp_u8")
+    item = Unchanged(mapping.name, "customer", "erp_u8", "f", 1, "earlier", ("Customer",), True)
+    engine = core_engine(f"sqlite:///{tmp_path / 'core.sqlite'}")  # no run "now": every skipped one reloads
+    whole = reload_if_needed(migration, engine, "now", StagedEntity("customer", unchanged=[item]))
+    folder = SpillFolder(tmp_path, "core_customer", "now")
+    piecewise = reload_if_needed(
+        migration, engine, "now", StagedEntity("customer", unchanged=[item]), spill=folder
+    )
+    engine.dispose()
+    [expected], [got] = whole.batches, piecewise.batches
+    assert got.stored is not None and len(got.stored.paths) > 1
+    assert all(Path(path).is_relative_to(folder.path) for path in got.stored.paths)
+    assert got.whole().records.equals(expected.records)
+    assert piecewise.unchanged == whole.unchanged == []
+    assert piecewise.fingerprints == whole.fingerprints == {mapping.name: "f"}

@@ -475,7 +475,9 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
         project: MigrationProject = context.resources.project
         with _load_run_step(context, core, migration.project.name) as engine:
             options = RunOptions.from_tags(context.run.tags)
-            staged = reload_if_needed(project.migration(), engine, context.run.run_id, staged)
+            # skipped mappings read again now stream as the extraction and staging steps do
+            spill = SpillFolder(context.instance.storage_directory(), context.op_def.name, context.run.run_id)
+            staged = reload_if_needed(project.migration(), engine, context.run.run_id, staged, spill=spill)
             stats = load(
                 project.migration(),
                 engine,
@@ -484,6 +486,7 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
                 mode=options.mode,
                 sample=options.sample,
             )
+            spill.keep_only_this_run()
             skipped = {u.mapping for u in staged.unchanged}
             carried = [s for s in stats if s.mapping in skipped]
             # Rows of skipped mappings were not loaded again: they are counted apart (rows/s stays honest).
