@@ -5,14 +5,14 @@ and writes each staged piece, and the core load reads the staged pieces one at a
 between the Dagster steps is a reference to the files (``StoredFrames``, ``crm_core.loading.StoredPieces``),
 pickled by the run's IO manager as any output. The files of a step live in
 ``<storage>/spill/<step>/<run id>/``; writing a step again removes what the earlier runs wrote for it,
-as the IO manager overwrites the step's own output file.
+as the IO manager overwrites the step's own output file (not what runs still in progress wrote).
 """
 
 from __future__ import annotations
 
 import pickle
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,8 +76,9 @@ class SpillFolder:
             dump_output(value, file)
         return str(path)
 
-    def keep_only_this_run(self) -> None:
-        """Remove the pieces earlier runs wrote for this step."""
+    def keep_only_this_run(self, running: Callable[[str], bool] | None = None) -> None:
+        """Remove the pieces earlier runs wrote for this step, but those of the runs ``running`` says are not
+        finished (a trial beside a migration: their later steps still read them)."""
         for other in self.root.iterdir():
-            if other != self.path:
+            if other != self.path and not (running is not None and running(other.name)):
                 shutil.rmtree(other, ignore_errors=True)

@@ -403,3 +403,27 @@ def test_a_skipped_mapping_read_again_in_the_core_step_streams_too(
     assert got.whole().records.equals(expected.records)
     assert piecewise.unchanged == whole.unchanged == []
     assert piecewise.fingerprints == whole.fingerprints == {mapping.name: "f"}
+
+
+def test_the_pieces_of_a_run_still_in_progress_stay(demo_project: Path, sqlite_core_url: str) -> None:
+    """A trial may run beside a migration (it writes a scratch core): a step written again removes the
+    pieces of finished runs only, not those the other run's later steps are about to read."""
+    import uuid
+
+    job = build_definitions(demo_project, sqlite_core_url).resolve_job_def(MIGRATION_JOB)
+    with dg.instance_for_test() as instance:
+        spill = Path(instance.storage_directory()) / SPILL_FOLDER
+        runs = {
+            status: str(uuid.uuid4()) for status in (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.SUCCESS)
+        }
+        for status, run_id in runs.items():
+            instance.add_run(dg.DagsterRun(job_name=MIGRATION_JOB, run_id=run_id, status=status))
+            for step in ("raw_erp_u8_customer", "staged_customer"):
+                (spill / step / run_id).mkdir(parents=True)
+                (spill / step / run_id / "piece-00001.pkl").write_bytes(b"")
+        result = job.execute_in_process(instance=instance, raise_on_error=False)
+        assert result.success
+        for step in ("raw_erp_u8_customer", "staged_customer"):
+            assert (spill / step / runs[dg.DagsterRunStatus.STARTED]).exists()
+            assert not (spill / step / runs[dg.DagsterRunStatus.SUCCESS]).exists()
+            assert (spill / step / result.run_id).exists()

@@ -11,7 +11,7 @@
 
 import datetime as dt
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -222,6 +222,16 @@ def raw_asset(migration: Migration, mapping: CompiledMapping) -> dg.AssetsDefini
     return _raw
 
 
+def _running(context: AssetExecutionContext) -> Callable[[str], bool]:
+    """Return whether a run of this instance is not finished: the pieces its steps wrote are still read."""
+
+    def running(run_id: str) -> bool:
+        run = context.instance.get_run_by_id(run_id)
+        return run is not None and not run.is_finished
+
+    return running
+
+
 def _extract_to_files(
     context: AssetExecutionContext, migration: Migration, mapping: CompiledMapping, since: CursorState | None
 ) -> tuple[StoredFrames, dict[str, Any]]:
@@ -240,7 +250,7 @@ def _extract_to_files(
         data_rows += int((chunk.get(ROW_KIND, pd.Series(dtype=str)) == "data").sum())
         in_memory += bytes_in_memory(chunk)
         first = chunk if first is None else first
-    folder.keep_only_this_run()
+    folder.keep_only_this_run(_running(context))
     assert first is not None  # an extraction yields at least one chunk (its columns, maybe no rows)
     facts = {
         "rows_read": rows,
@@ -366,7 +376,7 @@ def _stage_step(
     """Map and validate one entity; yield its output and its two checks."""
     spill = SpillFolder(context.instance.storage_directory(), context.op_def.name, context.run.run_id)
     staged = stage(migration, entity, raw, spill=spill)
-    spill.keep_only_this_run()
+    spill.keep_only_this_run(_running(context))
     rows = []
     ratios: dict[str, float] = {}
     for batch in staged.batches:
@@ -486,7 +496,7 @@ def core_asset(migration: Migration, entity: str) -> dg.AssetsDefinition:
                 mode=options.mode,
                 sample=options.sample,
             )
-            spill.keep_only_this_run()
+            spill.keep_only_this_run(_running(context))
             skipped = {u.mapping for u in staged.unchanged}
             carried = [s for s in stats if s.mapping in skipped]
             # Rows of skipped mappings were not loaded again: they are counted apart (rows/s stays honest).
