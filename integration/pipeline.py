@@ -749,41 +749,19 @@ def _sample_order(keys: pd.Series) -> pd.Series:
     return pd.Series(ranks, index=keys.index, dtype="int64")
 
 
-def sample_batch(session: Session, entity: str, batch: Batch, size: int) -> Batch:
+def sample_batch(
+    session: Session, entity: str, batch: Batch, size: int, names: dict[str, set[Any]] | None = None
+) -> Batch:
     """Return a trial sample of ``batch``: at most ``size`` source rows whose references are in the core.
 
     Trial runs load entities in reference order, so a row qualifies only when every record it points at by
     source key was itself sampled; the sample then loads without reference rejects that the full run would
-    not have. Rows are picked by a hash of their row reference: the same sample every time.
+    not have. Rows are picked by a hash of their row reference: the same sample every time. ``names``
+    keeps the customer names read from the core between calls.
     """
     records = batch.records
-    eligible = pd.Series(True, index=records.index)
-    for name, field_def in ENTITIES[entity].references.items():
-        lookup = batch.lookups.get(name, Lookup())
-        if name in records.columns and lookup.by == "name" and field_def.references == "customer" != entity:
-            # A row naming its customer qualifies when a sampled customer carries that name: the rest would
-            # wait for a steward only because the sample left their customer out.
-            sampled = set(
-                session.scalars(select(Customer.name_normalized).where(Customer.name_normalized.is_not(None)))
-            )
-            values = records[name]
-            eligible &= values.isna() | values.map(
-                lambda v: company_key(v) if isinstance(v, str) else None
-            ).isin(sampled)
-            continue
-        if name not in records.columns or lookup.by != "external_id" or field_def.references == entity:
-            continue
-        values = records[name]
-        given = values.notna()
-        system = lookup.system or batch.source
-        known = crosswalk_ids(session, field_def.references or "", system, values[given].astype(str))
-        eligible &= ~given | values.astype(str).isin(known)
-    candidates = pd.concat([
-        records.loc[eligible, [LOCATION, ROW_REF]].astype(str),
-        batch.rejects.loc[batch.rejects["severity"] == "error", ["location", "row_ref"]]
-        .astype(str).set_axis([LOCATION, ROW_REF], axis=1),
-    ]).drop_duplicates()  # fmt: skip
-    candidates = candidates.assign(_rank=_sample_order(candidates[LOCATION] + ":" + candidates[ROW_REF]))
+    eligible = _sample_eligible(session, entity, batch, {} if names is None else names)
+    candidates = _sample_candidates(records.loc[eligible], batch.rejects)
     chosen = set(map(tuple, candidates.nsmallest(size, "_rank")[[LOCATION, ROW_REF]].to_numpy()))
 
     def picked(locations: pd.Series, refs: pd.Series) -> pd.Series:
@@ -819,6 +797,87 @@ def sample_batch(session: Session, entity: str, batch: Batch, size: int) -> Batc
         watermark=None,  # a sample must not move a stream's cursor
         amount_read=None,  # the sample's own records are what its source amount covers
     )
+
+
+def _sample_eligible(session: Session, entity: str, batch: Batch, names: dict[str, set[Any]]) -> pd.Series:
+    """Return which records of ``batch`` may be sampled: every record they point at is in the core."""
+    records = batch.records
+    eligible = pd.Series(True, index=records.index)
+    for name, field_def in ENTITIES[entity].references.items():
+        lookup = batch.lookups.get(name, Lookup())
+        if name in records.columns and lookup.by == "name" and field_def.references == "customer" != entity:
+            # A row naming its customer qualifies when a sampled customer carries that name: the rest would
+            # wait for a steward only because the sample left their customer out.
+            if "customer" not in names:
+                names["customer"] = set(
+                    session.scalars(
+                        select(Customer.name_normalized).where(Customer.name_normalized.is_not(None))
+                    )
+                )
+            values = records[name]
+            eligible &= values.isna() | values.map(
+                lambda v: company_key(v) if isinstance(v, str) else None
+            ).isin(names["customer"])
+            continue
+        if name not in records.columns or lookup.by != "external_id" or field_def.references == entity:
+            continue
+        values = records[name]
+        given = values.notna()
+        system = lookup.system or batch.source
+        known = crosswalk_ids(session, field_def.references or "", system, values[given].astype(str))
+        eligible &= ~given | values.astype(str).isin(known)
+    return eligible
+
+
+def _sample_candidates(records: pd.DataFrame, rejects: pd.DataFrame) -> pd.DataFrame:
+    """Return the (location, row) a sample picks among, ranked: these records and the rejected rows."""
+    candidates = pd.concat([
+        records[[LOCATION, ROW_REF]].astype(str),
+        rejects.loc[rejects["severity"] == "error", ["location", "row_ref"]]
+        .astype(str).set_axis([LOCATION, ROW_REF], axis=1),
+    ]).drop_duplicates()  # fmt: skip
+    return candidates.assign(_rank=_sample_order(candidates[LOCATION] + ":" + candidates[ROW_REF]))
+
+
+def sample_pieces(session: Session, entity: str, batch: Batch, size: int) -> Batch:
+    """:func:`sample_batch` of a batch stored in pieces, read one at a time: only the sampled rows are held.
+
+    The first pass ranks each piece's candidates and keeps the ``size`` best; the second takes the records
+    and raw rows chosen, which :func:`sample_batch` then samples as it would the whole batch.
+    """
+    if batch.stored is None:
+        return sample_batch(session, entity, batch, size)
+    names: dict[str, set[Any]] = {}
+    best = _sample_candidates(batch.records.iloc[0:0], batch.rejects).nsmallest(size, "_rank")
+    for piece in batch.pieces():
+        eligible = _sample_eligible(session, entity, piece, names)
+        ranked = _sample_candidates(piece.records.loc[eligible], piece.rejects.iloc[0:0])
+        best = pd.concat([best, ranked]).drop_duplicates([LOCATION, ROW_REF]).nsmallest(size, "_rank")
+    chosen = set(zip(best[LOCATION], best[ROW_REF], strict=True))
+
+    def picked(frame: pd.DataFrame) -> pd.DataFrame:
+        pairs = zip(frame[LOCATION].astype(str), frame[ROW_REF].astype(str), strict=True)
+        return frame.loc[[p in chosen for p in pairs]]
+
+    records, raws = [], []
+    for piece in batch.pieces():
+        records.append(picked(piece.records))
+        if piece.raw is not None and not piece.raw.empty:
+            raws.append(picked(piece.raw))
+    reduced = replace(
+        batch,
+        records=_rows_of(records),
+        raw=_rows_of(raws) if raws else None,
+        stored=None,
+        locations=None,  # where the sampled rows were read, as for a batch held whole
+    )
+    return sample_batch(session, entity, reduced, size, names)
+
+
+def _rows_of(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Join the rows of frames with the same columns (none: the first one's columns, no rows)."""
+    filled = [f for f in frames if len(f)]
+    return pd.concat(filled, ignore_index=True) if filled else frames[0].iloc[0:0].reset_index(drop=True)
 
 
 def names_customers(migration: Migration, entity: str) -> bool:
@@ -866,7 +925,7 @@ def load(
         if sample is not None:
             staged = replace(
                 staged,
-                batches=[sample_batch(session, staged.entity, b.whole(), sample) for b in staged.batches],
+                batches=[sample_pieces(session, staged.entity, b, sample) for b in staged.batches],
             )
         if staged.batches:  # nothing to load when every mapping was skipped: not even the loader's index
             key_functions = dict(MATCH_KEY_FUNCTIONS) if staged.entity in ("sales_rep", "contact") else {}

@@ -427,3 +427,36 @@ def test_the_pieces_of_a_run_still_in_progress_stay(demo_project: Path, sqlite_c
             assert (spill / step / runs[dg.DagsterRunStatus.STARTED]).exists()
             assert not (spill / step / runs[dg.DagsterRunStatus.SUCCESS]).exists()
             assert (spill / step / result.run_id).exists()
+
+
+def test_a_trial_samples_a_stored_batch_a_piece_at_a_time(
+    demo_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial's sample of a source staged in pieces is the sample of the whole batch, taken without
+    joining its pieces (the core step holds the sampled rows, not the source)."""
+    from crm_core.db import session_factory
+    from integration.pipeline import core_engine, extract, load, sample_batch, sample_pieces
+
+    migration = Migration.load(str(demo_project))
+    engine = core_engine(f"sqlite:///{tmp_path / 'core.sqlite'}")
+    reps = {migration.raw_asset(m): extract(migration, m) for m in migration.mappings_for("sales_rep")}
+    load(migration, engine, "reps", stage(migration, "sales_rep", reps))  # the customers' owners
+    name, frame = demo_customers(migration)
+    folder = SpillFolder(tmp_path, "staged_customer", "run")
+    parts = [frame.iloc[i : i + 4].reset_index(drop=True) for i in range(0, len(frame), 4)]
+    [batch] = stage(migration, "customer", {name: stored(parts, folder)}, spill=folder).batches
+    with session_factory(engine)() as session:
+        expected = sample_batch(session, "customer", batch.whole(), 15)
+
+        def joined(self: Batch) -> Batch:
+            raise AssertionError("the pieces were joined")
+
+        monkeypatch.setattr(Batch, "whole", joined)
+        got = sample_pieces(session, "customer", batch, 15)
+    engine.dispose()
+    assert 0 < len(got.records) <= 15 and got.stored is None
+    assert got.records.equals(expected.records)
+    assert got.raw is not None and expected.raw is not None
+    assert got.raw.reset_index(drop=True).equals(expected.raw.reset_index(drop=True))
+    assert got.rejects.equals(expected.rejects)
+    assert (got.rows_read, got.watermark, got.amount_read) == (expected.rows_read, None, None)
