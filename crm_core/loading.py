@@ -158,8 +158,13 @@ class StoredPieces:
 
     def __iter__(self) -> Iterator[Batch]:
         for path in self.paths:
-            with Path(path).open("rb") as file:
-                piece = pickle.load(file)  # files this project's staging step wrote
+            try:
+                with Path(path).open("rb") as file:
+                    piece = pickle.load(file)  # files this project's staging step wrote
+            except FileNotFoundError:
+                raise LoadError(
+                    f"{path} is gone (its staging step ran again since, or the storage was cleaned): stage again"
+                ) from None
             if not isinstance(piece, Batch):
                 raise LoadError(f"{path} holds no staged batch piece: stage the entity again")
             yield piece
