@@ -215,8 +215,8 @@ def test_a_unique_rule_counts_values_of_earlier_pieces() -> None:
 def test_staging_memory_follows_the_piece_size_not_the_source_size(
     demo_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Five times the rows in pieces of one size: staging's peak memory stays about the same (the rows
-    passed as pieces are never joined), while staging them whole grows with them."""
+    """Five times the rows in pieces of one size: staging's peak memory grows by the keys seen only (the
+    rows passed as pieces are never joined), while staging them whole grows with the rows."""
     migration = Migration.load(str(demo_project))
     name, frame = demo_customers(migration)
     piece_rows = 200
@@ -248,8 +248,10 @@ def test_staging_memory_follows_the_piece_size_not_the_source_size(
     # one mapping thread: at most two pieces in flight, whatever the source's size (and no scheduling noise)
     monkeypatch.setenv("CRMI_MAPPING_WORKERS", "1")
     small, large = peak(8, spill=True), peak(40, spill=True)
-    assert large < 1.5 * small, (small, large)
-    assert peak(40, spill=False) > 2 * large  # the measure sees the difference it is meant to see
+    whole_small, whole_large = peak(8, spill=False), peak(40, spill=False)
+    # Streamed, what grows with the source is the keys seen (to reject one repeated in a later piece): a few
+    # dozen bytes a row, against the rows themselves when staged whole.
+    assert large - small < 0.3 * (whole_large - whole_small), (small, large, whole_small, whole_large)
 
 
 def test_a_step_run_again_keeps_only_its_latest_pieces(tmp_path: Path) -> None:
