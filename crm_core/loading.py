@@ -1162,11 +1162,16 @@ class EntityLoader:
     def _load_pieces(self, batch: Batch) -> SourceStats:
         """Load a batch piece by piece (a batch held whole is one piece); its stats are the pieces' added."""
         total: SourceStats | None = None
+        loaded_ids: list[int] = []  # the records its rows loaded as their own (not merged)
         for piece in batch.pieces():
-            stats = self._load_batch(piece)
+            stats = self._load_batch(piece, loaded_ids)
             total = stats if total is None else total.plus(stats)
         if total is None:
             raise LoadError(f"staged batch of {batch.mapping} has no pieces: stage the entity again")
+        amount_field = self.entity.amount_field
+        if total.amount_loaded is not None and amount_field:
+            # read back once every piece is in: a later piece's row may fill a blank amount of an earlier one's
+            total.amount_core = self._stored_amount(amount_field, loaded_ids)
         return total
 
     def _find_new_sources(self, sources: set[str]) -> None:
@@ -1262,7 +1267,8 @@ class EntityLoader:
             "created_at": self._now,
         })  # fmt: skip
 
-    def _load_batch(self, batch: Batch) -> SourceStats:
+    def _load_batch(self, batch: Batch, loaded_ids: list[int]) -> SourceStats:
+        """Load one batch (or piece); append to ``loaded_ids`` the records its rows loaded as their own."""
         stats = SourceStats(
             source=batch.source, entity=self.entity.name, mapping=batch.mapping, rows_read=batch.rows_read
         )
@@ -1315,7 +1321,6 @@ class EntityLoader:
             for name in self._self_ref_fields
             if name in records.columns and batch.lookups.get(name, Lookup()).by == "external_id"
         }
-        loaded_ids: list[int] = []
         for start in range(0, len(records), CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, len(records))
             self._now = dt.datetime.now(dt.UTC)
@@ -1387,8 +1392,6 @@ class EntityLoader:
             self._flush()
         self._flush()
         self._keep_self_ref_rows(pending_from)
-        if stats.amount_loaded is not None and amount_field:
-            stats.amount_core = self._stored_amount(amount_field, loaded_ids)
         return stats
 
     def _fast_kinds(

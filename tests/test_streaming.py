@@ -466,3 +466,43 @@ def test_a_trial_samples_a_stored_batch_a_piece_at_a_time(
     assert got.raw.reset_index(drop=True).equals(expected.raw.reset_index(drop=True))
     assert got.rejects.equals(expected.rejects)
     assert (got.rows_read, got.watermark, got.amount_read) == (expected.rows_read, None, None)
+
+
+def test_a_later_piece_filling_an_earlier_records_blank_amount_is_read_back_as_whole(
+    sqlite_core_url: str, tmp_path: Path
+) -> None:
+    """The core's amount of a batch is read back once all its pieces are in: a row of a later piece that
+    joins an earlier piece's record by an exact key fills its blank amount, as within one frame."""
+    from dataclasses import replace
+
+    from crm_core.db import upgrade
+    from crm_core.loading import Lookup, MatchRules
+    from tests.test_loading import batch, load
+
+    rules = MatchRules(keys=[("name",)])
+    rows = [
+        {"_external_key": "O1", "name": "年度框架", "customer": "C1", "stage": "won", "amount": None},
+        {"_external_key": "O2", "name": "其他项目", "customer": "C1", "stage": "won", "amount": Decimal(100)},
+        {"_external_key": "O3", "name": "年度框架", "customer": "C1", "stage": "won", "amount": Decimal(500)},
+    ]
+    refs = {"customer": Lookup()}
+
+    def loaded(url: str, pieces: bool) -> dict[str, Any]:
+        engine = make_engine(url)
+        upgrade(engine)
+        load(engine, "r1", "customer", [batch("erp", [{"_external_key": "C1", "name": "某某有限公司"}])])
+        whole = batch("erp", rows, refs)
+        if pieces:
+            folder = SpillFolder(tmp_path, "staged_opportunity", url[-12:])
+            parts = [replace(whole, records=whole.records.iloc[i : i + 2].reset_index(drop=True), rows_read=len(
+                whole.records.iloc[i : i + 2])) for i in (0, 2)]  # fmt: skip
+            paths = tuple(folder.write(part) for part in parts)
+            whole = replace(whole, records=whole.records.iloc[0:0], stored=StoredPieces(paths, len(rows)))
+        [stats] = load(engine, "r2", "opportunity", [whole], rules)
+        engine.dispose()
+        return stats.as_dict()
+
+    expected = loaded(sqlite_core_url, pieces=False)
+    got = loaded(f"sqlite:///{tmp_path / 'pieces.sqlite'}", pieces=True)
+    assert (expected["merged"], expected["amount_core"], expected["amount_loaded"]) == (1, "600.00", "100")
+    assert got == expected
