@@ -1058,10 +1058,11 @@ def verify_pieces(session: Session, run: LoadRun, entity: str, batch: Batch) -> 
     found: dict[str, Any] | None = None
     pieces = len(batch.stored.paths) if batch.stored is not None else 1
     for number, piece in enumerate(batch.pieces()):
-        # the batch's spot checks spread over its pieces: at most SPOT_CHECK_SIZE in all
-        left = SPOT_CHECK_SIZE - (found["spot_checked"] if found else 0)
+        # The batch's spot checks spread evenly over its pieces, at most SPOT_CHECK_SIZE in all; a piece
+        # with fewer records to check than its share leaves the rest to the next.
+        due = -(-SPOT_CHECK_SIZE * (number + 1) // pieces) - (found["spot_checked"] if found else 0)
         checked = verify_batch(session, run, entity, piece, rejected=rejected, survivors=survivors,
-                               spot_checks=-(-left // (pieces - number)))  # fmt: skip
+                               spot_checks=max(due, 0))  # fmt: skip
         if found is None:
             found = checked
             continue
