@@ -149,6 +149,15 @@ class Batch:
         )
 
 
+def read_piece(path: str, gone: Callable[[str], Exception]) -> Any:
+    """Unpickle one piece a step of this project wrote; a missing file raises ``gone(path)`` instead."""
+    try:
+        with Path(path).open("rb") as file:
+            return pickle.load(file)
+    except FileNotFoundError:
+        raise gone(path) from None
+
+
 @dataclass(frozen=True)
 class StoredPieces:
     """The pieces of a batch, one pickled ``Batch`` per file (each with its records, rejects and raw rows)."""
@@ -158,13 +167,9 @@ class StoredPieces:
 
     def __iter__(self) -> Iterator[Batch]:
         for path in self.paths:
-            try:
-                with Path(path).open("rb") as file:
-                    piece = pickle.load(file)  # files this project's staging step wrote
-            except FileNotFoundError:
-                raise LoadError(
-                    f"{path} is gone (its staging step ran again since, or the storage was cleaned): stage again"
-                ) from None
+            piece = read_piece(path, lambda gone: LoadError(
+                f"{gone} is gone (its staging step ran again since, or the storage was cleaned): stage again"
+            ))  # fmt: skip
             if not isinstance(piece, Batch):
                 raise LoadError(f"{path} holds no staged batch piece: stage the entity again")
             yield piece

@@ -10,7 +10,6 @@ as the IO manager overwrites the step's own output file (not what runs still in 
 
 from __future__ import annotations
 
-import pickle
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from crm_core.errors import ExtractError
+from crm_core.loading import read_piece
 from integration.storage import dump_output
 
 SPILL_FOLDER = "spill"
@@ -36,13 +36,9 @@ class StoredFrames:
 
     def __iter__(self) -> Iterator[pd.DataFrame]:
         for path in self.paths:
-            try:
-                with Path(path).open("rb") as file:
-                    frame = pickle.load(file)  # files this project's extraction step wrote
-            except FileNotFoundError:
-                raise ExtractError(
-                    self.source, f"{path} is gone (its extraction step ran again since): extract again"
-                ) from None
+            frame = read_piece(path, lambda gone: ExtractError(
+                self.source, f"{gone} is gone (its extraction step ran again since): extract again"
+            ))  # fmt: skip
             frame.attrs.update(self.attrs)
             yield frame
 
