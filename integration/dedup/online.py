@@ -116,9 +116,11 @@ def query_record(name: str | None = None, **fields: Any) -> dict[str, Any]:
 
 def _value(value: Any) -> Any:
     """None for a missing value (None, NaN, pd.NA, NaT, empty text), else the value."""
-    if value is None or (isinstance(value, str) and not value):
+    if isinstance(value, str):  # most values: one check (the index is built from every golden customer)
+        return value or None
+    if value is None or value is pd.NA or value != value:  # NaN and NaT differ from themselves
         return None
-    return None if pd.api.types.is_scalar(value) and pd.isna(value) else value
+    return value
 
 
 def name_grams(core: Any) -> set[str]:
