@@ -438,14 +438,23 @@ def extract(migration: Migration, mapping: CompiledMapping, since: CursorState |
 
 
 def extract_to_files(
-    migration: Migration, mapping: CompiledMapping, spill: SpillFolder, since: CursorState | None = None
+    migration: Migration,
+    mapping: CompiledMapping,
+    spill: SpillFolder,
+    since: CursorState | None = None,
+    each_chunk: Callable[[pd.DataFrame], None] | None = None,
 ) -> StoredFrames:
-    """:func:`extract` chunk by chunk into ``spill``: the rows as files, one chunk held at a time."""
+    """:func:`extract` chunk by chunk into ``spill``: the rows as files, one chunk held at a time.
+
+    ``each_chunk`` sees every chunk as it is written (the extraction step's metadata).
+    """
     extraction = Extraction(migration, mapping, since)
     paths, rows = [], 0
     for chunk in extraction:
         paths.append(spill.write(chunk, prefix="chunk"))
         rows += len(chunk)
+        if each_chunk is not None:
+            each_chunk(chunk)
     return StoredFrames(paths, rows, dict(extraction.attrs), source=mapping.source)
 
 

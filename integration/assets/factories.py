@@ -38,10 +38,10 @@ from integration.mappings.spec import CompiledMapping
 from integration.memory import release_memory
 from integration.pipeline import (
     WATERMARK_ATTR,
-    Extraction,
     Migration,
     RunOptions,
     StagedEntity,
+    extract_to_files,
     finish_run,
     load,
     reconcile,
@@ -240,27 +240,26 @@ def _extract_to_files(
     One chunk is held at a time: the step's memory is bounded by the chunk size, not the source's.
     """
     folder = SpillFolder(context.instance.storage_directory(), context.op_def.name, context.run.run_id)
-    extraction = Extraction(migration, mapping, since)
-    paths: list[str] = []
-    rows = data_rows = in_memory = 0
-    first: pd.DataFrame | None = None
-    for chunk in extraction:
-        paths.append(folder.write(chunk, prefix="chunk"))
-        rows += len(chunk)
-        data_rows += int((chunk.get(ROW_KIND, pd.Series(dtype=str)) == "data").sum())
-        in_memory += bytes_in_memory(chunk)
-        first = chunk if first is None else first
+    chunks: list[pd.DataFrame] = []  # the first one (columns, preview)
+    counts = {"data_rows": 0, "bytes_in_memory": 0, "chunks": 0}
+
+    def note(chunk: pd.DataFrame) -> None:
+        counts["data_rows"] += int((chunk.get(ROW_KIND, pd.Series(dtype=str)) == "data").sum())
+        counts["bytes_in_memory"] += bytes_in_memory(chunk)
+        counts["chunks"] += 1
+        if not chunks:
+            chunks.append(chunk)
+
+    stored = extract_to_files(migration, mapping, folder, since, each_chunk=note)
     folder.keep_only_this_run(_running(context))
-    assert first is not None  # an extraction yields at least one chunk (its columns, maybe no rows)
+    [first] = chunks  # an extraction yields at least one chunk (its columns, maybe no rows)
     facts = {
-        "rows_read": rows,
-        "data_rows": data_rows,
-        "chunks": len(paths),
+        "rows_read": stored.rows,
+        **counts,
         "columns": dg.MetadataValue.json([c for c in first.columns if not c.startswith("_")]),
-        "bytes_in_memory": in_memory,
         "preview": _preview(first),
     }
-    return StoredFrames(paths, rows, dict(extraction.attrs), source=mapping.source), facts
+    return stored, facts
 
 
 MEMORY_SAMPLE_ROWS = 10_000
