@@ -14,7 +14,7 @@ import json
 import pickle
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -134,19 +134,6 @@ class Batch:
             yield self
         else:
             yield from self.stored
-
-    def whole(self) -> Batch:
-        """Return the batch held whole in memory (its stored pieces read and joined)."""
-        if self.stored is None:
-            return self
-        pieces = list(self.stored)
-        raws = [p.raw for p in pieces if p.raw is not None]
-        return replace(
-            self,
-            records=pd.concat([p.records for p in pieces], ignore_index=True),
-            raw=pd.concat(raws, ignore_index=True) if raws else None,
-            stored=None,
-        )
 
 
 def read_piece(path: str, gone: Callable[[str], Exception]) -> Any:
