@@ -184,7 +184,7 @@ class CustomerNames:
         self._books: dict[Hashable, _Book] = {}
         # shared by every book: what among compares of each distinct name core, and the characters numbered
         self._core_facts = _CoreFacts(_Alphabet())
-        self._postings: dict[str | None, tuple[dict[str, np.ndarray], np.ndarray]] = {}
+        self._postings: dict[str | None, tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]] = {}
         # trade name -> (branch, region or "*" for all) -> its name variants (see _same_brand)
         self._by_place: dict[str, dict[tuple[str | None, str | None], list[tuple[NameVariant, int]]]] = {}
 
@@ -293,7 +293,7 @@ class CustomerNames:
         # Only a key sharing syllables with the name can reach the cutoff (its distance is at least the longer
         # length less the syllables shared), so the others are left out before rapidfuzz scores: the same
         # keys reach the cutoff, in the same order (rapidfuzz keeps the choices' order among equal scores).
-        postings, lengths = self._sound_postings(written.region)
+        postings, lengths, key_array = self._sound_postings(written.region)
         shared = np.zeros(len(keys), dtype=np.int64)
         for symbol in set(sound):
             holders = postings.get(symbol)
@@ -301,7 +301,7 @@ class CustomerNames:
                 shared[holders] += sound.count(symbol)  # at least what the key shares of this syllable
         near = np.flatnonzero(shared >= (CLOSE_NAME_CUTOFF - 1e-6) * np.maximum(lengths, len(sound)))
         nearest = process.extract(
-            sound, [keys[i] for i in near], scorer=distance.Levenshtein.normalized_similarity,
+            sound, key_array[near].tolist(), scorer=distance.Levenshtein.normalized_similarity,
             limit=CLOSE_NAMES_SCORED, score_cutoff=CLOSE_NAME_CUTOFF,
         )  # fmt: skip
         best: dict[int, float] = {}
@@ -325,19 +325,25 @@ class CustomerNames:
             return None, scored
         return scored[0][1], scored
 
-    def _sound_postings(self, region: str | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def _sound_postings(self, region: str | None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """Return, for the sound keys :meth:`_close_name` searches (``region``'s, or all), each syllable's
-        keys and every key's length in syllables (built once per region)."""
+        keys, every key's length in syllables and the keys as an array (built once per region)."""
         found = self._postings.get(region)
         if found is None:
-            keys = (self._sounds_by_region.get(region, ([], [])) if region else self._sounds)[0]
-            holding: dict[str, list[int]] = defaultdict(list)
-            for position, key in enumerate(keys):
-                for symbol in set(key):
-                    holding[symbol].append(position)
-            postings = {symbol: np.array(held, dtype=np.int64) for symbol, held in holding.items()}
-            found = self._postings[region] = (postings, np.array([len(k) for k in keys], dtype=np.int64))
+            found = self._postings[region] = self._build_postings(region)
         return found
+
+    @_gc_paused
+    def _build_postings(self, region: str | None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        keys = (self._sounds_by_region.get(region, ([], [])) if region else self._sounds)[0]
+        holding: dict[str, list[int]] = defaultdict(list)
+        for position, key in enumerate(keys):
+            for symbol in set(key):
+                holding[symbol].append(position)
+        postings = {symbol: np.array(held, dtype=np.int64) for symbol, held in holding.items()}
+        key_array = np.empty(len(keys), dtype=object)
+        key_array[:] = keys
+        return postings, np.array([len(k) for k in keys], dtype=np.int64), key_array
 
     @cached_property
     def _golden_names(self) -> dict[int, str]:
@@ -427,13 +433,20 @@ class CustomerNames:
         hundreds of variants, most of them in other cities)."""
         by_place = self._by_place.get(written.brand)
         if by_place is None:
-            by_place = self._by_place[written.brand] = defaultdict(list)
-            for known, survivor in self._variants.get(written.brand, ()):
-                by_place[known.branch, known.region].append((known, survivor))
-                by_place[known.branch, "*"].append((known, survivor))  # any region
+            by_place = self._by_place[written.brand] = self._placed(written.brand)
         if written.region is None:
             return by_place.get((written.branch, "*"), [])
         return by_place.get((written.branch, written.region), []) + by_place.get((written.branch, None), [])
+
+    @_gc_paused
+    def _placed(self, brand: str) -> dict[tuple[str | None, str | None], list[tuple[NameVariant, int]]]:
+        """Return a trade name's variants by (branch, region), and by (branch, "*") for any region."""
+        by_place: dict[tuple[str | None, str | None], list[tuple[NameVariant, int]]] = defaultdict(list)
+        for entry in self._variants.get(brand, ()):
+            known = entry[0]
+            by_place[known.branch, known.region].append(entry)
+            by_place[known.branch, "*"].append(entry)  # any region
+        return by_place
 
     @cached_property
     @_gc_paused
