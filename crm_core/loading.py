@@ -432,6 +432,7 @@ class _IdAllocator:
         self._free: list[int] = []
         self._next: int | None = None
         self._postgres = session.get_bind().dialect.name == "postgresql"
+        self._sequence: str | None = None  # PostgreSQL: the table's id sequence, looked up at the first draw
 
     def take(self, expected: int) -> int:
         """Return a new id; ``expected`` is how many more this load may need (the block size)."""
@@ -466,13 +467,14 @@ class _IdAllocator:
 
     def _draw(self, expected: int) -> None:
         block = max(16, min(expected, CHUNK_ROWS))
-        sequence = self.session.scalar(
-            text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": self.table.name}
-        )
+        if self._sequence is None:
+            self._sequence = self.session.scalar(
+                text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": self.table.name}
+            )
         # One row holding the block as an array: fetching thousands of one-value rows cost more.
         drawn = self.session.scalar(
             text("SELECT array_agg(nextval(CAST(:s AS regclass))) FROM generate_series(1, :n)"),
-            {"s": sequence, "n": block},
+            {"s": self._sequence, "n": block},
         )
         self._free = sorted(drawn, reverse=True)
 
