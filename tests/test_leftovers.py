@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from crm_core import loading
+from integration.pipeline import Extraction
 from tests.conftest import PG_URL, reset_postgres, server_or_skip
 
 
@@ -41,3 +44,43 @@ def test_an_id_allocator_looks_its_sequence_up_once(statements: tuple[sa.Engine,
     assert ids == list(range(1, 71))
     assert sum("nextval" in s for s in seen) == 5  # three blocks of 16, then two of 20
     assert sum("pg_get_serial_sequence" in s for s in seen) == 1
+
+
+def test_the_extraction_step_names_the_columns_of_every_chunk(
+    demo_project: Path, sqlite_core_url: str
+) -> None:
+    """A later workbook with a column the first lacks: the step's ``columns`` metadata names it too, after the
+    first chunk's columns (the preview stays the first rows)."""
+    import openpyxl
+
+    from integration.assets.resources import dispose_engines
+    from integration.jobs import build_definitions
+    from integration.pipeline import Migration
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.title = "商机"
+    sheet.append(["商机编号", "客户名称", "商机名称", "阶段", "预计金额", "预计成交日期", "负责人", "报备日期",
+                  "币种", "备注", "附加列"])  # fmt: skip
+    sheet.append(["OPP-2025-Q3-1", "上海市同创电子有限公司", "同创二期", "商务谈判", 50000, "2025/9/4", "张伟",
+                  "2025年8月24日", None, None, "extra"])  # fmt: skip
+    book.save(demo_project / "data" / "sales_zz_later.xlsx")  # after sales.xlsx: its own, later chunk
+    migration = Migration.load(str(demo_project))
+    mapping = next(m for m in migration.mappings_for("opportunity") if m.source == "sales_xlsx")
+    name = migration.raw_asset(mapping)
+    first = next(iter(Extraction(migration, mapping)))
+    assert "附加列" not in first.columns
+    defs = build_definitions(demo_project, sqlite_core_url)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            list(defs.assets or []), selection=dg.AssetSelection.assets(name), resources=defs.resources,
+            instance=instance,
+        )  # fmt: skip
+    dispose_engines()
+    [materialization] = result.asset_materializations_for_node(name)
+    metadata = materialization.metadata
+    assert metadata["chunks"].value == 2
+    expected = [c for c in first.columns if not c.startswith("_")] + ["附加列"]
+    assert metadata["columns"].value == expected
+    assert "extra" not in str(metadata["preview"].value)  # the first rows

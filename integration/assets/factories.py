@@ -240,13 +240,16 @@ def _extract_to_files(
     One chunk is held at a time: the step's memory is bounded by the chunk size, not the source's.
     """
     folder = SpillFolder(context.instance.storage_directory(), context.op_def.name, context.run.run_id)
-    chunks: list[pd.DataFrame] = []  # the first one (columns, preview)
+    chunks: list[pd.DataFrame] = []  # the first one (preview)
+    # Every chunk's columns in the order first seen: a later workbook or file may have more than the first.
+    columns: dict[str, None] = {}
     counts = {"data_rows": 0, "bytes_in_memory": 0, "chunks": 0}
 
     def note(chunk: pd.DataFrame) -> None:
         counts["data_rows"] += int((chunk.get(ROW_KIND, pd.Series(dtype=str)) == "data").sum())
         counts["bytes_in_memory"] += bytes_in_memory(chunk)
         counts["chunks"] += 1
+        columns.update(dict.fromkeys(c for c in chunk.columns if not str(c).startswith("_")))
         if not chunks:
             chunks.append(chunk)
 
@@ -256,7 +259,7 @@ def _extract_to_files(
     facts = {
         "rows_read": stored.rows,
         **counts,
-        "columns": dg.MetadataValue.json([c for c in first.columns if not c.startswith("_")]),
+        "columns": dg.MetadataValue.json(list(columns)),
         "preview": _preview(first),
     }
     return stored, facts
