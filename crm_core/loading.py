@@ -14,7 +14,7 @@ import json
 import pickle
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -118,7 +118,8 @@ class Batch:
     # None: only the mapped records are known (then they are what the source amount covers).
     amount_read: Decimal | None = None
     # A batch too large to hold whole is written piece by piece (see ``StoredPieces``): then ``records`` has
-    # its columns and no rows, ``raw`` is None, and ``rejects`` holds every piece's entries.
+    # its columns and no rows, ``raw`` is None, and ``rejects`` holds every piece's entries, in piece order
+    # (the pieces are written without them; :meth:`pieces` gives each its own).
     stored: StoredPieces | None = None
     # The places (file/sheet or table) its rows were read from, when ``raw`` is not at hand.
     locations: frozenset[Any] | None = None
@@ -129,11 +130,19 @@ class Batch:
         return self.stored.records if self.stored is not None else len(self.records)
 
     def pieces(self) -> Iterator[Batch]:
-        """Yield the batch piece by piece: itself when held whole, else each stored piece read in turn."""
+        """Yield the batch piece by piece: itself when held whole, else each stored piece read in turn, with
+        its own reject entries (its rows' share of ``rejects``)."""
         if self.stored is None:
             yield self
-        else:
+            return
+        counts = self.stored.rejects
+        if counts is None:  # pieces written with their entries
             yield from self.stored
+            return
+        start = 0
+        for piece, count in zip(self.stored, counts, strict=True):
+            yield replace(piece, rejects=self.rejects.iloc[start : start + count].reset_index(drop=True))
+            start += count
 
 
 def read_piece(path: str, gone: Callable[[str], Exception]) -> Any:
@@ -147,10 +156,15 @@ def read_piece(path: str, gone: Callable[[str], Exception]) -> Any:
 
 @dataclass(frozen=True)
 class StoredPieces:
-    """The pieces of a batch, one pickled ``Batch`` per file (each with its records, rejects and raw rows)."""
+    """The pieces of a batch, one pickled ``Batch`` per file (each with its records and raw rows).
+
+    ``rejects``: how many of the batch's reject entries belong to each piece, which is then written without
+    them (each entry is kept once, in the batch); None: each piece holds its own entries.
+    """
 
     paths: tuple[str, ...]
     records: int
+    rejects: tuple[int, ...] | None = None
 
     def __iter__(self) -> Iterator[Batch]:
         for path in self.paths:

@@ -601,14 +601,16 @@ def stage(
             staged.batches.append(replace(batch, watermark=watermark))
             continue
         paths: list[str] = []
-        rejects: list[pd.DataFrame] = []
+        rejects: list[pd.DataFrame] = []  # kept in the batch, not in the piece files (Batch.pieces)
         locations: set[Any] = set()
         totals = {"records": 0, "rows_read": 0}
         amount_read: Decimal | None = None
         columns = pd.DataFrame()
         for chunk, mapped in map_ahead(mapping, chunks):  # the next chunks map while this one is staged
             piece = _stage_piece(migration, mapping, chunk, piece_context, first_rows, mapped)
-            paths.append(spill.write(piece, prefix=_identifier(mapping.name)))
+            paths.append(
+                spill.write(replace(piece, rejects=piece.rejects.iloc[0:0]), prefix=_identifier(mapping.name))
+            )
             rejects.append(piece.rejects)
             if piece.raw is not None and LOCATION in piece.raw:
                 locations.update(piece.raw[LOCATION].unique())
@@ -631,7 +633,7 @@ def stage(
                 lookups=_lookups(mapping),
                 watermark=watermark,
                 amount_read=amount_read,
-                stored=StoredPieces(tuple(paths), totals["records"]),
+                stored=StoredPieces(tuple(paths), totals["records"], tuple(len(r) for r in rejects)),
                 locations=frozenset(locations),
             )
         )

@@ -84,3 +84,40 @@ def test_the_extraction_step_names_the_columns_of_every_chunk(
     expected = [c for c in first.columns if not c.startswith("_")] + ["附加列"]
     assert metadata["columns"].value == expected
     assert "extra" not in str(metadata["preview"].value)  # the first rows
+
+
+def entries(rejects: Any) -> list[str]:
+    """Reject entries as comparable text, in no particular order (a piece's come before the next piece's)."""
+    return sorted(
+        str(entry) for entry in rejects.astype(object).where(rejects.notna(), None).to_dict("records")
+    )
+
+
+def test_a_staged_batchs_rejects_are_stored_once(demo_project: Path, tmp_path: Path) -> None:
+    """A batch staged in pieces keeps each reject entry in one place (the batch, which the staging step's
+    metadata and a trial's sample read); the loader still gets each piece's own entries with its rows."""
+    import pandas as pd
+
+    from crm_core.loading import read_piece
+    from integration.pipeline import Migration, extract, stage
+    from integration.spill import SpillFolder, StoredFrames
+
+    migration = Migration.load(str(demo_project))
+    mapping = next(m for m in migration.mappings_for("opportunity") if m.source == "sales_xlsx")
+    name, frame = migration.raw_asset(mapping), extract(migration, mapping)  # three rows rejected
+    [whole] = stage(migration, "opportunity", {name: frame}).batches
+    folder = SpillFolder(tmp_path, "staged_opportunity", "run")
+    parts = [frame.iloc[i : i + 4].reset_index(drop=True) for i in range(0, len(frame), 4)]
+    raw = StoredFrames([folder.write(p, prefix="chunk") for p in parts], len(frame))
+    [batch] = stage(migration, "opportunity", {name: raw}, spill=folder).batches
+    assert batch.stored is not None and len(whole.rejects) > 2
+    in_files = sum(len(read_piece(path, FileNotFoundError).rejects) for path in batch.stored.paths)
+    assert len(batch.rejects) + in_files == len(whole.rejects)
+    expected = entries(whole.rejects)
+    assert entries(batch.rejects) == expected
+    given = [piece.rejects for piece in batch.pieces()]  # what the loader reads, piece by piece
+    assert entries(pd.concat(given, ignore_index=True)) == expected
+    for piece, rejects in zip(batch.pieces(), given, strict=True):  # each with the rows it rejects
+        assert piece.raw is not None
+        rows = set(zip(piece.raw["_location"].astype(str), piece.raw["_row_ref"].astype(str), strict=True))
+        assert set(zip(rejects["location"], rejects["row_ref"], strict=True)) <= rows
