@@ -925,11 +925,10 @@ def load(
 
     With ``sample`` (trial runs) each source contributes at most that many rows, chosen by :func:`sample_batch`.
     Mappings skipped as unchanged (``staged.unchanged``) keep their last load: their stats and quarantine
-    entries are carried over from it, unless this run changed what they depend on, and then they are read
-    and loaded now (:func:`integration.rerun.must_reload`).
+    entries are carried over from it. Those this run must read after all (it changed what they depend on)
+    are read by :func:`reload_if_needed`, which the caller runs first (the core step, into its spill folder).
     """
     factory = session_factory(engine)
-    staged = reload_if_needed(migration, engine, run_key, staged)
     stats: list[SourceStats] = []
     with factory() as session, session.begin():
         run = get_or_start_run(session, run_key, migration.project.name, mode)
@@ -984,11 +983,16 @@ def reload_if_needed(
     mappings = {m.name: m for m in migration.mappings_for(staged.entity)}
     with engine.connect() as connection:
         run_id = connection.scalar(select(LoadRun.id).where(LoadRun.run_key == run_key))
+
+        def must(item: Unchanged, loading: bool) -> bool:
+            return run_id is None or must_reload(connection, run_id, mappings[item.mapping], item, loading)
+
         loading = bool(staged.batches)
-        again = [
-            u for u in staged.unchanged
-            if run_id is None or must_reload(connection, run_id, mappings[u.mapping], u, loading)
-        ]  # fmt: skip
+        again = [u for u in staged.unchanged if must(u, loading)]
+        if again and not loading:
+            # Reading these loads the entity after all: a skipped mapping that must load whenever another
+            # mapping of its entity does (a branch's parent) is read now too.
+            again += [u for u in staged.unchanged if u not in again and must(u, True)]
     if not again:
         return staged
     raw: dict[str, pd.DataFrame | StoredFrames] = {}

@@ -121,3 +121,63 @@ def test_a_staged_batchs_rejects_are_stored_once(demo_project: Path, tmp_path: P
         assert piece.raw is not None
         rows = set(zip(piece.raw["_location"].astype(str), piece.raw["_row_ref"].astype(str), strict=True))
         assert set(zip(rejects["location"], rejects["row_ref"], strict=True)) <= rows
+
+
+def test_a_core_step_checks_each_skipped_mapping_once(
+    demo_project: Path, sqlite_core_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-run skips the unchanged mappings; each core step asks once per skipped mapping whether it must be
+    read after all (the core step asked, and then the load it called asked again)."""
+    from collections import Counter
+
+    from integration import pipeline
+    from integration.assets.resources import dispose_engines
+    from integration.jobs import MIGRATION_JOB, build_definitions
+
+    job = build_definitions(demo_project, sqlite_core_url).resolve_job_def(MIGRATION_JOB)
+    asked: Counter[str] = Counter()
+    real = pipeline.must_reload
+
+    def counted(connection: Any, run_id: int, mapping: Any, unchanged: Any, loading: bool) -> bool:
+        asked[mapping.name] += 1
+        return real(connection, run_id, mapping, unchanged, loading)
+
+    with dg.instance_for_test() as instance:
+        assert job.execute_in_process(instance=instance).success
+        monkeypatch.setattr(pipeline, "must_reload", counted)
+        again = job.execute_in_process(instance=instance)
+    dispose_engines()
+    assert again.success
+    skipped = {
+        name
+        for event in again.get_asset_materialization_events()
+        if event.asset_key.path[0].startswith("core_")
+        for name in event.materialization.metadata["skipped_unchanged"].value  # type: ignore[union-attr]
+    }
+    assert skipped and set(asked) == skipped
+    assert max(asked.values()) == 1, asked
+
+
+def test_reloading_skipped_mappings_once_is_enough(
+    demo_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A skipped mapping that must load only when another mapping of its entity loads (a branch's parent) is
+    read in the same call that reads the other one: what the call returns needs no second call."""
+    from integration import pipeline
+    from integration.pipeline import Migration, StagedEntity, core_engine, reload_if_needed, start_run
+    from integration.rerun import Unchanged
+
+    migration = Migration.load(str(demo_project))
+    first, second = migration.mappings_for("customer")[:2]
+    items = [Unchanged(m.name, "customer", m.source, "f", 1, "earlier", (), True) for m in (first, second)]
+    # the first: the core changed under it; the second: only when another mapping of its entity loads
+    monkeypatch.setattr(
+        pipeline, "must_reload", lambda c, r, mapping, u, loading: mapping is first or loading
+    )
+    engine = core_engine(f"sqlite:///{tmp_path / 'core.sqlite'}")
+    start_run(engine, "now", migration.project.name)
+    staged = reload_if_needed(migration, engine, "now", StagedEntity("customer", unchanged=items))
+    again = reload_if_needed(migration, engine, "now", staged)
+    engine.dispose()
+    assert [b.mapping for b in staged.batches] == [first.name, second.name] and staged.unchanged == []
+    assert again == staged
