@@ -14,6 +14,7 @@ from __future__ import annotations
 import copyreg
 import pickle
 from decimal import Decimal
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
@@ -152,20 +153,37 @@ class _StepOutputFiles(PickledObjectFilesystemIOManager):
             dump_output(obj, file)
 
 
+TRIAL_OUTPUTS = "trial"
+
+
 class StepOutputFiles(dg.FilesystemIOManager):
-    """Step outputs as pickle files under the instance's storage folder, decimal columns written as text."""
+    """Step outputs as pickle files under the instance's storage folder, decimal columns written as text.
+
+    Dagster names an asset's output file by the asset alone, so two runs of one instance write the same
+    files. A trial run (run tag ``crmi/mode: trial``) may run beside a migration (it writes a scratch core
+    and carries no ``crmi/core`` tag): its outputs go to ``<base>/trial/<run id>/`` instead, where they
+    cannot replace what the migration's later steps read. A trial reads only what it wrote itself.
+    """
 
     @classmethod
     def _is_dagster_maintained(cls) -> bool:
         return False
 
     def create_io_manager(self, context: dg.InitResourceContext) -> Any:
-        """Return the IO manager writing under ``base_dir`` or the instance's storage directory."""
-        if self.base_dir is not None:
-            return _StepOutputFiles(self.base_dir)
+        """Return the IO manager writing under ``base_dir`` or the instance's storage directory (a trial run:
+        under its own folder there)."""
+        from integration.pipeline import MODE_TAG  # the pipeline's step pieces are written with dump_output
+
         instance = context.instance
-        if instance is None:  # Dagster builds IO managers with their instance; a bare context has none
+        if self.base_dir is not None:
+            base = self.base_dir
+        elif instance is not None:
+            base = instance.storage_directory()
+        else:  # Dagster builds IO managers with their instance; a bare context has none
             raise dg.DagsterInvariantViolationError(
                 "StepOutputFiles needs base_dir outside a Dagster instance"
             )
-        return _StepOutputFiles(instance.storage_directory())
+        run = context.run
+        if run is not None and run.tags.get(MODE_TAG) == "trial":
+            return _StepOutputFiles(str(Path(base) / TRIAL_OUTPUTS / run.run_id))
+        return _StepOutputFiles(base)

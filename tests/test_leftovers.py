@@ -181,3 +181,27 @@ def test_reloading_skipped_mappings_once_is_enough(
     engine.dispose()
     assert [b.mapping for b in staged.batches] == [first.name, second.name] and staged.unchanged == []
     assert again == staged
+
+
+def test_a_trial_beside_a_migration_leaves_the_migrations_step_outputs(
+    demo_project: Path, sqlite_core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step outputs are named by asset: a trial run in the same instance (the ``migration_trial`` job in the
+    UI, beside a migration: it carries no ``crmi/core`` tag) wrote over the migration's, which its later
+    steps then read (the trial's dedup candidates name records of the trial's scratch core). A trial's
+    outputs go to a folder of its own."""
+    from integration.assets.resources import dispose_engines
+    from integration.jobs import MIGRATION_JOB, TRIAL_JOB, build_definitions
+
+    monkeypatch.setenv("CRM_TRIAL_CORE_URL", f"sqlite:///{tmp_path / 'trial.sqlite'}")
+    defs = build_definitions(demo_project, sqlite_core_url)
+    with dg.instance_for_test() as instance:
+        storage = Path(instance.storage_directory())
+        assert defs.resolve_job_def(MIGRATION_JOB).execute_in_process(instance=instance).success
+        outputs = {path: path.read_bytes() for path in storage.iterdir() if path.is_file()}
+        trial = defs.resolve_job_def(TRIAL_JOB).execute_in_process(instance=instance)
+        dispose_engines()
+        assert trial.success
+        assert "staged_customer" in {path.name for path in outputs}
+        assert {path: path.read_bytes() for path in storage.iterdir() if path.is_file()} == outputs
+        assert (storage / "trial" / trial.run_id / "staged_customer").is_file()
