@@ -172,7 +172,7 @@ class StepOutputFiles(dg.FilesystemIOManager):
     def create_io_manager(self, context: dg.InitResourceContext) -> Any:
         """Return the IO manager writing under ``base_dir`` or the instance's storage directory (a trial run:
         under its own folder there)."""
-        from integration.pipeline import MODE_TAG  # the pipeline's step pieces are written with dump_output
+        from integration.pipeline import MODE_TAG  # here: the pipeline imports this module (through spill)
 
         instance = context.instance
         if self.base_dir is not None:
