@@ -692,9 +692,11 @@ def mapping_scaffold(
         raise typer.Exit(EXIT_FAILED) from None
     profile = detect_profile(tables) if profile_name == "auto" else profile_named(profile_name)
     try:
+        folder = out.parent if out is not None else migration.project.root / "mappings"
         text = scaffold(
-            source, table, columns, target=target, sheet=sheet, profile=profile, tables=tables or None
-        )
+            source, table, columns, target=target, sheet=sheet, profile=profile, tables=tables or None,
+            folder=folder,
+        )  # fmt: skip
     except ConfigError as exc:
         raise _config_error(exc) from None
     if out is None:

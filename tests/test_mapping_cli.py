@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from integration.cli import app
-from integration.mappings.scaffold import guess_target, header_key
+from integration.mappings.scaffold import SCHEMA_FILE, guess_fields, guess_target, header_key
 from integration.mappings.spec import load_mapping
 from integration.mappings.targets import markdown as targets_markdown
 from integration.mappings.targets import target_fields
@@ -67,6 +67,39 @@ def test_scaffold_lookups_and_transforms_fit_the_columns(demo_project: Path) -> 
     assert spec["fields"]["customer"]["lookup"] == {"by": "name"}
     assert spec["fields"]["amount"]["transforms"] == ["parse_amount"]
     assert spec["fields"]["expected_close_date"]["transforms"] == ["parse_date"]
+
+
+@pytest.mark.parametrize(
+    ("columns", "target", "expected"),
+    [
+        (["编号", "公司", "电话"], "customer", {"name": "公司"}),  # 公司 is the customer's own name here
+        (["客户", "城市"], "customer", {"name": "客户"}),
+        (["Company", "Phone"], "customer", {"name": "Company"}),
+        (["姓名", "公司", "手机"], "contact", {"name": "姓名", "customer": "公司"}),  # the contact's customer
+        (["公司", "客户名称"], "customer", {"name": "客户名称"}),  # a real name column wins
+        (["公司", "姓名"], "sales_rep", {"name": "姓名"}),  # a salesperson is no company
+    ],
+)  # fmt: skip
+def test_company_headers_name_a_customer_sheets_records_and_a_contacts_customer(
+    columns: list[str], target: str, expected: dict[str, str]
+) -> None:
+    chosen, _ = guess_fields(columns, target)
+    assert {field: chosen.get(field) for field in expected} == expected
+
+
+def test_a_scaffolded_mappings_schema_comment_points_at_the_schema_from_where_it_is_written(
+    demo_project: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "elsewhere" / "deeper" / "accounts.yaml"
+    out.parent.mkdir(parents=True)
+    command = ["mapping", "scaffold", "--project", str(demo_project), "--source", "legacy_crm",
+               "--table", "accounts", "--out", str(out)]  # fmt: skip
+    assert runner.invoke(app, command).exit_code == 0
+    first = out.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# yaml-language-server: $schema=")
+    reference = first.split("$schema=", 1)[1]
+    assert not Path(reference).is_absolute()
+    assert (out.parent / reference).resolve() == SCHEMA_FILE.resolve()
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -56,6 +58,7 @@ FIELD_SYNONYMS: dict[str, list[str]] = {
 }  # fmt: skip
 KEY_SYNONYMS = [
     "id",
+    "code",
     "编号",
     "编码",
     "客户编码",
@@ -94,6 +97,19 @@ TRANSFORMS: dict[str, dict[str, Any]] = {
 }
 
 
+SCHEMA_FILE = Path(__file__).with_name("mapping.schema.json")
+
+
+def schema_reference(folder: Path | None) -> str:
+    """Return the path of the mapping schema as a mapping file in ``folder`` refers to it (relative when it can)."""
+    if folder is None:
+        return "../../../integration/mappings/mapping.schema.json"
+    try:
+        return Path(os.path.relpath(SCHEMA_FILE.resolve(), folder.resolve())).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        return SCHEMA_FILE.resolve().as_posix()
+
+
 def header_key(header: str) -> str:
     """Return the comparison form of a header: NFKC, case-folded, without spaces, underscores and dashes."""
     return re.sub(r"[\s_\-./（）()]", "", unicodedata.normalize("NFKC", header).casefold())
@@ -108,17 +124,26 @@ def guess_target(table: str) -> str:
     return "customer"
 
 
-# Headers that name a *customer*: the record's own name on a customer sheet, a reference elsewhere.
-CUSTOMER_NAME_HEADERS = {
+# Headers that name a company: the record's own name on a customer sheet, its customer's elsewhere.
+COMPANY_NAME_HEADERS = {
     "客户名称",
     "公司名称",
     "企业名称",
     "单位名称",
+    "客户名",
+    "公司名",
+    "客户",
+    "公司",
+    "企业",
+    "单位",
     "ccusname",
     "accountname",
-    "ccuscode",
-    "accountid",
+    "company",
+    "companyname",
+    "customername",
 }
+# Headers that name a *customer*: the record's own name on a customer sheet, a reference elsewhere.
+CUSTOMER_NAME_HEADERS = COMPANY_NAME_HEADERS | {"ccuscode", "accountid"}
 
 
 def guess_fields(columns: list[str], target: str) -> tuple[dict[str, str], list[str]]:
@@ -130,6 +155,11 @@ def guess_fields(columns: list[str], target: str) -> tuple[dict[str, str], list[
             if header_key(column) in CUSTOMER_NAME_HEADERS:
                 chosen["customer"] = column
                 break
+    elif target == "customer" and not any(header_key(c) in FIELD_SYNONYMS["name"] for c in columns):
+        # a customer sheet whose name column is headed 公司 or 客户 (elsewhere those name the customer)
+        company = next((c for c in columns if header_key(c) in COMPANY_NAME_HEADERS), None)
+        if company is not None:
+            chosen["name"] = company
     for column in columns:
         key = header_key(column)
         if column in chosen.values():
@@ -170,8 +200,12 @@ def scaffold(
     sheet: bool = False,
     profile: SystemProfile | None = None,
     tables: list[str] | None = None,
+    folder: Path | None = None,
 ) -> str:
     """Return the YAML text of a starter mapping for ``source.table`` with its real ``columns``.
+
+    ``folder`` is where the file will live: its editor-schema comment points from there to this toolkit's
+    ``mapping.schema.json`` (without it, from a project folder's ``mappings/`` inside this repository).
 
     With a ``profile`` (see :mod:`integration.mappings.profiles`) the table's known key, filter, link
     tables, lookups and value maps replace the guesses, as far as the columns and ``tables`` exist.
@@ -260,7 +294,7 @@ def scaffold(
         "target": entity,
         "fields": specs,
     }
-    text = "# yaml-language-server: $schema=../../../integration/mappings/mapping.schema.json\n"
+    text = f"# yaml-language-server: $schema={schema_reference(folder)}\n"
     if profile is not None and known is not None:
         text += (
             f"# profile: {profile.title} (recognised by its tables {', '.join(sorted(profile.signature))});\n"
