@@ -161,8 +161,9 @@ class StepOutputFiles(dg.FilesystemIOManager):
 
     Dagster names an asset's output file by the asset alone, so two runs of one instance write the same
     files. A trial run (run tag ``crmi/mode: trial``) may run beside a migration (it writes a scratch core
-    and carries no ``crmi/core`` tag): its outputs go to ``<base>/trial/<run id>/`` instead, where they
-    cannot replace what the migration's later steps read. A trial reads only what it wrote itself.
+    and carries no ``crmi/core`` tag): its outputs go to ``<base>/trial/<root run id>/`` instead, where they
+    cannot replace what the migration's later steps read. A trial reads only what it (or the run it
+    re-executes) wrote.
     """
 
     @classmethod
@@ -185,5 +186,7 @@ class StepOutputFiles(dg.FilesystemIOManager):
             )
         run = context.run
         if run is not None and run.tags.get(MODE_TAG) == "trial":
-            return _StepOutputFiles(str(Path(base) / TRIAL_OUTPUTS / run.run_id))
+            # A re-execution (a new run id) reads the outputs of the steps it does not run where its first
+            # run wrote them: the folder is the root run's.
+            return _StepOutputFiles(str(Path(base) / TRIAL_OUTPUTS / (run.root_run_id or run.run_id)))
         return _StepOutputFiles(base)

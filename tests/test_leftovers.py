@@ -205,3 +205,40 @@ def test_a_trial_beside_a_migration_leaves_the_migrations_step_outputs(
         assert "staged_customer" in {path.name for path in outputs}
         assert {path: path.read_bytes() for path in storage.iterdir() if path.is_file()} == outputs
         assert (storage / "trial" / trial.run_id / "staged_customer").is_file()
+
+
+def trial_job() -> Any:
+    """The demo's trial job, built from ``$CRMI_TEST_PROJECT`` (a module-level function: re-execution
+    rebuilds the job from it)."""
+    import os
+
+    from integration.jobs import TRIAL_JOB, build_definitions
+
+    return build_definitions(os.environ["CRMI_TEST_PROJECT"], os.environ["CRMI_TEST_CORE"]).resolve_job_def(
+        TRIAL_JOB
+    )
+
+
+def test_a_re_executed_trial_reads_the_step_outputs_its_first_run_wrote(
+    demo_project: Path, sqlite_core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-executing a trial run (from the UI: a new run id, the same root run) runs some steps again; the
+    others' outputs are read where the first run wrote them, not in a folder of the new run id."""
+    from integration.assets.resources import dispose_engines
+
+    monkeypatch.setenv("CRM_TRIAL_CORE_URL", f"sqlite:///{tmp_path / 'trial.sqlite'}")
+    monkeypatch.setenv("CRMI_TEST_PROJECT", str(demo_project))
+    monkeypatch.setenv("CRMI_TEST_CORE", sqlite_core_url)
+    job = dg.reconstructable(trial_job)
+    with dg.instance_for_test() as instance:
+        with dg.execute_job(job, instance=instance) as first:
+            assert first.success
+        options = dg.ReexecutionOptions(parent_run_id=first.run_id, step_selection=["core_customer"])
+        with dg.execute_job(
+            job, instance=instance, reexecution_options=options, raise_on_error=False
+        ) as again:
+            dispose_engines()
+            assert again.success, [e.message for e in again.all_events if e.is_failure]
+        storage = Path(instance.storage_directory())
+        assert (storage / "trial" / first.run_id / "staged_customer").is_file()
+        assert not (storage / "trial" / again.run_id).exists()  # the re-execution used its root run's folder
