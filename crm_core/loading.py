@@ -1150,7 +1150,9 @@ class EntityLoader:
 
     def _load(self, batches: Sequence[Batch]) -> list[SourceStats]:
         self.session.flush()
-        deferred = self._defer_indexes(sum(batch.record_count for batch in batches))
+        incoming = sum(batch.record_count for batch in batches)
+        deferred = self._defer_indexes(incoming)
+        deferred_keys = self._defer_foreign_keys(incoming)
         self._analyze()
         self._build_index()
         self._find_new_sources({batch.source for batch in batches})
@@ -1165,6 +1167,11 @@ class EntityLoader:
         connection = self.session.connection()
         for index in deferred:  # SQLite only: no planner statistics to refresh afterwards
             index.create(connection)
+        quote = connection.dialect.identifier_preparer.quote
+        for name, definition in deferred_keys:  # validated in one pass each, over the rows just written
+            connection.exec_driver_sql(
+                f"ALTER TABLE {quote(self.table.name)} ADD CONSTRAINT {quote(name)} {definition}"
+            )
         return all_stats
 
     def _load_pieces(self, batch: Batch) -> SourceStats:
@@ -1225,6 +1232,34 @@ class EntityLoader:
                 index.drop(connection)
                 deferred.append(index)
         return deferred
+
+    def _defer_foreign_keys(self, incoming: int) -> list[tuple[str, str]]:
+        """Drop the table's foreign keys for a big load; return (name, definition) to add each back after it.
+
+        PostgreSQL only, on the same terms as :meth:`_defer_indexes` (``incoming`` rows at least
+        ``defer_indexes_at`` and at least the rows the table holds: a first load, a go-live). Each row a
+        ``COPY`` writes fires one check per foreign key, a key-share lock on the row it points at included
+        (measured: 157,164 opportunities with their four keys 5.9 s, without them 1.2 s); adding a key back
+        checks every row in one join (0.2 s for the four). Each key comes back exactly as the database
+        defined it (``pg_get_constraintdef``), in the load's transaction: a failed load rolls the drop back
+        with everything else. The drop locks the table and the tables it points at until the load commits.
+        """
+        connection = self.session.connection()
+        if connection.dialect.name != "postgresql" or incoming < self.defer_indexes_at:
+            return []
+        if incoming < (connection.scalar(select(func.count()).select_from(self.table)) or 0):
+            return []
+        keys = connection.execute(
+            text(
+                "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+                "WHERE contype = 'f' AND conrelid = CAST(:table AS regclass) ORDER BY conname"
+            ),
+            {"table": self.table.name},
+        ).all()
+        quote = connection.dialect.identifier_preparer.quote
+        for name, _ in keys:
+            connection.exec_driver_sql(f"ALTER TABLE {quote(self.table.name)} DROP CONSTRAINT {quote(name)}")
+        return [(str(name), str(definition)) for name, definition in keys]
 
     def _record_held(self) -> None:
         """Write how many rows (and how much money) wait on each reference decision; unchanged counts stay."""

@@ -310,6 +310,23 @@ def _indexes(engine: sa.Engine) -> dict[str, list[tuple[str, tuple[str, ...], bo
     }
 
 
+def _foreign_keys(engine: sa.Engine) -> list[tuple[Any, ...]]:
+    """Every foreign key of the core as the database defines it (PostgreSQL's own text of each)."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            query = (
+                "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), convalidated FROM pg_constraint"
+                " WHERE contype = 'f' ORDER BY 1, 2"
+            )
+            return [tuple(row) for row in connection.exec_driver_sql(query)]
+    inspector = sa.inspect(engine)
+    return sorted(
+        (table, fk["name"], tuple(fk["constrained_columns"]), fk["referred_table"])
+        for table in inspector.get_table_names()
+        for fk in inspector.get_foreign_keys(table)
+    )
+
+
 def test_a_big_load_builds_its_indexes_afterwards_with_the_same_outcome(
     core_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -324,29 +341,38 @@ def test_a_big_load_builds_its_indexes_afterwards_with_the_same_outcome(
     engine = make_engine(core_url)
     upgrade(engine)
     indexes = _indexes(engine)
+    foreign_keys = _foreign_keys(engine)
     assert ("ix_customers_city", ("city",), False) in indexes["customers"]
     dropped: list[str] = []
+    keys_dropped: list[str] = []
 
     def watch(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         if statement.lstrip().upper().startswith("DROP INDEX"):
             dropped.append(statement.split()[-1].strip('"'))
+        elif "DROP CONSTRAINT" in statement.upper():
+            keys_dropped.append(statement.split()[-1].strip('"'))
 
     sa.event.listen(engine, "before_cursor_execute", watch)
     stats = [s.as_dict() for s in _load_chunked(engine, "r1")]
     assert stats == expected_stats
     assert content(engine) == expected
     assert _indexes(engine) == indexes
+    assert _foreign_keys(engine) == foreign_keys  # back exactly as they were, validated
     if engine.dialect.name == "sqlite":
         # the exact-key columns the loader looks records up by keep their indexes throughout
         assert "ix_customers_city" in dropped and "ix_external_ids_entity_entity_id" in dropped
         assert "ix_customers_credit_code" not in dropped and "ix_customers_name_normalized" not in dropped
-    else:  # PostgreSQL keeps its indexes (the rebuild cost more than it saved there)
+        assert keys_dropped == []  # a foreign-key check is one index lookup there
+    else:  # PostgreSQL keeps its indexes (the rebuild cost more than it saved there), not its foreign keys
         assert dropped == []
-    # a smaller load into a table that holds more rows keeps every index
+        assert set(keys_dropped) == {name for table, name, *_ in foreign_keys if table == "customers"}
+        assert "fk_customers_parent_id_customers" in keys_dropped
+    # a smaller load into a table that holds more rows keeps every index and foreign key
     dropped.clear()
+    keys_dropped.clear()
     _, crm = _chunked_rows()
     load(engine, "r2", "customer", [batch("crm", crm, {"parent": Lookup()})], CUSTOMER_RULES)
-    assert dropped == [] and _indexes(engine) == indexes
+    assert dropped == [] and keys_dropped == [] and _indexes(engine) == indexes
     engine.dispose()
 
 
@@ -413,7 +439,9 @@ def test_a_first_load_skips_lookups_of_keys_nothing_stored_and_decides_the_same(
     assert methods[("erp", "A1")] == "created" and methods[("crm", "c-1")] == "matched:credit_code"
 
 
-def test_a_failed_big_load_gets_its_indexes_back(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_big_load_gets_its_indexes_and_foreign_keys_back(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from crm_core import loading
 
     monkeypatch.setattr(loading, "DEFER_INDEXES_MIN_ROWS", 1)
@@ -422,8 +450,10 @@ def test_a_failed_big_load_gets_its_indexes_back(engine: sa.Engine, monkeypatch:
     # before dropping the indexes (SQLite's driver would commit a DROP INDEX outside a transaction)
     with Session(engine) as session, session.begin():
         get_or_start_run(session, "r1", "test")
+    foreign_keys = _foreign_keys(engine)
     _load_and_fail_halfway(engine)
     assert _indexes(engine) == indexes
+    assert _foreign_keys(engine) == foreign_keys
 
 
 def test_rows_pointing_at_a_merged_record_stay_unchanged_on_reload(engine: sa.Engine) -> None:
