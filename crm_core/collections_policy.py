@@ -7,6 +7,12 @@ keeps walking a growing heap for nothing: measured on the loader at 100,000 cust
 one core), 17-21% of the load's CPU time went to collections (1.4-2.3 s per entity, most of it in five to
 eight full collections); with a young threshold of 50,000 it was 0.2-0.4 s. Reference cycles are still
 collected, only in larger batches, so memory does not grow by more than a few young generations.
+
+A command's start-up is the other case: importing Dagster, pandas and SQLAlchemy and building the definitions
+leaves some 330,000 objects that live until the process ends, and CPython walked them in every full collection
+of the run and once more at exit (a re-run of ``crmi run`` with nothing changed, 100,000 source rows: 0.9 s in
+collections during the run and 0.7 s at exit, of 6 s CPU). :func:`frozen_start_up` builds them without
+collections and then moves them to the permanent generation, which no collection walks.
 """
 
 from __future__ import annotations
@@ -34,3 +40,21 @@ def rare_collections() -> Iterator[None]:
         yield
     finally:
         gc.set_threshold(*before)
+
+
+@contextmanager
+def frozen_start_up() -> Iterator[None]:
+    """Run a command's start-up (imports, definitions) without collections, then freeze what it left alive.
+
+    Frozen objects are never collected: only for what lives until the process ends anyway. A block that raises
+    freezes nothing; a collector that was disabled stays as it was.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+        gc.freeze()
+    finally:
+        gc.enable()

@@ -234,47 +234,51 @@ def run(
     When it ends it prints the time and rows/s of each phase (extract, map_validate, load, link, merge,
     reconcile); a failed step is named with its cause on one line.
     """
-    import datetime as dt
-    import time
+    from crm_core.collections_policy import frozen_start_up
 
-    from crm_core.errors import ConfigError as OptionsError
-    from crm_core.runs import recover_crashed_runs
-    from integration.jobs import DELTA_JOB, MIGRATION_JOB, TRIAL_JOB, build_definitions
-    from integration.phases import phase_timings
-    from integration.pipeline import RunOptions, reconcile
-    from integration.project import load_project
+    # Dagster, pandas, SQLAlchemy and the definitions live until the process ends: see frozen_start_up.
+    with frozen_start_up():
+        import datetime as dt
+        import time
 
-    if delta and trial:
-        errors.print("choose --delta or --trial, not both")
-        raise typer.Exit(EXIT_FAILED)
-    try:
-        options = (
-            RunOptions(mode="trial", sample=sample)
-            if trial
-            else RunOptions(mode="delta" if delta else "full", no_skip=no_skip)
-        )
-    except OptionsError as exc:
-        errors.print(str(exc))
-        raise typer.Exit(EXIT_FAILED) from None
-    if trial:
-        # The core resource switches to this scratch core for trial runs (integration.assets.resources).
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-        core = core or f"sqlite:///{(Path('var') / 'trial' / stamp / 'core.sqlite').resolve()}"
-        os.environ["CRM_TRIAL_CORE_URL"] = core
-    elif core:
-        # Through the environment, not resource config: the UI shows resource config, and URLs hold passwords.
-        os.environ["CRM_CORE_URL"] = core
-    try:
-        defs = build_definitions(project)
-    except ConfigError as exc:
-        raise _config_error(exc) from None
-    with _core_engine(core) as engine:
-        crashed_runs = recover_crashed_runs(engine)
-    for crashed in crashed_runs:
-        errors.print(f"[yellow]run {crashed} had crashed mid-load; its changes were undone[/yellow]")
-    # Failures are summarised below, one line each; --verbose shows Dagster's own step logs.
-    log_level = "DEBUG" if verbose else "CRITICAL"
-    job = defs.resolve_job_def(TRIAL_JOB if trial else DELTA_JOB if delta else MIGRATION_JOB)
+        from crm_core.errors import ConfigError as OptionsError
+        from crm_core.runs import recover_crashed_runs
+        from integration.jobs import DELTA_JOB, MIGRATION_JOB, TRIAL_JOB, build_definitions
+        from integration.phases import phase_timings
+        from integration.pipeline import RunOptions, reconcile
+        from integration.project import load_project
+
+        if delta and trial:
+            errors.print("choose --delta or --trial, not both")
+            raise typer.Exit(EXIT_FAILED)
+        try:
+            options = (
+                RunOptions(mode="trial", sample=sample)
+                if trial
+                else RunOptions(mode="delta" if delta else "full", no_skip=no_skip)
+            )
+        except OptionsError as exc:
+            errors.print(str(exc))
+            raise typer.Exit(EXIT_FAILED) from None
+        if trial:
+            # The core resource switches to this scratch core for trial runs (integration.assets.resources).
+            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+            core = core or f"sqlite:///{(Path('var') / 'trial' / stamp / 'core.sqlite').resolve()}"
+            os.environ["CRM_TRIAL_CORE_URL"] = core
+        elif core:
+            # Through the environment, not resource config: the UI shows resource config, and URLs hold passwords.
+            os.environ["CRM_CORE_URL"] = core
+        try:
+            defs = build_definitions(project)
+        except ConfigError as exc:
+            raise _config_error(exc) from None
+        with _core_engine(core) as engine:
+            crashed_runs = recover_crashed_runs(engine)
+        for crashed in crashed_runs:
+            errors.print(f"[yellow]run {crashed} had crashed mid-load; its changes were undone[/yellow]")
+        # Failures are summarised below, one line each; --verbose shows Dagster's own step logs.
+        log_level = "DEBUG" if verbose else "CRITICAL"
+        job = defs.resolve_job_def(TRIAL_JOB if trial else DELTA_JOB if delta else MIGRATION_JOB)
     show_progress = not as_json and not verbose and console.is_terminal
     with _instance(ephemeral=trial) as instance:
         started = time.perf_counter()

@@ -16,7 +16,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import pandas as pd
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -25,6 +24,8 @@ from rich.tree import Tree
 from crm_core.db import session_factory
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from integration.pipeline import Migration
 
 finance_app = typer.Typer(
@@ -61,6 +62,8 @@ def _base_currency(migration: Migration) -> str:
 
 def difference_frame(result: dict[str, Any]) -> pd.DataFrame:
     """Return one row per classified difference: customer, between which figures, class, amount, detail."""
+    import pandas as pd  # imported here: every crmi command loads this module, few build frames
+
     rows = [
         {"customer_id": d["customer_id"], "customer": d["customer"], "between": r["between"], "class": r["class"],
          "amount": r["amount"], "detail": r["detail"]}
@@ -80,6 +83,8 @@ def finance_reconcile(
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:  # fmt: skip
     """Reconcile a month per customer: CRM orders vs U8 orders vs K3Cloud receivables vs receipts, with reasons."""
+    import pandas as pd
+
     from crm_core.finance import period_bounds, reconcile_period
     from integration.cli import EXIT_FAILED, _core_engine, _migration_or_exit, console, errors
     from integration.reports import write_workbook
