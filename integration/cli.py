@@ -102,7 +102,10 @@ def _instance(*, ephemeral: bool) -> Iterator[Any]:
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():  # customer data tooling: no usage telemetry by default
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+    from integration.event_log import keep_event_log_connections
+
     with dg.DagsterInstance.get() as instance:
+        keep_event_log_connections(instance)  # same files, same UI; no connection per event
         yield instance
 
 

@@ -1,0 +1,67 @@
+"""crmi's Dagster instance writes its event log through kept connections; the UI's own storage reads it live."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from dagster._core.events.log import EventLogEntry
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+
+from integration.event_log import KeptConnectionsEventLogStorage, keep_event_log_connections
+
+
+def _entry(run_id: str, n: int) -> EventLogEntry:
+    return EventLogEntry(
+        error_info=None, level=20, user_message=f"event {n}", run_id=run_id, timestamp=time.time(),
+        step_key="raw_erp_u8_customer", job_name="migration", dagster_event=None,
+    )  # fmt: skip
+
+
+def _events_in_file_alone(db: Path, tmp_path: Path) -> int:
+    """Count the events of a run's database file copied without its WAL: what a checkpoint wrote to it."""
+    alone = tmp_path / "alone.db"
+    shutil.copyfile(db, alone)
+    with sqlite3.connect(alone) as connection:
+        return int(connection.execute("select count(*) from event_logs").fetchone()[0])
+
+
+def test_crmi_instance_keeps_one_connection_per_file_and_the_ui_sees_every_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from integration.cli import _instance
+
+    home = tmp_path / "dagster_home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    run_id = "0b1c2d3e-0000-4000-8000-000000000001"
+    with _instance(ephemeral=False) as instance:
+        storage = instance.event_log_storage
+        assert isinstance(storage, KeptConnectionsEventLogStorage)
+        for n in range(3):
+            instance.handle_new_event(_entry(run_id, n))
+        connections = set()
+        for _ in range(2):
+            with storage.run_connection(run_id) as conn:
+                connections.add(id(conn.connection.dbapi_connection))
+        assert len(connections) == 1  # not a new connection per event
+        # The UI: another process with Dagster's own storage on the same folder, while the run goes on.
+        ui = SqliteEventLogStorage(storage._base_dir)
+        assert [e.user_message for e in ui.get_logs_for_run(run_id)] == ["event 0", "event 1", "event 2"]
+        # Its watcher reacts to changes of the run's database file: each event reached that file.
+        db = Path(storage.path_for_shard(run_id))
+        assert _events_in_file_alone(db, tmp_path) == 3
+        ui.dispose()
+    assert not Path(f"{db}-wal").exists()  # closed as Dagster closes: checkpointed, WAL deleted
+    with dg.DagsterInstance.get() as again:  # the next process (or `dagster dev`) reads the run
+        assert len(again.all_logs(run_id)) == 3
+
+
+def test_other_event_log_storages_are_left_alone() -> None:
+    with dg.DagsterInstance.ephemeral() as instance:
+        before = type(instance.event_log_storage)
+        assert not keep_event_log_connections(instance)
+        assert type(instance.event_log_storage) is before
