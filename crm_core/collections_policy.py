@@ -46,8 +46,10 @@ def rare_collections() -> Iterator[None]:
 def frozen_start_up() -> Iterator[None]:
     """Run a command's start-up (imports, definitions) without collections, then freeze what it left alive.
 
-    Frozen objects are never collected: only for what lives until the process ends anyway. A block that raises
-    freezes nothing; a collector that was disabled stays as it was.
+    Frozen objects are never collected: only for what lives until the process ends anyway, not for bulk work.
+    The reference cycles start-up left behind stay too (crmi run: some 17,000 of 450,000 objects); collecting
+    them first would cost the full collection this avoids (0.8 s). A block that raises freezes nothing; a
+    collector that was disabled stays as it was.
     """
     if not gc.isenabled():
         yield

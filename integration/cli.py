@@ -275,13 +275,14 @@ def run(
             defs = build_definitions(project)
         except ConfigError as exc:
             raise _config_error(exc) from None
-        with _core_engine(core) as engine:
-            crashed_runs = recover_crashed_runs(engine)
-        for crashed in crashed_runs:
-            errors.print(f"[yellow]run {crashed} had crashed mid-load; its changes were undone[/yellow]")
-        # Failures are summarised below, one line each; --verbose shows Dagster's own step logs.
-        log_level = "DEBUG" if verbose else "CRITICAL"
         job = defs.resolve_job_def(TRIAL_JOB if trial else DELTA_JOB if delta else MIGRATION_JOB)
+    # Outside the start-up: undoing a crashed load is bulk work, its garbage must be collected.
+    with _core_engine(core) as engine:
+        crashed_runs = recover_crashed_runs(engine)
+    for crashed in crashed_runs:
+        errors.print(f"[yellow]run {crashed} had crashed mid-load; its changes were undone[/yellow]")
+    # Failures are summarised below, one line each; --verbose shows Dagster's own step logs.
+    log_level = "DEBUG" if verbose else "CRITICAL"
     show_progress = not as_json and not verbose and console.is_terminal
     with _instance(ephemeral=trial) as instance:
         started = time.perf_counter()
