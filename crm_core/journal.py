@@ -21,7 +21,6 @@ from decimal import Decimal
 from operator import itemgetter
 from typing import Any
 
-from psycopg.adapt import PyFormat, Transformer
 from sqlalchemy import (
     JSON,
     BindParameter,
@@ -226,6 +225,8 @@ def _dates_as_text(driver: Any, rows: Iterable[Sequence[Any]]) -> Iterable[Seque
     The same bytes reach the server, but each value object is formatted once: psycopg takes about 2 µs per
     datetime, and a chunk's rows share their timestamps (created_at, updated_at, last_synced_at).
     """
+    from psycopg.adapt import PyFormat, Transformer  # here: a run on SQLite never imports psycopg
+
     rows = list(rows)
     if not rows:
         return rows

@@ -83,3 +83,10 @@ def test_loading_the_command_line_does_not_import_pandas() -> None:
     code = "import sys, integration.cli; print('pandas' in sys.modules)"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "False"
+
+
+def test_loading_the_definitions_does_not_import_psycopg() -> None:
+    """psycopg costs about 70 ms to import; only a core or source on PostgreSQL needs it."""
+    code = "import sys, integration.cli, integration.jobs, crm_core.runs; print('psycopg' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "False"
