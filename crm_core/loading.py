@@ -1251,8 +1251,10 @@ class EntityLoader:
             return []
         keys = connection.execute(
             text(
+                # not a NOT VALID key: it checks new rows only while it is there, and added back NOT VALID
+                # it would check none of the rows loaded meanwhile (validating it would check old ones too)
                 "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
-                "WHERE contype = 'f' AND conrelid = CAST(:table AS regclass) ORDER BY conname"
+                "WHERE contype = 'f' AND convalidated AND conrelid = CAST(:table AS regclass) ORDER BY conname"
             ),
             {"table": self.table.name},
         ).all()

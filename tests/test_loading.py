@@ -456,6 +456,39 @@ def test_a_failed_big_load_gets_its_indexes_and_foreign_keys_back(
     assert _foreign_keys(engine) == foreign_keys
 
 
+@pytest.mark.postgres
+def test_a_big_load_keeps_a_not_valid_foreign_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NOT VALID key checks each new row only while it is there: added back NOT VALID, it would check none."""
+    from crm_core import loading
+    from tests.conftest import PG_URL, reset_postgres, server_or_skip
+
+    server = server_or_skip(PG_URL, "PostgreSQL")
+    reset_postgres(server)
+    server.dispose()
+    engine = make_engine(PG_URL)
+    upgrade(engine)
+    with engine.begin() as connection:  # as a DBA adds a key over rows they have not cleaned yet
+        connection.exec_driver_sql("ALTER TABLE customers DROP CONSTRAINT fk_customers_owner_id_sales_reps")
+        connection.exec_driver_sql(
+            "ALTER TABLE customers ADD CONSTRAINT fk_customers_owner_id_sales_reps "
+            "FOREIGN KEY (owner_id) REFERENCES sales_reps (id) NOT VALID"
+        )
+    foreign_keys = _foreign_keys(engine)
+    monkeypatch.setattr(loading, "DEFER_INDEXES_MIN_ROWS", 1)
+    dropped: list[str] = []
+
+    def watch(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "DROP CONSTRAINT" in statement.upper():
+            dropped.append(statement.split()[-1].strip('"'))
+
+    sa.event.listen(engine, "before_cursor_execute", watch)
+    _load_chunked(engine, "r1")
+    assert "fk_customers_parent_id_customers" in dropped  # the validated keys are still deferred
+    assert "fk_customers_owner_id_sales_reps" not in dropped
+    assert _foreign_keys(engine) == foreign_keys
+    engine.dispose()
+
+
 def test_rows_pointing_at_a_merged_record_stay_unchanged_on_reload(engine: sa.Engine) -> None:
     from crm_core.merging import merge_records
 
