@@ -46,6 +46,12 @@ class KeptConnectionsEventLogStorage(SqliteEventLogStorage):
 
     @contextlib.contextmanager
     def _connect(self, shard: str) -> Iterator[sa.Connection]:
+        if self.__dict__.get("_disposed"):
+            # A thread still writing after dispose (a run interrupted on the terminal): Dagster's own
+            # connection per use, closed after it, not a kept one nothing would close (its WAL left behind).
+            with super()._connect(shard) as conn:
+                yield conn
+            return
         with self._db_lock:  # as Dagster's: one user of the storage's connections at a time
             engines = self._kept_engines()
             engine = engines.get(shard)
@@ -78,7 +84,8 @@ class KeptConnectionsEventLogStorage(SqliteEventLogStorage):
         super().wipe()
 
     def dispose(self) -> None:
-        """Stop watching and close the kept connections."""
+        """Stop watching and close the kept connections; later uses connect as Dagster does."""
+        self.__dict__["_disposed"] = True
         super().dispose()
         self._close_kept()
 

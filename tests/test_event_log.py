@@ -65,3 +65,19 @@ def test_other_event_log_storages_are_left_alone() -> None:
         before = type(instance.event_log_storage)
         assert not keep_event_log_connections(instance)
         assert type(instance.event_log_storage) is before
+
+
+def test_events_written_after_dispose_leave_no_open_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run interrupted on the terminal: its worker thread still writes events after the instance is disposed."""
+    from integration.cli import _instance
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    run_id = "0b1c2d3e-0000-4000-8000-000000000002"
+    with _instance(ephemeral=False) as instance:
+        instance.handle_new_event(_entry(run_id, 0))
+    instance.handle_new_event(_entry(run_id, 1))  # after dispose
+    db = Path(instance.event_log_storage.path_for_shard(run_id))
+    assert not Path(f"{db}-wal").exists()  # closed after the event: nothing left for the process exit
+    assert _events_in_file_alone(db, tmp_path) == 2
