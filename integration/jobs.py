@@ -32,7 +32,7 @@ from integration.assets import (
 )
 from integration.assets.alerts import alert_sensors
 from integration.assets.finance import FINANCE_GROUP, finance_definitions, finance_inbound_assets
-from integration.assets.resources import trial_core_url
+from integration.assets.resources import run_trial_core_url
 from integration.assets.sync import SYNC_GROUP
 from integration.failures import cause_line
 from integration.pipeline import MODE_TAG, Migration, RunOptions
@@ -108,7 +108,7 @@ def undo_failed_runs_sensor(core_database_url: str | None) -> dg.SensorDefinitio
     )
     def _undo(context: dg.RunFailureSensorContext) -> None:
         run = context.dagster_run
-        url = trial_core_url(run.run_id) if run.tags.get(MODE_TAG) == "trial" else core_url(core_database_url)
+        url = run_trial_core_url(run) if run.tags.get(MODE_TAG) == "trial" else core_url(core_database_url)
         if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
             return  # the run never reached its core (a trial's scratch core is made by its first step)
         engine = make_engine(url)

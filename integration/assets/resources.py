@@ -63,6 +63,12 @@ def trial_core_url(run_id: str) -> str:
     )
 
 
+def run_trial_core_url(run: dg.DagsterRun) -> str:
+    """Return the scratch core of a trial run: its root run's, so a re-execution (the UI's re-execute from
+    failure or of chosen steps: a new run id) loads into the core its first run's steps loaded into."""
+    return trial_core_url(run.root_run_id or run.run_id)
+
+
 class CoreDatabase(dg.ConfigurableResource):  # type: ignore[type-arg]
     """The CRM core; ``url`` empty means ``$CRM_CORE_URL`` or the SQLite file under var/.
 
@@ -77,7 +83,7 @@ class CoreDatabase(dg.ConfigurableResource):  # type: ignore[type-arg]
         """Switch to the scratch core when the run is a trial."""
         run = context.run
         if run is not None and run.tags.get(MODE_TAG) == "trial":
-            self._trial_url = trial_core_url(run.run_id)
+            self._trial_url = run_trial_core_url(run)
 
     def _url(self) -> str:
         return self._trial_url or core_url(self.url)
