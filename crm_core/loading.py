@@ -604,10 +604,8 @@ class EntityLoader:
         self._crosswalk_ids_alloc = _IdAllocator(session, ExternalId.__table__)  # type: ignore[arg-type]
         self._journaled: set[int] = set()  # records with a journal entry from this load (insert or update)
         self._xw_journaled: set[int] = set()  # crosswalk rows likewise
-        # PostgreSQL planner statistics, per table this load inserts into: the rows it held when they were last
-        # refreshed, and the rows written since (see _refresh_stale_statistics)
-        self._rows_when_analyzed: dict[str, int] = {self.table.name: 0, "external_ids": 0}
-        self._written_since_analyze: dict[str, int] = {self.table.name: 0, "external_ids": 0}
+        self._inserted_since_analyze = 0
+        self._inserted_before_analyze = 0  # rows this loader had written when statistics were last refreshed
         self._columns = {name: f.column for name, f in self.entity.fields.items()}
         self._self_ref_fields = {
             name for name, f in self.entity.fields.items() if f.references == self.entity.name
@@ -1881,8 +1879,7 @@ class EntityLoader:
         connection = self.session.connection()
         journal: list[dict[str, Any]] = []
         xw: Table = ExternalId.__table__  # type: ignore[assignment]
-        self._written_since_analyze[self.table.name] += len(self._new_records)
-        self._written_since_analyze["external_ids"] += len(self._new_crosswalk)
+        self._inserted_since_analyze += len(self._new_records) + len(self._new_crosswalk)
         # New rows carry created_run_id: rollback deletes them by it, so they need no journal entry each.
         if self._new_records:
             bulk_insert(connection, self.table, list(self._new_records.values()))
@@ -1937,7 +1934,10 @@ class EntityLoader:
             for reject, raw_row in zip(unread, raw_rows, strict=True):
                 reject["raw_row"] = raw_row
             bulk_insert(connection, _REJECTS, self._rejects)
-        self._refresh_stale_statistics()
+        # Statistics go stale when a table grows by a large share: refreshed after 50,000 new rows, then each
+        # time the load has doubled what it wrote (an ANALYZE of a large table costs about a second).
+        if self._inserted_since_analyze >= max(ANALYZE_AFTER_ROWS, self._inserted_before_analyze):
+            self._analyze()
         self._rows.clear()
         self._crosswalk.clear()  # flushed: the next chunk reads what it needs by key
         self._new_records.clear()
@@ -1946,38 +1946,10 @@ class EntityLoader:
         self._changed_crosswalk.clear()
         self._rejects = []
 
-    def _analyze(self, tables: Sequence[str] | None = None) -> None:
-        """Refresh the planner statistics of ``tables`` (default: the entity's table and the crosswalk)."""
-        connection = self.session.connection()
-        if connection.dialect.name != "postgresql":
-            return
-        tables = list(tables or self._rows_when_analyzed)
-        refresh_statistics(connection, tables)
-        estimates: dict[str, float] = dict(
-            connection.execute(
-                text(
-                    "SELECT t, (SELECT reltuples FROM pg_class WHERE oid = to_regclass(t))"
-                    " FROM unnest(CAST(:tables AS text[])) AS t"
-                ),
-                {"tables": tables},
-            ).all()
-        )
-        for table in tables:
-            self._rows_when_analyzed[table] = max(0, int(estimates.get(table) or 0))
-            self._written_since_analyze[table] = 0
-
-    def _refresh_stale_statistics(self) -> None:
-        """Refresh the statistics of a table once this load has written 50,000 rows into it and at least as
-        many as it held at the last refresh: a table that grew from nothing within the transaction is planned
-        as empty (a scan of every row per key lookup), while a large one (the crosswalk, once the customers
-        are in) is planned well by what it held before, and an ANALYZE of it costs a good part of a second."""
-        stale = [
-            table
-            for table, written in self._written_since_analyze.items()
-            if written >= max(ANALYZE_AFTER_ROWS, self._rows_when_analyzed[table])
-        ]
-        if stale:
-            self._analyze(stale)
+    def _analyze(self) -> None:
+        refresh_statistics(self.session.connection(), [self.table.name, "external_ids"])
+        self._inserted_before_analyze += self._inserted_since_analyze
+        self._inserted_since_analyze = 0
 
     def _resolve_self_references(self) -> None:
         if not self._pending_self_refs:

@@ -555,37 +555,3 @@ def test_raw_rows_of_rejects_are_read_in_one_go_even_with_a_repeated_header() ->
     assert rows == [{"编号": "C2", "备注": "x"}, None, {"编号": "C1", "备注": "新备注"}]
     assert RawRows(frame).get("a.xlsx#客户", "3") == rows[2]
     assert RawRows(None).many([("x", "1")]) == [None]
-
-
-@pytest.mark.postgres
-def test_statistics_are_refreshed_for_a_growing_table_not_for_a_big_crosswalk(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """On PostgreSQL a table that grows within the load is analyzed as it doubles; the crosswalk, already
-    holding many times what the load adds, only when the load begins."""
-    from crm_core import loading
-    from tests.conftest import PG_URL, reset_postgres, server_or_skip
-
-    engine = server_or_skip(PG_URL, "PostgreSQL")
-    reset_postgres(engine)
-    upgrade(engine)
-    monkeypatch.setattr(loading, "CHUNK_ROWS", 2)
-    customers = [
-        {"_external_key": f"K{i}", "name": f"客户{i}有限公司", "credit_code": None} for i in range(40)
-    ]
-    load(engine, "r1", "customer", [batch("erp", customers)])  # 40 crosswalk rows, analyzed along the way
-    monkeypatch.setattr(loading, "ANALYZE_AFTER_ROWS", 2)
-    analyzed: list[str] = []
-
-    def watch(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.startswith("ANALYZE"):
-            analyzed.append(statement.removeprefix("ANALYZE").strip())
-
-    sa.event.listen(engine, "before_cursor_execute", watch)
-    reps = [{"_external_key": f"U{i}", "name": f"销售{i}"} for i in range(12)]
-    load(engine, "r2", "sales_rep", [batch("erp", reps)])
-    sa.event.remove(engine, "before_cursor_execute", watch)
-    engine.dispose()
-    # at the start both; then the reps' table at 2, 4 and 8 rows written; the crosswalk (40 rows) not again
-    assert analyzed[0] == "external_ids, sales_reps"
-    assert analyzed[1:] == ["sales_reps"] * 3
