@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -217,29 +218,37 @@ def trial_job() -> Any:
     )
 
 
-def test_a_re_executed_trial_reads_the_step_outputs_its_first_run_wrote(
-    demo_project: Path, sqlite_core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Re-executing a trial run (from the UI: a new run id, the same root run) runs some steps again; the
-    others' outputs are read where the first run wrote them, not in a folder of the new run id."""
+@contextmanager
+def _trial_then_re_executed(step: str) -> Iterator[tuple[str, str, Path]]:
+    """Run the trial job, then re-execute ``step`` of it (a new run id, the same root run), both succeeding;
+    yield both run ids and the instance's storage folder, which lasts as long as the block
+    (``$CRMI_TEST_PROJECT``/``_CORE`` set by the test)."""
     from integration.assets.resources import dispose_engines
 
-    monkeypatch.setenv("CRM_TRIAL_CORE_URL", f"sqlite:///{tmp_path / 'trial.sqlite'}")
-    monkeypatch.setenv("CRMI_TEST_PROJECT", str(demo_project))
-    monkeypatch.setenv("CRMI_TEST_CORE", sqlite_core_url)
     job = dg.reconstructable(trial_job)
     with dg.instance_for_test() as instance:
         with dg.execute_job(job, instance=instance) as first:
             assert first.success
-        options = dg.ReexecutionOptions(parent_run_id=first.run_id, step_selection=["core_customer"])
+        options = dg.ReexecutionOptions(parent_run_id=first.run_id, step_selection=[step])
         with dg.execute_job(
             job, instance=instance, reexecution_options=options, raise_on_error=False
         ) as again:
             dispose_engines()
             assert again.success, [e.message for e in again.all_events if e.is_failure]
-        storage = Path(instance.storage_directory())
-        assert (storage / "trial" / first.run_id / "staged_customer").is_file()
-        assert not (storage / "trial" / again.run_id).exists()  # the re-execution used its root run's folder
+        yield first.run_id, again.run_id, Path(instance.storage_directory())
+
+
+def test_a_re_executed_trial_reads_the_step_outputs_its_first_run_wrote(
+    demo_project: Path, sqlite_core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-executing a trial run (from the UI: a new run id, the same root run) runs some steps again; the
+    others' outputs are read where the first run wrote them, not in a folder of the new run id."""
+    monkeypatch.setenv("CRM_TRIAL_CORE_URL", f"sqlite:///{tmp_path / 'trial.sqlite'}")
+    monkeypatch.setenv("CRMI_TEST_PROJECT", str(demo_project))
+    monkeypatch.setenv("CRMI_TEST_CORE", sqlite_core_url)
+    with _trial_then_re_executed("core_customer") as (first, again, storage):
+        assert (storage / "trial" / first / "staged_customer").is_file()
+        assert not (storage / "trial" / again).exists()  # the re-execution used its root run's folder
 
 
 def test_a_re_executed_trial_loads_into_its_first_runs_scratch_core(
@@ -249,25 +258,16 @@ def test_a_re_executed_trial_loads_into_its_first_runs_scratch_core(
     root run) loads into its root run's, where the steps it does not run loaded their rows."""
     from crm_core.db import make_engine
     from crm_core.models import LoadRun
-    from integration.assets.resources import dispose_engines
 
     monkeypatch.delenv("CRM_TRIAL_CORE_URL", raising=False)
     monkeypatch.chdir(tmp_path)  # var/trial/ is relative to the working directory
     monkeypatch.setenv("CRMI_TEST_PROJECT", str(demo_project))
     monkeypatch.setenv("CRMI_TEST_CORE", sqlite_core_url)
-    job = dg.reconstructable(trial_job)
-    with dg.instance_for_test() as instance:
-        with dg.execute_job(job, instance=instance) as first:
-            assert first.success
-        options = dg.ReexecutionOptions(parent_run_id=first.run_id, step_selection=["core_contact"])
-        with dg.execute_job(
-            job, instance=instance, reexecution_options=options, raise_on_error=False
-        ) as again:
-            dispose_engines()
-            assert again.success, [e.message for e in again.all_events if e.is_failure]
-    assert not (tmp_path / "var" / "trial" / again.run_id).exists()
-    engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'trial' / first.run_id / 'core.sqlite'}")
+    with _trial_then_re_executed("core_contact") as (first, again, _):
+        pass
+    assert not (tmp_path / "var" / "trial" / again).exists()
+    engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'trial' / first / 'core.sqlite'}")
     with Session(engine) as session:
         run_keys = set(session.scalars(sa.select(LoadRun.run_key)))
     engine.dispose()
-    assert {first.run_id, again.run_id} <= run_keys  # the re-executed step loaded beside its first run's
+    assert {first, again} <= run_keys  # the re-executed step loaded beside its first run's
