@@ -78,6 +78,8 @@ def test_scaffold_lookups_and_transforms_fit_the_columns(demo_project: Path) -> 
         (["姓名", "公司", "手机"], "contact", {"name": "姓名", "customer": "公司"}),  # the contact's customer
         (["公司", "客户名称"], "customer", {"name": "客户名称"}),  # a real name column wins
         (["公司", "姓名"], "sales_rep", {"name": "姓名"}),  # a salesperson is no company
+        (["联系人", "公司", "电话"], "customer", {"name": "公司"}),  # 联系人 is the contact person
+        (["客户编码", "客户名称", "联系人"], "customer", {"name": "客户名称"}),
     ],
 )  # fmt: skip
 def test_company_headers_name_a_customer_sheets_records_and_a_contacts_customer(

@@ -155,11 +155,15 @@ def guess_fields(columns: list[str], target: str) -> tuple[dict[str, str], list[
             if header_key(column) in CUSTOMER_NAME_HEADERS:
                 chosen["customer"] = column
                 break
-    elif target == "customer" and not any(header_key(c) in FIELD_SYNONYMS["name"] for c in columns):
-        # a customer sheet whose name column is headed 公司 or 客户 (elsewhere those name the customer)
-        company = next((c for c in columns if header_key(c) in COMPANY_NAME_HEADERS), None)
-        if company is not None:
-            chosen["name"] = company
+    elif target == "customer":
+        # A customer sheet's name is its company column: a full header (客户名称) before a short one (公司),
+        # and either before a person's (联系人 is the contact, not the customer).
+        keys = [header_key(c) for c in columns]
+        for tier in (COMPANY_NAME_HEADERS & set(FIELD_SYNONYMS["name"]), COMPANY_NAME_HEADERS):
+            company = next((c for c, k in zip(columns, keys, strict=True) if k in tier), None)
+            if company is not None:
+                chosen["name"] = company
+                break
     for column in columns:
         key = header_key(column)
         if column in chosen.values():
