@@ -1234,7 +1234,7 @@ class EntityLoader:
         return deferred
 
     def _defer_foreign_keys(self, incoming: int) -> list[tuple[str, str]]:
-        """Drop the table's foreign keys for a big load; return (name, definition) to add each back after it.
+        """Drop the table's validated foreign keys for a big load; return (name, definition) to add each back.
 
         PostgreSQL only, on the same terms as :meth:`_defer_indexes` (``incoming`` rows at least
         ``defer_indexes_at`` and at least the rows the table holds: a first load, a go-live). Each row a
