@@ -156,6 +156,12 @@ class _StepOutputFiles(PickledObjectFilesystemIOManager):
 TRIAL_OUTPUTS = "trial"
 
 
+def trial_root(run: dg.DagsterRun) -> str:
+    """Return the run a trial's step outputs and scratch core belong to: its root run, so a re-execution (a
+    new run id) works on what its first run's steps wrote."""
+    return run.root_run_id or run.run_id
+
+
 class StepOutputFiles(dg.FilesystemIOManager):
     """Step outputs as pickle files under the instance's storage folder, decimal columns written as text.
 
@@ -186,7 +192,5 @@ class StepOutputFiles(dg.FilesystemIOManager):
             )
         run = context.run
         if run is not None and run.tags.get(MODE_TAG) == "trial":
-            # A re-execution (a new run id) reads the outputs of the steps it does not run where its first
-            # run wrote them: the folder is the root run's.
-            return _StepOutputFiles(str(Path(base) / TRIAL_OUTPUTS / (run.root_run_id or run.run_id)))
+            return _StepOutputFiles(str(Path(base) / TRIAL_OUTPUTS / trial_root(run)))
         return _StepOutputFiles(base)

@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 from crm_core.db import core_url, redact_url
 from integration.connectors import Connector
 from integration.pipeline import MODE_TAG, Migration, core_engine
+from integration.storage import trial_root
 
 
 def _fingerprint(path: str) -> tuple[tuple[str, int], ...]:
@@ -64,9 +65,9 @@ def trial_core_url(run_id: str) -> str:
 
 
 def run_trial_core_url(run: dg.DagsterRun) -> str:
-    """Return the scratch core of a trial run: its root run's, so a re-execution (the UI's re-execute from
-    failure or of chosen steps: a new run id) loads into the core its first run's steps loaded into."""
-    return trial_core_url(run.root_run_id or run.run_id)
+    """Return the scratch core of a trial run: its root run's (:func:`integration.storage.trial_root`), so a
+    re-execution loads into the core its first run's steps loaded into."""
+    return trial_core_url(trial_root(run))
 
 
 class CoreDatabase(dg.ConfigurableResource):  # type: ignore[type-arg]
