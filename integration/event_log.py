@@ -7,14 +7,19 @@ the WAL file, so each event paid a connect, a compilation, two syncs and a file 
 time and 1 s of CPU for 400 events on the benchmark machine, a third of a re-run with nothing changed.
 
 :class:`KeptConnectionsEventLogStorage` writes the same files with the same statements, through one connection
-per file kept until the instance is disposed. After each transaction it checkpoints the WAL into the database
-file, as closing the connection did: the Dagster UI (``dagster dev`` on the same ``DAGSTER_HOME``, a process
-with Dagster's own storage) watches a run's database file for changes and shows each event as it comes.
+per file kept until the instance is disposed, with ``synchronous=NORMAL``: in WAL mode a commit then writes the
+WAL without waiting for the disk; the file stays consistent whatever happens, and a power cut (not a crash of
+the process) can lose only the last events. The Dagster UI (``dagster dev`` on the same ``DAGSTER_HOME``, a
+process with Dagster's own storage) reads committed events from the WAL, but learns of them by watching the
+run's database file for changes: after each transaction the file's modification time is set, which is what
+closing the connection's checkpoint did, without its three disk syncs (about 1 s of a 5 s re-run with nothing
+changed at 100,000 rows; the WAL is checkpointed by SQLite every 1,000 pages and when the instance is disposed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,9 +35,14 @@ _RELIED_ON = (
     "_initialized_dbs",
     "_initdb",
     "conn_string_for_shard",
+    "path_for_shard",
     "wipe",
     "dispose",
 )
+
+
+def _commit_without_waiting_for_disk(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
 
 class KeptConnectionsEventLogStorage(SqliteEventLogStorage):
@@ -61,15 +71,16 @@ class KeptConnectionsEventLogStorage(SqliteEventLogStorage):
                     poolclass=sa.pool.StaticPool,  # one connection, used under the lock by any thread
                     connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
                 )
+                sa.event.listen(engine, "connect", _commit_without_waiting_for_disk)
                 if shard not in self._initialized_dbs:
                     self._initdb(engine)
                     self._initialized_dbs.add(shard)
                 engines[shard] = engine
-            with engine.connect() as conn:
-                with conn.begin():
-                    yield conn
-                # What closing the connection did: the database file changes, the UI's watcher sees it.
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            with engine.connect() as conn, conn.begin():
+                yield conn
+            # What closing the connection did for the UI's watcher: the database file changes.
+            with contextlib.suppress(OSError):
+                os.utime(self.path_for_shard(shard))
 
     def _close_kept(self) -> None:
         with self._db_lock:

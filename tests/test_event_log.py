@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import dagster as dg
 import pytest
 from dagster._core.events.log import EventLogEntry
+from dagster._core.storage.event_log.base import EventLogCursor
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 
 from integration.event_log import KeptConnectionsEventLogStorage, keep_event_log_connections
@@ -51,13 +53,29 @@ def test_crmi_instance_keeps_one_connection_per_file_and_the_ui_sees_every_event
         # The UI: another process with Dagster's own storage on the same folder, while the run goes on.
         ui = SqliteEventLogStorage(storage._base_dir)
         assert [e.user_message for e in ui.get_logs_for_run(run_id)] == ["event 0", "event 1", "event 2"]
-        # Its watcher reacts to changes of the run's database file: each event reached that file.
-        db = Path(storage.path_for_shard(run_id))
-        assert _events_in_file_alone(db, tmp_path) == 3
+        # Its watcher (watchdog on the run's database file) is told of each new event as it is written.
+        seen: list[str | None] = []
+        all_seen = threading.Event()
+
+        def shown(entry: EventLogEntry, _cursor: str) -> None:
+            seen.append(entry.user_message)
+            if len(seen) == 2:
+                all_seen.set()
+
+        ui.watch(run_id, str(EventLogCursor.from_storage_id(3)), shown)
+        for n in range(3, 5):
+            instance.handle_new_event(_entry(run_id, n))
+        assert all_seen.wait(timeout=30), f"the UI's watcher saw {seen} of the two new events"
+        assert seen == ["event 3", "event 4"]
         ui.dispose()
+        # A commit does not wait for the disk (WAL mode keeps the file consistent; a power cut loses the last events).
+        with storage.run_connection(run_id) as conn:
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        db = Path(storage.path_for_shard(run_id))
     assert not Path(f"{db}-wal").exists()  # closed as Dagster closes: checkpointed, WAL deleted
+    assert _events_in_file_alone(db, tmp_path) == 5  # every event checkpointed into the file when closed
     with dg.DagsterInstance.get() as again:  # the next process (or `dagster dev`) reads the run
-        assert len(again.all_logs(run_id)) == 3
+        assert len(again.all_logs(run_id)) == 5
 
 
 def test_other_event_log_storages_are_left_alone() -> None:
