@@ -20,7 +20,7 @@ import pandas as pd
 
 from crm_core.errors import ExtractError
 from crm_core.loading import read_piece
-from integration.storage import dump_output
+from integration.pickling import dump_output
 
 SPILL_FOLDER = "spill"
 

@@ -104,10 +104,10 @@ def test_a_dagster_run_hands_decimal_frames_from_step_to_step(tmp_path: Path) ->
 
 
 def _python_calls_in_storage(value: object) -> int:
-    """How many calls of this module's Python code pickling ``value`` makes."""
+    """How many calls of the step-output pickler's Python code pickling ``value`` makes."""
     import sys
 
-    import integration.storage as storage
+    import integration.pickling as storage
 
     calls = 0
 
