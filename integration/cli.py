@@ -224,6 +224,14 @@ def run(
             "since the run that last loaded them (a full run skips those)",
         ),
     ] = False,
+    new_run: Annotated[
+        bool,
+        typer.Option(
+            "--new-run",
+            help="start a run even when nothing changed since the last one (it carries every line over and is "
+            "recorded in the core and in Dagster)",
+        ),
+    ] = False,
 ) -> None:
     """Run the migration through Dagster and print the reconciliation (exit 1 failed, 2 unbalanced).
 
@@ -233,20 +241,23 @@ def run(
     A full run reads every source; ``--delta`` starts incremental sources at their watermark (cutover weekend);
     ``--trial`` loads a sample stratified over sources into a scratch SQLite core under var/trial/.
     A full run skips each mapping whose input provably did not change since the last run that loaded it
-    (its line then says since which run; ``--no-skip`` reads everything again).
+    (its line then says since which run; ``--no-skip`` reads everything again). When nothing at all changed
+    since the last run (every mapping would be skipped, nothing else wrote to the core), no run starts: that
+    run's reconciliation is printed, with its exit code (``--new-run`` starts one anyway).
     When it ends it prints the time and rows/s of each phase (extract, map_validate, load, link, merge,
     reconcile); a failed step is named with its cause on one line.
     """
+    import time
+
     from crm_core.collections_policy import frozen_start_up
 
+    started = time.perf_counter()
     # Dagster, pandas, SQLAlchemy and the definitions live until the process ends: see frozen_start_up.
     with frozen_start_up():
         import datetime as dt
-        import time
 
         from crm_core.errors import ConfigError as OptionsError
         from crm_core.runs import recover_crashed_runs
-        from integration.jobs import DELTA_JOB, MIGRATION_JOB, TRIAL_JOB, build_definitions
         from integration.phases import phase_timings
         from integration.pipeline import RunOptions, reconcile
         from integration.project import load_project
@@ -263,6 +274,11 @@ def run(
         except OptionsError as exc:
             errors.print(str(exc))
             raise typer.Exit(EXIT_FAILED) from None
+    if options.mode == "full" and not no_skip and not new_run:
+        _report_if_nothing_changed(project, core, started, as_json)
+    with frozen_start_up():
+        from integration.jobs import DELTA_JOB, MIGRATION_JOB, TRIAL_JOB, build_definitions
+
         if trial:
             # The core resource switches to this scratch core for trial runs (integration.assets.resources).
             stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
@@ -285,7 +301,7 @@ def run(
     log_level = "DEBUG" if verbose else "CRITICAL"
     show_progress = not as_json and not verbose and console.is_terminal
     with _instance(ephemeral=trial) as instance:
-        started = time.perf_counter()
+        started = time.perf_counter()  # the run's own time, as its phases are measured
         result = _execute_with_progress(
             job,
             instance,
@@ -309,6 +325,55 @@ def run(
     with _core_engine(core) as engine:
         report = reconcile(engine, result.run_id, max_quarantined_share=limit)
     _report_success(result.run_id, report, core, options.mode, timing, as_json)
+    raise typer.Exit(EXIT_OK if report.acceptable else EXIT_UNBALANCED)
+
+
+def _report_if_nothing_changed(
+    project: str | Path | None, core: str | None, started: float, as_json: bool
+) -> None:
+    """Print the last run's reconciliation and exit with its code when a full run now would change nothing.
+
+    :func:`integration.rerun.nothing_changed` decides; Dagster is not even imported then. Returns when a run
+    is needed (or the question cannot be answered cheaply: a project that does not load goes on to the run,
+    which reports what is wrong with it).
+    """
+    import time
+
+    from crm_core.runs import recover_crashed_runs
+    from integration.phases import PHASES, PhaseTiming
+    from integration.pipeline import Migration, reconcile
+    from integration.project import project_dir
+    from integration.rerun import nothing_changed
+
+    try:
+        migration = Migration.load(str(Path(project_dir(project)).resolve()))
+    except ConfigError:
+        return
+    with _core_engine(core) as engine:
+        for crashed in recover_crashed_runs(engine):
+            errors.print(f"[yellow]run {crashed} had crashed mid-load; its changes were undone[/yellow]")
+        last = nothing_changed(engine, migration)
+        if last is None:
+            return
+        limit = migration.project.spec.reconciliation.max_quarantined_share
+        report = reconcile(engine, last, max_quarantined_share=limit)
+    seconds = time.perf_counter() - started
+    timing = {
+        "phases": [PhaseTiming(phase, 0.0, 0).as_dict() for phase in PHASES],  # none ran
+        "seconds_total": round(seconds, 3),
+        "rows_read": 0,
+        "rows_per_second": 0.0,
+        "nothing_changed": True,
+        "unchanged_since": last,
+    }
+    if not as_json:
+        console.print(
+            f"[green]Nothing changed since run {last[:8]}[/green]: every source, mapping and setting is as that "
+            "run loaded them and nothing wrote to the core since, so no run was started; its reconciliation "
+            "stands (`--new-run` records a new run anyway, `--no-skip` reads every source again).",
+            highlight=False,
+        )
+    _report_success(last, report, core, "full", timing, as_json)
     raise typer.Exit(EXIT_OK if report.acceptable else EXIT_UNBALANCED)
 
 

@@ -16,6 +16,10 @@ run deletes it). A later full run skips the mapping's extract → map → valida
 A skipped mapping still reconciles: its line is the last loading run's, carried over (what loaded then is
 ``unchanged`` now), with that run's quarantine entries copied, and says since which run it is unchanged.
 Sources without a cheap proof (REST, ODBC, K3Cloud, MariaDB…) are never skipped.
+
+When every mapping would be skipped and the newest run on the core is this project's last full run, a run
+would read, load, link and merge nothing and carry that run's reconciliation over line by line:
+:func:`nothing_changed` says so, and ``crmi run`` then reports that run instead of starting Dagster.
 """
 
 from __future__ import annotations
@@ -319,6 +323,41 @@ def unchanged_since(
         run_id=last.created_run_id, run_key=key, locations=tuple(last.locations or ()),
         depends_on_core=bool(last.depends_on_core),
     )  # fmt: skip
+
+
+def nothing_changed(engine: Engine, migration: Migration) -> str | None:
+    """Return the last run's key when a full run now would change nothing, else None.
+
+    Nothing changes when the newest run on the core (any project, any mode: steward decisions, edits, syncs
+    and rollbacks are runs too) is a full run of this project that succeeded, it reconciled exactly the
+    project's mappings, and each mapping is unchanged since the run that loaded it (:func:`unchanged_since`:
+    its input, mapping file, settings and the toolkit's code, and the core it depends on, merges undone too).
+    Such a run would read and load nothing, so linkage and merges would find nothing new, and its
+    reconciliation would carry the last run's over line by line. Any doubt answers None: the run goes ahead.
+    """
+    with engine.connect() as connection:
+        newest = connection.execute(
+            select(LoadRun.run_key, LoadRun.project, LoadRun.mode, LoadRun.status, LoadRun.stats)
+            .order_by(LoadRun.id.desc())
+            .limit(1)
+        ).first()
+    if newest is None or (newest.project, newest.mode, newest.status) != (
+        migration.project.name, "full", "succeeded",
+    ):  # fmt: skip
+        return None
+    reconciled = {
+        entry.get("mapping")
+        for entries in (newest.stats or {}).values()
+        if isinstance(entries, list)
+        for entry in entries
+    }
+    if reconciled != {mapping.name for mapping in migration.mappings}:
+        return None  # a mapping added or removed since: its line appears or goes
+    for mapping in migration.mappings:
+        fingerprint = mapping_fingerprint(migration, mapping)
+        if unchanged_since(engine, migration, mapping, "", fingerprint) is None:
+            return None
+    return str(newest.run_key)
 
 
 def must_reload(

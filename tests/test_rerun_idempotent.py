@@ -63,7 +63,7 @@ def test_a_second_run_on_an_unchanged_generated_engagement_changes_nothing(
     before = snapshot(engine)
     assert before["merge_log"] and before["match_candidates"]  # the engagement has duplicates to merge
 
-    second = CliRunner().invoke(app, command)
+    second = CliRunner().invoke(app, [*command, "--new-run"])  # a run, not "nothing changed since"
     assert second.exit_code == 0, second.output
     runs = [json.loads(first.stdout)["run_id"], json.loads(second.stdout)["run_id"]]
     assert snapshot(engine) == before  # no merge, no candidate re-scored, no record or decision touched

@@ -88,9 +88,9 @@ def test_an_unchanged_re_run_skips_every_mapping_and_changes_nothing(
         first_stats = connection.scalar(sa.select(LoadRun.stats).where(LoadRun.run_key == baseline[2]))
     (project / "data" / "sales.xlsx").touch()  # a newer time, the same content: still unchanged
 
-    code, again = crmi_run(project, url)
+    code, again = crmi_run(project, url, "--new-run")  # a run recorded anyway: every line carried over
 
-    assert code == 0
+    assert code == 0 and not again.get("nothing_changed")
     assert skipped(again) == set(MAPPINGS)
     assert {item["unchanged_since"] for item in again["skipped"]} == {baseline[2]}
     assert_balanced(again)
@@ -180,9 +180,14 @@ def test_trial_runs_and_no_skip_read_everything(copied: tuple[Path, str]) -> Non
     assert phases["extract"]["rows"] > 0
     assert_balanced(forced)
     # What a forced run loaded is proved again: the next run skips everything.
-    code, again = crmi_run(project, url)
+    code, again = crmi_run(project, url, "--new-run")
     assert code == 0 and skipped(again) == set(MAPPINGS)
     assert {item["unchanged_since"] for item in again["skipped"]} == {forced["run_id"]}
+    # And nothing changed since that run: no run starts, its reconciliation stands.
+    code, same = crmi_run(project, url)
+    assert (
+        code == 0 and same["nothing_changed"] and same["unchanged_since"] == same["run_id"] == again["run_id"]
+    )
 
 
 def test_a_steward_decision_in_between_loads_the_held_rows(
@@ -229,10 +234,13 @@ def test_an_unchanged_re_run_skips_on_postgresql(
     assert code == 0 and first["skipped"] == []
     before = content(engine)
 
-    code, again = crmi_run(demo_project, PG_URL)
+    code, again = crmi_run(demo_project, PG_URL, "--new-run")
 
     assert code == 0 and skipped(again) == set(MAPPINGS)
     assert_balanced(again)
+    assert content(engine) == before
+    code, same = crmi_run(demo_project, PG_URL)  # nothing changed since: no run starts
+    assert code == 0 and same["nothing_changed"] and same["run_id"] == again["run_id"]
     assert content(engine) == before
     engine.dispose()
 
@@ -280,3 +288,88 @@ def test_a_sync_run_in_between_means_everything_is_read(copied: tuple[Path, str]
 
     assert code == 0 and again["skipped"] == []
     assert_balanced(again)
+
+
+def test_a_re_run_with_nothing_changed_starts_no_run_and_reports_the_last_one(
+    baseline: tuple[Path, Path, str], copied: tuple[Path, str]
+) -> None:
+    """Nothing changed since the last run: `crmi run` says so, prints that run's reconciliation with its exit
+    code, and neither Dagster nor the core get a run (every mapping would be skipped, nothing to link)."""
+    import dagster as dg
+
+    project, url = copied
+    engine = make_engine(url)
+    before = content(engine)
+    first = reconcile(engine, baseline[2])
+    with dg.DagsterInstance.get() as instance:
+        dagster_runs = instance.get_runs_count()
+    (project / "data" / "sales.xlsx").touch()  # a newer time, the same content
+
+    code, same = crmi_run(project, url)
+
+    assert code == 0 and same["nothing_changed"] is True
+    assert same["run_id"] == same["unchanged_since"] == baseline[2]
+    assert [line["loaded"] for line in same["lines"]] == [line.loaded for line in first.lines]
+    assert same["quarantined_rows"] == first.quarantined_rows and same["balanced"]
+    assert {p["phase"]: p["rows"] for p in same["phases"]} == dict.fromkeys(
+        ("extract", "map_validate", "load", "link", "merge", "reconcile"), 0
+    )
+    assert content(engine) == before  # not even a load run row
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_runs_count() == dagster_runs
+    shown = CliRunner().invoke(app, ["run", "--project", str(project), "--core-url", url])
+    assert shown.exit_code == 0 and "Nothing changed since run " + baseline[2][:8] in shown.stdout
+    engine.dispose()
+
+
+def test_nothing_changed_answers_no_for_any_doubt(
+    baseline: tuple[Path, Path, str], copied: tuple[Path, str]
+) -> None:
+    """A mapping gone, a later run of any kind (an edit), or a changed cell: a run is needed."""
+    from crm_core.edits import edit_record
+    from integration.pipeline import Migration
+    from integration.rerun import nothing_changed
+
+    project, url = copied
+    engine = make_engine(url)
+    migration = Migration.load(str(project))
+    assert nothing_changed(engine, migration) == baseline[2]
+    fewer = Migration.load(str(project))
+    fewer.mappings = fewer.mappings[1:]  # a mapping file removed: its reconciliation line would go
+    assert nothing_changed(engine, fewer) is None
+    with engine.connect() as connection:
+        customer = connection.scalar(sa.text("SELECT id FROM customers ORDER BY id LIMIT 1"))
+    edit_record(engine, "customer", customer, {"industry": "软件"}, actor="li")  # a later run: an edit
+    assert nothing_changed(engine, migration) is None
+    engine.dispose()
+
+
+def test_an_undone_merge_since_the_last_run_means_a_run(
+    baseline: tuple[Path, Path, str], copied: tuple[Path, str]
+) -> None:
+    """Undoing a merge writes no load run, yet the customers it parted count again: a run is needed."""
+    import datetime as dt
+
+    from crm_core.models import MergeLog
+    from integration.pipeline import Migration
+    from integration.rerun import nothing_changed
+
+    project, url = copied
+    engine = make_engine(url)
+    migration = Migration.load(str(project))
+    with engine.begin() as connection:  # a merge the last run made (the demo's customers merge by key only)
+        run_id, customers = (
+            connection.scalar(sa.select(LoadRun.id).where(LoadRun.run_key == baseline[2])),
+            [row[0] for row in connection.execute(sa.text("SELECT id FROM customers ORDER BY id LIMIT 2"))],
+        )
+        merge = connection.execute(
+            sa.insert(MergeLog).values(entity="customer", survivor_id=customers[0], merged_id=customers[1],
+                                       reason="auto-merge", decided_by="linkage", load_run_id=run_id)
+        ).inserted_primary_key[0]  # fmt: skip
+    assert nothing_changed(engine, migration) == baseline[2]
+    with engine.begin() as connection:  # what `crmi dedup undo` sets, with no run of its own
+        connection.execute(
+            sa.update(MergeLog).where(MergeLog.id == merge).values(undone_at=dt.datetime.now(dt.UTC))
+        )
+    assert nothing_changed(engine, migration) is None
+    engine.dispose()
