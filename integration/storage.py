@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import dagster as dg
 from dagster._core.storage.fs_io_manager import PickledObjectFilesystemIOManager
 
+from crm_core.errors import ConfigError
+
 # _object_array is what earlier step outputs name when unpickled: it stays importable from here.
 from integration.pickling import MIN_DECIMALS, _object_array, dump_output  # noqa: F401
 
@@ -31,13 +33,26 @@ class _StepOutputFiles(PickledObjectFilesystemIOManager):
     joined as literal sub-paths (a key with a ``..`` segment stays under the base folder).
     """
 
-    def __init__(self, base_dir: str) -> None:
+    def __init__(self, base_dir: str, trial: bool = False) -> None:
         super().__init__(base_dir=base_dir)  # type: ignore[no-untyped-call]  # Dagster's is untyped
+        self.trial = trial
 
     def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
         """Pickle one output (decimal columns as text)."""
         with path.open("wb") as file:
             dump_output(obj, file)
+
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
+        """Unpickle one input; a trial step whose upstream step did not run in the trial says so."""
+        if self.trial and not path.exists():
+            upstream = context.upstream_output
+            name = upstream.asset_key.to_user_string() if upstream and upstream.has_asset_key else path.name
+            raise ConfigError(
+                f"this trial has no output of {name}: a trial's steps read only what its own run (or the run "
+                "it re-executes) wrote, never a migration's; run the whole trial (`crmi run --trial`), or "
+                "re-execute the trial run in the Dagster UI to run some of its steps again"
+            )
+        return super().load_from_path(context, path)
 
 
 TRIAL_OUTPUTS = "trial"
@@ -66,7 +81,7 @@ class StepOutputFiles(dg.FilesystemIOManager):
     def create_io_manager(self, context: dg.InitResourceContext) -> Any:
         """Return the IO manager writing under ``base_dir`` or the instance's storage directory (a trial run:
         under its own folder there)."""
-        from integration.pipeline import MODE_TAG  # here: the pipeline imports this module (through spill)
+        from integration.pipeline import MODE_TAG  # here: Dagster's IO manager module stays light to import
 
         instance = context.instance
         if self.base_dir is not None:
@@ -79,5 +94,5 @@ class StepOutputFiles(dg.FilesystemIOManager):
             )
         run = context.run
         if run is not None and run.tags.get(MODE_TAG) == "trial":
-            return _StepOutputFiles(str(Path(base) / TRIAL_OUTPUTS / trial_root(run)))
+            return _StepOutputFiles(str(Path(base) / TRIAL_OUTPUTS / trial_root(run)), trial=True)
         return _StepOutputFiles(base)

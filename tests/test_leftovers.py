@@ -271,3 +271,26 @@ def test_a_re_executed_trial_loads_into_its_first_runs_scratch_core(
         run_keys = set(session.scalars(sa.select(LoadRun.run_key)))
     engine.dispose()
     assert {first, again} <= run_keys  # the re-executed step loaded beside its first run's
+
+
+def test_a_trial_of_some_steps_says_it_needs_the_whole_trial(
+    demo_project: Path, sqlite_core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial launched for some of its assets (not a re-execution) has no upstream outputs of its own; it
+    must not read a migration's, and says what to do instead of failing on a missing file."""
+    from integration.assets.resources import dispose_engines
+    from integration.failures import step_failures
+    from integration.jobs import MIGRATION_JOB, TRIAL_JOB, build_definitions
+
+    monkeypatch.setenv("CRM_TRIAL_CORE_URL", f"sqlite:///{tmp_path / 'trial.sqlite'}")
+    defs = build_definitions(demo_project, sqlite_core_url)
+    with dg.instance_for_test() as instance:
+        assert defs.resolve_job_def(MIGRATION_JOB).execute_in_process(instance=instance).success
+        some = defs.resolve_job_def(TRIAL_JOB).execute_in_process(
+            instance=instance, asset_selection=[dg.AssetKey("staged_customer")], raise_on_error=False
+        )
+        dispose_engines()
+    assert not some.success
+    [failure] = step_failures(some.all_events)
+    assert failure.step == "staged_customer"
+    assert "this trial has no output of raw_" in failure.cause and "crmi run --trial" in failure.cause
