@@ -919,6 +919,28 @@ def runs_recover(core: CoreOption = None) -> None:
     )
 
 
+@runs_app.command("prune-trials")
+def runs_prune_trials(
+    keep: Annotated[int, typer.Option("--keep", min=0, help="trials of each kind to keep, newest first")] = 5,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="list what would be deleted, delete nothing")
+    ] = False,
+) -> None:
+    """Delete what older trial runs left: scratch cores under var/trial/, step outputs of UI trials (reports stay)."""
+    from integration.trials import prune_trials
+
+    with _instance(ephemeral=False) as instance:  # where this instance keeps step outputs (dagster.yaml)
+        storage = Path(instance.storage_directory())
+    pruned = prune_trials(keep, storage=storage, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for folder in pruned:
+        console.print(f"{verb} {folder.kind} {folder.path} ({folder.bytes / 1e6:,.1f} MB)", highlight=False)
+    total = sum(f.bytes for f in pruned) / 1e6
+    console.print(
+        f"{verb} {len(pruned)} trial folder(s), {total:,.1f} MB; kept the newest {keep} of each kind"
+    )
+
+
 @app.command()
 def rollback(
     run_id: Annotated[str, typer.Argument(help="run key (or a unique prefix, or its # from `runs list`)")],
