@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from crm_core.models import Customer, ExternalId
 from integration.dedup.evaluate import cluster_scores, pair_scores, pairs_of
 from integration.dedup.linkage import Comparison, LinkageSpec, link
 from integration.dedup.normalize import (
+    CompanyName,
     brand_key,
     company_key,
     credit_code_parts,
@@ -105,6 +106,22 @@ CUSTOMER_SPEC = LinkageSpec(
     auto_merge=0.95,
     review=0.5,
 )
+
+
+# The fields of a linkage row (see linkage_rows) that the company name alone decides, each from the name's parts
+# (normalize_company_name): what a name-only query (online.query_record(name)) compares, worked out without the
+# rest of the row (online.NameIndex). tests/test_online_name_index.py holds them to linkage_rows.
+NAME_FIELDS: dict[str, Callable[[CompanyName], Any]] = {
+    "name_core": lambda parts: parts.core or None,
+    "region": lambda parts: parts.region or None,
+    "branch": lambda parts: parts.branch or HEAD_OFFICE,
+    "trade": lambda parts: (
+        (trade_name(parts.core) if has_han(parts.core) else brand_key(parts.core)) if parts.core else None
+    ),
+    "name_sound": lambda parts: name_sound(parts.core) if parts.core else None,
+    "trade_pinyin": lambda parts: trade_pinyin(parts.core) or None if parts.core else None,
+    "trade_rare": lambda parts: trade_pinyin(parts.core) or None if parts.core else None,
+}
 
 
 def linkage_row(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -32,9 +32,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from integration.dedup.customers import CUSTOMER_SPEC, linkage_row
-from integration.dedup.linkage import LinkageSpec, _texts, similarity_levels
-from integration.dedup.normalize import credit_code_parts
+from crm_core.errors import DedupError
+from integration.dedup.customers import CUSTOMER_SPEC, NAME_FIELDS, linkage_row
+from integration.dedup.linkage import Comparison, LinkageSpec, _texts, similarity_levels
+from integration.dedup.normalize import credit_code_parts, normalize_company_name
 
 ALREADY_REGISTERED = 0.5  # prior chance that the record is some existing customer, spread over candidates
 M_TOP, M_LOWER = 0.9, 0.07  # P(level | same company): top level, each lower level; the rest is disagreement
@@ -130,6 +131,34 @@ def name_grams(core: Any) -> set[str]:
     return {core[i : i + 2] for i in range(len(core) - 1)} if len(core) > 1 else {core}
 
 
+def _sampled_pairs(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The positions of the random pairs u is measured on (left, right), as drawn from ``seed``."""
+    if not count:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    pairs = min(U_SAMPLE_PAIRS, max(count * (count - 1) // 2, 1))
+    return rng.integers(0, count, pairs), rng.integers(0, count, pairs)
+
+
+def _weight(comparison: Comparison, left: pd.Series, right: pd.Series) -> list[float]:
+    """log(m/u) per level of one comparison, u measured on the random pairs' values ``left`` and ``right``."""
+    top = len(comparison.levels)
+    given = (left.notna() & right.notna()).to_numpy()
+    # the linkage's comparison (recordlinkage_parts.SimilarityLevels), without recordlinkage
+    levels = similarity_levels(
+        comparison.method, tuple(sorted(comparison.levels, reverse=True)), _texts(left), _texts(right)
+    )[given]
+    m = [1 - M_TOP - M_LOWER * (top - 1)] + [M_LOWER] * (top - 1) + [M_TOP]
+    # Laplace-smoothed u: a level never seen among random pairs is rare, not impossible.
+    u = [(np.sum(levels == level) + 1) / (len(levels) + top + 1) for level in range(top + 1)]
+    weight = [math.log(m[level] / u[level]) for level in range(top + 1)]
+    if comparison.field in AGREEMENT_ONLY:
+        weight[0] = 0.0
+    for level in range(top - 1, 0, -1):  # a closer level never counts less than a looser one
+        weight[level] = min(weight[level], weight[level + 1])
+    return weight
+
+
 class MatchIndex:
     """Golden customers indexed for one-record matching (see module doc)."""
 
@@ -204,34 +233,16 @@ class MatchIndex:
 
     def _weights(self, records: pd.DataFrame, seed: int) -> dict[str, list[float]]:
         """log(m/u) per comparison level, with u measured on random pairs of indexed customers."""
-        rng = np.random.default_rng(seed)
         count = len(records)
-        pairs = min(U_SAMPLE_PAIRS, max(count * (count - 1) // 2, 1))
-        left = records.iloc[rng.integers(0, count, pairs)].reset_index(drop=True) if count else records
-        right = records.iloc[rng.integers(0, count, pairs)].reset_index(drop=True) if count else records
+        left_at, right_at = _sampled_pairs(count, seed)
+        left = records.iloc[left_at].reset_index(drop=True) if count else records
+        right = records.iloc[right_at].reset_index(drop=True) if count else records
         weights: dict[str, list[float]] = {}
         for comparison in self.spec.comparisons:
-            top = len(comparison.levels)
             if comparison.field not in records:  # a column the rows lack: missing everywhere, no evidence
-                weights[comparison.name] = [0.0] * (top + 1)
+                weights[comparison.name] = [0.0] * (len(comparison.levels) + 1)
                 continue
-            given = (left[comparison.field].notna() & right[comparison.field].notna()).to_numpy()
-            # the linkage's comparison (recordlinkage_parts.SimilarityLevels), without recordlinkage
-            levels = similarity_levels(
-                comparison.method,
-                tuple(sorted(comparison.levels, reverse=True)),
-                _texts(left[comparison.field]),
-                _texts(right[comparison.field]),
-            )[given]
-            m = [1 - M_TOP - M_LOWER * (top - 1)] + [M_LOWER] * (top - 1) + [M_TOP]
-            # Laplace-smoothed u: a level never seen among random pairs is rare, not impossible.
-            u = [(np.sum(levels == level) + 1) / (len(levels) + top + 1) for level in range(top + 1)]
-            weight = [math.log(m[level] / u[level]) for level in range(top + 1)]
-            if comparison.field in AGREEMENT_ONLY:
-                weight[0] = 0.0
-            for level in range(top - 1, 0, -1):  # a closer level never counts less than a looser one
-                weight[level] = min(weight[level], weight[level + 1])
-            weights[comparison.name] = weight
+            weights[comparison.name] = _weight(comparison, left[comparison.field], right[comparison.field])
         return weights
 
     # ------------------------------------------------------------------ matching
@@ -325,3 +336,133 @@ class MatchIndex:
             )
             for i in best
         ]
+
+
+class NameIndex(MatchIndex):
+    """A :class:`MatchIndex` over linkage rows computed as the queries need them: cheap for name-only queries.
+
+    A name-only query (``query_record(name)``, the name resolver's) holds only what the name decides
+    (:data:`~integration.dedup.customers.NAME_FIELDS`, and the city and province of a region written in it):
+    it finds its candidates by name core alone and is scored on the name comparisons, capped by the
+    candidates' place and branch. So the index reads every customer's name core up front (its exact key and
+    bigrams), weighs a name comparison on the name fields of the random pairs :class:`MatchIndex` draws
+    (the same pairs), and computes a customer's whole linkage row when it first is a candidate. Any other
+    query is answered too, at the cost it needs: an exact key or a comparison of another field fills the
+    rows it reads (every row, for an exact key). The matches are those of a :class:`MatchIndex` over the
+    same rows in the same order.
+
+    ``linkage(positions)`` returns the linkage rows (as :func:`~integration.dedup.customers.linkage_rows`
+    gives them: no term frequency in ``trade_rare``) of the customers at those positions of ``ids``.
+    """
+
+    def __init__(
+        self,
+        ids: Sequence[int],
+        names: Sequence[str | None],
+        linkage: Callable[[list[int]], list[dict[str, Any]]],
+        spec: LinkageSpec = CUSTOMER_SPEC,
+        seed: int = 0,
+    ) -> None:
+        self.spec = spec
+        self.exact_keys = [block[0] for block in spec.blocks if len(block) == 1]
+        wanted = {"name", "name_core", *self.exact_keys, *spec.hard_keys, *spec.location_keys}
+        wanted |= {c.field for c in spec.comparisons}
+        self.fields = sorted(wanted)
+        self._linkage = linkage
+        count = len(names)
+        self.ids = [int(i) for i in ids]
+        self.alive = bytearray(b"\x01" * count)
+        self.where = {record_id: position for position, record_id in enumerate(self.ids)}
+        self._parts = [normalize_company_name(n or "") for n in names]
+        self.columns = {f: [None] * count for f in self.fields}
+        self.columns["name"] = [_value(n) for n in names]
+        core = NAME_FIELDS["name_core"]
+        self.columns["name_core"] = [_value(core(p)) for p in self._parts]
+        self._filled = bytearray(count)  # 1: the position's whole linkage row is in the columns
+        self.exact = {key: {} for key in self.exact_keys}
+        self._exact_built: set[str] = set()
+        if "name_core" in self.exact:
+            self._index_exact("name_core")
+        self.grams = {}
+        grams = self.grams
+        for position, core in enumerate(self.columns["name_core"]):
+            for gram in name_grams(core):
+                postings = grams.get(gram)
+                if postings is None:
+                    grams[gram] = postings = array("i")
+                postings.append(position)
+        self._pairs = _sampled_pairs(count, seed)
+        self.weights = _LazyWeights(self)
+
+    def _index_exact(self, key: str) -> None:
+        """Build the dictionary of exact key ``key`` from its column (as :meth:`MatchIndex.add` does)."""
+        self._exact_built.add(key)
+        index, column = self.exact[key], self.columns[key]
+        for position, value in enumerate(column):
+            if value is not None:
+                index.setdefault(value, []).append(position)
+
+    def add(self, records: pd.DataFrame) -> None:
+        """Not supported: the index holds the customers it was built with."""
+        raise DedupError("a NameIndex holds the customers it was built with; build a MatchIndex to add some")
+
+    def value(self, customer_id: int, field: str) -> Any:
+        """A live customer's linkage value (None when missing or not indexed)."""
+        position = self.where.get(int(customer_id))
+        if position is not None:
+            self._fill([position])
+        return super().value(customer_id, field)
+
+    def candidates(self, record: Mapping[str, Any]) -> list[int]:
+        """Return the live positions of the customers ``record`` is compared with, their rows filled in."""
+        for key in self.exact_keys:
+            if key not in self._exact_built and _value(record.get(key)) is not None:
+                self._fill(range(len(self.ids)))  # a key beside the name core: every customer's value
+                self._index_exact(key)
+        positions = super().candidates(record)
+        self._fill(positions)
+        return positions
+
+    def _fill(self, positions: Iterable[int]) -> None:
+        """Put the whole linkage rows of ``positions`` in the columns (those not there yet)."""
+        filled = self._filled
+        missing = [p for p in positions if not filled[p]]
+        if not missing:
+            return
+        rows = self._linkage(missing)
+        columns = self.columns
+        for field in self.fields:
+            column = columns[field]
+            for position, row in zip(missing, rows, strict=True):
+                column[position] = _value(row.get(field))
+        for position in missing:
+            filled[position] = 1
+
+    def _comparison_weight(self, comparison: Comparison) -> list[float]:
+        """The weights of one comparison, u measured on the sampled pairs' values of its field only."""
+        left_at, right_at = self._pairs
+        sampled = np.unique(np.concatenate([left_at, right_at])).tolist()
+        values = np.empty(len(self.ids), dtype=object)
+        if comparison.field in NAME_FIELDS:
+            derive, parts = NAME_FIELDS[comparison.field], self._parts
+            values[sampled] = [derive(parts[p]) for p in sampled] if sampled else []
+        else:  # as linkage_rows gives them (an empty text is a value to the weights, as in MatchIndex)
+            rows = self._linkage(sampled) if sampled else []
+            if rows and comparison.field not in rows[0]:
+                return [0.0] * (len(comparison.levels) + 1)
+            values[sampled] = [row[comparison.field] for row in rows] if rows else []
+        left = pd.Series(values[left_at], dtype=object)
+        return _weight(comparison, left, pd.Series(values[right_at], dtype=object))
+
+
+class _LazyWeights(dict[str, list[float]]):
+    """A :class:`NameIndex`'s weights, each comparison's worked out when a query first needs it."""
+
+    def __init__(self, index: NameIndex) -> None:
+        super().__init__()
+        self._comparisons = {c.name: c for c in index.spec.comparisons}
+        self._index = index
+
+    def __missing__(self, name: str) -> list[float]:
+        found = self[name] = self._index._comparison_weight(self._comparisons[name])
+        return found

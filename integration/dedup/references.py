@@ -38,7 +38,6 @@ from itertools import chain
 from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
-import pandas as pd
 from rapidfuzz import distance, process
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -60,8 +59,7 @@ from integration.dedup.normalize import (
     toneless_pinyin,
     trade_name,
 )
-from integration.dedup.online import MatchIndex, query_record
-from integration.dedup.spec import CUSTOMER_COLUMNS
+from integration.dedup.online import NameIndex, query_record
 
 # Industry words written two ways for one trade (in pinyin, as the name cores compare).
 INDUSTRY_SYNONYMS = {"jishu": "keji", "shangmao": "maoyi"}
@@ -354,7 +352,9 @@ class CustomerNames:
 
     @cached_property
     @_gc_paused
-    def _index(self) -> MatchIndex:
+    def _index(self) -> NameIndex:
+        """The match index over the golden customers in id order, their linkage rows computed as queries need
+        them (:class:`NameIndex`): the index serves the names the variants left, a small share of a load's."""
         # Read in the loader's own transaction (customer_records opens another connection, which SQLite would
         # make wait for this writer).
         rows = self.session.execute(
@@ -362,19 +362,16 @@ class CustomerNames:
                    Customer.credit_code_as_written)
             .where(Customer.merged_into_id.is_(None)).order_by(Customer.id)
         ).all()  # fmt: skip
-        # one linkage_rows call for all (as linkage_row row by row: no address, province or district)
-        linked = linkage_rows([
-            {"name": n, "credit_code": c, "phone": p, "email": e, "city": t, "address": None, "province": None,
-             "district": None, "credit_code_as_written": w}
-            for _, n, c, p, e, t, w in rows
-        ])  # fmt: skip
-        found = [{"id": row[0], **values} for row, values in zip(rows, linked, strict=True)]
-        records = (
-            pd.DataFrame.from_records(found, index="id")
-            if found
-            else pd.DataFrame(columns=list(CUSTOMER_COLUMNS), index=pd.Index([], name="id"))
-        )
-        return MatchIndex(records, self.spec)
+
+        def linkage(positions: list[int]) -> list[dict[str, Any]]:
+            # as linkage_row row by row: no address, province or district
+            return linkage_rows([
+                {"name": n, "credit_code": c, "phone": p, "email": e, "city": t, "address": None, "province": None,
+                 "district": None, "credit_code_as_written": w}
+                for _, n, c, p, e, t, w in (rows[position] for position in positions)
+            ])  # fmt: skip
+
+        return NameIndex([row[0] for row in rows], [row[1] for row in rows], linkage, self.spec)
 
     def __call__(self, target: str, names: Sequence[str]) -> Mapping[str, NameMatch]:
         """Resolve each name to one golden customer, or list the candidates a steward chooses from."""
