@@ -344,24 +344,29 @@ class CustomerNames:
         return postings, np.array([len(k) for k in keys], dtype=np.int64), key_array
 
     @cached_property
+    @_gc_paused
+    def _golden(self) -> Sequence[Any]:
+        """Every golden customer in id order: id, name and what the match index compares of it (read once
+        for both)."""
+        # Read in the loader's own transaction (customer_records opens another connection, which SQLite would
+        # make wait for this writer).
+        return self.session.execute(
+            select(Customer.id, Customer.name, Customer.credit_code, Customer.phone, Customer.email, Customer.city,
+                   Customer.credit_code_as_written)
+            .where(Customer.merged_into_id.is_(None)).order_by(Customer.id)
+        ).all()  # fmt: skip
+
+    @cached_property
+    @_gc_paused
     def _golden_names(self) -> dict[int, str]:
-        rows = self.session.execute(
-            select(Customer.id, Customer.name).where(Customer.merged_into_id.is_(None)).order_by(Customer.id)
-        )
-        return {record_id: name for record_id, name in rows}
+        return {row[0]: row[1] for row in self._golden}
 
     @cached_property
     @_gc_paused
     def _index(self) -> NameIndex:
         """The match index over the golden customers in id order, their linkage rows computed as queries need
         them (:class:`NameIndex`): the index serves the names the variants left, a small share of a load's."""
-        # Read in the loader's own transaction (customer_records opens another connection, which SQLite would
-        # make wait for this writer).
-        rows = self.session.execute(
-            select(Customer.id, Customer.name, Customer.credit_code, Customer.phone, Customer.email, Customer.city,
-                   Customer.credit_code_as_written)
-            .where(Customer.merged_into_id.is_(None)).order_by(Customer.id)
-        ).all()  # fmt: skip
+        rows = self._golden
 
         def linkage(positions: list[int]) -> list[dict[str, Any]]:
             # as linkage_row row by row: no address, province or district
