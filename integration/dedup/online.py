@@ -18,6 +18,8 @@ shown but capped below the review threshold: a 分公司 is never reported as it
 
 Customers can be added, replaced and removed in place (:meth:`MatchIndex.add`, :meth:`MatchIndex.remove`):
 a removed row is marked dead and skipped, so the steward API refreshes the index without a rebuild.
+:class:`NameIndex` gives the same matches from linkage rows computed only as its queries need them: the name
+resolver's name-only queries read a few of the rows a whole core's index would hold.
 """
 
 from __future__ import annotations
