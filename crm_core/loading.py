@@ -372,6 +372,11 @@ def _json_column(values: Sequence[Any]) -> list[str]:
         return ["null" if value is None else _encode_text(value) for value in values]
     if kinds == {_NONE}:
         return ["null"] * len(values)
+    # Amounts and dates (order lines: five money columns): their canonical text needs no JSON escaping.
+    if kinds <= {Decimal, _NONE}:
+        return ["null" if value is None else f'"{format(value.normalize(), "f")}"' for value in values]
+    if kinds <= {dt.date, _NONE} or kinds <= {dt.datetime, _NONE}:
+        return ["null" if value is None else f'"{value.isoformat()}"' for value in values]
     return list(map(_json_scalar, values))
 
 

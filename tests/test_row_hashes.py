@@ -48,3 +48,18 @@ def test_columns_of_text_and_blanks_hash_as_their_row_dicts_do() -> None:
                [*text[:-1], 5]]  # fmt: skip
     expected = [row_hash(dict(zip(names, row, strict=True))) for row in zip(*columns, strict=True)]
     assert row_hashes(names, columns) == expected
+
+
+def test_columns_of_amounts_and_dates_hash_as_their_row_dicts_do() -> None:
+    """Columns holding only decimals, dates or datetimes (and blanks) take a shortcut: the same bytes."""
+    amounts = [Decimal("12.50"), Decimal("1E+3"), Decimal("-0.000"), Decimal("NaN"), Decimal("Infinity"),
+               Decimal("-1234567.891"), None, Decimal("0.1")]  # fmt: skip
+    days = [dt.date(2025, 3, 5), None, dt.date(1999, 12, 31), dt.date(2025, 1, 1), None, dt.date(2000, 2, 29),
+            dt.date(2025, 3, 5), dt.date(1, 1, 1)]  # fmt: skip
+    times = [dt.datetime(2025, 3, 5, 8, 30), dt.datetime(2025, 3, 5, tzinfo=dt.UTC), None,
+             dt.datetime(2025, 3, 5, 8, 30, 0, 123456), dt.datetime(2025, 3, 5, tzinfo=dt.timezone(dt.timedelta(hours=8))),
+             None, dt.datetime(1, 1, 1), dt.datetime(2025, 12, 31, 23, 59, 59)]  # fmt: skip
+    names = ["amount", "day", "time", "mixed"]
+    columns = [amounts, days, times, [*amounts[:-1], dt.date(2025, 1, 1)]]
+    expected = [row_hash(dict(zip(names, row, strict=True))) for row in zip(*columns, strict=True)]
+    assert row_hashes(names, columns) == expected
