@@ -331,20 +331,27 @@ def nothing_changed(engine: Engine, migration: Migration) -> str | None:
     Nothing changes when the newest run on the core (any project, any mode: steward decisions, edits, syncs
     and rollbacks are runs too) is a full run of this project that succeeded, it reconciled exactly the
     project's mappings, and each mapping is unchanged since the run that loaded it (:func:`unchanged_since`:
-    its input, mapping file, settings and the toolkit's code, and the core it depends on, merges undone too).
+    its input, mapping file, settings and the toolkit's code, and the core it depends on), and no merge was
+    undone since that run started.
     Such a run would read and load nothing, so linkage and merges would find nothing new, and its
     reconciliation would carry the last run's over line by line. Any doubt answers None: the run goes ahead.
     """
     with engine.connect() as connection:
         newest = connection.execute(
-            select(LoadRun.run_key, LoadRun.project, LoadRun.mode, LoadRun.status, LoadRun.stats)
+            select(LoadRun.run_key, LoadRun.project, LoadRun.mode, LoadRun.status, LoadRun.stats,
+                   LoadRun.started_at)
             .order_by(LoadRun.id.desc())
             .limit(1)
-        ).first()
-    if newest is None or (newest.project, newest.mode, newest.status) != (
-        migration.project.name, "full", "succeeded",
-    ):  # fmt: skip
-        return None
+        ).first()  # fmt: skip
+        if newest is None or (newest.project, newest.mode, newest.status) != (
+            migration.project.name, "full", "succeeded",
+        ):  # fmt: skip
+            return None
+        # Undoing a merge writes no run, yet a run checks the whole core again (its blocking core rules), also
+        # when none of its mappings depends on the core.
+        undone = select(MergeLog.id).where(MergeLog.undone_at >= newest.started_at)
+        if connection.scalar(select(exists(undone))):
+            return None
     reconciled = {
         entry.get("mapping")
         for entries in (newest.stats or {}).values()

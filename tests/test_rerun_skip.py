@@ -373,3 +373,51 @@ def test_an_undone_merge_since_the_last_run_means_a_run(
         )
     assert nothing_changed(engine, migration) is None
     engine.dispose()
+
+
+def test_an_undone_merge_means_a_run_even_when_no_mapping_depends_on_the_core(
+    baseline: tuple[Path, Path, str], copied: tuple[Path, str]
+) -> None:
+    """A run checks the whole core (check_core_rules, check_no_shared_credit_code) whatever its mappings
+    depend on. A merge undone since the last run writes no run: `crmi run` must run and report what a run
+    finds (here two active customers sharing a credit code again: exit 1), not "nothing changed" (exit 0)."""
+    import datetime as dt
+
+    from crm_core.models import MergeLog
+    from integration.pipeline import Migration
+    from integration.rerun import nothing_changed
+
+    project, url = copied
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        # A project none of whose loads depends on the core (the demo's sales sheet does, by name).
+        connection.execute(sa.update(MappingFingerprint).values(depends_on_core=False))
+        run_id = connection.scalar(sa.select(LoadRun.id).where(LoadRun.run_key == baseline[2]))
+        survivor, merged = [
+            row[0] for row in connection.execute(sa.text("SELECT id FROM customers ORDER BY id LIMIT 2"))
+        ]
+        # What the last run's linkage left: the second customer, with the first's credit code, merged into it.
+        connection.execute(sa.text(
+            "UPDATE customers SET merged_into_id = :survivor, "
+            "credit_code = (SELECT credit_code FROM customers WHERE id = :survivor) WHERE id = :merged"
+        ), {"survivor": survivor, "merged": merged})  # fmt: skip
+        merge = connection.execute(
+            sa.insert(MergeLog).values(entity="customer", survivor_id=survivor, merged_id=merged,
+                                       reason="auto-merge", decided_by="linkage", load_run_id=run_id)
+        ).inserted_primary_key[0]  # fmt: skip
+    migration = Migration.load(str(project))
+    assert nothing_changed(engine, migration) == baseline[2]
+    with engine.begin() as connection:  # what `crmi dedup undo` does, with no run of its own
+        connection.execute(
+            sa.text("UPDATE customers SET merged_into_id = NULL WHERE id = :merged"), {"merged": merged}
+        )
+        connection.execute(
+            sa.update(MergeLog).where(MergeLog.id == merge).values(undone_at=dt.datetime.now(dt.UTC))
+        )
+
+    assert nothing_changed(engine, migration) is None
+    result = CliRunner().invoke(app, ["run", "--project", str(project), "--core-url", url, "--json"])
+    dispose_engines()
+    assert result.exit_code == 1, result.output  # as `--new-run` exits: the blocking check fails
+    assert "customer.credit_code.unique" in result.stderr
+    engine.dispose()
