@@ -328,17 +328,17 @@ def unchanged_since(
 def nothing_changed(engine: Engine, migration: Migration) -> str | None:
     """Return the last run's key when a full run now would change nothing, else None.
 
-    Nothing changes when the newest run on the core (any project, any mode: steward decisions, edits, syncs
-    and rollbacks are runs too) is a full run of this project that succeeded, it reconciled exactly the
-    project's mappings, and each mapping is unchanged since the run that loaded it (:func:`unchanged_since`:
-    its input, mapping file, settings and the toolkit's code, and the core it depends on), and no merge was
-    undone since that run started.
+    Nothing changes when the newest run on the core (any project, any mode: steward decisions, edits and syncs
+    are runs too) is a full run of this project that succeeded, it reconciled exactly the project's mappings,
+    each mapping is unchanged since the run that loaded it (:func:`unchanged_since`: its input, mapping file,
+    settings and the toolkit's code, and the core it depends on), and since that run started no merge was
+    undone and no other run ended (a rollback or a recovery of an earlier run, a run that overlapped it).
     Such a run would read and load nothing, so linkage and merges would find nothing new, and its
     reconciliation would carry the last run's over line by line. Any doubt answers None: the run goes ahead.
     """
     with engine.connect() as connection:
         newest = connection.execute(
-            select(LoadRun.run_key, LoadRun.project, LoadRun.mode, LoadRun.status, LoadRun.stats,
+            select(LoadRun.id, LoadRun.run_key, LoadRun.project, LoadRun.mode, LoadRun.status, LoadRun.stats,
                    LoadRun.started_at)
             .order_by(LoadRun.id.desc())
             .limit(1)
@@ -347,10 +347,13 @@ def nothing_changed(engine: Engine, migration: Migration) -> str | None:
             migration.project.name, "full", "succeeded",
         ):  # fmt: skip
             return None
-        # Undoing a merge writes no run, yet a run checks the whole core again (its blocking core rules), also
-        # when none of its mappings depends on the core.
+        # Undoing a merge, rolling back or recovering an earlier run write no run of their own, yet a run checks
+        # the whole core again (its blocking core rules), also when none of its mappings depends on the core.
+        # An earlier run that ended after this one started (a rollback or recovery stamps its end) changed
+        # the core since, as a merge undone since did.
         undone = select(MergeLog.id).where(MergeLog.undone_at >= newest.started_at)
-        if connection.scalar(select(exists(undone))):
+        ended = select(LoadRun.id).where(LoadRun.id != newest.id, LoadRun.finished_at >= newest.started_at)
+        if connection.scalar(select(exists(undone))) or connection.scalar(select(exists(ended))):
             return None
     reconciled = {
         entry.get("mapping")

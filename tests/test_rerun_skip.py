@@ -421,3 +421,28 @@ def test_an_undone_merge_means_a_run_even_when_no_mapping_depends_on_the_core(
     assert result.exit_code == 1, result.output  # as `--new-run` exits: the blocking check fails
     assert "customer.credit_code.unique" in result.stderr
     engine.dispose()
+
+
+def test_a_rollback_of_an_earlier_run_since_the_last_run_means_a_run(
+    baseline: tuple[Path, Path, str], copied: tuple[Path, str]
+) -> None:
+    """A rollback writes no run of its own: rolling back a run older than the last one still changed the
+    core since (here an edit, undone after a full run that read everything again), so a run is needed."""
+    from crm_core.edits import edit_record
+    from integration.pipeline import Migration
+    from integration.rerun import nothing_changed
+
+    project, url = copied
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        customer = connection.scalar(sa.text("SELECT id FROM customers ORDER BY id LIMIT 1"))
+    edit = edit_record(engine, "customer", customer, {"industry": "软件"}, actor="li")
+    code, forced = crmi_run(project, url, "--no-skip")  # every mapping loaded after the edit
+    assert code == 0 and forced["skipped"] == []
+    migration = Migration.load(str(project))
+    assert nothing_changed(engine, migration) == forced["run_id"]
+
+    rollback_run(engine, edit)
+
+    assert nothing_changed(engine, migration) is None
+    engine.dispose()
