@@ -339,6 +339,8 @@ def _report_if_nothing_changed(
     """
     import time
 
+    from sqlalchemy.exc import SQLAlchemyError
+
     from crm_core.runs import recover_crashed_runs
     from integration.phases import PHASES, PhaseTiming
     from integration.pipeline import Migration, reconcile
@@ -352,7 +354,10 @@ def _report_if_nothing_changed(
     with _core_engine(core) as engine:
         for crashed in recover_crashed_runs(engine):
             errors.print(f"[yellow]run {crashed} had crashed mid-load; its changes were undone[/yellow]")
-        last = nothing_changed(engine, migration)
+        try:
+            last = nothing_changed(engine, migration)
+        except (CrmError, OSError, SQLAlchemyError):
+            return  # a doubt: the run goes ahead and names the step that fails, and why, on one line
         if last is None:
             return
         limit = migration.project.spec.reconciliation.max_quarantined_share

@@ -446,3 +446,26 @@ def test_a_rollback_of_an_earlier_run_since_the_last_run_means_a_run(
 
     assert nothing_changed(engine, migration) is None
     engine.dispose()
+
+
+def test_a_source_that_cannot_be_read_while_checking_for_changes_fails_the_run_on_one_line(
+    copied: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checking whether anything changed reads every source (a workbook open in Excel cannot be read on
+    Windows): an error there is a doubt, so the run goes ahead and names the step that fails, no traceback."""
+    import integration.rerun
+
+    project, url = copied
+
+    digest = integration.rerun.file_digest
+
+    def locked(path: Path) -> str:
+        if path.suffix == ".xlsx":
+            raise PermissionError(13, "Permission denied", str(path))
+        return digest(path)
+
+    monkeypatch.setattr(integration.rerun, "file_digest", locked)
+    result = CliRunner().invoke(app, ["run", "--project", str(project), "--core-url", url, "--json"])
+    dispose_engines()
+    assert result.exit_code == 1 and not isinstance(result.exception, PermissionError), result.exception
+    assert "Permission denied" in result.stderr and "Traceback" not in result.output
