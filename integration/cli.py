@@ -362,6 +362,11 @@ def _report_if_nothing_changed(
             return
         limit = migration.project.spec.reconciliation.max_quarantined_share
         report = reconcile(engine, last, max_quarantined_share=limit)
+    folder = Path("var") / "reports" / last  # integration.jobs.report_root(), without importing Dagster
+    if not folder.is_dir():  # the last run was started from another folder: its reports are written here too
+        from integration.reports import write_reports
+
+        write_reports(report, folder)
     seconds = time.perf_counter() - started
     timing = {
         "phases": [PhaseTiming(phase, 0.0, 0).as_dict() for phase in PHASES],  # none ran

@@ -315,6 +315,9 @@ def test_a_re_run_with_nothing_changed_starts_no_run_and_reports_the_last_one(
         ("extract", "map_validate", "load", "link", "merge", "reconcile"), 0
     )
     assert content(engine) == before  # not even a load run row
+    # The last run was started from another folder: its reports are written where this one looks.
+    assert same["reports"] == str(Path("var") / "reports" / baseline[2])
+    assert (Path(same["reports"]) / "reconciliation.xlsx").is_file()
     with dg.DagsterInstance.get() as instance:
         assert instance.get_runs_count() == dagster_runs
     shown = CliRunner().invoke(app, ["run", "--project", str(project), "--core-url", url])
