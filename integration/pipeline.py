@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.exc import IntegrityError
@@ -24,10 +25,8 @@ from crm_core.db import ensure_schema, make_engine, session_factory
 from crm_core.entities import ENTITIES, LOAD_ORDER
 from crm_core.errors import ConfigError, ExtractError, MappingError, Problem
 from crm_core.failpoints import failpoint
-from crm_core.journal import ids_in
 from crm_core.loading import (
     EXTERNAL_KEY,
-    IN_CHUNK,
     Batch,
     EntityLoader,
     Lookup,
@@ -39,7 +38,7 @@ from crm_core.loading import (
     get_or_start_run,
     row_hash,
 )
-from crm_core.models import Customer, ExternalId, LoadRun, MergeLog, Reject
+from crm_core.models import Customer, LoadRun, MergeLog, Reject
 from crm_core.runs import owner
 from crm_core.validation import Rule, RuleContext, one_of, ruleset, validate
 from crm_core.watermarks import CursorState, advance, plain_cursor, read_watermark
@@ -70,6 +69,7 @@ from integration.mappings.joins import prepare as prepare_joins
 from integration.mappings.money import RateTable
 from integration.mappings.spec import CompiledMapping, load_mappings
 from integration.project import Project, load_project
+from integration.readback import CrosswalkRead, texts, unaccounted
 from integration.rerun import (
     FINGERPRINT_ATTR,
     UNCHANGED_ATTR,
@@ -1070,6 +1070,7 @@ def verify_pieces(session: Session, run: LoadRun, entity: str, batch: Batch) -> 
     """:func:`verify_batch` for a batch piece by piece (one piece when held whole), the findings added up."""
     rejected = _quarantined_rows(session, run, entity, batch.source)
     survivors = _merge_survivors(session, entity)
+    crosswalk = CrosswalkRead.for_batch(session.connection(), entity, batch.source, batch.record_count)
     found: dict[str, Any] | None = None
     pieces = len(batch.stored.paths) if batch.stored is not None else 1
     for number, piece in enumerate(batch.pieces()):
@@ -1077,28 +1078,36 @@ def verify_pieces(session: Session, run: LoadRun, entity: str, batch: Batch) -> 
         # with fewer records to check than its share leaves the rest to the next.
         due = -(-SPOT_CHECK_SIZE * (number + 1) // pieces) - (found["spot_checked"] if found else 0)
         checked = verify_batch(session, run, entity, piece, rejected=rejected, survivors=survivors,
-                               spot_checks=max(due, 0))  # fmt: skip
+                               spot_checks=max(due, 0), crosswalk=crosswalk)  # fmt: skip
         if found is None:
             found = checked
             continue
         for key, value in checked.items():
             found[key] = found[key] + value
     if found is None:
-        return verify_batch(session, run, entity, batch, rejected=rejected, survivors=survivors)
+        return verify_batch(session, run, entity, batch, rejected=rejected, survivors=survivors,
+                            crosswalk=crosswalk)  # fmt: skip
     found["missing_sample"] = found["missing_sample"][:20]
     found["spot_sample"] = found["spot_sample"][:5]
     return found
 
 
-def _quarantined_rows(
-    session: Session, run: LoadRun, entity: str, source: str
-) -> set[tuple[str | None, str]]:
+@dataclass(frozen=True)
+class Quarantined:
+    """The (location, row) of every row a run quarantined for one source and entity, as two arrays of text."""
+
+    locations: np.ndarray
+    refs: np.ndarray
+
+
+def _quarantined_rows(session: Session, run: LoadRun, entity: str, source: str) -> Quarantined:
     """The (location, row) of every row this run quarantined (rejected or held) for one source and entity."""
-    return set(session.execute(
+    rows = session.execute(
         select(Reject.location, Reject.row_ref).where(
             Reject.load_run_id == run.id, Reject.source == source, Reject.entity == entity, Reject.severity.in_(("error", "held"))
         )
-    ).all())  # fmt: skip
+    ).all()  # fmt: skip
+    return Quarantined(texts([loc for loc, _ in rows]), texts([ref for _, ref in rows]))
 
 
 def _merge_survivors(session: Session, entity: str) -> set[int]:
@@ -1114,45 +1123,47 @@ def verify_batch(
     entity: str,
     batch: Batch,
     *,
-    rejected: set[tuple[str | None, str]] | None = None,
+    rejected: Quarantined | None = None,
     survivors: set[int] | None = None,
     spot_checks: int = SPOT_CHECK_SIZE,
+    crosswalk: CrosswalkRead | None = None,
 ) -> dict[str, Any]:
     """Compare what one batch should have put in the core with what is there.
 
     Key set: every row read is in the crosswalk (loaded or merged) or quarantined in this run; anything else is
     reported as missing. Spot check: for a sample of records this source created, the core's values hash the
     same as the mapped ones (references, which hold source keys in the batch, are left out), ``spot_checks`` of
-    them at most. ``rejected`` and ``survivors`` are read from the core when not given (:func:`verify_pieces`
-    reads them once).
+    them at most. ``rejected``, ``survivors`` and the batch's ``crosswalk`` entries are read from the core when
+    not given (:func:`verify_pieces` reads them once).
     """
     definition = ENTITIES[entity]
     records = batch.records
-    read: set[tuple[str, str]] = set()
+    read = (np.empty(0, dtype=object), np.empty(0, dtype=object))
     if batch.raw is not None and not batch.raw.empty:
         data = (
             batch.raw if ROW_KIND not in batch.raw.columns else batch.raw[batch.raw[ROW_KIND] != "subtotal"]
         )
-        read = set(zip(data[LOCATION].astype(str), data[ROW_REF].astype(str), strict=True))
+        read = (
+            data[LOCATION].astype(str).to_numpy(dtype=object),
+            data[ROW_REF].astype(str).to_numpy(dtype=object),
+        )
     if rejected is None:
         rejected = _quarantined_rows(session, run, entity, batch.source)
-    crosswalk: dict[str, tuple[int, str]] = {}
-    keys = records[EXTERNAL_KEY].astype(str).tolist() if len(records) else []
-    connection, xw = session.connection(), ExternalId.__table__.c
-    for start in range(0, len(keys), IN_CHUNK):  # Core rows: ORM rows cost more than the query at 1M keys
-        crosswalk.update({
-            key: (entity_id, method) for key, entity_id, method in connection.execute(
-                select(xw.external_key, xw.entity_id, xw.match_method).where(
-                    xw.entity == entity, xw.system == batch.source,
-                    ids_in(connection, xw.external_key, keys[start : start + IN_CHUNK]))
-            )
-        })  # fmt: skip
-    landed = {
-        (str(loc), str(ref))
-        for loc, ref, key in zip(records[LOCATION], records[ROW_REF], keys, strict=True)
-        if key in crosswalk
-    } if len(records) else set()  # fmt: skip
-    missing = sorted(read - landed - {(str(loc), str(ref)) for loc, ref in rejected})
+    keys = (
+        records[EXTERNAL_KEY].astype(str).to_numpy(dtype=object)
+        if len(records)
+        else np.empty(0, dtype=object)
+    )
+    if crosswalk is None:
+        crosswalk = CrosswalkRead.read(session.connection(), entity, batch.source, keys.tolist())
+    at = crosswalk.lookup(keys)
+    found = at >= 0
+    landed = (
+        (texts(records[LOCATION][found]), texts(records[ROW_REF][found]))
+        if len(records)
+        else (np.empty(0, dtype=object), np.empty(0, dtype=object))
+    )
+    keys_read, missing = unaccounted(read, [landed, (rejected.locations, rejected.refs)])
     fields = [
         name for name in batch.fields
         if name in definition.fields and not definition.fields[name].references and name != "stage"
@@ -1161,17 +1172,19 @@ def verify_batch(
     # they no longer equal their own source row, so the spot check samples records no merge touched.
     if survivors is None:
         survivors = _merge_survivors(session, entity)
-    created = [
-        i for i, key in enumerate(keys)
-        if crosswalk.get(key, (0, ""))[1] == "created" and crosswalk[key][0] not in survivors
-    ]  # fmt: skip
-    step = max(1, len(created) // max(spot_checks, 1))
+    entity_ids = np.zeros(len(keys), dtype=np.int64)
+    entity_ids[found] = crosswalk.entity_ids[at[found]]
+    created = np.zeros(len(keys), dtype=bool)
+    created[found] = crosswalk.methods[at[found]] == "created"
+    created &= ~np.isin(entity_ids, np.fromiter(survivors, dtype=np.int64, count=len(survivors)))
+    positions = np.flatnonzero(created)
+    step = max(1, len(positions) // max(spot_checks, 1))
     mismatches: list[dict[str, Any]] = []
-    sampled = created[::step][:spot_checks]
+    sampled = positions[::step][:spot_checks].tolist()
     model: Any = definition.model
     for position in sampled:
         row = records.iloc[position]
-        record = session.get(model, crosswalk[keys[position]][0])
+        record = session.get(model, int(entity_ids[position]))
         mapped = {n: _comparable(row[n]) for n in fields if _comparable(row[n]) is not None}
         stored = {n: _comparable(getattr(record, definition.fields[n].column)) for n in mapped}
         if row_hash(mapped) != row_hash(stored):
@@ -1179,7 +1192,7 @@ def verify_batch(
             mismatches.append({"key": keys[position], "fields": differing,
                                "mapped": {n: mapped[n] for n in differing}, "core": {n: stored[n] for n in differing}})  # fmt: skip
     return {
-        "keys_read": len(read), "keys_missing": len(missing),
+        "keys_read": keys_read, "keys_missing": len(missing),
         "missing_sample": [f"{loc}:{ref}" for loc, ref in missing[:20]],
         "spot_checked": len(sampled), "spot_mismatches": len(mismatches), "spot_sample": mismatches[:5],
     }  # fmt: skip
