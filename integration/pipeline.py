@@ -609,7 +609,11 @@ def stage(
         for chunk, mapped in map_ahead(mapping, chunks):  # the next chunks map while this one is staged
             piece = _stage_piece(migration, mapping, chunk, piece_context, first_rows, mapped)
             paths.append(
-                spill.write(replace(piece, rejects=piece.rejects.iloc[0:0]), prefix=_identifier(mapping.name))
+                spill.write_batch(
+                    replace(piece, rejects=piece.rejects.iloc[0:0]),
+                    META_COLUMNS,
+                    prefix=_identifier(mapping.name),
+                )
             )
             rejects.append(piece.rejects)
             if piece.raw is not None and LOCATION in piece.raw:
@@ -1073,7 +1077,7 @@ def verify_pieces(session: Session, run: LoadRun, entity: str, batch: Batch) -> 
     crosswalk = CrosswalkRead.for_batch(session.connection(), entity, batch.source, batch.record_count)
     found: dict[str, Any] | None = None
     pieces = len(batch.stored.paths) if batch.stored is not None else 1
-    for number, piece in enumerate(batch.pieces()):
+    for number, piece in enumerate(batch.pieces(raw=False)):  # the raw rows' location and row only
         # The batch's spot checks spread evenly over its pieces, at most SPOT_CHECK_SIZE in all; a piece
         # with fewer records to check than its share leaves the rest to the next.
         due = -(-SPOT_CHECK_SIZE * (number + 1) // pieces) - (found["spot_checked"] if found else 0)

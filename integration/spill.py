@@ -11,15 +11,15 @@ as the IO manager overwrites the step's own output file (not what runs still in 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from crm_core.errors import ExtractError
-from crm_core.loading import read_piece
+from crm_core.loading import Batch, PieceHead, read_piece
 from integration.pickling import dump_output
 
 SPILL_FOLDER = "spill"
@@ -66,11 +66,26 @@ class SpillFolder:
 
     def write(self, value: Any, prefix: str = "piece") -> str:
         """Pickle one piece (decimal columns as text, as step outputs are) and return its path."""
-        self._written += 1
-        path = self.path / f"{prefix}-{self._written:05d}.pkl"
+        path = self._next(prefix)
         with path.open("wb") as file:
             dump_output(value, file)
         return str(path)
+
+    def write_batch(self, batch: Batch, read_columns: Sequence[str], prefix: str = "piece") -> str:
+        """Write one staged piece as a ``PieceHead`` (the batch, and those of ``read_columns`` its raw rows have:
+        what the load's check reads) followed by its raw rows, and return its path (``StoredPieces`` reads it)."""
+        path = self._next(prefix)
+        raw = batch.raw
+        read = None if raw is None else raw[[c for c in raw.columns if c in read_columns]]
+        with path.open("wb") as file:
+            dump_output(PieceHead(replace(batch, raw=None), read), file)
+            if raw is not None:
+                dump_output(raw, file)
+        return str(path)
+
+    def _next(self, prefix: str) -> Path:
+        self._written += 1
+        return self.path / f"{prefix}-{self._written:05d}.pkl"
 
     def keep_only_this_run(self, running: Callable[[str], bool] | None = None) -> None:
         """Remove the pieces earlier runs wrote for this step, but those of the runs ``running`` says are not

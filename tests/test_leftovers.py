@@ -99,7 +99,7 @@ def test_a_staged_batchs_rejects_are_stored_once(demo_project: Path, tmp_path: P
     metadata and a trial's sample read); the loader still gets each piece's own entries with its rows."""
     import pandas as pd
 
-    from crm_core.loading import read_piece
+    from crm_core.loading import read_batch_piece
     from integration.pipeline import Migration, extract, stage
     from integration.spill import SpillFolder, StoredFrames
 
@@ -112,7 +112,7 @@ def test_a_staged_batchs_rejects_are_stored_once(demo_project: Path, tmp_path: P
     raw = StoredFrames([folder.write(p, prefix="chunk") for p in parts], len(frame))
     [batch] = stage(migration, "opportunity", {name: raw}, spill=folder).batches
     assert batch.stored is not None and len(whole.rejects) > 2
-    in_files = sum(len(read_piece(path, FileNotFoundError).rejects) for path in batch.stored.paths)
+    in_files = sum(len(read_batch_piece(path).rejects) for path in batch.stored.paths)
     assert len(batch.rejects) + in_files == len(whole.rejects)
     expected = entries(whole.rejects)
     assert entries(batch.rejects) == expected

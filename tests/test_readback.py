@@ -4,7 +4,10 @@ and compares rows as arrays; it must still find what the sets of tuples found.""
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from crm_core.db import make_engine, session_factory, upgrade
-from crm_core.loading import StoredPieces
+from crm_core.loading import PieceHead, StoredPieces
 from crm_core.models import Customer, ExternalId, LoadRun
 from integration import readback
 from integration.pipeline import Migration, extract, load, stage, verify_pieces
@@ -65,6 +68,14 @@ def _stored_customers(migration: Migration, tmp_path: Path) -> Any:
     return stage(migration, "customer", {migration.raw_asset(mapping): frames}, spill=folder)
 
 
+def _drop_raw_rows(paths: Sequence[str]) -> None:
+    """Cut each piece's file after its ``PieceHead``."""
+    for path in paths:
+        with Path(path).open("r+b") as file:
+            assert isinstance(pickle.load(file), PieceHead)
+            file.truncate(file.tell())
+
+
 @pytest.mark.parametrize("crosswalk", ["whole", "by_key"])
 def test_the_check_of_stored_pieces_finds_a_lost_key_and_changed_values(
     demo_project: Path, core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crosswalk: str
@@ -79,6 +90,8 @@ def test_the_check_of_stored_pieces_finds_a_lost_key_and_changed_values(
     engine = make_engine(core_url)
     upgrade(engine)
     load(migration, engine, "run-1", staged)
+    pieces = list(batch.pieces())
+    _drop_raw_rows(batch.stored.paths)  # the check reads each file's head, never the raw rows after it
     factory = session_factory(engine)
     with factory() as session:
         run = session.scalar(sa.select(LoadRun).where(LoadRun.run_key == "run-1"))
@@ -88,7 +101,6 @@ def test_the_check_of_stored_pieces_finds_a_lost_key_and_changed_values(
     assert clean["spot_checked"] == 25 and clean["spot_mismatches"] == 0
 
     # Behind the loader's back: one crosswalk entry is lost and every customer's name changes.
-    pieces = list(batch.pieces())
     lost = pieces[-1].records.iloc[-1]
     with factory() as session, session.begin():
         session.execute(
@@ -110,3 +122,55 @@ def test_the_check_of_stored_pieces_finds_a_lost_key_and_changed_values(
     assert first["fields"] == ["name"] and first["core"]["name"] == first["mapped"]["name"] + "X"
     mapped = pd.concat([p.records for p in pieces], ignore_index=True)
     assert first["key"] in set(mapped["_external_key"].astype(str))
+
+
+def test_the_check_reads_a_pieces_raw_rows_location_and_row_only(demo_project: Path, tmp_path: Path) -> None:
+    """A staged piece's file holds the batch and its raw rows' location, row and kind first, the raw rows
+    after: the load reads the whole piece back as written, the check the first part only."""
+    migration = Migration.load(str(demo_project))
+    [batch] = _stored_customers(migration, tmp_path).batches
+    assert isinstance(batch.stored, StoredPieces)
+    whole, checked = list(batch.pieces()), list(batch.pieces(raw=False))
+    assert len(whole) == len(checked) == len(batch.stored.paths)
+    for full, head in zip(whole, checked, strict=True):
+        assert full.raw is not None and head.raw is not None and len(full.raw.columns) > 3
+        assert list(head.raw.columns) == [
+            c for c in full.raw.columns if c in ("_location", "_row_ref", "_row_kind")
+        ]
+        assert head.raw.equals(full.raw[head.raw.columns])
+        assert head.records.equals(full.records) and head.rejects.equals(full.rejects)
+    with Path(batch.stored.paths[0]).open("rb") as file:
+        head = pickle.load(file)
+        assert isinstance(head, PieceHead) and head.batch.raw is None
+        assert pickle.load(file).equals(whole[0].raw)  # the raw rows, as extracted
+
+
+@pytest.mark.parametrize("crosswalk", ["whole", "by_key"])
+def test_pieces_written_whole_before_are_read_and_checked_alike(
+    demo_project: Path, sqlite_core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crosswalk: str
+) -> None:
+    """Pieces staged before the split (one pickled ``Batch`` a file) still load and check the same."""
+    monkeypatch.setattr(readback, "WHOLE_CROSSWALK_PER_RECORD", 10**9 if crosswalk == "whole" else 0)
+    migration = Migration.load(str(demo_project))
+    staged = _stored_customers(migration, tmp_path)
+    [batch] = staged.batches
+    assert batch.stored is not None
+    pieces = list(batch.stored)
+    old = [str(tmp_path / f"old-{n}.pkl") for n in range(len(pieces))]
+    for path, piece in zip(old, pieces, strict=True):
+        with Path(path).open("wb") as file:
+            pickle.dump(piece, file)
+    before = dataclasses.replace(batch, stored=dataclasses.replace(batch.stored, paths=tuple(old)))
+    for got, expected in zip(before.pieces(raw=False), batch.pieces(), strict=True):
+        assert got.raw is not None and expected.raw is not None and got.raw.equals(expected.raw)
+    engine = make_engine(sqlite_core_url)
+    upgrade(engine)
+    load(migration, engine, "run-1", dataclasses.replace(staged, batches=[before]))
+    with session_factory(engine)() as session, session.begin():
+        session.execute(sa.update(Customer).values(name=Customer.name + "X"))
+        run = session.scalar(sa.select(LoadRun).where(LoadRun.run_key == "run-1"))
+        assert run is not None
+        found = verify_pieces(session, run, "customer", before)
+        assert found == verify_pieces(session, run, "customer", batch)
+    engine.dispose()
+    assert found["keys_missing"] == 0 and found["spot_mismatches"] == found["spot_checked"] == 25
