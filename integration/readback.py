@@ -58,6 +58,8 @@ class CrosswalkRead:
             index = pd.Index(np.array(found, dtype=object), dtype=object)
             ids = np.fromiter(entity_ids, dtype=np.int64, count=len(entity_ids))
             kinds = np.array(methods, dtype=object)
+            # Freed here, by reference counting: a collection after the pause would walk every row first.
+            del rows, found, entity_ids, methods
         if not index.is_unique:  # the unique constraint rules it out; a dict kept the last one
             keep = ~index.duplicated(keep="last")
             index, ids, kinds = index[keep], ids[keep], kinds[keep]
