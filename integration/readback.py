@@ -23,8 +23,9 @@ from crm_core.loading import IN_CHUNK
 from crm_core.models import ExternalId
 
 # A batch reads its system's whole crosswalk once when the system holds at most this many entries per
-# record of the batch; else (a delta against a large core) it reads its own keys, piece by piece.
-WHOLE_CROSSWALK_PER_RECORD = 3
+# record of the batch; else (a delta against a large core) it reads its own keys, piece by piece. Read by
+# key, an entry costs about twice what it costs in one scan (SQLite, 363,172 order lines: 1.1 s and 0.55 s).
+WHOLE_CROSSWALK_PER_RECORD = 2
 
 
 @dataclass(frozen=True)
