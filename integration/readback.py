@@ -90,10 +90,10 @@ def unaccounted(
 ) -> tuple[int, list[tuple[str, str]]]:
     """Return how many distinct (location, row) pairs ``read`` holds, and those of them no pair of
     ``accounted`` matches, sorted. Pairs are given as two arrays of text (locations, rows)."""
-    locations = np.concatenate([read[0], *(a[0] for a in accounted)]).astype(object, copy=False)
-    refs = np.concatenate([read[1], *(a[1] for a in accounted)]).astype(object, copy=False)
     if not len(read[0]):
         return 0, []
+    locations = np.concatenate([read[0], *(a[0] for a in accounted)]).astype(object, copy=False)
+    refs = np.concatenate([read[1], *(a[1] for a in accounted)]).astype(object, copy=False)
     # Text only, so factorize codes every value (no NA sentinel) and equal codes are equal texts.
     location_codes, location_values = pd.factorize(locations)
     ref_codes, ref_values = pd.factorize(refs)
