@@ -120,3 +120,23 @@ def test_the_lazy_index_answers_any_query_as_the_full_index_does() -> None:
     assert lazy.value(some, "city") == full.value(some, "city")
     with pytest.raises(DedupError):
         lazy.add(pd.DataFrame(index=pd.Index([1], name="id")))
+
+
+def test_the_lazy_index_fills_what_only_the_rest_of_the_row_places() -> None:
+    # A province known only from a phone's area code (028: several cities of 四川) caps a candidate for a
+    # name written in 广东; and value() fills the row it is asked about before any query has.
+    customers = [
+        {"id": 1, "name": "腾达科技有限公司", "phone": "02887654321"},
+        {"id": 2, "name": "腾达科技有限公司", "city": "深圳市"},
+        {"id": 3, "name": "腾达科技有限公司"},
+        *({"id": 10 + i, "name": name} for i, name in enumerate(_written(_customers(60), 60))),
+    ]
+    full, lazy, asked = _indexes(customers)
+    assert lazy.value(1, "province") == full.value(1, "province") == "四川省"
+    assert asked == [0]
+    _, fresh, _ = _indexes(customers)
+    query = query_record("广东腾达科技有限公司")
+    expected = full.match(query)
+    assert fresh.match(query) == expected
+    capped = {c.customer_id: c.probability for c in expected}
+    assert capped[1] <= full.spec.review * 0.5 < capped[2]  # the province conflict is what caps customer 1
