@@ -22,6 +22,7 @@ from crm_core.loading import Batch, EntityLoader, Lookup, SourceStats, get_or_st
 from crm_core.models import Customer, ExternalId, LoadRun, Opportunity, ReferenceDecision, Reject
 from integration.cli import app
 from integration.dedup.normalize import company_key
+from integration.dedup.online import query_record
 from integration.dedup.references import CustomerNames, decide_reference, reference_queue
 from integration.jobs import build_definitions
 from integration.mappings.engine import empty_rejects
@@ -470,6 +471,16 @@ def test_the_resolver_reads_customers_in_id_order_whatever_order_the_database_re
         for text in ["腾达", "深圳腾达", "华鑫", "恒信", "腾达电子"]:
             assert found.resolve(text) == expected.resolve(text)
     reference.dispose()
+
+
+def test_the_match_index_and_the_names_shown_hold_only_golden_customers(engine: sa.Engine) -> None:
+    """A customer merged into another is no candidate of the match index (its survivor is), nor a name shown."""
+    ids = seed(engine)  # C6 深圳腾达技术有限公司 merged into C1
+    with Session(engine) as session:
+        resolver = CustomerNames(session)
+        found = [c.customer_id for c in resolver._index.match(query_record("深圳腾达技术有限公司"), limit=10)]
+        assert ids["C1"] in found and ids["C6"] not in found
+        assert ids["C6"] not in resolver._golden_names and ids["C1"] in resolver._golden_names
 
 
 def test_reference_decisions_are_created_in_the_order_their_names_first_appear(engine: sa.Engine) -> None:
