@@ -352,6 +352,8 @@ class NameIndex(MatchIndex):
     query is answered too, at the cost it needs: an exact key or a comparison of another field fills the
     rows it reads (every row, for an exact key). The matches are those of a :class:`MatchIndex` over the
     same rows in the same order.
+    Filled as it is queried, it is for one thread (each load builds its own); the steward API's index, shared
+    by request threads, stays a :class:`MatchIndex`.
 
     ``linkage(positions)`` returns the linkage rows (as :func:`~integration.dedup.customers.linkage_rows`
     gives them: no term frequency in ``trade_rare``) of the customers at those positions of ``ids``.
@@ -398,11 +400,11 @@ class NameIndex(MatchIndex):
 
     def _index_exact(self, key: str) -> None:
         """Build the dictionary of exact key ``key`` from its column (as :meth:`MatchIndex.add` does)."""
-        self._exact_built.add(key)
         index, column = self.exact[key], self.columns[key]
         for position, value in enumerate(column):
             if value is not None:
                 index.setdefault(value, []).append(position)
+        self._exact_built.add(key)  # only once built: a failure halfway leaves it to be built again
 
     def add(self, records: pd.DataFrame) -> None:
         """Not supported: the index holds the customers it was built with."""
