@@ -94,6 +94,8 @@ def unaccounted(
         return 0, []
     locations = np.concatenate([read[0], *(a[0] for a in accounted)]).astype(object, copy=False)
     refs = np.concatenate([read[1], *(a[1] for a in accounted)]).astype(object, copy=False)
+    if not (_c_strings(locations) and _c_strings(refs)):  # a source key holding a NUL
+        return _unaccounted_pairs(read, accounted)
     # Text only, so factorize codes every value (no NA sentinel) and equal codes are equal texts.
     location_codes, location_values = pd.factorize(locations)
     ref_codes, ref_values = pd.factorize(refs)
@@ -109,6 +111,21 @@ def unaccounted(
         )
     )
     return len(distinct), missing
+
+
+def _c_strings(values: np.ndarray) -> bool:
+    """Whether pandas tells these texts apart when it codes them: it hashes an array of text as C strings,
+    so two texts equal up to a NUL would get one code."""
+    return "\x00" not in "".join(values.tolist())
+
+
+def _unaccounted_pairs(
+    read: tuple[np.ndarray, np.ndarray], accounted: Sequence[tuple[np.ndarray, np.ndarray]]
+) -> tuple[int, list[tuple[str, str]]]:
+    """:func:`unaccounted` with sets of (location, row) pairs, for texts holding a NUL."""
+    distinct = set(zip(read[0].tolist(), read[1].tolist(), strict=True))
+    left = distinct.difference(*(zip(a[0].tolist(), a[1].tolist(), strict=True) for a in accounted))
+    return len(distinct), sorted(left)
 
 
 def texts(values: pd.Series | Sequence[Any]) -> np.ndarray:

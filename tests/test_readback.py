@@ -55,6 +55,16 @@ def test_unaccounted_rows_are_those_the_sets_of_tuples_leave() -> None:
         assert got == _as_sets(read, [landed, quarantined])
 
 
+def test_texts_equal_up_to_a_nul_are_told_apart() -> None:
+    """A database source's key (a row's ``_row_ref``) may hold a NUL: pandas codes an array of text as C
+    strings, which made ``a\\x00b`` and ``a\\x00c`` one row, the missing one accounted for by the other."""
+    read = [("t", "a\x00b"), ("t", "a\x00c"), ("f\x00x", "1"), ("\udcff.csv", "1"), ("g.csv", "1")]
+    landed = [("t", "a\x00c"), ("f\x00y", "1"), ("g.csv", "1")]
+    found = unaccounted(_arrays(read), [_arrays(landed)])
+    assert found == _as_sets(read, [landed])
+    assert found == (5, [("f\x00x", "1"), ("t", "a\x00b"), ("\udcff.csv", "1")])
+
+
 def _stored_customers(migration: Migration, tmp_path: Path) -> Any:
     """The demo's U8 customers staged in pieces of four raw rows (several pieces, as a large source is), one
     row without its required name."""
