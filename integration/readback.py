@@ -8,9 +8,7 @@ entries at once (or by key, when the batch is small beside what the system holds
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +16,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Connection, func, select
 
+from crm_core.collections_policy import collections_paused
 from crm_core.journal import ids_in
 from crm_core.loading import IN_CHUNK
 from crm_core.models import ExternalId
@@ -45,7 +44,7 @@ class CrosswalkRead:
         query = select(xw.external_key, xw.entity_id, xw.match_method).where(
             xw.entity == entity, xw.system == system
         )
-        with _collection_paused():  # hundreds of thousands of rows, no cycles among them
+        with collections_paused():  # hundreds of thousands of rows, no cycles among them
             if keys is None:
                 rows: list[Any] = list(connection.execute(query).all())
             else:
@@ -135,17 +134,3 @@ def texts(values: pd.Series | Sequence[Any]) -> np.ndarray:
         if pd.api.types.infer_dtype(array, skipna=False) == "string":  # all str already: str(v) is v
             return array
     return np.fromiter(map(str, values), dtype=object, count=len(values))
-
-
-@contextmanager
-def _collection_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while building many objects that all survive (see
-    ``integration.dedup.references._gc_paused``): collections triggered as they grow free nothing."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()

@@ -29,7 +29,6 @@ rejected, and load on the next run once a steward has linked the name (``crmi de
 from __future__ import annotations
 
 import datetime as dt
-import gc
 from collections import defaultdict
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from rapidfuzz import distance, process
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from crm_core.collections_policy import collections_paused
 from crm_core.db import session_factory
 from crm_core.entities import ENTITIES
 from crm_core.errors import DedupError
@@ -88,13 +88,8 @@ def _gc_paused(build: Callable[_P, _T]) -> Callable[_P, _T]:
 
     @wraps(build)
     def paused(*args: _P.args, **kwargs: _P.kwargs) -> _T:
-        if not gc.isenabled():  # already paused (a build within a build)
+        with collections_paused():  # a build within a build: still paused
             return build(*args, **kwargs)
-        gc.disable()
-        try:
-            return build(*args, **kwargs)
-        finally:
-            gc.enable()
 
     return paused
 
