@@ -328,6 +328,11 @@ def run(
     raise typer.Exit(EXIT_OK if report.acceptable else EXIT_UNBALANCED)
 
 
+def _report_dir(run_id: str) -> Path:
+    """Where a run's reports are (``integration.jobs.report_root()``, without importing Dagster)."""
+    return Path("var") / "reports" / run_id
+
+
 def _report_if_nothing_changed(
     project: str | Path | None, core: str | None, started: float, as_json: bool
 ) -> None:
@@ -362,7 +367,7 @@ def _report_if_nothing_changed(
             return
         limit = migration.project.spec.reconciliation.max_quarantined_share
         report = reconcile(engine, last, max_quarantined_share=limit)
-    folder = Path("var") / "reports" / last  # integration.jobs.report_root(), without importing Dagster
+    folder = _report_dir(last)
     if not folder.is_dir():  # the last run was started from another folder: its reports are written here too
         from integration.reports import write_reports
 
@@ -503,7 +508,7 @@ def _report_success(
     from integration.reports import quarantine_notes, unbalanced_reasons
 
     location = redact_url(core_url(core))
-    report_dir = Path("var") / "reports" / run_id
+    report_dir = _report_dir(run_id)
     reasons = unbalanced_reasons(report)
     if as_json:
         payload = {

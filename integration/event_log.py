@@ -76,11 +76,16 @@ class KeptConnectionsEventLogStorage(SqliteEventLogStorage):
                     self._initdb(engine)
                     self._initialized_dbs.add(shard)
                 engines[shard] = engine
-            with engine.connect() as conn, conn.begin():
-                yield conn
-            # What closing the connection did for the UI's watcher: the database file changes.
-            with contextlib.suppress(OSError):
-                os.utime(self.path_for_shard(shard))
+            with engine.connect() as conn:
+                written_before = conn.connection.dbapi_connection.total_changes  # type: ignore[union-attr]
+                with conn.begin():
+                    yield conn
+                wrote = conn.connection.dbapi_connection.total_changes != written_before  # type: ignore[union-attr]
+            # What closing the connection did for the UI's watcher: the database file changes (after a write
+            # only: the progress bar reads the log four times a second, which must not wake the UI).
+            if wrote:
+                with contextlib.suppress(OSError):
+                    os.utime(self.path_for_shard(shard))
 
     def _close_kept(self) -> None:
         with self._db_lock:

@@ -1179,7 +1179,7 @@ def verify_batch(
     entity_ids = np.zeros(len(keys), dtype=np.int64)
     entity_ids[found] = crosswalk.entity_ids[at[found]]
     created = np.zeros(len(keys), dtype=bool)
-    created[found] = crosswalk.methods[at[found]] == "created"
+    created[found] = crosswalk.created[at[found]]
     created &= ~np.isin(entity_ids, np.fromiter(survivors, dtype=np.int64, count=len(survivors)))
     positions = np.flatnonzero(created)
     step = max(1, len(positions) // max(spot_checks, 1))

@@ -29,11 +29,12 @@ WHOLE_CROSSWALK_PER_RECORD = 2
 
 @dataclass(frozen=True)
 class CrosswalkRead:
-    """Crosswalk entries of one entity and system as read back from the core: key, record id, match method."""
+    """Crosswalk entries of one entity and system as read back from the core: key, record id, and whether the
+    source row created its record (the only use of the match method: a bool, not a string per entry)."""
 
     keys: pd.Index
     entity_ids: np.ndarray
-    methods: np.ndarray
+    created: np.ndarray
 
     @classmethod
     def read(
@@ -57,13 +58,13 @@ class CrosswalkRead:
             found, entity_ids, methods = zip(*rows, strict=True) if rows else ((), (), ())
             index = pd.Index(np.array(found, dtype=object), dtype=object)
             ids = np.fromiter(entity_ids, dtype=np.int64, count=len(entity_ids))
-            kinds = np.array(methods, dtype=object)
+            created = np.fromiter((m == "created" for m in methods), dtype=bool, count=len(methods))
             # Freed here, by reference counting: a collection after the pause would walk every row first.
             del rows, found, entity_ids, methods
         if not index.is_unique:  # the unique constraint rules it out; a dict kept the last one
             keep = ~index.duplicated(keep="last")
-            index, ids, kinds = index[keep], ids[keep], kinds[keep]
-        return cls(index, ids, kinds)
+            index, ids, created = index[keep], ids[keep], created[keep]
+        return cls(index, ids, created)
 
     @classmethod
     def for_batch(

@@ -53,10 +53,12 @@ def prune_trials(
     """Delete all but the newest ``keep`` trial folders of each kind; return what was (or would be) deleted."""
     if keep < 0:
         raise ValueError("keep must be 0 or more")
-    doomed: list[TrialFolder] = []
-    for kind in ("scratch core", "step outputs"):
-        of_kind = [f for f in trial_folders(scratch_cores, storage) if f.kind == kind]
-        doomed.extend(of_kind[keep:])
+    found = trial_folders(scratch_cores, storage)  # newest first within each kind
+    doomed = [
+        folder
+        for kind in ("scratch core", "step outputs")
+        for folder in [f for f in found if f.kind == kind][keep:]
+    ]
     if not dry_run:
         for folder in doomed:
             shutil.rmtree(folder.path, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import threading
@@ -68,14 +69,21 @@ def test_crmi_instance_keeps_one_connection_per_file_and_the_ui_sees_every_event
         assert all_seen.wait(timeout=30), f"the UI's watcher saw {seen} of the two new events"
         assert seen == ["event 3", "event 4"]
         ui.dispose()
+        # Reads (the progress bar's, four times a second) leave the file alone; a write touches it.
+        db = Path(storage.path_for_shard(run_id))
+        os.utime(db, ns=(0, 0))
+        assert [e.user_message for e in storage.get_logs_for_run(run_id)][-1] == "event 4"
+        assert db.stat().st_mtime_ns == 0
+        instance.handle_new_event(_entry(run_id, 5))
+        assert db.stat().st_mtime_ns > 0
         # A commit does not wait for the disk (WAL mode keeps the file consistent; a power cut loses the last events).
         with storage.run_connection(run_id) as conn:
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
         db = Path(storage.path_for_shard(run_id))
     assert not Path(f"{db}-wal").exists()  # closed as Dagster closes: checkpointed, WAL deleted
-    assert _events_in_file_alone(db, tmp_path) == 5  # every event checkpointed into the file when closed
+    assert _events_in_file_alone(db, tmp_path) == 6  # every event checkpointed into the file when closed
     with dg.DagsterInstance.get() as again:  # the next process (or `dagster dev`) reads the run
-        assert len(again.all_logs(run_id)) == 5
+        assert len(again.all_logs(run_id)) == 6
 
 
 def test_other_event_log_storages_are_left_alone() -> None:
