@@ -305,3 +305,106 @@ def test_a_failed_blocking_check_says_which_rule_and_why_on_one_line(
     assert content(engine) == before
     assert statuses(engine) == ["succeeded", "failed"]
     engine.dispose()
+
+
+def hold_the_core(
+    engine: sa.Engine, run_key: str = "busy-elsewhere", mode: str = "full", pid: int | None = None
+) -> None:
+    """Mark a run of this host as loading the core (a live process: this one, unless ``pid`` says otherwise)."""
+    import os
+    import socket
+
+    with engine.begin() as connection:
+        connection.execute(sa.insert(LoadRun).values(
+            run_key=run_key, project="demo", mode=mode, status="running", stats={}, host=socket.gethostname(),
+            pid=os.getpid() if pid is None else pid,
+        ))  # fmt: skip
+
+
+def test_a_run_beside_another_on_the_same_core_fails_before_it_writes(
+    baseline: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`crmi run` while another run loads the core (the daemon's, or a UI materialization): the queue does not
+    see it, so its first step refuses, names the other run, and nothing of it reaches the core."""
+    project, url = from_baseline(baseline, tmp_path)
+    monkeypatch.setenv("CRM_CORE_URL", url)
+    engine = make_engine(url)
+    hold_the_core(engine)
+    before = content(engine)
+
+    result = crmi_run(project, url)
+
+    assert result.exit_code == 1, result.output  # type: ignore[attr-defined]
+    output: str = result.stderr  # type: ignore[attr-defined]
+    assert "run busy-elsewhere (full, started" in output and "is still loading this core" in output, output
+    assert "Traceback" not in output
+    assert content(engine) == before
+    assert statuses(engine) == ["succeeded", "running", "failed"]  # the other run goes on untouched
+    engine.dispose()
+
+
+def test_materializing_from_the_ui_beside_a_running_migration_is_refused(
+    baseline: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """An ad-hoc selection carries no ``crmi/core`` tag, so the run queue lets it start beside a migration: its
+    first step refuses before any output is written, and the migration's step outputs stay as they were."""
+    project, url = from_baseline(baseline, tmp_path)
+    engine = make_engine(url)
+    hold_the_core(engine, "the-migration")
+    before = content(engine)
+    defs = build_definitions(project, url)
+    selection = dg.AssetSelection.assets("core_sales_rep").upstream()
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            list(defs.assets or []), selection=selection, resources=defs.resources, instance=instance,
+            raise_on_error=False,
+        )  # fmt: skip
+        outputs = Path(instance.storage_directory())
+        asset_names = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
+        written = sorted(p.name for p in outputs.rglob("*") if p.name in asset_names)
+    dispose_engines()
+    assert not result.success
+    failures = [e for e in result.all_events if e.is_step_failure]
+    assert failures and all(e.step_key.startswith("raw_") for e in failures)  # no step got further
+    assert any("run the-migration (full, started" in str(e.event_specific_data) for e in failures)
+    assert not any(e.is_successful_output for e in result.all_events)
+    assert written == []
+    assert content(engine) == before
+    assert statuses(engine) == ["succeeded", "running", "failed"]
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("mode", "alive", "refused"),
+    [("full", True, True), ("delta", True, True), ("full", False, False), ("sync", True, False),
+     ("steward", True, False)],
+)  # fmt: skip
+def test_only_a_live_full_or_delta_run_holds_the_core(
+    mode: str, alive: bool, refused: bool, sqlite_core_url: str
+) -> None:
+    """A sync or a steward's change may run beside a migration; a run whose process died is recovered first."""
+    from crm_core.errors import RunError
+    from integration.pipeline import start_run
+
+    engine = make_engine(sqlite_core_url)
+    ensure_schema(engine)
+    hold_the_core(engine, "earlier", mode=mode, pid=None if alive else 2**22 + 1)  # above Linux's pid_max
+    if refused:
+        with pytest.raises(RunError, match=r"run earlier .* is still loading this core"):
+            start_run(engine, "later", "demo", "full")
+        assert start_run(engine, "later", "demo", "full") == "failed"  # its other steps do not load
+    else:
+        assert start_run(engine, "later", "demo", "full") == "running"
+    assert start_run(engine, "earlier", "demo", mode) == "running"  # the earlier run is not disturbed
+    engine.dispose()
+
+
+def test_a_trial_is_not_held_back_by_a_migration(sqlite_core_url: str) -> None:
+    """A trial's load run is in its scratch core; should one be started on a core in use, it is not refused."""
+    from integration.pipeline import start_run
+
+    engine = make_engine(sqlite_core_url)
+    ensure_schema(engine)
+    hold_the_core(engine)
+    assert start_run(engine, "a-trial", "demo", "trial") == "running"
+    engine.dispose()
