@@ -23,8 +23,10 @@ import argparse
 import csv
 import datetime as dt
 import random
+import re
 import sqlite3
 import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -579,6 +581,24 @@ def write_workbook(
     )
     deals.append(["小计", None, None, None, total])
     workbook.save(path)
+    _reproducible(path)
+
+
+def _reproducible(path: Path) -> None:
+    """Give the saved workbook fixed timestamps (openpyxl stamps the save time into docProps/core.xml and every
+    zip entry), so the same seed writes the same bytes and a second ``make demo`` finds the workbook unchanged."""
+    stamp = f"{REFERENCE_DAY.isoformat()}T00:00:00Z"
+    with zipfile.ZipFile(path) as source:
+        members = [(info, source.read(info)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as target:
+        for info, data in members:
+            if info.filename == "docProps/core.xml":
+                data = re.sub(
+                    rb"(<dcterms:(?:created|modified)[^>]*>)[^<]*", rb"\g<1>" + stamp.encode(), data
+                )
+            fixed = zipfile.ZipInfo(info.filename, date_time=(*REFERENCE_DAY.timetuple()[:3], 0, 0, 0))
+            fixed.compress_type = zipfile.ZIP_DEFLATED
+            target.writestr(fixed, data)
 
 
 def generate(out: Path = HERE / "data", seed: int = 20251123, scale: float = 1.0) -> dict[str, Path]:
