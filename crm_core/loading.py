@@ -316,16 +316,18 @@ class RawRows:
         # by position: a sheet may repeat a header (two 备注 columns); the later one wins, as in a dict
         columns = [i for i, c in enumerate(self.frame.columns) if not str(c).startswith("_")]
         taken = self.frame.iloc[known, columns]
-        values = [(str(taken.columns[j]), taken.iloc[:, j].tolist()) for j in range(len(columns))]
-        found: list[dict[str, Any] | None] = []
-        index = 0
-        for position in positions:
-            if position is None:
-                found.append(None)
-                continue
-            found.append({name: to_json(_python(column[index])) for name, column in values})
-            index += 1
-        return found
+        names = [str(name) for name in taken.columns]
+        values = [_json_safe(taken.iloc[:, j].tolist()) for j in range(len(columns))]
+        rows_found = iter(zip(*values, strict=True)) if values else iter([()] * len(known))
+        return [None if position is None else dict(zip(names, next(rows_found), strict=True))
+                for position in positions]  # fmt: skip
+
+
+def _json_safe(column: list[Any]) -> list[Any]:
+    """Return ``to_json(_python(value))`` of each value; a column of text and blanks is that already."""
+    if set(map(type, column)) <= {str, type(None)}:
+        return column
+    return [to_json(_python(value)) for value in column]
 
 
 def crosswalk_ids(session: Session, entity: str, system: str, keys: Iterable[str]) -> dict[str, int]:

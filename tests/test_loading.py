@@ -555,3 +555,42 @@ def test_raw_rows_of_rejects_are_read_in_one_go_even_with_a_repeated_header() ->
     assert rows == [{"编号": "C2", "备注": "x"}, None, {"编号": "C1", "备注": "新备注"}]
     assert RawRows(frame).get("a.xlsx#客户", "3") == rows[2]
     assert RawRows(None).many([("x", "1")]) == [None]
+
+
+def test_raw_rows_of_every_kind_of_column_are_json_safe_value_by_value() -> None:
+    """Text columns pass as they are; any other column goes value by value (missing markers to None, amounts
+    and dates to text, numpy scalars to Python): what each value alone would give."""
+    from decimal import Decimal
+
+    import numpy as np
+
+    from crm_core.journal import to_json
+    from crm_core.loading import _python
+
+    frame = pd.DataFrame({
+        LOCATION: ["s#1"] * 4, ROW_REF: ["1", "2", "3", "4"],
+        "名称": ["甲", None, "乙", "丙"],
+        "金额": [Decimal("12.50"), None, Decimal("3"), float("nan")],
+        "日期": pd.to_datetime(["2025-03-05", None, "2025-01-01", "2024-12-31"]),
+        "数量": np.array([1, 2, 3, 4], dtype=np.int64),
+        "备注": pd.array(["x", None, "y", "z"], dtype="string"),
+        "空": [None, None, None, None],
+    })  # fmt: skip
+    wanted = [("s#1", ref) for ref in ("4", "1", "3", "2")]
+    rows = RawRows(frame).many(wanted)
+    for (_, ref), row in zip(wanted, rows, strict=True):
+        source = frame[frame[ROW_REF] == ref].iloc[0]
+        expected = {
+            name: to_json(_python(source[name])) for name in frame.columns if not name.startswith("_")
+        }
+        assert row == expected
+        assert all(type(row[name]) is type(expected[name]) for name in expected)
+    assert rows[1] == {
+        "名称": "甲",
+        "金额": "12.50",
+        "日期": "2025-03-05T00:00:00",
+        "数量": 1,
+        "备注": "x",
+        "空": None,
+    }
+    assert rows[3]["金额"] is None and rows[3]["日期"] is None and rows[3]["备注"] is None
