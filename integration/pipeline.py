@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from crm_core.db import ensure_schema, make_engine, session_factory
 from crm_core.entities import ENTITIES, LOAD_ORDER
-from crm_core.errors import ConfigError, ExtractError, MappingError, Problem, RunError
+from crm_core.errors import ConfigError, ExtractError, MappingError, Problem
 from crm_core.failpoints import failpoint
 from crm_core.loading import (
     EXTERNAL_KEY,
@@ -39,7 +39,7 @@ from crm_core.loading import (
     row_hash,
 )
 from crm_core.models import Customer, LoadRun, MergeLog, Reject
-from crm_core.runs import is_crashed, owner
+from crm_core.runs import owner
 from crm_core.validation import Rule, RuleContext, one_of, ruleset, validate
 from crm_core.watermarks import CursorState, advance, plain_cursor, read_watermark
 from integration.connectors import Connector, CsvConnector, ExcelConnector, ReadRequest, connector_for
@@ -150,49 +150,12 @@ def start_run(engine: Engine, run_key: str, project: str, mode: str = "full") ->
             try:
                 connection.execute(insert(LoadRun).values(**values, host=host, pid=pid))
                 connection.commit()
+                return "running"
             except IntegrityError:  # a step running in parallel created it first
                 connection.rollback()
                 status = connection.scalar(query)
-            else:
-                if mode in CORE_WRITING_MODES:
-                    _refuse_beside_another(engine, run_key)
-                return "running"
         connection.rollback()
         return str(status)
-
-
-CORE_WRITING_MODES = ("full", "delta")  # a trial writes a scratch core of its own
-
-
-def _refuse_beside_another(engine: Engine, run_key: str) -> None:
-    """Fail the run just created when an earlier full or delta run is still loading the same core.
-
-    The run queue holds back a second job run on one core (tag ``crmi/core``), but not assets materialized
-    from the UI, nor a ``crmi run`` beside the daemon's runs: two runs at once would interleave their loads
-    and overwrite each other's step outputs. The earlier run keeps going; this one is marked failed before it
-    wrote anything. A run whose process died on this host is no obstacle (``crmi run`` recovers it first).
-    """
-    with session_factory(engine)() as session, session.begin():
-        mine = session.scalar(select(LoadRun).where(LoadRun.run_key == run_key))
-        if mine is None:
-            return
-        earlier = session.scalars(
-            select(LoadRun)
-            .where(LoadRun.status == "running", LoadRun.mode.in_(CORE_WRITING_MODES), LoadRun.id < mine.id)
-            .order_by(LoadRun.id)
-        ).all()
-        busy = next((run for run in earlier if not is_crashed(run)), None)
-        if busy is None:
-            return
-        mine.status = "failed"
-        mine.finished_at = dt.datetime.now(dt.UTC)
-        started = busy.started_at.strftime("%Y-%m-%d %H:%M:%S") if busy.started_at else "?"
-        where = f"process {busy.pid} on {busy.host}" if busy.pid is not None else "another process"
-    raise RunError(
-        f"run {busy.run_key} ({busy.mode}, started {started} UTC, {where}) is still loading this core; one "
-        "run writes a core at a time. Wait for it to end, then run again. If its process died, `crmi runs "
-        f"recover` on {busy.host or 'its host'} undoes it (the Dagster daemon undoes a failed Dagster run)"
-    )
 
 
 @dataclass
