@@ -456,11 +456,14 @@ def _present(value: Any) -> bool:
 
 
 def _row_dicts(result: Result[Any]) -> Iterator[dict[str, Any]]:
-    """Yield each row of ``result`` as a dict by column name, from one fetchall (iterating a result, or its
+    """Yield each row of ``result`` as a dict by column name, fetched many at a time (iterating a result, or its
     ``mappings()``, fetches row by row: a tenth of the customer load's reading)."""
     names = list(result.keys())
-    for row in result.all():
-        yield dict(zip(names, row, strict=True))
+    for rows in result.partitions(
+        10_000
+    ):  # a whole table's index (a key only of normalized fields) stays bounded
+        for row in rows:
+            yield dict(zip(names, row, strict=True))
 
 
 def _chunks(items: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any]]:
