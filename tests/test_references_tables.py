@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from crm_core.loading import NameMatch
 from integration.dedup.normalize import canonical_industry, has_han, trade_name
 from integration.dedup.references import (
     PREFIX_ONLY,
@@ -98,12 +99,7 @@ def test_same_brand_variants_share_trade_name_branch_and_a_written_region() -> N
         written = name_variant(text)
         assert written is not None
         found = names._same_brand(written)
-        everything = [(known, s) for known, s in names._variants.get(written.brand, ())]
-        kept = [
-            (known, s) for known, s in everything
-            if known.branch == written.branch
-            and not (written.region and known.region and known.region != written.region)
-        ]  # fmt: skip
+        kept = _same_place(names, written)
         assert sorted(found, key=repr) == sorted(kept, key=repr)
         for known, _ in found:
             assert known.brand == written.brand and known.branch == written.branch
@@ -111,6 +107,15 @@ def test_same_brand_variants_share_trade_name_branch_and_a_written_region() -> N
             mine, theirs = spelled(written.core), spelled(known.core)
             same = not (mine and theirs and not (mine.startswith(theirs) or theirs.startswith(mine)))
             assert same == same_company_name(written, known)
+
+
+def _same_place(names: Any, written: NameVariant) -> list[tuple[NameVariant, int]]:
+    """The variants same_company_name's place checks keep: same trade name and branch, no other region."""
+    return [
+        (known, s) for known, s in names._variants.get(written.brand, ())
+        if known.branch == written.branch
+        and not (written.region and known.region and known.region != written.region)
+    ]  # fmt: skip
 
 
 def _closeness(written: NameVariant, known: NameVariant) -> int:
@@ -141,25 +146,50 @@ def test_closeness_of_written_names() -> None:
             assert _closeness(written, known) == expected
 
 
+def _resolvers() -> list[Any]:
+    """Resolvers over the hand-written names and over generated ones (regions, branches, Latin names)."""
+    generated = [_generated_records(seed) for seed in range(3)]
+    return [
+        _resolver(_records(5), {}),
+        *(_resolver(r, {i: s.get(i, i) for i, *_ in r}) for r, s in generated),
+    ]
+
+
 def test_resolve_groups_variants_by_closeness_as_the_functions_do() -> None:
-    records = _records(5)
-    names = _resolver(records, {})
-    for text in [*NAMES, "深圳腾达", "腾达科技有限公司", "上海华鑫", "广州明汇", "明辉"]:
-        written = name_variant(text)
-        assert written is not None
-        by_closeness: dict[int, set[int]] = defaultdict(set)
-        for known, survivor in names._same_brand(written):
-            if same_company_name(written, known):
-                by_closeness[_closeness(written, known)].add(survivor)
-        if not by_closeness:
-            continue  # resolve goes on to the match index
-        match = names.resolve(text)
-        found = set().union(*by_closeness.values())
-        if match.record_id is not None:
-            assert match.record_id in found
-            assert len(found) == 1 or by_closeness[min(by_closeness)] == {match.record_id}
-        else:
-            assert match.candidate_ids == tuple(sorted(found))
+    """resolve compares each name core of a place once: what it finds is what every variant gives."""
+    rng = random.Random(11)
+    texts = [*NAMES, "深圳腾达", "腾达科技有限公司", "上海华鑫", "广州明汇", "明辉", "北京明辉科技有限公司上海分公司",
+             "Minghui Technology", "Shenzhen Tengda Technology Co., Ltd.", "成都腾达", "骅鑫贸易", "长成电子有限公司"]  # fmt: skip
+    texts += [_generated_name(rng) for _ in range(150)]
+    for names in _resolvers():
+        resolved = 0
+        for text in texts:
+            written = name_variant(text)
+            assert written is not None
+            _check_resolve(names, text, written)
+            resolved += bool(_same_place(names, written))
+        assert resolved > len(texts) // 3  # most names had variants to compare
+
+
+def _check_resolve(names: Any, text: str, written: NameVariant) -> None:
+    """resolve's name-variant step gives what same_company_name and _closeness say of every variant."""
+    by_closeness: dict[int, set[int]] = defaultdict(set)
+    for known, survivor in _same_place(names, written):
+        if same_company_name(written, known):
+            by_closeness[_closeness(written, known)].add(survivor)
+    if not by_closeness:
+        return  # resolve goes on to the match index
+    match = names.resolve(text)
+    found = set().union(*by_closeness.values())
+    closest = by_closeness[min(by_closeness)]
+    picks = trade_name(written.core) != canonical_industry(written.core)
+    if picks and len(found) > 1 and len(closest) == 1 and min(by_closeness) == SAME_CHARACTERS:
+        assert match == NameMatch(next(iter(closest)), method="name variant"), text
+    elif len(found) == 1:
+        assert match == NameMatch(next(iter(found)), method="name variant"), text
+    else:
+        assert match.record_id is None and match.method == "name variant", text
+        assert match.candidate_ids == tuple(sorted(found)), text
 
 
 def _texts(seed: int) -> list[str]:
@@ -202,7 +232,8 @@ def test_books_sharing_core_facts_equal_books_of_their_own() -> None:
         survivors = list(range(len(chosen)))
         shared, alone = _Book(survivors, chosen, facts), _Book(survivors, chosen)
         assert shared.raw_trades == alone.raw_trades and shared.industries == alone.industries
-        assert shared.exact == alone.exact
+        assert _exact_of(shared, facts) == _exact_of(alone, _alone_facts(alone))
+        assert _exact_of(shared, facts) == _tuple_keyed_exact(shared, facts)
         for text in NAMES:
             written = name_variant(text)
             assert written is not None
@@ -266,14 +297,59 @@ def _tuple_keyed_exact(book: _Book, facts: _CoreFacts) -> dict[str, dict[str, li
     """The book's exact keys as they were built before, one (kind, value) key per variant and kind."""
     exact: dict[tuple[str, str], list[int]] = defaultdict(list)
     for entry, variant in enumerate(book.variants):
-        core, _, _, trade, core_trade, trade_trade, _, _ = facts[variant.core]
+        core, _, _, trade, core_trade, trade_trade, *_ = facts[variant.core]
         for key in (("brand", variant.brand), ("core", core), ("core_trade", core_trade), ("trade", trade),
                     ("trade_trade", trade_trade)):  # fmt: skip
             exact[key].append(entry)
-    nested: dict[str, dict[str, list[int]]] = {kind: {} for kind in book.exact}
+    nested: dict[str, dict[str, list[int]]] = {kind: {} for kind in book.EXACT_KINDS}
     for (kind, value), entries in exact.items():
         nested[kind][value] = entries
     return nested
+
+
+def _exact_of(book: _Book, facts: _CoreFacts) -> dict[str, dict[str, list[int]]]:
+    """The book's exact keys as :meth:`_Book.entries` finds them, for every value of a kind it holds."""
+    values = _tuple_keyed_exact(book, facts)
+    found = {
+        kind: {value: book.entries(kind, value).tolist() for value in held} for kind, held in values.items()
+    }
+    for kind in book.EXACT_KINDS:  # a value no entry holds: none, known to the codes or not
+        assert book.entries(kind, "龘龘科技").tolist() == []
+        for other in values["brand" if kind != "brand" else "core"]:
+            if other not in values[kind]:
+                assert book.entries(kind, other).tolist() == []
+    return found
+
+
+def _alone_facts(book: _Book) -> _CoreFacts:
+    """The facts a book built without shared ones made for itself (its codes)."""
+    facts = _CoreFacts(_Alphabet())
+    facts.codes = book._codes
+    return facts
+
+
+class _DictKeyedBook(_Book):
+    """A book finding a key's entries as it did before: in a dict of lists per kind, and the raw trade names
+    of every length grouped when built."""
+
+    def __init__(self, survivors: list[int], variants: list[NameVariant], facts: _CoreFacts) -> None:
+        super().__init__(survivors, variants, facts)
+        self.exact = _tuple_keyed_exact(self, facts)
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for entry, trade in enumerate(self.raw_trades):
+            by_length[len(trade)].append(entry)
+        self.eager_by_length = {
+            length: (np.array(held, dtype=np.int64), [self.raw_trades[i] for i in held])
+            for length, held in by_length.items()
+        }
+
+    def entries(self, kind: str, value: str) -> np.ndarray:
+        """Return the entries of a key from the dict of lists."""
+        return np.array(self.exact[kind].get(value, []), dtype=np.int64)
+
+    def _raw_of_length(self, length: int) -> tuple[np.ndarray, list[str]]:
+        """Return the names of a length from the groups built with the book."""
+        return self.eager_by_length.get(length, (np.zeros(0, dtype=np.int64), []))
 
 
 def test_the_holders_of_each_character_are_those_of_the_distinct_pairs() -> None:
@@ -305,12 +381,15 @@ def test_books_of_generated_customers_pick_as_the_tables_built_before() -> None:
         for _ in range(6):
             ids = rng.sample(golden, min(40, len(golden)))
             book = names._book(ids, None)
-            assert book.exact == _tuple_keyed_exact(book, names._core_facts)
+            assert _exact_of(book, names._core_facts) == _tuple_keyed_exact(book, names._core_facts)
             facts = names._core_facts
-            before = _Book(book.survivors, book.variants, facts)
+            before = _DictKeyedBook(book.survivors, book.variants, facts)
             before.cores = _PairTableStrings([facts[v.core][0] for v in book.variants], facts.alphabet)
             before.trades = _PairTableStrings([facts[v.core][3] for v in book.variants], facts.alphabet)
-            before.exact = _tuple_keyed_exact(book, facts)
+            for length in {*before.eager_by_length, 0, 99}:  # the names of a length, found when asked
+                held, texts = book._raw_of_length(length)
+                eager_held, eager_texts = before._raw_of_length(length)
+                assert held.tolist() == eager_held.tolist() and texts == eager_texts
             scored = 0
             for _ in range(15):
                 written = name_variant(_generated_name(rng))

@@ -500,7 +500,7 @@ class CustomerNames:
                 or not book.industries[entry]
                 or book.industries[entry] == written_industry
             )
-            for entry in book.exact["brand"].get(written.brand, ())
+            for entry in book.entries("brand", written.brand).tolist()
         )
         entries, core_counts, trade_counts = book.worth_scoring(
             written.brand, written_canonical, written_trade, 1.0 if whole else IN_BOOK
@@ -574,25 +574,34 @@ class CustomerNames:
 
 
 _Read = tuple[tuple[int, ...], int]  # a text's character numbers and its trade name's length (_Alphabet.text)
-_Facts = tuple[str, str, str, str, str, str, _Read, _Read]
+# the exact keys a core gives (_Book.EXACT_KINDS but the brand), as _CoreFacts.codes numbers
+_KeyCodes = tuple[int, int, int, int]
+_Facts = tuple[str, str, str, str, str, str, _Read, _Read, _KeyCodes]
 
 
 class _CoreFacts(dict[str, _Facts]):
     """Name core -> what a :class:`_Book` compares of it, worked out once per distinct core for every book:
     the core with industry words unified, its trade name as written, its industry (unified), the trade name
-    unified, the trade names of those two, and the unified core and trade name as ``alphabet`` reads them."""
+    unified, the trade names of those two, the unified core and trade name as ``alphabet`` reads them, and
+    the numbers ``codes`` gives the unified core, trade name and their trade names (the book's exact keys)."""
 
     def __init__(self, alphabet: _Alphabet) -> None:
         super().__init__()
         self.alphabet = alphabet
+        # text -> its number, given the first time it is asked for (equal texts, equal numbers)
+        self.codes: dict[str, int] = {}
 
     def __missing__(self, core: str) -> _Facts:
         canonical = canonical_industry(core)  # as variant_similarity compares cores
         raw_trade = trade_name(core)
         trade = canonical_industry(raw_trade)  # ... and trade names
+        core_trade, trade_trade = trade_name(canonical), trade_name(trade)
+        codes = self.codes
         found = self[core] = (
-            canonical, raw_trade, canonical[len(raw_trade) :], trade, trade_name(canonical), trade_name(trade),
+            canonical, raw_trade, canonical[len(raw_trade) :], trade, core_trade, trade_trade,
             self.alphabet.text(canonical), self.alphabet.text(trade),
+            (codes.setdefault(canonical, len(codes)), codes.setdefault(trade, len(codes)),
+             codes.setdefault(core_trade, len(codes)), codes.setdefault(trade_trade, len(codes))),
         )  # fmt: skip
         return found
 
@@ -624,6 +633,10 @@ class _Alphabet:
                 numbers.append(n)
             found = self._texts[text] = (tuple(numbers), len(trade_name(text)))
         return found
+
+
+_NO_ENTRIES = np.zeros(0, dtype=np.int64)
+_NO_ENTRIES.flags.writeable = False
 
 
 def _similarity_bound(costs: np.ndarray, written_trade_length: int, trade_lengths: np.ndarray) -> np.ndarray:
@@ -763,26 +776,44 @@ class _Book:
         self.cores = _Strings(cores, facts.alphabet, [f[6] for f in known])
         self.trades = _Strings(trades, facts.alphabet, [f[7] for f in known])
         self.raw_trade_lengths = np.array([len(t) for t in self.raw_trades], dtype=np.int64)
-        # the raw trade names of each length, with their entries (the same-city rule compares equal lengths)
-        by_length: dict[int, list[int]] = defaultdict(list)
-        for entry, trade in enumerate(self.raw_trades):
-            by_length[len(trade)].append(entry)
-        self._raw_by_length = {
-            length: (np.array(held, dtype=np.int64), [self.raw_trades[i] for i in held])
-            for length, held in by_length.items()
-        }
-        # kind of key ("brand", "core", "core_trade", "trade", "trade_trade") -> its value -> the entries
-        self.exact: dict[str, dict[str, list[int]]] = {}
-        for kind, values in (("brand", [v.brand for v in variants]), ("core", cores), ("trade", trades),
-                             ("core_trade", [f[4] for f in known]), ("trade_trade", [f[5] for f in known])):  # fmt: skip
-            entries: dict[str, list[int]] = {}
-            self.exact[kind] = entries
-            for entry, value in enumerate(values):
-                held = entries.get(value)
-                if held is None:
-                    entries[value] = [entry]
-                else:
-                    held.append(entry)
+        # the raw trade names of each length asked for, with their entries (see _raw_of_length)
+        self._raw_by_length: dict[int, tuple[np.ndarray, list[str]]] = {}
+        # Each entry's exact keys as numbers (facts.codes), one column per kind: a key's entries are found with
+        # one comparison of a column, and a book holds no list per key and entry (at 1M, some 1.2 million
+        # lists every garbage collection walked again).
+        self._codes = codes = facts.codes
+        count = len(variants)
+        keys = np.empty((len(self.EXACT_KINDS), count), dtype=np.int64)
+        keys[0] = np.fromiter(
+            (codes.setdefault(v.brand, len(codes)) for v in variants), dtype=np.int64, count=count
+        )
+        keys[1:] = (
+            np.fromiter(chain.from_iterable(f[8] for f in known), dtype=np.int64, count=4 * count)
+            .reshape(-1, 4)
+            .T
+        )
+        self._keys = keys
+
+    EXACT_KINDS = ("brand", "core", "trade", "core_trade", "trade_trade")
+
+    def entries(self, kind: str, value: str) -> np.ndarray:
+        """Return the entries whose key of ``kind`` (one of ``EXACT_KINDS``) is ``value``, in entry order:
+        ``brand`` the variant's brand, ``core``/``trade`` its core/trade name with industry words unified,
+        ``core_trade``/``trade_trade`` the trade names of those two."""
+        code = self._codes.get(value)
+        if code is None:  # no book holds it
+            return _NO_ENTRIES
+        return np.flatnonzero(self._keys[self.EXACT_KINDS.index(kind)] == code)
+
+    def _raw_of_length(self, length: int) -> tuple[np.ndarray, list[str]]:
+        """Return the entries whose raw trade name has ``length`` characters, and those names, in entry order
+        (the same-city rule compares names of equal length; found once per length a book is asked for)."""
+        found = self._raw_by_length.get(length)
+        if found is None:
+            held = np.flatnonzero(self.raw_trade_lengths == length)
+            raw_trades = self.raw_trades
+            found = self._raw_by_length[length] = (held, [raw_trades[i] for i in held.tolist()])
+        return found
 
     def worth_scoring(
         self, brand: str, written_core: str, written_trade: str, best: float = IN_BOOK
@@ -801,18 +832,17 @@ class _Book:
         trade_canonical = canonical_industry(written_trade)
         count = len(self.variants)
         keep, core_may, trade_may = (np.zeros(count, dtype=bool) for _ in range(3))
-        keep[self.exact["brand"].get(brand, [])] = True
+        keep[self.entries("brand", brand)] = True
         for kind, value in (("core", trade_name(written_core)), ("core_trade", written_core)):
-            core_may[self.exact[kind].get(value, [])] = True
+            core_may[self.entries(kind, value)] = True
         for kind, value in (("trade", trade_name(trade_canonical)), ("trade_trade", trade_canonical)):
-            trade_may[self.exact[kind].get(value, [])] = True
+            trade_may[self.entries(kind, value)] = True
         rival = best - CLOSE_NAME_MARGIN - 1e-9
         core_may |= self.cores.bounds(written_core, rival) >= rival
         trade_may |= self.trades.bounds(trade_canonical, rival) >= rival
         # one character off: OSA distance 1 between trade names of the same length (those only compared)
-        same_length = self._raw_by_length.get(len(written_trade))
-        if same_length is not None:
-            alike_length, texts = same_length
+        alike_length, texts = self._raw_of_length(len(written_trade))
+        if texts:
             raw = process.cdist([written_trade], texts, scorer=distance.OSA.distance, dtype=np.int32)[0]
             keep[alike_length[raw == 1]] = True
         keep |= core_may | trade_may
