@@ -151,10 +151,14 @@ class WrittenName:
         """How closely a known variant in the same place is written: the same characters (industry synonyms
         unified), the same sound (a homophone: 明汇/明辉), or only a start of the other or across scripts;
         None when both are Chinese and neither is the other or a short form of it."""
-        mine, theirs = self.spelled, spelled(known.core)
+        return self.closeness_to_core(known.core)
+
+    def closeness_to_core(self, core: str) -> int | None:
+        """:meth:`closeness_to` a known variant with name core ``core`` (it depends on the core only)."""
+        mine, theirs = self.spelled, spelled(core)
         if mine and theirs and not (mine.startswith(theirs) or theirs.startswith(mine)):
             return None
-        if self.han and self.canonical == canonical_industry(known.core):
+        if self.han and self.canonical == canonical_industry(core):
             return SAME_CHARACTERS
         if mine is not None and mine == theirs:
             return SAME_SOUND
@@ -383,8 +387,13 @@ class CustomerNames:
         if written is not None:
             by_closeness: dict[int, set[int]] = defaultdict(set)
             side = WrittenName(written)
+            # A popular trade name's variants share a few cores (every record of a firm written alike):
+            # closeness depends on the core only, so each is worked out once.
+            closeness: dict[str, int | None] = {}
             for known, survivor in self._same_brand(written):  # all in the same place (see _same_brand)
-                how_close = side.closeness_to(known)
+                how_close = closeness.get(known.core, _UNSPLIT)
+                if how_close is _UNSPLIT:
+                    how_close = closeness[known.core] = side.closeness_to_core(known.core)
                 if how_close is not None:
                     by_closeness[how_close].add(survivor)
             found = set().union(*by_closeness.values())
