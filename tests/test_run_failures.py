@@ -305,3 +305,56 @@ def test_a_failed_blocking_check_says_which_rule_and_why_on_one_line(
     assert content(engine) == before
     assert statuses(engine) == ["succeeded", "failed"]
     engine.dispose()
+
+
+def test_assets_materialized_without_the_reconciliation_keep_what_they_loaded(
+    baseline: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A UI materialization of some assets succeeds without the step that finishes a load run: the sensor
+    marks it succeeded, so once its process is gone `crmi run`'s recovery does not undo it as crashed."""
+    from crm_core.runs import recover_crashed_runs
+    from integration.jobs import finish_partial_runs_sensor
+
+    project, url = from_baseline(baseline, tmp_path)  # the ERP edited since: a customer renamed, one new
+    engine = make_engine(url)
+    before = content(engine)
+    defs = build_definitions(project, url)
+    assert "finish_partial_load_runs" in [s.name for s in defs.sensors or []]
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            list(defs.assets or []), selection=dg.AssetSelection.assets("core_customer").upstream(),
+            resources=defs.resources, instance=instance, raise_on_error=False,
+        )  # fmt: skip
+        dispose_engines()
+        assert result.success and statuses(engine) == ["succeeded", "running"]
+        loaded = content(engine)
+        assert loaded != before
+        sensor = finish_partial_runs_sensor(url)
+        context = dg.build_run_status_sensor_context(
+            sensor_name=sensor.name,
+            dagster_event=result.get_run_success_event(),
+            dagster_instance=instance,
+            dagster_run=result.dagster_run,
+        )
+        sensor(context)  # type: ignore[operator]
+    assert statuses(engine) == ["succeeded", "succeeded"]
+    with engine.begin() as connection:  # its process gone, as a UI run's worker is once the run ended
+        connection.execute(sa.update(LoadRun).values(pid=2**22 + 1))  # above Linux's pid_max
+    assert recover_crashed_runs(engine) == []
+    assert content(engine) == loaded
+    engine.dispose()
+
+
+def test_finishing_leaves_a_failed_or_finished_run_alone(sqlite_core_url: str) -> None:
+    from crm_core.runs import finish_partial_run
+    from integration.pipeline import start_run
+
+    engine = make_engine(sqlite_core_url)
+    ensure_schema(engine)
+    assert finish_partial_run(engine, "unknown") is False
+    start_run(engine, "r1", "demo")
+    with engine.begin() as connection:
+        connection.execute(sa.update(LoadRun).values(status="failed"))
+    assert finish_partial_run(engine, "r1") is False
+    assert statuses(engine) == ["failed"]
+    engine.dispose()
