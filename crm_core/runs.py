@@ -323,18 +323,6 @@ def abort_run(engine: Engine, run_key: str) -> bool:
     return True
 
 
-def finish_partial_run(engine: Engine, run_key: str) -> bool:
-    """Mark succeeded the load run ``run_key`` if it is still running (its Dagster run succeeded without the
-    reconciliation step that finishes whole runs); return whether it was."""
-    with session_factory(engine)() as session, session.begin():
-        run = session.scalar(select(LoadRun).where(LoadRun.run_key == run_key).with_for_update())
-        if run is None or run.status != "running":
-            return False
-        run.status = "succeeded"
-        run.finished_at = dt.datetime.now(dt.UTC)
-        return True
-
-
 def recover_crashed_runs(engine: Engine) -> list[str]:
     """Compensate every run whose process died mid-run (on this host); return their keys."""
     with session_factory(engine)() as session:

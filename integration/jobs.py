@@ -8,17 +8,15 @@ builds nothing, so ``crmi run --project X`` works from any folder.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, make_url
 
 from crm_core.db import core_url, current_revision, head_revision, make_engine
 from crm_core.errors import ConfigError
-from crm_core.runs import abort_run, finish_partial_run
+from crm_core.runs import abort_run
 from integration.assets import (
     CoreDatabase,
     MigrationProject,
@@ -93,21 +91,6 @@ def report_root() -> Path:
     return Path("var") / "reports"
 
 
-@contextmanager
-def _core_of_run(run: dg.DagsterRun, core_database_url: str | None) -> Iterator[Engine | None]:
-    """Yield an engine on the core a Dagster run wrote to (a trial's scratch core), or None when there is no
-    core this code can work on (a trial that never made its scratch core, a core at another schema)."""
-    url = run_trial_core_url(run) if run.tags.get(MODE_TAG) == "trial" else core_url(core_database_url)
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-        yield None  # the run never reached its core (a trial's scratch core is made by its first step)
-        return
-    engine = make_engine(url)
-    try:
-        yield engine if current_revision(engine) == head_revision() else None
-    finally:
-        engine.dispose()
-
-
 def undo_failed_runs_sensor(core_database_url: str | None) -> dg.SensorDefinition:
     """Return the sensor that undoes the load run of any failed Dagster run of this code location.
 
@@ -125,45 +108,21 @@ def undo_failed_runs_sensor(core_database_url: str | None) -> dg.SensorDefinitio
     )
     def _undo(context: dg.RunFailureSensorContext) -> None:
         run = context.dagster_run
+        url = run_trial_core_url(run) if run.tags.get(MODE_TAG) == "trial" else core_url(core_database_url)
+        if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+            return  # the run never reached its core (a trial's scratch core is made by its first step)
+        engine = make_engine(url)
         try:
-            with _core_of_run(run, core_database_url) as engine:
-                if engine is not None and abort_run(engine, run.run_id):
-                    context.log.warning(f"run {run.run_id} failed: its changes in the core were undone")
+            if current_revision(engine) != head_revision():
+                return  # not a core this code can work on (the steps said so)
+            if abort_run(engine, run.run_id):
+                context.log.warning(f"run {run.run_id} failed: its changes in the core were undone")
         except Exception as exc:  # the sensor must keep running for the next failure
             context.log.error(f"could not undo run {run.run_id}: {cause_line(exc)}; `crmi runs recover`")
+        finally:
+            engine.dispose()
 
     return _undo
-
-
-def finish_partial_runs_sensor(core_database_url: str | None) -> dg.SensorDefinition:
-    """Return the sensor that marks succeeded the load run of a Dagster run that succeeded without its
-    reconciliation step (assets materialized from the UI, a re-execution of some steps).
-
-    The reconciliation step finishes a whole run's load run. A partial run's stayed ``running``: listed as in
-    progress for ever, and, once its process was gone, taken for a crashed run and undone by the next
-    ``crmi run`` (``recover_crashed_runs``), although everything it loaded had committed and been checked.
-    """
-
-    @dg.run_status_sensor(
-        run_status=dg.DagsterRunStatus.SUCCESS,
-        name="finish_partial_load_runs",
-        default_status=dg.DefaultSensorStatus.RUNNING,
-        minimum_interval_seconds=15,
-        description="Marks succeeded the load run of a Dagster run that succeeded without reconciling (assets "
-        "materialized from the UI), so that it is not taken for a crashed run later.",
-    )
-    def _finish(context: dg.RunStatusSensorContext) -> None:
-        run = context.dagster_run
-        try:
-            with _core_of_run(run, core_database_url) as engine:
-                if engine is not None and finish_partial_run(engine, run.run_id):
-                    context.log.info(
-                        f"run {run.run_id} succeeded without reconciling: its load run is finished"
-                    )
-        except Exception as exc:  # the sensor must keep running for the next run
-            context.log.error(f"could not finish the load run of {run.run_id}: {cause_line(exc)}")
-
-    return _finish
 
 
 def build_definitions(
@@ -256,11 +215,6 @@ def build_definitions(
         asset_checks=[*sync.checks, *([finance[1]] if finance else [])],
         jobs=[full, delta, trial, rollback, *sync.jobs, *([finance[2]] if finance else [])],
         schedules=[*sync.schedules, *([finance[3]] if finance else [])],
-        sensors=[
-            undo_failed_runs_sensor(core_database_url),
-            finish_partial_runs_sensor(core_database_url),
-            *sync.sensors,
-            *alert_sensors(),
-        ],
+        sensors=[undo_failed_runs_sensor(core_database_url), *sync.sensors, *alert_sensors()],
         resources=resources,
     )
