@@ -40,6 +40,9 @@ from integration.project import project_dir
 from integration.storage import StepOutputFiles
 
 CORE_TAG = "crmi/core"  # the run queue allows one run per value (deploy/dagster.yaml)
+RETRY_STRATEGY_TAG = (
+    "dagster/retry_strategy"  # read by Dagster's run-retry daemon (deploy/dagster.yaml run_retries)
+)
 MIGRATION_JOB = "migration"
 DELTA_JOB = "migration_delta"
 TRIAL_JOB = "migration_trial"
@@ -175,6 +178,9 @@ def build_definitions(
 
     def migration_job(name: str, description: str, options: RunOptions, executor: Any) -> Any:
         tags = options.tags() if options.mode == "trial" else {**options.tags(), **core_tag}
+        # A retried run (run_retries, after its worker died) re-executes every step: the failed attempt's loads
+        # were undone, so "from failure" (Dagster's default) would reconcile a load run with nothing in it.
+        tags[RETRY_STRATEGY_TAG] = "ALL_STEPS"
         return dg.define_asset_job(
             name, selection=migration_assets, description=description, executor_def=executor,
             hooks={undo_failed_run}, tags=tags,

@@ -165,6 +165,23 @@ def test_the_jobs_that_write_the_core_carry_its_address_for_the_run_queue(
     assert other.resolve_job_def(MIGRATION_JOB).tags["crmi/core"] == tag
 
 
+def test_a_retried_migration_runs_every_step_again(demo_project: Path, tmp_path: Path) -> None:
+    """The run-retry daemon re-executes a failed run from its failed step unless the run says otherwise. A
+    migration's failed attempt has been undone, so its retry must run every step: re-running only the failed
+    one (a worker that died while reconciling) would reconcile a load run with nothing in it."""
+    from dagster._core.execution.plan.resume_retry import ReexecutionStrategy
+    from dagster._core.storage.dagster_run import DagsterRun
+    from dagster._daemon.auto_run_reexecution.auto_run_reexecution import get_reexecution_strategy
+
+    defs = build_definitions(demo_project, f"sqlite:///{tmp_path / 'core.sqlite'}")
+    with dg.instance_for_test() as instance:
+        for name in (MIGRATION_JOB, DELTA_JOB, TRIAL_JOB):
+            run = DagsterRun(
+                job_name=name, run_id=str(uuid.uuid4()), tags=dict(defs.resolve_job_def(name).tags)
+            )
+            assert get_reexecution_strategy(run, instance) == ReexecutionStrategy.ALL_STEPS, name
+
+
 def test_sync_assets_name_their_owner_and_target_and_inbound_has_a_freshness_policy(
     demo_project: Path,
 ) -> None:
