@@ -459,9 +459,8 @@ def _row_dicts(result: Result[Any]) -> Iterator[dict[str, Any]]:
     """Yield each row of ``result`` as a dict by column name, fetched many at a time (iterating a result, or its
     ``mappings()``, fetches row by row: a tenth of the customer load's reading)."""
     names = list(result.keys())
-    for rows in result.partitions(
-        10_000
-    ):  # a whole table's index (a key only of normalized fields) stays bounded
+    # partitions, not one fetchall: a whole table's index (a key only of normalized fields) stays bounded
+    for rows in result.partitions(10_000):
         for row in rows:
             yield dict(zip(names, row, strict=True))
 
