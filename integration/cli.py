@@ -329,8 +329,10 @@ def run(
 
 
 def _report_dir(run_id: str) -> Path:
-    """Where a run's reports are (``integration.jobs.report_root()``, without importing Dagster)."""
-    return Path("var") / "reports" / run_id
+    """Where a run's reports are."""
+    from integration.reports import report_root
+
+    return report_root() / run_id
 
 
 def _report_if_nothing_changed(

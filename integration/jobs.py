@@ -37,12 +37,12 @@ from integration.assets.sync import SYNC_GROUP
 from integration.failures import cause_line
 from integration.pipeline import MODE_TAG, Migration, RunOptions
 from integration.project import project_dir
+from integration.reports import report_root
 from integration.storage import StepOutputFiles
 
 CORE_TAG = "crmi/core"  # the run queue allows one run per value (deploy/dagster.yaml)
-RETRY_STRATEGY_TAG = (
-    "dagster/retry_strategy"  # read by Dagster's run-retry daemon (deploy/dagster.yaml run_retries)
-)
+# read by Dagster's run-retry daemon (deploy/dagster.yaml run_retries)
+RETRY_STRATEGY_TAG = "dagster/retry_strategy"
 MIGRATION_JOB = "migration"
 DELTA_JOB = "migration_delta"
 TRIAL_JOB = "migration_trial"
@@ -87,11 +87,6 @@ def cluster_executor() -> dg.ExecutorDefinition | None:
             f"pip install dagster-{name} (the release matching Dagster's)"
         ) from None
     raise ConfigError(f"{EXECUTOR_ENV}={name!r} is not an executor; choose multiprocess, k8s or celery")
-
-
-def report_root() -> Path:
-    """Return where reconciliation reports are written: ``var/reports`` under the working directory."""
-    return Path("var") / "reports"
 
 
 def undo_failed_runs_sensor(core_database_url: str | None) -> dg.SensorDefinition:

@@ -14,6 +14,12 @@ import pandas as pd
 if TYPE_CHECKING:
     from integration.pipeline import ReconciliationLine, ReconciliationReport
 
+
+def report_root() -> Path:
+    """Return where reconciliation reports are written: ``var/reports`` under the working directory."""
+    return Path("var") / "reports"
+
+
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _PLAIN_NUMBER = re.compile(r"^[+-]?\d[\d\s.,]*$")  # +8613800000000, -500: nothing a spreadsheet could execute
 
