@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import Connection, Table, and_, delete, or_, select, update
+from sqlalchemy import Connection, Table, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 from stdnum.cn import uscc
 
@@ -41,7 +41,7 @@ from crm_core.journal import (
     write_journal,
 )
 from crm_core.models import Base, Contact, Customer, LoadRun, MatchCandidate, MergeLog, RowChange
-from crm_core.runs import ACTIVE, replay
+from crm_core.runs import ACTIVE, PARTIAL, replay
 
 _SKIPPED = frozenset({"id", "merged_into_id", "created_run_id", "updated_run_id", "created_at", "updated_at"})
 MODEL_OF: dict[str, type[Customer] | type[Contact]] = {"customer": Customer, "contact": Contact}
@@ -703,15 +703,33 @@ def record_candidates(
     return len(new)
 
 
+def unlinked_partial_runs(session: Session, run_id: int) -> list[int]:
+    """Return the partial runs before run ``run_id`` that no linkage has seen since.
+
+    A partial run (assets materialized on their own) may have loaded customers without linking them; the
+    next migration or delta run that ends (succeeded or unbalanced) has linked them.
+    """
+    linked = select(func.max(LoadRun.id)).where(
+        LoadRun.id < run_id,
+        LoadRun.mode.in_(("full", "delta")),
+        LoadRun.status.in_(("succeeded", "unbalanced")),
+    )
+    since = session.scalar(linked) or 0
+    query = select(LoadRun.id).where(LoadRun.id > since, LoadRun.id < run_id, LoadRun.status == PARTIAL)
+    return [int(i) for i in session.scalars(query)]
+
+
 def changed_in_run(session: Session, model: type[Customer] | type[Contact], run_key: str) -> list[int]:
-    """Return the active records of ``model`` that load run ``run_key`` created or changed (a delta run's focus)."""
+    """Return the active records of ``model`` that load run ``run_key`` created or changed (a delta run's focus),
+    or a partial run before it that no linkage has seen (:func:`unlinked_partial_runs`)."""
     run_id = session.scalar(select(LoadRun.id).where(LoadRun.run_key == run_key))
     if run_id is None:
         return []
-    touched = or_(model.created_run_id == run_id, model.updated_run_id == run_id)
+    runs = [run_id, *unlinked_partial_runs(session, run_id)]
+    touched = or_(model.created_run_id.in_(runs), model.updated_run_id.in_(runs))
     if model is Contact:  # contacts of a customer the run changed (merged into it, say) meet new siblings
         customers = select(Customer.id).where(
-            or_(Customer.created_run_id == run_id, Customer.updated_run_id == run_id)
+            or_(Customer.created_run_id.in_(runs), Customer.updated_run_id.in_(runs))
         )
         touched = or_(touched, Contact.customer_id.in_(customers))
     return [int(i) for i in session.scalars(select(model.id).where(model.merged_into_id.is_(None), touched))]

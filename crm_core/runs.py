@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
@@ -40,7 +41,11 @@ from crm_core.errors import RunError
 from crm_core.journal import NOT_JOURNALED, from_json
 from crm_core.models import Base, ExternalId, LoadRun, RowChange
 
-ACTIVE = ("running", "succeeded", "unbalanced")  # statuses whose changes are in the core
+# A run that ended without a reconciliation: assets materialized on their own (from the Dagster UI) that
+# succeeded. Its changes stay; it is never the basis of a skip, and linkage counts its records as changed.
+PARTIAL = "partial"
+COMMITTED = ("succeeded", "unbalanced", PARTIAL)  # statuses of runs that ended with their changes in the core
+ACTIVE = ("running", *COMMITTED)  # statuses whose changes are in the core
 
 
 @dataclass(frozen=True)
@@ -271,14 +276,19 @@ def rollback_run(
     cascade: bool = False,
     status: str = "rolled_back",
     allow_running: bool = False,
+    only_if_running: bool = False,
 ) -> list[str]:
     """Restore the core as it was before run ``reference`` (and, with ``cascade``, the runs that depend on it).
 
     Returns the keys of the runs rolled back, newest first. Everything happens in one transaction.
+    ``only_if_running``: roll back nothing (return []) when the run is no longer running once locked (it
+    ended meanwhile, e.g. finished as partial).
     """
     with session_factory(engine)() as session, session.begin():
         run = find_run(session, reference)
         session.refresh(run, with_for_update=True)
+        if only_if_running and run.status != "running":
+            return []
         if run.status not in ACTIVE:
             raise RunError(
                 f"run {run.run_key} is {run.status}; only runs whose changes are in the core roll back"
@@ -323,6 +333,31 @@ def abort_run(engine: Engine, run_key: str) -> bool:
     return True
 
 
+def finish_partial_run(engine: Engine, run_key: str) -> bool:
+    """Mark run ``run_key`` partial if it is still running (its Dagster run succeeded); False if it was not."""
+    with engine.begin() as connection:
+        finished = connection.execute(
+            update(LoadRun)
+            .where(LoadRun.run_key == run_key, LoadRun.status == "running")
+            .values(status=PARTIAL, finished_at=dt.datetime.now(dt.UTC))
+        )
+    return bool(finished.rowcount)
+
+
+def finish_succeeded_runs(engine: Engine, succeeded: Callable[[Sequence[str]], set[str]]) -> list[str]:
+    """Mark partial every running run whose Dagster run ``succeeded`` says ended well; return their keys.
+
+    ``succeeded`` is asked only when some run is still marked running (it may have to open the Dagster
+    instance). Those runs' steps all succeeded, but no reconciliation ended them: assets materialized on
+    their own. Without this, recovery would take them for crashed and undo what they loaded.
+    """
+    with session_factory(engine)() as session:
+        running = list(session.scalars(select(LoadRun.run_key).where(LoadRun.status == "running")))
+    if not running:
+        return []
+    return [key for key in sorted(succeeded(running)) if finish_partial_run(engine, key)]
+
+
 def recover_crashed_runs(engine: Engine) -> list[str]:
     """Compensate every run whose process died mid-run (on this host); return their keys."""
     with session_factory(engine)() as session:
@@ -331,6 +366,6 @@ def recover_crashed_runs(engine: Engine) -> list[str]:
             for run in session.scalars(select(LoadRun).where(LoadRun.status == "running"))
             if is_crashed(run)
         ]
-    for key in crashed:
-        rollback_run(engine, key, status="failed", allow_running=True)
-    return crashed
+    # a run that ended meanwhile (finished as partial by the sensor) keeps its changes
+    return [key for key in crashed if rollback_run(engine, key, status="failed", allow_running=True,
+                                                   only_if_running=True)]  # fmt: skip

@@ -21,6 +21,8 @@ from integration.finance_cli import finance_app
 from integration.steward.cli import steward_app
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from integration.mappings.spec import CompiledMapping
     from integration.pipeline import Migration
 
@@ -87,6 +89,40 @@ def _core_engine(core: str | None) -> Iterator[Any]:
         yield engine
     finally:
         engine.dispose()
+
+
+def _succeeded_dagster_runs(run_keys: Sequence[str]) -> set[str]:
+    """Return those of ``run_keys`` (a load run's key is its Dagster run's id) that succeeded in Dagster.
+
+    The instance is the one under ``$DAGSTER_HOME`` (``var/dagster_home`` by default, as ``crmi run`` and
+    ``make ui`` use); none there, no run was ever recorded: none.
+    """
+    home = Path(os.environ.get("DAGSTER_HOME") or Path("var/dagster_home").resolve())
+    if not (home / "dagster.yaml").exists():
+        return set()
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        found = instance.get_run_records(dg.RunsFilter(run_ids=list(run_keys)))
+    return {r.dagster_run.run_id for r in found if r.dagster_run.status == dg.DagsterRunStatus.SUCCESS}
+
+
+def _recover_runs(engine: Engine, *, quiet: bool = False) -> tuple[list[str], list[str]]:
+    """Settle runs left running: partial when their Dagster run succeeded, else undone if their process died.
+
+    Returns (the runs marked partial, the runs undone); says so on stderr unless ``quiet``.
+    """
+    from crm_core.runs import finish_succeeded_runs, recover_crashed_runs
+
+    finished = finish_succeeded_runs(engine, _succeeded_dagster_runs)
+    crashed = recover_crashed_runs(engine)
+    if not quiet:
+        for key in finished:
+            errors.print(f"[yellow]run {key} ended without a reconciliation (assets materialized on their own): "
+                         "marked partial, its changes stay[/yellow]")  # fmt: skip
+        for key in crashed:
+            errors.print(f"[yellow]run {key} had crashed mid-load; its changes were undone[/yellow]")
+    return finished, crashed
 
 
 @contextmanager
@@ -257,7 +293,6 @@ def run(
         import datetime as dt
 
         from crm_core.errors import ConfigError as OptionsError
-        from crm_core.runs import recover_crashed_runs
         from integration.phases import phase_timings
         from integration.pipeline import RunOptions, reconcile
         from integration.project import load_project
@@ -294,9 +329,7 @@ def run(
         job = defs.resolve_job_def(TRIAL_JOB if trial else DELTA_JOB if delta else MIGRATION_JOB)
     # Outside the start-up: undoing a crashed load is bulk work, its garbage must be collected.
     with _core_engine(core) as engine:
-        crashed_runs = recover_crashed_runs(engine)
-    for crashed in crashed_runs:
-        errors.print(f"[yellow]run {crashed} had crashed mid-load; its changes were undone[/yellow]")
+        _recover_runs(engine)
     # Failures are summarised below, one line each; --verbose shows Dagster's own step logs.
     log_level = "DEBUG" if verbose else "CRITICAL"
     show_progress = not as_json and not verbose and console.is_terminal
@@ -348,7 +381,6 @@ def _report_if_nothing_changed(
 
     from sqlalchemy.exc import SQLAlchemyError
 
-    from crm_core.runs import recover_crashed_runs
     from integration.phases import PHASES, PhaseTiming
     from integration.pipeline import Migration, reconcile
     from integration.project import project_dir
@@ -359,8 +391,7 @@ def _report_if_nothing_changed(
     except ConfigError:
         return
     with _core_engine(core) as engine:
-        for crashed in recover_crashed_runs(engine):
-            errors.print(f"[yellow]run {crashed} had crashed mid-load; its changes were undone[/yellow]")
+        _recover_runs(engine)
         try:
             last = nothing_changed(engine, migration)
         except (CrmError, OSError, SQLAlchemyError):
@@ -914,7 +945,13 @@ def runs_list(
         table.add_column(
             column, justify="right" if column in ("#", "rows read", "rejected", "changes") else "left"
         )
-    styles = {"succeeded": "green", "unbalanced": "yellow", "crashed": "red", "failed": "red"}
+    styles = {
+        "succeeded": "green",
+        "unbalanced": "yellow",
+        "partial": "cyan",
+        "crashed": "red",
+        "failed": "red",
+    }
     for r in runs:
         style = styles.get(r.status, "")
         table.add_row(
@@ -926,11 +963,15 @@ def runs_list(
 
 @runs_app.command("recover")
 def runs_recover(core: CoreOption = None) -> None:
-    """Undo the changes of runs whose process died mid-load (``crmi run`` also does this first)."""
-    from crm_core.runs import recover_crashed_runs
+    """Undo the changes of runs whose process died mid-load (``crmi run`` also does this first).
 
+    A run whose Dagster run succeeded without a reconciliation (assets materialized from the UI) is not
+    crashed: it is marked partial and keeps its changes.
+    """
     with _core_engine(core) as engine:
-        crashed = recover_crashed_runs(engine)
+        finished, crashed = _recover_runs(engine, quiet=True)
+    for key in finished:
+        console.print(f"run {key} ended without a reconciliation (assets materialized on their own): partial")
     console.print(
         f"undid {len(crashed)} crashed run(s): {', '.join(crashed)}" if crashed else "no crashed runs"
     )

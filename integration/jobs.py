@@ -8,15 +8,17 @@ builds nothing, so ``crmi run --project X`` works from any folder.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 
 from crm_core.db import core_url, current_revision, head_revision, make_engine
 from crm_core.errors import ConfigError
-from crm_core.runs import abort_run
+from crm_core.runs import abort_run, finish_partial_run
 from integration.assets import (
     CoreDatabase,
     MigrationProject,
@@ -89,6 +91,21 @@ def cluster_executor() -> dg.ExecutorDefinition | None:
     raise ConfigError(f"{EXECUTOR_ENV}={name!r} is not an executor; choose multiprocess, k8s or celery")
 
 
+@contextmanager
+def _run_core(run: dg.DagsterRun, core_database_url: str | None) -> Iterator[Engine | None]:
+    """Yield an engine on the core a Dagster run worked on; None when it never reached one this code can use."""
+    url = run_trial_core_url(run) if run.tags.get(MODE_TAG) == "trial" else core_url(core_database_url)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        yield None  # the run never reached its core (a trial's scratch core is made by its first step)
+        return
+    engine = make_engine(url)
+    try:
+        # not a core this code can work on: the steps said so
+        yield engine if current_revision(engine) == head_revision() else None
+    finally:
+        engine.dispose()
+
+
 def undo_failed_runs_sensor(core_database_url: str | None) -> dg.SensorDefinition:
     """Return the sensor that undoes the load run of any failed Dagster run of this code location.
 
@@ -105,22 +122,67 @@ def undo_failed_runs_sensor(core_database_url: str | None) -> dg.SensorDefinitio
         "from the UI), like `crmi runs recover` does for crashed runs.",
     )
     def _undo(context: dg.RunFailureSensorContext) -> None:
-        run = context.dagster_run
-        url = run_trial_core_url(run) if run.tags.get(MODE_TAG) == "trial" else core_url(core_database_url)
-        if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-            return  # the run never reached its core (a trial's scratch core is made by its first step)
-        engine = make_engine(url)
-        try:
-            if current_revision(engine) != head_revision():
-                return  # not a core this code can work on (the steps said so)
-            if abort_run(engine, run.run_id):
-                context.log.warning(f"run {run.run_id} failed: its changes in the core were undone")
-        except Exception as exc:  # the sensor must keep running for the next failure
-            context.log.error(f"could not undo run {run.run_id}: {cause_line(exc)}; `crmi runs recover`")
-        finally:
-            engine.dispose()
+        _undo_run(context, core_database_url, "failed")
 
     return _undo
+
+
+def undo_canceled_runs_sensor(core_database_url: str | None) -> dg.SensorDefinition:
+    """Return the sensor that undoes the load run of a Dagster run someone terminated.
+
+    A step interrupted mid-load undoes its run itself; a run terminated between two steps (after a core load
+    committed) leaves its earlier steps' changes, which no failure hook or failure sensor sees.
+    """
+
+    @dg.run_status_sensor(
+        run_status=dg.DagsterRunStatus.CANCELED,
+        name="undo_canceled_load_runs",
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=15,
+        description="Undoes the core changes of a Dagster run that was terminated (any job, or assets "
+        "materialized from the UI): a canceled run leaves the core as it was.",
+    )
+    def _undo(context: dg.RunStatusSensorContext) -> None:
+        _undo_run(context, core_database_url, "was canceled")
+
+    return _undo
+
+
+def _undo_run(context: dg.RunStatusSensorContext, core_database_url: str | None, ended: str) -> None:
+    run = context.dagster_run
+    try:
+        with _run_core(run, core_database_url) as engine:
+            if engine is not None and abort_run(engine, run.run_id):
+                context.log.warning(f"run {run.run_id} {ended}: its changes in the core were undone")
+    except Exception as exc:  # the sensor must keep running for the next run
+        context.log.error(f"could not undo run {run.run_id}: {cause_line(exc)}; `crmi runs recover`")
+
+
+def finish_partial_runs_sensor(core_database_url: str | None) -> dg.SensorDefinition:
+    """Return the sensor that marks partial the load run of a succeeded Dagster run no reconciliation ended.
+
+    Assets materialized on their own (from the UI) start a load run like a job does, but only the
+    reconciliation ends it: without this, `crmi run` would take the run for crashed and undo what it loaded.
+    """
+
+    @dg.run_status_sensor(
+        run_status=dg.DagsterRunStatus.SUCCESS,
+        name="finish_partial_load_runs",
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=15,
+        description="Marks 'partial' the core load run of a succeeded Dagster run that did not reconcile "
+        "(assets materialized from the UI): its changes stay, and the next migration run links them.",
+    )
+    def _finish(context: dg.RunStatusSensorContext) -> None:
+        run = context.dagster_run
+        try:
+            with _run_core(run, core_database_url) as engine:
+                if engine is not None and finish_partial_run(engine, run.run_id):
+                    context.log.info(f"run {run.run_id} ended without a reconciliation: marked partial")
+        except Exception as exc:  # the sensor must keep running for the next run
+            context.log.error(f"could not finish run {run.run_id}: {cause_line(exc)}")
+
+    return _finish
 
 
 def build_definitions(
@@ -216,6 +278,12 @@ def build_definitions(
         asset_checks=[*sync.checks, *([finance[1]] if finance else [])],
         jobs=[full, delta, trial, rollback, *sync.jobs, *([finance[2]] if finance else [])],
         schedules=[*sync.schedules, *([finance[3]] if finance else [])],
-        sensors=[undo_failed_runs_sensor(core_database_url), *sync.sensors, *alert_sensors()],
+        sensors=[
+            undo_failed_runs_sensor(core_database_url),
+            undo_canceled_runs_sensor(core_database_url),
+            finish_partial_runs_sensor(core_database_url),
+            *sync.sensors,
+            *alert_sensors(),
+        ],
         resources=resources,
     )

@@ -41,6 +41,7 @@ from crm_core.db import head_revision
 from crm_core.entities import ENTITIES
 from crm_core.loading import SourceStats
 from crm_core.models import Base, ExternalId, LoadRun, MappingFingerprint, MergeLog, Reject, RowChange
+from crm_core.runs import ACTIVE
 from integration.connectors import CsvConnector, ExcelConnector
 from integration.connectors.sql import SqlConnector
 
@@ -306,7 +307,7 @@ def unchanged_since(
             LoadRun.id > last.created_run_id, LoadRun.id != (current or -1)
         )
         runs = connection.execute(later).all()
-        active = [i for i, s, _ in runs if s in ("running", "succeeded", "unbalanced")]
+        active = [i for i, s, _ in runs if s in ACTIVE]
         # A rollback since, or a sync run (it rewrites crosswalk hashes of source systems): read again.
         if any(s == "rolled_back" for _, s, _ in runs) or any(
             m == "sync" and i in active for i, _, m in runs

@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -18,10 +22,16 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from crm_core.db import ensure_schema, make_engine
-from crm_core.models import LoadRun
+from crm_core.models import ExternalId, LoadRun, MergeLog
+from crm_core.runs import rollback_run
 from integration.assets.resources import dispose_engines
 from integration.cli import app
-from integration.jobs import build_definitions, undo_failed_runs_sensor
+from integration.jobs import (
+    build_definitions,
+    finish_partial_runs_sensor,
+    undo_canceled_runs_sensor,
+    undo_failed_runs_sensor,
+)
 from tests.conftest import DEMO, PG_URL, reset_postgres, server_or_skip
 from tests.test_end_to_end import run_job
 from tests.test_run_output import huge_sql_error
@@ -302,6 +312,156 @@ def test_a_failed_blocking_check_says_which_rule_and_why_on_one_line(
     [line] = [line for line in output.splitlines() if " failed: check_reject_ratio failed: " in line]
     assert line.startswith("staged_") and "of its rows (limit 0%" in line, output
     assert "DagsterAssetCheckFailedError" not in output
+    assert content(engine) == before
+    assert statuses(engine) == ["succeeded", "failed"]
+    engine.dispose()
+
+
+def plant_duplicates(project: Path) -> list[str]:
+    """Add to the ERP companies only linkage can find: names mistyped, no key, the same phones and addresses.
+
+    Three, not one: the match weights are estimated (ECM) from the population, one pair alone may not tip them.
+    """
+    with sqlite3.connect(project / "data" / "erp_u8.sqlite") as erp:
+        erp.execute(
+            "INSERT INTO Customer (cCusCode, cCusName, cCusAddress, cCusPhone, cCusPerson) "
+            "SELECT 'ZZ' || cCusCode, substr(cCusName, 1, 3) || '鑫' || substr(cCusName, 5), cCusAddress, "
+            "cCusPhone, cCusPerson FROM Customer WHERE cCusCode IN "
+            "(SELECT cCusCode FROM Customer ORDER BY cCusCode LIMIT 3 OFFSET 3)"
+        )
+        return [code for (code,) in erp.execute("SELECT cCusCode FROM Customer WHERE cCusCode LIKE 'ZZ0%'")]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (what a UI run's worker is once its run is over)."""
+    process = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True
+    )
+    return int(process.stdout)
+
+
+def undated(core: dict[str, list[tuple[Any, ...]]]) -> dict[str, list[tuple[Any, ...]]]:
+    """``content`` without when linkage decided its pairs (two runs decide the same pairs at other times)."""
+    return {
+        table: [tuple(c for c in row if c[0] != "decided_at") for row in rows] for table, rows in core.items()
+    }
+
+
+def run_event(instance: dg.DagsterInstance, run_id: str, kind: dg.DagsterEventType) -> dg.DagsterEvent:
+    """The run's event of ``kind`` (RUN_SUCCESS, RUN_CANCELED), as a run-status sensor is given it."""
+    [event] = [
+        e.dagster_event
+        for e in instance.all_logs(run_id)
+        if e.dagster_event and e.dagster_event.event_type == kind
+    ]
+    return event
+
+
+def materialize_customers_on_their_own(
+    project: Path, url: str, instance: dg.DagsterInstance
+) -> dg.ExecuteInJobResult:
+    """What the UI's "Materialize" of core_customer and its upstream does: a load run no reconciliation ends."""
+    defs = build_definitions(project, url)
+    result = dg.materialize(
+        list(defs.assets or []), selection=dg.AssetSelection.assets("core_customer").upstream(),
+        resources=defs.resources, instance=instance,
+    )  # fmt: skip
+    dispose_engines()
+    engine = make_engine(url)
+    with engine.begin() as connection:  # its worker process has ended, as a UI run's does
+        connection.execute(sa.update(LoadRun).where(LoadRun.run_key == result.run_id).values(pid=dead_pid()))
+    engine.dispose()
+    return result
+
+
+@pytest.mark.parametrize("ended_by", ["the sensor", "crmi run itself"])
+def test_assets_materialized_on_their_own_keep_their_load_and_the_next_run_links_it(
+    ended_by: str, baseline: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A succeeded UI materialization is not a crash: it ends partial, keeps its changes, and is linked next run.
+
+    The next ``crmi run`` must not undo it (its process is gone), and must link the customers it loaded even
+    though that run finds them unchanged: the core ends as one ``crmi run`` over the same sources leaves it.
+    """
+    control_project, control_url = from_baseline(baseline, tmp_path / "control")
+    planted = plant_duplicates(control_project)
+    assert crmi_run(control_project, control_url).exit_code == 0
+    control = make_engine(control_url)
+    expected = content(control)
+    with control.connect() as connection:  # linkage, not the load, merged a planted company
+        methods = connection.scalars(
+            sa.select(ExternalId.match_method).where(
+                ExternalId.entity == "customer", ExternalId.external_key.in_(planted)
+            )
+        ).all()
+        linked = [
+            int(m.split(":")[1]) for m in methods if m.startswith("linked:")
+        ]  # linked:<the merged record>
+        logged = connection.scalar(
+            sa.select(sa.func.count()).select_from(MergeLog).where(MergeLog.merged_id.in_(linked))
+        )
+    assert linked and logged == len(linked), methods
+    control.dispose()
+
+    project, url = from_baseline(baseline, tmp_path / "partial")
+    plant_duplicates(project)
+    engine = make_engine(url)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        result = materialize_customers_on_their_own(project, url, instance)
+        assert result.success and statuses(engine) == ["succeeded", "running"]
+        if ended_by == "the sensor":
+            sensor = finish_partial_runs_sensor(url)
+            context = dg.build_run_status_sensor_context(
+                sensor_name=sensor.name,
+                dagster_event=run_event(instance, result.run_id, dg.DagsterEventType.RUN_SUCCESS),
+                dagster_instance=instance,
+                dagster_run=result.dagster_run,
+            )
+            sensor(context)  # type: ignore[operator]
+            assert statuses(engine) == ["succeeded", "partial"]
+    loaded = content(engine)
+    # recovery racing the sensor: a run that ended meanwhile is not rolled back
+    if ended_by == "the sensor":
+        assert (
+            rollback_run(engine, result.run_id, status="failed", allow_running=True, only_if_running=True)
+            == []
+        )
+        assert content(engine) == loaded
+
+    run = crmi_run(project, url)
+
+    assert run.exit_code == 0, run.output  # type: ignore[attr-defined]
+    assert "crashed" not in run.stderr  # type: ignore[attr-defined]
+    assert statuses(engine) == ["succeeded", "partial", "succeeded"]
+    assert undated(content(engine)) == undated(expected)
+    engine.dispose()
+
+
+def test_a_canceled_run_is_undone_by_its_sensor(
+    baseline: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run terminated between steps (customers committed) leaves the core as it was before it."""
+    project, url = from_baseline(baseline, tmp_path)
+    engine = make_engine(url)
+    before = content(engine)
+    defs = build_definitions(project, url)
+    assert {"undo_canceled_load_runs", "finish_partial_load_runs"} <= {s.name for s in defs.sensors or []}
+    with dg.instance_for_test() as instance:
+        result = materialize_customers_on_their_own(project, url, instance)
+        assert content(engine) != before
+        instance.report_run_canceled(result.dagster_run)
+        run = instance.get_run_by_id(result.run_id)
+        assert run is not None and run.status == dg.DagsterRunStatus.CANCELED
+        sensor = undo_canceled_runs_sensor(url)
+        context = dg.build_run_status_sensor_context(
+            sensor_name=sensor.name, dagster_event=run_event(instance, result.run_id, dg.DagsterEventType.RUN_CANCELED),
+            dagster_instance=instance, dagster_run=run,
+        )  # fmt: skip
+        sensor(context)  # type: ignore[operator]
     assert content(engine) == before
     assert statuses(engine) == ["succeeded", "failed"]
     engine.dispose()

@@ -35,12 +35,13 @@ from sqlalchemy.orm import Session
 from crm_core.db import session_factory
 from crm_core.errors import CrmError, SyncError
 from crm_core.models import LoadRun, SyncConflict, SyncOutbox
+from crm_core.runs import COMMITTED
 from crm_core.watermarks import read_watermark
 from integration.assets.factories import LAYER_TAG, OWNER_INTEGRATION
 from integration.assets.resources import CoreDatabase, MigrationProject
 from integration.failures import cause_line, frames, shorten
 from integration.sync.engine import SyncReport, run_sync
-from integration.sync.outbox import CAPTURE_STREAM, COMMITTED, oldest_pending, watermark_source
+from integration.sync.outbox import CAPTURE_STREAM, oldest_pending, watermark_source
 from integration.sync.spec import CompiledTarget
 
 SYNC_GROUP = "sync"

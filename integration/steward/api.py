@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from crm_core.models import Base
+from crm_core.runs import COMMITTED
 from integration.dedup.customers import CUSTOMER_SPEC, RARE_TRADE_NAME, customer_records, linkage_frame
 from integration.dedup.linkage import LinkageSpec
 from integration.dedup.online import MatchIndex
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 TABLES = Base.metadata.tables
 DEAD_SHARE_REBUILD = 0.25  # rebuild when a quarter of the index's rows are replaced or gone
 TOKEN_CACHE_SECONDS = 30.0  # a revoked token stops working within this
-FINISHED = ("succeeded", "unbalanced")
 UNDO_SLACK = dt.timedelta(seconds=60)  # undos committed late with an earlier stamp are read again
 EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 _INDEX_COLUMNS = ("id", "name", "credit_code", "phone", "email", "city", "address", "province", "district",
@@ -190,7 +190,7 @@ class MatchService:
                     or_(runs.c.id > self._last_run, runs.c.id.in_(sorted(self._open_runs)))
                 )
             ).all()
-            finished = [run_id for run_id, status in rows if status in FINISHED]
+            finished = [run_id for run_id, status in rows if status in COMMITTED]
             undone_rows = connection.execute(
                 select(merges.c.merged_id, merges.c.survivor_id, merges.c.undone_at).where(
                     merges.c.undone_at > self._undo_mark - UNDO_SLACK

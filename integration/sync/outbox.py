@@ -37,6 +37,7 @@ from crm_core.errors import SyncError
 from crm_core.failpoints import failpoint
 from crm_core.journal import ids_in, to_json
 from crm_core.models import ExternalId, LoadRun, SyncConflict, SyncOutbox, SyncState
+from crm_core.runs import COMMITTED
 from crm_core.watermarks import CursorState, read_watermark, save_watermark
 from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF
 from integration.mappings.engine import map_chunk, python_records
@@ -44,7 +45,6 @@ from integration.mappings.expressions import filter_frame, parse
 from integration.sync.spec import CRM, KEY_COLUMN, CompiledEntitySync, CompiledTarget, RetryPolicy
 
 CAPTURE_STREAM = "capture"
-COMMITTED = ("succeeded", "unbalanced")  # run statuses whose changes are in the core
 CHUNK = 2000
 TRADE_ID_PREFETCH = 1000  # trade ids asked for at once (U8 issues up to 1,000 per call)
 XW: Table = ExternalId.__table__  # type: ignore[assignment]
