@@ -21,6 +21,7 @@ from crm_core.db import session_factory
 from crm_core.loading import get_or_start_run
 from crm_core.merging import record_candidates
 from crm_core.models import Contact, Customer, ExternalId, MatchCandidate, MergeLog, Opportunity, SalesRep
+from crm_core.runs import PARTIAL
 from crm_core.steward_models import AUDIT, CLAIMS, SESSIONS, USERS
 from integration.dedup.contacts import deduplicate_contacts
 from integration.dedup.workflow import decide, deduplicate_customers, finish_run
@@ -989,6 +990,25 @@ def test_the_match_index_follows_the_core_without_a_rebuild(core: sa.Engine) -> 
     with core.connect() as connection:
         merged = connection.scalar(sa.select(MergeLog.merged_id).where(MergeLog.decided_by == "wang"))
     assert merged not in index.where and service.state.customers == index.size
+
+
+def test_the_match_index_takes_in_what_a_partial_run_loaded(core: sa.Engine) -> None:
+    """Assets materialized on their own end their load run partial: its customers are in the core, and in the index."""
+    service = make_app(core).state.workbench.match
+    service.index()
+    with session_factory(core)() as session, session.begin():
+        run = get_or_start_run(session, "materialized-from-the-ui", "t")
+        session.add(
+            Customer(
+                name="杭州云栖智能科技有限公司", phone="+8657100000001", city="杭州市", created_run_id=run.id
+            )
+        )
+        run.status = PARTIAL
+    assert service.refresh() == 1
+    from integration.steward.api import form_record
+
+    found = service.match(form_record({"name": "杭州云栖智能科技有限公司", "phone": "0571-00000001"}))
+    assert found[0]["name"] == "杭州云栖智能科技有限公司"
 
 
 def test_the_opportunity_check_finds_another_salespersons_registration(core: sa.Engine) -> None:

@@ -667,3 +667,18 @@ def test_a_change_queued_before_its_conflict_opened_is_held_too(
         assert held.conflicts_open == 1 and held.delivery.sent == 0
         phone = 'SELECT "cCusPhone" FROM "Customer" WHERE "cCusCode" = \'C001\''
         assert u8_rows(url, phone)[0][0] == "021-99998888"
+
+
+def test_a_partial_runs_changes_are_captured(core: sa.Engine) -> None:
+    """What assets materialized on their own loaded (a partial run) is committed: a sync sends it like a full run's."""
+    from crm_core.loading import get_or_start_run
+    from crm_core.runs import PARTIAL
+    from integration.sync.outbox import changed_ids
+
+    with session_factory(core)() as session, session.begin():
+        run = get_or_start_run(session, "materialized-from-the-ui", "t")
+        customer = Customer(name="杭州云栖智能科技有限公司", created_run_id=run.id, updated_run_id=run.id)
+        session.add(customer)
+        run.status = PARTIAL
+        session.flush()
+        assert changed_ids(session, "customer", 0, run.id) == [customer.id]
