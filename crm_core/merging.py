@@ -22,8 +22,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import Connection, Table, and_, delete, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Table, and_, delete, exists, or_, select, update
+from sqlalchemy.orm import Session, aliased
 from stdnum.cn import uscc
 
 from crm_core.db import refresh_statistics as analyze
@@ -704,18 +704,23 @@ def record_candidates(
 
 
 def unlinked_partial_runs(session: Session, run_id: int) -> list[int]:
-    """Return the partial runs before run ``run_id`` that no linkage has seen since.
+    """Return the partial runs before run ``run_id`` whose records no linkage has seen since.
 
-    A partial run (assets materialized on their own) may have loaded customers without linking them; the
-    next migration or delta run that ends (succeeded or unbalanced) has linked them.
+    A partial run (assets materialized on their own) may have loaded customers without linking them. A
+    migration or delta run of the same project that started once the partial run had ended, and ended
+    itself (succeeded or unbalanced), linked them; a run that started earlier may have asked what changed
+    while the partial run was still going.
     """
-    linked = select(func.max(LoadRun.id)).where(
-        LoadRun.id < run_id,
-        LoadRun.mode.in_(("full", "delta")),
-        LoadRun.status.in_(("succeeded", "unbalanced")),
+    partial, linking = aliased(LoadRun), aliased(LoadRun)
+    linked = exists().where(
+        linking.id < run_id,
+        linking.id > partial.id,
+        linking.project == partial.project,
+        linking.mode.in_(("full", "delta")),
+        linking.status.in_(("succeeded", "unbalanced")),
+        or_(partial.finished_at.is_(None), linking.started_at >= partial.finished_at),
     )
-    since = session.scalar(linked) or 0
-    query = select(LoadRun.id).where(LoadRun.id > since, LoadRun.id < run_id, LoadRun.status == PARTIAL)
+    query = select(partial.id).where(partial.id < run_id, partial.status == PARTIAL, ~linked)
     return [int(i) for i in session.scalars(query)]
 
 

@@ -276,18 +276,24 @@ def rollback_run(
     cascade: bool = False,
     status: str = "rolled_back",
     allow_running: bool = False,
-    only_if_running: bool = False,
+    only_if: Sequence[str] | None = None,
 ) -> list[str]:
     """Restore the core as it was before run ``reference`` (and, with ``cascade``, the runs that depend on it).
 
     Returns the keys of the runs rolled back, newest first. Everything happens in one transaction.
-    ``only_if_running``: roll back nothing (return []) when the run is no longer running once locked (it
-    ended meanwhile, e.g. finished as partial).
+    ``only_if``: roll back nothing (return []) unless the run is in one of these statuses once locked (it
+    may have ended meanwhile: finished as partial, or undone by its own step).
     """
     with session_factory(engine)() as session, session.begin():
         run = find_run(session, reference)
+        # Lock the run before reading its status, so that no one ends it between the check and the undo:
+        # FOR UPDATE on PostgreSQL; SQLite renders none, and a write takes its database lock.
+        session.execute(
+            update(LoadRun).where(LoadRun.id == run.id).values(status=LoadRun.status),
+            execution_options={"synchronize_session": False},
+        )
         session.refresh(run, with_for_update=True)
-        if only_if_running and run.status != "running":
+        if only_if is not None and run.status not in only_if:
             return []
         if run.status not in ACTIVE:
             raise RunError(
@@ -324,13 +330,15 @@ def rollback_run(
 
 
 def abort_run(engine: Engine, run_key: str) -> bool:
-    """Compensate a failed run: undo what its committed steps loaded and mark it failed. False if unknown."""
+    """Compensate a failed run: undo what its committed steps loaded and mark it failed.
+
+    False if the run is unknown or its changes are not in the core (undone already, e.g. by its own step).
+    """
     with session_factory(engine)() as session:
         run = session.scalar(select(LoadRun).where(LoadRun.run_key == run_key))
         if run is None or run.status not in ACTIVE:
             return False
-    rollback_run(engine, run_key, status="failed", allow_running=True)
-    return True
+    return bool(rollback_run(engine, run_key, status="failed", allow_running=True, only_if=ACTIVE))
 
 
 def finish_partial_run(engine: Engine, run_key: str) -> bool:
@@ -344,28 +352,37 @@ def finish_partial_run(engine: Engine, run_key: str) -> bool:
     return bool(finished.rowcount)
 
 
-def finish_succeeded_runs(engine: Engine, succeeded: Callable[[Sequence[str]], set[str]]) -> list[str]:
-    """Mark partial every running run whose Dagster run ``succeeded`` says ended well; return their keys.
+@dataclass(frozen=True)
+class Recovery:
+    """What :func:`recover_crashed_runs` did: runs marked partial, and runs undone."""
 
-    ``succeeded`` is asked only when some run is still marked running (it may have to open the Dagster
-    instance). Those runs' steps all succeeded, but no reconciliation ended them: assets materialized on
-    their own. Without this, recovery would take them for crashed and undo what they loaded.
+    finished: list[str]
+    undone: list[str]
+
+
+def recover_crashed_runs(
+    engine: Engine, succeeded: Callable[[Sequence[str]], set[str]] | None = None
+) -> Recovery:
+    """Settle every run still marked running whose process died (on this host).
+
+    One whose Dagster run ``succeeded`` (asked about these runs only, after their process was found gone:
+    a run's success is recorded before its process ends) is marked partial: assets materialized on their
+    own, whose load run no reconciliation ended. Any other is undone and marked failed. ``succeeded``
+    may raise (the Dagster instance cannot be opened): nothing is settled then.
     """
-    with session_factory(engine)() as session:
-        running = list(session.scalars(select(LoadRun.run_key).where(LoadRun.status == "running")))
-    if not running:
-        return []
-    return [key for key in sorted(succeeded(running)) if finish_partial_run(engine, key)]
-
-
-def recover_crashed_runs(engine: Engine) -> list[str]:
-    """Compensate every run whose process died mid-run (on this host); return their keys."""
     with session_factory(engine)() as session:
         crashed = [
             run.run_key
             for run in session.scalars(select(LoadRun).where(LoadRun.status == "running"))
             if is_crashed(run)
         ]
-    # a run that ended meanwhile (finished as partial by the sensor) keeps its changes
-    return [key for key in crashed if rollback_run(engine, key, status="failed", allow_running=True,
-                                                   only_if_running=True)]  # fmt: skip
+    ended = succeeded(crashed) if crashed and succeeded is not None else set()
+    finished = [key for key in crashed if key in ended and finish_partial_run(engine, key)]
+    # a run that ended meanwhile (marked partial by the sensor) keeps its changes
+    undone = [
+        key
+        for key in crashed
+        if key not in ended
+        and rollback_run(engine, key, status="failed", allow_running=True, only_if=("running",))
+    ]
+    return Recovery(finished, undone)

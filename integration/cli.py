@@ -95,34 +95,61 @@ def _succeeded_dagster_runs(run_keys: Sequence[str]) -> set[str]:
     """Return those of ``run_keys`` (a load run's key is its Dagster run's id) that succeeded in Dagster.
 
     The instance is the one under ``$DAGSTER_HOME`` (``var/dagster_home`` by default, as ``crmi run`` and
-    ``make ui`` use); none there, no run was ever recorded: none.
+    ``make ui`` use); none there, no run was ever recorded: none. Keys that are no Dagster run id (sync,
+    steward, edit runs) are not asked about, so Dagster is imported only for a crashed Dagster run.
     """
+    from uuid import UUID
+
+    from crm_core.errors import RunError
+
+    def dagster_run_id(key: str) -> bool:
+        try:
+            return str(UUID(key)) == key
+        except ValueError:
+            return False
+
+    asked = [key for key in run_keys if dagster_run_id(key)]
     home = Path(os.environ.get("DAGSTER_HOME") or Path("var/dagster_home").resolve())
-    if not (home / "dagster.yaml").exists():
+    if not asked or not (home / "dagster.yaml").exists():
         return set()
     import dagster as dg
 
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        found = instance.get_run_records(dg.RunsFilter(run_ids=list(run_keys)))
+    from integration.failures import cause_line
+
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            found = instance.get_run_records(dg.RunsFilter(run_ids=asked))
+    except Exception as exc:  # the instance's storage unreachable or misconfigured: settle nothing
+        raise RunError(
+            f"could not ask the Dagster instance under {home} whether run(s) {', '.join(asked)} succeeded "
+            f"({cause_line(exc)}); they stay marked running: fix DAGSTER_HOME, then `crmi runs recover`"
+        ) from None
     return {r.dagster_run.run_id for r in found if r.dagster_run.status == dg.DagsterRunStatus.SUCCESS}
 
 
-def _recover_runs(engine: Engine, *, quiet: bool = False) -> tuple[list[str], list[str]]:
-    """Settle runs left running: partial when their Dagster run succeeded, else undone if their process died.
+def _recover_runs(engine: Engine, *, strict: bool = False) -> tuple[list[str], list[str]]:
+    """Settle runs left running whose process died: partial when their Dagster run succeeded, else undone.
 
-    Returns (the runs marked partial, the runs undone); says so on stderr unless ``quiet``.
+    Returns (the runs marked partial, the runs undone) and says so on stderr. When Dagster cannot be asked,
+    nothing is settled: a warning, or with ``strict`` (``crmi runs recover``) the error and exit 1.
     """
-    from crm_core.runs import finish_succeeded_runs, recover_crashed_runs
+    from crm_core.errors import RunError
+    from crm_core.runs import recover_crashed_runs
 
-    finished = finish_succeeded_runs(engine, _succeeded_dagster_runs)
-    crashed = recover_crashed_runs(engine)
-    if not quiet:
-        for key in finished:
-            errors.print(f"[yellow]run {key} ended without a reconciliation (assets materialized on their own): "
-                         "marked partial, its changes stay[/yellow]")  # fmt: skip
-        for key in crashed:
-            errors.print(f"[yellow]run {key} had crashed mid-load; its changes were undone[/yellow]")
-    return finished, crashed
+    try:
+        recovery = recover_crashed_runs(engine, _succeeded_dagster_runs)
+    except RunError as exc:
+        if strict:
+            errors.print(f"[red]{escape(str(exc))}[/red]")
+            raise typer.Exit(EXIT_FAILED) from None
+        errors.print(f"[yellow]{escape(str(exc))}[/yellow]")
+        return [], []
+    for key in recovery.finished:
+        errors.print(f"[yellow]run {key} ended without a reconciliation (assets materialized on their own): "
+                     "marked partial, its changes stay[/yellow]")  # fmt: skip
+    for key in recovery.undone:
+        errors.print(f"[yellow]run {key} had crashed mid-load; its changes were undone[/yellow]")
+    return recovery.finished, recovery.undone
 
 
 @contextmanager
@@ -309,8 +336,9 @@ def run(
         except OptionsError as exc:
             errors.print(str(exc))
             raise typer.Exit(EXIT_FAILED) from None
+    settled = False
     if options.mode == "full" and not no_skip and not new_run:
-        _report_if_nothing_changed(project, core, started, as_json)
+        settled = _report_if_nothing_changed(project, core, started, as_json)
     with frozen_start_up():
         from integration.jobs import DELTA_JOB, MIGRATION_JOB, TRIAL_JOB, build_definitions
 
@@ -328,8 +356,9 @@ def run(
             raise _config_error(exc) from None
         job = defs.resolve_job_def(TRIAL_JOB if trial else DELTA_JOB if delta else MIGRATION_JOB)
     # Outside the start-up: undoing a crashed load is bulk work, its garbage must be collected.
-    with _core_engine(core) as engine:
-        _recover_runs(engine)
+    if not settled:
+        with _core_engine(core) as engine:
+            _recover_runs(engine)
     # Failures are summarised below, one line each; --verbose shows Dagster's own step logs.
     log_level = "DEBUG" if verbose else "CRITICAL"
     show_progress = not as_json and not verbose and console.is_terminal
@@ -370,8 +399,10 @@ def _report_dir(run_id: str) -> Path:
 
 def _report_if_nothing_changed(
     project: str | Path | None, core: str | None, started: float, as_json: bool
-) -> None:
+) -> bool:
     """Print the last run's reconciliation and exit with its code when a full run now would change nothing.
+
+    Returns whether it settled the runs left running on the core first (the run need not again).
 
     :func:`integration.rerun.nothing_changed` decides; Dagster is not even imported then. Returns when a run
     is needed (or the question cannot be answered cheaply: a project that does not load goes on to the run,
@@ -389,15 +420,15 @@ def _report_if_nothing_changed(
     try:
         migration = Migration.load(str(Path(project_dir(project)).resolve()))
     except ConfigError:
-        return
+        return False
     with _core_engine(core) as engine:
         _recover_runs(engine)
         try:
             last = nothing_changed(engine, migration)
         except (CrmError, OSError, SQLAlchemyError):
-            return  # a doubt: the run goes ahead and names the step that fails, and why, on one line
+            return True  # a doubt: the run goes ahead and names the step that fails, and why, on one line
         if last is None:
-            return
+            return True
         limit = migration.project.spec.reconciliation.max_quarantined_share
         report = reconcile(engine, last, max_quarantined_share=limit)
     folder = _report_dir(last)
@@ -969,9 +1000,7 @@ def runs_recover(core: CoreOption = None) -> None:
     crashed: it is marked partial and keeps its changes.
     """
     with _core_engine(core) as engine:
-        finished, crashed = _recover_runs(engine, quiet=True)
-    for key in finished:
-        console.print(f"run {key} ended without a reconciliation (assets materialized on their own): partial")
+        _, crashed = _recover_runs(engine, strict=True)
     console.print(
         f"undid {len(crashed)} crashed run(s): {', '.join(crashed)}" if crashed else "no crashed runs"
     )

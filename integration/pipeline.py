@@ -39,7 +39,7 @@ from crm_core.loading import (
     row_hash,
 )
 from crm_core.models import Customer, LoadRun, MergeLog, Reject
-from crm_core.runs import owner
+from crm_core.runs import PARTIAL, owner
 from crm_core.validation import Rule, RuleContext, one_of, ruleset, validate
 from crm_core.watermarks import CursorState, advance, plain_cursor, read_watermark
 from integration.connectors import Connector, CsvConnector, ExcelConnector, ReadRequest, connector_for
@@ -1428,11 +1428,15 @@ def reconcile(
     return ReconciliationReport(run_key, lines, rejects, counts, max_quarantined_share)
 
 
-def finish_run(engine: Engine, run_key: str, report: ReconciliationReport) -> None:
-    """Mark a load run finished: succeeded when the reconciliation is acceptable, else unbalanced."""
+def finish_run(engine: Engine, run_key: str, report: ReconciliationReport, *, partial: bool = False) -> None:
+    """Mark a load run finished: succeeded when the reconciliation is acceptable, else unbalanced.
+
+    ``partial``: the run loaded only some of the migration's assets (materialized on their own): partial,
+    whatever the reconciliation says, so that it is never the basis of a skip nor taken for a linkage.
+    """
     factory = session_factory(engine)
     with factory() as session, session.begin():
         run = session.scalar(select(LoadRun).where(LoadRun.run_key == run_key))
         if run is not None:
-            run.status = "succeeded" if report.acceptable else "unbalanced"
+            run.status = PARTIAL if partial else "succeeded" if report.acceptable else "unbalanced"
             run.finished_at = dt.datetime.now(dt.UTC)

@@ -427,7 +427,7 @@ def test_assets_materialized_on_their_own_keep_their_load_and_the_next_run_links
     # recovery racing the sensor: a run that ended meanwhile is not rolled back
     if ended_by == "the sensor":
         assert (
-            rollback_run(engine, result.run_id, status="failed", allow_running=True, only_if_running=True)
+            rollback_run(engine, result.run_id, status="failed", allow_running=True, only_if=("running",))
             == []
         )
         assert content(engine) == loaded

@@ -58,9 +58,9 @@ def test_crmi_run_executes_its_job_with_the_start_up_frozen(
     seen: dict[str, Any] = {}
     recover = crm_core.runs.recover_crashed_runs
 
-    def recover_crashed_runs(engine: Any) -> Any:
+    def recover_crashed_runs(engine: Any, *args: Any) -> Any:
         seen.update(recovering_collects=gc.isenabled())  # undoing a crashed load is bulk work, not start-up
-        return recover(engine)
+        return recover(engine, *args)
 
     def execute(*args: Any, **kwargs: Any) -> Any:
         seen.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count())

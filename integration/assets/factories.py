@@ -27,8 +27,8 @@ from crm_core.errors import CrmError, TransientExtractError
 from crm_core.failpoints import failpoint
 from crm_core.loading import SourceStats
 from crm_core.merging import changed_in_run
-from crm_core.models import Contact, Customer, ReferenceDecision
-from crm_core.runs import abort_run, rollback_run
+from crm_core.models import Contact, Customer, LoadRun, ReferenceDecision
+from crm_core.runs import ACTIVE, abort_run, rollback_run
 from crm_core.validation import core_violations
 from crm_core.watermarks import CursorState
 from integration.assets.resources import CoreDatabase, MigrationProject, SourceSystem
@@ -36,6 +36,7 @@ from integration.connectors.base import ROW_KIND
 from integration.failures import AFTER_FAILURE, cause_line, frames
 from integration.mappings.spec import CompiledMapping
 from integration.memory import release_memory
+from integration.phases import phase_of
 from integration.pipeline import (
     WATERMARK_ATTR,
     Migration,
@@ -91,6 +92,29 @@ def _undo(context: AssetExecutionContext, engine: Engine, why: str) -> None:
         context.log.error(f"{why}, and undoing run {run_key} failed too: {cause_line(exc)}")
 
 
+def _undone_parent(context: AssetExecutionContext, engine: Engine) -> tuple[str, str] | None:
+    """Return (run id, status) of the run this one re-executes part of, when that run's loads were undone and
+    this one skips some of its steps that write to the core.
+
+    A re-execution "from failure" (or a retry of a run without ``dagster/retry_strategy: ALL_STEPS``, as
+    assets materialized from the UI are retried) runs only the failed step and those after it; the steps it
+    skips committed their loads in the parent run, which the failure then undid. Loading on top of that
+    would leave a fragment (contacts without their customers) that nothing reconciles. Skipped extraction
+    and staging steps are harmless: their outputs are files this run reads as the parent left them.
+    """
+    run = context.run
+    if run.parent_run_id is None or run.step_keys_to_execute is None:
+        return None
+    with engine.connect() as connection:
+        status = connection.scalar(select(LoadRun.status).where(LoadRun.run_key == run.parent_run_id))
+    if status is None or status in ACTIVE:
+        return None
+    started = context.instance.all_logs(run.parent_run_id, of_type=dg.DagsterEventType.STEP_START)
+    skipped = {entry.step_key for entry in started} - set(run.step_keys_to_execute)
+    writing = {step for step in skipped if phase_of(step) not in ("extract", "map_validate")}
+    return (run.parent_run_id, str(status)) if writing else None
+
+
 @contextmanager
 def _load_run_step(context: AssetExecutionContext, core: CoreDatabase, project: str) -> Iterator[Engine]:
     """Run one step of a load run: start the run first, and undo it if the step fails in any way.
@@ -109,6 +133,15 @@ def _load_run_step(context: AssetExecutionContext, core: CoreDatabase, project: 
         raise dg.Failure(
             description=f"not run: load run {context.run.run_id} is already {status}",
             metadata={AFTER_FAILURE: True},
+            allow_retries=False,
+        )
+    undone = _undone_parent(context, engine)
+    if undone is not None:
+        _undo(context, engine, f"step {step} re-executes part of run {undone[0]}, which is {undone[1]}")
+        raise dg.Failure(
+            description=f"not run: this run re-executes only some steps of run {undone[0]}, whose changes in "
+            f"the core were undone ({undone[1]}); the steps it skips would be missing. Re-execute all steps, "
+            "or materialize the assets again",
             allow_retries=False,
         )
     try:
@@ -581,7 +614,7 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
             waiting = _references_waiting(engine)
             files = write_reports(report, report_dir / context.run.run_id)
             failpoint("reconcile")
-            finish_run(engine, context.run.run_id, report)
+            finish_run(engine, context.run.run_id, report, partial=not _whole_migration(context, migration))
         yield dg.MaterializeResult(
             metadata={
                 "reconciliation": dg.MetadataValue.md(report.to_markdown()),
@@ -608,6 +641,19 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
         )
 
     return _reconciliation
+
+
+def _whole_migration(context: AssetExecutionContext, migration: Migration) -> bool:
+    """Return whether this run loads every entity and links the customers: a migration job, not a subset of
+    its assets materialized on their own (from the UI) nor a re-execution of some of its steps."""
+    needed = {f"core_{entity}" for entity in migration.entities}
+    if "customer" in migration.entities:
+        needed |= {"customer_match_candidates", "golden_customers"}
+    run = context.run
+    selected = run.asset_selection  # empty, not None, for a job run in process
+    if selected and not needed <= {key.to_user_string() for key in selected}:
+        return False
+    return run.step_keys_to_execute is None or needed <= set(run.step_keys_to_execute)
 
 
 def _references_waiting(engine: Engine) -> int:
