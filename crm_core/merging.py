@@ -718,7 +718,7 @@ def unlinked_partial_runs(session: Session, run_id: int) -> list[int]:
         linking.project == partial.project,
         linking.mode.in_(("full", "delta")),
         linking.status.in_(("succeeded", "unbalanced")),
-        or_(partial.finished_at.is_(None), linking.started_at >= partial.finished_at),
+        linking.started_at >= partial.finished_at,  # never, when it has no end (then it stays unlinked)
     )
     query = select(partial.id).where(partial.id < run_id, partial.status == PARTIAL, ~linked)
     return [int(i) for i in session.scalars(query)]

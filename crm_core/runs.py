@@ -269,6 +269,19 @@ def _undo(
         )
 
 
+def _refuse_unless_undoable(run: LoadRun, allow_running: bool) -> None:
+    """Raise RunError when ``run``'s changes are not in the core, or it is still loading (unless allowed)."""
+    if run.status not in ACTIVE:
+        raise RunError(
+            f"run {run.run_key} is {run.status}; only runs whose changes are in the core roll back"
+        )
+    if run.status == "running" and not allow_running and not is_crashed(run):
+        raise RunError(
+            f"run {run.run_key} is still in progress (process {run.pid} on {run.host}); "
+            "wait for it to finish or fail, then roll it back"
+        )
+
+
 def rollback_run(
     engine: Engine,
     reference: str,
@@ -286,7 +299,10 @@ def rollback_run(
     """
     with session_factory(engine)() as session, session.begin():
         run = find_run(session, reference)
-        # Lock the run before reading its status, so that no one ends it between the check and the undo:
+        if only_if is not None and run.status not in only_if:
+            return []
+        _refuse_unless_undoable(run, allow_running)  # at once, without waiting for a lock a live load holds
+        # Lock the run and read its status again, so that no one ends it between the check and the undo:
         # FOR UPDATE on PostgreSQL; SQLite renders none, and a write takes its database lock.
         session.execute(
             update(LoadRun).where(LoadRun.id == run.id).values(status=LoadRun.status),
@@ -295,15 +311,7 @@ def rollback_run(
         session.refresh(run, with_for_update=True)
         if only_if is not None and run.status not in only_if:
             return []
-        if run.status not in ACTIVE:
-            raise RunError(
-                f"run {run.run_key} is {run.status}; only runs whose changes are in the core roll back"
-            )
-        if run.status == "running" and not allow_running and not is_crashed(run):
-            raise RunError(
-                f"run {run.run_key} is still in progress (process {run.pid} on {run.host}); "
-                "wait for it to finish or fail, then roll it back"
-            )
+        _refuse_unless_undoable(run, allow_running)
         refresh_statistics(session.connection(), ["row_changes", "external_ids"])
         todo = {run.id}
         frontier = [run]

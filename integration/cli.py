@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from crm_core.db import core_url, make_engine, redact_url, upgrade
-from crm_core.errors import ConfigError, CrmError
+from crm_core.errors import ConfigError, CrmError, RunError
 from integration.finance_cli import finance_app
 from integration.steward.cli import steward_app
 
@@ -91,6 +91,10 @@ def _core_engine(core: str | None) -> Iterator[Any]:
         engine.dispose()
 
 
+class DagsterUnreadable(RunError):
+    """The Dagster instance cannot be asked whether a run succeeded: nothing is settled."""
+
+
 def _succeeded_dagster_runs(run_keys: Sequence[str]) -> set[str]:
     """Return those of ``run_keys`` (a load run's key is its Dagster run's id) that succeeded in Dagster.
 
@@ -99,8 +103,6 @@ def _succeeded_dagster_runs(run_keys: Sequence[str]) -> set[str]:
     steward, edit runs) are not asked about, so Dagster is imported only for a crashed Dagster run.
     """
     from uuid import UUID
-
-    from crm_core.errors import RunError
 
     def dagster_run_id(key: str) -> bool:
         try:
@@ -120,34 +122,33 @@ def _succeeded_dagster_runs(run_keys: Sequence[str]) -> set[str]:
         with dg.DagsterInstance.from_config(str(home)) as instance:
             found = instance.get_run_records(dg.RunsFilter(run_ids=asked))
     except Exception as exc:  # the instance's storage unreachable or misconfigured: settle nothing
-        raise RunError(
+        raise DagsterUnreadable(
             f"could not ask the Dagster instance under {home} whether run(s) {', '.join(asked)} succeeded "
             f"({cause_line(exc)}); they stay marked running: fix DAGSTER_HOME, then `crmi runs recover`"
         ) from None
     return {r.dagster_run.run_id for r in found if r.dagster_run.status == dg.DagsterRunStatus.SUCCESS}
 
 
-def _recover_runs(engine: Engine, *, strict: bool = False) -> tuple[list[str], list[str]]:
+def _recover_runs(engine: Engine, *, strict: bool = False, say: bool = True) -> tuple[list[str], list[str]]:
     """Settle runs left running whose process died: partial when their Dagster run succeeded, else undone.
 
-    Returns (the runs marked partial, the runs undone) and says so on stderr. When Dagster cannot be asked,
+    Returns (the runs marked partial, the runs undone) and, with ``say``, says so on stderr. When Dagster cannot be asked,
     nothing is settled: a warning, or with ``strict`` (``crmi runs recover``) the error and exit 1.
     """
-    from crm_core.errors import RunError
     from crm_core.runs import recover_crashed_runs
 
     try:
         recovery = recover_crashed_runs(engine, _succeeded_dagster_runs)
-    except RunError as exc:
+    except DagsterUnreadable as exc:
         if strict:
             errors.print(f"[red]{escape(str(exc))}[/red]")
             raise typer.Exit(EXIT_FAILED) from None
         errors.print(f"[yellow]{escape(str(exc))}[/yellow]")
         return [], []
-    for key in recovery.finished:
+    for key in recovery.finished if say else ():
         errors.print(f"[yellow]run {key} ended without a reconciliation (assets materialized on their own): "
                      "marked partial, its changes stay[/yellow]")  # fmt: skip
-    for key in recovery.undone:
+    for key in recovery.undone if say else ():
         errors.print(f"[yellow]run {key} had crashed mid-load; its changes were undone[/yellow]")
     return recovery.finished, recovery.undone
 
@@ -1000,7 +1001,9 @@ def runs_recover(core: CoreOption = None) -> None:
     crashed: it is marked partial and keeps its changes.
     """
     with _core_engine(core) as engine:
-        _, crashed = _recover_runs(engine, strict=True)
+        finished, crashed = _recover_runs(engine, strict=True, say=False)
+    for key in finished:
+        console.print(f"run {key} ended without a reconciliation (assets materialized on their own): partial")
     console.print(
         f"undid {len(crashed)} crashed run(s): {', '.join(crashed)}" if crashed else "no crashed runs"
     )

@@ -93,26 +93,59 @@ def _undo(context: AssetExecutionContext, engine: Engine, why: str) -> None:
 
 
 def _undone_parent(context: AssetExecutionContext, engine: Engine) -> tuple[str, str] | None:
-    """Return (run id, status) of the run this one re-executes part of, when that run's loads were undone and
-    this one skips some of its steps that write to the core.
+    """Return (run id, status) of an undone run this one re-executes part of, when this one skips a step that
+    wrote to the core in it (or in an undone run before it).
 
-    A re-execution "from failure" (or a retry of a run without ``dagster/retry_strategy: ALL_STEPS``, as
-    assets materialized from the UI are retried) runs only the failed step and those after it; the steps it
-    skips committed their loads in the parent run, which the failure then undid. Loading on top of that
-    would leave a fragment (contacts without their customers) that nothing reconciles. Skipped extraction
-    and staging steps are harmless: their outputs are files this run reads as the parent left them.
+    A re-execution "from failure" or "from asset failure" (or a retry of a run without
+    ``dagster/retry_strategy: ALL_STEPS``, as assets materialized from the UI are retried) runs only the
+    failed step and those after it; the steps it skips committed their loads in the parent run, which the
+    failure then undid. Loading on top of that would leave a fragment (contacts without their customers)
+    that nothing reconciles. The chain of undone ancestors counts, not only the parent (re-executing a
+    refused re-execution skips what the first run did). An ancestor whose Dagster run failed or was
+    canceled but whose load run is still running (the failure sensor has not come round yet) is undone
+    first, as the sensor would, so that no run builds on it. Skipped extraction and staging steps are
+    harmless: their outputs are files this run reads as the parent left them.
     """
     run = context.run
-    if run.parent_run_id is None or run.step_keys_to_execute is None:
+    if run.parent_run_id is None:
         return None
+    instance = context.instance
+    undone: tuple[str, str] | None = None
+    undone_steps: set[str] = set()
+    ancestor_id: str | None = run.parent_run_id
+    while ancestor_id is not None:
+        ancestor = instance.get_run_by_id(ancestor_id)
+        status = _load_run_status(engine, ancestor_id)
+        if status == "running" and ancestor is not None and ancestor.status in _ENDED_BADLY:
+            abort_run(engine, ancestor_id)
+            status = _load_run_status(engine, ancestor_id)
+        if status in ACTIVE:
+            break  # its loads stand: whatever it skipped, it had
+        if status is not None:
+            undone = undone or (ancestor_id, status)
+            started = instance.all_logs(ancestor_id, of_type=dg.DagsterEventType.STEP_START)
+            undone_steps |= {entry.step_key for entry in started if entry.step_key}
+        ancestor_id = ancestor.parent_run_id if ancestor is not None else None
+    if undone is None:
+        return None
+    # the steps this run executes: its plan's ("from asset failure" leaves step_keys_to_execute None)
+    plan = (
+        instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
+        if run.execution_plan_snapshot_id
+        else None
+    )
+    mine = set(plan.step_keys_to_execute) if plan is not None else set(run.step_keys_to_execute or ())
+    writing = {step for step in undone_steps - mine if phase_of(step) not in ("extract", "map_validate")}
+    return undone if writing else None
+
+
+_ENDED_BADLY = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+
+
+def _load_run_status(engine: Engine, run_key: str) -> str | None:
     with engine.connect() as connection:
-        status = connection.scalar(select(LoadRun.status).where(LoadRun.run_key == run.parent_run_id))
-    if status is None or status in ACTIVE:
-        return None
-    started = context.instance.all_logs(run.parent_run_id, of_type=dg.DagsterEventType.STEP_START)
-    skipped = {entry.step_key for entry in started} - set(run.step_keys_to_execute)
-    writing = {step for step in skipped if phase_of(step) not in ("extract", "map_validate")}
-    return (run.parent_run_id, str(status)) if writing else None
+        status = connection.scalar(select(LoadRun.status).where(LoadRun.run_key == run_key))
+    return None if status is None else str(status)
 
 
 @contextmanager
@@ -644,11 +677,16 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
 
 
 def _whole_migration(context: AssetExecutionContext, migration: Migration) -> bool:
-    """Return whether this run loads every entity and links the customers: a migration job, not a subset of
-    its assets materialized on their own (from the UI) nor a re-execution of some of its steps."""
+    """Return whether this run loads every entity and deduplicates customers and contacts: a migration job,
+    not a subset of its assets materialized on their own (from the UI) nor a re-execution of some steps."""
     needed = {f"core_{entity}" for entity in migration.entities}
-    if "customer" in migration.entities:
-        needed |= {"customer_match_candidates", "golden_customers"}
+    if "customer" in migration.entities:  # linkage and both merges: what the reconciliation depends on
+        needed |= {
+            "customer_match_candidates",
+            "golden_customers",
+            "golden_contacts",
+            "customer_review_queue",
+        }
     run = context.run
     selected = run.asset_selection  # empty, not None, for a job run in process
     if selected and not needed <= {key.to_user_string() for key in selected}:
