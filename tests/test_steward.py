@@ -1011,6 +1011,28 @@ def test_the_match_index_takes_in_what_a_partial_run_loaded(core: sa.Engine) -> 
     assert found[0]["name"] == "杭州云栖智能科技有限公司"
 
 
+def test_the_match_index_forgets_the_customers_of_a_run_undone_after_it_read_them(core: sa.Engine) -> None:
+    """A run's first load commits, the index is built, then the run fails and is undone (marked failed, not
+    rolled back): the next refresh drops its customers, which no longer exist."""
+    from crm_core.runs import abort_run
+    from integration.steward.api import form_record
+
+    service = make_app(core).state.workbench.match
+    with session_factory(core)() as session, session.begin():
+        run = get_or_start_run(session, "fails-later", "t")
+        session.add(
+            Customer(
+                name="杭州云栖智能科技有限公司", phone="+8657100000001", city="杭州市", created_run_id=run.id
+            )
+        )
+    service.index()
+    form = form_record({"name": "杭州云栖智能科技有限公司", "phone": "0571-00000001"})
+    assert service.match(form)[0]["name"] == "杭州云栖智能科技有限公司"
+    assert abort_run(core, "fails-later")  # what the failure sensor does
+    service.refresh()
+    assert all(c["name"] != "杭州云栖智能科技有限公司" for c in service.match(form))
+
+
 def test_the_opportunity_check_finds_another_salespersons_registration(core: sa.Engine) -> None:
     with session_factory(core)() as session, session.begin():
         other = SalesRep(name="销售乙", code="S2")

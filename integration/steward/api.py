@@ -190,6 +190,8 @@ class MatchService:
                     or_(runs.c.id > self._last_run, runs.c.id.in_(sorted(self._open_runs)))
                 )
             ).all()
+            if any(status in ("failed", "rolled_back") for _, status in rows):
+                return None  # a run undone since: what it had committed before may be in the index
             finished = [run_id for run_id, status in rows if status in COMMITTED]
             undone_rows = connection.execute(
                 select(merges.c.merged_id, merges.c.survivor_id, merges.c.undone_at).where(
