@@ -94,6 +94,25 @@ def is_crashed(run: LoadRun) -> bool:
     )
 
 
+def live_runs(engine: Engine) -> list[tuple[str, str, int]]:
+    """Return (run key, mode, pid) of the runs marked running whose process is alive on this host.
+
+    This process's own are left out (a load it started and abandoned, in a test or a notebook).
+    """
+    with session_factory(engine)() as session:
+        rows = session.execute(
+            select(LoadRun.run_key, LoadRun.mode, LoadRun.pid, LoadRun.host).where(
+                LoadRun.status == "running"
+            )
+        ).all()
+    here = socket.gethostname()
+    return [
+        (key, mode, pid)
+        for key, mode, pid, host in rows
+        if host == here and pid is not None and pid != os.getpid() and _alive(pid)
+    ]
+
+
 def list_runs(engine: Engine) -> list[RunSummary]:
     """Return every load run, newest first, with its journal size and row counts."""
     with session_factory(engine)() as session:

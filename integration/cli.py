@@ -95,6 +95,24 @@ class DagsterUnreadable(RunError):
     """The Dagster instance cannot be asked whether a run succeeded: nothing is settled."""
 
 
+def _refuse_beside_live_runs(engine: Engine) -> None:
+    """Exit 1 when another process on this host is loading into the core: two loads at once would interleave.
+
+    (The Dagster UI's run queue allows one run per core; ``crmi run`` does not go through it.)
+    """
+    from crm_core.runs import live_runs
+
+    live = live_runs(engine)
+    if live:
+        key, mode, pid = live[0]
+        errors.print(
+            f"[red]run {escape(key)} ({mode}) is loading into this core (process {pid} on this host): one run at "
+            "a time; wait for it to end (`crmi runs list`), or stop it, then `crmi run` again (it undoes what "
+            "the stopped run loaded)[/red]"
+        )
+        raise typer.Exit(EXIT_FAILED)
+
+
 def _succeeded_dagster_runs(run_keys: Sequence[str]) -> set[str]:
     """Return those of ``run_keys`` (a load run's key is its Dagster run's id) that succeeded in Dagster.
 
@@ -357,9 +375,10 @@ def run(
             raise _config_error(exc) from None
         job = defs.resolve_job_def(TRIAL_JOB if trial else DELTA_JOB if delta else MIGRATION_JOB)
     # Outside the start-up: undoing a crashed load is bulk work, its garbage must be collected.
-    if not settled:
-        with _core_engine(core) as engine:
+    with _core_engine(core) as engine:
+        if not settled:
             _recover_runs(engine)
+        _refuse_beside_live_runs(engine)
     # Failures are summarised below, one line each; --verbose shows Dagster's own step logs.
     log_level = "DEBUG" if verbose else "CRITICAL"
     show_progress = not as_json and not verbose and console.is_terminal

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -464,4 +465,28 @@ def test_a_canceled_run_is_undone_by_its_sensor(
         sensor(context)  # type: ignore[operator]
     assert content(engine) == before
     assert statuses(engine) == ["succeeded", "failed"]
+    engine.dispose()
+
+
+def test_crmi_run_refuses_to_load_beside_a_run_still_loading(
+    baseline: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Another process on this host holds a running load run: `crmi run` says which and exits 1, loading nothing."""
+    project, url = from_baseline(baseline, tmp_path)
+    engine = make_engine(url)
+    before = content(engine)
+    loading = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.insert(LoadRun).values(
+                run_key="another-terminal", project="demo", mode="full", status="running", stats={},
+                host=socket.gethostname(), pid=loading.pid,
+            ))  # fmt: skip
+        result = crmi_run(project, url)
+    finally:
+        loading.communicate()
+    assert result.exit_code == 1, result.output  # type: ignore[attr-defined]
+    [line] = [line for line in result.stderr.splitlines() if "is loading into this core" in line]  # type: ignore[attr-defined]
+    assert "another-terminal" in line and str(loading.pid) in line
+    assert content(engine) == before and statuses(engine) == ["succeeded", "running"]
     engine.dispose()
