@@ -168,7 +168,15 @@ def _load_run_step(context: AssetExecutionContext, core: CoreDatabase, project: 
             metadata={AFTER_FAILURE: True},
             allow_retries=False,
         )
-    undone = _undone_parent(context, engine)
+    try:
+        undone = _undone_parent(context, engine)
+    except Exception as exc:  # a later run depends on the parent, or a storage cannot be read: one line
+        _undo(context, engine, f"step {step} could not check the run it re-executes")
+        cause = str(exc) if isinstance(exc, CrmError) else cause_line(exc)
+        raise dg.Failure(
+            description=f"not run: the run this one re-executes could not be checked or undone: {cause}",
+            allow_retries=False,
+        ) from None
     if undone is not None:
         _undo(context, engine, f"step {step} re-executes part of run {undone[0]}, which is {undone[1]}")
         raise dg.Failure(
