@@ -370,6 +370,11 @@ def abort_run(engine: Engine, run_key: str) -> bool:
 
 def finish_partial_run(engine: Engine, run_key: str) -> bool:
     """Mark run ``run_key`` partial if it is still running (its Dagster run succeeded); False if it was not."""
+    running = select(LoadRun.id).where(LoadRun.run_key == run_key, LoadRun.status == "running")
+    # Most succeeded runs (the jobs, syncs) have none: a read first takes no write lock for them on SQLite.
+    with engine.connect() as connection:
+        if connection.scalar(running) is None:
+            return False
     with engine.begin() as connection:
         finished = connection.execute(
             update(LoadRun)
