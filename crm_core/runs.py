@@ -321,13 +321,13 @@ def rollback_run(
         if only_if is not None and run.status not in only_if:
             return []
         _refuse_unless_undoable(run, allow_running)  # at once, without waiting for a lock a live load holds
-        # Lock the run and read its status again, so that no one ends it between the check and the undo:
-        # FOR UPDATE on PostgreSQL; SQLite renders none, and a write takes its database lock.
+        # Lock the run and read its status again, so that no one ends it between the check and the undo. A
+        # write locks on both databases (the row on PostgreSQL; SQLite, which renders no FOR UPDATE, the file).
         session.execute(
             update(LoadRun).where(LoadRun.id == run.id).values(status=LoadRun.status),
             execution_options={"synchronize_session": False},
         )
-        session.refresh(run, with_for_update=True)
+        session.refresh(run)
         if only_if is not None and run.status not in only_if:
             return []
         _refuse_unless_undoable(run, allow_running)

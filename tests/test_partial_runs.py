@@ -7,7 +7,8 @@ a re-execution of some steps over a run that was undone, and a Dagster instance 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,38 @@ def reconstructable_ui_subset_job(project: Path, core: str) -> Any:
     )
 
 
+def failed_run(
+    job: Any, instance: Any, monkeypatch: pytest.MonkeyPatch, failpoint: str, *, worker_died: bool = False
+) -> str:
+    """Run ``job`` failing at ``failpoint``; return its run id. ``worker_died``: no step undoes it, its load run
+    stays 'running' (as when the worker process dies, until the failure sensor comes round)."""
+    import dagster as dg
+
+    import integration.assets.factories as factories
+
+    with monkeypatch.context() as patch:
+        patch.setenv("CRMI_FAILPOINT", failpoint)
+        if worker_died:
+            patch.setattr(factories, "abort_run", lambda *_: False)
+        with dg.execute_job(job, instance=instance, raise_on_error=False) as result:
+            assert not result.success
+            return str(result.run_id)
+
+
+@contextmanager
+def re_executed_from_failure(job: Any, instance: Any, run_id: str) -> Iterator[Any]:
+    """Re-execute run ``run_id`` from failure (the UI button; the run-retry daemon's default outside the
+    migration jobs) and yield its result."""
+    import dagster as dg
+
+    from integration.assets.resources import dispose_engines
+
+    options = dg.ReexecutionOptions.from_failure(run_id, instance)
+    with dg.execute_job(job, instance=instance, reexecution_options=options, raise_on_error=False) as result:
+        dispose_engines()
+        yield result
+
+
 def test_re_executing_some_steps_of_an_undone_run_is_refused(
     demo_project: Path, sqlite_core_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -197,30 +230,22 @@ def test_re_executing_some_steps_of_an_undone_run_is_refused(
     import dagster as dg
 
     from crm_core.models import Contact
-    from integration.assets.resources import dispose_engines
 
     job = reconstructable_ui_subset_job(demo_project, sqlite_core_url)
     engine = make_engine(sqlite_core_url)
     with dg.instance_for_test() as instance:
-        monkeypatch.setenv("CRMI_FAILPOINT", "load:contact:before_commit")
-        with dg.execute_job(job, instance=instance, raise_on_error=False) as first:
-            assert not first.success
-        monkeypatch.delenv("CRMI_FAILPOINT")
+        first = failed_run(job, instance, monkeypatch, "load:contact:before_commit")
         before = content(engine)
-        options = dg.ReexecutionOptions.from_failure(first.run_id, instance)
-        with dg.execute_job(
-            job, instance=instance, reexecution_options=options, raise_on_error=False
-        ) as again:
-            dispose_engines()
+        with re_executed_from_failure(job, instance, first) as again:
             failures = [e for e in again.all_events if e.is_step_failure]
             assert not again.success
             assert {e.step_key for e in failures} == {"core_contact"}
             message = failures[0].step_failure_data.error.message  # type: ignore[union-attr]
-            assert f"re-executes only some steps of run {first.run_id}" in message, message
+            assert f"re-executes only some steps of run {first}" in message, message
     with engine.connect() as connection:
         statuses = dict(connection.execute(sa.select(LoadRun.run_key, LoadRun.status)).all())
         contacts = connection.scalar(sa.select(sa.func.count()).select_from(Contact))
-    assert statuses == {first.run_id: "failed", again.run_id: "failed"}
+    assert statuses == {first: "failed", again.run_id: "failed"}
     assert contacts == 0 and content(engine) == before
     engine.dispose()
 
@@ -233,19 +258,11 @@ def test_re_executing_from_a_failed_first_load_goes_ahead(
     import dagster as dg
 
     from crm_core.models import Contact
-    from integration.assets.resources import dispose_engines
 
     job = reconstructable_ui_subset_job(demo_project, sqlite_core_url)
     with dg.instance_for_test() as instance:
-        monkeypatch.setenv("CRMI_FAILPOINT", "load:sales_rep:before_commit")
-        with dg.execute_job(job, instance=instance, raise_on_error=False) as first:
-            assert not first.success
-        monkeypatch.delenv("CRMI_FAILPOINT")
-        options = dg.ReexecutionOptions.from_failure(first.run_id, instance)
-        with dg.execute_job(
-            job, instance=instance, reexecution_options=options, raise_on_error=False
-        ) as again:
-            dispose_engines()
+        first = failed_run(job, instance, monkeypatch, "load:sales_rep:before_commit")
+        with re_executed_from_failure(job, instance, first) as again:
             executed = {e.step_key for e in again.all_events if e.is_step_success}
             assert (
                 again.success
@@ -257,7 +274,7 @@ def test_re_executing_from_a_failed_first_load_goes_ahead(
         statuses = dict(connection.execute(sa.select(LoadRun.run_key, LoadRun.status)).all())
         customers = connection.scalar(sa.select(sa.func.count()).select_from(Customer))
         contacts = connection.scalar(sa.select(sa.func.count()).select_from(Contact))
-    assert statuses == {first.run_id: "failed", again.run_id: "running"}  # partial once the sensor sees it
+    assert statuses == {first: "failed", again.run_id: "running"}  # partial once the sensor sees it
     assert customers and contacts
     engine.dispose()
 

@@ -19,7 +19,7 @@ from crm_core.db import ensure_schema, make_engine
 from crm_core.errors import RunError
 from crm_core.models import Contact, Customer, LoadRun, RowChange
 from crm_core.runs import rollback_run
-from tests.test_partial_runs import reconstructable_ui_subset_job
+from tests.test_partial_runs import failed_run, re_executed_from_failure, reconstructable_ui_subset_job
 from tests.test_run_failures import dead_pid
 
 
@@ -38,26 +38,13 @@ def test_re_executing_from_failure_the_refused_re_execution_is_refused_too(
     same core_contact alone: the steps of every undone ancestor count, so it is refused too."""
     import dagster as dg
 
-    from integration.assets.resources import dispose_engines
-
     job = reconstructable_ui_subset_job(demo_project, sqlite_core_url)
     engine = make_engine(sqlite_core_url)
     with dg.instance_for_test() as instance:
-        monkeypatch.setenv("CRMI_FAILPOINT", "load:contact:before_commit")
-        with dg.execute_job(job, instance=instance, raise_on_error=False) as first:
-            assert not first.success
-        monkeypatch.delenv("CRMI_FAILPOINT")
-        options = dg.ReexecutionOptions.from_failure(first.run_id, instance)
-        with dg.execute_job(
-            job, instance=instance, reexecution_options=options, raise_on_error=False
-        ) as again:
-            dispose_engines()
+        first = failed_run(job, instance, monkeypatch, "load:contact:before_commit")
+        with re_executed_from_failure(job, instance, first) as again:
             assert not again.success  # refused
-        options = dg.ReexecutionOptions.from_failure(again.run_id, instance)
-        with dg.execute_job(
-            job, instance=instance, reexecution_options=options, raise_on_error=False
-        ) as third:
-            dispose_engines()
+        with re_executed_from_failure(job, instance, again.run_id) as third:
             succeeded = third.success
     statuses, customers, contacts = _statuses_and_counts(engine)
     engine.dispose()
@@ -78,16 +65,12 @@ def test_re_executing_from_asset_failure_over_an_undone_run_is_refused(
     job = reconstructable_ui_subset_job(demo_project, sqlite_core_url)
     engine = make_engine(sqlite_core_url)
     with dg.instance_for_test() as instance:
-        monkeypatch.setenv("CRMI_FAILPOINT", "load:contact:before_commit")
-        with dg.execute_job(job, instance=instance, raise_on_error=False) as first:
-            assert not first.success
-        monkeypatch.delenv("CRMI_FAILPOINT")
+        first = failed_run(job, instance, monkeypatch, "load:contact:before_commit")
         selection = frozenset({dg.AssetKey("core_contact")})
         subset = job.get_subset(asset_selection=selection)
         run = instance.create_run_for_job(
-            job_def=subset.get_definition(), parent_run_id=first.run_id, root_run_id=first.run_id,
-            asset_selection=selection,
-            tags={"dagster/parent_run_id": first.run_id, "dagster/root_run_id": first.run_id},
+            job_def=subset.get_definition(), parent_run_id=first, root_run_id=first, asset_selection=selection,
+            tags={"dagster/parent_run_id": first, "dagster/root_run_id": first},
         )  # fmt: skip
         # as create_reexecuted_run(strategy=FROM_ASSET_FAILURE) stores it: no step keys, an asset selection
         instance.delete_run(run.run_id)
@@ -202,34 +185,23 @@ def test_a_retry_launched_before_the_failure_sensor_undid_its_parent_is_not_buil
     failed parent itself, then refuses to load contacts over the customers that removed."""
     import dagster as dg
 
-    import integration.assets.factories as factories
     from crm_core.runs import abort_run
-    from integration.assets.resources import dispose_engines
 
     job = reconstructable_ui_subset_job(demo_project, sqlite_core_url)
     engine = make_engine(sqlite_core_url)
     with dg.instance_for_test() as instance:
-        monkeypatch.setenv("CRMI_FAILPOINT", "load:contact:before_commit")
-        monkeypatch.setattr(factories, "abort_run", lambda *_: False)  # the worker died: nothing undid it
-        with dg.execute_job(job, instance=instance, raise_on_error=False) as first:
-            assert not first.success
-        monkeypatch.delenv("CRMI_FAILPOINT")
-        monkeypatch.undo()
-        assert _statuses_and_counts(engine)[0] == {first.run_id: "running"}
-        options = dg.ReexecutionOptions.from_failure(first.run_id, instance)  # the daemon's retry
-        with dg.execute_job(
-            job, instance=instance, reexecution_options=options, raise_on_error=False
-        ) as again:
-            dispose_engines()
+        first = failed_run(job, instance, monkeypatch, "load:contact:before_commit", worker_died=True)
+        assert _statuses_and_counts(engine)[0] == {first: "running"}
+        with re_executed_from_failure(job, instance, first) as again:  # the daemon's retry
             retried = again.success
     try:
-        abort_run(engine, first.run_id)  # the failure sensor, 15 s later
+        abort_run(engine, first)  # the failure sensor, 15 s later
         sensor = "undone"
     except RunError as exc:
         sensor = str(exc)
     statuses, customers, contacts = _statuses_and_counts(engine)
     engine.dispose()
-    assert statuses[first.run_id] != "running" and not (retried and sensor != "undone"), (
+    assert statuses[first] != "running" and not (retried and sensor != "undone"), (
         statuses, customers, contacts, retried, sensor,
     )  # fmt: skip
 
@@ -244,18 +216,10 @@ def test_a_retry_whose_parent_cannot_be_undone_fails_with_one_readable_line(
     RunError escaping _load_run_step before its try."""
     import dagster as dg
 
-    import integration.assets.factories as factories
-    from integration.assets.resources import dispose_engines
-
     job = reconstructable_ui_subset_job(demo_project, sqlite_core_url)
     engine = make_engine(sqlite_core_url)
     with dg.instance_for_test() as instance:
-        monkeypatch.setenv("CRMI_FAILPOINT", "load:contact:before_commit")
-        monkeypatch.setattr(factories, "abort_run", lambda *_: False)  # the worker died: nothing undid it
-        with dg.execute_job(job, instance=instance, raise_on_error=False) as first:
-            assert not first.success
-        monkeypatch.delenv("CRMI_FAILPOINT")
-        monkeypatch.undo()
+        first = failed_run(job, instance, monkeypatch, "load:contact:before_commit", worker_died=True)
         with engine.begin() as connection:  # a steward's edit of one of its customers, in between
             customer = connection.execute(sa.select(Customer.id, Customer.name).limit(1)).one()
             edit = connection.execute(
@@ -267,11 +231,7 @@ def test_a_retry_whose_parent_cannot_be_undone_fails_with_one_readable_line(
                 load_run_id=edit, table_name="customers", row_key=f'{{"id": {customer.id}}}',
                 operation="update", before={"name": customer.name},
             ))  # fmt: skip
-        options = dg.ReexecutionOptions.from_failure(first.run_id, instance)  # the daemon's retry
-        with dg.execute_job(
-            job, instance=instance, reexecution_options=options, raise_on_error=False
-        ) as again:
-            dispose_engines()
+        with re_executed_from_failure(job, instance, first) as again:  # the daemon's retry
             failures = [e for e in again.all_events if e.is_step_failure]
             error = failures[0].step_failure_data.error  # type: ignore[union-attr]
             user = failures[0].step_failure_data.user_failure_data  # type: ignore[union-attr]
