@@ -14,9 +14,11 @@ import json
 import multiprocessing
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import groupby
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -31,6 +33,7 @@ from sqlalchemy import (
     insert,
     literal,
     select,
+    text,
     update,
 )
 from sqlalchemy.orm import Session
@@ -46,6 +49,72 @@ from crm_core.models import Base, ExternalId, LoadRun, RowChange
 PARTIAL = "partial"
 COMMITTED = ("succeeded", "unbalanced", PARTIAL)  # statuses of runs that ended with their changes in the core
 ACTIVE = ("running", *COMMITTED)  # statuses whose changes are in the core
+RUN_LOCK = 0x63726D6A  # 'crmj': the PostgreSQL advisory lock a `crmi run` holds while it runs (db.SCHEMA_LOCK is 'crmi')
+
+
+class CoreBusy(RunError):
+    """Another ``crmi run`` (on any host) holds the core: one run at a time."""
+
+
+@contextmanager
+def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
+    """Hold the core's run lock for the block; raise :class:`CoreBusy` naming its holder when another has it.
+
+    PostgreSQL: a session advisory lock on a connection of its own, so a ``crmi run`` on another machine is
+    refused too; the holder is the connection's ``application_name``. SQLite: an exclusive ``flock`` on
+    ``<database>.run-lock`` beside the file, which holds the holder's description. Either is released when the
+    block ends or the process dies (a killed run leaves no stale lock). Other databases: no lock.
+    """
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            connection.execute(
+                text("SELECT set_config('application_name', :name, false)"), {"name": holder[:63]}
+            )
+            if not connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": RUN_LOCK}):
+                held_by = connection.scalar(text(
+                    "SELECT a.application_name || coalesce(' from ' || host(a.client_addr), '') || ' since ' "
+                    "|| to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS') FROM pg_locks l "
+                    "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+                    "AND l.classid = 0 AND l.objid = :key AND l.database = "
+                    "(SELECT oid FROM pg_database WHERE datname = current_database())"
+                ), {"key": RUN_LOCK})  # fmt: skip
+                connection.rollback()
+                raise CoreBusy(f"another run holds this core ({held_by or 'a session that has just ended'})")
+            connection.commit()
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": RUN_LOCK})
+                connection.commit()
+        return
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the same-host check of live runs still applies
+        yield
+        return
+    path = Path(f"{database}.run-lock")
+    with path.open("a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise CoreBusy(
+                f"another run holds this core ({lock.read().strip() or 'a process that has just started'}; lock file "
+                f"{path})"
+            ) from None
+        try:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"{holder} since {dt.datetime.now().isoformat(sep=' ', timespec='seconds')}\n")
+            lock.flush()
+            yield
+        finally:
+            lock.truncate(0)
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -89,6 +90,23 @@ def _core_engine(core: str | None) -> Iterator[Any]:
         yield engine
     finally:
         engine.dispose()
+
+
+@contextmanager
+def _one_run_at_a_time(core: str | None) -> Iterator[None]:
+    """Hold the core's run lock while the block runs; exit 1 naming the holder when another run has it."""
+    from crm_core.runs import CoreBusy, core_run_lock
+
+    with _core_engine(core) as engine:
+        try:
+            with core_run_lock(engine, f"crmi run on {socket.gethostname()} (pid {os.getpid()})"):
+                yield
+        except CoreBusy as exc:
+            errors.print(
+                f"[red]{escape(str(exc))}: one run at a time; wait for it to end (`crmi runs list`), or stop it, "
+                "then `crmi run` again (it undoes what the stopped run loaded)[/red]"
+            )
+            raise typer.Exit(EXIT_FAILED) from None
 
 
 class DagsterUnreadable(RunError):
@@ -355,59 +373,61 @@ def run(
         except OptionsError as exc:
             errors.print(str(exc))
             raise typer.Exit(EXIT_FAILED) from None
-    settled = False
-    if options.mode == "full" and not no_skip and not new_run:
-        settled = _report_if_nothing_changed(project, core, started, as_json)
-    with frozen_start_up():
-        from integration.jobs import DELTA_JOB, MIGRATION_JOB, TRIAL_JOB, build_definitions
+    # One run at a time on a core, from any terminal or host (a trial run's scratch core is its own).
+    with nullcontext() if trial else _one_run_at_a_time(core):
+        settled = False
+        if options.mode == "full" and not no_skip and not new_run:
+            settled = _report_if_nothing_changed(project, core, started, as_json)
+        with frozen_start_up():
+            from integration.jobs import DELTA_JOB, MIGRATION_JOB, TRIAL_JOB, build_definitions
 
-        if trial:
-            # The core resource switches to this scratch core for trial runs (integration.assets.resources).
-            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-            core = core or f"sqlite:///{(Path('var') / 'trial' / stamp / 'core.sqlite').resolve()}"
-            os.environ["CRM_TRIAL_CORE_URL"] = core
-        elif core:
-            # Through the environment, not resource config: the UI shows resource config, and URLs hold passwords.
-            os.environ["CRM_CORE_URL"] = core
-        try:
-            defs = build_definitions(project)
-        except ConfigError as exc:
-            raise _config_error(exc) from None
-        job = defs.resolve_job_def(TRIAL_JOB if trial else DELTA_JOB if delta else MIGRATION_JOB)
-    # Outside the start-up: undoing a crashed load is bulk work, its garbage must be collected.
-    with _core_engine(core) as engine:
-        if not settled:
-            _recover_runs(engine)
-        _refuse_beside_live_runs(engine)
-    # Failures are summarised below, one line each; --verbose shows Dagster's own step logs.
-    log_level = "DEBUG" if verbose else "CRITICAL"
-    show_progress = not as_json and not verbose and console.is_terminal
-    with _instance(ephemeral=trial) as instance:
-        started = time.perf_counter()  # the run's own time, as its phases are measured
-        result = _execute_with_progress(
-            job,
-            instance,
-            {"loggers": {"console": {"config": {"log_level": log_level}}}},
-            options.tags(),
-            show_progress,
-        )
-        seconds_total = time.perf_counter() - started
-        phases = phase_timings(instance.all_logs(result.run_id))
-    rows_read = phases[0].rows
-    timing = {
-        "phases": [p.as_dict() for p in phases],
-        "seconds_total": round(seconds_total, 3),
-        "rows_read": rows_read,
-        "rows_per_second": round(rows_read / seconds_total, 1) if seconds_total > 0 else 0.0,
-    }
-    if not result.success:
-        _report_failure(result, core, options.mode, timing, as_json)
-        raise typer.Exit(EXIT_FAILED)
-    limit = load_project(project).spec.reconciliation.max_quarantined_share
-    with _core_engine(core) as engine:
-        report = reconcile(engine, result.run_id, max_quarantined_share=limit)
-    _report_success(result.run_id, report, core, options.mode, timing, as_json)
-    raise typer.Exit(EXIT_OK if report.acceptable else EXIT_UNBALANCED)
+            if trial:
+                # The core resource switches to this scratch core for trial runs (integration.assets.resources).
+                stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+                core = core or f"sqlite:///{(Path('var') / 'trial' / stamp / 'core.sqlite').resolve()}"
+                os.environ["CRM_TRIAL_CORE_URL"] = core
+            elif core:
+                # Through the environment, not resource config: the UI shows resource config, and URLs hold passwords.
+                os.environ["CRM_CORE_URL"] = core
+            try:
+                defs = build_definitions(project)
+            except ConfigError as exc:
+                raise _config_error(exc) from None
+            job = defs.resolve_job_def(TRIAL_JOB if trial else DELTA_JOB if delta else MIGRATION_JOB)
+        # Outside the start-up: undoing a crashed load is bulk work, its garbage must be collected.
+        with _core_engine(core) as engine:
+            if not settled:
+                _recover_runs(engine)
+            _refuse_beside_live_runs(engine)
+        # Failures are summarised below, one line each; --verbose shows Dagster's own step logs.
+        log_level = "DEBUG" if verbose else "CRITICAL"
+        show_progress = not as_json and not verbose and console.is_terminal
+        with _instance(ephemeral=trial) as instance:
+            started = time.perf_counter()  # the run's own time, as its phases are measured
+            result = _execute_with_progress(
+                job,
+                instance,
+                {"loggers": {"console": {"config": {"log_level": log_level}}}},
+                options.tags(),
+                show_progress,
+            )
+            seconds_total = time.perf_counter() - started
+            phases = phase_timings(instance.all_logs(result.run_id))
+        rows_read = phases[0].rows
+        timing = {
+            "phases": [p.as_dict() for p in phases],
+            "seconds_total": round(seconds_total, 3),
+            "rows_read": rows_read,
+            "rows_per_second": round(rows_read / seconds_total, 1) if seconds_total > 0 else 0.0,
+        }
+        if not result.success:
+            _report_failure(result, core, options.mode, timing, as_json)
+            raise typer.Exit(EXIT_FAILED)
+        limit = load_project(project).spec.reconciliation.max_quarantined_share
+        with _core_engine(core) as engine:
+            report = reconcile(engine, result.run_id, max_quarantined_share=limit)
+        _report_success(result.run_id, report, core, options.mode, timing, as_json)
+        raise typer.Exit(EXIT_OK if report.acceptable else EXIT_UNBALANCED)
 
 
 def _report_dir(run_id: str) -> Path:

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from crm_core.db import ensure_schema, make_engine
 from crm_core.models import ExternalId, LoadRun, MergeLog
-from crm_core.runs import rollback_run
+from crm_core.runs import CoreBusy, core_run_lock, rollback_run
 from integration.assets.resources import dispose_engines
 from integration.cli import app
 from integration.jobs import (
@@ -490,3 +490,57 @@ def test_crmi_run_refuses_to_load_beside_a_run_still_loading(
     assert "another-terminal" in line and str(loading.pid) in line
     assert content(engine) == before and statuses(engine) == ["succeeded", "running"]
     engine.dispose()
+
+
+def test_crmi_run_refuses_while_another_run_holds_the_core(
+    baseline: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A run from another host holds the core's run lock: `crmi run` names it and exits 1, loading nothing."""
+    project, url = from_baseline(baseline, tmp_path)
+    engine = make_engine(url)
+    before = content(engine)
+    with core_run_lock(engine, "crmi run on other-laptop (pid 4242)"):
+        result = crmi_run(project, url)
+    assert result.exit_code == 1, result.output  # type: ignore[attr-defined]
+    [line] = [line for line in result.stderr.splitlines() if "another run holds this core" in line]  # type: ignore[attr-defined]
+    assert "crmi run on other-laptop (pid 4242)" in line and "one run at a time" in line
+    assert content(engine) == before and statuses(engine) == ["succeeded"]
+    engine.dispose()
+
+
+HOLD_THE_LOCK = """
+import sys
+from crm_core.db import make_engine
+from crm_core.runs import core_run_lock
+with core_run_lock(make_engine(sys.argv[1]), "crmi run on the killed laptop (pid 1)"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_the_run_lock_is_one_holder_at_a_time_and_dies_with_its_process(core_url: str) -> None:
+    """Across processes (and hosts, on PostgreSQL): a second holder is refused with the first one's name; a
+    killed holder leaves no stale lock."""
+    engine, other = make_engine(core_url), make_engine(core_url)
+    ensure_schema(engine)
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, core_url], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parent.parent, text=True,
+    ) as holder:  # fmt: skip
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+            refused = pytest.raises(
+                CoreBusy, match=r"another run holds this core \(crmi run on the killed laptop"
+            )
+            with refused, core_run_lock(engine, "crmi run here"):
+                pass
+        finally:
+            holder.kill()
+    # the killed holder's lock went with its process
+    with core_run_lock(engine, "crmi run here"), pytest.raises(CoreBusy, match=r"crmi run here"):  # noqa: SIM117
+        with core_run_lock(other, "a third one"):
+            pass
+    with core_run_lock(engine, "crmi run here, again"):  # released when the block ended
+        pass
+    engine.dispose()
+    other.dispose()
