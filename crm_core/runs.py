@@ -72,8 +72,9 @@ def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
             )
             if not connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": RUN_LOCK}):
                 held_by = connection.scalar(text(
-                    "SELECT a.application_name || coalesce(' from ' || host(a.client_addr), '') || ' since ' "
-                    "|| to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS') FROM pg_locks l "
+                    # another role sees only the holder's application_name: its address and start are null
+                    "SELECT a.application_name || coalesce(' from ' || host(a.client_addr), '') "
+                    "|| coalesce(' since ' || to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS'), '') FROM pg_locks l "
                     "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
                     "AND l.classid = 0 AND l.objid = :key AND l.database = "
                     "(SELECT oid FROM pg_database WHERE datname = current_database())"

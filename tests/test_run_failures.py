@@ -544,3 +544,40 @@ def test_the_run_lock_is_one_holder_at_a_time_and_dies_with_its_process(core_url
         pass
     engine.dispose()
     other.dispose()
+
+
+@pytest.fixture
+def pg_core() -> str:
+    """The PostgreSQL test database (the run lock needs no schema)."""
+    engine = server_or_skip(PG_URL, "PostgreSQL")
+    engine.dispose()
+    return PG_URL
+
+
+@pytest.mark.postgres
+def test_the_run_lock_names_a_holder_logged_in_as_another_role(pg_core: str) -> None:
+    """Two consultants log in as two roles: PostgreSQL hides when the other's session started (and from
+    where) from an unprivileged role, but the refusal still names the holder."""
+    admin = make_engine(pg_core)
+    role = f"crmi_lock_test_{re.sub(r'[^a-z0-9_]', '_', sa.engine.make_url(pg_core).database or 'x')}"
+    with admin.begin() as connection:
+        connection.execute(sa.text(
+            f"DO $$ BEGIN CREATE ROLE {role} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        ))  # fmt: skip
+    other = make_engine(pg_core)
+
+    @sa.event.listens_for(other, "connect")
+    def unprivileged(dbapi_connection: Any, _record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET ROLE {role}")
+        dbapi_connection.commit()
+
+    try:
+        refused = pytest.raises(CoreBusy, match=r"crmi run on laptop-a \(pid 4242\)")
+        with core_run_lock(admin, "crmi run on laptop-a (pid 4242)"), refused, core_run_lock(other, "b"):
+            pass
+    finally:
+        other.dispose()
+        with admin.begin() as connection:
+            connection.execute(sa.text(f"DROP ROLE IF EXISTS {role}"))
+        admin.dispose()
