@@ -36,6 +36,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from crm_core.db import refresh_statistics, session_factory
@@ -85,8 +86,11 @@ def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
             try:
                 yield
             finally:
-                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": RUN_LOCK})
-                connection.commit()
+                try:
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": RUN_LOCK})
+                    connection.commit()
+                except SQLAlchemyError:  # its session ended during the run (a restart): the lock went with it
+                    connection.invalidate()  # the run's own outcome (its exit code) is what the caller sees
         return
     database = engine.url.database if engine.dialect.name == "sqlite" else None
     if not database or database == ":memory:" or database.startswith("file:"):

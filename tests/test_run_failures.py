@@ -581,3 +581,24 @@ def test_the_run_lock_names_a_holder_logged_in_as_another_role(pg_core: str) -> 
         with admin.begin() as connection:
             connection.execute(sa.text(f"DROP ROLE IF EXISTS {role}"))
         admin.dispose()
+
+
+@pytest.mark.postgres
+def test_a_lost_run_lock_session_does_not_hide_how_the_run_ended(pg_core: str) -> None:
+    """The lock's session ends during the run (a server restart, a DBA, a firewall): the lock went with it;
+    releasing it must not replace the run's outcome (its exit code) with an error."""
+    engine, admin = make_engine(pg_core), make_engine(pg_core)
+
+    class Outcome(Exception):
+        pass
+
+    with pytest.raises(Outcome), core_run_lock(engine, "crmi run on lost (pid 1)"):
+        with admin.begin() as connection:
+            connection.execute(sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'crmi run on lost (pid 1)'"
+            ))  # fmt: skip
+        raise Outcome
+    with core_run_lock(engine, "the next run"):  # released: it went with the session
+        pass
+    engine.dispose()
+    admin.dispose()
