@@ -71,6 +71,9 @@ def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
             connection.execute(
                 text("SELECT set_config('application_name', :name, false)"), {"name": holder[:63]}
             )
+            if (connection.dialect.server_version_info or (0,)) >= (14,):
+                # idle for the whole run: a server's (or role's) idle_session_timeout would end it, lock and all
+                connection.execute(text("SET SESSION idle_session_timeout = 0"))
             if not connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": RUN_LOCK}):
                 held_by = connection.scalar(text(
                     # another role sees only the holder's application_name: its address and start are null

@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -602,3 +603,17 @@ def test_a_lost_run_lock_session_does_not_hide_how_the_run_ended(pg_core: str) -
         pass
     engine.dispose()
     admin.dispose()
+
+
+@pytest.mark.postgres
+def test_the_run_lock_outlives_the_servers_idle_session_timeout(pg_core: str) -> None:
+    """The lock's session is idle for the whole run: a server (or role) with ``idle_session_timeout`` must not
+    end it, or a second run could start beside the first."""
+    engine = make_engine(pg_core, connect_args={"options": "-c idle_session_timeout=500"})
+    other = make_engine(pg_core)
+    with core_run_lock(engine, "crmi run on a long run (pid 1)"):
+        time.sleep(1.5)
+        with pytest.raises(CoreBusy, match=r"crmi run on a long run"), core_run_lock(other, "second"):
+            pass
+    engine.dispose()
+    other.dispose()
