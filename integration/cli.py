@@ -92,6 +92,13 @@ def _core_engine(core: str | None) -> Iterator[Any]:
         engine.dispose()
 
 
+def run_lock_holder() -> str:
+    """``crmi run on HOST (pid N)``, at most 63 characters (PostgreSQL's application_name): a long host name
+    is shortened, the pid kept."""
+    pid = f" (pid {os.getpid()})"
+    return f"crmi run on {socket.gethostname()}"[: 63 - len(pid)] + pid
+
+
 @contextmanager
 def _one_run_at_a_time(core: str | None) -> Iterator[None]:
     """Hold the core's run lock while the block runs; exit 1 naming the holder when another run has it."""
@@ -99,7 +106,7 @@ def _one_run_at_a_time(core: str | None) -> Iterator[None]:
 
     with _core_engine(core) as engine:
         try:
-            with core_run_lock(engine, f"crmi run on {socket.gethostname()} (pid {os.getpid()})"):
+            with core_run_lock(engine, run_lock_holder()):
                 yield
         except CoreBusy as exc:
             errors.print(

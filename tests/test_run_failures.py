@@ -8,6 +8,7 @@ failed, and ``crmi run`` must exit 1 naming the step and its cause on one line.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -617,3 +618,15 @@ def test_the_run_lock_outlives_the_servers_idle_session_timeout(pg_core: str) ->
             pass
     engine.dispose()
     other.dispose()
+
+
+def test_the_run_lock_holder_keeps_its_pid_beside_a_long_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL keeps 63 characters of a session's name: a long host name is cut, not the pid to stop."""
+    from integration import cli
+
+    monkeypatch.setattr(
+        socket, "gethostname", lambda: "consultant-laptop-0042.corp.customer-example.internal"
+    )
+    holder = cli.run_lock_holder()
+    assert len(holder) <= 63 and holder.startswith("crmi run on consultant-laptop-0042")
+    assert holder.endswith(f" (pid {os.getpid()})")
