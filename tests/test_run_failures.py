@@ -607,6 +607,34 @@ def test_a_lost_run_lock_session_does_not_hide_how_the_run_ended(pg_core: str) -
 
 
 @pytest.mark.postgres
+def test_a_vanished_holder_is_probed_and_named_by_its_server_process(pg_core: str) -> None:
+    """A holder whose laptop left the network keeps its session until the server notices: the lock's session
+    probes its client after 30 s of silence, and the refusal names the server process a DBA may end."""
+    engine, other, admin = make_engine(pg_core), make_engine(pg_core), make_engine(pg_core)
+    statements: list[str] = []
+    sa.event.listen(
+        engine, "before_cursor_execute", lambda _c, _cur, statement, *_: statements.append(statement)
+    )
+    with core_run_lock(engine, "crmi run on vanished (pid 7)"):
+        assert {"SET SESSION tcp_keepalives_idle = 30", "SET SESSION tcp_keepalives_count = 3"} <= set(
+            statements
+        )
+        with pytest.raises(CoreBusy) as refused, core_run_lock(other, "second"):
+            pass
+        found = re.search(
+            r"crmi run on vanished \(pid 7\) from [0-9.:a-f]+, server process (\d+) since ",
+            str(refused.value),
+        )
+        assert found is not None, str(refused.value)
+        with admin.begin() as connection:
+            assert connection.scalar(sa.text(f"SELECT pg_terminate_backend({int(found.group(1))})"))
+        with core_run_lock(other, "after the DBA"):  # the ended session's lock is free
+            pass
+    for e in (engine, other, admin):
+        e.dispose()
+
+
+@pytest.mark.postgres
 def test_the_run_lock_outlives_the_servers_idle_session_timeout(pg_core: str) -> None:
     """The lock's session is idle for the whole run: a server (or role) with ``idle_session_timeout`` must not
     end it, or a second run could start beside the first."""
