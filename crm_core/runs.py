@@ -54,7 +54,7 @@ RUN_LOCK = 0x63726D6A  # 'crmj': the PostgreSQL advisory lock a `crmi run` holds
 
 
 class CoreBusy(RunError):
-    """Another ``crmi run`` (on any host) holds the core: one run at a time."""
+    """Another ``crmi run``, rollback, recovery, linkage or schema upgrade (on any host) holds the core."""
 
 
 @contextmanager
@@ -91,7 +91,9 @@ def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
                     "(SELECT oid FROM pg_database WHERE datname = current_database())"
                 ), {"key": RUN_LOCK})  # fmt: skip
                 connection.rollback()
-                raise CoreBusy(f"another run holds this core ({held_by or 'a session that has just ended'})")
+                raise CoreBusy(
+                    f"another command holds this core ({held_by or 'a session that has just ended'})"
+                )
             connection.commit()
             try:
                 yield
@@ -118,7 +120,7 @@ def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
         except BlockingIOError:
             lock.seek(0)
             raise CoreBusy(
-                f"another run holds this core ({lock.read().strip() or 'a process that has just started'}; lock file "
+                f"another command holds this core ({lock.read().strip() or 'a process that has just started'}; lock file "
                 f"{path})"
             ) from None
         try:

@@ -92,28 +92,41 @@ def _core_engine(core: str | None) -> Iterator[Any]:
         engine.dispose()
 
 
-def run_lock_holder() -> str:
+def run_lock_holder(command: str = "crmi run") -> str:
     """``crmi run on HOST (pid N)``, at most 63 characters (PostgreSQL's application_name): a long host name
     is shortened, the pid kept."""
     pid = f" (pid {os.getpid()})"
-    return f"crmi run on {socket.gethostname()}"[: 63 - len(pid)] + pid
+    return f"{command} on {socket.gethostname()}"[: 63 - len(pid)] + pid
+
+
+@contextmanager
+def _one_at_a_time(engine: Engine, command: str, then: str = "") -> Iterator[None]:
+    """Hold the core's run lock while the block runs; exit 1 naming the holder when another command has it.
+
+    ``crmi run`` and the commands that rewrite the core wholesale (rollback, recovery, linkage, schema upgrade)
+    take it: one of them at a time on a core, from any host on PostgreSQL.
+    """
+    from crm_core.runs import CoreBusy, core_run_lock
+
+    try:
+        with core_run_lock(engine, run_lock_holder(command)):
+            yield
+    except CoreBusy as exc:
+        errors.print(
+            f"[red]{escape(str(exc))}: one at a time; wait for it to end (`crmi runs list`), or stop it, then "
+            f"`{command}` again{then}[/red]"
+        )
+        raise typer.Exit(EXIT_FAILED) from None
 
 
 @contextmanager
 def _one_run_at_a_time(core: str | None) -> Iterator[None]:
-    """Hold the core's run lock while the block runs; exit 1 naming the holder when another run has it."""
-    from crm_core.runs import CoreBusy, core_run_lock
-
-    with _core_engine(core) as engine:
-        try:
-            with core_run_lock(engine, run_lock_holder()):
-                yield
-        except CoreBusy as exc:
-            errors.print(
-                f"[red]{escape(str(exc))}: one run at a time; wait for it to end (`crmi runs list`), or stop it, "
-                "then `crmi run` again (it undoes what the stopped run loaded)[/red]"
-            )
-            raise typer.Exit(EXIT_FAILED) from None
+    """Hold the core's run lock while ``crmi run`` runs (see :func:`_one_at_a_time`)."""
+    with (
+        _core_engine(core) as engine,
+        _one_at_a_time(engine, "crmi run", " (it undoes what the stopped run loaded)"),
+    ):
+        yield
 
 
 class DagsterUnreadable(RunError):
@@ -1046,7 +1059,7 @@ def runs_recover(core: CoreOption = None) -> None:
     A run whose Dagster run succeeded without a reconciliation (assets materialized from the UI) is not
     crashed: it is marked partial and keeps its changes.
     """
-    with _core_engine(core) as engine:
+    with _core_engine(core) as engine, _one_at_a_time(engine, "crmi runs recover"):
         finished, crashed = _recover_runs(engine, strict=True, say=False)
     for key in finished:
         console.print(f"run {key} ended without a reconciliation (assets materialized on their own): partial")
@@ -1091,7 +1104,7 @@ def rollback(
     from crm_core.runs import rollback_run
 
     try:
-        with _core_engine(core) as engine:
+        with _core_engine(core) as engine, _one_at_a_time(engine, "crmi rollback"):
             rolled = rollback_run(engine, run_id, cascade=cascade)
     except RunError as exc:
         errors.print(f"[red]refused:[/red] {exc}", markup=True, highlight=False)
@@ -1124,7 +1137,7 @@ def dedup_run(
         raise _config_error(exc) from None
     rules = migration.project.spec.dedup.get("customer")
     run_key = f"dedup-{uuid.uuid4()}"
-    with _core_engine(core) as engine:
+    with _core_engine(core) as engine, _one_at_a_time(engine, "crmi dedup run"):
         outcome = deduplicate_customers(
             engine, run_key, migration.project.name, spec=migration.linkage_spec,
             source_priority=list(rules.source_priority) if rules else [],
@@ -1451,7 +1464,9 @@ def dedup_evaluate(
 def core_upgrade(core: CoreOption = None) -> None:
     """Create or migrate the core database schema to the latest revision."""
     engine = make_engine(core)
-    upgrade(engine)
+    with _one_at_a_time(engine, "crmi core upgrade"):
+        upgrade(engine)
+    engine.dispose()
     console.print(f"core schema up to date at {redact_url(core_url(core))}")
 
 

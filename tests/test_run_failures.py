@@ -504,9 +504,39 @@ def test_crmi_run_refuses_while_another_run_holds_the_core(
     with core_run_lock(engine, "crmi run on other-laptop (pid 4242)"):
         result = crmi_run(project, url)
     assert result.exit_code == 1, result.output  # type: ignore[attr-defined]
-    [line] = [line for line in result.stderr.splitlines() if "another run holds this core" in line]  # type: ignore[attr-defined]
+    [line] = [line for line in result.stderr.splitlines() if "another command holds this core" in line]  # type: ignore[attr-defined]
     assert "crmi run on other-laptop (pid 4242)" in line and "one run at a time" in line
     assert content(engine) == before and statuses(engine) == ["succeeded"]
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["rollback", "1"], ["runs", "recover"], ["dedup", "run"], ["core", "upgrade"]],
+    ids=["rollback", "recover", "dedup", "upgrade"],
+)
+def test_commands_that_rewrite_the_core_wait_their_turn_too(
+    baseline: tuple[Path, Path], tmp_path: Path, command: list[str]
+) -> None:
+    """Rolling back, recovering, linking or upgrading the schema beside a run would interleave with its load:
+    each is refused while another command holds the core, naming it, and changes nothing; then it runs."""
+    project, url = from_baseline(baseline, tmp_path)
+    engine = make_engine(url)
+    before = content(engine)
+    options = ["--project", str(project)] if command[0] == "dedup" else []
+    with core_run_lock(engine, "crmi run on other-laptop (pid 4242)"):
+        refused = CliRunner().invoke(app, [*command, *options, "--core-url", url])
+    dispose_engines()
+    assert refused.exit_code == 1, refused.output
+    [line] = [line for line in refused.stderr.splitlines() if "another command holds this core" in line]
+    assert (
+        "crmi run on other-laptop (pid 4242)" in line
+        and f"`crmi {' '.join(command[: 1 if command[0] == 'rollback' else 2])}` again" in line
+    )
+    assert content(engine) == before and statuses(engine) == ["succeeded"]
+    done = CliRunner().invoke(app, [*command, *options, "--core-url", url])
+    dispose_engines()
+    assert done.exit_code == 0, done.output
     engine.dispose()
 
 
@@ -532,7 +562,7 @@ def test_the_run_lock_is_one_holder_at_a_time_and_dies_with_its_process(core_url
         try:
             assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
             refused = pytest.raises(
-                CoreBusy, match=r"another run holds this core \(crmi run on the killed laptop"
+                CoreBusy, match=r"another command holds this core \(crmi run on the killed laptop"
             )
             with refused, core_run_lock(engine, "crmi run here"):
                 pass
