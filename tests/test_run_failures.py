@@ -505,7 +505,7 @@ def test_crmi_run_refuses_while_another_run_holds_the_core(
         result = crmi_run(project, url)
     assert result.exit_code == 1, result.output  # type: ignore[attr-defined]
     [line] = [line for line in result.stderr.splitlines() if "another command holds this core" in line]  # type: ignore[attr-defined]
-    assert "crmi run on other-laptop (pid 4242)" in line and "one run at a time" in line
+    assert "crmi run on other-laptop (pid 4242)" in line and "one at a time" in line
     assert content(engine) == before and statuses(engine) == ["succeeded"]
     engine.dispose()
 
