@@ -113,8 +113,8 @@ def _convert(node: yaml.Node, path: DocPath, doc: LocatedDocument, problems: lis
     return yaml.SafeLoader.construct_object(_Loader(""), node)
 
 
-def _model_at(model: Any, path: Sequence[str | int]) -> type[BaseModel] | None:
-    """Return the pydantic model that validates the mapping found at ``path``, if it can be told."""
+def _annotation_at(model: Any, path: Sequence[str | int]) -> Any:
+    """Return the type annotation that validates the value found at ``path``, if it can be told."""
     current: Any = model
     for part in path:
         current = _unwrap_model(current)
@@ -130,8 +130,25 @@ def _model_at(model: Any, path: Sequence[str | int]) -> type[BaseModel] | None:
         else:
             args = typing.get_args(current)
             current = args[-1] if args else None
-    found = _unwrap_model(current)
+    return current
+
+
+def _model_at(model: Any, path: Sequence[str | int]) -> type[BaseModel] | None:
+    """Return the pydantic model that validates the mapping found at ``path``, if it can be told."""
+    found = _unwrap_model(_annotation_at(model, path))
     return found if isinstance(found, type) and issubclass(found, BaseModel) else None
+
+
+def _union_tags(annotation: Any, key: str) -> list[str]:
+    """Return the values of the discriminator ``key`` that the members of a tagged union accept."""
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    tags: list[str] = []
+    for member in typing.get_args(annotation) if union else (annotation,):
+        if isinstance(member, type) and issubclass(member, BaseModel) and key in member.model_fields:
+            tags.extend(str(v) for v in typing.get_args(member.model_fields[key].annotation))
+    return tags
 
 
 def _unwrap_model(annotation: Any) -> Any:
@@ -224,6 +241,24 @@ def pydantic_problems(
                     f"'{tag}' is not allowed{close_names(tag, options)}; allowed: {', '.join(options)}",
                 )
             )
+        elif kind == "union_tag_not_found":
+            # The key that picks the kind (e.g. a source's `connector`) is absent, often misspelled.
+            key = str((error.get("ctx") or {}).get("discriminator", "")).strip("'")
+            tags = _union_tags(_annotation_at(model, path), key)
+            listing = f"; allowed: {', '.join(tags)}" if tags else ""
+            found, container = True, doc.data
+            for part in path:
+                found, container = _child(container, part) if found else (False, None)
+            written = [str(k) for k in container] if found and isinstance(container, dict) else []
+            near = difflib.get_close_matches(key, written, n=1, cutoff=0.6)
+            if near:
+                problems.append(doc.problem(
+                    (*path, near[0]), f"unknown key '{near[0]}'; did you mean '{key}'?{listing}", at_key=True
+                ))  # fmt: skip
+            else:
+                problems.append(
+                    doc.problem((*path, key), f"missing required key '{key}'{listing}", at_key=True)
+                )
         elif kind == "missing":
             problems.append(doc.problem(path, f"missing required key '{path[-1]}'", at_key=True))
         else:
