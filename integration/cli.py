@@ -659,9 +659,9 @@ def _report_success(
     for column in ("source", "entity", "read", "loaded", "merged", "rejected", "held", "warnings", "amount source",
                    "amount core", "quarantined", "amount quarantined", "keys missing", "spot check", "ok"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("source", "entity") else "right")
-    for line in report.lines:
+    for line, label in zip(report.lines, report.labels(), strict=True):
         table.add_row(
-            line.source, line.entity, str(line.rows_read), str(line.loaded), str(line.merged), str(line.rejected),
+            label, line.entity, str(line.rows_read), str(line.loaded), str(line.merged), str(line.rejected),
             str(line.held), str(line.warnings), "" if line.amount_source is None else f"{line.amount_source:,.2f}",
             "" if line.amount_core is None else f"{line.amount_core:,.2f}",
             f"{line.quarantined} ({line.quarantined_share:.1%})",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -1325,6 +1326,20 @@ class ReconciliationReport:
             for line in self.lines if line.unchanged_since
         ]  # fmt: skip
 
+    def labels(self) -> list[str]:
+        """Return each line's source, with its mapping file when another line has the same source and entity.
+
+        A fix sheet re-imported with ``system:`` (or a second sheet of one workbook) reads the same source for
+        the same entity: without the mapping the two lines could not be told apart.
+        """
+        seen = Counter((line.source, line.entity) for line in self.lines)
+        return [
+            f"{line.source} ({line.mapping})"
+            if seen[(line.source, line.entity)] > 1 and line.mapping
+            else line.source
+            for line in self.lines
+        ]
+
     def verdict(self) -> str:
         """Return the one-line summary: clean only when nothing at all is quarantined."""
         if not self.balanced:
@@ -1358,9 +1373,9 @@ class ReconciliationReport:
             "| quarantined | amount quarantined | keys missing | spot check | ok |"
         )
         rows = [header, "|" + "---|" * 15]
-        for line in self.lines:
+        for line, label in zip(self.lines, self.labels(), strict=True):
             rows.append(
-                f"| {line.source} | {line.entity} | {line.rows_read} | {line.loaded} | {line.merged} | {line.rejected} "
+                f"| {label} | {line.entity} | {line.rows_read} | {line.loaded} | {line.merged} | {line.rejected} "
                 f"| {line.held} | {line.warnings} | {_money(line.amount_source)} | {_money(line.amount_core)} "
                 f"| {line.quarantined} ({line.quarantined_share:.1%}) | {_money(line.amount_quarantined)} "
                 f"| {line.keys_missing} | {line.spot_checked - line.spot_mismatches}/{line.spot_checked} "

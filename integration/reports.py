@@ -93,14 +93,14 @@ def line_problems(line: ReconciliationLine) -> list[str]:
 def quarantine_notes(report: ReconciliationReport) -> list[str]:
     """Return one line per source and entity that loaded but left rows (and money) in quarantine."""
     notes = []
-    for line in report.lines:
+    for line, label in zip(report.lines, report.labels(), strict=True):
         if not line.quarantined:
             continue
         money = f" carrying {_money(line.amount_quarantined)}" if line.amount_quarantined else ""
         unreadable = f" ({line.amount_unreadable} with no readable amount)" if line.amount_unreadable else ""
         held = f", {line.held} waiting for a steward (`crmi dedup review`)" if line.held else ""
         notes.append(
-            f"{line.source}/{line.entity}: {line.quarantined} row(s){money}{unreadable} quarantined "
+            f"{label}/{line.entity}: {line.quarantined} row(s){money}{unreadable} quarantined "
             f"({line.quarantined_share:.1%}){held}"
         )
     return notes
@@ -109,8 +109,8 @@ def quarantine_notes(report: ReconciliationReport) -> list[str]:
 def unbalanced_reasons(report: ReconciliationReport) -> list[str]:
     """Return one line per source and entity that fails (does not balance, or quarantines too much), saying why."""
     return [
-        f"{line.source}/{line.entity}: {'; '.join(line_problems(line))}"
-        for line in report.lines
+        f"{label}/{line.entity}: {'; '.join(line_problems(line))}"
+        for line, label in zip(report.lines, report.labels(), strict=True)
         if line.status == "failed"
     ]
 

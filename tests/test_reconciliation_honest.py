@@ -8,6 +8,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import openpyxl
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
@@ -17,7 +18,15 @@ from crm_core.models import LoadRun
 from integration.cli import app
 from integration.connectors.base import ROW_KIND
 from integration.mappings.transforms import TransformFailure, parse_amount_value
-from integration.pipeline import Migration, ReconciliationLine, extract, load, reconcile, stage
+from integration.pipeline import (
+    Migration,
+    ReconciliationLine,
+    ReconciliationReport,
+    extract,
+    load,
+    reconcile,
+    stage,
+)
 from integration.reports import quarantine_notes, unbalanced_reasons
 
 
@@ -113,6 +122,33 @@ def test_only_a_run_with_nothing_quarantined_says_every_row_is_loaded() -> None:
                                 amount_loaded=Decimal(50), amount_quarantined=Decimal(50),
                                 max_quarantined_share=0.05)  # fmt: skip
     assert costly.balanced and costly.quarantined_share == 0.5 and costly.status == "failed"
+
+
+def test_a_fix_sheet_line_is_told_apart_from_its_source_line_by_its_mapping() -> None:
+    # The README's fix sheet re-import files its rows under the original source (`system: sales_xlsx`):
+    # both lines read sales_xlsx → opportunity and were printed alike, in the table and in why the run fails.
+    def line(mapping: str, read: int, rejected: int) -> ReconciliationLine:
+        return ReconciliationLine("sales_xlsx", "opportunity", read, read - rejected, 0, rejected, 0, None, None,
+                                  max_quarantined_share=0.05, mapping=mapping)  # fmt: skip
+
+    report = ReconciliationReport(
+        "r1",
+        [line("sales_xlsx_opportunities", 5, 2), line("sales_xlsx_opportunities_fixed", 2, 1),
+         ReconciliationLine("legacy_crm", "customer", 3, 2, 0, 1, 0, None, None, max_quarantined_share=0.05,
+                            mapping="legacy_crm_accounts")],
+        pd.DataFrame(), {},
+    )  # fmt: skip
+    assert report.labels() == [
+        "sales_xlsx (sales_xlsx_opportunities)", "sales_xlsx (sales_xlsx_opportunities_fixed)", "legacy_crm",
+    ]  # fmt: skip
+    assert "| sales_xlsx (sales_xlsx_opportunities_fixed) | opportunity | 2 |" in report.to_markdown()
+    assert [n.split(":")[0] for n in quarantine_notes(report)] == [
+        "sales_xlsx (sales_xlsx_opportunities)/opportunity", "sales_xlsx (sales_xlsx_opportunities_fixed)/opportunity",
+        "legacy_crm/customer",
+    ]  # fmt: skip
+    assert unbalanced_reasons(report)[1].startswith(
+        "sales_xlsx (sales_xlsx_opportunities_fixed)/opportunity: 1 of 2"
+    )
 
 
 @pytest.mark.slow
