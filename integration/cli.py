@@ -917,6 +917,16 @@ def mapping_scaffold(
     if out.exists():
         errors.print(f"{out} exists; not overwriting it")
         raise typer.Exit(EXIT_FAILED)
+    if not out.parent.is_dir():
+        # A relative --out is taken from the working directory, not from the project folder.
+        suggestion = migration.project.root / "mappings" / out.name
+        errors.print(
+            f"{out}: no folder {out.parent.resolve()} (a relative --out is taken from the working directory, "
+            f"{Path.cwd()}); write it into the project, e.g. --out {suggestion}",
+            markup=False,
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_FAILED)
     out.write_text(text, encoding="utf-8")
     console.print(f"wrote {out}; check it with: crmi mapping check {out}")
 

@@ -57,6 +57,24 @@ def test_scaffold_guesses_fields_and_writes_a_mapping_that_checks(
     assert again.exit_code == 1 and "exists; not overwriting it" in again.output
 
 
+def test_scaffold_out_into_a_folder_missing_here_says_where_it_looked(
+    demo_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # README: `crmi mapping scaffold --source S --table T --out mappings/s_t.yaml`, run from the repository
+    # root with --project: there is no ./mappings there, and the command ended in a FileNotFoundError traceback.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(app, ["mapping", "scaffold", "--project", str(demo_project), "--source", "legacy_crm",
+                                 "--table", "accounts", "--out", "mappings/legacy_crm_accounts.yaml"])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    message = " ".join(result.output.split())
+    assert f"no folder {elsewhere / 'mappings'}" in message
+    assert f"--out {demo_project / 'mappings' / 'legacy_crm_accounts.yaml'}" in message
+    assert not (elsewhere / "mappings").exists()
+
+
 def test_scaffold_lookups_and_transforms_fit_the_columns(demo_project: Path) -> None:
     result = runner.invoke(
         app,
