@@ -658,7 +658,11 @@ def _report_success(
     table = Table(title=f"Reconciliation of {mode} run {run_id[:8]}")
     for column in ("source", "entity", "read", "loaded", "merged", "rejected", "held", "warnings", "amount source",
                    "amount core", "quarantined", "amount quarantined", "keys missing", "spot check", "ok"):  # fmt: skip
-        table.add_column(column, justify="left" if column in ("source", "entity") else "right")
+        table.add_column(
+            column,
+            justify="left" if column in ("source", "entity") else "right",
+            overflow="fold" if column == "source" else "ellipsis",  # a line's mapping name tells it apart
+        )
     for line, label in zip(report.lines, report.labels(), strict=True):
         table.add_row(
             label, line.entity, str(line.rows_read), str(line.loaded), str(line.merged), str(line.rejected),

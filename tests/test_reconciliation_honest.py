@@ -3,6 +3,7 @@ run that leaves too much of it in quarantine fails (exit 2, the asset check) ins
 
 from __future__ import annotations
 
+import io
 import json
 from decimal import Decimal
 from pathlib import Path
@@ -11,10 +12,12 @@ import openpyxl
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from rich.console import Console
 from typer.testing import CliRunner
 
 from crm_core.db import make_engine, upgrade
 from crm_core.models import LoadRun
+from integration import cli
 from integration.cli import app
 from integration.connectors.base import ROW_KIND
 from integration.mappings.transforms import TransformFailure, parse_amount_value
@@ -124,20 +127,26 @@ def test_only_a_run_with_nothing_quarantined_says_every_row_is_loaded() -> None:
     assert costly.balanced and costly.quarantined_share == 0.5 and costly.status == "failed"
 
 
-def test_a_fix_sheet_line_is_told_apart_from_its_source_line_by_its_mapping() -> None:
-    # The README's fix sheet re-import files its rows under the original source (`system: sales_xlsx`):
-    # both lines read sales_xlsx → opportunity and were printed alike, in the table and in why the run fails.
+def fix_sheet_report() -> ReconciliationReport:
+    """A run with a fix sheet re-imported as the README says: two lines read sales_xlsx → opportunity."""
+
     def line(mapping: str, read: int, rejected: int) -> ReconciliationLine:
         return ReconciliationLine("sales_xlsx", "opportunity", read, read - rejected, 0, rejected, 0, None, None,
                                   max_quarantined_share=0.05, mapping=mapping)  # fmt: skip
 
-    report = ReconciliationReport(
+    return ReconciliationReport(
         "r1",
         [line("sales_xlsx_opportunities", 5, 2), line("sales_xlsx_opportunities_fixed", 2, 1),
          ReconciliationLine("legacy_crm", "customer", 3, 2, 0, 1, 0, None, None, max_quarantined_share=0.05,
                             mapping="legacy_crm_accounts")],
         pd.DataFrame(), {},
     )  # fmt: skip
+
+
+def test_a_fix_sheet_line_is_told_apart_from_its_source_line_by_its_mapping() -> None:
+    # The README's fix sheet re-import files its rows under the original source (`system: sales_xlsx`):
+    # both lines read sales_xlsx → opportunity and were printed alike, in the table and in why the run fails.
+    report = fix_sheet_report()
     assert report.labels() == [
         "sales_xlsx (sales_xlsx_opportunities)", "sales_xlsx (sales_xlsx_opportunities_fixed)", "legacy_crm",
     ]  # fmt: skip
@@ -149,6 +158,22 @@ def test_a_fix_sheet_line_is_told_apart_from_its_source_line_by_its_mapping() ->
     assert unbalanced_reasons(report)[1].startswith(
         "sales_xlsx (sales_xlsx_opportunities_fixed)/opportunity: 1 of 2"
     )
+
+
+def test_crmi_run_table_prints_each_lines_mapping_whole(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The table's source column cut "sales_xlsx (sales_xlsx_opportunities_fixed)" to "(sales_xl…" on both lines.
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(width=160, file=out))
+    monkeypatch.setattr(cli, "_converted_amounts", lambda core: "")
+    monkeypatch.chdir(tmp_path)
+    timing = {"phases": [], "seconds_total": 1.0, "rows_read": 10, "rows_per_second": 10.0}
+    cli._report_success("r1", fix_sheet_report(), "sqlite://", "full", timing, False)
+    first_column = "".join(
+        row.split("│")[1].strip() for row in out.getvalue().splitlines() if row.startswith("│")
+    )
+    assert "sales_xlsx(sales_xlsx_opportunities)sales_xlsx(sales_xlsx_opportunities_fixed)" in first_column
 
 
 @pytest.mark.slow
