@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from crm_core.errors import ConfigError, ExtractError
+from crm_core.errors import ConfigError, ExtractError, TransientExtractError
 from integration.connectors.sql import SqlConnector
 from integration.pipeline import Migration
 from integration.project import load_project
@@ -138,6 +138,17 @@ def test_unreachable_source_names_the_source_and_hides_the_password() -> None:
     )
     assert "check the server is reachable" in message
     assert "s3cret-pw" not in message
+
+
+def test_a_missing_sqlite_source_file_is_named_and_not_created(tmp_path: Path) -> None:
+    # A typo in a sqlite:/// path: SQLite created an empty file and said "table 'accounts' does not exist
+    # …; tables: " (none), or, in a missing folder, "check the server is reachable and the credentials".
+    for db in (tmp_path / "legacy.sqlite", tmp_path / "data" / "legacy.sqlite"):
+        with pytest.raises(ExtractError) as caught:
+            SqlConnector("crm", f"sqlite:///{db}").columns("accounts")
+        assert str(caught.value).startswith(f"source 'crm': no SQLite database file {db};")
+        assert not isinstance(caught.value, TransientExtractError)
+        assert not db.exists()
 
 
 def test_unknown_table_lists_what_exists(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import re
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
@@ -99,6 +100,17 @@ class SqlConnector:
         """Return the (lazily created) engine."""
         if self._engine is None:
             try:
+                url = sa.engine.make_url(self._url)
+                database = (
+                    url.database if url.get_backend_name() == "sqlite" and not url.query.get("uri") else None
+                )
+                if database not in (None, "", ":memory:") and not Path(str(database)).is_file():
+                    # SQLite would create an empty file and report its tables as none.
+                    raise ExtractError(
+                        self.name,
+                        f"no SQLite database file {Path(str(database)).resolve()}; check the source's url in "
+                        "project.yaml (sqlite:///relative/path is read from the project folder)",
+                    )
                 self._engine = sa.create_engine(self._url, pool_pre_ping=True)
             except (SQLAlchemyError, ImportError, ValueError) as exc:
                 raise ExtractError(
