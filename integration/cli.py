@@ -77,10 +77,28 @@ def _config_error(exc: ConfigError) -> typer.Exit:
 
 
 @contextmanager
-def _core_engine(core: str | None) -> Iterator[Any]:
-    """Yield an engine for the core (schema migrated) and close its connections afterwards."""
+def _core_engine(core: str | None, *, create: bool = False) -> Iterator[Any]:
+    """Yield an engine for the core (schema migrated) and close its connections afterwards.
+
+    Only ``crmi run`` (``create``) makes a SQLite core that does not exist: any other command run from the wrong
+    folder would make an empty ``var/crm_core.sqlite`` there and report on it (no runs, no merges) as if it
+    were the engagement's core.
+    """
+    from sqlalchemy.engine import make_url
+
     from integration.pipeline import core_engine
 
+    if not create:
+        url = make_url(core_url(core))
+        database = url.database if url.get_backend_name() == "sqlite" else None
+        if database and database != ":memory:" and not url.query.get("mode") and not Path(database).is_file():
+            errors.print(
+                f"[red]error:[/red] no core database at {escape(str(Path(database).resolve()))}: `crmi run` creates it; "
+                "run this from the project's folder (the default core is var/crm_core.sqlite under it), or name the "
+                "core with --core-url or CRM_CORE_URL",
+                highlight=False,
+            )
+            raise typer.Exit(EXIT_FAILED)
     try:
         engine = core_engine(core)
     except CrmError as exc:  # e.g. a core at an older schema revision: one line naming `crmi core upgrade`
@@ -415,7 +433,7 @@ def run(
                 raise _config_error(exc) from None
             job = defs.resolve_job_def(TRIAL_JOB if trial else DELTA_JOB if delta else MIGRATION_JOB)
         # Outside the start-up: undoing a crashed load is bulk work, its garbage must be collected.
-        with _core_engine(core) as engine:
+        with _core_engine(core, create=True) as engine:
             if not settled:
                 _recover_runs(engine)
             _refuse_beside_live_runs(engine)
@@ -444,7 +462,7 @@ def run(
             _report_failure(result, core, options.mode, timing, as_json)
             raise typer.Exit(EXIT_FAILED)
         limit = load_project(project).spec.reconciliation.max_quarantined_share
-        with _core_engine(core) as engine:
+        with _core_engine(core, create=True) as engine:
             report = reconcile(engine, result.run_id, max_quarantined_share=limit)
         _report_success(result.run_id, report, core, options.mode, timing, as_json)
         raise typer.Exit(EXIT_OK if report.acceptable else EXIT_UNBALANCED)
@@ -481,7 +499,7 @@ def _report_if_nothing_changed(
         migration = Migration.load(str(Path(project_dir(project)).resolve()))
     except ConfigError:
         return False
-    with _core_engine(core) as engine:
+    with _core_engine(core, create=True) as engine:
         _recover_runs(engine)
         try:
             last = nothing_changed(engine, migration)
@@ -556,7 +574,7 @@ def _report_failure(result: Any, core: str | None, mode: str, timing: dict[str, 
     # The failing step undoes the run itself; this covers a failure Dagster raised around the step.
     status, undo_error = "unknown", None
     try:
-        with _core_engine(core) as engine:
+        with _core_engine(core, create=True) as engine:
             abort_run(engine, result.run_id)
             with session_factory(engine)() as session:
                 query = select(LoadRun.status).where(LoadRun.run_key == result.run_id)

@@ -316,3 +316,19 @@ def test_the_trial_job_in_the_ui_loads_into_a_scratch_core_not_the_real_one(
         with engine.connect() as connection:
             assert connection.scalar(sa.select(sa.func.count()).select_from(LoadRun)) == 0
         engine.dispose()
+
+
+def test_no_command_but_run_makes_a_core_where_there_is_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run from the wrong folder, `crmi runs list` made an empty var/crm_core.sqlite there and listed no runs,
+    as if the engagement had none; every command but `crmi run` now says where it looked and changes nothing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CRM_CORE_URL", raising=False)
+    elsewhere = f"sqlite:///{tmp_path / 'typo' / 'core.sqlite'}"
+    for command in (["runs", "list"], ["runs", "recover"], ["rollback", "1"], ["dedup", "review"],
+                    ["dedup", "merges"], ["runs", "list", "--core-url", elsewhere]):  # fmt: skip
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 1, (command, result.output)
+        assert "no core database at" in result.stderr and "`crmi run` creates it" in result.stderr, command
+    assert not (tmp_path / "var").exists() and not (tmp_path / "typo").exists()
