@@ -141,7 +141,7 @@ def _one_at_a_time(engine: Engine, command: str, then: str = "") -> Iterator[Non
 def _one_run_at_a_time(core: str | None) -> Iterator[None]:
     """Hold the core's run lock while ``crmi run`` runs (see :func:`_one_at_a_time`)."""
     with (
-        _core_engine(core) as engine,
+        _core_engine(core, create=True) as engine,
         _one_at_a_time(engine, "crmi run", " (it undoes what the stopped run loaded)"),
     ):
         yield
