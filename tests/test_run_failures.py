@@ -494,36 +494,21 @@ def test_crmi_run_refuses_to_load_beside_a_run_still_loading(
     engine.dispose()
 
 
-def test_crmi_run_refuses_while_another_run_holds_the_core(
-    baseline: tuple[Path, Path], tmp_path: Path
-) -> None:
-    """A run from another host holds the core's run lock: `crmi run` names it and exits 1, loading nothing."""
-    project, url = from_baseline(baseline, tmp_path)
-    engine = make_engine(url)
-    before = content(engine)
-    with core_run_lock(engine, "crmi run on other-laptop (pid 4242)"):
-        result = crmi_run(project, url)
-    assert result.exit_code == 1, result.output  # type: ignore[attr-defined]
-    [line] = [line for line in result.stderr.splitlines() if "another command holds this core" in line]  # type: ignore[attr-defined]
-    assert "crmi run on other-laptop (pid 4242)" in line and "one at a time" in line
-    assert content(engine) == before and statuses(engine) == ["succeeded"]
-    engine.dispose()
-
-
 @pytest.mark.parametrize(
     "command",
-    [["rollback", "1"], ["runs", "recover"], ["dedup", "run"], ["core", "upgrade"]],
-    ids=["rollback", "recover", "dedup", "upgrade"],
+    [["run"], ["rollback", "1"], ["runs", "recover"], ["dedup", "run"], ["core", "upgrade"]],
+    ids=["run", "rollback", "recover", "dedup", "upgrade"],
 )
 def test_commands_that_rewrite_the_core_wait_their_turn_too(
     baseline: tuple[Path, Path], tmp_path: Path, command: list[str]
 ) -> None:
-    """Rolling back, recovering, linking or upgrading the schema beside a run would interleave with its load:
-    each is refused while another command holds the core, naming it, and changes nothing; then it runs."""
+    """A second run, or rolling back, recovering, linking or upgrading the schema beside a run, would interleave
+    with its load: each is refused while another command (here from another host) holds the core, naming it, and
+    changes nothing; then it runs."""
     project, url = from_baseline(baseline, tmp_path)
     engine = make_engine(url)
     before = content(engine)
-    options = ["--project", str(project)] if command[0] == "dedup" else []
+    options = ["--project", str(project)] if command[0] in ("run", "dedup") else []
     with core_run_lock(engine, "crmi run on other-laptop (pid 4242)"):
         refused = CliRunner().invoke(app, [*command, *options, "--core-url", url])
     dispose_engines()
