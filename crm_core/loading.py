@@ -446,6 +446,29 @@ def _python(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _reject_key(value: Any) -> str | None:
+    """Return a row's crosswalk key as a reject records it: None when it has none, or one no crosswalk holds."""
+    if not _present(value):
+        return None
+    key = str(value)
+    return key if len(key) <= 255 else None  # external_ids.external_key holds 255 characters
+
+
+def _reject_amount(value: Any) -> Decimal | None:
+    """Return a row's mapped amount as a reject records it: a number, else None (missing or unreadable)."""
+    if not _present(value):
+        return None
+    try:
+        amount = value if isinstance(value, Decimal) else Decimal(str(value))
+    except (ArithmeticError, ValueError):
+        return None
+    # What Numeric(18, 2) holds: a larger amount (rejected for being one, say) is recorded as unknown.
+    return amount if amount.is_finite() and abs(amount) < _REJECT_AMOUNT_LIMIT else None
+
+
+_REJECT_AMOUNT_LIMIT = Decimal(10) ** 16
+
+
 def _present(value: Any) -> bool:
     return (
         value is not None
@@ -642,7 +665,7 @@ class EntityLoader:
         self._shared_values: dict[tuple[str, str], dict[int, set[Any]]] = {}
         self._shared_books: dict[tuple[str, str], dict[Any, set[int]]] = {}
         # Self-references (a branch's parent): (source, location, row ref, own key, field, value, lookup).
-        self._pending_self_refs: list[tuple[str, str | None, str, str, str, Any, Lookup]] = []
+        self._pending_self_refs: list[tuple[str, str | None, str, str, str, Any, Lookup, str]] = []
         # The rows as read of the pending self-references whose target was not loaded yet when their batch
         # (or piece) was: they are resolved after the last one, when ``_raw`` holds another's rows.
         self._self_ref_rows: dict[int, dict[str, Any] | None] = {}
@@ -1355,13 +1378,19 @@ class EntityLoader:
         rule: str,
         reason: str,
         severity: str = "error",
+        *,
+        mapping: str,
+        key: Any = None,
+        amount: Any = None,
     ) -> None:
+        """Record a quarantine entry; ``key`` and ``amount``: the row's crosswalk key and mapped amount, if known."""
         where = str(location) if location is not None else None
         self._rejects.append({
             "load_run_id": self._run_id, "source": source, "entity": self.entity.name, "location": where,
             "row_ref": str(row_ref), "field": field_name, "value": None if value is None else str(value)[:2000],
             "rule": rule, "reason": reason, "severity": severity, "raw_row": (where, str(row_ref)),
-            "created_at": self._now,
+            "created_at": self._now, "mapping": mapping, "external_key": _reject_key(key),
+            "amount": _reject_amount(amount),
         })  # fmt: skip
 
     def _load_batch(self, batch: Batch, loaded_ids: list[int]) -> SourceStats:
@@ -1378,7 +1407,8 @@ class EntityLoader:
         for entry in batch.rejects.to_dict("records"):
             severity = entry.get("severity") or "error"
             self._reject(batch.source, entry["location"], entry["row_ref"], entry["field"], entry["value"],
-                         entry["rule"], entry["reason"], severity)  # fmt: skip
+                         entry["rule"], entry["reason"], severity, mapping=batch.mapping,
+                         key=entry.get("external_key"), amount=entry.get("amount"))  # fmt: skip
             if severity == "error":
                 row = f"{entry['location']}\x00{entry['row_ref']}"
                 mapping_rejected.add(row)
@@ -1439,11 +1469,13 @@ class EntityLoader:
                         continue
                 errors = row_errors.get(position, [])
                 rejected = any(p["severity"] == "error" for p in errors)
+                row_amount = chunk_values[position - start].get(amount_field) if amount_field else None
                 for problem in errors:
                     if rejected and problem["severity"] == HELD:
                         continue  # rejected anyway: no steward decision makes it loadable
                     self._reject(batch.source, locations[position], refs[position], problem["field"],
-                                 problem["value"], "reference", problem["reason"], problem["severity"])  # fmt: skip
+                                 problem["value"], "reference", problem["reason"], problem["severity"],
+                                 mapping=batch.mapping, key=keys[position], amount=row_amount)  # fmt: skip
                 if rejected:
                     stats.rejected += 1
                     self._quarantined_amount(stats, chunk_values[position - start], amount_field)
@@ -1464,7 +1496,8 @@ class EntityLoader:
                 stage = values.get("stage")
                 if stage is not None and not self._valid_stage(stage):
                     self._reject(batch.source, locations[position], refs[position], "stage", stage,
-                                 "reference", f"unknown stage code {stage!s}")  # fmt: skip
+                                 "reference", f"unknown stage code {stage!s}", mapping=batch.mapping,
+                                 key=keys[position], amount=values.get(amount_field) if amount_field else None)  # fmt: skip
                     stats.rejected += 1
                     self._quarantined_amount(stats, values, amount_field)
                     continue
@@ -1472,7 +1505,7 @@ class EntityLoader:
                     if _present(parents[position]):
                         lookup = batch.lookups.get(name, Lookup())
                         self._pending_self_refs.append((batch.source, locations[position], str(refs[position]),
-                                                        keys[position], name, parents[position], lookup))  # fmt: skip
+                                                        keys[position], name, parents[position], lookup, batch.mapping))  # fmt: skip
                 outcome, entity_id = self._upsert(
                     batch.source, keys[position], values, digests[position - start], stop - position,
                     row_keys[position - start],
@@ -1601,7 +1634,7 @@ class EntityLoader:
                     if _present(parents[current]):
                         lookup = batch.lookups.get(name, Lookup())
                         self._pending_self_refs.append((source, locations[current], str(refs[current]),
-                                                        keys[current], name, parents[current], lookup))  # fmt: skip
+                                                        keys[current], name, parents[current], lookup, batch.mapping))  # fmt: skip
         new = [p for p in range(position, end) if kinds[p - start] == _NEW]
         new_ids = iter(self._insert_new(source, columns, fields, keys, digests, row_keys, new, start, stop))
         crosswalk = self._crosswalk
@@ -1706,13 +1739,13 @@ class EntityLoader:
         if not added or self._raw.frame is None:
             return
         wanted: dict[str, set[str]] = defaultdict(set)
-        for source, _, _, _, _, value, lookup in added:
+        for source, _, _, _, _, value, lookup, _ in added:
             wanted[lookup.system or source].add(str(value))
         known = {
             system: self._crosswalk_ids(self.entity.name, system, keys) for system, keys in wanted.items()
         }
         unresolved = [
-            start + i for i, (source, _, _, _, _, value, lookup) in enumerate(added)
+            start + i for i, (source, _, _, _, _, value, lookup, _) in enumerate(added)
             if str(value) not in known[lookup.system or source]
         ]  # fmt: skip
         rows = self._raw.many([self._pending_self_refs[i][1:3] for i in unresolved])
@@ -2008,13 +2041,15 @@ class EntityLoader:
             return
         by_system: dict[str, set[str]] = defaultdict(set)
         own_keys: dict[str, set[str]] = defaultdict(set)
-        for source, _, _, key, _, value, lookup in self._pending_self_refs:
+        for source, _, _, key, _, value, lookup, _ in self._pending_self_refs:
             own_keys[source].add(key)
             by_system[lookup.system or source].add(str(value))
         own = {s: self._crosswalk_ids(self.entity.name, s, k) for s, k in own_keys.items()}
         targets = {s: self._crosswalk_ids(self.entity.name, s, k) for s, k in by_system.items()}
         wanted: dict[int, dict[str, int]] = defaultdict(dict)
-        for index, (source, location, ref, key, name, value, lookup) in enumerate(self._pending_self_refs):
+        for index, (source, location, ref, key, name, value, lookup, mapping) in enumerate(
+            self._pending_self_refs
+        ):
             system = lookup.system or source
             own_id = own[source].get(key)
             if own_id is None:
@@ -2023,7 +2058,8 @@ class EntityLoader:
             target_id = targets[system].get(str(value))
             if target_id is None:
                 self._reject(source, location, ref, name, value, "reference",
-                             f"{self.entity.name} with {system} key '{value}' not found", "warn")  # fmt: skip
+                             f"{self.entity.name} with {system} key '{value}' not found", "warn",
+                             mapping=mapping, key=key)  # fmt: skip
                 if index in self._self_ref_rows:
                     self._rejects[-1]["raw_row"] = self._self_ref_rows[index]
             elif target_id != record_id:

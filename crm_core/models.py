@@ -147,6 +147,11 @@ class Reject(Base):
     severity: Mapped[str] = mapped_column(String(8), default="error")  # error: not loaded; warn: loaded
     raw_row: Mapped[dict[str, Any] | None]  # the source row as read, so it can be fixed and re-imported
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
+    # The mapping that read the row, its crosswalk key when it had one (a correction loaded under that key
+    # makes the reject "corrected", see integration.pipeline.reconcile) and its mapped amount when readable.
+    mapping: Mapped[str | None] = mapped_column(String(128))
+    external_key: Mapped[str | None] = mapped_column(String(255))
+    amount: Mapped[Decimal | None] = mapped_column(Numeric(18, 2))
 
 
 class ExternalId(Base):

@@ -646,7 +646,7 @@ def _report_success(
     run_id: str, report: Any, core: str | None, mode: str, timing: dict[str, Any], as_json: bool
 ) -> None:
     """Print the reconciliation, the time per phase, and why the run does not balance if it does not."""
-    from integration.pipeline import STATUS_MARK
+    from integration.pipeline import STATUS_MARK, corrected_text
     from integration.reports import quarantine_notes, unbalanced_reasons
 
     location = redact_url(core_url(core))
@@ -662,6 +662,7 @@ def _report_success(
             "verdict": report.verdict(),
             "quarantined_rows": report.quarantined_rows,
             "quarantined_amount": str(report.quarantined_amount),
+            "corrected_rows": report.corrected_rows,
             "max_quarantined_share": report.max_quarantined_share,
             "unbalanced": reasons,
             "core": location,
@@ -675,7 +676,7 @@ def _report_success(
         return
     table = Table(title=f"Reconciliation of {mode} run {run_id[:8]}")
     for column in ("source", "entity", "read", "loaded", "merged", "rejected", "held", "warnings", "amount source",
-                   "amount core", "quarantined", "amount quarantined", "keys missing", "spot check", "ok"):  # fmt: skip
+                   "amount core", "quarantined", "amount quarantined", "corrected", "keys missing", "spot check", "ok"):  # fmt: skip
         table.add_column(
             column,
             justify="left" if column in ("source", "entity") else "right",
@@ -687,7 +688,8 @@ def _report_success(
             str(line.held), str(line.warnings), "" if line.amount_source is None else f"{line.amount_source:,.2f}",
             "" if line.amount_core is None else f"{line.amount_core:,.2f}",
             f"{line.quarantined} ({line.quarantined_share:.1%})",
-            "" if line.amount_quarantined is None else f"{line.amount_quarantined:,.2f}", str(line.keys_missing),
+            "" if line.amount_in_quarantine is None else f"{line.amount_in_quarantine:,.2f}", corrected_text(line),
+            str(line.keys_missing),
             f"{line.spot_checked - line.spot_mismatches}/{line.spot_checked}", STATUS_MARK[line.status],
         )  # fmt: skip
     console.print(table)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, and_, case, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -39,7 +39,7 @@ from crm_core.loading import (
     get_or_start_run,
     row_hash,
 )
-from crm_core.models import Customer, LoadRun, MergeLog, Reject
+from crm_core.models import Customer, ExternalId, LoadRun, MergeLog, Reject
 from crm_core.runs import PARTIAL, owner
 from crm_core.validation import Rule, RuleContext, one_of, ruleset, validate
 from crm_core.watermarks import CursorState, advance, plain_cursor, read_watermark
@@ -555,12 +555,15 @@ def quarantine(
     if violations.empty:
         return records, violations.iloc[0:0]
     rows = records.loc[violations["index"]]
+    amount = mapping.entity.amount_field
     entries = pd.DataFrame({
         "source": crosswalk_system(mapping), "entity": mapping.entity.name,
         "location": rows[LOCATION].astype(str).to_numpy(), "row_ref": rows[ROW_REF].astype(str).to_numpy(),
         "field": violations["field"].to_numpy(), "value": violations["value"].to_numpy(),
         "rule": violations["rule"].to_numpy(), "reason": violations["reason"].to_numpy(),
         "severity": violations["severity"].to_numpy(),
+        "external_key": rows[EXTERNAL_KEY].to_numpy() if EXTERNAL_KEY in rows else None,
+        "amount": rows[amount].to_numpy() if amount is not None and amount in rows else None,
     })  # fmt: skip
     failed = records.index.isin(violations.loc[violations["severity"] == "error", "index"])
     return records.loc[~failed].reset_index(drop=True), entries
@@ -1226,24 +1229,35 @@ class ReconciliationLine:
     subtotals: int = 0  # subtotal/total lines among the rejected: not records
     amount_loaded: Decimal | None = None  # what the loaded rows carried (compared with amount_core)
     amount_merged: Decimal | None = None
-    amount_quarantined: Decimal | None = None
+    amount_quarantined: Decimal | None = None  # every rejected and held row's money, corrected ones too
     amount_unreadable: int = 0  # quarantined rows whose amount could not be read
     max_quarantined_share: float = 1.0  # the project's limit (reconciliation.max_quarantined_share)
     mapping: str = ""  # the mapping file the rows were read by
     unchanged_since: str | None = None  # skipped: the run whose load (and counts) this line carries over
+    # Rejected rows (subtotals aside) whose key a re-imported fix sheet loaded: in the core, not quarantined.
+    corrected: int = 0
+    amount_corrected: Decimal | None = None
 
     @property
     def quarantined(self) -> int:
-        """Return the record rows that did not load: rejected (subtotal lines aside) or held for a steward."""
-        return self.rejected - self.subtotals + self.held
+        """Return the record rows that did not load: rejected (subtotal lines and corrected rows aside) or held."""
+        return self.rejected - self.subtotals - self.corrected + self.held
+
+    @property
+    def amount_in_quarantine(self) -> Decimal | None:
+        """Return the money of the quarantined rows: :attr:`amount_quarantined` less the corrected rows'."""
+        if self.amount_quarantined is None:
+            return None
+        return self.amount_quarantined - (self.amount_corrected or Decimal(0))
 
     @property
     def quarantined_share(self) -> float:
         """Return the larger of the quarantined share of the record rows and of the money read."""
         records = self.rows_read - self.subtotals
         shares = [self.quarantined / records if records > 0 else 0.0]
-        if self.amount_source and self.amount_quarantined is not None:
-            shares.append(float(abs(self.amount_quarantined) / abs(self.amount_source)))
+        money = self.amount_in_quarantine
+        if self.amount_source and money is not None:
+            shares.append(float(abs(money) / abs(self.amount_source)))
         return max(shares)
 
     @property
@@ -1314,8 +1328,13 @@ class ReconciliationReport:
 
     @property
     def quarantined_amount(self) -> Decimal:
-        """Return the money quarantined over all lines."""
-        return sum((line.amount_quarantined or Decimal(0) for line in self.lines), Decimal(0))
+        """Return the money quarantined over all lines (corrected rows aside)."""
+        return sum((line.amount_in_quarantine or Decimal(0) for line in self.lines), Decimal(0))
+
+    @property
+    def corrected_rows(self) -> int:
+        """Return the rejected rows over all lines whose key a re-imported fix sheet loaded."""
+        return sum(line.corrected for line in self.lines)
 
     @property
     def skipped(self) -> list[dict[str, str]]:
@@ -1344,8 +1363,10 @@ class ReconciliationReport:
         """Return the one-line summary: clean only when nothing at all is quarantined."""
         if not self.balanced:
             return "The run does NOT balance."
+        corrected = self.corrected_rows
+        fixed = f" ({corrected} rejected row(s) loaded from a fix sheet instead)" if corrected else ""
         if not self.quarantined_rows:
-            return "Every row is accounted for and loaded."
+            return f"Every row is accounted for and loaded{fixed}."
         held = sum(line.held for line in self.lines)
         money = self.quarantined_amount
         text = (
@@ -1353,6 +1374,7 @@ class ReconciliationReport:
             + (f" carrying {money:,.2f}" if money else "")
             + " are quarantined"
             + (f" ({held} waiting for a steward's reference decision)" if held else "")
+            + (f"; {corrected} more were rejected but loaded from a fix sheet" if corrected else "")
         )
         if not self.acceptable:
             return text + f": more than the project's limit of {self.max_quarantined_share:.0%}."
@@ -1361,8 +1383,8 @@ class ReconciliationReport:
     def to_frame(self) -> pd.DataFrame:
         """Return the lines as a table."""
         return pd.DataFrame([
-            {**line.__dict__, "quarantined": line.quarantined, "quarantined_share": round(line.quarantined_share, 4),
-             "balanced": line.balanced, "status": line.status}
+            {**line.__dict__, "quarantined": line.quarantined, "amount_in_quarantine": line.amount_in_quarantine,
+             "quarantined_share": round(line.quarantined_share, 4), "balanced": line.balanced, "status": line.status}
             for line in self.lines
         ])  # fmt: skip
 
@@ -1370,15 +1392,15 @@ class ReconciliationReport:
         """Return the table as Markdown (Dagster metadata, README output)."""
         header = (
             "| source | entity | read | loaded | merged | rejected | held | warnings | amount source | amount core "
-            "| quarantined | amount quarantined | keys missing | spot check | ok |"
+            "| quarantined | amount quarantined | corrected | keys missing | spot check | ok |"
         )
-        rows = [header, "|" + "---|" * 15]
+        rows = [header, "|" + "---|" * 16]
         for line, label in zip(self.lines, self.labels(), strict=True):
             rows.append(
                 f"| {label} | {line.entity} | {line.rows_read} | {line.loaded} | {line.merged} | {line.rejected} "
                 f"| {line.held} | {line.warnings} | {_money(line.amount_source)} | {_money(line.amount_core)} "
-                f"| {line.quarantined} ({line.quarantined_share:.1%}) | {_money(line.amount_quarantined)} "
-                f"| {line.keys_missing} | {line.spot_checked - line.spot_mismatches}/{line.spot_checked} "
+                f"| {line.quarantined} ({line.quarantined_share:.1%}) | {_money(line.amount_in_quarantine)} "
+                f"| {corrected_text(line)} | {line.keys_missing} | {line.spot_checked - line.spot_mismatches}/{line.spot_checked} "
                 f"| {STATUS_MARK[line.status]} |"
             )
         skipped = ", ".join(f"{s['mapping']} (run {str(s['unchanged_since'])[:8]})" for s in self.skipped)
@@ -1388,6 +1410,13 @@ class ReconciliationReport:
 
 def _money(value: Decimal | None) -> str:
     return "" if value is None else f"{value:,.2f}"
+
+
+def corrected_text(line: ReconciliationLine) -> str:
+    """Return a line's corrected rows as shown in its tables: the count, and their money when it has any."""
+    return (
+        f"{line.corrected} ({line.amount_corrected:,.2f})" if line.amount_corrected else str(line.corrected)
+    )
 
 
 def _amount(value: Any) -> Decimal | None:
@@ -1430,9 +1459,22 @@ def reconcile(
                     mapping=stats.get("mapping", ""), unchanged_since=stats.get(UNCHANGED_KEY),
                 ))  # fmt: skip
         columns = [Reject.source, Reject.entity, Reject.location, Reject.row_ref, Reject.field, Reject.value,
-                   Reject.rule, Reject.reason, Reject.severity, Reject.raw_row]  # fmt: skip
-        rows = session.execute(select(*columns).where(Reject.load_run_id == run.id).order_by(Reject.id)).all()
-        rejects = pd.DataFrame([tuple(r) for r in rows], columns=[c.key for c in columns])
+                   Reject.rule, Reject.reason, Reject.severity, Reject.raw_row, Reject.mapping, Reject.amount]  # fmt: skip
+        # A rejected row whose key is in the crosswalk: a re-imported fix sheet loaded it (this run or before).
+        loaded = (
+            select(ExternalId.id)
+            .where(ExternalId.entity == Reject.entity, ExternalId.system == Reject.source,
+                   ExternalId.external_key == Reject.external_key)
+            .exists()
+        )  # fmt: skip
+        corrected = and_(
+            Reject.severity == "error", Reject.rule != "subtotal", Reject.external_key.is_not(None), loaded
+        )
+        query = select(*columns, case((corrected, True), else_=False).label("corrected"))
+        rows = session.execute(query.where(Reject.load_run_id == run.id).order_by(Reject.id)).all()
+        rejects = pd.DataFrame([tuple(r) for r in rows], columns=[*(c.key for c in columns), "corrected"])
+        rejects["corrected"] = rejects["corrected"].astype(bool)
+        _count_corrected(lines, rejects)
         counts = {}
         for name, definition in ENTITIES.items():
             model: Any = definition.model
@@ -1441,6 +1483,27 @@ def reconcile(
                 query = query.where(model.merged_into_id.is_(None))
             counts[name] = session.scalar(query) or 0
     return ReconciliationReport(run_key, lines, rejects, counts, max_quarantined_share)
+
+
+def _count_corrected(lines: Sequence[ReconciliationLine], rejects: pd.DataFrame) -> None:
+    """Set each line's corrected rows and their money from the rejects marked ``corrected``."""
+    chosen = rejects[rejects["corrected"]]
+    if chosen.empty:
+        return
+    row = ["mapping", "source", "entity", "location", "row_ref"]
+    # One row can have several rejects (one per field): it counts once, with its amount once.
+    per_row = chosen.groupby(row, dropna=False, sort=False)["amount"].first()
+    counted: dict[tuple[Any, ...], list[Any]] = {}
+    for key, amount in per_row.items():
+        where: tuple[Any, ...] = tuple(key)  # type: ignore[arg-type]
+        counted.setdefault(where[:3], []).append(amount)
+    for line in lines:
+        amounts = counted.get((line.mapping, line.source, line.entity))
+        if amounts:
+            line.corrected = len(amounts)
+            if line.amount_quarantined is not None:
+                total = sum((Decimal(a) for a in amounts if a is not None and a == a), Decimal(0))
+                line.amount_corrected = _amount(total)
 
 
 def finish_run(engine: Engine, run_key: str, report: ReconciliationReport, *, partial: bool = False) -> None:

@@ -69,7 +69,8 @@ def line_problems(line: ReconciliationLine) -> list[str]:
         else:
             problems.append(
                 f"amount source {_money(line.amount_source)} ≠ loaded {_money(loaded)} + merged "
-                f"{_money(line.amount_merged)} + quarantined {_money(line.amount_quarantined)}"
+                f"{_money(line.amount_merged)} + quarantined {_money(line.amount_in_quarantine)}"
+                + (f" + corrected {_money(line.amount_corrected)}" if line.corrected else "")
             )
     if line.keys_missing:
         problems.append(f"{line.keys_missing} source key(s) neither in the core nor quarantined")
@@ -79,7 +80,7 @@ def line_problems(line: ReconciliationLine) -> list[str]:
         )
     if line.over_quarantine_limit:
         money = (
-            f", {_money(line.amount_quarantined)} of {_money(line.amount_source)}"
+            f", {_money(line.amount_in_quarantine)} of {_money(line.amount_source)}"
             if line.amount_source
             else ""
         )
@@ -91,12 +92,19 @@ def line_problems(line: ReconciliationLine) -> list[str]:
 
 
 def quarantine_notes(report: ReconciliationReport) -> list[str]:
-    """Return one line per source and entity that loaded but left rows (and money) in quarantine."""
+    """Return one line per source and entity that loaded but left rows (and money) in quarantine, and one per
+    source and entity whose rejected rows a re-imported fix sheet loaded (corrected)."""
     notes = []
     for line, label in zip(report.lines, report.labels(), strict=True):
+        if line.corrected:
+            money = f" carrying {_money(line.amount_corrected)}" if line.amount_corrected else ""
+            notes.append(
+                f"{label}/{line.entity}: {line.corrected} rejected row(s){money} corrected: a fix sheet loaded "
+                "them under their source keys"
+            )
         if not line.quarantined:
             continue
-        money = f" carrying {_money(line.amount_quarantined)}" if line.amount_quarantined else ""
+        money = f" carrying {_money(line.amount_in_quarantine)}" if line.amount_in_quarantine else ""
         unreadable = f" ({line.amount_unreadable} with no readable amount)" if line.amount_unreadable else ""
         held = f", {line.held} waiting for a steward (`crmi dedup review`)" if line.held else ""
         notes.append(
@@ -118,17 +126,20 @@ def unbalanced_reasons(report: ReconciliationReport) -> list[str]:
 def fix_sheets(rejects: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Return, per source and entity, the quarantined rows (rejected or held) as read plus why: fix and re-import.
 
-    One row per rejected source row; its reasons are joined. Key is ``<source>.<entity>``.
+    One row per rejected source row; its reasons are joined. Key is ``<source>.<entity>``. Rows a fix sheet
+    already loaded (``corrected``, see :func:`integration.pipeline.reconcile`) need nothing more: left out.
     """
     sheets: dict[str, pd.DataFrame] = {}
     if rejects.empty:
         return sheets
     # Subtotal rows are rejected on purpose (they are not records): nothing to fix there. Rows held for a
     # steward's decision on their customer's name are there too: correcting the name is the other way out.
+    corrected = rejects["corrected"].astype(bool) if "corrected" in rejects else False
     errors = rejects[
         rejects["severity"].isin(("error", "held"))
         & rejects["raw_row"].notna()
         & (rejects["rule"] != "subtotal")
+        & ~pd.Series(corrected, index=rejects.index, dtype=bool)
     ]
     for (source, entity), group in errors.groupby(["source", "entity"], sort=True):
         rows = []

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import openpyxl
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from typer.testing import CliRunner
 
 from crm_core.db import make_engine
 from crm_core.errors import ConfigError
-from crm_core.models import Customer, ExternalId, LoadRun, Opportunity
+from crm_core.models import Customer, ExternalId, LoadRun, Opportunity, Reject
 from integration.assets.resources import dispose_engines
+from integration.cli import app
 from integration.connectors.base import LOCATION, ROW_REF, ReadRequest
 from integration.connectors.excel import ExcelConnector
 from integration.jobs import build_definitions
 from integration.mappings.engine import EXTERNAL_KEY, map_chunks
 from integration.mappings.spec import load_mapping
-from integration.pipeline import Migration, reconcile
+from integration.pipeline import Migration, core_engine, reconcile
 from tests.test_end_to_end import run_job
 from tests.test_runs import content
 
@@ -217,4 +222,155 @@ def test_the_corrected_fix_sheet_re_imports_the_rejected_rows_under_their_source
     third = run_job(demo_project, core_url)  # and running again changes nothing
     dispose_engines()
     assert reconcile(engine, third.run_id).balanced and content(engine) == after
+    engine.dispose()
+
+
+def crmi_run(project: Path, core_url: str) -> tuple[int, dict[str, Any]]:
+    """``crmi run --json``: its exit code and what it printed."""
+    result = CliRunner().invoke(app, ["run", "--project", str(project), "--core-url", core_url, "--json"])
+    assert result.exit_code in (0, 2), result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def the_line(payload: dict[str, Any], mapping: str) -> dict[str, Any]:
+    [line] = [line for line in payload["lines"] if line["mapping"] == mapping]
+    return line
+
+
+def money(value: Any) -> Decimal:
+    return Decimal(str(value)).quantize(Decimal("0.01"))
+
+
+def per_row_amount(rejects: pd.DataFrame) -> Decimal:
+    """The money of the rows of some rejects: each row's amount once."""
+    amounts = rejects.groupby(["location", "row_ref"])["amount"].first()
+    return sum((Decimal(a) for a in amounts if a is not None and a == a), Decimal(0))
+
+
+def test_rejected_rows_a_fix_sheet_loaded_count_as_corrected_not_quarantined(
+    demo_project: Path, core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the report lands in var/reports/<run id>/ here
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    # A frozen legacy sheet: 13 more opportunities with a close date nobody can read, so the line quarantines
+    # more than the project's 20 % (with the demo's unreadable amount and the 11 rows held for a steward).
+    book = openpyxl.load_workbook(demo_project / "data" / "sales.xlsx")
+    broken = [row for row in range(3, 17) if row != 10]  # row 10 is held for a steward already
+    for row in broken:
+        book["商机"].cell(row=row, column=6, value="下个月初")
+    book.save(demo_project / "data" / "sales.xlsx")
+    core_engine(core_url).dispose()  # the schema, as `crmi core upgrade` makes it
+
+    code, first = crmi_run(demo_project, core_url)
+
+    line = the_line(first, "sales_xlsx_opportunities")
+    assert code == 2 and line["status"] == "failed" and line["corrected"] == 0
+    assert (line["rejected"], line["subtotals"], line["held"], line["quarantined"]) == (15, 1, 11, 25)
+    fixes = pd.read_excel(
+        tmp_path / "var" / "reports" / first["run_id"] / "reconciliation.xlsx",
+        sheet_name=FIX_SHEET,
+        dtype=str,
+    )
+    rejected = fixes[~fixes["_reasons"].str.contains("names no single customer")]
+    assert sorted(rejected["_row_ref"].astype(int)) == [*broken, 112]
+    # The sales team corrects the rejected rows (the held ones wait for a steward) and hands them back.
+    engine = make_engine(core_url)
+    with engine.connect() as connection:
+        customer = connection.scalar(
+            sa.select(Customer.name).where(Customer.merged_into_id.is_(None)).order_by(Customer.id)
+        )
+    fixed = rejected.assign(预计成交日期="2025年12月1日", 客户名称=str(customer))
+    fixed.loc[fixed["_row_ref"] == "112", "预计金额"] = "100000"
+    (demo_project / "fixes").mkdir()
+    with pd.ExcelWriter(demo_project / "fixes" / "corrected.xlsx") as writer:
+        fixed.to_excel(writer, sheet_name=FIX_SHEET, index=False)
+    project_yaml = demo_project / "project.yaml"
+    project_yaml.write_text(
+        project_yaml.read_text(encoding="utf-8").replace(
+            "sources:\n", "sources:\n  fixes:\n    connector: excel\n    path: fixes/*.xlsx\n", 1
+        ),
+        encoding="utf-8",
+    )
+    mapping = (demo_project / "mappings" / "sales_xlsx_opportunities.yaml").read_text(encoding="utf-8")
+    add_mapping(demo_project, "sales_xlsx_opportunities_fixed", mapping.replace(
+        "source: {connector: sales_xlsx, sheet: 商机, key: 商机编号}",
+        f"source: {{connector: fixes, sheet: {FIX_SHEET}, key: 商机编号, system: sales_xlsx}}",
+    ))  # fmt: skip
+
+    code, second = crmi_run(demo_project, core_url)
+
+    assert the_line(second, "sales_xlsx_opportunities_fixed")["loaded"] == 14
+    line = the_line(second, "sales_xlsx_opportunities")
+    # The source still rejects its 14 rows (and the subtotal): they are in the core now, corrected.
+    assert (line["rejected"], line["subtotals"], line["held"]) == (15, 1, 11)
+    assert (line["corrected"], line["quarantined"]) == (14, 11)
+    assert line["balanced"] and line["status"] == "quarantined" and code == 0, second["verdict"]
+    assert line["rows_read"] == line["loaded"] + line["merged"] + line["rejected"] + line["held"]
+    rejects = reconcile(engine, second["run_id"]).rejects
+    mine = rejects[rejects["mapping"] == "sales_xlsx_opportunities"]
+    corrected = mine[mine["corrected"]]
+    assert sorted(set(corrected["row_ref"].astype(int))) == [*broken, 112]
+    # Their money: what the 13 readable amounts carried (the 待定 row's amount was never readable).
+    assert money(line["amount_corrected"]) == per_row_amount(corrected) > 0
+    assert money(line["amount_in_quarantine"]) == per_row_amount(mine[mine["severity"] == "held"])
+    assert money(line["amount_in_quarantine"]) + money(line["amount_corrected"]) == money(
+        line["amount_quarantined"]
+    )
+    assert money(line["amount_loaded"]) + money(line["amount_merged"]) + money(
+        line["amount_quarantined"]
+    ) == money(line["amount_source"])
+    assert second["quarantined_rows"] == sum(entry["quarantined"] for entry in second["lines"])
+    assert "14 more were rejected but loaded from a fix sheet" in second["verdict"]
+    report = tmp_path / "var" / "reports" / second["run_id"]
+    assert "| 14 (" in (report / "reconciliation.md").read_text(encoding="utf-8")
+    # The next fix sheet holds only what still needs someone: the rows held for a steward.
+    again = pd.read_excel(report / "reconciliation.xlsx", sheet_name=FIX_SHEET, dtype=str)
+    assert len(again) == 11 and again["_reasons"].str.contains("names no single customer").all()
+
+    # Rolling the correcting run back takes its crosswalk keys with it: the rows are quarantined again.
+    rolled = CliRunner().invoke(app, ["rollback", second["run_id"], "--core-url", core_url])
+    dispose_engines()
+    assert rolled.exit_code == 0, rolled.output
+    [line_again] = [
+        x for x in reconcile(engine, second["run_id"]).lines if x.mapping == "sales_xlsx_opportunities"
+    ]
+    assert (line_again.corrected, line_again.quarantined, line_again.amount_corrected) == (0, 25, None)
+    engine.dispose()
+
+
+def test_a_reject_whose_key_is_not_in_the_crosswalk_stays_quarantined(core_url: str) -> None:
+    engine = core_engine(core_url)
+    line = {"source": "erp", "mapping": "erp_opportunities", "rows_read": 6, "inserted": 0, "updated": 0,
+            "unchanged": 1, "loaded": 1, "merged": 0, "rejected": 5, "held": 0, "subtotals": 1, "warnings": 1,
+            "amount_source": "100.00", "amount_loaded": "10.00", "amount_core": "10.00", "amount_merged": "0",
+            "amount_quarantined": "90.00"}  # fmt: skip
+    reject = {"source": "erp", "entity": "opportunity", "location": "t", "field": None, "value": None,
+              "rule": "mapping", "reason": "bad", "severity": "error", "mapping": "erp_opportunities", "amount": None}  # fmt: skip
+    with engine.begin() as connection:
+        run_id = connection.execute(
+            sa.insert(LoadRun).values(run_key="r1", project="p", mode="full", status="succeeded",
+                                      stats={"opportunity": [line]}).returning(LoadRun.id)
+        ).scalar_one()  # fmt: skip
+        connection.execute(sa.insert(ExternalId), [
+            {"entity": "opportunity", "entity_id": 1, "system": "erp", "external_key": "K1"},
+            {"entity": "customer", "entity_id": 1, "system": "erp", "external_key": "K3"},
+            {"entity": "opportunity", "entity_id": 2, "system": "crm", "external_key": "K4"},
+        ])  # fmt: skip
+        connection.execute(sa.insert(Reject), [
+            {**reject, "load_run_id": run_id, "row_ref": "1", "external_key": "K1", "amount": Decimal(30)},
+            {**reject, "load_run_id": run_id, "row_ref": "1", "external_key": "K1", "amount": Decimal(30),
+             "field": "stage"},  # a second problem of the same row: counted once
+            {**reject, "load_run_id": run_id, "row_ref": "2", "external_key": "K2", "amount": Decimal(20)},
+            {**reject, "load_run_id": run_id, "row_ref": "3", "external_key": "K3", "amount": Decimal(15)},
+            {**reject, "load_run_id": run_id, "row_ref": "4", "external_key": "K4", "amount": Decimal(25)},
+            {**reject, "load_run_id": run_id, "row_ref": "5", "external_key": "K1", "rule": "subtotal"},
+            {**reject, "load_run_id": run_id, "row_ref": "6", "external_key": "K1", "severity": "warn"},
+        ])  # fmt: skip
+
+    [result] = reconcile(engine, "r1", max_quarantined_share=0.5).lines
+
+    # Only row 1's key is in the crosswalk for its system and entity: K2 nowhere, K3 for a customer, K4 for crm.
+    assert (result.corrected, result.amount_corrected) == (1, Decimal("30.00"))
+    assert result.quarantined == 3 and result.amount_in_quarantine == Decimal("60.00")
+    assert result.balanced and result.over_quarantine_limit and result.status == "failed"
     engine.dispose()

@@ -50,6 +50,7 @@ def test_on_error_reject_null_and_fail(tmp_path: Path) -> None:
         "source": "xlsx", "entity": "opportunity", "location": "sales.xlsx#商机", "row_ref": "4", "field": "amount",
         "value": "待定", "rule": "mapping", "severity": "error",
         "reason": "parse_amount: '待定' is not an amount (expected e.g. 1234.5, ¥1,234.50, 12.5万)",
+        "external_key": "O2", "amount": None,  # the row's key and its amount (unreadable here)
     }  # fmt: skip
     nulled = map_chunk(
         mapping(tmp_path, '  amount: {from: 金额, transforms: [parse_amount], on_error: "null"}\n'), rows

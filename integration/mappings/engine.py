@@ -45,6 +45,10 @@ MAPPING = "_mapping"
 RECORD_META = (EXTERNAL_KEY, ROW_REF, LOCATION, SOURCE, MAPPING)
 
 REJECT_COLUMNS = ["source", "entity", "location", "row_ref", "field", "value", "rule", "reason", "severity"]
+# What a reject also records of its row, when known: its crosswalk key (None when the row has none, or when
+# the key belongs to another row: a repeated key) and its mapped amount (see crm_core.models.Reject).
+REJECT_ROW_COLUMNS = ["external_key", "amount"]
+_ROW = "_row"  # the chunk row of a reject while the chunk is mapped
 
 
 @dataclass
@@ -303,8 +307,9 @@ class _Outcome:
                     if isinstance(reasons, str)
                     else reasons.to_numpy(dtype=object)[selected],
                     "severity": severity,
+                    _ROW: self.chunk.index.to_numpy()[selected],
                 },
-                columns=REJECT_COLUMNS,
+                columns=[*REJECT_COLUMNS, _ROW],
             )
         )
 
@@ -746,9 +751,21 @@ def map_chunk(mapping: CompiledMapping, chunk: pd.DataFrame) -> MappingResult:
     amount_rejected = None
     if amount_field is not None and amount_field in columns:
         amount_rejected = amount_sum(columns[amount_field][outcome.rejected & ~subtotal])
+    if _ROW in rejects:
+        rows = rejects.pop(_ROW).to_numpy()
+        amounts = columns.get(amount_field) if amount_field is not None else None
+        rejects["external_key"] = _present_values(key, rows)
+        rejects["amount"] = _present_values(amounts, rows) if amounts is not None else None
     if not keep.all():
         records = records.loc[keep].reset_index(drop=True)
     return MappingResult(records, rejects, len(chunk), amount_rejected)
+
+
+def _present_values(values: pd.Series, rows: np.ndarray) -> np.ndarray:
+    """Return ``values`` at the chunk rows ``rows`` as objects, missing ones as None."""
+    picked = values.reindex(rows).astype(object).to_numpy()
+    picked[pd.isna(picked)] = None
+    return picked
 
 
 def amount_sum(values: pd.Series) -> Decimal:
@@ -874,6 +891,7 @@ def reject_repeated_keys(
         firsts = result.records.loc[~duplicated]
         first_rows.update(zip(firsts[EXTERNAL_KEY], firsts[ROW_REF], strict=True))
     if duplicated.any():
+        amount_field = mapping.entity.amount_field
         dupes = result.records.loc[duplicated]
         keys = dupes[EXTERNAL_KEY].astype(object)
         first_row = (
@@ -892,13 +910,14 @@ def reject_repeated_keys(
                 "rule": "duplicate_key",
                 "reason": "duplicate source key (first seen on row " + first_row.astype(str) + ")",
                 "severity": "error",
+                "external_key": None,  # the key is the first row's: this row has none of its own
+                "amount": dupes.get(amount_field) if amount_field is not None else None,
             },
-            columns=REJECT_COLUMNS,
+            columns=[*REJECT_COLUMNS, *REJECT_ROW_COLUMNS],
         ).astype(object)
         result.rejects = (
             pd.concat([result.rejects, extra], ignore_index=True) if len(result.rejects) else extra
         )
-        amount_field = mapping.entity.amount_field
         if result.amount_rejected is not None and amount_field in result.records.columns:
             result.amount_rejected += amount_sum(dupes[amount_field])
         result.records = result.records.loc[~duplicated].reset_index(drop=True)
