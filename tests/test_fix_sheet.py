@@ -259,7 +259,6 @@ def test_rejected_rows_a_fix_sheet_loaded_count_as_corrected_not_quarantined(
     for row in broken:
         book["商机"].cell(row=row, column=6, value="下个月初")
     book.save(demo_project / "data" / "sales.xlsx")
-    core_engine(core_url).dispose()  # the schema, as `crmi core upgrade` makes it
 
     code, first = crmi_run(demo_project, core_url)
 
