@@ -124,6 +124,9 @@ class Batch:
     stored: StoredPieces | None = None
     # The places (file/sheet or table) its rows were read from, when ``raw`` is not at hand.
     locations: frozenset[Any] | None = None
+    # Its mapping re-imports corrected rows of another source (``system:``, a fix sheet): the crosswalk keys it
+    # writes are marked ``corrected_by`` the mapping, so that source's rejects under them count as corrected.
+    corrects: bool = False
 
     @property
     def record_count(self) -> int:
@@ -606,6 +609,7 @@ class _CrosswalkEntry:
     match_method: str
     last_synced_hash: str | None
     row: dict[str, Any] | None = None  # the stored row (journal before-image); None for rows this load added
+    corrected_by: str | None = None  # as it will be written (see Batch.corrects)
 
 
 class EntityLoader:
@@ -708,6 +712,7 @@ class EntityLoader:
         self._before: dict[int, dict[str, Any]] = {}  # journal before-images of existing records
         self._new_crosswalk: dict[int, dict[str, Any]] = {}
         self._changed_crosswalk: dict[int, _CrosswalkEntry] = {}
+        self._corrected_by: str | None = None  # the batch's mapping when it corrects another source's rows
         self._rejects: list[dict[str, Any]] = []
         self._fast_decided = self._fast_demoted = 0  # see _load_fast
         self._repeated_keys: set[str] = set()  # see _fast_kinds
@@ -1403,6 +1408,7 @@ class EntityLoader:
         unreadable: set[str] = set()
         amount_field = self.entity.amount_field
         self._raw = RawRows(batch.raw)
+        self._corrected_by = batch.mapping if batch.corrects else None
         pending_from = len(self._pending_self_refs)
         for entry in batch.rejects.to_dict("records"):
             severity = entry.get("severity") or "error"
@@ -1714,7 +1720,7 @@ class EntityLoader:
             (entry_id, {
                 "id": entry_id, "entity": entity, "entity_id": record_id, "system": source, "external_key": key,
                 "match_method": "created", "last_synced_hash": digest, "last_synced_at": now,
-                "created_run_id": run_id, "updated_run_id": run_id,
+                "created_run_id": run_id, "updated_run_id": run_id, "corrected_by": self._corrected_by,
             })
             for entry_id, record_id, key, digest in zip(entry_ids, record_ids, new_keys, new_digests, strict=True)
         )  # fmt: skip
@@ -1937,9 +1943,10 @@ class EntityLoader:
 
     def _sync_crosswalk(self, entry: _CrosswalkEntry, digest: str) -> None:
         entry.last_synced_hash = digest
+        entry.corrected_by = self._corrected_by
         new = self._new_crosswalk.get(entry.id)
         if new is not None:
-            new.update(last_synced_hash=digest, last_synced_at=self._now)
+            new.update(last_synced_hash=digest, last_synced_at=self._now, corrected_by=self._corrected_by)
         else:
             self._changed_crosswalk[entry.id] = entry
 
@@ -1951,7 +1958,7 @@ class EntityLoader:
         self._new_crosswalk[entry_id] = {
             "id": entry_id, "entity": self.entity.name, "entity_id": entity_id, "system": source,
             "external_key": key, "match_method": method, "last_synced_hash": digest, "last_synced_at": now,
-            "created_run_id": self._run_id, "updated_run_id": self._run_id,
+            "created_run_id": self._run_id, "updated_run_id": self._run_id, "corrected_by": self._corrected_by,
         }  # fmt: skip
         self._crosswalk[(source, key)] = _CrosswalkEntry(entry_id, entity_id, method, digest)
         written = self._written_keys.get(source)
@@ -2001,7 +2008,7 @@ class EntityLoader:
             now = dt.datetime.now(dt.UTC)
             updates = [
                 {"_id": e.id, "last_synced_hash": e.last_synced_hash, "last_synced_at": now,
-                 "updated_run_id": self._run_id}
+                 "updated_run_id": self._run_id, "corrected_by": e.corrected_by}
                 for e in self._changed_crosswalk.values()
             ]  # fmt: skip
             bulk_update(connection, xw, updates)

@@ -174,6 +174,9 @@ class ExternalId(Base):
     last_synced_at: Mapped[dt.datetime | None]
     created_run_id: Mapped[int | None]
     updated_run_id: Mapped[int | None]
+    # The fix mapping (``system:`` naming another source) whose corrected row last wrote this key; the source's
+    # own mapping clears it. A reject of the source under this key is then corrected, not quarantined.
+    corrected_by: Mapped[str | None] = mapped_column(String(128))
 
 
 class Watermark(Base):

@@ -329,6 +329,11 @@ def crosswalk_system(mapping: CompiledMapping) -> str:
     return mapping.spec.source.system or mapping.source
 
 
+def corrects_another_source(mapping: CompiledMapping) -> bool:
+    """Return True for a mapping that re-imports corrected rows of another source (``system:``, a fix sheet)."""
+    return crosswalk_system(mapping) != mapping.source
+
+
 def read_request(mapping: CompiledMapping, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> ReadRequest:
     """Return what a mapping asks its connector to read."""
     source = mapping.spec.source
@@ -634,6 +639,7 @@ def stage(
             Batch(
                 source=crosswalk_system(mapping),
                 mapping=mapping.name,
+                corrects=corrects_another_source(mapping),
                 records=columns,
                 rejects=pd.concat(rejects, ignore_index=True) if len(rejects) > 1 else rejects[0],
                 rows_read=totals["rows_read"],
@@ -719,6 +725,7 @@ def _stage_piece(
     return Batch(
         source=system,
         mapping=mapping.name,
+        corrects=corrects_another_source(mapping),
         records=records,
         rejects=pd.concat([result.rejects, quarantined], ignore_index=True)
         if len(quarantined)
@@ -1460,11 +1467,11 @@ def reconcile(
                 ))  # fmt: skip
         columns = [Reject.source, Reject.entity, Reject.location, Reject.row_ref, Reject.field, Reject.value,
                    Reject.rule, Reject.reason, Reject.severity, Reject.raw_row, Reject.mapping, Reject.amount]  # fmt: skip
-        # A rejected row whose key is in the crosswalk: a re-imported fix sheet loaded it (this run or before).
+        # A rejected row whose key a re-imported fix sheet loaded (this run or before): marked corrected_by it.
         loaded = (
             select(ExternalId.id)
             .where(ExternalId.entity == Reject.entity, ExternalId.system == Reject.source,
-                   ExternalId.external_key == Reject.external_key)
+                   ExternalId.external_key == Reject.external_key, ExternalId.corrected_by.is_not(None))
             .exists()
         )  # fmt: skip
         corrected = and_(

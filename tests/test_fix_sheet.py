@@ -338,11 +338,14 @@ def test_rejected_rows_a_fix_sheet_loaded_count_as_corrected_not_quarantined(
 
 
 def test_a_reject_whose_key_is_not_in_the_crosswalk_stays_quarantined(core_url: str) -> None:
+    """Only a key a fix mapping wrote makes its reject corrected: a key the source's own mapping loaded in an
+    earlier run, whose row is rejected now (changed into something invalid), stays quarantined: the core holds
+    the old version and the change did not load."""
     engine = core_engine(core_url)
-    line = {"source": "erp", "mapping": "erp_opportunities", "rows_read": 6, "inserted": 0, "updated": 0,
-            "unchanged": 1, "loaded": 1, "merged": 0, "rejected": 5, "held": 0, "subtotals": 1, "warnings": 1,
-            "amount_source": "100.00", "amount_loaded": "10.00", "amount_core": "10.00", "amount_merged": "0",
-            "amount_quarantined": "90.00"}  # fmt: skip
+    line = {"source": "erp", "mapping": "erp_opportunities", "rows_read": 7, "inserted": 0, "updated": 0,
+            "unchanged": 1, "loaded": 1, "merged": 0, "rejected": 6, "held": 0, "subtotals": 1, "warnings": 1,
+            "amount_source": "110.00", "amount_loaded": "10.00", "amount_core": "10.00", "amount_merged": "0",
+            "amount_quarantined": "100.00"}  # fmt: skip
     reject = {"source": "erp", "entity": "opportunity", "location": "t", "field": None, "value": None,
               "rule": "mapping", "reason": "bad", "severity": "error", "mapping": "erp_opportunities", "amount": None}  # fmt: skip
     with engine.begin() as connection:
@@ -351,9 +354,10 @@ def test_a_reject_whose_key_is_not_in_the_crosswalk_stays_quarantined(core_url: 
                                       stats={"opportunity": [line]}).returning(LoadRun.id)
         ).scalar_one()  # fmt: skip
         connection.execute(sa.insert(ExternalId), [
-            {"entity": "opportunity", "entity_id": 1, "system": "erp", "external_key": "K1"},
-            {"entity": "customer", "entity_id": 1, "system": "erp", "external_key": "K3"},
-            {"entity": "opportunity", "entity_id": 2, "system": "crm", "external_key": "K4"},
+            {"entity": "opportunity", "entity_id": 1, "system": "erp", "external_key": "K1", "corrected_by": "fix"},
+            {"entity": "opportunity", "entity_id": 3, "system": "erp", "external_key": "K5", "corrected_by": None},
+            {"entity": "customer", "entity_id": 1, "system": "erp", "external_key": "K3", "corrected_by": "fix"},
+            {"entity": "opportunity", "entity_id": 2, "system": "crm", "external_key": "K4", "corrected_by": "fix"},
         ])  # fmt: skip
         connection.execute(sa.insert(Reject), [
             {**reject, "load_run_id": run_id, "row_ref": "1", "external_key": "K1", "amount": Decimal(30)},
@@ -362,14 +366,16 @@ def test_a_reject_whose_key_is_not_in_the_crosswalk_stays_quarantined(core_url: 
             {**reject, "load_run_id": run_id, "row_ref": "2", "external_key": "K2", "amount": Decimal(20)},
             {**reject, "load_run_id": run_id, "row_ref": "3", "external_key": "K3", "amount": Decimal(15)},
             {**reject, "load_run_id": run_id, "row_ref": "4", "external_key": "K4", "amount": Decimal(25)},
+            {**reject, "load_run_id": run_id, "row_ref": "7", "external_key": "K5", "amount": Decimal(10)},
             {**reject, "load_run_id": run_id, "row_ref": "5", "external_key": "K1", "rule": "subtotal"},
             {**reject, "load_run_id": run_id, "row_ref": "6", "external_key": "K1", "severity": "warn"},
         ])  # fmt: skip
 
     [result] = reconcile(engine, "r1", max_quarantined_share=0.5).lines
 
-    # Only row 1's key is in the crosswalk for its system and entity: K2 nowhere, K3 for a customer, K4 for crm.
+    # Only row 1's key is in the crosswalk for its system and entity, written by a fix mapping: K2 nowhere, K3
+    # for a customer, K4 for crm, K5 loaded by the source's own mapping before.
     assert (result.corrected, result.amount_corrected) == (1, Decimal("30.00"))
-    assert result.quarantined == 3 and result.amount_in_quarantine == Decimal("60.00")
+    assert result.quarantined == 4 and result.amount_in_quarantine == Decimal("70.00")
     assert result.balanced and result.over_quarantine_limit and result.status == "failed"
     engine.dispose()
