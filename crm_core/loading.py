@@ -609,7 +609,7 @@ class _CrosswalkEntry:
     match_method: str
     last_synced_hash: str | None
     row: dict[str, Any] | None = None  # the stored row (journal before-image); None for rows this load added
-    corrected_by: str | None = None  # as it will be written (see Batch.corrects)
+    corrected_by: str | None = None  # as stored, or as it will be written (see Batch.corrects)
 
 
 class EntityLoader:
@@ -1544,7 +1544,7 @@ class EntityLoader:
 
         _NEW: a key the crosswalk does not hold (an insert unless it matches by an exact key, which
         :meth:`_load_fast` checks in order); _SAME: a key whose stored hash equals the row's (unchanged, or
-        merged as before). Only a key's first row in the chunk, without reference problems and with a known
+        merged as before) and that the batch's kind of mapping wrote (``corrected_by``, see :meth:`_upsert`). Only a key's first row in the chunk, without reference problems and with a known
         stage: no earlier row of the chunk can change what these rows find, so each is decided as
         :meth:`_upsert` would, whatever the rows around it do.
         """
@@ -1578,7 +1578,8 @@ class EntityLoader:
             if entry is None:
                 kinds.append(new_kind)
             else:
-                kinds.append(_SAME if entry.last_synced_hash == digests[offset] else 0)
+                same = entry.last_synced_hash == digests[offset] and entry.corrected_by == self._corrected_by
+                kinds.append(_SAME if same else 0)
         return kinds
 
     def _load_fast(
@@ -1729,7 +1730,9 @@ class EntityLoader:
             entry_ids, record_ids, new_keys, new_digests, strict=True
         ):
             if key in repeated:  # no other row of the chunk asks for the others
-                crosswalk[(source, key)] = _CrosswalkEntry(entry_id, record_id, "created", digest)
+                crosswalk[(source, key)] = _CrosswalkEntry(
+                    entry_id, record_id, "created", digest, corrected_by=self._corrected_by
+                )
         written = self._written_keys.get(source)
         if written is not None:
             written.update(new_keys)
@@ -1813,13 +1816,25 @@ class EntityLoader:
             names = list(result.keys())  # rows as tuples: a mapping per row cost more than the query
             at = [
                 names.index(n)
-                for n in ("external_key", "id", "entity_id", "match_method", "last_synced_hash")
+                for n in (
+                    "external_key",
+                    "id",
+                    "entity_id",
+                    "match_method",
+                    "last_synced_hash",
+                    "corrected_by",
+                )
             ]
-            i_key, i_id, i_entity, i_method, i_hash = at
+            i_key, i_id, i_entity, i_method, i_hash, i_fix = at
             crosswalk = self._crosswalk
             for row in result.all():  # one fetchall: iterating the result fetches row by row
                 crosswalk[(source, row[i_key])] = _CrosswalkEntry(
-                    row[i_id], row[i_entity], row[i_method], row[i_hash], dict(zip(names, row, strict=True))
+                    row[i_id],
+                    row[i_entity],
+                    row[i_method],
+                    row[i_hash],
+                    dict(zip(names, row, strict=True)),
+                    row[i_fix],
                 )
         if self.match.keys:  # (values are built per row when asked for: only rows that may match ask)
             new = [i for i, k in enumerate(keys) if (source, k) not in self._crosswalk]
@@ -1910,6 +1925,10 @@ class EntityLoader:
             # linked: the key a target system gave a record the CRM sent it (sync); its rows update it in full
             merged = existing.match_method not in ("created", LINKED)
             if existing.last_synced_hash == digest:
+                if existing.corrected_by != self._corrected_by:
+                    # the same row from the other side (a fix sheet, or the source's own mapping): the key
+                    # is that mapping's now (see Batch.corrects)
+                    self._sync_crosswalk(existing, digest)
                 return ("merged" if merged else "unchanged"), existing.entity_id
             record_id = self._survivor_id(existing.entity_id)
             self._assign(record_id, values, only_blanks=merged)
@@ -1960,7 +1979,9 @@ class EntityLoader:
             "external_key": key, "match_method": method, "last_synced_hash": digest, "last_synced_at": now,
             "created_run_id": self._run_id, "updated_run_id": self._run_id, "corrected_by": self._corrected_by,
         }  # fmt: skip
-        self._crosswalk[(source, key)] = _CrosswalkEntry(entry_id, entity_id, method, digest)
+        self._crosswalk[(source, key)] = _CrosswalkEntry(
+            entry_id, entity_id, method, digest, corrected_by=self._corrected_by
+        )
         written = self._written_keys.get(source)
         if written is not None:
             written.add(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from decimal import Decimal
@@ -378,4 +379,49 @@ def test_a_reject_whose_key_is_not_in_the_crosswalk_stays_quarantined(core_url: 
     assert (result.corrected, result.amount_corrected) == (1, Decimal("30.00"))
     assert result.quarantined == 4 and result.amount_in_quarantine == Decimal("70.00")
     assert result.balanced and result.over_quarantine_limit and result.status == "failed"
+    engine.dispose()
+
+
+@pytest.mark.parametrize("row_by_row", [False, True], ids=["fast", "row_by_row"])
+def test_the_mapping_that_last_loaded_a_key_marks_it_even_when_its_row_is_unchanged(
+    core_url: str, row_by_row: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fix sheet's row equal to what the source loaded before (the source broke a row, the fix restores it)
+    is loaded, unchanged: the key is the fix sheet's now, so the source's reject under it is corrected. The
+    source's own row equal to the fix sheet's (the source itself corrected) takes the key back: a later
+    reject of it stays quarantined. Both paths write the same, and rollback restores the marks."""
+    from crm_core import loading
+    from crm_core.runs import rollback_run
+    from tests.test_loading import CUSTOMER_RULES, batch, load
+
+    monkeypatch.setattr(loading, "_ROW_BY_ROW", row_by_row)
+    engine = core_engine(core_url)
+    rows = [
+        {"_external_key": f"C{i}", "name": f"深圳市第{i}号科技有限公司", "credit_code": None}
+        for i in range(12)
+    ]
+
+    def marks() -> set[Any]:
+        with engine.connect() as connection:
+            return set(
+                connection.scalars(sa.select(ExternalId.corrected_by).where(ExternalId.system == "erp"))
+            )
+
+    def fix() -> Any:
+        return dataclasses.replace(batch("erp", rows), mapping="erp_fixed", corrects=True)
+
+    load(engine, "r1", "customer", [batch("erp", rows)], CUSTOMER_RULES)
+    [fixed] = load(engine, "r2", "customer", [fix()], CUSTOMER_RULES)
+    assert fixed.unchanged == 12 and marks() == {"erp_fixed"}
+    [own] = load(engine, "r3", "customer", [batch("erp", rows)], CUSTOMER_RULES)
+    assert own.unchanged == 12 and marks() == {None}
+    [again] = load(engine, "r4", "customer", [batch("erp", rows)], CUSTOMER_RULES)
+    assert again.unchanged == 12 and marks() == {None}
+    with engine.begin() as connection:
+        connection.execute(sa.update(LoadRun).values(status="succeeded"))
+    rollback_run(engine, "r4")
+    rollback_run(engine, "r3")
+    assert marks() == {"erp_fixed"}
+    rollback_run(engine, "r2")
+    assert marks() == {None}
     engine.dispose()
