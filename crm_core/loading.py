@@ -1545,8 +1545,9 @@ class EntityLoader:
         _NEW: a key the crosswalk does not hold (an insert unless it matches by an exact key, which
         :meth:`_load_fast` checks in order); _SAME: a key whose stored hash equals the row's (unchanged, or
         merged as before) and that the batch's kind of mapping wrote (``corrected_by``, see :meth:`_upsert`).
-        Only a key's first row in the chunk, without reference problems and with a known stage: no earlier row of the chunk can change what these rows find, so each is decided as
-        :meth:`_upsert` would, whatever the rows around it do.
+        Only a key's first row in the chunk, without reference problems and with a known stage: no earlier
+        row of the chunk can change what these rows find, so each is decided as :meth:`_upsert` would,
+        whatever the rows around it do.
         """
         count = len(chunk_keys)
         self._fast_decided = self._fast_demoted = 0  # rows of the chunk the fast path decided or left
