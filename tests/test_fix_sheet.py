@@ -156,6 +156,26 @@ def correct(fixes: pd.DataFrame, customer: str) -> pd.DataFrame:
     return fixed
 
 
+def re_import_fix_sheet(demo_project: Path, corrected: pd.DataFrame) -> None:
+    """What the README asks of a consultant: the corrected sheet saved into the project as a source, and a copy
+    of the opportunities' mapping reading it under the sales workbook's system."""
+    (demo_project / "fixes").mkdir()
+    with pd.ExcelWriter(demo_project / "fixes" / "corrected.xlsx") as writer:
+        corrected.to_excel(writer, sheet_name=FIX_SHEET, index=False)
+    project_yaml = demo_project / "project.yaml"
+    project_yaml.write_text(
+        project_yaml.read_text(encoding="utf-8").replace(
+            "sources:\n", "sources:\n  fixes:\n    connector: excel\n    path: fixes/*.xlsx\n", 1
+        ),
+        encoding="utf-8",
+    )
+    mapping = (demo_project / "mappings" / "sales_xlsx_opportunities.yaml").read_text(encoding="utf-8")
+    add_mapping(demo_project, "sales_xlsx_opportunities_fixed", mapping.replace(
+        "source: {connector: sales_xlsx, sheet: 商机, key: 商机编号}",
+        f"source: {{connector: fixes, sheet: {FIX_SHEET}, key: 商机编号, system: sales_xlsx}}",
+    ))  # fmt: skip
+
+
 def test_the_corrected_fix_sheet_re_imports_the_rejected_rows_under_their_source_keys(
     demo_project: Path, core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -173,21 +193,7 @@ def test_the_corrected_fix_sheet_re_imports_the_rejected_rows_under_their_source
             sa.select(Customer.name).where(Customer.merged_into_id.is_(None)).order_by(Customer.id)
         )
     # The customer corrects the sheet in Excel and hands it back; the consultant adds a source and a mapping.
-    (demo_project / "fixes").mkdir()
-    with pd.ExcelWriter(demo_project / "fixes" / "corrected.xlsx") as writer:
-        correct(fixes, str(customer)).to_excel(writer, sheet_name=FIX_SHEET, index=False)
-    project_yaml = demo_project / "project.yaml"
-    project_yaml.write_text(
-        project_yaml.read_text(encoding="utf-8").replace(
-            "sources:\n", "sources:\n  fixes:\n    connector: excel\n    path: fixes/*.xlsx\n", 1
-        ),
-        encoding="utf-8",
-    )
-    mapping = (demo_project / "mappings" / "sales_xlsx_opportunities.yaml").read_text(encoding="utf-8")
-    add_mapping(demo_project, "sales_xlsx_opportunities_fixed", mapping.replace(
-        "source: {connector: sales_xlsx, sheet: 商机, key: 商机编号}",
-        f"source: {{connector: fixes, sheet: {FIX_SHEET}, key: 商机编号, system: sales_xlsx}}",
-    ))  # fmt: skip
+    re_import_fix_sheet(demo_project, correct(fixes, str(customer)))
     before = content(engine)
 
     second = run_job(demo_project, core_url)
@@ -281,21 +287,7 @@ def test_rejected_rows_a_fix_sheet_loaded_count_as_corrected_not_quarantined(
         )
     fixed = rejected.assign(预计成交日期="2025年12月1日", 客户名称=str(customer))
     fixed.loc[fixed["_row_ref"] == "112", "预计金额"] = "100000"
-    (demo_project / "fixes").mkdir()
-    with pd.ExcelWriter(demo_project / "fixes" / "corrected.xlsx") as writer:
-        fixed.to_excel(writer, sheet_name=FIX_SHEET, index=False)
-    project_yaml = demo_project / "project.yaml"
-    project_yaml.write_text(
-        project_yaml.read_text(encoding="utf-8").replace(
-            "sources:\n", "sources:\n  fixes:\n    connector: excel\n    path: fixes/*.xlsx\n", 1
-        ),
-        encoding="utf-8",
-    )
-    mapping = (demo_project / "mappings" / "sales_xlsx_opportunities.yaml").read_text(encoding="utf-8")
-    add_mapping(demo_project, "sales_xlsx_opportunities_fixed", mapping.replace(
-        "source: {connector: sales_xlsx, sheet: 商机, key: 商机编号}",
-        f"source: {{connector: fixes, sheet: {FIX_SHEET}, key: 商机编号, system: sales_xlsx}}",
-    ))  # fmt: skip
+    re_import_fix_sheet(demo_project, fixed)
 
     code, second = crmi_run(demo_project, core_url)
 
