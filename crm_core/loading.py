@@ -457,6 +457,9 @@ def _reject_key(value: Any) -> str | None:
     return key if len(key) <= 255 else None  # external_ids.external_key holds 255 characters
 
 
+_REJECT_AMOUNT_LIMIT = Decimal(10) ** 16  # what rejects.amount, Numeric(18, 2), holds
+
+
 def _reject_amount(value: Any) -> Decimal | None:
     """Return a row's mapped amount as a reject records it: a number, else None (missing or unreadable)."""
     if not _present(value):
@@ -467,9 +470,6 @@ def _reject_amount(value: Any) -> Decimal | None:
         return None
     # What Numeric(18, 2) holds: a larger amount (rejected for being one, say) is recorded as unknown.
     return amount if amount.is_finite() and abs(amount) < _REJECT_AMOUNT_LIMIT else None
-
-
-_REJECT_AMOUNT_LIMIT = Decimal(10) ** 16
 
 
 def _present(value: Any) -> bool:
@@ -1475,7 +1475,10 @@ class EntityLoader:
                         continue
                 errors = row_errors.get(position, [])
                 rejected = any(p["severity"] == "error" for p in errors)
-                row_amount = chunk_values[position - start].get(amount_field) if amount_field else None
+                # (a row's values are built per call: only for a row with problems)
+                row_amount = (
+                    chunk_values[position - start].get(amount_field) if errors and amount_field else None
+                )
                 for problem in errors:
                     if rejected and problem["severity"] == HELD:
                         continue  # rejected anyway: no steward decision makes it loadable
@@ -1815,28 +1818,13 @@ class EntityLoader:
                                      ids_in(self.session.connection(), xw.c.external_key, part))  # fmt: skip
             result = self.session.execute(query)
             names = list(result.keys())  # rows as tuples: a mapping per row cost more than the query
-            at = [
-                names.index(n)
-                for n in (
-                    "external_key",
-                    "id",
-                    "entity_id",
-                    "match_method",
-                    "last_synced_hash",
-                    "corrected_by",
-                )
-            ]
+            at = [names.index(n) for n in ("external_key", "id", "entity_id", "match_method",
+                                            "last_synced_hash", "corrected_by")]  # fmt: skip
             i_key, i_id, i_entity, i_method, i_hash, i_fix = at
             crosswalk = self._crosswalk
             for row in result.all():  # one fetchall: iterating the result fetches row by row
-                crosswalk[(source, row[i_key])] = _CrosswalkEntry(
-                    row[i_id],
-                    row[i_entity],
-                    row[i_method],
-                    row[i_hash],
-                    dict(zip(names, row, strict=True)),
-                    row[i_fix],
-                )
+                crosswalk[(source, row[i_key])] = _CrosswalkEntry(row[i_id], row[i_entity], row[i_method], row[i_hash],
+                                                                  dict(zip(names, row, strict=True)), row[i_fix])  # fmt: skip
         if self.match.keys:  # (values are built per row when asked for: only rows that may match ask)
             new = [i for i, k in enumerate(keys) if (source, k) not in self._crosswalk]
             self._index_candidates([values[i] for i in new], [row_keys[i] for i in new])
