@@ -57,6 +57,86 @@ class CoreBusy(RunError):
     """Another ``crmi run``, rollback, recovery, linkage or schema upgrade (on any host) holds the core."""
 
 
+# The run locks this process holds (see :func:`_lock_identity`): the steps a `crmi run` executes in its own
+# process see the lock as theirs, not as another command's.
+_HELD_HERE: set[str] = set()
+
+
+def _lock_identity(engine: Engine) -> str:
+    """Name the core a run lock guards: a SQLite file's lock file, else the URL without its password."""
+    path = _lock_path(engine)
+    return str(path.resolve()) if path is not None else engine.url.render_as_string(hide_password=True)
+
+
+def _holder_query() -> Any:
+    # another role sees only the holder's application_name: its address and start are null
+    return text(
+        "SELECT a.application_name || coalesce(' from ' || host(a.client_addr), '') "
+        "|| ', server process ' || a.pid "
+        "|| coalesce(' since ' || to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS'), '') FROM pg_locks l "
+        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+        "AND l.classid = 0 AND l.objid = :key AND l.database = "
+        "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+        # a command's hold before a step's passing probe (pg_try_advisory_lock_shared)
+        "ORDER BY l.mode = 'ExclusiveLock' DESC LIMIT 1"
+    )
+
+
+def core_lock_holder(engine: Engine) -> str | None:
+    """Return who holds the core's run lock when another process does (a `crmi run`, rollback…), else None.
+
+    What a Dagster run's step asks before it touches the core: a run launched from the UI, a schedule or a
+    sensor does not go through ``crmi`` and would otherwise load beside a command that holds the core. It
+    probes with a shared lock (steps of runs never exclude each other; the run queue orders those) and lets
+    go at once; a lock this process holds (the steps of its own `crmi run`) is no other holder.
+    """
+    if _lock_identity(engine) in _HELD_HERE:
+        return None
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            if connection.scalar(text("SELECT pg_try_advisory_lock_shared(:key)"), {"key": RUN_LOCK}):
+                connection.execute(text("SELECT pg_advisory_unlock_shared(:key)"), {"key": RUN_LOCK})
+                connection.commit()
+                return None
+            held_by = connection.scalar(_holder_query(), {"key": RUN_LOCK})
+            connection.rollback()
+            return str(held_by or "a session that has just ended")
+    path = _lock_path(engine)
+    if path is None or not path.exists():
+        return None  # no command ever took it (its file is made by the first holder)
+    import fcntl
+
+    with path.open("r", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f"{lock.read().strip() or 'a process that has just started'}; lock file {path}"
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return None
+
+
+def _lock_path(engine: Engine) -> Path | None:
+    """The SQLite core's lock file, or None where no file lock applies (memory, URIs, no flock)."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:  # no flock (Windows): the same-host check of live runs still applies
+        return None
+    return Path(f"{database}.run-lock")
+
+
+@contextmanager
+def _held_here(engine: Engine) -> Iterator[None]:
+    identity = _lock_identity(engine)
+    _HELD_HERE.add(identity)
+    try:
+        yield
+    finally:
+        _HELD_HERE.discard(identity)
+
+
 @contextmanager
 def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
     """Hold the core's run lock for the block; raise :class:`CoreBusy` naming its holder when another has it.
@@ -81,22 +161,15 @@ def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
                 # idle for the whole run: a server's (or role's) idle_session_timeout would end it, lock and all
                 connection.execute(text("SET SESSION idle_session_timeout = 0"))
             if not connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": RUN_LOCK}):
-                held_by = connection.scalar(text(
-                    # another role sees only the holder's application_name: its address and start are null
-                    "SELECT a.application_name || coalesce(' from ' || host(a.client_addr), '') "
-                    "|| ', server process ' || a.pid "
-                    "|| coalesce(' since ' || to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS'), '') FROM pg_locks l "
-                    "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
-                    "AND l.classid = 0 AND l.objid = :key AND l.database = "
-                    "(SELECT oid FROM pg_database WHERE datname = current_database())"
-                ), {"key": RUN_LOCK})  # fmt: skip
+                held_by = connection.scalar(_holder_query(), {"key": RUN_LOCK})
                 connection.rollback()
                 raise CoreBusy(
                     f"another command holds this core ({held_by or 'a session that has just ended'})"
                 )
             connection.commit()
             try:
-                yield
+                with _held_here(engine):
+                    yield
             finally:
                 try:
                     connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": RUN_LOCK})
@@ -104,16 +177,12 @@ def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
                 except SQLAlchemyError:  # its session ended during the run (a restart): the lock went with it
                     connection.invalidate()  # the run's own outcome (its exit code) is what the caller sees
         return
-    database = engine.url.database if engine.dialect.name == "sqlite" else None
-    if not database or database == ":memory:" or database.startswith("file:"):
+    path = _lock_path(engine)
+    if path is None:
         yield
         return
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): the same-host check of live runs still applies
-        yield
-        return
-    path = Path(f"{database}.run-lock")
+    import fcntl
+
     with path.open("a+", encoding="utf-8") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -128,7 +197,8 @@ def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
             lock.truncate()
             lock.write(f"{holder} since {dt.datetime.now().isoformat(sep=' ', timespec='seconds')}\n")
             lock.flush()
-            yield
+            with _held_here(engine):
+                yield
         finally:
             lock.truncate(0)
             fcntl.flock(lock, fcntl.LOCK_UN)

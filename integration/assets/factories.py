@@ -28,7 +28,7 @@ from crm_core.failpoints import failpoint
 from crm_core.loading import SourceStats
 from crm_core.merging import changed_in_run
 from crm_core.models import Contact, Customer, LoadRun, ReferenceDecision
-from crm_core.runs import ACTIVE, abort_run, rollback_run
+from crm_core.runs import ACTIVE, CoreBusy, abort_run, core_lock_holder, rollback_run
 from crm_core.validation import core_violations
 from crm_core.watermarks import CursorState
 from integration.assets.resources import CoreDatabase, MigrationProject, SourceSystem
@@ -159,6 +159,13 @@ def _load_run_step(context: AssetExecutionContext, core: CoreDatabase, project: 
     release_memory()  # what earlier steps left behind, before this one reads its input
     try:
         engine = core.engine()
+        # A run launched from the UI, a schedule or a sensor meets a `crmi` command here (crmi run takes the
+        # lock itself, so its own steps pass): loading beside it would interleave two runs' changes.
+        holder = core_lock_holder(engine)
+        if holder is not None:
+            raise CoreBusy(
+                f"another command holds this core ({holder}): one at a time; launch this run again when it ends"
+            )
         status = start_run(engine, context.run.run_id, project, RunOptions.from_tags(context.run.tags).mode)
     except CrmError as exc:
         raise _fail(exc) from exc

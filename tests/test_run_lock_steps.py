@@ -1,0 +1,91 @@
+"""Runs launched from Dagster (the UI, a schedule, a sensor) respect the run lock a `crmi` command holds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from crm_core.db import ensure_schema, make_engine
+from crm_core.models import LoadRun
+from crm_core.runs import core_lock_holder, core_run_lock
+from integration.assets.resources import dispose_engines
+from tests.test_end_to_end import execute, run_job
+from tests.test_runs import content
+
+REPO = Path(__file__).resolve().parent.parent
+
+HOLD_THE_LOCK = """
+import sys
+from crm_core.db import make_engine
+from crm_core.runs import core_run_lock
+with core_run_lock(make_engine(sys.argv[1]), "crmi rollback on the consultant's laptop (pid 4242)"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextmanager
+def held_by_another_process(url: str) -> Iterator[None]:
+    """Hold the core's run lock in another process (as a `crmi` command in another terminal does)."""
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO,
+        text=True,
+    ) as holder:  # fmt: skip
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+            yield
+        finally:
+            holder.kill()
+
+
+def test_a_run_launched_from_dagster_refuses_to_load_beside_a_crmi_command(
+    demo_project: Path, core_url: str
+) -> None:
+    """The migration job run as the UI runs it (no `crmi`, no lock of its own) while `crmi rollback` holds the
+    core: its first step fails naming the holder, nothing is loaded and no load run is left behind; once the
+    command ended the same job runs."""
+    engine = make_engine(core_url)
+    ensure_schema(engine)
+    before = content(engine)
+    with held_by_another_process(core_url):
+        result = execute(demo_project, core_url)
+    dispose_engines()
+    assert not result.success
+    failures = [
+        e.step_failure_data.user_failure_data.description or ""
+        for e in result.all_events
+        if e.is_step_failure and e.step_failure_data.user_failure_data is not None
+    ]
+    assert failures and all(
+        "another command holds this core (crmi rollback on the consultant's laptop (pid 4242)" in message
+        and "launch this run again when it ends" in message
+        for message in failures
+    ), failures
+    assert content(engine) == before
+    with engine.connect() as connection:
+        assert connection.scalar(sa.select(sa.func.count()).select_from(LoadRun)) == 0
+    run_job(demo_project, core_url)
+    dispose_engines()
+    engine.dispose()
+
+
+def test_the_lock_probe_names_another_holder_and_not_this_process(core_url: str) -> None:
+    """A step asks who holds the core: another process's command is named; the lock this very process holds
+    (the steps of its own `crmi run`) is no other holder; a free core has none."""
+    engine = make_engine(core_url)
+    ensure_schema(engine)
+    assert core_lock_holder(engine) is None
+    with held_by_another_process(core_url):
+        assert "crmi rollback on the consultant's laptop (pid 4242)" in (core_lock_holder(engine) or "")
+    assert core_lock_holder(engine) is None  # the holder ended: its lock went with it
+    with core_run_lock(engine, "crmi run here"):
+        assert core_lock_holder(engine) is None
+        other = make_engine(core_url)  # the same core reached through another engine of this process
+        assert core_lock_holder(other) is None
+        other.dispose()
+    engine.dispose()
