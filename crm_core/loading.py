@@ -648,9 +648,8 @@ class EntityLoader:
         # Per target entity: resolve names that match no record exactly (variants, the match index). A name
         # still unresolved then waits for a steward (reference_decisions) instead of being rejected.
         self.name_resolvers = name_resolvers or {}
-        self._held: dict[
-            int, list[Any]
-        ] = {}  # reference decision id -> [rows held, amount held] in this load
+        # reference decision id -> the rows it holds in this load: (system, crosswalk key, amount)
+        self._held: dict[int, list[tuple[str, str, Any]]] = defaultdict(list)
         self._index: dict[tuple[str, tuple[Any, ...]], set[int]] = defaultdict(set)
         self._queried: dict[str, set[Any]] = {}  # field -> values whose stored records are in the index
         self._index_complete = False
@@ -1344,7 +1343,14 @@ class EntityLoader:
         return [(str(name), str(definition)) for name, definition in keys]
 
     def _record_held(self) -> None:
-        """Write how many rows (and how much money) wait on each reference decision; unchanged counts stay."""
+        """Write how many rows (and how much money) wait on each reference decision; unchanged counts stay.
+
+        A held row whose key a fix sheet loaded (``corrected_by``, this load or before) waits on nobody: the
+        core has it, and the reconciliation counts it corrected.
+        """
+        corrected = self._corrected_keys(
+            {(system, key) for rows in self._held.values() for system, key, _ in rows}
+        )
         # one query per part (a session keeps an unchanged object only while something references it)
         decisions = {
             decision.id: decision
@@ -1358,11 +1364,14 @@ class EntityLoader:
             if decision is not None and decision.rows_held:
                 decision.rows_held, decision.amount_held, decision.load_run_id = 0, None, self.run.id
         self._seen_decisions.clear()
-        for decision_id, (rows, amount) in sorted(self._held.items()):
+        for decision_id, held in sorted(self._held.items()):
             decision = decisions.get(decision_id)
             if decision is None:
                 continue
-            amount = None if amount is None else amount.quantize(Decimal("0.01"))
+            waiting = [amount for system, key, amount in held if (system, key) not in corrected]
+            rows = len(waiting)
+            money = [a for a in waiting if isinstance(a, Decimal)]
+            amount = sum(money, Decimal(0)).quantize(Decimal("0.01")) if money else None
             stored = (
                 None
                 if decision.amount_held is None
@@ -1372,6 +1381,19 @@ class EntityLoader:
                 decision.rows_held, decision.amount_held, decision.load_run_id = rows, amount, self.run.id
         self._held.clear()
         self.session.flush()
+
+    def _corrected_keys(self, keys: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Return the (system, key) pairs of ``keys`` whose crosswalk row of this entity a fix sheet wrote."""
+        xw = ExternalId.__table__.c
+        found: set[tuple[str, str]] = set()
+        for system in sorted({system for system, _ in keys}):
+            for part in _chunks(sorted(key for s, key in keys if s == system)):
+                query = select(xw.external_key).where(
+                    xw.entity == self.entity.name, xw.system == system, xw.corrected_by.is_not(None),
+                    ids_in(self.session.connection(), xw.external_key, part),
+                )  # fmt: skip
+                found.update((system, key) for key in self.session.scalars(query).all())
+        return found
 
     def _reject(
         self,
@@ -1495,10 +1517,7 @@ class EntityLoader:
                     self._quarantined_amount(stats, chunk_values[position - start], amount_field)
                     amount = chunk_values[position - start].get(amount_field) if amount_field else None
                     for decision_id in set(waits_on):
-                        counts = self._held.setdefault(decision_id, [0, None])
-                        counts[0] += 1
-                        if isinstance(amount, Decimal):
-                            counts[1] = (counts[1] or Decimal(0)) + amount
+                        self._held[decision_id].append((batch.source, keys[position], amount))
                     continue
                 stats.warnings += len(errors)
                 values = chunk_values[position - start]

@@ -28,6 +28,7 @@ from crm_core.errors import ConfigError, ExtractError, MappingError, Problem
 from crm_core.failpoints import failpoint
 from crm_core.loading import (
     EXTERNAL_KEY,
+    HELD,
     Batch,
     EntityLoader,
     Lookup,
@@ -1241,13 +1242,20 @@ class ReconciliationLine:
     max_quarantined_share: float = 1.0  # the project's limit (reconciliation.max_quarantined_share)
     mapping: str = ""  # the mapping file the rows were read by
     unchanged_since: str | None = None  # skipped: the run whose load (and counts) this line carries over
-    # Rejected rows (subtotals aside) whose key a re-imported fix sheet loaded: in the core, not quarantined.
+    # Rejected or held rows (subtotals aside) whose key a re-imported fix sheet loaded: in the core, not
+    # quarantined. ``corrected_held``: the held ones among them (no longer waiting for a steward).
     corrected: int = 0
     amount_corrected: Decimal | None = None
+    corrected_held: int = 0
+
+    @property
+    def waiting(self) -> int:
+        """Return the held rows still waiting for a steward's decision: held, less those a fix sheet loaded."""
+        return self.held - self.corrected_held
 
     @property
     def quarantined(self) -> int:
-        """Return the record rows that did not load: rejected (subtotal lines and corrected rows aside) or held."""
+        """Return the record rows that did not load: rejected or held (subtotal lines and corrected rows aside)."""
         return self.rejected - self.subtotals - self.corrected + self.held
 
     @property
@@ -1340,7 +1348,7 @@ class ReconciliationReport:
 
     @property
     def corrected_rows(self) -> int:
-        """Return the rejected rows over all lines whose key a re-imported fix sheet loaded."""
+        """Return the rejected or held rows over all lines whose key a re-imported fix sheet loaded."""
         return sum(line.corrected for line in self.lines)
 
     @property
@@ -1371,17 +1379,19 @@ class ReconciliationReport:
         if not self.balanced:
             return "The run does NOT balance."
         corrected = self.corrected_rows
-        fixed = f" ({corrected} rejected row(s) loaded from a fix sheet instead)" if corrected else ""
+        how = "rejected or held" if any(line.corrected_held for line in self.lines) else "rejected"
+        fixed = f" ({corrected} {how} row(s) loaded from a fix sheet instead)" if corrected else ""
         if not self.quarantined_rows:
             return f"Every row is accounted for and loaded{fixed}."
-        held = sum(line.held for line in self.lines)
+        held = sum(line.waiting for line in self.lines)
         money = self.quarantined_amount
+        how = "rejected or held" if any(line.corrected_held for line in self.lines) else "rejected"
         text = (
             f"Every row is accounted for, but {self.quarantined_rows} row(s)"
             + (f" carrying {money:,.2f}" if money else "")
             + " are quarantined"
             + (f" ({held} waiting for a steward's reference decision)" if held else "")
-            + (f"; {corrected} more were rejected but loaded from a fix sheet" if corrected else "")
+            + (f"; {corrected} more were {how} but loaded from a fix sheet" if corrected else "")
         )
         if not self.acceptable:
             return text + f": more than the project's limit of {self.max_quarantined_share:.0%}."
@@ -1467,7 +1477,8 @@ def reconcile(
                 ))  # fmt: skip
         columns = [Reject.source, Reject.entity, Reject.location, Reject.row_ref, Reject.field, Reject.value,
                    Reject.rule, Reject.reason, Reject.severity, Reject.raw_row, Reject.mapping, Reject.amount]  # fmt: skip
-        # A rejected row whose key a re-imported fix sheet loaded (this run or before): marked corrected_by it.
+        # A rejected or held row whose key a re-imported fix sheet loaded (this run or before): marked
+        # corrected_by it. (A held row's entries are all ``held``: a row also rejected records no hold.)
         loaded = (
             select(ExternalId.id)
             .where(ExternalId.entity == Reject.entity, ExternalId.system == Reject.source,
@@ -1475,7 +1486,10 @@ def reconcile(
             .exists()
         )  # fmt: skip
         corrected = and_(
-            Reject.severity == "error", Reject.rule != "subtotal", Reject.external_key.is_not(None), loaded
+            Reject.severity.in_(("error", HELD)),
+            Reject.rule != "subtotal",
+            Reject.external_key.is_not(None),
+            loaded,
         )
         query = select(*columns, case((corrected, True), else_=False).label("corrected"))
         rows = session.execute(query.where(Reject.load_run_id == run.id).order_by(Reject.id)).all()
@@ -1493,21 +1507,28 @@ def reconcile(
 
 
 def _count_corrected(lines: Sequence[ReconciliationLine], rejects: pd.DataFrame) -> None:
-    """Set each line's corrected rows and their money from the rejects marked ``corrected``."""
+    """Set each line's corrected rows (the held among them) and their money from the rejects marked ``corrected``."""
     chosen = rejects[rejects["corrected"]]
     if chosen.empty:
         return
     row = ["mapping", "source", "entity", "location", "row_ref"]
     # One row can have several rejects (one per field): it counts once, with its amount once.
-    per_row = chosen.groupby(row, dropna=False, sort=False)["amount"].first()
+    per_row = (
+        chosen.assign(held=chosen["severity"] == HELD)
+        .groupby(row, dropna=False, sort=False)
+        .agg(amount=("amount", "first"), held=("held", "any"))
+    )
     counted: dict[tuple[Any, ...], list[Any]] = {}
-    for key, amount in per_row.items():
-        where: tuple[Any, ...] = tuple(key)  # type: ignore[arg-type]
+    held: Counter[tuple[Any, ...]] = Counter()
+    for key, amount, was_held in zip(per_row.index, per_row["amount"], per_row["held"], strict=True):
+        where: tuple[Any, ...] = tuple(key)
         counted.setdefault(where[:3], []).append(amount)
+        held[where[:3]] += bool(was_held)
     for line in lines:
         amounts = counted.get((line.mapping, line.source, line.entity))
         if amounts:
             line.corrected = len(amounts)
+            line.corrected_held = held[(line.mapping, line.source, line.entity)]
             if line.amount_quarantined is not None:
                 total = sum((Decimal(a) for a in amounts if a is not None and a == a), Decimal(0))
                 line.amount_corrected = _amount(total)

@@ -93,20 +93,21 @@ def line_problems(line: ReconciliationLine) -> list[str]:
 
 def quarantine_notes(report: ReconciliationReport) -> list[str]:
     """Return one line per source and entity that loaded but left rows (and money) in quarantine, and one per
-    source and entity whose rejected rows a re-imported fix sheet loaded (corrected)."""
+    source and entity whose rejected or held rows a re-imported fix sheet loaded (corrected)."""
     notes = []
     for line, label in zip(report.lines, report.labels(), strict=True):
         if line.corrected:
             money = f" carrying {_money(line.amount_corrected)}" if line.amount_corrected else ""
             notes.append(
-                f"{label}/{line.entity}: {line.corrected} rejected row(s){money} corrected: a fix sheet loaded "
+                f"{label}/{line.entity}: {line.corrected} {'rejected or held' if line.corrected_held else 'rejected'} "
+                f"row(s){money} corrected: a fix sheet loaded "
                 "them under their source keys"
             )
         if not line.quarantined:
             continue
         money = f" carrying {_money(line.amount_in_quarantine)}" if line.amount_in_quarantine else ""
         unreadable = f" ({line.amount_unreadable} with no readable amount)" if line.amount_unreadable else ""
-        held = f", {line.held} waiting for a steward (`crmi dedup review`)" if line.held else ""
+        held = f", {line.waiting} waiting for a steward (`crmi dedup review`)" if line.waiting else ""
         notes.append(
             f"{label}/{line.entity}: {line.quarantined} row(s){money}{unreadable} quarantined "
             f"({line.quarantined_share:.1%}){held}"

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from crm_core.db import make_engine
 from crm_core.errors import ConfigError
-from crm_core.models import Customer, ExternalId, LoadRun, Opportunity, Reject
+from crm_core.models import Customer, ExternalId, LoadRun, Opportunity, ReferenceDecision, Reject
 from integration.assets.resources import dispose_engines
 from integration.cli import app
 from integration.connectors.base import LOCATION, ROW_REF, ReadRequest
@@ -206,9 +206,15 @@ def test_the_corrected_fix_sheet_re_imports_the_rejected_rows_under_their_source
     ]
     assert len(fixed_line) == 1 and fixed_line[0].loaded == len(fixes) and fixed_line[0].rejected == 0
     after = content(engine)
-    for table in before:  # nothing that was there changed or went away
+    # Nothing that was there changed or went away, but the names the held rows waited on: none waits now.
+    for table in before.keys() - {"reference_decisions"}:
         assert set(before[table]) <= set(after[table]), table
-    added = {table: set(after[table]) - set(before[table]) for table in after}
+    assert len(before["reference_decisions"]) == len(after["reference_decisions"])
+    with engine.connect() as connection:
+        assert set(connection.scalars(sa.select(ReferenceDecision.rows_held))) == {0}
+    added = {
+        table: set(after[table]) - set(before[table]) for table in after.keys() - {"reference_decisions"}
+    }
     assert {table for table, rows in added.items() if rows} == {"opportunities", "external_ids"}
     assert len(added["opportunities"]) == len(fixes)
     with engine.connect() as connection:
@@ -416,4 +422,51 @@ def test_the_mapping_that_last_loaded_a_key_marks_it_even_when_its_row_is_unchan
     assert marks() == {"erp_fixed"}
     rollback_run(engine, "r2")
     assert marks() == {None}
+    engine.dispose()
+
+
+def test_held_rows_a_fix_sheet_loaded_count_as_corrected_and_no_longer_wait_for_a_steward(
+    demo_project: Path, core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row held for a steward (its customer's name matches no single customer) that the sales team corrects
+    in the fix sheet is in the core under its source key: corrected like a rejected row, out of the next fix
+    sheet, and its name no longer waits in `crmi dedup review` (nothing waits on it)."""
+    from integration.dedup.references import reference_queue
+
+    monkeypatch.chdir(tmp_path)  # the report lands in var/reports/<run id>/ here
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    code, first = crmi_run(demo_project, core_url)
+    line = the_line(first, "sales_xlsx_opportunities")
+    assert (line["rejected"], line["subtotals"], line["held"], line["quarantined"]) == (2, 1, 11, 12)
+    engine = make_engine(core_url)
+    assert sum(q["rows_held"] for q in reference_queue(engine)) == 11
+    fixes = pd.read_excel(
+        tmp_path / "var" / "reports" / first["run_id"] / "reconciliation.xlsx",
+        sheet_name=FIX_SHEET,
+        dtype=str,
+    )
+    assert fixes["_reasons"].str.contains("names no single customer").sum() == 11 and len(fixes) == 12
+    with engine.connect() as connection:
+        customer = connection.scalar(
+            sa.select(Customer.name).where(Customer.merged_into_id.is_(None)).order_by(Customer.id)
+        )
+    re_import_fix_sheet(demo_project, correct(fixes, str(customer)))
+
+    for _ in range(2):  # the run that loads the fix sheet, and the next one (its keys there from the start)
+        code, run = crmi_run(demo_project, core_url)
+        dispose_engines()
+
+        assert the_line(run, "sales_xlsx_opportunities_fixed")["rejected"] == 0
+        line = the_line(run, "sales_xlsx_opportunities")
+        # The source still holds its 11 rows and rejects its 2: all in the core now (but the subtotal), corrected.
+        assert (line["rejected"], line["subtotals"], line["held"]) == (2, 1, 11)
+        assert line["rows_read"] == line["loaded"] + line["merged"] + line["rejected"] + line["held"]
+        assert (line["corrected"], line["quarantined"]) == (12, 0), run["verdict"]
+        assert money(line["amount_in_quarantine"]) == 0
+        assert money(line["amount_corrected"]) == money(line["amount_quarantined"]) > 0
+        assert line["balanced"] and line["status"] == "clean" and code == 0, run["verdict"]
+        assert "steward" not in run["verdict"] and run["quarantined_rows"] == 0
+        report = tmp_path / "var" / "reports" / run["run_id"]
+        assert FIX_SHEET not in openpyxl.load_workbook(report / "reconciliation.xlsx").sheetnames
+        assert reference_queue(engine) == []
     engine.dispose()
