@@ -1385,7 +1385,6 @@ class ReconciliationReport:
             return f"Every row is accounted for and loaded{fixed}."
         held = sum(line.waiting for line in self.lines)
         money = self.quarantined_amount
-        how = "rejected or held" if any(line.corrected_held for line in self.lines) else "rejected"
         text = (
             f"Every row is accounted for, but {self.quarantined_rows} row(s)"
             + (f" carrying {money:,.2f}" if money else "")
