@@ -287,12 +287,18 @@ def execute_without_capture(
 def _execute_with_progress(
     job: Any, instance: Any, run_config: dict[str, Any], tags: dict[str, str], show: bool
 ) -> Any:
-    """Run ``job`` in process; on a terminal, show a progress bar of its steps with rows read and rows/s."""
-    import threading
+    """Run ``job`` in process; on a terminal, show a progress bar of its steps with rows read and rows/s.
+
+    The job runs in the calling (main) thread either way: only there does Dagster turn Ctrl-C into an interrupt
+    of the running step, which undoes its run, and the caller's run lock is released only once the run has
+    stopped. (Run in a thread of its own, the job went on loading after Ctrl-C had left the lock.)
+    """
     import time
     import uuid
 
+    from rich.control import Control
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.segment import ControlType
 
     run_id = str(uuid.uuid4())
 
@@ -303,24 +309,14 @@ def _execute_with_progress(
 
     if not show:
         return execute()
-    outcome: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            outcome["result"] = execute()
-        except BaseException as exc:  # re-raised in the calling thread below
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=work, daemon=True)
     steps = len(job.nodes_in_topological_order)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[rows]}"))  # fmt: skip
     with Progress(*columns, console=errors, transient=True) as progress:
         task = progress.add_task("starting", total=steps, rows="")
         started = time.monotonic()
-        worker.start()
-        while worker.is_alive():
-            worker.join(0.25)  # refresh rate of the bar, not a synchronisation
+
+        def refresh() -> None:
             done, rows, current = 0, 0, "starting"
             for entry in instance.all_logs(run_id):
                 event = entry.dagster_event
@@ -337,7 +333,91 @@ def _execute_with_progress(
             progress.update(
                 task, completed=done, description=current, rows=f"{rows:,} rows read, {speed:,.0f} rows/s"
             )
-    return outcome["result"]
+
+        def interrupted(say: Console, times: int) -> None:
+            say.control(Control.move_to_column(0), Control((ControlType.ERASE_IN_LINE, 2)))  # the bar's line
+            say.print(
+                "[yellow]Ctrl-C: stopping the run; it undoes what it loaded, and the core stays locked until it "
+                "has stopped[/yellow]"
+                if times == 1
+                else "[yellow]still stopping the run: the core stays locked until it has stopped[/yellow]"
+            )
+
+        # A second Ctrl-C may interrupt the step's own undo too (Dagster raises on each press inside a step):
+        # the caller's failure report then undoes the run, still under the lock.
+        with _refreshing(refresh, interrupted):
+            return execute()
+
+
+@contextmanager
+def _stderr_as_it_is() -> Iterator[Console]:
+    """Yield a console on stderr as it is now, for the time Dagster points stderr at a run's log file.
+
+    Dagster mirrors that file to the terminal through a ``tail`` process, which Ctrl-C stops too: what the run
+    writes to stderr afterwards never reaches the terminal. (A stderr that is no file, a test's, is not
+    redirected: the usual console then.)
+    """
+    try:
+        copy = os.dup(sys.stderr.fileno())
+    except (AttributeError, OSError):  # io.UnsupportedOperation is an OSError
+        copy = -1
+    if copy < 0:
+        yield errors
+        return
+    with os.fdopen(copy, "w", encoding=sys.stderr.encoding, errors="replace") as stream:
+        yield Console(file=stream, soft_wrap=True)
+
+
+@contextmanager
+def _refreshing(refresh: Callable[[], None], interrupted: Callable[[Console, int], None]) -> Iterator[None]:
+    """Call ``refresh`` four times a second from a thread of its own while the block runs, and ``interrupted``
+    (with stderr as it was before the block, and how many presses so far) at once on each Ctrl-C.
+
+    Dagster, running the block in the main thread, takes SIGINT over for its run; the signal's wake-up byte is
+    how this thread learns of it. An error in ``refresh`` stops the refreshing and is raised when the block ends.
+    """
+    import select
+    import signal
+    import threading
+
+    stop = threading.Event()
+    failed: list[Exception] = []
+    in_main = threading.current_thread() is threading.main_thread()
+    with _stderr_as_it_is() as say:
+        receiving, waking = socket.socketpair()  # a socket: what set_wakeup_fd takes on Windows too
+        waking.setblocking(False)
+        previous = signal.set_wakeup_fd(waking.fileno(), warn_on_full_buffer=False) if in_main else -1
+
+        def loop() -> None:
+            presses = 0
+            while True:
+                # a quarter second: the bar's refresh rate, not a synchronisation
+                woken, _, _ = select.select([receiving], [], [], 0.25)
+                for _ in range(receiving.recv(64).count(signal.SIGINT) if woken else 0):
+                    presses += 1
+                    interrupted(say, presses)
+                if stop.is_set():
+                    return
+                if not failed:
+                    try:
+                        refresh()
+                    except Exception as exc:  # the bar stops; the run goes on, and its end raises this
+                        failed.append(exc)
+
+        thread = threading.Thread(target=loop, name="crmi-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if in_main:  # presses already signalled stay in the socket for the loop's last turn
+                signal.set_wakeup_fd(previous)
+            waking.send(b"\0")  # ends the thread's wait at once (no signal's number)
+            thread.join()
+            receiving.close()
+            waking.close()
+    if failed:
+        raise failed[0]
 
 
 @app.command()

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -673,3 +676,90 @@ def test_the_run_lock_holder_keeps_its_pid_beside_a_long_host_name(monkeypatch: 
     holder = cli.run_lock_holder()
     assert len(holder) <= 63 and holder.startswith("crmi run on consultant-laptop-0042")
     assert holder.endswith(f" (pid {os.getpid()})")
+
+
+def test_ctrl_c_under_the_progress_bar_keeps_the_core_locked_until_the_run_has_stopped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while `crmi run` shows its progress bar interrupts the running step, which then undoes its load:
+    until the run has stopped, a second Ctrl-C included, the core stays locked (another run, rollback or
+    linkage is refused); then it is free."""
+    from integration.cli import _execute_with_progress, _one_at_a_time
+
+    main = threading.main_thread()
+    if threading.current_thread() is not main or not hasattr(signal, "pthread_kill"):  # pragma: no cover
+        pytest.skip("Ctrl-C is pressed here by signalling the main thread (POSIX), where the test must run")
+    engine = make_engine(f"sqlite:///{tmp_path / 'core.sqlite'}")
+    started, released, woken = threading.Event(), threading.Event(), threading.Event()
+    milestones: queue.Queue[str] = queue.Queue()
+
+    def busy() -> None:
+        # Woken after each Ctrl-C: a lock wait misses a signal that lands just before it blocks (CPython).
+        while not released.is_set():
+            woken.wait(60)
+            woken.clear()
+
+    @dg.op
+    def loads() -> None:
+        try:
+            started.set()
+            busy()  # loading, until the test lets it end
+        except dg.DagsterExecutionInterruptedError:
+            try:
+                milestones.put("interrupted")
+                busy()  # undoing what it loaded
+            except dg.DagsterExecutionInterruptedError:
+                milestones.put("interrupted again")
+                busy()  # a step still busy after the second Ctrl-C
+            raise
+
+    @dg.job
+    def one_step() -> None:
+        loads()
+
+    def core_locked() -> bool:
+        try:
+            with core_run_lock(engine, "crmi rollback here"):
+                return False
+        except CoreBusy:
+            return True
+
+    def ctrl_c() -> None:
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+        woken.set()
+
+    seen: list[tuple[str, bool]] = []
+
+    def press_ctrl_c_twice() -> None:
+        try:
+            assert started.wait(60)
+            ctrl_c()
+            seen.append((milestones.get(timeout=60), core_locked()))
+            if seen[-1][0] == "interrupted":
+                ctrl_c()
+                seen.append((milestones.get(timeout=60), core_locked()))
+        finally:
+            released.set()
+            woken.set()
+
+    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+    presser = threading.Thread(target=press_ctrl_c_twice)
+    with dg.DagsterInstance.ephemeral() as instance:
+        presser.start()
+        result = None
+        try:
+            with _one_at_a_time(engine, "crmi run"):
+                result = _execute_with_progress(one_step, instance, quiet, {}, True)
+        except KeyboardInterrupt:  # the run lock left behind a step still running
+            pass
+        milestones.put("the lock released")
+        presser.join()
+    assert seen == [("interrupted", True), ("interrupted again", True)]
+    assert not core_locked()
+    assert result is not None and not result.success
+    notices = [line for line in capsys.readouterr().err.splitlines() if "stopping the run" in line]
+    assert notices == [
+        "Ctrl-C: stopping the run; it undoes what it loaded, and the core stays locked until it has stopped",
+        "still stopping the run: the core stays locked until it has stopped",
+    ]
+    engine.dispose()
