@@ -65,15 +65,52 @@ def core_identity(url: str) -> str:
     return bare.render_as_string(hide_password=False)
 
 
-def cluster_executor() -> dg.ExecutorDefinition | None:
-    """Return the executor ``$CRMI_DAGSTER_EXECUTOR`` names for the PostgreSQL jobs; None: multiprocess.
+def forkserver_multiprocess_executor() -> dg.ExecutorDefinition:
+    """Return Dagster's default executor (multiprocess, or ``in_process`` by run config) whose step processes
+    start from a forkserver unless the run config names another ``start_method``.
+
+    Spawned (Dagster's default), each step process imports Dagster, pandas and this toolkit and builds the
+    definitions again: 5–7 s of CPU per step on the 2-core reference machine, minutes per migration run of
+    about thirty steps. A forkserver does that once per run (it preloads the code location's module) and
+    forks each step from it. The run config is Dagster's own (``execution: {config: {multiprocess: …}}``).
+    Should a Dagster release move the internals this uses, Dagster's executor runs as it is.
+    """
+    try:
+        from dagster._core.definitions.executor_definition import (
+            _core_in_process_executor_creation,
+            _core_multiprocess_executor_creation,
+            multi_or_in_process_executor,
+        )
+    except ImportError:  # pragma: no cover - depends on the Dagster release
+        return dg.multi_or_in_process_executor
+
+    @dg.executor(
+        name=multi_or_in_process_executor.name,
+        config_schema=multi_or_in_process_executor.config_schema.as_field(),
+        requirements=multi_or_in_process_executor.get_requirements,
+    )
+    def forkserver_by_default(init_context: dg.InitExecutorContext) -> Any:
+        """Execute each step in a process of its own (forked from a forkserver by default), or all in this one."""
+        config: dict[str, Any] = dict(init_context.executor_config)
+        if "multiprocess" not in config:
+            return _core_in_process_executor_creation(config["in_process"])
+        multiprocess: dict[str, Any] = dict(config["multiprocess"] or {})
+        if not multiprocess.get("start_method"):
+            multiprocess["start_method"] = {"forkserver": {}}
+        return _core_multiprocess_executor_creation(multiprocess)
+
+    return forkserver_by_default
+
+
+def cluster_executor() -> dg.ExecutorDefinition:
+    """Return the executor ``$CRMI_DAGSTER_EXECUTOR`` names for the PostgreSQL jobs (default: multiprocess).
 
     ``k8s`` (dagster-k8s: one pod per step) and ``celery`` (dagster-celery: steps as Celery tasks) run the
     same definitions past one machine; their run config is in deploy/k8s and deploy/celery.
     """
     name = os.environ.get(EXECUTOR_ENV, "").strip().lower()
     if name in ("", "multiprocess"):
-        return None
+        return forkserver_multiprocess_executor()
     try:
         if name == "k8s":
             from dagster_k8s import k8s_job_executor

@@ -28,6 +28,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import dagster as dg
@@ -123,7 +124,7 @@ class Deployment:
     def migration(self) -> str:
         """Return the run id of the one migration of this deployment; submit it the first time."""
         if "migration" not in self.launched:
-            self.launched["migration"] = self.launch("migration", config=FORKSERVER)
+            self.launched["migration"] = self.launch("migration")  # forkserver: the default (see below)
         return self.launched["migration"]
 
     def alert_sensor_ticked(self) -> None:
@@ -569,6 +570,38 @@ def test_the_kubernetes_and_celery_files_pass_dagster_k8s_and_dagster_celerys_sc
     monkeypatch.setenv(EXECUTOR_ENV, "spark")
     with pytest.raises(ConfigError, match=r"CRMI_DAGSTER_EXECUTOR='spark'.*multiprocess, k8s or celery"):
         build_definitions(demo_project, url)
+
+
+def test_the_default_executor_forks_steps_from_a_forkserver_unless_the_run_config_says_otherwise(
+    demo_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PostgreSQL core's jobs take Dagster's default executor config (``multiprocess:`` or ``in_process:``);
+    a step process is forked from a forkserver that imported the code location once, unless the run config
+    names another start method."""
+    from dagster._config import process_config
+    from dagster._core.executor.in_process import InProcessExecutor
+    from dagster._core.executor.multiprocess import MultiprocessExecutor
+
+    monkeypatch.delenv(EXECUTOR_ENV, raising=False)
+    defs = build_definitions(demo_project, "postgresql+psycopg://crmi@db.example:5432/crm_core")
+    for name in ("migration", "migration_delta", "sync_u8_inbound_job"):
+        executor_def = defs.resolve_job_def(name).executor_def
+
+        def made(config: dict[str, Any], executor_def: dg.ExecutorDefinition = executor_def) -> Any:
+            processed = process_config(executor_def.config_schema.config_type, config)
+            assert processed.success, processed.errors
+            return executor_def.executor_creation_fn(SimpleNamespace(executor_config=processed.value))  # type: ignore[arg-type, misc]
+
+        default, spawned, in_process = (
+            made({"multiprocess": {}}),  # what the job takes without an execution config
+            made({"multiprocess": {"start_method": {"spawn": {}}}}),
+            made({"in_process": {}}),
+        )
+        assert isinstance(default, MultiprocessExecutor) and default._start_method == "forkserver", name
+        assert made({"multiprocess": {"max_concurrent": 2}})._start_method == "forkserver"
+        assert isinstance(spawned, MultiprocessExecutor) and spawned._start_method == "spawn"
+        assert isinstance(in_process, InProcessExecutor)
+        dg.validate_run_config(defs.resolve_job_def(name), FORKSERVER)  # the run config docs/deploy.md shows
 
 
 def test_compose_runs_the_same_files_with_health_checks_and_no_secrets() -> None:
