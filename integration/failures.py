@@ -49,12 +49,18 @@ def frames(exc: BaseException, limit: int = 4000) -> str:
     return text[-limit:]
 
 
+# What a step stopped by Ctrl-C or terminated from the UI says (Dagster's interrupt carries no message).
+INTERRUPTED = "interrupted (Ctrl-C, or the run was terminated)"
+
+
 def error_info_line(error: Any) -> str:
     """Return the one-line cause of a Dagster ``SerializableErrorInfo``: the innermost cause's first line."""
     chain = []
     while error is not None:
         chain.append(error)
         error = error.cause or error.context
+    if any(info.cls_name == "DagsterExecutionInterruptedError" for info in chain):
+        return INTERRUPTED
     for info in reversed(chain):  # the innermost error with a message says what really happened
         detail = _first_line(info.message or "")
         if detail:

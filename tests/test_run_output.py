@@ -7,6 +7,7 @@ import sys
 from types import SimpleNamespace
 from typing import Any
 
+import dagster as dg
 import pytest
 import sqlalchemy as sa
 from dagster._utils.error import serializable_error_info_from_exc_info
@@ -51,6 +52,18 @@ def test_a_dagster_error_chain_reduces_to_its_innermost_cause() -> None:
     line = error_info_line(info)
     assert line.startswith("OperationalError: (sqlite3.OperationalError) Expression tree is too large")
     assert "SELECT" not in line and len(line) <= MAX_CAUSE
+
+
+def test_an_interrupted_step_says_it_was_interrupted_not_the_exceptions_name() -> None:
+    """Ctrl-C under `crmi run`, or a run terminated from the UI: Dagster's interrupt has no message of its own."""
+    try:
+        try:
+            raise dg.DagsterExecutionInterruptedError()
+        except dg.DagsterExecutionInterruptedError as exc:
+            raise RuntimeError("Error occurred while executing op staged_sales_order:") from exc
+    except RuntimeError:
+        info = serializable_error_info_from_exc_info(sys.exc_info())
+    assert error_info_line(info) == "interrupted (Ctrl-C, or the run was terminated)"
 
 
 def entry(step: str, kind: str, at: float, **metadata: int) -> Any:
