@@ -68,6 +68,19 @@ def _lock_identity(engine: Engine) -> str:
     return str(path.resolve()) if path is not None else engine.url.render_as_string(hide_password=True)
 
 
+def _session_holder(connection: Any) -> str:
+    """Describe the PostgreSQL session holding the run lock (its transaction is left rolled back)."""
+    held_by = connection.scalar(_holder_query(), {"key": RUN_LOCK})
+    connection.rollback()
+    return str(held_by or "a session that has just ended")
+
+
+def _file_holder(lock: Any, path: Path) -> str:
+    """Describe the holder a SQLite core's lock file names (the holder writes itself in on taking it)."""
+    lock.seek(0)
+    return f"{lock.read().strip() or 'a process that has just started'}; lock file {path}"
+
+
 def _holder_query() -> Any:
     # another role sees only the holder's application_name: its address and start are null
     return text(
@@ -98,9 +111,7 @@ def core_lock_holder(engine: Engine) -> str | None:
                 connection.execute(text("SELECT pg_advisory_unlock_shared(:key)"), {"key": RUN_LOCK})
                 connection.commit()
                 return None
-            held_by = connection.scalar(_holder_query(), {"key": RUN_LOCK})
-            connection.rollback()
-            return str(held_by or "a session that has just ended")
+            return _session_holder(connection)
     path = _lock_path(engine)
     if path is None or not path.exists():
         return None  # no command ever took it (its file is made by the first holder)
@@ -110,7 +121,7 @@ def core_lock_holder(engine: Engine) -> str | None:
         try:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return f"{lock.read().strip() or 'a process that has just started'}; lock file {path}"
+            return _file_holder(lock, path)
         fcntl.flock(lock, fcntl.LOCK_UN)
     return None
 
@@ -161,11 +172,7 @@ def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
                 # idle for the whole run: a server's (or role's) idle_session_timeout would end it, lock and all
                 connection.execute(text("SET SESSION idle_session_timeout = 0"))
             if not connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": RUN_LOCK}):
-                held_by = connection.scalar(_holder_query(), {"key": RUN_LOCK})
-                connection.rollback()
-                raise CoreBusy(
-                    f"another command holds this core ({held_by or 'a session that has just ended'})"
-                )
+                raise CoreBusy(f"another command holds this core ({_session_holder(connection)})")
             connection.commit()
             try:
                 with _held_here(engine):
@@ -187,11 +194,7 @@ def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            lock.seek(0)
-            raise CoreBusy(
-                f"another command holds this core ({lock.read().strip() or 'a process that has just started'}; lock file "
-                f"{path})"
-            ) from None
+            raise CoreBusy(f"another command holds this core ({_file_holder(lock, path)})") from None
         try:
             lock.seek(0)
             lock.truncate()
