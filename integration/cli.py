@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -284,6 +284,46 @@ def execute_without_capture(
     )
 
 
+@contextmanager
+def _log_mirrors_deaf_to_ctrl_c() -> Iterator[None]:
+    """Start Dagster's log-mirroring helpers with Ctrl-C blocked, for the block.
+
+    A terminal's Ctrl-C reaches the whole process group, Dagster's ``tail`` of each captured stream and its
+    orphan watcher (a Python script) included: the watcher printed a KeyboardInterrupt traceback over the
+    run's own lines, and ``tail`` stopped mirroring them while this process was still undoing the run. Started
+    with SIGINT blocked (a blocked signal stays blocked across exec), they leave Ctrl-C to this process;
+    Dagster ends them when the capture ends, and the watcher ends ``tail`` should this process die. The hook
+    is internal to Dagster: where a release moves it, the helpers start as before.
+    """
+    import signal
+
+    try:
+        from dagster._core.execution import compute_logs
+    except ImportError:  # pragma: no cover - depends on the Dagster release
+        yield
+        return
+    original = getattr(compute_logs, "execute_posix_tail", None)
+    if original is None or not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - not POSIX
+        yield
+        return
+
+    @contextmanager
+    def started_deaf(path: Any, stream: Any) -> Iterator[Any]:
+        with ExitStack() as stack:
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:  # a Ctrl-C pressed meanwhile is delivered when the mask is restored
+                pids = stack.enter_context(original(path, stream))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            yield pids
+
+    compute_logs.execute_posix_tail = started_deaf
+    try:
+        yield
+    finally:
+        compute_logs.execute_posix_tail = original
+
+
 def _execute_with_progress(
     job: Any, instance: Any, run_config: dict[str, Any], tags: dict[str, str], show: bool
 ) -> Any:
@@ -303,9 +343,10 @@ def _execute_with_progress(
     run_id = str(uuid.uuid4())
 
     def execute() -> Any:
-        return execute_without_capture(
-            job, instance=instance, run_config=run_config, tags=tags, run_id=run_id
-        )
+        with _log_mirrors_deaf_to_ctrl_c():
+            return execute_without_capture(
+                job, instance=instance, run_config=run_config, tags=tags, run_id=run_id
+            )
 
     if not show:
         return execute()
