@@ -51,6 +51,9 @@ PARTIAL = "partial"
 COMMITTED = ("succeeded", "unbalanced", PARTIAL)  # statuses of runs that ended with their changes in the core
 ACTIVE = ("running", *COMMITTED)  # statuses whose changes are in the core
 RUN_LOCK = 0x63726D6A  # 'crmj': the PostgreSQL advisory lock a `crmi run` holds while it runs (db.SCHEMA_LOCK is 'crmi')
+# 'crms': what a sync holds (shared) beside its shared hold of RUN_LOCK, so that the probe of a migration step
+# tells a running sync from another step's momentary probe (both share RUN_LOCK)
+SYNC_LOCK = 0x63726D73
 
 
 class CoreBusy(RunError):
@@ -76,9 +79,27 @@ def _session_holder(connection: Any) -> str:
 
 
 def _file_holder(lock: Any, path: Path) -> str:
-    """Describe the holder a SQLite core's lock file names (the holder writes itself in on taking it)."""
+    """Describe the holder a SQLite core's lock file names (the holder writes itself in on taking it), or the
+    syncs that share it (each names itself in a file of its own beside it)."""
     lock.seek(0)
-    return f"{lock.read().strip() or 'a process that has just started'}; lock file {path}"
+    held_by = lock.read().strip() or "; ".join(_sync_holders(path))
+    return f"{held_by or 'a process that has just started'}; lock file {path}"
+
+
+def _sync_holders(path: Path) -> list[str]:
+    """Describe the syncs holding a SQLite core's lock file shared: ``<lock file>.sync-<pid>-<token>`` files
+    of live processes (one a sync that was killed left behind is removed)."""
+    found = []
+    for mark in sorted(path.parent.glob(f"{path.name}.sync-*")):
+        pid = mark.name.removeprefix(f"{path.name}.sync-").split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            try:
+                found.append(mark.read_text(encoding="utf-8").strip() or f"a sync (pid {pid})")
+            except FileNotFoundError:  # it has just ended
+                continue
+        else:
+            mark.unlink(missing_ok=True)
+    return found
 
 
 def _holder_query() -> Any:
@@ -90,18 +111,21 @@ def _holder_query() -> Any:
         "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
         "AND l.classid = 0 AND l.objid = :key AND l.database = "
         "(SELECT oid FROM pg_database WHERE datname = current_database()) "
-        # a command's hold before a step's passing probe (pg_try_advisory_lock_shared)
-        "ORDER BY l.mode = 'ExclusiveLock' DESC LIMIT 1"
+        # a command's hold before a sync's, a sync's before a step's passing probe (pg_try_advisory_lock_shared)
+        "ORDER BY l.mode = 'ExclusiveLock' DESC, EXISTS (SELECT 1 FROM pg_locks s WHERE s.pid = l.pid "
+        f"AND s.locktype = 'advisory' AND s.granted AND s.classid = 0 AND s.objid = {SYNC_LOCK}) DESC LIMIT 1"
     )
 
 
-def core_lock_holder(engine: Engine) -> str | None:
+def core_lock_holder(engine: Engine, *, syncs: bool = True) -> str | None:
     """Return who holds the core's run lock when another process does (a `crmi run`, rollback…), else None.
 
     What a Dagster run's step asks before it touches the core: a run launched from the UI, a schedule or a
     sensor does not go through ``crmi`` and would otherwise load beside a command that holds the core. It
     probes with a shared lock (steps of runs never exclude each other; the run queue orders those) and lets
-    go at once; a lock this process holds (the steps of its own `crmi run`) is no other holder.
+    go at once; a lock this process holds (the steps of its own `crmi run`) is no other holder. A sync
+    holding it (:func:`core_sync_lock`) is named too, unless ``syncs`` is False: what a sync's schedule asks,
+    as syncs share the core with each other.
     """
     if _lock_identity(engine) in _HELD_HERE:
         return None
@@ -109,8 +133,9 @@ def core_lock_holder(engine: Engine) -> str | None:
         with engine.connect() as connection:
             if connection.scalar(text("SELECT pg_try_advisory_lock_shared(:key)"), {"key": RUN_LOCK}):
                 connection.execute(text("SELECT pg_advisory_unlock_shared(:key)"), {"key": RUN_LOCK})
+                held_by = connection.scalar(_holder_query(), {"key": SYNC_LOCK}) if syncs else None
                 connection.commit()
-                return None
+                return None if held_by is None else str(held_by)
             return _session_holder(connection)
     path = _lock_path(engine)
     if path is None or not path.exists():
@@ -123,7 +148,8 @@ def core_lock_holder(engine: Engine) -> str | None:
         except BlockingIOError:
             return _file_holder(lock, path)
         fcntl.flock(lock, fcntl.LOCK_UN)
-    return None
+    held = _sync_holders(path) if syncs else []
+    return f"{'; '.join(held)}; lock file {path}" if held else None
 
 
 def _lock_path(engine: Engine) -> Path | None:
@@ -148,6 +174,27 @@ def _held_here(engine: Engine) -> Iterator[None]:
         _HELD_HERE.discard(identity)
 
 
+def lock_holder(command: str) -> str:
+    """``<command> on HOST (pid N)``, at most 63 characters (PostgreSQL's application_name): a long host name
+    is shortened, the pid kept."""
+    pid = f" (pid {os.getpid()})"
+    return f"{command} on {socket.gethostname()}"[: 63 - len(pid)] + pid
+
+
+def _name_holding_session(connection: Any, holder: str) -> None:
+    """Name the PostgreSQL session that holds the lock after its holder, and keep it alive for the whole hold."""
+    connection.execute(text("SELECT set_config('application_name', :name, false)"), {"name": holder[:63]})
+    # A holder that vanished without closing its connection (a laptop off the network, out of power) holds
+    # the lock until the server notices: probe the client after 30 s of silence, give up after 3 x 10 s
+    # more, instead of the system's two hours (TCP connections only; a Unix socket closes with its process).
+    for setting, value in (("tcp_keepalives_idle", 30), ("tcp_keepalives_interval", 10),
+                           ("tcp_keepalives_count", 3)):  # fmt: skip
+        connection.execute(text(f"SET SESSION {setting} = {value}"))
+    if (connection.dialect.server_version_info or (0,)) >= (14,):
+        # idle for the whole run: a server's (or role's) idle_session_timeout would end it, lock and all
+        connection.execute(text("SET SESSION idle_session_timeout = 0"))
+
+
 @contextmanager
 def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
     """Hold the core's run lock for the block; raise :class:`CoreBusy` naming its holder when another has it.
@@ -159,18 +206,7 @@ def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
     """
     if engine.dialect.name == "postgresql":
         with engine.connect() as connection:
-            connection.execute(
-                text("SELECT set_config('application_name', :name, false)"), {"name": holder[:63]}
-            )
-            # A holder that vanished without closing its connection (a laptop off the network, out of power) holds
-            # the lock until the server notices: probe the client after 30 s of silence, give up after 3 x 10 s
-            # more, instead of the system's two hours (TCP connections only; a Unix socket closes with its process).
-            for setting, value in (("tcp_keepalives_idle", 30), ("tcp_keepalives_interval", 10),
-                                   ("tcp_keepalives_count", 3)):  # fmt: skip
-                connection.execute(text(f"SET SESSION {setting} = {value}"))
-            if (connection.dialect.server_version_info or (0,)) >= (14,):
-                # idle for the whole run: a server's (or role's) idle_session_timeout would end it, lock and all
-                connection.execute(text("SET SESSION idle_session_timeout = 0"))
+            _name_holding_session(connection, holder)
             if not connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": RUN_LOCK}):
                 raise CoreBusy(f"another command holds this core ({_session_holder(connection)})")
             connection.commit()
@@ -204,6 +240,65 @@ def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
                 yield
         finally:
             lock.truncate(0)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextmanager
+def core_sync_lock(engine: Engine, holder: str) -> Iterator[None]:
+    """Hold the core's run lock shared while a sync (or what computes from its data) works on the core.
+
+    Syncs share it with each other (one sync per target is the sync engine's own rule) and with the probes of
+    migration steps launched from Dagster, which see a sync as a holder; a ``crmi run``, rollback, recovery,
+    linkage or schema upgrade, which take it alone, refuse while a sync holds it, naming the sync (``holder``),
+    and the sync refuses with :class:`CoreBusy` naming the command while one of them holds it. Held for one
+    sync, not for a Dagster run: a sync step is a whole load run of its own, so between two steps the core
+    holds no half of one. A process that holds the lock itself (its own ``crmi run``, a command's
+    in-process steps) passes without taking it again: the sync is part of what that process does, and
+    taking it a second time from the same process would refuse it (another session, another open file).
+    """
+    if _lock_identity(engine) in _HELD_HERE:
+        yield
+        return
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            try:
+                _name_holding_session(connection, holder)
+                if not connection.scalar(text("SELECT pg_try_advisory_lock_shared(:key)"), {"key": RUN_LOCK}):
+                    raise CoreBusy(f"another command holds this core ({_session_holder(connection)})")
+                # never waits: every holder of SYNC_LOCK shares it
+                connection.execute(text("SELECT pg_advisory_lock_shared(:key)"), {"key": SYNC_LOCK})
+                connection.commit()
+                yield
+            finally:
+                try:
+                    connection.execute(text("SELECT pg_advisory_unlock_all()"))
+                    connection.commit()
+                except SQLAlchemyError:  # its session ended during the sync (a restart): the lock went too
+                    pass
+                # not back into the pool: the session is named after this holder and set up to hold
+                connection.invalidate()
+        return
+    path = _lock_path(engine)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with path.open("a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CoreBusy(f"another command holds this core ({_file_holder(lock, path)})") from None
+        mark = path.with_name(f"{path.name}.sync-{os.getpid()}-{os.urandom(4).hex()}")
+        try:
+            lock.truncate(0)  # what a command killed while it held the file wrote: no one holds it alone now
+            mark.write_text(
+                f"{holder} since {dt.datetime.now().isoformat(sep=' ', timespec='seconds')}\n",
+                encoding="utf-8",
+            )
+            yield
+        finally:
+            mark.unlink(missing_ok=True)
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 

@@ -113,8 +113,9 @@ def _core_engine(core: str | None, *, create: bool = False) -> Iterator[Any]:
 def run_lock_holder(command: str = "crmi run") -> str:
     """``crmi run on HOST (pid N)``, at most 63 characters (PostgreSQL's application_name): a long host name
     is shortened, the pid kept."""
-    pid = f" (pid {os.getpid()})"
-    return f"{command} on {socket.gethostname()}"[: 63 - len(pid)] + pid
+    from crm_core.runs import lock_holder
+
+    return lock_holder(command)
 
 
 @contextmanager
