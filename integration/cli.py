@@ -1659,14 +1659,22 @@ def sync_run(
     core: CoreOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Run one sync: the target's changed rows into the core, then the core's changes out to the target."""
+    """Run one sync: the target's changed rows into the core, then the core's changes out to the target.
+
+    Refused (exit 1) while a ``crmi run``, rollback or another command holds the core; ``crmi run`` and
+    rollback refuse while it runs.
+    """
+    from crm_core.runs import CoreBusy
     from integration.failures import cause_line
     from integration.sync.engine import run_sync
 
     migration = _migration_or_exit(project)
     with _core_engine(core) as engine:
         try:
-            report = run_sync(migration, engine, target, direction)
+            report = run_sync(migration, engine, target, direction, by="crmi sync run")
+        except CoreBusy as exc:  # the whole reason, holder and advice (cause_line would cut a long lock path)
+            errors.print(f"[red]sync refused:[/red] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(EXIT_FAILED) from None
         except CrmError as exc:
             errors.print(f"[red]sync failed:[/red] {escape(cause_line(exc))}", highlight=False)
             raise typer.Exit(EXIT_FAILED) from None

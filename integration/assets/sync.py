@@ -16,6 +16,10 @@ Per target ``<t>``:
 Schedules and the sensor start **stopped**: they write to the ERP, and a fresh ``make ui`` before go-live
 must not send trial data there. IT staff turn them on after go-live (Dagster UI, Automation page).
 The migration jobs leave the ``sync`` group out (integration.jobs), so ``crmi run`` never syncs.
+
+A sync step holds the core's run lock (shared with other syncs) while it runs, so ``crmi run`` and rollback
+refuse meanwhile, naming it; while one of those holds the core, a sync step fails naming it, and the schedules
+and the sensor skip their tick saying so (:func:`core_free_schedule`) instead of launching a run that fails.
 """
 
 # No ``from __future__ import annotations`` here: Dagster inspects the *objects* annotating ``context``.
@@ -35,12 +39,12 @@ from sqlalchemy.orm import Session
 from crm_core.db import session_factory
 from crm_core.errors import CrmError, SyncError
 from crm_core.models import LoadRun, SyncConflict, SyncOutbox
-from crm_core.runs import COMMITTED
+from crm_core.runs import COMMITTED, CoreBusy
 from crm_core.watermarks import read_watermark
 from integration.assets.factories import LAYER_TAG, OWNER_INTEGRATION
 from integration.assets.resources import CoreDatabase, MigrationProject
 from integration.failures import cause_line, frames, shorten
-from integration.sync.engine import SyncReport, run_sync
+from integration.sync.engine import SyncReport, core_busy, run_sync
 from integration.sync.outbox import CAPTURE_STREAM, oldest_pending, watermark_source
 from integration.sync.spec import CompiledTarget
 
@@ -154,7 +158,15 @@ def sync_asset(target: CompiledTarget, direction: str) -> dg.AssetsDefinition:
         core: CoreDatabase = context.resources.core
         project: MigrationProject = context.resources.project
         try:
-            report = run_sync(project.migration(), core.engine(), name, direction)
+            report = run_sync(
+                project.migration(),
+                core.engine(),
+                name,
+                direction,
+                by=f"Dagster run {context.run.run_id[:8]}",
+            )
+        except CoreBusy as exc:  # the holder and what to do, whole (cause_line would cut a long lock path)
+            raise dg.Failure(description=str(exc), allow_retries=False) from None
         except CrmError as exc:
             raise dg.Failure(description=cause_line(exc), allow_retries=False) from None
         except Exception as exc:
@@ -352,6 +364,9 @@ def outbox_sensor(
         cursor = OutboxCursor.parse(context.cursor)
         try:
             engine = CoreDatabase(url=core_database_url).engine()
+            busy = core_busy(engine)
+            if busy is not None:  # the cursor stays: what changed meanwhile is looked at when it has ended
+                return dg.SkipReason(busy_reason(busy))
             with session_factory(engine)() as session:
                 scan = scan_outbox(session, target, cursor, _utcnow())
         except Exception as exc:  # one readable line in the tick's error, never the URL's password
@@ -367,6 +382,34 @@ def outbox_sensor(
         return dg.SensorResult(run_requests=[request], cursor=state.to_json())
 
     return _outbox
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def busy_reason(busy: str, what: str = "sync") -> str:
+    """Why a tick is skipped while the core is ``busy`` (:func:`integration.sync.engine.core_busy`)."""
+    return f"skipped: {busy}: no {what} while it loads or rolls back the core; the next tick runs it when it has ended"
+
+
+def core_free_schedule(
+    core_database_url: str | None, what: str = "sync", **definition: Any
+) -> dg.ScheduleDefinition:
+    """Return a schedule (``definition``: ScheduleDefinition's arguments) whose tick is skipped, naming the holder,
+    while a ``crmi run``, rollback or another command holds the core, or a migration run launched from Dagster
+    loads into it, instead of launching a run that fails and alerts. Syncs holding it do not count: they share
+    the core with each other. A core that cannot be asked (unreachable) launches the run, whose failure then
+    says why."""
+
+    def _tick(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+        try:
+            busy = core_busy(CoreDatabase(url=core_database_url).engine())
+        except Exception as exc:
+            context.log.warning(f"could not ask whether the core is busy: {cause_line(exc)}")
+            busy = None
+        return dg.SkipReason(busy_reason(busy, what)) if busy is not None else dg.RunRequest()
+
+    return dg.ScheduleDefinition(execution_fn=_tick, **definition)
 
 
 # --------------------------------------------------------------------------- checks
@@ -631,7 +674,8 @@ def sync_definitions(
             cron = getattr(target.spec.schedule, direction)
             if cron is not None:
                 found.schedules.append(
-                    dg.ScheduleDefinition(
+                    core_free_schedule(
+                        core_database_url,
                         name=schedule_name(name, direction),
                         job=job,
                         cron_schedule=cron,
@@ -644,7 +688,8 @@ def sync_definitions(
                             ", or the ERP receives trial data."
                             if direction == "outbound"
                             else ", or ERP rows race the cutover's final migration run."
-                        ),
+                        )
+                        + " A tick while `crmi run` or a rollback holds the core is skipped, naming it.",
                     )
                 )
         found.checks.extend(sync_checks(target))
@@ -677,6 +722,8 @@ __all__ = [
     "SYNC_GROUP",
     "OutboxCursor",
     "SyncDefinitions",
+    "busy_reason",
+    "core_free_schedule",
     "report_metadata",
     "scan_outbox",
     "sync_asset",

@@ -2,7 +2,9 @@
 
 A sync run is a load run (mode ``sync``): inbound rows load through the migration's mapping engine and
 loader with the run journal, outbound acknowledgements write the target's keys back in the same way, so a
-sync run can be listed and rolled back like any run. Only one sync per target runs at a time.
+sync run can be listed and rolled back like any run. Only one sync per target runs at a time, and none while a
+``crmi run``, rollback or another command holds the core (a sync holds the core's run lock shared while it runs:
+those commands refuse meanwhile, naming it).
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +26,15 @@ from crm_core.errors import CrmError, SyncError
 from crm_core.journal import to_json
 from crm_core.loading import LINKED, get_or_start_run
 from crm_core.models import ExternalId, LoadRun, SyncConflict, SyncOutbox, SyncState
-from crm_core.runs import is_crashed, rollback_run
+from crm_core.runs import (
+    CoreBusy,
+    core_lock_holder,
+    core_sync_lock,
+    is_crashed,
+    live_runs,
+    lock_holder,
+    rollback_run,
+)
 from integration.sync.inbound import apply_ownership, loaded_values, record_exchange, with_cursor
 from integration.sync.outbox import (
     Acknowledge,
@@ -154,6 +165,47 @@ def _claim(engine: Engine, target: CompiledTarget, run_key: str, project: str) -
             get_or_start_run(session, run_key, project, mode="sync")
 
 
+def busy_advice(what: str = "sync") -> str:
+    """What to do when ``what`` is refused because a ``crmi run``, rollback… holds the core."""
+    return f"no {what} while it loads or rolls back the core; run it again when it has ended"
+
+
+MIGRATION_MODES = ("full", "delta")  # load runs of a migration (a trial loads into a scratch core of its own)
+
+
+def _migration_loading(engine: Engine) -> str | None:
+    """Describe a migration run loading into the core from another live process on this host: one launched
+    from Dagster holds no lock between its steps, its running load run is what shows it."""
+    for key, mode, pid in live_runs(engine):
+        if mode in MIGRATION_MODES:
+            return f"run {key} ({mode}) is loading into this core (process {pid} on this host)"
+    return None
+
+
+def core_busy(engine: Engine) -> str | None:
+    """Why no sync may start now, else None: a ``crmi run``, rollback… holds the core (other syncs share it),
+    or a migration run launched from Dagster is loading into it. What the sync schedules and sensor ask."""
+    holder = core_lock_holder(engine, syncs=False)
+    if holder is not None:
+        return f"another command holds this core ({holder})"
+    return _migration_loading(engine)
+
+
+@contextmanager
+def holding_the_core(engine: Engine, holder: str, what: str = "sync") -> Iterator[None]:
+    """Hold the core's run lock shared for a sync (see :func:`crm_core.runs.core_sync_lock`); refuse with
+    :class:`CoreBusy` naming the command that holds it, or the migration run loading into it, and what to do."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(core_sync_lock(engine, holder))
+        except CoreBusy as exc:
+            raise CoreBusy(f"{exc}: {busy_advice(what)}") from None
+        loading = _migration_loading(engine)  # after the lock: a `crmi run` starting now waits for this sync
+        if loading is not None:
+            raise CoreBusy(f"{loading}: {busy_advice(what)}")
+        yield
+
+
 def run_sync(
     migration: Any,
     engine: Engine,
@@ -162,11 +214,28 @@ def run_sync(
     *,
     client: Transport | None = None,
     run_key: str | None = None,
+    by: str = "sync",
 ) -> SyncReport:
-    """Run one sync with a target: inbound rows into the core, then captured changes out to the target."""
+    """Run one sync with a target: inbound rows into the core, then captured changes out to the target.
+
+    It holds the core's run lock (shared) from start to end, as ``<by> <target> <direction> on HOST (pid N)``:
+    refused with :class:`CoreBusy` while a ``crmi run`` or rollback holds the core, which refuse meanwhile.
+    """
     if direction not in DIRECTIONS:
         raise SyncError(f"unknown direction '{direction}'; choose {', '.join(DIRECTIONS)}")
     target = target_of(migration, target_name)
+    with holding_the_core(engine, lock_holder(f"{by} {target.name} {direction}")):
+        return _run_sync(migration, engine, target, direction, client, run_key)
+
+
+def _run_sync(
+    migration: Any,
+    engine: Engine,
+    target: CompiledTarget,
+    direction: str,
+    client: Transport | None,
+    run_key: str | None,
+) -> SyncReport:
     run_key = run_key or _sync_run_key(target.name, direction)
     report = SyncReport(target.name, direction, run_key)
     _claim(engine, target, run_key, migration.project.name)

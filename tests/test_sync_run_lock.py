@@ -1,0 +1,269 @@
+"""A sync and a migration never write into one core at once: the core's run lock, from both sides.
+
+While a `crmi` command (run, rollback…) holds the core, a sync refuses naming it (`crmi sync run` exits 1, the
+Dagster step fails) and the sync schedules and the outbox sensor skip their tick naming it; while a sync runs,
+`crmi run`, rollback and migration steps launched from Dagster refuse naming the sync. Syncs share the core with
+each other. The holder is another process (or another connection), as a command in another terminal is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from crm_core.db import make_engine
+from crm_core.models import LoadRun
+from crm_core.runs import CoreBusy, core_lock_holder, core_run_lock, core_sync_lock, lock_holder
+from integration.assets.resources import dispose_engines
+from integration.cli import app
+from integration.jobs import build_definitions
+from integration.pipeline import Migration, core_engine
+from integration.sync import engine as sync_engine
+from integration.sync.engine import run_sync
+from tests.test_run_lock_steps import REPO, held_by_another_process
+
+COMMAND = "crmi rollback on the consultant's laptop (pid 4242)"  # what held_by_another_process holds
+SYNC = "Dagster run 0c0ffee0 u8 inbound on dagster-host (pid 4343)"  # <= 63 characters
+HOLD_A_SYNC = f"""
+import sys
+from crm_core.db import make_engine
+from crm_core.runs import core_sync_lock
+with core_sync_lock(make_engine(sys.argv[1]), {SYNC!r}):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextmanager
+def sync_in_another_process(url: str) -> Iterator[None]:
+    """Hold the core's run lock as a sync does, in another process (a sync running on the Dagster host)."""
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_SYNC, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO,
+        text=True,
+    ) as holder:  # fmt: skip
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+            yield
+        finally:
+            holder.kill()
+
+
+@pytest.fixture
+def core(core_url: str) -> Iterator[sa.Engine]:
+    """The core (schema made) the test's URL names."""
+    engine = core_engine(core_url)
+    yield engine
+    engine.dispose()
+    dispose_engines()
+
+
+def sync_runs(engine: sa.Engine) -> list[str]:
+    with engine.connect() as connection:
+        return list(connection.scalars(sa.select(LoadRun.run_key).where(LoadRun.mode == "sync")))
+
+
+def failure_descriptions(result: Any) -> list[str]:
+    return [
+        e.step_failure_data.user_failure_data.description or ""
+        for e in result.all_events
+        if e.is_step_failure and e.step_failure_data.user_failure_data is not None
+    ]
+
+
+def tick(defs: dg.Definitions, name: str, instance: dg.DagsterInstance) -> Any:
+    """Evaluate a schedule once, as the daemon does at its cron time."""
+    return defs.resolve_schedule_def(name).evaluate_tick(dg.build_schedule_context(instance=instance))
+
+
+def test_while_a_command_holds_the_core_a_sync_refuses_and_its_schedules_skip_naming_it(
+    demo_project: Path, core: sa.Engine, core_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`crmi rollback` in another terminal holds the core: run_sync, the Dagster sync step and `crmi sync run`
+    refuse with one line naming it and saying what to do, start no sync run; the schedules and the outbox
+    sensor skip their tick naming it. Once the command ended the schedule launches its run again."""
+    monkeypatch.setenv("U8_APP_SECRET", "not-needed-refused-first")
+    defs = build_definitions(demo_project, core_url)
+    runner = CliRunner()
+    with held_by_another_process(core_url), dg.instance_for_test() as instance:
+        with pytest.raises(CoreBusy) as refused:
+            run_sync(Migration.load(str(demo_project)), core, "u8", "inbound")
+        assert str(refused.value).startswith(f"another command holds this core ({COMMAND}")
+        assert str(refused.value).endswith(
+            "no sync while it loads or rolls back the core; run it again when it has ended"
+        )
+
+        result = defs.resolve_job_def("sync_u8_inbound_job").execute_in_process(
+            instance=instance, raise_on_error=False
+        )
+        assert not result.success
+        [failure] = failure_descriptions(result)
+        assert f"another command holds this core ({COMMAND}" in failure and "run it again when" in failure
+
+        cli = runner.invoke(app, ["sync", "run", "--target", "u8", "--direction", "inbound", "--project",
+                                  str(demo_project), "--core-url", core_url])  # fmt: skip
+        assert cli.exit_code == 1, cli.output
+        [line] = [line for line in cli.output.splitlines() if line.strip()]
+        assert line.startswith(f"sync refused: another command holds this core ({COMMAND}"), line
+
+        for name in ("sync_u8_inbound_schedule", "sync_u8_outbound_schedule"):
+            data = tick(defs, name, instance)
+            assert not data.run_requests, name
+            assert f"another command holds this core ({COMMAND}" in (data.skip_message or ""), name
+            assert "the next tick runs it when it has ended" in (data.skip_message or "")
+        sensed = defs.resolve_sensor_def("sync_u8_outbox").evaluate_tick(
+            dg.build_sensor_context(instance=instance)
+        )
+        assert not sensed.run_requests and COMMAND in (sensed.skip_message or "")
+    assert sync_runs(core) == []  # refused before any sync run started
+    with dg.instance_for_test() as instance:
+        assert len(tick(defs, "sync_u8_inbound_schedule", instance).run_requests) == 1
+
+
+def test_while_a_sync_runs_crmi_run_rollback_and_migration_steps_refuse_naming_it(
+    core: sa.Engine, core_url: str, demo_project: Path
+) -> None:
+    """A sync on the Dagster host holds the core: a `crmi run` (core_run_lock), `crmi rollback` and the probe of
+    a migration step launched from Dagster refuse naming it. Another sync shares the core, and the sync schedules
+    do not skip for a sync."""
+    defs = build_definitions(demo_project, core_url)
+    with sync_in_another_process(core_url):
+        with pytest.raises(CoreBusy, match=re.escape(f"another command holds this core ({SYNC}")):  # noqa: SIM117
+            with core_run_lock(core, lock_holder("crmi run")):
+                pytest.fail("crmi run took the core beside a sync")
+        assert SYNC in (core_lock_holder(core) or "")  # what a migration step launched from Dagster asks
+        assert core_lock_holder(core, syncs=False) is None  # what a sync's schedule asks
+        rollback = CliRunner().invoke(app, ["rollback", "some-run", "--core-url", core_url])
+        assert rollback.exit_code == 1 and f"another command holds this core ({SYNC}" in rollback.output
+        with core_sync_lock(core, "sync of another target"):  # syncs share the core
+            pass
+        with dg.instance_for_test() as instance:
+            assert len(tick(defs, "sync_u8_inbound_schedule", instance).run_requests) == 1
+    assert core_lock_holder(core) is None  # the sync ended: its lock went with it
+    with core_run_lock(core, "crmi run here"):
+        pass
+
+
+class Stop(Exception):
+    """Ends a sync where the test has seen what it needed."""
+
+
+def test_run_sync_holds_the_core_from_its_start_and_lets_go_at_its_end(
+    core: sa.Engine, core_url: str, demo_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside run_sync (where it claims its run) a `crmi run` on another connection is refused naming the sync;
+    when the sync has ended, failed here, the core is free again."""
+    seen: list[str] = []
+
+    def claim(*args: Any) -> None:
+        other = make_engine(core_url)
+        try:
+            with core_run_lock(other, "crmi run here"):
+                seen.append("taken")
+        except CoreBusy as exc:
+            seen.append(str(exc))
+        finally:
+            other.dispose()
+        raise Stop
+
+    monkeypatch.setattr(sync_engine, "_claim", claim)
+    with pytest.raises(Stop):
+        run_sync(Migration.load(str(demo_project)), core, "u8", "inbound", by="crmi sync run")
+    [refusal] = seen
+    assert f"crmi sync run u8 inbound on {socket.gethostname()}"[:40] in refusal, refusal
+    assert f"(pid {os.getpid()})" in refusal
+    with core_run_lock(core, "crmi run after the sync"):
+        pass
+
+
+def test_a_sync_inside_the_process_that_holds_the_core_passes(
+    core: sa.Engine, demo_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync run by the process whose command holds the core (its own steps, a notebook under `crmi run`) is
+    part of that command: it neither waits for nor refuses itself."""
+    reached: list[bool] = []
+
+    def claim(*args: Any) -> None:
+        reached.append(True)
+        raise Stop
+
+    monkeypatch.setattr(sync_engine, "_claim", claim)
+    with core_run_lock(core, "crmi run here"):
+        with core_sync_lock(core, "a sync inside it"):
+            assert core_lock_holder(core) is None
+        with pytest.raises(Stop):
+            run_sync(Migration.load(str(demo_project)), core, "u8", "inbound")
+    assert reached == [True]
+
+
+def test_a_killed_syncs_mark_is_no_holder(sqlite_core_url: str) -> None:
+    """SQLite: a sync killed while it held the core leaves its mark beside the lock file; the lock went with
+    the process, and its mark names no one (it is removed when found)."""
+    engine = core_engine(sqlite_core_url)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = Path(f"{engine.url.database}.run-lock")
+    lock.touch()
+    mark = lock.with_name(f"{lock.name}.sync-{dead.pid}-deadbeef")
+    mark.write_text("sync u8 inbound on a crashed worker (pid 1)\n", encoding="utf-8")
+    assert core_lock_holder(engine) is None
+    assert not mark.exists()
+    with core_run_lock(engine, "crmi run here"):
+        pass
+    engine.dispose()
+
+
+def test_a_migration_launched_from_dagster_refuses_to_load_beside_a_sync(
+    demo_project: Path, core: sa.Engine, core_url: str
+) -> None:
+    """The migration job run as the UI runs it (no `crmi`, no lock of its own) while a sync runs: its steps fail
+    naming the sync and nothing is loaded."""
+    from tests.test_end_to_end import execute
+
+    with sync_in_another_process(core_url):
+        result = execute(demo_project, core_url)
+    dispose_engines()
+    assert not result.success
+    failures = failure_descriptions(result)
+    assert failures and all(f"another command holds this core ({SYNC}" in m for m in failures), failures
+    with core.connect() as connection:
+        assert connection.scalar(sa.select(sa.func.count()).select_from(LoadRun)) == 0
+
+
+def test_a_sync_refuses_while_a_migration_launched_from_dagster_is_loading(
+    core: sa.Engine, core_url: str, demo_project: Path
+) -> None:
+    """A migration run launched from the Dagster UI holds no lock between its steps; its load run, running in a
+    live process on this host, is what a sync and its schedule see: refused and skipped naming it. Once its
+    process has gone (crashed: `crmi runs recover` settles it) it stops no sync."""
+    defs = build_definitions(demo_project, core_url)
+    with subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    ) as worker:
+        with core.begin() as connection:
+            connection.execute(sa.insert(LoadRun).values(
+                run_key="0c0ffee0-migration", project="demo", mode="full", status="running", stats={},
+                host=socket.gethostname(), pid=worker.pid,
+            ))  # fmt: skip
+        loading = (
+            f"run 0c0ffee0-migration (full) is loading into this core (process {worker.pid} on this host)"
+        )
+        with pytest.raises(CoreBusy, match=rf"^{re.escape(loading)}: no sync while it loads"):
+            run_sync(Migration.load(str(demo_project)), core, "u8", "inbound")
+        with dg.instance_for_test() as instance:
+            data = tick(defs, "sync_u8_inbound_schedule", instance)
+        assert not data.run_requests and loading in (data.skip_message or "")
+        worker.kill()  # its process gone: a crashed run, which `crmi runs recover` settles
+    with dg.instance_for_test() as instance:
+        assert len(tick(defs, "sync_u8_inbound_schedule", instance).run_requests) == 1
