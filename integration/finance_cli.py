@@ -82,12 +82,25 @@ def finance_reconcile(
     core: CoreOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:  # fmt: skip
-    """Reconcile a month per customer: CRM orders vs U8 orders vs K3Cloud receivables vs receipts, with reasons."""
+    """Reconcile a month per customer: CRM orders vs U8 orders vs K3Cloud receivables vs receipts, with reasons.
+
+    Refused (exit 1) while a ``crmi run``, rollback or another command holds the core: its figures would be of a
+    core halfway through a load; those commands refuse while it reads.
+    """
     import pandas as pd
 
     from crm_core.finance import period_bounds, reconcile_period
-    from integration.cli import EXIT_FAILED, _core_engine, _migration_or_exit, console, errors
+    from crm_core.runs import CoreBusy
+    from integration.cli import (
+        EXIT_FAILED,
+        _core_engine,
+        _migration_or_exit,
+        console,
+        errors,
+        run_lock_holder,
+    )
     from integration.reports import write_workbook
+    from integration.sync.engine import holding_the_core
 
     try:
         start, end = period_bounds(period)
@@ -98,10 +111,18 @@ def finance_reconcile(
     erp, finance = target_systems(migration)
     erp, finance = erp_system or erp, finance_system or finance
     base = _base_currency(migration)
-    with _core_engine(core) as engine, session_factory(engine)() as session:
-        result = reconcile_period(
-            session, start, end, erp_system=erp, finance_system=finance, base_currency=base
-        )
+    with _core_engine(core) as engine:
+        try:
+            with (
+                holding_the_core(engine, run_lock_holder("crmi finance reconcile"), "reconciliation"),
+                session_factory(engine)() as session,
+            ):
+                result = reconcile_period(
+                    session, start, end, erp_system=erp, finance_system=finance, base_currency=base
+                )
+        except CoreBusy as exc:
+            errors.print(f"[red]reconciliation refused:[/red] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(EXIT_FAILED) from None
     differences = difference_frame(result)
     figures = pd.DataFrame(result["customers"], columns=["customer_id", "customer", "crm_ordered", "erp_ordered",
                                                          "invoiced", "received"])  # fmt: skip

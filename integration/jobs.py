@@ -256,7 +256,7 @@ def build_definitions(
     assets.extend(sync.assets)
     # A project whose sync brings receivables or receipts in gets order_to_cash, its check, job and schedule.
     finance = (
-        finance_definitions(migration.project.sync, executor)
+        finance_definitions(migration.project.sync, executor, core_database_url)
         if finance_inbound_assets(migration.project.sync)
         else None
     )

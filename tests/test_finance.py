@@ -205,6 +205,44 @@ def test_order_to_cash_asset_metadata_and_its_check_in_dagster(
     assert ids
 
 
+def test_while_a_command_holds_the_core_order_to_cash_and_the_reconciliation_refuse(
+    core: sa.Engine, core_url: str, finance_project: Path, tmp_path: Path
+) -> None:
+    """`crmi rollback` in another terminal holds the core: the order_to_cash step fails naming it, its schedule
+    skips the tick naming it, `crmi finance reconcile` exits 1 and writes no report; afterwards the job runs."""
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+    from integration.jobs import build_definitions
+    from tests.test_run_lock_steps import held_by_another_process
+
+    holder = "another command holds this core (crmi rollback on the consultant's laptop (pid 4242)"
+    loop(core)
+    defs = build_definitions(finance_project, core_url)
+    job = defs.resolve_job_def("order_to_cash_job")
+    out = tmp_path / "reports"
+    with held_by_another_process(core_url), dg.instance_for_test() as instance:
+        result = job.execute_in_process(instance=instance, raise_on_error=False)
+        assert not result.success
+        failures = [
+            e.step_failure_data.user_failure_data.description or ""
+            for e in result.all_events
+            if e.is_step_failure and e.step_failure_data.user_failure_data is not None
+        ]
+        assert any(holder in f and "no order_to_cash while it loads" in f for f in failures), failures
+        tick = defs.resolve_schedule_def("order_to_cash_schedule").evaluate_tick(
+            dg.build_schedule_context(instance=instance)
+        )
+        assert not tick.run_requests and holder in (tick.skip_message or "")
+        refused = CliRunner().invoke(app, ["finance", "reconcile", "--period", "2026-10", "--out", str(out),
+                                           "--project", str(finance_project), "--core-url", core_url])  # fmt: skip
+        assert refused.exit_code == 1, refused.output
+        assert f"reconciliation refused: {holder}" in refused.output
+        assert not out.exists()
+    with dg.instance_for_test() as instance:
+        assert job.execute_in_process(instance=instance).success
+
+
 # --------------------------------------------------------------------------- reconciliation of a period
 
 

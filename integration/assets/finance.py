@@ -6,7 +6,9 @@ amount and DSO are float metadata (plotted per materialization in the UI), the e
 most overdue are a markdown table. Its check ``check_loop_links`` lists the receipts that apply to no known
 receivable and the receivables tied to no known order or customer (nothing is dropped: they stay in the core and
 in the figures). The asset reads what the sync targets brought in: it depends on every inbound sync asset that
-loads receivables or receipts, and is left out of the migration jobs (``crmi run`` does not compute it).
+loads receivables or receipts, and is left out of the migration jobs (``crmi run`` does not compute it). Like a
+sync it holds the core's run lock (shared) while it computes: never figures of a core a ``crmi run`` or a
+rollback is halfway through, and its schedule skips a tick while one of those holds the core.
 """
 
 # No ``from __future__ import annotations`` here: Dagster inspects the *objects* annotating ``context``.
@@ -16,9 +18,11 @@ from dagster._core.definitions.unresolved_asset_job_definition import Unresolved
 
 from crm_core.db import session_factory
 from crm_core.finance import CashFigures, Orphan, loop_orphans, order_to_cash
+from crm_core.runs import CoreBusy, lock_holder
 from integration.assets.resources import CoreDatabase, MigrationProject
-from integration.assets.sync import asset_name
+from integration.assets.sync import asset_name, core_free_schedule
 from integration.reports import escape_formula
+from integration.sync.engine import holding_the_core
 from integration.sync.spec import CompiledTarget
 
 FINANCE_GROUP = "finance"
@@ -88,8 +92,13 @@ def order_to_cash_asset(targets: dict[str, CompiledTarget]) -> dg.AssetsDefiniti
         project: MigrationProject = context.resources.project
         currencies = project.migration().project.spec.currencies
         base = currencies.base if currencies is not None else "CNY"
-        with session_factory(core.engine())() as session:
-            loop = order_to_cash(session, base_currency=base)
+        engine = core.engine()
+        holder = lock_holder(f"Dagster run {context.run.run_id[:8]} {ORDER_TO_CASH}")
+        try:
+            with holding_the_core(engine, holder, ORDER_TO_CASH), session_factory(engine)() as session:
+                loop = order_to_cash(session, base_currency=base)
+        except CoreBusy as exc:  # the holder and what to do
+            raise dg.Failure(description=str(exc), allow_retries=False) from None
         top = _markdown(
             ["customer", "overdue", "outstanding", "DSO (days)"],
             [[f"{t['customer']} (#{t['customer_id']})", t["overdue"], t["outstanding"], t["dso"] or "–"]
@@ -160,7 +169,9 @@ def loop_links_check() -> dg.AssetChecksDefinition:
 
 
 def finance_definitions(
-    targets: dict[str, CompiledTarget], executor: dg.ExecutorDefinition | None
+    targets: dict[str, CompiledTarget],
+    executor: dg.ExecutorDefinition | None,
+    core_database_url: str | None = None,
 ) -> tuple[
     dg.AssetsDefinition, dg.AssetChecksDefinition, UnresolvedAssetJobDefinition, dg.ScheduleDefinition
 ]:
@@ -173,13 +184,16 @@ def finance_definitions(
         description="Compute order_to_cash from the core and check the loop's links.",
         executor_def=executor,
     )
-    schedule = dg.ScheduleDefinition(
+    schedule = core_free_schedule(
+        core_database_url,
+        ORDER_TO_CASH,
         name="order_to_cash_schedule",
         job=job,
         cron_schedule=ORDER_TO_CASH_CRON,
         execution_timezone="Asia/Shanghai",
         default_status=dg.DefaultScheduleStatus.STOPPED,
-        description="order_to_cash every morning at 06:00 (Asia/Shanghai). Stopped at first: turn it on after go-live.",
+        description="order_to_cash every morning at 06:00 (Asia/Shanghai). Stopped at first: turn it on after go-live. "
+        "A tick while `crmi run` or a rollback holds the core is skipped, naming it.",
     )
     return asset, check, job, schedule
 
