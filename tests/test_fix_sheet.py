@@ -183,6 +183,8 @@ def test_the_corrected_fix_sheet_re_imports_the_rejected_rows_under_their_source
     first = run_job(demo_project, core_url)
     dispose_engines()
     engine = make_engine(core_url)
+    held = sum(line.held for line in reconcile(engine, first.run_id).lines)
+    assert held > 0 and reconciliation_metadata(first)[HELD_COUNTS] == (held, 0)
     report_file = tmp_path / "var" / "reports" / first.run_id / "reconciliation.xlsx"
     fixes = pd.read_excel(report_file, sheet_name=FIX_SHEET, dtype=str)
     # Rows rejected, and rows held for a steward's decision on their customer's name (correcting it works too).
@@ -201,6 +203,8 @@ def test_the_corrected_fix_sheet_re_imports_the_rejected_rows_under_their_source
 
     report = reconcile(engine, second.run_id)
     assert report.balanced, report.to_markdown()
+    # The held rows are in the core now, corrected: none waits for a steward.
+    assert reconciliation_metadata(second)[HELD_COUNTS] == (0, held)
     fixed_line = [
         line for line in report.lines if line.entity == "opportunity" and line.rows_read == len(fixes)
     ]
@@ -235,7 +239,18 @@ def test_the_corrected_fix_sheet_re_imports_the_rejected_rows_under_their_source
     third = run_job(demo_project, core_url)  # and running again changes nothing
     dispose_engines()
     assert reconcile(engine, third.run_id).balanced and content(engine) == after
+    assert reconciliation_metadata(third)[HELD_COUNTS] == (0, held)
     engine.dispose()
+
+
+HELD_COUNTS = ("held_rows", "corrected_held_rows")
+
+
+def reconciliation_metadata(result: Any) -> dict[Any, Any]:
+    """The reconciliation asset's materialization metadata of a job run, values plain; ``HELD_COUNTS`` as a pair."""
+    [materialization] = result.asset_materializations_for_node("reconciliation_report")
+    metadata = {key: value.value for key, value in materialization.metadata.items()}
+    return {**metadata, HELD_COUNTS: tuple(metadata.get(key) for key in HELD_COUNTS)}
 
 
 def crmi_run(project: Path, core_url: str) -> tuple[int, dict[str, Any]]:

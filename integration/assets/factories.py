@@ -669,7 +669,9 @@ def reconciliation_asset(migration: Migration, report_dir: Path) -> dg.AssetsDef
                 "balanced": report.balanced,
                 "verdict": report.verdict(),
                 "quarantined_rows": report.quarantined_rows,
-                "held_rows": sum(line.held for line in report.lines),
+                # held rows still waiting for a steward; those a fix sheet loaded are counted apart
+                "held_rows": sum(line.waiting for line in report.lines),
+                "corrected_held_rows": sum(line.corrected_held for line in report.lines),
                 "customer_names_waiting_for_a_steward": waiting,
                 "quarantined_amount": float(report.quarantined_amount),
                 "max_quarantined_share": limit,
