@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from crm_core.db import make_engine
 from crm_core.errors import ConfigError
 from crm_core.models import Customer, ExternalId, LoadRun, Opportunity, ReferenceDecision, Reject
+from crm_core.runs import rollback_run
 from integration.assets.resources import dispose_engines
 from integration.cli import app
 from integration.connectors.base import LOCATION, ROW_REF, ReadRequest
@@ -197,6 +198,7 @@ def test_the_corrected_fix_sheet_re_imports_the_rejected_rows_under_their_source
     # The customer corrects the sheet in Excel and hands it back; the consultant adds a source and a mapping.
     re_import_fix_sheet(demo_project, correct(fixes, str(customer)))
     before = content(engine)
+    decisions_before = reference_decisions(engine)
 
     second = run_job(demo_project, core_url)
     dispose_engines()
@@ -240,6 +242,13 @@ def test_the_corrected_fix_sheet_re_imports_the_rejected_rows_under_their_source
     dispose_engines()
     assert reconcile(engine, third.run_id).balanced and content(engine) == after
     assert reconciliation_metadata(third)[HELD_COUNTS] == (0, held)
+
+    # Rolling the correcting run back (and the one after it) restores the core exactly: the held rows wait on
+    # their names again, with the counts, money and run the decisions had before.
+    assert decisions_before != reference_decisions(engine)
+    rollback_run(engine, second.run_id, cascade=True)
+    assert reference_decisions(engine) == decisions_before
+    assert content(engine) == before
     engine.dispose()
 
 
@@ -251,6 +260,19 @@ def reconciliation_metadata(result: Any) -> dict[Any, Any]:
     [materialization] = result.asset_materializations_for_node("reconciliation_report")
     metadata = {key: value.value for key, value in materialization.metadata.items()}
     return {**metadata, HELD_COUNTS: tuple(metadata.get(key) for key in HELD_COUNTS)}
+
+
+def reference_decisions(engine: sa.Engine) -> list[tuple[Any, ...]]:
+    """Every reference decision as stored: what waits on it, and the run that last counted it."""
+    with engine.connect() as connection:
+        return [
+            tuple(row)
+            for row in connection.execute(
+                sa.select(ReferenceDecision.id, ReferenceDecision.name_key, ReferenceDecision.status,
+                          ReferenceDecision.rows_held, ReferenceDecision.amount_held,
+                          ReferenceDecision.load_run_id).order_by(ReferenceDecision.id)
+            )
+        ]  # fmt: skip
 
 
 def crmi_run(project: Path, core_url: str) -> tuple[int, dict[str, Any]]:
@@ -404,7 +426,6 @@ def test_the_mapping_that_last_loaded_a_key_marks_it_even_when_its_row_is_unchan
     source's own row equal to the fix sheet's (the source itself corrected) takes the key back: a later
     reject of it stays quarantined. Both paths write the same, and rollback restores the marks."""
     from crm_core import loading
-    from crm_core.runs import rollback_run
     from tests.test_loading import CUSTOMER_RULES, batch, load
 
     monkeypatch.setattr(loading, "_ROW_BY_ROW", row_by_row)
