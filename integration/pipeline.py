@@ -1243,7 +1243,8 @@ class ReconciliationLine:
     mapping: str = ""  # the mapping file the rows were read by
     unchanged_since: str | None = None  # skipped: the run whose load (and counts) this line carries over
     # Rejected or held rows (subtotals aside) whose key a re-imported fix sheet loaded: in the core, not
-    # quarantined. ``corrected_held``: the held ones among them (no longer waiting for a steward).
+    # quarantined; one row per key (see ``_one_row_per_key``). ``corrected_held``: the held ones among them
+    # (no longer waiting for a steward).
     corrected: int = 0
     amount_corrected: Decimal | None = None
     corrected_held: int = 0
@@ -1490,10 +1491,12 @@ def reconcile(
             Reject.external_key.is_not(None),
             loaded,
         )
-        query = select(*columns, case((corrected, True), else_=False).label("corrected"))
+        query = select(*columns, case((corrected, True), else_=False).label("corrected"), Reject.external_key)
         rows = session.execute(query.where(Reject.load_run_id == run.id).order_by(Reject.id)).all()
-        rejects = pd.DataFrame([tuple(r) for r in rows], columns=[*(c.key for c in columns), "corrected"])
-        rejects["corrected"] = rejects["corrected"].astype(bool)
+        names = [*(c.key for c in columns), "corrected", "external_key"]
+        rejects = pd.DataFrame([tuple(r) for r in rows], columns=names)
+        rejects["corrected"] = _one_row_per_key(rejects)
+        rejects = rejects.drop(columns="external_key")
         _count_corrected(lines, rejects)
         counts = {}
         for name, definition in ENTITIES.items():
@@ -1503,6 +1506,28 @@ def reconcile(
                 query = query.where(model.merged_into_id.is_(None))
             counts[name] = session.scalar(query) or 0
     return ReconciliationReport(run_key, lines, rejects, counts, max_quarantined_share)
+
+
+def _one_row_per_key(rejects: pd.DataFrame) -> pd.Series:
+    """Return the ``corrected`` mark of each reject, with one corrected source row per line and key.
+
+    The core holds one record under a key, so a fix sheet that loaded a key corrected one source row of a
+    line: the first one recorded (a row's first reject comes first; the fix sheet lists its rows in that
+    order, and a mapping loads the first row of a repeated key and rejects the others as duplicate keys).
+    Other rows of the line under that key (a row repeated in a sheet, each rejected) stay quarantined, with
+    their money, and stay in the next fix sheet: the core does not have them. Every row read is still
+    loaded, merged, rejected or held; a corrected row is one of the rejected or held.
+    """
+    marks = rejects["corrected"].astype(bool)
+    if not marks.any():
+        return marks
+    chosen = rejects.loc[marks, ["mapping", "source", "entity", "external_key", "location", "row_ref"]]
+    first: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    for index, *values in chosen.itertuples(name=None):
+        where, row = tuple(values[:4]), tuple(values[4:])
+        if first.setdefault(where, row) != row:
+            marks[index] = False
+    return marks
 
 
 def _count_corrected(lines: Sequence[ReconciliationLine], rejects: pd.DataFrame) -> None:

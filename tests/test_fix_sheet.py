@@ -417,6 +417,55 @@ def test_a_reject_whose_key_is_not_in_the_crosswalk_stays_quarantined(core_url: 
     engine.dispose()
 
 
+def test_two_rejected_rows_of_one_key_count_one_corrected_row_when_a_fix_sheet_loads_the_key(
+    core_url: str,
+) -> None:
+    """A row repeated in a sheet (two rows, one key), both rejected: the fix sheet that loads the key corrects
+    one of them, the first recorded (the fix sheet lists it first; a mapping loads a repeated key's first
+    row). The core holds one record under the key: the other row stays quarantined, with its money, and in
+    the next fix sheet. The line still balances (read = loaded + merged + rejected + held)."""
+    from integration.reports import fix_sheets
+
+    engine = core_engine(core_url)
+    line = {"source": "erp", "mapping": "erp_opportunities", "rows_read": 4, "inserted": 1, "updated": 0,
+            "unchanged": 0, "loaded": 1, "merged": 0, "rejected": 3, "held": 0, "subtotals": 0, "warnings": 0,
+            "amount_source": "100.00", "amount_loaded": "40.00", "amount_core": "40.00", "amount_merged": "0",
+            "amount_quarantined": "60.00"}  # fmt: skip
+    reject = {"source": "erp", "entity": "opportunity", "location": "t", "field": "close_date", "value": "x",
+              "rule": "mapping", "reason": "bad", "severity": "error", "mapping": "erp_opportunities"}  # fmt: skip
+    with engine.begin() as connection:
+        run_id = connection.execute(
+            sa.insert(LoadRun).values(run_key="r1", project="p", mode="full", status="succeeded",
+                                      stats={"opportunity": [line]}).returning(LoadRun.id)
+        ).scalar_one()  # fmt: skip
+        connection.execute(sa.insert(ExternalId), [
+            {"entity": "opportunity", "entity_id": 1, "system": "erp", "external_key": "K1", "corrected_by": "fix"},
+        ])  # fmt: skip
+        connection.execute(sa.insert(Reject), [
+            {**reject, "load_run_id": run_id, "row_ref": "2", "external_key": "K1", "amount": Decimal(30),
+             "raw_row": {"no": "K1", "amount": "30"}},
+            {**reject, "load_run_id": run_id, "row_ref": "2", "external_key": "K1", "amount": Decimal(30),
+             "field": "stage", "raw_row": {"no": "K1", "amount": "30"}},  # the same row's second problem
+            {**reject, "load_run_id": run_id, "row_ref": "5", "external_key": "K1", "amount": Decimal(20),
+             "raw_row": {"no": "K1", "amount": "20"}},  # the row repeated further down, its amount changed
+            {**reject, "load_run_id": run_id, "row_ref": "7", "external_key": "K2", "amount": Decimal(10),
+             "raw_row": {"no": "K2", "amount": "10"}},
+        ])  # fmt: skip
+
+    report = reconcile(engine, "r1")
+    [result] = report.lines
+
+    assert (result.corrected, result.amount_corrected) == (1, Decimal("30.00"))
+    assert (result.quarantined, result.amount_in_quarantine) == (2, Decimal("30.00"))
+    assert result.rows_read == result.loaded + result.merged + result.rejected + result.held
+    assert result.balanced and result.status == "quarantined"
+    marked = report.rejects.groupby("row_ref")["corrected"].agg(set).to_dict()
+    assert marked == {"2": {True}, "5": {False}, "7": {False}}
+    [sheet] = fix_sheets(report.rejects).values()
+    assert list(sheet["_row_ref"]) == ["5", "7"]
+    engine.dispose()
+
+
 @pytest.mark.parametrize("row_by_row", [False, True], ids=["fast", "row_by_row"])
 def test_the_mapping_that_last_loaded_a_key_marks_it_even_when_its_row_is_unchanged(
     core_url: str, row_by_row: bool, monkeypatch: pytest.MonkeyPatch
