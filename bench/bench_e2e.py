@@ -468,6 +468,10 @@ def describe_run(run: dict[str, Any], summary: dict[str, Any] | None, rows: int)
         # What crmi itself reports: every row it read (users, order headers, the sheet read twice...) / its time.
         "crmi_rows_per_second": (summary or {}).get("rows_per_second"),
         "load_rows_per_second": ((phases or {}).get("load") or {}).get("rows_per_second"),
+        # where the load's time went: seconds of each core_* step (what `crmi run --json` reports per step)
+        "load_steps": {
+            s["step"]: s["seconds"] for s in (summary or {}).get("steps") or [] if s.get("phase") == "load"
+        },
         "peak_rss_mb": run["peak_rss_mb"],
         "rss_method": run["rss_method"],
         "rejected": sum(int(line.get("rejected") or 0) for line in lines) if lines else None,

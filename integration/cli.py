@@ -517,7 +517,7 @@ def run(
         import datetime as dt
 
         from crm_core.errors import ConfigError as OptionsError
-        from integration.phases import phase_timings
+        from integration.phases import phase_timings, step_timings
         from integration.pipeline import RunOptions, reconcile
         from integration.project import load_project
 
@@ -572,10 +572,12 @@ def run(
                 show_progress,
             )
             seconds_total = time.perf_counter() - started
-            phases = phase_timings(instance.all_logs(result.run_id))
+            steps = step_timings(instance.all_logs(result.run_id))
+        phases = phase_timings((), steps)
         rows_read = phases[0].rows
         timing = {
             "phases": [p.as_dict() for p in phases],
+            "steps": [s.as_dict() for s in steps],
             "seconds_total": round(seconds_total, 3),
             "rows_read": rows_read,
             "rows_per_second": round(rows_read / seconds_total, 1) if seconds_total > 0 else 0.0,
@@ -639,6 +641,7 @@ def _report_if_nothing_changed(
     seconds = time.perf_counter() - started
     timing = {
         "phases": [PhaseTiming(phase, 0.0, 0).as_dict() for phase in PHASES],  # none ran
+        "steps": [],
         "seconds_total": round(seconds, 3),
         "rows_read": 0,
         "rows_per_second": 0.0,
@@ -656,8 +659,16 @@ def _report_if_nothing_changed(
     raise typer.Exit(EXIT_OK if report.acceptable else EXIT_UNBALANCED)
 
 
-def _timing_table(timing: dict[str, Any]) -> Table:
-    """Return the wall time and rows/s of each phase, and of the whole run, as a table."""
+SLOWEST_STEPS_SHOWN = 3
+
+
+def _timing_table(timing: dict[str, Any]) -> Any:
+    """Return the wall time and rows/s of each phase, and of the whole run, as a table, and below it a line
+    naming the slowest steps (where a phase's time went)."""
+    slowest = sorted(timing.get("steps", ()), key=lambda step: -step["seconds"])[:SLOWEST_STEPS_SHOWN]
+    caption = ", ".join(
+        f"{step['step']} {step['seconds']:,.1f} s" for step in slowest if step["seconds"] >= 0.05
+    )
     table = Table(title="Time per phase")
     for column in ("phase", "seconds", "rows", "rows/s"):
         table.add_column(column, justify="left" if column == "phase" else "right")
@@ -675,7 +686,12 @@ def _timing_table(timing: dict[str, Any]) -> Table:
         f"{timing['rows_per_second']:,.0f}",
         style="bold",
     )
-    return table
+    if not caption:
+        return table
+    from rich.console import Group
+    from rich.text import Text
+
+    return Group(table, Text(f"slowest steps: {caption}"))
 
 
 def _report_failure(result: Any, core: str | None, mode: str, timing: dict[str, Any], as_json: bool) -> None:

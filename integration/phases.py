@@ -84,11 +84,38 @@ def _number(value: Any) -> int:
     return int(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else 0
 
 
-def phase_timings(entries: Iterable[Any]) -> list[PhaseTiming]:
-    """Return the six phases in order from a run's event log entries (``instance.all_logs(run_id)``)."""
+@dataclass(frozen=True)
+class StepTiming:
+    """Wall time and rows of one step of the run, with its phase (where the time of a phase went)."""
+
+    step: str
+    phase: str
+    started: float  # the step's start, as a timestamp of the event log
+    seconds: float
+    rows: int
+
+    @property
+    def rows_per_second(self) -> float:
+        """Return rows per second of the step's wall time (0 when it took no measurable time)."""
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the JSON form ``{"step", "phase", "seconds", "rows", "rows_per_second"}``."""
+        return {
+            "step": self.step,
+            "phase": self.phase,
+            "seconds": round(self.seconds, 3),
+            "rows": self.rows,
+            "rows_per_second": round(self.rows_per_second, 1),
+        }
+
+
+def step_timings(entries: Iterable[Any]) -> list[StepTiming]:
+    """Return every step of the six phases that started and ended, in the order they started, from a run's
+    event log entries (``instance.all_logs(run_id)``); a failed step's time counts."""
     started: dict[str, float] = {}
-    intervals: dict[str, list[tuple[float, float]]] = defaultdict(list)
     rows: dict[str, int] = defaultdict(int)
+    steps: list[StepTiming] = []
     for entry in entries:
         event = entry.dagster_event
         phase = phase_of(entry.step_key)
@@ -98,8 +125,24 @@ def phase_timings(entries: Iterable[Any]) -> list[PhaseTiming]:
         if kind == "STEP_START":
             started.setdefault(entry.step_key, entry.timestamp)
         elif kind in _ENDS and entry.step_key in started:
-            intervals[phase].append((started.pop(entry.step_key), entry.timestamp))
+            start = started.pop(entry.step_key)
+            steps.append(
+                StepTiming(entry.step_key, phase, start, entry.timestamp - start, rows.pop(entry.step_key, 0))
+            )
         elif kind == "ASSET_MATERIALIZATION":
             metadata = event.event_specific_data.materialization.metadata
-            rows[phase] += sum(_number(metadata[key]) for key in ROWS_METADATA[phase] if key in metadata)
+            rows[entry.step_key] += sum(
+                _number(metadata[key]) for key in ROWS_METADATA[phase] if key in metadata
+            )
+    return sorted(steps, key=lambda step: step.started)
+
+
+def phase_timings(entries: Iterable[Any], steps: Iterable[StepTiming] | None = None) -> list[PhaseTiming]:
+    """Return the six phases in order from a run's event log entries (``instance.all_logs(run_id)``), or from
+    its :func:`step_timings` when given."""
+    intervals: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    rows: dict[str, int] = defaultdict(int)
+    for step in step_timings(entries) if steps is None else steps:
+        intervals[step.phase].append((step.started, step.started + step.seconds))
+        rows[step.phase] += step.rows
     return [PhaseTiming(phase, _union(intervals[phase]), rows[phase]) for phase in PHASES]

@@ -265,6 +265,14 @@ def test_crmi_run_json_has_each_phase_with_seconds_rows_and_rows_per_second(
     assert payload["seconds_total"] >= sum(p["seconds"] for p in phases.values())
     assert payload["rows_per_second"] == pytest.approx(read / payload["seconds_total"], rel=0.01)
     assert payload["unbalanced"] == [] and payload["success"] is True
+    # where each phase's time went: its steps, in the order they ran (one at a time in process)
+    steps = payload["steps"]
+    assert all(set(s) == {"step", "phase", "seconds", "rows", "rows_per_second"} for s in steps)
+    assert {s["step"] for s in steps} >= {"core_customer", "core_opportunity", "customer_match_candidates"}
+    for phase, timing in phases.items():
+        mine = [s for s in steps if s["phase"] == phase]
+        assert sum(s["rows"] for s in mine) == timing["rows"]
+        assert sum(s["seconds"] for s in mine) == pytest.approx(timing["seconds"], abs=0.002 * len(mine))
 
 
 def test_the_run_failure_sensor_undoes_what_no_step_could(

@@ -14,7 +14,7 @@ from dagster._utils.error import serializable_error_info_from_exc_info
 
 from crm_core.errors import LoadError
 from integration.failures import MAX_CAUSE, cause_line, error_info_line, shorten
-from integration.phases import PHASES, phase_of, phase_timings
+from integration.phases import PHASES, phase_of, phase_timings, step_timings
 
 STATEMENT = "SELECT id FROM match_candidates WHERE " + " OR ".join(
     f"(left_id = {i} AND right_id = {i + 1})" for i in range(5000)
@@ -107,6 +107,52 @@ def test_phases_sum_wall_time_of_their_steps_once_and_count_their_rows() -> None
     assert (phases["load"].seconds, phases["load"].rows) == (2.5, 990)  # a failed step's time counts
     assert (phases["merge"].seconds, phases["merge"].rows) == (1.0, 1000)
     assert phases["link"].as_dict() == {"phase": "link", "seconds": 0.0, "rows": 0, "rows_per_second": 0.0}
+
+
+def test_steps_are_timed_in_the_order_they_started_and_add_up_to_their_phases() -> None:
+    entries = [
+        entry("raw_erp_u8_customer", "STEP_START", 0.0),
+        entry("raw_sales_xlsx_customer", "STEP_START", 1.0),
+        entry("raw_sales_xlsx_customer", "ASSET_MATERIALIZATION", 2.9, rows_read=400),
+        entry("raw_sales_xlsx_customer", "STEP_SUCCESS", 3.0),
+        entry("raw_erp_u8_customer", "ASSET_MATERIALIZATION", 3.5, rows_read=600),
+        entry("raw_erp_u8_customer", "STEP_SUCCESS", 4.0),  # ended after the one that started later
+        entry("core_customer", "STEP_START", 4.0),
+        entry("core_customer", "ASSET_MATERIALIZATION", 6.0, rows_read=990),
+        entry("core_customer", "STEP_FAILURE", 6.5),
+        entry("rollback_load_run", "STEP_START", 7.0),  # not a step of the migration's phases
+        entry("rollback_load_run", "STEP_SUCCESS", 8.0),
+    ]
+    steps = step_timings(entries)
+    assert [s.as_dict() for s in steps] == [
+        {"step": "raw_erp_u8_customer", "phase": "extract", "seconds": 4.0, "rows": 600, "rows_per_second": 150.0},
+        {"step": "raw_sales_xlsx_customer", "phase": "extract", "seconds": 2.0, "rows": 400,
+         "rows_per_second": 200.0},
+        {"step": "core_customer", "phase": "load", "seconds": 2.5, "rows": 990, "rows_per_second": 396.0},
+    ]  # fmt: skip
+    assert phase_timings((), steps) == phase_timings(entries)
+    assert [(p.phase, p.seconds, p.rows) for p in phase_timings(entries)][:3] == [
+        ("extract", 4.0, 1000), ("map_validate", 0.0, 0), ("load", 2.5, 990),
+    ]  # fmt: skip
+
+
+def test_the_timing_table_names_the_slowest_steps() -> None:
+    from rich.console import Console
+
+    from integration.cli import _timing_table
+
+    steps = [{"step": name, "phase": "load", "seconds": seconds, "rows": 10, "rows_per_second": 1.0}
+             for name, seconds in (("core_customer", 16.6), ("core_contact", 13.2), ("core_opportunity", 25.6),
+                                   ("core_sales_order", 5.1), ("core_sales_rep", 0.01))]  # fmt: skip
+    timing = {"phases": [], "steps": steps, "seconds_total": 70.0, "rows_read": 50, "rows_per_second": 0.7}
+    console = Console(record=True, width=200)
+    console.print(_timing_table(timing))
+    assert (
+        "slowest steps: core_opportunity 25.6 s, core_customer 16.6 s, core_contact 13.2 s"
+        in console.export_text()
+    )
+    console.print(_timing_table({**timing, "steps": []}))  # a run that started no step: no caption
+    assert console.export_text().count("slowest steps") == 0
 
 
 @pytest.mark.parametrize(
