@@ -577,6 +577,11 @@ class Workbench:
     def routes(self) -> list[Any]:
         """Every route of the workbench."""
         page = self.page
+        # The core's run lock: the routes that write core records, merges or pair decisions (decide, undo,
+        # reopen, import) hold it shared for their write (``decisions.holding_the_core``) and answer 423 with
+        # the holder while a `crmi run`, rollback… holds the core, nothing written. Claim, skip, release,
+        # assign, sign-in and users write only the workbench's own tables, which no run journals or rolls
+        # back, so they take no lock and go on during a run; reading pages takes none either.
         return [
             Route("/", self.home),
             Route("/healthz", self.health),

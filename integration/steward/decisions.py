@@ -7,13 +7,20 @@ is applied like a survivorship value (with the first merge of the cluster, so un
 the survivor's own values), and pairs are marked ``merged`` or ``distinct`` (never proposed again) — the
 decisions that train the supervised classifier (``workflow.steward_labels``). This module adds what the
 workbench needs around it: the page's fingerprint, claims, roles and the audit lines.
+
+Each of these writes (and a sheet import, ``integration.steward.sheets``) holds the core's run lock shared for
+its own duration (:func:`holding_the_core`): stewards share the core with each other and with syncs, and a
+``crmi run``, rollback, recovery, linkage or schema upgrade, which take it alone, neither starts in the middle
+of a decision (it refuses naming the steward) nor has one made in the middle of it (the decision is refused
+with HTTP 423 naming the command, nothing written).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,14 +34,17 @@ from crm_core.journal import to_json
 from crm_core.loading import get_or_start_run
 from crm_core.merging import MODEL_OF, SurvivorshipRule, load_members, undo_merge
 from crm_core.models import MatchCandidate, MergeLog
+from crm_core.runs import CoreBusy, lock_holder
 from integration.dedup import workflow
 from integration.dedup.workflow import PendingPair, chosen_values
 from integration.steward.audit import record_event
 from integration.steward.cluster import FIELDS, Cluster, claim, find_cluster, release
 from integration.steward.errors import StewardError
 from integration.steward.security import Principal
+from integration.sync import engine as sync_engine
 
 Verdict = Literal["same", "different", "split"]
+CORE_BUSY = 423  # Locked: a `crmi run`, rollback… holds the core; the same request succeeds once it has ended
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,28 @@ class Outcome:
     survivors: list[int]
     groups: list[list[int]]
     pairs: dict[int, str]
+
+
+@contextmanager
+def holding_the_core(engine: Engine, user: Principal, what: str) -> Iterator[None]:
+    """Hold the core's run lock shared while a steward's write runs, as ``steward NAME (workbench) on HOST
+    (pid N)``; refuse with :class:`StewardError` (HTTP 423) naming the command that holds the core (or the
+    migration run launched from Dagster that is loading into it) before anything is written.
+
+    Only the writes of core records, merges and pair decisions take it. Claims, skips, assignments, sign-ins
+    and user administration write the workbench's own tables (``crm_core.steward_models``), which no run
+    journals and no rollback touches, and a decision checks its cluster again under the lock (the page's
+    fingerprint), so they go on while a run holds the core.
+    """
+    stack = ExitStack()
+    try:
+        stack.enter_context(sync_engine.holding_the_core(
+            engine, lock_holder(f"steward {user.name} (workbench)"), what, again="nothing was changed; try again"
+        ))  # fmt: skip
+    except CoreBusy as exc:
+        raise StewardError(str(exc), status=CORE_BUSY) from None
+    with stack:
+        yield
 
 
 def groups_of(cluster: Cluster, verdict: Verdict, labels: Mapping[int, str] | None = None) -> list[list[int]]:
@@ -97,7 +129,11 @@ def decide_cluster(
     if not user.can("steward"):
         raise StewardError("a viewer cannot decide; ask an admin for the steward role", status=403)
     try:
-        with session_factory(engine)() as session, session.begin():
+        with (
+            holding_the_core(engine, user, "steward decision"),
+            session_factory(engine)() as session,
+            session.begin(),
+        ):
             return _decide(session, candidate_id, verdict, user, rules, fingerprint, labels, chosen or {}, ip)
     except IntegrityError:
         raise StewardError(
@@ -197,7 +233,7 @@ def can_undo(user: Principal, decided_by: str) -> bool:
 
 def undo(engine: Engine, merge_id: int, user: Principal, ip: str | None = None) -> MergeLog:
     """Undo one merge exactly (``crm_core.merging.undo_merge``, as `crmi dedup undo`) and audit it."""
-    with session_factory(engine)() as session:
+    with holding_the_core(engine, user, "undo of a merge"), session_factory(engine)() as session:
         try:
             with session.begin():
                 log = session.scalar(select(MergeLog).where(MergeLog.id == merge_id))
@@ -231,7 +267,7 @@ def reopen(engine: Engine, candidate_id: int, user: Principal, ip: str | None = 
 
     The rights are those of an undo: stewards reopen their own decisions (and linkage's), admins anybody's.
     """
-    with session_factory(engine)() as session:
+    with holding_the_core(engine, user, "reopening of a pair"), session_factory(engine)() as session:
         try:
             with session.begin():
                 candidate = session.get(MatchCandidate, candidate_id)

@@ -39,7 +39,7 @@ from crm_core.models import Base, MatchCandidate
 from integration.dedup.workflow import cluster_plan
 from integration.steward.audit import record_event
 from integration.steward.cluster import Pair, active_ids, claim, explain_pair, holders, release
-from integration.steward.decisions import Rules
+from integration.steward.decisions import Rules, holding_the_core
 from integration.steward.errors import StewardError
 from integration.steward.queue import QueueFilter, filter_conditions, page_ids
 from integration.steward.security import Principal
@@ -194,7 +194,7 @@ def import_decisions(
         raise StewardError("a viewer cannot decide; ask an admin for the steward role", status=403)
     decisions, problems = read_decisions(content)
     result = ImportResult(problems=problems)
-    with session_factory(engine)() as session:
+    with holding_the_core(engine, user, "sheet import"), session_factory(engine)() as session:
         try:
             with session.begin():
                 _check_and_apply(session, decisions, result, user, rules, ip)

@@ -165,9 +165,9 @@ def _claim(engine: Engine, target: CompiledTarget, run_key: str, project: str) -
             get_or_start_run(session, run_key, project, mode="sync")
 
 
-def busy_advice(what: str = "sync") -> str:
+def busy_advice(what: str = "sync", again: str = "run it again") -> str:
     """What to do when ``what`` is refused because a ``crmi run``, rollback… holds the core."""
-    return f"no {what} while it loads or rolls back the core; run it again when it has ended"
+    return f"no {what} while it loads or rolls back the core; {again} when it has ended"
 
 
 MIGRATION_MODES = ("full", "delta")  # load runs of a migration (a trial loads into a scratch core of its own)
@@ -192,17 +192,21 @@ def core_busy(engine: Engine) -> str | None:
 
 
 @contextmanager
-def holding_the_core(engine: Engine, holder: str, what: str = "sync") -> Iterator[None]:
-    """Hold the core's run lock shared for a sync (see :func:`crm_core.runs.core_sync_lock`); refuse with
-    :class:`CoreBusy` naming the command that holds it, or the migration run loading into it, and what to do."""
+def holding_the_core(
+    engine: Engine, holder: str, what: str = "sync", *, again: str = "run it again"
+) -> Iterator[None]:
+    """Hold the core's run lock shared for a sync (see :func:`crm_core.runs.core_sync_lock`), or for a
+    person's short write (a steward's decision, a retried dead letter): they share it with each other; refuse
+    with :class:`CoreBusy` naming the command that holds it, or the migration run loading into it, and what
+    to do (``again``: how the refused ``what`` is done again, e.g. ``try again``)."""
     with ExitStack() as stack:
         try:
             stack.enter_context(core_sync_lock(engine, holder))
         except CoreBusy as exc:
-            raise CoreBusy(f"{exc}: {busy_advice(what)}") from None
+            raise CoreBusy(f"{exc}: {busy_advice(what, again)}") from None
         loading = _migration_loading(engine)  # after the lock: a `crmi run` starting now waits for this sync
         if loading is not None:
-            raise CoreBusy(f"{loading}: {busy_advice(what)}")
+            raise CoreBusy(f"{loading}: {busy_advice(what, again)}")
         yield
 
 

@@ -1,0 +1,190 @@
+"""A person's writes and a migration never write into one core at once: the run lock, from both sides.
+
+While a `crmi` command (run, rollback…) holds the core, a steward's decision in the workbench (decide, undo a
+merge, reopen a pair, a sheet import) is refused with HTTP 423 and a page naming the holder, and `crmi dedup
+decide`, `crmi dedup undo`, `crmi sync retry` and `crmi sync conflicts --decide` exit 1 with one line naming
+it; nothing is written, and the same write goes through once the command has ended. While one of these writes
+works, it holds the lock shared (named after the steward or the command): `crmi run` refuses naming it, other
+stewards and syncs share the core. The holder is another process, as a command in another terminal is.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from openpyxl import load_workbook
+
+from crm_core.db import make_engine
+from crm_core.models import LoadRun, MatchCandidate, MergeLog, SyncConflict, SyncOutbox
+from crm_core.runs import CoreBusy, core_lock_holder, core_run_lock, core_sync_lock, lock_holder
+from crm_core.steward_models import AUDIT
+from tests.test_run_lock_steps import held_by_another_process
+from tests.test_steward import build_core, planted, signed_in, snapshot
+
+COMMAND = "crmi rollback on the consultant's laptop (pid 4242)"  # what held_by_another_process holds
+HELD = f"another command holds this core ({COMMAND}"
+
+
+@pytest.fixture
+def core(core_url: str) -> Iterator[sa.Engine]:
+    engine = build_core(core_url, synthetic_pairs=6)
+    yield engine
+    engine.dispose()
+
+
+def everything(engine: sa.Engine) -> dict[str, Any]:
+    """What a refused write must leave as it was: pairs, customers, merges, runs, audit, outbox, conflicts."""
+    with engine.connect() as connection:
+        return {
+            **snapshot(engine),
+            "runs": connection.execute(sa.select(LoadRun.id, LoadRun.status).order_by(LoadRun.id)).all(),
+            "audit": connection.execute(  # claims and their release are the workbench's own bookkeeping
+                sa.select(AUDIT.c.id, AUDIT.c.action).where(AUDIT.c.action.not_in(("claim", "release")))
+            ).all(),
+            "outbox": connection.execute(
+                sa.select(SyncOutbox.id, SyncOutbox.status, SyncOutbox.attempts).order_by(SyncOutbox.id)
+            ).all(),
+            "conflicts": connection.execute(
+                sa.select(SyncConflict.id, SyncConflict.status).order_by(SyncConflict.id)
+            ).all(),
+        }
+
+
+def a_linkage_merge(engine: sa.Engine) -> int:
+    with engine.connect() as connection:
+        merge = connection.scalar(
+            sa.select(MergeLog.id)
+            .where(MergeLog.decided_by == "linkage", MergeLog.undone_at.is_(None))
+            .limit(1)
+        )
+    assert merge is not None
+    return int(merge)
+
+
+def fingerprint_of(page: str) -> str:
+    found = re.search(r'name="fingerprint" value="([^"]+)"', page)
+    assert found, page
+    return found.group(1)
+
+
+def problem(page: str) -> str:
+    found = re.search(r'<p id="problem">(.*?)</p>', page, re.S)
+    assert found, page
+    return " ".join(found.group(1).split()).replace("&#39;", "'")
+
+
+# --------------------------------------------------------------------------- the workbench
+
+
+def test_while_a_command_holds_the_core_the_workbench_refuses_every_decision_and_writes_nothing(
+    core: sa.Engine, core_url: str
+) -> None:
+    """`crmi rollback` in another terminal holds the core: a decision, an undo, a reopen and a sheet import
+    from the workbench answer 423 with a page naming the holder and saying to try again; nothing is written
+    (pairs, records, merges, runs, audit). Reading, claiming and releasing still work. Once the command has
+    ended the same decision goes through."""
+    pair = planted(core, "宁波市甬兴模具有限责任公司")
+    other = planted(core, "宁波市海曙包装有限责任公司")
+    merge = a_linkage_merge(core)
+    client, csrf = signed_in(core, "wang")
+    different = client.post(f"/cluster/{other.id}/decide", data={"csrf": csrf, "verdict": "different"},
+                            follow_redirects=False)  # fmt: skip
+    assert different.status_code == 303  # a decision to reopen while the core is held
+    exported = client.get("/queue/export.xlsx")
+    book = load_workbook(io.BytesIO(exported.content))
+    sheet = book["queue"]
+    for row in list(sheet.iter_rows())[1:2]:
+        row[4].value = "different"
+    sheet_bytes = io.BytesIO()
+    book.save(sheet_bytes)
+    fingerprint = fingerprint_of(client.get(f"/cluster/{pair.id}").text)
+    before = everything(core)
+    with held_by_another_process(core_url):
+        assert client.get(f"/cluster/{pair.id}").status_code == 200  # reading needs no lock
+        claimed = client.post(f"/cluster/{pair.id}/claim", data={"csrf": csrf}, follow_redirects=False)
+        assert claimed.status_code == 303  # a claim is the workbench's own bookkeeping, no core record
+        refusals = {
+            "decide": client.post(f"/cluster/{pair.id}/decide", data={
+                "csrf": csrf, "verdict": "same", "fingerprint": fingerprint, "then": "next",
+            }),
+            "undo": client.post(f"/merges/{merge}/undo", data={"csrf": csrf}),
+            "reopen": client.post(f"/pairs/{other.id}/reopen", data={"csrf": csrf, "back": str(other.left_id)}),
+            "import": client.post("/queue/import", data={"csrf": csrf},
+                                  files={"sheet": ("queue.xlsx", sheet_bytes.getvalue(), "application/octet-stream")}),
+        }  # fmt: skip
+        for what, refused in refusals.items():
+            assert refused.status_code == 423, (what, refused.status_code, refused.text)
+            message = problem(refused.text)
+            assert message.startswith(HELD), (what, message)
+            assert message.endswith("nothing was changed; try again when it has ended"), (what, message)
+            assert "The core is busy" in refused.text, what
+        released = client.post(f"/cluster/{pair.id}/release", data={"csrf": csrf}, follow_redirects=False)
+        assert released.status_code == 303
+        assert everything(core) == before  # nothing written: pairs, records, merges, runs, audit lines
+    done = client.post(f"/cluster/{pair.id}/decide", data={"csrf": csrf, "verdict": "same",
+                                                          "fingerprint": fingerprint}, follow_redirects=False)  # fmt: skip
+    assert done.status_code == 303, done.text
+    with core.connect() as connection:
+        assert (
+            connection.scalar(sa.select(MatchCandidate.status).where(MatchCandidate.id == pair.id))
+            == "merged"
+        )
+
+
+def test_a_stewards_decision_holds_the_core_shared_while_it_writes(
+    core: sa.Engine, core_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the middle of a workbench merge (where the workflow merges the records) a `crmi run` on another
+    connection is refused naming the steward, and so would a migration step launched from Dagster; another
+    steward's write and a sync share the core, and the sync schedules do not skip for it. When the decision
+    has committed the core is free again."""
+    from integration.dedup import workflow
+
+    seen: list[str] = []
+    merge_cluster = workflow.decide_cluster
+
+    def inside(*args: Any, **kwargs: Any) -> Any:
+        other = make_engine(core_url)
+        try:
+            try:
+                with core_run_lock(other, lock_holder("crmi run")):
+                    seen.append("crmi run took the core")
+            except CoreBusy as exc:
+                seen.append(str(exc))
+            seen.append(
+                core_lock_holder(other) or "no holder"
+            )  # what a migration step launched from Dagster asks
+            assert core_lock_holder(other, syncs=False) is None  # what a sync's schedule asks
+            with core_sync_lock(other, "steward li (workbench) on another host (pid 7)"):  # shared
+                seen.append("shared")
+        finally:
+            other.dispose()
+        return merge_cluster(*args, **kwargs)
+
+    monkeypatch.setattr(workflow, "decide_cluster", inside)
+    pair = planted(core, "宁波市甬兴模具有限责任公司")
+    client, csrf = signed_in(core, "wang")
+    done = client.post(
+        f"/cluster/{pair.id}/decide", data={"csrf": csrf, "verdict": "same"}, follow_redirects=False
+    )
+    assert done.status_code == 303, done.text
+    refusal, probed, shared = seen
+    steward = f"steward wang (workbench) on {socket.gethostname()}"[:40]
+    assert refusal.startswith("another command holds this core (steward wang (workbench) on "), refusal
+    assert steward in refusal and f"(pid {os.getpid()})" in refusal, refusal
+    assert steward in probed and shared == "shared"
+    with core.connect() as connection:
+        assert (
+            connection.scalar(sa.select(MatchCandidate.status).where(MatchCandidate.id == pair.id))
+            == "merged"
+        )
+    assert core_lock_holder(core) is None
+    with core_run_lock(core, "crmi run after the decision"):
+        pass
