@@ -139,6 +139,26 @@ def _one_at_a_time(engine: Engine, command: str, then: str = "") -> Iterator[Non
 
 
 @contextmanager
+def _sharing_the_core(engine: Engine, command: str, what: str) -> Iterator[None]:
+    """Hold the core's run lock shared while a person's short write runs (a steward's decision or undo, a retry
+    of dead letters, a conflict decision), as ``<command> on HOST (pid N)``: such writes and syncs share it,
+    and ``crmi run``, rollback… refuse meanwhile, naming it. Exit 1 with one line naming the holder and what
+    to do, before anything is written, while one of those holds the core (or a migration run launched from
+    Dagster is loading into it)."""
+    from crm_core.runs import CoreBusy
+    from integration.sync.engine import holding_the_core
+
+    stack = ExitStack()
+    try:
+        stack.enter_context(holding_the_core(engine, run_lock_holder(command), what))
+    except CoreBusy as exc:  # the whole reason, holder and advice, on one line
+        errors.print(f"[red]refused:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    with stack:
+        yield
+
+
+@contextmanager
 def _one_run_at_a_time(core: str | None) -> Iterator[None]:
     """Hold the core's run lock while ``crmi run`` runs (see :func:`_one_at_a_time`)."""
     with (
@@ -1441,7 +1461,7 @@ def dedup_decide(
                 "a reference takes --customer ID (the customer it names) or --different (none), not both"
             )
             raise typer.Exit(EXIT_FAILED)
-        with _core_engine(core) as engine:
+        with _core_engine(core) as engine, _sharing_the_core(engine, "crmi dedup decide", "steward decision"):
             try:
                 decision = decide_reference(
                     engine, int(number), record_id=customer, steward=steward, run_key=f"steward-{uuid.uuid4()}",
@@ -1461,7 +1481,7 @@ def dedup_decide(
         errors.print("a pair takes its candidate number and --same or --different")
         raise typer.Exit(EXIT_FAILED)
     rules = spec.dedup.get("customer")
-    with _core_engine(core) as engine:
+    with _core_engine(core) as engine, _sharing_the_core(engine, "crmi dedup decide", "steward decision"):
         try:
             decided = decide(
                 engine, int(candidate), same=same, steward=steward, run_key=f"steward-{uuid.uuid4()}",
@@ -1485,7 +1505,11 @@ def dedup_undo(
     from crm_core.errors import DedupError
     from crm_core.merging import undo_merge
 
-    with _core_engine(core) as engine, session_factory(engine)() as session:
+    with (
+        _core_engine(core) as engine,
+        _sharing_the_core(engine, "crmi dedup undo", "undo of a merge"),
+        session_factory(engine)() as session,
+    ):
         try:
             with session.begin():
                 log = undo_merge(session, merge_id, steward)
@@ -1772,7 +1796,12 @@ def sync_retry(
     if target is not None and target not in migration.project.sync:
         errors.print(f"unknown sync target '{escape(target)}'; targets: {', '.join(migration.project.sync)}")
         raise typer.Exit(EXIT_FAILED)
-    with _core_engine(core) as engine, session_factory(engine)() as session, session.begin():
+    with (
+        _core_engine(core) as engine,
+        _sharing_the_core(engine, "crmi sync retry", "retry of dead letters"),
+        session_factory(engine)() as session,
+        session.begin(),
+    ):
         count = retry_dead(session, target, ids or [])
     console.print(f"{count} dead letter(s) queued again; run `crmi sync run` (or wait for the schedule)")
 
@@ -1798,7 +1827,9 @@ def sync_conflicts(
                 errors.print("--decide needs --take crm or --take target")
                 raise typer.Exit(EXIT_FAILED)
             try:
-                console.print(decide_conflict(migration, engine, decide, take, by=by))
+                with _sharing_the_core(engine, "crmi sync conflicts --decide", "conflict decision"):
+                    settled = decide_conflict(migration, engine, decide, take, by=by)
+                console.print(settled)
             except CrmError as exc:
                 errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
                 raise typer.Exit(EXIT_FAILED) from None

@@ -10,21 +10,26 @@ stewards and syncs share the core. The holder is another process, as a command i
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import os
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from openpyxl import load_workbook
+from typer.testing import CliRunner
 
 from crm_core.db import make_engine
 from crm_core.models import LoadRun, MatchCandidate, MergeLog, SyncConflict, SyncOutbox
 from crm_core.runs import CoreBusy, core_lock_holder, core_run_lock, core_sync_lock, lock_holder
 from crm_core.steward_models import AUDIT
+from integration.cli import app
 from tests.test_run_lock_steps import held_by_another_process
 from tests.test_steward import build_core, planted, signed_in, snapshot
 
@@ -188,3 +193,123 @@ def test_a_stewards_decision_holds_the_core_shared_while_it_writes(
     assert core_lock_holder(core) is None
     with core_run_lock(core, "crmi run after the decision"):
         pass
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def with_sync_rows(engine: sa.Engine) -> tuple[int, int]:
+    """A dead letter and an open conflict of the demo project's u8 target (ids)."""
+    with engine.begin() as connection:
+        customer = connection.scalar(sa.text("SELECT min(id) FROM customers WHERE merged_into_id IS NULL"))
+        dead = connection.execute(sa.insert(SyncOutbox).values(
+            target="u8", entity="customer", entity_id=customer, operation="customer/edit", payload={"name": "x"},
+            payload_hash="h", core_values={}, idempotency_key="dead-1", status="dead", attempts=5,
+            next_attempt_at=dt.datetime.now(dt.UTC), last_error="U8 said no",
+        )).inserted_primary_key[0]  # fmt: skip
+        conflict = connection.execute(sa.insert(SyncConflict).values(
+            target="u8", entity="customer", entity_id=customer, field="phone", exchanged_value="1",
+            crm_value="2", target_value="3", status="open",
+        )).inserted_primary_key[0]  # fmt: skip
+    return int(dead), int(conflict)
+
+
+def test_while_a_command_holds_the_core_the_cli_writes_of_people_refuse_and_write_nothing(
+    core: sa.Engine, core_url: str, demo_project: Path
+) -> None:
+    """`crmi dedup decide` (a pair, a held name), `crmi dedup undo`, `crmi sync retry` and `crmi sync conflicts
+    --decide` exit 1 with one line naming the command that holds the core and what to do; nothing is written.
+    Once it has ended they go through."""
+    pair = planted(core, "宁波市甬兴模具有限责任公司")
+    merge = a_linkage_merge(core)
+    dead, conflict = with_sync_rows(core)
+    runner = CliRunner()
+    project, at = ["--project", str(demo_project)], ["--core-url", core_url]
+    commands = {
+        "decide": ["dedup", "decide", str(pair.id), "--same", "--steward", "li", *project, *at],
+        "reference": ["dedup", "decide", "r1", "--different", "--steward", "li", *project, *at],
+        "undo": ["dedup", "undo", str(merge), "--steward", "li", *at],
+        "retry": ["sync", "retry", "--target", "u8", *project, *at],
+        "conflict": ["sync", "conflicts", "--decide", str(conflict), "--take", "crm", *project, *at],
+    }
+    what = {"decide": "steward decision", "reference": "steward decision", "undo": "undo of a merge",
+            "retry": "retry of dead letters", "conflict": "conflict decision"}  # fmt: skip
+    before = everything(core)
+    with held_by_another_process(core_url):
+        for name, command in commands.items():
+            refused = runner.invoke(app, command)
+            assert refused.exit_code == 1, (name, refused.output)
+            [line] = [line for line in refused.output.splitlines() if line.strip()]
+            assert line.startswith(f"refused: {HELD}"), (name, line)
+            assert line.endswith(
+                f"no {what[name]} while it loads or rolls back the core; run it again when it has ended"
+            ), (name, line)
+        assert everything(core) == before
+    decided = runner.invoke(app, commands["decide"])
+    assert decided.exit_code == 0 and "merged (by li)" in decided.output, decided.output
+    undone = runner.invoke(app, commands["undo"])
+    assert undone.exit_code == 0 and "separate from" in undone.output, undone.output
+    retried = runner.invoke(app, commands["retry"])
+    assert retried.exit_code == 0 and "1 dead letter(s) queued again" in retried.output, retried.output
+    with core.connect() as connection:
+        assert connection.scalar(sa.select(SyncOutbox.status).where(SyncOutbox.id == dead)) == "pending"
+
+
+def test_the_cli_writes_of_people_hold_the_core_shared_named_after_the_command(
+    core: sa.Engine, core_url: str, demo_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside each command's write a `crmi run` on another connection is refused naming the command (`crmi
+    dedup decide on HOST (pid N)`…), and a sync shares the core."""
+    import crm_core.merging
+    import integration.dedup.workflow
+    import integration.sync.engine
+    import integration.sync.outbox
+
+    seen: dict[str, str] = {}
+
+    def hook(name: str, result: Any) -> Callable[..., Any]:
+        def inside(*args: Any, **kwargs: Any) -> Any:
+            other = make_engine(core_url)
+            try:
+                try:
+                    with core_run_lock(other, lock_holder("crmi run")):
+                        seen[name] = "crmi run took the core"
+                except CoreBusy as exc:
+                    seen[name] = str(exc)
+                with core_sync_lock(other, "sync u8 inbound on dagster-host (pid 8)"):
+                    pass
+            finally:
+                other.dispose()
+            return result
+
+        return inside
+
+    monkeypatch.setattr(
+        integration.dedup.workflow, "decide", hook("crmi dedup decide", SimpleNamespace(status="merged"))
+    )
+    log = SimpleNamespace(entity="customer", merged_id=2, survivor_id=1)
+    monkeypatch.setattr(crm_core.merging, "undo_merge", hook("crmi dedup undo", log))
+    monkeypatch.setattr(integration.sync.outbox, "retry_dead", hook("crmi sync retry", 0))
+    monkeypatch.setattr(
+        integration.sync.engine, "decide_conflict", hook("crmi sync conflicts --decide", "settled")
+    )
+    runner = CliRunner()
+    project, at = ["--project", str(demo_project)], ["--core-url", core_url]
+    for command in (
+        ["dedup", "decide", "1", "--same", "--steward", "li", *project, *at],
+        ["dedup", "undo", "1", "--steward", "li", *at],
+        ["sync", "retry", "--target", "u8", *project, *at],
+        ["sync", "conflicts", "--decide", "1", "--take", "crm", *project, *at],
+    ):
+        ran = runner.invoke(app, command)
+        assert ran.exit_code == 0, (command, ran.output)
+    assert set(seen) == {
+        "crmi dedup decide",
+        "crmi dedup undo",
+        "crmi sync retry",
+        "crmi sync conflicts --decide",
+    }
+    for name, refusal in seen.items():
+        holder = lock_holder(name)
+        assert refusal.startswith(f"another command holds this core ({holder}"), (name, refusal)
+    assert core_lock_holder(core) is None
