@@ -1442,7 +1442,12 @@ class EntityLoader:
                 mapping_rejected.add(row)
                 if entry["rule"] == "subtotal":
                     subtotals.add(row)
-                elif entry["field"] == amount_field and amount_field is not None:
+                elif (
+                    entry["field"] == amount_field
+                    and amount_field is not None
+                    and not _present(entry.get("amount"))
+                ):
+                    # Only an amount that could not be read: one read and refused by a rule (-500) is counted.
                     unreadable.add(row)
             else:
                 stats.warnings += 1

@@ -201,3 +201,49 @@ def test_crmi_run_exits_2_when_more_is_quarantined_than_the_project_allows(
         status = connection.scalar(sa.select(LoadRun.status).where(LoadRun.run_key == payload["run_id"]))
     engine.dispose()
     assert status == "unbalanced"  # the reconciliation asset (and its check) judged it the same way
+
+
+def test_a_readable_amount_a_rule_rejects_is_not_called_unreadable(
+    tmp_path: Path, sqlite_core_url: str
+) -> None:
+    # 待定 cannot be read; -500 is read and counted, and only the amount rule rejects its row.
+    workbook = openpyxl.Workbook()
+    customers = workbook.active
+    assert customers is not None
+    customers.title = "客户"
+    customers.append(["客户名称"])
+    customers.append(["深圳市华鑫科技有限公司"])
+    deals = workbook.create_sheet("商机")
+    deals.append(["商机编号", "客户名称", "商机名称", "阶段", "预计金额"])
+    deals.append(["XS-1", "深圳市华鑫科技有限公司", "升级", "方案报价", "12.5万"])
+    deals.append(["XS-2", "深圳市华鑫科技有限公司", "二期", "方案报价", "待定"])
+    deals.append(["XS-3", "深圳市华鑫科技有限公司", "退款", "方案报价", "-500"])
+    (tmp_path / "data").mkdir()
+    workbook.save(tmp_path / "data" / "sales.xlsx")
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "project.yaml").write_text(
+        "version: 1\nname: acme\nsources:\n  sales: {connector: excel, path: data/sales*.xlsx}\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "mappings" / "customers.yaml").write_text(
+        "version: 1\nsource: {connector: sales, sheet: 客户, key: 客户名称}\ntarget: customer\n"
+        "fields:\n  name: {from: 客户名称, required: true}\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "mappings" / "deals.yaml").write_text(
+        "version: 1\nsource: {connector: sales, sheet: 商机, key: 商机编号}\ntarget: opportunity\nfields:\n"
+        "  customer: {from: 客户名称, lookup: {by: name}}\n  name: {from: 商机名称, required: true}\n"
+        "  stage: {from: 阶段, transforms: [stage]}\n  amount: {from: 预计金额, transforms: [parse_amount]}\n",
+        encoding="utf-8",
+    )
+    migration = Migration.load(str(tmp_path))
+    engine = make_engine(sqlite_core_url)
+    upgrade(engine)
+    load_entities(migration, engine, "run-1", ["customer", "opportunity"])
+    report = reconcile(engine, "run-1", max_quarantined_share=1.0)
+    [line] = [x for x in report.lines if x.entity == "opportunity"]
+    engine.dispose()
+    assert line.rejected == 2 and line.amount_quarantined == Decimal("-500")
+    assert line.amount_unreadable == 1
+    [note] = quarantine_notes(report)
+    assert "(1 with no readable amount)" in note
