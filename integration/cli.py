@@ -886,6 +886,20 @@ def _report_success(
     )
     for reason in reasons:
         console.print(f"  {escape(reason)}", highlight=False)
+    if report.quarantined_rows:
+        console.print(
+            "Correct the quarantined rows in the fix sheets of reconciliation.xlsx and re-import them "
+            '(README: "Re-importing the rows to fix"), or decide held references with `crmi dedup review`.',
+            highlight=False,
+        )
+    if mode == "trial":
+        # The trial's load run is in its scratch core: `crmi rollback` on the core would not find it.
+        console.print(
+            f"Inspect the report; the trial loaded only into its scratch core ({escape(location)}), "
+            "so there is nothing to roll back (`crmi runs prune-trials` removes older trials).",
+            highlight=False,
+        )
+        return
     console.print(f"Inspect the report; keep the run, or undo it with `crmi rollback {run_id}`.")
 
 

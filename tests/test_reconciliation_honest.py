@@ -247,3 +247,23 @@ def test_a_readable_amount_a_rule_rejects_is_not_called_unreadable(
     assert line.amount_unreadable == 1
     [note] = quarantine_notes(report)
     assert "(1 with no readable amount)" in note
+
+
+@pytest.mark.parametrize("mode", ["full", "trial"])
+def test_a_failing_run_points_at_the_fix_sheets_and_a_trial_at_no_rollback(
+    mode: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A newcomer's run failed on quarantined rows: the output named only `crmi rollback`, not the fix sheets
+    # that load them, and a trial named a rollback of a run that is in its scratch core, not in the core.
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(width=300, file=out))
+    monkeypatch.setattr(cli, "_converted_amounts", lambda core: "")
+    monkeypatch.chdir(tmp_path)
+    timing = {"phases": [], "seconds_total": 1.0, "rows_read": 10, "rows_per_second": 10.0}
+    cli._report_success("r1", fix_sheet_report(), "sqlite://", mode, timing, False)
+    text = out.getvalue()
+    assert "fix sheets of reconciliation.xlsx" in text and "Re-importing the rows to fix" in text
+    if mode == "trial":
+        assert "crmi rollback" not in text and "scratch core" in text
+    else:
+        assert "undo it with `crmi rollback r1`" in text
