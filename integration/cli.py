@@ -1564,6 +1564,12 @@ def dedup_merges(
         table.add_row(str(m["merge"]), m["entity"], str(m["survivor_id"]), str(m["merged_id"]), probability,
                       escape(m["reason"]), escape(m["decided_by"]), m["merged_at"], m["undone_at"] or "")  # fmt: skip
     console.print(table)
+    console.print(
+        "Linkage and stewards' merges only. Rows merged at load (same credit code or normalized name: the "
+        "reconciliation's `merged` column) share one record through the crosswalk; `crmi rollback` of their "
+        "run undoes them.",
+        highlight=False,
+    )
 
 
 @dedup_app.command("match")

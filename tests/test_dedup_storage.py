@@ -380,6 +380,18 @@ def app_() -> Any:
     return app
 
 
+def test_dedup_merges_says_where_the_matches_made_at_load_are(sqlite_core_url: str) -> None:
+    # A newcomer's run merged two rows by credit code at load (the reconciliation's `merged` column), and
+    # `crmi dedup merges` showed an empty table without saying why: those are crosswalk matches, not merges.
+    engine = make_engine(sqlite_core_url)
+    upgrade(engine)
+    engine.dispose()
+    table = CliRunner().invoke(app_(), ["dedup", "merges", "--core-url", sqlite_core_url], terminal_width=200)
+    assert table.exit_code == 0, table.output
+    text = " ".join(table.output.split())
+    assert "merged at load" in text and "crmi rollback" in text
+
+
 def test_dedup_merges_lists_merges_newest_first_with_their_undo(sqlite_core_url: str) -> None:
     engine = cluster_core(sqlite_core_url)
     merges, _ = merge_three(engine, separate_runs=True)
