@@ -815,15 +815,37 @@ def sample_batch(
     raw = batch.raw
     if raw is not None and not raw.empty:
         raw = raw.loc[picked(raw[LOCATION], raw[ROW_REF])]
+    sampled = records.loc[eligible & picked(records[LOCATION], records[ROW_REF])].reset_index(drop=True)
+    rejects = batch.rejects.loc[picked(batch.rejects["location"], batch.rejects["row_ref"])]
     return replace(
         batch,
-        records=records.loc[eligible & picked(records[LOCATION], records[ROW_REF])].reset_index(drop=True),
-        rejects=batch.rejects.loc[picked(batch.rejects["location"], batch.rejects["row_ref"])],
+        records=sampled,
+        rejects=rejects,
         rows_read=len(chosen),
         raw=raw,
         watermark=None,  # a sample must not move a stream's cursor
-        amount_read=None,  # the sample's own records are what its source amount covers
+        amount_read=_sample_amount(entity, sampled, rejects),
     )
+
+
+def _sample_amount(entity: str, records: pd.DataFrame, rejects: pd.DataFrame) -> Decimal | None:
+    """Return the money a sample read, as a full run counts it: its records' and its rejected rows' amounts.
+
+    Each rejected row (not a subtotal line) counts once, with the amount it was mapped to where one was read;
+    warnings are on rows among the records.
+    """
+    field = ENTITIES[entity].amount_field
+    if field is None or field not in records.columns:
+        return None
+    total = amount_sum(records[field])
+    if len(rejects) and "amount" in rejects.columns:
+        blank = pd.Series(None, index=rejects.index, dtype=object)
+        severity = rejects.get("severity", blank).fillna("error")
+        rule = rejects.get("rule", blank)
+        errors = rejects[(severity == "error") & (rule != "subtotal")]
+        per_row = errors.groupby(["location", "row_ref"], dropna=False, sort=False)["amount"].first()
+        total += amount_sum(per_row)
+    return total
 
 
 def _sample_eligible(session: Session, entity: str, batch: Batch, names: dict[str, set[Any]]) -> pd.Series:

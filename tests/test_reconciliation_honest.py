@@ -203,10 +203,8 @@ def test_crmi_run_exits_2_when_more_is_quarantined_than_the_project_allows(
     assert status == "unbalanced"  # the reconciliation asset (and its check) judged it the same way
 
 
-def test_a_readable_amount_a_rule_rejects_is_not_called_unreadable(
-    tmp_path: Path, sqlite_core_url: str
-) -> None:
-    # 待定 cannot be read; -500 is read and counted, and only the amount rule rejects its row.
+def small_sales_project(root: Path) -> None:
+    """A workbook of one customer and three deals: 12.5万, 待定 (unreadable) and -500 (a rule rejects it)."""
     workbook = openpyxl.Workbook()
     customers = workbook.active
     assert customers is not None
@@ -218,24 +216,31 @@ def test_a_readable_amount_a_rule_rejects_is_not_called_unreadable(
     deals.append(["XS-1", "深圳市华鑫科技有限公司", "升级", "方案报价", "12.5万"])
     deals.append(["XS-2", "深圳市华鑫科技有限公司", "二期", "方案报价", "待定"])
     deals.append(["XS-3", "深圳市华鑫科技有限公司", "退款", "方案报价", "-500"])
-    (tmp_path / "data").mkdir()
-    workbook.save(tmp_path / "data" / "sales.xlsx")
-    (tmp_path / "mappings").mkdir()
-    (tmp_path / "project.yaml").write_text(
+    (root / "data").mkdir()
+    workbook.save(root / "data" / "sales.xlsx")
+    (root / "mappings").mkdir()
+    (root / "project.yaml").write_text(
         "version: 1\nname: acme\nsources:\n  sales: {connector: excel, path: data/sales*.xlsx}\n",
         encoding="utf-8",
     )
-    (tmp_path / "mappings" / "customers.yaml").write_text(
+    (root / "mappings" / "customers.yaml").write_text(
         "version: 1\nsource: {connector: sales, sheet: 客户, key: 客户名称}\ntarget: customer\n"
         "fields:\n  name: {from: 客户名称, required: true}\n",
         encoding="utf-8",
     )
-    (tmp_path / "mappings" / "deals.yaml").write_text(
+    (root / "mappings" / "deals.yaml").write_text(
         "version: 1\nsource: {connector: sales, sheet: 商机, key: 商机编号}\ntarget: opportunity\nfields:\n"
         "  customer: {from: 客户名称, lookup: {by: name}}\n  name: {from: 商机名称, required: true}\n"
         "  stage: {from: 阶段, transforms: [stage]}\n  amount: {from: 预计金额, transforms: [parse_amount]}\n",
         encoding="utf-8",
     )
+
+
+def test_a_readable_amount_a_rule_rejects_is_not_called_unreadable(
+    tmp_path: Path, sqlite_core_url: str
+) -> None:
+    # 待定 cannot be read; -500 is read and counted, and only the amount rule rejects its row.
+    small_sales_project(tmp_path)
     migration = Migration.load(str(tmp_path))
     engine = make_engine(sqlite_core_url)
     upgrade(engine)
@@ -267,3 +272,22 @@ def test_a_failing_run_points_at_the_fix_sheets_and_a_trial_at_no_rollback(
         assert "crmi rollback" not in text and "scratch core" in text
     else:
         assert "undo it with `crmi rollback r1`" in text
+
+
+def test_a_trial_counts_the_money_of_its_sampled_rejected_rows_as_a_full_run_does(
+    tmp_path: Path, sqlite_core_url: str
+) -> None:
+    # A trial's source amount covered only the rows it loaded: the -500 its rule rejected was in neither the
+    # source nor the quarantine, and a fix sheet's corrected row then left negative money "in quarantine".
+    small_sales_project(tmp_path)
+    migration = Migration.load(str(tmp_path))
+    engine = make_engine(sqlite_core_url)
+    upgrade(engine)
+    for entity in ("customer", "opportunity"):
+        raw = {migration.raw_asset(m): extract(migration, m) for m in migration.mappings_for(entity)}
+        load(migration, engine, "trial-1", stage(migration, entity, raw), mode="trial", sample=10)
+    [line] = [x for x in reconcile(engine, "trial-1").lines if x.entity == "opportunity"]
+    engine.dispose()
+    assert (line.rows_read, line.loaded, line.rejected) == (3, 1, 2)
+    assert line.amount_source == Decimal("124500.00") and line.amount_quarantined == Decimal("-500")
+    assert line.amount_unreadable == 1 and line.balanced
