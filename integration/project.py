@@ -563,14 +563,16 @@ def _mapping_files(
     files: list[Path] = []
     problems: list[Problem] = []
     warnings: list[Problem] = []
+    written = isinstance(document.data, dict) and "mappings" in document.data
     for i, pattern in enumerate(spec.mappings):
         matches = sorted(Path(p) for p in glob.glob(str(root / pattern)))
         if not matches:
             if glob.has_magic(pattern):
+                default = "" if written else " (the default: project.yaml has no `mappings:`)"
                 warnings.append(
                     document.problem(
                         ("mappings", i),
-                        f"no mapping file matches '{pattern}' in {root} yet; "
+                        f"no mapping file matches '{pattern}' in {root} yet{default}; "
                         "write one with `crmi mapping scaffold`",
                     )
                 )
