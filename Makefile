@@ -61,8 +61,8 @@ ui-prod: $(VENV)/.installed  ## webserver + daemon as deployed: deploy/dagster.y
 	trap 'kill $$daemon; wait $$daemon' EXIT INT TERM; \
 	$(BIN)/dagster-webserver -h $${DAGSTER_WEBSERVER_HOST:-127.0.0.1} -p $${DAGSTER_WEBSERVER_PORT:-3000} -w deploy/workspace.yaml
 
-steward: $(VENV)/.installed  ## the steward workbench on 127.0.0.1:8765 (first: crmi steward users add NAME --role admin)
-	$(BIN)/python -m integration.steward serve --project $(PROJECT)
+steward: $(VENV)/.installed  ## the steward workbench on 127.0.0.1:8765 for CRM_PROJECT, default the demo (first: crmi steward users add NAME --role admin)
+	$(BIN)/python -m integration.steward serve --project $(CRM_PROJECT)
 
 schema: $(VENV)/.installed  ## regenerate mapping.schema.json, docs/transforms.md and docs/targets.md from the code
 	$(BIN)/crmi mapping schema > integration/mappings/mapping.schema.json

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,21 @@ def test_a_scaffolded_sheet_mapping_runs_on_the_smallest_project(acme: Path, tmp
     engine.dispose()
     # Without a dedup block, the same credit code still makes one customer (the default match keys).
     assert sorted(names) == ["无锡市科众贸易有限公司", "深圳市腾达科技有限公司"]
+
+
+def test_make_steward_serves_the_project_crm_project_names(tmp_path: Path) -> None:
+    # README step 6 has a newcomer export CRM_PROJECT (and CRM_CORE_URL) for `make ui`; `make steward` then
+    # served the demo's merge rules over the new engagement's core.
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CRM_PROJECT": "projects/acme"}
+    dry = subprocess.run(
+        ["make", "-n", "-C", str(root), "steward"], env=env, capture_output=True, text=True, check=True
+    )
+    assert "serve --project projects/acme" in dry.stdout
+    env.pop("CRM_PROJECT")
+    dry = subprocess.run(
+        ["make", "-n", "-C", str(root), "steward"], env=env, capture_output=True, text=True, check=True
+    )
+    assert "serve --project examples/demo" in dry.stdout
