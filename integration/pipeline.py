@@ -1558,23 +1558,34 @@ def _count_corrected(lines: Sequence[ReconciliationLine], rejects: pd.DataFrame)
     if chosen.empty:
         return
     row = ["mapping", "source", "entity", "location", "row_ref"]
+    # A row rejected because its amount could not be read (counted in amount_unreadable by its load).
+    amount_fields = chosen["entity"].map(lambda e: ENTITIES[e].amount_field if e in ENTITIES else None)
+    unreadable_amount = (chosen["field"] == amount_fields) & chosen["amount"].isna()
     # One row can have several rejects (one per field): it counts once, with its amount once.
     per_row = (
-        chosen.assign(held=chosen["severity"] == HELD)
+        chosen.assign(held=chosen["severity"] == HELD, unreadable=unreadable_amount)
         .groupby(row, dropna=False, sort=False)
-        .agg(amount=("amount", "first"), held=("held", "any"))
+        .agg(amount=("amount", "first"), held=("held", "any"), unreadable=("unreadable", "any"))
     )
     counted: dict[tuple[Any, ...], list[Any]] = {}
     held: Counter[tuple[Any, ...]] = Counter()
-    for key, amount, was_held in zip(per_row.index, per_row["amount"], per_row["held"], strict=True):
+    unreadable: Counter[tuple[Any, ...]] = Counter()
+    for key, amount, was_held, was_unreadable in zip(
+        per_row.index, per_row["amount"], per_row["held"], per_row["unreadable"], strict=True
+    ):
         where: tuple[Any, ...] = tuple(key)
         counted.setdefault(where[:3], []).append(amount)
         held[where[:3]] += bool(was_held)
+        unreadable[where[:3]] += bool(was_unreadable)
     for line in lines:
         amounts = counted.get((line.mapping, line.source, line.entity))
         if amounts:
             line.corrected = len(amounts)
             line.corrected_held = held[(line.mapping, line.source, line.entity)]
+            # A corrected row is no longer quarantined, nor among the quarantined rows without an amount.
+            line.amount_unreadable = max(
+                0, line.amount_unreadable - unreadable[(line.mapping, line.source, line.entity)]
+            )
             if line.amount_quarantined is not None:
                 total = sum((Decimal(a) for a in amounts if a is not None and a == a), Decimal(0))
                 line.amount_corrected = _amount(total)

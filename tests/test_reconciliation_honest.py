@@ -291,3 +291,40 @@ def test_a_trial_counts_the_money_of_its_sampled_rejected_rows_as_a_full_run_doe
     assert (line.rows_read, line.loaded, line.rejected) == (3, 1, 2)
     assert line.amount_source == Decimal("124500.00") and line.amount_quarantined == Decimal("-500")
     assert line.amount_unreadable == 1 and line.balanced
+
+
+def test_a_corrected_row_whose_amount_was_unreadable_is_not_counted_as_quarantined_unreadable(
+    tmp_path: Path, sqlite_core_url: str
+) -> None:
+    # The 待定 deal corrected through a fix sheet still counted among the quarantined rows "with no readable
+    # amount", beside held rows that all had one.
+    small_sales_project(tmp_path)
+    fixes = openpyxl.Workbook()
+    sheet = fixes.active
+    assert sheet is not None
+    sheet.title = "fix sales.opportunity"
+    sheet.append(["商机编号", "客户名称", "商机名称", "阶段", "预计金额", "_location", "_row_ref"])
+    sheet.append(["XS-2", "深圳市华鑫科技有限公司", "二期", "方案报价", "15万", "sales.xlsx#商机", "3"])
+    (tmp_path / "fixes").mkdir()
+    fixes.save(tmp_path / "fixes" / "corrected.xlsx")
+    with (tmp_path / "project.yaml").open("a", encoding="utf-8") as settings:
+        settings.write("  fixes: {connector: excel, path: fixes/*.xlsx}\n")
+    deals = (tmp_path / "mappings" / "deals.yaml").read_text(encoding="utf-8")
+    (tmp_path / "mappings" / "deals_fixed.yaml").write_text(
+        deals.replace(
+            "source: {connector: sales, sheet: 商机, key: 商机编号}",
+            'source: {connector: fixes, sheet: "fix sales.opportunity", key: 商机编号, system: sales}',
+        ),
+        encoding="utf-8",
+    )
+    migration = Migration.load(str(tmp_path))
+    engine = make_engine(sqlite_core_url)
+    upgrade(engine)
+    load_entities(migration, engine, "run-1", ["customer", "opportunity"])
+    report = reconcile(engine, "run-1", max_quarantined_share=1.0)
+    [line] = [x for x in report.lines if x.mapping == "deals"]
+    engine.dispose()
+    assert line.rejected == 2 and line.corrected == 1 and line.quarantined == 1
+    assert line.amount_corrected == 0 and line.amount_in_quarantine == Decimal("-500")
+    assert line.amount_unreadable == 0
+    assert not [n for n in quarantine_notes(report) if "no readable amount" in n]
