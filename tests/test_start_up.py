@@ -90,3 +90,29 @@ def test_loading_the_definitions_does_not_import_psycopg() -> None:
     code = "import sys, integration.cli, integration.jobs, crm_core.runs; print('psycopg' in sys.modules)"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["integration.project", "integration.mappings", "integration.mappings.money", "integration.connectors"],
+)
+def test_each_module_imports_first_in_a_fresh_process(module: str) -> None:
+    """`crmi dedup decide` imported integration.project first and died of a circular import (found by a newcomer
+    deciding a held customer name): project → mappings.money → mappings → connectors → project."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], cwd=root, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_crmi_dedup_decide_starts_in_a_fresh_process(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    code = "import sys; from integration.cli import main; sys.argv[0] = 'crmi'; main()"
+    core = f"sqlite:///{tmp_path / 'none.sqlite'}"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "dedup", "decide", "r1", "--different", "--steward", "li", "--core-url", core],
+        cwd=root, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in done.stdout + done.stderr and "ImportError" not in done.stdout + done.stderr
+    assert done.returncode == 1 and "no core database at" in done.stderr

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from integration.connectors.base import META_COLUMNS, Connector, ReadRequest
 from integration.connectors.csv import CsvConnector
 from integration.connectors.excel import ExcelConnector
 from integration.connectors.odbc import OdbcConnector
 from integration.connectors.rest import RestConnector, RestSettings
 from integration.connectors.sql import SqlConnector
-from integration.project import (
-    CsvSource,
-    ExcelSource,
-    K3CloudSource,
-    OdbcSource,
-    Project,
-    RestSource,
-    SqlSource,
-)
+
+if TYPE_CHECKING:
+    from integration.project import Project
 
 
 def connector_for(project: Project, source: str) -> Connector:
     """Build the connector for a source declared in the project."""
+    # Imported here: integration.project imports the mapping engine, which imports this package (a module
+    # importing integration.project first, as `crmi dedup decide` does, would meet a half-built module).
+    from integration.project import CsvSource, ExcelSource, K3CloudSource, OdbcSource, RestSource, SqlSource
+
     config = project.spec.sources[source]
     if isinstance(config, ExcelSource):
         return ExcelConnector(source, project.source_paths(source), config.path)
