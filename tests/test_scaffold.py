@@ -350,3 +350,18 @@ def test_a_customer_phone_beside_a_city_completes_local_numbers_from_it() -> Non
     }  # fmt: skip
     without = yaml.safe_load(scaffold("sales", "客户", ["客户名称", "电话"], sheet=True))
     assert "area_code_from" not in without["fields"]["phone"]
+
+
+def test_a_scaffold_names_the_traps_a_newcomer_met_in_its_comments() -> None:
+    # A newcomer's scaffolded mappings loaded soft-deleted accounts, loaded won deals without a close date (the
+    # rule reads only a mapped closed_on), and a fix sheet's corrected name gave a hashed row another key.
+    from integration.mappings.scaffold import scaffold
+
+    accounts = scaffold("legacy_crm", "accounts", ["id", "name", "deleted"])
+    assert "# unmapped source columns: deleted" in accounts
+    assert 'where: "deleted = 0"' in accounts  # suggested in a comment, not written: a judgment call
+    assert yaml.safe_load(accounts)["source"] == {"connector": "legacy_crm", "table": "accounts", "key": "id"}
+    deals = scaffold("legacy_crm", "opportunities", ["id", "name", "account_id", "sales_stage", "amount"])
+    assert "closed_on" in deals and "required_when_won" in deals
+    sheet = scaffold("sales", "客户", ["客户名称", "统一社会信用代码"], sheet=True)
+    assert "gives the row another key" in sheet

@@ -56,6 +56,8 @@ FIELD_SYNONYMS: dict[str, list[str]] = {
     "line_no": ["行号", "irowno", "lineno"],
     "tax_rate": ["税率", "itaxrate", "taxrate"],
 }  # fmt: skip
+# Columns that mark soft-deleted rows (header_key form): the scaffold suggests a where filter on them.
+SOFT_DELETE_COLUMNS = ("deleted", "isdeleted", "是否删除", "删除标记")
 KEY_SYNONYMS = [
     "id",
     "code",
@@ -312,7 +314,8 @@ def scaffold(
     if isinstance(source_spec.get("key"), dict):
         text += (
             "# source.key hashes the columns that identify a record (no id column in this sheet): check that\n"
-            "# they do; two rows with the same values are reported as duplicate keys, not merged\n"
+            "# they do; two rows with the same values are reported as duplicate keys, not merged; a fix sheet's\n"
+            "# correction in one of them gives the row another key (README: Re-importing the rows to fix)\n"
         )
     elif not key:
         text += (
@@ -323,6 +326,16 @@ def scaffold(
     leftover = [c for c in leftover if c != key]
     if leftover:
         text += f"# unmapped source columns: {', '.join(leftover)}\n"
+    deleted = next((c for c in leftover if header_key(c) in SOFT_DELETE_COLUMNS), None)
+    if deleted and "where" not in source_spec:
+        text += (
+            f'# {deleted}: soft-deleted rows? `where: "{deleted} = 0"` in source reads only the live ones\n'
+        )
+    if entity == "opportunity" and "stage" in specs and "closed_on" not in specs:
+        text += (
+            "# closed_on is not mapped: a won deal loads without its close date (the rule\n"
+            "# opportunity.closed_on.required_when_won checks only a mapped closed_on)\n"
+        )
     return text
 
 
