@@ -43,7 +43,7 @@ from crm_core.db import refresh_statistics, session_factory
 from crm_core.entities import ENTITIES
 from crm_core.errors import RunError
 from crm_core.journal import NOT_JOURNALED, from_json
-from crm_core.models import Base, ExternalId, LoadRun, RowChange
+from crm_core.models import Base, ExternalId, LoadRun, ReferenceDecision, RowChange
 
 # A run that ended without a reconciliation: assets materialized on their own (from the Dagster UI) that
 # succeeded. Its changes stay; it is never the basis of a skip, and linkage counts its records as changed.
@@ -449,6 +449,10 @@ def dependents(session: Session, run: LoadRun) -> set[int]:
             for created, updated in rows:
                 found |= {created, updated} & later
     xw = ExternalId.__table__
+    decisions = Base.metadata.tables[ReferenceDecision.__tablename__]
+    linked = set(
+        session.scalars(select(decisions.c.entity).distinct().where(decisions.c.target_id.is_not(None)))
+    )
     for entity, definition in ENTITIES.items():
         target = definition.model.__table__
         found |= set(
@@ -457,6 +461,25 @@ def dependents(session: Session, run: LoadRun) -> set[int]:
                 .distinct()
                 .join(target, and_(xw.c.entity == entity, xw.c.entity_id == target.c.id))
                 .where(target.c.created_run_id == run.id, xw.c.created_run_id.in_(later))
+            )
+        )
+        if entity not in linked:
+            continue
+        # A steward's decision linking a held name to a record this run created names it by id, with no
+        # foreign key: undone with it, or the name would lead to whatever record takes that id next.
+        found |= set(
+            session.scalars(
+                select(theirs.c.load_run_id)
+                .distinct()
+                .join(
+                    decisions,
+                    and_(
+                        theirs.c.table_name == decisions.name,
+                        theirs.c.row_key == _created_rows_key(decisions),
+                    ),
+                )
+                .join(target, and_(decisions.c.entity == entity, decisions.c.target_id == target.c.id))
+                .where(target.c.created_run_id == run.id, theirs.c.load_run_id.in_(later))
             )
         )
     return found

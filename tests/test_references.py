@@ -497,3 +497,29 @@ def test_reference_decisions_are_created_in_the_order_their_names_first_appear(e
     with Session(engine) as session:
         created = session.scalars(sa.select(ReferenceDecision.name).order_by(ReferenceDecision.id)).all()
     assert created == names
+
+
+def test_a_rollback_takes_the_decisions_linking_names_to_the_customers_it_made(engine: sa.Engine) -> None:
+    """A newcomer's `crmi rollback 1 --cascade` removed the customers of run 1 and left a steward's decision
+    linking 华鑫 to customer 1 in force: customer ids are reused, so the name would have led to whichever
+    customer the next run loaded as 1. The decision points at the customer by id, with no foreign key."""
+    from crm_core.errors import RunError
+    from crm_core.runs import rollback_run
+
+    ids = seed(engine)
+    load(engine, "r2", "opportunity", [deals()])
+    [pending] = [q for q in reference_queue(engine) if q["name"] == "腾达科技"]
+    decision_id = int(pending["reference"][1:])
+    decide_reference(engine, decision_id, record_id=ids["C2"], steward="li", run_key="s1", project="t")
+    with Session(engine) as session, session.begin():
+        session.execute(
+            sa.update(LoadRun).where(LoadRun.run_key.in_(["r1", "r2"])).values(status="succeeded")
+        )
+    with pytest.raises(RunError, match=r"later run\(s\) depend on r1: .*s1"):
+        rollback_run(engine, "r1")
+    assert rollback_run(engine, "r1", cascade=True)[0] == "s1"
+    with Session(engine) as session:
+        assert session.scalar(sa.select(LoadRun.status).where(LoadRun.run_key == "s1")) == "rolled_back"
+        assert session.scalar(sa.select(sa.func.count()).select_from(Customer)) == 0
+        linked = session.scalars(sa.select(ReferenceDecision).where(ReferenceDecision.target_id.is_not(None)))
+        assert list(linked) == []
