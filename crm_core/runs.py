@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import socket
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     cast,
+    create_engine,
     delete,
     func,
     insert,
@@ -38,6 +40,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from crm_core.db import refresh_statistics, session_factory
 from crm_core.entities import ENTITIES
@@ -243,6 +246,23 @@ def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+_UNPOOLED: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+
+
+def _unpooled(engine: Engine) -> Engine:
+    """An engine on ``engine``'s database whose connections are opened for one hold and closed after it.
+
+    A shared hold lasts as long as its holder's own work, which runs on ``engine``'s pool: a lock session from
+    that pool too would make every steward decision need two of its connections, and as many decisions at
+    once as the pool holds would wait for each other until its timeout. Nor could the session go back to the
+    pool afterwards: it is named after its holder and set up to hold.
+    """
+    found = _UNPOOLED.get(engine)
+    if found is None:
+        found = _UNPOOLED[engine] = create_engine(engine.url, poolclass=NullPool)
+    return found
+
+
 @contextmanager
 def core_sync_lock(engine: Engine, holder: str) -> Iterator[None]:
     """Hold the core's run lock shared while a sync (or what computes from its data) works on the core.
@@ -260,7 +280,7 @@ def core_sync_lock(engine: Engine, holder: str) -> Iterator[None]:
         yield
         return
     if engine.dialect.name == "postgresql":
-        with engine.connect() as connection:
+        with _unpooled(engine).connect() as connection:
             try:
                 _name_holding_session(connection, holder)
                 if not connection.scalar(text("SELECT pg_try_advisory_lock_shared(:key)"), {"key": RUN_LOCK}):
@@ -275,8 +295,6 @@ def core_sync_lock(engine: Engine, holder: str) -> Iterator[None]:
                     connection.commit()
                 except SQLAlchemyError:  # its session ended during the sync (a restart): the lock went too
                     pass
-                # not back into the pool: the session is named after this holder and set up to hold
-                connection.invalidate()
         return
     path = _lock_path(engine)
     if path is None:

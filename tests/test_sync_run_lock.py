@@ -267,3 +267,24 @@ def test_a_sync_refuses_while_a_migration_launched_from_dagster_is_loading(
         worker.kill()  # its process gone: a crashed run, which `crmi runs recover` settles
     with dg.instance_for_test() as instance:
         assert len(tick(defs, "sync_u8_inbound_schedule", instance).run_requests) == 1
+
+
+def test_a_shared_hold_takes_no_connection_from_the_cores_pool(core_url: str, core: sa.Engine) -> None:
+    """A steward's decision (or a sync) holds the lock while its own session writes. Were the lock's session
+    taken from the engine's pool, as many decisions at once as the pool holds would each wait for a second
+    connection until the pool's timeout: here the pool's only connection is the writer's, and the lock is still
+    taken, seen and let go."""
+    engine = make_engine(core_url, pool_size=1, max_overflow=0, pool_timeout=2)
+    try:
+        # the request's session holds the pool's only connection
+        with engine.connect() as writer, core_sync_lock(engine, "steward wang (workbench) on host-1 (pid 9)"):
+            assert writer.scalar(sa.text("SELECT 1")) == 1
+            with (
+                pytest.raises(CoreBusy, match=r"steward wang \(workbench\)"),
+                core_run_lock(core, "crmi run"),
+            ):
+                pass
+        with core_run_lock(core, "crmi run on host-2 (pid 10)"):  # let go
+            pass
+    finally:
+        engine.dispose()
