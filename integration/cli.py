@@ -679,6 +679,61 @@ def _report_if_nothing_changed(
     raise typer.Exit(EXIT_OK if report.acceptable else EXIT_UNBALANCED)
 
 
+SOURCE_WIDTH = 28  # a line's source and mapping name fold at this width in the terminal's tables
+
+
+def _rows_table(report: Any, title: str) -> Table:
+    """Return each line's rows (read, loaded, merged, rejected, held, quarantined, corrected…) as a table."""
+    from integration.pipeline import STATUS_MARK
+
+    table = Table(title=title)
+    for column in ("source", "entity", "read", "loaded", "merged", "rejected", "held", "warnings", "quarantined",
+                   "corrected", "keys missing", "spot check", "ok"):  # fmt: skip
+        table.add_column(
+            column,
+            justify="left" if column in ("source", "entity") else "right",
+            overflow="fold",  # a line's mapping name tells it apart: folded, not cut
+            max_width=SOURCE_WIDTH if column == "source" else None,
+            min_width=max((len(line.entity) for line in report.lines), default=None)
+            if column == "entity"
+            else None,
+        )
+    for line, label in zip(report.lines, report.labels(), strict=True):
+        table.add_row(
+            label, line.entity, str(line.rows_read), str(line.loaded), str(line.merged), str(line.rejected),
+            str(line.held), str(line.warnings), f"{line.quarantined} ({line.quarantined_share:.1%})",
+            str(line.corrected), str(line.keys_missing),
+            f"{line.spot_checked - line.spot_mismatches}/{line.spot_checked}", STATUS_MARK[line.status],
+        )  # fmt: skip
+    return table
+
+
+def _money_table(report: Any) -> Table | None:
+    """Return the money of each line that carries an amount (source, core, quarantined, corrected) as a table
+    whose figures are never cut (a narrow terminal folds the source names instead), or None when none does."""
+    rows = [
+        (label, line.entity, *(("" if value is None else f"{value:,.2f}") for value in (
+            line.amount_source, line.amount_core, line.amount_in_quarantine, line.amount_corrected)))
+        for line, label in zip(report.lines, report.labels(), strict=True)
+        if line.amount_source is not None or line.amount_core is not None
+    ]  # fmt: skip
+    if not rows:
+        return None
+    table = Table(title="Money per line")
+    for position, column in enumerate(("source", "entity", "amount source", "amount core", "amount quarantined",
+                                       "amount corrected")):  # fmt: skip
+        if position == 0:  # a long source name folds
+            table.add_column(column, max_width=SOURCE_WIDTH, overflow="fold")
+        else:  # every figure whole: Rich narrows a table by shrinking its columns down to their min_width
+            widest = max(len(column.split()[-1]), *(len(row[position]) for row in rows))
+            table.add_column(
+                column, justify="left" if position < 2 else "right", min_width=widest, overflow="fold"
+            )
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 SLOWEST_STEPS_SHOWN = 3
 
 
@@ -804,7 +859,6 @@ def _report_success(
     run_id: str, report: Any, core: str | None, mode: str, timing: dict[str, Any], as_json: bool
 ) -> None:
     """Print the reconciliation, the time per phase, and why the run does not balance if it does not."""
-    from integration.pipeline import STATUS_MARK, corrected_text
     from integration.reports import quarantine_notes, unbalanced_reasons
 
     location = redact_url(core_url(core))
@@ -832,25 +886,10 @@ def _report_success(
         }
         console.print_json(json.dumps(payload, default=str))
         return
-    table = Table(title=f"Reconciliation of {mode} run {run_id[:8]}")
-    for column in ("source", "entity", "read", "loaded", "merged", "rejected", "held", "warnings", "amount source",
-                   "amount core", "quarantined", "amount quarantined", "corrected", "keys missing", "spot check", "ok"):  # fmt: skip
-        table.add_column(
-            column,
-            justify="left" if column in ("source", "entity") else "right",
-            overflow="fold" if column == "source" else "ellipsis",  # a line's mapping name tells it apart
-        )
-    for line, label in zip(report.lines, report.labels(), strict=True):
-        table.add_row(
-            label, line.entity, str(line.rows_read), str(line.loaded), str(line.merged), str(line.rejected),
-            str(line.held), str(line.warnings), "" if line.amount_source is None else f"{line.amount_source:,.2f}",
-            "" if line.amount_core is None else f"{line.amount_core:,.2f}",
-            f"{line.quarantined} ({line.quarantined_share:.1%})",
-            "" if line.amount_in_quarantine is None else f"{line.amount_in_quarantine:,.2f}", corrected_text(line),
-            str(line.keys_missing),
-            f"{line.spot_checked - line.spot_mismatches}/{line.spot_checked}", STATUS_MARK[line.status],
-        )  # fmt: skip
-    console.print(table)
+    console.print(_rows_table(report, f"Reconciliation of {mode} run {run_id[:8]}"))
+    money = _money_table(report)
+    if money is not None:
+        console.print(money)
     if report.skipped:
         console.print(
             f"{len(report.skipped)} mapping(s) unchanged since an earlier run, skipped (`--no-skip` reads them): "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
 
@@ -169,3 +170,38 @@ def test_the_timing_table_names_the_slowest_steps() -> None:
 )
 def test_steps_map_to_phases_by_name(step: str, phase: str | None) -> None:
     assert phase_of(step) == phase
+
+
+def test_the_terminal_reconciliation_never_cuts_an_amount_on_a_narrow_terminal() -> None:
+    """Sixteen columns did not fit even a wide terminal: the money came out as `27,914,…`. Rows and money are
+    two tables now, and on a terminal as wide as the rows need no figure is cut (a long source name folds)."""
+    from rich.console import Console
+
+    from integration.cli import _money_table, _rows_table
+
+    def line(entity: str, **money: Decimal | None) -> SimpleNamespace:
+        amounts = dict.fromkeys(("amount_source", "amount_core", "amount_in_quarantine", "amount_corrected"))
+        return SimpleNamespace(entity=entity, rows_read=120_000, loaded=118_000, merged=1_000, rejected=900,
+                               held=100, warnings=3, quarantined=1_000, quarantined_share=0.0083, corrected=12,
+                               keys_missing=0, spot_checked=25, spot_mismatches=0, status="quarantined",
+                               **{**amounts, **money})  # fmt: skip
+
+    lines = [
+        line("opportunity", amount_source=Decimal("1224902183.91"), amount_core=Decimal("1212345678.90"),
+             amount_in_quarantine=Decimal("12556505.01"), amount_corrected=Decimal("80000.00")),
+        line("customer"),
+    ]  # fmt: skip
+    report = SimpleNamespace(
+        lines=lines, labels=lambda: ["sales_xlsx (sales_sheet_opportunities_2025)", "erp_u8"]
+    )
+    console = Console(record=True, width=140)
+    console.print(_rows_table(report, "Reconciliation of full run 0c0ffee0"))
+    money = _money_table(report)
+    assert money is not None
+    console.print(money)
+    shown = console.export_text()
+    for figure in ("1,224,902,183.91", "1,212,345,678.90", "12,556,505.01", "80,000.00"):
+        assert figure in shown, shown
+    assert "…" not in shown and "120000" in shown and "opportunity" in shown.split("Money per line")[1], shown
+    assert len(money.rows) == 1  # a line without money (customers) is not in the money table
+    assert _money_table(SimpleNamespace(lines=[line("customer")], labels=lambda: ["erp_u8"])) is None
