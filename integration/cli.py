@@ -1600,7 +1600,9 @@ def dedup_merges(
         table.add_column(column)
     for m in merges:
         probability = "" if m["probability"] is None else f"{m['probability']:.3f}"
-        table.add_row(str(m["merge"]), m["entity"], str(m["survivor_id"]), str(m["merged_id"]), probability,
+        survivor = f"{m['survivor_id']} {m['survivor_name'] or ''}".rstrip()
+        merged = f"{m['merged_id']} {m['merged_name'] or ''}".rstrip()
+        table.add_row(str(m["merge"]), m["entity"], escape(survivor), escape(merged), probability,
                       escape(m["reason"]), escape(m["decided_by"]), m["merged_at"], m["undone_at"] or "")  # fmt: skip
     console.print(table)
     console.print(

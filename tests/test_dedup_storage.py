@@ -408,6 +408,9 @@ def test_dedup_merges_lists_merges_newest_first_with_their_undo(sqlite_core_url:
     assert [r["undone_at"] is not None for r in rows] == [False, True, False]
     assert rows[0]["decided_by"] == "test" and rows[0]["reason"] == "test" and rows[0]["probability"] == 0.99
     assert rows[0]["merged_at"]
+    # who is who without looking the ids up: the records' names as they are now
+    assert [r["merged_name"] for r in rows] == ["腾达科技（深圳）", "深圳腾达", "腾达科技"]
+    assert {r["survivor_name"] for r in rows} == {"深圳市腾达科技有限公司"}
     limited = runner.invoke(
         app_(), ["dedup", "merges", "--json", "--limit", "1", "--entity", "customer", *core]
     )
@@ -415,6 +418,7 @@ def test_dedup_merges_lists_merges_newest_first_with_their_undo(sqlite_core_url:
     assert runner.invoke(app_(), ["dedup", "merges", "--json", "--entity", "contact", *core]).output == ""
     table = runner.invoke(app_(), ["dedup", "merges", *core])
     assert table.exit_code == 0 and "undone" in table.output and str(merges[1]) in table.output
+    assert "腾达科技（深圳）" in table.output
     bad = runner.invoke(app_(), ["dedup", "merges", "--entity", "order", *core])
     assert bad.exit_code == 1 and "customer or contact" in bad.output
     missing = runner.invoke(app_(), ["dedup", "undo", "999", "--steward", "li", *core])

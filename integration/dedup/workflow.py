@@ -614,19 +614,29 @@ def _golden_sizes(session: Any, candidates: Sequence[Any]) -> dict[tuple[str, in
 
 
 def list_merges(engine: Engine, entity: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-    """Return the merges, newest first: who merged what into what, why, when, and whether it was undone."""
+    """Return the merges, newest first: who merged what into what (ids and the records' names now), why, when,
+    and whether it was undone."""
     with session_factory(engine)() as session:
         query = select(MergeLog).order_by(MergeLog.id.desc())
         if entity is not None:
             query = query.where(MergeLog.entity == entity)
         if limit is not None:
             query = query.limit(limit)
+        logs = list(session.scalars(query))
+        names: dict[tuple[str, int], str] = {}
+        for kind, model in (("customer", Customer), ("contact", Contact)):
+            ids = sorted({i for log in logs if log.entity == kind for i in (log.survivor_id, log.merged_id)})
+            for part in (ids[start : start + 500] for start in range(0, len(ids), 500)):
+                names.update(((kind, i), n) for i, n in session.execute(
+                    select(model.id, model.name).where(model.id.in_(part))))  # fmt: skip
         return [
-            {"merge": log.id, "entity": log.entity, "survivor_id": log.survivor_id, "merged_id": log.merged_id,
+            {"merge": log.id, "entity": log.entity, "survivor_id": log.survivor_id,
+             "survivor_name": names.get((log.entity, log.survivor_id)), "merged_id": log.merged_id,
+             "merged_name": names.get((log.entity, log.merged_id)),
              "probability": None if log.probability is None else round(log.probability, 4),
              "reason": log.reason, "decided_by": log.decided_by, "merged_at": _iso(log.created_at),
              "undone_at": _iso(log.undone_at)}
-            for log in session.scalars(query)
+            for log in logs
         ]  # fmt: skip
 
 
