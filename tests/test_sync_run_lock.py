@@ -117,7 +117,8 @@ def test_while_a_command_holds_the_core_a_sync_refuses_and_its_schedules_skip_na
         [line] = [line for line in cli.output.splitlines() if line.strip()]
         assert line.startswith(f"sync refused: another command holds this core ({COMMAND}"), line
 
-        for name in ("sync_u8_inbound_schedule", "sync_u8_outbound_schedule"):
+        # the checks too: a sync skipped meanwhile is not stale, and a core halfway through a load says nothing
+        for name in ("sync_u8_inbound_schedule", "sync_u8_outbound_schedule", "sync_u8_checks_schedule"):
             data = tick(defs, name, instance)
             assert not data.run_requests, name
             assert f"another command holds this core ({COMMAND}" in (data.skip_message or ""), name
@@ -129,6 +130,7 @@ def test_while_a_command_holds_the_core_a_sync_refuses_and_its_schedules_skip_na
     assert sync_runs(core) == []  # refused before any sync run started
     with dg.instance_for_test() as instance:
         assert len(tick(defs, "sync_u8_inbound_schedule", instance).run_requests) == 1
+        assert len(tick(defs, "sync_u8_checks_schedule", instance).run_requests) == 1
 
 
 def test_while_a_sync_runs_crmi_run_rollback_and_migration_steps_refuse_naming_it(

@@ -704,14 +704,19 @@ def sync_definitions(
         )
         found.jobs.append(checks_job)
         found.schedules.append(
-            dg.ScheduleDefinition(
+            # skipped while a migration holds the core too: its syncs are skipped meanwhile (not stale), and a
+            # core halfway through a load or a rollback says nothing about them
+            core_free_schedule(
+                core_database_url,
+                "sync check",
                 name=schedule_name(name, "checks"),
                 job=checks_job,
                 cron_schedule=CHECKS_CRON,
                 execution_timezone=target.spec.schedule.timezone,
                 default_status=dg.DefaultScheduleStatus.STOPPED,
                 description=f"The checks of {name}'s sync every 15 minutes, so a sync that stopped running is "
-                "noticed. Stopped at first: turn it on with the sync schedules.",
+                "noticed. Stopped at first: turn it on with the sync schedules. A tick while `crmi run` or a "
+                "rollback holds the core is skipped, naming it.",
             )
         )
         found.sensors.append(outbox_sensor(target, jobs["outbound"], core_database_url))
