@@ -703,20 +703,24 @@ def record_candidates(
     return len(new)
 
 
+# the load run of `crmi dedup run`: linkage of every customer and contact, no source read
+DEDUP_MODE = "dedup"
+
+
 def unlinked_partial_runs(session: Session, run_id: int) -> list[int]:
     """Return the partial runs before run ``run_id`` whose records no linkage has seen since.
 
     A partial run (assets materialized on their own) may have loaded customers without linking them. A
     migration or delta run of the same project that started once the partial run had ended, and ended
-    itself (succeeded or unbalanced), linked them; a run that started earlier may have asked what changed
-    while the partial run was still going.
+    itself (succeeded or unbalanced), linked them, and so did a `crmi dedup run`; a run that started earlier may
+    have asked what changed while the partial run was still going.
     """
     partial, linking = aliased(LoadRun), aliased(LoadRun)
     linked = exists().where(
         linking.id < run_id,
         linking.id > partial.id,
         linking.project == partial.project,
-        linking.mode.in_(("full", "delta")),
+        linking.mode.in_(("full", "delta", DEDUP_MODE)),
         linking.status.in_(("succeeded", "unbalanced")),
         linking.started_at >= partial.finished_at,  # never, when it has no end (then it stays unlinked)
     )

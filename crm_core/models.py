@@ -101,7 +101,8 @@ class LoadRun(Base):
     id: Mapped[intpk]
     run_key: Mapped[str] = mapped_column(String(64), unique=True)
     project: Mapped[str] = mapped_column(String(128))
-    mode: Mapped[str] = mapped_column(String(16), default="full")  # full | delta | trial
+    # full | delta | trial | dedup | steward | sync | edit
+    mode: Mapped[str] = mapped_column(String(16), default="full")
     status: Mapped[str] = mapped_column(String(16), default="running")  # running|succeeded|failed|rolled_back
     started_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
     finished_at: Mapped[dt.datetime | None]

@@ -1372,6 +1372,7 @@ def dedup_run(
     """Link the core's customers, then their contacts: merge sure clusters, queue the rest (a run of its own)."""
     import uuid
 
+    from crm_core.merging import DEDUP_MODE
     from integration.dedup.contacts import deduplicate_contacts
     from integration.dedup.workflow import deduplicate_customers, finish_run
     from integration.pipeline import Migration
@@ -1386,9 +1387,9 @@ def dedup_run(
         outcome = deduplicate_customers(
             engine, run_key, migration.project.name, spec=migration.linkage_spec,
             source_priority=list(rules.source_priority) if rules else [],
-            survivorship=dict(rules.survivorship) if rules else None,
+            survivorship=dict(rules.survivorship) if rules else None, mode=DEDUP_MODE,
         )  # fmt: skip
-        contacts = deduplicate_contacts(engine, run_key, migration.project.name)
+        contacts = deduplicate_contacts(engine, run_key, migration.project.name, mode=DEDUP_MODE)
         finish_run(engine, run_key, migration.project.name)
     if as_json:
         console.print_json(json.dumps({**outcome.summary(), "contacts": contacts.summary()}))

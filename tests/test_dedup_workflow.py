@@ -201,6 +201,12 @@ def test_steward_commands(sqlite_core_url: str) -> None:
     assert ran.exit_code == 0, ran.output
     outcome = json.loads(ran.output)
     assert outcome["auto_merged"] > 0 and outcome["merge_log_ids_first"]
+    listed = runner.invoke(app, ["runs", "list", "--json", *core])
+    runs = [json.loads(line) for line in listed.output.splitlines()]
+    # a dedup run says so in `crmi runs list` (it read no source: not a `full` migration run)
+    assert [(r["mode"], r["status"]) for r in runs if r["run_key"].startswith("dedup-")] == [
+        ("dedup", "succeeded")
+    ]
 
     queue = runner.invoke(app, ["dedup", "review", "--json", *core])
     pending = [json.loads(line) for line in queue.output.splitlines()]

@@ -71,6 +71,24 @@ def test_a_full_run_of_another_project_does_not_link_a_partial_runs_customers(tm
     engine.dispose()
 
 
+def test_a_dedup_run_after_a_partial_run_linked_its_customers(tmp_path: Path) -> None:
+    """`crmi dedup run` (its own mode, `dedup`) links every customer: a partial run that ended before it started
+    is linked, and the next run's linkage need not count its customers as changed."""
+    engine = _core(tmp_path)
+    _run(engine, "a-first", "a", "full", "succeeded")
+    partial = _run(engine, "a-ui", "a", "full", PARTIAL)
+    _customer(engine, partial, "鑫达贸易")
+    with engine.begin() as connection:  # it ended before the dedup run started
+        connection.execute(sa.update(LoadRun).where(LoadRun.id == partial).values(finished_at=sa.func.now()))
+    dedup = _run(engine, "dedup-1", "a", "dedup", "succeeded")
+    with engine.begin() as connection:
+        connection.execute(sa.update(LoadRun).where(LoadRun.id == dedup).values(started_at=sa.func.now()))
+    _run(engine, "a-next", "a", "full", "running")
+    with session_factory(engine)() as session:
+        assert changed_in_run(session, Customer, "a-next") == []
+    engine.dispose()
+
+
 def test_a_partial_run_still_running_when_a_full_run_linked_stays_unlinked(tmp_path: Path) -> None:
     """P (a UI run) is still running when F's linkage asks what changed; F ends succeeded, P then partial.
 
