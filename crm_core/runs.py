@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sqlalchemy import (
     Engine,
@@ -199,6 +199,28 @@ def _name_holding_session(connection: Any, holder: str) -> None:
 
 
 @contextmanager
+def _flocked(path: Path, *, exclusive: bool) -> Iterator[IO[str]]:
+    """Open a SQLite core's lock file and ``flock`` it, alone or shared, without waiting; raise
+    :class:`CoreBusy` naming the holder when another process holds it the other way."""
+    import fcntl
+
+    with path.open("a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CoreBusy(f"another command holds this core ({_file_holder(lock, path)})") from None
+        try:
+            yield lock
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _since(holder: str) -> str:
+    """The line a holder writes into its lock file: who, and since when."""
+    return f"{holder} since {dt.datetime.now().isoformat(sep=' ', timespec='seconds')}\n"
+
+
+@contextmanager
 def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
     """Hold the core's run lock for the block; raise :class:`CoreBusy` naming its holder when another has it.
 
@@ -227,23 +249,16 @@ def core_run_lock(engine: Engine, holder: str) -> Iterator[None]:
     if path is None:
         yield
         return
-    import fcntl
-
-    with path.open("a+", encoding="utf-8") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CoreBusy(f"another command holds this core ({_file_holder(lock, path)})") from None
+    with _flocked(path, exclusive=True) as lock:
         try:
             lock.seek(0)
             lock.truncate()
-            lock.write(f"{holder} since {dt.datetime.now().isoformat(sep=' ', timespec='seconds')}\n")
+            lock.write(_since(holder))
             lock.flush()
             with _held_here(engine):
                 yield
         finally:
             lock.truncate(0)
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 _UNPOOLED: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
@@ -300,24 +315,14 @@ def core_sync_lock(engine: Engine, holder: str) -> Iterator[None]:
     if path is None:
         yield
         return
-    import fcntl
-
-    with path.open("a+", encoding="utf-8") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CoreBusy(f"another command holds this core ({_file_holder(lock, path)})") from None
+    with _flocked(path, exclusive=False) as lock:
         mark = path.with_name(f"{path.name}.sync-{os.getpid()}-{os.urandom(4).hex()}")
         try:
             lock.truncate(0)  # what a command killed while it held the file wrote: no one holds it alone now
-            mark.write_text(
-                f"{holder} since {dt.datetime.now().isoformat(sep=' ', timespec='seconds')}\n",
-                encoding="utf-8",
-            )
+            mark.write_text(_since(holder), encoding="utf-8")
             yield
         finally:
             mark.unlink(missing_ok=True)
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)

@@ -57,16 +57,20 @@ class PhaseTiming:
     @property
     def rows_per_second(self) -> float:
         """Return rows per second of wall time (0 when the phase took no measurable time)."""
-        return self.rows / self.seconds if self.seconds > 0 else 0.0
+        return _rate(self.rows, self.seconds)
 
     def as_dict(self) -> dict[str, Any]:
         """Return the JSON form ``{"phase", "seconds", "rows", "rows_per_second"}``."""
-        return {
-            "phase": self.phase,
-            "seconds": round(self.seconds, 3),
-            "rows": self.rows,
-            "rows_per_second": round(self.rows_per_second, 1),
-        }
+        return {"phase": self.phase, **_figures(self.seconds, self.rows)}
+
+
+def _rate(rows: int, seconds: float) -> float:
+    return rows / seconds if seconds > 0 else 0.0
+
+
+def _figures(seconds: float, rows: int) -> dict[str, Any]:
+    """The JSON figures of a timed part of a run: seconds, rows and rows per second, rounded."""
+    return {"seconds": round(seconds, 3), "rows": rows, "rows_per_second": round(_rate(rows, seconds), 1)}
 
 
 def _union(intervals: list[tuple[float, float]]) -> float:
@@ -97,17 +101,11 @@ class StepTiming:
     @property
     def rows_per_second(self) -> float:
         """Return rows per second of the step's wall time (0 when it took no measurable time)."""
-        return self.rows / self.seconds if self.seconds > 0 else 0.0
+        return _rate(self.rows, self.seconds)
 
     def as_dict(self) -> dict[str, Any]:
         """Return the JSON form ``{"step", "phase", "seconds", "rows", "rows_per_second"}``."""
-        return {
-            "step": self.step,
-            "phase": self.phase,
-            "seconds": round(self.seconds, 3),
-            "rows": self.rows,
-            "rows_per_second": round(self.rows_per_second, 1),
-        }
+        return {"step": self.step, "phase": self.phase, **_figures(self.seconds, self.rows)}
 
 
 def step_timings(entries: Iterable[Any]) -> list[StepTiming]:

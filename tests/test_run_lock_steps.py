@@ -22,25 +22,28 @@ REPO = Path(__file__).resolve().parent.parent
 HOLD_THE_LOCK = """
 import sys
 from crm_core.db import make_engine
-from crm_core.runs import core_run_lock
-with core_run_lock(make_engine(sys.argv[1]), "crmi rollback on the consultant's laptop (pid 4242)"):
+from crm_core import runs
+with getattr(runs, sys.argv[2])(make_engine(sys.argv[1]), sys.argv[3]):
     print("held", flush=True)
     sys.stdin.read()
 """
 
 
 @contextmanager
-def held_by_another_process(url: str) -> Iterator[None]:
-    """Hold the core's run lock in another process (as a `crmi` command in another terminal does)."""
+def held_by_another_process(
+    url: str, lock: str = "core_run_lock", holder: str = "crmi rollback on the consultant's laptop (pid 4242)"
+) -> Iterator[None]:
+    """Hold the core's run lock in another process (as a `crmi` command in another terminal does), with ``lock``
+    (``core_sync_lock``: shared, as a sync on the Dagster host does) under the name ``holder``."""
     with subprocess.Popen(
-        [sys.executable, "-c", HOLD_THE_LOCK, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO,
-        text=True,
-    ) as holder:  # fmt: skip
+        [sys.executable, "-c", HOLD_THE_LOCK, url, lock, holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        cwd=REPO, text=True,
+    ) as process:  # fmt: skip
         try:
-            assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+            assert process.stdout is not None and process.stdout.readline().strip() == "held"
             yield
         finally:
-            holder.kill()
+            process.kill()
 
 
 def test_a_run_launched_from_dagster_refuses_to_load_beside_a_crmi_command(

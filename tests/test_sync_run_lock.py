@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -32,32 +32,15 @@ from integration.jobs import build_definitions
 from integration.pipeline import Migration, core_engine
 from integration.sync import engine as sync_engine
 from integration.sync.engine import run_sync
-from tests.test_run_lock_steps import REPO, held_by_another_process
+from tests.test_run_lock_steps import held_by_another_process
 
 COMMAND = "crmi rollback on the consultant's laptop (pid 4242)"  # what held_by_another_process holds
 SYNC = "Dagster run 0c0ffee0 u8 inbound on dagster-host (pid 4343)"  # <= 63 characters
-HOLD_A_SYNC = f"""
-import sys
-from crm_core.db import make_engine
-from crm_core.runs import core_sync_lock
-with core_sync_lock(make_engine(sys.argv[1]), {SYNC!r}):
-    print("held", flush=True)
-    sys.stdin.read()
-"""
 
 
-@contextmanager
-def sync_in_another_process(url: str) -> Iterator[None]:
+def sync_in_another_process(url: str) -> AbstractContextManager[None]:
     """Hold the core's run lock as a sync does, in another process (a sync running on the Dagster host)."""
-    with subprocess.Popen(
-        [sys.executable, "-c", HOLD_A_SYNC, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO,
-        text=True,
-    ) as holder:  # fmt: skip
-        try:
-            assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-            yield
-        finally:
-            holder.kill()
+    return held_by_another_process(url, "core_sync_lock", SYNC)
 
 
 @pytest.fixture
