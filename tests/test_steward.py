@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
+from http import HTTPStatus
 from typing import Any
 
 import pytest
@@ -259,6 +260,7 @@ def test_a_wrong_password_is_refused_and_audited_and_failures_pause_sign_in(sqli
         assert login(client, "wang", "still wrong").status_code == 401
     paused = login(client, "wang")  # the right password, too late
     assert paused.status_code == 429 and "too many failed sign-ins" in paused.text
+    assert paused.headers["retry-after"] == str(int(security.THROTTLE_WINDOW.total_seconds()))
     other = TestClient(
         make_app(sqlite_core)
     )  # another name from the same address (testclient) still signs in
@@ -326,6 +328,68 @@ def test_a_viewer_reads_but_cannot_decide_undo_or_administer(sqlite_core: sa.Eng
     assert steward.get("/audit").status_code == 403
     admin, _ = signed_in(sqlite_core, "ada")
     assert admin.get("/audit").status_code == 200 and admin.get("/users").status_code == 200
+
+
+JSON = {"Accept": "application/json"}
+BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"  # Chromium
+
+
+def is_problem(response: Any, status: int, detail: str) -> dict[str, Any]:
+    """Assert an RFC 7807 problem of ``status`` whose detail says ``detail``; return its body."""
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"] == "application/problem+json", response.headers
+    body = response.json()
+    assert (body["type"], body["status"], body["title"]) == ("about:blank", status, HTTPStatus(status).phrase)
+    assert detail in body["detail"] and body["error"] == body["detail"], body
+    return dict(body)
+
+
+def test_a_caller_asking_for_json_gets_every_refusal_as_a_problem_and_a_browser_a_page(
+    sqlite_core: sa.Engine,
+) -> None:
+    """A script whose Accept prefers application/json gets the workbench's refusals as RFC 7807
+    problem+json: no session 401 (not a redirect to the sign-in page), CSRF and role 403, unknown pair, merge
+    or page 404, a bad form 400, a wrong password 401, throttled sign-in 429 with Retry-After. A browser, a
+    caller sending */* or one preferring HTML gets the pages as before. Nothing changes."""
+    pair = pending(sqlite_core)[0]
+    before = snapshot(sqlite_core)
+    anonymous = TestClient(make_app(sqlite_core))
+    decide = f"/cluster/{pair.id}/decide"
+    is_problem(anonymous.post(decide, data={"verdict": "same"}, headers=JSON, follow_redirects=False), 401,
+               "sign in at /login")  # fmt: skip
+    is_problem(anonymous.get("/queue", headers=JSON, follow_redirects=False), 401, "sign in at /login")
+    browser = anonymous.post(
+        decide, data={"verdict": "same"}, headers={"Accept": BROWSER}, follow_redirects=False
+    )
+    assert browser.status_code == 303 and browser.headers["location"].startswith("/login?next=")
+    steward, csrf = signed_in(sqlite_core, "wang")
+    viewer, viewer_csrf = signed_in(sqlite_core, "zhao")
+    is_problem(steward.post(decide, data={"verdict": "same"}, headers=JSON), 403, "security token")
+    is_problem(viewer.post(decide, data={"csrf": viewer_csrf, "verdict": "same"}, headers=JSON), 403,
+               "this needs the steward role")  # fmt: skip
+    is_problem(steward.post("/cluster/999999/decide", data={"csrf": csrf, "verdict": "same"}, headers=JSON),
+               404, "no pair 999999")  # fmt: skip
+    is_problem(
+        steward.post("/merges/999999/undo", headers={"X-CSRF-Token": csrf, **JSON}), 404, "no merge 999999"
+    )
+    is_problem(steward.post(decide, data={"csrf": csrf, "verdict": "maybe"},
+                            headers={"Accept": "application/problem+json"}), 400, "choose same")  # fmt: skip
+    is_problem(steward.get("/no/such/page", headers=JSON), 404, "no such page")
+    for accept in (BROWSER, "*/*", "application/json;q=0.5, text/html", "application/json, text/html"):
+        page = steward.post(decide, data={"csrf": csrf, "verdict": "maybe"}, headers={"Accept": accept})
+        assert page.status_code == 400 and page.headers["content-type"].startswith("text/html"), accept
+        assert "choose same, different or split" in page.text and "retry-after" not in page.headers, accept
+    assert snapshot(sqlite_core) == before
+    form = TestClient(make_app(sqlite_core))
+    token = CSRF.search(form.get("/login").text)
+    assert token
+    wrong = {"csrf": token.group(1), "name": "li", "password": "not it", "next": "/queue"}
+    for _ in range(security.THROTTLE_FAILURES):
+        refused = is_problem(form.post("/login", data=wrong, headers=JSON), 401, "wrong name or password")
+        assert PASSWORD not in str(refused)
+    paused = form.post("/login", data={**wrong, "password": PASSWORD}, headers=JSON)
+    is_problem(paused, 429, "too many failed sign-ins")
+    assert paused.headers["retry-after"] == str(int(security.THROTTLE_WINDOW.total_seconds()))
 
 
 def test_names_with_markup_are_shown_escaped(sqlite_core: sa.Engine) -> None:
@@ -890,10 +954,12 @@ def test_the_match_api_needs_a_token_and_scores_a_form(core: sa.Engine) -> None:
         first = connection.execute(sa.select(Customer).where(Customer.name == "宁波甬兴模具有限公司")).one()
     client = TestClient(make_app(core))
     body = {"name": "宁波甬兴模具有限公司", "phone": "0574-88880000"}
-    assert client.post("/api/v1/match", json=body).status_code == 401
-    assert (
-        client.post("/api/v1/match", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    is_problem(client.post("/api/v1/match", json=body), 401, "a valid API token is required")
+    is_problem(
+        client.post("/api/v1/match", json=body, headers={"Authorization": "Bearer nope"}), 401, "token"
     )
+    is_problem(client.post("/api/v1/opportunities/check", json={}), 401, "token")
+    is_problem(client.get("/api/v1/no-such-call"), 404, "no such page")  # any Accept: the API speaks JSON
     auth = {"Authorization": f"Bearer {token}"}
     found = client.post("/api/v1/match", json=body, headers=auth)
     assert found.status_code == 200, found.text
@@ -901,11 +967,16 @@ def test_the_match_api_needs_a_token_and_scores_a_form(core: sa.Engine) -> None:
     assert best["probability"] >= 0.5 and best["owner"]["name"] == "销售甲"
     assert best["customer_id"] in {first.id, first.merged_into_id} and "phones" in best["agrees_on"]
     bad = client.post("/api/v1/match", json={"name": "x", "credit_code": "123"}, headers=auth)
-    assert bad.status_code == 422 and "credit code" in bad.json()["error"]
+    is_problem(bad, 422, "credit code")
     assert client.post("/api/v1/match", json=["x"], headers=auth).status_code == 422
     assert client.post("/api/v1/match", json={"phone": "1"}, headers=auth).status_code == 422
     spec = client.get("/api/v1/openapi.json").json()
     assert set(spec["paths"]) == {"/api/v1/match", "/api/v1/opportunities/check"}
+    for path in spec["paths"].values():
+        for status, response in path["post"]["responses"].items():
+            if status != "200":  # every refusal is documented as the problem it is
+                schema = response["content"]["application/problem+json"]["schema"]
+                assert {"type", "title", "status", "detail"} <= set(schema["properties"]), (status, schema)
 
 
 def test_the_match_api_compares_a_damaged_credit_code_as_written(core: sa.Engine) -> None:

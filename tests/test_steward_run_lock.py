@@ -1,11 +1,12 @@
 """A person's writes and a migration never write into one core at once: the run lock, from both sides.
 
 While a `crmi` command (run, rollback…) holds the core, a steward's decision in the workbench (decide, undo a
-merge, reopen a pair, a sheet import) is refused with HTTP 423 and a page naming the holder, and `crmi dedup
-decide`, `crmi dedup undo`, `crmi sync retry` and `crmi sync conflicts --decide` exit 1 with one line naming
-it; nothing is written, and the same write goes through once the command has ended. While one of these writes
-works, it holds the lock shared (named after the steward or the command): `crmi run` refuses naming it, other
-stewards and syncs share the core. The holder is another process, as a command in another terminal is.
+merge, reopen a pair, a sheet import) is refused with HTTP 423 and Retry-After, as a page naming the holder (or
+a problem+json body, for a caller asking for JSON), and `crmi dedup decide`, `crmi dedup undo`, `crmi sync
+retry` and `crmi sync conflicts --decide` exit 1 with one line naming it; nothing is written, and the same
+write goes through once the command has ended. While one of these writes works, it holds the lock shared
+(named after the steward or the command): `crmi run` refuses naming it, other stewards and syncs share the
+core. The holder is another process, as a command in another terminal is.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import re
 import socket
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from openpyxl import load_workbook
+from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
 from crm_core.db import make_engine
@@ -30,11 +33,14 @@ from crm_core.models import LoadRun, MatchCandidate, MergeLog, SyncConflict, Syn
 from crm_core.runs import CoreBusy, core_lock_holder, core_run_lock, core_sync_lock, lock_holder
 from crm_core.steward_models import AUDIT
 from integration.cli import app
+from integration.steward.decisions import CORE_BUSY_RETRY_AFTER
 from tests.test_run_lock_steps import held_by_another_process
 from tests.test_steward import build_core, planted, signed_in, snapshot
 
 COMMAND = "crmi rollback on the consultant's laptop (pid 4242)"  # what held_by_another_process holds
 HELD = f"another command holds this core ({COMMAND}"
+# What Chromium sends for a page (a form's POST included)
+BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
 
 
 @pytest.fixture
@@ -88,13 +94,20 @@ def problem(page: str) -> str:
 # --------------------------------------------------------------------------- the workbench
 
 
-def test_while_a_command_holds_the_core_the_workbench_refuses_every_decision_and_writes_nothing(
-    core: sa.Engine, core_url: str
-) -> None:
-    """`crmi rollback` in another terminal holds the core: a decision, an undo, a reopen and a sheet import
-    from the workbench answer 423 with a page naming the holder and saying to try again; nothing is written
-    (pairs, records, merges, runs, audit). Reading, claiming and releasing still work. Once the command has
-    ended the same decision goes through."""
+@dataclass
+class Writes:
+    """A signed-in steward and the four writes that hold the core, ready to be sent."""
+
+    client: TestClient
+    csrf: str
+    pair: Any
+    fingerprint: str
+    send: Callable[[dict[str, str]], dict[str, Any]]
+
+
+def the_writes(core: sa.Engine) -> Writes:
+    """Sign in; make a "different" decision to reopen and export a filled sheet; return a sender of a decision,
+    an undo, a reopen and a sheet import with the given request headers."""
     pair = planted(core, "宁波市甬兴模具有限责任公司")
     other = planted(core, "宁波市海曙包装有限责任公司")
     merge = a_linkage_merge(core)
@@ -110,37 +123,93 @@ def test_while_a_command_holds_the_core_the_workbench_refuses_every_decision_and
     sheet_bytes = io.BytesIO()
     book.save(sheet_bytes)
     fingerprint = fingerprint_of(client.get(f"/cluster/{pair.id}").text)
+
+    def send(headers: dict[str, str]) -> dict[str, Any]:
+        return {
+            "decide": client.post(f"/cluster/{pair.id}/decide", headers=headers, data={
+                "csrf": csrf, "verdict": "same", "fingerprint": fingerprint, "then": "next",
+            }),
+            "undo": client.post(f"/merges/{merge}/undo", headers=headers, data={"csrf": csrf}),
+            "reopen": client.post(f"/pairs/{other.id}/reopen", headers=headers,
+                                  data={"csrf": csrf, "back": str(other.left_id)}),
+            "import": client.post("/queue/import", headers=headers, data={"csrf": csrf},
+                                  files={"sheet": ("queue.xlsx", sheet_bytes.getvalue(), "application/octet-stream")}),
+        }  # fmt: skip
+
+    return Writes(client, csrf, pair, fingerprint, send)
+
+
+def retry_after(response: Any) -> int:
+    """The response's Retry-After in seconds (delta-seconds, as the workbench sends it)."""
+    value = response.headers.get("retry-after", "")
+    assert value.isdigit() and int(value) > 0, dict(response.headers)
+    return int(value)
+
+
+def test_while_a_command_holds_the_core_the_workbench_refuses_every_decision_and_writes_nothing(
+    core: sa.Engine, core_url: str
+) -> None:
+    """`crmi rollback` in another terminal holds the core: a decision, an undo, a reopen and a sheet import
+    from the workbench answer 423 with a page naming the holder and saying to try again, and with Retry-After;
+    nothing is written (pairs, records, merges, runs, audit). Reading, claiming and releasing still work. Once
+    the command has ended the same decision goes through."""
+    writes = the_writes(core)
+    client, csrf, pair = writes.client, writes.csrf, writes.pair
     before = everything(core)
     with held_by_another_process(core_url):
         assert client.get(f"/cluster/{pair.id}").status_code == 200  # reading needs no lock
         claimed = client.post(f"/cluster/{pair.id}/claim", data={"csrf": csrf}, follow_redirects=False)
         assert claimed.status_code == 303  # a claim is the workbench's own bookkeeping, no core record
-        refusals = {
-            "decide": client.post(f"/cluster/{pair.id}/decide", data={
-                "csrf": csrf, "verdict": "same", "fingerprint": fingerprint, "then": "next",
-            }),
-            "undo": client.post(f"/merges/{merge}/undo", data={"csrf": csrf}),
-            "reopen": client.post(f"/pairs/{other.id}/reopen", data={"csrf": csrf, "back": str(other.left_id)}),
-            "import": client.post("/queue/import", data={"csrf": csrf},
-                                  files={"sheet": ("queue.xlsx", sheet_bytes.getvalue(), "application/octet-stream")}),
-        }  # fmt: skip
-        for what, refused in refusals.items():
+        for what, refused in writes.send({}).items():
             assert refused.status_code == 423, (what, refused.status_code, refused.text)
             message = problem(refused.text)
             assert message.startswith(HELD), (what, message)
             assert message.endswith("nothing was changed; try again when it has ended"), (what, message)
             assert "The core is busy" in refused.text, what
+            assert retry_after(refused) == CORE_BUSY_RETRY_AFTER, what
         released = client.post(f"/cluster/{pair.id}/release", data={"csrf": csrf}, follow_redirects=False)
         assert released.status_code == 303
         assert everything(core) == before  # nothing written: pairs, records, merges, runs, audit lines
     done = client.post(f"/cluster/{pair.id}/decide", data={"csrf": csrf, "verdict": "same",
-                                                          "fingerprint": fingerprint}, follow_redirects=False)  # fmt: skip
+                                                          "fingerprint": writes.fingerprint}, follow_redirects=False)  # fmt: skip
     assert done.status_code == 303, done.text
     with core.connect() as connection:
         assert (
             connection.scalar(sa.select(MatchCandidate.status).where(MatchCandidate.id == pair.id))
             == "merged"
         )
+
+
+def test_while_a_command_holds_the_core_a_script_gets_a_problem_and_a_browser_a_page_both_with_retry_after(
+    core: sa.Engine, core_url: str
+) -> None:
+    """A script calling the writing routes with `Accept: application/json` (or application/problem+json)
+    gets the 423 as an RFC 7807 problem naming the holder and what to do, a browser the HTML page; both carry
+    Retry-After, and nothing is written."""
+    writes = the_writes(core)
+    before = everything(core)
+    with held_by_another_process(core_url):
+        asked = {
+            "json": writes.send({"Accept": "application/json"}),
+            "problem": writes.send({"Accept": "text/html;q=0.5, application/problem+json"}),
+            "browser": writes.send({"Accept": BROWSER}),
+        }
+        assert everything(core) == before
+    for accept, refusals in asked.items():
+        for what, refused in refusals.items():
+            assert refused.status_code == 423, (accept, what, refused.text)
+            assert retry_after(refused) > 0, (accept, what)
+            kind = refused.headers["content-type"]
+            if accept == "browser":
+                assert kind.startswith("text/html"), (what, kind)
+                assert problem(refused.text).startswith(HELD) and "The core is busy" in refused.text, what
+                continue
+            assert kind == "application/problem+json", (accept, what, kind)
+            body = refused.json()
+            assert (body["type"], body["title"], body["status"]) == ("about:blank", "Locked", 423), body
+            assert body["detail"].startswith(HELD), (accept, what, body)
+            assert body["detail"].endswith("nothing was changed; try again when it has ended"), body
+            assert "<" not in refused.text, (accept, what)  # no page in it
 
 
 def test_a_stewards_decision_holds_the_core_shared_while_it_writes(

@@ -20,6 +20,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from http import HTTPStatus
 from typing import Any
 
 import pandas as pd
@@ -45,6 +46,10 @@ DEAD_SHARE_REBUILD = 0.25  # rebuild when a quarter of the index's rows are repl
 TOKEN_CACHE_SECONDS = 30.0  # a revoked token stops working within this
 UNDO_SLACK = dt.timedelta(seconds=60)  # undos committed late with an earlier stamp are read again
 EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+API_PREFIX = "/api/v1/"
+PROBLEM_JSON = "application/problem+json"
+_JSON_TYPES = ("application/json", PROBLEM_JSON)
+_HTML_TYPES = ("text/html", "application/xhtml+xml")
 _INDEX_COLUMNS = ("id", "name", "credit_code", "phone", "email", "city", "address", "province", "district",
                   "credit_code_as_written")  # fmt: skip
 
@@ -339,8 +344,43 @@ def _chunks(ids: Sequence[int], size: int = 1000) -> list[list[int]]:
 # --------------------------------------------------------------------------- HTTP
 
 
-def _problem(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def problem(status: int, detail: str, *, retry_after: int | None = None) -> JSONResponse:
+    """A refusal as an RFC 7807 problem (``application/problem+json``): ``type``, ``title`` (the status's
+    phrase), ``status`` and ``detail``, which says what to do; ``error`` repeats it for the clients written
+    against the API's earlier ``{"error": …}`` body. ``retry_after``: seconds, sent as ``Retry-After``."""
+    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail,
+            "error": detail}  # fmt: skip
+    headers = None if retry_after is None else {"retry-after": str(retry_after)}
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def wants_json(request: Request) -> bool:
+    """Whether a refusal goes to this caller as a problem rather than a page: a call of the API, or an
+    ``Accept`` that prefers ``application/json`` or ``application/problem+json`` to HTML (a script's). A
+    browser's, ``*/*``, none, or JSON and HTML alike (same quality) get the page."""
+    if request.url.path.startswith(API_PREFIX):
+        return True
+    best = {"json": 0.0, "html": 0.0}
+    for item in request.headers.get("accept", "").lower().split(","):
+        kind, *params = (part.strip() for part in item.split(";"))
+        side = "json" if kind in _JSON_TYPES else "html" if kind in _HTML_TYPES else None
+        if side is None:
+            continue
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        best[side] = max(best[side], quality)
+    return best["json"] > best["html"]
+
+
+def refused(exc: StewardError) -> JSONResponse:
+    """The API's answer to a refused call: its problem (a plain refusal is the input's fault: 422)."""
+    return problem(exc.status if exc.status != 400 else 422, str(exc), retry_after=exc.retry_after)
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -394,7 +434,7 @@ def api_routes(service: MatchService) -> list[Route]:
 
     async def match(request: Request) -> Response:
         if await authorized(request) is None:
-            return _problem(
+            return problem(
                 401, "a valid API token is required (Authorization: Bearer …; `crmi steward tokens add`)"
             )
         try:
@@ -411,28 +451,28 @@ def api_routes(service: MatchService) -> list[Route]:
             else:
                 found = await run_in_threadpool(service.match, record, limit)
         except StewardError as exc:
-            return _problem(exc.status if exc.status != 400 else 422, str(exc))
+            return refused(exc)
         return JSONResponse({"candidates": found, "index": asdict(service.state)})
 
     async def check(request: Request) -> Response:
         if await authorized(request) is None:
-            return _problem(
+            return problem(
                 401, "a valid API token is required (Authorization: Bearer …; `crmi steward tokens add`)"
             )
         try:
             body = await _body(request)
             result = await run_in_threadpool(_opportunity_check, service, body)
         except StewardError as exc:
-            return _problem(exc.status if exc.status != 400 else 422, str(exc))
+            return refused(exc)
         return JSONResponse(result)
 
     async def openapi(request: Request) -> Response:
         return JSONResponse(OPENAPI)
 
     return [
-        Route("/api/v1/match", match, methods=["POST"]),
-        Route("/api/v1/opportunities/check", check, methods=["POST"]),
-        Route("/api/v1/openapi.json", openapi, methods=["GET"]),
+        Route(f"{API_PREFIX}match", match, methods=["POST"]),
+        Route(f"{API_PREFIX}opportunities/check", check, methods=["POST"]),
+        Route(f"{API_PREFIX}openapi.json", openapi, methods=["GET"]),
     ]
 
 
@@ -508,7 +548,18 @@ _RECORD: dict[str, Any] = {
         "city": {"type": "string"},
     },
 }
-_ERROR: dict[str, Any] = {"type": "object", "properties": {"error": {"type": "string"}}}
+_PROBLEM: dict[str, Any] = {
+    "type": "object",
+    "description": "RFC 7807 problem details",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string", "format": "uri-reference"},
+        "title": {"type": "string", "description": "the status's phrase"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string", "description": "what was refused and what to do"},
+        "error": {"type": "string", "description": "the detail again, for clients of the earlier body"},
+    },
+}
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "crm-integration duplicate check (商机报备)", "version": "1"},
@@ -532,9 +583,9 @@ OPENAPI: dict[str, Any] = {
                                     "city": {"type": ["string", "null"]},
                                     "owner": {"type": ["object", "null"]}}}},
                                 "index": {"type": "object"}}}}}},
-                    "401": {"description": "no or invalid token", "content": {"application/json": {"schema": _ERROR}}},
+                    "401": {"description": "no or invalid token", "content": {PROBLEM_JSON: {"schema": _PROBLEM}}},
                     "422": {"description": "invalid input (e.g. a credit code whose check digit fails)",
-                            "content": {"application/json": {"schema": _ERROR}}},
+                            "content": {PROBLEM_JSON: {"schema": _PROBLEM}}},
                 },
             }
         },
@@ -550,8 +601,8 @@ OPENAPI: dict[str, Any] = {
                 "responses": {
                     "200": {"description": "conflict flag, the customers considered, the conflicting registrations",
                             "content": {"application/json": {"schema": {"type": "object"}}}},
-                    "401": {"description": "no or invalid token", "content": {"application/json": {"schema": _ERROR}}},
-                    "422": {"description": "invalid input", "content": {"application/json": {"schema": _ERROR}}},
+                    "401": {"description": "no or invalid token", "content": {PROBLEM_JSON: {"schema": _PROBLEM}}},
+                    "422": {"description": "invalid input", "content": {PROBLEM_JSON: {"schema": _PROBLEM}}},
                 },
             }
         },

@@ -38,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crm_core.steward_models import ROLES
 from integration.steward import security
-from integration.steward.api import MatchService, api_routes
+from integration.steward.api import MatchService, api_routes, problem, wants_json
 from integration.steward.audit import audit_page, record_event
 from integration.steward.cluster import ASSIGN_TTL, build_view, claim, find_cluster, release
 from integration.steward.decisions import Rules, can_undo, decide_cluster, reopen, skip_cluster, undo
@@ -158,9 +158,28 @@ class Workbench:
             response.delete_cookie(FLASH_COOKIE, path="/")
         return response
 
-    def error(self, request: Request, user: Principal | None, status: int, message: str) -> Response:
-        """An error page (the message is escaped like everything else)."""
-        return self.render(request, "error.html", user, status=status, message=message, code=status)
+    def error(
+        self,
+        request: Request,
+        user: Principal | None,
+        status: int,
+        message: str,
+        *,
+        retry_after: int | None = None,
+    ) -> Response:
+        """A refusal: an error page (the message is escaped like everything else), or the same as an RFC 7807
+        problem to a caller asking for JSON (:func:`~integration.steward.api.wants_json`); ``retry_after``
+        (seconds) is sent as ``Retry-After`` either way."""
+        if wants_json(request):
+            return problem(status, message, retry_after=retry_after)
+        response = self.render(request, "error.html", user, status=status, message=message, code=status)
+        if retry_after is not None:
+            response.headers["retry-after"] = str(retry_after)
+        return response
+
+    def refused(self, request: Request, user: Principal | None, exc: StewardError) -> Response:
+        """The answer to a :class:`StewardError`: its status, message and Retry-After (see :meth:`error`)."""
+        return self.error(request, user, exc.status, str(exc), retry_after=exc.retry_after)
 
     def set_cookie(self, response: Response, name: str, value: str, *, max_age: int | None = None) -> None:
         """Set an HttpOnly, SameSite=Lax cookie (Secure behind HTTPS)."""
@@ -177,6 +196,15 @@ class Workbench:
             )
         return response
 
+    def _sign_in_first(self, request: Request) -> Response:
+        """No session: a redirect to the sign-in page, or a 401 problem to a script (which has no use for it)."""
+        if wants_json(request):
+            idle = int(security.IDLE_TIMEOUT.total_seconds() // 60)
+            return problem(401, f"no session, or it ended after {idle} idle minutes: sign in at /login and send "
+                                "its session cookie")  # fmt: skip
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?{urlencode({'next': target})}", status_code=303)
+
     def page(
         self, role: str = "viewer"
     ) -> Callable[
@@ -191,8 +219,7 @@ class Workbench:
                 token = request.cookies.get(COOKIE)
                 user = await self.db(lambda c: security.session_user(c, token))
                 if user is None:
-                    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-                    response = RedirectResponse(f"/login?{urlencode({'next': target})}", status_code=303)
+                    response = self._sign_in_first(request)
                     if token:
                         response.delete_cookie(COOKIE, path="/")
                     return response
@@ -211,7 +238,7 @@ class Workbench:
                         )
                     return await handler(request, user)
                 except StewardError as exc:
-                    return self.error(request, user, exc.status, str(exc))
+                    return self.refused(request, user, exc)
                 except IntegrityError:
                     return self.error(
                         request, user, 409, "someone else changed this at the same moment; reload"
@@ -258,9 +285,13 @@ class Workbench:
             if session_token is None:
                 raise StewardError("wrong name or password, or the user is disabled", status=401)
         except StewardError as exc:
+            if wants_json(request):
+                return self.refused(request, None, exc)
             token = secrets.token_urlsafe(32)
             response = self.render(request, "login.html", None, status=exc.status, login_csrf=token, next=target,
                                    message=str(exc))  # fmt: skip
+            if exc.retry_after is not None:
+                response.headers["retry-after"] = str(exc.retry_after)
             self.set_cookie(response, LOGIN_CSRF_COOKIE, token, max_age=3600)
             return response
         response = RedirectResponse(target, status_code=303)

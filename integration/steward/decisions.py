@@ -45,6 +45,10 @@ from integration.sync import engine as sync_engine
 
 Verdict = Literal["same", "different", "split"]
 CORE_BUSY = 423  # Locked: a `crmi run`, rollback… holds the core; the same request succeeds once it has ended
+# Retry-After of a CORE_BUSY refusal: how long the holder still needs is unknown (a rollback takes seconds, a
+# go-live run minutes), and a refused try is cheap (nothing is read before the lock), so a client asks again
+# every half minute rather than waiting out the longest run.
+CORE_BUSY_RETRY_AFTER = 30
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,9 @@ class Outcome:
 @contextmanager
 def holding_the_core(engine: Engine, user: Principal, what: str) -> Iterator[None]:
     """Hold the core's run lock shared while a steward's write runs, as ``steward NAME (workbench) on HOST
-    (pid N)``; refuse with :class:`StewardError` (HTTP 423) naming the command that holds the core (or the
-    migration run launched from Dagster that is loading into it) before anything is written.
+    (pid N)``; refuse with :class:`StewardError` (HTTP 423, ``Retry-After`` :data:`CORE_BUSY_RETRY_AFTER`) naming
+    the command that holds the core (or the migration run launched from Dagster that is loading into it) before
+    anything is written.
 
     Only the writes of core records, merges and pair decisions take it. Claims, skips, assignments, sign-ins
     and user administration write the workbench's own tables (``crm_core.steward_models``), which no run
@@ -86,7 +91,7 @@ def holding_the_core(engine: Engine, user: Principal, what: str) -> Iterator[Non
             engine, lock_holder(f"steward {user.name} (workbench)"), what, again="nothing was changed; try again"
         ))  # fmt: skip
     except CoreBusy as exc:
-        raise StewardError(str(exc), status=CORE_BUSY) from None
+        raise StewardError(str(exc), status=CORE_BUSY, retry_after=CORE_BUSY_RETRY_AFTER) from None
     with stack:
         yield
 

@@ -254,7 +254,8 @@ def login(connection: Connection, name: str, password: str, ip: str | None) -> s
     by_name, by_ip = failed_logins(connection, name, ip)
     if by_name >= THROTTLE_FAILURES or by_ip >= THROTTLE_FAILURES_PER_ADDRESS:
         minutes = int(THROTTLE_WINDOW.total_seconds() // 60)
-        raise StewardError(f"too many failed sign-ins; wait {minutes} minutes and try again", status=429)
+        raise StewardError(f"too many failed sign-ins; wait {minutes} minutes and try again", status=429,
+                           retry_after=int(THROTTLE_WINDOW.total_seconds()))  # fmt: skip
     users = _TABLES[StewardUser]
     row = connection.execute(
         select(users.c.id, users.c.password_hash, users.c.active).where(users.c.name == name)
