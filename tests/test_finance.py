@@ -206,16 +206,20 @@ def test_order_to_cash_asset_metadata_and_its_check_in_dagster(
 
 
 def test_while_a_command_holds_the_core_order_to_cash_and_the_reconciliation_refuse(
-    core: sa.Engine, core_url: str, finance_project: Path, tmp_path: Path
+    core: sa.Engine, core_url: str, finance_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`crmi rollback` in another terminal holds the core: the order_to_cash step fails naming it, its schedule
-    skips the tick naming it, `crmi finance reconcile` exits 1 and writes no report; afterwards the job runs."""
+    """`crmi rollback` in another terminal holds the core: the order_to_cash step asks to be retried naming it, as
+    a sync step does, and fails naming it once its wait is over; its schedule skips the tick naming it, `crmi
+    finance reconcile` exits 1 and writes no report; afterwards the job runs."""
     from typer.testing import CliRunner
 
+    from integration.assets.sync import BUSY_RETRY_ENV, BUSY_WAIT_ENV
     from integration.cli import app
     from integration.jobs import build_definitions
     from tests.test_run_lock_steps import held_by_another_process
 
+    monkeypatch.setenv(BUSY_WAIT_ENV, "0.2")
+    monkeypatch.setenv(BUSY_RETRY_ENV, "0.1")
     holder = "another command holds this core (crmi rollback on the consultant's laptop (pid 4242)"
     loop(core)
     defs = build_definitions(finance_project, core_url)
@@ -224,12 +228,21 @@ def test_while_a_command_holds_the_core_order_to_cash_and_the_reconciliation_ref
     with held_by_another_process(core_url), dg.instance_for_test() as instance:
         result = job.execute_in_process(instance=instance, raise_on_error=False)
         assert not result.success
+        retries = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
+        assert len(retries) == 2 and all(
+            e.step_retry_data.error is not None
+            and e.step_retry_data.error.cause is not None
+            and holder in e.step_retry_data.error.cause.message
+            for e in retries
+        )
         failures = [
             e.step_failure_data.user_failure_data.description or ""
             for e in result.all_events
             if e.is_step_failure and e.step_failure_data.user_failure_data is not None
         ]
-        assert any(holder in f and "no order_to_cash while it loads" in f for f in failures), failures
+        assert [f for f in failures if "no order_to_cash while it loads" in f] == failures
+        assert len(failures) == 1 and holder in failures[0] and "gave up after 2 retries" in failures[0]
+        assert not result.asset_materializations_for_node("order_to_cash")
         tick = defs.resolve_schedule_def("order_to_cash_schedule").evaluate_tick(
             dg.build_schedule_context(instance=instance)
         )

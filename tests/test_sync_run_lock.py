@@ -1,7 +1,8 @@
 """A sync and a migration never write into one core at once: the core's run lock, from both sides.
 
 While a `crmi` command (run, rollback…) holds the core, a sync refuses naming it (`crmi sync run` exits 1, the
-Dagster step fails) and the sync schedules and the outbox sensor skip their tick naming it; while a sync runs,
+Dagster step asks to be retried later, and fails only once its wait is over) and the sync schedules and the outbox
+sensor skip their tick naming it; while a sync runs,
 `crmi run`, rollback and migration steps launched from Dagster refuse naming the sync. Syncs share the core with
 each other. The holder is another process (or another connection), as a command in another terminal is.
 """
@@ -13,8 +14,11 @@ import re
 import socket
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +31,14 @@ from crm_core.db import make_engine
 from crm_core.models import LoadRun
 from crm_core.runs import CoreBusy, core_lock_holder, core_run_lock, core_sync_lock, lock_holder
 from integration.assets.resources import dispose_engines
+from integration.assets.sync import BUSY_RETRY_ENV, BUSY_WAIT_ENV
 from integration.cli import app
 from integration.jobs import build_definitions
 from integration.pipeline import Migration, core_engine
 from integration.sync import engine as sync_engine
 from integration.sync.engine import run_sync
 from tests.test_run_lock_steps import held_by_another_process
+from tests.test_runs import content
 
 COMMAND = "crmi rollback on the consultant's laptop (pid 4242)"  # what held_by_another_process holds
 SYNC = "Dagster run 0c0ffee0 u8 inbound on dagster-host (pid 4343)"  # <= 63 characters
@@ -73,10 +79,12 @@ def tick(defs: dg.Definitions, name: str, instance: dg.DagsterInstance) -> Any:
 def test_while_a_command_holds_the_core_a_sync_refuses_and_its_schedules_skip_naming_it(
     demo_project: Path, core: sa.Engine, core_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`crmi rollback` in another terminal holds the core: run_sync, the Dagster sync step and `crmi sync run`
-    refuse with one line naming it and saying what to do, start no sync run; the schedules and the outbox
-    sensor skip their tick naming it. Once the command ended the schedule launches its run again."""
+    """`crmi rollback` in another terminal holds the core: run_sync, the Dagster sync step told not to wait
+    (``CRMI_CORE_BUSY_WAIT_SECONDS=0``) and `crmi sync run` refuse with one line naming it and saying what to do,
+    start no sync run; the schedules and the outbox sensor skip their tick naming it. Once the command ended the
+    schedule launches its run again."""
     monkeypatch.setenv("U8_APP_SECRET", "not-needed-refused-first")
+    monkeypatch.setenv(BUSY_WAIT_ENV, "0")
     defs = build_definitions(demo_project, core_url)
     runner = CliRunner()
     with held_by_another_process(core_url), dg.instance_for_test() as instance:
@@ -114,6 +122,111 @@ def test_while_a_command_holds_the_core_a_sync_refuses_and_its_schedules_skip_na
     with dg.instance_for_test() as instance:
         assert len(tick(defs, "sync_u8_inbound_schedule", instance).run_requests) == 1
         assert len(tick(defs, "sync_u8_checks_schedule", instance).run_requests) == 1
+
+
+def sync_u8_inbound_job(project: str, url: str) -> dg.JobDefinition:
+    """The inbound job of a project and core, as a function: what ``dg.execute_job`` reconstructs."""
+    return build_definitions(Path(project), url).resolve_job_def("sync_u8_inbound_job")
+
+
+def retries_of(result: Any) -> list[dg.DagsterEvent]:
+    """The run's STEP_UP_FOR_RETRY events: a step that asked to be run again later."""
+    return [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
+
+
+def log_lines(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """What the run's steps logged (``context.log``), in order."""
+    return [e.user_message for e in instance.all_logs(run_id) if e.dagster_event is None]
+
+
+def test_a_dagster_sync_step_waits_while_a_command_holds_the_core_and_then_runs(
+    demo_project: Path, core: sa.Engine, core_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync job launched from the UI (or a sensor, or a schedule tick that raced) while `crmi rollback` holds
+    the core: its step does not fail, it asks Dagster to run it again later (STEP_UP_FOR_RETRY) naming the holder,
+    having written nothing; the attempt after the command ended syncs, and the run succeeds."""
+    monkeypatch.setenv("U8_APP_SECRET", "not-needed-inbound-reads-the-u8-database")
+    monkeypatch.setenv(BUSY_WAIT_ENV, "120")
+    monkeypatch.setenv(BUSY_RETRY_ENV, "0.05")
+    job = build_definitions(demo_project, core_url).resolve_job_def("sync_u8_inbound_job")
+    before = content(core)
+    run_id = str(uuid.uuid4())
+    holding = ExitStack()
+    holding.enter_context(held_by_another_process(core_url))
+    seen: dict[str, Any] = {}
+    ended = threading.Event()
+
+    def release_after_the_first_retry(instance: dg.DagsterInstance) -> None:
+        """What the command's user does: end it, here once the step has asked for its retry."""
+        deadline = time.monotonic() + 120
+        try:
+            while not ended.wait(0.02) and time.monotonic() < deadline:
+                if instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY):
+                    # what the refused attempt left in the core
+                    seen.update(runs=sync_runs(core), unchanged=content(core) == before)
+                    return
+        finally:
+            holding.close()
+
+    with dg.instance_for_test() as instance:
+        watcher = threading.Thread(target=release_after_the_first_retry, args=(instance,))
+        watcher.start()
+        try:
+            result = job.execute_in_process(instance=instance, run_id=run_id, raise_on_error=False)
+        finally:
+            ended.set()
+            watcher.join()
+            holding.close()
+        lines = log_lines(instance, run_id)
+    assert seen == {"runs": [], "unchanged": True}  # the attempt that found the core busy wrote nothing
+    assert result.success, failure_descriptions(result)
+    assert retries_of(result)  # waited, never failed
+    assert not failure_descriptions(result)
+    waited = [line for line in lines if "another command holds this core" in line]
+    assert waited and all(f"({COMMAND}" in line and "this step tries again every" in line for line in waited)
+    [materialization] = result.asset_materializations_for_node("sync_u8_inbound")
+    [run_key] = sync_runs(core)
+    assert materialization.metadata["load_run"].value == run_key and run_key.startswith("sync-u8-inbound-")
+
+
+def test_a_dagster_sync_step_fails_naming_the_holder_once_its_wait_is_over(
+    demo_project: Path, core: sa.Engine, core_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command holds the core for longer than the step waits (``CRMI_CORE_BUSY_WAIT_SECONDS``): the step asks
+    for each retry naming the holder, then fails with the busy error and how long it waited; no sync run is left.
+    A run whose executor retries no step fails at once with the busy error."""
+    monkeypatch.setenv(BUSY_WAIT_ENV, "0.3")
+    monkeypatch.setenv(BUSY_RETRY_ENV, "0.1")
+    job = build_definitions(demo_project, core_url).resolve_job_def("sync_u8_inbound_job")
+    with held_by_another_process(core_url), dg.instance_for_test() as instance:
+        result = job.execute_in_process(instance=instance, raise_on_error=False)
+        lines = log_lines(instance, result.run_id)
+        # execute_in_process always retries: the job as the daemon launches it, its executor told not to
+        rebuilt = dg.build_reconstructable_job(
+            __name__,
+            sync_u8_inbound_job.__name__,
+            reconstructable_kwargs={"project": str(demo_project), "url": core_url},
+        )
+        # a SQLite core's jobs run in process; a PostgreSQL core's executor is told to, here
+        no_retries: dict[str, Any] = {"retries": {"disabled": {}}}
+        executor = no_retries if core_url.startswith("sqlite") else {"in_process": no_retries}
+        unretried = dg.execute_job(rebuilt, instance, run_config={"execution": {"config": executor}})
+    assert not result.success
+    retries = retries_of(result)
+    assert len(retries) == 3  # 0.3 s in retries every 0.1 s
+    for retry in retries:
+        error = retry.step_retry_data.error
+        assert error is not None and error.cause is not None and f"({COMMAND}" in error.cause.message
+    assert sum("this step tries again every" in line and f"({COMMAND}" in line for line in lines) == 3
+    [failure] = failure_descriptions(result)
+    assert failure.startswith(f"another command holds this core ({COMMAND}"), failure
+    assert "run it again when it has ended" in failure and "gave up after 3 retries" in failure, failure
+    assert not retries_of(unretried)
+    [at_once] = failure_descriptions(unretried)
+    assert at_once.startswith(f"another command holds this core ({COMMAND}"), at_once
+    assert at_once.endswith("run it again when it has ended"), at_once
+    assert sync_runs(core) == []
+    assert not result.asset_materializations_for_node("sync_u8_inbound")
 
 
 def test_while_a_sync_runs_crmi_run_rollback_and_migration_steps_refuse_naming_it(

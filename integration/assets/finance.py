@@ -8,7 +8,8 @@ receivable and the receivables tied to no known order or customer (nothing is dr
 in the figures). The asset reads what the sync targets brought in: it depends on every inbound sync asset that
 loads receivables or receipts, and is left out of the migration jobs (``crmi run`` does not compute it). Like a
 sync it holds the core's run lock (shared) while it computes: never figures of a core a ``crmi run`` or a
-rollback is halfway through, and its schedule skips a tick while one of those holds the core.
+rollback is halfway through; its schedule skips a tick while one of those holds the core, and a step that finds
+it held waits its turn as a sync step does (:func:`integration.assets.sync.holding_the_core_or_retry`).
 """
 
 # No ``from __future__ import annotations`` here: Dagster inspects the *objects* annotating ``context``.
@@ -18,11 +19,10 @@ from dagster._core.definitions.unresolved_asset_job_definition import Unresolved
 
 from crm_core.db import session_factory
 from crm_core.finance import CashFigures, Orphan, loop_orphans, order_to_cash
-from crm_core.runs import CoreBusy, lock_holder
+from crm_core.runs import lock_holder
 from integration.assets.resources import CoreDatabase, MigrationProject
-from integration.assets.sync import asset_name, core_free_schedule
+from integration.assets.sync import asset_name, core_free_schedule, holding_the_core_or_retry
 from integration.reports import escape_formula
-from integration.sync.engine import holding_the_core
 from integration.sync.spec import CompiledTarget
 
 FINANCE_GROUP = "finance"
@@ -94,11 +94,11 @@ def order_to_cash_asset(targets: dict[str, CompiledTarget]) -> dg.AssetsDefiniti
         base = currencies.base if currencies is not None else "CNY"
         engine = core.engine()
         holder = lock_holder(f"Dagster run {context.run.run_id[:8]} {ORDER_TO_CASH}")
-        try:
-            with holding_the_core(engine, holder, ORDER_TO_CASH), session_factory(engine)() as session:
-                loop = order_to_cash(session, base_currency=base)
-        except CoreBusy as exc:  # the holder and what to do
-            raise dg.Failure(description=str(exc), allow_retries=False) from None
+        with (
+            holding_the_core_or_retry(context, engine, holder, ORDER_TO_CASH),
+            session_factory(engine)() as session,
+        ):
+            loop = order_to_cash(session, base_currency=base)
         top = _markdown(
             ["customer", "overdue", "outstanding", "DSO (days)"],
             [[f"{t['customer']} (#{t['customer_id']})", t["overdue"], t["outstanding"], t["dso"] or "–"]

@@ -18,15 +18,21 @@ must not send trial data there. IT staff turn them on after go-live (Dagster UI,
 The migration jobs leave the ``sync`` group out (integration.jobs), so ``crmi run`` never syncs.
 
 A sync step holds the core's run lock (shared with other syncs) while it runs, so ``crmi run`` and rollback
-refuse meanwhile, naming it; while one of those holds the core, a sync step fails naming it, and the schedules
-and the sensor skip their tick saying so (:func:`core_free_schedule`) instead of launching a run that fails.
+refuse meanwhile, naming it; the schedules and the sensor skip their tick while one of those holds the core
+(:func:`core_free_schedule`), and a sync step that finds it held all the same (launched by hand, or a tick that
+raced) waits its turn: it asks Dagster to run it again later, naming the holder, and fails only when the wait is
+over (:func:`holding_the_core_or_retry`, :class:`BusyWait`).
 """
 
 # No ``from __future__ import annotations`` here: Dagster inspects the *objects* annotating ``context``.
 
 import datetime as dt
 import json
+import math
+import os
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +50,7 @@ from crm_core.watermarks import read_watermark
 from integration.assets.factories import LAYER_TAG, OWNER_INTEGRATION
 from integration.assets.resources import CoreDatabase, MigrationProject
 from integration.failures import cause_line, frames, shorten
-from integration.sync.engine import SyncReport, core_busy, run_sync
+from integration.sync.engine import SyncReport, core_busy, holding_the_core, run_sync
 from integration.sync.outbox import CAPTURE_STREAM, oldest_pending, watermark_source
 from integration.sync.spec import CompiledTarget
 
@@ -62,6 +68,11 @@ BACKLOG_ERROR = dt.timedelta(hours=24)
 FRESHNESS_DEFAULT = dt.timedelta(hours=1)  # inbound without a schedule
 CHECKS_CRON = "*/15 * * * *"
 SENSOR_INTERVAL_SECONDS = 30
+# How long a sync or order_to_cash step waits while a command holds the core, and how often it looks again
+BUSY_WAIT_ENV = "CRMI_CORE_BUSY_WAIT_SECONDS"
+BUSY_RETRY_ENV = "CRMI_CORE_BUSY_RETRY_SECONDS"
+BUSY_WAIT_DEFAULT = 3600.0  # a go-live migration's load or a rollback; longer, someone should look
+BUSY_RETRY_DEFAULT = 60.0
 MAX_REASONS = 5
 # Dagster runs of a target's sync that are not over yet: the sensor waits for them instead of piling up.
 IN_FLIGHT = [
@@ -164,7 +175,10 @@ def sync_asset(target: CompiledTarget, direction: str) -> dg.AssetsDefinition:
                 name,
                 direction,
                 by=f"Dagster run {context.run.run_id[:8]}",
+                hold=lambda engine, holder: holding_the_core_or_retry(context, engine, holder),
             )
+        except (dg.RetryRequested, dg.Failure):  # waiting for the core, or given up: already said
+            raise
         except CoreBusy as exc:  # the holder and what to do, whole (cause_line would cut a long lock path)
             raise dg.Failure(description=str(exc), allow_retries=False) from None
         except CrmError as exc:
@@ -410,6 +424,100 @@ def core_free_schedule(
         return dg.SkipReason(busy_reason(busy, what)) if busy is not None else dg.RunRequest()
 
     return dg.ScheduleDefinition(execution_fn=_tick, **definition)
+
+
+# --------------------------------------------------------------------------- waiting for the core
+
+
+def _seconds_text(seconds: float) -> str:
+    """Return a wait as IT staff read it: seconds, minutes or hours."""
+    if seconds < 120:
+        return f"{seconds:g} s"
+    return f"{seconds / 60:g} min" if seconds < 7200 else f"{seconds / 3600:g} h"
+
+
+def _env_seconds(env: Mapping[str, str], name: str, default: float, *, zero: bool) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        floor = "0 or more" if zero else "above 0"
+        raise SyncError(f"{name}={raw!r} must be a number of seconds, {floor}")
+    return value
+
+
+@dataclass(frozen=True)
+class BusyWait:
+    """How a sync or ``order_to_cash`` step waits while a command holds the core: it looks again every
+    ``every`` seconds for at most ``total`` seconds in all (0: it fails at once, naming the holder)."""
+
+    total: float = BUSY_WAIT_DEFAULT
+    every: float = BUSY_RETRY_DEFAULT
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "BusyWait":
+        """Return the wait ``$CRMI_CORE_BUSY_WAIT_SECONDS`` and ``$CRMI_CORE_BUSY_RETRY_SECONDS`` set (a value
+        that is no number of seconds is a :class:`SyncError` naming its variable)."""
+        env = os.environ if env is None else env
+        return cls(
+            _env_seconds(env, BUSY_WAIT_ENV, BUSY_WAIT_DEFAULT, zero=True),
+            _env_seconds(env, BUSY_RETRY_ENV, BUSY_RETRY_DEFAULT, zero=False),
+        )
+
+    @property
+    def retries(self) -> int:
+        """Return how many times the step is run again before it gives up."""
+        return math.ceil(round(self.total / self.every, 6))
+
+
+def _retries_disabled(context: dg.AssetExecutionContext) -> bool:
+    """Return True when the run's executor retries no step (``retries: disabled`` in its run config): there a
+    retry request fails the step at once, so the busy error is what it should fail with."""
+    try:
+        return bool(context.get_step_execution_context().retry_mode.disabled)
+    except AttributeError:  # a Dagster that moved it: the request's failure still carries the busy line
+        return False
+
+
+@contextmanager
+def holding_the_core_or_retry(
+    context: dg.AssetExecutionContext, engine: Engine, holder: str, what: str = "sync"
+) -> Iterator[None]:
+    """Hold the core shared for a Dagster step, as :func:`integration.sync.engine.holding_the_core` does; while
+    a ``crmi run``, rollback or another one-at-a-time command holds it (or a migration run launched from
+    Dagster loads into it), ask Dagster to run the step again later (``RetryRequested``), logging who holds
+    it, instead of failing; once :class:`BusyWait` is over, fail with the busy error. The hold is taken
+    before anything is written, so the attempt that finds the core busy has written nothing."""
+    try:
+        wait = BusyWait.from_env()
+    except SyncError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
+    done = context.retry_number
+    last = done >= wait.retries or _retries_disabled(context)
+    again = "run it again" if last else f"this step tries again every {_seconds_text(wait.every)} and runs"
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(holding_the_core(engine, holder, what, again=again))
+        except CoreBusy as exc:
+            if last:
+                gave_up = (
+                    f"; gave up after {done} retries {_seconds_text(wait.every)} apart ({BUSY_WAIT_ENV} sets "
+                    "how long a step waits)"
+                    if done
+                    else ""
+                )
+                raise dg.Failure(description=f"{exc}{gave_up}", allow_retries=False) from None
+            waiting = f"{exc} (retry {done + 1} of {wait.retries})"
+            context.log.info(waiting)
+            # the cause is what the UI shows for the retry, and the failure's text if retries are disabled
+            raise dg.RetryRequested(max_retries=wait.retries, seconds_to_wait=wait.every) from dg.Failure(
+                description=waiting, allow_retries=False
+            )
+        yield
 
 
 # --------------------------------------------------------------------------- checks
@@ -725,10 +833,12 @@ def sync_definitions(
 
 __all__ = [
     "SYNC_GROUP",
+    "BusyWait",
     "OutboxCursor",
     "SyncDefinitions",
     "busy_reason",
     "core_free_schedule",
+    "holding_the_core_or_retry",
     "report_metadata",
     "scan_outbox",
     "sync_asset",

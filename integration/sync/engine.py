@@ -12,8 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,16 +219,19 @@ def run_sync(
     client: Transport | None = None,
     run_key: str | None = None,
     by: str = "sync",
+    hold: Callable[[Engine, str], AbstractContextManager[None]] = holding_the_core,
 ) -> SyncReport:
     """Run one sync with a target: inbound rows into the core, then captured changes out to the target.
 
     It holds the core's run lock (shared) from start to end, as ``<by> <target> <direction> on HOST (pid N)``:
     refused with :class:`CoreBusy` while a ``crmi run`` or rollback holds the core, which refuse meanwhile.
+    ``hold(engine, holder)`` takes it (:func:`holding_the_core`; a Dagster step's asks for a retry instead of
+    failing): nothing is written before it has.
     """
     if direction not in DIRECTIONS:
         raise SyncError(f"unknown direction '{direction}'; choose {', '.join(DIRECTIONS)}")
     target = target_of(migration, target_name)
-    with holding_the_core(engine, lock_holder(f"{by} {target.name} {direction}")):
+    with hold(engine, lock_holder(f"{by} {target.name} {direction}")):
         return _run_sync(migration, engine, target, direction, client, run_key)
 
 
