@@ -1134,9 +1134,12 @@ class EntityLoader:
             )  # fmt: skip
 
         current: dict[Any, Any] = column.to_dict()
-        among = getattr(self.name_resolvers[target], "among", None)
+        resolver = self.name_resolvers[target]
+        among = getattr(resolver, "among", None)
         books = {f: self._books(target, f) for f in shared} if among is not None else {}
-        settled: dict[tuple[Any, ...], int | None] = {}  # (name, the row's owners, current) -> pick
+        # (name, the row's owners, current) -> the book search deciding it, asked once for all rows below
+        searches: dict[tuple[Any, ...], tuple[str, set[int], Any, tuple[Any, ...]]] = {}
+        searched_rows: list[tuple[Any, Any, tuple[Any, ...]]] = []  # (row, current, its search)
         for index_value in rows:
             value, found = values.at[index_value], current[index_value]
             if (found is None and value not in held) or (
@@ -1151,11 +1154,27 @@ class EntityLoader:
             elif among is not None and value not in decided:
                 mine = tuple((f, refs[index_value]) for f, refs in row_refs.items() if index_value in refs)
                 key = (value, mine, found)
-                if key not in settled:
+                if key not in searches:
                     book = set.intersection(*(books[f].get(refs[index_value], set())
                                               for f, refs in row_refs.items() if index_value in refs))  # fmt: skip
-                    settled[key] = among(str(value), book, found, book_key=mine)
-                pick = settled[key]
+                    searches[key] = (str(value), book, found, mine)
+                searched_rows.append((index_value, found, key))
+                continue
+            if pick is not None and pick != found:
+                column.at[index_value] = pick
+        if not searches:
+            return
+        # The searches at once: a resolver that can share them with a second process (among_many) does.
+        among_many = getattr(resolver, "among_many", None)
+        asked = list(searches.values())
+        if among_many is not None:
+            answers = among_many(asked)
+        else:
+            assert among is not None  # a search is only planned with among
+            answers = [among(name, book, found, book_key=mine) for name, book, found, mine in asked]
+        settled = dict(zip(searches, answers, strict=True))
+        for index_value, found, key in searched_rows:
+            pick = settled[key]
             if pick is not None and pick != found:
                 column.at[index_value] = pick
 

@@ -977,14 +977,19 @@ def load(
             )
         if staged.batches:  # nothing to load when every mapping was skipped: not even the loader's index
             key_functions = dict(MATCH_KEY_FUNCTIONS) if staged.entity in ("sales_rep", "contact") else {}
-            loader = EntityLoader(
-                session, run, staged.entity,
-                match=migration.match_rules.get(staged.entity),
-                key_functions=key_functions,
-                name_keys=NAME_KEYS,
-                name_resolvers=name_resolvers(migration, session, staged.entity),
-            )  # fmt: skip
-            stats = loader.load(staged.batches)
+            resolvers = name_resolvers(migration, session, staged.entity)
+            try:
+                loader = EntityLoader(
+                    session, run, staged.entity,
+                    match=migration.match_rules.get(staged.entity),
+                    key_functions=key_functions,
+                    name_keys=NAME_KEYS,
+                    name_resolvers=resolvers,
+                )  # fmt: skip
+                stats = loader.load(staged.batches)
+            finally:
+                for resolver in resolvers.values():
+                    getattr(resolver, "close", lambda: None)()  # a helper process it started
         failpoint(f"load:{staged.entity}:before_commit")
     failpoint(f"load:{staged.entity}:after_commit")
     # Checked after the commit, reading the core back: what landed, not what the loader believes it wrote.

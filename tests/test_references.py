@@ -5,6 +5,9 @@ once the steward has decided."""
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -523,3 +526,74 @@ def test_a_rollback_takes_the_decisions_linking_names_to_the_customers_it_made(e
         assert session.scalar(sa.select(sa.func.count()).select_from(Customer)) == 0
         linked = session.scalars(sa.select(ReferenceDecision).where(ReferenceDecision.target_id.is_not(None)))
         assert list(linked) == []
+
+
+# --------------------------------------------------------------------------- a large call shared with a helper
+def _generated_customers(engine: sa.Engine) -> list[int]:
+    """300 generated customers (short and English names, a fifth merged into another); their golden ids."""
+    from tests.test_references_tables import _generated_name, _generated_records
+
+    records, survivor = _generated_records(7)
+    rows = [{"_external_key": f"G{i}", "name": n or _generated_name(random.Random(i)), "short_name": s,
+             "english_name": e} for i, n, s, e in records]  # fmt: skip
+    load(engine, "g1", "customer", [batch("erp", rows)])
+    with Session(engine) as session, session.begin():
+        ids = {k: i for k, i in session.execute(sa.select(ExternalId.external_key, ExternalId.entity_id))}
+        for record, into in list(survivor.items())[: len(survivor) * 2 // 3]:
+            session.get_one(Customer, ids[f"G{record}"]).merged_into_id = ids[f"G{into}"]
+        return list(session.scalars(sa.select(Customer.id).where(Customer.merged_into_id.is_(None))))
+
+
+def test_a_large_call_shared_with_the_helper_process_answers_as_one_process_alone(engine: sa.Engine) -> None:
+    from tests.test_references_tables import _generated_name
+
+    golden = _generated_customers(engine)
+    rng = random.Random(11)
+    names = list(dict.fromkeys(_generated_name(rng) for _ in range(400)))
+    books = {("owner", n): frozenset(rng.sample(golden, 40)) for n in range(12)}
+    calls = [(name, set(books[key]), rng.choice([None, *golden]), key)
+             for name in names for key in rng.sample(sorted(books), 2)]  # fmt: skip
+    with Session(engine) as session, session.begin():
+        alone = CustomerNames(session, helper=False)
+        expected = alone("customer", names), alone.among_many(calls)
+        # the generated names resolve, wait for a steward and pick in books alike: the comparison has content
+        assert {m.record_id is None for m in expected[0].values()} == {True, False}
+        assert {pick is None for pick in expected[1]} == {True, False}
+        assert alone.helped() is None
+        shared = CustomerNames(session, helper=True, shared_at=1)
+        try:
+            assert (shared("customer", names), shared.among_many(calls)) == expected
+            helper = shared.helped()
+            assert helper is not None
+            [helper_pid] = helper._processes  # type: ignore[attr-defined]
+            assert helper_pid != os.getpid()
+            # the helper answered its half: it built books, which this process then never did
+            assert {key for key in shared._books} < set(books)
+        finally:
+            shared.close()
+        assert not _alive(helper_pid) and shared.helped() is None
+        assert shared("customer", names) == expected[0]  # closed: it answers alone
+
+
+def test_a_helper_that_dies_leaves_its_half_to_this_process(engine: sa.Engine) -> None:
+    from tests.test_references_tables import _generated_name
+
+    _generated_customers(engine)
+    names = list(dict.fromkeys(_generated_name(random.Random(n)) for n in range(200)))
+    with Session(engine) as session, session.begin():
+        expected = CustomerNames(session, helper=False)("customer", names)
+        shared = CustomerNames(session, helper=True, shared_at=1)
+        helper = shared.helped()
+        assert helper is not None
+        [helper_pid] = helper._processes  # type: ignore[attr-defined]
+        os.kill(helper_pid, signal.SIGKILL)
+        assert shared("customer", names) == expected
+        assert shared.helped() is None  # given up: the rest of the load works alone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -28,9 +28,18 @@ rejected, and load on the next run once a steward has linked the name (``crmi de
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import gc
+import multiprocessing
+import os
+import signal
+import weakref
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import cached_property, lru_cache, wraps
 from itertools import chain
@@ -70,6 +79,9 @@ CLOSE_NAME_MARGIN = 0.1  # how far every other golden customer must stay below t
 CLOSE_NAME_CUTOFF = 0.3  # how alike in toneless pinyin a known name must be to be among those scored
 CLOSE_NAMES_SCORED = 30  # known names (nearest in toneless pinyin) scored with the trade-name similarity
 IN_BOOK = 0.85  # among one salesperson's own customers, how alike a name must be to be the one meant
+# A call with at least this many names (or owner's-book searches) is shared with a helper process (see
+# CustomerNames.helped); below it, forking and the hand-over cost more than half the work saves.
+SHARED_AT = 400
 
 
 _P = ParamSpec("_P")
@@ -175,9 +187,20 @@ def same_company_name(written: NameVariant, known: NameVariant) -> bool:
 class CustomerNames:
     """A name resolver for customers (see the module doc), built on the core as it is after the merges."""
 
-    def __init__(self, session: Session, spec: LinkageSpec = CUSTOMER_SPEC) -> None:
+    def __init__(
+        self,
+        session: Session,
+        spec: LinkageSpec = CUSTOMER_SPEC,
+        *,
+        helper: bool | None = None,
+        shared_at: int = SHARED_AT,
+    ) -> None:
         self.session = session
         self.spec = spec
+        # A second process sharing large calls (see helped); None: when this machine has a second core to give.
+        self._helper_wanted = _second_core() if helper is None else helper
+        self._helper: ProcessPoolExecutor | None = None
+        self.shared_at = shared_at
         self._books: dict[Hashable, _Book] = {}
         # shared by every book: what among compares of each distinct name core, and the characters numbered
         self._core_facts = _CoreFacts(_Alphabet())
@@ -379,7 +402,103 @@ class CustomerNames:
 
     def __call__(self, target: str, names: Sequence[str]) -> Mapping[str, NameMatch]:
         """Resolve each name to one golden customer, or list the candidates a steward chooses from."""
+        helper = self.helped() if len(names) >= self.shared_at else None
+        if helper is None:
+            return self._resolve_each(names)
+        # By trade name: the per-trade-name tables (_by_place) are then built on one side only.
+        theirs = [name for name in names if _helpers_share(_trade_key(name))]
+        theirs_set = set(theirs)
+        mine = [name for name in names if name not in theirs_set]
+        found, found_there = self._shared(
+            helper, "_resolve_each", (theirs,), lambda: self._resolve_each(mine)
+        )
+        found.update(found_there)
+        return {name: found[name] for name in names}
+
+    def _resolve_each(self, names: Sequence[str]) -> dict[str, NameMatch]:
         return {name: self.resolve(name) for name in names}
+
+    def among_many(
+        self, calls: Sequence[tuple[str, Collection[int], int | None, Hashable]]
+    ) -> list[int | None]:
+        """:meth:`among` for each ``(name, ids, current, book_key)``, answers in order; a large batch is shared
+        with the helper process, each salesperson's book searched on one side only (it is built once there)."""
+        helper = self.helped() if len(calls) >= self.shared_at else None
+        if helper is None or any(book_key is None for *_, book_key in calls):
+            return [self.among(name, ids, current, book_key) for name, ids, current, book_key in calls]
+        there = [_helpers_share(repr(book_key)) for *_, book_key in calls]
+        theirs = [
+            (name, current, key) for (name, _, current, key), go in zip(calls, there, strict=True) if go
+        ]
+        books = {key: tuple(sorted(ids)) for (_, ids, _, key), go in zip(calls, there, strict=True) if go}
+        mine = [call for call, go in zip(calls, there, strict=True) if not go]
+        answers, answers_there = self._shared(
+            helper, "_among_each", (books, theirs),
+            lambda: [self.among(name, ids, current, book_key) for name, ids, current, book_key in mine],
+        )  # fmt: skip
+        here, away = iter(answers), iter(answers_there)
+        return [next(away) if go else next(here) for go in there]
+
+    def _among_each(
+        self, books: Mapping[Hashable, tuple[int, ...]], calls: Sequence[tuple[str, int | None, Hashable]]
+    ) -> list[int | None]:
+        return [self.among(name, books[key], current, key) for name, current, key in calls]
+
+    def helped(self) -> ProcessPoolExecutor | None:
+        """Return the helper process that takes half of a large call, started on first use (None: work alone).
+
+        The helper is forked once every table the resolver reads from the database is built: it shares them
+        copy-on-write, never touches the database (the loader's transaction stays this process's), and answers
+        from the same tables, so its answers are those this process would give. A call's work is split by trade
+        name or salesperson, whose tables each side then builds once. The cyclic collector is frozen over the
+        fork, so the helper's collections leave the inherited tables (and their pages) alone.
+        """
+        if self._helper is None and self._helper_wanted:
+            self._build_tables()
+            global _FORKED_RESOLVER
+            _FORKED_RESOLVER = self
+            gc.freeze()
+            try:
+                pool = ProcessPoolExecutor(
+                    1, mp_context=multiprocessing.get_context("fork"), initializer=_helper_started
+                )
+                pool.submit(int).result()  # forks now, with the tables built
+            except (OSError, BrokenProcessPool):  # no process to spare (limits): the work stays here
+                self._helper_wanted = False
+                return None
+            finally:
+                gc.unfreeze()
+                _FORKED_RESOLVER = None
+            self._helper = pool
+            weakref.finalize(self, pool.shutdown, wait=False, cancel_futures=True)
+        return self._helper
+
+    def close(self) -> None:
+        """Stop the helper process, if one was started (the resolver still answers, alone)."""
+        helper, self._helper, self._helper_wanted = self._helper, None, False
+        if helper is not None:
+            helper.shutdown(wait=True, cancel_futures=True)
+
+    def _build_tables(self) -> None:
+        """Read and build every table resolving a name reads (the helper must find them all built)."""
+        for table in ("_survivor", "_variants", "_golden", "_golden_names", "_variants_of", "_sounds",
+                      "_sounds_by_region", "_index"):  # fmt: skip
+            getattr(self, table)
+
+    def _shared(self, helper: ProcessPoolExecutor, method: str, their_part: tuple[Any, ...],
+                my_part: Callable[[], _T]) -> tuple[_T, Any]:  # fmt: skip
+        """Run ``method(*their_part)`` in the helper while this process does ``my_part``; both answers."""
+        future: Future[Any] | None
+        try:
+            future = helper.submit(_in_helper, method, their_part)
+        except BrokenProcessPool:
+            future = None
+        mine = my_part()
+        if future is not None:
+            with contextlib.suppress(BrokenProcessPool):
+                return mine, future.result()
+        self.close()  # the helper died (killed, out of memory): its part is done here, and the rest alone
+        return mine, getattr(self, method)(*their_part)
 
     def resolve(self, name: str) -> NameMatch:
         """Resolve one name (see the module doc)."""
@@ -580,6 +699,39 @@ class CustomerNames:
         return [
             {"id": i, "name": self._golden_names.get(i), "probability": None} for i in ids[:CANDIDATES_SHOWN]
         ]
+
+
+_FORKED_RESOLVER: CustomerNames | None = (
+    None  # the resolver a helper process is forked with (set over the fork)
+)
+
+
+def _second_core() -> bool:
+    """Whether a helper process can run beside this one: a second core to run on, and ``fork`` to share tables."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores >= 2 and "fork" in multiprocessing.get_all_start_methods()
+
+
+def _helper_started() -> None:
+    # Ctrl-C is the parent's to handle (it stops the helper); the helper finishes its part, then is shut down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _in_helper(method: str, arguments: tuple[Any, ...]) -> Any:
+    """In the helper process: answer with the resolver it was forked with."""
+    if _FORKED_RESOLVER is None:
+        raise DedupError("the name resolver's helper process started without its resolver")
+    return getattr(_FORKED_RESOLVER, method)(*arguments)
+
+
+def _trade_key(name: str) -> str:
+    variant = name_variant(name)
+    return variant.brand if variant is not None else name
+
+
+def _helpers_share(key: str) -> bool:
+    """Whether the helper takes the work of ``key`` (the same half in every process and run)."""
+    return zlib.crc32(key.encode("utf-8")) % 2 == 1
 
 
 _Read = tuple[tuple[int, ...], int]  # a text's character numbers and its trade name's length (_Alphabet.text)
