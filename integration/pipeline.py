@@ -951,6 +951,14 @@ def name_resolvers(migration: Migration, session: Session, entity: str) -> dict[
     return {"customer": CustomerNames(session, migration.linkage_spec)}
 
 
+def _close_resolvers(resolvers: Mapping[str, NameResolver], *, kill: bool = False) -> None:
+    """Stop the helper processes the name resolvers started (``kill``: without waiting for their work)."""
+    for resolver in resolvers.values():
+        close = getattr(resolver, "close", None)
+        if close is not None:
+            close(kill=kill)
+
+
 def load(
     migration: Migration,
     engine: Engine,
@@ -987,9 +995,10 @@ def load(
                     name_resolvers=resolvers,
                 )  # fmt: skip
                 stats = loader.load(staged.batches)
-            finally:
-                for resolver in resolvers.values():
-                    getattr(resolver, "close", lambda: None)()  # a helper process it started
+            except BaseException:
+                _close_resolvers(resolvers, kill=True)  # a failed or interrupted load waits for no helper
+                raise
+            _close_resolvers(resolvers)
         failpoint(f"load:{staged.entity}:before_commit")
     failpoint(f"load:{staged.entity}:after_commit")
     # Checked after the commit, reading the core back: what landed, not what the loader believes it wrote.

@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -591,9 +594,64 @@ def test_a_helper_that_dies_leaves_its_half_to_this_process(engine: sa.Engine) -
         assert shared.helped() is None  # given up: the rest of the load works alone
 
 
+def test_a_failed_load_kills_the_helper_without_waiting_for_its_part(engine: sa.Engine) -> None:
+    if not hasattr(os, "pidfd_open"):
+        pytest.skip("needs os.pidfd_open (Linux) to wait for another process's exit")
+    _generated_customers(engine)
+    with Session(engine) as session, session.begin():
+        shared = CustomerNames(session, helper=True, shared_at=1)
+        helper = shared.helped()
+        assert helper is not None
+        [helper_pid] = helper._processes  # type: ignore[attr-defined]
+        helper_exit = os.pidfd_open(helper_pid)
+        try:
+            busy = helper.submit(select.select, [], [], [], 3600)  # a part that would take an hour
+            shared.close(kill=True)  # returns at once: the hour is not waited for
+            assert _exited(helper_exit) and not _alive(helper_pid) and shared.helped() is None
+            assert busy.cancelled() or busy.exception(timeout=60) is not None
+        finally:
+            os.close(helper_exit)
+
+
+def test_the_helper_dies_with_the_process_that_forked_it(core_url: str, engine: sa.Engine) -> None:
+    """Killed (out of memory, SIGKILL), the loading process leaves no helper holding a copy of its connection."""
+    if not hasattr(os, "pidfd_open"):
+        pytest.skip("needs os.pidfd_open (Linux) to wait for another process's exit")
+    _generated_customers(engine)
+    script = (
+        "import sys\n"
+        "from sqlalchemy.orm import Session\n"
+        "from crm_core.db import make_engine\n"
+        "from integration.dedup.references import CustomerNames\n"
+        "with Session(make_engine(sys.argv[1])) as session, session.begin():\n"
+        "    names = CustomerNames(session, helper=True, shared_at=1)\n"
+        "    print(*names.helped()._processes, flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", script, core_url], cwd=REPO, text=True,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as loading:  # fmt: skip
+        assert loading.stdout is not None
+        helper_pid = int(loading.stdout.readline())
+        helper_exit = os.pidfd_open(helper_pid)
+        try:
+            assert _alive(helper_pid)
+            loading.kill()
+            loading.wait()
+            assert _exited(helper_exit) and not _alive(helper_pid)
+        finally:
+            os.close(helper_exit)
+
+
+def _exited(pidfd: int) -> bool:
+    """Wait for the process of ``pidfd`` to exit (a minute at most); whether it did."""
+    ended, _, _ = select.select([pidfd], [], [], 60)  # a pidfd turns readable when its process exits
+    return bool(ended)
+
+
 def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, ended but not yet reaped, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -29,11 +29,13 @@ rejected, and load on the next run once a steward has linked the name (``crmi de
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
 import gc
 import multiprocessing
 import os
 import signal
+import sys
 import weakref
 import zlib
 from collections import defaultdict
@@ -82,6 +84,7 @@ IN_BOOK = 0.85  # among one salesperson's own customers, how alike a name must b
 # A call with at least this many names (or owner's-book searches) is shared with a helper process (see
 # CustomerNames.helped); below it, forking and the hand-over cost more than half the work saves.
 SHARED_AT = 400
+_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 _P = ParamSpec("_P")
@@ -200,6 +203,7 @@ class CustomerNames:
         # A second process sharing large calls (see helped); None: when this machine has a second core to give.
         self._helper_wanted = _second_core() if helper is None else helper
         self._helper: ProcessPoolExecutor | None = None
+        self._helper_stopped: weakref.finalize[Any, Any] | None = None
         self.shared_at = shared_at
         self._books: dict[Hashable, _Book] = {}
         # shared by every book: what among compares of each distinct name core, and the characters numbered
@@ -423,8 +427,9 @@ class CustomerNames:
     ) -> list[int | None]:
         """:meth:`among` for each ``(name, ids, current, book_key)``, answers in order; a large batch is shared
         with the helper process, each salesperson's book searched on one side only (it is built once there)."""
-        helper = self.helped() if len(calls) >= self.shared_at else None
-        if helper is None or any(book_key is None for *_, book_key in calls):
+        keyed = all(book_key is not None for *_, book_key in calls)  # each book on one side needs its key
+        helper = self.helped() if keyed and len(calls) >= self.shared_at else None
+        if helper is None:
             return [self.among(name, ids, current, book_key) for name, ids, current, book_key in calls]
         there = [_helpers_share(repr(book_key)) for *_, book_key in calls]
         theirs = [
@@ -450,34 +455,40 @@ class CustomerNames:
         The helper is forked once every table the resolver reads from the database is built: it shares them
         copy-on-write, never touches the database (the loader's transaction stays this process's), and answers
         from the same tables, so its answers are those this process would give. A call's work is split by trade
-        name or salesperson, whose tables each side then builds once. The cyclic collector is frozen over the
-        fork, so the helper's collections leave the inherited tables (and their pages) alone.
+        name or salesperson, whose tables each side then builds once. The helper freezes what it inherited
+        (``gc.freeze``), so its collections leave the shared pages alone, and dies with this process
+        (``PR_SET_PDEATHSIG``): killed, this process leaves no helper holding a copy of its connection.
         """
         if self._helper is None and self._helper_wanted:
             self._build_tables()
             global _FORKED_RESOLVER
             _FORKED_RESOLVER = self
-            gc.freeze()
+            pool = ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("fork"), initializer=_helper_started,
+                initargs=(os.getpid(),),
+            )  # fmt: skip
             try:
-                pool = ProcessPoolExecutor(
-                    1, mp_context=multiprocessing.get_context("fork"), initializer=_helper_started
-                )
                 pool.submit(int).result()  # forks now, with the tables built
-            except (OSError, BrokenProcessPool):  # no process to spare (limits): the work stays here
-                self._helper_wanted = False
+            except BaseException as exc:  # forked or not, nothing may stay behind
+                _stop(pool, kill=True)
+                if not isinstance(exc, OSError | RuntimeError | BrokenProcessPool):
+                    raise
+                self._helper_wanted = False  # no process or thread to spare (limits): the work stays here
                 return None
             finally:
-                gc.unfreeze()
                 _FORKED_RESOLVER = None
             self._helper = pool
-            weakref.finalize(self, pool.shutdown, wait=False, cancel_futures=True)
+            self._helper_stopped = weakref.finalize(self, _stop, pool)
         return self._helper
 
-    def close(self) -> None:
-        """Stop the helper process, if one was started (the resolver still answers, alone)."""
+    def close(self, *, kill: bool = False) -> None:
+        """Stop the helper process, if one was started (the resolver still answers, alone). ``kill``: at once,
+        without waiting for the part it is working on (the load failed or was interrupted)."""
         helper, self._helper, self._helper_wanted = self._helper, None, False
         if helper is not None:
-            helper.shutdown(wait=True, cancel_futures=True)
+            if self._helper_stopped is not None:
+                self._helper_stopped.detach()
+            _stop(helper, kill=kill)
 
     def _build_tables(self) -> None:
         """Read and build every table resolving a name reads (the helper must find them all built)."""
@@ -712,9 +723,25 @@ def _second_core() -> bool:
     return cores >= 2 and "fork" in multiprocessing.get_all_start_methods()
 
 
-def _helper_started() -> None:
-    # Ctrl-C is the parent's to handle (it stops the helper); the helper finishes its part, then is shut down.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _helper_started(parent: int) -> None:
+    """In the helper process, first: die with the parent, leave Ctrl-C to it, and leave the inherited objects
+    to reference counting (a collection would write into, and so copy, every page it walks)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the helper (close)
+    gc.freeze()
+
+
+def _stop(helper: ProcessPoolExecutor, *, kill: bool = False) -> None:
+    """Shut a helper down: after its current part, or at once (``kill``: SIGKILL, without waiting)."""
+    if kill:
+        for pid in list(getattr(helper, "_processes", None) or {}):  # forked but maybe not yet known: private
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    helper.shutdown(wait=not kill, cancel_futures=True)
 
 
 def _in_helper(method: str, arguments: tuple[Any, ...]) -> Any:
