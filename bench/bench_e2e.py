@@ -117,19 +117,17 @@ class TreeSampler(threading.Thread):
         while not self._halt.is_set():
             # A process ending between listing and reading: take the next sample.
             with contextlib.suppress(Exception):
-                self.peak_bytes = max(self.peak_bytes, self._tree_rss())
-            with contextlib.suppress(Exception):
-                self.peak_pss_bytes = max(self.peak_pss_bytes, self._tree_pss())
+                pids = self._tree_pids() if Path("/proc").is_dir() else []  # one walk of /proc per sample
+                self.peak_bytes = max(self.peak_bytes, self._tree_rss(pids))
+                self.peak_pss_bytes = max(
+                    self.peak_pss_bytes, sum(_proc_number(pid, "smaps_rollup", "Pss:") * 1024 for pid in pids)
+                )
             self._halt.wait(self.interval)
 
     def stop(self) -> None:
         """Stop sampling."""
         self._halt.set()
         self.join()
-
-    def _tree_pss(self) -> int:
-        """Summed PSS of the tree from ``/proc/<pid>/smaps_rollup`` (0 where the kernel has none)."""
-        return sum(_proc_number(pid, "smaps_rollup", "Pss:") * 1024 for pid in self._tree_pids())
 
     def _tree_pids(self) -> list[int]:
         children: dict[int, list[int]] = {}
@@ -145,7 +143,7 @@ class TreeSampler(threading.Thread):
             stack.extend(children.get(pid, []))
         return found
 
-    def _tree_rss(self) -> int:
+    def _tree_rss(self, pids: list[int]) -> int:
         if self._psutil is not None:
             root = self._psutil.Process(self.pid)
             total = 0
@@ -155,7 +153,7 @@ class TreeSampler(threading.Thread):
             return total
         if self.method != "proc":
             return 0
-        return sum(_proc_number(pid, "status", "VmRSS:") * 1024 for pid in self._tree_pids())
+        return sum(_proc_number(pid, "status", "VmRSS:") * 1024 for pid in pids)
 
 
 def _proc_number(pid: int, name: str, field: str) -> int:

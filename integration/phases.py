@@ -46,31 +46,37 @@ def phase_of(step_key: str | None) -> str | None:
     return None
 
 
+class _Timed:
+    """A timed part of a run (a phase, a step): its wall time and rows, and what follows from them."""
+
+    seconds: float
+    rows: int
+
+    @property
+    def rows_per_second(self) -> float:
+        """Return rows per second of wall time (0 when the part took no measurable time)."""
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def _figures(self) -> dict[str, Any]:
+        """The JSON figures: seconds, rows and rows per second, rounded."""
+        return {
+            "seconds": round(self.seconds, 3),
+            "rows": self.rows,
+            "rows_per_second": round(self.rows_per_second, 1),
+        }
+
+
 @dataclass(frozen=True)
-class PhaseTiming:
+class PhaseTiming(_Timed):
     """Wall time and rows of one phase."""
 
     phase: str
     seconds: float
     rows: int
 
-    @property
-    def rows_per_second(self) -> float:
-        """Return rows per second of wall time (0 when the phase took no measurable time)."""
-        return _rate(self.rows, self.seconds)
-
     def as_dict(self) -> dict[str, Any]:
         """Return the JSON form ``{"phase", "seconds", "rows", "rows_per_second"}``."""
-        return {"phase": self.phase, **_figures(self.seconds, self.rows)}
-
-
-def _rate(rows: int, seconds: float) -> float:
-    return rows / seconds if seconds > 0 else 0.0
-
-
-def _figures(seconds: float, rows: int) -> dict[str, Any]:
-    """The JSON figures of a timed part of a run: seconds, rows and rows per second, rounded."""
-    return {"seconds": round(seconds, 3), "rows": rows, "rows_per_second": round(_rate(rows, seconds), 1)}
+        return {"phase": self.phase, **self._figures()}
 
 
 def _union(intervals: list[tuple[float, float]]) -> float:
@@ -89,7 +95,7 @@ def _number(value: Any) -> int:
 
 
 @dataclass(frozen=True)
-class StepTiming:
+class StepTiming(_Timed):
     """Wall time and rows of one step of the run, with its phase (where the time of a phase went)."""
 
     step: str
@@ -98,14 +104,9 @@ class StepTiming:
     seconds: float
     rows: int
 
-    @property
-    def rows_per_second(self) -> float:
-        """Return rows per second of the step's wall time (0 when it took no measurable time)."""
-        return _rate(self.rows, self.seconds)
-
     def as_dict(self) -> dict[str, Any]:
         """Return the JSON form ``{"step", "phase", "seconds", "rows", "rows_per_second"}``."""
-        return {"step": self.step, "phase": self.phase, **_figures(self.seconds, self.rows)}
+        return {"step": self.step, "phase": self.phase, **self._figures()}
 
 
 def step_timings(entries: Iterable[Any]) -> list[StepTiming]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -138,3 +141,47 @@ def _private_dagster_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         os.environ.pop("DAGSTER_HOME", None)
     else:
         os.environ["DAGSTER_HOME"] = previous
+
+
+@contextmanager
+def crmi_run_paused_at(
+    failpoint: str, project: Path, core_url: str, tmp_path: Path, *, own_session: bool = False
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """Start `crmi run` as a subprocess and give it (with its log file) once it is paused at ``failpoint``.
+
+    The run announces the failpoint on a pipe; if it dies before reaching it, the read sees EOF and the test
+    fails with the run's log. ``own_session``: a process group of its own, as a terminal's. Killed (its group,
+    with ``own_session``) on the way out if it still runs.
+    """
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+    reached, announce = os.pipe()
+    env = {**os.environ, "CRMI_FAILPOINT": failpoint, "CRMI_FAILPOINT_ACTION": f"pause:/dev/fd/{announce}",
+           "DAGSTER_HOME": str(home)}  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "integration.cli",
+        "run",
+        "--project",
+        str(project),
+        "--core-url",
+        core_url,
+    ]
+    log = tmp_path / "run.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=output, pass_fds=(announce,),
+                                   start_new_session=own_session)  # fmt: skip
+    os.close(announce)
+    try:
+        with os.fdopen(reached, encoding="utf-8") as pipe:  # returns once the run is at the failpoint
+            assert pipe.readline().strip() == failpoint, log.read_text(encoding="utf-8")
+        yield process, log
+    finally:
+        if process.poll() is None:
+            if own_session:
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.kill()
+            process.wait()

@@ -373,6 +373,19 @@ def test_rejected_rows_a_fix_sheet_loaded_count_as_corrected_not_quarantined(
     engine.dispose()
 
 
+def seed_run(
+    engine: sa.Engine, line: dict[str, Any], crosswalk: list[dict[str, Any]], rejects: list[dict[str, Any]]
+) -> None:
+    """A succeeded load run "r1" of opportunities with its stats ``line``, crosswalk rows and rejects."""
+    with engine.begin() as connection:
+        run_id = connection.execute(
+            sa.insert(LoadRun).values(run_key="r1", project="p", mode="full", status="succeeded",
+                                      stats={"opportunity": [line]}).returning(LoadRun.id)
+        ).scalar_one()  # fmt: skip
+        connection.execute(sa.insert(ExternalId), crosswalk)
+        connection.execute(sa.insert(Reject), [{**reject, "load_run_id": run_id} for reject in rejects])
+
+
 def test_a_reject_whose_key_is_not_in_the_crosswalk_stays_quarantined(core_url: str) -> None:
     """Only a key a fix mapping wrote makes its reject corrected: a key the source's own mapping loaded in an
     earlier run, whose row is rejected now (changed into something invalid), stays quarantined: the core holds
@@ -384,28 +397,22 @@ def test_a_reject_whose_key_is_not_in_the_crosswalk_stays_quarantined(core_url: 
             "amount_quarantined": "100.00"}  # fmt: skip
     reject = {"source": "erp", "entity": "opportunity", "location": "t", "field": None, "value": None,
               "rule": "mapping", "reason": "bad", "severity": "error", "mapping": "erp_opportunities", "amount": None}  # fmt: skip
-    with engine.begin() as connection:
-        run_id = connection.execute(
-            sa.insert(LoadRun).values(run_key="r1", project="p", mode="full", status="succeeded",
-                                      stats={"opportunity": [line]}).returning(LoadRun.id)
-        ).scalar_one()  # fmt: skip
-        connection.execute(sa.insert(ExternalId), [
-            {"entity": "opportunity", "entity_id": 1, "system": "erp", "external_key": "K1", "corrected_by": "fix"},
-            {"entity": "opportunity", "entity_id": 3, "system": "erp", "external_key": "K5", "corrected_by": None},
-            {"entity": "customer", "entity_id": 1, "system": "erp", "external_key": "K3", "corrected_by": "fix"},
-            {"entity": "opportunity", "entity_id": 2, "system": "crm", "external_key": "K4", "corrected_by": "fix"},
-        ])  # fmt: skip
-        connection.execute(sa.insert(Reject), [
-            {**reject, "load_run_id": run_id, "row_ref": "1", "external_key": "K1", "amount": Decimal(30)},
-            {**reject, "load_run_id": run_id, "row_ref": "1", "external_key": "K1", "amount": Decimal(30),
-             "field": "stage"},  # a second problem of the same row: counted once
-            {**reject, "load_run_id": run_id, "row_ref": "2", "external_key": "K2", "amount": Decimal(20)},
-            {**reject, "load_run_id": run_id, "row_ref": "3", "external_key": "K3", "amount": Decimal(15)},
-            {**reject, "load_run_id": run_id, "row_ref": "4", "external_key": "K4", "amount": Decimal(25)},
-            {**reject, "load_run_id": run_id, "row_ref": "7", "external_key": "K5", "amount": Decimal(10)},
-            {**reject, "load_run_id": run_id, "row_ref": "5", "external_key": "K1", "rule": "subtotal"},
-            {**reject, "load_run_id": run_id, "row_ref": "6", "external_key": "K1", "severity": "warn"},
-        ])  # fmt: skip
+    seed_run(engine, line, [
+        {"entity": "opportunity", "entity_id": 1, "system": "erp", "external_key": "K1", "corrected_by": "fix"},
+        {"entity": "opportunity", "entity_id": 3, "system": "erp", "external_key": "K5", "corrected_by": None},
+        {"entity": "customer", "entity_id": 1, "system": "erp", "external_key": "K3", "corrected_by": "fix"},
+        {"entity": "opportunity", "entity_id": 2, "system": "crm", "external_key": "K4", "corrected_by": "fix"},
+    ], [
+        {**reject, "row_ref": "1", "external_key": "K1", "amount": Decimal(30)},
+        {**reject, "row_ref": "1", "external_key": "K1", "amount": Decimal(30),
+         "field": "stage"},  # a second problem of the same row: counted once
+        {**reject, "row_ref": "2", "external_key": "K2", "amount": Decimal(20)},
+        {**reject, "row_ref": "3", "external_key": "K3", "amount": Decimal(15)},
+        {**reject, "row_ref": "4", "external_key": "K4", "amount": Decimal(25)},
+        {**reject, "row_ref": "7", "external_key": "K5", "amount": Decimal(10)},
+        {**reject, "row_ref": "5", "external_key": "K1", "rule": "subtotal"},
+        {**reject, "row_ref": "6", "external_key": "K1", "severity": "warn"},
+    ])  # fmt: skip
 
     [result] = reconcile(engine, "r1", max_quarantined_share=0.5).lines
 
@@ -433,24 +440,16 @@ def test_two_rejected_rows_of_one_key_count_one_corrected_row_when_a_fix_sheet_l
             "amount_quarantined": "60.00"}  # fmt: skip
     reject = {"source": "erp", "entity": "opportunity", "location": "t", "field": "close_date", "value": "x",
               "rule": "mapping", "reason": "bad", "severity": "error", "mapping": "erp_opportunities"}  # fmt: skip
-    with engine.begin() as connection:
-        run_id = connection.execute(
-            sa.insert(LoadRun).values(run_key="r1", project="p", mode="full", status="succeeded",
-                                      stats={"opportunity": [line]}).returning(LoadRun.id)
-        ).scalar_one()  # fmt: skip
-        connection.execute(sa.insert(ExternalId), [
-            {"entity": "opportunity", "entity_id": 1, "system": "erp", "external_key": "K1", "corrected_by": "fix"},
-        ])  # fmt: skip
-        connection.execute(sa.insert(Reject), [
-            {**reject, "load_run_id": run_id, "row_ref": "2", "external_key": "K1", "amount": Decimal(30),
-             "raw_row": {"no": "K1", "amount": "30"}},
-            {**reject, "load_run_id": run_id, "row_ref": "2", "external_key": "K1", "amount": Decimal(30),
-             "field": "stage", "raw_row": {"no": "K1", "amount": "30"}},  # the same row's second problem
-            {**reject, "load_run_id": run_id, "row_ref": "5", "external_key": "K1", "amount": Decimal(20),
-             "raw_row": {"no": "K1", "amount": "20"}},  # the row repeated further down, its amount changed
-            {**reject, "load_run_id": run_id, "row_ref": "7", "external_key": "K2", "amount": Decimal(10),
-             "raw_row": {"no": "K2", "amount": "10"}},
-        ])  # fmt: skip
+    seed_run(engine, line, [
+        {"entity": "opportunity", "entity_id": 1, "system": "erp", "external_key": "K1", "corrected_by": "fix"},
+    ], [
+        {**reject, "row_ref": "2", "external_key": "K1", "amount": Decimal(30), "raw_row": {"no": "K1", "amount": "30"}},
+        {**reject, "row_ref": "2", "external_key": "K1", "amount": Decimal(30),
+         "field": "stage", "raw_row": {"no": "K1", "amount": "30"}},  # the same row's second problem
+        {**reject, "row_ref": "5", "external_key": "K1", "amount": Decimal(20),
+         "raw_row": {"no": "K1", "amount": "20"}},  # the row repeated further down, its amount changed
+        {**reject, "row_ref": "7", "external_key": "K2", "amount": Decimal(10), "raw_row": {"no": "K2", "amount": "10"}},
+    ])  # fmt: skip
 
     report = reconcile(engine, "r1")
     [result] = report.lines

@@ -38,7 +38,7 @@ from integration.jobs import (
     undo_canceled_runs_sensor,
     undo_failed_runs_sensor,
 )
-from tests.conftest import DEMO, PG_URL, REPO, reset_postgres, server_or_skip
+from tests.conftest import DEMO, PG_URL, crmi_run_paused_at, reset_postgres, server_or_skip
 from tests.test_end_to_end import run_job
 from tests.test_run_output import huge_sql_error
 from tests.test_runs import content, edit_sources
@@ -781,32 +781,10 @@ def test_ctrl_c_in_a_terminal_stops_the_run_without_a_helpers_traceback(
     lines and ``tail`` stopped mirroring them. Only `crmi run` answers Ctrl-C: it says the step was
     interrupted and undone, exits 1, and leaves no helper behind."""
     core_url = f"sqlite:///{tmp_path / 'core.sqlite'}"
-    reached, announce = os.pipe()
-    env = {**os.environ, "CRMI_FAILPOINT": "load:contact:before_commit",
-           "CRMI_FAILPOINT_ACTION": f"pause:/dev/fd/{announce}", "DAGSTER_HOME": str(tmp_path / "dagster_home")}  # fmt: skip
-    (tmp_path / "dagster_home").mkdir()
-    (tmp_path / "dagster_home" / "dagster.yaml").write_text(
-        "telemetry:\n  enabled: false\n", encoding="utf-8"
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "integration.cli",
-        "run",
-        "--project",
-        str(demo_project),
-        "--core-url",
-        core_url,
-    ]
-    log = tmp_path / "run.log"
-    with log.open("wb") as output:
-        # a session of its own: the test plays the terminal, signalling the whole process group
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=output, pass_fds=(announce,),
-                                   start_new_session=True)  # fmt: skip
-    os.close(announce)
-    try:
-        with os.fdopen(reached, encoding="utf-8") as pipe:  # returns once the run is inside the contact load
-            assert pipe.readline().strip() == "load:contact:before_commit", log.read_text(encoding="utf-8")
+    # a session of its own: the test plays the terminal, signalling the whole process group
+    with crmi_run_paused_at(
+        "load:contact:before_commit", demo_project, core_url, tmp_path, own_session=True
+    ) as (process, log):
         helpers = [
             int(entry.name) for entry in Path("/proc").iterdir()
             if entry.name.isdigit() and int(entry.name) != process.pid and _process_group(int(entry.name)) == process.pid
@@ -814,10 +792,6 @@ def test_ctrl_c_in_a_terminal_stops_the_run_without_a_helpers_traceback(
         assert helpers, "Dagster's log mirroring started no helper process: nothing to check"
         os.killpg(process.pid, signal.SIGINT)
         code = process.wait(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
     output_text = log.read_text(encoding="utf-8")
     assert code == 1, output_text
     assert "interrupted (Ctrl-C, or the run was terminated)" in output_text

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,7 @@ from crm_core.models import Base, Customer, ExternalId, LoadRun, RowChange
 from crm_core.runs import dependents, list_runs, rollback_run
 from integration.assets.resources import dispose_engines
 from integration.cli import app
-from tests.conftest import PG_URL, REPO, reset_postgres, server_or_skip
+from tests.conftest import PG_URL, crmi_run_paused_at, reset_postgres, server_or_skip
 from tests.test_end_to_end import execute, run_job
 from tests.test_run_stamps_migration import dangling_run_stamps
 
@@ -188,34 +185,8 @@ def test_a_run_killed_mid_load_leaves_the_core_as_it_was(
     engine = make_engine(core_url)
     before = content(engine)
     edit_sources(demo_project)
-    # The child announces the failpoint on a pipe; if it dies before reaching it, the read sees EOF instead.
-    reached, announce = os.pipe()
-    env = {**os.environ, "CRMI_FAILPOINT": "load:contact:before_commit",
-           "CRMI_FAILPOINT_ACTION": f"pause:/dev/fd/{announce}", "DAGSTER_HOME": str(tmp_path / "dagster_home")}  # fmt: skip
-    command = [
-        sys.executable,
-        "-m",
-        "integration.cli",
-        "run",
-        "--project",
-        str(demo_project),
-        "--core-url",
-        core_url,
-    ]
-    log = tmp_path / "run.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=output, stderr=output, pass_fds=(announce,)
-        )
-    os.close(announce)
-    try:
-        with os.fdopen(
-            reached, encoding="utf-8"
-        ) as signal:  # returns once the run is inside the contact load
-            assert signal.readline().strip() == "load:contact:before_commit", log.read_text(encoding="utf-8")
-    finally:
-        process.kill()
-        process.wait()
+    with crmi_run_paused_at("load:contact:before_commit", demo_project, core_url, tmp_path):
+        pass  # killed at the failpoint, inside the contact load
     # Customers and sales reps were committed, contacts were not: the run is crashed, half landed.
     crashed = [r for r in list_runs(engine) if r.status == "crashed"]
     assert len(crashed) == 1 and crashed[0].changes > 0

@@ -410,9 +410,7 @@ class CustomerNames:
         if helper is None:
             return self._resolve_each(names)
         # By trade name: the per-trade-name tables (_by_place) are then built on one side only.
-        theirs = [name for name in names if _helpers_share(_trade_key(name))]
-        theirs_set = set(theirs)
-        mine = [name for name in names if name not in theirs_set]
+        theirs, mine, _ = _halves(names, [_trade_key(name) for name in names])
         found, found_there = self._shared(
             helper, "_resolve_each", (theirs,), lambda: self._resolve_each(mine)
         )
@@ -431,12 +429,9 @@ class CustomerNames:
         helper = self.helped() if keyed and len(calls) >= self.shared_at else None
         if helper is None:
             return [self.among(name, ids, current, book_key) for name, ids, current, book_key in calls]
-        there = [_helpers_share(repr(book_key)) for *_, book_key in calls]
-        theirs = [
-            (name, current, key) for (name, _, current, key), go in zip(calls, there, strict=True) if go
-        ]
-        books = {key: tuple(sorted(ids)) for (_, ids, _, key), go in zip(calls, there, strict=True) if go}
-        mine = [call for call, go in zip(calls, there, strict=True) if not go]
+        their_calls, mine, there = _halves(calls, [repr(book_key) for *_, book_key in calls])
+        theirs = [(name, current, key) for name, _, current, key in their_calls]
+        books = {key: tuple(sorted(ids)) for _, ids, _, key in their_calls}
         answers, answers_there = self._shared(
             helper, "_among_each", (books, theirs),
             lambda: [self.among(name, ids, current, book_key) for name, ids, current, book_key in mine],
@@ -756,9 +751,15 @@ def _trade_key(name: str) -> str:
     return variant.brand if variant is not None else name
 
 
-def _helpers_share(key: str) -> bool:
-    """Whether the helper takes the work of ``key`` (the same half in every process and run)."""
-    return zlib.crc32(key.encode("utf-8")) % 2 == 1
+def _halves(items: Sequence[_T], keys: Sequence[str]) -> tuple[list[_T], list[_T], list[bool]]:
+    """Split ``items`` by their ``keys`` (the same half for a key in every process and run): the helper's, this
+    process's, and for each item whether it is the helper's."""
+    theirs = [zlib.crc32(key.encode("utf-8")) % 2 == 1 for key in keys]
+    return (
+        [item for item, go in zip(items, theirs, strict=True) if go],
+        [item for item, go in zip(items, theirs, strict=True) if not go],
+        theirs,
+    )
 
 
 _Read = tuple[tuple[int, ...], int]  # a text's character numbers and its trade name's length (_Alphabet.text)
