@@ -365,3 +365,18 @@ def test_a_scaffold_names_the_traps_a_newcomer_met_in_its_comments() -> None:
     assert "closed_on" in deals and "required_when_won" in deals
     sheet = scaffold("sales", "客户", ["客户名称", "统一社会信用代码"], sheet=True)
     assert "gives the row another key" in sheet
+
+
+def test_a_sheets_address_column_also_gives_the_records_city_province_and_district() -> None:
+    # A newcomer's workbook customers loaded without a city: the scaffold mapped 地址 to address only, and
+    # the linkage weighs the city (and a local phone number takes its area code from it).
+    from integration.mappings.scaffold import scaffold
+
+    fields = yaml.safe_load(scaffold("sales", "客户", ["客户名称", "电话", "地址"], sheet=True))["fields"]
+    assert fields["address"]["from"] == "地址"
+    for part in ("province", "city", "district"):
+        assert fields[part] == {"from": "地址", "transforms": [{"address_part": {"part": part}}]}
+    assert fields["phone"]["area_code_from"] == "city"
+    # a column of its own for the city wins; the others still come from the address
+    own = yaml.safe_load(scaffold("sales", "客户", ["客户名称", "地址", "城市"], sheet=True))["fields"]
+    assert own["city"]["from"] == "城市" and own["district"]["from"] == "地址"

@@ -188,7 +188,7 @@ def _field_spec(field: str, column: str, target: str) -> dict[str, Any] | str:
         spec["lookup"] = {"by": "name" if by_name else "external_id"}
     elif field == "name":
         spec["transforms"] = ["company_name"] if target == "customer" else ["trim"]
-    elif field in ("province", "city", "district") and "地址" in column:
+    elif field in ("province", "city", "district") and header_key(column) in FIELD_SYNONYMS["address"]:
         spec["transforms"] = [{"address_part": {"part": field}}]
     else:
         spec.update(TRANSFORMS.get(field, {}))
@@ -228,6 +228,13 @@ def scaffold(
     if known is not None and known.target != entity:
         known = None  # a different target than the profile's: the profile's fields do not apply
     fields, leftover = guess_fields(columns, entity)
+    address = fields.get("address")
+    if address is not None:
+        # A whole address in one column is also where the record's place is: city, province and district
+        # are read from it (address_part) unless a column of their own holds them. Matching weighs the city.
+        for part in ("province", "city", "district"):
+            if part in ENTITIES[entity].fields and part not in fields:
+                fields[part] = address
     key = next((c for c in columns if header_key(c) in KEY_SYNONYMS), None)
     specs: dict[str, Any] = {field: _field_spec(field, column, entity) for field, column in fields.items()}
     source_spec: dict[str, Any] = {"connector": source, "sheet" if sheet else "table": table}
