@@ -28,10 +28,8 @@ over (:func:`holding_the_core_or_retry`, :class:`BusyWait`).
 
 import datetime as dt
 import json
-import math
-import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +48,16 @@ from crm_core.watermarks import read_watermark
 from integration.assets.factories import LAYER_TAG, OWNER_INTEGRATION
 from integration.assets.resources import CoreDatabase, MigrationProject
 from integration.failures import cause_line, frames, shorten
-from integration.sync.engine import SyncReport, core_busy, holding_the_core, run_sync
+from integration.sync.engine import (
+    BUSY_RETRY_ENV,
+    BUSY_WAIT_ENV,
+    BusyWait,
+    SyncReport,
+    core_busy,
+    holding_the_core,
+    run_sync,
+    seconds_text,
+)
 from integration.sync.outbox import CAPTURE_STREAM, oldest_pending, watermark_source
 from integration.sync.spec import CompiledTarget
 
@@ -68,11 +75,6 @@ BACKLOG_ERROR = dt.timedelta(hours=24)
 FRESHNESS_DEFAULT = dt.timedelta(hours=1)  # inbound without a schedule
 CHECKS_CRON = "*/15 * * * *"
 SENSOR_INTERVAL_SECONDS = 30
-# How long a sync or order_to_cash step waits while a command holds the core, and how often it looks again
-BUSY_WAIT_ENV = "CRMI_CORE_BUSY_WAIT_SECONDS"
-BUSY_RETRY_ENV = "CRMI_CORE_BUSY_RETRY_SECONDS"
-BUSY_WAIT_DEFAULT = 3600.0  # a go-live migration's load or a rollback; longer, someone should look
-BUSY_RETRY_DEFAULT = 60.0
 MAX_REASONS = 5
 # Dagster runs of a target's sync that are not over yet: the sensor waits for them instead of piling up.
 IN_FLIGHT = [
@@ -429,51 +431,6 @@ def core_free_schedule(
 # --------------------------------------------------------------------------- waiting for the core
 
 
-def _seconds_text(seconds: float) -> str:
-    """Return a wait as IT staff read it: seconds, minutes or hours."""
-    if seconds < 120:
-        return f"{seconds:g} s"
-    return f"{seconds / 60:g} min" if seconds < 7200 else f"{seconds / 3600:g} h"
-
-
-def _env_seconds(env: Mapping[str, str], name: str, default: float, *, zero: bool) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-        floor = "0 or more" if zero else "above 0"
-        raise SyncError(f"{name}={raw!r} must be a number of seconds, {floor}")
-    return value
-
-
-@dataclass(frozen=True)
-class BusyWait:
-    """How a sync or ``order_to_cash`` step waits while a command holds the core: it looks again every
-    ``every`` seconds for at most ``total`` seconds in all (0: it fails at once, naming the holder)."""
-
-    total: float = BUSY_WAIT_DEFAULT
-    every: float = BUSY_RETRY_DEFAULT
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "BusyWait":
-        """Return the wait ``$CRMI_CORE_BUSY_WAIT_SECONDS`` and ``$CRMI_CORE_BUSY_RETRY_SECONDS`` set (a value
-        that is no number of seconds is a :class:`SyncError` naming its variable)."""
-        env = os.environ if env is None else env
-        return cls(
-            _env_seconds(env, BUSY_WAIT_ENV, BUSY_WAIT_DEFAULT, zero=True),
-            _env_seconds(env, BUSY_RETRY_ENV, BUSY_RETRY_DEFAULT, zero=False),
-        )
-
-    @property
-    def retries(self) -> int:
-        """Return how many times the step is run again before it gives up."""
-        return math.ceil(round(self.total / self.every, 6))
-
-
 def _retries_disabled(context: dg.AssetExecutionContext) -> bool:
     """Return True when the run's executor retries no step (``retries: disabled`` in its run config): there a
     retry request fails the step at once, so the busy error is what it should fail with."""
@@ -498,14 +455,14 @@ def holding_the_core_or_retry(
         raise dg.Failure(description=str(exc), allow_retries=False) from None
     done = context.retry_number
     last = done >= wait.retries or _retries_disabled(context)
-    again = "run it again" if last else f"this step tries again every {_seconds_text(wait.every)} and runs"
+    again = "run it again" if last else f"this step tries again every {seconds_text(wait.every)} and runs"
     with ExitStack() as stack:
         try:
             stack.enter_context(holding_the_core(engine, holder, what, again=again))
         except CoreBusy as exc:
             if last:
                 gave_up = (
-                    f"; gave up after {done} retries {_seconds_text(wait.every)} apart ({BUSY_WAIT_ENV} sets "
+                    f"; gave up after {done} retries {seconds_text(wait.every)} apart ({BUSY_WAIT_ENV} sets "
                     "how long a step waits)"
                     if done
                     else ""
@@ -832,6 +789,8 @@ def sync_definitions(
 
 
 __all__ = [
+    "BUSY_RETRY_ENV",
+    "BUSY_WAIT_ENV",
     "SYNC_GROUP",
     "BusyWait",
     "OutboxCursor",

@@ -10,9 +10,11 @@ those commands refuse meanwhile, naming it).
 from __future__ import annotations
 
 import datetime as dt
+import math
+import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,23 +193,125 @@ def core_busy(engine: Engine) -> str | None:
     return _migration_loading(engine)
 
 
+# How long a sync or order_to_cash step waits while a command holds the core, and how often it looks again
+BUSY_WAIT_ENV = "CRMI_CORE_BUSY_WAIT_SECONDS"
+BUSY_RETRY_ENV = "CRMI_CORE_BUSY_RETRY_SECONDS"
+BUSY_WAIT_DEFAULT = 3600.0  # a go-live migration's load or a rollback; longer, someone should look
+BUSY_RETRY_DEFAULT = 60.0
+FIRST_LOOK_AGAIN = 0.1  # how soon a process waiting in itself looks again first (then ever more seldom)
+
+
+def seconds_text(seconds: float) -> str:
+    """Return a wait as IT staff read it: seconds, minutes or hours."""
+    if seconds < 120:
+        return f"{seconds:g} s"
+    return f"{seconds / 60:g} min" if seconds < 7200 else f"{seconds / 3600:g} h"
+
+
+def _env_seconds(env: Mapping[str, str], name: str, default: float, *, zero: bool) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        floor = "0 or more" if zero else "above 0"
+        raise SyncError(f"{name}={raw!r} must be a number of seconds, {floor}")
+    return value
+
+
+@dataclass(frozen=True)
+class BusyWait:
+    """How a sync waits while a command holds the core: it looks again every ``every`` seconds for at most
+    ``total`` seconds in all (0: it is refused at once, naming the holder). A Dagster step looks again by
+    asking for a retry; a ``crmi`` command told to ``--wait`` looks again in itself (:meth:`pauses`)."""
+
+    total: float = BUSY_WAIT_DEFAULT
+    every: float = BUSY_RETRY_DEFAULT
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> BusyWait:
+        """Return the wait ``$CRMI_CORE_BUSY_WAIT_SECONDS`` and ``$CRMI_CORE_BUSY_RETRY_SECONDS`` set (a value
+        that is no number of seconds is a :class:`SyncError` naming its variable)."""
+        env = os.environ if env is None else env
+        return cls(
+            _env_seconds(env, BUSY_WAIT_ENV, BUSY_WAIT_DEFAULT, zero=True),
+            _env_seconds(env, BUSY_RETRY_ENV, BUSY_RETRY_DEFAULT, zero=False),
+        )
+
+    @property
+    def retries(self) -> int:
+        """Return how many times the step is run again before it gives up."""
+        return math.ceil(round(self.total / self.every, 6))
+
+    def pauses(self) -> Iterator[float]:
+        """Yield how long to pause before each look again, from now until ``total`` is spent: short at first
+        (a hold that is just ending), doubling up to ``every``."""
+        deadline = time.monotonic() + self.total
+        pause = min(FIRST_LOOK_AGAIN, self.every)
+        while (left := deadline - time.monotonic()) > 0:
+            yield min(pause, left)
+            pause = min(pause * 2, self.every)
+
+
+class StoppedWaiting(CrmError):
+    """Ctrl-C while a sync waited for the core: it never held it, nothing was written."""
+
+
+def _hold_if_free(stack: ExitStack, engine: Engine, holder: str) -> str | None:
+    """Take the core's run lock shared on ``stack`` and return None; else why not (the lock is let go when a
+    migration run launched from Dagster is loading)."""
+    try:
+        stack.enter_context(core_sync_lock(engine, holder))
+    except CoreBusy as exc:
+        return str(exc)
+    return _migration_loading(engine)  # after the lock: a `crmi run` starting now waits for this sync
+
+
 @contextmanager
 def holding_the_core(
-    engine: Engine, holder: str, what: str = "sync", *, again: str = "run it again"
+    engine: Engine,
+    holder: str,
+    what: str = "sync",
+    *,
+    again: str = "run it again",
+    wait: BusyWait | None = None,
+    waiting: Callable[[str], None] | None = None,
 ) -> Iterator[None]:
     """Hold the core's run lock shared for a sync (see :func:`crm_core.runs.core_sync_lock`), or for a
     person's short write (a steward's decision, a retried dead letter): they share it with each other; refuse
     with :class:`CoreBusy` naming the command that holds it, or the migration run loading into it, and what
-    to do (``again``: how the refused ``what`` is done again, e.g. ``try again``)."""
-    with ExitStack() as stack:
-        try:
-            stack.enter_context(core_sync_lock(engine, holder))
-        except CoreBusy as exc:
-            raise CoreBusy(f"{exc}: {busy_advice(what, again)}") from None
-        loading = _migration_loading(engine)  # after the lock: a `crmi run` starting now waits for this sync
-        if loading is not None:
-            raise CoreBusy(f"{loading}: {busy_advice(what, again)}")
-        yield
+    to do (``again``: how the refused ``what`` is done again, e.g. ``try again``).
+
+    With ``wait`` (a ``crmi`` command told to ``--wait``) it looks again (:meth:`BusyWait.pauses`) and is
+    refused only once ``wait.total`` is spent, having told ``waiting`` why once, when it first found the core
+    held; Ctrl-C meanwhile raises :class:`StoppedWaiting`. Nothing is held, so nothing written, until it has."""
+    pauses: Iterator[float] = iter(()) if wait is None else wait.pauses()  # its time runs from the first look
+    said = waiting is None
+    reason: str | None = None  # why the last look found the core held
+    pause = 0.0
+    while True:
+        with ExitStack() as stack:
+            try:
+                if reason is not None:
+                    time.sleep(pause)
+                reason = _hold_if_free(stack, engine, holder)
+            except KeyboardInterrupt:
+                if reason is None:  # not waiting: Ctrl-C as anywhere else
+                    raise
+                raise StoppedWaiting(f"stopped waiting ({reason}): no {what}, nothing written") from None
+            if reason is None:
+                yield
+                return
+        next_pause = next(pauses, None)
+        if next_pause is None:
+            raise CoreBusy(f"{reason}: {busy_advice(what, again)}")
+        pause = next_pause
+        if not said and waiting is not None:
+            waiting(reason)
+            said = True
 
 
 def run_sync(
@@ -680,4 +784,13 @@ def pending_outbox(session: Session, target: str) -> int:
     )
 
 
-__all__ = ["SyncReport", "decide_conflict", "open_conflicts", "run_sync", "target_of", "to_json"]
+__all__ = [
+    "BusyWait",
+    "StoppedWaiting",
+    "SyncReport",
+    "decide_conflict",
+    "open_conflicts",
+    "run_sync",
+    "target_of",
+    "to_json",
+]
