@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -61,7 +61,18 @@ CoreOption = Annotated[
     str | None, typer.Option("--core-url", help="core database URL (default: $CRM_CORE_URL)")
 ]
 
+WaitOption = Annotated[
+    float,
+    typer.Option(
+        "--wait", min=0, metavar="SECONDS",
+        help="while another command (a crmi run, rollback…) holds the core, wait up to this long for it to end "
+        "(default 0: refused at once)",
+    ),
+]  # fmt: skip
+
 EXIT_OK, EXIT_FAILED, EXIT_UNBALANCED = 0, 1, 2
+EXIT_INTERRUPTED = 130  # Ctrl-C while a command waited for the core (128 + SIGINT, as a shell reports it)
+LOOK_AGAIN_AT_MOST = 5.0  # seconds between two looks of a command told to --wait, once it has waited a while
 
 
 def _show_warnings(migration: Migration) -> None:
@@ -156,6 +167,32 @@ def _sharing_the_core(engine: Engine, command: str, what: str) -> Iterator[None]
         raise typer.Exit(EXIT_FAILED) from None
     with stack:
         yield
+
+
+def _waiting_hold(
+    seconds: float, command: str, what: str = "sync"
+) -> Callable[[Engine, str], AbstractContextManager[None]]:
+    """How ``command`` told to ``--wait SECONDS`` holds the core for its ``what``: while another command holds
+    it, say so on stderr once, look again, and hold it as soon as it is free; refused only once ``seconds`` are
+    spent (0: at once, as without ``--wait``). See :func:`integration.sync.engine.holding_the_core`."""
+    from integration.sync.engine import BusyWait, holding_the_core, seconds_text
+
+    def say(reason: str) -> None:
+        errors.print(
+            f"[yellow]waiting:[/yellow] {escape(reason)}; `{command}` waits up to {seconds_text(seconds)} for "
+            "it to end (--wait)",
+            highlight=False,
+        )
+
+    wait = BusyWait(seconds, LOOK_AGAIN_AT_MOST) if seconds else None
+    return lambda engine, holder: holding_the_core(engine, holder, what, wait=wait, waiting=say)
+
+
+def _refused_after(seconds: float) -> str:
+    """What a refusal adds after ``--wait SECONDS``: how long the command waited."""
+    from integration.sync.engine import seconds_text
+
+    return f"; waited {seconds_text(seconds)} (--wait)" if seconds else ""
 
 
 @contextmanager
@@ -1760,23 +1797,32 @@ def sync_run(
     project: ProjectOption = None,
     core: CoreOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    wait: WaitOption = 0,
 ) -> None:
     """Run one sync: the target's changed rows into the core, then the core's changes out to the target.
 
-    Refused (exit 1) while a ``crmi run``, rollback or another command holds the core; ``crmi run`` and
-    rollback refuse while it runs.
+    Refused (exit 1) while a ``crmi run``, rollback or another command holds the core (with ``--wait``: once
+    it has waited that long for it to end); ``crmi run`` and rollback refuse while it runs.
     """
     from crm_core.runs import CoreBusy
     from integration.failures import cause_line
-    from integration.sync.engine import run_sync
+    from integration.sync.engine import StoppedWaiting, run_sync
 
     migration = _migration_or_exit(project)
     with _core_engine(core) as engine:
         try:
-            report = run_sync(migration, engine, target, direction, by="crmi sync run")
+            report = run_sync(
+                migration, engine, target, direction, by="crmi sync run",
+                hold=_waiting_hold(wait, "crmi sync run"),
+            )  # fmt: skip
         except CoreBusy as exc:  # the whole reason, holder and advice (cause_line would cut a long lock path)
-            errors.print(f"[red]sync refused:[/red] {escape(str(exc))}", highlight=False)
+            errors.print(
+                f"[red]sync refused:[/red] {escape(str(exc))}{_refused_after(wait)}", highlight=False
+            )
             raise typer.Exit(EXIT_FAILED) from None
+        except StoppedWaiting as exc:
+            errors.print(f"[yellow]{escape(str(exc))}[/yellow]", highlight=False)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         except CrmError as exc:
             errors.print(f"[red]sync failed:[/red] {escape(cause_line(exc))}", highlight=False)
             raise typer.Exit(EXIT_FAILED) from None

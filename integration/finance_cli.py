@@ -39,6 +39,14 @@ ProjectOption = Annotated[
 CoreOption = Annotated[
     str | None, typer.Option("--core-url", help="core database URL (default: $CRM_CORE_URL)")
 ]
+WaitOption = Annotated[  # as integration.cli's (which imports this module)
+    float,
+    typer.Option(
+        "--wait", min=0, metavar="SECONDS",
+        help="while another command (a crmi run, rollback…) holds the core, wait up to this long for it to end "
+        "(default 0: refused at once)",
+    ),
+]  # fmt: skip
 ERP_PROFILES = ("u8_openapi",)
 FINANCE_PROFILES = ("k3cloud",)
 
@@ -81,11 +89,13 @@ def finance_reconcile(
     project: ProjectOption = None,
     core: CoreOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    wait: WaitOption = 0,
 ) -> None:  # fmt: skip
     """Reconcile a month per customer: CRM orders vs U8 orders vs K3Cloud receivables vs receipts, with reasons.
 
-    Refused (exit 1) while a ``crmi run``, rollback or another command holds the core: its figures would be of a
-    core halfway through a load; those commands refuse while it reads.
+    Refused (exit 1) while a ``crmi run``, rollback or another command holds the core (with ``--wait``: once it
+    has waited that long for it to end): its figures would be of a core halfway through a load; those commands
+    refuse while it reads.
     """
     import pandas as pd
 
@@ -93,14 +103,17 @@ def finance_reconcile(
     from crm_core.runs import CoreBusy
     from integration.cli import (
         EXIT_FAILED,
+        EXIT_INTERRUPTED,
         _core_engine,
         _migration_or_exit,
+        _refused_after,
+        _waiting_hold,
         console,
         errors,
         run_lock_holder,
     )
     from integration.reports import write_workbook
-    from integration.sync.engine import holding_the_core
+    from integration.sync.engine import StoppedWaiting
 
     try:
         start, end = period_bounds(period)
@@ -113,16 +126,23 @@ def finance_reconcile(
     base = _base_currency(migration)
     with _core_engine(core) as engine:
         try:
+            hold = _waiting_hold(wait, "crmi finance reconcile", "reconciliation")
             with (
-                holding_the_core(engine, run_lock_holder("crmi finance reconcile"), "reconciliation"),
+                hold(engine, run_lock_holder("crmi finance reconcile")),
                 session_factory(engine)() as session,
             ):
                 result = reconcile_period(
                     session, start, end, erp_system=erp, finance_system=finance, base_currency=base
                 )
         except CoreBusy as exc:
-            errors.print(f"[red]reconciliation refused:[/red] {escape(str(exc))}", highlight=False)
+            errors.print(
+                f"[red]reconciliation refused:[/red] {escape(str(exc))}{_refused_after(wait)}",
+                highlight=False,
+            )
             raise typer.Exit(EXIT_FAILED) from None
+        except StoppedWaiting as exc:
+            errors.print(f"[yellow]{escape(str(exc))}[/yellow]", highlight=False)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     differences = difference_frame(result)
     figures = pd.DataFrame(result["customers"], columns=["customer_id", "customer", "crm_ordered", "erp_ordered",
                                                          "invoiced", "received"])  # fmt: skip

@@ -10,7 +10,9 @@ each other. The holder is another process (or another connection), as a command 
 from __future__ import annotations
 
 import os
+import queue
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,8 @@ from integration.cli import app
 from integration.jobs import build_definitions
 from integration.pipeline import Migration, core_engine
 from integration.sync import engine as sync_engine
-from integration.sync.engine import run_sync
-from tests.test_run_lock_steps import held_by_another_process
+from integration.sync.engine import BusyWait, run_sync
+from tests.test_run_lock_steps import REPO, held_by_another_process
 from tests.test_runs import content
 
 COMMAND = "crmi rollback on the consultant's laptop (pid 4242)"  # what held_by_another_process holds
@@ -386,3 +388,132 @@ def test_a_shared_hold_takes_no_connection_from_the_cores_pool(core_url: str, co
             pass
     finally:
         engine.dispose()
+
+
+# --------------------------------------------------------------------------- crmi … --wait
+
+
+@contextmanager
+def crmi_in_another_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], queue.Queue[str | None]]]:
+    """Start ``crmi ARGS`` in a process of its own, as cron does; its stderr comes line by line into the queue
+    (None once it has closed). Killed on the way out if it still runs."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from integration.cli import main; main()", *args],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        yield process, lines
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        reader.join(timeout=30)
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()
+        process.stderr.close()
+
+
+def line_starting(lines: queue.Queue[str | None], start: str) -> str:
+    """The first line of the queue that starts with ``start`` (the process has 120 s to print it)."""
+    seen = []
+    while (line := lines.get(timeout=120)) is not None:
+        if line.startswith(start):
+            return line
+        seen.append(line)
+    pytest.fail(f"no line starting with {start!r}; it printed: {seen}")
+
+
+def rest_of(lines: queue.Queue[str | None]) -> list[str]:
+    """The lines left in the queue, up to its end (once the process has ended)."""
+    found = []
+    while (line := lines.get(timeout=120)) is not None:
+        found.append(line)
+    return found
+
+
+def sync_run_args(project: Path, url: str, *more: str) -> list[str]:
+    return ["sync", "run", "--target", "u8", "--direction", "inbound", "--project", str(project),
+            "--core-url", url, *more]  # fmt: skip
+
+
+def test_crmi_sync_run_told_to_wait_syncs_once_the_command_holding_the_core_has_ended(
+    demo_project: Path, core: sa.Engine, core_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cron's `crmi sync run --wait 600` while `crmi rollback` holds the core: it says once what holds the core
+    and how long it waits, writes nothing meanwhile, and syncs as soon as the command has ended."""
+    monkeypatch.setenv("U8_APP_SECRET", "not-needed-inbound-reads-the-u8-database")
+    before = content(core)
+    with ExitStack() as holding:
+        holding.enter_context(held_by_another_process(core_url))
+        args = sync_run_args(demo_project, core_url, "--wait", "600")
+        with crmi_in_another_process(*args) as (process, lines):
+            waiting = line_starting(lines, "waiting:")
+            assert waiting.startswith(f"waiting: another command holds this core ({COMMAND}"), waiting
+            assert waiting.endswith("`crmi sync run` waits up to 10 min for it to end (--wait)"), waiting
+            assert process.poll() is None  # it waits: the command still holds the core
+            assert sync_runs(core) == [] and content(core) == before
+            holding.close()  # the command has ended
+            assert process.wait(timeout=120) == 0, rest_of(lines)
+            after = rest_of(lines)
+    assert not [line for line in after if "waiting" in line or "refused" in line], after  # said once
+    [run_key] = sync_runs(core)
+    assert run_key.startswith("sync-u8-inbound-")
+
+
+def test_crmi_sync_run_told_to_wait_too_short_is_refused_naming_the_holder(
+    demo_project: Path, core: sa.Engine, core_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command holds the core for longer than `crmi sync run --wait` waits: refused (exit 1) with one line
+    naming the holder, what to do and how long it waited, after the line saying it waits; nothing written."""
+    monkeypatch.setenv("U8_APP_SECRET", "not-needed-refused-first")
+    before = content(core)
+    with held_by_another_process(core_url):
+        cli = CliRunner().invoke(app, sync_run_args(demo_project, core_url, "--wait", "0.3"))
+    assert cli.exit_code == 1, cli.output
+    [waiting, refused] = [line for line in cli.output.splitlines() if line.strip()]
+    assert waiting.startswith(f"waiting: another command holds this core ({COMMAND}"), waiting
+    assert "waits up to 0.3 s" in waiting, waiting
+    assert refused.startswith(f"sync refused: another command holds this core ({COMMAND}"), refused
+    assert refused.endswith(
+        "no sync while it loads or rolls back the core; run it again when it has ended; waited 0.3 s (--wait)"
+    ), refused
+    assert sync_runs(core) == [] and content(core) == before
+
+
+def test_ctrl_c_while_crmi_sync_run_waits_for_the_core_ends_it_having_written_nothing(
+    demo_project: Path, core: sa.Engine, core_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while `crmi sync run --wait` waits: it ends at once (exit 130) with one line, no traceback, and
+    nothing written."""
+    monkeypatch.setenv("U8_APP_SECRET", "not-needed-stopped-first")
+    before = content(core)
+    with (
+        held_by_another_process(core_url),
+        crmi_in_another_process(*sync_run_args(demo_project, core_url, "--wait", "600")) as (process, lines),
+    ):
+        line_starting(lines, "waiting:")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 130
+        after = rest_of(lines)
+    [stopped] = after
+    assert stopped.startswith(f"stopped waiting (another command holds this core ({COMMAND}"), stopped
+    assert stopped.endswith("): no sync, nothing written"), stopped
+    assert sync_runs(core) == [] and content(core) == before
+
+
+def test_a_wait_looks_again_soon_then_ever_more_seldom_until_it_is_spent() -> None:
+    """A command told to --wait looks again after 0.1 s, doubling the pause up to ``every``; none at all
+    without a wait."""
+    assert list(BusyWait(0, 5).pauses()) == []
+    pauses = BusyWait(3600, 5).pauses()
+    assert [next(pauses) for _ in range(8)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5, 5]
