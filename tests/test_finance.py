@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import shutil
 from collections.abc import Iterator
+from contextlib import ExitStack
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,47 @@ def test_while_a_command_holds_the_core_order_to_cash_and_the_reconciliation_ref
         assert not out.exists()
     with dg.instance_for_test() as instance:
         assert job.execute_in_process(instance=instance).success
+
+
+def test_crmi_finance_reconcile_told_to_wait_reconciles_once_the_core_is_free_and_is_refused_after_it(
+    core: sa.Engine, core_url: str, finance_project: Path, tmp_path: Path
+) -> None:
+    """`crmi rollback` in another terminal holds the core. `crmi finance reconcile --wait` too short: it says it
+    waits, then is refused (exit 1) naming the holder and how long it waited, no report written. Told to wait
+    long enough (from cron, a process of its own): it says so once, writes nothing while the command holds the
+    core, and reconciles as soon as it has ended."""
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+    from tests.test_run_lock_steps import held_by_another_process
+    from tests.test_sync_run_lock import COMMAND, crmi_in_another_process, line_starting, rest_of
+
+    loop(core)
+    out = tmp_path / "reports"
+    args = ["finance", "reconcile", "--period", "2026-10", "--out", str(out), "--project", str(finance_project),
+            "--core-url", core_url, "--json"]  # fmt: skip
+    holder = f"another command holds this core ({COMMAND}"
+    with ExitStack() as holding:
+        holding.enter_context(held_by_another_process(core_url))
+        short = CliRunner().invoke(app, [*args, "--wait", "0.3"])
+        assert short.exit_code == 1, short.output
+        [waiting, refused] = [line for line in short.output.splitlines() if line.strip()]
+        assert waiting.startswith(f"waiting: {holder}") and "waits up to 0.3 s" in waiting, waiting
+        assert refused.startswith(f"reconciliation refused: {holder}"), refused
+        assert refused.endswith("run it again when it has ended; waited 0.3 s (--wait)"), refused
+        assert not out.exists()
+
+        with crmi_in_another_process(*args, "--wait", "600") as (process, lines):
+            waiting = line_starting(lines, "waiting:")
+            assert waiting.startswith(f"waiting: {holder}"), waiting
+            assert waiting.endswith("`crmi finance reconcile` waits up to 10 min for it to end (--wait)")
+            assert process.poll() is None and not out.exists()
+            holding.close()  # the command has ended
+            assert process.wait(timeout=120) == 0, rest_of(lines)
+            assert process.stdout is not None
+            result = json.loads(process.stdout.read())
+            assert not [line for line in rest_of(lines) if "waiting" in line]  # said once
+    assert result["period"] == "2026-10" and Path(result["reports"]["excel"]).is_file()
 
 
 # --------------------------------------------------------------------------- reconciliation of a period
