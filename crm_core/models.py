@@ -459,6 +459,9 @@ class MergeLog(Base):
     """One record merged into a survivor: who, when, why; its journal entries carry ``merge_id`` = this id."""
 
     __tablename__ = "merge_log"
+    # Stewards and audit notes name merges by id ("undid merge 17"): on SQLite a rolled-back run's merge ids
+    # would otherwise be handed out again (the largest id + 1); PostgreSQL's sequence never reuses one.
+    __table_args__ = ({"sqlite_autoincrement": True},)
 
     id: Mapped[intpk]
     entity: Mapped[str] = mapped_column(String(32))

@@ -59,9 +59,9 @@ def snapshot(engine: sa.Engine) -> dict[str, list[tuple[Any, ...]]]:
         }
 
 
-def new_core(url: str) -> sa.Engine:
+def new_core(url: str, revision: str = "head") -> sa.Engine:
     engine = make_engine(url)
-    upgrade(engine)
+    upgrade(engine, revision)
     return engine
 
 
@@ -140,13 +140,13 @@ def test_tens_of_thousands_of_pairs_store_merge_queue_and_roll_back_exactly(core
     engine.dispose()
 
 
-def cluster_core(url: str) -> sa.Engine:
+def cluster_core(url: str, revision: str = "head") -> sa.Engine:
     """A survivor (1) and three duplicates (2, 3, 4), each with contacts, an opportunity and crosswalk keys.
 
     Customer 5 is a branch of duplicate 3 (its parent pointer moves to the survivor). Each duplicate
     fills different blanks of the survivor, so every merge touches the survivor.
     """
-    engine = new_core(url)
+    engine = new_core(url, revision)
     people = {  # system, values
         1: ("erp", {"name": "深圳市腾达科技有限公司", "credit_code": INVALID_CODE}),
         2: ("crm", {"name": "腾达科技", "credit_code": VALID_CODE, "phone": "+8675586001234"}),
@@ -450,3 +450,44 @@ def test_a_merge_recorded_before_merge_tags_still_undoes_from_its_journal_range(
     with session_factory(engine)() as session, session.begin():
         undo_merge(session, log_id, "steward")
     assert snapshot(engine) == original
+
+
+def test_a_rolled_back_runs_merge_ids_are_never_handed_out_again(core_url: str) -> None:
+    # A newcomer undid merge 1, rolled its run back and ran again: the new merge was "merge 1" too, so a
+    # note saying "undid merge 1" named another merge. SQLite gave the largest id + 1.
+    engine = cluster_core(core_url)
+    first, runs = merge_three(engine, separate_runs=False, tag="a")
+    rollback_run(engine, runs[0])
+    with engine.connect() as connection:
+        assert connection.scalar(sa.select(sa.func.count()).select_from(MergeLog)) == 0
+    again, _ = merge_three(engine, separate_runs=False, tag="b")
+    assert min(again) > max(first)
+    engine.dispose()
+
+
+def test_the_merge_ids_migration_keeps_a_sqlite_cores_merges_and_ids(tmp_path: Path) -> None:
+    from alembic import command
+
+    from crm_core.db import alembic_config
+
+    engine = cluster_core(f"sqlite:///{tmp_path / 'core.sqlite'}", "0014")
+    merges, _ = merge_three(engine, separate_runs=True)
+    with engine.begin() as connection:
+        kept = connection.execute(sa.select(MergeLog.__table__).order_by(MergeLog.id)).all()
+        connection.execute(sa.delete(MergeLog.__table__).where(MergeLog.id == max(merges)))
+    upgrade(engine)
+    with engine.begin() as connection:
+        assert connection.execute(sa.select(MergeLog.__table__).order_by(MergeLog.id)).all() == kept[:-1]
+        assert "AUTOINCREMENT" in connection.scalar(
+            sa.text("SELECT sql FROM sqlite_master WHERE name = 'merge_log'")
+        )  # fmt: skip
+        # what the rebuild copied is remembered; a new merge continues after it
+        new_id = connection.execute(
+            sa.insert(MergeLog.__table__).values(**{**kept[0]._asdict(), "id": None})
+        ).inserted_primary_key[0]  # type: ignore[index]
+        assert new_id == max(merges)
+    command.downgrade(alembic_config(engine), "0014")
+    upgrade(engine)
+    with engine.connect() as connection:
+        assert connection.scalar(sa.select(sa.func.count()).select_from(MergeLog)) == len(kept)
+    engine.dispose()
