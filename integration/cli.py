@@ -75,9 +75,12 @@ EXIT_INTERRUPTED = 130  # Ctrl-C while a command waited for the core (128 + SIGI
 LOOK_AGAIN_AT_MOST = 5.0  # seconds between two looks of a command told to --wait, once it has waited a while
 
 
-def _show_warnings(migration: Migration) -> None:
-    """Print the project's warnings (e.g. a mappings glob that matches nothing yet) to stderr."""
+def _show_warnings(migration: Migration, *, mappings: bool = True) -> None:
+    """Print the project's warnings (e.g. a mappings glob that matches nothing yet) to stderr; ``mappings``
+    False leaves out those about the mapping files (``crmi mapping scaffold`` is writing the first one)."""
     for problem in migration.project.warnings:
+        if not mappings and problem.path.startswith("mappings"):
+            continue
         errors.print(f"[yellow]warning[/yellow]: {escape(str(problem))}", highlight=False)
 
 
@@ -1156,7 +1159,7 @@ def mapping_scaffold(
         migration = Migration.load(str(project) if project else None)
     except ConfigError as exc:
         raise _config_error(exc) from None
-    _show_warnings(migration)
+    _show_warnings(migration, mappings=False)
     if source not in migration.project.spec.sources:
         errors.print(
             f"unknown --source '{source}'; project sources: {', '.join(migration.project.spec.sources)}"
@@ -1175,6 +1178,18 @@ def mapping_scaffold(
         errors.print(str(exc), markup=False, highlight=False)
         raise typer.Exit(EXIT_FAILED) from None
     profile = detect_profile(tables) if profile_name == "auto" else profile_named(profile_name)
+    if profile is None and profile_name == "auto" and not sheet:
+        # Not recognised (its signature tables are not all there): a table named as one system names it
+        # gets a hint rather than the profile, since a `Customer` table alone could be any system's.
+        alike = [p for p in PROFILES if p.table(table) is not None]
+        if alike:
+            errors.print(
+                f"note: {table} is named as in {' or '.join(p.title for p in alike)}, but this source does not "
+                f"have all of its tables; if it is one, scaffold with --profile "
+                f"{' / '.join(p.name for p in alike)}",
+                markup=False,
+                highlight=False,
+            )
     try:
         folder = out.parent if out is not None else migration.project.root / "mappings"
         text = scaffold(

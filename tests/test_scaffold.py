@@ -58,7 +58,7 @@ U8_DDL = """
 CREATE TABLE Person (cPersonCode nvarchar(20) PRIMARY KEY, cPersonName nvarchar(40) NOT NULL, cDepCode nvarchar(12));
 CREATE TABLE Customer (cCusCode nvarchar(20) PRIMARY KEY, cCusName nvarchar(98) NOT NULL, cCusAbbName nvarchar(60),
     cCusAddress nvarchar(255), cCusPhone nvarchar(100), cCusRegCode nvarchar(50), cCusPPerson nvarchar(20),
-    cCusHeadCode nvarchar(20), dEndDate datetime);
+    cCusHeadCode nvarchar(20), dEndDate datetime, iCusCreLine decimal(19,4), cCusPayCond nvarchar(20));
 CREATE TABLE SO_SOMain (ID int PRIMARY KEY, cSOCode nvarchar(30) NOT NULL UNIQUE, dDate datetime, cCusCode nvarchar(20),
     cPersonCode nvarchar(20), cexch_name nvarchar(8), iStatus smallint, cVerifier nvarchar(20));
 CREATE TABLE SO_SODetails (AutoID int PRIMARY KEY, ID int, cSOCode nvarchar(30), iRowNo int, cInvCode nvarchar(60),
@@ -66,7 +66,7 @@ CREATE TABLE SO_SODetails (AutoID int PRIMARY KEY, ID int, cSOCode nvarchar(30),
     iTaxRate decimal(28,6));
 INSERT INTO Person VALUES ('0101', '张伟', '01');
 INSERT INTO Customer VALUES ('C001', '无锡新吴精密机械有限公司', '新吴精密', '江苏无锡新吴区学院路12号', '0510-85000000',
-    '91440300708461136T', '0101', NULL, NULL);
+    '91440300708461136T', '0101', NULL, NULL, 500000, '01');
 INSERT INTO SO_SOMain VALUES (1, '0000000001', '2025-03-05', 'C001', '0101', '人民币', 1, 'admin');
 INSERT INTO SO_SODetails VALUES (11, 1, '0000000001', 1, 'A100', '主机', 2, 500, 1000, 13);
 """
@@ -380,3 +380,34 @@ def test_a_sheets_address_column_also_gives_the_records_city_province_and_distri
     # a column of its own for the city wins; the others still come from the address
     own = yaml.safe_load(scaffold("sales", "客户", ["客户名称", "地址", "城市"], sheet=True))["fields"]
     assert own["city"]["from"] == "城市" and own["district"]["from"] == "地址"
+
+
+def test_u8_customers_bring_what_the_erp_owns_and_a_lone_customer_table_gets_a_hint(fresh: Path) -> None:
+    # A newcomer's U8 database held only Customer: auto did not recognise it (a Customer table alone could be
+    # any system's) and said nothing; --profile u8 claimed the SO_* tables it did not have; neither mapped
+    # cCusCode, iCusCreLine or cCusPayCond, which the sync's ownership (docs/sync.md) needs.
+    customer = scaffold(fresh, "erp", "Customer")[1]["fields"]
+    assert customer["erp_code"] == {"from": "cCusCode"}
+    assert customer["credit_limit"] == {"from": "iCusCreLine", "transforms": ["parse_amount"]}
+    assert customer["payment_terms"] == {"from": "cCusPayCond"}
+    with sqlite3.connect(fresh / "u8.sqlite") as connection:
+        connection.executescript("DROP TABLE SO_SODetails; DROP TABLE SO_SOMain;")
+    auto = runner.invoke(
+        app, ["mapping", "scaffold", "-p", str(fresh), "--source", "erp", "--table", "Customer"]
+    )
+    assert auto.exit_code == 0, auto.output
+    assert "erp_code" not in yaml.safe_load(auto.stdout)["fields"]  # no profile: guesses only
+    assert "named as in Yonyou U8" in auto.stderr and "--profile u8" in auto.stderr
+    chosen, fields = scaffold(fresh, "erp", "Customer", "--profile", "u8")
+    assert "(chosen with --profile)" in chosen and "recognised by its tables" not in chosen
+    assert fields["fields"]["erp_code"] == {"from": "cCusCode"}
+
+
+def test_scaffolding_the_first_mapping_does_not_warn_that_there_is_none_yet(fresh: Path) -> None:
+    result = runner.invoke(
+        app, ["mapping", "scaffold", "-p", str(fresh), "--source", "crm", "--table", "accounts"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "no mapping file matches" not in result.stderr
+    check = runner.invoke(app, ["project", "check", "-p", str(fresh)])
+    assert "no mapping file matches" in check.stderr  # everywhere else it still says so

@@ -278,6 +278,10 @@ U8 = SystemProfile(
                 **_address_parts("cCusAddress"),
                 "owner": {"from": "cCusPPerson", "lookup": {"by": "external_id"}},
                 "parent": {"from": "cCusHeadCode", "lookup": {"by": "external_id"}},
+                # what the ERP owns and a sync keeps in step (docs/sync.md)
+                "erp_code": {"from": "cCusCode"},
+                "credit_limit": {"from": "iCusCreLine", "transforms": ["parse_amount"]},
+                "payment_terms": {"from": "cCusPayCond"},
                 "is_branch": {
                     "when": [
                         {"if": "cCusHeadCode is not null and cCusHeadCode <> cCusCode", "then": True},

@@ -309,8 +309,14 @@ def scaffold(
     }
     text = f"# yaml-language-server: $schema={schema_reference(folder)}\n"
     if profile is not None and known is not None:
+        recognised = tables is not None and profile.signature <= {t.casefold() for t in tables}
+        how = (
+            f"recognised by its tables {', '.join(sorted(profile.signature))}"
+            if recognised
+            else "chosen with --profile"
+        )
         text += (
-            f"# profile: {profile.title} (recognised by its tables {', '.join(sorted(profile.signature))});\n"
+            f"# profile: {profile.title} ({how});\n"
             "# what it knows about this table is filled in below, with a comment where it is a judgment call.\n"
         )
     dumped = yaml.safe_dump(body, allow_unicode=True, sort_keys=False, default_flow_style=None, width=110)
