@@ -218,7 +218,7 @@ def test_the_inbound_job_counts_every_row_as_metadata(env: tuple[Path, str]) -> 
     assert fresh.check_name == "check_inbound_freshness" and fresh.passed
     [second] = again.asset_materializations_for_node("sync_u8_inbound")
     assert second.metadata["received"].value == 0  # the ufts cursor moved on
-    assert SECRET not in event_text(result) and "8765" not in event_text(result)
+    assert SECRET not in event_text(result) and "8766" not in event_text(result)
 
 
 def test_a_sync_that_cannot_start_fails_with_one_line_and_leaves_no_run(env: tuple[Path, str]) -> None:
