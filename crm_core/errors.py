@@ -7,6 +7,7 @@ Foreign exceptions (drivers, parsers) are translated at the boundary into one of
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,22 @@ _KEYWORD_PASSWORD = re.compile(
 def mask_secrets(text: str) -> str:
     """Mask passwords in URLs (``user:***@host``), ODBC strings and YAML (``PWD=***``, ``token: ***``)."""
     return _KEYWORD_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+
+
+def caret_padding(text: str) -> str:
+    """Return blanks as wide on a terminal as ``text``: two per East Asian wide character, a tab kept a tab.
+
+    ``file:line:col`` counts characters (as editors do); the caret under the line must count cells.
+    """
+    cells = []
+    for char in text:
+        if char == "\t":
+            cells.append("\t")
+        elif unicodedata.combining(char):
+            continue
+        else:
+            cells.append("  " if unicodedata.east_asian_width(char) in ("W", "F") else " ")
+    return "".join(cells)
 
 
 class CrmError(Exception):
@@ -59,7 +76,7 @@ class Problem:
             source_line = Path(self.file).read_text(encoding="utf-8").splitlines()[self.line - 1]
         except (OSError, IndexError, UnicodeDecodeError):
             return text
-        caret = " " * ((self.col or 1) - 1) + "^"
+        caret = caret_padding(source_line[: (self.col or 1) - 1]) + "^"
         return f"{text}\n    {mask_secrets(source_line)}\n    {caret}"
 
 

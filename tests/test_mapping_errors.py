@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from crm_core.errors import ConfigError
+from crm_core.errors import ConfigError, Problem
 from integration.mappings.spec import load_mapping
 
 SOURCE_COLUMNS = {"crm": ["id", "name", "n", "p", "amt", "cur", "rate", "day"]}
@@ -506,3 +506,14 @@ def test_short_and_long_field_forms_are_equivalent(tmp_path: Path) -> None:
     long = tmp_path / "long.yaml"
     long.write_text(BASE + "  name: {from: name}\n", encoding="utf-8")
     assert load_mapping(short).fields[0].spec == load_mapping(long).fields[0].spec
+
+
+def test_the_caret_is_padded_by_display_width(tmp_path: Path) -> None:
+    """Wide (CJK) characters take two terminal cells; a tab stays a tab, so the caret lines up under it."""
+    file = tmp_path / "m.yaml"
+    line = 'source: {connector: x,\tsheet: 商机, key: 商机编号, filter: "x"}'
+    file.write_text(line + "\n", encoding="utf-8")
+    column = line.index("filter") + 1
+    rendered = Problem("unknown key 'filter'", file, 1, column).render().splitlines()
+    assert rendered[0].startswith(f"{file}:1:{column}: ")  # the column counts characters, as editors do
+    assert rendered[1:] == [f"    {line}", "    " + " " * 22 + "\t" + " " * (column - 24 + 6) + "^"]
