@@ -210,6 +210,28 @@ def test_mapping_check_exits_1_with_located_problems(tmp_path: Path) -> None:
     )
 
 
+def test_mapping_check_reports_every_independent_problem_of_every_file_at_once(tmp_path: Path) -> None:
+    """A bad key under source: does not hide a bad transform argument; one bad file does not hide another."""
+    files = []
+    for name, key in (("opportunities", "filter"), ("leads", "filtre")):
+        file = tmp_path / f"{name}.yaml"
+        file.write_text(
+            f'version: 1\nsource: {{connector: x, sheet: 商机, {key}: "x"}}\ntarget: opportunity\nfields:\n'
+            "  customer: 客户\n  name: 名称\n  stage: {from: 阶段, transforms: [{stage: {map: {a: b}}}]}\n",
+            encoding="utf-8",
+        )
+        files.append(file)
+    result = runner.invoke(app, ["mapping", "check", *map(str, files)])
+    assert result.exit_code == 1
+    for file, key in zip(files, ("filter", "filtre"), strict=True):
+        assert f"{file}:2:35: source.{key}: unknown key '{key}'" in result.output
+        assert (
+            f"{file}:7:43: fields.stage.transforms[0].stage.map: stage: unknown key 'map'; 'stage' takes no arguments (write just stage)"
+            in result.output
+        )
+    assert "4 problem(s)" in result.output
+
+
 def test_mapping_check_with_a_project_checks_the_real_source_columns(
     demo_project: Path, tmp_path: Path
 ) -> None:

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from crm_core.entities import ENTITIES
 from crm_core.errors import ConfigError, Problem
 from integration.mappings.spec import load_mapping
 
-SOURCE_COLUMNS = {"crm": ["id", "name", "n", "p", "amt", "cur", "rate", "day"]}
+SOURCE_COLUMNS: dict[str, list[str] | None] = {"crm": ["id", "name", "n", "p", "amt", "cur", "rate", "day"]}
 # The source's other tables, for lookups, link tables and aggregates.
 OTHER_TABLES = {"currencies": ["id", "rate"], "links": ["account_id", "user_id", "deleted"]}
 
@@ -506,6 +507,57 @@ def test_short_and_long_field_forms_are_equivalent(tmp_path: Path) -> None:
     long = tmp_path / "long.yaml"
     long.write_text(BASE + "  name: {from: name}\n", encoding="utf-8")
     assert load_mapping(short).fields[0].spec == load_mapping(long).fields[0].spec
+
+
+def test_independent_problems_of_a_mapping_are_reported_in_one_pass(tmp_path: Path) -> None:
+    """A bad key under source: does not hide a bad transform argument or an unknown field elsewhere."""
+    file = tmp_path / "opportunities.yaml"
+    file.write_text(
+        "version: 1\n"
+        'source: {connector: crm, sheet: 商机, key: id, filter: "x"}\n'
+        "target: opportunity\n"
+        "fields:\n"
+        "  customer: {from: p, lookup: {by: name}}\n"
+        "  name: n\n"
+        "  stage: {from: n, transforms: [{stage: {map: {a: b}}}]}\n"
+        "  stagee: n\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_mapping(file, sources=SOURCE_COLUMNS, tables=other_table)
+    assert [str(p) for p in caught.value.problems] == [
+        f"{file}:2:46: source.filter: unknown key 'filter'; allowed: connector, header_row, incremental, key, "
+        "lookups, query, sheet, system, table, where",
+        f"{file}:7:42: fields.stage.transforms[0].stage.map: stage: unknown key 'map'; 'stage' takes no arguments (write just stage)",
+        f"{file}:8:3: fields.stagee: entity 'opportunity' has no field 'stagee'; did you mean 'stage'?; fields: "
+        + ", ".join(ENTITIES["opportunity"].fields),
+    ]
+
+
+def test_a_problem_inside_an_invalid_field_or_target_hides_only_what_depends_on_it(tmp_path: Path) -> None:
+    """An invalid field is left out (not reported as unmapped); an invalid target skips entity checks only."""
+    file = tmp_path / "customers.yaml"
+    file.write_text(
+        "version: 1\n"
+        "source: {connector: crm, table: accounts, key: id}\n"
+        "target: custommer\n"
+        "fields:\n"
+        "  name: {from: name, requird: true}\n"
+        "  phone: {from: p, transforms: [trimm]}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_mapping(file, sources=SOURCE_COLUMNS, tables=other_table)
+    messages = [str(p) for p in caught.value.problems]
+    assert [m.split(": ")[1] for m in messages] == [
+        "target",
+        "fields.name.requird",
+        "fields.phone.transforms[0]",
+    ]
+    assert (
+        messages[2]
+        == f"{file}:6:33: fields.phone.transforms[0]: unknown transform 'trimm'; did you mean 'trim'?"
+    )
 
 
 def test_the_caret_is_padded_by_display_width(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from crm_core.entities import ENTITIES, EntityDef
 from crm_core.errors import ConfigError, Problem
 from integration.mappings.expressions import Expression, ExpressionError, parse
 from integration.mappings.transforms import REGISTRY, Args, TransformDef
-from integration.yamlconf import LocatedDocument, close_names, load_yaml, pydantic_problems, validate_document
+from integration.yamlconf import LocatedDocument, close_names, load_yaml, pydantic_problems
 
 if TYPE_CHECKING:
     from integration.mappings.money import CompiledConvert, RateTable
@@ -373,6 +373,12 @@ class FieldSpec(_Strict):
         return [self.from_] if isinstance(self.from_, str) else list(self.from_)
 
 
+def _field_short_forms(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: {"from": v} if isinstance(v, str) else v for k, v in value.items()}
+    return value
+
+
 def _column_short_form(value: Any) -> Any:
     return {"from": value} if isinstance(value, str) else value
 
@@ -433,9 +439,7 @@ class MappingSpec(_Strict):
     @classmethod
     def _short_form(cls, value: Any) -> Any:
         """Accept ``name: column`` as the short form of ``name: {from: column}``."""
-        if isinstance(value, dict):
-            return {k: {"from": v} if isinstance(v, str) else v for k, v in value.items()}
-        return value
+        return _field_short_forms(value)
 
     def field_specs(self) -> dict[str, FieldSpec]:
         """Return every field (the short form already expanded)."""
@@ -599,6 +603,15 @@ def _parse_step(
                 f"unknown transform '{name}'{hint}",
                 at_key=not isinstance(step, str),
             )
+        ]
+    if raw_args and not definition.args.model_fields:
+        return None, [
+            doc.problem(
+                (*args_path, str(key)),
+                f"{name}: unknown key '{key}'; '{name}' takes no arguments (write just {name})",
+                at_key=True,
+            )
+            for key in raw_args
         ]
     try:
         args = definition.args.model_validate(raw_args)
@@ -778,25 +791,26 @@ def compile_document(
     """
     from integration.mappings import money
 
-    spec = validate_document(doc, MappingSpec)
-    entity = entity or ENTITIES[spec.target]
-    problems: list[Problem] = []
+    spec, problems, invalid = _validate_parts(doc)
+    if entity is None and ("target",) not in invalid:
+        entity = ENTITIES[spec.target]
+    source_ok = ("source",) not in invalid
     compiled: list[CompiledField] = []
-    table_columns = (sources or {}).get(spec.source.connector)
+    table_columns = (sources or {}).get(spec.source.connector) if source_ok else None
     joins: list[SourceJoin] = []
-    for name, joined in spec.source.lookups.items():
+    for name, joined in spec.source.lookups.items() if source_ok else ():
         # A lookup named like a column of the table replaces it (a fix sheet carries the looked-up values).
         joins.append(_compile_join(doc, ("source", "lookups", name), name, joined, tables, problems))
     where = None
-    if spec.source.where is not None:
+    if source_ok and spec.source.where is not None:
         where = _expression(
             doc, ("source", "where"), spec.source.where, table_columns, problems, condition=True
         )
     known = None if table_columns is None else [*table_columns, *spec.source.lookups]
     for name, field_spec in spec.field_specs().items():
         path: tuple[str | int, ...] = ("fields", name)
-        target_field = entity.fields.get(name)
-        if target_field is None:
+        target_field = entity.fields.get(name) if entity is not None else None
+        if entity is not None and target_field is None:
             hint = close_names(name, entity.fields)
             problems.append(
                 doc.problem(
@@ -822,6 +836,8 @@ def compile_document(
         if field_spec.expr is not None:
             expression = _expression(doc, (*path, "expr"), field_spec.expr, known, problems)
         cases = _when_cases(doc, (*path, "when"), field_spec.when, known, problems) if field_spec.when else ()
+        if entity is None or target_field is None:
+            continue  # the target is invalid (reported): what depends on its fields cannot be checked
         lookup = field_spec.core_lookup
         if lookup is not None and target_field.references is None:
             problems.append(
@@ -842,7 +858,7 @@ def compile_document(
             )
             problems.extend(convert_problems)
         area_code_from = field_spec.area_code_from
-        if area_code_from is not None:
+        if area_code_from is not None and ("fields", area_code_from) not in invalid:
             problem = _area_code_problem(
                 name, area_code_from, steps, spec, len(steps) == len(field_spec.transforms)
             )
@@ -853,25 +869,63 @@ def compile_document(
                 name, field_spec, tuple(steps), lookup, columns, expression, cases, convert, area_code_from
             )
         )
-    mapped = set(spec.fields)
-    for field_def in entity.fields.values():
-        if field_def.required and field_def.name not in mapped:
-            problems.append(
-                doc.problem(
-                    ("fields",),
-                    f"required field '{field_def.name}' of {entity.name} is not mapped",
-                    at_key=True,
+    # Invalid fields are mapped all the same: they are left out of spec.fields, not out of the file.
+    mapped = set(spec.fields) | {part[1] for part in invalid if part[0] == "fields" and len(part) == 2}
+    if entity is not None and ("fields",) not in invalid:
+        for field_def in entity.fields.values():
+            if field_def.required and field_def.name not in mapped:
+                problems.append(
+                    doc.problem(
+                        ("fields",),
+                        f"required field '{field_def.name}' of {entity.name} is not mapped",
+                        at_key=True,
+                    )
                 )
-            )
-    if sources is not None:
-        problems.extend(_check_source(doc, spec, sources))
+    if sources is not None and source_ok:
+        problems.extend(_check_source(doc, spec, sources, all_fields=not invalid))
     if problems:
         raise ConfigError(problems)
+    assert entity is not None  # no problem: the target validated
     return CompiledMapping(doc.file, spec, entity, tuple(compiled), where, tuple(joins))
 
 
+def _validate_parts(doc: LocatedDocument) -> tuple[MappingSpec, list[Problem], set[tuple[str, ...]]]:
+    """Validate a mapping document; when invalid, also return a spec made of the parts that are valid.
+
+    A problem in one part must not hide those of another: a bad key under ``source:`` and a bad transform
+    argument of a field are both reported in one pass. The parts that validate on their own (``source``,
+    ``target``, each field) go into the spec, so the checks of their contents still run; the invalid ones
+    are returned (``("source",)``, ``("fields", "phone")``) and what depends on them is not checked.
+    """
+    try:
+        return MappingSpec.model_validate(doc.data), [], set()
+    except ValidationError as exc:
+        problems = pydantic_problems(doc, MappingSpec, exc)
+        locs = [tuple(str(part) for part in error["loc"]) for error in exc.errors(include_url=False)]
+    data = doc.data
+    if not isinstance(data, dict) or any(not loc for loc in locs):
+        raise ConfigError(problems)
+    invalid = {loc[:2] if loc[0] == "fields" and len(loc) > 1 else loc[:1] for loc in locs}
+    parts: dict[str, Any] = {}
+    for name, info in MappingSpec.model_fields.items():
+        if name == "fields":
+            written = {} if ("fields",) in invalid else _field_short_forms(data.get(name, {}))
+            parts[name] = {
+                field: FieldSpec.model_validate(value)
+                for field, value in written.items()
+                if ("fields", field) not in invalid
+            }
+        elif (name,) in invalid or name not in data:
+            parts[name] = info.get_default(call_default_factory=True)  # unused: the part is invalid
+        elif name == "source":
+            parts[name] = SourceSpec.model_validate(data[name])
+        else:
+            parts[name] = data[name]
+    return MappingSpec.model_construct(**parts), problems, invalid
+
+
 def _check_source(
-    doc: LocatedDocument, spec: MappingSpec, sources: dict[str, list[str] | None]
+    doc: LocatedDocument, spec: MappingSpec, sources: dict[str, list[str] | None], *, all_fields: bool = True
 ) -> list[Problem]:
     name = spec.source.connector
     if name not in sources:
@@ -945,7 +999,7 @@ def _check_source(
     from integration.mappings.money import operand_column_problems
 
     problems.extend(operand_column_problems(doc, spec, known, columns, used))
-    if spec.unmapped == "error":
+    if spec.unmapped == "error" and all_fields:  # an invalid field may read the columns said unmapped
         extra = [c for c in columns if c not in used]
         if extra:
             problems.append(
