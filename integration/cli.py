@@ -6,7 +6,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from crm_core.db import core_url, make_engine, redact_url, upgrade
-from crm_core.errors import ConfigError, CrmError, RunError
+from crm_core.errors import ConfigError, CrmError, Problem, RunError
 from integration.finance_cli import finance_app
 from integration.steward.cli import steward_app
 
@@ -75,10 +75,10 @@ EXIT_INTERRUPTED = 130  # Ctrl-C while a command waited for the core (128 + SIGI
 LOOK_AGAIN_AT_MOST = 5.0  # seconds between two looks of a command told to --wait, once it has waited a while
 
 
-def _show_warnings(migration: Migration, *, mappings: bool = True) -> None:
+def _show_warnings(problems: Iterable[Problem], *, mappings: bool = True) -> None:
     """Print the project's warnings (e.g. a mappings glob that matches nothing yet) to stderr; ``mappings``
     False leaves out those about the mapping files (``crmi mapping scaffold`` is writing the first one)."""
-    for problem in migration.project.warnings:
+    for problem in problems:
         if not mappings and problem.path.startswith("mappings"):
             continue
         errors.print(f"[yellow]warning[/yellow]: {escape(str(problem))}", highlight=False)
@@ -991,7 +991,7 @@ def project_check(project: ProjectOption = None) -> None:
         migration = Migration.load(str(project) if project else None)
     except ConfigError as exc:
         raise _config_error(exc) from None
-    _show_warnings(migration)
+    _show_warnings(migration.project.warnings)
     _check_columns(migration, migration.mappings)
     console.print(
         f"[green]ok[/green]: project '{migration.project.name}', {len(migration.mappings)} mapping(s), {len(migration.project.spec.sources)} source(s)"
@@ -1042,15 +1042,16 @@ def mapping_check(
     from integration.pipeline import Migration
 
     try:
-        mappings = load_mappings(files)
+        load_mappings(files)  # the files' own problems, before the project is read
     except ConfigError as exc:
         raise _config_error(exc) from None
     if project is not None:
         try:
-            migration = Migration.load(str(project))
+            migration = Migration.for_mappings(files, str(project))
         except ConfigError as exc:
             raise _config_error(exc) from None
-        _check_columns(migration, mappings)
+        _show_warnings(migration.project.warnings)
+        _check_columns(migration, migration.mappings)
         console.print(
             f"[green]ok[/green]: {len(files)} mapping file(s), columns checked against project '{migration.project.name}'"
         )
@@ -1079,6 +1080,7 @@ def mapping_preview(
         result = preview(file, rows, project)
     except ConfigError as exc:
         raise _config_error(exc) from None
+    _show_warnings(result.warnings)
     frame = result.side_by_side()
     if output == "csv":
         from integration.reports import escape_formula
@@ -1159,7 +1161,7 @@ def mapping_scaffold(
         migration = Migration.load(str(project) if project else None)
     except ConfigError as exc:
         raise _config_error(exc) from None
-    _show_warnings(migration, mappings=False)
+    _show_warnings(migration.project.warnings, mappings=False)
     if source not in migration.project.spec.sources:
         errors.print(
             f"unknown --source '{source}'; project sources: {', '.join(migration.project.spec.sources)}"

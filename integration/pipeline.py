@@ -185,11 +185,15 @@ class StagedEntity:
 class Migration:
     """A loaded project and its compiled mappings: the unit the pipeline steps work on."""
 
-    def __init__(self, project: Project) -> None:
+    def __init__(self, project: Project, mappings: list[CompiledMapping] | None = None) -> None:
         self.project = project
         self.rates = RateTable.of(project.spec.currencies)
-        self.mappings: list[CompiledMapping] = load_mappings(
-            list(project.mapping_files), sources={s: None for s in project.spec.sources}, rates=self.rates
+        self.mappings: list[CompiledMapping] = (
+            mappings
+            if mappings is not None
+            else load_mappings(
+                list(project.mapping_files), sources={s: None for s in project.spec.sources}, rates=self.rates
+            )
         )
         # Several mappings may read one source for one entity (two sheets, two tables, a fix sheet): one keeps
         # raw_<source>_<entity>, the others add their file name. The plain name goes to the source's own
@@ -225,6 +229,31 @@ class Migration:
     def load(cls, path: str | None = None) -> Migration:
         """Load the project at ``path`` (default: ``$CRM_PROJECT`` or the demo)."""
         return cls(load_project(path))
+
+    @classmethod
+    def for_mappings(cls, files: Sequence[Path], path: str | None = None) -> Migration:
+        """Load the project for work on some mapping files (preview, check): its mappings are those files.
+
+        A consultant works on one mapping at a time: only those files, the project's settings and the sources
+        they read must be valid. Problems elsewhere (another source's unset variable, another mapping file)
+        become the project's warnings; ``crmi run`` (:meth:`load`) stays strict.
+        """
+        own = load_mappings(files)  # their own problems refuse; also names the sources they read
+        project = load_project(path, sources={m.source for m in own})
+        data = project.document.data
+        declared = data["sources"] if isinstance(data, dict) and isinstance(data.get("sources"), dict) else {}
+        sources: dict[str, list[str] | None] = {str(s): None for s in [*project.spec.sources, *declared]}
+        rates = RateTable.of(project.spec.currencies)
+        mappings = load_mappings(files, sources=sources, rates=rates)
+        chosen = {file.resolve() for file in files}
+        warnings = list(project.warnings)
+        for other in project.mapping_files:
+            if other.resolve() not in chosen:
+                try:
+                    load_mappings([other], sources=sources, rates=rates)
+                except ConfigError as exc:
+                    warnings.extend(exc.problems)
+        return cls(replace(project, warnings=tuple(warnings)), mappings)
 
     @property
     def entities(self) -> list[str]:

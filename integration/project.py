@@ -11,11 +11,12 @@ import codecs
 import glob
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from sqlalchemy.engine import make_url
 
 from crm_core.entities import ENTITIES
@@ -31,6 +32,7 @@ from integration.yamlconf import (
     env_references,
     expand_env,
     load_yaml,
+    pydantic_problems,
     validate_document,
 )
 
@@ -414,8 +416,14 @@ def project_dir(path: str | Path | None = None) -> Path:
     return Path(path or os.environ.get("CRM_PROJECT") or DEFAULT_PROJECT)
 
 
-def load_project(path: str | Path | None = None) -> Project:
-    """Load and check a project folder; raise ConfigError with every problem found."""
+def load_project(path: str | Path | None = None, *, sources: Collection[str] | None = None) -> Project:
+    """Load and check a project folder; raise ConfigError with every problem found.
+
+    With ``sources`` (the sources some mappings read: ``crmi mapping preview``/``check``), only the project's
+    settings and those sources must be valid: problems of other sources (an unset variable, a bad key), of
+    the mapping file list, sync targets and dedup become the project's warnings instead. ``crmi run`` loads
+    strictly.
+    """
     root = project_dir(path)
     file = root / PROJECT_FILE if root.is_dir() or not root.suffix else root
     if file.name != PROJECT_FILE and file.is_file():
@@ -426,7 +434,7 @@ def load_project(path: str | Path | None = None) -> Project:
         )
     root = file.parent
     document = load_yaml(file)
-    spec = validate_document(document, ProjectSpec)
+    spec, skipped = _validate(document, sources)
     problems = _check_env(document, spec) + _check_secrets(document, spec)
     problems += currency_problems(document, spec.currencies)
     mapping_files, mapping_problems, warnings = _mapping_files(document, spec, root)
@@ -444,6 +452,9 @@ def load_project(path: str | Path | None = None) -> Project:
                         f"unknown source '{source}'; sources: {', '.join(spec.sources)}",
                     )
                 )
+    if sources is not None:
+        warnings = [*skipped, *(p for p in problems if _elsewhere(p, sources)), *warnings]
+        problems = [p for p in problems if not _elsewhere(p, sources)]
     if problems:
         raise ConfigError(problems)
     return Project(
@@ -454,6 +465,44 @@ def load_project(path: str | Path | None = None) -> Project:
         warnings=tuple(warnings),
         sync=sync,
     )
+
+
+_ELSEWHERE = ("mappings", "sync", "dedup")  # sections a mapping's preview or check does not read
+
+
+def _elsewhere(problem: Problem, sources: Collection[str]) -> bool:
+    """Return True when a project.yaml problem concerns neither the settings nor one of ``sources``."""
+    head, _, rest = problem.path.partition(".")
+    head = head.split("[")[0]
+    if head in _ELSEWHERE:
+        return True
+    return head == "sources" and bool(rest) and rest.split(".")[0] not in sources
+
+
+def _validate(
+    document: LocatedDocument, sources: Collection[str] | None
+) -> tuple[ProjectSpec, list[Problem]]:
+    """Validate project.yaml; with ``sources``, leave out the invalid parts not needed (returned as problems)."""
+    if sources is None:
+        return validate_document(document, ProjectSpec), []
+    try:
+        return ProjectSpec.model_validate(document.data), []
+    except ValidationError as exc:
+        problems = pydantic_problems(document, ProjectSpec, exc)
+    if not isinstance(document.data, dict) or not all(_elsewhere(p, sources) for p in problems):
+        raise ConfigError([p for p in problems if not _elsewhere(p, sources)] or problems)
+    data = dict(document.data)
+    for problem in problems:
+        head, _, rest = problem.path.partition(".")
+        head = head.split("[")[0]
+        if head == "sources" and isinstance(data.get("sources"), dict):
+            data["sources"] = {k: v for k, v in data["sources"].items() if k != rest.split(".")[0]}
+        else:
+            data.pop(head, None)  # an optional section: its default applies
+    try:
+        return ProjectSpec.model_validate(data), problems
+    except ValidationError:
+        raise ConfigError(problems) from None
 
 
 def _templates(spec: ProjectSpec) -> list[tuple[tuple[str, ...], str]]:

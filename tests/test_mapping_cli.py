@@ -10,6 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from crm_core.errors import ConfigError
 from integration.cli import app
 from integration.mappings.scaffold import SCHEMA_FILE, guess_fields, guess_target, header_key
 from integration.mappings.spec import load_mapping
@@ -194,6 +195,55 @@ def test_preview_runs_the_validation_rules_and_keeps_a_status_field_apart(demo_p
     loose = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "50", "--format", "csv"])
     statuses = [r["_status"] for r in csv.DictReader(io.StringIO(loose.stdout))]
     assert any(s.startswith("warning: customer.phone.format: phone is not an E.164") for s in statuses)
+
+
+def _break_the_rest_of_the_project(root: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """Make another source need an unset variable and another mapping invalid; return project.yaml and it."""
+    project = root / "project.yaml"
+    text = project.read_text(encoding="utf-8")
+    project.write_text(
+        text.replace("${LEGACY_CRM_URL:-sqlite:///data/legacy_crm.sqlite}", "${TRIAL_CRM_URL}"),
+        encoding="utf-8",
+    )
+    monkeypatch.delenv("TRIAL_CRM_URL", raising=False)
+    other = root / "mappings" / "sales_xlsx_customers.yaml"
+    text = other.read_text(encoding="utf-8")
+    other.write_text(text.replace('on_error: "null"', "on_error: skip"), encoding="utf-8")
+    return project, other
+
+
+def test_preview_and_check_of_one_mapping_are_not_blocked_by_the_rest_of_the_project(
+    demo_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consultant works on one mapping: another source's unset variable or another mapping's error is a warning."""
+    project, other = _break_the_rest_of_the_project(demo_project, monkeypatch)
+    file = demo_project / "mappings" / "sales_xlsx_opportunities.yaml"
+    preview = runner.invoke(app, ["mapping", "preview", str(file), "--rows", "3"])
+    assert preview.exit_code == 0, preview.output
+    assert "3 row(s) read" in preview.stdout
+    warnings = [line for line in preview.stderr.splitlines() if line.startswith("warning: ")]
+    assert any(f"{project}:" in w and "TRIAL_CRM_URL is not set" in w for w in warnings), preview.stderr
+    assert any(f"{other}:" in w and "'skip' is not allowed" in w for w in warnings), preview.stderr
+    check = runner.invoke(app, ["mapping", "check", str(file), "--project", str(demo_project)])
+    assert check.exit_code == 0, check.output
+    assert "columns checked against project" in check.stdout
+    assert "TRIAL_CRM_URL is not set" in check.stderr and "'skip' is not allowed" in check.stderr
+    # The source the mapping reads, and the mapping itself, still refuse.
+    legacy = demo_project / "mappings" / "legacy_crm_accounts.yaml"
+    refused = runner.invoke(app, ["mapping", "preview", str(legacy), "--rows", "3"])
+    assert refused.exit_code == 1
+    assert f"{project}:" in refused.stderr and "TRIAL_CRM_URL is not set" in refused.stderr
+    own = runner.invoke(app, ["mapping", "preview", str(other), "--rows", "3"])
+    assert own.exit_code == 1 and "'skip' is not allowed" in own.stderr
+
+
+def test_crmi_run_stays_strict_about_the_whole_project(
+    demo_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _break_the_rest_of_the_project(demo_project, monkeypatch)
+    with pytest.raises(ConfigError) as caught:
+        Migration.load(str(demo_project))
+    assert any("TRIAL_CRM_URL is not set" in str(p) for p in caught.value.problems)
 
 
 def test_mapping_check_exits_1_with_located_problems(tmp_path: Path) -> None:

@@ -176,3 +176,31 @@ def test_a_glob_that_matches_nothing_is_a_warning_not_an_error(tmp_path: Path) -
         "yet (the default: project.yaml has no `mappings:`); write one with `crmi mapping scaffold`"
     ]  # a newcomer looked for a `mappings:` key in the file at 1:1 that was never written
     assert Migration(project).mappings == []
+
+
+def test_loading_for_some_sources_turns_problems_elsewhere_into_warnings(tmp_path: Path) -> None:
+    """Another source's bad key or unset variable, a sync target or dedup: warnings; the source read: errors."""
+    text = (
+        HEADER
+        + "  erp: {connector: sql, url: '${ACME_ERP_URL_UNSET}'}\n"
+        + "  old: {connector: sql, url: 'sqlite://', filter: x}\n"
+        + "mappings: [mappings/*.yaml]\n"
+        + "dedup:\n  customer: {source_priority: [old, erp, nope]}\n"
+    )
+    root = write_project(tmp_path, text)
+    with pytest.raises(ConfigError):
+        load_project(root)  # strict: what `crmi run` loads
+    project = load_project(root, sources={"crm"})
+    assert list(project.spec.sources) == ["crm", "erp"]  # the invalid one is left out
+    assert [w.path for w in project.warnings] == [
+        "sources.old.filter",
+        "sources.erp.url",
+        "dedup.customer.source_priority[0]",
+        "dedup.customer.source_priority[2]",
+    ]
+    with pytest.raises(ConfigError) as caught:
+        load_project(root, sources={"erp"})
+    assert [p.path for p in caught.value.problems] == ["sources.erp.url"]
+    with pytest.raises(ConfigError) as caught:
+        load_project(root, sources={"old"})
+    assert [p.path for p in caught.value.problems] == ["sources.old.filter"]

@@ -11,7 +11,7 @@ import pandas as pd
 from crm_core.errors import ConfigError, Problem
 from integration.connectors.base import LOCATION, ROW_REF
 from integration.mappings.engine import MappingResult, map_chunk, python_records
-from integration.mappings.spec import CompiledMapping, load_mapping
+from integration.mappings.spec import CompiledMapping
 from integration.pipeline import Migration, extract_chunks, quarantine
 from integration.project import PROJECT_FILE
 
@@ -26,6 +26,8 @@ class Preview:
     raw: pd.DataFrame
     result: MappingResult
     violations: pd.DataFrame = field(default_factory=pd.DataFrame)  # validation entries (errors, warnings)
+    # Problems elsewhere in the project (another source, another mapping file): not this mapping's.
+    warnings: list[Problem] = field(default_factory=list)
 
     def side_by_side(self) -> pd.DataFrame:
         """Return one row per source row: ``_row``, ``_status``, and ``field`` / ``field (raw)`` per mapped field.
@@ -80,16 +82,16 @@ def find_project(file: Path) -> Path | None:
 
 
 def preview(file: Path, rows: int = 20, project: Path | None = None) -> Preview:
-    """Map the first ``rows`` rows of a mapping's source without writing anything."""
+    """Map the first ``rows`` rows of a mapping's source without writing anything.
+
+    Only the mapping, the project's settings and the source it reads must be valid; problems elsewhere in
+    the project come back as ``warnings``.
+    """
     root = project or find_project(file)
     if root is None:
         raise ConfigError(Problem("no project.yaml above this mapping; pass --project", file))
-    migration = Migration.load(str(root))
-    mapping = next((m for m in migration.mappings if m.file.resolve() == file.resolve()), None)
-    if mapping is None:
-        mapping = load_mapping(
-            file, sources={s: None for s in migration.project.spec.sources}, rates=migration.rates
-        )
+    migration = Migration.for_mappings([file], str(root))
+    mapping = migration.mappings[0]
     chunks = extract_chunks(migration, mapping, chunk_rows=rows)
     raw = next(iter(chunks), pd.DataFrame())
     if hasattr(chunks, "close"):
@@ -108,4 +110,4 @@ def preview(file: Path, rows: int = 20, project: Path | None = None) -> Preview:
                     )
                 ]
             )
-    return Preview(mapping, raw, result, violations)
+    return Preview(mapping, raw, result, violations, list(migration.project.warnings))
