@@ -882,7 +882,8 @@ def compile_document(
                     )
                 )
     if sources is not None and source_ok:
-        problems.extend(_check_source(doc, spec, sources, all_fields=not invalid))
+        all_fields = not any(part[0] == "fields" for part in invalid)
+        problems.extend(_check_source(doc, spec, sources, all_fields=all_fields))
     if problems:
         raise ConfigError(problems)
     assert entity is not None  # no problem: the target validated
