@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import cached_property
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -1191,6 +1192,13 @@ def _quarantined_rows(session: Session, run: LoadRun, entity: str, source: str) 
     return Quarantined(texts([loc for loc, _ in rows]), texts([ref for _, ref in rows]))
 
 
+def _changed_outside_migration(session: Session, run: LoadRun) -> set[int]:
+    """The runs other than ``run`` that change core records other than by a migration's load (syncs, edits,
+    steward decisions)."""
+    query = select(LoadRun.id).where(LoadRun.mode.not_in(RUN_MODES), LoadRun.id != run.id)
+    return set(session.scalars(query))
+
+
 def _merge_survivors(session: Session, entity: str) -> set[int]:
     """The records standing for others after a merge not undone (golden records)."""
     return set(session.scalars(
@@ -1261,11 +1269,21 @@ def verify_batch(
     positions = np.flatnonzero(created)
     step = max(1, len(positions) // max(spot_checks, 1))
     mismatches: list[dict[str, Any]] = []
-    sampled = positions[::step][:spot_checks].tolist()
+    sampled: list[int] = []
     model: Any = definition.model
-    for position in sampled:
-        row = records.iloc[position]
+    # A record a sync, a steward or an edit changed after its load holds what they wrote, on purpose: it is
+    # not compared with its source row (the sample takes the next record instead).
+    changed_since = _changed_outside_migration(session, run)
+    evenly = positions[::step].tolist()
+    chosen = set(evenly)
+    for position in chain(evenly, (p for p in positions.tolist() if p not in chosen)):
+        if len(sampled) >= spot_checks:
+            break
         record = session.get(model, int(entity_ids[position]))
+        if record is None or getattr(record, "updated_run_id", None) in changed_since:
+            continue
+        sampled.append(position)
+        row = records.iloc[position]
         mapped = {n: _comparable(row[n]) for n in fields if _comparable(row[n]) is not None}
         stored = {n: _comparable(getattr(record, definition.fields[n].column)) for n in mapped}
         if row_hash(mapped) != row_hash(stored):
@@ -1298,6 +1316,8 @@ class ReconciliationLine:
     keys_missing: int = 0  # rows read that are neither in the crosswalk nor quarantined
     spot_checked: int = 0
     spot_mismatches: int = 0  # sampled records whose core values differ from the mapped ones
+    # the first of them: {"key", "fields", "mapped", "core"}
+    spot_sample: list[dict[str, Any]] = field(default_factory=list)
     held: int = 0  # rows waiting for a steward's reference decision
     subtotals: int = 0  # subtotal/total lines among the rejected: not records
     amount_loaded: Decimal | None = None  # what the loaded rows carried (compared with amount_core)
@@ -1533,7 +1553,8 @@ def reconcile(
                     merged=stats["merged"], rejected=stats["rejected"], warnings=stats["warnings"],
                     amount_source=_amount(source_amount), amount_core=_amount(stats.get("amount_core")),
                     keys_missing=stats.get("keys_missing", 0), spot_checked=stats.get("spot_checked", 0),
-                    spot_mismatches=stats.get("spot_mismatches", 0), held=stats.get("held", 0),
+                    spot_mismatches=stats.get("spot_mismatches", 0), spot_sample=stats.get("spot_sample", []),
+                    held=stats.get("held", 0),
                     subtotals=stats.get("subtotals", 0), amount_loaded=_amount(stats.get("amount_loaded")),
                     amount_merged=_amount(stats.get("amount_merged")),
                     amount_quarantined=_amount(stats.get("amount_quarantined")),

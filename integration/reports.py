@@ -75,8 +75,17 @@ def line_problems(line: ReconciliationLine) -> list[str]:
     if line.keys_missing:
         problems.append(f"{line.keys_missing} source key(s) neither in the core nor quarantined")
     if line.spot_mismatches:
+        example = ""
+        if line.spot_sample:
+            first = line.spot_sample[0]
+            fields = ", ".join(
+                f"{name} core {first['core'].get(name)!r}, mapped {first['mapped'].get(name)!r}"
+                for name in first["fields"]
+            )
+            example = f", e.g. key {first['key']}: {fields}"
         problems.append(
-            f"{line.spot_mismatches} of {line.spot_checked} spot-checked record(s) differ in the core"
+            f"{line.spot_mismatches} of {line.spot_checked} spot-checked record(s) differ in the core{example} "
+            "(the load wrote other values than the mapping gives: `crmi mapping preview` shows what it gives)"
         )
     if line.over_quarantine_limit:
         money = (

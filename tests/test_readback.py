@@ -184,3 +184,47 @@ def test_pieces_written_whole_before_are_read_and_checked_alike(
         assert found == verify_pieces(session, run, "customer", batch)
     engine.dispose()
     assert found["keys_missing"] == 0 and found["spot_mismatches"] == found["spot_checked"] == 25
+
+
+def test_records_an_edit_changed_after_their_load_are_not_spot_checked_but_others_are(
+    demo_project: Path, core_url: str, tmp_path: Path
+) -> None:
+    # After go-live a newcomer's every `crmi run` exited 2: the spot check compared a customer whose phone a
+    # sync had changed since with its (unchanged) source row, and the report named no record or field.
+    from crm_core.edits import edit_records
+    from integration.pipeline import ReconciliationLine
+    from integration.reports import line_problems
+
+    migration = Migration.load(str(demo_project))
+    staged = _stored_customers(migration, tmp_path)
+    [batch] = staged.batches
+    engine = make_engine(core_url)
+    upgrade(engine)
+    load(migration, engine, "run-1", staged)
+    factory = session_factory(engine)
+    with factory() as session:
+        ids = sorted(session.scalars(sa.select(Customer.id).where(Customer.merged_into_id.is_(None))))
+    edit_records(engine, "customer", {i: {"phone": "+8613800000000"} for i in ids})  # every record, by hand
+    with factory() as session:
+        run = session.scalar(sa.select(LoadRun).where(LoadRun.run_key == "run-1"))
+        assert run is not None
+        after_edit = verify_pieces(session, run, "customer", batch)
+    assert after_edit["spot_mismatches"] == 0 and after_edit["spot_checked"] == 0  # all changed on purpose
+
+    # The same change behind every run's back (no run recorded it) is still found, and named.
+    with factory() as session, session.begin():
+        session.execute(sa.update(Customer).values(name=Customer.name + "X", updated_run_id=run.id))
+    with factory() as session:
+        run = session.scalar(sa.select(LoadRun).where(LoadRun.run_key == "run-1"))
+        assert run is not None
+        found = verify_pieces(session, run, "customer", batch)
+    engine.dispose()
+    assert found["spot_checked"] == 25 and found["spot_mismatches"] == 25
+    line = ReconciliationLine(
+        source="erp_u8", entity="customer", rows_read=1, loaded=1, merged=0, rejected=0, warnings=0,
+        amount_source=None, amount_core=None, spot_checked=found["spot_checked"],
+        spot_mismatches=found["spot_mismatches"], spot_sample=found["spot_sample"],
+    )  # fmt: skip
+    [problem] = line_problems(line)
+    first = found["spot_sample"][0]
+    assert f"e.g. key {first['key']}: name core {first['core']['name']!r}" in problem
