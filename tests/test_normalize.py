@@ -67,3 +67,51 @@ def test_person_key_ignores_spaces_width_and_case() -> None:
 )
 def test_brand_key_gives_the_trade_name_in_pinyin_for_both_scripts(name: str, brand: str) -> None:
     assert brand_key(normalize_company_name(name).core) == brand
+
+
+YONGXING = "宁波甬兴模具有限公司"
+
+
+@pytest.mark.parametrize(
+    ("name", "head_office", "branch"),
+    [
+        ("宁波甬兴模具有限公司（北仑分公司）", YONGXING, "北仑分公司"),  # full-width brackets
+        ("宁波甬兴模具有限公司(北仑分公司)", YONGXING, "北仑分公司"),  # ASCII brackets
+        ("宁波甬兴模具有限公司【北仑分公司】", YONGXING, "北仑分公司"),
+        ("宁波甬兴模具有限公司 ( 北仑分厂 )", YONGXING, "北仑分厂"),
+        ("宁波甬兴模具有限公司（北仑营业部）", YONGXING, "北仑营业部"),
+        ("宁波甬兴模具有限公司（杭州办事处）", YONGXING, "杭州办事处"),
+        ("宁波甬兴模具有限公司北仑分公司", YONGXING, "北仑分公司"),  # unbracketed, as before
+        (
+            "深圳市腾达科技有限公司（北京）分公司",
+            "深圳市腾达科技有限公司",
+            "北京分公司",
+        ),  # region, then the word
+        ("Acme Trading Co., Ltd. (Shanghai Branch)", "Acme Trading Co., Ltd.", "shanghaibranch"),
+        ("Acme Trading Co., Ltd. Shanghai Branch Office", "Acme Trading Co., Ltd.", "shanghaibranchoffice"),
+    ],
+)
+def test_a_branch_word_in_brackets_is_the_branch(name: str, head_office: str, branch: str) -> None:
+    parts, head = normalize_company_name(name), normalize_company_name(head_office)
+    assert parts.branch == branch and head.branch is None
+    assert (parts.region, parts.core) == (head.region, head.core)  # the head office's name, plus a branch
+    assert company_key(name) != company_key(head_office)
+
+
+def test_a_branch_is_one_key_with_or_without_brackets() -> None:
+    keys = {company_key(f"宁波甬兴模具有限公司{b}") for b in ("北仑分公司", "（北仑分公司）", "(北仑分公司)")}
+    assert len(keys) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "region"),
+    [
+        ("华鑫科技（北京）有限公司", "北京"),
+        ("华鑫科技(北京)有限公司", "北京"),
+        ("腾达科技有限公司（北京分公司）", None),
+    ],
+)
+def test_a_region_in_brackets_stays_a_region_and_a_branch_is_not_one(name: str, region: str | None) -> None:
+    parts = normalize_company_name(name)
+    assert parts.region == region
+    assert parts.branch == (None if region else "北京分公司")

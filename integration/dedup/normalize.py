@@ -119,7 +119,12 @@ _REGION_SUFFIX = r"(?:省|市|自治区|特别行政区)?"
 _REGIONS = sorted({*PROVINCES, *CITIES}, key=len, reverse=True)
 _REGION_PREFIX = re.compile(rf"^({'|'.join(_REGIONS)}){_REGION_SUFFIX}")
 _BRACKETS = re.compile(r"[(\[【]([^)\]】]*)[)\]】]")
-_BRANCH_WORDS = r"(?:分公司|分店|办事处|分厂|分部|营业部|branch office|branch)"
+# Matched after whitespace is removed: "Branch Office" is "branchoffice" by then.
+_BRANCH_WORDS = r"(?:分公司|分店|办事处|分厂|分部|营业部|branchoffice|branch)"
+# 有限公司（北仑分公司）: a bracketed part that ends in a branch word is the branch, not noise or a region.
+_BRANCH_IN_BRACKETS = re.compile(rf"^.{{0,20}}?{_BRANCH_WORDS}$")
+# 有限公司（北京）分公司: the brackets round the branch's place are dropped, so the branch reads 北京分公司.
+_BRACKETED_BEFORE_BRANCH = re.compile(rf"[(\[【]([^)\]】]*)[)\]】](?={_BRANCH_WORDS}$)")
 _BRANCH_AFTER_LEGAL = re.compile(
     rf"^(?P<head>.+?(?:股份有限公司|有限责任公司|有限公司|公司|集团|co\.,?ltd\.?|ltd\.?|inc\.?))(?P<branch>.{{1,10}}?{_BRANCH_WORDS})$"
 )
@@ -195,8 +200,13 @@ def normalize_company_name(name: str) -> CompanyName:
     text = _INVISIBLE.sub("", text)
     branch = None
     region: str | None = None
-    # Bracketed parts: a region or country is an attribute, anything else is just noise in brackets.
+    bracketed_branch: str | None = None
+    text = _BRACKETED_BEFORE_BRANCH.sub(r"\1", text)
+    # Bracketed parts: a branch is the branch, a region or country an attribute, anything else noise.
     for inner in _BRACKETS.findall(text):
+        if _BRANCH_IN_BRACKETS.match(inner):
+            bracketed_branch = inner
+            continue
         found = _region(inner)
         if found and region is None:
             region = found
@@ -204,6 +214,8 @@ def normalize_company_name(name: str) -> CompanyName:
     branch_match = _BRANCH_AFTER_LEGAL.match(text) or _BRANCH_AFTER_REGION.match(text)
     if branch_match:
         branch, text = branch_match.group("branch"), branch_match.group("head")
+    if bracketed_branch:
+        branch = (branch or "") + bracketed_branch
     text = _strip_legal(text)
     for _ in range(2):  # 广东省深圳市… : province, then city
         found = _region(text)
