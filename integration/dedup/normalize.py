@@ -1,8 +1,8 @@
 """Normalization for matching: company names (Chinese and Latin), credit codes, phones, e-mails.
 
 A company name is reduced to what identifies the firm: region (深圳), trade name and industry (腾达科技),
-and a branch marker (北京分公司) kept apart so a branch never matches its parent. Legal forms
-(有限公司, 股份有限公司, Co., Ltd., GmbH…) and bracket styles do not matter.
+and a branch marker (北京分公司, also written in brackets: 有限公司（北仑分公司）) kept apart so a branch never
+matches its parent. Legal forms (有限公司, 股份有限公司, Co., Ltd., GmbH…) and bracket styles do not matter.
 """
 
 from __future__ import annotations
