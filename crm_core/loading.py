@@ -127,6 +127,10 @@ class Batch:
     # Its mapping re-imports corrected rows of another source (``system:``, a fix sheet): the crosswalk keys it
     # writes are marked ``corrected_by`` the mapping, so that source's rejects under them count as corrected.
     corrects: bool = False
+    # A trial's sample of a batch (``rows_read`` counts the sampled rows): the rows its source read, and the
+    # keys of the records it left out (rows of other sources pointing at them are left out of their samples).
+    sampled_from: int | None = None
+    left_out_keys: frozenset[str] = frozenset()
 
     @property
     def record_count(self) -> int:

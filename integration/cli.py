@@ -938,6 +938,9 @@ def _report_success(
             ),
             highlight=False,
         )
+    sample = report.sample_note()
+    if sample:
+        console.print(escape(sample), highlight=False)
     console.print(_timing_table(timing))
     counts = ", ".join(f"{k}: {v}" for k, v in report.core_counts.items() if v)
     console.print(f"Core database: [bold]{escape(location)}[/bold]\nIn the core now: {counts}")

@@ -806,34 +806,51 @@ def _sample_order(keys: pd.Series) -> pd.Series:
     return pd.Series(ranks, index=keys.index, dtype="int64")
 
 
-def sample_batch(
-    session: Session, entity: str, batch: Batch, size: int, names: dict[str, set[Any]] | None = None
-) -> Batch:
-    """Return a trial sample of ``batch``: at most ``size`` source rows whose references are in the core.
+LeftOut = Mapping[tuple[str, str], set[str]]  # (entity, crosswalk system) → source keys a sample left out
+LEFT_OUT_KEY = "left_out_keys"  # a trial's run.stats entry: the record keys its sample left out
 
-    Trial runs load entities in reference order, so a row qualifies only when every record it points at by
-    source key was itself sampled; the sample then loads without reference rejects that the full run would
-    not have. Rows are picked by a hash of their row reference: the same sample every time. ``names``
-    keeps the customer names read from the core between calls.
+
+def sample_batch(
+    session: Session,
+    entity: str,
+    batch: Batch,
+    size: int,
+    names: dict[str, set[Any]] | None = None,
+    left_out: LeftOut | None = None,
+    keys: set[str] | None = None,
+) -> Batch:
+    """Return a trial sample of ``batch``: at most ``size`` source rows whose references the sample can resolve.
+
+    Trial runs load entities in reference order, so a row is left out when a record it points at by source key
+    was read but left out of its own sample (``left_out``, from :func:`sample_left_out`): the sample then loads
+    without reference rejects that the full run would not have. A row pointing at a key that no source holds
+    stays in, to be rejected as in the full run. Subtotal lines take no place a record row could take: they
+    fill the places left (a table no larger than the sample comes whole). Rows are picked by a hash of their row reference: the same sample every time. ``names`` keeps the
+    customer names read from the core between calls; ``keys`` are the batch's record keys when ``batch``
+    holds only some of its records (:func:`sample_pieces`). The result says how many rows the source read
+    (``sampled_from``) and which record keys the sample left out.
     """
     records = batch.records
-    eligible = _sample_eligible(session, entity, batch, {} if names is None else names)
+    eligible = _sample_eligible(session, entity, batch, {} if names is None else names, left_out or {})
     candidates = _sample_candidates(records.loc[eligible], batch.rejects)
     chosen = set(map(tuple, candidates.nsmallest(size, "_rank")[[LOCATION, ROW_REF]].to_numpy()))
+    chosen |= _spare_subtotals(batch.rejects, size - len(chosen))
+    every_key = set(records[EXTERNAL_KEY].dropna().astype(str)) if keys is None else keys
 
     def picked(locations: pd.Series, refs: pd.Series) -> pd.Series:
         pairs = zip(locations.astype(str), refs.astype(str), strict=True)
         return pd.Series([p in chosen for p in pairs], index=locations.index, dtype=bool)
 
-    # A branch whose parent (same entity) fell outside the sample leaves the sample too.
+    # A branch whose parent (same entity) was read but fell outside the sample leaves the sample too.
     in_sample = eligible & picked(records[LOCATION], records[ROW_REF])
-    keys = set(records.loc[in_sample, EXTERNAL_KEY].astype(str))
+    sampled_keys = set(records.loc[in_sample, EXTERNAL_KEY].astype(str))
     for name, field_def in ENTITIES[entity].references.items():
         lookup = batch.lookups.get(name, Lookup())
         if field_def.references != entity or name not in records.columns or lookup.by != "external_id":
             continue
         parents = records[name]
-        orphan = in_sample & parents.notna() & ~parents.astype(str).isin(keys)
+        outside = parents.astype(str).isin(every_key) & ~parents.astype(str).isin(sampled_keys)
+        orphan = in_sample & parents.notna() & outside
         chosen -= set(
             zip(
                 records.loc[orphan, LOCATION].astype(str),
@@ -855,7 +872,40 @@ def sample_batch(
         raw=raw,
         watermark=None,  # a sample must not move a stream's cursor
         amount_read=_sample_amount(entity, sampled, rejects),
+        sampled_from=batch.rows_read if batch.sampled_from is None else batch.sampled_from,
+        left_out_keys=frozenset(every_key - set(sampled[EXTERNAL_KEY].dropna().astype(str))),
     )
+
+
+def sample_left_out(stats: Mapping[str, Any] | None) -> dict[tuple[str, str], set[str]]:
+    """Return the source keys the samples of a trial's load run left out so far, from its ``run.stats``."""
+    found: dict[tuple[str, str], set[str]] = {}
+    for entity, entries in (stats or {}).items():
+        for entry in entries if isinstance(entries, list) else ():
+            keys = entry.get(LEFT_OUT_KEY)
+            if keys:
+                found.setdefault((entity, entry["source"]), set()).update(keys)
+    return found
+
+
+def _spare_subtotals(rejects: pd.DataFrame, spare: int) -> set[tuple[str, str]]:
+    """Return the subtotal lines that fill the ``spare`` places a sample's rows left (ranked as they are)."""
+    lines = sorted(_subtotal_rows(rejects))
+    if spare <= 0 or not lines:
+        return set()
+    frame = pd.DataFrame(lines, columns=[LOCATION, ROW_REF])
+    ranked = frame.assign(_rank=_sample_order(frame[LOCATION] + ":" + frame[ROW_REF])).nsmallest(
+        spare, "_rank"
+    )
+    return set(zip(ranked[LOCATION], ranked[ROW_REF], strict=True))
+
+
+def _subtotal_rows(rejects: pd.DataFrame) -> set[tuple[str, str]]:
+    """Return the (location, row) of the subtotal lines among the rejected rows."""
+    if "rule" not in rejects.columns or rejects.empty:
+        return set()
+    lines = rejects.loc[rejects["rule"] == "subtotal", ["location", "row_ref"]].astype(str)
+    return set(zip(lines["location"], lines["row_ref"], strict=True))
 
 
 def _sample_amount(entity: str, records: pd.DataFrame, rejects: pd.DataFrame) -> Decimal | None:
@@ -878,8 +928,10 @@ def _sample_amount(entity: str, records: pd.DataFrame, rejects: pd.DataFrame) ->
     return total
 
 
-def _sample_eligible(session: Session, entity: str, batch: Batch, names: dict[str, set[Any]]) -> pd.Series:
-    """Return which records of ``batch`` may be sampled: every record they point at is in the core."""
+def _sample_eligible(
+    session: Session, entity: str, batch: Batch, names: dict[str, set[Any]], left_out: LeftOut
+) -> pd.Series:
+    """Return which records of ``batch`` may be sampled: none they point at was left out of its sample."""
     records = batch.records
     eligible = pd.Series(True, index=records.index)
     for name, field_def in ENTITIES[entity].references.items():
@@ -903,36 +955,57 @@ def _sample_eligible(session: Session, entity: str, batch: Batch, names: dict[st
         values = records[name]
         given = values.notna()
         system = lookup.system or batch.source
-        known = crosswalk_ids(session, field_def.references or "", system, values[given].astype(str))
-        eligible &= ~given | values.astype(str).isin(known)
+        referenced = field_def.references or ""
+        known = crosswalk_ids(session, referenced, system, values[given].astype(str))
+        # A key no source holds is rejected by the full run too: the sample keeps (and rejects) its row.
+        missed = left_out.get((referenced, system), set())
+        eligible &= ~given | values.astype(str).isin(known) | ~values.astype(str).isin(missed)
     return eligible
 
 
 def _sample_candidates(records: pd.DataFrame, rejects: pd.DataFrame) -> pd.DataFrame:
-    """Return the (location, row) a sample picks among, ranked: these records and the rejected rows."""
+    """Return the (location, row) a sample picks among, ranked: these records and the rejected rows.
+
+    Subtotal lines are not among them (they fill the places left: see :func:`sample_batch`).
+    """
+    rule = (
+        rejects["rule"] if "rule" in rejects.columns else pd.Series(None, index=rejects.index, dtype=object)
+    )
     candidates = pd.concat([
         records[[LOCATION, ROW_REF]].astype(str),
-        rejects.loc[rejects["severity"] == "error", ["location", "row_ref"]]
+        rejects.loc[(rejects["severity"] == "error") & (rule != "subtotal"), ["location", "row_ref"]]
         .astype(str).set_axis([LOCATION, ROW_REF], axis=1),
     ]).drop_duplicates()  # fmt: skip
+    candidates = candidates.loc[~_pairs_in(candidates, _subtotal_rows(rejects))]
     return candidates.assign(_rank=_sample_order(candidates[LOCATION] + ":" + candidates[ROW_REF]))
 
 
-def sample_pieces(session: Session, entity: str, batch: Batch, size: int) -> Batch:
+def _pairs_in(frame: pd.DataFrame, pairs: set[tuple[str, str]]) -> pd.Series:
+    """Return which rows of ``frame`` have their (location, row) among ``pairs``."""
+    found = [p in pairs for p in zip(frame[LOCATION].astype(str), frame[ROW_REF].astype(str), strict=True)]
+    return pd.Series(found, index=frame.index, dtype=bool)
+
+
+def sample_pieces(
+    session: Session, entity: str, batch: Batch, size: int, left_out: LeftOut | None = None
+) -> Batch:
     """:func:`sample_batch` of a batch stored in pieces, read one at a time: only the sampled rows are held.
 
     The first pass ranks each piece's candidates and keeps the ``size`` best; the second takes the records
     and raw rows chosen, which :func:`sample_batch` then samples as it would the whole batch.
     """
     if batch.stored is None:
-        return sample_batch(session, entity, batch, size)
+        return sample_batch(session, entity, batch, size, left_out=left_out)
     names: dict[str, set[Any]] = {}
+    keys: set[str] = set()
     best = _sample_candidates(batch.records.iloc[0:0], batch.rejects).nsmallest(size, "_rank")
     for piece in batch.pieces():
-        eligible = _sample_eligible(session, entity, piece, names)
+        keys.update(piece.records[EXTERNAL_KEY].dropna().astype(str))
+        eligible = _sample_eligible(session, entity, piece, names, left_out or {})
         ranked = _sample_candidates(piece.records.loc[eligible], piece.rejects.iloc[0:0])
         best = pd.concat([best, ranked]).drop_duplicates([LOCATION, ROW_REF]).nsmallest(size, "_rank")
-    chosen = set(zip(best[LOCATION], best[ROW_REF], strict=True))
+    # every subtotal line: sample_batch keeps those that fill the places left
+    chosen = set(zip(best[LOCATION], best[ROW_REF], strict=True)) | _subtotal_rows(batch.rejects)
 
     def picked(frame: pd.DataFrame) -> pd.DataFrame:
         pairs = zip(frame[LOCATION].astype(str), frame[ROW_REF].astype(str), strict=True)
@@ -950,7 +1023,7 @@ def sample_pieces(session: Session, entity: str, batch: Batch, size: int) -> Bat
         stored=None,
         locations=None,  # where the sampled rows were read, as for a batch held whole
     )
-    return sample_batch(session, entity, reduced, size, names)
+    return sample_batch(session, entity, reduced, size, names, left_out, keys)
 
 
 def _rows_of(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -1009,9 +1082,10 @@ def load(
     with factory() as session, session.begin():
         run = get_or_start_run(session, run_key, migration.project.name, mode)
         if sample is not None:
+            left_out = sample_left_out(run.stats)
             staged = replace(
                 staged,
-                batches=[sample_pieces(session, staged.entity, b, sample) for b in staged.batches],
+                batches=[sample_pieces(session, staged.entity, b, sample, left_out) for b in staged.batches],
             )
         if staged.batches:  # nothing to load when every mapping was skipped: not even the loader's index
             key_functions = dict(MATCH_KEY_FUNCTIONS) if staged.entity in ("sales_rep", "contact") else {}
@@ -1035,7 +1109,7 @@ def load(
     with factory() as session, session.begin():
         run = get_or_start_run(session, run_key, migration.project.name, mode)
         checked = [
-            {**s.as_dict(), **verify_pieces(session, run, staged.entity, b)}
+            {**s.as_dict(), **verify_pieces(session, run, staged.entity, b), **_sample_entry(b)}
             for s, b in zip(stats, staged.batches, strict=True)
         ]
         connection = session.connection()
@@ -1046,6 +1120,13 @@ def load(
         entries = sorted([*checked, *carried], key=lambda e: order.index(e["mapping"]))
         run.stats = {**(run.stats or {}), staged.entity: entries}
     return [*stats, *(stats_object(c) for c in carried)]
+
+
+def _sample_entry(batch: Batch) -> dict[str, Any]:
+    """Return what a run.stats entry says of a trial's sample: the rows its source read, the keys left out."""
+    if batch.sampled_from is None:
+        return {}
+    return {"rows_in_source": batch.sampled_from, LEFT_OUT_KEY: sorted(batch.left_out_keys)}
 
 
 def reload_if_needed(
@@ -1333,6 +1414,13 @@ class ReconciliationLine:
     corrected: int = 0
     amount_corrected: Decimal | None = None
     corrected_held: int = 0
+    # A trial's sample: the rows its source read (``rows_read`` counts the sampled rows); None: every row.
+    rows_in_source: int | None = None
+
+    @property
+    def left_out(self) -> int:
+        """Return the rows of the source a trial's sample left out (0 outside a trial)."""
+        return 0 if self.rows_in_source is None else self.rows_in_source - self.rows_read
 
     @property
     def waiting(self) -> int:
@@ -1460,6 +1548,28 @@ class ReconciliationReport:
             for line in self.lines
         ]
 
+    def sample_note(self) -> str | None:
+        """Return how much of each source a trial's sample read (None: not a sample): the counts are the sample's."""
+        sampled = [
+            (label, line) for line, label in zip(self.lines, self.labels(), strict=True)
+            if line.rows_in_source is not None
+        ]  # fmt: skip
+        if not sampled:
+            return None
+        parts = [
+            f"{label} {line.entity}: sample of {line.rows_read} of {line.rows_in_source} rows"
+            + (f" ({line.left_out} left out)" if line.left_out else " (every row)")
+            for label, line in sampled
+        ]
+        left = sum(line.left_out for _, line in sampled)
+        if not left:
+            return "Trial sample of every source row: " + "; ".join(parts) + "."
+        return (
+            f"Trial sample: the counts are the sample's, {left} source row(s) left out: "
+            + "; ".join(parts)
+            + "."
+        )
+
     def verdict(self) -> str:
         """Return the one-line summary: clean only when nothing at all is quarantined."""
         if not self.balanced:
@@ -1486,7 +1596,8 @@ class ReconciliationReport:
         """Return the lines as a table."""
         return pd.DataFrame([
             {**line.__dict__, "quarantined": line.quarantined, "amount_in_quarantine": line.amount_in_quarantine,
-             "quarantined_share": round(line.quarantined_share, 4), "balanced": line.balanced, "status": line.status}
+             "quarantined_share": round(line.quarantined_share, 4), "balanced": line.balanced, "status": line.status,
+             "left_out": line.left_out}
             for line in self.lines
         ])  # fmt: skip
 
@@ -1507,6 +1618,8 @@ class ReconciliationReport:
             )
         skipped = ", ".join(f"{s['mapping']} (run {str(s['unchanged_since'])[:8]})" for s in self.skipped)
         note = f"\n\nUnchanged since an earlier run, not read again: {skipped}." if skipped else ""
+        sample = self.sample_note()
+        note += f"\n\n{sample}" if sample else ""
         return "\n".join(rows) + f"\n\n{self.verdict()}" + note
 
 
@@ -1560,6 +1673,7 @@ def reconcile(
                     amount_quarantined=_amount(stats.get("amount_quarantined")),
                     amount_unreadable=stats.get("amount_unreadable", 0), max_quarantined_share=max_quarantined_share,
                     mapping=stats.get("mapping", ""), unchanged_since=stats.get(UNCHANGED_KEY),
+                    rows_in_source=stats.get("rows_in_source"),
                 ))  # fmt: skip
         columns = [Reject.source, Reject.entity, Reject.location, Reject.row_ref, Reject.field, Reject.value,
                    Reject.rule, Reject.reason, Reject.severity, Reject.raw_row, Reject.mapping, Reject.amount]  # fmt: skip
