@@ -1,8 +1,8 @@
 """Skipping what did not change: a full re-run leaves a mapping alone when its input provably did not change.
 
 A mapping's **fingerprint** is taken before anything is read: a hash of its input (the content of every file it
-matches; a SQLite source's database file; on PostgreSQL a server-side aggregate over every table it reads,
-joined tables too), its mapping file, the project's settings, the toolkit's code and the core's schema
+matches; a SQLite source's database file; on PostgreSQL, MySQL and MariaDB a server-side aggregate over every
+table it reads, joined tables too), its mapping file, the project's settings, the toolkit's code and the core's schema
 revision. A load records it (``mapping_fingerprints``, keyed by the loading run: a rollback or a failure of that
 run deletes it). A later full run skips the mapping's extract → map → validate → load when
 
@@ -15,7 +15,7 @@ run deletes it). A later full run skips the mapping's extract → map → valida
 
 A skipped mapping still reconciles: its line is the last loading run's, carried over (what loaded then is
 ``unchanged`` now), with that run's quarantine entries copied, and says since which run it is unchanged.
-Sources without a cheap proof (REST, ODBC, K3Cloud, MariaDB…) are never skipped.
+Sources without a cheap proof (REST, ODBC, K3Cloud, SQL Server…) are never skipped.
 
 When every mapping would be skipped and the newest run on the core is this project's last full run, a run
 would read, load, link and merge nothing and carry that run's reconciliation over line by line:
@@ -151,12 +151,54 @@ def _postgres_digest(connector: SqlConnector, tables: Sequence[str]) -> str:
     return "|".join(parts)
 
 
+# MySQL protocol column types whose text form rounds (a FLOAT shows 6 digits): hashed as a DOUBLE instead.
+_MYSQL_FLOATS = (4, 5)  # FLOAT, DOUBLE
+
+
+def _mysql_digest(connector: SqlConnector, tables: Sequence[str]) -> str:
+    """Aggregate every table on the server: row count and two order-free sums of 64-bit row hashes.
+
+    A row's hash is the SHA-256 of its values, each ``QUOTE``d as bytes (NULL and the text 'NULL' differ,
+    columns of different collations concatenate, a float exactly as a DOUBLE); the two sums add its two
+    first 64-bit words, as the PostgreSQL digest adds two seeded hashes.
+    """
+    quote = connector.engine.dialect.identifier_preparer.quote
+    parts = []
+    with connector.engine.connect() as connection:
+        for table in tables:
+            if table.startswith("query:"):
+                relation = f"({table.removeprefix('query:')})"
+            else:
+                relation = (f"{quote(connector.schema)}." if connector.schema else "") + quote(table)
+            # Colons are the text's bind markers: a query's own are escaped.
+            described = connection.execute(
+                sa.text(f"SELECT * FROM {relation} AS t LIMIT 0".replace(":", r"\:"))
+            )
+            columns = [(d[0], d[1]) for d in described.cursor.description]
+            described.close()
+            values = ", ".join(
+                f"QUOTE(CAST(t.{quote(name)}{' + 0e0' if kind in _MYSQL_FLOATS else ''} AS BINARY))"
+                for name, kind in columns
+            )
+            word = "COALESCE(SUM(CAST(CONV(SUBSTRING(h, {}, 16), 16, 10) AS UNSIGNED)), 0)"
+            sql = (
+                f"SELECT COUNT(*), {word.format(1)}, {word.format(17)} "
+                f"FROM (SELECT SHA2(CONCAT_WS(',', {values}), 256) AS h FROM {relation} AS t) AS hashed"
+            )
+            row = connection.execute(sa.text(sql.replace(":", r"\:"))).one()
+            parts.append(f"{table}:{row[0]}:{row[1]}:{row[2]}")
+    return "|".join(parts)
+
+
 def source_digest(migration: Migration, mapping: CompiledMapping) -> str | None:
     """Return a proof of a mapping's input as it is now, or None when there is no cheap one (then no skip).
 
     Files (xlsx, csv): the content hash of every file the source matches (other sheets of a workbook and
     lookups in it included). SQLite: the database file (and its write-ahead log). PostgreSQL: per table read
     (joined tables too), ``count(*)`` and two sums of ``hashtextextended`` over the row's text, in the server.
+    MySQL/MariaDB: the same per table read, with two words of a SHA-256 of the row's values
+    (:func:`_mysql_digest`; ``CHECKSUM TABLE`` is not used: a 32-bit sum that follows the row format, for
+    tables only).
     """
     connector = migration.connector(mapping.source)
     if isinstance(connector, ExcelConnector | CsvConnector):
@@ -176,6 +218,8 @@ def source_digest(migration: Migration, mapping: CompiledMapping) -> str | None:
             return "|".join(f"{p.name}:{file_digest(p)}" for p in files if p.is_file())
         if backend == "postgresql":
             return _postgres_digest(connector, _tables_read(mapping))
+        if backend in ("mysql", "mariadb"):
+            return _mysql_digest(connector, _tables_read(mapping))
         return None
     except (sa.exc.SQLAlchemyError, OSError):
         return None  # the extraction will say what is wrong with the source
