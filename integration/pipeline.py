@@ -85,6 +85,7 @@ from integration.rerun import (
     fingerprint_row,
     must_reload,
     record_fingerprints,
+    shares_rows,
     stats_object,
 )
 from integration.spill import SpillFolder, StoredFrames
@@ -1152,10 +1153,20 @@ def reload_if_needed(
 
         loading = bool(staged.batches)
         again = [u for u in staged.unchanged if must(u, loading)]
-        if again and not loading:
-            # Reading these loads the entity after all: a skipped mapping that must load whenever another
-            # mapping of its entity does (a branch's parent) is read now too.
-            again += [u for u in staged.unchanged if u not in again and must(u, True)]
+        read = [(b.source, _places(b)) for b in staged.batches]
+        while True:
+            # A skipped mapping reading the rows of one read now (a fix sheet and its source) is read too.
+            reading = read + [(u.system, set(u.locations)) for u in again]
+            more = [
+                u for u in staged.unchanged if u not in again and any(shares_rows(u, *r) for r in reading)
+            ]
+            if again and not loading:
+                # Reading these loads the entity after all: a skipped mapping that must load whenever another
+                # mapping of its entity does (a branch's parent) is read now too.
+                more += [u for u in staged.unchanged if u not in again and u not in more and must(u, True)]
+            if not more:
+                break
+            again += more
     if not again:
         return staged
     raw: dict[str, pd.DataFrame | StoredFrames] = {}
@@ -1174,6 +1185,14 @@ def reload_if_needed(
     )
 
 
+def _places(batch: Batch) -> set[Any]:
+    """Return the tables, sheets or files a batch's rows were read from (their ``_location``)."""
+    if batch.locations is not None:
+        return set(batch.locations)
+    raw = batch.raw
+    return set(raw[LOCATION].unique()) if raw is not None and LOCATION in raw else set()
+
+
 def _record_loaded(
     connection: Any,
     migration: Migration,
@@ -1182,31 +1201,22 @@ def _record_loaded(
     stats: Sequence[SourceStats],
     sample: int | None,
 ) -> None:
-    """Record the fingerprint of each mapping this load read (a sample or a delta records none)."""
+    """Record the fingerprint of each mapping this load read (a sample or a delta records none).
+
+    Two mappings of one system reading one table or sheet (a fix sheet keeps its rows' original ``_location``)
+    are fingerprinted each: their quarantine entries are told apart by mapping, and one is skipped only
+    with the other (:func:`reload_if_needed`).
+    """
     mappings = {m.name: m for m in migration.mappings_for(staged.entity)}
-    places: dict[str, set[Any]] = {}
-    for batch in staged.batches:
-        raw = batch.raw
-        if batch.locations is not None:
-            places[batch.mapping] = set(batch.locations)
-        else:
-            places[batch.mapping] = (
-                set(raw[LOCATION].unique()) if raw is not None and LOCATION in raw else set()
-            )
+    places = {batch.mapping: _places(batch) for batch in staged.batches}
     rows = []
     for batch, batch_stats in zip(staged.batches, stats, strict=True):
         mapping = mappings[batch.mapping]
         fingerprint = None if sample is not None else staged.fingerprints.get(batch.mapping)
-        # Two mappings of one system reading one table or sheet: their quarantine entries cannot be told apart.
-        shared = any(
-            other.mapping != batch.mapping and other.source == batch.source
-            and places[other.mapping] & places[batch.mapping]
-            for other in staged.batches
-        )  # fmt: skip
         locations = sorted(places[batch.mapping], key=str)
         dependent = depends_on_core(connection, run_id, mapping, batch.source, locations, batch_stats.held)
         rows.append(fingerprint_row(run_id, migration.project.name, mapping, batch.source,
-                                    None if shared else fingerprint, locations, dependent))  # fmt: skip
+                                    fingerprint, locations, dependent))  # fmt: skip
     record_fingerprints(connection, rows)
 
 

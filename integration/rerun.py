@@ -447,9 +447,24 @@ def depends_on_core(
         return True
     problems = select(Reject.id).where(
         Reject.load_run_id == run_id, Reject.entity == mapping.entity.name, Reject.source == system,
-        Reject.rule == "reference", _at(locations),
+        Reject.rule == "reference", _of(mapping.name, locations),
     )  # fmt: skip
     return bool(connection.scalar(select(exists(problems))))
+
+
+def _of(mapping: str, locations: Sequence[Any]) -> Any:
+    """Select a mapping's quarantine entries: by the mapping that read them, or where they were read for
+    entries recorded before rejects named their mapping (core revision 0014)."""
+    return or_(Reject.mapping == mapping, and_(Reject.mapping.is_(None), _at(locations)))
+
+
+def shares_rows(unchanged: Unchanged, system: str, locations: Iterable[Any]) -> bool:
+    """Return True when a skipped mapping read the rows of ``locations`` of ``system`` as well: a fix sheet
+    (``system:``) keeps its rows' original ``_location``, so it and the source's own mapping write one
+    crosswalk key each, in mapping order: one read without the other could leave another core."""
+    return unchanged.system == system and bool(
+        {str(v) for v in unchanged.locations if v is not None} & {str(v) for v in locations if v is not None}
+    )
 
 
 def _at(locations: Sequence[Any]) -> Any:
@@ -496,7 +511,8 @@ def copy_rejects(connection: Connection, run_id: int, unchanged: Sequence[Unchan
     columns = [c for c in Reject.__table__.columns if c.name not in ("id", "load_run_id")]
     for origin, items in sorted(by_run.items()):
         which = or_(*(
-            and_(Reject.entity == u.entity, Reject.source == u.system, _at(u.locations)) for u in items
+            and_(Reject.entity == u.entity, Reject.source == u.system, _of(u.mapping, u.locations))
+            for u in items
         ))  # fmt: skip
         chosen = (
             select(sa.literal(run_id).label("load_run_id"), *columns)
