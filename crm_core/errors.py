@@ -13,15 +13,32 @@ from pathlib import Path
 
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
 # PWD=… (ODBC), password: … / token: … / client_secret: … (YAML, JSON); ${ENV_VAR} references stay readable.
+# A quoted value is masked up to its closing quote (spaces included), a braced ODBC value up to its brace.
 _KEYWORD_PASSWORD = re.compile(
-    r"((?:PWD|PASSWORD|TOKEN|[A-Z_]*SECRET)[\"']?\s*[=:]\s*[\"']?)(?!\$\{)(\{[^}]*\}|[^;\s'\",}]+)",
+    r"((?:PWD|PASSWORD|TOKEN|[A-Z_]*SECRET)[\"']?\s*[=:]\s*)(?!\$\{)"
+    r"(?:(?P<quote>[\"'])(?!\$\{)(?P<quoted>(?:\\.|(?!(?P=quote))[^\\\n])*)|(?P<bare>\{[^}]*\}|[^;\s'\",}]+))",
     re.IGNORECASE,
 )
+_CLOSERS = {")": "(", "]": "["}
+
+
+def _mask_keyword(match: re.Match[str]) -> str:
+    if match.group("quote") is not None:
+        return f"{match.group(1)}{match.group('quote')}***"
+    value, kept = match.group("bare"), ""
+    # A bracket closing one that was opened before the keyword is punctuation, not part of the secret:
+    # "(using password: YES)" keeps its ")". A bracket without an opener stays masked ("PWD=abc)").
+    before = match.string[: match.start()]
+    still_open = {closer: before.count(opener) - before.count(closer) for closer, opener in _CLOSERS.items()}
+    while len(value) > 1 and still_open.get(value[-1], 0) > 0:
+        still_open[value[-1]] -= 1
+        value, kept = value[:-1], value[-1] + kept
+    return f"{match.group(1)}***{kept}"
 
 
 def mask_secrets(text: str) -> str:
     """Mask passwords in URLs (``user:***@host``), ODBC strings and YAML (``PWD=***``, ``token: ***``)."""
-    return _KEYWORD_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+    return _KEYWORD_PASSWORD.sub(_mask_keyword, _URL_PASSWORD.sub(r"\1***@", text))
 
 
 def caret_padding(text: str) -> str:
