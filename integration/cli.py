@@ -724,11 +724,11 @@ SOURCE_WIDTH = 28  # a line's source and mapping name fold at this width in the 
 
 def _rows_table(report: Any, title: str) -> Table:
     """Return each line's rows (read, loaded, merged, rejected, held, quarantined, corrected…) as a table."""
-    from integration.pipeline import STATUS_MARK
+    from integration.pipeline import STATUS_MARK, quarantined_text, rejected_text
 
     table = Table(title=title)
-    for column in ("source", "entity", "read", "loaded", "merged", "rejected", "held", "warnings", "quarantined",
-                   "corrected", "keys missing", "spot check", "ok"):  # fmt: skip
+    for column in ("source", "entity", "read", "loaded", "merged", "rejected", "held", "warnings",
+                   "quarantined (% of rows)", "corrected", "keys missing", "spot check", "ok"):  # fmt: skip
         table.add_column(
             column,
             justify="left" if column in ("source", "entity") else "right",
@@ -740,8 +740,8 @@ def _rows_table(report: Any, title: str) -> Table:
         )
     for line, label in zip(report.lines, report.labels(), strict=True):
         table.add_row(
-            label, line.entity, str(line.rows_read), str(line.loaded), str(line.merged), str(line.rejected),
-            str(line.held), str(line.warnings), f"{line.quarantined} ({line.quarantined_share:.1%})",
+            label, line.entity, str(line.rows_read), str(line.loaded), str(line.merged), rejected_text(line),
+            str(line.held), str(line.warnings), quarantined_text(line),
             str(line.corrected), str(line.keys_missing),
             f"{line.spot_checked - line.spot_mismatches}/{line.spot_checked}", STATUS_MARK[line.status],
         )  # fmt: skip
@@ -751,17 +751,22 @@ def _rows_table(report: Any, title: str) -> Table:
 def _money_table(report: Any) -> Table | None:
     """Return the money of each line that carries an amount (source, core, quarantined, corrected) as a table
     whose figures are never cut (a narrow terminal folds the source names instead), or None when none does."""
+    from integration.pipeline import amount_quarantined_text
+
+    def money(value: Any) -> str:
+        return "" if value is None else f"{value:,.2f}"
+
     rows = [
-        (label, line.entity, *(("" if value is None else f"{value:,.2f}") for value in (
-            line.amount_source, line.amount_core, line.amount_in_quarantine, line.amount_corrected)))
+        (label, line.entity, money(line.amount_source), money(line.amount_core), amount_quarantined_text(line),
+         money(line.amount_corrected))
         for line, label in zip(report.lines, report.labels(), strict=True)
         if line.amount_source is not None or line.amount_core is not None
     ]  # fmt: skip
     if not rows:
         return None
     table = Table(title="Money per line")
-    for position, column in enumerate(("source", "entity", "amount source", "amount core", "amount quarantined",
-                                       "amount corrected")):  # fmt: skip
+    for position, column in enumerate(("source", "entity", "amount source", "amount core",
+                                       "amount quarantined (% of amount)", "amount corrected")):  # fmt: skip
         if position == 0:  # a long source name folds
             table.add_column(column, max_width=SOURCE_WIDTH, overflow="fold")
         else:  # every figure whole: Rich narrows a table by shrinking its columns down to their min_width

@@ -1450,14 +1450,30 @@ class ReconciliationLine:
         return self.amount_quarantined - (self.amount_corrected or Decimal(0))
 
     @property
+    def quarantined_rows_share(self) -> float:
+        """Return the quarantined share of the record rows read (subtotal lines aside)."""
+        records = self.rows_read - self.subtotals
+        return self.quarantined / records if records > 0 else 0.0
+
+    @property
+    def quarantined_amount_share(self) -> float | None:
+        """Return the quarantined share of the money read, or None when the line reads no money."""
+        money = self.amount_in_quarantine
+        if not self.amount_source or money is None:
+            return None
+        return float(abs(money) / abs(self.amount_source))
+
+    @property
     def quarantined_share(self) -> float:
         """Return the larger of the quarantined share of the record rows and of the money read."""
-        records = self.rows_read - self.subtotals
-        shares = [self.quarantined / records if records > 0 else 0.0]
-        money = self.amount_in_quarantine
-        if self.amount_source and money is not None:
-            shares.append(float(abs(money) / abs(self.amount_source)))
-        return max(shares)
+        return max(self.quarantined_rows_share, self.quarantined_amount_share or 0.0)
+
+    def quarantined_shares(self) -> list[tuple[str, float]]:
+        """Return ``("rows", share)`` and, for a line with money, ``("amount", share)``: what each share is of."""
+        shares = [("rows", self.quarantined_rows_share)]
+        if self.quarantined_amount_share is not None:
+            shares.append(("amount", self.quarantined_amount_share))
+        return shares
 
     @property
     def rows_balance(self) -> bool:
@@ -1596,18 +1612,26 @@ class ReconciliationReport:
             + (f" carrying {money:,.2f}" if money else "")
             + " are quarantined"
             + (f" ({held} waiting for a steward's reference decision)" if held else "")
-            + (f"; {corrected} more were {how} but loaded from a fix sheet" if corrected else "")
         )
         if not self.acceptable:
-            return text + f": more than the project's limit of {self.max_quarantined_share:.0%}."
+            over = sum(line.over_quarantine_limit for line in self.lines)
+            text += (
+                f"; the quarantined share of {over} line(s) is more than the project's limit of "
+                f"{self.max_quarantined_share:.0%}"
+            )
+        if corrected:
+            return text + f". {corrected} more row(s) were {how} but loaded from a fix sheet."
         return text + "."
 
     def to_frame(self) -> pd.DataFrame:
         """Return the lines as a table."""
         return pd.DataFrame([
             {**line.__dict__, "quarantined": line.quarantined, "amount_in_quarantine": line.amount_in_quarantine,
-             "quarantined_share": round(line.quarantined_share, 4), "balanced": line.balanced, "status": line.status,
-             "left_out": line.left_out}
+             "quarantined_share": round(line.quarantined_share, 4),
+             "quarantined_rows_share": round(line.quarantined_rows_share, 4),
+             "quarantined_amount_share": None if line.quarantined_amount_share is None
+             else round(line.quarantined_amount_share, 4),
+             "balanced": line.balanced, "status": line.status, "left_out": line.left_out}
             for line in self.lines
         ])  # fmt: skip
 
@@ -1615,14 +1639,14 @@ class ReconciliationReport:
         """Return the table as Markdown (Dagster metadata, README output)."""
         header = (
             "| source | entity | read | loaded | merged | rejected | held | warnings | amount source | amount core "
-            "| quarantined | amount quarantined | corrected | keys missing | spot check | ok |"
+            "| quarantined (% of rows) | amount quarantined (% of amount) | corrected | keys missing | spot check | ok |"
         )
         rows = [header, "|" + "---|" * 16]
         for line, label in zip(self.lines, self.labels(), strict=True):
             rows.append(
-                f"| {label} | {line.entity} | {line.rows_read} | {line.loaded} | {line.merged} | {line.rejected} "
+                f"| {label} | {line.entity} | {line.rows_read} | {line.loaded} | {line.merged} | {rejected_text(line)} "
                 f"| {line.held} | {line.warnings} | {_money(line.amount_source)} | {_money(line.amount_core)} "
-                f"| {line.quarantined} ({line.quarantined_share:.1%}) | {_money(line.amount_in_quarantine)} "
+                f"| {quarantined_text(line)} | {amount_quarantined_text(line)} "
                 f"| {corrected_text(line)} | {line.keys_missing} | {line.spot_checked - line.spot_mismatches}/{line.spot_checked} "
                 f"| {STATUS_MARK[line.status]} |"
             )
@@ -1635,6 +1659,26 @@ class ReconciliationReport:
 
 def _money(value: Decimal | None) -> str:
     return "" if value is None else f"{value:,.2f}"
+
+
+def rejected_text(line: ReconciliationLine) -> str:
+    """Return a line's rejected rows as its tables show them: the count, and how many are subtotal lines."""
+    if not line.subtotals:
+        return str(line.rejected)
+    return f"{line.rejected} ({line.subtotals} subtotal{'s' if line.subtotals > 1 else ''})"
+
+
+def quarantined_text(line: ReconciliationLine) -> str:
+    """Return a line's quarantined rows as its tables show them: the count and their share of the record rows."""
+    return f"{line.quarantined} ({line.quarantined_rows_share:.1%})"
+
+
+def amount_quarantined_text(line: ReconciliationLine) -> str:
+    """Return a line's quarantined money as its tables show it: the amount and its share of the money read."""
+    money, share = line.amount_in_quarantine, line.quarantined_amount_share
+    if money is None:
+        return ""
+    return f"{money:,.2f}" + (f" ({share:.1%})" if share is not None else "")
 
 
 def corrected_text(line: ReconciliationLine) -> str:

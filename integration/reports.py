@@ -93,9 +93,14 @@ def line_problems(line: ReconciliationLine) -> list[str]:
             if line.amount_source
             else ""
         )
+        over = " and ".join(
+            f"{share:.1%} of the {what}"
+            for what, share in line.quarantined_shares()
+            if share > line.max_quarantined_share
+        )
         problems.append(
             f"{line.quarantined} of {line.rows_read - line.subtotals} row(s) quarantined{money} "
-            f"({line.quarantined_share:.1%} > reconciliation.max_quarantined_share {line.max_quarantined_share:.0%})"
+            f"({over} > reconciliation.max_quarantined_share {line.max_quarantined_share:.0%})"
         )
     return problems
 
@@ -119,7 +124,7 @@ def quarantine_notes(report: ReconciliationReport) -> list[str]:
         held = f", {line.waiting} waiting for a steward (`crmi dedup review`)" if line.waiting else ""
         notes.append(
             f"{label}/{line.entity}: {line.quarantined} row(s){money}{unreadable} quarantined "
-            f"({line.quarantined_share:.1%}){held}"
+            f"({', '.join(f'{share:.1%} of the {what}' for what, share in line.quarantined_shares())}){held}"
         )
     return notes
 

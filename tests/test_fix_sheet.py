@@ -355,7 +355,7 @@ def test_rejected_rows_a_fix_sheet_loaded_count_as_corrected_not_quarantined(
         line["amount_quarantined"]
     ) == money(line["amount_source"])
     assert second["quarantined_rows"] == sum(entry["quarantined"] for entry in second["lines"])
-    assert "14 more were rejected but loaded from a fix sheet" in second["verdict"]
+    assert "14 more row(s) were rejected but loaded from a fix sheet" in second["verdict"]
     report = tmp_path / "var" / "reports" / second["run_id"]
     assert "| 14 (" in (report / "reconciliation.md").read_text(encoding="utf-8")
     # The next fix sheet holds only what still needs someone: the rows held for a steward.

@@ -179,16 +179,19 @@ def test_the_terminal_reconciliation_never_cuts_an_amount_on_a_narrow_terminal()
 
     from integration.cli import _money_table, _rows_table
 
-    def line(entity: str, **money: Decimal | None) -> SimpleNamespace:
-        amounts = dict.fromkeys(("amount_source", "amount_core", "amount_in_quarantine", "amount_corrected"))
+    def line(entity: str, **money: Decimal | float | None) -> SimpleNamespace:
+        money_fields = ("amount_source", "amount_core", "amount_in_quarantine", "amount_corrected")
+        amounts = dict.fromkeys((*money_fields, "quarantined_amount_share"))
         return SimpleNamespace(entity=entity, rows_read=120_000, loaded=118_000, merged=1_000, rejected=900,
                                held=100, warnings=3, quarantined=1_000, quarantined_share=0.0083, corrected=12,
+                               subtotals=0, quarantined_rows_share=0.0083,
                                keys_missing=0, spot_checked=25, spot_mismatches=0, status="quarantined",
                                **{**amounts, **money})  # fmt: skip
 
     lines = [
         line("opportunity", amount_source=Decimal("1224902183.91"), amount_core=Decimal("1212345678.90"),
-             amount_in_quarantine=Decimal("12556505.01"), amount_corrected=Decimal("80000.00")),
+             amount_in_quarantine=Decimal("12556505.01"), amount_corrected=Decimal("80000.00"),
+             quarantined_amount_share=0.0103),
         line("customer"),
     ]  # fmt: skip
     report = SimpleNamespace(
