@@ -752,13 +752,11 @@ def _money_table(report: Any) -> Table | None:
     """Return the money of each line that carries an amount (source, core, quarantined, corrected) as a table
     whose figures are never cut (a narrow terminal folds the source names instead), or None when none does."""
     from integration.pipeline import amount_quarantined_text
-
-    def money(value: Any) -> str:
-        return "" if value is None else f"{value:,.2f}"
+    from integration.reports import amount_text
 
     rows = [
-        (label, line.entity, money(line.amount_source), money(line.amount_core), amount_quarantined_text(line),
-         money(line.amount_corrected))
+        (label, line.entity, amount_text(line.amount_source), amount_text(line.amount_core),
+         amount_quarantined_text(line), amount_text(line.amount_corrected))
         for line, label in zip(report.lines, report.labels(), strict=True)
         if line.amount_source is not None or line.amount_core is not None
     ]  # fmt: skip
@@ -1508,26 +1506,31 @@ def dedup_review(
     console.print(table)
     if not references:
         return
+    from integration.reports import amount_text
+
     names = Table(
         title=f"Names that match no single customer ({len(references)} shown): rows wait for a decision"
     )
+    # Candidates found as a name variant or a close name carry no probability: the column promises one only
+    # when some candidate has it, and a candidate without one says so.
+    scored = any(c.get("probability") is not None for r in references for c in r["candidates"])
     for column in (
         "reference",
         "name as written",
         "rows held",
         "amount held",
-        "candidates (id name probability)",
+        "candidates (id name probability)" if scored else "candidates (id name)",
     ):
-        names.add_column(column)
+        names.add_column(column, justify="right" if column == "amount held" else "left")
     for r in references:
+        unscored = " (no probability)" if scored else ""
         shown = "; ".join(
             f"{c['id']} {c.get('name') or ''}"
-            + (f" {c['probability']:.2f}" if c.get("probability") is not None else "")
+            + (f" {c['probability']:.2f}" if c.get("probability") is not None else unscored)
             for c in r["candidates"]
         )
-        names.add_row(
-            r["reference"], escape(r["name"]), str(r["rows_held"]), r["amount_held"] or "", escape(shown)
-        )
+        held = amount_text(r["amount_held"])
+        names.add_row(r["reference"], escape(r["name"]), str(r["rows_held"]), held, escape(shown))
     console.print(names)
     console.print(
         "Decide one with `crmi dedup decide rN --customer ID --steward S` (or --different: none of them)."

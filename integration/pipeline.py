@@ -73,6 +73,7 @@ from integration.mappings.money import RateTable
 from integration.mappings.spec import CompiledMapping, load_mappings
 from integration.project import Project, load_project
 from integration.readback import CrosswalkRead, texts, unaccounted
+from integration.reports import amount_text
 from integration.rerun import (
     FINGERPRINT_ATTR,
     UNCHANGED_ATTR,
@@ -1609,7 +1610,7 @@ class ReconciliationReport:
         money = self.quarantined_amount
         text = (
             f"Every row is accounted for, but {self.quarantined_rows} row(s)"
-            + (f" carrying {money:,.2f}" if money else "")
+            + (f" carrying {amount_text(money)}" if money else "")
             + " are quarantined"
             + (f" ({held} waiting for a steward's reference decision)" if held else "")
         )
@@ -1658,7 +1659,7 @@ class ReconciliationReport:
 
 
 def _money(value: Decimal | None) -> str:
-    return "" if value is None else f"{value:,.2f}"
+    return amount_text(value)
 
 
 def rejected_text(line: ReconciliationLine) -> str:
@@ -1678,13 +1679,15 @@ def amount_quarantined_text(line: ReconciliationLine) -> str:
     money, share = line.amount_in_quarantine, line.quarantined_amount_share
     if money is None:
         return ""
-    return f"{money:,.2f}" + (f" ({share:.1%})" if share is not None else "")
+    return amount_text(money) + (f" ({share:.1%})" if share is not None else "")
 
 
 def corrected_text(line: ReconciliationLine) -> str:
     """Return a line's corrected rows as shown in its tables: the count, and their money when it has any."""
     return (
-        f"{line.corrected} ({line.amount_corrected:,.2f})" if line.amount_corrected else str(line.corrected)
+        f"{line.corrected} ({amount_text(line.amount_corrected)})"
+        if line.amount_corrected
+        else str(line.corrected)
     )
 
 

@@ -49,8 +49,15 @@ def escape_formula(value: Any) -> Any:
 REJECT_COLUMNS = ["source", "entity", "location", "row_ref", "field", "value", "rule", "reason", "severity"]
 
 
+def amount_text(value: Decimal | str | float | None, missing: str = "") -> str:
+    """Return an amount as every table and message shows it, ``200,000.00``; ``missing`` for None."""
+    if value is None:
+        return missing
+    return f"{value if isinstance(value, Decimal) else Decimal(str(value)):,.2f}"
+
+
 def _money(value: Decimal | None) -> str:
-    return "none" if value is None else f"{value:,.2f}"
+    return amount_text(value, "none")
 
 
 def line_problems(line: ReconciliationLine) -> list[str]:
