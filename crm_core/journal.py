@@ -59,6 +59,38 @@ def journal_session(session: Session, run_id: int) -> None:
     session.info[JOURNAL_RUN] = run_id
 
 
+def plain_decimal(value: Decimal) -> str:
+    """Return a decimal as people write it: no trailing zeros after the point, never an exponent (``50000``).
+
+    ``Decimal.normalize`` would round to the context's 28 digits and write ``5E+4``; this strips the zeros
+    digit by digit instead.
+    """
+    if not value.is_finite():
+        return str(value)
+    sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    if not any(digits):
+        return "0"
+    while exponent < 0 and digits[-1] == 0:
+        digits, exponent = digits[:-1], exponent + 1
+    return format(Decimal((sign, digits, exponent)), "f")
+
+
+SPREADSHEET_DIGITS = 15  # significant digits a spreadsheet keeps of a number
+
+
+def decimal_cell(value: Decimal) -> int | float | str:
+    """Return a decimal as a number a spreadsheet and JSON hold exactly, else as :func:`plain_decimal` text.
+
+    A number with more than 15 significant digits (an 18-digit code held in a DECIMAL column) would lose its
+    last digits in a spreadsheet: it stays text, written whole.
+    """
+    text = plain_decimal(value)
+    if not value.is_finite() or len(text.lstrip("-").replace(".", "").lstrip("0")) > SPREADSHEET_DIGITS:
+        return text
+    return int(text) if "." not in text else float(text)
+
+
 def to_json(value: Any) -> Any:
     """Return a JSON-safe form of a column value (Decimal and dates as text)."""
     if isinstance(value, Decimal):

@@ -41,6 +41,7 @@ from crm_core.errors import LoadError
 from crm_core.journal import (
     bulk_insert,
     bulk_update,
+    decimal_cell,
     ids_in,
     journal_session,
     to_json,
@@ -331,10 +332,17 @@ class RawRows:
 
 
 def _json_safe(column: list[Any]) -> list[Any]:
-    """Return ``to_json(_python(value))`` of each value; a column of text and blanks is that already."""
+    """Return ``to_json(_python(value))`` of each value; a column of text and blanks is that already.
+
+    A decimal (a database's DECIMAL column) is kept as a number where one holds it exactly, so the fix sheet
+    writes it into a number cell, not ``"50000.0000000000"`` as text (:func:`crm_core.journal.decimal_cell`).
+    """
     if set(map(type, column)) <= {str, type(None)}:
         return column
-    return [to_json(_python(value)) for value in column]
+    return [
+        decimal_cell(value) if isinstance(value, Decimal) and value.is_finite() else to_json(_python(value))
+        for value in column
+    ]
 
 
 def crosswalk_ids(session: Session, entity: str, system: str, keys: Iterable[str]) -> dict[str, int]:

@@ -1088,10 +1088,10 @@ def mapping_preview(
         raise _config_error(exc) from None
     _show_warnings(result.warnings)
     frame = result.side_by_side()
-    if output == "csv":
-        from integration.reports import escape_formula
+    from integration.reports import escape_formula, plain_value
 
-        frame.map(escape_formula).to_csv(sys.stdout, index=False)
+    if output == "csv":
+        frame.map(lambda value: escape_formula(plain_value(value))).to_csv(sys.stdout, index=False)
         return
     if output != "table":
         errors.print(f"unknown --format '{output}'; use table or csv")
@@ -1116,7 +1116,7 @@ def mapping_preview(
                 f"[{style}]{status}[/{style}]" if position == 0 else "",
                 field,
                 str(record[f"{field} (raw)"]),
-                "" if mapped is None or pd.isna(mapped) else str(mapped),
+                "" if mapped is None or pd.isna(mapped) else str(plain_value(mapped)),
                 end_section=position == len(fields) - 1,
             )
     console.print(table)

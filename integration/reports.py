@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from crm_core.journal import plain_decimal
+
 if TYPE_CHECKING:
     from integration.pipeline import ReconciliationLine, ReconciliationReport
 
@@ -37,6 +39,11 @@ def markdown_table(frame: pd.DataFrame) -> str:
     rule = "|" + "---|" * len(frame.columns)
     body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *body])
+
+
+def plain_value(value: Any) -> Any:
+    """Return a decimal as people write it (``50000``, not ``50000.0000000000`` or ``5E+4``); anything else as is."""
+    return plain_decimal(value) if isinstance(value, Decimal) else value
 
 
 def escape_formula(value: Any) -> Any:

@@ -558,14 +558,17 @@ def test_raw_rows_of_rejects_are_read_in_one_go_even_with_a_repeated_header() ->
 
 
 def test_raw_rows_of_every_kind_of_column_are_json_safe_value_by_value() -> None:
-    """Text columns pass as they are; any other column goes value by value (missing markers to None, amounts
-    and dates to text, numpy scalars to Python): what each value alone would give."""
+    """Text columns pass as they are; any other column goes value by value (missing markers to None, decimal
+    amounts to numbers, dates to text, numpy scalars to Python): what each value alone would give."""
     from decimal import Decimal
 
     import numpy as np
 
-    from crm_core.journal import to_json
+    from crm_core.journal import decimal_cell, to_json
     from crm_core.loading import _python
+
+    def alone(value: object) -> object:
+        return decimal_cell(value) if isinstance(value, Decimal) else to_json(_python(value))
 
     frame = pd.DataFrame({
         LOCATION: ["s#1"] * 4, ROW_REF: ["1", "2", "3", "4"],
@@ -580,14 +583,12 @@ def test_raw_rows_of_every_kind_of_column_are_json_safe_value_by_value() -> None
     rows = RawRows(frame).many(wanted)
     for (_, ref), row in zip(wanted, rows, strict=True):
         source = frame[frame[ROW_REF] == ref].iloc[0]
-        expected = {
-            name: to_json(_python(source[name])) for name in frame.columns if not name.startswith("_")
-        }
+        expected = {name: alone(source[name]) for name in frame.columns if not name.startswith("_")}
         assert row == expected
         assert all(type(row[name]) is type(expected[name]) for name in expected)
     assert rows[1] == {
         "名称": "甲",
-        "金额": "12.50",
+        "金额": 12.5,  # a number, so that the fix sheet writes a number cell
         "日期": "2025-03-05T00:00:00",
         "数量": 1,
         "备注": "x",

@@ -293,11 +293,12 @@ class SqlConnector:
                 "pa.RecordBatchReader",
                 connectorx.read_sql(url, sql, return_type="arrow_stream", batch_size=request.chunk_rows),
             )
+            scales = _declared_scales(statement)
             offset = 0
             for batch in batches:
                 if batch.num_rows == 0:
                     continue
-                chunk = batch.to_pandas(types_mapper=arrow_text)
+                chunk = _with_declared_scales(batch, scales).to_pandas(types_mapper=arrow_text)
                 tag_rows(chunk, request.key, request.table, offset)
                 offset += len(chunk)
                 yield chunk
@@ -312,3 +313,38 @@ class SqlConnector:
         """Close pooled connections."""
         if self._engine is not None:
             self._engine.dispose()
+
+
+def _declared_scales(statement: sa.Select[Any] | sa.TextClause) -> dict[str, int]:
+    """Return the scale each DECIMAL/NUMERIC column of a table read declares (none for a ``query``)."""
+    if not isinstance(statement, sa.Select):
+        return {}
+    return {
+        str(column.name): column.type.scale
+        for column in statement.selected_columns
+        if isinstance(column.type, sa.Numeric) and not isinstance(column.type, sa.Float)
+        and column.type.scale is not None
+    }  # fmt: skip
+
+
+def _with_declared_scales(batch: pa.RecordBatch, scales: dict[str, int]) -> pa.RecordBatch:
+    """Return ``batch`` with each decimal column at the scale its table declares.
+
+    ConnectorX reads every MySQL DECIMAL as decimal128(38, 10): a DECIMAL(14,2) amount of 50000.00 came out
+    as ``50000.0000000000`` in previews and fix sheets. The cast is exact (a declared scale holds every value);
+    were it not, the column is left as read.
+    """
+    import pyarrow as pa
+
+    columns = list(batch.columns)
+    changed = False
+    for position, field in enumerate(batch.schema):
+        scale = scales.get(field.name)
+        if scale is None or not pa.types.is_decimal(field.type) or field.type.scale <= scale:
+            continue
+        try:
+            columns[position] = columns[position].cast(pa.decimal128(field.type.precision, scale), safe=True)
+        except pa.ArrowInvalid:
+            continue
+        changed = True
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names) if changed else batch

@@ -14,6 +14,7 @@ from integration.mappings.engine import MappingResult, map_chunk, python_records
 from integration.mappings.spec import CompiledMapping
 from integration.pipeline import Migration, extract_chunks, quarantine
 from integration.project import PROJECT_FILE
+from integration.reports import plain_value
 
 ROW, STATUS = "_row", "_status"  # the preview's own columns: no target field starts with "_"
 
@@ -53,7 +54,7 @@ class Preview:
             for name in self.mapping.written_fields():  # with what a convert fills (currency…)
                 columns = own.get(name, [])
                 row[f"{name} (raw)"] = (
-                    " | ".join(str(raw[c]) for c in columns if c in raw and pd.notna(raw[c]))
+                    " | ".join(str(plain_value(raw[c])) for c in columns if c in raw and pd.notna(raw[c]))
                     if columns
                     else ""
                 )
