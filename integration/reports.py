@@ -23,7 +23,15 @@ def report_root() -> Path:
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-_PLAIN_NUMBER = re.compile(r"^[+-]?\d[\d\s.,]*$")  # +8613800000000, -500: nothing a spreadsheet could execute
+# After a + or -, only digits, spaces and . , - ( ) /: a phone number (+86-139-0000-0000, +86 (0)10 1234 5678)
+# or a plain number. A spreadsheet can at most do arithmetic with it, never call a function or reach outside.
+_PHONE_OR_NUMBER = re.compile(r"[+-]\(?\d[\d .,()/-]*")
+
+
+def _formula_like(text: str) -> bool:
+    """Return True for text a spreadsheet would take for a formula that could run something (OWASP CSV
+    injection): it starts with = @ tab or CR, or with + or - not followed by a phone number or plain number."""
+    return text.startswith(_FORMULA_START) and not _PHONE_OR_NUMBER.fullmatch(text)
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -47,9 +55,20 @@ def plain_value(value: Any) -> Any:
 
 
 def escape_formula(value: Any) -> Any:
-    """Neutralize spreadsheet formula injection: text starting with = + - @ gets a leading quote."""
-    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.match(value):
+    """Neutralize spreadsheet formula injection: text a spreadsheet would run as a formula gets a leading quote.
+
+    So does such text already behind quotes (``'=1`` becomes ``''=1``): :func:`unescape_formula` then takes off
+    exactly the quote added here. A phone number or plain number after + or - is no formula: left alone.
+    """
+    if isinstance(value, str) and _formula_like(value.lstrip("'")):
         return "'" + value
+    return value
+
+
+def unescape_formula(value: Any) -> Any:
+    """Return what :func:`escape_formula` was given: the one quote it added comes off, nothing else."""
+    if isinstance(value, str) and value.startswith("'") and _formula_like(value.lstrip("'")):
+        return value[1:]
     return value
 
 

@@ -27,6 +27,11 @@ from crm_core.errors import ExtractError
 from integration.connectors import ooxml
 from integration.connectors.base import LOCATION, ROW_KIND, ROW_REF, TEXT_DTYPE, ReadRequest, filter_chunks
 from integration.connectors.ooxml import MergedRange
+from integration.reports import unescape_formula
+
+# The columns a fix sheet of the reconciliation report carries beside the source's (integration.reports.fix_sheets):
+# a sheet with all three is one, and the formula guard the report put on its text comes off.
+FIX_SHEET_COLUMNS = (LOCATION, ROW_REF, "_reasons")
 
 HEADER_SCAN_ROWS = 30
 _SUBTOTAL = re.compile(r"^(合计|小计|总计|共计|total|subtotal|grand total|sum)\b", re.IGNORECASE)
@@ -228,6 +233,7 @@ class ExcelConnector:
             data, numbers = data.filter(filled), numbers[np.asarray(filled)]
             keep = [i for i, column in enumerate(sheet_columns) if column in layout.labels]
             labels = [layout.labels[sheet_columns[i]] for i in keep]
+            fix_sheet = set(FIX_SHEET_COLUMNS) <= set(labels)
             for start in range(0, data.num_rows, request.chunk_rows):
                 part = data.slice(start, request.chunk_rows)
                 subtotal = _subtotal_rows(part)
@@ -240,6 +246,8 @@ class ExcelConnector:
                 )
                 frame[LOCATION] = _kept(frame, LOCATION, location)
                 frame[ROW_KIND] = np.where(subtotal, "subtotal", "data")
+                if fix_sheet:
+                    _unguarded(frame, labels)
                 yield frame
 
     def _load(self, path: Path, sheet: str, layout: SheetLayout) -> tuple[pa.RecordBatch, list[int]]:
@@ -285,6 +293,21 @@ class ExcelConnector:
         return [
             c for c, column in zip(candidates, probe.columns, strict=True) if column.null_count == len(column)
         ]
+
+
+def _unguarded(frame: pd.DataFrame, columns: list[str]) -> None:
+    """Take off the quote the report put before text a spreadsheet would run (``'@SUM(…)``), in place.
+
+    Only that quote: text that began with a quote in the source keeps it (:func:`unescape_formula`).
+    """
+    for column in dict.fromkeys(columns):
+        values = frame[column]
+        if not (isinstance(values.dtype, pd.ArrowDtype) or values.dtype == object):
+            continue
+        quoted = values.map(lambda v: isinstance(v, str) and v.startswith("'")).astype(bool)
+        if quoted.any():
+            unquoted = values.astype(object).where(~quoted, values[quoted].map(unescape_formula))
+            frame[column] = unquoted.astype(values.dtype)
 
 
 def _kept(frame: pd.DataFrame, column: str, default: np.ndarray | str) -> pd.Series:
