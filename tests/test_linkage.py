@@ -232,6 +232,27 @@ def test_linkage_rules_are_only_for_customers(tmp_path: Path) -> None:
     assert spec.blocks == [("phone",)] and spec.comparisons[0].levels == (0.9,)
 
 
+def test_one_linkage_key_alone_takes_the_built_in_rules_for_the_others(tmp_path: Path) -> None:
+    from integration.dedup.spec import LinkageConfig
+    from integration.pipeline import Migration
+
+    assert LinkageConfig().to_spec() == CUSTOMER_SPEC  # the config's defaults are the built-in rules
+    spec = Migration.load(str(_project_with_linkage(tmp_path / "p", {"review": 0.02}))).linkage_spec
+    assert spec == replace(CUSTOMER_SPEC, review=0.02)
+    # comparisons written out, the groups by column still name them
+    own = Migration.load(str(_project_with_linkage(tmp_path / "q", {"comparisons": [
+        {"field": "name_core", "method": "levenshtein", "levels": [0.9]}, {"field": "phones", "method": "overlap"},
+    ]}))).linkage_spec  # fmt: skip
+    assert (
+        own.blocks == CUSTOMER_SPEC.blocks and own.sorted_neighbourhood == CUSTOMER_SPEC.sorted_neighbourhood
+    )
+    assert own.sure_when[1] == ("name_core_levenshtein", "phones_overlap")
+    none = Migration.load(
+        str(_project_with_linkage(tmp_path / "r", {"sorted_neighbourhood": []}))
+    ).linkage_spec
+    assert none.sorted_neighbourhood == []
+
+
 def test_steward_labels_train_a_supervised_classifier() -> None:
     from crm_core.errors import DedupError
     from integration.dedup.linkage import MIN_LABELS, Labels, candidate_pairs, classify, compare

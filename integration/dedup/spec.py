@@ -96,13 +96,23 @@ class NeighbourhoodConfig(_Strict):
 
 
 class LinkageConfig(_Strict):
-    """Blocking, comparisons, classifier and bands for customer record linkage."""
+    """Blocking, comparisons, classifier and bands for customer record linkage.
 
-    blocks: list[list[str]] = Field(
-        description="each block pairs records equal on all its columns; blocks are unioned"
+    Every key is optional: one left out takes the built-in rule (``customers.CUSTOMER_SPEC``), so a project
+    can change one threshold alone. The defaults below are the built-in ones (a test holds them equal).
+    """
+
+    blocks: list[list[str]] | None = Field(
+        default=None,
+        description="each block pairs records equal on all its columns; blocks are unioned "
+        "(omitted: the built-in blocks)",
     )
-    sorted_neighbourhood: list[NeighbourhoodConfig] = Field(default_factory=list)
-    comparisons: Annotated[list[ComparisonConfig], Field(min_length=1)]
+    sorted_neighbourhood: list[NeighbourhoodConfig] | None = Field(
+        default=None, description="omitted: the built-in neighbourhood (name_core, window 5); [] for none"
+    )
+    comparisons: Annotated[list[ComparisonConfig], Field(min_length=1)] | None = Field(
+        default=None, description="omitted: the built-in comparisons"
+    )
     classifier: Literal["auto", "ecm", "supervised"] = Field(
         default="auto", description="auto: supervised once stewards labelled enough pairs, else ECM"
     )
@@ -132,8 +142,8 @@ class LinkageConfig(_Strict):
 
     @field_validator("blocks")
     @classmethod
-    def _blocks(cls, value: list[list[str]]) -> list[list[str]]:
-        for block in value:
+    def _blocks(cls, value: list[list[str]] | None) -> list[list[str]] | None:
+        for block in value or ():
             if not block:
                 raise ValueError("a block needs at least one column")
             for column in block:
@@ -162,31 +172,30 @@ class LinkageConfig(_Strict):
         return self
 
     def to_spec(self) -> LinkageSpec:
-        """Return the engine's spec."""
+        """Return the engine's spec: the keys written here, the built-in rules for the others."""
+        from integration.dedup.customers import CUSTOMER_SPEC
         from integration.dedup.linkage import Comparison, LinkageSpec
 
+        comparisons = (
+            list(CUSTOMER_SPEC.comparisons)
+            if self.comparisons is None
+            else [Comparison(c.field, c.method, tuple(c.levels)) for c in self.comparisons]
+        )
         return LinkageSpec(
-            blocks=[tuple(b) for b in self.blocks],
-            sorted_neighbourhood=[(n.column, n.window) for n in self.sorted_neighbourhood],
-            comparisons=[Comparison(c.field, c.method, tuple(c.levels)) for c in self.comparisons],
+            blocks=list(CUSTOMER_SPEC.blocks) if self.blocks is None else [tuple(b) for b in self.blocks],
+            sorted_neighbourhood=(
+                list(CUSTOMER_SPEC.sorted_neighbourhood)
+                if self.sorted_neighbourhood is None
+                else [(n.column, n.window) for n in self.sorted_neighbourhood]
+            ),
+            comparisons=comparisons,
             classifier=self.classifier,
             auto_merge=self.auto_merge,
             review=self.review,
             hard_keys=tuple(self.hard_keys),
             location_keys=tuple(self.location_keys),
-            sure_when=[
-                tuple(
-                    Comparison(c.field, c.method, tuple(c.levels)).name
-                    for c in self.comparisons
-                    if c.field in group
-                )
-                for group in self.sure_when
-            ],
-            merge_requires=tuple(
-                Comparison(c.field, c.method, tuple(c.levels)).name
-                for c in self.comparisons
-                if c.field in self.merge_requires
-            ),
+            sure_when=[tuple(c.name for c in comparisons if c.field in group) for group in self.sure_when],
+            merge_requires=tuple(c.name for c in comparisons if c.field in self.merge_requires),
             max_cluster=self.max_cluster,
             max_block=self.max_block,
         )
