@@ -15,7 +15,7 @@ from crm_core.models import Customer, MatchCandidate
 from integration.dedup.customers import CUSTOMER_SPEC, linkage_row
 from integration.dedup.linkage import CONFLICT_FACTOR, LinkageResult, location_conflicts
 from integration.dedup.spec import CUSTOMER_COLUMNS
-from integration.dedup.workflow import NAME_ONLY, Candidates, DedupOutcome, look_again, second_look
+from integration.dedup.workflow import Candidates, DedupOutcome, look_again, second_look
 
 NAME = "name_core_levenshtein"
 
@@ -61,7 +61,11 @@ def test_the_second_look_merges_one_name_in_one_place_and_queues_the_rest() -> N
     assert clusters == [[1, 2]] and held == 0
     assert scored[(1, 2)][2] == "merged"
     probability, features, status = scored[(3, 4)]  # no place on one side: held back, halved, explained
-    assert status == "review" and probability == CONFLICT_FACTOR * 1.0 and features["reason"] == NAME_ONLY
+    assert status == "review" and probability == CONFLICT_FACTOR * 1.0
+    assert features["reason"] == (
+        "second look at the golden records: would merge at 1.00, but city known on one side only (沈阳市), "
+        "province known on one side only (辽宁省)"
+    )
     assert scored[(5, 6)][2] == "review" and scored[(5, 6)][0] < 0.5  # a close name never merges here
     assert (7, 8) not in scored  # already before a steward: not asked twice
 
@@ -71,6 +75,23 @@ def test_the_second_look_keeps_review_band_pairs_at_their_probability() -> None:
     result = result_of({(4, 3): (0.7, "review", 2), (6, 5): (0.1, "distinct", 1)})
     clusters, scored, _ = look_again(result, frame, CUSTOMER_SPEC)
     assert clusters == [] and list(scored) == [(3, 4)] and scored[(3, 4)][:1] == (0.7,)
+
+
+def test_the_second_look_says_what_held_a_pair_back_true_to_its_comparisons() -> None:
+    """The reason names what kept a pair from "the same name in the same place": never "the same name" for
+    names that differ, never a missing place when both places are known (pair 8 of a newcomer's queue read
+    "names 25% alike … held back: … the same name, but no shared identifier")."""
+    frame = frame_of({**RECORDS, 9: {"name": "上海东方物流有限公司", "city": "苏州"}})
+    result = result_of({(6, 5): (0.97, "merge", 1), (9, 5): (0.96, "merge", 0), (4, 3): (0.7, "review", 2)})
+    _, scored, _ = look_again(result, frame, CUSTOMER_SPEC)
+    close, other, middling = (str(scored[pair][1]["reason"]) for pair in [(5, 6), (5, 9), (3, 4)])
+    assert close == "second look at the golden records: would merge at 0.97, but names alike but not the same"
+    assert other == "second look at the golden records: would merge at 0.96, but names not alike"
+    assert middling == (
+        "second look at the golden records: scored 0.70, between the review (0.5) and auto-merge (0.95) thresholds"
+    )
+    for reason in (close, other, middling):
+        assert "the same name" not in reason and "identifier" not in reason
 
 
 def test_the_second_look_never_joins_two_cities_through_a_record_without_one() -> None:

@@ -218,10 +218,9 @@ def _lowest(
     return lowest
 
 
-# Why a pair of the second look waits for a steward instead of merging (shown with the pair).
-NAME_ONLY = (
-    "second look at the golden records: the same name, but no shared identifier or place to confirm it"
-)
+# Why a pair of the second look waits for a steward instead of merging (shown with the pair): this prefix,
+# then what actually held it back (:func:`second_look_reason`).
+SECOND_LOOK = "second look at the golden records"
 SECOND_LOOK_MERGE = "auto-merge: the same name in the same place (second look at the golden records)"
 
 
@@ -330,6 +329,7 @@ def look_again(
     clusters, held_clusters = guard_clusters(clusters, records, spec, hard)
     clusters = [[int(i) for i in cluster] for cluster in clusters]
     label = {member: cluster[0] for cluster in clusters for member in cluster}
+    held_in = {int(member): len(cluster) for cluster in held_clusters for member in cluster}
     scored: dict[tuple[int, int], tuple[float, dict[str, Any], str]] = {}
     kept = result.band != "distinct"
     features_of = result.features.loc[kept].to_dict("index")
@@ -343,11 +343,69 @@ def look_again(
         if left in label and label[left] == label.get(right):
             scored[(left, right)] = (float(probability), features, "merged")
             continue
+        reason = refused.get((left, right)) or result.reasons.get((left, right))
+        if reason is None:
+            held = held_in.get(left) if held_in.get(left) == held_in.get(right) else None
+            reason = second_look_reason(features, records, left, right, spec, band, float(probability), held)
         if band == "merge":  # held back: too little to merge on at this level (see second_look)
             probability *= CONFLICT_FACTOR
-        features["reason"] = refused.get((left, right)) or result.reasons.get((left, right)) or NAME_ONLY
+        features["reason"] = reason
         scored[(left, right)] = (float(probability), features, "review")
     return clusters, scored, len(held_clusters)
+
+
+def second_look_reason(
+    features: Mapping[str, Any],
+    records: pd.DataFrame,
+    left: int,
+    right: int,
+    spec: LinkageSpec,
+    band: str,
+    probability: float,
+    held_cluster: int | None = None,
+) -> str:
+    """Why the second look sent a pair to a steward, true to the pair: its score in the review band, or what
+    kept it from "the same name in the same known place" (the names' comparison levels, the location keys on
+    each side), or the cluster guard holding the cluster it would join (``held_cluster``: its size)."""
+    if band != "merge":
+        return (
+            f"{SECOND_LOOK}: scored {probability:.2f}, between the review ({spec.review}) and auto-merge "
+            f"({spec.auto_merge}) thresholds"
+        )
+    problems: list[str] = []
+    for comparison in spec.comparisons:
+        if comparison.method != "name" or comparison.name not in features:
+            continue
+        level = int(features[comparison.name])
+        if level == 0:
+            problems.append("names not alike")
+        elif level < len(comparison.levels):
+            problems.append("names alike but not the same")
+    for key in spec.location_keys:
+        a, b = (_known(records, record, key) for record in (left, right))
+        if a is None and b is None:
+            problems.append(f"no {key} on either side")
+        elif a is None or b is None:
+            problems.append(f"{key} known on one side only ({a or b})")
+        elif a != b:
+            problems.append(f"different {key} ({a} / {b})")
+    if problems:
+        return f"{SECOND_LOOK}: would merge at {probability:.2f}, but {', '.join(dict.fromkeys(problems))}"
+    if held_cluster is not None:
+        return (
+            f"{SECOND_LOOK}: the same name in the same place, but the cluster of {held_cluster} records it "
+            f"would join is held (larger than {spec.max_cluster}, or two values of "
+            f"{', '.join(spec.hard_keys) or 'a hard key'})"
+        )
+    return f"{SECOND_LOOK}: would merge at {probability:.2f}; only the same name in the same known place merges here"
+
+
+def _known(records: pd.DataFrame, record: int, column: str) -> str | None:
+    """The record's value of a linkage column, None when blank or absent."""
+    if column not in records.columns or record not in records.index:
+        return None
+    value = records.at[record, column]
+    return None if value is None or pd.isna(value) or str(value) == "" else str(value)
 
 
 def _same_name_same_place(result: LinkageResult, frame: pd.DataFrame, spec: LinkageSpec) -> pd.Series:
