@@ -627,13 +627,78 @@ def _undo_range(session: Session, log: MergeLog) -> None:
 
 
 def decided_pairs(session: Session, entity: str, status: str) -> set[tuple[int, int]]:
-    """Return the (left, right) pairs a steward or an earlier run decided with ``status``."""
+    """Return the (left, right) pairs a steward or an earlier run decided with ``status`` (``review``: waiting),
+    and the pair of golden records each stands for now where a side has been merged since (smaller id first).
+
+    A steward's "different" on 1 / 7 holds for the golden record 1 was merged into: linkage, which compares
+    golden records, must not propose 49 / 7 again, nor merge it while 1 / 7 waits for a steward.
+    """
     rows = session.execute(
         select(MatchCandidate.left_id, MatchCandidate.right_id).where(
             MatchCandidate.entity == entity, MatchCandidate.status == status
         )
     )
-    return {(left, right) for left, right in rows}
+    pairs = {(int(left), int(right)) for left, right in rows}
+    if not pairs:
+        return pairs
+    active = active_records(session.connection(), MODEL_OF[entity], [i for pair in pairs for i in pair])
+    golden = {(min(a, b), max(a, b)) for left, right in pairs if (a := active[left]) != (b := active[right])}
+    return pairs | golden
+
+
+def active_records(
+    connection: Connection, model: type[Customer] | type[Contact], ids: Sequence[int]
+) -> dict[int, int]:
+    """Map records to the active record each ended in, following ``merged_into_id`` (a query per level of
+    merges, not per record); a record that no longer exists maps to itself."""
+    table = table_of(model)
+    pointer: dict[int, int] = {}  # merged record -> the record it was merged into
+    seen: set[int] = set()
+    wanted = sorted(set(ids))
+    for _ in range(50):  # merge chains are short; never loop on a cycle
+        wanted = [i for i in wanted if i not in seen]
+        if not wanted:
+            break
+        seen.update(wanted)
+        for part in id_parts(connection, wanted):
+            rows = connection.execute(
+                select(table.c.id, table.c.merged_into_id)
+                .where(ids_in(connection, table.c.id, part), table.c.merged_into_id.is_not(None))
+            )  # fmt: skip
+            pointer.update({int(record): int(into) for record, into in rows})
+        wanted = sorted({pointer[i] for i in wanted if i in pointer})
+    found: dict[int, int] = {}
+    for record in ids:
+        current, hops = record, 0
+        while current in pointer and hops < 50:
+            current, hops = pointer[current], hops + 1
+        found[record] = current
+    return found
+
+
+def members_of(
+    connection: Connection, model: type[Customer] | type[Contact], ids: Sequence[int]
+) -> dict[int, int]:
+    """Map every record that ended in one of the active records ``ids`` (merged into it, also through earlier
+    survivors) to that record, the records themselves included."""
+    table = table_of(model)
+    found = {int(i): int(i) for i in ids}
+    frontier = sorted(found)
+    for _ in range(50):
+        if not frontier:
+            break
+        following: list[int] = []
+        for part in id_parts(connection, frontier):
+            for record, into in connection.execute(
+                select(table.c.id, table.c.merged_into_id).where(
+                    ids_in(connection, table.c.merged_into_id, part)
+                )
+            ):
+                if record not in found:
+                    found[record] = found[into]
+                    following.append(record)
+        frontier = sorted(following)
+    return found
 
 
 # Above this many distinct left ids, one scan of the entity's candidates beats chunked IN lists.

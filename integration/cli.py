@@ -1501,9 +1501,20 @@ def dedup_review(
     ):
         table.add_column(column)
     for q in queue:
-        table.add_row(str(q["candidate"]), q["entity"], f"{q['probability']:.3f}", f"{q['left_id']} {q['left']}",
-                      str(q["left_key"] or ""), f"{q['right_id']} {q['right']}", str(q["right_key"] or ""))  # fmt: skip
+        # the golden records the pair stands for now; "was N": the record linkage compared, merged since
+        sides = [
+            f"{q[f'{side}_id']} {escape(str(q[side]))}"
+            + (f" (was {scored})" if scored != q[f"{side}_id"] else "")
+            for side, scored in zip(("left", "right"), q["scored_on"], strict=True)
+        ]
+        number = str(q["candidate"]) + "".join(f" +{other}" for other in q["same_pair"])
+        table.add_row(number, q["entity"], f"{q['probability']:.3f}", sides[0], str(q["left_key"] or ""),
+                      sides[1], str(q["right_key"] or ""))  # fmt: skip
     console.print(table)
+    if any(q["same_pair"] for q in queue):
+        console.print(
+            "A candidate shown as 'N +M' stands for the same two golden records as M: deciding N decides M too."
+        )
     if not references:
         return
     from integration.reports import amount_text

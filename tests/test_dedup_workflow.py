@@ -393,3 +393,89 @@ def test_a_pair_waiting_in_the_queue_is_never_merged_by_a_later_pass(sqlite_core
     assert all(into is None for _, into in merged)  # neither merged behind the steward's back
     assert waiting.status == "review" and "already in the review queue" in waiting.features["reason"]
     engine.dispose()
+
+
+OLD_NAME = "腾达（深圳）旧户"  # record 1's own name: never shown once 1 is part of 49
+
+
+def seed_merged_since(url: str) -> sa.Engine:
+    """Customer 1 waits in a pair with 7 (candidate 1), then is merged into 49 by a steward: 1 / 7 now stands
+    for the golden records 49 / 7 (a newcomer's queue still listed it as 1 / 7)."""
+    from crm_core.merging import merge_records
+
+    engine = make_engine(url)
+    upgrade(engine)
+    with session_factory(engine)() as session, session.begin():
+        run = LoadRun(run_key="seed", project="t", status="succeeded")
+        session.add(run)
+        session.flush()
+        session.add_all([
+            Customer(id=1, name=OLD_NAME, phone="+8675586001234", created_run_id=run.id),
+            Customer(id=7, name="深圳市腾达科技有限公司", phone="+8675586009999", address="深圳市南山区科技园",
+                     created_run_id=run.id),
+            Customer(id=49, name="深圳腾达科技有限公司", phone="+8675586001234", email="a@tengda.cn",
+                     created_run_id=run.id),
+        ])  # fmt: skip
+        session.flush()
+        session.add(MatchCandidate(entity="customer", left_id=1, right_id=7, probability=0.6, features={},
+                                   status="review", load_run_id=run.id))  # fmt: skip
+    with session_factory(engine)() as session, session.begin():
+        run = LoadRun(run_key="steward-0", project="t", mode="steward", status="succeeded")
+        session.add(run)
+        session.flush()
+        merge_records(
+            session, run, Customer, 49, [1], probability=None, reason="steward decision", decided_by="li"
+        )
+    return engine
+
+
+def open_pairs(engine: sa.Engine) -> list[tuple[int, int, int]]:
+    with engine.connect() as connection:
+        return [tuple(r) for r in connection.execute(
+            sa.select(MatchCandidate.id, MatchCandidate.left_id, MatchCandidate.right_id)
+            .where(MatchCandidate.status == "review").order_by(MatchCandidate.id)
+        )]  # fmt: skip
+
+
+def test_a_pair_whose_record_was_merged_since_is_shown_and_decided_as_its_golden_records(
+    core_url: str,
+) -> None:
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    engine = seed_merged_since(core_url)
+    deduplicate_customers(engine, "dedup-1", "t", finish=True)  # links the golden records: 7 / 49 comes up
+    (stale, *_), (fresh, *_) = open_pairs(engine)
+    assert open_pairs(engine) == [(stale, 1, 7), (fresh, 7, 49)]
+    queue = review_queue(engine)
+    assert len(queue) == 1  # one golden pair, one entry
+    entry = queue[0]
+    assert (entry["left_id"], entry["right_id"]) == (7, 49) and entry["scored_on"] in ([7, 49], [7, 1])
+    assert (entry["left"], entry["right"]) == ("深圳市腾达科技有限公司", "深圳腾达科技有限公司")
+    assert {entry["candidate"], *entry["same_pair"]} == {stale, fresh}
+    shown = CliRunner().invoke(app, ["dedup", "review", "--core-url", core_url])
+    assert shown.exit_code == 0 and OLD_NAME not in shown.output, shown.output
+    assert f"{entry['candidate']} +{entry['same_pair'][0]}" in shown.output, shown.output
+    # Deciding the stale pair (as the newcomer did) decides the golden pair: nothing of it stays open.
+    decided = decide(engine, stale, same=False, steward="steward:wang", run_key="steward-1", project="t")
+    assert decided.status == "distinct"
+    assert open_pairs(engine) == [] and review_queue(engine) == []
+    with engine.connect() as connection:
+        fresh_now = connection.execute(
+            sa.select(MatchCandidate.status, MatchCandidate.decided_by).where(MatchCandidate.id == fresh)
+        ).one()
+    assert tuple(fresh_now) == ("distinct", "steward:wang")
+    deduplicate_customers(engine, "dedup-2", "t", finish=True)
+    assert open_pairs(engine) == []
+    engine.dispose()
+
+
+def test_a_different_on_a_pair_holds_for_the_golden_record_its_record_was_merged_into(core_url: str) -> None:
+    engine = seed_merged_since(core_url)
+    ((stale, *_),) = open_pairs(engine)
+    decide(engine, stale, same=False, steward="steward:wang", run_key="steward-1", project="t")
+    outcome = deduplicate_customers(engine, "dedup-1", "t", finish=True)
+    assert outcome.auto_merged == 0 and outcome.bands == {"distinct": 1}  # 7 / 49 is never proposed again
+    assert open_pairs(engine) == [] and review_queue(engine) == []
+    engine.dispose()

@@ -1294,3 +1294,50 @@ def test_forked_server_processes_share_one_index_and_answer(sqlite_core: sa.Engi
     for pid in pids:
         with pytest.raises(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # gone, and reaped
+
+
+def test_a_pair_whose_record_was_merged_since_shows_and_decides_its_golden_records(core_url: str) -> None:
+    """The queue, the sheet and its import act on the golden records a pair stands for now; two pending pairs
+    on the same two golden records are decided together, and a sheet that decides them two ways is refused."""
+    import io
+
+    from openpyxl import load_workbook
+
+    from tests.test_dedup_workflow import OLD_NAME, open_pairs, seed_merged_since
+
+    engine = seed_merged_since(core_url)
+    deduplicate_customers(engine, "dedup-1", "t", finish=True)
+    (stale, *_), (fresh, *_) = open_pairs(engine)
+    with engine.begin() as connection:
+        security.add_user(connection, "wang", "steward", PASSWORD, actor="test")
+    client, csrf = signed_in(engine, "wang")
+    page = client.get("/queue")
+    assert page.status_code == 200 and OLD_NAME not in page.text and "#49, was #1" in page.text, page.text
+    book = load_workbook(io.BytesIO(client.get("/queue/export.xlsx").content))
+    sheet = book["queue"]
+    rows = {row[0].value: row for row in list(sheet.iter_rows())[1:]}
+    assert set(rows) == {stale, fresh}
+    assert all(cell.value != OLD_NAME for row in rows.values() for cell in row)
+    assert {rows[stale][6].value, rows[stale][11].value} == {7, 49}  # the golden records, not 1
+
+    def upload() -> Any:
+        out = io.BytesIO()
+        book.save(out)
+        files = {"sheet": ("queue.xlsx", out.getvalue(), "application/octet-stream")}
+        return client.post("/queue/import", data={"csrf": csrf}, files=files)
+
+    rows[stale][4].value, rows[fresh][4].value = "different", "same"
+    refused = upload()
+    assert refused.status_code == 422 and "decided the other way" in refused.text, refused.text
+    assert open_pairs(engine) == [(stale, 1, 7), (fresh, 7, 49)]
+    rows[fresh][4].value = None
+    applied = upload()
+    assert applied.status_code == 200, applied.text
+    assert open_pairs(engine) == []  # the stale pair's "different" decided the fresh one too
+    with engine.connect() as connection:
+        decided = connection.execute(
+            sa.select(MatchCandidate.status, MatchCandidate.decided_by).where(MatchCandidate.id == fresh)
+        ).one()
+        merged = connection.scalar(sa.select(Customer.merged_into_id).where(Customer.id == 7))
+    assert tuple(decided) == ("distinct", "wang") and merged is None
+    engine.dispose()

@@ -29,10 +29,12 @@ from crm_core.merging import (
     Members,
     MergePlan,
     SurvivorshipRule,
+    active_records,
     changed_in_run,
     decided_pairs,
     golden_of,
     load_members,
+    members_of,
     merge_plans,
     order_members,
     record_candidates,
@@ -610,7 +612,13 @@ def decision_weight(probability: float, left_size: int, right_size: int) -> floa
 
 def review_queue(engine: Engine, limit: int | None = None, entity: str | None = None) -> list[dict[str, Any]]:
     """Return the pairs waiting for a steward (customers, contacts or both), side by side, those whose decision
-    changes most first (:func:`decision_weight`)."""
+    changes most first (:func:`decision_weight`).
+
+    Each pair is shown as the golden records it stands for now: a side merged since shows the record it ended
+    in (``left_id``/``right_id``; ``scored_on``: the records linkage compared, in the same order). Pending pairs that stand
+    for the same two golden records are one entry: the one scored on those records (else the highest score),
+    with the others' ids in ``same_pair``; deciding it decides them all (:func:`close_standing_pairs`).
+    """
     with session_factory(engine)() as session:
         table = MatchCandidate.__table__.c
         query = select(
@@ -619,48 +627,71 @@ def review_queue(engine: Engine, limit: int | None = None, entity: str | None = 
         if entity is not None:
             query = query.where(table.entity == entity)
         candidates = session.execute(query).all()
-        sizes = _golden_sizes(session, candidates)
+        connection = session.connection()
+        active: dict[str, dict[int, int]] = {
+            name: active_records(connection, MODEL_OF[name],
+                                 [i for c in candidates if c.entity == name for i in (c.left_id, c.right_id)])
+            for name in {c.entity for c in candidates}
+        }  # fmt: skip
+        by_pair: dict[tuple[str, int, int], list[Any]] = {}
+        for c in candidates:
+            a, b = active[c.entity][c.left_id], active[c.entity][c.right_id]
+            by_pair.setdefault((c.entity, min(a, b), max(a, b)), []).append(c)
+        entries = []
+        for (name, left_id, right_id), group in by_pair.items():
+            shown = min(
+                group, key=lambda c: ((c.left_id, c.right_id) != (left_id, right_id), -c.probability, c.id)
+            )
+            others = sorted(c.id for c in group if c.id != shown.id)
+            entries.append((name, left_id, right_id, shown, others))
+        sizes = _golden_sizes(
+            session, [(name, i) for name, left, right, _, _ in entries for i in (left, right)]
+        )
         weighted = sorted(
-            candidates,
-            key=lambda c: (-decision_weight(c.probability, sizes.get((c.entity, c.left_id), 1),
-                                            sizes.get((c.entity, c.right_id), 1)), -c.probability, c.id),
+            entries,
+            key=lambda e: (-decision_weight(e[3].probability, sizes.get((e[0], e[1]), 1),
+                                            sizes.get((e[0], e[2]), 1)), -e[3].probability, e[3].id),
         )  # fmt: skip
         pending = weighted[:limit] if limit is not None else weighted
-        shown: dict[str, dict[int, tuple[str, Any]]] = {}
-        for name in {c.entity for c in pending}:
+        shown_records: dict[str, dict[int, tuple[str, Any]]] = {}
+        for name in {e[0] for e in pending}:
             model: Any = MODEL_OF[name]
             key = (  # what tells them apart; a customer's code as written where no valid code was kept
                 func.coalesce(Customer.credit_code, Customer.credit_code_as_written)
                 if model is Customer
                 else model.mobile
             )
-            ids = [i for c in pending if c.entity == name for i in (c.left_id, c.right_id)]
-            shown[name] = {}
-            connection = session.connection()
+            ids = [i for e in pending if e[0] == name for i in (e[1], e[2])]
+            shown_records[name] = {}
             for part in id_parts(connection, ids):
                 rows = session.execute(
                     select(model.id, model.name, key).where(ids_in(connection, model.id, part))
                 )
-                shown[name].update({record_id: (label, value) for record_id, label, value in rows})
+                shown_records[name].update({record_id: (label, value) for record_id, label, value in rows})
         out = []
-        for c in pending:
-            left, right = shown[c.entity].get(c.left_id), shown[c.entity].get(c.right_id)
+        for name, left_id, right_id, c, others in pending:
+            left, right = shown_records[name].get(left_id), shown_records[name].get(right_id)
+            # the records linkage compared, each beside the golden record it ended in
+            scored = (
+                [c.left_id, c.right_id] if active[name][c.left_id] == left_id else [c.right_id, c.left_id]
+            )
             out.append({
-                "candidate": c.id, "entity": c.entity, "probability": round(c.probability, 4),
-                "left_id": c.left_id, "left": left[0] if left else None, "left_key": left[1] if left else None,
-                "right_id": c.right_id, "right": right[0] if right else None,
+                "candidate": c.id, "entity": name, "probability": round(c.probability, 4),
+                "left_id": left_id, "left": left[0] if left else None, "left_key": left[1] if left else None,
+                "right_id": right_id, "right": right[0] if right else None,
                 "right_key": right[1] if right else None, "features": c.features,
+                "scored_on": scored, "same_pair": others,
             })  # fmt: skip
         return out
 
 
-def _golden_sizes(session: Any, candidates: Sequence[Any]) -> dict[tuple[str, int], int]:
+def _golden_sizes(session: Any, records: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
     """(entity, record id) → the source records it stands for (itself and every record merged into it)."""
     sizes: dict[tuple[str, int], int] = {}
     connection = session.connection()
-    for name in {c.entity for c in candidates}:
+    for name in {entity for entity, _ in records}:
         model: Any = MODEL_OF[name]
-        ids = sorted({i for c in candidates if c.entity == name for i in (c.left_id, c.right_id)})
+        ids = sorted({i for entity, i in records if entity == name})
         for part in id_parts(connection, ids):
             rows = session.execute(
                 select(model.merged_into_id, func.count())
@@ -764,6 +795,7 @@ def decide_cluster(
     model = MODEL_OF[entity]
     records = sorted({record for group in groups for record in group})
     members = load_members(session.connection(), model, records)
+    standing = members_of(session.connection(), model, records)  # read before the merges re-point them
     if chosen and (len(groups) != 1 or len(records) < 2):
         raise DedupError("field values are chosen for a merge of the whole cluster only")
     picked = chosen_values(members.rows, chosen, records) if chosen else {}
@@ -790,8 +822,49 @@ def decide_cluster(
         candidate.status = statuses[pair.candidate_id] = "merged" if same else "distinct"
         candidate.decided_by = steward
         candidate.decided_at = now
+    statuses.update(close_standing_pairs(session, entity, standing, group_of, steward, now, set(statuses)))
     session.flush()
     return ClusterDecision(merge_ids, [plan.survivor_id for plan in plans], statuses)
+
+
+def close_standing_pairs(
+    session: Any,
+    entity: str,
+    standing: Mapping[int, int],
+    group_of: Mapping[int, int],
+    steward: str,
+    now: dt.datetime,
+    decided: AbstractSet[int] = frozenset(),
+) -> dict[int, str]:
+    """Decide every other pending pair that stands for a pair of the decided golden records as they were.
+
+    ``standing``: every record that had ended in one of the decided records (:func:`crm_core.merging.members_of`,
+    read before the decision merged anything) → that record; ``group_of``: decided record → its group. A
+    pending pair 1 / 7 whose record 1 had been merged into 49 stands for 49 / 7: a decision on 49 / 7 decides
+    it too (merged within a group, distinct across groups), so the same two golden records never wait twice.
+    A pair inside one record (both sides merged into it before) is not this decision's. Returns id → status.
+    """
+    table = MatchCandidate.__table__.c
+    connection = session.connection()
+    closed: dict[int, str] = {}
+    for part in id_parts(connection, list(standing)):
+        rows = session.execute(
+            select(table.id, table.left_id, table.right_id).where(
+                table.entity == entity, table.status == "review", ids_in(connection, table.left_id, part)
+            )
+        ).all()
+        for candidate_id, left, right in rows:
+            if candidate_id in decided or right not in standing:
+                continue
+            a, b = standing[left], standing[right]
+            if a == b or a not in group_of or b not in group_of:
+                continue
+            closed[candidate_id] = "merged" if group_of[a] == group_of[b] else "distinct"
+    for candidate_id, status in closed.items():
+        candidate = session.get(MatchCandidate, candidate_id)
+        if candidate is not None:
+            candidate.status, candidate.decided_by, candidate.decided_at = status, steward, now
+    return closed
 
 
 def decide(

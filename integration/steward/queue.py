@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 
 from sqlalchemy import Connection, exists, func, or_, select
 
-from crm_core.merging import MODEL_OF, table_of
+from crm_core.merging import MODEL_OF, active_records, table_of
 from crm_core.models import Base
 from crm_core.steward_models import CLAIMS, USERS
 from integration.steward.errors import StewardError
@@ -221,11 +221,10 @@ def queue_page(connection: Connection, queue: QueueFilter, user_id: int) -> Queu
             return func.coalesce(record.c.credit_code, record.c.credit_code_as_written)
         return record.c.mobile
 
-    city_of = (
-        (left.c.city, right.c.city)
-        if queue.entity == "customer"
-        else (_company_city(left.c.customer_id), _company_city(right.c.customer_id))
-    )
+    def city_of_record(record: Any) -> Any:  # a contact's city is its customer's
+        return record.c.city if queue.entity == "customer" else _company_city(record.c.customer_id)
+
+    city_of = (city_of_record(left), city_of_record(right))
     holder = (
         select(USERS.c.name)
         .join(CLAIMS, CLAIMS.c.user_id == USERS.c.id)
@@ -250,8 +249,38 @@ def queue_page(connection: Connection, queue: QueueFilter, user_id: int) -> Queu
         )
     } if ids else {}  # fmt: skip
     rows = [found[i] for i in ids if i in found]
+    _as_golden(connection, queue.entity, rows, key_of, city_of_record)
     capped = total > COUNT_CAP and bool(queue.source or queue.city or queue.assigned)
     return QueuePage(queue, rows, COUNT_CAP if capped else total, pending, capped=capped)
+
+
+def _as_golden(
+    connection: Connection, entity: str, rows: list[dict[str, Any]], key_of: Any, city_of: Any
+) -> None:
+    """Show each side of the page's pairs as the golden record it is now: a side merged since takes the name,
+    key and city of the record it ended in (``left_golden``/``right_golden``: its id; the pair's own ids stay
+    the records linkage compared). A few queries for the whole page."""
+    model = MODEL_OF[entity]
+    merged = [row[f"{side}_id"] for row in rows for side in ("left", "right") if row[f"{side}_merged_into"]]
+    active = active_records(connection, model, merged) if merged else {}
+    golden: dict[int, dict[str, Any]] = {}
+    if active:
+        table = table_of(model)
+        for found in connection.execute(
+            select(table.c.id, table.c.name.label("name"), key_of(table).label("key"), city_of(table).label("city"))
+            .where(table.c.id.in_(sorted(set(active.values()))))
+        ).mappings():  # fmt: skip
+            golden[found["id"]] = dict(found)
+    for row in rows:
+        for side in ("left", "right"):
+            record = golden.get(active.get(row[f"{side}_id"], -1))
+            row[f"{side}_golden"] = record["id"] if record else None
+            if record:
+                row[f"{side}_name"], row[f"{side}_key"], row[f"{side}_city"] = (
+                    record["name"],
+                    record["key"],
+                    record["city"],
+                )
 
 
 def page_ids(connection: Connection, conditions: list[Any], sort: str, offset: int, limit: int) -> list[int]:

@@ -34,9 +34,9 @@ from crm_core.db import session_factory
 from crm_core.errors import DedupError
 from crm_core.journal import id_parts, ids_in, to_json
 from crm_core.loading import get_or_start_run
-from crm_core.merging import MODEL_OF, load_members, merge_plans, table_of
+from crm_core.merging import MODEL_OF, load_members, members_of, merge_plans, table_of
 from crm_core.models import Base, MatchCandidate
-from integration.dedup.workflow import cluster_plan
+from integration.dedup.workflow import close_standing_pairs, cluster_plan
 from integration.steward.audit import record_event
 from integration.steward.cluster import Pair, active_ids, claim, explain_pair, holders, release
 from integration.steward.decisions import Rules, holding_the_core
@@ -94,9 +94,10 @@ def export_queue(connection: Connection, queue: QueueFilter, user_id: int) -> by
     conditions = filter_conditions(connection, queue, user_id, dt.datetime.now(dt.UTC))
     ids = page_ids(connection, conditions, queue.sort, 0, EXPORT_LIMIT)
     pairs = _pairs(connection, ids)
-    records = _rows(
-        connection, queue.entity, sorted({i for p in pairs.values() for i in (p["left_id"], p["right_id"])})
-    )
+    scored_on = sorted({i for p in pairs.values() for i in (p["left_id"], p["right_id"])})
+    # each side shown as the golden record it is now (a record merged since: the one it ended in)
+    active = active_ids(connection, queue.entity, scored_on) if scored_on else {}
+    records = _rows(connection, queue.entity, sorted({*scored_on, *active.values()}))
     xw = TABLES["external_ids"]
     sources: dict[int, list[str]] = {}
     for part in id_parts(connection, sorted(records)):
@@ -119,14 +120,17 @@ def export_queue(connection: Connection, queue: QueueFilter, user_id: int) -> by
         pair = pairs.get(pair_id)
         if pair is None:
             continue
-        left, right = records.get(pair["left_id"], {}), records.get(pair["right_id"], {})
-        words = explain_pair(queue.entity, left, right, Pair(pair["id"], pair["left_id"], pair["right_id"],
-                                                             pair["probability"], dict(pair["features"] or {})))  # fmt: skip
+        # the evidence is about the records linkage compared; the sides shown are what a decision acts on
+        words = explain_pair(queue.entity, records.get(pair["left_id"], {}), records.get(pair["right_id"], {}),
+                             Pair(pair["id"], pair["left_id"], pair["right_id"], pair["probability"],
+                                  dict(pair["features"] or {})))  # fmt: skip
+        left_id, right_id = active[pair["left_id"]], active[pair["right_id"]]
+        left, right = records.get(left_id, {}), records.get(right_id, {})
         values = [
             pair_id, queue.entity, round(pair["probability"], 4), pair_version(pair, left, right), None,
-            "; ".join(words), pair["left_id"], left.get("name"), left.get(key) or left.get(written), left.get("city"),
-            ", ".join(sorted(sources.get(pair["left_id"], []))), pair["right_id"], right.get("name"), right.get(key) or right.get(written),
-            right.get("city"), ", ".join(sorted(sources.get(pair["right_id"], []))),
+            "; ".join(words), left_id, left.get("name"), left.get(key) or left.get(written), left.get("city"),
+            ", ".join(sorted(sources.get(left_id, []))), right_id, right.get("name"), right.get(key) or right.get(written),
+            right.get("city"), ", ".join(sorted(sources.get(right_id, []))),
         ]  # fmt: skip
         sheet.append([safe_cell(v) for v in values])
     for cells in sheet.iter_rows(min_row=2):
@@ -238,8 +242,10 @@ def _check_and_apply(
                 (number, f"pair {pair_id} was decided since the export ({pair['status']})")
             )
             continue
-        records = _rows(connection, pair["entity"], [pair["left_id"], pair["right_id"]])
-        current = pair_version(pair, records.get(pair["left_id"], {}), records.get(pair["right_id"], {}))
+        golden = active_ids(connection, pair["entity"], [pair["left_id"], pair["right_id"]])
+        left_id, right_id = golden[pair["left_id"]], golden[pair["right_id"]]
+        records = _rows(connection, pair["entity"], [left_id, right_id])
+        current = pair_version(pair, records.get(left_id, {}), records.get(right_id, {}))
         if current != version:
             result.problems.append(
                 (number, f"pair {pair_id}: its records changed since the export; export again")
@@ -267,6 +273,19 @@ def _check_and_apply(
         ends = [pair["left_id"], pair["right_id"]]
         claim(connection, entity, ends, user.user_id)
         active = sorted(set(active_ids(connection, entity, ends).values()))
+        candidate = session.get(MatchCandidate, pair_id)
+        assert candidate is not None
+        if candidate.status != "review":  # decided by an earlier row on the same two golden records
+            wanted = "merged" if decision == "same" else "distinct"
+            if candidate.status != wanted:
+                result.problems.append((number, f"pair {pair_id} stands for the same records as a pair an "
+                                                f"earlier row decided the other way ({candidate.status})"))  # fmt: skip
+            else:
+                result.applied[decision] = result.applied.get(decision, 0) + 1
+            release(connection, entity, ends, user.user_id)
+            continue
+        standing = members_of(connection, model, active)  # before the merge re-points them
+        group_of = {record: 0 if decision == "same" else position for position, record in enumerate(active)}
         merges: list[int] = []
         if decision == "same" and len(active) == 2:
             members = load_members(connection, model, active)
@@ -280,17 +299,17 @@ def _check_and_apply(
         else:
             before = {}
             main = active[0]
-        candidate = session.get(MatchCandidate, pair_id)
-        assert candidate is not None
         candidate.status = "merged" if decision == "same" else "distinct"
         candidate.decided_by = user.name
         candidate.decided_at = now
+        closed = close_standing_pairs(session, entity, standing, group_of, user.name, now, {pair_id})
         session.flush()
         record_event(
             connection, user.name, "decide", ip=ip, entity=entity, record_id=main,
             summary=f"sheet row {number}: pair {pair_id} {'merged' if decision == 'same' else 'marked different'}",
             before={"records": before, "pairs": [pair_id]},
-            after={"verdict": decision, "merges": merges, "pairs": {str(pair_id): candidate.status},
+            after={"verdict": decision, "merges": merges,
+                   "pairs": {str(pair_id): candidate.status, **{str(i): st for i, st in closed.items()}},
                    "run": run.run_key, "sheet_row": number},
         )  # fmt: skip
         release(connection, entity, ends, user.user_id)
