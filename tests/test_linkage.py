@@ -393,3 +393,28 @@ def test_loading_the_definitions_does_not_import_recordlinkage() -> None:
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+def test_near_names_with_different_phones_and_addresses_go_to_a_steward_not_a_merge() -> None:
+    # A newcomer's 上海华信贸易 and 上海华鑫贸易 (one character apart, one city, their own phones and street
+    # addresses) auto-merged at 0.996: ECM fitted on few pairs scores near names near 1.0. Every candidate is
+    # put in the merge band here (auto_merge 0), so what the rule holds back is what decides.
+    from integration.dedup.customers import linkage_frame
+
+    frame = linkage_frame([
+        {"id": 1, "name": "上海华信贸易有限公司", "phone": "021-50001111", "address": "上海市浦东新区张江路1号"},
+        {"id": 2, "name": "上海华鑫贸易有限公司", "phone": "021-50002222", "address": "上海市浦东新区世纪大道100号"},
+        {"id": 3, "name": "上海瑞丰贸易有限公司", "phone": "021-60003333", "address": "上海市徐汇区漕溪路8号"},
+        {"id": 4, "name": "上海瑞风贸易有限公司", "phone": "021-60003333", "address": "上海市闵行区莘庄路9号"},
+        {"id": 5, "name": "上海金鼎商贸有限公司", "city": "上海"},
+        {"id": 6, "name": "上海金顶商贸有限公司", "city": "上海"},
+    ])  # fmt: skip
+    everything = replace(CUSTOMER_SPEC, auto_merge=0.0, review=0.0)
+    result = link(frame, everything)
+    band = {tuple(sorted(pair)): value for pair, value in result.band.items()}
+    assert band[(1, 2)] == "review"  # near names, nothing shared, phones and addresses differ
+    assert "names alike but not the same" in result.reasons[(1, 2)]
+    assert band[(3, 4)] == "merge"  # a near name and the same phone: one firm (sure_when)
+    assert band[(5, 6)] == "merge"  # nothing on either side contradicts the names
+    unguarded = link(frame, replace(everything, contradicted_by=()))
+    assert {tuple(sorted(p)): v for p, v in unguarded.band.items()}[(1, 2)] == "merge"

@@ -103,6 +103,8 @@ CUSTOMER_SPEC = LinkageSpec(
         ("name_core_levenshtein", "phones_overlap"),
         ("name_core_levenshtein", "email_domain_exact"),
     ],
+    alike_name="name_core_levenshtein",
+    contradicted_by=("phones", "address_key"),
     auto_merge=0.95,
     review=0.5,
 )

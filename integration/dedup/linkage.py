@@ -92,6 +92,13 @@ class LinkageSpec:
     # classifier says: a close name with the same phone is one firm. ECM, fitted on pairs whose names are
     # mostly equal, takes any name short of equal as near-proof of two firms.
     sure_when: Sequence[Sequence[str]] = ()
+    # A merge-band pair whose names are alike but not the same (the comparison ``alike_name`` below its top
+    # level), that no ``sure_when`` group makes sure, and whose records both hold one of ``contradicted_by``
+    # and share none of its values (no phone in common, another street address) goes to a steward: near
+    # names in one city are two firms (上海华信贸易 / 上海华鑫贸易) as often as one written with a slip, and
+    # a classifier fitted on few pairs scores both near 1.0.
+    alike_name: str | None = None
+    contradicted_by: Sequence[str] = ()
     max_cluster: int = 10
     # A block key shared by more records than this (a 400 switchboard, a namesake trade name in every
     # city) is skipped: it would add size² pairs and say little; those records still pair elsewhere.
@@ -725,6 +732,35 @@ def _hard_values(frame: pd.DataFrame, key: str) -> pd.Series:
     return values
 
 
+def _alike_but_contradicted(
+    frame: pd.DataFrame, features: pd.DataFrame, band: pd.Series, spec: LinkageSpec
+) -> np.ndarray:
+    """Per pair: a merge the spec's ``alike_name`` / ``contradicted_by`` rule holds back (see LinkageSpec)."""
+    held = np.zeros(len(band), dtype=bool)
+    name = spec.alike_name
+    if name is None or name not in features.columns or not spec.contradicted_by:
+        return held
+    top = next((len(c.levels) for c in spec.comparisons if c.name == name), None)
+    candidates = (band == "merge").to_numpy() & (features[name] < (top or 0)).to_numpy()
+    for group in spec.sure_when:
+        if group and all(g in features.columns for g in group):
+            candidates &= ~(features[list(group)] >= 1).all(axis=1).to_numpy()
+    positions = np.flatnonzero(candidates)
+    if not len(positions):
+        return held
+    pairs = band.index[positions]
+    left, right = pairs.get_level_values(0), pairs.get_level_values(1)
+    for column in spec.contradicted_by:
+        if column not in frame.columns:
+            continue
+        values = frame[column].astype("string").str.strip().replace("", pd.NA)
+        a, b = values.reindex(left).to_numpy(), values.reindex(right).to_numpy()
+        for offset, (x, y) in enumerate(zip(a, b, strict=True)):
+            if not (pd.isna(x) or pd.isna(y)) and not set(str(x).split()) & set(str(y).split()):
+                held[positions[offset]] = True
+    return held
+
+
 def location_conflicts(frame: pd.DataFrame, pairs: pd.Index, spec: LinkageSpec) -> np.ndarray:
     """Return, per pair, whether both records are placed (a location key) and the places differ."""
     return _differing(pairs, (frame[key].astype("string").replace("", pd.NA) for key in spec.location_keys))
@@ -924,6 +960,15 @@ def link(
         if required:
             agreed = (features[required] >= 1).any(axis=1).to_numpy()
             band[(band == "merge").to_numpy() & ~agreed] = "distinct"
+    held_back = _alike_but_contradicted(frame, features, band, spec)
+    if held_back.any():
+        probability = probability.copy()
+        probability[held_back] = probability[held_back] * CONFLICT_FACTOR
+        band[held_back] = "review"
+        for pair in band.index[held_back]:
+            reasons[ordered(pair)] = (
+                f"names alike but not the same, no identifier shared, and {', '.join(spec.contradicted_by)} differ"
+            )
     if queued:
         merging = [int(i) for i in np.flatnonzero((band == "merge").to_numpy())]
         waiting = [i for i in merging if ordered(band.index[i]) in queued]

@@ -196,6 +196,9 @@ class LinkageConfig(_Strict):
             location_keys=tuple(self.location_keys),
             sure_when=[tuple(c.name for c in comparisons if c.field in group) for group in self.sure_when],
             merge_requires=tuple(c.name for c in comparisons if c.field in self.merge_requires),
+            # the name comparison (whatever its label) and the built-in contradicting fields
+            alike_name=next((c.name for c in comparisons if c.field == "name_core"), None),
+            contradicted_by=tuple(CUSTOMER_SPEC.contradicted_by),
             max_cluster=self.max_cluster,
             max_block=self.max_block,
         )
