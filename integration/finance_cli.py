@@ -223,16 +223,25 @@ def finance_status(
     table = Table(title=f"Order to cash, {data['as_of']} ({cash.base_currency})")
     for column in ("ordered", "invoiced", "collected", "outstanding", "overdue", "dso"):
         table.add_column(column, justify="right")
-    table.add_row(*(str(data["totals"][c] or "—") for c in ("ordered", "invoiced", "collected", "outstanding",
-                                                            "overdue", "dso")))  # fmt: skip
+    totals = data["totals"]
+    table.add_row(*(_amount(totals[c]) for c in ("ordered", "invoiced", "collected", "outstanding", "overdue")),
+                  str(totals["dso"] or "—"))  # fmt: skip
     console.print(table)
     if cash.top_overdue:
         worst = Table(title="Most overdue customers")
         for column in ("customer", "overdue", "outstanding", "DSO"):
             worst.add_column(column)
         for t in cash.top_overdue:
-            worst.add_row(escape(str(t["customer"])), t["overdue"], t["outstanding"], t["dso"] or "—")
+            worst.add_row(escape(str(t["customer"])), _amount(t["overdue"]), _amount(t["outstanding"]),
+                          str(t["dso"] or "—"))  # fmt: skip
         console.print(worst)
+
+
+def _amount(value: Any) -> str:
+    """An amount as every table shows it (``200,000.00``), ``—`` when there is none."""
+    from integration.reports import amount_text
+
+    return amount_text(value if value not in (None, "") else None, "—")
 
 
 def loop_tree(found: dict[str, Any]) -> Tree:
@@ -240,27 +249,28 @@ def loop_tree(found: dict[str, Any]) -> Tree:
     figures = found["figures"]
     tree = Tree(
         f"[bold]{escape(found['name'])}[/bold] (opportunity {found['opportunity_id']}, {found['stage']}, "
-        f"{found['amount']}): invoiced {figures['invoiced']}, collected {figures['collected']}, "
-        f"outstanding {figures['outstanding']}, overdue {figures['overdue']}"
+        f"{_amount(found['amount'])}): invoiced {_amount(figures['invoiced'])}, collected "
+        f"{_amount(figures['collected'])}, outstanding {_amount(figures['outstanding'])}, overdue "
+        f"{_amount(figures['overdue'])}"
     )
     if not found["orders"]:
         tree.add("no sales order yet")
     for order in found["orders"]:
         branch = tree.add(
-            f"order {escape(order['order_no'])} {order['total_amount']} ({order['order_date'] or 'no date'})"
+            f"order {escape(order['order_no'])} {_amount(order['total_amount'])} ({order['order_date'] or 'no date'})"
         )
         if not order["receivables"]:
             branch.add("not invoiced yet")
         for receivable in order["receivables"]:
             red = " 红字" if receivable["red_letter"] else ""
             leaf = branch.add(
-                f"receivable {escape(receivable['receivable_no'])}{red} {receivable['amount']} {receivable['currency']}"
+                f"receivable {escape(receivable['receivable_no'])}{red} {_amount(receivable['amount'])} {receivable['currency']}"
                 f" (invoiced {receivable['invoiced_on'] or '?'}, due {receivable['due_date'] or '?'})"
             )
             if not receivable["receipts"]:
                 leaf.add("not collected yet")
             for receipt in receivable["receipts"]:
-                leaf.add(f"receipt {escape(receipt['payment_no'])} applied {receipt['applied']} {receipt['currency']}"
+                leaf.add(f"receipt {escape(receipt['payment_no'])} applied {_amount(receipt['applied'])} {receipt['currency']}"
                          f" (received {receipt['received_on'] or '?'})")  # fmt: skip
     return tree
 

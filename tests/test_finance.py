@@ -431,13 +431,16 @@ def test_crmi_finance_reconcile_writes_a_formula_safe_workbook_and_status_shows_
         )
     tree = runner.invoke(app, ["finance", "status", "--opportunity", str(deal), *common])
     assert tree.exit_code == 0, tree.output
-    for text in ("年度框架采购", "order SO-A1", "receivable RA1 10000.00", "receipt PA1 applied 6000.00",
-                 "receipt PA3 applied 1000.00", "outstanding 3000.00"):  # fmt: skip
+    # amounts as every table shows them (200,000.00); the status table's totals too
+    for text in ("年度框架采购", "order SO-A1", "receivable RA1 10,000.00", "receipt PA1 applied 6,000.00",
+                 "receipt PA3 applied 1,000.00", "outstanding 3,000.00"):  # fmt: skip
         assert text in tree.output, tree.output
     totals = runner.invoke(app, ["finance", "status", "--json", *common])
     assert (
         json.loads(totals.stdout)["totals"]["invoiced"] == "21009.00"
     )  # every receivable in the core, USD at its rate
+    table = runner.invoke(app, ["finance", "status", *common])
+    assert table.exit_code == 0 and "21,009.00" in table.output, table.output
     missing = runner.invoke(app, ["finance", "status", "--opportunity", "999999", *common])
     assert missing.exit_code == 1
 

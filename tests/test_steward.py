@@ -1203,6 +1203,10 @@ def test_the_queue_goes_to_excel_and_back_all_or_nothing(sqlite_core: sa.Engine)
     assert tuple(c.value for c in rows[0]) == HEADER and len(rows) - 1 == len(pairs)
     assert all(c.data_type != "f" for row in rows for c in row)
     assert any(c.value == "'" + formula for row in rows for c in row)
+    # the report's guard: a phone number is no formula and reads as written
+    from integration.steward.sheets import safe_cell
+
+    assert safe_cell("+86-139-0000-0000") == "+86-139-0000-0000" and safe_cell("-2+3") == "'-2+3"
     by_pair = {row[0].value: row for row in rows[1:]}
     first, second, third, fourth = (p.id for p in pairs[:4])
     by_pair[first][4].value = "same"

@@ -3,8 +3,9 @@
 The export holds one row per pending pair of a queue filter (up to :data:`EXPORT_LIMIT`): the pair, its
 score, a version (it changes when either record or the pair changes), an empty decision column (a list:
 same, different, skip), the evidence in words, and both records side by side. Every text cell that a
-spreadsheet could read as a formula (``= + - @``, tab, carriage return first) is written with a leading
-apostrophe, so a company name like ``=HYPERLINK(…)`` stays text.
+spreadsheet would run as a formula (``= @``, tab or carriage return first, ``+ -`` unless a phone number or a
+plain number follows) is written with a leading apostrophe, so a company name like ``=HYPERLINK(…)`` stays
+text and a phone number ``+86-139…`` reads as written.
 
 The import reads the decision column back and checks every row first: unknown pair, a pair decided
 since the export, records changed since the export (version), a decision that is not one of the list, a
@@ -37,6 +38,7 @@ from crm_core.loading import get_or_start_run
 from crm_core.merging import MODEL_OF, load_members, members_of, merge_plans, table_of
 from crm_core.models import Base, MatchCandidate
 from integration.dedup.workflow import close_standing_pairs, cluster_plan
+from integration.reports import escape_formula
 from integration.steward.audit import record_event
 from integration.steward.cluster import Pair, active_ids, claim, explain_pair, holders, release
 from integration.steward.decisions import Rules, holding_the_core
@@ -50,14 +52,12 @@ DECISIONS = {"same": "same", "different": "different", "skip": "skip", "相同":
              "跳过": "skip"}  # fmt: skip
 HEADER = ("pair", "entity", "score", "version", "decision", "evidence", "left id", "left name", "left key",
           "left city", "left sources", "right id", "right name", "right key", "right city", "right sources")  # fmt: skip
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def safe_cell(value: Any) -> Any:
-    """A value a spreadsheet shows as written: text that could start a formula gets a leading apostrophe."""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
-        return "'" + value
-    return value
+    """A value a spreadsheet shows as written: text it would run as a formula gets a leading apostrophe (the
+    reconciliation report's guard: a phone number such as +86-139… is left alone)."""
+    return escape_formula(value)
 
 
 def pair_version(pair: Mapping[str, Any], left: Mapping[str, Any], right: Mapping[str, Any]) -> str:
