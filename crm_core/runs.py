@@ -398,7 +398,14 @@ def list_runs(engine: Engine) -> list[RunSummary]:
         )
         summaries = []
         for run in session.scalars(select(LoadRun).order_by(LoadRun.id.desc())):
-            batches = [s for entity in (run.stats or {}).values() for s in entity]
+            # Per entity a list of batch stats; a sync run also keeps its report under "sync" (a dict).
+            batches = [
+                s
+                for entity in (run.stats or {}).values()
+                if isinstance(entity, list)
+                for s in entity
+                if isinstance(s, dict)
+            ]
             status = "crashed" if is_crashed(run) else run.status
             summaries.append(RunSummary(
                 id=run.id, run_key=run.run_key, project=run.project, mode=run.mode, status=status,

@@ -682,3 +682,22 @@ def test_a_partial_runs_changes_are_captured(core: sa.Engine) -> None:
         run.status = PARTIAL
         session.flush()
         assert changed_ids(session, "customer", 0, run.id) == [customer.id]
+
+
+def test_runs_list_shows_a_sync_run_after_it_succeeded(u8: Any, core: sa.Engine) -> None:
+    """A sync run's stats hold its report beside the batches: `crmi runs list` (and --json) still lists it."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    _api, project, _url = u8
+    report = sync(project, core)
+    core_url = core.url.render_as_string(hide_password=False)
+    listed = CliRunner().invoke(app, ["runs", "list", "--core-url", core_url, "--json"])
+    assert listed.exit_code == 0, listed.output
+    runs = {r["run_key"]: r for r in (json.loads(line) for line in listed.output.splitlines())}
+    assert runs[report.run_key]["mode"] == "sync" and runs[report.run_key]["rows_read"] == report.received
+    table = CliRunner().invoke(app, ["runs", "list", "--core-url", core_url])
+    assert table.exit_code == 0 and "sync" in table.output, table.output
