@@ -1896,7 +1896,9 @@ def sync_run(
             )
         for line in report.delivery.errors[:10]:
             errors.print(f"[yellow]dead letter:[/yellow] {escape(line)}")
-    if report.delivery.dead_letters or report.conflicts_open:
+        if report.hint():
+            errors.print(f"[yellow]{escape(report.hint() or '')}[/yellow]", highlight=False)
+    if report.delivery.dead_letters or report.conflicts_waiting:
         raise typer.Exit(EXIT_UNBALANCED)
 
 

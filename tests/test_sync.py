@@ -701,3 +701,38 @@ def test_runs_list_shows_a_sync_run_after_it_succeeded(u8: Any, core: sa.Engine)
     assert runs[report.run_key]["mode"] == "sync" and runs[report.run_key]["rows_read"] == report.received
     table = CliRunner().invoke(app, ["runs", "list", "--core-url", core_url])
     assert table.exit_code == 0 and "sync" in table.output, table.output
+
+
+def test_sync_run_says_how_to_decide_the_open_conflicts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """Exit 2 with the counts alone left a newcomer guessing: one line names the open conflicts and the command
+    that decides them, in the terminal and in --json, also on a later run while they still wait."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    entities = CUSTOMER.replace("direction: both\n", "direction: both\n        conflicts: queue\n", 1)
+    with running_u8(tmp_path, monkeypatch, sync_yaml(entities)) as (api, project, _url):
+        sync(project, core)
+        huaxin = customer_by_name(core, "上海华鑫科技有限公司")
+        edit_record(core, "customer", huaxin.id, {"phone": "+862111112222"})
+        api.erp.update_customer("C001", cCusPhone="021-99998888")
+        base = [
+            "sync",
+            "run",
+            "--project",
+            str(project),
+            "--core-url",
+            core.url.render_as_string(hide_password=False),
+        ]
+        shown = CliRunner().invoke(app, base)
+        assert shown.exit_code == 2, shown.output
+        assert "1 conflict open: `crmi sync conflicts` to decide" in shown.output
+        later = CliRunner().invoke(app, [*base, "--json"])  # nothing new, the conflict still waits
+        assert later.exit_code == 2, later.output
+        data = json.loads(later.output.strip().splitlines()[-1])
+        assert (data["conflicts_open"], data["conflicts_waiting"]) == (0, 1)
+        assert data["hint"] == "1 conflict open: `crmi sync conflicts` to decide"

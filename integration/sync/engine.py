@@ -68,7 +68,8 @@ class SyncReport:
     rejected: int = 0
     kept_crm: int = 0  # target values not applied: the CRM owns the field or a conflict waits
     conflicts: int = 0
-    conflicts_open: int = 0
+    conflicts_open: int = 0  # opened by this run
+    conflicts_waiting: int = 0  # open for this target after the run (this run's and older ones)
     capture: CaptureStats = field(default_factory=CaptureStats)
     delivery: DeliveryStats = field(default_factory=DeliveryStats)
     entities: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -81,13 +82,25 @@ class SyncReport:
             "target": self.target, "direction": self.direction, "run_key": self.run_key, "status": self.status,
             "received": self.received, "applied": self.applied, "unchanged": self.unchanged,
             "rejected": self.rejected, "kept_crm": self.kept_crm, "conflicts": self.conflicts,
-            "conflicts_open": self.conflicts_open, "captured": self.capture.as_dict(),
+            "conflicts_open": self.conflicts_open, "conflicts_waiting": self.conflicts_waiting,
+            "hint": self.hint(), "captured": self.capture.as_dict(),
             "sent": self.delivery.sent, "delivered": self.delivery.applied,
             "echoes_suppressed": self.capture.echoes_suppressed, "retries": self.delivery.retries,
             "dead_letters": self.delivery.dead_letters, "awaiting": self.delivery.awaiting,
             "waiting": self.capture.waiting, "stopped": self.delivery.stopped, "entities": self.entities,
             "seconds": self.seconds,
         }  # fmt: skip
+
+    def hint(self) -> str | None:
+        """Return what a person should do next (open conflicts), or None."""
+        return waiting_line(self.conflicts_waiting)
+
+
+def waiting_line(count: int) -> str | None:
+    """Return what to do about ``count`` open conflicts (None when none)."""
+    if not count:
+        return None
+    return f"{count} conflict{'' if count == 1 else 's'} open: `crmi sync conflicts` to decide"
 
 
 def target_of(migration: Any, name: str | None) -> CompiledTarget:
@@ -397,6 +410,7 @@ def _finish(engine: Engine, run_key: str, report: SyncReport) -> None:
     with session_factory(engine)() as session, session.begin():
         run = session.scalar(select(LoadRun).where(LoadRun.run_key == run_key))
         assert run is not None
+        report.conflicts_waiting = len(open_conflicts(session, report.target))
         run.status = "succeeded"
         run.finished_at = dt.datetime.now(dt.UTC)
         run.stats = {**(run.stats or {}), "sync": report.as_dict()}
