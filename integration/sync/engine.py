@@ -451,22 +451,34 @@ def _inbound(
             counts["applied"] += s.inserted + s.updated
             counts["unchanged"] += s.unchanged + s.merged
             counts["rejected"] += s.rejected + s.held
+        unsent: set[int] = set()
+        target_values: dict[int, dict[str, Any]] = {}
         for outcome in outcomes:
             report.kept_crm += outcome.kept_crm
             report.conflicts += len(outcome.conflicts)
             report.conflicts_open += sum(c["status"] == "open" for c in outcome.conflicts)
             send_back.setdefault(entity, set()).update(outcome.send_back)
+            unsent |= outcome.unsent
+            for entity_id, kept in outcome.target_values.items():
+                target_values.setdefault(entity_id, {}).update(kept)
         with factory() as session, session.begin():
             run_id = _run_id(session, run_key)
             for batch in staged.batches:
                 values, keys = loaded_values(session, entity, target.system, batch, batch.fields)
+                for entity_id, kept in target_values.items():
+                    if entity_id in values:
+                        values[entity_id].update(kept)
                 hashes = _payload_hashes(session, target, entity, list(values))
                 if hashes is not None:
-                    # The target still holds its own value of a field the CRM kept: not agreed yet, so the
-                    # CRM's document must go out even if it equals the one last sent.
-                    hashes.update(dict.fromkeys(send_back.get(entity, set()) & set(values)))
+                    # The target still holds its own value of a field the CRM kept, or a CRM change has not
+                    # been sent yet: not agreed, so the CRM's document must go out even if it equals the one
+                    # last sent.
+                    hashes.update(dict.fromkeys((send_back.get(entity, set()) | unsent) & set(values)))
                 record_exchange(session, target, entity, values, external_keys=keys, payload_hashes=hashes,
                                 run_id=run_id)  # fmt: skip
+        # The loader may have stamped them with this run, which this run's capture does not read.
+        if sync.outbound_enabled and unsent:
+            send_back.setdefault(entity, set()).update(unsent)
     for counts in report.entities.values():
         report.received += counts["received"]
         report.applied += counts["applied"]

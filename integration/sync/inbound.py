@@ -21,13 +21,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Table, bindparam, insert, select
+from sqlalchemy import Table, and_, bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from crm_core.entities import ENTITIES
 from crm_core.journal import ids_in, to_json
 from crm_core.loading import Batch, crosswalk_ids
-from crm_core.models import SyncConflict, SyncState
+from crm_core.models import LoadRun, SyncConflict, SyncState
 from integration.mappings.engine import EXTERNAL_KEY
 from integration.mappings.spec import CompiledMapping, IncrementalSpec
 from integration.sync.spec import CRM, CompiledEntitySync, CompiledTarget, InboundSpec
@@ -43,6 +43,10 @@ class OwnershipOutcome:
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     send_back: set[int] = field(default_factory=set)  # records whose CRM-owned values go back to the target
     kept_crm: int = 0  # field values of the target not applied (the CRM's value stays)
+    # Records with a CRM change not delivered yet (not captured, or its document not sent): not agreed.
+    unsent: set[int] = field(default_factory=set)
+    # Per record, the target's values of the fields where the CRM's value stayed: what the target holds.
+    target_values: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 def with_cursor(mapping: CompiledMapping, inbound: InboundSpec) -> CompiledMapping:
@@ -101,6 +105,7 @@ def apply_ownership(
             ids_in(connection, STATE.c.entity_id, part),
         )
         states.update({entity_id: values or {} for entity_id, values in session.execute(query)})
+    outcome.unsent = unsent_changes(session, target, sync.entity, known, run_id)
     queue_all = sync.spec.conflicts == "queue"
     records = records.copy()
     now = dt.datetime.now(dt.UTC)
@@ -138,12 +143,51 @@ def apply_ownership(
             if keep_ours:
                 records.at[position, name] = ours
                 outcome.kept_crm += 1
+                # What is agreed is what the target holds: the CRM's value is not there yet.
+                outcome.target_values.setdefault(entity_id, {})[name] = to_json(theirs)
                 if owner == CRM and they_changed:
                     outcome.send_back.add(entity_id)
     if outcome.conflicts:
         session.execute(insert(SyncConflict), outcome.conflicts)
     outcome.batch = replace(batch, records=records)
     return outcome
+
+
+def unsent_changes(
+    session: Session, target: CompiledTarget, entity: str, ids: Sequence[int], own_run_id: int
+) -> set[int]:
+    """Return the records among ``ids`` with a CRM change the target has not been sent yet.
+
+    Those are the records changed by a run after the capture cursor (not captured yet) and those with a
+    document in the outbox not delivered yet. An inbound row of such a record must not be recorded as
+    agreeing with the core: the loader may stamp the record with the sync's run, and the change would then
+    be taken for the sync's own echo and never sent.
+    """
+    from crm_core.watermarks import read_watermark
+    from integration.sync.outbox import CAPTURE_STREAM, OUTBOX, watermark_source
+
+    state = read_watermark(session, watermark_source(target.name), CAPTURE_STREAM)
+    cursor = int(state.value) if state is not None else 0
+    table: Table = ENTITIES[entity].model.__table__  # type: ignore[assignment]
+    connection = session.connection()
+    # This target's own sync runs wrote what it sent or acknowledged: no change of the CRM's.
+    changes = select(LoadRun.id).where(
+        LoadRun.id > cursor, LoadRun.id != own_run_id,
+        ~and_(LoadRun.mode == "sync", LoadRun.run_key.like(f"sync-{target.name}-%")),
+    )  # fmt: skip
+    found: set[int] = set()
+    ordered = sorted(set(ids))
+    for start in range(0, len(ordered), 2000):
+        part = ordered[start : start + 2000]
+        found.update(session.scalars(select(table.c.id).where(
+            ids_in(connection, table.c.id, part), table.c.updated_run_id > cursor,
+            table.c.updated_run_id.in_(changes),
+        )))  # fmt: skip
+        found.update(session.scalars(select(OUTBOX.c.entity_id).where(
+            OUTBOX.c.target == target.name, OUTBOX.c.entity == entity,
+            OUTBOX.c.status.in_(("pending", "waiting", "awaiting")), ids_in(connection, OUTBOX.c.entity_id, part),
+        )))  # fmt: skip
+    return found
 
 
 def _text(value: Any) -> str | None:

@@ -1,0 +1,72 @@
+"""Sync correctness against the local U8 OpenAPI server: no CRM change is swallowed, the first sync with
+``start: now`` overwrites nothing in U8, and a sync with nothing changed sends and receives nothing.
+
+Real HTTP peer over a real U8-layout database, as in tests/test_sync.py; nothing of the code under test is
+replaced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from crm_core.db import session_factory
+from crm_core.edits import edit_record
+from crm_core.models import SyncConflict, SyncState
+from integration.pipeline import core_engine
+from tests.test_sync import customer_by_name, running_u8, sync, u8_rows
+
+ABBR = 'SELECT "cCusAbbName" FROM "Customer" WHERE "cCusCode" = :code'
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Iterator[sa.Engine]:
+    engine = core_engine(f"sqlite:///{tmp_path / 'core.sqlite'}")
+    yield engine
+    engine.dispose()
+
+
+def test_a_crm_edit_is_sent_although_the_same_sync_reads_the_record_from_u8(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """The CRM renames a customer's short name; U8 changes the credit limit of the same customer before the
+    next sync. That sync reads U8's row (and the loader touches the record): the CRM's change still goes out,
+    and sync_state does not claim U8 has it before U8 does."""
+    with running_u8(tmp_path, monkeypatch) as (api, project, url):
+        sync(project, core)
+        huaxin = customer_by_name(core, "上海华鑫科技有限公司")
+        edit_record(core, "customer", huaxin.id, {"short_name": "华鑫药业"})
+        api.erp.update_customer("C001", iCusCreLine=120000)
+        report = sync(project, core)
+        assert report.entities["customer"]["received"] == 1
+        assert u8_rows(url, ABBR, code="C001") == [("华鑫药业",)]
+        assert customer_by_name(core, "上海华鑫科技有限公司").credit_limit == Decimal("120000.00")
+        sync(project, core)  # U8's row of the change comes back: its echo
+        quiet = sync(project, core)
+        assert (quiet.received, quiet.delivery.sent) == (0, 0)
+        assert u8_rows(url, ABBR, code="C001") == [("华鑫药业",)]
+
+
+def test_a_crm_edit_after_an_inbound_only_run_is_not_taken_for_an_echo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """An inbound-only run reads the record the CRM just changed (not captured yet): the change is not
+    recorded as exchanged, the next outbound run sends it."""
+    with running_u8(tmp_path, monkeypatch) as (api, project, url):
+        sync(project, core)
+        huaxin = customer_by_name(core, "上海华鑫科技有限公司")
+        edit_record(core, "customer", huaxin.id, {"short_name": "华鑫药业"})
+        api.erp.update_customer("C001", iCusCreLine=120000)
+        sync(project, core, "inbound")
+        with session_factory(core)() as session:
+            state = session.scalars(sa.select(SyncState).where(SyncState.entity_id == huaxin.id)).one()
+            assert (state.core_values or {}).get("short_name") != "华鑫药业"  # U8 does not hold it yet
+        out = sync(project, core, "outbound")
+        assert out.delivery.applied == 1
+        assert u8_rows(url, ABBR, code="C001") == [("华鑫药业",)]
+        with session_factory(core)() as session:
+            assert not session.scalars(sa.select(SyncConflict)).all()
