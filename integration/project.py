@@ -25,7 +25,7 @@ from crm_core.merging import SURVIVORSHIP_FIELDS, SurvivorshipRule
 from crm_core.validation import RuleSpec, builtin_rules
 from integration.dedup.spec import LinkageConfig
 from integration.mappings.money import CurrenciesConfig, currency_problems
-from integration.sync.spec import CompiledTarget, SyncTarget, compile_sync
+from integration.sync.spec import CompiledTarget, SyncTarget, compile_sync, sync_warnings
 from integration.yamlconf import (
     LocatedDocument,
     close_names,
@@ -443,6 +443,8 @@ def load_project(path: str | Path | None = None, *, sources: Collection[str] | N
         document, spec.sync, list(spec.sources), {path.stem: path for path in mapping_files}
     )
     problems += sync_problems
+    if not sync_problems:
+        warnings += sync_warnings(document, sync)
     for entity_name, rules in spec.dedup.items():
         for i, source in enumerate(rules.source_priority):
             if source not in spec.sources:

@@ -18,6 +18,7 @@ from crm_core.db import session_factory
 from crm_core.edits import edit_record
 from crm_core.models import SyncConflict, SyncState
 from integration.pipeline import core_engine
+from tests.servers.u8_project import CUSTOMER, sync_yaml
 from tests.test_sync import customer_by_name, running_u8, sync, u8_rows
 
 ABBR = 'SELECT "cCusAbbName" FROM "Customer" WHERE "cCusCode" = :code'
@@ -70,3 +71,38 @@ def test_a_crm_edit_after_an_inbound_only_run_is_not_taken_for_an_echo(
         assert u8_rows(url, ABBR, code="C001") == [("华鑫药业",)]
         with session_factory(core)() as session:
             assert not session.scalars(sa.select(SyncConflict)).all()
+
+
+NAME_AND_PHONE = CUSTOMER.replace("            abbrname: short_name\n", "").replace(
+    "            address: address\n", ""
+)
+
+
+def test_a_field_the_crm_owns_but_never_sends_does_not_make_the_sync_send_forever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """The CRM owns short_name, email and address but only name and phone go out, and an empty CRM phone
+    is left out of the document: a U8 change of those keeps the CRM's value and sends nothing (sending would
+    not change U8, whose row would come back changed, again and again). `crmi project check` warns."""
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    with running_u8(tmp_path, monkeypatch, sync_yaml(NAME_AND_PHONE)) as (api, project, url):
+        sync(project, core)
+        api.erp.update_customer("C001", cCusAbbName="华鑫")
+        api.erp.update_customer("C002", cCusAddress="北京市朝阳区建国路1号")
+        api.erp.update_customer("C003", cCusPhone="0755-86013388")  # the CRM's phone is empty
+        changed = sync(project, core)
+        assert (changed.received, changed.kept_crm, changed.delivery.sent) == (3, 3, 0)
+        quiet = sync(project, core)
+        assert (quiet.received, quiet.kept_crm, quiet.delivery.sent) == (0, 0, 0)
+        assert u8_rows(url, ABBR, code="C001") == [("华鑫",)]
+        assert customer_by_name(core, "上海华鑫科技有限公司").short_name is None
+        checked = CliRunner().invoke(app, ["project", "check", "--project", str(project)])
+        for name in ("short_name", "email", "address"):
+            assert (
+                f"warning: {project / 'project.yaml'}" in checked.output
+                and f"the CRM owns '{name}' but no outbound field sends it" in checked.output
+            ), checked.output
+        assert "the CRM owns 'phone'" not in checked.output

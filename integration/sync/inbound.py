@@ -106,6 +106,7 @@ def apply_ownership(
         )
         states.update({entity_id: values or {} for entity_id, values in session.execute(query)})
     outcome.unsent = unsent_changes(session, target, sync.entity, known, run_id)
+    sendable = sent_fields(sync)
     queue_all = sync.spec.conflicts == "queue"
     records = records.copy()
     now = dt.datetime.now(dt.UTC)
@@ -145,12 +146,22 @@ def apply_ownership(
                 outcome.kept_crm += 1
                 # What is agreed is what the target holds: the CRM's value is not there yet.
                 outcome.target_values.setdefault(entity_id, {})[name] = to_json(theirs)
-                if owner == CRM and they_changed:
+                # Only what a document carries goes back: a field no outbound field sends, or an empty value
+                # (left out of the document), would not change the target, whose row would come back changed.
+                if owner == CRM and they_changed and name in sendable and _comparable(ours) is not None:
                     outcome.send_back.add(entity_id)
     if outcome.conflicts:
         session.execute(insert(SyncConflict), outcome.conflicts)
     outcome.batch = replace(batch, records=records)
     return outcome
+
+
+def sent_fields(sync: CompiledEntitySync) -> set[str]:
+    """Return the record's own fields its outbound document carries (none when nothing goes out)."""
+    if not sync.outbound_enabled or sync.outbound is None:
+        return set()
+    fields = ENTITIES[sync.entity].fields
+    return {name for reads in sync.outbound.reads.values() for name in reads if name in fields}
 
 
 def unsent_changes(

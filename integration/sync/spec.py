@@ -479,3 +479,26 @@ def compile_sync(
             entities[entity] = CompiledEntitySync(entity, sync, owners, outbound)
         compiled[name] = CompiledTarget(name, target, entities)
     return compiled, problems
+
+
+def sync_warnings(doc: LocatedDocument, targets: dict[str, CompiledTarget]) -> list[Problem]:
+    """Return the warnings of a checked ``sync:`` section: a field the CRM owns that no outbound field sends.
+
+    The sync keeps the CRM's value of such a field (U8's change of it is not taken) but cannot send it, so the
+    two sides stay apart until someone adds it to ``outbound.fields`` or gives up owning it.
+    """
+    warnings: list[Problem] = []
+    for name, target in targets.items():
+        for entity, sync in target.entities.items():
+            if sync.outbound is None:
+                continue
+            fields = ENTITIES[entity].fields
+            sent = {f for reads in sync.outbound.reads.values() for f in reads if f in fields}
+            for i, field_name in enumerate(sync.spec.ownership.get(CRM, [])):
+                if field_name in fields and field_name not in sent:
+                    warnings.append(doc.problem(
+                        ("sync", name, "entities", entity, "ownership", CRM, i),
+                        f"the CRM owns '{field_name}' but no outbound field sends it: {name}'s changes of it are "
+                        f"not taken and the CRM's are never sent; add it to outbound.fields or leave it unowned",
+                    ))  # fmt: skip
+    return warnings
