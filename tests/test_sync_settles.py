@@ -16,8 +16,9 @@ import sqlalchemy as sa
 
 from crm_core.db import session_factory
 from crm_core.edits import edit_record
-from crm_core.models import SyncConflict, SyncState
-from integration.pipeline import core_engine
+from crm_core.loading import get_or_start_run
+from crm_core.models import Customer, LoadRun, SyncConflict, SyncState
+from integration.pipeline import Migration, core_engine, extract, load, stage
 from tests.servers.u8_project import CUSTOMER, sync_yaml
 from tests.test_sync import customer_by_name, running_u8, sync, u8_rows
 
@@ -106,3 +107,79 @@ def test_a_field_the_crm_owns_but_never_sends_does_not_make_the_sync_send_foreve
                 and f"the CRM owns '{name}' but no outbound field sends it" in checked.output
             ), checked.output
         assert "the CRM owns 'phone'" not in checked.output
+
+
+NAME = 'SELECT "cCusName" FROM "Customer" WHERE "cCusCode" = :code'
+PHONE = 'SELECT "cCusPhone" FROM "Customer" WHERE "cCusCode" = :code'
+GOLDEN = "北京腾达商贸集团有限公司"
+
+
+def go_live(project: Path, engine: sa.Engine) -> None:
+    """The migration: U8's customers loaded as a `crmi run` loads them, then a steward's merge gives C002 its
+    golden name (a run of its own, before the first sync)."""
+    migration = Migration.load(str(project))
+    mapping = next(m for m in migration.mappings_for("customer") if m.name == "erp_u8_customers")
+    staged = stage(migration, "customer", {migration.raw_asset(mapping): extract(migration, mapping)})
+    load(migration, engine, "go-live", staged, mode="full")
+    with session_factory(engine)() as session, session.begin():
+        run = get_or_start_run(session, "steward-merge", "synctest", mode="dedup")
+        record = session.scalars(sa.select(Customer).where(Customer.erp_code == "C002")).one()
+        record.name, record.updated_run_id = GOLDEN, run.id
+        session.execute(sa.update(LoadRun).where(LoadRun.run_key.in_(("go-live", "steward-merge")))
+                        .values(status="succeeded"))  # fmt: skip
+
+
+def test_the_first_sync_after_go_live_rewrites_nothing_in_u8(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """`start: now`: the first sync records both sides as they are. A difference the migration made (C002's
+    golden name) is an open conflict for a person, not sent; a CRM edit after go-live goes out; a change of
+    what U8 owns comes in; the next syncs are quiet."""
+    first_sync_after_go_live(tmp_path, monkeypatch, core)
+
+
+@pytest.mark.postgres
+def test_the_first_sync_after_go_live_on_postgresql(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with the core on PostgreSQL (the journal's before-images as JSON there)."""
+    from tests.conftest import PG_URL, reset_postgres, server_or_skip
+
+    engine = server_or_skip(PG_URL, "PostgreSQL")
+    reset_postgres(engine)
+    engine.dispose()
+    engine = core_engine(PG_URL)
+    try:
+        first_sync_after_go_live(tmp_path, monkeypatch, engine)
+    finally:
+        engine.dispose()
+        from integration.assets.resources import dispose_engines
+
+        dispose_engines()
+
+
+def first_sync_after_go_live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine) -> None:
+    """Go live, edit one customer in the CRM, change one in U8, and sync: check both sides after each run."""
+    with running_u8(tmp_path, monkeypatch) as (api, project, url):
+        go_live(project, core)
+        huaxin = customer_by_name(core, "上海华鑫科技有限公司")
+        edit_record(core, "customer", huaxin.id, {"phone": "+862188889999"})  # after go-live: goes out
+        api.erp.update_customer("C003", iCusCreLine=90000)  # U8 owns the credit limit
+        first = sync(project, core)
+        assert u8_rows(url, NAME, code="C002") == [("北京腾达商贸有限公司",)]  # not the golden name
+        assert u8_rows(url, PHONE, code="C002") == [("010-62345678",)]  # nor the CRM's +86 form
+        assert u8_rows(url, PHONE, code="C001") == [("+862188889999",)]
+        assert first.delivery.sent == 1 and first.conflicts_waiting == 1
+        assert customer_by_name(core, "深圳卓泰电子有限公司").credit_limit == Decimal("90000.00")
+        with session_factory(core)() as session:
+            conflict = session.scalars(sa.select(SyncConflict)).one()
+        assert (conflict.field, conflict.status, conflict.crm_value, conflict.target_value) == (
+            "name", "open", GOLDEN, "北京腾达商贸有限公司",
+        )  # fmt: skip
+        echo = sync(project, core)  # C001's row comes back from U8
+        assert (echo.received, echo.delivery.sent, echo.conflicts) == (1, 0, 0)
+        quiet = sync(project, core)
+        assert (quiet.received, quiet.delivery.sent, quiet.conflicts) == (0, 0, 0)
+        from integration.sync.engine import decide_conflict
+
+        decide_conflict(Migration.load(str(project)), core, conflict.id, "crm", by="li.na")
+        sync(project, core)
+        assert u8_rows(url, NAME, code="C002") == [(GOLDEN,)]  # decided by a person: now it goes

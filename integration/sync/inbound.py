@@ -11,6 +11,11 @@ exchanged (``sync_state.core_values``):
 - both changed it differently: a **conflict**. With an owner, the owner's value wins and the conflict is
   logged (resolved); without one, or with ``conflicts: queue``, the CRM's value stays and the conflict
   waits for a person (``crmi sync conflicts``).
+
+A record read for the first time starts from the core as the capture cursor left it (go-live, with
+``start: now``): where the target differs from that, a field the target owns takes its value and any other
+field the document sends becomes an open conflict (the ERP is never overwritten unasked). What is recorded
+as exchanged is what the target holds, and a record with a CRM change not sent yet is not recorded as agreed.
 """
 
 from __future__ import annotations
@@ -106,6 +111,10 @@ def apply_ownership(
         )
         states.update({entity_id: values or {} for entity_id, values in session.execute(query)})
     outcome.unsent = unsent_changes(session, target, sync.entity, known, run_id)
+    # A record never exchanged yet (the first sync): both sides start from the core as the capture cursor
+    # left it, i.e. before the CRM's changes since then (which go out with this sync).
+    at_cursor = values_at_cursor(session, target, sync.entity, sorted(outcome.unsent - set(states)))
+    baseline = target.spec.start == "now"
     sendable = sent_fields(sync)
     queue_all = sync.spec.conflicts == "queue"
     records = records.copy()
@@ -122,13 +131,26 @@ def apply_ownership(
             ours = current.get(column)
             if _same(theirs, ours):
                 continue
-            # No exchange yet: what the core holds is the baseline (the CRM changed nothing since).
-            before = exchanged.get(name) if exchanged is not None and name in exchanged else to_json(ours)
+            if exchanged is not None and name in exchanged:
+                before = exchanged[name]
+            else:  # no exchange yet: the core's value at the capture cursor is where both sides start
+                before = at_cursor.get(entity_id, {}).get(column, to_json(ours))
             they_changed = not _same(theirs, before)
             we_changed = not _same(ours, before)
             owner = sync.owners.get(name)
             keep_ours = False
-            if they_changed and we_changed:
+            differs_at_start = baseline and exchanged is None and they_changed and not we_changed
+            if differs_at_start and owner != target.name and name in sendable:
+                # The target differs from the core as go-live left it (the migration cleaned the value, a
+                # steward merged, or the target changed it since the extract): nobody knows which side is
+                # right. Sending the CRM's value would overwrite the ERP unasked: a person decides.
+                outcome.conflicts.append({
+                    "target": target.name, "entity": sync.entity, "entity_id": entity_id, "field": name,
+                    "exchanged_value": _text(before), "crm_value": _text(ours), "target_value": _text(theirs),
+                    "owner": owner, "status": "open", "load_run_id": run_id, "created_at": now,
+                })  # fmt: skip
+                keep_ours = True
+            elif they_changed and we_changed:
                 status = "open" if queue_all or owner is None else (
                     "resolved_crm" if owner == CRM else "resolved_target")  # fmt: skip
                 outcome.conflicts.append({
@@ -164,6 +186,50 @@ def sent_fields(sync: CompiledEntitySync) -> set[str]:
     return {name for reads in sync.outbound.reads.values() for name in reads if name in fields}
 
 
+def values_at_cursor(
+    session: Session, target: CompiledTarget, entity: str, ids: Sequence[int]
+) -> dict[int, dict[str, Any]]:
+    """Return, per record, the columns a committed run changed after the capture cursor, as they were before
+    the first such change (the journal's before-images); a column not changed since is not in it."""
+    from crm_core.journal import row_key
+    from crm_core.models import RowChange
+    from crm_core.runs import COMMITTED
+
+    if not ids:
+        return {}
+    table: Table = ENTITIES[entity].model.__table__  # type: ignore[assignment]
+    keys = {row_key(table, {"id": i}): i for i in ids}
+    runs = select(LoadRun.id).where(
+        LoadRun.id > _capture_cursor(session, target), LoadRun.status.in_(COMMITTED)
+    )
+    journal: Table = RowChange.__table__  # type: ignore[assignment]
+    connection = session.connection()
+    found: dict[int, dict[str, Any]] = {}
+    ordered = sorted(keys)
+    for start in range(0, len(ordered), 2000):
+        query = (
+            select(journal.c.row_key, journal.c.before)
+            .where(
+                journal.c.table_name == table.name, journal.c.operation == "update",
+                journal.c.load_run_id.in_(runs), ids_in(connection, journal.c.row_key, ordered[start : start + 2000]),
+            )
+            .order_by(journal.c.id)
+        )  # fmt: skip
+        for key, before in session.execute(query):
+            values = found.setdefault(keys[key], {})
+            for column, value in (before or {}).items():
+                values.setdefault(column, value)
+    return found
+
+
+def _capture_cursor(session: Session, target: CompiledTarget) -> int:
+    from crm_core.watermarks import read_watermark
+    from integration.sync.outbox import CAPTURE_STREAM, watermark_source
+
+    state = read_watermark(session, watermark_source(target.name), CAPTURE_STREAM)
+    return int(state.value) if state is not None else 0
+
+
 def unsent_changes(
     session: Session, target: CompiledTarget, entity: str, ids: Sequence[int], own_run_id: int
 ) -> set[int]:
@@ -174,11 +240,9 @@ def unsent_changes(
     agreeing with the core: the loader may stamp the record with the sync's run, and the change would then
     be taken for the sync's own echo and never sent.
     """
-    from crm_core.watermarks import read_watermark
-    from integration.sync.outbox import CAPTURE_STREAM, OUTBOX, watermark_source
+    from integration.sync.outbox import OUTBOX
 
-    state = read_watermark(session, watermark_source(target.name), CAPTURE_STREAM)
-    cursor = int(state.value) if state is not None else 0
+    cursor = _capture_cursor(session, target)
     table: Table = ENTITIES[entity].model.__table__  # type: ignore[assignment]
     connection = session.connection()
     # This target's own sync runs wrote what it sent or acknowledged: no change of the CRM's.

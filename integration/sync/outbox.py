@@ -265,7 +265,12 @@ def capture_window(session: Session, target: str, own_run_id: int | None) -> tup
 
 
 def baseline(session: Session, target: CompiledTarget, run_id: int) -> None:
-    """At a target's first sync with ``start: now``: the core as go-live left it is where both sides start."""
+    """At a target's first sync with ``start: now``: the core as go-live left it is where both sides start.
+
+    This sets the capture cursor (CRM edits after go-live go out); what both sides hold is recorded by the
+    inbound read of each record (:func:`integration.sync.inbound.apply_ownership`: a difference that was
+    there at go-live is an open conflict, not a change sent to the target).
+    """
     if target.spec.start != "now":
         return
     if read_watermark(session, watermark_source(target.name), CAPTURE_STREAM) is not None:
