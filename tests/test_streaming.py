@@ -152,9 +152,14 @@ def empty_core(engine: sa.Engine) -> None:
             for table in reversed(Base.metadata.sorted_tables):
                 connection.execute(sa.text(f'DROP TABLE IF EXISTS "{table.name}"'))
             for (name,) in connection.execute(
-                sa.text("SELECT name FROM sqlite_master WHERE type='table'")
+                sa.text("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")
             ).all():
                 connection.execute(sa.text(f'DROP TABLE IF EXISTS "{name}"'))
+            # SQLite's own AUTOINCREMENT counters (merge_log) cannot be dropped: emptied, as in a new file
+            if connection.scalar(
+                sa.text("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_sequence'")
+            ):
+                connection.execute(sa.text("DELETE FROM sqlite_sequence"))
     engine.dispose()
 
 
