@@ -410,7 +410,7 @@ def _finish(engine: Engine, run_key: str, report: SyncReport) -> None:
     with session_factory(engine)() as session, session.begin():
         run = session.scalar(select(LoadRun).where(LoadRun.run_key == run_key))
         assert run is not None
-        report.conflicts_waiting = len(open_conflicts(session, report.target))
+        report.conflicts_waiting = count_open_conflicts(session, report.target)
         run.status = "succeeded"
         run.finished_at = dt.datetime.now(dt.UTC)
         run.stats = {**(run.stats or {}), "sync": report.as_dict()}
@@ -728,6 +728,14 @@ def open_conflicts(session: Session, target: str | None = None) -> list[SyncConf
     return list(session.scalars(query))
 
 
+def count_open_conflicts(session: Session, target: str) -> int:
+    """Return how many conflicts of ``target`` wait for a person (one count query)."""
+    from sqlalchemy import func
+
+    query = select(func.count()).where(SyncConflict.status == "open", SyncConflict.target == target)
+    return int(session.scalar(query) or 0)
+
+
 def decide_conflict(migration: Any, engine: Engine, conflict_id: int, take: str, *, by: str) -> str:
     """Settle an open conflict: ``crm`` keeps the CRM's value (sent to the target), ``target`` takes theirs.
 
@@ -814,6 +822,7 @@ __all__ = [
     "BusyWait",
     "StoppedWaiting",
     "SyncReport",
+    "count_open_conflicts",
     "decide_conflict",
     "open_conflicts",
     "run_sync",
