@@ -183,3 +183,32 @@ def first_sync_after_go_live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, co
         decide_conflict(Migration.load(str(project)), core, conflict.id, "crm", by="li.na")
         sync(project, core)
         assert u8_rows(url, NAME, code="C002") == [(GOLDEN,)]  # decided by a person: now it goes
+
+
+def test_a_crm_edit_before_a_steward_merge_goes_out_with_the_first_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """Go-live is the migration's last load, not the last run that was no edit: a CRM user edits a phone, then
+    a steward merges (a run of its own), then the first sync runs. The edit goes out; the merge's golden name
+    waits for a person (U8 holds another name)."""
+    with running_u8(tmp_path, monkeypatch) as (_api, project, url):
+        migration = Migration.load(str(project))
+        mapping = next(m for m in migration.mappings_for("customer") if m.name == "erp_u8_customers")
+        staged = stage(migration, "customer", {migration.raw_asset(mapping): extract(migration, mapping)})
+        load(migration, core, "go-live", staged, mode="full")
+        with session_factory(core)() as session, session.begin():
+            session.execute(sa.update(LoadRun).where(LoadRun.run_key == "go-live").values(status="succeeded"))
+        huaxin = customer_by_name(core, "上海华鑫科技有限公司")
+        edit_record(core, "customer", huaxin.id, {"phone": "+862188889999"})
+        with session_factory(core)() as session, session.begin():
+            run = get_or_start_run(session, "steward-merge", "synctest", mode="steward")
+            record = session.scalars(sa.select(Customer).where(Customer.erp_code == "C002")).one()
+            record.name, record.updated_run_id = GOLDEN, run.id
+            run.status = "succeeded"
+        first = sync(project, core)
+        assert u8_rows(url, PHONE, code="C001") == [("+862188889999",)]
+        assert u8_rows(url, NAME, code="C002") == [("北京腾达商贸有限公司",)]
+        assert (first.delivery.sent, first.conflicts_waiting) == (1, 1)
+        with session_factory(core)() as session:
+            conflict = session.scalars(sa.select(SyncConflict)).one()
+        assert (conflict.field, conflict.crm_value) == ("name", GOLDEN)

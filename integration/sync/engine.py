@@ -39,6 +39,7 @@ from crm_core.runs import (
 )
 from integration.sync.inbound import apply_ownership, loaded_values, record_exchange, with_cursor
 from integration.sync.outbox import (
+    MIGRATION_MODES,
     Acknowledge,
     CaptureStats,
     DeliveryStats,
@@ -183,9 +184,6 @@ def _claim(engine: Engine, target: CompiledTarget, run_key: str, project: str) -
 def busy_advice(what: str = "sync", again: str = "run it again") -> str:
     """What to do when ``what`` is refused because a ``crmi run``, rollback… holds the core."""
     return f"no {what} while it loads or rolls back the core; {again} when it has ended"
-
-
-MIGRATION_MODES = ("full", "delta")  # load runs of a migration (a trial loads into a scratch core of its own)
 
 
 def _migration_loading(engine: Engine) -> str | None:

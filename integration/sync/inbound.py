@@ -189,19 +189,25 @@ def sent_fields(sync: CompiledEntitySync) -> set[str]:
 def values_at_cursor(
     session: Session, target: CompiledTarget, entity: str, ids: Sequence[int]
 ) -> dict[int, dict[str, Any]]:
-    """Return, per record, the columns a committed run changed after the capture cursor, as they were before
-    the first such change (the journal's before-images); a column not changed since is not in it."""
+    """Return, per record, the columns a CRM edit changed after the capture cursor, as they were before the
+    first such edit (the journal's before-images); a column not edited since is not in it.
+
+    Only CRM edits count: a steward's merge or a dedup run since go-live is part of what go-live left (where
+    the target differs from it, a person decides), not a change of the CRM's to send.
+    """
     from crm_core.journal import row_key
     from crm_core.models import RowChange
     from crm_core.runs import COMMITTED
+    from integration.sync.outbox import CRM_EDIT_MODE
 
     if not ids:
         return {}
     table: Table = ENTITIES[entity].model.__table__  # type: ignore[assignment]
     keys = {row_key(table, {"id": i}): i for i in ids}
     runs = select(LoadRun.id).where(
-        LoadRun.id > _capture_cursor(session, target), LoadRun.status.in_(COMMITTED)
-    )
+        LoadRun.id > _capture_cursor(session, target), LoadRun.status.in_(COMMITTED),
+        LoadRun.mode == CRM_EDIT_MODE,
+    )  # fmt: skip
     journal: Table = RowChange.__table__  # type: ignore[assignment]
     connection = session.connection()
     found: dict[int, dict[str, Any]] = {}

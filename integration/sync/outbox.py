@@ -45,6 +45,8 @@ from integration.mappings.expressions import filter_frame, parse
 from integration.sync.spec import CRM, KEY_COLUMN, CompiledEntitySync, CompiledTarget, RetryPolicy
 
 CAPTURE_STREAM = "capture"
+MIGRATION_MODES = ("full", "delta")  # load runs of a migration (a trial loads into a scratch core of its own)
+CRM_EDIT_MODE = "edit"  # a change made in the CRM (crm_core.edits): what the first sync sends
 CHUNK = 2000
 TRADE_ID_PREFETCH = 1000  # trade ids asked for at once (U8 issues up to 1,000 per call)
 XW: Table = ExternalId.__table__  # type: ignore[assignment]
@@ -276,10 +278,11 @@ def baseline(session: Session, target: CompiledTarget, run_id: int) -> None:
     if read_watermark(session, watermark_source(target.name), CAPTURE_STREAM) is not None:
         return
     _, upto = capture_window(session, target.name, run_id)
-    # The go-live: the last migration (or dedup) run; CRM edits after it go out with the first sync.
+    # The go-live: the last migration load. CRM edits after it go out with the first sync; a steward's or a
+    # dedup run's changes since are part of what go-live left (a difference from the target is a conflict).
     go_live = session.scalar(
         select(func.max(LoadRun.id)).where(
-            LoadRun.id <= upto, LoadRun.status.in_(COMMITTED), LoadRun.mode.not_in(("edit", "sync"))
+            LoadRun.id <= upto, LoadRun.status.in_(COMMITTED), LoadRun.mode.in_(MIGRATION_MODES)
         )
     )
     start = int(go_live) if go_live is not None else upto
