@@ -212,3 +212,25 @@ def test_a_crm_edit_before_a_steward_merge_goes_out_with_the_first_sync(
         with session_factory(core)() as session:
             conflict = session.scalars(sa.select(SyncConflict)).one()
         assert (conflict.field, conflict.crm_value) == ("name", GOLDEN)
+
+
+def test_a_failed_sync_leaves_no_conflict_and_its_retry_opens_each_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """The first sync opens a conflict (C002's golden name) and then fails in its load: the run is undone and
+    so is its conflict; the sync run again opens it once, not twice."""
+    from crm_core.errors import LoadError
+
+    with running_u8(tmp_path, monkeypatch) as (_api, project, _url):
+        go_live(project, core)
+        monkeypatch.setenv("CRMI_FAILPOINT", "load:customer:before_commit")
+        with pytest.raises(LoadError, match="failpoint"):
+            sync(project, core)
+        with session_factory(core)() as session:
+            assert session.scalars(sa.select(SyncConflict)).all() == []
+        monkeypatch.delenv("CRMI_FAILPOINT")
+        again = sync(project, core)
+        assert (again.conflicts_open, again.conflicts_waiting) == (1, 1)
+        with session_factory(core)() as session:
+            conflict = session.scalars(sa.select(SyncConflict)).one()
+        assert (conflict.field, conflict.status) == ("name", "open")

@@ -177,6 +177,7 @@ def _claim(engine: Engine, target: CompiledTarget, run_key: str, project: str) -
     if crashed:  # a sync process that died: undo what it wrote to the core, then start
         for key in crashed:
             rollback_run(engine, key, status="failed", allow_running=True)
+            _forget_conflicts(engine, key)
         with factory() as session, session.begin():
             get_or_start_run(session, run_key, project, mode="sync")
 
@@ -402,6 +403,19 @@ def _fail(engine: Engine, run_key: str) -> None:
     except CrmError:
         with session_factory(engine)() as session, session.begin():
             session.execute(update(LoadRun).where(LoadRun.run_key == run_key).values(status="failed"))
+    _forget_conflicts(engine, run_key)
+
+
+def _forget_conflicts(engine: Engine, run_key: str) -> None:
+    """Delete the conflicts a failed sync run recorded (committed before its load): its changes are undone,
+    and the next run finds the same differences again (a person's decision already taken is kept)."""
+    from sqlalchemy import delete
+
+    with session_factory(engine)() as session, session.begin():
+        run_id = _run_id(session, run_key)
+        session.execute(delete(SyncConflict).where(
+            SyncConflict.load_run_id == run_id, SyncConflict.status.not_like("decided%")
+        ))  # fmt: skip
 
 
 def _finish(engine: Engine, run_key: str, report: SyncReport) -> None:
