@@ -234,3 +234,41 @@ def test_a_failed_sync_leaves_no_conflict_and_its_retry_opens_each_once(
         with session_factory(core)() as session:
             conflict = session.scalars(sa.select(SyncConflict)).one()
         assert (conflict.field, conflict.status) == ("name", "open")
+
+
+def read_by_ufts(project: Path) -> None:
+    """Make the customer mapping incremental by ``ufts``: the migration saves a watermark, and the first sync
+    reads only U8 rows changed since."""
+    path = project / "mappings" / "erp_u8_customers.yaml"
+    text = path.read_text(encoding="utf-8")
+    old = "source: {connector: erp_u8, table: Customer, key: cCusCode}"
+    assert old in text
+    path.write_text(
+        text.replace(
+            old, "source: {connector: erp_u8, table: Customer, key: cCusCode, incremental: {cursor: ufts}}"
+        ),
+        encoding="utf-8",
+    )
+
+
+def test_the_first_sync_sends_only_what_the_crm_edited_when_u8_rows_are_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """U8's rows are read by ufts from the migration's watermark, so the first sync reads none of them. The CRM
+    edited C001's short name after go-live: only that goes out, not the migration's cleaned phone (+86…) over
+    U8's. C002, changed by a steward's merge only, is not sent (its golden name would overwrite U8's)."""
+    with running_u8(tmp_path, monkeypatch) as (_api, project, url):
+        read_by_ufts(project)
+        go_live(project, core)
+        huaxin = customer_by_name(core, "上海华鑫科技有限公司")
+        edit_record(core, "customer", huaxin.id, {"short_name": "华鑫"})
+        first = sync(project, core)
+        assert (first.received, first.delivery.sent, first.conflicts) == (0, 1, 0)
+        assert u8_rows(url, ABBR, code="C001") == [("华鑫",)]
+        assert u8_rows(url, PHONE, code="C001") == [("021-35967116",)]  # not the CRM's +86 form
+        assert u8_rows(url, NAME, code="C002") == [("北京腾达商贸有限公司",)]  # not the golden name
+        echo = sync(project, core)  # C001's row comes back from U8: it agrees
+        assert (echo.received, echo.delivery.sent, echo.conflicts) == (1, 0, 0)
+        quiet = sync(project, core)
+        assert (quiet.received, quiet.delivery.sent, quiet.conflicts) == (0, 0, 0)
+        assert u8_rows(url, PHONE, code="C001") == [("021-35967116",)]

@@ -480,14 +480,16 @@ def _inbound(
                 for entity_id, kept in target_values.items():
                     if entity_id in values:
                         values[entity_id].update(kept)
+                record_exchange(session, target, entity, values, external_keys=keys, run_id=run_id)
+                # The document is built from what both sides now hold (known fields, explicit empties).
                 hashes = _payload_hashes(session, target, entity, list(values))
                 if hashes is not None:
                     # The target still holds its own value of a field the CRM kept, or a CRM change has not
                     # been sent yet: not agreed, so the CRM's document must go out even if it equals the one
                     # last sent.
                     hashes.update(dict.fromkeys((send_back.get(entity, set()) | unsent) & set(values)))
-                record_exchange(session, target, entity, values, external_keys=keys, payload_hashes=hashes,
-                                run_id=run_id)  # fmt: skip
+                    record_exchange(session, target, entity, {i: {} for i in values}, payload_hashes=hashes,
+                                    run_id=run_id)  # fmt: skip
         # The loader may have stamped them with this run, which this run's capture does not read.
         if sync.outbound_enabled and unsent:
             send_back.setdefault(entity, set()).update(unsent)

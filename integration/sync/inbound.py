@@ -113,7 +113,8 @@ def apply_ownership(
     outcome.unsent = unsent_changes(session, target, sync.entity, known, run_id)
     # A record never exchanged yet (the first sync): both sides start from the core as the capture cursor
     # left it, i.e. before the CRM's changes since then (which go out with this sync).
-    at_cursor = values_at_cursor(session, target, sync.entity, sorted(outcome.unsent - set(states)))
+    # (A record the CRM's edits were sent for, but whose row the target never sent, has only those fields.)
+    at_cursor = values_at_cursor(session, target, sync.entity, sorted(outcome.unsent))
     baseline = target.spec.start == "now"
     sendable = sent_fields(sync)
     queue_all = sync.spec.conflicts == "queue"
@@ -139,7 +140,8 @@ def apply_ownership(
             we_changed = not _same(ours, before)
             owner = sync.owners.get(name)
             keep_ours = False
-            differs_at_start = baseline and exchanged is None and they_changed and not we_changed
+            first_read = exchanged is None or name not in exchanged
+            differs_at_start = baseline and first_read and they_changed and not we_changed
             if differs_at_start and owner != target.name and name in sendable:
                 # The target differs from the core as go-live left it (the migration cleaned the value, a
                 # steward merged, or the target changed it since the extract): nobody knows which side is
@@ -195,6 +197,19 @@ def values_at_cursor(
     Only CRM edits count: a steward's merge or a dedup run since go-live is part of what go-live left (where
     the target differs from it, a person decides), not a change of the CRM's to send.
     """
+    return values_before_edits(session, entity, ids, _capture_cursor(session, target))
+
+
+def values_before_edits(
+    session: Session, entity: str, ids: Sequence[int], after_run: int
+) -> dict[int, dict[str, Any]]:
+    """Return, per record, the columns a CRM edit (a committed run after ``after_run``) changed, as they were
+    before the first such edit (the journal's before-images).
+
+    A before-image holds the whole row: what an edit changed is where it differs from the row after it (the
+    next change's before-image, or the row as it is now), so a column another run changed later is not taken
+    for an edit of the CRM's.
+    """
     from crm_core.journal import row_key
     from crm_core.models import RowChange
     from crm_core.runs import COMMITTED
@@ -204,27 +219,39 @@ def values_at_cursor(
         return {}
     table: Table = ENTITIES[entity].model.__table__  # type: ignore[assignment]
     keys = {row_key(table, {"id": i}): i for i in ids}
-    runs = select(LoadRun.id).where(
-        LoadRun.id > _capture_cursor(session, target), LoadRun.status.in_(COMMITTED),
-        LoadRun.mode == CRM_EDIT_MODE,
-    )  # fmt: skip
     journal: Table = RowChange.__table__  # type: ignore[assignment]
     connection = session.connection()
     found: dict[int, dict[str, Any]] = {}
     ordered = sorted(keys)
     for start in range(0, len(ordered), 2000):
+        part = ordered[start : start + 2000]
         query = (
-            select(journal.c.row_key, journal.c.before)
+            select(journal.c.row_key, journal.c.before, LoadRun.mode)
+            .join(LoadRun, LoadRun.id == journal.c.load_run_id)
             .where(
-                journal.c.table_name == table.name, journal.c.operation == "update",
-                journal.c.load_run_id.in_(runs), ids_in(connection, journal.c.row_key, ordered[start : start + 2000]),
+                journal.c.table_name == table.name, journal.c.operation == "update", LoadRun.id > after_run,
+                LoadRun.status.in_(COMMITTED), ids_in(connection, journal.c.row_key, part),
             )
             .order_by(journal.c.id)
         )  # fmt: skip
-        for key, before in session.execute(query):
-            values = found.setdefault(keys[key], {})
-            for column, value in (before or {}).items():
-                values.setdefault(column, value)
+        changes: dict[int, list[tuple[dict[str, Any], str]]] = {}
+        for key, before, mode in session.execute(query):
+            changes.setdefault(keys[key], []).append((before or {}, mode))
+        edited = [i for i, entries in changes.items() if any(mode == CRM_EDIT_MODE for _, mode in entries)]
+        now: dict[int, dict[str, Any]] = {}
+        if edited:
+            rows = session.execute(select(table).where(ids_in(connection, table.c.id, sorted(edited))))
+            now = {row["id"]: {c: to_json(v) for c, v in row.items()} for row in rows.mappings()}
+        for entity_id in edited:
+            entries = changes[entity_id]
+            images = [before for before, _ in entries[1:]] + [now.get(entity_id, {})]
+            for (before, mode), after in zip(entries, images, strict=True):
+                if mode != CRM_EDIT_MODE:
+                    continue
+                values = found.setdefault(entity_id, {})
+                for column, value in before.items():
+                    if column in after and not _same(value, after[column]):
+                        values.setdefault(column, value)
     return found
 
 

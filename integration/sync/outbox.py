@@ -45,6 +45,7 @@ from integration.mappings.expressions import filter_frame, parse
 from integration.sync.spec import CRM, KEY_COLUMN, CompiledEntitySync, CompiledTarget, RetryPolicy
 
 CAPTURE_STREAM = "capture"
+GO_LIVE_STREAM = "go-live"  # the run a target's first sync with start: now took as go-live
 MIGRATION_MODES = ("full", "delta")  # load runs of a migration (a trial loads into a scratch core of its own)
 CRM_EDIT_MODE = "edit"  # a change made in the CRM (crm_core.edits): what the first sync sends
 CHUNK = 2000
@@ -203,6 +204,9 @@ def build_documents(
             )
     by_ref = {str(r[ROW_REF]): r for r in records.to_dict("records")}
     owned_by_target = {f for f, owner in sync.owners.items() if owner != CRM}
+    own_fields = ENTITIES[sync.entity].fields
+    keyed = [int(i) for i, k in zip(frame["id"], frame[KEY_COLUMN], strict=True) if k is not None]
+    held, partial = target_holds(session, target, sync, keyed) if keyed else ({}, set())
     documents: list[Document] = []
     for row in frame.to_dict("records"):
         entity_id = int(row["id"])
@@ -220,12 +224,24 @@ def build_documents(
             continue
         mapped_row = by_ref[ref]
         payload: dict[str, Any] = {}
+        known = held.get(entity_id, {}) if key is not None else {}
+        restricted = key is not None and entity_id in partial
+        carried: set[str] = set()
         for document_field, reads in outbound.reads.items():
             if key is not None and reads and all(r in owned_by_target for r in reads):
                 continue  # an edit never sends what the target owns
+            own = [r for r in reads if r in own_fields]
+            if restricted and not all(r in known for r in own):
+                continue  # at the first sync: what the target holds is not known, and the CRM did not edit it
+            carried.update(own)
             value = _json_value(mapped_row.get(document_field))
             if value is not None:
                 payload[document_field] = value
+        if restricted:
+            if not carried:  # nothing of its own to send: no edit of the CRM's since go-live
+                documents.append(Document(entity_id, None, {}, {}, key))
+                continue
+            core_values = {name: value for name, value in core_values.items() if name in carried}
         if outbound.lines is not None:
             payload[outbound.spec.lines.name if outbound.spec.lines else "entry"] = lines.get(ref, [])
         documents.append(Document(entity_id, operation, payload, core_values, key))
@@ -289,6 +305,59 @@ def baseline(session: Session, target: CompiledTarget, run_id: int) -> None:
     save_watermark(
         session, watermark_source(target.name), CAPTURE_STREAM, CursorState(start, frozenset()), run_id
     )
+    save_watermark(
+        session, watermark_source(target.name), GO_LIVE_STREAM, CursorState(start, frozenset()), run_id
+    )
+
+
+def go_live_run(session: Session, target: CompiledTarget) -> int:
+    """Return the run the target's first sync took as go-live (a target first synced before it was kept:
+    the migration's last load run)."""
+    state = read_watermark(session, watermark_source(target.name), GO_LIVE_STREAM)
+    if state is not None:
+        return int(state.value)
+    last = session.scalar(
+        select(func.max(LoadRun.id)).where(LoadRun.status.in_(COMMITTED), LoadRun.mode.in_(MIGRATION_MODES))
+    )
+    return int(last or 0)
+
+
+def target_holds(
+    session: Session, target: CompiledTarget, sync: CompiledEntitySync, ids: Sequence[int]
+) -> tuple[dict[int, dict[str, Any]], set[int]]:
+    """Return, per record the target knows, what it holds as far as the core knows, and the records whose
+    other fields are unknown.
+
+    What it holds is what both sides last exchanged (``sync_state``). With ``start: now`` a field never
+    exchanged is unknown, unless a CRM edit changed it since go-live: the target still holds its value at
+    go-live (the journal's before-image). An edit document of such a record carries the known fields only, so
+    the first sync never overwrites a value the migration or a steward gave the core (the target's row may
+    not be read until it changes there).
+    """
+    from integration.sync.inbound import sent_fields, values_before_edits
+
+    held: dict[int, dict[str, Any]] = {}
+    connection = session.connection()
+    for part in _parts(sorted(set(ids))):
+        query = select(STATE.c.entity_id, STATE.c.core_values).where(
+            STATE.c.target == target.name, STATE.c.entity == sync.entity, ids_in(connection, STATE.c.entity_id, part)
+        )  # fmt: skip
+        held.update({entity_id: dict(values or {}) for entity_id, values in session.execute(query)})
+    if target.spec.start != "now":
+        return held, set()
+    own = sent_fields(sync) if sync.outbound is not None else set()
+    partial = sorted(i for i in set(ids) if not own <= set(held.get(i, {})))
+    if not partial:
+        return held, set()
+    definition = ENTITIES[sync.entity]
+    columns = {definition.fields[f].column: f for f in own}
+    edited = values_before_edits(session, sync.entity, partial, go_live_run(session, target))
+    for entity_id in partial:
+        known = held.setdefault(entity_id, {})
+        for column, value in edited.get(entity_id, {}).items():
+            if column in columns:
+                known.setdefault(columns[column], value)
+    return held, set(partial)
 
 
 def changed_ids(session: Session, entity: str, cursor: int, upto: int) -> list[int]:
