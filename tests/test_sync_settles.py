@@ -272,3 +272,23 @@ def test_the_first_sync_sends_only_what_the_crm_edited_when_u8_rows_are_not_read
         quiet = sync(project, core)
         assert (quiet.received, quiet.delivery.sent, quiet.conflicts) == (0, 0, 0)
         assert u8_rows(url, PHONE, code="C001") == [("021-35967116",)]
+
+
+def test_a_value_cleared_in_the_crm_is_cleared_in_u8(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """The CRM clears a customer's phone (U8 had one): the edit sends an explicit empty and U8's phone is
+    cleared; U8's row coming back does not bring the old phone back, and the next sync is quiet."""
+    with running_u8(tmp_path, monkeypatch) as (_api, project, url):
+        sync(project, core)
+        huaxin = customer_by_name(core, "上海华鑫科技有限公司")
+        edit_record(core, "customer", huaxin.id, {"phone": None})
+        cleared = sync(project, core)
+        assert cleared.delivery.applied == 1
+        assert u8_rows(url, PHONE, code="C001") == [(None,)]
+        echo = sync(project, core)
+        assert (echo.received, echo.delivery.sent, echo.conflicts) == (1, 0, 0)
+        quiet = sync(project, core)
+        assert (quiet.received, quiet.delivery.sent) == (0, 0)
+        assert customer_by_name(core, "上海华鑫科技有限公司").phone is None
+        assert u8_rows(url, PHONE, code="C001") == [(None,)]

@@ -637,7 +637,7 @@ def _acknowledge(target: CompiledTarget, run_key: str, added: dict[str, set[int]
             # An edit leaves the record as it was sent. An add gets the target's key, so what must not be
             # sent again is its next document, the edit carrying that key: derived from the add's document
             # when the key fields are plain copies, else mapped again at the end of the run (_rehash_added).
-            hashes: dict[int, str | None] = {r["entity_id"]: r["payload_hash"] for r in accepted}
+            hashes: dict[int, str | None] = {r["entity_id"]: _settled_hash(sync, r) for r in accepted}
             derive = _edit_derivation(sync)
             for row in accepted:
                 if sync.outbound is None or row["operation"] != sync.outbound.spec.add:
@@ -651,6 +651,23 @@ def _acknowledge(target: CompiledTarget, run_key: str, added: dict[str, set[int]
         return refused
 
     return acknowledge
+
+
+def _settled_hash(sync: CompiledEntitySync, row: dict[str, Any]) -> str | None:
+    """Return the hash of the document an applied delivery leaves the record with: the one sent, less the
+    explicit empties (what was cleared is exchanged as empty, and an empty is sent only to clear a value)."""
+    outbound = sync.outbound
+    payload = row["payload"] or {}
+    if outbound is None or "" not in payload.values():
+        return row["payload_hash"]  # type: ignore[no-any-return]
+    core = row["core_values"] or {}
+    emptied = {
+        name for name, value in payload.items()
+        if value == "" and (reads := [r for r in outbound.reads.get(name, ()) if r in ENTITIES[sync.entity].fields])
+        and all(core.get(r) is None for r in reads)
+    }  # fmt: skip
+    kept = {name: value for name, value in payload.items() if name not in emptied}
+    return payload_hash({"operation": row["operation"], **kept})
 
 
 def _link(

@@ -165,6 +165,15 @@ class Document:
     problem: str | None = None  # set: waits (e.g. its customer has no ERP code yet)
 
 
+def cleared(fields: Sequence[str], core: Mapping[Any, Any], held: Mapping[str, Any]) -> bool:
+    """Return True when the core holds nothing in ``fields`` where the target holds something (as last
+    exchanged): the CRM cleared it, and an edit sends an explicit empty. A value the target holds but the
+    core never had (a mapping that reads U8's invalid phone as empty) is left alone: never exchanged as held."""
+    return all(_json_value(to_json(core.get(f))) is None for f in fields) and any(
+        _json_value(held.get(f)) not in (None, "") for f in fields
+    )
+
+
 def build_documents(
     session: Session, target: CompiledTarget, sync: CompiledEntitySync, ids: Sequence[int]
 ) -> list[Document]:
@@ -237,6 +246,8 @@ def build_documents(
             value = _json_value(mapped_row.get(document_field))
             if value is not None:
                 payload[document_field] = value
+            elif own and cleared(own, row, known):
+                payload[document_field] = ""  # the CRM cleared it: an explicit empty clears the target's
         if restricted:
             if not carried:  # nothing of its own to send: no edit of the CRM's since go-live
                 documents.append(Document(entity_id, None, {}, {}, key))
