@@ -292,3 +292,37 @@ def test_a_value_cleared_in_the_crm_is_cleared_in_u8(
         assert (quiet.received, quiet.delivery.sent) == (0, 0)
         assert customer_by_name(core, "上海华鑫科技有限公司").phone is None
         assert u8_rows(url, PHONE, code="C001") == [(None,)]
+
+
+UNOWNED_EMAIL = CUSTOMER.replace(
+    "crm: [name, short_name, phone, email, address]", "crm: [name, short_name, phone, address]"
+)
+
+
+def test_the_first_read_keeps_a_golden_value_nobody_owns_and_opens_a_conflict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """Nobody owns `email` and no outbound field sends it (docs/sync.md's example). A steward gave C001 its
+    golden email before the first sync; U8 has another. The first read does not replace it with U8's value
+    unseen: the core keeps it and an open conflict names both values."""
+    assert UNOWNED_EMAIL != CUSTOMER
+    with running_u8(tmp_path, monkeypatch, sync_yaml(UNOWNED_EMAIL)) as (api, project, _url):
+        api.erp.update_customer("C001", cCusEmail="sales@huaxin.com")
+        go_live(project, core)
+        with session_factory(core)() as session, session.begin():
+            run = get_or_start_run(session, "steward-email", "synctest", mode="steward")
+            record = session.scalars(sa.select(Customer).where(Customer.erp_code == "C001")).one()
+            record.email, record.updated_run_id = "info@huaxin.cn", run.id
+            run.status = "succeeded"
+        first = sync(project, core)
+        assert customer_by_name(core, "上海华鑫科技有限公司").email == "info@huaxin.cn"
+        with session_factory(core)() as session:
+            conflicts = {c.field: c for c in session.scalars(sa.select(SyncConflict))}
+        assert sorted(conflicts) == ["email", "name"]  # and C002's golden name
+        email = conflicts["email"]
+        assert (email.status, email.crm_value, email.target_value) == (
+            "open",
+            "info@huaxin.cn",
+            "sales@huaxin.com",
+        )
+        assert first.conflicts_waiting == 2

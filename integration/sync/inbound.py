@@ -14,7 +14,8 @@ exchanged (``sync_state.core_values``):
 
 A record read for the first time starts from the core as the capture cursor left it (go-live, with
 ``start: now``): where the target differs from that, a field the target owns takes its value and any other
-field the document sends becomes an open conflict (the ERP is never overwritten unasked). What is recorded
+field the document sends, or nobody owns, becomes an open conflict (the ERP is never overwritten unasked, nor
+the core's cleaned or golden value replaced unseen). What is recorded
 as exchanged is what the target holds, and a record with a CRM change not sent yet is not recorded as agreed.
 """
 
@@ -142,10 +143,17 @@ def apply_ownership(
             keep_ours = False
             first_read = exchanged is None or name not in exchanged
             differs_at_start = baseline and first_read and they_changed and not we_changed
-            if differs_at_start and owner != target.name and name in sendable:
+            unsent_unowned = owner is None and name not in sendable
+            if differs_at_start and unsent_unowned and _comparable(theirs) is None:
+                # The target has nothing where the core has a value (a merge filled it from another
+                # source): nothing to decide. Its empty is what was exchanged; the core's value stays.
+                outcome.target_values.setdefault(entity_id, {})[name] = None
+                continue
+            if differs_at_start and owner != target.name and (name in sendable or unsent_unowned):
                 # The target differs from the core as go-live left it (the migration cleaned the value, a
                 # steward merged, or the target changed it since the extract): nobody knows which side is
-                # right. Sending the CRM's value would overwrite the ERP unasked: a person decides.
+                # right. Sending the CRM's value would overwrite the ERP unasked, and taking the ERP's raw
+                # value would undo the migration's or the steward's work unseen: a person decides.
                 outcome.conflicts.append({
                     "target": target.name, "entity": sync.entity, "entity_id": entity_id, "field": name,
                     "exchanged_value": _text(before), "crm_value": _text(ours), "target_value": _text(theirs),
