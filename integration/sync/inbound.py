@@ -117,6 +117,7 @@ def apply_ownership(
     # (A record the CRM's edits were sent for, but whose row the target never sent, has only those fields.)
     at_cursor = values_at_cursor(session, target, sync.entity, sorted(outcome.unsent))
     baseline = target.spec.start == "now"
+    go_live = go_live_run(session, target) if baseline else 0
     sendable = sent_fields(sync)
     queue_all = sync.spec.conflicts == "queue"
     records = records.copy()
@@ -141,7 +142,10 @@ def apply_ownership(
             we_changed = not _same(ours, before)
             owner = sync.owners.get(name)
             keep_ours = False
-            first_read = exchanged is None or name not in exchanged
+            # A field not exchanged yet of a record go-live left (its first sync sent only the CRM's edits)
+            first_read = exchanged is None or (
+                name not in exchanged and (current.get("created_run_id") or 0) <= go_live
+            )
             differs_at_start = baseline and first_read and they_changed and not we_changed
             unsent_unowned = owner is None and name not in sendable
             if differs_at_start and unsent_unowned and _comparable(theirs) is None:
@@ -186,6 +190,13 @@ def apply_ownership(
         session.execute(insert(SyncConflict), outcome.conflicts)
     outcome.batch = replace(batch, records=records)
     return outcome
+
+
+def go_live_run(session: Session, target: CompiledTarget) -> int:
+    """Return the run the target's first sync took as go-live (see :func:`integration.sync.outbox.go_live_run`)."""
+    from integration.sync.outbox import go_live_run as from_watermark
+
+    return from_watermark(session, target)
 
 
 def sent_fields(sync: CompiledEntitySync) -> set[str]:
