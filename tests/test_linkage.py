@@ -253,6 +253,15 @@ def test_one_linkage_key_alone_takes_the_built_in_rules_for_the_others(tmp_path:
     assert none.sorted_neighbourhood == []
 
 
+def test_the_demos_linkage_written_out_is_the_built_in_spec_feature_names_included() -> None:
+    # Written out, the name comparison was named name_core_name, the built-in one name_core_levenshtein:
+    # steward decisions (stored by feature name) recorded under one did not train a spec using the other.
+    from integration.pipeline import Migration
+    from tests.conftest import DEMO
+
+    assert Migration.load(str(DEMO)).linkage_spec == CUSTOMER_SPEC
+
+
 def test_steward_labels_train_a_supervised_classifier() -> None:
     from crm_core.errors import DedupError
     from integration.dedup.linkage import MIN_LABELS, Labels, candidate_pairs, classify, compare

@@ -1345,3 +1345,25 @@ def test_a_pair_whose_record_was_merged_since_shows_and_decides_its_golden_recor
         merged = connection.scalar(sa.select(Customer.merged_into_id).where(Customer.id == 7))
     assert tuple(decided) == ("distinct", "wang") and merged is None
     engine.dispose()
+
+
+def test_decisions_stored_under_a_written_out_comparisons_old_name_still_train(
+    sqlite_core: sa.Engine,
+) -> None:
+    # A project that wrote its comparisons out stored the name comparison as name_core_name; it is now
+    # named as the built-in one (name_core_levenshtein), and those decisions must still count.
+    from integration.dedup.customers import CUSTOMER_SPEC
+    from integration.dedup.workflow import steward_labels
+
+    old = {f"{c.field}_{c.method}": 0 for c in CUSTOMER_SPEC.comparisons} | {"name_core_name": 2}
+    assert "name_core_levenshtein" not in old
+    with sqlite_core.begin() as connection:
+        connection.execute(sa.insert(MatchCandidate.__table__), [
+            {"entity": "customer", "left_id": 800_000 + 2 * n, "right_id": 800_001 + 2 * n, "probability": 0.7,
+             "features": old, "status": "merged" if n % 2 else "distinct", "decided_by": "wang"}
+            for n in range(4)
+        ])  # fmt: skip
+    with session_factory(sqlite_core)() as session:
+        labels = steward_labels(session, CUSTOMER_SPEC)
+    assert labels is not None and len(labels.features) == 4
+    assert labels.features["name_core_levenshtein"].tolist() == [2, 2, 2, 2]

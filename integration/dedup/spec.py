@@ -176,10 +176,16 @@ class LinkageConfig(_Strict):
         from integration.dedup.customers import CUSTOMER_SPEC
         from integration.dedup.linkage import Comparison, LinkageSpec
 
+        # A comparison written out keeps the built-in one's feature name (name_core_levenshtein, not
+        # name_core_name): steward decisions store features by name, and train whichever spec reads them.
+        built_in = {(c.field, c.method): c.label for c in CUSTOMER_SPEC.comparisons}
         comparisons = (
             list(CUSTOMER_SPEC.comparisons)
             if self.comparisons is None
-            else [Comparison(c.field, c.method, tuple(c.levels)) for c in self.comparisons]
+            else [
+                Comparison(c.field, c.method, tuple(c.levels), label=built_in.get((c.field, c.method)))
+                for c in self.comparisons
+            ]
         )
         return LinkageSpec(
             blocks=list(CUSTOMER_SPEC.blocks) if self.blocks is None else [tuple(b) for b in self.blocks],

@@ -582,12 +582,21 @@ def steward_labels(session: Any, spec: LinkageSpec, entity: str = "customer") ->
         )
     ).all()  # fmt: skip
     names = [c.name for c in spec.comparisons]
-    usable = [r for r in rows if all(n in (r.features or {}) for n in names)]
+    # Decisions stored before a written-out comparison took its built-in name carry the other one
+    # (name_core_name for name_core_levenshtein): read under either.
+    spelled = [(c.name, f"{c.field}_{c.method}") for c in spec.comparisons]
+
+    def levels(found: Mapping[str, Any] | None) -> list[Any] | None:
+        found = found or {}
+        picked = [found.get(name, found.get(other)) for name, other in spelled]
+        return None if any(level is None for level in picked) else picked
+
+    usable = [(r, found) for r in rows if (found := levels(r.features)) is not None]
     if not usable:
         return None
-    index = pd.MultiIndex.from_tuples([(r.left_id, r.right_id) for r in usable])
-    features = pd.DataFrame([[r.features[n] for n in names] for r in usable], index=index, columns=names)
-    return Labels(features, pd.Series([r.status == "merged" for r in usable], index=index))
+    index = pd.MultiIndex.from_tuples([(r.left_id, r.right_id) for r, _ in usable])
+    features = pd.DataFrame([found for _, found in usable], index=index, columns=names)
+    return Labels(features, pd.Series([r.status == "merged" for r, _ in usable], index=index))
 
 
 def review_count(engine: Engine, entity: str | None = None) -> dict[str, Any]:
