@@ -87,6 +87,10 @@ YONGXING = "宁波甬兴模具有限公司"
             "深圳市腾达科技有限公司",
             "北京分公司",
         ),  # region, then the word
+        # a bank's branches: 分行, 支行 (and 分理处), written after the legal form or in brackets
+        ("中国工商银行股份有限公司深圳分行", "中国工商银行股份有限公司", "深圳分行"),
+        ("中国银行股份有限公司北京西城支行", "中国银行股份有限公司", "北京西城支行"),
+        ("中国银行（北京西城支行）", "中国银行股份有限公司", "北京西城支行"),
         ("Acme Trading Co., Ltd. (Shanghai Branch)", "Acme Trading Co., Ltd.", "shanghaibranch"),
         ("Acme Trading Co., Ltd. Shanghai Branch Office", "Acme Trading Co., Ltd.", "shanghaibranchoffice"),
     ],

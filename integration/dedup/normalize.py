@@ -120,7 +120,7 @@ _REGIONS = sorted({*PROVINCES, *CITIES}, key=len, reverse=True)
 _REGION_PREFIX = re.compile(rf"^({'|'.join(_REGIONS)}){_REGION_SUFFIX}")
 _BRACKETS = re.compile(r"[(\[【]([^)\]】]*)[)\]】]")
 # Matched after whitespace is removed: "Branch Office" is "branchoffice" by then.
-_BRANCH_WORDS = r"(?:分公司|分店|办事处|分厂|分部|营业部|branchoffice|branch)"
+_BRANCH_WORDS = r"(?:分公司|分店|办事处|分厂|分部|营业部|分行|支行|分理处|branchoffice|branch)"
 # 有限公司（北仑分公司）: a bracketed part that ends in a branch word is the branch, not noise or a region.
 _BRANCH_IN_BRACKETS = re.compile(rf"^.{{0,20}}?{_BRANCH_WORDS}$")
 # 有限公司（北京）分公司: the brackets round the branch's place are dropped, so the branch reads 北京分公司.
