@@ -304,26 +304,28 @@ def holding_the_core(
     said = waiting is None
     reason: str | None = None  # why the last look found the core held
     pause = 0.0
-    while True:
-        with ExitStack() as stack:
-            try:
+    # Ctrl-C anywhere once the core was found held (between two looks, while saying so, during a look) ends
+    # the wait; before the first look, or while the core is held by this, it is Ctrl-C as anywhere else.
+    try:
+        while True:
+            with ExitStack() as stack:
                 if reason is not None:
                     time.sleep(pause)
                 reason = _hold_if_free(stack, engine, holder)
-            except KeyboardInterrupt:
-                if reason is None:  # not waiting: Ctrl-C as anywhere else
-                    raise
-                raise StoppedWaiting(f"stopped waiting ({reason}): no {what}, nothing written") from None
-            if reason is None:
-                yield
-                return
-        next_pause = next(pauses, None)
-        if next_pause is None:
-            raise CoreBusy(f"{reason}: {busy_advice(what, again)}")
-        pause = next_pause
-        if not said and waiting is not None:
-            waiting(reason)
-            said = True
+                if reason is None:
+                    yield
+                    return
+            next_pause = next(pauses, None)
+            if next_pause is None:
+                raise CoreBusy(f"{reason}: {busy_advice(what, again)}")
+            pause = next_pause
+            if not said and waiting is not None:
+                waiting(reason)
+                said = True
+    except KeyboardInterrupt:
+        if reason is None:
+            raise
+        raise StoppedWaiting(f"stopped waiting ({reason}): no {what}, nothing written") from None
 
 
 def run_sync(
