@@ -18,7 +18,7 @@ from rich.table import Table
 
 from crm_core.db import core_url, make_engine, redact_url, upgrade
 from crm_core.errors import ConfigError, CrmError, Problem, RunError
-from integration.finance_cli import finance_app
+from integration.finance_cli import WaitOption, finance_app
 from integration.steward.cli import steward_app
 
 if TYPE_CHECKING:
@@ -60,15 +60,6 @@ ProjectOption = Annotated[
 CoreOption = Annotated[
     str | None, typer.Option("--core-url", help="core database URL (default: $CRM_CORE_URL)")
 ]
-
-WaitOption = Annotated[
-    float,
-    typer.Option(
-        "--wait", min=0, metavar="SECONDS",
-        help="while another command (a crmi run, rollback…) holds the core, wait up to this long for it to end "
-        "(default 0: refused at once)",
-    ),
-]  # fmt: skip
 
 EXIT_OK, EXIT_FAILED, EXIT_UNBALANCED = 0, 1, 2
 EXIT_INTERRUPTED = 130  # Ctrl-C while a command waited for the core (128 + SIGINT, as a shell reports it)

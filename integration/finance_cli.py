@@ -39,7 +39,7 @@ ProjectOption = Annotated[
 CoreOption = Annotated[
     str | None, typer.Option("--core-url", help="core database URL (default: $CRM_CORE_URL)")
 ]
-WaitOption = Annotated[  # as integration.cli's (which imports this module)
+WaitOption = Annotated[  # integration.cli's too
     float,
     typer.Option(
         "--wait", min=0, metavar="SECONDS",

@@ -1247,6 +1247,7 @@ def verify_pieces(session: Session, run: LoadRun, entity: str, batch: Batch) -> 
     """:func:`verify_batch` for a batch piece by piece (one piece when held whole), the findings added up."""
     rejected = _quarantined_rows(session, run, entity, batch.source)
     survivors = _merge_survivors(session, entity)
+    changed_since = _changed_outside_migration(session, run)
     crosswalk = CrosswalkRead.for_batch(session.connection(), entity, batch.source, batch.record_count)
     found: dict[str, Any] | None = None
     pieces = len(batch.stored.paths) if batch.stored is not None else 1
@@ -1255,7 +1256,7 @@ def verify_pieces(session: Session, run: LoadRun, entity: str, batch: Batch) -> 
         # with fewer records to check than its share leaves the rest to the next.
         due = -(-SPOT_CHECK_SIZE * (number + 1) // pieces) - (found["spot_checked"] if found else 0)
         checked = verify_batch(session, run, entity, piece, rejected=rejected, survivors=survivors,
-                               spot_checks=max(due, 0), crosswalk=crosswalk)  # fmt: skip
+                               spot_checks=max(due, 0), crosswalk=crosswalk, changed_since=changed_since)  # fmt: skip
         if found is None:
             found = checked
             continue
@@ -1263,7 +1264,7 @@ def verify_pieces(session: Session, run: LoadRun, entity: str, batch: Batch) -> 
             found[key] = found[key] + value
     if found is None:
         return verify_batch(session, run, entity, batch, rejected=rejected, survivors=survivors,
-                            crosswalk=crosswalk)  # fmt: skip
+                            crosswalk=crosswalk, changed_since=changed_since)  # fmt: skip
     found["missing_sample"] = found["missing_sample"][:20]
     found["spot_sample"] = found["spot_sample"][:5]
     return found
@@ -1311,14 +1312,16 @@ def verify_batch(
     survivors: set[int] | None = None,
     spot_checks: int = SPOT_CHECK_SIZE,
     crosswalk: CrosswalkRead | None = None,
+    changed_since: set[int] | None = None,
 ) -> dict[str, Any]:
     """Compare what one batch should have put in the core with what is there.
 
     Key set: every row read is in the crosswalk (loaded or merged) or quarantined in this run; anything else is
     reported as missing. Spot check: for a sample of records this source created, the core's values hash the
     same as the mapped ones (references, which hold source keys in the batch, are left out), ``spot_checks`` of
-    them at most. ``rejected``, ``survivors`` and the batch's ``crosswalk`` entries are read from the core when
-    not given (:func:`verify_pieces` reads them once).
+    them at most, passing over records a run in ``changed_since`` (syncs, edits) changed since. ``rejected``,
+    ``survivors``, the batch's ``crosswalk`` entries and ``changed_since`` are read from the core when not given
+    (:func:`verify_pieces` reads them once).
     """
     definition = ENTITIES[entity]
     records = batch.records
@@ -1368,7 +1371,8 @@ def verify_batch(
     model: Any = definition.model
     # A record a sync, a steward or an edit changed after its load holds what they wrote, on purpose: it is
     # not compared with its source row (the sample takes the next record instead).
-    changed_since = _changed_outside_migration(session, run)
+    if changed_since is None:
+        changed_since = _changed_outside_migration(session, run)
     evenly = positions[::step].tolist()
     chosen = set(evenly)
     # At most SPOT_CHECK_LOOKS times the checks are looked at (their stamps read a block at a time): on a

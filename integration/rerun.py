@@ -133,16 +133,20 @@ def _tables_read(mapping: CompiledMapping) -> list[str]:
     return list(dict.fromkeys(tables))
 
 
+def _relation(connector: SqlConnector, table: str) -> str:
+    """Return what a digest reads ``FROM``: a ``query:`` source as a subquery, else the quoted table."""
+    if table.startswith("query:"):
+        return f"({table.removeprefix('query:')})"
+    quote = connector.engine.dialect.identifier_preparer.quote
+    return (f"{quote(connector.schema)}." if connector.schema else "") + quote(table)
+
+
 def _postgres_digest(connector: SqlConnector, tables: Sequence[str]) -> str:
     """Aggregate every table on the server: row count and two order-free sums of 64-bit row hashes."""
-    quote = connector.engine.dialect.identifier_preparer.quote
     parts = []
     with connector.engine.connect() as connection:
         for table in tables:
-            if table.startswith("query:"):
-                relation = f"({table.removeprefix('query:')})"
-            else:
-                relation = (f"{quote(connector.schema)}." if connector.schema else "") + quote(table)
+            relation = _relation(connector, table)
             row = connection.execute(sa.text(
                 "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)::numeric), 0), "
                 f"coalesce(sum(hashtextextended(t::text, 7)::numeric), 0) FROM {relation} AS t"
@@ -166,10 +170,7 @@ def _mysql_digest(connector: SqlConnector, tables: Sequence[str]) -> str:
     parts = []
     with connector.engine.connect() as connection:
         for table in tables:
-            if table.startswith("query:"):
-                relation = f"({table.removeprefix('query:')})"
-            else:
-                relation = (f"{quote(connector.schema)}." if connector.schema else "") + quote(table)
+            relation = _relation(connector, table)
             # Colons are the text's bind markers: a query's own are escaped.
             described = connection.execute(
                 sa.text(f"SELECT * FROM {relation} AS t LIMIT 0".replace(":", r"\:"))

@@ -505,6 +505,7 @@ def test_ctrl_c_while_crmi_sync_run_waits_for_the_core_ends_it_having_written_no
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=120) == 130
         after = rest_of(lines)
+    assert len(after) == 1, after
     [stopped] = after
     assert stopped.startswith(f"stopped waiting (another command holds this core ({COMMAND}"), stopped
     assert stopped.endswith("): no sync, nothing written"), stopped
