@@ -172,7 +172,10 @@ def _waiting_hold(
     from integration.sync.engine import BusyWait, holding_the_core, seconds_text
 
     def say(reason: str) -> None:
-        errors.print(
+        # A console of its own: a Ctrl-C after rich has written the line but before it has emptied its buffer
+        # (the test's signal comes right when the line shows) would leave the line in `errors`' buffer, and the
+        # "stopped waiting" message would print it a second time.
+        Console(stderr=True, soft_wrap=True).print(
             f"[yellow]waiting:[/yellow] {escape(reason)}; `{command}` waits up to {seconds_text(seconds)} for "
             "it to end (--wait)",
             highlight=False,

@@ -518,3 +518,43 @@ def test_a_wait_looks_again_soon_then_ever_more_seldom_until_it_is_spent() -> No
     assert list(BusyWait(0, 5).pauses()) == []
     pauses = BusyWait(3600, 5).pauses()
     assert [next(pauses) for _ in range(8)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5, 5]
+
+
+class InterruptedRightAfterTheFirstLine:
+    """A stderr on which Ctrl-C arrives right after the first line has been written (before the writer returns)."""
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.written.append(text)
+        if len(self.written) == 1:
+            raise KeyboardInterrupt
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_a_ctrl_c_right_after_the_waiting_line_is_written_does_not_print_that_line_again(
+    core: sa.Engine, core_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C arriving as the waiting line shows (rich has written it but not yet emptied its buffer) ends the wait,
+    and the "stopped waiting" line that follows comes alone: the waiting line is not written a second time."""
+    from integration.cli import _waiting_hold, errors
+
+    stream = InterruptedRightAfterTheFirstLine()
+    monkeypatch.setattr(sys, "stderr", stream)
+    with (
+        held_by_another_process(core_url),
+        pytest.raises(sync_engine.StoppedWaiting) as stopped,
+        _waiting_hold(600, "crmi sync run")(core, "crmi sync run u8 inbound"),
+    ):
+        pytest.fail("the core was held by another process")
+    errors.print(str(stopped.value), highlight=False)  # what `crmi sync run` prints next
+    text = "".join(stream.written)
+    assert text.count("waiting: another command holds this core") == 1, text
+    assert text.rstrip("\n").endswith("no sync, nothing written"), text
