@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from crm_core.db import session_factory
 from crm_core.edits import edit_record
+from crm_core.errors import LoadError
 from crm_core.loading import get_or_start_run
 from crm_core.models import Customer, LoadRun, SyncConflict, SyncState
 from integration.pipeline import Migration, core_engine, extract, load, stage
@@ -326,3 +327,40 @@ def test_the_first_read_keeps_a_golden_value_nobody_owns_and_opens_a_conflict(
             "sales@huaxin.com",
         )
         assert first.conflicts_waiting == 2
+
+
+def sync_states(engine: sa.Engine) -> list[tuple[object, ...]]:
+    """Every ``sync_state`` row as it is stored, in key order."""
+    with engine.connect() as connection:
+        return [tuple(row) for row in connection.execute(
+            sa.select(SyncState.__table__).order_by(SyncState.target, SyncState.entity, SyncState.entity_id)
+        )]  # fmt: skip
+
+
+def test_a_sync_that_fails_after_its_inbound_load_leaves_sync_state_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """U8 raised C003's credit limit and the CRM changed C001's phone; the sync takes U8's change in, then fails
+    delivering the phone. Its run is undone, and so is what it recorded as exchanged: sync_state does not claim
+    U8 and the CRM agree on a credit limit the core no longer holds. The sync run again takes the change in and
+    sends the phone, then all is quiet."""
+    with running_u8(tmp_path, monkeypatch) as (api, project, url):
+        sync(project, core)
+        zhuotai = customer_by_name(core, "深圳卓泰电子有限公司")
+        huaxin = customer_by_name(core, "上海华鑫科技有限公司")
+        api.erp.update_customer("C003", iCusCreLine=90000)
+        edit_record(core, "customer", huaxin.id, {"phone": "+862188889999"})
+        states = sync_states(core)
+        monkeypatch.setenv("CRMI_FAILPOINT", "sync:delivered")
+        with pytest.raises(LoadError, match="failpoint"):
+            sync(project, core)
+        monkeypatch.delenv("CRMI_FAILPOINT")
+        assert customer_by_name(core, "深圳卓泰电子有限公司").credit_limit == zhuotai.credit_limit
+        assert sync_states(core) == states
+        again = sync(project, core)
+        assert again.received >= 1
+        assert customer_by_name(core, "深圳卓泰电子有限公司").credit_limit == Decimal("90000.00")
+        assert u8_rows(url, PHONE, code="C001") == [("+862188889999",)]
+        sync(project, core)  # C001's row comes back from U8: its echo
+        quiet = sync(project, core)
+        assert (quiet.received, quiet.delivery.sent, quiet.conflicts) == (0, 0, 0)

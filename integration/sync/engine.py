@@ -482,7 +482,9 @@ def _inbound(
                 for entity_id, kept in target_values.items():
                     if entity_id in values:
                         values[entity_id].update(kept)
-                record_exchange(session, target, entity, values, external_keys=keys, run_id=run_id)
+                record_exchange(
+                    session, target, entity, values, external_keys=keys, run_id=run_id, journaled=True
+                )
                 # The document is built from what both sides now hold (known fields, explicit empties).
                 hashes = _payload_hashes(session, target, entity, list(values))
                 if hashes is not None:
@@ -491,7 +493,7 @@ def _inbound(
                     # last sent.
                     hashes.update(dict.fromkeys((send_back.get(entity, set()) | unsent) & set(values)))
                     record_exchange(session, target, entity, {i: {} for i in values}, payload_hashes=hashes,
-                                    run_id=run_id)  # fmt: skip
+                                    run_id=run_id, journaled=True)  # fmt: skip
         # The loader may have stamped them with this run, which this run's capture does not read.
         if sync.outbound_enabled and unsent:
             send_back.setdefault(entity, set()).update(unsent)

@@ -31,7 +31,7 @@ from sqlalchemy import Table, and_, bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from crm_core.entities import ENTITIES
-from crm_core.journal import ids_in, to_json
+from crm_core.journal import ids_in, insert_entry, to_json, update_entry, write_journal
 from crm_core.loading import Batch, crosswalk_ids
 from crm_core.models import LoadRun, SyncConflict, SyncState
 from integration.mappings.engine import EXTERNAL_KEY
@@ -333,8 +333,14 @@ def record_exchange(
     external_keys: Mapping[int, str | None] | None = None,
     payload_hashes: Mapping[int, str | None] | None = None,
     run_id: int | None,
+    journaled: bool = False,
 ) -> None:
-    """Record what a record and the target now agree on (upsert of ``sync_state``, merged per field)."""
+    """Record what a record and the target now agree on (upsert of ``sync_state``, merged per field).
+
+    ``journaled``: the change goes into run ``run_id``'s journal, so undoing the run (a sync that fails after
+    its inbound load) restores ``sync_state`` with the values it undoes; otherwise the state would claim the
+    target and the record agree on values the core no longer holds.
+    """
     if not values:
         return
     connection = session.connection()
@@ -367,6 +373,15 @@ def record_exchange(
         else:
             inserts.append({"target": target.name, "entity": entity, "entity_id": entity_id,
                             "external_key": None, "payload_hash": None, **row})  # fmt: skip
+    if journaled and run_id is not None:
+        changed = ("core_values", "load_run_id", "updated_at", "external_key", "payload_hash")
+        write_journal(connection, [
+            *(insert_entry(run_id, STATE, row) for row in inserts),
+            *(update_entry(run_id, STATE, {"target": target.name, "entity": entity, "entity_id": row["_entity_id"]},
+                           {name: existing[row["_entity_id"]][name] for name in changed},
+                           {name: row[name] for name in changed})
+              for row in updates),
+        ])  # fmt: skip
     if updates:
         statement = (
             STATE.update()
