@@ -47,12 +47,13 @@ def redact_url(url: str) -> str:
 # SQLite's page cache (default 2 MiB): a load inserts into a dozen indexes of tables that outgrow it at once,
 # and every index page it must read back from the file costs a system call.
 SQLITE_CACHE_KIB = 64 * 1024
+SQLITE_BUSY_MILLISECONDS = 30_000  # how long a statement waits for another connection's write lock
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MILLISECONDS}")
     cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
     cursor.close()
 

@@ -9,16 +9,74 @@ what sync's change capture reads. A CRM front end that writes the core should go
 from __future__ import annotations
 
 import datetime as dt
+import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text, update
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
-from crm_core.db import session_factory
+from crm_core.db import SQLITE_BUSY_MILLISECONDS, session_factory
 from crm_core.entities import ENTITIES
 from crm_core.errors import LoadError
 from crm_core.loading import get_or_start_run
+from crm_core.models import LoadRun
+
+# 'crme': the PostgreSQL advisory lock a sync's inbound load holds alone for its transaction and an edit shares
+EDIT_FENCE = 0x63726D65
+EDIT_WAIT_ENV = "CRMI_EDIT_WAIT_SECONDS"  # how long an edit waits for a sync's inbound load (default 30)
+
+
+def fence_edits(session: Session, run_id: int) -> None:
+    """Keep CRM edits out until ``session``'s transaction ends: what a sync's inbound load calls before it reads
+    the records whose values it decides (ownership, conflicts), so no edit can commit between that read and its
+    write and be overwritten with the value read before it.
+
+    PostgreSQL: the transaction's advisory lock, taken alone (edits share it). SQLite: the database's write lock,
+    taken by a first write (the run's own row, unchanged); an edit waits for it as for any writer.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": EDIT_FENCE})
+    else:
+        runs: Any = LoadRun.__table__
+        session.execute(update(runs).where(runs.c.id == run_id).values(status=runs.c.status))
+
+
+@contextmanager
+def _editing(engine: Engine) -> Iterator[Session]:
+    """A transaction for a CRM edit: it waits while a sync's inbound load holds the core's records
+    (:func:`fence_edits`), and says so if that lasts too long, instead of a driver's "database is locked"."""
+    try:
+        wait = float(os.environ.get(EDIT_WAIT_ENV) or 30)
+    except ValueError:
+        raise LoadError(
+            f"{EDIT_WAIT_ENV} must be a number of seconds, not {os.environ[EDIT_WAIT_ENV]!r}"
+        ) from None
+    milliseconds = max(1, round(wait * 1000))
+    sqlite = engine.dialect.name == "sqlite"
+    with session_factory(engine)() as session:
+        try:
+            with session.begin():
+                if sqlite:
+                    session.execute(text(f"PRAGMA busy_timeout={milliseconds}"))
+                elif engine.dialect.name == "postgresql":
+                    session.execute(text(f"SET LOCAL lock_timeout = {milliseconds}"))
+                    session.execute(text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": EDIT_FENCE})
+                yield session
+        except OperationalError as exc:
+            if "locked" not in str(exc) and "lock timeout" not in str(exc):
+                raise
+            raise LoadError(
+                f"the edit waited {wait:g} s for a sync taking the ERP's changes into the core, which still holds "
+                f"it; nothing was changed: make the edit again in a moment (or raise {EDIT_WAIT_ENV})"
+            ) from None
+        finally:
+            if sqlite:  # the connection goes back to the pool with the engine's own timeout
+                with suppress(SQLAlchemyError):  # a connection lost meanwhile: the pool drops it
+                    session.execute(text(f"PRAGMA busy_timeout={SQLITE_BUSY_MILLISECONDS}"))
 
 
 def _new_run_key(prefix: str) -> str:
@@ -51,8 +109,7 @@ def edit_records(
     if definition is None:
         raise LoadError(f"unknown entity '{entity}'; known: {', '.join(ENTITIES)}")
     run_key = _new_run_key(f"edit-{actor}")
-    factory = session_factory(engine)
-    with factory() as session, session.begin():
+    with _editing(engine) as session:
         run = get_or_start_run(session, run_key, project, mode="edit")
         for record_id, values in changes.items():
             record: Any = session.get(definition.model, record_id)
@@ -82,8 +139,7 @@ def create_records(
     definition = ENTITIES.get(entity)
     if definition is None:
         raise LoadError(f"unknown entity '{entity}'; known: {', '.join(ENTITIES)}")
-    factory = session_factory(engine)
-    with factory() as session, session.begin():
+    with _editing(engine) as session:
         run = get_or_start_run(session, _new_run_key(f"edit-{actor}"), "crm", mode="edit")
         records: list[Any] = []
         for values in rows:

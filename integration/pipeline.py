@@ -1071,10 +1071,15 @@ def load(
     staged: StagedEntity,
     mode: str = "full",
     sample: int | None = None,
+    prepare: Callable[[Session, int, list[Batch]], list[Batch]] | None = None,
+    finish: Callable[[Session, int, list[Batch]], None] | None = None,
 ) -> list[SourceStats]:
     """Load one staged entity into the core in one transaction; record its stats on the load run.
 
     With ``sample`` (trial runs) each source contributes at most that many rows, chosen by :func:`sample_batch`.
+    ``prepare(session, run_id, batches)`` returns the batches to load, decided in the load's own transaction
+    (a sync's ownership check: nothing can change the records between its reading them and the load's write);
+    ``finish(session, run_id, batches)`` runs after the loader, before the commit.
     Mappings skipped as unchanged (``staged.unchanged``) keep their last load: their stats and quarantine
     entries are carried over from it. Those this run must read after all (it changed what they depend on)
     are read by :func:`reload_if_needed`, which the caller runs first (the core step, into its spill folder).
@@ -1089,6 +1094,8 @@ def load(
                 staged,
                 batches=[sample_pieces(session, staged.entity, b, sample, left_out) for b in staged.batches],
             )
+        if prepare is not None:
+            staged = replace(staged, batches=prepare(session, run.id, list(staged.batches)))
         if staged.batches:  # nothing to load when every mapping was skipped: not even the loader's index
             key_functions = dict(MATCH_KEY_FUNCTIONS) if staged.entity in ("sales_rep", "contact") else {}
             resolvers = name_resolvers(migration, session, staged.entity)
@@ -1105,6 +1112,8 @@ def load(
                 _close_resolvers(resolvers, kill=True)  # a failed or interrupted load waits for no helper
                 raise
             _close_resolvers(resolvers)
+        if finish is not None:
+            finish(session, run.id, list(staged.batches))
         failpoint(f"load:{staged.entity}:before_commit")
     failpoint(f"load:{staged.entity}:after_commit")
     # Checked after the commit, reading the core back: what landed, not what the loader believes it wrote.

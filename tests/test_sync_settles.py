@@ -7,7 +7,8 @@ replaced.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, wait
 from decimal import Decimal
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from crm_core.errors import LoadError
 from crm_core.loading import get_or_start_run
 from crm_core.models import Customer, LoadRun, SyncConflict, SyncState
 from integration.pipeline import Migration, core_engine, extract, load, stage
+from integration.sync.engine import SyncReport
 from tests.servers.u8_project import CUSTOMER, sync_yaml
 from tests.test_sync import customer_by_name, running_u8, sync, u8_rows
 
@@ -364,3 +366,107 @@ def test_a_sync_that_fails_after_its_inbound_load_leaves_sync_state_as_it_was(
         sync(project, core)  # C001's row comes back from U8: its echo
         quiet = sync(project, core)
         assert (quiet.received, quiet.delivery.sent, quiet.conflicts) == (0, 0, 0)
+
+
+class HeldSync:
+    """A sync run in a thread that stands after its ownership check, in its load's transaction, until released."""
+
+    def __init__(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, project: Path, core: sa.Engine
+    ) -> None:
+        import os
+
+        self.announce, self.go = tmp_path / "owned", tmp_path / "owned.go"
+        os.mkfifo(self.announce)
+        os.mkfifo(self.go)
+        monkeypatch.setenv("CRMI_FAILPOINT", "sync:owned")
+        monkeypatch.setenv("CRMI_FAILPOINT_ACTION", f"hold:{self.announce}")
+        self.syncing = in_background(lambda: sync(project, core))
+        with self.announce.open(encoding="utf-8") as at:
+            assert at.readline() == "sync:owned\n"  # it has read the records and stands before its write
+        monkeypatch.delenv("CRMI_FAILPOINT")  # the sync's other entities, and the next syncs, go through
+
+    def release(self) -> object:
+        """Let the sync go on; return its report (or what it raised)."""
+        with self.go.open("w", encoding="utf-8") as go:
+            go.write("go\n")
+        return self.syncing.result(timeout=120)
+
+
+def in_background(work: Callable[[], object]) -> Future[object]:
+    """Run ``work`` in a thread of its own; its result (or exception) comes through the future."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(work)
+    pool.shutdown(wait=False)
+    return future
+
+
+def test_a_crm_edit_made_while_the_sync_takes_u8s_changes_in_is_not_overwritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """U8 raised C001's credit limit; while the sync has read C001 to take that in, a salesperson changes C001's
+    phone. The edit waits for the sync's load instead of being overwritten by it with the phone read before:
+    the core ends with both changes, and the next sync sends the phone."""
+    edit_while_the_sync_reads(tmp_path, monkeypatch, core)
+
+
+@pytest.mark.postgres
+def test_a_crm_edit_made_while_the_sync_takes_u8s_changes_in_on_postgresql(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same with the core on PostgreSQL (where the edit waits on the sync's advisory lock)."""
+    from tests.conftest import PG_URL, reset_postgres, server_or_skip
+
+    engine = server_or_skip(PG_URL, "PostgreSQL")
+    reset_postgres(engine)
+    engine.dispose()
+    engine = core_engine(PG_URL)
+    try:
+        edit_while_the_sync_reads(tmp_path, monkeypatch, engine)
+    finally:
+        engine.dispose()
+        from integration.assets.resources import dispose_engines
+
+        dispose_engines()
+
+
+def edit_while_the_sync_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine) -> None:
+    with running_u8(tmp_path, monkeypatch) as (api, project, url):
+        sync(project, core)
+        huaxin = customer_by_name(core, "上海华鑫科技有限公司")
+        api.erp.update_customer("C001", iCusCreLine=120000)
+        held = HeldSync(tmp_path, monkeypatch, project, core)
+        edited = in_background(lambda: edit_record(core, "customer", huaxin.id, {"phone": "+862188889999"}))
+        wait([edited], timeout=2)  # it waits for the sync (given the time to overtake it, were it able to)
+        report = held.release()
+        assert isinstance(report, SyncReport), report
+        assert isinstance(edited.result(timeout=120), str)
+        after = customer_by_name(core, "上海华鑫科技有限公司")
+        assert (after.phone, after.credit_limit) == ("+862188889999", Decimal("120000.00"))
+        sync(project, core)
+        assert u8_rows(url, PHONE, code="C001") == [("+862188889999",)]
+
+
+def test_an_edit_that_waits_longer_than_its_limit_for_a_sync_changes_nothing_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """An edit waits at most CRMI_EDIT_WAIT_SECONDS for a sync's load: then it fails with a line saying what
+    held it and what to do, and changes nothing; made again once the sync is done, it lands."""
+    with running_u8(tmp_path, monkeypatch) as (api, project, _url):
+        sync(project, core)
+        huaxin = customer_by_name(core, "上海华鑫科技有限公司")
+        api.erp.update_customer("C001", iCusCreLine=120000)
+        held = HeldSync(tmp_path, monkeypatch, project, core)
+        monkeypatch.setenv("CRMI_EDIT_WAIT_SECONDS", "0.5")
+        with pytest.raises(LoadError) as refused:
+            edit_record(core, "customer", huaxin.id, {"phone": "+862188889999"})
+        assert str(refused.value) == (
+            "the edit waited 0.5 s for a sync taking the ERP's changes into the core, which still holds it; nothing "
+            "was changed: make the edit again in a moment (or raise CRMI_EDIT_WAIT_SECONDS)"
+        )
+        assert isinstance(held.release(), SyncReport)
+        assert customer_by_name(core, "上海华鑫科技有限公司").phone == huaxin.phone
+        edit_record(core, "customer", huaxin.id, {"phone": "+862188889999"})
+        assert customer_by_name(core, "上海华鑫科技有限公司").phone == "+862188889999"

@@ -23,10 +23,12 @@ from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.orm import Session
 
 from crm_core.db import session_factory
+from crm_core.edits import fence_edits
 from crm_core.entities import ENTITIES
 from crm_core.errors import CrmError, SyncError
+from crm_core.failpoints import failpoint
 from crm_core.journal import to_json
-from crm_core.loading import LINKED, get_or_start_run
+from crm_core.loading import LINKED, Batch, get_or_start_run
 from crm_core.models import ExternalId, LoadRun, SyncConflict, SyncOutbox, SyncState
 from crm_core.runs import (
     CoreBusy,
@@ -37,7 +39,13 @@ from crm_core.runs import (
     lock_holder,
     rollback_run,
 )
-from integration.sync.inbound import apply_ownership, loaded_values, record_exchange, with_cursor
+from integration.sync.inbound import (
+    OwnershipOutcome,
+    apply_ownership,
+    loaded_values,
+    record_exchange,
+    with_cursor,
+)
 from integration.sync.outbox import (
     MIGRATION_MODES,
     Acknowledge,
@@ -439,7 +447,6 @@ def _inbound(
     from integration.pipeline import extract, load, stage, stream_watermark
 
     send_back: dict[str, set[int]] = {}
-    factory = session_factory(engine)
     mappings = {m.name: m for entity in migration.entities for m in migration.mappings_for(entity)}
     for entity, inbound in target.inbound():
         sync = target.entities[entity]
@@ -452,11 +459,11 @@ def _inbound(
         since = stream_watermark(engine, mapping)
         frame = extract(migration, mapping, since)
         staged = stage(migration, entity, {migration.raw_asset(mapping): frame})
-        with factory() as session, session.begin():
-            run_id = _run_id(session, run_key)
-            outcomes = [apply_ownership(session, target, sync, b, run_id) for b in staged.batches]
-        staged.batches = [o.batch for o in outcomes]
-        stats = load(migration, engine, run_key, staged, mode="sync")
+        inbound_load = _InboundLoad(target, sync, send_back)
+        stats = load(
+            migration, engine, run_key, staged, mode="sync", prepare=inbound_load.owned,
+            finish=inbound_load.record_exchanges,
+        )  # fmt: skip
         counts = report.entities.setdefault(
             entity, {"received": 0, "applied": 0, "unchanged": 0, "rejected": 0}
         )
@@ -465,35 +472,11 @@ def _inbound(
             counts["applied"] += s.inserted + s.updated
             counts["unchanged"] += s.unchanged + s.merged
             counts["rejected"] += s.rejected + s.held
-        unsent: set[int] = set()
-        target_values: dict[int, dict[str, Any]] = {}
-        for outcome in outcomes:
+        for outcome in inbound_load.outcomes:
             report.kept_crm += outcome.kept_crm
             report.conflicts += len(outcome.conflicts)
             report.conflicts_open += sum(c["status"] == "open" for c in outcome.conflicts)
-            send_back.setdefault(entity, set()).update(outcome.send_back)
-            unsent |= outcome.unsent
-            for entity_id, kept in outcome.target_values.items():
-                target_values.setdefault(entity_id, {}).update(kept)
-        with factory() as session, session.begin():
-            run_id = _run_id(session, run_key)
-            for batch in staged.batches:
-                values, keys = loaded_values(session, entity, target.system, batch, batch.fields)
-                for entity_id, kept in target_values.items():
-                    if entity_id in values:
-                        values[entity_id].update(kept)
-                record_exchange(
-                    session, target, entity, values, external_keys=keys, run_id=run_id, journaled=True
-                )
-                # The document is built from what both sides now hold (known fields, explicit empties).
-                hashes = _payload_hashes(session, target, entity, list(values))
-                if hashes is not None:
-                    # The target still holds its own value of a field the CRM kept, or a CRM change has not
-                    # been sent yet: not agreed, so the CRM's document must go out even if it equals the one
-                    # last sent.
-                    hashes.update(dict.fromkeys((send_back.get(entity, set()) | unsent) & set(values)))
-                    record_exchange(session, target, entity, {i: {} for i in values}, payload_hashes=hashes,
-                                    run_id=run_id, journaled=True)  # fmt: skip
+        unsent = inbound_load.unsent
         # The loader may have stamped them with this run, which this run's capture does not read.
         if sync.outbound_enabled and unsent:
             send_back.setdefault(entity, set()).update(unsent)
@@ -610,6 +593,54 @@ def _edit_derivation(sync: CompiledEntitySync) -> Any:
         return payload_hash({"operation": edit, **document})
 
     return edit_hash
+
+
+@dataclass
+class _InboundLoad:
+    """What a sync's inbound load decides in the load's own transaction, with CRM edits kept out
+    (:func:`crm_core.edits.fence_edits`) from the ownership check's read to the commit: an edit committed in
+    between would be overwritten with the value read before it, or recorded as already exchanged."""
+
+    target: CompiledTarget
+    sync: CompiledEntitySync
+    send_back: dict[str, set[int]]  # per entity, records whose CRM-owned values go back to the target
+    outcomes: list[OwnershipOutcome] = field(default_factory=list)
+    unsent: set[int] = field(default_factory=set)  # records with a CRM change not delivered yet
+
+    def owned(self, session: Session, run_id: int, batches: list[Batch]) -> list[Batch]:
+        """The load's ``prepare``: the batches with the CRM's values kept where ownership says so."""
+        fence_edits(session, run_id)
+        self.outcomes = [apply_ownership(session, self.target, self.sync, b, run_id) for b in batches]
+        failpoint("sync:owned")  # tests edit here
+        back = self.send_back.setdefault(self.sync.entity, set())
+        for outcome in self.outcomes:
+            back.update(outcome.send_back)
+            self.unsent |= outcome.unsent
+        return [o.batch for o in self.outcomes]
+
+    def record_exchanges(self, session: Session, run_id: int, batches: list[Batch]) -> None:
+        """The load's ``finish``: record what the loaded records and the target now agree on."""
+        target, entity = self.target, self.sync.entity
+        target_values: dict[int, dict[str, Any]] = {}
+        for outcome in self.outcomes:
+            for entity_id, kept in outcome.target_values.items():
+                target_values.setdefault(entity_id, {}).update(kept)
+        for batch in batches:
+            values, keys = loaded_values(session, entity, target.system, batch, batch.fields)
+            for entity_id, kept in target_values.items():
+                if entity_id in values:
+                    values[entity_id].update(kept)
+            record_exchange(
+                session, target, entity, values, external_keys=keys, run_id=run_id, journaled=True
+            )
+            # The document is built from what both sides now hold (known fields, explicit empties).
+            hashes = _payload_hashes(session, target, entity, list(values))
+            if hashes is not None:
+                # The target still holds its own value of a field the CRM kept, or a CRM change has not been
+                # sent yet: not agreed, so the CRM's document must go out even if it equals the one last sent.
+                hashes.update(dict.fromkeys((self.send_back.get(entity, set()) | self.unsent) & set(values)))
+                record_exchange(session, target, entity, {i: {} for i in values}, payload_hashes=hashes,
+                                run_id=run_id, journaled=True)  # fmt: skip
 
 
 def _acknowledge(target: CompiledTarget, run_key: str, added: dict[str, set[int]]) -> Acknowledge:
