@@ -1316,7 +1316,10 @@ def test_a_pair_whose_record_was_merged_since_shows_and_decides_its_golden_recor
         security.add_user(connection, "wang", "steward", PASSWORD, actor="test")
     client, csrf = signed_in(engine, "wang")
     page = client.get("/queue")
-    assert page.status_code == 200 and OLD_NAME not in page.text and "#49, was #1" in page.text, page.text
+    assert page.status_code == 200 and OLD_NAME not in page.text, page.text
+    # one row for the two pairs: the one scored on the golden records themselves, the other named beside it
+    assert f'id="pair-{fresh}"' in page.text and f'id="pair-{stale}"' not in page.text, page.text
+    assert f"+{stale}</span>" in page.text and "#49, was #1" not in page.text, page.text
     book = load_workbook(io.BytesIO(client.get("/queue/export.xlsx").content))
     sheet = book["queue"]
     rows = {row[0].value: row for row in list(sheet.iter_rows())[1:]}

@@ -250,6 +250,7 @@ def queue_page(connection: Connection, queue: QueueFilter, user_id: int) -> Queu
     } if ids else {}  # fmt: skip
     rows = [found[i] for i in ids if i in found]
     _as_golden(connection, queue.entity, rows, key_of, city_of_record)
+    rows = _one_row_per_golden_pair(rows)
     capped = total > COUNT_CAP and bool(queue.source or queue.city or queue.assigned)
     return QueuePage(queue, rows, COUNT_CAP if capped else total, pending, capped=capped)
 
@@ -281,6 +282,32 @@ def _as_golden(
                     record["key"],
                     record["city"],
                 )
+
+
+def _one_row_per_golden_pair(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The page's pairs with those that stand for the same two golden records shown once, at the place of the
+    first: the one scored on those records themselves where the page has it, the others' ids in ``same_pair``
+    (deciding it decides them: :func:`integration.dedup.workflow.close_standing_pairs`)."""
+    shown: dict[tuple[int, int], int] = {}  # golden pair → its place in ``out``
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        left, right = row["left_golden"] or row["left_id"], row["right_golden"] or row["right_id"]
+        place = shown.get((min(left, right), max(left, right)))
+        row["same_pair"] = []
+        if place is None:
+            shown[(min(left, right), max(left, right))] = len(out)
+            out.append(row)
+            continue
+        first = out[place]
+        if (first["left_golden"] or first["right_golden"]) and not (
+            row["left_golden"] or row["right_golden"]
+        ):
+            row["same_pair"], out[place] = [*first["same_pair"], first["id"]], row
+        else:
+            first["same_pair"].append(row["id"])
+    for row in out:
+        row["same_pair"].sort()
+    return out
 
 
 def page_ids(connection: Connection, conditions: list[Any], sort: str, offset: int, limit: int) -> list[int]:
