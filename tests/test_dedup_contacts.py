@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import sqlalchemy as sa
 
 from crm_core.db import make_engine, session_factory, upgrade
 from crm_core.merging import undo_merge
 from crm_core.models import Contact, Customer, ExternalId, LoadRun, MatchCandidate
-from integration.dedup.contacts import deduplicate_contacts
+from integration.dedup.contacts import CONTACT_SPEC, deduplicate_contacts
 
 SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗"
 GIVEN = [
@@ -139,3 +140,50 @@ def test_a_steward_decides_a_contact_pair_from_the_shared_review_queue(sqlite_co
         merged = session.get(Contact, right)
         assert merged is not None and merged.merged_into_id == left
     assert review_queue(engine, entity="contact") == []
+
+
+def test_two_people_sharing_a_mailbox_are_never_merged_on_it(sqlite_core_url: str) -> None:
+    """A small project whose only contacts with something in common share a mailbox (ECM, fitted on such
+    pairs alone, can score them 0.99): 刘勇 and 吴敏 both write from li@acme (no mobiles), 周洋 and 吴娜 share
+    a@example with mobiles of their own. Neither pair merges: the first waits for a steward, the second is two
+    people."""
+    engine = make_engine(sqlite_core_url)
+    upgrade(engine)
+    rng = random.Random(11)
+    names = rng.sample([s + g for s in SURNAMES for g in GIVEN], 8)
+    shared = [(9, "刘勇", None, "li@acme.com.cn"), (9, "吴敏", None, "li@acme.com.cn"),
+              (10, "周洋", "+8613812345678", "a@example.cn"), (10, "吴娜", "+8613900001111", "a@example.cn"),
+              *((c, n, None, f"office@c{c}.cn") for c in (5, 6, 7, 8) for n in ("孙强", "马静"))]  # fmt: skip
+    ids = {}
+    with session_factory(engine)() as session, session.begin():
+        run = LoadRun(run_key="seed", project="t", status="succeeded")
+        session.add(run)
+        session.flush()
+        for customer_id in range(1, 11):
+            session.add(Customer(id=customer_id, name=f"公司{customer_id}", created_run_id=run.id))
+        session.flush()
+        for number, name in enumerate(names):  # two people each, nothing in common
+            session.add(Contact(customer_id=number % 4 + 1, name=name, mobile=f"+86138{rng.randrange(10**8):08d}",
+                                email=f"{number}@c.cn", created_run_id=run.id))  # fmt: skip
+        for customer_id, name, mobile, email in shared:
+            contact = Contact(
+                customer_id=customer_id, name=name, mobile=mobile, email=email, created_run_id=run.id
+            )
+            session.add(contact)
+            session.flush()
+            ids[f"{customer_id}{name}"] = contact.id
+    # however sure the classifier is of them (here: every linked pair scores in the merge band)
+    sure = replace(CONTACT_SPEC, auto_merge=CONTACT_SPEC.review)
+    outcome = deduplicate_contacts(engine, "dedup-contacts", "t", spec=sure)
+    assert outcome.auto_merged == 0, outcome
+    with session_factory(engine)() as session:
+        merged = set(session.scalars(sa.select(Contact.id).where(Contact.merged_into_id.is_not(None))))
+        pairs = {
+            (left, right): status
+            for left, right, status in session.execute(
+                sa.select(MatchCandidate.left_id, MatchCandidate.right_id, MatchCandidate.status)
+            )
+        }
+    assert not merged & set(ids.values()), (merged, ids)
+    assert pairs.get((ids["9刘勇"], ids["9吴敏"])) == "review", pairs
+    assert pairs.get((ids["10周洋"], ids["10吴娜"]), "distinct") == "distinct", pairs

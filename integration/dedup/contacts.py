@@ -32,6 +32,10 @@ CONTACT_SPEC = LinkageSpec(
         Comparison("email", "exact", (1.0,)),
     ],
     hard_keys=("customer_id",),
+    # Two names sharing an e-mail or a desk phone (a company mailbox, a switchboard) are two people: distinct
+    # when their mobiles differ, else a steward's call; never merged on that alone.
+    merge_needs=("name_key_jaro_winkler", "mobile_exact"),
+    differ_on=("mobile",),
     auto_merge=0.95,
     review=0.5,
 )

@@ -99,6 +99,13 @@ class LinkageSpec:
     # a classifier fitted on few pairs scores both near 1.0.
     alike_name: str | None = None
     contradicted_by: Sequence[str] = ()
+    # Comparisons (by name) of which at least one must agree (level >= 1) for a pair to merge without a
+    # steward, when both records hold the field of one of them: a pair agreeing on none goes to review, and is
+    # distinct when both records hold one of ``differ_on`` with another value. Contacts: two names sharing a
+    # company mailbox or switchboard are two people (each with a mobile of their own) or a steward's call;
+    # ECM fitted on a small project's pairs takes the shared e-mail alone as near-proof.
+    merge_needs: Sequence[str] = ()
+    differ_on: Sequence[str] = ()
     max_cluster: int = 10
     # A block key shared by more records than this (a 400 switchboard, a namesake trade name in every
     # city) is skipped: it would add size² pairs and say little; those records still pair elsewhere.
@@ -732,6 +739,27 @@ def _hard_values(frame: pd.DataFrame, key: str) -> pd.Series:
     return values
 
 
+def _without_needed_agreement(
+    frame: pd.DataFrame, features: pd.DataFrame, band: pd.Series, spec: LinkageSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair: linked (merge or review) without agreeing on any of ``merge_needs`` although both records hold
+    the field of one of them; and, of those, the ones whose records differ on a ``differ_on`` column (see
+    LinkageSpec)."""
+    unsupported = np.zeros(len(band), dtype=bool)
+    needed = [c for c in spec.comparisons if c.name in spec.merge_needs and c.name in features.columns]
+    if not needed or not len(band):
+        return unsupported, unsupported.copy()
+    left, right = band.index.get_level_values(0), band.index.get_level_values(1)
+    comparable = np.zeros(len(band), dtype=bool)  # both records hold the field of one of them
+    for comparison in needed:
+        values = frame[comparison.field]
+        comparable |= pd.notna(values.reindex(left).to_numpy()) & pd.notna(values.reindex(right).to_numpy())
+    agreed = (features[[c.name for c in needed]] >= 1).any(axis=1).to_numpy()
+    unsupported = (band != "distinct").to_numpy() & comparable & ~agreed
+    columns = (frame[c].astype("string").replace("", pd.NA) for c in spec.differ_on if c in frame.columns)
+    return unsupported, unsupported & _differing(band.index, columns)
+
+
 def _alike_but_contradicted(
     frame: pd.DataFrame, features: pd.DataFrame, band: pd.Series, spec: LinkageSpec
 ) -> np.ndarray:
@@ -960,6 +988,17 @@ def link(
         if required:
             agreed = (features[required] >= 1).any(axis=1).to_numpy()
             band[(band == "merge").to_numpy() & ~agreed] = "distinct"
+    unsupported, different = _without_needed_agreement(frame, features, band, spec)
+    if unsupported.any():
+        probability = probability.copy()
+        probability[unsupported] = probability[unsupported] * CONFLICT_FACTOR
+        band[unsupported & different] = "distinct"
+        review = unsupported & ~different
+        band[review] = "review"
+        for pair in band.index[review]:
+            reasons[ordered(pair)] = (
+                f"{' / '.join(spec.merge_needs)} differ: what the records share alone is no match"
+            )
     held_back = _alike_but_contradicted(frame, features, band, spec)
     if held_back.any():
         probability = probability.copy()
