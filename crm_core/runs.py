@@ -393,9 +393,12 @@ def live_runs(engine: Engine) -> list[tuple[str, str, int]]:
 def list_runs(engine: Engine) -> list[RunSummary]:
     """Return every load run, newest first, with its journal size and row counts."""
     with session_factory(engine)() as session:
-        changes = dict(
-            session.execute(select(RowChange.load_run_id, func.count()).group_by(RowChange.load_run_id)).all()
+        # What the run changed of rows that existed before it: not the rows it inserted (they carry its id), nor
+        # what a sync recorded as exchanged with its target (sync_state, journaled only to be undone with it).
+        changed = select(RowChange.load_run_id, func.count()).where(
+            RowChange.operation != "insert", RowChange.table_name != "sync_state"
         )
+        changes = dict(session.execute(changed.group_by(RowChange.load_run_id)).all())
         summaries = []
         for run in session.scalars(select(LoadRun).order_by(LoadRun.id.desc())):
             # Per entity a list of batch stats; a sync run also keeps its report under "sync" (a dict).

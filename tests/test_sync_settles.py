@@ -19,7 +19,7 @@ from crm_core.db import session_factory
 from crm_core.edits import edit_record
 from crm_core.errors import LoadError
 from crm_core.loading import get_or_start_run
-from crm_core.models import Customer, LoadRun, SyncConflict, SyncState
+from crm_core.models import Customer, LoadRun, RowChange, SyncConflict, SyncState
 from integration.pipeline import Migration, core_engine, extract, load, stage
 from integration.sync.engine import SyncReport
 from tests.servers.u8_project import CUSTOMER, sync_yaml
@@ -470,3 +470,24 @@ def test_an_edit_that_waits_longer_than_its_limit_for_a_sync_changes_nothing_and
         assert customer_by_name(core, "上海华鑫科技有限公司").phone == huaxin.phone
         edit_record(core, "customer", huaxin.id, {"phone": "+862188889999"})
         assert customer_by_name(core, "上海华鑫科技有限公司").phone == "+862188889999"
+
+
+def test_runs_list_counts_no_change_for_what_a_sync_inserted_or_recorded_as_exchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """`crmi runs list` counts the changes of rows that existed before a run: a first sync that only inserts
+    U8's customers (and records what both sides hold) shows 0; one that takes a U8 change in shows it."""
+    from crm_core.runs import list_runs
+
+    with running_u8(tmp_path, monkeypatch) as (api, project, _url):
+        first = sync(project, core)
+        api.erp.update_customer("C003", iCusCreLine=90000)
+        second = sync(project, core)
+        changes = {run.run_key: run.changes for run in list_runs(core)}
+        with core.connect() as connection:
+            journaled = dict(connection.execute(  # every entry, the exchange records included
+                sa.select(LoadRun.run_key, sa.func.count(RowChange.id)).join(RowChange, RowChange.load_run_id == LoadRun.id)
+                .group_by(LoadRun.run_key)
+            ).all())  # fmt: skip
+        assert changes[first.run_key] == 0 < journaled[first.run_key], (changes, journaled)
+        assert 1 <= changes[second.run_key] < journaled[second.run_key], (changes, journaled)
