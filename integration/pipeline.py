@@ -717,7 +717,10 @@ def _require_columns(mapping: CompiledMapping, seen: set[str]) -> None:
 
 
 def _staged_fields(mapping: CompiledMapping) -> list[str]:
-    return mapping.written_fields() + (["name_normalized"] if mapping.entity.name == "customer" else [])
+    written = mapping.written_fields()
+    if mapping.entity.name != "customer":
+        return written
+    return [*written, "name_normalized", *([] if "is_branch" in written else ["is_branch"])]
 
 
 def _stage_piece(
@@ -748,6 +751,13 @@ def _stage_piece(
     if entity == "customer" and "name" in records.columns:
         # the region completed from the record's location: one bare name in two cities is two keys
         records["name_normalized"] = located_company_keys(records)
+        if "is_branch" not in mapping.written_fields():
+            # a name that says it is a branch (…有限公司北京分公司) is one, its head office loaded or not
+            records["is_branch"] = pd.Series(
+                [isinstance(key, str) and key.rsplit("|", 1)[-1] != "" for key in records["name_normalized"]],
+                index=records.index,
+                dtype=object,  # Python booleans, as a mapping's own field (a bool column is stored as text)
+            )
     amount_field = mapping.entity.amount_field
     amount_read = (
         amount_sum(records[amount_field]) + (result.amount_rejected or Decimal(0))

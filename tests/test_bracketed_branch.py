@@ -44,6 +44,8 @@ ASCII_BRANCH = (
     "0571-87771234",
     "浙江省杭州市西湖区文三路9号",
 )
+# a branch whose head office (深圳腾达科技有限公司) is in no source: its name says what it is
+ORPHAN_BRANCH = ("E-ORPHAN", "深圳腾达科技有限公司北京分公司", None, "010-65871234", "北京市朝阳区建国路88号")
 CITIES = [("宁波", "浙江省", "0574", "330212", "鄞州区"), ("郑州", "河南省", "0371", "410105", "金水区"),
           ("上海", "上海市", "021", "310104", "徐汇区"), ("成都", "四川省", "028", "510107", "武侯区"),
           ("杭州", "浙江省", "0571", "330106", "西湖区")]  # fmt: skip
@@ -94,7 +96,8 @@ def project(root: Path) -> Path:
         "CREATE TABLE customers (code TEXT PRIMARY KEY, name TEXT, reg_code TEXT, phone TEXT, address TEXT)"
     )
     erp.executemany(
-        "INSERT INTO customers VALUES (?, ?, ?, ?, ?)", [*background(), HEAD, BRANCH, ASCII_BRANCH]
+        "INSERT INTO customers VALUES (?, ?, ?, ?, ?)",
+        [*background(), HEAD, BRANCH, ASCII_BRANCH, ORPHAN_BRANCH],
     )
     erp.commit()
     erp.close()
@@ -175,6 +178,14 @@ def test_a_bracketed_branch_stays_its_own_customer_marked_and_linked(core: str) 
         assert (branch["name"], branch["district"]) == (name, district)
         assert branch["is_branch"] and int(branch["parent_id"]) == head["id"]
         assert pd.isna(branch["credit_code"])  # the head office's code stays with the head office
+
+
+def test_a_branch_whose_head_office_is_in_no_source_is_marked_by_its_name(core: str) -> None:
+    """深圳腾达科技有限公司北京分公司 loads as a branch although no source holds its head office (no parent)."""
+    found = customer_of(core)
+    orphan = found["E-ORPHAN"]
+    assert orphan["name"] == ORPHAN_BRANCH[1] and orphan["is_branch"] and pd.isna(orphan["parent_id"]), orphan
+    assert not any(found[key]["is_branch"] for key in ("E-HEAD", "E000", "E001"))
 
 
 def test_the_online_match_finds_the_head_office_by_its_name_and_phone(core: str) -> None:
