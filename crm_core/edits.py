@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -24,6 +25,7 @@ from crm_core.entities import ENTITIES
 from crm_core.errors import LoadError
 from crm_core.loading import get_or_start_run
 from crm_core.models import LoadRun
+from crm_core.validation import E164, EMAIL, uscc_is_valid
 
 # 'crme': the PostgreSQL advisory lock a sync's inbound load holds alone for its transaction and an edit shares
 EDIT_FENCE = 0x63726D65
@@ -79,6 +81,30 @@ def _editing(engine: Engine) -> Iterator[Session]:
                     session.execute(text(f"PRAGMA busy_timeout={SQLITE_BUSY_MILLISECONDS}"))
 
 
+# The forms the core keeps these fields in (what the mappings' transforms write): a CRM front end hands them in
+# that form. A raw 0571-88889999 would differ from the ERP's row as the sync reads it (+8657188889999) on every
+# run, and the sync would send the CRM's value back for ever.
+_PHONE = (E164, "an E.164 phone number such as +8657188889999 (country code, no spaces or dashes)")
+_FORMATS: dict[tuple[str, str], tuple[re.Pattern[str], str]] = {
+    **{(entity, name): _PHONE for entity, names in (("customer", ("phone",)), ("contact", ("mobile", "phone")),
+                                                     ("sales_rep", ("phone",))) for name in names},
+    **{(entity, "email"): (EMAIL, "an e-mail address") for entity in ("customer", "contact", "sales_rep")},
+}  # fmt: skip
+
+
+def _refuse_malformed(entity: str, which: str, values: Mapping[str, Any]) -> None:
+    """Raise LoadError when a value is not in the form the core keeps its field in (nothing is written)."""
+    for name, value in values.items():
+        if value is None or value == "":
+            continue
+        if entity == "customer" and name == "credit_code" and not uscc_is_valid(str(value)):
+            raise LoadError(f"{which}: credit_code {value!r} is not a valid 统一社会信用代码 (18 characters, check "
+                            "digit); nothing was changed")  # fmt: skip
+        form = _FORMATS.get((entity, name))
+        if form is not None and not (isinstance(value, str) and form[0].fullmatch(value)):
+            raise LoadError(f"{which}: {name} {value!r} is not {form[1]}; nothing was changed")
+
+
 def _new_run_key(prefix: str) -> str:
     return f"{prefix}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
 
@@ -108,6 +134,8 @@ def edit_records(
     definition = ENTITIES.get(entity)
     if definition is None:
         raise LoadError(f"unknown entity '{entity}'; known: {', '.join(ENTITIES)}")
+    for record_id, values in changes.items():
+        _refuse_malformed(entity, f"{entity} {record_id}", values)
     run_key = _new_run_key(f"edit-{actor}")
     with _editing(engine) as session:
         run = get_or_start_run(session, run_key, project, mode="edit")
@@ -139,6 +167,8 @@ def create_records(
     definition = ENTITIES.get(entity)
     if definition is None:
         raise LoadError(f"unknown entity '{entity}'; known: {', '.join(ENTITIES)}")
+    for number, values in enumerate(rows, start=1):
+        _refuse_malformed(entity, f"new {entity} {number}", values)
     with _editing(engine) as session:
         run = get_or_start_run(session, _new_run_key(f"edit-{actor}"), "crm", mode="edit")
         records: list[Any] = []

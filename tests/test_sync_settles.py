@@ -491,3 +491,32 @@ def test_runs_list_counts_no_change_for_what_a_sync_inserted_or_recorded_as_exch
             ).all())  # fmt: skip
         assert changes[first.run_key] == 0 < journaled[first.run_key], (changes, journaled)
         assert 1 <= changes[second.run_key] < journaled[second.run_key], (changes, journaled)
+
+
+def test_a_crm_edit_in_a_form_the_core_does_not_keep_is_refused_so_the_sync_cannot_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """A front end hands in the phone as typed (0571-88889999): refused with the form the core keeps, nothing
+    changed. (Stored raw, it differed from U8's row as the sync reads it, +8657188889999, on every run, and the
+    sync sent it back for ever.) In that form the edit goes out once and the syncs after it are quiet."""
+    from crm_core.edits import create_record
+
+    with running_u8(tmp_path, monkeypatch) as (_api, project, url):
+        sync(project, core)
+        huaxin = customer_by_name(core, "上海华鑫科技有限公司")
+        with pytest.raises(LoadError) as refused:
+            edit_record(core, "customer", huaxin.id, {"phone": "0571-88889999"})
+        assert str(refused.value) == (
+            f"customer {huaxin.id}: phone '0571-88889999' is not an E.164 phone number such as +8657188889999 "
+            "(country code, no spaces or dashes); nothing was changed"
+        )
+        with pytest.raises(LoadError, match="new customer 1: credit_code '91330100ABC' is not a valid"):
+            create_record(core, "customer", {"name": "新客户有限公司", "credit_code": "91330100ABC"})
+        assert customer_by_name(core, "上海华鑫科技有限公司").phone == huaxin.phone
+        edit_record(core, "customer", huaxin.id, {"phone": "+8657188889999"})
+        sent = sync(project, core)
+        assert sent.delivery.sent == 1 and u8_rows(url, PHONE, code="C001") == [("+8657188889999",)]
+        sync(project, core)  # its echo
+        for _ in range(2):
+            quiet = sync(project, core)
+            assert (quiet.received, quiet.kept_crm, quiet.delivery.sent) == (0, 0, 0)
