@@ -51,6 +51,7 @@ app.add_typer(steward_app, name="steward")
 app.add_typer(finance_app, name="finance")
 
 console = Console(width=None if sys.stdout.isatty() else 160)
+SCAFFOLD_SAMPLE_ROWS = 200  # rows `crmi mapping scaffold` reads to see what a column holds
 errors = Console(stderr=True, soft_wrap=True)  # never wrap: file:line:col must stay on one line
 
 ProjectOption = Annotated[
@@ -1150,6 +1151,7 @@ def mapping_scaffold(
     """
     from crm_core.entities import ENTITIES
     from integration.connectors import ExcelConnector
+    from integration.connectors.base import ReadRequest
     from integration.mappings.profiles import PROFILES, detect_profile, profile_named
     from integration.mappings.scaffold import scaffold
     from integration.pipeline import Migration
@@ -1158,7 +1160,9 @@ def mapping_scaffold(
         errors.print(f"unknown --target '{target}'; entities: {', '.join(ENTITIES)}")
         raise typer.Exit(EXIT_FAILED)
     try:
-        migration = Migration.load(str(project) if project else None)
+        # Only this source must be valid: the project's other mappings may be unfinished (scaffold every
+        # table first, then edit); their problems are warnings, as for `crmi mapping preview`.
+        migration = Migration.for_mappings([], str(project) if project else None, reading=[source])
     except ConfigError as exc:
         raise _config_error(exc) from None
     _show_warnings(migration.project.warnings, mappings=False)
@@ -1176,9 +1180,16 @@ def mapping_scaffold(
     try:
         columns = connector.columns(table)
         tables = [] if sheet or profile_name == "none" else connector.list_tables()
+        # the first rows tell whether a reference column names its record (李明) or holds its key (U001)
+        first = next(iter(connector.read(ReadRequest(table=table, chunk_rows=SCAFFOLD_SAMPLE_ROWS))), None)
     except CrmError as exc:
         errors.print(str(exc), markup=False, highlight=False)
         raise typer.Exit(EXIT_FAILED) from None
+    samples = (
+        {}
+        if first is None
+        else {c: first[c].head(SCAFFOLD_SAMPLE_ROWS).tolist() for c in columns if c in first}
+    )
     profile = detect_profile(tables) if profile_name == "auto" else profile_named(profile_name)
     if profile is None and profile_name == "auto" and not sheet:
         # Not recognised (its signature tables are not all there): a table named as one system names it
@@ -1196,7 +1207,7 @@ def mapping_scaffold(
         folder = out.parent if out is not None else migration.project.root / "mappings"
         text = scaffold(
             source, table, columns, target=target, sheet=sheet, profile=profile, tables=tables or None,
-            folder=folder,
+            folder=folder, samples=samples,
         )  # fmt: skip
     except ConfigError as exc:
         raise _config_error(exc) from None

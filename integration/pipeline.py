@@ -234,15 +234,17 @@ class Migration:
         return cls(load_project(path))
 
     @classmethod
-    def for_mappings(cls, files: Sequence[Path], path: str | None = None) -> Migration:
+    def for_mappings(
+        cls, files: Sequence[Path], path: str | None = None, reading: Sequence[str] = ()
+    ) -> Migration:
         """Load the project for work on some mapping files (preview, check): its mappings are those files.
 
         A consultant works on one mapping at a time: only those files, the project's settings and the sources
-        they read must be valid. Problems elsewhere (another source's unset variable, another mapping file)
-        become the project's warnings; ``crmi run`` (:meth:`load`) stays strict.
+        they read (and those in ``reading``: scaffold's) must be valid. Problems elsewhere (another source's unset
+        variable, another mapping file) become the project's warnings; ``crmi run`` (:meth:`load`) stays strict.
         """
         own = load_mappings(files)  # their own problems refuse; also names the sources they read
-        project = load_project(path, sources={m.source for m in own})
+        project = load_project(path, sources={m.source for m in own} | set(reading))
         data = project.document.data
         declared = data["sources"] if isinstance(data, dict) and isinstance(data.get("sources"), dict) else {}
         sources: dict[str, list[str] | None] = {str(s): None for s in [*project.spec.sources, *declared]}

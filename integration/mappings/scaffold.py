@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,13 +179,31 @@ def guess_fields(columns: list[str], target: str) -> tuple[dict[str, str], list[
     return chosen, [c for c in columns if c not in used]
 
 
-def _field_spec(field: str, column: str, target: str) -> dict[str, Any] | str:
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+_WORDS = re.compile(r"^[^\W\d_]+(?:[ .'-][^\W\d_]+)+$")  # Wang Fang, Li Na (no digit anywhere)
+
+
+def _names_people_write(values: Sequence[Any]) -> bool | None:
+    """Whether a reference column's values are names (李明, Wang Fang) rather than keys (U001, 42, a uuid):
+    None when the sample holds no value to tell."""
+    texts = list(dict.fromkeys(str(v).strip() for v in values if v is not None and str(v).strip()))[:50]
+    if not texts:
+        return None
+    named = sum(1 for t in texts if _CJK.search(t) or _WORDS.match(t))
+    return named * 2 > len(texts)
+
+
+def _field_spec(field: str, column: str, target: str, sample: Sequence[Any] = ()) -> dict[str, Any] | str:
     definition = ENTITIES[target].fields[field]
     spec: dict[str, Any] = {"from": column}
     if definition.references:
-        by_name = bool(
-            re.search(r"名称|负责人|销售|业务员|name", column, re.IGNORECASE)
-        ) and not column.lower().endswith("id")
+        # What the column holds decides (an `owner` column of 李明, 王芳 names its rep); the header only
+        # when no row says
+        by_name = _names_people_write(sample)
+        if by_name is None:
+            by_name = bool(
+                re.search(r"名称|负责人|销售|业务员|name", column, re.IGNORECASE)
+            ) and not column.lower().endswith("id")
         spec["lookup"] = {"by": "name" if by_name else "external_id"}
     elif field == "name":
         spec["transforms"] = ["company_name"] if target == "customer" else ["trim"]
@@ -207,8 +226,12 @@ def scaffold(
     profile: SystemProfile | None = None,
     tables: list[str] | None = None,
     folder: Path | None = None,
+    samples: Mapping[str, Sequence[Any]] | None = None,
 ) -> str:
     """Return the YAML text of a starter mapping for ``source.table`` with its real ``columns``.
+
+    ``samples``: some rows' values per column (the first rows of the source), which tell whether a
+    reference column names its record or holds its key.
 
     ``folder`` is where the file will live: its editor-schema comment points from there to this toolkit's
     ``mapping.schema.json`` (without it, from a project folder's ``mappings/`` inside this repository).
@@ -236,7 +259,10 @@ def scaffold(
             if part in ENTITIES[entity].fields and part not in fields:
                 fields[part] = address
     key = next((c for c in columns if header_key(c) in KEY_SYNONYMS), None)
-    specs: dict[str, Any] = {field: _field_spec(field, column, entity) for field, column in fields.items()}
+    specs: dict[str, Any] = {
+        field: _field_spec(field, column, entity, (samples or {}).get(column, ()))
+        for field, column in fields.items()
+    }
     source_spec: dict[str, Any] = {"connector": source, "sheet" if sheet else "table": table}
     comments: dict[str, tuple[str, ...]] = {}
     skipped: list[str] = []
