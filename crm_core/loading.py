@@ -673,6 +673,8 @@ class EntityLoader:
         self._flushed_values: dict[str, set[Any]] | None = None
         self._conflict_values: dict[int, tuple[Any, ...]] = {}
         self._name_index: dict[str, dict[Any, set[int]]] = {}
+        # per name index, a bare firm name (|腾达科技|) → the branches showing a firm of that name (深圳|腾达科技|北京分公司)
+        self._branch_firms: dict[str, dict[Any, set[int]]] = {}
         self._stages: set[str] | None = None
         self._merged_into: dict[int, int] = {}
         self._seen_decisions: set[int] = set()  # pending reference decisions this load consulted
@@ -909,6 +911,7 @@ class EntityLoader:
             rows = self.session.execute(query).all()
             survivor_of = {record_id: parent for record_id, _, parent in rows if parent is not None}
             index: dict[Any, set[int]] = defaultdict(set)
+            branch_firms: dict[Any, set[int]] = defaultdict(set)
             normalize = self.name_keys.get(entity) if entity != "customer" and by == "name" else None
             for record_id, value, _ in rows:
                 if value is not None:
@@ -916,8 +919,15 @@ class EntityLoader:
                     if column == "name_normalized" and not value.startswith("|"):
                         # a row may name the customer without its region (腾达科技有限公司): found when
                         # only one customer of that name exists in any region
-                        index["|" + value.split("|", 1)[1]].add(_follow(survivor_of, record_id))
+                        unplaced = "|" + value.split("|", 1)[1]
+                        index[unplaced].add(_follow(survivor_of, record_id))
+                        if not unplaced.endswith("|"):
+                            # a branch (深圳|腾达科技|北京分公司) shows its firm bears the name too
+                            branch_firms[unplaced.rsplit("|", 1)[0] + "|"].add(
+                                _follow(survivor_of, record_id)
+                            )
             self._name_index[cache_key] = index
+            self._branch_firms[cache_key] = branch_firms
         return self._name_index[cache_key]
 
     def _resolve(
@@ -965,12 +975,19 @@ class EntityLoader:
                         reasons[value] = f"no {target} with id '{value}' in the core"
             else:
                 index = self._names(target, lookup.by)
+                branch_firms = self._branch_firms.get(f"{target}:{lookup.by}", {})
                 normalize = self.name_keys.get(target) if lookup.by == "name" else None
                 # name -> the records it matches exactly (none, or several)
                 unresolved: dict[Any, set[int]] = {}
                 for value in unique:
-                    matches = index.get(normalize(value) if normalize else value, set())
-                    if len(matches) == 1:
+                    key = normalize(value) if normalize else value
+                    matches = index.get(key, set())
+                    evidenced = key in branch_firms
+                    if (
+                        evidenced
+                    ):  # a firm's branch bears the name, maybe another firm's: the resolver weighs them
+                        matches = matches | branch_firms[key]
+                    if len(matches) == 1 and not evidenced:
                         ids[value] = next(iter(matches))
                     else:
                         ids[value] = None

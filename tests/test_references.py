@@ -655,3 +655,38 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize(
+    ("branch", "meant"),
+    [("深圳腾达科技有限公司北京分公司", None), ("上海腾达科技有限公司北京分公司", "C1")],
+    ids=["another-firms-branch", "its-own-branch"],
+)
+def test_a_bare_trade_name_waits_when_a_branch_shows_a_second_firm_of_that_name(
+    engine: sa.Engine, branch: str, meant: str | None
+) -> None:
+    """腾达科技 beside 上海腾达科技有限公司 and the Beijing branch of 深圳腾达科技有限公司 (not a customer itself) may mean
+    either firm: held for a steward with both. Beside the Beijing branch of the Shanghai firm it means that firm."""
+    load(engine, "r1", "customer", [batch("erp", [
+        {"_external_key": "C1", "name": "上海腾达科技有限公司"},
+        {"_external_key": "C2", "name": branch},
+    ])])  # fmt: skip
+    with Session(engine) as session:
+        ids = {k: i for k, i in session.execute(sa.select(ExternalId.external_key, ExternalId.entity_id))}
+    rows = [
+        {
+            "_external_key": "O1",
+            "name": "项目O1",
+            "customer": "腾达科技",
+            "stage": "won",
+            "amount": Decimal(500),
+        }
+    ]
+    [stats] = load(engine, "r2", "opportunity", [batch("legacy", rows, {"customer": Lookup(by="name")})])
+    if meant is not None:
+        assert stats.inserted == 1 and customer_of(engine) == {"O1": ids[meant]}
+        return
+    assert (stats.inserted, stats.held) == (0, 1)
+    with Session(engine) as session:
+        [decision] = session.scalars(sa.select(ReferenceDecision)).all()
+    assert {c["id"] for c in decision.candidates} == {ids["C1"], ids["C2"]}

@@ -527,6 +527,10 @@ class CustomerNames:
             picks = trade_name(written.core) != side.canonical
             if picks and len(found) > 1 and len(closest) == 1 and min(by_closeness) == SAME_CHARACTERS:
                 return NameMatch(next(iter(closest)), method="name variant")
+            if len(found) == 1 and written.region is None and written.branch is None:
+                # A branch of the trade name in another city's firm (深圳腾达科技有限公司北京分公司 beside 上海腾达科技
+                # 有限公司) says a second company bears it, loaded or not: the bare name may mean either.
+                found |= self._other_firms_branches(written, side, next(iter(found)))
             if len(found) == 1:
                 return NameMatch(next(iter(found)), method="name variant")
             if found:
@@ -557,6 +561,24 @@ class CustomerNames:
                 i for s, i in scored if scored and s >= max(scored[0][0] - CLOSE_NAME_MARGIN, CLOSE_NAME)
             ]
         return NameMatch(None, candidates, method="match index", candidate_ids=tuple(dict.fromkeys(may_mean)))
+
+    def _other_firms_branches(self, written: NameVariant, side: WrittenName, found: int) -> set[int]:
+        """The branches of ``written``'s trade name whose firm is in a region where ``found`` (the one golden
+        customer the name found) is not: each is evidence of another company of that name."""
+        regions = {v.region for v in self._variants_of.get(found, ()) if v.region is not None}
+        if not regions:
+            return set()  # found is written without a region: no place tells the firms apart
+        by_place = self._by_place.get(written.brand)
+        if by_place is None:
+            by_place = self._by_place[written.brand] = self._placed(written.brand)
+        return {
+            survivor
+            for (branch, region), entries in by_place.items()
+            if branch is not None and region != "*"
+            for known, survivor in entries
+            if survivor != found and known.region is not None and known.region not in regions
+            and side.closeness_to_core(known.core) is not None
+        }  # fmt: skip
 
     def _same_brand(self, written: NameVariant) -> list[tuple[NameVariant, int]]:
         """Return the name variants of ``written``'s trade name that :func:`same_company_name` may accept:
