@@ -345,6 +345,8 @@ def builtin_rules() -> list[Rule]:
         ("sales_order_line", "quantity"),
     ):
         rules.append(in_range(entity, name, minimum=0))
+    # A negative credit limit is a sign read wrong ((500) in an accountant's sheet): loaded, and reported
+    rules.append(in_range("customer", "credit_limit", minimum=0, severity="warn"))
     for entity in RED_LETTER_ENTITIES:
         rules.append(Rule(f"{entity}.amount.range", entity, "amount", "error",
                           "a negative amount is a refund or red-letter entry (红字) only when marked red_letter; "

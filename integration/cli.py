@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from crm_core.db import core_url, make_engine, redact_url, upgrade
+from crm_core.db import core_url, current_revision, make_engine, redact_url, upgrade
 from crm_core.errors import ConfigError, CrmError, Problem, RunError
 from integration.finance_cli import WaitOption, finance_app
 from integration.steward.cli import steward_app
@@ -1804,9 +1804,17 @@ def core_upgrade(core: CoreOption = None) -> None:
     """Create or migrate the core database schema to the latest revision."""
     engine = make_engine(core)
     with _one_at_a_time(engine, "crmi core upgrade"):
+        before = current_revision(engine)
         upgrade(engine)
+        after = current_revision(engine)
     engine.dispose()
-    console.print(f"core schema up to date at {redact_url(core_url(core))}")
+    where = redact_url(core_url(core))
+    if before is None:
+        console.print(f"core created at {where} (schema {after})")
+    elif before != after:
+        console.print(f"core schema upgraded from {before} to {after} at {where}")
+    else:
+        console.print(f"core schema up to date at {where} ({after}); nothing to do")
 
 
 def main() -> None:
@@ -1965,7 +1973,7 @@ def sync_conflicts(
     target: TargetOption = None,
     decide: Annotated[int | None, typer.Option("--decide", help="conflict id to settle")] = None,
     take: Annotated[str | None, typer.Option("--take", help="crm or target (with --decide)")] = None,
-    by: Annotated[str, typer.Option("--by", help="who decides")] = "steward",
+    by: Annotated[str | None, typer.Option("--by", help="who decides (recorded with the decision)")] = None,
     project: ProjectOption = None,
     core: CoreOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
@@ -1979,6 +1987,9 @@ def sync_conflicts(
         if decide is not None:
             if take not in ("crm", "target"):
                 errors.print("--decide needs --take crm or --take target")
+                raise typer.Exit(EXIT_FAILED)
+            if not by or not by.strip():
+                errors.print("--decide needs --by NAME: who decides, recorded with the decision")
                 raise typer.Exit(EXIT_FAILED)
             try:
                 with _sharing_the_core(engine, "crmi sync conflicts --decide", "conflict decision"):

@@ -59,7 +59,12 @@ def test_a_scaffolded_sheet_mapping_runs_on_the_smallest_project(acme: Path, tmp
     assert "from: 联系电话" in text
 
     core = f"sqlite:///{tmp_path / 'core.sqlite'}"
-    assert runner.invoke(app, ["core", "upgrade", "--core-url", core]).exit_code == 0
+    created = runner.invoke(app, ["core", "upgrade", "--core-url", core])
+    assert created.exit_code == 0 and created.stdout.startswith(f"core created at {core} (schema "), (
+        created.output
+    )
+    again = runner.invoke(app, ["core", "upgrade", "--core-url", core])
+    assert "nothing to do" in again.stdout and "created" not in again.stdout, again.output
     result = runner.invoke(app, ["run", "--project", str(acme), "--core-url", core])
     dispose_engines()
     assert result.exit_code == 0, result.output

@@ -280,6 +280,7 @@ def test_upgrade_of_a_populated_core_keeps_every_row_and_drops_only_the_run_stam
 
     result = CliRunner().invoke(app, ["core", "upgrade", "--core-url", core_url])  # and on to the latest
     assert result.exit_code == 0, result.output
+    assert f"core schema upgraded from 0013 to {head_revision()}" in result.stdout, result.output
     assert current_revision(engine) == head_revision()
     assert contents(engine, before) == rows
     assert dangling_run_stamps(engine) == {}

@@ -299,7 +299,18 @@ def test_while_a_command_holds_the_core_the_cli_writes_of_people_refuse_and_writ
         "reference": ["dedup", "decide", "r1", "--different", "--steward", "li", *project, *at],
         "undo": ["dedup", "undo", str(merge), "--steward", "li", *at],
         "retry": ["sync", "retry", "--target", "u8", *project, *at],
-        "conflict": ["sync", "conflicts", "--decide", str(conflict), "--take", "crm", *project, *at],
+        "conflict": [
+            "sync",
+            "conflicts",
+            "--decide",
+            str(conflict),
+            "--take",
+            "crm",
+            "--by",
+            "li.na",
+            *project,
+            *at,
+        ],
     }
     what = {"decide": "steward decision", "reference": "steward decision", "undo": "undo of a merge",
             "retry": "retry of dead letters", "conflict": "conflict decision"}  # fmt: skip
@@ -368,7 +379,7 @@ def test_the_cli_writes_of_people_hold_the_core_shared_named_after_the_command(
         ["dedup", "decide", "1", "--same", "--steward", "li", *project, *at],
         ["dedup", "undo", "1", "--steward", "li", *at],
         ["sync", "retry", "--target", "u8", *project, *at],
-        ["sync", "conflicts", "--decide", "1", "--take", "crm", *project, *at],
+        ["sync", "conflicts", "--decide", "1", "--take", "crm", "--by", "li.na", *project, *at],
     ):
         ran = runner.invoke(app, command)
         assert ran.exit_code == 0, (command, ran.output)

@@ -624,7 +624,11 @@ def test_a_queued_conflict_is_settled_by_a_person_as_a_run_of_its_own(
             app, [*base, "--decide", str(conflict.id), "--take", take, "--by", "li.na"]
         )
         assert decided.exit_code == 0, decided.output
-        again = CliRunner().invoke(app, [*base, "--decide", str(conflict.id), "--take", take])
+        nameless = CliRunner().invoke(app, [*base, "--decide", str(conflict.id), "--take", take])
+        assert nameless.exit_code == 1 and "--decide needs --by NAME" in nameless.output, nameless.output
+        again = CliRunner().invoke(
+            app, [*base, "--decide", str(conflict.id), "--take", take, "--by", "li.na"]
+        )
         assert again.exit_code == 1 and "is not open" in again.output
         after = sync(project, core)
         assert after.conflicts_open == 0

@@ -61,6 +61,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "payment.received_on.not_in_future": ({"received_on": "2030-01-01"}, {"received_on": "2025-03-05"}),
     "receivable.invoiced_on.not_in_future": ({"invoiced_on": "2030-01-01"}, {"invoiced_on": "2025-03-05"}),
     "opportunity.amount.range": ({"amount": Decimal("-1.00")}, {"amount": Decimal("0")}),
+    "customer.credit_limit.range": ({"credit_limit": Decimal("-500")}, {"credit_limit": Decimal("0")}),
     "sales_order.total_amount.range": ({"total_amount": Decimal("-125000")}, {"total_amount": Decimal("125000")}),
     "sales_order_line.quantity.range": ({"quantity": -2}, {"quantity": 2}),
     "receivable.amount.range": ({"amount": "abc"}, {"amount": "12.50"}),
