@@ -998,8 +998,9 @@ class EntityLoader:
                         )  # fmt: skip
                 if unresolved and lookup.by == "name" and target in self.name_resolvers:
                     held, candidates, decided = self._resolve_by_steward_or_resolver(
-                        target, unresolved, ids, reasons, normalize
-                    )
+                        target, unresolved, ids, reasons, normalize,
+                        holds=definition.required or lookup.missing == "reject",
+                    )  # fmt: skip
             resolved[name] = pd.Series(
                 [ids.get(v) if _present(v) else None for v in values], index=values.index, dtype=object
             )
@@ -1027,8 +1028,12 @@ class EntityLoader:
         ids: dict[Any, int | None],
         reasons: dict[Any, str],
         normalize: KeyFunction | None,
+        holds: bool = True,
     ) -> tuple[dict[Any, int], dict[Any, tuple[int, ...]], set[Any]]:
         """Resolve names no record carries exactly: a steward's decision, else the target's name resolver.
+
+        ``holds``: a row whose name stays unresolved waits for the decision (a required reference); else it
+        loads without the reference, which the decision adds on a later run (what its reason says).
 
         Fills ``ids`` and ``reasons``; returns, for each name still unresolved, the reference decision its rows
         wait on (created pending, with the resolver's candidates, when new); for each name the resolver saw,
@@ -1095,10 +1100,13 @@ class EntityLoader:
                 + (f" ({c['probability']:.2f})" if c.get("probability") is not None else "")
                 for c in candidates[:3]
             )
+            found_text = f"reference {decision.id}" + (f"; candidates {shown}" if shown else "; no candidate")
             reasons[value] = (
-                f"'{value}' names no single {target}: held for a steward (reference {decision.id}"
-                + (f"; candidates {shown}" if shown else "; no candidate")
-                + "); `crmi dedup review` lists it, `crmi dedup decide`"
+                f"'{value}' names no single {target}: held for a steward ({found_text}); `crmi dedup review` "
+                "lists it, `crmi dedup decide`"
+                if holds
+                else f"'{value}' names no single {target}: loaded without its {target} ({found_text}); "
+                f"`crmi dedup decide r{decision.id}` links the name, and the next run fills it in"
             )
             held[value] = decision.id
             self._seen_decisions.add(decision.id)

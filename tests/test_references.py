@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from crm_core.db import make_engine, upgrade
 from crm_core.loading import Batch, EntityLoader, Lookup, SourceStats, get_or_start_run
-from crm_core.models import Customer, ExternalId, LoadRun, Opportunity, ReferenceDecision, Reject
+from crm_core.models import Contact, Customer, ExternalId, LoadRun, Opportunity, ReferenceDecision, Reject
 from integration.cli import app
 from integration.dedup.normalize import company_key
 from integration.dedup.online import query_record
@@ -690,3 +690,36 @@ def test_a_bare_trade_name_waits_when_a_branch_shows_a_second_firm_of_that_name(
     with Session(engine) as session:
         [decision] = session.scalars(sa.select(ReferenceDecision)).all()
     assert {c["id"] for c in decision.candidates} == {ids["C1"], ids["C2"]}
+
+
+def test_a_contact_whose_company_is_named_nowhere_loads_without_it_and_says_so(engine: sa.Engine) -> None:
+    """A contact's company is not required: a name no customer carries loads the contact without one, and the
+    report says exactly that (not "held"); the steward's link fills the customer in on the next run."""
+    ids = seed(engine)
+    rows = [{"_external_key": "P1", "name": "赵六", "customer": "不存在的公司有限公司"}]
+
+    def load_contacts(run_key: str) -> SourceStats:
+        with Session(engine) as session, session.begin():
+            run = get_or_start_run(session, run_key, "test")
+            loader = EntityLoader(session, run, "contact", name_keys={"customer": company_key},
+                                  name_resolvers={"customer": CustomerNames(session)})  # fmt: skip
+            [stats] = loader.load([batch("legacy", rows, {"customer": Lookup(by="name")})])
+            return stats
+
+    first = load_contacts("c1")
+    assert (first.inserted, first.held, first.rejected) == (1, 0, 0)
+    with Session(engine) as session:
+        [warned] = session.scalars(sa.select(Reject).where(Reject.field == "customer")).all()
+        [decision] = session.scalars(sa.select(ReferenceDecision)).all()
+        assert session.scalar(sa.select(Contact.customer_id)) is None
+    assert warned.severity == "warn" and "held" not in warned.reason, warned.reason
+    assert warned.reason.startswith(
+        "'不存在的公司有限公司' names no single customer: loaded without its customer ("
+    )
+    assert warned.reason.endswith(
+        f"`crmi dedup decide r{decision.id}` links the name, and the next run fills it in"
+    )
+    decide_reference(engine, decision.id, record_id=ids["C4"], steward="li", run_key="s1", project="t")
+    load_contacts("c2")  # the same row: its customer, unresolved before, now resolves
+    with Session(engine) as session:
+        assert session.scalar(sa.select(Contact.customer_id)) == ids["C4"]
