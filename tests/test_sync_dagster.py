@@ -260,7 +260,7 @@ def test_the_outbox_sensor_asks_once_per_change_and_never_for_its_own_runs(env: 
         customer = sa.select(Customer.id).order_by(Customer.id).limit(1)
         with engine.connect() as connection:
             customer_id = int(connection.scalar(customer) or 0)
-        edit_record(engine, "customer", customer_id, {"phone": "0755-86009999"})
+        edit_record(engine, "customer", customer_id, {"phone": "+8675586009999"})
         edited = evaluate(defs, instance, quiet.cursor)
         [request] = edited.run_requests
         assert [r.run_key for r in evaluate(defs, instance, quiet.cursor).run_requests] == [request.run_key]
@@ -425,7 +425,7 @@ def test_the_outbound_job_sends_a_crm_change_to_u8_and_the_sensor_then_rests(
             assert rested.run_requests == []  # the outbound run captured everything, its own run asks nothing
 
             new_id = create_record(
-                engine, "customer", {"name": "杭州新禾贸易有限公司", "phone": "0571-88886666"}
+                engine, "customer", {"name": "杭州新禾贸易有限公司", "phone": "+8657188886666"}
             )
             assert len(evaluate(defs, instance, rested.cursor).run_requests) == 1  # the CRM edit asks
             second = job.execute_in_process(instance=instance)  # what that request starts
