@@ -117,9 +117,10 @@ def edit_record(
     *,
     actor: str = "crm",
     project: str = "crm",
+    as_read: bool = False,
 ) -> str:
     """Change fields of one record as the CRM would; return the run key of the change."""
-    return edit_records(engine, entity, {record_id: values}, actor=actor, project=project)
+    return edit_records(engine, entity, {record_id: values}, actor=actor, project=project, as_read=as_read)
 
 
 def edit_records(
@@ -129,13 +130,20 @@ def edit_records(
     *,
     actor: str = "crm",
     project: str = "crm",
+    as_read: bool = False,
 ) -> str:
-    """Change several records in one run (one transaction); return its run key."""
+    """Change several records in one run (one transaction); return its run key.
+
+    A value not in the form the core keeps its field in is refused (:func:`_refuse_malformed`), unless
+    ``as_read``: a value a mapping read from a source (a sync conflict settled for the target's value), which a
+    load would have written as it is.
+    """
     definition = ENTITIES.get(entity)
     if definition is None:
         raise LoadError(f"unknown entity '{entity}'; known: {', '.join(ENTITIES)}")
     for record_id, values in changes.items():
-        _refuse_malformed(entity, f"{entity} {record_id}", values)
+        if not as_read:
+            _refuse_malformed(entity, f"{entity} {record_id}", values)
     run_key = _new_run_key(f"edit-{actor}")
     with _editing(engine) as session:
         run = get_or_start_run(session, run_key, project, mode="edit")

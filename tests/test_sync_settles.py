@@ -513,6 +513,9 @@ def test_a_crm_edit_in_a_form_the_core_does_not_keep_is_refused_so_the_sync_cann
         with pytest.raises(LoadError, match="new customer 1: credit_code '91330100ABC' is not a valid"):
             create_record(core, "customer", {"name": "新客户有限公司", "credit_code": "91330100ABC"})
         assert customer_by_name(core, "上海华鑫科技有限公司").phone == huaxin.phone
+        # A value a mapping read (a conflict settled for U8's value) is written as a load writes it
+        edit_record(core, "customer", huaxin.id, {"phone": "0571-88889999"}, as_read=True)
+        assert customer_by_name(core, "上海华鑫科技有限公司").phone == "0571-88889999"
         edit_record(core, "customer", huaxin.id, {"phone": "+8657188889999"})
         sent = sync(project, core)
         assert sent.delivery.sent == 1 and u8_rows(url, PHONE, code="C001") == [("+8657188889999",)]

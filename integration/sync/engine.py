@@ -838,7 +838,10 @@ def decide_conflict(migration: Any, engine: Engine, conflict_id: int, take: str,
         )
     if take == "target":
         taken = _typed(entity, field_name, value)
-        edit_record(engine, entity, entity_id, {field_name: taken}, actor=by, project=DECISION_PROJECT)
+        # the target's value as the inbound mapping read it: written as a load would write it
+        edit_record(
+            engine, entity, entity_id, {field_name: taken}, actor=by, project=DECISION_PROJECT, as_read=True
+        )
         with factory() as session, session.begin():
             close(session)
             # Both sides now hold the target's value. The record's next document still goes out: it carries
