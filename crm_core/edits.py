@@ -9,6 +9,7 @@ what sync's change capture reads. A CRM front end that writes the core should go
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 import uuid
@@ -47,38 +48,53 @@ def fence_edits(session: Session, run_id: int) -> None:
         session.execute(update(runs).where(runs.c.id == run_id).values(status=runs.c.status))
 
 
+def _edit_wait() -> float:
+    """Seconds an edit waits for the core (``CRMI_EDIT_WAIT_SECONDS``, default 30)."""
+    raw = os.environ.get(EDIT_WAIT_ENV) or "30"
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = math.nan
+    if not math.isfinite(wait) or wait <= 0:
+        raise LoadError(f"{EDIT_WAIT_ENV} must be a number of seconds above 0, not {raw!r}")
+    return wait
+
+
 @contextmanager
 def _editing(engine: Engine) -> Iterator[Session]:
     """A transaction for a CRM edit: it waits while a sync's inbound load holds the core's records
-    (:func:`fence_edits`), and says so if that lasts too long, instead of a driver's "database is locked"."""
-    try:
-        wait = float(os.environ.get(EDIT_WAIT_ENV) or 30)
-    except ValueError:
-        raise LoadError(
-            f"{EDIT_WAIT_ENV} must be a number of seconds, not {os.environ[EDIT_WAIT_ENV]!r}"
-        ) from None
+    (:func:`fence_edits`) or another writer holds SQLite's write lock, and says so if that lasts too long,
+    instead of a driver's "database is locked"."""
+    wait = _edit_wait()
     milliseconds = max(1, round(wait * 1000))
     sqlite = engine.dialect.name == "sqlite"
-    with session_factory(engine)() as session:
+    with engine.connect() as connection:  # the timeout is set and reset on this connection, not another one
         try:
-            with session.begin():
+            with session_factory(engine)(bind=connection) as session, session.begin():
                 if sqlite:
                     session.execute(text(f"PRAGMA busy_timeout={milliseconds}"))
                 elif engine.dialect.name == "postgresql":
+                    # only the fence is waited for this long: a row lock keeps its usual wait
                     session.execute(text(f"SET LOCAL lock_timeout = {milliseconds}"))
                     session.execute(text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": EDIT_FENCE})
+                    session.execute(text("SET LOCAL lock_timeout = DEFAULT"))
                 yield session
         except OperationalError as exc:
             if "locked" not in str(exc) and "lock timeout" not in str(exc):
                 raise
+            holder = (
+                "a sync taking the ERP's changes in"
+                if not sqlite
+                else "another write (a sync, a load, a merge)"
+            )
             raise LoadError(
-                f"the edit waited {wait:g} s for a sync taking the ERP's changes into the core, which still holds "
-                f"it; nothing was changed: make the edit again in a moment (or raise {EDIT_WAIT_ENV})"
+                f"the edit waited {wait:g} s for {holder}, which still holds the core; nothing was changed: make "
+                f"the edit again in a moment (or raise {EDIT_WAIT_ENV})"
             ) from None
         finally:
             if sqlite:  # the connection goes back to the pool with the engine's own timeout
                 with suppress(SQLAlchemyError):  # a connection lost meanwhile: the pool drops it
-                    session.execute(text(f"PRAGMA busy_timeout={SQLITE_BUSY_MILLISECONDS}"))
+                    connection.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_MILLISECONDS}")
 
 
 # The forms the core keeps these fields in (what the mappings' transforms write): a CRM front end hands them in
@@ -88,20 +104,38 @@ _PHONE = (E164, "an E.164 phone number such as +8657188889999 (country code, no 
 _FORMATS: dict[tuple[str, str], tuple[re.Pattern[str], str]] = {
     **{(entity, name): _PHONE for entity, names in (("customer", ("phone",)), ("contact", ("mobile", "phone")),
                                                      ("sales_rep", ("phone",))) for name in names},
-    **{(entity, "email"): (EMAIL, "an e-mail address") for entity in ("customer", "contact", "sales_rep")},
+    **{(entity, "email"): (EMAIL, "an e-mail address in lower case") for entity in ("customer", "contact", "sales_rep")},
 }  # fmt: skip
 
 
-def _refuse_malformed(entity: str, which: str, values: Mapping[str, Any]) -> None:
-    """Raise LoadError when a value is not in the form the core keeps its field in (nothing is written)."""
+_CN_TRUNK = re.compile(r"^\+860")  # +86 0571…: the trunk 0 kept after the country code
+
+
+def _refuse_malformed(
+    entity: str, which: str, values: Mapping[str, Any], stored: Mapping[str, Any] | None = None
+) -> None:
+    """Raise LoadError when a value is not in the form the core keeps its field in (nothing is written).
+
+    A value equal to the one ``stored`` passes (a front end saving the whole form sends the fields it did not
+    change, in whatever form a load wrote them)."""
     for name, value in values.items():
-        if value is None or value == "":
+        if value is None or value == "" or (stored is not None and stored.get(name) == value):
             continue
-        if entity == "customer" and name == "credit_code" and not uscc_is_valid(str(value)):
-            raise LoadError(f"{which}: credit_code {value!r} is not a valid 统一社会信用代码 (18 characters, check "
-                            "digit); nothing was changed")  # fmt: skip
+        if entity == "customer" and name == "credit_code":
+            text = str(value)
+            if not uscc_is_valid(text) or text != text.strip().upper() or not text.isalnum():
+                raise LoadError(f"{which}: credit_code {value!r} is not a valid 统一社会信用代码 as the core keeps "
+                                "it (18 characters, upper case, no spaces, check digit); nothing was changed")  # fmt: skip
+            continue
         form = _FORMATS.get((entity, name))
-        if form is not None and not (isinstance(value, str) and form[0].fullmatch(value)):
+        if form is None:
+            continue
+        kept = isinstance(value, str) and form[0].fullmatch(value) is not None
+        if kept and form[0] is EMAIL:
+            kept = value == value.strip().lower()
+        elif kept:
+            kept = not _CN_TRUNK.match(value)
+        if not kept:
             raise LoadError(f"{which}: {name} {value!r} is not {form[1]}; nothing was changed")
 
 
@@ -141,9 +175,6 @@ def edit_records(
     definition = ENTITIES.get(entity)
     if definition is None:
         raise LoadError(f"unknown entity '{entity}'; known: {', '.join(ENTITIES)}")
-    for record_id, values in changes.items():
-        if not as_read:
-            _refuse_malformed(entity, f"{entity} {record_id}", values)
     run_key = _new_run_key(f"edit-{actor}")
     with _editing(engine) as session:
         run = get_or_start_run(session, run_key, project, mode="edit")
@@ -151,11 +182,14 @@ def edit_records(
             record: Any = session.get(definition.model, record_id)
             if record is None:
                 raise LoadError(f"{entity} {record_id} does not exist")
+            unknown = [name for name in values if name not in definition.fields]
+            if unknown:
+                raise LoadError(f"entity '{entity}' has no field '{unknown[0]}'")
+            if not as_read:
+                stored = {name: getattr(record, definition.fields[name].column) for name in values}
+                _refuse_malformed(entity, f"{entity} {record_id}", values, stored)
             for name, value in values.items():
-                field_def = definition.fields.get(name)
-                if field_def is None:
-                    raise LoadError(f"entity '{entity}' has no field '{name}'")
-                setattr(record, field_def.column, value)
+                setattr(record, definition.fields[name].column, value)
             record.updated_run_id = run.id
         session.flush()
         run.status = "succeeded"

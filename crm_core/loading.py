@@ -982,7 +982,7 @@ class EntityLoader:
                 for value in unique:
                     key = normalize(value) if normalize else value
                     matches = index.get(key, set())
-                    evidenced = key in branch_firms
+                    evidenced = key in branch_firms and target in self.name_resolvers
                     if (
                         evidenced
                     ):  # a firm's branch bears the name, maybe another firm's: the resolver weighs them
@@ -999,7 +999,7 @@ class EntityLoader:
                 if unresolved and lookup.by == "name" and target in self.name_resolvers:
                     held, candidates, decided = self._resolve_by_steward_or_resolver(
                         target, unresolved, ids, reasons, normalize,
-                        holds=definition.required or lookup.missing == "reject",
+                        outcome="held" if definition.required else "rejected" if lookup.missing == "reject" else "loaded",
                     )  # fmt: skip
             resolved[name] = pd.Series(
                 [ids.get(v) if _present(v) else None for v in values], index=values.index, dtype=object
@@ -1028,12 +1028,13 @@ class EntityLoader:
         ids: dict[Any, int | None],
         reasons: dict[Any, str],
         normalize: KeyFunction | None,
-        holds: bool = True,
+        outcome: str = "held",
     ) -> tuple[dict[Any, int], dict[Any, tuple[int, ...]], set[Any]]:
         """Resolve names no record carries exactly: a steward's decision, else the target's name resolver.
 
-        ``holds``: a row whose name stays unresolved waits for the decision (a required reference); else it
-        loads without the reference, which the decision adds on a later run (what its reason says).
+        ``outcome``: what becomes of a row whose name stays unresolved, which its reason says: ``held`` for the
+        decision (a required reference), ``rejected`` (``missing: reject``), or ``loaded`` without the reference,
+        which the decision adds on a later run.
 
         Fills ``ids`` and ``reasons``; returns, for each name still unresolved, the reference decision its rows
         wait on (created pending, with the resolver's candidates, when new); for each name the resolver saw,
@@ -1101,13 +1102,14 @@ class EntityLoader:
                 for c in candidates[:3]
             )
             found_text = f"reference {decision.id}" + (f"; candidates {shown}" if shown else "; no candidate")
-            reasons[value] = (
-                f"'{value}' names no single {target}: held for a steward ({found_text}); `crmi dedup review` "
-                "lists it, `crmi dedup decide`"
-                if holds
-                else f"'{value}' names no single {target}: loaded without its {target} ({found_text}); "
-                f"`crmi dedup decide r{decision.id}` links the name, and the next run fills it in"
-            )
+            reasons[value] = {
+                "held": f"'{value}' names no single {target}: held for a steward ({found_text}); `crmi dedup "
+                "review` lists it, `crmi dedup decide`",
+                "rejected": f"'{value}' names no single {target} ({found_text}); `crmi dedup decide "
+                f"r{decision.id}` links the name for the next run",
+                "loaded": f"'{value}' names no single {target}: loaded without its {target} ({found_text}); "
+                f"`crmi dedup decide r{decision.id}` links the name, and the next run fills it in",
+            }[outcome]
             held[value] = decision.id
             self._seen_decisions.add(decision.id)
             if not may_mean[value]:  # the exact namesakes, when the resolver knows no more

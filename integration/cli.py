@@ -1978,7 +1978,7 @@ def sync_conflicts(
     core: CoreOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
 ) -> None:
-    """List the conflicts waiting for a person, or settle one (--decide ID --take crm|target)."""
+    """List the conflicts waiting for a person, or settle one (--decide ID --take crm|target --by NAME)."""
     from crm_core.db import session_factory
     from integration.sync.engine import decide_conflict, open_conflicts
 

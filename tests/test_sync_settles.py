@@ -388,9 +388,17 @@ class HeldSync:
 
     def release(self) -> object:
         """Let the sync go on; return its report (or what it raised)."""
-        with self.go.open("w", encoding="utf-8") as go:
-            go.write("go\n")
+        if not self.syncing.done():
+            with self.go.open("w", encoding="utf-8") as go:
+                go.write("go\n")
         return self.syncing.result(timeout=120)
+
+    def __enter__(self) -> HeldSync:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        """A test that failed while the sync stood still lets it go (its thread would keep pytest from ending)."""
+        self.release()
 
 
 def in_background(work: Callable[[], object]) -> Future[object]:
@@ -437,10 +445,14 @@ def edit_while_the_sync_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
         sync(project, core)
         huaxin = customer_by_name(core, "上海华鑫科技有限公司")
         api.erp.update_customer("C001", iCusCreLine=120000)
-        held = HeldSync(tmp_path, monkeypatch, project, core)
-        edited = in_background(lambda: edit_record(core, "customer", huaxin.id, {"phone": "+862188889999"}))
-        wait([edited], timeout=2)  # it waits for the sync (given the time to overtake it, were it able to)
-        report = held.release()
+        with HeldSync(tmp_path, monkeypatch, project, core) as held:
+            edited = in_background(
+                lambda: edit_record(core, "customer", huaxin.id, {"phone": "+862188889999"})
+            )
+            wait(
+                [edited], timeout=2
+            )  # it waits for the sync (given the time to overtake it, were it able to)
+            report = held.release()
         assert isinstance(report, SyncReport), report
         assert isinstance(edited.result(timeout=120), str)
         after = customer_by_name(core, "上海华鑫科技有限公司")
@@ -458,15 +470,15 @@ def test_an_edit_that_waits_longer_than_its_limit_for_a_sync_changes_nothing_and
         sync(project, core)
         huaxin = customer_by_name(core, "上海华鑫科技有限公司")
         api.erp.update_customer("C001", iCusCreLine=120000)
-        held = HeldSync(tmp_path, monkeypatch, project, core)
-        monkeypatch.setenv("CRMI_EDIT_WAIT_SECONDS", "0.5")
-        with pytest.raises(LoadError) as refused:
-            edit_record(core, "customer", huaxin.id, {"phone": "+862188889999"})
-        assert str(refused.value) == (
-            "the edit waited 0.5 s for a sync taking the ERP's changes into the core, which still holds it; nothing "
-            "was changed: make the edit again in a moment (or raise CRMI_EDIT_WAIT_SECONDS)"
-        )
-        assert isinstance(held.release(), SyncReport)
+        with HeldSync(tmp_path, monkeypatch, project, core) as held:
+            monkeypatch.setenv("CRMI_EDIT_WAIT_SECONDS", "0.5")
+            with pytest.raises(LoadError) as refused:
+                edit_record(core, "customer", huaxin.id, {"phone": "+862188889999"})
+            assert str(refused.value) == (
+                "the edit waited 0.5 s for another write (a sync, a load, a merge), which still holds the core; nothing "
+                "was changed: make the edit again in a moment (or raise CRMI_EDIT_WAIT_SECONDS)"
+            )
+            assert isinstance(held.release(), SyncReport)
         assert customer_by_name(core, "上海华鑫科技有限公司").phone == huaxin.phone
         edit_record(core, "customer", huaxin.id, {"phone": "+862188889999"})
         assert customer_by_name(core, "上海华鑫科技有限公司").phone == "+862188889999"
@@ -516,6 +528,11 @@ def test_a_crm_edit_in_a_form_the_core_does_not_keep_is_refused_so_the_sync_cann
         # A value a mapping read (a conflict settled for U8's value) is written as a load writes it
         edit_record(core, "customer", huaxin.id, {"phone": "0571-88889999"}, as_read=True)
         assert customer_by_name(core, "上海华鑫科技有限公司").phone == "0571-88889999"
+        # a form saved whole sends the phone it did not change, as it is stored: not refused
+        edit_record(core, "customer", huaxin.id, {"phone": "0571-88889999", "short_name": "华鑫"})
+        for field, typed in (("phone", "+86057188889999"), ("email", "Sales@HuaXin.cn")):
+            with pytest.raises(LoadError, match=f"customer {huaxin.id}: {field} '"):
+                edit_record(core, "customer", huaxin.id, {field: typed})
         edit_record(core, "customer", huaxin.id, {"phone": "+8657188889999"})
         sent = sync(project, core)
         assert sent.delivery.sent == 1 and u8_rows(url, PHONE, code="C001") == [("+8657188889999",)]

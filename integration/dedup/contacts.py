@@ -36,6 +36,7 @@ CONTACT_SPEC = LinkageSpec(
     # when their mobiles differ, else a steward's call; never merged on that alone.
     merge_needs=("name_key_jaro_winkler", "mobile_exact"),
     differ_on=("mobile",),
+    merge_needs_reason="names differ and no mobile in common (one is missing): a shared e-mail or phone alone is no match",
     auto_merge=0.95,
     review=0.5,
 )

@@ -106,6 +106,7 @@ class LinkageSpec:
     # ECM fitted on a small project's pairs takes the shared e-mail alone as near-proof.
     merge_needs: Sequence[str] = ()
     differ_on: Sequence[str] = ()
+    merge_needs_reason: str = "the records agree on none of the fields a merge needs"  # what the queue shows
     max_cluster: int = 10
     # A block key shared by more records than this (a 400 switchboard, a namesake trade name in every
     # city) is skipped: it would add size² pairs and say little; those records still pair elsewhere.
@@ -996,9 +997,7 @@ def link(
         review = unsupported & ~different
         band[review] = "review"
         for pair in band.index[review]:
-            reasons[ordered(pair)] = (
-                f"{' / '.join(spec.merge_needs)} differ: what the records share alone is no match"
-            )
+            reasons[ordered(pair)] = spec.merge_needs_reason
     held_back = _alike_but_contradicted(frame, features, band, spec)
     if held_back.any():
         probability = probability.copy()
