@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, wait
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 
@@ -141,22 +142,28 @@ def test_the_first_sync_after_go_live_rewrites_nothing_in_u8(
     first_sync_after_go_live(tmp_path, monkeypatch, core)
 
 
+@contextmanager
+def postgresql_core() -> Iterator[sa.Engine]:
+    """An emptied core on the test PostgreSQL server (skipped without one, except under CI=true)."""
+    from integration.assets.resources import dispose_engines
+    from tests.conftest import PG_URL, reset_postgres, server_or_skip
+
+    server = server_or_skip(PG_URL, "PostgreSQL")
+    reset_postgres(server)
+    server.dispose()
+    engine = core_engine(PG_URL)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        dispose_engines()
+
+
 @pytest.mark.postgres
 def test_the_first_sync_after_go_live_on_postgresql(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same with the core on PostgreSQL (the journal's before-images as JSON there)."""
-    from tests.conftest import PG_URL, reset_postgres, server_or_skip
-
-    engine = server_or_skip(PG_URL, "PostgreSQL")
-    reset_postgres(engine)
-    engine.dispose()
-    engine = core_engine(PG_URL)
-    try:
+    with postgresql_core() as engine:
         first_sync_after_go_live(tmp_path, monkeypatch, engine)
-    finally:
-        engine.dispose()
-        from integration.assets.resources import dispose_engines
-
-        dispose_engines()
 
 
 def first_sync_after_go_live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine) -> None:
@@ -425,19 +432,8 @@ def test_a_crm_edit_made_while_the_sync_takes_u8s_changes_in_on_postgresql(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same with the core on PostgreSQL (where the edit waits on the sync's advisory lock)."""
-    from tests.conftest import PG_URL, reset_postgres, server_or_skip
-
-    engine = server_or_skip(PG_URL, "PostgreSQL")
-    reset_postgres(engine)
-    engine.dispose()
-    engine = core_engine(PG_URL)
-    try:
+    with postgresql_core() as engine:
         edit_while_the_sync_reads(tmp_path, monkeypatch, engine)
-    finally:
-        engine.dispose()
-        from integration.assets.resources import dispose_engines
-
-        dispose_engines()
 
 
 def edit_while_the_sync_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine) -> None:
