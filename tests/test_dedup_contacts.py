@@ -187,3 +187,31 @@ def test_two_people_sharing_a_mailbox_are_never_merged_on_it(sqlite_core_url: st
     assert not merged & set(ids.values()), (merged, ids)
     assert pairs.get((ids["9刘勇"], ids["9吴敏"])) == "review", pairs
     assert pairs.get((ids["10周洋"], ids["10吴娜"]), "distinct") == "distinct", pairs
+
+
+def test_contacts_that_agree_on_nothing_are_not_sent_to_review(sqlite_core_url: str) -> None:
+    """A small project whose contacts share nothing (other names, other or no mobiles and e-mails): the
+    classifier has no agreement to learn from and scores every pair alike (0.5, at the review threshold), but
+    a pair that agrees on no compared field is no candidate. Found by a newcomer: 52 pairs such as 王军 / 周丽
+    filled the stewards' queue."""
+    engine = make_engine(sqlite_core_url)
+    upgrade(engine)
+    rng = random.Random(5)
+    names = rng.sample([s + g for s in SURNAMES for g in GIVEN], 24)
+    with session_factory(engine)() as session, session.begin():
+        run = LoadRun(run_key="seed", project="t", status="succeeded")
+        session.add(run)
+        session.flush()
+        for customer_id in range(1, 5):
+            session.add(Customer(id=customer_id, name=f"公司{customer_id}", created_run_id=run.id))
+        session.flush()
+        for number, name in enumerate(names):
+            mobile = f"+86138{rng.randrange(10**8):08d}" if number % 3 else None
+            email = f"{number}@c.cn" if number % 2 else None
+            session.add(Contact(customer_id=number % 4 + 1, name=name, mobile=mobile, email=email,
+                                created_run_id=run.id))  # fmt: skip
+    from integration.dedup.workflow import review_queue
+
+    outcome = deduplicate_contacts(engine, "dedup-contacts", "t")
+    assert outcome.auto_merged == 0, outcome
+    assert review_queue(engine, entity="contact") == []

@@ -948,6 +948,11 @@ def link(
         sample_pairs = compare(sample, candidate_pairs(sample, spec), spec)
     probability = classify(features, spec, labels, sample_pairs)
     band = bands(probability, spec)
+    # A pair agreeing on no compared field at any level is no candidate, whatever the classifier says: fitted
+    # on pairs that all agree on nothing (a small project's contacts), ECM learns nothing and scores 0.5.
+    if len(features.columns):
+        agrees_on_nothing = ~(features.to_numpy() > 0).any(axis=1)
+        band.iloc[np.flatnonzero(agrees_on_nothing)] = "distinct"
     for group in spec.sure_when:
         if group and all(name in features.columns for name in group):
             sure = (features[list(group)] >= 1).all(axis=1).to_numpy() & (band != "merge").to_numpy()
