@@ -225,6 +225,18 @@ def _refuse_beside_live_runs(engine: Engine) -> None:
         raise typer.Exit(EXIT_FAILED)
 
 
+def _refuse_another_projects_core(engine: Engine, project: str) -> None:
+    """Exit 1, before any run starts, when another project's migration loaded this core (see
+    :func:`integration.pipeline.other_project_in_core`)."""
+    from integration.pipeline import other_project_in_core
+
+    with engine.connect() as connection:
+        refused = other_project_in_core(connection, project)
+    if refused is not None:
+        errors.print(f"[red]{escape(refused)}[/red]")
+        raise typer.Exit(EXIT_FAILED)
+
+
 def _succeeded_dagster_runs(run_keys: Sequence[str]) -> set[str]:
     """Return those of ``run_keys`` (a load run's key is its Dagster run's id) that succeeded in Dagster.
 
@@ -614,6 +626,8 @@ def run(
             if not settled:
                 _recover_runs(engine)
             _refuse_beside_live_runs(engine)
+            if not trial:
+                _refuse_another_projects_core(engine, load_project(project).name)
         # Failures are summarised below, one line each; --verbose shows Dagster's own step logs.
         log_level = "DEBUG" if verbose else "CRITICAL"
         show_progress = not as_json and not verbose and console.is_terminal

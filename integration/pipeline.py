@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Engine, and_, case, func, insert, select
+from sqlalchemy import Connection, Engine, and_, case, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -139,17 +140,52 @@ class RunOptions:
         return out
 
 
+ALLOW_OTHER_PROJECT = (
+    "CRMI_ALLOW_OTHER_PROJECT"  # "1": a migration may load into a core another project loaded
+)
+
+
+def other_project_in_core(connection: Connection, project: str) -> str | None:
+    """Return why ``project`` must not load into this core: another project's migration loaded it (runs not
+    undone), so a forgotten ``--project``/``CRM_PROJECT`` (the demo is the default) would mix the two. None: it may.
+
+    ``$CRMI_ALLOW_OTHER_PROJECT=1`` lets it (a project renamed in its project.yaml, two projects on purpose).
+    """
+    if os.environ.get(ALLOW_OTHER_PROJECT, "").strip().lower() in ("1", "true", "yes"):
+        return None
+    found = connection.execute(
+        select(LoadRun.project, func.count(), func.max(LoadRun.id))
+        .where(LoadRun.mode.in_(("full", "delta")), LoadRun.status == "succeeded", LoadRun.project != project)
+        .group_by(LoadRun.project)
+        .order_by(func.max(LoadRun.id).desc())
+        .limit(1)
+    ).first()
+    if found is None:
+        return None
+    other, runs, last = found
+    return (
+        f"this core holds project '{other}' ({runs} migration run(s), the last id {last}), not '{project}': "
+        f"point --project (or CRM_PROJECT) at {other}'s folder, or --core-url (or CRM_CORE_URL) at {project}'s "
+        f"own core; to load '{project}' into it anyway (a renamed project), set {ALLOW_OTHER_PROJECT}=1"
+    )
+
+
 def start_run(engine: Engine, run_key: str, project: str, mode: str = "full") -> str:
     """Create the load run ``run_key`` (status running) unless it exists; return its status.
 
     Every step of a Dagster run calls this before it does anything, so a failure at any step, even before
     the first load, finds the run and marks it failed; steps after that see 'failed' and do not load.
-    One indexed read when the run exists.
+    One indexed read when the run exists. A migration into a core that another project loaded is refused
+    (:func:`other_project_in_core`) before the run is created.
     """
     query = select(LoadRun.status).where(LoadRun.run_key == run_key)
     with engine.connect() as connection:
         status = connection.scalar(query)
         if status is None:
+            refused = other_project_in_core(connection, project) if mode in ("full", "delta") else None
+            if refused is not None:
+                connection.rollback()
+                raise ConfigError(refused)
             host, pid = owner()
             values = {"run_key": run_key, "project": project, "mode": mode, "status": "running", "stats": {}}
             try:

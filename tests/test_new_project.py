@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from openpyxl import Workbook
 from typer.testing import CliRunner
 
+from crm_core.errors import ConfigError
 from integration.assets.resources import dispose_engines
 from integration.cli import app
 
@@ -92,3 +93,55 @@ def test_make_steward_serves_the_project_crm_project_names(tmp_path: Path) -> No
         ["make", "-n", "-C", str(root), "steward"], env=env, capture_output=True, text=True, check=True
     )
     assert "serve --project examples/demo" in dry.stdout
+
+
+def test_a_core_another_project_loaded_is_refused_before_any_run(
+    acme: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newcomer who forgot --project/CRM_PROJECT ran the demo into a client's core. A migration into a core
+    another project loaded now stops before it starts a run, naming both projects, and loads nothing; a step
+    started from the Dagster UI is refused the same way; CRMI_ALLOW_OTHER_PROJECT=1 lets it through."""
+    from integration.pipeline import start_run
+
+    runner = CliRunner()
+    out = acme / "mappings" / "ledger_customers.yaml"
+    out.parent.mkdir()
+    scaffold = runner.invoke(app, ["mapping", "scaffold", "-p", str(acme), "--source", "ledger",
+                                   "--table", "客户", "--out", str(out)])  # fmt: skip
+    assert scaffold.exit_code == 0, scaffold.output
+    core = f"sqlite:///{tmp_path / 'core.sqlite'}"
+    assert runner.invoke(app, ["run", "--project", str(acme), "--core-url", core]).exit_code == 0
+    dispose_engines()
+    beta = tmp_path / "beta"
+    shutil.copytree(acme, beta)
+    (beta / "project.yaml").write_text(
+        (beta / "project.yaml").read_text(encoding="utf-8").replace("name: acme", "name: beta"),
+        encoding="utf-8",
+    )
+    engine = sa.create_engine(core)
+
+    def state() -> tuple[int, int]:
+        with engine.connect() as connection:
+            return (
+                connection.scalar(sa.text("SELECT count(*) FROM load_runs")),
+                connection.scalar(sa.text("SELECT count(*) FROM customers")),
+            )
+
+    before = state()
+    refused = runner.invoke(app, ["run", "--project", str(beta), "--core-url", core, "--new-run"])
+    dispose_engines()
+    assert refused.exit_code == 1, refused.output
+    assert "this core holds project 'acme'" in refused.output and "not 'beta'" in refused.output, (
+        refused.output
+    )
+    assert "CRMI_ALLOW_OTHER_PROJECT=1" in refused.output
+    assert state() == before
+    with pytest.raises(ConfigError, match="holds project 'acme'"):
+        start_run(engine, "from-the-ui", "beta", "full")
+    assert state() == before
+    monkeypatch.setenv("CRMI_ALLOW_OTHER_PROJECT", "1")
+    allowed = runner.invoke(app, ["run", "--project", str(beta), "--core-url", core, "--new-run"])
+    dispose_engines()
+    assert allowed.exit_code == 0, allowed.output
+    assert state()[0] == before[0] + 1
+    engine.dispose()
