@@ -1470,9 +1470,11 @@ class EntityLoader:
     ) -> None:
         """Record a quarantine entry; ``key`` and ``amount``: the row's crosswalk key and mapped amount, if known."""
         where = str(location) if location is not None else None
+        # A row-level reject (subtotal, empty or repeated key) has no field or value: NaN when read back from staging
+        field_name = field_name if _present(field_name) else None
         self._rejects.append({
             "load_run_id": self._run_id, "source": source, "entity": self.entity.name, "location": where,
-            "row_ref": str(row_ref), "field": field_name, "value": None if value is None else str(value)[:2000],
+            "row_ref": str(row_ref), "field": field_name, "value": str(value)[:2000] if _present(value) else None,
             "rule": rule, "reason": reason, "severity": severity, "raw_row": (where, str(row_ref)),
             "created_at": self._now, "mapping": mapping, "external_key": _reject_key(key),
             "amount": _reject_amount(amount),

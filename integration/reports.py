@@ -193,7 +193,8 @@ def fix_sheets(rejects: pd.DataFrame) -> dict[str, pd.DataFrame]:
         rows = []
         for (location, row_ref), entries in group.groupby(["location", "row_ref"], sort=False, dropna=False):
             reasons = "; ".join(
-                f"{f or '(row)'}: {r}" for f, r in zip(entries["field"], entries["reason"], strict=True)
+                f"{f if isinstance(f, str) and f else '(row)'}: {r}"
+                for f, r in zip(entries["field"], entries["reason"], strict=True)
             )
             rows.append(
                 {

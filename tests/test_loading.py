@@ -595,3 +595,24 @@ def test_raw_rows_of_every_kind_of_column_are_json_safe_value_by_value() -> None
         "空": None,
     }
     assert rows[3]["金额"] is None and rows[3]["日期"] is None and rows[3]["备注"] is None
+
+
+def test_a_row_level_reject_read_back_from_staging_stores_no_field_rather_than_nan(engine: sa.Engine) -> None:
+    """A mapping's row-level rejects (subtotal, empty key, repeated key) have no field and no value; read back
+    from staged pieces they come as NaN, which was stored as the text 'nan' and shown to the consultant as
+    ``nan: duplicate source key`` in the fix sheet."""
+    rows = [{"_external_key": "C1", "name": "深圳市腾达科技有限公司", "credit_code": None}]
+    customers_batch = batch("erp", rows)
+    customers_batch.rejects = pd.DataFrame([
+        {"source": "erp", "entity": "customer", "location": "t", "row_ref": "9", "field": float("nan"),
+         "value": float("nan"), "rule": "subtotal", "reason": "subtotal/total row, not a record", "severity": "error"},
+        {"source": "erp", "entity": "customer", "location": "t", "row_ref": "10", "field": pd.NA,
+         "value": None, "rule": "duplicate_key", "reason": "duplicate source key (first seen on row 2)",
+         "severity": "error"},
+    ])  # fmt: skip
+    load(engine, "r1", "customer", [customers_batch], CUSTOMER_RULES)
+    with Session(engine) as session:
+        stored = session.execute(
+            sa.select(Reject.row_ref, Reject.field, Reject.value).order_by(Reject.id)
+        ).all()
+    assert [tuple(r) for r in stored] == [("9", None, None), ("10", None, None)]
