@@ -616,11 +616,13 @@ def stream_watermark(engine: Engine, mapping: CompiledMapping) -> CursorState | 
 
 
 def _lookups(mapping: CompiledMapping) -> dict[str, Lookup]:
+    """The core lookups of a mapping's fields; a ``required`` field's reference must resolve (rejected if not)."""
     return {
-        f.name: Lookup(by=f.lookup.by, system=f.lookup.system, missing=f.lookup.missing)
+        f.name: Lookup(by=f.lookup.by, system=f.lookup.system,
+                       missing=f.lookup.missing or ("reject" if f.spec.required else None))
         for f in mapping.fields
         if f.lookup is not None
-    }
+    }  # fmt: skip
 
 
 def quarantine(

@@ -616,3 +616,24 @@ def test_a_row_level_reject_read_back_from_staging_stores_no_field_rather_than_n
             sa.select(Reject.row_ref, Reject.field, Reject.value).order_by(Reject.id)
         ).all()
     assert [tuple(r) for r in stored] == [("9", None, None), ("10", None, None)]
+
+
+def test_a_reference_that_must_resolve_rejects_its_row_when_the_record_is_missing(engine: sa.Engine) -> None:
+    """``missing: reject`` (what a mapping's ``required: true`` lookup asks for): a contact whose customer key is
+    in no source's crosswalk is rejected with the reason, not loaded without its customer."""
+    load_one_customer(engine)
+    contacts = batch(
+        "erp",
+        [{"_external_key": "P1", "name": "张伟", "customer": "C1"}, {"_external_key": "P2", "name": "李娜", "customer": "C9"}],
+        {"customer": Lookup(by="external_id", missing="reject")},
+    )  # fmt: skip
+    [stats] = load(engine, "r2", "contact", [contacts])
+    assert (stats.inserted, stats.rejected, stats.warnings) == (1, 1, 0)
+    with Session(engine) as session:
+        [reject] = session.scalars(sa.select(Reject).where(Reject.entity == "contact"))
+        assert (reject.row_ref, reject.field, reject.value, reject.severity) == (
+            "3",
+            "customer",
+            "C9",
+            "error",
+        )

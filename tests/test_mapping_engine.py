@@ -387,3 +387,21 @@ def test_area_code_from_with_on_error_fail_repeated_values_and_a_shifted_index(t
     rows.loc[103, "城市"] = "火星"  # no area code known: the field fails, as without area_code_from
     with pytest.raises(MappingError, match=r"field 'phone' failed on .* row 6 \(value '88410754'\)"):
         map_chunk(mapping, rows)
+
+
+def test_a_required_reference_rejects_a_row_whose_record_is_not_in_the_core(tmp_path: Path) -> None:
+    """``required: true`` on a lookup field means the reference must resolve, not only that the column has a
+    value: a newcomer's contacts whose customer was soft-deleted loaded without one, with a warning only.
+    ``missing: warn`` written out still wins; a field not required keeps the core's default."""
+    from integration.pipeline import _lookups
+
+    head = "version: 1\nsource: {connector: xlsx, sheet: 联系人, key: 编号}\ntarget: contact\nfields:\n  name: {from: 姓名}\n"
+    file = tmp_path / "c.yaml"
+    cases = {
+        "  customer: {from: 客户, lookup: {by: external_id}, required: true}\n": "reject",
+        "  customer: {from: 客户, lookup: {by: external_id, missing: warn}, required: true}\n": "warn",
+        "  customer: {from: 客户, lookup: {by: external_id}}\n": None,
+    }
+    for field, missing in cases.items():
+        file.write_text(head + field, encoding="utf-8")
+        assert _lookups(load_mapping(file))["customer"].missing == missing, field
