@@ -1896,6 +1896,7 @@ def sync_run(
             "sent",
             "delivered",
             "echoes_suppressed",
+            "nothing_to_send",
             "retries",
             "dead_letters",
             "awaiting",

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Table, and_, bindparam, insert, select
+from sqlalchemy import Table, bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from crm_core.entities import ENTITIES
@@ -292,16 +292,15 @@ def unsent_changes(
     agreeing with the core: the loader may stamp the record with the sync's run, and the change would then
     be taken for the sync's own echo and never sent.
     """
-    from integration.sync.outbox import OUTBOX
+    from integration.sync.outbox import OUTBOX, target_sync_runs
 
     cursor = _capture_cursor(session, target)
     table: Table = ENTITIES[entity].model.__table__  # type: ignore[assignment]
     connection = session.connection()
     # This target's own sync runs wrote what it sent or acknowledged: no change of the CRM's.
     changes = select(LoadRun.id).where(
-        LoadRun.id > cursor, LoadRun.id != own_run_id,
-        ~and_(LoadRun.mode == "sync", LoadRun.run_key.like(f"sync-{target.name}-%")),
-    )  # fmt: skip
+        LoadRun.id > cursor, LoadRun.id != own_run_id, ~target_sync_runs(target.name)
+    )
     found: set[int] = set()
     ordered = sorted(set(ids))
     for start in range(0, len(ordered), 2000):

@@ -6,8 +6,9 @@ edit (:mod:`crm_core.edits`), is a load run committed in the same transaction as
 cursor is the highest run id whose changes were captured; a run still running stops it (its changes are
 not committed yet). So a capture reads the rows of the runs since the cursor, an index range, and its cost
 grows with the number of changes, not with the table. Per record the outbound mapping builds the target's
-document; a document equal to what the record and the target last exchanged (``sync_state``) is an
-**echo** and is not sent.
+document; a document equal to what the record and the target last exchanged (``sync_state``) is not sent: an
+**echo** when the target's own sync made the change (its row read in, the key it gave), else a change the
+target does not see (``nothing_to_send``: a field no outbound field sends, a value set back).
 
 **Delivery** stores a trade id on each outbox row before the first send (committed), so a resend after a
 crash replays the same request and the target applies it once. Transport failures are retried with
@@ -269,7 +270,8 @@ class CaptureStats:
     runs: int = 0
     records: int = 0
     queued: int = 0
-    echoes_suppressed: int = 0
+    echoes_suppressed: int = 0  # the target's own changes coming back (its sync wrote them): not sent
+    nothing_to_send: int = 0  # other changes that leave the document as the target has it (a field not sent)
     waiting: int = 0
     superseded: int = 0
     held: int = 0  # records not sent while a conflict about them waits for a person
@@ -426,6 +428,26 @@ def capture(
     return stats
 
 
+def target_sync_runs(target: str) -> Any:
+    """Return the condition on ``LoadRun`` of the target's own sync runs (inbound loads, acknowledgements)."""
+    return and_(LoadRun.mode == "sync", LoadRun.run_key.like(f"sync-{target}-%"))
+
+
+def written_by_target(session: Session, target: CompiledTarget, entity: str, ids: Sequence[int]) -> set[int]:
+    """Return the records among ``ids`` last changed by the target's own sync: what the target sent or answered
+    (its row read in, the key it gave), i.e. an echo when their document comes out as the target has it."""
+    table: Table = ENTITIES[entity].model.__table__  # type: ignore[assignment]
+    connection = session.connection()
+    runs = select(LoadRun.id).where(target_sync_runs(target.name))
+    found: set[int] = set()
+    for part in _parts(sorted(set(ids))):
+        query = select(table.c.id).where(
+            ids_in(connection, table.c.id, part), table.c.updated_run_id.in_(runs)
+        )
+        found.update(session.scalars(query))
+    return found
+
+
 def _queue(
     session: Session, target: CompiledTarget, sync: CompiledEntitySync, ids: list[int], run_id: int,
     stats: CaptureStats,
@@ -456,6 +478,7 @@ def _queue(
     now = _utcnow()
     new_rows: list[dict[str, Any]] = []
     superseded: list[int] = []
+    unchanged: list[int] = []  # documents the target has already (or none: nothing of the CRM's to send)
     for document in documents:
         current = open_rows.get(document.entity_id, [])
         replaceable = [r.id for r in current if r.trade_id is None]
@@ -466,7 +489,7 @@ def _queue(
             state = states.get(document.entity_id)
             known = latest if latest is not None else (state.payload_hash if state is not None else None)
             if document.operation is None or digest == known:
-                stats.echoes_suppressed += document.operation is not None
+                unchanged.append(document.entity_id)
                 superseded.extend(replaceable)
                 continue
         else:
@@ -483,6 +506,10 @@ def _queue(
             "last_error": document.problem, "external_key": document.external_key, "load_run_id": run_id,
             "created_at": now, "delivered_at": None,
         })  # fmt: skip
+    if unchanged:
+        echoes = written_by_target(session, target, sync.entity, unchanged)
+        stats.echoes_suppressed += len(echoes)
+        stats.nothing_to_send += len(unchanged) - len(echoes)
     if superseded:
         stats.superseded += len(superseded)
         for part in _parts(sorted(superseded)):
