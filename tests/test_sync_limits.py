@@ -139,3 +139,139 @@ def test_a_new_crm_customer_waiting_for_a_steward_waits_for_the_sync_too(
             assert u8_rows(url, 'SELECT COUNT(*) FROM "Customer"') == [(3,)]
         sync(project, core)  # U8's rows of what was sent come back
         assert sync(project, core).delivery.sent == 0
+
+
+U8_CODE, OTHER_CODE, NEWER_CODE = "91440300708461136T", "91110000600037341L", "91350100M000100Y43"
+
+
+def test_a_crm_edit_of_a_field_u8_owns_is_refused_unless_forced_and_then_a_conflict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """U8 owns the credit code: `crmi edit` of it (and an edit made with the project's ownership) is refused before
+    anything changes, naming the field, the target and what to do; the CRM's own fields go through. Forced, the
+    edit is an open conflict: the sync says so and changes nothing in U8 until U8's value changes (the owner wins,
+    the conflict is settled) or a person decides."""
+    from crm_core.db import session_factory
+    from crm_core.edits import create_record
+    from crm_core.errors import OwnedFieldError
+    from crm_core.models import LoadRun, SyncConflict
+    from crm_core.runs import rollback_run
+    from integration.pipeline import Migration
+    from integration.sync.spec import owned_fields
+    from tests.test_sync import u8_rows
+
+    code_in_u8 = 'SELECT "cCusRegCode" FROM "Customer" WHERE "cCusCode" = \'C001\''
+    with running_u8(tmp_path, monkeypatch) as (api, project, url):
+        api.erp.update_customer("C001", cCusRegCode=U8_CODE)
+        sync(project, core)
+        huaxin = customer_by_name(core, "上海华鑫科技有限公司")
+        assert huaxin.credit_code == U8_CODE
+        with core.connect() as connection:
+            runs_before = connection.scalar(sa.select(sa.func.count()).select_from(LoadRun))
+        edit = _cli(
+            project, core, "edit", "customer", str(huaxin.id), f"credit_code={OTHER_CODE}", "--by", "li.na"
+        )
+        refused = CliRunner().invoke(app, edit)
+        assert refused.exit_code == 1, refused.output
+        message = (
+            f"customer {huaxin.id}: credit_code is owned by U8 (sync target 'u8'): change it in U8, and the next "
+            "inbound sync brings it here; nothing was changed (--force-owned, or force_owned=True, makes the CRM "
+            "differ from U8 on purpose, recorded as an open sync conflict)"
+        )
+        assert message in " ".join(refused.output.split()), refused.output
+        owned = owned_fields(Migration.load(str(project)).project.sync)
+        with pytest.raises(OwnedFieldError) as raised:
+            both = {"phone": "+862135960000", "credit_code": OTHER_CODE}
+            edit_record(core, "customer", huaxin.id, both, owned=owned)
+        assert str(raised.value) == message
+        # nothing of it was changed, no run left behind
+        assert customer_by_name(core, "上海华鑫科技有限公司").phone == huaxin.phone
+        with core.connect() as connection:
+            assert connection.scalar(sa.select(sa.func.count()).select_from(LoadRun)) == runs_before
+        # the same value as stored (a form saved whole) and a field the CRM owns go through
+        same = _cli(project, core, "edit", "customer", str(huaxin.id), f"credit_code={U8_CODE}",
+                    "phone=+862135960000", "--by", "li.na")  # fmt: skip
+        assert CliRunner().invoke(app, same).exit_code == 0
+        assert sync(project, core).delivery.applied == 1
+        assert u8_rows(url, 'SELECT "cCusPhone" FROM "Customer" WHERE "cCusCode" = \'C001\'') == [
+            ("+862135960000",)
+        ]
+
+        forced = CliRunner().invoke(app, [*edit, "--force-owned"])
+        assert forced.exit_code == 0, forced.output
+        assert "open sync conflict" in forced.output and "crmi sync conflicts" in forced.output
+        assert customer_by_name(core, "上海华鑫科技有限公司").credit_code == OTHER_CODE
+        shown = CliRunner().invoke(app, _cli(project, core, "sync", "run"))
+        assert shown.exit_code == 2 and "1 conflict open" in shown.output, shown.output
+        with session_factory(core)() as session:
+            conflict = session.scalars(sa.select(SyncConflict).where(SyncConflict.status == "open")).one()
+        assert (conflict.field, conflict.owner, conflict.crm_value, conflict.target_value) == (
+            "credit_code",
+            "u8",
+            OTHER_CODE,
+            U8_CODE,
+        )
+        assert u8_rows(url, code_in_u8) == [(U8_CODE,)]
+        # U8's code changes: the owner's value comes in and the conflict is settled by it
+        api.erp.update_customer("C001", cCusRegCode=NEWER_CODE)
+        settled = sync(project, core)
+        assert settled.conflicts_waiting == 0
+        assert customer_by_name(core, "上海华鑫科技有限公司").credit_code == NEWER_CODE
+        with session_factory(core)() as session:
+            assert session.get(SyncConflict, conflict.id).status == "resolved_target"  # type: ignore[union-attr]
+
+        # forced again, then a person takes U8's value back
+        assert CliRunner().invoke(app, [*edit, "--force-owned"]).exit_code == 0
+        with session_factory(core)() as session:
+            again = session.scalars(sa.select(SyncConflict).where(SyncConflict.status == "open")).one()
+        decide = _cli(
+            project, core, "sync", "conflicts", "--decide", str(again.id), "--take", "target", "--by", "li.na"
+        )
+        assert CliRunner().invoke(app, decide).exit_code == 0
+        assert customer_by_name(core, "上海华鑫科技有限公司").credit_code == NEWER_CODE
+        quiet = sync(project, core)
+        assert (quiet.conflicts_waiting, quiet.delivery.dead_letters) == (0, 0)
+
+        # forced again: rolling the edit back takes its conflict with it
+        run_key = edit_record(
+            core, "customer", huaxin.id, {"credit_code": OTHER_CODE}, owned=owned, force_owned=True
+        )
+        rollback_run(core, run_key)
+        with session_factory(core)() as session:
+            assert session.scalars(sa.select(SyncConflict).where(SyncConflict.status == "open")).all() == []
+        assert customer_by_name(core, "上海华鑫科技有限公司").credit_code == NEWER_CODE
+        # forced, then set back to U8's code by an ordinary edit: that is no change of U8's field, and settles it
+        edit_record(core, "customer", huaxin.id, {"credit_code": OTHER_CODE}, owned=owned, force_owned=True)
+        edit_record(core, "customer", huaxin.id, {"credit_code": NEWER_CODE}, owned=owned)
+        with session_factory(core)() as session:
+            assert session.scalars(sa.select(SyncConflict).where(SyncConflict.status == "open")).all() == []
+        # and once more: U8's owner then writes the same code there, which settles it
+        edit_record(core, "customer", huaxin.id, {"credit_code": OTHER_CODE}, owned=owned, force_owned=True)
+        api.erp.update_customer("C001", cCusRegCode=OTHER_CODE)
+        agreed = sync(project, core)
+        assert (agreed.conflicts_waiting, agreed.conflicts) == (0, 0)
+        assert customer_by_name(core, "上海华鑫科技有限公司").credit_code == OTHER_CODE
+
+        # a customer U8 does not know yet: its credit code is the CRM's to set
+        new_id = create_record(core, "customer", {"name": "杭州新禾贸易有限公司"})
+        fresh = _cli(
+            project, core, "edit", "customer", str(new_id), f"credit_code={OTHER_CODE}", "--by", "li.na"
+        )
+        assert CliRunner().invoke(app, fresh).exit_code == 0
+
+
+def test_crmi_edit_reads_each_value_as_its_fields_type() -> None:
+    """`crmi edit` hands the edit the field's type (a decimal, a flag, none for `FIELD=`) and names a bad value."""
+    from decimal import Decimal
+
+    from crm_core.errors import CrmError
+    from integration.cli import _edit_value
+
+    assert _edit_value("customer", "credit_limit=12.50") == ("credit_limit", Decimal("12.50"))
+    assert _edit_value("customer", "is_branch=yes") == ("is_branch", True)
+    assert _edit_value("customer", "phone=") == ("phone", None)
+    assert _edit_value("customer", "address=a=b") == ("address", "a=b")
+    with pytest.raises(CrmError, match="credit_limit: '12,5x' is not a numeric value"):
+        _edit_value("customer", "credit_limit=12,5x")
+    with pytest.raises(CrmError, match="write FIELD=VALUE"):
+        _edit_value("customer", "phone")
