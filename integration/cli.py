@@ -2040,6 +2040,16 @@ def sync_status(
                       str(item["oldest_pending"] or ""), str(item["conflicts_open"]), str(last.get("run_key", "")),
                       str(last.get("status", "")))  # fmt: skip
     console.print(table)
+    for name, item in status.items():
+        shown = item["waiting"]
+        for waiting in shown:
+            console.print(
+                f"{escape(name)} waiting: {waiting['entity']} {waiting['entity_id']}: {escape(str(waiting['reason']))}",
+                highlight=False,
+            )
+        more = item["outbox"].get("waiting", 0) - len(shown)
+        if more > 0:
+            console.print(f"{escape(name)} waiting: … and {more} more", highlight=False)
 
 
 @sync_app.command("retry")

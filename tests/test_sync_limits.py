@@ -114,6 +114,14 @@ def test_a_new_crm_customer_waiting_for_a_steward_waits_for_the_sync_too(
         assert sync(project, core).delivery.sent == 0  # still waiting: nothing goes out
         status = CliRunner().invoke(app, _cli(project, core, "sync", "status", "--json"))
         assert json.loads(status.output)["u8"]["outbox"].get("waiting") == 1
+        assert json.loads(status.output)["u8"]["waiting"] == [
+            {"entity": "customer", "entity_id": new_id, "reason": row.last_error}
+        ]
+        shown = CliRunner().invoke(app, _cli(project, core, "sync", "status"))
+        assert (
+            f"u8 waiting: customer {new_id}: waits for a steward's decision on duplicate pair {pair.id}"
+            in (" ".join(shown.output.split()))
+        ), shown.output
 
         decided = CliRunner().invoke(
             app, _cli(project, core, "dedup", "decide", str(pair.id), decision, "--steward", "li.na")
