@@ -15,17 +15,20 @@ import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from sqlalchemy import Engine, text, update
+from sqlalchemy import Engine, select, text, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from crm_core.db import SQLITE_BUSY_MILLISECONDS, session_factory
 from crm_core.entities import ENTITIES
-from crm_core.errors import LoadError
+from crm_core.errors import LoadError, OwnedFieldError
+from crm_core.journal import to_json
 from crm_core.loading import get_or_start_run
-from crm_core.models import LoadRun
+from crm_core.models import ExternalId, LoadRun, SyncConflict, SyncState
 from crm_core.validation import E164, EMAIL, uscc_is_valid
 
 # 'crme': the PostgreSQL advisory lock a sync's inbound load holds alone for its transaction and an edit shares
@@ -139,6 +142,103 @@ def _refuse_malformed(
             raise LoadError(f"{which}: {name} {value!r} is not {form[1]}; nothing was changed")
 
 
+@dataclass(frozen=True)
+class OwnedField:
+    """A field a sync target owns (its ``ownership`` in project.yaml): the CRM's edits leave it to the target."""
+
+    entity: str
+    field: str
+    target: str  # the sync target's name in project.yaml (``u8``)
+    system: str  # the source whose keys are the target's keys in the crosswalk (``erp_u8``)
+    label: str  # what its users call it (``U8``)
+
+
+def _same_value(left: Any, right: Any) -> bool:
+    """Return True when an edit's value is the one stored (``12.5`` is the stored ``Decimal('12.50')``)."""
+    if left == right:
+        return True
+    if isinstance(left, Decimal) or isinstance(right, Decimal):
+        try:
+            return Decimal(str(left)) == Decimal(str(right))
+        except (InvalidOperation, ValueError):
+            return False
+    return False
+
+
+def _text(value: Any) -> str | None:
+    value = to_json(value)
+    return None if value is None else str(value)
+
+
+def _owned_changes(
+    session: Session, entity: str, record_id: int, values: Mapping[str, Any], changed: Sequence[str],
+    owned: Sequence[OwnedField],
+) -> tuple[list[tuple[OwnedField, str | None]], list[OwnedField]]:  # fmt: skip
+    """Split the owned fields among ``changed`` whose target knows the record (a key of it in the crosswalk, or an
+    exchange): those the edit sets apart from what the target holds as far as the core knows (with that value,
+    None: unknown, the record's own), and those it sets back to it.
+
+    A record the target does not know yet is the CRM's to fill in: its add carries what the mapping sends.
+    """
+    apart: list[tuple[OwnedField, str | None]] = []
+    back: list[OwnedField] = []
+    for owner in owned:
+        if owner.entity != entity or owner.field not in changed:
+            continue
+        state = session.scalar(select(SyncState.core_values).where(
+            SyncState.target == owner.target, SyncState.entity == entity, SyncState.entity_id == record_id
+        ))  # fmt: skip
+        keyed = session.scalar(select(ExternalId.id).where(
+            ExternalId.entity == entity, ExternalId.entity_id == record_id, ExternalId.system == owner.system
+        ).limit(1))  # fmt: skip
+        if state is None and keyed is None:
+            continue
+        held = _text((state or {}).get(owner.field)) if owner.field in (state or {}) else None
+        value = values[owner.field]
+        if held is not None and (_same_value(value, held) or _text(value) == held):
+            back.append(owner)  # the target's own value: the CRM agrees with it again
+        else:
+            apart.append((owner, held))
+    return apart, back
+
+
+def _owned_message(which: str, owner: OwnedField) -> str:
+    return (
+        f"{which}: {owner.field} is owned by {owner.label} (sync target '{owner.target}'): change it in "
+        f"{owner.label}, and the next inbound sync brings it here; nothing was changed (--force-owned, or "
+        f"force_owned=True, makes the CRM differ from {owner.label} on purpose, recorded as an open sync conflict)"
+    )
+
+
+def _record_forced(
+    session: Session, run_id: int, entity: str, record_id: int, owner: OwnedField, before: Any, value: Any,
+    held: str | None,
+) -> None:  # fmt: skip
+    """Record a forced edit of an owned field as an open conflict with its target (one per field and target)."""
+    target_value = held if held is not None else _text(before)
+    conflict = session.scalar(select(SyncConflict).where(
+        SyncConflict.target == owner.target, SyncConflict.entity == entity, SyncConflict.entity_id == record_id,
+        SyncConflict.field == owner.field, SyncConflict.status == "open",
+    ).limit(1))  # fmt: skip
+    if conflict is not None:
+        conflict.crm_value = _text(value)
+        return
+    session.add(SyncConflict(
+        target=owner.target, entity=entity, entity_id=record_id, field=owner.field, exchanged_value=target_value,
+        crm_value=_text(value), target_value=target_value, owner=owner.target, status="open", load_run_id=run_id,
+        created_at=dt.datetime.now(dt.UTC),
+    ))  # fmt: skip
+
+
+def _close_agreed(session: Session, entity: str, record_id: int, owner: OwnedField) -> None:
+    """Settle an open conflict on an owned field the CRM set back to the target's value."""
+    for conflict in session.scalars(select(SyncConflict).where(
+        SyncConflict.target == owner.target, SyncConflict.entity == entity, SyncConflict.entity_id == record_id,
+        SyncConflict.field == owner.field, SyncConflict.status == "open",
+    )):  # fmt: skip
+        conflict.status = "resolved_target"
+
+
 def _new_run_key(prefix: str) -> str:
     return f"{prefix}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
 
@@ -152,9 +252,12 @@ def edit_record(
     actor: str = "crm",
     project: str = "crm",
     as_read: bool = False,
+    owned: Sequence[OwnedField] = (),
+    force_owned: bool = False,
 ) -> str:
     """Change fields of one record as the CRM would; return the run key of the change."""
-    return edit_records(engine, entity, {record_id: values}, actor=actor, project=project, as_read=as_read)
+    return edit_records(engine, entity, {record_id: values}, actor=actor, project=project, as_read=as_read,
+                        owned=owned, force_owned=force_owned)  # fmt: skip
 
 
 def edit_records(
@@ -165,12 +268,20 @@ def edit_records(
     actor: str = "crm",
     project: str = "crm",
     as_read: bool = False,
+    owned: Sequence[OwnedField] = (),
+    force_owned: bool = False,
 ) -> str:
     """Change several records in one run (one transaction); return its run key.
 
     A value not in the form the core keeps its field in is refused (:func:`_refuse_malformed`), unless
     ``as_read``: a value a mapping read from a source (a sync conflict settled for the target's value), which a
     load would have written as it is.
+
+    ``owned``: the fields sync targets own (``integration.sync.spec.owned_fields`` of the project). A change of
+    one of them on a record its target knows is refused (:class:`OwnedFieldError`, nothing changed): the target's
+    value wins there and comes back with its next change. ``force_owned`` makes it all the same and records an
+    open sync conflict per field and target, which holds the record back from that target until a person
+    decides (``crmi sync conflicts``) or the target's value changes.
     """
     definition = ENTITIES.get(entity)
     if definition is None:
@@ -185,12 +296,23 @@ def edit_records(
             unknown = [name for name in values if name not in definition.fields]
             if unknown:
                 raise LoadError(f"entity '{entity}' has no field '{unknown[0]}'")
+            stored = {name: getattr(record, definition.fields[name].column) for name in values}
             if not as_read:
-                stored = {name: getattr(record, definition.fields[name].column) for name in values}
                 _refuse_malformed(entity, f"{entity} {record_id}", values, stored)
+            changed = [name for name in values if not _same_value(values[name], stored[name])]
+            forced, agreed = (
+                _owned_changes(session, entity, record_id, values, changed, owned) if owned else ([], [])
+            )
+            if forced and not force_owned:
+                raise OwnedFieldError(_owned_message(f"{entity} {record_id}", forced[0][0]))
             for name, value in values.items():
                 setattr(record, definition.fields[name].column, value)
             record.updated_run_id = run.id
+            for owner, held in forced:
+                _record_forced(session, run.id, entity, record_id, owner, stored[owner.field],
+                               values[owner.field], held)  # fmt: skip
+            for owner in agreed:
+                _close_agreed(session, entity, record_id, owner)
         session.flush()
         run.status = "succeeded"
         run.finished_at = dt.datetime.now(dt.UTC)

@@ -137,6 +137,10 @@ class LoadError(CrmError):
     """Writing into the CRM core failed; the transaction of that entity was rolled back."""
 
 
+class OwnedFieldError(LoadError):
+    """A CRM edit of a field a sync target owns (``ownership`` in project.yaml): made in the target instead."""
+
+
 class DedupError(CrmError):
     """Duplicate detection or merging failed."""
 

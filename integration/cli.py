@@ -1439,6 +1439,104 @@ def rollback(
         console.print(f"[green]rolled back[/green] {', '.join(rolled)}")
 
 
+def _edit_value(entity: str, assignment: str) -> tuple[str, Any]:
+    """Return (field, value) of a ``FIELD=VALUE`` of `crmi edit`, the value as the field's type (empty: none)."""
+    import datetime as dt
+    from decimal import Decimal, InvalidOperation
+
+    from sqlalchemy import Boolean, Date, DateTime, Integer, Numeric
+
+    from crm_core.entities import ENTITIES
+
+    name, sep, text = assignment.partition("=")
+    name = name.strip()
+    definition = ENTITIES.get(entity)
+    if not sep or not name:
+        raise CrmError(f"'{assignment}': write FIELD=VALUE (FIELD= clears the field)")
+    if definition is None or name not in definition.fields:
+        return name, text  # the edit itself names the unknown entity or field
+    if text == "":
+        return name, None
+    kind = definition.model.__table__.c[definition.fields[name].column].type
+    try:
+        if isinstance(kind, Boolean):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return name, text.lower() in ("true", "1", "yes")
+        if isinstance(kind, Integer):
+            return name, int(text)
+        if isinstance(kind, Numeric):
+            return name, Decimal(text)
+        if isinstance(kind, DateTime):
+            return name, dt.datetime.fromisoformat(text)
+        if isinstance(kind, Date):
+            return name, dt.date.fromisoformat(text)
+    except (ValueError, InvalidOperation):
+        raise CrmError(f"{name}: '{text}' is not a {type(kind).__name__.lower()} value") from None
+    return name, text
+
+
+@app.command()
+def edit(
+    entity: Annotated[str, typer.Argument(help="customer, contact, opportunity… (`crmi mapping targets`)")],
+    record_id: Annotated[int, typer.Argument(help="the record's id")],
+    assignments: Annotated[
+        list[str], typer.Argument(help="FIELD=VALUE… in the core's form (FIELD= clears it)")
+    ],
+    by: Annotated[str, typer.Option("--by", help="who edits (in the run key)")],
+    force_owned: Annotated[
+        bool,
+        typer.Option(
+            "--force-owned",
+            help="change a field a sync target owns all the same: recorded as an open sync conflict",
+        ),
+    ] = False,
+    project: ProjectOption = None,
+    core: CoreOption = None,
+) -> None:
+    """Change fields of one record as the CRM does (a journaled run of its own, sent by the next sync).
+
+    A field a sync target owns (``ownership`` in project.yaml, e.g. U8's credit_code) is refused on a record the
+    target knows: change it there, the next inbound sync brings it; ``--force-owned`` makes the CRM differ on
+    purpose and records an open sync conflict (``crmi sync conflicts``).
+    """
+    from sqlalchemy import select
+
+    from crm_core.db import session_factory
+    from crm_core.edits import edit_record
+    from crm_core.models import SyncConflict
+    from integration.sync.spec import owned_fields
+
+    migration = _migration_or_exit(project)
+    owned = owned_fields(migration.project.sync)
+    try:
+        values = dict(_edit_value(entity, assignment) for assignment in assignments)
+        with _core_engine(core) as engine:
+            run_key = edit_record(
+                engine, entity, record_id, values, actor=by, project=migration.project.name, owned=owned,
+                force_owned=force_owned,
+            )  # fmt: skip
+            with session_factory(engine)() as session:
+                forced = session.scalars(
+                    select(SyncConflict).where(
+                        SyncConflict.entity == entity, SyncConflict.entity_id == record_id,
+                        SyncConflict.status == "open", SyncConflict.field.in_(list(values)),
+                    ).order_by(SyncConflict.id)
+                ).all() if force_owned else []  # fmt: skip
+    except CrmError as exc:
+        errors.print(f"[red]refused:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    console.print(f"{entity} {record_id}: {', '.join(values)} changed (run {run_key})", highlight=False)
+    for conflict in forced:
+        console.print(
+            f"[yellow]{conflict.field} now differs from sync target '{conflict.target}' on purpose: open sync "
+            f"conflict {conflict.id}[/yellow] (`crmi sync conflicts` lists it; `--decide {conflict.id} --take "
+            f"target` brings the target's value back, `--take crm` keeps this one); the record is not sent to "
+            f"'{conflict.target}' until it is settled or the target's value changes",
+            highlight=False,
+        )
+
+
 StewardOption = Annotated[str, typer.Option("--steward", help="who decides (recorded in the merge log)")]
 
 
@@ -1910,6 +2008,7 @@ def sync_run(
             "sent",
             "delivered",
             "echoes_suppressed",
+            "nothing_to_send",
             "retries",
             "dead_letters",
             "awaiting",
@@ -1955,6 +2054,16 @@ def sync_status(
                       str(item["oldest_pending"] or ""), str(item["conflicts_open"]), str(last.get("run_key", "")),
                       str(last.get("status", "")))  # fmt: skip
     console.print(table)
+    for name, item in status.items():
+        shown = item["waiting"]
+        for waiting in shown:
+            console.print(
+                f"{escape(name)} waiting: {waiting['entity']} {waiting['entity_id']}: {escape(str(waiting['reason']))}",
+                highlight=False,
+            )
+        more = item["outbox"].get("waiting", 0) - len(shown)
+        if more > 0:
+            console.print(f"{escape(name)} waiting: … and {more} more", highlight=False)
 
 
 @sync_app.command("retry")

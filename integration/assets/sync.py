@@ -68,7 +68,7 @@ DIRECTIONS = ("inbound", "outbound")
 # SyncReport.as_dict() counts shown as integer metadata (plotted per materialization in the UI).
 METRICS = (
     "received", "applied", "unchanged", "rejected", "kept_crm", "conflicts", "conflicts_open", "sent",
-    "delivered", "echoes_suppressed", "retries", "dead_letters", "awaiting", "waiting",
+    "delivered", "echoes_suppressed", "nothing_to_send", "retries", "dead_letters", "awaiting", "waiting",
 )  # fmt: skip
 BACKLOG_WARN = dt.timedelta(hours=1)
 BACKLOG_ERROR = dt.timedelta(hours=24)

@@ -10,7 +10,10 @@ exchanged (``sync_state.core_values``):
   CRM's value is kept and sent back, so both sides hold the owner's value);
 - both changed it differently: a **conflict**. With an owner, the owner's value wins and the conflict is
   logged (resolved); without one, or with ``conflicts: queue``, the CRM's value stays and the conflict
-  waits for a person (``crmi sync conflicts``).
+  waits for a person (``crmi sync conflicts``);
+- an open conflict on a field the target owns (a CRM edit forced over its ownership, ``crmi edit --force-owned``)
+  is settled (``resolved_target``) once the target's value is applied or equals the CRM's (not with
+  ``conflicts: queue``: there a person decides every conflict).
 
 A record read for the first time starts from the core as the capture cursor left it (go-live, with
 ``start: now``): where the target differs from that, a field the target owns takes its value and any other
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Table, and_, bindparam, insert, select
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from crm_core.entities import ENTITIES
@@ -39,6 +42,7 @@ from integration.mappings.spec import CompiledMapping, IncrementalSpec
 from integration.sync.spec import CRM, CompiledEntitySync, CompiledTarget, InboundSpec
 
 STATE: Table = SyncState.__table__  # type: ignore[assignment]
+CONFLICTS: Table = SyncConflict.__table__  # type: ignore[assignment]
 
 
 @dataclass
@@ -120,6 +124,10 @@ def apply_ownership(
     go_live = go_live_run(session, target) if baseline else 0
     sendable = sent_fields(sync)
     queue_all = sync.spec.conflicts == "queue"
+    # Open conflicts on fields the target owns (a CRM edit forced over its ownership): settled by the target's
+    # value once it comes in, or once both sides hold the same value.
+    forced = set() if queue_all else _open_owned_conflicts(session, target, sync, known, fields)
+    settled: dict[str, set[int]] = {}
     records = records.copy()
     now = dt.datetime.now(dt.UTC)
     for position, key in enumerate(keys):
@@ -133,6 +141,8 @@ def apply_ownership(
             theirs = records.at[position, name]
             ours = current.get(column)
             if _same(theirs, ours):
+                if (entity_id, name) in forced:
+                    settled.setdefault(name, set()).add(entity_id)
                 continue
             if exchanged is not None and name in exchanged:
                 before = exchanged[name]
@@ -177,6 +187,8 @@ def apply_ownership(
                 keep_ours = owner == CRM
             else:
                 keep_ours = True  # only the CRM changed it: its value stays (and goes out on its own)
+            if not keep_ours and they_changed and (entity_id, name) in forced:
+                settled.setdefault(name, set()).add(entity_id)  # the owner's new value is applied
             if keep_ours:
                 records.at[position, name] = ours
                 outcome.kept_crm += 1
@@ -188,8 +200,37 @@ def apply_ownership(
                     outcome.send_back.add(entity_id)
     if outcome.conflicts:
         session.execute(insert(SyncConflict), outcome.conflicts)
+    for name, settled_ids in settled.items():
+        for start in range(0, len(settled_ids), 2000):
+            part = sorted(settled_ids)[start : start + 2000]
+            session.execute(update(CONFLICTS).where(
+                CONFLICTS.c.target == target.name, CONFLICTS.c.entity == sync.entity, CONFLICTS.c.field == name,
+                CONFLICTS.c.status == "open", ids_in(connection, CONFLICTS.c.entity_id, part),
+            ).values(status="resolved_target"))  # fmt: skip
     outcome.batch = replace(batch, records=records)
     return outcome
+
+
+def _open_owned_conflicts(
+    session: Session,
+    target: CompiledTarget,
+    sync: CompiledEntitySync,
+    ids: Sequence[int],
+    fields: Sequence[str],
+) -> set[tuple[int, str]]:
+    """Return (record, field) of the open conflicts among ``ids`` on fields the target owns."""
+    owned = [f for f in fields if sync.owners.get(f) == target.name]
+    if not owned:
+        return set()
+    connection = session.connection()
+    found: set[tuple[int, str]] = set()
+    for start in range(0, len(ids), 2000):
+        query = select(CONFLICTS.c.entity_id, CONFLICTS.c.field).where(
+            CONFLICTS.c.target == target.name, CONFLICTS.c.entity == sync.entity, CONFLICTS.c.status == "open",
+            CONFLICTS.c.field.in_(owned), ids_in(connection, CONFLICTS.c.entity_id, ids[start : start + 2000]),
+        )  # fmt: skip
+        found.update((int(entity_id), str(name)) for entity_id, name in session.execute(query))
+    return found
 
 
 def go_live_run(session: Session, target: CompiledTarget) -> int:
@@ -292,16 +333,15 @@ def unsent_changes(
     agreeing with the core: the loader may stamp the record with the sync's run, and the change would then
     be taken for the sync's own echo and never sent.
     """
-    from integration.sync.outbox import OUTBOX
+    from integration.sync.outbox import OUTBOX, target_sync_runs
 
     cursor = _capture_cursor(session, target)
     table: Table = ENTITIES[entity].model.__table__  # type: ignore[assignment]
     connection = session.connection()
     # This target's own sync runs wrote what it sent or acknowledged: no change of the CRM's.
     changes = select(LoadRun.id).where(
-        LoadRun.id > cursor, LoadRun.id != own_run_id,
-        ~and_(LoadRun.mode == "sync", LoadRun.run_key.like(f"sync-{target.name}-%")),
-    )  # fmt: skip
+        LoadRun.id > cursor, LoadRun.id != own_run_id, ~target_sync_runs(target.name)
+    )
     found: set[int] = set()
     ordered = sorted(set(ids))
     for start in range(0, len(ordered), 2000):

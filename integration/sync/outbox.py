@@ -6,8 +6,9 @@ edit (:mod:`crm_core.edits`), is a load run committed in the same transaction as
 cursor is the highest run id whose changes were captured; a run still running stops it (its changes are
 not committed yet). So a capture reads the rows of the runs since the cursor, an index range, and its cost
 grows with the number of changes, not with the table. Per record the outbound mapping builds the target's
-document; a document equal to what the record and the target last exchanged (``sync_state``) is an
-**echo** and is not sent.
+document; a document equal to what the record and the target last exchanged (``sync_state``) is not sent: an
+**echo** when the target's own sync made the change (its row read in, the key it gave), else a change the
+target does not see (``nothing_to_send``: a field no outbound field sends, a value set back).
 
 **Delivery** stores a trade id on each outbox row before the first send (committed), so a resend after a
 crash replays the same request and the target applies it once. Transport failures are retried with
@@ -269,7 +270,8 @@ class CaptureStats:
     runs: int = 0
     records: int = 0
     queued: int = 0
-    echoes_suppressed: int = 0
+    echoes_suppressed: int = 0  # the target's own changes coming back (its sync wrote them): not sent
+    nothing_to_send: int = 0  # other changes that leave the document as the target has it (a field not sent)
     waiting: int = 0
     superseded: int = 0
     held: int = 0  # records not sent while a conflict about them waits for a person
@@ -407,6 +409,8 @@ def capture(
             )
         ).all()
         ids |= set(waiting)
+        # A record merged into another (a steward's decision, a dedup run) is never sent: its survivor is.
+        ids -= _drop_merged_away(session, target, entity, stats)
         # A record with a conflict waiting for a person is held back: sending it would decide for the CRM.
         # Settling the conflict queues it again (crmi sync conflicts --decide).
         held = ids & set(session.scalars(select(SyncConflict.entity_id).where(
@@ -424,6 +428,93 @@ def capture(
         save_watermark(session, watermark_source(target.name), CAPTURE_STREAM,
                        CursorState(upto, frozenset()), run_id)  # fmt: skip
     return stats
+
+
+def target_sync_runs(target: str) -> Any:
+    """Return the condition on ``LoadRun`` of the target's own sync runs (inbound loads, acknowledgements)."""
+    return and_(LoadRun.mode == "sync", LoadRun.run_key.like(f"sync-{target}-%"))
+
+
+def written_by_target(session: Session, target: CompiledTarget, entity: str, ids: Sequence[int]) -> set[int]:
+    """Return the records among ``ids`` last changed by the target's own sync: what the target sent or answered
+    (its row read in, the key it gave), i.e. an echo when their document comes out as the target has it."""
+    table: Table = ENTITIES[entity].model.__table__  # type: ignore[assignment]
+    connection = session.connection()
+    runs = select(LoadRun.id).where(target_sync_runs(target.name))
+    found: set[int] = set()
+    for part in _parts(sorted(set(ids))):
+        query = select(table.c.id).where(
+            ids_in(connection, table.c.id, part), table.c.updated_run_id.in_(runs)
+        )
+        found.update(session.scalars(query))
+    return found
+
+
+def _drop_merged_away(session: Session, target: CompiledTarget, entity: str, stats: CaptureStats) -> set[int]:
+    """Supersede the unsent documents of records merged into another since they were queued; return those
+    records. (A merge changes the survivor, whose own document carries the merged values.)"""
+    table: Table = ENTITIES[entity].model.__table__  # type: ignore[assignment]
+    if "merged_into_id" not in table.c:
+        return set()
+    rows = session.execute(
+        select(OUTBOX.c.id, OUTBOX.c.entity_id, table.c.merged_into_id)
+        .join(table, table.c.id == OUTBOX.c.entity_id)
+        .where(OUTBOX.c.target == target.name, OUTBOX.c.entity == entity,
+               OUTBOX.c.status.in_(("pending", "waiting")), OUTBOX.c.trade_id.is_(None),
+               table.c.merged_into_id.is_not(None))
+    ).all()  # fmt: skip
+    if rows:
+        session.execute(
+            update(OUTBOX).where(OUTBOX.c.id == bindparam("_id")).values(status="superseded", last_error=bindparam("why")),
+            [{"_id": row.id, "why": f"merged into {entity} {row.merged_into_id}, which is sent instead"} for row in rows],
+        )  # fmt: skip
+        stats.superseded += len(rows)
+    return {int(row.entity_id) for row in rows}
+
+
+def pairs_in_review(session: Session, entity: str, ids: Sequence[int]) -> dict[int, tuple[int, int, int]]:
+    """Return, per record among ``ids``, the first pair waiting for a steward that stands for it (candidate id,
+    left and right record): linkage proposed it, or a record since merged into it, as a duplicate of another."""
+    from crm_core.merging import MODEL_OF, active_records, members_of
+    from crm_core.models import MatchCandidate
+
+    model = MODEL_OF.get(entity)
+    if model is None or not ids:
+        return {}
+    connection = session.connection()
+    candidates: Table = MatchCandidate.__table__  # type: ignore[assignment]
+    members = members_of(connection, model, ids)  # every record that ended in one of ids (merged into it)
+    rows: dict[int, tuple[int, int, int]] = {}
+    for part in _parts(sorted(members)):
+        for column in (candidates.c.left_id, candidates.c.right_id):
+            query = select(candidates.c.id, candidates.c.left_id, candidates.c.right_id).where(
+                candidates.c.entity == entity,
+                candidates.c.status == "review",
+                ids_in(connection, column, part),
+            )
+            rows.update({row.id: (row.id, row.left_id, row.right_id) for row in session.execute(query)})
+    if not rows:
+        return {}
+    active = active_records(
+        connection, model, [side for _, left, right in rows.values() for side in (left, right)]
+    )
+    wanted = set(ids)
+    found: dict[int, tuple[int, int, int]] = {}
+    for candidate_id, left, right in sorted(rows.values()):
+        sides = {active[left], active[right]}
+        if len(sides) == 1:  # both sides are one record already: nothing left to decide for the sync
+            continue
+        for record in sides & wanted:
+            found.setdefault(record, (candidate_id, left, right))
+    return found
+
+
+def review_reason(candidate_id: int, left: int, right: int, entity: str = "customer") -> str:
+    """Why a new record's document waits for a steward's decision on a pair (what to run about it)."""
+    return (
+        f"waits for a steward's decision on duplicate pair {candidate_id} ({entity}s {left} and {right}): "
+        f"`crmi dedup review` lists it, `crmi dedup decide {candidate_id}` or the steward workbench decides it"
+    )
 
 
 def _queue(
@@ -447,15 +538,27 @@ def _queue(
     open_rows: dict[int, list[Any]] = {}
     for part in _parts(ids):
         query = select(OUTBOX.c.id, OUTBOX.c.entity_id, OUTBOX.c.payload_hash, OUTBOX.c.trade_id,
-                       OUTBOX.c.status).where(
+                       OUTBOX.c.status, OUTBOX.c.operation, OUTBOX.c.last_error).where(
             OUTBOX.c.target == target.name, OUTBOX.c.entity == sync.entity,
             OUTBOX.c.status.in_(("pending", "waiting", "awaiting")), ids_in(connection, OUTBOX.c.entity_id, part),
         ).order_by(OUTBOX.c.id)  # fmt: skip
         for row in session.execute(query):
             open_rows.setdefault(row.entity_id, []).append(row)
+    # A record the target does not know yet that linkage sent to review waits for the steward: added now, the
+    # target would keep it when the steward merges it away. (A record the target knows keeps syncing.)
+    new_records = [
+        d.entity_id for d in documents
+        if d.problem is None and d.operation is not None and d.external_key is None and d.entity_id not in states
+        and not any(r.trade_id is not None for r in open_rows.get(d.entity_id, []))
+    ]  # fmt: skip
+    in_review = pairs_in_review(session, sync.entity, new_records)
+    for document in documents:
+        if document.entity_id in in_review:
+            document.problem = review_reason(*in_review[document.entity_id], entity=sync.entity)
     now = _utcnow()
     new_rows: list[dict[str, Any]] = []
     superseded: list[int] = []
+    unchanged: list[int] = []  # documents the target has already (or none: nothing of the CRM's to send)
     for document in documents:
         current = open_rows.get(document.entity_id, [])
         replaceable = [r.id for r in current if r.trade_id is None]
@@ -466,11 +569,16 @@ def _queue(
             state = states.get(document.entity_id)
             known = latest if latest is not None else (state.payload_hash if state is not None else None)
             if document.operation is None or digest == known:
-                stats.echoes_suppressed += document.operation is not None
+                unchanged.append(document.entity_id)
                 superseded.extend(replaceable)
                 continue
         else:
             digest = ""
+            if [(r.status, r.operation, r.last_error) for r in current if r.trade_id is None] == [
+                ("waiting", document.operation or "", document.problem)
+            ]:  # still waiting for the same reason: the row stays as it is (and says since when)
+                stats.waiting += 1
+                continue
         superseded.extend(replaceable)
         status = "waiting" if document.problem else "pending"
         stats.waiting += status == "waiting"
@@ -483,6 +591,10 @@ def _queue(
             "last_error": document.problem, "external_key": document.external_key, "load_run_id": run_id,
             "created_at": now, "delivered_at": None,
         })  # fmt: skip
+    if unchanged:
+        echoes = written_by_target(session, target, sync.entity, unchanged)
+        stats.echoes_suppressed += len(echoes)
+        stats.nothing_to_send += len(unchanged) - len(echoes)
     if superseded:
         stats.superseded += len(superseded)
         for part in _parts(sorted(superseded)):

@@ -11,12 +11,14 @@ Everything is checked when the project loads; a problem is ``file:line:col: path
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from crm_core.edits import OwnedField
 from crm_core.entities import ENTITIES, EntityDef, FieldDef
 from crm_core.errors import ConfigError, Problem
 from integration.mappings.spec import CompiledMapping, FieldSpec
@@ -283,6 +285,26 @@ class CompiledTarget:
             if sync.inbound_enabled:
                 found.extend((entity, spec) for spec in sync.spec.inbound)
         return found
+
+
+SYSTEM_LABELS = {"u8_openapi": "U8", "k3cloud": "K3Cloud"}  # what users call a transport's system
+
+
+def owned_fields(targets: Mapping[str, CompiledTarget]) -> list[OwnedField]:
+    """Return the fields the project's sync targets own and read in (what :mod:`crm_core.edits` refuses to
+    change on a record the target knows: its value comes in from the target)."""
+    found: list[OwnedField] = []
+    for name, target in targets.items():
+        label = SYSTEM_LABELS.get(target.spec.transport.profile, name)
+        for entity, sync in target.entities.items():
+            if not sync.inbound_enabled:
+                continue  # nothing of the target's comes in: ownership only keeps the field out of its edits
+            found.extend(
+                OwnedField(entity, field_name, name, target.system, label)
+                for field_name, owner in sync.owners.items()
+                if owner == name
+            )
+    return found
 
 
 def _sub_document(doc: LocatedDocument, prefix: DocPath, data: Any) -> LocatedDocument:

@@ -8,12 +8,15 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from crm_core.db import session_factory
-from crm_core.models import LoadRun, SyncConflict
+from crm_core.models import LoadRun, SyncConflict, SyncOutbox
 from integration.sync.outbox import oldest_pending, outbox_counts
+
+WAITING_SHOWN = 10  # waiting documents listed with their reason, oldest first
 
 
 def sync_status(engine: Engine, targets: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Return per target: outbox counts by status, the oldest undelivered change, open conflicts, last run."""
+    """Return per target: outbox counts by status, the oldest undelivered change, open conflicts, last run, and
+    the first documents that wait with why (a customer's U8 code, a steward's decision)."""
     status: dict[str, dict[str, Any]] = {}
     with session_factory(engine)() as session:
         counts = outbox_counts(session)
@@ -27,8 +30,15 @@ def sync_status(engine: Engine, targets: Sequence[str]) -> dict[str, dict[str, A
             open_conflicts = session.scalar(
                 select(func.count()).where(SyncConflict.target == target, SyncConflict.status == "open")
             )
+            waiting = session.execute(
+                select(SyncOutbox.entity, SyncOutbox.entity_id, SyncOutbox.last_error)
+                .where(SyncOutbox.target == target, SyncOutbox.status == "waiting")
+                .order_by(SyncOutbox.id)
+                .limit(WAITING_SHOWN)
+            ).all()
             status[target] = {
                 "outbox": counts.get(target, {}),
+                "waiting": [{"entity": e, "entity_id": i, "reason": why} for e, i, why in waiting],
                 "oldest_pending": oldest_pending(session, target),
                 "conflicts_open": int(open_conflicts or 0),
                 "last_run": None
