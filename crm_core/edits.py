@@ -25,21 +25,24 @@ from sqlalchemy.orm import Session
 
 from crm_core.db import SQLITE_BUSY_MILLISECONDS, session_factory
 from crm_core.entities import ENTITIES
-from crm_core.errors import LoadError, OwnedFieldError
+from crm_core.errors import LoadError, OwnedFieldError, SyncLoadWaitError
 from crm_core.journal import to_json
 from crm_core.loading import get_or_start_run
 from crm_core.models import ExternalId, LoadRun, SyncConflict, SyncState
 from crm_core.validation import E164, EMAIL, uscc_is_valid
 
-# 'crme': the PostgreSQL advisory lock a sync's inbound load holds alone for its transaction and an edit shares
+# 'crme': the PostgreSQL advisory lock a sync's inbound load holds alone for its transaction and an edit (or a
+# steward's merge, undo or decision) shares
 EDIT_FENCE = 0x63726D65
-EDIT_WAIT_ENV = "CRMI_EDIT_WAIT_SECONDS"  # how long an edit waits for a sync's inbound load (default 30)
+# how long an edit, or a steward's write, waits for a sync's inbound load (default 30)
+EDIT_WAIT_ENV = "CRMI_EDIT_WAIT_SECONDS"
 
 
 def fence_edits(session: Session, run_id: int) -> None:
     """Keep CRM edits out until ``session``'s transaction ends: what a sync's inbound load calls before it reads
     the records whose values it decides (ownership, conflicts), so no edit can commit between that read and its
-    write and be overwritten with the value read before it.
+    write and be overwritten with the value read before it. Stewards' merges, undos and decisions are kept out
+    the same way (:func:`share_edit_fence`).
 
     PostgreSQL: the transaction's advisory lock, taken alone (edits share it). SQLite: the database's write lock,
     taken by a first write (the run's own row, unchanged); an edit waits for it as for any writer.
@@ -51,16 +54,48 @@ def fence_edits(session: Session, run_id: int) -> None:
         session.execute(update(runs).where(runs.c.id == run_id).values(status=runs.c.status))
 
 
-def _edit_wait() -> float:
-    """Seconds an edit waits for the core (``CRMI_EDIT_WAIT_SECONDS``, default 30)."""
+def _edit_wait(error: type[Exception] = LoadError) -> float:
+    """Seconds an edit waits for the core (``CRMI_EDIT_WAIT_SECONDS``, default 30); ``error`` says it is wrong."""
     raw = os.environ.get(EDIT_WAIT_ENV) or "30"
     try:
         wait = float(raw)
     except ValueError:
         wait = math.nan
     if not math.isfinite(wait) or wait <= 0:
-        raise LoadError(f"{EDIT_WAIT_ENV} must be a number of seconds above 0, not {raw!r}")
+        raise error(f"{EDIT_WAIT_ENV} must be a number of seconds above 0, not {raw!r}")
     return wait
+
+
+def _share_fence(session: Session, wait: float) -> None:
+    """Take the fence shared for the transaction on PostgreSQL, waiting at most ``wait`` seconds for an inbound
+    load that holds it: only the fence is waited for this long, a row lock keeps its usual wait."""
+    session.execute(text(f"SET LOCAL lock_timeout = {max(1, round(wait * 1000))}"))
+    session.execute(text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": EDIT_FENCE})
+    session.execute(text("SET LOCAL lock_timeout = DEFAULT"))
+
+
+def share_edit_fence(session: Session, what: str) -> None:
+    """Wait, as a CRM edit does, while a sync's inbound load keeps edits out (:func:`fence_edits`), and keep the
+    next one out until ``session``'s transaction ends: what a steward's merge, undo or decision (``what``) calls
+    first in its transaction, before it reads the records it writes (read before the wait, they would be what
+    the load found, and the merge would write them back over what it loaded).
+
+    PostgreSQL: the fence shared, waited for at most ``CRMI_EDIT_WAIT_SECONDS``; then :class:`SyncLoadWaitError`
+    and the transaction must roll back (nothing was written before). SQLite: nothing to take, its write lock lets
+    one writer at a time in (a sync's load takes it first: :func:`fence_edits`).
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    wait = _edit_wait(SyncLoadWaitError)
+    try:
+        _share_fence(session, wait)
+    except OperationalError as exc:
+        if "lock timeout" not in str(exc):
+            raise
+        raise SyncLoadWaitError(
+            f"the {what} waited {wait:g} s for a sync taking the ERP's changes in, which still holds the core's "
+            f"records; nothing was changed: try again in a moment (or raise {EDIT_WAIT_ENV})"
+        ) from None
 
 
 @contextmanager
@@ -77,10 +112,7 @@ def _editing(engine: Engine) -> Iterator[Session]:
                 if sqlite:
                     session.execute(text(f"PRAGMA busy_timeout={milliseconds}"))
                 elif engine.dialect.name == "postgresql":
-                    # only the fence is waited for this long: a row lock keeps its usual wait
-                    session.execute(text(f"SET LOCAL lock_timeout = {milliseconds}"))
-                    session.execute(text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": EDIT_FENCE})
-                    session.execute(text("SET LOCAL lock_timeout = DEFAULT"))
+                    _share_fence(session, wait)
                 yield session
         except OperationalError as exc:
             if "locked" not in str(exc) and "lock timeout" not in str(exc):

@@ -145,6 +145,11 @@ class DedupError(CrmError):
     """Duplicate detection or merging failed."""
 
 
+class SyncLoadWaitError(DedupError):
+    """A steward's merge, undo or decision waited longer than ``CRMI_EDIT_WAIT_SECONDS`` for a sync's inbound load
+    that holds the core's records; nothing was changed, and the same write goes through once the load is done."""
+
+
 class SyncError(CrmError):
     """Synchronisation with ERP or finance failed."""
 

@@ -1749,6 +1749,7 @@ def dedup_undo(
 ) -> None:
     """Undo one merge exactly, in any order; the pair is then marked different and never merged again."""
     from crm_core.db import session_factory
+    from crm_core.edits import share_edit_fence
     from crm_core.errors import DedupError
     from crm_core.merging import undo_merge
 
@@ -1759,6 +1760,7 @@ def dedup_undo(
     ):
         try:
             with session.begin():
+                share_edit_fence(session, "undo of a merge")
                 log = undo_merge(session, merge_id, steward)
         except DedupError as exc:
             errors.print(f"[red]refused:[/red] {escape(str(exc))}", highlight=False)

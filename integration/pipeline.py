@@ -879,8 +879,9 @@ def sample_batch(
     stays in, to be rejected as in the full run. Subtotal lines take no place a record row could take: they
     fill the places left (a table no larger than the sample comes whole). Rows are picked by a hash of their row reference: the same sample every time. ``names`` keeps the
     customer names read from the core between calls; ``keys`` are the batch's record keys when ``batch``
-    holds only some of its records (:func:`sample_pieces`). The result says how many rows the source read
-    (``sampled_from``) and which record keys the sample left out.
+    holds only some of its records (:func:`sample_pieces`). The result says how many data rows the source read
+    (``sampled_from``: its subtotal lines aside, as blank and title rows are) and which record keys the sample
+    left out.
     """
     records = batch.records
     eligible = _sample_eligible(session, entity, batch, {} if names is None else names, left_out or {})
@@ -924,7 +925,12 @@ def sample_batch(
         raw=raw,
         watermark=None,  # a sample must not move a stream's cursor
         amount_read=_sample_amount(entity, sampled, rejects),
-        sampled_from=batch.rows_read if batch.sampled_from is None else batch.sampled_from,
+        # the source's data rows: its subtotal lines are no record a full run loads or rejects
+        sampled_from=(
+            batch.rows_read - len(_subtotal_rows(batch.rejects))
+            if batch.sampled_from is None
+            else batch.sampled_from
+        ),
         left_out_keys=frozenset(every_key - set(sampled[EXTERNAL_KEY].dropna().astype(str))),
     )
 
@@ -1502,13 +1508,19 @@ class ReconciliationLine:
     corrected: int = 0
     amount_corrected: Decimal | None = None
     corrected_held: int = 0
-    # A trial's sample: the rows its source read (``rows_read`` counts the sampled rows); None: every row.
+    # A trial's sample: the data rows its source read, subtotal lines aside (``rows_read`` counts the sampled
+    # rows, with the subtotal lines that filled places the records left); None: every row.
     rows_in_source: int | None = None
 
     @property
+    def sampled_data_rows(self) -> int:
+        """Return the data rows among the rows read: the subtotal lines aside, which are no record."""
+        return self.rows_read - self.subtotals
+
+    @property
     def left_out(self) -> int:
-        """Return the rows of the source a trial's sample left out (0 outside a trial)."""
-        return 0 if self.rows_in_source is None else self.rows_in_source - self.rows_read
+        """Return the data rows of the source a trial's sample left out (0 outside a trial)."""
+        return 0 if self.rows_in_source is None else self.rows_in_source - self.sampled_data_rows
 
     @property
     def waiting(self) -> int:
@@ -1661,7 +1673,7 @@ class ReconciliationReport:
         if not sampled:
             return None
         parts = [
-            f"{label} {line.entity}: sample of {line.rows_read} of {line.rows_in_source} rows"
+            f"{label} {line.entity}: sample of {line.sampled_data_rows} of {line.rows_in_source} rows"
             + (f" ({line.left_out} left out)" if line.left_out else " (every row)")
             for label, line in sampled
         ]

@@ -11,6 +11,7 @@ from collections import defaultdict
 from decimal import ROUND_HALF_UP, Decimal
 from itertools import combinations
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import dagster as dg
@@ -162,6 +163,33 @@ def test_planted_duplicates_merge_and_different_companies_never_do(
     assert evaluated.exit_code == 0, evaluated.output
     scores = json.loads(evaluated.output)
     assert scores["pairs"]["precision"] == 1.0 and scores["records"] >= 0.95 * len(truth)
+
+
+def test_the_demo_leaves_pairs_for_the_stewards_to_decide(
+    demo_project: Path, sqlite_core_url: str, generator: ModuleType
+) -> None:
+    """After `make demo` a newcomer opening the workbench or `crmi dedup review` finds pairs to decide: each
+    planted hard case waits in the review queue, neither merged nor kept apart, with why it was held."""
+    run_job(demo_project, sqlite_core_url)
+    shown = CliRunner().invoke(app, ["dedup", "review", "--json", "--core-url", sqlite_core_url])
+    assert shown.exit_code == 0, shown.output
+    entries = [json.loads(line) for line in shown.stdout.splitlines()]
+    pairs = {frozenset((e["left"], e["right"])): e for e in entries if "candidate" in e}
+    assert pairs, "the demo's review queue is empty"
+    planted = getattr(generator, "REVIEW_CASES", [])
+    assert len(planted) >= 3
+    for left, right in planted:
+        waiting = pairs.get(frozenset((left.name, right.name)))
+        assert waiting is not None, f"{left.name} / {right.name} not in the review queue: {sorted(pairs)}"
+        assert waiting["entity"] == "customer" and waiting["features"].get("reason")
+    with make_engine(sqlite_core_url).connect() as connection:
+        merged = connection.scalars(
+            sa.select(Customer.name).where(
+                Customer.merged_into_id.is_not(None),
+                Customer.name.in_([record.name for pair in planted for record in pair]),
+            )
+        ).all()
+    assert merged == []
 
 
 def test_rejects_name_source_row_field_value_and_reason(demo_project: Path, sqlite_core_url: str) -> None:

@@ -12,16 +12,19 @@ from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from crm_core.db import session_factory
-from crm_core.edits import edit_record
+from crm_core.edits import create_records, edit_record
 from crm_core.errors import LoadError
 from crm_core.loading import get_or_start_run
-from crm_core.models import Customer, LoadRun, RowChange, SyncConflict, SyncState
+from crm_core.models import Customer, LoadRun, MatchCandidate, MergeLog, RowChange, SyncConflict, SyncState
+from integration.dedup.workflow import decide
 from integration.pipeline import Migration, core_engine, extract, load, stage
+from integration.steward.security import Principal, add_user
 from integration.sync.engine import SyncReport
 from tests.servers.u8_project import CUSTOMER, sync_yaml
 from tests.test_sync import customer_by_name, running_u8, sync, u8_rows
@@ -478,6 +481,148 @@ def test_an_edit_that_waits_longer_than_its_limit_for_a_sync_changes_nothing_and
         assert customer_by_name(core, "上海华鑫科技有限公司").phone == huaxin.phone
         edit_record(core, "customer", huaxin.id, {"phone": "+862188889999"})
         assert customer_by_name(core, "上海华鑫科技有限公司").phone == "+862188889999"
+
+
+def twins_synced(project: Path, core: sa.Engine) -> tuple[int, int]:
+    """Two customers the CRM created by hand, twins of U8's C001 and C002, and the first sync (U8's customers in,
+    the twins out); return the pairs waiting for a steward: C001 with its twin, C002 with its twin."""
+    create_records(
+        core, "customer", [{"name": "华鑫科技（上海）有限公司"}, {"name": "腾达商贸（北京）有限公司"}]
+    )
+    sync(project, core)
+    pairs = []
+    with session_factory(core)() as session, session.begin():
+        for name, twin in [("上海华鑫科技有限公司", "华鑫科技（上海）有限公司"),
+                           ("北京腾达商贸有限公司", "腾达商贸（北京）有限公司")]:  # fmt: skip
+            left, right = sorted(customer_by_name(core, n).id for n in (name, twin))
+            pair = MatchCandidate(entity="customer", left_id=left, right_id=right, probability=0.8,
+                                  features={"reason": "names alike"}, status="review")  # fmt: skip
+            session.add(pair)
+            session.flush()
+            pairs.append(int(pair.id))
+    return pairs[0], pairs[1]
+
+
+def a_steward(core: sa.Engine, name: str) -> Principal:
+    """A workbench user with the steward role."""
+    with core.begin() as connection:
+        user_id = add_user(connection, name, "steward", "a-long-password-1", actor=None)
+    return Principal(user_id, name, "steward", 0, "")
+
+
+def steward_state(core: sa.Engine) -> dict[str, Any]:
+    """What a steward's write changes: the pairs, the merges, the customers, the runs."""
+    with core.connect() as connection:
+        return {
+            "pairs": connection.execute(
+                sa.select(MatchCandidate.id, MatchCandidate.status).order_by(MatchCandidate.id)
+            ).all(),
+            "merges": connection.execute(
+                sa.select(MergeLog.id, MergeLog.undone_at).order_by(MergeLog.id)
+            ).all(),
+            "customers": connection.execute(
+                sa.select(Customer.id, Customer.merged_into_id, Customer.updated_run_id).order_by(Customer.id)
+            ).all(),
+            "runs": connection.execute(
+                sa.select(LoadRun.id, LoadRun.mode, LoadRun.status).order_by(LoadRun.id)
+            ).all(),
+        }
+
+
+def test_a_steward_merge_made_while_the_sync_takes_u8s_changes_in_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """U8 raised C001's credit limit; while the sync has read C001 to take that in, a steward merges C001's twin
+    into it with `crmi dedup decide` (workflow.decide) and another merges C002's in the workbench. Both wait for
+    the sync's load, as a CRM edit does, instead of merging records the load is about to write: nothing is
+    merged while it holds them, and once it has committed both merges apply over its values."""
+    merge_while_the_sync_reads(tmp_path, monkeypatch, core)
+
+
+@pytest.mark.postgres
+def test_a_steward_merge_made_while_the_sync_takes_u8s_changes_in_waits_for_it_on_postgresql(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same with the core on PostgreSQL, where the merges wait on the sync's advisory lock (SQLite lets one
+    writer at a time in)."""
+    with postgresql_core() as engine:
+        merge_while_the_sync_reads(tmp_path, monkeypatch, engine)
+
+
+def merge_while_the_sync_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine) -> None:
+    from integration.steward.decisions import Outcome, Rules
+    from integration.steward.decisions import decide_cluster as workbench_decide
+
+    with running_u8(tmp_path, monkeypatch) as (api, project, _url):
+        by_cli, in_workbench = twins_synced(project, core)
+        wang = a_steward(core, "wang")
+        api.erp.update_customer("C001", iCusCreLine=120000)
+        with HeldSync(tmp_path, monkeypatch, project, core) as held:
+            before = steward_state(core)
+            decided = in_background(
+                lambda: decide(
+                    core, by_cli, same=True, steward="li", run_key="steward-li", project="synctest"
+                )
+            )
+            clicked = in_background(
+                lambda: workbench_decide(core, in_workbench, "same", wang, Rules("synctest"))
+            )
+            wait([decided, clicked], timeout=2)  # given the time to overtake the sync, were they able to
+            assert not decided.done() and not clicked.done()
+            assert steward_state(core) == before  # nothing merged while the sync holds the records
+            report = held.release()
+        assert isinstance(report, SyncReport), report
+        decision, outcome = decided.result(timeout=120), clicked.result(timeout=120)
+        assert isinstance(decision, MatchCandidate) and decision.status == "merged", decision
+        assert isinstance(outcome, Outcome) and outcome.verdict == "same", outcome
+        huaxin = customer_by_name(core, "上海华鑫科技有限公司")
+        assert huaxin.merged_into_id is None and huaxin.credit_limit == Decimal("120000.00")  # the sync's
+        assert customer_by_name(core, "华鑫科技（上海）有限公司").merged_into_id == huaxin.id
+        tengda = customer_by_name(core, "北京腾达商贸有限公司")
+        assert customer_by_name(core, "腾达商贸（北京）有限公司").merged_into_id == tengda.id
+
+
+@pytest.mark.postgres
+def test_a_steward_write_that_waits_longer_than_its_limit_for_a_sync_changes_nothing_on_postgresql(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A steward's decision in the workbench and `crmi dedup undo` wait at most CRMI_EDIT_WAIT_SECONDS for a
+    sync's load on PostgreSQL: then the workbench answers 423 and the command exits 1, each with a line saying
+    what held it and what to do, having changed nothing; made again once the sync is done, they land."""
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+    from integration.steward.decisions import CORE_BUSY, Rules
+    from integration.steward.decisions import decide_cluster as workbench_decide
+    from integration.steward.errors import StewardError
+    from tests.conftest import PG_URL
+
+    with postgresql_core() as core, running_u8(tmp_path, monkeypatch) as (api, project, _url):
+        merged, pending = twins_synced(project, core)
+        decide(core, merged, same=True, steward="li", run_key="steward-li", project="synctest")
+        with core.connect() as connection:
+            merge_id = connection.scalar(sa.select(MergeLog.id))
+        wang = a_steward(core, "wang")
+        undo = ["dedup", "undo", str(merge_id), "--steward", "li", "--core-url", PG_URL]
+        api.erp.update_customer("C001", iCusCreLine=120000)
+        with HeldSync(tmp_path, monkeypatch, project, core) as held:
+            monkeypatch.setenv("CRMI_EDIT_WAIT_SECONDS", "0.5")
+            before = steward_state(core)
+            with pytest.raises(StewardError) as refused:
+                workbench_decide(core, pending, "same", wang, Rules("synctest"))
+            assert (refused.value.status, str(refused.value)) == (CORE_BUSY, (
+                "the steward decision waited 0.5 s for a sync taking the ERP's changes in, which still holds the "
+                "core's records; nothing was changed: try again in a moment (or raise CRMI_EDIT_WAIT_SECONDS)"
+            ))  # fmt: skip
+            undone = CliRunner().invoke(app, undo)
+            assert undone.exit_code == 1, undone.output
+            said = " ".join(undone.output.split())
+            assert "refused: the undo of a merge waited 0.5 s for a sync taking the ERP's changes in" in said
+            assert steward_state(core) == before
+            assert isinstance(held.release(), SyncReport)
+        assert workbench_decide(core, pending, "same", wang, Rules("synctest")).verdict == "same"
+        undone = CliRunner().invoke(app, undo)
+        assert undone.exit_code == 0, undone.output
 
 
 def test_runs_list_counts_no_change_for_what_a_sync_inserted_or_recorded_as_exchanged(

@@ -147,7 +147,71 @@ def test_a_subtotal_line_takes_no_place_a_record_could_take_in_a_trial_sample(tm
         engine.dispose()
         found.append(line)
     assert [(line.loaded, line.subtotals, line.rows_read) for line in found] == [(3, 0, 3), (3, 1, 4)]
-    assert [(line.rows_in_source, line.left_out) for line in found] == [(4, 1), (4, 0)]
+    # the source's data rows: the subtotal line is no row a sample leaves out
+    assert [(line.rows_in_source, line.left_out) for line in found] == [(3, 0), (3, 0)]
+
+
+def test_a_trial_counts_only_the_data_rows_of_a_sheet_with_a_title_row_and_subtotals(tmp_path: Path) -> None:
+    """A newcomer's trial of a 6-customer sheet said "sample of 6 of 9 rows (3 left out)": the 小计 and 合计 lines
+    the mapping drops as no record were counted as source rows. Both figures count the data rows, the rows a
+    full run loads or rejects as records, whatever the sample's size."""
+    workbook = openpyxl.Workbook()
+    sheet = workbook.active
+    assert sheet is not None
+    sheet.title = "客户"
+    sheet.append(["2025年重点客户台账"])  # a title row above the header, a blank row below it
+    sheet.merge_cells("A1:C1")
+    sheet.append([])
+    sheet.append(["序号", "客户名称", "电话"])
+    groups = [("深圳市华鑫科技有限公司", "广州市天河贸易有限公司", "北京市朝阳咨询有限公司"),
+              ("上海市浦江电子有限公司", "杭州市西湖软件有限公司", "成都市锦江物流有限公司")]  # fmt: skip
+    n = 0
+    for group in groups:
+        for name in group:
+            n += 1
+            sheet.append([n, name, "0755-1234567"])
+        sheet.append(["小计", f"{len(group)} 家"])
+        sheet.append([])
+    sheet.append(["合计", f"{n} 家"])
+    (tmp_path / "data").mkdir()
+    workbook.save(tmp_path / "data" / "sales.xlsx")
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "project.yaml").write_text(
+        "version: 1\nname: acme\nsources:\n  sales: {connector: excel, path: data/sales*.xlsx}\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "mappings" / "customers.yaml").write_text(
+        "version: 1\nsource: {connector: sales, sheet: 客户, key: 客户名称}\ntarget: customer\n"
+        "fields:\n  name: {from: 客户名称, required: true}\n",
+        encoding="utf-8",
+    )
+    migration = Migration.load(str(tmp_path))
+
+    def line_of(size: int | None) -> Any:
+        engine = make_engine(f"sqlite:///{tmp_path / f'core-{size}.sqlite'}")
+        upgrade(engine)
+        raw = {migration.raw_asset(m): extract(migration, m) for m in migration.mappings_for("customer")}
+        mode = "full" if size is None else "trial"
+        load(migration, engine, "run-1", stage(migration, "customer", raw), mode=mode, sample=size)
+        report = reconcile(engine, "run-1")
+        engine.dispose()
+        [line] = report.lines
+        return line, report.sample_note()
+
+    full, _ = line_of(None)
+    assert (full.rows_read, full.loaded, full.subtotals) == (9, 6, 3)
+    data_rows = full.rows_read - full.subtotals  # what the full run loads or rejects as records
+    expected = {
+        4: "sales customer: sample of 4 of 6 rows (2 left out)",
+        6: "sales customer: sample of 6 of 6 rows (every row)",
+        20: "sales customer: sample of 6 of 6 rows (every row)",
+    }
+    for size, said in expected.items():
+        line, note = line_of(size)
+        assert line.rows_in_source == data_rows, (size, line)
+        assert line.left_out == data_rows - min(size, data_rows), (size, line)
+        assert said in note, (size, note)
+        assert line.balanced  # the line itself still counts the subtotal lines it read, as the full run's
 
 
 @pytest.mark.slow

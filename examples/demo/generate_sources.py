@@ -13,7 +13,9 @@ Writes into ``examples/demo/data/``:
 
 The same companies appear in several sources, written differently (region in brackets, half-width
 brackets, 有限责任公司 vs 有限公司, stray spaces, full-width letters), so dedup has real work; a few
-hard negatives (same trade name in another city, branches, a conflicting credit code) must not merge.
+hard negatives (same trade name in another city, branches, a conflicting credit code) must not merge. A few
+records written by hand (``REVIEW_CASES``) make pairs linkage can neither merge nor keep apart: they wait in
+the stewards' review queue.
 Run: ``python examples/demo/generate_sources.py [--out DIR] [--seed N] [--scale X]``.
 """
 
@@ -81,6 +83,48 @@ STAGES_SUGAR = ["Prospecting", "Needs Analysis", "Proposal/Price Quote", "Negoti
 PRODUCTS = [("A001", "工业控制器", 12800), ("A002", "传感器模组", 860), ("B010", "数据采集网关", 5600),
             ("C100", "运维服务（年）", 30000), ("C200", "软件许可", 18000)]  # fmt: skip
 REFERENCE_DAY = dt.date(2025, 6, 30)
+
+
+@dataclass(frozen=True)
+class Planted:
+    """A source record written by hand (no draw, so the generated rest stays as it was) for the review queue."""
+
+    company: int  # the real company behind it, counted after the generated ones (customer_truth.csv)
+    source: str  # erp_u8 | legacy_crm | sales_xlsx
+    name: str
+    province: str
+    city: str
+    street: str  # district and street
+    phone: str | None
+    credit_code: str | None
+    contact: str
+    mobile: str
+
+
+# Pairs the matching can neither merge nor keep apart on its own: each waits in the stewards' review queue
+# after `make demo` (README "What `make demo` does", docs/steward.md). No generated company has their names,
+# codes or places.
+REVIEW_CASES = [
+    # Close names in one city (华信 / 华鑫 sound alike), no identifier shared, other phones and addresses: two
+    # firms as often as one written with a slip. Two firms here.
+    (Planted(0, "erp_u8", "上海华信贸易有限公司", "上海市", "上海市", "浦东新区张杨路500号", "021-58861234",
+             "91310115MA1K4QWE23", "何静", "13916627351"),
+     Planted(1, "legacy_crm", "上海华鑫贸易有限公司", "上海市", "上海市", "徐汇区漕溪北路88号", "021-64471188",
+             None, "孙浩", "13701985562")),
+    # One firm written two ways: the ERP has its credit code and switchboard, the sales team's workbook neither,
+    # a longer name (精密) and the workshop's address. One firm (the same contact in both).
+    (Planted(2, "erp_u8", "宁波甬兴模具有限公司", "浙江省", "宁波市", "北仑区明州路188号", "0574-86881234",
+             "91330206MA2H5YXK08", "周敏", "13857412345"),
+     Planted(2, "sales_xlsx", "宁波市甬兴精密模具有限公司", "浙江省", "宁波市", "北仑区新碶街道长江路66号", None,
+             None, "周敏", "13857412345")),
+    # A namesake in another city whose credit code is the Hangzhou firm's with the last character wrong: one
+    # code (after the repair) but two places. Two firms here.
+    (Planted(3, "erp_u8", "杭州启航物流有限公司", "浙江省", "杭州市", "余杭区文一西路998号", "0571-88231234",
+             "91330110MA2B3CD4EU", "罗杰", "18867120934"),
+     Planted(4, "legacy_crm", "启航物流（苏州）有限公司", "江苏省", "苏州市", "吴中区东吴北路66号", "0512-65281234",
+             "91330110MA2B3CD4E0", "郭婷", "15062218877")),
+]  # fmt: skip
+PLANTED = [record for pair in REVIEW_CASES for record in pair]
 
 
 @dataclass
@@ -311,6 +355,23 @@ def write_erp(
         UPDATE SO_SODetails SET ufts = (SELECT MAX(ufts) FROM SO_SOMain) + AutoID,
             iFHQuantity = 0, iKPQuantity = 0;
     """)
+    # The planted customers came later (their ufts after every generated row's, which keep theirs).
+    (last,) = db.execute(
+        "SELECT MAX(ufts) FROM (SELECT ufts FROM Customer UNION ALL SELECT ufts FROM SO_SODetails)"
+    ).fetchone()
+    for offset, planted in enumerate(p for p in PLANTED if p.source == "erp_u8"):
+        code = f"{len(erp_companies) + 1 + offset:05d}"
+        truth.append(("erp_u8", code, len(companies) + planted.company))
+        opened = (REFERENCE_DAY - dt.timedelta(days=400 + offset)).isoformat()
+        db.execute(
+            "INSERT INTO Customer (cCusCode, cCusName, cCusAddress, cCusPhone, cCusPerson, cCusHand, cCusRegCode,"
+            " cCusPPerson, dCusDevDate, dModifyDate, iCusCreLine, cCusPayCond, ufts)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (code, planted.name, f"{planted.province if planted.province != planted.city else ''}"
+             f"{planted.city}{planted.street}", planted.phone, planted.contact, planted.mobile, planted.credit_code,
+             REPS[offset % len(REPS)][3], opened, f"{opened} 00:00:00", (int(code) % 10 + 1) * 50000,
+             ("01", "02", "03")[int(code) % 3], last + 1 + offset),
+        )  # fmt: skip
     db.commit()
     db.close()
     return codes
@@ -457,6 +518,26 @@ def write_legacy_crm(
     for company in rng.sample(crm_companies, min(4, len(crm_companies))):
         db.execute("INSERT INTO accounts (id, name, date_entered, date_modified, deleted, sic_code) VALUES (?,?,?,?,1,?)",
                    (new_id(), company.official_name() + "（旧）", stamp, stamp, None))  # fmt: skip
+    for offset, planted in enumerate(p for p in PLANTED if p.source == "legacy_crm"):
+        account_id = new_id()
+        truth.append(("legacy_crm", account_id, len(companies) + planted.company))
+        db.execute(
+            "INSERT INTO accounts (id, name, date_entered, date_modified, deleted, assigned_user_id, account_type,"
+            " billing_address_street, billing_address_city, billing_address_state, billing_address_country,"
+            " phone_office, sic_code) VALUES (?,?,?,?,0,?,'Customer',?,?,?,?,?,?)",
+            (account_id, planted.name, stamp, stamp, user_ids[offset % len(user_ids)], planted.street,
+             planted.city.removesuffix("市"), planted.province, "中国", planted.phone, planted.credit_code),
+        )  # fmt: skip
+        contact_id = new_id()
+        db.execute(
+            "INSERT INTO contacts (id, date_entered, date_modified, deleted, assigned_user_id, first_name, last_name,"
+            " phone_mobile) VALUES (?,?,?,0,?,?,?,?)",
+            (contact_id, stamp, stamp, user_ids[offset % len(user_ids)], planted.contact[1:], planted.contact[0],
+             planted.mobile),
+        )  # fmt: skip
+        db.execute(
+            "INSERT INTO accounts_contacts VALUES (?,?,?,?,0)", (new_id(), contact_id, account_id, stamp)
+        )
     db.commit()
     db.close()
 
@@ -520,7 +601,13 @@ def write_workbook(
                       f"{company.city}{company.street(rng)}", rep[1] + rep[2]])  # fmt: skip
         if rng.random() < 0.05:
             sheet.append([])
-    sheet.append(["合计", f"{len(chosen)} 家"])
+    planted = [p for p in PLANTED if p.source == "sales_xlsx"]
+    for n, record in enumerate(planted, start=len(chosen) + 1):
+        truth.append(("sales_xlsx", record.name, len(companies) + record.company))
+        rep = REPS[n % len(REPS)]
+        sheet.append([n, record.name, record.credit_code, record.contact, record.mobile,
+                      f"{record.city}{record.street}", rep[1] + rep[2]])  # fmt: skip
+    sheet.append(["合计", f"{len(chosen) + len(planted)} 家"])
 
     deals = workbook.create_sheet("商机")
     deals.append(["商机跟进表（导出自销售周会）"])

@@ -19,6 +19,7 @@ import pandas as pd
 from sqlalchemy import Engine, func, select
 
 from crm_core.db import session_factory
+from crm_core.edits import share_edit_fence
 from crm_core.errors import DedupError
 from crm_core.journal import id_parts, ids_in
 from crm_core.loading import get_or_start_run
@@ -891,9 +892,11 @@ def decide(
 
     A merge picks the survivor and the survivorship-ruled values exactly as an automatic merge does
     (``source_priority`` and ``survivorship`` are the project's ``dedup.customer`` rules); it is
-    :func:`decide_cluster` on a cluster of one pair, as the steward workbench decides whole clusters.
+    :func:`decide_cluster` on a cluster of one pair, as the steward workbench decides whole clusters. It waits
+    for a sync's inbound load that holds the core's records, as a CRM edit does (:func:`share_edit_fence`).
     """
     with session_factory(engine)() as session, session.begin():
+        share_edit_fence(session, "steward decision")
         candidate = session.get(MatchCandidate, candidate_id)
         if candidate is None:
             raise DedupError(f"no match candidate {candidate_id}; `crmi dedup review` lists them")

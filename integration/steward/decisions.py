@@ -29,7 +29,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from crm_core.db import session_factory
-from crm_core.errors import DedupError
+from crm_core.edits import share_edit_fence
+from crm_core.errors import DedupError, SyncLoadWaitError
 from crm_core.journal import to_json
 from crm_core.loading import get_or_start_run
 from crm_core.merging import MODEL_OF, SurvivorshipRule, load_members, undo_merge
@@ -96,6 +97,12 @@ def holding_the_core(engine: Engine, user: Principal, what: str) -> Iterator[Non
         yield
 
 
+def waited(exc: SyncLoadWaitError) -> StewardError:
+    """A steward's write that waited its limit for a sync's inbound load: 423 with ``Retry-After``, as when a
+    command holds the core (nothing was written; the same request goes through once the load is done)."""
+    return StewardError(str(exc), status=CORE_BUSY, retry_after=CORE_BUSY_RETRY_AFTER)
+
+
 def groups_of(cluster: Cluster, verdict: Verdict, labels: Mapping[int, str] | None = None) -> list[list[int]]:
     """The cluster's active records grouped as decided: one group (same), one each (different), by label."""
     records = cluster.records
@@ -139,11 +146,14 @@ def decide_cluster(
             session_factory(engine)() as session,
             session.begin(),
         ):
+            share_edit_fence(session, "steward decision")  # first: what it reads is what it merges
             return _decide(session, candidate_id, verdict, user, rules, fingerprint, labels, chosen or {}, ip)
     except IntegrityError:
         raise StewardError(
             "another steward claimed a record of this cluster a moment ago; open the queue again", status=409
         ) from None
+    except SyncLoadWaitError as exc:
+        raise waited(exc) from None
     except DedupError as exc:
         raise StewardError(str(exc), status=409) from None
 
@@ -241,6 +251,7 @@ def undo(engine: Engine, merge_id: int, user: Principal, ip: str | None = None) 
     with holding_the_core(engine, user, "undo of a merge"), session_factory(engine)() as session:
         try:
             with session.begin():
+                share_edit_fence(session, "undo of a merge")
                 log = session.scalar(select(MergeLog).where(MergeLog.id == merge_id))
                 if log is None:
                     raise StewardError(f"no merge {merge_id}", status=404)
@@ -263,6 +274,8 @@ def undo(engine: Engine, merge_id: int, user: Principal, ip: str | None = None) 
                              record_id=log.merged_id, summary=f"undid merge {merge_id} (merged record)")  # fmt: skip
                 session.expunge(log)
                 return log
+        except SyncLoadWaitError as exc:
+            raise waited(exc) from None
         except DedupError as exc:
             raise StewardError(str(exc), status=409) from None
 

@@ -32,7 +32,8 @@ from sqlalchemy import Connection, Engine, select
 from sqlalchemy.orm import Session
 
 from crm_core.db import session_factory
-from crm_core.errors import DedupError
+from crm_core.edits import share_edit_fence
+from crm_core.errors import DedupError, SyncLoadWaitError
 from crm_core.journal import id_parts, ids_in, to_json
 from crm_core.loading import get_or_start_run
 from crm_core.merging import MODEL_OF, load_members, members_of, merge_plans, table_of
@@ -41,7 +42,7 @@ from integration.dedup.workflow import close_standing_pairs, cluster_plan
 from integration.reports import escape_formula
 from integration.steward.audit import record_event
 from integration.steward.cluster import Pair, active_ids, claim, explain_pair, holders, release
-from integration.steward.decisions import Rules, holding_the_core
+from integration.steward.decisions import Rules, holding_the_core, waited
 from integration.steward.errors import StewardError
 from integration.steward.queue import QueueFilter, filter_conditions, page_ids
 from integration.steward.security import Principal
@@ -201,11 +202,14 @@ def import_decisions(
     with holding_the_core(engine, user, "sheet import"), session_factory(engine)() as session:
         try:
             with session.begin():
+                share_edit_fence(session, "sheet import")
                 _check_and_apply(session, decisions, result, user, rules, ip)
                 if result.problems:
                     raise _Refused
         except _Refused:
             pass
+        except SyncLoadWaitError as exc:
+            raise waited(exc) from None
         except DedupError as exc:
             result.problems.append((0, str(exc)))
         if result.problems:
