@@ -1013,6 +1013,20 @@ def project_check(project: ProjectOption = None) -> None:
     )
 
 
+def _at_source_of(mapping: CompiledMapping, message: str) -> Problem:
+    """A problem reading a mapping's source, located at its ``source.table`` (or ``source.sheet``, ``source``)
+    in the mapping file, so the consultant sees which file and line name the table that is not there."""
+    from integration.yamlconf import load_yaml
+
+    try:
+        doc = load_yaml(mapping.file)
+    except ConfigError:
+        return Problem(message, mapping.file)
+    source = doc.data.get("source") if isinstance(doc.data, dict) else None
+    named = [k for k in ("table", "sheet", "query") if isinstance(source, dict) and k in source]
+    return doc.problem(("source", *named[:1]), message)
+
+
 def _check_columns(migration: Migration, mappings: Sequence[CompiledMapping]) -> None:
     """Check each mapping's columns against its real source; print every problem and exit 1 if any."""
     from integration.mappings.spec import load_mappings
@@ -1024,7 +1038,7 @@ def _check_columns(migration: Migration, mappings: Sequence[CompiledMapping]) ->
         try:
             found = source_columns(migration, mapping)
         except CrmError as exc:
-            errors.print(str(exc), markup=False, highlight=False)
+            errors.print(_at_source_of(mapping, str(exc)).render(), markup=False, highlight=False)
             problems += 1
             continue
         try:

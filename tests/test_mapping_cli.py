@@ -308,6 +308,25 @@ def test_mapping_check_with_a_project_checks_the_real_source_columns(
     )
 
 
+def test_a_table_missing_at_the_source_is_located_at_the_mapping_line_that_names_it(
+    demo_project: Path, tmp_path: Path
+) -> None:
+    """A newcomer's `table: crm_customers` (the table is crm_customer) was reported without file:line:col."""
+    accounts = demo_project / "mappings" / "legacy_crm_accounts.yaml"
+    text = accounts.read_text(encoding="utf-8")
+    renamed = tmp_path / "accounts.yaml"
+    renamed.write_text(text.replace("table: accounts", "table: acounts"), encoding="utf-8")
+    line, column = next(
+        (n, row.index("table: acounts") + len("table: ") + 1)
+        for n, row in enumerate(renamed.read_text(encoding="utf-8").splitlines(), 1)
+        if "table: acounts" in row
+    )
+    checked = runner.invoke(app, ["mapping", "check", str(renamed), "--project", str(demo_project)])
+    assert checked.exit_code == 1
+    assert f"{renamed}:{line}:{column}: source.table: " in checked.output, checked.output
+    assert "'acounts' does not exist" in checked.output and "accounts" in checked.output.split("tables:")[-1]
+
+
 def test_committed_target_reference_is_current() -> None:
     committed = (Path(__file__).resolve().parents[1] / "docs" / "targets.md").read_text(encoding="utf-8")
     assert committed == targets_markdown(), "docs/targets.md is out of date: run `make schema`"
