@@ -1668,7 +1668,13 @@ def dedup_review(
         unscored = " (no probability)" if scored else ""
         shown = "; ".join(
             f"{c['id']} {c.get('name') or ''}"
-            + (f" {c['probability']:.2f}" if c.get("probability") is not None else unscored)
+            + (
+                f" {c['probability']:.2f}"
+                if c.get("probability") is not None
+                else f" (name similarity {c['similarity']:.2f})"
+                if c.get("similarity") is not None
+                else unscored
+            )
             for c in r["candidates"]
         )
         held = amount_text(r["amount_held"])

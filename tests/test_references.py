@@ -723,3 +723,23 @@ def test_a_contact_whose_company_is_named_nowhere_loads_without_it_and_says_so(e
     load_contacts("c2")  # the same row: its customer, unresolved before, now resolves
     with Session(engine) as session:
         assert session.scalar(sa.select(Contact.customer_id)) == ids["C4"]
+
+
+def test_a_held_names_candidates_show_their_name_similarity_the_same_trade_name_first(
+    engine: sa.Engine,
+) -> None:
+    """A newcomer's 瑞丰科技（深圳）有限公司 waited for a steward with five candidates in id order, no score at all,
+    and the only one sharing its trade name (瑞丰电子) last: now that one comes first, each with its similarity."""
+    firms = [
+        "深圳市新客户科技有限公司",
+        "深圳市启航科技有限责任公司",
+        "瑞丰电子（深圳）有限公司",
+        "深圳市海纳科技有限公司",
+    ]
+    rows = [{"_external_key": f"K{n}", "name": name} for n, name in enumerate(firms)]
+    load(engine, "r1", "customer", [batch("erp", rows)])
+    with Session(engine) as session:
+        match = CustomerNames(session, helper=False).resolve("瑞丰科技（深圳）有限公司")
+    assert match.record_id is None and match.candidates, match
+    assert match.candidates[0]["name"] == "瑞丰电子（深圳）有限公司", match.candidates
+    assert all(isinstance(c.get("similarity"), float) and 0 < c["similarity"] < 1 for c in match.candidates)

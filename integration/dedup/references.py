@@ -534,7 +534,11 @@ class CustomerNames:
             if len(found) == 1:
                 return NameMatch(next(iter(found)), method="name variant")
             if found:
-                return NameMatch(None, tuple(self._shown(sorted(found))), method="name variant",
+                # the closest way of writing the name first (then by id): what a steward compares first
+                ranked = sorted(
+                    found, key=lambda i: (min(c for c, ids in by_closeness.items() if i in ids), i)
+                )
+                return NameMatch(None, tuple(self._shown(ranked)), method="name variant",
                                  candidate_ids=tuple(sorted(found)))  # fmt: skip
         matches = self._index.match(query_record(name), limit=CANDIDATES_SHOWN)
         candidates = tuple(
@@ -552,9 +556,23 @@ class CustomerNames:
             if chosen is not None:
                 return NameMatch(chosen, candidates, method="close name")
             if not candidates and scored:
+                # Shown with the name similarity (no probability: the match index did not score them), the same
+                # trade name first: 瑞丰电子 before 新客户科技 for 瑞丰科技, however the whole names score.
+                written_trade = trade_name(written.core)
+
+                def trade_similarity(record_id: int) -> float:
+                    return max((variant_similarity(written_trade, trade_name(v.core))
+                                for v in self._variants_of.get(record_id, ())), default=0.0)  # fmt: skip
+
+                shown = sorted(scored, key=lambda pair: (-trade_similarity(pair[1]), -pair[0], pair[1]))
                 candidates = tuple(
-                    {"id": i, "name": self._golden_names.get(i), "probability": None}
-                    for _, i in scored[:CANDIDATES_SHOWN]
+                    {
+                        "id": i,
+                        "name": self._golden_names.get(i),
+                        "probability": None,
+                        "similarity": round(s, 2),
+                    }
+                    for s, i in shown[:CANDIDATES_SHOWN]
                 )
             # the names as close as the best one (within the margin a clear pick needs) may be meant
             may_mean += [
