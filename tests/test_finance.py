@@ -8,7 +8,7 @@ import datetime as dt
 import json
 import shutil
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from crm_core.edits import create_record, create_records
 from crm_core.finance import loop_orphans, order_to_cash
 from integration.pipeline import core_engine
 from tests.conftest import PG_URL, REPO, reset_postgres, server_or_skip
+from tests.servers.k3cloud import K3Api
 
 TODAY = dt.date(2026, 11, 1)
 
@@ -448,13 +449,9 @@ def test_crmi_finance_reconcile_writes_a_formula_safe_workbook_and_status_shows_
 # --------------------------------------------------------------------------- the finance target through crmi
 
 
-def test_crmi_sync_run_target_finance_brings_the_loop_in(
-    core: sa.Engine, core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`crmi sync run --target finance` against the local K3Cloud server; the loop then shows in `crmi finance`."""
-    from typer.testing import CliRunner
-
-    from integration.cli import app
+@contextmanager
+def k3cloud_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, K3Api]]:
+    """The finance project of tests/test_k3cloud.py against the local K3Cloud server (stopped on leaving)."""
     from tests.servers.k3cloud import ACCT_ID, PASSWORD, USERNAME, serve
     from tests.test_k3cloud import PROJECT
 
@@ -465,6 +462,18 @@ def test_crmi_sync_run_target_finance_brings_the_loop_in(
         root = tmp_path / "project"
         shutil.copytree(REPO / "examples" / "k3cloud" / "mappings", root / "mappings")
         (root / "project.yaml").write_text(PROJECT, encoding="utf-8")
+        yield root, api
+
+
+def test_crmi_sync_run_target_finance_brings_the_loop_in(
+    core: sa.Engine, core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`crmi sync run --target finance` against the local K3Cloud server; the loop then shows in `crmi finance`."""
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    with k3cloud_project(tmp_path, monkeypatch) as (root, api):
         runner = CliRunner()
         common = ["--target", "finance", "--project", str(root), "--core-url", core_url, "--json"]
         assert runner.invoke(app, ["sync", "run", *common]).exit_code == 0  # go-live baseline
@@ -510,6 +519,37 @@ def test_the_demo_finance_project_loads_without_a_server_and_gets_the_finance_as
     defs.resolve_job_def("order_to_cash_job")
     demo = Migration.load(str(REPO / "examples" / "demo"))
     assert not [m for m in demo.mappings if m.name.startswith("k3_")]
+
+
+def test_the_demo_servers_and_the_steward_workbench_have_distinct_ports_everywhere() -> None:
+    """The U8 and K3Cloud test servers of the demo and the steward workbench can run side by side: the demo's
+    project files, the servers' documented commands and the workbench's default agree and differ."""
+    import re
+    from urllib.parse import urlparse
+
+    from integration.pipeline import Migration
+    from integration.steward.cli import DEFAULT_PORT as STEWARD_PORT
+    from integration.yamlconf import expand_env
+    from tests.servers import k3cloud, u8_openapi
+
+    demo = Migration.load(str(REPO / "examples" / "demo")).project
+    finance = Migration.load(str(REPO / "examples" / "demo" / "finance")).project
+    u8_url = expand_env(demo.sync["u8"].spec.transport.base_url, {})
+    k3_urls = {expand_env(finance.sync["finance"].spec.transport.base_url, {}),
+               expand_env(finance.spec.sources["k3"].base_url, {})}  # fmt: skip
+    assert urlparse(u8_url).port == u8_openapi.DEMO_PORT
+    assert {urlparse(url).port for url in k3_urls} == {k3cloud.DEMO_PORT}
+    assert len({u8_openapi.DEMO_PORT, k3cloud.DEMO_PORT, STEWARD_PORT}) == 3
+    files = [REPO / "README.md", REPO / "Makefile", *sorted((REPO / "docs").glob("*.md")),
+             *sorted((REPO / "examples" / "demo").rglob("*.py")), *sorted((REPO / "examples" / "demo").rglob("*.yaml"))]  # fmt: skip
+    started: dict[str, set[int]] = {"u8_openapi": set(), "k3cloud": set()}
+    for path in files:
+        text = " ".join(path.read_text(encoding="utf-8").split())
+        for server, port in re.findall(
+            r"python -m tests\.servers\.(u8_openapi|k3cloud) [^`]*?--port (\d+)", text
+        ):
+            started[server].add(int(port))
+    assert started == {"u8_openapi": {u8_openapi.DEMO_PORT}, "k3cloud": {k3cloud.DEMO_PORT}}
 
 
 def test_a_negative_amount_passes_only_when_marked_red_letter() -> None:

@@ -9,7 +9,7 @@ printed as `crmi finance status --opportunity N` shows it, then the order-to-cas
 reconciliation. Every step is a real sync over HTTP.
 
 To run the server on its own instead (e.g. for `crmi sync run --target finance -p examples/demo/finance`):
-``python -m tests.servers.k3cloud --db sqlite:///examples/demo/data/k3cloud.sqlite --port 8766``.
+``python -m tests.servers.k3cloud --db sqlite:///examples/demo/data/k3cloud.sqlite --port 8767``.
 """
 
 from __future__ import annotations
