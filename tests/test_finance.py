@@ -521,6 +521,58 @@ def test_the_demo_finance_project_loads_without_a_server_and_gets_the_finance_as
     assert not [m for m in demo.mappings if m.name.startswith("k3_")]
 
 
+def test_the_finance_demo_prints_the_commands_that_show_its_deal_and_its_month(
+    core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make finance-demo` ends with the `crmi finance` commands for the deal and month it made (their ids and
+    period change with every run and every day); each of them, as printed, shows that deal and that month."""
+    import importlib.util
+    import os
+    import re
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    monkeypatch.setenv("CRM_CORE_URL", core_url)
+    for name in ("K3_URL", "K3_ACCT_ID", "K3_USERNAME", "K3_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)  # the loop sets them for its server: undone after the test
+    spec = importlib.util.spec_from_file_location(
+        "finance_loop", REPO / "examples" / "demo" / "finance_loop.py"
+    )
+    assert spec is not None and spec.loader is not None
+    finance_loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finance_loop)
+    assert finance_loop.main(data=tmp_path / "data") == 0
+    printed = capsys.readouterr().out
+    project = os.path.relpath(REPO / "examples" / "demo" / "finance")
+    status = re.search(
+        rf"^ *(crmi finance status --opportunity (\d+) -p {re.escape(project)})$", printed, re.M
+    )
+    month = re.search(
+        rf"^ *(crmi finance reconcile --period (\d{{4}}-\d\d) -p {re.escape(project)})$", printed, re.M
+    )
+    assert status and month, printed
+    with session_factory(core_engine(core_url))() as session:
+        from crm_core.models import Opportunity, SalesOrder
+
+        deal = session.scalar(sa.select(sa.func.max(Opportunity.id)))
+        order_date = session.scalar(sa.select(SalesOrder.order_date).where(SalesOrder.opportunity_id == deal))
+    assert (int(status.group(2)), month.group(2)) == (deal, f"{order_date:%Y-%m}")
+
+    runner = CliRunner()
+    shown = runner.invoke(app, shlex.split(status.group(1))[1:])
+    assert shown.exit_code == 0, shown.output
+    assert "order SO-DEMO-" in shown.output and "collected 113,000.00" in shown.output, shown.output
+    reconciled = runner.invoke(
+        app, [*shlex.split(month.group(1))[1:], "--out", str(tmp_path / "reports"), "--json"]
+    )
+    assert reconciled.exit_code == 0, reconciled.output
+    result = json.loads(reconciled.stdout)
+    assert result["totals"]["crm_ordered"] == "113000.00" and result["totals"]["received"] == "113000.00"
+
+
 def test_the_demo_servers_and_the_steward_workbench_have_distinct_ports_everywhere() -> None:
     """The U8 and K3Cloud test servers of the demo and the steward workbench can run side by side: the demo's
     project files, the servers' documented commands and the workbench's default agree and differ."""
