@@ -8,6 +8,12 @@ and no sales order or opportunity row changes (which would make the sync engine 
 ERP again). docs/k3cloud.md explains the choice.
 
 Amounts are in the core's base currency as loaded (``amount`` columns); sums are rounded to the fen.
+
+**An order's amount** (``ordered``) is its ``total_amount``; an order loaded without one (a mapping that does
+not map it) counts the sum of its lines' ``amount`` when every line has one. An order with neither is *without
+an amount*: it is left out of ``ordered``, never counted as 0, and every figure here says how many there are
+(``orders_without_amount``), so a loop cannot look closed for want of an amount. An order whose total and lines
+disagree counts its total, and the reconciliations list it as a difference.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from crm_core.models import (
     PaymentApplication,
     Receivable,
     SalesOrder,
+    SalesOrderLine,
 )
 
 FEN = Decimal("0.01")
@@ -42,14 +49,59 @@ def money(value: Any) -> Decimal:
     return Decimal(str(value)).quantize(FEN, rounding=ROUND_HALF_UP)
 
 
+def _lines_per_order(order_ids: Any | None = None) -> Any:
+    """Per order (of ``order_ids``, a select of ids, else all): the sum of its lines' amounts, NULL unless every
+    line has an amount."""
+    every_line_priced = func.count() == func.count(SalesOrderLine.amount)
+    query = select(
+        SalesOrderLine.order_id.label("order_id"),
+        case((every_line_priced, func.sum(SalesOrderLine.amount))).label("amount"),
+    ).group_by(SalesOrderLine.order_id)
+    if order_ids is not None:
+        query = query.where(SalesOrderLine.order_id.in_(order_ids))
+    return query.subquery()
+
+
+def _order_amount(lines: Any) -> Any:
+    """An order's amount: its total_amount, else the sum of its lines (``lines``: outer-joined); NULL: unknown."""
+    return func.coalesce(SalesOrder.total_amount, lines.c.amount)
+
+
+def _without_total() -> Any:
+    """The ids of orders without a total_amount: the only ones whose lines an amount needs."""
+    return select(SalesOrder.id).where(SalesOrder.total_amount.is_(None))
+
+
+def _differs_from_lines(lines: Any) -> Any:
+    """True where an order has a total_amount and priced lines that add up to another amount (to the fen)."""
+    return (
+        SalesOrder.total_amount.is_not(None)
+        & lines.c.amount.is_not(None)
+        & (func.round(SalesOrder.total_amount - lines.c.amount, 2) != 0)
+    )
+
+
+def _count(condition: Any) -> Any:
+    return func.sum(case((condition, 1), else_=0))
+
+
+def _orders(count: int) -> str:
+    return f"{count} order" if count == 1 else f"{count} orders"
+
+
 @dataclass(frozen=True)
 class Collection:
-    """Ordered, invoiced and collected for one order or opportunity (outstanding = invoiced − collected)."""
+    """Ordered, invoiced and collected for one order or opportunity (outstanding = invoiced − collected).
+
+    ``ordered`` leaves out orders without an amount (no total_amount, not every line priced); they are counted in
+    ``orders_without_amount``.
+    """
 
     ordered: Decimal
     invoiced: Decimal
     collected: Decimal
     overdue: Decimal  # outstanding on receivables past their due date
+    orders_without_amount: int = 0
 
     @property
     def outstanding(self) -> Decimal:
@@ -61,9 +113,10 @@ class Collection:
         """Return what was ordered and not invoiced yet."""
         return self.ordered - self.invoiced
 
-    def as_dict(self) -> dict[str, str]:
-        """Return the figures as text amounts (JSON keeps them exact)."""
-        figures = {k: str(v) for k, v in asdict(self).items()}
+    def as_dict(self) -> dict[str, Any]:
+        """Return the figures as text amounts (JSON keeps them exact), the count of orders without an amount."""
+        figures: dict[str, Any] = {k: str(v) for k, v in asdict(self).items()}
+        figures["orders_without_amount"] = self.orders_without_amount
         return {**figures, "outstanding": str(self.outstanding), "not_invoiced": str(self.not_invoiced)}
 
 
@@ -106,13 +159,16 @@ def _ids(query: Any, column: Any, ids: Iterable[int] | None) -> Any:
 def order_collections(
     session: Session, order_ids: Iterable[int] | None = None, *, today: dt.date | None = None
 ) -> dict[int, Collection]:
-    """Return per sales order: its total, what was invoiced against it and what was collected (回款)."""
+    """Return per sales order: its amount, what was invoiced against it and what was collected (回款)."""
     per = _per_order(today or dt.date.today())
-    query = select(
-        SalesOrder.id, SalesOrder.total_amount, per.c.invoiced, per.c.collected, per.c.overdue
-    ).outerjoin(per, per.c.order_id == SalesOrder.id)
+    lines = _lines_per_order(_without_total())
+    query = (
+        select(SalesOrder.id, _order_amount(lines), per.c.invoiced, per.c.collected, per.c.overdue)
+        .outerjoin(per, per.c.order_id == SalesOrder.id)
+        .outerjoin(lines, lines.c.order_id == SalesOrder.id)
+    )
     return {
-        row[0]: Collection(money(row[1]), money(row[2]), money(row[3]), money(row[4]))
+        row[0]: Collection(money(row[1]), money(row[2]), money(row[3]), money(row[4]), int(row[1] is None))
         for row in session.execute(_ids(query, SalesOrder.id, order_ids))
     }
 
@@ -122,33 +178,38 @@ def opportunity_collections(
 ) -> dict[int, Collection]:
     """Return per opportunity, through its sales orders: ordered, invoiced, collected and overdue.
 
-    ``ordered`` is the total of the opportunity's orders; a won deal without an order yet counts its amount.
+    ``ordered`` is the amount of the opportunity's orders; a won deal without an order yet counts its amount.
     """
     per = _per_order(today or dt.date.today())
+    lines = _lines_per_order(_without_total())
+    amount = _order_amount(lines)
     orders = (
         select(
             SalesOrder.opportunity_id.label("opportunity_id"),
-            func.sum(SalesOrder.total_amount).label("ordered"),
+            func.sum(amount).label("ordered"),
             func.sum(per.c.invoiced).label("invoiced"),
             func.sum(per.c.collected).label("collected"),
             func.sum(per.c.overdue).label("overdue"),
             func.count(SalesOrder.id).label("orders"),
+            _count(amount.is_(None)).label("without_amount"),
         )
         .outerjoin(per, per.c.order_id == SalesOrder.id)
+        .outerjoin(lines, lines.c.order_id == SalesOrder.id)
         .where(SalesOrder.opportunity_id.is_not(None))
         .group_by(SalesOrder.opportunity_id)
         .subquery()
     )
     query = select(
         Opportunity.id, Opportunity.amount, Opportunity.stage_code, orders.c.orders, orders.c.ordered,
-        orders.c.invoiced, orders.c.collected, orders.c.overdue,
+        orders.c.invoiced, orders.c.collected, orders.c.overdue, orders.c.without_amount,
     ).outerjoin(orders, orders.c.opportunity_id == Opportunity.id)  # fmt: skip
     found: dict[int, Collection] = {}
     for row in session.execute(_ids(query, Opportunity.id, opportunity_ids)):
         ordered = row.ordered if row.orders else (row.amount if row.stage_code == "won" else None)
         found[row.id] = Collection(
-            money(ordered), money(row.invoiced), money(row.collected), money(row.overdue)
-        )
+            money(ordered), money(row.invoiced), money(row.collected), money(row.overdue),
+            int(row.without_amount or 0),
+        )  # fmt: skip
     return found
 
 
@@ -159,11 +220,18 @@ def reconcile(
 
     ``received`` is every receipt's amount, ``collected`` the part applied to receivables; a customer is listed
     under ``differences`` with the reasons: orders not (fully) invoiced, receivables not collected (overdue
-    ones apart), receipts not applied to any receivable, receivables without an order, more invoiced than ordered.
-    The result is JSON-ready (amounts as text), for ``crmi`` and the Dagster metadata.
+    ones apart), receipts not applied to any receivable, receivables without an order, more invoiced than ordered,
+    orders without an amount (what was invoiced against them is not compared with ``ordered``), orders whose
+    total_amount differs from the sum of their lines. The result is JSON-ready (amounts as text), for ``crmi`` and
+    the Dagster metadata.
     """
     today = today or dt.date.today()
     applied, overdue = _overdue_expression(today)
+    lines = _lines_per_order()
+    amount = _order_amount(lines)
+    unknown = (
+        select(SalesOrder.id).outerjoin(lines, lines.c.order_id == SalesOrder.id).where(amount.is_(None))
+    )
     sums: dict[int, dict[str, Decimal]] = {}
 
     def add(query: Any, *names: str) -> None:
@@ -173,16 +241,18 @@ def reconcile(
                 figures[name] = money(value)
 
     add(
-        select(SalesOrder.customer_id, func.sum(SalesOrder.total_amount)).group_by(SalesOrder.customer_id),
-        "ordered",
-    )
+        select(SalesOrder.customer_id, func.sum(amount), _count(amount.is_(None)), _count(_differs_from_lines(lines)))
+        .outerjoin(lines, lines.c.order_id == SalesOrder.id).group_by(SalesOrder.customer_id),
+        "ordered", "orders_without_amount", "orders_differing_from_lines",
+    )  # fmt: skip
     add(
         select(Receivable.customer_id, func.sum(Receivable.amount), func.sum(func.coalesce(applied.c.applied, 0)),
                func.sum(overdue),
-               func.sum(case((Receivable.order_id.is_(None), Receivable.amount), else_=0)))
+               func.sum(case((Receivable.order_id.is_(None), Receivable.amount), else_=0)),
+               func.sum(case((Receivable.order_id.in_(unknown), Receivable.amount), else_=0)))
         .outerjoin(applied, applied.c.receivable_id == Receivable.id)
         .group_by(Receivable.customer_id),
-        "invoiced", "collected", "overdue", "invoiced_without_order",
+        "invoiced", "collected", "overdue", "invoiced_without_order", "invoiced_without_amount",
     )  # fmt: skip
     add(select(Payment.customer_id, func.sum(Payment.amount)).group_by(Payment.customer_id), "received")
     names: dict[int, str] = {}
@@ -192,20 +262,37 @@ def reconcile(
     customers: list[dict[str, Any]] = []
     differences: list[dict[str, Any]] = []
     totals = dict.fromkeys(("ordered", "invoiced", "collected", "received", "overdue"), ZERO)
+    counts = dict.fromkeys(("orders_without_amount", "orders_differing_from_lines"), 0)
     for customer_id in sorted(sums):
-        f = {k: sums[customer_id].get(k, ZERO) for k in (*totals, "invoiced_without_order")}
+        f = {
+            k: sums[customer_id].get(k, ZERO)
+            for k in (*totals, "invoiced_without_order", "invoiced_without_amount")
+        }
+        n = {k: int(sums[customer_id].get(k, ZERO)) for k in counts}
         for k in totals:
             totals[k] += f[k]
+        for k in counts:
+            counts[k] += n[k]
+        # what was invoiced against orders of a known amount: the part ``ordered`` can be compared with
+        invoiced_on_orders = f["invoiced"] - f["invoiced_without_order"] - f["invoiced_without_amount"]
         row = {"customer_id": customer_id, "customer": names.get(customer_id),
                **{k: str(f[k]) for k in (*totals, "invoiced_without_order")},
-               "not_invoiced": str(f["ordered"] - f["invoiced"] + f["invoiced_without_order"]),
+               "not_invoiced": str(f["ordered"] - invoiced_on_orders),
                "outstanding": str(f["invoiced"] - f["collected"]),
-               "unapplied": str(f["received"] - f["collected"])}  # fmt: skip
+               "unapplied": str(f["received"] - f["collected"]), **n}  # fmt: skip
         customers.append(row)
         reasons = []
-        if f["ordered"] > f["invoiced"] - f["invoiced_without_order"]:
+        if n["orders_without_amount"]:
+            reasons.append(f"{_orders(n['orders_without_amount'])} without an amount "
+                           "(neither total_amount nor an amount on every line)")  # fmt: skip
+        if n["orders_differing_from_lines"]:
+            count = n["orders_differing_from_lines"]
+            reasons.append(
+                f"{_orders(count)} whose total_amount differs from the sum of {'its' if count == 1 else 'their'} lines"
+            )
+        if f["ordered"] > invoiced_on_orders:
             reasons.append("ordered, not invoiced yet")
-        if f["invoiced"] - f["invoiced_without_order"] > f["ordered"]:
+        if invoiced_on_orders > f["ordered"]:
             reasons.append("invoiced more than ordered")
         if f["invoiced_without_order"]:
             reasons.append("receivables without an order")
@@ -227,6 +314,7 @@ def reconcile(
             "outstanding": str(totals["invoiced"] - totals["collected"]),
             "unapplied": str(totals["received"] - totals["collected"]),
         },
+        **counts,
         "customers": customers,
         "differences": differences,
     }
@@ -285,7 +373,7 @@ class OrderToCash:
     customers: dict[int, CashFigures]
     totals: CashFigures
     top_overdue: list[dict[str, Any]]
-    documents: dict[str, int]  # orders, receivables, receipts, foreign_without_rate
+    documents: dict[str, int]  # orders, orders_without_amount, receivables, receipts, foreign_without_rate
 
 
 def _in_base(amount: Any, currency: Any, rate: Any, base: str) -> Any:
@@ -310,6 +398,9 @@ def order_to_cash(
     top: int = 10,
 ) -> OrderToCash:
     """Return ordered, invoiced, collected, outstanding, overdue (by due date) and DSO per opportunity and customer.
+
+    ``ordered`` is the orders' amounts (total_amount, else the sum of the lines); ``documents`` counts the orders
+    without an amount, which ``ordered`` leaves out.
 
     Receivables and receipts in another currency count at their own exchange rate (``exchange_rate``, base units
     per unit), rounded to the fen per document; red-letter entries are negative and count as such. A handful of
@@ -356,15 +447,20 @@ def order_to_cash(
             .group_by(SalesOrder.opportunity_id)
         )
     }
+    lines = _lines_per_order(_without_total())
+    order_amount = _order_amount(lines)
     ordered_customer = {
         row[0]: row[1]
         for row in session.execute(
-            select(SalesOrder.customer_id, func.sum(SalesOrder.total_amount)).group_by(SalesOrder.customer_id)
+            select(SalesOrder.customer_id, func.sum(order_amount))
+            .outerjoin(lines, lines.c.order_id == SalesOrder.id)
+            .group_by(SalesOrder.customer_id)
         )
     }
     ordered_deal: dict[int, Any] = {}
     for deal_id, total in session.execute(
-        select(SalesOrder.opportunity_id, func.sum(SalesOrder.total_amount))
+        select(SalesOrder.opportunity_id, func.sum(order_amount))
+        .outerjoin(lines, lines.c.order_id == SalesOrder.id)
         .where(SalesOrder.opportunity_id.is_not(None))
         .group_by(SalesOrder.opportunity_id)
     ):
@@ -413,6 +509,12 @@ def order_to_cash(
         ) or 0  # fmt: skip
     documents = {
         "orders": session.scalar(select(func.count()).select_from(SalesOrder)) or 0,
+        "orders_without_amount": session.scalar(
+            select(func.count(SalesOrder.id))
+            .outerjoin(lines, lines.c.order_id == SalesOrder.id)
+            .where(order_amount.is_(None))
+        )
+        or 0,
         "receivables": session.scalar(select(func.count()).select_from(Receivable)) or 0,
         "receipts": session.scalar(select(func.count()).select_from(Payment)) or 0,
         "foreign_without_rate": foreign,
@@ -474,11 +576,18 @@ def loop_orphans(session: Session, limit: int = 50) -> tuple[dict[str, int], lis
 
 
 def opportunity_loop(session: Session, opportunity_id: int) -> dict[str, Any] | None:
-    """Return one opportunity's 业财 loop: its orders, their receivables and the receipts applied to them."""
+    """Return one opportunity's 业财 loop: its orders, their receivables and the receipts applied to them.
+
+    Each order carries its ``total_amount`` and ``lines_amount`` as loaded (None when missing, or when a line has
+    no amount), its ``amount`` for the figures and where that comes from (``amount_from``: total_amount, lines, or
+    None: without an amount).
+    """
     deal = session.get(Opportunity, opportunity_id)
     if deal is None:
         return None
     orders = []
+    lines = _lines_per_order(select(SalesOrder.id).where(SalesOrder.opportunity_id == opportunity_id))
+    lines_amounts = {row[0]: row[1] for row in session.execute(select(lines.c.order_id, lines.c.amount))}
     for sales_order in session.scalars(
         select(SalesOrder).where(SalesOrder.opportunity_id == opportunity_id).order_by(SalesOrder.id)
     ):
@@ -501,9 +610,15 @@ def opportunity_loop(session: Session, opportunity_id: int) -> dict[str, Any] | 
                 "amount": str(money(receivable.amount)), "currency": receivable.currency,
                 "red_letter": receivable.red_letter, "receipts": receipts,
             })  # fmt: skip
+        total, from_lines = sales_order.total_amount, lines_amounts.get(sales_order.id)
+        amount = total if total is not None else from_lines
         orders.append({
             "order_no": sales_order.order_no, "order_date": sales_order.order_date and sales_order.order_date.isoformat(),
-            "total_amount": str(money(sales_order.total_amount)), "receivables": receivables,
+            "total_amount": None if total is None else str(money(total)),
+            "lines_amount": None if from_lines is None else str(money(from_lines)),
+            "amount": None if amount is None else str(money(amount)),
+            "amount_from": "total_amount" if total is not None else ("lines" if from_lines is not None else None),
+            "receivables": receivables,
         })  # fmt: skip
     cash = opportunity_collections(session, [opportunity_id])[opportunity_id]
     return {
@@ -516,6 +631,7 @@ def opportunity_loop(session: Session, opportunity_id: int) -> dict[str, Any] | 
 # --------------------------------------------------------------------------- reconciliation of a period
 
 TIMING, MISSING_LINK, AMOUNT_MISMATCH, CURRENCY = "timing", "missing link", "amount mismatch", "currency"
+UNKNOWN_AMOUNT = "amount unknown"  # orders without an amount: what they were worth is not in the core
 
 
 def period_bounds(period: str) -> tuple[dt.date, dt.date]:
@@ -537,23 +653,40 @@ def _linked(entity: str, column: Any, system: str | None) -> Any:
     )
 
 
-def _period_reasons(f: dict[str, Decimal], base_currency: str) -> list[dict[str, str]]:
+def _period_reasons(f: dict[str, Decimal], base_currency: str) -> list[dict[str, str | None]]:
     """Classify what separates a customer's orders, receivables and receipts of a period."""
 
     def get(name: str) -> Decimal:
         return f.get(name, ZERO)
 
-    reasons: list[dict[str, str]] = []
+    reasons: list[dict[str, str | None]] = []
 
-    def reason(kind: str, between: str, amount: Decimal, detail: str) -> None:
-        reasons.append({"class": kind, "between": between, "amount": str(amount), "detail": detail})
+    def reason(kind: str, between: str, amount: Decimal | None, detail: str) -> None:
+        reasons.append({"class": kind, "between": between, "amount": None if amount is None else str(amount),
+                        "detail": detail})  # fmt: skip
 
+    # the orders' own amounts: unknown, or a total its lines contradict
+    explained = ZERO
+    if get("orders_without_amount"):
+        count = int(get("orders_without_amount"))
+        detail = (f"{_orders(count)} of the period without an amount (neither total_amount nor an amount on every "
+                  "line): not in CRM orders")  # fmt: skip
+        if get("invoiced_without_amount"):
+            detail += (
+                f"; {get('invoiced_without_amount')} invoiced against them in the period is not compared"
+            )
+            explained -= get("invoiced_without_amount")
+        reason(UNKNOWN_AMOUNT, "orders", None, detail)
+    if get("orders_differing_from_lines"):
+        count = int(get("orders_differing_from_lines"))
+        reason(AMOUNT_MISMATCH, "order/lines", get("total_over_lines"),
+               f"{_orders(count)} whose total_amount differs from the sum of {'its' if count == 1 else 'their'} "
+               "lines (total_amount counts)")  # fmt: skip
     # CRM orders vs the ERP's
     gap = get("crm_ordered") - get("erp_ordered")
     if gap:
         reason(MISSING_LINK, "crm/erp", gap, "CRM orders of the period the ERP does not have (no ERP key)")
     # ERP orders vs K3Cloud receivables
-    explained = ZERO
     if get("invoiced_without_order"):
         amount = get("invoiced_without_order")
         reason(MISSING_LINK, "orders/receivables", amount, "receivables of the period without a sales order")
@@ -620,7 +753,9 @@ def reconcile_period(
     count as K3Cloud's). Each difference is classified: timing (invoiced or collected in another period, not
     collected yet), missing link (an order not in the ERP, a receivable without an order, a receipt applied to
     no receivable), currency (documents in another currency, counted at their rate, or without one), amount
-    mismatch (what the rest does not explain). JSON-ready: amounts as text.
+    mismatch (an order whose total_amount differs from its lines; what the rest does not explain), amount unknown
+    (orders without an amount: counted apart, what was invoiced against them not compared; the reason's amount is
+    None). JSON-ready: amounts as text; ``orders_without_amount`` per customer and in all.
     """
     today = today or dt.date.today()
 
@@ -641,21 +776,34 @@ def reconcile_period(
                 target[name] = target.get(name, ZERO) + money(value)
 
     order_in_period = in_period(SalesOrder.order_date)
-    add(select(SalesOrder.customer_id, func.sum(SalesOrder.total_amount),
-               func.sum(case((_linked("sales_order", SalesOrder.id, erp_system), SalesOrder.total_amount), else_=0)))
-        .where(order_in_period).group_by(SalesOrder.customer_id), "crm_ordered", "erp_ordered")  # fmt: skip
     period_order = select(SalesOrder.id).where(order_in_period)
+    lines = _lines_per_order(period_order)
+    amount = _order_amount(lines)
+    differs = _differs_from_lines(lines)
+    add(select(SalesOrder.customer_id, func.sum(amount),
+               func.sum(case((_linked("sales_order", SalesOrder.id, erp_system), amount), else_=0)),
+               _count(amount.is_(None)), _count(differs),
+               func.sum(case((differs, SalesOrder.total_amount - lines.c.amount), else_=0)))
+        .outerjoin(lines, lines.c.order_id == SalesOrder.id).where(order_in_period).group_by(SalesOrder.customer_id),
+        "crm_ordered", "erp_ordered", "orders_without_amount", "orders_differing_from_lines", "total_over_lines")  # fmt: skip
+    without_amount = (
+        select(SalesOrder.id).outerjoin(lines, lines.c.order_id == SalesOrder.id)
+        .where(order_in_period, amount.is_(None))
+    )  # fmt: skip
     add(select(Receivable.customer_id, func.sum(r_amount),
                func.sum(case((Receivable.order_id.is_(None), r_amount), else_=0)),
                func.sum(case((Receivable.order_id.is_not(None) & ~Receivable.order_id.in_(period_order), r_amount), else_=0)),
                func.sum(case((Receivable.currency != base_currency, r_amount), else_=0)),
-               func.sum(case(((Receivable.currency != base_currency) & Receivable.exchange_rate.is_(None), 1), else_=0)))
+               func.sum(case(((Receivable.currency != base_currency) & Receivable.exchange_rate.is_(None), 1), else_=0)),
+               func.sum(case((Receivable.order_id.in_(without_amount), r_amount), else_=0)))
         .where(in_period(Receivable.invoiced_on), k3_receivable).group_by(Receivable.customer_id),
-        "invoiced", "invoiced_without_order", "invoiced_for_other_periods", "invoiced_foreign", "foreign_without_rate")  # fmt: skip
+        "invoiced", "invoiced_without_order", "invoiced_for_other_periods", "invoiced_foreign", "foreign_without_rate",
+        "invoiced_without_amount")  # fmt: skip
     add(select(Receivable.customer_id, func.sum(r_amount),
                func.sum(case((~in_period(Receivable.invoiced_on) | Receivable.invoiced_on.is_(None), r_amount), else_=0)),
                func.sum(case((Receivable.currency != SalesOrder.currency, 1), else_=0)))
-        .join(SalesOrder, SalesOrder.id == Receivable.order_id).where(order_in_period, k3_receivable)
+        .join(SalesOrder, SalesOrder.id == Receivable.order_id)
+        .where(order_in_period, SalesOrder.id.not_in(without_amount), k3_receivable)
         .group_by(Receivable.customer_id),
         "orders_invoiced", "orders_invoiced_in_other_periods", "currency_differs_from_order")  # fmt: skip
     applied = (
@@ -684,15 +832,19 @@ def reconcile_period(
         names = {row[0]: row[1] for row in session.execute(query)}
     columns = ("crm_ordered", "erp_ordered", "invoiced", "received")
     totals = dict.fromkeys(columns, ZERO)
+    counts = dict.fromkeys(("orders_without_amount", "orders_differing_from_lines"), 0)
     customers: list[dict[str, Any]] = []
     differences: list[dict[str, Any]] = []
     for customer_id in sorted(figures):
         f = figures[customer_id]
         for name in columns:
             totals[name] += f.get(name, ZERO)
+        for name in counts:
+            counts[name] += int(f.get(name, ZERO))
         reasons = _period_reasons(f, base_currency)
         row = {"customer_id": customer_id, "customer": names.get(customer_id),
-               **{name: str(f.get(name, ZERO)) for name in columns}}  # fmt: skip
+               **{name: str(f.get(name, ZERO)) for name in columns},
+               "orders_without_amount": int(f.get("orders_without_amount", ZERO))}  # fmt: skip
         customers.append(row)
         if reasons:
             differences.append(
@@ -701,12 +853,13 @@ def reconcile_period(
     return {
         "period": f"{start:%Y-%m}", "from": start.isoformat(), "to": end.isoformat(), "as_of": today.isoformat(),
         "erp_system": erp_system, "finance_system": finance_system, "base_currency": base_currency,
-        "totals": {name: str(value) for name, value in totals.items()},
+        "totals": {name: str(value) for name, value in totals.items()}, **counts,
         "customers": customers, "differences": differences,
     }  # fmt: skip
 
 
 __all__ = [
+    "UNKNOWN_AMOUNT",
     "CashFigures",
     "Collection",
     "OrderToCash",

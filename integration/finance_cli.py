@@ -148,13 +148,15 @@ def finance_reconcile(
                                                          "invoiced", "received"])  # fmt: skip
     for column in ("crm_ordered", "erp_ordered", "invoiced", "received"):
         figures[column] = figures[column].map(lambda v: None if v is None else Decimal(v))
-    differences["amount"] = differences["amount"].map(Decimal)
+    differences["amount"] = differences["amount"].map(lambda v: None if v is None else Decimal(v))
     summary: list[tuple[str, Any]] = [
         ("period", f"{result['from']} – {result['to']}"),
         ("ERP orders: crosswalk system", erp or "none (every CRM order counts as the ERP's)"),
         ("K3Cloud documents: crosswalk system", finance or "none (every receivable and receipt counts)"),
         ("base currency", base),
         *((f"total {name}", Decimal(value)) for name, value in result["totals"].items()),
+        ("orders without an amount (not in CRM orders)", result["orders_without_amount"]),
+        ("orders whose total_amount differs from their lines", result["orders_differing_from_lines"]),
         ("customers with differences", len(result["differences"])),
     ]
     folder = out or Path("var") / "reports" / "finance"
@@ -174,7 +176,8 @@ def finance_reconcile(
     reasons = {d["customer_id"]: d["reasons"] for d in result["differences"]}
     for row in result["customers"]:
         found = reasons.get(row["customer_id"], [])
-        text = "; ".join(f"{r['class']}: {r['detail']} ({r['amount']})" for r in found) or "—"
+        text = "; ".join(f"{r['class']}: {r['detail']}" + ("" if r["amount"] is None else f" ({r['amount']})")
+                         for r in found) or "—"  # fmt: skip
         table.add_row(escape(str(row["customer"])), row["crm_ordered"], row["erp_ordered"], row["invoiced"],
                       row["received"], escape(text))  # fmt: skip
     totals = result["totals"]
@@ -186,6 +189,9 @@ def finance_reconcile(
         f"{len(result['differences'])} of {len(result['customers'])} customers differ"
         + (" (" + ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) + ")" if counts else "")
     )
+    if result["orders_without_amount"]:
+        console.print(f"[yellow]{without_amount(result['orders_without_amount'], 'of ' + result['period'])}: CRM "
+                      "orders leave them out[/yellow]", highlight=False)  # fmt: skip
     console.print(f"report: {paths['excel']} and {paths['html']}", highlight=False)
 
 
@@ -227,6 +233,9 @@ def finance_status(
     table.add_row(*(_amount(totals[c]) for c in ("ordered", "invoiced", "collected", "outstanding", "overdue")),
                   str(totals["dso"] or "—"))  # fmt: skip
     console.print(table)
+    if cash.documents["orders_without_amount"]:
+        console.print(f"[yellow]{without_amount(cash.documents['orders_without_amount'], 'sales', cash.documents['orders'])}: "
+                      "'ordered' leaves them out[/yellow]", highlight=False)  # fmt: skip
     if cash.top_overdue:
         worst = Table(title="Most overdue customers")
         for column in ("customer", "overdue", "outstanding", "DSO"):
@@ -235,6 +244,18 @@ def finance_status(
             worst.add_row(escape(str(t["customer"])), _amount(t["overdue"]), _amount(t["outstanding"]),
                           str(t["dso"] or "—"))  # fmt: skip
         console.print(worst)
+
+
+def without_amount(count: int, what: str, of: int | None = None) -> str:
+    """Say how many orders have no amount: ``2 orders of 2026-10 have no amount (…)``, ``2 of 4 sales orders …``."""
+    orders = (
+        f"{count} of {of} {what} orders"
+        if of is not None
+        else f"{count} order{'' if count == 1 else 's'} {what}"
+    )
+    verb = "has" if count == 1 else "have"
+    return (f"{orders} {verb} no amount (neither total_amount nor an amount on every line; map total_amount, "
+            "e.g. the sum of the lines: docs/expressions.md, aggregate)")  # fmt: skip
 
 
 def _amount(value: Any) -> str:
@@ -247,17 +268,19 @@ def _amount(value: Any) -> str:
 def loop_tree(found: dict[str, Any]) -> Tree:
     """Return one opportunity's loop as a rich tree: deal → orders → receivables → receipts."""
     figures = found["figures"]
+    unknown = figures.get("orders_without_amount", 0)
     tree = Tree(
         f"[bold]{escape(found['name'])}[/bold] (opportunity {found['opportunity_id']}, {found['stage']}, "
         f"{_amount(found['amount'])}): invoiced {_amount(figures['invoiced'])}, collected "
         f"{_amount(figures['collected'])}, outstanding {_amount(figures['outstanding'])}, overdue "
         f"{_amount(figures['overdue'])}"
+        + (f"; {unknown} order{'' if unknown == 1 else 's'} without an amount" if unknown else "")
     )
     if not found["orders"]:
         tree.add("no sales order yet")
     for order in found["orders"]:
         branch = tree.add(
-            f"order {escape(order['order_no'])} {_amount(order['total_amount'])} ({order['order_date'] or 'no date'})"
+            f"order {escape(order['order_no'])} {_order_text(order)} ({order['order_date'] or 'no date'})"
         )
         if not order["receivables"]:
             branch.add("not invoiced yet")
@@ -275,4 +298,18 @@ def loop_tree(found: dict[str, Any]) -> Tree:
     return tree
 
 
-__all__ = ["difference_frame", "finance_app", "loop_tree", "target_systems"]
+def _order_text(order: dict[str, Any]) -> str:
+    """An order's amount in the loop, saying where it comes from when not from its total."""
+    source = order.get("amount_from", "total_amount")
+    if source == "total_amount":
+        lines = order.get("lines_amount")
+        differs = lines is not None and Decimal(lines) != Decimal(order["total_amount"])
+        return _amount(order["total_amount"]) + (
+            f" (its lines add up to {_amount(lines)})" if differs else ""
+        )
+    if source == "lines":
+        return f"{_amount(order['amount'])} (the sum of its lines; no total_amount)"
+    return "amount unknown (neither total_amount nor an amount on every line)"
+
+
+__all__ = ["difference_frame", "finance_app", "loop_tree", "target_systems", "without_amount"]

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from crm_core.db import make_engine
-from crm_core.models import Base, Customer, ExternalId, LoadRun, Opportunity
+from crm_core.models import Base, Customer, ExternalId, LoadRun, Opportunity, SalesOrder, SalesOrderLine
 from integration.cli import app
 from integration.failures import is_after_failure
 from integration.jobs import MIGRATION_JOB, build_definitions
@@ -96,6 +96,19 @@ def test_demo_runs_balances_and_a_second_run_changes_nothing(demo_project: Path,
             assert row.amount == (row.original_amount / Decimal("0.1282")).quantize(cent, ROUND_HALF_UP)
         if row.original_currency == "HKD":  # only the workbook: currencies.rates.HKD in project.yaml
             assert row.amount == (row.original_amount * Decimal("0.91")).quantize(cent, ROUND_HALF_UP)
+    # U8 orders carry their total (the sum of their lines' iSum): the finance figures need an amount per order
+    lines = (
+        sa.select(SalesOrderLine.order_id, sa.func.sum(SalesOrderLine.amount).label("amount"))
+        .group_by(SalesOrderLine.order_id)
+        .subquery()
+    )
+    with engine.connect() as connection:
+        totals = connection.execute(
+            sa.select(SalesOrder.total_amount, lines.c.amount).join(lines, lines.c.order_id == SalesOrder.id)
+        ).all()
+    assert totals and all(
+        total is not None and total == round(Decimal(str(amount)), 2) for total, amount in totals
+    )
     checks = first.get_asset_check_evaluations()
     assert checks and all(c.passed for c in checks), [c.check_name for c in checks if not c.passed]
     before = snapshot(engine)

@@ -8,7 +8,7 @@ import datetime as dt
 import json
 import shutil
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from crm_core.edits import create_record, create_records
 from crm_core.finance import loop_orphans, order_to_cash
 from integration.pipeline import core_engine
 from tests.conftest import PG_URL, REPO, reset_postgres, server_or_skip
+from tests.servers.k3cloud import K3Api
 
 TODAY = dt.date(2026, 11, 1)
 
@@ -108,7 +109,8 @@ def test_order_to_cash_per_opportunity_and_customer_to_the_fen(core: sa.Engine) 
         "ordered": "113000.00", "invoiced": "119600.00", "collected": "62840.00", "outstanding": "56760.00",
         "overdue": "34260.00", "dso": "42.7"}  # fmt: skip
     assert [t["customer"] for t in cash.top_overdue] == ["杭州新禾贸易有限公司", "深圳远航电子有限公司"]
-    assert cash.documents == {"orders": 1, "receivables": 4, "receipts": 3, "foreign_without_rate": 0}
+    assert cash.documents == {
+        "orders": 1, "orders_without_amount": 0, "receivables": 4, "receipts": 3, "foreign_without_rate": 0}  # fmt: skip
 
 
 def test_the_loop_check_lists_orphans_and_drops_none(core: sa.Engine) -> None:
@@ -142,6 +144,57 @@ def test_sums_over_many_documents_equal_the_exact_decimal_sums(core: sa.Engine) 
     with session_factory(core)() as session:
         figures = order_to_cash(session, today=TODAY).customers[customer]
     assert figures.invoiced == sum(amounts) and figures.collected == sum(amounts[::2])
+
+
+def test_the_collections_and_the_customer_loop_count_order_lines_and_name_orders_without_an_amount(
+    core: sa.Engine,
+) -> None:
+    """An order's amount is its total_amount, else the sum of its lines when every line has an amount; orders with
+    neither are counted apart (what was invoiced against them is not taken for invoiced more than ordered)."""
+    from crm_core.finance import opportunity_collections, order_collections, reconcile
+
+    customer = create_record(core, "customer", {"name": "杭州新禾贸易有限公司"})
+    deal = create_record(core, "opportunity", {"customer": customer, "name": "年度框架采购", "stage": "won",
+                                                "amount": Decimal("1000.00"), "closed_on": dt.date(2026, 10, 1)})  # fmt: skip
+    lines_only, with_total, bare = create_records(core, "sales_order", [
+        {"order_no": "SO-L", "customer": customer, "opportunity": deal, "order_date": dt.date(2026, 10, 5)},
+        {"order_no": "SO-T", "customer": customer, "order_date": dt.date(2026, 10, 6), "total_amount": Decimal("2000.00")},
+        {"order_no": "SO-N", "customer": customer, "opportunity": deal, "order_date": dt.date(2026, 10, 7)},
+    ])  # fmt: skip
+    create_records(core, "sales_order_line", [
+        {"order": lines_only, "line_no": 1, "amount": Decimal("600.10")},
+        {"order": lines_only, "line_no": 2, "amount": Decimal("399.90")},
+        {"order": with_total, "line_no": 1, "amount": Decimal("1500.00")},
+    ])  # fmt: skip
+    create_records(core, "receivable", [
+        {"receivable_no": "R-L", "customer": customer, "order": lines_only, "amount": Decimal("1000.00")},
+        {"receivable_no": "R-T", "customer": customer, "order": with_total, "amount": Decimal("2000.00")},
+        {"receivable_no": "R-N", "customer": customer, "order": bare, "amount": Decimal("300.00")},
+    ])  # fmt: skip
+    with session_factory(core)() as session:
+        orders = order_collections(session, today=TODAY)
+        deal_cash = opportunity_collections(session, [deal], today=TODAY)[deal]
+        loop = reconcile(session, today=TODAY)
+        cash = order_to_cash(session, today=TODAY)
+    assert (orders[lines_only].ordered, orders[with_total].ordered) == (
+        Decimal("1000.00"),
+        Decimal("2000.00"),
+    )
+    assert (orders[lines_only].orders_without_amount, orders[bare].orders_without_amount) == (0, 1)
+    assert (deal_cash.ordered, deal_cash.invoiced, deal_cash.orders_without_amount) == (
+        Decimal("1000.00"), Decimal("1300.00"), 1)  # fmt: skip
+    assert deal_cash.as_dict()["orders_without_amount"] == 1
+    [row] = loop["customers"]
+    assert (row["ordered"], row["invoiced"], row["orders_without_amount"]) == ("3000.00", "3300.00", 1)
+    [difference] = loop["differences"]
+    reasons = difference["reasons"]
+    assert "1 order without an amount (neither total_amount nor an amount on every line)" in reasons
+    assert "1 order whose total_amount differs from the sum of its lines" in reasons
+    assert "invoiced more than ordered" not in reasons and "ordered, not invoiced yet" not in reasons
+    assert loop["orders_without_amount"] == 1
+    assert (cash.customers[customer].ordered, cash.opportunities[deal].ordered) == (
+        Decimal("3000.00"), Decimal("1000.00"))  # fmt: skip
+    assert cash.documents["orders_without_amount"] == 1
 
 
 # --------------------------------------------------------------------------- Dagster
@@ -448,13 +501,9 @@ def test_crmi_finance_reconcile_writes_a_formula_safe_workbook_and_status_shows_
 # --------------------------------------------------------------------------- the finance target through crmi
 
 
-def test_crmi_sync_run_target_finance_brings_the_loop_in(
-    core: sa.Engine, core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`crmi sync run --target finance` against the local K3Cloud server; the loop then shows in `crmi finance`."""
-    from typer.testing import CliRunner
-
-    from integration.cli import app
+@contextmanager
+def k3cloud_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, K3Api]]:
+    """The finance project of tests/test_k3cloud.py against the local K3Cloud server (stopped on leaving)."""
     from tests.servers.k3cloud import ACCT_ID, PASSWORD, USERNAME, serve
     from tests.test_k3cloud import PROJECT
 
@@ -465,6 +514,18 @@ def test_crmi_sync_run_target_finance_brings_the_loop_in(
         root = tmp_path / "project"
         shutil.copytree(REPO / "examples" / "k3cloud" / "mappings", root / "mappings")
         (root / "project.yaml").write_text(PROJECT, encoding="utf-8")
+        yield root, api
+
+
+def test_crmi_sync_run_target_finance_brings_the_loop_in(
+    core: sa.Engine, core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`crmi sync run --target finance` against the local K3Cloud server; the loop then shows in `crmi finance`."""
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    with k3cloud_project(tmp_path, monkeypatch) as (root, api):
         runner = CliRunner()
         common = ["--target", "finance", "--project", str(root), "--core-url", core_url, "--json"]
         assert runner.invoke(app, ["sync", "run", *common]).exit_code == 0  # go-live baseline
@@ -494,6 +555,97 @@ def test_crmi_sync_run_target_finance_brings_the_loop_in(
     assert found["figures"]["collected"] == "113000.00" and found["figures"]["outstanding"] == "0.00"
 
 
+def test_an_order_without_a_total_counts_its_lines_and_one_without_any_amount_is_flagged(
+    core: sa.Engine, core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Orders loaded without total_amount (a mapping that never maps it): the finance figures count the sum of
+    their lines; an order with neither a total nor an amount on every line is counted and flagged, never taken
+    for 0 with no differences; an order whose total and lines disagree is a difference. Through K3Cloud and crmi."""
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    runner = CliRunner()
+    with k3cloud_project(tmp_path, monkeypatch) as (root, api):
+        common = ["--project", str(root), "--core-url", core_url]
+        sync = ["sync", "run", "--target", "finance", *common, "--json"]
+        assert runner.invoke(app, sync).exit_code == 0  # go-live baseline
+        customer = create_record(core, "customer", {"name": "杭州新禾贸易有限公司"})
+        deal = create_record(core, "opportunity", {"customer": customer, "name": "年度框架采购", "stage": "won",
+                                                    "amount": Decimal("113000.00"), "closed_on": dt.date(2026, 10, 1)})  # fmt: skip
+        lines_only, with_total, _bare, part_priced = create_records(core, "sales_order", [
+            {"order_no": "SO-LINES", "customer": customer, "opportunity": deal, "order_date": dt.date(2026, 10, 5)},
+            {"order_no": "SO-TOTAL", "customer": customer, "order_date": dt.date(2026, 10, 7),
+             "total_amount": Decimal("5000.00")},
+            {"order_no": "SO-BARE", "customer": customer, "order_date": dt.date(2026, 10, 9)},
+            {"order_no": "SO-PART", "customer": customer, "order_date": dt.date(2026, 10, 10)},
+        ])  # fmt: skip
+        create_records(core, "sales_order_line", [
+            {"order": lines_only, "line_no": 1, "amount": Decimal("80000.00")},
+            {"order": lines_only, "line_no": 2, "amount": Decimal("33000.00")},
+            {"order": with_total, "line_no": 1, "amount": Decimal("4000.00")},  # the total says 5,000
+            {"order": part_priced, "line_no": 1, "amount": Decimal("100.00")},
+            {"order": part_priced, "line_no": 2},  # no amount: the order's amount is unknown
+        ])  # fmt: skip
+        out = runner.invoke(app, [*sync, "--direction", "outbound"])
+        assert json.loads(out.stdout)["delivered"] == 1, out.output
+        with session_factory(core)() as session:
+            from crm_core.models import Customer
+
+            number = str(session.get(Customer, customer).erp_code)  # type: ignore[union-attr]
+        api.erp.add_receivable("AR-1", number, [("SO-LINES", "113000.00")], date=dt.date(2026, 10, 8),
+                               due=dt.date(2026, 11, 30))  # fmt: skip
+        api.erp.add_receivable("AR-2", number, [("SO-TOTAL", "5000.00")], date=dt.date(2026, 10, 10),
+                               due=dt.date(2026, 11, 30))  # fmt: skip
+        api.erp.add_receivable("AR-3", number, [("SO-BARE", "700.00")], date=dt.date(2026, 10, 12),
+                               due=dt.date(2026, 11, 30))  # fmt: skip
+        api.erp.add_receipt("SK-1", number, [("AR-1", "113000.00"), ("AR-2", "5000.00"), ("AR-3", "700.00")],
+                            date=dt.date(2026, 10, 20))  # fmt: skip
+        inbound = runner.invoke(app, [*sync, "--direction", "inbound"])
+        assert inbound.exit_code == 0 and json.loads(inbound.stdout)["rejected"] == 0, inbound.output
+
+    # one deal's loop: its order counts the sum of its lines
+    shown = json.loads(
+        runner.invoke(app, ["finance", "status", "--opportunity", str(deal), *common, "--json"]).stdout
+    )
+    assert shown["figures"]["ordered"] == "113000.00" and shown["figures"]["not_invoiced"] == "0.00"
+    [order] = shown["orders"]
+    assert (order["total_amount"], order["lines_amount"], order["amount"], order["amount_from"]) == (
+        None, "113000.00", "113000.00", "lines")  # fmt: skip
+    tree = runner.invoke(app, ["finance", "status", "--opportunity", str(deal), *common])
+    assert "order SO-LINES 113,000.00 (the sum of its lines; no total_amount)" in tree.output, tree.output
+
+    # the whole core: ordered counts the lines' sum, the two orders without an amount are counted and said
+    status = json.loads(runner.invoke(app, ["finance", "status", *common, "--json"]).stdout)
+    assert status["totals"]["ordered"] == "118000.00" and status["totals"]["invoiced"] == "118700.00"
+    assert status["documents"]["orders"] == 4 and status["documents"]["orders_without_amount"] == 2
+    table = runner.invoke(app, ["finance", "status", *common])
+    assert "118,000.00" in table.output
+    assert "2 of 4 sales orders have no amount" in " ".join(table.output.split()), table.output
+
+    # the month: the unknown amounts and the total that disagrees with its lines are differences
+    report = tmp_path / "reports"
+    month = runner.invoke(app, ["finance", "reconcile", "--period", "2026-10", "--out", str(report), *common,
+                                "--json"])  # fmt: skip
+    assert month.exit_code == 0, month.output
+    result = json.loads(month.stdout)
+    assert result["totals"]["crm_ordered"] == "118000.00" and result["orders_without_amount"] == 2
+    [row] = result["customers"]
+    assert (row["crm_ordered"], row["invoiced"], row["received"], row["orders_without_amount"]) == (
+        "118000.00", "118700.00", "118700.00", 2)  # fmt: skip
+    [difference] = result["differences"]
+    assert sorted((r["between"], r["class"], r["amount"]) for r in difference["reasons"]) == [
+        ("order/lines", "amount mismatch", "1000.00"),  # SO-TOTAL: 5,000 against lines of 4,000
+        ("orders", "amount unknown", None),  # SO-BARE and SO-PART; SO-BARE's 700 invoiced is not a mismatch
+    ]
+    details = " ".join(r["detail"] for r in difference["reasons"])
+    assert "2 orders of the period without an amount" in details and "1 order whose total_amount" in details
+    text = runner.invoke(app, ["finance", "reconcile", "--period", "2026-10", "--out", str(report), *common])
+    assert text.exit_code == 0, text.output
+    flat = " ".join(text.output.split())
+    assert "1 of 1 customers differ" in flat and "2 orders of 2026-10 have no amount" in flat, text.output
+
+
 def test_the_demo_finance_project_loads_without_a_server_and_gets_the_finance_assets(tmp_path: Path) -> None:
     """examples/demo/finance (make finance-demo) is valid with its defaults; `make demo` never reads it."""
     from integration.jobs import build_definitions
@@ -510,6 +662,89 @@ def test_the_demo_finance_project_loads_without_a_server_and_gets_the_finance_as
     defs.resolve_job_def("order_to_cash_job")
     demo = Migration.load(str(REPO / "examples" / "demo"))
     assert not [m for m in demo.mappings if m.name.startswith("k3_")]
+
+
+def test_the_finance_demo_prints_the_commands_that_show_its_deal_and_its_month(
+    core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make finance-demo` ends with the `crmi finance` commands for the deal and month it made (their ids and
+    period change with every run and every day); each of them, as printed, shows that deal and that month."""
+    import importlib.util
+    import os
+    import re
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    monkeypatch.setenv("CRM_CORE_URL", core_url)
+    for name in ("K3_URL", "K3_ACCT_ID", "K3_USERNAME", "K3_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)  # the loop sets them for its server: undone after the test
+    spec = importlib.util.spec_from_file_location(
+        "finance_loop", REPO / "examples" / "demo" / "finance_loop.py"
+    )
+    assert spec is not None and spec.loader is not None
+    finance_loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finance_loop)
+    assert finance_loop.main(data=tmp_path / "data") == 0
+    printed = capsys.readouterr().out
+    project = os.path.relpath(REPO / "examples" / "demo" / "finance")
+    status = re.search(
+        rf"^ *(crmi finance status --opportunity (\d+) -p {re.escape(project)})$", printed, re.M
+    )
+    month = re.search(
+        rf"^ *(crmi finance reconcile --period (\d{{4}}-\d\d) -p {re.escape(project)})$", printed, re.M
+    )
+    assert status and month, printed
+    with session_factory(core_engine(core_url))() as session:
+        from crm_core.models import Opportunity, SalesOrder
+
+        deal = session.scalar(sa.select(sa.func.max(Opportunity.id)))
+        order_date = session.scalar(sa.select(SalesOrder.order_date).where(SalesOrder.opportunity_id == deal))
+    assert (int(status.group(2)), month.group(2)) == (deal, f"{order_date:%Y-%m}")
+
+    runner = CliRunner()
+    shown = runner.invoke(app, shlex.split(status.group(1))[1:])
+    assert shown.exit_code == 0, shown.output
+    assert "order SO-DEMO-" in shown.output and "collected 113,000.00" in shown.output, shown.output
+    reconciled = runner.invoke(
+        app, [*shlex.split(month.group(1))[1:], "--out", str(tmp_path / "reports"), "--json"]
+    )
+    assert reconciled.exit_code == 0, reconciled.output
+    result = json.loads(reconciled.stdout)
+    assert result["totals"]["crm_ordered"] == "113000.00" and result["totals"]["received"] == "113000.00"
+
+
+def test_the_demo_servers_and_the_steward_workbench_have_distinct_ports_everywhere() -> None:
+    """The U8 and K3Cloud test servers of the demo and the steward workbench can run side by side: the demo's
+    project files, the servers' documented commands and the workbench's default agree and differ."""
+    import re
+    from urllib.parse import urlparse
+
+    from integration.pipeline import Migration
+    from integration.steward.cli import DEFAULT_PORT as STEWARD_PORT
+    from integration.yamlconf import expand_env
+    from tests.servers import k3cloud, u8_openapi
+
+    demo = Migration.load(str(REPO / "examples" / "demo")).project
+    finance = Migration.load(str(REPO / "examples" / "demo" / "finance")).project
+    u8_url = expand_env(demo.sync["u8"].spec.transport.base_url, {})
+    k3_urls = {expand_env(finance.sync["finance"].spec.transport.base_url, {}),
+               expand_env(finance.spec.sources["k3"].base_url, {})}  # fmt: skip
+    assert urlparse(u8_url).port == u8_openapi.DEMO_PORT
+    assert {urlparse(url).port for url in k3_urls} == {k3cloud.DEMO_PORT}
+    assert len({u8_openapi.DEMO_PORT, k3cloud.DEMO_PORT, STEWARD_PORT}) == 3
+    files = [REPO / "README.md", REPO / "Makefile", *sorted((REPO / "docs").glob("*.md")),
+             *sorted((REPO / "examples" / "demo").rglob("*.py")), *sorted((REPO / "examples" / "demo").rglob("*.yaml"))]  # fmt: skip
+    started: dict[str, set[int]] = {"u8_openapi": set(), "k3cloud": set()}
+    for path in files:
+        text = " ".join(path.read_text(encoding="utf-8").split())
+        for server, port in re.findall(
+            r"python -m tests\.servers\.(u8_openapi|k3cloud) [^`]*?--port (\d+)", text
+        ):
+            started[server].add(int(port))
+    assert started == {"u8_openapi": {u8_openapi.DEMO_PORT}, "k3cloud": {k3cloud.DEMO_PORT}}
 
 
 def test_a_negative_amount_passes_only_when_marked_red_letter() -> None:

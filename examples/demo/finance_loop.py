@@ -6,10 +6,11 @@ wins a deal → its sales order (as U8 brings it in; ``make sync-demo`` shows th
 K3Cloud and its K3Cloud number comes back into the crosswalk → finance posts a receivable (应收单) for the order
 → a first receipt (收款单) collects part of it → the rest is collected. After each sync the opportunity's loop is
 printed as `crmi finance status --opportunity N` shows it, then the order-to-cash totals and the month's
-reconciliation. Every step is a real sync over HTTP.
+reconciliation. Every step is a real sync over HTTP. It ends with the `crmi finance` commands for the deal and
+the month it made (a new opportunity id each run, the month of today): docs/k3cloud.md sends readers to them.
 
 To run the server on its own instead (e.g. for `crmi sync run --target finance -p examples/demo/finance`):
-``python -m tests.servers.k3cloud --db sqlite:///examples/demo/data/k3cloud.sqlite --port 8766``.
+``python -m tests.servers.k3cloud --db sqlite:///examples/demo/data/k3cloud.sqlite --port 8767``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repository: tests.servers lives there
 
 from rich.console import Console  # noqa: E402
+from sqlalchemy import Engine  # noqa: E402
 
 from crm_core.db import session_factory  # noqa: E402
 from crm_core.edits import create_record  # noqa: E402
@@ -44,11 +46,18 @@ def step(text: str) -> None:
     console.print(f"\n== {text}", highlight=False)
 
 
-def main() -> int:
-    """Run the loop; return the exit code."""
-    (HERE / "data").mkdir(exist_ok=True)
-    k3_url = f"sqlite:///{HERE / 'data' / 'k3cloud.sqlite'}"
+def main(data: Path = HERE / "data") -> int:
+    """Run the loop with the K3Cloud server's database in ``data``; return the exit code."""
+    data.mkdir(exist_ok=True)
     engine = core_engine(os.environ.get("CRM_CORE_URL"))
+    try:
+        return run_loop(engine, f"sqlite:///{data / 'k3cloud.sqlite'}")
+    finally:
+        engine.dispose()
+
+
+def run_loop(engine: Engine, k3_url: str) -> int:
+    """Run the loop on the core and a K3Cloud server over ``k3_url``; return the exit code."""
     today = dt.date.today()
     suffix = time.strftime("%H%M%S")  # the demo can run again: a new customer and order each time
     with serve(k3_url) as (base_url, api):
@@ -95,12 +104,25 @@ def main() -> int:
             start, end = period_bounds(f"{today:%Y-%m}")
             month = reconcile_period(session, start, end, finance_system="k3")
         print(f"order to cash, whole core: {cash.totals.as_dict()}")
-        print(f"{today:%Y-%m}: {len(month['differences'])} of {len(month['customers'])} customers differ "
-              f"(crmi finance reconcile --period {today:%Y-%m} -p examples/demo/finance writes the report)")  # fmt: skip
+        print(f"{today:%Y-%m}: {len(month['differences'])} of {len(month['customers'])} customers differ")
         figures = found.get("figures", {})
         ok = figures.get("collected") == "113000.00" and figures.get("outstanding") == "0.00"
     step("loop closed: won deal → order → receivable → collected" if ok else "the loop did not close")
+    follow_up(deal, f"{today:%Y-%m}")
     return 0 if ok else 1
+
+
+def follow_up(deal: int, period: str) -> None:
+    """Print the `crmi finance` commands that show this run's deal and month (both change with every run)."""
+    try:
+        project = os.path.relpath(PROJECT)
+    except ValueError:  # another drive (Windows)
+        project = str(PROJECT)
+    step(f"See it again with crmi (opportunity {deal} is this run's deal, {period} the month of its order):")
+    for command in (f"crmi finance status --opportunity {deal} -p {project}",
+                    f"crmi finance reconcile --period {period} -p {project}",
+                    f"crmi finance status -p {project}"):  # fmt: skip
+        print(f"  {command}")  # print, not rich: a long line stays one line to copy
 
 
 if __name__ == "__main__":

@@ -104,6 +104,11 @@ def order_to_cash_asset(targets: dict[str, CompiledTarget]) -> dg.AssetsDefiniti
             [[f"{t['customer']} (#{t['customer_id']})", t["overdue"], t["outstanding"], t["dso"] or "–"]
              for t in loop.top_overdue],
         )  # fmt: skip
+        if loop.documents["orders_without_amount"]:
+            context.log.warning(
+                f"{loop.documents['orders_without_amount']} of {loop.documents['orders']} sales orders have no amount "
+                "(neither total_amount nor an amount on every line): 'ordered' leaves them out; map total_amount"
+            )
         if loop.documents["foreign_without_rate"]:
             context.log.warning(
                 f"{loop.documents['foreign_without_rate']} receivables/receipts are in another currency than "

@@ -92,12 +92,15 @@ def build_app(
     return create_app(core_engine(core), settings, start_match_refresh=start_match_refresh)
 
 
+DEFAULT_PORT = 8765  # the demo's test servers: U8 on 8766, K3Cloud on 8767, so all three run at once
+
+
 @steward_app.command("serve")
 def serve(
     core: CoreOption = None,
     project: ProjectOption = None,
     host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="port to listen on")] = 8765,
+    port: Annotated[int, typer.Option("--port", help="port to listen on")] = DEFAULT_PORT,
     secure_cookies: Annotated[
         bool, typer.Option("--secure-cookies", help="behind HTTPS: cookies travel over TLS only")
     ] = False,

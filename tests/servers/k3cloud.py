@@ -68,6 +68,7 @@ USERNAME, PASSWORD = "crm_api", "demo-k3-password"
 # An app id is "<client id>_<32 characters>": the SDK hides the gateway client secret in the second part.
 APP_ID = "300001_" + base64.b64encode(b"crm-integration-demo-app").decode()
 APP_SECRET = "demo-k3-app-secret"
+DEMO_PORT = 8767  # the demo finance project expects it; U8's test server: 8766, the steward workbench: 8765
 SESSION_COOKIE = "kdservice-sessionid"
 SESSION_LOST = 1
 _SDK_CODE = "0054s397p6234378o09pn7q3r5qropr7"
@@ -1129,7 +1130,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--db", required=True, help="SQLAlchemy URL of the K3Cloud database (created if missing)"
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help=f"default 0: a free port; the demo finance project expects {DEMO_PORT}",
+    )
     parser.add_argument("--acct-id", default=ACCT_ID)
     parser.add_argument("--username", default=USERNAME)
     parser.add_argument("--password", default=None, help="default: $K3_PASSWORD, else the demo's")

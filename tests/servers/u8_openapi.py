@@ -60,6 +60,7 @@ from tests.servers.base import (
 # The demo project's defaults (examples/demo/project.yaml, sync.u8.transport), so the demo needs no options.
 APP_KEY, APP_SECRET = "demo-app-key", "demo-app-secret"
 FROM_ACCOUNT, TO_ACCOUNT = "crm", "demo"
+DEMO_PORT = 8766  # the demo project expects it; K3Cloud's test server: 8767, the steward workbench: 8765
 
 # errcodes (strings, as U8 sends them). "0" is documented; the others are this emulator's choice.
 OK = "0"
@@ -1322,7 +1323,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Yonyou U8 OpenAPI test server over a SQLAlchemy database.")
     parser.add_argument("--db", required=True, help="SQLAlchemy URL of the U8 database (created or upgraded)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--port", type=int, default=0, help=f"default 0: a free port; the demo project expects {DEMO_PORT}"
+    )
     parser.add_argument("--app-key", default=APP_KEY)
     parser.add_argument("--app-secret", default=None, help="default: $U8_APP_SECRET, else the demo's secret")
     parser.add_argument("--from-account", default=FROM_ACCOUNT)
