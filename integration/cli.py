@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -125,16 +126,22 @@ def run_lock_holder(command: str = "crmi run") -> str:
 
 
 @contextmanager
-def _one_at_a_time(engine: Engine, command: str, then: str = "") -> Iterator[None]:
+def _one_at_a_time(
+    engine: Engine, command: str, then: str = "", *, beside_live_runs: bool = True
+) -> Iterator[None]:
     """Hold the core's run lock while the block runs; exit 1 naming the holder when another command has it.
 
     ``crmi run`` and the commands that rewrite the core wholesale (rollback, recovery, linkage, schema upgrade)
-    take it: one of them at a time on a core, from any host on PostgreSQL.
+    take it: one of them at a time on a core, from any host on PostgreSQL. A migration launched from Dagster
+    holds the lock only during each of its steps: between two, ``beside_live_runs`` still refuses while its
+    load run is marked running and its process lives on this host (:func:`_refuse_beside_live_runs`).
     """
     from crm_core.runs import CoreBusy, core_run_lock
 
     try:
         with core_run_lock(engine, run_lock_holder(command)):
+            if beside_live_runs:
+                _refuse_beside_live_runs(engine, command)
             yield
     except CoreBusy as exc:
         errors.print(
@@ -207,10 +214,11 @@ class DagsterUnreadable(RunError):
     """The Dagster instance cannot be asked whether a run succeeded: nothing is settled."""
 
 
-def _refuse_beside_live_runs(engine: Engine) -> None:
-    """Exit 1 when another process on this host is loading into the core: two loads at once would interleave.
+def _refuse_beside_live_runs(engine: Engine, command: str = "crmi run") -> None:
+    """Exit 1 when another process on this host is loading into the core: two loads at once would interleave,
+    and a rollback or recovery would undo runs under a load that builds on them.
 
-    (The Dagster UI's run queue allows one run per core; ``crmi run`` does not go through it.)
+    (The Dagster UI's run queue allows one run per core; ``crmi`` does not go through it.)
     """
     from crm_core.runs import live_runs
 
@@ -219,8 +227,9 @@ def _refuse_beside_live_runs(engine: Engine) -> None:
         key, mode, pid = live[0]
         errors.print(
             f"[red]run {escape(key)} ({mode}) is loading into this core (process {pid} on this host): one run at "
-            "a time; wait for it to end (`crmi runs list`), or stop it, then `crmi run` again (it undoes what "
-            "the stopped run loaded)[/red]"
+            f"a time; wait for it to end (`crmi runs list`), or stop it, then `{command}` again"
+            + (" (it undoes what the stopped run loaded)" if command == "crmi run" else "")
+            + "[/red]"
         )
         raise typer.Exit(EXIT_FAILED)
 
@@ -1451,6 +1460,15 @@ def rollback(
         console.print_json(json.dumps({"rolled_back": rolled}))
     else:
         console.print(f"[green]rolled back[/green] {', '.join(rolled)}")
+        sync_key = re.compile(r"^sync-(?P<target>.+)-[a-z]+-\d{8}T\d{6}-[0-9a-f]{6}$")  # engine._sync_run_key
+        synced = sorted({m["target"] for key in rolled if (m := sync_key.match(key))})
+        if synced:  # the core is as before; the targets keep what the syncs wrote there
+            console.print(
+                f"[yellow]note:[/yellow] {', '.join(synced)} keep(s) what the rolled-back sync(s) sent them: the "
+                "core only is as before; the next `crmi sync run` sends the records' values again, and a record a "
+                "sync added there stays there (docs/sync.md)",
+                highlight=False,
+            )
 
 
 def _edit_value(entity: str, assignment: str) -> tuple[str, Any]:
@@ -1937,7 +1955,9 @@ def dedup_evaluate(
 def core_upgrade(core: CoreOption = None) -> None:
     """Create or migrate the core database schema to the latest revision."""
     engine = make_engine(core)
-    with _one_at_a_time(engine, "crmi core upgrade"):
+    with _one_at_a_time(
+        engine, "crmi core upgrade", beside_live_runs=False
+    ):  # its runs table may not exist yet
         before = current_revision(engine)
         upgrade(engine)
         after = current_revision(engine)

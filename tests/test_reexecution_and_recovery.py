@@ -243,3 +243,59 @@ def test_a_retry_whose_parent_cannot_be_undone_fails_with_one_readable_line(
     assert user is not None, (error.cls_name if error else None, error.message if error else None)
     assert "depend" in (user.description or "")
     assert statuses[again.run_id] == "failed", statuses
+
+
+def test_rollback_and_recovery_refuse_while_a_migration_launched_from_dagster_is_between_two_steps(
+    tmp_path: Path,
+) -> None:
+    """A Dagster migration holds the core's lock only during each step; between two, an operator's `crmi
+    rollback` of an earlier run went through under it. Now `crmi rollback`, `crmi runs recover` and `crmi dedup
+    run` refuse while a run marked running has a live process on this host, naming it, and change nothing;
+    once it has ended, the rollback goes through and says the target keeps what a rolled-back sync sent."""
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    engine = _sqlite_core(tmp_path)
+    core = f"sqlite:///{tmp_path / 'core.sqlite'}"
+    with engine.begin() as connection:
+        connection.execute(sa.insert(LoadRun).values(
+            run_key="sync-u8-outbound-20261201T015000-abc123", project="sync", mode="sync", status="succeeded",
+            stats={}, host=socket.gethostname(), pid=None,
+        ))  # fmt: skip
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the run's step process
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.insert(LoadRun).values(
+                run_key="dagster-live", project="a", mode="full", status="running", stats={},
+                host=socket.gethostname(), pid=worker.pid,
+            ))  # fmt: skip
+        runner = CliRunner()
+        for command in (["rollback", "sync-u8-outbound-20261201T015000-abc123"], ["runs", "recover"]):
+            refused = runner.invoke(app, [*command, "--core-url", core])
+            assert refused.exit_code == 1, refused.output
+            assert (
+                f"run dagster-live (full) is loading into this core (process {worker.pid}" in refused.output
+            )
+            assert f"`crmi {command[0]}" in refused.output
+        with engine.connect() as connection:
+            assert (
+                connection.scalar(sa.select(LoadRun.status).where(LoadRun.run_key.like("sync-%")))
+                == "succeeded"
+            )
+    finally:
+        worker.kill()
+        worker.wait()
+    with engine.begin() as connection:
+        connection.execute(
+            sa.update(LoadRun).where(LoadRun.run_key == "dagster-live").values(status="succeeded")
+        )
+    done = CliRunner().invoke(
+        app, ["rollback", "sync-u8-outbound-20261201T015000-abc123", "--core-url", core]
+    )
+    engine.dispose()
+    assert done.exit_code == 0, done.output
+    assert "u8 keep(s) what the rolled-back sync(s) sent them" in " ".join(done.output.split())
