@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -400,6 +401,21 @@ def test_the_checks_report_backlog_dead_letters_conflicts_and_freshness(env: tup
     assert later["check_outbox_backlog_age"].severity == dg.AssetCheckSeverity.ERROR
     stale = later["check_inbound_freshness"]
     assert not stale.passed and "limit 20 min" in stale.description
+    # 45 minutes is more than twice its 20: the ERP unreachable (or the schedule off) is an ERROR, alerted by
+    # default; a U8 down with changes waiting 5 hours is one too (it was a WARN for 24 hours: nobody paged)
+    assert stale.severity == dg.AssetCheckSeverity.ERROR
+    with engine.begin() as connection:
+        connection.execute(
+            sa.update(SyncOutbox)
+            .where(SyncOutbox.status == "pending")
+            .values(created_at=now - dt.timedelta(hours=5))
+        )
+    assert check_results(defs)["check_outbox_backlog_age"].severity == dg.AssetCheckSeverity.ERROR
+    os.environ["CRMI_SYNC_BACKLOG_ERROR_HOURS"] = "8"
+    try:
+        assert check_results(defs)["check_outbox_backlog_age"].severity == dg.AssetCheckSeverity.WARN
+    finally:
+        del os.environ["CRMI_SYNC_BACKLOG_ERROR_HOURS"]
     engine.dispose()
 
 

@@ -28,6 +28,8 @@ over (:func:`holding_the_core_or_retry`, :class:`BusyWait`).
 
 import datetime as dt
 import json
+import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -41,7 +43,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from crm_core.db import session_factory
-from crm_core.errors import CrmError, SyncError
+from crm_core.errors import ConfigError, CrmError, SyncError
 from crm_core.models import LoadRun, SyncConflict, SyncOutbox
 from crm_core.runs import COMMITTED, CoreBusy
 from crm_core.watermarks import read_watermark
@@ -71,7 +73,8 @@ METRICS = (
     "delivered", "echoes_suppressed", "nothing_to_send", "retries", "dead_letters", "awaiting", "waiting",
 )  # fmt: skip
 BACKLOG_WARN = dt.timedelta(hours=1)
-BACKLOG_ERROR = dt.timedelta(hours=24)
+BACKLOG_ERROR = dt.timedelta(hours=4)  # a target down for a morning pages someone (was 24 h: nobody, all day)
+BACKLOG_ERROR_ENV = "CRMI_SYNC_BACKLOG_ERROR_HOURS"
 FRESHNESS_DEFAULT = dt.timedelta(hours=1)  # inbound without a schedule
 CHECKS_CRON = "*/15 * * * *"
 SENSOR_INTERVAL_SECONDS = 30
@@ -492,7 +495,7 @@ def _backlog_check(target: CompiledTarget) -> dg.AssetChecksDefinition:
         name="check_outbox_backlog_age",
         description=f"The oldest change not yet delivered to {name} (pending or awaiting a result): warns after "
         f"{BACKLOG_WARN.total_seconds() / 3600:g} h, errors after {BACKLOG_ERROR.total_seconds() / 3600:g} h "
-        "(the target is down, or nothing runs the outbound job).",
+        f"(${BACKLOG_ERROR_ENV}; the target is down, or nothing runs the outbound job).",
         required_resource_keys={"core"},
     )
     def _backlog(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
@@ -501,7 +504,7 @@ def _backlog_check(target: CompiledTarget) -> dg.AssetChecksDefinition:
             oldest = oldest_pending(session, name)
             counts = _open_counts(session, name)
         age = _utcnow() - oldest if oldest is not None else dt.timedelta(0)
-        severity = dg.AssetCheckSeverity.ERROR if age > BACKLOG_ERROR else dg.AssetCheckSeverity.WARN
+        severity = dg.AssetCheckSeverity.ERROR if age > backlog_error_after() else dg.AssetCheckSeverity.WARN
         passed = age <= BACKLOG_WARN
         return dg.AssetCheckResult(
             passed=passed,
@@ -517,6 +520,19 @@ def _backlog_check(target: CompiledTarget) -> dg.AssetChecksDefinition:
         )
 
     return _backlog
+
+
+def backlog_error_after() -> dt.timedelta:
+    """How old the oldest undelivered change may get before the backlog check fails as an ERROR (alerted by
+    default): ``$CRMI_SYNC_BACKLOG_ERROR_HOURS``, else 4 hours; never below the 1-hour warning."""
+    raw = os.environ.get(BACKLOG_ERROR_ENV, "").strip()
+    if not raw:
+        return BACKLOG_ERROR
+    try:
+        hours = float(raw)
+    except ValueError:
+        raise ConfigError(f"{BACKLOG_ERROR_ENV} must be a number of hours, not {raw!r}") from None
+    return max(dt.timedelta(hours=hours), BACKLOG_WARN) if math.isfinite(hours) else BACKLOG_ERROR
 
 
 def _open_counts(session: Session, target: str) -> dict[str, int]:
@@ -675,9 +691,11 @@ def _freshness_check(target: CompiledTarget) -> dg.AssetChecksDefinition:
             why = f"no inbound sync of {name} has succeeded yet (`crmi sync run --target {name} -d inbound`)"
         else:
             why = f"the last inbound sync of {name} ended {_hours(age)} ago (limit {_hours(limit)})"
+        # Stale for twice its limit (the ERP unreachable, the schedule stopped): an ERROR, alerted by default.
+        long_stale = age is not None and age > 2 * limit
         return dg.AssetCheckResult(
             passed=passed,
-            severity=dg.AssetCheckSeverity.WARN,
+            severity=dg.AssetCheckSeverity.ERROR if long_stale else dg.AssetCheckSeverity.WARN,
             description=None if passed else why,
             metadata={
                 "last_inbound_run": dg.MetadataValue.text(run_key or "none"),
