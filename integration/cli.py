@@ -220,9 +220,14 @@ def _refuse_beside_live_runs(engine: Engine, command: str = "crmi run") -> None:
 
     (The Dagster UI's run queue allows one run per core; ``crmi`` does not go through it.)
     """
+    from sqlalchemy.exc import SQLAlchemyError
+
     from crm_core.runs import live_runs
 
-    live = live_runs(engine)
+    try:
+        live = live_runs(engine)
+    except SQLAlchemyError:  # no core there yet, or one at an older schema: the command itself says so
+        return
     if live:
         key, mode, pid = live[0]
         errors.print(
@@ -280,6 +285,41 @@ def _succeeded_dagster_runs(run_keys: Sequence[str]) -> set[str]:
     return {r.dagster_run.run_id for r in found if r.dagster_run.status == dg.DagsterRunStatus.SUCCESS}
 
 
+LAUNCHED_BY_TAG, LAUNCHED_BY_CLI = "crmi/launched_by", "crmi run"
+
+
+def _fail_dead_cli_runs(run_keys: Sequence[str]) -> list[str]:
+    """Mark failed in Dagster the runs among ``run_keys`` that ``crmi run`` executed in its own process and that
+    Dagster still shows as started: that process died (its load run was just undone), and no run worker or
+    monitor will ever end them, so the UI's queue would keep waiting behind them. Returns those marked."""
+    home = Path(os.environ.get("DAGSTER_HOME") or Path("var/dagster_home").resolve())
+    if not run_keys or not (home / "dagster.yaml").exists():
+        return []
+    import dagster as dg
+
+    live = (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.NOT_STARTED)
+    marked = []
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            for record in instance.get_run_records(dg.RunsFilter(run_ids=list(run_keys))):
+                run = record.dagster_run
+                if run.status in live and run.tags.get(LAUNCHED_BY_TAG) == LAUNCHED_BY_CLI:
+                    instance.report_run_failed(
+                        run,
+                        "the crmi run process that executed this run died; `crmi runs recover` undid its load",
+                    )
+                    marked.append(run.run_id)
+    except Exception as exc:  # the core is settled; Dagster's view is only what the UI shows
+        from crm_core.errors import mask_secrets
+        from integration.failures import cause_line
+
+        errors.print(
+            f"[yellow]could not mark the dead runs failed in Dagster under {home}: "
+            f"{escape(mask_secrets(cause_line(exc)))}[/yellow]"
+        )
+    return marked
+
+
 def _recover_runs(engine: Engine, *, strict: bool = False, say: bool = True) -> tuple[list[str], list[str]]:
     """Settle runs left running whose process died: partial when their Dagster run succeeded, else undone.
 
@@ -301,6 +341,10 @@ def _recover_runs(engine: Engine, *, strict: bool = False, say: bool = True) -> 
                      "marked partial, its changes stay[/yellow]")  # fmt: skip
     for key in recovery.undone if say else ():
         errors.print(f"[yellow]run {key} had crashed mid-load; its changes were undone[/yellow]")
+    for key in _fail_dead_cli_runs(
+        recovery.undone
+    ):  # said even by `crmi runs recover`: the UI's view changes
+        errors.print(f"[yellow]Dagster run {key} marked failed (its crmi run process had died)[/yellow]")
     return recovery.finished, recovery.undone
 
 
@@ -418,6 +462,8 @@ def _execute_with_progress(
     from rich.segment import ControlType
 
     run_id = str(uuid.uuid4())
+
+    tags = {**tags, LAUNCHED_BY_TAG: LAUNCHED_BY_CLI}  # its process is the run: see _fail_dead_cli_runs
 
     def execute() -> Any:
         with _log_mirrors_deaf_to_ctrl_c():

@@ -299,3 +299,55 @@ def test_rollback_and_recovery_refuse_while_a_migration_launched_from_dagster_is
     engine.dispose()
     assert done.exit_code == 0, done.output
     assert "u8 keep(s) what the rolled-back sync(s) sent them" in " ".join(done.output.split())
+
+
+def test_recovering_a_killed_crmi_run_also_ends_its_dagster_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kill -9` of `crmi run` left its Dagster run STARTED for ever (no run worker or monitor watches a run
+    executed in the CLI's own process), and the UI's queue waited behind it. `crmi runs recover` undoes the load
+    run and marks that Dagster run failed; a run the daemon launched (no crmi run tag) is left to Dagster."""
+    import dagster as dg
+    from typer.testing import CliRunner
+
+    from integration.cli import LAUNCHED_BY_CLI, LAUNCHED_BY_TAG, app
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+
+    @dg.op
+    def noop() -> None:
+        return None
+
+    @dg.job
+    def migration() -> None:
+        noop()
+
+    engine = _sqlite_core(tmp_path)
+    started: dict[str, str] = {}
+    with dg.DagsterInstance.get() as instance:
+        for name, tags in (("cli", {LAUNCHED_BY_TAG: LAUNCHED_BY_CLI}), ("daemon", {})):
+            run = instance.create_run_for_job(migration, tags=tags)
+            instance.handle_new_event(dg.EventLogEntry(
+                error_info=None, level="INFO", user_message="", run_id=run.run_id, timestamp=time.time(),
+                dagster_event=dg.DagsterEvent(dg.DagsterEventType.RUN_START.value, job_name="migration"),
+            ))  # fmt: skip
+            started[name] = run.run_id
+            assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED  # type: ignore[union-attr]
+    with engine.begin() as connection:
+        for run_id in started.values():
+            connection.execute(sa.insert(LoadRun).values(
+                run_key=run_id, project="a", mode="full", status="running", stats={},
+                host=socket.gethostname(), pid=dead_pid(),
+            ))  # fmt: skip
+    recovered = CliRunner().invoke(
+        app, ["runs", "recover", "--core-url", f"sqlite:///{tmp_path / 'core.sqlite'}"]
+    )
+    engine.dispose()
+    assert recovered.exit_code == 0, recovered.output
+    assert f"Dagster run {started['cli']} marked failed" in recovered.output
+    with dg.DagsterInstance.get() as instance:
+        status = {name: instance.get_run_by_id(run_id).status for name, run_id in started.items()}  # type: ignore[union-attr]
+    assert status == {"cli": dg.DagsterRunStatus.FAILURE, "daemon": dg.DagsterRunStatus.STARTED}
