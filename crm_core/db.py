@@ -106,7 +106,14 @@ def current_revision(engine: Engine) -> str | None:
     return ",".join(sorted(heads)) if heads else None
 
 
-UPGRADE_HINT = "back it up, then run `crmi core upgrade{option}`"
+UPGRADE_HINT = (
+    'back it up (docs/deploy.md, "Backups and restore"), then run `crmi core upgrade{option}`{tail}'
+)
+# A URL with a password is shown masked (a *** cannot be copied): the command names where the real URL is kept.
+UPGRADE_SECRET_TAIL = (
+    " with CRM_CORE_URL set to this core's URL (as in the services' env file), or with the same --core-url "
+    "you gave (the password is not shown here)"
+)
 
 
 SCHEMA_LOCK = 0x63726D69  # 'crmi': the PostgreSQL advisory lock taken while an empty core gets its schema
@@ -139,7 +146,9 @@ def ensure_schema(engine: Engine) -> None:
     """
     where = redact_url(engine.url.render_as_string(hide_password=False))
     default = make_url(f"sqlite:///{DEFAULT_SQLITE_PATH.resolve()}")
-    option = "" if engine.url == default else f" --core-url {where}"
+    option, tail = ("", "") if engine.url == default else (f" --core-url {where}", "")
+    if engine.url.password and option:
+        option, tail = ' --core-url "$CRM_CORE_URL"', UPGRADE_SECRET_TAIL
     try:
         current = current_revision(engine)
         ours = (
@@ -168,7 +177,7 @@ def ensure_schema(engine: Engine) -> None:
         )
     raise SchemaError(
         f"the core at {where} is at schema revision {current}, this toolkit needs {head}: "
-        + UPGRADE_HINT.format(option=option)
+        + UPGRADE_HINT.format(option=option, tail=tail)
     )
 
 

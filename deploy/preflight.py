@@ -3,7 +3,12 @@
 ``python deploy/preflight.py``           settings and databases: each problem on one line, naming the
                                          environment variable or file to fix; exit 1 if any.
 ``python deploy/preflight.py --wait 120``  after the webserver started: wait until it answers /server_info.
-``python deploy/preflight.py --health``  the webserver answers and every daemon sends heartbeats.
+``python deploy/preflight.py --health``  the webserver answers and every daemon sent a heartbeat within
+                                         the tolerance (DAGSTER_DAEMON_HEARTBEAT_TOLERANCE, default 300 s).
+
+Without ``--ui`` the webserver is the one the deployment configures: DAGSTER_WEBSERVER_HOST/PORT from the
+environment, else from the services' env file (``--env-file``, default /etc/crm-integration/dagster.env,
+else deploy/dagster.env).
 
 The systemd units run the first as ExecStartPre and the second as ExecStartPost; the health timer runs the
 third. Passwords are never printed: URLs are shown without them and they are cut out of driver errors.
@@ -27,8 +32,13 @@ import yaml
 
 DAGSTER_FILE = "dagster.yaml"
 CONNECT_TIMEOUT = 5
-# The webserver as seen from this machine (CRMI_DAGSTER_UI_URL is how the chat readers reach it).
-DEFAULT_UI = f"http://127.0.0.1:{os.environ.get('DAGSTER_WEBSERVER_PORT', '3000')}"
+# The services' env files: systemd's EnvironmentFile, then compose's env_file (docs/deploy.md).
+ENV_FILES = (Path("/etc/crm-integration/dagster.env"), Path(__file__).with_name("dagster.env"))
+# Dagster calls a daemon healthy for 30 minutes after its last heartbeat (it sends one every 30 s); the
+# health timer runs every 5 minutes and must restart a dead or hung daemon well before that.
+TOLERANCE_ENV = "DAGSTER_DAEMON_HEARTBEAT_TOLERANCE"  # dagster-daemon's own setting of the same name
+DEFAULT_HEARTBEAT_TOLERANCE = 300
+DEPLOYMENT_SETTINGS = ("DAGSTER_WEBSERVER_HOST", "DAGSTER_WEBSERVER_PORT", TOLERANCE_ENV)
 
 
 @dataclass(frozen=True)
@@ -191,6 +201,45 @@ def preflight() -> list[str]:
     return problems + check_folders() + check_core()
 
 
+def read_env_file(path: Path) -> dict[str, str]:
+    """Return the ``NAME=value`` lines of a systemd/compose env file (comments and blank lines skipped)."""
+    values: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        name, sep, value = line.strip().partition("=")
+        if sep and not name.startswith("#"):
+            values[name.strip()] = value.strip().strip('"').strip("'")
+    return values
+
+
+def deployment_settings(env_file: Path | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """Return the webserver address and heartbeat tolerance settings: the environment, else the env file."""
+    from_file = read_env_file(env_file) if env_file is not None and env_file.is_file() else {}
+    return {
+        name: environ.get(name) or from_file.get(name, "")
+        for name in DEPLOYMENT_SETTINGS
+        if environ.get(name) or from_file.get(name)
+    }
+
+
+def webserver_url(settings: Mapping[str, str]) -> str:
+    """Return the URL this machine reaches the webserver at, from DAGSTER_WEBSERVER_HOST/PORT."""
+    host = settings.get("DAGSTER_WEBSERVER_HOST", "") or "127.0.0.1"
+    if host in ("0.0.0.0", "::", "[::]"):  # listens everywhere: reach it locally
+        host = "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{settings.get('DAGSTER_WEBSERVER_PORT', '') or '3000'}"
+
+
+def heartbeat_tolerance(settings: Mapping[str, str]) -> float:
+    """Return the seconds a daemon may go without a heartbeat (DAGSTER_DAEMON_HEARTBEAT_TOLERANCE, else 300)."""
+    try:
+        value = float(settings.get(TOLERANCE_ENV, ""))
+    except ValueError:
+        return DEFAULT_HEARTBEAT_TOLERANCE
+    return value if value > 0 else DEFAULT_HEARTBEAT_TOLERANCE
+
+
 def _get(url: str, timeout: float) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         body: bytes = response.read()
@@ -212,11 +261,34 @@ def wait_for_webserver(ui: str, seconds: float) -> str | None:
     return f"the Dagster webserver did not answer {ui}/server_info within {seconds:.0f} s: {last}"
 
 
-DAEMON_HEALTH = "{ instance { daemonHealth { allDaemonStatuses { daemonType required healthy } } } }"
+DAEMON_HEALTH = (
+    "{ instance { daemonHealth { allDaemonStatuses { daemonType required healthy lastHeartbeatTime } } } }"
+)
 
 
-def health(ui: str) -> list[str]:
-    """Return what is unhealthy: the webserver not answering, or a required daemon without heartbeats."""
+def daemon_problems(statuses: list[dict[str, Any]], now: float, tolerance: float) -> list[str]:
+    """Return why the daemon is unhealthy: a required daemon Dagster calls unhealthy, or silent too long."""
+    sick = []
+    for status in statuses:
+        if not status["required"]:
+            continue
+        last = status.get("lastHeartbeatTime")
+        if last is None:
+            sick.append(f"{status['daemonType']}: no heartbeat")
+        elif now - last > tolerance:
+            sick.append(f"{status['daemonType']}: last heartbeat {now - last:.0f} s ago")
+        elif not status["healthy"]:
+            sick.append(f"{status['daemonType']}: unhealthy")
+    if not sick:
+        return []
+    return [
+        f"dagster-daemon is not healthy ({'; '.join(sick)}; tolerance {tolerance:.0f} s, {TOLERANCE_ENV}): "
+        "systemctl status crm-integration-daemon"
+    ]
+
+
+def health(ui: str, tolerance: float = DEFAULT_HEARTBEAT_TOLERANCE) -> list[str]:
+    """Return what is unhealthy: the webserver not answering, or a required daemon without recent heartbeats."""
     waited = wait_for_webserver(ui, 10)
     if waited:
         return [waited]
@@ -230,12 +302,7 @@ def health(ui: str) -> list[str]:
             statuses = json.loads(response.read())["data"]["instance"]["daemonHealth"]["allDaemonStatuses"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return [f"the Dagster webserver at {ui} did not report daemon health: {_scrub(str(exc))}"]
-    sick = [s["daemonType"] for s in statuses if s["required"] and not s["healthy"]]
-    if sick:
-        return [
-            f"dagster-daemon is not healthy ({', '.join(sick)} sent no recent heartbeat): systemctl status crm-integration-daemon"
-        ]
-    return []
+    return daemon_problems(statuses, time.time(), tolerance)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,14 +310,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the webserver to answer")
     parser.add_argument("--health", action="store_true", help="the webserver answers and the daemon runs")
-    parser.add_argument("--ui", default=DEFAULT_UI, help=f"the webserver's URL (default {DEFAULT_UI})")
+    parser.add_argument(
+        "--ui", help="the webserver's URL (default: DAGSTER_WEBSERVER_HOST/PORT, see --env-file)"
+    )
+    parser.add_argument(
+        "--env-file",
+        type=Path,
+        help="the services' env file that --ui and the tolerance default to "
+        f"(default: the first of {', '.join(map(str, ENV_FILES))} that exists)",
+    )
+    parser.add_argument(
+        "--heartbeat-tolerance",
+        type=float,
+        metavar="SECONDS",
+        help=f"--health: a daemon is dead after this long without a heartbeat (default: {TOLERANCE_ENV}, "
+        f"else {DEFAULT_HEARTBEAT_TOLERANCE})",
+    )
     args = parser.parse_args(argv)
-    ui = args.ui.rstrip("/")
+    env_file = args.env_file or next((p for p in ENV_FILES if p.is_file()), None)
+    try:
+        settings = deployment_settings(env_file, os.environ)
+    except OSError as exc:  # e.g. the env file is root:crmi 0640 and this user is neither
+        print(f"crm-integration: cannot read {env_file}: {exc.strerror}; pass --ui", file=sys.stderr)
+        settings = deployment_settings(None, os.environ)
+    ui = (args.ui or webserver_url(settings)).rstrip("/")
+    tolerance = args.heartbeat_tolerance or heartbeat_tolerance(settings)
     if args.wait is not None:
         problem = wait_for_webserver(ui, args.wait)
         problems = [problem] if problem else []
     elif args.health:
-        problems = health(ui)
+        problems = health(ui, tolerance)
     else:
         problems = preflight()
     for line in problems:

@@ -9,12 +9,13 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from crm_core.db import current_revision, ensure_schema, head_revision, make_engine, upgrade
+from crm_core.db import current_revision, ensure_schema, head_revision, make_engine, redact_url, upgrade
 from crm_core.errors import SchemaError
 from integration.assets.resources import dispose_engines
 from integration.cli import app
 from integration.failures import step_failures
 from integration.jobs import MIGRATION_JOB, build_definitions
+from tests.conftest import PG_URL, reset_postgres, server_or_skip
 
 
 def old_core(url: str) -> sa.Engine:
@@ -43,6 +44,27 @@ def test_an_old_core_is_refused_naming_crmi_core_upgrade(sqlite_core_url: str) -
     assert f"`crmi core upgrade --core-url {sqlite_core_url}`" in message
     assert current_revision(engine) == "0001"  # not migrated behind the consultant's back
     engine.dispose()
+
+
+@pytest.mark.postgres
+def test_the_refusal_of_a_core_with_a_password_suggests_a_command_that_can_be_copied() -> None:
+    """The password is never shown, so the command names $CRM_CORE_URL instead of a URL with ***."""
+    url = sa.engine.make_url(PG_URL).set(password="s3cret-pw").render_as_string(hide_password=False)
+    engine = server_or_skip(url, "PostgreSQL")  # trust authentication: any password connects
+    reset_postgres(engine)
+    upgrade(engine, "0001")
+    with pytest.raises(SchemaError) as raised:
+        ensure_schema(engine)
+    message = str(raised.value)
+    engine.dispose()
+    assert "s3cret-pw" not in message
+    assert message.startswith(f"the core at {redact_url(url)} is at schema revision 0001")  # password masked
+    hint = message.split("this toolkit needs", 1)[1]
+    assert "***" not in hint  # nothing to copy that cannot work
+    assert 'crmi core upgrade --core-url "$CRM_CORE_URL"' in hint
+    assert "the same --core-url you gave" in hint
+    assert "Backups and restore" in hint  # how to back it up: docs/deploy.md
+    assert "\n" not in message
 
 
 def test_a_core_from_a_newer_toolkit_or_without_revision_is_refused(sqlite_core_url: str) -> None:
