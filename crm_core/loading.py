@@ -55,6 +55,10 @@ from crm_core.watermarks import CursorState, save_watermark
 EXTERNAL_KEY = "_external_key"
 ROW_REF = "_row_ref"
 LOCATION = "_location"
+# A fix sheet's rows: the key their original source row had (the report's fix sheet carries it), when the key
+# their corrected cells give may differ (a hash key over a corrected column, a corrected key column).
+SOURCE_KEY = "_source_key"
+SUPERSEDED = "superseded"  # rule of the warning on a fix sheet row whose source row loads by itself now
 CHUNK_ROWS = 20_000  # rows decided in memory between two bulk writes (bounds what a load holds at once)
 ANALYZE_AFTER_ROWS = 50_000  # PostgreSQL: refresh planner statistics after this many new rows
 IN_CHUNK = 5_000  # keys per IN (...) list: well under SQLite's and PostgreSQL's bind-parameter limits
@@ -232,6 +236,9 @@ class SourceStats:
     updated: int = 0
     unchanged: int = 0
     merged: int = 0
+    # Among the merged: rows of a fix sheet whose source row its own mapping loaded in the same load (corrected
+    # at the source): not written, the source's values stand (their amount is counted as merged).
+    superseded: int = 0
     rejected: int = 0
     held: int = 0  # rows waiting for a steward's reference decision (quarantined, not rejected)
     subtotals: int = 0  # subtotal/total lines among the rejected rows: not records, nothing to fix
@@ -726,6 +733,13 @@ class EntityLoader:
         self._new_crosswalk: dict[int, dict[str, Any]] = {}
         self._changed_crosswalk: dict[int, _CrosswalkEntry] = {}
         self._corrected_by: str | None = None  # the batch's mapping when it corrects another source's rows
+        # Per system, the keys the load's fix sheets carry, and those of them the system's own mappings loaded in
+        # this load: a fix sheet row under such a key is superseded by its source row (see _superseded).
+        self._fix_keys: dict[str, set[str]] = {}
+        self._own_loaded: dict[str, set[str]] = defaultdict(set)
+        self._watched: set[str] | None = None  # the current own batch's system's keys among _fix_keys
+        # keys of the current fix sheet that _upsert decides, one row at a time (see _fast_kinds)
+        self._one_by_one: set[str] = set()
         self._rejects: list[dict[str, Any]] = []
         self._fast_decided = self._fast_demoted = 0  # see _load_fast
         self._repeated_keys: set[str] = set()  # see _fast_kinds
@@ -1293,9 +1307,18 @@ class EntityLoader:
         self._analyze()
         self._build_index()
         self._find_new_sources({batch.source for batch in batches})
-        all_stats = [self._load_pieces(batch) for batch in batches]
+        self._fix_keys = self._keys_of_fix_sheets(batches)
+        loaded = [self._load_pieces(batch) for batch in batches]
         self._resolve_self_references()
         self._record_held()
+        amount_field = self.entity.amount_field
+        all_stats = []
+        for total, loaded_ids in loaded:
+            if total.amount_loaded is not None and amount_field:
+                # Read back once every batch is in: a later batch may change a record an earlier one loaded
+                # (fill a blank amount), and each line says what the core holds for its rows at the end.
+                total.amount_core = self._stored_amount(amount_field, loaded_ids.tolist())
+            all_stats.append(total)
         for batch in batches:
             if batch.watermark is not None:
                 stream, state = batch.watermark
@@ -1311,20 +1334,71 @@ class EntityLoader:
             )
         return all_stats
 
-    def _load_pieces(self, batch: Batch) -> SourceStats:
-        """Load a batch piece by piece (a batch held whole is one piece); its stats are the pieces' added."""
+    def _load_pieces(self, batch: Batch) -> tuple[SourceStats, np.ndarray]:
+        """Load a batch piece by piece (a batch held whole is one piece); return its stats (the pieces' added)
+        and, for an entity with an amount, the records its rows loaded as their own (not merged), whose
+        amounts :meth:`_load` reads back."""
         total: SourceStats | None = None
-        loaded_ids: list[int] = []  # the records its rows loaded as their own (not merged)
+        loaded_ids: list[int] = []
         for piece in batch.pieces():
             stats = self._load_batch(piece, loaded_ids)
             total = stats if total is None else total.plus(stats)
         if total is None:
             raise LoadError(f"staged batch of {batch.mapping} has no pieces: stage the entity again")
-        amount_field = self.entity.amount_field
-        if total.amount_loaded is not None and amount_field:
-            # read back once every piece is in: a later piece's row may fill a blank amount of an earlier one's
-            total.amount_core = self._stored_amount(amount_field, loaded_ids)
-        return total
+        # kept until every batch is in: 8 bytes an id, not a Python int's 28 and a list's 8
+        return total, np.fromiter(loaded_ids, dtype=np.int64, count=len(loaded_ids))
+
+    @staticmethod
+    def _keys_of_fix_sheets(batches: Sequence[Batch]) -> dict[str, set[str]]:
+        """Return, per system, the keys the rows of the fix sheets among ``batches`` carry (the keys their cells
+        give and their original source rows' keys)."""
+        keys: dict[str, set[str]] = defaultdict(set)
+        for batch in batches:
+            if not batch.corrects:
+                continue
+            for piece in batch.pieces(raw=False):
+                for column in (EXTERNAL_KEY, SOURCE_KEY):
+                    if column in piece.records.columns:
+                        keys[batch.source].update(str(k) for k in piece.records[column] if _present(k))
+        return dict(keys)
+
+    def _fix_sheet_keys(
+        self, source: str, keys: list[str], records: pd.DataFrame
+    ) -> tuple[list[str], list[str | None], set[str]]:
+        """Return the key each row of a fix sheet loads under, the other key its record is filed under too (None:
+        none), and which of those other keys the crosswalk already holds (they are not added).
+
+        A row whose original source row's key (``SOURCE_KEY``) differs from the key its corrected cells give
+        (a hash key over a corrected column, a corrected key column) loads into the record the original key
+        names when the core has one (the row loaded before it broke, or an earlier run of this fix sheet),
+        else under the key its cells give. The record is filed under both: the source row's reject under the
+        original key counts as corrected, and the source row, once corrected the same way, updates this record.
+        """
+        others: list[str | None] = [None] * len(keys)
+        if SOURCE_KEY not in records.columns:
+            return keys, others, set()
+        differ = {
+            i: str(original)
+            for i, (original, key) in enumerate(zip(records[SOURCE_KEY].tolist(), keys, strict=True))
+            if _present(original) and str(original) != key
+        }
+        if not differ:
+            return keys, others, set()
+        wanted = {keys[i] for i in differ} | set(differ.values())
+        stored = set(self._crosswalk_ids(self.entity.name, source, wanted))
+        chosen = list(keys)
+        for i, original in differ.items():
+            if original in stored:
+                chosen[i], others[i] = original, keys[i]
+            else:
+                others[i] = original
+        return chosen, others, stored
+
+    def _superseded(self, source: str, key: str, other: str | None) -> bool:
+        """Return True for a fix sheet row whose source row its own mapping loaded in this load (by either key):
+        the source was corrected itself, and its newer values stand."""
+        own = self._own_loaded.get(source)
+        return own is not None and (key in own or (other is not None and other in own))
 
     def _find_new_sources(self, sources: set[str]) -> None:
         """Note the sources whose keys of this entity the crosswalk does not hold yet (see ``_written_keys``)."""
@@ -1491,6 +1565,7 @@ class EntityLoader:
         amount_field = self.entity.amount_field
         self._raw = RawRows(batch.raw)
         self._corrected_by = batch.mapping if batch.corrects else None
+        self._watched = None if batch.corrects else self._fix_keys.get(batch.source)
         pending_from = len(self._pending_self_refs)
         for entry in batch.rejects.to_dict("records"):
             severity = entry.get("severity") or "error"
@@ -1534,6 +1609,13 @@ class EntityLoader:
             for name in fields
         }
         keys = records[EXTERNAL_KEY].astype(str).tolist() if len(records) else []
+        others: list[str | None] = [None] * len(keys)  # a fix sheet row's other key (see _fix_sheet_keys)
+        stored_others: set[str] = set()
+        self._one_by_one = set()
+        if batch.corrects:
+            keys, others, stored_others = self._fix_sheet_keys(batch.source, keys, records)
+            own = self._own_loaded.get(batch.source, set())
+            self._one_by_one = {k for k, o in zip(keys, others, strict=True) if o is not None or k in own}
         locations = records[LOCATION].tolist() if LOCATION in records.columns else [None] * len(records)
         refs = records[ROW_REF].tolist() if ROW_REF in records.columns else [None] * len(records)
         self_ref_values = {
@@ -1560,6 +1642,10 @@ class EntityLoader:
                                            locations, refs, self_ref_values, loaded_ids, start, stop, position)  # fmt: skip
                     if done > position:
                         continue
+                if batch.corrects and self._superseded(batch.source, keys[position], others[position]):
+                    self._supersede(batch, stats, chunk_values[position - start], keys[position],
+                                    locations[position], refs[position])  # fmt: skip
+                    continue
                 errors = row_errors.get(position, [])
                 rejected = any(p["severity"] == "error" for p in errors)
                 # (a row's values are built per call: only for a row with problems)
@@ -1603,6 +1689,15 @@ class EntityLoader:
                     batch.source, keys[position], values, digests[position - start], stop - position,
                     row_keys[position - start],
                 )  # fmt: skip
+                other = others[position]
+                if other is not None and other not in stored_others:
+                    # the record is filed under the row's other key too (see _fix_sheet_keys)
+                    method = self._crosswalk[(batch.source, keys[position])].match_method
+                    self._add_crosswalk(batch.source, other, entity_id, method, digests[position - start],
+                                        stop - position)  # fmt: skip
+                    stored_others.add(other)
+                elif self._watched and keys[position] in self._watched:
+                    self._own_loaded[batch.source].add(keys[position])
                 setattr(stats, outcome, getattr(stats, outcome) + 1)
                 if stats.amount_loaded is not None and stats.amount_merged is not None and amount_field:
                     amount = values.get(amount_field)
@@ -1616,6 +1711,31 @@ class EntityLoader:
         self._flush()
         self._keep_self_ref_rows(pending_from)
         return stats
+
+    def _supersede(
+        self,
+        batch: Batch,
+        stats: SourceStats,
+        values: Mapping[str, Any],
+        key: str,
+        location: Any,
+        row_ref: Any,
+    ) -> None:
+        """Count a fix sheet row superseded by its source row (merged: in the core, not written) and warn."""
+        amount_field = self.entity.amount_field
+        amount = values.get(amount_field) if amount_field else None
+        self._reject(
+            batch.source, location, row_ref, None, key, SUPERSEDED,
+            "the source's own mapping loads this row now (corrected at the source): its values stand and this "
+            "fix sheet row was not loaded; remove it from the fix sheet, or remove the fix mapping once every "
+            "row is corrected at the source",
+            "warn", mapping=batch.mapping, key=key, amount=amount,
+        )  # fmt: skip
+        stats.warnings += 1
+        stats.merged += 1
+        stats.superseded += 1
+        if stats.amount_merged is not None and amount_field:
+            stats.amount_merged += amount if isinstance(amount, Decimal) else Decimal(0)
 
     def _fast_kinds(
         self,
@@ -1657,7 +1777,11 @@ class EntityLoader:
                 repeated.add(key)
                 kinds.append(0)
                 continue
-            if position in row_errors or (stages is not None and not valid[stages[position]]):
+            if (
+                position in row_errors
+                or (stages is not None and not valid[stages[position]])
+                or key in self._one_by_one
+            ):
                 seen.add(key)
                 kinds.append(0)
                 continue
@@ -1740,6 +1864,8 @@ class EntityLoader:
                 continue
             entry = crosswalk[(source, keys[current])]
             outcomes.append((entry.match_method not in ("created", LINKED), entry.entity_id))
+        if self._watched:
+            self._own_loaded[source].update(k for k in keys[position:end] if k in self._watched)
         merged = sum(1 for is_merged, _ in outcomes if is_merged)
         stats.inserted += len(new)
         stats.merged += merged

@@ -788,7 +788,7 @@ SOURCE_WIDTH = 28  # a line's source and mapping name fold at this width in the 
 
 def _rows_table(report: Any, title: str) -> Table:
     """Return each line's rows (read, loaded, merged, rejected, held, quarantined, corrected…) as a table."""
-    from integration.pipeline import STATUS_MARK, quarantined_text, rejected_text
+    from integration.pipeline import STATUS_MARK, merged_text, quarantined_text, rejected_text
 
     table = Table(title=title)
     for column in ("source", "entity", "read", "loaded", "merged", "rejected", "held", "warnings",
@@ -804,7 +804,7 @@ def _rows_table(report: Any, title: str) -> Table:
         )
     for line, label in zip(report.lines, report.labels(), strict=True):
         table.add_row(
-            label, line.entity, str(line.rows_read), str(line.loaded), str(line.merged), rejected_text(line),
+            label, line.entity, str(line.rows_read), str(line.loaded), merged_text(line), rejected_text(line),
             str(line.held), str(line.warnings), quarantined_text(line),
             str(line.corrected), str(line.keys_missing),
             f"{line.spot_checked - line.spot_mismatches}/{line.spot_checked}", STATUS_MARK[line.status],
@@ -982,6 +982,7 @@ def _report_success(
             "quarantined_rows": report.quarantined_rows,
             "quarantined_amount": str(report.quarantined_amount),
             "corrected_rows": report.corrected_rows,
+            "notes": quarantine_notes(report),
             "max_quarantined_share": report.max_quarantined_share,
             "unbalanced": reasons,
             "core": location,

@@ -1428,6 +1428,11 @@ def verify_batch(
     entity_ids[found] = crosswalk.entity_ids[at[found]]
     created = np.zeros(len(keys), dtype=bool)
     created[found] = crosswalk.created[at[found]]
+    # A record holds what the mapping that last wrote its key loaded: a fix sheet's rows are compared with the
+    # records it wrote last, the source's own rows with those no fix sheet wrote (a superseded fix sheet row or a
+    # source row a fix sheet corrected holds the other one's values).
+    marks = pd.Series(crosswalk.corrected_by[at[found]], dtype=object)
+    created[found] &= (marks.eq(batch.mapping) if batch.corrects else marks.isna()).to_numpy(dtype=bool)
     created &= ~np.isin(entity_ids, np.fromiter(survivors, dtype=np.int64, count=len(survivors)))
     positions = np.flatnonzero(created)
     step = max(1, len(positions) // max(spot_checks, 1))
@@ -1495,6 +1500,8 @@ class ReconciliationLine:
     spot_sample: list[dict[str, Any]] = field(default_factory=list)
     held: int = 0  # rows waiting for a steward's reference decision
     subtotals: int = 0  # subtotal/total lines among the rejected: not records
+    # Among the merged: fix sheet rows whose source row loaded by itself (corrected at the source), not written
+    superseded: int = 0
     amount_loaded: Decimal | None = None  # what the loaded rows carried (compared with amount_core)
     amount_merged: Decimal | None = None
     amount_quarantined: Decimal | None = None  # every rejected and held row's money, corrected ones too
@@ -1734,7 +1741,7 @@ class ReconciliationReport:
         rows = [header, "|" + "---|" * 16]
         for line, label in zip(self.lines, self.labels(), strict=True):
             rows.append(
-                f"| {label} | {line.entity} | {line.rows_read} | {line.loaded} | {line.merged} | {rejected_text(line)} "
+                f"| {label} | {line.entity} | {line.rows_read} | {line.loaded} | {merged_text(line)} | {rejected_text(line)} "
                 f"| {line.held} | {line.warnings} | {_money(line.amount_source)} | {_money(line.amount_core)} "
                 f"| {quarantined_text(line)} | {amount_quarantined_text(line)} "
                 f"| {corrected_text(line)} | {line.keys_missing} | {line.spot_checked - line.spot_mismatches}/{line.spot_checked} "
@@ -1749,6 +1756,11 @@ class ReconciliationReport:
 
 def _money(value: Decimal | None) -> str:
     return amount_text(value)
+
+
+def merged_text(line: ReconciliationLine) -> str:
+    """Return a line's merged rows as its tables show them: the count, and how many are superseded fix sheet rows."""
+    return f"{line.merged} ({line.superseded} superseded)" if line.superseded else str(line.merged)
 
 
 def rejected_text(line: ReconciliationLine) -> str:
@@ -1813,7 +1825,7 @@ def reconcile(
                     amount_source=_amount(source_amount), amount_core=_amount(stats.get("amount_core")),
                     keys_missing=stats.get("keys_missing", 0), spot_checked=stats.get("spot_checked", 0),
                     spot_mismatches=stats.get("spot_mismatches", 0), spot_sample=stats.get("spot_sample", []),
-                    held=stats.get("held", 0),
+                    held=stats.get("held", 0), superseded=stats.get("superseded", 0),
                     subtotals=stats.get("subtotals", 0), amount_loaded=_amount(stats.get("amount_loaded")),
                     amount_merged=_amount(stats.get("amount_merged")),
                     amount_quarantined=_amount(stats.get("amount_quarantined")),
@@ -1842,7 +1854,6 @@ def reconcile(
         names = [*(c.key for c in columns), "corrected", "external_key"]
         rejects = pd.DataFrame([tuple(r) for r in rows], columns=names)
         rejects["corrected"] = _one_row_per_key(rejects)
-        rejects = rejects.drop(columns="external_key")
         _count_corrected(lines, rejects)
         counts = {}
         for name, definition in ENTITIES.items():

@@ -29,12 +29,14 @@ WHOLE_CROSSWALK_PER_RECORD = 2
 
 @dataclass(frozen=True)
 class CrosswalkRead:
-    """Crosswalk entries of one entity and system as read back from the core: key, record id, and whether the
-    source row created its record (the only use of the match method: a bool, not a string per entry)."""
+    """Crosswalk entries of one entity and system as read back from the core: key, record id, whether the
+    source row created its record (the only use of the match method: a bool, not a string per entry), and the
+    fix mapping that last wrote it (``corrected_by``, None: the source's own mapping)."""
 
     keys: pd.Index
     entity_ids: np.ndarray
     created: np.ndarray
+    corrected_by: np.ndarray
 
     @classmethod
     def read(
@@ -42,7 +44,7 @@ class CrosswalkRead:
     ) -> CrosswalkRead:
         """Read the entries of ``keys`` (None: every entry of the system)."""
         xw = ExternalId.__table__.c
-        query = select(xw.external_key, xw.entity_id, xw.match_method).where(
+        query = select(xw.external_key, xw.entity_id, xw.match_method, xw.corrected_by).where(
             xw.entity == entity, xw.system == system
         )
         with collections_paused():  # hundreds of thousands of rows, no cycles among them
@@ -55,16 +57,18 @@ class CrosswalkRead:
                     rows.extend(
                         connection.execute(query.where(ids_in(connection, xw.external_key, chunk))).all()
                     )
-            found, entity_ids, methods = zip(*rows, strict=True) if rows else ((), (), ())
+            found, entity_ids, methods, fixes = zip(*rows, strict=True) if rows else ((), (), (), ())
             index = pd.Index(np.array(found, dtype=object), dtype=object)
             ids = np.fromiter(entity_ids, dtype=np.int64, count=len(entity_ids))
             created = np.fromiter((m == "created" for m in methods), dtype=bool, count=len(methods))
+            corrected_by = np.empty(len(fixes), dtype=object)
+            corrected_by[:] = fixes
             # Freed here, by reference counting: a collection after the pause would walk every row first.
-            del rows, found, entity_ids, methods
+            del rows, found, entity_ids, methods, fixes
         if not index.is_unique:  # the unique constraint rules it out; a dict kept the last one
             keep = ~index.duplicated(keep="last")
-            index, ids, created = index[keep], ids[keep], created[keep]
-        return cls(index, ids, created)
+            index, ids, created, corrected_by = index[keep], ids[keep], created[keep], corrected_by[keep]
+        return cls(index, ids, created, corrected_by)
 
     @classmethod
     def for_batch(

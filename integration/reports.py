@@ -138,11 +138,38 @@ def line_problems(line: ReconciliationLine) -> list[str]:
     return problems
 
 
+SHOWN_ROWS = 10  # rows a note names before it says how many more there are
+
+
+def superseded_note(report: ReconciliationReport, line: ReconciliationLine, label: str) -> str:
+    """Return the warning of a fix sheet's line whose rows the source's own mapping loads now, naming them."""
+    from crm_core.loading import SUPERSEDED  # (the loader: not for every reader of a fix sheet)
+
+    rejects = report.rejects
+    rows = (
+        rejects[(rejects["rule"] == SUPERSEDED) & (rejects["mapping"] == line.mapping)
+                & (rejects["source"] == line.source) & (rejects["entity"] == line.entity)]
+        if len(rejects) else rejects
+    )  # fmt: skip
+    named = [f"{value} ({location} row {row_ref})"
+             for value, location, row_ref in zip(rows["value"], rows["location"], rows["row_ref"], strict=True)]  # fmt: skip
+    more = f" and {len(named) - SHOWN_ROWS} more" if len(named) > SHOWN_ROWS else ""
+    return (
+        f"{label}/{line.entity}: {line.superseded} fix sheet row(s) superseded: their source rows were corrected "
+        f"at the source and load by themselves now, so the source's values stand and these rows were not loaded"
+        + (f": {', '.join(named[:SHOWN_ROWS])}{more}" if named else "")
+        + ". Remove them from the fix sheet, or remove the fix mapping once every row is corrected at the source"
+    )
+
+
 def quarantine_notes(report: ReconciliationReport) -> list[str]:
-    """Return one line per source and entity that loaded but left rows (and money) in quarantine, and one per
-    source and entity whose rejected or held rows a re-imported fix sheet loaded (corrected)."""
+    """Return one line per source and entity that loaded but left rows (and money) in quarantine, one per source
+    and entity whose rejected or held rows a re-imported fix sheet loaded (corrected), and one per fix sheet whose
+    rows the source's own mapping loads now (superseded)."""
     notes = []
     for line, label in zip(report.lines, report.labels(), strict=True):
+        if line.superseded:
+            notes.append(superseded_note(report, line, label))
         if line.corrected:
             money = f" carrying {_money(line.amount_corrected)}" if line.amount_corrected else ""
             notes.append(
@@ -174,8 +201,10 @@ def unbalanced_reasons(report: ReconciliationReport) -> list[str]:
 def fix_sheets(rejects: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Return, per source and entity, the quarantined rows (rejected or held) as read plus why: fix and re-import.
 
-    One row per rejected source row; its reasons are joined. Key is ``<source>.<entity>``. Rows a fix sheet
-    already loaded (``corrected``, see :func:`integration.pipeline.reconcile`) need nothing more: left out.
+    One row per rejected source row: its columns as read, ``_location`` and ``_row_ref`` (where it was read),
+    ``_source_key`` (its crosswalk key, when the rejects carry it) and ``_reasons`` (joined). Key is
+    ``<source>.<entity>``. Rows a fix sheet already loaded (``corrected``, see
+    :func:`integration.pipeline.reconcile`) need nothing more: left out.
     """
     sheets: dict[str, pd.DataFrame] = {}
     if rejects.empty:
@@ -196,14 +225,13 @@ def fix_sheets(rejects: pd.DataFrame) -> dict[str, pd.DataFrame]:
                 f"{f if isinstance(f, str) and f else '(row)'}: {r}"
                 for f, r in zip(entries["field"], entries["reason"], strict=True)
             )
-            rows.append(
-                {
-                    **entries["raw_row"].iloc[0],
-                    "_location": location,
-                    "_row_ref": row_ref,
-                    "_reasons": reasons,
-                }
-            )
+            row = {**entries["raw_row"].iloc[0], "_location": location, "_row_ref": row_ref}
+            if "external_key" in entries:
+                # the row's own key (none for a repeated key): a correction to the cells it is computed from
+                # still files the corrected row under it (crm_core.loading.SOURCE_KEY)
+                keys = entries["external_key"].dropna()
+                row["_source_key"] = keys.iloc[0] if len(keys) else None
+            rows.append({**row, "_reasons": reasons})
         sheets[f"{source}.{entity}"] = pd.DataFrame(rows)
     return sheets
 

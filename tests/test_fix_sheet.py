@@ -554,3 +554,144 @@ def test_held_rows_a_fix_sheet_loaded_count_as_corrected_and_no_longer_wait_for_
         assert FIX_SHEET not in openpyxl.load_workbook(report / "reconciliation.xlsx").sheetnames
         assert reference_queue(engine) == []
     engine.dispose()
+
+
+def crosswalk_of(engine: sa.Engine, system: str = "erp") -> dict[str, tuple[int, str | None]]:
+    """The crosswalk of ``system``'s customers: key -> (record, the fix mapping that last wrote it)."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            sa.select(ExternalId.external_key, ExternalId.entity_id, ExternalId.corrected_by).where(
+                ExternalId.system == system, ExternalId.entity == "customer"
+            )
+        ).all()
+    return {key: (entity_id, fix) for key, entity_id, fix in rows}
+
+
+def customer_names(engine: sa.Engine) -> dict[int, str]:
+    with engine.connect() as connection:
+        return dict(connection.execute(sa.select(Customer.id, Customer.name)).all())
+
+
+@pytest.mark.parametrize("row_by_row", [False, True], ids=["fast", "row_by_row"])
+def test_a_fix_sheet_row_whose_source_row_loads_in_the_same_load_is_superseded_and_the_source_wins(
+    core_url: str, row_by_row: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source's row C3 was rejected, a fix sheet loaded it; then the source itself is corrected (to other
+    values). Its own mapping loads first: its values stand, the fix sheet's row is not written but counted as
+    merged (superseded), with a warning naming it; on every load while both hold the row."""
+    from crm_core import loading
+    from tests.test_loading import CUSTOMER_RULES, batch, load
+
+    monkeypatch.setattr(loading, "_ROW_BY_ROW", row_by_row)
+    engine = core_engine(core_url)
+    own = [
+        {"_external_key": f"C{i}", "name": f"深圳市第{i}号科技有限公司", "credit_code": None}
+        for i in range(12)
+    ]
+    # The fix sheet holds C3 and ten more rows (enough for the fast path to decide a run of them).
+    fixed = [{"_external_key": "C3", "name": "深圳市修正科技有限公司", "credit_code": None}] + [
+        {"_external_key": f"F{i}", "name": f"广州市第{i}号贸易有限公司", "credit_code": None}
+        for i in range(10)
+    ]
+
+    def fix() -> Any:
+        return dataclasses.replace(batch("erp", fixed), mapping="erp_fixed", corrects=True)
+
+    load(
+        engine,
+        "r1",
+        "customer",
+        [batch("erp", [r for r in own if r["_external_key"] != "C3"])],
+        CUSTOMER_RULES,
+    )
+    load(engine, "r2", "customer", [fix()], CUSTOMER_RULES)
+    assert crosswalk_of(engine)["C3"][1] == "erp_fixed"
+    own[3]["name"] = "深圳市第3号科技股份有限公司"  # corrected at the source, not as the fix sheet did
+
+    for run, (source_outcome, changed) in (("r3", ("updated", 1)), ("r4", ("unchanged", 12))):
+        source, fixes = load(engine, run, "customer", [batch("erp", own), fix()], CUSTOMER_RULES)
+
+        assert getattr(source, source_outcome) == changed and source.loaded == 12
+        assert (fixes.inserted, fixes.updated, fixes.unchanged) == (0, 0, 10)
+        assert (fixes.merged, fixes.superseded, fixes.warnings) == (1, 1, 1)
+        assert fixes.balanced
+        entity_id, mark = crosswalk_of(engine)["C3"]
+        assert customer_names(engine)[entity_id] == "深圳市第3号科技股份有限公司" and mark is None
+        with engine.connect() as connection:
+            warned = connection.execute(
+                sa.select(Reject.mapping, Reject.value, Reject.severity, Reject.row_ref)
+                .join(LoadRun, LoadRun.id == Reject.load_run_id)
+                .where(LoadRun.run_key == run, Reject.rule == "superseded")
+            ).all()
+        assert warned == [("erp_fixed", "C3", "warn", "2")]
+    engine.dispose()
+
+
+@pytest.mark.parametrize("row_by_row", [False, True], ids=["fast", "row_by_row"])
+def test_a_fix_sheet_row_whose_key_columns_were_corrected_keeps_its_source_rows_identity(
+    core_url: str, row_by_row: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hash key over a corrected column gives the fix sheet's row another key than its source row had: the
+    record is filed under both (the fix sheet carries the original as ``_source_key``), so the source row's reject
+    is corrected, and the source row corrected the same way later updates that record instead of adding one.
+    A row whose original key names a record already (it loaded before it broke) updates that record."""
+    from crm_core import loading
+    from tests.test_loading import CUSTOMER_RULES, batch, load
+
+    monkeypatch.setattr(loading, "_ROW_BY_ROW", row_by_row)
+    engine = core_engine(core_url)
+    own = [
+        {"_external_key": f"C{i}", "name": f"深圳市第{i}号科技有限公司", "credit_code": None}
+        for i in range(10)
+    ]
+    load(engine, "r1", "customer", [batch("erp", own)], CUSTOMER_RULES)
+    # NEW was rejected (no name); BROKE loaded as C5 in r1 and broke later (its key columns changed: key B5).
+    fixed = [
+        {
+            "_external_key": "NEW",
+            "_source_key": "H-EMPTY",
+            "name": "上海浦江测试科技有限公司",
+            "credit_code": None,
+        },
+        {
+            "_external_key": "C5-FIXED",
+            "_source_key": "C5",
+            "name": "深圳市第五号科技有限公司",
+            "credit_code": None,
+        },
+    ] + [
+        {
+            "_external_key": f"F{i}",
+            "_source_key": f"F{i}",
+            "name": f"广州市第{i}号贸易有限公司",
+            "credit_code": None,
+        }
+        for i in range(10)
+    ]
+    fix = dataclasses.replace(batch("erp", fixed), mapping="erp_fixed", corrects=True)
+    before = len(customer_names(engine))
+
+    [stats] = load(engine, "r2", "customer", [fix], CUSTOMER_RULES)
+
+    assert (stats.inserted, stats.updated, stats.rejected) == (11, 1, 0)
+    crosswalk = crosswalk_of(engine)
+    assert crosswalk["H-EMPTY"] == crosswalk["NEW"] and crosswalk["NEW"][1] == "erp_fixed"
+    assert crosswalk["C5-FIXED"] == crosswalk["C5"] and crosswalk["C5"][1] == "erp_fixed"
+    names = customer_names(engine)
+    assert len(names) == before + 11  # NEW and the ten F rows; C5's record was updated, not doubled
+    assert names[crosswalk["C5"][0]] == "深圳市第五号科技有限公司"
+    # The same fix sheet again changes nothing.
+    [again] = load(engine, "r3", "customer", [fix], CUSTOMER_RULES)
+    assert (again.unchanged, again.inserted) == (12, 0) and crosswalk_of(engine) == crosswalk
+
+    # The source is corrected as the fix sheet was: its row has the corrected key and updates the record.
+    # (C5 is still broken there: its row has another key and is rejected, not in this batch.)
+    corrected = [*(r for r in own if r["_external_key"] != "C5"),
+                 {"_external_key": "NEW", "name": "上海浦江测试科技有限公司", "credit_code": None}]  # fmt: skip
+    source, fixes = load(engine, "r4", "customer", [batch("erp", corrected), fix], CUSTOMER_RULES)
+
+    assert (source.inserted, source.loaded) == (0, 10)
+    assert (fixes.superseded, fixes.merged) == (1, 1)
+    assert len(customer_names(engine)) == before + 11
+    assert crosswalk_of(engine)["NEW"] == (crosswalk["NEW"][0], None)
+    engine.dispose()

@@ -541,7 +541,7 @@ def test_a_fix_sheet_and_its_source_are_skipped_together_and_read_together(
     assert same["nothing_changed"] and same["run_id"] == again["run_id"]
 
     # The source corrects a row the fix sheet corrected, differently: the source's mapping loads it and the fix
-    # sheet, read with it though unchanged, loads its copy over it, as a run reading everything does.
+    # sheet, read with it though unchanged, leaves it (its row is superseded), as a run reading everything does.
     [key] = fixes.loc[fixes["_reasons"].str.contains("amount"), "商机编号"]
     workbook = load_workbook(demo_project / "data" / "sales.xlsx")
     sheet = workbook["商机"]
@@ -559,7 +559,10 @@ def test_a_fix_sheet_and_its_source_are_skipped_together_and_read_together(
         amount = connection.scalar(sa.select(Opportunity.amount).join(
             ExternalId, (ExternalId.entity_id == Opportunity.id) & (ExternalId.entity == "opportunity"),
         ).where(ExternalId.system == "sales_xlsx", ExternalId.external_key == key))  # fmt: skip
-    assert amount == 100000  # the fix sheet's, loaded last
+    assert amount == 90000  # the source's, newer than the fix sheet's 100000
+    assert [
+        line["superseded"] for line in changed["lines"] if line["mapping"] == "sales_xlsx_opportunities_fixed"
+    ] == [1]
     crmi_run(demo_project, url, "--no-skip")  # what a run reading everything leaves
     assert content(engine) == after
     engine.dispose()

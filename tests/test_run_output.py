@@ -184,7 +184,7 @@ def test_the_terminal_reconciliation_never_cuts_an_amount_on_a_narrow_terminal()
         amounts = dict.fromkeys((*money_fields, "quarantined_amount_share"))
         return SimpleNamespace(entity=entity, rows_read=120_000, loaded=118_000, merged=1_000, rejected=900,
                                held=100, warnings=3, quarantined=1_000, quarantined_share=0.0083, corrected=12,
-                               subtotals=0, quarantined_rows_share=0.0083,
+                               subtotals=0, superseded=0, quarantined_rows_share=0.0083,
                                keys_missing=0, spot_checked=25, spot_mismatches=0, status="quarantined",
                                **{**amounts, **money})  # fmt: skip
 

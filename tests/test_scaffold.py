@@ -354,7 +354,7 @@ def test_a_customer_phone_beside_a_city_completes_local_numbers_from_it() -> Non
 
 def test_a_scaffold_names_the_traps_a_newcomer_met_in_its_comments() -> None:
     # A newcomer's scaffolded mappings loaded soft-deleted accounts, loaded won deals without a close date (the
-    # rule reads only a mapped closed_on), and a fix sheet's corrected name gave a hashed row another key.
+    # rule reads only a mapped closed_on), and a corrected name gives a hashed row another key.
     from integration.mappings.scaffold import scaffold
 
     accounts = scaffold("legacy_crm", "accounts", ["id", "name", "deleted"])
@@ -364,7 +364,7 @@ def test_a_scaffold_names_the_traps_a_newcomer_met_in_its_comments() -> None:
     deals = scaffold("legacy_crm", "opportunities", ["id", "name", "account_id", "sales_stage", "amount"])
     assert "closed_on" in deals and "required_when_won" in deals
     sheet = scaffold("sales", "客户", ["客户名称", "统一社会信用代码"], sheet=True)
-    assert "gives the row another key" in sheet
+    assert "changes the row's key" in sheet
 
 
 def test_a_sheets_address_column_also_gives_the_records_city_province_and_district() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import zipfile
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path, PurePosixPath
 from typing import Any
 from xml.etree.ElementTree import Element, iterparse
@@ -41,18 +42,20 @@ def _position(reference: str) -> tuple[int, int]:
 
 def sheet_members(book: zipfile.ZipFile) -> dict[str, str]:
     """Return sheet name → the sheet's XML member in the package, in workbook order."""
-    relations = {
-        rel.get("Id"): rel.get("Target", "")
-        for _, rel in iterparse(book.open("xl/_rels/workbook.xml.rels"))
-        if rel.tag == f"{_PKG_REL}Relationship"
-    }
+    with book.open("xl/_rels/workbook.xml.rels") as stream:
+        relations = {
+            rel.get("Id"): rel.get("Target", "")
+            for _, rel in iterparse(stream)
+            if rel.tag == f"{_PKG_REL}Relationship"
+        }
     members: dict[str, str] = {}
-    for _, element in iterparse(book.open("xl/workbook.xml")):
-        if element.tag == f"{_MAIN}sheet":
-            target = relations.get(element.get(f"{_REL}id"), "")
-            members[element.get("name", "")] = (
-                target.lstrip("/") if target.startswith("/") else str(PurePosixPath("xl") / target)
-            )
+    with book.open("xl/workbook.xml") as stream:
+        for _, element in iterparse(stream):
+            if element.tag == f"{_MAIN}sheet":
+                target = relations.get(element.get(f"{_REL}id"), "")
+                members[element.get("name", "")] = (
+                    target.lstrip("/") if target.startswith("/") else str(PurePosixPath("xl") / target)
+                )
     return members
 
 
@@ -69,10 +72,16 @@ class _SharedStrings:
 
     def __init__(self, book: zipfile.ZipFile) -> None:
         has_table = "xl/sharedStrings.xml" in book.namelist()
+        self._stream = book.open("xl/sharedStrings.xml") if has_table else None
         self._items: Iterator[tuple[str, Element]] = (
-            iterparse(book.open("xl/sharedStrings.xml")) if has_table else iter(())
+            iterparse(self._stream) if self._stream is not None else iter(())
         )
         self._strings: list[str] = []
+
+    def close(self) -> None:
+        """Close the member read so far: left open, it would keep the workbook's file open after the package."""
+        if self._stream is not None:
+            self._stream.close()
 
     def __getitem__(self, index: int) -> str:
         for _, element in self._items:
@@ -109,23 +118,21 @@ def _value(cell: Element, strings: _SharedStrings) -> Any:
 def head_rows(path: Path, member: str, count: int) -> list[list[Any]]:
     """Return the sheet's first ``count`` rows (from row 1, column A; missing cells None)."""
     rows: list[list[Any]] = []
-    with zipfile.ZipFile(path) as book:
-        strings = _SharedStrings(book)
-        with book.open(member) as stream:
-            for _, element in iterparse(stream):
-                if element.tag != f"{_MAIN}row":
-                    continue
-                number = int(element.get("r", len(rows) + 1)) - 1
-                if number >= count:
-                    break
-                while len(rows) <= number:
-                    rows.append([])
-                row = rows[number]
-                for position, cell in enumerate(element.iter(f"{_MAIN}c")):
-                    column = _position(cell.get("r", ""))[1] if cell.get("r") else position
-                    row.extend([None] * (column + 1 - len(row)))
-                    row[column] = _value(cell, strings)
-                element.clear()
+    with zipfile.ZipFile(path) as book, closing(_SharedStrings(book)) as strings, book.open(member) as stream:
+        for _, element in iterparse(stream):
+            if element.tag != f"{_MAIN}row":
+                continue
+            number = int(element.get("r", len(rows) + 1)) - 1
+            if number >= count:
+                break
+            while len(rows) <= number:
+                rows.append([])
+            row = rows[number]
+            for position, cell in enumerate(element.iter(f"{_MAIN}c")):
+                column = _position(cell.get("r", ""))[1] if cell.get("r") else position
+                row.extend([None] * (column + 1 - len(row)))
+                row[column] = _value(cell, strings)
+            element.clear()
     width = max((len(r) for r in rows), default=0)
     return [[*row, *[None] * (width - len(row))] for row in rows]
 

@@ -43,6 +43,8 @@ EXTERNAL_KEY = "_external_key"
 SOURCE = "_source"
 MAPPING = "_mapping"
 RECORD_META = (EXTERNAL_KEY, ROW_REF, LOCATION, SOURCE, MAPPING)
+# A fix sheet's column (and its records'): the key of the source row it corrects (crm_core.loading.SOURCE_KEY).
+SOURCE_KEY = "_source_key"
 
 REJECT_COLUMNS = ["source", "entity", "location", "row_ref", "field", "value", "rule", "reason", "severity"]
 # What a reject also records of its row, when known: its crosswalk key (None when the row has none, or when
@@ -740,6 +742,14 @@ def map_chunk(mapping: CompiledMapping, chunk: pd.DataFrame) -> MappingResult:
             if column not in used and not column.startswith("_"):
                 columns[f"_extra_{column}"] = chunk[column]
     columns[EXTERNAL_KEY] = key
+    system = mapping.spec.source.system
+    if system is not None and system != mapping.source and SOURCE_KEY in chunk.columns:
+        # A fix sheet's rows name their original source row's key: the loader files them under it too.
+        columns[SOURCE_KEY] = pd.Series(
+            [None if _blank(v) else _key_text(v) for v in chunk[SOURCE_KEY].tolist()],
+            index=chunk.index,
+            dtype=object,
+        )
     columns[ROW_REF] = chunk[ROW_REF]
     columns[LOCATION] = chunk[LOCATION]
     columns[SOURCE] = pd.Series(mapping.source, index=chunk.index, dtype=object)

@@ -353,8 +353,9 @@ def scaffold(
     if isinstance(source_spec.get("key"), dict):
         text += (
             "# source.key hashes the columns that identify a record (no id column in this sheet): check that\n"
-            "# they do; two rows with the same values are reported as duplicate keys, not merged; a fix sheet's\n"
-            "# correction in one of them gives the row another key (README: Re-importing the rows to fix)\n"
+            "# they do; two rows with the same values are reported as duplicate keys, not merged; a correction in\n"
+            "# one of them changes the row's key: a fix sheet files the row under both, but a source row corrected\n"
+            "# otherwise than its fix sheet loads as another record (README: Re-importing the rows to fix)\n"
         )
     elif not key:
         text += (
