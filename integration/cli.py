@@ -2114,7 +2114,10 @@ def sync_retry(
 ) -> None:
     """Queue dead letters again; the next outbound run sends them. A record changed since its dead letter was
     built is sent as it is now; an unchanged one is resent with its trade id (applied once)."""
+    from sqlalchemy import func, select
+
     from crm_core.db import session_factory
+    from crm_core.models import SyncOutbox
     from integration.sync.engine import target_of
     from integration.sync.outbox import retry_dead
 
@@ -2136,7 +2139,20 @@ def sync_retry(
         session.begin(),
     ):
         count = retry_dead(session, target, ids or [], targets=targets)
+        left = session.scalar(
+            select(func.count()).where(
+                SyncOutbox.status == "dead",
+                *([SyncOutbox.target == target] if target else []),
+                *([SyncOutbox.id.in_(ids)] if ids else []),
+            )
+        )
     console.print(f"{count} dead letter(s) queued again; run `crmi sync run` (or wait for the schedule)")
+    if left:
+        errors.print(
+            f"[yellow]{left} dead letter(s) left:[/yellow] their record waits for a conflict decision (`crmi sync "
+            "conflicts`) or has no document to send now; `crmi sync discard ID --by NAME` gives one up",
+            highlight=False,
+        )
 
 
 @sync_app.command("discard")
