@@ -847,3 +847,19 @@ def test_a_dead_letter_is_discarded_by_a_person_with_a_reason(u8: Any, core: sa.
     assert json.loads(status.output)["u8"]["outbox"]["discarded"] == 1
     shown = CliRunner().invoke(app, ["sync", "status", *cli])
     assert "discarded" in shown.output and "王工" in shown.output
+
+
+def test_a_dead_letter_of_a_change_set_back_is_superseded_with_nothing_to_send(
+    u8: Any, core: sa.Engine
+) -> None:
+    """U8 rejects an edit; the CRM puts the record back as U8 has it: nothing to send, the dead letter ends."""
+    api, project, _url = u8
+    sync(project, core)
+    record = customer_by_name(core, "深圳卓泰电子有限公司")
+    edit_record(core, "customer", record.id, {"name": "深圳卓泰电子（集团）有限公司"})
+    api.faults.append("reject:name=深圳卓泰电子（集团）有限公司")
+    assert sync(project, core, "outbound").delivery.dead_letters == 1
+    edit_record(core, "customer", record.id, {"name": "深圳卓泰电子有限公司"})
+    assert sync(project, core, "outbound").delivery.sent == 0
+    [(_id, status, why, _payload)] = outbox_rows(core, record.id)
+    assert status == "superseded" and why.startswith("superseded: u8 holds the record as it is now"), why
