@@ -533,7 +533,8 @@ class SyncOutbox(Base):
     idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
     trade_id: Mapped[str | None] = mapped_column(String(64))
     # pending | waiting (for a record it needs, e.g. the customer's ERP code) | awaiting (async result) |
-    # done | dead | superseded (a newer change of the record replaced it before it was sent)
+    # done | dead | superseded (a newer document of the record replaced it before it was sent, or replaced its
+    # dead letter) | discarded (a dead letter a person gave up: crmi sync discard, who and why in last_error)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)

@@ -2133,13 +2133,14 @@ def sync_status(
         sys.stdout.write(json.dumps(status, ensure_ascii=False, default=str) + "\n")
         return
     table = Table(title="Sync status")
-    for column in ("target", "pending", "waiting", "awaiting", "done", "dead", "oldest pending",
+    for column in ("target", "pending", "waiting", "awaiting", "done", "dead", "discarded", "oldest pending",
                    "conflicts open", "last run", "status"):  # fmt: skip
         table.add_column(column)
     for name, item in status.items():
         outbox = item["outbox"]
         last = item["last_run"] or {}
-        table.add_row(name, *(str(outbox.get(k, 0)) for k in ("pending", "waiting", "awaiting", "done", "dead")),
+        counted = ("pending", "waiting", "awaiting", "done", "dead", "discarded")
+        table.add_row(name, *(str(outbox.get(k, 0)) for k in counted),
                       str(item["oldest_pending"] or ""), str(item["conflicts_open"]), str(last.get("run_key", "")),
                       str(last.get("status", "")))  # fmt: skip
     console.print(table)
@@ -2153,6 +2154,22 @@ def sync_status(
         more = item["outbox"].get("waiting", 0) - len(shown)
         if more > 0:
             console.print(f"{escape(name)} waiting: … and {more} more", highlight=False)
+        for kind in ("dead", "discarded"):
+            for row in item[kind]:
+                console.print(
+                    f"{escape(name)} {kind}: outbox row {row['id']}, {row['entity']} {row['entity_id']}: "
+                    f"{escape(str(row['reason']))}",
+                    highlight=False,
+                )
+            more = item["outbox"].get(kind, 0) - len(item[kind])
+            if more > 0:
+                console.print(f"{escape(name)} {kind}: … and {more} more", highlight=False)
+    if any(item["outbox"].get("dead") for item in status.values()):
+        console.print(
+            "dead letters: fix the cause, then `crmi sync retry`; or give one up with "
+            "`crmi sync discard ID --by NAME --reason TEXT` (docs/sync.md, Dead letters)",
+            highlight=False,
+        )
 
 
 @sync_app.command("retry")
@@ -2162,22 +2179,78 @@ def sync_retry(
     project: ProjectOption = None,
     core: CoreOption = None,
 ) -> None:
-    """Make dead letters pending again; the next outbound run resends them (same trade id: applied once)."""
+    """Queue dead letters again; the next outbound run sends them. A record changed since its dead letter was
+    built is sent as it is now; an unchanged one is resent with its trade id (applied once)."""
+    from sqlalchemy import func, select
+
     from crm_core.db import session_factory
+    from crm_core.models import SyncOutbox
+    from integration.sync.engine import target_of
     from integration.sync.outbox import retry_dead
 
     migration = _migration_or_exit(project)
     if target is not None and target not in migration.project.sync:
         errors.print(f"unknown sync target '{escape(target)}'; targets: {', '.join(migration.project.sync)}")
         raise typer.Exit(EXIT_FAILED)
+    try:
+        targets = {
+            name: target_of(migration, name) for name in ([target] if target else migration.project.sync)
+        }
+    except CrmError as exc:
+        errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
     with (
         _core_engine(core) as engine,
         _sharing_the_core(engine, "crmi sync retry", "retry of dead letters"),
         session_factory(engine)() as session,
         session.begin(),
     ):
-        count = retry_dead(session, target, ids or [])
+        count = retry_dead(session, target, ids or [], targets=targets)
+        left = session.scalar(
+            select(func.count()).where(
+                SyncOutbox.status == "dead",
+                *([SyncOutbox.target == target] if target else []),
+                *([SyncOutbox.id.in_(ids)] if ids else []),
+            )
+        )
     console.print(f"{count} dead letter(s) queued again; run `crmi sync run` (or wait for the schedule)")
+    if left:
+        errors.print(
+            f"[yellow]{left} dead letter(s) left:[/yellow] their record waits for a conflict decision (`crmi sync "
+            "conflicts`) or has no document to send now; `crmi sync discard ID --by NAME` gives one up",
+            highlight=False,
+        )
+
+
+@sync_app.command("discard")
+def sync_discard(
+    ids: Annotated[list[int], typer.Argument(help="outbox ids of the dead letters to give up")],
+    by: Annotated[str | None, typer.Option("--by", help="who gives them up (recorded with them)")] = None,
+    reason: Annotated[str | None, typer.Option("--reason", help="why (recorded with them)")] = None,
+    project: ProjectOption = None,
+    core: CoreOption = None,
+) -> None:
+    """Give dead letters up on purpose (status discarded, who and why recorded): they are not sent again and
+    the dead-letters check no longer counts them."""
+    from crm_core.db import session_factory
+    from integration.sync.outbox import discard_dead
+
+    _migration_or_exit(project)
+    if not by or not by.strip():
+        errors.print("discard needs --by NAME: who gives the dead letters up, recorded with them")
+        raise typer.Exit(EXIT_FAILED)
+    try:
+        with (
+            _core_engine(core) as engine,
+            _sharing_the_core(engine, "crmi sync discard", "discard of dead letters"),
+            session_factory(engine)() as session,
+            session.begin(),
+        ):
+            count = discard_dead(session, ids, by=by, reason=reason)
+    except CrmError as exc:
+        errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    console.print(f"{count} dead letter(s) discarded by {escape(by.strip())}")
 
 
 @sync_app.command("conflicts")

@@ -414,3 +414,40 @@ def test_the_test_command_posts_a_test_alert(
     output = capsys.readouterr()
     assert "test alert not delivered: the webhook receiver answered HTTP 500" in output.err
     assert KEY not in output.out + output.err
+
+
+FLAKY: dict[str, bool] = {"passes": False}
+
+
+@dg.asset(check_specs=[dg.AssetCheckSpec("check_dead_letters", asset="outbox")])
+def outbox() -> Iterator[Any]:
+    yield dg.Output(1)
+    passed = FLAKY["passes"]
+    yield dg.AssetCheckResult(
+        check_name="check_dead_letters", passed=passed, description=None if passed else "1 dead letter(s)"
+    )
+
+
+def test_a_check_that_keeps_failing_is_alerted_once_per_failure(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(monkeypatch, receiver.url)
+    sensor = check_failure_alert_sensor()
+    with dg.instance_for_test() as instance:
+        cursor = tick(sensor, instance, None).cursor
+
+        def runs(*outcomes: bool) -> None:
+            for passes in outcomes:
+                FLAKY["passes"] = passes
+                dg.materialize([outbox], instance=instance)
+
+        runs(False, False)  # fails, and fails again on the next run: one failure
+        cursor = tick(sensor, instance, cursor).cursor
+        runs(False)  # still failing, on a later tick (the state survives in the cursor)
+        cursor = tick(sensor, instance, cursor).cursor
+        assert [b["check"] for b in receiver.bodies()] == ["check_dead_letters"]
+
+        runs(True, False, False)  # recovered, then a new failure: alerted once more
+        data = tick(sensor, instance, cursor)
+        assert len(receiver.bodies()) == 2
+        assert tick(sensor, instance, data.cursor).skip_message == "no new failed checks"

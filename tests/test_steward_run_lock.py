@@ -271,8 +271,11 @@ def with_sync_rows(engine: sa.Engine) -> tuple[int, int]:
     """A dead letter and an open conflict of the demo project's u8 target (ids)."""
     with engine.begin() as connection:
         customer = connection.scalar(sa.text("SELECT min(id) FROM customers WHERE merged_into_id IS NULL"))
+        other = connection.scalar(
+            sa.text("SELECT min(id) FROM customers WHERE merged_into_id IS NULL AND id > :c"), {"c": customer}
+        )
         dead = connection.execute(sa.insert(SyncOutbox).values(
-            target="u8", entity="customer", entity_id=customer, operation="customer/edit", payload={"name": "x"},
+            target="u8", entity="customer", entity_id=other, operation="customer/edit", payload={"name": "x"},
             payload_hash="h", core_values={}, idempotency_key="dead-1", status="dead", attempts=5,
             next_attempt_at=dt.datetime.now(dt.UTC), last_error="U8 said no",
         )).inserted_primary_key[0]  # fmt: skip
@@ -331,8 +334,8 @@ def test_while_a_command_holds_the_core_the_cli_writes_of_people_refuse_and_writ
     assert undone.exit_code == 0 and "separate from" in undone.output, undone.output
     retried = runner.invoke(app, commands["retry"])
     assert retried.exit_code == 0 and "1 dead letter(s) queued again" in retried.output, retried.output
-    with core.connect() as connection:
-        assert connection.scalar(sa.select(SyncOutbox.status).where(SyncOutbox.id == dead)) == "pending"
+    with core.connect() as connection:  # its record's document as it is now replaces the planted one
+        assert connection.scalar(sa.select(SyncOutbox.status).where(SyncOutbox.id == dead)) == "superseded"
 
 
 def test_the_cli_writes_of_people_hold_the_core_shared_named_after_the_command(

@@ -7,6 +7,7 @@ inbound read and the loop is closed. Nothing of the code under test is replaced.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from crm_core.edits import create_record, edit_record
 from crm_core.errors import ConfigError
 from crm_core.models import Customer, ExternalId, Opportunity, SalesOrder, SyncConflict, SyncOutbox
 from integration.pipeline import Migration, core_engine
-from integration.sync.engine import SyncReport, run_sync
+from integration.sync.engine import SyncReport, run_sync, target_of
 from integration.sync.outbox import retry_dead
 from tests.conftest import REPO
 from tests.servers.u8_openapi import U8Api, serve
@@ -740,3 +741,125 @@ def test_sync_run_says_how_to_decide_the_open_conflicts(
         data = json.loads(later.output.strip().splitlines()[-1])
         assert (data["conflicts_open"], data["conflicts_waiting"]) == (0, 1)
         assert data["hint"] == "1 conflict open: `crmi sync conflicts` to decide"
+
+
+def outbox_rows(engine: sa.Engine, record_id: int) -> list[Any]:
+    with session_factory(engine)() as session:
+        return list(
+            session.execute(
+                sa.select(SyncOutbox.id, SyncOutbox.status, SyncOutbox.last_error, SyncOutbox.payload)
+                .where(SyncOutbox.entity == "customer", SyncOutbox.entity_id == record_id)
+                .order_by(SyncOutbox.id)
+            )
+        )
+
+
+def dead_letter_of_a_long_name(u8: Any, core: sa.Engine) -> tuple[int, int]:
+    """A new customer U8 rejects (its name too long): (record id, outbox id of the dead letter)."""
+    api, project, _url = u8
+    sync(project, core)
+    record_id = create_record(core, "customer", {"name": "名字太长的客户有限公司"})
+    api.faults.append("reject:name=名字太长的客户有限公司")
+    assert sync(project, core, "outbound").delivery.dead_letters == 1
+    [(dead_id, status, _why, _payload)] = outbox_rows(core, record_id)
+    assert status == "dead"
+    return record_id, dead_id
+
+
+def test_a_newer_document_of_the_record_supersedes_its_dead_letter(u8: Any, core: sa.Engine) -> None:
+    """The record fixed in the CRM: its new document replaces the dead letter, which no longer waits."""
+    _api, project, url = u8
+    record_id, dead_id = dead_letter_of_a_long_name(u8, core)
+    edit_record(core, "customer", record_id, {"name": "短名有限公司"})
+    report = sync(project, core, "outbound")
+    assert (report.delivery.applied, report.delivery.dead_letters) == (1, 0)
+    [old, new] = outbox_rows(core, record_id)
+    assert (old.id, old.status, new.status) == (dead_id, "superseded", "done")
+    assert f"superseded by outbox row {new.id}" in old.last_error
+    assert u8_rows(url, 'SELECT "cCusName" FROM "Customer" WHERE "cCusDefine1" = :k', k=str(record_id)) == [
+        ("短名有限公司",)
+    ]
+
+
+def test_retry_of_a_dead_letter_whose_record_changed_sends_the_record_as_it_is_now(
+    u8: Any, core: sa.Engine
+) -> None:
+    """Fixed in the CRM, then retried before any sync: the retry sends the corrected record, not the stored
+    document U8 rejected; a record unchanged since is resent with its trade id (applied once)."""
+    _api, project, url = u8
+    record_id, dead_id = dead_letter_of_a_long_name(u8, core)
+    edit_record(core, "customer", record_id, {"name": "短名有限公司"})
+    targets = {"u8": target_of(Migration.load(str(project)), "u8")}
+    with session_factory(core)() as session, session.begin():
+        assert retry_dead(session, "u8", targets=targets) == 1
+    report = sync(project, core, "outbound")
+    assert (report.delivery.applied, report.delivery.dead_letters) == (1, 0)
+    [old, new] = outbox_rows(core, record_id)
+    assert (old.id, old.status, new.status, new.payload["name"]) == (
+        dead_id,
+        "superseded",
+        "done",
+        "短名有限公司",
+    )
+    assert f"superseded by outbox row {new.id}" in old.last_error
+    assert u8_rows(url, 'SELECT "cCusName" FROM "Customer" WHERE "cCusDefine1" = :k', k=str(record_id)) == [
+        ("短名有限公司",)
+    ]
+
+
+def test_retry_of_an_unchanged_dead_letter_resends_it_with_its_trade_id(u8: Any, core: sa.Engine) -> None:
+    _api, project, _url = u8
+    record_id, dead_id = dead_letter_of_a_long_name(u8, core)
+    with session_factory(core)() as session:
+        trade_id = session.get(SyncOutbox, dead_id).trade_id  # type: ignore[union-attr]
+    targets = {"u8": target_of(Migration.load(str(project)), "u8")}
+    with session_factory(core)() as session, session.begin():
+        assert retry_dead(session, "u8", targets=targets) == 1
+    assert sync(project, core, "outbound").delivery.applied == 1
+    with session_factory(core)() as session:
+        row = session.get(SyncOutbox, dead_id)
+        assert row is not None and (row.status, row.trade_id) == ("done", trade_id)
+    assert len(outbox_rows(core, record_id)) == 1
+
+
+def test_a_dead_letter_is_discarded_by_a_person_with_a_reason(u8: Any, core: sa.Engine) -> None:
+    """`crmi sync discard IDS --by NAME --reason TEXT`: the dead letter stops waiting, who and why recorded."""
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    _api, project, _url = u8
+    record_id, dead_id = dead_letter_of_a_long_name(u8, core)
+    cli = ["--project", str(project), "--core-url", core.url.render_as_string(hide_password=False)]
+    refused = CliRunner().invoke(app, ["sync", "discard", str(dead_id), *cli])
+    assert refused.exit_code != 0 and "--by" in refused.output
+    done = CliRunner().invoke(
+        app, ["sync", "discard", str(dead_id), "--by", "王工", "--reason", "corrected by hand in U8", *cli]
+    )
+    assert done.exit_code == 0, done.output
+    assert "1 dead letter(s) discarded" in done.output
+    [(row_id, status, why, _payload)] = outbox_rows(core, record_id)
+    assert (row_id, status) == (dead_id, "discarded")
+    assert why.startswith("discarded by 王工 at ") and "UTC: corrected by hand in U8 (was dead: U8 " in why
+    again = CliRunner().invoke(app, ["sync", "discard", str(dead_id), "--by", "王工", *cli])
+    assert again.exit_code != 0 and f"outbox row {dead_id} is not a dead letter" in again.output
+    status = CliRunner().invoke(app, ["sync", "status", "--json", *cli])
+    assert json.loads(status.output)["u8"]["outbox"]["discarded"] == 1
+    shown = CliRunner().invoke(app, ["sync", "status", *cli])
+    assert "discarded" in shown.output and "王工" in shown.output
+
+
+def test_a_dead_letter_of_a_change_set_back_is_superseded_with_nothing_to_send(
+    u8: Any, core: sa.Engine
+) -> None:
+    """U8 rejects an edit; the CRM puts the record back as U8 has it: nothing to send, the dead letter ends."""
+    api, project, _url = u8
+    sync(project, core)
+    record = customer_by_name(core, "深圳卓泰电子有限公司")
+    edit_record(core, "customer", record.id, {"name": "深圳卓泰电子（集团）有限公司"})
+    api.faults.append("reject:name=深圳卓泰电子（集团）有限公司")
+    assert sync(project, core, "outbound").delivery.dead_letters == 1
+    edit_record(core, "customer", record.id, {"name": "深圳卓泰电子有限公司"})
+    assert sync(project, core, "outbound").delivery.sent == 0
+    [(_id, status, why, _payload)] = outbox_rows(core, record.id)
+    assert status == "superseded" and why.startswith("superseded: u8 holds the record as it is now"), why

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
@@ -117,11 +117,16 @@ def run_failure_alert_sensor(jobs: Sequence[MonitoredJob] | None = None) -> dg.S
 
 @dataclass
 class CheckCursor:
-    """Where the check sensor is: after run end ``after``; of the next run, ``sent`` alerts are done."""
+    """Where the check sensor is: after run end ``after``; of the next run, ``sent`` alerts are done.
+
+    ``failing`` holds the checks (``asset|check``) whose last evaluation failed and was alerted: their next
+    failures are the same failure and are not alerted again until the check passes (or is not alerted).
+    """
 
     after: int
     sent: int = 0
     attempts: int = 0  # failed deliveries of the next alert so far
+    failing: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         """Return the cursor string."""
@@ -132,8 +137,9 @@ class CheckCursor:
         """Return the cursor, or None for a new (or unreadable) one."""
         try:
             data = json.loads(text or "")
-            return cls(int(data["after"]), int(data.get("sent", 0)), int(data.get("attempts", 0)))
-        except (ValueError, TypeError, KeyError):
+            failing = [str(key) for key in data.get("failing", [])]
+            return cls(int(data["after"]), int(data.get("sent", 0)), int(data.get("attempts", 0)), failing)
+        except (ValueError, TypeError, KeyError, AttributeError):
             return None
 
 
@@ -166,31 +172,38 @@ def _metadata(evaluation: dg.AssetCheckEvaluation) -> dict[str, Any]:
     return {k: v.value for k, v in evaluation.metadata.items() if isinstance(v, _SCALAR_METADATA)}
 
 
-def _failed_checks(instance: dg.DagsterInstance, run: dg.DagsterRun, config: AlertConfig) -> list[Alert]:
-    """Return one alert per failed check of ``run`` whose severity is alerted, in evaluation order."""
+def check_key(asset: str, check: str) -> str:
+    """Return how the check sensor's cursor names a check (``asset|check``)."""
+    return f"{asset}|{check}"
+
+
+def _failed_checks(
+    instance: dg.DagsterInstance, run: dg.DagsterRun, config: AlertConfig
+) -> list[tuple[str, Alert | None]]:
+    """Return each evaluated check of ``run`` (its key) in evaluation order, with its alert when it failed
+    with a severity that is alerted (else None: it passed, for the alerts)."""
     records = instance.get_records_for_run(
         run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
     ).records
-    alerts = []
+    alerts: list[tuple[str, Alert | None]] = []
     for record in records:
         event = record.event_log_entry.dagster_event
         evaluation = event.asset_check_evaluation_data if event is not None else None
-        if evaluation is None or evaluation.passed or not config.alerts_severity(evaluation.severity.value):
+        if evaluation is None:
             continue
         asset = evaluation.asset_key.to_user_string()
+        key = check_key(asset, evaluation.check_name)
+        if evaluation.passed or not config.alerts_severity(evaluation.severity.value):
+            alerts.append((key, None))
+            continue
         severity, summary = evaluation.severity.value, _metadata(evaluation)
-        alerts.append(
+        alerts.append((
+            key,
             check_failure_alert(
-                run.job_name,
-                run.run_id,
-                asset,
-                evaluation.check_name,
-                severity,
-                evaluation.description,
-                summary,
-                config.ui_url,
-            )
-        )
+                run.job_name, run.run_id, asset, evaluation.check_name, severity, evaluation.description,
+                summary, config.ui_url,
+            ),
+        ))  # fmt: skip
     return alerts
 
 
@@ -226,7 +239,13 @@ def check_failure_alert_sensor(jobs: Sequence[MonitoredJob] | None = None) -> dg
             except Exception as exc:  # an unreadable run is logged and passed over; the next ones still count
                 context.log.error(f"failed checks of run {run_id} not read: {config.redact(cause_line(exc))}")
                 alerts = []
-            for alert in alerts[cursor.sent :]:
+            for key, alert in alerts:
+                if alert is None:  # passed: its next failure is a new one
+                    if key in cursor.failing:
+                        cursor.failing.remove(key)
+                    continue
+                if key in cursor.failing:  # still failing since its alert (or handled earlier in this run)
+                    continue
                 if handled == MAX_CHECK_ALERTS_PER_TICK:
                     return handled, "more wait for the next tick"
                 what = f"check {alert.asset} {alert.check} of run {run_id}"
@@ -244,6 +263,7 @@ def check_failure_alert_sensor(jobs: Sequence[MonitoredJob] | None = None) -> dg
                     context.log.error(f"alert for {what} given up after {MAX_ATTEMPTS} attempts: {exc}")
                 else:
                     context.log.info(f"alert sent for {what}")
+                cursor.failing.append(key)
                 cursor.sent, cursor.attempts, handled = cursor.sent + 1, 0, handled + 1
             cursor.after, cursor.sent, cursor.attempts = storage_id, 0, 0
         return handled, "up to date" if handled else "no new failed checks"
@@ -264,7 +284,12 @@ def check_failure_alert_sensor(jobs: Sequence[MonitoredJob] | None = None) -> dg
         config = _config(context.log, "failed checks")
         if isinstance(config, str):
             # Runs that end while alerts are off are passed over, not alerted in a burst later.
-            context.update_cursor(CheckCursor(max(cursor.after, _latest_run_end(context.instance))).to_json())
+            cursor.after, cursor.sent, cursor.attempts = (
+                max(cursor.after, _latest_run_end(context.instance)),
+                0,
+                0,
+            )
+            context.update_cursor(cursor.to_json())
             return dg.SkipReason(config)
         try:
             handled, note = deliver(context, config, cursor)

@@ -575,7 +575,8 @@ def _dead_letter_check(target: CompiledTarget) -> dg.AssetChecksDefinition:
         asset=asset_name(name, "outbound"),
         name="check_dead_letters",
         description=f"Changes {name} rejected, or that failed every retry: none may wait. Fix the cause and "
-        f"resend them with `crmi sync retry --target {name}`.",
+        f"resend them with `crmi sync retry --target {name}` (a record fixed in the CRM is sent as it is now), "
+        "or give one up with `crmi sync discard ID --by NAME --reason TEXT`.",
         required_resource_keys={"core"},
     )
     def _dead(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
@@ -594,7 +595,8 @@ def _dead_letter_check(target: CompiledTarget) -> dg.AssetChecksDefinition:
             description=None
             if count == 0
             else f"{count} dead letter(s) for {name}: {'; '.join(reasons)}{'; …' if count > len(reasons) else ''}"
-            f" — fix the cause, then `crmi sync retry --target {name}`",
+            f" — fix the cause, then `crmi sync retry --target {name}`; or give one up with "
+            "`crmi sync discard ID --by NAME --reason TEXT`",
             metadata={
                 "dead_letters": dg.MetadataValue.int(count),
                 "first_reasons": dg.MetadataValue.json(reasons),

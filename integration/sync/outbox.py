@@ -409,25 +409,34 @@ def capture(
             )
         ).all()
         ids |= set(waiting)
-        # A record merged into another (a steward's decision, a dedup run) is never sent: its survivor is.
-        ids -= _drop_merged_away(session, target, entity, stats)
-        # A record with a conflict waiting for a person is held back: sending it would decide for the CRM.
-        # Settling the conflict queues it again (crmi sync conflicts --decide).
-        held = ids & set(session.scalars(select(SyncConflict.entity_id).where(
-            SyncConflict.target == target.name, SyncConflict.entity == entity, SyncConflict.status == "open"
-        )))  # fmt: skip
-        stats.held += len(held)
-        ids -= held
-        if not ids:
-            continue
-        stats.records += len(ids)
-        ordered = sorted(ids)
-        for start in range(0, len(ordered), CHUNK):
-            _queue(session, target, sync, ordered[start : start + CHUNK], run_id, stats)
+        _queue_records(session, target, sync, ids, run_id, stats)
     if advance and (upto > cursor or first):
         save_watermark(session, watermark_source(target.name), CAPTURE_STREAM,
                        CursorState(upto, frozenset()), run_id)  # fmt: skip
     return stats
+
+
+def _queue_records(
+    session: Session, target: CompiledTarget, sync: CompiledEntitySync, ids: set[int], run_id: int | None,
+    stats: CaptureStats,
+) -> None:  # fmt: skip
+    """Queue the current documents of ``ids`` (one entity), but not of records merged away or held back."""
+    entity = sync.entity
+    # A record merged into another (a steward's decision, a dedup run) is never sent: its survivor is.
+    ids = ids - _drop_merged_away(session, target, entity, stats)
+    # A record with a conflict waiting for a person is held back: sending it would decide for the CRM.
+    # Settling the conflict queues it again (crmi sync conflicts --decide).
+    held = ids & set(session.scalars(select(SyncConflict.entity_id).where(
+        SyncConflict.target == target.name, SyncConflict.entity == entity, SyncConflict.status == "open"
+    )))  # fmt: skip
+    stats.held += len(held)
+    ids -= held
+    if not ids:
+        return
+    stats.records += len(ids)
+    ordered = sorted(ids)
+    for start in range(0, len(ordered), CHUNK):
+        _queue(session, target, sync, ordered[start : start + CHUNK], run_id, stats)
 
 
 def target_sync_runs(target: str) -> Any:
@@ -518,7 +527,7 @@ def review_reason(candidate_id: int, left: int, right: int, entity: str = "custo
 
 
 def _queue(
-    session: Session, target: CompiledTarget, sync: CompiledEntitySync, ids: list[int], run_id: int,
+    session: Session, target: CompiledTarget, sync: CompiledEntitySync, ids: list[int], run_id: int | None,
     stats: CaptureStats,
 ) -> None:  # fmt: skip
     documents = build_documents(session, target, sync, ids)
@@ -572,6 +581,9 @@ def _queue(
                 unchanged.append(document.entity_id)
                 superseded.extend(replaceable)
                 continue
+            unsent = [r for r in current if r.trade_id is None]
+            if [(r.status, r.payload_hash) for r in unsent] == [("pending", digest)]:
+                continue  # queued already as it is now (e.g. by a retry of its dead letter): the row stays
         else:
             digest = ""
             if [(r.status, r.operation, r.last_error) for r in current if r.trade_id is None] == [
@@ -603,6 +615,39 @@ def _queue(
             )
     if new_rows:
         session.execute(insert(OUTBOX), new_rows)
+    newer: dict[int, str] = {}  # record -> why its dead letters no longer wait
+    for part in _parts([r["idempotency_key"] for r in new_rows]):
+        for row_id, entity_id in session.execute(
+            select(OUTBOX.c.id, OUTBOX.c.entity_id).where(OUTBOX.c.idempotency_key.in_(part))
+        ):
+            newer[int(entity_id)] = f"superseded by outbox row {row_id}, the record's current document"
+    for entity_id in unchanged:
+        newer.setdefault(
+            entity_id, f"superseded: {target.name} holds the record as it is now (nothing to send)"
+        )
+    stats.superseded += supersede_dead(session, target.name, sync.entity, newer)
+
+
+def supersede_dead(session: Session, target: str, entity: str, why: Mapping[int, str]) -> int:
+    """Supersede the dead letters of the records in ``why`` (record -> reason, e.g. the newer row that carries
+    the record's current state); the reason goes before what the target had said. Return how many."""
+    if not why:
+        return 0
+    connection = session.connection()
+    dead: list[Any] = []
+    for part in _parts(sorted(why)):
+        dead.extend(session.execute(
+            select(OUTBOX.c.id, OUTBOX.c.entity_id, OUTBOX.c.last_error).where(
+                OUTBOX.c.target == target, OUTBOX.c.entity == entity, OUTBOX.c.status == "dead",
+                ids_in(connection, OUTBOX.c.entity_id, part),
+            )
+        ))  # fmt: skip
+    if dead:
+        session.execute(
+            update(OUTBOX).where(OUTBOX.c.id == bindparam("_id")).values(status="superseded", last_error=bindparam("why")),
+            [{"_id": r.id, "why": f"{why[r.entity_id]} (was dead: {r.last_error or 'no reason recorded'})"} for r in dead],
+        )  # fmt: skip
+    return len(dead)
 
 
 # --------------------------------------------------------------------------- delivery
@@ -898,11 +943,20 @@ def oldest_pending(session: Session, target: str) -> dt.datetime | None:
     return value
 
 
-def retry_dead(session: Session, target: str | None = None, ids: Sequence[int] = ()) -> int:
-    """Make dead letters pending again (attempts reset); return how many.
+def retry_dead(
+    session: Session,
+    target: str | None = None,
+    ids: Sequence[int] = (),
+    *,
+    targets: Mapping[str, CompiledTarget] | None = None,
+) -> int:
+    """Queue dead letters again; return how many (resent as they are, or replaced by a fresh document).
 
-    A dead letter whose record changed again since (a newer outbox row) is superseded instead: resending it
-    would put older values over newer ones.
+    A dead letter whose record changed again since (a newer outbox row) is superseded: resending it would put
+    older values over newer ones. With the compiled ``targets``, each record's document is built again from
+    the record as it is now: the same document is resent with its trade id (attempts reset; the target
+    applies it once), a different one (the record was fixed in the CRM) is queued as a new row that
+    supersedes the dead letter; a record the target already holds as it is now has nothing to resend.
     """
     condition = [SyncOutbox.status == "dead"]
     if target is not None:
@@ -910,16 +964,97 @@ def retry_dead(session: Session, target: str | None = None, ids: Sequence[int] =
     if ids:
         condition.append(SyncOutbox.id.in_(list(ids)))
     newer = aliased(SyncOutbox)
-    has_newer = (
-        select(newer.id)
+    newest = (
+        select(func.max(newer.id))
         .where(newer.target == SyncOutbox.target, newer.entity == SyncOutbox.entity,
                newer.entity_id == SyncOutbox.entity_id, newer.id > SyncOutbox.id, newer.status != "superseded")
-        .exists()
+        .scalar_subquery()
     )  # fmt: skip
-    session.execute(update(SyncOutbox).where(and_(*condition), has_newer).values(status="superseded"))
-    result = session.execute(
-        update(SyncOutbox)
-        .where(and_(*condition))
-        .values(status="pending", attempts=0, next_attempt_at=_utcnow())
-    )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    dead = session.execute(
+        select(SyncOutbox.id, SyncOutbox.target, SyncOutbox.entity, SyncOutbox.entity_id,
+               SyncOutbox.payload_hash, SyncOutbox.last_error, newest.label("newer_id"))
+        .where(and_(*condition)).order_by(SyncOutbox.id)
+    ).all()  # fmt: skip
+    overtaken = [r for r in dead if r.newer_id is not None]
+    if overtaken:
+        session.execute(
+            update(OUTBOX).where(OUTBOX.c.id == bindparam("_id")).values(status="superseded", last_error=bindparam("why")),
+            [{"_id": r.id, "why": f"superseded by outbox row {r.newer_id}, a newer change of the record "
+              f"(was dead: {r.last_error or 'no reason recorded'})"} for r in overtaken],
+        )  # fmt: skip
+    resend = [r.id for r in dead if r.newer_id is None]
+    rebuilt = 0
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for r in dead:
+        if r.newer_id is None and targets is not None and r.target in targets:
+            groups.setdefault((r.target, r.entity), []).append(r)
+    for (name, entity), rows in groups.items():
+        compiled = targets[name] if targets is not None else None
+        sync = compiled.entities.get(entity) if compiled is not None else None
+        if compiled is None or sync is None or not sync.outbound_enabled:
+            continue
+        now = {d.entity_id: d for d in build_documents(session, compiled, sync, [r.entity_id for r in rows])}
+        changed = set()
+        for r in rows:
+            document = now.get(r.entity_id)
+            if document is None or document.problem is not None or document.operation is None:
+                changed.add(r.entity_id)  # no document as it was: capture decides (wait, nothing to send)
+            elif payload_hash({"operation": document.operation, **document.payload}) != r.payload_hash:
+                changed.add(r.entity_id)
+        if not changed:
+            continue
+        _queue_records(session, compiled, sync, changed, None, CaptureStats())
+        replaced = {r.id for r in rows if r.entity_id in changed}
+        still_dead = set(session.scalars(
+            select(SyncOutbox.id).where(SyncOutbox.id.in_(sorted(replaced)), SyncOutbox.status == "dead")
+        ))  # fmt: skip
+        # Held back (a conflict, a merge) or never queued: the dead letter stays for a person to look at.
+        rebuilt += len(replaced - still_dead)
+        resend = [i for i in resend if i not in replaced]
+    if resend:
+        session.execute(
+            update(SyncOutbox)
+            .where(SyncOutbox.id.in_(resend))
+            .values(status="pending", attempts=0, next_attempt_at=_utcnow())
+        )
+    return len(resend) + rebuilt
+
+
+DISCARDED = "discarded"
+
+
+def discard_dead(session: Session, ids: Sequence[int], *, by: str, reason: str | None = None) -> int:
+    """Give dead letters up on purpose: status ``discarded``, who and why put before the target's message.
+
+    Only dead letters can be discarded (a row still to be sent is not one's to drop); return how many.
+    """
+    if not by or not by.strip():
+        raise SyncError("say who discards the dead letters (--by NAME): it is recorded with them")
+    wanted = sorted(set(ids))
+    if not wanted:
+        raise SyncError(
+            "name the dead letters to discard by their outbox ids (`crmi sync status` lists them)"
+        )
+    rows = {
+        r.id: r
+        for r in session.execute(
+            select(SyncOutbox.id, SyncOutbox.status, SyncOutbox.last_error).where(SyncOutbox.id.in_(wanted))
+        )
+    }
+    wrong = [
+        f"outbox row {i} is not a dead letter ({rows[i].status})"
+        if i in rows
+        else f"there is no outbox row {i}"
+        for i in wanted
+        if i not in rows or rows[i].status != "dead"
+    ]
+    if wrong:
+        raise SyncError("; ".join(wrong) + "; nothing was discarded")
+    when = f"{_utcnow():%Y-%m-%d %H:%M} UTC"
+    why = f": {reason.strip()}" if reason and reason.strip() else ""
+    session.execute(
+        update(OUTBOX).where(OUTBOX.c.id == bindparam("_id")).values(status=DISCARDED, last_error=bindparam("why")),
+        [{"_id": i, "why": f"discarded by {by.strip()} at {when}{why} (was dead: {rows[i].last_error or 'no reason recorded'})"}
+         for i in wanted],
+    )  # fmt: skip
+    return len(wanted)

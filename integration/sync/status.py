@@ -16,7 +16,8 @@ WAITING_SHOWN = 10  # waiting documents listed with their reason, oldest first
 
 def sync_status(engine: Engine, targets: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Return per target: outbox counts by status, the oldest undelivered change, open conflicts, last run, and
-    the first documents that wait with why (a customer's U8 code, a steward's decision)."""
+    the first documents that wait with why (a customer's U8 code, a steward's decision), the first dead
+    letters with the target's reason and the last ones discarded, with who and why."""
     status: dict[str, dict[str, Any]] = {}
     with session_factory(engine)() as session:
         counts = outbox_counts(session)
@@ -36,9 +37,22 @@ def sync_status(engine: Engine, targets: Sequence[str]) -> dict[str, dict[str, A
                 .order_by(SyncOutbox.id)
                 .limit(WAITING_SHOWN)
             ).all()
+            listed = {
+                kind: [
+                    {"id": row_id, "entity": e, "entity_id": i, "reason": why}
+                    for row_id, e, i, why in session.execute(
+                        select(SyncOutbox.id, SyncOutbox.entity, SyncOutbox.entity_id, SyncOutbox.last_error)
+                        .where(SyncOutbox.target == target, SyncOutbox.status == kind)
+                        .order_by(SyncOutbox.id.desc() if kind == "discarded" else SyncOutbox.id)
+                        .limit(WAITING_SHOWN)
+                    )
+                ]
+                for kind in ("dead", "discarded")
+            }
             status[target] = {
                 "outbox": counts.get(target, {}),
                 "waiting": [{"entity": e, "entity_id": i, "reason": why} for e, i, why in waiting],
+                **listed,
                 "oldest_pending": oldest_pending(session, target),
                 "conflicts_open": int(open_conflicts or 0),
                 "last_run": None
