@@ -535,9 +535,9 @@ class CustomerNames:
                 return NameMatch(next(iter(found)), method="name variant")
             if found:
                 # the closest way of writing the name first (then by id): what a steward compares first
-                ranked = sorted(
-                    found, key=lambda i: (min(c for c, ids in by_closeness.items() if i in ids), i)
-                )
+                # (another firm's branch, which the variants did not find, comes after them)
+                nearest = {i: c for c in sorted(by_closeness, reverse=True) for i in by_closeness[c]}
+                ranked = sorted(found, key=lambda i: (i not in nearest, nearest.get(i, 0), i))
                 return NameMatch(None, tuple(self._shown(ranked)), method="name variant",
                                  candidate_ids=tuple(sorted(found)))  # fmt: skip
         matches = self._index.match(query_record(name), limit=CANDIDATES_SHOWN)
