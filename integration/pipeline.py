@@ -43,7 +43,7 @@ from crm_core.loading import (
     row_hash,
 )
 from crm_core.models import Customer, ExternalId, LoadRun, MergeLog, Reject
-from crm_core.runs import PARTIAL, owner
+from crm_core.runs import COMMITTED, PARTIAL, owner
 from crm_core.validation import Rule, RuleContext, one_of, ruleset, validate
 from crm_core.watermarks import CursorState, advance, plain_cursor, read_watermark
 from integration.connectors import Connector, CsvConnector, ExcelConnector, ReadRequest, connector_for
@@ -155,7 +155,7 @@ def other_project_in_core(connection: Connection, project: str) -> str | None:
         return None
     found = connection.execute(
         select(LoadRun.project, func.count(), func.max(LoadRun.id))
-        .where(LoadRun.mode.in_(("full", "delta")), LoadRun.status == "succeeded", LoadRun.project != project)
+        .where(LoadRun.mode.in_(("full", "delta")), LoadRun.status.in_(COMMITTED), LoadRun.project != project)
         .group_by(LoadRun.project)
         .order_by(func.max(LoadRun.id).desc())
         .limit(1)
