@@ -7,7 +7,7 @@ export CRM_PROJECT ?= $(PROJECT)
 export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 
 .DEFAULT_GOAL := help
-.PHONY: help demo sync-demo finance-demo steward test check lint typecheck pytest ui ui-prod bench bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-e2e bench-load bench-dedup-storage bench-sync bench-finance bench-steward clean schema
+.PHONY: help demo sync-demo finance-demo steward test check lint typecheck pytest ui ui-prod bench bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-e2e bench-load bench-dedup-storage bench-sync bench-finance bench-steward bench-write-floor clean schema
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -69,7 +69,7 @@ schema: $(VENV)/.installed  ## regenerate mapping.schema.json, docs/transforms.m
 	$(BIN)/crmi mapping transforms --format markdown > docs/transforms.md
 	$(BIN)/crmi mapping targets --format markdown > docs/targets.md
 
-bench: bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-load bench-dedup-storage bench-e2e bench-sync bench-finance bench-steward  ## all benchmarks
+bench: bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-load bench-dedup-storage bench-e2e bench-write-floor bench-sync bench-finance bench-steward  ## all benchmarks
 
 bench-connectors: $(VENV)/.installed  ## extraction throughput vs naive pandas (JSON line)
 	$(BIN)/python bench/bench_connectors.py
@@ -101,6 +101,9 @@ bench-dedup-storage: $(VENV)/.installed  ## candidate storage, set-based merges,
 
 bench-steward: $(VENV)/.installed  ## steward workbench: queue/cluster pages at 100k pending pairs, match API under 20 clients (JSON line)
 	$(BIN)/python bench/bench_steward.py
+
+bench-write-floor: $(VENV)/.installed  ## the writes alone of a kept 1M core (make bench-e2e first, or CORE=path): what bounds any loader (JSON line)
+	$(BIN)/python bench/bench_write_floor.py --core $(or $(CORE),var/bench_e2e/sqlite-1000000/core.sqlite) --without-crosswalk-entity-indexes
 
 bench-e2e: $(VENV)/.installed  ## 3-source engagement, 100k + 1M rows, crmi run on SQLite + PostgreSQL (JSON line)
 	$(BIN)/python bench/bench_e2e.py
