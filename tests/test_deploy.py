@@ -17,6 +17,7 @@ import configparser
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -25,7 +26,7 @@ import sys
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -530,6 +531,16 @@ def test_the_deploy_files_pass_dagsters_own_schemas(tmp_path: Path, monkeypatch:
     assert target["module_name"] == "integration.definitions"
     assert target["working_directory"] == str(tmp_path)
 
+    finance = yaml.safe_load((DEPLOY / "workspace.finance.yaml").read_text(encoding="utf-8"))
+    processed = process_workspace_config(finance)
+    assert processed.success, processed.errors
+    # The first project's location exactly as in workspace.yaml, then the finance unit's code server.
+    assert finance["load_from"][0] == workspace["load_from"][0]
+    assert finance["load_from"][1] == {
+        "grpc_server": {"host": "127.0.0.1", "port": _finance_port(), "location_name": FINANCE_LOCATION}
+    }
+    assert len(finance["load_from"]) == 2
+
 
 def test_the_kubernetes_and_celery_files_pass_dagster_k8s_and_dagster_celerys_schemas(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_project: Path
@@ -672,6 +683,138 @@ def test_the_systemd_units_restart_check_and_read_secrets_from_the_env_file(tmp_
         if "crm-integration" in line and "User" not in line and "Group" not in line
     ]  # fmt: skip
     assert not problems, result.stderr
+
+
+FINANCE_UNIT = "crm-integration-finance.service"
+FINANCE_LOCATION = "crm_integration_finance"
+
+
+def _unit_environment(name: str) -> dict[str, str]:
+    """The ``Environment=`` assignments of unit ``name`` (configparser keeps only the last of a repeated key)."""
+    lines = (DEPLOY / "systemd" / name).read_text(encoding="utf-8").splitlines()
+    pairs = (
+        line.removeprefix("Environment=").split("=", 1) for line in lines if line.startswith("Environment=")
+    )
+    return {key: value for key, value in pairs}
+
+
+def _systemd_command(line: str, environment: Mapping[str, str]) -> list[str]:
+    """An Exec line as systemd runs it: ``${NAME}`` expanded, the paths of docs/deploy.md at this checkout."""
+    for name, value in environment.items():
+        line = line.replace(f"${{{name}}}", value)
+    line = line.replace("/opt/crm-integration/.venv", sys.prefix).replace("/opt/crm-integration", str(REPO))
+    return shlex.split(line)
+
+
+def _finance_port() -> int:
+    """The port the finance unit's code server listens on (its ``-p``)."""
+    args = shlex.split(_unit(FINANCE_UNIT)["Service"]["ExecStart"])
+    return int(args[args.index("-p") + 1])
+
+
+def test_the_finance_code_server_unit_serves_its_own_project_before_the_webserver_and_the_daemon() -> None:
+    """Same user, env file, hardening and restart policy as the daemon; its own CRM_PROJECT wins over the env file's."""
+    unit, daemon = _unit(FINANCE_UNIT), _unit("crm-integration-daemon.service")
+    assert unit["Unit"]["Before"].split() == [
+        "crm-integration-webserver.service",
+        "crm-integration-daemon.service",
+    ]
+    service = unit["Service"]
+    for key in ("User", "Group", "EnvironmentFile", "WorkingDirectory", "Restart", "RestartSec", "KillMode",
+                "TimeoutStopSec", "NoNewPrivileges", "PrivateTmp", "ProtectSystem", "ReadWritePaths"):  # fmt: skip
+        assert service[key] == daemon["Service"][key], key
+    assert service["EnvironmentFile"] == "/etc/crm-integration/dagster.env"
+    environment = _unit_environment(FINANCE_UNIT)
+    assert environment["CRMI_FINANCE_PROJECT"] == "/srv/crm/finance"
+    assert {k: v for k, v in environment.items() if k != "CRMI_FINANCE_PROJECT"} == _unit_environment(
+        "crm-integration-daemon.service"
+    )
+    # systemd lets the env file (which sets CRM_PROJECT to the first project) override Environment=, so
+    # both commands set CRM_PROJECT themselves, on their command line.
+    assert "CRM_PROJECT" not in environment
+    for key in ("ExecStartPre", "ExecStart"):
+        assert service[key].startswith(
+            "/usr/bin/env CRM_PROJECT=${CRMI_FINANCE_PROJECT} /opt/crm-integration/"
+        )
+    assert service["ExecStartPre"].endswith("deploy/preflight.py")
+    assert shlex.split(service["ExecStart"])[2:] == [
+        "/opt/crm-integration/.venv/bin/dagster", "code-server", "start", "-h", "127.0.0.1", "-p", "4266",
+        "-m", "integration.definitions", "--working-directory", "/var/lib/crm-integration/work",
+        "--location-name", FINANCE_LOCATION,
+    ]  # fmt: skip
+    docs = (REPO / "docs" / "deploy.md").read_text(encoding="utf-8")
+    assert f"deploy/systemd/{FINANCE_UNIT}" in docs
+    assert "deploy/workspace.finance.yaml" in docs
+    assert "/srv/crm/finance" in docs
+
+
+def _wait_for_code_server(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    """Wait until the code server on ``port`` answers a ping; skip if it could not bind, fail if it died."""
+    from dagster._grpc.client import DagsterGrpcClient
+
+    client = DagsterGrpcClient(port=port, host="127.0.0.1")
+    deadline = time.monotonic() + STARTUP
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            text = log.read_text(encoding="utf-8", errors="replace")
+            if "address already in use" in text.lower() or "failed to bind" in text.lower():
+                pytest.skip(f"the code server could not bind port {port}: {text[-500:]}")
+            pytest.fail(f"the finance code server exited with {process.returncode}:\n{text[-3000:]}")
+        with contextlib.suppress(Exception):
+            client.ping("ready")
+            return
+        time.sleep(0.5)
+    pytest.fail(f"the finance code server did not answer within {STARTUP} s:\n{log.read_text()[-3000:]}")
+
+
+def test_the_finance_unit_starts_a_code_server_that_the_finance_workspace_lists_the_finance_jobs_of(
+    tmp_path: Path,
+) -> None:
+    """The unit's ExecStart, run as systemd would (the env file's CRM_PROJECT set): the finance project's jobs."""
+    if not (BIN / "dagster").exists() or not Path("/usr/bin/env").exists():
+        pytest.skip("no dagster command in this venv or no /usr/bin/env: the unit cannot start here")
+    home, work = tmp_path / "dagster_home", tmp_path / "work"
+    for folder in (home, work):
+        folder.mkdir()
+    port = _free_port()
+    environment = {
+        **_unit_environment(FINANCE_UNIT),
+        "CRMI_FINANCE_PROJECT": str(DEMO / "finance"),
+        "DAGSTER_HOME": str(home),
+        "CRMI_WORK_DIR": str(work),
+    }
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("CRM", "DAGSTER", "CRMI"))},
+        **environment,
+        "CRM_PROJECT": str(DEMO),  # the env file's: the first project
+        "CRM_CORE_URL": f"sqlite:///{tmp_path / 'core.sqlite'}",
+        "PYTHONPATH": str(REPO),
+    }
+    command = _systemd_command(_unit(FINANCE_UNIT)["Service"]["ExecStart"], environment)
+    command = [str(work) if arg == "/var/lib/crm-integration/work" else arg for arg in command]
+    command[command.index("-p") + 1] = str(port)
+    workspace = yaml.safe_load((DEPLOY / "workspace.finance.yaml").read_text(encoding="utf-8"))
+    for entry in workspace["load_from"]:
+        if "grpc_server" in entry:
+            entry["grpc_server"]["port"] = port
+    (tmp_path / "workspace.yaml").write_text(yaml.safe_dump(workspace), encoding="utf-8")
+    log = tmp_path / "code-server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, env=env, cwd=work, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait_for_code_server(process, port, log)
+        listed = subprocess.run(
+            [str(BIN / "dagster"), "job", "list", "-w", str(tmp_path / "workspace.yaml"), "-l", FINANCE_LOCATION],
+            env=env, cwd=work, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        _stop([process])
+    assert listed.returncode == 0, listed.stderr
+    jobs = {line.removeprefix("Job: ") for line in listed.stdout.splitlines() if line.startswith("Job: ")}
+    assert {"sync_finance_inbound_job", "sync_finance_outbound_job", "order_to_cash_job", "migration"} <= jobs
+    assert not any(job.startswith("sync_u8") for job in jobs), jobs
 
 
 def _preflight(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
