@@ -18,8 +18,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -42,10 +42,16 @@ DEFAULT_TIMEOUT = 10.0
 # Every message starts with this name: a DingTalk robot secured by "custom keywords" can use it as keyword.
 SOURCE = "crm-integration"
 RUN_FAILURE = "run_failure"
+RUN_UNBALANCED = "run_unbalanced"  # `crmi run` ended with exit code 2: the run does not balance
 CHECK_FAILURE = "check_failure"
 TEST = "test"
 MAX_STEPS = 5  # failed steps named in a message; the rest are counted
 _DETAIL = 160  # characters of a receiver's error text shown in a delivery error
+# Pauses (seconds) before the second and third try of one delivery when the receiver is down, times out or
+# answers 5xx/429. Read at each call, so tests set them to zero; a refusal (4xx, a robot's error code) is final.
+RETRY_DELAYS: tuple[float, ...] = (1.0, 3.0)
+# A robot's "too many messages" answers (WeCom 45009, DingTalk 130101, Feishu 11232): worth another try.
+ROBOT_BUSY_CODES = frozenset({"45009", "130101", "11232"})
 
 
 class AlertError(CrmError):
@@ -57,7 +63,15 @@ class AlertConfigError(AlertError):
 
 
 class AlertDeliveryError(AlertError):
-    """The receiver could not be reached, timed out or refused the message (no URL in the message)."""
+    """The receiver could not be reached, timed out or refused the message (no URL in the message).
+
+    ``transient`` is True when trying again later may succeed (unreachable, timeout, HTTP 5xx or 429) and
+    False when the receiver refused the message (HTTP 4xx, a robot's error code: a setting to fix).
+    """
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -143,6 +157,29 @@ class Alert:
     check: str = ""
     severity: str = ""
     details: str = ""  # check: a summary of its metadata
+    project: str = ""  # `crmi run`: the project's name
+    exit_code: int | None = None  # `crmi run`: its exit code (1 failed and undone, 2 does not balance)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the alert's content as JSON-ready data (kept by a sensor until it is delivered)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Alert:
+        """Return the alert :meth:`to_dict` returned; raise ValueError if ``data`` is not one."""
+        try:
+            values = {k: data[k] for k in ("kind", "job", "run_id", "url")}
+            texts = ("error", "asset", "check", "severity", "details", "project")
+            extra = {k: str(data[k]) for k in texts if k in data}
+            code = data.get("exit_code")
+            return cls(
+                **{k: str(v) for k, v in values.items()},
+                steps=tuple(map(str, data.get("steps", ()))),
+                exit_code=None if code is None else int(code),
+                **extra,
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not an alert: {type(exc).__name__}") from None
 
     def title(self) -> str:
         """Return the headline, e.g. ``crm-integration: run failed: migration``."""
@@ -150,6 +187,8 @@ class Alert:
             return f"{SOURCE}: check failed: {self.asset} {self.check}"
         if self.kind == TEST:
             return f"{SOURCE}: test alert"
+        if self.kind == RUN_UNBALANCED:
+            return f"{SOURCE}: run does not balance: {self.job}"
         return f"{SOURCE}: run failed: {self.job}"
 
     def fields(self) -> list[tuple[str, str]]:
@@ -157,6 +196,8 @@ class Alert:
         if self.kind == TEST:
             return [("Result", self.error)]
         rows = [("Job", self.job), ("Run", self.run_id)]
+        if self.project:
+            rows.insert(0, ("Project", self.project))
         if self.kind == CHECK_FAILURE:
             rows = [("Asset", self.asset), ("Check", self.check), ("Severity", self.severity), *rows]
             if self.error:
@@ -174,6 +215,8 @@ class Alert:
                 )
             )
         rows.append(("Error", self.error or "(no error message recorded)"))
+        if self.exit_code is not None:
+            rows.append(("Exit code", f"{self.exit_code} (crmi run)"))
         return rows
 
     def as_json(self) -> dict[str, Any]:
@@ -184,6 +227,8 @@ class Alert:
         }  # fmt: skip
         if self.kind == CHECK_FAILURE:
             body.update(asset=self.asset, check=self.check, severity=self.severity, details=self.details)
+        if self.exit_code is not None:
+            body.update(project=self.project, exit_code=self.exit_code)
         return body
 
     def text(self) -> str:
@@ -222,6 +267,46 @@ def run_failure_alert(job: str, run_id: str, steps: Sequence[str], error: str, u
     return Alert(
         RUN_FAILURE, job, run_id, f"{ui_url.rstrip('/')}/runs/{run_id}", tuple(steps), first_line(error)
     )
+
+
+def cli_run_alert(
+    job: str, run_id: str, project: str, steps: Sequence[str], error: str, exit_code: int, ui_url: str
+) -> Alert:
+    """Return the alert of a ``crmi run`` that failed (exit 1) or does not balance (exit 2)."""
+    kind = RUN_UNBALANCED if exit_code == 2 else RUN_FAILURE
+    link = f"{ui_url.rstrip('/')}/runs/{run_id}"
+    return Alert(
+        kind, job, run_id, link, tuple(steps), first_line(error), project=project, exit_code=exit_code
+    )
+
+
+def alert_cli_run(
+    job: str,
+    run_id: str,
+    project: str,
+    steps: Sequence[str],
+    error: str,
+    exit_code: int,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[bool, str]:
+    """Post the alert of a failed ``crmi run`` when ``CRMI_ALERT_WEBHOOK_URL`` is set.
+
+    Returns (True, what happened) when the alert was sent or alerts are off (an empty text), else (False,
+    why not): a bad setting or a delivery that failed after its retries. It never raises, and the text never
+    holds the webhook URL or the secret.
+    """
+    try:
+        config = AlertConfig.from_env(environ)
+    except AlertConfigError as exc:
+        return False, f"no alert sent: {exc}"
+    if config is None:
+        return True, ""
+    alert = cli_run_alert(job, run_id, project, steps, error, exit_code, config.ui_url)
+    try:
+        post_alert(alert, config)
+    except AlertDeliveryError as exc:
+        return False, f"the alert of this run was not delivered: {exc}"
+    return True, f"alert sent ({config.format} format)"
 
 
 def check_failure_alert(
@@ -309,8 +394,33 @@ def build_request(alert: Alert, config: AlertConfig, now: float | None = None) -
     return url, alert.as_json()
 
 
-def post_alert(alert: Alert, config: AlertConfig, session: requests.Session | None = None) -> None:
-    """Post one alert; raise :class:`AlertDeliveryError` (without the URL) if it was not accepted."""
+def post_alert(
+    alert: Alert,
+    config: AlertConfig,
+    session: requests.Session | None = None,
+    *,
+    delays: Sequence[float] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Post one alert, trying again after each of ``delays`` (default :data:`RETRY_DELAYS`) while the
+    failure is transient; raise :class:`AlertDeliveryError` (without the URL) if it was not accepted."""
+    pauses = list(RETRY_DELAYS if delays is None else delays)
+    tries = 1
+    while True:
+        try:
+            _post_once(alert, config, session)
+            return
+        except AlertDeliveryError as exc:
+            if not exc.transient or not pauses:
+                if tries > 1:
+                    raise AlertDeliveryError(f"{exc} ({tries} tries)", transient=exc.transient) from None
+                raise
+        sleep(pauses.pop(0))
+        tries += 1
+
+
+def _post_once(alert: Alert, config: AlertConfig, session: requests.Session | None) -> None:
+    """Post one alert once (signed now); raise :class:`AlertDeliveryError` if it was not accepted."""
     url, body = build_request(alert, config)
     data = json.dumps(body, ensure_ascii=False).encode()
     headers = {"Content-Type": "application/json; charset=utf-8"}
@@ -334,7 +444,8 @@ def _check_answer(response: requests.Response, config: AlertConfig) -> None:
     if not 200 <= response.status_code < 300:
         detail = config.redact(first_line(response.text, _DETAIL))
         raise AlertDeliveryError(
-            f"the webhook receiver answered HTTP {response.status_code}" + (f": {detail}" if detail else "")
+            f"the webhook receiver answered HTTP {response.status_code}" + (f": {detail}" if detail else ""),
+            transient=response.status_code >= 500 or response.status_code == 429,
         )
     if config.format not in ("wecom", "dingtalk", "feishu"):
         return
@@ -351,7 +462,8 @@ def _check_answer(response: requests.Response, config: AlertConfig) -> None:
     message = answer.get("errmsg") or answer.get("msg") or answer.get("StatusMessage") or ""
     detail = config.redact(first_line(str(message), _DETAIL))
     raise AlertDeliveryError(
-        f"the {config.format} robot refused the message: error {code}" + (f": {detail}" if detail else "")
+        f"the {config.format} robot refused the message: error {code}" + (f": {detail}" if detail else ""),
+        transient=str(code) in ROBOT_BUSY_CODES,
     )
 
 

@@ -20,6 +20,7 @@ from rich.table import Table
 from crm_core.db import core_url, current_revision, make_engine, redact_url, upgrade
 from crm_core.errors import ConfigError, CrmError, Problem, RunError
 from integration.finance_cli import WaitOption, finance_app
+from integration.run_tags import LAUNCHED_BY_CLI, LAUNCHED_BY_TAG
 from integration.steward.cli import steward_app
 
 if TYPE_CHECKING:
@@ -283,9 +284,6 @@ def _succeeded_dagster_runs(run_keys: Sequence[str]) -> set[str]:
             f"({cause_line(exc)}); they stay marked running: fix DAGSTER_HOME, then `crmi runs recover`"
         ) from None
     return {r.dagster_run.run_id for r in found if r.dagster_run.status == dg.DagsterRunStatus.SUCCESS}
-
-
-LAUNCHED_BY_TAG, LAUNCHED_BY_CLI = "crmi/launched_by", "crmi run"
 
 
 def _fail_dead_cli_runs(run_keys: Sequence[str]) -> list[str]:
@@ -707,13 +705,61 @@ def run(
             "rows_per_second": round(rows_read / seconds_total, 1) if seconds_total > 0 else 0.0,
         }
         if not result.success:
-            _report_failure(result, core, options.mode, timing, as_json)
+            failed = _report_failure(result, core, options.mode, timing, as_json)
+            if not trial:
+                _alert_failed_run(job.name, result.run_id, project, failed, EXIT_FAILED)
             raise typer.Exit(EXIT_FAILED)
         limit = load_project(project).spec.reconciliation.max_quarantined_share
         with _core_engine(core, create=True) as engine:
             report = reconcile(engine, result.run_id, max_quarantined_share=limit)
         _report_success(result.run_id, report, core, options.mode, timing, as_json)
+        if not report.acceptable and not trial:
+            from integration.reports import unbalanced_reasons
+
+            reasons = unbalanced_reasons(report)
+            # The count first: the alert keeps one line of 300 characters, and a reason can be longer.
+            cause = f"{len(reasons)} lines fail; {reasons[0]}" if len(reasons) > 1 else "".join(reasons)
+            _alert_failed_run(
+                job.name, result.run_id, project, [("", cause or report.verdict())], EXIT_UNBALANCED
+            )
         raise typer.Exit(EXIT_OK if report.acceptable else EXIT_UNBALANCED)
+
+
+def _alert_failed_run(
+    job: str, run_id: str, project: str | Path | None, failed: Sequence[tuple[str, str]], exit_code: int
+) -> None:
+    """Post the alert of this failed or unbalanced run when CRMI_ALERT_WEBHOOK_URL is set (see docs/alerts.md).
+
+    The run executed in this process, so Dagster's alert sensor passes it over (its ``crmi/launched_by``
+    tag): without this, a run started by cron would fail unnoticed. A failed delivery is a warning on
+    stderr; the exit code stays the run's.
+    """
+    from integration.alerts import alert_cli_run
+    from integration.project import load_project
+
+    try:
+        name = load_project(project).name
+    except CrmError:
+        name = str(project or "")
+    steps = [step for step, _ in failed if step]
+    cause = failed[0][1] if failed else ""
+    try:
+        delivered, note = alert_cli_run(job, run_id, name, steps, cause, exit_code)
+    except Exception as exc:  # the run's outcome stands whatever happens to its alert
+        from crm_core.errors import mask_secrets
+        from integration.alerts import AlertConfig
+        from integration.failures import cause_line
+
+        try:
+            config = AlertConfig.from_env()
+        except CrmError:
+            config = None
+        text = mask_secrets(cause_line(exc))
+        delivered, note = False, f"no alert sent: {config.redact(text) if config else text}"
+    if not delivered:
+        errors.print(f"[yellow]warning: {escape(note)}[/yellow]", highlight=False)
+    elif note:
+        errors.print(escape(note), highlight=False)
 
 
 def _report_dir(run_id: str) -> Path:
@@ -876,8 +922,12 @@ def _timing_table(timing: dict[str, Any]) -> Any:
     return Group(table, Text(f"slowest steps: {caption}"))
 
 
-def _report_failure(result: Any, core: str | None, mode: str, timing: dict[str, Any], as_json: bool) -> None:
-    """Say which step failed and why (one line each), make sure the run is undone, and say so."""
+def _report_failure(
+    result: Any, core: str | None, mode: str, timing: dict[str, Any], as_json: bool
+) -> list[tuple[str, str]]:
+    """Say which step failed and why (one line each), make sure the run is undone, and say so.
+
+    Returns (step, cause) of the steps that failed first hand (not only because the run had failed)."""
     from sqlalchemy import select
 
     from crm_core.db import session_factory
@@ -930,6 +980,7 @@ def _report_failure(result: Any, core: str | None, mode: str, timing: dict[str, 
             + "Details: `crmi run --verbose`, or the run in the Dagster UI (`make ui`).",
             highlight=False,
         )
+    return [(f.step, f.cause) for f in first or failures]
 
 
 def _converted_amounts(core: str | None) -> str:

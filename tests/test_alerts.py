@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,10 +18,14 @@ from typing import Any
 import dagster as dg
 import pytest
 
+import integration.alerts
 from integration.alerts import (
     FORMATS,
+    RETRY_DELAYS,
+    Alert,
     AlertConfig,
     AlertDeliveryError,
+    alert_cli_run,
     check_failure_alert,
     metadata_summary,
     post_alert,
@@ -32,11 +37,15 @@ from integration.alerts import (
 from integration.assets.alerts import (
     CHECK_ALERT_SENSOR,
     MAX_ATTEMPTS,
+    MAX_PENDING_AGE,
     RUN_ALERT_SENSOR,
+    PendingAlert,
     alert_sensors,
     check_failure_alert_sensor,
     run_failure_alert_sensor,
+    send_alerts,
 )
+from integration.run_tags import LAUNCHED_BY_CLI, LAUNCHED_BY_TAG
 from tests.servers.webhook_receiver import Receiver, closed_port_url, serve
 
 KEY = "SECRET123"  # what a robot's webhook URL carries: it must never show up anywhere
@@ -130,6 +139,7 @@ def _no_alert_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CRMI_ALERT_TIMEOUT", raising=False)
     monkeypatch.delenv("CRMI_ALERT_CHECK_SEVERITY", raising=False)
     monkeypatch.setenv("CRMI_DAGSTER_UI_URL", UI + "/")
+    monkeypatch.setattr(integration.alerts, "RETRY_DELAYS", (0.0, 0.0))  # retries without waiting
 
 
 @pytest.fixture
@@ -190,7 +200,7 @@ def test_a_failed_run_is_alerted_once_in_each_format(
 
     data = tick(sensor, history.instance, history.run_cursor)
 
-    assert [r.error for r in data.dagster_run_reactions] == [None]
+    assert data.skip_message == "1 run alert(s) handled"
     [received] = receiver.received
     assert received.path == "/robot/send"
     run_id, link = history.failed_run, f"{UI}/runs/{history.failed_run}"
@@ -206,7 +216,7 @@ def test_a_failed_run_is_alerted_once_in_each_format(
         assert statement not in text
 
     again = tick(sensor, history.instance, data.cursor)  # the cursor moved past the run
-    assert not again.dagster_run_reactions and len(receiver.received) == 1
+    assert again.skip_message == "no new failed runs" and len(receiver.received) == 1
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -263,10 +273,10 @@ def test_without_a_url_the_sensors_skip_saying_why(
     check_data = tick(check_failure_alert_sensor(), history.instance, history.check_cursor)
 
     assert "CRMI_ALERT_WEBHOOK_URL is not set" in run_data.skip_message
-    assert history.failed_run in run_data.skip_message
     assert "CRMI_ALERT_WEBHOOK_URL is not set" in check_data.skip_message
-    # Checks that failed while alerts were off are not sent in a burst once a URL is set.
+    # Runs and checks that failed while alerts were off are not sent in a burst once a URL is set.
     configure(monkeypatch, receiver.url)
+    tick(run_failure_alert_sensor(), history.instance, run_data.cursor)
     tick(check_failure_alert_sensor(), history.instance, check_data.cursor)
     assert receiver.received == []
 
@@ -306,16 +316,21 @@ def test_a_failed_delivery_is_logged_without_the_url_and_the_sensors_go_on(
     base = closed_port_url() if fault == "down" else receiver.url
     url = configure(monkeypatch, base, "dingtalk", timeout="0.5", webhook_secret=SIGNING_SECRET)
     receiver.errmsg = f"sign not match, more: [{url}] {SIGNING_SECRET}"  # a robot echoing what it got
-    receiver.faults.extend([fault, fault])
+    tries = 1 if fault.startswith("robot:") else 3  # a refusal is final; the rest is tried thrice
+    receiver.faults.extend([fault] * 2 * tries)
 
-    run_data = tick(run_failure_alert_sensor(), history.instance, history.run_cursor)
-    check_sensor = check_failure_alert_sensor()
+    run_sensor, check_sensor = run_failure_alert_sensor(), check_failure_alert_sensor()
+    run_data = tick(run_sensor, history.instance, history.run_cursor)
     check_data = tick(check_sensor, history.instance, history.check_cursor)
     receiver.release.set()  # let the stalled requests end
 
     assert FAULTS[fault] in run_data.skip_message
-    assert f"alert for failed run {history.failed_run} of failing_job not delivered" in run_data.skip_message
-    assert FAULTS[fault] in check_data.skip_message and "attempt 1 of 3" in check_data.skip_message
+    assert (
+        f"alert for failed run {history.failed_run} of failing_job not delivered (attempt 1; the next tick "
+        "tries it again)" in run_data.skip_message
+    )
+    assert FAULTS[fault] in check_data.skip_message and "(attempt 1;" in check_data.skip_message
+    assert ("(3 tries)" in run_data.skip_message) == (tries == 3)
     output = capfd.readouterr()
     logs = output.out + output.err + caplog.text
     assert "not delivered" in logs
@@ -323,25 +338,164 @@ def test_a_failed_delivery_is_logged_without_the_url_and_the_sensors_go_on(
     for secret in (KEY, SIGNING_SECRET):
         assert not [text for text in shown if secret in text]
 
-    # The next tick delivers the check alert that waited (the failed run's alert was a one-off).
+    # The next ticks deliver the alerts that waited in the cursors, once.
     configure(monkeypatch, receiver.url)
+    data = tick(run_sensor, history.instance, run_data.cursor)
+    assert data.skip_message == "1 run alert(s) handled"
     data = tick(check_sensor, history.instance, check_data.cursor)
     assert data.skip_message.startswith("1 check alert(s) handled")
-    assert [b["check"] for b in receiver.bodies() if b.get("kind")] == ["check_core_rules"]
+    assert [(b["kind"], b.get("check")) for b in receiver.bodies() if b.get("kind")] == [
+        ("run_failure", None),
+        ("check_failure", "check_core_rules"),
+    ]
+    assert tick(check_sensor, history.instance, data.cursor).skip_message == "no new failed checks"
 
 
-def test_a_check_alert_is_given_up_after_the_last_attempt(
+def test_a_refused_check_alert_is_given_up_after_the_last_attempt(
     history: History, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     configure(monkeypatch, receiver.url, check_severity="WARN")
-    receiver.faults.extend(["500"] * MAX_ATTEMPTS)
+    receiver.faults.extend(["400"] * MAX_ATTEMPTS)  # HTTP 400: a setting to fix, not retried in one delivery
     sensor, cursor = check_failure_alert_sensor(), history.check_cursor
     for _ in range(MAX_ATTEMPTS):
         data = tick(sensor, history.instance, cursor)
         cursor = data.cursor
-    # The third failure gives the ERROR check's alert up; the same tick goes on with the WARN one.
+    # The third refusal gives the ERROR check's alert up; the same tick goes on with the WARN one.
     assert data.skip_message.startswith("2 check alert(s) handled")
+    assert receiver.requests() == MAX_ATTEMPTS + 1
     assert [b["check"] for b in receiver.bodies()] == ["check_names_look_right"]
+
+
+@pytest.mark.parametrize("fault", ["500", "429", "down"])
+def test_a_receiver_down_or_busy_is_tried_again_with_backoff_within_one_delivery(
+    receiver: Receiver, fault: str
+) -> None:
+    alert = run_failure_alert("migration", "r1", ["core_customer"], "boom", UI)
+    waits: list[float] = []
+    if fault == "down":
+        config = AlertConfig(f"{closed_port_url()}/robot/send?key={KEY}")
+        with pytest.raises(AlertDeliveryError) as raised:
+            post_alert(alert, config, delays=RETRY_DELAYS, sleep=waits.append)
+        assert raised.value.transient and str(raised.value).endswith("(3 tries)")
+        assert KEY not in str(raised.value) and raised.value.__cause__ is None
+    else:
+        receiver.faults.extend([fault, fault])  # fails twice, then accepts
+        post_alert(
+            alert,
+            AlertConfig(f"{receiver.url}/robot/send?key={KEY}"),
+            delays=RETRY_DELAYS,
+            sleep=waits.append,
+        )
+        assert receiver.requests() == 3 and [b["run_id"] for b in receiver.bodies()] == ["r1"]
+    assert waits == list(RETRY_DELAYS) == [1.0, 3.0]  # the backoff, not slept here
+
+
+@pytest.mark.parametrize("fault", ["400", "robot:93000"])
+def test_a_refusal_is_not_tried_again_within_one_delivery(receiver: Receiver, fault: str) -> None:
+    config = AlertConfig(f"{receiver.url}/robot/send?key={KEY}", "wecom")
+    receiver.faults.extend([fault] * 3)
+    waits: list[float] = []
+    with pytest.raises(AlertDeliveryError) as raised:
+        post_alert(run_failure_alert("migration", "r1", [], "boom", UI), config, sleep=waits.append)
+    assert not raised.value.transient and receiver.requests() == 1 and waits == []
+
+
+def test_an_undelivered_run_alert_waits_in_the_cursor_for_the_next_tick(
+    history: History, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(monkeypatch, receiver.url, webhook_secret=SIGNING_SECRET)
+    receiver.faults.extend(
+        ["500"] * 3
+    )  # the whole first delivery fails; the receiver is back for the next tick
+    sensor = run_failure_alert_sensor()
+
+    first = tick(sensor, history.instance, history.run_cursor)
+
+    assert "not delivered (attempt 1; the next tick tries it again)" in first.skip_message
+    assert receiver.requests() == 3 and receiver.bodies() == []
+    assert history.failed_run in str(first.cursor)  # the alert's content is kept …
+    assert KEY not in str(first.cursor) and SIGNING_SECRET not in str(first.cursor)  # … not the request's URL
+    second = tick(sensor, history.instance, first.cursor)
+    assert second.skip_message == "1 run alert(s) handled"
+    assert [(b["kind"], b["run_id"], b["steps"]) for b in receiver.bodies()] == [
+        ("run_failure", history.failed_run, ["load"])
+    ]
+    assert tick(sensor, history.instance, second.cursor).skip_message == "no new failed runs"
+    assert len(receiver.bodies()) == 1
+
+
+class Log:
+    """Collects what a sensor logs."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda message: self.lines.append((level, message))
+
+
+def test_an_alert_not_delivered_within_a_day_is_dropped_and_logged(receiver: Receiver) -> None:
+    config = AlertConfig(f"{receiver.url}/robot/send?key={KEY}")
+    old = PendingAlert(run_failure_alert("migration", "old", [], "boom", UI), since=1000.0, attempts=50)
+    recent = PendingAlert(run_failure_alert("migration", "recent", [], "boom", UI), since=1000.0, attempts=5)
+    log = Log()
+
+    waiting, handled, note = send_alerts(log, config, [old], [], now=1000.0 + MAX_PENDING_AGE + 1)
+    assert (waiting, handled, note) == ([], 1, "") and receiver.requests() == 0
+    assert log.lines == [
+        ("error", "alert for failed run old of migration dropped: not delivered within 24 h")
+    ]
+
+    waiting, handled, note = send_alerts(log, config, [recent], [], now=1000.0 + MAX_PENDING_AGE - 1)
+    assert (waiting, handled) == ([], 1) and [b["run_id"] for b in receiver.bodies()] == ["recent"]
+    assert PendingAlert.from_dict(json.loads(json.dumps(old.to_dict()))) == old
+
+
+def test_runs_of_crmi_run_are_left_to_it(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`crmi run` executes its run in its own process and alerts its failure itself: no second alert."""
+    configure(monkeypatch, receiver.url)
+    sensor = run_failure_alert_sensor()
+    with dg.instance_for_test() as instance:
+        cursor = tick(sensor, instance, None).cursor
+        failing_job.execute_in_process(
+            instance=instance, raise_on_error=False, tags={LAUNCHED_BY_TAG: LAUNCHED_BY_CLI}
+        )
+        assert tick(sensor, instance, cursor).skip_message == "no new failed runs"
+    assert receiver.requests() == 0
+
+
+def test_a_failed_crmi_run_is_alerted_with_its_project_and_exit_code(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert alert_cli_run("migration", "r1", "demo", ["core_customer"], "boom", 1) == (True, "")  # alerts off
+
+    configure(monkeypatch, receiver.url, "wecom")
+    assert alert_cli_run("migration", "r1", "demo", ["core_customer"], "boom\nmore", 1) == (
+        True,
+        "alert sent (wecom format)",
+    )
+    [body] = receiver.bodies()
+    text = body["markdown"]["content"]
+    for expected in ("run failed: migration", "**Project:** demo", "**Run:** r1", "core_customer", "boom",
+                     "**Exit code:** 1 (crmi run)"):  # fmt: skip
+        assert expected in text, text
+
+    configure(monkeypatch, receiver.url)
+    alert_cli_run("migration", "r2", "demo", [], "sales_xlsx/opportunity: amount loaded 3 ≠ core 4", 2)
+    assert receiver.bodies()[-1] == {
+        "kind": "run_unbalanced", "job": "migration", "run_id": "r2", "steps": [],
+        "error": "sales_xlsx/opportunity: amount loaded 3 ≠ core 4", "url": f"{UI}/runs/r2",
+        "project": "demo", "exit_code": 2,
+    }  # fmt: skip
+    assert Alert.from_dict(json.loads(json.dumps(receiver.bodies()[-1]))).exit_code == 2
+
+    url = configure(monkeypatch, closed_port_url())
+    delivered, note = alert_cli_run("migration", "r3", "demo", [], "boom", 1)
+    assert not delivered and note.startswith("the alert of this run was not delivered: the webhook receiver")
+    assert KEY not in note and url not in note
+    monkeypatch.setenv("CRMI_ALERT_WEBHOOK_FORMAT", "teams")
+    delivered, note = alert_cli_run("migration", "r3", "demo", [], "boom", 1)
+    assert not delivered and "CRMI_ALERT_WEBHOOK_FORMAT='teams'" in note
 
 
 def test_only_the_given_jobs_are_watched(
@@ -409,10 +563,11 @@ def test_the_test_command_posts_a_test_alert(
          "error": "alerts of failed runs and failed checks will come here", "url": UI},
     ]  # fmt: skip
 
-    receiver.faults.append("500")
+    receiver.faults.extend(["500"] * 3)
     assert alerts_main() == 1
     output = capsys.readouterr()
     assert "test alert not delivered: the webhook receiver answered HTTP 500" in output.err
+    assert "(3 tries)" in output.err
     assert KEY not in output.out + output.err
 
 

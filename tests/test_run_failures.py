@@ -38,7 +38,9 @@ from integration.jobs import (
     undo_canceled_runs_sensor,
     undo_failed_runs_sensor,
 )
+from integration.project import load_project
 from tests.conftest import DEMO, PG_URL, crmi_run_paused_at, reset_postgres, server_or_skip
+from tests.servers.webhook_receiver import closed_port_url, serve
 from tests.test_end_to_end import run_job
 from tests.test_run_output import huge_sql_error
 from tests.test_runs import content, edit_sources
@@ -140,6 +142,47 @@ def test_a_run_failing_at_any_step_leaves_the_core_as_it_was(
     engine.dispose()
 
 
+KEY = "SECRET123"  # the robot's key in the webhook URL: never shown
+
+
+def alert_to(monkeypatch: pytest.MonkeyPatch, base: str) -> None:
+    """Configure alerts to ``base`` (json format), with retries that do not wait."""
+    monkeypatch.setenv("CRMI_ALERT_WEBHOOK_URL", f"{base}/robot/send?key={KEY}")
+    for name in ("CRMI_ALERT_WEBHOOK_FORMAT", "CRMI_ALERT_WEBHOOK_SECRET", "CRMI_ALERT_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CRMI_DAGSTER_UI_URL", "http://dagster.example:3000")
+    monkeypatch.setattr("integration.alerts.RETRY_DELAYS", (0.0, 0.0))
+
+
+@pytest.mark.parametrize("receiver_up", [True, False], ids=["delivered", "receiver-down"])
+def test_a_failed_crmi_run_posts_one_alert_itself(
+    baseline: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, receiver_up: bool
+) -> None:
+    """A run started by cron is not seen by Dagster's alert sensor: `crmi run` posts its alert itself."""
+    failpoint, step, cause = CASES["dedup"]
+    project, url = from_baseline(baseline, tmp_path)
+    monkeypatch.setenv("CRM_CORE_URL", url)
+    monkeypatch.setenv("CRMI_FAILPOINT", failpoint)
+    with serve() as receiver:
+        alert_to(monkeypatch, receiver.url if receiver_up else closed_port_url())
+        result = crmi_run(project, url)
+
+    assert_failed_run(result, step, cause)  # exit 1 either way: the alert does not change the outcome
+    output: str = result.output  # type: ignore[attr-defined]
+    assert KEY not in output
+    if not receiver_up:
+        assert (
+            "warning: the alert of this run was not delivered: the webhook receiver could not be reached"
+            in output
+        )
+        return
+    [body] = receiver.bodies()
+    assert body["kind"] == "run_failure" and body["steps"] == [step] and cause in body["error"]
+    assert (body["project"], body["exit_code"]) == (load_project(project).name, 1)
+    assert body["job"] == "migration" and body["url"].endswith(f"/runs/{body['run_id']}")
+    assert "alert sent (json format)" in output
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("case", ["extraction", "dedup"])
 def test_on_postgresql_too(case: str, demo_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,9 +273,14 @@ def test_a_run_that_does_not_balance_exits_2_and_says_why(
             )
         )
 
-    result = crmi_run(demo_project, sqlite_core_url)
+    with serve() as receiver:
+        alert_to(monkeypatch, receiver.url)
+        result = crmi_run(demo_project, sqlite_core_url)
 
     assert result.exit_code == 2, result.output  # type: ignore[attr-defined]
+    [alert] = receiver.bodies()  # `crmi run` alerts a run that does not balance too
+    assert (alert["kind"], alert["exit_code"], alert["steps"]) == ("run_unbalanced", 2, [])
+    assert re.match(r"\d+ lines fail; \w+/opportunity: amount loaded", alert["error"]), alert
     output: str = result.stdout  # type: ignore[attr-defined]
     assert "The run does not balance:" in output
     reason = re.search(r"sales_xlsx/opportunity: amount loaded ([\d,.]+) ≠ core ([\d,.]+)", output)

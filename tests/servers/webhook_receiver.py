@@ -1,6 +1,7 @@
 """A real HTTP server on 127.0.0.1 that records the JSON bodies posted to it, like a chat robot's webhook.
 
-``faults`` is a queue of misbehaviours applied to the next requests: ``500`` (answer HTTP 500), ``stall``
+``faults`` is a queue of misbehaviours applied to the next requests: ``500`` (answer HTTP 500; any
+status code given as digits, e.g. ``429`` or ``400``, is answered the same way), ``stall``
 (hold the request until ``release`` is set, so the client times out; no sleeping), and ``robot:<code>``
 (answer HTTP 200 with ``{"errcode": <code>, "errmsg": …}`` as a WeCom/DingTalk robot refusing a message
 does). ``answer`` is the body of a normal answer (WeCom and DingTalk say ``{"errcode":0,"errmsg":"ok"}``).
@@ -42,6 +43,12 @@ class Receiver:
     release: threading.Event = field(default_factory=threading.Event)
     stalled: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    attempts: int = 0
+
+    def requests(self) -> int:
+        """Return how many requests arrived so far, refused ones included."""
+        with self.lock:
+            return self.attempts
 
     def bodies(self) -> list[Any]:
         """Return the JSON bodies received so far, oldest first."""
@@ -71,14 +78,15 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length)
             with receiver.lock:
+                receiver.attempts += 1
                 fault = receiver.faults.popleft() if receiver.faults else None
             if fault == "stall":
                 receiver.stalled.set()
                 receiver.release.wait(STALL_LIMIT)
                 self.close_connection = True
                 return
-            if fault == "500":
-                self._send(500, {"error": "internal error"})
+            if fault is not None and fault.isdigit():
+                self._send(int(fault), {"error": f"HTTP {fault} from the receiver"})
                 return
             parts = urlsplit(self.path)
             with receiver.lock:
