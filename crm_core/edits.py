@@ -79,7 +79,7 @@ def core_busy_message(engine: Engine, what: str, wait: float, *, configurable: b
     for SQLite's write lock: who holds the core where the run lock and the run journal tell (a sync, a command,
     a load run marked running), that nothing was changed, and what to do (``configurable``: the wait was
     ``CRMI_EDIT_WAIT_SECONDS``, which can be raised)."""
-    from crm_core.runs import core_lock_holder  # crm_core.runs is heavier, and edits are imported early
+    from crm_core.runs import core_lock_holder  # only a refusal needs it
 
     writers: list[str] = []
     with suppress(SQLAlchemyError, OSError):  # naming the writer is a courtesy: the refusal stands without it
