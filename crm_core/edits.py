@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from crm_core.db import SQLITE_BUSY_MILLISECONDS, session_factory
 from crm_core.entities import ENTITIES
-from crm_core.errors import LoadError, OwnedFieldError, SyncLoadWaitError
+from crm_core.errors import DedupError, EditWaitError, LoadError, OwnedFieldError, SyncLoadWaitError
 from crm_core.journal import to_json
 from crm_core.loading import get_or_start_run
 from crm_core.models import ExternalId, LoadRun, SyncConflict, SyncState
@@ -74,6 +74,53 @@ def _share_fence(session: Session, wait: float) -> None:
     session.execute(text("SET LOCAL lock_timeout = DEFAULT"))
 
 
+def core_busy_message(engine: Engine, what: str, wait: float, *, configurable: bool = True) -> str:
+    """The refusal of a person's write (``what``: ``edit``, ``steward decision``…) that waited ``wait`` seconds
+    for SQLite's write lock: who holds the core where the run lock and the run journal tell (a sync, a command,
+    a load run marked running), that nothing was changed, and what to do (``configurable``: the wait was
+    ``CRMI_EDIT_WAIT_SECONDS``, which can be raised)."""
+    from crm_core.runs import core_lock_holder  # only a refusal needs it
+
+    writers: list[str] = []
+    with suppress(SQLAlchemyError, OSError):  # naming the writer is a courtesy: the refusal stands without it
+        holder = core_lock_holder(engine)
+        if holder:
+            writers.append(holder)
+    with suppress(SQLAlchemyError), engine.connect() as connection:
+        runs = connection.execute(
+            select(LoadRun.run_key, LoadRun.mode)
+            .where(LoadRun.status == "running")
+            .order_by(LoadRun.id)
+            .limit(3)
+        ).all()
+        writers.extend(f"load run {key} ({mode}) is running" for key, mode in runs)
+    who = "; ".join(writers) or "a load, a sync or another program writing into it"
+    return (
+        f"the core is busy with another writer ({who}): the {what} waited {wait:g} s for it; nothing was "
+        "changed: wait for it to finish (`crmi runs list` shows the load runs) and try again"
+        + (f" (or raise {EDIT_WAIT_ENV})" if configurable else "")
+    )
+
+
+def _take_write_lock(session: Session, what: str) -> None:
+    """Take SQLite's write lock for ``session``'s transaction now, waiting at most ``CRMI_EDIT_WAIT_SECONDS`` for
+    another writer (rather than the engine's 30 s busy timeout, and then the driver's "database is locked");
+    then :class:`SyncLoadWaitError` saying who holds the core. The write is a no-op one (no row has id -1)."""
+    wait = _edit_wait(DedupError)  # a wrong setting is no busy core: nothing to try again
+    connection = session.connection()
+    connection.exec_driver_sql(f"PRAGMA busy_timeout={max(1, round(wait * 1000))}")
+    try:
+        runs: Any = LoadRun.__table__
+        connection.execute(update(runs).where(runs.c.id == -1).values(status=runs.c.status))
+    except OperationalError as exc:
+        if "locked" not in str(exc):
+            raise
+        raise SyncLoadWaitError(core_busy_message(connection.engine, what, wait)) from None
+    finally:  # held now, the rest of the transaction waits for no writer; readers keep the engine's timeout
+        with suppress(SQLAlchemyError):
+            connection.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_MILLISECONDS}")
+
+
 def share_edit_fence(session: Session, what: str) -> None:
     """Wait, as a CRM edit does, while a sync's inbound load keeps edits out (:func:`fence_edits`), and keep the
     next one out until ``session``'s transaction ends: what a steward's merge, undo or decision (``what``) calls
@@ -81,10 +128,16 @@ def share_edit_fence(session: Session, what: str) -> None:
     the load found, and the merge would write them back over what it loaded).
 
     PostgreSQL: the fence shared, waited for at most ``CRMI_EDIT_WAIT_SECONDS``; then :class:`SyncLoadWaitError`
-    and the transaction must roll back (nothing was written before). SQLite: nothing to take, its write lock lets
-    one writer at a time in (a sync's load takes it first: :func:`fence_edits`).
+    and the transaction must roll back (nothing was written before). SQLite: its write lock, which lets one
+    writer at a time in (a sync's load takes it first: :func:`fence_edits`; a load run's or a script's
+    transaction holds it too), taken now and waited for as long; then :class:`SyncLoadWaitError` saying the core
+    is busy with another writer, naming it where it can (:func:`core_busy_message`).
     """
-    if session.get_bind().dialect.name != "postgresql":
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        _take_write_lock(session, what)
+        return
+    if dialect != "postgresql":
         return
     wait = _edit_wait(SyncLoadWaitError)
     try:
@@ -101,8 +154,8 @@ def share_edit_fence(session: Session, what: str) -> None:
 @contextmanager
 def _editing(engine: Engine) -> Iterator[Session]:
     """A transaction for a CRM edit: it waits while a sync's inbound load holds the core's records
-    (:func:`fence_edits`) or another writer holds SQLite's write lock, and says so if that lasts too long,
-    instead of a driver's "database is locked"."""
+    (:func:`fence_edits`) or another writer holds SQLite's write lock, and says so if that lasts too long
+    (:class:`EditWaitError`, naming the writer on SQLite), instead of a driver's "database is locked"."""
     wait = _edit_wait()
     milliseconds = max(1, round(wait * 1000))
     sqlite = engine.dialect.name == "sqlite"
@@ -117,14 +170,11 @@ def _editing(engine: Engine) -> Iterator[Session]:
         except OperationalError as exc:
             if "locked" not in str(exc) and "lock timeout" not in str(exc):
                 raise
-            holder = (
-                "a sync taking the ERP's changes in"
-                if not sqlite
-                else "another write (a sync, a load, a merge)"
-            )
-            raise LoadError(
-                f"the edit waited {wait:g} s for {holder}, which still holds the core; nothing was changed: make "
-                f"the edit again in a moment (or raise {EDIT_WAIT_ENV})"
+            if sqlite:
+                raise EditWaitError(core_busy_message(engine, "edit", wait)) from None
+            raise EditWaitError(
+                f"the edit waited {wait:g} s for a sync taking the ERP's changes in, which still holds the core; "
+                f"nothing was changed: make the edit again in a moment (or raise {EDIT_WAIT_ENV})"
             ) from None
         finally:
             if sqlite:  # the connection goes back to the pool with the engine's own timeout

@@ -145,9 +145,20 @@ class DedupError(CrmError):
     """Duplicate detection or merging failed."""
 
 
-class SyncLoadWaitError(DedupError):
-    """A steward's merge, undo or decision waited longer than ``CRMI_EDIT_WAIT_SECONDS`` for a sync's inbound load
-    that holds the core's records; nothing was changed, and the same write goes through once the load is done."""
+class CoreWaitError(CrmError):
+    """A person's write (a CRM edit; a steward's merge, undo or decision) waited longer than
+    ``CRMI_EDIT_WAIT_SECONDS`` for another writer that holds the core (a sync's inbound load; on SQLite any
+    connection holding the write lock: a load, a sync, a script); nothing was changed, and the same write goes
+    through once that writer is done. The message names the writer where the core's run lock tells who."""
+
+
+class EditWaitError(CoreWaitError, LoadError):
+    """A CRM edit (``crm_core.edits``, ``crmi edit``) that waited too long for the core (:class:`CoreWaitError`)."""
+
+
+class SyncLoadWaitError(CoreWaitError, DedupError):
+    """A steward's merge, undo or decision that waited too long for the core (:class:`CoreWaitError`): for a
+    sync's inbound load that holds the core's records, or on SQLite for any writer holding its write lock."""
 
 
 class SyncError(CrmError):

@@ -473,10 +473,13 @@ def test_an_edit_that_waits_longer_than_its_limit_for_a_sync_changes_nothing_and
             monkeypatch.setenv("CRMI_EDIT_WAIT_SECONDS", "0.5")
             with pytest.raises(LoadError) as refused:
                 edit_record(core, "customer", huaxin.id, {"phone": "+862188889999"})
-            assert str(refused.value) == (
-                "the edit waited 0.5 s for another write (a sync, a load, a merge), which still holds the core; nothing "
-                "was changed: make the edit again in a moment (or raise CRMI_EDIT_WAIT_SECONDS)"
-            )
+            said = str(refused.value)
+            assert said.startswith("the core is busy with another writer ("), said
+            assert said.endswith(
+                "): the edit waited 0.5 s for it; nothing was changed: wait for it to finish (`crmi runs list` "
+                "shows the load runs) and try again (or raise CRMI_EDIT_WAIT_SECONDS)"
+            ), said
+            assert "sync u8 both on " in said and "(sync) is running" in said, said  # the sync, and its run
             assert isinstance(held.release(), SyncReport)
         assert customer_by_name(core, "上海华鑫科技有限公司").phone == huaxin.phone
         edit_record(core, "customer", huaxin.id, {"phone": "+862188889999"})

@@ -54,6 +54,7 @@ from sqlalchemy.orm import Session
 
 from crm_core.collections_policy import collections_paused
 from crm_core.db import session_factory
+from crm_core.edits import share_edit_fence
 from crm_core.entities import ENTITIES
 from crm_core.errors import DedupError
 from crm_core.loading import NameMatch, get_or_start_run
@@ -1107,9 +1108,11 @@ def decide_reference(
 
     Linked, the rows naming it load on the next run (as every later row writing the name that way); with
     no record they are rejected from then on, with the steward's decision as the reason. Journaled in a
-    steward run of its own, so ``crmi rollback`` undoes it.
+    steward run of its own, so ``crmi rollback`` undoes it. It waits for another writer holding the core as a
+    merge does (:func:`share_edit_fence`: :class:`~crm_core.errors.SyncLoadWaitError` past its limit).
     """
     with session_factory(engine)() as session, session.begin():
+        share_edit_fence(session, "reference decision")
         decision = session.get(ReferenceDecision, decision_id)
         if decision is None:
             raise DedupError(

@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import jinja2
 from sqlalchemy import Connection, Engine, event
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, MutableHeaders
@@ -36,12 +36,23 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from crm_core.db import SQLITE_BUSY_MILLISECONDS
+from crm_core.edits import core_busy_message
 from crm_core.steward_models import ROLES
 from integration.steward import security
 from integration.steward.api import MatchService, api_routes, problem, wants_json
 from integration.steward.audit import audit_page, record_event
 from integration.steward.cluster import ASSIGN_TTL, build_view, claim, find_cluster, release
-from integration.steward.decisions import Rules, can_undo, decide_cluster, reopen, skip_cluster, undo
+from integration.steward.decisions import (
+    CORE_BUSY,
+    CORE_BUSY_RETRY_AFTER,
+    Rules,
+    can_undo,
+    decide_cluster,
+    reopen,
+    skip_cluster,
+    undo,
+)
 from integration.steward.errors import StewardError
 from integration.steward.golden import golden_view
 from integration.steward.queue import (
@@ -243,6 +254,15 @@ class Workbench:
                     return self.error(
                         request, user, 409, "someone else changed this at the same moment; reload"
                     )
+                except OperationalError as exc:
+                    # SQLite's write lock held past the engine's busy timeout by another writer where a write
+                    # takes no part in the core's run lock (a claim, a skip…): 423 as for the decisions, no 500
+                    if self.engine.dialect.name != "sqlite" or "locked" not in str(exc):
+                        raise
+                    message = core_busy_message(
+                        self.engine, "request", SQLITE_BUSY_MILLISECONDS / 1000, configurable=False
+                    )
+                    return self.error(request, user, CORE_BUSY, message, retry_after=CORE_BUSY_RETRY_AFTER)
                 finally:
                     if form is not None:
                         await form.close()  # uploaded files are spooled to disk: remove them

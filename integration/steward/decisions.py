@@ -98,8 +98,9 @@ def holding_the_core(engine: Engine, user: Principal, what: str) -> Iterator[Non
 
 
 def waited(exc: SyncLoadWaitError) -> StewardError:
-    """A steward's write that waited its limit for a sync's inbound load: 423 with ``Retry-After``, as when a
-    command holds the core (nothing was written; the same request goes through once the load is done)."""
+    """A steward's write that waited its limit for a sync's inbound load, or on SQLite for another writer's
+    write lock: 423 with ``Retry-After``, as when a command holds the core (nothing was written; the same request
+    goes through once that writer is done)."""
     return StewardError(str(exc), status=CORE_BUSY, retry_after=CORE_BUSY_RETRY_AFTER)
 
 
@@ -288,6 +289,7 @@ def reopen(engine: Engine, candidate_id: int, user: Principal, ip: str | None = 
     with holding_the_core(engine, user, "reopening of a pair"), session_factory(engine)() as session:
         try:
             with session.begin():
+                share_edit_fence(session, "reopening of a pair")
                 candidate = session.get(MatchCandidate, candidate_id)
                 if candidate is None:
                     raise StewardError(f"no pair {candidate_id}", status=404)
@@ -309,5 +311,7 @@ def reopen(engine: Engine, candidate_id: int, user: Principal, ip: str | None = 
                 )  # fmt: skip
                 session.expunge(candidate)
                 return candidate
+        except SyncLoadWaitError as exc:
+            raise waited(exc) from None
         except DedupError as exc:
             raise StewardError(str(exc), status=409) from None
