@@ -9,8 +9,6 @@ what sync's change capture reads. A CRM front end that writes the core should go
 from __future__ import annotations
 
 import datetime as dt
-import math
-import os
 import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,6 +27,7 @@ from crm_core.errors import DedupError, EditWaitError, LoadError, OwnedFieldErro
 from crm_core.journal import to_json
 from crm_core.loading import get_or_start_run
 from crm_core.models import ExternalId, LoadRun, SyncConflict, SyncState
+from crm_core.settings import env_number
 from crm_core.validation import E164, EMAIL, uscc_is_valid
 
 # 'crme': the PostgreSQL advisory lock a sync's inbound load holds alone for its transaction and an edit (or a
@@ -56,14 +55,7 @@ def fence_edits(session: Session, run_id: int) -> None:
 
 def _edit_wait(error: type[Exception] = LoadError) -> float:
     """Seconds an edit waits for the core (``CRMI_EDIT_WAIT_SECONDS``, default 30); ``error`` says it is wrong."""
-    raw = os.environ.get(EDIT_WAIT_ENV) or "30"
-    try:
-        wait = float(raw)
-    except ValueError:
-        wait = math.nan
-    if not math.isfinite(wait) or wait <= 0:
-        raise error(f"{EDIT_WAIT_ENV} must be a number of seconds above 0, not {raw!r}")
-    return wait
+    return env_number(EDIT_WAIT_ENV, 30.0, error)
 
 
 def _share_fence(session: Session, wait: float) -> None:

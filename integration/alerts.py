@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import requests
 
 from crm_core.errors import CrmError
+from crm_core.settings import env_number
 from integration.failures import MAX_CAUSE, shorten
 
 URL_ENV = "CRMI_ALERT_WEBHOOK_URL"
@@ -102,15 +103,7 @@ class AlertConfig:
             fmt = "feishu"
         if fmt not in FORMATS:
             raise AlertConfigError(f"{FORMAT_ENV}={fmt!r} is not one of {', '.join(FORMATS)}")
-        raw_timeout = env.get(TIMEOUT_ENV, "").strip()
-        try:
-            timeout = float(raw_timeout) if raw_timeout else DEFAULT_TIMEOUT
-        except ValueError:
-            timeout = -1.0
-        if not 0 < timeout <= 60:
-            raise AlertConfigError(
-                f"{TIMEOUT_ENV}={raw_timeout!r} must be a number of seconds above 0, at most 60"
-            )
+        timeout = env_number(TIMEOUT_ENV, DEFAULT_TIMEOUT, AlertConfigError, at_most=60, env=env)
         severity = env.get(SEVERITY_ENV, "").strip().upper() or "ERROR"
         if severity == "WARNING":
             severity = "WARN"

@@ -28,8 +28,6 @@ over (:func:`holding_the_core_or_retry`, :class:`BusyWait`).
 
 import datetime as dt
 import json
-import math
-import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -46,6 +44,7 @@ from crm_core.db import session_factory
 from crm_core.errors import ConfigError, CrmError, SyncError
 from crm_core.models import LoadRun, SyncConflict, SyncOutbox
 from crm_core.runs import COMMITTED, CoreBusy
+from crm_core.settings import env_number
 from crm_core.watermarks import read_watermark
 from integration.assets.factories import LAYER_TAG, OWNER_INTEGRATION
 from integration.assets.resources import CoreDatabase, MigrationProject
@@ -525,14 +524,8 @@ def _backlog_check(target: CompiledTarget) -> dg.AssetChecksDefinition:
 def backlog_error_after() -> dt.timedelta:
     """How old the oldest undelivered change may get before the backlog check fails as an ERROR (alerted by
     default): ``$CRMI_SYNC_BACKLOG_ERROR_HOURS``, else 4 hours; never below the 1-hour warning."""
-    raw = os.environ.get(BACKLOG_ERROR_ENV, "").strip()
-    if not raw:
-        return BACKLOG_ERROR
-    try:
-        hours = float(raw)
-    except ValueError:
-        raise ConfigError(f"{BACKLOG_ERROR_ENV} must be a number of hours, not {raw!r}") from None
-    return max(dt.timedelta(hours=hours), BACKLOG_WARN) if math.isfinite(hours) else BACKLOG_ERROR
+    hours = env_number(BACKLOG_ERROR_ENV, BACKLOG_ERROR.total_seconds() / 3600, ConfigError, unit="hours")
+    return max(dt.timedelta(hours=hours), BACKLOG_WARN)
 
 
 def _open_counts(session: Session, target: str) -> dict[str, int]:

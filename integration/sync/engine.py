@@ -39,6 +39,7 @@ from crm_core.runs import (
     lock_holder,
     rollback_run,
 )
+from crm_core.settings import env_number
 from integration.sync.inbound import (
     OwnershipOutcome,
     apply_ownership,
@@ -229,20 +230,6 @@ def seconds_text(seconds: float) -> str:
     return f"{seconds / 60:g} min" if seconds < 7200 else f"{seconds / 3600:g} h"
 
 
-def _env_seconds(env: Mapping[str, str], name: str, default: float, *, zero: bool) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-        floor = "0 or more" if zero else "above 0"
-        raise SyncError(f"{name}={raw!r} must be a number of seconds, {floor}")
-    return value
-
-
 @dataclass(frozen=True)
 class BusyWait:
     """How a sync waits while a command holds the core: it looks again every ``every`` seconds for at most
@@ -258,8 +245,8 @@ class BusyWait:
         that is no number of seconds is a :class:`SyncError` naming its variable)."""
         env = os.environ if env is None else env
         return cls(
-            _env_seconds(env, BUSY_WAIT_ENV, BUSY_WAIT_DEFAULT, zero=True),
-            _env_seconds(env, BUSY_RETRY_ENV, BUSY_RETRY_DEFAULT, zero=False),
+            env_number(BUSY_WAIT_ENV, BUSY_WAIT_DEFAULT, SyncError, zero=True, env=env),
+            env_number(BUSY_RETRY_ENV, BUSY_RETRY_DEFAULT, SyncError, env=env),
         )
 
     @property
