@@ -569,3 +569,42 @@ def test_the_caret_is_padded_by_display_width(tmp_path: Path) -> None:
     rendered = Problem("unknown key 'filter'", file, 1, column).render().splitlines()
     assert rendered[0].startswith(f"{file}:1:{column}: ")  # the column counts characters, as editors do
     assert rendered[1:] == [f"    {line}", "    " + " " * 22 + "\t" + " " * (column - 24 + 6) + "^"]
+
+
+def test_every_independent_problem_of_one_field_is_reported_in_one_pass(tmp_path: Path) -> None:
+    """Fixing one problem of a field must not reveal the next: an unknown field name does not hide its
+    unknown transform, a bad lookup option does not hide its unknown column or transform, and a field
+    giving both 'from' and 'const' still has its transforms checked."""
+    file = tmp_path / "customers.yaml"
+    file.write_text(
+        BASE + "  name: name\n"
+        "  nmae: {from: n, transforms: [trimm]}\n"
+        "  owner: {from: assigned_usr, transforms: [upperr], lookup: {by: nmae}}\n"
+        "  phone: {from: p, const: x, transforms: [phonee]}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_mapping(file, sources=SOURCE_COLUMNS, tables=other_table)
+    messages = [str(p) for p in caught.value.problems]
+    fields = ", ".join(ENTITIES["customer"].fields)
+    assert messages == [
+        f"{file}:7:66: fields.owner.lookup.by: 'nmae' is not allowed; did you mean 'name'?; allowed: external_id, name, code, id",
+        f"{file}:8:10: fields.phone: give only one of 'from', 'const', 'expr' or 'when', not from and const",
+        f"{file}:6:3: fields.nmae: entity 'customer' has no field 'nmae'; did you mean 'name'?; fields: {fields}",
+        f"{file}:6:32: fields.nmae.transforms[0]: unknown transform 'trimm'; did you mean 'trim'?",
+        f"{file}:7:44: fields.owner.transforms[0]: unknown transform 'upperr'; did you mean 'upper'?",
+        f"{file}:8:43: fields.phone.transforms[0]: unknown transform 'phonee'; did you mean 'phone'?",
+        f"{file}:7:17: fields.owner.from: column 'assigned_usr' is not in accounts",
+    ], "\n".join(messages)
+
+
+def test_nothing_inside_a_field_that_is_not_a_mapping_is_checked(tmp_path: Path) -> None:
+    """A field entry that is a list cannot be read at all: its own problem only (its name is still checked)."""
+    file = tmp_path / "customers.yaml"
+    file.write_text(BASE + "  name: name\n  nmae: [trimm]\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_mapping(file, sources=SOURCE_COLUMNS, tables=other_table)
+    messages = [p.message for p in caught.value.problems]
+    assert [p.path for p in caught.value.problems] == ["fields.nmae", "fields.nmae"], messages
+    assert messages[0] == "Input should be a valid dictionary or instance of FieldSpec"
+    assert messages[1].startswith("entity 'customer' has no field 'nmae'; did you mean 'name'?")
