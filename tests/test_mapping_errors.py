@@ -442,6 +442,16 @@ CASES: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        "two_value_sources_and_two_joins",  # both at once: fixing one must not reveal the other
+        BASE
+        + "  name: n\n  industry: {from: n, const: x, via: {table: links, from: account_id, to: user_id}, "
+        "aggregate: {table: links, key: account_id, function: count}}\n",
+        [
+            "{file}:6:13: fields.industry: give only one of 'from', 'const', 'expr' or 'when', not from and const; "
+            "give only one of via and aggregate; chain link tables as a list under 'via'"
+        ],
+    ),
+    (
         "area_code_from_unknown_field",
         "version: 1\nsource: {connector: crm, table: accounts, key: id}\ntarget: customer\nfields:\n  name: name\n  phone: {from: p, transforms: [phone], area_code_from: town}\n",
         [

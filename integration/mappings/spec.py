@@ -336,21 +336,22 @@ class FieldSpec(_Strict):
         has_const = "const" in self.model_fields_set
         given = [k for k, v in (("from", has_from), ("const", has_const), ("expr", self.expr is not None),
                                 ("when", self.when is not None)) if v]  # fmt: skip
+        # Every problem of the field's shape at once (each is fixed on its own), in one message at the field.
+        shape: list[str] = []
         if len(given) > 1:
-            raise ValueError(f"give only one of 'from', 'const', 'expr' or 'when', not {' and '.join(given)}")
-        if not given and "default" not in self.model_fields_set:
-            raise ValueError("give 'from' (a source column), 'const', 'expr', 'when' or 'default'")
+            shape.append(f"give only one of 'from', 'const', 'expr' or 'when', not {' and '.join(given)}")
+        nothing = not given and "default" not in self.model_fields_set
+        if nothing:
+            shape.append("give 'from' (a source column), 'const', 'expr', 'when' or 'default'")
         joins = [k for k in ("via", "aggregate") if getattr(self, k) is not None]
         if self.lookup is not None and self.lookup.is_source:
             joins.append("lookup")
         if len(joins) > 1:
-            raise ValueError(
-                f"give only one of {' and '.join(joins)}; chain link tables as a list under 'via'"
-            )
-        if joins and not isinstance(self.from_, str):
-            raise ValueError(
-                f"'{joins[0]}' needs 'from': the one column of this table whose value is looked up"
-            )
+            shape.append(f"give only one of {' and '.join(joins)}; chain link tables as a list under 'via'")
+        if joins and not isinstance(self.from_, str) and not nothing:  # nothing given: said above
+            shape.append(f"'{joins[0]}' needs 'from': the one column of this table whose value is looked up")
+        if shape:
+            raise ValueError("; ".join(shape))
         return self
 
     @property
