@@ -349,6 +349,7 @@ CASES: list[tuple[str, str, list[str]]] = [
         "version: 1\nsource: {connector: x, sheet: s, header_row: 0}\ntarget: customer\nfields:\n  name: name\n",
         [
             "{file}:2:46: source.header_row: Input should be greater than or equal to 1",
+            "{file}:2:21: source.connector: unknown source 'x'; project sources: crm",  # independent of it
         ],
     ),
     (
@@ -618,3 +619,22 @@ def test_nothing_inside_a_field_that_is_not_a_mapping_is_checked(tmp_path: Path)
     assert [p.path for p in caught.value.problems] == ["fields.nmae", "fields.nmae"], messages
     assert messages[0] == "Input should be a valid dictionary or instance of FieldSpec"
     assert messages[1].startswith("entity 'customer' has no field 'nmae'; did you mean 'name'?")
+
+
+def test_a_misspelt_source_key_does_not_hide_the_columns_of_the_fields(tmp_path: Path) -> None:
+    """The table and the source are known: the fields' columns are checked beside the bad key; a source
+    whose table is in doubt (table and sheet) leaves them unchecked."""
+    file = tmp_path / "customers.yaml"
+    text = BASE.replace("key: id}", 'key: id, filtre: "deleted = 0"}') + "  name: nmae\n"
+    file.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_mapping(file, sources=SOURCE_COLUMNS, tables=other_table)
+    assert [str(p).split(": ", 1)[1] for p in caught.value.problems] == [
+        "source.filtre: unknown key 'filtre'; allowed: connector, header_row, incremental, "
+        "key, lookups, query, sheet, system, table, where",
+        "fields.name: column 'nmae' is not in accounts; did you mean 'name'?",
+    ]
+    file.write_text(text.replace("table: accounts", "table: accounts, sheet: s"), encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_mapping(file, sources=SOURCE_COLUMNS, tables=other_table)
+    assert [p.path for p in caught.value.problems] == ["source.filtre"]

@@ -903,7 +903,7 @@ def compile_document(
                     )
                 )
     if sources is not None and source_ok:
-        all_fields = not any(part[0] == "fields" for part in invalid)
+        all_fields = not any(part[0] in ("fields", "source") for part in invalid)  # e.g. a bad 'key' read
         partial_specs = {field: found.spec for field, found in partial.items()}
         problems.extend(_check_source(doc, spec, sources, all_fields=all_fields, partial=partial_specs))
     if problems:
@@ -938,6 +938,25 @@ def _partial_field(entry: Any, locs: Sequence[tuple[str, ...]]) -> PartialField 
     return PartialField(spec, bad)
 
 
+# Keys of source: the columns a mapping names are checked against; a problem in one hides those checks.
+_SOURCE_COLUMNS_NEED = frozenset({"connector", "table", "sheet", "query", "lookups"})
+
+
+def _partial_source(entry: Any, locs: Sequence[tuple[str, ...]]) -> tuple[SourceSpec, frozenset[str]] | None:
+    """Validate what is valid of an invalid ``source``: every key but those with a problem.
+
+    Only when the source still says which table is read and which columns it adds (a misspelt ``filter``
+    or a bad ``incremental`` leave the fields' columns checkable); None otherwise.
+    """
+    bad = frozenset(loc[0] for loc in locs if loc)
+    if not isinstance(entry, dict) or any(not loc for loc in locs) or bad & _SOURCE_COLUMNS_NEED:
+        return None
+    try:
+        return SourceSpec.model_validate({k: v for k, v in entry.items() if str(k) not in bad}), bad
+    except ValidationError:
+        return None
+
+
 def _validate_parts(
     doc: LocatedDocument,
 ) -> tuple[MappingSpec, list[Problem], set[tuple[str, ...]], dict[str, PartialField]]:
@@ -948,7 +967,8 @@ def _validate_parts(
     ``target``, each field) go into the spec, so the checks of their contents still run; the invalid ones
     are returned (``("source",)``, ``("fields", "phone")``) and what depends on them is not checked. Of an
     invalid field, the keys that are valid are returned too (a bad lookup option does not hide an unknown
-    transform or source column of the same field).
+    transform or source column of the same field); a source whose only problems are keys the columns do not
+    depend on is kept without them, its bad keys returned as ``("source", "filter")``.
     """
     try:
         return MappingSpec.model_validate(doc.data), [], set(), {}
@@ -975,6 +995,14 @@ def _validate_parts(
                     found = _partial_field(value, field_locs)
                     if found is not None:
                         partial[field] = found
+        elif (
+            name == "source"
+            and (name,) in invalid
+            and (found_source := _partial_source(data.get(name), [loc[1:] for loc in locs if loc[0] == name]))
+        ):
+            parts[name] = found_source[0]
+            invalid.discard((name,))
+            invalid.update((name, key) for key in found_source[1])
         elif (name,) in invalid or name not in data:
             parts[name] = info.get_default(call_default_factory=True)  # unused: the part is invalid
         elif name == "source":
