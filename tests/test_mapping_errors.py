@@ -638,3 +638,23 @@ def test_a_misspelt_source_key_does_not_hide_the_columns_of_the_fields(tmp_path:
     with pytest.raises(ConfigError) as caught:
         load_mapping(file, sources=SOURCE_COLUMNS, tables=other_table)
     assert [p.path for p in caught.value.problems] == ["source.filtre"]
+
+
+def test_a_bad_key_does_not_hide_that_the_field_gives_no_value(tmp_path: Path) -> None:
+    """The shape of the field's valid keys is checked too; not when a key it combines is the invalid one."""
+    file = tmp_path / "customers.yaml"
+    file.write_text(
+        BASE + "  name: {transforms: [trimm], on_error: nope}\n  phone: {from: [p, 5], const: x}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_mapping(file, sources=SOURCE_COLUMNS, tables=other_table)
+    assert [str(p) for p in caught.value.problems if not p.path.startswith("fields.phone")] == [
+        f"{file}:5:41: fields.name.on_error: 'nope' is not allowed; allowed: reject, null, fail",
+        f"{file}:5:9: fields.name: give 'from' (a source column), 'const', 'expr', 'when' or 'default'",
+        f"{file}:5:23: fields.name.transforms[0]: unknown transform 'trimm'; did you mean 'trim'?",
+    ]
+    assert {p.path for p in caught.value.problems if p.path.startswith("fields.phone")} == {
+        "fields.phone.from",
+        "fields.phone.from[1]",
+    }, "with 'from' invalid, 'const' beside it is not said to be a second value"

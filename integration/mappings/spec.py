@@ -836,7 +836,9 @@ def compile_document(
         if name in spec.fields:
             field_spec, bad = spec.fields[name], frozenset[str]()
         elif name in partial:
-            field_spec, bad = partial[name].spec, partial[name].bad
+            field_spec, bad, shape = partial[name].spec, partial[name].bad, partial[name].shape
+            if shape is not None:
+                problems.append(doc.problem(path, shape))
         else:
             continue  # the entry is not a mapping (reported): nothing in it can be checked
         whole = name in spec.fields
@@ -918,6 +920,11 @@ class PartialField:
 
     spec: FieldSpec
     bad: frozenset[str]
+    shape: str | None = None  # what is wrong with the combination of the valid keys ('from' or 'const'...)
+
+
+# Keys of a field the shape check combines: when one is invalid, the shape of the others is not checked.
+_SHAPE_KEYS = frozenset({"from", "const", "expr", "when", "default", "via", "aggregate", "lookup"})
 
 
 def _partial_field(entry: Any, locs: Sequence[tuple[str, ...]]) -> PartialField | None:
@@ -929,13 +936,18 @@ def _partial_field(entry: Any, locs: Sequence[tuple[str, ...]]) -> PartialField 
     if not isinstance(entry, dict):
         return None
     bad = frozenset(loc[0] for loc in locs if loc)
+    valid = {k: v for k, v in entry.items() if str(k) not in bad}
     try:
-        spec = FieldSpec.model_validate(
-            {k: v for k, v in entry.items() if str(k) not in bad}, context={PARTIAL: True}
-        )
+        spec = FieldSpec.model_validate(valid, context={PARTIAL: True})
     except ValidationError:
         return None
-    return PartialField(spec, bad)
+    shape = None
+    if all(locs) and not bad & _SHAPE_KEYS:  # the shape was not checked (a key failed) and can be now
+        try:
+            FieldSpec.model_validate(valid)
+        except ValidationError as exc:
+            shape = str(exc.errors(include_url=False)[0]["msg"]).removeprefix("Value error, ")
+    return PartialField(spec, bad, shape)
 
 
 # Keys of source: the columns a mapping names are checked against; a problem in one hides those checks.
