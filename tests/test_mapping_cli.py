@@ -282,6 +282,27 @@ def test_mapping_check_reports_every_independent_problem_of_every_file_at_once(t
     assert "4 problem(s)" in result.output
 
 
+def test_mapping_check_reports_every_problem_of_a_field_without_a_rerun(tmp_path: Path) -> None:
+    """Two independent problems in one field and two in another: all four in one run, not one per rerun."""
+    file = tmp_path / "customers.yaml"
+    file.write_text(
+        "version: 1\nsource: {connector: x, table: t}\ntarget: customer\nfields:\n  name: n\n"
+        "  nmae: {from: n, transforms: [trimm]}\n"
+        "  owner: {from: u, transforms: [upperr], lookup: {by: nmae}}\n",
+        encoding="utf-8",
+    )
+    result = runner.invoke(app, ["mapping", "check", str(file)])
+    assert result.exit_code == 1
+    for expected in (
+        f"{file}:6:3: fields.nmae: entity 'customer' has no field 'nmae'; did you mean 'name'?",
+        f"{file}:6:32: fields.nmae.transforms[0]: unknown transform 'trimm'; did you mean 'trim'?",
+        f"{file}:7:55: fields.owner.lookup.by: 'nmae' is not allowed; did you mean 'name'?; allowed: external_id, name, code, id",
+        f"{file}:7:33: fields.owner.transforms[0]: unknown transform 'upperr'; did you mean 'upper'?",
+    ):
+        assert expected in result.output, result.output
+    assert "4 problem(s)" in result.output
+
+
 def test_mapping_check_with_a_project_checks_the_real_source_columns(
     demo_project: Path, tmp_path: Path
 ) -> None:

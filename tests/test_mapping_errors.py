@@ -349,6 +349,7 @@ CASES: list[tuple[str, str, list[str]]] = [
         "version: 1\nsource: {connector: x, sheet: s, header_row: 0}\ntarget: customer\nfields:\n  name: name\n",
         [
             "{file}:2:46: source.header_row: Input should be greater than or equal to 1",
+            "{file}:2:21: source.connector: unknown source 'x'; project sources: crm",  # independent of it
         ],
     ),
     (
@@ -439,6 +440,16 @@ CASES: list[tuple[str, str, list[str]]] = [
         BASE + "  name: n\n  industry: {expr: 'n', via: {table: links, from: account_id, to: user_id}}\n",
         [
             "{file}:6:13: fields.industry: 'via' needs 'from': the one column of this table whose value is looked up"
+        ],
+    ),
+    (
+        "two_value_sources_and_two_joins",  # both at once: fixing one must not reveal the other
+        BASE
+        + "  name: n\n  industry: {from: n, const: x, via: {table: links, from: account_id, to: user_id}, "
+        "aggregate: {table: links, key: account_id, function: count}}\n",
+        [
+            "{file}:6:13: fields.industry: give only one of 'from', 'const', 'expr' or 'when', not from and const; "
+            "give only one of via and aggregate; chain link tables as a list under 'via'"
         ],
     ),
     (
@@ -569,3 +580,81 @@ def test_the_caret_is_padded_by_display_width(tmp_path: Path) -> None:
     rendered = Problem("unknown key 'filter'", file, 1, column).render().splitlines()
     assert rendered[0].startswith(f"{file}:1:{column}: ")  # the column counts characters, as editors do
     assert rendered[1:] == [f"    {line}", "    " + " " * 22 + "\t" + " " * (column - 24 + 6) + "^"]
+
+
+def test_every_independent_problem_of_one_field_is_reported_in_one_pass(tmp_path: Path) -> None:
+    """Fixing one problem of a field must not reveal the next: an unknown field name does not hide its
+    unknown transform, a bad lookup option does not hide its unknown column or transform, and a field
+    giving both 'from' and 'const' still has its transforms checked."""
+    file = tmp_path / "customers.yaml"
+    file.write_text(
+        BASE + "  name: name\n"
+        "  nmae: {from: n, transforms: [trimm]}\n"
+        "  owner: {from: assigned_usr, transforms: [upperr], lookup: {by: nmae}}\n"
+        "  phone: {from: p, const: x, transforms: [phonee]}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_mapping(file, sources=SOURCE_COLUMNS, tables=other_table)
+    messages = [str(p) for p in caught.value.problems]
+    fields = ", ".join(ENTITIES["customer"].fields)
+    assert messages == [
+        f"{file}:7:66: fields.owner.lookup.by: 'nmae' is not allowed; did you mean 'name'?; allowed: external_id, name, code, id",
+        f"{file}:8:10: fields.phone: give only one of 'from', 'const', 'expr' or 'when', not from and const",
+        f"{file}:6:3: fields.nmae: entity 'customer' has no field 'nmae'; did you mean 'name'?; fields: {fields}",
+        f"{file}:6:32: fields.nmae.transforms[0]: unknown transform 'trimm'; did you mean 'trim'?",
+        f"{file}:7:44: fields.owner.transforms[0]: unknown transform 'upperr'; did you mean 'upper'?",
+        f"{file}:8:43: fields.phone.transforms[0]: unknown transform 'phonee'; did you mean 'phone'?",
+        f"{file}:7:17: fields.owner.from: column 'assigned_usr' is not in accounts",
+    ], "\n".join(messages)
+
+
+def test_nothing_inside_a_field_that_is_not_a_mapping_is_checked(tmp_path: Path) -> None:
+    """A field entry that is a list cannot be read at all: its own problem only (its name is still checked)."""
+    file = tmp_path / "customers.yaml"
+    file.write_text(BASE + "  name: name\n  nmae: [trimm]\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_mapping(file, sources=SOURCE_COLUMNS, tables=other_table)
+    messages = [p.message for p in caught.value.problems]
+    assert [p.path for p in caught.value.problems] == ["fields.nmae", "fields.nmae"], messages
+    assert messages[0] == "Input should be a valid dictionary or instance of FieldSpec"
+    assert messages[1].startswith("entity 'customer' has no field 'nmae'; did you mean 'name'?")
+
+
+def test_a_misspelt_source_key_does_not_hide_the_columns_of_the_fields(tmp_path: Path) -> None:
+    """The table and the source are known: the fields' columns are checked beside the bad key; a source
+    whose table is in doubt (table and sheet) leaves them unchecked."""
+    file = tmp_path / "customers.yaml"
+    text = BASE.replace("key: id}", 'key: id, filtre: "deleted = 0"}') + "  name: nmae\n"
+    file.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_mapping(file, sources=SOURCE_COLUMNS, tables=other_table)
+    assert [str(p).split(": ", 1)[1] for p in caught.value.problems] == [
+        "source.filtre: unknown key 'filtre'; allowed: connector, header_row, incremental, "
+        "key, lookups, query, sheet, system, table, where",
+        "fields.name: column 'nmae' is not in accounts; did you mean 'name'?",
+    ]
+    file.write_text(text.replace("table: accounts", "table: accounts, sheet: s"), encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_mapping(file, sources=SOURCE_COLUMNS, tables=other_table)
+    assert [p.path for p in caught.value.problems] == ["source.filtre"]
+
+
+def test_a_bad_key_does_not_hide_that_the_field_gives_no_value(tmp_path: Path) -> None:
+    """The shape of the field's valid keys is checked too; not when a key it combines is the invalid one."""
+    file = tmp_path / "customers.yaml"
+    file.write_text(
+        BASE + "  name: {transforms: [trimm], on_error: nope}\n  phone: {from: [p, 5], const: x}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_mapping(file, sources=SOURCE_COLUMNS, tables=other_table)
+    assert [str(p) for p in caught.value.problems if not p.path.startswith("fields.phone")] == [
+        f"{file}:5:41: fields.name.on_error: 'nope' is not allowed; allowed: reject, null, fail",
+        f"{file}:5:9: fields.name: give 'from' (a source column), 'const', 'expr', 'when' or 'default'",
+        f"{file}:5:23: fields.name.transforms[0]: unknown transform 'trimm'; did you mean 'trim'?",
+    ]
+    assert {p.path for p in caught.value.problems if p.path.startswith("fields.phone")} == {
+        "fields.phone.from",
+        "fields.phone.from[1]",
+    }, "with 'from' invalid, 'const' beside it is not said to be a second value"

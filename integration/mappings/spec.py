@@ -27,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from integration.mappings.money import CompiledConvert, RateTable
 
 OnError = Literal["reject", "null", "fail"]
+# Validation context key: validate the keys of a field without the checks that combine them (see _validate_parts).
+PARTIAL = "partial_field"
 TransformStep = str | dict[str, Any]
 
 
@@ -326,27 +329,36 @@ class FieldSpec(_Strict):
     )
 
     @model_validator(mode="after")
-    def _value_source(self) -> FieldSpec:
+    def _value_source(self, info: ValidationInfo) -> FieldSpec:
+        if isinstance(info.context, dict) and info.context.get(PARTIAL):
+            return self  # the valid keys of an invalid field: their own checks still run (_validate_parts)
         has_from = self.from_ is not None
         has_const = "const" in self.model_fields_set
         given = [k for k, v in (("from", has_from), ("const", has_const), ("expr", self.expr is not None),
                                 ("when", self.when is not None)) if v]  # fmt: skip
+        # Every problem of the field's shape at once (each is fixed on its own), in one message at the field.
+        shape: list[str] = []
         if len(given) > 1:
-            raise ValueError(f"give only one of 'from', 'const', 'expr' or 'when', not {' and '.join(given)}")
-        if not given and "default" not in self.model_fields_set:
-            raise ValueError("give 'from' (a source column), 'const', 'expr', 'when' or 'default'")
+            shape.append(f"give only one of 'from', 'const', 'expr' or 'when', not {' and '.join(given)}")
+        nothing = not given and "default" not in self.model_fields_set
+        if nothing:
+            shape.append("give 'from' (a source column), 'const', 'expr', 'when' or 'default'")
         joins = [k for k in ("via", "aggregate") if getattr(self, k) is not None]
         if self.lookup is not None and self.lookup.is_source:
             joins.append("lookup")
         if len(joins) > 1:
-            raise ValueError(
-                f"give only one of {' and '.join(joins)}; chain link tables as a list under 'via'"
-            )
-        if joins and not isinstance(self.from_, str):
-            raise ValueError(
-                f"'{joins[0]}' needs 'from': the one column of this table whose value is looked up"
-            )
+            shape.append(f"give only one of {' and '.join(joins)}; chain link tables as a list under 'via'")
+        if joins and not isinstance(self.from_, str) and not nothing:  # nothing given: said above
+            shape.append(f"'{joins[0]}' needs 'from': the one column of this table whose value is looked up")
+        if shape:
+            raise ValueError("; ".join(shape))
         return self
+
+    @property
+    def joins(self) -> bool:
+        """Return True when the field reads through a source lookup, link table or aggregate."""
+        source_lookup = self.lookup is not None and self.lookup.is_source
+        return source_lookup or self.via is not None or self.aggregate is not None
 
     @property
     def source_join(self) -> JoinedColumnSpec | None:
@@ -791,7 +803,7 @@ def compile_document(
     """
     from integration.mappings import money
 
-    spec, problems, invalid = _validate_parts(doc)
+    spec, problems, invalid, partial = _validate_parts(doc)
     if entity is None and ("target",) not in invalid:
         entity = ENTITIES[spec.target]
     source_ok = ("source",) not in invalid
@@ -807,7 +819,9 @@ def compile_document(
             doc, ("source", "where"), spec.source.where, table_columns, problems, condition=True
         )
     known = None if table_columns is None else [*table_columns, *spec.source.lookups]
-    for name, field_spec in spec.field_specs().items():
+    written = doc.data.get("fields") if isinstance(doc.data, dict) else None
+    names = list(written) if isinstance(written, dict) and ("fields",) not in invalid else list(spec.fields)
+    for name in names:
         path: tuple[str | int, ...] = ("fields", name)
         target_field = entity.fields.get(name) if entity is not None else None
         if entity is not None and target_field is None:
@@ -819,7 +833,15 @@ def compile_document(
                     at_key=True,
                 )
             )
-            continue
+        if name in spec.fields:
+            field_spec, bad = spec.fields[name], frozenset[str]()
+        elif name in partial:
+            field_spec, bad, shape = partial[name].spec, partial[name].bad, partial[name].shape
+            if shape is not None:
+                problems.append(doc.problem(path, shape))
+        else:
+            continue  # the entry is not a mapping (reported): nothing in it can be checked
+        whole = name in spec.fields
         steps: list[CompiledStep] = []
         for i, step in enumerate(field_spec.transforms):
             parsed, step_problems = _parse_step(step, (*path, "transforms", i), doc)
@@ -827,7 +849,7 @@ def compile_document(
             if parsed:
                 steps.append(parsed)
         columns: tuple[str, ...] = tuple(field_spec.columns)
-        own_join = field_spec.source_join
+        own_join = field_spec.source_join if whole else None  # an invalid field's join may be half given
         if own_join is not None:
             join = _compile_join(doc, path, JOINED_PREFIX + name, own_join, tables, problems)
             joins.append(join)
@@ -837,7 +859,7 @@ def compile_document(
             expression = _expression(doc, (*path, "expr"), field_spec.expr, known, problems)
         cases = _when_cases(doc, (*path, "when"), field_spec.when, known, problems) if field_spec.when else ()
         if entity is None or target_field is None:
-            continue  # the target is invalid (reported): what depends on its fields cannot be checked
+            continue  # the target or field name is invalid (reported): what depends on it cannot be checked
         lookup = field_spec.core_lookup
         if lookup is not None and target_field.references is None:
             problems.append(
@@ -852,18 +874,19 @@ def compile_document(
         if lookup and lookup.by == "code" and target_field.references != "sales_rep":
             problems.append(doc.problem((*path, "lookup", "by"), "lookup by code works for sales reps only"))
         convert = None
-        if field_spec.convert is not None:
+        if field_spec.convert is not None and whole:
             convert, convert_problems = money.compile_convert(
                 doc, path, field_spec, target_field, entity, spec, rates
             )
             problems.extend(convert_problems)
         area_code_from = field_spec.area_code_from
         if area_code_from is not None and ("fields", area_code_from) not in invalid:
-            problem = _area_code_problem(
-                name, area_code_from, steps, spec, len(steps) == len(field_spec.transforms)
-            )
+            all_steps = len(steps) == len(field_spec.transforms) and "transforms" not in bad
+            problem = _area_code_problem(name, area_code_from, steps, spec, all_steps)
             if problem:
                 problems.append(doc.problem((*path, "area_code_from"), problem))
+        if not whole:
+            continue  # reported: the valid keys of the field were checked all the same
         compiled.append(
             CompiledField(
                 name, field_spec, tuple(steps), lookup, columns, expression, cases, convert, area_code_from
@@ -882,24 +905,85 @@ def compile_document(
                     )
                 )
     if sources is not None and source_ok:
-        all_fields = not any(part[0] == "fields" for part in invalid)
-        problems.extend(_check_source(doc, spec, sources, all_fields=all_fields))
+        all_fields = not any(part[0] in ("fields", "source") for part in invalid)  # e.g. a bad 'key' read
+        partial_specs = {field: found.spec for field, found in partial.items()}
+        problems.extend(_check_source(doc, spec, sources, all_fields=all_fields, partial=partial_specs))
     if problems:
         raise ConfigError(problems)
     assert entity is not None  # no problem: the target validated
     return CompiledMapping(doc.file, spec, entity, tuple(compiled), where, tuple(joins))
 
 
-def _validate_parts(doc: LocatedDocument) -> tuple[MappingSpec, list[Problem], set[tuple[str, ...]]]:
+@dataclass(frozen=True)
+class PartialField:
+    """The valid keys of an invalid field (``spec``), and the keys left out because they are invalid (``bad``)."""
+
+    spec: FieldSpec
+    bad: frozenset[str]
+    shape: str | None = None  # what is wrong with the combination of the valid keys ('from' or 'const'...)
+
+
+# Keys of a field the shape check combines: when one is invalid, the shape of the others is not checked.
+_SHAPE_KEYS = frozenset({"from", "const", "expr", "when", "default", "via", "aggregate", "lookup"})
+
+
+def _partial_field(entry: Any, locs: Sequence[tuple[str, ...]]) -> PartialField | None:
+    """Validate what is valid of an invalid field entry: every key but those with a problem.
+
+    The checks that combine keys ('from' or 'const', one kind of join) are left out: when they failed, they
+    are the field's reported problem. None when the entry is not a mapping (nothing in it can be read).
+    """
+    if not isinstance(entry, dict):
+        return None
+    bad = frozenset(loc[0] for loc in locs if loc)
+    valid = {k: v for k, v in entry.items() if str(k) not in bad}
+    try:
+        spec = FieldSpec.model_validate(valid, context={PARTIAL: True})
+    except ValidationError:
+        return None
+    shape = None
+    if all(locs) and not bad & _SHAPE_KEYS:  # the shape was not checked (a key failed) and can be now
+        try:
+            FieldSpec.model_validate(valid)
+        except ValidationError as exc:
+            shape = str(exc.errors(include_url=False)[0]["msg"]).removeprefix("Value error, ")
+    return PartialField(spec, bad, shape)
+
+
+# Keys of source: the columns a mapping names are checked against; a problem in one hides those checks.
+_SOURCE_COLUMNS_NEED = frozenset({"connector", "table", "sheet", "query", "lookups"})
+
+
+def _partial_source(entry: Any, locs: Sequence[tuple[str, ...]]) -> tuple[SourceSpec, frozenset[str]] | None:
+    """Validate what is valid of an invalid ``source``: every key but those with a problem.
+
+    Only when the source still says which table is read and which columns it adds (a misspelt ``filter``
+    or a bad ``incremental`` leave the fields' columns checkable); None otherwise.
+    """
+    bad = frozenset(loc[0] for loc in locs if loc)
+    if not isinstance(entry, dict) or any(not loc for loc in locs) or bad & _SOURCE_COLUMNS_NEED:
+        return None
+    try:
+        return SourceSpec.model_validate({k: v for k, v in entry.items() if str(k) not in bad}), bad
+    except ValidationError:
+        return None
+
+
+def _validate_parts(
+    doc: LocatedDocument,
+) -> tuple[MappingSpec, list[Problem], set[tuple[str, ...]], dict[str, PartialField]]:
     """Validate a mapping document; when invalid, also return a spec made of the parts that are valid.
 
     A problem in one part must not hide those of another: a bad key under ``source:`` and a bad transform
     argument of a field are both reported in one pass. The parts that validate on their own (``source``,
     ``target``, each field) go into the spec, so the checks of their contents still run; the invalid ones
-    are returned (``("source",)``, ``("fields", "phone")``) and what depends on them is not checked.
+    are returned (``("source",)``, ``("fields", "phone")``) and what depends on them is not checked. Of an
+    invalid field, the keys that are valid are returned too (a bad lookup option does not hide an unknown
+    transform or source column of the same field); a source whose only problems are keys the columns do not
+    depend on is kept without them, its bad keys returned as ``("source", "filter")``.
     """
     try:
-        return MappingSpec.model_validate(doc.data), [], set()
+        return MappingSpec.model_validate(doc.data), [], set(), {}
     except ValidationError as exc:
         problems = pydantic_problems(doc, MappingSpec, exc)
         locs = [tuple(str(part) for part in error["loc"]) for error in exc.errors(include_url=False)]
@@ -907,6 +991,7 @@ def _validate_parts(doc: LocatedDocument) -> tuple[MappingSpec, list[Problem], s
     if not isinstance(data, dict) or any(not loc for loc in locs):
         raise ConfigError(problems)
     invalid = {loc[:2] if loc[0] == "fields" and len(loc) > 1 else loc[:1] for loc in locs}
+    partial: dict[str, PartialField] = {}
     parts: dict[str, Any] = {}
     for name, info in MappingSpec.model_fields.items():
         if name == "fields":
@@ -916,18 +1001,38 @@ def _validate_parts(doc: LocatedDocument) -> tuple[MappingSpec, list[Problem], s
                 for field, value in written.items()
                 if ("fields", field) not in invalid
             }
+            for field, value in written.items():
+                if ("fields", field) in invalid:
+                    field_locs = [loc[2:] for loc in locs if loc[:2] == ("fields", field)]
+                    found = _partial_field(value, field_locs)
+                    if found is not None:
+                        partial[field] = found
+        elif (
+            name == "source"
+            and (name,) in invalid
+            and (found_source := _partial_source(data.get(name), [loc[1:] for loc in locs if loc[0] == name]))
+        ):
+            parts[name] = found_source[0]
+            invalid.discard((name,))
+            invalid.update((name, key) for key in found_source[1])
         elif (name,) in invalid or name not in data:
             parts[name] = info.get_default(call_default_factory=True)  # unused: the part is invalid
         elif name == "source":
             parts[name] = SourceSpec.model_validate(data[name])
         else:
             parts[name] = data[name]
-    return MappingSpec.model_construct(**parts), problems, invalid
+    return MappingSpec.model_construct(**parts), problems, invalid, partial
 
 
 def _check_source(
-    doc: LocatedDocument, spec: MappingSpec, sources: dict[str, list[str] | None], *, all_fields: bool = True
+    doc: LocatedDocument,
+    spec: MappingSpec,
+    sources: dict[str, list[str] | None],
+    *,
+    all_fields: bool = True,
+    partial: dict[str, FieldSpec] | None = None,
 ) -> list[Problem]:
+    """Check the columns the mapping names against its source's; ``partial``: the valid keys of invalid fields."""
     name = spec.source.connector
     if name not in sources:
         return [
@@ -976,7 +1081,9 @@ def _check_source(
             )
         )
     used: set[str] = set(spec.source.key_columns)
-    for field_name, field_spec in spec.field_specs().items():
+    fields = spec.field_specs()
+    fields.update(partial or {})
+    for field_name, field_spec in fields.items():
         raw = doc.data.get("fields", {}).get(field_name) if isinstance(doc.data, dict) else None
         for text in [field_spec.expr, *(b.if_ for b in field_spec.when or [])]:
             if text is not None:
@@ -984,7 +1091,7 @@ def _check_source(
                     used.update(parse(text).columns)
         for i, column in enumerate(field_spec.columns):
             used.add(column)
-            if column in known and not (field_spec.source_join is not None and column in spec.source.lookups):
+            if column in known and not (field_spec.joins and column in spec.source.lookups):
                 continue
             if isinstance(raw, str):
                 path: tuple[str | int, ...] = ("fields", field_name)
