@@ -1073,7 +1073,7 @@ def ui_shows_the_asset_graph_a_core_assets_checks_and_the_automations(deployment
              "undo_canceled_load_runs", "finish_partial_load_runs",
              "sync_u8_outbox", "sync_u8_inbound_schedule", "sync_u8_outbound_schedule", "sync_u8_checks_schedule",
              SCHEDULE, SENSOR, "Scheduled Every 5 minutes", "Scheduled Every minute",
-             counts={"Run status sensor": 4, "Standard sensor": 3, "Scheduled Every": 4})  # fmt: skip
+             counts={"Run status sensor": 3, "Standard sensor": 4, "Scheduled Every": 4})  # fmt: skip
 
 
 def no_planted_secret_in_graphql_storage_files_or_logs(deployment: Deployment) -> None:
