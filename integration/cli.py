@@ -1717,6 +1717,17 @@ def dedup_run(
     )
 
 
+WHY_WIDTH = 120  # characters of a held-back reason `crmi dedup review` shows (--json: all of it)
+
+
+def _short_reason(reason: str, width: int = WHY_WIDTH) -> str:
+    """Return ``reason`` cut to ``width`` characters at a word boundary, ending in "…" when cut."""
+    if len(reason) <= width:
+        return reason
+    cut = reason[: width - 1]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" ,;:(") + "…"
+
+
 @dedup_app.command("review")
 def dedup_review(
     core: CoreOption = None,
@@ -1747,6 +1758,8 @@ def dedup_review(
         "credit code / mobile ",
     ):
         table.add_column(column)
+    table.add_column("why")  # wraps in a narrow terminal; cut at WHY_WIDTH characters
+    shortened = False
     for q in queue:
         # the golden records the pair stands for now; "was N": the record linkage compared, merged since
         sides = [
@@ -1755,9 +1768,16 @@ def dedup_review(
             for side, scored in zip(("left", "right"), q["scored_on"], strict=True)
         ]
         number = str(q["candidate"]) + "".join(f" +{other}" for other in q["same_pair"])
+        reason = (q.get("features") or {}).get("reason")
+        why = _short_reason(str(reason)) if reason else "—"
+        shortened |= bool(reason) and why != reason
         table.add_row(number, q["entity"], f"{q['probability']:.3f}", sides[0], str(q["left_key"] or ""),
-                      sides[1], str(q["right_key"] or ""))  # fmt: skip
+                      sides[1], str(q["right_key"] or ""), escape(why))  # fmt: skip
     console.print(table)
+    if shortened:
+        console.print(
+            f"A 'why' longer than {WHY_WIDTH} characters is cut (…): `crmi dedup review --json` has it whole."
+        )
     if any(q["same_pair"] for q in queue):
         console.print(
             "A candidate shown as 'N +M' stands for the same two golden records as M: deciding N decides M too."

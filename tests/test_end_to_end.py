@@ -195,6 +195,10 @@ def test_the_demo_leaves_pairs_for_the_stewards_to_decide(
         waiting = pairs.get(frozenset((left.name, right.name)))
         assert waiting is not None, f"{left.name} / {right.name} not in the review queue: {sorted(pairs)}"
         assert waiting["entity"] == "customer" and waiting["features"].get("reason")
+        # in a steward's words, naming only what differs: never the column `address_key`, never "phones
+        # differ" for a record that has no phone (a newcomer steward's 宁波 pair)
+        reason = waiting["features"]["reason"]
+        assert "address_key" not in reason and "phones" not in reason, reason
     with make_engine(sqlite_core_url).connect() as connection:
         merged = connection.scalars(
             sa.select(Customer.name).where(

@@ -427,3 +427,27 @@ def test_near_names_with_different_phones_and_addresses_go_to_a_steward_not_a_me
     assert band[(5, 6)] == "merge"  # nothing on either side contradicts the names
     unguarded = link(frame, replace(everything, contradicted_by=()))
     assert {tuple(sorted(p)): v for p, v in unguarded.band.items()}[(1, 2)] == "merge"
+
+
+def test_the_held_back_reason_names_only_the_fields_that_differ_in_a_stewards_words() -> None:
+    # A newcomer steward: the 宁波 pair said "phones, address_key differ" although #121 had no phone at all.
+    # The reason names what contradicts (both sides hold it, and it differs) and says what is merely missing.
+    from integration.dedup.customers import linkage_frame
+
+    frame = linkage_frame([
+        {"id": 120, "name": "宁波华信模具有限公司", "phone": "0574-87001111", "address": "浙江省宁波市鄞州区天童路1号"},
+        {"id": 121, "name": "宁波华鑫模具有限公司", "address": "浙江省宁波市鄞州区中山路200号"},
+        {"id": 130, "name": "上海华信贸易有限公司", "phone": "021-50001111", "address": "上海市浦东新区张江路1号"},
+        {"id": 131, "name": "上海华鑫贸易有限公司", "phone": "021-50002222", "address": "上海市浦东新区世纪大道100号"},
+    ])  # fmt: skip
+    result = link(frame, replace(CUSTOMER_SPEC, auto_merge=0.0, review=0.0))
+    band = {tuple(sorted(pair)): value for pair, value in result.band.items()}
+    assert band[(120, 121)] == "review"
+    reason = result.reasons[(120, 121)]
+    assert "names alike but not the same" in reason, reason
+    assert "address_key" not in reason and "phones" not in reason and "phone in common" not in reason, reason
+    assert "street address" in reason, reason
+    assert "#121 has no phone" in reason, reason
+    both = result.reasons[(130, 131)]  # both fields held on both sides, both differ
+    assert "no phone in common" in both and "street address" in both and "address_key" not in both, both
+    assert "has no" not in both, both

@@ -761,14 +761,23 @@ def _without_needed_agreement(
     return unsupported, unsupported & _differing(band.index, columns)
 
 
+# How the fields of ``contradicted_by`` read to a steward: (the field differing, the field missing from a record)
+CONTRADICTION_WORDS: dict[str, tuple[str, str]] = {
+    "phones": ("no phone in common", "phone"),
+    "address_key": ("different street addresses", "complete street address"),
+}
+
+
 def _alike_but_contradicted(
     frame: pd.DataFrame, features: pd.DataFrame, band: pd.Series, spec: LinkageSpec
-) -> np.ndarray:
-    """Per pair: a merge the spec's ``alike_name`` / ``contradicted_by`` rule holds back (see LinkageSpec)."""
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Per pair: a merge the spec's ``alike_name`` / ``contradicted_by`` rule holds back (see LinkageSpec); and,
+    per held pair's position, why in a steward's words: the fields that contradict (both records hold one and
+    they share no value), then those a record lacks (which could not confirm the pair either)."""
     held = np.zeros(len(band), dtype=bool)
     name = spec.alike_name
     if name is None or name not in features.columns or not spec.contradicted_by:
-        return held
+        return held, {}
     top = next((len(c.levels) for c in spec.comparisons if c.name == name), None)
     candidates = (band == "merge").to_numpy() & (features[name] < (top or 0)).to_numpy()
     for group in spec.sure_when:
@@ -776,18 +785,35 @@ def _alike_but_contradicted(
             candidates &= ~(features[list(group)] >= 1).all(axis=1).to_numpy()
     positions = np.flatnonzero(candidates)
     if not len(positions):
-        return held
+        return held, {}
     pairs = band.index[positions]
     left, right = pairs.get_level_values(0), pairs.get_level_values(1)
+    differing: dict[int, list[str]] = defaultdict(list)
+    missing: dict[int, list[str]] = defaultdict(list)
     for column in spec.contradicted_by:
         if column not in frame.columns:
             continue
+        differs, field = CONTRADICTION_WORDS.get(column, (f"different {column}", column))
         values = frame[column].astype("string").str.strip().replace("", pd.NA)
         a, b = values.reindex(left).to_numpy(), values.reindex(right).to_numpy()
         for offset, (x, y) in enumerate(zip(a, b, strict=True)):
-            if not (pd.isna(x) or pd.isna(y)) and not set(str(x).split()) & set(str(y).split()):
-                held[positions[offset]] = True
-    return held
+            if not (pd.isna(x) or pd.isna(y)):
+                if not set(str(x).split()) & set(str(y).split()):
+                    held[positions[offset]] = True
+                    differing[offset].append(differs)
+            elif pd.isna(x) and pd.isna(y):
+                missing[offset].append(f"neither has a {field}")
+            else:
+                missing[offset].append(
+                    f"#{pairs[offset][0] if pd.isna(x) else pairs[offset][1]} has no {field}"
+                )
+    reasons = {}
+    for offset, fields in differing.items():
+        said = ["names alike but not the same", "no identifier shared", *fields]
+        reasons[int(positions[offset])] = f"{', '.join(said[:-1])}, and {said[-1]}" + (
+            f" ({'; '.join(missing[offset])})" if missing[offset] else ""
+        )
+    return held, reasons
 
 
 def location_conflicts(frame: pd.DataFrame, pairs: pd.Index, spec: LinkageSpec) -> np.ndarray:
@@ -1003,15 +1029,13 @@ def link(
         band[review] = "review"
         for pair in band.index[review]:
             reasons[ordered(pair)] = spec.merge_needs_reason
-    held_back = _alike_but_contradicted(frame, features, band, spec)
+    held_back, why = _alike_but_contradicted(frame, features, band, spec)
     if held_back.any():
         probability = probability.copy()
         probability[held_back] = probability[held_back] * CONFLICT_FACTOR
         band[held_back] = "review"
-        for pair in band.index[held_back]:
-            reasons[ordered(pair)] = (
-                f"names alike but not the same, no identifier shared, and {', '.join(spec.contradicted_by)} differ"
-            )
+        for position, reason in why.items():
+            reasons[ordered(band.index[position])] = reason
     if queued:
         merging = [int(i) for i in np.flatnonzero((band == "merge").to_numpy())]
         waiting = [i for i in merging if ordered(band.index[i]) in queued]
