@@ -58,7 +58,7 @@ from crm_core.entities import ENTITIES
 from crm_core.errors import DedupError
 from crm_core.journal import row_key
 from crm_core.loading import NameMatch, get_or_start_run
-from crm_core.models import Customer, LoadRun, ReferenceDecision, RowChange
+from crm_core.models import Base, Customer, LoadRun, ReferenceDecision, RowChange
 from integration.dedup.customers import CUSTOMER_SPEC, linkage_rows
 from integration.dedup.linkage import GAP, SOUND_OR_SHAPE, LinkageSpec, variant_similarity
 from integration.dedup.normalize import (
@@ -1103,8 +1103,8 @@ def reference_queue(engine: Engine, limit: int | None = None) -> list[dict[str, 
 
 def _deciding_run(session: Any, decision_id: int) -> str | None:
     """The key of the steward run (not rolled back) that last decided reference ``decision_id``, if journaled."""
-    table = ReferenceDecision.__table__
-    return session.scalar(
+    table = Base.metadata.tables[ReferenceDecision.__tablename__]
+    key: str | None = session.scalar(
         select(LoadRun.run_key)
         .join(RowChange, RowChange.load_run_id == LoadRun.id)
         .where(
@@ -1116,6 +1116,7 @@ def _deciding_run(session: Any, decision_id: int) -> str | None:
         .order_by(RowChange.id.desc())
         .limit(1)
     )
+    return key
 
 
 def decide_reference(
@@ -1134,13 +1135,13 @@ def decide_reference(
                 f"no reference decision {REFERENCE_PREFIX}{decision_id}; `crmi dedup review` lists them"
             )
         if decision.status != "pending":
-            run_key = _deciding_run(session, decision_id)
+            deciding = _deciding_run(session, decision_id)
             raise DedupError(
                 f"reference {REFERENCE_PREFIX}{decision_id} was already decided: {decision.status}; a reference "
                 "decision is changed by rolling back the steward run that made it: "
                 + (
-                    f"`crmi rollback {run_key}`"
-                    if run_key
+                    f"`crmi rollback {deciding}`"
+                    if deciding
                     else "`crmi rollback RUN` (`crmi runs list` lists them)"
                 )
                 + ", then decide it again"
