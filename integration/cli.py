@@ -1857,11 +1857,13 @@ def dedup_decide(
         spec = load_project(project).spec
     except ConfigError as exc:
         raise _config_error(exc) from None
-    if candidate.lower().startswith(REFERENCE_PREFIX):
+    if candidate.lower().startswith(REFERENCE_PREFIX):  # R1 is r1
         number = candidate[len(REFERENCE_PREFIX) :]
+        candidate = f"{REFERENCE_PREFIX}{number}"
         if not number.isdigit() or (customer is None) == (same is not False) or same is True:
             errors.print(
-                "a reference takes --customer ID (the customer it names) or --different (none), not both"
+                f"a reference ({REFERENCE_PREFIX}N) takes --customer ID (the customer it names) or --different "
+                "(none): one of them is required, not both"
             )
             raise typer.Exit(EXIT_FAILED)
         with _core_engine(core) as engine, _sharing_the_core(engine, "crmi dedup decide", "steward decision"):
@@ -1881,7 +1883,14 @@ def dedup_decide(
         console.print(f"reference {candidate} '{escape(decision.name)}': {outcome} (by {escape(steward)})")
         return
     if not candidate.isdigit() or same is None or customer is not None:
-        errors.print("a pair takes its candidate number and --same or --different")
+        errors.print(
+            "a pair takes its candidate number and --same or --different"
+            + (
+                f"; held names are decided as {REFERENCE_PREFIX}{candidate} (`crmi dedup review` lists them)"
+                if candidate.isdigit() and customer is not None
+                else ""
+            )
+        )
         raise typer.Exit(EXIT_FAILED)
     rules = spec.dedup.get("customer")
     with _core_engine(core) as engine, _sharing_the_core(engine, "crmi dedup decide", "steward decision"):

@@ -295,6 +295,11 @@ class ProjectSpec(_Strict):
     sync: dict[str, SyncTarget] = Field(
         default_factory=dict, description="target systems the core stays in step with after go-live"
     )
+    timezone: str = Field(
+        default="UTC",
+        description="the project's time zone (IANA name, e.g. Asia/Shanghai): the steward workbench shows "
+        "instants in it, named; the core stores them in UTC",
+    )
 
     @field_validator("sources")
     @classmethod
@@ -302,6 +307,19 @@ class ProjectSpec(_Strict):
         for name in value:
             if not re.match(NAME_PATTERN, name):
                 raise ValueError(f"source name '{name}' must match {NAME_PATTERN} (it names Dagster assets)")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone '{value}' (use an IANA name such as Asia/Shanghai, or UTC)"
+            ) from None
         return value
 
     @field_validator("sync")

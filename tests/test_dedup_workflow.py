@@ -219,6 +219,10 @@ def test_steward_commands(sqlite_core_url: str) -> None:
         app, ["dedup", "decide", str(pending[0]["candidate"]), "--same", "--steward", "li", *core]
     )
     assert again.exit_code == 1 and "already decided" in again.output
+    flat = " ".join(again.output.split())
+    assert "Reopen" in flat and f"/records/{pending[0]['entity']}/" in flat, flat
+    bare = runner.invoke(app, ["dedup", "decide", "1", "--customer", "43", "--steward", "li", *core])
+    assert bare.exit_code == 1 and "held names are decided as r1" in " ".join(bare.output.split())
 
     merge_id = str(outcome["merge_log_ids_first"][0])
     undone = runner.invoke(app, ["dedup", "undo", merge_id, "--steward", "li", *core])

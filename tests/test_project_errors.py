@@ -26,7 +26,7 @@ HEADER = "version: 1\nname: acme\nsources:\n  crm: {connector: sql, url: 'sqlite
 
 CASES = [
     ("unknown_key", HEADER + "mappings: [mappings/*.yaml]\nmapings: []\n",
-     ["6:1: mapings: unknown key 'mapings'; did you mean 'mappings'?; allowed: chunk_rows, currencies, dedup, description, mappings, name, reconciliation, sources, sync, validation, version"]),
+     ["6:1: mapings: unknown key 'mapings'; did you mean 'mappings'?; allowed: chunk_rows, currencies, dedup, description, mappings, name, reconciliation, sources, sync, timezone, validation, version"]),
     ("missing_mapping_file", HEADER + "mappings: [mappings/nope.yaml]\n",
      ["5:12: mappings[0]: mapping file 'mappings/nope.yaml' not found in {root}"]),
     ("unset_env_var", "version: 1\nname: acme\nsources:\n  crm: {connector: sql, url: '${ACME_CRM_URL_UNSET}'}\nmappings: [mappings/*.yaml]\n",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import select
 import signal
 import subprocess
@@ -181,18 +182,30 @@ def test_a_steward_decision_is_checked_and_made_once(engine: sa.Engine) -> None:
         app, ["dedup", "decide", number, "--customer", "1", "--different", "--steward", "li", *core]
     )
     assert both.exit_code == 1 and "not both" in both.output
+    neither = runner.invoke(app, ["dedup", "decide", number, "--steward", "li", *core])
+    assert neither.exit_code == 1 and "one of them is required" in neither.output, neither.output
+    bare = runner.invoke(app, ["dedup", "decide", number[1:], "--customer", "43", "--steward", "li", *core])
+    assert bare.exit_code == 1 and f"held names are decided as {number}" in bare.output, bare.output
     missing = runner.invoke(
         app, ["dedup", "decide", number, "--customer", "999999", "--steward", "li", *core]
     )
     assert missing.exit_code == 1 and "no customer 999999" in missing.output
     # The record chosen may since have been merged: the decision lands on its survivor.
+    # R1 is r1 (upper case accepted on purpose).
     linked = runner.invoke(
-        app, ["dedup", "decide", number, "--customer", str(ids["C6"]), "--steward", "li", *core]
+        app, ["dedup", "decide", number.upper(), "--customer", str(ids["C6"]), "--steward", "li", *core]
     )
     assert linked.exit_code == 0, linked.output
-    assert f"linked to customer {ids['C1']}" in linked.output
+    assert f"reference {number} " in linked.output and f"linked to customer {ids['C1']}" in linked.output
     twice = runner.invoke(app, ["dedup", "decide", number, "--different", "--steward", "li", *core])
     assert twice.exit_code == 1 and "already decided" in twice.output
+    # The refusal names the steward run to roll back, and that changes the decision.
+    hint = re.search(r"crmi rollback (steward-[0-9a-f-]+)", " ".join(twice.output.split()))
+    assert hint, twice.output
+    undone = runner.invoke(app, ["rollback", hint.group(1), "--core-url", core[1]])
+    assert undone.exit_code == 0, undone.output
+    again = runner.invoke(app, ["dedup", "decide", number, "--different", "--steward", "li", *core])
+    assert again.exit_code == 0 and "no customer" in again.output, again.output
 
 
 def test_loads_naming_customers_wait_for_the_golden_customers(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -140,8 +141,8 @@ def sqlite_core(sqlite_core_url: str) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
-def make_app(engine: sa.Engine) -> Starlette:
-    return create_app(engine, Settings(rules=RULES, training_cache_seconds=0))
+def make_app(engine: sa.Engine, timezone: str = "UTC") -> Starlette:
+    return create_app(engine, Settings(rules=RULES, training_cache_seconds=0, timezone=timezone))
 
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -156,9 +157,9 @@ def login(client: TestClient, name: str, password: str = PASSWORD) -> Any:
                        follow_redirects=False)  # fmt: skip
 
 
-def signed_in(engine: sa.Engine, name: str) -> tuple[TestClient, str]:
-    """A client signed in as ``name`` and its CSRF token."""
-    client = TestClient(make_app(engine), base_url="http://127.0.0.1")
+def signed_in(engine: sa.Engine, name: str, timezone: str = "UTC") -> tuple[TestClient, str]:
+    """A client signed in as ``name`` and its CSRF token (pages show instants in ``timezone``)."""
+    client = TestClient(make_app(engine, timezone), base_url="http://127.0.0.1")
     done = login(client, name)
     assert done.status_code == 303, done.text
     page = client.get("/queue")
@@ -841,6 +842,45 @@ def test_the_golden_record_page_shows_sources_keys_related_rows_and_history(sqli
     assert 'id="merged-into"' in merged
     assert client.get("/records/customer/999999").status_code == 404
     assert client.get("/records/order/1").status_code == 404
+
+
+def test_instants_are_shown_in_the_projects_time_zone_and_named(sqlite_core: sa.Engine) -> None:
+    """报备日期 2025/1/18 read in Asia/Shanghai is stored 2025-01-17 16:00 UTC: the page shows 2025-01-18."""
+    from integration.steward.cluster import claim
+
+    pair = pending(sqlite_core)[0]
+    with session_factory(sqlite_core)() as session, session.begin():
+        session.add(Opportunity(customer_id=pair.left_id, name="报备的商机", stage_code="proposal",
+                                registered_at=dt.datetime(2025, 1, 17, 16, 0)))  # fmt: skip
+        session.add(Opportunity(customer_id=pair.left_id, name="下午报备", stage_code="proposal",
+                                registered_at=dt.datetime(2025, 1, 18, 6, 30)))  # fmt: skip
+    with sqlite_core.begin() as connection:
+        wang = connection.scalar(sa.select(USERS.c.id).where(USERS.c.name == "wang"))
+        claim(connection, "customer", [pair.left_id, pair.right_id], wang)
+    client, _ = signed_in(sqlite_core, "ada", timezone="Asia/Shanghai")
+    page = client.get(f"/records/customer/{pair.left_id}").text
+    assert "<td>2025-01-18</td>" in page and "2025-01-17 16:00" not in page
+    assert "2025-01-18 14:30:00 Asia/Shanghai" in page  # a time of day keeps its time, the zone named
+    held = client.get(f"/cluster/{pair.id}").text
+    assert re.search(r"until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d Asia/Shanghai", held), held
+    audit = client.get("/audit").text
+    assert " UTC<" not in audit and "Asia/Shanghai" in audit
+    # A project that declares no zone: UTC, always labelled (a naive stored instant too).
+    utc, _ = signed_in(sqlite_core, "ada")
+    page = utc.get(f"/records/customer/{pair.left_id}").text
+    assert "2025-01-17 16:00:00 UTC" in page and "2025-01-18 06:30:00 UTC" in page
+    assert re.search(r"until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", utc.get(f"/cluster/{pair.id}").text)
+
+
+def test_the_project_declares_its_time_zone() -> None:
+    import integration.mappings  # noqa: F401  (before integration.project)
+    from integration.project import ProjectSpec, load_project
+
+    assert load_project(Path("examples/demo")).spec.timezone == "Asia/Shanghai"
+    base = {"version": 1, "name": "t", "sources": {}}
+    assert ProjectSpec.model_validate(base).timezone == "UTC"
+    with pytest.raises(ValueError, match="unknown time zone 'Mars/Base'"):
+        ProjectSpec.model_validate({**base, "timezone": "Mars/Base"})
 
 
 def test_admins_manage_users_in_the_browser(sqlite_core: sa.Engine) -> None:

@@ -57,8 +57,9 @@ from crm_core.db import session_factory
 from crm_core.edits import share_edit_fence
 from crm_core.entities import ENTITIES
 from crm_core.errors import DedupError
+from crm_core.journal import row_key
 from crm_core.loading import NameMatch, get_or_start_run
-from crm_core.models import Customer, ReferenceDecision
+from crm_core.models import Base, Customer, LoadRun, ReferenceDecision, RowChange
 from integration.dedup.customers import CUSTOMER_SPEC, linkage_rows
 from integration.dedup.linkage import GAP, SOUND_OR_SHAPE, LinkageSpec, variant_similarity
 from integration.dedup.normalize import (
@@ -1101,6 +1102,24 @@ def reference_queue(engine: Engine, limit: int | None = None) -> list[dict[str, 
         ]  # fmt: skip
 
 
+def _deciding_run(session: Any, decision_id: int) -> str | None:
+    """The key of the steward run (not rolled back) that last decided reference ``decision_id``, if journaled."""
+    table = Base.metadata.tables[ReferenceDecision.__tablename__]
+    key: str | None = session.scalar(
+        select(LoadRun.run_key)
+        .join(RowChange, RowChange.load_run_id == LoadRun.id)
+        .where(
+            RowChange.table_name == table.name,
+            RowChange.row_key == row_key(table, {"id": decision_id}),
+            LoadRun.mode == "steward",
+            LoadRun.status == "succeeded",
+        )
+        .order_by(RowChange.id.desc())
+        .limit(1)
+    )
+    return key
+
+
 def decide_reference(
     engine: Engine, decision_id: int, *, record_id: int | None, steward: str, run_key: str, project: str
 ) -> ReferenceDecision:
@@ -1119,8 +1138,16 @@ def decide_reference(
                 f"no reference decision {REFERENCE_PREFIX}{decision_id}; `crmi dedup review` lists them"
             )
         if decision.status != "pending":
+            deciding = _deciding_run(session, decision_id)
             raise DedupError(
-                f"reference {REFERENCE_PREFIX}{decision_id} was already decided: {decision.status}"
+                f"reference {REFERENCE_PREFIX}{decision_id} was already decided: {decision.status}; a reference "
+                "decision is changed by rolling back the steward run that made it: "
+                + (
+                    f"`crmi rollback {deciding}`"
+                    if deciding
+                    else "`crmi rollback RUN` (`crmi runs list` lists them)"
+                )
+                + ", then decide it again"
             )
         model: Any = ENTITIES[decision.entity].model
         if record_id is not None:

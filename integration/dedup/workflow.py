@@ -901,7 +901,7 @@ def decide(
         if candidate is None:
             raise DedupError(f"no match candidate {candidate_id}; `crmi dedup review` lists them")
         if candidate.status != "review":
-            raise DedupError(f"candidate {candidate_id} was already decided: {candidate.status}")
+            raise DedupError(_decided_already(session, candidate))
         run = get_or_start_run(session, run_key, project, "steward")
         model = MODEL_OF[candidate.entity]
         left, right = _active(session, model, candidate.left_id), _active(session, model, candidate.right_id)
@@ -917,6 +917,22 @@ def decide(
         run.finished_at = dt.datetime.now(dt.UTC)
         session.expunge(candidate)
         return candidate
+
+
+def _decided_already(session: Any, candidate: MatchCandidate) -> str:
+    """Why a decided pair is refused, and how its decision is changed."""
+    said = f"candidate {candidate.id} was already decided: {candidate.status}"
+    model = MODEL_OF[candidate.entity]
+    left = _active(session, model, candidate.left_id)
+    if candidate.status == "merged" and left == _active(session, model, candidate.right_id):
+        return (
+            f"{said}; to change it, undo the merge (`crmi dedup merges` lists them, `crmi dedup undo MERGE`, "
+            f"or Undo on the golden record page /records/{candidate.entity}/{left} of the steward workbench)"
+        )
+    return (
+        f"{said}; to decide it again, Reopen it on the golden record page /records/{candidate.entity}/{left} "
+        "of the steward workbench (`crmi steward serve`), then decide it there or here"
+    )
 
 
 def reopen_pair(session: Any, candidate_id: int) -> MatchCandidate:

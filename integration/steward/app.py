@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode
+from zoneinfo import ZoneInfo
 
 import jinja2
 from sqlalchemy import Connection, Engine, event
@@ -95,6 +96,7 @@ class Settings:
     match_refresh_seconds: float = 10.0  # how often the duplicate-check index looks for changed customers
     trust_forwarded_for: bool = False  # behind a reverse proxy: the client address is X-Forwarded-For's first
     training_cache_seconds: float = 60.0  # the decision counts scan every decided pair: at most this often
+    timezone: str = "UTC"  # project.yaml's ``timezone:``: pages show instants in it
 
 
 class SecurityHeaders:
@@ -133,7 +135,8 @@ class Workbench:
             undefined=jinja2.StrictUndefined,
         )
         env.filters["money"] = lambda v: "" if v is None else f"{v:,.2f}"
-        env.filters["stamp"] = _stamp
+        zone = ZoneInfo(settings.timezone)
+        env.filters["stamp"] = lambda value: show_instant(value, zone)
         env.filters["pct"] = lambda v: "" if v is None else f"{float(v):.0%}"
         self.templates = Jinja2Templates(env=env)
         self.match = MatchService(engine, refresh_seconds=settings.match_refresh_seconds)
@@ -713,11 +716,22 @@ def _no_jit(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.commit()
 
 
-def _stamp(value: Any) -> str:
+def show_instant(value: Any, zone: ZoneInfo) -> str:
+    """An instant as a page shows it: in the project's ``zone``, the zone named (``2025-01-18 14:30:00
+    Asia/Shanghai``); a local midnight is a date written without a time and shows as the date alone.
+
+    The core stores instants in UTC (SQLite hands them back naive): a naive value is read as UTC.
+    """
     if value is None:
         return ""
-    text = value.isoformat(sep=" ", timespec="seconds") if hasattr(value, "isoformat") else str(value)
-    return text.replace("+00:00", " UTC")
+    if isinstance(value, dt.datetime):
+        local = (value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value).astimezone(zone)
+        if local.time() == dt.time(0):
+            return local.date().isoformat()
+        return f"{local.replace(tzinfo=None).isoformat(sep=' ', timespec='seconds')} {zone.key}"
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return str(value)
 
 
 def _local(url: str | None) -> bool:

@@ -88,6 +88,7 @@ def build_app(
         secure_cookies=secure_cookies,
         trust_forwarded_for=trust_forwarded_for,
         match_refresh_seconds=refresh_seconds,
+        timezone=spec.timezone,
     )
     return create_app(core_engine(core), settings, start_match_refresh=start_match_refresh)
 
