@@ -37,7 +37,8 @@ from crm_core.errors import DedupError, SyncLoadWaitError
 from crm_core.journal import id_parts, ids_in, to_json
 from crm_core.loading import get_or_start_run
 from crm_core.merging import MODEL_OF, load_members, members_of, merge_plans, table_of
-from crm_core.models import Base, MatchCandidate
+from crm_core.models import Base, Customer, MatchCandidate
+from integration.dedup.contacts import dedup_after_steward_merge
 from integration.dedup.workflow import close_standing_pairs, cluster_plan
 from integration.reports import escape_formula
 from integration.steward.audit import record_event
@@ -298,6 +299,8 @@ def _check_and_apply(
                                 probability=pair["probability"], reason="steward decision (sheet)",
                                 decided_by=user.name)  # fmt: skip
             merges = merge_plans(session, run, model, [plan], members)
+            if model is Customer:  # the golden customer's contacts, deduplicated as a workbench merge does
+                dedup_after_steward_merge(session, run, merges, decided_by=user.name)
             result.merges += merges
             main = plan.survivor_id
         else:
