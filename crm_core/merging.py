@@ -57,6 +57,9 @@ SURVIVORSHIP_FIELDS = tuple(
 CONTACT_COMPLETENESS = ("mobile", "phone", "email", "title", "department")
 # Columns every merge touches on a shared survivor: a later change to them is no conflict for an undo.
 _BOOKKEEPING = frozenset({"updated_at", "updated_run_id"})
+# The reason of the contact merges a steward's customer merge makes in its transaction (the contacts of the golden
+# customer deduplicated), followed by the customer merge ids: undoing one of those undoes these contact merges.
+CONTACTS_AFTER = "same person under one customer after customer merge "
 CHUNK = 1000  # ids per IN list: far below SQLite's and PostgreSQL's bind-parameter limits
 BATCH_RECORDS = 5000  # records (survivors and merged) merged per batch of clusters
 
@@ -473,7 +476,9 @@ def undo_merge(session: Session, log_id: int, decided_by: str) -> MergeLog:
     change. Bookkeeping columns (``updated_at``, ``updated_run_id``) a later change rewrote stay as they
     are, and that change's journal entry now restores them past this merge, so rolling back the later run
     stays exact. The pair is then marked ``distinct`` (a steward said these are different) and not proposed
-    again.
+    again. The contact merges a steward's customer merge made of the golden customer's contacts
+    (:func:`following_contact_merges`) are undone with it, first, so both contacts come back as they were; their
+    contact pairs keep their ``merged`` status (the same person, now under two customers again).
     """
     log = session.get(MergeLog, log_id)
     if log is None:
@@ -481,19 +486,15 @@ def undo_merge(session: Session, log_id: int, decided_by: str) -> MergeLog:
     if log.undone_at is not None:
         raise DedupError(f"merge {log_id} was already undone at {log.undone_at:%Y-%m-%d %H:%M}")
     session.flush()
-    connection = session.connection()
-    entries = connection.execute(
-        select(RowChange.id, RowChange.table_name, RowChange.row_key, RowChange.operation, RowChange.before,
-               RowChange.after).where(RowChange.merge_id == log.id).order_by(RowChange.id.desc())
-    ).all()  # fmt: skip
-    if entries:
-        _undo_columns(connection, log, entries)
-    elif log.first_change_id is not None and log.last_change_id is not None:
-        _undo_range(session, log)
-    else:
-        raise DedupError(f"merge {log_id} has no journal entries to undo it from")
+    followers = following_contact_merges(session, log) if log.entity == "customer" else []
+    for follower in followers:  # newest first, then the customer merge they followed from
+        _restore(session, follower)
+    _restore(session, log)
     session.expire_all()
-    log.undone_at = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.UTC)
+    for follower in followers:
+        follower.undone_at = now
+    log.undone_at = now
     left, right = sorted((log.survivor_id, log.merged_id))
     candidate = session.scalar(select(MatchCandidate).where(
         MatchCandidate.entity == log.entity, MatchCandidate.left_id == left, MatchCandidate.right_id == right
@@ -508,6 +509,38 @@ def undo_merge(session: Session, log_id: int, decided_by: str) -> MergeLog:
     candidate.decided_at = dt.datetime.now(dt.UTC)
     session.flush()
     return log
+
+
+def following_contact_merges(session: Session, log: MergeLog) -> list[MergeLog]:
+    """The contact merges (not undone, newest first) that deduplicated the golden customer's contacts in the
+    transaction of customer merge ``log`` (a steward's merge): undoing that merge undoes them first."""
+    candidates = session.scalars(
+        select(MergeLog).where(
+            MergeLog.entity == "contact", MergeLog.load_run_id == log.load_run_id, MergeLog.undone_at.is_(None),
+            MergeLog.reason.startswith(CONTACTS_AFTER), MergeLog.id > log.id,
+        ).order_by(MergeLog.id.desc())
+    ).all()  # fmt: skip
+    return [m for m in candidates if str(log.id) in m.reason.removeprefix(CONTACTS_AFTER).split(", ")]
+
+
+def contacts_after(customer_merges: Sequence[int]) -> str:
+    """The reason of contact merges that follow from these customer merges (:data:`CONTACTS_AFTER`)."""
+    return CONTACTS_AFTER + ", ".join(str(i) for i in sorted(customer_merges))
+
+
+def _restore(session: Session, log: MergeLog) -> None:
+    """Restore what merge ``log`` wrote from its journal entries (or its range of them, for old merges)."""
+    connection = session.connection()
+    entries = connection.execute(
+        select(RowChange.id, RowChange.table_name, RowChange.row_key, RowChange.operation, RowChange.before,
+               RowChange.after).where(RowChange.merge_id == log.id).order_by(RowChange.id.desc())
+    ).all()  # fmt: skip
+    if entries:
+        _undo_columns(connection, log, entries)
+    elif log.first_change_id is not None and log.last_change_id is not None:
+        _undo_range(session, log)
+    else:
+        raise DedupError(f"merge {log.id} has no journal entries to undo it from")
 
 
 def _later_changes(

@@ -10,14 +10,26 @@ rest wait in the review queue (entity ``contact``).
 
 from __future__ import annotations
 
-import pandas as pd
-from sqlalchemy import Engine, select
+from collections import defaultdict
+from collections.abc import Sequence
 
-from crm_core.db import session_factory
-from crm_core.models import Contact
-from integration.dedup.linkage import Comparison, LinkageSpec
+import pandas as pd
+from sqlalchemy import Connection, Engine, select
+from sqlalchemy.orm import Session
+
+from crm_core.merging import contacts_after, decided_pairs, load_members, merge_plans, record_candidates
+from crm_core.models import Contact, LoadRun, MergeLog
+from integration.dedup.linkage import Comparison, LinkageSpec, link
 from integration.dedup.normalize import person_key
-from integration.dedup.workflow import DedupOutcome, link_and_record, merge_clusters
+from integration.dedup.workflow import (
+    DedupOutcome,
+    cluster_plan,
+    link_and_record,
+    lowest_scores,
+    merge_clusters,
+    scored_pairs,
+    steward_labels,
+)
 
 CONTACT_COLUMNS = ("customer_id", "name_key", "mobile", "phone", "email")
 # Every pair of contacts of one customer is compared, and only those: a customer has tens of contacts,
@@ -44,11 +56,16 @@ CONTACT_SPEC = LinkageSpec(
 
 def contact_records(engine: Engine) -> pd.DataFrame:
     """Return the active (not merged) contacts as linkage rows, indexed by contact id."""
-    with session_factory(engine)() as session:
-        rows = session.execute(
-            select(Contact.id, Contact.customer_id, Contact.name, Contact.mobile, Contact.phone, Contact.email)
-            .where(Contact.merged_into_id.is_(None)).order_by(Contact.id)
-        ).all()  # fmt: skip
+    with engine.connect() as connection:
+        return read_contact_records(connection)
+
+
+def read_contact_records(connection: Connection) -> pd.DataFrame:
+    """Return the active contacts as linkage rows (as this connection's transaction sees them), by contact id."""
+    rows = connection.execute(
+        select(Contact.id, Contact.customer_id, Contact.name, Contact.mobile, Contact.phone, Contact.email)
+        .where(Contact.merged_into_id.is_(None)).order_by(Contact.id)
+    ).all()  # fmt: skip
     records = [
         {"id": contact_id, "customer_id": customer_id, "name_key": person_key(name), "mobile": mobile or None,
          "phone": phone or None, "email": email.strip().casefold() if email and email.strip() else None}
@@ -85,3 +102,53 @@ def deduplicate_contacts(
     if not candidates.clusters:
         return candidates.outcome
     return merge_clusters(engine, run_key, project, candidates, mode=mode, entity="contact")
+
+
+def dedup_after_steward_merge(
+    session: Session,
+    run: LoadRun,
+    customer_merges: Sequence[int],
+    *,
+    decided_by: str,
+    spec: LinkageSpec = CONTACT_SPEC,
+) -> list[int]:
+    """Deduplicate the contacts of the golden customers of a steward's customer merges, in its transaction.
+
+    The contacts are linked and merged as the automatic contact dedup does (the same spec, classifier,
+    bands, candidates and survivor), limited to the customers these merges kept. Each contact merge's reason
+    names the customer merges it follows from (``crm_core.merging.contacts_after``), so undoing one of those
+    undoes it too (``crm_core.merging.undo_merge``). Returns the contact merges' ids.
+    """
+    if not customer_merges:
+        return []
+    connection = session.connection()
+    merges_of: dict[int, list[int]] = defaultdict(list)
+    for merge_id, survivor_id in connection.execute(
+        select(MergeLog.id, MergeLog.survivor_id).where(
+            MergeLog.id.in_(list(customer_merges)), MergeLog.entity == "customer"
+        )
+    ):
+        merges_of[survivor_id].append(merge_id)
+    records = read_contact_records(connection)
+    if records.empty:
+        return []
+    focus = records.index[records["customer_id"].isin(list(merges_of))]
+    if len(focus) < 2:
+        return []
+    result = link(
+        records, spec, decided_pairs(session, "contact", "distinct"), steward_labels(session, spec, "contact"),
+        focus=focus, queued=decided_pairs(session, "contact", "review"),
+    )  # fmt: skip
+    scored = scored_pairs(result, records.index)
+    record_candidates(session, run, "contact", scored)
+    clusters = [[int(i) for i in cluster] for cluster in result.clusters]
+    if not clusters:
+        return []
+    owner = {int(i): int(c) for i, c in records.loc[focus, "customer_id"].items()}
+    members = load_members(session.connection(), Contact, [i for ids in clusters for i in ids])
+    plans = [
+        cluster_plan(Contact, members, ids, probability=probability, decided_by=decided_by,
+                     reason=contacts_after(merges_of[owner[ids[0]]]))
+        for ids, probability in zip(clusters, lowest_scores(clusters, scored), strict=True)
+    ]  # fmt: skip
+    return merge_plans(session, run, Contact, plans, members)

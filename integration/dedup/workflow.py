@@ -187,7 +187,20 @@ def link_and_record(
     outcome.review_reasons = dict(
         Counter(reason.split(" (")[0].split(":")[0] for reason in result.reasons.values())
     )
-    label = result.labels(records.index)
+    scored = scored_pairs(result, records.index)
+    with factory() as session, session.begin():
+        run = get_or_start_run(session, run_key, project, mode)
+        outcome.new_candidates = record_candidates(session, run, entity, scored)
+    clusters = [[int(i) for i in cluster] for cluster in result.clusters]
+    return Candidates(outcome, clusters, scored, spec.auto_merge, lowest_scores(clusters, scored),
+                      features=result.features if keep_features else None)  # fmt: skip
+
+
+def scored_pairs(
+    result: LinkageResult, index: pd.Index
+) -> dict[tuple[int, int], tuple[float, dict[str, Any], str]]:
+    """The pairs a linkage kept (merge or review band) as candidates: pair → (probability, features, status)."""
+    label = result.labels(index)
     scored: dict[tuple[int, int], tuple[float, dict[str, Any], str]] = {}
     kept = result.band != "distinct"
     features_of = result.features.loc[kept].to_dict("index")
@@ -199,15 +212,10 @@ def link_and_record(
         if status == "review" and (reason := result.reasons.get((left, right))):
             features["reason"] = reason  # shown to the steward: why this pair was not merged
         scored[(int(left), int(right))] = (float(probability), features, status)
-    with factory() as session, session.begin():
-        run = get_or_start_run(session, run_key, project, mode)
-        outcome.new_candidates = record_candidates(session, run, entity, scored)
-    clusters = [[int(i) for i in cluster] for cluster in result.clusters]
-    return Candidates(outcome, clusters, scored, spec.auto_merge, _lowest(clusters, scored),
-                      features=result.features if keep_features else None)  # fmt: skip
+    return scored
 
 
-def _lowest(
+def lowest_scores(
     clusters: Sequence[list[int]], scored: Mapping[tuple[int, int], tuple[float, dict[str, Any], str]]
 ) -> list[float | None]:
     """The lowest score inside each cluster, in one pass over the pairs (not a scan of all pairs per cluster)."""
@@ -306,7 +314,7 @@ def second_look(
         run = get_or_start_run(session, run_key, project, mode)
         outcome.new_candidates = record_candidates(session, run, "customer", scored)
     candidates = Candidates(
-        outcome, clusters, scored, spec.auto_merge, _lowest(clusters, scored), reason=SECOND_LOOK_MERGE
+        outcome, clusters, scored, spec.auto_merge, lowest_scores(clusters, scored), reason=SECOND_LOOK_MERGE
     )
     return merge_clusters(
         engine, run_key, project, candidates,
@@ -762,6 +770,7 @@ class ClusterDecision:
     merges: list[int]
     survivors: list[int]
     pairs: dict[int, str]
+    contact_merges: list[int] = field(default_factory=list)  # the golden customers' contacts deduplicated
 
 
 def chosen_values(
@@ -800,7 +809,9 @@ def decide_cluster(
     pairs inside a group become ``merged``, pairs across groups ``distinct`` (never proposed again), each
     stamped with the steward. ``chosen`` (a merge of the whole cluster only): field → the record whose value
     the golden record takes, applied with the first merge like a survivorship value, so undoing that merge
-    restores the survivor's own. A pair decided meanwhile refuses the whole decision (DedupError).
+    restores the survivor's own. A pair decided meanwhile refuses the whole decision (DedupError). Merged
+    customers' contacts are then deduplicated under each golden customer as the automatic contact dedup does
+    (``contacts.dedup_after_steward_merge``), in this transaction; undoing a customer merge undoes those too.
     """
     model = MODEL_OF[entity]
     records = sorted({record for group in groups for record in group})
@@ -822,6 +833,11 @@ def decide_cluster(
             plan = replace(plan, golden={**(plan.golden or {}), **picked})
         plans.append(plan)
     merge_ids = merge_plans(session, run, model, plans, members)
+    contact_merges: list[int] = []
+    if model is Customer and merge_ids:
+        from integration.dedup.contacts import dedup_after_steward_merge  # contacts imports this module
+
+        contact_merges = dedup_after_steward_merge(session, run, merge_ids, decided_by=steward)
     now = dt.datetime.now(dt.UTC)
     statuses: dict[int, str] = {}
     for pair in pairs:
@@ -834,7 +850,7 @@ def decide_cluster(
         candidate.decided_at = now
     statuses.update(close_standing_pairs(session, entity, standing, group_of, steward, now, set(statuses)))
     session.flush()
-    return ClusterDecision(merge_ids, [plan.survivor_id for plan in plans], statuses)
+    return ClusterDecision(merge_ids, [plan.survivor_id for plan in plans], statuses, contact_merges)
 
 
 def close_standing_pairs(

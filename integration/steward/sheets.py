@@ -12,7 +12,8 @@ since the export, records changed since the export (version), a decision that is
 pair twice, a pair another steward holds. Any problem → the list of problems per row, and nothing is
 applied. Otherwise all decisions are applied in one transaction (one load run): each row decides its
 pair alone (``same`` merges the two golden records through the workflow's merge path, ``different``
-marks the pair distinct), audited like a decision in the browser.
+marks the pair distinct), audited like a decision in the browser; then the golden customers' contacts are
+deduplicated as after a workbench merge (``contacts.dedup_after_steward_merge``, once for the whole sheet).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from crm_core.errors import DedupError, SyncLoadWaitError
 from crm_core.journal import id_parts, ids_in, to_json
 from crm_core.loading import get_or_start_run
 from crm_core.merging import MODEL_OF, load_members, members_of, merge_plans, table_of
-from crm_core.models import Base, MatchCandidate
+from crm_core.models import Base, Customer, MatchCandidate
+from integration.dedup.contacts import dedup_after_steward_merge
 from integration.dedup.workflow import close_standing_pairs, cluster_plan
 from integration.reports import escape_formula
 from integration.steward.audit import record_event
@@ -270,6 +272,7 @@ def _check_and_apply(
         return
     run = get_or_start_run(session, f"steward-{uuid.uuid4()}", rules.project, "steward")
     now = dt.datetime.now(dt.UTC)
+    customer_merges: list[int] = []
     for number, pair_id, decision in to_apply:
         pair = pairs[pair_id]
         entity = pair["entity"]
@@ -298,6 +301,8 @@ def _check_and_apply(
                                 probability=pair["probability"], reason="steward decision (sheet)",
                                 decided_by=user.name)  # fmt: skip
             merges = merge_plans(session, run, model, [plan], members)
+            if model is Customer:
+                customer_merges += merges
             result.merges += merges
             main = plan.survivor_id
         else:
@@ -318,6 +323,10 @@ def _check_and_apply(
         )  # fmt: skip
         release(connection, entity, ends, user.user_id)
         result.applied[decision] = result.applied.get(decision, 0) + 1
+    if result.problems:
+        return
+    # The golden customers' contacts, deduplicated as a workbench merge does (one linkage for the whole sheet).
+    dedup_after_steward_merge(session, run, customer_merges, decided_by=user.name)
     run.status = "succeeded"
     run.finished_at = now
     session.flush()
