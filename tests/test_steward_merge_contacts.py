@@ -107,3 +107,22 @@ def test_a_steward_merge_dedups_the_golden_customers_contacts_and_its_undo_resto
     with session_factory(engine)() as session:
         contact_merges = session.scalars(sa.select(MergeLog).where(MergeLog.entity == "contact")).all()
     assert contact_merges and all(m.undone_at is not None for m in contact_merges)
+
+
+def test_a_steward_merge_reads_the_golden_customers_contacts_and_a_bounded_sample_not_every_contact(
+    sqlite_core_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decision in the workbench costs the same on a core of a million contacts as on the demo's."""
+    from integration.dedup import contacts
+
+    engine, _ = planted(sqlite_core_url)
+    with engine.connect() as connection:
+        everyone = contacts.read_contact_records(connection)
+        monkeypatch.setattr(contacts, "TRAINING_SAMPLE", 10)
+        bounded = contacts.read_contact_records(connection, [LEFT, RIGHT])
+    assert len(everyone) > 100  # the seeded customers' contacts and the planted pair's
+    theirs = everyone.index[everyone["customer_id"].isin([LEFT, RIGHT])]
+    assert set(theirs) <= set(bounded.index)  # every contact of the merged customers
+    others = bounded.drop(index=theirs)
+    assert 0 < len(others) <= 10  # and a sample of the rest for the classifier, never all of them
+    assert bounded.loc[others.index].equals(everyone.loc[others.index])  # read as the whole read reads them

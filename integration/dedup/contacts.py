@@ -11,15 +11,15 @@ rest wait in the review queue (entity ``contact``).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import pandas as pd
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, func, or_, select
 from sqlalchemy.orm import Session
 
 from crm_core.merging import contacts_after, decided_pairs, load_members, merge_plans, record_candidates
 from crm_core.models import Contact, LoadRun, MergeLog
-from integration.dedup.linkage import Comparison, LinkageSpec, link
+from integration.dedup.linkage import TRAINING_SAMPLE, Comparison, LinkageSpec, link
 from integration.dedup.normalize import person_key
 from integration.dedup.workflow import (
     DedupOutcome,
@@ -60,12 +60,26 @@ def contact_records(engine: Engine) -> pd.DataFrame:
         return read_contact_records(connection)
 
 
-def read_contact_records(connection: Connection) -> pd.DataFrame:
-    """Return the active contacts as linkage rows (as this connection's transaction sees them), by contact id."""
-    rows = connection.execute(
-        select(Contact.id, Contact.customer_id, Contact.name, Contact.mobile, Contact.phone, Contact.email)
-        .where(Contact.merged_into_id.is_(None)).order_by(Contact.id)
-    ).all()  # fmt: skip
+def read_contact_records(connection: Connection, customers: Collection[int] | None = None) -> pd.DataFrame:
+    """Return the active contacts as linkage rows (as this connection's transaction sees them), by contact id.
+
+    With ``customers``: those customers' contacts, and an evenly spread sample of at most
+    :data:`~integration.dedup.linkage.TRAINING_SAMPLE` others for the classifier's fit (what a delta's
+    linkage would draw from all of them), so the read stays the same size however many contacts the core holds.
+    """
+    query = select(
+        Contact.id, Contact.customer_id, Contact.name, Contact.mobile, Contact.phone, Contact.email
+    )
+    active = Contact.merged_into_id.is_(None)
+    if customers is None:
+        rows = connection.execute(query.where(active).order_by(Contact.id)).all()
+    else:
+        total = connection.scalar(select(func.count()).select_from(Contact).where(active)) or 0
+        stride = max(1, -(-total // TRAINING_SAMPLE))
+        rows = connection.execute(
+            query.where(active, or_(Contact.customer_id.in_(list(customers)), Contact.id % stride == 0))
+            .order_by(Contact.id)
+        ).all()  # fmt: skip
     records = [
         {"id": contact_id, "customer_id": customer_id, "name_key": person_key(name), "mobile": mobile or None,
          "phone": phone or None, "email": email.strip().casefold() if email and email.strip() else None}
@@ -129,7 +143,7 @@ def dedup_after_steward_merge(
         )
     ):
         merges_of[survivor_id].append(merge_id)
-    records = read_contact_records(connection)
+    records = read_contact_records(connection, list(merges_of))
     if records.empty:
         return []
     focus = records.index[records["customer_id"].isin(list(merges_of))]
