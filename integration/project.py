@@ -33,6 +33,7 @@ from integration.yamlconf import (
     expand_env,
     load_yaml,
     pydantic_problems,
+    time_zone,
     validate_document,
 )
 
@@ -312,15 +313,7 @@ class ProjectSpec(_Strict):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str) -> str:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(
-                f"unknown time zone '{value}' (use an IANA name such as Asia/Shanghai, or UTC)"
-            ) from None
-        return value
+        return time_zone(value)
 
     @field_validator("sync")
     @classmethod

@@ -297,3 +297,17 @@ def expand_env(template: str, environ: typing.Mapping[str, str] | None = None) -
         raise KeyError(name)
 
     return _ENV_REF.sub(replace, template)
+
+
+def time_zone(value: str) -> str:
+    """Return ``value`` when it names a time zone the machine knows (IANA, e.g. Asia/Shanghai, or UTC); raise
+    ValueError saying what is allowed (a config validator's message) when it does not."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown time zone '{value}' (use an IANA name such as Asia/Shanghai, or UTC)"
+        ) from None
+    return value

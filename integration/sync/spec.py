@@ -22,7 +22,7 @@ from crm_core.edits import OwnedField
 from crm_core.entities import ENTITIES, EntityDef, FieldDef
 from crm_core.errors import ConfigError, Problem
 from integration.mappings.spec import CompiledMapping, FieldSpec
-from integration.yamlconf import DocPath, LocatedDocument, close_names, format_path
+from integration.yamlconf import DocPath, LocatedDocument, close_names, format_path, time_zone
 
 CRM = "crm"  # the owner name of fields the CRM owns
 OPERATIONS = (
@@ -112,13 +112,7 @@ class Schedule(_Strict):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str) -> str:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone '{value}' (e.g. Asia/Shanghai, UTC)") from None
-        return value
+        return time_zone(value)
 
 
 class RetryPolicy(_Strict):
