@@ -671,7 +671,7 @@ def test_a_lost_run_lock_session_does_not_hide_how_the_run_ended(pg_core: str) -
     with pytest.raises(Outcome), core_run_lock(engine, "crmi run on lost (pid 1)"):
         with admin.begin() as connection:
             connection.execute(sa.text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'crmi run on lost (pid 1)'"
+                "SELECT pg_terminate_backend(pid, 30000) FROM pg_stat_activity WHERE application_name = 'crmi run on lost (pid 1)'"
             ))  # fmt: skip
         raise Outcome
     with core_run_lock(engine, "the next run"):  # released: it went with the session
@@ -701,7 +701,8 @@ def test_a_vanished_holder_is_probed_and_named_by_its_server_process(pg_core: st
         )
         assert found is not None, str(refused.value)
         with admin.begin() as connection:
-            assert connection.scalar(sa.text(f"SELECT pg_terminate_backend({int(found.group(1))})"))
+            # the timeout makes the call wait until the backend has exited (and its lock is gone), not only signalled
+            assert connection.scalar(sa.text(f"SELECT pg_terminate_backend({int(found.group(1))}, 30000)"))
         with core_run_lock(other, "after the DBA"):  # the ended session's lock is free
             pass
     for e in (engine, other, admin):
