@@ -329,6 +329,7 @@ def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
             process.wait(timeout=30)
         with contextlib.suppress(ProcessLookupError):  # what is left of the group (run workers, code servers)
             os.killpg(process.pid, signal.SIGKILL)
+        process.wait()  # reaped: one still running after 30 s on a busy machine is killed above
 
 
 # The demo project cut to customers and sales reps of two sources (U8, the legacy CRM) and U8's customer

@@ -398,7 +398,10 @@ def crmi_in_another_process(*args: str) -> Iterator[tuple[subprocess.Popen[str],
     """Start ``crmi ARGS`` in a process of its own, as cron does; its stderr comes line by line into the queue
     (None once it has closed). Killed on the way out if it still runs."""
     process = subprocess.Popen(
-        [sys.executable, "-c", "from integration.cli import main; main()", *args],
+        # Ctrl-C raises KeyboardInterrupt as in a terminal, even when pytest was started where SIGINT is ignored
+        # (a background job of a script), which its children would otherwise inherit.
+        [sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+         "from integration.cli import main; main()", *args],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     lines: queue.Queue[str | None] = queue.Queue()
