@@ -7,7 +7,8 @@
                                          sent a heartbeat within the tolerance
                                          (DAGSTER_DAEMON_HEARTBEAT_TOLERANCE, default 300 s), and every code
                                          server the workspace names (the finance project's) answers;
-                                         exit 1, or 3 when only such a code server does not answer.
+                                         exit 1, or 3 when only such a code server is down or
+                                         serves a location that does not load.
 
 Without ``--ui`` the webserver is the one the deployment configures: DAGSTER_WEBSERVER_HOST/PORT from the
 environment, else from the services' env file (``--env-file``, default /etc/crm-integration/dagster.env,
@@ -53,8 +54,9 @@ WORKSPACE_UNITS = ("crm-integration-webserver.service", "crm-integration-daemon.
 DEFAULT_WORKSPACE = Path(__file__).with_name("workspace.yaml")
 SHIPPED_UNITS_DIR = Path(__file__).with_name("systemd")
 CODE_SERVER_TIMEOUT = 10
-# `--health` exit code when only a code server does not answer: crm-integration-restart.service then leaves
-# the webserver and the daemon alone (restarting them would only interrupt the other project's runs).
+# `--health` exit code when only a code server of its own (the finance one) is down or serves a location that
+# does not load: crm-integration-restart.service then leaves the webserver and the daemon alone (restarting
+# them would not cure it and would interrupt the first project's runs).
 EXIT_CODE_SERVERS = 3
 
 
@@ -462,25 +464,27 @@ def code_server_problem(server: CodeServer, timeout: float = CODE_SERVER_TIMEOUT
     )
 
 
-def location_problems(entries: Sequence[Mapping[str, Any]], skip: Iterable[str] = ()) -> list[str]:
-    """Return a line per code location the webserver could not load (``skip``: already reported)."""
+def location_problems(entries: Sequence[Mapping[str, Any]], skip: Iterable[str] = ()) -> dict[str, str]:
+    """Return a line per code location the webserver could not load, by location (``skip``: already said)."""
     from crm_core.errors import mask_secrets
 
-    problems = []
+    problems = {}
     for entry in entries:
         error = entry.get("locationOrLoadError") or {}
         if error.get("__typename") != "PythonError" or entry["name"] in skip:
             continue
-        unit = serving_unit(entry["name"]) or "crm-integration-webserver"
         # Dagster's own message is "Error occurred during the loading of Dagster definitions in": the last
         # cause is the project's own error (a ConfigError naming the file, a database that does not answer).
         causes = [c.get("message", "") for c in error.get("causes") or [] if isinstance(c, Mapping)]
         why = mask_secrets(_scrub(causes[-1] if causes else error.get("message", "")))
-        problems.append(
-            f"the webserver cannot load code location {entry['name']}: {why}; "
-            f"journalctl -u {unit}, fix what it says, then reload it (Deployment → Code locations) or "
-            "systemctl restart crm-integration-webserver"
+        unit = serving_unit(entry["name"])
+        todo = (
+            f"journalctl -u {unit}, fix what it says, then systemctl restart {unit}"
+            if unit  # its own code server loads the code: the finance project's
+            else "journalctl -u crm-integration-webserver, fix what it says, then reload it "
+            "(Deployment → Code locations) or systemctl restart crm-integration-webserver"
         )
+        problems[entry["name"]] = f"the webserver cannot load code location {entry['name']}: {why}; {todo}"
     return problems
 
 
@@ -497,7 +501,8 @@ def _graphql(ui: str, query: str) -> Any:
 @dataclass(frozen=True)
 class Health:
     """What ``--health`` found: problems a restart of the webserver and the daemon may cure (``services``), and
-    code servers that do not answer (``code_servers``: their own units restart them, not the webserver's)."""
+    those of code servers with units of their own (``code_servers``: not answering, or serving a location that
+    does not load), which that restart would not cure."""
 
     services: list[str]
     code_servers: list[str]
@@ -507,7 +512,7 @@ class Health:
         return [*self.services, *self.code_servers]
 
     def exit_code(self) -> int:
-        """Return 0 healthy, 1 the webserver or daemon is unhealthy, 3 only a code server does not answer."""
+        """Return 0 healthy, 1 the webserver or daemon is unhealthy, 3 only a code server of its own is."""
         return 1 if self.services else EXIT_CODE_SERVERS if self.code_servers else 0
 
 
@@ -538,7 +543,11 @@ def health_report(
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         problems.append(f"the Dagster webserver at {ui} did not list its code locations: {_scrub(str(exc))}")
     else:  # a location whose code server is down is said once, above
-        problems += location_problems(entries or [], skip=down)
+        served = {server.location for server in servers}
+        for location, line in location_problems(entries or [], skip=down).items():
+            # A code server of its own that loads a broken project (the finance one) answers pings and shows
+            # the error: restarting the webserver and the daemon would not cure it.
+            (down_lines if location in served else problems).append(line)
     return Health(problems, down_lines)
 
 

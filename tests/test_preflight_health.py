@@ -160,14 +160,14 @@ def installed_units(folder: Path, workspace: Path) -> Path:
 
 
 @contextmanager
-def code_server(folder: Path, port: int) -> Iterator[None]:
+def code_server(folder: Path, port: int, definitions_text: str = TINY_DEFINITIONS) -> Iterator[None]:
     """A real Dagster code server for location crm_integration_finance on ``port``; stopped afterwards."""
     import subprocess
 
     from dagster._grpc.client import DagsterGrpcClient
 
     definitions = folder / "tiny_definitions.py"
-    definitions.write_text(TINY_DEFINITIONS, encoding="utf-8")
+    definitions.write_text(definitions_text, encoding="utf-8")
     command = [sys.executable, "-m", "dagster", "code-server", "start", "-h", "127.0.0.1", "-p", str(port),
                "-f", str(definitions), "--location-name", FINANCE_LOCATION]  # fmt: skip
     log = folder / "code-server.log"
@@ -299,3 +299,34 @@ def test_the_restart_unit_leaves_the_services_alone_when_only_a_code_server_is_d
         assert "only a code server does not answer" in result.stdout
     # the exit code it tells apart is the health check's own
     assert preflight.EXIT_CODE_SERVERS == 3 and f"= {preflight.EXIT_CODE_SERVERS} ]; then" in line
+
+
+def test_a_finance_code_server_serving_a_broken_project_is_its_units_problem_not_the_webservers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It answers pings but its location does not load: exit 3 (no restart of the webserver and the daemon),
+    the line names the finance unit."""
+    workspace = tmp_path / "workspace.finance.yaml"
+    workspace.write_text(
+        f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {FINANCE_PORT + 1}\n"
+        f"      location_name: {FINANCE_LOCATION}\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(preflight, "UNITS_DIR", installed_units(tmp_path, workspace))
+    broken = 'raise RuntimeError("project.yaml: sync.targets.finance.url: K3_URL is not set")\n'
+    with (
+        code_server(tmp_path, FINANCE_PORT + 1, broken),
+        instance_for_test() as instance,
+        webserver(instance, workspace) as ui,
+    ):
+        beat(instance, seconds_ago=10)
+        report = preflight.health_report(ui, workspaces=preflight.expected_workspaces())
+    assert report.services == [] and report.exit_code() == 3, report
+    [line] = report.code_servers
+    assert line.startswith(
+        f"the webserver cannot load code location {FINANCE_LOCATION}: RuntimeError: project.yaml"
+    )
+    assert "K3_URL is not set" in line
+    assert line.endswith(
+        "journalctl -u crm-integration-finance, fix what it says, then systemctl restart crm-integration-finance"
+    )
