@@ -3,12 +3,18 @@
 ``python deploy/preflight.py``           settings and databases: each problem on one line, naming the
                                          environment variable or file to fix; exit 1 if any.
 ``python deploy/preflight.py --wait 120``  after the webserver started: wait until it answers /server_info.
-``python deploy/preflight.py --health``  the webserver answers and every daemon sent a heartbeat within
-                                         the tolerance (DAGSTER_DAEMON_HEARTBEAT_TOLERANCE, default 300 s).
+``python deploy/preflight.py --health``  the webserver answers and loads its code locations, every daemon
+                                         sent a heartbeat within the tolerance
+                                         (DAGSTER_DAEMON_HEARTBEAT_TOLERANCE, default 300 s), and every code
+                                         server the workspace names (the finance project's) answers;
+                                         exit 1, or 3 when only such a code server is down or
+                                         serves a location that does not load.
 
 Without ``--ui`` the webserver is the one the deployment configures: DAGSTER_WEBSERVER_HOST/PORT from the
 environment, else from the services' env file (``--env-file``, default /etc/crm-integration/dagster.env,
-else deploy/dagster.env).
+else deploy/dagster.env). The code servers are the ``grpc_server`` locations of the workspace files the
+installed webserver and daemon units load (their ``-w``; ``--workspace`` to name one), else of
+deploy/workspace.yaml, which has none: a deployment without a second project expects no code server.
 
 The systemd units run the first as ExecStartPre and the second as ExecStartPost; the health timer runs the
 third. Passwords are never printed: URLs are shown without them and they are cut out of driver errors.
@@ -19,11 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import socket
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +47,17 @@ ENV_FILES = (Path("/etc/crm-integration/dagster.env"), Path(__file__).with_name(
 TOLERANCE_ENV = "DAGSTER_DAEMON_HEARTBEAT_TOLERANCE"  # dagster-daemon's own setting of the same name
 DEFAULT_HEARTBEAT_TOLERANCE = 300
 DEPLOYMENT_SETTINGS = ("DAGSTER_WEBSERVER_HOST", "DAGSTER_WEBSERVER_PORT", TOLERANCE_ENV)
+# Where docs/deploy.md installs the units; the webserver's and the daemon's `-w` name the workspace they load
+# (deploy/workspace.finance.yaml once a second project is set up).
+UNITS_DIR = Path("/etc/systemd/system")
+WORKSPACE_UNITS = ("crm-integration-webserver.service", "crm-integration-daemon.service")
+DEFAULT_WORKSPACE = Path(__file__).with_name("workspace.yaml")
+SHIPPED_UNITS_DIR = Path(__file__).with_name("systemd")
+CODE_SERVER_TIMEOUT = 10
+# `--health` exit code when only a code server of its own (the finance one) is down or serves a location that
+# does not load: crm-integration-restart.service then leaves the webserver and the daemon alone (restarting
+# them would not cure it and would interrupt the first project's runs).
+EXIT_CODE_SERVERS = 3
 
 
 @dataclass(frozen=True)
@@ -287,22 +306,257 @@ def daemon_problems(statuses: list[dict[str, Any]], now: float, tolerance: float
     ]
 
 
-def health(ui: str, tolerance: float = DEFAULT_HEARTBEAT_TOLERANCE) -> list[str]:
-    """Return what is unhealthy: the webserver not answering, or a required daemon without recent heartbeats."""
-    waited = wait_for_webserver(ui, 10)
-    if waited:
-        return [waited]
+WORKSPACE_LOCATIONS = (
+    "{ workspaceOrError { __typename ... on Workspace { locationEntries { name "
+    "locationOrLoadError { __typename ... on PythonError { message causes { message } } } } } } }"
+)
+
+
+@dataclass(frozen=True)
+class CodeServer:
+    """A ``grpc_server`` location of a workspace file: a code server the webserver and the daemon need."""
+
+    location: str
+    host: str
+    port: int
+    workspace: Path
+
+
+def _unit_exec_start(path: Path) -> list[str]:
+    """Return the arguments of a unit file's ``ExecStart=`` line (none if the file has none)."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key.strip() == "ExecStart":
+            return shlex.split(value.strip().lstrip("-@+!:"))
+    return []
+
+
+def _workspace_argument(args: Sequence[str]) -> str | None:
+    """Return the value of ``-w`` / ``--workspace`` in a command line, or None."""
+    for index, arg in enumerate(args):
+        if arg in ("-w", "--workspace") and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith("--workspace="):
+            return arg.partition("=")[2]
+    return None
+
+
+def expected_workspaces() -> list[Path]:
+    """Return the workspace files the installed webserver and daemon units load (``-w``), else
+    deploy/workspace.yaml (no unit installed: compose, a laptop)."""
+    found: list[Path] = []
+    for name in WORKSPACE_UNITS:
+        unit = UNITS_DIR / name
+        try:
+            argument = _workspace_argument(_unit_exec_start(unit)) if unit.is_file() else None
+        except (OSError, ValueError):  # unreadable, or a line shlex cannot split: systemd says so itself
+            argument = None
+        if argument and Path(argument) not in found:
+            found.append(Path(argument))
+    return found or [DEFAULT_WORKSPACE]
+
+
+def _setting(value: Any, environ: Mapping[str, str]) -> str:
+    """Return a workspace setting's value, ``{env: NAME}`` read from the environment ("" if unset)."""
+    if isinstance(value, Mapping) and set(value) == {"env"}:
+        return environ.get(str(value["env"]), "")
+    return "" if value is None else str(value)
+
+
+def code_servers(
+    workspaces: Iterable[Path], environ: Mapping[str, str] | None = None
+) -> tuple[list[CodeServer], list[str]]:
+    """Return the ``grpc_server`` locations of the workspace files, and why a file could not be read."""
+    env = os.environ if environ is None else environ
+    servers: list[CodeServer] = []
+    problems: list[str] = []
+    for workspace in workspaces:
+        named_by = [n for n in WORKSPACE_UNITS if _names_workspace(UNITS_DIR / n, workspace)]
+        by = f" (named by {', '.join(str(UNITS_DIR / n) for n in named_by)})" if named_by else ""
+        try:
+            document = yaml.safe_load(workspace.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            problems.append(f"cannot read the workspace {workspace}{by}: {exc.strerror}; the webserver and "
+                            "the daemon cannot start with it: install it, or fix their -w")  # fmt: skip
+            continue
+        except yaml.YAMLError as exc:
+            problems.append(f"the workspace {workspace}{by} is not valid YAML: {_scrub(str(exc))}")
+            continue
+        entries = document.get("load_from") if isinstance(document, Mapping) else None
+        for entry in entries if isinstance(entries, list) else []:
+            grpc = entry.get("grpc_server") if isinstance(entry, Mapping) else None
+            if not isinstance(grpc, Mapping):
+                continue
+            location = _setting(grpc.get("location_name"), env)
+            host = _setting(grpc.get("host"), env) or "localhost"
+            port = _setting(grpc.get("port"), env)
+            name = location or f"{host}:{port}"
+            if not port.isdigit():
+                problems.append(f"the workspace {workspace}: location {name} has no port (port: {port or '?'}): "
+                                "set it, or the variable it names")  # fmt: skip
+                continue
+            servers.append(CodeServer(name, host, int(port), workspace))
+    return servers, problems
+
+
+def _names_workspace(unit: Path, workspace: Path) -> bool:
+    try:
+        return unit.is_file() and _workspace_argument(_unit_exec_start(unit)) == str(workspace)
+    except (OSError, ValueError):
+        return False
+
+
+def serving_unit(location: str) -> str | None:
+    """Return the name of the unit whose ``dagster code-server start`` serves ``location`` (installed
+    units first, then deploy/systemd), or None."""
+    for folder in (UNITS_DIR, SHIPPED_UNITS_DIR):
+        try:
+            units = sorted(folder.glob("crm-integration-*.service"))
+        except OSError:
+            continue
+        for unit in units:
+            try:
+                args = _unit_exec_start(unit)
+            except (OSError, ValueError):
+                continue
+            if "code-server" in args and _option(args, "--location-name") == location:
+                return unit.stem
+    return None
+
+
+def _option(args: Sequence[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args[:-1] else None
+
+
+def code_server_problem(server: CodeServer, timeout: float = CODE_SERVER_TIMEOUT) -> str | None:
+    """Return why ``server`` does not answer a ping (with what to do), or None when it answers."""
+    import grpc
+    from dagster._grpc.client import DagsterGrpcClient  # noqa: TID251 (Dagster's own client of its servers)
+
+    address = f"{server.host}:{server.port}"
+    try:
+        # Nothing listening fails here at once; gRPC itself would keep trying until its timeout.
+        socket.create_connection((server.host, server.port), timeout=timeout).close()
+    except OSError as exc:
+        why = f"cannot connect ({exc.strerror or type(exc).__name__})"
+    else:
+        channel = grpc.insecure_channel(address)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)  # a hung process: no 60 s ping
+            DagsterGrpcClient(port=server.port, host=server.host).ping("crm-integration health")
+            return None
+        except grpc.FutureTimeoutError:
+            why = f"no gRPC answer within {timeout:.0f} s"
+        except Exception as exc:  # DagsterUserCodeUnreachableError and its causes: the first line says which
+            why = _scrub(str(exc)) or type(exc).__name__
+        finally:
+            channel.close()
+    unit = serving_unit(server.location)
+    todo = (
+        f"systemctl status {unit}, journalctl -u {unit}; systemctl restart {unit}"
+        if unit
+        else f"start its code server (dagster code-server start -h {server.host} -p {server.port} "
+        f"--location-name {server.location} …)"
+    )
+    return (
+        f"the code server of location {server.location} ({address}, {server.workspace}) does not answer: "
+        f"{why}; its jobs, schedules and sensors are down: {todo}"
+    )
+
+
+def location_problems(entries: Sequence[Mapping[str, Any]], skip: Iterable[str] = ()) -> dict[str, str]:
+    """Return a line per code location the webserver could not load, by location (``skip``: already said)."""
+    from crm_core.errors import mask_secrets
+
+    problems = {}
+    for entry in entries:
+        error = entry.get("locationOrLoadError") or {}
+        if error.get("__typename") != "PythonError" or entry["name"] in skip:
+            continue
+        # Dagster's own message is "Error occurred during the loading of Dagster definitions in": the last
+        # cause is the project's own error (a ConfigError naming the file, a database that does not answer).
+        causes = [c.get("message", "") for c in error.get("causes") or [] if isinstance(c, Mapping)]
+        why = mask_secrets(_scrub(causes[-1] if causes else error.get("message", "")))
+        unit = serving_unit(entry["name"])
+        todo = (
+            f"journalctl -u {unit}, fix what it says, then systemctl restart {unit}"
+            if unit  # its own code server loads the code: the finance project's
+            else "journalctl -u crm-integration-webserver, fix what it says, then reload it "
+            "(Deployment → Code locations) or systemctl restart crm-integration-webserver"
+        )
+        problems[entry["name"]] = f"the webserver cannot load code location {entry['name']}: {why}; {todo}"
+    return problems
+
+
+def _graphql(ui: str, query: str) -> Any:
     request = urllib.request.Request(
         f"{ui}/graphql",
-        data=json.dumps({"query": DAEMON_HEALTH}).encode(),
+        data=json.dumps({"query": query}).encode(),
         headers={"Content-Type": "application/json"},
     )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())["data"]
+
+
+@dataclass(frozen=True)
+class Health:
+    """What ``--health`` found: problems a restart of the webserver and the daemon may cure (``services``), and
+    those of code servers with units of their own (``code_servers``: not answering, or serving a location that
+    does not load), which that restart would not cure."""
+
+    services: list[str]
+    code_servers: list[str]
+
+    def lines(self) -> list[str]:
+        """Return every problem, the services' first."""
+        return [*self.services, *self.code_servers]
+
+    def exit_code(self) -> int:
+        """Return 0 healthy, 1 the webserver or daemon is unhealthy, 3 only a code server of its own is."""
+        return 1 if self.services else EXIT_CODE_SERVERS if self.code_servers else 0
+
+
+def health_report(
+    ui: str, tolerance: float = DEFAULT_HEARTBEAT_TOLERANCE, workspaces: Sequence[Path] = ()
+) -> Health:
+    """Check the webserver (answers, loads its code locations), the daemons' heartbeats and the code servers of
+    ``workspaces`` (each answers a ping); return what is unhealthy."""
+    servers, down_lines = code_servers(workspaces)
+    down = []
+    for server in servers:
+        problem = code_server_problem(server)
+        if problem:
+            down_lines.append(problem)
+            down.append(server.location)
+    waited = wait_for_webserver(ui, 10)
+    if waited:
+        return Health([waited], down_lines)
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            statuses = json.loads(response.read())["data"]["instance"]["daemonHealth"]["allDaemonStatuses"]
+        statuses = _graphql(ui, DAEMON_HEALTH)["instance"]["daemonHealth"]["allDaemonStatuses"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return [f"the Dagster webserver at {ui} did not report daemon health: {_scrub(str(exc))}"]
-    return daemon_problems(statuses, time.time(), tolerance)
+        return Health(
+            [f"the Dagster webserver at {ui} did not report daemon health: {_scrub(str(exc))}"], down_lines
+        )
+    problems = daemon_problems(statuses, time.time(), tolerance)
+    try:
+        entries = _graphql(ui, WORKSPACE_LOCATIONS)["workspaceOrError"].get("locationEntries")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        problems.append(f"the Dagster webserver at {ui} did not list its code locations: {_scrub(str(exc))}")
+    else:  # a location whose code server is down is said once, above
+        served = {server.location for server in servers}
+        for location, line in location_problems(entries or [], skip=down).items():
+            # A code server of its own that loads a broken project (the finance one) answers pings and shows
+            # the error: restarting the webserver and the daemon would not cure it.
+            (down_lines if location in served else problems).append(line)
+    return Health(problems, down_lines)
+
+
+def health(
+    ui: str, tolerance: float = DEFAULT_HEARTBEAT_TOLERANCE, workspaces: Sequence[Path] = ()
+) -> list[str]:
+    """Return what is unhealthy: the webserver not answering or not loading a code location, a required
+    daemon without recent heartbeats, a code server of ``workspaces`` not answering."""
+    return health_report(ui, tolerance, workspaces).lines()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,6 +580,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"--health: a daemon is dead after this long without a heartbeat (default: {TOLERANCE_ENV}, "
         f"else {DEFAULT_HEARTBEAT_TOLERANCE})",
     )
+    parser.add_argument(
+        "--workspace",
+        type=Path,
+        action="append",
+        help="--health: a workspace file whose code servers must answer (repeatable; default: the -w of the "
+        f"installed {' and '.join(WORKSPACE_UNITS)} in {UNITS_DIR}, else {DEFAULT_WORKSPACE.name})",
+    )
     args = parser.parse_args(argv)
     env_file = args.env_file or next((p for p in ENV_FILES if p.is_file()), None)
     try:
@@ -339,13 +600,16 @@ def main(argv: list[str] | None = None) -> int:
         problem = wait_for_webserver(ui, args.wait)
         problems = [problem] if problem else []
     elif args.health:
-        problems = health(ui, tolerance)
+        report = health_report(ui, tolerance, args.workspace or expected_workspaces())
+        problems = report.lines()
     else:
         problems = preflight()
     for line in problems:
         print(f"crm-integration: {line}", file=sys.stderr)
     if not problems:
         print("crm-integration: " + ("healthy" if args.health else "ready" if args.wait else "settings ok"))
+    if args.health:
+        return report.exit_code()
     return 1 if problems else 0
 
 

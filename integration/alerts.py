@@ -44,9 +44,11 @@ DEFAULT_TIMEOUT = 10.0
 SOURCE = "crm-integration"
 RUN_FAILURE = "run_failure"
 RUN_UNBALANCED = "run_unbalanced"  # `crmi run` ended with exit code 2: the run does not balance
+RUN_REFUSED = "run_refused"  # `crmi run` refused before any run started (core busy or too old, bad project)
 CHECK_FAILURE = "check_failure"
 TEST = "test"
 MAX_STEPS = 5  # failed steps named in a message; the rest are counted
+MAX_REASON = 600  # characters of a refusal's reason: the holder and the lock file come before what to do
 _DETAIL = 160  # characters of a receiver's error text shown in a delivery error
 # Pauses (seconds) before the second and third try of one delivery when the receiver is down, times out or
 # answers 5xx/429. Read at each call, so tests set them to zero; a refusal (4xx, a robot's error code) is final.
@@ -182,12 +184,17 @@ class Alert:
             return f"{SOURCE}: test alert"
         if self.kind == RUN_UNBALANCED:
             return f"{SOURCE}: run does not balance: {self.job}"
+        if self.kind == RUN_REFUSED:
+            return f"{SOURCE}: run refused: {self.job}"
         return f"{SOURCE}: run failed: {self.job}"
 
     def fields(self) -> list[tuple[str, str]]:
         """Return the labelled lines of the message body (without the title and the link)."""
         if self.kind == TEST:
             return [("Result", self.error)]
+        if self.kind == RUN_REFUSED:  # no run: its reason, which says what to do
+            return [("Project", self.project), ("Job", self.job), ("Refused", self.error),
+                    ("Exit code", f"{self.exit_code} (crmi run: no run started)")]  # fmt: skip
         rows = [("Job", self.job), ("Run", self.run_id)]
         if self.project:
             rows.insert(0, ("Project", self.project))
@@ -273,6 +280,14 @@ def cli_run_alert(
     )
 
 
+def cli_refusal_alert(job: str, project: str, reason: str, exit_code: int, ui_url: str) -> Alert:
+    """Return the alert of a ``crmi run`` refused before any run started: its reason on one line, secrets
+    masked (it may quote a setting); the link goes to the UI's runs, where a run holding the core shows."""
+    link = f"{ui_url.rstrip('/')}/runs"
+    return Alert(RUN_REFUSED, job, "", link, error=first_line(reason, MAX_REASON), project=project,
+                 exit_code=exit_code)  # fmt: skip
+
+
 def alert_cli_run(
     job: str,
     run_id: str,
@@ -288,17 +303,34 @@ def alert_cli_run(
     why not): a bad setting or a delivery that failed after its retries. It never raises, and the text never
     holds the webhook URL or the secret.
     """
+    return _post_cli_alert(
+        lambda ui: cli_run_alert(job, run_id, project, steps, error, exit_code, ui), "run", environ
+    )
+
+
+def alert_cli_refusal(
+    job: str, project: str, reason: str, exit_code: int, environ: Mapping[str, str] | None = None
+) -> tuple[bool, str]:
+    """Post the alert of a ``crmi run`` refused before it started when ``CRMI_ALERT_WEBHOOK_URL`` is set;
+    returns as :func:`alert_cli_run` does."""
+    return _post_cli_alert(
+        lambda ui: cli_refusal_alert(job, project, reason, exit_code, ui), "refusal", environ
+    )
+
+
+def _post_cli_alert(
+    make: Callable[[str], Alert], what: str, environ: Mapping[str, str] | None
+) -> tuple[bool, str]:
     try:
         config = AlertConfig.from_env(environ)
     except AlertConfigError as exc:
         return False, f"no alert sent: {exc}"
     if config is None:
         return True, ""
-    alert = cli_run_alert(job, run_id, project, steps, error, exit_code, config.ui_url)
     try:
-        post_alert(alert, config)
+        post_alert(make(config.ui_url), config)
     except AlertDeliveryError as exc:
-        return False, f"the alert of this run was not delivered: {exc}"
+        return False, f"the alert of this {what} was not delivered: {exc}"
     return True, f"alert sent ({config.format} format)"
 
 

@@ -9,6 +9,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -69,6 +70,17 @@ EXIT_INTERRUPTED = 130  # Ctrl-C while a command waited for the core (128 + SIGI
 LOOK_AGAIN_AT_MOST = 5.0  # seconds between two looks of a command told to --wait, once it has waited a while
 
 
+class Refused(typer.Exit):
+    """A command refused before it started anything: exit 1 (as ``typer.Exit``), after printing ``reason``.
+
+    ``crmi run`` alerts it (see :func:`_alert_refusal`): started by cron, nobody reads its stderr.
+    """
+
+    def __init__(self, reason: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(code)
+        self.reason = reason
+
+
 def _show_warnings(problems: Iterable[Problem], *, mappings: bool = True) -> None:
     """Print the project's warnings (e.g. a mappings glob that matches nothing yet) to stderr; ``mappings``
     False leaves out those about the mapping files (``crmi mapping scaffold`` is writing the first one)."""
@@ -78,10 +90,12 @@ def _show_warnings(problems: Iterable[Problem], *, mappings: bool = True) -> Non
         errors.print(f"[yellow]warning[/yellow]: {escape(str(problem))}", highlight=False)
 
 
-def _config_error(exc: ConfigError) -> typer.Exit:
+def _config_error(exc: ConfigError) -> Refused:
     errors.print(exc.render(), markup=False, highlight=False)
     errors.print(f"[red]{len(exc.problems)} problem(s)[/red]")
-    return typer.Exit(EXIT_FAILED)
+    first = str(exc.problems[0]) if exc.problems else str(exc)
+    more = f" (and {len(exc.problems) - 1} more problem(s))" if len(exc.problems) > 1 else ""
+    return Refused(f"the project does not load: {first}{more}; fix it (`crmi project check`)")
 
 
 @contextmanager
@@ -111,7 +125,7 @@ def _core_engine(core: str | None, *, create: bool = False) -> Iterator[Any]:
         engine = core_engine(core)
     except CrmError as exc:  # e.g. a core at an older schema revision: one line naming `crmi core upgrade`
         errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(EXIT_FAILED) from None
+        raise Refused(str(exc)) from None
     try:
         yield engine
     finally:
@@ -145,11 +159,12 @@ def _one_at_a_time(
                 _refuse_beside_live_runs(engine, command)
             yield
     except CoreBusy as exc:
-        errors.print(
-            f"[red]{escape(str(exc))}: one at a time; wait for it to end (`crmi runs list`), or stop it, then "
-            f"`{command}` again{then}[/red]"
+        reason = (
+            f"{exc}: one at a time; wait for it to end (`crmi runs list`), or stop it, then `{command}` "
+            f"again{then}"
         )
-        raise typer.Exit(EXIT_FAILED) from None
+        errors.print(f"[red]{escape(reason)}[/red]")
+        raise Refused(reason) from None
 
 
 @contextmanager
@@ -231,13 +246,13 @@ def _refuse_beside_live_runs(engine: Engine, command: str = "crmi run") -> None:
         return
     if live:
         key, mode, pid = live[0]
-        errors.print(
-            f"[red]run {escape(key)} ({mode}) is loading into this core (process {pid} on this host): one run at "
-            f"a time; wait for it to end (`crmi runs list`), or stop it, then `{command}` again"
+        reason = (
+            f"run {key} ({mode}) is loading into this core (process {pid} on this host): one run at a time; "
+            f"wait for it to end (`crmi runs list`), or stop it, then `{command}` again"
             + (" (it undoes what the stopped run loaded)" if command == "crmi run" else "")
-            + "[/red]"
         )
-        raise typer.Exit(EXIT_FAILED)
+        errors.print(f"[red]{escape(reason)}[/red]")
+        raise Refused(reason)
 
 
 def _refuse_another_projects_core(engine: Engine, project: str) -> None:
@@ -249,7 +264,7 @@ def _refuse_another_projects_core(engine: Engine, project: str) -> None:
         refused = other_project_in_core(connection, project)
     if refused is not None:
         errors.print(f"[red]{escape(refused)}[/red]")
-        raise typer.Exit(EXIT_FAILED)
+        raise Refused(refused)
 
 
 def _succeeded_dagster_runs(run_keys: Sequence[str]) -> set[str]:
@@ -626,7 +641,39 @@ def run(
     run's reconciliation is printed, with its exit code (``--new-run`` starts one anyway).
     When it ends it prints the time and rows/s of each phase (extract, map_validate, load, link, merge,
     reconcile); a failed step is named with its cause on one line.
+
+    A refusal before the run starts (another command holds the core, a core at another schema, a project
+    that does not load) exits 1 too, and is alerted like a failed run when alerts are set (docs/alerts.md).
     """
+    launch = _Launch()
+    try:
+        _run(project, core, as_json, verbose, delta, trial, sample, no_skip, new_run, launch)
+    except Refused as refused:
+        if not trial and not launch.started:  # cron started it: nobody reads why nothing ran
+            _alert_refusal(delta, project, refused)
+        raise
+
+
+@dataclass
+class _Launch:
+    """Whether ``crmi run`` got as far as starting its Dagster run (refusals come before)."""
+
+    started: bool = False
+
+
+def _run(
+    project: Path | None,
+    core: str | None,
+    as_json: bool,
+    verbose: bool,
+    delta: bool,
+    trial: bool,
+    sample: int,
+    no_skip: bool,
+    new_run: bool,
+    launch: _Launch,
+) -> None:
+    """The body of ``crmi run`` (see :func:`run`); ``launch.started`` is set once its Dagster run starts."""
     import time
 
     from crm_core.collections_policy import frozen_start_up
@@ -643,7 +690,7 @@ def run(
 
         if delta and trial:
             errors.print("choose --delta or --trial, not both")
-            raise typer.Exit(EXIT_FAILED)
+            raise Refused("choose --delta or --trial, not both")
         try:
             options = (
                 RunOptions(mode="trial", sample=sample)
@@ -652,7 +699,7 @@ def run(
             )
         except OptionsError as exc:
             errors.print(str(exc))
-            raise typer.Exit(EXIT_FAILED) from None
+            raise Refused(str(exc)) from None
     # One run at a time on a core, from any terminal or host (a trial run's scratch core is its own).
     with nullcontext() if trial else _one_run_at_a_time(core):
         settled = False
@@ -684,6 +731,7 @@ def run(
         # Failures are summarised below, one line each; --verbose shows Dagster's own step logs.
         log_level = "DEBUG" if verbose else "CRITICAL"
         show_progress = not as_json and not verbose and console.is_terminal
+        launch.started = True  # from here on, what goes wrong is the run's failure, alerted as such
         with _instance(ephemeral=trial) as instance:
             started = time.perf_counter()  # the run's own time, as its phases are measured
             result = _execute_with_progress(
@@ -743,8 +791,34 @@ def _alert_failed_run(
         name = str(project or "")
     steps = [step for step, _ in failed if step]
     cause = failed[0][1] if failed else ""
+    _say_alert(lambda: alert_cli_run(job, run_id, name, steps, cause, exit_code))
+
+
+def _alert_refusal(delta: bool, project: str | Path | None, refused: Refused) -> None:
+    """Post the alert of a ``crmi run`` refused before its run started when CRMI_ALERT_WEBHOOK_URL is set.
+
+    No Dagster run exists, so Dagster's alert sensor has nothing to alert: this is the only alert. A failed
+    delivery is a warning on stderr; the exit code stays the refusal's.
+    """
+    from integration.alerts import URL_ENV, alert_cli_refusal
+
+    if not os.environ.get(URL_ENV, "").strip():  # alerts off: no need to load Dagster and the project for it
+        return
+    from integration.jobs import DELTA_JOB, MIGRATION_JOB
+    from integration.project import load_project, project_dir
+
     try:
-        delivered, note = alert_cli_run(job, run_id, name, steps, cause, exit_code)
+        name = load_project(project).name
+    except Exception:  # the refusal may be that it does not load (or cannot be read): its folder's name
+        name = project_dir(project).resolve().name
+    job = DELTA_JOB if delta else MIGRATION_JOB
+    _say_alert(lambda: alert_cli_refusal(job, name, refused.reason, refused.exit_code))
+
+
+def _say_alert(post: Callable[[], tuple[bool, str]]) -> None:
+    """Post an alert of ``crmi run`` and say on stderr what became of it; never raises."""
+    try:
+        delivered, note = post()
     except Exception as exc:  # the run's outcome stands whatever happens to its alert
         from crm_core.errors import mask_secrets
         from integration.alerts import AlertConfig

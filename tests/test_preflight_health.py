@@ -13,6 +13,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 import uvicorn
 from dagster import DagsterInstance, instance_for_test
 from dagster._core.workspace.context import WorkspaceProcessContext
-from dagster._core.workspace.load_target import EmptyWorkspaceTarget
+from dagster._core.workspace.load_target import EmptyWorkspaceTarget, WorkspaceFileTarget
 from dagster._daemon.types import DaemonHeartbeat
 from dagster_webserver.webserver import DagsterWebserver
 
@@ -43,9 +44,14 @@ preflight = load_preflight()
 
 
 @contextmanager
-def webserver(instance: DagsterInstance) -> Iterator[str]:
-    """Serve Dagster's webserver (GraphQL included) for ``instance`` on a free port; yield its URL."""
-    with WorkspaceProcessContext(instance, EmptyWorkspaceTarget()) as context:
+def webserver(instance: DagsterInstance, workspace: Path | None = None) -> Iterator[str]:
+    """Serve Dagster's webserver (GraphQL included) for ``instance`` on a free port; yield its URL. It loads
+    the code locations of ``workspace`` (none without one)."""
+    target = WorkspaceFileTarget([str(workspace)]) if workspace else EmptyWorkspaceTarget()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Error loading repository location": a test's point
+        context = WorkspaceProcessContext(instance, target)
+    with context:
         app = DagsterWebserver(context).create_asgi_app()
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -123,3 +129,204 @@ def test_the_default_webserver_address_is_the_one_the_env_file_configures(
     # the environment wins over the file, as it does for the services
     overridden = preflight.deployment_settings(env_file, {"DAGSTER_WEBSERVER_PORT": "4000"})
     assert preflight.webserver_url(overridden) == "http://127.0.0.1:4000"
+
+
+# The finance code server (deploy/systemd/crm-integration-finance.service) on a port of this helper's range.
+FINANCE_PORT = 8794
+FINANCE_LOCATION = "crm_integration_finance"
+TINY_DEFINITIONS = "import dagster as dg\n\n@dg.op\ndef noop() -> None:\n    pass\n\n@dg.job\ndef tiny() -> None:\n    noop()\n"
+
+
+def finance_workspace(folder: Path, port: int = FINANCE_PORT) -> Path:
+    """deploy/workspace.finance.yaml with the finance code server moved to ``port``."""
+    text = (REPO / "deploy" / "workspace.finance.yaml").read_text(encoding="utf-8")
+    path = folder / "workspace.finance.yaml"
+    path.write_text(text.replace("port: 4266", f"port: {port}"), encoding="utf-8")
+    return path
+
+
+def installed_units(folder: Path, workspace: Path) -> Path:
+    """/etc/systemd/system as docs/deploy.md leaves it for a second project: the webserver and the daemon
+    read ``workspace`` (the docs' sed), the finance unit beside them."""
+    units = folder / "units"
+    units.mkdir()
+    for name in ("webserver", "daemon", "finance"):
+        unit = f"crm-integration-{name}.service"
+        text = (REPO / "deploy" / "systemd" / unit).read_text(encoding="utf-8")
+        (units / unit).write_text(
+            text.replace("/opt/crm-integration/deploy/workspace.yaml", str(workspace)), encoding="utf-8"
+        )
+    return units
+
+
+@contextmanager
+def code_server(folder: Path, port: int, definitions_text: str = TINY_DEFINITIONS) -> Iterator[None]:
+    """A real Dagster code server for location crm_integration_finance on ``port``; stopped afterwards."""
+    import subprocess
+
+    from dagster._grpc.client import DagsterGrpcClient
+
+    definitions = folder / "tiny_definitions.py"
+    definitions.write_text(definitions_text, encoding="utf-8")
+    command = [sys.executable, "-m", "dagster", "code-server", "start", "-h", "127.0.0.1", "-p", str(port),
+               "-f", str(definitions), "--location-name", FINANCE_LOCATION]  # fmt: skip
+    log = folder / "code-server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=folder)
+    try:
+        client = DagsterGrpcClient(port=port, host="127.0.0.1")
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log.read_text(encoding="utf-8", errors="replace")
+            try:
+                client.ping("ready")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)  # polling for the server to listen, not timing the test
+        yield
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_a_finance_code_server_that_does_not_answer_is_reported_with_its_unit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The units point the webserver and the daemon at the finance workspace: its code server must answer."""
+    workspace = finance_workspace(tmp_path)
+    # raising=False: before the health check knew of code servers, it had no UNITS_DIR and said "healthy"
+    monkeypatch.setattr(preflight, "UNITS_DIR", installed_units(tmp_path, workspace), raising=False)
+    env_file = tmp_path / "dagster.env"
+    env_file.write_text("", encoding="utf-8")
+    with instance_for_test() as instance, webserver(instance) as ui:
+        beat(instance, seconds_ago=10)
+        # the health timer runs main(): exit 3, only a code server is down (the restart unit reads it)
+        assert preflight.main(["--health", "--ui", ui, "--env-file", str(env_file)]) == 3
+        assert preflight.expected_workspaces() == [workspace]
+        [server] = preflight.code_servers([workspace])[0]
+        assert (server.location, server.host, server.port) == (FINANCE_LOCATION, "127.0.0.1", FINANCE_PORT)
+        problems = preflight.health(ui, workspaces=preflight.expected_workspaces())
+        assert len(problems) == 1, problems
+        [line] = problems
+        # what is down, where, and what to do
+        assert f"the code server of location {FINANCE_LOCATION} (127.0.0.1:{FINANCE_PORT}" in line
+        assert str(workspace) in line and "does not answer" in line
+        assert "systemctl status crm-integration-finance" in line
+        assert "journalctl -u crm-integration-finance" in line
+        with code_server(tmp_path, FINANCE_PORT):
+            assert preflight.health(ui, workspaces=[workspace]) == []
+            assert preflight.main(["--health", "--ui", ui, "--env-file", str(env_file)]) == 0
+
+
+def test_a_deployment_without_a_finance_location_expects_no_code_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipped units (deploy/workspace.yaml: one python_module location) and no units at all."""
+    shipped = REPO / "deploy" / "workspace.yaml"
+    monkeypatch.setattr(preflight, "UNITS_DIR", REPO / "deploy" / "systemd")
+    assert preflight.expected_workspaces() == [Path("/opt/crm-integration/deploy/workspace.yaml")]
+    monkeypatch.setattr(preflight, "UNITS_DIR", installed_units(tmp_path, shipped))  # at this checkout
+    assert preflight.expected_workspaces() == [shipped]
+    assert preflight.code_servers(preflight.expected_workspaces()) == ([], [])
+    monkeypatch.setattr(preflight, "UNITS_DIR", tmp_path / "no-units")
+    assert preflight.expected_workspaces() == [shipped]
+    with instance_for_test() as instance, webserver(instance) as ui:
+        beat(instance, seconds_ago=10)
+        assert preflight.health(ui, workspaces=preflight.expected_workspaces()) == []
+
+
+def test_a_workspace_the_units_name_that_is_missing_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "gone.yaml"
+    monkeypatch.setattr(preflight, "UNITS_DIR", installed_units(tmp_path, missing))
+    servers, problems = preflight.code_servers(preflight.expected_workspaces())
+    assert servers == [] and len(problems) == 1, problems
+    assert str(missing) in problems[0] and "crm-integration-daemon.service" in problems[0]
+
+
+def test_a_code_location_the_webserver_cannot_load_is_reported_without_secrets(tmp_path: Path) -> None:
+    """The main location (a python_module the webserver loads itself) fails to load: the UI shows an error."""
+    broken = tmp_path / "broken_definitions.py"
+    broken.write_text(
+        'raise RuntimeError("cannot open postgresql://crmi:s3cret-pw@db.intra/crm_core")\n', encoding="utf-8"
+    )
+    workspace = tmp_path / "workspace.yaml"
+    workspace.write_text(
+        f"load_from:\n  - python_file:\n      relative_path: {broken}\n      location_name: crm_integration\n",
+        encoding="utf-8",
+    )
+    with instance_for_test() as instance, webserver(instance, workspace) as ui:
+        beat(instance, seconds_ago=10)
+        [line] = preflight.health(ui, workspaces=[workspace])
+    assert line.startswith("the webserver cannot load code location crm_integration: "), line
+    assert "RuntimeError: cannot open postgresql://crmi:***@db.intra/crm_core" in line
+    assert "s3cret-pw" not in line and "journalctl -u crm-integration-webserver" in line
+
+
+@pytest.mark.parametrize(("status", "restarts"), [("1", True), ("3", False), (None, True)])
+def test_the_restart_unit_leaves_the_services_alone_when_only_a_code_server_is_down(
+    tmp_path: Path, status: str | None, restarts: bool
+) -> None:
+    """crm-integration-restart.service's command as systemd runs it (``$$`` is a ``$``), with the health
+    check's exit status in MONITOR_EXIT_STATUS (unset: a systemd before 251) and a systemctl that records."""
+    import os
+    import shlex
+    import subprocess
+
+    unit = (REPO / "deploy" / "systemd" / "crm-integration-restart.service").read_text(encoding="utf-8")
+    [line] = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    calls = tmp_path / "calls"
+    systemctl = tmp_path / "systemctl"
+    systemctl.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n', encoding="utf-8")
+    systemctl.chmod(0o755)
+    command = shlex.split(
+        line.removeprefix("ExecStart=").replace("$$", "$").replace("/bin/systemctl", str(systemctl))
+    )
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    if status is not None:
+        env["MONITOR_EXIT_STATUS"] = status
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    if restarts:
+        assert calls.read_text(encoding="utf-8").split() == [
+            "restart", "crm-integration-daemon.service", "crm-integration-webserver.service"
+        ]  # fmt: skip
+    else:
+        assert not calls.exists()
+        assert "only a code server does not answer" in result.stdout
+    # the exit code it tells apart is the health check's own
+    assert preflight.EXIT_CODE_SERVERS == 3 and f"= {preflight.EXIT_CODE_SERVERS} ]; then" in line
+
+
+def test_a_finance_code_server_serving_a_broken_project_is_its_units_problem_not_the_webservers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It answers pings but its location does not load: exit 3 (no restart of the webserver and the daemon),
+    the line names the finance unit."""
+    workspace = tmp_path / "workspace.finance.yaml"
+    workspace.write_text(
+        f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {FINANCE_PORT + 1}\n"
+        f"      location_name: {FINANCE_LOCATION}\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(preflight, "UNITS_DIR", installed_units(tmp_path, workspace))
+    broken = 'raise RuntimeError("project.yaml: sync.targets.finance.url: K3_URL is not set")\n'
+    with (
+        code_server(tmp_path, FINANCE_PORT + 1, broken),
+        instance_for_test() as instance,
+        webserver(instance, workspace) as ui,
+    ):
+        beat(instance, seconds_ago=10)
+        report = preflight.health_report(ui, workspaces=preflight.expected_workspaces())
+    assert report.services == [] and report.exit_code() == 3, report
+    [line] = report.code_servers
+    assert line.startswith(
+        f"the webserver cannot load code location {FINANCE_LOCATION}: RuntimeError: project.yaml"
+    )
+    assert "K3_URL is not set" in line
+    assert line.endswith(
+        "journalctl -u crm-integration-finance, fix what it says, then systemctl restart crm-integration-finance"
+    )
