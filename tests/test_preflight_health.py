@@ -131,13 +131,19 @@ def test_the_default_webserver_address_is_the_one_the_env_file_configures(
     assert preflight.webserver_url(overridden) == "http://127.0.0.1:4000"
 
 
-# The finance code server (deploy/systemd/crm-integration-finance.service) on a port of this helper's range.
-FINANCE_PORT = 8794
 FINANCE_LOCATION = "crm_integration_finance"
 TINY_DEFINITIONS = "import dagster as dg\n\n@dg.op\ndef noop() -> None:\n    pass\n\n@dg.job\ndef tiny() -> None:\n    noop()\n"
 
 
-def finance_workspace(folder: Path, port: int = FINANCE_PORT) -> Path:
+def free_port() -> int:
+    """A port that was free a moment ago, for a finance code server of one test (workers run side by side)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def finance_workspace(folder: Path, port: int) -> Path:
     """deploy/workspace.finance.yaml with the finance code server moved to ``port``."""
     text = (REPO / "deploy" / "workspace.finance.yaml").read_text(encoding="utf-8")
     path = folder / "workspace.finance.yaml"
@@ -195,7 +201,8 @@ def test_a_finance_code_server_that_does_not_answer_is_reported_with_its_unit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The units point the webserver and the daemon at the finance workspace: its code server must answer."""
-    workspace = finance_workspace(tmp_path)
+    finance_port = free_port()
+    workspace = finance_workspace(tmp_path, finance_port)
     # raising=False: before the health check knew of code servers, it had no UNITS_DIR and said "healthy"
     monkeypatch.setattr(preflight, "UNITS_DIR", installed_units(tmp_path, workspace), raising=False)
     env_file = tmp_path / "dagster.env"
@@ -206,16 +213,16 @@ def test_a_finance_code_server_that_does_not_answer_is_reported_with_its_unit(
         assert preflight.main(["--health", "--ui", ui, "--env-file", str(env_file)]) == 3
         assert preflight.expected_workspaces() == [workspace]
         [server] = preflight.code_servers([workspace])[0]
-        assert (server.location, server.host, server.port) == (FINANCE_LOCATION, "127.0.0.1", FINANCE_PORT)
+        assert (server.location, server.host, server.port) == (FINANCE_LOCATION, "127.0.0.1", finance_port)
         problems = preflight.health(ui, workspaces=preflight.expected_workspaces())
         assert len(problems) == 1, problems
         [line] = problems
         # what is down, where, and what to do
-        assert f"the code server of location {FINANCE_LOCATION} (127.0.0.1:{FINANCE_PORT}" in line
+        assert f"the code server of location {FINANCE_LOCATION} (127.0.0.1:{finance_port}" in line
         assert str(workspace) in line and "does not answer" in line
         assert "systemctl status crm-integration-finance" in line
         assert "journalctl -u crm-integration-finance" in line
-        with code_server(tmp_path, FINANCE_PORT):
+        with code_server(tmp_path, finance_port):
             assert preflight.health(ui, workspaces=[workspace]) == []
             assert preflight.main(["--health", "--ui", ui, "--env-file", str(env_file)]) == 0
 
@@ -306,16 +313,17 @@ def test_a_finance_code_server_serving_a_broken_project_is_its_units_problem_not
 ) -> None:
     """It answers pings but its location does not load: exit 3 (no restart of the webserver and the daemon),
     the line names the finance unit."""
+    finance_port = free_port()
     workspace = tmp_path / "workspace.finance.yaml"
     workspace.write_text(
-        f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {FINANCE_PORT + 1}\n"
+        f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {finance_port}\n"
         f"      location_name: {FINANCE_LOCATION}\n",
         encoding="utf-8",
     )
     monkeypatch.setattr(preflight, "UNITS_DIR", installed_units(tmp_path, workspace))
     broken = 'raise RuntimeError("project.yaml: sync.targets.finance.url: K3_URL is not set")\n'
     with (
-        code_server(tmp_path, FINANCE_PORT + 1, broken),
+        code_server(tmp_path, finance_port, broken),
         instance_for_test() as instance,
         webserver(instance, workspace) as ui,
     ):
