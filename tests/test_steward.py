@@ -797,7 +797,7 @@ def test_the_cluster_page_explains_the_pair_and_diffs_the_names(sqlite_core: sa.
     assert '<span class="system">crm</span> T-0' in page
     ningbo = planted(sqlite_core, "宁波市甬兴模具有限责任公司")
     page = client.get(f"/cluster/{ningbo.id}").text
-    assert "held back: not merged: the cluster would hold two credit_code values" in page
+    assert "held back: not merged: the cluster would hold two credit codes" in page
     assert "credit code on one side only" in page and "same phone" in page
 
 

@@ -52,6 +52,8 @@ from integration.dedup.linkage import (
     LinkageSpec,
     among,
     coherent_clusters,
+    field_words,
+    fields_in_words,
     guard_clusters,
     link,
     ordered,
@@ -394,19 +396,20 @@ def second_look_reason(
             problems.append("names alike but not the same")
     for key in spec.location_keys:
         a, b = (_known(records, record, key) for record in (left, right))
+        words = field_words(key)
         if a is None and b is None:
-            problems.append(f"no {key} on either side")
+            problems.append(f"no {words.one} on either side")
         elif a is None or b is None:
-            problems.append(f"{key} known on one side only ({a or b})")
+            problems.append(f"{words.one} known on one side only ({a or b})")
         elif a != b:
-            problems.append(f"different {key} ({a} / {b})")
+            problems.append(f"{words.differing} ({a} / {b})")
     if problems:
         return f"{SECOND_LOOK}: would merge at {probability:.2f}, but {', '.join(dict.fromkeys(problems))}"
     if held_cluster is not None:
         return (
             f"{SECOND_LOOK}: the same name in the same place, but the cluster of {held_cluster} records it "
-            f"would join is held (larger than {spec.max_cluster}, or two values of "
-            f"{', '.join(spec.hard_keys) or 'a hard key'})"
+            f"would join is held (larger than {spec.max_cluster}, or two "
+            f"{fields_in_words(spec.hard_keys) or 'values of a hard key'})"
         )
     return f"{SECOND_LOOK}: would merge at {probability:.2f}; only the same name in the same known place merges here"
 
