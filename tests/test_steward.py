@@ -820,6 +820,58 @@ def test_the_preview_is_what_the_merge_makes(sqlite_core: sa.Engine) -> None:
         }
 
 
+def test_a_value_written_two_ways_is_one_choice_in_its_most_complete_spelling(sqlite_core: sa.Engine) -> None:
+    # A newcomer steward was offered 上海市 and 上海 as two cities to choose from: one city written two ways.
+    from integration.dedup.normalize import phone_keys
+    from integration.geo import city_of_name
+    from integration.steward.cluster import build_view, find_cluster
+
+    pair = planted(sqlite_core, "厦门腾达科技有限公司")
+    with sqlite_core.begin() as connection:
+        view = build_view(
+            connection, find_cluster(connection, pair.id), RULES.source_priority, RULES.survivorship
+        )
+        survivor, other = view.order[:2]
+        for record, city, phone in (
+            (survivor, "上海", "021-50001111"),
+            (other, "上海市", "+86 21 5000 1111"),
+        ):
+            connection.execute(
+                sa.update(Customer).where(Customer.id == record).values(city=city, phone=phone)
+            )
+        view = build_view(
+            connection, find_cluster(connection, pair.id), RULES.source_priority, RULES.survivorship
+        )
+    assert city_of_name("上海") == city_of_name("上海市") and phone_keys("021-50001111") == phone_keys(
+        "+86 21 5000 1111"
+    )
+    fields = {f.name: f for f in view.fields}
+    city = fields["city"]
+    assert city.choices == [other] and city.carriers == {other: [survivor, other]}, city
+    assert not city.differs and city.checked == other
+    assert len(fields["phone"].choices) == 1 and not fields["phone"].differs
+    names = fields["name"]  # really different values stay choices, each its own
+    assert len(names.choices) == 2 and names.differs
+    client, csrf = signed_in(sqlite_core, "wang")
+    page = client.get(f"/cluster/{pair.id}").text
+    assert (
+        f'name="field:city" value="{other}"' in page and f'name="field:city" value="{survivor}"' not in page
+    )
+    assert f"#{survivor}, #{other}" in re.sub(
+        r"<[^>]+>", "", page.split('id="field-city"')[1].split("</tr>")[0]
+    )
+    # deciding with the page as shown keeps the most complete spelling, as its preview says
+    assert view.preview["city"] == "上海市"
+    form = {"csrf": csrf, "verdict": "same", "fingerprint": view.cluster.fingerprint()}
+    for tag in re.findall(r"<input [^>]*>", page.split('id="decide"')[1].split("</form>")[0]):
+        name, value = re.search(r'name="([^"]+)" value="([^"]*)"', tag).groups()  # type: ignore[union-attr]
+        if name.startswith(("default:", "field:")) and ('type="radio"' not in tag or " checked" in tag):
+            form[name] = value  # what the browser submits: hidden inputs and the checked radios
+    assert client.post(f"/cluster/{pair.id}/decide", data=form, follow_redirects=False).status_code == 303
+    with sqlite_core.connect() as connection:
+        assert connection.scalar(sa.select(Customer.city).where(Customer.id == survivor)) == "上海市"
+
+
 def test_the_golden_record_page_shows_sources_keys_related_rows_and_history(sqlite_core: sa.Engine) -> None:
     with sqlite_core.connect() as connection:
         merge = connection.execute(
