@@ -1929,6 +1929,7 @@ def dedup_undo(
     from crm_core.edits import share_edit_fence
     from crm_core.errors import DedupError
     from crm_core.merging import undo_merge
+    from integration.steward.audit import record_undo
 
     with (
         _core_engine(core) as engine,
@@ -1939,6 +1940,8 @@ def dedup_undo(
             with session.begin():
                 share_edit_fence(session, "undo of a merge")
                 log = undo_merge(session, merge_id, steward)
+                # audited as the workbench's undo is: the golden records' Audit lists show it
+                record_undo(session.connection(), steward, log, channel="cli")
         except DedupError as exc:
             errors.print(f"[red]refused:[/red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(EXIT_FAILED) from None

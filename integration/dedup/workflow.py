@@ -59,6 +59,7 @@ from integration.dedup.linkage import (
     ordered,
 )
 from integration.dedup.normalize import normalize_company_name
+from integration.steward.audit import record_decision
 
 
 @dataclass
@@ -906,6 +907,7 @@ def decide(
     project: str,
     source_priority: Sequence[str] = (),
     survivorship: Mapping[str, SurvivorshipRule] | None = None,
+    channel: str = "cli",
 ) -> MatchCandidate:
     """Record a steward's decision: merge the pair (same company) or mark it distinct (never proposed again).
 
@@ -913,6 +915,7 @@ def decide(
     (``source_priority`` and ``survivorship`` are the project's ``dedup.customer`` rules); it is
     :func:`decide_cluster` on a cluster of one pair, as the steward workbench decides whole clusters. It waits
     for a sync's inbound load that holds the core's records, as a CRM edit does (:func:`share_edit_fence`).
+    The decision's audit line (``channel``: where it was taken) commits with it.
     """
     with session_factory(engine)() as session, session.begin():
         share_edit_fence(session, "steward decision")
@@ -926,11 +929,21 @@ def decide(
         left, right = _active(session, model, candidate.left_id), _active(session, model, candidate.right_id)
         groups = [sorted({left, right})] if same or left == right else [[left], [right]]
         pair = PendingPair(candidate_id, left, right, candidate.probability)
-        decide_cluster(session, run, candidate.entity, [pair], groups, steward=steward,
-                       source_priority=source_priority, survivorship=survivorship)  # fmt: skip
+        decided = decide_cluster(session, run, candidate.entity, [pair], groups, steward=steward,
+                                 source_priority=source_priority, survivorship=survivorship)  # fmt: skip
         if not same:
             candidate.status = "distinct"  # two sides that are one record already: still "not the same"
         session.flush()
+        # audited as a workbench decision is, so the golden records' Audit lists show it (channel: CLI)
+        records = sorted({left, right})
+        main = decided.survivors[0] if decided.survivors else records[0]
+        record_decision(
+            session.connection(), steward, candidate.entity, main, records,
+            f"pair {candidate_id} {'merged' if same else 'marked different'} ({candidate.entity}s "
+            f"{' and '.join(map(str, records))})",
+            channel=channel, after={"verdict": "same" if same else "different", "merges": decided.merges,
+                                    "pairs": {str(k): v for k, v in decided.pairs.items()}, "run": run_key},
+        )  # fmt: skip
         session.refresh(candidate)
         run.status = "succeeded"
         run.finished_at = dt.datetime.now(dt.UTC)
