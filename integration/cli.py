@@ -1802,8 +1802,21 @@ def _short_reason(reason: str, width: int = WHY_WIDTH) -> str:
     return (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" ,;:(") + "…"
 
 
+def _base_currency(project: Path | None) -> str | None:
+    """The project's base currency (``currencies.base``; CNY unless set), which held amounts are counted in;
+    None when no project is found or it does not load (the command reads the core alone)."""
+    from integration.project import load_project
+
+    try:
+        currencies = load_project(project, sources=()).spec.currencies
+    except ConfigError:
+        return None
+    return currencies.base if currencies is not None else "CNY"
+
+
 @dedup_app.command("review")
 def dedup_review(
+    project: ProjectOption = None,
     core: CoreOption = None,
     limit: Annotated[int, typer.Option("--limit", "-n", help="pairs to show")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
@@ -1817,8 +1830,9 @@ def dedup_review(
     with _core_engine(core) as engine:
         queue = review_queue(engine, limit)
         references = reference_queue(engine, limit)
+    currency = _base_currency(project) if references else None
     if as_json:
-        for item in [*queue, *references]:
+        for item in [*queue, *({**r, "currency": currency} for r in references)]:
             sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")
         return
     table = Table(title=f"Review queue ({len(queue)} shown)")
@@ -1863,33 +1877,31 @@ def dedup_review(
     names = Table(
         title=f"Names that match no single customer ({len(references)} shown): rows wait for a decision"
     )
-    # Candidates found as a name variant or a close name carry no probability: the column promises one only
-    # when some candidate has it, and a candidate without one says so.
-    scored = any(c.get("probability") is not None for r in references for c in r["candidates"])
-    for column in (
-        "reference",
-        "name as written",
-        "rows held",
-        "amount held",
-        "candidates (id name probability)" if scored else "candidates (id name)",
-    ):
-        names.add_column(column, justify="right" if column == "amount held" else "left")
+    # One line per candidate, its linkage probability (the match index scored it) and its name similarity (a
+    # name variant or close name found it) in columns of their own; a column only when some candidate has it.
+    scores = [
+        (key, header)
+        for key, header in (("probability", "probability"), ("similarity", "name similarity"))
+        if any(c.get(key) is not None for r in references for c in r["candidates"])
+    ]
+    names.add_column("reference")
+    names.add_column("name as written")
+    names.add_column("rows held", justify="right")
+    names.add_column(f"amount held ({currency or 'base currency'})", justify="right")
+    names.add_column("candidates (id name)", no_wrap=True)  # a line per candidate: the score columns align
+    for _, header in scores:
+        names.add_column(header, justify="right", no_wrap=True)
     for r in references:
-        unscored = " (no probability)" if scored else ""
-        shown = "; ".join(
-            f"{c['id']} {c.get('name') or ''}"
-            + (
-                f" {c['probability']:.2f}"
-                if c.get("probability") is not None
-                else f" (name similarity {c['similarity']:.2f})"
-                if c.get("similarity") is not None
-                else unscored
-            )
-            for c in r["candidates"]
-        )
-        held = amount_text(r["amount_held"])
-        names.add_row(r["reference"], escape(r["name"]), str(r["rows_held"]), held, escape(shown))
+        candidates = r["candidates"]
+        shown = "\n".join(escape(f"{c['id']} {c.get('name') or ''}".rstrip()) for c in candidates)
+        columns = [
+            "\n".join("—" if c.get(key) is None else f"{c[key]:.2f}" for c in candidates) for key, _ in scores
+        ]
+        names.add_row(r["reference"], escape(r["name"]), str(r["rows_held"]), amount_text(r["amount_held"]),
+                      shown, *columns)  # fmt: skip
     console.print(names)
+    if currency is None:
+        console.print("Amounts are in the project's base currency: `--project` (or $CRM_PROJECT) names it.")
     console.print(
         "Decide one with `crmi dedup decide rN --customer ID --steward S` (or --different: none of them)."
     )
@@ -1991,6 +2003,7 @@ def dedup_undo(
     from crm_core.edits import share_edit_fence
     from crm_core.errors import DedupError
     from crm_core.merging import undo_merge
+    from integration.steward.audit import record_undo
 
     with (
         _core_engine(core) as engine,
@@ -2001,6 +2014,8 @@ def dedup_undo(
             with session.begin():
                 share_edit_fence(session, "undo of a merge")
                 log = undo_merge(session, merge_id, steward)
+                # audited as the workbench's undo is: the golden records' Audit lists show it
+                record_undo(session.connection(), steward, log, channel="cli")
         except DedupError as exc:
             errors.print(f"[red]refused:[/red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(EXIT_FAILED) from None

@@ -158,7 +158,7 @@ def test_stewards_work_the_review_queue(sqlite_core_url: str) -> None:
     assert len(queue) >= 2, "expected pairs for a steward"
     assert all(0.5 <= q["probability"] < 1.0 for q in queue)
     assert {q["features"]["reason"].split(" (")[0] for q in queue if "宁波" in q["left"]} == {
-        "not merged: the cluster would hold two credit_code values"
+        "not merged: the cluster would hold two credit codes"
     }
     assert review_count(engine) == {"pending": len(queue), "expected_same": outcome.review_expected_same}
     weights = [decision_weight(q["probability"], 1, 1) for q in queue]

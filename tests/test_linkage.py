@@ -451,3 +451,34 @@ def test_the_held_back_reason_names_only_the_fields_that_differ_in_a_stewards_wo
     both = result.reasons[(130, 131)]  # both fields held on both sides, both differ
     assert "no phone in common" in both and "street address" in both and "address_key" not in both, both
     assert "has no" not in both, both
+
+
+def test_held_back_reasons_name_fields_in_a_stewards_words_never_their_column_names() -> None:
+    # A newcomer steward read "hard key conflict (credit_code, branch)" and "two credit_code values": the
+    # reasons a steward sees name fields in plain words (FIELD_WORDS), whatever rule held the pair back.
+    from integration.dedup.customers import linkage_frame
+    from integration.dedup.linkage import FIELD_WORDS
+    from integration.dedup.workflow import second_look_reason
+    from tests.test_matching_classes import code
+
+    internal = {*CUSTOMER_SPEC.hard_keys, *CUSTOMER_SPEC.location_keys, *CUSTOMER_SPEC.contradicted_by}
+    assert internal <= set(FIELD_WORDS)
+
+    def plain(reason: str) -> bool:
+        return not any(name in reason for name in internal if "_" in name)
+
+    frame = linkage_frame([
+        {"id": 1, "name": "宁波甬兴模具有限公司", "credit_code": code("330203", "10000001"), "phone": "057488880000"},
+        {"id": 2, "name": "宁波甬兴模具有限公司", "credit_code": code("330203", "10000003"), "phone": "057488880000"},
+    ])  # fmt: skip
+    result = link(frame, replace(CUSTOMER_SPEC, auto_merge=0.0, review=0.0))
+    reason = result.reasons[(1, 2)]
+    assert plain(reason) and "credit codes" in reason, reason
+    assert "branch" not in reason, reason  # only the field that conflicts for this pair
+    records = pd.DataFrame({"city": ["宁波市", None], "province": ["浙江省", "浙江省"]}, index=[1, 2])
+    held = second_look_reason({}, records, 1, 2, CUSTOMER_SPEC, "merge", 0.99, held_cluster=12)
+    assert "city known on one side only" in held, held
+    held = second_look_reason(
+        {}, records.fillna("宁波市"), 1, 2, CUSTOMER_SPEC, "merge", 0.99, held_cluster=12
+    )
+    assert plain(held) and "two credit codes or branches" in held, held

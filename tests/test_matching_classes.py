@@ -249,7 +249,7 @@ def test_a_cluster_never_holds_two_valid_credit_codes_or_two_cities() -> None:
                           "branch": ["总部"] * 3, "city": ["深圳市"] * 3, "province": ["广东省"] * 3},
                          index=[1, 2, 3])  # fmt: skip
     clusters, refused = coherent_clusters(merged, merged, frame, CUSTOMER_SPEC)
-    assert clusters == [[1, 2]] and "two credit_code values" in refused[(2, 3)]
+    assert clusters == [[1, 2]] and "two credit codes" in refused[(2, 3)]
 
 
 def test_a_branch_gets_its_head_office_as_parent(sqlite_core_url: str) -> None:

@@ -255,6 +255,17 @@ def test_a_decided_name_loads_its_held_rows_on_the_next_run(
               "--project", str(demo_project), *core],
     )  # fmt: skip
     assert decided.exit_code == 0, decided.output
+    # the decision shows on the customer's golden record page (its Audit list), taken in the CLI
+    from crm_core.steward_models import AUDIT
+    from integration.steward.audit import channel_of
+
+    with make_engine(sqlite_core_url).connect() as connection:
+        audited = connection.execute(
+            sa.select(AUDIT.c.actor, AUDIT.c.summary, AUDIT.c.after)
+            .where(AUDIT.c.entity == "customer", AUDIT.c.record_id == target)
+        ).all()  # fmt: skip
+    assert [(a.actor, channel_of(a.after)) for a in audited] == [("li", "CLI")], audited
+    assert chosen["reference"] in audited[0].summary and chosen["name"] in audited[0].summary, audited
 
     second = runner.invoke(app, run)
     assert second.exit_code == 0, second.output

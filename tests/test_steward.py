@@ -797,7 +797,7 @@ def test_the_cluster_page_explains_the_pair_and_diffs_the_names(sqlite_core: sa.
     assert '<span class="system">crm</span> T-0' in page
     ningbo = planted(sqlite_core, "宁波市甬兴模具有限责任公司")
     page = client.get(f"/cluster/{ningbo.id}").text
-    assert "held back: not merged: the cluster would hold two credit_code values" in page
+    assert "held back: not merged: the cluster would hold two credit codes" in page
     assert "credit code on one side only" in page and "same phone" in page
 
 
@@ -818,6 +818,122 @@ def test_the_preview_is_what_the_merge_makes(sqlite_core: sa.Engine) -> None:
         assert {f.name: view.preview[f.name] for f in view.fields} == {
             f.name: survivor[f.name] for f in view.fields
         }
+
+
+def test_the_audit_list_of_a_record_shows_every_decision_on_it_and_its_channel(
+    sqlite_core: sa.Engine, sqlite_core_url: str
+) -> None:
+    # A newcomer steward decided pairs with `crmi dedup decide` and a sheet: the golden record's Audit list
+    # showed the workbench's decisions only. Every decision shows on each record it decided, with its channel.
+    import io
+
+    from openpyxl import load_workbook
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    def audit_rows(client: TestClient, record: int) -> list[str]:
+        page = client.get(f"/records/customer/{record}").text
+        table = page.split('id="record-audit"')[1].split("</table>")[0]
+        return [re.sub(r"<[^>]+>", " ", row) for row in re.findall(r"<tr>(.*?)</tr>", table)[1:]]
+
+    from integration.steward.cluster import active_ids
+
+    with (
+        sqlite_core.connect() as connection
+    ):  # the golden records a pair stands for (decisions are about them)
+        golden = active_ids(
+            connection, "customer", [i for p in pending(sqlite_core) for i in (p.left_id, p.right_id)]
+        )
+
+    def ends(pair: Any) -> set[int]:
+        return {golden[pair.left_id], golden[pair.right_id]}
+
+    pairs = pending(sqlite_core)
+    by_cli = pairs[0]
+    apart = [p for p in pairs[1:] if not ends(p) & ends(by_cli)]
+    by_sheet = apart[0]
+    by_web = next(p for p in apart[1:] if not ends(p) & (ends(by_cli) | ends(by_sheet)))
+    core = ["--core-url", sqlite_core_url]
+    decided = CliRunner().invoke(app, ["dedup", "decide", str(by_cli.id), "--same", "--steward", "li", *core])
+    assert decided.exit_code == 0, decided.output
+    client, csrf = signed_in(sqlite_core, "wang")
+    book = load_workbook(io.BytesIO(client.get("/queue/export.xlsx?sort=oldest").content))
+    for row in list(book["queue"].iter_rows())[1:]:
+        row[4].value = "different" if row[0].value == by_sheet.id else None
+    out = io.BytesIO()
+    book.save(out)
+    files = {"sheet": ("queue.xlsx", out.getvalue(), "application/octet-stream")}
+    assert client.post("/queue/import", data={"csrf": csrf}, files=files).status_code == 200
+    assert client.post(f"/cluster/{by_web.id}/decide", data={"csrf": csrf, "verdict": "different"},
+                       follow_redirects=False).status_code == 303  # fmt: skip
+    for pair, who, channel in (
+        (by_cli, "li", "CLI"),
+        (by_sheet, "wang", "sheet"),
+        (by_web, "wang", "workbench"),
+    ):
+        for record in ends(pair):
+            rows = [r for r in audit_rows(client, record) if " decide" in r]
+            assert rows and all(f" {who} " in r and f" {channel} " in r for r in rows), (record, rows)
+    with sqlite_core.connect() as connection:
+        merge = connection.scalar(sa.select(MergeLog.id).where(MergeLog.decided_by == "li"))
+    undone = CliRunner().invoke(app, ["dedup", "undo", str(merge), "--steward", "li", *core])
+    assert undone.exit_code == 0, undone.output
+    for record in ends(by_cli):
+        rows = [r for r in audit_rows(client, record) if " undo" in r]
+        assert rows and all(" li " in r and " CLI " in r for r in rows), (record, audit_rows(client, record))
+
+
+def test_a_value_written_two_ways_is_one_choice_in_its_most_complete_spelling(sqlite_core: sa.Engine) -> None:
+    # A newcomer steward was offered 上海市 and 上海 as two cities to choose from: one city written two ways.
+    from integration.dedup.normalize import phone_keys
+    from integration.geo import city_of_name
+    from integration.steward.cluster import build_view, find_cluster
+
+    pair = planted(sqlite_core, "厦门腾达科技有限公司")
+    with sqlite_core.begin() as connection:
+        view = build_view(
+            connection, find_cluster(connection, pair.id), RULES.source_priority, RULES.survivorship
+        )
+        survivor, other = view.order[:2]
+        for record, city, phone in (
+            (survivor, "上海", "021-50001111"),
+            (other, "上海市", "+86 21 5000 1111"),
+        ):
+            connection.execute(
+                sa.update(Customer).where(Customer.id == record).values(city=city, phone=phone)
+            )
+        view = build_view(
+            connection, find_cluster(connection, pair.id), RULES.source_priority, RULES.survivorship
+        )
+    assert city_of_name("上海") == city_of_name("上海市") and phone_keys("021-50001111") == phone_keys(
+        "+86 21 5000 1111"
+    )
+    fields = {f.name: f for f in view.fields}
+    city = fields["city"]
+    assert city.choices == [other] and city.carriers == {other: [survivor, other]}, city
+    assert not city.differs and city.checked == other
+    assert len(fields["phone"].choices) == 1 and not fields["phone"].differs
+    names = fields["name"]  # really different values stay choices, each its own
+    assert len(names.choices) == 2 and names.differs
+    client, csrf = signed_in(sqlite_core, "wang")
+    page = client.get(f"/cluster/{pair.id}").text
+    assert (
+        f'name="field:city" value="{other}"' in page and f'name="field:city" value="{survivor}"' not in page
+    )
+    assert f"#{survivor}, #{other}" in re.sub(
+        r"<[^>]+>", "", page.split('id="field-city"')[1].split("</tr>")[0]
+    )
+    # deciding with the page as shown keeps the most complete spelling, as its preview says
+    assert view.preview["city"] == "上海市"
+    form = {"csrf": csrf, "verdict": "same", "fingerprint": view.cluster.fingerprint()}
+    for tag in re.findall(r"<input [^>]*>", page.split('id="decide"')[1].split("</form>")[0]):
+        name, value = re.search(r'name="([^"]+)" value="([^"]*)"', tag).groups()  # type: ignore[union-attr]
+        if name.startswith(("default:", "field:")) and ('type="radio"' not in tag or " checked" in tag):
+            form[name] = value  # what the browser submits: hidden inputs and the checked radios
+    assert client.post(f"/cluster/{pair.id}/decide", data=form, follow_redirects=False).status_code == 303
+    with sqlite_core.connect() as connection:
+        assert connection.scalar(sa.select(Customer.city).where(Customer.id == survivor)) == "上海市"
 
 
 def test_the_golden_record_page_shows_sources_keys_related_rows_and_history(sqlite_core: sa.Engine) -> None:

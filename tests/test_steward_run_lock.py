@@ -370,7 +370,9 @@ def test_the_cli_writes_of_people_hold_the_core_shared_named_after_the_command(
     monkeypatch.setattr(
         integration.dedup.workflow, "decide", hook("crmi dedup decide", SimpleNamespace(status="merged"))
     )
-    log = SimpleNamespace(entity="customer", merged_id=2, survivor_id=1)
+    log = SimpleNamespace(
+        id=1, entity="customer", merged_id=2, survivor_id=1, decided_by="linkage", undone_at=None
+    )
     monkeypatch.setattr(crm_core.merging, "undo_merge", hook("crmi dedup undo", log))
     monkeypatch.setattr(integration.sync.outbox, "retry_dead", hook("crmi sync retry", 0))
     monkeypatch.setattr(

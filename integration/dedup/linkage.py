@@ -17,7 +17,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -761,11 +761,52 @@ def _without_needed_agreement(
     return unsupported, unsupported & _differing(band.index, columns)
 
 
-# How the fields of ``contradicted_by`` read to a steward: (the field differing, the field missing from a record)
-CONTRADICTION_WORDS: dict[str, tuple[str, str]] = {
-    "phones": ("no phone in common", "phone"),
-    "address_key": ("different street addresses", "complete street address"),
+@dataclass(frozen=True)
+class FieldWords:
+    """How a linkage field reads to a steward: one value, several, two records disagreeing, one lacking it."""
+
+    one: str
+    many: str
+    differ: str = ""  # "" : "different <many>"
+    lacking: str = ""  # "" : "<one>"
+
+    @property
+    def differing(self) -> str:
+        """The words for two records holding different values of the field."""
+        return self.differ or f"different {self.many}"
+
+    @property
+    def missing(self) -> str:
+        """The words for what a record without the field lacks ("#121 has no phone")."""
+        return self.lacking or self.one
+
+
+# The one place that says how the linkage fields read to a steward: every held-back reason (the review queue's
+# why, the workbench's queue and cluster pages) names fields through it, never by their column names.
+FIELD_WORDS: dict[str, FieldWords] = {
+    "credit_code": FieldWords("credit code", "credit codes"),
+    "branch": FieldWords("branch", "branches"),
+    "city": FieldWords("city", "cities"),
+    "province": FieldWords("province", "provinces"),
+    "district": FieldWords("district", "districts"),
+    "phones": FieldWords("phone", "phones", differ="no phone in common"),
+    "address_key": FieldWords("street address", "street addresses", lacking="complete street address"),
+    "email_domain": FieldWords("e-mail domain", "e-mail domains"),
+    "customer_id": FieldWords("customer", "customers"),
+    "mobile": FieldWords("mobile", "mobiles"),
+    "phone": FieldWords("phone", "phones"),
+    "email": FieldWords("e-mail", "e-mails"),
 }
+
+
+def field_words(name: str) -> FieldWords:
+    """How a linkage field reads to a steward (a field of a project's own rules: its name, spaced)."""
+    return FIELD_WORDS.get(name) or FieldWords(name.replace("_", " "), f"{name.replace('_', ' ')} values")
+
+
+def fields_in_words(names: Iterable[str]) -> str:
+    """Several fields' plural words joined by "or" ("credit codes or branches")."""
+    return " or ".join(field_words(name).many for name in names)
 
 
 def _alike_but_contradicted(
@@ -793,7 +834,8 @@ def _alike_but_contradicted(
     for column in spec.contradicted_by:
         if column not in frame.columns:
             continue
-        differs, field = CONTRADICTION_WORDS.get(column, (f"different {column}", column))
+        words = field_words(column)
+        differs, field = words.differing, words.missing
         values = frame[column].astype("string").str.strip().replace("", pd.NA)
         a, b = values.reindex(left).to_numpy(), values.reindex(right).to_numpy()
         for offset, (x, y) in enumerate(zip(a, b, strict=True)):
@@ -888,7 +930,7 @@ def coherent_clusters(
         if clash is not None:
             both = sorted(map(str, seen[ga][clash] | seen[gb][clash]))
             refused[ordered(pair)] = (
-                f"not merged: the cluster would hold two {clash} values ({', '.join(both)})"
+                f"not merged: the cluster would hold two {field_words(clash).many} ({', '.join(both)})"
             )
             continue
         small, large = sorted((members[ga], members[gb]), key=len)
@@ -1013,8 +1055,13 @@ def link(
         probability = probability.copy()
         probability[conflict] = probability[conflict] * CONFLICT_FACTOR
         band[conflict] = np.where(probability[conflict] >= spec.review, "review", "distinct")
-        for pair in band.index[conflict & (band == "review").to_numpy()]:
-            reasons[ordered(pair)] = "hard key conflict (" + ", ".join(spec.hard_keys) + ")"
+        held = conflict & (band == "review").to_numpy()
+        # the keys that conflict for each held pair, named in a steward's words
+        by_key = {key: hard_key_conflicts(frame, band.index, replace(spec, hard_keys=(key,)), hard)
+                  for key in spec.hard_keys}  # fmt: skip
+        for position in (int(p) for p in np.flatnonzero(held)):
+            keys = [key for key, differs in by_key.items() if differs[position]]
+            reasons[ordered(band.index[position])] = "hard key conflict: different " + fields_in_words(keys)
     if spec.merge_requires:
         required = [name for name in spec.merge_requires if name in features.columns]
         if required:

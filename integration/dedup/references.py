@@ -73,6 +73,7 @@ from integration.dedup.normalize import (
     trade_name,
 )
 from integration.dedup.online import NameIndex, query_record
+from integration.steward.audit import record_event
 
 # Industry words written two ways for one trade (in pinyin, as the name cores compare).
 INDUSTRY_SYNONYMS = {"jishu": "keji", "shangmao": "maoyi"}
@@ -1121,13 +1122,21 @@ def _deciding_run(session: Any, decision_id: int) -> str | None:
 
 
 def decide_reference(
-    engine: Engine, decision_id: int, *, record_id: int | None, steward: str, run_key: str, project: str
+    engine: Engine,
+    decision_id: int,
+    *,
+    record_id: int | None,
+    steward: str,
+    run_key: str,
+    project: str,
+    channel: str = "cli",
 ) -> ReferenceDecision:
     """Record a steward's decision on a held name: the record it names (``record_id``), or none at all.
 
     Linked, the rows naming it load on the next run (as every later row writing the name that way); with
     no record they are rejected from then on, with the steward's decision as the reason. Journaled in a
-    steward run of its own, so ``crmi rollback`` undoes it. It waits for another writer holding the core as a
+    steward run of its own, so ``crmi rollback`` undoes it; a link is audited on the record (``channel``:
+    where it was decided), its golden record page lists it. It waits for another writer holding the core as a
     merge does (:func:`share_edit_fence`: :class:`~crm_core.errors.SyncLoadWaitError` past its limit).
     """
     with session_factory(engine)() as session, session.begin():
@@ -1168,6 +1177,14 @@ def decide_reference(
         decision.target_id = record_id
         decision.decided_by = steward
         decision.decided_at = dt.datetime.now(dt.UTC)
+        if record_id is not None:  # on the record's golden record page, as the workbench's decisions are
+            record_event(
+                session.connection(), steward, "decide_reference", entity=decision.entity,
+                record_id=record_id,
+                summary=f"held name '{decision.name}' ({REFERENCE_PREFIX}{decision_id}) linked to this "
+                f"{decision.entity}: its {decision.rows_held} held row(s) load on the next run",
+                after={"reference": f"{REFERENCE_PREFIX}{decision_id}", "run": run_key}, channel=channel,
+            )  # fmt: skip
         run.status = "succeeded"
         run.finished_at = dt.datetime.now(dt.UTC)
         session.flush()

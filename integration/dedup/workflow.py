@@ -52,11 +52,14 @@ from integration.dedup.linkage import (
     LinkageSpec,
     among,
     coherent_clusters,
+    field_words,
+    fields_in_words,
     guard_clusters,
     link,
     ordered,
 )
 from integration.dedup.normalize import normalize_company_name
+from integration.steward.audit import record_decision
 
 
 @dataclass
@@ -394,19 +397,20 @@ def second_look_reason(
             problems.append("names alike but not the same")
     for key in spec.location_keys:
         a, b = (_known(records, record, key) for record in (left, right))
+        words = field_words(key)
         if a is None and b is None:
-            problems.append(f"no {key} on either side")
+            problems.append(f"no {words.one} on either side")
         elif a is None or b is None:
-            problems.append(f"{key} known on one side only ({a or b})")
+            problems.append(f"{words.one} known on one side only ({a or b})")
         elif a != b:
-            problems.append(f"different {key} ({a} / {b})")
+            problems.append(f"{words.differing} ({a} / {b})")
     if problems:
         return f"{SECOND_LOOK}: would merge at {probability:.2f}, but {', '.join(dict.fromkeys(problems))}"
     if held_cluster is not None:
         return (
             f"{SECOND_LOOK}: the same name in the same place, but the cluster of {held_cluster} records it "
-            f"would join is held (larger than {spec.max_cluster}, or two values of "
-            f"{', '.join(spec.hard_keys) or 'a hard key'})"
+            f"would join is held (larger than {spec.max_cluster}, or two "
+            f"{fields_in_words(spec.hard_keys) or 'values of a hard key'})"
         )
     return f"{SECOND_LOOK}: would merge at {probability:.2f}; only the same name in the same known place merges here"
 
@@ -903,6 +907,7 @@ def decide(
     project: str,
     source_priority: Sequence[str] = (),
     survivorship: Mapping[str, SurvivorshipRule] | None = None,
+    channel: str = "cli",
 ) -> MatchCandidate:
     """Record a steward's decision: merge the pair (same company) or mark it distinct (never proposed again).
 
@@ -910,6 +915,7 @@ def decide(
     (``source_priority`` and ``survivorship`` are the project's ``dedup.customer`` rules); it is
     :func:`decide_cluster` on a cluster of one pair, as the steward workbench decides whole clusters. It waits
     for a sync's inbound load that holds the core's records, as a CRM edit does (:func:`share_edit_fence`).
+    The decision's audit line (``channel``: where it was taken) commits with it.
     """
     with session_factory(engine)() as session, session.begin():
         share_edit_fence(session, "steward decision")
@@ -923,11 +929,21 @@ def decide(
         left, right = _active(session, model, candidate.left_id), _active(session, model, candidate.right_id)
         groups = [sorted({left, right})] if same or left == right else [[left], [right]]
         pair = PendingPair(candidate_id, left, right, candidate.probability)
-        decide_cluster(session, run, candidate.entity, [pair], groups, steward=steward,
-                       source_priority=source_priority, survivorship=survivorship)  # fmt: skip
+        decided = decide_cluster(session, run, candidate.entity, [pair], groups, steward=steward,
+                                 source_priority=source_priority, survivorship=survivorship)  # fmt: skip
         if not same:
             candidate.status = "distinct"  # two sides that are one record already: still "not the same"
         session.flush()
+        # audited as a workbench decision is, so the golden records' Audit lists show it (channel: CLI)
+        records = sorted({left, right})
+        main = decided.survivors[0] if decided.survivors else records[0]
+        record_decision(
+            session.connection(), steward, candidate.entity, main, records,
+            f"pair {candidate_id} {'merged' if same else 'marked different'} ({candidate.entity}s "
+            f"{' and '.join(map(str, records))})",
+            channel=channel, after={"verdict": "same" if same else "different", "merges": decided.merges,
+                                    "pairs": {str(k): v for k, v in decided.pairs.items()}, "run": run_key},
+        )  # fmt: skip
         session.refresh(candidate)
         run.status = "succeeded"
         run.finished_at = dt.datetime.now(dt.UTC)

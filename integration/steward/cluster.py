@@ -7,7 +7,9 @@ then the others in the order the project's rules rank them (``crm_core.merging.o
 
 What a merge would make of the cluster is computed with the same rules the merge applies — the survivor's
 values, blanks filled in rank order, a valid credit code never given up, survivorship rules on top — and
-tests check it against a real merge. A steward may pick another record's value per field.
+tests check it against a real merge. A steward may pick another record's value per field; values the
+project's normalization makes equal (上海 / 上海市) are one choice, in their most complete spelling, which a
+merge from the page keeps.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import datetime as dt
 import difflib
 import hashlib
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +37,9 @@ from crm_core.merging import (
 from crm_core.models import Base
 from crm_core.steward_models import CLAIMS, USERS
 from integration.dedup.customers import linkage_rows
-from integration.dedup.normalize import person_key
+from integration.dedup.normalize import person_key, phone_keys
 from integration.dedup.workflow import cluster_plan
+from integration.geo import city_of_name, place_of_region
 from integration.steward.errors import StewardError
 
 TABLES = Base.metadata.tables
@@ -363,6 +366,47 @@ _LINKAGE = ("name", "credit_code", "phone", "email", "city", "address", "provinc
             "credit_code_as_written")  # fmt: skip
 
 
+def _city(value: Any) -> Any:
+    return city_of_name(str(value)) or value
+
+
+def _province(value: Any) -> Any:
+    return place_of_region(str(value)).province or value
+
+
+def _phones(value: Any) -> Any:
+    return phone_keys(str(value)) or value
+
+
+def _email(value: Any) -> Any:
+    return str(value).strip().lower()
+
+
+# Fields whose values the project's normalization makes equal though written differently (上海 / 上海市,
+# 021-50001111 / +86 21 5000 1111): the cluster page offers them as one choice.
+SAME_VALUE: dict[str, Callable[[Any], Any]] = {
+    "city": _city,
+    "province": _province,
+    "phone": _phones,
+    "mobile": _phones,
+    "email": _email,
+}
+
+
+def same_values(name: str, values: Mapping[int, Any]) -> dict[int, list[int]]:
+    """Group records (in order) by their value of field ``name`` as the project's normalization sees it.
+
+    Returns, per distinct non-blank value, the record holding its most complete spelling (the longest;
+    the first in order among equals) -> every record holding that value, in order.
+    """
+    key_of = SAME_VALUE.get(name, lambda value: value)
+    groups: dict[Any, list[int]] = {}
+    for record_id, value in values.items():
+        if not _blank(value):
+            groups.setdefault(key_of(value), []).append(record_id)
+    return {max(ids, key=lambda i: (len(str(values[i])), -ids.index(i))): ids for ids in groups.values()}
+
+
 @dataclass
 class FieldRow:
     """One field across the cluster's records: values, whether they differ, the merge's default."""
@@ -372,7 +416,11 @@ class FieldRow:
     differs: bool
     default: Any
     default_record: int | None  # the record whose value the merge keeps (None: blank everywhere)
-    choices: list[int] = field(default_factory=list)  # records with a distinct, non-blank value
+    choices: list[int] = field(
+        default_factory=list
+    )  # a record per distinct value (its most complete spelling)
+    carriers: dict[int, list[int]] = field(default_factory=dict)  # choice -> the records holding that value
+    checked: int | None = None  # the choice the page starts from: the default value's most complete spelling
 
 
 @dataclass
@@ -420,16 +468,13 @@ def build_view(
         filled = [v for v in values if not _blank(v)]
         default = preview.get(name)
         default_record = next((i for i in order if rows[i][name] == default and not _blank(default)), None)
-        choices: list[int] = []
-        seen_values: list[Any] = []
-        for record_id in order:
-            value = rows[record_id][name]
-            if not _blank(value) and value not in seen_values:
-                seen_values.append(value)
-                choices.append(record_id)
+        carriers = same_values(name, {i: rows[i][name] for i in order})
+        checked = next((choice for choice, ids in carriers.items() if default_record in ids), None)
+        if checked is not None and checked != default_record:  # the page keeps the most complete spelling
+            preview[name] = rows[checked][name]
         if filled:  # a field blank on every record says nothing
-            fields.append(FieldRow(name, values, len({str(v) for v in filled}) > 1 or 0 < len(filled) < len(values),
-                                   default, default_record, choices))  # fmt: skip
+            fields.append(FieldRow(name, values, len(carriers) > 1 or 0 < len(filled) < len(values), default,
+                                   default_record, list(carriers), carriers, checked))  # fmt: skip
     crosswalk: dict[int, list[dict[str, Any]]] = defaultdict(list)
     keys = connection.execute(
         select(CROSSWALK.c.entity_id, CROSSWALK.c.system, CROSSWALK.c.external_key, CROSSWALK.c.match_method)

@@ -38,7 +38,7 @@ from crm_core.models import MatchCandidate, MergeLog
 from crm_core.runs import CoreBusy, lock_holder
 from integration.dedup import workflow
 from integration.dedup.workflow import PendingPair, chosen_values
-from integration.steward.audit import record_event
+from integration.steward.audit import record_decision, record_event, record_undo
 from integration.steward.cluster import FIELDS, Cluster, claim, find_cluster, release
 from integration.steward.errors import StewardError
 from integration.steward.security import Principal
@@ -215,17 +215,13 @@ def _decide(
         "different": f"marked {len(records)} {entity}s as different",
         "split": f"split {len(records)} {entity}s into {len(groups)} groups",
     }[verdict]
-    record_event(
-        connection, user.name, "decide", ip=ip, entity=entity, record_id=main, summary=words,
+    record_decision(
+        connection, user.name, entity, main, records, words, channel="web", ip=ip,
         before={"records": before, "pairs": sorted(statuses)},
         after={"verdict": verdict, "groups": groups, "merges": merge_ids, "pairs": statuses,
                "chosen": dict(chosen), "run": run.run_key,
                "golden": {str(i): {k: to_json(v) for k, v in row.items()} for i, row in after_rows.items()}},
     )  # fmt: skip
-    for other in records:
-        if other != main:
-            record_event(connection, user.name, "decide_member", ip=ip, entity=entity, record_id=other,
-                         summary=f"{words} (pair of {main})")  # fmt: skip
     release(connection, entity, cluster.claim_ids, user.user_id)
     return Outcome(entity, verdict, merge_ids, survivors, groups, statuses)
 
@@ -263,16 +259,7 @@ def undo(engine: Engine, merge_id: int, user: Principal, ip: str | None = None) 
                         status=403,
                     )
                 log = undo_merge(session, merge_id, user.name)
-                record_event(
-                    session.connection(), user.name, "undo", ip=ip, entity=log.entity, record_id=log.survivor_id,
-                    summary=f"undid merge {merge_id}: {log.entity} {log.merged_id} is separate from "
-                    f"{log.survivor_id} again",
-                    before={"merge": merge_id, "survivor_id": log.survivor_id, "merged_id": log.merged_id,
-                            "decided_by": log.decided_by},
-                    after={"undone_at": to_json(log.undone_at), "pair": "distinct"},
-                )  # fmt: skip
-                record_event(session.connection(), user.name, "undo_member", ip=ip, entity=log.entity,
-                             record_id=log.merged_id, summary=f"undid merge {merge_id} (merged record)")  # fmt: skip
+                record_undo(session.connection(), user.name, log, channel="web", ip=ip)
                 session.expunge(log)
                 return log
         except SyncLoadWaitError as exc:

@@ -1,5 +1,6 @@
 """The golden record page: a record, every source record merged into it, its crosswalk keys, what hangs off
-it (contacts, opportunities, orders) and its history (merges and undos, who and when). A few set queries."""
+it (contacts, opportunities, orders) and its history (merges and undos; every decision on it, who, when and
+through which channel: workbench, sheet or CLI). A few set queries."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from sqlalchemy import Connection, func, or_, select
 from crm_core.merging import MODEL_OF, table_of
 from crm_core.models import Base
 from crm_core.steward_models import AUDIT
+from integration.steward.audit import channel_of
 from integration.steward.cluster import FIELDS, active_ids
 from integration.steward.errors import StewardError
 
@@ -87,14 +89,14 @@ def golden_view(connection: Connection, entity: str, record_id: int) -> GoldenVi
         ).mappings()
     ]
     audit = [
-        dict(r)
+        {**r, "channel": channel_of(r["after"])}
         for r in connection.execute(
-            select(AUDIT.c.at, AUDIT.c.actor, AUDIT.c.action, AUDIT.c.summary, AUDIT.c.ip)
+            select(AUDIT.c.at, AUDIT.c.actor, AUDIT.c.action, AUDIT.c.summary, AUDIT.c.ip, AUDIT.c.after)
             .where(AUDIT.c.entity == entity, AUDIT.c.record_id.in_(everyone))
             .order_by(AUDIT.c.id.desc())
             .limit(SHOWN)
         ).mappings()
-    ]
+    ]  # every channel's decisions: the workbench, its sheet import, the CLI
     mc = TABLES["match_candidates"]
     pending = [
         dict(r)

@@ -42,7 +42,7 @@ from crm_core.models import Base, Customer, MatchCandidate
 from integration.dedup.contacts import dedup_after_steward_merge
 from integration.dedup.workflow import close_standing_pairs, cluster_plan
 from integration.reports import escape_formula
-from integration.steward.audit import record_event
+from integration.steward.audit import record_decision
 from integration.steward.cluster import Pair, active_ids, claim, explain_pair, holders, release
 from integration.steward.decisions import Rules, holding_the_core, waited
 from integration.steward.errors import StewardError
@@ -313,10 +313,10 @@ def _check_and_apply(
         candidate.decided_at = now
         closed = close_standing_pairs(session, entity, standing, group_of, user.name, now, {pair_id})
         session.flush()
-        record_event(
-            connection, user.name, "decide", ip=ip, entity=entity, record_id=main,
-            summary=f"sheet row {number}: pair {pair_id} {'merged' if decision == 'same' else 'marked different'}",
-            before={"records": before, "pairs": [pair_id]},
+        record_decision(
+            connection, user.name, entity, main, active,
+            f"sheet row {number}: pair {pair_id} {'merged' if decision == 'same' else 'marked different'}",
+            channel="sheet", ip=ip, before={"records": before, "pairs": [pair_id]},
             after={"verdict": decision, "merges": merges,
                    "pairs": {str(pair_id): candidate.status, **{str(i): st for i, st in closed.items()}},
                    "run": run.run_key, "sheet_row": number},
