@@ -1916,7 +1916,8 @@ def dedup_undo(
     from crm_core.db import session_factory
     from crm_core.edits import share_edit_fence
     from crm_core.errors import DedupError
-    from crm_core.merging import undo_merge
+    from crm_core.merging import following_contact_merges, undo_merge
+    from crm_core.models import MergeLog
 
     with (
         _core_engine(core) as engine,
@@ -1926,12 +1927,19 @@ def dedup_undo(
         try:
             with session.begin():
                 share_edit_fence(session, "undo of a merge")
+                found = session.get(MergeLog, merge_id)
+                followers = [m.id for m in following_contact_merges(session, found)] if found else []
                 log = undo_merge(session, merge_id, steward)
         except DedupError as exc:
             errors.print(f"[red]refused:[/red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(EXIT_FAILED) from None
         console.print(
             f"merge {merge_id} undone: {log.entity} {log.merged_id} is separate from {log.survivor_id} again"
+            + (
+                f"; contact merge(s) {', '.join(map(str, sorted(followers)))} that followed from it undone first"
+                if followers
+                else ""
+            )
         )
 
 
