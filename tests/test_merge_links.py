@@ -177,3 +177,29 @@ def test_the_links_migration_backfills_the_steward_contact_merges_from_their_rea
         engine, "steward-1"
     )  # the backfilled links are journaled in the merge's run: they go with it
     assert links(engine) == set()
+
+
+def test_the_links_migration_links_automatic_contact_merges_made_before_it_from_the_journal(
+    core_url: str,
+) -> None:
+    # 周敏 of two customers merged into a third, 李娜 twice under one customer: merged by an older toolkit,
+    # whose undo of either customer merge left 周敏 merged across two customers.
+    engine = planted(core_url, {HEAD: ["李娜", "李 娜"], MERGE: ["周敏"], DUP: ["周敏"]})
+    before = snapshot(engine)
+    merges = auto_merge(engine, [HEAD, MERGE, DUP])
+    written = links(engine)
+    (zhou,) = (
+        i for i, m in contact_merges(engine).items() if m.merged_id in planted_contacts(engine, "周敏")
+    )
+    assert written == {(zhou, merge) for merge in merges}  # 李娜's merge follows from none
+
+    command.downgrade(alembic_config(engine), "0015")
+    upgrade(engine)
+    assert links(engine) == written
+    undo(engine, merges[1])
+    assert all(row["merged_into_id"] is None for row in planted_contacts(engine, "周敏").values())
+    undo(engine, merges[0])
+    li = planted_contacts(engine, "李娜")
+    (li_merge,) = (i for i, m in contact_merges(engine).items() if m.undone_at is None and m.merged_id in li)
+    undo(engine, li_merge)
+    assert snapshot(engine) == before
