@@ -37,10 +37,11 @@ from crm_core.journal import (
     ids_in,
     insert_entry,
     read_rows,
+    row_key,
     update_entry,
     write_journal,
 )
-from crm_core.models import Base, Contact, Customer, LoadRun, MatchCandidate, MergeLog, RowChange
+from crm_core.models import Base, Contact, Customer, LoadRun, MatchCandidate, MergeLink, MergeLog, RowChange
 from crm_core.runs import ACTIVE, PARTIAL, replay
 
 _SKIPPED = frozenset({"id", "merged_into_id", "created_run_id", "updated_run_id", "created_at", "updated_at"})
@@ -58,15 +59,16 @@ CONTACT_COMPLETENESS = ("mobile", "phone", "email", "title", "department")
 # Columns every merge touches on a shared survivor: a later change to them is no conflict for an undo.
 _BOOKKEEPING = frozenset({"updated_at", "updated_run_id"})
 # The reason of the contact merges a steward's customer merge makes in its transaction (the contacts of the golden
-# customer deduplicated), followed by the customer merge ids: undoing one of those undoes these contact merges.
+# customer deduplicated), followed by the customer merge ids. For people only: what undoes a contact merge with
+# a customer merge is its row in ``merge_links`` (:func:`following_contact_merges`).
 CONTACTS_AFTER = "same person under one customer after customer merge "
 CHUNK = 1000  # ids per IN list: far below SQLite's and PostgreSQL's bind-parameter limits
 BATCH_RECORDS = 5000  # records (survivors and merged) merged per batch of clusters
 
 T = TypeVar("T")
 _TABLES = Base.metadata.tables
-_XW, _LOG, _JOURNAL, _CANDIDATES = (
-    _TABLES[n] for n in ("external_ids", "merge_log", "row_changes", "match_candidates")
+_XW, _LOG, _JOURNAL, _CANDIDATES, _LINKS = (
+    _TABLES[n] for n in ("external_ids", "merge_log", "row_changes", "match_candidates", "merge_links")
 )
 
 
@@ -393,6 +395,15 @@ def merge_plans(
     ]  # fmt: skip
     log_ids = bulk_insert(connection, log_table, log_rows, return_ids=True)
     touched.journal.extend(insert_entry(run.id, log_table, {"id": log_id}) for log_id in log_ids)
+    if model is Contact:
+        pairs = [(plan.survivor_id, merged_id) for plan in plans for merged_id in plan.merged_ids]
+        following = customer_merges_between(connection, pairs)
+        links = [
+            {"merge_id": log_id, "follows_merge_id": follows}
+            for log_id, pair in zip(log_ids, pairs, strict=True) for follows in sorted(following[pair])
+        ]  # fmt: skip
+        bulk_insert(connection, _LINKS, links)
+        touched.journal.extend(insert_entry(run.id, _LINKS, link) for link in links)
 
     fill = [c.name for c in table.columns if c.name not in _SKIPPED | {"parent_id", "customer_id"}]
     numbers = iter(log_ids)
@@ -476,9 +487,9 @@ def undo_merge(session: Session, log_id: int, decided_by: str) -> MergeLog:
     change. Bookkeeping columns (``updated_at``, ``updated_run_id``) a later change rewrote stay as they
     are, and that change's journal entry now restores them past this merge, so rolling back the later run
     stays exact. The pair is then marked ``distinct`` (a steward said these are different) and not proposed
-    again. The contact merges a steward's customer merge made of the golden customer's contacts
-    (:func:`following_contact_merges`) are undone with it, first, so both contacts come back as they were; their
-    contact pairs keep their ``merged`` status (the same person, now under two customers again).
+    again. The contact merges that follow from a customer merge (:func:`following_contact_merges`: automatic or
+    steward's, in this run or a later one) are undone with it, first, so the contacts come back as they were;
+    their contact pairs keep their ``merged`` status (the same person, now under two customers again).
     """
     log = session.get(MergeLog, log_id)
     if log is None:
@@ -512,15 +523,49 @@ def undo_merge(session: Session, log_id: int, decided_by: str) -> MergeLog:
 
 
 def following_contact_merges(session: Session, log: MergeLog) -> list[MergeLog]:
-    """The contact merges (not undone, newest first) that deduplicated the golden customer's contacts in the
-    transaction of customer merge ``log`` (a steward's merge): undoing that merge undoes them first."""
-    candidates = session.scalars(
-        select(MergeLog).where(
-            MergeLog.entity == "contact", MergeLog.load_run_id == log.load_run_id, MergeLog.undone_at.is_(None),
-            MergeLog.reason.startswith(CONTACTS_AFTER), MergeLog.id > log.id,
-        ).order_by(MergeLog.id.desc())
-    ).all()  # fmt: skip
-    return [m for m in candidates if str(log.id) in m.reason.removeprefix(CONTACTS_AFTER).split(", ")]
+    """The contact merges (not undone, newest first) that follow from customer merge ``log`` (``merge_links``):
+    undoing that merge undoes them first."""
+    return list(
+        session.scalars(
+            select(MergeLog)
+            .join(MergeLink, MergeLink.merge_id == MergeLog.id)
+            .where(MergeLink.follows_merge_id == log.id, MergeLog.undone_at.is_(None))
+            .order_by(MergeLog.id.desc())
+        )
+    )
+
+
+def customer_merges_between(
+    connection: Connection, pairs: Sequence[tuple[int, int]]
+) -> dict[tuple[int, int], set[int]]:
+    """Map pairs of contacts under one customer to the customer merges (not undone) that brought one of the two
+    under it and not the other: undoing any of those puts them under two customers again.
+
+    A customer merge re-points the merged customer's contacts and journals each with its ``merge_id``; what
+    moved both contacts (a later merge of their shared customer) keeps them together and is left out.
+    """
+    contacts = sorted({contact for pair in pairs for contact in pair})
+    table = table_of(Contact)
+    keys = {row_key(table, {"id": contact}): contact for contact in contacts}
+    moves: list[tuple[int, int]] = []
+    for key_part in chunks(sorted(keys)):
+        query = select(_JOURNAL.c.row_key, _JOURNAL.c.merge_id, _JOURNAL.c.after).where(
+            _JOURNAL.c.table_name == table.name, ids_in(connection, _JOURNAL.c.row_key, key_part),
+            _JOURNAL.c.merge_id.is_not(None),
+        )  # fmt: skip
+        moves.extend((keys[key], int(merge)) for key, merge, after in connection.execute(query)
+                     if after and "customer_id" in after)  # fmt: skip
+    customer_merges: set[int] = set()
+    for part in id_parts(connection, sorted({merge for _, merge in moves})):
+        customer_merges.update(int(i) for i in connection.scalars(
+            select(_LOG.c.id).where(ids_in(connection, _LOG.c.id, part), _LOG.c.entity == "customer",
+                                    _LOG.c.undone_at.is_(None))
+        ))  # fmt: skip
+    moved: dict[int, set[int]] = defaultdict(set)
+    for contact, merge in moves:
+        if merge in customer_merges:
+            moved[contact].add(merge)
+    return {(a, b): moved[a] ^ moved[b] for a, b in pairs}
 
 
 def contacts_after(customer_merges: Sequence[int]) -> str:

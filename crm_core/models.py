@@ -477,6 +477,17 @@ class MergeLog(Base):
     undone_at: Mapped[dt.datetime | None]
 
 
+class MergeLink(Base):
+    """A contact merge that follows from a customer merge: the customer merge brought one of the two contacts,
+    not the other, under the customer they share. Undoing the customer merge undoes the contact merge first
+    (a contact merge joining the contacts of two merged customers follows from both customer merges)."""
+
+    __tablename__ = "merge_links"
+
+    merge_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)  # the contact merge
+    follows_merge_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False, index=True)
+
+
 class ReferenceDecision(Base):
     """A name source rows give for a record (an opportunity's customer) that resolved to no single record.
 

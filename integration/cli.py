@@ -2002,7 +2002,8 @@ def dedup_undo(
     from crm_core.db import session_factory
     from crm_core.edits import share_edit_fence
     from crm_core.errors import DedupError
-    from crm_core.merging import undo_merge
+    from crm_core.merging import following_contact_merges, undo_merge
+    from crm_core.models import MergeLog
     from integration.steward.audit import record_undo
 
     with (
@@ -2013,6 +2014,8 @@ def dedup_undo(
         try:
             with session.begin():
                 share_edit_fence(session, "undo of a merge")
+                found = session.get(MergeLog, merge_id)
+                followers = [m.id for m in following_contact_merges(session, found)] if found else []
                 log = undo_merge(session, merge_id, steward)
                 # audited as the workbench's undo is: the golden records' Audit lists show it
                 record_undo(session.connection(), steward, log, channel="cli")
@@ -2021,6 +2024,11 @@ def dedup_undo(
             raise typer.Exit(EXIT_FAILED) from None
         console.print(
             f"merge {merge_id} undone: {log.entity} {log.merged_id} is separate from {log.survivor_id} again"
+            + (
+                f"; contact merge(s) {', '.join(map(str, sorted(followers)))} that followed from it undone first"
+                if followers
+                else ""
+            )
         )
 
 

@@ -43,8 +43,8 @@ from tests.test_dedup_workflow import seed_tengda_cluster
 
 VALID_CODE = "91440300708461136T"
 INVALID_CODE = "91440300708461136X"
-# Journal and dedup bookkeeping: an undo marks its pair distinct and stamps the merge log on purpose.
-BOOKKEEPING = {"load_runs", "rejects", "row_changes", "merge_log", "match_candidates"}
+# Journal and dedup bookkeeping: an undo marks its pair distinct, stamps the merge log (links kept) on purpose.
+BOOKKEEPING = {"load_runs", "rejects", "row_changes", "merge_log", "merge_links", "match_candidates"}
 
 
 def snapshot(engine: sa.Engine) -> dict[str, list[tuple[Any, ...]]]:

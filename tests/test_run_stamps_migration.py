@@ -130,11 +130,11 @@ def run_stamp_fks(tables: dict[str, dict[str, Any]]) -> set[tuple[str, str]]:
 
 def contents(engine: sa.Engine, of: dict[str, dict[str, Any]] | None = None) -> dict[str, list[str]]:
     """Every row of every table but alembic_version as stored (PostgreSQL's row text, SQLite's typed values);
-    with ``of`` (a :func:`schema`), only the columns that schema has (those of an earlier revision)."""
+    with ``of`` (a :func:`schema`), only the tables and columns that schema has (those of an earlier revision)."""
     out: dict[str, list[str]] = {}
     with engine.connect() as connection:
         for table in sa.inspect(engine).get_table_names():
-            if table == "alembic_version":
+            if table == "alembic_version" or (of is not None and table not in of):
                 continue
             columns = "*" if of is None else ", ".join(f'"{c[0]}"' for c in of[table]["columns"])
             if engine.dialect.name == "postgresql":

@@ -5,7 +5,9 @@ After customers merge, their contacts sit under one golden customer and often re
 customer is a hard key: two customers' contacts never merge), compared on the person's name, mobile,
 phone and e-mail, scored by the same ECM classifier and banded like customers; sure clusters merge
 into the most complete contact (``crm_core.merging.order_members``, which steward merges use too), the
-rest wait in the review queue (entity ``contact``).
+rest wait in the review queue (entity ``contact``). A contact merge that joins contacts a customer merge brought
+under one customer is linked to that merge (``merge_links``, written by ``crm_core.merging.merge_plans``):
+undoing the customer merge undoes the contact merge first.
 """
 
 from __future__ import annotations
@@ -130,8 +132,9 @@ def dedup_after_steward_merge(
 
     The contacts are linked and merged as the automatic contact dedup does (the same spec, classifier,
     bands, candidates and survivor), limited to the customers these merges kept. Each contact merge's reason
-    names the customer merges it follows from (``crm_core.merging.contacts_after``), so undoing one of those
-    undoes it too (``crm_core.merging.undo_merge``). Returns the contact merges' ids.
+    names these customer merges (``crm_core.merging.contacts_after``, for people); ``merge_links`` ties it to
+    the ones it follows from, as for every contact merge, so undoing one of those undoes it too
+    (``crm_core.merging.undo_merge``). Returns the contact merges' ids.
     """
     if not customer_merges:
         return []
