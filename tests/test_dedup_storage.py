@@ -44,7 +44,16 @@ from tests.test_dedup_workflow import seed_tengda_cluster
 VALID_CODE = "91440300708461136T"
 INVALID_CODE = "91440300708461136X"
 # Journal and dedup bookkeeping: an undo marks its pair distinct, stamps the merge log (links kept) on purpose.
-BOOKKEEPING = {"load_runs", "rejects", "row_changes", "merge_log", "merge_links", "match_candidates"}
+# the steward audit log is append-only: it records the decision and its undo, and keeps both
+BOOKKEEPING = {
+    "load_runs",
+    "rejects",
+    "row_changes",
+    "merge_log",
+    "merge_links",
+    "match_candidates",
+    "steward_audit",
+}
 
 
 def snapshot(engine: sa.Engine) -> dict[str, list[tuple[Any, ...]]]:

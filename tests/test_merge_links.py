@@ -104,7 +104,10 @@ def test_undoing_an_automatic_customer_merge_undoes_the_contact_merges_that_join
     rollback_run(engine, "dedup-1")  # the run still rolls back: its merge log and links go
     with engine.begin() as connection:  # the undo's "distinct" customer pair is a steward's, not the run's
         connection.execute(sa.delete(MatchCandidate).where(MatchCandidate.entity == "customer"))
-    assert content(engine) == whole
+    audited = {"steward_audit"}  # the undo's audit lines stay: the log is append-only
+    assert {k: v for k, v in content(engine).items() if k not in audited} == {
+        k: v for k, v in whole.items() if k not in audited
+    }
 
 
 @pytest.mark.parametrize("first", [0, 1], ids=["first-merge-first", "second-merge-first"])
