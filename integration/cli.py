@@ -2359,11 +2359,12 @@ def sync_retry(
     """Queue dead letters again; the next outbound run sends them. A record changed since its dead letter was
     built is sent as it is now; an unchanged one is resent with its trade id (applied once)."""
     from sqlalchemy import func, select
+    from sqlalchemy.orm import aliased
 
     from crm_core.db import session_factory
     from crm_core.models import SyncOutbox
     from integration.sync.engine import target_of
-    from integration.sync.outbox import retry_dead
+    from integration.sync.outbox import ASK_NEXT_SYNC, retry_dead
 
     migration = _migration_or_exit(project)
     if target is not None and target not in migration.project.sync:
@@ -2383,9 +2384,16 @@ def sync_retry(
         session.begin(),
     ):
         count = retry_dead(session, target, ids or [], targets=targets)
+        later = aliased(SyncOutbox)
+        asking = select(later.id).where(  # an add in doubt: the next sync asks the target, then sends
+            later.target == SyncOutbox.target, later.entity == SyncOutbox.entity,
+            later.entity_id == SyncOutbox.entity_id, later.status == "waiting",
+            later.last_error.like(f"{ASK_NEXT_SYNC} %"),
+        )  # fmt: skip
         left = session.scalar(
             select(func.count()).where(
                 SyncOutbox.status == "dead",
+                ~asking.exists(),
                 *([SyncOutbox.target == target] if target else []),
                 *([SyncOutbox.id.in_(ids)] if ids else []),
             )

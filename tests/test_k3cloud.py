@@ -675,3 +675,41 @@ def test_ten_thousand_receivables_sum_to_the_fen(finance: tuple[K3Api, Path], co
         ours = reconcile(session)["totals"]["invoiced"]
         rows = [Decimal(str(v)) for v in session.scalars(sa.select(Receivable.amount))]
     assert theirs == sum(amounts) and sum(rows) == theirs and Decimal(ours) == theirs
+
+
+def test_a_saved_add_whose_answer_was_lost_is_edited_when_a_newer_document_supersedes_it(
+    k3: tuple[str, K3Api], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """K3Cloud saved the add, the answer never came (its only try: a dead letter in doubt); the record is then
+    edited: the next run finds K3Cloud's customer by our key and saves the edit into it, nothing twice."""
+    url, api = k3
+    for name, value in (
+        ("K3_URL", url),
+        ("K3_ACCT_ID", ACCT_ID),
+        ("K3_USERNAME", USERNAME),
+        ("K3_PASSWORD", PASSWORD),
+    ):
+        monkeypatch.setenv(name, value)
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "examples" / "k3cloud" / "mappings", project / "mappings")
+    (project / "project.yaml").write_text(
+        PROJECT.replace("max_attempts: 3", "max_attempts: 1"), encoding="utf-8"
+    )
+    sync(project, core)
+    customer = create_record(core, "customer", {"name": "杭州应答丢失有限公司"})
+    api.faults.append("drop")
+    assert sync(project, core, "outbound").delivery.dead_letters == 1
+    edit_record(core, "customer", customer, {"name": "杭州应答丢失（新）有限公司"})
+    report = sync(project, core, "outbound")
+    assert (report.delivery.applied, report.delivery.dead_letters) == (1, 0), report.delivery
+    with api.engine.connect() as conn:
+        [(number, name)] = conn.execute(sa.text('SELECT "FNumber", "FName" FROM "T_BD_CUSTOMER"')).all()
+    assert name == "杭州应答丢失（新）有限公司"
+    with session_factory(core)() as session:
+        assert session.get(Customer, customer).erp_code == number  # type: ignore[union-attr]
+        keys = session.scalars(sa.select(ExternalId.external_key).where(ExternalId.system == "k3")).all()
+        assert keys == [number]
+        rows = session.scalars(sa.select(SyncOutbox).order_by(SyncOutbox.id)).all()
+        assert [r.status for r in rows] == ["superseded", "done"]
+        assert f"finance had applied it as {number}" in (rows[0].last_error or "")
+        assert rows[1].payload["FNumber"] == number

@@ -863,3 +863,171 @@ def test_a_dead_letter_of_a_change_set_back_is_superseded_with_nothing_to_send(
     assert sync(project, core, "outbound").delivery.sent == 0
     [(_id, status, why, _payload)] = outbox_rows(core, record.id)
     assert status == "superseded" and why.startswith("superseded: u8 holds the record as it is now"), why
+
+
+NO_OUR_KEY = CUSTOMER.replace("            self_define1: id\n", "")  # U8 is told nothing of the CRM's id
+
+
+def dead_in_doubt(running: Any, core: sa.Engine, fault: str) -> tuple[int, int]:
+    """A new customer whose add dies on transport (no answer, its only try): (record id, dead letter id)."""
+    api, project, _url = running
+    sync(project, core)
+    record_id = create_record(core, "customer", {"name": "应答丢失贸易有限公司", "phone": "+862088001100"})
+    api.faults.append(fault)
+    report = sync(project, core, "outbound")
+    assert report.delivery.dead_letters == 1, report.delivery
+    [(dead_id, status, why, _payload)] = outbox_rows(core, record_id)
+    assert status == "dead" and "gave up after 1 tries" in why, why
+    return record_id, dead_id
+
+
+def u8_customers_named(url: str, *names: str) -> list[Any]:
+    rows = u8_rows(url, 'SELECT "cCusCode", "cCusName", "cCusPhone" FROM "Customer"')
+    return [row for row in rows if row[1] in names]
+
+
+def crm_codes(engine: sa.Engine, record_id: int) -> tuple[str | None, list[str]]:
+    """The record's erp_code and its U8 keys in the crosswalk."""
+    with session_factory(engine)() as session:
+        customer = session.get(Customer, record_id)
+        assert customer is not None
+        keys = session.scalars(
+            sa.select(ExternalId.external_key).where(
+                ExternalId.entity == "customer",
+                ExternalId.entity_id == record_id,
+                ExternalId.system == "erp_u8",
+            )
+        ).all()
+        return customer.erp_code, list(keys)
+
+
+@pytest.mark.parametrize("section", [CUSTOMER, NO_OUR_KEY], ids=["our-key-in-u8", "no-key-of-ours"])
+def test_an_add_u8_applied_without_answering_is_edited_when_a_newer_document_supersedes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine, section: str
+) -> None:
+    """U8 applied the add but the answer was lost (dead letter in doubt); the record is then edited in the CRM:
+    the next run finds U8's customer, links it and sends the edit, instead of a second add."""
+    with running_u8(tmp_path, monkeypatch, sync_yaml(section, max_attempts=1)) as running:
+        _api, project, url = running
+        record_id, dead_id = dead_in_doubt(running, core, "drop")
+        [(code, _name, _phone)] = u8_customers_named(url, "应答丢失贸易有限公司")  # U8 took it
+        edit_record(
+            core, "customer", record_id, {"name": "应答丢失贸易（华南）有限公司", "phone": "+862088001199"}
+        )
+        report = sync(project, core, "outbound")
+        assert (report.delivery.applied, report.delivery.dead_letters) == (1, 0), report.delivery
+        assert u8_customers_named(url, "应答丢失贸易有限公司", "应答丢失贸易（华南）有限公司") == [
+            (code, "应答丢失贸易（华南）有限公司", "+862088001199")
+        ]
+        assert crm_codes(core, record_id) == (code, [code])
+        [old, new] = outbox_rows(core, record_id)
+        assert (old.id, old.status, new.status) == (dead_id, "superseded", "done")
+        assert f"superseded by outbox row {new.id}" in old.last_error and code in old.last_error, (
+            old.last_error
+        )
+        assert "code" in new.payload and new.payload["code"] == code  # sent as an edit of U8's customer
+        again = sync(project, core)
+        assert again.delivery.sent == 0 and again.conflicts_waiting == 0
+
+
+def test_an_add_u8_never_took_is_added_when_a_newer_document_supersedes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """The connection reset before U8 took the add: U8 holds no such customer, so the record is added as it is
+    now, once."""
+    with running_u8(tmp_path, monkeypatch, sync_yaml(CUSTOMER, max_attempts=1)) as running:
+        _api, project, url = running
+        record_id, dead_id = dead_in_doubt(running, core, "reset")
+        assert u8_customers_named(url, "应答丢失贸易有限公司") == []
+        edit_record(core, "customer", record_id, {"name": "应答丢失贸易（华南）有限公司"})
+        report = sync(project, core, "outbound")
+        assert (report.delivery.applied, report.delivery.dead_letters) == (1, 0), report.delivery
+        [(code, name, _phone)] = u8_customers_named(
+            url, "应答丢失贸易有限公司", "应答丢失贸易（华南）有限公司"
+        )
+        assert name == "应答丢失贸易（华南）有限公司" and crm_codes(core, record_id) == (code, [code])
+        [old, new] = outbox_rows(core, record_id)
+        assert (old.id, old.status, new.status) == (dead_id, "superseded", "done")
+        assert new.payload.get("code") is None  # an add, as before
+
+
+def test_retry_of_an_add_in_doubt_whose_record_changed_edits_what_u8_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """`crmi sync retry` of a dead letter in doubt, the record fixed in the CRM since: one customer in U8, edited."""
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    with running_u8(tmp_path, monkeypatch, sync_yaml(CUSTOMER, max_attempts=1)) as running:
+        _api, project, url = running
+        record_id, dead_id = dead_in_doubt(running, core, "drop")
+        [(code, _name, _phone)] = u8_customers_named(url, "应答丢失贸易有限公司")
+        edit_record(core, "customer", record_id, {"name": "应答丢失贸易（华南）有限公司"})
+        cli = ["--project", str(project), "--core-url", core.url.render_as_string(hide_password=False)]
+        retried = CliRunner().invoke(app, ["sync", "retry", *cli])
+        assert retried.exit_code == 0, retried.output
+        assert "1 dead letter(s) queued again" in retried.output and "left" not in retried.output
+        report = sync(project, core, "outbound")
+        assert report.delivery.dead_letters == 0, report.delivery
+        assert u8_customers_named(url, "应答丢失贸易有限公司", "应答丢失贸易（华南）有限公司") == [
+            (code, "应答丢失贸易（华南）有限公司", "+862088001100")
+        ]
+        assert crm_codes(core, record_id) == (code, [code])
+        [dead, asked, edit] = outbox_rows(core, record_id)  # the retry's row waited for the sync to ask U8
+        assert dead.id == dead_id and (dead.status, asked.status, edit.status) == (
+            "superseded",
+            "superseded",
+            "done",
+        )
+        assert f"superseded by outbox row {edit.id}" in dead.last_error and code in dead.last_error
+        assert edit.payload["code"] == code
+
+
+def test_an_add_still_to_be_resent_is_answered_before_the_records_newer_document_goes_out(
+    u8: Any, core: sa.Engine
+) -> None:
+    """The add's answer was lost, its retry still due; the record is edited meanwhile: the resend (same trade
+    id) brings U8's code back and the newer document goes out as an edit of that customer, in the same run."""
+    api, project, url = u8
+    sync(project, core)
+    record_id = create_record(core, "customer", {"name": "应答丢失贸易有限公司"})
+    api.faults.append("drop")
+    assert sync(project, core, "outbound").delivery.retries == 1
+    [(code, _name, _phone)] = u8_customers_named(url, "应答丢失贸易有限公司")
+    edit_record(core, "customer", record_id, {"name": "应答丢失贸易（华南）有限公司"})
+    report = sync(project, core, "outbound")
+    assert (report.delivery.applied, report.delivery.dead_letters) == (2, 0), report.delivery
+    assert u8_customers_named(url, "应答丢失贸易有限公司", "应答丢失贸易（华南）有限公司") == [
+        (code, "应答丢失贸易（华南）有限公司", None)
+    ]
+    assert crm_codes(core, record_id) == (code, [code])
+    [add, waited, edit] = outbox_rows(core, record_id)
+    assert (add.status, waited.status, edit.status) == ("done", "superseded", "done")
+    assert waited.last_error == f"waits for outbox row {add.id}, its add sent before, to be answered"
+    assert edit.payload["code"] == code
+
+
+def test_while_u8_cannot_say_whether_it_applied_the_add_the_newer_document_waits_and_the_dead_letter_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """U8 is down when the sync would ask it: nothing is sent (an add might duplicate), the reason is shown, and
+    the next sync asks again and sends the edit."""
+    with running_u8(tmp_path, monkeypatch, sync_yaml(CUSTOMER, max_attempts=1)) as running:
+        api, project, url = running
+        record_id, dead_id = dead_in_doubt(running, core, "drop")
+        edit_record(core, "customer", record_id, {"name": "应答丢失贸易（华南）有限公司"})
+        api.faults.append("503")  # the lookup's first request
+        report = sync(project, core, "outbound")
+        assert (report.delivery.sent, report.capture.waiting) == (0, 1), report.as_dict()
+        [dead, waiting] = outbox_rows(core, record_id)
+        assert (dead.id, dead.status, waiting.status) == (dead_id, "dead", "waiting")
+        assert waiting.last_error.startswith(f"waits until u8 says whether it applied outbox row {dead_id}")
+        assert "HTTP 503" in waiting.last_error, waiting.last_error
+        report = sync(project, core, "outbound")
+        assert (report.delivery.applied, report.delivery.dead_letters) == (1, 0), report.delivery
+        [(code, name, _phone)] = u8_customers_named(
+            url, "应答丢失贸易有限公司", "应答丢失贸易（华南）有限公司"
+        )
+        assert name == "应答丢失贸易（华南）有限公司" and crm_codes(core, record_id) == (code, [code])
+        assert [r.status for r in outbox_rows(core, record_id)] == ["superseded", "superseded", "done"]

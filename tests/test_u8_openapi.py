@@ -358,6 +358,22 @@ def test_a_timed_out_write_resent_with_its_trade_id_is_applied_once(u8: tuple[st
         assert sorted(r["cCusName"] for r in customers(api).values()) == ["超时二号", "超时公司"]
 
 
+@pytest.mark.parametrize(("fault", "applied"), [("drop", True), ("reset", False)])
+def test_a_write_whose_connection_is_lost_is_a_retry_applied_or_not(
+    client: U8Client, u8: tuple[str, U8Api], fault: str, applied: bool
+) -> None:
+    """``drop``: U8 applied the add and the answer never came; ``reset``: it never took it. The client cannot
+    tell them apart (both ``retry``); the faults wait for the write, not the token or trade id requests."""
+    api = u8[1]
+    api.faults.append(fault)
+    deliveries = customer_adds(client, {"name": "断线公司"})
+    [outcome] = client.deliver(deliveries)
+    assert outcome.status == "retry" and outcome.message and "unreachable" in outcome.message
+    assert len(customers(api)) == (1 if applied else 0)
+    [again] = client.deliver(deliveries)  # the same trade id: applied once either way
+    assert again.status == "applied" and len(customers(api)) == 1
+
+
 def test_an_expired_token_is_renewed_once_and_the_write_resent(
     u8: tuple[str, U8Api], client: U8Client
 ) -> None:

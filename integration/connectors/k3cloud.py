@@ -461,6 +461,31 @@ class K3CloudClient(SessionClient):
             Outcome(t, "retry", None, "K3Cloud has no pending deliveries; send it again") for t in trade_ids
         ]
 
+    def find_applied(self, deliveries: Sequence[Delivery]) -> list[str | None]:
+        """Return, per add whose answer was lost, the number of the record K3Cloud saved from it, or None.
+
+        An add is looked up by our key (``crm_key_field``), else by the number it carried (``FNumber``); one
+        with neither cannot be found again (:class:`K3CloudError`), nor can any lookup while K3Cloud is down.
+        """
+        found: list[str | None] = []
+        for delivery in deliveries:
+            form_id = OPERATIONS.get(delivery.operation, (delivery.operation.split("/")[0], False))[0]
+            key = str(delivery.payload.get(self.crm_key_field) or "") if self.crm_key_field else ""
+            field_key, value = (
+                (self.crm_key_field, key) if key else ("FNumber", str(delivery.payload.get("FNumber") or ""))
+            )
+            if not value:
+                raise K3CloudError(
+                    f"K3Cloud cannot say whether it saved this {form_id} add: it carries neither our key "
+                    "(crm_key_field) nor an FNumber; look for it in K3Cloud"
+                )
+            try:
+                numbers = self._numbers_by(form_id, str(field_key), [value])
+            except Transient as problem:
+                raise K3CloudError(problem.message, transient=True, retry_after=problem.retry_after) from None
+            found.append(numbers[value][1] if value in numbers else None)
+        return found
+
     def deliver(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
         """Save the documents (grouped by operation, BatchSave of ``max_batch``); one Outcome per delivery, in order."""
         for delivery in deliveries:

@@ -185,6 +185,41 @@ class U8Client(SessionClient):
             outcomes.extend(self._result(t, states.get(t), answer) for t in chunk)
         return outcomes
 
+    def find_applied(self, deliveries: Sequence[Delivery]) -> list[str | None]:
+        """Return, per add whose answer was lost, the code of what U8 holds from it, or None when it holds none.
+
+        A customer add is looked up by the code it carried (``customer/get``), else by our key in
+        ``self_define1`` (``customer/batch_get``); any other write by its trade id in U8's ledger
+        (``/system/result``). Raise :class:`U8ApiError` when U8 cannot say (unreachable, no such lookup).
+        """
+        return [self._applied_code(d) for d in deliveries]
+
+    def _applied_code(self, delivery: Delivery) -> str | None:
+        code, ours = delivery.payload.get("code"), delivery.payload.get("self_define1")
+        if delivery.operation == "customer/add" and (code or ours):
+            if code:
+                found = self.find_customer(code=str(code))
+                if found is not None and ours and str(found.get("self_define1") or "") != str(ours):
+                    return None  # the code is another customer's: the add was refused, not applied
+            else:
+                found = self.find_customer(crm_key=str(ours))
+            return str(found.get("code") or code) if found is not None else None
+        params = {"from_account": self.credentials.from_account, "app_key": self.credentials.app_key,
+                  "tradeid": delivery.trade_id}  # fmt: skip
+        answer = self._call_or_raise(
+            "GET", "/system/result", params, f"looking up trade id {delivery.trade_id}"
+        )
+        state = next((r for r in answer.get("results") or [] if isinstance(r, dict)
+                      and str(r.get("tradeid")) == delivery.trade_id), None)  # fmt: skip
+        if state is None:
+            raise U8ApiError(f"U8 answered /system/result without trade id {delivery.trade_id}")
+        if state.get("state") == "pending":
+            raise U8ApiError(
+                f"U8 has accepted trade id {delivery.trade_id} and not applied it yet", transient=True
+            )
+        applied = state.get("state") == "done" and str(state.get("errcode", OK)) == OK
+        return (str(state.get("id") or "") or None) if applied else None
+
     def find_customer(self, *, code: str | None = None, crm_key: str | None = None) -> dict[str, Any] | None:
         """Return U8's customer (OpenAPI field names) by cCusCode or by our key in cCusDefine1, or None."""
         if (code is None) == (crm_key is None):

@@ -52,6 +52,7 @@ from integration.sync.outbox import (
     Acknowledge,
     CaptureStats,
     DeliveryStats,
+    Settle,
     Transport,
     baseline,
     build_documents,
@@ -502,20 +503,21 @@ def _outbound(
     send_back: dict[str, set[int]],
 ) -> None:
     factory = session_factory(engine)
+    added: dict[str, set[int]] = {}
+    on_applied = _acknowledge(target, run_key, added)
+    settle = _settler(client, on_applied)
     started = time.perf_counter()
     with factory() as session, session.begin():
         run_id = _run_id(session, run_key)
-        report.capture = capture(session, target, run_id, extra=send_back)
+        report.capture = capture(session, target, run_id, extra=send_back, settle=settle)
     report.seconds["capture"] = round(time.perf_counter() - started, 3)
-    added: dict[str, set[int]] = {}
-    on_applied = _acknowledge(target, run_key, added)
     started = time.perf_counter()
     report.delivery = deliver(engine, target, client, run_id, make_delivery, on_applied=on_applied)
     report.seconds["deliver"] = round(time.perf_counter() - started, 3)
     # Records that waited for another one (an order for its customer's ERP code) may be ready now.
     if report.delivery.applied and report.capture.waiting:
         with factory() as session, session.begin():
-            again = capture(session, target, run_id, advance=False)
+            again = capture(session, target, run_id, advance=False, settle=settle)
         report.capture.queued += again.queued
         report.capture.waiting = again.waiting
         more = deliver(engine, target, client, run_id, make_delivery, on_applied=on_applied)
@@ -524,6 +526,25 @@ def _outbound(
         report.delivery.stopped = more.stopped or report.delivery.stopped
         report.delivery.errors.extend(more.errors)
     _rehash_added(engine, target, run_key, added)
+
+
+def _settler(client: Transport, on_applied: Acknowledge) -> Settle:
+    """Return how capture asks the target about adds sent before whose answer never came: one it holds is
+    recorded as applied (crosswalk, key field, sync state), so the record's current document is an edit."""
+
+    def settle(session: Session, rows: list[dict[str, Any]]) -> tuple[dict[int, str], dict[int, str]]:
+        try:
+            keys = client.find_applied(
+                [make_delivery(r["trade_id"], r["operation"], r["payload"]) for r in rows]
+            )
+        except SyncError as exc:
+            return {}, {r["id"]: str(exc) for r in rows}
+        found = {r["id"]: key for r, key in zip(rows, keys, strict=True) if key}
+        applied = [{**r, "external_key": found[r["id"]]} for r in rows if r["id"] in found]
+        refused = on_applied(session, applied) if applied else {}
+        return {i: key for i, key in found.items() if i not in refused}, refused
+
+    return settle
 
 
 def _rehash_added(engine: Engine, target: CompiledTarget, run_key: str, added: dict[str, set[int]]) -> None:

@@ -51,6 +51,7 @@ MIGRATION_MODES = ("full", "delta")  # load runs of a migration (a trial loads i
 CRM_EDIT_MODE = "edit"  # a change made in the CRM (crm_core.edits): what the first sync sends
 CHUNK = 2000
 TRADE_ID_PREFETCH = 1000  # trade ids asked for at once (U8 issues up to 1,000 per call)
+GAVE_UP = "gave up after"  # how a dead letter of transport failures starts: the target may have applied it
 XW: Table = ExternalId.__table__  # type: ignore[assignment]
 OUTBOX: Table = SyncOutbox.__table__  # type: ignore[assignment]
 STATE: Table = SyncState.__table__  # type: ignore[assignment]
@@ -392,8 +393,12 @@ def capture(
     *,
     extra: Mapping[str, set[int]] | None = None,
     advance: bool = True,
+    settle: Settle | None = None,
 ) -> CaptureStats:
-    """Queue the documents of records changed since the cursor (plus ``extra`` and waiting ones)."""
+    """Queue the documents of records changed since the cursor (plus ``extra`` and waiting ones).
+
+    ``settle`` asks the target about adds whose outcome is unknown (:data:`Settle`); without it a record
+    whose add is in doubt waits for a sync that can ask."""
     stats = CaptureStats()
     cursor, upto = capture_window(session, target.name, run_id)
     first = read_watermark(session, watermark_source(target.name), CAPTURE_STREAM) is None
@@ -409,7 +414,7 @@ def capture(
             )
         ).all()
         ids |= set(waiting)
-        _queue_records(session, target, sync, ids, run_id, stats)
+        _queue_records(session, target, sync, ids, run_id, stats, settle)
     if advance and (upto > cursor or first):
         save_watermark(session, watermark_source(target.name), CAPTURE_STREAM,
                        CursorState(upto, frozenset()), run_id)  # fmt: skip
@@ -418,7 +423,7 @@ def capture(
 
 def _queue_records(
     session: Session, target: CompiledTarget, sync: CompiledEntitySync, ids: set[int], run_id: int | None,
-    stats: CaptureStats,
+    stats: CaptureStats, settle: Settle | None = None,
 ) -> None:  # fmt: skip
     """Queue the current documents of ``ids`` (one entity), but not of records merged away or held back."""
     entity = sync.entity
@@ -436,7 +441,7 @@ def _queue_records(
     stats.records += len(ids)
     ordered = sorted(ids)
     for start in range(0, len(ordered), CHUNK):
-        _queue(session, target, sync, ordered[start : start + CHUNK], run_id, stats)
+        _queue(session, target, sync, ordered[start : start + CHUNK], run_id, stats, settle)
 
 
 def target_sync_runs(target: str) -> Any:
@@ -526,9 +531,91 @@ def review_reason(candidate_id: int, left: int, right: int, entity: str = "custo
     )
 
 
+# Asked about adds whose outcome is unknown (dead letters of transport failures, as outbox rows); returns
+# (outbox id -> the key the target holds from it, having recorded it like an applied delivery; outbox id -> why
+# the target could not say). A row in neither was not applied.
+Settle = Callable[[Session, list[dict[str, Any]]], tuple[dict[int, str], dict[int, str]]]
+ASK_NEXT_SYNC = "waits for the next sync to ask"  # a doubt no target was asked about (crmi sync retry)
+
+
+def adds_in_doubt(
+    session: Session, target: str, sync: CompiledEntitySync, ids: Sequence[int]
+) -> list[dict[str, Any]]:
+    """Return the dead letters of the records ``ids`` that are adds whose last try failed in transport: sent with
+    a trade id, never answered, so the target may have applied them (a business rejection is no doubt)."""
+    if sync.outbound is None or not ids:
+        return []
+    connection = session.connection()
+    rows: list[dict[str, Any]] = []
+    for part in _parts(sorted(set(ids))):
+        rows.extend(dict(r) for r in session.execute(
+            select(OUTBOX).where(
+                OUTBOX.c.target == target, OUTBOX.c.entity == sync.entity, OUTBOX.c.status == "dead",
+                OUTBOX.c.operation == sync.outbound.spec.add, OUTBOX.c.trade_id.is_not(None),
+                OUTBOX.c.last_error.like(f"{GAVE_UP} %"), ids_in(connection, OUTBOX.c.entity_id, part),
+            ).order_by(OUTBOX.c.id)
+        ).mappings())  # fmt: skip
+    return rows
+
+
+def _settle_doubts(
+    session: Session, target: CompiledTarget, sync: CompiledEntitySync, documents: list[Document],
+    open_rows: Mapping[int, list[Any]], settle: Settle | None,
+) -> tuple[list[Document], dict[int, str], dict[int, str]]:  # fmt: skip
+    """Before a record is added again, find out whether the target applied an add of it sent before.
+
+    Return the documents (those of records the target turned out to hold built again: edits now), why records
+    must wait instead (an add still in flight, a doubt the target could not settle), and what was found out,
+    per record (said when its dead letter is superseded)."""
+    assert sync.outbound is not None
+    adds = [d.entity_id for d in documents
+            if d.problem is None and d.operation == sync.outbound.spec.add and d.external_key is None]  # fmt: skip
+    blocked: dict[int, str] = {}
+    for entity_id in adds:
+        flying = [
+            r
+            for r in open_rows.get(entity_id, [])
+            if r.trade_id is not None and r.operation == sync.outbound.spec.add
+        ]
+        if flying:  # its answer gives the key the record is then edited by (the same run builds it again)
+            blocked[entity_id] = f"waits for outbox row {flying[-1].id}, its add sent before, to be answered"
+    doubts = adds_in_doubt(session, target.name, sync, [i for i in adds if i not in blocked])
+    if not doubts:
+        return documents, blocked, {}
+    if settle is None:
+        for row in doubts:
+            blocked[row["entity_id"]] = (
+                f"{ASK_NEXT_SYNC} {target.name} whether it applied outbox row {row['id']} (its add, never "
+                "answered)"
+            )
+        return documents, blocked, {}
+    found, unknown = settle(session, doubts)
+    notes: dict[int, str] = {}
+    for row in doubts:
+        entity_id = row["entity_id"]
+        if row["id"] in unknown:
+            blocked[entity_id] = (
+                f"waits until {target.name} says whether it applied outbox row {row['id']} (its add, never "
+                f"answered): {unknown[row['id']]}"
+            )
+        elif row["id"] in found:
+            notes[entity_id] = f"{target.name} had applied it as {found[row['id']]}"
+            session.execute(
+                update(OUTBOX).where(OUTBOX.c.id == row["id"]).values(external_key=found[row["id"]])
+            )
+        else:
+            notes.setdefault(entity_id, f"{target.name} does not hold it")
+    held = {row["entity_id"] for row in doubts if row["id"] in found}
+    if held:  # the target holds them now: their current document is an edit
+        documents = [d for d in documents if d.entity_id not in held] + build_documents(
+            session, target, sync, sorted(held)
+        )
+    return documents, blocked, notes
+
+
 def _queue(
     session: Session, target: CompiledTarget, sync: CompiledEntitySync, ids: list[int], run_id: int | None,
-    stats: CaptureStats,
+    stats: CaptureStats, settle: Settle | None = None,
 ) -> None:  # fmt: skip
     documents = build_documents(session, target, sync, ids)
     connection = session.connection()
@@ -564,6 +651,8 @@ def _queue(
     for document in documents:
         if document.entity_id in in_review:
             document.problem = review_reason(*in_review[document.entity_id], entity=sync.entity)
+    # An add sent before whose answer never came may have been applied: a second add would make a duplicate.
+    documents, blocked, notes = _settle_doubts(session, target, sync, documents, open_rows, settle)
     now = _utcnow()
     new_rows: list[dict[str, Any]] = []
     superseded: list[int] = []
@@ -581,10 +670,13 @@ def _queue(
                 unchanged.append(document.entity_id)
                 superseded.extend(replaceable)
                 continue
+            document.problem = blocked.get(document.entity_id)
             unsent = [r for r in current if r.trade_id is None]
-            if [(r.status, r.payload_hash) for r in unsent] == [("pending", digest)]:
+            if document.problem is None and [(r.status, r.payload_hash) for r in unsent] == [
+                ("pending", digest)
+            ]:
                 continue  # queued already as it is now (e.g. by a retry of its dead letter): the row stays
-        else:
+        if document.problem is not None:
             digest = ""
             if [(r.status, r.operation, r.last_error) for r in current if r.trade_id is None] == [
                 ("waiting", document.operation or "", document.problem)
@@ -625,6 +717,11 @@ def _queue(
         newer.setdefault(
             entity_id, f"superseded: {target.name} holds the record as it is now (nothing to send)"
         )
+    for entity_id in blocked:  # a dead letter in doubt stays until the target says what became of it
+        newer.pop(entity_id, None)
+    for entity_id, note in notes.items():
+        if entity_id in newer:
+            newer[entity_id] += f"; {note}"
     stats.superseded += supersede_dead(session, target.name, sync.entity, newer)
 
 
@@ -695,6 +792,11 @@ class Transport(Protocol):
 
     def results(self, trade_ids: Sequence[str]) -> Sequence[Delivered]:
         """Return the outcomes of deliveries the target answers asynchronously."""
+        ...
+
+    def find_applied(self, deliveries: Sequence[Any]) -> list[str | None]:
+        """Return, per add whose outcome is unknown (its answer was lost), the key of the record the target
+        holds from it (it was applied) or None (it holds none); raise SyncError when it cannot tell."""
         ...
 
     def close(self) -> None:
@@ -890,7 +992,7 @@ def _record(
                 retried += 1
                 if attempts >= policy.max_attempts:
                     values = {"status": "dead", "attempts": attempts,
-                              "last_error": f"gave up after {attempts} tries: {outcome.message}"}  # fmt: skip
+                              "last_error": f"{GAVE_UP} {attempts} tries: {outcome.message}"}  # fmt: skip
                     stats.dead_letters += 1
                 else:
                     delay = backoff(attempts, policy, outcome.retry_after)
@@ -956,7 +1058,9 @@ def retry_dead(
     older values over newer ones. With the compiled ``targets``, each record's document is built again from
     the record as it is now: the same document is resent with its trade id (attempts reset; the target
     applies it once), a different one (the record was fixed in the CRM) is queued as a new row that
-    supersedes the dead letter; a record the target already holds as it is now has nothing to resend.
+    supersedes the dead letter; a record the target already holds as it is now has nothing to resend. A
+    different document of a record whose dead letter is an add the target may have applied (never answered)
+    waits for the next sync, which asks the target first (:func:`capture`'s ``settle``).
     """
     condition = [SyncOutbox.status == "dead"]
     if target is not None:
@@ -1008,8 +1112,15 @@ def retry_dead(
         still_dead = set(session.scalars(
             select(SyncOutbox.id).where(SyncOutbox.id.in_(sorted(replaced)), SyncOutbox.status == "dead")
         ))  # fmt: skip
-        # Held back (a conflict, a merge) or never queued: the dead letter stays for a person to look at.
-        rebuilt += len(replaced - still_dead)
+        # Held back (a conflict, a merge) or never queued: the dead letter stays for a person to look at. An add
+        # in doubt stays too, its record's document queued to wait until the next sync asks the target about it.
+        asking = set(session.scalars(select(SyncOutbox.entity_id).where(
+            SyncOutbox.target == name, SyncOutbox.entity == entity, SyncOutbox.status == "waiting",
+            SyncOutbox.entity_id.in_(sorted(changed)), SyncOutbox.last_error.like(f"{ASK_NEXT_SYNC} %"),
+        )))  # fmt: skip
+        rebuilt += len(replaced - still_dead) + sum(
+            r.id in still_dead and r.entity_id in asking for r in rows
+        )
         resend = [i for i in resend if i not in replaced]
     if resend:
         session.execute(

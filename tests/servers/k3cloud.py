@@ -29,7 +29,8 @@ path, nonce and timestamp with the client secret hidden in the app id), a timest
 HTTP 401. A lost session answers ``MsgCode`` 1 (会话信息已丢失).
 
 ``faults`` is a queue applied to the next requests (one per request): ``500``, ``503``, ``timeout`` (handled,
-then the answer is held until :meth:`K3Api.release` or ``stall_limit``), ``pass`` (nothing: places the next
+then the answer is held until :meth:`K3Api.release` or ``stall_limit``), ``drop`` (a save is handled, then the
+connection is closed without an answer: the client cannot know whether it was saved), ``pass`` (nothing: places the next
 fault further down the queue), ``expire_session`` (every session so far
 is dropped before the request is handled), ``short_page`` (a query answers half the rows it could) and
 ``reject:<field>=<value>`` (a save's records whose field has that value fail validation; the rest are saved).
@@ -709,12 +710,13 @@ class K3Api(FaultsAndLog):
 
     # ---- faults, stalls, log
     def next_fault(self, *, write: bool) -> str | None:
-        """Pop the fault for this request (``pass``: none); ``reject:`` waits for a save, ``short_page`` for a query."""
+        """Pop the fault for this request (``pass``: none); ``reject:`` and ``drop`` wait for a save, ``short_page``
+        for a query."""
         with self.lock:
             if not self.faults:
                 return None
             head = self.faults[0]
-            if (head.startswith("reject:") and not write) or (head == "short_page" and write):
+            if (head.startswith(("reject:", "drop")) and not write) or (head == "short_page" and write):
                 return None
             return self.faults.popleft()
 
@@ -1026,6 +1028,10 @@ def make_handler(api: K3Api) -> type[BaseHTTPRequestHandler]:
                 )
             if fault == "timeout":
                 api.stall()
+            if fault == "drop":  # saved, then the connection is lost before any answer (a gateway reset)
+                api.log(LoggedRequest(short, form_id, 0, auth=auth, **logged))
+                self.close_connection = True
+                return
             api.log(LoggedRequest(short, form_id, code, auth=auth, **logged))
             self._send(code, answer, headers)
 

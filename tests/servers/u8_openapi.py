@@ -22,8 +22,11 @@ Endpoints (the protocol, and which parts follow Yonyou's documentation, is in do
 
 ``faults`` is a queue applied to the next requests (one per request, control requests excepted): ``500``,
 ``503``, ``429:<seconds>`` (with Retry-After), ``timeout`` (the request is handled, then the answer is held
-until :meth:`U8Api.release` or ``stall_limit``), ``expire_token`` (every token issued so far becomes invalid)
-and ``reject:<field>=<value>`` (a business rejection of each record of that request whose field has that value).
+until :meth:`U8Api.release` or ``stall_limit``), ``drop`` (the request is handled, then the connection is
+closed without an answer: the client cannot know whether a write was applied), ``reset`` (the connection is
+closed before the request is handled: nothing applied, no answer), ``expire_token`` (every token issued so far becomes invalid)
+and ``reject:<field>=<value>`` (a business rejection of each record of that request whose field has that value);
+``reject:``, ``drop`` and ``reset`` wait for the next write request (add / edit).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ BAD_REQUEST = "40005"  # body is not JSON or lacks the document
 INVALID_TOKEN = "40014"  # unknown or revoked token
 EXPIRED_TOKEN = "42001"  # token past its expiresIn
 DUPLICATE_CODE = "20001"
+WRITE_FAULTS = ("reject:", "drop", "reset")  # faults that wait for a write request (add / edit)
 DUPLICATE_KEY = "20002"  # cCusDefine1 (the CRM's key) already on another customer
 NOT_FOUND = "20003"  # customer (edit, get, order's customercode) or order does not exist
 DUPLICATE_ORDER = "20004"
@@ -687,7 +691,7 @@ class LoggedRequest:
     path: str
     tradeid: str | None  # the URL's tradeid (or biz:<biz_id>)
     tradeids: tuple[str, ...]  # every record's trade id in a batch
-    status: int  # HTTP status answered
+    status: int  # HTTP status answered (0: none, the connection was dropped)
     errcode: str | None  # the answer's errcode, when it had one
 
 
@@ -725,9 +729,9 @@ class U8Api(FaultsAndLog):
 
     # ---- faults, stalls, log
     def next_fault(self, *, write: bool = True) -> str | None:
-        """Pop the fault for the request being handled; a ``reject:`` fault waits for a write request."""
+        """Pop the fault for the request being handled; ``reject:``, ``drop`` and ``reset`` wait for a write."""
         with self.lock:
-            if not self.faults or (not write and self.faults[0].startswith("reject:")):
+            if not self.faults or (not write and self.faults[0].startswith(WRITE_FAULTS)):
                 return None
             return self.faults.popleft()
 
@@ -1079,6 +1083,11 @@ def make_handler(api: U8Api) -> type[BaseHTTPRequestHandler]:
                 if url.path.split("/")[-1].startswith("batch_")
                 else ()
             )
+            # reset: the connection is lost before U8 takes the write (nothing applied, no answer)
+            if fault == "reset":
+                api.log(LoggedRequest(self.command, url.path, trade, batch_ids, 0, None))
+                self.close_connection = True
+                return
             status, answer, headers = self._fault_answer(fault)
             if status == 0 and not api.batch_endpoints and url.path.endswith(("/batch_add", "/batch_edit")):
                 status, answer = 404, {"errcode": "40400", "errmsg": f"接口 {url.path} 不存在 (no such API)"}
@@ -1099,6 +1108,10 @@ def make_handler(api: U8Api) -> type[BaseHTTPRequestHandler]:
                     )
                 if fault == "timeout":
                     api.stall()
+            if fault == "drop":  # applied, then the connection is lost before any answer (a gateway reset)
+                api.log(LoggedRequest(self.command, url.path, trade, batch_ids, 0, None))
+                self.close_connection = True
+                return
             api.log(
                 LoggedRequest(
                     self.command,
