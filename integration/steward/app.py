@@ -56,6 +56,7 @@ from integration.steward.decisions import (
 )
 from integration.steward.errors import StewardError
 from integration.steward.golden import golden_view
+from integration.steward.names import decide_held_name, held_names
 from integration.steward.queue import (
     BANDS,
     PER_PAGE,
@@ -97,6 +98,7 @@ class Settings:
     trust_forwarded_for: bool = False  # behind a reverse proxy: the client address is X-Forwarded-For's first
     training_cache_seconds: float = 60.0  # the decision counts scan every decided pair: at most this often
     timezone: str = "UTC"  # project.yaml's ``timezone:``: pages show instants in it
+    base_currency: str = "CNY"  # project.yaml's ``currencies.base``: held amounts are counted in it
 
 
 class SecurityHeaders:
@@ -539,6 +541,39 @@ class Workbench:
         await self.db(work)
         return self.redirect(f"/cluster/{candidate_id}", f"assigned to {assignee}")
 
+    # ------------------------------------------------------------------ held names
+
+    async def names(self, request: Request, user: Principal) -> Response:
+        """The names source rows give for a customer that matched no single one, and the latest decisions."""
+        found = await run_in_threadpool(held_names, self.engine)
+        return self.render(request, "names.html", user, found=found, currency=self.settings.base_currency)
+
+    async def decide_name(self, request: Request, user: Principal) -> Response:
+        """Say which customer a held name means (a candidate or any id), or that it means none."""
+        decision_id = int(request.path_params["decision"])
+        form: FormData = request.state.form
+        choice = str(form.get("customer") or "")
+        if choice == "other":
+            choice = str(form.get("other") or "").strip().lstrip("#")
+            if not choice:
+                raise StewardError("write the id of the customer the name means, or choose a candidate")
+        customer = None if choice == "none" else _int(choice, "customer")
+        decision = await run_in_threadpool(
+            decide_held_name, self.engine, decision_id, customer, user, self.settings.rules
+        )
+        reference = f"r{decision_id} '{decision.name}'"
+        if decision.target_id is None:
+            return self.redirect(
+                "/names", f"{reference}: no customer; its {decision.rows_held} held row(s) are rejected from the "
+                "next run on"
+            )  # fmt: skip
+        return self.redirect(
+            "/names",
+            f"{reference} means customer #{decision.target_id}: its {decision.rows_held} held row(s) load on "
+            "the next run",
+            f"/records/customer/{decision.target_id}",
+        )
+
     # ------------------------------------------------------------------ golden record
 
     async def record(self, request: Request, user: Principal) -> Response:
@@ -654,6 +689,8 @@ class Workbench:
                 "/cluster/{candidate:int}/release", page("steward")(self.release_cluster), methods=["POST"]
             ),
             Route("/cluster/{candidate:int}/assign", page("admin")(self.assign_cluster), methods=["POST"]),
+            Route("/names", page()(self.names)),
+            Route("/names/{decision:int}/decide", page("steward")(self.decide_name), methods=["POST"]),
             Route("/records/{entity:str}/{record:int}", page()(self.record)),
             Route("/merges/{merge:int}/undo", page("steward")(self.undo_merge), methods=["POST"]),
             Route("/pairs/{candidate:int}/reopen", page("steward")(self.reopen_pair), methods=["POST"]),

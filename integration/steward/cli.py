@@ -89,6 +89,7 @@ def build_app(
         trust_forwarded_for=trust_forwarded_for,
         match_refresh_seconds=refresh_seconds,
         timezone=spec.timezone,
+        base_currency=spec.currencies.base if spec.currencies is not None else "CNY",
     )
     return create_app(core_engine(core), settings, start_match_refresh=start_match_refresh)
 
