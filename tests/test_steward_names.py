@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from crm_core.db import make_engine, upgrade
 from crm_core.models import Customer, ExternalId, LoadRun, Opportunity, ReferenceDecision, Reject
+from crm_core.steward_models import AUDIT
 from integration.cli import app as cli
 from integration.steward import security
 from integration.steward.app import Settings, create_app
@@ -144,6 +145,23 @@ def test_a_steward_sees_the_held_names_by_money_and_decides_them_as_the_cli_does
     assert len(runs) == 3 and {r.status for r in runs} == {
         "succeeded"
     }  # each in a run `crmi rollback` undoes
+
+    record = client.get(f"/records/customer/{customers['上海新元物流有限公司']}").text  # its Audit list
+    assert (
+        "held name &#39;广州新元物流公司&#39;" in record
+        and "held name &#39;成都恒信环保工程公司&#39;" in record
+    )
+    assert "workbench" in record
+    with engine.connect() as connection:
+        actions = connection.execute(
+            sa.select(AUDIT.c.actor, AUDIT.c.record_id, AUDIT.c.ip).where(
+                AUDIT.c.action == "decide_reference"
+            )
+        ).all()
+    assert sorted(actions, key=str) == sorted(
+        [("wang", customers["上海新元物流有限公司"], "testclient")] * 2 + [("wang", None, "testclient")],
+        key=str,
+    )  # "none" too, on the audit page
 
     after = client.get("/names")
     assert "No name waits for a decision." in after.text and "<strong>0</strong> name(s) wait" in after.text

@@ -1130,12 +1130,13 @@ def decide_reference(
     run_key: str,
     project: str,
     channel: str = "cli",
+    ip: str | None = None,
 ) -> ReferenceDecision:
     """Record a steward's decision on a held name: the record it names (``record_id``), or none at all.
 
     Linked, the rows naming it load on the next run (as every later row writing the name that way); with
     no record they are rejected from then on, with the steward's decision as the reason. Journaled in a
-    steward run of its own, so ``crmi rollback`` undoes it; a link is audited on the record (``channel``:
+    steward run of its own, so ``crmi rollback`` undoes it; audited (from ``ip``), a link on the record (``channel``:
     where it was decided), its golden record page lists it. It waits for another writer holding the core as a
     merge does (:func:`share_edit_fence`: :class:`~crm_core.errors.SyncLoadWaitError` past its limit).
     """
@@ -1177,14 +1178,18 @@ def decide_reference(
         decision.target_id = record_id
         decision.decided_by = steward
         decision.decided_at = dt.datetime.now(dt.UTC)
-        if record_id is not None:  # on the record's golden record page, as the workbench's decisions are
-            record_event(
-                session.connection(), steward, "decide_reference", entity=decision.entity,
-                record_id=record_id,
-                summary=f"held name '{decision.name}' ({REFERENCE_PREFIX}{decision_id}) linked to this "
-                f"{decision.entity}: its {decision.rows_held} held row(s) load on the next run",
-                after={"reference": f"{REFERENCE_PREFIX}{decision_id}", "run": run_key}, channel=channel,
-            )  # fmt: skip
+        # a link on the record's golden record page, as the workbench's decisions are; "none" on the audit page
+        record_event(
+            session.connection(), steward, "decide_reference", ip=ip, entity=decision.entity, record_id=record_id,
+            summary=(
+                f"held name '{decision.name}' ({REFERENCE_PREFIX}{decision_id}) linked to this {decision.entity}: "
+                f"its {decision.rows_held} held row(s) load on the next run"
+                if record_id is not None
+                else f"held name '{decision.name}' ({REFERENCE_PREFIX}{decision_id}) means no {decision.entity}: "
+                f"its {decision.rows_held} held row(s) are rejected from the next run on"
+            ),
+            after={"reference": f"{REFERENCE_PREFIX}{decision_id}", "run": run_key}, channel=channel,
+        )  # fmt: skip
         run.status = "succeeded"
         run.finished_at = dt.datetime.now(dt.UTC)
         session.flush()

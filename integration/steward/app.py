@@ -559,7 +559,13 @@ class Workbench:
                 raise StewardError("write the id of the customer the name means, or choose a candidate")
         customer = None if choice == "none" else _int(choice, "customer")
         decision = await run_in_threadpool(
-            decide_held_name, self.engine, decision_id, customer, user, self.settings.rules
+            decide_held_name,
+            self.engine,
+            decision_id,
+            customer,
+            user,
+            self.settings.rules,
+            self.client_ip(request),
         )
         reference = f"r{decision_id} '{decision.name}'"
         if decision.target_id is None:

@@ -62,7 +62,12 @@ def held_names(engine: Engine) -> HeldNames:
 
 
 def decide_held_name(
-    engine: Engine, decision_id: int, customer_id: int | None, user: Principal, rules: Rules
+    engine: Engine,
+    decision_id: int,
+    customer_id: int | None,
+    user: Principal,
+    rules: Rules,
+    ip: str | None = None,
 ) -> ReferenceDecision:
     """Decide held name ``decision_id``: it means customer ``customer_id`` (a merged-away one stands for its
     golden record), or no customer at all (None). Refused while a command holds the core (423), for a name
@@ -73,7 +78,7 @@ def decide_held_name(
         with holding_the_core(engine, user, "reference decision"):
             return decide_reference(
                 engine, decision_id, record_id=customer_id, steward=user.name, run_key=f"steward-{uuid.uuid4()}",
-                project=rules.project,
+                project=rules.project, channel="web", ip=ip,
             )  # fmt: skip
     except SyncLoadWaitError as exc:
         raise waited(exc) from None
