@@ -274,3 +274,42 @@ def test_names_decided_on_the_workbench_load_or_are_rejected_on_the_next_run(
     assert attached and set(attached) == {target}
     assert len(reasons) >= dropped.rows_held and all("wang" in r for r in reasons), reasons
     engine.dispose()
+
+
+def test_a_steward_decides_a_held_name_in_the_browser(sqlite_core_url: str) -> None:
+    """In headless Chromium: the header's Held names link, a candidate chosen with its radio button, the
+    decision's message with the golden record's link, and the name under "Decided lately"."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.browser import headless_chromium
+    from tests.test_steward import serving
+
+    engine, customers, names = held_core(sqlite_core_url)
+    with engine.begin() as connection:
+        security.add_user(connection, "wang", "steward", PASSWORD, actor="test")
+    reference = f"r{names['广州新元物流公司']}"
+    app = create_app(engine, Settings(rules=RULES, training_cache_seconds=0))
+    with (
+        headless_chromium(window="1400,1000", lang="zh-CN", page_timeout=20) as browser,
+        serving(app) as base,
+    ):
+        wait = WebDriverWait(browser, 20)
+        browser.get(f"{base}/queue")
+        wait.until(ec.presence_of_element_located((By.ID, "sign-in")))
+        browser.find_element(By.ID, "name").send_keys("wang")
+        browser.find_element(By.ID, "password").send_keys(PASSWORD + Keys.ENTER)
+        wait.until(ec.presence_of_element_located((By.ID, "nav-names"))).click()
+        row = wait.until(ec.presence_of_element_located((By.ID, f"held-{reference}")))
+        choice = row.find_element(By.CSS_SELECTOR, f"input[value='{customers['上海新元物流有限公司']}']")
+        assert choice.is_selected()  # the first candidate is chosen until the steward picks another
+        row.find_element(By.ID, f"decide-{reference}").click()
+        wait.until(ec.presence_of_element_located((By.ID, "flash-link")))
+        assert "its 2 held row(s) load on the next run" in browser.find_element(By.ID, "flash").text
+        decided = browser.find_element(By.ID, f"decided-{reference}").text
+        assert "上海新元物流有限公司" in decided and "wang" in decided
+        assert not browser.find_elements(By.ID, f"held-{reference}")
+    assert decision(engine, names["广州新元物流公司"]).target_id == customers["上海新元物流有限公司"]
+    engine.dispose()
