@@ -799,6 +799,12 @@ def test_the_cluster_page_explains_the_pair_and_diffs_the_names(sqlite_core: sa.
     page = client.get(f"/cluster/{ningbo.id}").text
     assert "held back: not merged: the cluster would hold two credit codes" in page
     assert "credit code on one side only" in page and "same phone" in page
+    # the rows name the fields in words, on the golden record's page too, never by column
+    record = client.get(f"/records/customer/{ningbo.left_id}").text
+    for shown in (page, record):
+        assert "<th>credit code (统一社会信用代码)</th>" in shown
+        assert not re.search(r"<th>\w+_\w+</th>", shown), re.findall(r"<th>\w+_\w+</th>", shown)
+    assert "<th>short name</th>" in record and "<th>credit code as written</th>" in record
 
 
 def test_the_preview_is_what_the_merge_makes(sqlite_core: sa.Engine) -> None:

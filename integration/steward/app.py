@@ -43,7 +43,7 @@ from crm_core.steward_models import ROLES
 from integration.steward import security
 from integration.steward.api import MatchService, api_routes, problem, wants_json
 from integration.steward.audit import audit_page, record_event
-from integration.steward.cluster import ASSIGN_TTL, build_view, claim, find_cluster, release
+from integration.steward.cluster import ASSIGN_TTL, build_view, claim, field_label, find_cluster, release
 from integration.steward.decisions import (
     CORE_BUSY,
     CORE_BUSY_RETRY_AFTER,
@@ -140,6 +140,7 @@ class Workbench:
         zone = ZoneInfo(settings.timezone)
         env.filters["stamp"] = lambda value: show_instant(value, zone)
         env.filters["pct"] = lambda v: "" if v is None else f"{float(v):.0%}"
+        env.filters["label"] = field_label
         self.templates = Jinja2Templates(env=env)
         self.match = MatchService(engine, refresh_seconds=settings.match_refresh_seconds)
         self._training: tuple[float, Training] | None = None

@@ -54,6 +54,18 @@ _BOOKKEEPING = frozenset(
 )
 CONTACT_FIELDS = ("name", "title", "department", "mobile", "phone", "email", "is_primary")
 FIELDS: dict[str, tuple[str, ...]] = {"customer": SURVIVORSHIP_FIELDS, "contact": CONTACT_FIELDS}
+# How the pages name a record's fields (a field not listed: its column name, spaced).
+FIELD_LABELS = {
+    "short_name": "short name", "english_name": "English name", "credit_code": "credit code (统一社会信用代码)",
+    "credit_code_as_written": "credit code as written", "email": "e-mail", "is_branch": "branch", "owner_id": "owner",
+    "erp_code": "ERP code", "credit_limit": "credit limit", "payment_terms": "payment terms",
+    "is_primary": "primary contact",
+}  # fmt: skip
+
+
+def field_label(name: str) -> str:
+    """A record field as the workbench's pages name it (``credit_code``: credit code (统一社会信用代码))."""
+    return FIELD_LABELS.get(name) or name.replace("_", " ")
 
 
 @dataclass(frozen=True)
