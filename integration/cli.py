@@ -2041,7 +2041,7 @@ def dedup_merges(
     core: CoreOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
 ) -> None:
-    """List merges, newest first: survivor, merged record, probability, reason, who, when, undone."""
+    """List merges, newest first: survivor, merged record, probability, reason, who, when, undone, follows."""
     from integration.dedup.workflow import list_merges
 
     if entity is not None and entity not in ("customer", "contact"):
@@ -2054,15 +2054,22 @@ def dedup_merges(
             sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")
         return
     table = Table(title=f"Merges ({len(merges)} shown, newest first)")
-    for column in ("merge", "entity", "survivor", "merged", "probability", "reason", "who", "when", "undone"):
+    for column in ("merge", "entity", "survivor", "merged", "probability", "reason", "who", "when", "undone",
+                   "follows"):  # fmt: skip
         table.add_column(column)
     for m in merges:
         probability = "" if m["probability"] is None else f"{m['probability']:.3f}"
         survivor = f"{m['survivor_id']} {m['survivor_name'] or ''}".rstrip()
         merged = f"{m['merged_id']} {m['merged_name'] or ''}".rstrip()
         table.add_row(str(m["merge"]), m["entity"], escape(survivor), escape(merged), probability,
-                      escape(m["reason"]), escape(m["decided_by"]), m["merged_at"], m["undone_at"] or "")  # fmt: skip
+                      escape(m["reason"]), escape(m["decided_by"]), m["merged_at"], m["undone_at"] or "",
+                      ", ".join(f"customer merge {i}" for i in m["follows"]))  # fmt: skip
     console.print(table)
+    console.print(
+        "A contact merge that follows a customer merge (its two contacts came together under one customer by it) "
+        "is undone first when that customer merge is undone.",
+        highlight=False,
+    )
     console.print(
         "Linkage and stewards' merges only. Rows merged at load (same credit code or normalized name: the "
         "reconciliation's `merged` column) share one record through the crosswalk; `crmi rollback` of their "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -87,6 +88,12 @@ def test_undoing_an_automatic_customer_merge_undoes_the_contact_merges_that_join
     assert sum(row["merged_into_id"] is None for row in planted_contacts(engine, "周敏").values()) == 1
     li = planted_contacts(engine, "李娜")
     assert sum(row["merged_into_id"] is None for row in li.values()) == 1  # one customer's own duplicate
+    listed = CliRunner().invoke(
+        app, ["dedup", "merges", "--json", "--entity", "contact", "--core-url", core_url]
+    )
+    follows = {m["merged_id"]: m["follows"] for m in map(json.loads, listed.output.splitlines())}
+    assert [follows[i] for i in zhou if i in follows] == [[merge]]  # `crmi dedup merges` shows the link
+    assert [follows[i] for i in li if i in follows] == [[]]  # 李娜's owes nothing to it
 
     undone = CliRunner().invoke(app, ["dedup", "undo", str(merge), "--steward", "li", "--core-url", core_url])
 

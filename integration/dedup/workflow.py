@@ -8,7 +8,7 @@ queue are read and written set-based (a few statements per batch, never one per 
 from __future__ import annotations
 
 import datetime as dt
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field, replace
@@ -41,7 +41,7 @@ from crm_core.merging import (
     record_candidates,
     refresh_statistics,
 )
-from crm_core.models import Contact, Customer, MatchCandidate, MergeLog
+from crm_core.models import Contact, Customer, MatchCandidate, MergeLink, MergeLog
 from integration.dedup.customers import CUSTOMER_SPEC, CustomerRecords, read_customer_records
 from integration.dedup.linkage import (
     CONFLICT_FACTOR,
@@ -726,7 +726,7 @@ def _golden_sizes(session: Any, records: Sequence[tuple[str, int]]) -> dict[tupl
 
 def list_merges(engine: Engine, entity: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """Return the merges, newest first: who merged what into what (ids and the records' names now), why, when,
-    and whether it was undone."""
+    whether it was undone, and (``follows``) the customer merges a contact merge follows from."""
     with session_factory(engine)() as session:
         query = select(MergeLog).order_by(MergeLog.id.desc())
         if entity is not None:
@@ -740,13 +740,24 @@ def list_merges(engine: Engine, entity: str | None = None, limit: int | None = N
             for part in (ids[start : start + 500] for start in range(0, len(ids), 500)):
                 names.update(((kind, i), n) for i, n in session.execute(
                     select(model.id, model.name).where(model.id.in_(part))))  # fmt: skip
+        # a contact merge follows the customer merges that put its two contacts under one customer; undoing
+        # any of them undoes it first (``merge_links``)
+        follows: dict[int, list[int]] = defaultdict(list)
+        contact_merges = sorted(log.id for log in logs if log.entity == "contact")
+        for part in (contact_merges[start : start + 500] for start in range(0, len(contact_merges), 500)):
+            for merge_id, customer_merge in session.execute(
+                select(MergeLink.merge_id, MergeLink.follows_merge_id)
+                .where(MergeLink.merge_id.in_(part))
+                .order_by(MergeLink.follows_merge_id)
+            ):
+                follows[merge_id].append(customer_merge)
         return [
             {"merge": log.id, "entity": log.entity, "survivor_id": log.survivor_id,
              "survivor_name": names.get((log.entity, log.survivor_id)), "merged_id": log.merged_id,
              "merged_name": names.get((log.entity, log.merged_id)),
              "probability": None if log.probability is None else round(log.probability, 4),
              "reason": log.reason, "decided_by": log.decided_by, "merged_at": _iso(log.created_at),
-             "undone_at": _iso(log.undone_at)}
+             "undone_at": _iso(log.undone_at), "follows": follows.get(log.id, [])}
             for log in logs
         ]  # fmt: skip
 
