@@ -2445,6 +2445,48 @@ def sync_discard(
     console.print(f"{count} dead letter(s) discarded by {escape(by.strip())}")
 
 
+@sync_app.command("settle")
+def sync_settle(
+    row: Annotated[int, typer.Argument(help="outbox id of the add in doubt (`crmi sync status` shows it)")],
+    applied_as: Annotated[
+        str | None,
+        typer.Option("--applied-as", help="the key the target holds the record under from that add"),
+    ] = None,
+    not_applied: Annotated[
+        bool, typer.Option("--not-applied", help="the target holds nothing from that add")
+    ] = False,
+    by: Annotated[str | None, typer.Option("--by", help="who looked in the target (recorded)")] = None,
+    project: ProjectOption = None,
+    core: CoreOption = None,
+) -> None:
+    """Say what became of an add whose answer never came, when the target cannot say itself: it holds the
+    record under KEY (--applied-as; the next sync sends an edit of it) or nothing (--not-applied; the next
+    sync adds it). The dead letter is superseded, naming who settled it."""
+    from integration.sync.engine import settle_by_hand
+
+    migration = _migration_or_exit(project)
+    if (applied_as is None) == (not not_applied):
+        errors.print(
+            "settle needs either --applied-as KEY (the target holds the record under KEY) or --not-applied "
+            "(it holds nothing), not both",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_FAILED)
+    if not by or not by.strip():
+        errors.print("settle needs --by NAME: who looked in the target, recorded with the dead letter")
+        raise typer.Exit(EXIT_FAILED)
+    try:
+        with (
+            _core_engine(core) as engine,
+            _sharing_the_core(engine, "crmi sync settle", "settling of an add in doubt"),
+        ):
+            said = settle_by_hand(migration, engine, row, applied_as, by=by)
+    except CrmError as exc:
+        errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    console.print(escape(said), highlight=False)
+
+
 @sync_app.command("conflicts")
 def sync_conflicts(
     target: TargetOption = None,

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from crm_core.db import session_factory
 from crm_core.edits import create_record, edit_record
 from crm_core.errors import ConfigError
-from crm_core.models import Customer, ExternalId, Opportunity, SalesOrder, SyncConflict, SyncOutbox
+from crm_core.models import Customer, ExternalId, LoadRun, Opportunity, SalesOrder, SyncConflict, SyncOutbox
 from integration.pipeline import Migration, core_engine
 from integration.sync.engine import SyncReport, run_sync, target_of
 from integration.sync.outbox import retry_dead
@@ -1031,3 +1031,112 @@ def test_while_u8_cannot_say_whether_it_applied_the_add_the_newer_document_waits
         )
         assert name == "应答丢失贸易（华南）有限公司" and crm_codes(core, record_id) == (code, [code])
         assert [r.status for r in outbox_rows(core, record_id)] == ["superseded", "superseded", "done"]
+
+
+def settle(core: sa.Engine, project: Path, *args: str) -> Any:
+    """`crmi sync settle ARGS` against the test's project and core."""
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    cli = ["--project", str(project), "--core-url", core.url.render_as_string(hide_password=False)]
+    return CliRunner().invoke(app, ["sync", "settle", *args, *cli])
+
+
+def crmi_sync(core: sa.Engine, project: Path, *args: str) -> Any:
+    """`crmi sync ARGS` against the test's project and core."""
+    from typer.testing import CliRunner
+
+    from integration.cli import app
+
+    cli = ["--project", str(project), "--core-url", core.url.render_as_string(hide_password=False)]
+    return CliRunner().invoke(app, ["sync", *args, *cli])
+
+
+def test_an_add_in_doubt_u8_cannot_settle_is_settled_by_hand_as_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """U8 cannot say whether it applied the add; a person who found the customer in U8 says so: the record is
+    linked to that code and its current document goes out as an edit, one customer in U8."""
+    with running_u8(tmp_path, monkeypatch, sync_yaml(CUSTOMER, max_attempts=1)) as running:
+        api, project, url = running
+        record_id, dead_id = dead_in_doubt(running, core, "drop")
+        [(code, _name, _phone)] = u8_customers_named(url, "应答丢失贸易有限公司")
+        edit_record(
+            core, "customer", record_id, {"name": "应答丢失贸易（华南）有限公司", "phone": "+862088001199"}
+        )
+        api.faults.append("503")  # U8 cannot say
+        assert sync(project, core, "outbound").capture.waiting == 1
+        shown = crmi_sync(core, project, "status")
+        assert f"crmi sync settle {dead_id} --applied-as" in shown.output.replace("\n", " "), shown.output
+        [other, *_] = [c for (c,) in u8_rows(url, 'SELECT "cCusCode" FROM "Customer"') if c != code]
+        taken = settle(core, project, str(dead_id), "--applied-as", other, "--by", "王工")  # another's code
+        assert taken.exit_code == 1 and "nothing was settled" in taken.output, taken.output
+        assert len(taken.output.strip().splitlines()) == 1 and crm_codes(core, record_id) == (None, [])
+        done = settle(core, project, str(dead_id), "--applied-as", code, "--by", "王工")
+        assert done.exit_code == 0, done.output
+        assert crm_codes(core, record_id) == (code, [code])
+        [dead, _waiting, edit] = outbox_rows(core, record_id)
+        assert (dead.id, dead.status, edit.status) == (dead_id, "superseded", "pending")
+        assert "settled by 王工" in dead.last_error and code in dead.last_error, dead.last_error
+        with session_factory(core)() as session:  # a run of its own: what it wrote is journaled to it
+            [(run_key, run_status)] = session.execute(
+                sa.select(LoadRun.run_key, LoadRun.status).where(LoadRun.project == "sync-settle")
+            ).all()
+        assert run_status == "succeeded" and "王工" in run_key
+        run = crmi_sync(core, project, "run", "--direction", "outbound")
+        assert run.exit_code == 0, run.output
+        assert u8_customers_named(url, "应答丢失贸易有限公司", "应答丢失贸易（华南）有限公司") == [
+            (code, "应答丢失贸易（华南）有限公司", "+862088001199")
+        ]
+        assert crm_codes(core, record_id) == (code, [code])
+        assert outbox_rows(core, record_id)[-1].payload["code"] == code  # an edit of U8's customer
+        again = sync(project, core)
+        assert again.delivery.sent == 0 and again.conflicts_waiting == 0
+
+
+def test_an_add_in_doubt_settled_by_hand_as_not_applied_is_added_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: sa.Engine
+) -> None:
+    """A person found nothing in U8: the record is added as it is now, once; the settle is refused afterwards."""
+    with running_u8(tmp_path, monkeypatch, sync_yaml(NO_OUR_KEY, max_attempts=1)) as running:
+        _api, project, url = running
+        record_id, dead_id = dead_in_doubt(running, core, "reset")
+        assert u8_customers_named(url, "应答丢失贸易有限公司") == []
+        done = settle(core, project, str(dead_id), "--not-applied", "--by", "王工")
+        assert done.exit_code == 0, done.output
+        [dead, add] = outbox_rows(core, record_id)
+        assert (dead.status, add.status) == ("superseded", "pending")
+        assert "settled by 王工" in dead.last_error and "does not hold it" in dead.last_error, dead.last_error
+        run = crmi_sync(core, project, "run", "--direction", "outbound")
+        assert run.exit_code == 0, run.output
+        [(code, _name, _phone)] = u8_customers_named(url, "应答丢失贸易有限公司")
+        assert crm_codes(core, record_id) == (code, [code])
+        assert add.payload.get("code") is None and [r.status for r in outbox_rows(core, record_id)] == [
+            "superseded",
+            "done",
+        ]
+        again = settle(core, project, str(dead_id), "--not-applied", "--by", "王工")
+        assert again.exit_code == 1 and f"outbox row {dead_id} is not an add in doubt" in again.output, (
+            again.output
+        )
+
+
+def test_settle_refuses_what_it_cannot_settle(u8: Any, core: sa.Engine) -> None:
+    """An unknown row, a business rejection (no doubt), both options or neither, no --by: exit 1, one line."""
+    _api, project, _url = u8
+    record_id, dead_id = dead_letter_of_a_long_name(u8, core)
+    row, by = str(dead_id), ("--by", "王工")
+    cases = {
+        ("99999", "--not-applied", *by): "there is no outbox row 99999",
+        (row, "--not-applied", *by): f"outbox row {dead_id} is not an add in doubt",
+        (row, "--not-applied", "--applied-as", "X1", *by): "settle needs either --applied-as KEY",
+        (row, *by): "settle needs either --applied-as KEY",
+        (row, "--not-applied"): "--by NAME",
+    }
+    for args, said in cases.items():
+        refused = settle(core, project, *args)
+        assert refused.exit_code == 1 and said in refused.output, (args, refused.output)
+        assert len(refused.output.strip().splitlines()) == 1, refused.output
+    [(_id, status, why, _payload)] = outbox_rows(core, record_id)
+    assert status == "dead" and "settled" not in why

@@ -532,11 +532,19 @@ def _settler(client: Transport, on_applied: Acknowledge) -> Settle:
     """Return how capture asks the target about adds sent before whose answer never came: one it holds is
     recorded as applied (crosswalk, key field, sync state), so the record's current document is an edit."""
 
+    def ask(rows: list[dict[str, Any]]) -> list[str | None]:
+        return client.find_applied([make_delivery(r["trade_id"], r["operation"], r["payload"]) for r in rows])
+
+    return _settling(ask, on_applied)
+
+
+def _settling(find: Callable[[list[dict[str, Any]]], list[str | None]], on_applied: Acknowledge) -> Settle:
+    """Return a :data:`Settle` that learns from ``find`` what the target holds from each add in doubt (its key,
+    or None: nothing; :class:`SyncError`: it cannot say) and records a held one like an applied delivery."""
+
     def settle(session: Session, rows: list[dict[str, Any]]) -> tuple[dict[int, str], dict[int, str]]:
         try:
-            keys = client.find_applied(
-                [make_delivery(r["trade_id"], r["operation"], r["payload"]) for r in rows]
-            )
+            keys = find(rows)
         except SyncError as exc:
             return {}, {r["id"]: str(exc) for r in rows}
         found = {r["id"]: key for r, key in zip(rows, keys, strict=True) if key}
@@ -870,6 +878,86 @@ def decide_conflict(migration: Any, engine: Engine, conflict_id: int, take: str,
             run.status = "succeeded"
             run.finished_at = dt.datetime.now(dt.UTC)
     return f"{entity} {entity_id}.{field_name}: {'CRM value kept' if take == 'crm' else 'target value taken'}"
+
+
+SETTLE_PROJECT = "sync-settle"  # the runs of adds in doubt settled by a person (crmi sync settle)
+
+
+def settle_by_hand(migration: Any, engine: Engine, row_id: int, applied_as: str | None, *, by: str) -> str:
+    """Settle an add in doubt (a dead letter whose answer never came) with what a person found in the target.
+
+    ``applied_as``: the key the target holds the record under from that add, recorded as the sync records an
+    add it finds applied (crosswalk, key field, sync state), so the record's current document is queued as an
+    edit; None: the target holds nothing, the record's current document is queued as an add. The dead letter
+    is superseded, naming ``by``. A run of its own, like a conflict decision; nothing is written on a refusal.
+    """
+    from integration.sync.outbox import ASK_NEXT_SYNC, _queue_records, adds_in_doubt
+
+    who = (by or "").strip()
+    if not who:
+        raise SyncError("say who settles the add (--by NAME): it is recorded with it")
+    key = applied_as.strip() if applied_as is not None else None
+    if applied_as is not None and not key:
+        raise SyncError(
+            "--applied-as needs the key the target holds the record under (e.g. U8's customer code)"
+        )
+    factory = session_factory(engine)
+    with factory() as session:
+        row = session.get(SyncOutbox, row_id)
+        if row is None:
+            raise SyncError(f"there is no outbox row {row_id}; `crmi sync status` lists the dead letters")
+        target = target_of(migration, row.target)
+        entity, entity_id = row.entity, row.entity_id
+    sync = target.entities.get(entity)
+    run_key = f"edit-{who}-settle-{row_id}-{uuid.uuid4().hex[:8]}"
+    asked: list[int] = []
+
+    def found_by_hand(rows: list[dict[str, Any]]) -> list[str | None]:
+        asked.extend(r["id"] for r in rows)
+        others = [str(r["id"]) for r in rows if r["id"] != row_id]
+        if others:
+            raise SyncError(f"settle outbox row(s) {', '.join(others)} too, adds in doubt of the same record")
+        return [key]
+
+    with factory() as session, session.begin():
+        doubts = adds_in_doubt(session, target.name, sync, [entity_id]) if sync is not None else []
+        if row_id not in {d["id"] for d in doubts}:
+            current = session.get(SyncOutbox, row_id)
+            assert current is not None
+            raise SyncError(
+                f"outbox row {row_id} is not an add in doubt ({current.status} {current.operation}): only a dead "
+                "add whose answer never came (gave up after …) is settled; `crmi sync retry` or `crmi sync "
+                "discard ID --by NAME` deals with other dead letters"
+            )
+        assert sync is not None
+        run = get_or_start_run(session, run_key, SETTLE_PROJECT, mode="edit")
+        settle = _settling(found_by_hand, _acknowledge(target, run_key, {}))
+        _queue_records(session, target, sync, {entity_id}, run.id, CaptureStats(), settle)
+        after = session.execute(
+            select(SyncOutbox.status, SyncOutbox.last_error).where(SyncOutbox.id == row_id)
+        ).one()
+        if row_id not in asked or after.status == "dead":
+            waiting = session.scalar(
+                select(SyncOutbox.last_error)
+                .where(SyncOutbox.target == target.name, SyncOutbox.entity == entity,
+                       SyncOutbox.entity_id == entity_id, SyncOutbox.status == "waiting")
+                .order_by(SyncOutbox.id.desc()).limit(1)
+            )  # fmt: skip
+            reason = (
+                waiting if waiting and not waiting.startswith(ASK_NEXT_SYNC) else "it has no add to send now"
+            )
+            raise SyncError(f"{entity} {entity_id} cannot be settled now: {reason}; nothing was settled")
+        when = f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
+        session.execute(
+            update(SyncOutbox).where(SyncOutbox.id == row_id)
+            .values(last_error=f"settled by {who} at {when}: {after.last_error}")
+        )  # fmt: skip
+        run.status = "succeeded"
+        run.finished_at = dt.datetime.now(dt.UTC)
+    said = (
+        f"{target.name} holds it as {key}: sent as an edit" if key else f"{target.name} holds nothing: added"
+    )
+    return f"outbox row {row_id} ({entity} {entity_id}) settled by {who}; {said} by the next `crmi sync run`"
 
 
 def _typed(entity: str, field_name: str, value: str | None) -> Any:

@@ -596,7 +596,8 @@ def _settle_doubts(
         if row["id"] in unknown:
             blocked[entity_id] = (
                 f"waits until {target.name} says whether it applied outbox row {row['id']} (its add, never "
-                f"answered): {unknown[row['id']]}"
+                f"answered): {unknown[row['id']]}; or look in {target.name} and say what you found: `crmi sync "
+                f"settle {row['id']} --applied-as KEY --by NAME` (or --not-applied)"
             )
         elif row["id"] in found:
             notes[entity_id] = f"{target.name} had applied it as {found[row['id']]}"
