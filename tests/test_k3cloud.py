@@ -383,9 +383,8 @@ sync:
 """
 
 
-@pytest.fixture
-def finance(k3: tuple[str, K3Api], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[K3Api, Path]:
-    url, api = k3
+def k3_settings(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """The K3_* variables the example project reads, pointing at the test server at ``url``."""
     for name, value in (
         ("K3_URL", url),
         ("K3_ACCT_ID", ACCT_ID),
@@ -393,6 +392,12 @@ def finance(k3: tuple[str, K3Api], tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ("K3_PASSWORD", PASSWORD),
     ):
         monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def finance(k3: tuple[str, K3Api], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[K3Api, Path]:
+    url, api = k3
+    k3_settings(monkeypatch, url)
     root = tmp_path / "project"
     shutil.copytree(REPO / "examples" / "k3cloud" / "mappings", root / "mappings")
     (root / "project.yaml").write_text(PROJECT, encoding="utf-8")
@@ -683,13 +688,7 @@ def test_a_saved_add_whose_answer_was_lost_is_edited_when_a_newer_document_super
     """K3Cloud saved the add, the answer never came (its only try: a dead letter in doubt); the record is then
     edited: the next run finds K3Cloud's customer by our key and saves the edit into it, nothing twice."""
     url, api = k3
-    for name, value in (
-        ("K3_URL", url),
-        ("K3_ACCT_ID", ACCT_ID),
-        ("K3_USERNAME", USERNAME),
-        ("K3_PASSWORD", PASSWORD),
-    ):
-        monkeypatch.setenv(name, value)
+    k3_settings(monkeypatch, url)
     project = tmp_path / "project"
     shutil.copytree(REPO / "examples" / "k3cloud" / "mappings", project / "mappings")
     (project / "project.yaml").write_text(
