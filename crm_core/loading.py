@@ -684,7 +684,7 @@ class EntityLoader:
         self._branch_firms: dict[str, dict[Any, set[int]]] = {}
         self._stages: set[str] | None = None
         self._merged_into: dict[int, int] = {}
-        self._seen_decisions: set[int] = set()  # pending reference decisions this load consulted
+        self._seen_decisions: set[int] = set()  # reference decisions this load consulted (pending or decided)
         # (entity, reference field) -> golden record -> the field's values; and value -> golden records
         self._shared_values: dict[tuple[str, str], dict[int, set[Any]]] = {}
         self._shared_books: dict[tuple[str, str], dict[Any, set[int]]] = {}
@@ -1070,6 +1070,10 @@ class EntityLoader:
         may_mean: dict[Any, tuple[int, ...]] = {}
         for value in unresolved:
             decision = decisions.get(keys[value])
+            if decision is not None and decision.status != "pending":
+                # Its rows no longer wait: the decision's count is set to none, journaled in this run, which
+                # makes this run depend on the steward's (a rollback of the decision alone is refused).
+                self._seen_decisions.add(decision.id)
             if decision is not None and decision.status == "linked" and decision.target_id is not None:
                 ids[value] = _follow(survivors, decision.target_id)
                 decided.add(value)

@@ -313,3 +313,72 @@ def test_a_steward_decides_a_held_name_in_the_browser(sqlite_core_url: str) -> N
         assert not browser.find_elements(By.ID, f"held-{reference}")
     assert decision(engine, names["广州新元物流公司"]).target_id == customers["上海新元物流有限公司"]
     engine.dispose()
+
+
+@pytest.mark.slow
+def test_a_name_decision_a_later_run_loaded_rows_by_is_rolled_back_with_that_run_only(
+    demo_project: Path, sqlite_core_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newcomer linked a held name, ran the migration (its rows loaded onto that customer), rolled back the
+    steward run and decided "none": the rows stayed in the core on the first customer while the report counted
+    them held, then rejected. Rolling back the decision is refused while a later run loaded rows by it (naming
+    that run and --cascade); with --cascade both go and the core is as before the decision; "none" then rejects
+    the rows and the core holds none of them."""
+    from tests.test_runs import content
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    core = ["--core-url", sqlite_core_url]
+    run = ["run", "--project", str(demo_project), *core, "--json"]
+    assert runner.invoke(cli, run).exit_code == 0
+    engine = make_engine(sqlite_core_url)
+    before = content(engine)
+    with Session(engine) as session:
+        name = session.scalars(
+            sa.select(ReferenceDecision).where(ReferenceDecision.status == "pending", ReferenceDecision.rows_held > 0)
+            .where(ReferenceDecision.candidates != sa.JSON.NULL).order_by(ReferenceDecision.id)
+        ).first()  # fmt: skip
+    assert name is not None and name.candidates
+    decided = runner.invoke(
+        cli, ["dedup", "decide", f"r{name.id}", "--customer", str(name.candidates[0]["id"]), "--steward", "li",
+              "--project", str(demo_project), *core],
+    )  # fmt: skip
+    assert decided.exit_code == 0, decided.output
+    with Session(engine) as session:
+        steward_run = session.scalars(sa.select(LoadRun.run_key).where(LoadRun.mode == "steward")).one()
+    loaded = runner.invoke(cli, run)
+    assert loaded.exit_code == 0, loaded.output
+    later = json.loads(loaded.stdout)["run_id"]
+
+    refused = runner.invoke(cli, ["rollback", steward_run, *core])
+    assert refused.exit_code == 1, refused.output
+    assert (
+        f"later run(s) depend on {steward_run}: {later}" in refused.output and "--cascade" in refused.output
+    )
+    cascaded = runner.invoke(cli, ["rollback", steward_run, "--cascade", "--json", *core])
+    assert cascaded.exit_code == 0, cascaded.output
+    assert json.loads(cascaded.output) == {"rolled_back": [later, steward_run]}
+    audit = {"steward_audit"}  # append-only: the decision's line stays
+    assert {k: v for k, v in content(engine).items() if k not in audit} == {
+        k: v for k, v in before.items() if k not in audit
+    }
+
+    none = runner.invoke(
+        cli, ["dedup", "decide", f"r{name.id}", "--different", "--steward", "li", "--project", str(demo_project), *core]
+    )  # fmt: skip
+    assert none.exit_code == 0, none.output
+    again = runner.invoke(cli, run)
+    assert again.exit_code in (0, 2), again.output
+    with Session(engine) as session:
+        keys = {
+            str(row["商机编号"])
+            for row in session.scalars(sa.select(Reject.raw_row).where(Reject.value == name.name))
+        }
+        in_core = session.scalars(
+            sa.select(ExternalId.external_key).where(
+                ExternalId.entity == "opportunity", ExternalId.system == "sales_xlsx", ExternalId.external_key.in_(keys)
+            )
+        ).all()  # fmt: skip
+    assert keys and in_core == []  # rejected, and none of them in the core
+    engine.dispose()
