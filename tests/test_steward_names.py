@@ -187,7 +187,9 @@ def test_what_the_workbench_refuses_changes_nothing(core_url: str) -> None:
         client.post(f"/names/{target}/decide", data={"customer": "none"}).status_code == 403
     )  # no CSRF token
     missing = client.post(f"/names/{target}/decide", data={"csrf": token, "customer": "999999"})
-    assert missing.status_code == 409 and "no customer 999999 in the core" in missing.text
+    assert missing.status_code == 400 and "no customer 999999 in the core" in missing.text
+    unchosen = client.post(f"/names/{target}/decide", data={"csrf": token})  # nothing is chosen for them
+    assert unchosen.status_code == 400 and "choose the customer the name means" in unchosen.text
     blank = client.post(f"/names/{target}/decide", data={"csrf": token, "customer": "other", "other": " "})
     assert blank.status_code == 400 and "write the id of the customer" in blank.text
     unknown = client.post("/names/999999/decide", data={"csrf": token, "customer": "none"})
@@ -304,7 +306,13 @@ def test_a_steward_decides_a_held_name_in_the_browser(sqlite_core_url: str) -> N
         wait.until(ec.presence_of_element_located((By.ID, "nav-names"))).click()
         row = wait.until(ec.presence_of_element_located((By.ID, f"held-{reference}")))
         choice = row.find_element(By.CSS_SELECTOR, f"input[value='{customers['上海新元物流有限公司']}']")
-        assert choice.is_selected()  # the first candidate is chosen until the steward picks another
+        assert not choice.is_selected()  # nothing is chosen for the steward
+        row.find_element(By.ID, f"decide-{reference}").click()  # the browser asks for a choice: nothing sent
+        assert (
+            browser.find_elements(By.ID, f"held-{reference}")
+            and decision(engine, names["广州新元物流公司"]).status == "pending"
+        )
+        choice.click()
         row.find_element(By.ID, f"decide-{reference}").click()
         wait.until(ec.presence_of_element_located((By.ID, "flash-link")))
         assert "its 2 held row(s) load on the next run" in browser.find_element(By.ID, "flash").text

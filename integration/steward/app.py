@@ -554,6 +554,10 @@ class Workbench:
         decision_id = int(request.path_params["decision"])
         form: FormData = request.state.form
         choice = str(form.get("customer") or "")
+        if not choice:  # nothing is chosen for the steward: a weak first candidate is no default
+            raise StewardError(
+                "choose the customer the name means (a candidate or another id), or none of them"
+            )
         if choice == "other":
             choice = str(form.get("other") or "").strip().lstrip("#")
             if not choice:

@@ -71,7 +71,7 @@ def decide_held_name(
 ) -> ReferenceDecision:
     """Decide held name ``decision_id``: it means customer ``customer_id`` (a merged-away one stands for its
     golden record), or no customer at all (None). Refused while a command holds the core (423), for a name
-    already decided or a customer not in the core (409), for an unknown name (404)."""
+    already decided (409), a customer not in the core (400), an unknown name (404)."""
     if not user.can("steward"):
         raise StewardError("a viewer cannot decide; ask an admin for the steward role", status=403)
     try:
@@ -83,5 +83,9 @@ def decide_held_name(
     except SyncLoadWaitError as exc:
         raise waited(exc) from None
     except DedupError as exc:
-        status = 404 if str(exc).startswith(f"no reference decision {REFERENCE_PREFIX}") else 409
-        raise StewardError(str(exc), status=status) from None
+        message = str(exc)
+        # an unknown name: 404; a customer id not in the core is the form's (400); a decided name: 409
+        status = 404 if message.startswith(f"no reference decision {REFERENCE_PREFIX}") else 409
+        if message.startswith("no ") and message.endswith(" in the core"):
+            status = 400
+        raise StewardError(message, status=status) from None
