@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from crm_core.errors import ConfigError, CrmError, Problem, RunError
 from integration.finance_cli import WaitOption, finance_app
 from integration.run_tags import LAUNCHED_BY_CLI, LAUNCHED_BY_TAG
 from integration.steward.cli import steward_app
+from integration.yamlconf import show_instant
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -1566,7 +1568,7 @@ def runs_list(
         style = styles.get(r.status, "")
         table.add_row(
             str(r.id), r.run_key, r.mode, f"[{style}]{r.status}[/{style}]" if style else r.status,
-            r.started_at.strftime("%Y-%m-%d %H:%M:%S"), str(r.rows_read), str(r.rejected), str(r.changes),
+            show_instant(r.started_at), str(r.rows_read), str(r.rejected), str(r.changes),
         )  # fmt: skip
     console.print(table)
 
@@ -2032,6 +2034,11 @@ def dedup_undo(
         )
 
 
+def _shown(iso: str | None) -> str:
+    """An instant a listing holds as ISO text, shown as tables show instants (UTC, named)."""
+    return "" if iso is None else show_instant(dt.datetime.fromisoformat(iso))
+
+
 @dedup_app.command("merges")
 def dedup_merges(
     entity: Annotated[
@@ -2062,7 +2069,7 @@ def dedup_merges(
         survivor = f"{m['survivor_id']} {m['survivor_name'] or ''}".rstrip()
         merged = f"{m['merged_id']} {m['merged_name'] or ''}".rstrip()
         table.add_row(str(m["merge"]), m["entity"], escape(survivor), escape(merged), probability,
-                      escape(m["reason"]), escape(m["decided_by"]), m["merged_at"], m["undone_at"] or "",
+                      escape(m["reason"]), escape(m["decided_by"]), _shown(m["merged_at"]), _shown(m["undone_at"]),
                       ", ".join(f"customer merge {i}" for i in m["follows"]))  # fmt: skip
     console.print(table)
     console.print(

@@ -6,6 +6,7 @@ pydantic error (which only knows a path) can be reported at the exact key or val
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import os
 import re
@@ -15,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
 
 import yaml
 from pydantic import BaseModel
@@ -311,3 +313,25 @@ def time_zone(value: str) -> str:
             f"unknown time zone '{value}' (use an IANA name such as Asia/Shanghai, or UTC)"
         ) from None
     return value
+
+
+UTC_ZONE = ZoneInfo("UTC")
+
+
+def show_instant(value: Any, zone: ZoneInfo = UTC_ZONE) -> str:
+    """An instant as a page or a command's table shows it: in ``zone`` (a page: the project's), the zone named
+    (``2025-01-18 14:30:00 Asia/Shanghai``); a local midnight is a date written without a time and shows as the
+    date alone.
+
+    The core stores instants in UTC (SQLite hands them back naive): a naive value is read as UTC.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, dt.datetime):
+        local = (value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value).astimezone(zone)
+        if local.time() == dt.time(0):
+            return local.date().isoformat()
+        return f"{local.replace(tzinfo=None).isoformat(sep=' ', timespec='seconds')} {zone.key}"
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return str(value)

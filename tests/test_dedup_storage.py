@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import re
 import shutil
 from decimal import Decimal
 from pathlib import Path
@@ -425,8 +426,9 @@ def test_dedup_merges_lists_merges_newest_first_with_their_undo(sqlite_core_url:
     )
     assert len(limited.output.splitlines()) == 1
     assert runner.invoke(app_(), ["dedup", "merges", "--json", "--entity", "contact", *core]).output == ""
-    table = runner.invoke(app_(), ["dedup", "merges", *core])
+    table = runner.invoke(app_(), ["dedup", "merges", *core], terminal_width=250)
     assert table.exit_code == 0 and "undone" in table.output and str(merges[1]) in table.output
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", table.output), table.output  # named, as pages do
     assert "腾达科技（深圳）" in table.output
     bad = runner.invoke(app_(), ["dedup", "merges", "--entity", "order", *core])
     assert bad.exit_code == 1 and "customer or contact" in bad.output

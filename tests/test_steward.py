@@ -1085,7 +1085,8 @@ def test_crmi_steward_users_and_tokens(sqlite_core_url: str) -> None:
     assert runner.invoke(steward_app, ["users", "reset", "wang", "--password-stdin", *core],
                          input="a brand new password\n").exit_code == 0  # fmt: skip
     assert runner.invoke(steward_app, ["users", "disable", "wang", *core]).exit_code == 0
-    listed = runner.invoke(steward_app, ["users", "list", *core])
+    listed = runner.invoke(steward_app, ["users", "list", *core], terminal_width=200)
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", listed.output), listed.output
     assert (
         listed.exit_code == 0
         and "wang" in listed.output

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -704,8 +705,10 @@ def test_runs_list_shows_a_sync_run_after_it_succeeded(u8: Any, core: sa.Engine)
     assert listed.exit_code == 0, listed.output
     runs = {r["run_key"]: r for r in (json.loads(line) for line in listed.output.splitlines())}
     assert runs[report.run_key]["mode"] == "sync" and runs[report.run_key]["rows_read"] == report.received
-    table = CliRunner().invoke(app, ["runs", "list", "--core-url", core_url])
+    table = CliRunner().invoke(app, ["runs", "list", "--core-url", core_url], terminal_width=200)
     assert table.exit_code == 0 and "sync" in table.output, table.output
+    # instants in tables are named, as the workbench names them (the core keeps UTC)
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", table.output), table.output
 
 
 def test_sync_run_says_how_to_decide_the_open_conflicts(

@@ -70,6 +70,7 @@ from integration.steward.queue import (
 )
 from integration.steward.security import Principal
 from integration.steward.sheets import export_queue, import_decisions
+from integration.yamlconf import show_instant
 
 HERE = Path(__file__).parent
 XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
@@ -762,24 +763,6 @@ def _no_jit(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("SET jit = off")
     cursor.close()
     dbapi_connection.commit()
-
-
-def show_instant(value: Any, zone: ZoneInfo) -> str:
-    """An instant as a page shows it: in the project's ``zone``, the zone named (``2025-01-18 14:30:00
-    Asia/Shanghai``); a local midnight is a date written without a time and shows as the date alone.
-
-    The core stores instants in UTC (SQLite hands them back naive): a naive value is read as UTC.
-    """
-    if value is None:
-        return ""
-    if isinstance(value, dt.datetime):
-        local = (value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value).astimezone(zone)
-        if local.time() == dt.time(0):
-            return local.date().isoformat()
-        return f"{local.replace(tzinfo=None).isoformat(sep=' ', timespec='seconds')} {zone.key}"
-    if isinstance(value, dt.date):
-        return value.isoformat()
-    return str(value)
 
 
 def _local(url: str | None) -> bool:

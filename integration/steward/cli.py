@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from crm_core.errors import ConfigError, CrmError
+from integration.yamlconf import show_instant
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
@@ -216,7 +217,10 @@ def users_list(core: CoreOption = None) -> None:
         table.add_column(column)
     for user in found:
         table.add_row(
-            escape(user["name"]), user["role"], "yes" if user["active"] else "no", str(user["created_at"])
+            escape(user["name"]),
+            user["role"],
+            "yes" if user["active"] else "no",
+            show_instant(user["created_at"]),
         )
     console.print(table)
 
