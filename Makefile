@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 PROJECT ?= examples/demo
 export CRM_PROJECT ?= $(PROJECT)
 export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
+STEWARD_PORT ?= 8765
 
 .DEFAULT_GOAL := help
 .PHONY: help demo sync-demo finance-demo steward test check lint typecheck pytest ui ui-prod bench bench-mapping bench-connectors bench-validate bench-dedup bench-dedup-components bench-e2e bench-load bench-dedup-storage bench-sync bench-finance bench-steward bench-write-floor clean schema
@@ -61,8 +62,8 @@ ui-prod: $(VENV)/.installed  ## webserver + daemon as deployed: deploy/dagster.y
 	trap 'kill $$daemon; wait $$daemon' EXIT INT TERM; \
 	$(BIN)/dagster-webserver -h $${DAGSTER_WEBSERVER_HOST:-127.0.0.1} -p $${DAGSTER_WEBSERVER_PORT:-3000} -w deploy/workspace.yaml
 
-steward: $(VENV)/.installed  ## the steward workbench on 127.0.0.1:8765 for CRM_PROJECT, default the demo (first: crmi steward users add NAME --role admin)
-	$(BIN)/python -m integration.steward serve --project $(CRM_PROJECT)
+steward: $(VENV)/.installed  ## the steward workbench on 127.0.0.1:8765 (STEWARD_PORT=N for another) for CRM_PROJECT, default the demo (first: crmi steward users add NAME --role admin)
+	$(BIN)/python -m integration.steward serve --project $(CRM_PROJECT) --port $(STEWARD_PORT)
 
 schema: $(VENV)/.installed  ## regenerate mapping.schema.json, docs/transforms.md and docs/targets.md from the code
 	$(BIN)/crmi mapping schema > integration/mappings/mapping.schema.json
