@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
 import re
@@ -906,37 +907,140 @@ def _report_if_nothing_changed(
 
 
 SOURCE_WIDTH = 28  # a line's source and mapping name fold at this width in the terminal's tables
+SOURCE_WIDTH_NARROW = 16  # ... and at this width when the table must be compact to fit the terminal
 
 
-def _rows_table(report: Any, title: str) -> Table:
-    """Return each line's rows (read, loaded, merged, rejected, held, quarantined, corrected…) as a table."""
-    from integration.pipeline import STATUS_MARK, merged_text, quarantined_text, rejected_text
+@dataclass(frozen=True)
+class _Column:
+    """A column of a reconciliation table: what it is called and how it may give way on a narrow terminal."""
 
-    table = Table(title=title)
-    for column in ("source", "entity", "read", "loaded", "merged", "rejected", "held", "warnings",
-                   "quarantined (% of rows)", "corrected", "keys missing", "spot check", "ok"):  # fmt: skip
+    name: str
+    key: bool = False  # names the line (source, entity): repeated in each part when a table is split
+    optional: bool = False  # left out, and named under the table, when it is 0 on every line
+    folds: bool = False  # a long source name folds; every other cell is shown whole
+
+
+def _width_needed(table: Table, *, natural: bool) -> int:
+    """Return the width `table` takes: at its natural width (no cell wrapped) or at its narrowest."""
+    from rich.measure import Measurement
+
+    needed = Measurement.get(console, console.options.update_width(10_000), table)
+    return needed.maximum if natural else needed.minimum
+
+
+def _table_of(
+    title: str | None,
+    columns: Sequence[_Column],
+    rows: Sequence[Sequence[str]],
+    *,
+    natural: bool,
+    compact: bool,
+) -> Table:
+    from rich import box
+
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD,
+        show_edge=not compact,
+        pad_edge=not compact,
+        collapse_padding=compact,
+    )
+    for position, column in enumerate(columns):
+        if column.folds:
+            table.add_column(
+                column.name, overflow="fold", max_width=SOURCE_WIDTH_NARROW if compact else SOURCE_WIDTH
+            )
+            continue
+        # Every figure whole: a column of fixed width is the one kind Rich never narrows; its name wraps.
+        widest = max(*(len(row[position]) for row in rows), *(len(word) for word in column.name.split()), 1)
         table.add_column(
-            column,
-            justify="left" if column in ("source", "entity") else "right",
-            overflow="fold",  # a line's mapping name tells it apart: folded, not cut
-            max_width=SOURCE_WIDTH if column == "source" else None,
-            min_width=max((len(line.entity) for line in report.lines), default=None)
-            if column == "entity"
-            else None,
+            column.name,
+            justify="left" if column.key else "right",
+            width=None if natural else widest,
+            min_width=widest if natural else None,
+            overflow="fold",
         )
-    for line, label in zip(report.lines, report.labels(), strict=True):
-        table.add_row(
-            label, line.entity, str(line.rows_read), str(line.loaded), merged_text(line), rejected_text(line),
-            str(line.held), str(line.warnings), quarantined_text(line),
-            str(line.corrected), str(line.keys_missing),
-            f"{line.spot_checked - line.spot_mismatches}/{line.spot_checked}", STATUS_MARK[line.status],
-        )  # fmt: skip
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
-def _money_table(report: Any) -> Table | None:
+def _fitted_table(
+    title: str, columns: Sequence[_Column], rows: Sequence[Sequence[str]], width: int | None = None
+) -> Any:
+    """Return `rows` as a table that fits a terminal `width` wide (the console's by default) with every figure
+    whole: columns that are 0 on every line are left out and named below it, then names wrap and the table
+    turns compact, then it is split into parts that each repeat the columns naming the line."""
+    from rich.console import Group
+    from rich.text import Text
+
+    width = width or console.width
+    zero = [i for i, c in enumerate(columns) if c.optional and all(row[i] in ("0", "") for row in rows)]
+    kept = [i for i in range(len(columns)) if i not in zero]
+    note = Text(f"0 on every line: {', '.join(columns[i].name for i in zero)}", style="dim") if zero else None
+
+    def table(positions: Sequence[int], part_title: str | None, *, natural: bool, compact: bool) -> Table:
+        return _table_of(
+            part_title, [columns[i] for i in positions], [[row[i] for i in positions] for row in rows],
+            natural=natural, compact=compact,
+        )  # fmt: skip
+
+    def with_note(*tables: Table) -> Any:
+        return (
+            Group(*tables, note) if note is not None else (tables[0] if len(tables) == 1 else Group(*tables))
+        )
+
+    for natural, compact in ((True, False), (False, False), (False, True)):
+        whole = table(kept, title, natural=natural, compact=compact)
+        if _width_needed(whole, natural=natural) <= width:
+            return with_note(whole)
+    keys = [i for i in kept if columns[i].key]
+    figures = [i for i in kept if not columns[i].key]
+    tables = [whole]
+    for parts in range(2, len(figures) + 1):
+        cuts = [len(figures) * number // parts for number in range(parts + 1)]  # parts of even size
+        chunks = [figures[start:end] for start, end in itertools.pairwise(cuts)]
+        tables = [
+            table([*keys, *chunk], f"{title} ({number}/{len(chunks)})", natural=False, compact=True)
+            for number, chunk in enumerate(chunks, start=1)
+        ]
+        if all(_width_needed(part, natural=False) <= width for part in tables):
+            break
+    return with_note(*tables)  # one figure per part still too wide: Rich folds what it must
+
+
+ROWS_COLUMNS = (
+    _Column("source", key=True, folds=True), _Column("entity", key=True), _Column("read"), _Column("loaded"),
+    _Column("merged", optional=True), _Column("rejected", optional=True), _Column("held", optional=True),
+    _Column("warnings", optional=True), _Column("quarantined (% of rows)", optional=True),
+    _Column("corrected", optional=True), _Column("keys missing", optional=True), _Column("spot check"),
+    _Column("ok"),
+)  # fmt: skip
+MONEY_COLUMNS = (
+    _Column("source", key=True, folds=True), _Column("entity", key=True), _Column("amount source"),
+    _Column("amount core"), _Column("amount quarantined (% of amount)"), _Column("amount corrected"),
+)  # fmt: skip
+
+
+def _rows_table(report: Any, title: str, width: int | None = None) -> Any:
+    """Return each line's rows (read, loaded, merged, rejected, held, quarantined, corrected…) as a table that
+    fits the terminal with every figure whole."""
+    from integration.pipeline import STATUS_MARK, merged_text, quarantined_text, rejected_text
+
+    rows = [
+        (label, line.entity, str(line.rows_read), str(line.loaded), merged_text(line), rejected_text(line),
+         str(line.held), str(line.warnings),
+         quarantined_text(line) if line.quarantined else "0",
+         str(line.corrected), str(line.keys_missing),
+         f"{line.spot_checked - line.spot_mismatches}/{line.spot_checked}", STATUS_MARK[line.status])
+        for line, label in zip(report.lines, report.labels(), strict=True)
+    ]  # fmt: skip
+    return _fitted_table(title, ROWS_COLUMNS, rows, width)
+
+
+def _money_table(report: Any, width: int | None = None) -> Any | None:
     """Return the money of each line that carries an amount (source, core, quarantined, corrected) as a table
-    whose figures are never cut (a narrow terminal folds the source names instead), or None when none does."""
+    that fits the terminal with every figure whole, or None when no line carries an amount."""
     from integration.pipeline import amount_quarantined_text
     from integration.reports import amount_text
 
@@ -946,21 +1050,7 @@ def _money_table(report: Any) -> Table | None:
         for line, label in zip(report.lines, report.labels(), strict=True)
         if line.amount_source is not None or line.amount_core is not None
     ]  # fmt: skip
-    if not rows:
-        return None
-    table = Table(title="Money per line")
-    for position, column in enumerate(("source", "entity", "amount source", "amount core",
-                                       "amount quarantined (% of amount)", "amount corrected")):  # fmt: skip
-        if position == 0:  # a long source name folds
-            table.add_column(column, max_width=SOURCE_WIDTH, overflow="fold")
-        else:  # every figure whole: Rich narrows a table by shrinking its columns down to their min_width
-            widest = max(len(column.split()[-1]), *(len(row[position]) for row in rows))
-            table.add_column(
-                column, justify="left" if position < 2 else "right", min_width=widest, overflow="fold"
-            )
-    for row in rows:
-        table.add_row(*row)
-    return table
+    return _fitted_table("Money per line", MONEY_COLUMNS, rows, width) if rows else None
 
 
 SLOWEST_STEPS_SHOWN = 3

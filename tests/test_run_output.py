@@ -206,5 +206,57 @@ def test_the_terminal_reconciliation_never_cuts_an_amount_on_a_narrow_terminal()
     for figure in ("1,224,902,183.91", "1,212,345,678.90", "12,556,505.01", "80,000.00"):
         assert figure in shown, shown
     assert "…" not in shown and "120000" in shown and "opportunity" in shown.split("Money per line")[1], shown
-    assert len(money.rows) == 1  # a line without money (customers) is not in the money table
+    assert "erp_u8" not in shown.split("Money per line")[1]  # a line without money is not in the money table
     assert _money_table(SimpleNamespace(lines=[line("customer")], labels=lambda: ["erp_u8"])) is None
+
+
+def _report_of_two_lines(held: int) -> SimpleNamespace:
+    """A report with one line of opportunities (money, long source name) and one of customers (none)."""
+
+    def line(entity: str, **money: Decimal | float | None) -> SimpleNamespace:
+        money_fields = ("amount_source", "amount_core", "amount_in_quarantine", "amount_corrected")
+        amounts = dict.fromkeys((*money_fields, "quarantined_amount_share"))
+        return SimpleNamespace(entity=entity, rows_read=1_120_000, loaded=1_118_000, merged=1_000, rejected=900,
+                               held=held, warnings=0, quarantined=1_000, quarantined_share=0.0083, corrected=0,
+                               subtotals=4, superseded=0, quarantined_rows_share=0.0083,
+                               keys_missing=0, spot_checked=25, spot_mismatches=1, status="quarantined",
+                               **{**amounts, **money})  # fmt: skip
+
+    lines = [
+        line("opportunity", amount_source=Decimal("1224902183.91"), amount_core=Decimal("1212345678.90"),
+             amount_in_quarantine=Decimal("12556505.01"), amount_corrected=Decimal("80000.00"),
+             quarantined_amount_share=0.0103),
+        line("customer"),
+    ]  # fmt: skip
+    return SimpleNamespace(
+        lines=lines, labels=lambda: ["sales_xlsx (sales_sheet_opportunities_2025)", "erp_u8"]
+    )
+
+
+@pytest.mark.parametrize("width", [72, 80, 100, 120, 200])
+def test_the_terminal_reconciliation_fits_the_terminal_with_every_figure_whole(width: int) -> None:
+    """At 80 columns the thirteen columns of the rows table were cut at the right edge and their figures split
+    over two lines (`120` / `000`): columns that are 0 everywhere give way first (named below the table), then
+    the borders, then the table splits into parts that each name the line."""
+    from rich.console import Console
+
+    from integration.cli import _money_table, _rows_table
+
+    report = _report_of_two_lines(held=0)
+    console = Console(record=True, width=width)
+    console.print(_rows_table(report, "Reconciliation of full run 0c0ffee0", width))
+    console.print(_money_table(report, width))
+    shown = console.export_text()
+    assert max(len(row) for row in shown.splitlines()) <= width, shown
+    figures = ("1120000", "1118000", "1000", "900 (4 subtotals)", "1000 (0.8%)", "24/25", "1,224,902,183.91",
+               "1,212,345,678.90", "12,556,505.01 (1.0%)", "80,000.00")  # fmt: skip
+    for figure in figures:
+        assert figure in shown, (figure, shown)
+    assert "0 on every line: held, warnings, corrected, keys missing" in shown
+    for heading in ("read", "loaded", "merged", "rejected", "spot", "amount source", "amount core"):
+        assert heading in shown
+    assert shown.count("customer") == shown.count("erp_u8") >= 1  # each part names its lines
+
+    held = Console(record=True, width=width)
+    held.print(_rows_table(_report_of_two_lines(held=7), "Reconciliation", width))
+    assert "held" in held.export_text().split("0 on every line")[0]  # a column with a figure stays
