@@ -85,8 +85,41 @@ def _file_holder(lock: Any, path: Path) -> str:
     """Describe the holder a SQLite core's lock file names (the holder writes itself in on taking it), or the
     syncs that share it (each names itself in a file of its own beside it)."""
     lock.seek(0)
-    held_by = lock.read().strip() or "; ".join(_sync_holders(path))
+    held_by = lock.read().strip() or "; ".join(_sync_holders(path)) or _unnamed_holder(path)
     return f"{held_by or 'a process that has just started'}; lock file {path}"
+
+
+UNNAMED_COMMAND_WIDTH = 160  # of an unnamed holder's command line, in a refusal
+
+
+def _unnamed_holder(path: Path) -> str:
+    """Name the process that holds ``path`` flocked without writing itself in (another program, a shell's
+    ``flock``, or one of ours in the instant before it writes), from the kernel's ``/proc/locks``; "" where
+    that cannot tell (no /proc, the holder in another PID namespace)."""
+    try:
+        status = path.stat()
+        held = Path("/proc/locks").read_text(encoding="ascii").splitlines()
+    except OSError:
+        return ""
+    # "1: FLOCK  ADVISORY  WRITE 3792 fe:00:1474572 0 EOF": pid, then major:minor (hex) and inode of the file
+    wanted = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+    pids = sorted({fields[4] for fields in map(str.split, held) if len(fields) > 5 and fields[5] == wanted})
+    named = []
+    for pid in pids:
+        if not pid.isdigit() or int(pid) in (0, os.getpid()):
+            continue
+        try:
+            command = " ".join(
+                Path(f"/proc/{pid}/cmdline")
+                .read_bytes()
+                .replace(b"\0", b" ")
+                .decode(errors="replace")
+                .split()
+            )
+        except OSError:  # it has just let go
+            continue
+        named.append(f"pid {pid} ({command[:UNNAMED_COMMAND_WIDTH] or 'no command line'})")
+    return "; ".join(named)
 
 
 def _sync_holders(path: Path) -> list[str]:

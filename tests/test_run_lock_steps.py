@@ -8,11 +8,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from crm_core.db import ensure_schema, make_engine
 from crm_core.models import LoadRun
-from crm_core.runs import core_lock_holder, core_run_lock
+from crm_core.runs import CoreBusy, core_lock_holder, core_run_lock
 from integration.assets.resources import dispose_engines
 from tests.test_end_to_end import execute, run_job
 from tests.test_runs import content
@@ -91,4 +92,41 @@ def test_the_lock_probe_names_another_holder_and_not_this_process(core_url: str)
         other = make_engine(core_url)  # the same core reached through another engine of this process
         assert core_lock_holder(other) is None
         other.dispose()
+    engine.dispose()
+
+
+HOLD_THE_FILE = (
+    "import fcntl, sys; lock = open(sys.argv[1], 'a+'); fcntl.flock(lock, fcntl.LOCK_EX); "
+    "print('held', flush=True); sys.stdin.read()"
+)
+
+
+def test_a_lock_file_held_by_another_program_names_that_program(tmp_path: Path) -> None:
+    """A lock file held by a process that wrote nothing into it (a backup script's `flock`, a copy tool) was
+    "held by a process that has just started" for as long as it held it: the kernel's lock table names it."""
+    if not Path("/proc/locks").exists():
+        pytest.skip("no /proc/locks on this system: the holder cannot be named")
+    url = f"sqlite:///{tmp_path / 'core.sqlite'}"
+    engine = make_engine(url)
+    ensure_schema(engine)
+    lock_file = tmp_path / "core.sqlite.run-lock"
+    backup = tmp_path / "nightly-backup.py"
+    backup.write_text(HOLD_THE_FILE, encoding="utf-8")
+    with subprocess.Popen(
+        [sys.executable, str(backup), str(lock_file)], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True,
+    ) as process:  # fmt: skip
+        try:
+            assert process.stdout is not None and process.stdout.readline().strip() == "held"
+            holder = core_lock_holder(engine) or ""
+            assert f"pid {process.pid} (" in holder and "nightly-backup" in holder, holder
+            assert f"lock file {lock_file}" in holder
+            with (
+                pytest.raises(CoreBusy, match=f"pid {process.pid} .*nightly-backup"),
+                core_run_lock(engine, "run"),
+            ):
+                pass
+        finally:
+            process.kill()
+    assert core_lock_holder(engine) is None
     engine.dispose()
