@@ -213,3 +213,38 @@ def test_the_links_migration_links_automatic_contact_merges_made_before_it_from_
     (li_merge,) = (i for i, m in contact_merges(engine).items() if m.undone_at is None and m.merged_id in li)
     undo(engine, li_merge)
     assert snapshot(engine) == before
+
+
+@pytest.mark.parametrize(("undoer", "role", "allowed"), [("li", "steward", False), ("wang", "steward", True),
+                                                          ("zhao", "admin", True)])  # fmt: skip
+def test_the_workbench_undo_of_a_customer_merge_leaves_another_stewards_contact_merges_to_them(
+    sqlite_core_url: str, undoer: str, role: str, allowed: bool
+) -> None:
+    """A steward may undo an automatic customer merge, but its undo undoes the contact merges that follow from
+    it first: one another steward decided is theirs (403 naming it, nothing undone); they and an admin may."""
+    from integration.steward import security
+    from integration.steward.decisions import undo as workbench_undo
+    from integration.steward.errors import StewardError
+
+    engine = planted(sqlite_core_url, {HEAD: ["周敏"], MERGE: ["周敏"]})
+    zhou = planted_contacts(engine, "周敏")
+    (merge,) = auto_merge(engine, [HEAD, MERGE])
+    (follower,) = (i for i, m in contact_merges(engine).items() if m.merged_id in zhou)
+    with engine.begin() as connection:  # as wang's decision of the contact pair records it
+        connection.execute(sa.update(MergeLog).where(MergeLog.id == follower).values(decided_by="wang"))
+        user_id = security.add_user(connection, undoer, role, "a long enough password", actor=None)
+    user = security.Principal(user_id, undoer, role, 0, "csrf")
+    before = snapshot(engine)
+
+    if not allowed:
+        with pytest.raises(StewardError) as refused:
+            workbench_undo(engine, merge, user)
+        assert refused.value.status == 403
+        assert f"contact merge(s) {follower} (decided by wang)" in str(refused.value), refused.value
+        assert snapshot(engine) == before  # nothing undone
+        assert contact_merges(engine)[follower].undone_at is None
+        return
+    workbench_undo(engine, merge, user)
+    assert contact_merges(engine)[follower].undone_at is not None
+    with session_factory(engine)() as session:
+        assert session.get(MergeLog, merge).undone_at is not None  # type: ignore[union-attr]

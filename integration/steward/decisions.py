@@ -33,7 +33,7 @@ from crm_core.edits import share_edit_fence
 from crm_core.errors import DedupError, SyncLoadWaitError
 from crm_core.journal import to_json
 from crm_core.loading import get_or_start_run
-from crm_core.merging import MODEL_OF, SurvivorshipRule, load_members, undo_merge
+from crm_core.merging import MODEL_OF, SurvivorshipRule, following_contact_merges, load_members, undo_merge
 from crm_core.models import MatchCandidate, MergeLog
 from crm_core.runs import CoreBusy, lock_holder
 from integration.dedup import workflow
@@ -256,6 +256,15 @@ def undo(engine: Engine, merge_id: int, user: Principal, ip: str | None = None) 
                     raise StewardError(
                         f"merge {merge_id} was decided by {log.decided_by}; only an admin undoes another "
                         "steward's decision",
+                        status=403,
+                    )
+                followers = following_contact_merges(session, log) if log.entity == "customer" else []
+                theirs = [f for f in followers if not can_undo(user, f.decided_by)]
+                if theirs:  # undoing the customer merge undoes them first: another steward's decisions
+                    raise StewardError(
+                        f"undoing merge {merge_id} undoes contact merge(s) "
+                        + ", ".join(f"{f.id} (decided by {f.decided_by})" for f in theirs)
+                        + " that followed from it; only an admin undoes another steward's decision",
                         status=403,
                     )
                 log = undo_merge(session, merge_id, user.name)
